@@ -1,0 +1,35 @@
+# The two commands README gives first:
+#   make run    set up, create a small VHD chain and show it
+#   make test   set up and run the whole test suite
+# Set PYTEST_ARGS to pass options to pytest, e.g. PYTEST_ARGS="-m 'not slow' -x".
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: run test setup deps venv lint bench clean
+
+setup: deps venv
+
+deps:
+	@scripts/install-deps.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+run: setup
+	@scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache demo

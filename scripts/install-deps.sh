@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install the Debian packages blktap's tests and tools use, only those that are missing.
+# Real peers for the tests: qemu-img/qemu-io/qemu-nbd, libnbd's tools and bindings, fio, nbdkit.
+set -euo pipefail
+
+packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv)
+missing=()
+for p in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "installing Debian packages: ${missing[*]}"
+sudo=()
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null; then
+        sudo=(sudo)
+    else
+        echo "error: need root (or sudo) to install: ${missing[*]}" >&2
+        exit 1
+    fi
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,80 @@
+"""The one exception hierarchy of blktap.
+
+Every error the library raises derives from :class:`BlktapError` and carries a positive
+``errno`` value. Command-line front-ends turn that value into the exit code, as the C tools
+do (they exit with ``-ret``, an errno), and print ``str(exc)`` as the one-line message.
+
+    BlktapError
+     ├── ImageError                  a problem with an image file
+     │    ├── FormatError            not this format, or corrupt metadata (EINVAL)
+     │    ├── UnsupportedImage       valid but uses a feature we do not handle (EOPNOTSUPP)
+     │    ├── ChainError             a parent chain that cannot be assembled
+     │    │    ├── ParentNotFound    a parent named by a child is missing (ENOENT)
+     │    │    ├── ParentLoop        a chain that leads back to itself (ELOOP)
+     │    │    └── ChainTooDeep      more layers than the depth limit (ELOOP)
+     │    ├── ReadOnlyImage          a write to an image opened read-only (EROFS)
+     │    └── OutOfRange             an access past the end of the virtual disk (ERANGE/ENOSPC)
+     └── UsageError                  a bad argument from a caller (EINVAL)
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class BlktapError(Exception):
+    """Root of every error blktap raises; ``errno`` is a positive errno value."""
+
+    default_errno = _errno.EIO
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = self.default_errno if errno is None else errno
+
+
+class ImageError(BlktapError):
+    """An image file could not be used."""
+
+
+class FormatError(ImageError):
+    """The file is not in the expected format, or its metadata is corrupt."""
+
+    default_errno = _errno.EINVAL
+
+
+class UnsupportedImage(ImageError):
+    """The image is valid but uses something this implementation does not support."""
+
+    default_errno = _errno.EOPNOTSUPP
+
+
+class ChainError(ImageError):
+    """A parent chain could not be assembled."""
+
+    default_errno = _errno.EINVAL
+
+
+class ParentNotFound(ChainError):
+    default_errno = _errno.ENOENT
+
+
+class ParentLoop(ChainError):
+    default_errno = _errno.ELOOP
+
+
+class ChainTooDeep(ChainError):
+    default_errno = _errno.ELOOP
+
+
+class ReadOnlyImage(ImageError):
+    default_errno = _errno.EROFS
+
+
+class OutOfRange(ImageError):
+    default_errno = _errno.ERANGE
+
+
+class UsageError(BlktapError):
+    """A caller passed an argument that makes no sense."""
+
+    default_errno = _errno.EINVAL

@@ -1,0 +1,304 @@
+"""A chain of image layers read as one virtual disk.
+
+The leaf comes first; each VHD layer answers for the sectors it holds and passes the rest
+to its parent; past the last layer (or past the end of a shorter parent) the disk reads as
+zeros. Only the leaf is ever written.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from blktap.errors import (
+    ChainError,
+    ChainTooDeep,
+    FormatError,
+    OutOfRange,
+    ParentLoop,
+    UnsupportedImage,
+    UsageError,
+)
+from blktap.image.fileio import pread_exact, preadv_into, zero_fill
+from blktap.image.raw import RawImage
+from blktap.image.vhd import structs as s
+from blktap.image.vhd.image import VhdImage
+
+SECTOR_SIZE = 512
+# More layers than this is a broken chain, not a real one (XenServer stops at 30).
+DEFAULT_MAX_DEPTH = 256
+
+Layer = VhdImage | RawImage
+
+FORMATS = ("vhd", "raw")
+# Prefixes accepted in image arguments: tapdisk's driver names and plain format names.
+PREFIXES = {"vhd": "vhd", "aio": "raw", "raw": "raw"}
+
+
+def parse_spec(spec: str) -> tuple[str | None, str]:
+    """Split ``vhd:PATH``, ``aio:PATH`` or ``raw:PATH`` into (format, path); a plain path
+    gives (None, path) and is probed."""
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in PREFIXES:
+        return PREFIXES[prefix], rest
+    return None, spec
+
+
+def probe(path: str) -> str:
+    """Guess the format of a file: "vhd" when it carries a VHD footer, else "raw"."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
+    try:
+        from blktap.image.fileio import file_size_of
+
+        size = file_size_of(fd)
+        head = os.pread(fd, 8, 0)
+        if head == s.FOOTER_COOKIE:
+            return "vhd"
+        if head[:4] == b"QFI\xfb":
+            raise UnsupportedImage(f"{path}: qcow2 images are not supported yet")
+        if size >= s.FOOTER_SIZE:
+            tail = pread_exact(fd, 8, size - s.FOOTER_SIZE)
+            if tail in (s.FOOTER_COOKIE, s.POISON_COOKIE):
+                return "vhd"
+        return "raw"
+    finally:
+        os.close(fd)
+
+
+def open_layer(path: str, fmt: str | None, *, writable: bool = False) -> Layer:
+    fmt = fmt or probe(path)
+    if fmt == "vhd":
+        return VhdImage.open(path, writable=writable)
+    if fmt == "raw":
+        return RawImage.open(path, writable=writable)
+    raise UsageError(f"unknown image format {fmt!r}")
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A run of the virtual disk and the layer that holds it (None: reads as zeros)."""
+
+    offset: int
+    length: int
+    depth: int | None
+
+
+class Chain:
+    """An open chain of layers, leaf first."""
+
+    def __init__(self, layers: list[Layer]) -> None:
+        if not layers:
+            raise ChainError("empty chain")
+        self.layers = layers
+
+    @classmethod
+    def open(cls, spec: str, *, writable: bool = False, max_depth: int = DEFAULT_MAX_DEPTH,
+             check_parent_uuid: bool = True) -> Chain:
+        """Open an image and every parent it names.
+
+        Raises ParentNotFound naming a missing parent, ParentLoop for a chain that comes
+        back to one of its images, ChainTooDeep past ``max_depth`` layers.
+        """
+        fmt, path = parse_spec(spec)
+        layers: list[Layer] = []
+        try:
+            leaf = open_layer(path, fmt, writable=writable)
+            layers.append(leaf)
+            seen = {cls._identity(leaf)}
+            current: Layer = leaf
+            while isinstance(current, VhdImage) and current.is_differencing:
+                if len(layers) >= max_depth:
+                    raise ChainTooDeep(f"{path}: chain deeper than {max_depth} images")
+                parent_path = current.parent_path()
+                parent: Layer
+                if current.parent_is_raw:
+                    parent = RawImage.open(parent_path)
+                else:
+                    parent = VhdImage.open(parent_path)
+                layers.append(parent)
+                ident = cls._identity(parent)
+                if ident in seen:
+                    raise ParentLoop(f"{path}: parent chain loops back to {parent_path}")
+                seen.add(ident)
+                if (check_parent_uuid and isinstance(parent, VhdImage)
+                        and current.header is not None
+                        and parent.footer.uuid != current.header.prt_uuid):
+                    raise ChainError(
+                        f"{current.path}: parent {parent_path} has uuid {parent.uuid}, "
+                        f"expected {current.header.parent_uuid_obj}")
+                current = parent
+        except BaseException:
+            for layer in layers:
+                layer.close()
+            raise
+        return cls(layers)
+
+    @staticmethod
+    def _identity(layer: Layer) -> tuple[int, int]:
+        st = os.fstat(layer.fd)
+        return st.st_dev, st.st_ino
+
+    # -------------------------------------------------------------- properties
+    @property
+    def leaf(self) -> Layer:
+        return self.layers[0]
+
+    @property
+    def size(self) -> int:
+        return self.leaf.size
+
+    @property
+    def sectors(self) -> int:
+        return self.leaf.sectors
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    # -------------------------------------------------------------- reading
+    def readinto(self, sector: int, buf: bytearray | memoryview) -> None:
+        """Fill ``buf`` (a whole number of sectors) from the virtual disk at ``sector``."""
+        view = memoryview(buf).cast("B")
+        if len(view) % SECTOR_SIZE:
+            raise OutOfRange("read length is not a whole number of sectors", errno.EINVAL)
+        count = len(view) // SECTOR_SIZE
+        if sector < 0 or sector + count > self.sectors:
+            raise OutOfRange(f"read of {count} sectors at {sector} past the end of the disk "
+                             f"({self.sectors} sectors)", errno.EINVAL)
+        self._read(0, sector, count, view)
+
+    def read(self, sector: int, count: int) -> bytearray:
+        buf = bytearray(count * SECTOR_SIZE)
+        self.readinto(sector, buf)
+        return buf
+
+    def _read(self, depth: int, sector: int, count: int, view: memoryview) -> None:
+        if depth == len(self.layers):
+            zero_fill(view)
+            return
+        layer = self.layers[depth]
+        limit = layer.sectors
+        if sector + count > limit:
+            keep = max(0, limit - sector)
+            zero_fill(view[keep * SECTOR_SIZE :])
+            count = keep
+            if not count:
+                return
+        for first, n, file_off in layer.extents(sector, count):
+            sub = view[(first - sector) * SECTOR_SIZE : (first - sector + n) * SECTOR_SIZE]
+            if file_off is None:
+                self._read(depth + 1, first, n, sub)
+            else:
+                preadv_into(layer.fd, sub, file_off)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read bytes at any offset and length inside the disk."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OutOfRange(f"read of {length} bytes at {offset} past the end of the disk",
+                             errno.EINVAL)
+        first = offset // SECTOR_SIZE
+        last = -(-(offset + length) // SECTOR_SIZE)
+        last = min(last, self.sectors)
+        buf = self.read(first, last - first)
+        skip = offset - first * SECTOR_SIZE
+        return bytes(buf[skip : skip + length])
+
+    # -------------------------------------------------------------- writing
+    def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
+        """Write whole sectors into the leaf."""
+        self.leaf.write(sector, data)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write bytes at any offset, reading and merging partial sectors first."""
+        view = memoryview(data).cast("B")
+        if offset < 0 or offset + len(view) > self.size:
+            raise OutOfRange(f"write of {len(view)} bytes at {offset} past the end of the "
+                             f"disk", errno.ENOSPC)
+        if not view:
+            return
+        if offset % SECTOR_SIZE == 0 and len(view) % SECTOR_SIZE == 0:
+            self.write(offset // SECTOR_SIZE, view)
+            return
+        first = offset // SECTOR_SIZE
+        last = -(-(offset + len(view)) // SECTOR_SIZE)
+        buf = self.read(first, last - first)
+        skip = offset - first * SECTOR_SIZE
+        buf[skip : skip + len(view)] = view
+        self.write(first, buf)
+
+    def flush(self) -> None:
+        self.leaf.flush()
+
+    def close(self) -> None:
+        errors = []
+        for layer in self.layers:
+            try:
+                layer.close()
+            except OSError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Chain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- mapping
+    def map(self, sector: int = 0, count: int | None = None) -> list[Extent]:
+        """Which layer holds each run of the disk, as byte extents, merged."""
+        if count is None:
+            count = self.sectors - sector
+        out: list[list] = []
+        for first, n, depth in self._map(0, sector, count):
+            if out and out[-1][2] == depth and out[-1][0] + out[-1][1] == first:
+                out[-1][1] += n
+            else:
+                out.append([first, n, depth])
+        size = self.size
+        result = []
+        for first, n, depth in out:
+            start = first * SECTOR_SIZE
+            end = min((first + n) * SECTOR_SIZE, size)
+            result.append(Extent(start, end - start, depth))
+        return result
+
+    def _map(self, depth: int, sector: int, count: int) -> Iterator[tuple[int, int, int | None]]:
+        if depth == len(self.layers):
+            yield sector, count, None
+            return
+        layer = self.layers[depth]
+        limit = layer.sectors
+        tail = None
+        if sector + count > limit:
+            keep = max(0, limit - sector)
+            tail = (sector + keep, count - keep)
+            count = keep
+        if count:
+            if isinstance(layer, RawImage):
+                for first, n, has_data in layer.data_extents(sector, count):
+                    if has_data:
+                        yield first, n, depth
+                    else:
+                        yield from self._map(depth + 1, first, n)
+            else:
+                for first, n, file_off in layer.extents(sector, count):
+                    if file_off is None:
+                        yield from self._map(depth + 1, first, n)
+                    else:
+                        yield first, n, depth
+        if tail:
+            yield tail[0], tail[1], None
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the disk that some layer holds."""
+        return sum(e.length for e in self.map() if e.depth is not None)
+
+
+def open_chain(spec: str, **kwargs: object) -> Chain:
+    return Chain.open(spec, **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,71 @@
+"""Small, careful wrappers around positioned file I/O, shared by the image formats."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from blktap.errors import FormatError
+
+_ZEROS = bytes(1 << 20)
+
+
+def file_size_of(fd: int) -> int:
+    """Size of a regular file, or of a block device."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
+
+
+def is_regular(fd: int) -> bool:
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def pread_exact(fd: int, length: int, offset: int) -> bytes:
+    """Read exactly ``length`` bytes, or fail: metadata must never be read short."""
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise FormatError(f"short read at offset {offset}: wanted {length}, got {len(data)}",
+                          errno.EIO)
+    return data
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[written:]
+        offset += written
+
+
+def zero_fill(view: memoryview) -> None:
+    """Fill a writable byte view with zeros without allocating."""
+    pos, total = 0, len(view)
+    while pos < total:
+        n = min(total - pos, len(_ZEROS))
+        view[pos : pos + n] = _ZEROS[:n]
+        pos += n
+
+
+def preadv_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from the file at ``offset``; bytes past the end of file read as zeros
+    (a raw parent shorter than its child, a file still being extended)."""
+    while view:
+        got = os.preadv(fd, [view], offset)
+        if got <= 0:
+            zero_fill(view)
+            return
+        view = view[got:]
+        offset += got
+
+
+def write_zeros(fd: int, offset: int, length: int) -> None:
+    while length:
+        n = min(length, len(_ZEROS))
+        pwrite_all(fd, memoryview(_ZEROS)[:n], offset)
+        offset += n
+        length -= n

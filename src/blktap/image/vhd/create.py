@@ -1,0 +1,264 @@
+"""Creating VHDs: new disks (fixed or dynamic) and differencing snapshots.
+
+A new image is written completely under a temporary name in the target folder and then
+linked into place, so a crash never leaves a half-made image under the real name, and an
+existing file is never overwritten (link(2) fails with EEXIST).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid as _uuid
+from dataclasses import dataclass
+
+from blktap.errors import ChainTooDeep, FormatError, ParentLoop, UsageError
+from blktap.image.fileio import file_size_of, pwrite_all
+from blktap.image.vhd import locators
+from blktap.image.vhd import structs as s
+from blktap.image.vhd.image import VhdImage
+
+# The locators blktap writes, in its order.
+SNAPSHOT_LOCATOR_CODES = (s.PLAT_CODE_MACX, s.PLAT_CODE_W2KU, s.PLAT_CODE_W2RU)
+# How far snapshot will follow a chain when looking for a target or measuring depth.
+MAX_CHAIN_WALK = 4096
+
+
+def round_size(size: int, block_size: int = s.DEFAULT_BLOCK_SIZE) -> int:
+    """Virtual sizes are whole blocks: blktap rounds them up to 2 MiB."""
+    return -(-size // block_size) * block_size
+
+
+@dataclass
+class ParentInfo:
+    """What a child needs to know of its parent."""
+
+    path: str
+    size: int
+    uuid: bytes  # all zero for a raw parent
+    mtime: int
+    keyhash: tuple[int, bytes, bytes] | None = None  # (cookie, nonce, hash)
+
+
+def _metadata_layout(max_bat: int) -> tuple[int, int, int, int]:
+    """(BAT offset, batmap header offset, batmap offset, batmap sectors)."""
+    table = s.DEFAULT_TABLE_OFFSET
+    bat_bytes = s.pad_sector(max_bat * 4)
+    batmap_hdr = table + bat_bytes
+    batmap_secs = max(1, s.sectors_round_up(-(-max_bat // 8)))
+    return table, batmap_hdr, batmap_hdr + s.BATMAP_HEADER_SIZE, batmap_secs
+
+
+def _validate_size(size: int, what: str = "size") -> None:
+    if size <= 0:
+        raise UsageError(f"invalid {what}: {size}")
+    if size > s.MAX_VHD_SIZE:
+        raise UsageError(f"{what} {size} is larger than a VHD can be "
+                         f"({s.MAX_VHD_SIZE} bytes)", errno.EFBIG)
+
+
+def _new_footer(size: int, disk_type: int, timestamp: int | None,
+                uuid: bytes | None) -> s.Footer:
+    cyl, heads, spt = s.geometry(size)
+    return s.Footer(
+        data_offset=s.FIXED_DATA_OFFSET if disk_type == s.DISK_TYPE_FIXED
+        else s.DYNAMIC_DATA_OFFSET,
+        timestamp=s.vhd_time() if timestamp is None else timestamp,
+        orig_size=size,
+        curr_size=size,
+        geometry=s.pack_geometry(cyl, heads, spt),
+        type=disk_type,
+        uuid=uuid or _uuid.uuid4().bytes,
+    ).sealed()
+
+
+def _build_dynamic(size: int, max_bat: int, footer: s.Footer,
+                   parent: ParentInfo | None, locator_paths: str | None) -> bytes:
+    """The whole content of a new dynamic or differencing image."""
+    table, batmap_hdr_off, batmap_off, batmap_secs = _metadata_layout(max_bat)
+    header = s.Header(table_offset=table, max_bat_size=max_bat)
+    end = batmap_off + batmap_secs * s.SECTOR_SIZE
+    payloads: list[tuple[int, bytes]] = []
+    if parent is not None:
+        header.prt_uuid = parent.uuid
+        header.prt_ts = s.vhd_time(parent.mtime)
+        header.prt_name = s.Header.encode_parent_name(os.path.basename(parent.path))
+        assert locator_paths is not None
+        for i, code in enumerate(SNAPSHOT_LOCATOR_CODES):
+            data = locators.encode(code, locator_paths)
+            space = s.pad_sector(len(data))
+            header.loc[i] = s.ParentLocator(code=code, data_space=space,
+                                            data_len=len(data), data_offset=end)
+            payloads.append((end, data))
+            end += space
+    header = header.sealed()
+    batmap = bytes(batmap_secs * s.SECTOR_SIZE)
+    bhdr = s.BatmapHeader(batmap_offset=batmap_off, batmap_size=batmap_secs)
+    bhdr.checksum = s.batmap_checksum(batmap, size)
+    if parent is not None and parent.keyhash is not None:
+        bhdr.keyhash_cookie, bhdr.keyhash_nonce, bhdr.keyhash_hash = parent.keyhash
+    image = bytearray(end + s.FOOTER_SIZE)
+    fraw = footer.pack()
+    image[0 : s.FOOTER_SIZE] = fraw
+    image[s.FOOTER_SIZE : s.FOOTER_SIZE + s.HEADER_SIZE] = header.pack()
+    bat_bytes = s.pad_sector(max_bat * 4)
+    image[table : table + bat_bytes] = b"\xff" * bat_bytes
+    image[batmap_hdr_off : batmap_hdr_off + s.BATMAP_HEADER_SIZE] = bhdr.pack()
+    for off, data in payloads:
+        image[off : off + len(data)] = data
+    image[end : end + s.FOOTER_SIZE] = fraw
+    return bytes(image)
+
+
+def _publish(path: str, writer) -> None:  # noqa: ANN001 - a callable taking an fd
+    """Write a new file under a temporary name next to ``path``, then link it into place."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    if os.path.lexists(path):
+        raise FormatError(f"{path}: {os.strerror(errno.EEXIST)}", errno.EEXIST)
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
+    try:
+        try:
+            writer(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except OSError as exc:
+            raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def create(path: str, size: int, *, fixed: bool = False, prealloc_size: int | None = None,
+           timestamp: int | None = None, uuid: bytes | None = None) -> None:
+    """Create a VHD of ``size`` bytes (rounded up to whole 2 MiB blocks).
+
+    ``fixed`` makes a fixed disk whose data space is reserved; ``prealloc_size`` sizes the
+    BAT and batmap of a dynamic disk for that many bytes, so that it can later grow that
+    far by a fast resize.
+    """
+    _validate_size(size)
+    size = round_size(size)
+    if prealloc_size is not None:
+        _validate_size(prealloc_size, "metadata size")
+        prealloc_size = round_size(prealloc_size)
+        if prealloc_size < size:
+            raise UsageError(f"metadata size {prealloc_size} is smaller than the disk size "
+                             f"{size}")
+    if fixed:
+        footer = _new_footer(size, s.DISK_TYPE_FIXED, timestamp, uuid)
+
+        def write_fixed(fd: int) -> None:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
+                os.ftruncate(fd, size)
+            pwrite_all(fd, footer.pack(), size)
+
+        _publish(path, write_fixed)
+        return
+    max_bat = (prealloc_size or size) // s.DEFAULT_BLOCK_SIZE
+    footer = _new_footer(size, s.DISK_TYPE_DYNAMIC, timestamp, uuid)
+    content = _build_dynamic(size, max_bat, footer, None, None)
+    _publish(path, lambda fd: pwrite_all(fd, content, 0))
+
+
+def parent_info(path: str, raw: bool) -> ParentInfo:
+    """Describe a would-be parent; ``raw`` when it is a raw image rather than a VHD."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
+    real = os.path.realpath(path)
+    if raw:
+        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = file_size_of(fd)
+        finally:
+            os.close(fd)
+        return ParentInfo(real, size, b"\0" * 16, int(st.st_mtime))
+    with VhdImage.open(real) as img:
+        keyhash = None
+        if img.batmap_header is not None and img.batmap_header.keyhash_cookie:
+            b = img.batmap_header
+            keyhash = (b.keyhash_cookie, b.keyhash_nonce, b.keyhash_hash)
+        return ParentInfo(real, img.size, img.footer.uuid, int(st.st_mtime), keyhash)
+
+
+def chain_depth(path: str) -> int:
+    """Number of images in the chain starting at ``path`` (a raw parent counts)."""
+    seen: set[tuple[int, int]] = set()
+    depth = 0
+    current: str | None = path
+    while current is not None:
+        st = os.stat(current)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise ParentLoop(f"{path}: the parent chain loops back to {current}")
+        seen.add(key)
+        depth += 1
+        if depth > MAX_CHAIN_WALK:
+            raise ChainTooDeep(f"{path}: chain deeper than {MAX_CHAIN_WALK}")
+        with VhdImage.open(current) as img:
+            if not img.is_differencing:
+                return depth
+            nxt = img.parent_path()
+            if img.parent_is_raw:
+                return depth + 1
+        current = nxt
+    return depth
+
+
+def find_snapshot_target(parent: str) -> str:
+    """Skip empty differencing ancestors: an empty differencing disk adds nothing, so a
+    snapshot of it can hang off its first non-empty ancestor instead."""
+    seen: set[str] = set()
+    current = os.path.realpath(parent)
+    while True:
+        if current in seen:
+            raise ParentLoop(f"{parent}: the parent chain loops back to {current}")
+        seen.add(current)
+        with VhdImage.open(current) as img:
+            if not img.is_differencing or img.parent_is_raw or img.allocated_blocks():
+                return current
+            current = img.parent_path()
+
+
+def snapshot(child: str, parent: str, *, raw_parent: bool = False,
+             prealloc_size: int | None = None, depth_limit: int | None = None,
+             skip_empty: bool = True, timestamp: int | None = None,
+             uuid: bytes | None = None) -> str:
+    """Create ``child`` as a differencing VHD over ``parent``; returns the parent actually
+    used (``skip_empty`` links past empty differencing ancestors)."""
+    target = parent
+    if not raw_parent and skip_empty:
+        target = find_snapshot_target(parent)
+    info = parent_info(target, raw_parent)
+    if depth_limit is not None:
+        depth = 1 if raw_parent else chain_depth(info.path)
+        if depth >= depth_limit:
+            raise ChainTooDeep(f"snapshot depth exceeded: current depth: {depth}, "
+                               f"limit: {depth_limit}", errno.ENOSPC)
+    size = round_size(info.size)
+    if prealloc_size is not None:
+        prealloc_size = round_size(prealloc_size)
+        if prealloc_size < size:
+            raise UsageError(f"metadata size {prealloc_size} is smaller than the disk size "
+                             f"{size}")
+    _validate_size(size)
+    max_bat = (prealloc_size or size) // s.DEFAULT_BLOCK_SIZE
+    footer = _new_footer(size, s.DISK_TYPE_DIFF, timestamp, uuid)
+    rel = locators.relative_path(child, info.path)
+    content = _build_dynamic(size, max_bat, footer, info, rel)
+    _publish(child, lambda fd: pwrite_all(fd, content, 0))
+    return info.path

@@ -1,0 +1,69 @@
+"""Parent locators: how a differencing VHD names its parent.
+
+blktap writes three locators, MACX, W2KU and W2RU, in that order, each holding the path of
+the parent *relative to the child's folder* (e.g. ``./base.vhd``): MACX as a UTF-8
+``file://`` URL, W2KU and W2RU as UTF-16LE with backslashes. That W2KU is relative goes
+against the specification (which calls it absolute); we follow blktap because its readers
+and ours resolve any locator both ways.
+"""
+
+from __future__ import annotations
+
+import os
+
+from blktap.image.vhd import structs as s
+
+
+def relative_path(child_path: str, parent_path: str) -> str:
+    """Path of ``parent_path`` relative to the folder of ``child_path``, starting with
+    ``./`` or ``../`` as blktap writes it."""
+    child_dir = os.path.dirname(os.path.realpath(child_path))
+    parent_real = os.path.realpath(parent_path)
+    rel = os.path.relpath(parent_real, child_dir)
+    if not rel.startswith("../"):
+        rel = "./" + rel
+    return rel
+
+
+def encode(code: int, path: str) -> bytes:
+    """The payload of a locator of platform ``code`` naming ``path``."""
+    if code == s.PLAT_CODE_MACX:
+        return ("file://" + path).encode("utf-8")
+    if code in (s.PLAT_CODE_W2KU, s.PLAT_CODE_W2RU):
+        return path.replace("/", "\\").encode("utf-16-le")
+    raise ValueError(f"cannot encode locator code {code:#x}")
+
+
+def decode(code: int, payload: bytes) -> str | None:
+    """The path a locator payload names, or None if the payload cannot be decoded."""
+    try:
+        if code == s.PLAT_CODE_MACX:
+            text = payload.split(b"\0", 1)[0].decode("utf-8")
+            if not text.startswith("file://"):
+                return None
+            return text[len("file://") :]
+        if code in (s.PLAT_CODE_W2KU, s.PLAT_CODE_W2RU):
+            if len(payload) % 2:
+                payload = payload[:-1]
+            text = payload.decode("utf-16-le")
+            text = text.split("\0", 1)[0]
+            text = text.replace("\\", "/")
+            if len(text) >= 2 and text[1] == ":" and text[0].isalpha():
+                text = text[2:]
+            return text
+    except UnicodeDecodeError:
+        return None
+    return None
+
+
+def resolve(child_path: str, name: str) -> str | None:
+    """Find the file a decoded locator name refers to: the name itself if it is absolute
+    and exists, else the name taken relative to the child's folder. None if neither
+    exists."""
+    if os.path.isabs(name) and os.path.exists(name):
+        return os.path.realpath(name)
+    child_dir = os.path.dirname(os.path.realpath(child_path))
+    candidate = os.path.join(child_dir, name)
+    if os.path.exists(candidate):
+        return os.path.realpath(candidate)
+    return None
