@@ -219,9 +219,10 @@ def chain_depth(path: str) -> int:
     return depth
 
 
-def find_snapshot_target(parent: str) -> str:
+def find_snapshot_target(parent: str) -> tuple[str, bool]:
     """Skip empty differencing ancestors: an empty differencing disk adds nothing, so a
-    snapshot of it can hang off its first non-empty ancestor instead."""
+    snapshot of it can hang off its first non-empty ancestor instead. Returns the target
+    and whether it is a raw image."""
     seen: set[str] = set()
     current = os.path.realpath(parent)
     while True:
@@ -229,9 +230,12 @@ def find_snapshot_target(parent: str) -> str:
             raise ParentLoop(f"{parent}: the parent chain loops back to {current}")
         seen.add(current)
         with VhdImage.open(current) as img:
-            if not img.is_differencing or img.parent_is_raw or img.allocated_blocks():
-                return current
-            current = img.parent_path()
+            if not img.is_differencing or img.allocated_blocks():
+                return current, False
+            nxt = img.parent_path()
+            if img.parent_is_raw:
+                return nxt, True
+            current = nxt
 
 
 def snapshot(child: str, parent: str, *, raw_parent: bool = False,
@@ -240,23 +244,29 @@ def snapshot(child: str, parent: str, *, raw_parent: bool = False,
              uuid: bytes | None = None) -> str:
     """Create ``child`` as a differencing VHD over ``parent``; returns the parent actually
     used (``skip_empty`` links past empty differencing ancestors)."""
-    target = parent
+    target, target_raw = parent, raw_parent
     if not raw_parent and skip_empty:
-        target = find_snapshot_target(parent)
-    info = parent_info(target, raw_parent)
-    if depth_limit is not None:
-        depth = 1 if raw_parent else chain_depth(info.path)
+        target, target_raw = find_snapshot_target(parent)
+    info = parent_info(target, target_raw)
+    if depth_limit is not None and not target_raw:
+        depth = chain_depth(info.path)
         if depth >= depth_limit:
             raise ChainTooDeep(f"snapshot depth exceeded: current depth: {depth}, "
                                f"limit: {depth_limit}", errno.ENOSPC)
-    size = round_size(info.size)
+    # The child is exactly as large as the parent it was asked for (when empty ancestors
+    # were skipped, the supplied parent may be larger than the one linked to).
+    size = info.size
+    if os.path.realpath(parent) != info.path:
+        size = max(size, parent_info(parent, raw_parent).size)
+    size = s.pad_sector(size)
+    _validate_size(size)
+    max_bat = -(-size // s.DEFAULT_BLOCK_SIZE)
     if prealloc_size is not None:
         prealloc_size = round_size(prealloc_size)
         if prealloc_size < size:
             raise UsageError(f"metadata size {prealloc_size} is smaller than the disk size "
                              f"{size}")
-    _validate_size(size)
-    max_bat = (prealloc_size or size) // s.DEFAULT_BLOCK_SIZE
+        max_bat = prealloc_size // s.DEFAULT_BLOCK_SIZE
     footer = _new_footer(size, s.DISK_TYPE_DIFF, timestamp, uuid)
     rel = locators.relative_path(child, info.path)
     content = _build_dynamic(size, max_bat, footer, info, rel)

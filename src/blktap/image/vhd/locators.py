@@ -30,6 +30,9 @@ def encode(code: int, path: str) -> bytes:
     if code == s.PLAT_CODE_MACX:
         return ("file://" + path).encode("utf-8")
     if code in (s.PLAT_CODE_W2KU, s.PLAT_CODE_W2RU):
+        # A relative path always gets a ".\" prefix: "./p" becomes ".\p", "../p" ".\..\p".
+        if not path.startswith("/"):
+            path = "./" + (path[2:] if path.startswith("./") else path)
         return path.replace("/", "\\").encode("utf-16-le")
     raise ValueError(f"cannot encode locator code {code:#x}")
 

@@ -1,0 +1,1 @@
+"""Command-line front-ends: the modern ``blktap`` command and the drop-in ``vhd-util``."""

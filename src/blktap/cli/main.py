@@ -1,0 +1,691 @@
+"""The ``blktap`` command: a friendly front-end to the image library.
+
+    blktap info IMAGE            what an image is, its chain and how much it holds
+    blktap create IMAGE SIZE     a new VHD or raw disk
+    blktap snapshot CHILD PARENT a differencing VHD over a parent
+    blktap convert SRC DST       a chain flattened into a new raw file or VHD
+    blktap compare A B           whether two disks read the same
+    blktap map IMAGE             which layer holds each part of the disk
+
+Image arguments take ``vhd:PATH``, ``aio:PATH`` or ``raw:PATH``, or a plain path whose
+format is probed. Errors are one line on stderr, ``blktap: <message>``, and the exit code
+is the error's errno.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from blktap import __version__
+from blktap.cli.common import (
+    PROG,
+    Progress,
+    describe_size,
+    error_message,
+    exit_code,
+    format_table,
+    human_size,
+    parse_size,
+    print_error,
+    print_json,
+    print_note,
+)
+from blktap.errors import BlktapError, UsageError
+from blktap.image.chain import SECTOR_SIZE, Chain, Extent, Layer, parse_spec, probe
+from blktap.image.fileio import pwrite_all
+from blktap.image.raw import RawImage
+from blktap.image.vhd import structs as s
+from blktap.image.vhd.create import create as create_vhd
+from blktap.image.vhd.create import round_size
+from blktap.image.vhd.create import snapshot as snapshot_vhd
+from blktap.image.vhd.image import VhdImage
+
+# Data moves in chunks of one VHD block, through one preallocated buffer per image.
+CHUNK = 2 << 20
+# Inside a chunk, sparse copies skip all-zero pieces of this size.
+PIECE = 64 << 10
+ZEROS = bytes(CHUNK + SECTOR_SIZE)
+
+VHD_TYPES = {s.DISK_TYPE_FIXED: "fixed", s.DISK_TYPE_DYNAMIC: "dynamic",
+             s.DISK_TYPE_DIFF: "differencing"}
+# File name endings that choose an output format when no option or prefix does.
+EXTENSIONS = {".vhd": "vhd", ".img": "raw", ".raw": "raw", ".bin": "raw"}
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# ==================================================================================== parser
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage mistakes reported like every other error: one line."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix(PROG).strip()
+        prefix = f"{where}: " if where else ""
+        raise UsageError(f"{prefix}{message} (see '{self.prog} --help')")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"invalid number {text!r}") from None
+    if value < 1:
+        raise UsageError(f"invalid number {text!r}: must be at least 1")
+    return value
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, allow_abbrev=False,
+                    description="Inspect, create, snapshot, convert and compare virtual disk "
+                                "images (VHD and raw).",
+                    epilog="Image arguments accept vhd:PATH, aio:PATH, raw:PATH or a plain "
+                           "path (format probed). Sizes accept 512, 64M, 10G (units of 1024).")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_info(sub)
+    _add_create(sub)
+    _add_snapshot(sub)
+    _add_convert(sub)
+    _add_compare(sub)
+    _add_map(sub)
+    return parser
+
+
+def _command(sub: Any, name: str, handler: Handler, summary: str) -> Parser:
+    cmd = sub.add_parser(name, help=summary, description=summary, allow_abbrev=False)
+    cmd.set_defaults(handler=handler, min_error_code=1)
+    return cmd
+
+
+def _add_info(sub: Any) -> None:
+    cmd = _command(sub, "info", cmd_info, "Show an image: format, sizes, allocation, chain.")
+    cmd.add_argument("image", metavar="IMAGE")
+    cmd.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_create(sub: Any) -> None:
+    cmd = _command(sub, "create", cmd_create, "Create a new VHD or raw image.")
+    cmd.add_argument("image", metavar="IMAGE")
+    cmd.add_argument("size", metavar="SIZE", type=parse_size,
+                     help="virtual size: bytes or 64M, 10G... (VHD: rounded up to 2 MiB)")
+    cmd.add_argument("-f", "--format", choices=("vhd", "raw"),
+                     help="image format (default: from a vhd:/raw: prefix or the .vhd/.img "
+                          "name, else vhd)")
+    cmd.add_argument("--fixed", action="store_true",
+                     help="reserve all the space now (fixed VHD, fully allocated raw file)")
+    cmd.add_argument("--prealloc", metavar="SIZE", type=parse_size,
+                     help="dynamic VHD: size its metadata for growing to SIZE later")
+
+
+def _add_snapshot(sub: Any) -> None:
+    cmd = _command(sub, "snapshot", cmd_snapshot,
+                   "Create CHILD, a differencing VHD whose parent is PARENT.")
+    cmd.add_argument("child", metavar="CHILD")
+    cmd.add_argument("parent", metavar="PARENT")
+    cmd.add_argument("--raw-parent", action="store_true",
+                     help="PARENT is a raw image (same as an aio:/raw: prefix)")
+    cmd.add_argument("--prealloc", metavar="SIZE", type=parse_size,
+                     help="size the child's metadata for growing to SIZE later")
+    cmd.add_argument("--no-skip-empty", dest="skip_empty", action="store_false",
+                     help="link to PARENT even when it is an empty differencing image")
+    cmd.add_argument("--depth-limit", metavar="N", type=positive_int,
+                     help="refuse when the parent chain already has N images or more")
+
+
+def _add_convert(sub: Any) -> None:
+    cmd = _command(sub, "convert", cmd_convert,
+                   "Copy the disk SRC reads as (its whole chain) into a new image DST.")
+    cmd.add_argument("-O", "--output-format", choices=("raw", "vhd"),
+                     help="format of DST (default: from a vhd:/raw: prefix or a .vhd name, "
+                          "else raw)")
+    cmd.add_argument("src", metavar="SRC")
+    cmd.add_argument("dst", metavar="DST")
+    cmd.add_argument("--fixed", action="store_true", help="write a fixed VHD (VHD output)")
+    cmd.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True,
+                     help="skip zeros so that DST stays sparse (default: --sparse)")
+    cmd.add_argument("--force", action="store_true",
+                     help="replace DST if it exists (a regular file, not part of SRC)")
+
+
+def _add_compare(sub: Any) -> None:
+    cmd = _command(sub, "compare", cmd_compare,
+                   "Compare what two images read as. Exit 0 when equal, 1 when they differ.")
+    cmd.set_defaults(min_error_code=2)
+    cmd.add_argument("a", metavar="A")
+    cmd.add_argument("b", metavar="B")
+    cmd.add_argument("--strict", action="store_true",
+                     help="images of different sizes differ (default: the extra part must "
+                          "read as zeros)")
+    cmd.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_map(sub: Any) -> None:
+    cmd = _command(sub, "map", cmd_map, "List the extents of the disk and the layer of each.")
+    cmd.add_argument("image", metavar="IMAGE")
+    cmd.add_argument("--json", action="store_true", help="print JSON")
+
+
+# ==================================================================================== main
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    min_code = 1
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        min_code = args.min_error_code
+        return args.handler(args)
+    except BrokenPipeError:
+        _silence_stdout()
+        return errno.EPIPE
+    except (BlktapError, OSError) as exc:
+        print_error(error_message(exc))
+        return max(exit_code(exc), min_code)
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return 130
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe, keep the interpreter's final flush from complaining."""
+    with suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+# ==================================================================================== info
+def layer_format(layer: Layer) -> tuple[str, str | None]:
+    """("vhd", "dynamic") and so on; raw layers have no type."""
+    if isinstance(layer, VhdImage):
+        return "vhd", VHD_TYPES.get(layer.footer.type, str(layer.footer.type))
+    return "raw", None
+
+
+def layer_allocated(layer: Layer) -> int:
+    """Bytes of the virtual disk this one layer holds (whatever its parents hold)."""
+    if isinstance(layer, RawImage):
+        runs = layer.data_extents(0, layer.sectors)
+        return sum(min((first + n) * SECTOR_SIZE, layer.size) - first * SECTOR_SIZE
+                   for first, n, data in runs if data)
+    if layer.is_fixed:
+        return layer.size
+    sectors = 0
+    for blk, entry in enumerate(layer.bat):
+        first = blk * layer.spb
+        if entry == s.BAT_ENTRY_UNUSED or first >= layer.sectors:
+            continue
+        count = min(layer.spb, layer.sectors - first)
+        sectors += sum(n for _, n, off in layer.extents(first, count) if off is not None)
+    return sectors * SECTOR_SIZE
+
+
+def describe_layer(depth: int, layer: Layer) -> dict[str, Any]:
+    fmt, kind = layer_format(layer)
+    info: dict[str, Any] = {
+        "depth": depth, "path": layer.path, "format": fmt, "type": kind,
+        "virtual_size": layer.size, "allocated": layer_allocated(layer),
+        "file_size": layer.file_size if isinstance(layer, VhdImage) else layer.size,
+        "uuid": None, "hidden": None, "marker": None,
+    }
+    if isinstance(layer, VhdImage):
+        info["uuid"] = str(layer.uuid)
+        info["hidden"] = bool(layer.hidden)
+        info["marker"] = bool(layer.marker) if layer.batmap_header is not None else None
+    return info
+
+
+def describe_chain(spec: str, chain: Chain) -> dict[str, Any]:
+    layers = [describe_layer(depth, layer) for depth, layer in enumerate(chain.layers)]
+    leaf = layers[0]
+    return {
+        "image": spec, "path": leaf["path"], "format": leaf["format"], "type": leaf["type"],
+        "virtual_size": chain.size, "allocated": chain.allocated_bytes(),
+        "leaf_allocated": leaf["allocated"], "uuid": leaf["uuid"], "hidden": leaf["hidden"],
+        "marker": leaf["marker"], "chain_depth": len(layers), "chain": layers,
+    }
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def _kind(info: dict[str, Any]) -> str:
+    return info["format"] if info["type"] is None else f"{info['format']} {info['type']}"
+
+
+def info_lines(info: dict[str, Any]) -> list[str]:
+    lines = [
+        f"image:         {info['path']}",
+        f"format:        {_kind(info)}",
+        f"virtual size:  {describe_size(info['virtual_size'])}",
+        f"allocated:     {describe_size(info['allocated'])} in the chain",
+        f"               {describe_size(info['leaf_allocated'])} in this image",
+    ]
+    if info["format"] == "vhd":
+        lines += [f"uuid:          {info['uuid']}",
+                  f"hidden:        {_yes_no(info['hidden'])}",
+                  f"marker:        {_yes_no(info['marker'])}"]
+    lines.append(f"chain depth:   {info['chain_depth']}")
+    rows = [(layer["depth"], _kind(layer), human_size(layer["virtual_size"]),
+             human_size(layer["allocated"]), layer["path"]) for layer in info["chain"]]
+    table = format_table(("depth", "format", "size", "allocated", "path"), rows, "llrrl")
+    return lines + ["chain:"] + ["  " + line for line in table]
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with Chain.open(args.image) as chain:
+        info = describe_chain(args.image, chain)
+    if args.json:
+        print_json(info)
+    else:
+        print("\n".join(info_lines(info)))
+    return 0
+
+
+# ==================================================================================== create
+def output_format(explicit: str | None, spec: str, default: str) -> tuple[str, str]:
+    """(format, path) of an image to make: the option, else the spec's prefix, else the
+    name's extension, else ``default``. An option that contradicts the prefix is an error."""
+    prefixed, path = parse_spec(spec)
+    if explicit and prefixed and explicit != prefixed:
+        raise UsageError(f"{spec}: the {prefixed}: prefix contradicts format {explicit}")
+    if explicit or prefixed:
+        return explicit or prefixed or default, path
+    ext = os.path.splitext(path)[1].lower()
+    return EXTENSIONS.get(ext, default), path
+
+
+def create_raw(path: str, size: int, fixed: bool) -> None:
+    """A new raw file of ``size`` bytes: sparse, or with every block reserved (``fixed``).
+    Never overwrites: an existing file is an error."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            os.ftruncate(fd, size)
+            if fixed:
+                _reserve(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(path)
+        raise
+
+
+def _reserve(fd: int, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        for offset in range(0, size, CHUNK):
+            pwrite_all(fd, memoryview(ZEROS)[: min(CHUNK, size - offset)], offset)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    fmt, path = output_format(args.format, args.image, "vhd")
+    if args.size <= 0:
+        raise UsageError(f"invalid size {args.size}: must be more than 0 bytes")
+    if fmt == "raw":
+        if args.prealloc is not None:
+            raise UsageError("--prealloc applies to VHD images only")
+        create_raw(path, args.size, args.fixed)
+        kind = "raw, fully allocated" if args.fixed else "raw, sparse"
+        print(f"Created {path}: {kind}, {describe_size(args.size)}")
+        return 0
+    if args.fixed and args.prealloc is not None:
+        raise UsageError("--prealloc applies to dynamic VHDs; a fixed VHD cannot grow fast")
+    create_vhd(path, args.size, fixed=args.fixed, prealloc_size=args.prealloc)
+    size = round_size(args.size)
+    if size != args.size:
+        print_note(f"size rounded up from {describe_size(args.size)} to "
+                   f"{describe_size(size)}: VHD sizes are whole 2 MiB blocks")
+    kind = "fixed" if args.fixed else "dynamic"
+    print(f"Created {path}: VHD {kind}, {describe_size(size)}")
+    return 0
+
+
+# ==================================================================================== snapshot
+def snapshot_parent(spec: str, raw_flag: bool) -> tuple[str, bool]:
+    """(path, is raw) of a snapshot's parent. A plain path is probed, and a raw file is
+    only accepted when asked for: a VHD with a damaged footer also probes as raw."""
+    fmt, path = parse_spec(spec)
+    if fmt == "vhd" and raw_flag:
+        raise UsageError(f"{spec}: the vhd: prefix contradicts --raw-parent")
+    if fmt == "raw" or raw_flag:
+        return path, True
+    if fmt is None and probe(path) == "raw":
+        raise UsageError(f"{path} is not a VHD; to snapshot a raw image pass --raw-parent "
+                         f"(or name it aio:{path})")
+    return path, False
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    child_fmt, child = parse_spec(args.child)
+    if child_fmt == "raw":
+        raise UsageError(f"{args.child}: a snapshot is always a VHD")
+    parent, raw = snapshot_parent(args.parent, args.raw_parent)
+    used = snapshot_vhd(child, parent, raw_parent=raw, prealloc_size=args.prealloc,
+                        depth_limit=args.depth_limit, skip_empty=args.skip_empty)
+    print(f"Created {child}: VHD differencing, parent {used}")
+    if os.path.realpath(parent) != os.path.realpath(used):
+        print_note(f"{parent} is an empty differencing image: the snapshot links to its "
+                   f"first non-empty ancestor (use --no-skip-empty to link to it directly)")
+    return 0
+
+
+# ==================================================================================== copying
+def chunks(offset: int, length: int) -> Iterator[tuple[int, int]]:
+    """Split a run into pieces that never cross a CHUNK boundary of the disk."""
+    end = offset + length
+    while offset < end:
+        stop = min(end, (offset // CHUNK + 1) * CHUNK)
+        yield offset, stop - offset
+        offset = stop
+
+
+def read_range(chain: Chain, offset: int, length: int, buf: bytearray) -> memoryview:
+    """Read ``length`` bytes at ``offset`` (any alignment, at most CHUNK) through ``buf``,
+    which must hold CHUNK + one sector."""
+    first = offset // SECTOR_SIZE
+    last = -(-(offset + length) // SECTOR_SIZE)
+    view = memoryview(buf)
+    chain.readinto(first, view[: (last - first) * SECTOR_SIZE])
+    skip = offset - first * SECTOR_SIZE
+    return view[skip : skip + length]
+
+
+def is_zero(view: memoryview) -> bool:
+    return view.tobytes() == ZEROS[: len(view)]
+
+
+def nonzero_runs(view: memoryview) -> Iterator[tuple[int, int]]:
+    """(start, stop) of the runs of ``view`` made of PIECE-sized pieces holding data."""
+    if is_zero(view):
+        return
+    start = None
+    for pos in range(0, len(view), PIECE):
+        if is_zero(view[pos : pos + PIECE]):
+            if start is not None:
+                yield start, pos
+                start = None
+        elif start is None:
+            start = pos
+    if start is not None:
+        yield start, len(view)
+
+
+def data_chunks(chain: Chain, sparse: bool, progress: Progress
+                ) -> Iterator[tuple[int, memoryview]]:
+    """(offset, bytes) of what to write to copy the disk: every chunk, or (``sparse``)
+    only the runs that hold data. Offsets are sector-aligned; a view may end at the disk's
+    end mid-sector."""
+    buf = bytearray(CHUNK + SECTOR_SIZE)
+    for extent in chain.map():
+        if extent.depth is None and sparse:
+            progress.update(extent.offset + extent.length)
+            continue
+        for offset, length in chunks(extent.offset, extent.length):
+            view = read_range(chain, offset, length, buf)
+            if not sparse:
+                yield offset, view
+            else:
+                for start, stop in nonzero_runs(view):
+                    yield offset + start, view[start:stop]
+            progress.update(offset + length)
+
+
+def write_raw(chain: Chain, path: str, sparse: bool, progress: Progress) -> int:
+    """Write the disk into a new raw file; returns the bytes written."""
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, chain.size)
+        for offset, view in data_chunks(chain, sparse, progress):
+            pwrite_all(fd, view, offset)
+            written += len(view)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return written
+
+
+def write_vhd(chain: Chain, path: str, fixed: bool, sparse: bool, progress: Progress) -> int:
+    """Write the disk into a new VHD (dynamic unless ``fixed``); returns the bytes written.
+    Only the data written allocates blocks, so skipped zeros keep a dynamic VHD sparse."""
+    written = 0
+    create_vhd(path, chain.size, fixed=fixed)
+    with VhdImage.open(path, writable=True) as image:
+        for offset, view in data_chunks(chain, sparse, progress):
+            data = view if len(view) % SECTOR_SIZE == 0 else _padded(view)
+            image.write(offset // SECTOR_SIZE, data)
+            written += len(view)
+    return written
+
+
+def _padded(view: memoryview) -> bytes:
+    """The last, partial sector of a disk whose size is not whole sectors."""
+    return view.tobytes() + bytes(-len(view) % SECTOR_SIZE)
+
+
+# ==================================================================================== convert
+def check_destination(dst: str, chain: Chain, force: bool) -> None:
+    """DST must not exist, unless ``force`` and it is a regular file outside the chain."""
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{dst}: folder {folder} does not exist", errno.ENOENT)
+    try:
+        st = os.stat(dst)
+    except FileNotFoundError:
+        return
+    if not force:
+        raise UsageError(f"{dst}: already exists (use --force to replace it)", errno.EEXIST)
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{dst}: not a regular file; --force only replaces regular files")
+    for layer in chain.layers:
+        layer_st = os.fstat(layer.fd)
+        if (layer_st.st_dev, layer_st.st_ino) == (st.st_dev, st.st_ino):
+            raise UsageError(f"{dst} is part of the source chain ({layer.path}); "
+                             f"refusing to replace it")
+
+
+@contextmanager
+def staged_output(dst: str, force: bool) -> Iterator[str]:
+    """A path to write the new image at, in a private folder beside DST. When the block
+    succeeds the image takes DST's name (atomically replacing it with ``force``, else
+    failing if DST appeared meanwhile); when it fails nothing is left behind."""
+    folder = os.path.dirname(os.path.abspath(dst))
+    workdir = tempfile.mkdtemp(prefix=".blktap-convert-", dir=folder)
+    try:
+        tmp = os.path.join(workdir, os.path.basename(dst) or "image")
+        yield tmp
+        publish(tmp, dst, force)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def publish(tmp: str, dst: str, force: bool) -> None:
+    if force:
+        os.replace(tmp, dst)
+        return
+    try:
+        os.link(tmp, dst)
+    except FileExistsError:
+        raise UsageError(f"{dst}: already exists (use --force to replace it)",
+                         errno.EEXIST) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+            raise
+        # A file system without hard links: check, then rename (not atomic, but close).
+        if os.path.lexists(dst):
+            raise UsageError(f"{dst}: already exists (use --force to replace it)",
+                             errno.EEXIST) from None
+        os.rename(tmp, dst)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    fmt, dst = output_format(args.output_format, args.dst, "raw")
+    if args.fixed and fmt != "vhd":
+        raise UsageError("--fixed applies to VHD output (for a fully allocated raw file "
+                         "use --no-sparse)")
+    with Chain.open(args.src) as chain:
+        check_destination(dst, chain, args.force)
+        size = chain.size if fmt == "raw" else round_size(chain.size)
+        with staged_output(dst, args.force) as tmp, \
+                Progress(f"converting to {fmt}", chain.size) as progress:
+            if fmt == "raw":
+                written = write_raw(chain, tmp, args.sparse, progress)
+            else:
+                written = write_vhd(chain, tmp, args.fixed, args.sparse, progress)
+    if size != chain.size:
+        print_note(f"size rounded up from {describe_size(chain.size)} to "
+                   f"{describe_size(size)}: VHD sizes are whole 2 MiB blocks")
+    kind = "raw" if fmt == "raw" else f"VHD {'fixed' if args.fixed else 'dynamic'}"
+    print(f"Converted {chain.leaf.path} ({len(chain)} layer{'s' if len(chain) > 1 else ''}) "
+          f"to {dst}: {kind}, {describe_size(size)}, {human_size(written)} of data written")
+    return 0
+
+
+# ==================================================================================== compare
+@dataclass
+class Comparison:
+    identical: bool
+    reason: str | None = None  # "content" or "size" when they differ
+    offset: int | None = None  # first differing byte
+
+
+def segments(a: list[Extent], b: list[Extent], end: int) -> Iterator[tuple[int, int, bool]]:
+    """(start, stop, both read as zeros) over [0, end), cut wherever either map changes."""
+    ia = ib = 0
+    pos = 0
+    while pos < end:
+        while ia < len(a) and a[ia].offset + a[ia].length <= pos:
+            ia += 1
+        while ib < len(b) and b[ib].offset + b[ib].length <= pos:
+            ib += 1
+        stop = end
+        zero = True
+        for extents, i in ((a, ia), (b, ib)):
+            if i < len(extents):
+                stop = min(stop, extents[i].offset + extents[i].length)
+                zero = zero and extents[i].depth is None
+        if stop <= pos:  # a map that does not cover [pos, end): read it to be safe
+            stop, zero = end, False
+        yield pos, stop, zero
+        pos = stop
+
+
+def first_difference(a: memoryview, b: memoryview | bytes) -> int | None:
+    """Index of the first byte where two equal-length buffers differ, or None."""
+    if a.tobytes() == bytes(b):
+        return None
+    lo, hi = 0, len(a)
+    while hi - lo > 64:  # the difference lies in [lo, hi)
+        mid = (lo + hi) // 2
+        if a[lo:mid].tobytes() != bytes(b[lo:mid]):
+            hi = mid
+        else:
+            lo = mid
+    for i in range(lo, hi):
+        if a[i] != b[i]:
+            return i
+    return None  # pragma: no cover - unreachable: the buffers differ
+
+
+def compare_chains(a: Chain, b: Chain, strict: bool, progress: Progress) -> Comparison:
+    if strict and a.size != b.size:
+        return Comparison(False, "size")
+    common = min(a.size, b.size)
+    buf_a, buf_b = bytearray(CHUNK + SECTOR_SIZE), bytearray(CHUNK + SECTOR_SIZE)
+    for start, stop, zero in segments(a.map(), b.map(), common):
+        if zero:
+            progress.update(stop)
+            continue
+        for offset, length in chunks(start, stop - start):
+            diff = first_difference(read_range(a, offset, length, buf_a),
+                                    read_range(b, offset, length, buf_b))
+            if diff is not None:
+                return Comparison(False, "content", offset + diff)
+            progress.update(offset + length)
+    longer = a if a.size > b.size else b
+    offset = first_nonzero(longer, common, buf_a, progress)
+    if offset is not None:
+        return Comparison(False, "content", offset)
+    return Comparison(True)
+
+
+def first_nonzero(chain: Chain, start: int, buf: bytearray, progress: Progress) -> int | None:
+    """Offset of the first byte at or after ``start`` that does not read as zero."""
+    if start >= chain.size:
+        return None
+    first = start // SECTOR_SIZE
+    for extent in chain.map(first, chain.sectors - first):
+        begin = max(extent.offset, start)
+        if extent.depth is None:
+            progress.update(extent.offset + extent.length)
+            continue
+        for offset, length in chunks(begin, extent.offset + extent.length - begin):
+            view = read_range(chain, offset, length, buf)
+            diff = first_difference(view, ZEROS[:length])
+            if diff is not None:
+                return offset + diff
+            progress.update(offset + length)
+    return None
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    with Chain.open(args.a) as a, Chain.open(args.b) as b:
+        with Progress("comparing", max(a.size, b.size)) as progress:
+            result = compare_chains(a, b, args.strict, progress)
+        sizes = a.size, b.size
+    if args.json:
+        print_json({"identical": result.identical, "reason": result.reason,
+                    "offset": result.offset,
+                    "a": {"image": args.a, "size": sizes[0]},
+                    "b": {"image": args.b, "size": sizes[1]}})
+    elif result.reason == "size":
+        print(f"Image size mismatch: {args.a} is {describe_size(sizes[0])}, "
+              f"{args.b} is {describe_size(sizes[1])}")
+    elif result.reason == "content":
+        print(f"Content mismatch at offset {result.offset}")
+    else:
+        if sizes[0] != sizes[1]:
+            print_note(f"the sizes differ ({sizes[0]} and {sizes[1]} bytes); the extra part "
+                       f"reads as zeros")
+        print("Images are identical.")
+    return 0 if result.identical else 1
+
+
+# ==================================================================================== map
+def map_rows(chain: Chain) -> list[dict[str, Any]]:
+    return [{"offset": e.offset, "length": e.length, "depth": e.depth,
+             "file": None if e.depth is None else chain.layers[e.depth].path}
+            for e in chain.map()]
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    with Chain.open(args.image) as chain:
+        rows = map_rows(chain)
+    if args.json:
+        print_json(rows)
+        return 0
+    table = [(r["offset"], r["length"], "-" if r["depth"] is None else r["depth"],
+              "(zeros)" if r["file"] is None else r["file"]) for r in rows]
+    print("\n".join(format_table(("offset", "length", "depth", "path"), table, "rrrl")))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""``vhd-util``: a drop-in replacement for the reference C tool.
+
+Same commands, flags, output bytes and exit codes (an errno), because XenServer's storage
+manager parses them. Behaviour that differs on purpose is listed in docs/compat.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from blktap.cli.vhd_util import check, create, query, read, scan, set_field, snapshot
+from blktap.cli.vhd_util.options import Output, Usage
+
+# The reference's command table, in its order (it is printed in the usage).
+COMMANDS = ["create", "snapshot", "query", "read", "set", "repair", "resize", "fill",
+            "coalesce", "modify", "scan", "check", "revert", "key", "copy"]
+
+Handler = Callable[[list[str], Output], int]
+HANDLERS: dict[str, tuple[Handler, str]] = {
+    "create": (create.run, create.USAGE),
+    "snapshot": (snapshot.run, snapshot.USAGE),
+    "query": (query.run, query.USAGE),
+    "read": (read.run, read.USAGE),
+    "set": (set_field.run, set_field.USAGE),
+    "scan": (scan.run, scan.USAGE),
+    "check": (check.run, check.USAGE),
+}
+
+
+def usage_text() -> str:
+    return ("usage: vhd-util COMMAND [OPTIONS]\n"
+            "COMMAND := { " + " | ".join(COMMANDS) + " }\n")
+
+
+def run(argv: list[str], out: Output) -> int:
+    if len(argv) < 2:
+        out.print(usage_text())
+        return 0
+    command = argv[1]
+    if len(command) >= 25 or command not in COMMANDS:
+        out.error(f"invalid COMMAND {command}\n")
+        out.print(usage_text())
+        return 0
+    args = [a for a in argv[2:] if a != "--debug"]
+    if command not in HANDLERS:
+        out.error(f"vhd-util {command}: not implemented yet in this version of blktap\n")
+        return 95  # EOPNOTSUPP
+    handler, usage = HANDLERS[command]
+    try:
+        return handler(args, out)
+    except Usage as exc:
+        out.print(usage)
+        return exc.code
+
+
+def main(argv: list[str] | None = None) -> int:
+    out = Output()
+    try:
+        code = run(sys.argv if argv is None else argv, out)
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:
+        code = 32
+    finally:
+        try:
+            out.close()
+        except BrokenPipeError:
+            pass
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Helpers shared by the vhd-util subcommands."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from blktap.errors import BlktapError, FormatError
+from blktap.image.vhd.image import VhdImage
+
+MARKER_XATTR = "user.com.citrix.xenclient.backend.marker"
+KEYHASH_XATTR = "user.com.citrix.xenclient.backend.keyhash"
+
+
+def open_vhd(path: str, *, writable: bool = False, allow_disabled: bool = True) -> VhdImage:
+    """Open a VHD as the reference's tools do, failing with the errno they report: a
+    missing file ENOENT, an empty file EPIPE, a file shorter than a footer EIO, anything
+    else that is not a VHD EINVAL."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
+    if os.path.isfile(path) and size < 512:
+        err = errno.EPIPE if size == 0 else errno.EIO
+        raise FormatError(f"{path}: file too small to be a VHD ({size} bytes)", err)
+    return VhdImage.open(path, writable=writable, allow_disabled=allow_disabled,
+                         validate_bat=False)
+
+
+def signed_byte(value: int) -> int:
+    return value - 256 if value >= 128 else value
+
+
+def marker_of(image: VhdImage) -> int:
+    """The marker: in the batmap header, or for images without one in an xattr."""
+    if image.batmap_header is not None:
+        return image.batmap_header.marker
+    try:
+        data = os.getxattr(image.path, MARKER_XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            return 0
+        raise
+    return data[0] if data else 0
+
+
+def keyhash_of(image: VhdImage) -> tuple[int, bytes, bytes]:
+    """(cookie, nonce, hash) of the key hash, wherever the image keeps it."""
+    hdr = image.batmap_header
+    if hdr is not None:
+        return hdr.keyhash_cookie, hdr.keyhash_nonce, hdr.keyhash_hash
+    try:
+        data = os.getxattr(image.path, KEYHASH_XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            return 0, bytes(32), bytes(32)
+        raise
+    data = data.ljust(65, b"\0")
+    return data[0], data[1:33], data[33:65]
+
+
+def err_of(exc: BaseException) -> int:
+    """The positive errno of an exception."""
+    if isinstance(exc, BlktapError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EINVAL
