@@ -1,0 +1,68 @@
+"""Shared test fixtures: the reference images, temporary folders, real peers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("BLKTAP_SHARED", ROOT.parent / "shared"))
+FIXTURE_TARBALL = SHARED / "fixtures" / "vhd-reference.tar.gz"
+VENV_BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """Path of one of our console scripts (in the venv running the tests)."""
+    candidate = VENV_BIN / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+def need(program: str) -> str:
+    """Path of a real peer program, or skip the test saying what is missing."""
+    found = shutil.which(program)
+    if found is None:
+        pytest.skip(f"{program} not installed (make test installs it)")
+    return found
+
+
+def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("timeout", 300)
+    return subprocess.run(argv, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def reference_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference fixtures unpacked once per session (treat as read-only; copy before
+    changing anything)."""
+    if not FIXTURE_TARBALL.exists():
+        pytest.skip(f"reference fixtures not found at {FIXTURE_TARBALL} (../shared is absent)")
+    dest = tmp_path_factory.mktemp("ref")
+    with tarfile.open(FIXTURE_TARBALL) as tar:
+        tar.extractall(dest, filter="data")
+    return dest / "vhd-reference"
+
+
+@pytest.fixture
+def ref_copy(reference_dir: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the reference fixtures."""
+    dest = tmp_path / "ref"
+    shutil.copytree(reference_dir, dest)
+    return dest
+
+
+def expected(reference_dir: Path, name: str) -> str:
+    """An expected output with @DIR@ replaced by where the images are."""
+    text = (reference_dir / "expect" / name).read_text()
+    return text.replace("@DIR@", str(reference_dir))
