@@ -204,7 +204,8 @@ def test_read_operations(tmp_path: Path) -> None:
     assert vu("read", "-n", img, "-t", "0").stdout.endswith("file offset: not allocated\n")
     assert vu("read", "-n", img, "-b", "0", "-c", "2").stdout == (
         f"block: 0: offset: not allocated\nblock: 1: offset: {entry * 512}\n")
-    assert vu("read", "-n", img, "-b", "1", "-x").stdout == f"block: 0x1: offset: {entry * 512:#x}\n"
+    proc = vu("read", "-n", img, "-b", "1", "-x")
+    assert proc.stdout == f"block: 0x1: offset: {entry * 512:#x}\n"
     assert vu("read", "-n", img, "-i", "4097", "-c", "2").stdout == (
         "block 1: sec: 1: 1\nblock 1: sec: 2: 0\n")
     assert vu("read", "-n", img, "-e", "0", "-c", "16384").stdout == "4096 2\n"

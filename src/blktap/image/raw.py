@@ -66,7 +66,7 @@ class RawImage:
             yield from self._sector_run(data, hole, True)
             pos = hole
         if pos < end:
-            yield from self._sector_run(pos, end, False)
+            yield from self._sector_run(-(-pos // SECTOR_SIZE) * SECTOR_SIZE, end, False)
 
     @staticmethod
     def _sector_run(start: int, stop: int, data: bool) -> Iterator[tuple[int, int, bool]]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from blktap.errors import BlktapError
-from blktap.image.vhd import check as vhd_check
 from blktap.cli.vhd_util import dump
 from blktap.cli.vhd_util.common import open_vhd
 from blktap.cli.vhd_util.options import Output, Usage, getopt
+from blktap.errors import BlktapError
+from blktap.image.vhd import check as vhd_check
 
 USAGE = ("options: -n <file> [-i ignore missing primary footers] [-I ignore parent uuids] "
          "[-t ignore timestamps] [-B do not check BAT for overlapping (precludes -s, -b)] "

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from blktap.errors import BlktapError
-from blktap.image.vhd.create import create as make_vhd
 from blktap.cli.vhd_util.common import err_of
 from blktap.cli.vhd_util.options import Output, Usage, getopt, strtoull
+from blktap.errors import BlktapError
+from blktap.image.vhd.create import create as make_vhd
 
 USAGE = ("options: <-n name> <-s size (MB)> [-r reserve] [-h help] "
          "[<-S size (MB) for metadata preallocation (see vhd-util resize)>]\n")
@@ -42,6 +42,7 @@ def run(argv: list[str], out: Output) -> int:
         make_vhd(name, size, fixed=fixed,
                           prealloc_size=meta_mb * MB if meta_mb else None)
     except BlktapError as exc:
-        out.error(f"{name}: failed to create: {exc}\n")
+        reason = str(exc).removeprefix(f"{name}: ")
+        out.error(f"{name}: failed to create: {reason}\n")
         return err_of(exc)
     return 0

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import errno
 
-from blktap.errors import BlktapError
-from blktap.image.vhd.create import chain_depth
-from blktap.image.vhd import locators
-from blktap.image.vhd import structs as s
 from blktap.cli.vhd_util.common import err_of, marker_of, open_vhd, signed_byte
 from blktap.cli.vhd_util.options import Output, Usage, getopt
+from blktap.errors import BlktapError
+from blktap.image.vhd import locators
+from blktap.image.vhd import structs as s
+from blktap.image.vhd.create import chain_depth
 
 USAGE = ("options: <-n name> [-v print virtual size (in MB)] "
          "[-s print physical utilization (bytes)] [-p print parent] [-f print fields] "

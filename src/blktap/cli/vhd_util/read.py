@@ -5,14 +5,14 @@ from __future__ import annotations
 import errno
 import os
 
+from blktap.cli.vhd_util import dump
+from blktap.cli.vhd_util.common import err_of, open_vhd
+from blktap.cli.vhd_util.options import U64, Output, Usage, getopt, strtoull
 from blktap.errors import BlktapError
 from blktap.image.chain import Chain
 from blktap.image.vhd import bitmap as bm
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
-from blktap.cli.vhd_util import dump
-from blktap.cli.vhd_util.common import err_of, open_vhd
-from blktap.cli.vhd_util.options import U64, Output, Usage, getopt, strtoull
 
 USAGE = (
     "options:\n"

@@ -12,13 +12,13 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 
+from blktap.cli.vhd_util.common import err_of, keyhash_of, marker_of, open_vhd
+from blktap.cli.vhd_util.options import Output, Usage, getopt
 from blktap.errors import BlktapError
 from blktap.image.fileio import file_size_of
 from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
 from blktap.image.vhd import validate as v
-from blktap.cli.vhd_util.common import err_of, keyhash_of, marker_of, open_vhd
-from blktap.cli.vhd_util.options import Output, Usage, getopt
 
 USAGE = ("usage: [OPTIONS] FILES\n"
          "options: [-m match filter] [-f fast] [-c continue on failure] [-l LVM volume] "

@@ -5,9 +5,9 @@ from __future__ import annotations
 import errno
 import os
 
-from blktap.errors import BlktapError
 from blktap.cli.vhd_util.common import MARKER_XATTR, open_vhd
 from blktap.cli.vhd_util.options import Output, Usage, getopt, strtol
+from blktap.errors import BlktapError
 
 USAGE = "options: <-n name> <-f field> <-v value> [-h help]\n"
 

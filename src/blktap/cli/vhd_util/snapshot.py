@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import errno
 
-from blktap.errors import BlktapError, ChainTooDeep
-from blktap.image.vhd.create import snapshot as make_snapshot
 from blktap.cli.vhd_util.common import err_of
 from blktap.cli.vhd_util.options import Output, Usage, getopt, strtol, strtoull
+from blktap.errors import BlktapError, ChainTooDeep
+from blktap.image.vhd.create import snapshot as make_snapshot
 
 USAGE = ("options: <-n name> <-p parent name> [-l snapshot depth limit] [-m parent_is_raw] "
          "[-S size (MB) for metadata preallocation (see vhd-util resize)] "
