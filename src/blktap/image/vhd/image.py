@@ -521,15 +521,16 @@ class VhdImage:
             blk_sec += 1
         data_sec = blk_sec + bm_secs
         new_end = (data_sec + self.spb) * s.SECTOR_SIZE
-        footer_at = self.file_size - s.FOOTER_SIZE
-        # Space past the end of data that a crashed writer left behind may hold stale bytes.
-        stale_end = min(footer_at, new_end)
-        if stale_end > data_sec * s.SECTOR_SIZE:
-            write_zeros(self.fd, data_sec * s.SECTOR_SIZE, stale_end - data_sec * s.SECTOR_SIZE)
+        old_size = self.file_size
         # 1. A valid footer at the new end of the file.
-        if new_end + s.FOOTER_SIZE > self.file_size:
+        if new_end + s.FOOTER_SIZE > old_size:
             pwrite_all(self.fd, self.footer.pack(), new_end)
             self.file_size = new_end + s.FOOTER_SIZE
+        # Space past the end of data that a crashed writer left behind may hold stale bytes
+        # (even an old footer): the new block must not inherit them.
+        stale_end = min(old_size, new_end)
+        if stale_end > data_sec * s.SECTOR_SIZE:
+            write_zeros(self.fd, data_sec * s.SECTOR_SIZE, stale_end - data_sec * s.SECTOR_SIZE)
         # 2. The data.
         n = len(chunk) // s.SECTOR_SIZE
         pwrite_all(self.fd, chunk, (data_sec + off) * s.SECTOR_SIZE)
