@@ -46,7 +46,6 @@ from blktap.image.fileio import pwrite_all
 from blktap.image.raw import RawImage
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.create import create as create_vhd
-from blktap.image.vhd.create import round_size
 from blktap.image.vhd.create import snapshot as snapshot_vhd
 from blktap.image.vhd.image import VhdImage
 
@@ -54,7 +53,9 @@ from blktap.image.vhd.image import VhdImage
 CHUNK = 2 << 20
 # Inside a chunk, sparse copies skip all-zero pieces of this size.
 PIECE = 64 << 10
-ZEROS = bytes(CHUNK + SECTOR_SIZE)
+# bytearray == memoryview compares with memcmp; other ways copy or go byte by byte.
+ZERO_CHUNK = bytearray(CHUNK)
+ZERO_PIECE = bytearray(PIECE)
 
 VHD_TYPES = {s.DISK_TYPE_FIXED: "fixed", s.DISK_TYPE_DYNAMIC: "dynamic",
              s.DISK_TYPE_DIFF: "differencing"}
@@ -195,6 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print_error("interrupted")
         return 130
+    except Exception as exc:  # a bug: still one line, unless asked for the traceback
+        if os.environ.get("BLKTAP_DEBUG"):
+            raise
+        print_error(f"internal error: {type(exc).__name__}: {error_message(exc)} "
+                    f"(set BLKTAP_DEBUG=1 to see where)")
+        return errno.EIO
 
 
 def _silence_stdout() -> None:
@@ -202,6 +209,23 @@ def _silence_stdout() -> None:
     with suppress(OSError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+
+
+@contextmanager
+def errors_about(path: str) -> Iterator[None]:
+    """System errors raised inside that name no file are about ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = path
+        raise
+
+
+def open_chain(spec: str) -> Chain:
+    """Open an image argument and its parents."""
+    with errors_about(parse_spec(spec)[1]):
+        return Chain.open(spec)
 
 
 # ==================================================================================== info
@@ -284,7 +308,7 @@ def info_lines(info: dict[str, Any]) -> list[str]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with Chain.open(args.image) as chain:
+    with open_chain(args.image) as chain:
         info = describe_chain(args.image, chain)
     if args.json:
         print_json(info)
@@ -331,7 +355,7 @@ def _reserve(fd: int, size: int) -> None:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise
         for offset in range(0, size, CHUNK):
-            pwrite_all(fd, memoryview(ZEROS)[: min(CHUNK, size - offset)], offset)
+            pwrite_all(fd, memoryview(ZERO_CHUNK)[: min(CHUNK, size - offset)], offset)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -341,20 +365,30 @@ def cmd_create(args: argparse.Namespace) -> int:
     if fmt == "raw":
         if args.prealloc is not None:
             raise UsageError("--prealloc applies to VHD images only")
-        create_raw(path, args.size, args.fixed)
+        with errors_about(path):
+            create_raw(path, args.size, args.fixed)
         kind = "raw, fully allocated" if args.fixed else "raw, sparse"
         print(f"Created {path}: {kind}, {describe_size(args.size)}")
         return 0
     if args.fixed and args.prealloc is not None:
         raise UsageError("--prealloc applies to dynamic VHDs; a fixed VHD cannot grow fast")
     create_vhd(path, args.size, fixed=args.fixed, prealloc_size=args.prealloc)
-    size = round_size(args.size)
-    if size != args.size:
-        print_note(f"size rounded up from {describe_size(args.size)} to "
-                   f"{describe_size(size)}: VHD sizes are whole 2 MiB blocks")
+    size = vhd_size(path)
+    note_rounding(args.size, size)
     kind = "fixed" if args.fixed else "dynamic"
     print(f"Created {path}: VHD {kind}, {describe_size(size)}")
     return 0
+
+
+def vhd_size(path: str) -> int:
+    with VhdImage.open(path) as image:
+        return image.size
+
+
+def note_rounding(asked: int, made: int) -> None:
+    if made != asked:
+        print_note(f"size rounded up from {describe_size(asked)} to {describe_size(made)}: "
+                   f"VHD sizes are whole 2 MiB blocks")
 
 
 # ==================================================================================== snapshot
@@ -397,18 +431,32 @@ def chunks(offset: int, length: int) -> Iterator[tuple[int, int]]:
 
 
 def read_range(chain: Chain, offset: int, length: int, buf: bytearray) -> memoryview:
-    """Read ``length`` bytes at ``offset`` (any alignment, at most CHUNK) through ``buf``,
-    which must hold CHUNK + one sector."""
-    first = offset // SECTOR_SIZE
-    last = -(-(offset + length) // SECTOR_SIZE)
+    """Read ``length`` bytes at ``offset`` (at most CHUNK, inside the disk). A sector-aligned
+    read lands at the start of ``buf`` (CHUNK bytes); an unaligned one is rare and copied."""
+    sectors = -(-length // SECTOR_SIZE)
+    if offset % SECTOR_SIZE or sectors * SECTOR_SIZE > len(buf):
+        return memoryview(chain.pread(offset, length))
     view = memoryview(buf)
-    chain.readinto(first, view[: (last - first) * SECTOR_SIZE])
-    skip = offset - first * SECTOR_SIZE
-    return view[skip : skip + length]
+    chain.readinto(offset // SECTOR_SIZE, view[: sectors * SECTOR_SIZE])
+    return view[:length]
+
+
+def same_bytes(a: memoryview, b: memoryview) -> bool:
+    """Whether two byte views hold the same bytes, without copying whole buffers."""
+    if len(a) != len(b):
+        return False
+    for one, other in ((a, b), (b, a)):
+        if isinstance(one.obj, bytearray) and len(one.obj) == len(one):  # the whole array
+            return one.obj == other
+    return a.tobytes() == b.tobytes()
 
 
 def is_zero(view: memoryview) -> bool:
-    return view.tobytes() == ZEROS[: len(view)]
+    if len(view) == CHUNK:
+        return ZERO_CHUNK == view
+    if len(view) == PIECE:
+        return ZERO_PIECE == view
+    return view.tobytes() == bytes(len(view))
 
 
 def nonzero_runs(view: memoryview) -> Iterator[tuple[int, int]]:
@@ -432,7 +480,7 @@ def data_chunks(chain: Chain, sparse: bool, progress: Progress
     """(offset, bytes) of what to write to copy the disk: every chunk, or (``sparse``)
     only the runs that hold data. Offsets are sector-aligned; a view may end at the disk's
     end mid-sector."""
-    buf = bytearray(CHUNK + SECTOR_SIZE)
+    buf = bytearray(CHUNK)
     for extent in chain.map():
         if extent.depth is None and sparse:
             progress.update(extent.offset + extent.length)
@@ -448,7 +496,7 @@ def data_chunks(chain: Chain, sparse: bool, progress: Progress
 
 
 def write_raw(chain: Chain, path: str, sparse: bool, progress: Progress) -> int:
-    """Write the disk into a new raw file; returns the bytes written."""
+    """Write the disk into a new raw file of the same size; returns the bytes written."""
     written = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
@@ -540,18 +588,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.fixed and fmt != "vhd":
         raise UsageError("--fixed applies to VHD output (for a fully allocated raw file "
                          "use --no-sparse)")
-    with Chain.open(args.src) as chain:
+    with open_chain(args.src) as chain:
         check_destination(dst, chain, args.force)
-        size = chain.size if fmt == "raw" else round_size(chain.size)
         with staged_output(dst, args.force) as tmp, \
                 Progress(f"converting to {fmt}", chain.size) as progress:
             if fmt == "raw":
                 written = write_raw(chain, tmp, args.sparse, progress)
             else:
                 written = write_vhd(chain, tmp, args.fixed, args.sparse, progress)
-    if size != chain.size:
-        print_note(f"size rounded up from {describe_size(chain.size)} to "
-                   f"{describe_size(size)}: VHD sizes are whole 2 MiB blocks")
+            size = chain.size if fmt == "raw" else vhd_size(tmp)
+    note_rounding(chain.size, size)
     kind = "raw" if fmt == "raw" else f"VHD {'fixed' if args.fixed else 'dynamic'}"
     print(f"Converted {chain.leaf.path} ({len(chain)} layer{'s' if len(chain) > 1 else ''}) "
           f"to {dst}: {kind}, {describe_size(size)}, {human_size(written)} of data written")
@@ -587,28 +633,28 @@ def segments(a: list[Extent], b: list[Extent], end: int) -> Iterator[tuple[int, 
         pos = stop
 
 
-def first_difference(a: memoryview, b: memoryview | bytes) -> int | None:
-    """Index of the first byte where two equal-length buffers differ, or None."""
-    if a.tobytes() == bytes(b):
+def first_difference(a: memoryview, b: memoryview) -> int | None:
+    """Index of the first byte where two equal-length views differ, or None."""
+    if same_bytes(a, b):
         return None
     lo, hi = 0, len(a)
     while hi - lo > 64:  # the difference lies in [lo, hi)
         mid = (lo + hi) // 2
-        if a[lo:mid].tobytes() != bytes(b[lo:mid]):
+        if a[lo:mid].tobytes() != b[lo:mid].tobytes():
             hi = mid
         else:
             lo = mid
     for i in range(lo, hi):
         if a[i] != b[i]:
             return i
-    return None  # pragma: no cover - unreachable: the buffers differ
+    return None  # pragma: no cover - unreachable: the views differ
 
 
 def compare_chains(a: Chain, b: Chain, strict: bool, progress: Progress) -> Comparison:
     if strict and a.size != b.size:
         return Comparison(False, "size")
     common = min(a.size, b.size)
-    buf_a, buf_b = bytearray(CHUNK + SECTOR_SIZE), bytearray(CHUNK + SECTOR_SIZE)
+    buf_a, buf_b = bytearray(CHUNK), bytearray(CHUNK)
     for start, stop, zero in segments(a.map(), b.map(), common):
         if zero:
             progress.update(stop)
@@ -638,7 +684,7 @@ def first_nonzero(chain: Chain, start: int, buf: bytearray, progress: Progress) 
             continue
         for offset, length in chunks(begin, extent.offset + extent.length - begin):
             view = read_range(chain, offset, length, buf)
-            diff = first_difference(view, ZEROS[:length])
+            diff = None if is_zero(view) else first_difference(view, memoryview(bytes(length)))
             if diff is not None:
                 return offset + diff
             progress.update(offset + length)
@@ -646,7 +692,7 @@ def first_nonzero(chain: Chain, start: int, buf: bytearray, progress: Progress) 
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    with Chain.open(args.a) as a, Chain.open(args.b) as b:
+    with open_chain(args.a) as a, open_chain(args.b) as b:
         with Progress("comparing", max(a.size, b.size)) as progress:
             result = compare_chains(a, b, args.strict, progress)
         sizes = a.size, b.size
@@ -676,7 +722,7 @@ def map_rows(chain: Chain) -> list[dict[str, Any]]:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    with Chain.open(args.image) as chain:
+    with open_chain(args.image) as chain:
         rows = map_rows(chain)
     if args.json:
         print_json(rows)

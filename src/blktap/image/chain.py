@@ -21,7 +21,7 @@ from blktap.errors import (
     UnsupportedImage,
     UsageError,
 )
-from blktap.image.fileio import pread_exact, preadv_into, zero_fill
+from blktap.image.fileio import file_size_of, pread_exact, preadv_into, zero_fill
 from blktap.image.raw import RawImage
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
@@ -53,10 +53,11 @@ def probe(path: str) -> str:
     except OSError as exc:
         raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
     try:
-        from blktap.image.fileio import file_size_of
-
         size = file_size_of(fd)
-        head = os.pread(fd, 8, 0)
+        try:
+            head = os.pread(fd, 8, 0)
+        except OSError as exc:
+            raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
         if head == s.FOOTER_COOKIE:
             return "vhd"
         if head[:4] == b"QFI\xfb":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 
 from blktap.errors import FormatError, OutOfRange, ReadOnlyImage
@@ -29,6 +30,9 @@ class RawImage:
             fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         except OSError as exc:
             raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise FormatError(f"{path}: {os.strerror(errno.EISDIR)}", errno.EISDIR)
         return cls(path, fd, writable)
 
     @property

@@ -19,6 +19,7 @@ system call) on flush and close.
 from __future__ import annotations
 
 import array
+import bisect
 import errno
 import os
 import sys
@@ -97,6 +98,8 @@ class VhdImage:
         self._bitmaps: OrderedDict[int, bytearray] = OrderedDict()
         self._bitstrings: dict[int, str] = {}
         self._next_db = 0  # sector where the next data block may start
+        # Indices of allocated blocks, sorted: finds the end of a run of holes in O(log n).
+        self._allocated: list[int] = []
         self._dirty_batmap = False
         self._dirty = False
         self._closed = False
@@ -118,6 +121,10 @@ class VhdImage:
             raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
         try:
             image = cls._load(path, fd, writable, footer, allow_disabled, validate_bat)
+        except OSError as exc:
+            os.close(fd)
+            raise FormatError(f"{path}: {os.strerror(exc.errno or errno.EIO)}",
+                              exc.errno or errno.EIO) from None
         except BaseException:
             os.close(fd)
             raise
@@ -198,6 +205,7 @@ class VhdImage:
         self._check_locators()
         self._next_db = self.end_of_metadata() // s.SECTOR_SIZE
         used = self._check_bat() if validate_bat else self._used_entries()
+        self._allocated = [i for i, e in enumerate(self.bat) if e != s.BAT_ENTRY_UNUSED]
         if used:
             last = max(used)
             self._next_db = max(self._next_db, last + self.bitmap_secs + self.spb)
@@ -443,7 +451,13 @@ class VhdImage:
             n = min(end - sector, spb - off)
             entry = self.bat[blk] if blk < len(self.bat) else s.BAT_ENTRY_UNUSED
             if entry == s.BAT_ENTRY_UNUSED:
-                yield sector, n, None
+                # Skip the whole run of unallocated blocks at once.
+                i = bisect.bisect_left(self._allocated, blk)
+                next_used = self._allocated[i] if i < len(self._allocated) else None
+                stop = end if next_used is None else min(end, next_used * spb)
+                yield sector, stop - sector, None
+                sector = stop
+                continue
             else:
                 data = (entry + self.bitmap_secs) * s.SECTOR_SIZE
                 if self.block_full(blk):
@@ -542,6 +556,7 @@ class VhdImage:
         # 4. The BAT entry.
         self.bat[blk] = blk_sec
         self._write_bat_sector(blk)
+        bisect.insort(self._allocated, blk)
         self._next_db = data_sec + self.spb
         self._bitmaps[blk] = bitmap
         self._bitstrings.pop(blk, None)
