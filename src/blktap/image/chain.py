@@ -60,6 +60,11 @@ def probe(path: str) -> str:
             raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
         if head == s.FOOTER_COOKIE:
             return "vhd"
+        # A dynamic VHD whose footers are both damaged still has its header at 512: call
+        # it a VHD, so that opening it reports the damage instead of serving it as raw.
+        if size >= s.FOOTER_SIZE + s.HEADER_SIZE and \
+                os.pread(fd, 8, s.FOOTER_SIZE) == s.HEADER_COOKIE:
+            return "vhd"
         if head[:4] == b"QFI\xfb":
             raise UnsupportedImage(f"{path}: qcow2 images are not supported yet")
         if size >= s.FOOTER_SIZE:

@@ -83,9 +83,12 @@ class RawImage:
         if not self.writable:
             raise ReadOnlyImage(f"{self.path} is open read-only")
         view = memoryview(data).cast("B")
-        if sector < 0 or sector * SECTOR_SIZE + len(view) > self.sectors * SECTOR_SIZE:
+        offset = sector * SECTOR_SIZE
+        if sector < 0 or offset + len(view) > self.sectors * SECTOR_SIZE:
             raise OutOfRange(f"write past the end of {self.path}", errno.ENOSPC)
-        pwrite_all(self.fd, view, sector * SECTOR_SIZE)
+        # The last sector of a file whose size is not a whole number of sectors is partial:
+        # never grow the file to fill it.
+        pwrite_all(self.fd, view[: max(0, self.size - offset)], offset)
 
     def flush(self) -> None:
         if self.writable and not self._closed:

@@ -6,11 +6,13 @@ manager parses them. Behaviour that differs on purpose is listed in docs/compat.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
 from blktap.cli.vhd_util import check, create, query, read, scan, set_field, snapshot
 from blktap.cli.vhd_util.options import Output, Usage
+from blktap.errors import BlktapError
 
 # The reference's command table, in its order (it is printed in the usage).
 COMMANDS = ["create", "snapshot", "query", "read", "set", "repair", "resize", "fill",
@@ -52,6 +54,13 @@ def run(argv: list[str], out: Output) -> int:
     except Usage as exc:
         out.print(usage)
         return exc.code
+    except BlktapError as exc:
+        # A fault found mid-command (say, a block past the end of a damaged file).
+        out.error(f"vhd-util {command}: {exc}\n")
+        return exc.errno
+    except OSError as exc:
+        out.error(f"vhd-util {command}: {exc.filename or ''}: {os.strerror(exc.errno or 5)}\n")
+        return exc.errno or 5
 
 
 def main(argv: list[str] | None = None) -> int:

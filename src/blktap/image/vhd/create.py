@@ -101,8 +101,8 @@ def _build_dynamic(size: int, max_bat: int, footer: s.Footer,
     fraw = footer.pack()
     image[0 : s.FOOTER_SIZE] = fraw
     image[s.FOOTER_SIZE : s.FOOTER_SIZE + s.HEADER_SIZE] = header.pack()
-    bat_bytes = s.pad_sector(max_bat * 4)
-    image[table : table + bat_bytes] = b"\xff" * bat_bytes
+    # Unused entries are 0xFFFFFFFF; the padding to a whole sector stays zero.
+    image[table : table + max_bat * 4] = b"\xff" * (max_bat * 4)
     image[batmap_hdr_off : batmap_hdr_off + s.BATMAP_HEADER_SIZE] = bhdr.pack()
     for off, data in payloads:
         image[off : off + len(data)] = data

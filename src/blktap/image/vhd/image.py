@@ -33,49 +33,12 @@ from blktap.image.fileio import file_size_of, is_regular, pread_exact, pwrite_al
 from blktap.image.vhd import bitmap as bm
 from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
+from blktap.image.vhd import validate as v
 
 # Bitmaps cached per image: 8192 blocks of 2 MiB cover 16 GiB of data for 4.5 MiB of memory.
 BITMAP_CACHE_BLOCKS = 8192
 # A locator payload longer than this is not a path.
 MAX_LOCATOR_BYTES = 64 * 1024
-
-
-def footer_problem(footer: s.Footer, raw: bytes) -> str | None:
-    """Why a footer is not valid, or None when it is."""
-    if footer.cookie != s.FOOTER_COOKIE:
-        return "invalid cookie"
-    if footer.checksum != s.checksum(raw, s.FOOTER_CHECKSUM_FIELD):
-        # Old blktap (creator 0.1 and 1.1) set the hidden byte without fixing the checksum.
-        old = footer.crtr_app == s.CREATOR_APP and footer.crtr_ver in (0x00000001, 0x00010001)
-        if not (old and footer.checksum == s.checksum(
-                raw[:s.FOOTER_HIDDEN_OFFSET] + b"\0" + raw[s.FOOTER_HIDDEN_OFFSET + 1:],
-                s.FOOTER_CHECKSUM_FIELD)):
-            return "invalid checksum"
-    if footer.type not in (s.DISK_TYPE_FIXED, s.DISK_TYPE_DYNAMIC, s.DISK_TYPE_DIFF):
-        return "invalid type"
-    if footer.is_dynamic and footer.data_offset == s.FIXED_DATA_OFFSET:
-        return "invalid data offset"
-    if footer.curr_size % s.SECTOR_SIZE:
-        return "invalid size"
-    if footer.curr_size > s.MAX_VHD_SIZE:
-        return "size too large"
-    return None
-
-
-def header_problem(header: s.Header, raw: bytes) -> str | None:
-    """Why a dynamic header is not valid (on its own), or None."""
-    if header.cookie != s.HEADER_COOKIE:
-        return "invalid cookie"
-    if header.hdr_ver != s.HEADER_VERSION:
-        return "invalid header version"
-    if header.data_offset != s.UNUSED_DATA_OFFSET:
-        return "invalid data offset"
-    bs = header.block_size
-    if bs < s.SECTOR_SIZE or bs > s.DEFAULT_BLOCK_SIZE or bs & (bs - 1):
-        return "invalid block size"
-    if header.checksum != s.checksum(raw, s.HEADER_CHECKSUM_FIELD):
-        return "invalid checksum"
-    return None
 
 
 class VhdImage:
@@ -159,11 +122,7 @@ class VhdImage:
         for source, offset, length in candidates:
             raw = pread_exact(fd, length, offset).ljust(s.FOOTER_SIZE, b"\0")
             foot = s.Footer.unpack(raw)
-            check = raw
-            if allow_disabled and foot.cookie == s.POISON_COOKIE:
-                check = s.FOOTER_COOKIE + raw[8:]
-                foot = s.Footer.unpack(check)
-            problem = footer_problem(foot, check)
+            problem = v.footer_problem(foot, raw, strict=False, allow_poison=allow_disabled)
             if problem is None and source == "backup" and not foot.is_dynamic:
                 problem = "backup footer of a fixed disk"
             if problem is None:
@@ -183,7 +142,7 @@ class VhdImage:
             raise FormatError(f"{self.path}: header offset {foot.data_offset} past end of file")
         raw = pread_exact(self.fd, s.HEADER_SIZE, foot.data_offset)
         header = s.Header.unpack(raw)
-        problem = header_problem(header, raw)
+        problem = v.header_problem(header, raw, strict=False)
         if problem:
             raise FormatError(f"{self.path}: header is invalid: {problem}")
         self.header = header
@@ -252,9 +211,10 @@ class VhdImage:
         for i, loc in enumerate(self.header.loc):
             if loc.code == s.PLAT_CODE_NONE:
                 continue
-            space = loc.space_bytes
+            space = v.locator_size(loc)
             if (loc.data_len > MAX_LOCATOR_BYTES or loc.data_len > space
-                    or loc.data_offset + loc.data_len > self.file_size
+                    or space > MAX_LOCATOR_BYTES
+                    or loc.data_offset + space > self.file_size
                     or loc.data_offset < s.FOOTER_SIZE + s.HEADER_SIZE):
                 raise FormatError(
                     f"{self.path}: parent locator {i} is invalid (offset {loc.data_offset}, "
@@ -346,7 +306,7 @@ class VhdImage:
                       + self.batmap_header.batmap_size * s.SECTOR_SIZE)
         for loc in h.loc:
             if loc.code != s.PLAT_CODE_NONE:
-                end = max(end, loc.data_offset + loc.space_bytes)
+                end = max(end, loc.data_offset + v.locator_size(loc))
         return end
 
     def end_of_data(self) -> int:
@@ -522,6 +482,11 @@ class VhdImage:
 
     def _note_full(self, blk: int, bitmap: bytearray) -> None:
         if self.batmap is not None and bm.all_set(bitmap, self.spb):
+            if not self.batmap_valid:
+                # A batmap that failed its checksum is not trusted: start it again from
+                # nothing, so that the one written back holds only bits known to be true.
+                self.batmap[:] = bytes(len(self.batmap))
+                self.batmap_valid = True
             if not bm.test_bit(self.batmap, blk):
                 bm.set_bit(self.batmap, blk)
                 self._dirty_batmap = True
@@ -569,7 +534,7 @@ class VhdImage:
         part = array.array("I", self.bat[first : first + per_sector])
         if sys.byteorder == "little":
             part.byteswap()
-        raw = part.tobytes().ljust(s.SECTOR_SIZE, b"\xff")
+        raw = part.tobytes().ljust(s.SECTOR_SIZE, b"\0")
         pwrite_all(self.fd, raw, self.header.table_offset + first * 4)
 
     def write_batmap(self) -> None:

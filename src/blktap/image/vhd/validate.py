@@ -46,6 +46,9 @@ def footer_problem(footer: s.Footer, raw: bytes, *, strict: bool = True,
         return "invalid cookie"
     if not footer_checksum_ok(footer, raw):
         return "invalid checksum"
+    if not strict and footer.type not in (s.DISK_TYPE_FIXED, s.DISK_TYPE_DYNAMIC,
+                                          s.DISK_TYPE_DIFF):
+        return f"invalid type {footer.type}"
     if strict:
         if not footer.features & s.FEATURE_RESERVED:
             return "invalid 'reserved' feature"
