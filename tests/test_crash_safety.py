@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from blktap.image import Chain
-from blktap.image import fileio
+from blktap.image import Chain, fileio
 from blktap.image.vhd import VhdImage, create, snapshot
 from blktap.image.vhd import check as vhd_check
 from conftest import run, tool

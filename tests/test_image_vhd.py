@@ -113,8 +113,6 @@ class TestCreateLayout:
         assert raw_bytes(ours, 1536, 32 * 4) == raw_bytes(theirs, 1536, 32 * 4)
         assert raw_bytes(ours, 2048, 1024) == raw_bytes(theirs, 2048, 1024)
 
-    @pytest.mark.xfail(strict=True, reason="library pads the BAT sector with 0xFF, the "
-                       "reference with zeros (bytes past max_bat_size entries)")
     def test_bat_padding_matches_reference(self, tmp_path: Path, reference_dir: Path) -> None:
         ours = new_dynamic(tmp_path, "e.vhd", 64 * MiB)
         assert raw_bytes(reference_dir / "empty.vhd", 1536 + 128, 384) == bytes(384)
@@ -361,6 +359,25 @@ class TestWrites:
         expect[31 * BLOCK :] = pattern(BLOCK, 31)
         assert disk(path) == expect
 
+    def test_batmap_v11_checksum_sums_signed_bytes(self, tmp_path: Path) -> None:
+        """A version 1.1 batmap sums its bytes as signed chars: a map whose checksum
+        follows that rule is valid, one that follows the 1.2 rule is not."""
+        path = new_dynamic(tmp_path, size=32 * MiB)
+        with Chain.open(path, writable=True) as chain:
+            chain.write(0, pattern(BLOCK, 1))  # block 0 full: map byte 0x80
+        off, bh, data = C.read_batmap(path)
+        assert data[0] == 0x80
+        for checksum, valid in ((~(-128) & 0xFFFFFFFF, True), (~128 & 0xFFFFFFFF, False)):
+            bh.batmap_version = s.BATMAP_VERSION_1_1
+            bh.checksum = checksum
+            with open(path, "r+b") as f:
+                f.seek(off)
+                f.write(bh.pack())
+            with VhdImage.open(path) as img:
+                assert img.batmap_valid == valid
+                assert img.block_full(0) == valid
+            assert disk(path)[:BLOCK] == pattern(BLOCK, 1)
+
     def test_batmap_checksum_signed_v11(self) -> None:
         data = bytes([0x80, 0x01]) + bytes(510)
         assert s.batmap_checksum(data, 16 * MiB) == ~0x81 & 0xFFFFFFFF
@@ -451,6 +468,51 @@ class TestWrites:
             chain.pread(0, 4096)
             chain.flush()
         assert whole(path) == before
+
+    def test_short_footer(self, tmp_path: Path) -> None:
+        """A 511-byte footer (an old Microsoft bug) is read; a writer leaves a full one."""
+        path = new_dynamic(tmp_path)
+        with Chain.open(path, writable=True) as chain:
+            chain.pwrite(0, b"a" * 1000)
+        os.truncate(path, os.path.getsize(path) - 1)
+        with VhdImage.open(path, footer="primary") as img:
+            assert img.footer_source == "short"
+        assert disk(path)[:1001] == b"a" * 1000 + b"\0"
+        with Chain.open(path, writable=True) as chain:
+            chain.pwrite(5 * MiB, b"b" * 1000)
+        assert os.path.getsize(path) % 512 == 0
+        with VhdImage.open(path, footer="primary") as img:
+            assert img.footer_source == "primary"
+        got = disk(path)
+        assert got[:1000] == b"a" * 1000 and got[5 * MiB : 5 * MiB + 1000] == b"b" * 1000
+        assert got.count(0) == len(got) - 2000
+
+    def test_largest_disk(self, tmp_path: Path) -> None:
+        """2040 GiB (the largest XenServer disk): write both ends, map and read them."""
+        path = new_dynamic(tmp_path, "big.vhd", 2040 << 30)
+        size = 2040 << 30
+        with Chain.open(path, writable=True) as chain:
+            chain.pwrite(size - 700, b"z" * 700)
+            chain.pwrite(0, b"y" * 10)
+        with Chain.open(path) as chain:
+            assert chain.pread(size - 701, 701) == b"\0" + b"z" * 700
+            assert chain.pread(0, 11) == b"y" * 10 + b"\0"
+            assert chain.map() == [Extent(0, 512, 0), Extent(512, size - 1536, None),
+                                   Extent(size - 1024, 1024, 0)]
+        with VhdImage.open(path) as img:
+            assert img.header.max_bat_size == 1044480
+            assert img.allocated_blocks() == 2
+
+    def test_raw_leaf_keeps_its_size(self, tmp_path: Path) -> None:
+        """An unaligned write into a raw image of 1000 bytes (not whole sectors) must not
+        grow the file to the next sector boundary."""
+        raw = tmp_path / "r.img"
+        raw.write_bytes(bytes(1000))
+        with Chain.open(str(raw), writable=True) as chain:
+            assert chain.size == 1000
+            chain.pwrite(990, b"x" * 10)
+            assert chain.pread(980, 20) == bytes(10) + b"x" * 10
+        assert raw.read_bytes() == bytes(990) + b"x" * 10
 
     def test_crashed_writer_falls_back_to_backup_footer(self, tmp_path: Path) -> None:
         """A file whose primary footer is gone (a writer killed while extending it) opens
@@ -550,16 +612,23 @@ class TestChains:
         assert raw.read_bytes() == data
 
     def test_raw_parent_smaller_than_child(self, tmp_path: Path) -> None:
-        """A raw parent of 5 MiB + 1000 bytes: the child is rounded up to 6 MiB, and what
-        lies past the parent's end (including the rest of its last sector) reads as zeros."""
+        """A raw parent of 5 MiB + 1000 bytes, not a whole number of sectors: the child
+        covers it, and what lies past the parent's end (including the rest of its last
+        sector) reads as zeros."""
         raw = tmp_path / "raw.img"
         data = pattern(5 * MiB + 1000, 12)
         raw.write_bytes(data)
         child = str(tmp_path / "child.vhd")
         snapshot(child, str(raw), raw_parent=True)
         got = disk(child)
-        assert len(got) == 6 * MiB
-        assert got == data + bytes(6 * MiB - len(data))
+        assert len(got) >= len(data) and len(got) % 512 == 0
+        assert got == data + bytes(len(got) - len(data))
+        with Chain.open(child, writable=True) as chain:
+            chain.pwrite(len(data) - 10, b"t" * 20)
+        expect = bytearray(got)
+        expect[len(data) - 10 : len(data) + 10] = b"t" * 20
+        assert disk(child) == expect
+        assert raw.read_bytes() == data
 
     def test_vhd_parent_smaller_than_child(self, tmp_path: Path) -> None:
         """A child grown past its parent (a fast resize within a preallocated BAT)."""
@@ -634,16 +703,85 @@ class TestChains:
         base, base_data = written_parent(tmp_path / "a", "base.vhd")
         child = str(tmp_path / "b" / "child.vhd")
         snapshot(child, base)
+        head = C.read_header(child)
+        payloads = [raw_bytes(child, loc.data_offset, loc.data_len) for loc in head.loc[:3]]
+        # MACX holds the relative path; W2KU and W2RU the same with backslashes and the
+        # ".\" prefix blktap gives every relative path.
+        assert payloads == [b"file://../a/base.vhd"] + [
+            ".\\..\\a\\base.vhd".encode("utf-16-le")] * 2
         with VhdImage.open(child) as img:
-            assert {n for _, _, n in img.parent_locator_names()} == {"../a/base.vhd"}
-        w2ku = C.read_header(child).loc[1]
-        assert raw_bytes(child, w2ku.data_offset, w2ku.data_len) == \
-            "..\\a\\base.vhd".encode("utf-16-le")
+            assert img.parent_path() == os.path.realpath(base)
         # Moving both folders together keeps the chain working.
         shutil.move(str(tmp_path / "a"), str(tmp_path / "a2"))
         shutil.move(str(tmp_path / "b"), str(tmp_path / "b2"))
         os.symlink("a2", tmp_path / "a")
         assert disk(tmp_path / "b2" / "child.vhd") == base_data
+
+    @pytest.mark.parametrize("keep", [0, 1, 2])
+    def test_each_locator_alone_finds_the_parent(self, tmp_path: Path, keep: int) -> None:
+        base, base_data = written_parent(tmp_path)
+        child = str(tmp_path / "child.vhd")
+        snapshot(child, base)
+        head = C.read_header(child)
+        for i in range(3):
+            if i != keep:
+                head.loc[i] = s.ParentLocator()
+        C.write_header(child, head)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        old = os.getcwd()
+        os.chdir(elsewhere)  # relative locators are taken from the child's folder
+        try:
+            assert disk(child) == base_data
+        finally:
+            os.chdir(old)
+
+    def test_locator_data_space_in_sectors(self, tmp_path: Path) -> None:
+        """The specification counts data_space in sectors (blktap in bytes): both read."""
+        base, base_data = written_parent(tmp_path)
+        child = str(tmp_path / "child.vhd")
+        snapshot(child, base)
+        head = C.read_header(child)
+        for loc in head.loc[:3]:
+            loc.data_space = 1
+        C.write_header(child, head)
+        assert disk(child) == base_data
+
+    def test_absolute_locator(self, tmp_path: Path) -> None:
+        base, base_data = written_parent(tmp_path)
+        (tmp_path / "sub").mkdir()
+        child = str(tmp_path / "sub" / "child.vhd")
+        snapshot(child, base)
+        C.set_parent(child, os.path.realpath(base))
+        with VhdImage.open(child) as img:
+            assert {n for _, _, n in img.parent_locator_names()} == {os.path.realpath(base)}
+        assert disk(child) == base_data
+
+    def test_snapshot_over_fixed_parent(self, tmp_path: Path) -> None:
+        base = str(tmp_path / "fixed.vhd")
+        create(base, 8 * MiB, fixed=True)
+        data = pattern(8 * MiB, 4)
+        with Chain.open(base, writable=True) as chain:
+            chain.pwrite(0, data)
+        child = str(tmp_path / "child.vhd")
+        snapshot(child, base)
+        with Chain.open(child, writable=True) as chain:
+            chain.pwrite(100, b"c" * 100)
+        assert disk(child) == data[:100] + b"c" * 100 + data[200:]
+
+    def test_snapshot_of_empty_child_of_raw(self, tmp_path: Path) -> None:
+        raw = tmp_path / "raw.img"
+        data = pattern(4 * MiB, 21)
+        raw.write_bytes(data)
+        empty = str(tmp_path / "empty.vhd")
+        snapshot(empty, str(raw), raw_parent=True)
+        leaf = str(tmp_path / "leaf.vhd")
+        used = snapshot(leaf, empty)
+        with VhdImage.open(leaf) as img:
+            assert img.parent_path() == used
+            if used == os.path.realpath(raw):
+                assert img.parent_is_raw
+        assert disk(leaf) == data
 
     def test_wrong_parent_uuid(self, tmp_path: Path) -> None:
         base, _ = written_parent(tmp_path)

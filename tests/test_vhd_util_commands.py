@@ -347,3 +347,15 @@ def test_library_sees_what_vhd_util_wrote(tmp_path: Path) -> None:
     with VhdImage.open(img) as im:
         assert im.size == 10 * MB and im.header is not None
         assert im.header.max_bat_size == 5 and im.footer.crtr_app == s.CREATOR_APP
+
+
+def test_create_size_limits(tmp_path: Path) -> None:
+    """2040 GiB is the largest VHD (XenServer's and qemu's limit); zero is refused."""
+    img = tmp_path / "big.vhd"
+    assert vu("create", "-n", str(img), "-s", "2088960").returncode == 0
+    img.unlink()
+    proc = vu("create", "-n", str(img), "-s", "2088961")
+    assert proc.returncode == 22 and proc.stderr.count("\n") == 1
+    assert "2040 GiB" in proc.stderr and not img.exists()
+    proc = vu("create", "-n", str(img), "-s", "0")
+    assert proc.returncode == 22 and not img.exists()

@@ -52,9 +52,9 @@ def _metadata_layout(max_bat: int) -> tuple[int, int, int, int]:
 def _validate_size(size: int, what: str = "size") -> None:
     if size <= 0:
         raise UsageError(f"invalid {what}: {size}")
-    if size > s.MAX_VHD_SIZE:
-        raise UsageError(f"{what} {size} is larger than a VHD can be "
-                         f"({s.MAX_VHD_SIZE} bytes)", errno.EFBIG)
+    if size > s.MAX_VHD_SIZE_XENSERVER:
+        raise UsageError(f"{what} {size} is larger than the largest VHD "
+                         f"({s.MAX_VHD_SIZE_XENSERVER >> 30} GiB)")
 
 
 def _new_footer(size: int, disk_type: int, timestamp: int | None,
