@@ -124,29 +124,6 @@ def header_text(header: s.Header, hex_: bool = False) -> str:
     return "".join(out)
 
 
-def _locator_name(image: VhdImage, loc: s.ParentLocator) -> str | None:
-    if loc.code not in (s.PLAT_CODE_MACX, s.PLAT_CODE_W2KU, s.PLAT_CODE_W2RU):
-        return None
-    size = v.locator_size(loc)
-    if size == 0 or loc.data_len > size:
-        return None
-    try:
-        payload = os.pread(image.fd, size, loc.data_offset)
-    except OSError:
-        return None
-    if len(payload) < size:
-        return None
-    data = payload[: loc.data_len]
-    if loc.code == s.PLAT_CODE_MACX and not data:
-        return None
-    if loc.code != s.PLAT_CODE_MACX and len(data) % 2:
-        return None
-    name = locators.decode(loc.code, data)
-    if name is None or not name.isascii():
-        return None
-    return name
-
-
 def locators_text(image: VhdImage, hex_: bool = False) -> str:
     c = lambda n: conv(n, hex_)  # noqa: E731
     assert image.header is not None
@@ -154,7 +131,7 @@ def locators_text(image: VhdImage, hex_: bool = False) -> str:
     for i, loc in enumerate(image.header.loc):
         if loc.code == s.PLAT_CODE_NONE:
             continue
-        name = _locator_name(image, loc)
+        name = locators.read_name(image.fd, loc)
         out.append(
             f"locator:            : {i}\n"
             f"       code         : {s.PLAT_CODE_NAMES.get(loc.code, 'UNKOWN')}\n"

@@ -314,11 +314,7 @@ class _Scanner:
             chosen = locs[0]
         if chosen is None:
             raise ScanError(errno.EINVAL, "getting parent")
-        try:
-            payload = os.pread(image.fd, chosen.data_len, chosen.data_offset)
-        except OSError as exc:
-            raise ScanError(exc.errno, "getting parent") from None
-        decoded = locators.decode(chosen.code, payload)
+        decoded = locators.read_name(image.fd, chosen)
         if decoded is None:
             raise ScanError(errno.EINVAL, "getting parent")
         return decoded

@@ -298,12 +298,8 @@ class _Checker:
             seen_codes.add(loc.code)
             if loc.code not in (s.PLAT_CODE_MACX, s.PLAT_CODE_W2KU, s.PLAT_CODE_W2RU):
                 continue
-            try:
-                payload = os.pread(self.fd, loc.data_len, loc.data_offset)
-            except OSError:
-                payload = b""
-            name = locators.decode(loc.code, payload) if len(payload) == loc.data_len else None
-            if name is None or not name.isascii():
+            name = locators.read_name(self.fd, loc)
+            if name is None:
                 raise _Fail(f"error reading parent locator {i}: {-errno.EINVAL}")
             base = name.rsplit("/", 1)[-1]
             if base != pname:

@@ -211,7 +211,7 @@ class VhdImage:
         for i, loc in enumerate(self.header.loc):
             if loc.code == s.PLAT_CODE_NONE:
                 continue
-            space = v.locator_size(loc)
+            space = locators.reserved_size(loc)
             if (loc.data_len > MAX_LOCATOR_BYTES or loc.data_len > space
                     or space > MAX_LOCATOR_BYTES
                     or loc.data_offset + space > self.file_size
@@ -306,7 +306,7 @@ class VhdImage:
                       + self.batmap_header.batmap_size * s.SECTOR_SIZE)
         for loc in h.loc:
             if loc.code != s.PLAT_CODE_NONE:
-                end = max(end, loc.data_offset + v.locator_size(loc))
+                end = max(end, loc.data_offset + locators.reserved_size(loc))
         return end
 
     def end_of_data(self) -> int:
@@ -327,8 +327,7 @@ class VhdImage:
         for i, loc in enumerate(self.header.loc):
             if loc.code == s.PLAT_CODE_NONE:
                 continue
-            payload = pread_exact(self.fd, loc.data_len, loc.data_offset)
-            out.append((i, loc, locators.decode(loc.code, payload)))
+            out.append((i, loc, locators.read_name(self.fd, loc)))
         return out
 
     @property

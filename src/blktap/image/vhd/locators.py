@@ -47,7 +47,7 @@ def decode(code: int, payload: bytes) -> str | None:
             return text[len("file://") :]
         if code in (s.PLAT_CODE_W2KU, s.PLAT_CODE_W2RU):
             if len(payload) % 2:
-                payload = payload[:-1]
+                return None
             text = payload.decode("utf-16-le")
             text = text.split("\0", 1)[0]
             text = text.replace("\\", "/")
@@ -57,6 +57,40 @@ def decode(code: int, payload: bytes) -> str | None:
     except UnicodeDecodeError:
         return None
     return None
+
+
+def reserved_size(loc: s.ParentLocator) -> int:
+    """Bytes a locator reserves: sectors when below one sector, bytes when a multiple of
+    512 (blktap's writers), nothing otherwise (the reference's reading)."""
+    if loc.data_space < s.SECTOR_SIZE:
+        return loc.data_space * s.SECTOR_SIZE
+    if loc.data_space % s.SECTOR_SIZE == 0:
+        return loc.data_space
+    return 0
+
+
+def read_name(fd: int, loc: s.ParentLocator) -> str | None:
+    """The path a locator of an open image names, or None when it cannot be read or
+    decoded: only MACX, W2KU and W2RU carry paths, the reserved space must be readable,
+    and the name must be ASCII (the reference converts through ASCII)."""
+    if loc.code not in (s.PLAT_CODE_MACX, s.PLAT_CODE_W2KU, s.PLAT_CODE_W2RU):
+        return None
+    size = reserved_size(loc)
+    if size == 0 or loc.data_len > size:
+        return None
+    try:
+        payload = os.pread(fd, size, loc.data_offset)
+    except OSError:
+        return None
+    if len(payload) < size:
+        return None
+    data = payload[: loc.data_len]
+    if loc.code != s.PLAT_CODE_MACX and len(data) % 2:
+        return None
+    name = decode(loc.code, data)
+    if name is None or not name.isascii():
+        return None
+    return name
 
 
 def resolve(child_path: str, name: str) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from blktap.image.vhd import structs as s
+from blktap.image.vhd.locators import reserved_size
 
 # A timestamp up to this far in the future is tolerated (clock skew between hosts).
 FUTURE_SLACK = 1800
@@ -186,20 +187,10 @@ def locator_problem(loc: s.ParentLocator, file_size: int) -> str | None:
         return "invalid data space"
     if loc.data_len == 0:
         return "invalid data length"
-    if loc.data_offset + locator_size(loc) > file_size - s.FOOTER_SIZE:
+    if loc.data_offset + reserved_size(loc) > file_size - s.FOOTER_SIZE:
         return "invalid size"
-    if loc.data_len > locator_size(loc):
+    if loc.data_len > reserved_size(loc):
         return "invalid data length"
     if loc.reserved:
         return "invalid reserved bits"
     return None
-
-
-def locator_size(loc: s.ParentLocator) -> int:
-    """Bytes a locator reserves: sectors when below one sector, bytes when a multiple of
-    512, and nothing otherwise (the reference's reading)."""
-    if loc.data_space < s.SECTOR_SIZE:
-        return loc.data_space * s.SECTOR_SIZE
-    if loc.data_space % s.SECTOR_SIZE == 0:
-        return loc.data_space
-    return 0
