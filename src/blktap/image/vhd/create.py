@@ -20,8 +20,6 @@ from blktap.image.vhd.image import VhdImage
 
 # The locators blktap writes, in its order.
 SNAPSHOT_LOCATOR_CODES = (s.PLAT_CODE_MACX, s.PLAT_CODE_W2KU, s.PLAT_CODE_W2RU)
-# How far snapshot will follow a chain when looking for a target or measuring depth.
-MAX_CHAIN_WALK = 4096
 
 
 def round_size(size: int, block_size: int = s.DEFAULT_BLOCK_SIZE) -> int:
@@ -196,27 +194,12 @@ def parent_info(path: str, raw: bool) -> ParentInfo:
 
 
 def chain_depth(path: str) -> int:
-    """Number of images in the chain starting at ``path`` (a raw parent counts)."""
-    seen: set[tuple[int, int]] = set()
-    depth = 0
-    current: str | None = path
-    while current is not None:
-        st = os.stat(current)
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            raise ParentLoop(f"{path}: the parent chain loops back to {current}")
-        seen.add(key)
-        depth += 1
-        if depth > MAX_CHAIN_WALK:
-            raise ChainTooDeep(f"{path}: chain deeper than {MAX_CHAIN_WALK}")
-        with VhdImage.open(current) as img:
-            if not img.is_differencing:
-                return depth
-            nxt = img.parent_path()
-            if img.parent_is_raw:
-                return depth + 1
-        current = nxt
-    return depth
+    """Number of images in the chain starting at ``path`` (a raw parent counts), with the
+    loop and depth checks of :meth:`Chain.open`."""
+    from blktap.image.chain import Chain  # the chain module builds on this package
+
+    with Chain.open(f"vhd:{path}", check_parent_uuid=False) as chain:
+        return len(chain)
 
 
 def find_snapshot_target(parent: str) -> tuple[str, bool]:

@@ -162,11 +162,12 @@ class VhdImage:
         self.bat = bat
         self._load_batmap()
         self._check_locators()
+        self._allocated = [i for i, e in enumerate(bat) if e != s.BAT_ENTRY_UNUSED]
+        if validate_bat:
+            self._check_bat()
+        last = max((bat[i] for i in self._allocated), default=None)
         self._next_db = self.end_of_metadata() // s.SECTOR_SIZE
-        used = self._check_bat() if validate_bat else self._used_entries()
-        self._allocated = [i for i, e in enumerate(self.bat) if e != s.BAT_ENTRY_UNUSED]
-        if used:
-            last = max(used)
+        if last is not None:
             self._next_db = max(self._next_db, last + self.bitmap_secs + self.spb)
 
     @property
@@ -220,17 +221,12 @@ class VhdImage:
                     f"{self.path}: parent locator {i} is invalid (offset {loc.data_offset}, "
                     f"length {loc.data_len}, space {loc.data_space})")
 
-    def _used_entries(self) -> list[int]:
-        return [e for e in self.bat if e != s.BAT_ENTRY_UNUSED]
-
-    def _check_bat(self) -> list[int]:
+    def _check_bat(self) -> None:
         """Check that every allocated block lies after the metadata, inside the file and
-        apart from the others. Returns the used entries."""
+        apart from the others."""
         meta_end = self.end_of_metadata()
         block_bytes = (self.bitmap_secs + self.spb) * s.SECTOR_SIZE
-        entries = sorted(
-            (e, i) for i, e in enumerate(self.bat) if e != s.BAT_ENTRY_UNUSED
-        )
+        entries = sorted((self.bat[i], i) for i in self._allocated)
         prev_end = 0
         prev_blk = -1
         for sector, blk in entries:
@@ -244,7 +240,6 @@ class VhdImage:
             if start < prev_end:
                 raise FormatError(f"{self.path}: blocks {prev_blk} and {blk} overlap")
             prev_end, prev_blk = start + block_bytes, blk
-        return [e for e, _ in entries]
 
     # ----------------------------------------------------------------- geometry
     @property
@@ -316,7 +311,7 @@ class VhdImage:
         return max(self.end_of_metadata(), self._next_db * s.SECTOR_SIZE)
 
     def allocated_blocks(self) -> int:
-        return sum(1 for e in self.bat if e != s.BAT_ENTRY_UNUSED)
+        return len(self._allocated)
 
     # ----------------------------------------------------------------- parents
     def parent_locator_names(self) -> list[tuple[int, s.ParentLocator, str | None]]:
@@ -417,20 +412,15 @@ class VhdImage:
                 yield sector, stop - sector, None
                 sector = stop
                 continue
+            data = (entry + self.bitmap_secs) * s.SECTOR_SIZE
+            if self.block_full(blk):
+                yield sector, n, data + off * s.SECTOR_SIZE
             else:
-                data = (entry + self.bitmap_secs) * s.SECTOR_SIZE
-                if self.block_full(blk):
-                    yield sector, n, data + off * s.SECTOR_SIZE
-                else:
-                    bits = self._bitstring(blk)
-                    base = sector - off
-                    for first, length, is_set in bm.runs(bits, off, n):
-                        yield (base + first, length,
-                               data + first * s.SECTOR_SIZE if is_set else None)
+                base = sector - off
+                for first, length, is_set in bm.runs(self._bitstring(blk), off, n):
+                    yield (base + first, length,
+                           data + first * s.SECTOR_SIZE if is_set else None)
             sector += n
-
-    def block_of(self, sector: int) -> tuple[int, int]:
-        return divmod(sector, self.spb)
 
     # ----------------------------------------------------------------- writing
     def _require_writable(self) -> None:
