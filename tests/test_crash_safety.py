@@ -2,7 +2,8 @@
 
 A kill -9 stops a process between two system calls; everything written before stays in the
 page cache. So "the writer died after its Nth write" is simulated by making the Nth
-positioned write raise, then abandoning the file descriptor without closing the image.
+positioned write system call (pwrite or pwritev) raise, then abandoning the file descriptor
+without closing the image.
 Every N from the first write to the last is tried, for a workload that allocates blocks in
 a dynamic disk and in a differencing child, extends bitmaps and fills blocks (batmap).
 """
@@ -44,40 +45,58 @@ def workload(seed: int) -> list[tuple[int, bytes]]:
     return writes
 
 
+def _intercept(before_write) -> tuple:  # noqa: ANN001
+    """Route every positioned write system call (pwrite and pwritev) through
+    ``before_write``; returns the originals to restore."""
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
+
+    def pwrite(fd: int, data, offset: int) -> int:  # noqa: ANN001
+        before_write()
+        return real_pwrite(fd, data, offset)
+
+    def pwritev(fd: int, buffers, offset: int) -> int:  # noqa: ANN001
+        before_write()
+        return real_pwritev(fd, buffers, offset)
+
+    os.pwrite, os.pwritev = pwrite, pwritev
+    return real_pwrite, real_pwritev
+
+
+def _restore(originals: tuple) -> None:
+    os.pwrite, os.pwritev = originals
+
+
 def count_writes(path: str, writes: list[tuple[int, bytes]]) -> int:
     calls = 0
-    real = os.pwrite
 
-    def counting(fd: int, data, offset: int) -> int:  # noqa: ANN001
+    def count() -> None:
         nonlocal calls
         calls += 1
-        return real(fd, data, offset)
 
-    os.pwrite = counting
+    originals = _intercept(count)
     try:
         with Chain.open(path, writable=True) as chain:
             for off, data in writes:
                 chain.pwrite(off, data)
     finally:
-        os.pwrite = real
+        _restore(originals)
     return calls
 
 
 def crash_after(path: str, writes: list[tuple[int, bytes]], n: int) -> int:
-    """Apply writes until the nth pwrite; return how many writes were acknowledged."""
+    """Apply writes until the nth write system call; return how many writes were
+    acknowledged."""
     calls = 0
-    real = os.pwrite
 
-    def dying(fd: int, data, offset: int) -> int:  # noqa: ANN001
+    def die_after_n() -> None:
         nonlocal calls
         calls += 1
         if calls > n:
             raise Killed()
-        return real(fd, data, offset)
 
     chain = Chain.open(path, writable=True)
     acked = 0
-    os.pwrite = dying
+    originals = _intercept(die_after_n)
     try:
         for off, data in writes:
             chain.pwrite(off, data)
@@ -85,7 +104,7 @@ def crash_after(path: str, writes: list[tuple[int, bytes]], n: int) -> int:
     except Killed:
         pass
     finally:
-        os.pwrite = real
+        _restore(originals)
         for layer in chain.layers:  # the process is gone: no close, no footer rewrite
             os.close(layer.fd)
     return acked
@@ -185,3 +204,17 @@ def test_fileio_write_all_handles_short_writes(tmp_path: Path) -> None:
         os.pwrite = real
         os.close(fd)
     assert path.read_bytes() == b"\0abcdef\0"
+
+
+def test_fileio_writev_all_finishes_short_writes(tmp_path: Path) -> None:
+    path = tmp_path / "v"
+    path.write_bytes(bytes(10))
+    fd = os.open(path, os.O_RDWR)
+    real = os.pwritev
+    os.pwritev = lambda f, bufs, o: real(f, [bytes(bufs[0])[:2]], o)  # stops after 2 bytes
+    try:
+        fileio.pwritev_all(fd, [b"abc", bytearray(b"de"), memoryview(b"fgh")], 1)
+    finally:
+        os.pwritev = real
+        os.close(fd)
+    assert path.read_bytes() == b"\0abcdefgh\0"

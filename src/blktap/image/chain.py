@@ -201,8 +201,9 @@ class Chain:
             else:
                 preadv_into(layer.fd, sub, file_off)
 
-    def pread(self, offset: int, length: int) -> bytes:
-        """Read bytes at any offset and length inside the disk."""
+    def pread(self, offset: int, length: int) -> bytes | bytearray:
+        """Read bytes at any offset and length inside the disk (a sector-aligned read
+        returns its buffer as is, an unaligned one copies the part asked for once)."""
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OutOfRange(f"read of {length} bytes at {offset} past the end of the disk",
                              errno.EINVAL)
@@ -211,7 +212,9 @@ class Chain:
         last = min(last, self.sectors)
         buf = self.read(first, last - first)
         skip = offset - first * SECTOR_SIZE
-        return bytes(buf[skip : skip + length])
+        if skip == 0 and len(buf) == length:
+            return buf
+        return bytes(memoryview(buf)[skip : skip + length])
 
     # -------------------------------------------------------------- writing
     def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:

@@ -8,7 +8,8 @@ import stat
 
 from blktap.errors import FormatError
 
-_ZEROS = bytes(1 << 20)
+# A shared run of zeros to slice from (read-only: never pass it to a read).
+ZEROS = memoryview(bytes(1 << 20))
 
 
 def file_size_of(fd: int) -> int:
@@ -42,12 +43,27 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         offset += written
 
 
+def pwritev_all(fd: int, buffers: list[bytes | bytearray | memoryview], offset: int) -> None:
+    """Write several buffers back to back in one system call (finishing a short write
+    buffer by buffer), without joining them in Python first."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    done = os.pwritev(fd, views, offset)
+    for view in views:
+        if done >= len(view):
+            done -= len(view)
+            offset += len(view)
+            continue
+        pwrite_all(fd, view[done:], offset + done)
+        offset += len(view)
+        done = 0
+
+
 def zero_fill(view: memoryview) -> None:
     """Fill a writable byte view with zeros without allocating."""
     pos, total = 0, len(view)
     while pos < total:
-        n = min(total - pos, len(_ZEROS))
-        view[pos : pos + n] = _ZEROS[:n]
+        n = min(total - pos, len(ZEROS))
+        view[pos : pos + n] = ZEROS[:n]
         pos += n
 
 
@@ -65,7 +81,7 @@ def preadv_into(fd: int, view: memoryview, offset: int) -> None:
 
 def write_zeros(fd: int, offset: int, length: int) -> None:
     while length:
-        n = min(length, len(_ZEROS))
-        pwrite_all(fd, memoryview(_ZEROS)[:n], offset)
+        n = min(length, len(ZEROS))
+        pwrite_all(fd, ZEROS[:n], offset)
         offset += n
         length -= n

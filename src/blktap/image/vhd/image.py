@@ -29,7 +29,15 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from blktap.errors import FormatError, OutOfRange, ParentNotFound, ReadOnlyImage
-from blktap.image.fileio import file_size_of, is_regular, pread_exact, pwrite_all, write_zeros
+from blktap.image.fileio import (
+    ZEROS,
+    file_size_of,
+    is_regular,
+    pread_exact,
+    pwrite_all,
+    pwritev_all,
+    write_zeros,
+)
 from blktap.image.vhd import bitmap as bm
 from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
@@ -506,7 +514,7 @@ class VhdImage:
         bitmap = bytearray(self.bitmap_bytes)
         bm.set_range(bitmap, off, n)
         gap = (blk_sec - start) * s.SECTOR_SIZE
-        pwrite_all(self.fd, bytes(gap) + bitmap, start * s.SECTOR_SIZE)
+        pwritev_all(self.fd, [ZEROS[:gap], bitmap], start * s.SECTOR_SIZE)
         # 4. The BAT entry.
         self.bat[blk] = blk_sec
         self._write_bat_sector(blk)
@@ -535,7 +543,7 @@ class VhdImage:
                                          hdr.batmap_version)
         hdr_off = self.batmap_header_offset()
         if hdr.batmap_offset == hdr_off + s.BATMAP_HEADER_SIZE:
-            pwrite_all(self.fd, hdr.pack() + bytes(self.batmap), hdr_off)
+            pwritev_all(self.fd, [hdr.pack(), self.batmap], hdr_off)
         else:
             pwrite_all(self.fd, self.batmap, hdr.batmap_offset)
             pwrite_all(self.fd, hdr.pack(), hdr_off)
