@@ -43,7 +43,6 @@ from blktap.cli.common import (
 from blktap.errors import BlktapError, UsageError
 from blktap.image.chain import SECTOR_SIZE, Chain, Extent, Layer, parse_spec, probe
 from blktap.image.fileio import pwrite_all
-from blktap.image.raw import RawImage
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.create import create as create_vhd
 from blktap.image.vhd.create import snapshot as snapshot_vhd
@@ -236,29 +235,11 @@ def layer_format(layer: Layer) -> tuple[str, str | None]:
     return "raw", None
 
 
-def layer_allocated(layer: Layer) -> int:
-    """Bytes of the virtual disk this one layer holds (whatever its parents hold)."""
-    if isinstance(layer, RawImage):
-        runs = layer.data_extents(0, layer.sectors)
-        return sum(min((first + n) * SECTOR_SIZE, layer.size) - first * SECTOR_SIZE
-                   for first, n, data in runs if data)
-    if layer.is_fixed:
-        return layer.size
-    sectors = 0
-    for blk, entry in enumerate(layer.bat):
-        first = blk * layer.spb
-        if entry == s.BAT_ENTRY_UNUSED or first >= layer.sectors:
-            continue
-        count = min(layer.spb, layer.sectors - first)
-        sectors += sum(n for _, n, off in layer.extents(first, count) if off is not None)
-    return sectors * SECTOR_SIZE
-
-
 def describe_layer(depth: int, layer: Layer) -> dict[str, Any]:
     fmt, kind = layer_format(layer)
     info: dict[str, Any] = {
         "depth": depth, "path": layer.path, "format": fmt, "type": kind,
-        "virtual_size": layer.size, "allocated": layer_allocated(layer),
+        "virtual_size": layer.size, "allocated": layer.allocated_bytes(),
         "file_size": layer.file_size if isinstance(layer, VhdImage) else layer.size,
         "uuid": None, "hidden": None, "marker": None,
     }

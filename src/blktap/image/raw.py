@@ -72,6 +72,11 @@ class RawImage:
         if pos < end:
             yield from self._sector_run(-(-pos // SECTOR_SIZE) * SECTOR_SIZE, end, False)
 
+    def allocated_bytes(self) -> int:
+        """Bytes the file holds data for (holes excluded where the file system says)."""
+        return sum(min((first + n) * SECTOR_SIZE, self.size) - first * SECTOR_SIZE
+                   for first, n, data in self.data_extents(0, self.sectors) if data)
+
     @staticmethod
     def _sector_run(start: int, stop: int, data: bool) -> Iterator[tuple[int, int, bool]]:
         first = start // SECTOR_SIZE

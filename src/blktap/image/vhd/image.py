@@ -321,6 +321,21 @@ class VhdImage:
     def allocated_blocks(self) -> int:
         return len(self._allocated)
 
+    def allocated_bytes(self) -> int:
+        """Bytes of the virtual disk this layer holds itself (not its parents)."""
+        if self.is_fixed:
+            return self.size
+        held = 0
+        for blk in self._allocated:
+            first = blk * self.spb
+            if first >= self.sectors:
+                continue
+            if self.block_full(blk):
+                held += min(self.spb, self.sectors - first)
+            else:
+                held += self._bitstring(blk).count("1", 0, self.sectors - first)
+        return held * s.SECTOR_SIZE
+
     # ----------------------------------------------------------------- parents
     def parent_locator_names(self) -> list[tuple[int, s.ParentLocator, str | None]]:
         """(index, locator, decoded name or None) for every locator in use."""
