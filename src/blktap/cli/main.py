@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import shutil
 import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -40,9 +38,9 @@ from blktap.cli.common import (
     print_json,
     print_note,
 )
-from blktap.errors import BlktapError, UsageError
+from blktap.errors import BlktapError, FormatError, UsageError
 from blktap.image.chain import SECTOR_SIZE, Chain, Extent, Layer, parse_spec, probe
-from blktap.image.fileio import pwrite_all
+from blktap.image.fileio import pwrite_all, staged_path
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.create import create as create_vhd
 from blktap.image.vhd.create import snapshot as snapshot_vhd
@@ -532,36 +530,15 @@ def check_destination(dst: str, chain: Chain, force: bool) -> None:
 
 @contextmanager
 def staged_output(dst: str, force: bool) -> Iterator[str]:
-    """A path to write the new image at, in a private folder beside DST. When the block
-    succeeds the image takes DST's name (atomically replacing it with ``force``, else
-    failing if DST appeared meanwhile); when it fails nothing is left behind."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    workdir = tempfile.mkdtemp(prefix=".blktap-convert-", dir=folder)
+    """A path to write the new image at; it takes DST's name only once complete."""
     try:
-        tmp = os.path.join(workdir, os.path.basename(dst) or "image")
-        yield tmp
-        publish(tmp, dst, force)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def publish(tmp: str, dst: str, force: bool) -> None:
-    if force:
-        os.replace(tmp, dst)
-        return
-    try:
-        os.link(tmp, dst)
-    except FileExistsError:
-        raise UsageError(f"{dst}: already exists (use --force to replace it)",
-                         errno.EEXIST) from None
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
-            raise
-        # A file system without hard links: check, then rename (not atomic, but close).
-        if os.path.lexists(dst):
+        with staged_path(dst, replace=force) as tmp:
+            yield tmp
+    except FormatError as exc:
+        if exc.errno == errno.EEXIST:
             raise UsageError(f"{dst}: already exists (use --force to replace it)",
                              errno.EEXIST) from None
-        os.rename(tmp, dst)
+        raise
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

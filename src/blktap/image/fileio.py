@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from blktap.errors import FormatError
 
@@ -85,3 +89,42 @@ def write_zeros(fd: int, offset: int, length: int) -> None:
         pwrite_all(fd, ZEROS[:n], offset)
         offset += n
         length -= n
+
+
+@contextmanager
+def staged_path(dst: str, *, replace: bool = False) -> Iterator[str]:
+    """A path to build a new file at, in a private folder beside ``dst``. When the block
+    succeeds the file takes ``dst``'s name: linked into place (EEXIST if ``dst`` exists),
+    or with ``replace`` renamed over it. When it fails nothing is left behind, so a crash
+    never leaves a half-made file under the real name."""
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not replace and os.path.lexists(dst):
+        raise FormatError(f"{dst}: {os.strerror(errno.EEXIST)}", errno.EEXIST)
+    try:
+        workdir = tempfile.mkdtemp(prefix=".blktap-", dir=folder)
+    except OSError as exc:
+        raise FormatError(f"{dst}: {os.strerror(exc.errno)}", exc.errno) from None
+    try:
+        tmp = os.path.join(workdir, os.path.basename(dst) or "image")
+        yield tmp
+        _publish(tmp, dst, replace)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _publish(tmp: str, dst: str, replace: bool) -> None:
+    if replace:
+        os.replace(tmp, dst)
+        return
+    try:
+        os.link(tmp, dst)
+        return
+    except FileExistsError:
+        raise FormatError(f"{dst}: {os.strerror(errno.EEXIST)}", errno.EEXIST) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+            raise FormatError(f"{dst}: {os.strerror(exc.errno)}", exc.errno) from None
+    # A file system without hard links: check, then rename (not atomic, but close).
+    if os.path.lexists(dst):
+        raise FormatError(f"{dst}: {os.strerror(errno.EEXIST)}", errno.EEXIST)
+    os.rename(tmp, dst)

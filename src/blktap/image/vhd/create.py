@@ -13,7 +13,7 @@ import uuid as _uuid
 from dataclasses import dataclass
 
 from blktap.errors import ChainTooDeep, FormatError, ParentLoop, UsageError
-from blktap.image.fileio import file_size_of, pwrite_all
+from blktap.image.fileio import file_size_of, pwrite_all, staged_path
 from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
@@ -109,30 +109,17 @@ def _build_dynamic(size: int, max_bat: int, footer: s.Footer,
 
 
 def _publish(path: str, writer) -> None:  # noqa: ANN001 - a callable taking an fd
-    """Write a new file under a temporary name next to ``path``, then link it into place."""
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    if os.path.lexists(path):
-        raise FormatError(f"{path}: {os.strerror(errno.EEXIST)}", errno.EEXIST)
-    try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
-    try:
+    """Write a new file aside, then link it into place (see fileio.staged_path)."""
+    with staged_path(path) as tmp:
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
         try:
             writer(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
-        try:
-            os.link(tmp, path)
-        except OSError as exc:
-            raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
 
 
 def create(path: str, size: int, *, fixed: bool = False, prealloc_size: int | None = None,
