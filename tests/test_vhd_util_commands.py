@@ -359,3 +359,28 @@ def test_create_size_limits(tmp_path: Path) -> None:
     assert "2040 GiB" in proc.stderr and not img.exists()
     proc = vu("create", "-n", str(img), "-s", "0")
     assert proc.returncode == 22 and not img.exists()
+
+
+def test_scan_lvm_lists_volumes_through_lvs(tmp_path: Path) -> None:
+    """-l VG asks lvs for the group's volumes, keeps those matching -m (then FILES
+    patterns) in that order, and reads each from /dev/VG/LV. A stand-in lvs proves the
+    listing; the volumes do not exist here, so each fails to open, by its LV name."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    lvs = fake / "lvs"
+    lvs.write_text("#!/bin/sh\n"
+                   "[ \"$*\" = '--noheadings --nosuffix --units b -o lv_name,lv_size "
+                   "VG_XenStorage-x' ] || exit 5\n"
+                   "printf '  MGT 4194304\\n  VHD-b 8388608\\n  VHD-a 8388608\\n'\n")
+    lvs.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}")
+    proc = run([tool("vhd-util"), "scan", "-f", "-c", "-l", "VG_XenStorage-x", "-m", "VHD-*"],
+               env=env, text=True)
+    assert proc.returncode == 0
+    assert proc.stdout.splitlines() == [
+        "vhd=VHD-b scan-error=-2 error-message='opening file'",
+        "vhd=VHD-a scan-error=-2 error-message='opening file'",
+    ]
+    proc = run([tool("vhd-util"), "scan", "-l", "other-vg", "-m", "*"], env=env, text=True)
+    assert proc.returncode == 22
+    assert proc.stderr == "lvm_scan_vg failed -22\nscan failed: -22. Check syslog for details\n"
