@@ -6,11 +6,11 @@ manager parses them. Behaviour that differs on purpose is listed in docs/compat.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Callable
 
-from blktap.cli.vhd_util import check, create, query, read, scan, set_field, snapshot
 from blktap.cli.vhd_util.options import Output, Usage
 from blktap.errors import BlktapError
 
@@ -19,15 +19,20 @@ COMMANDS = ["create", "snapshot", "query", "read", "set", "repair", "resize", "f
             "coalesce", "modify", "scan", "check", "revert", "key", "copy"]
 
 Handler = Callable[[list[str], Output], int]
-HANDLERS: dict[str, tuple[Handler, str]] = {
-    "create": (create.run, create.USAGE),
-    "snapshot": (snapshot.run, snapshot.USAGE),
-    "query": (query.run, query.USAGE),
-    "read": (read.run, read.USAGE),
-    "set": (set_field.run, set_field.USAGE),
-    "scan": (scan.run, scan.USAGE),
-    "check": (check.run, check.USAGE),
-}
+# Each command lives in its own module (``run(argv, out) -> exit code`` and ``USAGE``),
+# imported only when that command runs.
+MODULES = {command: command for command in COMMANDS}
+MODULES["set"] = "set_field"
+
+
+def handler_of(command: str) -> tuple[Handler, str] | None:
+    try:
+        module = importlib.import_module(f"blktap.cli.vhd_util.{MODULES[command]}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"blktap.cli.vhd_util.{MODULES[command]}":
+            raise
+        return None
+    return module.run, module.USAGE
 
 
 def usage_text() -> str:
@@ -45,10 +50,11 @@ def run(argv: list[str], out: Output) -> int:
         out.print(usage_text())
         return 0
     args = [a for a in argv[2:] if a != "--debug"]
-    if command not in HANDLERS:
+    found = handler_of(command)
+    if found is None:
         out.error(f"vhd-util {command}: not implemented yet in this version of blktap\n")
         return 95  # EOPNOTSUPP
-    handler, usage = HANDLERS[command]
+    handler, usage = found
     try:
         return handler(args, out)
     except Usage as exc:
