@@ -83,6 +83,47 @@ def preadv_into(fd: int, view: memoryview, offset: int) -> None:
         offset += got
 
 
+# copy_file_range fails with these when the kernel cannot copy between the two files
+# (different file systems on old kernels, some special files): fall back to read+write.
+_NO_KERNEL_COPY = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
+# Bounce buffer size for the fallback path.
+_BOUNCE_BYTES = 4 << 20
+
+
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
+               length: int) -> None:
+    """Copy ``length`` bytes between two files without moving them through Python when the
+    kernel can do it (copy_file_range: in-kernel copy, or reflink/server-side copy where
+    the file system offers it). Bytes past the end of the source read as zeros."""
+    while length:
+        try:
+            done = os.copy_file_range(src_fd, dst_fd, length, src_offset, dst_offset)
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+            _bounce_copy(src_fd, src_offset, dst_fd, dst_offset, length)
+            return
+        if done == 0:  # end of the source: the rest is zeros
+            write_zeros(dst_fd, dst_offset, length)
+            return
+        src_offset += done
+        dst_offset += done
+        length -= done
+
+
+def _bounce_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
+                 length: int) -> None:
+    buf = bytearray(min(length, _BOUNCE_BYTES))
+    view = memoryview(buf)
+    while length:
+        n = min(length, len(buf))
+        preadv_into(src_fd, view[:n], src_offset)
+        pwrite_all(dst_fd, view[:n], dst_offset)
+        src_offset += n
+        dst_offset += n
+        length -= n
+
+
 def write_zeros(fd: int, offset: int, length: int) -> None:
     while length:
         n = min(length, len(ZEROS))

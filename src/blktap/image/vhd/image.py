@@ -25,12 +25,13 @@ import os
 import sys
 import uuid as _uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from blktap.errors import FormatError, OutOfRange, ParentNotFound, ReadOnlyImage
 from blktap.image.fileio import (
     ZEROS,
+    copy_range,
     file_size_of,
     is_regular,
     pread_exact,
@@ -504,6 +505,17 @@ class VhdImage:
                 self._dirty_batmap = True
 
     def _allocate_and_write(self, blk: int, off: int, chunk: memoryview) -> None:
+        bitmap = bytearray(self.bitmap_bytes)
+        bm.set_range(bitmap, off, len(chunk) // s.SECTOR_SIZE)
+
+        def put(data_offset: int) -> None:
+            pwrite_all(self.fd, chunk, data_offset + off * s.SECTOR_SIZE)
+
+        self._allocate(blk, bitmap, put)
+
+    def _allocate(self, blk: int, bitmap: bytearray, put_data: Callable[[int], None]) -> None:
+        """Allocate block ``blk`` at the end of the data, in the crash-safe order of the
+        module docstring: ``put_data(offset of the block's data)`` writes the payload."""
         start = self._next_db
         bm_secs = self.bitmap_secs
         blk_sec = start
@@ -523,11 +535,8 @@ class VhdImage:
         if stale_end > data_sec * s.SECTOR_SIZE:
             write_zeros(self.fd, data_sec * s.SECTOR_SIZE, stale_end - data_sec * s.SECTOR_SIZE)
         # 2. The data.
-        n = len(chunk) // s.SECTOR_SIZE
-        pwrite_all(self.fd, chunk, (data_sec + off) * s.SECTOR_SIZE)
+        put_data(data_sec * s.SECTOR_SIZE)
         # 3. Zeros over the gap (and the old footer), then the bitmap.
-        bitmap = bytearray(self.bitmap_bytes)
-        bm.set_range(bitmap, off, n)
         gap = (blk_sec - start) * s.SECTOR_SIZE
         pwritev_all(self.fd, [ZEROS[:gap], bitmap], start * s.SECTOR_SIZE)
         # 4. The BAT entry.
@@ -538,6 +547,54 @@ class VhdImage:
         self._bitmaps[blk] = bitmap
         self._bitstrings.pop(blk, None)
         self._note_full(blk, bitmap)
+
+    def merge_block(self, blk: int, bitmap: bytes | bytearray | None, src_fd: int,
+                    src_data_offset: int) -> int:
+        """Copy into block ``blk`` the sectors that ``bitmap`` marks (all of them when it
+        is None) from another file holding the same block's data at ``src_data_offset``
+        (a child's block, for coalesce). Data moves file to file in the kernel; the bitmap
+        is written after the data, once per block. Returns the number of sectors copied."""
+        self._require_writable()
+        first_sector = blk * self.spb
+        if first_sector >= self.sectors:
+            raise OutOfRange(f"block {blk} is past the end of {self.path}", errno.EINVAL)
+        nsecs = min(self.spb, self.sectors - first_sector)
+        if bitmap is None:
+            wanted = bytearray(b"\xff" * self.bitmap_bytes)
+            spans = [(0, nsecs)]
+        else:
+            wanted = bytearray(bitmap[: self.bitmap_bytes])
+            spans = [(first, n) for first, n, is_set
+                     in bm.runs(bm.bit_string(wanted, nsecs), 0, nsecs) if is_set]
+        if not spans:
+            return 0
+        self._dirty = True
+
+        def put(data_offset: int) -> None:
+            for first, n in spans:
+                copy_range(src_fd, src_data_offset + first * s.SECTOR_SIZE, self.fd,
+                           data_offset + first * s.SECTOR_SIZE, n * s.SECTOR_SIZE)
+
+        copied = sum(n for _, n in spans)
+        if self.is_fixed:
+            put(first_sector * s.SECTOR_SIZE)
+            return copied
+        entry = self.bat[blk]
+        if entry == s.BAT_ENTRY_UNUSED:
+            self._allocate(blk, wanted, put)
+            return copied
+        put((entry + self.bitmap_secs) * s.SECTOR_SIZE)
+        if self.block_full(blk):
+            return copied
+        current = self.bitmap(blk)
+        merged = (int.from_bytes(current, "big") | int.from_bytes(wanted, "big")
+                  ).to_bytes(len(current), "big")
+        if merged != current:
+            current[:] = merged
+            self._bitstrings.pop(blk, None)
+            pwrite_all(self.fd, current, entry * s.SECTOR_SIZE)
+            self._note_full(blk, current)
+        return copied
 
     def _write_bat_sector(self, blk: int) -> None:
         assert self.header is not None
