@@ -116,6 +116,13 @@ class Output:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
 
+    def flush(self) -> None:
+        """fflush(stdout): what was printed so far goes out now."""
+        if self._text:
+            sys.stdout.write("".join(self._text))
+            self._text.clear()
+        sys.stdout.flush()
+
     def error(self, text: str) -> None:
         sys.stderr.write(text)
         sys.stderr.flush()

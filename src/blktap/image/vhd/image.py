@@ -322,6 +322,10 @@ class VhdImage:
     def allocated_blocks(self) -> int:
         return len(self._allocated)
 
+    def allocated_block_numbers(self) -> list[int]:
+        """Numbers of the blocks this layer holds, ascending (a copy)."""
+        return list(self._allocated)
+
     def allocated_bytes(self) -> int:
         """Bytes of the virtual disk this layer holds itself (not its parents)."""
         if self.is_fixed:
