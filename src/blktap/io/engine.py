@@ -1,0 +1,44 @@
+"""The interface of an I/O engine.
+
+An engine runs blocking positioned I/O for coroutines on one event loop. Every operation
+either completes whole or raises ``OSError``: reads fill every buffer (bytes past the end
+of the file read as zeros), writes write every byte. Operations are not cancellable once
+submitted: a caller must keep its buffers alive until the await returns, which is why
+transports never cancel a request in flight (they wait for it).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+Iov = Sequence[memoryview]
+
+
+class Engine(ABC):
+    """Asynchronous positioned I/O on file descriptors."""
+
+    name = "engine"
+
+    @abstractmethod
+    async def preadv(self, fd: int, iov: Iov, offset: int) -> None:
+        """Fill ``iov`` from ``fd`` at ``offset`` (zeros past the end of the file)."""
+
+    @abstractmethod
+    async def pwritev(self, fd: int, iov: Iov, offset: int, *, dsync: bool = False) -> None:
+        """Write all of ``iov`` at ``offset``; with ``dsync`` the data is durable on return."""
+
+    @abstractmethod
+    async def fsync(self, fd: int, *, datasync: bool = True) -> None:
+        """Make what was written to ``fd`` durable."""
+
+    @abstractmethod
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run any other blocking function (metadata updates, fallocate...) off the loop."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the engine once every operation submitted has completed."""

@@ -1,0 +1,152 @@
+"""The thread-pool engine: worker threads run preadv/pwritev/fsync (which release the
+GIL) and hand completions back to the event loop in batches.
+
+Why threads and not io_uring or libaio: measured on this project's machines (see
+docs/architecture.md, "I/O engine"), the Python bindings for io_uring and libaio were
+slower for small requests than a pool of threads, because each completion costs
+Python-level work in the loop either way and the binding adds its own; and buffered I/O
+(tmpfs, most file systems without O_DIRECT) blocks inside io_submit with libaio.
+
+Completions are batched: a worker appends its result to a deque and writes the eventfd
+only when no wake-up is pending yet, so a burst of completions costs one wake-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from blktap.io.engine import Engine
+from blktap.io.iov import IOV_MAX, advance, zero_fill
+
+T = TypeVar("T")
+
+DEFAULT_THREADS = 16
+
+
+def read_full(fd: int, iov: Sequence[memoryview], offset: int) -> None:
+    """preadv until ``iov`` is full; past the end of the file, zeros."""
+    rest = list(iov)
+    while rest:
+        got = os.preadv(fd, rest[:IOV_MAX], offset)
+        if got <= 0:
+            zero_fill(rest)
+            return
+        offset += got
+        rest = advance(rest, got)
+
+
+def write_full(fd: int, iov: Sequence[memoryview], offset: int, flags: int = 0) -> None:
+    """pwritev until every byte of ``iov`` is written."""
+    rest = list(iov)
+    while rest:
+        done = os.pwritev(fd, rest[:IOV_MAX], offset, flags) if flags else \
+            os.pwritev(fd, rest[:IOV_MAX], offset)
+        if done <= 0:
+            raise OSError(5, "short write")
+        offset += done
+        rest = advance(rest, done)
+
+
+def sync(fd: int, datasync: bool) -> None:
+    if datasync:
+        os.fdatasync(fd)
+    else:
+        os.fsync(fd)
+
+
+class ThreadEngine(Engine):
+    """An engine backed by ``threads`` worker threads, bound to the running loop."""
+
+    name = "threads"
+
+    def __init__(self, threads: int = DEFAULT_THREADS,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: collections.deque = collections.deque()
+        self._signalled = False
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.loop.add_reader(self._efd, self._complete)
+        self._threads = [threading.Thread(target=self._worker, name=f"blktap-io-{i}",
+                                          daemon=True) for i in range(threads)]
+        for t in self._threads:
+            t.start()
+        self._closed = False
+        self.submitted = 0
+
+    # ------------------------------------------------------------------ workers
+    def _worker(self) -> None:
+        get = self._jobs.get
+        done = self._done
+        while True:
+            job = get()
+            if job is None:
+                return
+            fut, fn, args = job
+            try:
+                result = (fn(*args), None)
+            except BaseException as exc:  # handed to the waiting coroutine
+                result = (None, exc)
+            done.append((fut, result))
+            if not self._signalled:
+                self._signalled = True
+                try:
+                    os.eventfd_write(self._efd, 1)
+                except OSError:  # closed while shutting down
+                    return
+
+    def _complete(self) -> None:
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        self._signalled = False
+        done = self._done
+        while done:
+            fut, (value, exc) = done.popleft()
+            if fut.cancelled():
+                continue
+            if exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc)
+
+    # ------------------------------------------------------------------ interface
+    def _submit(self, fn: Callable[..., T], args: tuple) -> asyncio.Future:
+        if self._closed:
+            raise RuntimeError("I/O engine is closed")
+        fut = self.loop.create_future()
+        self._jobs.put((fut, fn, args))
+        self.submitted += 1
+        return fut
+
+    async def preadv(self, fd: int, iov: Sequence[memoryview], offset: int) -> None:
+        await self._submit(read_full, (fd, iov, offset))
+
+    async def pwritev(self, fd: int, iov: Sequence[memoryview], offset: int, *,
+                      dsync: bool = False) -> None:
+        await self._submit(write_full, (fd, iov, offset, os.RWF_DSYNC if dsync else 0))
+
+    async def fsync(self, fd: int, *, datasync: bool = True) -> None:
+        await self._submit(sync, (fd, datasync))
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._submit(fn, args)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+        self._complete()
+        self.loop.remove_reader(self._efd)
+        os.close(self._efd)
