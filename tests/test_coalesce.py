@@ -155,7 +155,8 @@ def test_sparse_skips_zero_blocks_of_a_dynamic_parent(tmp_path: Path) -> None:
     before = content(child)
     proc = run([tool("vhd-util"), "coalesce", "-n", str(child), "-s"], text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"opening for sparse writes\nCoalesced {(2 * MB + 4096 + 512) // 512} sectors"
+    sectors = (2 * MB + 4096 + 512) // 512
+    assert proc.stdout == f"opening for sparse writes\nCoalesced {sectors} sectors"
     with VhdImage.open(str(parent)) as img:
         assert img.allocated_block_numbers() == [4]
     assert content(parent) == before
@@ -358,8 +359,17 @@ def test_cli_unwritable_parent(tmp_path: Path) -> None:
     setpriv = shutil.which("setpriv")
     if os.geteuid() != 0 or setpriv is None:
         pytest.skip("needs root and setpriv to run as another user")
-    parent, child = make_pair(tmp_path)
-    os.chmod(tmp_path, 0o755)
+    import tempfile
+    shared = Path(tempfile.mkdtemp(prefix="blktap-test-", dir="/tmp"))
+    try:
+        _unwritable_parent(shared, setpriv)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _unwritable_parent(folder: Path, setpriv: str) -> None:
+    parent, child = make_pair(folder)
+    os.chmod(folder, 0o755)  # the unprivileged user may enter, not write
     os.chmod(parent, 0o444)
     os.chmod(child, 0o444)
     before = parent.read_bytes()
@@ -368,5 +378,5 @@ def test_cli_unwritable_parent(tmp_path: Path) -> None:
     if "Permission denied" in proc.stderr and "python" in proc.stderr.lower():
         pytest.skip("the venv is not readable by the unprivileged user")
     assert proc.returncode == 13, (proc.stdout, proc.stderr)
-    assert proc.stdout.endswith("error coalescing: -13\n")
+    assert proc.stdout == f"error opening {parent}: -13\nerror coalescing: -13\n"
     assert parent.read_bytes() == before

@@ -6,6 +6,7 @@ Prints ``Coalesced N sectors`` with no trailing newline, as the reference does (
 
 from __future__ import annotations
 
+import os
 import struct
 
 from blktap.cli.vhd_util.common import err_of, open_vhd
@@ -65,8 +66,20 @@ def _coalesce(name: str, sparse: bool, progress: bool, out: Output) -> int:
             out.print(f"error finding {name} parent: {-exc.errno}\n")
             return _fail(out, exc.errno)
         raw_parent = child.parent_is_raw
-    if sparse and not raw_parent:
-        out.print("opening for sparse writes\n")
+    if raw_parent:
+        try:
+            os.close(os.open(parent, os.O_RDWR | os.O_CLOEXEC))
+        except OSError as exc:
+            out.print(f"failed to open parent {parent}: {-(exc.errno or 5)}\n")
+            return _fail(out, exc.errno or 5)
+    else:
+        if sparse:
+            out.print("opening for sparse writes\n")
+        try:
+            open_vhd(parent, writable=True).close()
+        except BlktapError as exc:
+            out.print(f"error opening {parent}: {-exc.errno}\n")
+            return _fail(out, exc.errno)
 
     shown = 0
 
