@@ -13,7 +13,9 @@ do (they exit with ``-ret``, an errno), and print ``str(exc)`` as the one-line m
      │    │    ├── ParentLoop        a chain that leads back to itself (ELOOP)
      │    │    └── ChainTooDeep      more layers than the depth limit (ELOOP)
      │    ├── ReadOnlyImage          a write to an image opened read-only (EROFS)
-     │    └── OutOfRange             an access past the end of the virtual disk (ERANGE/ENOSPC)
+     │    ├── OutOfRange             an access past the end of the virtual disk (ERANGE/ENOSPC)
+     │    └── EncryptionError        an encrypted image without its key, a wrong key, a key
+     │                               for a clear image, a bad key (EINVAL; ENOKEY: wrong key)
      └── UsageError                  a bad argument from a caller (EINVAL)
 """
 
@@ -72,6 +74,14 @@ class ReadOnlyImage(ImageError):
 
 class OutOfRange(ImageError):
     default_errno = _errno.ERANGE
+
+
+class EncryptionError(ImageError):
+    """An encrypted image opened without its key or with the wrong one (ENOKEY, as the
+    reference's key check), a key given for an image that is not encrypted, or a key that
+    cannot be one (EINVAL)."""
+
+    default_errno = _errno.EINVAL
 
 
 class UsageError(BlktapError):
