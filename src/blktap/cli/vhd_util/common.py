@@ -12,10 +12,11 @@ MARKER_XATTR = "user.com.citrix.xenclient.backend.marker"
 KEYHASH_XATTR = "user.com.citrix.xenclient.backend.keyhash"
 
 
-def open_vhd(path: str, *, writable: bool = False, allow_disabled: bool = True) -> VhdImage:
+def open_vhd(path: str, *, writable: bool = False, allow_disabled: bool = True,
+             footer: str = "auto") -> VhdImage:
     """Open a VHD as the reference's tools do, failing with the errno they report: a
     missing file ENOENT, an empty file EPIPE, a file shorter than a footer EIO, anything
-    else that is not a VHD EINVAL."""
+    else that is not a VHD EINVAL. ``footer`` picks the footer copy (VhdImage.open)."""
     try:
         size = os.stat(path).st_size
     except OSError as exc:
@@ -24,7 +25,7 @@ def open_vhd(path: str, *, writable: bool = False, allow_disabled: bool = True) 
         err = errno.EPIPE if size == 0 else errno.EIO
         raise FormatError(f"{path}: file too small to be a VHD ({size} bytes)", err)
     return VhdImage.open(path, writable=writable, allow_disabled=allow_disabled,
-                         validate_bat=False)
+                         validate_bat=False, footer=footer)
 
 
 def signed_byte(value: int) -> int:
