@@ -6,6 +6,7 @@
     blktap convert SRC DST       a chain flattened into a new raw file or VHD
     blktap compare A B           whether two disks read the same
     blktap map IMAGE             which layer holds each part of the disk
+    blktap coalesce IMAGE        merge a differencing VHD into its parent
 
 Image arguments take ``vhd:PATH``, ``aio:PATH`` or ``raw:PATH``, or a plain path whose
 format is probed. Errors are one line on stderr, ``blktap: <message>``, and the exit code
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from blktap import __version__
+from blktap.cli import maintain
 from blktap.cli.common import (
     PROG,
     Progress,
@@ -96,6 +98,7 @@ def build_parser() -> Parser:
     _add_convert(sub)
     _add_compare(sub)
     _add_map(sub)
+    maintain.add_commands(sub, _command)
     return parser
 
 

@@ -1,0 +1,110 @@
+"""``blktap`` maintenance commands: coalesce, resize, rebase.
+
+They change images in place, so each one says exactly what it did, and ``--json`` gives
+the same facts to scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from blktap.cli.common import Progress, describe_size, human_size, print_json, print_note
+from blktap.errors import BlktapError, UsageError
+from blktap.image.chain import parse_spec
+from blktap.image.vhd.coalesce import coalesce
+from blktap.image.vhd.image import VhdImage
+
+Register = Callable[[Any, str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
+
+
+def add_commands(sub: Any, command: Register) -> None:
+    cmd = command(sub, "coalesce", cmd_coalesce,
+                  "Merge IMAGE, a differencing VHD, into its parent.")
+    cmd.add_argument("image", metavar="IMAGE")
+    cmd.add_argument("--sparse", action="store_true",
+                     help="do not allocate blocks of zeros in a parent that reads zeros there")
+    cmd.add_argument("--rebase-children", action="store_true",
+                     help="then point the VHDs in IMAGE's folder whose parent is IMAGE at "
+                          "IMAGE's parent (their content does not change)")
+    cmd.add_argument("--remove", action="store_true",
+                     help="then delete IMAGE (refused while a VHD in its folder still has "
+                          "IMAGE as its parent)")
+    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def vhd_path(spec: str) -> str:
+    fmt, path = parse_spec(spec)
+    if fmt not in (None, "vhd"):
+        raise UsageError(f"{spec}: this command works on VHD images")
+    return path
+
+
+def children_of(image: str) -> list[str]:
+    """The VHD files in ``image``'s folder whose parent is ``image``."""
+    folder = os.path.dirname(os.path.abspath(image))
+    target = os.stat(image)
+    found = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_file() or entry.name.startswith("."):
+            continue
+        if os.path.samestat(entry.stat(), target):
+            continue
+        try:
+            with VhdImage.open(entry.path) as candidate:
+                if not candidate.is_differencing:
+                    continue
+                parent = candidate.parent_path()
+        except (OSError, BlktapError):  # not a VHD, or a broken one: not ours
+            continue
+        if os.path.exists(parent) and os.path.samestat(os.stat(parent), target):
+            found.append(entry.path)
+    return found
+
+
+def cmd_coalesce(args: argparse.Namespace) -> int:
+    path = vhd_path(args.image)
+    with VhdImage.open(path) as child:
+        total_blocks = len(child.bat)
+    children = children_of(path) if args.rebase_children or args.remove else []
+    if args.remove and children and not args.rebase_children:
+        raise UsageError(f"not removing {path}: {', '.join(children)} still use it as "
+                         f"their parent (add --rebase-children)")
+    with Progress("coalescing", total_blocks) as progress:
+        started = time.monotonic()
+        result = coalesce(path, sparse=args.sparse,
+                          progress=lambda done, total: progress.update(done))
+        elapsed = time.monotonic() - started
+    report: dict[str, Any] = {
+        "image": path, "parent": result.parent, "parent_is_raw": result.parent_is_raw,
+        "sectors": result.sectors, "bytes": result.bytes, "blocks": result.blocks,
+        "skipped_zero_bytes": result.skipped_zero_sectors * 512,
+        "seconds": round(elapsed, 3), "rebased": [], "removed": False,
+    }
+    if args.rebase_children:
+        from blktap.image.vhd.reparent import set_parent
+
+        for child_path in children:
+            set_parent(child_path, result.parent, raw=result.parent_is_raw)
+            report["rebased"].append(child_path)
+    if args.remove:
+        os.unlink(path)
+        report["removed"] = True
+    if args.json:
+        print_json(report)
+        return 0
+    rate = result.bytes / elapsed if elapsed > 0 else 0
+    print(f"Coalesced {path} into {result.parent}: {describe_size(result.bytes)} in "
+          f"{result.blocks} block{'s' if result.blocks != 1 else ''} "
+          f"({human_size(int(rate))}/s)")
+    if result.skipped_zero_sectors:
+        print_note(f"{human_size(result.skipped_zero_sectors * 512)} of zeros were not "
+                   f"allocated in the parent (--sparse)")
+    for rebased in report["rebased"]:
+        print(f"Rebased {rebased} onto {result.parent}")
+    if report["removed"]:
+        print(f"Removed {path}")
+    return 0
