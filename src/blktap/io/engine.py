@@ -36,7 +36,7 @@ class Engine(ABC):
         """Make what was written to ``fd`` durable."""
 
     @abstractmethod
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run any other blocking function (metadata updates, fallocate...) off the loop."""
 
     @abstractmethod

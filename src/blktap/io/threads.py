@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import os
 import queue
 import threading
@@ -136,7 +137,9 @@ class ThreadEngine(Engine):
     async def fsync(self, fd: int, *, datasync: bool = True) -> None:
         await self._submit(sync, (fd, datasync))
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if kwargs:
+            fn = functools.partial(fn, **kwargs)
         return await self._submit(fn, args)
 
     def close(self) -> None:

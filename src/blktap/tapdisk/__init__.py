@@ -1,0 +1,9 @@
+"""tapdisk: one process serving virtual disks through a stack of drivers.
+
+- :mod:`blktap.tapdisk.driver`: the driver protocol (what every layer can be asked);
+- :mod:`blktap.tapdisk.drivers`: the image drivers (``aio``, ``vhd``, ``ram``) and the
+  registry that builds a stack from ``type:path``;
+- :mod:`blktap.tapdisk.vbd`: a virtual block device: request lifecycle, merging, retries,
+  timeouts, watchdog and counters;
+- :mod:`blktap.tapdisk.daemon`: the tapdisk process (event loop, VBDs, exit rules).
+"""

@@ -1,0 +1,171 @@
+"""The driver protocol: what a layer of a tapdisk driver stack is asked to do.
+
+A driver serves a byte range ``[0, size)`` in whole 512-byte sectors (the VBD aligns
+requests before they get here). It answers from its own data or forwards to its
+``parent`` (a differencing image's parent, a filter's inner driver); below the last
+layer, the disk reads as zeros and its status is a hole that reads as zeros.
+
+Every operation is a coroutine that completes whole or raises ``OSError`` /
+:class:`~blktap.errors.BlktapError` carrying an errno; buffers are lists of memoryviews
+(iovecs) that the driver fills or writes without copying. A driver declares what it can
+do in ``caps``; the VBD and transports never ask for more.
+
+Filters (rate limiting, changed-block log, mirroring, caches) will be drivers whose
+``parent`` is the driver they wrap, inheriting its size; the forwarding helpers here are
+that seam.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from collections.abc import Sequence
+
+from blktap.errors import OutOfRange, UnsupportedImage
+from blktap.io.engine import Engine
+from blktap.io.iov import slice_iov, total, zero_fill
+
+SECTOR = 512
+
+# base:allocation flags (the NBD values; other transports translate).
+STATE_DATA = 0
+STATE_HOLE = 1
+STATE_ZERO = 2
+
+# One block-status answer: runs of (length in bytes, state flags), consecutive from the
+# offset asked about.
+Extents = list[tuple[int, int]]
+
+
+class Caps(enum.IntFlag):
+    """What a driver can do."""
+
+    WRITE = enum.auto()
+    FLUSH = enum.auto()  # flush makes completed writes durable
+    FUA = enum.auto()  # a write can be made durable on its own
+    TRIM = enum.auto()  # discard frees space (a hint: content undefined after)
+    ZERO = enum.auto()  # write_zeroes without moving zeros through memory
+    FAST_ZERO = enum.auto()  # write_zeroes can tell at once when it would be slow
+    BLOCK_STATUS = enum.auto()  # block_status says more than "all data"
+    CACHE = enum.auto()  # cache (prefetch) does something useful
+
+
+def merge_extents(extents: Extents) -> Extents:
+    """Join neighbouring runs with the same flags."""
+    out: Extents = []
+    for length, flags in extents:
+        if length <= 0:
+            continue
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + length, flags)
+        else:
+            out.append((length, flags))
+    return out
+
+
+class Driver:
+    """Base class of every driver; subclasses override what they support."""
+
+    name = "driver"
+    # The reference's disk-type numbers (tap-ctl stats reports them).
+    type_id = -1
+
+    def __init__(self, engine: Engine, size: int, *, writable: bool,
+                 parent: Driver | None = None) -> None:
+        self.engine = engine
+        self.size = size
+        self.writable = writable
+        self.parent = parent
+        self.caps = Caps(0)
+        self.path = ""
+
+    # ------------------------------------------------------------------ the stack
+    def chain(self) -> list[Driver]:
+        """This driver and every parent below it, top first."""
+        out: list[Driver] = []
+        d: Driver | None = self
+        while d is not None:
+            out.append(d)
+            d = d.parent
+        return out
+
+    async def forward_read(self, offset: int, iov: Sequence[memoryview]) -> None:
+        """Read what this layer does not hold: from the parent, zeros past its end or
+        when there is none."""
+        length = total(iov)
+        parent = self.parent
+        if parent is None or offset >= parent.size:
+            zero_fill(iov)
+            return
+        inside = min(length, parent.size - offset)
+        if inside < length:
+            zero_fill(slice_iov(iov, inside, length - inside))
+            iov = slice_iov(iov, 0, inside)
+        await parent.read(offset, iov)
+
+    async def forward_block_status(self, offset: int, length: int) -> Extents:
+        parent = self.parent
+        if parent is None or offset >= parent.size:
+            return [(length, STATE_HOLE | STATE_ZERO)]
+        inside = min(length, parent.size - offset)
+        out = await parent.block_status(offset, inside)
+        covered = sum(n for n, _ in out)
+        if covered < inside:  # the parent answered short: stop there
+            return out
+        out = [(n, f) for n, f in out]
+        if inside < length:
+            out.append((length - inside, STATE_HOLE | STATE_ZERO))
+        return merge_extents(out)
+
+    async def reads_as_zeros(self, offset: int, length: int) -> bool:
+        """Whether the range certainly reads as zeros (asked of a parent before writing
+        zeros over a part a child does not hold)."""
+        pos, end = offset, offset + length
+        while pos < end:
+            extents = await self.block_status(pos, end - pos)
+            for n, flags in extents:
+                if not flags & STATE_ZERO:
+                    return False
+                pos += n
+                if pos >= end:
+                    break
+        return True
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise OutOfRange(f"{self.path or self.name} is read-only", errno.EROFS)
+
+    # ------------------------------------------------------------------ operations
+    async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
+        raise NotImplementedError
+
+    async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
+        raise UnsupportedImage(f"{self.name}: write not supported", errno.EROFS)
+
+    async def flush(self) -> None:
+        return None
+
+    async def discard(self, offset: int, length: int) -> None:
+        """A hint: the range is no longer needed (it may read as anything after)."""
+        return None
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = True,
+                           fast: bool = False, fua: bool = False) -> None:
+        """Make the range read as zeros. ``may_trim`` False: keep it allocated.
+        ``fast``: fail with EOPNOTSUPP, changing nothing, unless it is cheaper than a
+        write."""
+        raise UnsupportedImage(f"{self.name}: write zeroes not supported")
+
+    async def block_status(self, offset: int, length: int) -> Extents:
+        """Runs from ``offset`` covering at least one byte and at most ``length``."""
+        return [(length, STATE_DATA)]
+
+    async def cache(self, offset: int, length: int) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def describe(self) -> dict:
+        """Per-layer facts for stats (the reference's ``driver`` object)."""
+        return {"type": self.type_id, "name": self.name, "status": None}

@@ -1,0 +1,198 @@
+"""``aio``: a raw file or block device, every byte at its own offset.
+
+O_DIRECT is used where the file system allows it (not tmpfs, for one) unless the caller
+opts out (tapdisk's ``-D``): requests whose offset, lengths and buffer addresses are all
+aligned to the device's logical block go through the direct descriptor, others through a
+buffered one (Linux keeps the two coherent). A FUA write is one ``pwritev`` with
+RWF_DSYNC. Holes come from SEEK_DATA/SEEK_HOLE and read as zeros.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from collections.abc import Sequence
+
+from blktap.errors import FormatError, UnsupportedImage
+from blktap.io import syscalls
+from blktap.io.engine import Engine
+from blktap.io.iov import slice_iov, total, zeros_iov
+from blktap.tapdisk.driver import STATE_DATA, STATE_HOLE, STATE_ZERO, Caps, Driver, Extents
+
+# Zeros written when the file system cannot punch or zero a range: per system call.
+ZERO_CHUNK = 8 << 20
+
+
+def _address(view: memoryview) -> int | None:
+    if view.readonly:
+        return None
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+class AioDriver(Driver):
+    name = "aio"
+    type_id = 0
+
+    def __init__(self, engine: Engine, path: str, fd: int, dfd: int | None, size: int, *,
+                 writable: bool, block_device: bool) -> None:
+        super().__init__(engine, size, writable=writable)
+        self.path = path
+        self.fd = fd
+        self.dfd = dfd
+        self.block_device = block_device
+        self.align = syscalls.logical_block_size(fd)
+        self.caps = Caps.BLOCK_STATUS | Caps.CACHE | Caps.FLUSH
+        if writable:
+            self.caps |= Caps.WRITE | Caps.FUA | Caps.TRIM | Caps.ZERO | Caps.FAST_ZERO
+
+    @classmethod
+    def open(cls, engine: Engine, path: str, *, writable: bool,
+             direct: bool = True) -> AioDriver:
+        """Open (blocking: call from the engine or before serving)."""
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            os.close(fd)
+            code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
+            raise FormatError(f"{path}: not a regular file or block device", code)
+        block = stat.S_ISBLK(st.st_mode)
+        size = os.lseek(fd, 0, os.SEEK_END) if block else st.st_size
+        dfd = None
+        if direct:
+            try:
+                dfd = os.open(path, flags | os.O_DIRECT)
+            except OSError:  # tmpfs and some others refuse O_DIRECT: buffered only
+                dfd = None
+        return cls(engine, path, fd, dfd, size, writable=writable, block_device=block)
+
+    # ------------------------------------------------------------------ helpers
+    def _fd_for(self, offset: int, iov: Sequence[memoryview]) -> int:
+        if self.dfd is None or offset % self.align:
+            return self.fd
+        align = self.align
+        for view in iov:
+            if len(view) % align:
+                return self.fd
+            addr = _address(view)
+            if addr is None or addr % align:
+                return self.fd
+        return self.dfd
+
+    # ------------------------------------------------------------------ operations
+    async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
+        await self.engine.preadv(self._fd_for(offset, iov), iov, offset)
+
+    async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
+        self._require_writable()
+        length = total(iov)
+        if offset + length > self.size:
+            # The last sector of a file whose size is not a whole number of sectors is
+            # partial: never grow the file to fill it.
+            keep = max(0, self.size - offset)
+            if not keep:
+                return
+            iov = slice_iov(iov, 0, keep)
+        await self.engine.pwritev(self._fd_for(offset, iov), iov, offset, dsync=fua)
+
+    async def flush(self) -> None:
+        if self.writable:
+            await self.engine.fsync(self.fd, datasync=not self.block_device)
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._require_writable()
+        length = min(length, self.size - offset)
+        try:
+            if self.block_device:
+                await self.engine.call(syscalls.blk_discard, self.fd, offset, length)
+            else:
+                await self.engine.call(syscalls.punch_hole, self.fd, offset, length)
+        except OSError as exc:
+            if not syscalls.unsupported(exc):
+                raise
+            # A discard is a hint: a file system that cannot punch keeps the data.
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = True,
+                           fast: bool = False, fua: bool = False) -> None:
+        self._require_writable()
+        length = min(length, self.size - offset)
+        if length <= 0:
+            return
+        done = False
+        if not self.block_device:
+            modes = [syscalls.punch_hole] if may_trim else []
+            modes.append(syscalls.zero_range)
+            for fn in modes:
+                try:
+                    await self.engine.call(fn, self.fd, offset, length)
+                    done = True
+                    break
+                except OSError as exc:
+                    if not syscalls.unsupported(exc):
+                        raise
+        elif not fast:
+            await self.engine.call(syscalls.blk_zeroout, self.fd, offset, length)
+            done = True
+        if not done:
+            if fast:
+                raise UnsupportedImage(f"{self.path}: zeroing would be as slow as writing",
+                                       errno.EOPNOTSUPP)
+            pos, end = offset, offset + length
+            while pos < end:
+                n = min(ZERO_CHUNK, end - pos)
+                await self.engine.pwritev(self.fd, zeros_iov(n), pos)
+                pos += n
+        if fua:
+            await self.flush()
+
+    def _extents(self, offset: int, length: int) -> Extents:
+        out: Extents = []
+        pos, end = offset, min(offset + length, self.size)
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                data = end if exc.errno == errno.ENXIO else pos
+            data = min(max(data, pos), end)
+            if data > pos:
+                out.append((data - pos, STATE_HOLE | STATE_ZERO))
+            if data >= end:
+                break
+            try:
+                hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            hole = min(max(hole, data + 1), end)
+            out.append((hole - data, STATE_DATA))
+            pos = hole
+        if offset + length > end:  # the padding of a last partial sector
+            out.append((offset + length - max(end, offset), STATE_HOLE | STATE_ZERO))
+        return out
+
+    async def block_status(self, offset: int, length: int) -> Extents:
+        if self.block_device:
+            return [(length, STATE_DATA)]
+        return await self.engine.call(self._extents, offset, length)
+
+    async def cache(self, offset: int, length: int) -> None:
+        if not self.block_device:
+            await self.engine.call(os.posix_fadvise, self.fd, offset, length,
+                                   os.POSIX_FADV_WILLNEED)
+
+    async def close(self) -> None:
+        for fd in (self.dfd, self.fd):
+            if fd is not None:
+                os.close(fd)
+        self.dfd = None
+
+    def describe(self) -> dict:
+        return {"type": self.type_id, "name": self.name, "status": None,
+                "direct": self.dfd is not None}
+
+
+__all__ = ["AioDriver"]

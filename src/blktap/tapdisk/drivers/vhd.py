@@ -1,0 +1,229 @@
+"""``vhd``: one VHD layer (fixed, dynamic or differencing) over the image library.
+
+The library (:class:`~blktap.image.vhd.VhdImage`) is synchronous and not thread-safe, so
+each image has one lock, held for what touches its metadata: finding where sectors live
+(BAT and bitmaps, read from memory once cached), allocating blocks and updating
+bitmaps/BAT (the library's crash-safe ordering, run in the engine), flush and close.
+Reads of sectors the layer holds, and writes to sectors it already holds, move their
+data outside the lock, concurrently. The parent is another ``vhd`` driver, or an
+``aio`` driver for a raw parent; sectors the layer does not hold are forwarded to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import threading
+from collections.abc import Awaitable, Sequence
+
+from blktap.errors import UnsupportedImage
+from blktap.image.fileio import ZEROS, is_regular
+from blktap.image.vhd import structs as s
+from blktap.image.vhd.image import VhdImage
+from blktap.io import syscalls
+from blktap.io.engine import Engine
+from blktap.io.iov import slice_iov, total, zeros_iov
+from blktap.tapdisk.driver import SECTOR, STATE_DATA, Caps, Driver, Extents, merge_extents
+
+Run = tuple[int, int, int | None]  # first sector, sector count, file offset or None
+
+# Metadata for requests spanning more blocks than this is looked up in the engine.
+INLINE_BLOCKS = 64
+
+
+async def gather_all(aws: list[Awaitable[None]]) -> None:
+    """Wait for every operation (their buffers stay in use until then), then raise the
+    first error."""
+    if len(aws) == 1:
+        await aws[0]
+        return
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for res in results:
+        if isinstance(res, BaseException):
+            raise res
+
+
+class VhdDriver(Driver):
+    name = "vhd"
+    type_id = 4
+
+    def __init__(self, engine: Engine, image: VhdImage, parent: Driver | None) -> None:
+        super().__init__(engine, image.size, writable=image.writable, parent=parent)
+        self.image = image
+        self.path = image.path
+        self.fd = image.fd
+        self.lock = threading.Lock()
+        self.regular = is_regular(image.fd)
+        self.caps = Caps.BLOCK_STATUS | Caps.FLUSH
+        if image.writable:
+            self.caps |= Caps.WRITE | Caps.FUA | Caps.ZERO | Caps.FAST_ZERO
+            if self.regular:
+                self.caps |= Caps.TRIM
+
+    # ------------------------------------------------------------------ metadata
+    def _cheap(self, sector: int, count: int) -> bool:
+        """Every block touched is unallocated or full (the batmap says so): finding the
+        runs needs no bitmap, hence no disk access."""
+        img = self.image
+        spb = img.spb
+        first, last = sector // spb, (sector + count - 1) // spb
+        if last - first > INLINE_BLOCKS:
+            return False
+        bat = img.bat
+        for blk in range(first, last + 1):
+            if blk < len(bat) and bat[blk] != s.BAT_ENTRY_UNUSED and not img.block_full(blk):
+                return False
+        return True
+
+    def _runs_locked(self, sector: int, count: int) -> list[Run]:
+        with self.lock:
+            return list(self.image.extents(sector, count))
+
+    async def _runs(self, sector: int, count: int) -> list[Run]:
+        img = self.image
+        if img.is_fixed:
+            return [(sector, count, sector * SECTOR)]
+        if self.lock.acquire(blocking=False):
+            try:
+                if self._cheap(sector, count):
+                    return list(img.extents(sector, count))
+            finally:
+                self.lock.release()
+        return await self.engine.call(self._runs_locked, sector, count)
+
+    # ------------------------------------------------------------------ reads
+    async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
+        sector = offset // SECTOR
+        runs = await self._runs(sector, total(iov) // SECTOR)
+        if len(runs) == 1 and runs[0][2] is not None:
+            await self.engine.preadv(self.fd, iov, runs[0][2])
+            return
+        ops: list[Awaitable[None]] = []
+        for first, n, file_off in runs:
+            sub = slice_iov(iov, (first - sector) * SECTOR, n * SECTOR)
+            if file_off is None:
+                ops.append(self.forward_read(first * SECTOR, sub))
+            else:
+                ops.append(self.engine.preadv(self.fd, sub, file_off))
+        await gather_all(ops)
+
+    # ------------------------------------------------------------------ writes
+    def _write_locked(self, sector: int, iov: Sequence[memoryview]) -> None:
+        with self.lock:
+            for view in iov:
+                self.image.write(sector, view)
+                sector += len(view) // SECTOR
+
+    async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
+        self._require_writable()
+        sector = offset // SECTOR
+        runs = await self._runs(sector, total(iov) // SECTOR)
+        if all(file_off is not None for _, _, file_off in runs):
+            # Every sector is already held: data only, no metadata changes.
+            await gather_all([
+                self.engine.pwritev(self.fd, slice_iov(iov, (first - sector) * SECTOR,
+                                                       n * SECTOR), file_off, dsync=fua)
+                for first, n, file_off in runs if file_off is not None])
+            return
+        await self.engine.call(self._write_locked, sector, iov)
+        if fua:
+            await self.flush()
+
+    def _write_zeros_locked(self, sector: int, count: int) -> None:
+        with self.lock:
+            step = len(ZEROS) // SECTOR
+            while count:
+                n = min(step, count)
+                self.image.write(sector, ZEROS[: n * SECTOR])
+                sector += n
+                count -= n
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = True,
+                           fast: bool = False, fua: bool = False) -> None:
+        self._require_writable()
+        sector = offset // SECTOR
+        runs = await self._runs(sector, length // SECTOR)
+        # Plan first, so that a fast request that cannot be fast changes nothing.
+        plan: list[tuple[str, int, int, int | None]] = []
+        for first, n, file_off in runs:
+            if file_off is not None:
+                plan.append(("punch" if may_trim and self.regular else "zero", first, n,
+                             file_off))
+            elif may_trim and (self.parent is None or
+                               await self.parent.reads_as_zeros(first * SECTOR, n * SECTOR)):
+                continue  # not held here, and what is below reads as zeros already
+            else:
+                plan.append(("allocate", first, n, None))
+        if fast and any(kind != "punch" for kind, *_ in plan):
+            raise UnsupportedImage(f"{self.path}: zeroing would be as slow as writing",
+                                   errno.EOPNOTSUPP)
+        for kind, first, n, file_off in plan:
+            if kind == "allocate":
+                await self.engine.call(self._write_zeros_locked, first, n)
+                continue
+            assert file_off is not None
+            if kind == "punch":
+                try:
+                    await self.engine.call(syscalls.punch_hole, self.fd, file_off, n * SECTOR)
+                    continue
+                except OSError as exc:
+                    if fast or not syscalls.unsupported(exc):
+                        raise
+            try:
+                await self.engine.call(syscalls.zero_range, self.fd, file_off, n * SECTOR)
+            except OSError as exc:
+                if not syscalls.unsupported(exc):
+                    raise
+                await self.engine.pwritev(self.fd, zeros_iov(n * SECTOR), file_off)
+        if fua:
+            await self.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Punch the held parts of the range out of the file (they read as zeros after);
+        the metadata is left alone, so the image stays valid at every instant."""
+        self._require_writable()
+        if not self.regular:
+            return
+        runs = await self._runs(offset // SECTOR, length // SECTOR)
+        for _, n, file_off in runs:
+            if file_off is None:
+                continue
+            try:
+                await self.engine.call(syscalls.punch_hole, self.fd, file_off, n * SECTOR)
+            except OSError as exc:
+                if not syscalls.unsupported(exc):
+                    raise
+                return
+
+    def _flush_locked(self) -> None:
+        with self.lock:
+            self.image.flush()
+
+    async def flush(self) -> None:
+        if self.writable:
+            await self.engine.call(self._flush_locked)
+
+    # ------------------------------------------------------------------ status
+    async def block_status(self, offset: int, length: int) -> Extents:
+        sector = offset // SECTOR
+        runs = await self._runs(sector, length // SECTOR)
+        out: Extents = []
+        for first, n, file_off in runs:
+            if file_off is not None:
+                out.append((n * SECTOR, STATE_DATA))
+                continue
+            below = await self.forward_block_status(first * SECTOR, n * SECTOR)
+            out.extend(below)
+            if sum(m for m, _ in below) < n * SECTOR:
+                break  # the parent answered short: stop there
+        return merge_extents(out)
+
+    def _close_locked(self) -> None:
+        with self.lock:
+            self.image.close()
+
+    async def close(self) -> None:
+        await self.engine.call(self._close_locked)
+
+    def describe(self) -> dict:
+        return {"type": self.type_id, "name": self.name, "status": None}

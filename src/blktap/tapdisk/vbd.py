@@ -1,0 +1,401 @@
+"""A virtual block device: one disk, its driver stack and the life of its requests.
+
+    transport ──► VBD.read/write/... ──► queue ──► merge ──► driver stack
+                                           ▲          │
+                                           └─ retry ◄─┘ (EAGAIN/EBUSY/EINTR, every
+                                                         second, until the timeout)
+
+- Transports call the coroutines below with byte offsets of any alignment; the VBD
+  widens what is not sector aligned (reads into a scratch buffer, writes by
+  read-modify-write serialised among themselves) so that drivers only see whole sectors.
+- Requests submitted in the same turn of the event loop are queued and merged: adjacent
+  reads (or writes with the same FUA flag) become one driver call with one iovec, as the
+  reference's io-optimize does before io_submit.
+- A request failing with EAGAIN, EBUSY or EINTR is reissued every ``retry_interval``
+  seconds until it is older than ``timeout`` (default 120 s, tapdisk's), then fails.
+  Other errors fail at once.
+- A watchdog logs when requests are in flight and none completed for ``watchdog``
+  seconds (default 10 s), once per stall.
+- Counters (:class:`~blktap.tapdisk.stats.VbdStats`) are what ``tap-ctl stats`` reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from blktap.errors import BlktapError, OutOfRange
+from blktap.tapdisk.driver import SECTOR, Caps, Driver, Extents, merge_extents
+from blktap.tapdisk.stats import VbdStats
+
+log = logging.getLogger("blktap.tapdisk")
+
+RETRYABLE = frozenset({errno.EAGAIN, errno.EBUSY, errno.EINTR})
+DEFAULT_TIMEOUT = 120.0
+RETRY_INTERVAL = 1.0
+WATCHDOG_TIMEOUT = 10.0
+# A merged request stays below these (bytes, buffers).
+MAX_MERGE_BYTES = 8 << 20
+MAX_MERGE_IOVS = 256
+
+
+class Op(enum.Enum):
+    READ = "read"
+    WRITE = "write"
+    FLUSH = "flush"
+    DISCARD = "discard"
+    ZEROES = "write_zeroes"
+    STATUS = "block_status"
+    CACHE = "cache"
+
+
+@dataclass(eq=False)
+class Request:
+    op: Op
+    offset: int
+    length: int
+    iov: Sequence[memoryview] = ()
+    fua: bool = False
+    may_trim: bool = True
+    fast: bool = False
+    future: asyncio.Future | None = None
+    start: float = field(default_factory=time.monotonic)
+
+
+def errno_of(exc: BaseException) -> int:
+    code = getattr(exc, "errno", None)
+    return code if isinstance(code, int) and code > 0 else errno.EIO
+
+
+class VBD:
+    """One disk served from a driver stack."""
+
+    def __init__(self, driver: Driver, *, name: str = "", read_only: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT, retry_interval: float = RETRY_INTERVAL,
+                 watchdog: float = WATCHDOG_TIMEOUT) -> None:
+        self.driver = driver
+        self.name = name or driver.path
+        self.read_only = read_only or not driver.writable
+        self.timeout = timeout
+        self.retry_interval = retry_interval
+        self.watchdog_timeout = watchdog
+        self.stats = VbdStats()
+        self.loop = asyncio.get_running_loop()
+        self._queue: list[Request] = []
+        self._kick_pending = False
+        self._inflight: set[Request] = set()
+        self._last_progress = time.monotonic()
+        self._stall_reported = False
+        self._rmw_lock = asyncio.Lock()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self._watchdog = self.loop.create_task(self._watch())
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def size(self) -> int:
+        return self.driver.size
+
+    @property
+    def caps(self) -> Caps:
+        caps = self.driver.caps
+        if self.read_only:
+            caps &= ~(Caps.WRITE | Caps.FUA | Caps.TRIM | Caps.ZERO | Caps.FAST_ZERO)
+        return caps
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, offset: int, length: int, code: int) -> None:
+        if self._closed:
+            raise BlktapError(f"{self.name}: disk is closed", errno.ESHUTDOWN)
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OutOfRange(f"{length} bytes at {offset} past the end of the disk "
+                             f"({self.size} bytes)", code)
+
+    def _check_write(self, offset: int, length: int) -> None:
+        if self.read_only:
+            raise BlktapError(f"{self.name} is read-only", errno.EPERM)
+        self._check(offset, length, errno.ENOSPC)
+
+    # ------------------------------------------------------------------ queueing
+    def _submit(self, req: Request) -> asyncio.Future:
+        req.future = self.loop.create_future()
+        self._queue.append(req)
+        self.stats.submitted += 1
+        if not self._kick_pending:
+            self._kick_pending = True
+            self.loop.call_soon(self._kick)
+        return req.future
+
+    def _kick(self) -> None:
+        """Issue what was queued during this turn of the loop, merging neighbours."""
+        self._kick_pending = False
+        queue, self._queue = self._queue, []
+        i = 0
+        while i < len(queue):
+            req = queue[i]
+            group = [req]
+            if req.op in (Op.READ, Op.WRITE):
+                end, nbytes, nbufs = req.offset + req.length, req.length, len(req.iov)
+                j = i + 1
+                while j < len(queue):
+                    nxt = queue[j]
+                    if (nxt.op is not req.op or nxt.offset != end or nxt.fua != req.fua
+                            or nbytes + nxt.length > MAX_MERGE_BYTES
+                            or nbufs + len(nxt.iov) > MAX_MERGE_IOVS):
+                        break
+                    group.append(nxt)
+                    end += nxt.length
+                    nbytes += nxt.length
+                    nbufs += len(nxt.iov)
+                    j += 1
+            i += len(group)
+            self.loop.create_task(self._issue(group))
+
+    async def _call(self, req: Request, iov: Sequence[memoryview], length: int) -> object:
+        d = self.driver
+        op = req.op
+        if op is Op.READ:
+            return await d.read(req.offset, iov)
+        if op is Op.WRITE:
+            return await d.write(req.offset, iov, fua=req.fua)
+        if op is Op.FLUSH:
+            return await d.flush()
+        if op is Op.DISCARD:
+            return await d.discard(req.offset, length)
+        if op is Op.ZEROES:
+            return await d.write_zeroes(req.offset, length, may_trim=req.may_trim,
+                                        fast=req.fast, fua=req.fua)
+        if op is Op.STATUS:
+            return await d.block_status(req.offset, length)
+        return await d.cache(req.offset, length)
+
+    async def _issue(self, group: list[Request]) -> None:
+        first = group[0]
+        if len(group) > 1:
+            iov: Sequence[memoryview] = [v for r in group for v in r.iov]
+            length = sum(r.length for r in group)
+            self.stats.merged += len(group) - 1
+        else:
+            iov, length = first.iov, first.length
+        if not self._inflight:
+            self._last_progress = time.monotonic()
+        self._inflight.update(group)
+        self._idle.clear()
+        self.stats.in_flight += len(group)
+        result: object = None
+        error: BaseException | None = None
+        while True:
+            try:
+                result = await self._call(first, iov, length)
+                break
+            except (OSError, BlktapError) as exc:
+                code = errno_of(exc)
+                if code in RETRYABLE and time.monotonic() - first.start < self.timeout:
+                    self.stats.retries += 1
+                    log.info("%s: %s of %d bytes at %d failed (%s), retrying", self.name,
+                             first.op.value, length, first.offset, exc)
+                    await asyncio.sleep(self.retry_interval)
+                    continue
+                if code in RETRYABLE:
+                    self.stats.timeouts += 1
+                error = exc
+                break
+            except Exception as exc:  # a bug in a driver: fail the request, not the disk
+                log.exception("%s: %s failed", self.name, first.op.value)
+                error = BlktapError(f"{type(exc).__name__}: {exc}", errno.EIO)
+                break
+        self._finish(group, result, error)
+
+    def _finish(self, group: list[Request], result: object,
+                error: BaseException | None) -> None:
+        st = self.stats
+        self._last_progress = time.monotonic()
+        self._stall_reported = False
+        for req in group:
+            self._inflight.discard(req)
+            st.in_flight -= 1
+            if req.op is Op.READ:
+                if error is None:
+                    st.read_reqs += 1
+                    st.read_sectors += -(-req.length // SECTOR)
+                else:
+                    st.read_errors += 1
+            elif req.op is Op.WRITE:
+                if error is None:
+                    st.write_reqs += 1
+                    st.write_sectors += -(-req.length // SECTOR)
+                else:
+                    st.write_errors += 1
+            elif error is None:
+                st.other_reqs += 1
+            else:
+                st.other_errors += 1
+            fut = req.future
+            if fut is None or fut.done():
+                continue
+            if error is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error)
+        if not self._inflight:
+            self._idle.set()
+
+    async def _watch(self) -> None:
+        period = max(0.01, min(1.0, self.watchdog_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            if not self._inflight or self._stall_reported:
+                continue
+            stalled = time.monotonic() - self._last_progress
+            if stalled >= self.watchdog_timeout:
+                self._stall_reported = True
+                self.stats.watchdog_stalls += 1
+                oldest = min(self._inflight, key=lambda r: r.start)
+                log.warning("%s: watchdog: %d requests in flight, none completed for %.1f s "
+                            "(oldest: %s of %d bytes at %d, %.1f s old)", self.name,
+                            len(self._inflight), stalled, oldest.op.value, oldest.length,
+                            oldest.offset, time.monotonic() - oldest.start)
+
+    # ------------------------------------------------------------------ operations
+    async def read(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the disk's bytes at ``offset``."""
+        length = len(view)
+        self._check(offset, length, errno.EINVAL)
+        if not length:
+            return
+        if offset % SECTOR == 0 and length % SECTOR == 0:
+            await self._submit(Request(Op.READ, offset, length, [view]))
+            return
+        start = offset - offset % SECTOR
+        end = -(-(offset + length) // SECTOR) * SECTOR
+        scratch = memoryview(bytearray(end - start))
+        await self._submit(Request(Op.READ, start, end - start, [scratch]))
+        view[:] = scratch[offset - start : offset - start + length]
+
+    async def write(self, offset: int, view: memoryview, *, fua: bool = False) -> None:
+        length = len(view)
+        self._check_write(offset, length)
+        if not length:
+            return
+        if offset % SECTOR == 0 and length % SECTOR == 0:
+            await self._submit(Request(Op.WRITE, offset, length, [view], fua=fua))
+            return
+        # Read-modify-write of the partial sectors; unaligned writes are serialised so
+        # that two of them sharing a sector cannot undo each other.
+        async with self._rmw_lock:
+            start = offset - offset % SECTOR
+            end = -(-(offset + length) // SECTOR) * SECTOR
+            scratch = memoryview(bytearray(end - start))
+            head = slice(0, SECTOR)
+            tail = slice(len(scratch) - SECTOR, len(scratch))
+            await self._submit(Request(Op.READ, start, SECTOR, [scratch[head]]))
+            if end - start > SECTOR:
+                await self._submit(Request(Op.READ, end - SECTOR, SECTOR, [scratch[tail]]))
+            scratch[offset - start : offset - start + length] = view
+            await self._submit(Request(Op.WRITE, start, end - start, [scratch], fua=fua))
+
+    async def flush(self) -> None:
+        if self._closed:
+            raise BlktapError(f"{self.name}: disk is closed", errno.ESHUTDOWN)
+        await self._submit(Request(Op.FLUSH, 0, 0))
+
+    async def discard(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self._check_write(offset, length)
+        if not self.caps & Caps.TRIM:
+            return  # a hint nobody can act on
+        # Only whole sectors inside the range are discarded (the protocol allows it).
+        start = -(-offset // SECTOR) * SECTOR
+        end = (offset + length) // SECTOR * SECTOR
+        if end > start:
+            await self._submit(Request(Op.DISCARD, start, end - start))
+        if fua:
+            await self.flush()
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = True,
+                           fast: bool = False, fua: bool = False) -> None:
+        self._check_write(offset, length)
+        if not length:
+            return
+        start = -(-offset // SECTOR) * SECTOR
+        end = (offset + length) // SECTOR * SECTOR
+        if start >= end or start != offset or end != offset + length:
+            if fast:
+                raise BlktapError("unaligned zeroing is not fast", errno.EOPNOTSUPP)
+            # The partial sectors at either end go through the write path.
+            if start >= end:
+                await self.write(offset, memoryview(bytes(length)), fua=fua)
+                return
+            if offset < start:
+                await self.write(offset, memoryview(bytes(start - offset)))
+            if end < offset + length:
+                await self.write(end, memoryview(bytes(offset + length - end)))
+        await self._submit(Request(Op.ZEROES, start, end - start, may_trim=may_trim,
+                                   fast=fast, fua=fua))
+
+    async def block_status(self, offset: int, length: int) -> Extents:
+        """Runs of (length, flags) from ``offset``, covering at least one byte."""
+        self._check(offset, length, errno.EINVAL)
+        if not length:
+            return []
+        start = offset - offset % SECTOR
+        end = min(-(-(offset + length) // SECTOR) * SECTOR, -(-self.size // SECTOR) * SECTOR)
+        extents = await self._submit(Request(Op.STATUS, start, end - start))
+        assert isinstance(extents, list)
+        # Cut the widened range back to what was asked.
+        out: Extents = []
+        pos = start
+        for n, flags in extents:
+            lo, hi = max(pos, offset), min(pos + n, offset + length)
+            if hi > lo:
+                out.append((hi - lo, flags))
+            pos += n
+            if pos >= offset + length:
+                break
+        return merge_extents(out)
+
+    async def cache(self, offset: int, length: int) -> None:
+        self._check(offset, length, errno.EINVAL)
+        if length:
+            start = offset - offset % SECTOR
+            await self._submit(Request(Op.CACHE, start, offset + length - start))
+
+    # ------------------------------------------------------------------ lifecycle
+    async def drain(self) -> None:
+        """Wait until no request is in flight."""
+        while self._queue or self._inflight:
+            await asyncio.sleep(0)
+            await self._idle.wait()
+
+    async def close(self) -> None:
+        """Let requests in flight finish, then close every driver (the VHD driver writes
+        its batmap and footer back and syncs)."""
+        if self._closed:
+            return
+        await self.drain()
+        self._closed = True
+        self._watchdog.cancel()
+        errors: list[BaseException] = []
+        for d in self.driver.chain():
+            try:
+                await d.close()
+            except (OSError, BlktapError) as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def stats_dict(self) -> dict:
+        """The reference's ``tap-ctl stats`` fields that apply, plus ours."""
+        st = self.stats
+        return {
+            "name": self.name,
+            "secs": [st.read_sectors, st.write_sectors],
+            "images": [{"name": d.path, "driver": d.describe()} for d in self.driver.chain()],
+            "reqs_outstanding": st.in_flight,
+            "counters": st.as_dict(),
+        }
