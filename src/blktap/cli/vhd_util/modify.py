@@ -1,0 +1,89 @@
+"""vhd-util modify: kill data (-z), set the physical size (-s), set the parent (-p [-m])."""
+
+from __future__ import annotations
+
+from blktap.cli.vhd_util.common import err_of, open_vhd
+from blktap.cli.vhd_util.options import U64, Output, Usage, getopt
+from blktap.errors import BlktapError
+from blktap.image.vhd.modify import kill_data, set_physical_size
+from blktap.image.vhd.reparent import set_parent
+
+USAGE = ("*** Dangerous operations, use with care ***\n"
+         "options: <-n name> [-p NEW_PARENT set parent [-m raw]] [-s NEW_SIZE set size] "
+         "[-z zero (kill data)] [-h help]\n")
+
+LLONG_MAX = (1 << 63) - 1
+
+
+def strtoll_checked(text: str) -> int | None:
+    """C strtoll(text, NULL, 10), or None where it would overflow (errno ERANGE)."""
+    body = text.lstrip(" \t\n\r\f\v")
+    neg = body[:1] == "-"
+    if body[:1] in ("+", "-"):
+        body = body[1:]
+    digits = ""
+    for ch in body:
+        if not (ch.isascii() and ch.isdigit()):
+            break
+        digits += ch
+    value = int(digits) if digits else 0
+    if value > LLONG_MAX + (1 if neg else 0):
+        return None
+    return -value if neg else value
+
+
+def run(argv: list[str], out: Output) -> int:
+    parsed = getopt("modify", argv, "n:s:p:mzh", out)
+    name = parent = None
+    size: int | None = None
+    raw = kill = False
+    for opt, val in parsed.opts:
+        if opt == "n":
+            name = val
+        elif opt == "s":
+            size = strtoll_checked(val or "")
+            if size is None:
+                out.error(f"Invalid size '{val}'\n")
+                raise Usage(22)
+        elif opt == "p":
+            parent = val
+        elif opt == "m":
+            raw = True
+        elif opt == "z":
+            kill = True
+        else:
+            raise Usage(22)
+    if not name or parsed.args:
+        raise Usage(22)
+    try:
+        open_vhd(name, writable=True, allow_disabled=False).close()
+    except BlktapError as exc:
+        out.print(f"error opening {name}: {-exc.errno}\n")
+        return exc.errno
+    # The reference's order. Unlike the reference (which goes on and returns the last
+    # operation's status), the first failure stops: a caller must not read success
+    # after a refused operation.
+    if kill:
+        try:
+            kill_data(name)
+        except (BlktapError, OSError) as exc:
+            return _failed(out, "failed to zero VHD", exc)
+    if size is not None:
+        try:
+            set_physical_size(name, size)
+        except (BlktapError, OSError) as exc:
+            return _failed(out, f"failed to set physical size to {size & U64}", exc)
+    if parent is not None:
+        try:
+            set_parent(name, parent, raw=raw)
+        except (BlktapError, OSError) as exc:
+            return _failed(out, f"failed to set parent to '{parent}'", exc)
+    return 0
+
+
+def _failed(out: Output, what: str, exc: BaseException) -> int:
+    """The reference's line on stdout, and why on stderr."""
+    err = err_of(exc)
+    out.print(f"{what}: {-err}\n")
+    out.error(f"vhd-util modify: {exc}\n")
+    return err
