@@ -1,0 +1,97 @@
+"""The modern maintenance commands: blktap coalesce, resize, rebase."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from blktap.image import Chain
+from blktap.image.vhd import VhdImage, create, snapshot
+from blktap.image.vhd import check as vhd_check
+from conftest import run, tool
+
+MB = 1 << 20
+
+
+def content(path: Path) -> bytes:
+    with Chain.open(str(path)) as chain:
+        return bytes(chain.read(0, chain.sectors))
+
+
+def blktap(*argv: str, cwd: Path | None = None):  # noqa: ANN201
+    return run([tool("blktap"), *argv], text=True, cwd=cwd)
+
+
+def three_levels(tmp_path: Path) -> tuple[Path, Path, Path]:
+    base, mid, top = tmp_path / "base.vhd", tmp_path / "mid.vhd", tmp_path / "top.vhd"
+    create(str(base), 32 * MB)
+    with Chain.open(str(base), writable=True) as chain:
+        chain.pwrite(0, b"\x01" * (4 * MB))
+    snapshot(str(mid), str(base))
+    with Chain.open(str(mid), writable=True) as chain:
+        chain.pwrite(MB, b"\x02" * (3 * MB))
+        chain.pwrite(20 * MB, b"\x03" * 4096)
+    snapshot(str(top), str(mid))
+    with Chain.open(str(top), writable=True) as chain:
+        chain.pwrite(2 * MB, b"\x04" * 512)
+    return base, mid, top
+
+
+def test_coalesce_rebase_children_and_remove(tmp_path: Path) -> None:
+    base, mid, top = three_levels(tmp_path)
+    other = tmp_path / "other.vhd"  # a sibling that must not be touched
+    snapshot(str(other), str(base))
+    before_top = content(top)
+    before_other = other.read_bytes()
+    proc = blktap("coalesce", str(mid), "--rebase-children", "--remove")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"Coalesced {mid} into {base}: 3076 KiB (3149824 bytes) in 3 "
+                               f"blocks (")
+    assert lines[1:] == [f"Rebased {top} onto {base}", f"Removed {mid}"]
+    assert not mid.exists()
+    assert content(top) == before_top
+    assert other.read_bytes() == before_other
+    with VhdImage.open(str(top)) as img:
+        assert os.path.samefile(img.parent_path(), base)
+    for path in (base, top):
+        assert vhd_check.check(str(path)).errno == 0
+
+
+def test_coalesce_json(tmp_path: Path) -> None:
+    base, mid, top = three_levels(tmp_path)
+    proc = blktap("coalesce", str(top), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["image"] == str(top)
+    assert report["parent"] == str(mid)
+    assert report["sectors"] == 1 and report["bytes"] == 512 and report["blocks"] == 1
+    assert report["rebased"] == [] and report["removed"] is False
+    assert top.exists()
+
+
+def test_remove_refused_while_children_use_it(tmp_path: Path) -> None:
+    base, mid, top = three_levels(tmp_path)
+    before = base.read_bytes()
+    proc = blktap("coalesce", str(mid), "--remove")
+    assert proc.returncode == 22
+    assert proc.stdout == ""
+    assert proc.stderr == (f"blktap: not removing {mid}: {top} still use it as their parent "
+                           f"(add --rebase-children)\n")
+    assert base.read_bytes() == before  # refused before anything was written
+    assert mid.exists()
+
+
+def test_coalesce_errors_are_one_line(tmp_path: Path) -> None:
+    base, _, _ = three_levels(tmp_path)
+    proc = blktap("coalesce", str(base))
+    assert proc.returncode == 22
+    assert proc.stderr == (f"blktap: {base}: coalescing of non-differencing disks is not "
+                           f"supported\n")
+    proc = blktap("coalesce", str(tmp_path / "missing.vhd"))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    proc = blktap("coalesce", f"raw:{base}")
+    assert proc.returncode == 22
+    assert "works on VHD images" in proc.stderr
