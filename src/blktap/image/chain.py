@@ -3,6 +3,10 @@
 The leaf comes first; each VHD layer answers for the sectors it holds and passes the rest
 to its parent; past the last layer (or past the end of a shorter parent) the disk reads as
 zeros. Only the leaf is ever written.
+
+Encrypted VHDs (docs/encryption.md): every VHD layer is checked against the key given to
+:meth:`Chain.open`, as tapdisk checks each image it opens, and the sectors a layer holds are
+decrypted as they are read; holes and the end of the chain read as plain zeros.
 """
 
 from __future__ import annotations
@@ -15,16 +19,19 @@ from dataclasses import dataclass
 from blktap.errors import (
     ChainError,
     ChainTooDeep,
+    EncryptionError,
     FormatError,
     OutOfRange,
     ParentLoop,
     UnsupportedImage,
     UsageError,
 )
+from blktap.image.crypto import XtsCipher
 from blktap.image.fileio import file_size_of, pread_exact, preadv_into, zero_fill
 from blktap.image.raw import RawImage
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
+from blktap.image.vhd.keyhash import cipher_for
 
 SECTOR_SIZE = 512
 # More layers than this is a broken chain, not a real one (XenServer stops at 30).
@@ -97,18 +104,29 @@ class Extent:
 class Chain:
     """An open chain of layers, leaf first."""
 
-    def __init__(self, layers: list[Layer]) -> None:
+    def __init__(self, layers: list[Layer],
+                 ciphers: list[XtsCipher | None] | None = None) -> None:
         if not layers:
             raise ChainError("empty chain")
         self.layers = layers
+        # Per layer: the cipher of an encrypted VHD, None for data stored as it reads.
+        self.ciphers = ciphers if ciphers is not None else [None] * len(layers)
 
     @classmethod
     def open(cls, spec: str, *, writable: bool = False, max_depth: int = DEFAULT_MAX_DEPTH,
-             check_parent_uuid: bool = True) -> Chain:
+             check_parent_uuid: bool = True, key: bytes | None = None,
+             ciphertext: bool = False) -> Chain:
         """Open an image and every parent it names.
 
         Raises ParentNotFound naming a missing parent, ParentLoop for a chain that comes
         back to one of its images, ChainTooDeep past ``max_depth`` layers.
+
+        ``key`` (32 or 64 bytes) opens encrypted VHDs: each VHD layer must carry the key's
+        hash, and its data is decrypted on reads and encrypted on writes. An encrypted layer
+        without a key, a key whose hash does not match (ENOKEY), or a key for a clear VHD
+        raises EncryptionError. ``ciphertext`` skips that check and serves encrypted data as
+        it is stored: for callers that only look at the map or move layers' bytes as they
+        are (chain depth, coalesce).
         """
         fmt, path = parse_spec(spec)
         layers: list[Layer] = []
@@ -138,11 +156,20 @@ class Chain:
                         f"{current.path}: parent {parent_path} has uuid {parent.uuid}, "
                         f"expected {current.header.parent_uuid_obj}")
                 current = parent
+            ciphers: list[XtsCipher | None] = [None] * len(layers)
+            if not ciphertext:
+                # Raw layers hold no key hash and are read as stored, as tapdisk's aio
+                # driver does; a key for a chain without any VHD to check it is a mistake.
+                ciphers = [cipher_for(layer, key) if isinstance(layer, VhdImage) else None
+                           for layer in layers]
+                if key is not None and not any(isinstance(x, VhdImage) for x in layers):
+                    raise EncryptionError(f"{path} is a raw image: it cannot be encrypted, "
+                                          f"but a key was given")
         except BaseException:
             for layer in layers:
                 layer.close()
             raise
-        return cls(layers)
+        return cls(layers, ciphers)
 
     @staticmethod
     def _identity(layer: Layer) -> tuple[int, int]:
@@ -200,6 +227,9 @@ class Chain:
                 self._read(depth + 1, first, n, sub)
             else:
                 preadv_into(layer.fd, sub, file_off)
+                cipher = self.ciphers[depth]
+                if cipher is not None:
+                    cipher.decrypt_in_place(first, sub)
 
     def pread(self, offset: int, length: int) -> bytes | bytearray:
         """Read bytes at any offset and length inside the disk (a sector-aligned read
@@ -218,7 +248,10 @@ class Chain:
 
     # -------------------------------------------------------------- writing
     def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
-        """Write whole sectors into the leaf."""
+        """Write whole sectors into the leaf (encrypted first when the leaf is)."""
+        cipher = self.ciphers[0]
+        if cipher is not None:
+            data = cipher.encrypt(sector, data)
         self.leaf.write(sector, data)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
