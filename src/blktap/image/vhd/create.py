@@ -17,6 +17,7 @@ from blktap.image.fileio import file_size_of, pwrite_all, staged_path
 from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
+from blktap.image.vhd.keyhash import read_keyhash
 
 # The locators blktap writes, in its order.
 SNAPSHOT_LOCATOR_CODES = (s.PLAT_CODE_MACX, s.PLAT_CODE_W2KU, s.PLAT_CODE_W2RU)
@@ -173,10 +174,12 @@ def parent_info(path: str, raw: bool) -> ParentInfo:
             os.close(fd)
         return ParentInfo(real, size, b"\0" * 16, int(st.st_mtime))
     with VhdImage.open(real) as img:
+        # A snapshot inherits its parent's key hash, wherever the parent keeps it (the
+        # batmap, or an xattr for a VHD without one).
+        recorded = read_keyhash(img)
         keyhash = None
-        if img.batmap_header is not None and img.batmap_header.keyhash_cookie:
-            b = img.batmap_header
-            keyhash = (b.keyhash_cookie, b.keyhash_nonce, b.keyhash_hash)
+        if recorded.present:
+            keyhash = (recorded.cookie, recorded.nonce, recorded.hash)
         return ParentInfo(real, img.size, img.footer.uuid, int(st.st_mtime), keyhash)
 
 
@@ -185,7 +188,7 @@ def chain_depth(path: str) -> int:
     loop and depth checks of :meth:`Chain.open`."""
     from blktap.image.chain import Chain  # the chain module builds on this package
 
-    with Chain.open(f"vhd:{path}", check_parent_uuid=False) as chain:
+    with Chain.open(f"vhd:{path}", check_parent_uuid=False, ciphertext=True) as chain:
         return len(chain)
 
 
