@@ -95,3 +95,71 @@ def test_coalesce_errors_are_one_line(tmp_path: Path) -> None:
     proc = blktap("coalesce", f"raw:{base}")
     assert proc.returncode == 22
     assert "works on VHD images" in proc.stderr
+
+
+# ------------------------------------------------------------------ rebase
+def test_rebase_keeps_content_and_copies_only_differences(tmp_path: Path) -> None:
+    base, mid, top = three_levels(tmp_path)
+    before = content(top)
+    proc = blktap("rebase", str(top), str(base), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    # mid held 3 MiB + 4 KiB over base; top already held 512 bytes of it itself.
+    assert report["copied_bytes"] <= 3 * MB + 4096
+    assert report["copied_bytes"] >= 3 * MB - 64 * 1024
+    assert report["parent"] == str(base)
+    assert content(top) == before
+    with VhdImage.open(str(top)) as img:
+        assert os.path.samefile(img.parent_path(), base)
+    assert vhd_check.check(str(top)).errno == 0
+
+
+def test_rebase_onto_unrelated_disk_and_raw(tmp_path: Path) -> None:
+    base, mid, top = three_levels(tmp_path)
+    before = content(top)
+    other = tmp_path / "other.raw"
+    other.write_bytes(os.urandom(32 * MB))
+    proc = blktap("rebase", str(top), str(other), "--raw-parent")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"Rebased {top} onto {other} (")
+    assert content(top) == before
+    with VhdImage.open(str(top)) as img:
+        assert img.parent_is_raw
+
+
+def test_rebase_unsafe_only_switches_pointers(tmp_path: Path) -> None:
+    base, mid, top = three_levels(tmp_path)
+    size_before = top.stat().st_size
+    proc = blktap("rebase", str(top), str(base), "--unsafe")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"Rebased {top} onto {base} (pointers only)\n"
+    assert top.stat().st_size == size_before
+    with Chain.open(str(top)) as chain:
+        assert chain.pread(MB, 512) == b"\x01" * 512  # mid's data is no longer seen
+
+
+def test_rebase_killed_at_any_point_keeps_content(tmp_path: Path) -> None:
+    import faults
+    from blktap.image.vhd.rebase import rebase
+
+    base, mid, top = three_levels(tmp_path)
+    before = content(top)
+    pristine = top.read_bytes()
+    total = faults.count_mutations(lambda: rebase(str(top), str(base)))
+    assert total > 5
+    for n in faults.kill_points(total, 40):
+        top.write_bytes(pristine)
+        faults.crash_after(lambda: rebase(str(top), str(base)), n)
+        assert content(top) == before, n
+        assert vhd_check.check(str(top)).errno == 0, n
+
+
+def test_rebase_refusals(tmp_path: Path) -> None:
+    base, mid, top = three_levels(tmp_path)
+    proc = blktap("rebase", str(base), str(mid))
+    assert proc.returncode == 22 and "not a differencing disk" in proc.stderr
+    proc = blktap("rebase", str(mid), str(top))  # top's parent is mid: a loop
+    assert proc.returncode == 40, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    proc = blktap("rebase", str(top), str(tmp_path / "missing.vhd"))
+    assert proc.returncode == 2

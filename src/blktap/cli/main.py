@@ -7,6 +7,7 @@
     blktap compare A B           whether two disks read the same
     blktap map IMAGE             which layer holds each part of the disk
     blktap coalesce IMAGE        merge a differencing VHD into its parent
+    blktap rebase IMAGE PARENT   give a differencing VHD a new parent, keeping its content
 
 Image arguments take ``vhd:PATH``, ``aio:PATH`` or ``raw:PATH``, or a plain path whose
 format is probed. Errors are one line on stderr, ``blktap: <message>``, and the exit code

@@ -1,4 +1,4 @@
-"""``blktap`` maintenance commands: coalesce, resize, rebase.
+"""``blktap`` maintenance commands: coalesce, rebase, resize.
 
 They change images in place, so each one says exactly what it did, and ``--json`` gives
 the same facts to scripts.
@@ -17,6 +17,7 @@ from blktap.errors import BlktapError, UsageError
 from blktap.image.chain import parse_spec
 from blktap.image.vhd.coalesce import coalesce
 from blktap.image.vhd.image import VhdImage
+from blktap.image.vhd.rebase import rebase
 
 Register = Callable[[Any, str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
@@ -33,6 +34,18 @@ def add_commands(sub: Any, command: Register) -> None:
     cmd.add_argument("--remove", action="store_true",
                      help="then delete IMAGE (refused while a VHD in its folder still has "
                           "IMAGE as its parent)")
+    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    cmd = command(sub, "rebase", cmd_rebase,
+                  "Give IMAGE, a differencing VHD, the parent PARENT; its content stays "
+                  "the same.")
+    cmd.add_argument("image", metavar="IMAGE")
+    cmd.add_argument("parent", metavar="PARENT")
+    cmd.add_argument("--raw-parent", action="store_true",
+                     help="PARENT is a raw image (same as an aio:/raw: prefix)")
+    cmd.add_argument("--unsafe", action="store_true",
+                     help="only rewrite the parent pointers, copying nothing (right when "
+                          "PARENT holds the same data as the old parent; vhd-util modify -p)")
     cmd.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -107,4 +120,28 @@ def cmd_coalesce(args: argparse.Namespace) -> int:
         print(f"Rebased {rebased} onto {result.parent}")
     if report["removed"]:
         print(f"Removed {path}")
+    return 0
+
+
+def cmd_rebase(args: argparse.Namespace) -> int:
+    path = vhd_path(args.image)
+    fmt, parent = parse_spec(args.parent)
+    raw = args.raw_parent or fmt in ("raw", "aio")
+    if fmt == "vhd" and args.raw_parent:
+        raise UsageError(f"{args.parent}: the vhd: prefix contradicts --raw-parent")
+    with Progress("comparing parents", 1) as progress:
+
+        def report(done: int, total: int) -> None:
+            progress.total = total
+            progress.update(done)
+
+        result = rebase(path, parent, raw=raw, safe=not args.unsafe, progress=report)
+    if args.json:
+        print_json({"image": path, "parent": result.parent.path, "parent_is_raw": raw,
+                    "safe": not args.unsafe, "compared_bytes": result.compared_bytes,
+                    "copied_bytes": result.copied_bytes})
+        return 0
+    how = ("pointers only" if args.unsafe else
+           f"{human_size(result.copied_bytes)} copied in to keep its content")
+    print(f"Rebased {path} onto {result.parent.path} ({how})")
     return 0
