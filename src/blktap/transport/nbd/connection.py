@@ -1,0 +1,282 @@
+"""The transmission phase: requests in, replies out, many in flight, out of order.
+
+The reader parses request headers straight from the receive buffer and starts one task
+per request; requests parsed in the same turn of the event loop reach the VBD together,
+which merges neighbours. Write payloads land in pooled, page-aligned buffers; read
+replies go out as one ``sendmsg`` of header and data. Replies are never interleaved
+(one send lock) and handlers are never cancelled: a request in flight always finishes,
+so its buffer is never reused under an I/O thread.
+
+Requests that break the rules get the error the protocol asks for (EINVAL for an unknown
+command, flag or a length over the maximum, EPERM for writes to a read-only export,
+ENOSPC/EINVAL past the end); only what cannot be answered (bad magic, an absurd write
+payload) drops the client, and only that client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import TYPE_CHECKING
+
+from blktap.errors import BlktapError
+from blktap.io.buffers import Buffer
+from blktap.tapdisk.vbd import errno_of
+from blktap.transport.nbd import proto as p
+from blktap.transport.nbd.handshake import Dropped, Session
+from blktap.transport.sockio import Channel, Closed
+
+if TYPE_CHECKING:
+    from blktap.transport.nbd.server import NbdServer
+
+log = logging.getLogger("blktap.nbd")
+
+# Requests one connection may have in flight, and payload bytes they may hold.
+MAX_IN_FLIGHT = 128
+MAX_IN_FLIGHT_BYTES = 128 << 20
+# A write payload above this is not read to be refused: the client is dropped.
+MAX_DISCARDED_PAYLOAD = 64 << 20
+# Block status looks at most this far in one request (the reply may stop sooner).
+MAX_STATUS_LENGTH = 1 << 31
+MAX_STATUS_EXTENTS = 1 << 16
+
+_ALLOWED_FLAGS = {
+    p.CMD_READ: p.CMD_FLAG_FUA | p.CMD_FLAG_DF,
+    p.CMD_WRITE: p.CMD_FLAG_FUA,
+    p.CMD_FLUSH: p.CMD_FLAG_FUA,
+    p.CMD_TRIM: p.CMD_FLAG_FUA,
+    p.CMD_CACHE: p.CMD_FLAG_FUA,
+    p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO,
+    p.CMD_BLOCK_STATUS: p.CMD_FLAG_FUA | p.CMD_FLAG_REQ_ONE,
+}
+_WRITES = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
+
+
+class RequestError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+class Connection:
+    def __init__(self, server: NbdServer, ch: Channel, session: Session, peer: str) -> None:
+        self.server = server
+        self.ch = ch
+        self.session = session
+        self.vbd = session.export.vbd
+        self.pool = server.pool
+        self.peer = peer
+        self.tasks: set[asyncio.Task] = set()
+        self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self.bytes_in_flight = 0
+        self.bytes_freed = asyncio.Event()
+        self.broken = False
+        self.reader: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ reader
+    async def serve(self) -> None:
+        """Read requests until DISC, end of stream or shutdown; then wait for every
+        request in flight."""
+        self.reader = asyncio.get_running_loop().create_task(self._read_loop())
+        try:
+            await self.reader
+        except Closed:
+            pass
+        except Dropped as exc:
+            log.warning("%s: dropping client: %s", self.peer, exc)
+        except asyncio.CancelledError:
+            if not self.reader.cancelled():
+                raise  # we were cancelled ourselves, not just the reader
+        finally:
+            if self.tasks:
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def stop_reading(self) -> None:
+        """Take no more requests (server shutdown); those in flight still complete."""
+        if self.reader is not None:
+            self.reader.cancel()
+
+    async def _read_loop(self) -> None:
+        ch = self.ch
+        size = self.vbd.size
+        while True:
+            await ch.fill(p.REQUEST.size)
+            magic, flags, cmd, handle, offset, length = ch.unpack(p.REQUEST)
+            if magic != p.REQUEST_MAGIC:
+                raise Dropped(f"bad request magic {magic:#x}")
+            if cmd == p.CMD_DISC:
+                return
+            error = self._validate(cmd, flags, offset, length, size)
+            if cmd == p.CMD_WRITE:
+                if error is not None:
+                    if length > MAX_DISCARDED_PAYLOAD:
+                        raise Dropped(f"write of {length} bytes")
+                    await ch.skip(length)
+                    await self._reply_error(handle, error[0], error[1])
+                    continue
+                await self._admit(length)
+                buf = self.pool.get(length)
+                try:
+                    await ch.read_into(buf.view)
+                except BaseException:
+                    self._release(buf, length)
+                    raise
+                self._start(self._write(handle, flags, offset, buf, length))
+                continue
+            if error is not None:
+                await self._reply_error(handle, error[0], error[1])
+                continue
+            if cmd == p.CMD_READ:
+                await self._admit(length)
+                self._start(self._read(handle, flags, offset, length))
+            else:
+                await self.slots.acquire()
+                self._start(self._other(handle, cmd, flags, offset, length))
+
+    def _validate(self, cmd: int, flags: int, offset: int, length: int,
+                  size: int) -> tuple[int, str] | None:
+        allowed = _ALLOWED_FLAGS.get(cmd)
+        if allowed is None:
+            return p.NBD_EINVAL, f"unknown command {cmd}"
+        if cmd == p.CMD_READ and not self.session.structured:
+            allowed &= ~p.CMD_FLAG_DF
+        if flags & ~allowed:
+            return p.NBD_EINVAL, f"flags {flags:#x} not valid for {p.CMD_NAMES[cmd]}"
+        if cmd in _WRITES and self.vbd.read_only:
+            return p.NBD_EPERM, "the export is read-only"
+        if cmd == p.CMD_FLUSH:
+            if offset or length:
+                return p.NBD_EINVAL, "flush takes no offset or length"
+            return None
+        if offset + length > size:
+            code = p.NBD_ENOSPC if cmd in (p.CMD_WRITE, p.CMD_WRITE_ZEROES) else p.NBD_EINVAL
+            return code, f"{length} bytes at {offset} run past the end ({size} bytes)"
+        if length > p.MAX_BLOCK and cmd in (p.CMD_READ, p.CMD_WRITE, p.CMD_CACHE):
+            return p.NBD_EINVAL, f"{length} bytes is over the maximum of {p.MAX_BLOCK}"
+        if cmd == p.CMD_BLOCK_STATUS and not self.session.contexts:
+            return p.NBD_EINVAL, "no metadata context was negotiated"
+        return None
+
+    # ------------------------------------------------------------------ flow control
+    async def _admit(self, length: int) -> None:
+        await self.slots.acquire()
+        while self.bytes_in_flight and self.bytes_in_flight + length > MAX_IN_FLIGHT_BYTES:
+            self.bytes_freed.clear()
+            await self.bytes_freed.wait()
+        self.bytes_in_flight += length
+
+    def _release(self, buf: Buffer | None, length: int) -> None:
+        if buf is not None:
+            self.pool.put(buf)
+        self.bytes_in_flight -= length
+        self.bytes_freed.set()
+        self.slots.release()
+
+    def _start(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # ------------------------------------------------------------------ replies
+    async def _send(self, bufs: list) -> None:
+        if self.broken:
+            return
+        try:
+            await self.ch.send(bufs)
+        except Closed:
+            self.broken = True  # the reader sees the end of stream and stops
+
+    async def _reply_ok(self, handle: int) -> None:
+        await self._send([p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle)])
+
+    async def _reply_error(self, handle: int, code: int, message: str) -> None:
+        if self.session.structured:
+            msg = message.encode()[:4096]
+            payload = p.ERROR_PAYLOAD.pack(code, len(msg)) + msg
+            await self._send([p.CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                           p.REPLY_TYPE_ERROR, handle, len(payload)),
+                              payload])
+        else:
+            await self._send([p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, code, handle)])
+
+    async def _fail(self, handle: int, cmd: int, exc: BaseException) -> None:
+        code = errno_of(exc)
+        if not isinstance(exc, (OSError, BlktapError)):
+            log.error("%s: %s failed: %r", self.peer, p.CMD_NAMES.get(cmd, cmd), exc)
+        await self._reply_error(handle, p.nbd_error(code), str(exc))
+
+    # ------------------------------------------------------------------ commands
+    async def _read(self, handle: int, flags: int, offset: int, length: int) -> None:
+        buf = self.pool.get(length)
+        try:
+            try:
+                await self.vbd.read(offset, buf.view)
+            except Exception as exc:
+                await self._fail(handle, p.CMD_READ, exc)
+                return
+            if not self.session.structured:
+                await self._send([p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle),
+                                  buf.view])
+            elif length:
+                await self._send([p.CHUNK_OFFSET_DATA.pack(
+                    p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA,
+                    handle, length + 8, offset), buf.view])
+            else:
+                await self._send([p.CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                               p.REPLY_TYPE_NONE, handle, 0)])
+        finally:
+            self._release(buf, length)
+
+    async def _write(self, handle: int, flags: int, offset: int, buf: Buffer,
+                     length: int) -> None:
+        try:
+            try:
+                await self.vbd.write(offset, buf.view, fua=bool(flags & p.CMD_FLAG_FUA))
+            except Exception as exc:
+                await self._fail(handle, p.CMD_WRITE, exc)
+                return
+            await self._reply_ok(handle)
+        finally:
+            self._release(buf, length)
+
+    async def _other(self, handle: int, cmd: int, flags: int, offset: int,
+                     length: int) -> None:
+        vbd = self.vbd
+        fua = bool(flags & p.CMD_FLAG_FUA)
+        try:
+            if cmd == p.CMD_FLUSH:
+                await vbd.flush()
+            elif cmd == p.CMD_TRIM:
+                await vbd.discard(offset, length, fua=fua)
+            elif cmd == p.CMD_WRITE_ZEROES:
+                await vbd.write_zeroes(offset, length,
+                                       may_trim=not flags & p.CMD_FLAG_NO_HOLE,
+                                       fast=bool(flags & p.CMD_FLAG_FAST_ZERO), fua=fua)
+            elif cmd == p.CMD_CACHE:
+                await vbd.cache(offset, length)
+            elif cmd == p.CMD_BLOCK_STATUS:
+                await self._block_status(handle, flags, offset, length)
+                return
+            await self._reply_ok(handle)
+        except Exception as exc:
+            await self._fail(handle, cmd, exc)
+        finally:
+            self.slots.release()
+
+    async def _block_status(self, handle: int, flags: int, offset: int, length: int) -> None:
+        if not length:
+            raise RequestError(p.NBD_EINVAL, "block status of 0 bytes")
+        extents = await self.vbd.block_status(offset, min(length, MAX_STATUS_LENGTH))
+        if flags & p.CMD_FLAG_REQ_ONE:
+            extents = extents[:1]
+        else:
+            extents = extents[:MAX_STATUS_EXTENTS]
+        ids = list(self.session.contexts)
+        for i, ctx_id in enumerate(ids):
+            payload = struct.pack(f">I{2 * len(extents)}I", ctx_id,
+                                  *(v for ext in extents for v in ext))
+            done = p.REPLY_FLAG_DONE if i == len(ids) - 1 else 0
+            await self._send([p.CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, done,
+                                           p.REPLY_TYPE_BLOCK_STATUS, handle, len(payload)),
+                              payload])

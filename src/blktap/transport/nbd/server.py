@@ -1,0 +1,210 @@
+"""Listeners and connections of the NBD server.
+
+One :class:`NbdServer` serves one :class:`Export` (a VBD under a name) on any number of
+UNIX-socket and TCP listeners. Each accepted client gets its own task: handshake (with a
+time limit), then transmission. A client that misbehaves is dropped alone; the others
+and the listeners carry on. :meth:`NbdServer.stop` stops accepting, lets every request
+in flight finish and closes the connections (the VBD is the caller's to close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import ssl
+import stat
+from dataclasses import dataclass
+
+from blktap.errors import BlktapError
+from blktap.io.buffers import BufferPool
+from blktap.tapdisk.vbd import VBD
+from blktap.transport.nbd.connection import Connection
+from blktap.transport.nbd.handshake import Dropped, Negotiation
+from blktap.transport.sockio import Channel, Closed
+
+log = logging.getLogger("blktap.nbd")
+
+HANDSHAKE_TIMEOUT = 30.0
+MAX_CONNECTIONS = 1024
+
+
+@dataclass
+class Export:
+    """A VBD served under a name ("" is also accepted: the default export)."""
+
+    name: str
+    vbd: VBD
+    description: str = ""
+
+    def matches(self, name: str) -> bool:
+        return name in ("", self.name)
+
+
+def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
+    """A server context (TLS 1.2 or later); with ``ca``, clients must present a
+    certificate it signed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+        if ca:
+            ctx.load_verify_locations(ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        code = getattr(exc, "errno", None)
+        raise BlktapError(f"TLS certificate or key: {exc}",
+                          code if isinstance(code, int) and code > 0 else errno.EINVAL) \
+            from None
+    return ctx
+
+
+class NbdServer:
+    def __init__(self, export: Export, *, tls: ssl.SSLContext | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        self.export = export
+        self.tls = tls
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self.pool = BufferPool()
+        self.loop = asyncio.get_running_loop()
+        self._listeners: list[tuple[socket.socket, asyncio.Task, str | None]] = []
+        self._clients: set[asyncio.Task] = set()
+        self._channels: set[Channel] = set()
+        self._connections: set[Connection] = set()
+        self._stopping = False
+        self.accepted = 0
+
+    # ------------------------------------------------------------------ listeners
+    def listen_unix(self, path: str) -> str:
+        """Listen on a UNIX socket at ``path`` (a stale socket file is replaced, anything
+        else there is refused)."""
+        if os.path.lexists(path):
+            st = os.lstat(path)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise BlktapError(f"{path}: exists and is not a socket", errno.EEXIST)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # nobody listens: a leftover of a killed server
+            else:
+                raise BlktapError(f"{path}: another server is listening there",
+                                  errno.EADDRINUSE)
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise BlktapError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
+        self._add_listener(sock, path)
+        return path
+
+    def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on TCP; returns the address bound (port 0 picks a free port)."""
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise BlktapError(f"{host}: {exc.strerror}", errno.EINVAL) from None
+        family, kind, proto, _, addr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise BlktapError(f"{host}:{port}: {os.strerror(exc.errno)}", exc.errno) from None
+        self._add_listener(sock, None)
+        bound = sock.getsockname()
+        return bound[0], bound[1]
+
+    def _add_listener(self, sock: socket.socket, path: str | None) -> None:
+        sock.setblocking(False)
+        task = self.loop.create_task(self._accept_loop(sock))
+        self._listeners.append((sock, task, path))
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        while True:
+            try:
+                conn, addr = await self.loop.sock_accept(lsock)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept: %s; pausing", exc)
+                    await asyncio.sleep(0.1)
+                    continue
+                raise
+            if len(self._clients) >= self.max_connections or self._stopping:
+                conn.close()
+                continue
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = f"{addr[0]}:{addr[1]}"
+            else:
+                peer = f"unix#{self.accepted}"
+            self.accepted += 1
+            task = self.loop.create_task(self._client(conn, peer))
+            self._clients.add(task)
+            task.add_done_callback(self._clients.discard)
+
+    # ------------------------------------------------------------------ clients
+    async def _client(self, sock: socket.socket, peer: str) -> None:
+        ch = Channel(sock, self.loop)
+        self._channels.add(ch)
+        try:
+            try:
+                session = await asyncio.wait_for(
+                    Negotiation(ch, self.export, self.tls).run(), self.handshake_timeout)
+            except (TimeoutError, Closed):
+                return
+            except Dropped as exc:
+                log.warning("%s: dropping client during handshake: %s", peer, exc)
+                return
+            if session is None or self._stopping:
+                return
+            conn = Connection(self, ch, session, peer)
+            self._connections.add(conn)
+            try:
+                await conn.serve()
+            finally:
+                self._connections.discard(conn)
+        except Exception:  # a bug: lose this client, keep the server
+            log.exception("%s: connection failed", peer)
+        finally:
+            self._channels.discard(ch)
+            ch.close()
+
+    @property
+    def connections(self) -> int:
+        return len(self._clients)
+
+    # ------------------------------------------------------------------ shutdown
+    async def stop(self) -> None:
+        """Stop accepting, finish what is in flight, close every connection."""
+        self._stopping = True
+        for sock, task, path in self._listeners:
+            task.cancel()
+            sock.close()
+            if path:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        self._listeners.clear()
+        # Clients still negotiating are dropped; connected ones stop reading, and the
+        # requests they have in flight complete and are answered before they close.
+        serving = {conn.ch for conn in self._connections}
+        for ch in list(self._channels):
+            if ch not in serving:
+                ch.close()
+        for conn in list(self._connections):
+            conn.stop_reading()
+        if self._clients:
+            await asyncio.gather(*self._clients, return_exceptions=True)

@@ -1,0 +1,223 @@
+"""A stream socket driven from the event loop without asyncio's stream copies.
+
+Receives go into one preallocated buffer (``recv_into``), from which small messages are
+parsed in place; a large payload is copied out of it only for the part already received
+and the rest lands straight in the caller's buffer. Sends are scatter-gather
+(``sendmsg`` of a header and a data view, no joining). TLS sockets (which have no
+``sendmsg``) send buffer by buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import struct
+from collections.abc import Sequence
+
+RECV_BUFFER = 256 << 10
+
+_WANT_READ = (BlockingIOError, InterruptedError, ssl.SSLWantReadError)
+
+
+class Closed(Exception):
+    """The peer closed the connection (or it broke) before a message was complete."""
+
+
+class Channel:
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop | None = None,
+                 recv_buffer: int = RECV_BUFFER) -> None:
+        sock.setblocking(False)
+        self.sock: socket.socket = sock
+        self.loop = loop or asyncio.get_running_loop()
+        self.fd = sock.fileno()
+        self.buf = bytearray(recv_buffer)
+        self.view = memoryview(self.buf)
+        self.start = 0  # unread bytes are buf[start:end]
+        self.end = 0
+        self.tls = False
+        self.closed = False
+        self._send_lock = asyncio.Lock()
+        self._waiters: set[asyncio.Future] = set()
+
+    # ------------------------------------------------------------------ waiting
+    async def _wait(self, writable: bool) -> None:
+        if self.closed:
+            raise Closed("connection closed")
+        fut = self.loop.create_future()
+        self._waiters.add(fut)
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        if writable:
+            self.loop.add_writer(self.fd, ready)
+        else:
+            self.loop.add_reader(self.fd, ready)
+        try:
+            await fut
+        finally:
+            self._waiters.discard(fut)
+            if not self.closed:
+                if writable:
+                    self.loop.remove_writer(self.fd)
+                else:
+                    self.loop.remove_reader(self.fd)
+
+    async def _recv_into(self, view: memoryview) -> int:
+        """Receive at least one byte into ``view``; Closed on end of stream."""
+        while True:
+            if self.closed:
+                raise Closed("connection closed")
+            try:
+                n = self.sock.recv_into(view)
+            except _WANT_READ:
+                await self._wait(False)
+                continue
+            except ssl.SSLWantWriteError:
+                await self._wait(True)
+                continue
+            except (OSError, ssl.SSLError) as exc:
+                raise Closed(str(exc)) from None
+            if n == 0:
+                raise Closed("end of stream")
+            return n
+
+    # ------------------------------------------------------------------ receiving
+    @property
+    def buffered(self) -> int:
+        return self.end - self.start
+
+    async def fill(self, n: int) -> None:
+        """Make at least ``n`` bytes (n <= buffer size) available at ``start``."""
+        while self.end - self.start < n:
+            if self.start and (self.end == self.start or len(self.buf) - self.start < n):
+                # Move what is left to the front (a few bytes of a partial header).
+                left = self.end - self.start
+                self.buf[:left] = self.buf[self.start : self.end]
+                self.start, self.end = 0, left
+            self.end += await self._recv_into(self.view[self.end :])
+
+    def consume(self, n: int) -> None:
+        self.start += n
+        if self.start == self.end:
+            self.start = self.end = 0
+
+    async def read_exact(self, n: int) -> bytes:
+        """``n`` bytes as a new bytes object (handshake messages; bounded by callers)."""
+        if n <= len(self.buf):
+            await self.fill(n)
+            data = bytes(self.view[self.start : self.start + n])
+            self.consume(n)
+            return data
+        out = bytearray(n)
+        await self.read_into(memoryview(out))
+        return bytes(out)
+
+    async def read_into(self, dst: memoryview) -> None:
+        """Fill ``dst``: first from what is buffered, then straight from the socket."""
+        have = min(self.buffered, len(dst))
+        if have:
+            dst[:have] = self.view[self.start : self.start + have]
+            self.consume(have)
+        pos = have
+        while pos < len(dst):
+            pos += await self._recv_into(dst[pos:])
+
+    async def skip(self, n: int) -> None:
+        """Read and drop ``n`` bytes."""
+        while n:
+            have = min(self.buffered, n)
+            if have:
+                self.consume(have)
+                n -= have
+                continue
+            await self.fill(min(n, len(self.buf)))
+
+    def unpack(self, fmt: struct.Struct) -> tuple:
+        """Parse a message already made available with :meth:`fill`."""
+        values = fmt.unpack_from(self.buf, self.start)
+        self.consume(fmt.size)
+        return values
+
+    # ------------------------------------------------------------------ sending
+    async def send(self, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Send every buffer, in order, as one message (not interleaved with another)."""
+        async with self._send_lock:
+            if self.tls:
+                for b in bufs:
+                    await self._send_one(memoryview(b).cast("B"))
+                return
+            rest = list(bufs)
+            while rest:
+                if self.closed:
+                    raise Closed("connection closed")
+                try:
+                    sent = self.sock.sendmsg(rest)
+                except (BlockingIOError, InterruptedError):
+                    await self._wait(True)
+                    continue
+                except OSError as exc:
+                    raise Closed(str(exc)) from None
+                while sent:
+                    first = rest[0]
+                    size = memoryview(first).nbytes
+                    if sent >= size:
+                        sent -= size
+                        rest.pop(0)
+                    else:
+                        rest[0] = memoryview(first).cast("B")[sent:]
+                        sent = 0
+
+    async def _send_one(self, view: memoryview) -> None:
+        while view:
+            if self.closed:
+                raise Closed("connection closed")
+            try:
+                n = self.sock.send(view)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+                await self._wait(True)
+                continue
+            except ssl.SSLWantReadError:
+                await self._wait(False)
+                continue
+            except (OSError, ssl.SSLError) as exc:
+                raise Closed(str(exc)) from None
+            view = view[n:]
+
+    # ------------------------------------------------------------------ TLS
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """Upgrade to TLS as the server (after NBD_OPT_STARTTLS was acknowledged)."""
+        if self.buffered:
+            raise Closed("client sent data before the TLS handshake")
+        tls = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.sock = tls
+        self.tls = True
+        while True:
+            try:
+                tls.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                await self._wait(False)
+            except ssl.SSLWantWriteError:
+                await self._wait(True)
+            except (OSError, ssl.SSLError) as exc:
+                raise Closed(f"TLS handshake failed: {exc}") from None
+
+    def close(self) -> None:
+        """Close the socket; coroutines waiting on it wake up and raise Closed."""
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.fd)
+        self.loop.remove_writer(self.fd)
+        for fut in list(self._waiters):
+            if not fut.done():
+                fut.set_result(None)
+        try:
+            if self.tls:
+                self.sock.setblocking(False)
+            self.sock.close()
+        except OSError:
+            pass
