@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from blktap import __version__
-from blktap.cli import maintain
+from blktap.cli import maintain, serve
 from blktap.cli.common import (
     PROG,
     Progress,
@@ -100,6 +100,7 @@ def build_parser() -> Parser:
     _add_compare(sub)
     _add_map(sub)
     maintain.add_commands(sub, _command)
+    serve.add_parser(sub, _command)
     return parser
 
 
