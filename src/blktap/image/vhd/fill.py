@@ -96,8 +96,10 @@ class _Filler:
         self.bitmaps_only = bitmaps_only
         self.spb = leaf.spb
         self.bm_secs = leaf.bitmap_secs
-        # Blocks laid out back to back keep the alignment: each takes this many sectors.
-        self.stride = _aligned(self.bm_secs + self.spb, self.bm_secs)
+        # Blocks laid out back to back keep the alignment: from one aligned start to the
+        # next is the block's size rounded up to the alignment.
+        used = self.bm_secs + self.spb
+        self.stride = used + (-used) % ALIGN_SECTORS
         self.next_db = leaf.end_of_data() // s.SECTOR_SIZE
         self.file_size = os.fstat(self.fd).st_size
         self.footer_end: int | None = None  # where this run last put the end footer
