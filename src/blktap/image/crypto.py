@@ -120,9 +120,9 @@ def key_matches(key: bytes | bytearray | memoryview, nonce: bytes, expected: byt
 MAX_KEY_FILE = 1024
 
 
-def read_key_stream(fd: int, what: str = "key") -> bytes:
-    """Read a key from a file descriptor to its end (a pipe may deliver it in pieces), and
-    check that it can be an AES-XTS key."""
+def read_key_bytes(fd: int, what: str = "key") -> bytes:
+    """Read a file descriptor to its end (a pipe may deliver a key in pieces), stopping
+    past MAX_KEY_FILE bytes; nothing is checked."""
     chunks: list[bytes] = []
     total = 0
     while total <= MAX_KEY_FILE:
@@ -134,7 +134,13 @@ def read_key_stream(fd: int, what: str = "key") -> bytes:
             break
         chunks.append(chunk)
         total += len(chunk)
-    key = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def read_key_stream(fd: int, what: str = "key") -> bytes:
+    """Read a key from a file descriptor to its end, and check that it can be an AES-XTS
+    key."""
+    key = read_key_bytes(fd, what)
     try:
         return check_key(key)
     except EncryptionError as exc:
