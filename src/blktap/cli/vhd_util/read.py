@@ -252,7 +252,8 @@ class _Reader:
         if offset + length > self.image.size:
             return errno.ERANGE
         try:
-            chain = Chain.open(self.image.path)
+            # As the reference: stored bytes, ciphertext for an encrypted VHD.
+            chain = Chain.open(self.image.path, ciphertext=True)
         except BlktapError as exc:
             return exc.errno
         with chain:
