@@ -834,3 +834,12 @@ def test_copy_killed_at_every_point_leaves_nothing_or_the_whole_copy(tmp_path: P
             assert not finished, n
         shutil.rmtree(dst.parent)
         dst.parent.mkdir()
+
+
+def test_vhd_util_read_serves_ciphertext_as_the_reference(tmp_path: Path) -> None:
+    img = make_encrypted(tmp_path / "r.vhd")
+    with Chain.open(str(img), key=KEY64, writable=True) as chain:
+        chain.write(2, b"\x5c" * SECTOR)
+    proc = run([tool("vhd-util"), "read", "-n", str(img), "-r", "2", "-c", "1"])
+    assert proc.returncode == 0
+    assert proc.stdout == XtsCipher(KEY64).encrypt(2, b"\x5c" * SECTOR)
