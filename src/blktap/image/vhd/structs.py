@@ -347,7 +347,8 @@ def batmap_checksum(map_bytes: bytes | bytearray | memoryview, curr_size: int,
     rounded to sectors, computed from the *current* size (not the BAT size), which assumes
     2 MiB blocks. Version 1.1 summed the bytes as signed chars.
     """
-    length = -(-(curr_size >> 24) // SECTOR_SIZE) * SECTOR_SIZE
+    # At least one sector, even below 16 MiB (the reference rounds "up, never to zero").
+    length = max(1, -(-(curr_size >> 24) // SECTOR_SIZE)) * SECTOR_SIZE
     data = bytes(map_bytes[:length])
     if version == BATMAP_VERSION_1_1:
         total = sum(b - 256 if b >= 128 else b for b in data)
