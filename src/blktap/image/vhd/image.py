@@ -136,8 +136,12 @@ class VhdImage:
                 problem = "backup footer of a fixed disk"
             if problem is None:
                 return foot, source
-            if foot.cookie == s.POISON_COOKIE and not allow_disabled and source == "primary":
-                problem = "disabled by an interrupted resize (revert it first)"
+            if foot.cookie == s.POISON_COOKIE and not allow_disabled and \
+                    v.footer_problem(foot, raw, strict=False, allow_poison=True) is None:
+                # A journaled resize disabled the image: no other copy may stand in for
+                # this one (the reference reads a poisoned footer and refuses the image).
+                raise FormatError(f"{path}: disabled by an interrupted resize (revert it "
+                                  f"with its journal first)")
             if first_problem is None:
                 first_problem = (source, problem)
         assert first_problem is not None
