@@ -147,9 +147,10 @@ class Channel:
         async with self._send_lock:
             if self.tls:
                 for b in bufs:
-                    await self._send_one(memoryview(b).cast("B"))
+                    if len(b):
+                        await self._send_one(memoryview(b).cast("B"))
                 return
-            rest = list(bufs)
+            rest = [b for b in bufs if len(b)]
             while rest:
                 if self.closed:
                     raise Closed("connection closed")
@@ -160,7 +161,7 @@ class Channel:
                     continue
                 except OSError as exc:
                     raise Closed(str(exc)) from None
-                while sent:
+                while sent and rest:
                     first = rest[0]
                     size = memoryview(first).nbytes
                     if sent >= size:
