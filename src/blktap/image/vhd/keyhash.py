@@ -61,8 +61,9 @@ def read_keyhash(image: VhdImage) -> KeyHash:
 
 
 def write_keyhash(image: VhdImage, keyhash: KeyHash) -> None:
-    """Record a key hash. In the batmap header it is one 512-byte sector write (the map and
-    its checksum are left as they are); otherwise one setxattr. Either is all or nothing."""
+    """Record a key hash, durably. In the batmap header it is one 512-byte sector write (the
+    map and its checksum are left as they are); otherwise one setxattr. Either is all or
+    nothing."""
     if not image.writable:
         raise ReadOnlyImage(f"{image.path} is open read-only")
     hdr = image.batmap_header
@@ -71,6 +72,7 @@ def write_keyhash(image: VhdImage, keyhash: KeyHash) -> None:
         hdr.keyhash_nonce = keyhash.nonce
         hdr.keyhash_hash = keyhash.hash
         pwrite_all(image.fd, hdr.pack(), image.batmap_header_offset())
+        os.fsync(image.fd)
         return
     if image.has_batmap_format:
         # A tap 1.2+ VHD whose batmap header is unreadable: the reference would write the
@@ -79,6 +81,7 @@ def write_keyhash(image: VhdImage, keyhash: KeyHash) -> None:
                           f"key hash", errno.EINVAL)
     try:
         os.setxattr(image.fd, KEYHASH_XATTR, keyhash.pack())
+        os.fsync(image.fd)
     except OSError as exc:
         raise FormatError(f"{image.path}: cannot store its key hash: "
                           f"{os.strerror(exc.errno)}", exc.errno) from None
