@@ -155,6 +155,12 @@ class VBD:
                     nbufs += len(nxt.iov)
                     j += 1
             i += len(group)
+            # In flight from now on (close() waits for it even before the task runs).
+            if not self._inflight:
+                self._last_progress = time.monotonic()
+            self._inflight.update(group)
+            self._idle.clear()
+            self.stats.in_flight += len(group)
             self.loop.create_task(self._issue(group))
 
     async def _call(self, req: Request, iov: Sequence[memoryview], length: int) -> object:
@@ -183,11 +189,6 @@ class VBD:
             self.stats.merged += len(group) - 1
         else:
             iov, length = first.iov, first.length
-        if not self._inflight:
-            self._last_progress = time.monotonic()
-        self._inflight.update(group)
-        self._idle.clear()
-        self.stats.in_flight += len(group)
         result: object = None
         error: BaseException | None = None
         while True:

@@ -119,6 +119,9 @@ class RamDriver(Driver):
         return [(length, STATE_DATA)]
 
     async def close(self) -> None:
-        self.view.release()
-        self.mem.close()
         os.close(self.fd)
+        try:
+            self.view.release()
+            self.mem.close()
+        except BufferError:
+            pass  # slices handed out still exist: the mapping goes with the last of them

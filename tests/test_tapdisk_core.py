@@ -1,0 +1,431 @@
+"""tapdisk core: the I/O engine, the drivers (aio, vhd, ram) and the VBD (merging, retry,
+timeout, watchdog, counters, unaligned requests), driven in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from blktap.errors import BlktapError
+from blktap.image import Chain
+from blktap.image.vhd import check as vhd_check
+from blktap.image.vhd.create import create as create_vhd
+from blktap.image.vhd.create import snapshot as snapshot_vhd
+from blktap.io import BufferPool, ThreadEngine
+from blktap.io.iov import advance, slice_iov, total, zero_fill
+from blktap.tapdisk.driver import STATE_DATA, STATE_HOLE, STATE_ZERO, Caps, Driver
+from blktap.tapdisk.drivers import open_stack, parse
+from blktap.tapdisk.vbd import VBD
+
+MiB = 1 << 20
+
+
+def run(fn: Callable[[ThreadEngine], Awaitable[object]]) -> object:
+    async def main() -> object:
+        engine = ThreadEngine(4)
+        try:
+            return await fn(engine)
+        finally:
+            engine.close()
+    return asyncio.run(main())
+
+
+async def open_vbd(engine: ThreadEngine, spec: str, **kw: object) -> VBD:
+    writable = not kw.pop("read_only", False)
+    driver = await engine.call(open_stack, engine, spec, writable=writable)
+    return VBD(driver, read_only=not writable, **kw)  # type: ignore[arg-type]
+
+
+def check_ok(path: Path) -> bool:
+    return vhd_check.check(str(path)).errno == 0
+
+
+def view(data: bytes) -> memoryview:
+    return memoryview(bytearray(data))
+
+
+# ------------------------------------------------------------------------- engine
+def test_engine_reads_past_eof_as_zeros_and_writes_whole(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 1000)
+
+    async def body(engine: ThreadEngine) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            a, b = view(bytes(600)), view(bytes(600))
+            await engine.preadv(fd, [a, b], 0)
+            assert bytes(a) == b"x" * 600
+            assert bytes(b) == b"x" * 400 + bytes(200)
+            await engine.pwritev(fd, [view(b"ab"), view(b"cd")], 998, dsync=True)
+            await engine.fsync(fd)
+            assert await engine.call(os.pread, fd, 4, 998) == b"abcd"
+            with pytest.raises(OSError) as exc:
+                await engine.call(os.pread, -1, 1, 0)
+            assert exc.value.errno == errno.EBADF
+        finally:
+            os.close(fd)
+    run(body)
+
+
+def test_engine_many_concurrent_operations(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(1 << 20))
+    data = path.read_bytes()
+
+    async def body(engine: ThreadEngine) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        bufs = [view(bytes(4096)) for _ in range(256)]
+        await asyncio.gather(*(engine.preadv(fd, [b], i * 4096) for i, b in enumerate(bufs)))
+        os.close(fd)
+        assert b"".join(bytes(b) for b in bufs) == data
+    run(body)
+
+
+def test_iov_helpers() -> None:
+    iov = [view(b"abc"), view(b"defg"), view(b"h")]
+    assert total(iov) == 8
+    assert [bytes(v) for v in slice_iov(iov, 2, 4)] == [b"c", b"def"]
+    assert [bytes(v) for v in advance(iov, 5)] == [b"fg", b"h"]
+    zero_fill(slice_iov(iov, 1, 6))
+    assert b"".join(bytes(v) for v in iov) == b"a" + bytes(6) + b"h"
+    with pytest.raises(ValueError):
+        slice_iov(iov, 4, 10)
+
+
+def test_buffer_pool_reuses_aligned_buffers() -> None:
+    pool = BufferPool(keep_bytes=64 << 10)
+    a = pool.get(5000)
+    assert len(a.view) == 5000 and a.size_class == 8192
+    import ctypes
+    assert ctypes.addressof(ctypes.c_char.from_buffer(a.view)) % 4096 == 0
+    pool.put(a)
+    pool.put(a)  # a second put is harmless
+    b = pool.get(8000)
+    assert b.mem is a.mem and pool.allocated == 1
+    big = pool.get(1 << 20)
+    pool.put(big)  # over the idle budget: dropped, not kept
+    assert pool.get(1 << 20).mem is not big.mem
+
+
+# ------------------------------------------------------------------------- drivers
+def test_parse_specs(tmp_path: Path) -> None:
+    raw = tmp_path / "d.img"
+    raw.write_bytes(bytes(4096))
+    create_vhd(str(tmp_path / "d.vhd"), 4 * MiB)
+    assert parse(f"aio:{raw}") == ("aio", str(raw))
+    assert parse(str(raw)) == ("aio", str(raw))
+    assert parse(str(tmp_path / "d.vhd")) == ("vhd", str(tmp_path / "d.vhd"))
+    with pytest.raises(BlktapError) as exc:
+        parse("qcow:/x")
+    assert exc.value.errno == errno.ENOSYS
+    with pytest.raises(BlktapError) as exc:
+        parse("bogus:/x")
+    assert exc.value.errno == errno.ENOENT
+    with pytest.raises(BlktapError) as exc:
+        parse(str(tmp_path / "missing"))
+    assert exc.value.errno == errno.ENOENT
+
+
+@pytest.mark.parametrize("kind", ["aio", "ram", "vhd"])
+def test_driver_roundtrip_and_zeroes(tmp_path: Path, kind: str) -> None:
+    size = 8 * MiB
+    path = tmp_path / ("d.vhd" if kind == "vhd" else "d.img")
+    if kind == "vhd":
+        create_vhd(str(path), size)
+    else:
+        path.write_bytes(bytes(size))
+    rng = random.Random(7)
+    shadow = bytearray(size)
+
+    async def body(engine: ThreadEngine) -> None:
+        vbd = await open_vbd(engine, f"{kind}:{path}")
+        assert vbd.size == size and vbd.caps & Caps.WRITE
+        writes = []
+        for _ in range(40):
+            off = rng.randrange(0, size - 70000)
+            n = rng.randrange(1, 70000)
+            data = rng.randbytes(n)
+            shadow[off : off + n] = data
+            writes.append((off, data))
+        for off, data in writes:  # one by one: overlapping writes must land in order
+            await vbd.write(off, view(data))
+        await vbd.write_zeroes(MiB, 3 * MiB + 17)
+        shadow[MiB : 4 * MiB + 17] = bytes(3 * MiB + 17)
+        await vbd.write_zeroes(5 * MiB, 4096, may_trim=False)
+        shadow[5 * MiB : 5 * MiB + 4096] = bytes(4096)
+        await vbd.flush()
+        out = view(bytes(size))
+        await vbd.read(0, out)
+        assert bytes(out) == bytes(shadow)
+        await vbd.close()
+    run(body)
+    if kind == "vhd":
+        assert check_ok(path)
+        with Chain.open(str(path)) as chain:
+            assert chain.read(0, size // 512) == shadow
+    else:
+        assert path.read_bytes() == bytes(shadow)
+
+
+def test_vhd_concurrent_writes_allocate_safely(tmp_path: Path) -> None:
+    """Many writes in flight at once, to allocated and unallocated blocks alike."""
+    path = tmp_path / "d.vhd"
+    size = 32 * MiB
+    create_vhd(str(path), size)
+    rng = random.Random(3)
+    chunks = [(i * 64 * 1024, rng.randbytes(64 * 1024)) for i in range(size // (64 * 1024))]
+    rng.shuffle(chunks)
+
+    async def body(engine: ThreadEngine) -> None:
+        vbd = await open_vbd(engine, f"vhd:{path}")
+        await asyncio.gather(*(vbd.write(off, view(data)) for off, data in chunks))
+        await asyncio.gather(*(vbd.write(off, view(data)) for off, data in chunks[:50]))
+        await vbd.close()
+    run(body)
+    assert check_ok(path)
+    expect = bytearray(size)
+    for off, data in chunks:
+        expect[off : off + len(data)] = data
+    with Chain.open(str(path)) as chain:
+        assert chain.read(0, size // 512) == expect
+
+
+def test_vhd_chain_forwarding_and_block_status(tmp_path: Path) -> None:
+    base, leaf = tmp_path / "base.vhd", tmp_path / "leaf.vhd"
+    create_vhd(str(base), 8 * MiB)
+    with Chain.open(str(base), writable=True) as chain:
+        chain.pwrite(0, b"B" * (2 * MiB))
+    snapshot_vhd(str(leaf), str(base))
+
+    async def body(engine: ThreadEngine) -> None:
+        vbd = await open_vbd(engine, f"vhd:{leaf}")
+        assert [d.name for d in vbd.driver.chain()] == ["vhd", "vhd"]
+        await vbd.write(4096, view(b"L" * 512))
+        out = view(bytes(8192))
+        await vbd.read(0, out)
+        assert bytes(out) == b"B" * 4096 + b"L" * 512 + b"B" * 3584
+        status = await vbd.block_status(0, 8 * MiB)
+        assert status == [(2 * MiB, STATE_DATA), (6 * MiB, STATE_HOLE | STATE_ZERO)]
+        # Zeroing a range the leaf does not hold but the parent does must write zeros.
+        await vbd.write_zeroes(MiB, 4096)
+        await vbd.read(MiB - 512, out)
+        assert bytes(out[:512]) == b"B" * 512 and bytes(out[512:4608]) == bytes(4096)
+        # FAST_ZERO over a part only the parent holds cannot be fast: refused, unchanged.
+        with pytest.raises(BlktapError) as exc:
+            await vbd.write_zeroes(1536 * 1024, 4096, fast=True)
+        assert exc.value.errno == errno.EOPNOTSUPP
+        await vbd.read(1536 * 1024, out)
+        assert bytes(out[:4096]) == b"B" * 4096
+        # ... but over what reads as zeros already it is fast and free.
+        await vbd.write_zeroes(4 * MiB, MiB, fast=True)
+        await vbd.close()
+    run(body)
+    assert check_ok(leaf) and check_ok(base)
+
+
+def test_vhd_raw_parent_and_discard(tmp_path: Path) -> None:
+    raw = tmp_path / "parent.img"
+    raw.write_bytes(b"R" * (4 * MiB))
+    leaf = tmp_path / "leaf.vhd"
+    snapshot_vhd(str(leaf), str(raw), raw_parent=True)
+
+    async def body(engine: ThreadEngine) -> None:
+        vbd = await open_vbd(engine, f"vhd:{leaf}")
+        assert [d.name for d in vbd.driver.chain()] == ["vhd", "aio"]
+        await vbd.write(0, view(b"W" * 8192))
+        await vbd.discard(0, 4096)  # punched: reads as zeros (TRIM leaves it undefined)
+        out = view(bytes(16384))
+        await vbd.read(0, out)
+        assert bytes(out[4096:8192]) == b"W" * 4096 and bytes(out[8192:]) == b"R" * 8192
+        assert bytes(out[:4096]) in (bytes(4096), b"W" * 4096)
+        await vbd.close()
+    run(body)
+    assert check_ok(leaf)
+
+
+def test_read_only_vbd_refuses_writes(tmp_path: Path) -> None:
+    path = tmp_path / "d.img"
+    path.write_bytes(b"x" * 4096)
+
+    async def body(engine: ThreadEngine) -> None:
+        vbd = await open_vbd(engine, f"aio:{path}", read_only=True)
+        assert not vbd.caps & Caps.WRITE
+        for op in (vbd.write(0, view(b"y")), vbd.write_zeroes(0, 512), vbd.discard(0, 512)):
+            with pytest.raises(BlktapError) as exc:
+                await op
+            assert exc.value.errno == errno.EPERM
+        with pytest.raises(BlktapError) as exc:
+            await vbd.read(4000, view(bytes(200)))
+        assert exc.value.errno == errno.EINVAL
+        await vbd.close()
+    run(body)
+    assert path.read_bytes() == b"x" * 4096
+
+
+def test_unaligned_reads_and_writes(tmp_path: Path) -> None:
+    path = tmp_path / "d.img"
+    path.write_bytes(bytes(1000))  # not a whole number of sectors
+    shadow = bytearray(1000)
+
+    async def body(engine: ThreadEngine) -> None:
+        vbd = await open_vbd(engine, f"aio:{path}")
+        edits = [(1, b"abc"), (510, b"XYZW"), (995, b"12345"), (0, b"!"), (300, b"q" * 400)]
+        await asyncio.gather(*(vbd.write(o, view(d)) for o, d in edits[:3]))
+        for o, d in edits[3:]:
+            await vbd.write(o, view(d))
+        for o, d in edits:
+            shadow[o : o + len(d)] = d
+        out = view(bytes(7))
+        await vbd.read(993, out)
+        assert bytes(out) == bytes(shadow[993:])
+        with pytest.raises(BlktapError):
+            await vbd.write(998, view(b"toolong"))
+        await vbd.close()
+    run(body)
+    assert path.read_bytes() == bytes(shadow)  # never grown past its size
+
+
+# ------------------------------------------------------------------------- VBD machinery
+class Flaky(Driver):
+    """A real driver over a byte array that fails its first operations with ``code``."""
+
+    name = "flaky"
+
+    def __init__(self, engine: ThreadEngine, failures: int, code: int) -> None:
+        super().__init__(engine, 1 * MiB, writable=True)
+        self.data = bytearray(self.size)
+        self.failures = failures
+        self.code = code
+        self.calls: list[tuple[str, int, int]] = []
+        self.caps = Caps.WRITE | Caps.FLUSH
+        self.hang = asyncio.Event()
+        self.hang.set()
+
+    def _maybe_fail(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(self.code, os.strerror(self.code))
+
+    async def read(self, offset: int, iov) -> None:  # noqa: ANN001
+        await self.hang.wait()
+        self.calls.append(("read", offset, total(iov)))
+        self._maybe_fail()
+        pos = offset
+        for v in iov:
+            v[:] = self.data[pos : pos + len(v)]
+            pos += len(v)
+
+    async def write(self, offset: int, iov, *, fua: bool = False) -> None:  # noqa: ANN001
+        self.calls.append(("write", offset, total(iov)))
+        self._maybe_fail()
+        pos = offset
+        for v in iov:
+            self.data[pos : pos + len(v)] = v
+            pos += len(v)
+
+
+def test_adjacent_requests_are_merged() -> None:
+    async def body(engine: ThreadEngine) -> None:
+        drv = Flaky(engine, 0, 0)
+        vbd = VBD(drv)
+        await asyncio.gather(*(vbd.write(i * 4096, view(bytes([i]) * 4096))
+                               for i in range(8)))
+        assert drv.calls == [("write", 0, 8 * 4096)]
+        assert vbd.stats.merged == 7 and vbd.stats.write_reqs == 8
+        assert vbd.stats.write_sectors == 64
+        drv.calls.clear()
+        # Not adjacent, a different operation, or one in between: not merged (requests
+        # are merged in arrival order, never reordered around a write).
+        outs = [view(bytes(512)) for _ in range(3)]
+        await asyncio.gather(vbd.read(0, outs[0]), vbd.read(8192, outs[1]),
+                             vbd.write(512, view(b"z" * 512)), vbd.read(8704, outs[2]))
+        assert sorted(drv.calls) == [("read", 0, 512), ("read", 8192, 512),
+                                     ("read", 8704, 512), ("write", 512, 512)]
+        assert bytes(outs[2]) == bytes([2]) * 512
+        await vbd.close()
+    run(body)
+
+
+def test_transient_errors_are_retried_then_succeed() -> None:
+    async def body(engine: ThreadEngine) -> None:
+        drv = Flaky(engine, 2, errno.EAGAIN)
+        vbd = VBD(drv, retry_interval=0.01)
+        await vbd.write(0, view(b"a" * 512))
+        assert drv.data[:512] == b"a" * 512
+        assert vbd.stats.retries == 2 and vbd.stats.write_errors == 0
+        await vbd.close()
+    run(body)
+
+
+def test_transient_errors_fail_after_the_timeout() -> None:
+    async def body(engine: ThreadEngine) -> None:
+        drv = Flaky(engine, 10**6, errno.EBUSY)
+        vbd = VBD(drv, retry_interval=0.01, timeout=0.1)
+        with pytest.raises(OSError) as exc:
+            await vbd.write(0, view(b"a" * 512))
+        assert exc.value.errno == errno.EBUSY
+        assert vbd.stats.retries >= 3 and vbd.stats.timeouts == 1
+        assert vbd.stats.write_errors == 1
+        await vbd.close()
+    run(body)
+
+
+def test_other_errors_fail_at_once() -> None:
+    async def body(engine: ThreadEngine) -> None:
+        drv = Flaky(engine, 1, errno.EIO)
+        vbd = VBD(drv, retry_interval=0.01)
+        with pytest.raises(OSError) as exc:
+            await vbd.read(0, view(bytes(512)))
+        assert exc.value.errno == errno.EIO and vbd.stats.retries == 0
+        assert vbd.stats.read_errors == 1
+        await vbd.close()
+    run(body)
+
+
+def test_watchdog_reports_a_stall(caplog: pytest.LogCaptureFixture) -> None:
+    async def body(engine: ThreadEngine) -> None:
+        drv = Flaky(engine, 0, 0)
+        drv.hang.clear()
+        vbd = VBD(drv, watchdog=0.05)
+        with caplog.at_level(logging.WARNING, logger="blktap.tapdisk"):
+            task = asyncio.ensure_future(vbd.read(0, view(bytes(512))))
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if vbd.stats.watchdog_stalls:
+                    break
+            assert vbd.stats.in_flight == 1 and vbd.stats_dict()["reqs_outstanding"] == 1
+            drv.hang.set()
+            await task
+        assert vbd.stats.watchdog_stalls == 1
+        assert any("watchdog" in r.message for r in caplog.records)
+        await vbd.close()
+    run(body)
+
+
+def test_close_waits_for_requests_in_flight(tmp_path: Path) -> None:
+    path = tmp_path / "d.vhd"
+    create_vhd(str(path), 16 * MiB)
+    data = os.urandom(MiB)
+
+    async def body(engine: ThreadEngine) -> None:
+        vbd = await open_vbd(engine, f"vhd:{path}")
+        writes = [asyncio.ensure_future(vbd.write(i * MiB, view(data))) for i in range(16)]
+        await asyncio.sleep(0)
+        await vbd.close()
+        assert all(w.done() for w in writes)
+        with pytest.raises(BlktapError) as exc:
+            await vbd.read(0, view(bytes(512)))
+        assert exc.value.errno == errno.ESHUTDOWN
+    run(body)
+    assert check_ok(path)
+    with Chain.open(str(path)) as chain:
+        assert hashlib.sha256(chain.read(0, 16 * MiB // 512)).digest() == \
+            hashlib.sha256(data * 16).digest()
