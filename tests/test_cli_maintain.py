@@ -163,3 +163,50 @@ def test_rebase_refusals(tmp_path: Path) -> None:
     assert proc.stderr.count("\n") == 1
     proc = blktap("rebase", str(top), str(tmp_path / "missing.vhd"))
     assert proc.returncode == 2
+
+
+# ------------------------------------------------------------------ encrypted chains
+def test_encrypted_chain_info_convert_rebase(tmp_path: Path) -> None:
+    from blktap.image.vhd.copy import copy_chain
+
+    key = os.urandom(64)
+    key_file = tmp_path / "disk.key"
+    key_file.write_bytes(key)
+    clear = tmp_path / "clear.vhd"
+    create(str(clear), 8 * MB)
+    with Chain.open(str(clear), writable=True) as chain:
+        chain.pwrite(0, os.urandom(3 * MB))
+    base, mid, top = tmp_path / "base.vhd", tmp_path / "mid.vhd", tmp_path / "top.vhd"
+    with Chain.open(str(clear)) as chain:
+        copy_chain(chain, str(base), key=key)
+    snapshot(str(mid), str(base))
+    with Chain.open(str(mid), writable=True, key=key) as chain:
+        chain.pwrite(MB, b"\x05" * (2 * MB))
+    snapshot(str(top), str(mid))
+    with Chain.open(str(top), writable=True, key=key) as chain:
+        chain.pwrite(0, b"\x06" * 4096)
+        want = bytes(chain.read(0, chain.sectors))
+
+    info = json.loads(blktap("info", str(top), "--json").stdout)
+    assert info["encrypted"] is True
+    assert all(layer["encrypted"] for layer in info["chain"])
+    assert blktap("map", str(top)).returncode == 0
+
+    out = tmp_path / "out.raw"
+    proc = blktap("convert", str(top), str(out))
+    assert proc.returncode == 22 and "key is needed" in proc.stderr
+    proc = blktap("convert", str(top), str(out), "--key-file", str(key_file))
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == want
+    proc = blktap("compare", str(top), str(out), "--key-file", str(key_file))
+    assert proc.returncode == 0, proc.stderr
+
+    proc = blktap("rebase", str(top), str(base), "--key-file", str(key_file))
+    assert proc.returncode == 0, proc.stderr
+    with Chain.open(str(top), key=key) as chain:
+        assert bytes(chain.read(0, chain.sectors)) == want
+        assert os.path.samefile(chain.layers[1].path, base)
+    wrong = tmp_path / "wrong.key"
+    wrong.write_bytes(os.urandom(64))
+    proc = blktap("convert", str(top), str(tmp_path / "x.raw"), "--key-file", str(wrong))
+    assert proc.returncode == 126 and proc.stderr.count("\n") == 1

@@ -43,11 +43,13 @@ from blktap.cli.common import (
 )
 from blktap.errors import BlktapError, FormatError, UsageError
 from blktap.image.chain import SECTOR_SIZE, Chain, Extent, Layer, parse_spec, probe
+from blktap.image.crypto import read_key_file
 from blktap.image.fileio import pwrite_all, staged_path
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.create import create as create_vhd
 from blktap.image.vhd.create import snapshot as snapshot_vhd
 from blktap.image.vhd.image import VhdImage
+from blktap.image.vhd.keyhash import is_encrypted
 
 # Data moves in chunks of one VHD block, through one preallocated buffer per image.
 CHUNK = 2 << 20
@@ -73,6 +75,11 @@ class Parser(argparse.ArgumentParser):
         where = self.prog.removeprefix(PROG).strip()
         prefix = f"{where}: " if where else ""
         raise UsageError(f"{prefix}{message} (see '{self.prog} --help')")
+
+
+def add_key_file(cmd: Parser, what: str) -> None:
+    cmd.add_argument("--key-file", metavar="PATH",
+                     help=f"the AES-XTS key (32 or 64 bytes) of {what}, when encrypted")
 
 
 def positive_int(text: str) -> int:
@@ -158,6 +165,7 @@ def _add_convert(sub: Any) -> None:
                      help="skip zeros so that DST stays sparse (default: --sparse)")
     cmd.add_argument("--force", action="store_true",
                      help="replace DST if it exists (a regular file, not part of SRC)")
+    add_key_file(cmd, "SRC")
 
 
 def _add_compare(sub: Any) -> None:
@@ -170,6 +178,7 @@ def _add_compare(sub: Any) -> None:
                      help="images of different sizes differ (default: the extra part must "
                           "read as zeros)")
     cmd.add_argument("--json", action="store_true", help="print JSON")
+    add_key_file(cmd, "A or B")
 
 
 def _add_map(sub: Any) -> None:
@@ -224,10 +233,24 @@ def errors_about(path: str) -> Iterator[None]:
         raise
 
 
-def open_chain(spec: str) -> Chain:
-    """Open an image argument and its parents."""
-    with errors_about(parse_spec(spec)[1]):
-        return Chain.open(spec)
+def open_chain(spec: str, *, key_file: str | None = None,
+               metadata_only: bool = False) -> Chain:
+    """Open an image argument and its parents.
+
+    ``metadata_only``: the caller reads no data (info, map), so encrypted layers open
+    without their key. Otherwise ``key_file`` holds the key of an encrypted chain; it is
+    not applied to a chain that is not encrypted (``compare`` may name one of each)."""
+    path = parse_spec(spec)[1]
+    with errors_about(path):
+        if metadata_only:
+            return Chain.open(spec, ciphertext=True)
+        if key_file is None:
+            return Chain.open(spec)
+        key = read_key_file(key_file)
+        with Chain.open(spec, ciphertext=True) as probe_chain:
+            encrypted = any(isinstance(layer, VhdImage) and is_encrypted(layer)
+                            for layer in probe_chain.layers)
+        return Chain.open(spec, key=key if encrypted else None)
 
 
 # ==================================================================================== info
@@ -250,6 +273,9 @@ def describe_layer(depth: int, layer: Layer) -> dict[str, Any]:
         info["uuid"] = str(layer.uuid)
         info["hidden"] = bool(layer.hidden)
         info["marker"] = bool(layer.marker) if layer.batmap_header is not None else None
+        info["encrypted"] = is_encrypted(layer)
+    else:
+        info["encrypted"] = False
     return info
 
 
@@ -260,6 +286,7 @@ def describe_chain(spec: str, chain: Chain) -> dict[str, Any]:
         "image": spec, "path": leaf["path"], "format": leaf["format"], "type": leaf["type"],
         "virtual_size": chain.size, "allocated": chain.allocated_bytes(),
         "leaf_allocated": leaf["allocated"], "uuid": leaf["uuid"], "hidden": leaf["hidden"],
+        "encrypted": leaf["encrypted"],
         "marker": leaf["marker"], "chain_depth": len(layers), "chain": layers,
     }
 
@@ -283,7 +310,8 @@ def info_lines(info: dict[str, Any]) -> list[str]:
     if info["format"] == "vhd":
         lines += [f"uuid:          {info['uuid']}",
                   f"hidden:        {_yes_no(info['hidden'])}",
-                  f"marker:        {_yes_no(info['marker'])}"]
+                  f"marker:        {_yes_no(info['marker'])}",
+                  f"encrypted:     {_yes_no(info['encrypted'])}"]
     lines.append(f"chain depth:   {info['chain_depth']}")
     rows = [(layer["depth"], _kind(layer), human_size(layer["virtual_size"]),
              human_size(layer["allocated"]), layer["path"]) for layer in info["chain"]]
@@ -292,7 +320,7 @@ def info_lines(info: dict[str, Any]) -> list[str]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with open_chain(args.image) as chain:
+    with open_chain(args.image, metadata_only=True) as chain:
         info = describe_chain(args.image, chain)
     if args.json:
         print_json(info)
@@ -551,7 +579,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.fixed and fmt != "vhd":
         raise UsageError("--fixed applies to VHD output (for a fully allocated raw file "
                          "use --no-sparse)")
-    with open_chain(args.src) as chain:
+    with open_chain(args.src, key_file=args.key_file) as chain:
         check_destination(dst, chain, args.force)
         with staged_output(dst, args.force) as tmp, \
                 Progress(f"converting to {fmt}", chain.size) as progress:
@@ -655,7 +683,8 @@ def first_nonzero(chain: Chain, start: int, buf: bytearray, progress: Progress) 
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    with open_chain(args.a) as a, open_chain(args.b) as b:
+    with open_chain(args.a, key_file=args.key_file) as a, \
+            open_chain(args.b, key_file=args.key_file) as b:
         with Progress("comparing", max(a.size, b.size)) as progress:
             result = compare_chains(a, b, args.strict, progress)
         sizes = a.size, b.size
@@ -685,7 +714,7 @@ def map_rows(chain: Chain) -> list[dict[str, Any]]:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    with open_chain(args.image) as chain:
+    with open_chain(args.image, metadata_only=True) as chain:
         rows = map_rows(chain)
     if args.json:
         print_json(rows)

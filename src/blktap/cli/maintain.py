@@ -15,6 +15,7 @@ from typing import Any
 from blktap.cli.common import Progress, describe_size, human_size, print_json, print_note
 from blktap.errors import BlktapError, UsageError
 from blktap.image.chain import parse_spec
+from blktap.image.crypto import read_key_file
 from blktap.image.vhd.coalesce import coalesce
 from blktap.image.vhd.image import VhdImage
 from blktap.image.vhd.rebase import rebase
@@ -46,6 +47,8 @@ def add_commands(sub: Any, command: Register) -> None:
     cmd.add_argument("--unsafe", action="store_true",
                      help="only rewrite the parent pointers, copying nothing (right when "
                           "PARENT holds the same data as the old parent; vhd-util modify -p)")
+    cmd.add_argument("--key-file", metavar="PATH",
+                     help="the AES-XTS key (32 or 64 bytes) of an encrypted chain")
     cmd.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -135,7 +138,8 @@ def cmd_rebase(args: argparse.Namespace) -> int:
             progress.total = total
             progress.update(done)
 
-        result = rebase(path, parent, raw=raw, safe=not args.unsafe, progress=report)
+        key = read_key_file(args.key_file) if args.key_file else None
+        result = rebase(path, parent, raw=raw, safe=not args.unsafe, key=key, progress=report)
     if args.json:
         print_json({"image": path, "parent": result.parent.path, "parent_is_raw": raw,
                     "safe": not args.unsafe, "compared_bytes": result.compared_bytes,

@@ -21,6 +21,7 @@ from blktap.errors import UsageError
 from blktap.image.chain import Chain
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
+from blktap.image.vhd.keyhash import is_encrypted
 from blktap.image.vhd.reparent import NewParent, set_parent
 
 # Compared and copied in chunks of one block, in pieces of this many bytes.
@@ -39,12 +40,14 @@ class RebaseResult:
 
 
 def rebase(path: str, new_parent: str, *, raw: bool = False, safe: bool = True,
-           progress: Progress | None = None) -> RebaseResult:
+           key: bytes | None = None, progress: Progress | None = None) -> RebaseResult:
     """Make ``new_parent`` the parent of the differencing VHD ``path``.
 
     With ``safe`` (the default) the image's content is kept: sectors it does not hold and
     where the new parent chain reads differently from the old one are copied into it
     first. Without ``safe`` only the pointers change (``vhd-util modify -p``).
+    ``key`` is the key of an encrypted chain (applied to each of the two chains that is
+    encrypted; the copied data is re-encrypted for the image).
     """
     with VhdImage.open(path) as image:
         if not image.is_differencing:
@@ -52,16 +55,26 @@ def rebase(path: str, new_parent: str, *, raw: bool = False, safe: bool = True,
                              f"replace", errno.EINVAL)
     copied = compared = 0
     if safe:
-        copied, compared = _copy_differences(path, new_parent, raw, progress)
+        copied, compared = _copy_differences(path, new_parent, raw, key, progress)
     target = set_parent(path, new_parent, raw=raw)
     return RebaseResult(path, target, copied, compared)
 
 
-def _copy_differences(path: str, new_parent: str, raw: bool,
+def _open(spec: str, key: bytes | None, writable: bool = False) -> Chain:
+    """Open a chain, with ``key`` when some layer of it is encrypted."""
+    if key is not None:
+        with Chain.open(spec, ciphertext=True) as probe:
+            if not any(isinstance(layer, VhdImage) and is_encrypted(layer)
+                       for layer in probe.layers):
+                key = None
+    return Chain.open(spec, writable=writable, key=key)
+
+
+def _copy_differences(path: str, new_parent: str, raw: bool, key: bytes | None,
                       progress: Progress | None) -> tuple[int, int]:
     spec = f"aio:{new_parent}" if raw else f"vhd:{new_parent}"
     copied = compared = 0
-    with Chain.open(path, writable=True) as old, Chain.open(spec) as new:
+    with _open(f"vhd:{path}", key, writable=True) as old, _open(spec, key) as new:
         # The ranges the image does not hold: there the old parents answer today.
         todo = [(e.offset, e.length) for e in old.map() if e.depth != 0]
         total = sum(length for _, length in todo)
