@@ -7,9 +7,9 @@ import os
 
 from blktap.errors import BlktapError, FormatError
 from blktap.image.vhd.image import VhdImage
+from blktap.image.vhd.keyhash import read_keyhash
 
 MARKER_XATTR = "user.com.citrix.xenclient.backend.marker"
-KEYHASH_XATTR = "user.com.citrix.xenclient.backend.keyhash"
 
 
 def open_vhd(path: str, *, writable: bool = False, allow_disabled: bool = True,
@@ -47,17 +47,8 @@ def marker_of(image: VhdImage) -> int:
 
 def keyhash_of(image: VhdImage) -> tuple[int, bytes, bytes]:
     """(cookie, nonce, hash) of the key hash, wherever the image keeps it."""
-    hdr = image.batmap_header
-    if hdr is not None:
-        return hdr.keyhash_cookie, hdr.keyhash_nonce, hdr.keyhash_hash
-    try:
-        data = os.getxattr(image.path, KEYHASH_XATTR)
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-            return 0, bytes(32), bytes(32)
-        raise
-    data = data.ljust(65, b"\0")
-    return data[0], data[1:33], data[33:65]
+    found = read_keyhash(image)
+    return found.cookie, found.nonce, found.hash
 
 
 def err_of(exc: BaseException) -> int:
