@@ -509,13 +509,17 @@ class Journal:
         primary_raw = self._payload(self.metadata[0])
         poisoned = _poisoned(original)
         # 1. Disable the image while it is rewritten: a footer a reader could use (at the
-        #    end of the file or at offset 0) becomes a poisoned copy of the original.
+        #    end of the file or at offset 0) becomes a poisoned copy of the original. One
+        #    also goes where the original footer belongs, so that a revert cut short finds
+        #    the image's identity there until the original is back.
         size = file_size_of(fd)
         if size >= s.FOOTER_SIZE and _valid_footer(pread_exact(fd, s.FOOTER_SIZE,
                                                                 size - s.FOOTER_SIZE)):
             pwrite_all(fd, poisoned, size - s.FOOTER_SIZE)
         if original.is_dynamic:
             pwrite_all(fd, poisoned, 0)
+        if self.header.vhd_footer_offset != size - s.FOOTER_SIZE:
+            pwrite_all(fd, poisoned, self.header.vhd_footer_offset)
         # 2. The recorded ranges, data then metadata (footers last).
         for entry in self.data:
             copy_range(self.fd, entry.payload_pos, fd, entry.offset, entry.size)

@@ -15,11 +15,13 @@ changed, in this order:
 2. blocks in the way are copied to the end of the data; the space they leave beyond the
    new metadata is zeroed;
 3. the new metadata (header, BAT, batmap, locators) is written in one piece;
-4. the file is cut to its new length and synced;
+4. the file is cut to its new length, a poisoned footer written at its new end, and
+   synced;
 5. the commit: the footer copy at 0, then the footer at the new end, both valid again,
    then a sync; the journal is deleted last.
 
-Killed anywhere before step 5 completes, the image is disabled and ``revert`` with the
+Killed anywhere before the last write of step 5, the image is disabled (a reader finds a
+poisoned footer wherever it looks, see :meth:`VhdImage.open`) and ``revert`` with the
 journal gives back the old image byte for byte; after it, the image is valid at its new
 size (a leftover journal would still undo the resize).
 
@@ -29,9 +31,11 @@ implemented``, ENOSYS): it would discard data.
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import stat
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -96,20 +100,19 @@ def load_target(path: str) -> ResizeTarget:
     """Open and validate ``path`` for a resize. Refuses an image disabled by an
     interrupted journaled operation (revert it first) and one whose primary footer is
     missing (repair it first)."""
-    image = VhdImage.open(path, footer="primary", allow_disabled=True, validate_bat=True)
+    with _reader(path) as fd:
+        size = file_size_of(fd)
+        cookies = {os.pread(fd, 8, off) for off in (0, size - s.FOOTER_SIZE) if off >= 0}
+    if s.POISON_COOKIE in cookies:
+        raise FormatError(f"{path}: disabled by an interrupted resize (revert it with its "
+                          f"journal first)")
+    image = VhdImage.open(path, footer="primary", validate_bat=True)
     with image:
         if image.footer_source != "primary":
             raise FormatError(f"{path}: the footer at the end of the file is invalid "
                               f"(repair the image first)")
         st = os.fstat(image.fd)
         target = ResizeTarget(path, stat.S_ISBLK(st.st_mode), image.file_size, image.footer)
-        disabled = image.footer.cookie == s.POISON_COOKIE
-        if image.footer.is_dynamic:
-            backup = pread_exact(image.fd, s.FOOTER_SIZE, 0)
-            disabled = disabled or backup[:8] == s.POISON_COOKIE
-        if disabled:
-            raise FormatError(f"{path}: disabled by an interrupted resize (revert it with "
-                              f"its journal first)")
         if not image.footer.is_dynamic:
             return target
         target.header = image.header
@@ -370,7 +373,10 @@ def _plan_dynamic(plan: ResizePlan) -> None:
         region[off - plan.region_start : off - plan.region_start + len(data)] = data
 
     put(new.header, new_header.pack())
-    raw_bat = b"".join(x.to_bytes(4, "big") for x in bat)
+    packed = array.array("I", bat)
+    if sys.byteorder == "little":
+        packed.byteswap()
+    raw_bat = packed.tobytes()
     put(new.bat, raw_bat.ljust(new.bat_bytes, b"\0"))
     if new_bhdr is not None and new.batmap_header is not None and new.batmap is not None:
         put(new.batmap_header, new_bhdr.pack())
@@ -428,11 +434,19 @@ def _diff_span(new: bytes, old: bytes, base: int) -> Range | None:
     if new == old:
         return None
     n = len(new)
+    old = old.ljust(n, b"\0") if len(old) < n else old[:n]
+    # Skip equal runs a chunk at a time, then a sector at a time (metadata is small,
+    # but a preallocated BAT can be megabytes).
+    chunk = 64 << 10
     first = 0
-    while first < n and new[first : first + s.SECTOR_SIZE] == old[first : first + s.SECTOR_SIZE]:
+    while first + chunk <= n and new[first : first + chunk] == old[first : first + chunk]:
+        first += chunk
+    while new[first : first + s.SECTOR_SIZE] == old[first : first + s.SECTOR_SIZE]:
         first += s.SECTOR_SIZE
     last = n
-    while last > first and new[last - s.SECTOR_SIZE : last] == old[last - s.SECTOR_SIZE : last]:
+    while last - chunk >= first and new[last - chunk : last] == old[last - chunk : last]:
+        last -= chunk
+    while new[last - s.SECTOR_SIZE : last] == old[last - s.SECTOR_SIZE : last]:
         last -= s.SECTOR_SIZE
     return base + first, last - first
 
@@ -493,8 +507,8 @@ def _journal_ranges(plan: ResizePlan) -> list[Range]:
     touched += plan.zero_ranges
     touched += [(m.dst, block) for m in plan.moves]
     if not t.is_block:
-        # A fixed disk is cut at its old data end before it is extended; any file is cut
-        # to its new length at the end.
+        # A fixed disk's space past its old data (the old footer with it) is zeroed; a
+        # dynamic one is cut to its new length at the end.
         cut = t.size if not t.is_dynamic else plan.new_length
         touched.append((cut, max(0, t.file_size - cut)))
     inside = [(off, min(off + n, t.file_size) - off) for off, n in _merge(touched)
@@ -558,7 +572,8 @@ def apply_journaled(plan: ResizePlan) -> None:
         else:
             _extend_fixed(fd, plan)
         os.fsync(fd)
-        # 5. Commit: valid footers at the new size, the copy first.
+        # 5. Commit: valid footers at the new size, the copy first; the image comes back
+        #    to life with the second write, the footer at the end.
         raw = plan.new_footer.pack()
         if t.is_dynamic:
             pwrite_all(fd, raw, 0)
@@ -581,22 +596,33 @@ def _move_and_rewrite(fd: int, plan: ResizePlan) -> None:
         off, n = plan.write_span
         start = off - plan.region_start
         pwrite_all(fd, memoryview(plan.region)[start : start + n], off)
-    # 4. The new length.
+    # 4. The new length, ending in a poisoned footer: until the commit writes the footer
+    #    there, the image stays disabled whichever footer copy a reader looks at.
     if not t.is_block and file_size_of(fd) > plan.new_length:
         os.ftruncate(fd, plan.new_length)
+    assert plan.new_footer is not None
+    pwrite_all(fd, jn.footer_poisoned(plan.new_footer), plan.footer_offset)
 
 
 def _extend_fixed(fd: int, plan: ResizePlan) -> None:
-    """A fixed disk grows by cutting it at the end of its data (the footer goes) and
-    reserving the new space, which reads as zeros."""
-    old = plan.target.size
-    os.ftruncate(fd, old)
-    try:
-        os.posix_fallocate(fd, old, plan.new_size - old)
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-        os.ftruncate(fd, plan.new_size)
+    """A fixed disk grows in place. A poisoned footer is always somewhere a revert looks
+    for it (the journal's check of the image's identity needs one): at the old end until
+    a poisoned copy is at the new end, after which the old one is zeroed, as the new
+    space must read as zeros."""
+    t = plan.target
+    old_size, length = t.size, t.file_size
+    assert plan.new_footer is not None
+    if plan.new_length > length:
+        try:
+            os.posix_fallocate(fd, length, plan.new_length - length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, plan.new_length)
+    pwrite_all(fd, jn.footer_poisoned(plan.new_footer), plan.footer_offset)
+    write_zeros(fd, old_size, min(length, plan.new_size) - old_size)
+    if length > plan.new_length:
+        os.ftruncate(fd, plan.new_length)
 
 
 def resize(path: str, size: int, *, journal: str | None = None) -> int:
