@@ -35,8 +35,9 @@ from blktap.image.vhd import bitmap as bm
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
 
-# Blocks laid out per batch (512 MiB of 2 MiB blocks): the unit of the crash-safe order.
-BATCH_BLOCKS = 256
+# Blocks laid out per batch (8 GiB of 2 MiB blocks): the unit of the crash-safe order.
+# Each batch costs two fsyncs, which dominate the time of fill -b.
+BATCH_BLOCKS = 4096
 # A BAT entry holds the block's first sector in 32 bits, 0xFFFFFFFF meaning "unused":
 # no block can start further into the file than this (2 TiB), whatever -B says.
 MAX_BLOCK_SECTOR = s.BAT_ENTRY_UNUSED - 1
