@@ -744,3 +744,107 @@ def test_incomplete_journal_is_dropped(image: Path, tmp_path: Path) -> None:
     proc = vhd_util("revert", "-n", str(image), "-j", str(jpath))
     assert (proc.returncode, proc.stdout) == (0, "")
     assert digest(image) == before and not jpath.exists()
+
+
+# ------------------------------------------------------------ failures while resizing
+def test_a_failing_resize_is_undone(image: Path, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """An I/O error half way (here: the disk fills up while a block moves) leaves the
+    image as it was and no journal, with the reference's messages."""
+    from blktap.cli.vhd_util import run as vhd_util_main
+    from blktap.cli.vhd_util.options import Output
+
+    original = image.read_bytes()
+    jpath = tmp_path / "J"
+
+    def no_space(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(rs, "copy_range", no_space)
+    with pytest.raises(BlktapError) as info:
+        rs.resize(str(image), 600 * MB, journal=str(jpath))
+    assert info.value.errno == errno.ENOSPC and "image restored" in str(info.value)
+    assert image.read_bytes() == original and not jpath.exists()
+
+    out = Output()
+    code = vhd_util_main(["vhd-util", "resize", "-n", str(image), "-s", "600", "-j",
+                          str(jpath)], out)
+    out.close()
+    assert code == errno.ENOSPC
+    assert capsys.readouterr().out.startswith("resize failed: -28 (")
+    assert image.read_bytes() == original and not jpath.exists()
+
+
+# ------------------------------------------------------------ block devices
+@pytest.fixture
+def loop_device() -> Callable[[Path], str]:
+    """Attach files to loop devices (root and losetup needed), detached afterwards."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("loop devices need root and losetup")
+    attached: list[str] = []
+
+    def attach(backing: Path) -> str:
+        proc = run(["losetup", "-f", "--show", str(backing)], text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"losetup failed: {proc.stderr.strip()}")
+        attached.append(proc.stdout.strip())
+        return attached[-1]
+
+    yield attach
+    for dev in attached:
+        run(["losetup", "-d", dev])
+
+
+def test_journal_on_a_block_device(image: Path, tmp_path: Path,
+                                   loop_device: Callable[[Path], str]) -> None:
+    """XenServer keeps resize journals in logical volumes: the device is reused, its
+    header zeroed when the journal is done."""
+    backing = tmp_path / "journal.lv"
+    backing.write_bytes(b"\xaa" * (8 * MB))  # stale bytes, as a reused volume has
+    dev = loop_device(backing)
+    before = disk_hash(image)
+    proc = vhd_util("resize", "-n", str(image), "-s", "600", "-j", dev)
+    assert (proc.returncode, proc.stdout) == (0, "")
+    assert virtual_size(image) == 600 * MB and disk_hash(image, 20 * MB) == before
+    with open(dev, "rb") as f:
+        assert f.read(512) == bytes(512)  # no longer a journal
+    # Interrupted, then reverted from the device.
+    image2 = dynamic_with_data(tmp_path / "e.vhd", 20)
+    original = image2.read_bytes()
+    total = count_mutations(lambda: rs.resize(str(image2), 600 * MB, journal=dev))
+    image2.write_bytes(original)
+    assert not crash_after(lambda: rs.resize(str(image2), 600 * MB, journal=dev), total - 3)
+    assert _disabled(image2)
+    proc = vhd_util("revert", "-n", str(image2), "-j", dev)
+    assert (proc.returncode, proc.stdout) == (0, "")
+    assert image2.read_bytes() == original
+    # A device too small for the journal.
+    tiny = tmp_path / "tiny.lv"
+    tiny.write_bytes(bytes(4096))
+    proc = vhd_util("resize", "-n", str(image2), "-s", "600", "-j", loop_device(tiny))
+    _one_line(proc, errno.ENOSPC, "creating journal failed: -28 (")
+    assert image2.read_bytes() == original
+
+
+def test_image_on_a_block_device(tmp_path: Path, loop_device: Callable[[Path], str]) -> None:
+    """A VHD on a volume keeps its footer at the end of the device (the storage manager
+    grows the volume and moves the footer there before the resize)."""
+    path = dynamic_with_data(tmp_path / "d.vhd", 20)
+    before = disk_hash(path)
+    assert vhd_util("modify", "-n", str(path), "-s", str(16 * MB)).returncode == 0
+    assert path.stat().st_size == 16 * MB
+    dev = loop_device(path)
+    proc = vhd_util("resize", "-n", dev, "-s", "600", "-j", str(tmp_path / "J"))
+    assert (proc.returncode, proc.stdout) == (0, "")
+    assert virtual_size(dev) == 600 * MB
+    assert disk_hash(dev, 20 * MB) == before
+    assert is_valid(dev)
+    assert path.stat().st_size == 16 * MB  # nothing past the device
+    # Moving a block past what the device holds: refused before anything changes.
+    small = dynamic_with_data(tmp_path / "s.vhd", 20)
+    assert vhd_util("modify", "-n", str(small), "-s", str(8 * MB)).returncode == 0
+    snap = small.read_bytes()
+    proc = vhd_util("resize", "-n", loop_device(small), "-s", "600", "-j", str(tmp_path / "J"))
+    _one_line(proc, errno.ENOSPC, "resize failed: -28 (")
+    assert small.read_bytes() == snap and not (tmp_path / "J").exists()
