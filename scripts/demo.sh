@@ -35,3 +35,38 @@ echo "== vhd-util scan -p -m '$dir/*.vhd'"
 echo
 echo "== vhd-util check -p -n $dir/leaf.vhd"
 "$bin/vhd-util" check -p -n "$dir/leaf.vhd"
+
+# Serve the chain over NBD, as tapdisk would, and show how to reach it.
+sock="$PWD/$dir/nbd.sock"
+uri="nbd+unix:///?socket=$sock"
+echo
+echo "== blktap serve vhd:$dir/leaf.vhd --socket $sock"
+"$bin/blktap" serve "vhd:$dir/leaf.vhd" --socket "$sock" > "$dir/serve.uri" &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
+for _ in $(seq 100); do [ -s "$dir/serve.uri" ] && break; sleep 0.1; done
+echo "serving at $(cat "$dir/serve.uri")"
+if command -v nbdinfo >/dev/null; then
+    echo
+    echo "== nbdinfo --map '$uri'"
+    nbdinfo --map "$uri"
+fi
+if command -v qemu-img >/dev/null; then
+    echo
+    echo "== qemu-img map --output=json '$uri'"
+    qemu-img map --output=json "$uri"
+fi
+if [ -t 0 ] && [ -z "${DEMO_NO_WAIT:-}" ]; then
+    cat <<MSG
+
+The disk is being served until you press Ctrl-C. From another terminal, try:
+    nbdinfo '$uri'
+    qemu-img info '$uri'
+    qemu-io -f raw -c 'read -v 4096 64' '$uri'
+    nbdcopy '$uri' $dir/flat.raw
+MSG
+    wait $server || true
+else
+    echo
+    echo "(not a terminal: stopping the server; run 'make run' in a terminal to keep it up)"
+fi
