@@ -258,7 +258,7 @@ def test_fio_random_writes_verify(tmp_path: Path) -> None:
                    "--bs=4k", "--iodepth=16", "--size=16M", "--verify=crc32c",
                    "--do_verify=1", "--verify_fatal=1", "--randrepeat=1", "--verify_state_save=0",
                    "--output-format=json"],
-                  text=True, timeout=300)
+                  text=True, timeout=300, cwd=tmp_path)
         assert res.returncode == 0, res.stdout + res.stderr
         job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
         assert job["error"] == 0 and job["write"]["io_bytes"] == 16 * MiB

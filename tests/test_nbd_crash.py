@@ -73,7 +73,7 @@ def test_kill_9_during_fio_writes(tmp_path: Path, layout: str) -> None:
         [fio, "--name=load", "--ioengine=nbd", f"--uri={srv.uri}", "--rw=randwrite",
          "--bsrange=4k-128k", "--iodepth=16", f"--size={REGION}", "--fsync=16",
          "--time_based", "--runtime=60", "--output=/dev/null"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     checker = subprocess.Popen(
         ["/usr/bin/python3", "-c", CHECKER, srv.uri, str(REGION), str(REGION // SLOT)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
