@@ -526,15 +526,16 @@ class Journal:
         for entry in self.metadata:
             if entry.type not in (ENTRY_FOOTER_P, ENTRY_FOOTER_C):
                 copy_range(self.fd, entry.payload_pos, fd, entry.offset, entry.size)
-        # 3. The old length, then the footers: the primary, and last the copy at 0.
+        # 3. The old length, then the footers: the copy at 0, and last the footer at the
+        #    end, whose poisoned stand-in kept the image disabled until now.
         if regular:
             os.ftruncate(fd, self.original_size)
         os.fsync(fd)
-        pwrite_all(fd, primary_raw, self.header.vhd_footer_offset)
         if original.is_dynamic:
-            os.fsync(fd)
             copy = next(e for e in self.metadata if e.type == ENTRY_FOOTER_C)
             pwrite_all(fd, self._payload(copy), 0)
+            os.fsync(fd)
+        pwrite_all(fd, primary_raw, self.header.vhd_footer_offset)
         os.fsync(fd)
 
     def _payload(self, entry: JournalEntry) -> bytes:
