@@ -9,6 +9,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from blktap.image import Chain
 from blktap.image.vhd import check as vhd_check
 from blktap.image.vhd.create import create as create_vhd
@@ -173,6 +175,7 @@ def test_nbdcopy_both_ways(tmp_path: Path) -> None:
     assert check_ok(target) and chain_bytes(target) == bytes(data)
 
 
+@pytest.mark.slow
 def test_reference_fixtures_read_through_the_server(reference_dir: Path, tmp_path: Path) -> None:
     """Every reference image hashes, through our server, to what the reference tapdisk
     served."""
