@@ -429,3 +429,32 @@ def test_close_waits_for_requests_in_flight(tmp_path: Path) -> None:
     with Chain.open(str(path)) as chain:
         assert hashlib.sha256(chain.read(0, 16 * MiB // 512)).digest() == \
             hashlib.sha256(data * 16).digest()
+
+
+def test_reads_that_cannot_block_stay_on_the_loop(tmp_path: Path) -> None:
+    """tmpfs (memory) and page-cache hits (RWF_NOWAIT) are read inline; the rest, and the
+    end of a file, still come out right."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    shm = Path("/dev/shm") / f"blktap-test-{os.getpid()}"
+    shm.write_bytes(b"m" * 10000)
+    disk = tmp_path / "f"
+    disk.write_bytes(b"d" * 10000)
+
+    async def body(engine: ThreadEngine) -> None:
+        for path, byte in ((shm, b"m"), (disk, b"d")):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                before = engine.inline_reads
+                out = view(bytes(8192))
+                await engine.preadv(fd, [out], 4096)  # runs past the end: zeros after
+                assert bytes(out) == byte * 5904 + bytes(2288)
+                if path == shm:
+                    assert engine.inline_reads == before + 1
+            finally:
+                engine.forget(fd)
+                os.close(fd)
+    try:
+        run(body)
+    finally:
+        shm.unlink()

@@ -39,6 +39,9 @@ class Engine(ABC):
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run any other blocking function (metadata updates, fallocate...) off the loop."""
 
+    def forget(self, fd: int) -> None:  # noqa: B027 - optional: engines that learn nothing
+        """Drop anything learnt about ``fd``; drivers call it before closing ``fd``."""
+
     @abstractmethod
     def close(self) -> None:
         """Stop the engine once every operation submitted has completed."""

@@ -25,6 +25,23 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_char_p]
+_fstatfs.restype = ctypes.c_int
+
+# statfs f_type of file systems whose data lives in memory.
+TMPFS_MAGIC = 0x01021994
+RAMFS_MAGIC = 0x858458F6
+
+
+def fs_type(fd: int) -> int:
+    """The file system magic of ``fd`` (statfs f_type), 0 if unknown."""
+    buf = ctypes.create_string_buffer(256)
+    if _fstatfs(fd, buf) != 0:
+        return 0
+    return struct.unpack_from("l", buf.raw)[0] & 0xFFFFFFFF
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2); raises OSError (EOPNOTSUPP where the file system lacks the mode)."""
     if length <= 0:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
+import fcntl
 import functools
 import os
 import queue
@@ -22,12 +24,20 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from blktap.io import syscalls
 from blktap.io.engine import Engine
-from blktap.io.iov import IOV_MAX, advance, zero_fill
+from blktap.io.iov import IOV_MAX, advance, total, zero_fill
 
 T = TypeVar("T")
 
 DEFAULT_THREADS = 16
+# Reads up to this size are first tried on the loop thread without blocking (see below).
+INLINE_READ = 1 << 20
+
+# How reads on a descriptor may be tried inline: RWF_NOWAIT (the kernel fails with EAGAIN
+# instead of blocking), MEMORY (tmpfs/ramfs: a read is a memory copy and never waits for
+# a device), or not at all.
+_NOWAIT, _MEMORY, _THREAD = 1, 2, 3
 
 
 def read_full(fd: int, iov: Sequence[memoryview], offset: int) -> None:
@@ -80,6 +90,9 @@ class ThreadEngine(Engine):
             t.start()
         self._closed = False
         self.submitted = 0
+        self.inline_reads = 0
+        # Per descriptor; drivers call forget() before closing one.
+        self._read_modes: dict[int, int] = {}
 
     # ------------------------------------------------------------------ workers
     def _worker(self) -> None:
@@ -127,8 +140,48 @@ class ThreadEngine(Engine):
         self.submitted += 1
         return fut
 
+    def _read_mode(self, fd: int) -> int:
+        mode = self._read_modes.get(fd)
+        if mode is None:
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                mode = _THREAD  # direct reads go to the device: never inline
+            elif syscalls.fs_type(fd) in (syscalls.TMPFS_MAGIC, syscalls.RAMFS_MAGIC):
+                mode = _MEMORY
+            else:
+                try:
+                    os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+                    mode = _NOWAIT
+                except OSError as exc:
+                    mode = _NOWAIT if exc.errno == errno.EAGAIN else _THREAD
+            self._read_modes[fd] = mode
+        return mode
+
     async def preadv(self, fd: int, iov: Sequence[memoryview], offset: int) -> None:
+        """Reads that the kernel can serve without waiting (page cache, tmpfs) are done
+        on the loop thread: a thread hand-off costs more than the copy. Anything else,
+        or what is left of a short inline read, goes to a worker."""
+        if len(iov) <= IOV_MAX and total(iov) <= INLINE_READ:
+            mode = self._read_mode(fd)
+            if mode != _THREAD:
+                try:
+                    got = (os.preadv(fd, iov, offset) if mode == _MEMORY
+                           else os.preadv(fd, iov, offset, os.RWF_NOWAIT))
+                except BlockingIOError:
+                    got = 0
+                if got == total(iov):
+                    self.inline_reads += 1
+                    return
+                if got > 0:
+                    iov, offset = advance(iov, got), offset + got
+                if mode == _MEMORY:  # end of file: the rest reads as zeros
+                    zero_fill(iov)
+                    self.inline_reads += 1
+                    return
         await self._submit(read_full, (fd, iov, offset))
+
+    def forget(self, fd: int) -> None:
+        """Drop what was learnt about ``fd`` (call before closing it)."""
+        self._read_modes.pop(fd, None)
 
     async def pwritev(self, fd: int, iov: Sequence[memoryview], offset: int, *,
                       dsync: bool = False) -> None:

@@ -187,6 +187,7 @@ class AioDriver(Driver):
     async def close(self) -> None:
         for fd in (self.dfd, self.fd):
             if fd is not None:
+                self.engine.forget(fd)
                 os.close(fd)
         self.dfd = None
 

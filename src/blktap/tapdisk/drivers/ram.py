@@ -119,6 +119,7 @@ class RamDriver(Driver):
         return [(length, STATE_DATA)]
 
     async def close(self) -> None:
+        self.engine.forget(self.fd)
         os.close(self.fd)
         try:
             self.view.release()

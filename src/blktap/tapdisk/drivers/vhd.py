@@ -223,6 +223,7 @@ class VhdDriver(Driver):
             self.image.close()
 
     async def close(self) -> None:
+        self.engine.forget(self.fd)
         await self.engine.call(self._close_locked)
 
     def describe(self) -> dict:
