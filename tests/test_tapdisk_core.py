@@ -458,3 +458,34 @@ def test_reads_that_cannot_block_stay_on_the_loop(tmp_path: Path) -> None:
         run(body)
     finally:
         shm.unlink()
+
+
+def test_aio_uses_o_direct_for_aligned_buffers(tmp_path: Path) -> None:
+    path = tmp_path / "d.img"
+    path.write_bytes(bytes(MiB))
+    pool = BufferPool()
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await engine.call(open_stack, engine, f"aio:{path}", writable=True)
+        if drv.dfd is None:
+            pytest.skip("this file system refuses O_DIRECT")
+        buf = pool.get(65536)
+        buf.view[:] = b"D" * 65536
+        assert drv._fd_for(4096, [buf.view]) == drv.dfd
+        assert drv._fd_for(100, [buf.view]) == drv.fd  # unaligned offset: buffered
+        assert drv._fd_for(0, [view(b"x" * 512)]) in (drv.fd, drv.dfd)
+        await drv.write(4096, [buf.view], fua=True)
+        out = pool.get(65536)
+        await drv.read(4096, [out.view])
+        assert bytes(out.view) == b"D" * 65536
+        assert drv.describe()["direct"] is True
+        await drv.close()
+    run(body)
+    assert path.read_bytes()[4096 : 4096 + 65536] == b"D" * 65536
+
+    async def opt_out(engine: ThreadEngine) -> None:
+        drv = await engine.call(open_stack, engine, f"aio:{path}", writable=False,
+                                direct=False)
+        assert drv.dfd is None  # type: ignore[attr-defined]
+        await drv.close()
+    run(opt_out)

@@ -1,0 +1,89 @@
+"""The NBD server driven in-process: the handshake time limit, and a shutdown that lets
+the requests in flight finish and be answered before connections close."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+
+from blktap.io import ThreadEngine
+from blktap.tapdisk.driver import Caps, Driver
+from blktap.tapdisk.vbd import VBD
+from blktap.transport.nbd.server import Export, NbdServer
+
+MiB = 1 << 20
+
+
+class Slow(Driver):
+    """Reads that complete only when the test says so."""
+
+    name = "slow"
+
+    def __init__(self, engine: ThreadEngine) -> None:
+        super().__init__(engine, MiB, writable=False)
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.caps = Caps.FLUSH
+
+    async def read(self, offset: int, iov) -> None:  # noqa: ANN001
+        self.started.set()
+        await self.release.wait()
+        for v in iov:
+            v[:] = b"s" * len(v)
+
+
+async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readexactly(18)
+    writer.write(struct.pack(">I", 3))
+    writer.write(struct.pack(">QII", 0x49484156454F5054, 7, 6) + struct.pack(">IH", 0, 0))
+    while True:
+        _, _, kind, length = struct.unpack(">QIII", await reader.readexactly(20))
+        await reader.readexactly(length)
+        if kind == 1:
+            return
+
+
+def test_handshake_time_limit(tmp_path: Path) -> None:
+    async def body() -> None:
+        engine = ThreadEngine(2)
+        vbd = VBD(Slow(engine))
+        server = NbdServer(Export("", vbd), handshake_timeout=0.2)
+        path = str(tmp_path / "s.sock")
+        server.listen_unix(path)
+        reader, writer = await asyncio.open_unix_connection(path)
+        await reader.readexactly(18)  # then say nothing
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        writer.close()
+        await server.stop()
+        await vbd.close()
+        engine.close()
+    asyncio.run(body())
+
+
+def test_shutdown_answers_requests_in_flight(tmp_path: Path) -> None:
+    async def body() -> None:
+        engine = ThreadEngine(2)
+        drv = Slow(engine)
+        vbd = VBD(drv)
+        server = NbdServer(Export("", vbd))
+        path = str(tmp_path / "s.sock")
+        server.listen_unix(path)
+        reader, writer = await asyncio.open_unix_connection(path)
+        await negotiate(reader, writer)
+        writer.write(struct.pack(">IHHQQI", 0x25609513, 0, 0, 42, 0, 4096))
+        await drv.started.wait()
+        stopping = asyncio.ensure_future(server.stop())
+        await asyncio.sleep(0.1)
+        assert not stopping.done()  # waiting for the read in flight
+        drv.release.set()
+        magic, error, handle = struct.unpack(">IIQ", await reader.readexactly(16))
+        assert (magic, error, handle) == (0x67446698, 0, 42)
+        assert await reader.readexactly(4096) == b"s" * 4096
+        await asyncio.wait_for(stopping, 5)
+        assert await reader.read() == b""
+        assert not Path(path).exists()
+        writer.close()
+        await vbd.close()
+        engine.close()
+    asyncio.run(body())
