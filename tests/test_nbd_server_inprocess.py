@@ -87,3 +87,40 @@ def test_shutdown_answers_requests_in_flight(tmp_path: Path) -> None:
         await vbd.close()
         engine.close()
     asyncio.run(body())
+
+
+def test_replies_out_of_order(tmp_path: Path) -> None:
+    """A slow request does not hold back the replies of quicker ones behind it."""
+    class SlowFirst(Slow):
+        async def read(self, offset: int, iov) -> None:  # noqa: ANN001
+            if offset == 0:
+                await self.release.wait()
+            for v in iov:
+                v[:] = bytes([offset // 4096]) * len(v)
+
+    async def body() -> None:
+        engine = ThreadEngine(2)
+        drv = SlowFirst(engine)
+        vbd = VBD(drv)
+        server = NbdServer(Export("", vbd))
+        path = str(tmp_path / "s.sock")
+        server.listen_unix(path)
+        reader, writer = await asyncio.open_unix_connection(path)
+        await negotiate(reader, writer)
+        for handle, offset in ((1, 0), (2, 8192), (3, 16384)):
+            writer.write(struct.pack(">IHHQQI", 0x25609513, 0, 0, handle, offset, 512))
+        order = []
+        for _ in range(2):
+            _, error, handle = struct.unpack(">IIQ", await reader.readexactly(16))
+            await reader.readexactly(512)
+            order.append(handle)
+        drv.release.set()
+        _, error, handle = struct.unpack(">IIQ", await reader.readexactly(16))
+        assert await reader.readexactly(512) == bytes(512)
+        order.append(handle)
+        assert sorted(order[:2]) == [2, 3] and order[2] == 1
+        writer.close()
+        await server.stop()
+        await vbd.close()
+        engine.close()
+    asyncio.run(body())
