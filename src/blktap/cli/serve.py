@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -101,6 +102,7 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
         server = NbdServer(Export(args.export_name, vbd, description=args.image), tls=tls)
         uris = []
         for path in args.socket:
+            path = os.path.abspath(path)  # the URI must work from anywhere
             server.listen_unix(path)
             uris.append(_uri(tls is not None, args.export_name, socket=path))
         for host, port in args.tcp:

@@ -170,6 +170,9 @@ class NbdServer:
             if session is None or self._stopping:
                 return
             conn = Connection(self, ch, session, peer)
+            log.info("%s: connected (%s replies%s)", peer,
+                     "structured" if session.structured else "simple",
+                     ", TLS" if ch.tls else "")
             self._connections.add(conn)
             try:
                 await conn.serve()
@@ -180,6 +183,7 @@ class NbdServer:
         finally:
             self._channels.discard(ch)
             ch.close()
+            log.info("%s: closed", peer)
 
     @property
     def connections(self) -> int:
