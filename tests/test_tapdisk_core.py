@@ -489,3 +489,27 @@ def test_aio_uses_o_direct_for_aligned_buffers(tmp_path: Path) -> None:
         assert drv.dfd is None  # type: ignore[attr-defined]
         await drv.close()
     run(opt_out)
+
+
+def test_stats_follow_the_reference_shape(tmp_path: Path) -> None:
+    base, leaf = tmp_path / "base.vhd", tmp_path / "leaf.vhd"
+    create_vhd(str(base), 4 * MiB)
+    snapshot_vhd(str(leaf), str(base))
+
+    async def body(engine: ThreadEngine) -> dict:
+        vbd = await open_vbd(engine, f"vhd:{leaf}")
+        await vbd.write(0, view(b"w" * 4096))
+        await vbd.read(0, view(bytes(8192)))  # 8 sectors from the leaf, 8 forwarded
+        stats = vbd.stats_dict()
+        await vbd.close()
+        return stats
+    stats = run(body)
+    assert list(stats)[:8] == ["name", "secs", "images", "FIXME_enospc_redirect_count",
+                               "nbd_mirror_failed", "reqs_outstanding", "read_caching",
+                               "counters"]
+    assert stats["secs"] == [16, 8]
+    leaf_img, base_img = stats["images"]
+    assert leaf_img["name"] == str(leaf) and leaf_img["hits"] == [16, 8]
+    assert base_img["hits"] == [8, 0] and base_img["fail"] == [0, 0]
+    assert leaf_img["driver"] == {"type": 4, "name": "vhd", "status": None}
+    assert stats["counters"]["write_reqs"] == 1 and stats["reqs_outstanding"] == 0

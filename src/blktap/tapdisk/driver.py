@@ -78,6 +78,9 @@ class Driver:
         self.parent = parent
         self.caps = Caps(0)
         self.path = ""
+        # Sectors [read, written] this layer was asked for, and failed (tap-ctl stats).
+        self.hits = [0, 0]
+        self.fail = [0, 0]
 
     # ------------------------------------------------------------------ the stack
     def chain(self) -> list[Driver]:
@@ -101,7 +104,12 @@ class Driver:
         if inside < length:
             zero_fill(slice_iov(iov, inside, length - inside))
             iov = slice_iov(iov, 0, inside)
-        await parent.read(offset, iov)
+        parent.hits[0] += -(-inside // SECTOR)
+        try:
+            await parent.read(offset, iov)
+        except BaseException:
+            parent.fail[0] += -(-inside // SECTOR)
+            raise
 
     async def forward_block_status(self, offset: int, length: int) -> Extents:
         parent = self.parent

@@ -218,21 +218,27 @@ class VBD:
         st = self.stats
         self._last_progress = time.monotonic()
         self._stall_reported = False
+        top = self.driver
         for req in group:
             self._inflight.discard(req)
             st.in_flight -= 1
+            sectors = -(-req.length // SECTOR)
             if req.op is Op.READ:
+                top.hits[0] += sectors
                 if error is None:
                     st.read_reqs += 1
-                    st.read_sectors += -(-req.length // SECTOR)
+                    st.read_sectors += sectors
                 else:
                     st.read_errors += 1
+                    top.fail[0] += sectors
             elif req.op is Op.WRITE:
+                top.hits[1] += sectors
                 if error is None:
                     st.write_reqs += 1
-                    st.write_sectors += -(-req.length // SECTOR)
+                    st.write_sectors += sectors
                 else:
                     st.write_errors += 1
+                    top.fail[1] += sectors
             elif error is None:
                 st.other_reqs += 1
             else:
@@ -391,12 +397,17 @@ class VBD:
             raise errors[0]
 
     def stats_dict(self) -> dict:
-        """The reference's ``tap-ctl stats`` fields that apply, plus ours."""
+        """The reference's ``tap-ctl stats`` object, in its field order (leaf first in
+        ``images``; sectors), then our own counters."""
         st = self.stats
         return {
             "name": self.name,
             "secs": [st.read_sectors, st.write_sectors],
-            "images": [{"name": d.path, "driver": d.describe()} for d in self.driver.chain()],
+            "images": [{"name": d.path, "hits": list(d.hits), "fail": list(d.fail),
+                        "driver": d.describe()} for d in self.driver.chain()],
+            "FIXME_enospc_redirect_count": 0,
+            "nbd_mirror_failed": 0,
             "reqs_outstanding": st.in_flight,
+            "read_caching": "false",
             "counters": st.as_dict(),
         }
