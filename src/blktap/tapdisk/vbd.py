@@ -36,6 +36,8 @@ from blktap.tapdisk.stats import VbdStats
 log = logging.getLogger("blktap.tapdisk")
 
 RETRYABLE = frozenset({errno.EAGAIN, errno.EBUSY, errno.EINTR})
+# What _kick answers a lone request with: "run yourself, in your own task".
+_RUN_HERE = object()
 DEFAULT_TIMEOUT = 120.0
 RETRY_INTERVAL = 1.0
 WATCHDOG_TIMEOUT = 10.0
@@ -123,14 +125,26 @@ class VBD:
         self._check(offset, length, errno.ENOSPC)
 
     # ------------------------------------------------------------------ queueing
-    def _submit(self, req: Request) -> asyncio.Future:
+    async def _submit(self, req: Request) -> object:
+        """Queue ``req`` and wait for its result. A request that _kick found nothing to
+        merge with is run by its own task (no extra task per request)."""
         req.future = self.loop.create_future()
         self._queue.append(req)
         self.stats.submitted += 1
         if not self._kick_pending:
             self._kick_pending = True
             self.loop.call_soon(self._kick)
-        return req.future
+        result = await req.future
+        if result is _RUN_HERE:
+            try:
+                result, error = await self._execute([req])
+            except BaseException as exc:  # cancelled: still leave the books straight
+                self._finish([req], None, exc)
+                raise
+            self._finish([req], result, error)
+            if error is not None:
+                raise error
+        return result
 
     def _kick(self) -> None:
         """Issue what was queued during this turn of the loop, merging neighbours."""
@@ -161,7 +175,15 @@ class VBD:
             self._inflight.update(group)
             self._idle.clear()
             self.stats.in_flight += len(group)
-            self.loop.create_task(self._issue(group))
+            if len(group) == 1:
+                fut = req.future
+                assert fut is not None
+                if fut.cancelled():  # its caller is gone: nothing to run it for
+                    self._finish(group, None, None)
+                else:
+                    fut.set_result(_RUN_HERE)
+            else:
+                self.loop.create_task(self._issue(group))
 
     async def _call(self, req: Request, iov: Sequence[memoryview], length: int) -> object:
         d = self.driver
@@ -182,6 +204,11 @@ class VBD:
         return await d.cache(req.offset, length)
 
     async def _issue(self, group: list[Request]) -> None:
+        result, error = await self._execute(group)
+        self._finish(group, result, error)
+
+    async def _execute(self, group: list[Request]) -> tuple[object, BaseException | None]:
+        """Run a (merged) request with retries; (result, error)."""
         first = group[0]
         if len(group) > 1:
             iov: Sequence[memoryview] = [v for r in group for v in r.iov]
@@ -211,7 +238,7 @@ class VBD:
                 log.exception("%s: %s failed", self.name, first.op.value)
                 error = BlktapError(f"{type(exc).__name__}: {exc}", errno.EIO)
                 break
-        self._finish(group, result, error)
+        return result, error
 
     def _finish(self, group: list[Request], result: object,
                 error: BaseException | None) -> None:
