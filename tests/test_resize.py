@@ -852,3 +852,15 @@ def test_image_on_a_block_device(tmp_path: Path, loop_device: Callable[[Path], s
     proc = vhd_util("resize", "-n", loop_device(small), "-s", "600", "-j", str(tmp_path / "J"))
     _one_line(proc, errno.ENOSPC, "resize failed: -28 (")
     assert small.read_bytes() == snap and not (tmp_path / "J").exists()
+
+
+def test_fixed_disk_whose_data_starts_like_a_poisoned_footer(tmp_path: Path) -> None:
+    """Offset 0 of a fixed disk is the guest's: a poisoned footer there is just data."""
+    path = fixed_with_data(tmp_path / "x.vhd")
+    with VhdImage.open(str(path)) as img:
+        fake = jn.footer_poisoned(img.footer)
+    with Chain.open(str(path), writable=True) as disk:
+        disk.pwrite(0, fake)
+    _grow_journaled(path, 8)
+    with Chain.open(str(path)) as disk:
+        assert disk.pread(0, 512) == fake

@@ -556,14 +556,16 @@ def _poisoned(footer: s.Footer) -> bytes:
 def _footers_of(fd: int, size: int, recorded_offset: int) -> list[s.Footer]:
     """The valid footers (poisoned ones too) an image has in the places a journaled
     operation may have left one."""
-    found = []
-    for off in {size - s.FOOTER_SIZE, 0, recorded_offset}:
+    found: dict[int, s.Footer] = {}
+    for off in dict.fromkeys([size - s.FOOTER_SIZE, recorded_offset, 0]):
         if off < 0 or off + s.FOOTER_SIZE > size:
             continue
+        if off == 0 and any(f.type == s.DISK_TYPE_FIXED for f in found.values()):
+            continue  # a fixed disk's first sector is the guest's data
         raw = pread_exact(fd, s.FOOTER_SIZE, off)
         if _valid_footer(raw):
-            found.append(s.Footer.unpack(raw))
-    return found
+            found[off] = s.Footer.unpack(raw)
+    return list(found.values())
 
 
 def revert(image_path: str, journal_path: str) -> None:

@@ -44,6 +44,7 @@ from blktap.image.fileio import copy_range, file_size_of, pread_exact, pwrite_al
 from blktap.image.vhd import journal as jn
 from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
+from blktap.image.vhd import validate as v
 from blktap.image.vhd.image import VhdImage
 
 MB = 1 << 20
@@ -102,8 +103,12 @@ def load_target(path: str) -> ResizeTarget:
     missing (repair it first)."""
     with _reader(path) as fd:
         size = file_size_of(fd)
-        cookies = {os.pread(fd, 8, off) for off in (0, size - s.FOOTER_SIZE) if off >= 0}
-    if s.POISON_COOKIE in cookies:
+        # A poisoned footer at the end, or at offset 0 unless the end holds a fixed
+        # disk's footer (then offset 0 is the guest's data).
+        end = _footer_at(fd, size - s.FOOTER_SIZE)
+        places = [end] if end is not None and end.type == s.DISK_TYPE_FIXED else \
+            [end, _footer_at(fd, 0)]
+    if any(f is not None and f.cookie == s.POISON_COOKIE for f in places):
         raise FormatError(f"{path}: disabled by an interrupted resize (revert it with its "
                           f"journal first)")
     image = VhdImage.open(path, footer="primary", validate_bat=True)
@@ -126,6 +131,19 @@ def load_target(path: str) -> ResizeTarget:
             target.batmap = bytes(image.batmap)
             target.batmap_valid = image.batmap_valid
     return target
+
+
+def _footer_at(fd: int, offset: int) -> s.Footer | None:
+    """The valid footer (poisoned or not) at ``offset``, if there is one."""
+    if offset < 0:
+        return None
+    raw = os.pread(fd, s.FOOTER_SIZE, offset)
+    if len(raw) != s.FOOTER_SIZE:
+        return None
+    footer = s.Footer.unpack(raw)
+    if v.footer_problem(footer, raw, strict=False, allow_poison=True):
+        return None
+    return footer
 
 
 def round_size(size: int) -> int:
