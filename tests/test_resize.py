@@ -864,3 +864,16 @@ def test_fixed_disk_whose_data_starts_like_a_poisoned_footer(tmp_path: Path) -> 
     _grow_journaled(path, 8)
     with Chain.open(str(path)) as disk:
         assert disk.pread(0, 512) == fake
+
+
+def test_flags_survive(image: Path) -> None:
+    """The hidden flag (footers) and the marker (batmap header) come through a resize
+    that grows the batmap and moves its header."""
+    assert vhd_util("set", "-n", str(image), "-f", "hidden", "-v", "1").returncode == 0
+    assert vhd_util("set", "-n", str(image), "-f", "marker", "-v", "5").returncode == 0
+    _grow_journaled(image, 40 * 1024)  # the batmap grows to 5 sectors
+    with VhdImage.open(str(image)) as img:
+        assert img.batmap_header is not None and img.batmap_header.batmap_size == 5
+    proc = vhd_util("query", "-n", str(image), "-v", "-f", "-m")
+    assert proc.stdout == "40960\nhidden: 1\nmarker: 5\n"
+    assert is_valid(image)
