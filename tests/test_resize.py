@@ -877,3 +877,24 @@ def test_flags_survive(image: Path) -> None:
     proc = vhd_util("query", "-n", str(image), "-v", "-f", "-m")
     assert proc.stdout == "40960\nhidden: 1\nmarker: 5\n"
     assert is_valid(image)
+
+
+def test_unwritable_image(image: Path, tmp_path: Path) -> None:
+    """An image that cannot be opened for writing gets no journal."""
+    before = digest(image)
+    jpath = tmp_path / "J"
+    if os.geteuid() != 0:
+        image.chmod(0o444)
+        want = errno.EACCES
+    else:
+        if shutil.which("chattr") is None or run(["chattr", "+i", str(image)]).returncode:
+            pytest.skip("cannot make an unwritable file as root here")
+        want = errno.EPERM
+    try:
+        proc = vhd_util("resize", "-n", str(image), "-s", "600", "-j", str(jpath))
+        _one_line(proc, want, f"creating journal failed: {-want} (")
+    finally:
+        if os.geteuid() == 0:
+            run(["chattr", "-i", str(image)])
+        image.chmod(0o644)
+    assert digest(image) == before and not jpath.exists()

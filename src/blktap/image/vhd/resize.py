@@ -420,14 +420,15 @@ def _check_disjoint(path: str, pieces: list[Range]) -> None:
                               f"would overlap once the BAT grows)")
 
 
-class _reader:  # noqa: N801 - a tiny context manager around a read-only fd
-    def __init__(self, path: str) -> None:
+class _reader:  # noqa: N801 - a tiny context manager around an fd
+    def __init__(self, path: str, writable: bool = False) -> None:
         self.path = path
+        self.flags = os.O_RDWR if writable else os.O_RDONLY
         self.fd = -1
 
     def __enter__(self) -> int:
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = os.open(self.path, self.flags | os.O_CLOEXEC)
         except OSError as exc:
             raise FormatError(f"{self.path}: {os.strerror(exc.errno)}", exc.errno) from None
         return self.fd
@@ -560,7 +561,8 @@ def _journal_metadata(fd: int, t: ResizeTarget) -> list[jn.Entry]:
 def write_resize_journal(plan: ResizePlan, journal_path: str) -> None:
     """Record what the plan will overwrite in a new journal, durably."""
     t = plan.target
-    with _reader(t.path) as fd:
+    # Opened for writing already: an image we may not change gets no journal.
+    with _reader(t.path, writable=True) as fd:
         if file_size_of(fd) != t.file_size:
             raise FormatError(f"{t.path}: changed since it was inspected", errno.EAGAIN)
         jn.write_journal(journal_path, t.footer.uuid, t.file_size - s.FOOTER_SIZE,
