@@ -210,3 +210,65 @@ def test_encrypted_chain_info_convert_rebase(tmp_path: Path) -> None:
     wrong.write_bytes(os.urandom(64))
     proc = blktap("convert", str(top), str(tmp_path / "x.raw"), "--key-file", str(wrong))
     assert proc.returncode == 126 and proc.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------ resize / revert
+def test_resize_fast_then_journaled_keeps_content(tmp_path: Path) -> None:
+    disk = tmp_path / "d.vhd"
+    create(str(disk), 10 * MB, prealloc_size=100 * MB)
+    with Chain.open(str(disk), writable=True) as chain:
+        chain.pwrite(0, os.urandom(4 * MB))
+    before = content(disk)
+    proc = blktap("resize", str(disk), "50M")
+    assert proc.returncode == 0, proc.stderr
+    assert "(fast: within the preallocated metadata)" in proc.stdout
+    proc = blktap("resize", str(disk), "200M", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"image": str(disk), "format": "vhd",
+                                       "old_size": 50 * MB, "new_size": 200 * MB,
+                                       "method": "journaled"}
+    after = content(disk)
+    assert len(after) == 200 * MB  # not 250: the reference's bug
+    assert after[: len(before)] == before
+    assert after[len(before):] == bytes(190 * MB)
+    assert vhd_check.check(str(disk)).errno == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["d.vhd"]  # the journal is gone
+
+
+def test_resize_refusals_and_raw(tmp_path: Path) -> None:
+    disk = tmp_path / "d.vhd"
+    create(str(disk), 10 * MB)
+    proc = blktap("resize", str(disk), "4M")
+    assert proc.returncode == 38 and proc.stderr.count("\n") == 1
+    proc = blktap("resize", str(disk), "3000G")
+    assert proc.returncode == 22 and proc.stderr.count("\n") == 1
+    raw = tmp_path / "r.img"
+    raw.write_bytes(b"\x01" * MB)
+    proc = blktap("resize", str(raw), "3M")
+    assert proc.returncode == 0, proc.stderr
+    assert raw.read_bytes() == b"\x01" * MB + bytes(2 * MB)
+    assert blktap("resize", str(raw), "1K").returncode == 38
+
+
+def test_revert_an_interrupted_resize(tmp_path: Path) -> None:
+    import faults
+    from blktap.image.vhd.resize import resize
+
+    disk = tmp_path / "d.vhd"
+    journal = tmp_path / "j"
+    create(str(disk), 20 * MB)
+    with Chain.open(str(disk), writable=True) as chain:
+        chain.pwrite(0, os.urandom(2 * MB))
+    pristine = disk.read_bytes()
+    total = faults.count_mutations(lambda: resize(str(disk), 4 * 1024 * MB,
+                                                  journal=str(journal)))
+    disk.write_bytes(pristine)
+    # Killed half way through changing the image: it is disabled until reverted.
+    assert not faults.crash_after(lambda: resize(str(disk), 4 * 1024 * MB,
+                                                 journal=str(journal)), total - 2)
+    proc = blktap("info", str(disk))
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1
+    proc = blktap("revert", str(disk), str(journal))
+    assert proc.returncode == 0, proc.stderr
+    assert disk.read_bytes() == pristine
+    assert not journal.exists()

@@ -8,6 +8,8 @@
     blktap map IMAGE             which layer holds each part of the disk
     blktap coalesce IMAGE        merge a differencing VHD into its parent
     blktap rebase IMAGE PARENT   give a differencing VHD a new parent, keeping its content
+    blktap resize IMAGE SIZE     grow a disk (fast, or journaled when metadata must move)
+    blktap revert IMAGE JOURNAL  undo an interrupted resize
 
 Image arguments take ``vhd:PATH``, ``aio:PATH`` or ``raw:PATH``, or a plain path whose
 format is probed. Errors are one line on stderr, ``blktap: <message>``, and the exit code

@@ -7,18 +7,29 @@ the same facts to scripts.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-from blktap.cli.common import Progress, describe_size, human_size, print_json, print_note
+from blktap.cli.common import (
+    Progress,
+    describe_size,
+    human_size,
+    parse_size,
+    print_json,
+    print_note,
+)
 from blktap.errors import BlktapError, UsageError
-from blktap.image.chain import parse_spec
+from blktap.image.chain import parse_spec, probe
 from blktap.image.crypto import read_key_file
+from blktap.image.fileio import file_size_of, is_regular
 from blktap.image.vhd.coalesce import coalesce
 from blktap.image.vhd.image import VhdImage
+from blktap.image.vhd.journal import revert as revert_resize
 from blktap.image.vhd.rebase import rebase
+from blktap.image.vhd.resize import load_target, resize, round_size
 
 Register = Callable[[Any, str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
@@ -36,6 +47,22 @@ def add_commands(sub: Any, command: Register) -> None:
                      help="then delete IMAGE (refused while a VHD in its folder still has "
                           "IMAGE as its parent)")
     cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    cmd = command(sub, "resize", cmd_resize,
+                  "Grow IMAGE's virtual size to SIZE (a VHD, or a raw file).")
+    cmd.add_argument("image", metavar="IMAGE")
+    cmd.add_argument("size", metavar="SIZE", type=parse_size,
+                     help="the new virtual size: bytes or 64M, 10G... (VHD: rounded up to "
+                          "2 MiB)")
+    cmd.add_argument("--journal", metavar="PATH",
+                     help="where to keep the undo journal while a VHD's metadata must move "
+                          "(default: a hidden file beside IMAGE, removed when done)")
+    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    cmd = command(sub, "revert", cmd_revert,
+                  "Undo an interrupted VHD resize with its journal.")
+    cmd.add_argument("image", metavar="IMAGE")
+    cmd.add_argument("journal", metavar="JOURNAL")
 
     cmd = command(sub, "rebase", cmd_rebase,
                   "Give IMAGE, a differencing VHD, the parent PARENT; its content stays "
@@ -148,4 +175,72 @@ def cmd_rebase(args: argparse.Namespace) -> int:
     how = ("pointers only" if args.unsafe else
            f"{human_size(result.copied_bytes)} copied in to keep its content")
     print(f"Rebased {path} onto {result.parent.path} ({how})")
+    return 0
+
+
+def default_journal(path: str) -> str:
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.resize-journal")
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    fmt, path = parse_spec(args.image)
+    fmt = fmt or probe(path)
+    if fmt == "raw":
+        return _resize_raw(path, args)
+    target = load_target(path)
+    old = target.size
+    new = round_size(args.size)
+    if args.size < old:
+        raise UsageError(f"{path}: shrinking a VHD is not supported ({describe_size(old)} "
+                         f"now, {describe_size(args.size)} asked)", errno.ENOSYS)
+    how = "unchanged"
+    if new != old:
+        if target.is_dynamic and new <= target.max_fast_size:
+            resize(path, new)
+            how = "fast: within the preallocated metadata"
+        else:
+            journal = args.journal or default_journal(path)
+            resize(path, new, journal=journal)
+            how = "journaled: the metadata grew"
+    if args.json:
+        print_json({"image": path, "format": "vhd", "old_size": old, "new_size": new,
+                    "method": how.split(":")[0]})
+        return 0
+    if new != args.size:
+        print_note(f"size rounded up from {describe_size(args.size)} to "
+                   f"{describe_size(new)}: VHD sizes are whole 2 MiB blocks")
+    print(f"Resized {path}: {describe_size(old)} -> {describe_size(new)} ({how})")
+    return 0
+
+
+def _resize_raw(path: str, args: argparse.Namespace) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        old = file_size_of(fd)
+        if args.size < old:
+            raise UsageError(f"{path}: shrinking is not supported (it would cut off data)",
+                             errno.ENOSYS)
+        if not is_regular(fd):
+            if args.size != old:
+                raise UsageError(f"{path}: a block device cannot be resized here",
+                                 errno.EINVAL)
+        elif args.size != old:
+            os.ftruncate(fd, args.size)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if args.json:
+        print_json({"image": path, "format": "raw", "old_size": old, "new_size": args.size,
+                    "method": "truncate"})
+        return 0
+    print(f"Resized {path}: {describe_size(old)} -> {describe_size(args.size)}")
+    return 0
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    path = vhd_path(args.image)
+    revert_resize(path, args.journal)
+    print(f"Reverted {path} to its size before the interrupted resize; {args.journal} "
+          f"removed")
     return 0
