@@ -380,3 +380,32 @@ def _unwritable_parent(folder: Path, setpriv: str) -> None:
     assert proc.returncode == 13, (proc.stdout, proc.stderr)
     assert proc.stdout == f"error opening {parent}: -13\nerror coalescing: -13\n"
     assert parent.read_bytes() == before
+
+
+def test_real_sigkill_during_vhd_util_coalesce(tmp_path: Path) -> None:
+    """The fault hook simulates a kill between system calls; this one is a real SIGKILL
+    at whatever moment the process has reached."""
+    import signal
+    import time
+
+    parent, child = tmp_path / "p.vhd", tmp_path / "c.vhd"
+    create(str(parent), 128 * MB)
+    snapshot(str(child), str(parent))
+    rng = random.Random(3)
+    with Chain.open(str(child), writable=True) as chain:
+        for blk in rng.sample(range(64), 40):
+            chain.pwrite(blk * 2 * MB + rng.randrange(0, 8) * 65536,
+                         os.urandom(rng.choice([65536, 2 * MB - 8 * 65536])))
+    child_view = content(child)
+    pristine = parent.read_bytes()
+    for delay in (0.05, 0.1, 0.15, 0.2, 0.3):
+        parent.write_bytes(pristine)
+        proc = subprocess.Popen([tool("vhd-util"), "coalesce", "-n", str(child)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert_valid(parent)
+        assert content(child) == child_view
+        coalesce(str(child))
+        assert content(parent) == child_view
