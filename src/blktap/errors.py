@@ -16,7 +16,8 @@ do (they exit with ``-ret``, an errno), and print ``str(exc)`` as the one-line m
      │    ├── OutOfRange             an access past the end of the virtual disk (ERANGE/ENOSPC)
      │    └── EncryptionError        an encrypted image without its key, a wrong key, a key
      │                               for a clear image, a bad key (EINVAL; ENOKEY: wrong key)
-     └── UsageError                  a bad argument from a caller (EINVAL)
+     ├── UsageError                  a bad argument from a caller (EINVAL)
+     └── ControlProtocolError        a malformed tapdisk control message (EINVAL; EPROTO)
 """
 
 from __future__ import annotations
@@ -88,3 +89,19 @@ class UsageError(BlktapError):
     """A caller passed an argument that makes no sense."""
 
     default_errno = _errno.EINVAL
+
+
+class ControlProtocolError(BlktapError):
+    """A tapdisk control message that cannot be read or written: short, of an unknown type,
+    with an unterminated or over-long string, or a value out of range. ``errno`` is what an
+    ERROR reply carries (EINVAL for a bad message, EPROTO for a broken stream); ``cookie``
+    and ``msg_type`` are the request's, when its header could be read, so that a server can
+    address its reply."""
+
+    default_errno = _errno.EINVAL
+
+    def __init__(self, message: str, errno: int | None = None, *,
+                 cookie: int | None = None, msg_type: int | None = None) -> None:
+        super().__init__(message, errno)
+        self.cookie = cookie
+        self.msg_type = msg_type
