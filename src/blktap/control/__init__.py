@@ -1,0 +1,1 @@
+"""The tapdisk control protocol (the reference's binary messages over AF_UNIX)."""
