@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from blktap.errors import ChainError, FormatError, OutOfRange, UnsupportedImage
@@ -82,74 +82,71 @@ def _check_fits(child: VhdImage, parent_sectors: int, parent_path: str) -> None:
     """Refuse before writing anything if the child holds data the parent cannot store."""
     if child.sectors <= parent_sectors:
         return
-    for first, count, where in child.extents(parent_sectors, child.sectors - parent_sectors):
-        if where is not None:
-            raise OutOfRange(
-                f"{child.path} holds data at sector {first} past the end of its parent "
-                f"{parent_path} ({parent_sectors} sectors): resize the parent first",
-                errno.ERANGE)
-        del count
+    past_end = child.extents(parent_sectors, child.sectors - parent_sectors)
+    first = next((first for first, _, where in past_end if where is not None), None)
+    if first is not None:
+        raise OutOfRange(
+            f"{child.path} holds data at sector {first} past the end of its parent "
+            f"{parent_path} ({parent_sectors} sectors): resize the parent first",
+            errno.ERANGE)
 
 
-def _block_source(child: VhdImage, blk: int) -> tuple[bytearray | None, int]:
-    """(bitmap, or None when every sector is held; byte offset of the block's data)."""
-    entry = child.bat[blk]
-    data_offset = (entry + child.bitmap_secs) * s.SECTOR_SIZE
-    if child.block_full(blk):
-        return None, data_offset
-    bitmap = child.bitmap(blk)
-    if bm.all_set(bitmap, child.spb):
-        return None, data_offset
-    return bitmap, data_offset
-
-
-def _onto_vhd(child: VhdImage, parent: VhdImage, sparse: bool,
-              progress: Progress | None) -> CoalesceResult:
+def _child_blocks(child: VhdImage, progress: Progress | None
+                  ) -> Iterator[tuple[int, bytearray | None, int]]:
+    """Each block the child holds, in block order, as (block, bitmap or None when every
+    sector is held, byte offset of the block's data), reporting progress on the way."""
     entries = len(child.bat)
-    sectors = blocks = skipped = 0
-    # Sparse mode may only skip a block where the parent reads zeros without it.
-    can_skip = sparse and not parent.is_differencing and not parent.is_fixed
-    scratch = bytearray(child.block_size) if can_skip else None
     last_block = -(-child.sectors // child.spb)
     for blk in child.allocated_block_numbers():
         if blk >= last_block:
             break
-        bitmap, data_offset = _block_source(child, blk)
         if progress:
             progress(blk, entries)
-        if can_skip and parent.bat[blk] == s.BAT_ENTRY_UNUSED:
-            assert scratch is not None
-            held = _held_sectors(child, blk, bitmap)
-            if _all_zero(child.fd, data_offset, bitmap, child.spb, scratch):
+        data_offset = (child.bat[blk] + child.bitmap_secs) * s.SECTOR_SIZE
+        bitmap = None if child.block_full(blk) else child.bitmap(blk)
+        if bitmap is not None and bm.all_set(bitmap, child.spb):
+            bitmap = None
+        yield blk, bitmap, data_offset
+    if progress:
+        progress(entries, entries)
+
+
+def _held_spans(child: VhdImage, blk: int, bitmap: bytearray | None) -> list[tuple[int, int]]:
+    """(first sector in the block, count) of each run the child holds in block ``blk``."""
+    nsecs = min(child.spb, child.sectors - blk * child.spb)
+    if bitmap is None:
+        return [(0, nsecs)]
+    return [(first, n) for first, n, is_set in bm.runs(bm.bit_string(bitmap, nsecs), 0, nsecs)
+            if is_set]
+
+
+def _onto_vhd(child: VhdImage, parent: VhdImage, sparse: bool,
+              progress: Progress | None) -> CoalesceResult:
+    sectors = blocks = skipped = 0
+    # Sparse mode may only skip a block where the parent reads zeros without it.
+    can_skip = sparse and not parent.is_differencing and not parent.is_fixed
+    scratch = bytearray(child.block_size) if can_skip else None
+    for blk, bitmap, data_offset in _child_blocks(child, progress):
+        if scratch is not None and parent.bat[blk] == s.BAT_ENTRY_UNUSED:
+            spans = _held_spans(child, blk, bitmap)
+            if _all_zero(child.fd, data_offset, spans, scratch):
+                held = sum(n for _, n in spans)
                 sectors += held
                 skipped += held
                 continue
         sectors += parent.merge_block(blk, bitmap, child.fd, data_offset)
         blocks += 1
-    if progress:
-        progress(entries, entries)
     return CoalesceResult(child.path, parent.path, False, sectors, blocks, skipped)
 
 
-def _held_sectors(child: VhdImage, blk: int, bitmap: bytearray | None) -> int:
-    nsecs = min(child.spb, child.sectors - blk * child.spb)
-    if bitmap is None:
-        return nsecs
-    return bm.bit_string(bitmap, nsecs).count("1")
-
-
-def _all_zero(fd: int, data_offset: int, bitmap: bytearray | None, spb: int,
+def _all_zero(fd: int, data_offset: int, spans: list[tuple[int, int]],
               scratch: bytearray) -> bool:
-    """Whether the sectors of the block that the bitmap marks are all zero."""
-    view = memoryview(scratch)[: spb * s.SECTOR_SIZE]
-    preadv_into(fd, view, data_offset)
-    if bitmap is None:
-        return scratch.count(0) == len(scratch)
-    for first, n, is_set in bm.runs(bm.bit_string(bitmap, spb), 0, spb):
-        if is_set:
-            run = view[first * s.SECTOR_SIZE : (first + n) * s.SECTOR_SIZE]
-            if run.tobytes().count(0) != len(run):
-                return False
+    """Whether the given runs of sectors of a block are all zero."""
+    preadv_into(fd, memoryview(scratch), data_offset)
+    for first, n in spans:
+        start, end = first * s.SECTOR_SIZE, (first + n) * s.SECTOR_SIZE
+        if scratch.count(0, start, end) != end - start:
+            return False
     return True
 
 
@@ -166,30 +163,15 @@ def _onto_raw(child: VhdImage, parent_path: str,
         # a last partial sector, as the reference's plain write() does.
         limit = -(-file_size_of(fd) // s.SECTOR_SIZE)
         _check_fits(child, limit, parent_path)
-        entries = len(child.bat)
         sectors = blocks = 0
-        last_block = -(-child.sectors // child.spb)
-        for blk in child.allocated_block_numbers():
-            if blk >= last_block:
-                break
-            if progress:
-                progress(blk, entries)
-            bitmap, data_offset = _block_source(child, blk)
+        for blk, bitmap, data_offset in _child_blocks(child, progress):
             first_sector = blk * child.spb
-            nsecs = min(child.spb, child.sectors - first_sector)
-            if bitmap is None:
-                spans = [(0, nsecs)]
-            else:
-                spans = [(first, n) for first, n, is_set
-                         in bm.runs(bm.bit_string(bitmap, nsecs), 0, nsecs) if is_set]
-            for first, n in spans:
+            for first, n in _held_spans(child, blk, bitmap):
                 copy_range(child.fd, data_offset + first * s.SECTOR_SIZE, fd,
                            (first_sector + first) * s.SECTOR_SIZE, n * s.SECTOR_SIZE)
                 sectors += n
             blocks += 1
         os.fsync(fd)
-        if progress:
-            progress(entries, entries)
         return CoalesceResult(child.path, parent_path, True, sectors, blocks, 0)
     finally:
         os.close(fd)
