@@ -134,6 +134,29 @@ def test_qemu_reads_the_coalesced_parent(tmp_path: Path) -> None:
     assert out.read_bytes()[: len(child_view)] == child_view
 
 
+@pytest.mark.interop
+def test_fixed_parent(tmp_path: Path) -> None:
+    """A fixed parent takes the child's runs in place; qemu reads the result."""
+    qemu_img = need("qemu-img")
+    parent, child = tmp_path / "fixed.vhd", tmp_path / "c.vhd"
+    create(str(parent), 8 * MB, fixed=True)
+    write(parent, 0, b"\x01" * (3 * MB))
+    snapshot(str(child), str(parent))
+    write(child, MB + 512, b"\x02" * 1536)
+    write(child, 4 * MB, b"\x03" * (2 * MB))
+    child_view = content(child)
+    size = parent.stat().st_size
+    result = coalesce(str(child))
+    assert result.sectors == (1536 + 2 * MB) // 512
+    assert content(parent) == child_view
+    assert parent.stat().st_size == size
+    assert_valid(parent)
+    out = tmp_path / "out.raw"
+    subprocess.run([qemu_img, "convert", "-f", "vpc", "-O", "raw", str(parent), str(out)],
+                   check=True)
+    assert out.read_bytes()[: len(child_view)] == child_view
+
+
 def test_second_run_changes_nothing(tmp_path: Path) -> None:
     parent, child = make_pair(tmp_path)
     coalesce(str(child))
