@@ -111,15 +111,17 @@ def children_of(image: str) -> list[str]:
 def cmd_coalesce(args: argparse.Namespace) -> int:
     path = vhd_path(args.image)
     with VhdImage.open(path) as child:
-        total_blocks = len(child.bat)
+        # The library counts blocks; the bar shows bytes of the disk covered.
+        block_size = child.block_size
+        total = len(child.bat) * block_size
     children = children_of(path) if args.rebase_children or args.remove else []
     if args.remove and children and not args.rebase_children:
         raise UsageError(f"not removing {path}: {', '.join(children)} still use it as "
                          f"their parent (add --rebase-children)")
-    with Progress("coalescing", total_blocks) as progress:
+    with Progress("coalescing", total) as progress:
         started = time.monotonic()
         result = coalesce(path, sparse=args.sparse,
-                          progress=lambda done, total: progress.update(done))
+                          progress=lambda done, _: progress.update(done * block_size))
         elapsed = time.monotonic() - started
     report: dict[str, Any] = {
         "image": path, "parent": result.parent, "parent_is_raw": result.parent_is_raw,
