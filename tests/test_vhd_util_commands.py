@@ -384,3 +384,22 @@ def test_scan_lvm_lists_volumes_through_lvs(tmp_path: Path) -> None:
     proc = run([tool("vhd-util"), "scan", "-l", "other-vg", "-m", "*"], env=env, text=True)
     assert proc.returncode == 22
     assert proc.stderr == "lvm_scan_vg failed -22\nscan failed: -22. Check syslog for details\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["query", "-v"], ["set", "-f", "hidden", "-v", "1"], ["fill"], ["repair"],
+    ["modify", "-z"], ["copy", "-N", "{dir}/new.vhd"],
+])
+def test_open_errors_say_one_line(tmp_path: Path, argv: list[str]) -> None:
+    """Every command that opens the image first says ``error opening NAME: -ERRNO`` on
+    stdout and exits with that errno, with nothing on stderr and nothing made."""
+    args = [a.replace("{dir}", str(tmp_path)) for a in argv]
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"j" * 8192)
+    for name, code in ((str(tmp_path / "missing.vhd"), 2), (str(junk), 22),
+                       (str(tmp_path), 21)):
+        proc = vu(*args, "-n", name)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (
+            code, f"error opening {name}: {-code}\n", ""), (argv, name)
+    assert sorted(os.listdir(tmp_path)) == ["junk"]
+    assert junk.read_bytes() == b"j" * 8192

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from blktap.cli.vhd_util.options import Output, Usage
+from blktap.cli.vhd_util.options import Exit, Output, Usage
 from blktap.errors import BlktapError
 
 # The reference's command table, in its order (it is printed in the usage).
@@ -59,6 +59,8 @@ def run(argv: list[str], out: Output) -> int:
         return handler(args, out)
     except Usage as exc:
         out.print(usage)
+        return exc.code
+    except Exit as exc:
         return exc.code
     except BlktapError as exc:
         # A fault found mid-command (say, a block past the end of a damaged file).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
+from blktap.cli.vhd_util.options import Exit, Output
 from blktap.errors import BlktapError, FormatError
 from blktap.image.vhd.image import VhdImage
 from blktap.image.vhd.keyhash import read_keyhash
@@ -26,6 +27,18 @@ def open_vhd(path: str, *, writable: bool = False, allow_disabled: bool = True,
         raise FormatError(f"{path}: file too small to be a VHD ({size} bytes)", err)
     return VhdImage.open(path, writable=writable, allow_disabled=allow_disabled,
                          validate_bat=False, footer=footer)
+
+
+def open_or_exit(path: str, out: Output, *, writable: bool = False,
+                 allow_disabled: bool = True, footer: str = "auto") -> VhdImage:
+    """open_vhd, or the reference's ``error opening PATH: -ERRNO`` line on stdout and an
+    exit with that errno."""
+    try:
+        return open_vhd(path, writable=writable, allow_disabled=allow_disabled,
+                        footer=footer)
+    except BlktapError as exc:
+        out.print(f"error opening {path}: {-exc.errno}\n")
+        raise Exit(exc.errno) from None
 
 
 def signed_byte(value: int) -> int:

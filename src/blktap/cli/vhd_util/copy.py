@@ -11,7 +11,7 @@ import errno
 import os
 import sys
 
-from blktap.cli.vhd_util.common import open_vhd
+from blktap.cli.vhd_util.common import open_or_exit
 from blktap.cli.vhd_util.options import Output, Usage, getopt
 from blktap.errors import BlktapError, EncryptionError
 from blktap.image.chain import Chain
@@ -71,12 +71,7 @@ def run(argv: list[str], out: Output) -> int:
         out.error("Must supply both existing and new VHD names\n")
         raise Usage(errno.EINVAL)
 
-    try:
-        leaf = open_vhd(name)
-    except BlktapError as exc:
-        out.print(f"error opening {name}: {-exc.errno}\n")
-        return exc.errno
-    with leaf:
+    with open_or_exit(name, out) as leaf:
         source_encrypted = is_encrypted(leaf)
     if os.path.lexists(new_name):
         out.print(f"VHD file {new_name} already exists, chose a different name\n")

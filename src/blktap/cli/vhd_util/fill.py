@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 
-from blktap.cli.vhd_util.common import err_of, open_vhd
+from blktap.cli.vhd_util.common import err_of, open_or_exit
 from blktap.cli.vhd_util.options import U64, Output, Usage, getopt, strtoull
 from blktap.errors import BlktapError
 from blktap.image.vhd.fill import fill
@@ -50,11 +50,7 @@ def run(argv: list[str], out: Output) -> int:
     if ignore_limit and not bitmaps_only:
         out.print("-B can only be used with -b\n")
         raise Usage(22)
-    try:
-        open_vhd(name, writable=True, allow_disabled=False).close()
-    except BlktapError as exc:
-        out.print(f"error opening {name}: {-exc.errno}\n")
-        return exc.errno
+    open_or_exit(name, out, writable=True, allow_disabled=False).close()
     try:
         fill(name, bitmaps_only=bitmaps_only,
              first_sector=None if first == UNSET else first,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from blktap.cli.vhd_util.common import err_of, open_vhd
+from blktap.cli.vhd_util.common import err_of, open_or_exit
 from blktap.cli.vhd_util.options import U64, Output, Usage, getopt
 from blktap.errors import BlktapError
 from blktap.image.vhd.modify import kill_data, set_physical_size
@@ -55,11 +55,7 @@ def run(argv: list[str], out: Output) -> int:
             raise Usage(22)
     if not name or parsed.args:
         raise Usage(22)
-    try:
-        open_vhd(name, writable=True, allow_disabled=False).close()
-    except BlktapError as exc:
-        out.print(f"error opening {name}: {-exc.errno}\n")
-        return exc.errno
+    open_or_exit(name, out, writable=True, allow_disabled=False).close()
     # The reference's order. Unlike the reference (which goes on and returns the last
     # operation's status), the first failure stops: a caller must not read success
     # after a refused operation.

@@ -18,6 +18,14 @@ class Usage(Exception):
         self.code = code
 
 
+class Exit(Exception):
+    """The subcommand stops with exit status ``code``; it has already said why."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 @dataclass
 class Parsed:
     opts: list[tuple[str, str | None]] = field(default_factory=list)

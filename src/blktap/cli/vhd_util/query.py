@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 
-from blktap.cli.vhd_util.common import err_of, marker_of, open_vhd, signed_byte
+from blktap.cli.vhd_util.common import err_of, marker_of, open_or_exit, signed_byte
 from blktap.cli.vhd_util.options import Output, Usage, getopt
 from blktap.errors import BlktapError
 from blktap.image.vhd import locators
@@ -33,12 +33,7 @@ def run(argv: list[str], out: Output) -> int:
             flags.add(opt)
     if not name or parsed.args:
         raise Usage(22)
-    try:
-        image = open_vhd(name)
-    except BlktapError as exc:
-        out.print(f"error opening {name}: {-exc.errno}\n")
-        return exc.errno
-    with image:
+    with open_or_exit(name, out) as image:
         return _query(image, name, flags, out)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from blktap.cli.vhd_util.common import err_of, open_vhd
+from blktap.cli.vhd_util.common import err_of, open_or_exit
 from blktap.cli.vhd_util.options import Output, Usage, getopt
 from blktap.errors import BlktapError
 from blktap.image.vhd.repair import repair
@@ -24,11 +24,7 @@ def run(argv: list[str], out: Output) -> int:
     if not name or parsed.args:
         raise Usage(22)
     footer = "backup" if backup else "auto"
-    try:
-        open_vhd(name, writable=True, footer=footer, allow_disabled=False).close()
-    except BlktapError as exc:
-        out.print(f"error opening {name}: {-exc.errno}\n")
-        return exc.errno
+    open_or_exit(name, out, writable=True, footer=footer, allow_disabled=False).close()
     try:
         repair(name, use_backup=backup)
     except (BlktapError, OSError) as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
-from blktap.cli.vhd_util.common import MARKER_XATTR, open_vhd
+from blktap.cli.vhd_util.common import MARKER_XATTR, open_or_exit
 from blktap.cli.vhd_util.options import Output, Usage, getopt, strtol
 from blktap.errors import BlktapError
 
@@ -36,12 +36,7 @@ def run(argv: list[str], out: Output) -> int:
     if value < 0 or value > 255:
         out.print(f"invalid value {value}\n")
         raise Usage(22)
-    try:
-        image = open_vhd(name, writable=True, allow_disabled=False)
-    except BlktapError as exc:
-        out.print(f"error opening {name}: {-exc.errno}\n")
-        return exc.errno
-    with image:
+    with open_or_exit(name, out, writable=True, allow_disabled=False) as image:
         try:
             if field == "hidden":
                 image.set_hidden(value)
