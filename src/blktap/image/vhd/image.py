@@ -59,6 +59,8 @@ class VhdImage:
         self.fd = fd
         self.writable = writable
         self.file_size = file_size
+        # A block device (a logical volume): its size is fixed, its footer in its last sector.
+        self.on_device = not is_regular(fd)
         self.footer = footer
         # Where the footer came from: "primary", "short" (511-byte) or "backup".
         self.footer_source = footer_source
@@ -630,17 +632,24 @@ class VhdImage:
         self.batmap_valid = True
         self._dirty_batmap = False
 
+    def footer_offset(self) -> int:
+        """Where the footer belongs: after the data in a file; in the last sector of a
+        block device, which keeps its size (as the reference places it)."""
+        if self.on_device:
+            return self.file_size - s.FOOTER_SIZE
+        return self.end_of_data()
+
     def write_footers(self, footer: s.Footer | None = None) -> None:
-        """Write the footer at the end of the data (then the backup copy at 0 for dynamic
-        disks), and trim any space a crashed writer left after it."""
+        """Write the footer where it belongs (then the backup copy at 0 for dynamic
+        disks), and trim any space a crashed writer left after it in a file."""
         self._require_writable()
         self.footer = (footer or self.footer).sealed()
         raw = self.footer.pack()
-        end = self.end_of_data()
+        end = self.footer_offset()
         pwrite_all(self.fd, raw, end)
         if self.footer.is_dynamic:
             pwrite_all(self.fd, raw, 0)
-        if is_regular(self.fd):
+        if not self.on_device:
             if self.file_size > end + s.FOOTER_SIZE:
                 os.ftruncate(self.fd, end + s.FOOTER_SIZE)
             self.file_size = end + s.FOOTER_SIZE
@@ -674,7 +683,7 @@ class VhdImage:
             if self.writable and (self._dirty or self._dirty_batmap):
                 if self._dirty_batmap:
                     self.write_batmap()
-                if self.file_size != self.end_of_data() + s.FOOTER_SIZE or \
+                if self.file_size != self.footer_offset() + s.FOOTER_SIZE or \
                         self.footer_source != "primary":
                     self.write_footers()
                 os.fsync(self.fd)
