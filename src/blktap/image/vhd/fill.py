@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from blktap.errors import OutOfRange, UnsupportedImage, UsageError
 from blktap.image.chain import Chain
-from blktap.image.fileio import is_regular, pwrite_all, pwritev_all, write_zeros, zero_fill
+from blktap.image.fileio import pwrite_all, pwritev_all, write_zeros, zero_fill
 from blktap.image.vhd import bitmap as bm
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
@@ -102,7 +102,9 @@ class _Filler:
         used = self.bm_secs + self.spb
         self.stride = used + (-used) % ALIGN_SECTORS
         self.next_db = leaf.end_of_data() // s.SECTOR_SIZE
-        self.file_size = os.fstat(self.fd).st_size
+        # A block device's size is its capacity (fstat says 0): the space past the data
+        # holds whatever the volume held before, zeroed below like a file's stale tail.
+        self.file_size = leaf.file_size
         self.footer_end: int | None = None  # where this run last put the end footer
         self.footer = leaf.footer.sealed().pack()
         self.full_bitmap = b"\xff" * leaf.bitmap_bytes
@@ -137,6 +139,10 @@ class _Filler:
             over = max(0, -(-(MAX_BLOCK_SECTOR + 1 - p0) // self.stride))
             raise OutOfRange(f"sector offset for extent {todo[over]} exceeds the 2 TB limit",
                              errno.EOVERFLOW)
+        need = (last + self.bm_secs + self.spb) * s.SECTOR_SIZE + s.FOOTER_SIZE
+        if self.leaf.on_device and need > self.file_size:
+            raise OutOfRange(f"{self.leaf.path}: filling needs {need} bytes, the device "
+                             f"holds {self.file_size}", errno.ENOSPC)
 
     # ------------------------------------------------------------------ blocks
     def _content(self, blk: int) -> memoryview | None:
@@ -184,8 +190,9 @@ class _Filler:
         end_sec = positions[-1] + self.bm_secs + self.spb
         new_end = end_sec * s.SECTOR_SIZE
         fd = self.fd
-        # 1. A valid footer past the new blocks.
-        pwrite_all(fd, self.footer, new_end)
+        # 1. A valid footer past the new blocks (a device keeps its own in its last sector).
+        if not self.leaf.on_device:
+            pwrite_all(fd, self.footer, new_end)
         old_size = self.file_size
         self.file_size = max(old_size, new_end + s.FOOTER_SIZE)
         self.footer_end = new_end
@@ -220,7 +227,7 @@ class _Filler:
         """Allocate [start, end) in the file system. Inside the old file the bytes were
         just zeroed; past it the file holds a hole, which posix_fallocate turns into
         allocated zeros (or explicit zeros where the file system cannot)."""
-        if not is_regular(self.fd):
+        if self.leaf.on_device:
             return
         try:
             os.posix_fallocate(self.fd, start, end - start)
@@ -262,7 +269,7 @@ class _Filler:
         """Cut space left after the last new block (a crashed writer's leak), once the
         footer this run wrote is the one at the end of the data."""
         end = self.next_db * s.SECTOR_SIZE
-        if self.footer_end != end or not is_regular(self.fd):
+        if self.footer_end != end or self.leaf.on_device:
             return
         if os.fstat(self.fd).st_size > end + s.FOOTER_SIZE:
             os.ftruncate(self.fd, end + s.FOOTER_SIZE)
