@@ -28,6 +28,7 @@ from blktap.image.vhd.repair import repair
 from blktap.image.vhd.reparent import set_parent
 from conftest import need, run, tool
 from faults import count_mutations, crash_after, kill_points
+from loopdev import loop_device  # noqa: F401 - a fixture
 
 MB = 1 << 20
 SIZE = 16 * MB
@@ -784,6 +785,63 @@ def test_fill_after_a_writer_leaked_space(tmp_path: Path) -> None:
     assert content(base) == before and checks_ok(base)
     with VhdImage.open(base) as img:
         assert os.path.getsize(base) == img.end_of_data() + 512
+
+
+# ======================================================================== block devices
+def _on_volume(path: str, size: int) -> None:
+    """Make ``path`` look like a logical volume of ``size`` bytes holding the VHD, as the
+    storage manager leaves one after lvextend and ``modify -s``: stale bytes of the
+    volume's past use after the data, the footer in the last sector."""
+    end = os.path.getsize(path)
+    footer = Path(path).read_bytes()[-512:]
+    with open(path, "r+b") as f:
+        f.seek(end - 512)
+        f.write(b"\xaa" * (size - end) + footer)
+
+
+def test_block_device_paths(tmp_path: Path,
+                            loop_device: Callable[[Path], str]) -> None:  # noqa: F811
+    """set, repair, fill and modify -s/-z on a VHD held by a block device: the footer
+    lives in the device's last sector, the device keeps its size, and blocks taken from
+    its stale space read as zeros."""
+    base = make_base(tmp_path / "base.vhd")
+    before = content(base)
+    _on_volume(base, 32 * MB)
+    dev = loop_device(Path(base))
+    assert checks_ok(dev) and content(dev) == before
+    # set -f hidden: the footer in the last sector and its copy at 0 change together
+    assert vu("set", "-n", dev, "-f", "hidden", "-v", "1").returncode == 0
+    assert vu("query", "-n", dev, "-f").stdout == "hidden: 1\n"
+    assert checks_ok(dev)
+    # repair: the footer goes back to the last sector
+    with open(dev, "r+b") as f:
+        f.seek(32 * MB - 512)
+        f.write(b"\xc7" * 512)
+    assert not checks_ok(dev)
+    assert vu("repair", "-n", dev).returncode == 0
+    assert checks_ok(dev) and vu("query", "-n", dev, "-f").stdout == "hidden: 1\n"
+    # fill: the new blocks come from the volume's stale space, yet read as zeros
+    assert vu("fill", "-n", dev).returncode == 0
+    assert vu("query", "-n", dev, "-a").stdout == "8\n"
+    assert checks_ok(dev) and content(dev) == before
+    # modify -s: within the device only
+    assert vu("modify", "-n", dev, "-s", str(32 * MB)).returncode == 0
+    proc = vu("modify", "-n", dev, "-s", str(64 * MB))
+    assert proc.returncode == errno.ENOSPC and proc.stderr.count("\n") == 1
+    assert checks_ok(dev) and content(dev) == before
+    # modify -z: every block forgotten, the device keeps its footer
+    assert vu("modify", "-z", "-n", dev).returncode == 0
+    assert vu("query", "-n", dev, "-a").stdout == "0\n"
+    assert checks_ok(dev) and content(dev) == hashlib.sha256(bytes(SIZE)).hexdigest()
+    assert os.path.getsize(base) == 32 * MB
+    # fill on a volume too small for every block: refused before anything is written
+    small = make_base(tmp_path / "small.vhd")
+    _on_volume(small, SIZE)
+    dev = loop_device(Path(small))
+    snap = Path(small).read_bytes()
+    proc = vu("fill", "-n", dev)
+    assert proc.returncode == errno.ENOSPC and proc.stderr.count("\n") == 1
+    assert Path(small).read_bytes() == snap
 
 
 def test_new_uuid_differs(tmp_path: Path) -> None:

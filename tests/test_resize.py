@@ -24,6 +24,7 @@ from blktap.image.vhd import resize as rs
 from blktap.image.vhd import structs as s
 from conftest import expected, need, run, tool
 from faults import count_mutations, crash_after
+from loopdev import loop_device  # noqa: F401 - a fixture
 
 MB = 1 << 20
 
@@ -781,27 +782,8 @@ def test_a_failing_resize_is_undone(image: Path, tmp_path: Path,
 
 
 # ------------------------------------------------------------ block devices
-@pytest.fixture
-def loop_device() -> Callable[[Path], str]:
-    """Attach files to loop devices (root and losetup needed), detached afterwards."""
-    if os.geteuid() != 0 or shutil.which("losetup") is None:
-        pytest.skip("loop devices need root and losetup")
-    attached: list[str] = []
-
-    def attach(backing: Path) -> str:
-        proc = run(["losetup", "-f", "--show", str(backing)], text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"losetup failed: {proc.stderr.strip()}")
-        attached.append(proc.stdout.strip())
-        return attached[-1]
-
-    yield attach
-    for dev in attached:
-        run(["losetup", "-d", dev])
-
-
 def test_journal_on_a_block_device(image: Path, tmp_path: Path,
-                                   loop_device: Callable[[Path], str]) -> None:
+                                   loop_device: Callable[[Path], str]) -> None:  # noqa: F811
     """XenServer keeps resize journals in logical volumes: the device is reused, its
     header zeroed when the journal is done."""
     backing = tmp_path / "journal.lv"
@@ -831,7 +813,8 @@ def test_journal_on_a_block_device(image: Path, tmp_path: Path,
     assert image2.read_bytes() == original
 
 
-def test_image_on_a_block_device(tmp_path: Path, loop_device: Callable[[Path], str]) -> None:
+def test_image_on_a_block_device(tmp_path: Path,
+                                 loop_device: Callable[[Path], str]) -> None:  # noqa: F811
     """A VHD on a volume keeps its footer at the end of the device (the storage manager
     grows the volume and moves the footer there before the resize)."""
     path = dynamic_with_data(tmp_path / "d.vhd", 20)
