@@ -403,3 +403,24 @@ def test_open_errors_say_one_line(tmp_path: Path, argv: list[str]) -> None:
             code, f"error opening {name}: {-code}\n", ""), (argv, name)
     assert sorted(os.listdir(tmp_path)) == ["junk"]
     assert junk.read_bytes() == b"j" * 8192
+
+
+def test_read_and_check_dump_headers_of_a_non_vhd(tmp_path: Path) -> None:
+    """read -p on a file that does not open says so and dumps what it can; check prints
+    exactly that dump after its own verdict."""
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"j" * 8192)
+    proc = vu("read", "-p", "-n", str(junk))
+    assert proc.returncode == 22
+    head = f"Failed to open {junk}: -22\n\n{junk} appears invalid; dumping headers\n\n"
+    assert proc.stdout.startswith(head + "VHD Footer Summary:\n")
+    assert "Cookie              : jjjjjjjj\n" in proc.stdout
+    assert proc.stdout.endswith("(Bad!)\n\n")  # the header summary, of zeros
+    proc2 = vu("check", "-n", str(junk))
+    assert proc2.returncode == 22
+    assert proc2.stdout.endswith(f"{junk} appears invalid; dumping metadata\n" + proc.stdout)
+    proc = vu("read", "-p", "-n", str(tmp_path / "missing.vhd"))
+    assert (proc.returncode, proc.stdout) == (
+        2, f"Failed to open {tmp_path}/missing.vhd: -2\n\n"
+           f"{tmp_path}/missing.vhd appears invalid; dumping headers\n\n")
+    assert junk.read_bytes() == b"j" * 8192

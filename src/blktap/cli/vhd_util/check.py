@@ -69,9 +69,7 @@ def _dump(path: str) -> str:
     try:
         image = open_vhd(path)
     except BlktapError as exc:
-        text = dump.raw_headers_text(path)
-        return (f"Failed to open {path}: {-exc.errno}\n"
-                f"\n{path} appears invalid; dumping headers\n\n" + (text or ""))
+        return dump.open_failure_text(path, exc.errno)
     with image:
         if image.is_fixed:
             return f"Failed to get bat for {path}: -22\n"

@@ -180,6 +180,12 @@ def image_text(image: VhdImage, hex_: bool = False) -> str:
     return "".join(parts)
 
 
+def open_failure_text(path: str, err: int) -> str:
+    """What ``read`` prints for a file that does not open as a VHD (errno ``err``)."""
+    return (f"Failed to open {path}: {-err}\n"
+            f"\n{path} appears invalid; dumping headers\n\n" + (raw_headers_text(path) or ""))
+
+
 def raw_headers_text(path: str) -> str | None:
     """Best-effort footer and header summaries of a file that does not open as a VHD (what
     read prints after "appears invalid; dumping headers"). None if the file is unreadable."""

@@ -68,11 +68,7 @@ def run(argv: list[str], out: Output) -> int:
     try:
         image = open_vhd(name)
     except BlktapError as exc:
-        out.print(f"Failed to open {name}: {-exc.errno}\n")
-        text = dump.raw_headers_text(name)
-        out.print(f"\n{name} appears invalid; dumping headers\n\n")
-        if text:
-            out.print(text)
+        out.print(dump.open_failure_text(name, exc.errno))
         return exc.errno
     with image:
         if image.is_fixed:
