@@ -28,7 +28,7 @@ import stat
 import struct
 import uuid as _uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from blktap.errors import FormatError
 from blktap.image.fileio import copy_range, file_size_of, pread_exact, pwrite_all, pwritev_all
@@ -507,7 +507,7 @@ class Journal:
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
         original = self.footer
         primary_raw = self._payload(self.metadata[0])
-        poisoned = _poisoned(original)
+        poisoned = footer_poisoned(original)
         # 1. Disable the image while it is rewritten: a footer a reader could use (at the
         #    end of the file or at offset 0) becomes a poisoned copy of the original. One
         #    also goes where the original footer belongs, so that a revert cut short finds
@@ -547,12 +547,6 @@ def _valid_footer(raw: bytes) -> bool:
     return v.footer_problem(footer, raw, strict=False, allow_poison=True) is None
 
 
-def _poisoned(footer: s.Footer) -> bytes:
-    out = s.Footer.unpack(footer.pack())
-    out.cookie = s.POISON_COOKIE
-    return out.sealed().pack()
-
-
 def _footers_of(fd: int, size: int, recorded_offset: int) -> list[s.Footer]:
     """The valid footers (poisoned ones too) an image has in the places a journaled
     operation may have left one."""
@@ -578,7 +572,7 @@ def revert(image_path: str, journal_path: str) -> None:
 def footer_poisoned(footer: s.Footer) -> bytes:
     """The bytes of ``footer`` disabled (cookie ``v_poison``), as a journaled operation
     leaves it while it runs."""
-    return _poisoned(footer)
+    return replace(footer, cookie=s.POISON_COOKIE).sealed().pack()
 
 
 __all__ = ["ENTRY_BAT", "ENTRY_BATMAP_H", "ENTRY_BATMAP_M", "ENTRY_DATA", "ENTRY_FOOTER_C",
