@@ -7,6 +7,7 @@ import os
 import time
 import uuid as _uuid
 
+from blktap.cli.vhd_util.common import signed_byte
 from blktap.image.fileio import file_size_of
 from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
@@ -38,10 +39,6 @@ def time_string(vhd_seconds: int) -> str:
 
 def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("latin-1")
-
-
-def _signed(byte: int) -> int:
-    return byte - 256 if byte >= 128 else byte
 
 
 def _line(label: str, value: str) -> str:
@@ -87,7 +84,7 @@ def footer_text(footer: s.Footer, hex_: bool = False) -> str:
               f"({'Good!' if footer.checksum == recomputed else 'Bad!'})"),
         _line("UUID", str(_uuid.UUID(bytes=footer.uuid))),
         _line("Saved state", "Yes" if footer.saved else "No"),
-        _line("Hidden", str(_signed(footer.hidden))),
+        _line("Hidden", str(signed_byte(footer.hidden))),
         "\n",
     ]
     return "".join(out)
