@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from blktap.cli.vhd_util.common import err_of, open_or_exit
-from blktap.cli.vhd_util.options import U64, Output, Usage, getopt
+from blktap.cli.vhd_util.options import U64, Output, Usage, getopt, strtoll_checked
 from blktap.errors import BlktapError
 from blktap.image.vhd.modify import kill_data, set_physical_size
 from blktap.image.vhd.reparent import set_parent
@@ -11,26 +11,6 @@ from blktap.image.vhd.reparent import set_parent
 USAGE = ("*** Dangerous operations, use with care ***\n"
          "options: <-n name> [-p NEW_PARENT set parent [-m raw]] [-s NEW_SIZE set size] "
          "[-z zero (kill data)] [-h help]\n")
-
-LLONG_MAX = (1 << 63) - 1
-
-
-def strtoll_checked(text: str) -> int | None:
-    """C strtoll(text, NULL, 10), or None where it would overflow (errno ERANGE)."""
-    body = text.lstrip(" \t\n\r\f\v")
-    neg = body[:1] == "-"
-    if body[:1] in ("+", "-"):
-        body = body[1:]
-    digits = ""
-    for ch in body:
-        if not (ch.isascii() and ch.isdigit()):
-            break
-        digits += ch
-    value = int(digits) if digits else 0
-    if value > LLONG_MAX + (1 if neg else 0):
-        return None
-    return -value if neg else value
-
 
 def run(argv: list[str], out: Output) -> int:
     parsed = getopt("modify", argv, "n:s:p:mzh", out)

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 U64 = (1 << 64) - 1
+LLONG_MAX = (1 << 63) - 1
 
 
 class Usage(Exception):
@@ -92,13 +93,18 @@ def strtoull(text: str) -> int:
     return (-n) & U64 if neg else n
 
 
-def strtoul(text: str) -> int:
-    return strtoull(text)
-
-
 def strtol(text: str) -> int:
+    """C strtol(text, NULL, 10) on a 64-bit host: out-of-range values clamp."""
     neg, n = _digits(text)
-    n = min(n, (1 << 63) - (0 if neg else 1))
+    n = min(n, LLONG_MAX + neg)
+    return -n if neg else n
+
+
+def strtoll_checked(text: str) -> int | None:
+    """C strtoll(text, NULL, 10), or None where it would overflow (errno ERANGE)."""
+    neg, n = _digits(text)
+    if n > LLONG_MAX + neg:
+        return None
     return -n if neg else n
 
 
