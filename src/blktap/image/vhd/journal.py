@@ -468,7 +468,7 @@ class Journal:
         try:
             size = file_size_of(fd)
             recorded = self.header.vhd_footer_offset if self.header else 0
-            footers = _footers_of(fd, size, recorded)
+            footers = footers_of(fd, size, recorded)
         finally:
             os.close(fd)
         if self.header is None:
@@ -547,9 +547,10 @@ def _valid_footer(raw: bytes) -> bool:
     return v.footer_problem(footer, raw, strict=False, allow_poison=True) is None
 
 
-def _footers_of(fd: int, size: int, recorded_offset: int) -> list[s.Footer]:
+def footers_of(fd: int, size: int, recorded_offset: int) -> list[s.Footer]:
     """The valid footers (poisoned ones too) an image has in the places a journaled
-    operation may have left one."""
+    operation may have left one: its end, ``recorded_offset``, and offset 0 unless a
+    fixed disk's footer was found (its first sector is the guest's data)."""
     found: dict[int, s.Footer] = {}
     for off in dict.fromkeys([size - s.FOOTER_SIZE, recorded_offset, 0]):
         if off < 0 or off + s.FOOTER_SIZE > size:
@@ -577,5 +578,5 @@ def footer_poisoned(footer: s.Footer) -> bytes:
 
 __all__ = ["ENTRY_BAT", "ENTRY_BATMAP_H", "ENTRY_BATMAP_M", "ENTRY_DATA", "ENTRY_FOOTER_C",
            "ENTRY_FOOTER_P", "ENTRY_HEADER", "ENTRY_LOCATOR", "Entry", "Journal",
-           "JournalHeader", "data_entries", "footer_poisoned",
+           "JournalHeader", "data_entries", "footer_poisoned", "footers_of",
            "remove_journal", "revert", "write_journal"]

@@ -40,16 +40,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from blktap.errors import BlktapError, FormatError, UnsupportedImage, UsageError
-from blktap.image.fileio import copy_range, file_size_of, pread_exact, pwrite_all, write_zeros
+from blktap.image.fileio import (
+    copy_range,
+    file_size_of,
+    pread_exact,
+    preadv_into,
+    pwrite_all,
+    write_zeros,
+)
 from blktap.image.vhd import journal as jn
 from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
-from blktap.image.vhd import validate as v
+from blktap.image.vhd.create import round_size  # sizes are whole 2 MiB blocks, as created
 from blktap.image.vhd.image import VhdImage
 
 MB = 1 << 20
-# Sizes are rounded up to whole 2 MiB blocks, as create does.
-SIZE_UNIT = s.DEFAULT_BLOCK_SIZE
 
 Range = tuple[int, int]  # (byte offset, length)
 
@@ -105,10 +110,8 @@ def load_target(path: str) -> ResizeTarget:
         size = file_size_of(fd)
         # A poisoned footer at the end, or at offset 0 unless the end holds a fixed
         # disk's footer (then offset 0 is the guest's data).
-        end = _footer_at(fd, size - s.FOOTER_SIZE)
-        places = [end] if end is not None and end.type == s.DISK_TYPE_FIXED else \
-            [end, _footer_at(fd, 0)]
-    if any(f is not None and f.cookie == s.POISON_COOKIE for f in places):
+        footers = jn.footers_of(fd, size, size - s.FOOTER_SIZE)
+    if any(f.cookie == s.POISON_COOKIE for f in footers):
         raise FormatError(f"{path}: disabled by an interrupted resize (revert it with its "
                           f"journal first)")
     image = VhdImage.open(path, footer="primary", validate_bat=True)
@@ -131,24 +134,6 @@ def load_target(path: str) -> ResizeTarget:
             target.batmap = bytes(image.batmap)
             target.batmap_valid = image.batmap_valid
     return target
-
-
-def _footer_at(fd: int, offset: int) -> s.Footer | None:
-    """The valid footer (poisoned or not) at ``offset``, if there is one."""
-    if offset < 0:
-        return None
-    raw = os.pread(fd, s.FOOTER_SIZE, offset)
-    if len(raw) != s.FOOTER_SIZE:
-        return None
-    footer = s.Footer.unpack(raw)
-    if v.footer_problem(footer, raw, strict=False, allow_poison=True):
-        return None
-    return footer
-
-
-def round_size(size: int) -> int:
-    """Virtual sizes are whole 2 MiB blocks, rounded up."""
-    return -(-size // SIZE_UNIT) * SIZE_UNIT
 
 
 # --------------------------------------------------------------------------------------
@@ -234,19 +219,13 @@ def apply_fast(plan: ResizePlan) -> None:
     if plan.noop:
         return
     assert plan.new_footer is not None
-    try:
-        fd = os.open(plan.target.path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise FormatError(f"{plan.target.path}: {os.strerror(exc.errno)}", exc.errno) from None
-    try:
+    with _reader(plan.target.path, writable=True) as fd:
         if plan.batmap_update is not None:
             pwrite_all(fd, plan.batmap_update[1], plan.batmap_update[0])
         raw = plan.new_footer.pack()
         pwrite_all(fd, raw, plan.footer_offset)
         pwrite_all(fd, raw, 0)
         os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def plan_journaled(target: ResizeTarget, size: int) -> ResizePlan:
@@ -402,14 +381,16 @@ def _plan_dynamic(plan: ResizePlan) -> None:
     with _reader(t.path) as fd:
         for (old_off, n), (new_off, _) in zip(old.locators, new_locs, strict=True):
             put(new_off, pread_exact(fd, n, old_off))
-        current = bytearray(_pread_upto(fd, len(region), plan.region_start))
+        # What the file holds there now; past its end, zeros (as the new file reads).
+        current = bytearray(len(region))
+        preadv_into(fd, memoryview(current), plan.region_start)
     # The old footer's place is poisoned before the region is written: compare with that.
     footer_at = t.file_size - s.FOOTER_SIZE - plan.region_start
     if 0 <= footer_at < len(current):
         current[footer_at : footer_at + s.FOOTER_SIZE] = \
             jn.footer_poisoned(t.footer)[: len(current) - footer_at]
     plan.region = bytes(region)
-    plan.write_span = _diff_span(plan.region, bytes(current), plan.region_start)
+    plan.write_span = _diff_span(plan.region, current, plan.region_start)
 
 
 def _check_disjoint(path: str, pieces: list[Range]) -> None:
@@ -437,23 +418,11 @@ class _reader:  # noqa: N801 - a tiny context manager around an fd
         os.close(self.fd)
 
 
-def _pread_upto(fd: int, length: int, offset: int) -> bytes:
-    """Up to ``length`` bytes at ``offset`` (fewer at the end of the file)."""
-    out = bytearray()
-    while len(out) < length:
-        chunk = os.pread(fd, length - len(out), offset + len(out))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
-def _diff_span(new: bytes, old: bytes, base: int) -> Range | None:
-    """The sector-aligned span of ``new`` that differs from ``old``, or None."""
+def _diff_span(new: bytes, old: bytes | bytearray, base: int) -> Range | None:
+    """The sector-aligned span of ``new`` that differs from ``old`` (as long), or None."""
     if new == old:
         return None
     n = len(new)
-    old = old.ljust(n, b"\0") if len(old) < n else old[:n]
     # Skip equal runs a chunk at a time, then a sector at a time (metadata is small,
     # but a preallocated BAT can be megabytes).
     chunk = 64 << 10
@@ -576,11 +545,7 @@ def apply_journaled(plan: ResizePlan) -> None:
         return
     t = plan.target
     assert plan.new_footer is not None
-    try:
-        fd = os.open(t.path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise FormatError(f"{t.path}: {os.strerror(exc.errno)}", exc.errno) from None
-    try:
+    with _reader(t.path, writable=True) as fd:
         # 1. Disable the image.
         poisoned = jn.footer_poisoned(t.footer)
         pwrite_all(fd, poisoned, t.file_size - s.FOOTER_SIZE)
@@ -599,8 +564,6 @@ def apply_journaled(plan: ResizePlan) -> None:
             pwrite_all(fd, raw, 0)
         pwrite_all(fd, raw, plan.footer_offset)
         os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _move_and_rewrite(fd: int, plan: ResizePlan) -> None:
