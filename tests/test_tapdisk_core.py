@@ -460,6 +460,32 @@ def test_reads_that_cannot_block_stay_on_the_loop(tmp_path: Path) -> None:
         shm.unlink()
 
 
+def test_aio_on_tmpfs_reads_inline_without_o_direct() -> None:
+    """tmpfs accepts O_DIRECT (Linux 6.6 and later) but bypasses nothing with it: the aio
+    driver keeps to the buffered descriptor there, so its reads stay on the loop thread."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    shm = Path("/dev/shm") / f"blktap-test-direct-{os.getpid()}"
+    shm.write_bytes(b"t" * MiB)
+    pool = BufferPool()
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await engine.call(open_stack, engine, f"aio:{shm}", writable=False)
+        try:
+            assert drv.describe()["direct"] is False
+            buf = pool.get(65536)  # page aligned: would have gone the direct way
+            before = engine.inline_reads
+            await drv.read(4096, [buf.view])
+            assert bytes(buf.view) == b"t" * 65536
+            assert engine.inline_reads == before + 1
+        finally:
+            await drv.close()
+    try:
+        run(body)
+    finally:
+        shm.unlink()
+
+
 def test_aio_uses_o_direct_for_aligned_buffers(tmp_path: Path) -> None:
     path = tmp_path / "d.img"
     path.write_bytes(bytes(MiB))

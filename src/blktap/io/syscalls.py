@@ -42,6 +42,12 @@ def fs_type(fd: int) -> int:
     return struct.unpack_from("l", buf.raw)[0] & 0xFFFFFFFF
 
 
+def in_memory(fd: int) -> bool:
+    """``fd`` is on a file system whose data lives in memory (tmpfs, ramfs): a read is
+    a memory copy, and O_DIRECT (which tmpfs accepts since Linux 6.6) bypasses nothing."""
+    return fs_type(fd) in (TMPFS_MAGIC, RAMFS_MAGIC)
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2); raises OSError (EOPNOTSUPP where the file system lacks the mode)."""
     if length <= 0:

@@ -143,10 +143,10 @@ class ThreadEngine(Engine):
     def _read_mode(self, fd: int) -> int:
         mode = self._read_modes.get(fd)
         if mode is None:
-            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-                mode = _THREAD  # direct reads go to the device: never inline
-            elif syscalls.fs_type(fd) in (syscalls.TMPFS_MAGIC, syscalls.RAMFS_MAGIC):
+            if syscalls.in_memory(fd):  # even through O_DIRECT: no device to wait for
                 mode = _MEMORY
+            elif fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                mode = _THREAD  # direct reads go to the device: never inline
             else:
                 try:
                     os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)

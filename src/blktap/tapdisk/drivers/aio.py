@@ -1,10 +1,10 @@
 """``aio``: a raw file or block device, every byte at its own offset.
 
-O_DIRECT is used where the file system allows it (not tmpfs, for one) unless the caller
-opts out (tapdisk's ``-D``): requests whose offset, lengths and buffer addresses are all
-aligned to the device's logical block go through the direct descriptor, others through a
-buffered one (Linux keeps the two coherent). A FUA write is one ``pwritev`` with
-RWF_DSYNC. Holes come from SEEK_DATA/SEEK_HOLE and read as zeros.
+O_DIRECT is used where the file system allows it and it bypasses a cache (not on tmpfs)
+unless the caller opts out (tapdisk's ``-D``): requests whose offset, lengths and buffer
+addresses are all aligned to the device's logical block go through the direct
+descriptor, others through a buffered one (Linux keeps the two coherent). A FUA write
+is one ``pwritev`` with RWF_DSYNC. Holes come from SEEK_DATA/SEEK_HOLE and read as zeros.
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ class AioDriver(Driver):
         block = stat.S_ISBLK(st.st_mode)
         size = os.lseek(fd, 0, os.SEEK_END) if block else st.st_size
         dfd = None
-        if direct:
+        # On tmpfs O_DIRECT (accepted since Linux 6.6) bypasses nothing, and a direct
+        # descriptor would cost an alignment check per request and keep reads off the
+        # loop thread.
+        if direct and not syscalls.in_memory(fd):
             try:
                 dfd = os.open(path, flags | os.O_DIRECT)
             except OSError:  # tmpfs and some others refuse O_DIRECT: buffered only
