@@ -424,3 +424,37 @@ def test_read_and_check_dump_headers_of_a_non_vhd(tmp_path: Path) -> None:
         2, f"Failed to open {tmp_path}/missing.vhd: -2\n\n"
            f"{tmp_path}/missing.vhd appears invalid; dumping headers\n\n")
     assert junk.read_bytes() == b"j" * 8192
+
+
+def test_scan_reports_an_unreadable_key_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A key hash that cannot be read (read_keyhash fails with a FormatError) is one
+    scan-error line for that image; -c goes on with the next."""
+    import errno
+
+    from blktap.cli.vhd_util import run as vhd_util_main
+    from blktap.cli.vhd_util import scan
+    from blktap.cli.vhd_util.options import Output
+    from blktap.errors import FormatError
+
+    a, b = str(tmp_path / "a.vhd"), str(tmp_path / "b.vhd")
+    vu("create", "-n", a, "-s", "8")
+    vu("create", "-n", b, "-s", "8")
+    real = scan.read_keyhash
+
+    def failing(image: VhdImage) -> object:
+        if image.path == a:
+            raise FormatError(f"{a}: cannot read its key hash", errno.EIO)
+        return real(image)
+
+    monkeypatch.setattr(scan, "read_keyhash", failing)
+    for extra, code in (([], errno.EIO), (["-c"], 0)):
+        out = Output()
+        got = vhd_util_main(["vhd-util", "scan", "-M", *extra, a, b], out)
+        out.close()
+        lines = capsys.readouterr().out.splitlines()
+        assert got == code
+        assert lines[0] == f"vhd={a} scan-error=-5 error-message='checking markers'"
+        assert lines[1:] == ([] if code else [
+            f"vhd=b.vhd capacity=8388608 size={os.path.getsize(b)} hidden=0 marker=0 "
+            "keyhash= parent=none"])

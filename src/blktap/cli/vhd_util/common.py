@@ -8,7 +8,6 @@ import os
 from blktap.cli.vhd_util.options import Exit, Output
 from blktap.errors import BlktapError, FormatError
 from blktap.image.vhd.image import VhdImage
-from blktap.image.vhd.keyhash import read_keyhash
 
 MARKER_XATTR = "user.com.citrix.xenclient.backend.marker"
 
@@ -56,12 +55,6 @@ def marker_of(image: VhdImage) -> int:
             return 0
         raise
     return data[0] if data else 0
-
-
-def keyhash_of(image: VhdImage) -> tuple[int, bytes, bytes]:
-    """(cookie, nonce, hash) of the key hash, wherever the image keeps it."""
-    found = read_keyhash(image)
-    return found.cookie, found.nonce, found.hash
 
 
 def err_of(exc: BaseException) -> int:
