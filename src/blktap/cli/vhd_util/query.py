@@ -10,6 +10,7 @@ from blktap.errors import BlktapError
 from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.create import chain_depth
+from blktap.image.vhd.modify import physical_size
 
 USAGE = ("options: <-n name> [-v print virtual size (in MB)] "
          "[-s print physical utilization (bytes)] [-p print parent] [-f print fields] "
@@ -46,7 +47,7 @@ def _query(image, name: str, flags: set[str], out: Output) -> int:  # noqa: ANN0
             out.print(f"failed to get physical size: {-errno.EINVAL}\n")
             err = errno.EINVAL
         else:
-            phys = image.file_size if image.is_fixed else image.end_of_data() + s.FOOTER_SIZE
+            phys = image.file_size if image.is_fixed else physical_size(image)
             out.print(f"{phys}\n")
     if "p" in flags:
         if not image.is_differencing:
