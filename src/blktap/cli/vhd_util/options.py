@@ -142,7 +142,4 @@ class Output:
         sys.stderr.flush()
 
     def close(self) -> None:
-        if self._text:
-            sys.stdout.write("".join(self._text))
-            self._text.clear()
-        sys.stdout.flush()
+        self.flush()
