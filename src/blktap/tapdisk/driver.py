@@ -22,10 +22,13 @@ import errno
 from collections.abc import Sequence
 
 from blktap.errors import OutOfRange, UnsupportedImage
+from blktap.io import syscalls
 from blktap.io.engine import Engine
-from blktap.io.iov import slice_iov, total, zero_fill
+from blktap.io.iov import slice_iov, total, zero_fill, zeros_iov
 
 SECTOR = 512
+# Zeros written when the file system can neither punch nor zero a range: per system call.
+ZERO_CHUNK = 8 << 20
 
 # base:allocation flags (the NBD values; other transports translate).
 STATE_DATA = 0
@@ -138,6 +141,33 @@ class Driver:
                 if pos >= end:
                     break
         return True
+
+    def _slow_zeroing(self) -> UnsupportedImage:
+        """The answer to a FAST_ZERO request that would cost as much as writing."""
+        return UnsupportedImage(f"{self.path or self.name}: zeroing would be as slow as "
+                                "writing", errno.EOPNOTSUPP)
+
+    async def _zero_file(self, fd: int, offset: int, length: int, *, punch: bool,
+                         fast: bool) -> None:
+        """Make bytes of a regular file (or a device that takes fallocate) read as zeros:
+        a punched hole when ``punch``, else (or where the file system cannot punch) a
+        zeroed range that stays allocated; where it can do neither, zeros are written,
+        unless ``fast`` (then EOPNOTSUPP and nothing changed)."""
+        modes = (syscalls.punch_hole, syscalls.zero_range) if punch else (syscalls.zero_range,)
+        for fn in modes:
+            try:
+                await self.engine.call(fn, fd, offset, length)
+                return
+            except OSError as exc:
+                if not syscalls.unsupported(exc):
+                    raise
+        if fast:
+            raise self._slow_zeroing()
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(ZERO_CHUNK, end - pos)
+            await self.engine.pwritev(fd, zeros_iov(n), pos)
+            pos += n
 
     def _require_writable(self) -> None:
         if not self.writable:

@@ -15,14 +15,11 @@ import os
 import stat
 from collections.abc import Sequence
 
-from blktap.errors import FormatError, UnsupportedImage
+from blktap.errors import FormatError
 from blktap.io import syscalls
 from blktap.io.engine import Engine
-from blktap.io.iov import slice_iov, total, zeros_iov
+from blktap.io.iov import slice_iov, total
 from blktap.tapdisk.driver import STATE_DATA, STATE_HOLE, STATE_ZERO, Caps, Driver, Extents
-
-# Zeros written when the file system cannot punch or zero a range: per system call.
-ZERO_CHUNK = 8 << 20
 
 
 def _address(view: memoryview) -> int | None:
@@ -126,30 +123,12 @@ class AioDriver(Driver):
         length = min(length, self.size - offset)
         if length <= 0:
             return
-        done = False
         if not self.block_device:
-            modes = [syscalls.punch_hole] if may_trim else []
-            modes.append(syscalls.zero_range)
-            for fn in modes:
-                try:
-                    await self.engine.call(fn, self.fd, offset, length)
-                    done = True
-                    break
-                except OSError as exc:
-                    if not syscalls.unsupported(exc):
-                        raise
-        elif not fast:
+            await self._zero_file(self.fd, offset, length, punch=may_trim, fast=fast)
+        elif fast:
+            raise self._slow_zeroing()
+        else:
             await self.engine.call(syscalls.blk_zeroout, self.fd, offset, length)
-            done = True
-        if not done:
-            if fast:
-                raise UnsupportedImage(f"{self.path}: zeroing would be as slow as writing",
-                                       errno.EOPNOTSUPP)
-            pos, end = offset, offset + length
-            while pos < end:
-                n = min(ZERO_CHUNK, end - pos)
-                await self.engine.pwritev(self.fd, zeros_iov(n), pos)
-                pos += n
         if fua:
             await self.flush()
 

@@ -14,10 +14,9 @@ import os
 import stat
 from collections.abc import Sequence
 
-from blktap.errors import FormatError, UnsupportedImage
-from blktap.io import syscalls
+from blktap.errors import FormatError
 from blktap.io.engine import Engine
-from blktap.io.iov import copy_into, slice_iov, total, zeros_iov
+from blktap.io.iov import copy_into, slice_iov, total, zero_fill
 from blktap.io.threads import read_full
 from blktap.tapdisk.driver import STATE_DATA, Caps, Driver, Extents
 
@@ -97,17 +96,10 @@ class RamDriver(Driver):
                            fast: bool = False, fua: bool = False) -> None:
         self._require_writable()
         if fast:
-            raise UnsupportedImage(f"{self.path}: zeroing would be as slow as writing",
-                                   errno.EOPNOTSUPP)
+            raise self._slow_zeroing()
         length = min(length, self.size - offset)
-        _scatter_to(self.view[offset : offset + length], zeros_iov(length))
-        try:
-            await self.engine.call(syscalls.punch_hole if may_trim else syscalls.zero_range,
-                                   self.fd, offset, length)
-        except OSError as exc:
-            if not syscalls.unsupported(exc):
-                raise
-            await self.engine.pwritev(self.fd, zeros_iov(length), offset)
+        zero_fill([self.view[offset : offset + length]])
+        await self._zero_file(self.fd, offset, length, punch=may_trim, fast=False)
         if fua:
             await self.flush()
 

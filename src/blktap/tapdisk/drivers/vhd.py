@@ -12,17 +12,15 @@ data outside the lock, concurrently. The parent is another ``vhd`` driver, or an
 from __future__ import annotations
 
 import asyncio
-import errno
 import threading
 from collections.abc import Awaitable, Sequence
 
-from blktap.errors import UnsupportedImage
 from blktap.image.fileio import ZEROS, is_regular
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
 from blktap.io import syscalls
 from blktap.io.engine import Engine
-from blktap.io.iov import slice_iov, total, zeros_iov
+from blktap.io.iov import slice_iov, total
 from blktap.tapdisk.driver import SECTOR, STATE_DATA, Caps, Driver, Extents, merge_extents
 
 Run = tuple[int, int, int | None]  # first sector, sector count, file offset or None
@@ -155,26 +153,14 @@ class VhdDriver(Driver):
             else:
                 plan.append(("allocate", first, n, None))
         if fast and any(kind != "punch" for kind, *_ in plan):
-            raise UnsupportedImage(f"{self.path}: zeroing would be as slow as writing",
-                                   errno.EOPNOTSUPP)
+            raise self._slow_zeroing()
         for kind, first, n, file_off in plan:
             if kind == "allocate":
                 await self.engine.call(self._write_zeros_locked, first, n)
-                continue
-            assert file_off is not None
-            if kind == "punch":
-                try:
-                    await self.engine.call(syscalls.punch_hole, self.fd, file_off, n * SECTOR)
-                    continue
-                except OSError as exc:
-                    if fast or not syscalls.unsupported(exc):
-                        raise
-            try:
-                await self.engine.call(syscalls.zero_range, self.fd, file_off, n * SECTOR)
-            except OSError as exc:
-                if not syscalls.unsupported(exc):
-                    raise
-                await self.engine.pwritev(self.fd, zeros_iov(n * SECTOR), file_off)
+            else:
+                assert file_off is not None
+                await self._zero_file(self.fd, file_off, n * SECTOR, punch=kind == "punch",
+                                      fast=fast)
         if fua:
             await self.flush()
 
