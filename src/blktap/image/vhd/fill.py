@@ -22,10 +22,8 @@ unchanged; blocks not yet in the BAT are leaked space that the next writer reuse
 
 from __future__ import annotations
 
-import array
 import errno
 import os
-import sys
 from dataclasses import dataclass
 
 from blktap.errors import OutOfRange, UnsupportedImage, UsageError
@@ -216,7 +214,7 @@ class _Filler:
         os.fsync(fd)
         for blk, pos in zip(blocks, positions, strict=True):
             self.leaf.bat[blk] = pos
-        self._write_bat(blocks[0], blocks[-1])
+        self.leaf.write_bat(blocks[0], blocks[-1])
         os.fsync(fd)
         # 6. The batmap: these blocks are full now.
         self.full_blocks.extend(blocks)
@@ -239,20 +237,6 @@ class _Filler:
                 write_zeros(self.fd, lo, end - lo)
 
     # ------------------------------------------------------------------ metadata
-    def _write_bat(self, first: int, last: int) -> None:
-        """Write the BAT sectors holding entries ``first`` to ``last`` in one call."""
-        header = self.leaf.header
-        assert header is not None
-        per_sector = s.SECTOR_SIZE // 4
-        lo = (first // per_sector) * per_sector
-        hi = min(header.max_bat_size, (last // per_sector + 1) * per_sector)
-        part = array.array("I", self.leaf.bat[lo:hi])
-        if sys.byteorder == "little":
-            part.byteswap()
-        raw = part.tobytes()
-        pwrite_all(self.fd, raw.ljust(s.pad_sector(len(raw)), b"\0"),
-                   header.table_offset + lo * 4)
-
     def _write_batmap(self) -> None:
         leaf = self.leaf
         if leaf.batmap is None or leaf.batmap_header is None or not self.full_blocks:

@@ -551,7 +551,7 @@ class VhdImage:
         pwritev_all(self.fd, [ZEROS[:gap], bitmap], start * s.SECTOR_SIZE)
         # 4. The BAT entry.
         self.bat[blk] = blk_sec
-        self._write_bat_sector(blk)
+        self.write_bat(blk, blk)
         bisect.insort(self._allocated, blk)
         self._next_db = data_sec + self.spb
         self._bitmaps[blk] = bitmap
@@ -606,15 +606,18 @@ class VhdImage:
             self._note_full(blk, current)
         return copied
 
-    def _write_bat_sector(self, blk: int) -> None:
+    def write_bat(self, first: int, last: int) -> None:
+        """Write the BAT sectors holding entries ``first`` to ``last`` in one call (the
+        padding after the last entry stays zero)."""
         assert self.header is not None
         per_sector = s.SECTOR_SIZE // 4
-        first = (blk // per_sector) * per_sector
-        part = array.array("I", self.bat[first : first + per_sector])
+        lo = (first // per_sector) * per_sector
+        part = array.array("I", self.bat[lo : (last // per_sector + 1) * per_sector])
         if sys.byteorder == "little":
             part.byteswap()
-        raw = part.tobytes().ljust(s.SECTOR_SIZE, b"\0")
-        pwrite_all(self.fd, raw, self.header.table_offset + first * 4)
+        raw = part.tobytes()
+        pwrite_all(self.fd, raw.ljust(s.pad_sector(len(raw)), b"\0"),
+                   self.header.table_offset + lo * 4)
 
     def write_batmap(self) -> None:
         """Write the batmap header and map (one system call when they are adjacent)."""
