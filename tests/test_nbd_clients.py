@@ -266,3 +266,78 @@ def test_fio_random_writes_verify(tmp_path: Path) -> None:
         job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
         assert job["error"] == 0 and job["write"]["io_bytes"] == 16 * MiB
     assert check_ok(target)
+
+
+def test_nbdsh_zeroes_no_hole_fast_zero_and_multi_conn(tmp_path: Path) -> None:
+    """WRITE_ZEROES as libnbd sends it: NO_HOLE keeps the range allocated, plain zeroing
+    punches it; FAST_ZERO is refused (ENOTSUP, data unchanged) where only writing zeros
+    would do (tmpfs cannot zero a range in place; a chain's parent holds the data), and
+    works where a hole does. Two connections see each other's writes (multi-conn)."""
+    nbdsh = need("nbdsh")
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    script = r"""
+import errno
+h.connect_uri(uri)
+def refused(length, offset, flags):
+    try:
+        h.zero(length, offset, flags)
+    except nbd.Error as e:
+        assert e.errnum == errno.ENOTSUP, e
+        return
+    raise SystemExit("a slow FAST_ZERO succeeded")
+""" + "\n"
+    ext4 = tmp_path / "d.img"
+    ext4.write_bytes(b"x" * (2 * MiB))
+    with serve(f"aio:{ext4}", tmp_path, name="a.sock") as srv:
+        res = run([nbdsh, "-c", f"uri = {srv.uri!r}", "-c", script + r"""
+h.zero(512 << 10, 0, nbd.CMD_FLAG_NO_HOLE)
+h.zero(512 << 10, 512 << 10)
+assert h.pread(1 << 20, 0) == bytes(1 << 20)
+assert h.pread(4096, 1 << 20) == b"x" * 4096
+# multi-conn: a second connection sees what the first wrote and may flush it.
+h2 = nbd.NBD()
+h2.connect_uri(uri)
+assert h.can_multi_conn() and h2.can_multi_conn()
+h.pwrite(b"m" * 4096, 8192)
+assert h2.pread(4096, 8192) == b"m" * 4096
+h2.flush()
+h2.zero(4096, 8192)
+assert h.pread(4096, 8192) == bytes(4096)
+h2.shutdown()
+h.shutdown()
+print("ok")
+"""], text=True, env=nbdsh_env())
+        assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+    # The NO_HOLE half stays allocated (zero-range leaves unwritten extents, which
+    # SEEK_DATA calls holes: count blocks instead), the plain half is punched out.
+    allocated = os.stat(ext4).st_blocks * 512
+    assert 1 * MiB + 256 * 1024 < allocated <= 2 * MiB - 512 * 1024, allocated
+
+    shm = Path("/dev/shm") / f"blktap-test-zero-{os.getpid()}"
+    shm.write_bytes(b"y" * MiB)
+    try:
+        with serve(f"aio:{shm}", tmp_path, name="s.sock") as srv:
+            res = run([nbdsh, "-c", f"uri = {srv.uri!r}", "-c", script + r"""
+refused(65536, 0, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE)
+assert h.pread(65536, 0) == b"y" * 65536
+h.zero(65536, 0, nbd.CMD_FLAG_FAST_ZERO)
+assert h.pread(65536, 0) == bytes(65536)
+h.shutdown()
+print("ok")
+"""], text=True, env=nbdsh_env())
+            assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+        assert shm.read_bytes() == bytes(65536) + b"y" * (MiB - 65536)
+    finally:
+        shm.unlink()
+
+    leaf, content = make_chain(tmp_path)
+    with serve(f"vhd:{leaf}", tmp_path, name="v.sock") as srv:
+        res = run([nbdsh, "-c", f"uri = {srv.uri!r}", "-c", script + r"""
+refused(1 << 20, 10 << 20, nbd.CMD_FLAG_FAST_ZERO)
+h.shutdown()
+print("ok")
+"""], text=True, env=nbdsh_env())
+        assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+    assert chain_bytes(leaf) == content
+    assert check_ok(leaf)
