@@ -11,7 +11,7 @@ import pytest
 from blktap.image import Chain
 from blktap.image.vhd import VhdImage
 from blktap.image.vhd import structs as s
-from conftest import run, tool
+from conftest import need, run, tool
 
 MB = 1 << 20
 
@@ -458,3 +458,25 @@ def test_scan_reports_an_unreadable_key_hash(tmp_path: Path, monkeypatch: pytest
         assert lines[1:] == ([] if code else [
             f"vhd=b.vhd capacity=8388608 size={os.path.getsize(b)} hidden=0 marker=0 "
             "keyhash= parent=none"])
+
+
+def test_marker_of_a_vhd_without_batmap(tmp_path: Path) -> None:
+    """qemu-img's VHDs have no batmap: the marker lives in an xattr, as with the reference;
+    set, query and scan agree and the file's bytes stay as they were."""
+    img = str(tmp_path / "q.vhd")
+    run([need("qemu-img"), "create", "-q", "-f", "vpc", "-o", "subformat=dynamic", img, "8M"],
+        check=True)
+    with VhdImage.open(img) as image:
+        assert image.batmap_header is None
+    assert vu("query", "-n", img, "-m").stdout == "marker: 0\n"
+    try:
+        os.setxattr(img, "user.probe", b"1")
+    except OSError:
+        pytest.skip("no user xattrs on this filesystem")
+    before = Path(img).read_bytes()
+    assert vu("set", "-n", img, "-f", "marker", "-v", "200").returncode == 0
+    assert os.getxattr(img, "user.com.citrix.xenclient.backend.marker") == b"\xc8"
+    assert Path(img).read_bytes() == before
+    assert vu("query", "-n", img, "-m").stdout == "marker: -56\n"  # a signed char
+    assert " marker=200 keyhash= " in vu("scan", "-M", img).stdout
+    assert vu("check", "-n", img).stdout == f"{img} is valid\n"

@@ -9,8 +9,6 @@ from blktap.cli.vhd_util.options import Exit, Output
 from blktap.errors import BlktapError, FormatError
 from blktap.image.vhd.image import VhdImage
 
-MARKER_XATTR = "user.com.citrix.xenclient.backend.marker"
-
 
 def open_vhd(path: str, *, writable: bool = False, allow_disabled: bool = True,
              footer: str = "auto") -> VhdImage:
@@ -42,19 +40,6 @@ def open_or_exit(path: str, out: Output, *, writable: bool = False,
 
 def signed_byte(value: int) -> int:
     return value - 256 if value >= 128 else value
-
-
-def marker_of(image: VhdImage) -> int:
-    """The marker: in the batmap header, or for images without one in an xattr."""
-    if image.batmap_header is not None:
-        return image.batmap_header.marker
-    try:
-        data = os.getxattr(image.path, MARKER_XATTR)
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-            return 0
-        raise
-    return data[0] if data else 0
 
 
 def err_of(exc: BaseException) -> int:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import errno
 
-from blktap.cli.vhd_util.common import err_of, marker_of, open_or_exit, signed_byte
+from blktap.cli.vhd_util.common import err_of, open_or_exit, signed_byte
 from blktap.cli.vhd_util.options import Output, Usage, getopt
 from blktap.errors import BlktapError
 from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.create import chain_depth
+from blktap.image.vhd.marker import read_marker
 from blktap.image.vhd.modify import physical_size
 
 USAGE = ("options: <-n name> [-v print virtual size (in MB)] "
@@ -63,7 +64,7 @@ def _query(image, name: str, flags: set[str], out: Output) -> int:  # noqa: ANN0
         out.print(f"hidden: {signed_byte(image.hidden)}\n")
     if "m" in flags:
         try:
-            out.print(f"marker: {signed_byte(marker_of(image))}\n")
+            out.print(f"marker: {signed_byte(read_marker(image))}\n")
         except OSError as exc:
             out.print(f"error checking 'marker' field: {-exc.errno}\n")
             err = err or exc.errno

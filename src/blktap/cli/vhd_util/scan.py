@@ -12,7 +12,7 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 
-from blktap.cli.vhd_util.common import err_of, marker_of, open_vhd
+from blktap.cli.vhd_util.common import err_of, open_vhd
 from blktap.cli.vhd_util.options import Output, Usage, getopt
 from blktap.errors import BlktapError
 from blktap.image.fileio import file_size_of
@@ -20,6 +20,7 @@ from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
 from blktap.image.vhd import validate as v
 from blktap.image.vhd.keyhash import read_keyhash
+from blktap.image.vhd.marker import read_marker
 
 USAGE = ("usage: [OPTIONS] FILES\n"
          "options: [-m match filter] [-f fast] [-c continue on failure] [-l LVM volume] "
@@ -287,10 +288,10 @@ class _Scanner:
             info = Info(target, name, image.size, target.size, image.hidden)
             if self.opts.markers:
                 try:
-                    info.marker = marker_of(image)
+                    info.marker = read_marker(image)
                     keyhash = read_keyhash(image)
                 except (BlktapError, OSError) as exc:
-                    # read_keyhash fails with a FormatError, marker_of with an OSError.
+                    # read_keyhash fails with a FormatError, read_marker with an OSError.
                     raise ScanError(err_of(exc), "checking markers") from None
                 info.keyhash = keyhash.hash.hex() if keyhash.cookie else ""
             target.raw_parent = image.parent_is_raw

@@ -5,9 +5,10 @@ from __future__ import annotations
 import errno
 import os
 
-from blktap.cli.vhd_util.common import MARKER_XATTR, open_or_exit
+from blktap.cli.vhd_util.common import open_or_exit
 from blktap.cli.vhd_util.options import Output, Usage, getopt, strtol
 from blktap.errors import BlktapError
+from blktap.image.vhd.marker import write_marker
 
 USAGE = "options: <-n name> <-f field> <-v value> [-h help]\n"
 
@@ -40,10 +41,8 @@ def run(argv: list[str], out: Output) -> int:
         try:
             if field == "hidden":
                 image.set_hidden(value)
-            elif image.batmap_header is not None:
-                image.set_marker(value)
             else:
-                os.setxattr(image.path, MARKER_XATTR, bytes([value]))
+                write_marker(image, value)
         except OSError as exc:
             out.error(f"{name}: cannot set {field}: {os.strerror(exc.errno)}\n")
             return exc.errno or errno.EIO
