@@ -45,6 +45,7 @@ from blktap.cli.common import (
 )
 from blktap.errors import BlktapError, FormatError, UsageError
 from blktap.image.chain import SECTOR_SIZE, Chain, Extent, Layer, parse_spec, probe
+from blktap.image.chain import open_chain as open_chain_with_key
 from blktap.image.crypto import read_key_file
 from blktap.image.fileio import pwrite_all, staged_path
 from blktap.image.vhd import structs as s
@@ -242,17 +243,11 @@ def open_chain(spec: str, *, key_file: str | None = None,
     ``metadata_only``: the caller reads no data (info, map), so encrypted layers open
     without their key. Otherwise ``key_file`` holds the key of an encrypted chain; it is
     not applied to a chain that is not encrypted (``compare`` may name one of each)."""
-    path = parse_spec(spec)[1]
-    with errors_about(path):
+    with errors_about(parse_spec(spec)[1]):
         if metadata_only:
             return Chain.open(spec, ciphertext=True)
-        if key_file is None:
-            return Chain.open(spec)
-        key = read_key_file(key_file)
-        with Chain.open(spec, ciphertext=True) as probe_chain:
-            encrypted = any(isinstance(layer, VhdImage) and is_encrypted(layer)
-                            for layer in probe_chain.layers)
-        return Chain.open(spec, key=key if encrypted else None)
+        key = read_key_file(key_file) if key_file else None
+        return open_chain_with_key(spec, key=key)
 
 
 # ==================================================================================== info

@@ -31,7 +31,7 @@ from blktap.image.fileio import file_size_of, pread_exact, preadv_into, zero_fil
 from blktap.image.raw import RawImage
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
-from blktap.image.vhd.keyhash import cipher_for
+from blktap.image.vhd.keyhash import cipher_for, is_encrypted
 
 SECTOR_SIZE = 512
 # More layers than this is a broken chain, not a real one (XenServer stops at 30).
@@ -342,5 +342,13 @@ class Chain:
         return sum(e.length for e in self.map() if e.depth is not None)
 
 
-def open_chain(spec: str, **kwargs: object) -> Chain:
-    return Chain.open(spec, **kwargs)  # type: ignore[arg-type]
+def open_chain(spec: str, *, key: bytes | None = None, writable: bool = False) -> Chain:
+    """Open a chain with ``key`` if some VHD layer of it is encrypted, and without it
+    otherwise (Chain.open refuses a key for a clear chain; a caller holding one key for
+    several disks, say compare or rebase, does not know which of them are encrypted)."""
+    if key is not None:
+        with Chain.open(spec, ciphertext=True) as probe_chain:
+            if not any(isinstance(layer, VhdImage) and is_encrypted(layer)
+                       for layer in probe_chain.layers):
+                key = None
+    return Chain.open(spec, writable=writable, key=key)

@@ -18,10 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from blktap.errors import UsageError
-from blktap.image.chain import Chain
+from blktap.image.chain import Chain, open_chain
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
-from blktap.image.vhd.keyhash import is_encrypted
 from blktap.image.vhd.reparent import NewParent, set_parent
 
 # Compared and copied in chunks of one block, in pieces of this many bytes.
@@ -60,21 +59,12 @@ def rebase(path: str, new_parent: str, *, raw: bool = False, safe: bool = True,
     return RebaseResult(path, target, copied, compared)
 
 
-def _open(spec: str, key: bytes | None, writable: bool = False) -> Chain:
-    """Open a chain, with ``key`` when some layer of it is encrypted."""
-    if key is not None:
-        with Chain.open(spec, ciphertext=True) as probe:
-            if not any(isinstance(layer, VhdImage) and is_encrypted(layer)
-                       for layer in probe.layers):
-                key = None
-    return Chain.open(spec, writable=writable, key=key)
-
-
 def _copy_differences(path: str, new_parent: str, raw: bool, key: bytes | None,
                       progress: Progress | None) -> tuple[int, int]:
     spec = f"aio:{new_parent}" if raw else f"vhd:{new_parent}"
     copied = compared = 0
-    with _open(f"vhd:{path}", key, writable=True) as old, _open(spec, key) as new:
+    with open_chain(f"vhd:{path}", key=key, writable=True) as old, \
+            open_chain(spec, key=key) as new:
         # The ranges the image does not hold: there the old parents answer today.
         todo = [(e.offset, e.length) for e in old.map() if e.depth != 0]
         total = sum(length for _, length in todo)
