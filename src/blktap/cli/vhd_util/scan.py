@@ -351,8 +351,7 @@ class _Scanner:
             size = target.size if not target.device else file_size_of(fd)
             info = Info(target, name, footer.curr_size, size, footer.hidden)
             if self.opts.markers and header is not None and footer.crtr_app[:3] == b"tap":
-                boff = header.table_offset + s.pad_sector(header.max_bat_size * 4)
-                bhdr = s.BatmapHeader.unpack(os.pread(fd, 512, boff).ljust(512, b"\0"))
+                bhdr = s.BatmapHeader.unpack(os.pread(fd, 512, header.bat_end).ljust(512, b"\0"))
                 if bhdr.cookie == s.BATMAP_COOKIE:
                     info.marker = bhdr.marker
                     info.keyhash = bhdr.keyhash_hash.hex() if bhdr.keyhash_cookie else ""

@@ -165,7 +165,7 @@ class VhdImage:
         if header.max_bat_size * bs < foot.curr_size:
             raise FormatError(f"{self.path}: header is invalid: BAT of {header.max_bat_size} "
                               f"entries cannot map {foot.curr_size} bytes")
-        bat_bytes = s.pad_sector(header.max_bat_size * 4)
+        bat_bytes = header.bat_bytes
         if header.table_offset + bat_bytes > self.file_size or header.table_offset < 0:
             raise FormatError(f"{self.path}: BAT ({bat_bytes} bytes at {header.table_offset}) "
                               f"runs past end of file")
@@ -194,7 +194,7 @@ class VhdImage:
 
     def batmap_header_offset(self) -> int:
         assert self.header is not None
-        return self.header.table_offset + s.pad_sector(self.header.max_bat_size * 4)
+        return self.header.bat_end
 
     def _load_batmap(self) -> None:
         if not self.has_batmap_format:
@@ -309,7 +309,7 @@ class VhdImage:
             return 0
         h = self.header
         end = max(self.footer.data_offset + s.HEADER_SIZE,
-                  h.table_offset + s.pad_sector(h.max_bat_size * 4))
+                  h.bat_end)
         if self.batmap_header is not None:
             end = max(end, self.batmap_header_offset() + s.BATMAP_HEADER_SIZE,
                       self.batmap_header.batmap_offset

@@ -434,7 +434,7 @@ class Journal:
                               f"{in_use} locators")
         bat = next(e for e in metadata if e.type == ENTRY_BAT)
         if bat.offset != vhd_header.table_offset or \
-                bat.size > s.pad_sector(vhd_header.max_bat_size * 4):
+                bat.size > vhd_header.bat_bytes:
             raise FormatError(f"{path}: BAT entry does not match the header")
         return footer
 

@@ -208,7 +208,7 @@ def plan_fast(target: ResizeTarget, size: int) -> ResizePlan:
         new_sum = s.batmap_checksum(target.batmap, new_size, bhdr.batmap_version)
         if new_sum != bhdr.checksum:
             assert target.header is not None
-            off = target.header.table_offset + s.pad_sector(target.header.max_bat_size * 4)
+            off = target.header.bat_end
             plan.batmap_update = (off, replace(bhdr, checksum=new_sum).pack())
     return plan
 
@@ -277,7 +277,7 @@ class _Layout:
 
 
 def _layout(footer: s.Footer, header: s.Header, bhdr: s.BatmapHeader | None) -> _Layout:
-    bat_bytes = s.pad_sector(header.max_bat_size * 4)
+    bat_bytes = header.bat_bytes
     locs = [(loc.data_offset, locators.reserved_size(loc)) for loc in header.loc
             if loc.code != s.PLAT_CODE_NONE]
     return _Layout(footer.data_offset, header.table_offset, bat_bytes,

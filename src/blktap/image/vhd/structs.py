@@ -303,6 +303,16 @@ class Header:
         return data.ljust(512, b"\0")
 
     @property
+    def bat_bytes(self) -> int:
+        """The BAT's size on disk: 4 bytes an entry, padded to a whole sector."""
+        return pad_sector(self.max_bat_size * 4)
+
+    @property
+    def bat_end(self) -> int:
+        """First byte after the BAT: where blktap keeps its batmap header."""
+        return self.table_offset + self.bat_bytes
+
+    @property
     def parent_uuid_obj(self) -> _uuid.UUID:
         return _uuid.UUID(bytes=self.prt_uuid)
 
