@@ -39,8 +39,7 @@ def run(argv: list[str], out: Output) -> int:
             raise Usage(22)
     if not name or parsed.args:
         raise Usage(22)
-    code = _coalesce(name, sparse, progress, out)
-    return code
+    return _coalesce(name, sparse, progress, out)
 
 
 def _fail(out: Output, code: int) -> int:
