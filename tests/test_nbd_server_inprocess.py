@@ -1,16 +1,21 @@
-"""The NBD server driven in-process: the handshake time limit, and a shutdown that lets
-the requests in flight finish and be answered before connections close."""
+"""The NBD server driven in-process: the handshake time limit, a shutdown that lets the
+requests in flight finish and be answered before connections close, and the channel's
+batched sends."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 from pathlib import Path
+
+import pytest
 
 from blktap.io import ThreadEngine
 from blktap.tapdisk.driver import Caps, Driver
 from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd.server import Export, NbdServer
+from blktap.transport.sockio import Channel, Closed
 
 MiB = 1 << 20
 
@@ -123,4 +128,61 @@ def test_replies_out_of_order(tmp_path: Path) -> None:
         await server.stop()
         await vbd.close()
         engine.close()
+    asyncio.run(body())
+
+
+# ------------------------------------------------------------------------- send batching
+class CountingSocket(socket.socket):
+    """A socket that counts its sendmsg calls."""
+
+    sendmsgs = 0
+
+    def sendmsg(self, *args, **kw):  # noqa: ANN002, ANN003, ANN201
+        type(self).sendmsgs += 1
+        return super().sendmsg(*args, **kw)
+
+
+def test_channel_sends_of_one_turn_leave_in_one_sendmsg() -> None:
+    """Messages sent in the same turn of the loop go out in one sendmsg, in order and
+    whole; a big one is not held back; a full socket is finished later by a task; a
+    close wakes the senders still waiting with Closed."""
+
+    async def body() -> None:
+        a, b = socket.socketpair()
+        ours = CountingSocket(a.family, a.type, fileno=a.detach())
+        ch = Channel(ours)
+        try:
+            msgs = [bytes([i]) * (i + 1) for i in range(40)]
+            CountingSocket.sendmsgs = 0
+            await asyncio.gather(*(ch.send([m[:1], memoryview(m)[1:]]) for m in msgs))
+            assert CountingSocket.sendmsgs == 1
+            want = b"".join(msgs)
+            assert b.recv(len(want) + 1) == want
+
+            # Much more than the socket holds: the rest goes out as the peer reads.
+            big = [bytes([65 + i]) * (300 << 10) for i in range(16)]
+            sends = asyncio.gather(*(ch.send([m]) for m in big))
+            got = bytearray()
+            b.setblocking(False)
+            while len(got) < len(big) * len(big[0]):
+                try:
+                    got += b.recv(1 << 20)
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            await sends
+            assert bytes(got) == b"".join(big)
+
+            # The peer stops reading: a sender waiting on the full socket gets Closed.
+            stuck = asyncio.ensure_future(ch.send([bytes(64 << 20)]))
+            await asyncio.sleep(0.01)
+            assert not stuck.done()
+            ch.close()
+            with pytest.raises(Closed):
+                await stuck
+            with pytest.raises(Closed):
+                await ch.send([b"late"])
+        finally:
+            ch.close()
+            b.close()
+
     asyncio.run(body())

@@ -3,8 +3,9 @@
 Receives go into one preallocated buffer (``recv_into``), from which small messages are
 parsed in place; a large payload is copied out of it only for the part already received
 and the rest lands straight in the caller's buffer. Sends are scatter-gather
-(``sendmsg`` of a header and a data view, no joining). TLS sockets (which have no
-``sendmsg``) send buffer by buffer.
+(``sendmsg`` of headers and data views, no joining), and the messages of one turn of the
+event loop leave in one system call. TLS sockets (which have no ``sendmsg``) send buffer
+by buffer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import ssl
 import struct
 from collections.abc import Sequence
 
+from blktap.io.iov import IOV_MAX, advance
+
 RECV_BUFFER = 256 << 10
+# Queued sends of at least this many bytes leave at once rather than at the end of the
+# turn: batching saves system calls on small replies, but would hold big ones back.
+FLUSH_BYTES = 256 << 10
 
 _WANT_READ = (BlockingIOError, InterruptedError, ssl.SSLWantReadError)
 
@@ -37,7 +43,13 @@ class Channel:
         self.end = 0
         self.tls = False
         self.closed = False
-        self._send_lock = asyncio.Lock()
+        self._send_lock = asyncio.Lock()  # TLS sends
+        # Plain sends queued for the end of this turn of the loop, and their senders.
+        self._out: list = []
+        self._out_waiters: list[asyncio.Future] = []
+        self._out_bytes = 0
+        self._flush_pending = False
+        self._writer: asyncio.Task | None = None  # finishing a send the socket refused
         self._waiters: set[asyncio.Future] = set()
 
     # ------------------------------------------------------------------ waiting
@@ -143,33 +155,99 @@ class Channel:
 
     # ------------------------------------------------------------------ sending
     async def send(self, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
-        """Send every buffer, in order, as one message (not interleaved with another)."""
-        async with self._send_lock:
-            if self.tls:
+        """Send every buffer (bytes-like, of bytes), in order, as one message (not
+        interleaved with another); return once all of it is with the kernel, so that the
+        caller may reuse its buffers.
+
+        Messages sent during one turn of the event loop leave together, in one
+        ``sendmsg`` at the end of the turn (or as soon as :data:`FLUSH_BYTES` are
+        queued): replies that complete together cost one system call (and one wake-up
+        of the client), not one each."""
+        if self.tls:
+            async with self._send_lock:
                 for b in bufs:
                     if len(b):
                         await self._send_one(memoryview(b).cast("B"))
-                return
-            rest = [b for b in bufs if len(b)]
-            while rest:
-                if self.closed:
-                    raise Closed("connection closed")
-                try:
-                    sent = self.sock.sendmsg(rest)
-                except (BlockingIOError, InterruptedError):
+            return
+        if self.closed:
+            raise Closed("connection closed")
+        waiter = self.loop.create_future()
+        for b in bufs:
+            if len(b):
+                self._out.append(b)
+                self._out_bytes += len(b)
+        self._out_waiters.append(waiter)
+        if self._writer is None:
+            if self._out_bytes >= FLUSH_BYTES:
+                self._flush()
+            elif not self._flush_pending:
+                self._flush_pending = True
+                self.loop.call_soon(self._flush)
+        await waiter
+
+    def _take_out(self) -> tuple[list, list[asyncio.Future]]:
+        out, waiters = self._out, self._out_waiters
+        self._out, self._out_waiters, self._out_bytes = [], [], 0
+        return out, waiters
+
+    def _send_some(self, rest: list) -> list:
+        """``sendmsg`` until every byte is sent ([]) or the socket is full (what is left)."""
+        while rest:
+            if self.closed:
+                raise Closed("connection closed")
+            try:
+                sent = self.sock.sendmsg(rest[:IOV_MAX])
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                raise Closed(str(exc)) from None
+            rest = advance(rest, sent)
+        return rest
+
+    @staticmethod
+    def _wake(waiters: list[asyncio.Future], exc: BaseException | None = None) -> None:
+        for w in waiters:
+            if w.done():  # its sender was cancelled
+                continue
+            if exc is None:
+                w.set_result(None)
+            else:
+                w.set_exception(exc)
+
+    def _flush(self) -> None:
+        """Send what is queued; a task finishes the job if the socket is full."""
+        self._flush_pending = False
+        if self._writer is not None:
+            return  # it takes up what is queued when it is done with its own
+        out, waiters = self._take_out()
+        try:
+            rest = self._send_some(out)
+        except Closed as exc:
+            self._wake(waiters, exc)
+            return
+        if rest:
+            self._writer = self.loop.create_task(self._write_rest(rest, waiters))
+        else:
+            self._wake(waiters)
+
+    async def _write_rest(self, rest: list, waiters: list[asyncio.Future]) -> None:
+        try:
+            while True:
+                while rest:
                     await self._wait(True)
-                    continue
-                except OSError as exc:
-                    raise Closed(str(exc)) from None
-                while sent and rest:
-                    first = rest[0]
-                    size = memoryview(first).nbytes
-                    if sent >= size:
-                        sent -= size
-                        rest.pop(0)
-                    else:
-                        rest[0] = memoryview(first).cast("B")[sent:]
-                        sent = 0
+                    rest = self._send_some(rest)
+                self._wake(waiters)
+                if not self._out_waiters:
+                    return
+                rest, waiters = self._take_out()
+                rest = self._send_some(rest)
+        except Closed as exc:
+            self._wake(waiters, exc)
+            self._wake(self._take_out()[1], exc)
+        finally:
+            self._writer = None
 
     async def _send_one(self, view: memoryview) -> None:
         while view:
