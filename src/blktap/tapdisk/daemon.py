@@ -18,9 +18,10 @@ import logging
 import os
 import signal
 import socket
-import struct
 from dataclasses import dataclass
 
+from blktap.control import message
+from blktap.control.message import MESSAGE_SIZE
 from blktap.errors import BlktapError
 from blktap.io import ThreadEngine
 from blktap.tapdisk.drivers import open_stack
@@ -30,8 +31,6 @@ from blktap.transport.nbd.server import Export, NbdServer
 log = logging.getLogger("blktap.tapdisk")
 
 DEFAULT_RUN_DIR = "/run/blktap-control"
-MESSAGE_SIZE = 544
-MSG_ERROR = 1
 
 
 @dataclass
@@ -90,10 +89,10 @@ class Tapdisk:
                 if not chunk:
                     return
                 msg += chunk
-            _, cookie = struct.unpack_from("=HH", msg)
-            text = b"control messages are not implemented yet"
-            reply = struct.pack("=HH4xi256s", MSG_ERROR, cookie, errno.EOPNOTSUPP, text)
-            await loop.sock_sendall(conn, reply.ljust(MESSAGE_SIZE, b"\0"))
+            _, cookie = message.HEADER.unpack_from(msg)
+            reply = message.Message(message.MessageType.ERROR, cookie, message.Response(
+                errno.EOPNOTSUPP, "control messages are not implemented yet"))
+            await loop.sock_sendall(conn, message.encode(reply))
         except (OSError, TimeoutError):
             pass
         finally:
