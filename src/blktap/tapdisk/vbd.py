@@ -17,6 +17,10 @@
 - A watchdog logs when requests are in flight and none completed for ``watchdog``
   seconds (default 10 s), once per stall.
 - Counters (:class:`~blktap.tapdisk.stats.VbdStats`) are what ``tap-ctl stats`` reports.
+- Pause (``tap-ctl pause``) lets the requests in flight finish, holds new ones (they wait,
+  they do not fail) and closes the driver stack, so that offline tools may change the
+  files; resume installs a stack opened again (perhaps on a new leaf of the same size)
+  and lets the held requests go. :class:`VbdState` holds the reference's state bits.
 """
 
 from __future__ import annotations
@@ -44,6 +48,22 @@ WATCHDOG_TIMEOUT = 10.0
 # A merged request stays below these (bytes, buffers).
 MAX_MERGE_BYTES = 8 << 20
 MAX_MERGE_IOVS = 256
+
+
+class VbdState(enum.IntFlag):
+    """The reference tapdisk's VBD state bits (``tap-ctl list`` prints them with %#x;
+    xapi recognises a paused disk by the literal ``0x2a``)."""
+
+    DEAD = 0x001
+    CLOSED = 0x002
+    QUIESCE_REQUESTED = 0x004
+    QUIESCED = 0x008
+    PAUSE_REQUESTED = 0x010
+    PAUSED = 0x020
+    SHUTDOWN_REQUESTED = 0x040
+    LOCKING = 0x080
+    LOG_DROPPED = 0x100
+    RESUME_FAILED = 0x200
 
 
 class Op(enum.Enum):
@@ -97,6 +117,10 @@ class VBD:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        self.state = VbdState(0)
+        # Set while requests may go to the driver; cleared from pause to resume.
+        self._running = asyncio.Event()
+        self._running.set()
         self._watchdog = self.loop.create_task(self._watch())
 
     # ------------------------------------------------------------------ facts
@@ -128,6 +152,8 @@ class VBD:
     async def _submit(self, req: Request) -> object:
         """Queue ``req`` and wait for its result. A request that _kick found nothing to
         merge with is run by its own task (no extra task per request)."""
+        if not self._running.is_set():
+            await self._held()
         req.future = self.loop.create_future()
         self._queue.append(req)
         self.stats.submitted += 1
@@ -145,6 +171,13 @@ class VBD:
             if error is not None:
                 raise error
         return result
+
+    async def _held(self) -> None:
+        """Wait out a pause; fail if the disk is closed meanwhile."""
+        while not self._running.is_set():
+            await self._running.wait()
+        if self._closed:
+            raise BlktapError(f"{self.name}: disk is closed", errno.ESHUTDOWN)
 
     def _kick(self) -> None:
         """Issue what was queued during this turn of the loop, merging neighbours."""
@@ -406,14 +439,11 @@ class VBD:
             await asyncio.sleep(0)
             await self._idle.wait()
 
-    async def close(self) -> None:
-        """Let requests in flight finish, then close every driver (the VHD driver writes
-        its batmap and footer back and syncs)."""
-        if self._closed:
-            return
-        await self.drain()
-        self._closed = True
-        self._watchdog.cancel()
+    @property
+    def paused(self) -> bool:
+        return bool(self.state & (VbdState.PAUSED | VbdState.PAUSE_REQUESTED))
+
+    async def _close_stack(self) -> None:
         errors: list[BaseException] = []
         for d in self.driver.chain():
             try:
@@ -422,6 +452,58 @@ class VBD:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+    async def pause(self) -> None:
+        """Hold new requests, let those in flight finish, close the driver stack.
+
+        EBUSY if a pause is already requested or done (the reference's answer), ESHUTDOWN
+        once closed. The disk is paused even if closing a driver failed (its error is
+        raised): the files are not in use any more either way."""
+        if self._closed:
+            raise BlktapError(f"{self.name}: disk is closed", errno.ESHUTDOWN)
+        if self.paused:
+            raise BlktapError(f"{self.name} is already paused", errno.EBUSY)
+        self.state |= VbdState.PAUSE_REQUESTED
+        self._running.clear()
+        await self.drain()
+        try:
+            await self._close_stack()
+        finally:
+            self.state = VbdState.CLOSED | VbdState.QUIESCED | VbdState.PAUSED
+
+    async def resume(self, driver: Driver, name: str | None = None) -> None:
+        """Serve from ``driver`` (the stack opened again, perhaps on a new leaf) and let
+        the held requests go. A stack of another size is refused with EMEDIUMTYPE (as the
+        reference's resume does) and the disk stays paused; so is a read-only stack for
+        a writable disk (EROFS)."""
+        if not self.state & VbdState.PAUSED:
+            raise BlktapError(f"{self.name} is not paused", errno.EINVAL)
+        if driver.size != self.size:
+            raise BlktapError(f"{name or driver.path}: {driver.size} bytes, the paused disk "
+                              f"has {self.size}", errno.EMEDIUMTYPE)
+        if not self.read_only and not driver.writable:
+            raise BlktapError(f"{name or driver.path} is read-only", errno.EROFS)
+        self.driver = driver
+        if name:
+            self.name = name
+        self.state = VbdState(0)
+        self._last_progress = time.monotonic()
+        self._running.set()
+
+    async def close(self) -> None:
+        """Let requests in flight finish, then close every driver (the VHD driver writes
+        its batmap and footer back and syncs). Requests held by a pause fail with
+        ESHUTDOWN."""
+        if self._closed:
+            return
+        await self.drain()
+        self._closed = True
+        self._watchdog.cancel()
+        was_paused = bool(self.state & VbdState.PAUSED)
+        self.state = VbdState.CLOSED
+        self._running.set()  # wake the held requests: they fail, the disk is closed
+        if not was_paused:
+            await self._close_stack()
 
     def stats_dict(self) -> dict:
         """The reference's ``tap-ctl stats`` object, in its field order (leaf first in
