@@ -1,11 +1,21 @@
 """``tapdisk``: the daemon entry point.
 
     tapdisk [-D] [--run-dir DIR] [--open TYPE:PATH]... [--read-only] [--timeout S]
+            [--no-direct] [--log-dir DIR]
 
-Prints the control socket path on stdout (as the reference does, for ``tap-ctl
-spawn``), then one line per VBD opened with ``--open`` (minors 0, 1, ...): ``MINOR
-NBD-SOCKET``. Runs in the foreground (``-D`` is accepted for compatibility) until its
-last VBD is closed or it gets SIGINT/SIGTERM.
+As the reference: creates its control socket ``<dir>/ctl<pid>`` and prints that path on
+stdout (``tap-ctl spawn`` reads it), then serves until its last VBD is detached or it gets
+SIGINT/SIGTERM (every image is then closed consistently). Without ``-D`` it daemonizes:
+the process started exits 0 once the daemon serves its socket (1 if it could not start),
+and the daemon runs on with its standard streams on /dev/null, in a session of its own.
+
+``--open`` (ours) allocates a minor and opens a VBD at start, printing ``MINOR
+NBD-SOCKET``; those minors are freed again when detached.
+
+Each process logs to ``<log-dir>/tapdisk.<pid>.log`` (``/var/log/blktap`` unless
+``$BLKTAP_LOG_DIR`` or ``--log-dir`` says otherwise); the file is deleted on a clean exit
+unless an error was logged or a debug dump (SIGUSR1) was asked for, as the reference does.
+SIGHUP reopens it (log rotation).
 """
 
 from __future__ import annotations
@@ -14,21 +24,29 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
+from blktap.control.rundir import control_dir
 from blktap.errors import BlktapError
+
+DEFAULT_LOG_DIR = "/var/log/blktap"
+LOG_FORMAT = "%(asctime)s tapdisk[%(process)d]: %(levelname)s %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tapdisk", description="Serve virtual disks.")
     ap.add_argument("-D", dest="foreground", action="store_true",
-                    help="do not daemonize (tapdisk always runs in the foreground here)")
-    ap.add_argument("--run-dir", default=os.environ.get("BLKTAP_RUN_DIR",
-                                                        "/run/blktap-control"),
-                    help="where control and NBD sockets go (default /run/blktap-control)")
+                    help="stay in the foreground (do not daemonize)")
+    ap.add_argument("--run-dir", default=None,
+                    help="where control and NBD sockets go (default $BLKTAP_CONTROL_DIR "
+                         "or /run/blktap-control)")
+    ap.add_argument("--log-dir", default=os.environ.get("BLKTAP_LOG_DIR", DEFAULT_LOG_DIR),
+                    help="where tapdisk.<pid>.log goes (default $BLKTAP_LOG_DIR or "
+                         "/var/log/blktap)")
     ap.add_argument("--open", metavar="TYPE:PATH", action="append", default=[],
-                    help="open a VBD at start (minor 0, 1, ... in order)")
+                    help="allocate a minor and open a VBD on it at start")
     ap.add_argument("--read-only", action="store_true", help="open the VBDs read-only")
     ap.add_argument("--timeout", type=float, default=120.0,
                     help="request timeout in seconds (default 120)")
@@ -37,31 +55,144 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-async def _main(args: argparse.Namespace) -> int:
-    from blktap.tapdisk.daemon import Tapdisk
+class LogFile(logging.Handler):
+    """The per-process log file: created on first use of the directory, reopened on
+    SIGHUP, deleted at a clean exit unless something made it worth keeping."""
 
-    td = Tapdisk(args.run_dir)
+    def __init__(self, directory: str, pid: int) -> None:
+        super().__init__(logging.INFO)
+        self.path = os.path.join(directory, f"tapdisk.{pid}.log")
+        self.precious = False
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            self.precious = True
+        try:
+            self._file.write(self.format(record) + "\n")
+        except (OSError, ValueError):
+            pass
+
+    def reopen(self) -> None:
+        try:
+            new = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        except OSError:
+            return
+        self._file.close()
+        self._file = new
+
+    def finish(self, keep: bool) -> None:
+        self._file.close()
+        if not (keep or self.precious):
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def setup_logging(args: argparse.Namespace) -> LogFile | None:
+    root = logging.getLogger("blktap")
+    root.setLevel(logging.INFO)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setLevel(logging.WARNING)
+    stderr.setFormatter(logging.Formatter("tapdisk: %(message)s"))
+    root.addHandler(stderr)
+    try:
+        logfile = LogFile(args.log_dir, os.getpid())
+    except OSError as exc:
+        root.warning("no log file in %s: %s", args.log_dir, exc.strerror)
+        return None
+    root.addHandler(logfile)
+    return logfile
+
+
+def detach_stdio() -> None:
+    """The daemon's standard streams go to /dev/null (stdout's EOF tells tap-ctl spawn
+    that the path has been printed); log records now only go to the log file."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    root = logging.getLogger("blktap")
+    for h in list(root.handlers):
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, LogFile):
+            root.removeHandler(h)
+
+
+async def _main(args: argparse.Namespace, ready_fd: int | None,
+                logfile: LogFile | None) -> int:
+    from blktap.control.rundir import RunDir
+    from blktap.tapdisk.daemon import OpenParams, Tapdisk
+
+    run_dir = RunDir(args.run_dir or control_dir())
+    td = Tapdisk(run_dir)
+    loop = asyncio.get_running_loop()
+    if logfile is not None:
+        loop.add_signal_handler(signal.SIGHUP, logfile.reopen)
     try:
         print(td.start_control(), flush=True)
-        for minor, spec in enumerate(args.open):
-            disk = await td.open_vbd(minor, spec, read_only=args.read_only,
-                                     timeout=args.timeout, direct=args.direct)
-            print(minor, disk.socket, flush=True)
+        for spec in args.open:
+            minor, _ = run_dir.allocate()
+            try:
+                slot = await td.attach(minor)
+            except BaseException:
+                run_dir.free(minor)
+                raise
+            slot.owned_marker = True
+            await td.open(minor, OpenParams(spec, read_only=args.read_only,
+                                            timeout=args.timeout, direct=args.direct))
+            print(minor, slot.socket, flush=True)
+        if ready_fd is not None:
+            detach_stdio()
+            os.write(ready_fd, b"ok")
+            os.close(ready_fd)
         await td.run()
     finally:
         await td.shutdown()
     return 0
 
 
+def _daemonize() -> int:
+    """Fork. The parent waits until the child says it serves, then exits 0, or until it
+    dies, then exits with its code. The child, in a session of its own, returns the fd to
+    say it on."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        answer = b""
+        while chunk := os.read(r, 16):
+            answer += chunk
+        if answer == b"ok":
+            os._exit(0)
+        # The child failed before serving (it said why on stderr).
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(code if code > 0 else 1)
+    os.close(r)
+    os.setsid()
+    return w
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="tapdisk: %(message)s")
+    ready_fd: int | None = None
+    if not args.foreground:
+        ready_fd = _daemonize()
+    logfile = setup_logging(args)
+    code = 1
     try:
-        return asyncio.run(_main(args))
+        code = asyncio.run(_main(args, ready_fd, logfile))
     except (BlktapError, OSError) as exc:
+        logging.getLogger("blktap.tapdisk").error("%s", exc)
         code = getattr(exc, "errno", None) or 5
         print(f"tapdisk: {exc}", file=sys.stderr)
-        return code
+    finally:
+        if logfile is not None:
+            logfile.finish(keep=False)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,13 +1,27 @@
-"""The tapdisk process: one event loop, one I/O engine, the VBDs it serves.
+"""The tapdisk process: its VBDs, their life cycle, and the control socket that drives it.
 
-As the reference tapdisk: it creates its control socket ``<run-dir>/ctl<pid>`` and
-prints that path on stdout (``tap-ctl spawn`` parses it), serves each VBD over NBD at
-``<run-dir>/nbd<pid>.<minor>``, and exits by itself once its last VBD is closed.
-SIGINT/SIGTERM close every VBD consistently and exit.
+As the reference tapdisk (``blktap-reference.md`` §2): it listens on ``<dir>/ctl<pid>``
+(:mod:`blktap.control.rundir`), answers one control message per connection
+(:mod:`blktap.control.message`), serves each open VBD over NBD at
+``<dir>/nbd<pid>.<minor>``, and exits by itself once its last VBD is detached.
 
-The control protocol (the reference's 544-byte messages) is the tap-ctl issue's; until
-it lands, every control message is answered with an ERROR message carrying EOPNOTSUPP,
-and VBDs are opened from the command line (``tapdisk --open TYPE:PATH``).
+A minor's life, driven by ``tap-ctl``::
+
+    ATTACH ──► attached ──OPEN──► open (state 0) ──PAUSE──► paused (0x2a)
+       ▲          │  ▲              │    ▲                     │
+       │       DETACH└────CLOSE─────┘    └───────RESUME────────┘
+       │          ▼        (also from paused)
+       └──── detached: the process exits if it was the last
+
+ATTACH takes the flock on the minor's marker (so ``tap-ctl free`` refuses it and ``list``
+knows who serves it); the kernel drops it if the process dies. Requests that arrive while
+a VBD is paused wait (:meth:`VBD.pause`); the NBD clients stay connected.
+
+Control requests: PID, LIST and STATS are answered at once, even while another request
+runs; the others (which change a VBD) run one at a time, in the order they came, as the
+reference queues its "exclusive" requests. A connection gets 10 s to send its request;
+at most 10 are served at once. Malformed requests get an ERROR reply and never disturb
+the VBDs.
 """
 
 from __future__ import annotations
@@ -20,132 +34,425 @@ import signal
 import socket
 from dataclasses import dataclass
 
-from blktap.control import message
-from blktap.control.message import MESSAGE_SIZE
-from blktap.errors import BlktapError
+from blktap.control import message as m
+from blktap.control.message import Flag, Message, MessageType
+from blktap.control.rundir import MinorHold, RunDir
+from blktap.errors import BlktapError, ControlProtocolError
 from blktap.io import ThreadEngine
-from blktap.tapdisk.drivers import open_stack
-from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD
+from blktap.tapdisk.driver import SECTOR
+from blktap.tapdisk.drivers import open_stack, parse
+from blktap.tapdisk.stats import format_stats
+from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD, VbdState
 from blktap.transport.nbd.server import Export, NbdServer
 
 log = logging.getLogger("blktap.tapdisk")
 
-DEFAULT_RUN_DIR = "/run/blktap-control"
+REQUEST_TIMEOUT = 10.0  # seconds a control connection gets to send its request
+MAX_CONTROL_CONNECTIONS = 10
+STATS_ALL = 0xFFFF  # STATS with this cookie: every VBD, as a JSON array
+# Open flags that need filters not built yet (cache, log, mirror, index, ...).
+UNSUPPORTED_FLAGS = {
+    Flag.ADD_CACHE: "the read cache (-r)",
+    Flag.VHD_INDEX: "vhd index",
+    Flag.ADD_LOG: "the changed-block log (-C)",
+    Flag.ADD_LCACHE: "the local cache (-r)",
+    Flag.REUSE_PRT: "a parent of another minor (-e)",
+    Flag.SECONDARY: "a secondary (-2)",
+    Flag.STANDBY: "standby (-s)",
+}
+# Requests that read state only: served at once, beside a running exclusive one.
+REENTRANT = frozenset({MessageType.PID, MessageType.LIST, MessageType.STATS,
+                       MessageType.DISK_INFO})
 
 
 @dataclass
-class Disk:
+class OpenParams:
+    """How a VBD was opened (RESUME reopens with the same, perhaps on a new path)."""
+
+    spec: str
+    read_only: bool = False
+    direct: bool = True
+    timeout: float = DEFAULT_TIMEOUT
+    key: bytes | None = None
+
+
+@dataclass
+class Slot:
+    """One attached minor, open or not."""
+
     minor: int
-    vbd: VBD
-    nbd: NbdServer
-    socket: str
+    hold: MinorHold | None
+    params: OpenParams | None = None
+    vbd: VBD | None = None
+    nbd: NbdServer | None = None
+    socket: str | None = None
+    owned_marker: bool = False  # allocated by us (--open), freed by us
+    closing: bool = False
+
+    @property
+    def state(self) -> int:
+        if self.vbd is None:
+            return int(VbdState.CLOSED)
+        return int(self.vbd.state)
+
+    @property
+    def path(self) -> str:
+        """``type:path`` as LIST reports it; empty while not open."""
+        if self.params is None or self.vbd is None:
+            return ""
+        return self.params.spec
+
+
+def _error(code: int, text: str, cookie: int = 0) -> Message:
+    return Message(MessageType.ERROR, cookie, m.Response(code, text[: m.STRING_LENGTH - 1]))
+
+
+def typed_spec(spec: str) -> str:
+    """``type:path`` for a spec given with or without its type."""
+    kind, path = parse(spec)
+    return f"{kind}:{path}"
 
 
 class Tapdisk:
-    def __init__(self, run_dir: str = DEFAULT_RUN_DIR, threads: int = 16) -> None:
-        self.run_dir = run_dir
+    def __init__(self, run_dir: RunDir | str | None = None, threads: int = 16) -> None:
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.pid = os.getpid()
         self.engine = ThreadEngine(threads)
-        self.disks: dict[int, Disk] = {}
+        self.slots: dict[int, Slot] = {}
         self.done = asyncio.Event()
+        self.errors = 0  # errors logged: the log file is kept if any
+        self._exclusive = asyncio.Lock()
         self._ctl: socket.socket | None = None
         self._ctl_task: asyncio.Task | None = None
+        self._clients: set[asyncio.Task] = set()
+        self._ever_attached = False
 
     @property
     def control_path(self) -> str:
-        return os.path.join(self.run_dir, f"ctl{self.pid}")
+        return self.run_dir.control_socket(self.pid)
 
     def nbd_path(self, minor: int) -> str:
-        return os.path.join(self.run_dir, f"nbd{self.pid}.{minor}")
+        return self.run_dir.nbd_socket(self.pid, minor)
 
     # ------------------------------------------------------------------ control socket
     def start_control(self) -> str:
-        os.makedirs(self.run_dir, exist_ok=True)
+        """Create ``ctl<pid>`` (0600 in the 0700 runtime directory) and serve it."""
+        self.run_dir.ensure()
         path = self.control_path
         if os.path.lexists(path):
-            os.unlink(path)  # our pid: a leftover of an earlier process with it
+            os.unlink(path)  # our pid: the leftover of a dead process that had it
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
         sock.listen(32)
         sock.setblocking(False)
         self._ctl = sock
-        self._ctl_task = asyncio.get_running_loop().create_task(self._control_loop())
+        self._ctl_task = asyncio.get_running_loop().create_task(self._accept_loop())
         return path
 
-    async def _control_loop(self) -> None:
+    async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._ctl is not None
         while True:
-            conn, _ = await loop.sock_accept(self._ctl)
-            loop.create_task(self._control_client(conn))
+            try:
+                conn, _ = await loop.sock_accept(self._ctl)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("control: accept: %s", exc)
+                    await asyncio.sleep(0.1)
+                    continue
+                raise
+            if len(self._clients) >= MAX_CONTROL_CONNECTIONS:
+                log.warning("control: %d connections already, refusing one",
+                            len(self._clients))
+                conn.close()
+                continue
+            task = loop.create_task(self._serve_connection(conn))
+            self._clients.add(task)
+            task.add_done_callback(self._clients.discard)
 
-    async def _control_client(self, conn: socket.socket) -> None:
+    async def _serve_connection(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         try:
-            msg = b""
-            while len(msg) < MESSAGE_SIZE:
-                chunk = await asyncio.wait_for(loop.sock_recv(conn, MESSAGE_SIZE - len(msg)),
-                                               10)
-                if not chunk:
-                    return
-                msg += chunk
-            _, cookie = message.HEADER.unpack_from(msg)
-            reply = message.Message(message.MessageType.ERROR, cookie, message.Response(
-                errno.EOPNOTSUPP, "control messages are not implemented yet"))
-            await loop.sock_sendall(conn, message.encode(reply))
-        except (OSError, TimeoutError):
-            pass
+            conn.settimeout(REQUEST_TIMEOUT)
+            try:
+                request = await loop.run_in_executor(None, m.read_message, conn)
+            except ControlProtocolError as exc:
+                log.warning("control: bad request: %s", exc)
+                if exc.errno != errno.ETIMEDOUT:
+                    await self._send(conn, [m.error_reply(exc)])
+                return
+            replies = await self.handle(request)
+            await self._send(conn, replies)
+        except OSError as exc:
+            log.info("control: connection lost: %s", exc)
+        except Exception:  # a bug: lose this request, keep the process
+            log.exception("control: request failed")
+            self.errors += 1
         finally:
             conn.close()
 
-    # ------------------------------------------------------------------ VBDs
-    async def open_vbd(self, minor: int, spec: str, *, read_only: bool = False,
-                       timeout: float = DEFAULT_TIMEOUT, direct: bool = True) -> Disk:
-        if minor in self.disks:
-            raise BlktapError(f"minor {minor} is already open", errno.EEXIST)
-        driver = await self.engine.call(open_stack, self.engine, spec, writable=not read_only,
-                                        direct=direct)
-        vbd = VBD(driver, name=spec, read_only=read_only, timeout=timeout)
-        server = NbdServer(Export("", vbd, description=spec))
+    @staticmethod
+    async def _send(conn: socket.socket, replies: list[Message]) -> None:
+        data = b"".join(m.encode(r) for r in replies)
+        await asyncio.get_running_loop().run_in_executor(None, conn.sendall, data)
+
+    async def handle(self, request: Message) -> list[Message]:
+        """The replies to one request (never raises for a request's own faults)."""
+        t = request.type
+        try:
+            if t in REENTRANT:
+                return await self._dispatch(request)
+            async with self._exclusive:
+                return await self._dispatch(request)
+        except BlktapError as exc:
+            if exc.errno not in (errno.EBUSY, errno.EINVAL, errno.ENOENT, errno.EEXIST):
+                log.error("%s of minor %d: %s", t.label, request.cookie, exc)
+            return [_error(exc.errno, str(exc), request.cookie)]
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            log.error("%s of minor %d: %s", t.label, request.cookie, exc)
+            return [_error(code, str(exc), request.cookie)]
+
+    async def _dispatch(self, req: Message) -> list[Message]:
+        t, minor = req.type, req.cookie
+        T = MessageType
+        if t is T.PID:
+            return [Message(T.PID_RSP, minor, m.Pid(self.pid))]
+        if t is T.LIST:
+            return self.list_replies(minor)
+        if t is T.STATS:
+            return [Message(T.STATS_RSP, minor, m.Stat(), text=self.stats_text(minor).encode())]
+        if t is T.DISK_INFO:
+            vbd = self._open_vbd(minor)
+            return [Message(T.DISK_INFO_RSP, minor, m.Image(vbd.size // SECTOR, SECTOR, 0))]
+        if t is T.ATTACH:
+            await self.attach(minor)
+            return [Message(T.ATTACH_RSP, minor)]
+        if t is T.DETACH:
+            await self.detach(minor)
+            return [Message(T.DETACH_RSP, minor)]
+        if t is T.OPEN:
+            assert isinstance(req.payload, m.Params)
+            vbd = await self.open(minor, self._open_params(req.payload, req.key))
+            return [Message(T.OPEN_RSP, minor, m.Image(vbd.size // SECTOR, SECTOR, 0))]
+        if t in (T.CLOSE, T.FORCE_SHUTDOWN):
+            await self.close(minor, force=t is T.FORCE_SHUTDOWN)
+            return [Message(T.CLOSE_RSP, minor)]
+        if t is T.PAUSE:
+            await self.pause(minor)
+            return [Message(T.PAUSE_RSP, minor)]
+        if t is T.RESUME:
+            assert isinstance(req.payload, m.Params)
+            p = req.payload
+            self._check_flags(p.flags & ~(Flag.RDONLY | Flag.NO_O_DIRECT))
+            await self.resume(minor, p.path or None)
+            return [Message(T.RESUME_RSP, minor)]
+        if t in (T.XENBLKIF_CONNECT, T.XENBLKIF_DISCONNECT):
+            raise BlktapError("the Xen ring transport is not built yet", errno.EOPNOTSUPP)
+        raise BlktapError(f"{t.label}: not a request tapdisk answers", errno.EINVAL)
+
+    # ------------------------------------------------------------------ requests
+    @staticmethod
+    def _check_flags(flags: int) -> None:
+        for flag, what in UNSUPPORTED_FLAGS.items():
+            if flags & flag:
+                raise BlktapError(f"{what} is not supported yet", errno.EOPNOTSUPP)
+
+    def _open_params(self, p: m.Params, key: bytes | None) -> OpenParams:
+        self._check_flags(p.flags)
+        if not p.path:
+            raise BlktapError("open: no image given", errno.EINVAL)
+        return OpenParams(spec=p.path, read_only=bool(p.flags & Flag.RDONLY),
+                          direct=not p.flags & Flag.NO_O_DIRECT,
+                          timeout=float(p.req_timeout) if p.req_timeout else DEFAULT_TIMEOUT,
+                          key=key)
+
+    def _slot(self, minor: int) -> Slot:
+        slot = self.slots.get(minor)
+        if slot is None:
+            raise BlktapError(f"minor {minor} is not attached", errno.EINVAL)
+        return slot
+
+    def _open_vbd(self, minor: int) -> VBD:
+        slot = self._slot(minor)
+        if slot.vbd is None:
+            raise BlktapError(f"minor {minor} is not open", errno.EINVAL)
+        return slot.vbd
+
+    async def attach(self, minor: int, *, hold: bool = True) -> Slot:
+        if minor in self.slots:
+            raise BlktapError(f"minor {minor} is already attached", errno.EEXIST)
+        marker_hold = self.run_dir.hold(minor) if hold else None
+        slot = Slot(minor, marker_hold)
+        self.slots[minor] = slot
+        self._ever_attached = True
+        log.info("minor %d attached", minor)
+        return slot
+
+    async def detach(self, minor: int) -> None:
+        slot = self._slot(minor)
+        if slot.vbd is not None:
+            raise BlktapError(f"minor {minor} is still open", errno.EBUSY)
+        del self.slots[minor]
+        if slot.hold is not None:
+            slot.hold.release()
+        if slot.owned_marker:
+            try:
+                self.run_dir.free(minor)
+            except BlktapError as exc:
+                log.warning("freeing minor %d: %s", minor, exc)
+        log.info("minor %d detached", minor)
+        if not self.slots:
+            self.done.set()  # the reference exits once its last VBD is gone
+
+    async def _open_stack(self, params: OpenParams, spec: str):  # -> Driver
+        return await self.engine.call(open_stack, self.engine, spec,
+                                      writable=not params.read_only, direct=params.direct,
+                                      **({"key": params.key} if params.key else {}))
+
+    async def open(self, minor: int, params: OpenParams) -> VBD:
+        slot = self._slot(minor)
+        if slot.vbd is not None:
+            raise BlktapError(f"minor {minor} is already open", errno.EBUSY)
+        params.spec = typed_spec(params.spec)
+        driver = await self._open_stack(params, params.spec)
+        vbd = VBD(driver, name=params.spec, read_only=params.read_only,
+                  timeout=params.timeout)
+        server = NbdServer(Export("", vbd, description=params.spec))
         path = self.nbd_path(minor)
         try:
-            server.listen_unix(path)
+            old = os.umask(0o177)
+            try:
+                server.listen_unix(path)
+            finally:
+                os.umask(old)
         except BaseException:
+            await server.stop()
             await vbd.close()
             raise
-        disk = Disk(minor, vbd, server, path)
-        self.disks[minor] = disk
-        return disk
+        slot.params, slot.vbd, slot.nbd, slot.socket = params, vbd, server, path
+        log.info("minor %d: opened %s (%d bytes%s), NBD at %s", minor, params.spec, vbd.size,
+                 ", read-only" if vbd.read_only else "", path)
+        return vbd
 
-    async def close_vbd(self, minor: int) -> None:
-        disk = self.disks.pop(minor, None)
-        if disk is None:
-            raise BlktapError(f"minor {minor} is not open", errno.ENOENT)
+    async def close(self, minor: int, *, force: bool = False) -> None:
+        """Stop serving: NBD clients get their requests in flight answered, then are
+        disconnected; the stack is closed (a paused one is closed already)."""
+        slot = self._slot(minor)
+        if slot.vbd is None or slot.nbd is None:
+            raise BlktapError(f"minor {minor} is not open", errno.EINVAL)
+        vbd, server = slot.vbd, slot.nbd
+        slot.closing = True
         try:
-            await disk.nbd.stop()
-            await disk.vbd.close()
+            await server.stop()
+            await vbd.close()
         finally:
-            if not self.disks:
-                self.done.set()  # the reference exits once its last VBD is gone
+            slot.vbd = slot.nbd = slot.socket = None
+            slot.params = None
+            slot.closing = False
+        log.info("minor %d closed%s", minor, " (forced)" if force else "")
 
+    async def pause(self, minor: int) -> None:
+        vbd = self._open_vbd(minor)
+        log.info("minor %d: pausing", minor)
+        await vbd.pause()
+        log.info("minor %d: paused", minor)
+
+    async def resume(self, minor: int, new_spec: str | None = None) -> None:
+        slot = self._slot(minor)
+        vbd = self._open_vbd(minor)
+        assert slot.params is not None
+        if not vbd.state & VbdState.PAUSED:
+            raise BlktapError(f"minor {minor} is not paused", errno.EINVAL)
+        spec = typed_spec(new_spec) if new_spec else slot.params.spec
+        driver = await self._open_stack(slot.params, spec)
+        try:
+            await vbd.resume(driver, name=spec)
+        except BaseException:
+            for d in driver.chain():
+                try:
+                    await d.close()
+                except (OSError, BlktapError):
+                    pass
+            raise
+        slot.params.spec = spec
+        assert slot.nbd is not None
+        slot.nbd.export.description = spec
+        log.info("minor %d: resumed on %s", minor, spec)
+
+    # ------------------------------------------------------------------ reports
+    def list_replies(self, cookie: int) -> list[Message]:
+        """One LIST_RSP per attached minor (``count`` counting down to 1), then the
+        terminator (count 0, minor -1)."""
+        slots = [self.slots[k] for k in sorted(self.slots)]
+        out = [Message(MessageType.LIST_RSP, cookie,
+                       m.ListEntry(len(slots) - i, s.minor, s.state, s.path[: m.PATH_LENGTH - 1]))
+               for i, s in enumerate(slots)]
+        out.append(Message(MessageType.LIST_RSP, cookie, m.ListEntry(0, -1, 0, "")))
+        return out
+
+    def stats_text(self, minor: int) -> str:
+        if minor == STATS_ALL:
+            return format_stats([s.vbd.stats_dict() for k, s in sorted(self.slots.items())
+                                 if s.vbd is not None])
+        return format_stats(self._open_vbd(minor).stats_dict())
+
+    # ------------------------------------------------------------------ process
     async def shutdown(self) -> None:
-        for minor in list(self.disks):
-            try:
-                await self.close_vbd(minor)
-            except (OSError, BlktapError) as exc:
-                log.error("closing minor %d: %s", minor, exc)
+        """Close every VBD consistently (SIGTERM, or the last detach), then the socket."""
         if self._ctl_task is not None:
             self._ctl_task.cancel()
+            self._ctl_task = None
         if self._ctl is not None:
             self._ctl.close()
+            self._ctl = None
             try:
                 os.unlink(self.control_path)
             except OSError:
                 pass
+        for task in list(self._clients):
+            task.cancel()
+        for minor in sorted(self.slots):
+            slot = self.slots[minor]
+            try:
+                if slot.vbd is not None:
+                    await self.close(minor)
+            except (OSError, BlktapError) as exc:
+                self.errors += 1
+                log.error("closing minor %d: %s", minor, exc)
+        for minor in sorted(self.slots):
+            try:
+                await self.detach(minor)
+            except (OSError, BlktapError) as exc:
+                log.error("detaching minor %d: %s", minor, exc)
         self.engine.close()
 
     async def run(self) -> None:
+        """Serve until the last VBD is detached, or SIGINT/SIGTERM."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.done.set)
-        await self.done.wait()
+        loop.add_signal_handler(signal.SIGUSR1, self.dump)
+        try:
+            await self.done.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                loop.remove_signal_handler(sig)
+
+    def dump(self) -> None:
+        """SIGUSR1: the state of every VBD into the log (and the log is kept)."""
+        self.errors += 1
+        log.warning("debug dump: pid %d, %d minors", self.pid, len(self.slots))
+        for minor, slot in sorted(self.slots.items()):
+            if slot.vbd is None:
+                log.warning("minor %d: attached, not open", minor)
+                continue
+            log.warning("minor %d: %s state=%#x %s", minor, slot.path, slot.state,
+                        format_stats(slot.vbd.stats_dict()))
+
+
+__all__ = ["OpenParams", "Slot", "Tapdisk"]
