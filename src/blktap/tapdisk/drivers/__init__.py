@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import re
 
-from blktap.errors import BlktapError, UsageError
+from blktap.errors import BlktapError, EncryptionError, UsageError
 from blktap.image.chain import Chain, probe
 from blktap.image.raw import RawImage
 from blktap.io.engine import Engine
@@ -45,27 +45,38 @@ def parse(spec: str) -> tuple[str, str]:
     return ("vhd" if probe(spec) == "vhd" else "aio"), spec
 
 
-def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True) -> Driver:
+def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True,
+               key: bytes | None = None) -> Driver:
     """Open the driver stack for ``spec`` (blocking: metadata is read here).
 
     For a VHD, every parent named by its locators is opened read-only (the library's
     chain checks apply: loops, uuids, depth); a raw parent gets the ``aio`` driver.
+
+    ``key`` (``tap-ctl open -E``) opens an encrypted VHD chain with the library's checks
+    (docs/encryption.md): an encrypted layer without a key or a key for a clear one is
+    refused with EINVAL, a key whose hash does not match with ENOKEY. Each VHD driver gets
+    its own layer's cipher; a raw parent is read as stored. The ``aio`` and ``ram``
+    drivers have nothing to check a key against and refuse one (EINVAL).
     """
     kind, path = parse(spec)
+    if key is not None and kind != "vhd":
+        raise EncryptionError(f"{path}: the {kind} driver serves data as it is stored and "
+                              f"cannot decrypt it, but a key was given", errno.EINVAL)
     if kind == "aio":
         return AioDriver.open(engine, path, writable=writable, direct=direct)
     if kind == "ram":
         return RamDriver.open(engine, path, writable=writable)
-    chain = Chain.open(f"vhd:{path}", writable=writable)
+    chain = Chain.open(f"vhd:{path}", writable=writable, key=key)
     below: Driver | None = None
     try:
-        for layer in reversed(chain.layers):
+        for layer, cipher in zip(reversed(chain.layers), reversed(chain.ciphers),
+                                 strict=True):
             if isinstance(layer, RawImage):
                 raw_path = layer.path
                 layer.close()
                 below = AioDriver.open(engine, raw_path, writable=False, direct=direct)
             else:
-                below = VhdDriver(engine, layer, below)
+                below = VhdDriver(engine, layer, below, cipher)
     except BaseException:
         chain.close()
         raise

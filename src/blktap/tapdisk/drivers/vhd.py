@@ -7,6 +7,16 @@ bitmaps/BAT (the library's crash-safe ordering, run in the engine), flush and cl
 Reads of sectors the layer holds, and writes to sectors it already holds, move their
 data outside the lock, concurrently. The parent is another ``vhd`` driver, or an
 ``aio`` driver for a raw parent; sectors the layer does not hold are forwarded to it.
+
+Encrypted layers (docs/encryption.md): a layer given a cipher decrypts the sectors it
+holds in the caller's buffers once they are read, and encrypts what it writes into a
+buffer of its own first (the caller's buffer belongs to the client and is never changed).
+Sectors forwarded to the parent are the parent's business: each layer decrypts its own
+with its own cipher (a raw parent is read as stored), and a sector no layer holds reads as
+plain zeros, never as the decryption of zeros. So zeroing a held sector stores the
+encryption of zeros, and zeroing an unheld sector over a parent that reads as zeros
+leaves it unheld, as for a clear layer. The IV is the virtual sector, whichever layer
+stores it. The clear path is untouched: every encryption branch hangs off ``cipher``.
 """
 
 from __future__ import annotations
@@ -15,18 +25,60 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Sequence
 
+from blktap.image.crypto import XtsCipher
 from blktap.image.fileio import ZEROS, is_regular
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
 from blktap.io import syscalls
 from blktap.io.engine import Engine
-from blktap.io.iov import slice_iov, total
+from blktap.io.iov import copy_into, slice_iov, total
 from blktap.tapdisk.driver import SECTOR, STATE_DATA, Caps, Driver, Extents, merge_extents
 
 Run = tuple[int, int, int | None]  # first sector, sector count, file offset or None
 
 # Metadata for requests spanning more blocks than this is looked up in the engine.
 INLINE_BLOCKS = 64
+# Encrypting or decrypting up to this many sectors runs on the loop (about 6 us a sector);
+# more goes to a worker thread, so that one large request does not stall the others.
+INLINE_CRYPT_SECTORS = 16
+
+
+def _aligned(iov: Sequence[memoryview]) -> bool:
+    return all(len(v) % SECTOR == 0 for v in iov)
+
+
+def decrypt_iov(cipher: XtsCipher, sector: int, iov: Sequence[memoryview]) -> None:
+    """Decrypt whole sectors in place in ``iov``, starting at virtual sector ``sector``."""
+    if _aligned(iov):
+        for v in iov:
+            cipher.decrypt_in_place(sector, v)
+            sector += len(v) // SECTOR
+        return
+    # A sector split across buffers: gather, decrypt, scatter back.
+    buf = bytearray(b"".join(iov))
+    cipher.decrypt_in_place(sector, buf)
+    copy_into(iov, memoryview(buf))
+
+
+def decrypt_runs(cipher: XtsCipher, runs: Sequence[tuple[int, Sequence[memoryview]]]) -> None:
+    for sector, iov in runs:
+        decrypt_iov(cipher, sector, iov)
+
+
+def encrypt_iov(cipher: XtsCipher, sector: int, iov: Sequence[memoryview]) -> memoryview:
+    """A new buffer holding ``iov`` encrypted from virtual sector ``sector``."""
+    if not _aligned(iov):
+        buf = bytearray(b"".join(iov))
+        cipher.encrypt_into(sector, buf, buf)
+        return memoryview(buf)
+    out = memoryview(bytearray(total(iov)))
+    pos = 0
+    for v in iov:
+        n = len(v)
+        cipher.encrypt_into(sector, v, out[pos : pos + n])
+        sector += n // SECTOR
+        pos += n
+    return out
 
 
 async def gather_all(aws: list[Awaitable[None]]) -> None:
@@ -45,9 +97,12 @@ class VhdDriver(Driver):
     name = "vhd"
     type_id = 4
 
-    def __init__(self, engine: Engine, image: VhdImage, parent: Driver | None) -> None:
+    def __init__(self, engine: Engine, image: VhdImage, parent: Driver | None,
+                 cipher: XtsCipher | None = None) -> None:
         super().__init__(engine, image.size, writable=image.writable, parent=parent)
         self.image = image
+        # The layer's own data is encrypted with this (None: stored as it reads).
+        self.cipher = cipher
         self.path = image.path
         self.fd = image.fd
         self.lock = threading.Lock()
@@ -95,15 +150,40 @@ class VhdDriver(Driver):
         runs = await self._runs(sector, total(iov) // SECTOR)
         if len(runs) == 1 and runs[0][2] is not None:
             await self.engine.preadv(self.fd, iov, runs[0][2])
+            if self.cipher is not None:
+                await self._decrypt([(sector, iov)], runs[0][1])
             return
         ops: list[Awaitable[None]] = []
+        held: list[tuple[int, Sequence[memoryview]]] = []
+        held_sectors = 0
         for first, n, file_off in runs:
             sub = slice_iov(iov, (first - sector) * SECTOR, n * SECTOR)
             if file_off is None:
                 ops.append(self.forward_read(first * SECTOR, sub))
             else:
                 ops.append(self.engine.preadv(self.fd, sub, file_off))
+                held.append((first, sub))
+                held_sectors += n
         await gather_all(ops)
+        if self.cipher is not None and held:
+            await self._decrypt(held, held_sectors)
+
+    async def _decrypt(self, runs: Sequence[tuple[int, Sequence[memoryview]]],
+                       sectors: int) -> None:
+        """Decrypt the runs this layer holds, in place (forwarded runs are decrypted, or
+        not, by the layer that holds them)."""
+        assert self.cipher is not None
+        if sectors <= INLINE_CRYPT_SECTORS:
+            decrypt_runs(self.cipher, runs)
+        else:
+            await self.engine.call(decrypt_runs, self.cipher, runs)
+
+    async def _encrypt(self, sector: int, iov: Sequence[memoryview]) -> list[memoryview]:
+        """``iov`` encrypted into a new buffer (the caller's stays as it is)."""
+        assert self.cipher is not None
+        if total(iov) // SECTOR <= INLINE_CRYPT_SECTORS:
+            return [encrypt_iov(self.cipher, sector, iov)]
+        return [await self.engine.call(encrypt_iov, self.cipher, sector, iov)]
 
     # ------------------------------------------------------------------ writes
     def _write_locked(self, sector: int, iov: Sequence[memoryview]) -> None:
@@ -115,6 +195,8 @@ class VhdDriver(Driver):
     async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
         self._require_writable()
         sector = offset // SECTOR
+        if self.cipher is not None:
+            iov = await self._encrypt(sector, iov)
         runs = await self._runs(sector, total(iov) // SECTOR)
         if all(file_off is not None for _, _, file_off in runs):
             # Every sector is already held: data only, no metadata changes.
@@ -144,7 +226,10 @@ class VhdDriver(Driver):
         # Plan first, so that a fast request that cannot be fast changes nothing.
         plan: list[tuple[str, int, int, int | None]] = []
         for first, n, file_off in runs:
-            if file_off is not None:
+            if file_off is not None and self.cipher is not None:
+                # A held sector of zeros in the file would decrypt to noise.
+                plan.append(("encrypt", first, n, file_off))
+            elif file_off is not None:
                 plan.append(("punch" if may_trim and self.regular else "zero", first, n,
                              file_off))
             elif may_trim and (self.parent is None or
@@ -155,7 +240,9 @@ class VhdDriver(Driver):
         if fast and any(kind != "punch" for kind, *_ in plan):
             raise self._slow_zeroing()
         for kind, first, n, file_off in plan:
-            if kind == "allocate":
+            if kind in ("encrypt", "allocate") and self.cipher is not None:
+                await self._write_encrypted_zeros(first, n, file_off)
+            elif kind == "allocate":
                 await self.engine.call(self._write_zeros_locked, first, n)
             else:
                 assert file_off is not None
@@ -163,6 +250,22 @@ class VhdDriver(Driver):
                                       fast=fast)
         if fua:
             await self.flush()
+
+    async def _write_encrypted_zeros(self, sector: int, count: int,
+                                     file_off: int | None) -> None:
+        """Store the encryption of zeros over ``count`` sectors: at ``file_off`` when the
+        layer holds them already, else through the image (which allocates)."""
+        step = len(ZEROS) // SECTOR  # one encrypted megabyte per write
+        while count:
+            n = min(step, count)
+            data = await self._encrypt(sector, [ZEROS[: n * SECTOR]])
+            if file_off is None:
+                await self.engine.call(self._write_locked, sector, data)
+            else:
+                await self.engine.pwritev(self.fd, data, file_off)
+                file_off += n * SECTOR
+            sector += n
+            count -= n
 
     async def discard(self, offset: int, length: int) -> None:
         """Punch the held parts of the range out of the file (they read as zeros after);
