@@ -259,14 +259,18 @@ def test_state_errors_leave_the_disk_serving(daemon: Daemon, disk: Path) -> None
     nbd = daemon.run_dir / f"nbd{daemon.pid}.{minor}"
 
     assert daemon.request(msg(ATTACH, minor)).error == errno.EEXIST
-    assert daemon.request(msg(OPEN, minor, params(f"aio:{disk}"))).error == errno.EBUSY
+    assert daemon.request(msg(OPEN, minor, params(f"aio:{disk}"))).error == errno.EALREADY
     assert daemon.request(msg(DETACH, minor)).error == errno.EBUSY
     assert daemon.request(msg(RESUME, minor, params(""))).error == errno.EINVAL
-    for kind in (OPEN, CLOSE, PAUSE, DETACH, STATS):
-        body = params(f"aio:{disk}") if kind == OPEN else b""
-        assert daemon.request(msg(kind, 999, body)).error == errno.EINVAL
+    # A minor nobody attached: OPEN says EINVAL, the others ENODEV (the reference's).
+    assert daemon.request(msg(OPEN, 999, params(f"aio:{disk}"))).error == errno.EINVAL
+    for kind in (CLOSE, PAUSE, RESUME, DETACH, STATS, DISK_INFO):
+        body = params("") if kind == RESUME else b""
+        assert daemon.request(msg(kind, 999, body)).error == errno.ENODEV
     daemon.ok(msg(PAUSE, minor), PAUSE_RSP)
-    assert daemon.request(msg(PAUSE, minor)).error == errno.EBUSY
+    daemon.ok(msg(PAUSE, minor), PAUSE_RSP)  # pausing a paused disk succeeds, as there
+    assert daemon.request(msg(OPEN, minor, params(f"aio:{disk}"))).error == errno.EALREADY
+    assert daemon.request(msg(DETACH, minor)).error == errno.EBUSY
     daemon.ok(msg(RESUME, minor, params("")), RESUME_RSP)
     res = run([nbdinfo, "--size", f"nbd+unix:///?socket={nbd}"], text=True)
     assert res.returncode == 0 and int(res.stdout) == 4 * MiB
@@ -276,8 +280,11 @@ def test_state_errors_leave_the_disk_serving(daemon: Daemon, disk: Path) -> None
 def test_open_errors(daemon: Daemon, tmp_path: Path, disk: Path) -> None:
     minor = daemon.allocate()
     assert daemon.request(msg(OPEN, minor, params(f"aio:{disk}"))).error == errno.EINVAL
-    assert daemon.request(msg(ATTACH, 777)).error == errno.ENOENT  # no marker: not allocated
+    assert daemon.request(msg(ATTACH, 777)).error == errno.ENOENT  # no marker
     daemon.ok(msg(ATTACH, minor), ATTACH_RSP)
+    daemon.ok(msg(CLOSE, minor), CLOSE_RSP)  # closing what is not open: fine, as there
+    r = daemon.ok(msg(DISK_INFO, minor), DISK_INFO_RSP)
+    assert IMAGE.unpack_from(r.body) == (0, 0, 0)
     r = daemon.request(msg(OPEN, minor, params(f"aio:{tmp_path}/missing.img")))
     assert r.error == errno.ENOENT and "missing.img" in r.text
     assert daemon.request(msg(OPEN, minor, params(f"vhd:{disk}"))).error == errno.EINVAL
@@ -301,9 +308,7 @@ def test_resume_on_another_size_refused(daemon: Daemon, tmp_path: Path, disk: Pa
     same.write_bytes(bytes(4 * MiB))
     daemon.ok(msg(PAUSE, minor), PAUSE_RSP)
     assert daemon.request(msg(RESUME, minor, params(f"aio:{small}"))).error == errno.EMEDIUMTYPE
-    assert daemon.listing()[0][2] == 0x2a  # still paused
-    r = daemon.request(msg(RESUME, minor, params(f"aio:{tmp_path}/none")))
-    assert r.error == errno.ENOENT
+    assert daemon.listing()[0][2] == 0x22a  # still paused, RESUME_FAILED
     daemon.ok(msg(RESUME, minor, params(f"aio:{same}")), RESUME_RSP)
     assert daemon.listing()[0] == (1, minor, 0, f"aio:{same}")
 
@@ -400,3 +405,45 @@ def test_sigterm_closes_vhd_consistently(daemon: Daemon, tmp_path: Path) -> None
     assert res.returncode == 0 and "is valid" in res.stdout
     res = run([qemu_io, "-f", "vpc", "-r", "-c", "read -P 0x5a 1M 3M", str(vhd)], text=True)
     assert res.returncode == 0 and "Pattern verification failed" not in res.stdout
+
+
+def test_resume_retries_the_reopen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RESUME tries the reopen several times (a new leaf may appear late); when it never
+    opens, the last error is the answer and the disk stays paused (0x22a)."""
+    import asyncio
+
+    from blktap.control import message as m
+    from blktap.control.message import Message, MessageType
+    from blktap.control.rundir import RunDir
+    from blktap.tapdisk import daemon as daemon_mod
+
+    monkeypatch.setattr(daemon_mod, "RESUME_RETRY_INTERVAL", 0.05)
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(MiB))
+    late = tmp_path / "late.img"
+
+    async def body() -> None:
+        rd = RunDir(str(tmp_path / "run"))
+        td = daemon_mod.Tapdisk(rd, threads=2)
+        td.start_control()
+        minor, _ = rd.allocate()
+        await td.attach(minor)
+        await td.open(minor, daemon_mod.OpenParams(f"aio:{img}"))
+        await td.pause(minor)
+        missing = m.Params(path=f"aio:{tmp_path}/x")
+        [r] = await td.handle(Message(MessageType.RESUME, minor, missing))
+        assert isinstance(r.payload, m.Response) and r.payload.error == errno.ENOENT
+        assert td.slots[minor].state == 0x22a
+
+        async def appear() -> None:
+            await asyncio.sleep(0.2)
+            late.write_bytes(bytes(MiB))
+
+        task = asyncio.create_task(appear())
+        [r] = await td.handle(Message(MessageType.RESUME, minor, m.Params(path=f"aio:{late}")))
+        await task
+        assert r.type is MessageType.RESUME_RSP
+        assert td.slots[minor].state == 0 and td.slots[minor].path == f"aio:{late}"
+        await td.shutdown()
+
+    asyncio.run(body())

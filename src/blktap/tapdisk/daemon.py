@@ -61,8 +61,12 @@ UNSUPPORTED_FLAGS = {
     Flag.STANDBY: "standby (-s)",
 }
 # Requests that read state only: served at once, beside a running exclusive one.
-REENTRANT = frozenset({MessageType.PID, MessageType.LIST, MessageType.STATS,
-                       MessageType.DISK_INFO})
+REENTRANT = frozenset({MessageType.PID, MessageType.LIST, MessageType.STATS})
+# RESUME reopens the chain up to this many times, this far apart, as the reference does
+# (a logical volume may take a moment to appear after a snapshot); the other VBDs of the
+# process are served meanwhile.
+RESUME_ATTEMPTS = 10
+RESUME_RETRY_INTERVAL = 1.0
 
 
 @dataclass
@@ -227,8 +231,10 @@ class Tapdisk:
         if t is T.STATS:
             return [Message(T.STATS_RSP, minor, m.Stat(), text=self.stats_text(minor).encode())]
         if t is T.DISK_INFO:
-            vbd = self._open_vbd(minor)
-            return [Message(T.DISK_INFO_RSP, minor, m.Image(vbd.size // SECTOR, SECTOR, 0))]
+            slot = self._slot(minor)
+            info = (m.Image(slot.vbd.size // SECTOR, SECTOR, 0) if slot.vbd is not None
+                    else m.Image(0, 0, 0))  # never opened: zeros, as the reference
+            return [Message(T.DISK_INFO_RSP, minor, info)]
         if t is T.ATTACH:
             await self.attach(minor)
             return [Message(T.ATTACH_RSP, minor)]
@@ -271,10 +277,12 @@ class Tapdisk:
                           timeout=float(p.req_timeout) if p.req_timeout else DEFAULT_TIMEOUT,
                           key=key)
 
-    def _slot(self, minor: int) -> Slot:
+    def _slot(self, minor: int, code: int = errno.ENODEV) -> Slot:
+        """The attached minor; ENODEV if not attached (OPEN says EINVAL), as the
+        reference's handlers answer."""
         slot = self.slots.get(minor)
         if slot is None:
-            raise BlktapError(f"minor {minor} is not attached", errno.EINVAL)
+            raise BlktapError(f"minor {minor} is not attached", code)
         return slot
 
     def _open_vbd(self, minor: int) -> VBD:
@@ -315,9 +323,9 @@ class Tapdisk:
                                       **({"key": params.key} if params.key else {}))
 
     async def open(self, minor: int, params: OpenParams) -> VBD:
-        slot = self._slot(minor)
+        slot = self._slot(minor, errno.EINVAL)
         if slot.vbd is not None:
-            raise BlktapError(f"minor {minor} is already open", errno.EBUSY)
+            raise BlktapError(f"minor {minor} is already open", errno.EALREADY)
         params.spec = typed_spec(params.spec)
         driver = await self._open_stack(params, params.spec)
         vbd = VBD(driver, name=params.spec, read_only=params.read_only,
@@ -341,10 +349,11 @@ class Tapdisk:
 
     async def close(self, minor: int, *, force: bool = False) -> None:
         """Stop serving: NBD clients get their requests in flight answered, then are
-        disconnected; the stack is closed (a paused one is closed already)."""
+        disconnected; the stack is closed (a paused one is closed already). Closing a
+        minor that is not open succeeds, as in the reference."""
         slot = self._slot(minor)
         if slot.vbd is None or slot.nbd is None:
-            raise BlktapError(f"minor {minor} is not open", errno.EINVAL)
+            return
         vbd, server = slot.vbd, slot.nbd
         slot.closing = True
         try:
@@ -357,7 +366,12 @@ class Tapdisk:
         log.info("minor %d closed%s", minor, " (forced)" if force else "")
 
     async def pause(self, minor: int) -> None:
-        vbd = self._open_vbd(minor)
+        """Pause; pausing a paused (or never opened) minor succeeds, as in the reference
+        (sm pauses again after a failed unpause)."""
+        slot = self._slot(minor)
+        vbd = slot.vbd
+        if vbd is None or vbd.paused:
+            return
         log.info("minor %d: pausing", minor)
         await vbd.pause()
         log.info("minor %d: paused", minor)
@@ -369,10 +383,21 @@ class Tapdisk:
         if not vbd.state & VbdState.PAUSED:
             raise BlktapError(f"minor {minor} is not paused", errno.EINVAL)
         spec = typed_spec(new_spec) if new_spec else slot.params.spec
-        driver = await self._open_stack(slot.params, spec)
+        for attempt in range(1, RESUME_ATTEMPTS + 1):
+            try:
+                driver = await self._open_stack(slot.params, spec)
+                break
+            except (OSError, BlktapError) as exc:
+                if attempt == RESUME_ATTEMPTS:
+                    vbd.state |= VbdState.RESUME_FAILED
+                    raise
+                log.warning("minor %d: reopening %s failed (%s), attempt %d of %d", minor,
+                            spec, exc, attempt, RESUME_ATTEMPTS)
+                await asyncio.sleep(RESUME_RETRY_INTERVAL)
         try:
             await vbd.resume(driver, name=spec)
         except BaseException:
+            vbd.state |= VbdState.RESUME_FAILED
             for d in driver.chain():
                 try:
                     await d.close()
@@ -395,11 +420,20 @@ class Tapdisk:
         out.append(Message(MessageType.LIST_RSP, cookie, m.ListEntry(0, -1, 0, "")))
         return out
 
+    def _stats(self, slot: Slot) -> dict:
+        if slot.vbd is None or slot.params is None:
+            # What the reference reports for a VBD attached but not open.
+            return {"name": "(null)", "secs": [0, 0], "images": [],
+                    "FIXME_enospc_redirect_count": 0, "nbd_mirror_failed": 0,
+                    "reqs_outstanding": 0, "read_caching": "false"}
+        out = slot.vbd.stats_dict()
+        out["read_caching"] = "false" if slot.params.direct else "true"
+        return out
+
     def stats_text(self, minor: int) -> str:
         if minor == STATS_ALL:
-            return format_stats([s.vbd.stats_dict() for k, s in sorted(self.slots.items())
-                                 if s.vbd is not None])
-        return format_stats(self._open_vbd(minor).stats_dict())
+            return format_stats([self._stats(s) for _, s in sorted(self.slots.items())])
+        return format_stats(self._stats(self._slot(minor)))
 
     # ------------------------------------------------------------------ process
     async def shutdown(self) -> None:

@@ -35,16 +35,17 @@ class VbdStats:
 
 def format_stats(value: object) -> str:
     """JSON in the layout of the reference's stats writer (``tapdisk-stats.c``):
-    ``{ "k": v, "k2": v2 }`` and ``[ 1, 2 ]``, spaces inside the brackets, ", " between
-    items, on one line. sm reads it with ``json.loads``; xapi and people read it too."""
+    ``{ "k": v, "k2": v2 }`` and ``[ 1, 2 ]``, spaces inside the brackets (so an empty
+    one is ``[  ]``), ", " between items, on one line. sm reads it with ``json.loads``;
+    people read it too."""
     if isinstance(value, dict):
         if not value:
-            return "{ }"
+            return "{  }"
         return "{ " + ", ".join(f"{json.dumps(str(k))}: {format_stats(v)}"
                                 for k, v in value.items()) + " }"
     if isinstance(value, list | tuple):
         if not value:
-            return "[ ]"
+            return "[  ]"
         return "[ " + ", ".join(format_stats(v) for v in value) + " ]"
     if value is None or isinstance(value, bool | int | float | str):
         return json.dumps(value)
