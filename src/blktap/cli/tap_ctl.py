@@ -278,7 +278,7 @@ class Cli:
                 if key is not None:
                     self.error("Only supply -E once\n")
                     raise _Exit(1)
-                key = read_key(sys.stdin.buffer)
+                key = read_key(sys.stdin.buffer) if sys.stdin is not None else b""
                 if len(key) not in KEY_SIZES:
                     self.error("Unsupported keysize, use either 256 bit or 512 bit key\n")
                     raise _Exit(1)
