@@ -217,7 +217,7 @@ def test_lifecycle(daemon: Daemon, disk: Path) -> None:
     assert daemon.listing() == [(0, -1, 0, "")]
     minor = daemon.allocate()
     daemon.ok(msg(ATTACH, minor), ATTACH_RSP)
-    assert daemon.listing() == [(1, minor, 0x2, ""), (0, -1, 0, "")]
+    assert daemon.listing() == [(1, minor, 0, ""), (0, -1, 0, "")]  # as the reference
     r = daemon.ok(msg(OPEN, minor, params(f"aio:{disk}")), OPEN_RSP)
     assert IMAGE.unpack_from(r.body) == (4 * MiB // 512, 512, 0)
     assert daemon.listing() == [(1, minor, 0, f"aio:{disk}"), (0, -1, 0, "")]

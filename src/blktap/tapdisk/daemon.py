@@ -92,11 +92,13 @@ class Slot:
     socket: str | None = None
     owned_marker: bool = False  # allocated by us (--open), freed by us
     closing: bool = False
+    was_closed: bool = False
 
     @property
     def state(self) -> int:
+        """The reference's: 0 attached and never opened, 0x2 after a close."""
         if self.vbd is None:
-            return int(VbdState.CLOSED)
+            return int(VbdState.CLOSED) if self.was_closed else 0
         return int(self.vbd.state)
 
     @property
@@ -363,6 +365,7 @@ class Tapdisk:
             slot.vbd = slot.nbd = slot.socket = None
             slot.params = None
             slot.closing = False
+            slot.was_closed = True
         log.info("minor %d closed%s", minor, " (forced)" if force else "")
 
     async def pause(self, minor: int) -> None:
