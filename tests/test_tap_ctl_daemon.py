@@ -357,3 +357,33 @@ def test_encrypted_vhd_with_key_on_stdin(host: Host, tmp_path: Path) -> None:
     assert res.returncode == 0 and "Pattern verification failed" not in res.stdout
     host.out("destroy", "-p", pid, "-m", minor)
     assert b"\x61" * 4096 not in vhd.read_bytes()  # ciphertext on disk
+
+
+def test_create_with_a_failing_attach_stops_its_tapdisk(host: Host, tmp_path: Path,
+                                                       disk: Path) -> None:
+    """Someone else holds the new minor's marker: attach fails with EBUSY, and create
+    stops the tapdisk it spawned (the reference leaves it running, serving nothing)."""
+    holder_pid = tmp_path / "holder.pid"
+    launcher = tmp_path / "tapdisk-launcher"
+    launcher.write_text(f"""#!/bin/sh
+exec 9<"$BLKTAP_CONTROL_DIR/tapdisk/tapdisk-0"
+flock -n 9 || exit 3
+sleep 60 </dev/null >/dev/null 2>&1 &
+echo $! > {holder_pid}
+exec 9<&-
+exec {tool("tapdisk")} "$@"
+""")
+    launcher.chmod(0o755)
+    host.env["TAPDISK"] = str(launcher)
+    try:
+        code, out, err = host.tap_ctl("create", "-a", f"aio:{disk}", ok=False)
+        assert (code, out, err) == (16, "", "Device or resource busy\n")
+        deadline = time.monotonic() + 30
+        while any("pid" in e for e in host.listing()):
+            assert time.monotonic() < deadline, host.listing()
+            time.sleep(0.05)
+        assert host.listing() == [{"minor": "0"}]  # the holder still has it
+    finally:
+        if holder_pid.exists():
+            os.kill(int(holder_pid.read_text()), signal.SIGKILL)
+    host.out("free", "-m", "0")

@@ -412,13 +412,21 @@ class TapCtl:
 
         On failure the steps done are undone as the reference does: a failed open
         detaches (our tapdisk then exits, its last VBD gone) and frees the minor; a failed
-        spawn or attach frees the minor. The first error is the one raised.
+        spawn or attach frees the minor, and after a failed attach the tapdisk spawned
+        for it is stopped. The first error is the one raised.
         """
         minor, marker = self.allocate()
         try:
             tid = self.spawn()
+        except BaseException:
+            _quietly(self.free, minor)
+            raise
+        try:
             self.attach(tid, minor)
         except BaseException:
+            # The tapdisk we just started serves nothing and never would (it only exits
+            # when a VBD is removed): stop it, which the reference leaves running.
+            _stop_spawned(tid)
             _quietly(self.free, minor)
             raise
         try:
@@ -501,6 +509,17 @@ def _run_tapdisk(binary: str, env: dict[str, str], timeout: float) -> tuple[byte
         raise BlktapError(f"{binary} did not print its socket and exit within {timeout:g} s "
                           "(does its daemon keep stdout open?)", errno.ETIMEDOUT) from None
     return out, proc.returncode
+
+
+def _stop_spawned(tid: int) -> None:
+    """SIGTERM the tapdisk ``create`` spawned, if that pid still runs a tapdisk."""
+    try:
+        with open(f"/proc/{tid}/cmdline", "rb") as f:
+            if b"tapdisk" not in f.read():
+                return
+        os.kill(tid, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 def _quietly(fn: Callable[..., object], *args: int) -> None:
