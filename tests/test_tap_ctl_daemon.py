@@ -142,6 +142,11 @@ def test_sm_launch_and_teardown_sequence(host: Host, tmp_path: Path) -> None:
     m = LIST_PIPE_RE.match(line.rstrip("\n"))
     assert m and m.groups() == (pid, minor, "0", "vhd", str(vhd)), line
     host.serving(int(pid), 0, 16 * MiB)
+    # sm hands out nbd:unix:<socket>:exportname=<vdi uuid>: any name reaches the disk.
+    res = run([need("nbdinfo"), "--size",
+               f"nbd+unix:///0d8e2f5c-6a3b-4a43-9a0e-3f2b8c1d7e64?socket={host.run_dir}/nbd{pid}.0"],
+              text=True)
+    assert res.returncode == 0 and int(res.stdout) == 16 * MiB, res.stderr
     # Filters: by pid, minor, type, file.
     for flt in (["-p", pid], ["-m", minor], ["-t", "vhd"], ["-f", str(vhd)]):
         assert host.out("list", *flt) == line

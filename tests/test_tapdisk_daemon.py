@@ -447,3 +447,18 @@ def test_resume_retries_the_reopen(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         await td.shutdown()
 
     asyncio.run(body())
+
+
+def test_log_file_kept_after_a_dump(daemon: Daemon, disk: Path) -> None:
+    """SIGUSR1 writes every VBD's state to the process's log and keeps the log."""
+    minor = daemon.open_disk(disk)
+    log = daemon.log_dir / f"tapdisk.{daemon.pid}.log"
+    assert log.exists()
+    os.kill(daemon.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while "debug dump" not in log.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert daemon.stop() == 0
+    text = log.read_text()
+    assert f"minor {minor}: aio:{disk} state=0" in text and '"secs": [ ' in text

@@ -332,7 +332,7 @@ class Tapdisk:
         driver = await self._open_stack(params, params.spec)
         vbd = VBD(driver, name=params.spec, read_only=params.read_only,
                   timeout=params.timeout)
-        server = NbdServer(Export("", vbd, description=params.spec))
+        server = NbdServer(Export("", vbd, description=params.spec, any_name=True))
         path = self.nbd_path(minor)
         try:
             old = os.umask(0o177)

@@ -33,14 +33,17 @@ MAX_CONNECTIONS = 1024
 
 @dataclass
 class Export:
-    """A VBD served under a name ("" is also accepted: the default export)."""
+    """A VBD served under a name ("" is also accepted: the default export). With
+    ``any_name`` every name reaches it, as tapdisk's per-VBD sockets do (the storage
+    manager connects with the VDI's uuid as the export name)."""
 
     name: str
     vbd: VBD
     description: str = ""
+    any_name: bool = False
 
     def matches(self, name: str) -> bool:
-        return name in ("", self.name)
+        return self.any_name or name in ("", self.name)
 
 
 def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
