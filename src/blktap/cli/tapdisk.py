@@ -151,6 +151,8 @@ async def _main(args: argparse.Namespace, ready_fd: int | None,
         await td.run()
     finally:
         await td.shutdown()
+        if logfile is not None and td.precious:
+            logfile.precious = True
     return 0
 
 

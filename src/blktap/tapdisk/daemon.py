@@ -126,7 +126,9 @@ class Tapdisk:
         self.engine = ThreadEngine(threads)
         self.slots: dict[int, Slot] = {}
         self.done = asyncio.Event()
-        self.errors = 0  # errors logged: the log file is kept if any
+        # Something worth keeping the log file for happened (a failure, a debug dump, a
+        # watchdog stall), as the reference's "precious" log.
+        self.precious = False
         self._exclusive = asyncio.Lock()
         self._ctl: socket.socket | None = None
         self._ctl_task: asyncio.Task | None = None
@@ -197,7 +199,7 @@ class Tapdisk:
             log.info("control: connection lost: %s", exc)
         except Exception:  # a bug: lose this request, keep the process
             log.exception("control: request failed")
-            self.errors += 1
+            self.precious = True
         finally:
             conn.close()
 
@@ -455,11 +457,13 @@ class Tapdisk:
             task.cancel()
         for minor in sorted(self.slots):
             slot = self.slots[minor]
+            if slot.vbd is not None and slot.vbd.stats.watchdog_stalls:
+                self.precious = True
             try:
                 if slot.vbd is not None:
                     await self.close(minor)
             except (OSError, BlktapError) as exc:
-                self.errors += 1
+                self.precious = True
                 log.error("closing minor %d: %s", minor, exc)
         for minor in sorted(self.slots):
             try:
@@ -482,7 +486,7 @@ class Tapdisk:
 
     def dump(self) -> None:
         """SIGUSR1: the state of every VBD into the log (and the log is kept)."""
-        self.errors += 1
+        self.precious = True
         log.warning("debug dump: pid %d, %d minors", self.pid, len(self.slots))
         for minor, slot in sorted(self.slots.items()):
             if slot.vbd is None:
