@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Install the Debian packages blktap's tests and tools use, only those that are missing.
 # Real peers for the tests: qemu-img/qemu-io/qemu-nbd, libnbd's tools and bindings, fio, nbdkit.
+# For bench/run.py: qemu-storage-daemon (in qemu-system-common on Debian 12) and nbdkit's
+# Python plugin.
 set -euo pipefail
 
-packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv)
+packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv
+          qemu-system-common nbdkit-plugin-python)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
