@@ -1,0 +1,348 @@
+#!/usr/bin/env python3
+"""Benchmark: blktap's NBD server against qemu-nbd, qemu-storage-daemon, nbdkit file and
+an nbdkit Python plugin, on the same images, with the same fio and nbdcopy workloads.
+
+    .venv/bin/python bench/run.py                    # the full run (make bench), ~20 min
+    .venv/bin/python bench/run.py --quick            # tiny sizes, < 2 min (make bench ARGS=--quick)
+    .venv/bin/python bench/run.py --only raw-tmpfs --reps 5 --runtime 5 --out /tmp/b
+
+Groups: raw-tmpfs, raw-disk (every server on a raw file), vhd (ours against qemu-nbd
+-f vpc, same data), chain (ours on VHD chains of depth 1, 8 and 30, data in the base),
+memory (RSS of tapdisk and blktap serve). Within a repetition the servers of a group run
+in turn, the order rotated from one repetition to the next; each is started afresh and
+runs every workload of its group. Output: OUT/REPORT.md (only the section between this
+script's markers is replaced), OUT/results/latest.json, OUT/results/ratios.png (with
+matplotlib: the `bench` extra). OUT is bench/ unless --out says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import goals  # noqa: E402
+import images  # noqa: E402
+import memory  # noqa: E402
+import report  # noqa: E402
+import workloads  # noqa: E402
+from servers import BENCH, ROOT, SERVERS, Image, Running, ServerError  # noqa: E402
+
+GROUPS = ("raw-tmpfs", "raw-disk", "vhd", "chain", "memory")
+QUICK_SERVERS = ("blktap", "qemu-nbd", "nbdkit-file")
+QUICK_GROUPS = ("raw-tmpfs", "vhd", "chain", "memory")
+DEPTHS = (1, 8, 30)
+QUICK_DEPTHS = (1, 8)
+MIB = 1 << 20
+
+
+@dataclass
+class Entry:
+    label: str
+    server: str
+    image: Image
+    read_only: bool = False
+
+
+@dataclass
+class Group:
+    name: str
+    title: str
+    reference: str
+    entries: list[Entry]
+    workloads: list[workloads.Workload]
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny images, 1 repetition of 1 s jobs, servers "
+                         f"{', '.join(QUICK_SERVERS)}, groups {', '.join(QUICK_GROUPS)}")
+    ap.add_argument("--reps", type=int, help="repetitions (default 3; quick 1)")
+    ap.add_argument("--runtime", type=float, help="seconds per job (default 3; quick 1)")
+    ap.add_argument("--size", type=parse_size, help="image size, e.g. 1G (default; quick 64M)")
+    ap.add_argument("--only", action="append", default=[], metavar="GROUP",
+                    help=f"run only these groups ({', '.join(GROUPS)}); repeat or "
+                         "comma-separate")
+    ap.add_argument("--servers", default="", metavar="A,B",
+                    help=f"only these servers ({', '.join(SERVERS)})")
+    ap.add_argument("--reference", default="qemu-nbd", metavar="SERVER",
+                    help="the reference of the raw and vhd groups' ratios (default qemu-nbd)")
+    ap.add_argument("--out", type=Path, default=BENCH,
+                    help="where REPORT.md and results/ go (default bench/)")
+    args = ap.parse_args(argv)
+    args.reps = args.reps or (1 if args.quick else 3)
+    args.runtime = args.runtime or (1.0 if args.quick else 3.0)
+    args.size = args.size or (64 * MIB if args.quick else 1 << 30)
+    if args.size < 16 * MIB or args.size % (2 * MIB):
+        ap.error("--size must be a multiple of 2 MiB, at least 16 MiB")
+    if args.reps < 1 or args.runtime <= 0:
+        ap.error("--reps and --runtime must be positive")
+    only = [g for item in args.only for g in item.split(",") if g]
+    for g in only:
+        if g not in GROUPS:
+            ap.error(f"unknown group {g!r} (choose from {', '.join(GROUPS)})")
+    args.groups = only or list(QUICK_GROUPS if args.quick else GROUPS)
+    wanted = [s for s in args.servers.split(",") if s]
+    for s in wanted:
+        if s not in SERVERS:
+            ap.error(f"unknown server {s!r} (choose from {', '.join(SERVERS)})")
+    args.server_names = wanted or list(QUICK_SERVERS if args.quick else SERVERS)
+    return args
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def first_line(argv: list[str]) -> str:
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except OSError:
+        return "missing"
+    return (res.stdout.strip() or res.stderr.strip() or "?").splitlines()[0]
+
+
+def machine() -> dict[str, Any]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
+            "python": platform.python_version(), "memory_gib": mem / (1 << 30)}
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name, argv in (("fio", ["fio", "--version"]), ("nbdcopy", ["nbdcopy", "--version"]),
+                       ("qemu-nbd", ["qemu-nbd", "--version"]),
+                       ("nbdkit", ["nbdkit", "--version"])):
+        if shutil.which(argv[0]):
+            out[name] = first_line(argv).split()[-1] if name != "qemu-nbd" else \
+                first_line(argv).split()[1]
+    return out
+
+
+def build_groups(args: argparse.Namespace, avail: list[str], shm: Path,
+                 disk: Path) -> list[Group]:
+    """Make the images the chosen groups need and the groups themselves."""
+    groups: list[Group] = []
+    size = args.size
+    wanted = set(args.groups)
+    raw_shm = None
+    if wanted & {"raw-tmpfs", "raw-disk", "vhd", "chain"}:
+        say(f"preparing images ({size >> 20} MiB of random data)")
+        raw_shm = images.random_raw(shm / "disk.raw", size)
+    raw_servers = [s for s in avail if "raw" in SERVERS[s].formats]
+    ref = args.reference if args.reference in avail else (raw_servers or ["blktap"])[0]
+    if "raw-tmpfs" in wanted and raw_shm:
+        groups.append(Group("raw-tmpfs", "Raw image on tmpfs", ref,
+                            [Entry(s, s, raw_shm) for s in raw_servers],
+                            list(workloads.WORKLOADS)))
+    if "raw-disk" in wanted and raw_shm:
+        raw_disk = disk / "disk.raw"
+        images.copy_file(raw_shm.path, raw_disk)
+        fs = first_line(["stat", "-f", "-c", "%T", str(disk)])
+        groups.append(Group("raw-disk", f"Raw image on disk ({fs}, beside the checkout)", ref,
+                            [Entry(s, s, Image(raw_disk, "raw")) for s in raw_servers],
+                            list(workloads.WORKLOADS)))
+    if ("vhd" in wanted or "chain" in wanted) and raw_shm:
+        vhd = images.vhd_from_raw(raw_shm.path, shm / "disk.vhd")
+        blocks = images.allocated_blocks(vhd.path)
+        if blocks != size // images.VHD_BLOCK:
+            raise RuntimeError(f"{vhd.path}: {blocks} blocks allocated, expected all")
+        if "vhd" in wanted:
+            vhd_servers = [s for s in ("blktap", "qemu-nbd") if s in avail]
+            vref = "qemu-nbd" if "qemu-nbd" in vhd_servers else "blktap"
+            groups.append(Group(
+                "vhd", "Dynamic VHD on tmpfs (qemu-nbd: -f vpc), every block allocated", vref,
+                [Entry(s, s, vhd) for s in vhd_servers], list(workloads.WORKLOADS)))
+        if "chain" in wanted and "blktap" in avail:
+            base = shm / "base.vhd"
+            images.copy_file(vhd.path, base)
+            entries = []
+            for depth in (QUICK_DEPTHS if args.quick else DEPTHS):
+                leaf = images.chain(base, depth, f"d{depth}")
+                got = images.chain_depth(leaf.path)
+                if got != depth:
+                    raise RuntimeError(f"{leaf.path}: chain depth {got}, expected {depth}")
+                entries.append(Entry(f"depth {depth}", "blktap", leaf, read_only=True))
+            groups.append(Group(
+                "chain", "VHD chains on tmpfs (ours, read-only): data in the base, empty "
+                "snapshots above", "depth 1", entries,
+                [w for w in workloads.WORKLOADS if not w.writes]))
+    return groups
+
+
+def run_groups(groups: list[Group], args: argparse.Namespace,
+               shm: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    results: list[dict[str, Any]] = []
+    peak: dict[str, int] = {}
+    for rep in range(args.reps):
+        for g in groups:
+            k = rep % len(g.entries)
+            for e in g.entries[k:] + g.entries[:k]:
+                base = {"group": g.name, "label": e.label, "server": e.server, "rep": rep}
+                try:
+                    srv = Running(SERVERS[e.server], e.image, shm, e.read_only)
+                except ServerError as exc:
+                    say(f"[{rep + 1}/{args.reps}] {g.name} {e.label}: {exc}")
+                    for w in g.workloads:
+                        results.append({**base, "workload": w.name, "unit": w.unit,
+                                        "error": str(exc)})
+                    continue
+                try:
+                    for w in g.workloads:
+                        cpu0 = srv.cpu_seconds()
+                        m = workloads.run(w, srv.uri, args.size, args.runtime)
+                        cpu = srv.cpu_seconds() - cpu0
+                        row = {**base, "workload": w.name, "unit": w.unit, **asdict(m),
+                               "cpu_s": cpu,
+                               "cpu_us_per_io": cpu / m.ios * 1e6 if m.ios else None}
+                        results.append(row)
+                        shown = m.error or f"{report.fmt_value(m.value, w.unit)} {w.unit}"
+                        say(f"[{rep + 1}/{args.reps}] {g.name} {e.label} {w.name}: {shown}")
+                    hwm = srv.memory_kib().get("VmHWM", 0)
+                    peak[e.server] = max(peak.get(e.server, 0), hwm)
+                finally:
+                    srv.stop()
+    return results, peak
+
+
+def summarise(groups: list[Group], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for g in groups:
+        rows = []
+        for w in g.workloads:
+            for e in g.entries:
+                runs = [r for r in results if r["group"] == g.name and r["label"] == e.label
+                        and r["workload"] == w.name]
+                ok = [r for r in runs if not r.get("error")]
+                row: dict[str, Any] = {"workload": w.name, "label": e.label, "unit": w.unit,
+                                       "n": len(ok)}
+                if not ok:
+                    row["error"] = next((r["error"] for r in runs), "not run")
+                    row.update(median=None, min=None, max=None, cpu_us_per_io=None)
+                else:
+                    vals = [r["value"] for r in ok]
+                    cpus = [r["cpu_us_per_io"] for r in ok if r["cpu_us_per_io"] is not None]
+                    row.update(median=statistics.median(vals), min=min(vals), max=max(vals),
+                               cpu_us_per_io=statistics.median(cpus) if cpus else None)
+                rows.append(row)
+        for row in rows:
+            ref = next((r for r in rows if r["label"] == g.reference
+                        and r["workload"] == row["workload"]), None)
+            ok = ref and ref["median"] and row["median"] is not None
+            row["ratio"] = row["median"] / ref["median"] if ok else None  # type: ignore[index]
+        out.append({"name": g.name, "title": g.title, "reference": g.reference,
+                    "rows": rows, "notes": g.notes})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    avail, skipped = [], {}
+    for name in args.server_names:
+        why = SERVERS[name].missing()
+        if why:
+            skipped[name] = why
+            say(f"skipping {name}: {why}")
+        else:
+            avail.append(name)
+    if shutil.which("fio") is None or shutil.which("nbdcopy") is None:
+        say("bench/run.py: fio and nbdcopy are needed (scripts/install-deps.sh)")
+        return 2
+    shm_root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    shm = Path(tempfile.mkdtemp(prefix="blktap-bench-", dir=shm_root))
+    disk = Path(tempfile.mkdtemp(prefix=".bench-tmp-", dir=ROOT))
+    try:
+        groups = build_groups(args, avail, shm, disk)
+        results, peak = run_groups(groups, args, shm)
+        mem = memory.measure(shm / "memory") if "memory" in args.groups else []
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(disk, ignore_errors=True)
+    summary = summarise(groups, results)
+
+    def median(group: str, label: str, wl: str) -> float | None:
+        for g in summary:
+            if g["name"] == group:
+                for r in g["rows"]:
+                    if r["label"] == label and r["workload"] == wl:
+                        return r["median"]
+        return None
+
+    idle = next((m.rss_kib for m in mem if m.case.startswith("idle tapdisk")), None)
+    checks = goals.evaluate(median, idle)
+    used = {e.server for g in groups for e in g.entries}
+    sample = Image(Path("IMAGE"), "raw")
+    data: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "command": shlex.join([".venv/bin/python", "bench/run.py", *sys.argv[1:]]
+                              if argv is None else ["bench/run.py", *argv]),
+        "settings": {"quick": args.quick, "reps": args.reps, "runtime": args.runtime,
+                     "size": args.size, "groups": args.groups},
+        "machine": machine(),
+        "versions": versions(),
+        "server_commands": {n: shlex.join(SERVERS[n].argv(sample, Path("SOCK"), False))
+                            .replace(str(ROOT) + "/", "")
+                            for n in SERVERS if n in used},
+        "workload_commands": {w.name: shlex.join(
+            workloads.fio_argv(w, "URI", args.size, args.runtime) if w.tool == "fio"
+            else workloads.nbdcopy_argv("URI")) for w in workloads.WORKLOADS},
+        "skipped": skipped,
+        "groups": summary,
+        "goals": [{**asdict(c), "verdict": c.verdict} for c in checks],
+        "memory": [asdict(m) for m in mem],
+        "peak_rss": peak,
+        "results": results,
+        "seconds": time.monotonic() - t0,
+    }
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(data, out / "results" / "latest.json")
+    has_chart = report.chart(data, out / "results" / "ratios.png")
+    section = report.markdown(data, "results/ratios.png" if has_chart else None)
+    rpath = out / "REPORT.md"
+    old = rpath.read_text() if rpath.exists() else ""
+    rpath.write_text(report.replace_section(old, section))
+    say(f"wrote {rpath}, {out / 'results' / 'latest.json'}"
+        + (f", {out / 'results' / 'ratios.png'}" if has_chart else "")
+        + f" in {data['seconds'] / 60:.1f} min")
+    for c in checks:
+        say(f"goal {c.verdict:>12}: {c.what} = "
+            + ("–" if c.value is None else f"{c.value:.2f}") + f" (target {c.target})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
