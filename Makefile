@@ -31,5 +31,11 @@ test: setup
 lint: venv
 	$(VENV)/bin/ruff check src tests bench
 
+# make bench: the NBD server benchmark (~20 min), bench/REPORT.md and bench/results/.
+# make bench ARGS=--quick: the quick one (< 2 min). Other options: bench/run.py --help.
+bench: setup
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/run.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache demo
