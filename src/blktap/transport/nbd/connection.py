@@ -73,12 +73,14 @@ class Connection:
         self.bytes_freed = asyncio.Event()
         self.broken = False
         self.reader: asyncio.Task | None = None
+        # Cached: asyncio.get_running_loop() costs a getpid() system call per call.
+        self.loop = server.loop
 
     # ------------------------------------------------------------------ reader
     async def serve(self) -> None:
         """Read requests until DISC, end of stream or shutdown; then wait for every
         request in flight."""
-        self.reader = asyncio.get_running_loop().create_task(self._read_loop())
+        self.reader = self.loop.create_task(self._read_loop())
         try:
             await self.reader
         except Closed:
@@ -174,7 +176,7 @@ class Connection:
         self.slots.release()
 
     def _start(self, coro: object) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        task = self.loop.create_task(coro)  # type: ignore[arg-type]
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
