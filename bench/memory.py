@@ -70,12 +70,13 @@ class Tapdisk:
 def _touch(uri: str) -> str:
     """Clients going over the whole disk: its map, then a copy (holes are skipped)."""
     notes = []
-    for argv in (["nbdinfo", "--map", uri], ["nbdcopy", uri, "null:"]):
+    for label, argv in (("nbdinfo --map URI", ["nbdinfo", "--map", uri]),
+                        ("nbdcopy URI null:", ["nbdcopy", uri, "null:"])):
         t0 = time.monotonic()
         res = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
         took = time.monotonic() - t0
         status = "ok" if res.returncode == 0 else f"exit {res.returncode}"
-        notes.append(f"`{argv[0]}{' --map' if len(argv) > 2 else ''}` {status} in {took:.1f} s")
+        notes.append(f"`{label}` {status} in {took:.1f} s")
     return ", ".join(notes)
 
 

@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="tiny images, 1 repetition of 1 s jobs, servers "
                          f"{', '.join(QUICK_SERVERS)}, groups {', '.join(QUICK_GROUPS)}")
-    ap.add_argument("--reps", type=int, help="repetitions (default 3; quick 1)")
+    ap.add_argument("--reps", type=int, help="repetitions (default 4; quick 1)")
     ap.add_argument("--runtime", type=float, help="seconds per job (default 3; quick 1)")
     ap.add_argument("--size", type=parse_size, help="image size, e.g. 1G (default; quick 64M)")
     ap.add_argument("--only", action="append", default=[], metavar="GROUP",
@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=BENCH,
                     help="where REPORT.md and results/ go (default bench/)")
     args = ap.parse_args(argv)
-    args.reps = args.reps or (1 if args.quick else 3)
+    args.reps = args.reps or (1 if args.quick else 4)
     args.runtime = args.runtime or (1.0 if args.quick else 3.0)
     args.size = args.size or (64 * MIB if args.quick else 1 << 30)
     if args.size < 16 * MIB or args.size % (2 * MIB):

@@ -1,0 +1,145 @@
+"""bench/run.py: the quick mode runs end to end and writes a report, the JSON and the chart;
+a missing server is skipped with a note; the report's other sections are kept; goals and
+ratios come out of the medians as stated. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, need
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import goals  # noqa: E402
+import report  # noqa: E402
+import run as bench_run  # noqa: E402
+import servers  # noqa: E402
+
+OTHER = "# Benchmark report\n\n## Coalesce (bench/coalesce.py)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+
+
+def bench(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--out", str(out),
+                           *args], capture_output=True, text=True, timeout=600, env=env,
+                          check=False)
+
+
+@pytest.mark.slow
+def test_quick_mode_end_to_end(tmp_path: Path) -> None:
+    for program in ("fio", "nbdcopy", "qemu-nbd", "nbdkit", "nbdinfo"):
+        need(program)
+    (tmp_path / "REPORT.md").write_text(OTHER)
+    res = bench(tmp_path, "--quick")
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = (tmp_path / "REPORT.md").read_text()
+    assert text.startswith(OTHER.rstrip("\n"))  # the other section is kept as it was
+    assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
+    assert "| seqread | blktap |" in text and "### Goals" in text and "### Memory" in text
+    data = json.loads((tmp_path / "results" / "latest.json").read_text())
+    assert data["settings"]["quick"] is True
+    names = {g["name"] for g in data["groups"]}
+    assert names == {"raw-tmpfs", "vhd", "chain"}
+    for g in data["groups"]:
+        for row in g["rows"]:
+            assert not row.get("error"), row
+            assert row["median"] > 0 and row["min"] <= row["median"] <= row["max"]
+            assert row["cpu_us_per_io"] is not None and row["cpu_us_per_io"] >= 0
+        assert all(r["ratio"] == 1.0 for r in g["rows"] if r["label"] == g["reference"])
+    idle = next(m for m in data["memory"] if m["case"].startswith("idle tapdisk"))
+    assert idle["rss_kib"] > 0
+    big = next(m for m in data["memory"] if "sparse" in m["case"])
+    assert big["rss_kib"] > 0 and "`nbdcopy URI null:` ok" in big["note"]
+    assert any(c["met"] is not None for c in data["goals"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "No chart" in text
+    else:
+        png = tmp_path / "results" / "ratios.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "results/ratios.png" in text
+    # A second run replaces its own section and nothing else.
+    res = bench(tmp_path, "--quick", "--only", "memory")
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = (tmp_path / "REPORT.md").read_text()
+    assert again.startswith(OTHER.rstrip("\n")) and again.count(report.BEGIN) == 1
+    assert "| seqread | blktap |" not in again
+
+
+def test_missing_server_is_skipped_with_a_note(tmp_path: Path) -> None:
+    """With qemu-nbd and qemu-storage-daemon out of PATH the run still completes: they
+    are named as skipped in the report, and the ratios fall back to another server."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for program in ("fio", "nbdcopy"):
+        found = need(program)
+        os.symlink(found, bindir / program)
+    env = {**os.environ, "PATH": str(bindir)}
+    res = bench(tmp_path / "out", "--only", "raw-tmpfs", "--size", "16M", "--runtime", "0.2",
+                "--reps", "1", "--servers", "blktap,qemu-nbd,qsd", env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "- qemu-nbd: **skipped** (qemu-nbd is not installed)" in text
+    assert "- qsd: **skipped** (qemu-storage-daemon is not installed)" in text
+    data = json.loads((tmp_path / "out" / "results" / "latest.json").read_text())
+    (group,) = data["groups"]
+    assert group["reference"] == "blktap"
+    assert {r["label"] for r in group["rows"]} == {"blktap"}
+    assert all(r["median"] > 0 for r in group["rows"])
+
+
+def test_replace_section_keeps_the_rest() -> None:
+    first = report.replace_section(OTHER, "## Ours\n\nA\n")
+    assert first.startswith(OTHER) and first.endswith(f"{report.BEGIN}\n## Ours\n\nA\n"
+                                                      f"{report.END}\n")
+    tail = "\n## Later section\n\nkept\n"
+    second = report.replace_section(first + tail, "## Ours\n\nB\n")
+    assert second == OTHER + f"\n{report.BEGIN}\n## Ours\n\nB\n{report.END}\n" + tail.lstrip()
+    assert report.replace_section("", "x").startswith("# Benchmark report\n\n" + report.BEGIN)
+
+
+def test_goals_from_medians() -> None:
+    med = {("raw-tmpfs", "blktap", "seqread"): 100.0,
+           ("raw-tmpfs", "nbdkit-file", "seqread"): 125.0,
+           ("raw-tmpfs", "blktap", "randread-qd32"): 30.0,
+           ("raw-tmpfs", "qemu-nbd", "randread-qd32"): 20.0,
+           ("chain", "depth 1", "randread-qd1"): 100.0,
+           ("chain", "depth 30", "randread-qd1"): 91.0}
+    checks = goals.evaluate(lambda g, label, w: med.get((g, label, w)), 30 * 1024)
+    by = {c.what: c for c in checks}
+    c = by["raw-tmpfs seqread: blktap / nbdkit-file"]
+    assert c.value == pytest.approx(0.8) and c.met is False and c.verdict == "NOT met"
+    assert by["raw-tmpfs randread-qd32: blktap / qemu-nbd"].met is True
+    assert by["raw-tmpfs randread-qd32: blktap / nbdkit-python"].met is None
+    assert by["chain randread-qd1: depth 30 / depth 1"].met is True  # 100/91 < 1.1
+    assert by["idle tapdisk VmRSS (MB)"].met is True
+    assert goals.evaluate(lambda *a: None, 40 * 1024 * 1024)[-1].met is False
+
+
+def test_sizes_and_options() -> None:
+    assert bench_run.parse_size("64M") == 64 << 20
+    assert bench_run.parse_size("1G") == 1 << 30
+    assert bench_run.parse_size("1GiB") == 1 << 30
+    args = bench_run.parse_args(["--quick"])
+    assert (args.reps, args.runtime, args.size) == (1, 1.0, 64 << 20)
+    assert "raw-disk" not in args.groups
+    full = bench_run.parse_args([])
+    assert full.groups == list(bench_run.GROUPS) and full.server_names == list(servers.SERVERS)
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--only", "nosuchgroup"])
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--size", "3M"])
+
+
+def test_proc_figures_of_a_live_process() -> None:
+    before = servers.proc_cpu_seconds(os.getpid())
+    sum(i * i for i in range(300_000))
+    assert servers.proc_cpu_seconds(os.getpid()) >= before >= 0
+    mem = servers.proc_memory_kib(os.getpid())
+    assert mem["VmRSS"] > 0 and mem["VmHWM"] >= mem["VmRSS"]
