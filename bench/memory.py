@@ -67,6 +67,12 @@ class Tapdisk:
                 f.close()
 
 
+def short(arg: str) -> str:
+    """An argument with its path cut to the file name ("vhd:/x/y.vhd" -> "vhd:y.vhd")."""
+    prefix, sep, path = arg.rpartition(":") if ":" in arg else ("", "", arg)
+    return prefix + sep + os.path.basename(path) if "/" in path else arg
+
+
 def _touch(uri: str) -> str:
     """Clients going over the whole disk: its map, then a copy (holes are skipped)."""
     notes = []
@@ -91,8 +97,7 @@ def _case(workdir: Path, case: str, opens: list[str], touch: bool) -> MemoryResu
         mem = td.memory()
     finally:
         td.stop()
-    shown = " ".join(a if not a.startswith("/") else os.path.basename(a) for a in
-                     ["tapdisk", *td.argv[1:]])
+    shown = " ".join(short(a) for a in ["tapdisk", *td.argv[1:]])
     return MemoryResult(case, shown, mem.get("VmRSS"), mem.get("VmHWM"), note)
 
 

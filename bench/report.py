@@ -30,6 +30,10 @@ def fmt_value(v: float | None, unit: str) -> str:
     return f"{v:,.0f}" if unit == "IOPS" or v >= 100 else f"{v:,.1f}"
 
 
+def fmt_load(load: list[float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
+
+
 def fmt_ratio(r: float | None) -> str:
     return "–" if r is None else f"{r:.2f}x"
 
@@ -42,6 +46,9 @@ def markdown(data: dict[str, Any], chart: str | None) -> str:
         "",
         f"Date: {data['date']}. Machine: {m['cpus']} CPUs ({m['cpu_model']}), "
         f"{m['memory_gib']:.0f} GiB, Linux {m['kernel']}, Python {m['python']}.",
+        f"Load average (1, 5, 15 min) at the start {fmt_load(m['loadavg_start'])}, at the "
+        f"end {fmt_load(m['loadavg_end'])}: other work shares the machine, so read the "
+        "spreads.",
         "Tools: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
         f"Command: `{data['command']}`"
         + (" (quick mode: tiny sizes, not for conclusions)" if s["quick"] else "") + ".",
@@ -88,13 +95,27 @@ def markdown(data: dict[str, Any], chart: str | None) -> str:
         lines.append("")
     lines += ["### Goals", "", "| goal | ratio checked | target | measured | verdict |",
               "|---|---|---|---|---|"]
+    shown = None
     for c in data["goals"]:
         val = "–" if c["value"] is None else f"{c['value']:.2f}"
-        lines.append(f"| {c['goal']} | {c['what']} | {c['target']} | {val} | {c['verdict']} |")
+        goal = "" if c["goal"] == shown else c["goal"]
+        shown = c["goal"]
+        lines.append(f"| {goal} | {c['what']} | {c['target']} | {val} | {c['verdict']} |")
     met = sum(1 for c in data["goals"] if c["met"] is True)
     missed = sum(1 for c in data["goals"] if c["met"] is False)
     unknown = sum(1 for c in data["goals"] if c["met"] is None)
-    lines += ["", f"{met} checks met, {missed} not met, {unknown} not measured.", ""]
+    lines += ["", f"{met} checks met, {missed} not met, {unknown} not measured. By goal:", ""]
+    for goal in dict.fromkeys(c["goal"] for c in data["goals"]):
+        cs = [c for c in data["goals"] if c["goal"] == goal]
+        if all(c["met"] is None for c in cs):
+            verdict = "not measured"
+        elif all(c["met"] is True for c in cs):
+            verdict = "**met**"
+        else:
+            verdict = "**not met**"
+        ok = sum(1 for c in cs if c["met"] is True)
+        lines.append(f"- {goal}: {verdict} ({ok} of {len(cs)} checks)")
+    lines.append("")
     if data["memory"]:
         lines += ["### Memory", "", "| process | command | VmRSS MiB | peak (VmHWM) MiB | note |",
                   "|---|---|---|---|---|"]

@@ -140,6 +140,22 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "memory_gib": mem / (1 << 30)}
 
 
+def fs_type(path: Path) -> str:
+    """The type of the file system holding `path`, from /proc/self/mounts (stat -f cannot
+    tell ext4 from ext2)."""
+    best, kind = "", "?"
+    try:
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            parts = line.split()
+            mnt = parts[1].encode().decode("unicode_escape")
+            inside = str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")
+            if inside and len(mnt) >= len(best):
+                best, kind = mnt, parts[2]
+    except OSError:
+        pass
+    return kind
+
+
 def versions() -> dict[str, str]:
     out = {}
     for name, argv in (("fio", ["fio", "--version"]), ("nbdcopy", ["nbdcopy", "--version"]),
@@ -170,7 +186,7 @@ def build_groups(args: argparse.Namespace, avail: list[str], shm: Path,
     if "raw-disk" in wanted and raw_shm:
         raw_disk = disk / "disk.raw"
         images.copy_file(raw_shm.path, raw_disk)
-        fs = first_line(["stat", "-f", "-c", "%T", str(disk)])
+        fs = fs_type(disk)
         groups.append(Group("raw-disk", f"Raw image on disk ({fs}, beside the checkout)", ref,
                             [Entry(s, s, Image(raw_disk, "raw")) for s in raw_servers],
                             list(workloads.WORKLOADS)))
@@ -270,6 +286,7 @@ def summarise(groups: list[Group], results: list[dict[str, Any]]) -> list[dict[s
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
+    load_start = os.getloadavg()
     avail, skipped = [], {}
     for name in args.server_names:
         why = SERVERS[name].missing()
@@ -311,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                               if argv is None else ["bench/run.py", *argv]),
         "settings": {"quick": args.quick, "reps": args.reps, "runtime": args.runtime,
                      "size": args.size, "groups": args.groups},
-        "machine": machine(),
+        "machine": {**machine(), "loadavg_start": load_start,
+                    "loadavg_end": os.getloadavg()},
         "versions": versions(),
         "server_commands": {n: shlex.join(SERVERS[n].argv(sample, Path("SOCK"), False))
                             .replace(str(ROOT) + "/", "")
