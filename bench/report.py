@@ -173,7 +173,7 @@ def chart(data: dict[str, Any], path: Path) -> bool:
         ax.legend(fontsize=7, ncol=min(5, len(labels)))
     fig.suptitle(f"Median throughput relative to each group's reference ({data['date']})",
                  fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
