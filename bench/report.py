@@ -50,7 +50,7 @@ def markdown(data: dict[str, Any], chart: str | None) -> str:
         f"end {fmt_load(m['loadavg_end'])}: other work shares the machine, so read the "
         "spreads.",
         "Tools: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
-        f"Command: `{data['command']}`"
+        f"Source: commit {data.get('source', '?')}. Command: `{data['command']}`"
         + (" (quick mode: tiny sizes, not for conclusions)" if s["quick"] else "") + ".",
         f"Image size {s['size'] >> 20} MiB; {s['reps']} repetition(s) of {s['runtime']:g} s "
         "per job; servers interleaved (A B C, B C A, ...), each started afresh on the image "

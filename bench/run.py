@@ -140,6 +140,18 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "memory_gib": mem / (1 << 30)}
 
 
+def source_state() -> str:
+    """The commit measured, and whether src/ had changes not committed yet."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "unknown (no git)"
+    return (head or "unknown") + (" (src/ has uncommitted changes)" if dirty else "")
+
+
 def fs_type(path: Path) -> str:
     """The type of the file system holding `path`, from /proc/self/mounts (stat -f cannot
     tell ext4 from ext2)."""
@@ -287,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
     load_start = os.getloadavg()
+    source = source_state()
     avail, skipped = [], {}
     for name in args.server_names:
         why = SERVERS[name].missing()
@@ -326,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(),
         "command": shlex.join([".venv/bin/python", "bench/run.py", *sys.argv[1:]]
                               if argv is None else ["bench/run.py", *argv]),
+        "source": source,
         "settings": {"quick": args.quick, "reps": args.reps, "runtime": args.runtime,
                      "size": args.size, "groups": args.groups},
         "machine": {**machine(), "loadavg_start": load_start,
