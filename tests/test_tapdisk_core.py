@@ -539,3 +539,94 @@ def test_stats_follow_the_reference_shape(tmp_path: Path) -> None:
     assert base_img["hits"] == [8, 0] and base_img["fail"] == [0, 0]
     assert leaf_img["driver"] == {"type": 4, "name": "vhd", "status": None}
     assert stats["counters"]["write_reqs"] == 1 and stats["reqs_outstanding"] == 0
+
+
+def test_reads_skip_empty_layers_of_a_deep_chain(tmp_path: Path) -> None:
+    """A read the upper layers hold nothing of goes to the first layer that holds some
+    (a BAT lookup per empty layer): content as the library reads it, every layer's hit
+    counter moved as if the request had passed through it; a layer that holds part of
+    the range stops the skip; a parent smaller than its child reads as zeros past its
+    end."""
+    size = 8 * MiB
+    layers = [tmp_path / "l0.vhd"]
+    create_vhd(str(layers[0]), size)
+    rng = random.Random(7)
+    base_data = bytes(rng.getrandbits(8) for _ in range(256 * 1024))
+    with Chain.open(f"vhd:{layers[0]}", writable=True) as c:
+        c.pwrite(1 * MiB, base_data)
+    for i in range(1, 31):
+        layers.append(tmp_path / f"l{i}.vhd")
+        snapshot_vhd(str(layers[i]), str(layers[i - 1]), skip_empty=False)
+    mid = 15  # a middle layer holds 4 KiB inside the base's range
+    with Chain.open(f"vhd:{layers[mid]}", writable=True) as c:
+        c.pwrite(1 * MiB + 65536, b"M" * 4096)
+    leaf = layers[-1]
+
+    from blktap.tapdisk.drivers.vhd import VhdDriver
+    looked_up: list[str] = []
+    real_runs = VhdDriver._runs
+
+    async def counting_runs(self: VhdDriver, sector: int, count: int) -> list:
+        looked_up.append(self.path)
+        return await real_runs(self, sector, count)
+
+    async def body(engine: ThreadEngine) -> dict:
+        vbd = await open_vbd(engine, f"vhd:{leaf}", read_only=True)
+        got = view(bytes(65536))
+        VhdDriver._runs = counting_runs  # type: ignore[method-assign]
+        try:
+            await vbd.read(1 * MiB, got)  # held by the base only
+        finally:
+            VhdDriver._runs = real_runs  # type: ignore[method-assign]
+        assert bytes(got) == base_data[:65536]
+        # Only the layers with the range's block allocated look at their bitmaps (the
+        # middle one holds 4 KiB of the same 2 MiB block); the 29 others are skipped.
+        assert looked_up == [str(layers[mid]), str(layers[0])]
+        got = view(bytes(8192))
+        await vbd.read(1 * MiB + 65536, got)  # the middle layer holds the first half
+        assert bytes(got) == b"M" * 4096 + base_data[65536 + 4096 : 65536 + 8192]
+        got = view(b"x" * 4096)
+        await vbd.read(6 * MiB, got)  # nobody holds it: zeros
+        assert bytes(got) == bytes(4096)
+        stats = vbd.stats_dict()
+        await vbd.close()
+        return stats
+    stats = run(body)
+    with Chain.open(f"vhd:{leaf}") as c:
+        assert c.pread(1 * MiB, 65536) == base_data[:65536]
+    hits = [img["hits"][0] for img in stats["images"]]  # leaf first
+    assert len(hits) == 31
+    # 128 + 16 + 8 sectors asked of the leaf; every layer down to the middle one saw
+    # all of them; below it, the 8 sectors the middle layer does not hold go on.
+    assert hits[0] == 152
+    assert all(h == 152 for h in hits[: 31 - mid])
+    assert all(h == 128 + 8 + 8 for h in hits[31 - mid : 30]), hits
+    assert hits[30] == 128 + 8 + 8
+
+
+def test_skip_stops_at_a_smaller_parent(tmp_path: Path) -> None:
+    """A leaf grown past its parents: what lies past a parent's end reads as zeros even
+    when a layer further down would hold data there (the skip must not jump over the
+    smaller layer); what the parents hold reads through."""
+    from blktap.image.vhd.resize import apply_fast, load_target, plan_fast
+
+    base, mid, leaf = (tmp_path / f"{n}.vhd" for n in ("base", "mid", "leaf"))
+    create_vhd(str(base), 4 * MiB)
+    with Chain.open(f"vhd:{base}", writable=True) as c:
+        c.pwrite(0, b"B" * (4 * MiB))
+    snapshot_vhd(str(mid), str(base), skip_empty=False)
+    snapshot_vhd(str(leaf), str(mid), skip_empty=False, prealloc_size=8 * MiB)
+    apply_fast(plan_fast(load_target(str(leaf)), 8 * MiB))
+
+    async def body(engine: ThreadEngine) -> None:
+        vbd = await open_vbd(engine, f"vhd:{leaf}", read_only=True)
+        assert vbd.size == 8 * MiB
+        for off, want in ((1 * MiB, b"B"), (4 * MiB - 4096, b"B"), (6 * MiB, b"\0")):
+            got = view(b"x" * 4096)
+            await vbd.read(off, got)
+            assert bytes(got) == want * 4096, off
+        got = view(b"x" * 8192)
+        await vbd.read(4 * MiB - 4096, got)  # straddles the parents' end
+        assert bytes(got) == b"B" * 4096 + bytes(4096)
+        await vbd.close()
+    run(body)

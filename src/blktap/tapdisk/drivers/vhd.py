@@ -21,6 +21,7 @@ stores it. The clear path is untouched: every encryption branch hangs off ``ciph
 
 from __future__ import annotations
 
+import array
 import asyncio
 import threading
 from collections.abc import Awaitable, Sequence
@@ -36,6 +37,7 @@ from blktap.tapdisk.driver import SECTOR, STATE_DATA, Caps, Driver, Extents, mer
 
 Run = tuple[int, int, int | None]  # first sector, sector count, file offset or None
 
+SKIP_UNKNOWN = 0xFFFF  # _skip_depth: not worked out yet for this block
 # Metadata for requests spanning more blocks than this is looked up in the engine.
 INLINE_BLOCKS = 64
 # Encrypting or decrypting up to this many sectors runs on the loop (about 6 us a sector);
@@ -107,6 +109,11 @@ class VhdDriver(Driver):
         self.fd = image.fd
         self.lock = threading.Lock()
         self.regular = is_regular(image.fd)
+        # Per block of this layer: how many empty VHD layers below a read may skip
+        # (built on first use, see _skip_depth).
+        self._skip_cache: array.array | None = None
+        self._below: list[VhdDriver] = []
+        self._below_min_size: list[int] = []
         self.caps = Caps.BLOCK_STATUS | Caps.FLUSH
         if image.writable:
             self.caps |= Caps.WRITE | Caps.FUA | Caps.ZERO | Caps.FAST_ZERO
@@ -125,6 +132,25 @@ class VhdDriver(Driver):
         bat = img.bat
         for blk in range(first, last + 1):
             if blk < len(bat) and bat[blk] != s.BAT_ENTRY_UNUSED and not img.block_full(blk):
+                return False
+        return True
+
+    def _holds_none(self, sector: int, count: int) -> bool:
+        """No block of the range is allocated here: every sector comes from below.
+        The BAT is read without the lock: only a writable leaf's entries change, from
+        unused to allocated, and a read racing a write to the same sectors may see
+        either content."""
+        img = self.image
+        if img.is_fixed:
+            return False
+        spb = img.spb
+        first, last = sector // spb, (sector + count - 1) // spb
+        if last - first > INLINE_BLOCKS:
+            return False
+        bat = img.bat
+        unused = s.BAT_ENTRY_UNUSED
+        for blk in range(first, min(last + 1, len(bat))):
+            if bat[blk] != unused:
                 return False
         return True
 
@@ -147,7 +173,11 @@ class VhdDriver(Driver):
     # ------------------------------------------------------------------ reads
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
         sector = offset // SECTOR
-        runs = await self._runs(sector, total(iov) // SECTOR)
+        count = total(iov) // SECTOR
+        if count and self._holds_none(sector, count):
+            await self._read_below(offset, iov, sector, count)
+            return
+        runs = await self._runs(sector, count)
         if len(runs) == 1 and runs[0][2] is not None:
             await self.engine.preadv(self.fd, iov, runs[0][2])
             if self.cipher is not None:
@@ -167,6 +197,75 @@ class VhdDriver(Driver):
         await gather_all(ops)
         if self.cipher is not None and held:
             await self._decrypt(held, held_sectors)
+
+    def _skip_depth(self, blk: int) -> int:
+        """How many VHD layers right below this one hold nothing of block ``blk``'s
+        range. Those layers are read-only parents, so the answer stays true while they
+        are open: it is worked out once per block (2 bytes per block of the disk)."""
+        cache = self._skip_cache
+        if cache is None:
+            below: list[VhdDriver] = []
+            d = self.parent
+            while isinstance(d, VhdDriver) and len(below) < SKIP_UNKNOWN - 1:
+                below.append(d)
+                d = d.parent
+            self._below = below
+            sizes, smallest = [], self.size
+            for d in below:
+                smallest = min(smallest, d.size)
+                sizes.append(smallest)
+            self._below_min_size = sizes
+            cache = self._skip_cache = array.array("H", [SKIP_UNKNOWN]) * len(self.image.bat)
+        n = cache[blk]
+        if n == SKIP_UNKNOWN:
+            spb = self.image.spb
+            n = 0
+            for d in self._below:
+                if not d._holds_none(blk * spb, spb):
+                    break
+                n += 1
+            cache[blk] = n
+        return n
+
+    async def _read_below(self, offset: int, iov: Sequence[memoryview], sector: int,
+                          count: int) -> None:
+        """A read this layer holds nothing of goes straight to the first layer below
+        that may hold some of it: the empty layers of a deep chain (snapshots nobody
+        wrote to) cost a BAT lookup each, not a forwarded request each. Their hit
+        counters move as if the request had passed through them."""
+        end = offset + count * SECTOR
+        spb = self.image.spb
+        blk = sector // spb
+        if (sector + count - 1) // spb == blk and blk < len(self.image.bat):
+            n = self._skip_depth(blk)
+            below = self._below
+            if n == 0 or end <= self._below_min_size[n - 1]:
+                for d in below[:n]:
+                    d.hits[0] += count
+                layer = below[n - 1] if n else self
+                try:
+                    await layer.forward_read(offset, iov)
+                except BaseException:
+                    for d in below[:n]:
+                        d.fail[0] += count
+                    raise
+                return
+        layer = self
+        skipped: list[Driver] = []
+        while True:
+            below = layer.parent
+            if (not isinstance(below, VhdDriver) or below.size < end
+                    or not below._holds_none(sector, count)):
+                break
+            below.hits[0] += count
+            skipped.append(below)
+            layer = below
+        try:
+            await layer.forward_read(offset, iov)
+        except BaseException:
+            for d in skipped:
+                d.fail[0] += count
+            raise
 
     async def _decrypt(self, runs: Sequence[tuple[int, Sequence[memoryview]]],
                        sectors: int) -> None:
