@@ -630,3 +630,38 @@ def test_skip_stops_at_a_smaller_parent(tmp_path: Path) -> None:
         assert bytes(got) == b"B" * 4096 + bytes(4096)
         await vbd.close()
     run(body)
+
+
+def test_writes_to_memory_are_inline_others_in_workers(tmp_path: Path) -> None:
+    """A write to tmpfs is a copy the loop thread makes itself (no hand-off); a write to
+    a file on disk goes to a worker. Both land, and a failing inline write (ENOSPC-like
+    errors come back the same way) raises from the coroutine."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    shm = Path("/dev/shm") / f"blktap-test-inline-w-{os.getpid()}"
+    shm.write_bytes(bytes(MiB))
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(MiB))
+
+    async def body(engine: ThreadEngine) -> None:
+        for path, inline in ((shm, True), (disk, False)):
+            drv = await engine.call(open_stack, engine, f"aio:{path}", writable=True,
+                                    direct=False)
+            try:
+                before_inline, before_jobs = engine.inline_writes, engine.submitted
+                await drv.write(8192, [view(b"w" * 4096)], fua=True)
+                assert (engine.inline_writes - before_inline == 1) is inline
+                assert (engine.submitted == before_jobs) is inline
+            finally:
+                await drv.close()
+            assert path.read_bytes()[8192 : 8192 + 4096] == b"w" * 4096
+        fd = os.open(shm, os.O_RDONLY)
+        try:
+            with pytest.raises(OSError):
+                await engine.pwritev(fd, [view(b"x" * 512)], 0)  # EBADF, raised inline
+        finally:
+            os.close(fd)
+    try:
+        run(body)
+    finally:
+        shm.unlink()

@@ -9,6 +9,11 @@ Python-level work in the loop either way and the binding adds its own; and buffe
 
 Completions are batched: a worker appends its result to a deque and writes the eventfd
 only when no wake-up is pending yet, so a burst of completions costs one wake-up.
+
+What cannot block is not handed off at all (up to 1 MiB a request): reads and writes of
+files in memory (tmpfs) and reads the page cache holds (RWF_NOWAIT) run on the loop
+thread, where the copy costs less than the hand-off (4 KiB random writes on tmpfs over
+NBD: 11k IOPS through workers, 28k inline).
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ class ThreadEngine(Engine):
         self._closed = False
         self.submitted = 0
         self.inline_reads = 0
+        self.inline_writes = 0
         # Per descriptor; drivers call forget() before closing one.
         self._read_modes: dict[int, int] = {}
 
@@ -185,6 +191,13 @@ class ThreadEngine(Engine):
 
     async def pwritev(self, fd: int, iov: Sequence[memoryview], offset: int, *,
                       dsync: bool = False) -> None:
+        """Writes to memory (tmpfs) are a copy the loop thread does faster than a
+        hand-off; anything else goes to a worker."""
+        if (len(iov) <= IOV_MAX and total(iov) <= INLINE_READ
+                and self._read_mode(fd) == _MEMORY):
+            write_full(fd, iov, offset, os.RWF_DSYNC if dsync else 0)
+            self.inline_writes += 1
+            return
         await self._submit(write_full, (fd, iov, offset, os.RWF_DSYNC if dsync else 0))
 
     async def fsync(self, fd: int, *, datasync: bool = True) -> None:
