@@ -462,3 +462,45 @@ def test_log_file_kept_after_a_dump(daemon: Daemon, disk: Path) -> None:
     assert daemon.stop() == 0
     text = log.read_text()
     assert f"minor {minor}: aio:{disk} state=0" in text and '"secs": [ ' in text
+
+
+def test_connections_past_the_limit_wait_their_turn(daemon: Daemon) -> None:
+    """Ten connections that send nothing fill the limit; the eleventh is not dropped: it
+    waits in the backlog and is answered as soon as one of the ten goes away."""
+    idle = [daemon.connect() for _ in range(10)]
+    try:
+        late = daemon.connect()  # the kernel completes it; tapdisk does not take it yet
+        late.sendall(msg(PID))
+        late.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            late.recv(1)
+        idle.pop().close()
+        late.settimeout(30)
+        r = read_reply(late)
+        assert (r.kind, PID_RSP.unpack_from(r.body)[0]) == (PID_RSP_T, daemon.pid)
+        late.close()
+    finally:
+        for s in idle:
+            s.close()
+    daemon.ok(msg(PID), PID_RSP_T)
+
+
+def test_nine_silent_connections_hold_nobody_up(daemon: Daemon) -> None:
+    """Requests are read on the event loop, not by a pool of threads a few silent
+    clients could fill: with nine connections saying nothing (under the limit of ten),
+    a request is answered while they all still hold on, long before the 10 s they are
+    given."""
+    idle = [daemon.connect() for _ in range(9)]
+    try:
+        with daemon.connect() as s:
+            s.settimeout(5)
+            s.sendall(msg(PID))
+            r = read_reply(s)
+        assert r.kind == PID_RSP_T
+        for conn in idle:  # all nine are still open, waiting
+            conn.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                conn.recv(1)
+    finally:
+        for conn in idle:
+            conn.close()

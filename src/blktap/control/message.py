@@ -15,12 +15,13 @@ C ``sizeof``; the asserts after the table check every one.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import errno
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from blktap.errors import ControlProtocolError
@@ -338,10 +339,16 @@ def _decode_payload(kind: type, u: memoryview, ctx: dict) -> Payload:
     return Query(cur, total, _cstr(status, "status", ctx))
 
 
-def _parse(read: Callable[[int, str], memoryview]) -> Message:
-    """Parse one message, pulling exact byte counts from ``read`` (which raises on a short
-    stream); decode() and read_message() share this so that both validate alike."""
-    head = read(MESSAGE_SIZE, "message")
+# What the parser asks for next: (byte count, what those bytes are, for messages).
+Need = tuple[int, str]
+
+
+def _parser() -> Generator[Need, memoryview, Message]:
+    """Parse one message without doing I/O: it yields how many bytes it needs next and is
+    sent them (a read of exactly that many). The trailers' sizes depend on the message,
+    so the readers (decode, read_message, read_message_async) pull in steps; all of them
+    validate alike."""
+    head = yield MESSAGE_SIZE, "message"
     mtype, cookie = HEADER.unpack_from(head)
     ctx = {"cookie": cookie, "msg_type": mtype}
     try:
@@ -353,18 +360,31 @@ def _parse(read: Callable[[int, str], memoryview]) -> Message:
     logpath = key = text = None
     if isinstance(payload, Params):
         if t in LOGPATH_TYPES and payload.flags & Flag.ADD_LOG:
-            logpath = _cstr(bytes(read(PATH_LENGTH, "log path")), "log path", ctx)
+            raw = yield PATH_LENGTH, "log path"
+            logpath = _cstr(bytes(raw), "log path", ctx)
         if t in KEY_TYPES and payload.flags & Flag.OPEN_ENCRYPTED:
-            (size,) = KEY_SIZE.unpack(read(1, "key size"))
+            (size,) = KEY_SIZE.unpack((yield 1, "key size"))
             if not KEY_MIN <= size <= KEY_MAX:
                 raise _bad(f"key size {size}", ctx)
-            key = bytes(read(size, "key"))
+            key = bytes((yield size, "key"))
     if t is MessageType.STATS_RSP:
         (length,) = struct.unpack_from("=Q", head, HEADER.size + 8)
         if length > MAX_STATS_TEXT:
             raise _bad(f"stats length {length}", ctx)
-        text = bytes(read(length, "stats text"))
+        text = bytes((yield length, "stats text"))
     return Message(t, cookie, payload, logpath, key, text)
+
+
+def _parse(read: Callable[[int, str], memoryview]) -> Message:
+    """Run the parser over a synchronous ``read(n, what)`` (which raises on a short
+    stream)."""
+    gen = _parser()
+    try:
+        need = next(gen)
+        while True:
+            need = gen.send(read(*need))
+    except StopIteration as done:
+        return done.value
 
 
 def decode(data: bytes | bytearray | memoryview) -> Message:
@@ -485,6 +505,27 @@ def read_message(sock: socket.socket) -> Message:
         return buf
 
     return _parse(read)
+
+
+async def read_message_async(sock: socket.socket,
+                             loop: asyncio.AbstractEventLoop) -> Message:
+    """read_message on a non-blocking socket, in the event loop (bound it with
+    asyncio.wait_for). A stream that ends early raises ControlProtocolError (EPROTO)."""
+    gen = _parser()
+    try:
+        n, what = next(gen)
+        while True:
+            buf = memoryview(bytearray(n))
+            got = 0
+            while got < n:
+                r = await loop.sock_recv_into(sock, buf[got:])
+                if r == 0:
+                    raise ControlProtocolError(f"short {what}: {got} of {n} bytes",
+                                               errno.EPROTO)
+                got += r
+            n, what = gen.send(buf)
+    except StopIteration as done:
+        return done.value
 
 
 def write_message(sock: socket.socket, msg: Message) -> None:

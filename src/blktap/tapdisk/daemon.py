@@ -39,7 +39,7 @@ from blktap.control.message import Flag, Message, MessageType
 from blktap.control.rundir import MinorHold, RunDir
 from blktap.errors import BlktapError, ControlProtocolError
 from blktap.io import ThreadEngine
-from blktap.tapdisk.driver import SECTOR
+from blktap.tapdisk.driver import SECTOR, Driver
 from blktap.tapdisk.drivers import open_stack, parse
 from blktap.tapdisk.stats import format_stats
 from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD, VbdState
@@ -91,7 +91,6 @@ class Slot:
     nbd: NbdServer | None = None
     socket: str | None = None
     owned_marker: bool = False  # allocated by us (--open), freed by us
-    closing: bool = False
     was_closed: bool = False
 
     @property
@@ -133,6 +132,7 @@ class Tapdisk:
         self._ctl: socket.socket | None = None
         self._ctl_task: asyncio.Task | None = None
         self._clients: set[asyncio.Task] = set()
+        self._client_done = asyncio.Event()  # set when a control connection ends
         self._ever_attached = False
 
     @property
@@ -165,6 +165,11 @@ class Tapdisk:
         loop = asyncio.get_running_loop()
         assert self._ctl is not None
         while True:
+            # At the limit, accept nothing more: the next clients wait in the listen
+            # backlog (32) until a connection ends, as the reference masks its socket.
+            while len(self._clients) >= MAX_CONTROL_CONNECTIONS:
+                self._client_done.clear()
+                await self._client_done.wait()
             try:
                 conn, _ = await loop.sock_accept(self._ctl)
             except OSError as exc:
@@ -173,29 +178,33 @@ class Tapdisk:
                     await asyncio.sleep(0.1)
                     continue
                 raise
-            if len(self._clients) >= MAX_CONTROL_CONNECTIONS:
-                log.warning("control: %d connections already, refusing one",
-                            len(self._clients))
-                conn.close()
-                continue
             task = loop.create_task(self._serve_connection(conn))
             self._clients.add(task)
-            task.add_done_callback(self._clients.discard)
+            task.add_done_callback(self._client_ended)
+
+    def _client_ended(self, task: asyncio.Task) -> None:
+        self._clients.discard(task)
+        self._client_done.set()
 
     async def _serve_connection(self, conn: socket.socket) -> None:
+        """Read one request (on the loop: a silent client costs a task, not a thread),
+        answer it, close."""
         loop = asyncio.get_running_loop()
         try:
-            conn.settimeout(REQUEST_TIMEOUT)
+            conn.setblocking(False)
             try:
-                request = await loop.run_in_executor(None, m.read_message, conn)
+                request = await asyncio.wait_for(m.read_message_async(conn, loop),
+                                                 REQUEST_TIMEOUT)
+            except TimeoutError:
+                log.warning("control: no request within %.0f s", REQUEST_TIMEOUT)
+                return
             except ControlProtocolError as exc:
                 log.warning("control: bad request: %s", exc)
-                if exc.errno != errno.ETIMEDOUT:
-                    await self._send(conn, [m.error_reply(exc)])
+                await self._send(conn, [m.error_reply(exc)])
                 return
             replies = await self.handle(request)
             await self._send(conn, replies)
-        except OSError as exc:
+        except (OSError, TimeoutError) as exc:
             log.info("control: connection lost: %s", exc)
         except Exception:  # a bug: lose this request, keep the process
             log.exception("control: request failed")
@@ -206,7 +215,8 @@ class Tapdisk:
     @staticmethod
     async def _send(conn: socket.socket, replies: list[Message]) -> None:
         data = b"".join(m.encode(r) for r in replies)
-        await asyncio.get_running_loop().run_in_executor(None, conn.sendall, data)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(conn, data),
+                               REQUEST_TIMEOUT)
 
     async def handle(self, request: Message) -> list[Message]:
         """The replies to one request (never raises for a request's own faults)."""
@@ -321,7 +331,7 @@ class Tapdisk:
         if not self.slots:
             self.done.set()  # the reference exits once its last VBD is gone
 
-    async def _open_stack(self, params: OpenParams, spec: str):  # -> Driver
+    async def _open_stack(self, params: OpenParams, spec: str) -> Driver:
         return await self.engine.call(open_stack, self.engine, spec,
                                       writable=not params.read_only, direct=params.direct,
                                       **({"key": params.key} if params.key else {}))
@@ -359,14 +369,12 @@ class Tapdisk:
         if slot.vbd is None or slot.nbd is None:
             return
         vbd, server = slot.vbd, slot.nbd
-        slot.closing = True
         try:
             await server.stop()
             await vbd.close()
         finally:
             slot.vbd = slot.nbd = slot.socket = None
             slot.params = None
-            slot.closing = False
             slot.was_closed = True
         log.info("minor %d closed%s", minor, " (forced)" if force else "")
 
