@@ -198,25 +198,28 @@ class VhdDriver(Driver):
         if self.cipher is not None and held:
             await self._decrypt(held, held_sectors)
 
-    def _skip_depth(self, blk: int) -> int:
-        """How many VHD layers right below this one hold nothing of block ``blk``'s
-        range. Those layers are read-only parents, so the answer stays true while they
-        are open: it is worked out once per block (2 bytes per block of the disk)."""
-        cache = self._skip_cache
-        if cache is None:
+    def _vhd_below(self) -> list[VhdDriver]:
+        """The VHD layers under this one, nearest first (fixed while open), with the
+        smallest size among the first k of them (built once; see _skippable)."""
+        if self._skip_cache is None:
             below: list[VhdDriver] = []
             d = self.parent
             while isinstance(d, VhdDriver) and len(below) < SKIP_UNKNOWN - 1:
                 below.append(d)
                 d = d.parent
             self._below = below
-            sizes, smallest = [], self.size
+            smallest = self.size
             for d in below:
                 smallest = min(smallest, d.size)
-                sizes.append(smallest)
-            self._below_min_size = sizes
-            cache = self._skip_cache = array.array("H", [SKIP_UNKNOWN]) * len(self.image.bat)
-        n = cache[blk]
+                self._below_min_size.append(smallest)
+            self._skip_cache = array.array("H", [SKIP_UNKNOWN]) * len(self.image.bat)
+        return self._below
+
+    def _skip_depth(self, blk: int) -> int:
+        """How many VHD layers right below this one hold nothing of block ``blk``'s
+        range. They are read-only parents, so the answer is worked out once per block and
+        kept (2 bytes per block of the disk)."""
+        n = self._skip_cache[blk]  # type: ignore[index]
         if n == SKIP_UNKNOWN:
             spb = self.image.spb
             n = 0
@@ -224,42 +227,37 @@ class VhdDriver(Driver):
                 if not d._holds_none(blk * spb, spb):
                     break
                 n += 1
-            cache[blk] = n
+            self._skip_cache[blk] = n  # type: ignore[index]
         return n
+
+    def _skippable(self, sector: int, count: int) -> list[VhdDriver]:
+        """The layers right below this one that hold nothing of the range and reach past
+        its end: a lookup per block of the range, whatever the depth of the chain."""
+        below = self._vhd_below()
+        end = (sector + count) * SECTOR
+        spb = self.image.spb
+        first, last = sector // spb, (sector + count - 1) // spb
+        if last < len(self.image.bat) and last - first <= INLINE_BLOCKS:
+            n = min(self._skip_depth(b) for b in range(first, last + 1))
+            if n == 0 or end <= self._below_min_size[n - 1]:
+                return below[:n]
+        n = 0
+        for d in below:
+            if d.size < end or not d._holds_none(sector, count):
+                break
+            n += 1
+        return below[:n]
 
     async def _read_below(self, offset: int, iov: Sequence[memoryview], sector: int,
                           count: int) -> None:
         """A read this layer holds nothing of goes straight to the first layer below
         that may hold some of it: the empty layers of a deep chain (snapshots nobody
-        wrote to) cost a BAT lookup each, not a forwarded request each. Their hit
-        counters move as if the request had passed through them."""
-        end = offset + count * SECTOR
-        spb = self.image.spb
-        blk = sector // spb
-        if (sector + count - 1) // spb == blk and blk < len(self.image.bat):
-            n = self._skip_depth(blk)
-            below = self._below
-            if n == 0 or end <= self._below_min_size[n - 1]:
-                for d in below[:n]:
-                    d.hits[0] += count
-                layer = below[n - 1] if n else self
-                try:
-                    await layer.forward_read(offset, iov)
-                except BaseException:
-                    for d in below[:n]:
-                        d.fail[0] += count
-                    raise
-                return
-        layer = self
-        skipped: list[Driver] = []
-        while True:
-            below = layer.parent
-            if (not isinstance(below, VhdDriver) or below.size < end
-                    or not below._holds_none(sector, count)):
-                break
-            below.hits[0] += count
-            skipped.append(below)
-            layer = below
+        wrote to) cost a lookup, not a forwarded request each. Their hit counters move
+        as if the request had passed through them."""
+        skipped = self._skippable(sector, count)
+        for d in skipped:
+            d.hits[0] += count
+        layer = skipped[-1] if skipped else self
         try:
             await layer.forward_read(offset, iov)
         except BaseException:
