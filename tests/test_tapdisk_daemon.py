@@ -504,3 +504,33 @@ def test_nine_silent_connections_hold_nobody_up(daemon: Daemon) -> None:
     finally:
         for conn in idle:
             conn.close()
+
+
+def test_open_at_start(tmp_path: Path, disk: Path) -> None:
+    """tapdisk --open allocates a minor, serves it (nbdinfo reads it) and prints
+    ``MINOR SOCKET``; on SIGTERM the minor it allocated itself is freed again."""
+    nbdinfo = need("nbdinfo")
+    env = dict(os.environ, BLKTAP_CONTROL_DIR=str(tmp_path / "run"),
+               BLKTAP_LOG_DIR=str(tmp_path / "log"))
+    proc = subprocess.Popen([tool("tapdisk"), "-D", "--open", f"aio:{disk}", "--read-only"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        assert ready
+        assert proc.stdout.readline().strip() == str(tmp_path / "run" / f"ctl{proc.pid}")  # type: ignore[union-attr]
+        minor, sock = proc.stdout.readline().split()  # type: ignore[union-attr]
+        assert (minor, sock) == ("0", str(tmp_path / "run" / f"nbd{proc.pid}.0"))
+        assert (tmp_path / "run" / "tapdisk" / "tapdisk-0").exists()
+        res = run([nbdinfo, "--size", f"nbd+unix:///?socket={sock}"], text=True)
+        assert res.returncode == 0 and int(res.stdout) == 4 * MiB
+        res = run([nbdinfo, "--json", f"nbd+unix:///?socket={sock}"], text=True)
+        assert '"is_read_only": true' in res.stdout
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+    assert list((tmp_path / "run" / "tapdisk").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["tapdisk"]
