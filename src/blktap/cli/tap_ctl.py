@@ -19,6 +19,7 @@ import errno
 import os
 import sys
 from collections.abc import Callable
+from typing import NamedTuple
 
 from blktap.cli.vhd_util.options import Output, getopt, strtol
 from blktap.control.client import TapCtl, TapEntry, read_key
@@ -230,10 +231,10 @@ class Cli:
         return 0
 
     def cmd_destroy(self, args: list[str]) -> int:
-        pid, minor, timeout, code = self._pid_minor(args, "p:m:t:h", DESTROY_USAGE)
-        if code is not None:
-            return code
-        self.ctl.destroy(pid, minor, timeout)
+        t = self._pid_minor(args, "p:m:t:h", DESTROY_USAGE)
+        if t.code is not None:
+            return t.code
+        self.ctl.destroy(t.pid, t.minor, t.timeout)
         return 0
 
     def cmd_spawn(self, args: list[str]) -> int:
@@ -248,17 +249,17 @@ class Cli:
 
     def cmd_attach(self, args: list[str]) -> int:
         # The reference prints attach's -h usage on stderr (and still exits 0).
-        pid, minor, _t, code = self._pid_minor(args, "p:m:h", ATTACH_USAGE, help_to_err=True)
-        if code is not None:
-            return code
-        self.ctl.attach(pid, minor)
+        t = self._pid_minor(args, "p:m:h", ATTACH_USAGE, help_to_err=True)
+        if t.code is not None:
+            return t.code
+        self.ctl.attach(t.pid, t.minor)
         return 0
 
     def cmd_detach(self, args: list[str]) -> int:
-        pid, minor, _t, code = self._pid_minor(args, "p:m:h", DETACH_USAGE)
-        if code is not None:
-            return code
-        self.ctl.detach(pid, minor)
+        t = self._pid_minor(args, "p:m:h", DETACH_USAGE)
+        if t.code is not None:
+            return t.code
+        self.ctl.detach(t.pid, t.minor)
         return 0
 
     def cmd_open(self, args: list[str]) -> int:
@@ -296,19 +297,19 @@ class Cli:
         return 0
 
     def cmd_close(self, args: list[str]) -> int:
-        pid, minor, timeout, code = self._pid_minor(args, "p:m:ft:h", CLOSE_USAGE)
-        if code is not None:
-            return code
-        self.ctl.close(pid, minor, self._force, timeout)
+        t = self._pid_minor(args, "p:m:ft:h", CLOSE_USAGE)
+        if t.code is not None:
+            return t.code
+        self.ctl.close(t.pid, t.minor, t.force, t.timeout)
         return 0
 
     def cmd_pause(self, args: list[str]) -> int:
         # The reference's -t falls through into its usage error (a missing break); ours
         # bounds the wait as close's and destroy's -t do.
-        pid, minor, timeout, code = self._pid_minor(args, "p:m:t:h", PAUSE_USAGE)
-        if code is not None:
-            return code
-        self.ctl.pause(pid, minor, timeout)
+        t = self._pid_minor(args, "p:m:t:h", PAUSE_USAGE)
+        if t.code is not None:
+            return t.code
+        self.ctl.pause(t.pid, t.minor, t.timeout)
         return 0
 
     def cmd_unpause(self, args: list[str]) -> int:
@@ -335,22 +336,21 @@ class Cli:
         return 0
 
     def cmd_stats(self, args: list[str]) -> int:
-        pid, minor, _t, code = self._pid_minor(args, "p:m:h", STATS_USAGE)
-        if code is not None:
-            return code
-        text = self.ctl.stats(pid, minor)
+        t = self._pid_minor(args, "p:m:h", STATS_USAGE)
+        if t.code is not None:
+            return t.code
+        text = self.ctl.stats(t.pid, t.minor)
         self.print(text + b"\n\n")  # one newline from the library, one from the CLI
         return 0
 
     # ------------------------------------------------------------------ shared
-    _force = False
-
     def _pid_minor(self, args: list[str], optstring: str, text: str,
-                   help_to_err: bool = False) -> tuple[int, int, float | None, int | None]:
-        """The common ``-p pid -m minor [-t secs] [-f]`` commands: (pid, minor, timeout,
-        exit code if the command must stop here)."""
+                   help_to_err: bool = False) -> _Target:
+        """The common ``-p pid -m minor [-t secs] [-f]`` commands; ``code`` is set when
+        the command must stop here with it."""
         pid = minor = -1
         timeout: float | None = None
+        force = False
         for opt, val in self.options(args, optstring):
             if opt == "p":
                 pid = atoi(val or "")
@@ -359,17 +359,25 @@ class Cli:
             elif opt == "t":
                 timeout = float(atoi(val or ""))
             elif opt == "f":
-                self._force = True
+                force = True
             elif opt == "?":
-                return pid, minor, timeout, self.bad_option(val, text)
+                return _Target(pid, minor, timeout, force, self.bad_option(val, text))
             elif opt == "h":
                 if help_to_err:
                     self.error(text)
-                    return pid, minor, timeout, 0
-                return pid, minor, timeout, self.help(text)
+                    return _Target(pid, minor, timeout, force, 0)
+                return _Target(pid, minor, timeout, force, self.help(text))
         if pid == -1 or minor == -1:
-            return pid, minor, timeout, self.usage(text)
-        return pid, minor, timeout, None
+            return _Target(pid, minor, timeout, force, self.usage(text))
+        return _Target(pid, minor, timeout, force, None)
+
+
+class _Target(NamedTuple):
+    pid: int
+    minor: int
+    timeout: float | None
+    force: bool
+    code: int | None  # set: stop with this exit code
 
 
 class _OpenOptions:
