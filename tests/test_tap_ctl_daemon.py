@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import need, run, tool
+from test_tapdisk_live import BLOCKS, disk_bytes, replay
 
 MiB = 1 << 20
 HERE = Path(__file__).resolve().parent
@@ -323,12 +324,6 @@ def test_close_with_requests_in_flight(host: Host, tmp_path: Path) -> None:
             writer.kill()
     done = len(log.read_text().split())
     assert run([tool("vhd-util"), "check", "-n", str(vhd)]).returncode == 0
-    import sys
-    sys.path.insert(0, str(HERE))
-    try:
-        from test_tapdisk_live import BLOCKS, disk_bytes, replay
-    finally:
-        sys.path.pop(0)
     assert done >= 30
     data = disk_bytes(vhd, 16 * MiB)
     assert data == replay(done, 16 * MiB), "acknowledged writes lost"
