@@ -36,8 +36,9 @@ from blktap.io.iov import IOV_MAX, advance, total, zero_fill
 T = TypeVar("T")
 
 DEFAULT_THREADS = 16
-# Reads up to this size are first tried on the loop thread without blocking (see below).
-INLINE_READ = 1 << 20
+# Requests up to this size are first tried on the loop thread without blocking (reads of
+# memory or page cache, writes to memory; see below).
+INLINE_MAX = 1 << 20
 
 # How reads on a descriptor may be tried inline: RWF_NOWAIT (the kernel fails with EAGAIN
 # instead of blocking), MEMORY (tmpfs/ramfs: a read is a memory copy and never waits for
@@ -98,7 +99,7 @@ class ThreadEngine(Engine):
         self.inline_reads = 0
         self.inline_writes = 0
         # Per descriptor; drivers call forget() before closing one.
-        self._read_modes: dict[int, int] = {}
+        self._fd_modes: dict[int, int] = {}
 
     # ------------------------------------------------------------------ workers
     def _worker(self) -> None:
@@ -146,8 +147,10 @@ class ThreadEngine(Engine):
         self.submitted += 1
         return fut
 
-    def _read_mode(self, fd: int) -> int:
-        mode = self._read_modes.get(fd)
+    def _fd_mode(self, fd: int) -> int:
+        """How I/O on ``fd`` may be done inline: _MEMORY (always), _NOWAIT (reads with
+        RWF_NOWAIT), _THREAD (never); learnt once per descriptor."""
+        mode = self._fd_modes.get(fd)
         if mode is None:
             if syscalls.in_memory(fd):  # even through O_DIRECT: no device to wait for
                 mode = _MEMORY
@@ -159,15 +162,15 @@ class ThreadEngine(Engine):
                     mode = _NOWAIT
                 except OSError as exc:
                     mode = _NOWAIT if exc.errno == errno.EAGAIN else _THREAD
-            self._read_modes[fd] = mode
+            self._fd_modes[fd] = mode
         return mode
 
     async def preadv(self, fd: int, iov: Sequence[memoryview], offset: int) -> None:
         """Reads that the kernel can serve without waiting (page cache, tmpfs) are done
         on the loop thread: a thread hand-off costs more than the copy. Anything else,
         or what is left of a short inline read, goes to a worker."""
-        if len(iov) <= IOV_MAX and total(iov) <= INLINE_READ:
-            mode = self._read_mode(fd)
+        if len(iov) <= IOV_MAX and total(iov) <= INLINE_MAX:
+            mode = self._fd_mode(fd)
             if mode != _THREAD:
                 try:
                     got = (os.preadv(fd, iov, offset) if mode == _MEMORY
@@ -187,14 +190,14 @@ class ThreadEngine(Engine):
 
     def forget(self, fd: int) -> None:
         """Drop what was learnt about ``fd`` (call before closing it)."""
-        self._read_modes.pop(fd, None)
+        self._fd_modes.pop(fd, None)
 
     async def pwritev(self, fd: int, iov: Sequence[memoryview], offset: int, *,
                       dsync: bool = False) -> None:
         """Writes to memory (tmpfs) are a copy the loop thread does faster than a
         hand-off; anything else goes to a worker."""
-        if (len(iov) <= IOV_MAX and total(iov) <= INLINE_READ
-                and self._read_mode(fd) == _MEMORY):
+        if (len(iov) <= IOV_MAX and total(iov) <= INLINE_MAX
+                and self._fd_mode(fd) == _MEMORY):
             write_full(fd, iov, offset, os.RWF_DSYNC if dsync else 0)
             self.inline_writes += 1
             return
