@@ -534,3 +534,36 @@ def test_open_at_start(tmp_path: Path, disk: Path) -> None:
         proc.stderr.close()  # type: ignore[union-attr]
     assert list((tmp_path / "run" / "tapdisk").iterdir()) == []
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["tapdisk"]
+
+
+def test_sighup_reopens_the_log(daemon: Daemon, disk: Path) -> None:
+    """Log rotation: the file moved away, SIGHUP makes tapdisk open a new one there and
+    log into it."""
+    log = daemon.log_dir / f"tapdisk.{daemon.pid}.log"
+    rotated = daemon.log_dir / "rotated.log"
+    log.rename(rotated)
+    os.kill(daemon.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while not log.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    minor = daemon.open_disk(disk)
+    deadline = time.monotonic() + 30
+    while f"minor {minor}: opened" not in log.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "opened" not in rotated.read_text()
+
+
+def test_resume_with_filters_is_unsupported(daemon: Daemon, disk: Path) -> None:
+    """unpause -2 / -c name filters not built yet: EOPNOTSUPP, the disk stays paused and
+    a plain resume still works."""
+    minor = daemon.open_disk(disk)
+    daemon.ok(msg(PAUSE, minor), PAUSE_RSP)
+    r = daemon.request(msg(RESUME, minor, params("", F_SECONDARY, secondary=f"aio:{disk}")))
+    assert r.error == errno.EOPNOTSUPP
+    r = daemon.request(msg(RESUME, minor, params("", F_ADD_LOG)), b"/tmp/x.log".ljust(256, b"\0"))
+    assert r.error == errno.EOPNOTSUPP
+    assert daemon.listing()[0][2] & 0x20
+    daemon.ok(msg(RESUME, minor, params("")), RESUME_RSP)
+    assert daemon.listing()[0][2] == 0
