@@ -5,6 +5,10 @@ either completes whole or raises ``OSError``: reads fill every buffer (bytes pas
 of the file read as zeros), writes write every byte. Operations are not cancellable once
 submitted: a caller must keep its buffers alive until the await returns, which is why
 transports never cancel a request in flight (they wait for it).
+
+``try_preadv`` / ``try_pwritev`` are the synchronous side door: I/O that cannot block
+(files in memory, the page cache) is done at once on the caller's thread, so that a
+request served from memory costs no task, future or turn of the event loop.
 """
 
 from __future__ import annotations
@@ -30,6 +34,17 @@ class Engine(ABC):
     @abstractmethod
     async def pwritev(self, fd: int, iov: Iov, offset: int, *, dsync: bool = False) -> None:
         """Write all of ``iov`` at ``offset``; with ``dsync`` the data is durable on return."""
+
+    def try_preadv(self, fd: int, iov: Iov, offset: int) -> bool:
+        """Do :meth:`preadv` now, on the calling thread, if that cannot block (memory,
+        page cache): True when ``iov`` is filled; False when it would have to wait (the
+        buffers may then hold anything). Raises ``OSError`` as preadv does."""
+        return False
+
+    def try_pwritev(self, fd: int, iov: Iov, offset: int, *, dsync: bool = False) -> bool:
+        """Do :meth:`pwritev` now if that cannot block: True when all of it is written;
+        False (and nothing written) when it would have to wait."""
+        return False
 
     @abstractmethod
     async def fsync(self, fd: int, *, datasync: bool = True) -> None:

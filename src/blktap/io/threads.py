@@ -165,43 +165,53 @@ class ThreadEngine(Engine):
             self._fd_modes[fd] = mode
         return mode
 
+    def try_preadv(self, fd: int, iov: Sequence[memoryview], offset: int) -> bool:
+        if len(iov) > IOV_MAX or total(iov) > INLINE_MAX:
+            return False
+        mode = self._fd_mode(fd)
+        if mode == _THREAD:
+            return False
+        if mode == _MEMORY:
+            got = os.preadv(fd, iov, offset)
+            if got < total(iov):  # end of file: the rest reads as zeros
+                zero_fill(advance(iov, got))
+        else:
+            try:
+                got = os.preadv(fd, iov, offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return False
+            if got < total(iov):  # part of it is not cached (or end of file)
+                return False
+        self.inline_reads += 1
+        return True
+
     async def preadv(self, fd: int, iov: Sequence[memoryview], offset: int) -> None:
         """Reads that the kernel can serve without waiting (page cache, tmpfs) are done
-        on the loop thread: a thread hand-off costs more than the copy. Anything else,
-        or what is left of a short inline read, goes to a worker."""
-        if len(iov) <= IOV_MAX and total(iov) <= INLINE_MAX:
-            mode = self._fd_mode(fd)
-            if mode != _THREAD:
-                try:
-                    got = (os.preadv(fd, iov, offset) if mode == _MEMORY
-                           else os.preadv(fd, iov, offset, os.RWF_NOWAIT))
-                except BlockingIOError:
-                    got = 0
-                if got == total(iov):
-                    self.inline_reads += 1
-                    return
-                if got > 0:
-                    iov, offset = advance(iov, got), offset + got
-                if mode == _MEMORY:  # end of file: the rest reads as zeros
-                    zero_fill(iov)
-                    self.inline_reads += 1
-                    return
-        await self._submit(read_full, (fd, iov, offset))
+        on the loop thread: a thread hand-off costs more than the copy. Anything else
+        goes to a worker."""
+        if not self.try_preadv(fd, iov, offset):
+            await self._submit(read_full, (fd, iov, offset))
 
     def forget(self, fd: int) -> None:
         """Drop what was learnt about ``fd`` (call before closing it)."""
         self._fd_modes.pop(fd, None)
 
+    def try_pwritev(self, fd: int, iov: Sequence[memoryview], offset: int, *,
+                    dsync: bool = False) -> bool:
+        if (len(iov) > IOV_MAX or total(iov) > INLINE_MAX
+                or self._fd_mode(fd) != _MEMORY):
+            return False
+        write_full(fd, iov, offset, os.RWF_DSYNC if dsync else 0)
+        self.inline_writes += 1
+        return True
+
     async def pwritev(self, fd: int, iov: Sequence[memoryview], offset: int, *,
                       dsync: bool = False) -> None:
         """Writes to memory (tmpfs) are a copy the loop thread does faster than a
         hand-off; anything else goes to a worker."""
-        if (len(iov) <= IOV_MAX and total(iov) <= INLINE_MAX
-                and self._fd_mode(fd) == _MEMORY):
-            write_full(fd, iov, offset, os.RWF_DSYNC if dsync else 0)
-            self.inline_writes += 1
-            return
-        await self._submit(write_full, (fd, iov, offset, os.RWF_DSYNC if dsync else 0))
+        if not self.try_pwritev(fd, iov, offset, dsync=dsync):
+            await self._submit(write_full,
+                               (fd, iov, offset, os.RWF_DSYNC if dsync else 0))
 
     async def fsync(self, fd: int, *, datasync: bool = True) -> None:
         await self._submit(sync, (fd, datasync))

@@ -10,6 +10,11 @@ Every operation is a coroutine that completes whole or raises ``OSError`` /
 (iovecs) that the driver fills or writes without copying. A driver declares what it can
 do in ``caps``; the VBD and transports never ask for more.
 
+``read_now`` / ``write_now`` are optional synchronous versions for what can complete
+without waiting (files in memory, cached metadata): the VBD tries them first, and a
+request they serve costs no task, future or turn of the event loop. They answer False
+(having changed nothing) whenever the coroutine would have to wait.
+
 Filters (rate limiting, changed-block log, mirroring, caches) will be drivers whose
 ``parent`` is the driver they wrap, inheriting its size; the forwarding helpers here are
 that seam.
@@ -173,9 +178,40 @@ class Driver:
         if not self.writable:
             raise OutOfRange(f"{self.path or self.name} is read-only", errno.EROFS)
 
+    def forward_read_now(self, offset: int, iov: Sequence[memoryview]) -> bool:
+        """:meth:`forward_read`, done now if nothing below has to wait (see read_now)."""
+        length = total(iov)
+        parent = self.parent
+        if parent is None or offset >= parent.size:
+            zero_fill(iov)
+            return True
+        inside = min(length, parent.size - offset)
+        if inside < length:
+            if not parent.read_now(offset, slice_iov(iov, 0, inside)):
+                return False
+            zero_fill(slice_iov(iov, inside, length - inside))
+        elif not parent.read_now(offset, iov):
+            return False
+        parent.hits[0] += -(-inside // SECTOR)
+        return True
+
     # ------------------------------------------------------------------ operations
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
         raise NotImplementedError
+
+    def read_now(self, offset: int, iov: Sequence[memoryview]) -> bool:
+        """The synchronous side door of :meth:`read`: fill ``iov`` now, on the loop
+        thread, when nothing has to wait (data in memory or cached, metadata cached), and
+        return True; return False, as soon as something would wait, for the caller to
+        use :meth:`read` instead (the buffers may then hold anything). Never changes
+        state. Drivers that cannot tell keep this default."""
+        return False
+
+    def write_now(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> bool:
+        """The side door of :meth:`write`: write all of it now when nothing has to wait
+        (no metadata change, data to memory) and return True, or return False having
+        changed nothing."""
+        return False
 
     async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
         raise UnsupportedImage(f"{self.name}: write not supported", errno.EROFS)

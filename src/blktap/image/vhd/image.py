@@ -402,6 +402,10 @@ class VhdImage:
             self._bitstrings[blk] = text
         return text
 
+    def bitmap_cached(self, blk: int) -> bool:
+        """The block's bitmap is in memory: mapping its sectors reads nothing."""
+        return blk in self._bitmaps
+
     def block_full(self, blk: int) -> bool:
         """The batmap says every sector of the block is allocated."""
         return (self.batmap is not None and self.batmap_valid

@@ -88,17 +88,29 @@ class AioDriver(Driver):
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
         await self.engine.preadv(self._fd_for(offset, iov), iov, offset)
 
+    def read_now(self, offset: int, iov: Sequence[memoryview]) -> bool:
+        return self.engine.try_preadv(self._fd_for(offset, iov), iov, offset)
+
+    def _inside(self, offset: int, iov: Sequence[memoryview]) -> Sequence[memoryview]:
+        """The part of a write's buffers inside the file: the last sector of a file whose
+        size is not a whole number of sectors is partial, and the file never grows to
+        fill it."""
+        if offset + total(iov) > self.size:
+            return slice_iov(iov, 0, max(0, self.size - offset))
+        return iov
+
     async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
         self._require_writable()
-        length = total(iov)
-        if offset + length > self.size:
-            # The last sector of a file whose size is not a whole number of sectors is
-            # partial: never grow the file to fill it.
-            keep = max(0, self.size - offset)
-            if not keep:
-                return
-            iov = slice_iov(iov, 0, keep)
-        await self.engine.pwritev(self._fd_for(offset, iov), iov, offset, dsync=fua)
+        iov = self._inside(offset, iov)
+        if iov:
+            await self.engine.pwritev(self._fd_for(offset, iov), iov, offset, dsync=fua)
+
+    def write_now(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> bool:
+        if not self.writable:
+            return False
+        iov = self._inside(offset, iov)
+        return not iov or self.engine.try_pwritev(self._fd_for(offset, iov), iov, offset,
+                                                  dsync=fua)
 
     async def flush(self) -> None:
         if self.writable:

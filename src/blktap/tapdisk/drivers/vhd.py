@@ -122,8 +122,8 @@ class VhdDriver(Driver):
 
     # ------------------------------------------------------------------ metadata
     def _cheap(self, sector: int, count: int) -> bool:
-        """Every block touched is unallocated or full (the batmap says so): finding the
-        runs needs no bitmap, hence no disk access."""
+        """Every block touched is unallocated, full (the batmap says so) or has its
+        bitmap in memory: finding the runs reads nothing from disk."""
         img = self.image
         spb = img.spb
         first, last = sector // spb, (sector + count - 1) // spb
@@ -131,7 +131,8 @@ class VhdDriver(Driver):
             return False
         bat = img.bat
         for blk in range(first, last + 1):
-            if blk < len(bat) and bat[blk] != s.BAT_ENTRY_UNUSED and not img.block_full(blk):
+            if (blk < len(bat) and bat[blk] != s.BAT_ENTRY_UNUSED
+                    and not img.block_full(blk) and not img.bitmap_cached(blk)):
                 return False
         return True
 
@@ -158,7 +159,9 @@ class VhdDriver(Driver):
         with self.lock:
             return list(self.image.extents(sector, count))
 
-    async def _runs(self, sector: int, count: int) -> list[Run]:
+    def _runs_now(self, sector: int, count: int) -> list[Run] | None:
+        """The runs, if the metadata to find them is in memory and not being changed
+        (the lock is free); else None."""
         img = self.image
         if img.is_fixed:
             return [(sector, count, sector * SECTOR)]
@@ -168,6 +171,12 @@ class VhdDriver(Driver):
                     return list(img.extents(sector, count))
             finally:
                 self.lock.release()
+        return None
+
+    async def _runs(self, sector: int, count: int) -> list[Run]:
+        runs = self._runs_now(sector, count)
+        if runs is not None:
+            return runs
         return await self.engine.call(self._runs_locked, sector, count)
 
     # ------------------------------------------------------------------ reads
@@ -197,6 +206,45 @@ class VhdDriver(Driver):
         await gather_all(ops)
         if self.cipher is not None and held:
             await self._decrypt(held, held_sectors)
+
+    def read_now(self, offset: int, iov: Sequence[memoryview]) -> bool:
+        sector = offset // SECTOR
+        count = total(iov) // SECTOR
+        if count and self._holds_none(sector, count):
+            skipped = self._skippable(sector, count)
+            if not (skipped[-1] if skipped else self).forward_read_now(offset, iov):
+                return False
+            for d in skipped:
+                d.hits[0] += count
+            return True
+        runs = self._runs_now(sector, count)
+        if runs is None:
+            return False
+        held: list[tuple[int, Sequence[memoryview]]] = []
+        if self.cipher is not None:
+            held_sectors = sum(n for _, n, off in runs if off is not None)
+            if held_sectors > INLINE_CRYPT_SECTORS:
+                return False
+        if len(runs) == 1:
+            first, n, file_off = runs[0]
+            if file_off is None:
+                return self.forward_read_now(offset, iov)
+            if not self.engine.try_preadv(self.fd, iov, file_off):
+                return False
+            held.append((sector, iov))
+        else:
+            for first, n, file_off in runs:
+                sub = slice_iov(iov, (first - sector) * SECTOR, n * SECTOR)
+                if file_off is None:
+                    if not self.forward_read_now(first * SECTOR, sub):
+                        return False
+                elif self.engine.try_preadv(self.fd, sub, file_off):
+                    held.append((first, sub))
+                else:
+                    return False
+        if self.cipher is not None and held:
+            decrypt_runs(self.cipher, held)
+        return True
 
     def _vhd_below(self) -> list[VhdDriver]:
         """The VHD layers under this one, nearest first (fixed while open), with the
@@ -305,6 +353,30 @@ class VhdDriver(Driver):
         await self.engine.call(self._write_locked, sector, iov)
         if fua:
             await self.flush()
+
+    def write_now(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> bool:
+        """Sectors the layer holds already, in a file in memory: no metadata changes,
+        so the data is written at once. Anything that allocates takes the slow path."""
+        if not self.writable:
+            return False
+        sector = offset // SECTOR
+        count = total(iov) // SECTOR
+        if self.cipher is not None and count > INLINE_CRYPT_SECTORS:
+            return False
+        runs = self._runs_now(sector, count)
+        if runs is None or any(file_off is None for _, _, file_off in runs):
+            return False
+        if self.cipher is not None:
+            iov = [encrypt_iov(self.cipher, sector, iov)]
+        if len(runs) == 1:
+            return self.engine.try_pwritev(self.fd, iov, runs[0][2], dsync=fua)  # type: ignore[arg-type]
+        # One descriptor, a total within the engine's limit: every part goes now, or the
+        # first already refuses.
+        for first, n, file_off in runs:
+            sub = slice_iov(iov, (first - sector) * SECTOR, n * SECTOR)
+            if not self.engine.try_pwritev(self.fd, sub, file_off, dsync=fua):  # type: ignore[arg-type]
+                return False
+        return True
 
     def _write_zeros_locked(self, sector: int, count: int) -> None:
         with self.lock:
