@@ -18,5 +18,5 @@ size=$(nbdinfo --size "$uri")
 fio --name=profile --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
     --size="$size" --time_based --runtime=6 --output-format=terse > "$dir/fio" 2>&1 &
 sleep 1
-.venv/bin/py-spy record --pid "$pid" --duration 4 --rate 200 --nonblocking --output "$out"
+.venv/bin/py-spy record --pid "$pid" --duration 4 --rate 200 --nonblocking --output "$out" ${PYSPY_FORMAT:+--format $PYSPY_FORMAT}
 wait %2 || true

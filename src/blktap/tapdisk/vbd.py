@@ -329,6 +329,58 @@ class VBD:
                             len(self._inflight), stalled, oldest.op.value, oldest.length,
                             oldest.offset, time.monotonic() - oldest.start)
 
+    # ------------------------------------------------------------------ side door
+    def read_now(self, offset: int, view: memoryview) -> bool:
+        """Serve a read at once, on the loop thread, if the driver stack can without
+        waiting (memory, page cache, cached metadata): True when ``view`` holds the data.
+        False leaves it to :meth:`read` (paused disk, unaligned or out-of-range request,
+        data that has to be waited for, an error to report with its retries): the
+        transport then calls that. A read served here costs no task or future; it counts
+        in the statistics as any other."""
+        length = len(view)
+        if (self._closed or not self._running.is_set() or offset % SECTOR
+                or length % SECTOR or not length or offset + length > self.driver.size):
+            return False
+        top = self.driver
+        try:
+            if not top.read_now(offset, [view]):
+                return False
+        except Exception:  # read() reports it (and retries what may be retried)
+            return False
+        sectors = length // SECTOR
+        st = self.stats
+        st.submitted += 1
+        st.read_reqs += 1
+        st.read_sectors += sectors
+        top.hits[0] += sectors
+        if self._inflight:
+            self._last_progress = time.monotonic()
+        return True
+
+    def write_now(self, offset: int, view: memoryview, *, fua: bool = False) -> bool:
+        """:meth:`read_now` for writes: True once the data is written (durable with
+        ``fua``), False for :meth:`write` to do it (writes that allocate, to files on
+        a device, or anything read_now would refuse)."""
+        length = len(view)
+        if (self.read_only or self._closed or not self._running.is_set() or offset % SECTOR
+                or length % SECTOR or not length or offset + length > self.driver.size):
+            return False
+        top = self.driver
+        try:
+            if not top.write_now(offset, [view], fua=fua):
+                return False
+        except Exception:  # write() does it again and reports what fails
+            return False
+        sectors = length // SECTOR
+        st = self.stats
+        st.submitted += 1
+        st.write_reqs += 1
+        st.write_sectors += sectors
+        top.hits[1] += sectors
+        if self._inflight:
+            self._last_progress = time.monotonic()
+        return True
+
     # ------------------------------------------------------------------ operations
     async def read(self, offset: int, view: memoryview) -> None:
         """Fill ``view`` with the disk's bytes at ``offset``."""

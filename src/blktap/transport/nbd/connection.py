@@ -40,6 +40,8 @@ MAX_DISCARDED_PAYLOAD = 64 << 20
 # Block status looks at most this far in one request (the reply may stop sooner).
 MAX_STATUS_LENGTH = 1 << 31
 MAX_STATUS_EXTENTS = 1 << 16
+# Requests one connection's reader handles before it lets other tasks run.
+FAIRNESS_BUDGET = 64
 
 _ALLOWED_FLAGS = {
     p.CMD_READ: p.CMD_FLAG_FUA | p.CMD_FLAG_DF,
@@ -102,6 +104,7 @@ class Connection:
     async def _read_loop(self) -> None:
         ch = self.ch
         size = self.vbd.size
+        budget = FAIRNESS_BUDGET
         while True:
             await ch.fill(p.REQUEST.size)
             magic, flags, cmd, handle, offset, length = ch.unpack(p.REQUEST)
@@ -124,17 +127,30 @@ class Connection:
                 except BaseException:
                     self._release(buf, length)
                     raise
-                self._start(self._write(handle, flags, offset, buf, length))
-                continue
-            if error is not None:
+                if self.vbd.write_now(offset, buf.view, fua=bool(flags & p.CMD_FLAG_FUA)):
+                    self.pool.put(buf)
+                    self._post(self._ok_reply(handle), None, length)
+                else:
+                    self._start(self._write(handle, flags, offset, buf, length))
+            elif error is not None:
                 await self._reply_error(handle, error[0], error[1])
-                continue
-            if cmd == p.CMD_READ:
+            elif cmd == p.CMD_READ:
                 await self._admit(length)
-                self._start(self._read(handle, flags, offset, length))
+                buf = self.pool.get(length)
+                if length and self.vbd.read_now(offset, buf.view):
+                    self._post(self._data_reply(handle, offset, buf), buf, length)
+                else:
+                    self._start(self._read(handle, flags, offset, buf, length))
             else:
                 await self.slots.acquire()
                 self._start(self._other(handle, cmd, flags, offset, length))
+                continue
+            # Served at once: the loop would never be given back while the client keeps
+            # the socket full, so let the others run now and then.
+            budget -= 1
+            if not budget:
+                budget = FAIRNESS_BUDGET
+                await asyncio.sleep(0)
 
     def _validate(self, cmd: int, flags: int, offset: int, length: int,
                   size: int) -> tuple[int, str] | None:
@@ -189,8 +205,32 @@ class Connection:
         except Closed:
             self.broken = True  # the reader sees the end of stream and stops
 
+    def _ok_reply(self, handle: int) -> list:
+        return [p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle)]
+
+    def _data_reply(self, handle: int, offset: int, buf: Buffer) -> list:
+        """The successful reply to a read (of at least one byte) of ``buf``."""
+        if not self.session.structured:
+            return [p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle), buf.view]
+        return [p.CHUNK_OFFSET_DATA.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                         p.REPLY_TYPE_OFFSET_DATA, handle,
+                                         len(buf.view) + 8, offset), buf.view]
+
+    def _post(self, bufs: list, buf: Buffer | None, length: int) -> None:
+        """Queue the reply of a request served at once; its buffer and its place in
+        flight are released when the reply is with the kernel."""
+        if self.broken:
+            self._release(buf, length)
+            return
+        self.ch.post(bufs, self._posted, (buf, length))
+
+    def _posted(self, exc: BaseException | None, held: tuple[Buffer | None, int]) -> None:
+        if exc is not None:
+            self.broken = True  # the reader sees the end of stream and stops
+        self._release(*held)
+
     async def _reply_ok(self, handle: int) -> None:
-        await self._send([p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle)])
+        await self._send(self._ok_reply(handle))
 
     async def _reply_error(self, handle: int, code: int, message: str) -> None:
         if self.session.structured:
@@ -209,21 +249,16 @@ class Connection:
         await self._reply_error(handle, p.nbd_error(code), str(exc))
 
     # ------------------------------------------------------------------ commands
-    async def _read(self, handle: int, flags: int, offset: int, length: int) -> None:
-        buf = self.pool.get(length)
+    async def _read(self, handle: int, flags: int, offset: int, buf: Buffer,
+                    length: int) -> None:
         try:
             try:
                 await self.vbd.read(offset, buf.view)
             except Exception as exc:
                 await self._fail(handle, p.CMD_READ, exc)
                 return
-            if not self.session.structured:
-                await self._send([p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle),
-                                  buf.view])
-            elif length:
-                await self._send([p.CHUNK_OFFSET_DATA.pack(
-                    p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA,
-                    handle, length + 8, offset), buf.view])
+            if length or not self.session.structured:
+                await self._send(self._data_reply(handle, offset, buf))
             else:
                 await self._send([p.CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
                                                p.REPLY_TYPE_NONE, handle, 0)])
