@@ -58,6 +58,10 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
                      help="fail a request still retrying after this long (default 120)")
     cmd.add_argument("--threads", metavar="N", type=int, default=16,
                      help="I/O threads (default 16)")
+    cmd.add_argument("--io-engine", choices=("auto", "linux-aio", "threads"), default="auto",
+                     help="how I/O that may block is done: direct I/O submitted to the "
+                     "kernel's AIO and the rest in threads (linux-aio; auto picks it where "
+                     "the kernel offers it), or everything in threads")
     cmd.add_argument("-v", "--verbose", action="store_true", help="log connections")
 
 
@@ -86,13 +90,21 @@ def _uri(tls: bool, name: str, *, socket: str | None = None,
 
 
 async def _serve(args: argparse.Namespace, out: TextIO) -> int:
-    from blktap.io import ThreadEngine
+    from blktap.io import LinuxAioEngine, ThreadEngine, best_engine
     from blktap.tapdisk.drivers import open_stack
     from blktap.tapdisk.vbd import VBD
     from blktap.transport.nbd.server import Export, NbdServer, tls_context
 
     loop = asyncio.get_running_loop()
-    engine = ThreadEngine(args.threads)
+    if args.io_engine == "threads":
+        engine = ThreadEngine(args.threads)
+    elif args.io_engine == "linux-aio":
+        try:
+            engine = LinuxAioEngine(args.threads)
+        except OSError as exc:
+            raise UsageError(f"--io-engine linux-aio: {exc.strerror}") from None
+    else:
+        engine = best_engine(args.threads)
     vbd = server = None
     try:
         tls = tls_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None

@@ -42,8 +42,9 @@ INLINE_MAX = 1 << 20
 
 # How reads on a descriptor may be tried inline: RWF_NOWAIT (the kernel fails with EAGAIN
 # instead of blocking), MEMORY (tmpfs/ramfs: a read is a memory copy and never waits for
-# a device), or not at all.
-_NOWAIT, _MEMORY, _THREAD = 1, 2, 3
+# a device), or not at all: THREAD (buffered, not cached), DIRECT (O_DIRECT to a device,
+# which an engine with kernel AIO submits there).
+NOWAIT, MEMORY, THREAD, DIRECT = 1, 2, 3, 4
 
 
 def read_full(fd: int, iov: Sequence[memoryview], offset: int) -> None:
@@ -148,20 +149,20 @@ class ThreadEngine(Engine):
         return fut
 
     def _fd_mode(self, fd: int) -> int:
-        """How I/O on ``fd`` may be done inline: _MEMORY (always), _NOWAIT (reads with
-        RWF_NOWAIT), _THREAD (never); learnt once per descriptor."""
+        """How I/O on ``fd`` may be done inline: MEMORY (always), NOWAIT (reads with
+        RWF_NOWAIT), THREAD or DIRECT (never); learnt once per descriptor."""
         mode = self._fd_modes.get(fd)
         if mode is None:
             if syscalls.in_memory(fd):  # even through O_DIRECT: no device to wait for
-                mode = _MEMORY
+                mode = MEMORY
             elif fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-                mode = _THREAD  # direct reads go to the device: never inline
+                mode = DIRECT  # direct reads go to the device: never inline
             else:
                 try:
                     os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
-                    mode = _NOWAIT
+                    mode = NOWAIT
                 except OSError as exc:
-                    mode = _NOWAIT if exc.errno == errno.EAGAIN else _THREAD
+                    mode = NOWAIT if exc.errno == errno.EAGAIN else THREAD
             self._fd_modes[fd] = mode
         return mode
 
@@ -169,9 +170,9 @@ class ThreadEngine(Engine):
         if len(iov) > IOV_MAX or total(iov) > INLINE_MAX:
             return False
         mode = self._fd_mode(fd)
-        if mode == _THREAD:
+        if mode >= THREAD:
             return False
-        if mode == _MEMORY:
+        if mode == MEMORY:
             got = os.preadv(fd, iov, offset)
             if got < total(iov):  # end of file: the rest reads as zeros
                 zero_fill(advance(iov, got))
@@ -199,7 +200,7 @@ class ThreadEngine(Engine):
     def try_pwritev(self, fd: int, iov: Sequence[memoryview], offset: int, *,
                     dsync: bool = False) -> bool:
         if (len(iov) > IOV_MAX or total(iov) > INLINE_MAX
-                or self._fd_mode(fd) != _MEMORY):
+                or self._fd_mode(fd) != MEMORY):
             return False
         write_full(fd, iov, offset, os.RWF_DSYNC if dsync else 0)
         self.inline_writes += 1

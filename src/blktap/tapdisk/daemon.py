@@ -38,7 +38,7 @@ from blktap.control import message as m
 from blktap.control.message import Flag, Message, MessageType
 from blktap.control.rundir import MinorHold, RunDir
 from blktap.errors import BlktapError, ControlProtocolError
-from blktap.io import ThreadEngine
+from blktap.io import best_engine
 from blktap.tapdisk.driver import SECTOR, Driver
 from blktap.tapdisk.drivers import open_stack, parse
 from blktap.tapdisk.stats import format_stats
@@ -122,7 +122,7 @@ class Tapdisk:
     def __init__(self, run_dir: RunDir | str | None = None, threads: int = 16) -> None:
         self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.pid = os.getpid()
-        self.engine = ThreadEngine(threads)
+        self.engine = best_engine(threads)
         self.slots: dict[int, Slot] = {}
         self.done = asyncio.Event()
         # Something worth keeping the log file for happened (a failure, a debug dump, a
