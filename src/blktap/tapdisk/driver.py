@@ -43,6 +43,8 @@ STATE_ZERO = 2
 # One block-status answer: runs of (length in bytes, state flags), consecutive from the
 # offset asked about.
 Extents = list[tuple[int, int]]
+# Sectors read from layers below by a read_now, counted once it is done: (layer, sectors).
+Tally = list[tuple["Driver", int]]
 
 
 class Caps(enum.IntFlag):
@@ -178,7 +180,7 @@ class Driver:
         if not self.writable:
             raise OutOfRange(f"{self.path or self.name} is read-only", errno.EROFS)
 
-    def forward_read_now(self, offset: int, iov: Sequence[memoryview]) -> bool:
+    def forward_read_now(self, offset: int, iov: Sequence[memoryview], tally: Tally) -> bool:
         """:meth:`forward_read`, done now if nothing below has to wait (see read_now)."""
         length = total(iov)
         parent = self.parent
@@ -187,24 +189,26 @@ class Driver:
             return True
         inside = min(length, parent.size - offset)
         if inside < length:
-            if not parent.read_now(offset, slice_iov(iov, 0, inside)):
+            if not parent.read_now(offset, slice_iov(iov, 0, inside), tally):
                 return False
             zero_fill(slice_iov(iov, inside, length - inside))
-        elif not parent.read_now(offset, iov):
+        elif not parent.read_now(offset, iov, tally):
             return False
-        parent.hits[0] += -(-inside // SECTOR)
+        tally.append((parent, -(-inside // SECTOR)))
         return True
 
     # ------------------------------------------------------------------ operations
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
         raise NotImplementedError
 
-    def read_now(self, offset: int, iov: Sequence[memoryview]) -> bool:
+    def read_now(self, offset: int, iov: Sequence[memoryview], tally: Tally) -> bool:
         """The synchronous side door of :meth:`read`: fill ``iov`` now, on the loop
         thread, when nothing has to wait (data in memory or cached, metadata cached), and
         return True; return False, as soon as something would wait, for the caller to
-        use :meth:`read` instead (the buffers may then hold anything). Never changes
-        state. Drivers that cannot tell keep this default."""
+        use :meth:`read` instead (the buffers may then hold anything). Changes nothing:
+        the sectors each layer below served are appended to ``tally`` as (layer,
+        sectors), for the caller to add to their ``hits`` once the whole read is done.
+        Drivers that cannot tell keep this default."""
         return False
 
     def write_now(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> bool:

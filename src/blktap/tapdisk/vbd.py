@@ -34,14 +34,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from blktap.errors import BlktapError, OutOfRange
-from blktap.tapdisk.driver import SECTOR, Caps, Driver, Extents, merge_extents
+from blktap.tapdisk.driver import SECTOR, Caps, Driver, Extents, Tally, merge_extents
 from blktap.tapdisk.stats import VbdStats
 
 log = logging.getLogger("blktap.tapdisk")
 
 RETRYABLE = frozenset({errno.EAGAIN, errno.EBUSY, errno.EINTR})
-# What _kick answers a lone request with: "run yourself, in your own task".
-_RUN_HERE = object()
 DEFAULT_TIMEOUT = 120.0
 RETRY_INTERVAL = 1.0
 WATCHDOG_TIMEOUT = 10.0
@@ -85,6 +83,9 @@ class Request:
     fua: bool = False
     may_trim: bool = True
     fast: bool = False
+    # Set when issued: the group this request leads (its task runs it), or the future of
+    # a request merged into another's group.
+    group: list[Request] | None = None
     future: asyncio.Future | None = None
     start: float = field(default_factory=time.monotonic)
 
@@ -109,7 +110,7 @@ class VBD:
         self.stats = VbdStats()
         self.loop = asyncio.get_running_loop()
         self._queue: list[Request] = []
-        self._kick_pending = False
+        self._tasks_for_abandoned: set[asyncio.Task] = set()
         self._inflight: set[Request] = set()
         self._last_progress = time.monotonic()
         self._stall_reported = False
@@ -150,27 +151,50 @@ class VBD:
 
     # ------------------------------------------------------------------ queueing
     async def _submit(self, req: Request) -> object:
-        """Queue ``req`` and wait for its result. A request that _kick found nothing to
-        merge with is run by its own task (no extra task per request)."""
+        """Queue ``req`` and wait for its result.
+
+        The requests submitted during one turn of the loop wait for the next; the first
+        of their tasks to run again issues them all, merging neighbours. The task of a
+        group's first request runs the group; the others wait for its result. So a
+        request costs no task and no turn of the loop beyond its caller's own."""
         if not self._running.is_set():
             await self._held()
-        req.future = self.loop.create_future()
         self._queue.append(req)
         self.stats.submitted += 1
-        if not self._kick_pending:
-            self._kick_pending = True
-            self.loop.call_soon(self._kick)
-        result = await req.future
-        if result is _RUN_HERE:
-            try:
-                result, error = await self._execute([req])
-            except BaseException as exc:  # cancelled: still leave the books straight
-                self._finish([req], None, exc)
-                raise
-            self._finish([req], result, error)
-            if error is not None:
-                raise error
+        try:
+            await asyncio.sleep(0)  # the others of this turn queue theirs meanwhile
+        except asyncio.CancelledError:
+            self._abandon(req)
+            raise
+        if self._queue:
+            self._kick()
+        group = req.group
+        if group is None:  # merged into a group another request's task runs
+            assert req.future is not None
+            return await req.future
+        try:
+            result, error = await self._execute(group)
+        except asyncio.CancelledError:
+            # Its caller is gone; the others of the group learn that their I/O failed.
+            self._finish(group, None, BlktapError("request cancelled", errno.ECANCELED))
+            raise
+        self._finish(group, result, error)
+        if error is not None:
+            raise error
         return result
+
+    def _abandon(self, req: Request) -> None:
+        """``req``'s task was cancelled before it issued anything."""
+        group = req.group
+        if group is None:
+            if req.future is None:  # still queued: it never reaches the driver
+                self._queue.remove(req)
+            return  # else merged: the group's own task runs it
+        if len(group) == 1:
+            self._finish(group, None, None)
+        else:  # the others of its group still want their I/O
+            self._tasks_for_abandoned.add(task := self.loop.create_task(self._issue(group)))
+            task.add_done_callback(self._tasks_for_abandoned.discard)
 
     async def _held(self) -> None:
         """Wait out a pause; fail if the disk is closed meanwhile."""
@@ -180,8 +204,8 @@ class VBD:
             raise BlktapError(f"{self.name}: disk is closed", errno.ESHUTDOWN)
 
     def _kick(self) -> None:
-        """Issue what was queued during this turn of the loop, merging neighbours."""
-        self._kick_pending = False
+        """Issue what was queued during this turn of the loop, merging neighbours: each
+        group goes to its first request (``group``), the others get a future."""
         queue, self._queue = self._queue, []
         i = 0
         while i < len(queue):
@@ -202,21 +226,15 @@ class VBD:
                     nbufs += len(nxt.iov)
                     j += 1
             i += len(group)
-            # In flight from now on (close() waits for it even before the task runs).
+            # In flight from now on (close() waits for it even before its task runs).
             if not self._inflight:
                 self._last_progress = time.monotonic()
             self._inflight.update(group)
             self._idle.clear()
             self.stats.in_flight += len(group)
-            if len(group) == 1:
-                fut = req.future
-                assert fut is not None
-                if fut.cancelled():  # its caller is gone: nothing to run it for
-                    self._finish(group, None, None)
-                else:
-                    fut.set_result(_RUN_HERE)
-            else:
-                self.loop.create_task(self._issue(group))
+            req.group = group
+            for other in group[1:]:
+                other.future = self.loop.create_future()
 
     async def _call(self, req: Request, iov: Sequence[memoryview], length: int) -> object:
         d = self.driver
@@ -342,11 +360,14 @@ class VBD:
                 or length % SECTOR or not length or offset + length > self.driver.size):
             return False
         top = self.driver
+        tally: Tally = []
         try:
-            if not top.read_now(offset, [view]):
+            if not top.read_now(offset, [view], tally):
                 return False
         except Exception:  # read() reports it (and retries what may be retried)
             return False
+        for layer, n in tally:
+            layer.hits[0] += n
         sectors = length // SECTOR
         st = self.stats
         st.submitted += 1

@@ -19,7 +19,15 @@ from blktap.errors import FormatError
 from blktap.io import syscalls
 from blktap.io.engine import Engine
 from blktap.io.iov import slice_iov, total
-from blktap.tapdisk.driver import STATE_DATA, STATE_HOLE, STATE_ZERO, Caps, Driver, Extents
+from blktap.tapdisk.driver import (
+    STATE_DATA,
+    STATE_HOLE,
+    STATE_ZERO,
+    Caps,
+    Driver,
+    Extents,
+    Tally,
+)
 
 
 def _address(view: memoryview) -> int | None:
@@ -88,7 +96,7 @@ class AioDriver(Driver):
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
         await self.engine.preadv(self._fd_for(offset, iov), iov, offset)
 
-    def read_now(self, offset: int, iov: Sequence[memoryview]) -> bool:
+    def read_now(self, offset: int, iov: Sequence[memoryview], tally: Tally) -> bool:
         return self.engine.try_preadv(self._fd_for(offset, iov), iov, offset)
 
     def _inside(self, offset: int, iov: Sequence[memoryview]) -> Sequence[memoryview]:

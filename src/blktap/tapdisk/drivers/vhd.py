@@ -33,7 +33,15 @@ from blktap.image.vhd.image import VhdImage
 from blktap.io import syscalls
 from blktap.io.engine import Engine
 from blktap.io.iov import copy_into, slice_iov, total
-from blktap.tapdisk.driver import SECTOR, STATE_DATA, Caps, Driver, Extents, merge_extents
+from blktap.tapdisk.driver import (
+    SECTOR,
+    STATE_DATA,
+    Caps,
+    Driver,
+    Extents,
+    Tally,
+    merge_extents,
+)
 
 Run = tuple[int, int, int | None]  # first sector, sector count, file offset or None
 
@@ -207,15 +215,14 @@ class VhdDriver(Driver):
         if self.cipher is not None and held:
             await self._decrypt(held, held_sectors)
 
-    def read_now(self, offset: int, iov: Sequence[memoryview]) -> bool:
+    def read_now(self, offset: int, iov: Sequence[memoryview], tally: Tally) -> bool:
         sector = offset // SECTOR
         count = total(iov) // SECTOR
         if count and self._holds_none(sector, count):
             skipped = self._skippable(sector, count)
-            if not (skipped[-1] if skipped else self).forward_read_now(offset, iov):
+            if not (skipped[-1] if skipped else self).forward_read_now(offset, iov, tally):
                 return False
-            for d in skipped:
-                d.hits[0] += count
+            tally.extend((d, count) for d in skipped)
             return True
         runs = self._runs_now(sector, count)
         if runs is None:
@@ -228,7 +235,7 @@ class VhdDriver(Driver):
         if len(runs) == 1:
             first, n, file_off = runs[0]
             if file_off is None:
-                return self.forward_read_now(offset, iov)
+                return self.forward_read_now(offset, iov, tally)
             if not self.engine.try_preadv(self.fd, iov, file_off):
                 return False
             held.append((sector, iov))
@@ -236,7 +243,7 @@ class VhdDriver(Driver):
             for first, n, file_off in runs:
                 sub = slice_iov(iov, (first - sector) * SECTOR, n * SECTOR)
                 if file_off is None:
-                    if not self.forward_read_now(first * SECTOR, sub):
+                    if not self.forward_read_now(first * SECTOR, sub, tally):
                         return False
                 elif self.engine.try_preadv(self.fd, sub, file_off):
                     held.append((first, sub))
@@ -355,8 +362,10 @@ class VhdDriver(Driver):
             await self.flush()
 
     def write_now(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> bool:
-        """Sectors the layer holds already, in a file in memory: no metadata changes,
-        so the data is written at once. Anything that allocates takes the slow path."""
+        """Sectors the layer holds already, in one run of the file, in memory: no metadata
+        changes, so the data is written at once with one system call. Anything that
+        allocates, or spans runs (which could not be written all or nothing), takes the
+        slow path."""
         if not self.writable:
             return False
         sector = offset // SECTOR
@@ -364,19 +373,11 @@ class VhdDriver(Driver):
         if self.cipher is not None and count > INLINE_CRYPT_SECTORS:
             return False
         runs = self._runs_now(sector, count)
-        if runs is None or any(file_off is None for _, _, file_off in runs):
+        if runs is None or len(runs) != 1 or runs[0][2] is None:
             return False
         if self.cipher is not None:
             iov = [encrypt_iov(self.cipher, sector, iov)]
-        if len(runs) == 1:
-            return self.engine.try_pwritev(self.fd, iov, runs[0][2], dsync=fua)  # type: ignore[arg-type]
-        # One descriptor, a total within the engine's limit: every part goes now, or the
-        # first already refuses.
-        for first, n, file_off in runs:
-            sub = slice_iov(iov, (first - sector) * SECTOR, n * SECTOR)
-            if not self.engine.try_pwritev(self.fd, sub, file_off, dsync=fua):  # type: ignore[arg-type]
-                return False
-        return True
+        return self.engine.try_pwritev(self.fd, iov, runs[0][2], dsync=fua)
 
     def _write_zeros_locked(self, sector: int, count: int) -> None:
         with self.lock:
