@@ -70,6 +70,7 @@ class Channel:
         # Waiting for readability: the futures, and whether the loop watches the fd.
         self._read_waiters: list[asyncio.Future] = []
         self._watching = False
+        self._peek = bytearray(1)
 
     # ------------------------------------------------------------------ waiting
     async def _wait(self, writable: bool) -> None:
@@ -110,6 +111,15 @@ class Channel:
             self._watching = False
             self.loop.remove_reader(self.fd)
             return
+        if not self.tls:
+            # The readiness may be stale: seen by the loop before the reader, woken by an
+            # earlier one, took the data. A peek costs less than waking it for nothing.
+            try:
+                self.sock.recv_into(self._peek, 1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                pass  # the reader's own recv reports it
         self._read_waiters = []
         for fut in waiters:
             if not fut.done():
@@ -210,6 +220,16 @@ class Channel:
         waiter = self.loop.create_future()
         self.post(bufs, _settle, waiter)
         await waiter
+
+    async def drain(self) -> None:
+        """Return once every message queued so far is with the kernel (or the connection
+        broke): what was posted must leave before the socket is closed."""
+        if self.tls or (not self._out_waiters and self._writer is None):
+            return
+        try:
+            await self.send([])
+        except Closed:
+            pass
 
     def post(self, bufs: Sequence[bytes | bytearray | memoryview],
              done: Callable[[BaseException | None, Any], None], arg: Any = None) -> None:

@@ -95,6 +95,8 @@ class Connection:
         finally:
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
+            # Replies posted by the reader have no task: they leave before the close.
+            await self.ch.drain()
 
     def stop_reading(self) -> None:
         """Take no more requests (server shutdown); those in flight still complete."""
