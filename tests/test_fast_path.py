@@ -476,11 +476,10 @@ def test_vhd_read_now_counts_like_the_slow_path(shm: Path) -> None:
     assert fast_hits[1][0] > 0 and fast_hits[2][0] > 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: VhdDriver.read_now forwards runs to the parent one by one and counts their "
-    "hits as each succeeds; when a later run cannot be served at once it answers False "
-    "with the layers below already counted, and the slow read counts them again"))
 def test_vhd_read_now_failing_part_way_changes_no_counter(shm: Path) -> None:
+    """A read_now that fails part way (a later run cannot be served at once) leaves
+    every layer's counters as they were: the slow read that follows counts them once.
+    (Regression: forwarded runs were counted as each succeeded; fixed in ccf3c61.)"""
     _, _, leaf = make_chain(shm)
 
     async def body(engine: ThreadEngine) -> None:
@@ -597,11 +596,10 @@ def test_vhd_write_now(shm: Path) -> None:
     qemu_compare(str(path), raw, fmt="vpc")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (contract): VhdDriver.write_now writes a request spanning several blocks run by "
-    "run and answers False when a later run is over the engine's inline limit, having "
-    "written the first runs (the slow path then writes them again)"))
 def test_vhd_write_now_refusal_across_blocks_writes_nothing(shm: Path) -> None:
+    """A write_now spanning blocks that refuses because a later run is over the inline
+    limit has written nothing. (Regression: the first runs were written; fixed in
+    ccf3c61.)"""
     path = shm / "full.vhd"
     create(str(path), 8 * MiB)
     with Chain.open(f"vhd:{path}", writable=True) as c:
@@ -911,12 +909,10 @@ def test_channel_stays_registered_between_reads() -> None:
     asyncio.run(body())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "inefficiency: the readiness that woke a reader is still queued (level-triggered) "
-    "when the reader, having consumed the data, waits again; it wakes that new waiter "
-    "for nothing, so every message costs a second wait, a task step and a recv() that "
-    "answers EAGAIN"))
 def test_channel_one_wait_per_message() -> None:
+    """One wait per message: a readiness the loop saw before the reader took the data
+    does not wake the next waiter for nothing (a task step and a recv() answering
+    EAGAIN). (Regression: fixed in cfd850c.)"""
     async def body() -> list[int]:
         a, b = socket.socketpair()
         ch = Channel(a)
@@ -1264,13 +1260,11 @@ def test_nbd_client_that_never_reads_replies_then_vanishes(shm: Path) -> None:
     arun(body)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: replies to requests served at once are posted to the channel, not awaited by "
-    "any task; on NBD_CMD_DISC (or server.stop()) Connection.serve waits only for its "
-    "tasks and the channel is closed with the posted replies still queued behind a full "
-    "socket: they are lost (before commit 0fcd81c every reply was sent)"))
 @pytest.mark.parametrize("end", ["disconnect", "server-stop"])
 def test_nbd_replies_posted_before_the_end_are_all_sent(shm: Path, end: str) -> None:
+    """Replies to requests served at once (posted, with no task behind them) all leave
+    before the connection closes on NBD_CMD_DISC or server.stop(), even queued behind a
+    full socket. (Regression of 0fcd81c: none arrived; fixed in cfd850c.)"""
     spec, _, content = make_image(shm, "raw")
     sock = shm / "s.sock"
     length = 256 * KiB
