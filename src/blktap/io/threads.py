@@ -1,11 +1,10 @@
 """The thread-pool engine: worker threads run preadv/pwritev/fsync (which release the
 GIL) and hand completions back to the event loop in batches.
 
-Why threads and not io_uring or libaio: measured on this project's machines (see
-docs/architecture.md, "I/O engine"), the Python bindings for io_uring and libaio were
-slower for small requests than a pool of threads, because each completion costs
-Python-level work in the loop either way and the binding adds its own; and buffered I/O
-(tmpfs, most file systems without O_DIRECT) blocks inside io_submit with libaio.
+Buffered I/O stays here whatever the engine: Linux AIO (``linuxaio.py``, which extends
+this class) runs ``io_submit`` synchronously on buffered files. Direct I/O goes to the
+kernel's AIO when that engine is in use, since a thread hand-off per request costs a
+worker wake-up and a fight for the GIL with the loop (docs/architecture.md, "I/O engine").
 
 Completions are batched: a worker appends its result to a deque and writes the eventfd
 only when no wake-up is pending yet, so a burst of completions costs one wake-up.
