@@ -607,9 +607,6 @@ def test_read_only_buffer_write_falls_back_to_a_worker(disk: Disk, vectored: boo
     assert disk.read_back() == disk.model
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an empty request raises ValueError (ctypes "
-                   "refuses the address of a zero-length buffer) instead of completing "
-                   "as on the thread engine; the Engine contract allows only OSError")
 def test_empty_request_completes_like_the_thread_engine(disk: Disk) -> None:
     async def body(engine: LinuxAioEngine) -> None:
         iov: list[memoryview] = []
@@ -765,28 +762,28 @@ def test_close_waits_for_operations_in_flight(disk: Disk) -> None:
     asyncio.run(main())
 
 
-@pytest.mark.xfail(strict=True, reason="bug: close() waits in io_getevents, which a signal "
-                   "interrupts with EINTR whatever SA_RESTART says (signal(7)); the ctypes "
-                   "call is not retried as Python's own wrappers are (PEP 475), so close() "
-                   "raises and leaves the kernel's operations unreaped")
 def test_close_survives_a_signal_while_waiting(disk: Disk,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A signal arriving while close() waits (a second Ctrl-C while serve shuts down):
-    the wait is interrupted once, as the kernel does, and must be resumed."""
-    real = aio_abi.io_getevents
+    io_getevents fails once with EINTR, as the kernel makes it whatever SA_RESTART says
+    (signal(7)), and the wait must be resumed (PEP 475), not raised."""
+    real = aio_abi._syscall
+    getevents_nr = aio_abi._NR["io_getevents"]  # type: ignore[index]
     interrupted = []
 
-    def getevents(ctx: int, min_nr: int, nr: int, events: int, timeout: int | None) -> int:
-        if timeout is None and not interrupted:  # the blocking wait
+    def syscall(nr: ctypes.c_long, *args: object) -> int:
+        blocking = isinstance(args[-1], ctypes.c_void_p) and args[-1].value is None
+        if nr.value == getevents_nr and blocking and not interrupted:
             interrupted.append(True)
-            raise OSError(errno.EINTR, os.strerror(errno.EINTR))
-        return real(ctx, min_nr, nr, events, timeout)
+            ctypes.set_errno(errno.EINTR)
+            return -1
+        return real(nr, *args)
 
     pool = BufferPool()
 
     async def main() -> None:
         engine = LinuxAioEngine()
-        monkeypatch.setattr(aio_abi, "io_getevents", getevents)
+        monkeypatch.setattr(aio_abi, "_syscall", syscall)
         src = pool.get(MiB).view
         src[:] = b"\x6c" * MiB
         task = asyncio.ensure_future(engine.pwritev(disk.dfd, [src], 0, dsync=True))
@@ -794,10 +791,11 @@ def test_close_survives_a_signal_while_waiting(disk: Disk,
         try:
             engine.close()
         finally:
-            monkeypatch.setattr(aio_abi, "io_getevents", real)
+            monkeypatch.setattr(aio_abi, "_syscall", real)
             if not engine._closed:  # leave nothing behind for the next tests
                 engine.close()
         await task
+        assert interrupted, "the fake EINTR never happened"
         assert disk.read_back(0, MiB) == b"\x6c" * MiB
 
     asyncio.run(main())

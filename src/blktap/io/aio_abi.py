@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import platform
 import struct
@@ -49,11 +50,13 @@ def available() -> bool:
 
 def _call(name: str, *args: ctypes._SimpleCData) -> int:
     assert _NR is not None
-    ret = _syscall(ctypes.c_long(_NR[name]), *args)
-    if ret < 0:
+    while True:
+        ret = _syscall(ctypes.c_long(_NR[name]), *args)
+        if ret >= 0:
+            return ret
         code = ctypes.get_errno()
-        raise OSError(code, f"{name}: {os.strerror(code)}")
-    return ret
+        if code != errno.EINTR:  # a signal: try again, as Python's own calls do (PEP 475)
+            raise OSError(code, f"{name}: {os.strerror(code)}")
 
 
 def io_setup(depth: int) -> int:

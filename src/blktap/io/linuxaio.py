@@ -49,8 +49,13 @@ class LinuxAioEngine(ThreadEngine):
     def __init__(self, threads: int = DEFAULT_THREADS,
                  loop: asyncio.AbstractEventLoop | None = None,
                  depth: int = DEFAULT_DEPTH) -> None:
-        self._ctx = abi.io_setup(depth)  # first: OSError here leaves nothing to undo
-        super().__init__(threads, loop)
+        loop = loop or asyncio.get_running_loop()
+        self._ctx = abi.io_setup(depth)  # OSError here leaves nothing to undo
+        try:
+            super().__init__(threads, loop)
+        except BaseException:
+            abi.io_destroy(self._ctx)
+            raise
         self.depth = depth
         self._aio_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.loop.add_reader(self._aio_efd, self._reap)
@@ -74,8 +79,9 @@ class LinuxAioEngine(ThreadEngine):
                rw_flags: int = 0) -> asyncio.Future | None:
         """Fill an iocb for the request and submit it; None when it cannot go to the
         kernel (no free slot, a read-only buffer)."""
-        if not self._free or len(iov) > IOV_MAX or self._closed:
-            return None
+        length = total(iov)
+        if not self._free or not length or len(iov) > IOV_MAX or self._closed:
+            return None  # an empty request has no buffer address to give the kernel
         try:
             if len(iov) == 1:
                 opcode = abi.CMD_PWRITE if write else abi.CMD_PREAD
@@ -87,14 +93,14 @@ class LinuxAioEngine(ThreadEngine):
                     abi.IOVEC.pack_into(iovecs, i * abi.IOVEC.size, abi.address_of(view),
                                         len(view))
                 buf, nbytes = abi.address_of(memoryview(iovecs)), len(iov)
-        except TypeError:  # a read-only buffer has no address to give the kernel
+        except (TypeError, ValueError):  # read-only or empty buffers have no address
             return None
         slot = self._free.pop()
         abi.IOCB.pack_into(self._iocbs, slot * abi.IOCB.size, slot, 0, rw_flags, opcode,
                            0, fd, buf, nbytes, offset, 0, abi.IOCB_FLAG_RESFD,
                            self._aio_efd)
         fut = self.loop.create_future()
-        self._ops[slot] = _Op(fut, fd, iov, offset, total(iov), write, rw_flags, iovecs)
+        self._ops[slot] = _Op(fut, fd, iov, offset, length, write, rw_flags, iovecs)
         self._batch.append(slot)
         if len(self._ops) == 1:
             # Nothing else in flight: submit now, rather than a turn of the loop later.
