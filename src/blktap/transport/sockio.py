@@ -17,6 +17,7 @@ about to wait for more requests leave before it waits, not a turn of the loop la
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import struct
@@ -24,6 +25,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from blktap.io.iov import IOV_MAX, advance
+
+log = logging.getLogger("blktap.transport")
 
 RECV_BUFFER = 256 << 10
 # Queued sends of at least this many bytes leave at once rather than at the end of the
@@ -71,6 +74,13 @@ class Channel:
         self._read_waiters: list[asyncio.Future] = []
         self._watching = False
         self._peek = bytearray(1)
+        # Called from the loop's readiness callback, with new bytes in the buffer, while
+        # the reader waits in fill(): it may take complete messages from the buffer
+        # (consume) and post replies; it answers True if the reader need not wake (what
+        # is left is a partial message), False to wake it. Plain sockets only.
+        self.on_data: Callable[[], bool] | None = None
+        self._filling = False
+        self._hold_flush = False  # the hook runs: its replies leave when it returns
 
     # ------------------------------------------------------------------ waiting
     async def _wait(self, writable: bool) -> None:
@@ -111,7 +121,10 @@ class Channel:
             self._watching = False
             self.loop.remove_reader(self.fd)
             return
-        if not self.tls:
+        if self.on_data is not None and self._filling:
+            if self._receive_for_hook():
+                return
+        elif not self.tls:
             # The readiness may be stale: seen by the loop before the reader, woken by an
             # earlier one, took the data. A peek costs less than waking it for nothing.
             try:
@@ -124,6 +137,42 @@ class Channel:
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
+
+    def _receive_for_hook(self) -> bool:
+        """The reader waits in :meth:`fill`: receive here and let :attr:`on_data` take
+        what it can from the buffer. True: nothing for the reader to do (stale readiness,
+        or the hook took every complete message); False: wake it."""
+        self._compact()
+        if self.end == len(self.buf):
+            return False
+        try:
+            got = self.sock.recv_into(self.view[self.end :])
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False  # the reader's own recv reports it
+        if not got:
+            return False  # end of stream: the reader's recv sees it too
+        self.end += got
+        hook = self.on_data
+        assert hook is not None
+        self._hold_flush = True
+        try:
+            return hook()
+        except Exception:  # a bug in the hook: the reader takes over, and says what
+            log.exception("data hook failed")
+            return False
+        finally:
+            self._hold_flush = False
+            if self._out_waiters and self._writer is None:
+                self._flush()  # the replies leave now, not a turn of the loop later
+
+    def _compact(self) -> None:
+        """Move a partial message left at the back of the buffer to the front."""
+        if self.start and (self.start == self.end or len(self.buf) - self.end < len(self.buf) // 2):
+            left = self.end - self.start
+            self.buf[:left] = self.buf[self.start : self.end]
+            self.start, self.end = 0, left
 
     async def _recv_into(self, view: memoryview) -> int:
         """Receive at least one byte into ``view``; Closed on end of stream."""
@@ -150,14 +199,35 @@ class Channel:
         return self.end - self.start
 
     async def fill(self, n: int) -> None:
-        """Make at least ``n`` bytes (n <= buffer size) available at ``start``."""
+        """Make at least ``n`` bytes (n <= buffer size) available at ``start``.
+
+        While it waits, :attr:`on_data` may take complete messages from the buffer (see
+        there); so the position to receive at is worked out again after every wait."""
         while self.end - self.start < n:
             if self.start and (self.end == self.start or len(self.buf) - self.start < n):
                 # Move what is left to the front (a few bytes of a partial header).
                 left = self.end - self.start
                 self.buf[:left] = self.buf[self.start : self.end]
                 self.start, self.end = 0, left
-            self.end += await self._recv_into(self.view[self.end :])
+            if self.tls or self.on_data is None:
+                self.end += await self._recv_into(self.view[self.end :])
+                continue
+            if self.closed:
+                raise Closed("connection closed")
+            try:
+                got = self.sock.recv_into(self.view[self.end :])
+            except (BlockingIOError, InterruptedError):
+                self._filling = True
+                try:
+                    await self._wait_readable()
+                finally:
+                    self._filling = False
+                continue
+            except OSError as exc:
+                raise Closed(str(exc)) from None
+            if not got:
+                raise Closed("end of stream")
+            self.end += got
 
     def consume(self, n: int) -> None:
         self.start += n
@@ -247,7 +317,7 @@ class Channel:
         if self._writer is None:
             if self._out_bytes >= FLUSH_BYTES:
                 self._flush()
-            elif not self._flush_pending:
+            elif not self._flush_pending and not self._hold_flush:
                 self._flush_pending = True
                 self.loop.call_soon(self._flush)
 

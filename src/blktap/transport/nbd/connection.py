@@ -70,9 +70,10 @@ class Connection:
         self.pool = server.pool
         self.peer = peer
         self.tasks: set[asyncio.Task] = set()
-        self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        # Requests admitted and not yet answered, and the payload bytes they hold.
+        self.in_flight = 0
         self.bytes_in_flight = 0
-        self.bytes_freed = asyncio.Event()
+        self.freed = asyncio.Event()
         self.broken = False
         self.reader: asyncio.Task | None = None
         # Cached: asyncio.get_running_loop() costs a getpid() system call per call.
@@ -83,6 +84,8 @@ class Connection:
         """Read requests until DISC, end of stream or shutdown; then wait for every
         request in flight."""
         self.reader = self.loop.create_task(self._read_loop())
+        if not self.ch.tls:
+            self.ch.on_data = self._pump
         try:
             await self.reader
         except Closed:
@@ -93,6 +96,7 @@ class Connection:
             if not self.reader.cancelled():
                 raise  # we were cancelled ourselves, not just the reader
         finally:
+            self.ch.on_data = None
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
             # Replies posted by the reader have no task: they leave before the close.
@@ -100,6 +104,7 @@ class Connection:
 
     def stop_reading(self) -> None:
         """Take no more requests (server shutdown); those in flight still complete."""
+        self.ch.on_data = None
         if self.reader is not None:
             self.reader.cancel()
 
@@ -144,7 +149,7 @@ class Connection:
                 else:
                     self._start(self._read(handle, flags, offset, buf, length))
             else:
-                await self.slots.acquire()
+                await self._admit(0)
                 self._start(self._other(handle, cmd, flags, offset, length))
                 continue
             # Served at once: the loop would never be given back while the client keeps
@@ -178,20 +183,73 @@ class Connection:
             return p.NBD_EINVAL, "no metadata context was negotiated"
         return None
 
+    # ------------------------------------------------------------------ served from the hook
+    def _pump(self) -> bool:
+        """The channel's data hook: runs from the loop's readiness callback while the
+        reader waits for a request header, with new bytes in the receive buffer. It takes
+        the complete reads and writes that are valid and admissible, serving at once
+        what the VBD's side door can do and starting a task for the rest, as the reader
+        would, but without waking it: at QD1 that saves the reader's wake-up, a turn of
+        the loop per request. Anything else (another command, an error to answer, a
+        write payload not all here, flow control, the fairness budget) wakes the reader,
+        which takes it from there (False)."""
+        ch = self.ch
+        buf_bytes = ch.buf
+        size = self.vbd.size
+        req = p.REQUEST
+        for _ in range(FAIRNESS_BUDGET):
+            if ch.end - ch.start < req.size:
+                return True  # a partial header (or nothing): wait for more
+            magic, flags, cmd, handle, offset, length = req.unpack_from(buf_bytes, ch.start)
+            if (magic != p.REQUEST_MAGIC or cmd not in (p.CMD_READ, p.CMD_WRITE)
+                    or self.broken or not self._can_admit(length)
+                    or self._validate(cmd, flags, offset, length, size) is not None):
+                return False
+            if cmd == p.CMD_WRITE:
+                if ch.end - ch.start < req.size + length:
+                    return False  # the reader receives the rest straight into a buffer
+                ch.consume(req.size)
+                self._take(length)
+                buf = self.pool.get(length)
+                buf.view[:] = ch.view[ch.start : ch.start + length]
+                ch.consume(length)
+                if self.vbd.write_now(offset, buf.view, fua=bool(flags & p.CMD_FLAG_FUA)):
+                    self.pool.put(buf)
+                    self._post(self._ok_reply(handle), None, length)
+                else:
+                    self._start(self._write(handle, flags, offset, buf, length))
+            else:
+                ch.consume(req.size)
+                self._take(length)
+                buf = self.pool.get(length)
+                if length and self.vbd.read_now(offset, buf.view):
+                    self._post(self._data_reply(handle, offset, buf), buf, length)
+                else:
+                    self._start(self._read(handle, flags, offset, buf, length))
+        return ch.end - ch.start < req.size
+
     # ------------------------------------------------------------------ flow control
-    async def _admit(self, length: int) -> None:
-        await self.slots.acquire()
-        while self.bytes_in_flight and self.bytes_in_flight + length > MAX_IN_FLIGHT_BYTES:
-            self.bytes_freed.clear()
-            await self.bytes_freed.wait()
+    def _can_admit(self, length: int) -> bool:
+        return self.in_flight < MAX_IN_FLIGHT and (
+            not self.bytes_in_flight or self.bytes_in_flight + length <= MAX_IN_FLIGHT_BYTES)
+
+    def _take(self, length: int) -> None:
+        self.in_flight += 1
         self.bytes_in_flight += length
+
+    async def _admit(self, length: int) -> None:
+        """Wait for room for one more request holding ``length`` payload bytes."""
+        while not self._can_admit(length):
+            self.freed.clear()
+            await self.freed.wait()
+        self._take(length)
 
     def _release(self, buf: Buffer | None, length: int) -> None:
         if buf is not None:
             self.pool.put(buf)
+        self.in_flight -= 1
         self.bytes_in_flight -= length
-        self.bytes_freed.set()
-        self.slots.release()
+        self.freed.set()
 
     def _start(self, coro: object) -> None:
         task = self.loop.create_task(coro)  # type: ignore[arg-type]
@@ -301,7 +359,7 @@ class Connection:
         except Exception as exc:
             await self._fail(handle, cmd, exc)
         finally:
-            self.slots.release()
+            self._release(None, 0)
 
     async def _block_status(self, handle: int, flags: int, offset: int, length: int) -> None:
         if not length:
