@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import errno
 from collections.abc import Sequence
+from typing import Any
 
 from blktap.errors import OutOfRange, UnsupportedImage
 from blktap.io import syscalls
@@ -43,8 +44,9 @@ STATE_ZERO = 2
 # One block-status answer: runs of (length in bytes, state flags), consecutive from the
 # offset asked about.
 Extents = list[tuple[int, int]]
-# Sectors read from layers below by a read_now, counted once it is done: (layer, sectors).
-Tally = list[tuple["Driver", int]]
+# Sectors read from layers below by a read_now, counted once it is done: (whatever keeps
+# the layer's count: the layer, or a vhd driver's counter for skipped layers, sectors).
+Tally = list[tuple[Any, int]]
 
 
 class Caps(enum.IntFlag):
@@ -243,6 +245,10 @@ class Driver:
 
     async def close(self) -> None:
         return None
+
+    def settle_hits(self) -> None:
+        """Bring ``hits``/``fail`` of the layers below up to date where this layer keeps
+        some of theirs aside (see the vhd driver); called before they are reported."""
 
     def describe(self) -> dict:
         """Per-layer facts for stats (the reference's ``driver`` object)."""

@@ -582,6 +582,8 @@ class VBD:
         """The reference's ``tap-ctl stats`` object, in its field order (leaf first in
         ``images``; sectors), then our own counters."""
         st = self.stats
+        for d in self.driver.chain():
+            d.settle_hits()
         return {
             "name": self.name,
             "secs": [st.read_sectors, st.write_sectors],

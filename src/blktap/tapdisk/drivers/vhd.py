@@ -103,6 +103,16 @@ async def gather_all(aws: list[Awaitable[None]]) -> None:
             raise res
 
 
+class SkipCounter:
+    """Hits and failures of the reads that skipped the same number of layers."""
+
+    __slots__ = ("hits", "fail")
+
+    def __init__(self) -> None:
+        self.hits = [0, 0]
+        self.fail = [0, 0]
+
+
 class VhdDriver(Driver):
     name = "vhd"
     type_id = 4
@@ -117,11 +127,16 @@ class VhdDriver(Driver):
         self.fd = image.fd
         self.lock = threading.Lock()
         self.regular = is_regular(image.fd)
+        # The image's geometry, fixed while it is open (properties there; read per request).
+        self._fixed = image.is_fixed
+        self._spb = image.spb
+        self._bitmap_secs = 0 if image.is_fixed else image.bitmap_secs
         # Per block of this layer: how many empty VHD layers below a read may skip
         # (built on first use, see _skip_depth).
         self._skip_cache: array.array | None = None
         self._below: list[VhdDriver] = []
         self._below_min_size: list[int] = []
+        self._skip_counters: dict[int, SkipCounter] = {}
         self.caps = Caps.BLOCK_STATUS | Caps.FLUSH
         if image.writable:
             self.caps |= Caps.WRITE | Caps.FUA | Caps.ZERO | Caps.FAST_ZERO
@@ -133,7 +148,7 @@ class VhdDriver(Driver):
         """Every block touched is unallocated, full (the batmap says so) or has its
         bitmap in memory: finding the runs reads nothing from disk."""
         img = self.image
-        spb = img.spb
+        spb = self._spb
         first, last = sector // spb, (sector + count - 1) // spb
         if last - first > INLINE_BLOCKS:
             return False
@@ -149,14 +164,15 @@ class VhdDriver(Driver):
         The BAT is read without the lock: only a writable leaf's entries change, from
         unused to allocated, and a read racing a write to the same sectors may see
         either content."""
-        img = self.image
-        if img.is_fixed:
+        if self._fixed:
             return False
-        spb = img.spb
+        spb = self._spb
         first, last = sector // spb, (sector + count - 1) // spb
+        bat = self.image.bat
+        if first == last:
+            return first >= len(bat) or bat[first] == s.BAT_ENTRY_UNUSED
         if last - first > INLINE_BLOCKS:
             return False
-        bat = img.bat
         unused = s.BAT_ENTRY_UNUSED
         for blk in range(first, min(last + 1, len(bat))):
             if bat[blk] != unused:
@@ -170,16 +186,28 @@ class VhdDriver(Driver):
     def _runs_now(self, sector: int, count: int) -> list[Run] | None:
         """The runs, if the metadata to find them is in memory and not being changed
         (the lock is free); else None."""
-        img = self.image
-        if img.is_fixed:
+        if self._fixed:
             return [(sector, count, sector * SECTOR)]
-        if self.lock.acquire(blocking=False):
-            try:
-                if self._cheap(sector, count):
-                    return list(img.extents(sector, count))
-            finally:
-                self.lock.release()
-        return None
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            img = self.image
+            blk, off = divmod(sector, self._spb)
+            if off + count <= self._spb:
+                # Within one block, the common case: no generators.
+                bat = img.bat
+                entry = bat[blk] if blk < len(bat) else s.BAT_ENTRY_UNUSED
+                if entry == s.BAT_ENTRY_UNUSED:
+                    return [(sector, count, None)]
+                if img.block_full(blk):
+                    return [(sector, count, (entry + self._bitmap_secs + off) * SECTOR)]
+                if not img.bitmap_cached(blk):
+                    return None
+            elif not self._cheap(sector, count):
+                return None
+            return list(img.extents(sector, count))
+        finally:
+            self.lock.release()
 
     async def _runs(self, sector: int, count: int) -> list[Run]:
         runs = self._runs_now(sector, count)
@@ -219,10 +247,12 @@ class VhdDriver(Driver):
         sector = offset // SECTOR
         count = total(iov) // SECTOR
         if count and self._holds_none(sector, count):
-            skipped = self._skippable(sector, count)
-            if not (skipped[-1] if skipped else self).forward_read_now(offset, iov, tally):
+            depth = self._skippable(sector, count)
+            if not depth:
+                return self.forward_read_now(offset, iov, tally)
+            if not self._below[depth - 1].forward_read_now(offset, iov, tally):
                 return False
-            tally.extend((d, count) for d in skipped)
+            tally.append((self._skip_counter(depth), count))
             return True
         runs = self._runs_now(sector, count)
         if runs is None:
@@ -276,7 +306,7 @@ class VhdDriver(Driver):
         kept (2 bytes per block of the disk)."""
         n = self._skip_cache[blk]  # type: ignore[index]
         if n == SKIP_UNKNOWN:
-            spb = self.image.spb
+            spb = self._spb
             n = 0
             for d in self._below:
                 if not d._holds_none(blk * spb, spb):
@@ -285,39 +315,61 @@ class VhdDriver(Driver):
             self._skip_cache[blk] = n  # type: ignore[index]
         return n
 
-    def _skippable(self, sector: int, count: int) -> list[VhdDriver]:
-        """The layers right below this one that hold nothing of the range and reach past
+    def _skippable(self, sector: int, count: int) -> int:
+        """How many layers right below this one hold nothing of the range and reach past
         its end: a lookup per block of the range, whatever the depth of the chain."""
         below = self._vhd_below()
         end = (sector + count) * SECTOR
-        spb = self.image.spb
+        spb = self._spb
         first, last = sector // spb, (sector + count - 1) // spb
         if last < len(self.image.bat) and last - first <= INLINE_BLOCKS:
-            n = min(self._skip_depth(b) for b in range(first, last + 1))
+            n = (self._skip_depth(first) if first == last
+                 else min(self._skip_depth(b) for b in range(first, last + 1)))
             if n == 0 or end <= self._below_min_size[n - 1]:
-                return below[:n]
+                return n
         n = 0
         for d in below:
             if d.size < end or not d._holds_none(sector, count):
                 break
             n += 1
-        return below[:n]
+        return n
+
+    def _skip_counter(self, depth: int) -> SkipCounter:
+        """Where the hits of reads that skip ``depth`` layers are kept until stats."""
+        counter = self._skip_counters.get(depth)
+        if counter is None:
+            counter = self._skip_counters[depth] = SkipCounter()
+        return counter
+
+    def settle_hits(self) -> None:
+        """Add the hits and failures of the reads that skipped layers to those layers:
+        one counter per skip depth on the data path, the layers' own counters on demand
+        (stats), so that a read through 29 empty layers costs what one through none
+        does."""
+        for depth, counter in self._skip_counters.items():
+            hits, fail = counter.hits[0], counter.fail[0]
+            if hits or fail:
+                counter.hits[0] = counter.fail[0] = 0
+                for d in self._below[:depth]:
+                    d.hits[0] += hits
+                    d.fail[0] += fail
 
     async def _read_below(self, offset: int, iov: Sequence[memoryview], sector: int,
                           count: int) -> None:
         """A read this layer holds nothing of goes straight to the first layer below
         that may hold some of it: the empty layers of a deep chain (snapshots nobody
         wrote to) cost a lookup, not a forwarded request each. Their hit counters move
-        as if the request had passed through them."""
-        skipped = self._skippable(sector, count)
-        for d in skipped:
-            d.hits[0] += count
-        layer = skipped[-1] if skipped else self
+        as if the request had passed through them (see settle_hits)."""
+        depth = self._skippable(sector, count)
+        if not depth:
+            await self.forward_read(offset, iov)
+            return
+        counter = self._skip_counter(depth)
+        counter.hits[0] += count
         try:
-            await layer.forward_read(offset, iov)
+            await self._below[depth - 1].forward_read(offset, iov)
         except BaseException:
-            for d in skipped:
-                d.fail[0] += count
+            counter.fail[0] += count
             raise
 
     async def _decrypt(self, runs: Sequence[tuple[int, Sequence[memoryview]]],
