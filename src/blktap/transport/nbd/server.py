@@ -26,6 +26,12 @@ from blktap.transport.nbd.handshake import Dropped, Negotiation
 from blktap.transport.sockio import Channel, Closed
 
 log = logging.getLogger("blktap.nbd")
+# Bytes a UNIX-socket client may have unread before our sendmsg stops short (Linux caps it
+# at net.core.wmem_max and doubles it). The default (208 KiB) makes every reply of 256 KiB
+# or more take two system calls and a wait for the client; with this, 1 MiB sequential
+# reads on tmpfs went from 1.5 to 2.5-2.9 GiB/s and nbdcopy from 1.0-1.15 to 1.7-2.0 GiB/s.
+# TCP keeps the kernel's autotuning (setting SO_SNDBUF would turn it off).
+UNIX_SEND_BUFFER = 2 << 20
 
 HANDSHAKE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 1024
@@ -152,6 +158,10 @@ class NbdServer:
                 peer = f"{addr[0]}:{addr[1]}"
             else:
                 peer = f"unix#{self.accepted}"
+                try:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
+                except OSError:
+                    pass  # the default then; it works, only slower for large reads
             self.accepted += 1
             task = self.loop.create_task(self._client(conn, peer))
             self._clients.add(task)
