@@ -45,7 +45,8 @@ def markdown(data: dict[str, Any], chart: str | None) -> str:
         "## NBD servers (bench/run.py)",
         "",
         f"Date: {data['date']}. Machine: {m['cpus']} CPUs ({m['cpu_model']}), "
-        f"{m['memory_gib']:.0f} GiB, Linux {m['kernel']}, Python {m['python']}.",
+        f"{m['memory_gib']:.0f} GiB, Linux {m['kernel']}, Python {m['python']}"
+        + (f", net.core.wmem_max {m['wmem_max']}" if m.get("wmem_max") else "") + ".",
         f"Load average (1, 5, 15 min) at the start {fmt_load(m['loadavg_start'])}, at the "
         f"end {fmt_load(m['loadavg_end'])}: other work shares the machine, so read the "
         "spreads.",

@@ -136,8 +136,13 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:  # caps the send buffer blktap asks for on UNIX sockets (large reads depend on it)
+        wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    except (OSError, ValueError):
+        wmem_max = None
     return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "python": platform.python_version(), "memory_gib": mem / (1 << 30)}
+            "python": platform.python_version(), "memory_gib": mem / (1 << 30),
+            "wmem_max": wmem_max}
 
 
 def source_state() -> str:
