@@ -34,7 +34,7 @@ lint: venv
 # make bench: the NBD server benchmark (~20 min), bench/REPORT.md and bench/results/.
 # make bench ARGS=--quick: the quick one (< 2 min). Other options: bench/run.py --help.
 bench: setup
-	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	@($(PY) -c 'import matplotlib' 2>/dev/null && test -x $(VENV)/bin/py-spy) || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py $(ARGS)
 
 clean:
