@@ -11,6 +11,10 @@
 - Requests submitted in the same turn of the event loop are queued and merged: adjacent
   reads (or writes with the same FUA flag) become one driver call with one iovec, as the
   reference's io-optimize does before io_submit.
+- The side door: :meth:`VBD.read_now` / :meth:`VBD.write_now` serve at once, without a
+  task or future, what the driver stack can do without waiting (memory, page cache,
+  cached metadata); they answer False, changing nothing, for anything else, which then
+  takes the queue. Transports try them first.
 - A request failing with EAGAIN, EBUSY or EINTR is reissued every ``retry_interval``
   seconds until it is older than ``timeout`` (default 120 s, tapdisk's), then fails.
   Other errors fail at once.
