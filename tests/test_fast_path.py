@@ -1247,6 +1247,9 @@ def test_nbd_client_that_never_reads_replies_then_vanishes(shm: Path) -> None:
             await asyncio.to_thread(w.go, "", False)
             await until(lambda: len(server._connections) == 1, "connected")
             conn = next(iter(server._connections))
+            # No reply of 256 KiB may leave whole while the client does not read, whatever
+            # send buffer the server asks for (since 569f033, 2 MiB: 16 of them would).
+            conn.ch.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * KiB)
             w.sock.sendall(read_requests(200, length, len(content)))
             await until(lambda: conn.in_flight == MAX_IN_FLIGHT and conn.ch._writer is not None,
                         "stalled at the in-flight limit")
