@@ -2289,11 +2289,6 @@ def test_hook_disc_after_pipelined_reads(shm: Path, count: int) -> None:
     arun(body)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: while the reader skips the payload of a rejected write it waits in fill(), so "
-    "the data hook runs and parses payload bytes as request headers: a payload that "
-    "looks like a read is served (a reply for a handle never sent) and the skip then "
-    "eats the next real request"))
 def test_hook_never_parses_the_payload_of_a_rejected_write(shm: Path) -> None:
     """A write rejected for its flags is answered EINVAL and its payload skipped. When
     the payload arrives after the reader began skipping, and happens to hold bytes that
@@ -2311,7 +2306,7 @@ def test_hook_never_parses_the_payload_of_a_rejected_write(shm: Path) -> None:
             ch = conn.ch
             # The hook wakes the reader, which takes the header and waits in skip() for
             # the payload (it answers once the payload is skipped).
-            await until(lambda: len(spy.calls) == 1 and not ch.buffered and ch._filling
+            await until(lambda: len(spy.calls) == 1 and not ch.buffered
                         and bool(ch._read_waiters), "reader skipping the payload")
             assert spy.calls[0].answer is False and spy.reader_took == 0
             send_now(w, payload)
@@ -2327,11 +2322,6 @@ def test_hook_never_parses_the_payload_of_a_rejected_write(shm: Path) -> None:
     arun(body)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (since 0fcd81c, not the hook): on a TLS connection, a read or write the VBD "
-    "serves at once has its reply posted with Channel.post(), which is for plain sockets "
-    "only; _flush() calls sendmsg() on the SSLSocket, NotImplementedError is raised in a "
-    "loop callback, the reply never leaves and the request keeps its place in flight"))
 def test_tls_replies_of_requests_served_at_once_are_sent(shm: Path) -> None:
     """A TLS export on tmpfs, where the side door serves reads and writes at once: their
     replies reach the client."""

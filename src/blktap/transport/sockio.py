@@ -75,9 +75,10 @@ class Channel:
         self._watching = False
         self._peek = bytearray(1)
         # Called from the loop's readiness callback, with new bytes in the buffer, while
-        # the reader waits in fill(): it may take complete messages from the buffer
-        # (consume) and post replies; it answers True if the reader need not wake (what
-        # is left is a partial message), False to wake it. Plain sockets only.
+        # the reader waits in fill(between_messages=True): it may take complete messages
+        # from the buffer (consume) and post replies; it answers True if the reader need
+        # not wake (what is left is a partial message), False to wake it. Plain sockets
+        # only.
         self.on_data: Callable[[], bool] | None = None
         self._filling = False
         self._hold_flush = False  # the hook runs: its replies leave when it returns
@@ -198,18 +199,20 @@ class Channel:
     def buffered(self) -> int:
         return self.end - self.start
 
-    async def fill(self, n: int) -> None:
+    async def fill(self, n: int, *, between_messages: bool = False) -> None:
         """Make at least ``n`` bytes (n <= buffer size) available at ``start``.
 
-        While it waits, :attr:`on_data` may take complete messages from the buffer (see
-        there); so the position to receive at is worked out again after every wait."""
+        ``between_messages``: the caller waits for the start of a new message (not for
+        the rest of one, nor for bytes it will skip), so :attr:`on_data` may take complete
+        messages from the buffer meanwhile; the position to receive at is then worked out
+        again after every wait."""
         while self.end - self.start < n:
             if self.start and (self.end == self.start or len(self.buf) - self.start < n):
                 # Move what is left to the front (a few bytes of a partial header).
                 left = self.end - self.start
                 self.buf[:left] = self.buf[self.start : self.end]
                 self.start, self.end = 0, left
-            if self.tls or self.on_data is None:
+            if self.tls or self.on_data is None or not between_messages:
                 self.end += await self._recv_into(self.view[self.end :])
                 continue
             if self.closed:

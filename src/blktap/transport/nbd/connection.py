@@ -113,7 +113,7 @@ class Connection:
         size = self.vbd.size
         budget = FAIRNESS_BUDGET
         while True:
-            await ch.fill(p.REQUEST.size)
+            await ch.fill(p.REQUEST.size, between_messages=True)
             magic, flags, cmd, handle, offset, length = ch.unpack(p.REQUEST)
             if magic != p.REQUEST_MAGIC:
                 raise Dropped(f"bad request magic {magic:#x}")
@@ -282,7 +282,16 @@ class Connection:
         if self.broken:
             self._release(buf, length)
             return
+        if self.ch.tls:  # TLS sends go buffer by buffer through the send lock, awaited
+            self._start(self._send_posted(bufs, buf, length))
+            return
         self.ch.post(bufs, self._posted, (buf, length))
+
+    async def _send_posted(self, bufs: list, buf: Buffer | None, length: int) -> None:
+        try:
+            await self._send(bufs)
+        finally:
+            self._release(buf, length)
 
     def _posted(self, exc: BaseException | None, held: tuple[Buffer | None, int]) -> None:
         if exc is not None:
@@ -304,7 +313,7 @@ class Connection:
 
     async def _fail(self, handle: int, cmd: int, exc: BaseException) -> None:
         code = errno_of(exc)
-        if not isinstance(exc, (OSError, BlktapError)):
+        if not isinstance(exc, (OSError, BlktapError, RequestError)):
             log.error("%s: %s failed: %r", self.peer, p.CMD_NAMES.get(cmd, cmd), exc)
         await self._reply_error(handle, p.nbd_error(code), str(exc))
 
