@@ -184,7 +184,7 @@ class Driver:
 
     def forward_read_now(self, offset: int, iov: Sequence[memoryview], tally: Tally) -> bool:
         """:meth:`forward_read`, done now if nothing below has to wait (see read_now)."""
-        length = total(iov)
+        length = len(iov[0]) if len(iov) == 1 else total(iov)
         parent = self.parent
         if parent is None or offset >= parent.size:
             zero_fill(iov)
