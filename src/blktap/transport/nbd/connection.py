@@ -97,7 +97,7 @@ class Connection:
                 raise  # we were cancelled ourselves, not just the reader
         finally:
             self.ch.on_data = None
-            if self.tasks:
+            while self.tasks:  # (a task may start another: a TLS reply's send)
                 await asyncio.gather(*self.tasks, return_exceptions=True)
             # Replies posted by the reader have no task: they leave before the close.
             await self.ch.drain()
@@ -320,31 +320,41 @@ class Connection:
     # ------------------------------------------------------------------ commands
     async def _read(self, handle: int, flags: int, offset: int, buf: Buffer,
                     length: int) -> None:
+        """A read the side door could not serve. The reply is posted, not awaited: the
+        buffer and the request's place in flight go back when it is with the kernel,
+        and the task ends a turn of the loop sooner."""
         try:
+            await self.vbd.read(offset, buf.view)
+        except Exception as exc:
             try:
-                await self.vbd.read(offset, buf.view)
-            except Exception as exc:
                 await self._fail(handle, p.CMD_READ, exc)
-                return
-            if length or not self.session.structured:
-                await self._send(self._data_reply(handle, offset, buf))
-            else:
-                await self._send([p.CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
-                                               p.REPLY_TYPE_NONE, handle, 0)])
-        finally:
+            finally:
+                self._release(buf, length)
+            return
+        except BaseException:
             self._release(buf, length)
+            raise
+        if length or not self.session.structured:
+            self._post(self._data_reply(handle, offset, buf), buf, length)
+        else:
+            self._post([p.CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                     p.REPLY_TYPE_NONE, handle, 0)], buf, length)
 
     async def _write(self, handle: int, flags: int, offset: int, buf: Buffer,
                      length: int) -> None:
         try:
+            await self.vbd.write(offset, buf.view, fua=bool(flags & p.CMD_FLAG_FUA))
+        except Exception as exc:
             try:
-                await self.vbd.write(offset, buf.view, fua=bool(flags & p.CMD_FLAG_FUA))
-            except Exception as exc:
                 await self._fail(handle, p.CMD_WRITE, exc)
-                return
-            await self._reply_ok(handle)
-        finally:
+            finally:
+                self._release(buf, length)
+            return
+        except BaseException:
             self._release(buf, length)
+            raise
+        self.pool.put(buf)
+        self._post(self._ok_reply(handle), None, length)
 
     async def _other(self, handle: int, cmd: int, flags: int, offset: int,
                      length: int) -> None:
