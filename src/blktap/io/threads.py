@@ -166,21 +166,22 @@ class ThreadEngine(Engine):
         return mode
 
     def try_preadv(self, fd: int, iov: Sequence[memoryview], offset: int) -> bool:
-        if len(iov) > IOV_MAX or total(iov) > INLINE_MAX:
+        length = len(iov[0]) if len(iov) == 1 else total(iov)
+        if length > INLINE_MAX or len(iov) > IOV_MAX:
             return False
-        mode = self._fd_mode(fd)
+        mode = self._fd_modes.get(fd) or self._fd_mode(fd)
         if mode >= THREAD:
             return False
         if mode == MEMORY:
             got = os.preadv(fd, iov, offset)
-            if got < total(iov):  # end of file: the rest reads as zeros
+            if got < length:  # end of file: the rest reads as zeros
                 zero_fill(advance(iov, got))
         else:
             try:
                 got = os.preadv(fd, iov, offset, os.RWF_NOWAIT)
             except BlockingIOError:
                 return False
-            if got < total(iov):  # part of it is not cached (or end of file)
+            if got < length:  # part of it is not cached (or end of file)
                 return False
         self.inline_reads += 1
         return True
@@ -198,8 +199,9 @@ class ThreadEngine(Engine):
 
     def try_pwritev(self, fd: int, iov: Sequence[memoryview], offset: int, *,
                     dsync: bool = False) -> bool:
-        if (len(iov) > IOV_MAX or total(iov) > INLINE_MAX
-                or self._fd_mode(fd) != MEMORY):
+        length = len(iov[0]) if len(iov) == 1 else total(iov)
+        if (length > INLINE_MAX or len(iov) > IOV_MAX
+                or (self._fd_modes.get(fd) or self._fd_mode(fd)) != MEMORY):
             return False
         write_full(fd, iov, offset, os.RWF_DSYNC if dsync else 0)
         self.inline_writes += 1
