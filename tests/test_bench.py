@@ -143,3 +143,30 @@ def test_proc_figures_of_a_live_process() -> None:
     assert servers.proc_cpu_seconds(os.getpid()) >= before >= 0
     mem = servers.proc_memory_kib(os.getpid())
     assert mem["VmRSS"] > 0 and mem["VmHWM"] >= mem["VmRSS"]
+
+
+def test_where_summarizes_samples_by_leaf_and_kind(tmp_path: Path) -> None:
+    """bench/where.py's summary: shares per leaf function (file:line) and per kind, where a
+    leaf that makes a system call counts as that call."""
+    import where
+
+    raw = tmp_path / "profile.txt"
+    raw.write_text(
+        "main (x.py:1);Channel._send_some (blktap/transport/sockio.py:338) 6\n"
+        "main (x.py:1);Connection._pump (blktap/transport/nbd/connection.py:224) 3\n"
+        "main (x.py:1);ThreadEngine.try_preadv (blktap/io/threads.py:176) 1\n")
+    text = where.summarize(raw)
+    lines = text.splitlines()
+    assert lines[2] == "| 60.0% | `Channel._send_some (sockio.py:338)` | sendmsg |"
+    assert lines[3] == "| 30.0% | `Connection._pump (connection.py:224)` | python |"
+    assert lines[4] == "| 10.0% | `ThreadEngine.try_preadv (threads.py:176)` | preadv |"
+    assert lines[-1] == "By kind: sendmsg 60%, python 30%, preadv 10% (10 samples)."
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert where.summarize(empty).startswith("no samples")
+
+
+def test_where_refuses_an_unknown_workload() -> None:
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "where.py"), "aio:/nonexistent",
+                          "randread-qd7"], capture_output=True, text=True, check=False)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
