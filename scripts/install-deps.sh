@@ -6,7 +6,7 @@
 set -euo pipefail
 
 packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv
-          qemu-system-common nbdkit-plugin-python)
+          qemu-system-common nbdkit-plugin-python strace)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
