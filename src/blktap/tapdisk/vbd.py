@@ -372,14 +372,7 @@ class VBD:
             return False
         for layer, n in tally:
             layer.hits[0] += n
-        sectors = length // SECTOR
-        st = self.stats
-        st.submitted += 1
-        st.read_reqs += 1
-        st.read_sectors += sectors
-        top.hits[0] += sectors
-        if self._inflight:
-            self._last_progress = time.monotonic()
+        self._served_now(False, length // SECTOR)
         return True
 
     def write_now(self, offset: int, view: memoryview, *, fua: bool = False) -> bool:
@@ -396,15 +389,22 @@ class VBD:
                 return False
         except Exception:  # write() does it again and reports what fails
             return False
-        sectors = length // SECTOR
+        self._served_now(True, length // SECTOR)
+        return True
+
+    def _served_now(self, write: bool, sectors: int) -> None:
+        """Count a request the side door served, as _finish counts the others."""
         st = self.stats
         st.submitted += 1
-        st.write_reqs += 1
-        st.write_sectors += sectors
-        top.hits[1] += sectors
-        if self._inflight:
+        if write:
+            st.write_reqs += 1
+            st.write_sectors += sectors
+        else:
+            st.read_reqs += 1
+            st.read_sectors += sectors
+        self.driver.hits[1 if write else 0] += sectors
+        if self._inflight:  # progress, for the watchdog
             self._last_progress = time.monotonic()
-        return True
 
     # ------------------------------------------------------------------ operations
     async def read(self, offset: int, view: memoryview) -> None:
