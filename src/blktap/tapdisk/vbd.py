@@ -360,8 +360,7 @@ class VBD:
         transport then calls that. A read served here costs no task or future; it counts
         in the statistics as any other."""
         length = len(view)
-        if (self._closed or not self._running.is_set() or offset % SECTOR
-                or length % SECTOR or not length or offset + length > self.driver.size):
+        if not self._may_serve_now(offset, length):
             return False
         top = self.driver
         tally: Tally = []
@@ -380,8 +379,7 @@ class VBD:
         ``fua``), False for :meth:`write` to do it (writes that allocate, to files on
         a device, or anything read_now would refuse)."""
         length = len(view)
-        if (self.read_only or self._closed or not self._running.is_set() or offset % SECTOR
-                or length % SECTOR or not length or offset + length > self.driver.size):
+        if self.read_only or not self._may_serve_now(offset, length):
             return False
         top = self.driver
         try:
@@ -391,6 +389,12 @@ class VBD:
             return False
         self._served_now(True, length // SECTOR)
         return True
+
+    def _may_serve_now(self, offset: int, length: int) -> bool:
+        """Running, and a request of whole sectors inside the disk: anything else goes
+        the coroutine way, which holds, aligns or refuses it."""
+        return (not self._closed and self._running.is_set() and length > 0
+                and not (offset | length) % SECTOR and 0 <= offset <= self.driver.size - length)
 
     def _served_now(self, write: bool, sectors: int) -> None:
         """Count a request the side door served, as _finish counts the others."""

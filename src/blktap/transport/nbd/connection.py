@@ -134,20 +134,12 @@ class Connection:
                 except BaseException:
                     self._release(buf, length)
                     raise
-                if self.vbd.write_now(offset, buf.view, fua=bool(flags & p.CMD_FLAG_FUA)):
-                    self.pool.put(buf)
-                    self._post(self._ok_reply(handle), None, length)
-                else:
-                    self._start(self._write(handle, flags, offset, buf, length))
+                self._serve_write(handle, flags, offset, buf, length)
             elif error is not None:
                 await self._reply_error(handle, error[0], error[1])
             elif cmd == p.CMD_READ:
                 await self._admit(length)
-                buf = self.pool.get(length)
-                if length and self.vbd.read_now(offset, buf.view):
-                    self._post(self._data_reply(handle, offset, buf), buf, length)
-                else:
-                    self._start(self._read(handle, flags, offset, buf, length))
+                self._serve_read(handle, flags, offset, length)
             else:
                 await self._admit(0)
                 self._start(self._other(handle, cmd, flags, offset, length))
@@ -213,20 +205,35 @@ class Connection:
                 buf = self.pool.get(length)
                 buf.view[:] = ch.view[ch.start : ch.start + length]
                 ch.consume(length)
-                if self.vbd.write_now(offset, buf.view, fua=bool(flags & p.CMD_FLAG_FUA)):
-                    self.pool.put(buf)
-                    self._post(self._ok_reply(handle), None, length)
-                else:
-                    self._start(self._write(handle, flags, offset, buf, length))
+                self._serve_write(handle, flags, offset, buf, length)
             else:
                 ch.consume(req.size)
                 self._take(length)
-                buf = self.pool.get(length)
-                if length and self.vbd.read_now(offset, buf.view):
-                    self._post(self._data_reply(handle, offset, buf), buf, length)
-                else:
-                    self._start(self._read(handle, flags, offset, buf, length))
+                self._serve_read(handle, flags, offset, length)
         return ch.end - ch.start < req.size
+
+    # ------------------------------------------------------------------ reads and writes
+    def _serve_read(self, handle: int, flags: int, offset: int, length: int) -> None:
+        """An admitted read: served at once if the VBD's side door can, else by a task."""
+        buf = self.pool.get(length)
+        if length and self.vbd.read_now(offset, buf.view):
+            self._post(self._data_reply(handle, offset, buf), buf, length)
+        else:
+            self._start(self._read(handle, flags, offset, buf, length))
+
+    def _serve_write(self, handle: int, flags: int, offset: int, buf: Buffer,
+                     length: int) -> None:
+        """An admitted write whose payload is in ``buf``: likewise."""
+        if self.vbd.write_now(offset, buf.view, fua=bool(flags & p.CMD_FLAG_FUA)):
+            self._written(handle, buf, length)
+        else:
+            self._start(self._write(handle, flags, offset, buf, length))
+
+    def _written(self, handle: int, buf: Buffer, length: int) -> None:
+        """The payload is in the file: its buffer goes back now, its place in flight
+        when the reply is with the kernel."""
+        self.pool.put(buf)
+        self._post(self._ok_reply(handle), None, length)
 
     # ------------------------------------------------------------------ flow control
     def _can_admit(self, length: int) -> bool:
@@ -353,8 +360,7 @@ class Connection:
         except BaseException:
             self._release(buf, length)
             raise
-        self.pool.put(buf)
-        self._post(self._ok_reply(handle), None, length)
+        self._written(handle, buf, length)
 
     async def _other(self, handle: int, cmd: int, flags: int, offset: int,
                      length: int) -> None:
