@@ -247,23 +247,6 @@ class VhdDriver(Driver):
         length = len(iov[0]) if len(iov) == 1 else total(iov)
         sector = offset // SECTOR
         count = length // SECTOR
-        if count and not self._fixed and self.cipher is None:
-            blk, off = divmod(sector, self._spb)
-            if off + count <= self._spb:
-                # Inside one block, the common case, in straight-line code: a layer that
-                # holds none of it sends the read down (skipping empty layers), a block
-                # the batmap says is full has the data at a fixed place.
-                bat = self.image.bat
-                if blk >= len(bat) or bat[blk] == s.BAT_ENTRY_UNUSED:
-                    return self._read_below_now(offset, length, iov, tally, blk)
-                if self.lock.acquire(blocking=False):
-                    try:
-                        entry = bat[blk]
-                        if self._block_full(blk):
-                            return self.engine.try_preadv(
-                                self.fd, iov, (entry + self._bitmap_secs + off) * SECTOR)
-                    finally:
-                        self.lock.release()
         if count and self._holds_none(sector, count):
             depth = self._skippable(sector, count)
             if not depth:
@@ -299,29 +282,6 @@ class VhdDriver(Driver):
                     return False
         if self.cipher is not None and held:
             decrypt_runs(self.cipher, held)
-        return True
-
-    def _block_full(self, blk: int) -> bool:
-        img = self.image
-        batmap = img.batmap
-        return (batmap is not None and img.batmap_valid
-                and bool(batmap[blk >> 3] & (0x80 >> (blk & 7))))
-
-    def _read_below_now(self, offset: int, length: int, iov: Sequence[memoryview],
-                        tally: Tally, blk: int) -> bool:
-        """read_now of a range inside block ``blk``, which this layer does not hold."""
-        if self._skip_cache is None:
-            self._vhd_below()
-        depth = self._skip_cache[blk]  # type: ignore[index]
-        if depth == SKIP_UNKNOWN:
-            depth = self._skip_depth(blk)
-        if depth and offset + length > self._below_min_size[depth - 1]:
-            depth = self._skippable(offset // SECTOR, length // SECTOR)  # smaller parents
-        if not depth:
-            return self.forward_read_now(offset, iov, tally)
-        if not self._below[depth - 1].forward_read_now(offset, iov, tally):
-            return False
-        tally.append((self._skip_counter(depth), length // SECTOR))
         return True
 
     def _vhd_below(self) -> list[VhdDriver]:
