@@ -155,13 +155,16 @@ class LinuxAioEngine(ThreadEngine):
         except BlockingIOError:
             pass
         while self._ops:
-            n = abi.io_getevents(self._ctx, 0, self.depth, self._events_base,
-                                 self._no_wait_base)
-            for i in range(n):
-                slot, _, res, _ = abi.IO_EVENT.unpack_from(self._events, i * abi.IO_EVENT.size)
-                self._complete_op(self._take(slot), res)
-            if n < self.depth:
+            if self._collect(0, self._no_wait_base) < self.depth:
                 return
+
+    def _collect(self, min_nr: int, timeout: int | None) -> int:
+        """Take up to ``depth`` completions (waiting for ``min_nr``) and finish them."""
+        n = abi.io_getevents(self._ctx, min_nr, self.depth, self._events_base, timeout)
+        for i in range(n):
+            slot, _, res, _ = abi.IO_EVENT.unpack_from(self._events, i * abi.IO_EVENT.size)
+            self._complete_op(self._take(slot), res)
+        return n
 
     def _complete_op(self, op: _Op, res: int) -> None:
         fut = op.future
@@ -199,10 +202,7 @@ class LinuxAioEngine(ThreadEngine):
         if self._batch:
             self._submit_batch()
         while self._ops:
-            n = abi.io_getevents(self._ctx, 1, self.depth, self._events_base, None)
-            for i in range(n):
-                slot, _, res, _ = abi.IO_EVENT.unpack_from(self._events, i * abi.IO_EVENT.size)
-                self._complete_op(self._take(slot), res)
+            self._collect(1, None)
         self.loop.remove_reader(self._aio_efd)
         os.close(self._aio_efd)
         abi.io_destroy(self._ctx)

@@ -143,7 +143,7 @@ class Channel:
         """The reader waits in :meth:`fill`: receive here and let :attr:`on_data` take
         what it can from the buffer. True: nothing for the reader to do (stale readiness,
         or the hook took every complete message); False: wake it."""
-        self._compact()
+        self._compact(len(self.buf) // 2)
         if self.end == len(self.buf):
             return False
         try:
@@ -168,9 +168,10 @@ class Channel:
             if self._out_waiters and self._writer is None:
                 self._flush()  # the replies leave now, not a turn of the loop later
 
-    def _compact(self) -> None:
-        """Move a partial message left at the back of the buffer to the front."""
-        if self.start and (self.start == self.end or len(self.buf) - self.end < len(self.buf) // 2):
+    def _compact(self, need: int) -> None:
+        """Move what is left unread (a partial message) to the front of the buffer when
+        ``need`` bytes from it would not fit where it is (or nothing is left)."""
+        if self.start and (self.start == self.end or len(self.buf) - self.start < need):
             left = self.end - self.start
             self.buf[:left] = self.buf[self.start : self.end]
             self.start, self.end = 0, left
@@ -207,11 +208,7 @@ class Channel:
         messages from the buffer meanwhile; the position to receive at is then worked out
         again after every wait."""
         while self.end - self.start < n:
-            if self.start and (self.end == self.start or len(self.buf) - self.start < n):
-                # Move what is left to the front (a few bytes of a partial header).
-                left = self.end - self.start
-                self.buf[:left] = self.buf[self.start : self.end]
-                self.start, self.end = 0, left
+            self._compact(n)
             if self.tls or self.on_data is None or not between_messages:
                 self.end += await self._recv_into(self.view[self.end :])
                 continue
