@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,3 +69,19 @@ def expected(reference_dir: Path, name: str) -> str:
     """An expected output with @DIR@ replaced by where the images are."""
     text = (reference_dir / "expect" / name).read_text()
     return text.replace("@DIR@", str(reference_dir))
+
+
+def with_engine(body: Callable[[Any], Awaitable[Any]], engine_class: type | None = None,
+                **kwargs: Any) -> Any:
+    """Run ``body(engine)`` on a fresh event loop with a fresh I/O engine (a ThreadEngine
+    of 4 threads unless told otherwise), closed after."""
+    from blktap.io import ThreadEngine
+
+    async def main() -> Any:
+        engine = (engine_class or ThreadEngine)(**{"threads": 4, **kwargs})
+        try:
+            return await body(engine)
+        finally:
+            engine.close()
+    return asyncio.run(main())
+

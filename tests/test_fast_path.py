@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -61,7 +61,7 @@ from blktap.transport.nbd import connection as nbd_connection
 from blktap.transport.nbd.connection import FAIRNESS_BUDGET, MAX_IN_FLIGHT, Connection
 from blktap.transport.nbd.server import Export, NbdServer, tls_context
 from blktap.transport.sockio import RECV_BUFFER, Channel, Closed
-from conftest import ROOT, need
+from conftest import ROOT, need, with_engine
 from nbd_helpers import REQUEST_MAGIC, SIMPLE, STRUCTURED, Wire
 
 MiB = 1 << 20
@@ -111,14 +111,7 @@ def disk(tmp_path: Path) -> Iterator[Path]:
 
 
 # ------------------------------------------------------------------------- helpers
-def arun(fn: Callable[[ThreadEngine], Awaitable[object]]) -> object:
-    async def main() -> object:
-        engine = ThreadEngine(4)
-        try:
-            return await fn(engine)
-        finally:
-            engine.close()
-    return asyncio.run(main())
+arun = with_engine  # a body run with a 4-thread ThreadEngine on a fresh loop
 
 
 def data(seed: int, length: int) -> bytes:

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 
+import conftest
 from blktap.io import BufferPool, LinuxAioEngine, ThreadEngine, aio_abi, best_engine, syscalls
 from blktap.io.iov import IOV_MAX
 from conftest import ROOT, need, run, tool
@@ -166,13 +167,7 @@ def disk(disk_dir: Path) -> Iterator[Disk]:
 
 def with_engine(body: Callable[[LinuxAioEngine], Awaitable[Any]], **kwargs: Any) -> Any:
     """Run ``body(engine)`` on a fresh loop with a fresh LinuxAioEngine, closed after."""
-    async def main() -> Any:
-        engine = LinuxAioEngine(**kwargs)
-        try:
-            return await body(engine)
-        finally:
-            engine.close()
-    return asyncio.run(main())
+    return conftest.with_engine(body, LinuxAioEngine, **kwargs)
 
 
 def fill(view: memoryview, byte: int) -> None:

@@ -9,7 +9,6 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -24,18 +23,12 @@ from blktap.io.iov import advance, slice_iov, total, zero_fill
 from blktap.tapdisk.driver import STATE_DATA, STATE_HOLE, STATE_ZERO, Caps, Driver
 from blktap.tapdisk.drivers import open_stack, parse
 from blktap.tapdisk.vbd import VBD
+from conftest import with_engine
 
 MiB = 1 << 20
 
 
-def run(fn: Callable[[ThreadEngine], Awaitable[object]]) -> object:
-    async def main() -> object:
-        engine = ThreadEngine(4)
-        try:
-            return await fn(engine)
-        finally:
-            engine.close()
-    return asyncio.run(main())
+run = with_engine  # a body run with a 4-thread ThreadEngine on a fresh loop
 
 
 async def open_vbd(engine: ThreadEngine, spec: str, **kw: object) -> VBD:

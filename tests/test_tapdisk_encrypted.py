@@ -9,7 +9,6 @@ import errno
 import hashlib
 import os
 import random
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from blktap.tapdisk.drivers import open_stack
 from blktap.tapdisk.drivers.vhd import VhdDriver
 from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd.server import Export, NbdServer
-from conftest import need, run, tool
+from conftest import need, run, tool, with_engine
 
 MiB = 1 << 20
 SECTOR = 512
@@ -38,14 +37,7 @@ OTHER64 = bytes(range(1, 65))
 
 
 # ------------------------------------------------------------------------- helpers
-def arun(fn: Callable[[ThreadEngine], Awaitable[object]]) -> object:
-    async def main() -> object:
-        engine = ThreadEngine(4)
-        try:
-            return await fn(engine)
-        finally:
-            engine.close()
-    return asyncio.run(main())
+arun = with_engine  # a body run with a 4-thread ThreadEngine on a fresh loop
 
 
 async def open_vbd(engine: ThreadEngine, spec: str, key: bytes | None = None,
