@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import errno
 import hashlib
 import inspect
@@ -63,6 +62,7 @@ from blktap.transport.nbd.server import Export, NbdServer, tls_context
 from blktap.transport.sockio import RECV_BUFFER, Channel, Closed
 from conftest import ROOT, need, with_engine
 from nbd_helpers import REQUEST_MAGIC, SIMPLE, STRUCTURED, Wire
+from test_nbd_protocol import make_cert  # a self-signed certificate for localhost
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -2151,30 +2151,6 @@ def test_hook_that_raises_leaves_the_reader_to_serve(
             w.close()
         assert path.read_bytes()[20 * MiB : 20 * MiB + 65536] == payload
     arun(body)
-
-
-def make_cert(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and its key."""
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 def tls_go(cert: Path) -> Callable[[Wire], None]:
