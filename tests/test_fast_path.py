@@ -58,7 +58,7 @@ from blktap.tapdisk.drivers.vhd import INLINE_CRYPT_SECTORS, VhdDriver
 from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd import connection as nbd_connection
 from blktap.transport.nbd.connection import FAIRNESS_BUDGET, MAX_IN_FLIGHT, Connection
-from blktap.transport.nbd.server import Export, NbdServer, tls_context
+from blktap.transport.nbd.server import UNIX_SEND_BUFFER, Export, NbdServer, tls_context
 from blktap.transport.sockio import RECV_BUFFER, Channel, Closed
 from conftest import ROOT, need, with_engine
 from nbd_helpers import REQUEST_MAGIC, SIMPLE, STRUCTURED, Wire
@@ -2324,4 +2324,24 @@ def test_tls_replies_of_requests_served_at_once_are_sent(shm: Path) -> None:
             assert got[3] == (0, b"")
             assert vbd.stats.read_reqs == 1 and vbd.stats.write_reqs == 1
             await settled(conn, vbd)
+    arun(body)
+
+
+def test_unix_connections_ask_for_the_large_send_buffer(shm: Path) -> None:
+    """The server side of a UNIX-socket connection asks for UNIX_SEND_BUFFER, which Linux
+    caps at net.core.wmem_max and then doubles; nbdinfo still sees the export whole."""
+    spec, _, content = make_image(shm, "raw")
+    sock = shm / "s.sock"
+    cap = int(Path("/proc/sys/net/core/wmem_max").read_text())
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            w, conn = await attach(server, sock, structured=False)
+            got = conn.ch.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            assert got == 2 * min(UNIX_SEND_BUFFER, cap)
+            w.close()
+            res = await asyncio.to_thread(
+                subprocess.run, [need("nbdinfo"), "--size", f"nbd+unix:///?socket={sock}"],
+                capture_output=True, text=True, timeout=30)
+            assert res.returncode == 0 and int(res.stdout) == len(content), res.stderr
     arun(body)
