@@ -415,7 +415,7 @@ def test_resume_retries_the_reopen(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     from blktap.control import message as m
     from blktap.control.message import Message, MessageType
     from blktap.control.rundir import RunDir
-    from blktap.tapdisk import daemon as daemon_mod
+    from blktap.daemon import tapdisk as daemon_mod
 
     monkeypatch.setattr(daemon_mod, "RESUME_RETRY_INTERVAL", 0.05)
     img = tmp_path / "d.img"

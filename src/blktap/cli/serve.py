@@ -93,7 +93,8 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
     from blktap.io import LinuxAioEngine, ThreadEngine, best_engine
     from blktap.tapdisk.drivers import open_stack
     from blktap.tapdisk.vbd import VBD
-    from blktap.transport.nbd.server import Export, NbdServer, tls_context
+    from blktap.transport.nbd import Export, NbdServer
+    from blktap.transport.nbd.server import tls_context
 
     loop = asyncio.get_running_loop()
     if args.io_engine == "threads":

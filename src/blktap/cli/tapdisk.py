@@ -124,7 +124,7 @@ def detach_stdio() -> None:
 async def _main(args: argparse.Namespace, ready_fd: int | None,
                 logfile: LogFile | None) -> int:
     from blktap.control.rundir import RunDir
-    from blktap.tapdisk.daemon import OpenParams, Tapdisk
+    from blktap.daemon.tapdisk import OpenParams, Tapdisk
 
     run_dir = RunDir(args.run_dir or control_dir())
     td = Tapdisk(run_dir)

@@ -4,6 +4,8 @@
 - :mod:`blktap.tapdisk.drivers`: the image drivers (``aio``, ``vhd``, ``ram``) and the
   registry that builds a stack from ``type:path``;
 - :mod:`blktap.tapdisk.vbd`: a virtual block device: request lifecycle, merging, retries,
-  timeouts, watchdog and counters;
-- :mod:`blktap.tapdisk.daemon`: the tapdisk process (event loop, VBDs, exit rules).
+  timeouts, watchdog and counters.
+
+The tapdisk *process*, which serves these VBDs through the transports, sits above both:
+:mod:`blktap.daemon.tapdisk`.
 """

@@ -20,7 +20,7 @@ from blktap.transport.nbd import proto as p
 from blktap.transport.sockio import Channel, Closed
 
 if TYPE_CHECKING:
-    from blktap.transport.nbd.server import Export
+    from blktap.transport.nbd.export import Export
 
 log = logging.getLogger("blktap.nbd")
 

@@ -16,12 +16,11 @@ import os
 import socket
 import ssl
 import stat
-from dataclasses import dataclass
 
 from blktap.errors import BlktapError
 from blktap.io.buffers import BufferPool
-from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd.connection import Connection
+from blktap.transport.nbd.export import Export
 from blktap.transport.nbd.handshake import Dropped, Negotiation
 from blktap.transport.sockio import Channel, Closed
 
@@ -35,21 +34,6 @@ UNIX_SEND_BUFFER = 2 << 20
 
 HANDSHAKE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 1024
-
-
-@dataclass
-class Export:
-    """A VBD served under a name ("" is also accepted: the default export). With
-    ``any_name`` every name reaches it, as tapdisk's per-VBD sockets do (the storage
-    manager connects with the VDI's uuid as the export name)."""
-
-    name: str
-    vbd: VBD
-    description: str = ""
-    any_name: bool = False
-
-    def matches(self, name: str) -> bool:
-        return self.any_name or name in ("", self.name)
 
 
 def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:

@@ -43,7 +43,7 @@ from blktap.tapdisk.driver import SECTOR, Driver
 from blktap.tapdisk.drivers import open_stack, parse
 from blktap.tapdisk.stats import format_stats
 from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD, VbdState
-from blktap.transport.nbd.server import Export, NbdServer
+from blktap.transport.nbd import Export, NbdServer
 
 log = logging.getLogger("blktap.tapdisk")
 
