@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: run test setup deps venv lint bench clean
+.PHONY: run test setup deps venv lint bench torture clean
 
 setup: deps venv
 
@@ -19,7 +19,7 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,torture]'
 	@touch $@
 
 run: setup
@@ -29,7 +29,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench torture
 
 # make bench: the NBD server benchmark (~20 min), bench/REPORT.md and bench/results/.
 # make bench ARGS=--quick: the quick one (< 2 min). Other options: bench/run.py --help.
@@ -37,5 +37,10 @@ bench: setup
 	@($(PY) -c 'import matplotlib' 2>/dev/null && test -x $(VENV)/bin/py-spy) || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py $(ARGS)
 
+# make torture: kill -9 trials, maintenance kills, fuzzing, soak (hours; docs/reliability.md).
+# make torture ARGS=--smoke: the few-minute run; ARGS="crash --trials 50": one part.
+torture: setup
+	$(PY) torture/run.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache demo
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache demo .torture

@@ -1,0 +1,265 @@
+"""Coverage-guided fuzzing (atheris, libFuzzer) of every parser a stranger can reach.
+
+    python torture/fuzz.py TARGET [libFuzzer flags...]     # one target, in this process
+    python torture/fuzz.py --list
+
+Targets (each takes the fuzzer's bytes as what a stranger would send or write):
+
+- ``control``: one tapdisk control message (``tap-ctl``'s socket): ``message.decode``.
+- ``nbd``: a whole NBD client stream (handshake, options, then requests) played into an
+  in-process server over a socketpair, against a 1 MiB disk in memory.
+- ``vhd``: a VHD file (footer, header, BAT, bitmaps, batmap, locators): opened, mapped,
+  read and checked by the library, as ``blktap info`` / ``vhd-util check`` would.
+
+A target fails when anything escapes other than the project's own errors
+(:class:`blktap.errors.BlktapError`) or the protocol's orderly refusals, when the server
+logs a bug (``log.exception``), or when one input takes longer than libFuzzer's
+``-timeout``. Seeds are built here from valid inputs, so mutation starts from something
+that reaches deep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import atheris
+
+with atheris.instrument_imports(include=["blktap"]):
+    from blktap.control import message
+    from blktap.errors import BlktapError
+    from blktap.image.vhd import check as vhd_check
+    from blktap.image.vhd.create import create as create_vhd
+    from blktap.image.vhd.create import snapshot as snapshot_vhd
+    from blktap.image.vhd.image import VhdImage
+    from blktap.io import ThreadEngine
+    from blktap.tapdisk.driver import Caps, Driver
+    from blktap.tapdisk.vbd import VBD
+    from blktap.transport.nbd import Export, NbdServer
+    from blktap.transport.nbd.handshake import Dropped
+
+MiB = 1 << 20
+
+
+class Bug(Exception):
+    """Something the code under test must never do."""
+
+
+# ----------------------------------------------------------------------------- control
+def control_target(data: bytes) -> None:
+    try:
+        msg = message.decode(data)
+    except BlktapError:
+        return
+    # What decodes must encode again to the same meaning.
+    again = message.decode(message.encode(msg))
+    if again != msg:
+        raise Bug(f"decode(encode(m)) != m: {msg!r} vs {again!r}")
+
+
+def control_seeds() -> list[bytes]:
+    M, T = message.Message, message.MessageType
+    seeds = [M(T.PID, 0, None), M(T.LIST, 0xFFFF, None), M(T.ATTACH, 3, None),
+             M(T.OPEN, 1, message.Params(path="vhd:/x.vhd", req_timeout=120)),
+             M(T.STATS, 0xFFFF, None)]
+    out = []
+    for msg in seeds:
+        try:
+            out.append(message.encode(msg))
+        except (BlktapError, TypeError):
+            continue
+    return out
+
+
+# ----------------------------------------------------------------------------- nbd
+class Memory(Driver):
+    """A 1 MiB disk in memory with every capability the server can advertise."""
+
+    name = "fuzzmem"
+
+    def __init__(self, engine: ThreadEngine) -> None:
+        super().__init__(engine, MiB, writable=True)
+        self.mem = bytearray(MiB)
+        self.caps = Caps.WRITE | Caps.FLUSH | Caps.FUA | Caps.TRIM | Caps.ZERO | Caps.CACHE
+
+    async def read(self, offset: int, iov) -> None:  # noqa: ANN001
+        for v in iov:
+            v[:] = self.mem[offset:offset + len(v)]
+            offset += len(v)
+
+    async def write(self, offset: int, iov, fua: bool = False) -> None:  # noqa: ANN001
+        for v in iov:
+            self.mem[offset:offset + len(v)] = v
+            offset += len(v)
+
+    async def flush(self) -> None:
+        pass
+
+    async def discard(self, offset: int, length: int) -> None:
+        self.mem[offset:offset + length] = bytes(length)
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = True,
+                           fast: bool = False, fua: bool = False) -> None:
+        self.mem[offset:offset + length] = bytes(length)
+
+
+class _BugLog(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class NbdHarness:
+    STEP_LIMIT = 10.0  # seconds one input may take before it counts as a hang
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.vbd, self.server = self.loop.run_until_complete(self._setup())
+        self.bugs = _BugLog()
+        for name in ("blktap.nbd", "blktap.tapdisk", "asyncio"):
+            logging.getLogger(name).addHandler(self.bugs)
+            logging.getLogger(name).propagate = False
+
+    async def _setup(self) -> tuple[VBD, NbdServer]:
+        self.engine = ThreadEngine(2)
+        vbd = VBD(Memory(self.engine), name="fuzz")
+        return vbd, NbdServer(Export("", vbd, description="fuzz"), handshake_timeout=5.0)
+
+    def play(self, data: bytes) -> None:
+        self.loop.run_until_complete(asyncio.wait_for(self._play(data), self.STEP_LIMIT))
+        if self.bugs.records:
+            rec = self.bugs.records[0]
+            self.bugs.records.clear()
+            raise Bug(f"server logged: {rec.getMessage()} {rec.exc_text or ''}")
+
+    async def _play(self, data: bytes) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.setblocking(False)
+        try:
+            served = self.loop.create_task(self.server._client(ours, "fuzz"))
+            await self.loop.sock_sendall(theirs, data)
+            theirs.shutdown(socket.SHUT_WR)
+            while True:  # read the replies, so the server never blocks on a full socket
+                chunk = await self.loop.sock_recv(theirs, 1 << 20)
+                if not chunk:
+                    break
+            await served
+        finally:
+            theirs.close()
+
+
+_nbd: NbdHarness | None = None
+
+
+def nbd_target(data: bytes) -> None:
+    global _nbd
+    if _nbd is None:
+        _nbd = NbdHarness()
+    try:
+        _nbd.play(data)
+    except (Dropped, ConnectionError):
+        return
+
+
+def _nbd_request(cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
+                 handle: int = 1) -> bytes:
+    return struct.pack(">IHHQQI", 0x25609513, flags, cmd, handle, offset, length)
+
+
+def nbd_seeds() -> list[bytes]:
+    opt = lambda o, d=b"": struct.pack(">QII", 0x49484156454F5054, o, len(d)) + d  # noqa: E731
+    go = opt(7, struct.pack(">I", 0) + struct.pack(">HH", 1, 3))
+    structured = opt(8)
+    meta = opt(10, struct.pack(">I", 0) + struct.pack(">II", 1, 15) + b"base:allocation")
+    hello = struct.pack(">I", 3)
+    reqs = (_nbd_request(0, 0, 4096) + _nbd_request(1, 4096, 512) + b"w" * 512
+            + _nbd_request(3) + _nbd_request(4, 0, 8192) + _nbd_request(6, 0, 65536)
+            + _nbd_request(7, 0, MiB, flags=8) + _nbd_request(5, 0, 4096) + _nbd_request(2))
+    return [hello + go + reqs, hello + structured + meta + go + reqs,
+            hello + opt(3) + opt(6, struct.pack(">I", 0) + struct.pack(">H", 0)) + opt(2),
+            hello + opt(1, b"") + reqs]
+
+
+# ----------------------------------------------------------------------------- vhd
+_vhd_dir = tempfile.mkdtemp(prefix="blktap-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm")
+                            else None)
+_vhd_path = os.path.join(_vhd_dir, "fuzz.vhd")
+
+
+def vhd_target(data: bytes) -> None:
+    with open(_vhd_path, "wb") as f:
+        f.write(data)
+    try:
+        image = VhdImage.open(_vhd_path)
+    except BlktapError:
+        image = None
+    if image is not None:
+        try:
+            for run in image.extents(0, min(image.sectors, 1 << 16)):
+                del run
+            if image.is_differencing:
+                image.parent_locator_names()
+        except BlktapError:
+            pass
+        finally:
+            image.close()
+    try:
+        vhd_check.check_image(_vhd_path)
+    except BlktapError:
+        pass
+
+
+def vhd_seeds() -> list[bytes]:
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        base = os.path.join(d, "base.vhd")
+        create_vhd(base, 8 * MiB)
+        out.append(Path(base).read_bytes())
+        child = os.path.join(d, "child.vhd")
+        snapshot_vhd(child, base)
+        out.append(Path(child).read_bytes()[:16384])
+        fixed = os.path.join(d, "fixed.vhd")
+        create_vhd(fixed, 64 * 1024, fixed=True)
+        out.append(Path(fixed).read_bytes()[-1024:])
+    return out
+
+
+TARGETS: dict[str, tuple[Callable[[bytes], None], Callable[[], list[bytes]]]] = {
+    "control": (control_target, control_seeds),
+    "nbd": (nbd_target, nbd_seeds),
+    "vhd": (vhd_target, vhd_seeds),
+}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[1] not in TARGETS:
+        print("usage: fuzz.py {" + ",".join(TARGETS) + "} [libFuzzer flags] [CORPUS_DIR]",
+              file=sys.stderr)
+        return 2 if len(argv) < 2 or argv[1] != "--list" else 0
+    name = argv[1]
+    target, seeds = TARGETS[name]
+    flags = [a for a in argv[2:] if a.startswith("-")]
+    dirs = [a for a in argv[2:] if not a.startswith("-")]
+    if not dirs:  # a corpus folder seeded with valid inputs
+        corpus = Path(tempfile.mkdtemp(prefix=f"blktap-fuzz-{name}-"))
+        dirs = [str(corpus)]
+    for i, seed in enumerate(seeds()):
+        (Path(dirs[0]) / f"seed-{i}").write_bytes(seed)
+    atheris.Setup([argv[0], *flags, *dirs], target)
+    atheris.Fuzz()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,128 @@
+"""Processes a torture run starts: servers to kill, and what they hold (RSS, fds)."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+SYSTEM_PYTHON = "/usr/bin/python3"  # the one with python3-libnbd
+START_TIMEOUT = 30.0
+
+
+def tool(name: str) -> str:
+    path = VENV_BIN / name
+    return str(path) if path.exists() else name
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process in KiB (0 when it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    m = re.search(r"^VmRSS:\s+(\d+)", text, re.M)
+    return int(m.group(1)) if m else 0
+
+
+def fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+@dataclass
+class Server:
+    """A disk served over NBD by a process we may kill."""
+
+    kind: str  # "serve" (blktap serve) or "tapdisk" (tap-ctl create)
+    uri: str
+    pid: int
+    proc: subprocess.Popen | None = None
+    minor: int | None = None
+    env: dict[str, str] | None = None
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.proc is not None:
+            self.proc.wait(30)
+        else:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and Path(f"/proc/{self.pid}").exists():
+                # A daemon is not our child: wait for /proc to let it go (zombies of
+                # init's are reaped quickly).
+                if _state(self.pid) == "Z":
+                    break
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop cleanly (what is left of it after a trial)."""
+        if self.kind == "serve" and self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.kind == "tapdisk":
+            if Path(f"/proc/{self.pid}").exists() and _state(self.pid) != "Z":
+                subprocess.run([tool("tap-ctl"), "destroy", "-p", str(self.pid), "-m",
+                                str(self.minor)], env=self.env, capture_output=True,
+                               timeout=60)
+            # After a kill -9 the minor's marker stays allocated: free it.
+            subprocess.run([tool("tap-ctl"), "free", "-m", str(self.minor)], env=self.env,
+                           capture_output=True, timeout=60)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def start_serve(spec: str, sock: Path) -> Server:
+    proc = subprocess.Popen([tool("blktap"), "serve", spec, "--socket", str(sock)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + START_TIMEOUT
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            line = proc.stdout.readline().strip()
+            if line:
+                return Server("serve", line, proc.pid, proc=proc)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    _, err = proc.communicate(timeout=10)
+    raise RuntimeError(f"blktap serve {spec} did not start: {err.strip()}")
+
+
+def start_tapdisk(spec: str, workdir: Path) -> Server:
+    env = {**os.environ, "BLKTAP_CONTROL_DIR": str(workdir / "run"),
+           "BLKTAP_LOG_DIR": str(workdir / "log")}
+    res = subprocess.run([tool("tap-ctl"), "create", "-a", spec], env=env,
+                         capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        raise RuntimeError(f"tap-ctl create -a {spec}: {res.stderr.strip()}")
+    minor = int(res.stdout.strip().rsplit("-", 1)[1])
+    res = subprocess.run([tool("tap-ctl"), "list", "-m", str(minor)], env=env,
+                         capture_output=True, text=True, timeout=60)
+    m = re.search(r"pid=(\d+)", res.stdout)
+    if not m:
+        raise RuntimeError(f"tap-ctl list: no tapdisk for minor {minor}: {res.stdout!r}")
+    pid = int(m.group(1))
+    sock = workdir / "run" / f"nbd{pid}.{minor}"
+    return Server("tapdisk", f"nbd+unix:///?socket={sock}", pid, minor=minor, env=env)
