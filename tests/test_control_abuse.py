@@ -288,3 +288,34 @@ def test_eviction_and_the_queue_limit(tmp_path: Path, monkeypatch: pytest.Monkey
         await td.shutdown()
 
     asyncio.run(body())
+
+
+def test_out_of_descriptors_the_oldest_silent_client_makes_room(tmp_path: Path) -> None:
+    """A tapdisk with few descriptors left (RLIMIT_NOFILE 40) and 60 silent clients: when
+    accept fails with EMFILE the oldest silent one is closed, so a request still gets in
+    and is answered."""
+    import resource
+    import subprocess
+
+    from conftest import tool
+
+    env = dict(os.environ, BLKTAP_CONTROL_DIR=str(tmp_path / "run"),
+               BLKTAP_LOG_DIR=str(tmp_path / "log"))
+    proc = subprocess.Popen(
+        [tool("tapdisk"), "-D"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)))
+    try:
+        path = proc.stdout.readline().strip()  # type: ignore[union-attr]
+        idle = [connect(path) for _ in range(60)]
+        try:
+            assert ask_pid(path) == proc.pid
+            assert fd_count(proc.pid) <= 40
+        finally:
+            for s in idle:
+                s.close()
+        assert ask_pid(path) == proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        proc.stdout.close()  # type: ignore[union-attr]

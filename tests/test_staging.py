@@ -230,3 +230,29 @@ def test_tmpfile_build_is_invisible(tmp_path: Path, source: Path) -> None:
         proc.kill()
         proc.wait()
     assert leftovers(tmp_path, set()) == set()
+
+
+@pytest.mark.parametrize("mode", ["tmpfile", "folder"])
+def test_vhd_util_copy_killed_or_completed(tmp_path: Path, source: Path, mode: str) -> None:
+    """vhd-util copy builds its target through the same staging (with the VHD create
+    nested in it): killed mid-copy it leaves nothing (in folder mode, nothing once the
+    next build ran), and completed the copy is the whole disk."""
+    env = dict(os.environ, BLKTAP_NO_TMPFILE="1" if mode == "folder" else "")
+    src = tmp_path / "src.vhd"
+    assert run(convert_argv(source, src), text=True).returncode == 0
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    dst = tmp_path / "copy.vhd"
+    argv = [tool("vhd-util"), "copy", "-n", str(src), "-N", str(dst), "-k", str(key)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    try:
+        assert stop_while_building(proc, tmp_path, SIZE // 8)
+    finally:
+        proc.kill()
+        proc.wait()
+    res = run(argv, env=env, text=True)  # a new attempt: succeeds, and sweeps
+    assert res.returncode == 0, res.stderr
+    assert leftovers(tmp_path, {src.name, key.name}) == {dst.name}
+    res = run([tool("vhd-util"), "check", "-n", str(dst)], text=True)
+    assert res.returncode == 0, res.stdout

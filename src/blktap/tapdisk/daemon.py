@@ -144,6 +144,7 @@ class Tapdisk:
         self._clients: set[asyncio.Task] = set()
         # The connections still reading their request, oldest first (dicts keep order).
         self._waiting: dict[asyncio.Task, None] = {}
+        self._warned: dict[str, tuple[float, int]] = {}  # key: (last logged, held back)
         self._ever_attached = False
 
     @property
@@ -182,9 +183,10 @@ class Tapdisk:
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors: the oldest silent client makes room, if any.
-                    log.warning("control: accept: %s", exc)
-                    if not self._evict_oldest():
-                        await asyncio.sleep(0.1)
+                    self._warn_now_and_then("accept", "control: accept: %s", exc)
+                    # After an eviction, one turn of the loop lets that task close its
+                    # socket before the accept is tried again.
+                    await asyncio.sleep(0 if self._evict_oldest() else 0.1)
                     continue
                 raise
             while len(self._waiting) >= MAX_WAITING_CONNECTIONS:
@@ -201,8 +203,20 @@ class Tapdisk:
         task = next(iter(self._waiting))
         del self._waiting[task]
         task.cancel()
-        log.warning("control: too many connections without a request; closing the oldest")
+        self._warn_now_and_then("evict", "control: too many connections without a "
+                                "request; closing the oldest")
         return True
+
+    def _warn_now_and_then(self, key: str, text: str, *args: object) -> None:
+        """A warning that a flood of clients would repeat: at most one a second, with
+        the count of those held back."""
+        now = asyncio.get_running_loop().time()
+        last, held = self._warned.get(key, (float("-inf"), 0))
+        if now - last < 1.0:
+            self._warned[key] = (last, held + 1)
+            return
+        self._warned[key] = (now, 0)
+        log.warning(text + (f" (and {held} more like it)" if held else ""), *args)
 
     def _client_ended(self, task: asyncio.Task) -> None:
         self._clients.discard(task)
@@ -222,10 +236,11 @@ class Tapdisk:
                 finally:
                     self._waiting.pop(me, None)  # type: ignore[arg-type]
             except TimeoutError:
-                log.warning("control: no request within %.0f s", REQUEST_TIMEOUT)
+                self._warn_now_and_then("silent", "control: no request within %.0f s",
+                                        REQUEST_TIMEOUT)
                 return
             except ControlProtocolError as exc:
-                log.warning("control: bad request: %s", exc)
+                self._warn_now_and_then("bad", "control: bad request: %s", exc)
                 await self._send(conn, [m.error_reply(exc)])
                 return
             replies = await self.handle(request)
