@@ -464,21 +464,20 @@ def test_log_file_kept_after_a_dump(daemon: Daemon, disk: Path) -> None:
     assert f"minor {minor}: aio:{disk} state=0" in text and '"secs": [ ' in text
 
 
-def test_connections_past_the_limit_wait_their_turn(daemon: Daemon) -> None:
-    """Ten connections that send nothing fill the limit; the eleventh is not dropped: it
-    waits in the backlog and is answered as soon as one of the ten goes away."""
-    idle = [daemon.connect() for _ in range(10)]
+def test_connections_past_the_limit_evict_the_oldest_silent_one(daemon: Daemon) -> None:
+    """Every connection is taken at once, none waits in the backlog: past the limit of
+    32 connections that have not sent their request, each new one closes the oldest
+    silent one (which reads EOF), and a request is answered at once meanwhile."""
+    idle = [daemon.connect() for _ in range(40)]
     try:
-        late = daemon.connect()  # the kernel completes it; tapdisk does not take it yet
-        late.sendall(msg(PID))
-        late.settimeout(0.5)
-        with pytest.raises(TimeoutError):
-            late.recv(1)
-        idle.pop().close()
-        late.settimeout(30)
-        r = read_reply(late)
+        r = daemon.request(msg(PID))
         assert (r.kind, PID_RSP.unpack_from(r.body)[0]) == (PID_RSP_T, daemon.pid)
-        late.close()
+        for conn in idle[:8]:  # evicted: the tapdisk closed them
+            assert conn.recv(1) == b""
+        for conn in idle[9:]:  # the newest are still waiting (the PID request took the
+            conn.setblocking(False)  # place of the ninth)
+            with pytest.raises(BlockingIOError):
+                conn.recv(1)
     finally:
         for s in idle:
             s.close()

@@ -9,9 +9,12 @@ from __future__ import annotations
 import errno
 import json
 import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from typing import Any, TextIO
 
@@ -23,6 +26,35 @@ PROG = "blktap"
 _UNIT_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtpe]?)(i?b)?\s*$", re.IGNORECASE)
 _UNIT_NAMES = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+
+# ------------------------------------------------------------------------------ signals
+class Terminated(BaseException):
+    """SIGTERM arrived: raised wherever the program was, so that the cleanups on the way
+    out run (a file being built is discarded) as they do for Ctrl-C."""
+
+
+TERMINATED_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM killed
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, the next SIGTERM raises :class:`Terminated` (in the main thread
+    only, where Python runs signal handlers); a second SIGTERM kills at once, as by
+    default. The previous handler is back afterwards (main() may run inside a test)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------ sizes

@@ -32,7 +32,9 @@ from blktap import __version__
 from blktap.cli import maintain, serve
 from blktap.cli.common import (
     PROG,
+    TERMINATED_EXIT,
     Progress,
+    Terminated,
     describe_size,
     error_message,
     exit_code,
@@ -42,6 +44,7 @@ from blktap.cli.common import (
     print_error,
     print_json,
     print_note,
+    sigterm_raises,
 )
 from blktap.errors import BlktapError, FormatError, UsageError
 from blktap.image.chain import SECTOR_SIZE, Chain, Extent, Layer, parse_spec, probe
@@ -200,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         min_code = args.min_error_code
-        return args.handler(args)
+        with sigterm_raises():
+            return args.handler(args)
     except BrokenPipeError:
         _silence_stdout()
         return errno.EPIPE
@@ -210,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print_error("interrupted")
         return 130
+    except Terminated:
+        print_error("terminated")
+        return TERMINATED_EXIT
     except Exception as exc:  # a bug: still one line, unless asked for the traceback
         if os.environ.get("BLKTAP_DEBUG"):
             raise
@@ -505,9 +512,10 @@ def data_chunks(chain: Chain, sparse: bool, progress: Progress
 
 
 def write_raw(chain: Chain, path: str, sparse: bool, progress: Progress) -> int:
-    """Write the disk into a new raw file of the same size; returns the bytes written."""
+    """Write the disk into the empty file at ``path`` (a stage, see staged_path), making
+    it a raw image of the same size; returns the bytes written."""
     written = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)  # the empty file staged_path made
     try:
         os.ftruncate(fd, chain.size)
         for offset, view in data_chunks(chain, sparse, progress):

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from blktap.cli.vhd_util.options import Output, getopt, strtol
-from blktap.control.client import TapCtl, TapEntry, read_key
+from blktap.control.client import ListIncomplete, TapCtl, TapEntry, read_key
 from blktap.control.message import Flag
 from blktap.errors import BlktapError
 
@@ -166,7 +166,18 @@ class Cli:
                 return self.bad_option(val, LIST_USAGE)
             elif opt == "h":
                 return self.help(LIST_USAGE)
-        entries = self.ctl.list_pid(pid) if pid != -1 else self.ctl.list_all()
+        try:
+            entries = self.ctl.list_pid(pid) if pid != -1 else self.ctl.list_all()
+        except ListIncomplete as exc:
+            # A tapdisk that did not answer is printed with what is known, and the
+            # command fails (ETIMEDOUT): never a listing that silently lacks it.
+            self._print_list(exc.entries, pid, minor, kind, path)
+            raise
+        self._print_list(entries, pid, minor, kind, path)
+        return 0
+
+    def _print_list(self, entries: list[TapEntry], pid: int, minor: int, kind: str | None,
+                    path: str | None) -> None:
         tty = _stdout_isatty()
         for e in entries:
             if minor >= 0 and e.minor != minor:
@@ -178,7 +189,6 @@ class Cli:
             if path is not None and e.path != path:
                 continue
             self.print(_row(e) if tty else _pairs(e))
-        return 0
 
     # ------------------------------------------------------------------ minors
     def cmd_allocate(self, args: list[str]) -> int:

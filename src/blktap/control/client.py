@@ -12,10 +12,10 @@ pid, and so do we. Minors are marker files handled by :class:`RunDir`.
 Behaviour taken from the reference (``control/tap-ctl-*.c``), kept on purpose:
 
 * ``list`` is a three-way outer join of the minors (marker files), the tapdisks (control
-  sockets that answer PID) and the VBDs each tapdisk reports. A socket that does not
-  answer (a dead tapdisk's leftover: connection refused) is skipped; a tapdisk whose LIST
-  fails or is empty shows as its pid alone; a marker no VBD claims shows as its minor
-  alone. VBDs come out in the reverse of the order the tapdisk sends them (the reference
+  sockets that answer PID) and the VBDs each tapdisk reports. A socket nobody listens on
+  (a dead tapdisk's leftover: connection refused) is skipped; a tapdisk whose LIST fails
+  or is empty shows as its pid alone; a marker no VBD claims shows as its minor alone.
+  VBDs come out in the reverse of the order the tapdisk sends them (the reference
   prepends each to its list).
 * ``create`` = allocate, spawn, attach, open; a failed open is unwound with detach + free,
   a failed spawn or attach with free. ``destroy`` = close, detach, free, stopping at the
@@ -27,6 +27,12 @@ Where we differ (see docs/tap-ctl.md): the errno of an ERROR reply to ATTACH, DE
 STATS is reported (the reference turns the first two into EINVAL and prints a blank stats
 answer); a reply of the wrong type is EINVAL everywhere; PID/LIST/STATS have a 10 s
 timeout (the reference waits forever for PID); spawn has an overall time limit.
+
+A tapdisk that is alive but does not answer PID or LIST in time (stopped, hung, or its
+socket's backlog full) is never left out of ``list``, where its minors would look
+orphaned and be freed: it is listed with what is known (its pid, and the minors whose
+marker it holds locked) and ``list`` raises :class:`ListIncomplete` (ETIMEDOUT) carrying
+the whole list, which tap-ctl prints before failing.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from typing import BinaryIO
 
 from blktap.control import message as m
 from blktap.control.message import Flag, Message, MessageType, Params
-from blktap.control.rundir import ENV_VAR, MAX_MINORS, RunDir
+from blktap.control.rundir import ENV_VAR, MAX_MINORS, MinorInfo, RunDir
 from blktap.errors import BlktapError, ControlProtocolError
 
 QUERY_TIMEOUT = 10.0  # PID, LIST, STATS: the reference's list/stats use 10 s
@@ -56,6 +62,7 @@ NO_PARENT = -1  # prt_devnum when no -e minor is given (the reference sends -1)
 _SOCKET_RE = re.compile(r"ctl(\d+)$")
 _SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path), NUL included
 _KEY_BOUND = 1025  # read at most this much key from a stream (32 or 64 are valid)
+_CONNECT_RETRY = 0.02  # seconds between connects to a socket whose backlog is full
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,19 @@ class TapEntry:
         if self.type is None or self.path is None:
             return None
         return f"{self.type}:{self.path}"
+
+
+class ListIncomplete(BlktapError):
+    """``list`` could not ask every tapdisk: ``entries`` is the list nonetheless, with
+    what is known of the tapdisks that did not answer (``silent``, their ids)."""
+
+    default_errno = errno.ETIMEDOUT
+
+    def __init__(self, message: str, entries: list[TapEntry], silent: list[int],
+                 errno: int | None = None) -> None:
+        super().__init__(message, errno)
+        self.entries = entries
+        self.silent = silent
 
 
 def parse_params(params: str) -> tuple[str, str]:
@@ -113,8 +133,10 @@ class TapCtl:
     """tap-ctl operations against the runtime directory ``rundir`` (default: the one
     ``$BLKTAP_CONTROL_DIR`` names, else /run/blktap-control)."""
 
-    def __init__(self, rundir: RunDir | None = None) -> None:
+    def __init__(self, rundir: RunDir | None = None,
+                 query_timeout: float = QUERY_TIMEOUT) -> None:
         self.rundir = rundir if rundir is not None else RunDir()
+        self.query_timeout = query_timeout  # for each tapdisk's PID + LIST in list
 
     # ------------------------------------------------------------------ transport
     def _connect(self, tid: int, deadline: float | None) -> socket.socket:
@@ -125,8 +147,17 @@ class TapCtl:
             raise _error(f"{path}: socket name too long", errno.ENAMETOOLONG)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            _arm(sock, deadline)
-            sock.connect(path)
+            while True:
+                _arm(sock, deadline)
+                try:
+                    sock.connect(path)
+                    break
+                except BlockingIOError:
+                    # EAGAIN: the listen backlog is full (a stopped or swamped tapdisk):
+                    # alive, so wait for room rather than give up on it.
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError from None
+                    time.sleep(_CONNECT_RETRY)
         except TimeoutError:
             sock.close()
             raise _error(f"connecting to {path}", errno.ETIMEDOUT) from None
@@ -242,41 +273,63 @@ class TapCtl:
 
     def list_pid(self, tid: int) -> list[TapEntry]:
         """``list -p``: one tapdisk's VBDs, or the tapdisk alone when it serves none or
-        its LIST fails; nothing when it does not answer PID."""
-        try:
-            pid = self.pid(tid)
-        except BlktapError:
-            return []
-        try:
-            found = self.vbds(tid, pid)
-        except BlktapError:
-            found = []
-        return found or [TapEntry(pid=pid)]
+        its LIST fails; nothing when it does not answer PID (no tapdisk there).
+        :class:`ListIncomplete` when it does not answer in time."""
+        entries, silent = self._list_tapdisk(tid, None)
+        if silent:
+            raise _incomplete(entries, [tid])
+        return entries
 
     def list_all(self) -> list[TapEntry]:
-        """``list``: the three-way join of tapdisks, their VBDs and the minors."""
+        """``list``: the three-way join of tapdisks, their VBDs and the minors.
+        :class:`ListIncomplete` when some tapdisk does not answer in time."""
         minors = {info.minor: info for info in self.rundir.minors()}
         out: list[TapEntry] = []
+        silent: list[int] = []
         for tid in self.tapdisk_ids():
-            try:
-                pid = self.pid(tid)
-            except BlktapError:
-                continue  # a stale socket (connection refused) or a mute tapdisk
-            if pid < 0:
-                continue
-            try:
-                found = self.vbds(tid, pid)
-            except BlktapError:
-                found = []
-            if not found:
-                out.append(TapEntry(pid=pid))
-                continue
+            found, mute = self._list_tapdisk(tid, minors)
+            if mute:
+                silent.append(tid)
             for vbd in found:
                 if vbd.minor is not None:
                     minors.pop(vbd.minor, None)
                 out.append(vbd)
         out.extend(TapEntry(minor=n) for n in sorted(minors))
+        if silent:
+            raise _incomplete(out, silent)
         return out
+
+    def _list_tapdisk(self, tid: int, minors: dict[int, MinorInfo] | None
+                      ) -> tuple[list[TapEntry], bool]:
+        """One tapdisk's rows, and whether it failed to answer in time. A tapdisk that
+        does not answer is listed with the minors it holds (``minors``: the markers, with
+        their flock holders; None: read them) rather than dropped: they are not orphans."""
+        deadline = _deadline(self.query_timeout)
+        try:
+            pid = self.pid(tid, _left(deadline))
+        except BlktapError as exc:
+            if exc.errno != errno.ETIMEDOUT:
+                return [], False  # a stale socket (connection refused), or no tapdisk
+            return self._held_by(tid, tid, minors), True
+        if pid < 0:
+            return [], False
+        try:
+            found = self.vbds(tid, pid, _left(deadline))
+        except BlktapError as exc:
+            if exc.errno == errno.ETIMEDOUT:
+                return self._held_by(tid, pid, minors), True
+            found = []
+        return found or [TapEntry(pid=pid)], False
+
+    def _held_by(self, tid: int, pid: int, minors: dict[int, MinorInfo] | None
+                 ) -> list[TapEntry]:
+        """What is known of a tapdisk that does not answer: its pid, with each minor
+        whose marker it holds (highest first, as its VBDs would be printed)."""
+        if minors is None:
+            minors = {info.minor: info for info in self.rundir.minors()}
+        held = sorted((n for n, info in minors.items() if info.holder in (tid, pid)),
+                      reverse=True)
+        return [TapEntry(pid=pid, minor=n) for n in held] or [TapEntry(pid=pid)]
 
     def stats(self, tid: int, minor: int, timeout: float | None = QUERY_TIMEOUT) -> bytes:
         """The stats text of one VBD (STATS_RSP and its body), without newlines added."""
@@ -449,6 +502,16 @@ class TapCtl:
 # ----------------------------------------------------------------------------- helpers
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + max(timeout, 0.0)
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+def _incomplete(entries: list[TapEntry], silent: list[int]) -> ListIncomplete:
+    which = ", ".join(str(t) for t in silent)
+    return ListIncomplete(f"tapdisk {which} did not answer in time; listed with what is "
+                          f"known: {os.strerror(errno.ETIMEDOUT)}", entries, silent)
 
 
 def _arm(sock: socket.socket, deadline: float | None) -> None:

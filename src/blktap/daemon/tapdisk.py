@@ -19,9 +19,16 @@ a VBD is paused wait (:meth:`VBD.pause`); the NBD clients stay connected.
 
 Control requests: PID, LIST and STATS are answered at once, even while another request
 runs; the others (which change a VBD) run one at a time, in the order they came, as the
-reference queues its "exclusive" requests. A connection gets 10 s to send its request;
-at most 10 are served at once. Malformed requests get an ERROR reply and never disturb
-the VBDs.
+reference queues its "exclusive" requests. Malformed requests get an ERROR reply and never
+disturb the VBDs.
+
+Idle or slow clients cannot keep others out (the reference serves at most 10 connections
+and leaves the next in its listen backlog, where one silent client per slot starves
+``tap-ctl list``). Every connection is accepted at once and has 10 s, from its accept, to
+send its whole request. At most 32 may be waiting for their request: the next evicts the
+oldest of them (closed without a reply: it had the longest to speak). At most 32
+exclusive requests may be queued: the next is refused with EBUSY at once. So a client
+that sends its request promptly is answered whatever the others do.
 """
 
 from __future__ import annotations
@@ -48,7 +55,9 @@ from blktap.transport.nbd import Export, NbdServer
 log = logging.getLogger("blktap.tapdisk")
 
 REQUEST_TIMEOUT = 10.0  # seconds a control connection gets to send its request
-MAX_CONTROL_CONNECTIONS = 10
+MAX_WAITING_CONNECTIONS = 32  # connections still sending their request; the next evicts
+MAX_QUEUED_REQUESTS = 32  # exclusive requests waiting their turn; the next gets EBUSY
+LISTEN_BACKLOG = 128
 STATS_ALL = 0xFFFF  # STATS with this cookie: every VBD, as a JSON array
 # Open flags that need filters not built yet (cache, log, mirror, index, ...).
 UNSUPPORTED_FLAGS = {
@@ -129,10 +138,13 @@ class Tapdisk:
         # watchdog stall), as the reference's "precious" log.
         self.precious = False
         self._exclusive = asyncio.Lock()
+        self._queued = 0  # exclusive requests waiting for or holding the lock
         self._ctl: socket.socket | None = None
         self._ctl_task: asyncio.Task | None = None
         self._clients: set[asyncio.Task] = set()
-        self._client_done = asyncio.Event()  # set when a control connection ends
+        # The connections still reading their request, oldest first (dicts keep order).
+        self._waiting: dict[asyncio.Task, None] = {}
+        self._warned: dict[str, tuple[float, int]] = {}  # key: (last logged, held back)
         self._ever_attached = False
 
     @property
@@ -155,51 +167,80 @@ class Tapdisk:
             sock.bind(path)
         finally:
             os.umask(old)
-        sock.listen(32)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         self._ctl = sock
         self._ctl_task = asyncio.get_running_loop().create_task(self._accept_loop())
         return path
 
     async def _accept_loop(self) -> None:
+        """Accept every connection at once; none is left in the backlog."""
         loop = asyncio.get_running_loop()
         assert self._ctl is not None
         while True:
-            # At the limit, accept nothing more: the next clients wait in the listen
-            # backlog (32) until a connection ends, as the reference masks its socket.
-            while len(self._clients) >= MAX_CONTROL_CONNECTIONS:
-                self._client_done.clear()
-                await self._client_done.wait()
             try:
                 conn, _ = await loop.sock_accept(self._ctl)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("control: accept: %s", exc)
-                    await asyncio.sleep(0.1)
+                    # Out of descriptors: the oldest silent client makes room, if any.
+                    self._warn_now_and_then("accept", "control: accept: %s", exc)
+                    # After an eviction, one turn of the loop lets that task close its
+                    # socket before the accept is tried again.
+                    await asyncio.sleep(0 if self._evict_oldest() else 0.1)
                     continue
                 raise
+            while len(self._waiting) >= MAX_WAITING_CONNECTIONS:
+                self._evict_oldest()
             task = loop.create_task(self._serve_connection(conn))
             self._clients.add(task)
+            self._waiting[task] = None
             task.add_done_callback(self._client_ended)
+
+    def _evict_oldest(self) -> bool:
+        """Close the connection that has waited longest without sending its request."""
+        if not self._waiting:
+            return False
+        task = next(iter(self._waiting))
+        del self._waiting[task]
+        task.cancel()
+        self._warn_now_and_then("evict", "control: too many connections without a "
+                                "request; closing the oldest")
+        return True
+
+    def _warn_now_and_then(self, key: str, text: str, *args: object) -> None:
+        """A warning that a flood of clients would repeat: at most one a second, with
+        the count of those held back."""
+        now = asyncio.get_running_loop().time()
+        last, held = self._warned.get(key, (float("-inf"), 0))
+        if now - last < 1.0:
+            self._warned[key] = (last, held + 1)
+            return
+        self._warned[key] = (now, 0)
+        log.warning(text + (f" (and {held} more like it)" if held else ""), *args)
 
     def _client_ended(self, task: asyncio.Task) -> None:
         self._clients.discard(task)
-        self._client_done.set()
+        self._waiting.pop(task, None)
 
     async def _serve_connection(self, conn: socket.socket) -> None:
         """Read one request (on the loop: a silent client costs a task, not a thread),
         answer it, close."""
         loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
         try:
             conn.setblocking(False)
             try:
-                request = await asyncio.wait_for(m.read_message_async(conn, loop),
-                                                 REQUEST_TIMEOUT)
+                try:
+                    request = await asyncio.wait_for(m.read_message_async(conn, loop),
+                                                     REQUEST_TIMEOUT)
+                finally:
+                    self._waiting.pop(me, None)  # type: ignore[arg-type]
             except TimeoutError:
-                log.warning("control: no request within %.0f s", REQUEST_TIMEOUT)
+                self._warn_now_and_then("silent", "control: no request within %.0f s",
+                                        REQUEST_TIMEOUT)
                 return
             except ControlProtocolError as exc:
-                log.warning("control: bad request: %s", exc)
+                self._warn_now_and_then("bad", "control: bad request: %s", exc)
                 await self._send(conn, [m.error_reply(exc)])
                 return
             replies = await self.handle(request)
@@ -224,8 +265,15 @@ class Tapdisk:
         try:
             if t in REENTRANT:
                 return await self._dispatch(request)
-            async with self._exclusive:
-                return await self._dispatch(request)
+            if self._queued >= MAX_QUEUED_REQUESTS:
+                return [_error(errno.EBUSY, f"{MAX_QUEUED_REQUESTS} requests are queued "
+                               "already", request.cookie)]
+            self._queued += 1
+            try:
+                async with self._exclusive:
+                    return await self._dispatch(request)
+            finally:
+                self._queued -= 1
         except BlktapError as exc:
             if exc.errno not in (errno.EBUSY, errno.EINVAL, errno.ENOENT, errno.EEXIST):
                 log.error("%s of minor %d: %s", t.label, request.cookie, exc)

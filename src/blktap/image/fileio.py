@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import re
+import secrets
 import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from blktap.errors import FormatError
 
@@ -132,40 +135,221 @@ def write_zeros(fd: int, offset: int, length: int) -> None:
         length -= n
 
 
+# ------------------------------------------------------------------------------ staging
+# A new file is built where nobody sees it and takes its name only once complete, so that a
+# crash never leaves a half-made file under the real name. Where the file system can, it
+# is built as an unnamed file (O_TMPFILE) in the target's folder and linked into place at
+# the end: a process killed even by SIGKILL leaves nothing, as the kernel frees an unnamed
+# file with its last descriptor. Elsewhere it is built in a private folder beside the
+# target, ``.blktap-<pid>-<random>``, which its owner holds flock'd for as long as it
+# lives; folders left by dead processes are removed by the next staging in that folder.
+STAGE_PREFIX = ".blktap-"
+NO_TMPFILE_ENV = "BLKTAP_NO_TMPFILE"  # set (to anything but "" or "0"): always a folder
+_STALE_RE = re.compile(r"\.blktap-(\d+)-")
+# O_TMPFILE is refused with these where the file system (or kernel) lacks it.
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
+# Stage paths handed out and not yet published: staging one again builds it in place.
+_live_stages: set[str] = set()
+
+
+def tmpfile_disabled() -> bool:
+    return os.environ.get(NO_TMPFILE_ENV, "") not in ("", "0")
+
+
 @contextmanager
 def staged_path(dst: str, *, replace: bool = False) -> Iterator[str]:
-    """A path to build a new file at, in a private folder beside ``dst``. When the block
+    """A path to build a new file at (an empty file, already created); when the block
     succeeds the file takes ``dst``'s name: linked into place (EEXIST if ``dst`` exists),
-    or with ``replace`` renamed over it. When it fails nothing is left behind, so a crash
-    never leaves a half-made file under the real name."""
+    or with ``replace`` renamed over it. When it fails, or the process is killed, nothing
+    is left under ``dst`` (see above for what may be left aside, and for how long).
+
+    The path may be a ``/proc/self/fd/N`` link to an unnamed file: open it, do not derive
+    other names from it. Staging a path this returned builds in place (so a helper that
+    stages its own output can write into a caller's stage)."""
+    if dst in _live_stages:
+        yield dst
+        return
     folder = os.path.dirname(os.path.abspath(dst))
+    name = os.path.basename(dst)
     if not replace and os.path.lexists(dst):
         raise FormatError(f"{dst}: {os.strerror(errno.EEXIST)}", errno.EEXIST)
     try:
-        workdir = tempfile.mkdtemp(prefix=".blktap-", dir=folder)
+        dirfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise FormatError(f"{dst}: {os.strerror(exc.errno)}", exc.errno) from None
     try:
-        tmp = os.path.join(workdir, os.path.basename(dst) or "image")
-        yield tmp
-        _publish(tmp, dst, replace)
+        remove_stale_stages(dirfd)
+        try:
+            stage = _TmpfileStage.create(dirfd) if not tmpfile_disabled() else None
+            if stage is None:
+                stage = _FolderStage.create(folder, name or "image")
+        except OSError as exc:
+            raise _stage_error(dst, exc) from None
+        _live_stages.add(stage.path)
+        try:
+            yield stage.path
+            stage.publish(name, dst, replace)
+        finally:
+            _live_stages.discard(stage.path)
+            stage.discard()
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        os.close(dirfd)
 
 
-def _publish(tmp: str, dst: str, replace: bool) -> None:
-    if replace:
-        os.replace(tmp, dst)
-        return
+def _stage_error(dst: str, exc: OSError) -> FormatError:
+    code = exc.errno or errno.EIO
+    return FormatError(f"{dst}: {os.strerror(code)}", code)
+
+
+class _TmpfileStage:
+    """An unnamed file in the target's folder, reached as /proc/self/fd/N."""
+
+    def __init__(self, dirfd: int, fd: int) -> None:
+        self.dirfd = dirfd
+        self.fd: int | None = fd
+        self.path = f"/proc/self/fd/{fd}"
+
+    @classmethod
+    def create(cls, dirfd: int) -> _TmpfileStage | None:
+        """None where unnamed files cannot be made, or linked (no /proc)."""
+        if not os.path.isdir("/proc/self/fd"):
+            return None
+        try:
+            fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644, dir_fd=dirfd)
+        except OSError as exc:
+            if exc.errno in _NO_TMPFILE:
+                return None
+            raise
+        return cls(dirfd, fd)
+
+    def publish(self, name: str, dst: str, replace: bool) -> None:
+        assert self.fd is not None
+        src = self.path
+        if not replace:
+            try:
+                # linkat(AT_SYMLINK_FOLLOW) through the /proc link names the unnamed file
+                # (a dst_dir_fd makes Python call linkat rather than link); it fails if
+                # the name exists, so nothing is ever overwritten.
+                os.link(src, name, dst_dir_fd=self.dirfd, follow_symlinks=True)
+            except OSError as exc:
+                raise _stage_error(dst, exc) from None
+            return
+        # Replacing: name it aside (flock'd, so no sweeper takes it), then rename over.
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        aside = _aside_name()
+        try:
+            os.link(src, aside, dst_dir_fd=self.dirfd, follow_symlinks=True)
+        except OSError as exc:
+            raise _stage_error(dst, exc) from None
+        try:
+            os.replace(aside, name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
+        except OSError as exc:
+            with suppress(OSError):
+                os.unlink(aside, dir_fd=self.dirfd)
+            raise _stage_error(dst, exc) from None
+
+    def discard(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)  # an unnamed file goes with its last descriptor
+
+
+class _FolderStage:
+    """A file in a private folder beside the target, the folder flock'd by its owner."""
+
+    def __init__(self, workdir: str, lock: int, path: str) -> None:
+        self.workdir = workdir
+        self.lock: int | None = lock
+        self.path = path
+
+    @classmethod
+    def create(cls, folder: str, name: str) -> _FolderStage:
+        workdir = tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=folder)
+        try:
+            lock = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                path = os.path.join(workdir, name)
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o644))
+            except BaseException:
+                os.close(lock)
+                raise
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return cls(workdir, lock, path)
+
+    def publish(self, name: str, dst: str, replace: bool) -> None:
+        if replace:
+            os.replace(self.path, dst)
+            return
+        try:
+            os.link(self.path, dst)
+            return
+        except FileExistsError:
+            raise FormatError(f"{dst}: {os.strerror(errno.EEXIST)}", errno.EEXIST) from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                raise _stage_error(dst, exc) from None
+        # A file system without hard links: check, then rename (not atomic, but close).
+        if os.path.lexists(dst):
+            raise FormatError(f"{dst}: {os.strerror(errno.EEXIST)}", errno.EEXIST)
+        os.rename(self.path, dst)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.lock is not None:
+            lock, self.lock = self.lock, None
+            os.close(lock)
+
+
+def _aside_name() -> str:
+    return f"{STAGE_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        os.link(tmp, dst)
-        return
-    except FileExistsError:
-        raise FormatError(f"{dst}: {os.strerror(errno.EEXIST)}", errno.EEXIST) from None
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
-            raise FormatError(f"{dst}: {os.strerror(exc.errno)}", exc.errno) from None
-    # A file system without hard links: check, then rename (not atomic, but close).
-    if os.path.lexists(dst):
-        raise FormatError(f"{dst}: {os.strerror(errno.EEXIST)}", errno.EEXIST)
-    os.rename(tmp, dst)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_stages(dirfd: int) -> list[str]:
+    """Remove what dead stagings left in the folder ``dirfd``: ``.blktap-<pid>-*``
+    folders (and files) whose process is gone and whose flock nobody holds (the flock
+    makes a reused pid, or a pid of another namespace, safe). Best effort: returns the
+    names removed."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(dirfd)
+    except OSError:
+        return removed
+    for entry in names:
+        hit = _STALE_RE.match(entry)
+        if hit is None or _pid_alive(int(hit[1])):
+            continue
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dirfd)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its owner lives (in another pid namespace, say)
+            try:
+                if stat.S_ISDIR(os.fstat(fd).st_mode):
+                    shutil.rmtree(entry, dir_fd=dirfd)
+                else:
+                    os.unlink(entry, dir_fd=dirfd)
+            except OSError:
+                continue
+            removed.append(entry)
+        finally:
+            os.close(fd)
+    return removed

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from blktap.cli.common import TERMINATED_EXIT, Terminated, sigterm_raises
 from blktap.cli.vhd_util.options import Exit, Output, Usage
 from blktap.errors import BlktapError
 
@@ -74,9 +75,12 @@ def run(argv: list[str], out: Output) -> int:
 def main(argv: list[str] | None = None) -> int:
     out = Output()
     try:
-        code = run(sys.argv if argv is None else argv, out)
+        with sigterm_raises():  # so that a file being built is discarded, as on Ctrl-C
+            code = run(sys.argv if argv is None else argv, out)
     except KeyboardInterrupt:
         code = 130
+    except Terminated:
+        code = TERMINATED_EXIT
     except BrokenPipeError:
         code = 32
     finally:

@@ -113,7 +113,7 @@ def _publish(path: str, writer) -> None:  # noqa: ANN001 - a callable taking an 
     """Write a new file aside, then link it into place (see fileio.staged_path)."""
     with staged_path(path) as tmp:
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)  # the stage's own, empty file
         except OSError as exc:
             raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
         try:
