@@ -239,7 +239,7 @@ def test_eviction_and_the_queue_limit(tmp_path: Path, monkeypatch: pytest.Monkey
     from blktap.control import message as m
     from blktap.control.message import Message, MessageType
     from blktap.control.rundir import RunDir
-    from blktap.tapdisk import daemon as daemon_mod
+    from blktap.daemon import tapdisk as daemon_mod
 
     monkeypatch.setattr(daemon_mod, "MAX_WAITING_CONNECTIONS", 4)
     monkeypatch.setattr(daemon_mod, "MAX_QUEUED_REQUESTS", 3)
