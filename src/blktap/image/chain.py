@@ -12,6 +12,7 @@ decrypted as they are read; holes and the end of the chain read as plain zeros.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,11 +24,14 @@ from blktap.errors import (
     FormatError,
     OutOfRange,
     ParentLoop,
+    ParentNotFound,
     UnsupportedImage,
     UsageError,
 )
 from blktap.image.crypto import XtsCipher
 from blktap.image.fileio import file_size_of, pread_exact, preadv_into, zero_fill
+from blktap.image.qcow2 import image as q2
+from blktap.image.qcow2.image import Qcow2Image
 from blktap.image.raw import RawImage
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
@@ -37,11 +41,11 @@ SECTOR_SIZE = 512
 # More layers than this is a broken chain, not a real one (XenServer stops at 30).
 DEFAULT_MAX_DEPTH = 256
 
-Layer = VhdImage | RawImage
+Layer = VhdImage | RawImage | Qcow2Image
 
-FORMATS = ("vhd", "raw")
+FORMATS = ("vhd", "raw", "qcow2")
 # Prefixes accepted in image arguments: tapdisk's driver names and plain format names.
-PREFIXES = {"vhd": "vhd", "aio": "raw", "raw": "raw"}
+PREFIXES = {"vhd": "vhd", "aio": "raw", "raw": "raw", "qcow2": "qcow2"}
 
 
 def parse_spec(spec: str) -> tuple[str | None, str]:
@@ -73,7 +77,7 @@ def probe(path: str) -> str:
                 os.pread(fd, 8, s.FOOTER_SIZE) == s.HEADER_COOKIE:
             return "vhd"
         if head[:4] == b"QFI\xfb":
-            raise UnsupportedImage(f"{path}: qcow2 images are not supported yet")
+            return "qcow2"
         if size >= s.FOOTER_SIZE:
             tail = pread_exact(fd, 8, size - s.FOOTER_SIZE)
             if tail in (s.FOOTER_COOKIE, s.POISON_COOKIE):
@@ -89,6 +93,8 @@ def open_layer(path: str, fmt: str | None, *, writable: bool = False) -> Layer:
         return VhdImage.open(path, writable=writable)
     if fmt == "raw":
         return RawImage.open(path, writable=writable)
+    if fmt == "qcow2":
+        return Qcow2Image.open(path, writable=writable)
     raise UsageError(f"unknown image format {fmt!r}")
 
 
@@ -111,6 +117,10 @@ class Chain:
         self.layers = layers
         # Per layer: the cipher of an encrypted VHD, None for data stored as it reads.
         self.ciphers = ciphers if ciphers is not None else [None] * len(layers)
+        # A qcow2 layer fills new clusters with what lies below it (copy on write).
+        for depth, layer in enumerate(layers):
+            if isinstance(layer, Qcow2Image):
+                layer.read_below = functools.partial(self._read, depth + 1)
 
     @classmethod
     def open(cls, spec: str, *, writable: bool = False, max_depth: int = DEFAULT_MAX_DEPTH,
@@ -135,11 +145,21 @@ class Chain:
             layers.append(leaf)
             seen = {cls._identity(leaf)}
             current: Layer = leaf
-            while isinstance(current, VhdImage) and current.is_differencing:
+            while isinstance(current, Qcow2Image) and current.is_differencing or \
+                    isinstance(current, VhdImage) and current.is_differencing:
                 if len(layers) >= max_depth:
                     raise ChainTooDeep(f"{path}: chain deeper than {max_depth} images")
-                parent_path = current.parent_path()
                 parent: Layer
+                if isinstance(current, Qcow2Image):
+                    parent_path, parent = _open_qcow2_backing(current)
+                    layers.append(parent)
+                    if cls._identity(parent) in seen:
+                        raise ParentLoop(f"{path}: backing chain loops back to "
+                                         f"{parent_path}")
+                    seen.add(cls._identity(parent))
+                    current = parent
+                    continue
+                parent_path = current.parent_path()
                 if current.parent_is_raw:
                     parent = RawImage.open(parent_path)
                 else:
@@ -221,6 +241,9 @@ class Chain:
             count = keep
             if not count:
                 return
+        if isinstance(layer, Qcow2Image):
+            layer.readinto_layer(sector, count, view, functools.partial(self._read, depth + 1))
+            return
         for first, n, file_off in layer.extents(sector, count):
             sub = view[(first - sector) * SECTOR_SIZE : (first - sector + n) * SECTOR_SIZE]
             if file_off is None:
@@ -328,6 +351,12 @@ class Chain:
                         yield first, n, depth
                     else:
                         yield from self._map(depth + 1, first, n)
+            elif isinstance(layer, Qcow2Image):
+                for first, n, kind in layer.status(sector, count):
+                    if kind == q2.HOLE:
+                        yield from self._map(depth + 1, first, n)
+                    else:
+                        yield first, n, depth
             else:
                 for first, n, file_off in layer.extents(sector, count):
                     if file_off is None:
@@ -352,3 +381,21 @@ def open_chain(spec: str, *, key: bytes | None = None, writable: bool = False) -
                        for layer in probe_chain.layers):
                 key = None
     return Chain.open(spec, writable=writable, key=key)
+
+
+# Formats a qcow2 image may name for its backing file.
+QCOW2_BACKING_FORMATS = ("qcow2", "raw", "vhd")
+
+
+def _open_qcow2_backing(child: Qcow2Image) -> tuple[str, Layer]:
+    """Open the backing file a qcow2 layer names, in the format it names (probed when it
+    names none, as qemu does)."""
+    path = child.backing_path()
+    assert path is not None
+    fmt = child.backing_format or None
+    if fmt is not None and fmt not in QCOW2_BACKING_FORMATS:
+        raise UnsupportedImage(f"{child.path}: backing file {path} has format {fmt!r} "
+                               f"(supported: {', '.join(QCOW2_BACKING_FORMATS)})")
+    if not os.path.exists(path):
+        raise ParentNotFound(f"{child.path}: backing file {path} not found")
+    return path, open_layer(path, fmt)

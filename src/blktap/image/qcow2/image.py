@@ -1,0 +1,796 @@
+"""Reading and writing one qcow2 file (versions 2 and 3).
+
+A :class:`Qcow2Image` is one layer: for each part of the virtual disk it says whether it
+holds data (and where), reads as zeros, holds a compressed cluster, or passes the read to
+its backing file. Resolving the backing chain is :mod:`blktap.image.chain`'s job; a chain
+gives each qcow2 layer a reader of what lies below it (``read_below``), which writes need
+to fill the rest of a newly allocated cluster (copy-on-write).
+
+Write ordering (docs/formats/qcow2.md): a write into a cluster the image does not own yet
+goes, system call by system call,
+
+1. the cluster's data (old contents merged with the new) into a new cluster at the end;
+2. the refcount of the new cluster (a new refcount block first when needed);
+3. the L2 entry that points at it (a new L2 table is made, counted and linked from the L1
+   table before that: an empty table is valid);
+4. the refcount of the cluster it replaced, lowered (a shared or compressed one).
+
+A process killed between any two steps leaves an image whose only defect ``qemu-img
+check`` can report is a leaked cluster.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import os
+import sys
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+from blktap.errors import (
+    ChainError,
+    FormatError,
+    OutOfRange,
+    ReadOnlyImage,
+    UnsupportedImage,
+)
+from blktap.image.fileio import file_size_of, pread_exact, preadv_into, pwrite_all, zero_fill
+from blktap.image.qcow2 import structs as s
+from blktap.image.qcow2 import validate as v
+from blktap.image.qcow2.refcount import Refcounts
+from blktap.io.syscalls import punch_hole
+
+SECTOR_SIZE = 512
+L2_CACHE_TABLES = 4096
+
+# What a run of the virtual disk is, in this layer.
+HOLE = 0  # not here: read the backing file (zeros without one)
+ZERO = 1  # reads as zeros
+DATA = 2  # stored at a host offset
+COMPRESSED = 3  # a compressed cluster (host: the guest cluster index)
+
+ReadBelow = Callable[[int, int, memoryview], None]
+
+
+def _be_array(raw: bytes) -> array.array:
+    arr = array.array("Q")
+    arr.frombytes(raw)
+    if sys.byteorder == "little":
+        arr.byteswap()
+    return arr
+
+
+def _be_bytes(arr: array.array) -> bytes:
+    out = array.array("Q", arr)
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out.tobytes()
+
+
+class Qcow2Image:
+    """One open qcow2 file."""
+
+    def __init__(self, path: str, fd: int, writable: bool, header: s.Header,
+                 file_size: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.data_fd = fd
+        self.writable = writable
+        self.header = header
+        self.file_size = file_size
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.extended = header.extended_l2
+        self.l2_entry_words = 2 if self.extended else 1
+        self.l2_entries = self.cluster_size // (8 * self.l2_entry_words)
+        self.subcluster_size = self.cluster_size // s.SUBCLUSTERS if self.extended else \
+            self.cluster_size
+        self.extensions: list[s.Extension] = []
+        self.feature_names: dict[tuple[int, int], str] = {}
+        self.backing_file: str | None = None
+        self.backing_format: str | None = None
+        self.data_file: str | None = None
+        self.bitmaps: s.BitmapsExtension | None = None
+        self.snapshots: list[s.Snapshot] = []
+        self.snapshot: s.Snapshot | None = None
+        self.l1 = array.array("Q")
+        self.refcounts: Refcounts | None = None
+        self.read_below: ReadBelow | None = None
+        self._l2_cache: OrderedDict[int, array.array] = OrderedDict()
+        self._inflated: tuple[int, bytes] | None = None
+        self._dirty = False
+        self._closed = False
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str, *, writable: bool = False,
+             snapshot: str | None = None) -> Qcow2Image:
+        """Open and validate a qcow2 image; ``snapshot`` (an id or a name) opens that
+        internal snapshot's disk, read-only."""
+        if snapshot is not None and writable:
+            raise UnsupportedImage(f"{path}: internal snapshots are opened read-only")
+        try:
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError as exc:
+            raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
+        image = None
+        try:
+            image = cls._load(path, fd, writable)
+            if snapshot is not None:
+                image._select_snapshot(snapshot)
+            if writable:
+                image._prepare_writes()
+        except OSError as exc:
+            if image is not None:
+                image._close_data_file()
+            os.close(fd)
+            raise FormatError(f"{path}: {os.strerror(exc.errno or errno.EIO)}",
+                              exc.errno or errno.EIO) from None
+        except BaseException:
+            if image is not None:
+                image._close_data_file()
+            os.close(fd)
+            raise
+        return image
+
+    @classmethod
+    def _load(cls, path: str, fd: int, writable: bool) -> Qcow2Image:
+        size = file_size_of(fd)
+        head = os.pread(fd, 4096, 0)
+        if len(head) < s.V2_HEADER_SIZE or head[:4] != s.MAGIC:
+            raise FormatError(f"{path}: not a qcow2 image")
+        header = s.Header.unpack(head.ljust(s.V3_HEADER_SIZE + 8, b"\0"))
+        problem = v.header_problem(header, size)
+        if problem:
+            raise FormatError(f"{path}: invalid qcow2 header: {problem}")
+        cs = header.cluster_size
+        first = os.pread(fd, cs, 0).ljust(cs, b"\0")
+        header = s.Header.unpack(first)
+        image = cls(path, fd, writable, header, size)
+        image._load_extensions(first)
+        unsupported = v.unsupported_features(header, image.feature_names)
+        if unsupported:
+            raise UnsupportedImage(f"{path}: {unsupported}")
+        if header.backing_file_offset:
+            raw = first[header.backing_file_offset :
+                        header.backing_file_offset + header.backing_file_size]
+            try:
+                image.backing_file = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise FormatError(f"{path}: backing file name is not UTF-8") from None
+            if not image.backing_file:
+                image.backing_file = None
+        image.l1 = _be_array(pread_exact(fd, header.l1_size * 8, header.l1_table_offset))
+        image._check_l1(image.l1, "L1 table")
+        image._load_snapshots()
+        image._open_data_file()
+        return image
+
+    def _load_extensions(self, first: bytes) -> None:
+        h = self.header
+        start = h.extensions_offset
+        end = self.cluster_size
+        if h.backing_file_offset and h.backing_file_offset > start:
+            end = h.backing_file_offset
+        parsed = s.unpack_extensions(first[start:end])
+        if isinstance(parsed, str):
+            raise FormatError(f"{self.path}: {parsed}")
+        self.extensions = parsed[0]
+        for ext in self.extensions:
+            if ext.type == s.EXT_BACKING_FORMAT:
+                self.backing_format = ext.data.decode("utf-8", "replace").rstrip("\0")
+            elif ext.type == s.EXT_FEATURE_NAMES:
+                self.feature_names = s.unpack_feature_names(ext.data)
+            elif ext.type == s.EXT_DATA_FILE:
+                self.data_file = ext.data.decode("utf-8", "replace").rstrip("\0")
+            elif ext.type == s.EXT_BITMAPS:
+                self.bitmaps = s.BitmapsExtension.unpack(ext.data)
+                if self.bitmaps is None:
+                    raise FormatError(f"{self.path}: bitmaps extension too short")
+        if h.incompatible_features & s.INCOMPAT_DATA_FILE and not self.data_file:
+            raise FormatError(f"{self.path}: external data file bit set but no file named")
+
+    def _open_data_file(self) -> None:
+        if not self.header.incompatible_features & s.INCOMPAT_DATA_FILE:
+            return
+        assert self.data_file is not None
+        if self.writable:
+            raise UnsupportedImage(f"{self.path}: writing images with an external data "
+                                   f"file is not supported (reading is)")
+        path = self.resolve(self.data_file)
+        try:
+            self.data_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise FormatError(f"{self.path}: external data file {path}: "
+                              f"{os.strerror(exc.errno)}", exc.errno) from None
+
+    def _close_data_file(self) -> None:
+        if self.data_fd != self.fd:
+            os.close(self.data_fd)
+            self.data_fd = self.fd
+
+    def _check_l1(self, l1: array.array, what: str) -> None:
+        cs = self.cluster_size
+        for i, entry in enumerate(l1):
+            off = entry & s.L1_OFFSET_MASK
+            if not off:
+                continue
+            if off % cs:
+                raise FormatError(f"{self.path}: {what} entry {i}: L2 table offset "
+                                  f"{off:#x} is not cluster aligned")
+            if off + cs > self.file_size and not self.writable:
+                raise FormatError(f"{self.path}: {what} entry {i}: L2 table at {off:#x} "
+                                  f"lies past the end of the file")
+            if off + cs > self.file_size:
+                raise FormatError(f"{self.path}: {what} entry {i}: L2 table at {off:#x} "
+                                  f"lies past the end of the file")
+            h = self.header
+            for name, start, length in v.tables(h):
+                if start <= off < start + length or off == 0:
+                    raise FormatError(f"{self.path}: {what} entry {i}: L2 table at "
+                                      f"{off:#x} overlaps the {name}")
+
+    def _load_snapshots(self) -> None:
+        h = self.header
+        if not h.nb_snapshots:
+            return
+        raw = os.pread(self.fd, min(self.file_size - h.snapshots_offset,
+                                    h.nb_snapshots * 1024 + 65536), h.snapshots_offset)
+        pos = 0
+        for _ in range(h.nb_snapshots):
+            snap = s.unpack_snapshot(raw, pos)
+            if isinstance(snap, str):
+                raise FormatError(f"{self.path}: {snap}")
+            if snap.l1_table_offset % self.cluster_size or \
+                    snap.l1_table_offset + snap.l1_size * 8 > self.file_size:
+                raise FormatError(f"{self.path}: snapshot {snap.id} has its L1 table "
+                                  f"misplaced")
+            self.snapshots.append(snap)
+            pos += snap.entry_size
+
+    def _select_snapshot(self, which: str) -> None:
+        for snap in self.snapshots:
+            if which in (snap.id, snap.name):
+                l1 = _be_array(pread_exact(self.fd, snap.l1_size * 8, snap.l1_table_offset))
+                self._check_l1(l1, f"snapshot {snap.id} L1 table")
+                self.l1 = l1
+                self.snapshot = snap
+                if snap.disk_size is not None:
+                    self.header.size = snap.disk_size
+                self._l2_cache.clear()
+                return
+        raise FormatError(f"{self.path}: no snapshot {which!r}", errno.ENOENT)
+
+    def _prepare_writes(self) -> None:
+        h = self.header
+        if h.incompatible_features & s.INCOMPAT_CORRUPT:
+            raise FormatError(f"{self.path}: marked corrupt: repair it (check -r all) "
+                              f"before writing", errno.EROFS)
+        if h.incompatible_features & s.INCOMPAT_DIRTY:
+            raise FormatError(f"{self.path}: dirty (lazy refcounts were not written "
+                              f"back): repair it (check -r all) before writing",
+                              errno.EROFS)
+        if self.snapshot is not None:
+            raise UnsupportedImage(f"{self.path}: snapshots are read-only")
+        self.refcounts = self.open_refcounts()
+
+    def open_refcounts(self) -> Refcounts:
+        h = self.header
+        end = max(self.file_size, h.refcount_table_offset
+                  + h.refcount_table_clusters * self.cluster_size)
+        return Refcounts(self.fd, self.path, self.cluster_bits, h.refcount_order,
+                         h.refcount_table_offset, h.refcount_table_clusters, self.file_size,
+                         end, self._table_moved)
+
+    def _table_moved(self, offset: int, clusters: int) -> None:
+        os.fsync(self.fd)
+        pwrite_all(self.fd, offset.to_bytes(8, "big") + clusters.to_bytes(4, "big"),
+                   s.OFF_REFTABLE)
+        os.fsync(self.fd)
+        self.header.refcount_table_offset = offset
+        self.header.refcount_table_clusters = clusters
+
+    def resolve(self, name: str) -> str:
+        """A file name from the header, relative to this image's folder."""
+        if os.path.isabs(name):
+            return name
+        return os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    @property
+    def sectors(self) -> int:
+        return -(-self.size // SECTOR_SIZE)
+
+    @property
+    def version(self) -> int:
+        return self.header.version
+
+    @property
+    def is_differencing(self) -> bool:
+        return self.backing_file is not None
+
+    def backing_path(self) -> str | None:
+        return self.resolve(self.backing_file) if self.backing_file else None
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.header.incompatible_features & s.INCOMPAT_DIRTY)
+
+    @property
+    def corrupt(self) -> bool:
+        return bool(self.header.incompatible_features & s.INCOMPAT_CORRUPT)
+
+    # ----------------------------------------------------------------- L2 tables
+    def l2_table(self, l1_index: int) -> array.array | None:
+        """The L2 table an L1 entry points at (entries as 64-bit words), or None."""
+        if l1_index >= len(self.l1):
+            return None
+        off = self.l1[l1_index] & s.L1_OFFSET_MASK
+        if not off:
+            return None
+        table = self._l2_cache.get(off)
+        if table is None:
+            table = _be_array(pread_exact(self.fd, self.cluster_size, off))
+            self._l2_cache[off] = table
+            if len(self._l2_cache) > L2_CACHE_TABLES:
+                self._l2_cache.popitem(last=False)
+        else:
+            self._l2_cache.move_to_end(off)
+        return table
+
+    def _entry(self, cluster: int) -> tuple[int, int]:
+        l1i, l2i = divmod(cluster, self.l2_entries)
+        table = self.l2_table(l1i)
+        if table is None:
+            return 0, 0
+        if self.extended:
+            return table[2 * l2i], table[2 * l2i + 1]
+        return table[l2i], 0
+
+    def _cluster_runs(self, cluster: int, lo: int, hi: int
+                      ) -> Iterator[tuple[int, int, int, int]]:
+        """Runs of bytes [lo, hi) inside one cluster: (in-cluster start, end, kind, host)."""
+        entry, bitmap = self._entry(cluster)
+        cs = self.cluster_size
+        if entry & s.OFLAG_COMPRESSED:
+            yield lo, hi, COMPRESSED, cluster
+            return
+        if entry & s.L2_STANDARD_RESERVED_MASK and not self.extended:
+            raise FormatError(f"{self.path}: L2 entry of cluster {cluster} has reserved "
+                              f"bits set ({entry:#x})")
+        off = entry & s.L2_OFFSET_MASK
+        if off % cs:
+            raise FormatError(f"{self.path}: data cluster {cluster} at {off:#x} is not "
+                              f"cluster aligned")
+        if not self.extended:
+            if entry & s.OFLAG_ZERO and self.version >= 3:
+                yield lo, hi, ZERO, 0
+            elif off:
+                yield lo, hi, DATA, off + lo
+            else:
+                yield lo, hi, HOLE, 0
+            return
+        alloc, zero = bitmap & s.SUBCLUSTER_ALLOC_MASK, bitmap >> 32
+        if alloc & zero:
+            raise FormatError(f"{self.path}: cluster {cluster}: subclusters both allocated "
+                              f"and zero (bitmap {bitmap:#x})")
+        if alloc and not off:
+            raise FormatError(f"{self.path}: cluster {cluster}: allocated subclusters "
+                              f"without a host cluster")
+        sc = self.subcluster_size
+        pos = lo
+        while pos < hi:
+            j = pos // sc
+            end = min(hi, (j + 1) * sc)
+            if alloc >> j & 1:
+                yield pos, end, DATA, off + pos
+            elif zero >> j & 1:
+                yield pos, end, ZERO, 0
+            else:
+                yield pos, end, HOLE, 0
+            pos = end
+
+    def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """Byte runs (start, length, kind, host) of the virtual disk, merged."""
+        cs = self.cluster_size
+        pos, end = offset, offset + length
+        cur: list[int] | None = None
+        while pos < end:
+            cluster, within = divmod(pos, cs)
+            stop = min(cs, within + end - pos)
+            base = cluster * cs
+            for lo, hi, kind, host in self._cluster_runs(cluster, within, stop):
+                start = base + lo
+                if cur is not None and cur[2] == kind and kind in (HOLE, ZERO) \
+                        and cur[0] + cur[1] == start:
+                    cur[1] += hi - lo
+                    continue
+                if cur is not None and kind == DATA and cur[2] == DATA \
+                        and cur[0] + cur[1] == start and cur[3] + cur[1] == host:
+                    cur[1] += hi - lo
+                    continue
+                if cur is not None:
+                    yield cur[0], cur[1], cur[2], cur[3]
+                cur = [start, hi - lo, kind, host]
+            pos = base + stop
+        if cur is not None:
+            yield cur[0], cur[1], cur[2], cur[3]
+
+    def extents(self, sector: int, count: int) -> Iterator[tuple[int, int, int | None]]:
+        """As VhdImage.extents: (first sector, count, file offset or None). Zero and
+        compressed runs have no offset to read: use :meth:`readinto_layer`."""
+        for start, n, kind, host in self.runs(sector * SECTOR_SIZE, count * SECTOR_SIZE):
+            yield start // SECTOR_SIZE, n // SECTOR_SIZE, host if kind == DATA else None
+
+    def status(self, sector: int, count: int) -> Iterator[tuple[int, int, int]]:
+        """(first sector, count, kind) for block status and maps."""
+        for start, n, kind, _host in self.runs(sector * SECTOR_SIZE, count * SECTOR_SIZE):
+            yield start // SECTOR_SIZE, n // SECTOR_SIZE, DATA if kind == COMPRESSED else kind
+
+    # ----------------------------------------------------------------- reading
+    def readinto_layer(self, sector: int, count: int, view: memoryview,
+                       below: ReadBelow | None = None) -> None:
+        """Fill ``view`` (count sectors) with this layer's view of the disk; what it does
+        not hold comes from ``below`` (zeros without it)."""
+        base = sector * SECTOR_SIZE
+        for start, n, kind, host in self.runs(base, count * SECTOR_SIZE):
+            sub = view[start - base : start - base + n]
+            if kind == DATA:
+                preadv_into(self.data_fd, sub, host)
+            elif kind == ZERO:
+                zero_fill(sub)
+            elif kind == HOLE:
+                if below is None:
+                    zero_fill(sub)
+                else:
+                    below(start // SECTOR_SIZE, n // SECTOR_SIZE, sub)
+            else:
+                cluster = host
+                data = self.inflate(cluster)
+                within = start - cluster * self.cluster_size
+                sub[:] = data[within : within + n]
+
+    def read(self, sector: int, count: int) -> bytearray:
+        buf = bytearray(count * SECTOR_SIZE)
+        self.readinto_layer(sector, count, memoryview(buf), self.read_below)
+        return buf
+
+    def compressed_span(self, entry: int) -> tuple[int, int]:
+        """(host offset, bytes) of a compressed cluster descriptor."""
+        mask, shift = s.compressed_geometry(self.cluster_bits)
+        desc = entry & ((1 << 62) - 1)
+        coff = desc & mask & ((1 << 56) - 1)
+        nsec = desc >> shift
+        return coff, (nsec + 1) * SECTOR_SIZE - (coff & (SECTOR_SIZE - 1))
+
+    def inflate(self, cluster: int) -> bytes:
+        """The contents of a compressed cluster (the last one is kept)."""
+        if self._inflated is not None and self._inflated[0] == cluster:
+            return self._inflated[1]
+        entry, _ = self._entry(cluster)
+        coff, clen = self.compressed_span(entry)
+        raw = os.pread(self.data_fd, clen, coff)
+        cs = self.cluster_size
+        problem = None
+        data = b""
+        if self.header.compression_type == s.COMPRESSION_ZSTD:
+            try:
+                import zstandard  # noqa: PLC0415
+            except ImportError:
+                raise UnsupportedImage(f"{self.path}: zstd-compressed clusters need the "
+                                       f"'zstandard' Python package") from None
+            try:
+                dobj = zstandard.ZstdDecompressor().decompressobj()
+                data = dobj.decompress(raw)
+            except zstandard.ZstdError as exc:
+                problem = str(exc)
+        else:
+            try:
+                dobj = zlib.decompressobj(-12)
+                data = dobj.decompress(raw, cs)
+            except zlib.error as exc:
+                problem = str(exc)
+        if problem is None and len(data) < cs:
+            problem = f"inflates to {len(data)} bytes, not {cs}"
+        if problem is not None:
+            raise FormatError(f"{self.path}: compressed cluster {cluster} (at {coff:#x}, "
+                              f"{clen} bytes) does not inflate: {problem}")
+        data = bytes(data[:cs])
+        self._inflated = (cluster, data)
+        return data
+
+    # ----------------------------------------------------------------- writing
+    def _require_writable(self) -> None:
+        if not self.writable or self.refcounts is None:
+            raise ReadOnlyImage(f"{self.path} is open read-only")
+
+    def _check_range(self, sector: int, nbytes: int) -> None:
+        if sector < 0 or sector * SECTOR_SIZE + nbytes > self.sectors * SECTOR_SIZE:
+            raise OutOfRange(f"write past the end of {self.path}", errno.ENOSPC)
+
+    def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
+        """Write whole sectors."""
+        self._require_writable()
+        view = memoryview(data).cast("B")
+        self._check_range(sector, len(view))
+        cs = self.cluster_size
+        pos, end = sector * SECTOR_SIZE, sector * SECTOR_SIZE + len(view)
+        self._dirty = True
+        while pos < end:
+            cluster, within = divmod(pos, cs)
+            n = min(cs - within, end - pos)
+            done = pos - sector * SECTOR_SIZE
+            self._write_cluster(cluster, within, view[done : done + n])
+            pos += n
+
+    def _l2_for_write(self, cluster: int) -> tuple[array.array, int, int]:
+        """The L2 table for ``cluster`` owned by this image alone (made or copied as
+        needed): (table, its offset, index of the entry's first word)."""
+        rc = self.refcounts
+        assert rc is not None
+        l1i, l2i = divmod(cluster, self.l2_entries)
+        if l1i >= len(self.l1):
+            raise OutOfRange(f"cluster {cluster} beyond the L1 table of {self.path}")
+        entry = self.l1[l1i]
+        off = entry & s.L1_OFFSET_MASK
+        if off and entry & s.OFLAG_COPIED:
+            table = self.l2_table(l1i)
+            assert table is not None
+            return table, off, l2i * self.l2_entry_words
+        old = self.l2_table(l1i) if off else None
+        table = array.array("Q", old) if old is not None else \
+            array.array("Q", bytes(self.cluster_size))
+        new = rc.allocate(1)
+        pwrite_all(self.fd, _be_bytes(table), new)
+        rc.update(new >> self.cluster_bits, 1, +1)
+        self._set_l1(l1i, new | s.OFLAG_COPIED)
+        self._l2_cache[new] = table
+        if off:
+            self._release(off, 1)
+        return table, new, l2i * self.l2_entry_words
+
+    def _set_l1(self, index: int, value: int) -> None:
+        self.l1[index] = value
+        pwrite_all(self.fd, value.to_bytes(8, "big"), self.header.l1_table_offset + index * 8)
+
+    def _set_l2(self, table: array.array, table_off: int, word: int, entry: int,
+                bitmap: int | None = None) -> None:
+        table[word] = entry
+        raw = entry.to_bytes(8, "big")
+        if bitmap is not None:
+            table[word + 1] = bitmap
+            raw += bitmap.to_bytes(8, "big")
+        pwrite_all(self.fd, raw, table_off + word * 8)
+
+    def _release(self, offset: int, clusters: int) -> None:
+        """Lower the counts of clusters no longer referenced from here; punch the freed."""
+        rc = self.refcounts
+        assert rc is not None
+        freed = rc.update(offset >> self.cluster_bits, clusters, -1)
+        for c in freed:
+            self._punch(c << self.cluster_bits, self.cluster_size)
+
+    def _punch(self, offset: int, length: int) -> None:
+        with contextlib.suppress(OSError):
+            punch_hole(self.fd, offset, length)
+
+    def _release_entry(self, entry: int) -> None:
+        """Drop this image's reference to the host cluster(s) of an L2 entry."""
+        if entry & s.OFLAG_COMPRESSED:
+            coff, clen = self.compressed_span(entry)
+            first = coff >> self.cluster_bits
+            last = (coff + clen - 1) >> self.cluster_bits
+            self._release(first << self.cluster_bits, last - first + 1)
+            return
+        off = entry & s.L2_OFFSET_MASK
+        if off:
+            self._release(off, 1)
+
+    def _below(self, cluster: int, lo: int, hi: int, buf: memoryview) -> None:
+        """Fill buf (bytes [lo, hi) of the cluster) from what lies below this layer."""
+        base = cluster * self.cluster_size
+        if self.backing_file is None:
+            zero_fill(buf)
+            return
+        if self.read_below is None:
+            raise ChainError(f"{self.path}: writing needs its backing file: open it as "
+                             f"a chain")
+        # The virtual disk may end inside the cluster: what lies past it is zeros.
+        limit = max(0, min(hi, self.size - base) - lo)
+        limit -= limit % SECTOR_SIZE
+        if limit:
+            self.read_below((base + lo) // SECTOR_SIZE, limit // SECTOR_SIZE, buf[:limit])
+        zero_fill(buf[limit:])
+
+    def _old_contents(self, cluster: int, entry: int, bitmap: int) -> bytearray:
+        """What the whole cluster reads as now, through this layer."""
+        cs = self.cluster_size
+        buf = bytearray(cs)
+        view = memoryview(buf)
+        for lo, hi, kind, host in self._cluster_runs(cluster, 0, cs):
+            sub = view[lo:hi]
+            if kind == DATA:
+                preadv_into(self.fd, sub, host)
+            elif kind == HOLE:
+                self._below(cluster, lo, hi, sub)
+            elif kind == COMPRESSED:
+                sub[:] = self.inflate(cluster)[lo:hi]
+        return buf
+
+    def _write_cluster(self, cluster: int, within: int, data: memoryview) -> None:
+        table, table_off, word = self._l2_for_write(cluster)
+        entry = table[word]
+        bitmap = table[word + 1] if self.extended else 0
+        off = entry & s.L2_OFFSET_MASK
+        cs = self.cluster_size
+        compressed = bool(entry & s.OFLAG_COMPRESSED)
+        owned = bool(off) and not compressed and bool(entry & s.OFLAG_COPIED)
+        if owned and not self.extended:
+            if not entry & s.OFLAG_ZERO:
+                pwrite_all(self.fd, data, off + within)
+                return
+            # A preallocated zero cluster: write it whole, then drop the zero flag.
+            buf = bytearray(cs)
+            buf[within : within + len(data)] = data
+            pwrite_all(self.fd, buf, off)
+            self._set_l2(table, table_off, word, entry & ~s.OFLAG_ZERO)
+            return
+        if owned and self.extended:
+            self._write_subclusters(cluster, table, table_off, word, entry, bitmap,
+                                    within, data)
+            return
+        if self.extended and not off and not compressed:
+            # A new cluster for subclusters: only those the write touches are filled.
+            new = self.refcounts.allocate(1)  # type: ignore[union-attr]
+            self._write_subclusters(cluster, table, table_off, word, new | s.OFLAG_COPIED,
+                                    bitmap, within, data, fresh=True)
+            return
+        # Copy on write: a new cluster holding the old contents and the new data.
+        if within == 0 and len(data) == cs:
+            buf: bytearray | memoryview = data
+        else:
+            buf = self._old_contents(cluster, entry, bitmap)
+            buf[within : within + len(data)] = data
+        rc = self.refcounts
+        assert rc is not None
+        new = rc.allocate(1)
+        pwrite_all(self.fd, buf, new)
+        rc.update(new >> self.cluster_bits, 1, +1)
+        if self.extended:
+            self._set_l2(table, table_off, word, new | s.OFLAG_COPIED, s.SUBCLUSTER_ALLOC_MASK)
+        else:
+            self._set_l2(table, table_off, word, new | s.OFLAG_COPIED)
+        if self._inflated is not None and self._inflated[0] == cluster:
+            self._inflated = None
+        if off or compressed:
+            self._release_entry(entry)
+
+    def _write_subclusters(self, cluster: int, table: array.array, table_off: int, word: int,
+                           entry: int, bitmap: int, within: int, data: memoryview, *,
+                           fresh: bool = False) -> None:
+        sc = self.subcluster_size
+        off = entry & s.L2_OFFSET_MASK
+        first, last = within // sc, (within + len(data) - 1) // sc
+        alloc, zero = bitmap & s.SUBCLUSTER_ALLOC_MASK, bitmap >> 32
+        lo, hi = first * sc, (last + 1) * sc
+        need = any(not alloc >> j & 1 for j in range(first, last + 1))
+        if not need:
+            pwrite_all(self.fd, data, off + within)
+            return
+        # Fill the partly written subclusters at both ends from what they read as now.
+        buf = bytearray(hi - lo)
+        view = memoryview(buf)
+        for j in sorted({first, last}):
+            if within <= j * sc and within + len(data) >= (j + 1) * sc:
+                continue
+            sub = view[j * sc - lo : (j + 1) * sc - lo]
+            if alloc >> j & 1:
+                preadv_into(self.fd, sub, off + j * sc)
+            elif not zero >> j & 1:
+                self._below(cluster, j * sc, (j + 1) * sc, sub)
+        buf[within - lo : within - lo + len(data)] = data
+        pwrite_all(self.fd, buf, off + lo)
+        mask = ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
+        new_bitmap = (alloc | mask) | ((zero & ~mask) << 32)
+        if fresh:
+            self.refcounts.update(off >> self.cluster_bits, 1, +1)  # type: ignore[union-attr]
+        self._set_l2(table, table_off, word, entry, new_bitmap)
+
+    # ----------------------------------------------------------------- discard, zeroes
+    def discard(self, sector: int, count: int) -> None:
+        """Drop whole clusters (a partial cluster is left as it is): they read as zeros
+        afterwards where the format can say so (v3 with a backing file: the zero flag),
+        else as unallocated (zeros, or the backing file's data on a v2 image)."""
+        self._require_writable()
+        self._check_range(sector, count * SECTOR_SIZE)
+        self._drop_clusters(sector, count, zero=self.backing_file is not None)
+
+    def write_zeroes(self, sector: int, count: int) -> None:
+        """Make sectors read as zeros: whole clusters by their L2 entry (the zero flag,
+        or unallocated where nothing lies below), freeing their data; the rest by
+        writing zeros."""
+        self._require_writable()
+        self._check_range(sector, count * SECTOR_SIZE)
+        cs = self.cluster_size
+        pos, end = sector * SECTOR_SIZE, (sector + count) * SECTOR_SIZE
+        head = min(end, -(-pos // cs) * cs)
+        tail = max(head, end // cs * cs)
+        if self.backing_file is not None and self.version < 3:
+            head = tail = end
+        self._dirty = True
+        for a, b in ((pos, head), (tail, end)):
+            while a < b:
+                n = min(b - a, 1 << 20)
+                self.write(a // SECTOR_SIZE, bytes(n))
+                a += n
+        if tail > head:
+            self._drop_clusters(head // SECTOR_SIZE, (tail - head) // SECTOR_SIZE,
+                                zero=True, exact=True)
+
+    def _drop_clusters(self, sector: int, count: int, *, zero: bool,
+                       exact: bool = False) -> None:
+        cs = self.cluster_size
+        start = -(-sector * SECTOR_SIZE // cs)
+        stop = min((sector + count) * SECTOR_SIZE, self.size) // cs
+        if (sector + count) * SECTOR_SIZE >= self.size:
+            stop = -(-self.size // cs)
+        use_zero = zero and self.version >= 3
+        if zero and not use_zero and not exact:
+            return
+        self._dirty = True
+        for cluster in range(start, stop):
+            l1i = cluster // self.l2_entries
+            if not self.l1[l1i] & s.L1_OFFSET_MASK and not use_zero:
+                continue
+            entry, bitmap = self._entry(cluster)
+            if self.extended:
+                target_bitmap = (s.SUBCLUSTER_ALLOC_MASK << 32) if use_zero else 0
+                if entry == 0 and bitmap == target_bitmap:
+                    continue
+            else:
+                target = s.OFLAG_ZERO if use_zero else 0
+                if entry == target:
+                    continue
+            table, table_off, word = self._l2_for_write(cluster)
+            entry = table[word]
+            if self.extended:
+                self._set_l2(table, table_off, word, 0, target_bitmap)
+            else:
+                self._set_l2(table, table_off, word, target)
+            if self._inflated is not None and self._inflated[0] == cluster:
+                self._inflated = None
+            self._release_entry(entry)
+
+    # ----------------------------------------------------------------- closing
+    def flush(self) -> None:
+        if self.writable and not self._closed:
+            os.fsync(self.fd)
+            self._dirty = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if self.writable and self._dirty:
+                os.fsync(self.fd)
+        finally:
+            self._closed = True
+            self._close_data_file()
+            os.close(self.fd)
+
+    def __enter__(self) -> Qcow2Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Qcow2Image {self.path} v{self.version} size={self.size} " \
+               f"cluster={self.cluster_size}>"
