@@ -106,10 +106,11 @@ class Qcow2Image:
 
     # ----------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: str, *, writable: bool = False,
-             snapshot: str | None = None) -> Qcow2Image:
+    def open(cls, path: str, *, writable: bool = False, snapshot: str | None = None,
+             for_check: bool = False) -> Qcow2Image:
         """Open and validate a qcow2 image; ``snapshot`` (an id or a name) opens that
-        internal snapshot's disk, read-only."""
+        internal snapshot's disk, read-only. ``for_check`` leaves the L1 entries to the
+        checker and lets it open a dirty or corrupt image for repair."""
         if snapshot is not None and writable:
             raise UnsupportedImage(f"{path}: internal snapshots are opened read-only")
         try:
@@ -118,11 +119,11 @@ class Qcow2Image:
             raise FormatError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
         image = None
         try:
-            image = cls._load(path, fd, writable)
+            image = cls._load(path, fd, writable, for_check)
             if snapshot is not None:
                 image._select_snapshot(snapshot)
             if writable:
-                image._prepare_writes()
+                image._prepare_writes(for_check)
         except OSError as exc:
             if image is not None:
                 image._close_data_file()
@@ -137,7 +138,8 @@ class Qcow2Image:
         return image
 
     @classmethod
-    def _load(cls, path: str, fd: int, writable: bool) -> Qcow2Image:
+    def _load(cls, path: str, fd: int, writable: bool, for_check: bool = False
+              ) -> Qcow2Image:
         size = file_size_of(fd)
         head = os.pread(fd, 4096, 0)
         if len(head) < s.V2_HEADER_SIZE or head[:4] != s.MAGIC:
@@ -164,7 +166,8 @@ class Qcow2Image:
             if not image.backing_file:
                 image.backing_file = None
         image.l1 = _be_array(pread_exact(fd, header.l1_size * 8, header.l1_table_offset))
-        image._check_l1(image.l1, "L1 table")
+        if not for_check:
+            image._check_l1(image.l1, "L1 table")
         image._load_snapshots()
         image._open_data_file()
         return image
@@ -221,9 +224,6 @@ class Qcow2Image:
             if off % cs:
                 raise FormatError(f"{self.path}: {what} entry {i}: L2 table offset "
                                   f"{off:#x} is not cluster aligned")
-            if off + cs > self.file_size and not self.writable:
-                raise FormatError(f"{self.path}: {what} entry {i}: L2 table at {off:#x} "
-                                  f"lies past the end of the file")
             if off + cs > self.file_size:
                 raise FormatError(f"{self.path}: {what} entry {i}: L2 table at {off:#x} "
                                   f"lies past the end of the file")
@@ -264,8 +264,10 @@ class Qcow2Image:
                 return
         raise FormatError(f"{self.path}: no snapshot {which!r}", errno.ENOENT)
 
-    def _prepare_writes(self) -> None:
+    def _prepare_writes(self, for_check: bool = False) -> None:
         h = self.header
+        if for_check:
+            return
         if h.incompatible_features & s.INCOMPAT_CORRUPT:
             raise FormatError(f"{self.path}: marked corrupt: repair it (check -r all) "
                               f"before writing", errno.EROFS)
