@@ -383,8 +383,8 @@ def open_chain(spec: str, *, key: bytes | None = None, writable: bool = False) -
     return Chain.open(spec, writable=writable, key=key)
 
 
-# Formats a qcow2 image may name for its backing file.
-QCOW2_BACKING_FORMATS = ("qcow2", "raw", "vhd")
+# Formats a qcow2 image may name for its backing file, in qemu's names and ours.
+QCOW2_BACKING_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vpc": "vhd", "vhd": "vhd"}
 
 
 def _open_qcow2_backing(child: Qcow2Image) -> tuple[str, Layer]:
@@ -392,9 +392,10 @@ def _open_qcow2_backing(child: Qcow2Image) -> tuple[str, Layer]:
     names none, as qemu does)."""
     path = child.backing_path()
     assert path is not None
-    fmt = child.backing_format or None
-    if fmt is not None and fmt not in QCOW2_BACKING_FORMATS:
-        raise UnsupportedImage(f"{child.path}: backing file {path} has format {fmt!r} "
+    named = child.backing_format or None
+    fmt = QCOW2_BACKING_FORMATS.get(named) if named is not None else None
+    if named is not None and fmt is None:
+        raise UnsupportedImage(f"{child.path}: backing file {path} has format {named!r} "
                                f"(supported: {', '.join(QCOW2_BACKING_FORMATS)})")
     if not os.path.exists(path):
         raise ParentNotFound(f"{child.path}: backing file {path} not found")
