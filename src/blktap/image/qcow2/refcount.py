@@ -96,9 +96,17 @@ class Refcounts:
     def allocate(self, count: int) -> int:
         """Reserve ``count`` contiguous clusters at the end of the image; their counts are
         raised by the caller (with :meth:`update`) once their contents are written."""
-        off = self.end
-        self.end += count * self.cs
-        return off
+        # A stray count past the end (a leak left by a crash) is stepped over, never
+        # raised further: the cluster stays leaked rather than doubly used.
+        first = self.end >> self.cluster_bits
+        c = first
+        while c < first + count:
+            if self.get(c):
+                first = c = c + 1
+                continue
+            c += 1
+        self.end = (first + count) << self.cluster_bits
+        return first << self.cluster_bits
 
     def update(self, cluster: int, count: int, delta: int) -> list[int]:
         """Add ``delta`` to the counts of ``count`` clusters from ``cluster``; returns the
