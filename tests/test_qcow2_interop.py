@@ -156,7 +156,6 @@ def test_backing_chains_mixed_formats(tmp_path: Path, depth: int) -> None:
     for i in range(1, depth + 1):
         layers.append((_make_layer(tmp_path, i, "qcow2", layers[-1], size), "qcow2"))
     leaf = layers[-1][0]
-    os.chdir(tmp_path)
     assert our_raw(leaf) == qemu_raw(leaf, tmp_path)
     with Chain.open(str(leaf)) as chain:
         assert len(chain) == depth + 1
