@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -395,6 +396,20 @@ class Channel:
             except (OSError, ssl.SSLError) as exc:
                 raise Closed(str(exc)) from None
             view = view[n:]
+
+    def peer_gone(self) -> bool:
+        """Whether the peer can take nothing more: it closed both directions, or the
+        connection was reset (a half-close, where it may still read, is not gone)."""
+        if self.closed:
+            return True
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        try:
+            events = poller.poll(0)
+        except OSError:
+            return True
+        return any(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                   for _, ev in events)
 
     # ------------------------------------------------------------------ TLS
     async def start_tls(self, context: ssl.SSLContext) -> None:

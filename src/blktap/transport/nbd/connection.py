@@ -4,8 +4,21 @@ The reader parses request headers straight from the receive buffer and starts on
 per request; requests parsed in the same turn of the event loop reach the VBD together,
 which merges neighbours. Write payloads land in pooled, page-aligned buffers; read
 replies go out as one ``sendmsg`` of header and data. Replies are never interleaved
-(one send lock) and handlers are never cancelled: a request in flight always finishes,
-so its buffer is never reused under an I/O thread.
+(one send lock).
+
+Memory: a request is admitted when the connection has room (:data:`MAX_IN_FLIGHT`
+requests, :data:`MAX_IN_FLIGHT_BYTES` of payload) and its buffer fits the server-wide
+:class:`~blktap.io.buffers.MemoryBudget`; otherwise the reader waits, in line with every
+other connection, and stops reading that socket meanwhile.
+
+A client that is gone (a reply could not be sent, the socket hung up or was reset, or it
+broke the protocol) gets nothing more done for it: its reader stops, so the requests it
+queued in the socket are never parsed, and the tasks of its reads are cancelled (the VBD
+drops what has not reached the disk yet and lets what has finish, the buffers coming
+back once no driver holds them). Writes and other commands are never cancelled: a write
+may still land, as it may when a client dies mid-write, and is then answered to nobody.
+After end of stream from a client that can still read (a half-close, or DISC) the
+requests in flight are finished and answered.
 
 Requests that break the rules get the error the protocol asks for (EINVAL for an unknown
 command, flag or a length over the maximum, EPERM for writes to a read-only export,
@@ -21,7 +34,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from blktap.errors import BlktapError
-from blktap.io.buffers import Buffer
+from blktap.io.buffers import Buffer, size_class
 from blktap.tapdisk.vbd import errno_of
 from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.handshake import Dropped, Session
@@ -68,13 +81,15 @@ class Connection:
         self.session = session
         self.vbd = session.export.vbd
         self.pool = server.pool
+        self.budget = server.pool.budget
         self.peer = peer
         self.tasks: set[asyncio.Task] = set()
+        self.reads: set[asyncio.Task] = set()  # cancelled if the client goes away
         # Requests admitted and not yet answered, and the payload bytes they hold.
         self.in_flight = 0
         self.bytes_in_flight = 0
         self.freed = asyncio.Event()
-        self.broken = False
+        self.broken = False  # nobody can be answered: the client is gone
         self.reader: asyncio.Task | None = None
         # Cached: asyncio.get_running_loop() costs a getpid() system call per call.
         self.loop = server.loop
@@ -89,9 +104,11 @@ class Connection:
         try:
             await self.reader
         except Closed:
-            pass
+            if self.ch.peer_gone():
+                self._die()
         except Dropped as exc:
             log.warning("%s: dropping client: %s", self.peer, exc)
+            self._die()
         except asyncio.CancelledError:
             if not self.reader.cancelled():
                 raise  # we were cancelled ourselves, not just the reader
@@ -101,6 +118,18 @@ class Connection:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
             # Replies posted by the reader have no task: they leave before the close.
             await self.ch.drain()
+
+    def _die(self) -> None:
+        """The client cannot be answered any more: stop reading its requests and cancel
+        its reads (see the module's docstring)."""
+        if self.broken:
+            return
+        self.broken = True
+        self.ch.on_data = None
+        if self.reader is not None and not self.reader.done():
+            self.reader.cancel()
+        for task in self.reads:
+            task.cancel()
 
     def stop_reading(self) -> None:
         """Take no more requests (server shutdown); those in flight still complete."""
@@ -114,6 +143,8 @@ class Connection:
         budget = FAIRNESS_BUDGET
         while True:
             await ch.fill(p.REQUEST.size, between_messages=True)
+            if self.broken:  # (fill need not wait, so the cancellation may not land)
+                raise Closed("the client is gone")
             magic, flags, cmd, handle, offset, length = ch.unpack(p.REQUEST)
             if magic != p.REQUEST_MAGIC:
                 raise Dropped(f"bad request magic {magic:#x}")
@@ -195,12 +226,14 @@ class Connection:
             magic, flags, cmd, handle, offset, length = req.unpack_from(buf_bytes, ch.start)
             if (magic != p.REQUEST_MAGIC or cmd not in (p.CMD_READ, p.CMD_WRITE)
                     or self.broken or not self._can_admit(length)
+                    or not self.budget.fits(self._charge(length))
                     or self._validate(cmd, flags, offset, length, size) is not None):
                 return False
             if cmd == p.CMD_WRITE:
                 if ch.end - ch.start < req.size + length:
                     return False  # the reader receives the rest straight into a buffer
                 ch.consume(req.size)
+                self.budget.take(self._charge(length))
                 self._take(length)
                 buf = self.pool.get(length)
                 buf.view[:] = ch.view[ch.start : ch.start + length]
@@ -208,6 +241,7 @@ class Connection:
                 self._serve_write(handle, flags, offset, buf, length)
             else:
                 ch.consume(req.size)
+                self.budget.take(self._charge(length))
                 self._take(length)
                 self._serve_read(handle, flags, offset, length)
         return ch.end - ch.start < req.size
@@ -215,11 +249,14 @@ class Connection:
     # ------------------------------------------------------------------ reads and writes
     def _serve_read(self, handle: int, flags: int, offset: int, length: int) -> None:
         """An admitted read: served at once if the VBD's side door can, else by a task."""
+        if self.broken:
+            self._release(None, length)
+            return
         buf = self.pool.get(length)
         if length and self.vbd.read_now(offset, buf.view):
             self._post(self._data_reply(handle, offset, buf), buf, length)
         else:
-            self._start(self._read(handle, flags, offset, buf, length))
+            self._start(self._read(handle, flags, offset, buf, length), read=True)
 
     def _serve_write(self, handle: int, flags: int, offset: int, buf: Buffer,
                      length: int) -> None:
@@ -236,19 +273,31 @@ class Connection:
         self._post(self._ok_reply(handle), None, length)
 
     # ------------------------------------------------------------------ flow control
+    @staticmethod
+    def _charge(length: int) -> int:
+        """What a request of ``length`` payload bytes costs the memory budget: its
+        buffer (commands without a payload hold none)."""
+        return size_class(length) if length else 0
+
     def _can_admit(self, length: int) -> bool:
+        """Room on this connection (the budget is asked separately)."""
         return self.in_flight < MAX_IN_FLIGHT and (
             not self.bytes_in_flight or self.bytes_in_flight + length <= MAX_IN_FLIGHT_BYTES)
 
     def _take(self, length: int) -> None:
+        """Count a request in (its charge to the budget is the caller's)."""
         self.in_flight += 1
         self.bytes_in_flight += length
 
     async def _admit(self, length: int) -> None:
-        """Wait for room for one more request holding ``length`` payload bytes."""
+        """Wait for room for one more request holding ``length`` payload bytes: on this
+        connection, then in the server-wide budget (in line with the other
+        connections). The socket is not read meanwhile: the client waits."""
         while not self._can_admit(length):
             self.freed.clear()
             await self.freed.wait()
+        if length:
+            await self.budget.acquire(size_class(length))
         self._take(length)
 
     def _release(self, buf: Buffer | None, length: int) -> None:
@@ -256,12 +305,17 @@ class Connection:
             self.pool.put(buf)
         self.in_flight -= 1
         self.bytes_in_flight -= length
+        if length:
+            self.budget.release(size_class(length))
         self.freed.set()
 
-    def _start(self, coro: object) -> None:
+    def _start(self, coro: object, *, read: bool = False) -> None:
         task = self.loop.create_task(coro)  # type: ignore[arg-type]
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        if read:
+            self.reads.add(task)
+            task.add_done_callback(self.reads.discard)
 
     # ------------------------------------------------------------------ replies
     async def _send(self, bufs: list) -> None:
@@ -270,7 +324,7 @@ class Connection:
         try:
             await self.ch.send(bufs)
         except Closed:
-            self.broken = True  # the reader sees the end of stream and stops
+            self._die()
 
     def _ok_reply(self, handle: int) -> list:
         return [p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle)]
@@ -302,7 +356,7 @@ class Connection:
 
     def _posted(self, exc: BaseException | None, held: tuple[Buffer | None, int]) -> None:
         if exc is not None:
-            self.broken = True  # the reader sees the end of stream and stops
+            self._die()
         self._release(*held)
 
     async def _reply_ok(self, handle: int) -> None:
