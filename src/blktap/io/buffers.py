@@ -75,6 +75,8 @@ class MemoryBudget:
 
     def fits(self, n: int) -> bool:
         """Whether ``n`` bytes may be taken now (without overtaking a waiter)."""
+        if not n:
+            return True
         return not self._waiters and (not self.used or self.used + n <= self.limit)
 
     def take(self, n: int) -> None:

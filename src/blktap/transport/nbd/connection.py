@@ -55,6 +55,8 @@ MAX_STATUS_LENGTH = 1 << 31
 MAX_STATUS_EXTENTS = 1 << 16
 # Requests one connection's reader handles before it lets other tasks run.
 FAIRNESS_BUDGET = 64
+# How often a reader waiting for room looks whether its client hung up (seconds).
+HANGUP_CHECK = 0.25
 
 _ALLOWED_FLAGS = {
     p.CMD_READ: p.CMD_FLAG_FUA | p.CMD_FLAG_DF,
@@ -91,6 +93,7 @@ class Connection:
         self.freed = asyncio.Event()
         self.broken = False  # nobody can be answered: the client is gone
         self.reader: asyncio.Task | None = None
+        self._hangup_check: asyncio.TimerHandle | None = None
         # Cached: asyncio.get_running_loop() costs a getpid() system call per call.
         self.loop = server.loop
 
@@ -256,7 +259,7 @@ class Connection:
         if length and self.vbd.read_now(offset, buf.view):
             self._post(self._data_reply(handle, offset, buf), buf, length)
         else:
-            self._start(self._read(handle, flags, offset, buf, length), read=True)
+            self._start_read(handle, flags, offset, buf, length)
 
     def _serve_write(self, handle: int, flags: int, offset: int, buf: Buffer,
                      length: int) -> None:
@@ -293,12 +296,28 @@ class Connection:
         """Wait for room for one more request holding ``length`` payload bytes: on this
         connection, then in the server-wide budget (in line with the other
         connections). The socket is not read meanwhile: the client waits."""
-        while not self._can_admit(length):
-            self.freed.clear()
-            await self.freed.wait()
-        if length:
-            await self.budget.acquire(size_class(length))
+        charge = self._charge(length)
+        if self._can_admit(length) and self.budget.fits(charge):
+            self.budget.take(charge)
+            self._take(length)
+            return
+        # While it waits, nothing else would notice a client that hung up (its requests
+        # still fill the socket): look now and then, and stop reading for the dead.
+        self._hangup_check = self.loop.call_later(HANGUP_CHECK, self._check_hangup)
+        try:
+            while not self._can_admit(length):
+                self.freed.clear()
+                await self.freed.wait()
+            await self.budget.acquire(charge)
+        finally:
+            self._hangup_check.cancel()
         self._take(length)
+
+    def _check_hangup(self) -> None:
+        if self.ch.peer_gone():
+            self._die()
+        else:
+            self._hangup_check = self.loop.call_later(HANGUP_CHECK, self._check_hangup)
 
     def _release(self, buf: Buffer | None, length: int) -> None:
         if buf is not None:
@@ -309,13 +328,26 @@ class Connection:
             self.budget.release(size_class(length))
         self.freed.set()
 
-    def _start(self, coro: object, *, read: bool = False) -> None:
+    def _start(self, coro: object) -> None:
         task = self.loop.create_task(coro)  # type: ignore[arg-type]
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        if read:
-            self.reads.add(task)
-            task.add_done_callback(self.reads.discard)
+
+    def _start_read(self, handle: int, flags: int, offset: int, buf: Buffer,
+                    length: int) -> None:
+        """A task for a read, cancelled if the client goes away. Cancelled before its
+        first step, its coroutine never runs: the buffer is released here then."""
+        started: list[bool] = []
+        task = self.loop.create_task(self._read(handle, flags, offset, buf, length, started))
+        self.tasks.add(task)
+        self.reads.add(task)
+
+        def done(task: asyncio.Task) -> None:
+            self.tasks.discard(task)
+            self.reads.discard(task)
+            if not started:
+                self._release(buf, length)
+        task.add_done_callback(done)
 
     # ------------------------------------------------------------------ replies
     async def _send(self, bufs: list) -> None:
@@ -380,10 +412,11 @@ class Connection:
 
     # ------------------------------------------------------------------ commands
     async def _read(self, handle: int, flags: int, offset: int, buf: Buffer,
-                    length: int) -> None:
+                    length: int, started: list[bool]) -> None:
         """A read the side door could not serve. The reply is posted, not awaited: the
         buffer and the request's place in flight go back when it is with the kernel,
         and the task ends a turn of the loop sooner."""
+        started.append(True)
         try:
             await self.vbd.read(offset, buf.view)
         except Exception as exc:
