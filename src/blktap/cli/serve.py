@@ -2,6 +2,7 @@
 
     blktap serve TYPE:PATH [--socket PATH] [--tcp HOST:PORT] [--read-only]
                  [--export-name NAME] [--tls-cert FILE --tls-key FILE [--tls-ca FILE]]
+                 [--memory-budget SIZE]
 
 Prints the NBD URI of each listener on stdout once it accepts connections, serves until
 SIGINT or SIGTERM, then finishes the requests in flight and closes the images (a VHD

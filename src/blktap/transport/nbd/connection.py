@@ -311,6 +311,10 @@ class Connection:
             await self.budget.acquire(charge)
         finally:
             self._hangup_check.cancel()
+        if self.ch.peer_gone():  # hung up while it waited: the room goes to the others
+            self.budget.release(charge)
+            self._die()
+            raise Closed("the client is gone")
         self._take(length)
 
     def _check_hangup(self) -> None:
