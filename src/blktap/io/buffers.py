@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import mmap
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 MIN_CLASS = 4096
@@ -55,6 +57,25 @@ def _empty(mem: mmap.mmap) -> None:
         mem.madvise(mmap.MADV_DONTNEED)
     except (OSError, ValueError):
         pass  # closed already, or no madvise: the pages go with the mapping
+
+
+# Below this a scratch buffer is a bytearray; above, a mapping of its own.
+SCRATCH_MMAP = 128 << 10
+
+
+@contextlib.contextmanager
+def scratch_buffer(size: int) -> Iterator[memoryview]:
+    """A temporary buffer of ``size`` bytes (zeros) whose memory is given back when the
+    block ends, whatever still refers to it: a large bytearray would come from malloc,
+    whose heap may keep it, and would live on as long as a traceback holds its frame."""
+    if size < SCRATCH_MMAP:
+        yield memoryview(bytearray(size))
+        return
+    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        yield memoryview(mem)
+    finally:
+        _empty(mem)
 
 
 class MemoryBudget:

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from blktap.errors import BlktapError, OutOfRange
+from blktap.io.buffers import scratch_buffer
 from blktap.io.engine import settled
 from blktap.tapdisk.driver import SECTOR, Caps, Driver, Extents, Tally, merge_extents
 from blktap.tapdisk.stats import VbdStats
@@ -445,9 +446,9 @@ class VBD:
             return
         start = offset - offset % SECTOR
         end = -(-(offset + length) // SECTOR) * SECTOR
-        scratch = memoryview(bytearray(end - start))
-        await self._submit(Request(Op.READ, start, end - start, [scratch]))
-        view[:] = scratch[offset - start : offset - start + length]
+        with scratch_buffer(end - start) as scratch:
+            await self._submit(Request(Op.READ, start, end - start, [scratch]))
+            view[:] = scratch[offset - start : offset - start + length]
 
     async def write(self, offset: int, view: memoryview, *, fua: bool = False) -> None:
         length = len(view)
@@ -462,14 +463,16 @@ class VBD:
         async with self._rmw_lock:
             start = offset - offset % SECTOR
             end = -(-(offset + length) // SECTOR) * SECTOR
-            scratch = memoryview(bytearray(end - start))
-            head = slice(0, SECTOR)
-            tail = slice(len(scratch) - SECTOR, len(scratch))
-            await self._submit(Request(Op.READ, start, SECTOR, [scratch[head]]))
-            if end - start > SECTOR:
-                await self._submit(Request(Op.READ, end - SECTOR, SECTOR, [scratch[tail]]))
-            scratch[offset - start : offset - start + length] = view
-            await self._submit(Request(Op.WRITE, start, end - start, [scratch], fua=fua))
+            with scratch_buffer(end - start) as scratch:
+                head = slice(0, SECTOR)
+                tail = slice(len(scratch) - SECTOR, len(scratch))
+                await self._submit(Request(Op.READ, start, SECTOR, [scratch[head]]))
+                if end - start > SECTOR:
+                    await self._submit(Request(Op.READ, end - SECTOR, SECTOR,
+                                               [scratch[tail]]))
+                scratch[offset - start : offset - start + length] = view
+                await self._submit(Request(Op.WRITE, start, end - start, [scratch],
+                                           fua=fua))
 
     async def flush(self) -> None:
         if self._closed:
