@@ -31,6 +31,7 @@ from blktap.io.buffers import BufferPool, MemoryBudget
 from blktap.io.threads import ThreadEngine
 from blktap.tapdisk.drivers.aio import AioDriver
 from blktap.tapdisk.vbd import VBD
+from blktap.transport.nbd import connection as nbd_connection
 from blktap.transport.nbd.server import Export, NbdServer
 from conftest import tool
 
@@ -289,6 +290,43 @@ def test_budget_lets_a_request_larger_than_itself_through_alone(shm: Path) -> No
             assert pool.budget.used == 0 and pool.held == 0
             assert pool.idle == 0  # the last connection closed: idle buffers trimmed
         finally:
+            await shut(engine, vbd, server)
+    asyncio.run(body())
+
+
+def test_clients_that_read_no_replies_cannot_hold_the_budget(shm: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """Two clients pipeline 40 reads of 8 MiB each and never read a reply, holding the
+    whole 32 MiB budget in replies they do not take. A correct client that then waits
+    for memory is served: a client whose replies have not moved for the stall limit,
+    while another waits for memory, is dropped (its memory given back)."""
+    monkeypatch.setattr(nbd_connection, "SEND_STALL_TIMEOUT", 0.5)
+    size, length, budget = 64 * MiB, 8 * MiB, 32 * MiB
+
+    async def body() -> None:
+        engine, drv, vbd, pool, server, sock, content = await serving(shm, size, budget)
+        hogs = []
+        try:
+            for _ in range(2):
+                hog = await asyncio.to_thread(go, sock)
+                hog.sendall(read_requests(40, length, size))
+                hogs.append(hog)
+            await until(lambda: pool.budget.used == budget and pool.budget.waiting,
+                        "the budget held by clients that read nothing")
+            got = await asyncio.to_thread(correct_read, sock, 16 * MiB, length)
+            assert got == content[16 * MiB : 24 * MiB]
+            # At least one of them was dropped to make room (reading from them here
+            # would make them well-behaved clients).
+            await until(lambda: server.connections <= 1, "a client that reads nothing dropped")
+            for hog in hogs:
+                hog.close()
+            await until(lambda: server.connections == 0, "every client gone")
+            assert pool.budget.used == 0 and pool.held == 0
+            assert pool.budget.high_water <= budget
+        finally:
+            for hog in hogs:
+                hog.close()
             await shut(engine, vbd, server)
     asyncio.run(body())
 

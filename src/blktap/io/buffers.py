@@ -93,6 +93,9 @@ class MemoryBudget:
         self.used = 0
         self.high_water = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+        # Who holds memory charged here (transports' connections), for those who wait to
+        # find one that holds it for nothing (a client that reads no replies).
+        self.holders: set[object] = set()
 
     def fits(self, n: int) -> bool:
         """Whether ``n`` bytes may be taken now (without overtaking a waiter)."""

@@ -9,7 +9,9 @@ replies go out as one ``sendmsg`` of header and data. Replies are never interlea
 Memory: a request is admitted when the connection has room (:data:`MAX_IN_FLIGHT`
 requests, :data:`MAX_IN_FLIGHT_BYTES` of payload) and its buffer fits the server-wide
 :class:`~blktap.io.buffers.MemoryBudget`; otherwise the reader waits, in line with every
-other connection, and stops reading that socket meanwhile.
+other connection, and stops reading that socket meanwhile. A client that reads none of
+its replies for :data:`SEND_STALL_TIMEOUT` while another connection waits for memory is
+dropped, so that what it holds goes to those who wait.
 
 A client that is gone (a reply could not be sent, the socket hung up or was reset, or it
 broke the protocol) gets nothing more done for it: its reader stops, so the requests it
@@ -57,6 +59,9 @@ MAX_STATUS_EXTENTS = 1 << 16
 FAIRNESS_BUDGET = 64
 # How often a reader waiting for room looks whether its client hung up (seconds).
 HANGUP_CHECK = 0.25
+# A client that has read none of its replies for this long, holding memory that others
+# wait for, is dropped (seconds).
+SEND_STALL_TIMEOUT = 10.0
 
 _ALLOWED_FLAGS = {
     p.CMD_READ: p.CMD_FLAG_FUA | p.CMD_FLAG_DF,
@@ -104,6 +109,7 @@ class Connection:
         self.reader = self.loop.create_task(self._read_loop())
         if not self.ch.tls:
             self.ch.on_data = self._pump
+        self.budget.holders.add(self)
         try:
             await self.reader
         except Closed:
@@ -117,10 +123,13 @@ class Connection:
                 raise  # we were cancelled ourselves, not just the reader
         finally:
             self.ch.on_data = None
-            while self.tasks:  # (a task may start another: a TLS reply's send)
-                await asyncio.gather(*self.tasks, return_exceptions=True)
-            # Replies posted by the reader have no task: they leave before the close.
-            await self.ch.drain()
+            try:
+                while self.tasks:  # (a task may start another: a TLS reply's send)
+                    await asyncio.gather(*self.tasks, return_exceptions=True)
+                # Replies posted by the reader have no task: they leave before the close.
+                await self.ch.drain()
+            finally:
+                self.budget.holders.discard(self)
 
     def _die(self) -> None:
         """The client cannot be answered any more: stop reading its requests and cancel
@@ -318,10 +327,31 @@ class Connection:
         self._take(length)
 
     def _check_hangup(self) -> None:
+        """Now and then while this reader waits for room: is its client gone, and does
+        a client that stopped reading its replies hold the memory it waits for?"""
         if self.ch.peer_gone():
             self._die()
-        else:
-            self._hangup_check = self.loop.call_later(HANGUP_CHECK, self._check_hangup)
+            return
+        if self.budget.waiting:
+            now = self.loop.time()
+            for other in list(self.budget.holders):
+                if other is self or not isinstance(other, Connection):
+                    continue
+                since = other.ch.stalled_since
+                if (other.bytes_in_flight
+                        and since is not None and now - since >= SEND_STALL_TIMEOUT):
+                    other.evict(now - since)
+        self._hangup_check = self.loop.call_later(HANGUP_CHECK, self._check_hangup)
+
+    def evict(self, stalled: float) -> None:
+        """Drop a client that reads no replies while others wait for the memory they
+        hold: its posted replies fail and give their buffers back."""
+        if self.ch.closed:
+            return
+        log.warning("%s: no reply read for %.0f s while others wait for memory; dropping",
+                    self.peer, stalled)
+        self._die()
+        self.ch.close()
 
     def _release(self, buf: Buffer | None, length: int) -> None:
         if buf is not None:
