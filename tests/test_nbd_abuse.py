@@ -29,6 +29,7 @@ import pytest
 
 from blktap.io.buffers import BufferPool, MemoryBudget
 from blktap.io.threads import ThreadEngine
+from blktap.tapdisk.driver import Driver
 from blktap.tapdisk.drivers.aio import AioDriver
 from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd import connection as nbd_connection
@@ -170,6 +171,70 @@ def test_engine_cancel_drops_a_job_not_started_and_waits_for_one_running(tmp_pat
         asyncio.run(body())
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------ the VBD
+class Gated(Driver):
+    """A disk of known bytes whose reads wait for ``gate`` (a slow device: cancellable
+    while they wait, as an engine job nobody has started), then fill the buffers."""
+
+    name = "gated"
+
+    def __init__(self, engine: ThreadEngine, content: bytes) -> None:
+        super().__init__(engine, len(content), writable=False)
+        self.content = content
+        self.gate = asyncio.Event()
+        self.calls: list[tuple[int, int]] = []
+        self.filled = 0
+
+    async def read(self, offset: int, iov) -> None:  # noqa: ANN001
+        self.calls.append((offset, sum(len(v) for v in iov)))
+        await self.gate.wait()
+        for v in iov:
+            v[:] = self.content[offset : offset + len(v)]
+            offset += len(v)
+        self.filled += 1
+
+
+def test_vbd_cancelled_requests_leave_their_group_whole() -> None:
+    """Three adjacent reads merged into one driver call. Cancelling the leader (whose
+    task runs the group) while the call waits drops it and reissues the two others,
+    which get their bytes; cancelling a member while the call runs ends its task only
+    once the call is done with its buffer. Counted as cancelled, nothing left in flight."""
+    content = pattern(64 * KiB)
+
+    async def body() -> None:
+        engine = ThreadEngine(1)
+        drv = Gated(engine, content)
+        vbd = VBD(drv, read_only=True)
+        try:
+            bufs = [memoryview(bytearray(4 * KiB)) for _ in range(3)]
+            tasks = [asyncio.ensure_future(vbd.read(i * 4 * KiB, bufs[i])) for i in range(3)]
+            await until(lambda: len(drv.calls) == 1, "the merged call issued")
+            assert drv.calls == [(0, 12 * KiB)]
+            tasks[0].cancel()
+            await until(lambda: len(drv.calls) == 2, "the rest reissued")
+            assert drv.calls[1] == (4 * KiB, 8 * KiB)
+            tasks[2].cancel()  # a member: its buffer is in the call under way
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert not tasks[2].done()
+            drv.gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await tasks[0]
+            await tasks[1]
+            with pytest.raises(asyncio.CancelledError):
+                await tasks[2]
+            assert bytes(bufs[1]) == content[4 * KiB : 8 * KiB]
+            assert bytes(bufs[2]) == content[8 * KiB : 12 * KiB]  # filled before it ended
+            assert bytes(bufs[0]) == bytes(4 * KiB)  # never read into
+            assert vbd.stats.cancelled == 1 and vbd.stats.in_flight == 0
+            assert vbd.stats.errors == 0
+        finally:
+            drv.gate.set()
+            await vbd.close()
+            engine.close()
+    asyncio.run(body())
 
 
 # ------------------------------------------------------------------ floods in-process
