@@ -48,9 +48,6 @@ def size_class(size: int) -> int:
     return max(MIN_CLASS, 1 << (max(size, 1) - 1).bit_length())
 
 
-_size_class = size_class
-
-
 def _empty(mem: mmap.mmap) -> None:
     """Give a mapping's pages back to the system now (it reads as zeros afterwards)."""
     try:
