@@ -33,17 +33,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from typing import TYPE_CHECKING
 
 from blktap.errors import BlktapError
-from blktap.io.buffers import Buffer, size_class
+from blktap.io.buffers import Buffer, BufferPool, size_class
 from blktap.tapdisk.vbd import errno_of
 from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.handshake import Dropped, Session
 from blktap.transport.sockio import Channel, Closed
-
-if TYPE_CHECKING:
-    from blktap.transport.nbd.server import NbdServer
 
 log = logging.getLogger("blktap.nbd")
 
@@ -82,13 +78,16 @@ class RequestError(Exception):
 
 
 class Connection:
-    def __init__(self, server: NbdServer, ch: Channel, session: Session, peer: str) -> None:
-        self.server = server
+    """One client in transmission: it knows its channel, its session (the export's VBD)
+    and the buffer pool that lends its payloads; nothing of the server above it."""
+
+    def __init__(self, ch: Channel, session: Session, peer: str, *, pool: BufferPool,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.ch = ch
         self.session = session
         self.vbd = session.export.vbd
-        self.pool = server.pool
-        self.budget = server.pool.budget
+        self.pool = pool
+        self.budget = pool.budget
         self.peer = peer
         self.tasks: set[asyncio.Task] = set()
         self.reads: set[asyncio.Task] = set()  # cancelled if the client goes away
@@ -100,7 +99,7 @@ class Connection:
         self.reader: asyncio.Task | None = None
         self._hangup_check: asyncio.TimerHandle | None = None
         # Cached: asyncio.get_running_loop() costs a getpid() system call per call.
-        self.loop = server.loop
+        self.loop = loop
 
     # ------------------------------------------------------------------ reader
     async def serve(self) -> None:

@@ -172,7 +172,7 @@ class NbdServer:
                 return
             if session is None or self._stopping:
                 return
-            conn = Connection(self, ch, session, peer)
+            conn = Connection(ch, session, peer, pool=self.pool, loop=self.loop)
             log.info("%s: connected (%s replies%s)", peer,
                      "structured" if session.structured else "simple",
                      ", TLS" if ch.tls else "")
