@@ -2,6 +2,7 @@
 
     blktap serve TYPE:PATH [--socket PATH] [--tcp HOST:PORT] [--read-only]
                  [--export-name NAME] [--tls-cert FILE --tls-key FILE [--tls-ca FILE]]
+                 [--memory-budget SIZE]
 
 Prints the NBD URI of each listener on stdout once it accepts connections, serves until
 SIGINT or SIGTERM, then finishes the requests in flight and closes the images (a VHD
@@ -34,6 +35,16 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_size(text: str) -> int:
+    """Bytes, with an optional K, M or G suffix (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    scale = units.get(text[-1:].upper(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit() or int(digits) == 0:
+        raise UsageError(f"invalid size {text!r} (use e.g. 256M)")
+    return int(digits) * scale
+
+
 def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     cmd = command(sub, "serve", run_args,
                   "Serve a disk (its whole chain) over NBD until interrupted.")
@@ -62,6 +73,9 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
                      help="how I/O that may block is done: direct I/O submitted to the "
                      "kernel's AIO and the rest in threads (linux-aio; auto picks it where "
                      "the kernel offers it), or everything in threads")
+    cmd.add_argument("--memory-budget", metavar="SIZE", type=parse_size, default=None,
+                     help="buffer memory all connections may hold together, e.g. 256M "
+                     "(default 256M); a client that would exceed it waits")
     cmd.add_argument("-v", "--verbose", action="store_true", help="log connections")
 
 
@@ -91,12 +105,15 @@ def _uri(tls: bool, name: str, *, socket: str | None = None,
 
 async def _serve(args: argparse.Namespace, out: TextIO) -> int:
     from blktap.io import LinuxAioEngine, ThreadEngine, best_engine
+    from blktap.io.buffers import default_budget
     from blktap.tapdisk.drivers import open_stack
     from blktap.tapdisk.vbd import VBD
     from blktap.transport.nbd import Export, NbdServer
     from blktap.transport.nbd.server import tls_context
 
     loop = asyncio.get_running_loop()
+    if args.memory_budget:
+        default_budget().limit = args.memory_budget
     if args.io_engine == "threads":
         engine = ThreadEngine(args.threads)
     elif args.io_engine == "linux-aio":

@@ -2,9 +2,11 @@
 
 An engine runs blocking positioned I/O for coroutines on one event loop. Every operation
 either completes whole or raises ``OSError``: reads fill every buffer (bytes past the end
-of the file read as zeros), writes write every byte. Operations are not cancellable once
-submitted: a caller must keep its buffers alive until the await returns, which is why
-transports never cancel a request in flight (they wait for it).
+of the file read as zeros), writes write every byte. Cancelling the task that awaits an
+operation is safe: an operation nobody has started yet is dropped (CancelledError at
+once), one under way is not interrupted, and CancelledError reaches the caller only once
+it is over. Either way the caller's buffers are free again when the await ends, so a
+transport may cancel the reads of a client that went away (:class:`Settled`).
 
 ``try_preadv`` / ``try_pwritev`` are the synchronous side door: I/O that cannot block
 (files in memory, the page cache) is done at once on the caller's thread, so that a
@@ -13,6 +15,7 @@ request served from memory costs no task, future or turn of the event loop.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -20,6 +23,33 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 Iov = Sequence[memoryview]
+
+
+class Settled(asyncio.Future):
+    """The future of an engine operation: cancelling it succeeds only while nobody has
+    started the operation (``token`` still holds its one item; whoever pops it first,
+    the canceller or the worker, wins). Once started it cannot be cancelled, so a task
+    cancelled while awaiting it is woken with CancelledError when the operation is over
+    (asyncio's rule for a future that refuses cancellation), not while a thread or the
+    kernel still fills or reads the caller's buffers. ``token`` None: never cancellable."""
+
+    __slots__ = ("token",)
+
+    def cancel(self, msg: Any = None) -> bool:
+        token = self.token
+        if token is None:
+            return False
+        try:
+            token.pop()  # atomic: a worker taking the job pops it too
+        except IndexError:
+            return False  # started: it runs to the end
+        return super().cancel(msg)
+
+
+def settled(loop: asyncio.AbstractEventLoop, cancellable: bool = True) -> Settled:
+    fut = Settled(loop=loop)
+    fut.token = [None] if cancellable else None
+    return fut
 
 
 class Engine(ABC):

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from blktap.io import aio_abi as abi
+from blktap.io.engine import settled
 from blktap.io.iov import IOV_MAX, advance, total
 from blktap.io.threads import DEFAULT_THREADS, DIRECT, ThreadEngine, read_full, write_full
 
@@ -99,7 +100,9 @@ class LinuxAioEngine(ThreadEngine):
         abi.IOCB.pack_into(self._iocbs, slot * abi.IOCB.size, slot, 0, rw_flags, opcode,
                            0, fd, buf, nbytes, offset, 0, abi.IOCB_FLAG_RESFD,
                            self._aio_efd)
-        fut = self.loop.create_future()
+        # The kernel cannot be asked to stop (io_cancel fails on files), so a task
+        # cancelled while the kernel has the buffers wakes when it is done with them.
+        fut = settled(self.loop, cancellable=False)
         self._ops[slot] = _Op(fut, fd, iov, offset, length, write, rw_flags, iovecs)
         self._batch.append(slot)
         if len(self._ops) == 1:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from blktap.io import syscalls
-from blktap.io.engine import Engine
+from blktap.io.engine import Engine, Settled, settled
 from blktap.io.iov import IOV_MAX, advance, total, zero_fill
 
 T = TypeVar("T")
@@ -110,6 +110,12 @@ class ThreadEngine(Engine):
             if job is None:
                 return
             fut, fn, args = job
+            token = fut.token
+            if token is not None:
+                try:
+                    token.pop()
+                except IndexError:
+                    continue  # cancelled before it started: never run
             try:
                 result = (fn(*args), None)
             except BaseException as exc:  # handed to the waiting coroutine
@@ -139,10 +145,10 @@ class ThreadEngine(Engine):
                 fut.set_exception(exc)
 
     # ------------------------------------------------------------------ interface
-    def _submit(self, fn: Callable[..., T], args: tuple) -> asyncio.Future:
+    def _submit(self, fn: Callable[..., T], args: tuple) -> Settled:
         if self._closed:
             raise RuntimeError("I/O engine is closed")
-        fut = self.loop.create_future()
+        fut = settled(self.loop)
         self._jobs.put((fut, fn, args))
         self.submitted += 1
         return fut

@@ -18,6 +18,7 @@ class VbdStats:
     other_errors: int = 0
     retries: int = 0
     merged: int = 0  # requests that rode along in another's system call
+    cancelled: int = 0  # withdrawn by their caller (a client gone) before completing
     submitted: int = 0
     in_flight: int = 0
     timeouts: int = 0

@@ -18,6 +18,10 @@
 - A request failing with EAGAIN, EBUSY or EINTR is reissued every ``retry_interval``
   seconds until it is older than ``timeout`` (default 120 s, tapdisk's), then fails.
   Other errors fail at once.
+- A caller may cancel its task (a transport whose client went away): a request still
+  queued is dropped, one the engine has not started is dropped there, one under way
+  finishes first; CancelledError reaches the caller only when no driver holds its
+  buffers. Others merged with it still get their I/O. ``stats.cancelled`` counts them.
 - A watchdog logs when requests are in flight and none completed for ``watchdog``
   seconds (default 10 s), once per stall.
 - Counters (:class:`~blktap.tapdisk.stats.VbdStats`) are what ``tap-ctl stats`` reports.
@@ -38,6 +42,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from blktap.errors import BlktapError, OutOfRange
+from blktap.io.buffers import scratch_buffer
+from blktap.io.engine import settled
 from blktap.tapdisk.driver import SECTOR, Caps, Driver, Extents, Tally, merge_extents
 from blktap.tapdisk.stats import VbdStats
 
@@ -168,36 +174,52 @@ class VBD:
         try:
             await asyncio.sleep(0)  # the others of this turn queue theirs meanwhile
         except asyncio.CancelledError:
-            self._abandon(req)
+            await self._abandon(req)
             raise
         if self._queue:
             self._kick()
         group = req.group
         if group is None:  # merged into a group another request's task runs
+            # Its future refuses cancellation: a cancelled caller wakes once the group's
+            # I/O is done with its buffers.
             assert req.future is not None
             return await req.future
         try:
             result, error = await self._execute(group)
         except asyncio.CancelledError:
-            # Its caller is gone; the others of the group learn that their I/O failed.
-            self._finish(group, None, BlktapError("request cancelled", errno.ECANCELED))
+            # The driver dropped the I/O, or let it finish (engines never stop one under
+            # way): the buffers are free. The others of the group still want theirs.
+            self._withdraw(group)
             raise
         self._finish(group, result, error)
         if error is not None:
             raise error
         return result
 
-    def _abandon(self, req: Request) -> None:
-        """``req``'s task was cancelled before it issued anything."""
+    async def _abandon(self, req: Request) -> None:
+        """``req``'s task was cancelled before it issued anything. Dropped if still
+        queued or leading a group nobody started; merged into another's group, its
+        buffers are in that I/O: wait for it (the caller is cancelled all the same)."""
         group = req.group
         if group is None:
             if req.future is None:  # still queued: it never reaches the driver
                 self._queue.remove(req)
-            return  # else merged: the group's own task runs it
-        if len(group) == 1:
-            self._finish(group, None, None)
-        else:  # the others of its group still want their I/O
-            self._tasks_for_abandoned.add(task := self.loop.create_task(self._issue(group)))
+                self.stats.cancelled += 1
+                return
+            try:  # merged: the group's own task runs it (this future cannot be cancelled)
+                await req.future
+            except BaseException:  # noqa: S110 - the caller is cancelled anyway
+                pass
+            return
+        self._withdraw(group)
+
+    def _withdraw(self, group: list[Request]) -> None:
+        """The leader of ``group`` is cancelled and the driver holds none of its buffers:
+        count it out and issue the rest of the group without it."""
+        self._finish(group[:1], None, None, cancelled=True)
+        rest = group[1:]
+        if rest:
+            self._tasks_for_abandoned.add(task := self.loop.create_task(self._issue(rest)))
             task.add_done_callback(self._tasks_for_abandoned.discard)
 
     async def _held(self) -> None:
@@ -238,7 +260,7 @@ class VBD:
             self.stats.in_flight += len(group)
             req.group = group
             for other in group[1:]:
-                other.future = self.loop.create_future()
+                other.future = settled(self.loop, cancellable=False)
 
     async def _call(self, req: Request, iov: Sequence[memoryview], length: int) -> object:
         d = self.driver
@@ -296,7 +318,7 @@ class VBD:
         return result, error
 
     def _finish(self, group: list[Request], result: object,
-                error: BaseException | None) -> None:
+                error: BaseException | None, *, cancelled: bool = False) -> None:
         st = self.stats
         self._last_progress = time.monotonic()
         self._stall_reported = False
@@ -305,7 +327,9 @@ class VBD:
             self._inflight.discard(req)
             st.in_flight -= 1
             sectors = -(-req.length // SECTOR)
-            if req.op is Op.READ:
+            if cancelled:
+                st.cancelled += 1
+            elif req.op is Op.READ:
                 top.hits[0] += sectors
                 if error is None:
                     st.read_reqs += 1
@@ -422,9 +446,9 @@ class VBD:
             return
         start = offset - offset % SECTOR
         end = -(-(offset + length) // SECTOR) * SECTOR
-        scratch = memoryview(bytearray(end - start))
-        await self._submit(Request(Op.READ, start, end - start, [scratch]))
-        view[:] = scratch[offset - start : offset - start + length]
+        with scratch_buffer(end - start) as scratch:
+            await self._submit(Request(Op.READ, start, end - start, [scratch]))
+            view[:] = scratch[offset - start : offset - start + length]
 
     async def write(self, offset: int, view: memoryview, *, fua: bool = False) -> None:
         length = len(view)
@@ -439,14 +463,16 @@ class VBD:
         async with self._rmw_lock:
             start = offset - offset % SECTOR
             end = -(-(offset + length) // SECTOR) * SECTOR
-            scratch = memoryview(bytearray(end - start))
-            head = slice(0, SECTOR)
-            tail = slice(len(scratch) - SECTOR, len(scratch))
-            await self._submit(Request(Op.READ, start, SECTOR, [scratch[head]]))
-            if end - start > SECTOR:
-                await self._submit(Request(Op.READ, end - SECTOR, SECTOR, [scratch[tail]]))
-            scratch[offset - start : offset - start + length] = view
-            await self._submit(Request(Op.WRITE, start, end - start, [scratch], fua=fua))
+            with scratch_buffer(end - start) as scratch:
+                head = slice(0, SECTOR)
+                tail = slice(len(scratch) - SECTOR, len(scratch))
+                await self._submit(Request(Op.READ, start, SECTOR, [scratch[head]]))
+                if end - start > SECTOR:
+                    await self._submit(Request(Op.READ, end - SECTOR, SECTOR,
+                                               [scratch[tail]]))
+                scratch[offset - start : offset - start + length] = view
+                await self._submit(Request(Op.WRITE, start, end - start, [scratch],
+                                           fua=fua))
 
     async def flush(self) -> None:
         if self._closed:

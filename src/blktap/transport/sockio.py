@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -69,6 +70,8 @@ class Channel:
         self._out_bytes = 0
         self._flush_pending = False
         self._writer: asyncio.Task | None = None  # finishing a send the socket refused
+        # Since when the socket has been full and the peer took nothing (None: it is not).
+        self.stalled_since: float | None = None
         self._waiters: set[asyncio.Future] = set()
         # Waiting for readability: the futures, and whether the loop watches the fd.
         self._read_waiters: list[asyncio.Future] = []
@@ -359,6 +362,7 @@ class Channel:
             self._wake(waiters, exc)
             return
         if rest:
+            self.stalled_since = self.loop.time()
             self._writer = self.loop.create_task(self._write_rest(rest, waiters))
         else:
             self._wake(waiters)
@@ -368,6 +372,7 @@ class Channel:
             while True:
                 while rest:
                     await self._wait(True)
+                    self.stalled_since = self.loop.time()  # the peer took some
                     rest = self._send_some(rest)
                 self._wake(waiters)
                 if not self._out_waiters:
@@ -378,6 +383,7 @@ class Channel:
             self._wake(waiters, exc)
             self._wake(self._take_out()[1], exc)
         finally:
+            self.stalled_since = None
             self._writer = None
 
     async def _send_one(self, view: memoryview) -> None:
@@ -387,6 +393,8 @@ class Channel:
             try:
                 n = self.sock.send(view)
             except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+                if self.stalled_since is None:
+                    self.stalled_since = self.loop.time()
                 await self._wait(True)
                 continue
             except ssl.SSLWantReadError:
@@ -394,7 +402,22 @@ class Channel:
                 continue
             except (OSError, ssl.SSLError) as exc:
                 raise Closed(str(exc)) from None
+            self.stalled_since = None
             view = view[n:]
+
+    def peer_gone(self) -> bool:
+        """Whether the peer can take nothing more: it closed both directions, or the
+        connection was reset (a half-close, where it may still read, is not gone)."""
+        if self.closed:
+            return True
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        try:
+            events = poller.poll(0)
+        except OSError:
+            return True
+        return any(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                   for _, ev in events)
 
     # ------------------------------------------------------------------ TLS
     async def start_tls(self, context: ssl.SSLContext) -> None:

@@ -4,8 +4,23 @@ The reader parses request headers straight from the receive buffer and starts on
 per request; requests parsed in the same turn of the event loop reach the VBD together,
 which merges neighbours. Write payloads land in pooled, page-aligned buffers; read
 replies go out as one ``sendmsg`` of header and data. Replies are never interleaved
-(one send lock) and handlers are never cancelled: a request in flight always finishes,
-so its buffer is never reused under an I/O thread.
+(one send lock).
+
+Memory: a request is admitted when the connection has room (:data:`MAX_IN_FLIGHT`
+requests, :data:`MAX_IN_FLIGHT_BYTES` of payload) and its buffer fits the server-wide
+:class:`~blktap.io.buffers.MemoryBudget`; otherwise the reader waits, in line with every
+other connection, and stops reading that socket meanwhile. A client that reads none of
+its replies for :data:`SEND_STALL_TIMEOUT` while another connection waits for memory is
+dropped, so that what it holds goes to those who wait.
+
+A client that is gone (a reply could not be sent, the socket hung up or was reset, or it
+broke the protocol) gets nothing more done for it: its reader stops, so the requests it
+queued in the socket are never parsed, and the tasks of its reads are cancelled (the VBD
+drops what has not reached the disk yet and lets what has finish, the buffers coming
+back once no driver holds them). Writes and other commands are never cancelled: a write
+may still land, as it may when a client dies mid-write, and is then answered to nobody.
+After end of stream from a client that can still read (a half-close, or DISC) the
+requests in flight are finished and answered.
 
 Requests that break the rules get the error the protocol asks for (EINVAL for an unknown
 command, flag or a length over the maximum, EPERM for writes to a read-only export,
@@ -18,17 +33,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from typing import TYPE_CHECKING
 
 from blktap.errors import BlktapError
-from blktap.io.buffers import Buffer
+from blktap.io.buffers import Buffer, BufferPool, size_class
 from blktap.tapdisk.vbd import errno_of
 from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.handshake import Dropped, Session
 from blktap.transport.sockio import Channel, Closed
-
-if TYPE_CHECKING:
-    from blktap.transport.nbd.server import NbdServer
 
 log = logging.getLogger("blktap.nbd")
 
@@ -42,6 +53,11 @@ MAX_STATUS_LENGTH = 1 << 31
 MAX_STATUS_EXTENTS = 1 << 16
 # Requests one connection's reader handles before it lets other tasks run.
 FAIRNESS_BUDGET = 64
+# How often a reader waiting for room looks whether its client hung up (seconds).
+HANGUP_CHECK = 0.25
+# A client that has read none of its replies for this long, holding memory that others
+# wait for, is dropped (seconds).
+SEND_STALL_TIMEOUT = 10.0
 
 _ALLOWED_FLAGS = {
     p.CMD_READ: p.CMD_FLAG_FUA | p.CMD_FLAG_DF,
@@ -62,22 +78,28 @@ class RequestError(Exception):
 
 
 class Connection:
-    def __init__(self, server: NbdServer, ch: Channel, session: Session, peer: str) -> None:
-        self.server = server
+    """One client in transmission: it knows its channel, its session (the export's VBD)
+    and the buffer pool that lends its payloads; nothing of the server above it."""
+
+    def __init__(self, ch: Channel, session: Session, peer: str, *, pool: BufferPool,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.ch = ch
         self.session = session
         self.vbd = session.export.vbd
-        self.pool = server.pool
+        self.pool = pool
+        self.budget = pool.budget
         self.peer = peer
         self.tasks: set[asyncio.Task] = set()
+        self.reads: set[asyncio.Task] = set()  # cancelled if the client goes away
         # Requests admitted and not yet answered, and the payload bytes they hold.
         self.in_flight = 0
         self.bytes_in_flight = 0
         self.freed = asyncio.Event()
-        self.broken = False
+        self.broken = False  # nobody can be answered: the client is gone
         self.reader: asyncio.Task | None = None
+        self._hangup_check: asyncio.TimerHandle | None = None
         # Cached: asyncio.get_running_loop() costs a getpid() system call per call.
-        self.loop = server.loop
+        self.loop = loop
 
     # ------------------------------------------------------------------ reader
     async def serve(self) -> None:
@@ -86,21 +108,39 @@ class Connection:
         self.reader = self.loop.create_task(self._read_loop())
         if not self.ch.tls:
             self.ch.on_data = self._pump
+        self.budget.holders.add(self)
         try:
             await self.reader
         except Closed:
-            pass
+            if self.ch.peer_gone():
+                self._die()
         except Dropped as exc:
             log.warning("%s: dropping client: %s", self.peer, exc)
+            self._die()
         except asyncio.CancelledError:
             if not self.reader.cancelled():
                 raise  # we were cancelled ourselves, not just the reader
         finally:
             self.ch.on_data = None
-            while self.tasks:  # (a task may start another: a TLS reply's send)
-                await asyncio.gather(*self.tasks, return_exceptions=True)
-            # Replies posted by the reader have no task: they leave before the close.
-            await self.ch.drain()
+            try:
+                while self.tasks:  # (a task may start another: a TLS reply's send)
+                    await asyncio.gather(*self.tasks, return_exceptions=True)
+                # Replies posted by the reader have no task: they leave before the close.
+                await self.ch.drain()
+            finally:
+                self.budget.holders.discard(self)
+
+    def _die(self) -> None:
+        """The client cannot be answered any more: stop reading its requests and cancel
+        its reads (see the module's docstring)."""
+        if self.broken:
+            return
+        self.broken = True
+        self.ch.on_data = None
+        if self.reader is not None and not self.reader.done():
+            self.reader.cancel()
+        for task in self.reads:
+            task.cancel()
 
     def stop_reading(self) -> None:
         """Take no more requests (server shutdown); those in flight still complete."""
@@ -114,6 +154,8 @@ class Connection:
         budget = FAIRNESS_BUDGET
         while True:
             await ch.fill(p.REQUEST.size, between_messages=True)
+            if self.broken:  # (fill need not wait, so the cancellation may not land)
+                raise Closed("the client is gone")
             magic, flags, cmd, handle, offset, length = ch.unpack(p.REQUEST)
             if magic != p.REQUEST_MAGIC:
                 raise Dropped(f"bad request magic {magic:#x}")
@@ -195,12 +237,14 @@ class Connection:
             magic, flags, cmd, handle, offset, length = req.unpack_from(buf_bytes, ch.start)
             if (magic != p.REQUEST_MAGIC or cmd not in (p.CMD_READ, p.CMD_WRITE)
                     or self.broken or not self._can_admit(length)
+                    or not self.budget.fits(self._charge(length))
                     or self._validate(cmd, flags, offset, length, size) is not None):
                 return False
             if cmd == p.CMD_WRITE:
                 if ch.end - ch.start < req.size + length:
                     return False  # the reader receives the rest straight into a buffer
                 ch.consume(req.size)
+                self.budget.take(self._charge(length))
                 self._take(length)
                 buf = self.pool.get(length)
                 buf.view[:] = ch.view[ch.start : ch.start + length]
@@ -208,6 +252,7 @@ class Connection:
                 self._serve_write(handle, flags, offset, buf, length)
             else:
                 ch.consume(req.size)
+                self.budget.take(self._charge(length))
                 self._take(length)
                 self._serve_read(handle, flags, offset, length)
         return ch.end - ch.start < req.size
@@ -215,11 +260,14 @@ class Connection:
     # ------------------------------------------------------------------ reads and writes
     def _serve_read(self, handle: int, flags: int, offset: int, length: int) -> None:
         """An admitted read: served at once if the VBD's side door can, else by a task."""
+        if self.broken:
+            self._release(None, length)
+            return
         buf = self.pool.get(length)
         if length and self.vbd.read_now(offset, buf.view):
             self._post(self._data_reply(handle, offset, buf), buf, length)
         else:
-            self._start(self._read(handle, flags, offset, buf, length))
+            self._start_read(handle, flags, offset, buf, length)
 
     def _serve_write(self, handle: int, flags: int, offset: int, buf: Buffer,
                      length: int) -> None:
@@ -236,32 +284,103 @@ class Connection:
         self._post(self._ok_reply(handle), None, length)
 
     # ------------------------------------------------------------------ flow control
+    @staticmethod
+    def _charge(length: int) -> int:
+        """What a request of ``length`` payload bytes costs the memory budget: its
+        buffer (commands without a payload hold none)."""
+        return size_class(length) if length else 0
+
     def _can_admit(self, length: int) -> bool:
+        """Room on this connection (the budget is asked separately)."""
         return self.in_flight < MAX_IN_FLIGHT and (
             not self.bytes_in_flight or self.bytes_in_flight + length <= MAX_IN_FLIGHT_BYTES)
 
     def _take(self, length: int) -> None:
+        """Count a request in (its charge to the budget is the caller's)."""
         self.in_flight += 1
         self.bytes_in_flight += length
 
     async def _admit(self, length: int) -> None:
-        """Wait for room for one more request holding ``length`` payload bytes."""
-        while not self._can_admit(length):
-            self.freed.clear()
-            await self.freed.wait()
+        """Wait for room for one more request holding ``length`` payload bytes: on this
+        connection, then in the server-wide budget (in line with the other
+        connections). The socket is not read meanwhile: the client waits."""
+        charge = self._charge(length)
+        if self._can_admit(length) and self.budget.fits(charge):
+            self.budget.take(charge)
+            self._take(length)
+            return
+        # While it waits, nothing else would notice a client that hung up (its requests
+        # still fill the socket): look now and then, and stop reading for the dead.
+        self._hangup_check = self.loop.call_later(HANGUP_CHECK, self._check_hangup)
+        try:
+            while not self._can_admit(length):
+                self.freed.clear()
+                await self.freed.wait()
+            await self.budget.acquire(charge)
+        finally:
+            self._hangup_check.cancel()
+        if self.ch.peer_gone():  # hung up while it waited: the room goes to the others
+            self.budget.release(charge)
+            self._die()
+            raise Closed("the client is gone")
         self._take(length)
+
+    def _check_hangup(self) -> None:
+        """Now and then while this reader waits for room: is its client gone, and does
+        a client that stopped reading its replies hold the memory it waits for?"""
+        if self.ch.peer_gone():
+            self._die()
+            return
+        if self.budget.waiting:
+            now = self.loop.time()
+            for other in list(self.budget.holders):
+                if other is self or not isinstance(other, Connection):
+                    continue
+                since = other.ch.stalled_since
+                if (other.bytes_in_flight
+                        and since is not None and now - since >= SEND_STALL_TIMEOUT):
+                    other.evict(now - since)
+        self._hangup_check = self.loop.call_later(HANGUP_CHECK, self._check_hangup)
+
+    def evict(self, stalled: float) -> None:
+        """Drop a client that reads no replies while others wait for the memory they
+        hold: its posted replies fail and give their buffers back."""
+        if self.ch.closed:
+            return
+        log.warning("%s: no reply read for %.0f s while others wait for memory; dropping",
+                    self.peer, stalled)
+        self._die()
+        self.ch.close()
 
     def _release(self, buf: Buffer | None, length: int) -> None:
         if buf is not None:
             self.pool.put(buf)
         self.in_flight -= 1
         self.bytes_in_flight -= length
+        if length:
+            self.budget.release(size_class(length))
         self.freed.set()
 
     def _start(self, coro: object) -> None:
         task = self.loop.create_task(coro)  # type: ignore[arg-type]
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def _start_read(self, handle: int, flags: int, offset: int, buf: Buffer,
+                    length: int) -> None:
+        """A task for a read, cancelled if the client goes away. Cancelled before its
+        first step, its coroutine never runs: the buffer is released here then."""
+        started: list[bool] = []
+        task = self.loop.create_task(self._read(handle, flags, offset, buf, length, started))
+        self.tasks.add(task)
+        self.reads.add(task)
+
+        def done(task: asyncio.Task) -> None:
+            self.tasks.discard(task)
+            self.reads.discard(task)
+            if not started:
+                self._release(buf, length)
+        task.add_done_callback(done)
 
     # ------------------------------------------------------------------ replies
     async def _send(self, bufs: list) -> None:
@@ -270,7 +389,7 @@ class Connection:
         try:
             await self.ch.send(bufs)
         except Closed:
-            self.broken = True  # the reader sees the end of stream and stops
+            self._die()
 
     def _ok_reply(self, handle: int) -> list:
         return [p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle)]
@@ -302,7 +421,7 @@ class Connection:
 
     def _posted(self, exc: BaseException | None, held: tuple[Buffer | None, int]) -> None:
         if exc is not None:
-            self.broken = True  # the reader sees the end of stream and stops
+            self._die()
         self._release(*held)
 
     async def _reply_ok(self, handle: int) -> None:
@@ -326,10 +445,11 @@ class Connection:
 
     # ------------------------------------------------------------------ commands
     async def _read(self, handle: int, flags: int, offset: int, buf: Buffer,
-                    length: int) -> None:
+                    length: int, started: list[bool]) -> None:
         """A read the side door could not serve. The reply is posted, not awaited: the
         buffer and the request's place in flight go back when it is with the kernel,
         and the task ends a turn of the loop sooner."""
+        started.append(True)
         try:
             await self.vbd.read(offset, buf.view)
         except Exception as exc:

@@ -13,14 +13,11 @@ import logging
 import ssl
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from blktap.tapdisk.driver import Caps
 from blktap.transport.nbd import proto as p
+from blktap.transport.nbd.export import Export
 from blktap.transport.sockio import Channel, Closed
-
-if TYPE_CHECKING:
-    from blktap.transport.nbd.export import Export
 
 log = logging.getLogger("blktap.nbd")
 

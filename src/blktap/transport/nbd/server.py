@@ -5,6 +5,11 @@ UNIX-socket and TCP listeners. Each accepted client gets its own task: handshake
 time limit), then transmission. A client that misbehaves is dropped alone; the others
 and the listeners carry on. :meth:`NbdServer.stop` stops accepting, lets every request
 in flight finish and closes the connections (the VBD is the caller's to close).
+
+Buffers come from a pool charged to a memory budget; by default the process's own
+(:func:`~blktap.io.buffers.default_pool`), so that every server of a tapdisk shares one
+budget. When the last connection of a server closes, the pool's idle buffers go back to
+the system.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import ssl
 import stat
 
 from blktap.errors import BlktapError
-from blktap.io.buffers import BufferPool
+from blktap.io.buffers import BufferPool, default_pool
 from blktap.transport.nbd.connection import Connection
 from blktap.transport.nbd.export import Export
 from blktap.transport.nbd.handshake import Dropped, Negotiation
@@ -57,12 +62,13 @@ def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
 class NbdServer:
     def __init__(self, export: Export, *, tls: ssl.SSLContext | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS,
+                 pool: BufferPool | None = None) -> None:
         self.export = export
         self.tls = tls
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
-        self.pool = BufferPool()
+        self.pool = pool if pool is not None else default_pool()
         self.loop = asyncio.get_running_loop()
         self._listeners: list[tuple[socket.socket, asyncio.Task, str | None]] = []
         self._clients: set[asyncio.Task] = set()
@@ -166,7 +172,7 @@ class NbdServer:
                 return
             if session is None or self._stopping:
                 return
-            conn = Connection(self, ch, session, peer)
+            conn = Connection(ch, session, peer, pool=self.pool, loop=self.loop)
             log.info("%s: connected (%s replies%s)", peer,
                      "structured" if session.structured else "simple",
                      ", TLS" if ch.tls else "")
@@ -175,6 +181,8 @@ class NbdServer:
                 await conn.serve()
             finally:
                 self._connections.discard(conn)
+                if not self._connections:
+                    self.pool.trim()  # idle: the memory goes back now
         except Exception:  # a bug: lose this client, keep the server
             log.exception("%s: connection failed", peer)
         finally:
