@@ -6,13 +6,14 @@
     blktap convert SRC DST       a chain flattened into a new raw file or VHD
     blktap compare A B           whether two disks read the same
     blktap map IMAGE             which layer holds each part of the disk
+    blktap check IMAGE           a qcow2 image's consistency (qemu-img check's verdicts)
     blktap coalesce IMAGE        merge a differencing VHD into its parent
     blktap rebase IMAGE PARENT   give a differencing VHD a new parent, keeping its content
     blktap resize IMAGE SIZE     grow a disk (fast, or journaled when metadata must move)
     blktap revert IMAGE JOURNAL  undo an interrupted resize
 
-Image arguments take ``vhd:PATH``, ``aio:PATH`` or ``raw:PATH``, or a plain path whose
-format is probed. Errors are one line on stderr, ``blktap: <message>``, and the exit code
+Image arguments take ``vhd:PATH``, ``qcow2:PATH``, ``aio:PATH`` or ``raw:PATH``, or a plain
+path whose format is probed. Errors are one line on stderr, ``blktap: <message>``, and the exit code
 is the error's errno.
 """
 
@@ -51,6 +52,9 @@ from blktap.image.chain import SECTOR_SIZE, Chain, Extent, Layer, parse_spec, pr
 from blktap.image.chain import open_chain as open_chain_with_key
 from blktap.image.crypto import read_key_file
 from blktap.image.fileio import pwrite_all, staged_path
+from blktap.image.qcow2 import check as qcow2_check
+from blktap.image.qcow2.create import create as create_qcow2
+from blktap.image.qcow2.image import Qcow2Image
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.create import create as create_vhd
 from blktap.image.vhd.create import snapshot as snapshot_vhd
@@ -68,7 +72,10 @@ ZERO_PIECE = bytearray(PIECE)
 VHD_TYPES = {s.DISK_TYPE_FIXED: "fixed", s.DISK_TYPE_DYNAMIC: "dynamic",
              s.DISK_TYPE_DIFF: "differencing"}
 # File name endings that choose an output format when no option or prefix does.
-EXTENSIONS = {".vhd": "vhd", ".img": "raw", ".raw": "raw", ".bin": "raw"}
+EXTENSIONS = {".vhd": "vhd", ".img": "raw", ".raw": "raw", ".bin": "raw", ".qcow2": "qcow2"}
+# qcow2 creation options (-o NAME=VALUE,...), as qemu-img names them.
+QCOW2_OPTIONS = ("cluster_size", "compat", "preallocation", "lazy_refcounts", "extended_l2",
+                 "refcount_bits", "backing_file", "backing_fmt")
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -112,6 +119,7 @@ def build_parser() -> Parser:
     _add_convert(sub)
     _add_compare(sub)
     _add_map(sub)
+    _add_check(sub)
     maintain.add_commands(sub, _command)
     serve.add_parser(sub, _command)
     return parser
@@ -134,9 +142,10 @@ def _add_create(sub: Any) -> None:
     cmd.add_argument("image", metavar="IMAGE")
     cmd.add_argument("size", metavar="SIZE", type=parse_size,
                      help="virtual size: bytes or 64M, 10G... (VHD: rounded up to 2 MiB)")
-    cmd.add_argument("-f", "--format", choices=("vhd", "raw"),
-                     help="image format (default: from a vhd:/raw: prefix or the .vhd/.img "
-                          "name, else vhd)")
+    cmd.add_argument("-f", "--format", choices=("vhd", "raw", "qcow2"),
+                     help="image format (default: from a vhd:/raw:/qcow2: prefix or the "
+                          ".vhd/.img/.qcow2 name, else vhd)")
+    add_qcow2_options(cmd)
     cmd.add_argument("--fixed", action="store_true",
                      help="reserve all the space now (fixed VHD, fully allocated raw file)")
     cmd.add_argument("--prealloc", metavar="SIZE", type=parse_size,
@@ -161,9 +170,10 @@ def _add_snapshot(sub: Any) -> None:
 def _add_convert(sub: Any) -> None:
     cmd = _command(sub, "convert", cmd_convert,
                    "Copy the disk SRC reads as (its whole chain) into a new image DST.")
-    cmd.add_argument("-O", "--output-format", choices=("raw", "vhd"),
-                     help="format of DST (default: from a vhd:/raw: prefix or a .vhd name, "
-                          "else raw)")
+    cmd.add_argument("-O", "--output-format", choices=("raw", "vhd", "qcow2"),
+                     help="format of DST (default: from a vhd:/raw:/qcow2: prefix or a "
+                          ".vhd/.qcow2 name, else raw)")
+    add_qcow2_options(cmd)
     cmd.add_argument("src", metavar="SRC")
     cmd.add_argument("dst", metavar="DST")
     cmd.add_argument("--fixed", action="store_true", help="write a fixed VHD (VHD output)")
@@ -185,6 +195,44 @@ def _add_compare(sub: Any) -> None:
                           "read as zeros)")
     cmd.add_argument("--json", action="store_true", help="print JSON")
     add_key_file(cmd, "A or B")
+
+
+def add_qcow2_options(cmd: Parser) -> None:
+    cmd.add_argument("-o", dest="options", metavar="OPTIONS", action="append", default=[],
+                     help="qcow2 options, NAME=VALUE[,...]: " + ", ".join(QCOW2_OPTIONS))
+
+
+def qcow2_options(specs: list[str]) -> dict[str, Any]:
+    """``-o cluster_size=64k,compat=1.1`` as keyword arguments of qcow2 create."""
+    out: dict[str, Any] = {}
+    for spec in specs:
+        for item in filter(None, spec.split(",")):
+            name, sep, value = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if name not in QCOW2_OPTIONS:
+                raise UsageError(f"unknown qcow2 option {name!r} "
+                                 f"(known: {', '.join(QCOW2_OPTIONS)})")
+            if name in ("lazy_refcounts", "extended_l2"):
+                if value not in ("", "on", "off", "true", "false"):
+                    raise UsageError(f"invalid {name} {value!r} (on or off)")
+                out[name] = value in ("", "on", "true")
+            elif not sep:
+                raise UsageError(f"qcow2 option {name} needs a value")
+            elif name in ("cluster_size", "refcount_bits"):
+                out[name] = parse_size(value) if name == "cluster_size" else int(value)
+            else:
+                out[name] = value
+    return out
+
+
+def _add_check(sub: Any) -> None:
+    cmd = _command(sub, "check", cmd_check,
+                   "Check a qcow2 image as qemu-img check does. Exit 0 clean, 1 check "
+                   "failed, 2 corruptions, 3 leaked clusters only.")
+    cmd.add_argument("image", metavar="IMAGE")
+    cmd.add_argument("-r", "--repair", choices=("leaks", "all"),
+                     help="repair leaked clusters, or everything")
+    cmd.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _add_map(sub: Any) -> None:
@@ -262,6 +310,8 @@ def layer_format(layer: Layer) -> tuple[str, str | None]:
     """("vhd", "dynamic") and so on; raw layers have no type."""
     if isinstance(layer, VhdImage):
         return "vhd", VHD_TYPES.get(layer.footer.type, str(layer.footer.type))
+    if isinstance(layer, Qcow2Image):
+        return "qcow2", f"v{layer.version}"
     return "raw", None
 
 
@@ -270,7 +320,8 @@ def describe_layer(depth: int, layer: Layer) -> dict[str, Any]:
     info: dict[str, Any] = {
         "depth": depth, "path": layer.path, "format": fmt, "type": kind,
         "virtual_size": layer.size, "allocated": layer.allocated_bytes(),
-        "file_size": layer.file_size if isinstance(layer, VhdImage) else layer.size,
+        "file_size": layer.file_size if isinstance(layer, VhdImage | Qcow2Image)
+        else layer.size,
         "uuid": None, "hidden": None, "marker": None,
     }
     if isinstance(layer, VhdImage):
@@ -278,6 +329,15 @@ def describe_layer(depth: int, layer: Layer) -> dict[str, Any]:
         info["hidden"] = bool(layer.hidden)
         info["marker"] = bool(layer.marker) if layer.batmap_header is not None else None
         info["encrypted"] = is_encrypted(layer)
+    elif isinstance(layer, Qcow2Image):
+        info["encrypted"] = False
+        info["cluster_size"] = layer.cluster_size
+        info["backing_file"] = layer.backing_file
+        info["backing_format"] = layer.backing_format
+        info["extended_l2"] = layer.extended
+        info["dirty"] = layer.dirty
+        info["corrupt"] = layer.corrupt
+        info["snapshots"] = [{"id": x.id, "name": x.name} for x in layer.snapshots]
     else:
         info["encrypted"] = False
     return info
@@ -316,6 +376,12 @@ def info_lines(info: dict[str, Any]) -> list[str]:
                   f"hidden:        {_yes_no(info['hidden'])}",
                   f"marker:        {_yes_no(info['marker'])}",
                   f"encrypted:     {_yes_no(info['encrypted'])}"]
+    leaf = info["chain"][0]
+    if info["format"] == "qcow2":
+        lines += [f"cluster size:  {leaf['cluster_size']}",
+                  f"backing file:  {leaf['backing_file'] or '-'}"
+                  + (f" ({leaf['backing_format']})" if leaf["backing_format"] else ""),
+                  f"snapshots:     {len(leaf['snapshots'])}"]
     lines.append(f"chain depth:   {info['chain_depth']}")
     rows = [(layer["depth"], _kind(layer), human_size(layer["virtual_size"]),
              human_size(layer["allocated"]), layer["path"]) for layer in info["chain"]]
@@ -378,6 +444,15 @@ def cmd_create(args: argparse.Namespace) -> int:
     fmt, path = output_format(args.format, args.image, "vhd")
     if args.size <= 0:
         raise UsageError(f"invalid size {args.size}: must be more than 0 bytes")
+    if args.options and fmt != "qcow2":
+        raise UsageError("-o applies to qcow2 images")
+    if fmt == "qcow2":
+        if args.fixed or args.prealloc is not None:
+            raise UsageError("--fixed and --prealloc apply to VHD and raw images (qcow2: "
+                             "-o preallocation=...)")
+        create_qcow2(path, args.size, **qcow2_options(args.options))
+        print(f"Created {path}: qcow2, {describe_size(-(-args.size // 512) * 512)}")
+        return 0
     if fmt == "raw":
         if args.prealloc is not None:
             raise UsageError("--prealloc applies to VHD images only")
@@ -498,7 +573,7 @@ def data_chunks(chain: Chain, sparse: bool, progress: Progress
     end mid-sector."""
     buf = bytearray(CHUNK)
     for extent in chain.map():
-        if extent.depth is None and sparse:
+        if (extent.depth is None or extent.zero) and sparse:
             progress.update(extent.offset + extent.length)
             continue
         for offset, length in chunks(extent.offset, extent.length):
@@ -533,6 +608,21 @@ def write_vhd(chain: Chain, path: str, fixed: bool, sparse: bool, progress: Prog
     written = 0
     create_vhd(path, chain.size, fixed=fixed)
     with VhdImage.open(path, writable=True) as image:
+        for offset, view in data_chunks(chain, sparse, progress):
+            data = view if len(view) % SECTOR_SIZE == 0 else _padded(view)
+            image.write(offset // SECTOR_SIZE, data)
+            written += len(view)
+    return written
+
+
+def write_qcow2(chain: Chain, path: str, sparse: bool, progress: Progress,
+                options: dict[str, Any]) -> int:
+    """Write the disk into a new qcow2 image; only the data written allocates clusters."""
+    if "backing_file" in options:
+        raise UsageError("convert writes a whole disk: no backing_file")
+    written = 0
+    create_qcow2(path, chain.size, **options)
+    with Qcow2Image.open(path, writable=True) as image:
         for offset, view in data_chunks(chain, sparse, progress):
             data = view if len(view) % SECTOR_SIZE == 0 else _padded(view)
             image.write(offset // SECTOR_SIZE, data)
@@ -581,6 +671,8 @@ def staged_output(dst: str, force: bool) -> Iterator[str]:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     fmt, dst = output_format(args.output_format, args.dst, "raw")
+    if args.options and fmt != "qcow2":
+        raise UsageError("-o applies to qcow2 output")
     if args.fixed and fmt != "vhd":
         raise UsageError("--fixed applies to VHD output (for a fully allocated raw file "
                          "use --no-sparse)")
@@ -590,11 +682,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 Progress(f"converting to {fmt}", chain.size) as progress:
             if fmt == "raw":
                 written = write_raw(chain, tmp, args.sparse, progress)
+            elif fmt == "qcow2":
+                written = write_qcow2(chain, tmp, args.sparse, progress,
+                                      qcow2_options(args.options))
             else:
                 written = write_vhd(chain, tmp, args.fixed, args.sparse, progress)
-            size = chain.size if fmt == "raw" else vhd_size(tmp)
+            size = vhd_size(tmp) if fmt == "vhd" else chain.size
     note_rounding(chain.size, size)
-    kind = "raw" if fmt == "raw" else f"VHD {'fixed' if args.fixed else 'dynamic'}"
+    kind = {"raw": "raw", "qcow2": "qcow2"}.get(
+        fmt, f"VHD {'fixed' if args.fixed else 'dynamic'}")
     print(f"Converted {chain.leaf.path} ({len(chain)} layer{'s' if len(chain) > 1 else ''}) "
           f"to {dst}: {kind}, {describe_size(size)}, {human_size(written)} of data written")
     return 0
@@ -714,6 +810,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # ==================================================================================== map
 def map_rows(chain: Chain) -> list[dict[str, Any]]:
     return [{"offset": e.offset, "length": e.length, "depth": e.depth,
+             "status": "hole" if e.depth is None else ("zero" if e.zero else "data"),
              "file": None if e.depth is None else chain.layers[e.depth].path}
             for e in chain.map()]
 
@@ -725,9 +822,41 @@ def cmd_map(args: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     table = [(r["offset"], r["length"], "-" if r["depth"] is None else r["depth"],
-              "(zeros)" if r["file"] is None else r["file"]) for r in rows]
-    print("\n".join(format_table(("offset", "length", "depth", "path"), table, "rrrl")))
+              r["status"], "(zeros)" if r["file"] is None else r["file"]) for r in rows]
+    print("\n".join(format_table(("offset", "length", "depth", "status", "path"), table,
+                                 "rrrll")))
     return 0
+
+
+# ==================================================================================== check
+def cmd_check(args: argparse.Namespace) -> int:
+    fmt, path = parse_spec(args.image)
+    try:
+        fmt = fmt or probe(path)
+        if fmt != "qcow2":
+            raise UsageError(f"{path}: check is for qcow2 images (this is {fmt}; for VHD "
+                             f"use vhd-util check)")
+        result = qcow2_check.check(path, repair=args.repair)
+    except BlktapError as exc:
+        # qemu-img check: an image that cannot be checked exits 1.
+        print_error(error_message(exc))
+        return 1
+    if args.json:
+        print_json({"filename": path, "format": "qcow2", "check-errors": result.check_errors,
+                    "corruptions": result.corruptions, "leaks": result.leaks,
+                    "corruptions-fixed": result.corruptions_fixed,
+                    "leaks-fixed": result.leaks_fixed,
+                    "image-end-offset": result.image_end_offset,
+                    "total-clusters": result.total_clusters,
+                    "allocated-clusters": result.allocated_clusters,
+                    "messages": result.messages})
+    else:
+        for line in result.messages:
+            print(line)
+        if result.messages:
+            print()
+        print("\n".join(result.summary()))
+    return result.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -105,6 +105,8 @@ class Extent:
     offset: int
     length: int
     depth: int | None
+    # The layer says the run reads as zeros without holding data (a qcow2 zero cluster).
+    zero: bool = False
 
 
 class Chain:
@@ -320,22 +322,24 @@ class Chain:
         if count is None:
             count = self.sectors - sector
         out: list[list] = []
-        for first, n, depth in self._map(0, sector, count):
-            if out and out[-1][2] == depth and out[-1][0] + out[-1][1] == first:
+        for first, n, depth, zero in self._map(0, sector, count):
+            if out and out[-1][2] == depth and out[-1][3] == zero \
+                    and out[-1][0] + out[-1][1] == first:
                 out[-1][1] += n
             else:
-                out.append([first, n, depth])
+                out.append([first, n, depth, zero])
         size = self.size
         result = []
-        for first, n, depth in out:
+        for first, n, depth, zero in out:
             start = first * SECTOR_SIZE
             end = min((first + n) * SECTOR_SIZE, size)
-            result.append(Extent(start, end - start, depth))
+            result.append(Extent(start, end - start, depth, zero))
         return result
 
-    def _map(self, depth: int, sector: int, count: int) -> Iterator[tuple[int, int, int | None]]:
+    def _map(self, depth: int, sector: int, count: int
+             ) -> Iterator[tuple[int, int, int | None, bool]]:
         if depth == len(self.layers):
-            yield sector, count, None
+            yield sector, count, None, False
             return
         layer = self.layers[depth]
         limit = layer.sectors
@@ -348,7 +352,7 @@ class Chain:
             if isinstance(layer, RawImage):
                 for first, n, has_data in layer.data_extents(sector, count):
                     if has_data:
-                        yield first, n, depth
+                        yield first, n, depth, False
                     else:
                         yield from self._map(depth + 1, first, n)
             elif isinstance(layer, Qcow2Image):
@@ -356,15 +360,15 @@ class Chain:
                     if kind == q2.HOLE:
                         yield from self._map(depth + 1, first, n)
                     else:
-                        yield first, n, depth
+                        yield first, n, depth, kind == q2.ZERO
             else:
                 for first, n, file_off in layer.extents(sector, count):
                     if file_off is None:
                         yield from self._map(depth + 1, first, n)
                     else:
-                        yield first, n, depth
+                        yield first, n, depth, False
         if tail:
-            yield tail[0], tail[1], None
+            yield tail[0], tail[1], None, False
 
     def allocated_bytes(self) -> int:
         """Bytes of the disk that some layer holds."""

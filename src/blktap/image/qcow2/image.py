@@ -404,7 +404,20 @@ class Qcow2Image:
         cs = self.cluster_size
         pos, end = offset, offset + length
         cur: list[int] | None = None
+        span = cs * self.l2_entries
         while pos < end:
+            l1i = pos // span
+            if l1i >= len(self.l1) or not self.l1[l1i] & s.L1_OFFSET_MASK:
+                # No L2 table: the whole range it would map is a hole.
+                stop_at = min(end, (l1i + 1) * span)
+                if cur is not None and cur[2] == HOLE and cur[0] + cur[1] == pos:
+                    cur[1] += stop_at - pos
+                else:
+                    if cur is not None:
+                        yield cur[0], cur[1], cur[2], cur[3]
+                    cur = [pos, stop_at - pos, HOLE, 0]
+                pos = stop_at
+                continue
             cluster, within = divmod(pos, cs)
             stop = min(cs, within + end - pos)
             base = cluster * cs
@@ -435,6 +448,11 @@ class Qcow2Image:
         """(first sector, count, kind) for block status and maps."""
         for start, n, kind, _host in self.runs(sector * SECTOR_SIZE, count * SECTOR_SIZE):
             yield start // SECTOR_SIZE, n // SECTOR_SIZE, DATA if kind == COMPRESSED else kind
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the disk this layer answers for (data, compressed or zero)."""
+        return sum(n for _start, n, kind, _host in self.runs(0, self.sectors * SECTOR_SIZE)
+                   if kind != HOLE)
 
     # ----------------------------------------------------------------- reading
     def readinto_layer(self, sector: int, count: int, view: memoryview,
