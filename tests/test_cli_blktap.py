@@ -235,7 +235,8 @@ def test_map_reference_chain(reference_dir: Path) -> None:
     assert extents[0]["offset"] == 0
     end = 0
     for ext in extents:
-        assert set(ext) == {"offset", "length", "depth", "file"}
+        assert set(ext) == {"offset", "length", "depth", "status", "file"}
+        assert ext["status"] == ("hole" if ext["depth"] is None else "data")
         assert ext["offset"] == end
         end += ext["length"]
         if ext["depth"] is None:
@@ -245,7 +246,7 @@ def test_map_reference_chain(reference_dir: Path) -> None:
     assert end == 48 * MiB
     assert {e["depth"] for e in extents} == {0, 1, 2, None}
     lines = ok("map", image).stdout.splitlines()
-    assert lines[0].split() == ["offset", "length", "depth", "path"]
+    assert lines[0].split() == ["offset", "length", "depth", "status", "path"]
     assert len(lines) == len(extents) + 1
 
 
@@ -253,7 +254,7 @@ def test_map_raw_of_odd_size(tmp_path: Path) -> None:
     image = tmp_path / "odd.raw"
     image.write_bytes(b"\x01" * 1000)
     assert as_json("map", image) == [
-        {"offset": 0, "length": 1000, "depth": 0, "file": str(image)}]
+        {"offset": 0, "length": 1000, "depth": 0, "status": "data", "file": str(image)}]
 
 
 # ------------------------------------------------------------------------------ convert
