@@ -347,6 +347,44 @@ class Qcow2Image:
             self._l2_cache.move_to_end(off)
         return table
 
+    def metadata_cached(self, offset: int, length: int) -> bool:
+        """Whether finding the runs of the range reads nothing from the file."""
+        span = self.cluster_size * self.l2_entries
+        for l1i in range(offset // span, (offset + max(length, 1) - 1) // span + 1):
+            if l1i < len(self.l1):
+                off = self.l1[l1i] & s.L1_OFFSET_MASK
+                if off and off not in self._l2_cache:
+                    return False
+        return True
+
+    def in_place(self, offset: int, length: int) -> int | None:
+        """The host offset where the whole range can be written as it is (clusters this
+        image owns, contiguous in the file, no zero flag), or None."""
+        cs = self.cluster_size
+        pos, end = offset, offset + length
+        host_start = None
+        while pos < end:
+            cluster, within = divmod(pos, cs)
+            n = min(cs - within, end - pos)
+            entry, bitmap = self._entry(cluster)
+            off = entry & s.L2_OFFSET_MASK
+            if not off or not entry & s.OFLAG_COPIED or entry & s.OFLAG_COMPRESSED:
+                return None
+            if self.extended:
+                sc = self.subcluster_size
+                first, last = within // sc, (within + n - 1) // sc
+                mask = ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
+                if bitmap & mask != mask:
+                    return None
+            elif entry & s.OFLAG_ZERO:
+                return None
+            if host_start is None:
+                host_start = off + within
+            elif off + within != host_start + (pos - offset):
+                return None
+            pos += n
+        return host_start
+
     def _entry(self, cluster: int) -> tuple[int, int]:
         l1i, l2i = divmod(cluster, self.l2_entries)
         table = self.l2_table(l1i)

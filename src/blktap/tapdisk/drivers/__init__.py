@@ -1,9 +1,10 @@
 """Image drivers and the registry that builds a driver stack from ``type:path``.
 
 Type names are the reference tapdisk's (``tapdisk-disktype.c``): ``aio``, ``vhd`` and
-``ram`` are implemented; the reference's other names are known and answer ENOSYS (not
-built), as there; anything else is ENOENT. A path without a type is probed: a VHD gets
-the ``vhd`` driver, anything else ``aio``.
+``ram`` are implemented, and ``qcow2`` (qemu's format) beside them; the reference's other
+names are known and answer ENOSYS (not built), as there; anything else is ENOENT. A path
+without a type is probed: a VHD gets the ``vhd`` driver, a qcow2 image ``qcow2``, anything
+else ``aio``.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import re
 
 from blktap.errors import BlktapError, EncryptionError, UsageError
 from blktap.image.chain import Chain, probe
+from blktap.image.qcow2.image import Qcow2Image
 from blktap.image.raw import RawImage
 from blktap.io.engine import Engine
 from blktap.tapdisk.driver import Driver
 from blktap.tapdisk.drivers.aio import AioDriver
+from blktap.tapdisk.drivers.qcow2 import Qcow2Driver
 from blktap.tapdisk.drivers.ram import RamDriver
 from blktap.tapdisk.drivers.vhd import VhdDriver
 
-IMPLEMENTED = ("aio", "vhd", "ram")
+IMPLEMENTED = ("aio", "vhd", "ram", "qcow2")
 # In the reference's table but not built here (yet), as "sync"/"vmdk" are not built there.
 KNOWN = ("sync", "vmdk", "vhdsync", "qcow", "bc", "vhdi", "log", "remus", "lc", "lle", "llp",
          "valve", "nbd")
@@ -42,7 +45,8 @@ def parse(spec: str) -> tuple[str, str]:
         if "/" not in kind:
             raise BlktapError(f"{spec}: unknown driver type {kind!r} "
                               f"(use {', '.join(IMPLEMENTED)})", errno.ENOENT)
-    return ("vhd" if probe(spec) == "vhd" else "aio"), spec
+    probed = probe(spec)
+    return ({"vhd": "vhd", "qcow2": "qcow2"}.get(probed, "aio")), spec
 
 
 def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True,
@@ -66,7 +70,7 @@ def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True
         return AioDriver.open(engine, path, writable=writable, direct=direct)
     if kind == "ram":
         return RamDriver.open(engine, path, writable=writable)
-    chain = Chain.open(f"vhd:{path}", writable=writable, key=key)
+    chain = Chain.open(f"{kind}:{path}", writable=writable, key=key)
     below: Driver | None = None
     try:
         for layer, cipher in zip(reversed(chain.layers), reversed(chain.ciphers),
@@ -75,6 +79,8 @@ def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True
                 raw_path = layer.path
                 layer.close()
                 below = AioDriver.open(engine, raw_path, writable=False, direct=direct)
+            elif isinstance(layer, Qcow2Image):
+                below = Qcow2Driver(engine, layer, below)
             else:
                 below = VhdDriver(engine, layer, below, cipher)
     except BaseException:
@@ -84,4 +90,5 @@ def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True
     return below
 
 
-__all__ = ["AioDriver", "Driver", "RamDriver", "VhdDriver", "open_stack", "parse"]
+__all__ = ["AioDriver", "Driver", "Qcow2Driver", "RamDriver", "VhdDriver", "open_stack",
+           "parse"]

@@ -1,0 +1,171 @@
+"""The tapdisk ``qcow2`` driver: a stack over a qcow2 leaf with qcow2/raw/VHD parents,
+reads, writes (copy-on-write through the driver stack), zeroes, discards, block status,
+the side doors; and ``blktap serve`` of a qcow2 image driven by qemu-io over NBD."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from blktap.image.chain import Chain
+from blktap.image.qcow2.check import check
+from blktap.image.qcow2.create import create
+from blktap.io import ThreadEngine
+from blktap.tapdisk.driver import STATE_DATA, STATE_HOLE, STATE_ZERO
+from blktap.tapdisk.drivers import Qcow2Driver, open_stack, parse
+from conftest import with_engine
+from nbd_helpers import serve
+from qcow2_helpers import MiB, qemu_check, qemu_img, qemu_io, qemu_raw
+
+SIZE = 4 * MiB
+
+
+def view(data: bytes) -> memoryview:
+    return memoryview(bytearray(data))
+
+
+def make_chain(tmp: Path, cluster_size: int = 65536, **kw: object) -> tuple[Path, bytearray]:
+    base = tmp / "base.raw"
+    data = bytearray(random.Random(5).randbytes(SIZE))
+    base.write_bytes(data)
+    mid = tmp / "mid.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", mid, str(SIZE))
+    qemu_io(mid, "write -P 0x33 100k 200k", "write -z 1M 192k")
+    data[100 * 1024 : 300 * 1024] = b"\x33" * 200 * 1024
+    data[MiB : MiB + 192 * 1024] = bytes(192 * 1024)
+    leaf = tmp / "leaf.qcow2"
+    create(str(leaf), SIZE, backing_file="mid.qcow2", backing_fmt="qcow2",
+           cluster_size=cluster_size, **kw)  # type: ignore[arg-type]
+    return leaf, data
+
+
+def test_parse_knows_qcow2(tmp_path: Path) -> None:
+    img = tmp_path / "p.qcow2"
+    create(str(img), MiB)
+    assert parse(str(img)) == ("qcow2", str(img))
+    assert parse(f"qcow2:{img}") == ("qcow2", str(img))
+
+
+@pytest.mark.parametrize("layout", [{"cluster_size": 65536}, {"cluster_size": 4096},
+                                    {"cluster_size": 65536, "extended_l2": True}])
+def test_driver_stack_reads_writes_and_qemu_agrees(tmp_path: Path, layout: dict) -> None:
+    leaf, shadow = make_chain(tmp_path, **layout)
+    rng = random.Random(layout["cluster_size"])
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await engine.call(open_stack, engine, f"qcow2:{leaf}", writable=True)
+        try:
+            assert isinstance(drv, Qcow2Driver)
+            assert [d.name for d in drv.chain()] == ["qcow2", "qcow2", "aio"]
+            buf = view(bytes(SIZE))
+            await drv.read(0, [buf])
+            assert buf == shadow
+            for _ in range(60):
+                sector = rng.randrange(SIZE // 512)
+                n = min(SIZE // 512 - sector, rng.randrange(1, 400))
+                off, length = sector * 512, n * 512
+                op = rng.random()
+                if op < 0.6:
+                    data = rng.randbytes(length)
+                    half = (n // 2) * 512
+                    await drv.write(off, [view(data[:half]), view(data[half:])])
+                    shadow[off : off + length] = data
+                elif op < 0.8:
+                    await drv.write_zeroes(off, length)
+                    shadow[off : off + length] = bytes(length)
+                else:
+                    await drv.discard(off, length)
+                    got = view(bytes(length))
+                    await drv.read(off, [got])
+                    shadow[off : off + length] = got
+            await drv.flush()
+            buf = view(bytes(SIZE))
+            await drv.read(0, [buf])
+            assert buf == shadow
+            status = await drv.block_status(0, SIZE)
+            assert sum(n for n, _ in status) == SIZE
+        finally:
+            for d in drv.chain():
+                await d.close()
+
+    with_engine(body)
+    assert qemu_check(leaf)[0] == 0
+    assert check(str(leaf)).exit_code == 0
+    assert qemu_raw(leaf, tmp_path) == shadow
+
+
+def test_block_status_and_side_doors() -> None:
+    """On tmpfs the side doors serve what needs no metadata change at once."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    folder = Path(tempfile.mkdtemp(prefix="blktap-qcow2-", dir="/dev/shm"))
+    img = folder / "s.qcow2"
+    try:
+        create(str(img), SIZE)
+        with Chain.open(str(img), writable=True) as chain:
+            chain.write(0, b"\1" * 65536)
+            chain.leaf.write_zeroes(2 * MiB // 512, 128)
+
+        async def body(engine: ThreadEngine) -> None:
+            drv = await engine.call(open_stack, engine, f"qcow2:{img}", writable=True)
+            try:
+                assert await drv.block_status(0, SIZE) == [
+                    (65536, STATE_DATA), (SIZE - 65536, STATE_HOLE | STATE_ZERO)]
+                buf = view(bytes(4096))
+                await drv.read(0, [buf])  # the L2 table is now in memory
+                buf2 = view(bytes(4096))
+                assert drv.read_now(0, [buf2], [])
+                assert buf2 == b"\1" * 4096
+                zeros = view(b"\7" * 4096)
+                assert drv.read_now(2 * MiB, [zeros], [])
+                assert zeros == bytes(4096)
+                # A write to an owned cluster goes through the side door...
+                assert drv.write_now(4096, [view(b"\2" * 512)])
+                got = view(bytes(512))
+                await drv.read(4096, [got])
+                assert got == b"\2" * 512
+                # ...one that must allocate does not, and changes nothing.
+                before = img.read_bytes()
+                assert not drv.write_now(3 * MiB, [view(b"\3" * 512)])
+                assert img.read_bytes() == before
+                await drv.write(3 * MiB, [view(b"\3" * 512)])
+                assert drv.write_now(3 * MiB + 512, [view(b"\4" * 512)])
+            finally:
+                await drv.close()
+
+        with_engine(body)
+        assert qemu_check(img)[0] == 0
+        data = qemu_raw(img, folder)
+        assert data[3 * MiB : 3 * MiB + 1024] == b"\3" * 512 + b"\4" * 512
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_serve_qcow2_over_nbd_with_qemu_io(tmp_path: Path) -> None:
+    leaf, shadow = make_chain(tmp_path)
+    with serve(f"qcow2:{leaf}", tmp_path) as srv:
+        uri = srv.uri
+        qemu_io(uri, "write -P 0x44 1020k 10k", "write -z 2M 1M", "discard 3M 128k",
+                "write -P 0x55 3M 64k", fmt="raw")
+        out = tmp_path / "served.raw"
+        qemu_img("convert", "-f", "raw", "-O", "raw", uri, out)
+        served = out.read_bytes()
+        assert srv.stop() == 0
+    shadow[1020 * 1024 : 1030 * 1024] = b"\x44" * 10 * 1024  # across a cluster border
+    shadow[2 * MiB : 3 * MiB] = bytes(MiB)
+    shadow[3 * MiB : 3 * MiB + 65536] = b"\x55" * 65536
+    assert qemu_check(leaf)[0] == 0
+    final = qemu_raw(leaf, tmp_path)
+    assert final == served
+    # The discarded range reads as zeros or as before (a discard is a hint); the rest is
+    # exactly what was written.
+    assert final[: 3 * MiB] == shadow[: 3 * MiB]
+    assert final[3 * MiB + 131072 :] == shadow[3 * MiB + 131072 :]
+    assert final[3 * MiB + 65536 : 3 * MiB + 131072] in (
+        bytes(65536), shadow[3 * MiB + 65536 : 3 * MiB + 131072])
+    assert final[3 * MiB : 3 * MiB + 65536] == b"\x55" * 65536
