@@ -37,7 +37,8 @@ def named(path: str | os.PathLike[str]) -> str:
     written by a guest, docs/security.md); a test about something else names it."""
     from blktap.image.chain import probe
 
-    return f"{probe(os.fspath(path))}:{os.fspath(path)}"
+    kind = "vhd" if probe(os.fspath(path)) == "vhd" else "aio"  # aio: both Chain and tapdisk
+    return f"{kind}:{os.fspath(path)}"
 
 
 def need(program: str) -> str:
