@@ -119,12 +119,6 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
         driver = await engine.call(open_stack, engine, args.image,
                                    writable=not args.read_only, direct=args.direct,
                                    parent_policy=policy)
-        if split_type(args.image)[0] is None:
-            kind = "aio" if isinstance(driver, AioDriver) else "vhd"
-            what = "raw" if kind == "aio" else "VHD"
-            print_warning(f"{args.image}: format probed as {what}; a guest that writes to "
-                          f"this disk may change what it probes as: name the format "
-                          f"({kind}:{args.image}) to silence this")
         vbd = VBD(driver, name=args.image, read_only=args.read_only, timeout=args.timeout)
         server = NbdServer(Export(args.export_name, vbd, description=args.image), tls=tls)
         uris = []
@@ -136,6 +130,13 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
             bound_host, bound_port = server.listen_tcp(host, port)
             uris.append(_uri(tls is not None, args.export_name, host=bound_host,
                              port=bound_port))
+        # Only once serving: an error line stays the only line when something fails.
+        if split_type(args.image)[0] is None:
+            kind = "aio" if isinstance(driver, AioDriver) else "vhd"
+            what = "raw" if kind == "aio" else "VHD"
+            print_warning(f"{args.image}: format probed as {what}; a guest that writes to "
+                          f"this disk may change what it probes as: name the format "
+                          f"({kind}:{args.image}) to silence this")
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
