@@ -374,7 +374,7 @@ def test_chain_open_refuses(tmp_path: Path, case: str) -> None:
     }[case]
     before = {p: digest(p) for p in (enc, clear, raw)}
     with pytest.raises(EncryptionError) as err:
-        Chain.open(named(spec), key=key, writable=True)
+        Chain.open(spec, key=key, writable=True)
     assert err.value.errno == code
     assert str(err.value).count("\n") == 0
     assert {p: digest(p) for p in (enc, clear, raw)} == before
