@@ -28,6 +28,7 @@ from blktap.image.vhd import create, snapshot
 from blktap.tapdisk.daemon import typed_spec
 from blktap.tapdisk.drivers import open_stack, parse, require_type
 from conftest import need, run, tool, with_engine
+from loopdev import loop_device  # noqa: F401 - a fixture
 
 MiB = 1 << 20
 SECRET = b"HOST-SECRET-4f1d"  # 16 bytes, repeated over the whole host file
@@ -377,6 +378,31 @@ def test_parent_dir_option_and_env(split_chain: tuple[Path, Path, Path]) -> None
     assert blktap("info", spec, "--parent-dir", elsewhere, env=env).returncode == 0
     proc = blktap("info", spec, "--parent-dir", images / "nope")
     assert proc.returncode == errno.ENOTDIR and "not a directory" in one_line(proc)
+    # serve too: refused before it listens.
+    proc = blktap("serve", spec, "--socket", images / "s.sock", "--parent-dir", images)
+    assert proc.returncode == errno.EACCES and "outside" in one_line(proc)
+    assert not (images / "s.sock").exists()
+
+
+def test_device_parents(tmp_path: Path, loop_device) -> None:  # noqa: ANN001, F811
+    """A block device is a parent like a file, but counts by its real node: confined to
+    the images' folder it is refused; listing /dev lets it in."""
+    backing = tmp_path / "backing.raw"
+    backing.write_bytes(b"\x77" * MiB)
+    dev = loop_device(backing)
+    images = tmp_path / "images"
+    images.mkdir()
+    leaf = images / "leaf.vhd"
+    snapshot(str(leaf), dev, raw_parent=True)
+    with Chain.open(f"vhd:{leaf}") as chain:  # no confinement: as before
+        assert bytes(chain.pread(0, 4)) == b"\x77" * 4
+    confined = ParentPolicy.confined_to([str(images)])
+    with pytest.raises(ParentNotAllowed) as exc:
+        Chain.open(f"vhd:{leaf}", parent_policy=confined)
+    assert dev in str(exc.value)
+    with Chain.open(f"vhd:{leaf}", parent_policy=ParentPolicy.confined_to(
+            [str(images), "/dev"])) as chain:
+        assert bytes(chain.pread(0, 4)) == b"\x77" * 4
 
 
 def test_symlink_escape_is_refused(split_chain: tuple[Path, Path, Path],
