@@ -71,10 +71,13 @@ class Attack:
         proc = run(["dd", f"if={evil}", f"of={self.guest}", "conv=notrunc", "status=none"])
         assert proc.returncode == 0, proc.stderr
         evil.unlink()
-        self.secret_digest = self.secret.read_bytes()
+        self.secret_bytes = self.secret.read_bytes()
+        self.guest_bytes = self.guest.read_bytes()
 
     def secret_untouched(self) -> bool:
-        return self.secret.read_bytes() == self.secret_digest
+        """Neither the host file nor the guest disk was changed."""
+        return (self.secret.read_bytes() == self.secret_bytes
+                and self.guest.read_bytes() == self.guest_bytes)
 
 
 @pytest.fixture
