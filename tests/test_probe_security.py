@@ -268,6 +268,28 @@ def test_tap_ctl_create_needs_a_type(attack: Attack, taphost: TapHost,
     assert attack.secret_untouched()
 
 
+def test_tap_ctl_unpause_needs_a_type(attack: Attack, taphost: TapHost,
+                                      tmp_path: Path) -> None:
+    """A paused disk resumed onto a path without a type stays paused, as it was; the
+    guest disk never becomes its leaf."""
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(GUEST_SIZE)
+    proc = taphost.tap_ctl("create", "-a", f"aio:{disk}")
+    assert proc.returncode == 0, proc.stderr
+    minor = proc.stdout.strip().rsplit("-", 1)[1]
+    pid = str(taphost.pids()[0])
+    assert taphost.tap_ctl("pause", "-p", pid, "-m", minor).returncode == 0
+    proc = taphost.tap_ctl("unpause", "-p", pid, "-m", minor, "-a", str(attack.guest))
+    assert proc.returncode == errno.EINVAL, proc.stderr
+    listing = taphost.tap_ctl("list").stdout
+    assert f"args=aio:{disk}" in listing and str(attack.guest) not in listing
+    assert taphost.tap_ctl("unpause", "-p", pid, "-m", minor).returncode == 0
+    uri = f"nbd+unix:///?socket={taphost.run_dir}/nbd{pid}.{minor}"
+    assert SECRET not in read_export(uri, tmp_path / "got.raw")
+    assert attack.secret_untouched()
+
+
 def test_tapdisk_honours_parent_dirs(tmp_path: Path) -> None:
     images, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
     images.mkdir()
