@@ -3,7 +3,9 @@
 Type names are the reference tapdisk's (``tapdisk-disktype.c``): ``aio``, ``vhd`` and
 ``ram`` are implemented; the reference's other names are known and answer ENOSYS (not
 built), as there; anything else is ENOENT. A path without a type is probed: a VHD gets
-the ``vhd`` driver, anything else ``aio``.
+the ``vhd`` driver, anything else ``aio``; a probed differencing VHD is refused
+(:class:`~blktap.errors.ProbedParent`, docs/security.md). The tapdisk daemon, as the
+reference, takes no path without a type (:func:`split_type`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 
 from blktap.errors import BlktapError, EncryptionError, UsageError
 from blktap.image.chain import Chain, probe
+from blktap.image.parents import ParentPolicy
 from blktap.image.raw import RawImage
 from blktap.io.engine import Engine
 from blktap.tapdisk.driver import Driver
@@ -28,8 +31,9 @@ KNOWN = ("sync", "vmdk", "vhdsync", "qcow", "bc", "vhdi", "log", "remus", "lc", 
 _SPEC = re.compile(r"^([a-z][a-z0-9+_-]*):(.*)$")
 
 
-def parse(spec: str) -> tuple[str, str]:
-    """``type:path`` -> (type, path); a plain path -> (probed type, path)."""
+def split_type(spec: str) -> tuple[str | None, str]:
+    """``type:path`` -> (type, path); a plain path -> (None, path). An unknown or
+    unimplemented type is an error; nothing is opened."""
     match = _SPEC.match(spec)
     if match:
         kind, path = match[1], match[2]
@@ -42,15 +46,37 @@ def parse(spec: str) -> tuple[str, str]:
         if "/" not in kind:
             raise BlktapError(f"{spec}: unknown driver type {kind!r} "
                               f"(use {', '.join(IMPLEMENTED)})", errno.ENOENT)
-    return ("vhd" if probe(spec) == "vhd" else "aio"), spec
+    return None, spec
+
+
+def require_type(spec: str) -> tuple[str, str]:
+    """``type:path`` -> (type, path); a plain path is an error (EINVAL), as in the
+    reference tapdisk: a disk a guest writes to must not have its format guessed."""
+    kind, path = split_type(spec)
+    if kind is None:
+        raise UsageError(f"{spec}: no driver type; name it TYPE:PATH "
+                         f"({', '.join(k + ':' for k in IMPLEMENTED)})")
+    return kind, path
+
+
+def parse(spec: str) -> tuple[str, str]:
+    """``type:path`` -> (type, path); a plain path -> (probed type, path)."""
+    kind, path = split_type(spec)
+    if kind is None:
+        kind = "vhd" if probe(path) == "vhd" else "aio"
+    return kind, path
 
 
 def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True,
-               key: bytes | None = None) -> Driver:
+               key: bytes | None = None, follow_probed_parents: bool = False,
+               parent_policy: ParentPolicy | None = None) -> Driver:
     """Open the driver stack for ``spec`` (blocking: metadata is read here).
 
     For a VHD, every parent named by its locators is opened read-only (the library's
-    chain checks apply: loops, uuids, depth); a raw parent gets the ``aio`` driver.
+    chain checks apply: loops, uuids, depth, the parent policy ``parent_policy``, by
+    default the environment's); a raw parent gets the ``aio`` driver. A plain path is
+    probed, and a probed differencing VHD raises ProbedParent unless
+    ``follow_probed_parents`` (docs/security.md).
 
     ``key`` (``tap-ctl open -E``) opens an encrypted VHD chain with the library's checks
     (docs/encryption.md): an encrypted layer without a key or a key for a clear one is
@@ -58,7 +84,10 @@ def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True
     its own layer's cipher; a raw parent is read as stored. The ``aio`` and ``ram``
     drivers have nothing to check a key against and refuse one (EINVAL).
     """
-    kind, path = parse(spec)
+    kind, path = split_type(spec)
+    probed = kind is None
+    if kind is None:
+        kind = "vhd" if probe(path) == "vhd" else "aio"
     if key is not None and kind != "vhd":
         raise EncryptionError(f"{path}: the {kind} driver serves data as it is stored and "
                               f"cannot decrypt it, but a key was given", errno.EINVAL)
@@ -66,7 +95,9 @@ def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True
         return AioDriver.open(engine, path, writable=writable, direct=direct)
     if kind == "ram":
         return RamDriver.open(engine, path, writable=writable)
-    chain = Chain.open(f"vhd:{path}", writable=writable, key=key)
+    chain = Chain.open(f"vhd:{path}", writable=writable, key=key, probed=probed,
+                       follow_probed_parents=follow_probed_parents,
+                       parent_policy=parent_policy)
     below: Driver | None = None
     try:
         for layer, cipher in zip(reversed(chain.layers), reversed(chain.ciphers),
@@ -84,4 +115,5 @@ def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True
     return below
 
 
-__all__ = ["AioDriver", "Driver", "RamDriver", "VhdDriver", "open_stack", "parse"]
+__all__ = ["AioDriver", "Driver", "RamDriver", "VhdDriver", "open_stack", "parse",
+           "require_type", "split_type"]
