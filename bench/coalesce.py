@@ -57,7 +57,7 @@ def build(folder: Path, data_bytes: int, seed: int) -> tuple[Path, Path, Path, i
     chosen = sorted(rng.sample(range(virtual // BLOCK), blocks_with_data))
     payload = os.urandom(BLOCK)
     moved = 0
-    with Chain.open(str(child), writable=True) as chain:
+    with Chain.open(f"vhd:{child}", writable=True) as chain:
         for blk in chosen:
             if rng.random() < 0.8:  # a full block
                 chain.pwrite(blk * BLOCK, payload)

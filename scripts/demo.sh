@@ -19,16 +19,16 @@ with Chain.open(f"{folder}/base.vhd", writable=True) as disk:
     disk.pwrite(0, b"base layer ".ljust(64 << 10, b"."))
     disk.pwrite(10 << 20, b"B" * (3 << 20))
 snapshot(f"{folder}/leaf.vhd", f"{folder}/base.vhd")
-with Chain.open(f"{folder}/leaf.vhd", writable=True) as disk:
+with Chain.open(f"vhd:{folder}/leaf.vhd", writable=True) as disk:
     disk.pwrite(4096, b"leaf layer ".ljust(8 << 10, b"."))
     disk.pwrite(12 << 20, b"L" * (1 << 20))
 PY
 
-echo "== blktap info $dir/leaf.vhd"
-"$bin/blktap" info "$dir/leaf.vhd"
+echo "== blktap info vhd:$dir/leaf.vhd"
+"$bin/blktap" info "vhd:$dir/leaf.vhd"
 echo
-echo "== blktap map $dir/leaf.vhd"
-"$bin/blktap" map "$dir/leaf.vhd"
+echo "== blktap map vhd:$dir/leaf.vhd"
+"$bin/blktap" map "vhd:$dir/leaf.vhd"
 echo
 echo "== vhd-util scan -p -m '$dir/*.vhd'"
 "$bin/vhd-util" scan -p -m "$dir/*.vhd"

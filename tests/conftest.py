@@ -31,6 +31,16 @@ def tool(name: str) -> str:
     return found
 
 
+def named(path: str | os.PathLike[str]) -> str:
+    """``FORMAT:PATH`` for an image the test made itself: the format probed, then named.
+    The library opens the parents of a named image only (a probed one may have been
+    written by a guest, docs/security.md); a test about something else names it."""
+    from blktap.image.chain import probe
+
+    kind = "vhd" if probe(os.fspath(path)) == "vhd" else "aio"  # aio: both Chain and tapdisk
+    return f"{kind}:{os.fspath(path)}"
+
+
 def need(program: str) -> str:
     """Path of a real peer program, or skip the test saying what is missing."""
     found = shutil.which(program)

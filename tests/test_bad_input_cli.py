@@ -14,7 +14,7 @@ import pytest
 import corrupt as C
 from blktap.image import Chain
 from blktap.image.vhd import create, snapshot
-from conftest import run, tool
+from conftest import named, run, tool
 
 MB = 1 << 20
 
@@ -22,7 +22,7 @@ MB = 1 << 20
 def _dynamic(tmp: Path) -> str:
     path = str(tmp / "d.vhd")
     create(path, 16 * MB)
-    with Chain.open(path, writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         chain.pwrite(0, b"a" * 8192)
         chain.pwrite(5 * MB, b"b" * 4096)
     return path
@@ -32,7 +32,7 @@ def _child(tmp: Path) -> str:
     base = _dynamic(tmp)
     child = str(tmp / "c.vhd")
     snapshot(child, base)
-    with Chain.open(child, writable=True) as chain:
+    with Chain.open(named(child), writable=True) as chain:
         chain.pwrite(MB, b"c" * 4096)
     return child
 
@@ -137,7 +137,7 @@ def test_parent_loop_is_named(tmp_path: Path) -> None:
 
 def test_missing_parent_is_named(tmp_path: Path) -> None:
     path = _missing(tmp_path)
-    proc = run([tool("blktap"), "info", path], text=True)
+    proc = run([tool("blktap"), "info", f"vhd:{path}"], text=True)
     assert proc.returncode == 2
     assert "parent 'missing-parent.vhd' not found" in proc.stderr
 

@@ -29,6 +29,7 @@ from blktap.errors import (
 from blktap.image import Chain, RawImage, VhdImage
 from blktap.image.vhd import create, snapshot
 from blktap.image.vhd.create import chain_depth
+from conftest import named
 
 MiB = 1 << 20
 BLOCK = 2 * MiB
@@ -47,7 +48,7 @@ def make_dynamic(folder: Path) -> str:
     """A dynamic disk with three partially written blocks."""
     path = str(folder / "d.vhd")
     create(path, SIZE)
-    with Chain.open(path, writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         chain.pwrite(0, b"a" * 5000)
         chain.pwrite(5 * MiB, b"b" * 4096)
         chain.pwrite(9 * MiB + 512, b"c" * 512)
@@ -63,7 +64,7 @@ def make_empty_dynamic(folder: Path) -> str:
 def make_fixed(folder: Path) -> str:
     path = str(folder / "f.vhd")
     create(path, 8 * MiB, fixed=True)
-    with Chain.open(path, writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         chain.pwrite(1000, b"f" * 1000)
     return path
 
@@ -71,7 +72,7 @@ def make_fixed(folder: Path) -> str:
 def make_base(folder: Path) -> str:
     base = str(folder / "base.vhd")
     create(base, SIZE)
-    with Chain.open(base, writable=True) as chain:
+    with Chain.open(named(base), writable=True) as chain:
         chain.pwrite(0, random.Random(1).randbytes(6 * MiB))
     return base
 
@@ -81,7 +82,7 @@ def make_differencing(folder: Path) -> str:
     base = make_base(folder)
     child = str(folder / "child.vhd")
     snapshot(child, base)
-    with Chain.open(child, writable=True) as chain:
+    with Chain.open(named(child), writable=True) as chain:
         chain.pwrite(1000, b"k" * 3000)
         chain.pwrite(4 * MiB, b"K" * BLOCK)
     return child
@@ -174,11 +175,11 @@ def openers(case_kept: bool, chain_only: bool = False) -> list[tuple[str, Callab
             ("VhdImage.open(rw)", lambda p: VhdImage.open(p, writable=True)),
         ]
     out += [
-        ("Chain.open(vhd:)", lambda p: Chain.open("vhd:" + p)),
-        ("Chain.open(vhd:,rw)", lambda p: Chain.open("vhd:" + p, writable=True)),
+        ("Chain.open(named(vhd:))", lambda p: Chain.open("vhd:" + p)),
+        ("Chain.open(named(vhd:),rw)", lambda p: Chain.open("vhd:" + p, writable=True)),
     ]
     if case_kept:
-        out.append(("Chain.open", lambda p: Chain.open(p)))
+        out.append(("Chain.open", lambda p: Chain.open(named(p))))
     return out
 
 
@@ -254,7 +255,8 @@ def test_corrupt_parent_named(tmp_path: Path) -> None:
     child = make_differencing(tmp_path)
     C.damage_header_checksum(str(tmp_path / "base.vhd"))
     before = digest_dir(tmp_path)
-    exc = assert_refused(child, Chain.open, FormatError, r"base\.vhd.*checksum", "Chain.open")
+    exc = assert_refused(child, lambda p: Chain.open(f"vhd:{p}"), FormatError,
+                         r"base\.vhd.*checksum", "Chain.open")
     assert "base.vhd" in str(exc)
     with VhdImage.open(child) as img:  # the child alone is fine
         assert img.is_differencing
@@ -266,7 +268,7 @@ def test_corrupt_parent_named(tmp_path: Path) -> None:
 
 
 def expected_disk(path: str) -> bytes:
-    with Chain.open(path) as chain:
+    with Chain.open(named(path)) as chain:
         return chain.pread(0, chain.size)
 
 
@@ -294,7 +296,7 @@ def test_batmap_bad_checksum_not_sealed_by_a_write(tmp_path: Path) -> None:
     child = make_differencing(tmp_path)
     want = bytearray(expected_disk(child))
     C.damage_batmap_checksum(child)
-    with Chain.open(child, writable=True) as chain:
+    with Chain.open(named(child), writable=True) as chain:
         chain.write(8 * MiB // 512, b"n" * BLOCK)  # a new, full block
     want[8 * MiB : 10 * MiB] = b"n" * BLOCK
     assert expected_disk(child) == want
@@ -368,7 +370,7 @@ def test_not_an_image(tmp_path: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("opener", [Chain.open, RawImage.open, lambda p: Chain.open("raw:" + p)],
-                         ids=["Chain.open", "RawImage.open", "Chain.open(raw:)"])
+                         ids=["Chain.open", "RawImage.open", "Chain.open(named(raw:))"])
 def test_directory_refused_when_probing(tmp_path: Path, opener: Callable) -> None:
     (tmp_path / "dir").mkdir()
     assert_refused(str(tmp_path / "dir"), opener, BlktapError, r"directory", "open")
@@ -379,7 +381,7 @@ def test_unprefixed_non_vhd_is_raw(tmp_path: Path, name: str) -> None:
     """Without a format prefix a file that carries no VHD cookie is probed as raw."""
     path = not_images(tmp_path)[name]
     data = Path(path).read_bytes()
-    with Chain.open(path) as chain:
+    with Chain.open(named(path)) as chain:
         assert isinstance(chain.leaf, RawImage)
         assert chain.size == len(data)
         assert chain.pread(0, len(data)) == data
@@ -387,7 +389,7 @@ def test_unprefixed_non_vhd_is_raw(tmp_path: Path, name: str) -> None:
 
 def test_missing_with_plain_chain_open(tmp_path: Path) -> None:
     with pytest.raises(BlktapError) as info:
-        Chain.open(str(tmp_path / "nothing.vhd"))
+        Chain.open(named(tmp_path / "nothing.vhd"))
     assert info.value.errno == errno.ENOENT
 
 
@@ -474,7 +476,7 @@ def test_random_field_damage(pristine: dict[str, bytes], target: str,
         before = digest_dir(folder)
         for spec in (str(folder / "child.vhd"), "vhd:" + str(folder / "base.vhd")):
             try:
-                with Chain.open(spec) as chain:
+                with Chain.open(spec, follow_probed_parents=True) as chain:
                     chain.pread(0, chain.size)
                     chain.map()
             except BlktapError as exc:

@@ -176,7 +176,7 @@ def test_create_errors(tmp_path: Path) -> None:
 
 
 def test_info_reference_chain(reference_dir: Path) -> None:
-    info = as_json("info", reference_dir / "snap2.vhd")
+    info = as_json("info", f"vhd:{reference_dir / 'snap2.vhd'}")
     assert info["type"] == "differencing" and info["virtual_size"] == 48 * MiB
     assert info["chain_depth"] == 3
     names = [Path(layer["path"]).name for layer in info["chain"]]
@@ -186,7 +186,7 @@ def test_info_reference_chain(reference_dir: Path) -> None:
     assert 0 < info["allocated"] <= sum(layer["allocated"] for layer in info["chain"])
     for layer in info["chain"]:
         assert {"format", "type", "virtual_size", "allocated", "uuid", "hidden"} <= set(layer)
-    human = ok("info", reference_dir / "snap2.vhd").stdout
+    human = ok("info", f"vhd:{reference_dir / 'snap2.vhd'}").stdout
     assert "chain depth:   3" in human and "base.vhd" in human
 
 
@@ -205,13 +205,14 @@ def test_snapshot_chain_and_skip_empty(tmp_path: Path) -> None:
     proc = ok("snapshot", s1, base)
     assert str(base) in proc.stdout
     # s1 is empty: by default s2 links past it, and says which parent it used.
-    proc = ok("snapshot", s2, s1)
+    proc = ok("snapshot", s2, f"vhd:{s1}")
     assert f"parent {base}" in proc.stdout and "empty" in proc.stderr
-    assert as_json("info", s2)["chain_depth"] == 2
-    ok("snapshot", s3, s1, "--no-skip-empty")
-    assert as_json("info", s3)["chain_depth"] == 3
+    assert as_json("info", f"vhd:{s2}")["chain_depth"] == 2
+    ok("snapshot", s3, f"vhd:{s1}", "--no-skip-empty")
+    assert as_json("info", f"vhd:{s3}")["chain_depth"] == 3
     line = assert_one_line_error(
-        blktap("snapshot", tmp_path / "s4.vhd", s3, "--no-skip-empty", "--depth-limit", "3"))
+        blktap("snapshot", tmp_path / "s4.vhd", f"vhd:{s3}", "--no-skip-empty",
+               "--depth-limit", "3"))
     assert "depth" in line
 
 
@@ -223,14 +224,14 @@ def test_snapshot_raw_parent(tmp_path: Path) -> None:
     ok("snapshot", tmp_path / "c.vhd", raw, "--raw-parent")
     ok("snapshot", tmp_path / "d.vhd", f"aio:{raw}")
     for child in ("c.vhd", "d.vhd"):
-        info = as_json("info", tmp_path / child)
+        info = as_json("info", f"vhd:{tmp_path / child}")
         assert [layer["format"] for layer in info["chain"]] == ["vhd", "raw"]
         assert info["virtual_size"] >= 3 * MiB
 
 
 # ------------------------------------------------------------------------------ map
 def test_map_reference_chain(reference_dir: Path) -> None:
-    image = reference_dir / "snap2.vhd"
+    image = f"vhd:{reference_dir / 'snap2.vhd'}"
     extents = as_json("map", image)
     assert extents[0]["offset"] == 0
     end = 0
@@ -260,7 +261,7 @@ def test_map_raw_of_odd_size(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ convert
 def test_convert_chain_to_raw_matches_reference(reference_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "snap2.raw"
-    proc = ok("convert", reference_dir / "snap2.vhd", out)
+    proc = ok("convert", f"vhd:{reference_dir / 'snap2.vhd'}", out)
     assert "3 layers" in proc.stdout
     assert out.stat().st_size == 48 * MiB
     assert sha256(out) == expected_sha(reference_dir, "snap2")
@@ -271,7 +272,7 @@ def test_convert_chain_to_raw_matches_reference(reference_dir: Path, tmp_path: P
 
 def test_convert_raw_parent_chain(reference_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "rawchild.raw"
-    ok("convert", "-O", "raw", reference_dir / "rawchild.vhd", out)
+    ok("convert", "-O", "raw", f"vhd:{reference_dir / 'rawchild.vhd'}", out)
     assert sha256(out) == expected_sha(reference_dir, "rawchild")
 
 
@@ -337,7 +338,7 @@ def test_convert_destination_rules(reference_dir: Path, ref_copy: Path, tmp_path
     assert sha256(dst) == expected_sha(reference_dir, "data")
     # Never over a layer of the source, even with --force.
     line = assert_one_line_error(
-        blktap("convert", ref_copy / "snap2.vhd", ref_copy / "base.vhd", "--force"))
+        blktap("convert", f"vhd:{ref_copy / 'snap2.vhd'}", ref_copy / "base.vhd", "--force"))
     assert "source chain" in line
     assert sha256(ref_copy / "base.vhd") == sha256(reference_dir / "base.vhd")
     assert_one_line_error(blktap("convert", src, tmp_path / "none" / "x.raw"), errno.ENOENT)
@@ -380,10 +381,11 @@ def test_no_progress_when_not_a_terminal(reference_dir: Path, tmp_path: Path) ->
 # ------------------------------------------------------------------------------ compare
 def test_compare_identical_across_formats(reference_dir: Path, tmp_path: Path) -> None:
     flat = tmp_path / "flat.raw"
-    ok("convert", reference_dir / "snap2.vhd", flat)
-    proc = ok("compare", reference_dir / "snap2.vhd", f"raw:{flat}")
+    snap2 = f"vhd:{reference_dir / 'snap2.vhd'}"
+    ok("convert", snap2, flat)
+    proc = ok("compare", snap2, f"raw:{flat}")
     assert "identical" in proc.stdout
-    result = as_json("compare", flat, reference_dir / "snap2.vhd")
+    result = as_json("compare", flat, snap2)
     assert result["identical"] is True and result["offset"] is None
     assert result["a"]["size"] == result["b"]["size"] == 48 * MiB
 
@@ -452,4 +454,4 @@ def test_bad_images(reference_dir: Path, tmp_path: Path) -> None:
     assert_one_line_error(blktap("info", tmp_path), errno.EISDIR)
     orphan = tmp_path / "orphan.vhd"
     shutil.copy(reference_dir / "snap2.vhd", orphan)
-    assert "not found" in assert_one_line_error(blktap("info", orphan), errno.ENOENT)
+    assert "not found" in assert_one_line_error(blktap("info", f"vhd:{orphan}"), errno.ENOENT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ MB = 1 << 20
 
 
 def content(path: Path) -> bytes:
-    with Chain.open(str(path)) as chain:
+    with Chain.open(f"vhd:{path}") as chain:
         return bytes(chain.read(0, chain.sectors))
 
 
@@ -26,14 +27,14 @@ def blktap(*argv: str, cwd: Path | None = None):  # noqa: ANN201
 def three_levels(tmp_path: Path) -> tuple[Path, Path, Path]:
     base, mid, top = tmp_path / "base.vhd", tmp_path / "mid.vhd", tmp_path / "top.vhd"
     create(str(base), 32 * MB)
-    with Chain.open(str(base), writable=True) as chain:
+    with Chain.open(f"vhd:{base}", writable=True) as chain:
         chain.pwrite(0, b"\x01" * (4 * MB))
     snapshot(str(mid), str(base))
-    with Chain.open(str(mid), writable=True) as chain:
+    with Chain.open(f"vhd:{mid}", writable=True) as chain:
         chain.pwrite(MB, b"\x02" * (3 * MB))
         chain.pwrite(20 * MB, b"\x03" * 4096)
     snapshot(str(top), str(mid))
-    with Chain.open(str(top), writable=True) as chain:
+    with Chain.open(f"vhd:{top}", writable=True) as chain:
         chain.pwrite(2 * MB, b"\x04" * 512)
     return base, mid, top
 
@@ -44,7 +45,7 @@ def test_coalesce_rebase_children_and_remove(tmp_path: Path) -> None:
     snapshot(str(other), str(base))
     before_top = content(top)
     before_other = other.read_bytes()
-    proc = blktap("coalesce", str(mid), "--rebase-children", "--remove")
+    proc = blktap("coalesce", f"vhd:{mid}", "--rebase-children", "--remove")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith(f"Coalesced {mid} into {base}: 3076 KiB (3149824 bytes) in 3 "
@@ -61,7 +62,7 @@ def test_coalesce_rebase_children_and_remove(tmp_path: Path) -> None:
 
 def test_coalesce_json(tmp_path: Path) -> None:
     base, mid, top = three_levels(tmp_path)
-    proc = blktap("coalesce", str(top), "--json")
+    proc = blktap("coalesce", f"vhd:{top}", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["image"] == str(top)
@@ -74,7 +75,7 @@ def test_coalesce_json(tmp_path: Path) -> None:
 def test_remove_refused_while_children_use_it(tmp_path: Path) -> None:
     base, mid, top = three_levels(tmp_path)
     before = base.read_bytes()
-    proc = blktap("coalesce", str(mid), "--remove")
+    proc = blktap("coalesce", f"vhd:{mid}", "--remove")
     assert proc.returncode == 22
     assert proc.stdout == ""
     assert proc.stderr == (f"blktap: not removing {mid}: {top} still use it as their parent "
@@ -101,7 +102,7 @@ def test_coalesce_errors_are_one_line(tmp_path: Path) -> None:
 def test_rebase_keeps_content_and_copies_only_differences(tmp_path: Path) -> None:
     base, mid, top = three_levels(tmp_path)
     before = content(top)
-    proc = blktap("rebase", str(top), str(base), "--json")
+    proc = blktap("rebase", f"vhd:{top}", str(base), "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     # mid held 3 MiB + 4 KiB over base; top already held 512 bytes of it itself.
@@ -119,7 +120,7 @@ def test_rebase_onto_unrelated_disk_and_raw(tmp_path: Path) -> None:
     before = content(top)
     other = tmp_path / "other.raw"
     other.write_bytes(os.urandom(32 * MB))
-    proc = blktap("rebase", str(top), str(other), "--raw-parent")
+    proc = blktap("rebase", f"vhd:{top}", str(other), "--raw-parent")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"Rebased {top} onto {other} (")
     assert content(top) == before
@@ -130,11 +131,11 @@ def test_rebase_onto_unrelated_disk_and_raw(tmp_path: Path) -> None:
 def test_rebase_unsafe_only_switches_pointers(tmp_path: Path) -> None:
     base, mid, top = three_levels(tmp_path)
     size_before = top.stat().st_size
-    proc = blktap("rebase", str(top), str(base), "--unsafe")
+    proc = blktap("rebase", f"vhd:{top}", str(base), "--unsafe")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"Rebased {top} onto {base} (pointers only)\n"
     assert top.stat().st_size == size_before
-    with Chain.open(str(top)) as chain:
+    with Chain.open(f"vhd:{top}") as chain:
         assert chain.pread(MB, 512) == b"\x01" * 512  # mid's data is no longer seen
 
 
@@ -156,12 +157,16 @@ def test_rebase_killed_at_any_point_keeps_content(tmp_path: Path) -> None:
 
 def test_rebase_refusals(tmp_path: Path) -> None:
     base, mid, top = three_levels(tmp_path)
-    proc = blktap("rebase", str(base), str(mid))
+    proc = blktap("rebase", str(base), f"vhd:{mid}")
     assert proc.returncode == 22 and "not a differencing disk" in proc.stderr
-    proc = blktap("rebase", str(mid), str(top))  # top's parent is mid: a loop
+    # A plain path to a differencing parent is a probed one: refused before any change.
+    proc = blktap("rebase", f"vhd:{top}", str(mid))
+    assert proc.returncode == errno.EPERM and "vhd:" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    proc = blktap("rebase", f"vhd:{mid}", f"vhd:{top}")  # top's parent is mid: a loop
     assert proc.returncode == 40, proc.stderr
     assert proc.stderr.count("\n") == 1
-    proc = blktap("rebase", str(top), str(tmp_path / "missing.vhd"))
+    proc = blktap("rebase", f"vhd:{top}", str(tmp_path / "missing.vhd"))
     assert proc.returncode == 2
 
 
@@ -174,41 +179,41 @@ def test_encrypted_chain_info_convert_rebase(tmp_path: Path) -> None:
     key_file.write_bytes(key)
     clear = tmp_path / "clear.vhd"
     create(str(clear), 8 * MB)
-    with Chain.open(str(clear), writable=True) as chain:
+    with Chain.open(f"vhd:{clear}", writable=True) as chain:
         chain.pwrite(0, os.urandom(3 * MB))
     base, mid, top = tmp_path / "base.vhd", tmp_path / "mid.vhd", tmp_path / "top.vhd"
-    with Chain.open(str(clear)) as chain:
+    with Chain.open(f"vhd:{clear}") as chain:
         copy_chain(chain, str(base), key=key)
     snapshot(str(mid), str(base))
-    with Chain.open(str(mid), writable=True, key=key) as chain:
+    with Chain.open(f"vhd:{mid}", writable=True, key=key) as chain:
         chain.pwrite(MB, b"\x05" * (2 * MB))
     snapshot(str(top), str(mid))
-    with Chain.open(str(top), writable=True, key=key) as chain:
+    with Chain.open(f"vhd:{top}", writable=True, key=key) as chain:
         chain.pwrite(0, b"\x06" * 4096)
         want = bytes(chain.read(0, chain.sectors))
 
-    info = json.loads(blktap("info", str(top), "--json").stdout)
+    info = json.loads(blktap("info", f"vhd:{top}", "--json").stdout)
     assert info["encrypted"] is True
     assert all(layer["encrypted"] for layer in info["chain"])
-    assert blktap("map", str(top)).returncode == 0
+    assert blktap("map", f"vhd:{top}").returncode == 0
 
     out = tmp_path / "out.raw"
-    proc = blktap("convert", str(top), str(out))
+    proc = blktap("convert", f"vhd:{top}", str(out))
     assert proc.returncode == 22 and "key is needed" in proc.stderr
-    proc = blktap("convert", str(top), str(out), "--key-file", str(key_file))
+    proc = blktap("convert", f"vhd:{top}", str(out), "--key-file", str(key_file))
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() == want
-    proc = blktap("compare", str(top), str(out), "--key-file", str(key_file))
+    proc = blktap("compare", f"vhd:{top}", str(out), "--key-file", str(key_file))
     assert proc.returncode == 0, proc.stderr
 
-    proc = blktap("rebase", str(top), str(base), "--key-file", str(key_file))
+    proc = blktap("rebase", f"vhd:{top}", str(base), "--key-file", str(key_file))
     assert proc.returncode == 0, proc.stderr
-    with Chain.open(str(top), key=key) as chain:
+    with Chain.open(f"vhd:{top}", key=key) as chain:
         assert bytes(chain.read(0, chain.sectors)) == want
         assert os.path.samefile(chain.layers[1].path, base)
     wrong = tmp_path / "wrong.key"
     wrong.write_bytes(os.urandom(64))
-    proc = blktap("convert", str(top), str(tmp_path / "x.raw"), "--key-file", str(wrong))
+    proc = blktap("convert", f"vhd:{top}", str(tmp_path / "x.raw"), "--key-file", str(wrong))
     assert proc.returncode == 126 and proc.stderr.count("\n") == 1
 
 
@@ -216,7 +221,7 @@ def test_encrypted_chain_info_convert_rebase(tmp_path: Path) -> None:
 def test_resize_fast_then_journaled_keeps_content(tmp_path: Path) -> None:
     disk = tmp_path / "d.vhd"
     create(str(disk), 10 * MB, prealloc_size=100 * MB)
-    with Chain.open(str(disk), writable=True) as chain:
+    with Chain.open(f"vhd:{disk}", writable=True) as chain:
         chain.pwrite(0, os.urandom(4 * MB))
     before = content(disk)
     proc = blktap("resize", str(disk), "50M")
@@ -257,7 +262,7 @@ def test_revert_an_interrupted_resize(tmp_path: Path) -> None:
     disk = tmp_path / "d.vhd"
     journal = tmp_path / "j"
     create(str(disk), 20 * MB)
-    with Chain.open(str(disk), writable=True) as chain:
+    with Chain.open(f"vhd:{disk}", writable=True) as chain:
         chain.pwrite(0, os.urandom(2 * MB))
     pristine = disk.read_bytes()
     total = faults.count_mutations(lambda: resize(str(disk), 4 * 1024 * MB,

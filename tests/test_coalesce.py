@@ -19,13 +19,13 @@ from blktap.image import Chain
 from blktap.image.vhd import VhdImage, create, snapshot
 from blktap.image.vhd import check as vhd_check
 from blktap.image.vhd.coalesce import coalesce
-from conftest import expected, need, run, tool
+from conftest import expected, named, need, run, tool
 
 MB = 1 << 20
 
 
 def content(path: str | Path) -> bytes:
-    with Chain.open(str(path)) as chain:
+    with Chain.open(named(path)) as chain:
         return bytes(chain.read(0, chain.sectors))
 
 
@@ -39,7 +39,7 @@ def assert_valid(path: str | Path) -> None:
 
 
 def write(path: str | Path, offset: int, data: bytes) -> None:
-    with Chain.open(str(path), writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         chain.pwrite(offset, data)
 
 
@@ -224,7 +224,7 @@ def test_random_chains(tmp_path_factory: pytest.TempPathFactory, depth: int, see
         if level:
             paths.append(tmp / f"l{level}.vhd")
             snapshot(str(paths[-1]), str(paths[-2]), skip_empty=False)
-        with Chain.open(str(paths[-1]), writable=True) as chain:
+        with Chain.open(named(paths[-1]), writable=True) as chain:
             for _ in range(rng.randrange(0, 4)):
                 off = rng.randrange(0, size // 512 - 1) * 512
                 n = rng.randrange(1, min(4096, size // 512 - off // 512)) * 512
@@ -415,7 +415,7 @@ def test_real_sigkill_during_vhd_util_coalesce(tmp_path: Path) -> None:
     create(str(parent), 128 * MB)
     snapshot(str(child), str(parent))
     rng = random.Random(3)
-    with Chain.open(str(child), writable=True) as chain:
+    with Chain.open(named(child), writable=True) as chain:
         for blk in rng.sample(range(64), 40):
             chain.pwrite(blk * 2 * MB + rng.randrange(0, 8) * 65536,
                          os.urandom(rng.choice([65536, 2 * MB - 8 * 65536])))

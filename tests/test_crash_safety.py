@@ -20,7 +20,7 @@ import pytest
 from blktap.image import Chain, fileio
 from blktap.image.vhd import VhdImage, create, snapshot
 from blktap.image.vhd import check as vhd_check
-from conftest import run, tool
+from conftest import named, run, tool
 
 MB = 1 << 20
 SIZE = 16 * MB
@@ -75,7 +75,7 @@ def count_writes(path: str, writes: list[tuple[int, bytes]]) -> int:
 
     originals = _intercept(count)
     try:
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             for off, data in writes:
                 chain.pwrite(off, data)
     finally:
@@ -94,7 +94,7 @@ def crash_after(path: str, writes: list[tuple[int, bytes]], n: int) -> int:
         if calls > n:
             raise Killed()
 
-    chain = Chain.open(path, writable=True)
+    chain = Chain.open(named(path), writable=True)
     acked = 0
     originals = _intercept(die_after_n)
     try:
@@ -126,7 +126,7 @@ def assert_consistent(path: str, base: bytes, writes: list[tuple[int, bytes]],
     # ...and so does the command sm runs.
     proc = run([tool("vhd-util"), "check", "-n", path], text=True)
     assert proc.returncode == 0, proc.stdout
-    with Chain.open(path) as chain:
+    with Chain.open(named(path)) as chain:
         got = bytes(chain.read(0, chain.sectors))
     want = expected_after(base, writes, acked)
     if acked < len(writes):
@@ -148,9 +148,9 @@ def test_kill_at_every_write(tmp_path: Path, layout: str) -> None:
     base = bytes(SIZE)
     target = template
     if layout == "differencing":
-        with Chain.open(template, writable=True) as chain:
+        with Chain.open(named(template), writable=True) as chain:
             chain.pwrite(MB, os.urandom(3 * MB))
-        with Chain.open(template) as chain:
+        with Chain.open(named(template)) as chain:
             base = bytes(chain.read(0, chain.sectors))
         target = str(tmp_path / "child.vhd")
         snapshot(target, template)
@@ -180,12 +180,12 @@ def test_reopen_after_crash_reuses_leaked_space(tmp_path: Path) -> None:
     assert acked == 0
     leaked = os.path.getsize(path)
     assert leaked > 3584
-    with Chain.open(path, writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         chain.pwrite(MB, b"\x22" * 512)
     assert os.path.getsize(path) < leaked + 512
     result = vhd_check.check(path, vhd_check.CheckOptions(check_bitmaps=True))
     assert result.errno == 0, result.results[0].messages
-    with Chain.open(path) as chain:
+    with Chain.open(named(path)) as chain:
         assert chain.pread(0, 4096) == bytes(4096)
         assert chain.pread(MB, 512) == b"\x22" * 512
     with VhdImage.open(path) as img:

@@ -26,7 +26,7 @@ from blktap.image.crypto import XtsCipher, check_key, key_file_name, key_hash, p
 from blktap.image.vhd import VhdImage, create, snapshot
 from blktap.image.vhd import check as vhd_check
 from blktap.image.vhd.keyhash import KEYHASH_XATTR, KeyHash, read_keyhash, write_keyhash
-from conftest import need, run, tool
+from conftest import named, need, run, tool
 from faults import count_mutations, crash_after, kill_points
 
 MB = 1 << 20
@@ -332,7 +332,7 @@ def test_chain_reads_and_writes_through_the_key(tmp_path: Path) -> None:
     with Chain.open(f"vhd:{img}", key=KEY64, writable=True) as chain:
         chain.write(4096 + 8, data)  # block 1, sectors 8..10
         chain.pwrite(100, b"unaligned")  # read-modify-write of sector 0
-    with Chain.open(str(img), key=KEY64) as chain:
+    with Chain.open(named(img), key=KEY64) as chain:
         assert chain.read(4096 + 8, 3) == data
         assert chain.pread(100, 9) == b"unaligned"
         assert chain.pread(0, 100) == bytes(100)
@@ -347,9 +347,9 @@ def test_chain_reads_and_writes_through_the_key(tmp_path: Path) -> None:
 
 def test_holes_and_unwritten_sectors_read_as_zeros(tmp_path: Path) -> None:
     img = make_encrypted(tmp_path / "h.vhd", key=KEY32)
-    with Chain.open(str(img), key=KEY32, writable=True) as chain:
+    with Chain.open(named(img), key=KEY32, writable=True) as chain:
         chain.write(10, b"\xee" * SECTOR)
-    with Chain.open(str(img), key=KEY32) as chain:
+    with Chain.open(named(img), key=KEY32) as chain:
         block = chain.read(0, 4096)
         assert block[10 * SECTOR : 11 * SECTOR] == b"\xee" * SECTOR
         assert block.count(0) == len(block) - SECTOR  # the rest of the block: zeros
@@ -382,9 +382,9 @@ def test_chain_open_refuses(tmp_path: Path, case: str) -> None:
 
 def test_ciphertext_mode_serves_stored_bytes(tmp_path: Path) -> None:
     img = make_encrypted(tmp_path / "e.vhd")
-    with Chain.open(str(img), key=KEY64, writable=True) as chain:
+    with Chain.open(named(img), key=KEY64, writable=True) as chain:
         chain.write(0, b"\x11" * SECTOR)
-    with Chain.open(str(img), ciphertext=True) as chain:
+    with Chain.open(named(img), ciphertext=True) as chain:
         assert chain.read(0, 1) == XtsCipher(KEY64).encrypt(0, b"\x11" * SECTOR)
         assert len(chain) == 1
 
@@ -392,23 +392,23 @@ def test_ciphertext_mode_serves_stored_bytes(tmp_path: Path) -> None:
 def test_snapshot_inherits_keyhash_and_reads_through_chain(tmp_path: Path) -> None:
     nonce = bytes(range(32))
     base = make_encrypted(tmp_path / "base.vhd", nonce=nonce)
-    with Chain.open(str(base), key=KEY64, writable=True) as chain:
+    with Chain.open(named(base), key=KEY64, writable=True) as chain:
         chain.write(0, b"\x01" * 8 * SECTOR)
         chain.write(4096, b"\x02" * 8 * SECTOR)
     child = tmp_path / "child.vhd"
     snapshot(str(child), str(base))
     with VhdImage.open(str(child)) as c, VhdImage.open(str(base)) as b:
         assert read_keyhash(c) == read_keyhash(b) == KeyHash(1, nonce, key_hash(KEY64, nonce))
-    with Chain.open(str(child), key=KEY64, writable=True) as chain:
+    with Chain.open(named(child), key=KEY64, writable=True) as chain:
         assert chain.read(0, 8) == b"\x01" * 8 * SECTOR  # from the parent, decrypted
         chain.write(4, b"\x03" * 2 * SECTOR)
-    with Chain.open(str(child), key=KEY64) as chain:
+    with Chain.open(named(child), key=KEY64) as chain:
         assert chain.read(0, 8) == b"\x01" * 4 * SECTOR + b"\x03" * 2 * SECTOR + \
             b"\x01" * 2 * SECTOR
         assert chain.read(4096, 8) == b"\x02" * 8 * SECTOR
         assert chain.read(8192, 16) == bytes(16 * SECTOR)
     with pytest.raises(EncryptionError):
-        Chain.open(str(child))
+        Chain.open(named(child))
     assert vu("snapshot", "-n", str(tmp_path / "c2.vhd"), "-p", str(child), "-l", "10"
               ).returncode == 0  # the depth check needs no key
 
@@ -433,14 +433,14 @@ def test_vhd_without_batmap_keeps_keyhash_in_xattr(tmp_path: Path) -> None:
                 pytest.skip("no user xattrs here")
             raise
     assert os.getxattr(base, KEYHASH_XATTR) == b"\x01" + bytes(32) + key_hash(KEY32)
-    with Chain.open(str(base), key=KEY32, writable=True) as chain:
+    with Chain.open(named(base), key=KEY32, writable=True) as chain:
         chain.write(40, b"\x77" * SECTOR)
     child = tmp_path / "qc.vhd"
     snapshot(str(child), str(base))
     with VhdImage.open(str(child)) as c:
         assert c.batmap_header is not None
         assert read_keyhash(c) == KeyHash(1, bytes(32), key_hash(KEY32))
-    with Chain.open(str(child), key=KEY32) as chain:
+    with Chain.open(named(child), key=KEY32) as chain:
         assert chain.read(40, 1) == b"\x77" * SECTOR
     assert vu("key", "-p", "-n", str(base)).stdout == f"{'00' * 32} {key_hash(KEY32).hex()}\n"
 
@@ -455,10 +455,10 @@ def test_fixed_vhd_with_xattr_keyhash(tmp_path: Path) -> None:
             if getattr(exc, "errno", None) in (errno.ENOTSUP, errno.EPERM):
                 pytest.skip("no user xattrs here")
             raise
-    with Chain.open(str(img), key=KEY64, writable=True) as chain:
+    with Chain.open(named(img), key=KEY64, writable=True) as chain:
         chain.write(3, b"\x42" * SECTOR)
     assert _head(img, 4 * SECTOR)[3 * SECTOR :] == XtsCipher(KEY64).encrypt(3, b"\x42" * 512)
-    with Chain.open(str(img), key=KEY64) as chain:
+    with Chain.open(named(img), key=KEY64) as chain:
         assert chain.read(3, 1) == b"\x42" * SECTOR
 
 
@@ -467,12 +467,12 @@ def test_ciphertext_moved_between_layers_stays_decryptable(tmp_path: Path) -> No
     (coalesce does this, with copy_file_range) decrypts there, although it sits at another
     file offset; the same bytes at another virtual offset do not."""
     base = make_encrypted(tmp_path / "base.vhd")
-    with Chain.open(str(base), key=KEY64, writable=True) as chain:
+    with Chain.open(named(base), key=KEY64, writable=True) as chain:
         chain.write(0, b"\x10" * 4096 * SECTOR)  # block 0 of the parent first
     child = tmp_path / "child.vhd"
     snapshot(str(child), str(base))
     payload = random.Random(3).randbytes(16 * SECTOR)
-    with Chain.open(str(child), key=KEY64, writable=True) as chain:
+    with Chain.open(named(child), key=KEY64, writable=True) as chain:
         chain.write(4096 + 32, payload)  # block 1, sectors 32..47
     with VhdImage.open(str(child)) as c, VhdImage.open(str(base), writable=True) as b:
         bitmap = c.bitmap(1)
@@ -481,7 +481,7 @@ def test_ciphertext_moved_between_layers_stays_decryptable(tmp_path: Path) -> No
         parent_data = (b.bat[1] + b.bitmap_secs) * SECTOR
         assert parent_data != child_data
         b.merge_block(2, bitmap, c.fd, child_data)  # the same bytes one block further
-    with Chain.open(str(base), key=KEY64) as chain:
+    with Chain.open(named(base), key=KEY64) as chain:
         assert chain.read(4096 + 32, 16) == payload
         moved = chain.read(2 * 4096 + 32, 16)
         assert moved != payload and len(moved) == len(payload)
@@ -496,7 +496,7 @@ def test_writes_killed_at_every_point_leave_a_valid_decryptable_image(tmp_path: 
               (2 * 4096, b"\x03" * 4096 * SECTOR), (7, b"\x04" * SECTOR)]
 
     def workload() -> None:
-        with Chain.open(str(img), key=KEY64, writable=True) as chain:
+        with Chain.open(named(img), key=KEY64, writable=True) as chain:
             for sector, data in writes:
                 chain.write(sector, data)
 
@@ -506,7 +506,7 @@ def test_writes_killed_at_every_point_leave_a_valid_decryptable_image(tmp_path: 
         img.write_bytes(pristine)
         finished = crash_after(workload, n)
         assert vhd_check.check(str(img)).results[0].ok, n
-        with Chain.open(str(img), key=KEY64) as chain:
+        with Chain.open(named(img), key=KEY64) as chain:
             for sector, data in writes:
                 got = chain.read(sector, len(data) // SECTOR)
                 if finished:
@@ -548,7 +548,7 @@ def test_key_set_check_print(tmp_path: Path) -> None:
     proc = vu("key", "-c", "-n", str(img), "-k", str(kf))
     assert (proc.returncode, proc.stdout) == (0, "")
     assert proc.stderr == f"vhd_util_read_key: using keyfile {kf}, Size (bytes) 32\n"
-    with Chain.open(str(img), key=KEY32, writable=True) as chain:  # the library agrees
+    with Chain.open(named(img), key=KEY32, writable=True) as chain:  # the library agrees
         chain.write(0, bytes(SECTOR))
     assert vu("check", "-n", str(img)).stdout == f"{img} is valid\n"
     # A different key under the right name.
@@ -660,7 +660,7 @@ def test_key_set_refuses_fixed_and_non_empty(tmp_path: Path) -> None:
     create(str(fixed), 4 * MB, fixed=True)
     used = tmp_path / "u.vhd"
     create(str(used), 4 * MB)
-    with Chain.open(str(used), writable=True) as chain:
+    with Chain.open(named(used), writable=True) as chain:
         chain.write(0, b"clear".ljust(SECTOR, b"\0"))
     for img, msg in ((fixed, "can't save key hashes for fixed vhds"),
                      (used, "can't save key hashes for non-empty vhds")):
@@ -703,9 +703,9 @@ def test_copy_chain_from_stdin_key_reads_back_with_key(reference_dir: Path,
     assert vu("key", "-p", "-n", str(new)).stdout == f"{'0' * 64} {key_hash(KEY64).hex()}\n"
     assert vu("check", "-n", str(new)).stdout == f"{new} is valid\n"
     with pytest.raises(EncryptionError):
-        Chain.open(str(new))
+        Chain.open(named(new))
     # Stored data is not the plaintext.
-    with Chain.open(str(new), ciphertext=True) as raw, \
+    with Chain.open(named(new), ciphertext=True) as raw, \
             Chain.open(f"vhd:{reference_dir / 'snap2.vhd'}") as src:
         assert raw.read(0, 128) != src.read(0, 128)
 
@@ -721,18 +721,18 @@ def test_copy_with_key_file_and_without_key(reference_dir: Path, tmp_path: Path)
     assert disk_sha(enc, KEY32) == disk_sha(clear, None) == want
     assert vu("key", "-p", "-n", str(clear)).stdout == "none\n"
     # The same runs are allocated as in the source.
-    with Chain.open(f"vhd:{src}") as a, Chain.open(str(enc), key=KEY32) as b:
+    with Chain.open(f"vhd:{src}") as a, Chain.open(named(enc), key=KEY32) as b:
         assert [(e.offset, e.length) for e in a.map() if e.depth is not None] == \
             [(e.offset, e.length) for e in b.map() if e.depth is not None]
 
 
 def test_copy_of_an_encrypted_source(tmp_path: Path) -> None:
     src = make_encrypted(tmp_path / "s.vhd")
-    with Chain.open(str(src), key=KEY64, writable=True) as chain:
+    with Chain.open(named(src), key=KEY64, writable=True) as chain:
         chain.write(100, b"\x99" * SECTOR)
     new = tmp_path / "n.vhd"
     assert vu("copy", "-n", str(src), "-N", str(new), "-E", stdin=KEY64).returncode == 0
-    with Chain.open(str(new), key=KEY64) as chain:
+    with Chain.open(named(new), key=KEY64) as chain:
         assert chain.read(100, 1) == b"\x99" * SECTOR
     for stdin, code in ((None, errno.EINVAL), (OTHER64, errno.ENOKEY)):
         other = tmp_path / f"x{code}.vhd"
@@ -810,14 +810,14 @@ def test_copy_killed_at_every_point_leaves_nothing_or_the_whole_copy(tmp_path: P
     src = tmp_path / "s.vhd"
     create(str(src), 8 * MB)
     payload = random.Random(5).randbytes(40 * SECTOR)
-    with Chain.open(str(src), writable=True) as chain:
+    with Chain.open(named(src), writable=True) as chain:
         chain.write(3, payload)
         chain.write(3 * 4096 + 1, payload[: 8 * SECTOR])
     dst = tmp_path / "out" / "d.vhd"
     dst.parent.mkdir()
 
     def copy() -> None:
-        with Chain.open(str(src)) as source:
+        with Chain.open(named(src)) as source:
             copy_chain(source, str(dst), key=KEY64)
 
     total = count_mutations(copy)
@@ -827,7 +827,7 @@ def test_copy_killed_at_every_point_leaves_nothing_or_the_whole_copy(tmp_path: P
         finished = crash_after(copy, n)
         if dst.exists():
             assert vhd_check.check(str(dst)).results[0].ok, n
-            with Chain.open(str(dst), key=KEY64) as chain:
+            with Chain.open(named(dst), key=KEY64) as chain:
                 assert chain.read(3, 40) == payload
                 assert chain.read(3 * 4096 + 1, 8) == payload[: 8 * SECTOR]
         else:
@@ -838,7 +838,7 @@ def test_copy_killed_at_every_point_leaves_nothing_or_the_whole_copy(tmp_path: P
 
 def test_vhd_util_read_serves_ciphertext_as_the_reference(tmp_path: Path) -> None:
     img = make_encrypted(tmp_path / "r.vhd")
-    with Chain.open(str(img), key=KEY64, writable=True) as chain:
+    with Chain.open(named(img), key=KEY64, writable=True) as chain:
         chain.write(2, b"\x5c" * SECTOR)
     proc = run([tool("vhd-util"), "read", "-n", str(img), "-r", "2", "-c", "1"])
     assert proc.returncode == 0

@@ -25,6 +25,7 @@ from blktap.image import Chain, Extent, RawImage, VhdImage
 from blktap.image.vhd import create, snapshot
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.create import chain_depth
+from conftest import named
 
 MiB = 1 << 20
 BLOCK = 2 * MiB
@@ -41,7 +42,7 @@ def whole(path: str | Path) -> bytes:
 
 
 def disk(path: str | Path) -> bytes:
-    with Chain.open(str(path)) as chain:
+    with Chain.open(named(path)) as chain:
         return chain.pread(0, chain.size)
 
 
@@ -154,7 +155,7 @@ class TestCreateLayout:
         assert head.max_bat_size == 512
         off, bh, _ = C.read_batmap(path)
         assert off == 1536 + 2048 and bh.batmap_offset == off + 512
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.pwrite(0, b"x" * 4096)
         assert disk(path)[:4097] == b"x" * 4096 + b"\0"
 
@@ -290,7 +291,7 @@ class TestWrites:
     def test_blocks_are_4k_aligned(self, tmp_path: Path) -> None:
         path = new_dynamic(tmp_path, "a.vhd", 32 * MiB)
         order = [5, 0, 15, 7, 1]
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             for blk in order:
                 chain.pwrite(blk * BLOCK + 4096, pattern(4096, blk))
         bat = C.read_bat(path)
@@ -312,7 +313,7 @@ class TestWrites:
 
     def test_bitmap_msb_first(self, tmp_path: Path) -> None:
         path = new_dynamic(tmp_path)
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.write(0, bytes(8 * 512))  # sectors 0-7
             chain.write(9, b"\1" * 512)  # sector 9
             chain.write(4095, b"\2" * 512)  # the last sector of the block
@@ -331,7 +332,7 @@ class TestWrites:
 
     def test_batmap_bit_for_full_block(self, tmp_path: Path) -> None:
         path = new_dynamic(tmp_path, "b.vhd", 64 * MiB)
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.pwrite(1 * BLOCK, pattern(BLOCK, 1))  # full, in one write
             chain.pwrite(2 * BLOCK, pattern(BLOCK - 512, 2))  # one sector short
             for i in range(4):  # full, in four writes, out of order
@@ -363,7 +364,7 @@ class TestWrites:
         """A version 1.1 batmap sums its bytes as signed chars: a map whose checksum
         follows that rule is valid, one that follows the 1.2 rule is not."""
         path = new_dynamic(tmp_path, size=32 * MiB)
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.write(0, pattern(BLOCK, 1))  # block 0 full: map byte 0x80
         off, bh, data = C.read_batmap(path)
         assert data[0] == 0x80
@@ -387,10 +388,10 @@ class TestWrites:
 
     def test_writes_to_allocated_block_update_bitmap(self, tmp_path: Path) -> None:
         path = new_dynamic(tmp_path)
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.write(100, b"a" * 512)
         size = os.path.getsize(path)
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.write(101, b"b" * 1024)
         assert os.path.getsize(path) == size, "no new block for an allocated one"
         entry = C.read_bat(path)[0]
@@ -403,7 +404,7 @@ class TestWrites:
     def test_write_crossing_blocks(self, tmp_path: Path) -> None:
         path = new_dynamic(tmp_path)
         data = pattern(BLOCK + 3 * 512, 7)
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.pwrite(BLOCK - 1000, data)
         got = disk(path)
         assert got[BLOCK - 1000 : BLOCK - 1000 + len(data)] == data
@@ -415,7 +416,7 @@ class TestWrites:
         path = new_dynamic(tmp_path)
         shadow = bytearray(16 * MiB)
         rng = random.Random(3)
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             for offset, length in [(1, 1), (511, 2), (1000, 100), (4095, 4098),
                                    (BLOCK - 3, 7), (16 * MiB - 5, 5), (777, 0)]:
                 data = rng.randbytes(length)
@@ -430,7 +431,7 @@ class TestWrites:
         path = str(tmp_path / "f.vhd")
         create(path, 4 * MiB, fixed=True)
         footer = raw_bytes(path, 4 * MiB, 512)
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.pwrite(1000, b"q" * 5000)
             chain.pwrite(4 * MiB - 10, b"e" * 10)
         assert raw_bytes(path, 1000, 5000) == b"q" * 5000
@@ -440,14 +441,14 @@ class TestWrites:
     def test_read_only_and_range(self, tmp_path: Path) -> None:
         path = new_dynamic(tmp_path, size=4 * MiB)
         before = whole(path)
-        with Chain.open(path) as chain:
+        with Chain.open(named(path)) as chain:
             with pytest.raises(ReadOnlyImage):
                 chain.write(0, bytes(512))
             with pytest.raises(OutOfRange):
                 chain.read(chain.sectors - 1, 2)
             with pytest.raises(OutOfRange):
                 chain.pread(-1, 10)
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             with pytest.raises(OutOfRange):
                 chain.pwrite(4 * MiB - 1, b"xy")
             with pytest.raises(OutOfRange):
@@ -461,10 +462,10 @@ class TestWrites:
 
     def test_open_close_without_writes_changes_nothing(self, tmp_path: Path) -> None:
         path = new_dynamic(tmp_path)
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.pwrite(0, b"z" * 3000)
         before = whole(path)
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.pread(0, 4096)
             chain.flush()
         assert whole(path) == before
@@ -472,13 +473,13 @@ class TestWrites:
     def test_short_footer(self, tmp_path: Path) -> None:
         """A 511-byte footer (an old Microsoft bug) is read; a writer leaves a full one."""
         path = new_dynamic(tmp_path)
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.pwrite(0, b"a" * 1000)
         os.truncate(path, os.path.getsize(path) - 1)
         with VhdImage.open(path, footer="primary") as img:
             assert img.footer_source == "short"
         assert disk(path)[:1001] == b"a" * 1000 + b"\0"
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.pwrite(5 * MiB, b"b" * 1000)
         assert os.path.getsize(path) % 512 == 0
         with VhdImage.open(path, footer="primary") as img:
@@ -491,10 +492,10 @@ class TestWrites:
         """2040 GiB (the largest XenServer disk): write both ends, map and read them."""
         path = new_dynamic(tmp_path, "big.vhd", 2040 << 30)
         size = 2040 << 30
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.pwrite(size - 700, b"z" * 700)
             chain.pwrite(0, b"y" * 10)
-        with Chain.open(path) as chain:
+        with Chain.open(named(path)) as chain:
             assert chain.pread(size - 701, 701) == b"\0" + b"z" * 700
             assert chain.pread(0, 11) == b"y" * 10 + b"\0"
             assert chain.map() == [Extent(0, 512, 0), Extent(512, size - 1536, None),
@@ -508,7 +509,7 @@ class TestWrites:
         grow the file to the next sector boundary."""
         raw = tmp_path / "r.img"
         raw.write_bytes(bytes(1000))
-        with Chain.open(str(raw), writable=True) as chain:
+        with Chain.open(named(raw), writable=True) as chain:
             assert chain.size == 1000
             chain.pwrite(990, b"x" * 10)
             assert chain.pread(980, 20) == bytes(10) + b"x" * 10
@@ -518,7 +519,7 @@ class TestWrites:
         """A file whose primary footer is gone (a writer killed while extending it) opens
         through the backup footer, and its next writer repairs the end of the file."""
         path = new_dynamic(tmp_path)
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.pwrite(0, b"z" * 4096)
         size = os.path.getsize(path)
         with open(path, "r+b") as f:
@@ -528,7 +529,7 @@ class TestWrites:
             assert img.footer_source == "backup"
         with pytest.raises(FormatError, match="footer"):
             VhdImage.open(path, footer="primary")
-        with Chain.open(path, writable=True) as chain:
+        with Chain.open(named(path), writable=True) as chain:
             chain.pwrite(BLOCK, b"y" * 512)
         with VhdImage.open(path, footer="primary") as img:
             assert img.footer_source == "primary"
@@ -544,7 +545,7 @@ def written_parent(tmp_path: Path, name: str = "base.vhd",
                    size: int = 16 * MiB) -> tuple[str, bytes]:
     path = new_dynamic(tmp_path, name, size)
     data = pattern(size, sum(name.encode()))
-    with Chain.open(path, writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         chain.pwrite(0, data)
     return path, data
 
@@ -556,7 +557,7 @@ class TestChains:
         snapshot(child, base)
         assert disk(child) == base_data
         expect = bytearray(base_data)
-        with Chain.open(child, writable=True) as chain:
+        with Chain.open(named(child), writable=True) as chain:
             assert len(chain) == 2
             chain.pwrite(1000, b"c" * 100)  # unaligned: merges the parent's sector bytes
             expect[1000:1100] = b"c" * 100
@@ -568,18 +569,18 @@ class TestChains:
 
     def test_map_per_layer(self, tmp_path: Path) -> None:
         base = new_dynamic(tmp_path, "base.vhd", 16 * MiB)
-        with Chain.open(base, writable=True) as chain:
+        with Chain.open(named(base), writable=True) as chain:
             chain.pwrite(0, b"p" * (4 * 512))
             chain.pwrite(3 * BLOCK, b"p" * 512)
         mid = str(tmp_path / "mid.vhd")
         snapshot(mid, base)
-        with Chain.open(mid, writable=True) as chain:
+        with Chain.open(named(mid), writable=True) as chain:
             chain.pwrite(512, b"m" * 512)
         leaf = str(tmp_path / "leaf.vhd")
         snapshot(leaf, mid)
-        with Chain.open(leaf, writable=True) as chain:
+        with Chain.open(named(leaf), writable=True) as chain:
             chain.pwrite(2 * 512, b"l" * 512)
-        with Chain.open(leaf) as chain:
+        with Chain.open(named(leaf)) as chain:
             assert len(chain) == 3
             assert chain.map() == [
                 Extent(0, 512, 2),
@@ -602,7 +603,7 @@ class TestChains:
         snapshot(child, str(raw), raw_parent=True)
         with VhdImage.open(child) as img:
             assert img.parent_is_raw and img.header.prt_uuid == bytes(16)
-        with Chain.open(child, writable=True) as chain:
+        with Chain.open(named(child), writable=True) as chain:
             assert isinstance(chain.layers[1], RawImage)
             assert chain.pread(0, chain.size) == data
             chain.pwrite(5, b"w" * 10)
@@ -623,7 +624,7 @@ class TestChains:
         got = disk(child)
         assert len(got) >= len(data) and len(got) % 512 == 0
         assert got == data + bytes(len(got) - len(data))
-        with Chain.open(child, writable=True) as chain:
+        with Chain.open(named(child), writable=True) as chain:
             chain.pwrite(len(data) - 10, b"t" * 20)
         expect = bytearray(got)
         expect[len(data) - 10 : len(data) + 10] = b"t" * 20
@@ -637,14 +638,14 @@ class TestChains:
         snapshot(child, base, prealloc_size=16 * MiB)
         C.set_footer_fields(child, curr_size=16 * MiB)
         assert disk(child) == base_data + bytes(8 * MiB)
-        with Chain.open(child, writable=True) as chain:
+        with Chain.open(named(child), writable=True) as chain:
             chain.pwrite(8 * MiB - 100, b"x" * 200)  # across the parent's end
             chain.pwrite(16 * MiB - 512, b"e" * 512)
         expect = bytearray(base_data + bytes(8 * MiB))
         expect[8 * MiB - 100 : 8 * MiB + 100] = b"x" * 200
         expect[-512:] = b"e" * 512
         assert disk(child) == expect
-        with Chain.open(child) as chain:
+        with Chain.open(named(child)) as chain:
             tail = chain.map(8 * MiB // 512 + 1)
             assert tail[0].depth is None and tail[-1] == Extent(16 * MiB - 512, 512, 0)
 
@@ -653,7 +654,7 @@ class TestChains:
         child = str(tmp_path / "child.vhd")
         snapshot(child, base)
         C.set_footer_fields(child, curr_size=8 * MiB)
-        with Chain.open(child) as chain:
+        with Chain.open(named(child)) as chain:
             assert chain.size == 8 * MiB
             assert chain.pread(0, chain.size) == base_data[: 8 * MiB]
             assert chain.map() == [Extent(0, 8 * MiB, 1)]
@@ -672,10 +673,10 @@ class TestChains:
             assert img.header.parent_name == "base.vhd"
         leaf2 = str(tmp_path / "leaf2.vhd")
         assert snapshot(leaf2, empty2, skip_empty=False) == os.path.realpath(empty2)
-        with Chain.open(leaf2) as chain:
+        with Chain.open(named(leaf2)) as chain:
             assert [os.path.basename(layer.path) for layer in chain.layers] == [
                 "leaf2.vhd", "empty2.vhd", "empty1.vhd", "base.vhd"]
-        with Chain.open(empty2, writable=True) as chain:
+        with Chain.open(named(empty2), writable=True) as chain:
             chain.pwrite(0, b"n" * 512)
         leaf3 = str(tmp_path / "leaf3.vhd")
         assert snapshot(leaf3, empty2) == os.path.realpath(empty2), "no longer empty"
@@ -693,8 +694,8 @@ class TestChains:
         snapshot(str(tmp_path / "s3.vhd"), s2, depth_limit=4, skip_empty=False)
         assert chain_depth(str(tmp_path / "s3.vhd")) == 4
         with pytest.raises(ChainTooDeep):
-            Chain.open(str(tmp_path / "s3.vhd"), max_depth=3)
-        with Chain.open(str(tmp_path / "s3.vhd"), max_depth=4) as chain:
+            Chain.open(named(tmp_path / "s3.vhd"), max_depth=3)
+        with Chain.open(named(tmp_path / "s3.vhd"), max_depth=4) as chain:
             assert len(chain) == 4
 
     def test_parent_in_other_directory(self, tmp_path: Path) -> None:
@@ -761,11 +762,11 @@ class TestChains:
         base = str(tmp_path / "fixed.vhd")
         create(base, 8 * MiB, fixed=True)
         data = pattern(8 * MiB, 4)
-        with Chain.open(base, writable=True) as chain:
+        with Chain.open(named(base), writable=True) as chain:
             chain.pwrite(0, data)
         child = str(tmp_path / "child.vhd")
         snapshot(child, base)
-        with Chain.open(child, writable=True) as chain:
+        with Chain.open(named(child), writable=True) as chain:
             chain.pwrite(100, b"c" * 100)
         assert disk(child) == data[:100] + b"c" * 100 + data[200:]
 
@@ -790,13 +791,13 @@ class TestChains:
         os.unlink(base)
         create(base, 16 * MiB)  # same name, another disk
         with pytest.raises(ChainError, match="uuid"):
-            Chain.open(child)
-        with Chain.open(child, check_parent_uuid=False) as chain:
+            Chain.open(named(child))
+        with Chain.open(named(child), check_parent_uuid=False) as chain:
             assert len(chain) == 2
 
     def test_flush_and_reopen(self, tmp_path: Path) -> None:
         path = new_dynamic(tmp_path)
-        chain = Chain.open(path, writable=True)
+        chain = Chain.open(named(path), writable=True)
         try:
             chain.pwrite(BLOCK, pattern(BLOCK, 5))
             chain.flush()
@@ -821,7 +822,7 @@ SHA_IMAGES = {
 
 def chain_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with Chain.open(str(path)) as chain:
+    with Chain.open(named(path)) as chain:
         step = 8192
         for sector in range(0, chain.sectors, step):
             digest.update(chain.read(sector, min(step, chain.sectors - sector)))
@@ -866,7 +867,7 @@ def test_reference_batmap(reference_dir: Path) -> None:
 
 def test_reference_big(reference_dir: Path) -> None:
     """The 2040 GiB disk: open it, read its ends, and see the whole disk is one hole."""
-    with Chain.open(str(reference_dir / "big.vhd")) as chain:
+    with Chain.open(named(reference_dir / "big.vhd")) as chain:
         assert chain.size == 2040 << 30
         assert chain.read(0, 8) == bytes(4096)
         assert chain.read(chain.sectors - 8, 8) == bytes(4096)
@@ -875,10 +876,10 @@ def test_reference_big(reference_dir: Path) -> None:
 
 
 def test_reference_chains(reference_dir: Path) -> None:
-    with Chain.open(str(reference_dir / "snap2.vhd")) as chain:
+    with Chain.open(named(reference_dir / "snap2.vhd")) as chain:
         assert [os.path.basename(layer.path) for layer in chain.layers] == [
             "snap2.vhd", "snap1.vhd", "base.vhd"]
-    with Chain.open(str(reference_dir / "rawchild.vhd")) as chain:
+    with Chain.open(named(reference_dir / "rawchild.vhd")) as chain:
         assert isinstance(chain.layers[1], RawImage)
         assert chain.layers[1].path.endswith("raw-parent.img")
 
@@ -891,7 +892,7 @@ def test_snapshot_of_reference(reference_dir: Path, tmp_path: Path) -> None:
     before = disk(base)
     leaf = str(tmp_path / "leaf.vhd")
     snapshot(leaf, str(base))
-    with Chain.open(leaf, writable=True) as chain:
+    with Chain.open(named(leaf), writable=True) as chain:
         assert len(chain) == 4
         chain.pwrite(12345, b"L" * 7000)
     expect = bytearray(before)

@@ -27,7 +27,7 @@ import corrupt as C
 from blktap.image import Chain, VhdImage
 from blktap.image.vhd import create, snapshot
 from blktap.image.vhd import structs as s
-from conftest import need, run
+from conftest import named, need, run
 
 pytestmark = pytest.mark.interop
 
@@ -78,7 +78,7 @@ def qemu_write(qemu_io: str, path: str | Path, *commands: str) -> None:
 
 
 def ours(path: str | Path) -> bytes:
-    with Chain.open(str(path)) as chain:
+    with Chain.open(named(path)) as chain:
         return chain.pread(0, chain.size)
 
 
@@ -136,7 +136,7 @@ def test_qemu_reads_our_writes(qemu_img: str, tmp_path: Path, fixed: bool, seed:
     path = tmp_path / "w.vhd"
     create(str(path), size, fixed=fixed)
     shadow = bytearray(size)
-    with Chain.open(str(path), writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         random_writes(chain, shadow, seed)
     assert ours(path) == shadow
     assert qemu_raw(qemu_img, path, tmp_path) == shadow
@@ -151,7 +151,7 @@ def test_qemu_reads_prealloc_image(qemu_img: str, tmp_path: Path) -> None:
     path = tmp_path / "p.vhd"
     create(str(path), 8 * MiB, prealloc_size=256 * MiB)
     shadow = bytearray(8 * MiB)
-    with Chain.open(str(path), writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         random_writes(chain, shadow, 9, count=5)
     assert qemu_info(qemu_img, path)["virtual-size"] == 8 * MiB
     assert qemu_raw(qemu_img, path, tmp_path) == shadow
@@ -163,12 +163,12 @@ def test_qemu_reads_differencing_child_alone(qemu_img: str, tmp_path: Path) -> N
     sectors, which we compute by reading the child as a one-layer chain."""
     base = tmp_path / "base.vhd"
     create(str(base), 16 * MiB)
-    with Chain.open(str(base), writable=True) as chain:
+    with Chain.open(named(base), writable=True) as chain:
         chain.pwrite(0, random.Random(5).randbytes(16 * MiB))
     child = tmp_path / "child.vhd"
     snapshot(str(child), str(base))
     child_only = bytearray(16 * MiB)
-    with Chain.open(str(child), writable=True) as chain:
+    with Chain.open(named(child), writable=True) as chain:
         for offset, length in ((1000, 3000), (BLOCK * 3, BLOCK), (9 * MiB + 512, 512)):
             data = random.Random(offset).randbytes(length)
             chain.pwrite(offset, data)
@@ -187,7 +187,7 @@ def test_qemu_reads_largest_disk(qemu_img: str, qemu_io: str, tmp_path: Path) ->
     size = 2040 << 30
     path = tmp_path / "big.vhd"
     create(str(path), size)
-    with Chain.open(str(path), writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         chain.pwrite(size - 700, b"\x7a" * 700)
         chain.pwrite(0, b"\x79" * 10)
     assert qemu_info(qemu_img, path)["virtual-size"] == size
@@ -204,7 +204,7 @@ def test_allocated_blocks_hold_zeros_where_unwritten(qemu_img: str, tmp_path: Pa
     allocated block straight from the file, so the next allocation must zero them."""
     path = tmp_path / "s.vhd"
     create(str(path), 16 * MiB)
-    with Chain.open(str(path), writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         chain.pwrite(0, b"a" * 512)
     size = os.path.getsize(path)
     footer = Path(path).read_bytes()[-512:]
@@ -212,7 +212,7 @@ def test_allocated_blocks_hold_zeros_where_unwritten(qemu_img: str, tmp_path: Pa
         f.seek(size - 512)
         f.write(b"\xee" * (BLOCK + 8192))
         f.write(footer)
-    with Chain.open(str(path), writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         chain.pwrite(5 * BLOCK + 512 * 7, b"b" * 512)
     shadow = bytearray(16 * MiB)
     shadow[:512] = b"a" * 512
@@ -282,7 +282,7 @@ def test_we_write_qemu_dynamic_image(qemu_img: str, qemu_io: str, tmp_path: Path
     path = tmp_path / "q.vhd"
     shadow = qemu_image(qemu_img, qemu_io, path, "dynamic", "30M", force)
     before = C.allocated(str(path))
-    with Chain.open(str(path), writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         random_writes(chain, shadow, 42, count=8)
         chain.pwrite(1 * MiB + 100, b"\x77" * 200)  # into a block qemu allocated
         shadow[1 * MiB + 100 : 1 * MiB + 300] = b"\x77" * 200
@@ -345,7 +345,7 @@ def test_we_write_reference_image_qemu_reads(qemu_img: str, reference_dir: Path,
     path = tmp_path / "data.vhd"
     shutil.copy(reference_dir / "data.vhd", path)
     shadow = bytearray(ours(path))
-    with Chain.open(str(path), writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         random_writes(chain, shadow, 77, count=10)
     assert ours(path) == shadow
     assert qemu_raw(qemu_img, path, tmp_path) == shadow

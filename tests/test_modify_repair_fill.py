@@ -26,7 +26,7 @@ from blktap.image.vhd.fill import fill
 from blktap.image.vhd.modify import kill_data, set_physical_size
 from blktap.image.vhd.repair import repair
 from blktap.image.vhd.reparent import set_parent
-from conftest import need, run, tool
+from conftest import named, need, run, tool
 from faults import count_mutations, crash_after, kill_points
 from loopdev import loop_device  # noqa: F401 - a fixture
 
@@ -42,7 +42,7 @@ def vu(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def _write(path: str, writes: list[tuple[int, bytes]]) -> None:
-    with Chain.open(path, writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         for off, data in writes:
             chain.pwrite(off, data)
 
@@ -182,7 +182,7 @@ def test_reparent_onto_raw_parent(tmp_path: Path) -> None:
     base, child = make_chain(tmp_path)
     before = content(child)
     raw = tmp_path / "flat.img"
-    with Chain.open(base) as chain:
+    with Chain.open(named(base)) as chain:
         raw.write_bytes(chain.pread(0, chain.size))
     proc = vu("modify", "-n", child, "-p", str(raw), "-m")
     assert (proc.returncode, proc.stdout) == (0, "")
@@ -657,7 +657,7 @@ def test_fill_differencing_copies_the_parent_in(tmp_path: Path) -> None:
     base, child = make_chain(tmp_path)
     before = content(child)
     flat = tmp_path / "before.raw"
-    with Chain.open(child) as chain:
+    with Chain.open(named(child)) as chain:
         flat.write_bytes(chain.pread(0, chain.size))
     assert vu("fill", "-n", child).returncode == 0
     assert content(child) == before

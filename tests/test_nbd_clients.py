@@ -15,7 +15,7 @@ from blktap.image import Chain
 from blktap.image.vhd import check as vhd_check
 from blktap.image.vhd.create import create as create_vhd
 from blktap.image.vhd.create import snapshot as snapshot_vhd
-from conftest import need, run, tool
+from conftest import named, need, run, tool
 from nbd_helpers import serve
 
 MiB = 1 << 20
@@ -31,11 +31,11 @@ def make_chain(folder: Path) -> tuple[Path, bytes]:
     """base.vhd (data at 0 and 10 MiB) <- leaf.vhd (data at 4 KiB and 12 MiB); 32 MiB."""
     base, leaf = folder / "base.vhd", folder / "leaf.vhd"
     create_vhd(str(base), 32 * MiB)
-    with Chain.open(str(base), writable=True) as disk:
+    with Chain.open(named(base), writable=True) as disk:
         disk.pwrite(0, b"b" * 65536)
         disk.pwrite(10 * MiB, b"B" * 3 * MiB)
     snapshot_vhd(str(leaf), str(base))
-    with Chain.open(str(leaf), writable=True) as disk:
+    with Chain.open(named(leaf), writable=True) as disk:
         disk.pwrite(4096, b"l" * 8192)
         disk.pwrite(12 * MiB, b"L" * MiB)
         content = bytes(disk.read(0, 32 * MiB // 512))
@@ -45,7 +45,7 @@ def make_chain(folder: Path) -> tuple[Path, bytes]:
 def data_runs(path: Path) -> list[tuple[int, int]]:
     """Where some layer of the chain holds data, neighbouring runs joined."""
     out: list[tuple[int, int]] = []
-    with Chain.open(str(path)) as disk:
+    with Chain.open(named(path)) as disk:
         for e in disk.map():
             if e.depth is None:
                 continue
@@ -66,7 +66,7 @@ def check_ok(path: Path) -> bool:
 
 
 def chain_bytes(path: Path) -> bytes:
-    with Chain.open(str(path)) as disk:
+    with Chain.open(named(path)) as disk:
         return bytes(disk.read(0, disk.sectors))
 
 
@@ -185,7 +185,7 @@ def test_reference_fixtures_read_through_the_server(reference_dir: Path, tmp_pat
     for name in names:
         image = next(reference_dir.glob(f"{name}.*"))
         want = (reference_dir / "expect" / f"{name}.sha256").read_text().split()[0]
-        with serve(image, tmp_path, "--read-only", name=f"{name}.sock") as srv:
+        with serve(named(image), tmp_path, "--read-only", name=f"{name}.sock") as srv:
             res = subprocess.run(["nbdcopy", srv.uri, "-"], capture_output=True, timeout=120)
             assert res.returncode == 0, res.stderr
             assert hashlib.sha256(res.stdout).hexdigest() == want, name

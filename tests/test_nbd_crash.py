@@ -17,7 +17,7 @@ from blktap.image import Chain
 from blktap.image.vhd import check as vhd_check
 from blktap.image.vhd.create import create as create_vhd
 from blktap.image.vhd.create import snapshot as snapshot_vhd
-from conftest import need, run, tool
+from conftest import named, need, run, tool
 from nbd_helpers import Served, serve
 
 MiB = 1 << 20
@@ -64,7 +64,7 @@ def test_kill_9_during_fio_writes(tmp_path: Path, layout: str) -> None:
     else:
         base = tmp_path / "base.vhd"
         create_vhd(str(base), 2 * REGION)
-        with Chain.open(str(base), writable=True) as disk:
+        with Chain.open(named(base), writable=True) as disk:
             disk.pwrite(0, b"\xbb" * (2 * REGION))
         snapshot_vhd(str(target), str(base))
     srv = Served(f"vhd:{target}", tmp_path / "nbd.sock", [])
@@ -96,7 +96,7 @@ def test_kill_9_during_fio_writes(tmp_path: Path, layout: str) -> None:
     # The file as the kill left it: readable and consistent.
     res = run([tool("vhd-util"), "check", "-i", "-n", str(target)], text=True)
     assert res.returncode == 0 and "is valid" in res.stdout, res.stdout + res.stderr
-    with Chain.open(str(target)) as disk:
+    with Chain.open(named(target)) as disk:
         for i in sorted(durable):
             assert disk.pread(REGION + i * SLOT, SLOT) == slot_data(i), f"slot {i} lost"
     # Repaired, plain check passes; a fresh server reads the same.

@@ -27,6 +27,7 @@ from blktap.image import Chain, VhdImage
 from blktap.image.vhd import bitmap as bm
 from blktap.image.vhd import create, snapshot
 from blktap.image.vhd import structs as s
+from conftest import named
 
 MiB = 1 << 20
 BLOCK = 2 * MiB
@@ -90,12 +91,12 @@ def apply(chain: Chain, shadow: bytearray, op: tuple) -> tuple[int, int]:
 
 
 def run_ops(leaf: str, shadow: bytearray, sequence: list[tuple]) -> None:
-    chain = Chain.open(leaf, writable=True)
+    chain = Chain.open(named(leaf), writable=True)
     try:
         for op in sequence:
             if op[0] == "reopen":
                 chain.close()
-                chain = Chain.open(leaf, writable=True)
+                chain = Chain.open(named(leaf), writable=True)
                 continue
             offset, length = apply(chain, shadow, op)
             # The bytes just written, and a margin around them, read back at once.
@@ -147,7 +148,7 @@ def parent(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
     create(path, SIZE)
     shadow = bytearray(SIZE)
     rng = random.Random(1234)
-    with Chain.open(path, writable=True) as chain:
+    with Chain.open(named(path), writable=True) as chain:
         for blk in (0, 1, 3, 4, 6):
             chain.write(blk * (BLOCK // 512), rng.randbytes(BLOCK))
             shadow[blk * BLOCK : (blk + 1) * BLOCK] = chain.pread(blk * BLOCK, BLOCK)
@@ -166,7 +167,7 @@ def test_dynamic_disk_matches_shadow(sequence: list[tuple]) -> None:
         create(leaf, SIZE)
         shadow = bytearray(SIZE)
         run_ops(leaf, shadow, sequence)
-        with Chain.open(leaf) as chain:
+        with Chain.open(named(leaf)) as chain:
             assert chain.pread(0, SIZE) == shadow
         check_file(leaf)
         converted = qemu_convert(leaf, os.path.join(tmp, "out.raw"))
@@ -184,7 +185,7 @@ def test_differencing_child_matches_shadow(parent: tuple[str, bytes],
         snapshot(leaf, parent_path)
         shadow = bytearray(parent_data)
         run_ops(leaf, shadow, sequence)
-        with Chain.open(leaf) as chain:
+        with Chain.open(named(leaf)) as chain:
             assert len(chain) == 2
             assert chain.pread(0, SIZE) == shadow
         check_file(leaf)
@@ -200,7 +201,7 @@ def test_differencing_child_matches_shadow(parent: tuple[str, bytes],
         converted = qemu_convert(leaf, os.path.join(tmp, "out.raw"))
         if converted is not None:
             assert converted == child_only
-    with Chain.open(parent_path) as chain:
+    with Chain.open(named(parent_path)) as chain:
         assert chain.pread(0, SIZE) == parent_data, "the parent is never written"
 
 

@@ -22,7 +22,7 @@ from blktap.image.vhd import check as vhd_check
 from blktap.image.vhd import journal as jn
 from blktap.image.vhd import resize as rs
 from blktap.image.vhd import structs as s
-from conftest import expected, need, run, tool
+from conftest import expected, named, need, run, tool
 from faults import count_mutations, crash_after
 from loopdev import loop_device  # noqa: F401 - a fixture
 
@@ -42,7 +42,7 @@ def disk_hash(path: str | Path, length: int | None = None) -> str:
     """SHA-256 of the virtual disk (through the chain), or of its first ``length``
     bytes."""
     h = hashlib.sha256()
-    with Chain.open(str(path)) as disk:
+    with Chain.open(named(path)) as disk:
         end = disk.size if length is None else length
         off = 0
         while off < end:
@@ -69,7 +69,7 @@ def dynamic_with_data(path: Path, size_mb: int, prealloc_mb: int | None = None) 
     """A dynamic VHD with data in its first block (so that a growing BAT meets it), in a
     block in the middle, and in its last block."""
     create(str(path), size_mb * MB, prealloc_size=prealloc_mb * MB if prealloc_mb else None)
-    with Chain.open(str(path), writable=True) as disk:
+    with Chain.open(named(path), writable=True) as disk:
         disk.pwrite(0, pattern(1, 64 << 10))
         disk.pwrite(4 * MB, pattern(2, 2 * MB))  # a full block: batmap bit
         disk.pwrite(size_mb * MB - MB, pattern(3, MB))
@@ -80,7 +80,7 @@ def child_with_data(tmp: Path) -> Path:
     base = dynamic_with_data(tmp / "base.vhd", 20)
     child = tmp / "child.vhd"
     snapshot(str(child), str(base))
-    with Chain.open(str(child), writable=True) as disk:
+    with Chain.open(named(child), writable=True) as disk:
         disk.pwrite(512, pattern(7, 8192))
         disk.pwrite(9 * MB, pattern(8, MB))
     return child
@@ -88,7 +88,7 @@ def child_with_data(tmp: Path) -> Path:
 
 def fixed_with_data(path: Path) -> Path:
     create(str(path), 4 * MB, fixed=True)
-    with Chain.open(str(path), writable=True) as disk:
+    with Chain.open(named(path), writable=True) as disk:
         disk.pwrite(MB, pattern(5, 8192))
     return path
 
@@ -100,7 +100,7 @@ def qemu_agrees(path: Path, tmp: Path) -> None:
     assert info.returncode == 0, info.stderr
     assert f'"virtual-size": {virtual_size(path)}' in info.stdout
     raw = tmp / f"{path.stem}.raw"
-    with Chain.open(str(path)) as disk, open(raw, "wb") as out:
+    with Chain.open(named(path)) as disk, open(raw, "wb") as out:
         out.truncate(disk.size)
         for ext in disk.map():
             if ext.depth is None:
@@ -130,7 +130,7 @@ def test_prealloc_like_the_reference(reference_dir: Path, tmp_path: Path) -> Non
 def _made_like_resized(tmp: Path) -> Path:
     path = tmp / "resized.vhd"
     assert vhd_util("create", "-n", path.name, "-s", "20", cwd=tmp).returncode == 0
-    with Chain.open(str(path), writable=True) as disk:
+    with Chain.open(named(path), writable=True) as disk:
         disk.pwrite(19 * MB, pattern(9, MB))
     return path
 
@@ -186,11 +186,11 @@ def test_fast_grow_keeps_content(tmp_path: Path) -> None:
     after = path.read_bytes()
     assert len(after) == len(raw_before)
     assert after[512:-512] == raw_before[512:-512]
-    with Chain.open(str(path), writable=True) as disk:
+    with Chain.open(named(path), writable=True) as disk:
         assert disk.pread(20 * MB, 180 * MB) == bytes(180 * MB)
         disk.pwrite(150 * MB, pattern(4, MB))
         disk.pwrite(200 * MB - 4096, pattern(6, 4096))
-    with Chain.open(str(path)) as disk:
+    with Chain.open(named(path)) as disk:
         assert disk.pread(150 * MB, MB) == pattern(4, MB)
         assert disk.pread(200 * MB - 4096, 4096) == pattern(6, 4096)
     assert is_valid(path)
@@ -202,7 +202,7 @@ def test_fast_grow_updates_the_batmap_checksum(tmp_path: Path) -> None:
     full block past the first sector of the map changes it."""
     path = tmp_path / "big.vhd"
     create(str(path), 8 * 1024 * MB, prealloc_size=16 * 1024 * MB)
-    with Chain.open(str(path), writable=True) as disk:
+    with Chain.open(named(path), writable=True) as disk:
         disk.pwrite(8 * 1024 * MB - 2 * MB, pattern(1, 2 * MB))  # block 4095: full
     rs.resize(str(path), 16 * 1024 * MB)
     with VhdImage.open(str(path)) as img:
@@ -229,7 +229,7 @@ def test_journaled_grow_moves_blocks(tmp_path: Path) -> None:
         assert img.header is not None and img.header.max_bat_size == 300
         assert img.bat[0] * 512 >= img.end_of_metadata()
         assert img.block_full(2)  # the batmap kept its bits
-    with Chain.open(str(path), writable=True) as disk:
+    with Chain.open(named(path), writable=True) as disk:
         assert disk.pread(20 * MB, 8 * MB) == bytes(8 * MB)
         disk.pwrite(599 * MB, pattern(9, MB))
         assert disk.pread(599 * MB, MB) == pattern(9, MB)
@@ -253,7 +253,7 @@ def test_journaled_grow_of_a_child_moves_locators(tmp_path: Path) -> None:
         assert img.parent_path() == str(tmp_path / "base.vhd")
     assert virtual_size(child) == 2000 * MB
     assert disk_hash(child, 20 * MB) == before
-    with Chain.open(str(child)) as disk:  # past the parent's end: zeros
+    with Chain.open(named(child)) as disk:  # past the parent's end: zeros
         assert disk.pread(20 * MB, 4 * MB) == bytes(4 * MB)
     proc = vhd_util("check", "-p", "-n", str(child))
     assert proc.returncode == 0, proc.stdout
@@ -267,7 +267,7 @@ def test_journaled_grow_of_a_fixed_disk(tmp_path: Path) -> None:
     assert path.stat().st_size == 10 * MB + 512
     assert virtual_size(path) == 10 * MB
     assert disk_hash(path, 4 * MB) == before
-    with Chain.open(str(path)) as disk:
+    with Chain.open(named(path)) as disk:
         assert disk.pread(4 * MB, 6 * MB) == bytes(6 * MB)
     proc = vhd_util("check", "-n", str(path))
     assert (proc.returncode, proc.stdout) == (0, "")
@@ -278,7 +278,7 @@ def test_journaled_grow_to_the_xenserver_limit(tmp_path: Path) -> None:
     """20 GiB to 2040 GiB: the BAT grows by 4 MiB, two blocks move."""
     path = tmp_path / "large.vhd"
     create(str(path), 20 * 1024 * MB)
-    with Chain.open(str(path), writable=True) as disk:
+    with Chain.open(named(path), writable=True) as disk:
         for blk in (0, 1, 2, 5000):
             disk.pwrite(blk * 2 * MB, pattern(blk, 2 * MB))
     before = disk_hash(path, 12 * MB)
@@ -287,7 +287,7 @@ def test_journaled_grow_to_the_xenserver_limit(tmp_path: Path) -> None:
     _grow_journaled(path, s.MAX_VHD_SIZE_XENSERVER >> 20)
     assert virtual_size(path) == s.MAX_VHD_SIZE_XENSERVER
     assert disk_hash(path, 12 * MB) == before
-    with Chain.open(str(path)) as disk:
+    with Chain.open(named(path)) as disk:
         assert disk.pread(5000 * 2 * MB, 2 * MB) == pattern(5000, 2 * MB)
     assert is_valid(path)
 
@@ -436,7 +436,7 @@ def test_a_killed_revert_can_be_run_again(case: str, which: float, tmp_path: Pat
 def test_an_interrupted_resize_is_visible(tmp_path: Path) -> None:
     path, jpath, original = _interrupted("move", tmp_path, 0.5)
     with pytest.raises(BlktapError, match="interrupted resize"):
-        Chain.open(str(path))
+        Chain.open(named(path))
     for argv in (["resize", "-n", str(path), "-s", "800", "-j", str(tmp_path / "J2")],
                  ["resize", "-n", str(path), "-s", "30", "-f"],
                  ["check", "-n", str(path)]):
@@ -842,10 +842,10 @@ def test_fixed_disk_whose_data_starts_like_a_poisoned_footer(tmp_path: Path) -> 
     path = fixed_with_data(tmp_path / "x.vhd")
     with VhdImage.open(str(path)) as img:
         fake = jn.footer_poisoned(img.footer)
-    with Chain.open(str(path), writable=True) as disk:
+    with Chain.open(named(path), writable=True) as disk:
         disk.pwrite(0, fake)
     _grow_journaled(path, 8)
-    with Chain.open(str(path)) as disk:
+    with Chain.open(named(path)) as disk:
         assert disk.pread(0, 512) == fake
 
 

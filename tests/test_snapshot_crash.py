@@ -12,12 +12,13 @@ import faults
 from blktap.image import Chain
 from blktap.image.vhd import check as vhd_check
 from blktap.image.vhd import create, snapshot
+from conftest import named
 
 MB = 1 << 20
 
 
 def content(path: Path) -> bytes:
-    with Chain.open(str(path)) as chain:
+    with Chain.open(named(path)) as chain:
         return bytes(chain.read(0, chain.sectors))
 
 
@@ -29,7 +30,7 @@ def test_kill_at_every_change(tmp_path: Path, kind: str) -> None:
     else:
         parent = tmp_path / "parent.vhd"
         create(str(parent), 8 * MB)
-        with Chain.open(str(parent), writable=True) as chain:
+        with Chain.open(named(parent), writable=True) as chain:
             chain.pwrite(MB, os.urandom(3 * MB))
     child = tmp_path / "child.vhd"
     pristine = parent.read_bytes()

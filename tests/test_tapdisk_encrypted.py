@@ -222,7 +222,7 @@ def test_snapshot_each_layer_decrypts_its_own(tmp_path: Path) -> None:
     model[:BLOCK] = old
 
     async def body(engine: ThreadEngine) -> None:
-        vbd = await open_vbd(engine, str(leaf), key=KEY64)
+        vbd = await open_vbd(engine, f"vhd:{leaf}", key=KEY64)
         drivers = vbd.driver.chain()
         assert [type(d).__name__ for d in drivers] == ["VhdDriver", "VhdDriver"]
         assert all(isinstance(d, VhdDriver) and d.cipher is not None for d in drivers)
@@ -251,7 +251,7 @@ def test_raw_parent_is_read_as_stored(tmp_path: Path) -> None:
     model[MiB : MiB + len(new)] = new
 
     async def body(engine: ThreadEngine) -> None:
-        vbd = await open_vbd(engine, str(leaf), key=KEY32)
+        vbd = await open_vbd(engine, f"vhd:{leaf}", key=KEY32)
         leaf_drv, raw_drv = vbd.driver.chain()
         assert isinstance(leaf_drv, VhdDriver) and leaf_drv.cipher is not None
         assert raw_drv.name == "aio"
@@ -302,7 +302,8 @@ def test_refusals_with_their_errnos(tmp_path: Path) -> None:
 
     async def parent(engine: ThreadEngine) -> None:
         with pytest.raises(EncryptionError) as exc:
-            await engine.call(open_stack, engine, str(leaf), writable=True, key=KEY64)
+            await engine.call(open_stack, engine, f"vhd:{leaf}", writable=True,
+                              key=KEY64)
         assert exc.value.errno == errno.ENOKEY
         assert str(other) in str(exc.value)
     arun(parent)
@@ -358,7 +359,7 @@ def test_write_zeroes_over_a_parent_allocates_encrypted_zeros(tmp_path: Path) ->
     snapshot(str(leaf), str(base))
 
     async def body(engine: ThreadEngine) -> None:
-        vbd = await open_vbd(engine, str(leaf), key=KEY64)
+        vbd = await open_vbd(engine, f"vhd:{leaf}", key=KEY64)
         await vbd.write_zeroes(4096, 64 * 1024)  # the parent is not zero there
         await vbd.write_zeroes(2 * MiB, 4096)  # the parent is a hole there: no-op
         await vbd.close()
@@ -367,7 +368,7 @@ def test_write_zeroes_over_a_parent_allocates_encrypted_zeros(tmp_path: Path) ->
     model[4096 : 4096 + 64 * 1024] = bytes(64 * 1024)
     assert chain_read(leaf, KEY64) == model
     assert stored(leaf, 4096, 64 * 1024) == XtsCipher(KEY64).encrypt(8, bytes(64 * 1024))
-    with Chain.open(str(leaf), key=KEY64) as chain:
+    with Chain.open(f"vhd:{leaf}", key=KEY64) as chain:
         assert {e.depth for e in chain.map(2 * MiB // SECTOR, 8)} == {None}
 
 
@@ -418,7 +419,7 @@ def test_served_over_nbd_to_qemu_img_and_nbdsh(tmp_path: Path) -> None:
         return so.decode()
 
     async def body(engine: ThreadEngine) -> None:
-        vbd = await open_vbd(engine, str(leaf), key=KEY64)
+        vbd = await open_vbd(engine, f"vhd:{leaf}", key=KEY64)
         server = NbdServer(Export("", vbd))
         server.listen_unix(str(sock))
         try:

@@ -47,7 +47,7 @@ def disk_bytes(path: Path, size: int) -> bytes:
     out = path.with_suffix(".raw")
     if "differencing" in run([tool("vhd-util"), "read", "-p", "-n", str(path)],
                              text=True).stdout.lower():
-        argv = [tool("blktap"), "convert", "-O", "raw", str(path), str(out)]
+        argv = [tool("blktap"), "convert", "-O", "raw", f"vhd:{path}", str(out)]
     else:
         argv = [need("qemu-img"), "convert", "-f", "vpc", "-O", "raw", str(path), str(out)]
     res = run(argv, text=True)

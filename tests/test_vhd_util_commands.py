@@ -11,7 +11,7 @@ import pytest
 from blktap.image import Chain
 from blktap.image.vhd import VhdImage
 from blktap.image.vhd import structs as s
-from conftest import need, run, tool
+from conftest import named, need, run, tool
 
 MB = 1 << 20
 
@@ -111,7 +111,7 @@ def test_create_fixed(tmp_path: Path) -> None:
 def test_snapshot_chain_and_depth(tmp_path: Path) -> None:
     base = str(tmp_path / "base.vhd")
     vu("create", "-n", base, "-s", "16")
-    with Chain.open(base, writable=True) as c:
+    with Chain.open(named(base), writable=True) as c:
         c.pwrite(0, b"x" * 4096)
     s1 = str(tmp_path / "s1.vhd")
     assert vu("snapshot", "-n", s1, "-p", base).returncode == 0
@@ -146,7 +146,7 @@ def test_snapshot_raw_parent(tmp_path: Path) -> None:
     child = str(tmp_path / "child.vhd")
     assert vu("snapshot", "-n", child, "-p", str(raw), "-m").returncode == 0
     assert vu("query", "-n", child, "-v", "-p", "-d").stdout == f"4\n{raw}\nchain depth: 2\n"
-    with Chain.open(child) as c:
+    with Chain.open(named(child)) as c:
         assert bytes(c.read(0, 8192)) == raw.read_bytes()
 
 
@@ -184,7 +184,7 @@ def test_set_marker_keeps_batmap_valid(tmp_path: Path) -> None:
     """The reference zeroes the first batmap sector when it writes the marker; we don't."""
     img = str(tmp_path / "m.vhd")
     vu("create", "-n", img, "-s", "8")
-    with Chain.open(img, writable=True) as c:
+    with Chain.open(named(img), writable=True) as c:
         c.write(0, bytes(2 * MB))  # one block fully written: its batmap bit gets set
     assert vu("set", "-n", img, "-f", "marker", "-v", "7").returncode == 0
     with VhdImage.open(img) as im:
@@ -194,7 +194,7 @@ def test_set_marker_keeps_batmap_valid(tmp_path: Path) -> None:
 def test_read_operations(tmp_path: Path) -> None:
     img = str(tmp_path / "r.vhd")
     vu("create", "-n", img, "-s", "8")
-    with Chain.open(img, writable=True) as c:
+    with Chain.open(named(img), writable=True) as c:
         c.write(4096, b"\xab" * 1024)  # sectors 4096-4097: block 1, sectors 0-1
     with VhdImage.open(img) as im:
         entry = im.bat[1]
@@ -292,7 +292,7 @@ def test_check_stats_chain(reference_dir: Path) -> None:
 def test_check_bitmaps_finds_stray_data(tmp_path: Path) -> None:
     img = str(tmp_path / "b.vhd")
     vu("create", "-n", img, "-s", "8")
-    with Chain.open(img, writable=True) as c:
+    with Chain.open(named(img), writable=True) as c:
         c.write(0, b"\1" * 512)
     with VhdImage.open(img) as im:
         data_off = (im.bat[0] + 1) * 512

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from blktap.image import Chain
-from conftest import expected, run, tool
+from conftest import expected, named, run, tool
 
 IMAGES = ["base", "big", "cbase", "cchild", "data", "empty", "fixed", "flags", "prealloc",
           "rawchild", "resized", "snap1", "snap2"]
@@ -110,7 +110,7 @@ def test_scan_pretty_tree(reference_dir: Path) -> None:
 def test_content_hash(reference_dir: Path, name: str) -> None:
     """The virtual disk we read through the chain is what the reference tapdisk served."""
     digest = hashlib.sha256()
-    with Chain.open(str(reference_dir / f"{name}.vhd")) as chain:
+    with Chain.open(named(reference_dir / f"{name}.vhd")) as chain:
         buf = bytearray(4 << 20)
         view = memoryview(buf)
         sector = 0
@@ -133,5 +133,5 @@ def test_read_virtual_data_matches_chain(reference_dir: Path) -> None:
     """read -r follows the chain like the library does."""
     out, rc = vhd_util(reference_dir, "read", "-r", "0", "-c", "8192", "-n", "snap2.vhd")
     assert rc == 0
-    with Chain.open(str(reference_dir / "snap2.vhd")) as chain:
+    with Chain.open(named(reference_dir / "snap2.vhd")) as chain:
         assert out == bytes(chain.read(0, 8192))

@@ -11,7 +11,11 @@ do (they exit with ``-ret``, an errno), and print ``str(exc)`` as the one-line m
      │    ├── ChainError             a parent chain that cannot be assembled
      │    │    ├── ParentNotFound    a parent named by a child is missing (ENOENT)
      │    │    ├── ParentLoop        a chain that leads back to itself (ELOOP)
-     │    │    └── ChainTooDeep      more layers than the depth limit (ELOOP)
+     │    │    ├── ChainTooDeep      more layers than the depth limit (ELOOP)
+     │    │    └── ParentNotAllowed  a parent we may not open (EACCES: outside the allowed
+     │    │         │                directories, or not a regular file or block device)
+     │    │         └── ProbedParent a probed image that names a parent (EPERM): its
+     │    │                          content may come from a guest (docs/security.md)
      │    ├── ReadOnlyImage          a write to an image opened read-only (EROFS)
      │    ├── OutOfRange             an access past the end of the virtual disk (ERANGE/ENOSPC)
      │    └── EncryptionError        an encrypted image without its key, a wrong key, a key
@@ -67,6 +71,30 @@ class ParentLoop(ChainError):
 
 class ChainTooDeep(ChainError):
     default_errno = _errno.ELOOP
+
+
+class ParentNotAllowed(ChainError):
+    """A parent the rules do not let us open: its real path lies outside the directories
+    parents are confined to (``BLKTAP_PARENT_DIRS``, ``--parent-dir``), or it is neither a
+    regular file nor a block device. ``image`` is the child naming it, ``parent`` the
+    parent as named."""
+
+    default_errno = _errno.EACCES
+
+    def __init__(self, message: str, errno: int | None = None, *, image: str = "",
+                 parent: str = "") -> None:
+        super().__init__(message, errno)
+        self.image = image
+        self.parent = parent
+
+
+class ProbedParent(ParentNotAllowed):
+    """An image whose format was probed (a plain path, no ``vhd:`` prefix) turned out to
+    be a differencing VHD. Its parent locators are not followed: a guest that writes a VHD
+    at the start of its raw disk would otherwise make us open a host file of its choosing.
+    Naming the format (``vhd:PATH``) says the image is a VHD the caller trusts."""
+
+    default_errno = _errno.EPERM
 
 
 class ReadOnlyImage(ImageError):

@@ -6,6 +6,7 @@ streams they are given.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import re
@@ -19,6 +20,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, TextIO
 
 from blktap.errors import BlktapError, UsageError
+from blktap.image.parents import ENV_PARENT_DIRS, ParentPolicy
 
 PROG = "blktap"
 
@@ -134,6 +136,25 @@ def print_error(message: str, stream: TextIO | None = None) -> None:
 
 def print_note(message: str, stream: TextIO | None = None) -> None:
     print_error(f"note: {message}", stream)
+
+
+def print_warning(message: str, stream: TextIO | None = None) -> None:
+    print_error(f"warning: {message}", stream)
+
+
+# ------------------------------------------------------------------------------ parents
+def add_parent_dir(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--parent-dir", metavar="DIR", action="append", default=[],
+                     help=f"open parents only from inside DIR (repeatable; symlinks are "
+                          f"resolved first); given, it takes the place of {ENV_PARENT_DIRS}")
+
+
+def parent_policy(args: argparse.Namespace) -> ParentPolicy:
+    """The --parent-dir directories, else the environment's."""
+    dirs = getattr(args, "parent_dir", None)
+    if dirs:
+        return ParentPolicy.confined_to(dirs)
+    return ParentPolicy.from_env()
 
 
 # ------------------------------------------------------------------------------ output

@@ -13,8 +13,11 @@
     blktap revert IMAGE JOURNAL  undo an interrupted resize
 
 Image arguments take ``vhd:PATH``, ``qcow2:PATH``, ``aio:PATH`` or ``raw:PATH``, or a plain
-path whose format is probed. Errors are one line on stderr, ``blktap: <message>``, and the exit code
-is the error's errno.
+path whose format is probed. A probed differencing VHD or qcow2 image with a backing file
+is refused (EPERM): its parents are followed only when the format is named, ``vhd:PATH``
+or ``qcow2:PATH`` (docs/security.md). ``--parent-dir DIR`` (or ``BLKTAP_PARENT_DIRS``)
+confines the parents opened to those directories. Errors are one line on stderr,
+``blktap: <message>``, and the exit code is the error's errno.
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ from blktap.cli.common import (
     TERMINATED_EXIT,
     Progress,
     Terminated,
+    add_parent_dir,
     describe_size,
     error_message,
     exit_code,
     format_table,
     human_size,
+    parent_policy,
     parse_size,
     print_error,
     print_json,
@@ -48,7 +53,15 @@ from blktap.cli.common import (
     sigterm_raises,
 )
 from blktap.errors import BlktapError, FormatError, UsageError
-from blktap.image.chain import SECTOR_SIZE, Chain, Extent, Layer, parse_spec, probe
+from blktap.image.chain import (
+    SECTOR_SIZE,
+    Chain,
+    Extent,
+    Layer,
+    parse_spec,
+    probe,
+    refuse_probed_parent,
+)
 from blktap.image.chain import open_chain as open_chain_with_key
 from blktap.image.crypto import read_key_file
 from blktap.image.fileio import pwrite_all, staged_path
@@ -110,7 +123,9 @@ def build_parser() -> Parser:
                     description="Inspect, create, snapshot, convert and compare virtual disk "
                                 "images (VHD and raw).",
                     epilog="Image arguments accept vhd:PATH, aio:PATH, raw:PATH or a plain "
-                           "path (format probed). Sizes accept 512, 64M, 10G (units of 1024).")
+                           "path (format probed; a probed differencing VHD is refused: name "
+                           "it vhd:PATH to follow its parents). Sizes accept 512, 64M, 10G "
+                           "(units of 1024).")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_info(sub)
@@ -135,6 +150,7 @@ def _add_info(sub: Any) -> None:
     cmd = _command(sub, "info", cmd_info, "Show an image: format, sizes, allocation, chain.")
     cmd.add_argument("image", metavar="IMAGE")
     cmd.add_argument("--json", action="store_true", help="print JSON")
+    add_parent_dir(cmd)
 
 
 def _add_create(sub: Any) -> None:
@@ -165,6 +181,7 @@ def _add_snapshot(sub: Any) -> None:
                      help="link to PARENT even when it is an empty differencing image")
     cmd.add_argument("--depth-limit", metavar="N", type=positive_int,
                      help="refuse when the parent chain already has N images or more")
+    add_parent_dir(cmd)
 
 
 def _add_convert(sub: Any) -> None:
@@ -182,6 +199,7 @@ def _add_convert(sub: Any) -> None:
     cmd.add_argument("--force", action="store_true",
                      help="replace DST if it exists (a regular file, not part of SRC)")
     add_key_file(cmd, "SRC")
+    add_parent_dir(cmd)
 
 
 def _add_compare(sub: Any) -> None:
@@ -195,6 +213,7 @@ def _add_compare(sub: Any) -> None:
                           "read as zeros)")
     cmd.add_argument("--json", action="store_true", help="print JSON")
     add_key_file(cmd, "A or B")
+    add_parent_dir(cmd)
 
 
 def add_qcow2_options(cmd: Parser) -> None:
@@ -239,6 +258,7 @@ def _add_map(sub: Any) -> None:
     cmd = _command(sub, "map", cmd_map, "List the extents of the disk and the layer of each.")
     cmd.add_argument("image", metavar="IMAGE")
     cmd.add_argument("--json", action="store_true", help="print JSON")
+    add_parent_dir(cmd)
 
 
 # ==================================================================================== main
@@ -291,18 +311,20 @@ def errors_about(path: str) -> Iterator[None]:
         raise
 
 
-def open_chain(spec: str, *, key_file: str | None = None,
+def open_chain(spec: str, args: argparse.Namespace, *, key_file: str | None = None,
                metadata_only: bool = False) -> Chain:
-    """Open an image argument and its parents.
+    """Open an image argument and its parents (a probed image gets none: ProbedParent;
+    the parents must lie inside ``--parent-dir``/``BLKTAP_PARENT_DIRS`` when set).
 
     ``metadata_only``: the caller reads no data (info, map), so encrypted layers open
     without their key. Otherwise ``key_file`` holds the key of an encrypted chain; it is
     not applied to a chain that is not encrypted (``compare`` may name one of each)."""
+    policy = parent_policy(args)
     with errors_about(parse_spec(spec)[1]):
         if metadata_only:
-            return Chain.open(spec, ciphertext=True)
+            return Chain.open(spec, ciphertext=True, parent_policy=policy)
         key = read_key_file(key_file) if key_file else None
-        return open_chain_with_key(spec, key=key)
+        return open_chain_with_key(spec, key=key, parent_policy=policy)
 
 
 # ==================================================================================== info
@@ -390,7 +412,7 @@ def info_lines(info: dict[str, Any]) -> list[str]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with open_chain(args.image, metadata_only=True) as chain:
+    with open_chain(args.image, args, metadata_only=True) as chain:
         info = describe_chain(args.image, chain)
     if args.json:
         print_json(info)
@@ -491,9 +513,11 @@ def snapshot_parent(spec: str, raw_flag: bool) -> tuple[str, bool]:
         raise UsageError(f"{spec}: the vhd: prefix contradicts --raw-parent")
     if fmt == "raw" or raw_flag:
         return path, True
-    if fmt is None and probe(path) == "raw":
-        raise UsageError(f"{path} is not a VHD; to snapshot a raw image pass --raw-parent "
-                         f"(or name it aio:{path})")
+    if fmt is None:
+        if probe(path) == "raw":
+            raise UsageError(f"{path} is not a VHD; to snapshot a raw image pass "
+                             f"--raw-parent (or name it aio:{path})")
+        refuse_probed_parent(path)
     return path, False
 
 
@@ -503,7 +527,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.child}: a snapshot is always a VHD")
     parent, raw = snapshot_parent(args.parent, args.raw_parent)
     used = snapshot_vhd(child, parent, raw_parent=raw, prealloc_size=args.prealloc,
-                        depth_limit=args.depth_limit, skip_empty=args.skip_empty)
+                        depth_limit=args.depth_limit, skip_empty=args.skip_empty,
+                        parent_policy=parent_policy(args))
     print(f"Created {child}: VHD differencing, parent {used}")
     if os.path.realpath(parent) != os.path.realpath(used):
         print_note(f"{parent} is an empty differencing image: the snapshot links to its "
@@ -676,7 +701,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.fixed and fmt != "vhd":
         raise UsageError("--fixed applies to VHD output (for a fully allocated raw file "
                          "use --no-sparse)")
-    with open_chain(args.src, key_file=args.key_file) as chain:
+    with open_chain(args.src, args, key_file=args.key_file) as chain:
         check_destination(dst, chain, args.force)
         with staged_output(dst, args.force) as tmp, \
                 Progress(f"converting to {fmt}", chain.size) as progress:
@@ -784,8 +809,8 @@ def first_nonzero(chain: Chain, start: int, buf: bytearray, progress: Progress) 
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    with open_chain(args.a, key_file=args.key_file) as a, \
-            open_chain(args.b, key_file=args.key_file) as b:
+    with open_chain(args.a, args, key_file=args.key_file) as a, \
+            open_chain(args.b, args, key_file=args.key_file) as b:
         with Progress("comparing", max(a.size, b.size)) as progress:
             result = compare_chains(a, b, args.strict, progress)
         sizes = a.size, b.size
@@ -816,7 +841,7 @@ def map_rows(chain: Chain) -> list[dict[str, Any]]:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    with open_chain(args.image, metadata_only=True) as chain:
+    with open_chain(args.image, args, metadata_only=True) as chain:
         rows = map_rows(chain)
     if args.json:
         print_json(rows)

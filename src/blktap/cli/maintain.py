@@ -15,14 +15,16 @@ from typing import Any
 
 from blktap.cli.common import (
     Progress,
+    add_parent_dir,
     describe_size,
     human_size,
+    parent_policy,
     parse_size,
     print_json,
     print_note,
 )
 from blktap.errors import BlktapError, UsageError
-from blktap.image.chain import parse_spec, probe
+from blktap.image.chain import parse_spec, probe, refuse_probed_parent
 from blktap.image.crypto import read_key_file
 from blktap.image.fileio import file_size_of, is_regular
 from blktap.image.vhd.coalesce import coalesce
@@ -47,6 +49,7 @@ def add_commands(sub: Any, command: Register) -> None:
                      help="then delete IMAGE (refused while a VHD in its folder still has "
                           "IMAGE as its parent)")
     cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_parent_dir(cmd)
 
     cmd = command(sub, "resize", cmd_resize,
                   "Grow IMAGE's virtual size to SIZE (a VHD, or a raw file).")
@@ -77,12 +80,17 @@ def add_commands(sub: Any, command: Register) -> None:
     cmd.add_argument("--key-file", metavar="PATH",
                      help="the AES-XTS key (32 or 64 bytes) of an encrypted chain")
     cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_parent_dir(cmd)
 
 
-def vhd_path(spec: str) -> str:
+def vhd_path(spec: str, *, follows_parent: bool = False) -> str:
+    """The path of a VHD argument. ``follows_parent``: the command will open the image's
+    parent, which a plain (probed) path does not allow (docs/security.md)."""
     fmt, path = parse_spec(spec)
     if fmt not in (None, "vhd"):
         raise UsageError(f"{spec}: this command works on VHD images")
+    if fmt is None and follows_parent:
+        refuse_probed_parent(path)
     return path
 
 
@@ -109,7 +117,8 @@ def children_of(image: str) -> list[str]:
 
 
 def cmd_coalesce(args: argparse.Namespace) -> int:
-    path = vhd_path(args.image)
+    path = vhd_path(args.image, follows_parent=True)
+    policy = parent_policy(args)
     with VhdImage.open(path) as child:
         # The library counts blocks; the bar shows bytes of the disk covered.
         block_size = child.block_size
@@ -121,7 +130,8 @@ def cmd_coalesce(args: argparse.Namespace) -> int:
     with Progress("coalescing", total) as progress:
         started = time.monotonic()
         result = coalesce(path, sparse=args.sparse,
-                          progress=lambda done, _: progress.update(done * block_size))
+                          progress=lambda done, _: progress.update(done * block_size),
+                          parent_policy=policy)
         elapsed = time.monotonic() - started
     report: dict[str, Any] = {
         "image": path, "parent": result.parent, "parent_is_raw": result.parent_is_raw,
@@ -156,11 +166,14 @@ def cmd_coalesce(args: argparse.Namespace) -> int:
 
 
 def cmd_rebase(args: argparse.Namespace) -> int:
-    path = vhd_path(args.image)
+    path = vhd_path(args.image, follows_parent=True)
+    policy = parent_policy(args)
     fmt, parent = parse_spec(args.parent)
     raw = args.raw_parent or fmt in ("raw", "aio")
     if fmt == "vhd" and args.raw_parent:
         raise UsageError(f"{args.parent}: the vhd: prefix contradicts --raw-parent")
+    if fmt is None and not raw:
+        refuse_probed_parent(parent)
     with Progress("comparing parents", 1) as progress:
 
         def report(done: int, total: int) -> None:
@@ -168,7 +181,8 @@ def cmd_rebase(args: argparse.Namespace) -> int:
             progress.update(done)
 
         key = read_key_file(args.key_file) if args.key_file else None
-        result = rebase(path, parent, raw=raw, safe=not args.unsafe, key=key, progress=report)
+        result = rebase(path, parent, raw=raw, safe=not args.unsafe, key=key, progress=report,
+                        parent_policy=policy)
     if args.json:
         print_json({"image": path, "parent": result.parent.path, "parent_is_raw": raw,
                     "safe": not args.unsafe, "compared_bytes": result.compared_bytes,

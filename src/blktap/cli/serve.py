@@ -8,6 +8,11 @@ Prints the NBD URI of each listener on stdout once it accepts connections, serve
 SIGINT or SIGTERM, then finishes the requests in flight and closes the images (a VHD
 gets its batmap and footer written back). Errors are one line on stderr and the exit
 code is the errno, as for the other ``blktap`` commands.
+
+A plain path has its format probed: a differencing VHD is refused (its parents are
+followed only for ``vhd:PATH``), and anything else is served with a warning on stderr
+naming the format probed, since a guest that writes a VHD footer into its raw disk would
+otherwise change how it is served next time (docs/security.md).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 from urllib.parse import quote
 
+from blktap.cli.common import add_parent_dir, parent_policy, print_warning
 from blktap.errors import UsageError
 
 DEFAULT_TCP = "127.0.0.1:10809"
@@ -77,6 +83,7 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
                      help="buffer memory all connections may hold together, e.g. 256M "
                      "(default 256M); a client that would exceed it waits")
     cmd.add_argument("-v", "--verbose", action="store_true", help="log connections")
+    add_parent_dir(cmd)
 
 
 def run_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -106,7 +113,7 @@ def _uri(tls: bool, name: str, *, socket: str | None = None,
 async def _serve(args: argparse.Namespace, out: TextIO) -> int:
     from blktap.io import LinuxAioEngine, ThreadEngine, best_engine
     from blktap.io.buffers import default_budget
-    from blktap.tapdisk.drivers import open_stack
+    from blktap.tapdisk.drivers import AioDriver, open_stack, split_type
     from blktap.tapdisk.vbd import VBD
     from blktap.transport.nbd import Export, NbdServer
     from blktap.transport.nbd.server import tls_context
@@ -126,8 +133,10 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
     vbd = server = None
     try:
         tls = tls_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+        policy = parent_policy(args)
         driver = await engine.call(open_stack, engine, args.image,
-                                   writable=not args.read_only, direct=args.direct)
+                                   writable=not args.read_only, direct=args.direct,
+                                   parent_policy=policy)
         vbd = VBD(driver, name=args.image, read_only=args.read_only, timeout=args.timeout)
         server = NbdServer(Export(args.export_name, vbd, description=args.image), tls=tls)
         uris = []
@@ -139,6 +148,13 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
             bound_host, bound_port = server.listen_tcp(host, port)
             uris.append(_uri(tls is not None, args.export_name, host=bound_host,
                              port=bound_port))
+        # Only once serving: an error line stays the only line when something fails.
+        if split_type(args.image)[0] is None:
+            kind = "aio" if isinstance(driver, AioDriver) else "vhd"
+            what = "raw" if kind == "aio" else "VHD"
+            print_warning(f"{args.image}: format probed as {what}; a guest that writes to "
+                          f"this disk may change what it probes as: name the format "
+                          f"({kind}:{args.image}) to silence this")
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)

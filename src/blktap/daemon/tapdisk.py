@@ -47,7 +47,7 @@ from blktap.control.rundir import MinorHold, RunDir
 from blktap.errors import BlktapError, ControlProtocolError
 from blktap.io import best_engine
 from blktap.tapdisk.driver import SECTOR, Driver
-from blktap.tapdisk.drivers import open_stack, parse
+from blktap.tapdisk.drivers import open_stack, require_type
 from blktap.tapdisk.stats import format_stats
 from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD, VbdState
 from blktap.transport.nbd import Export, NbdServer
@@ -122,8 +122,10 @@ def _error(code: int, text: str, cookie: int = 0) -> Message:
 
 
 def typed_spec(spec: str) -> str:
-    """``type:path`` for a spec given with or without its type."""
-    kind, path = parse(spec)
+    """``type:path`` checked; a path without its type is refused (EINVAL) as by the
+    reference tapdisk: probing a disk a guest writes to would let the guest choose how
+    it is read (docs/security.md)."""
+    kind, path = require_type(spec)
     return f"{kind}:{path}"
 
 

@@ -7,6 +7,14 @@ zeros. Only the leaf is ever written.
 Encrypted VHDs (docs/encryption.md): every VHD layer is checked against the key given to
 :meth:`Chain.open`, as tapdisk checks each image it opens, and the sectors a layer holds are
 decrypted as they are read; holes and the end of the chain read as plain zeros.
+
+Trust (docs/security.md): an image named by a plain path has its format probed, and a
+probed image does not get its parents opened (:class:`ProbedParent`): the bytes that made
+it look like a differencing VHD may have been written by a guest into its raw disk. Every
+parent opened passes the :class:`~blktap.image.parents.ParentPolicy` (the directories
+parents are confined to, ``BLKTAP_PARENT_DIRS``). The same holds for a probed qcow2 image
+with a backing file, and for a backing file whose format its child does not name (probed)
+when it names parents of its own.
 """
 
 from __future__ import annotations
@@ -25,11 +33,13 @@ from blktap.errors import (
     OutOfRange,
     ParentLoop,
     ParentNotFound,
+    ProbedParent,
     UnsupportedImage,
     UsageError,
 )
 from blktap.image.crypto import XtsCipher
 from blktap.image.fileio import file_size_of, pread_exact, preadv_into, zero_fill
+from blktap.image.parents import ParentPolicy, default_policy
 from blktap.image.qcow2 import image as q2
 from blktap.image.qcow2.image import Qcow2Image
 from blktap.image.raw import RawImage
@@ -49,8 +59,8 @@ PREFIXES = {"vhd": "vhd", "aio": "raw", "raw": "raw", "qcow2": "qcow2"}
 
 
 def parse_spec(spec: str) -> tuple[str | None, str]:
-    """Split ``vhd:PATH``, ``aio:PATH`` or ``raw:PATH`` into (format, path); a plain path
-    gives (None, path) and is probed."""
+    """Split ``vhd:PATH``, ``qcow2:PATH``, ``aio:PATH`` or ``raw:PATH`` into (format,
+    path); a plain path gives (None, path) and is probed (and so not trusted to name parents)."""
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in PREFIXES:
         return PREFIXES[prefix], rest
@@ -58,7 +68,8 @@ def parse_spec(spec: str) -> tuple[str | None, str]:
 
 
 def probe(path: str) -> str:
-    """Guess the format of a file: "vhd" when it carries a VHD footer, else "raw"."""
+    """Guess the format of a file: "vhd" when it carries a VHD footer, "qcow2" when it
+    starts with qcow2's magic, else "raw"."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -88,6 +99,7 @@ def probe(path: str) -> str:
 
 
 def open_layer(path: str, fmt: str | None, *, writable: bool = False) -> Layer:
+    """One layer, of format ``fmt`` or the probed one; its parents are not looked at."""
     fmt = fmt or probe(path)
     if fmt == "vhd":
         return VhdImage.open(path, writable=writable)
@@ -127,11 +139,20 @@ class Chain:
     @classmethod
     def open(cls, spec: str, *, writable: bool = False, max_depth: int = DEFAULT_MAX_DEPTH,
              check_parent_uuid: bool = True, key: bytes | None = None,
-             ciphertext: bool = False) -> Chain:
+             ciphertext: bool = False, follow_probed_parents: bool = False,
+             probed: bool | None = None,
+             parent_policy: ParentPolicy | None = None) -> Chain:
         """Open an image and every parent it names.
 
         Raises ParentNotFound naming a missing parent, ParentLoop for a chain that comes
         back to one of its images, ChainTooDeep past ``max_depth`` layers.
+
+        A plain path (no ``vhd:``/``aio:``/``raw:`` prefix) has its format probed; a probed
+        image that is a differencing VHD raises ProbedParent (EPERM) instead of opening the
+        parent its locators name, unless ``follow_probed_parents``. ``probed`` overrides
+        what the spec says (True: the caller probed the format itself). Every parent must
+        pass ``parent_policy`` (default: the environment's ``BLKTAP_PARENT_DIRS``), else
+        ParentNotAllowed (EACCES).
 
         ``key`` (32 or 64 bytes) opens encrypted VHDs: each VHD layer must carry the key's
         hash, and its data is decrypted on reads and encrypted on writes. An encrypted layer
@@ -141,19 +162,28 @@ class Chain:
         are (chain depth, coalesce).
         """
         fmt, path = parse_spec(spec)
+        if probed is None:
+            probed = fmt is None
         layers: list[Layer] = []
         try:
             leaf = open_layer(path, fmt, writable=writable)
             layers.append(leaf)
+            if (probed and not follow_probed_parents and isinstance(leaf, VhdImage)
+                    and leaf.is_differencing):
+                raise probed_parent_error(path, leaf)
+            if probed and not follow_probed_parents and isinstance(leaf, Qcow2Image) \
+                    and leaf.is_differencing:
+                raise probed_backing_error(path, leaf)
+            policy = default_policy(parent_policy)
             seen = {cls._identity(leaf)}
             current: Layer = leaf
-            while isinstance(current, Qcow2Image) and current.is_differencing or \
-                    isinstance(current, VhdImage) and current.is_differencing:
+            while isinstance(current, VhdImage | Qcow2Image) and current.is_differencing:
                 if len(layers) >= max_depth:
                     raise ChainTooDeep(f"{path}: chain deeper than {max_depth} images")
                 parent: Layer
                 if isinstance(current, Qcow2Image):
-                    parent_path, parent = _open_qcow2_backing(current)
+                    parent_path, parent = _open_qcow2_backing(current, policy,
+                                                              follow_probed_parents)
                     layers.append(parent)
                     if cls._identity(parent) in seen:
                         raise ParentLoop(f"{path}: backing chain loops back to "
@@ -161,7 +191,7 @@ class Chain:
                     seen.add(cls._identity(parent))
                     current = parent
                     continue
-                parent_path = current.parent_path()
+                parent_path = policy.check(current.path, current.parent_path())
                 if current.parent_is_raw:
                     parent = RawImage.open(parent_path)
                 else:
@@ -375,32 +405,90 @@ class Chain:
         return sum(e.length for e in self.map() if e.depth is not None)
 
 
-def open_chain(spec: str, *, key: bytes | None = None, writable: bool = False) -> Chain:
-    """Open a chain with ``key`` if some VHD layer of it is encrypted, and without it
-    otherwise (Chain.open refuses a key for a clear chain; a caller holding one key for
-    several disks, say compare or rebase, does not know which of them are encrypted)."""
-    if key is not None:
-        with Chain.open(spec, ciphertext=True) as probe_chain:
-            if not any(isinstance(layer, VhdImage) and is_encrypted(layer)
-                       for layer in probe_chain.layers):
-                key = None
-    return Chain.open(spec, writable=writable, key=key)
+def probed_parent_error(path: str, image: VhdImage) -> ProbedParent:
+    """The refusal to follow the parent of ``image``, opened from the plain path
+    ``path``."""
+    name = named_parent(image)
+    return ProbedParent(
+        f"{path} was probed as a differencing VHD whose parent locator names {name!r}: the "
+        f"parents of a probed image are not opened, its content may come from a guest; "
+        f"name the format (vhd:{path}) if you trust it", image=path, parent=name)
+
+
+def refuse_probed_parent(path: str) -> None:
+    """For a caller given a plain path that it will take as a VHD and whose parents it
+    will follow (coalesce, rebase, a snapshot's parent): ProbedParent if the file is a
+    differencing VHD. A file that is no VHD is left to the caller's own open to report."""
+    if probe(path) != "vhd":
+        return
+    with VhdImage.open(path) as image:
+        if image.is_differencing:
+            raise probed_parent_error(path, image)
+
+
+def probed_backing_error(path: str, image: Qcow2Image) -> ProbedParent:
+    """The refusal to follow the backing file of a qcow2 image whose format was probed
+    (opened from a plain path, or a backing file whose child names no format)."""
+    name = image.backing_file or ""
+    return ProbedParent(
+        f"{path} was probed as a qcow2 image whose backing file is {name!r}: the backing "
+        f"files of a probed image are not opened, its content may come from a guest; name "
+        f"the format (qcow2:{path}) if you trust it", image=path, parent=name)
 
 
 # Formats a qcow2 image may name for its backing file, in qemu's names and ours.
 QCOW2_BACKING_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vpc": "vhd", "vhd": "vhd"}
 
 
-def _open_qcow2_backing(child: Qcow2Image) -> tuple[str, Layer]:
-    """Open the backing file a qcow2 layer names, in the format it names (probed when it
-    names none, as qemu does)."""
-    path = child.backing_path()
-    assert path is not None
+def _open_qcow2_backing(child: Qcow2Image, policy: ParentPolicy,
+                        follow_probed_parents: bool) -> tuple[str, Layer]:
+    """Open the backing file a qcow2 layer names (it must pass ``policy``), in the format
+    it names. Without a format the file is probed, as qemu does, and then trusted no
+    further: a probed backing file that names parents of its own is refused."""
+    name = child.backing_path()
+    assert name is not None
     named = child.backing_format or None
     fmt = QCOW2_BACKING_FORMATS.get(named) if named is not None else None
     if named is not None and fmt is None:
-        raise UnsupportedImage(f"{child.path}: backing file {path} has format {named!r} "
+        raise UnsupportedImage(f"{child.path}: backing file {name} has format {named!r} "
                                f"(supported: {', '.join(QCOW2_BACKING_FORMATS)})")
+    path = policy.check(child.path, name)
     if not os.path.exists(path):
-        raise ParentNotFound(f"{child.path}: backing file {path} not found")
-    return path, open_layer(path, fmt)
+        raise ParentNotFound(f"{child.path}: backing file {name} not found")
+    layer = open_layer(path, fmt)
+    if fmt is None and not follow_probed_parents and \
+            isinstance(layer, VhdImage | Qcow2Image) and layer.is_differencing:
+        try:
+            if isinstance(layer, VhdImage):
+                raise probed_parent_error(path, layer)
+            raise probed_backing_error(path, layer)
+        finally:
+            layer.close()
+    return path, layer
+
+
+def named_parent(image: VhdImage) -> str:
+    """The parent a differencing VHD names, as it names it (nothing resolved or opened):
+    the first locator that decodes, else the header's parent name."""
+    for _, _, name in image.parent_locator_names():
+        if name:
+            return name
+    return image.header.parent_name if image.header is not None else ""
+
+
+def open_chain(spec: str, *, key: bytes | None = None, writable: bool = False,
+               follow_probed_parents: bool = False,
+               parent_policy: ParentPolicy | None = None) -> Chain:
+    """Open a chain with ``key`` if some VHD layer of it is encrypted, and without it
+    otherwise (Chain.open refuses a key for a clear chain; a caller holding one key for
+    several disks, say compare or rebase, does not know which of them are encrypted).
+    ``follow_probed_parents`` and ``parent_policy`` are Chain.open's."""
+    policy = default_policy(parent_policy)
+    if key is not None:
+        with Chain.open(spec, ciphertext=True, follow_probed_parents=follow_probed_parents,
+                        parent_policy=policy) as probe_chain:
+            if not any(isinstance(layer, VhdImage) and is_encrypted(layer)
+                       for layer in probe_chain.layers):
+                key = None
+    return Chain.open(spec, writable=writable, key=key,
+                      follow_probed_parents=follow_probed_parents, parent_policy=policy)

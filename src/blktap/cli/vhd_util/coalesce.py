@@ -12,6 +12,7 @@ import struct
 from blktap.cli.vhd_util.common import err_of, open_vhd
 from blktap.cli.vhd_util.options import Output, Usage, getopt
 from blktap.errors import BlktapError
+from blktap.image.parents import ParentPolicy
 from blktap.image.vhd.coalesce import coalesce
 
 USAGE = "options: <-n name> [-s sparse] [-p progress] [-h help]\n"
@@ -60,7 +61,8 @@ def _coalesce(name: str, sparse: bool, progress: bool, out: Output) -> int:
             out.print("coalescing of non-differencing disks is not supported\n")
             return _fail(out, 22)
         try:
-            parent = child.parent_path()
+            # BLKTAP_PARENT_DIRS confines the parent written to (docs/security.md).
+            parent = ParentPolicy.from_env().check(name, child.parent_path())
         except BlktapError as exc:
             out.print(f"error finding {name} parent: {-exc.errno}\n")
             return _fail(out, exc.errno)

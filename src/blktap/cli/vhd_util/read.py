@@ -249,7 +249,7 @@ class _Reader:
             return errno.ERANGE
         try:
             # As the reference: stored bytes, ciphertext for an encrypted VHD.
-            chain = Chain.open(self.image.path, ciphertext=True)
+            chain = Chain.open(f"vhd:{self.image.path}", ciphertext=True)
         except BlktapError as exc:
             return exc.errno
         with chain:

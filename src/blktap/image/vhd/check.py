@@ -14,6 +14,7 @@ import stat
 from dataclasses import dataclass, field
 
 from blktap.errors import BlktapError
+from blktap.image.parents import ParentPolicy
 from blktap.image.vhd import bitmap as bm
 from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
@@ -342,13 +343,15 @@ def check(path: str, opts: CheckOptions | None = None) -> ChainCheck:
         return out
     current = path
     seen = {os.path.realpath(path)}
+    # The parents checked must lie inside BLKTAP_PARENT_DIRS when it is set.
+    policy = ParentPolicy.from_env()
     while True:
         try:
             with VhdImage.open(current, allow_disabled=True, validate_bat=False) as img:
                 if not img.is_differencing or img.parent_is_raw:
                     return out
                 try:
-                    parent = img.parent_path()
+                    parent = policy.check(current, img.parent_path())
                 except BlktapError as exc:
                     out.walk_messages.append(f"error getting parent: {-exc.errno}")
                     out.walk_messages.append(f"error checking parents: {-exc.errno}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from blktap.errors import ChainError, FormatError, OutOfRange, UnsupportedImage
 from blktap.image.fileio import copy_range, file_size_of, preadv_into
+from blktap.image.parents import ParentPolicy, default_policy
 from blktap.image.vhd import bitmap as bm
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
@@ -48,21 +49,23 @@ class CoalesceResult:
 
 
 def coalesce(child_path: str, *, sparse: bool = False,
-             progress: Progress | None = None) -> CoalesceResult:
+             progress: Progress | None = None,
+             parent_policy: ParentPolicy | None = None) -> CoalesceResult:
     """Merge ``child_path`` into its parent.
 
     ``sparse``: blocks of the child that hold only zeros are not allocated in the parent
     when the parent would read zeros there anyway (a dynamic parent without the block).
     Raises UnsupportedImage for a disk that is not differencing, ParentNotFound,
     ChainError when the parent found is not the child's parent (uuid mismatch), and
-    OutOfRange when the child holds data past the end of the parent.
+    OutOfRange when the child holds data past the end of the parent, ParentNotAllowed
+    when ``parent_policy`` (default: the environment's) refuses the parent.
     """
     with VhdImage.open(child_path) as child:
         if not child.is_differencing:
             raise UnsupportedImage(
                 f"{child_path}: coalescing of non-differencing disks is not supported",
                 errno.EINVAL)
-        parent_path = child.parent_path()
+        parent_path = default_policy(parent_policy).check(child_path, child.parent_path())
         if child.parent_is_raw:
             return _onto_raw(child, parent_path, progress)
         with VhdImage.open(parent_path, writable=True) as parent:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from blktap.errors import ChainTooDeep, FormatError, ParentLoop, UsageError
 from blktap.image.fileio import file_size_of, pwrite_all, staged_path
+from blktap.image.parents import ParentPolicy, default_policy
 from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
@@ -183,19 +184,23 @@ def parent_info(path: str, raw: bool) -> ParentInfo:
         return ParentInfo(real, img.size, img.footer.uuid, int(st.st_mtime), keyhash)
 
 
-def chain_depth(path: str) -> int:
+def chain_depth(path: str, parent_policy: ParentPolicy | None = None) -> int:
     """Number of images in the chain starting at ``path`` (a raw parent counts), with the
-    loop and depth checks of :meth:`Chain.open`."""
+    loop, depth and parent policy checks of :meth:`Chain.open`."""
     from blktap.image.chain import Chain  # the chain module builds on this package
 
-    with Chain.open(f"vhd:{path}", check_parent_uuid=False, ciphertext=True) as chain:
+    with Chain.open(f"vhd:{path}", check_parent_uuid=False, ciphertext=True,
+                    parent_policy=parent_policy) as chain:
         return len(chain)
 
 
-def find_snapshot_target(parent: str) -> tuple[str, bool]:
+def find_snapshot_target(parent: str, parent_policy: ParentPolicy | None = None
+                         ) -> tuple[str, bool]:
     """Skip empty differencing ancestors: an empty differencing disk adds nothing, so a
     snapshot of it can hang off its first non-empty ancestor instead. Returns the target
-    and whether it is a raw image."""
+    and whether it is a raw image. Each ancestor followed must pass ``parent_policy``
+    (default: the environment's)."""
+    policy = default_policy(parent_policy)
     seen: set[str] = set()
     current = os.path.realpath(parent)
     while True:
@@ -205,7 +210,7 @@ def find_snapshot_target(parent: str) -> tuple[str, bool]:
         with VhdImage.open(current) as img:
             if not img.is_differencing or img.allocated_blocks():
                 return current, False
-            nxt = img.parent_path()
+            nxt = policy.check(current, img.parent_path())
             if img.parent_is_raw:
                 return nxt, True
             current = nxt
@@ -214,15 +219,17 @@ def find_snapshot_target(parent: str) -> tuple[str, bool]:
 def snapshot(child: str, parent: str, *, raw_parent: bool = False,
              prealloc_size: int | None = None, depth_limit: int | None = None,
              skip_empty: bool = True, timestamp: int | None = None,
-             uuid: bytes | None = None) -> str:
+             uuid: bytes | None = None, parent_policy: ParentPolicy | None = None) -> str:
     """Create ``child`` as a differencing VHD over ``parent``; returns the parent actually
-    used (``skip_empty`` links past empty differencing ancestors)."""
+    used (``skip_empty`` links past empty differencing ancestors). ``parent`` is the
+    caller's choice; the ancestors found through locators (skipped or counted) must pass
+    ``parent_policy`` (default: the environment's)."""
     target, target_raw = parent, raw_parent
     if not raw_parent and skip_empty:
-        target, target_raw = find_snapshot_target(parent)
+        target, target_raw = find_snapshot_target(parent, parent_policy)
     info = parent_info(target, target_raw)
     if depth_limit is not None and not target_raw:
-        depth = chain_depth(info.path)
+        depth = chain_depth(info.path, parent_policy)
         if depth >= depth_limit:
             raise ChainTooDeep(f"snapshot depth exceeded: current depth: {depth}, "
                                f"limit: {depth_limit}", errno.ENOSPC)

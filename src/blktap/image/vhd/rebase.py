@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from blktap.errors import UsageError
 from blktap.image.chain import Chain, open_chain
+from blktap.image.parents import ParentPolicy, default_policy
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
 from blktap.image.vhd.reparent import NewParent, set_parent
@@ -39,14 +40,16 @@ class RebaseResult:
 
 
 def rebase(path: str, new_parent: str, *, raw: bool = False, safe: bool = True,
-           key: bytes | None = None, progress: Progress | None = None) -> RebaseResult:
+           key: bytes | None = None, progress: Progress | None = None,
+           parent_policy: ParentPolicy | None = None) -> RebaseResult:
     """Make ``new_parent`` the parent of the differencing VHD ``path``.
 
     With ``safe`` (the default) the image's content is kept: sectors it does not hold and
     where the new parent chain reads differently from the old one are copied into it
     first. Without ``safe`` only the pointers change (``vhd-util modify -p``).
     ``key`` is the key of an encrypted chain (applied to each of the two chains that is
-    encrypted; the copied data is re-encrypted for the image).
+    encrypted; the copied data is re-encrypted for the image). The parents of both
+    chains must pass ``parent_policy`` (default: the environment's).
     """
     with VhdImage.open(path) as image:
         if not image.is_differencing:
@@ -54,17 +57,18 @@ def rebase(path: str, new_parent: str, *, raw: bool = False, safe: bool = True,
                              f"replace", errno.EINVAL)
     copied = compared = 0
     if safe:
-        copied, compared = _copy_differences(path, new_parent, raw, key, progress)
+        copied, compared = _copy_differences(path, new_parent, raw, key, progress,
+                                             default_policy(parent_policy))
     target = set_parent(path, new_parent, raw=raw)
     return RebaseResult(path, target, copied, compared)
 
 
 def _copy_differences(path: str, new_parent: str, raw: bool, key: bytes | None,
-                      progress: Progress | None) -> tuple[int, int]:
+                      progress: Progress | None, policy: ParentPolicy) -> tuple[int, int]:
     spec = f"aio:{new_parent}" if raw else f"vhd:{new_parent}"
     copied = compared = 0
-    with open_chain(f"vhd:{path}", key=key, writable=True) as old, \
-            open_chain(spec, key=key) as new:
+    with open_chain(f"vhd:{path}", key=key, writable=True, parent_policy=policy) as old, \
+            open_chain(spec, key=key, parent_policy=policy) as new:
         # The ranges the image does not hold: there the old parents answer today.
         todo = [(e.offset, e.length) for e in old.map() if e.depth != 0]
         total = sum(length for _, length in todo)

@@ -43,6 +43,7 @@ from blktap.errors import (
     UsageError,
 )
 from blktap.image.fileio import file_size_of, pwrite_all
+from blktap.image.parents import ParentPolicy
 from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
@@ -205,8 +206,10 @@ def _describe_parent(image: VhdImage, parent: str, raw: bool) -> tuple[NewParent
 
 def _refuse_loop(parent: str, child: tuple[int, int], child_path: str) -> None:
     """Walk up from the new parent; meeting the child there would close a loop. The walk
-    stops quietly where an ancestor cannot be read (no loop can go through it), and fails
-    on a chain that already loops or is absurdly deep."""
+    stops quietly where an ancestor cannot be read (no loop can go through it) or may not
+    be opened (outside BLKTAP_PARENT_DIRS, not a file or device: such a chain cannot be
+    opened anyway), and fails on a chain that already loops or is absurdly deep."""
+    policy = ParentPolicy.from_env()
     seen: set[tuple[int, int]] = set()
     current = parent
     for _ in range(MAX_CHAIN_DEPTH):
@@ -225,7 +228,7 @@ def _refuse_loop(parent: str, child: tuple[int, int], child_path: str) -> None:
             with VhdImage.open(current, validate_bat=False) as vhd:
                 if not vhd.is_differencing:
                     return
-                current = vhd.parent_path()
+                current = policy.check(current, vhd.parent_path())
         except BlktapError:
             return
     raise ChainTooDeep(f"the parent chain of {parent} is deeper than {MAX_CHAIN_DEPTH}")

@@ -3,8 +3,10 @@
 Type names are the reference tapdisk's (``tapdisk-disktype.c``): ``aio``, ``vhd`` and
 ``ram`` are implemented, and ``qcow2`` (qemu's format) beside them; the reference's other
 names are known and answer ENOSYS (not built), as there; anything else is ENOENT. A path
-without a type is probed: a VHD gets the ``vhd`` driver, a qcow2 image ``qcow2``, anything
-else ``aio``.
+without a type is probed: a VHD gets the ``vhd`` driver, a qcow2 image ``qcow2``,
+anything else ``aio``; a probed differencing VHD (or qcow2 with a backing file) is refused
+(:class:`~blktap.errors.ProbedParent`, docs/security.md). The tapdisk daemon, as the
+reference, takes no path without a type (:func:`split_type`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 
 from blktap.errors import BlktapError, EncryptionError, UsageError
 from blktap.image.chain import Chain, probe
+from blktap.image.parents import ParentPolicy
 from blktap.image.qcow2.image import Qcow2Image
 from blktap.image.raw import RawImage
 from blktap.io.engine import Engine
@@ -31,8 +34,9 @@ KNOWN = ("sync", "vmdk", "vhdsync", "qcow", "bc", "vhdi", "log", "remus", "lc", 
 _SPEC = re.compile(r"^([a-z][a-z0-9+_-]*):(.*)$")
 
 
-def parse(spec: str) -> tuple[str, str]:
-    """``type:path`` -> (type, path); a plain path -> (probed type, path)."""
+def split_type(spec: str) -> tuple[str | None, str]:
+    """``type:path`` -> (type, path); a plain path -> (None, path). An unknown or
+    unimplemented type is an error; nothing is opened."""
     match = _SPEC.match(spec)
     if match:
         kind, path = match[1], match[2]
@@ -45,16 +49,43 @@ def parse(spec: str) -> tuple[str, str]:
         if "/" not in kind:
             raise BlktapError(f"{spec}: unknown driver type {kind!r} "
                               f"(use {', '.join(IMPLEMENTED)})", errno.ENOENT)
-    probed = probe(spec)
-    return ({"vhd": "vhd", "qcow2": "qcow2"}.get(probed, "aio")), spec
+    return None, spec
+
+
+def require_type(spec: str) -> tuple[str, str]:
+    """``type:path`` -> (type, path); a plain path is an error (EINVAL), as in the
+    reference tapdisk: a disk a guest writes to must not have its format guessed."""
+    kind, path = split_type(spec)
+    if kind is None:
+        raise UsageError(f"{spec}: no driver type; name it TYPE:PATH "
+                         f"({', '.join(k + ':' for k in IMPLEMENTED)})")
+    return kind, path
+
+
+def probed_driver(path: str) -> str:
+    """The driver for a file of probed format: never ``aio`` for a VHD or qcow2 image,
+    which would serve its metadata as disk content."""
+    return {"vhd": "vhd", "qcow2": "qcow2"}.get(probe(path), "aio")
+
+
+def parse(spec: str) -> tuple[str, str]:
+    """``type:path`` -> (type, path); a plain path -> (probed type, path)."""
+    kind, path = split_type(spec)
+    if kind is None:
+        kind = probed_driver(path)
+    return kind, path
 
 
 def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True,
-               key: bytes | None = None) -> Driver:
+               key: bytes | None = None, follow_probed_parents: bool = False,
+               parent_policy: ParentPolicy | None = None) -> Driver:
     """Open the driver stack for ``spec`` (blocking: metadata is read here).
 
     For a VHD, every parent named by its locators is opened read-only (the library's
-    chain checks apply: loops, uuids, depth); a raw parent gets the ``aio`` driver.
+    chain checks apply: loops, uuids, depth, the parent policy ``parent_policy``, by
+    default the environment's); a raw parent gets the ``aio`` driver. A plain path is
+    probed, and a probed differencing VHD raises ProbedParent unless
+    ``follow_probed_parents`` (docs/security.md).
 
     ``key`` (``tap-ctl open -E``) opens an encrypted VHD chain with the library's checks
     (docs/encryption.md): an encrypted layer without a key or a key for a clear one is
@@ -62,7 +93,10 @@ def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True
     its own layer's cipher; a raw parent is read as stored. The ``aio`` and ``ram``
     drivers have nothing to check a key against and refuse one (EINVAL).
     """
-    kind, path = parse(spec)
+    kind, path = split_type(spec)
+    probed = kind is None
+    if kind is None:
+        kind = probed_driver(path)
     if key is not None and kind != "vhd":
         raise EncryptionError(f"{path}: the {kind} driver serves data as it is stored and "
                               f"cannot decrypt it, but a key was given", errno.EINVAL)
@@ -70,7 +104,9 @@ def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True
         return AioDriver.open(engine, path, writable=writable, direct=direct)
     if kind == "ram":
         return RamDriver.open(engine, path, writable=writable)
-    chain = Chain.open(f"{kind}:{path}", writable=writable, key=key)
+    chain = Chain.open(f"{kind}:{path}", writable=writable, key=key, probed=probed,
+                       follow_probed_parents=follow_probed_parents,
+                       parent_policy=parent_policy)
     below: Driver | None = None
     try:
         for layer, cipher in zip(reversed(chain.layers), reversed(chain.ciphers),
@@ -91,4 +127,4 @@ def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True
 
 
 __all__ = ["AioDriver", "Driver", "Qcow2Driver", "RamDriver", "VhdDriver", "open_stack",
-           "parse"]
+           "parse", "require_type", "split_type"]
