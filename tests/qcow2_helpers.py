@@ -48,7 +48,7 @@ def qemu_raw(path: str | Path, tmp: Path) -> bytes:
 
 
 def our_raw(path: str | Path) -> bytes:
-    with Chain.open(str(path)) as chain:
+    with Chain.open(f"qcow2:{path}") as chain:
         return bytes(chain.read(0, chain.sectors))
 
 

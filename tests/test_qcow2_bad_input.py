@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
@@ -11,13 +12,27 @@ from pathlib import Path
 
 import pytest
 
-from blktap.errors import BlktapError, FormatError, ParentLoop, UnsupportedImage
+from blktap.errors import (
+    BlktapError,
+    FormatError,
+    ParentLoop,
+    ParentNotAllowed,
+    ProbedParent,
+    UnsupportedImage,
+)
 from blktap.image.chain import Chain
+from blktap.image.parents import ParentPolicy
 from blktap.image.qcow2 import structs as s
 from blktap.image.qcow2.check import check
 from blktap.image.qcow2.create import create
 from blktap.image.qcow2.image import Qcow2Image
+from conftest import run, tool
 from qcow2_helpers import MiB, qemu_check, qemu_img, qemu_io
+
+
+def run_blktap(*args: object) -> tuple[int, str, str]:
+    proc = run([tool("blktap"), *map(str, args)], text=True, timeout=60)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def digest(path: Path) -> str:
@@ -35,7 +50,7 @@ def patch(path: Path, offset: int, data: bytes) -> None:
 def base_image(tmp: Path, **kw: object) -> Path:
     img = tmp / "bad.qcow2"
     create(str(img), 4 * MiB, **kw)  # type: ignore[arg-type]
-    with Chain.open(str(img), writable=True) as chain:
+    with Chain.open(f"qcow2:{img}", writable=True) as chain:
         chain.write(0, b"\x5a" * 65536)
     return img
 
@@ -52,7 +67,7 @@ def refuse(path: Path, exc: type[BlktapError], words: str, *,
             if action is not None:
                 action()
             else:
-                with Chain.open(str(path), writable=writable) as chain:
+                with Chain.open(f"qcow2:{path}", writable=writable) as chain:
                     chain.read(0, chain.sectors)
         assert words in str(info.value), str(info.value)
         assert digest(path) == before
@@ -105,7 +120,7 @@ def test_backing_chain_loop(tmp_path: Path) -> None:
     create(str(b), MiB, backing_file="a.qcow2", backing_fmt="qcow2")
     before = digest(a), digest(b)
     with pytest.raises(ParentLoop):
-        Chain.open(str(a))
+        Chain.open(f"qcow2:{a}")
     assert (digest(a), digest(b)) == before
 
 
@@ -151,7 +166,7 @@ def test_refcount_block_past_end_of_file(tmp_path: Path) -> None:
     patch(img, h.refcount_table_offset, struct.pack(">Q", 1 << 40))
     before = digest(img)
     with pytest.raises(FormatError, match="refcount block"):
-        Chain.open(str(img), writable=True)
+        Chain.open(f"qcow2:{img}", writable=True)
     assert digest(img) == before
 
 
@@ -172,10 +187,10 @@ def test_corrupt_bit_refuses_writes_only(tmp_path: Path) -> None:
     h = header_of(img)
     patch(img, s.OFF_INCOMPAT, struct.pack(">Q", h.incompatible_features | s.INCOMPAT_CORRUPT))
     before = digest(img)
-    with Chain.open(str(img)) as chain:
+    with Chain.open(f"qcow2:{img}") as chain:
         assert chain.read(0, 1) == b"\x5a" * 512
     with pytest.raises(FormatError, match="corrupt"):
-        Chain.open(str(img), writable=True)
+        Chain.open(f"qcow2:{img}", writable=True)
     assert digest(img) == before
 
 
@@ -185,13 +200,13 @@ def test_dirty_image_is_repaired_before_writing(tmp_path: Path) -> None:
     patch(img, s.OFF_INCOMPAT, struct.pack(">Q", h.incompatible_features | s.INCOMPAT_DIRTY))
     before = digest(img)
     with pytest.raises(FormatError, match="dirty"):
-        Chain.open(str(img), writable=True)
+        Chain.open(f"qcow2:{img}", writable=True)
     assert digest(img) == before
     res = check(str(img), repair="all")
     assert res.exit_code == 0
     assert not header_of(img).incompatible_features & s.INCOMPAT_DIRTY
     assert qemu_check(img)[0] == 0
-    with Chain.open(str(img), writable=True) as chain:
+    with Chain.open(f"qcow2:{img}", writable=True) as chain:
         chain.write(100, b"\1" * 512)
 
 
@@ -200,7 +215,7 @@ def test_refcount_overflow_refused_by_repair(tmp_path: Path) -> None:
     (two) cannot be counted, so repair refuses without touching the file."""
     img = tmp_path / "o.qcow2"
     create(str(img), 1 << 30, refcount_bits=1)
-    with Chain.open(str(img), writable=True) as chain:
+    with Chain.open(f"qcow2:{img}", writable=True) as chain:
         chain.write(0, b"\1" * 4096)
     h = header_of(img)
     first = img.read_bytes()[h.l1_table_offset : h.l1_table_offset + 8]
@@ -227,7 +242,7 @@ def test_zstd_without_the_package(tmp_path: Path) -> None:
     except ImportError:
         refuse(img, UnsupportedImage, "zstandard")
     else:
-        with Chain.open(str(img)) as chain:
+        with Chain.open(f"qcow2:{img}") as chain:
             assert chain.read(0, chain.sectors) == src.read_bytes()
 
 
@@ -237,3 +252,46 @@ def test_qemu_snapshot_check_agrees(tmp_path: Path) -> None:
     qemu_io(img, "write -P 1 0 1M")
     qemu_img("snapshot", "-c", "s1", img)
     assert check(str(img)).exit_code == qemu_check(img)[0] == 0
+
+
+def test_probed_qcow2_does_not_follow_its_backing_file(tmp_path: Path) -> None:
+    """A raw disk whose guest wrote a qcow2 header naming a host file: opened by a plain
+    path (probed), the backing file is not opened; naming the format opens it."""
+    secret = tmp_path / "host-secret.raw"
+    secret.write_bytes(b"secret" * 1000)
+    disk = tmp_path / "guest-disk"
+    create(str(disk), MiB, backing_file=str(secret), backing_fmt="raw")
+    with pytest.raises(ProbedParent, match="qcow2:"):
+        Chain.open(str(disk))
+    code, out, err = run_blktap("info", disk)
+    assert code == errno.EPERM and "backing" in err
+    with Chain.open(f"qcow2:{disk}") as chain:
+        assert len(chain) == 2
+
+
+def test_backing_file_of_unnamed_format_names_no_parents(tmp_path: Path) -> None:
+    """A backing file whose child names no format is probed, as qemu does, and so is not
+    trusted to name parents of its own."""
+    (tmp_path / "far.raw").write_bytes(bytes(MiB))
+    mid = tmp_path / "mid.qcow2"
+    create(str(mid), MiB, backing_file="far.raw", backing_fmt="raw")
+    top = tmp_path / "top.qcow2"
+    create(str(top), MiB, backing_file="mid.qcow2")
+    with pytest.raises(ProbedParent):
+        Chain.open(f"qcow2:{top}")
+    plain = tmp_path / "plain.qcow2"
+    create(str(plain), MiB)
+    top2 = tmp_path / "top2.qcow2"
+    create(str(top2), MiB, backing_file="plain.qcow2")
+    with Chain.open(f"qcow2:{top2}") as chain:
+        assert len(chain) == 2
+
+
+def test_backing_file_outside_the_parent_dirs(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (tmp_path / "outside.raw").write_bytes(bytes(MiB))
+    top = allowed / "top.qcow2"
+    create(str(top), MiB, backing_file="../outside.raw", backing_fmt="raw")
+    with pytest.raises(ParentNotAllowed):
+        Chain.open(f"qcow2:{top}", parent_policy=ParentPolicy.confined_to([str(allowed)]))

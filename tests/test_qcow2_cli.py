@@ -39,7 +39,7 @@ def test_create_with_backing_and_info(tmp_path: Path) -> None:
     top = tmp_path / "top.qcow2"
     code, _, err = blktap("create", top, "1M", "-o", "backing_file=base.raw,backing_fmt=raw")
     assert code == 0, err
-    code, out, _ = blktap("info", "--json", top)
+    code, out, _ = blktap("info", "--json", f"qcow2:{top}")
     info = json.loads(out)
     assert info["format"] == "qcow2" and info["chain_depth"] == 2
     assert info["chain"][0]["backing_file"] == "base.raw"

@@ -49,7 +49,7 @@ def apply(shadow: bytearray, op: Op, below: bytes) -> None:
 
 def run_ops(path: str, ops: list[Op], done: list[int]) -> Callable[[], None]:
     def body() -> None:
-        chain = Chain.open(path, writable=True)
+        chain = Chain.open(f"qcow2:{path}", writable=True)
         for op in ops:
             kind, sector, n, fill = op
             if kind == "write":
@@ -93,7 +93,7 @@ def test_killed_writer_leaves_no_corruption(tmp_path: Path, layout: dict) -> Non
         assert check(str(img)).exit_code == code, n
         completed = len(done)
         expect = bytearray(below)
-        with Chain.open(str(img)) as chain:
+        with Chain.open(f"qcow2:{img}") as chain:
             got = chain.read(0, chain.sectors)
         for op in ops[:completed]:
             kind, sector, count, _ = op

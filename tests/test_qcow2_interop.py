@@ -64,7 +64,7 @@ def test_qemu_reads_what_we_write(tmp_path: Path, layout: dict) -> None:
     create(str(img), size, **layout)
     shadow = bytearray(size)
     rng = random.Random(layout["cluster_size"] + len(layout))
-    with Chain.open(str(img), writable=True) as chain:
+    with Chain.open(f"qcow2:{img}", writable=True) as chain:
         random_ops(chain, shadow, rng, 80)
         assert chain.read(0, chain.sectors) == shadow
     code, info = qemu_check(img)
@@ -93,7 +93,7 @@ def test_compressed_clusters(tmp_path: Path, cluster_size: int) -> None:
     assert our_raw(img) == data
     # Writes into compressed clusters copy them out; qemu agrees afterwards.
     shadow = bytearray(data)
-    with Chain.open(str(img), writable=True) as chain:
+    with Chain.open(f"qcow2:{img}", writable=True) as chain:
         random_ops(chain, shadow, random.Random(7), 40, max_sectors=40)
     assert qemu_check(img)[0] == 0
     assert qemu_raw(img, tmp_path) == shadow
@@ -118,7 +118,7 @@ def test_internal_snapshots_listed_and_readable(tmp_path: Path) -> None:
         assert q.read(0, q.sectors) == expect
     assert our_raw(img) == bytes(4 * MiB)
     # Writing to an image with snapshots keeps them intact (shared clusters are copied).
-    with Chain.open(str(img), writable=True) as chain:
+    with Chain.open(f"qcow2:{img}", writable=True) as chain:
         chain.write(0, b"\3" * 4096)
     assert qemu_check(img)[0] == 0
     with Qcow2Image.open(str(img), snapshot="second") as q:
@@ -157,11 +157,11 @@ def test_backing_chains_mixed_formats(tmp_path: Path, depth: int) -> None:
         layers.append((_make_layer(tmp_path, i, "qcow2", layers[-1], size), "qcow2"))
     leaf = layers[-1][0]
     assert our_raw(leaf) == qemu_raw(leaf, tmp_path)
-    with Chain.open(str(leaf)) as chain:
+    with Chain.open(f"qcow2:{leaf}") as chain:
         assert len(chain) == depth + 1
     # Writes into the leaf copy up from the chain; qemu reads the same.
     shadow = bytearray(qemu_raw(leaf, tmp_path))
-    with Chain.open(str(leaf), writable=True) as chain:
+    with Chain.open(f"qcow2:{leaf}", writable=True) as chain:
         random_ops(chain, shadow, random.Random(depth), 50)
     assert qemu_check(leaf)[0] == 0
     assert qemu_raw(leaf, tmp_path) == shadow
@@ -175,7 +175,7 @@ def test_our_overlay_on_qemu_base(tmp_path: Path) -> None:
     create(str(top), 3 * MiB, backing_file="base.qcow2", backing_fmt="qcow2",
            cluster_size=65536)
     shadow = bytearray(b"\7" * 3 * MiB)
-    with Chain.open(str(top), writable=True) as chain:
+    with Chain.open(f"qcow2:{top}", writable=True) as chain:
         random_ops(chain, shadow, random.Random(3), 60)
     info = qemu_img("info", "--output=json", top)
     assert '"backing-filename-format": "qcow2"' in info
@@ -200,7 +200,7 @@ def test_create_options_qemu_accepts(tmp_path: Path, prealloc: str, compat: str)
     expect = bytearray(5 * MiB + 512)
     expect[MiB : MiB + 65536] = b"\x09" * 65536
     assert our_raw(img) == expect
-    with Chain.open(str(img), writable=True) as chain:
+    with Chain.open(f"qcow2:{img}", writable=True) as chain:
         chain.write(8, b"\5" * 512)
     expect[4096:4608] = b"\5" * 512
     assert qemu_check(img)[0] == 0
@@ -212,7 +212,7 @@ def test_refcount_widths(tmp_path: Path, refcount_bits: int) -> None:
     img = tmp_path / "r.qcow2"
     create(str(img), 4 * MiB, refcount_bits=refcount_bits, cluster_size=512)
     shadow = bytearray(4 * MiB)
-    with Chain.open(str(img), writable=True) as chain:
+    with Chain.open(f"qcow2:{img}", writable=True) as chain:
         random_ops(chain, shadow, random.Random(refcount_bits), 60)
     assert qemu_check(img)[0] == 0
     assert qemu_raw(img, tmp_path) == shadow
@@ -228,7 +228,7 @@ def test_refcount_table_grows(tmp_path: Path) -> None:
     img = tmp_path / "g.qcow2"
     create(str(img), 4 * MiB, refcount_bits=64, cluster_size=512)
     data = os.urandom(3 * MiB)
-    with Chain.open(str(img), writable=True) as chain:
+    with Chain.open(f"qcow2:{img}", writable=True) as chain:
         chain.write(0, data)
         chain.write(7000, data[:4096])
     with Qcow2Image.open(str(img)) as q:

@@ -52,7 +52,7 @@ def test_random_operations_match_a_shadow(layout: dict, backing: bool,
             base.write_bytes(shadow)
             kw.update(backing_file="base.raw", backing_fmt="raw")
         create(str(img), SIZE, **kw)
-        chain = Chain.open(str(img), writable=True)
+        chain = Chain.open(f"qcow2:{img}", writable=True)
         try:
             for kind, a, b, seed in program:
                 if kind == "pwrite":
@@ -62,7 +62,7 @@ def test_random_operations_match_a_shadow(layout: dict, backing: bool,
                     shadow[a : a + length] = data
                 elif kind == "reopen":
                     chain.close()
-                    chain = Chain.open(str(img), writable=True)
+                    chain = Chain.open(f"qcow2:{img}", writable=True)
                 else:
                     n = min(b, SECTORS - a)
                     lo, hi = a * 512, (a + n) * 512

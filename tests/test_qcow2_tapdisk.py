@@ -107,7 +107,7 @@ def test_block_status_and_side_doors() -> None:
     img = folder / "s.qcow2"
     try:
         create(str(img), SIZE)
-        with Chain.open(str(img), writable=True) as chain:
+        with Chain.open(f"qcow2:{img}", writable=True) as chain:
             chain.write(0, b"\1" * 65536)
             chain.leaf.write_zeroes(2 * MiB // 512, 128)
 
