@@ -102,6 +102,7 @@ class Qcow2Image:
         self._l2_cache: OrderedDict[int, array.array] = OrderedDict()
         self._inflated: tuple[int, bytes] | None = None
         self._dirty = False
+        self._cleared_autoclear = False
         self._closed = False
 
     # ----------------------------------------------------------------- opening
@@ -580,13 +581,32 @@ class Qcow2Image:
         self._check_range(sector, len(view))
         cs = self.cluster_size
         pos, end = sector * SECTOR_SIZE, sector * SECTOR_SIZE + len(view)
-        self._dirty = True
+        self._changing()
         while pos < end:
             cluster, within = divmod(pos, cs)
             n = min(cs - within, end - pos)
             done = pos - sector * SECTOR_SIZE
             self._write_cluster(cluster, within, view[done : done + n])
             pos += n
+
+    def _changing(self) -> None:
+        """Before the first change: clear the autoclear bits of what we do not keep up to
+        date (qemu's rule for programs that do not know a feature). Persistent bitmaps
+        do not record our writes, so their bit goes: qemu then treats them as
+        inconsistent, as after any program without bitmap support, instead of trusting
+        bitmaps that missed changes."""
+        self._dirty = True
+        if self._cleared_autoclear:
+            return
+        self._cleared_autoclear = True
+        h = self.header
+        if h.version < 3:
+            return
+        keep = h.autoclear_features & s.AUTOCLEAR_DATA_FILE_RAW
+        if keep != h.autoclear_features:
+            pwrite_all(self.fd, keep.to_bytes(8, "big"), s.OFF_AUTOCLEAR)
+            os.fsync(self.fd)
+            h.autoclear_features = keep
 
     def _l2_for_write(self, cluster: int) -> tuple[array.array, int, int]:
         """The L2 table for ``cluster`` owned by this image alone (made or copied as
@@ -782,7 +802,7 @@ class Qcow2Image:
         tail = max(head, end // cs * cs)
         if self.backing_file is not None and self.version < 3:
             head = tail = end
-        self._dirty = True
+        self._changing()
         for a, b in ((pos, head), (tail, end)):
             while a < b:
                 n = min(b - a, 1 << 20)
@@ -802,7 +822,7 @@ class Qcow2Image:
         use_zero = zero and self.version >= 3
         if zero and not use_zero and not exact:
             return
-        self._dirty = True
+        self._changing()
         for cluster in range(start, stop):
             l1i = cluster // self.l2_entries
             if not self.l1[l1i] & s.L1_OFFSET_MASK and not use_zero:
