@@ -584,10 +584,52 @@ class Qcow2Image:
         self._changing()
         while pos < end:
             cluster, within = divmod(pos, cs)
-            n = min(cs - within, end - pos)
             done = pos - sector * SECTOR_SIZE
+            if within == 0 and end - pos >= 2 * cs:
+                k = self._write_new_clusters(cluster, view[done : done + (end - pos) // cs * cs])
+                if k:
+                    pos += k * cs
+                    continue
+            n = min(cs - within, end - pos)
             self._write_cluster(cluster, within, view[done : done + n])
             pos += n
+
+    def _write_new_clusters(self, cluster: int, data: memoryview) -> int:
+        """Whole clusters from ``cluster`` that hold nothing in this image (unallocated
+        or zero without a host cluster), up to the end of their L2 table: written as one
+        run of new clusters, with one write each for the data, the refcounts and the L2
+        entries (the same order as one by one). Returns how many (0: not two or more)."""
+        cs = self.cluster_size
+        l1i, l2i = divmod(cluster, self.l2_entries)
+        if l1i >= len(self.l1):
+            return 0
+        w = self.l2_entry_words
+        limit = min(len(data) // cs, self.l2_entries - l2i)
+        table = self.l2_table(l1i)
+        k = 0
+        if table is not None:
+            while k < limit:
+                entry = table[(l2i + k) * w]
+                if entry & ~s.OFLAG_ZERO or (w == 2 and table[(l2i + k) * w + 1]
+                                             & s.SUBCLUSTER_ALLOC_MASK):
+                    break
+                k += 1
+        else:
+            k = limit
+        if k < 2:
+            return 0
+        table, table_off, word = self._l2_for_write(cluster)
+        rc = self.refcounts
+        assert rc is not None
+        new = rc.allocate(k)
+        pwrite_all(self.fd, data[: k * cs], new)
+        rc.update(new >> self.cluster_bits, k, +1)
+        for i in range(k):
+            table[word + i * w] = (new + i * cs) | s.OFLAG_COPIED
+            if w == 2:
+                table[word + i * w + 1] = s.SUBCLUSTER_ALLOC_MASK
+        pwrite_all(self.fd, _be_bytes(table[word : word + k * w]), table_off + word * 8)
+        return k
 
     def _changing(self) -> None:
         """Before the first change: clear the autoclear bits of what we do not keep up to

@@ -254,4 +254,6 @@ class Qcow2Driver(Driver):
 
     async def close(self) -> None:
         self.engine.forget(self.fd)
+        if self.data_fd != self.fd:
+            self.engine.forget(self.data_fd)
         await self.engine.call(self._close_locked)
