@@ -865,11 +865,19 @@ class Qcow2Image:
         if zero and not use_zero and not exact:
             return
         self._changing()
-        for cluster in range(start, stop):
-            l1i = cluster // self.l2_entries
-            if not self.l1[l1i] & s.L1_OFFSET_MASK and not use_zero:
+        # Without a backing file an unallocated cluster reads as zeros already.
+        bare = self.backing_file is None
+        span = self.l2_entries
+        cluster = start
+        while cluster < stop:
+            l1i = cluster // span
+            if not self.l1[l1i] & s.L1_OFFSET_MASK and (bare or not use_zero):
+                cluster = (l1i + 1) * span
                 continue
             entry, bitmap = self._entry(cluster)
+            cluster += 1
+            if bare and not entry and not bitmap & s.SUBCLUSTER_ALLOC_MASK:
+                continue
             if self.extended:
                 target_bitmap = (s.SUBCLUSTER_ALLOC_MASK << 32) if use_zero else 0
                 if entry == 0 and bitmap == target_bitmap:
@@ -878,13 +886,13 @@ class Qcow2Image:
                 target = s.OFLAG_ZERO if use_zero else 0
                 if entry == target:
                     continue
-            table, table_off, word = self._l2_for_write(cluster)
+            table, table_off, word = self._l2_for_write(cluster - 1)
             entry = table[word]
             if self.extended:
                 self._set_l2(table, table_off, word, 0, target_bitmap)
             else:
                 self._set_l2(table, table_off, word, target)
-            if self._inflated is not None and self._inflated[0] == cluster:
+            if self._inflated is not None and self._inflated[0] == cluster - 1:
                 self._inflated = None
             self._release_entry(entry)
 
