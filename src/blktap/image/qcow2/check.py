@@ -300,13 +300,21 @@ def _check(image: Qcow2Image, result: CheckResult, repair: str | None) -> None:
         _rebuild(image, walker, result)
         result.corruptions_fixed = result.corruptions
         result.leaks_fixed = result.leaks
-    elif leaked:
-        rc = image.open_refcounts()
-        for c in leaked:
-            result.messages.append(f"Repairing cluster {c} refcount={stored[c]} "
-                                   f"reference={refs[c]}")
-            rc.set(c, refs[c])
-        result.leaks_fixed = len(leaked)
+    elif leaked or result.corruptions:
+        if leaked:
+            rc = image.open_refcounts()
+            for c in leaked:
+                result.messages.append(f"Repairing cluster {c} refcount={stored[c]} "
+                                       f"reference={refs[c]}")
+                rc.set(c, refs[c])
+                stored[c] = refs[c]
+            result.leaks_fixed = len(leaked)
+        # As qemu with -r leaks: a missing COPIED flag on a cluster counted once is set
+        # (the safe direction; a flag set on a shared cluster needs -r all).
+        result.corruptions_fixed = _set_missing_copied(image, walker, stored, result)
+        if not result.leaks_fixed and not result.corruptions_fixed:
+            _fill_summary(image, result, refs)
+            return
     else:
         _fill_summary(image, result, refs)
         return
@@ -344,6 +352,31 @@ def _check_copied(image: Qcow2Image, walker: _Walker, stored: list[int],
             result.corruptions += 1
             result.messages.append(f"ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} "
                                    f"refcount={rc}")
+
+
+def _set_missing_copied(image: Qcow2Image, walker: _Walker, stored: list[int],
+                        result: CheckResult) -> int:
+    fixed = 0
+
+    def count(offset: int) -> int:
+        c = offset >> image.cluster_bits
+        return stored[c] if c < len(stored) else 0
+
+    for i, entry in walker.l1_flags:
+        if not entry & s.OFLAG_COPIED and count(entry & s.L1_OFFSET_MASK) == 1:
+            pwrite_all(image.fd, (entry | s.OFLAG_COPIED).to_bytes(8, "big"),
+                       image.header.l1_table_offset + i * 8)
+            result.messages.append(f"Repairing OFLAG_COPIED L2 cluster: l1_index={i} "
+                                   f"l1_entry={entry:x} refcount=1")
+            fixed += 1
+    for entry, table_off, word in walker.l2_flags:
+        if not entry & s.OFLAG_COPIED and count(entry & s.L2_OFFSET_MASK) == 1:
+            pwrite_all(image.fd, (entry | s.OFLAG_COPIED).to_bytes(8, "big"),
+                       table_off + word * 8)
+            result.messages.append(f"Repairing OFLAG_COPIED data cluster: l2_entry={entry:x} "
+                                   f"refcount=1")
+            fixed += 1
+    return fixed
 
 
 def _fill_summary(image: Qcow2Image, result: CheckResult, refs: array.array) -> None:
