@@ -32,6 +32,7 @@ from blktap.image.vhd import check as vhd_check
 from blktap.image.vhd import repair as repair_mod
 from blktap.image.vhd.repair import repair
 from conftest import run, tool
+from faults import count_mutations, crash_after
 
 MB = 1 << 20
 SIZE = 16 * MB
@@ -390,3 +391,44 @@ def test_random_metadata_damage(folder: Path, images: Pristine, target: str,
     assert _last_block_end(path) + 512 <= after
     assert size <= after <= size + BLOCK + 512  # no block cut, at most one grown
     assert content(path) == before_content
+
+
+@pytest.mark.parametrize("name", ["data.vhd", "snap2.vhd", "prealloc.vhd", "resized.vhd",
+                                  "fixed.vhd"])
+def test_reference_images_repaired_to_the_same_bytes(ref_copy: Path, name: str) -> None:
+    """The compat promise: on what the reference repairs well (a healthy image, a writer
+    killed while appending, a damaged footer at the end) the result is byte for byte the
+    image the reference's tools made."""
+    path = str(ref_copy / name)
+    pristine = Path(path).read_bytes()
+    damages: list[Callable[[str], None]] = [lambda p: None]
+    if name != "fixed.vhd":  # a fixed disk has no copy of its footer to repair from
+        damages += [_primary_checksum, _writer_crash]
+    for damage in damages:
+        restore(path, pristine)
+        damage(path)
+        proc = vu("repair", "-n", path)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", ""), damage
+        assert Path(path).read_bytes() == pristine, damage
+
+
+def test_growth_crash_safety(folder: Path) -> None:
+    """Killed at any write while growing the last block's tail: the file is as it was (the
+    copy at 0 is rewritten with the same bytes) or repaired, and a second repair finishes
+    the job."""
+    path = str(folder / "base.vhd")
+    _write(path, [(14 * MB, b"x" * 65536)])
+    before = content(path)
+    _sparse_writer_crash(path, 65536)
+    damaged = Path(path).read_bytes()
+    total = count_mutations(lambda: repair(path))
+    assert total == 2  # the copy at 0, the footer at the end (which grows the file)
+    for n in range(total + 1):
+        restore(path, damaged)
+        finished = crash_after(lambda: repair(path), n)
+        if finished:
+            assert vhd_check.check_image(path).ok
+        else:
+            assert Path(path).read_bytes() == damaged, n
+        repair(path)
+        assert vhd_check.check_image(path).ok and content(path) == before, n
