@@ -457,3 +457,23 @@ def test_child_whose_parent_is_missing_is_refused(folder: Path) -> None:
     os.rename(folder / "elsewhere.vhd", folder / "base.vhd")
     assert vu("repair", "-n", path).returncode == 0
     assert vu("check", "-n", path).returncode == 0
+
+
+def test_header_over_the_footer_copy_is_refused(folder: Path) -> None:
+    """A header that starts inside the first sector: the copy at 0 would overwrite it."""
+    path = str(folder / "base.vhd")
+    header = c.read_header(path)
+    foot = c.read_footer(path)
+    foot.data_offset = 256
+    raw = header.sealed().pack()
+    with open(path, "r+b") as f:  # the header at 256, the footer copies pointing there
+        f.seek(256)
+        f.write(raw)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size - 512)
+        f.write(foot.sealed().pack())
+    before = file_digest(path)
+    proc = vu("repair", "-n", path)
+    assert (proc.returncode, proc.stdout) == (errno.EINVAL, "error writing footer: -22\n")
+    assert "overlaps the footer copy at 0" in proc.stderr and file_digest(path) == before

@@ -88,6 +88,11 @@ def _plan(image: VhdImage) -> _Plan:
         end = image.file_size - s.FOOTER_SIZE
     else:
         end = image.end_of_data()
+    if footer.is_dynamic and footer.data_offset < s.FOOTER_SIZE:
+        # The copy at 0 would be written over the header the plan's image was read with.
+        raise FormatError(f"{image.path}: cannot repair: the header (footer data offset "
+                          f"{footer.data_offset}) overlaps the footer copy at 0; nothing "
+                          f"written")
     plan = _Plan(footer, end, end + s.FOOTER_SIZE)
     verdict = vhd_check.check_planned(
         vhd_check.Planned(image, footer.pack(), plan.size))
