@@ -30,6 +30,7 @@ from blktap.image import Chain
 from blktap.image.vhd import VhdImage, create, snapshot
 from blktap.image.vhd import check as vhd_check
 from blktap.image.vhd import repair as repair_mod
+from blktap.image.vhd import structs as s
 from blktap.image.vhd.repair import repair
 from conftest import run, tool
 from faults import count_mutations, crash_after
@@ -82,14 +83,14 @@ class Pristine(dict):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Pristine:
     """A dynamic base with data in blocks 0, 2 and 3 (block 3 full, so its batmap bit is
-    set), and a differencing child with data in blocks 0 and 4."""
+    set), and a differencing child with data in blocks 0, 4 and 5 (full)."""
     root = tmp_path_factory.mktemp("repair-safety")
     base = str(root / "base.vhd")
     create(base, SIZE)
     _write(base, [(0, b"a" * 8192), (5 * MB, b"b" * 4096), (6 * MB, b"f" * (2 * MB))])
     child = str(root / "child.vhd")
     snapshot(child, base)
-    _write(child, [(4096, b"c" * 1024), (9 * MB, b"d" * 4096)])
+    _write(child, [(4096, b"c" * 1024), (9 * MB, b"d" * 4096), (10 * MB, b"g" * (2 * MB))])
     return Pristine({"base.vhd": Path(base).read_bytes(),
                      "child.vhd": Path(child).read_bytes()})
 
@@ -183,6 +184,20 @@ def _primary_and_table(p: str) -> None:
     _primary_checksum(p)
 
 
+def _batmap_over_bat(p: str) -> None:
+    """The batmap's offset pointed at the BAT (its checksum then fails): rebuilding that
+    "batmap" would zero the BAT."""
+    off, bh, _ = c.read_batmap(p)
+    bh.batmap_offset = c.read_header(p).table_offset
+    c._pwrite(p, bh.pack(), off)
+
+
+def _batmap_over_block(p: str) -> None:
+    off, bh, _ = c.read_batmap(p)
+    bh.batmap_offset = c.allocated(p)[-1][1] * 512 + 4096
+    c._pwrite(p, bh.pack(), off)
+
+
 REFUSED: dict[str, Callable[[str], None]] = {
     "table offset 0": _table_offset_zero,
     "table offset past EOF": c.damage_table_offset,
@@ -200,8 +215,9 @@ REFUSED: dict[str, Callable[[str], None]] = {
     "truncated": c.truncate,
     "truncated in the last block": _truncated_in_last_block,
     "truncated through two blocks": _truncated_two_blocks,
-    "batmap checksum": c.damage_batmap_checksum,
     "batmap offset": c.damage_batmap_offset,
+    "batmap over the BAT": _batmap_over_bat,
+    "batmap over a block": _batmap_over_block,
     "header checksum": c.damage_header_checksum,
     "block size": c.damage_block_size,
     "primary footer and table offset": _primary_and_table,
@@ -240,7 +256,6 @@ def test_refused_mutants_are_left_untouched(folder: Path, target: str, mutant: s
     ("overlapping blocks", "clobbers block"),
     ("block over the BAT", "clobbers headers"),
     ("geometry too large", "geometry too large"),
-    ("batmap checksum", "end of metadata"),
     ("BAT entry past EOF", "BAT entry of block"),
     ("BAT entry far past EOF", "BAT entry of block"),
     ("truncated in the last block", "written sectors past the end"),
@@ -254,11 +269,24 @@ def test_refusal_names_the_fault(folder: Path, mutant: str, field: str) -> None:
     assert field in proc.stderr, proc.stderr
 
 
+def _reference_marker_bug(p: str) -> None:
+    """What the reference's ``set -f marker -v 1`` does: 1024 bytes over the batmap
+    header, the second 512 of them zeroing the map's first sector, its checksum stale."""
+    off, bh, data = c.read_batmap(p)
+    assert bh.batmap_offset == off + 512 and any(data[:512])
+    bh.marker = 1
+    c._pwrite(p, bh.pack() + bytes(512), off)
+
+
 REPAIRED: dict[str, Callable[[str], None]] = {
     "primary footer damaged, backup good": _primary_checksum,
     "backup damaged, primary good": _backup_garbage,
     "footers differ": _backup_differs,
     "writer killed while appending": _writer_crash,
+    "batmap checksum": c.damage_batmap_checksum,
+    "batmap and primary footer": lambda p: (c.damage_batmap_checksum(p),
+                                            _primary_checksum(p)),
+    "reference's set -f marker": _reference_marker_bug,
 }
 
 
@@ -274,6 +302,28 @@ def test_repairable_mutants_are_repaired(folder: Path, target: str, mutant: str)
     assert vu("check", "-n", path).stdout == f"{path} is valid\n"
     assert os.path.getsize(path) == size
     assert content(path) == before
+
+
+def test_batmap_rebuilt_keeps_marker_and_crash_safety(folder: Path) -> None:
+    """A batmap failing its checksum is replaced by an empty one (the marker and key hash
+    kept) before the footers are written; killed at any write, the disk reads the same
+    and a second repair finishes the job."""
+    path = str(folder / "child.vhd")
+    before = content(path)
+    _reference_marker_bug(path)
+    _primary_checksum(path)
+    damaged = Path(path).read_bytes()
+    total = count_mutations(lambda: repair(path))
+    assert total == 3  # the batmap (header and map in one write), the copy at 0, the end
+    for n in range(total + 1):
+        restore(path, damaged)
+        crash_after(lambda: repair(path), n)
+        assert content(path) == before, n
+        repair(path)
+        assert vhd_check.check_image(path).ok and content(path) == before, n
+    assert vu("query", "-n", path, "-m").stdout == "marker: 1\n"
+    _, bh, data = c.read_batmap(path)
+    assert not any(data) and bh.checksum == s.batmap_checksum(data, SIZE)
 
 
 def _sparse_writer_crash(path: str, keep: int) -> int:
@@ -390,9 +440,24 @@ def test_random_metadata_damage(folder: Path, images: Pristine, target: str,
     assert vhd_check.check_image(path).ok
     assert _last_block_end(path) + 512 <= after
     assert size <= after <= size + BLOCK + 512  # no block cut, at most one grown
-    # repair wrote the footers and nothing else
-    repaired = Path(path).read_bytes()
-    assert repaired[512 : after - 512] == damaged[512 : after - 512].ljust(after - 1024, b"\0")
+    # repair wrote the footers and nothing else, but for a batmap failing its checksum,
+    # which it empties
+    repaired = bytearray(Path(path).read_bytes())
+    expect = bytearray(damaged[: after - 512].ljust(after - 512, b"\0"))
+    try:
+        off, bh, data = c.read_batmap(path)
+    except ValueError:
+        pass
+    else:
+        ranges = ((off, 512), (bh.batmap_offset, len(data)))
+        if any(repaired[a : a + n] != expect[a : a + n] for a, n in ranges):
+            event("batmap rebuilt")
+            assert not any(data)
+            assert bh.checksum == s.batmap_checksum(data, c.read_footer(path).curr_size,
+                                                    bh.batmap_version)
+            for a, n in ranges:
+                repaired[a : a + n] = expect[a : a + n] = bytes(n)
+    assert repaired[512 : after - 512] == expect[512:]
     try:
         assert content(path) == before_content
     except EncryptionError:

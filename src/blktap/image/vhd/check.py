@@ -70,12 +70,15 @@ class _Fail(Exception):
 class Planned:
     """A change not made yet, to be checked as if it were: the file cut or grown to
     ``size`` bytes, ``footer`` (packed) written at its end and, for a dynamic disk, at
-    offset 0. ``image`` is the image opened on the file as it is now, with the footer the
-    plan writes (its header, BAT and batmap are read from the file)."""
+    offset 0, and ``writes`` ((offset, bytes), e.g. a new batmap) made. ``image`` is the
+    image opened on the file, holding what the plan leaves in memory: the footer it
+    writes, and its header, BAT and batmap as they will be (the checker takes those from
+    ``image``, the rest through the view: ``writes`` must keep to the batmap)."""
 
     image: VhdImage
     footer: bytes
     size: int
+    writes: tuple[tuple[int, bytes], ...] = ()
 
 
 class _View:
@@ -88,6 +91,7 @@ class _View:
             self.size = os.lseek(fd, 0, os.SEEK_END)
             return
         self.size = plan.size
+        self.patches.extend(plan.writes)
         self.patches.append((plan.size - s.FOOTER_SIZE, plan.footer))
         if s.Footer.unpack(plan.footer).is_dynamic:
             self.patches.append((0, plan.footer))

@@ -20,7 +20,9 @@ plan first and write only what we can prove:
   holds no data the block claims (its bitmap in the file, no bit set past the end: what a
   writer that appends a block in pieces leaves when killed), plus the footer;
 - the file is cut only after the last block in use and the metadata (bytes no BAT entry
-  references: what a killed writer leaked).
+  references: what a killed writer leaked);
+- a batmap that fails its checksum is replaced by an empty one (it is a hint that blocks
+  are full; an empty one is always true), written before the footers.
 
 Anything else is refused, with the reason, before the first write. After writing, the
 image is checked again; should that fail (another process changed it meanwhile), the bytes
@@ -38,6 +40,7 @@ from blktap.errors import FormatError
 from blktap.image.fileio import is_regular, pwrite_all
 from blktap.image.vhd import bitmap as bm
 from blktap.image.vhd import check as vhd_check
+from blktap.image.vhd import locators
 from blktap.image.vhd import structs as s
 from blktap.image.vhd import validate as v
 from blktap.image.vhd.image import VhdImage
@@ -57,6 +60,7 @@ class _Plan:
     footer: s.Footer  # sealed
     end: int  # where the footer at the end goes
     size: int  # the file's size afterwards
+    batmap: tuple[tuple[int, bytes], ...] = ()  # a rebuilt batmap: (offset, bytes) writes
 
 
 def repair(path: str, *, use_backup: bool = False) -> RepairResult:
@@ -93,9 +97,9 @@ def _plan(image: VhdImage) -> _Plan:
         raise FormatError(f"{image.path}: cannot repair: the header (footer data offset "
                           f"{footer.data_offset}) overlaps the footer copy at 0; nothing "
                           f"written")
-    plan = _Plan(footer, end, end + s.FOOTER_SIZE)
+    plan = _Plan(footer, end, end + s.FOOTER_SIZE, _rebuilt_batmap(image, footer))
     verdict = vhd_check.check_planned(
-        vhd_check.Planned(image, footer.pack(), plan.size))
+        vhd_check.Planned(image, footer.pack(), plan.size, plan.batmap))
     if not verdict.ok:
         reason = verdict.messages[0] if verdict.messages else os.strerror(verdict.errno)
         raise FormatError(f"{image.path}: cannot repair: check would still fail "
@@ -105,6 +109,47 @@ def _plan(image: VhdImage) -> _Plan:
         if problem:
             raise FormatError(f"{image.path}: cannot repair: {problem}; nothing written")
     return plan
+
+
+def _rebuilt_batmap(image: VhdImage, footer: s.Footer) -> tuple[tuple[int, bytes], ...]:
+    """The writes that replace a batmap failing its checksum with an empty one, or ().
+
+    The batmap only says which blocks are full, so that readers may skip their bitmaps;
+    an empty one is always true and the disk reads the same (readers ignore a batmap
+    whose checksum fails anyway). The reference's ``set -f marker`` leaves such a batmap.
+    The header keeps its marker and key hash. ``image`` is updated to what the plan
+    leaves, for the planned check (``check`` judges the batmap ``image`` holds)."""
+    bhdr = image.batmap_header
+    if bhdr is None or image.batmap is None or image.batmap_valid:
+        return ()
+    if not _batmap_apart(image):
+        return ()  # the planned check refuses it: never write a map over other things
+    empty = bytearray(len(image.batmap))
+    new = replace(bhdr, checksum=s.batmap_checksum(empty, footer.curr_size,
+                                                   bhdr.batmap_version))
+    image.batmap_header, image.batmap, image.batmap_valid = new, empty, True
+    hdr_off = image.batmap_header_offset()
+    if bhdr.batmap_offset == hdr_off + s.BATMAP_HEADER_SIZE:
+        return ((hdr_off, new.pack() + bytes(empty)),)  # one write: never torn apart
+    return ((bhdr.batmap_offset, bytes(empty)), (hdr_off, new.pack()))
+
+
+def _batmap_apart(image: VhdImage) -> bool:
+    """Whether the batmap's map lies after its header and apart from every other
+    structure and block (a damaged offset could point it at the BAT or at data)."""
+    bhdr, header = image.batmap_header, image.header
+    assert bhdr is not None and header is not None
+    start = bhdr.batmap_offset
+    end = start + bhdr.batmap_size * s.SECTOR_SIZE
+    if start < image.batmap_header_offset() + s.BATMAP_HEADER_SIZE:
+        return False  # before its header: over the footer copy, the header or the BAT
+    taken = [(image.footer.data_offset, image.footer.data_offset + s.HEADER_SIZE)]
+    taken += [(loc.data_offset, loc.data_offset + locators.reserved_size(loc))
+              for loc in header.loc if loc.code != s.PLAT_CODE_NONE]
+    block_bytes = (image.bitmap_secs + image.spb) * s.SECTOR_SIZE
+    taken += [(image.bat[blk] * s.SECTOR_SIZE, image.bat[blk] * s.SECTOR_SIZE + block_bytes)
+              for blk in image.allocated_block_numbers()]
+    return all(hi <= start or lo >= end for lo, hi in taken)
 
 
 def _data_end(image: VhdImage) -> int:
@@ -164,10 +209,12 @@ def _carry_out(image: VhdImage, plan: _Plan) -> RepairResult:
     fd = image.fd
     size = image.file_size
     raw = plan.footer.pack()
-    saved = _Saved(fd, size, plan.end)
+    saved = _Saved(fd, size, plan.end, plan.batmap)
     trimmed = max(0, size - plan.size) if not image.on_device else 0
     grown = max(0, plan.size - size) if not image.on_device else 0
     try:
+        for offset, data in plan.batmap:
+            pwrite_all(fd, data, offset)
         if plan.footer.is_dynamic:
             pwrite_all(fd, raw, 0)
         pwrite_all(fd, raw, plan.end)
@@ -194,8 +241,10 @@ class _Saved:
     Bytes it cuts are not kept: no metadata and no block in use lies there, so the
     restored image is the same to every reader (the cut range reads zeros)."""
 
-    def __init__(self, fd: int, size: int, end: int) -> None:
+    def __init__(self, fd: int, size: int, end: int,
+                 writes: tuple[tuple[int, bytes], ...]) -> None:
         self.fd = fd
+        self.writes = [(off, os.pread(fd, len(data), off)) for off, data in writes]
         self.size = size
         self.regular = is_regular(fd)
         self.head = os.pread(fd, s.FOOTER_SIZE, 0)
@@ -210,6 +259,8 @@ class _Saved:
         pwrite_all(self.fd, self.at_end, self.end)
         pwrite_all(self.fd, self.tail, self.tail_at)
         pwrite_all(self.fd, self.head, 0)
+        for offset, data in reversed(self.writes):
+            pwrite_all(self.fd, data, offset)
         os.fsync(self.fd)
 
 
