@@ -7,7 +7,8 @@ and the file byte-identical). Before the fix, repair exited 0 on most of the ref
 classes, leaving the image invalid, grown to a terabyte, or cut through blocks in use.
 A property test mutates random bytes of the metadata and holds repair to: exit 0 implies
 ``check`` passes and the content is unchanged; the file never shrinks below a block in
-use nor grows by more than a block and a footer; a refusal changes nothing.
+use nor grows by more than a block and a footer; nothing but the footers (and a batmap
+failing its checksum, emptied) changes; a refusal changes nothing.
 """
 
 from __future__ import annotations

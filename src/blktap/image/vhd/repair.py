@@ -67,12 +67,12 @@ def repair(path: str, *, use_backup: bool = False) -> RepairResult:
     """Rewrite both footers of ``path`` from the one that is still good.
 
     Raises :class:`FormatError` (EINVAL), having written nothing, when the result would
-    not pass ``check`` or repairing would lose or invent data. Order of the writes: the
-    copy at 0 first (from then on readers and ``check -i`` accept the image), then the
-    footer at the end of the data, then the file is cut after it. Every step leaves an
-    image at least as readable as before, with the same content. An image disabled by an
-    interrupted resize (a ``v_poison`` cookie in either copy) is refused: its journal must
-    be reverted first, and a repaired footer would hide that.
+    not pass ``check`` or repairing would lose or invent data. Order of the writes: a
+    rebuilt batmap, the copy at 0 (from then on readers and ``check -i`` accept the
+    image), then the footer at the end of the data, then the file is cut after it. Every
+    step leaves an image at least as readable as before, with the same content. An image
+    disabled by an interrupted resize (a ``v_poison`` cookie in either copy) is refused:
+    its journal must be reverted first, and a repaired footer would hide that.
     """
     image = VhdImage.open(path, writable=True, footer="backup" if use_backup else "auto",
                           allow_disabled=True, validate_bat=False)
