@@ -1,4 +1,10 @@
-"""vhd-util repair: rewrite both footers from the good one (-b: from the copy at 0)."""
+"""vhd-util repair: rewrite both footers from the good one (-b: from the copy at 0).
+
+The reference's lines and exit codes: ``error opening NAME: -ERRNO`` when the image does
+not open (alone, as every command's open error), ``error writing footer: -ERRNO`` when
+repairing fails, followed by one line on stderr with the reason. We refuse (``error
+writing footer: -22``, nothing written) an image the repair would leave failing ``check``
+or would lose data in (see image/vhd/repair.py)."""
 
 from __future__ import annotations
 

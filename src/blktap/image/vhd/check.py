@@ -67,9 +67,53 @@ class _Fail(Exception):
         self.dump = dump
 
 
-def _read(fd: int, length: int, offset: int, what: str) -> bytes:
+@dataclass(frozen=True)
+class Planned:
+    """A change not made yet, to be checked as if it were: the file cut or grown to
+    ``size`` bytes, ``footer`` (packed) written at its end and, for a dynamic disk, at
+    offset 0, and ``writes`` ((offset, bytes), e.g. a new batmap) made. ``image`` is the
+    image opened on the file, holding what the plan leaves in memory: the footer it
+    writes, and its header, BAT and batmap as they will be (the checker takes those from
+    ``image``, the rest through the view: ``writes`` must keep to the batmap)."""
+
+    image: VhdImage
+    footer: bytes
+    size: int
+    writes: tuple[tuple[int, bytes], ...] = ()
+
+
+class _View:
+    """The bytes the checker reads: the file itself, or the file as a plan leaves it."""
+
+    def __init__(self, fd: int, plan: Planned | None) -> None:
+        self.fd = fd
+        self.patches: list[tuple[int, bytes]] = []
+        if plan is None:
+            self.size = os.lseek(fd, 0, os.SEEK_END)
+            return
+        self.size = plan.size
+        self.patches.extend(plan.writes)
+        self.patches.append((plan.size - s.FOOTER_SIZE, plan.footer))
+        if s.Footer.unpack(plan.footer).is_dynamic:
+            self.patches.append((0, plan.footer))
+
+    def pread(self, length: int, offset: int) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        data = os.pread(self.fd, length, offset) if length else b""
+        if not self.patches:
+            return data
+        # A grown file reads zeros where nothing was written yet.
+        buf = bytearray(data.ljust(length, b"\0"))
+        for at, raw in self.patches:
+            lo, hi = max(at, offset), min(at + len(raw), offset + length)
+            if lo < hi:
+                buf[lo - offset : hi - offset] = raw[lo - at : hi - at]
+        return bytes(buf)
+
+
+def _read(view: _View, length: int, offset: int, what: str) -> bytes:
     try:
-        data = os.pread(fd, length, offset)
+        data = view.pread(length, offset)
     except OSError as exc:
         raise _Fail(f"error reading {what}: {-exc.errno}") from None
     if len(data) != length:
@@ -98,25 +142,44 @@ def check_image(path: str, opts: CheckOptions | None = None) -> CheckResult:
         result.messages.append(f"error opening {path}")
         return result
     try:
-        _Checker(path, fd, opts, result).run()
-    except _Fail as fail:
-        result.errno = fail.err
-        if fail.message:
-            result.messages.append(fail.message)
-        result.dump = fail.dump
+        _run(_Checker(path, _View(fd, None), opts, result))
     finally:
         os.close(fd)
     return result
 
 
+def check_planned(plan: Planned, opts: CheckOptions | None = None) -> CheckResult:
+    """What :func:`check_image` would report once ``plan`` is carried out, found without
+    changing the file: how ``repair`` proves its result valid before writing it."""
+    image = plan.image
+    result = CheckResult(image.path)
+    _run(_Checker(image.path, _View(image.fd, plan), opts or CheckOptions(), result,
+                  image=image))
+    return result
+
+
+def _run(checker: _Checker) -> None:
+    result = checker.result
+    try:
+        checker.run()
+    except _Fail as fail:
+        result.errno = fail.err
+        if fail.message:
+            result.messages.append(fail.message)
+        result.dump = fail.dump
+
+
 class _Checker:
-    def __init__(self, path: str, fd: int, opts: CheckOptions, result: CheckResult) -> None:
+    def __init__(self, path: str, view: _View, opts: CheckOptions, result: CheckResult,
+                 image: VhdImage | None = None) -> None:
         self.path = path
-        self.fd = fd
+        self.view = view
+        self.fd = view.fd
         self.opts = opts
         self.result = result
         self.primary_missing = False
-        self.size = os.lseek(fd, 0, os.SEEK_END)
+        self.size = view.size
+        self.image = image  # already open (a plan's), else opened by run()
 
     def run(self) -> None:
         footer = self.check_footer()
@@ -124,10 +187,12 @@ class _Checker:
             self.result.fixed = True
             return
         header = self.check_header(footer)
-        try:
-            image = VhdImage.open(self.path, allow_disabled=True, validate_bat=False)
-        except BlktapError as exc:
-            raise _Fail(None, exc.errno) from None
+        image = self.image
+        if image is None:
+            try:
+                image = VhdImage.open(self.path, allow_disabled=True, validate_bat=False)
+            except BlktapError as exc:
+                raise _Fail(None, exc.errno) from None
         try:
             problem = v.diff_header_problem(footer, header,
                                             check_time=not self.opts.ignore_timestamps)
@@ -139,7 +204,8 @@ class _Checker:
             if footer.type == s.DISK_TYPE_DIFF:
                 self.check_locators(footer, header)
         finally:
-            image.close()
+            if image is not self.image:
+                image.close()
 
     # ------------------------------------------------------------------ footer
     def check_footer(self) -> s.Footer:
@@ -148,7 +214,7 @@ class _Checker:
         length = s.FOOTER_SIZE if eof % s.SECTOR_SIZE == 0 else s.FOOTER_SIZE - 1
         if eof < length:
             raise _Fail(f"error calculating end of file: {-errno.EINVAL}", dump=True)
-        raw = _read(self.fd, length, eof - length, "primary footer").ljust(s.FOOTER_SIZE, b"\0")
+        raw = _read(self.view, length, eof - length, "primary footer").ljust(s.FOOTER_SIZE, b"\0")
         primary = s.Footer.unpack(raw)
         problem = v.footer_problem(primary, raw, check_time=not opts.ignore_timestamps)
         if problem:
@@ -157,7 +223,7 @@ class _Checker:
                 raise _Fail(f"primary footer invalid: {problem}")
         elif primary.type == s.DISK_TYPE_FIXED:
             return primary
-        braw = _read(self.fd, s.FOOTER_SIZE, 0, "backup footer")
+        braw = _read(self.view, s.FOOTER_SIZE, 0, "backup footer")
         backup = s.Footer.unpack(braw)
         problem = v.footer_problem(backup, braw, check_time=not opts.ignore_timestamps)
         if problem:
@@ -174,7 +240,7 @@ class _Checker:
     def check_header(self, footer: s.Footer) -> s.Header:
         if footer.data_offset + s.HEADER_SIZE > self.size:
             raise _Fail(f"error reading header: {-errno.EIO}")
-        raw = _read(self.fd, s.HEADER_SIZE, footer.data_offset, "header")
+        raw = _read(self.view, s.HEADER_SIZE, footer.data_offset, "header")
         header = s.Header.unpack(raw)
         problem = v.header_problem(header, raw, file_size=self.size)
         if problem:
@@ -228,7 +294,7 @@ class _Checker:
     def check_block(self, blk: int, off: int, spb: int, bm_secs: int, image: VhdImage,
                     stats: ImageStats | None) -> None:
         try:
-            bitmap = os.pread(self.fd, image.bitmap_bytes, off * s.SECTOR_SIZE)
+            bitmap = self.view.pread(image.bitmap_bytes, off * s.SECTOR_SIZE)
         except OSError:
             bitmap = b""
         if len(bitmap) != image.bitmap_bytes:
@@ -245,7 +311,7 @@ class _Checker:
             start = (off + bm_secs) * s.SECTOR_SIZE
             limit = max(0, min(spb * s.SECTOR_SIZE, self.size - s.FOOTER_SIZE - start))
             try:
-                data = os.pread(self.fd, limit, start) if limit else b""
+                data = self.view.pread(limit, start) if limit else b""
             except OSError:
                 raise _Fail(f"error reading data block 0x{blk:x}") from None
             bad = False
@@ -299,7 +365,7 @@ class _Checker:
             seen_codes.add(loc.code)
             if loc.code not in (s.PLAT_CODE_MACX, s.PLAT_CODE_W2KU, s.PLAT_CODE_W2RU):
                 continue
-            name = locators.read_name(self.fd, loc)
+            name = locators.read_name(self.fd, loc, pread=self.view.pread)
             if name is None:
                 raise _Fail(f"error reading parent locator {i}: {-errno.EINVAL}")
             base = name.rsplit("/", 1)[-1]
@@ -426,5 +492,5 @@ def _basename(name: str) -> str:
     return name.rsplit("/", 1)[-1]
 
 
-__all__ = ["CheckOptions", "CheckResult", "ChainCheck", "check", "check_image",
-           "stats_lines"]
+__all__ = ["CheckOptions", "CheckResult", "ChainCheck", "Planned", "check", "check_image",
+           "check_planned", "stats_lines"]

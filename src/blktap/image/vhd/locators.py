@@ -9,7 +9,9 @@ and ours resolve any locator both ways.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 from blktap.image.vhd import structs as s
 
@@ -69,17 +71,19 @@ def reserved_size(loc: s.ParentLocator) -> int:
     return 0
 
 
-def read_name(fd: int, loc: s.ParentLocator) -> str | None:
+def read_name(fd: int, loc: s.ParentLocator, *,
+              pread: Callable[[int, int], bytes] | None = None) -> str | None:
     """The path a locator of an open image names, or None when it cannot be read or
     decoded: only MACX, W2KU and W2RU carry paths, the reserved space must be readable,
-    and the name must be ASCII (the reference converts through ASCII)."""
+    and the name must be ASCII (the reference converts through ASCII). ``pread(length,
+    offset)`` reads instead of ``fd`` (the checker reads a file as a plan would leave it)."""
     if loc.code not in (s.PLAT_CODE_MACX, s.PLAT_CODE_W2KU, s.PLAT_CODE_W2RU):
         return None
     size = reserved_size(loc)
     if size == 0 or loc.data_len > size:
         return None
     try:
-        payload = os.pread(fd, size, loc.data_offset)
+        payload = (pread or functools.partial(os.pread, fd))(size, loc.data_offset)
     except OSError:
         return None
     if len(payload) < size:
