@@ -89,6 +89,9 @@ class _Walker:
         self.bits = image.cluster_bits
         self.nb = -(-image.file_size // self.cs)
         self.refs = array.array("Q", bytes(8 * self.nb))
+        # References this far past the end of the file are still counted (a writer
+        # killed after linking a cluster it had not written yet leaves such).
+        self.slack = 1024
         # Active-disk entries to test for COPIED: (kind, index, entry, where).
         self.l1_flags: list[tuple[int, int]] = []
         self.l2_flags: list[tuple[int, int, int]] = []  # (entry, table offset, word)
@@ -102,6 +105,12 @@ class _Walker:
             return
         first = offset >> self.bits
         last = (offset + length - 1) >> self.bits
+        if last >= self.nb + self.slack:
+            # A reference far past the end of the file is damage, not a cluster to count
+            # (counting it would size the reference array by a corrupt number).
+            self.corrupt(f"ERROR cluster {first} is beyond the end of the image "
+                         f"(offset {offset:#x})")
+            return
         if last >= len(self.refs):
             self.refs.extend([0] * (last + 1 - len(self.refs)))
         for c in range(first, last + 1):
@@ -143,7 +152,6 @@ class _Walker:
                 continue
             if off + cs > img.file_size:
                 self.corrupt(f"ERROR l2_offset={off:x}: L2 table lies outside the image")
-                self.inc(off, cs)
                 continue
             self.inc(off, cs)
             if active:
@@ -199,6 +207,9 @@ class _Walker:
         bm = img.bitmaps
         if bm is None or not img.header.autoclear_features & s.AUTOCLEAR_BITMAPS:
             return
+        if bm.directory_offset + bm.directory_size > img.file_size:
+            self.corrupt("ERROR bitmaps: the directory lies outside the image")
+            return
         self.inc(bm.directory_offset, bm.directory_size)
         raw = os.pread(img.fd, bm.directory_size, bm.directory_offset)
         entries = s.unpack_bitmap_directory(raw, bm.nb_bitmaps)
@@ -206,6 +217,9 @@ class _Walker:
             self.corrupt(f"ERROR bitmaps: {entries}")
             return
         for ent in entries:
+            if ent.table_offset + ent.table_size * 8 > img.file_size:
+                self.corrupt(f"ERROR bitmap {ent.name!r}: its table lies outside the image")
+                continue
             self.inc(ent.table_offset, ent.table_size * 8)
             table = self._read_l1(ent.table_offset, ent.table_size)
             for e in table:
