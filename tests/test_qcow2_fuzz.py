@@ -13,6 +13,7 @@ from blktap.errors import BlktapError
 from blktap.image.chain import Chain
 from blktap.image.qcow2.check import check
 from blktap.image.qcow2.create import create
+from qcow2_helpers import qemu_img, qemu_io
 
 MiB = 1 << 20
 
@@ -54,3 +55,47 @@ def test_damaged_metadata_raises_only_blktap_errors(flips: list[tuple[int, int]]
                 chain.leaf.discard(0, 64)
         except BlktapError:
             pass
+
+
+def _qemu_template(folder: Path, options: list[str], extra: str) -> bytes:
+    src = folder / "s.raw"
+    src.write_bytes((b"abc" * 1000 + bytes(range(256)) * 12) * 100)
+    out = folder / "q.qcow2"
+    qemu_img("convert", *options, "-O", "qcow2", "-o", extra, src, out)
+    qemu_img("snapshot", "-c", "s1", out)
+    qemu_io(out, "write -z 0 64k", "write -P 3 100k 20k")
+    return out.read_bytes()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([(("-c",), "cluster_size=16384"),
+                        ((), "cluster_size=16384,extended_l2=on")]),
+       st.lists(st.tuples(st.integers(0, 200_000), st.integers(0, 255)), min_size=1,
+                max_size=10))
+def test_damaged_qemu_images_raise_only_blktap_errors(
+        layout: tuple[tuple[str, ...], str], flips: list[tuple[int, int]]) -> None:
+    """Compressed clusters, extended L2, a snapshot, zero clusters: damage anywhere, then
+    read, check, repair and write."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        raw = bytearray(_qemu_template(folder, list(layout[0]), layout[1]))
+        for pos, value in flips:
+            raw[pos % len(raw)] = value
+        img = folder / "bad.qcow2"
+        img.write_bytes(raw)
+        for step in ("read", "check", "repair", "write"):
+            try:
+                if step == "read":
+                    with Chain.open(f"qcow2:{img}") as chain:
+                        chain.read(0, chain.sectors)
+                elif step == "check":
+                    check(str(img))
+                elif step == "repair":
+                    check(str(img), repair="all")
+                else:
+                    with Chain.open(f"qcow2:{img}", writable=True) as chain:
+                        chain.write(5, b"\x01" * 1024)
+                        chain.leaf.write_zeroes(200, 100)
+            except BlktapError:
+                pass

@@ -100,9 +100,11 @@ class _Walker:
         self.res.corruptions += 1
         self.res.messages.append(msg)
 
-    def inc(self, offset: int, length: int) -> None:
+    def inc(self, offset: int, length: int) -> bool:
+        """Count a reference to the clusters of [offset, offset + length); False when
+        it is not counted."""
         if length <= 0:
-            return
+            return False
         first = offset >> self.bits
         last = (offset + length - 1) >> self.bits
         if last >= self.nb + self.slack:
@@ -110,11 +112,12 @@ class _Walker:
             # (counting it would size the reference array by a corrupt number).
             self.corrupt(f"ERROR cluster {first} is beyond the end of the image "
                          f"(offset {offset:#x})")
-            return
+            return False
         if last >= len(self.refs):
             self.refs.extend([0] * (last + 1 - len(self.refs)))
         for c in range(first, last + 1):
             self.refs[c] += 1
+        return True
 
     def walk(self, *, refcount_structures: bool = True) -> None:
         img, h = self.img, self.img.header
@@ -153,7 +156,8 @@ class _Walker:
             if off + cs > img.file_size:
                 self.corrupt(f"ERROR l2_offset={off:x}: L2 table lies outside the image")
                 continue
-            self.inc(off, cs)
+            if not self.inc(off, cs):
+                continue
             if active:
                 self.l1_flags.append((i, entry))
             raw = os.pread(img.fd, cs, off)
@@ -193,7 +197,8 @@ class _Walker:
                     self.corrupt(f"ERROR offset={doff:x}: Cluster is not properly aligned; "
                                  f"L2 entry corrupted")
                     continue
-                self.inc(doff, cs)
+                if not self.inc(doff, cs):
+                    continue
                 if active:
                     self.l2_flags.append((e, off, k))
                     self.res.allocated_clusters += 1
