@@ -219,6 +219,16 @@ def test_header_and_data_in_one_buffer(rig: Rig, image: Path) -> None:
     rig.ring.publish(head)
     assert rig.ring.wait_used(1) == [(head, 513)]
     assert g.read(tail, 512) == pattern(3, 1024)[:512] and g.mem[tail + 512] == S_OK
+    # the header split over two buffers, the second also holding the start of the data
+    h1, h2 = g.alloc(8, 8), g.alloc(8 + 512)
+    hdr = struct.pack("<IIQ", T_OUT, 0, 41)
+    g.write(h1, hdr[:8])
+    g.write(h2, hdr[8:] + pattern(4, 512))
+    st = g.alloc(1)
+    head = rig.ring.chain([(h1, 8, 0), (h2, 8 + 512, 0), (st, 1, F_WRITE)])
+    rig.ring.publish(head)
+    assert rig.ring.wait_used(1) == [(head, 1)] and g.mem[st] == S_OK
+    assert image.read_bytes()[41 * 512 : 42 * 512] == pattern(4, 512)
 
 
 def test_flush_get_id_unknown(rig: Rig) -> None:
@@ -253,6 +263,9 @@ def test_discard_and_write_zeroes(rig: Rig, image: Path) -> None:
     assert rig.submit(T_WRITE_ZEROES, 0, [(wz, 16, 0)])[0] == S_UNSUPP
     # two ranges for write zeroes (max 1), a range past the end: errors
     assert rig.submit(T_WRITE_ZEROES, 0, [(segs, 32, 0)])[0] == S_IOERR
+    # a huge range buffer is refused for its size, not read
+    big = g.alloc(4 * MiB)
+    assert rig.submit(T_DISCARD, 0, [(big, 4 * MiB, 0)])[0] == S_IOERR
     SEG.pack_into(g.mem, wz, DISK // 512 - 1, 2, 0)
     assert rig.submit(T_DISCARD, 0, [(wz, 16, 0)])[0] == S_IOERR
 

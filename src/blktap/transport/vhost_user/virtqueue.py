@@ -221,6 +221,11 @@ class Virtqueue:
         self.flush()
         return self.last_avail
 
+    def halt(self) -> None:
+        """Stop taking requests at once (the session ends); those in flight go on."""
+        self._drop_kick()
+        self.state = RingState.STOPPED
+
     def _drop_kick(self) -> None:
         if self.kick_fd >= 0:
             self.loop.remove_reader(self.kick_fd)
