@@ -548,6 +548,11 @@ def test_bad_messages_drop_the_front_end(image: Path, guest: Guest) -> None:
     # a queue size that is not a power of 2
     _dropped(image, guest, lambda f, g: f.send(SET_VRING_NUM, STATE.pack(0, 100)))
 
+    # a region larger than its file (touching past the end would kill the process)
+    _dropped(image, guest, lambda f, g: f.send(
+        SET_MEM_TABLE, struct.pack("<II", 1, 0) + REGION.pack(GPA, g.size * 4, UVA, 0),
+        [g.fd]))
+
     def ring_outside(f: Front, g: Guest) -> None:
         f.negotiate()
         f.mem_table(g)

@@ -114,6 +114,7 @@ class Virtqueue:
         self._signal_valid = False
         self._flush_pending = False
         self._more_pending = False
+        self._call_failed = False
         self.tasks: set[asyncio.Task] = set()
         self.inflight: Any = None  # an InflightQueue when the front-end shares one
         self._resubmit: list[int] = []  # heads a previous back-end left in flight
@@ -182,8 +183,11 @@ class Virtqueue:
     def set_call(self, fd: int) -> None:
         if self.call_fd >= 0:
             os.close(self.call_fd)
+        if fd >= 0:
+            os.set_blocking(fd, False)  # a full pipe must not stop the whole loop
         self.call_fd = fd
         self._signal_valid = False
+        self._call_failed = False
 
     def set_err(self, fd: int) -> None:
         if self.err_fd >= 0:
@@ -393,7 +397,9 @@ class Virtqueue:
             try:
                 os.eventfd_write(self.call_fd, 1)
             except OSError as exc:
-                log.warning("%s: call eventfd: %s", self.name, exc)
+                if not self._call_failed:  # once per fd
+                    self._call_failed = True
+                    log.warning("%s: call eventfd: %s", self.name, exc)
 
     def fail(self, exc: BaseException) -> None:
         if self.broken:
