@@ -773,3 +773,15 @@ def test_serve_vhost_user_only_opens_no_tcp_listener(image: Path, tmp_path: Path
     bad = subprocess.run([tool("blktap"), "serve", f"aio:{image}", "--vhost-user", "x.sock",
                           "--num-queues", "0"], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode != 0 and "--num-queues" in bad.stderr
+
+
+def test_a_disabled_ring_is_not_processed(rig: Rig) -> None:
+    ring, f = rig.ring, rig.front
+    assert f.ack(SET_VRING_ENABLE, STATE.pack(0, 0)) == 0
+    chain, status = request(rig.guest, T_FLUSH, 0, [])
+    ring.publish(ring.chain(chain))
+    import time
+    time.sleep(0.3)
+    assert ring.used_idx == 0 and rig.guest.mem[status] == 0xFF
+    assert f.ack(SET_VRING_ENABLE, STATE.pack(0, 1)) == 0  # no kick needed
+    assert ring.wait_used(1)[0][1] == 1 and rig.guest.mem[status] == S_OK
