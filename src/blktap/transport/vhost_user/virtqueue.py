@@ -113,12 +113,11 @@ class Virtqueue:
         self._published = 0
         self._signal_valid = False
         self._flush_pending = False
-        self._more_pending = False
         self._call_failed = False
         self.tasks: set[asyncio.Task] = set()
         self.inflight: Any = None  # an InflightQueue when the front-end shares one
         self._resubmit: list[int] = []  # heads a previous back-end left in flight
-        self.served = 0
+        self.served = 0  # chains taken from the avail ring
 
     # ------------------------------------------------------------------ setup
     def set_num(self, num: int) -> None:
@@ -264,7 +263,6 @@ class Virtqueue:
 
     def process(self) -> None:
         """Take what the guest made available, up to the budget."""
-        self._more_pending = False
         if self.state is not RingState.ENABLED or self.broken:
             return
         avail = self._avail
@@ -293,8 +291,7 @@ class Virtqueue:
                 if (idx - last) & 0xFFFF > num:
                     raise BadRing(f"{self.name}: avail index moved from {last} to {idx}, "
                                   f"more than the queue size {num}")
-                if not budget:
-                    self._more_pending = True
+                if not budget:  # the rest after the others had their turn
                     self.loop.call_soon(self.process)
                     break
                 head = avail[2 + last % num]
