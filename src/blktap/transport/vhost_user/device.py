@@ -73,6 +73,11 @@ class Message:
         return self.fds.pop(0)
 
 
+def _inflight(payload: bytes) -> tuple[int, int, int, int]:
+    """The inflight description (QEMU pads it to 24 bytes; 20 are meaningful)."""
+    return p.INFLIGHT.unpack_from(payload.ljust(p.INFLIGHT.size, b"\0"))
+
+
 def _name(request: int) -> str:
     try:
         return p.Req(request).name
@@ -472,8 +477,7 @@ class Session:
 
     # inflight tracking
     def _get_inflight_fd(self, msg: Message) -> tuple[bytes, list[int]]:
-        _, _, num_queues, queue_size = p.INFLIGHT.unpack(msg.payload.ljust(p.INFLIGHT.size,
-                                                                          b"\0"))
+        _, _, num_queues, queue_size = _inflight(msg.payload)
         if not 0 < num_queues <= len(self.queues) or not 0 < queue_size <= 32768:
             raise ProtocolError(f"GET_INFLIGHT_FD for {num_queues} queues of {queue_size}")
         if self.inflight is not None:
@@ -484,8 +488,7 @@ class Session:
                 [self.inflight.fd])
 
     def _set_inflight_fd(self, msg: Message) -> None:
-        size, offset, num_queues, queue_size = p.INFLIGHT.unpack(
-            msg.payload.ljust(p.INFLIGHT.size, b"\0"))
+        size, offset, num_queues, queue_size = _inflight(msg.payload)
         fd = msg.take_fd()
         try:
             region = InflightRegion.open(fd, size, offset, num_queues, queue_size)
