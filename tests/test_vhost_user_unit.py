@@ -807,3 +807,36 @@ def test_random_messages_never_get_past_the_session(image: Path, guest: Guest) -
                         os.close(fd)
     finally:
         b.close()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_rings_never_get_past_the_device(image: Path, guest: Guest, seed: int) -> None:
+    """Descriptor tables and avail rings of random bytes (addresses mostly inside guest
+    memory, lengths small, flags random): every request is answered or the device is
+    broken; nothing escapes the session (Backend.close re-raises)."""
+    rnd = random.Random(seed)
+    b = Backend(image, count=1)
+    try:
+        f = b.front
+        f.negotiate()
+        f.mem_table(guest)
+        ring = Ring(guest, 0, 16)
+        f.ring(ring)
+        g = guest
+        area = g.alloc(64 * 1024)
+        g.write(area, rnd.randbytes(64 * 1024))
+        for i in range(16):
+            addr = g.gpa(area + rnd.randrange(0, 64 * 1024 - 16)) if rnd.random() < 0.9 \
+                else rnd.getrandbits(64)
+            length = rnd.choice([0, 1, 16, 512, 4096, rnd.getrandbits(32)])
+            ring.desc(i, addr, length, rnd.getrandbits(3), rnd.randrange(0, 20))
+        # some real headers among the random bytes
+        for _ in range(8):
+            off = area + rnd.randrange(0, 64 * 1024 - 16)
+            struct.pack_into("<IIQ", g.mem, off, rnd.choice([0, 1, 4, 8, 11, 13]), 0,
+                             rnd.randrange(0, DISK // 512))
+        ring.publish(*[rnd.randrange(0, 18) for _ in range(rnd.randrange(1, 8))])
+        f.closed_by_peer(0.5)  # broken, or still serving: either is fine
+    finally:
+        b.close()
+        ring.close()
