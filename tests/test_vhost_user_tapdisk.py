@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run, tool
 from test_tap_ctl_daemon import Host, wait_gone
-from vhost_front import F_WRITE, S_OK, T_IN, T_OUT, Front, Guest, Ring, request
+from vhost_front import F_WRITE, S_IOERR, S_OK, T_IN, T_OUT, Front, Guest, Ring, request
 
 
 @pytest.fixture
@@ -78,6 +78,35 @@ def test_live_snapshot_of_a_kvm_guests_disk(host: Host, tmp_path: Path) -> None:
     flat = tmp_path / "flat.raw"
     assert run([tool("blktap"), "convert", "-O", "raw", str(base), str(flat)]).returncode == 0
     assert flat.read_bytes()[:131072] == b"A" * 65536 + bytes(65536)
+    s.close()
+    ring.close()
+    g.close()
+
+
+def test_destroy_while_paused_fails_the_held_request(host: Host, tmp_path: Path) -> None:
+    """A request held by a pause can never complete: destroy fails it (IOERR) instead of
+    waiting for it forever, and the tapdisk exits."""
+    base = tmp_path / "d.vhd"
+    assert run([tool("vhd-util"), "create", "-n", str(base), "-s", "16"]).returncode == 0
+    pid, minor = host.create(f"vhd:{base}")
+    g = Guest()
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(host.run_dir / f"vhost{pid}.{minor}"))
+    f = Front(s)
+    f.negotiate()
+    f.mem_table(g)
+    ring = Ring(g, 0)
+    f.ring(ring)
+    host.tap_ctl("pause", "-p", str(pid), "-m", str(minor))
+    out = g.alloc(4096)
+    chain, status = request(g, T_IN, 0, [(out, 4096, F_WRITE)])
+    ring.publish(ring.chain(chain))
+    time.sleep(0.3)
+    assert ring.used_idx == 0
+    host.tap_ctl("destroy", "-p", str(pid), "-m", str(minor))
+    assert ring.wait_used(1)[0][1] == 1 and g.mem[status] == S_IOERR
+    assert f.closed_by_peer()
+    wait_gone(pid)
     s.close()
     ring.close()
     g.close()

@@ -408,6 +408,10 @@ class Tapdisk:
             return
         vbd, server = slot.vbd, slot.nbd
         try:
+            if vbd.paused:
+                # Requests held by the pause can never complete: closing the VBD first
+                # fails them (ESHUTDOWN), so the servers' waits for them end.
+                await vbd.close()
             if slot.vhost is not None:
                 await slot.vhost.stop()
             await server.stop()
