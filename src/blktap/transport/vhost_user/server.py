@@ -57,6 +57,9 @@ class VhostUserServer:
         self.vbd = vbd
         self.options = options or BlkOptions()
         self.inflight = inflight
+        # One device per socket, across front-end connections: the cache mode the guest
+        # chose (SET_CONFIG) survives QEMU reconnecting, which does not send it again.
+        self.device = BlkDevice(vbd, self.options)
         self.loop = asyncio.get_running_loop()
         self.path = ""
         self.session: Session | None = None
@@ -86,8 +89,7 @@ class VhostUserServer:
                 raise
             self.sessions += 1
             name = f"{os.path.basename(self.path)}#{self.sessions}"
-            session = Session(conn, BlkDevice(self.vbd, self.options), name=name,
-                              inflight_ok=self.inflight)
+            session = Session(conn, self.device, name=name, inflight_ok=self.inflight)
             self.session = session
             log.info("%s: front-end connected", name)
             try:
