@@ -668,6 +668,7 @@ class BlkClient:
     protocol: int = 0
     config: dict = field(init=False, default_factory=dict)
     closed: bool = False
+    crafted_status: list[Buf] = field(init=False, default_factory=list)   # for hand-made chains
 
     def __post_init__(self) -> None:
         self.fe = Frontend(self.path, self.timeout)
@@ -751,7 +752,7 @@ class BlkClient:
 
     def build(self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0, q: int = 0,
               segments: int = 1, indirect: bool = False, split_header: bool = False,
-              ioprio: int = 0) -> Request:
+              ioprio: int = 0, odd_cuts: bool = False) -> Request:
         """A request in guest memory, data in or out cut into ``segments`` buffers; not yet
         published."""
         queue = self.queues[q]
@@ -765,11 +766,14 @@ class BlkClient:
         data: list[Buf] = []
         total = len(out) if out else in_len
         if total:
-            cuts = [total * k // segments for k in range(segments + 1)]
+            # buffers of whole sectors, as Linux makes them, unless ``odd_cuts``: the spec
+            # asks only the total to be whole sectors
+            unit = 1 if odd_cuts or total % SECTOR else SECTOR
+            cuts = [total // unit * k // segments * unit for k in range(segments)] + [total]
             for a, b in zip(cuts, cuts[1:], strict=False):
                 if a == b:
                     continue
-                buf = self.mem.alloc(b - a, align=SECTOR)
+                buf = self.mem.alloc(b - a, align=1 if odd_cuts else SECTOR)
                 if out:
                     buf.write(out[a:b])
                 data.append(buf)
