@@ -7,16 +7,18 @@ Each boot takes 5-10 s of TCG, so the boots are shared by module-scoped fixtures
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from conftest import SHARED, run, tool
+from conftest import ROOT, SHARED, run, tool
 from vhost_user_servers import MiB, start_server
 
 pytestmark = pytest.mark.slow
@@ -234,3 +236,19 @@ def test_rig_is_not_fooled(testbed: Path, workdir: Path) -> None:
     assert res.returncode != 0
 
 
+
+
+def test_guest_bench_quick(testbed: Path, tmp_path: Path) -> None:
+    """bench/guest.py --quick runs end to end: one boot per server, six workloads each, a
+    report section and the JSON. No timing is asserted."""
+    (tmp_path / "REPORT.md").write_text("# Benchmark report\n\n## Other\n\nkept\n")
+    res = run([sys.executable, str(ROOT / "bench" / "guest.py"), "--quick", "--out",
+               str(tmp_path), "--image-mib", "128"], text=True, timeout=900,
+              env={**os.environ, "GUEST_TESTBED_DIR": str(testbed)})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "## Other\n\nkept" in text and "| randread 4k qd16 |" in text
+    data = json.loads((tmp_path / "results" / "guest.json").read_text())
+    assert [r["server"] for r in data["runs"]] == ["qsd", "ours"]
+    assert all(r["ok"] and len(r["results"]) == 6 for r in data["runs"])
+    assert all(row["qsd"]["iops"] > 0 and row["ours"]["iops"] > 0 for row in data["rows"])
