@@ -170,6 +170,8 @@ class BlkDevice:
             kind, _, sector = v.OUTHDR.unpack_from(joined)
             out = _cut(readable, v.OUTHDR.size)
         vbd = self.vbd
+        if out and kind in (v.T_IN, v.T_GET_ID):
+            raise BadRequest("a read with device-readable data buffers")
         if kind == v.T_IN:
             length = _total(writable)
             offset = self._range(sector, length)
