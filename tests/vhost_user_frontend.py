@@ -602,7 +602,11 @@ class SplitQueue:
         while len(got) < count:
             left = deadline - time.monotonic()
             fds = [self.call_fd] + ([frontend.sock] if frontend else [])
-            r, _, _ = select.select(fds, [], [], max(left, 0))
+            r, _, _ = select.select(fds, [], [], max(left, 0) if require_call else
+                                    min(max(left, 0), 0.05))
+            if not r and not require_call and time.monotonic() < deadline:
+                got += self.reap()      # polling: whatever came without a signal
+                continue
             if self.call_fd in r:
                 os.eventfd_read(self.call_fd)
                 self.calls += 1
