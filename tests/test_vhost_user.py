@@ -43,8 +43,10 @@ from vhost_user_frontend import (
     HEADER,
     ID_BYTES,
     KNOWN_FEATURES,
+    KNOWN_PROTOCOL,
     OUTHDR,
     PF_CONFIG,
+    PF_CONFIGURE_MEM_SLOTS,
     PF_REPLY_ACK,
     S_IOERR,
     S_OK,
@@ -58,6 +60,7 @@ from vhost_user_frontend import (
     VERSION,
     BlkClient,
     BlkError,
+    Buf,
     Dropped,
     Frontend,
     GuestMemory,
@@ -422,6 +425,62 @@ def test_stop_with_requests_in_flight(served: Server) -> None:
             assert [r.status_byte for r in reqs] == [S_OK] * n
         for i in range(n):
             assert c.read(4096 + i * 256, 128 * 1024) == pattern(128 * 1024, 60 + i)
+
+
+def slots_client(server: Server) -> BlkClient:
+    c = BlkClient(server.sock, want_protocol=KNOWN_PROTOCOL | (1 << PF_CONFIGURE_MEM_SLOTS))
+    c.negotiate()
+    if not c.protocol & (1 << PF_CONFIGURE_MEM_SLOTS):
+        c.close()
+        pytest.skip(f"{server.kind} does not offer CONFIGURE_MEM_SLOTS")
+    return c
+
+
+def read_via(c: BlkClient, buf: Buf, sector: int) -> Request:
+    """A read of len(buf) bytes whose data buffer is ``buf`` (in any guest memory)."""
+    req = c.build(T_IN, sector, in_len=buf.size)
+    q = c.queues[0]
+    _, d, s = q.chain_of[req.head]
+    q.write_desc(d, buf.gpa, buf.size, DESC_F_NEXT | DESC_F_WRITE, s)
+    req.data = [buf]
+    return req
+
+
+def test_memory_slots(served: Server) -> None:
+    """CONFIGURE_MEM_SLOTS, as QEMU 7.2 uses it (the guest testbed's trace): the regions
+    come one by one with ADD_MEM_REG; one added later (memory hot-plug) serves data at
+    once; once removed with REM_MEM_REG its addresses no longer translate."""
+    head = file_bytes(served.image, 0, 8192)
+    with slots_client(served) as c:
+        c.setup_memory()
+        c.new_queues()
+        c.start_queue(c.queues[0])
+        c.write(64, pattern(8192, 31), segments=2)
+        assert c.read(64, 8192) == pattern(8192, 31)
+        extra = GuestMemory(1 << 20, nregions=1, gpa_bases=(0x4_0000_0000,),
+                            uva_bases=(0x7F9A_0000_0000,))
+        try:
+            c.fe.add_mem_reg(extra.regions[0], extra.fd)
+            buf = extra.alloc(8192)
+            with c.mem.scratch():
+                (req,) = c.run([read_via(c, buf, 0)])
+                assert req.status_byte == S_OK and buf.read() == head
+            c.fe.rem_mem_reg(extra.regions[0])
+            log_before = len(served.log_text())
+            with c.mem.scratch():
+                req = read_via(c, extra.alloc(4096), 0)
+                c.queues[0].publish([req.head])
+                judge(served, c, log_before, [req])
+        finally:
+            extra.close()
+    still_serves(served)
+
+
+def test_add_mem_reg_without_fd(served: Server) -> None:
+    with slots_client(served) as c:
+        assert send_bad(served, c.fe, Req.ADD_MEM_REG, struct.pack(
+            "<QQQQQ", 0, 0, 1 << 20, 0x7F00_0000_0000, 0)) != "alive"
+    still_serves(served)
 
 
 def test_firmware_then_linux(served: Server) -> None:

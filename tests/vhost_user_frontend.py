@@ -103,6 +103,7 @@ KNOWN_FEATURES = sum(1 << b for b in (
     BLK_F_TOPOLOGY, BLK_F_CONFIG_WCE, BLK_F_MQ, BLK_F_DISCARD, BLK_F_WRITE_ZEROES,
     F_INDIRECT_DESC, F_EVENT_IDX, F_PROTOCOL_FEATURES, F_VERSION_1))
 KNOWN_PROTOCOL = (1 << PF_MQ) | (1 << PF_REPLY_ACK) | (1 << PF_CONFIG)
+# CONFIGURE_MEM_SLOTS is known too, but asked for only by tests of ADD/REM_MEM_REG
 
 # split virtqueue descriptor flags, and the ring flags
 DESC_F_NEXT = 1
@@ -327,6 +328,19 @@ class Frontend:
         self.call(Req.SET_MEM_TABLE, payload,
                   [mem.fd] * len(mem.regions) if fds is None else fds)
 
+    def get_max_mem_slots(self) -> int:
+        return self.get_u64(Req.GET_MAX_MEM_SLOTS)
+
+    def add_mem_reg(self, region: Region, fd: int | None) -> None:
+        """One region (CONFIGURE_MEM_SLOTS): a u64 of padding, then the region."""
+        self.call(Req.ADD_MEM_REG, struct.pack("<QQQQQ", 0, region.gpa, region.size,
+                                               region.uva, region.offset),
+                  [] if fd is None else [fd])
+
+    def rem_mem_reg(self, region: Region) -> None:
+        self.call(Req.REM_MEM_REG, struct.pack("<QQQQQ", 0, region.gpa, region.size,
+                                               region.uva, region.offset))
+
     def set_vring_num(self, index: int, num: int) -> None:
         self.call(Req.SET_VRING_NUM, struct.pack("<II", index, num))
 
@@ -404,13 +418,15 @@ class GuestMemory:
     GPA_BASES = (0x0, 0x1_0000_0000)
     UVA_BASES = (0x7F12_3400_0000, 0x7F56_7800_0000)
 
-    def __init__(self, size: int = 64 << 20, nregions: int = 2) -> None:
+    def __init__(self, size: int = 64 << 20, nregions: int = 2,
+                 gpa_bases: Sequence[int] = GPA_BASES,
+                 uva_bases: Sequence[int] = UVA_BASES) -> None:
         self.size = size
         self.fd = os.memfd_create("vhost-user-test-ram", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)
         self.map = mmap.mmap(self.fd, size)
         part = size // nregions
-        self.regions = [Region(self.GPA_BASES[i], part, self.UVA_BASES[i], i * part)
+        self.regions = [Region(gpa_bases[i], part, uva_bases[i], i * part)
                         for i in range(nregions)]
         self._next = [r.offset for r in self.regions]    # bump allocator, per region
 
@@ -714,7 +730,16 @@ class BlkClient:
         fe.set_features(self.features)
 
     def setup_memory(self) -> None:
-        self.fe.set_mem_table(self.mem)
+        """The memory table, or one ADD_MEM_REG per region when CONFIGURE_MEM_SLOTS was
+        negotiated (as QEMU does then)."""
+        if self.protocol & (1 << PF_CONFIGURE_MEM_SLOTS):
+            slots = self.fe.get_max_mem_slots()
+            if slots < len(self.mem.regions):
+                raise AssertionError(f"back-end has {slots} memory slots")
+            for r in self.mem.regions:
+                self.fe.add_mem_reg(r, self.mem.fd)
+        else:
+            self.fe.set_mem_table(self.mem)
 
     def new_queues(self) -> None:
         """Fresh rings in fresh memory (what a driver reset does)."""
