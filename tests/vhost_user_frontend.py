@@ -628,8 +628,12 @@ class SplitQueue:
                 self.calls += 1
                 got += self.reap()
                 continue
-            if frontend and frontend.sock in r and frontend.eof():
-                raise Dropped(f"back-end hung up with {count - len(got)} requests in flight")
+            if frontend and frontend.sock in r:
+                if frontend.eof():
+                    raise Dropped(f"back-end hung up with {count - len(got)} requests in "
+                                  "flight")
+                raise AssertionError("the back-end sent a message nobody asked for: "
+                                     f"{frontend.sock.recv(64, socket.MSG_PEEK)!r}")
             if not r:
                 late = self.reap()
                 if late and require_call:
