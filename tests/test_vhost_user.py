@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import struct
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,7 +70,15 @@ from vhost_user_frontend import (
     Req,
     Request,
 )
-from vhost_user_servers import DISK, MiB, Server, make_raw, pattern, start_server
+from vhost_user_servers import (
+    DISK,
+    MiB,
+    Server,
+    make_raw,
+    ours_supported,
+    pattern,
+    start_server,
+)
 
 SERVERS = ["qsd", "ours"]
 SERIAL = "blktap-vu-serial-01"      # 19 bytes: fits GET_ID's 20 with its NUL
@@ -546,6 +556,31 @@ def test_one_front_end_at_a_time(served: Server) -> None:
         second.close()
     with served.client() as c:
         assert c.read(0, 4096) == b"1" * 4096
+
+
+def test_cli_prints_the_absolute_socket_path(tmp_path: Path) -> None:
+    """The one line a caller waits for, ``vhost-user:ABSOLUTE_PATH``, also for a socket
+    named relative to the working directory."""
+    img = tmp_path / "d.raw"
+    make_raw(img, 4 * MiB)
+    if not ours_supported():
+        pytest.skip("blktap serve has no --vhost-user yet")
+    proc = subprocess.Popen([tool("blktap"), "serve", f"aio:{img}", "--vhost-user", "rel.sock"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+    try:
+        r, _, _ = select.select([proc.stdout], [], [], 30)
+        assert r, "nothing printed"
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == f"vhost-user:{tmp_path.resolve() / 'rel.sock'}\n"
+        with BlkClient(tmp_path / "rel.sock") as c:
+            c.connect()
+            assert c.read(0, 4096) == pattern(4096, 1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert out == ""
 
 
 def test_sigterm_exits_zero(served: Server) -> None:
