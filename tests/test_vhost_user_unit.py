@@ -689,3 +689,69 @@ def test_server_accepts_the_next_front_end_after_eof(image: Path, guest: Guest,
     assert not t.is_alive()
     assert f.closed_by_peer()
     s.close()
+
+
+# ---------------------------------------------------------------------------- the command
+def test_serve_prints_the_socket_and_stops_on_sigterm(image: Path, guest: Guest,
+                                                      tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from conftest import tool
+
+    sock = tmp_path / "vu.sock"
+    nbd = tmp_path / "nbd.sock"
+    proc = subprocess.Popen([tool("blktap"), "serve", f"aio:{image}", "--vhost-user",
+                             str(sock), "--socket", str(nbd), "--serial", "cli-serial"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    try:
+        lines = [proc.stdout.readline().strip() for _ in range(2)]
+        assert f"vhost-user:{sock}" in lines
+        assert any(line.startswith("nbd+unix:///") for line in lines)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(sock))
+        f = Front(s)
+        f.negotiate()
+        f.mem_table(guest)
+        ring = Ring(guest, 0)
+        f.ring(ring)
+        ident = guest.alloc(20)
+        chain, status = request(guest, T_GET_ID, 0, [(ident, 20, F_WRITE)])
+        ring.publish(ring.chain(chain))
+        ring.wait_used(1)
+        assert guest.read(ident, 20) == b"cli-serial".ljust(20, b"\0")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert f.closed_by_peer()
+        assert not sock.exists() and not nbd.exists()
+        s.close()
+        ring.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_vhost_user_only_opens_no_tcp_listener(image: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from conftest import tool
+
+    proc = subprocess.Popen([tool("blktap"), "serve", f"ram:{image}", "--vhost-user",
+                             "vu.sock", "--num-queues", "4"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout.readline().strip() == f"vhost-user:{tmp_path / 'vu.sock'}"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert out == ""  # nothing else: no NBD URI
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    bad = subprocess.run([tool("blktap"), "serve", f"aio:{image}", "--vhost-user", "x.sock",
+                          "--num-queues", "0"], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode != 0 and "--num-queues" in bad.stderr
