@@ -239,6 +239,20 @@ class Frontend:
 
     def recv_reply(self, req: int) -> bytes:
         rreq, flags, size = HEADER.unpack(self.recv_exact(HEADER.size))
+        return self._reply_payload(req, rreq, flags, size)
+
+    def recv_reply_fds(self, req: int) -> tuple[bytes, list[int]]:
+        """A reply that carries fds (they come with its first bytes)."""
+        try:
+            head, fds, _, _ = socket.recv_fds(self.sock, HEADER.size, 8)
+        except ConnectionResetError as e:
+            raise Dropped(str(e)) from e
+        if not head:
+            raise Dropped("EOF instead of a reply")
+        head += self.recv_exact(HEADER.size - len(head))
+        return self._reply_payload(req, *HEADER.unpack(head)), fds
+
+    def _reply_payload(self, req: int, rreq: int, flags: int, size: int) -> bytes:
         if rreq != req or not flags & FLAG_REPLY or flags & 0x3 != VERSION:
             raise AssertionError(f"bad reply header: request {rreq} flags {flags:#x} "
                                  f"size {size} (expected a reply to {req})")
@@ -340,6 +354,23 @@ class Frontend:
     def rem_mem_reg(self, region: Region) -> None:
         self.call(Req.REM_MEM_REG, struct.pack("<QQQQQ", 0, region.gpa, region.size,
                                                region.uva, region.offset))
+
+    INFLIGHT = struct.Struct("<QQHH4x")   # mmap size, mmap offset, queues, queue size
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int, int]:
+        """INFLIGHT_SHMFD: the back-end's region for requests in flight; returns (fd,
+        mmap size, mmap offset). The front-end keeps it across back-end restarts."""
+        self.send(Req.GET_INFLIGHT_FD, self.INFLIGHT.pack(0, 0, num_queues, queue_size))
+        data, fds = self.recv_reply_fds(Req.GET_INFLIGHT_FD)
+        size, offset, _, _ = self.INFLIGHT.unpack(data)
+        if len(fds) != 1:
+            raise AssertionError(f"GET_INFLIGHT_FD reply with {len(fds)} fds")
+        return fds[0], size, offset
+
+    def set_inflight_fd(self, fd: int, size: int, offset: int, num_queues: int,
+                        queue_size: int) -> None:
+        self.call(Req.SET_INFLIGHT_FD, self.INFLIGHT.pack(size, offset, num_queues, queue_size),
+                  [fd])
 
     def set_vring_num(self, index: int, num: int) -> None:
         self.call(Req.SET_VRING_NUM, struct.pack("<II", index, num))

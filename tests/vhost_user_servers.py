@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import select
 import signal
+import socket
 import struct
 import subprocess
 import time
@@ -99,12 +100,23 @@ def start_server(kind: str, spec: str, workdir: Path, num_queues: int = 1,
         if line.strip() != f"vhost-user:{sock.resolve()}":
             server.stop()
             raise AssertionError(f"ours printed {line!r}; stderr: {server.log_text()}")
-    while not sock.exists():
+    while not listening(sock):      # (a socket file may be left by a killed server)
         if proc.poll() is not None or time.monotonic() > deadline:
             server.stop()
             raise AssertionError(f"{kind} did not listen: {server.log_text()}")
         time.sleep(0.05)
     return server
+
+
+def listening(sock: Path) -> bool:
+    if not sock.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(sock))
+        except OSError:
+            return False
+    return True
 
 
 def make_raw(path: Path, size: int = DISK, seed: int = 1) -> bytes:
