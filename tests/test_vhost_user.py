@@ -26,6 +26,7 @@ import pytest
 
 from conftest import need, run, tool
 from vhost_user_frontend import (
+    BLK_F_CONFIG_WCE,
     BLK_F_DISCARD,
     BLK_F_FLUSH,
     BLK_F_MQ,
@@ -70,6 +71,7 @@ from vhost_user_frontend import (
     Nack,
     Req,
     Request,
+    parse_config,
 )
 from vhost_user_servers import (
     DISK,
@@ -289,6 +291,45 @@ def test_get_id(served: Server) -> None:
             assert text == b"vhost_user_blk"   # qsd's fixed serial
         # a 20-byte buffer over two descriptors
         assert c.get_id(segments=2) == ident
+
+
+def test_writeback_toggle(served: Server) -> None:
+    """CONFIG_WCE: the driver writes the writeback byte (offset 32) of the config space
+    (Linux does when /sys/block/vda/queue/write_cache is written); GET_CONFIG reads the
+    new value; writes and flushes keep working in both modes."""
+    with served.client() as c:
+        assert c.has(BLK_F_CONFIG_WCE)
+        for value in (0, 1, 0):
+            c.fe.set_config(32, bytes([value]))
+            assert parse_config(c.fe.get_config())["writeback"] == value
+            c.write(300, pattern(4096, value + 70))
+            c.flush()
+            assert c.read(300, 4096) == pattern(4096, value + 70)
+    assert file_bytes(served.image, 300 * SECTOR, 4096) == pattern(4096, 70)
+
+
+def test_config_write_elsewhere_is_refused(served: Server) -> None:
+    """Only the writeback byte is writable: a write over the capacity is refused (a
+    non-zero ack, or the front-end dropped) and changes nothing."""
+    with served.client() as c:
+        assert send_bad(served, c.fe, Req.SET_CONFIG,
+                        struct.pack("<III", 0, 8, 0) + struct.pack("<Q", 8)) != "alive"
+    with served.client() as c:
+        assert c.config["capacity"] == DISK // SECTOR
+
+
+@pytest.mark.parametrize("size", [2, 1024])
+def test_queue_sizes(served: Server, size: int) -> None:
+    """The smallest ring that holds a request (indirect) and a large one, wrapped around."""
+    with served.client(queue_size=size) as c:
+        for rnd in range(3):
+            with c.mem.scratch():
+                batch = min(size, 64)
+                reqs = [c.build(T_OUT, i * 8, pattern(4096, rnd * 10 + i), indirect=True)
+                        for i in range(batch)]
+                c.run(reqs)
+                assert all(r.status_byte == S_OK for r in reqs)
+            assert c.read(0, 4096, indirect=True) == pattern(4096, rnd * 10)
 
 
 def test_discard(served: Server) -> None:

@@ -336,6 +336,10 @@ class Frontend:
                                  f"({len(data)} bytes) for offset {offset} size {size}")
         return data[12:]
 
+    def set_config(self, offset: int, data: bytes, flags: int = 0) -> None:
+        """Write config space bytes (flags 0: by the driver; 1: a migration restoring it)."""
+        self.call(Req.SET_CONFIG, struct.pack("<III", offset, len(data), flags) + data)
+
     def set_mem_table(self, mem: GuestMemory, fds: Sequence[int] | None = None) -> None:
         payload = struct.pack("<II", len(mem.regions), 0) + b"".join(
             struct.pack("<QQQQ", r.gpa, r.size, r.uva, r.offset) for r in mem.regions)
