@@ -11,7 +11,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,3 +243,74 @@ def test_guest_bench_quick(testbed: Path, tmp_path: Path) -> None:
     assert [r["server"] for r in data["runs"]] == ["qsd", "ours"]
     assert all(r["ok"] and len(r["results"]) == 6 for r in data["runs"])
     assert all(row["qsd"]["iops"] > 0 and row["ours"]["iops"] > 0 for row in data["rows"])
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+
+
+def test_guest_survives_kill_9_of_its_back_end(testbed: Path, tmp_path: Path) -> None:
+    """QEMU with reconnect=1 (a copy of boot.sh that adds it); the back-end serving a VHD
+    is killed with SIGKILL four times while the guest writes its pattern and started
+    again each time: the inflight region brings back what was in flight, the guest's
+    verify passes and the image is valid. Each kill waits until QEMU has connected again
+    and set the device up: QEMU 7.2 itself wedges when its back-end dies in the middle of
+    its connect handshake."""
+    boot_rc = tmp_path / "boot-reconnect.sh"
+    text = (GUEST / "boot.sh").read_text()
+    assert 'socket,id=vu0,path=$SOCK"' in text
+    text = text.replace('socket,id=vu0,path=$SOCK"', 'socket,id=vu0,path=$SOCK,reconnect=1"')
+    text = re.sub(r"^HERE=.*$", f"HERE={GUEST}", text, count=1, flags=re.M)
+    boot_rc.write_text(text)
+    boot_rc.chmod(0o755)
+    leaf = tmp_path / "disk.vhd"
+    assert run([tool("vhd-util"), "create", "-n", str(leaf), "-s", "256"]).returncode == 0
+    sock = tmp_path / "vu.sock"
+    logs = open(tmp_path / "serve.log", "w", buffering=1)  # noqa: SIM115
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen([tool("blktap"), "serve", f"vhd:{leaf}", "--vhost-user",
+                                 str(sock), "-v"], stdout=subprocess.PIPE, stderr=logs,
+                                text=True)
+        assert proc.stdout.readline().strip() == f"vhost-user:{sock}"
+        return proc
+
+    proc = start()
+    env = {**os.environ, "GUEST_GUEST_DIR": str(testbed)}
+    guest = subprocess.Popen([str(boot_rc), "--mode", "verify,fs", "--verify-mib", "64",
+                              "--timeout", "240",
+                              "--seed", "11", "vhost", str(sock)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = ""
+        for line in guest.stdout:
+            out += line
+            if "GUEST_VDA_READY" in line:
+                break
+
+        def connected() -> int:
+            return (tmp_path / "serve.log").read_text().count("front-end connected")
+
+        time.sleep(0.2)
+        for k in range(4):
+            proc.kill()
+            proc.wait()
+            time.sleep(0.3)
+            proc = start()
+            deadline = time.monotonic() + 60
+            while connected() < k + 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)
+        rest, _ = guest.communicate(timeout=600)
+        out += rest
+    finally:
+        if guest.poll() is None:
+            guest.kill()
+            guest.wait()
+        stop_serve(proc)
+        logs.close()
+    assert guest.returncode == 0, out[-3000:]
+    assert "RESULT verify: OK" in out and "RESULT fs: OK" in out
+    assert run([tool("vhd-util"), "check", "-n", str(leaf)]).returncode == 0

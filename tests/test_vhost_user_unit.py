@@ -219,6 +219,16 @@ def test_header_and_data_in_one_buffer(rig: Rig, image: Path) -> None:
     rig.ring.publish(head)
     assert rig.ring.wait_used(1) == [(head, 513)]
     assert g.read(tail, 512) == pattern(3, 1024)[:512] and g.mem[tail + 512] == S_OK
+    # the header split over two buffers, the second also holding the start of the data
+    h1, h2 = g.alloc(8, 8), g.alloc(8 + 512)
+    hdr = struct.pack("<IIQ", T_OUT, 0, 41)
+    g.write(h1, hdr[:8])
+    g.write(h2, hdr[8:] + pattern(4, 512))
+    st = g.alloc(1)
+    head = rig.ring.chain([(h1, 8, 0), (h2, 8 + 512, 0), (st, 1, F_WRITE)])
+    rig.ring.publish(head)
+    assert rig.ring.wait_used(1) == [(head, 1)] and g.mem[st] == S_OK
+    assert image.read_bytes()[41 * 512 : 42 * 512] == pattern(4, 512)
 
 
 def test_flush_get_id_unknown(rig: Rig) -> None:
@@ -253,6 +263,9 @@ def test_discard_and_write_zeroes(rig: Rig, image: Path) -> None:
     assert rig.submit(T_WRITE_ZEROES, 0, [(wz, 16, 0)])[0] == S_UNSUPP
     # two ranges for write zeroes (max 1), a range past the end: errors
     assert rig.submit(T_WRITE_ZEROES, 0, [(segs, 32, 0)])[0] == S_IOERR
+    # a huge range buffer is refused for its size, not read
+    big = g.alloc(4 * MiB)
+    assert rig.submit(T_DISCARD, 0, [(big, 4 * MiB, 0)])[0] == S_IOERR
     SEG.pack_into(g.mem, wz, DISK // 512 - 1, 2, 0)
     assert rig.submit(T_DISCARD, 0, [(wz, 16, 0)])[0] == S_IOERR
 
@@ -535,6 +548,11 @@ def test_bad_messages_drop_the_front_end(image: Path, guest: Guest) -> None:
     # a queue size that is not a power of 2
     _dropped(image, guest, lambda f, g: f.send(SET_VRING_NUM, STATE.pack(0, 100)))
 
+    # a region larger than its file (touching past the end would kill the process)
+    _dropped(image, guest, lambda f, g: f.send(
+        SET_MEM_TABLE, struct.pack("<II", 1, 0) + REGION.pack(GPA, g.size * 4, UVA, 0),
+        [g.fd]))
+
     def ring_outside(f: Front, g: Guest) -> None:
         f.negotiate()
         f.mem_table(g)
@@ -755,3 +773,15 @@ def test_serve_vhost_user_only_opens_no_tcp_listener(image: Path, tmp_path: Path
     bad = subprocess.run([tool("blktap"), "serve", f"aio:{image}", "--vhost-user", "x.sock",
                           "--num-queues", "0"], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode != 0 and "--num-queues" in bad.stderr
+
+
+def test_a_disabled_ring_is_not_processed(rig: Rig) -> None:
+    ring, f = rig.ring, rig.front
+    assert f.ack(SET_VRING_ENABLE, STATE.pack(0, 0)) == 0
+    chain, status = request(rig.guest, T_FLUSH, 0, [])
+    ring.publish(ring.chain(chain))
+    import time
+    time.sleep(0.3)
+    assert ring.used_idx == 0 and rig.guest.mem[status] == 0xFF
+    assert f.ack(SET_VRING_ENABLE, STATE.pack(0, 1)) == 0  # no kick needed
+    assert ring.wait_used(1)[0][1] == 1 and rig.guest.mem[status] == S_OK

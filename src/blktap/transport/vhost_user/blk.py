@@ -163,8 +163,8 @@ class BlkDevice:
                 out = readable[1:]
             else:
                 out = [first[v.OUTHDR.size :], *readable[1:]]
-        else:
-            joined = b"".join(bytes(x) for x in readable)
+        else:  # the header spread over several buffers: gather its 16 bytes only
+            joined = _gather(readable, v.OUTHDR.size)
             if len(joined) < v.OUTHDR.size:
                 raise BadRequest(f"a request header of {len(joined)} bytes")
             kind, _, sector = v.OUTHDR.unpack_from(joined)
@@ -244,15 +244,16 @@ class BlkDevice:
     def _ranges(self, kind: int, out: list[memoryview]) -> list[tuple[int, int, bool]] | None:
         """The (offset, length, unmap) ranges of a DISCARD / WRITE_ZEROES; None when the
         request asks for something unsupported."""
-        data = b"".join(bytes(x) for x in out)
         seg = v.DISCARD_SEGMENT.size
-        if not data or len(data) % seg:
-            raise BadRequest(f"{len(data)} bytes of discard/write-zeroes ranges")
-        count = len(data) // seg
+        size = _total(out)
+        if not size or size % seg:
+            raise BadRequest(f"{size} bytes of discard/write-zeroes ranges")
+        count = size // seg
         limit = MAX_DISCARD_SEG if kind == v.T_DISCARD else MAX_WRITE_ZEROES_SEG
         most = MAX_DISCARD_SECTORS if kind == v.T_DISCARD else MAX_WRITE_ZEROES_SECTORS
         if count > limit:
             raise BadRequest(f"{count} ranges, more than {limit}")
+        data = _gather(out, size)  # small: checked above
         ranges = []
         for i in range(count):
             sector, nsect, flags = v.DISCARD_SEGMENT.unpack_from(data, i * seg)
@@ -344,6 +345,17 @@ class BlkDevice:
 
 def _total(iov: list[memoryview]) -> int:
     return sum(len(x) for x in iov)
+
+
+def _gather(iov: list[memoryview], n: int) -> bytes:
+    """The first ``n`` bytes of ``iov`` (fewer if it is shorter), copied."""
+    parts = []
+    for view in iov:
+        if n <= 0:
+            break
+        parts.append(bytes(view[:n]))
+        n -= len(parts[-1])
+    return b"".join(parts)
 
 
 def _cut(iov: list[memoryview], n: int) -> list[memoryview]:

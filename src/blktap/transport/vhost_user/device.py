@@ -30,7 +30,7 @@ from blktap.errors import BlktapError
 from blktap.transport.vhost_user import proto as p
 from blktap.transport.vhost_user.blk import BlkDevice
 from blktap.transport.vhost_user.inflight import InflightRegion
-from blktap.transport.vhost_user.memory import GuestMemory, close_fds
+from blktap.transport.vhost_user.memory import MAX_REGIONS, GuestMemory, close_fds
 from blktap.transport.vhost_user.virtio import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC
 from blktap.transport.vhost_user.virtqueue import BadRing, RingState, Virtqueue
 
@@ -284,8 +284,7 @@ class Session:
         if self.phase is Phase.CLOSED:
             return
         for vq in self.queues:
-            vq.state = RingState.STOPPED
-            vq._drop_kick()
+            vq.halt()
         for vq in self.queues:
             await vq.drain()
             vq.flush()
@@ -364,7 +363,6 @@ class Session:
         self._remap()
 
     def _get_max_mem_slots(self, msg: Message) -> bytes:
-        from blktap.transport.vhost_user.memory import MAX_REGIONS
         return p.U64.pack(MAX_REGIONS)
 
     def _add_mem_reg(self, msg: Message) -> None:

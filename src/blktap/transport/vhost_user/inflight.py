@@ -102,8 +102,9 @@ class InflightQueue:
         self.batch.clear()
         vq.last_avail = (used + len(heads)) & 0xFFFF
         if heads:
-            log.warning("%s: %d requests were in flight when the last back-end stopped: "
-                        "submitting them again", vq.name, len(heads))
+            log.warning("%s: %d request%s in flight when the last back-end stopped: "
+                        "submitting again", vq.name, len(heads),
+                        "s were" if len(heads) > 1 else " was")
         return [h for _, h in heads]
 
     def start(self, head: int) -> None:

@@ -18,6 +18,7 @@ import errno
 import logging
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 
 from blktap.errors import BlktapError
@@ -78,6 +79,15 @@ class GuestMemory:
         for r in self.regions:
             if gpa < r.gpa_end and r.gpa < gpa + size:
                 raise BadAddress(f"memory region at {gpa:#x} overlaps the one at {r.gpa:#x}")
+        # A mapping past the end of its file faults (SIGBUS) where it is touched: the
+        # whole process would die of a front-end's lie about a region's size.
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise BlktapError(f"guest memory region fd: {exc}", exc.errno) from None
+        if stat.S_ISREG(st.st_mode) and st.st_size < mmap_offset + size:
+            raise BadAddress(f"memory region at {gpa:#x} ({size:#x} bytes from offset "
+                             f"{mmap_offset:#x}) is larger than its file ({st.st_size:#x})")
         try:
             mem = mmap.mmap(fd, mmap_offset + size, flags=mmap.MAP_SHARED,
                             prot=mmap.PROT_READ | mmap.PROT_WRITE)

@@ -96,7 +96,8 @@ class VhostUserServer:
                 log.exception("%s: session failed", name)
             finally:
                 self.session = None
-            log.info("%s: front-end gone (%d messages%s)", name, session.messages,
+            log.info("%s: front-end gone (%d messages, %d requests%s)", name,
+                     session.messages, sum(vq.served for vq in session.queues),
                      f"; {session.problem}" if session.problem else "")
 
     async def stop(self) -> None:

@@ -113,11 +113,11 @@ class Virtqueue:
         self._published = 0
         self._signal_valid = False
         self._flush_pending = False
-        self._more_pending = False
+        self._call_failed = False
         self.tasks: set[asyncio.Task] = set()
         self.inflight: Any = None  # an InflightQueue when the front-end shares one
         self._resubmit: list[int] = []  # heads a previous back-end left in flight
-        self.served = 0
+        self.served = 0  # chains taken from the avail ring
 
     # ------------------------------------------------------------------ setup
     def set_num(self, num: int) -> None:
@@ -182,8 +182,11 @@ class Virtqueue:
     def set_call(self, fd: int) -> None:
         if self.call_fd >= 0:
             os.close(self.call_fd)
+        if fd >= 0:
+            os.set_blocking(fd, False)  # a full pipe must not stop the whole loop
         self.call_fd = fd
         self._signal_valid = False
+        self._call_failed = False
 
     def set_err(self, fd: int) -> None:
         if self.err_fd >= 0:
@@ -221,6 +224,11 @@ class Virtqueue:
         self.flush()
         return self.last_avail
 
+    def halt(self) -> None:
+        """Stop taking requests at once (the session ends); those in flight go on."""
+        self._drop_kick()
+        self.state = RingState.STOPPED
+
     def _drop_kick(self) -> None:
         if self.kick_fd >= 0:
             self.loop.remove_reader(self.kick_fd)
@@ -255,7 +263,6 @@ class Virtqueue:
 
     def process(self) -> None:
         """Take what the guest made available, up to the budget."""
-        self._more_pending = False
         if self.state is not RingState.ENABLED or self.broken:
             return
         avail = self._avail
@@ -284,8 +291,7 @@ class Virtqueue:
                 if (idx - last) & 0xFFFF > num:
                     raise BadRing(f"{self.name}: avail index moved from {last} to {idx}, "
                                   f"more than the queue size {num}")
-                if not budget:
-                    self._more_pending = True
+                if not budget:  # the rest after the others had their turn
                     self.loop.call_soon(self.process)
                     break
                 head = avail[2 + last % num]
@@ -388,7 +394,9 @@ class Virtqueue:
             try:
                 os.eventfd_write(self.call_fd, 1)
             except OSError as exc:
-                log.warning("%s: call eventfd: %s", self.name, exc)
+                if not self._call_failed:  # once per fd
+                    self._call_failed = True
+                    log.warning("%s: call eventfd: %s", self.name, exc)
 
     def fail(self, exc: BaseException) -> None:
         if self.broken:
