@@ -278,7 +278,7 @@ def test_guest_survives_kill_9_of_its_back_end(testbed: Path, tmp_path: Path) ->
         return proc
 
     proc = start()
-    env = {**os.environ, "GUEST_GUEST_DIR": str(testbed)}
+    env = {**os.environ, "GUEST_TESTBED_DIR": str(testbed)}
     guest = subprocess.Popen([str(boot_rc), "--mode", "verify,fs", "--verify-mib", "64",
                               "--timeout", "240",
                               "--seed", "11", "vhost", str(sock)], env=env,
