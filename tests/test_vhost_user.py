@@ -202,6 +202,27 @@ def test_odd_buffer_boundaries(served: Server) -> None:
     assert file_bytes(served.image, 512 * SECTOR, len(data)) == data
 
 
+def test_odd_buffer_boundaries_vhd(kind: str, tmp_path: Path) -> None:
+    """The same on a VHD chain (the VHD layer below sees the scattered buffers too)."""
+    if kind == "qsd":
+        pytest.skip("qsd: QEMU's vpc driver does not open VHD differencing chains")
+    base, leaf = tmp_path / "base.vhd", tmp_path / "leaf.vhd"
+    for argv in (["create", "-n", str(base), "-s", "16"],
+                 ["snapshot", "-n", str(leaf), "-p", str(base)]):
+        res = run([tool("vhd-util"), *argv], text=True)
+        assert res.returncode == 0, res.stderr
+    data = pattern(64 * 1024, 13)
+    server = start_server(kind, f"vhd:{leaf}", tmp_path)
+    try:
+        with server.client() as c:
+            c.write(512, data, segments=3)                  # sector-sized buffers
+            assert c.read(512, len(data), segments=5, odd_cuts=True) == data
+            c.write(1024, data, segments=3, odd_cuts=True)
+            assert c.read(1024, len(data)) == data
+    finally:
+        assert server.stop() == 0
+
+
 @pytest.mark.parametrize("features", ["none", "indirect", "event_idx"])
 def test_ring_features(served: Server, features: str) -> None:
     """The same I/O with INDIRECT_DESC and EVENT_IDX each negotiated alone or not at all."""
@@ -711,12 +732,10 @@ def test_vhd_chain_round_trip(kind: str, tmp_path: Path) -> None:
             assert c.config["capacity"] == 32 * MiB // SECTOR
             assert c.read(0, MiB, segments=4) == head
             c.write(1024, pattern(256 * 1024, 8), indirect=True, segments=3)   # inside base data
-            c.write(1536, pattern(8 * 1024, 10), segments=3, odd_cuts=True)
             c.write(16384, pattern(64 * 1024, 9))                             # past it
             c.write_zeroes([(8, 8)])
             c.flush()
             assert c.read(1024, 128 * 1024) == pattern(256 * 1024, 8)[:128 * 1024]
-            assert c.read(1536, 8 * 1024, segments=2, odd_cuts=True) == pattern(8 * 1024, 10)
         with server.client() as c:     # a new connection sees the same
             assert c.read(16384, 64 * 1024) == pattern(64 * 1024, 9)
     finally:
@@ -727,7 +746,6 @@ def test_vhd_chain_round_trip(kind: str, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     expect = bytearray(head.ljust(32 * MiB, b"\0"))
     expect[1024 * SECTOR:1024 * SECTOR + 256 * 1024] = pattern(256 * 1024, 8)
-    expect[1536 * SECTOR:1536 * SECTOR + 8 * 1024] = pattern(8 * 1024, 10)
     expect[16384 * SECTOR:16384 * SECTOR + 64 * 1024] = pattern(64 * 1024, 9)
     expect[8 * SECTOR:16 * SECTOR] = bytes(4096)
     assert flat.read_bytes() == bytes(expect)
