@@ -56,6 +56,55 @@ if command -v qemu-img >/dev/null; then
     echo "== qemu-img map --output=json '$uri'"
     qemu-img map --output=json "$uri"
 fi
+
+# The main job, where QEMU and the guest testbed are here: a KVM guest's disk served by a
+# tapdisk (vhost-user-blk), a live snapshot taken while the guest writes.
+testbed=../shared/guest-testbed
+if [ -z "${DEMO_NO_GUEST:-}" ] && command -v qemu-system-x86_64 >/dev/null \
+        && [ -x "$testbed/boot.sh" ]; then
+    gdir="$PWD/$dir/guest"
+    mkdir -p "$gdir/run" "$gdir/log"
+    export GUEST_TESTBED_DIR=${GUEST_TESTBED_DIR:-/var/tmp/blktap-guest-testbed}
+    echo
+    echo "== a Linux guest on a VHD chain served by tapdisk over vhost-user-blk"
+    if bash "$testbed/build.sh" > "$gdir/build.log" 2>&1; then
+        "$bin/vhd-util" create -n "$gdir/base.vhd" -s 128
+        "$bin/vhd-util" snapshot -n "$gdir/leaf.vhd" -p "$gdir/base.vhd"
+        export BLKTAP_CONTROL_DIR="$gdir/run" BLKTAP_LOG_DIR="$gdir/log" BLKTAP_VHOST_USER=1
+        "$bin/tap-ctl" create -a "vhd:$gdir/leaf.vhd"
+        line=$("$bin/tap-ctl" list | head -1)
+        echo "$line"
+        pid=$(sed -n 's/.*pid=\([0-9]*\).*/\1/p' <<<"$line")
+        minor=$(sed -n 's/.*minor=\([0-9]*\).*/\1/p' <<<"$line")
+        vsock="$gdir/run/vhost$pid.$minor"
+        echo "== boot.sh --mode verify,fs vhost $vsock   (QEMU, TCG: about 10 s)"
+        bash "$testbed/boot.sh" --mode verify,fs --log "$gdir/boot.log" vhost "$vsock" \
+            > "$gdir/boot.out" 2>&1 &
+        guest=$!
+        # Once the guest has its disk and writes, snapshot the chain under it.
+        for _ in $(seq 600); do
+            grep -q "RESULT verify" "$gdir/boot.log" 2>/dev/null && break
+            kill -0 $guest 2>/dev/null || break
+            sleep 0.1
+        done
+        echo "== live snapshot while the guest writes its file system:"
+        echo "   tap-ctl pause; vhd-util snapshot; tap-ctl unpause -a the new leaf"
+        "$bin/tap-ctl" pause -p "$pid" -m "$minor"
+        "$bin/vhd-util" snapshot -n "$gdir/snap.vhd" -p "$gdir/leaf.vhd"
+        "$bin/tap-ctl" unpause -p "$pid" -m "$minor" -a "vhd:$gdir/snap.vhd"
+        wait $guest && status=0 || status=$?
+        grep -E "GUEST_VDA_READY|RESULT|GUEST-TESTBED" "$gdir/boot.out" | sed 's/^/   /'
+        "$bin/tap-ctl" list
+        "$bin/tap-ctl" destroy -p "$pid" -m "$minor"
+        echo "== the chain the guest wrote: vhd-util check -p, blktap info"
+        "$bin/vhd-util" check -p -n "$gdir/snap.vhd"
+        "$bin/blktap" info "vhd:$gdir/snap.vhd"
+        [ "$status" = 0 ] || echo "(the guest run failed: $gdir/boot.out)"
+    else
+        echo "(the guest testbed could not be built here: $gdir/build.log)"
+    fi
+fi
+
 if [ -t 0 ] && [ -z "${DEMO_NO_WAIT:-}" ]; then
     cat <<MSG
 

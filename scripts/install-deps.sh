@@ -2,11 +2,15 @@
 # Install the Debian packages blktap's tests and tools use, only those that are missing.
 # Real peers for the tests: qemu-img/qemu-io/qemu-nbd, libnbd's tools and bindings, fio, nbdkit.
 # For bench/run.py: qemu-storage-daemon (in qemu-system-common on Debian 12) and nbdkit's
-# Python plugin.
+# Python plugin. For the vhost-user guest tests (shared/guest-testbed): QEMU itself, and what
+# its build.sh needs to make the tiny guest (static busybox, gcc for blkbench, cpio, kmod and
+# a kernel with its modules when /boot has none).
 set -euo pipefail
 
 packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv
-          qemu-system-common nbdkit-plugin-python strace)
+          qemu-system-common nbdkit-plugin-python strace
+          qemu-system-x86 busybox-static gcc libc6-dev cpio kmod xz-utils zstd)
+ls /boot/vmlinuz-* >/dev/null 2>&1 || packages+=(linux-image-amd64)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -170,3 +170,31 @@ def test_where_refuses_an_unknown_workload() -> None:
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "where.py"), "aio:/nonexistent",
                           "randread-qd7"], capture_output=True, text=True, check=False)
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_guest_bench_parses_and_reports() -> None:
+    """bench/guest.py: blkbench's RESULT lines become medians per server and ratios; its
+    report section sits between its own markers, beside bench/run.py's."""
+    import guest
+
+    def output(scale: float) -> str:
+        return "\n".join(
+            f"  12.000 RESULT mode={m} bs={bs} qd={qd} iops={iops * scale:.0f} "
+            f"MiBps={iops * scale * bs / (1 << 20):.1f} lat_us=100.0 ios=1 secs=1.00"
+            for m, bs, qd, iops in (("read", 1 << 20, 1, 100), ("randwrite", 4096, 16, 1000)))
+    runs = [{"server": s, "round": i, "ok": True, "results": guest.parse(output(x))}
+            for i, (s, x) in enumerate((("qsd", 1.0), ("ours", 2.0), ("ours", 4.0),
+                                        ("qsd", 1.0)))]
+    assert set(runs[0]["results"]) == {"read 1M qd1", "randwrite 4k qd16"}
+    rows = {r["workload"]: r for r in guest.summarize(runs)}
+    assert rows["read 1M qd1"]["qsd"]["iops"] == 100 and rows["read 1M qd1"]["ours"]["iops"] == 300
+    assert rows["randwrite 4k qd16"]["ratio"] == 3.0 and rows["randwrite 4k qd16"]["ours"]["n"] == 2
+    data = {"date": "now", "settings": {"quick": True, "secs": 1, "qd": 16,
+                                        "order": ["qsd", "ours"], "image_mib": 256,
+                                        "accel": "tcg"},
+            "loadavg_start": [1.0], "loadavg_end": [1.0], "runs": runs,
+            "rows": list(rows.values())}
+    text = guest.replace_section(report.replace_section(OTHER, "run.py's"), guest.markdown(data))
+    assert "run.py's" in text and "| read 1M qd1 | 100 | 300 |" in text and "3.00x" in text
+    again = guest.replace_section(text, guest.markdown(data))
+    assert again == text and again.count(guest.BEGIN) == 1

@@ -46,7 +46,7 @@ def vu(*args: str) -> subprocess.CompletedProcess:
 
 
 def _write(path: str, writes: list[tuple[int, bytes]]) -> None:
-    with Chain.open(path, writable=True) as chain:
+    with Chain.open(f"vhd:{path}", writable=True) as chain:
         for off, data in writes:
             chain.pwrite(off, data)
 

@@ -27,7 +27,7 @@ import maint  # noqa: E402
 import soak  # noqa: E402
 
 PARTS = ("crash", "maint", "fuzz", "soak")
-FUZZ_TARGETS = ("control", "nbd", "vhd")
+FUZZ_TARGETS = ("control", "nbd", "vhd", "virtqueue")
 
 
 def fuzz(outdir: Path, runs: int, log=print) -> dict:
@@ -39,6 +39,7 @@ def fuzz(outdir: Path, runs: int, log=print) -> dict:
         t0 = time.monotonic()
         res = subprocess.run(
             [sys.executable, str(HERE / "fuzz.py"), target, f"-runs={runs}", "-timeout=20",
+             "-max_len=16384",
              "-rss_limit_mb=4096", "-print_final_stats=1",
              f"-artifact_prefix={outdir}/{target}-", str(corpus)],
             capture_output=True, text=True)

@@ -383,13 +383,17 @@ class VBD:
         data that has to be waited for, an error to report with its retries): the
         transport then calls that. A read served here costs no task or future; it counts
         in the statistics as any other."""
-        length = len(view)
+        return self.readv_now(offset, [view], len(view))
+
+    def readv_now(self, offset: int, iov: Sequence[memoryview], length: int) -> bool:
+        """:meth:`read_now` into several buffers (``length`` bytes in all), for
+        transports whose requests arrive scattered (virtio descriptors)."""
         if not self._may_serve_now(offset, length):
             return False
         top = self.driver
         tally: Tally = []
         try:
-            if not top.read_now(offset, [view], tally):
+            if not top.read_now(offset, iov, tally):
                 return False
         except Exception:  # read() reports it (and retries what may be retried)
             return False
@@ -402,12 +406,16 @@ class VBD:
         """:meth:`read_now` for writes: True once the data is written (durable with
         ``fua``), False for :meth:`write` to do it (writes that allocate, to files on
         a device, or anything read_now would refuse)."""
-        length = len(view)
+        return self.writev_now(offset, [view], len(view), fua=fua)
+
+    def writev_now(self, offset: int, iov: Sequence[memoryview], length: int, *,
+                   fua: bool = False) -> bool:
+        """:meth:`write_now` from several buffers (``length`` bytes in all)."""
         if self.read_only or not self._may_serve_now(offset, length):
             return False
         top = self.driver
         try:
-            if not top.write_now(offset, [view], fua=fua):
+            if not top.write_now(offset, iov, fua=fua):
                 return False
         except Exception:  # write() does it again and reports what fails
             return False
@@ -473,6 +481,24 @@ class VBD:
                 scratch[offset - start : offset - start + length] = view
                 await self._submit(Request(Op.WRITE, start, end - start, [scratch],
                                            fua=fua))
+
+    async def readv(self, offset: int, iov: Sequence[memoryview], length: int) -> None:
+        """Fill the buffers of ``iov`` (``length`` bytes in all, whole sectors at a
+        sector-aligned offset: EINVAL otherwise) with the disk's bytes at ``offset``."""
+        self._check(offset, length, errno.EINVAL)
+        if (offset | length) % SECTOR:
+            raise BlktapError(f"{length} bytes at {offset}: not whole sectors", errno.EINVAL)
+        if length:
+            await self._submit(Request(Op.READ, offset, length, iov))
+
+    async def writev(self, offset: int, iov: Sequence[memoryview], length: int, *,
+                     fua: bool = False) -> None:
+        """Write the buffers of ``iov`` (``length`` bytes, whole sectors) at ``offset``."""
+        self._check_write(offset, length)
+        if (offset | length) % SECTOR:
+            raise BlktapError(f"{length} bytes at {offset}: not whole sectors", errno.EINVAL)
+        if length:
+            await self._submit(Request(Op.WRITE, offset, length, iov, fua=fua))
 
     async def flush(self) -> None:
         if self._closed:

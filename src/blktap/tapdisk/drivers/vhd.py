@@ -24,7 +24,7 @@ from __future__ import annotations
 import array
 import asyncio
 import threading
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 
 from blktap.image.crypto import XtsCipher
 from blktap.image.fileio import ZEROS, is_regular
@@ -111,6 +111,27 @@ class SkipCounter:
     def __init__(self) -> None:
         self.hits = [0, 0]
         self.fail = [0, 0]
+
+
+def _whole_sectors(iov: Sequence[memoryview]) -> Iterator[memoryview | bytes]:
+    """The request's data in pieces of whole sectors, as the image writes them. A guest
+    may split a request's data at any byte (virtio only asks the total to be whole
+    sectors): buffers that end mid-sector are joined with their neighbours up to the next
+    sector boundary (a copy of those few buffers only; whole-sector buffers go as they
+    are)."""
+    pending: list[memoryview] = []
+    held = 0
+    for view in iov:
+        if not pending and len(view) % SECTOR == 0:
+            yield view
+            continue
+        pending.append(view)
+        held += len(view)
+        if held % SECTOR == 0:
+            yield b"".join(pending)
+            pending, held = [], 0
+    if pending:  # the VBD hands drivers whole sectors only: never left over
+        yield b"".join(pending)
 
 
 class VhdDriver(Driver):
@@ -393,9 +414,9 @@ class VhdDriver(Driver):
     # ------------------------------------------------------------------ writes
     def _write_locked(self, sector: int, iov: Sequence[memoryview]) -> None:
         with self.lock:
-            for view in iov:
-                self.image.write(sector, view)
-                sector += len(view) // SECTOR
+            for piece in _whole_sectors(iov):
+                self.image.write(sector, piece)
+                sector += len(piece) // SECTOR
 
     async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
         self._require_writable()
