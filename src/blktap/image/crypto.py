@@ -24,8 +24,6 @@ import hashlib
 import hmac
 import os
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from blktap.errors import EncryptionError
 
 SECTOR_SIZE = 512
@@ -59,6 +57,11 @@ class XtsCipher:
 
     def __init__(self, key: bytes | bytearray | memoryview) -> None:
         key = check_key(key)
+        # Imported here, not at the top: an unencrypted disk must not need the package
+        # (Xen's dom0 on Debian 12 serves disks from a source tree without pip).
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        self._cipher, self._modes = Cipher, modes
         # Built once: the key is validated here, not for every sector.
         self._algorithm = algorithms.AES(key)
         self.key_bits = len(key) * 8
@@ -68,8 +71,8 @@ class XtsCipher:
             raise EncryptionError("encryption works on whole sectors", errno.EINVAL)
         if sector < 0:
             raise EncryptionError(f"negative sector {sector}", errno.EINVAL)
-        algorithm = self._algorithm
-        xts = modes.XTS
+        algorithm, Cipher = self._algorithm, self._cipher
+        xts = self._modes.XTS
         for pos in range(0, len(src), SECTOR_SIZE):
             # One data unit per context is all the library's XTS mode offers.
             cipher = Cipher(algorithm, xts(plain_iv(sector)))
