@@ -269,3 +269,15 @@ def test_wire_helpers():
     assert packed[:16] == (2).to_bytes(4, "little") + (7).to_bytes(4, "little") + \
         (3).to_bytes(4, "little") + (3).to_bytes(4, "little")
     assert os.path.basename(xs_wire.__file__) == "xs_wire.py"
+
+
+def test_the_reply_to_a_cancelled_request_goes_to_no_one_else(tmp_path):
+    async def body(fake, xs):
+        fake.write("/a", "A")
+        fake.write("/b", "B")
+        for _ in range(5):
+            first = asyncio.get_running_loop().create_task(xs.read("/a"))
+            await asyncio.sleep(0)  # sent; its reply is on the way
+            first.cancel()
+            assert await xs.read("/b") == "B"
+    run(tmp_path, body)

@@ -171,8 +171,8 @@ class FakeXenstored:
                     return
                 body = await reader.readexactly(length)
                 self._handle(conn, op, req_id, tx, body)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client left, or the test ended
         finally:
             self.conns.remove(conn)
             writer.close()

@@ -186,9 +186,9 @@ class Vbd:
         if not snap.exists:
             await self._gone()
             return self.phase
+        await self._locate(snap)  # first: InitWait then carries the disk's size, if known
         if self.phase is Phase.NEW:
             await self._adopt(snap)
-        await self._locate(snap)
         fs = snap.frontend_state
         if fs is None or fs == XenbusState.UNKNOWN:
             if self.frontend_seen and self.phase is not Phase.CLOSED:

@@ -234,11 +234,9 @@ class XenStore:
                 watch._fire(path)
             return
         fut = self._pending.pop(req_id, None)
-        if fut is None and self._pending:
-            # A peer that does not echo req_id (none known) still answers in order.
-            fut = self._pending.pop(next(iter(self._pending)))
         if fut is None:
-            log.warning("%s: reply %d to no request", self.where, req_id)
+            # The answer to a request its caller gave up on (cancelled): drop it.
+            log.debug("%s: reply %d to no pending request", self.where, req_id)
         elif not fut.done():
             fut.set_result((op, payload))
 
