@@ -33,25 +33,62 @@ TESTBED = SHARED / "xen-testbed"
 BUILD_TIMEOUT = 1800
 RUN_TIMEOUT = 1200
 
-# Run in dom0 by `setsid bash -c`: wrappers for the console scripts (no pip there), our
-# hotplug script in place of the testbed's no-op, then tapback in the foreground (SIGTERM
-# ends it with status 0).
-BACKEND_CMD = r"""
+# Run in dom0 by `setsid bash -c` (dom0 has no pip: wrappers stand for the console scripts).
+PREP = r"""
 set -e
-export PYTHONPATH=/opt/payload/src
+export PYTHONPATH=/opt/payload/src TAPDISK=/usr/local/bin/tapdisk
 for cmd in tapdisk:tapdisk tap-ctl:tap_ctl tapback:tapback blktap-xen-hotplug:xen_hotplug; do
   printf '#!/bin/sh\nPYTHONPATH=/opt/payload/src exec python3 -m blktap.cli.%s "$@"\n' \
     "${cmd#*:}" > /usr/local/bin/${cmd%%:*}
   chmod 755 /usr/local/bin/${cmd%%:*}
 done
+"""
+# tapback in the foreground until the rig's SIGTERM (which reaches it too: exit 0). A tapdisk
+# the command created is left running: its writes are on disk (O_DIRECT, flushed), and
+# starting tap-ctl to destroy it could outlast the rig's 10 s before SIGKILL.
+SERVE = r"""
+exec python3 -m blktap.cli.tapback -d -v -n vbd --ready-file "$BACKEND_READY_FILE"
+"""
+# The tapdisk is created before the guest (tap-ctl create, as sm does on XenServer) and the
+# hotplug script only names it: the rig's TCG dom0 can be too slow under load to start
+# Python twice within libxl's 40 s hotplug limit.
+BACKEND_CMD = PREP + r"""
+tap-ctl create -a aio:$DISK_IMAGE >/dev/null
+set -- $(tap-ctl list | head -n 1)
+tid=${1#pid=} minor=${2#minor=}
+echo "backend: tapdisk $tid minor $minor serves $DISK_IMAGE"
+cat > /etc/xen/scripts/block-userspace <<HOTPLUG
+#!/bin/sh
+[ "\$1" = add ] || exit 0
+xenstore-write "\$XENBUS_PATH/physical-device-path" /run/blktap-control/nbd$tid.$minor \
+  "\$XENBUS_PATH/hotplug-status" connected
+HOTPLUG
+""" + SERVE
+# Our hotplug script in the testbed's hook: it creates (and at the end destroys) the tapdisk.
+BACKEND_CMD_HOTPLUG = PREP + r"""
 cat > /etc/xen/scripts/block-userspace <<HOTPLUG
 #!/bin/sh
 export TAPDISK=/usr/local/bin/tapdisk PATH=/usr/local/bin:\$PATH
 exec /usr/local/bin/blktap-xen-hotplug "\$@" 2>>$TESTBED_OUT/hotplug.log
 HOTPLUG
 chmod 755 /etc/xen/scripts/block-userspace
-exec python3 -m blktap.cli.tapback -d -v -n vbd --ready-file "$BACKEND_READY_FILE"
-"""
+""" + SERVE
+# As BACKEND_CMD, but tapback is stopped once the guest is connected and started again while
+# the guest does its I/O: the new one must take the VBD over (and close it at the end).
+BACKEND_CMD_RESTART = BACKEND_CMD.replace(SERVE, r"""
+set +e
+python3 -m blktap.cli.tapback -d -v -n vbd --ready-file "$BACKEND_READY_FILE" &
+pid=$!
+until xenstore-ls -f /local/domain/0/backend/vbd 2>/dev/null | grep -q '/state = "4"'; do
+  sleep 0.2
+done
+kill -TERM $pid; wait $pid
+echo "backend: tapback stopped with status $?, starting it again"
+python3 -m blktap.cli.tapback -d -v -n vbd &
+pid=$!
+trap 'kill -TERM $pid 2>/dev/null; wait $pid; exit 0' TERM
+wait $pid
+""")
 
 # The custom workload. Modules for ext2 (through ext4.ko: the domU kernel has no file system
 # built in) come appended as base64 after the marker line.
@@ -158,7 +195,7 @@ def run_testbed(testbed: Path, out: Path, scenario: str, *, payload: Path | None
                 backend: str | None = None, guest: Path | None = None,
                 image: Path | None = None) -> tuple[int, str]:
     cmd = [str(TESTBED / "run.sh"), "--scenario", scenario, "--out", str(out),
-           "--domu-timeout", "240", "--backend-wait", "30"]
+           "--domu-timeout", "300", "--backend-wait", "120"]
     if payload is not None:
         cmd += ["--payload", str(payload)]
     if backend is not None:
@@ -223,6 +260,16 @@ def test_userspace_pv_default_workload(testbed, payload, tmp_path):
     assert keys.get("backend/physical-device-path", "").startswith("/run/blktap-control/nbd")
 
 
+def test_userspace_pv_with_our_hotplug_script(testbed, payload, tmp_path):
+    out = tmp_path / "run"
+    rc, text = run_testbed(testbed, out, "userspace-pv", payload=payload,
+                           backend=BACKEND_CMD_HOTPLUG)
+    assert rc == 0, explain(out, text)
+    keys = xenstore_keys(out)
+    assert keys.get("backend/hotplug-status") == "connected", keys
+    assert keys.get("backend/pid") and keys.get("backend/minor"), keys
+
+
 def test_blkback_kernel_guest_script_baseline(testbed, guest_script, tmp_path):
     out = tmp_path / "run"
     img = disk_image(tmp_path)
@@ -240,3 +287,12 @@ def test_userspace_pv_guest_script(testbed, payload, guest_script, tmp_path):
     keys = xenstore_keys(out)
     assert keys.get("frontend/ring-page-order") == "3", keys
     check_files_in_image(out / "disk.img")
+
+
+def test_userspace_pv_tapback_restart_while_the_guest_runs(testbed, payload, tmp_path):
+    out = tmp_path / "run"
+    rc, text = run_testbed(testbed, out, "userspace-pv", payload=payload,
+                           backend=BACKEND_CMD_RESTART)
+    assert rc == 0, explain(out, text)
+    log = (out / "out" / "backend.log").read_text(errors="replace")
+    assert "starting it again" in log and "taken over as init-wait" in log, log[-3000:]
