@@ -5,8 +5,11 @@
 # Python plugin.
 set -euo pipefail
 
+# For the Xen guest tests (tests/test_xen_guest.py): what ../shared/xen-testbed/build.sh
+# needs on the host (it would install them itself, but only when run as root).
 packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv
-          qemu-system-common nbdkit-plugin-python strace)
+          qemu-system-common nbdkit-plugin-python strace
+          qemu-system-x86 debootstrap busybox-static cpio e2fsprogs gzip)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
