@@ -898,3 +898,41 @@ def test_host_devices_are_absent_here() -> None:
         HostDevices().grants()
     with pytest.raises(FileNotFoundError):
         HostDevices().bind(1, 2)
+
+
+def test_a_failed_connect_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A grant that cannot be mapped, or a channel that cannot be bound: an ERROR reply
+    with that errno, and what was opened or mapped for it is released."""
+    from blktap.daemon.tapdisk import Tapdisk
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"\0" * MiB)
+
+    async def main() -> None:
+        guest = Guest(X64)
+        devices = Devices(guest)
+        td = Tapdisk(tmp_path / "run", threads=2, xen=devices)
+        ctl = td.start_control()
+        try:
+            await td.attach(2, hold=False)
+            params = PARAMS.pack(0, 0, 0, f"aio:{img}".encode(), 0, 0, b"")
+            assert (await ask(ctl, T_OPEN, 2, params))[0] == T_OPEN_RSP
+            wrong = BLKIF.pack(guest.domid, 51712, 555, *[0] * 7, 0, PROTO_X86_64, b"", 9, 0,
+                               0)
+            kind, body = await ask(ctl, T_CONNECT, 2, wrong)
+            assert kind == T_ERROR and RESP.unpack_from(body)[0] == errno.EINVAL
+            assert devices.grant_devices[-1].closed and guest.mapping is None
+            other_domain = BLKIF.pack(guest.domid + 1, 51712, *guest.ring_grefs, *[0] * 7, 0,
+                                      PROTO_X86_64, b"", 9, 0, 0)
+            guest.domid += 1  # the grants map (for this stand-in) but the bind fails
+            devices.bind = lambda domid, port: (_ for _ in ()).throw(  # type: ignore
+                OSError(errno.ESRCH, "no such port"))
+            kind, body = await ask(ctl, T_CONNECT, 2, other_domain)
+            assert kind == T_ERROR and RESP.unpack_from(body)[0] == errno.ESRCH
+            assert guest.mapping is not None and guest.mapping.closed
+            assert devices.grant_devices[-1].closed and td.slots[2].blkif is None
+            guest.close()
+        finally:
+            await td.shutdown()
+
+    asyncio.run(main())
