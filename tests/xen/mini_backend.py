@@ -105,6 +105,8 @@ class Backend:
             say(f"domain {self.domid}")
         be = f"{ROOT}/{self.domid}/{DEVID}"
         state = xs_read(f"{be}/state")
+        if state is None and xs_read(be) is not None:
+            return  # a read that failed under load, not a vanished directory
         if state is None:
             if self.connected or self.initwait:
                 say("backend dir gone")
@@ -116,6 +118,8 @@ class Backend:
             return
         self.watch(fe)
         fe_state = xs_read(f"{fe}/state")
+        if state in ("2", "3", "4"):
+            self.initwait = True  # (also after a restart of this script's view)
         if state == "1" and not self.initwait:
             keys = {"sectors": str(self.info.sectors), "sector-size": str(self.info.sector_size),
                     "info": str(self.info.info), "kthread-pid": str(self.ctl.pid(self.tid)),
