@@ -936,3 +936,23 @@ def test_a_failed_connect_leaves_nothing_behind(tmp_path: Path) -> None:
             await td.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_producer_index_moved_backwards_is_corrupt_not_four_billion_requests() -> None:
+    """req_prod behind req_cons (but within the ring's size of the oldest unanswered
+    request) must not read as 2**32 - n requests waiting."""
+    from blktap.transport.xen import structs
+    from blktap.transport.xen.ring import BackRing, RingCorrupt
+
+    mem = mmap.mmap(-1, PAGE)
+    ring = BackRing(memoryview(mem), structs.X86_64, 0)
+    struct.pack_into("<I", mem, 0, 10)
+    assert len(ring.take()) == 10  # consumed, none answered yet
+    struct.pack_into("<I", mem, 0, 5)  # the guest moves its producer back
+    with pytest.raises(RingCorrupt):
+        ring.unconsumed()
+    struct.pack_into("<I", mem, 0, 10 + 23)  # 33 outstanding on a ring of 32
+    with pytest.raises(RingCorrupt):
+        ring.take()
+    struct.pack_into("<I", mem, 0, 10 + 22)  # exactly full: fine
+    assert len(ring.take()) == 22

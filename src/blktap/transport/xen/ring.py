@@ -89,11 +89,15 @@ class BackRing:
         """Requests waiting in the ring (RING_HAS_UNCONSUMED_REQUESTS), after checking
         that the producer index is sane."""
         prod = self._get(REQ_PROD)
-        if (prod - self.rsp_prod_pvt) & MASK > self.size:
-            raise RingCorrupt(f"req_prod {prod} is more than {self.size} requests past the "
+        waiting = (prod - self.req_cons) & MASK
+        # More than the free slots: req_prod ran past the ring's size from the oldest
+        # unanswered request (RING_REQUEST_PROD_OVERFLOW), or went backwards (which reads
+        # as nearly 2**32 waiting).
+        if waiting > self.size - self.outstanding:
+            raise RingCorrupt(f"req_prod {prod} is not within {self.size} requests of the "
                               f"oldest unanswered one ({self.rsp_prod_pvt}; req_cons "
                               f"{self.req_cons})")
-        return (prod - self.req_cons) & MASK
+        return waiting
 
     # ------------------------------------------------------------------ requests
     def take(self, limit: int | None = None) -> list[Request]:
