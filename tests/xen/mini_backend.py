@@ -128,6 +128,11 @@ class Backend:
             xs_write(be, {"state": "2"})
             self.initwait = True
             say("InitWait")
+        if self.closed and fe_state == "1":
+            # The frontend starts again (blkfront reloaded): InitWait, as blkback does.
+            xs_write(be, {"state": "2"})
+            self.closed = False
+            say("InitWait again (the frontend reconnects)")
         if fe_state in ("3", "4") and self.initwait and not self.connected and not self.closed:
             self.connect(be, fe)
         if (fe_state in ("5", "6") or state == "5") and not self.closed:
