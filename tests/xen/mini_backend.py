@@ -53,8 +53,19 @@ def say(text: str) -> None:
     print(f"mini-backend[{time.monotonic():8.2f}]: {text}", flush=True)
 
 
+def xs(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run a xenstore tool, again if it died of a signal (the testbed's TCG dom0 has
+    been seen to crash user space now and then under load)."""
+    for _ in range(5):
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode >= 0:
+            return r
+        say(f"{argv[0]} died of signal {-r.returncode}; again")
+    return r
+
+
 def xs_read(path: str) -> str | None:
-    r = subprocess.run(["xenstore-read", path], capture_output=True, text=True)
+    r = xs(["xenstore-read", path])
     return r.stdout.strip() if r.returncode == 0 else None
 
 
@@ -62,7 +73,9 @@ def xs_write(base: str, pairs: dict[str, str]) -> None:
     args = []
     for k, v in pairs.items():
         args += [f"{base}/{k}", v]
-    subprocess.run(["xenstore-write", *args], check=True)
+    r = xs(["xenstore-write", *args])
+    if r.returncode:
+        raise SystemExit(f"xenstore-write failed: {r.stderr}")
 
 
 def ask(tid: int, msg: Message) -> Message:
@@ -97,7 +110,7 @@ class Backend:
 
     def step(self) -> None:
         if self.domid is None:
-            listing = subprocess.run(["xenstore-list", ROOT], capture_output=True, text=True)
+            listing = xs(["xenstore-list", ROOT])
             doms = [int(d) for d in listing.stdout.split()] if listing.returncode == 0 else []
             if not doms:
                 return
