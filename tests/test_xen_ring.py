@@ -956,3 +956,29 @@ def test_a_producer_index_moved_backwards_is_corrupt_not_four_billion_requests()
         ring.take()
     struct.pack_into("<I", mem, 0, 10 + 22)  # exactly full: fine
     assert len(ring.take()) == 22
+
+
+def test_a_grant_copy_ioctl_failing_fails_the_request_not_the_ring() -> None:
+    """The ioctl itself failing (ENOMEM, EFAULT...), on a data or an indirect page: an
+    error response, and the ring goes on."""
+    async def body(guest: Guest, ring, vbd: VBD, drv: Recorder) -> None:
+        boom = guest.grant(b"b" * PAGE)
+        real = ring.grants.copy
+
+        def copy(domid, spans, local, offset, to_guest):  # noqa: ANN001, ANN202
+            if any(ref == boom for ref, _, _ in spans):
+                raise OSError(errno.ENOMEM, "no memory")
+            return real(domid, spans, local, offset, to_guest)
+
+        ring.grants.copy = copy
+        guest.put_rw(OP_WRITE, 1, 0, [(boom, 0, 7)])
+        guest.put_rw(OP_READ, 2, 0, [(boom, 0, 7)])
+        guest.put_indirect(OP_READ, 3, 0, 1, [boom])
+        good = guest.grant(b"g" * PAGE)
+        guest.put_rw(OP_WRITE, 4, 0, [(good, 0, 7)])
+        guest.push()
+        got = await guest.wait(4)
+        assert got == {1: (OP_WRITE, ERROR), 2: (OP_READ, ERROR), 3: (OP_READ, ERROR),
+                       4: (OP_WRITE, OKAY)}
+        assert not ring.dead
+    serve(body)

@@ -348,9 +348,12 @@ class BlkifRing:
         pages = -(-nseg // SEGMENTS_PER_INDIRECT_PAGE)
         slot = self.buffers.get()
         try:
-            status = self.grants.copy(self.domid, [(g, 0, PAGE) for g in
-                                                   req.indirect_grefs[:pages]],
-                                      slot, 0, False)
+            try:
+                status = self.grants.copy(self.domid, [(g, 0, PAGE) for g in
+                                                       req.indirect_grefs[:pages]],
+                                          slot, 0, False)
+            except OSError as exc:
+                raise BadRequest(f"indirect page: grant copy: {exc}") from None
             if any(status):
                 raise BadRequest(f"indirect page: grant copy status {status}")
             segments = parse_segments(bytes(slot.view[:nseg * 8]), nseg)
@@ -371,7 +374,11 @@ class BlkifRing:
     def _copy(self, job: Job, to_guest: bool) -> bool:
         """Move a request's data between the guest's segments and its buffer."""
         assert job.slot is not None and job.spans is not None
-        status = self.grants.copy(self.domid, job.spans, job.slot, 0, to_guest)
+        try:
+            status = self.grants.copy(self.domid, job.spans, job.slot, 0, to_guest)
+        except OSError as exc:  # the ioctl itself (ENOMEM, EFAULT): this request fails
+            log.warning("%s: request %#x: grant copy: %s", self.name, job.req.id, exc)
+            return False
         bad = [(i, s) for i, s in enumerate(status) if s]
         if bad:
             log.warning("%s: request %#x: grant copy %s the guest failed (segment, status): "
