@@ -982,3 +982,18 @@ def test_a_grant_copy_ioctl_failing_fails_the_request_not_the_ring() -> None:
                        4: (OP_WRITE, OKAY)}
         assert not ring.dead
     serve(body)
+
+
+def test_a_guest_sending_bad_grants_does_not_flood_the_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def body(guest: Guest, ring, vbd: VBD, drv: Recorder) -> None:
+        for rnd in range(4):
+            for i in range(25):
+                guest.put_rw(OP_READ, rnd * 100 + i, 0, [(999999, 0, 7)])
+            guest.push()
+            await guest.wait(25)
+        assert ring.stats.errors == 100
+    with caplog.at_level(logging.INFO, logger="blktap.tapdisk"):
+        serve(body)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 21  # 20, then one saying the rest are not logged

@@ -54,6 +54,9 @@ log = logging.getLogger("blktap.tapdisk")
 
 # How often a disconnect looks again at a paused VBD whose held requests it must drop.
 _STOP_POLL = 0.05
+# Warnings a ring logs about its requests before it goes quiet (a guest sending bad grants
+# at ring speed must not fill the log); the counters go on.
+WARNINGS_PER_RING = 20
 
 
 class BadRequest(Exception):
@@ -135,6 +138,7 @@ class BlkifRing:
         self.dead = False  # disconnected by itself (corrupt ring)
         self.stopped = False
         self._stop_task: asyncio.Task | None = None
+        self._warnings = 0
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -194,6 +198,13 @@ class BlkifRing:
                      "in_flight": self._inflight}
         out.update(self.stats.as_dict())
         return out
+
+    def _warn(self, text: str, *args: object) -> None:
+        self._warnings += 1
+        if self._warnings <= WARNINGS_PER_RING:
+            log.warning("%s: " + text, self.name, *args)
+            if self._warnings == WARNINGS_PER_RING:
+                log.warning("%s: further request warnings are not logged", self.name)
 
     def _unlisten(self) -> None:
         if self._reading:
@@ -377,12 +388,12 @@ class BlkifRing:
         try:
             status = self.grants.copy(self.domid, job.spans, job.slot, 0, to_guest)
         except OSError as exc:  # the ioctl itself (ENOMEM, EFAULT): this request fails
-            log.warning("%s: request %#x: grant copy: %s", self.name, job.req.id, exc)
+            self._warn("request %#x: grant copy: %s", job.req.id, exc)
             return False
         bad = [(i, s) for i, s in enumerate(status) if s]
         if bad:
-            log.warning("%s: request %#x: grant copy %s the guest failed (segment, status): "
-                        "%s", self.name, job.req.id, "to" if to_guest else "from", bad[:4])
+            self._warn("request %#x: grant copy %s the guest failed (segment, status): %s",
+                       job.req.id, "to" if to_guest else "from", bad[:4])
             return False
         return True
 
@@ -416,8 +427,8 @@ class BlkifRing:
             raise
         except (OSError, BlktapError) as exc:
             code = getattr(exc, "errno", None)
-            log.warning("%s: request %#x (op %d, %d bytes at %d): %s", self.name, job.req.id,
-                        job.req.op, job.length, job.offset, exc)
+            self._warn("request %#x (op %d, %d bytes at %d): %s", job.req.id, job.req.op,
+                       job.length, job.offset, exc)
             status = Status.EOPNOTSUPP if code == errno.EOPNOTSUPP else Status.ERROR
         except Exception:  # a bug: this request fails, the ring goes on
             log.exception("%s: request %#x failed", self.name, job.req.id)
