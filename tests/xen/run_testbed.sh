@@ -2,18 +2,17 @@
 # Run the Xen testbed (../shared/xen-testbed) on this tree: stage a payload (src, the test
 # backends, tapdisk/tap-ctl wrappers for dom0's python3) and start run.sh with a backend.
 #
-#   tests/xen/run_testbed.sh [--mini | --tapback] [run.sh options...]
+#   tests/xen/run_testbed.sh [--mini] [run.sh options...]
 #
-# --mini (default): tests/xen/mini_backend.py, a test-only XenStore handshake that hands the
-# ring to our tapdisk (proves the ring alone). --tapback: our tapback (branch tapback).
+# The backend is tests/xen/mini_backend.py, a test-only XenStore handshake that hands the
+# ring to our tapdisk (proves the ring alone); tests/test_xen_guest.py runs tapback.
 # Env: XEN_TESTBED (default /work/shared/xen-testbed), XEN_TESTBED_DIR (the build).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 TESTBED=${XEN_TESTBED:-$ROOT/../../shared/xen-testbed}
 [ -x "$TESTBED/run.sh" ] || TESTBED=/work/shared/xen-testbed
-MODE=mini
-case "${1:-}" in --mini) shift ;; --tapback) MODE=tapback; shift ;; esac
+[ "${1:-}" != --mini ] || shift
 STAGE=$(mktemp -d "${TMPDIR:-/var/tmp}/blktap-payload.XXXXXX")
 trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$STAGE/bin" "$STAGE/tests"
@@ -25,9 +24,5 @@ for tool in tapdisk:blktap.cli.tapdisk tap-ctl:blktap.cli.tap_ctl tapback:blktap
   chmod +x "$STAGE/bin/${tool%%:*}"
 done
 ENV='export PYTHONPATH=/opt/payload/src TAPDISK=/opt/payload/bin/tapdisk PATH=/opt/payload/bin:$PATH BLKTAP_LOG_DIR=$TESTBED_OUT/tapdisk-log;'
-if [ "$MODE" = mini ]; then
-  CMD="$ENV exec python3 /opt/payload/tests/xen/mini_backend.py \$DISK_IMAGE"
-else
-  CMD="$ENV exec python3 /opt/payload/tests/xen/tapback_backend.py \$DISK_IMAGE"
-fi
+CMD="$ENV exec python3 /opt/payload/tests/xen/mini_backend.py \$DISK_IMAGE"
 "$TESTBED/run.sh" --payload "$STAGE" --backend "$CMD" "$@"
