@@ -7,9 +7,12 @@
 # a kernel with its modules when /boot has none).
 set -euo pipefail
 
+# For the Xen guest tests (tests/test_xen_guest.py): what ../shared/xen-testbed/build.sh
+# needs on the host (it would install them itself, but only when run as root).
 packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv
           qemu-system-common nbdkit-plugin-python strace
-          qemu-system-x86 busybox-static gcc libc6-dev cpio kmod xz-utils zstd)
+          qemu-system-x86 busybox-static gcc libc6-dev cpio kmod xz-utils zstd
+          debootstrap e2fsprogs gzip)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || packages+=(linux-image-amd64)
 missing=()
 for p in "${packages[@]}"; do

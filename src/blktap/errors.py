@@ -21,7 +21,9 @@ do (they exit with ``-ret``, an errno), and print ``str(exc)`` as the one-line m
      │    └── EncryptionError        an encrypted image without its key, a wrong key, a key
      │                               for a clear image, a bad key (EINVAL; ENOKEY: wrong key)
      ├── UsageError                  a bad argument from a caller (EINVAL)
-     └── ControlProtocolError        a malformed tapdisk control message (EINVAL; EPROTO)
+     ├── ControlProtocolError        a malformed tapdisk control message (EINVAL; EPROTO)
+     └── XenStoreError               XenStore said no (its errno: ENOENT, EAGAIN, EACCES...),
+                                     or its connection broke (EPIPE, EPROTO)
 """
 
 from __future__ import annotations
@@ -133,3 +135,9 @@ class ControlProtocolError(BlktapError):
         super().__init__(message, errno)
         self.cookie = cookie
         self.msg_type = msg_type
+
+
+class XenStoreError(BlktapError):
+    """A XenStore request failed (the daemon's errno) or the connection to it broke."""
+
+    default_errno = _errno.EIO

@@ -498,6 +498,35 @@ class TapCtl:
         self.detach(tid, minor)
         self.free(minor)
 
+    # ------------------------------------------------------------------ Xen blkif
+    def disk_info(self, tid: int, minor: int, timeout: float | None = QUERY_TIMEOUT) -> m.Image:
+        """DISK_INFO: the size of the disk a minor serves (sectors, sector size, VDISK_*
+        info bits), what tapback tells the guest."""
+        _check_minor(minor)
+        reply = self._exchange(tid, Message(MessageType.DISK_INFO, minor),
+                               MessageType.DISK_INFO_RSP, timeout)
+        assert isinstance(reply.payload, m.Image)
+        return reply.payload
+
+    def xen_connect(self, tid: int, minor: int, blkif: m.Blkif,
+                    timeout: float | None = QUERY_TIMEOUT) -> None:
+        """XENBLKIF_CONNECT: have the tapdisk map a guest's ring and serve ``minor`` on
+        it. EALREADY (that ring is already connected) is raised like any other errno:
+        tapback decides that it is fine."""
+        _check_minor(minor)
+        self._exchange(tid, Message(MessageType.XENBLKIF_CONNECT, minor, blkif),
+                       MessageType.XENBLKIF_CONNECT_RSP, timeout)
+
+    def xen_disconnect(self, tid: int, domid: int, devid: int, minor: int = 0,
+                       timeout: float | None = QUERY_TIMEOUT) -> None:
+        """XENBLKIF_DISCONNECT of the ring of ``domid``/``devid``. The reference sends a
+        zero cookie (its tapdisk finds the ring by domid and devid); we send the minor
+        when we know it, which a tapdisk that looks only at the payload ignores."""
+        _check_minor(minor)
+        self._exchange(tid, Message(MessageType.XENBLKIF_DISCONNECT, minor,
+                                    m.Blkif(domid=domid, devid=devid)),
+                       MessageType.XENBLKIF_DISCONNECT_RSP, timeout)
+
 
 # ----------------------------------------------------------------------------- helpers
 def _deadline(timeout: float | None) -> float | None:

@@ -54,6 +54,9 @@ from blktap.tapdisk.stats import format_stats
 from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD, VbdState
 from blktap.transport.nbd import Export, NbdServer
 from blktap.transport.vhost_user import BlkOptions, VhostUserServer, default_serial
+from blktap.transport.xen import BlkifRing, HostDevices, XenDevices
+from blktap.transport.xen import connect as xen_connect
+from blktap.transport.xen.structs import VDISK_READONLY
 
 log = logging.getLogger("blktap.tapdisk")
 
@@ -105,6 +108,7 @@ class Slot:
     vhost: VhostUserServer | None = None
     owned_marker: bool = False  # allocated by us (--open), freed by us
     was_closed: bool = False
+    blkif: BlkifRing | None = None  # the Xen guest's ring, while connected
 
     @property
     def state(self) -> int:
@@ -134,8 +138,11 @@ def typed_spec(spec: str) -> str:
 
 
 class Tapdisk:
-    def __init__(self, run_dir: RunDir | str | None = None, threads: int = 16) -> None:
+    def __init__(self, run_dir: RunDir | str | None = None, threads: int = 16, *,
+                 xen: XenDevices | None = None) -> None:
         self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        # The grant and event channel devices of XENBLKIF_CONNECT (tests pass stand-ins).
+        self.xen: XenDevices = xen if xen is not None else HostDevices()
         self.pid = os.getpid()
         # KVM guests (vhost-user) measured much faster on threads than on Linux AIO.
         self.engine = ThreadEngine(threads) if self.vhost_options() else best_engine(threads)
@@ -315,10 +322,7 @@ class Tapdisk:
         if t is T.STATS:
             return [Message(T.STATS_RSP, minor, m.Stat(), text=self.stats_text(minor).encode())]
         if t is T.DISK_INFO:
-            slot = self._slot(minor)
-            info = (m.Image(slot.vbd.size // SECTOR, SECTOR, 0) if slot.vbd is not None
-                    else m.Image(0, 0, 0))  # never opened: zeros, as the reference
-            return [Message(T.DISK_INFO_RSP, minor, info)]
+            return [Message(T.DISK_INFO_RSP, minor, self.disk_info(minor))]
         if t is T.ATTACH:
             await self.attach(minor)
             return [Message(T.ATTACH_RSP, minor)]
@@ -341,8 +345,14 @@ class Tapdisk:
             self._check_flags(p.flags & ~(Flag.RDONLY | Flag.NO_O_DIRECT))
             await self.resume(minor, p.path or None)
             return [Message(T.RESUME_RSP, minor)]
-        if t in (T.XENBLKIF_CONNECT, T.XENBLKIF_DISCONNECT):
-            raise BlktapError("the Xen ring transport is not built yet", errno.EOPNOTSUPP)
+        if t is T.XENBLKIF_CONNECT:
+            assert isinstance(req.payload, m.Blkif)
+            await self.xen_connect(minor, req.payload)
+            return [Message(T.XENBLKIF_CONNECT_RSP, minor)]
+        if t is T.XENBLKIF_DISCONNECT:
+            assert isinstance(req.payload, m.Blkif)
+            await self.xen_disconnect(req.payload.domid, req.payload.devid)
+            return [Message(T.XENBLKIF_DISCONNECT_RSP, minor)]
         raise BlktapError(f"{t.label}: not a request tapdisk answers", errno.EINVAL)
 
     # ------------------------------------------------------------------ requests
@@ -449,6 +459,60 @@ class Tapdisk:
                  f", vhost-user at {vhost.path}" if vhost else "")
         return vbd
 
+    # ------------------------------------------------------------------ Xen rings
+    def disk_info(self, minor: int) -> m.Image:
+        """What tapback writes for the frontend: sectors, sector size, VDISK_* bits."""
+        slot = self._slot(minor)
+        if slot.vbd is None:
+            return m.Image(0, 0, 0)  # never opened: zeros, as the reference
+        info = VDISK_READONLY if slot.vbd.read_only else 0
+        return m.Image(slot.vbd.size // SECTOR, SECTOR, info)
+
+    def _ring_of(self, domid: int, devid: int) -> Slot | None:
+        for slot in self.slots.values():
+            if slot.blkif is not None and (slot.blkif.domid, slot.blkif.devid) == (domid, devid):
+                return slot
+        return None
+
+    async def xen_connect(self, minor: int, b: m.Blkif) -> BlkifRing:
+        """Serve the minor's VBD on the guest's ring. EALREADY if that minor, or that
+        guest device, is connected already (tapback tolerates it after a restart)."""
+        slot = self._slot(minor)
+        vbd = self._open_vbd(minor)
+        if slot.blkif is not None and slot.blkif.dead:
+            await self._drop_ring(slot)  # disconnected by itself: a new ring may come
+        if slot.blkif is not None:
+            raise BlktapError(f"minor {minor} is connected to a ring already", errno.EALREADY)
+        other = self._ring_of(b.domid, b.devid)
+        if other is not None:
+            if other.blkif is not None and other.blkif.dead:
+                await self._drop_ring(other)
+            else:
+                raise BlktapError(f"domain {b.domid} device {b.devid} is connected already "
+                                  f"(minor {other.minor})", errno.EALREADY)
+        try:
+            ring = xen_connect(vbd, self.xen, domid=b.domid, devid=b.devid, grefs=b.gref,
+                               order=b.order, proto=b.proto, port=b.port,
+                               name=f"minor {minor} (domain {b.domid} device {b.devid})")
+        except ValueError as exc:
+            raise BlktapError(f"blkif connect: {exc}", errno.EINVAL) from exc
+        slot.blkif = ring
+        return ring
+
+    async def xen_disconnect(self, domid: int, devid: int) -> None:
+        """Stop serving that guest device (found by domid/devid, as the reference):
+        what is in flight finishes, then the ring is unmapped and the channel unbound."""
+        slot = self._ring_of(domid, devid)
+        if slot is None:
+            raise BlktapError(f"domain {domid} device {devid} is not connected", errno.ENODEV)
+        await self._drop_ring(slot)
+
+    @staticmethod
+    async def _drop_ring(slot: Slot) -> None:
+        ring, slot.blkif = slot.blkif, None
+        if ring is not None:
+            await ring.stop()
+
     async def close(self, minor: int, *, force: bool = False) -> None:
         """Stop serving: NBD clients get their requests in flight answered, then are
         disconnected; the stack is closed (a paused one is closed already). Closing a
@@ -462,6 +526,7 @@ class Tapdisk:
                 # Requests held by the pause can never complete: closing the VBD first
                 # fails them (ESHUTDOWN), so the servers' waits for them end.
                 await vbd.close()
+            await self._drop_ring(slot)
             if slot.vhost is not None:
                 await slot.vhost.stop()
             await server.stop()
@@ -535,6 +600,8 @@ class Tapdisk:
                     "reqs_outstanding": 0, "read_caching": "false"}
         out = slot.vbd.stats_dict()
         out["read_caching"] = "false" if slot.params.direct else "true"
+        if slot.blkif is not None:
+            out["xenblkif"] = slot.blkif.stats_dict()
         return out
 
     def stats_text(self, minor: int) -> str:

@@ -24,8 +24,6 @@ import hashlib
 import hmac
 import os
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from blktap.errors import EncryptionError
 
 SECTOR_SIZE = 512
@@ -59,6 +57,11 @@ class XtsCipher:
 
     def __init__(self, key: bytes | bytearray | memoryview) -> None:
         key = check_key(key)
+        # Imported here: hosts that never open an encrypted image (a Xen dom0 running
+        # tapdisk from a plain source tree) need not have the library.
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        self._cipher, self._xts = Cipher, modes.XTS
         # Built once: the key is validated here, not for every sector.
         self._algorithm = algorithms.AES(key)
         self.key_bits = len(key) * 8
@@ -68,11 +71,10 @@ class XtsCipher:
             raise EncryptionError("encryption works on whole sectors", errno.EINVAL)
         if sector < 0:
             raise EncryptionError(f"negative sector {sector}", errno.EINVAL)
-        algorithm = self._algorithm
-        xts = modes.XTS
+        algorithm, cipher_class, xts = self._algorithm, self._cipher, self._xts
         for pos in range(0, len(src), SECTOR_SIZE):
             # One data unit per context is all the library's XTS mode offers.
-            cipher = Cipher(algorithm, xts(plain_iv(sector)))
+            cipher = cipher_class(algorithm, xts(plain_iv(sector)))
             ctx = cipher.encryptor() if encrypt else cipher.decryptor()
             ctx.update_into(src[pos : pos + SECTOR_SIZE], dst[pos : pos + SECTOR_SIZE])
             sector += 1

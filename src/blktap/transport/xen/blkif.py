@@ -1,0 +1,518 @@
+"""One VBD served to a Xen guest over a blkif ring.
+
+    frontend ──ring──► BlkifRing ──► VBD (queue, merge, retry, pause, stats) ──► drivers
+    (blkfront)  ◄─evtchn─   │ grant copy ▲
+                            └─ bounce buffers (one per ring slot, page aligned)
+
+Each request is copied out of the ring, validated, and served through the same VBD as
+NBD's: a write copies the guest's segments into the request's own buffer (one
+IOCTL_GNTDEV_GRANT_COPY for all of them) and then writes; a read reads into the buffer
+and then copies out to the guest's segments. What the VBD's side door can do at once
+(data in memory or the page cache) is answered without a task. Responses written during
+one turn of the event loop are published together, with at most one notification.
+
+Operations: READ, WRITE; WRITE_BARRIER (consumption stops at it; it runs once everything
+before it is done, then its data is written and flushed); FLUSH_DISKCACHE (a VBD flush;
+with data: write, then flush); DISCARD (a VBD discard, a hint; the secure flag gets
+EOPNOTSUPP); INDIRECT (READ or WRITE with up to :data:`MAX_INDIRECT_SEGMENTS` segments
+listed in guest pages that are copied in first). Anything a guest gets wrong in a
+request is answered BLKIF_RSP_ERROR (or EOPNOTSUPP for an operation we do not know);
+a ring whose producer index runs past its size cannot be trusted any more and is
+disconnected (that VBD only), with a log line. Nothing a guest writes can stop tapdisk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections import deque
+from dataclasses import dataclass, fields
+
+from blktap.errors import BlktapError
+from blktap.tapdisk.vbd import VBD, VbdState
+from blktap.transport.xen.evtchn import Notifier
+from blktap.transport.xen.gntdev import Grants, GrantSpan, Mapping, PageBuffers, Slot
+from blktap.transport.xen.ring import BackRing, RingCorrupt
+from blktap.transport.xen.structs import (
+    DISCARD_SECURE,
+    MAX_INDIRECT_PAGES,
+    MAX_INDIRECT_SEGMENTS,
+    MAX_SEGMENTS,
+    PAGE,
+    SECTOR,
+    SECTORS_PER_PAGE,
+    SEGMENTS_PER_INDIRECT_PAGE,
+    Abi,
+    Op,
+    Request,
+    Status,
+    parse_segments,
+)
+
+log = logging.getLogger("blktap.tapdisk")
+
+# How often a disconnect looks again at a paused VBD whose held requests it must drop.
+_STOP_POLL = 0.05
+# Warnings a ring logs about its requests before it goes quiet (a guest sending bad grants
+# at ring speed must not fill the log); the counters go on.
+WARNINGS_PER_RING = 20
+
+
+class BadRequest(Exception):
+    """The guest sent a request we answer with an error status (never raised out)."""
+
+    def __init__(self, why: str, status: int = Status.ERROR) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+@dataclass
+class BlkifStats:
+    """Per-ring counters (what the ring saw; the VBD counts the I/O)."""
+
+    events: int = 0  # notifications from the frontend
+    notifies: int = 0  # notifications to the frontend
+    reads: int = 0
+    writes: int = 0
+    barriers: int = 0
+    flushes: int = 0
+    discards: int = 0
+    indirect: int = 0
+    segments: int = 0
+    max_segments: int = 0  # the largest request seen, in segments
+    errors: int = 0  # answered BLKIF_RSP_ERROR
+    unsupported: int = 0  # answered BLKIF_RSP_EOPNOTSUPP
+    side_door: int = 0  # served at once, without a task
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(eq=False)
+class Job:
+    """A validated request: what to do, where, with which guest pages."""
+
+    req: Request
+    op: int  # READ, WRITE, WRITE_BARRIER, FLUSH_DISKCACHE, DISCARD (inner op if indirect)
+    offset: int = 0
+    length: int = 0
+    spans: list[GrantSpan] | None = None
+    slot: Slot | None = None
+    copied: bool = False  # the guest's data is in the buffer already (writes)
+
+
+class BlkifRing:
+    """One connected ring: consumes its requests, serves them from ``vbd``, answers."""
+
+    def __init__(self, vbd: VBD, grants: Grants, notifier: Notifier, mapping: Mapping,
+                 abi: Abi, order: int, *, domid: int, devid: int,
+                 max_indirect: int = MAX_INDIRECT_SEGMENTS, name: str = "") -> None:
+        self.vbd = vbd
+        self.grants = grants
+        self.notifier = notifier
+        self.mapping = mapping
+        self.abi = abi
+        self.order = order
+        self.domid = domid
+        self.devid = devid
+        self.name = name or f"blkif {domid}/{devid}"
+        self.max_indirect = min(max_indirect, MAX_INDIRECT_PAGES * SEGMENTS_PER_INDIRECT_PAGE)
+        self.ring = BackRing(mapping.view, abi, order)
+        self.stats = BlkifStats()
+        self.loop = asyncio.get_running_loop()
+        # One bounce buffer per slot: at most ring-size requests are ever unanswered.
+        per_request = max(MAX_SEGMENTS, self.max_indirect) * PAGE
+        self.buffers = PageBuffers(self.ring.size, per_request)
+        self._tasks: set[asyncio.Task] = set()
+        self._inflight = 0
+        self._idle = asyncio.Event()  # nothing in flight
+        self._idle.set()
+        self._one_left = asyncio.Event()  # at most one request in flight (a barrier's wait)
+        self._one_left.set()
+        self._backlog: deque[Request] = deque()  # consumed, waiting for a barrier to end
+        self._barrier = False  # a barrier is pending: consume nothing more
+        self._push_scheduled = False
+        self._reading = False
+        self._stopping = False
+        self.dead = False  # disconnected by itself (corrupt ring)
+        self.stopped = False
+        self._stop_task: asyncio.Task | None = None
+        self._warnings = 0
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        self.loop.add_reader(self.notifier.fileno(), self._on_event)
+        self._reading = True
+        log.info("%s: connected (%s, %d-page ring of %d slots, up to %d segments)",
+                 self.name, self.abi.name, 1 << self.order, self.ring.size,
+                 self.max_indirect)
+        self._service()  # requests queued before we listened
+
+    async def stop(self) -> None:
+        """Disconnect: consume nothing more, let what is in flight finish (requests
+        held by a paused VBD are dropped: the guest is going away), publish the last
+        responses, unmap the ring and unbind the channel. Idempotent."""
+        if self._stop_task is None:
+            self._stop_task = self.loop.create_task(self._stop())
+        await asyncio.shield(self._stop_task)
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        self._unlisten()
+        while self._inflight:
+            if self.vbd.state & VbdState.PAUSED or self.vbd.state & VbdState.CLOSED:
+                # Nothing of ours is at a driver: the rest wait for a resume.
+                for task in list(self._tasks):
+                    task.cancel()
+            try:
+                await asyncio.wait_for(self._idle.wait(), _STOP_POLL)
+            except TimeoutError:
+                pass
+        if not self.dead:
+            try:
+                self._push()
+            except (OSError, RingCorrupt) as exc:
+                log.warning("%s: last responses: %s", self.name, exc)
+        for what, close in (("ring", self.mapping.close), ("grant device", self.grants.close),
+                            ("event channel", self.notifier.close)):
+            try:
+                close()
+            except (OSError, BufferError) as exc:
+                log.warning("%s: releasing the %s: %s", self.name, what, exc)
+        self.stopped = True
+        log.info("%s: disconnected (%s)", self.name, self.summary())
+
+    def summary(self) -> str:
+        st = self.stats
+        return (f"{self.ring.requests} requests: {st.reads} reads, {st.writes} writes, "
+                f"{st.flushes} flushes, {st.barriers} barriers, {st.discards} discards, "
+                f"{st.indirect} indirect, {st.errors} errors, {st.unsupported} unsupported; "
+                f"largest {st.max_segments} segments; {st.events} events in, "
+                f"{st.notifies} out")
+
+    def stats_dict(self) -> dict:
+        out: dict = {"domid": self.domid, "devid": self.devid, "protocol": self.abi.name,
+                     "ring_pages": 1 << self.order, "ring_size": self.ring.size,
+                     "requests": self.ring.requests, "responses": self.ring.responses,
+                     "in_flight": self._inflight}
+        out.update(self.stats.as_dict())
+        return out
+
+    def _warn(self, text: str, *args: object) -> None:
+        self._warnings += 1
+        if self._warnings <= WARNINGS_PER_RING:
+            log.warning("%s: " + text, self.name, *args)
+            if self._warnings == WARNINGS_PER_RING:
+                log.warning("%s: further request warnings are not logged", self.name)
+
+    def _unlisten(self) -> None:
+        if self._reading:
+            self._reading = False
+            self.loop.remove_reader(self.notifier.fileno())
+
+    def _fail(self, why: str) -> None:
+        """The ring cannot be trusted: disconnect this VBD only."""
+        if self.dead or self._stopping:
+            return
+        self.dead = True
+        log.error("%s: %s; disconnecting this ring", self.name, why)
+        self._unlisten()
+        self._stop_task = self.loop.create_task(self._stop())
+
+    # ------------------------------------------------------------------ consuming
+    def _on_event(self) -> None:
+        self.stats.events += 1
+        try:
+            self.notifier.clear()
+        except OSError as exc:
+            self._fail(f"event channel: {exc}")
+            return
+        self._service()
+
+    def _service(self) -> None:
+        """Consume and start what the ring holds, until it is empty (and the frontend
+        asked for an event on the next request) or a barrier stops us."""
+        try:
+            while not self._stopping and not self._barrier:
+                if self._backlog:
+                    reqs = list(self._backlog)
+                    self._backlog.clear()
+                else:
+                    reqs = self.ring.take()
+                for i, req in enumerate(reqs):
+                    self._dispatch(req)
+                    if self._barrier:
+                        self._backlog.extend(reqs[i + 1:])
+                        break
+                if self._barrier or self._backlog:
+                    break
+                if not self.ring.final_check():
+                    break
+        except RingCorrupt as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # a bug: this ring stops, tapdisk goes on
+            log.exception("%s: serving the ring failed", self.name)
+            self._fail(f"{type(exc).__name__}: {exc}")
+
+    def _dispatch(self, req: Request) -> None:
+        try:
+            job = self._prepare(req)
+        except BadRequest as bad:
+            self._count_failure(bad.status)
+            log.debug("%s: request %#x (op %d): %s", self.name, req.id, req.op, bad)
+            self._respond(req, bad.status)
+            return
+        op = job.op
+        if op == Op.WRITE_BARRIER:
+            self._barrier = True
+        elif op in (Op.READ, Op.WRITE) and self._serve_now(job):
+            return
+        self._begin(job)
+
+    def _begin(self, job: Job) -> None:
+        self._inflight += 1
+        self._idle.clear()
+        if self._inflight > 1:
+            self._one_left.clear()
+        task = self.loop.create_task(self._run(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ validation
+    def _prepare(self, req: Request) -> Job:
+        op = req.op
+        st = self.stats
+        if op in (Op.READ, Op.WRITE):
+            if not 1 <= req.nr_segments <= MAX_SEGMENTS:
+                raise BadRequest(f"{req.nr_segments} segments")
+            return self._rw_job(req, op, req.segments)
+        if op in (Op.WRITE_BARRIER, Op.FLUSH_DISKCACHE):
+            if req.nr_segments > MAX_SEGMENTS:
+                raise BadRequest(f"{req.nr_segments} segments")
+            if op == Op.WRITE_BARRIER:
+                st.barriers += 1
+            else:
+                st.flushes += 1
+            if not req.nr_segments:
+                return Job(req, op)
+            return self._rw_job(req, op, req.segments)
+        if op == Op.DISCARD:
+            st.discards += 1
+            if req.flag & DISCARD_SECURE:
+                raise BadRequest("secure discard", Status.EOPNOTSUPP)
+            self._check_range(req.sector, req.nr_sectors)
+            self._check_writable()
+            return Job(req, op, req.sector * SECTOR, req.nr_sectors * SECTOR)
+        if op == Op.INDIRECT:
+            st.indirect += 1
+            if req.indirect_op not in (Op.READ, Op.WRITE):
+                raise BadRequest(f"indirect operation {req.indirect_op}")
+            if not 1 <= req.nr_segments <= self.max_indirect:
+                raise BadRequest(f"{req.nr_segments} indirect segments (at most "
+                                 f"{self.max_indirect})")
+            return self._indirect_job(req)
+        raise BadRequest(f"operation {op}", Status.EOPNOTSUPP)
+
+    def _check_range(self, sector: int, count: int) -> None:
+        size = self.vbd.size
+        if sector * SECTOR > size or count * SECTOR > size - sector * SECTOR:
+            raise BadRequest(f"{count} sectors at {sector}: past the end ({size // SECTOR})")
+
+    def _check_writable(self) -> None:
+        if self.vbd.read_only:
+            raise BadRequest("write to a read-only disk")
+
+    def _spans(self, segments: list[tuple[int, int, int]]) -> tuple[list[GrantSpan], int]:
+        spans = []
+        total = 0
+        for gref, first, last in segments:
+            if first > last or last >= SECTORS_PER_PAGE:
+                raise BadRequest(f"segment of sectors {first}..{last}")
+            n = (last - first + 1) * SECTOR
+            spans.append((gref, first * SECTOR, n))
+            total += n
+        return spans, total
+
+    def _rw_job(self, req: Request, op: int, segments: list[tuple[int, int, int]]) -> Job:
+        spans, total = self._spans(segments)
+        self._check_range(req.sector, total // SECTOR)
+        if op != Op.READ:
+            self._check_writable()
+        self._count_rw(op, len(spans))
+        return Job(req, op, req.sector * SECTOR, total, spans)
+
+    def _count_rw(self, op: int, nseg: int) -> None:
+        st = self.stats
+        if op == Op.READ:
+            st.reads += 1
+        elif op == Op.WRITE:
+            st.writes += 1
+        st.segments += nseg
+        if nseg > st.max_segments:
+            st.max_segments = nseg
+
+    def _indirect_job(self, req: Request) -> Job:
+        """Copy the indirect pages in (into the request's own buffer, which the data
+        overwrites later), then treat the segments listed there as a READ/WRITE's."""
+        nseg = req.nr_segments
+        pages = -(-nseg // SEGMENTS_PER_INDIRECT_PAGE)
+        slot = self.buffers.get()
+        try:
+            try:
+                status = self.grants.copy(self.domid, [(g, 0, PAGE) for g in
+                                                       req.indirect_grefs[:pages]],
+                                          slot, 0, False)
+            except OSError as exc:
+                raise BadRequest(f"indirect page: grant copy: {exc}") from None
+            if any(status):
+                raise BadRequest(f"indirect page: grant copy status {status}")
+            segments = parse_segments(bytes(slot.view[:nseg * 8]), nseg)
+            job = self._rw_job(req, req.indirect_op, segments)
+        except BaseException:
+            self.buffers.put(slot)
+            raise
+        job.slot = slot
+        return job
+
+    def _count_failure(self, status: int) -> None:
+        if status == Status.EOPNOTSUPP:
+            self.stats.unsupported += 1
+        else:
+            self.stats.errors += 1
+
+    # ------------------------------------------------------------------ data
+    def _copy(self, job: Job, to_guest: bool) -> bool:
+        """Move a request's data between the guest's segments and its buffer."""
+        assert job.slot is not None and job.spans is not None
+        try:
+            status = self.grants.copy(self.domid, job.spans, job.slot, 0, to_guest)
+        except OSError as exc:  # the ioctl itself (ENOMEM, EFAULT): this request fails
+            self._warn("request %#x: grant copy: %s", job.req.id, exc)
+            return False
+        bad = [(i, s) for i, s in enumerate(status) if s]
+        if bad:
+            self._warn("request %#x: grant copy %s the guest failed (segment, status): %s",
+                       job.req.id, "to" if to_guest else "from", bad[:4])
+            return False
+        return True
+
+    def _serve_now(self, job: Job) -> bool:
+        """The side door: a read or write the VBD can do at once, answered at once."""
+        if job.slot is None:
+            job.slot = self.buffers.get()
+        view = job.slot.view[:job.length]
+        if job.op == Op.WRITE:
+            if not self._copy(job, False):
+                self._done(job, Status.ERROR)
+                return True
+            job.copied = True
+            if not self.vbd.write_now(job.offset, view):
+                return False
+        elif not self.vbd.read_now(job.offset, view):
+            return False
+        elif not self._copy(job, True):
+            self._done(job, Status.ERROR)
+            return True
+        self.stats.side_door += 1
+        self._done(job, Status.OKAY)
+        return True
+
+    async def _run(self, job: Job) -> None:
+        status: int = Status.ERROR
+        try:
+            status = await self._execute(job)
+        except asyncio.CancelledError:
+            self._release(job)
+            raise
+        except (OSError, BlktapError) as exc:
+            code = getattr(exc, "errno", None)
+            self._warn("request %#x (op %d, %d bytes at %d): %s", job.req.id, job.req.op,
+                       job.length, job.offset, exc)
+            status = Status.EOPNOTSUPP if code == errno.EOPNOTSUPP else Status.ERROR
+        except Exception:  # a bug: this request fails, the ring goes on
+            log.exception("%s: request %#x failed", self.name, job.req.id)
+        finally:
+            self._inflight -= 1
+            if self._inflight <= 1:
+                self._one_left.set()
+            if not self._inflight:
+                self._idle.set()
+        self._done(job, status)
+        if job.op == Op.WRITE_BARRIER:
+            self._barrier = False
+            if not self._stopping:
+                self._service()
+
+    async def _execute(self, job: Job) -> int:
+        op = job.op
+        vbd = self.vbd
+        if op == Op.WRITE_BARRIER:
+            await self._drain_others()
+        if op == Op.DISCARD:
+            await vbd.discard(job.offset, job.length)
+            return Status.OKAY
+        if job.length:
+            if job.slot is None:
+                job.slot = self.buffers.get()
+            view = job.slot.view[:job.length]
+            if op == Op.READ:
+                await vbd.read(job.offset, view)
+                return Status.OKAY if self._copy(job, True) else Status.ERROR
+            if not job.copied:
+                if not self._copy(job, False):
+                    return Status.ERROR
+                job.copied = True
+            await vbd.write(job.offset, view)
+        if op in (Op.WRITE_BARRIER, Op.FLUSH_DISKCACHE):
+            await vbd.flush()
+        return Status.OKAY
+
+    async def _drain_others(self) -> None:
+        """Wait until the barrier is the only request of this ring in flight."""
+        while self._inflight > 1:
+            self._one_left.clear()
+            await self._one_left.wait()
+
+    # ------------------------------------------------------------------ responses
+    def _release(self, job: Job) -> None:
+        if job.slot is not None:
+            self.buffers.put(job.slot)
+            job.slot = None
+
+    def _done(self, job: Job, status: int) -> None:
+        self._release(job)
+        if status == Status.ERROR:
+            self.stats.errors += 1
+        elif status == Status.EOPNOTSUPP:
+            self.stats.unsupported += 1
+        self._respond(job.req, status)
+
+    def _respond(self, req: Request, status: int) -> None:
+        if self.dead:
+            return
+        try:
+            self.ring.put_response(req.id, req.response_op, status)
+        except RingCorrupt as exc:
+            self._fail(str(exc))
+            return
+        if not self._push_scheduled:
+            self._push_scheduled = True
+            self.loop.call_soon(self._push_soon)
+
+    def _push_soon(self) -> None:
+        self._push_scheduled = False
+        if self.dead or self.stopped:
+            return
+        try:
+            self._push()
+        except OSError as exc:
+            self._fail(f"notify: {exc}")
+
+    def _push(self) -> None:
+        if self.ring.push():
+            self.stats.notifies += 1
+            self.notifier.notify()
+
+
+__all__ = ["BlkifRing", "BlkifStats"]

@@ -1,0 +1,298 @@
+"""Real Xen guests on our backend: the xen testbed (Xen 4.17 + Debian 12 dom0 + a busybox
+PV domU under QEMU/TCG, ``$SHARED/xen-testbed``, see its README).
+
+In dom0 the backend command installs our hotplug script as the testbed's
+``block-userspace`` (libxl runs it after InitWait: ``tap-ctl create`` of the guest's disk,
+``physical-device-path``, ``hotplug-status``; on removal it destroys the tapdisk) and runs
+``tapback -d -n vbd``. The data path is our tapdisk's blkif ring. dom0 has Python 3.11 and
+no pip, so the payload is the source tree (``PYTHONPATH=/opt/payload/src``).
+
+Slow (a minute or more each); the session fixture builds the testbed once
+(``XEN_TESTBED_DIR``, default /var/tmp/xen-testbed; needs root the first time) and skips
+with the reason when it cannot.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SHARED
+
+pytestmark = pytest.mark.slow
+TESTBED = SHARED / "xen-testbed"
+BUILD_TIMEOUT = 1800
+RUN_TIMEOUT = 1200
+
+# Run in dom0 by `setsid bash -c` (dom0 has no pip: wrappers stand for the console scripts).
+PREP = r"""
+set -e
+export PYTHONPATH=/opt/payload/src TAPDISK=/usr/local/bin/tapdisk
+for cmd in tapdisk:tapdisk tap-ctl:tap_ctl tapback:tapback blktap-xen-hotplug:xen_hotplug; do
+  printf '#!/bin/sh\nPYTHONPATH=/opt/payload/src exec python3 -m blktap.cli.%s "$@"\n' \
+    "${cmd#*:}" > /usr/local/bin/${cmd%%:*}
+  chmod 755 /usr/local/bin/${cmd%%:*}
+done
+"""
+# tapback in the foreground until the rig's SIGTERM (which reaches it too: exit 0). A tapdisk
+# the command created is left running: its writes are on disk (O_DIRECT, flushed), and
+# starting tap-ctl to destroy it could outlast the rig's 10 s before SIGKILL.
+SERVE = r"""
+exec python3 -m blktap.cli.tapback -d -v -n vbd --ready-file "$BACKEND_READY_FILE"
+"""
+# The tapdisk is created before the guest (tap-ctl create, as sm does on XenServer) and the
+# hotplug script only names it: the rig's TCG dom0 can be too slow under load to start
+# Python twice within libxl's 40 s hotplug limit.
+BACKEND_CMD = PREP + r"""
+tap-ctl create -a aio:$DISK_IMAGE >/dev/null
+set -- $(tap-ctl list | head -n 1)
+tid=${1#pid=} minor=${2#minor=}
+echo "backend: tapdisk $tid minor $minor serves $DISK_IMAGE"
+cat > /etc/xen/scripts/block-userspace <<HOTPLUG
+#!/bin/sh
+[ "\$1" = add ] || exit 0
+xenstore-write "\$XENBUS_PATH/physical-device-path" /run/blktap-control/nbd$tid.$minor \
+  "\$XENBUS_PATH/hotplug-status" connected
+HOTPLUG
+""" + SERVE
+# Our hotplug script in the testbed's hook: it creates (and at the end destroys) the tapdisk.
+BACKEND_CMD_HOTPLUG = PREP + r"""
+cat > /etc/xen/scripts/block-userspace <<HOTPLUG
+#!/bin/sh
+export TAPDISK=/usr/local/bin/tapdisk PATH=/usr/local/bin:\$PATH
+exec /usr/local/bin/blktap-xen-hotplug "\$@" 2>>$TESTBED_OUT/hotplug.log
+HOTPLUG
+chmod 755 /etc/xen/scripts/block-userspace
+""" + SERVE
+# As BACKEND_CMD, but tapback is stopped once the guest is connected and started again while
+# the guest does its I/O: the new one must take the VBD over (and close it at the end).
+BACKEND_CMD_RESTART = BACKEND_CMD.replace(SERVE, r"""
+set +e
+python3 -m blktap.cli.tapback -d -v -n vbd --ready-file "$BACKEND_READY_FILE" &
+pid=$!
+until xenstore-ls -f /local/domain/0/backend/vbd 2>/dev/null | grep -q '/state = "4"'; do
+  sleep 0.2
+done
+kill -TERM $pid; wait $pid
+echo "backend: tapback stopped with status $?, starting it again"
+python3 -m blktap.cli.tapback -d -v -n vbd &
+pid=$!
+trap 'kill -TERM $pid 2>/dev/null; wait $pid; exit 0' TERM
+wait $pid
+""")
+
+# The custom workload. Modules for ext2 (through ext4.ko: the domU kernel has no file system
+# built in) come appended as base64 after the marker line.
+GUEST_SCRIPT = r"""#!/bin/busybox sh
+DEV=$1
+FAILED=0
+ok() { echo "DOMU-RESULT ok $*"; }
+bad() { echo "DOMU-RESULT FAIL $*"; FAILED=1; }
+q=/sys/block/xvda/queue
+# 1. blkfront again, asking for a multi-page ring and indirect segments
+rmmod xen_blkfront 2>/dev/null
+insmod /lib/modules/xen-blkfront.ko max_ring_page_order=3 max_indirect_segments=256 \
+  || bad "insmod xen-blkfront with parameters"
+i=0; while [ ! -b $DEV ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
+[ -b $DEV ] || { bad "no $DEV after reloading blkfront"; exit 1; }
+wc=$(cat $q/write_cache); ms=$(cat $q/max_segments); dm=$(cat $q/discard_max_bytes)
+echo "DOMU: write_cache=$wc max_segments=$ms discard_max_bytes=$dm" \
+     "max_hw_sectors_kb=$(cat $q/max_hw_sectors_kb)"
+[ "$wc" = "write back" ] && ok "write-back cache" || bad "write_cache=$wc"
+[ "$ms" -gt 11 ] && ok "max_segments=$ms" || bad "max_segments=$ms (no indirect)"
+[ "$dm" -gt 0 ] && ok "discard offered" || bad "discard_max_bytes=$dm"
+# 2. ext2 on the first 32 MiB: files, sync, remount, md5
+mkdir -p /tmp/m /mnt
+sed '1,/^__MODULES__$/d' "$0" | base64 -d | gunzip | tar -x -C /tmp/m || bad "unpack modules"
+for k in crc16 mbcache jbd2 crc32c_generic ext4; do insmod /tmp/m/$k.ko 2>/dev/null; done
+mke2fs -b 1024 $DEV 32768 >/dev/null 2>&1 || bad mke2fs
+mount -t ext2 $DEV /mnt || { bad "mount ext2"; exit 1; }
+for f in 1:4096 2:102400 3:1048576 4:3145728; do
+  n=${f%%:*}; size=${f#*:}
+  yes "blktap file $n" | head -c $size > /tmp/f$n
+  dd if=/tmp/f$n of=/mnt/f$n bs=1M conv=fsync 2>/dev/null || bad "write f$n"
+done
+(cd /tmp && md5sum f1 f2 f3 f4) > /tmp/sums
+sync
+umount /mnt || bad umount
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext2 $DEV /mnt || bad "mount again"
+(cd /mnt && md5sum -c /tmp/sums) && ok "files after remount" || bad "md5 after remount"
+umount /mnt
+# 3. discard a range past the file system
+dd if=/dev/zero bs=1M count=4 2>/dev/null | tr '\0' 'D' \
+  | dd of=$DEV bs=1M seek=40 conv=fsync 2>/dev/null
+blkdiscard -o $((40 << 20)) -l $((4 << 20)) $DEV && ok "blkdiscard" || bad "blkdiscard"
+z=$(dd if=$DEV bs=1M skip=40 count=4 2>/dev/null | tr -d '\0' | wc -c)
+echo "DOMU: after discard $z non-zero bytes in the range"
+sync
+exit $FAILED
+__MODULES__
+"""
+MODULES = ["lib/crc16.ko", "fs/mbcache.ko", "fs/jbd2/jbd2.ko", "crypto/crc32c_generic.ko",
+           "fs/ext4/ext4.ko"]
+FILES = {n: (f"blktap file {n}\n" * (size // 13 + 1)).encode()[:size]
+         for n, size in ((1, 4096), (2, 102400), (3, 1048576), (4, 3145728))}
+
+
+@pytest.fixture(scope="session")
+def testbed() -> Path:
+    if not (TESTBED / "run.sh").exists():
+        pytest.skip(f"no xen testbed at {TESTBED}")
+    if not os.environ.get("XEN_TESTBED_DIR") and os.path.exists("/var/tmp"):
+        work = Path("/var/tmp/xen-testbed")
+    else:
+        work = Path(os.environ.get("XEN_TESTBED_DIR", ROOT / ".xen-testbed"))
+    if not (work / ".built").exists():
+        if os.geteuid() != 0:
+            pytest.skip(f"the xen testbed is not built in {work} and building needs root")
+        env = dict(os.environ, XEN_TESTBED_DIR=str(work))
+        try:
+            r = subprocess.run([str(TESTBED / "build.sh")], env=env, capture_output=True,
+                               text=True, timeout=BUILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"building the xen testbed took over {BUILD_TIMEOUT} s")
+        if r.returncode != 0:
+            pytest.skip("the xen testbed did not build: " + (r.stdout + r.stderr)[-1500:])
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is missing (the testbed's build.sh installs it)")
+    return work
+
+
+@pytest.fixture(scope="session")
+def payload(tmp_path_factory) -> Path:
+    """The source tree alone (no venv, no caches), as dom0 gets it."""
+    d = tmp_path_factory.mktemp("payload")
+    shutil.copytree(ROOT / "src", d / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def guest_script(testbed, tmp_path_factory) -> Path:
+    kv = (testbed / "kernel-version").read_text().strip()
+    mods = testbed / "rootfs" / "lib" / "modules" / kv / "kernel"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for rel in MODULES:
+            tar.add(mods / rel, arcname=os.path.basename(rel))
+    text = GUEST_SCRIPT + base64.encodebytes(buf.getvalue()).decode()
+    path = tmp_path_factory.mktemp("guest") / "guest.sh"
+    path.write_text(text)
+    return path
+
+
+def run_testbed(testbed: Path, out: Path, scenario: str, *, payload: Path | None = None,
+                backend: str | None = None, guest: Path | None = None,
+                image: Path | None = None) -> tuple[int, str]:
+    cmd = [str(TESTBED / "run.sh"), "--scenario", scenario, "--out", str(out),
+           "--domu-timeout", "300", "--backend-wait", "120"]
+    if payload is not None:
+        cmd += ["--payload", str(payload)]
+    if backend is not None:
+        cmd += ["--backend", backend]
+    if guest is not None:
+        cmd += ["--guest-script", str(guest)]
+    if image is not None:
+        cmd += ["--image", str(image)]
+    env = dict(os.environ, XEN_TESTBED_DIR=str(testbed))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    return r.returncode, r.stdout + r.stderr
+
+
+def explain(out: Path, text: str) -> str:
+    parts = [text[-3000:]]
+    for name in ("out/backend.log", "out/hotplug.log", "out/domU-console.log",
+                 "out/xenstore-last.txt"):
+        p = out / name
+        if p.exists():
+            parts.append(f"--- {name}\n" + p.read_text(errors="replace")[-3000:])
+    return "\n".join(parts)
+
+
+def xenstore_keys(out: Path) -> dict[str, str]:
+    """The last XenStore picture of the vbd: 'backend/KEY' and 'frontend/KEY' -> value."""
+    keys: dict[str, str] = {}
+    p = out / "out" / "xenstore-last.txt"
+    for line in p.read_text().splitlines() if p.exists() else []:
+        hit = re.match(r'(/local/domain/\d+/(?:backend/vbd/\d+|device/vbd)/\d+)/(\S+) = "(.*)"',
+                       line)
+        if hit:
+            side = "backend" if "/backend/" in hit.group(1) else "frontend"
+            keys[f"{side}/{hit.group(2)}"] = hit.group(3)
+    return keys
+
+
+def disk_image(tmp_path: Path, mib: int = 64) -> Path:
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(mib << 20)
+    return img
+
+
+def check_files_in_image(img: Path) -> None:
+    """The ext2 file system the guest made holds what it wrote (read on the host)."""
+    if shutil.which("debugfs") is None and not os.path.exists("/sbin/debugfs"):
+        return
+    debugfs = shutil.which("debugfs") or "/sbin/debugfs"
+    for n, data in FILES.items():
+        r = subprocess.run([debugfs, "-R", f"cat /f{n}", str(img)], capture_output=True)
+        assert hashlib.md5(r.stdout).hexdigest() == hashlib.md5(data).hexdigest(), f"f{n}"
+
+
+# ----------------------------------------------------------------------------- tests
+def test_userspace_pv_default_workload(testbed, payload, tmp_path):
+    out = tmp_path / "run"
+    rc, text = run_testbed(testbed, out, "userspace-pv", payload=payload, backend=BACKEND_CMD)
+    assert rc == 0, explain(out, text)
+    keys = xenstore_keys(out)
+    assert keys.get("backend/state") == "4" and keys.get("frontend/state") == "4", keys
+    assert keys.get("backend/feature-flush-cache") == "1"
+    assert keys.get("backend/physical-device-path", "").startswith("/run/blktap-control/nbd")
+
+
+def test_userspace_pv_with_our_hotplug_script(testbed, payload, tmp_path):
+    out = tmp_path / "run"
+    rc, text = run_testbed(testbed, out, "userspace-pv", payload=payload,
+                           backend=BACKEND_CMD_HOTPLUG)
+    assert rc == 0, explain(out, text)
+    keys = xenstore_keys(out)
+    assert keys.get("backend/hotplug-status") == "connected", keys
+    assert keys.get("backend/pid") and keys.get("backend/minor"), keys
+
+
+def test_blkback_kernel_guest_script_baseline(testbed, guest_script, tmp_path):
+    out = tmp_path / "run"
+    img = disk_image(tmp_path)
+    rc, text = run_testbed(testbed, out, "blkback-kernel", guest=guest_script, image=img)
+    assert rc == 0, explain(out, text)
+    check_files_in_image(out / "disk.img")
+
+
+def test_userspace_pv_guest_script(testbed, payload, guest_script, tmp_path):
+    out = tmp_path / "run"
+    img = disk_image(tmp_path)
+    rc, text = run_testbed(testbed, out, "userspace-pv", payload=payload, backend=BACKEND_CMD,
+                           guest=guest_script, image=img)
+    assert rc == 0, explain(out, text)
+    keys = xenstore_keys(out)
+    assert keys.get("frontend/ring-page-order") == "3", keys
+    check_files_in_image(out / "disk.img")
+
+
+def test_userspace_pv_tapback_restart_while_the_guest_runs(testbed, payload, tmp_path):
+    out = tmp_path / "run"
+    rc, text = run_testbed(testbed, out, "userspace-pv", payload=payload,
+                           backend=BACKEND_CMD_RESTART)
+    assert rc == 0, explain(out, text)
+    log = (out / "out" / "backend.log").read_text(errors="replace")
+    assert "starting it again" in log and "taken over as init-wait" in log, log[-3000:]
