@@ -4,11 +4,11 @@
 # For bench/run.py: qemu-storage-daemon (in qemu-system-common on Debian 12) and nbdkit's
 # Python plugin. For the vhost-user guest tests (shared/guest-testbed): QEMU itself, and what
 # its build.sh needs to make the tiny guest (static busybox, gcc for blkbench, cpio, kmod and
-# a kernel with its modules when /boot has none).
+# a kernel with its modules when /boot has none). For the Xen guest tests: what
+# ../shared/xen-testbed/build.sh needs on the host (it would install them itself, but only
+# when run as root).
 set -euo pipefail
 
-# For the Xen guest tests (tests/test_xen_guest.py): what ../shared/xen-testbed/build.sh
-# needs on the host (it would install them itself, but only when run as root).
 packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv
           qemu-system-common nbdkit-plugin-python strace
           qemu-system-x86 busybox-static gcc libc6-dev cpio kmod xz-utils zstd
