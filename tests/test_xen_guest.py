@@ -37,10 +37,12 @@ RUN_TIMEOUT = 1200
 PREP = r"""
 set -e
 export PYTHONPATH=/opt/payload/src TAPDISK=/usr/local/bin/tapdisk
-for cmd in tapdisk:tapdisk tap-ctl:tap_ctl tapback:tapback blktap-xen-hotplug:xen_hotplug; do
-  printf '#!/bin/sh\nPYTHONPATH=/opt/payload/src exec python3 -m blktap.cli.%s "$@"\n' \
-    "${cmd#*:}" > /usr/local/bin/${cmd%%:*}
-  chmod 755 /usr/local/bin/${cmd%%:*}
+for cmd in tapdisk:tapdisk tap-ctl:tap_ctl tapback:tapback blktap-xen-hotplug:xen_hotplug \
+           vhd-util:vhd_util; do
+  mod=${cmd#*:} name=${cmd%%:*}
+  printf '#!/bin/sh\nPYTHONPATH=/opt/payload/src exec python3 -c "%s" "$@"\n' \
+    "import sys; from blktap.cli.$mod import main; sys.exit(main())" > /usr/local/bin/$name
+  chmod 755 /usr/local/bin/$name
 done
 """
 # tapback in the foreground until the rig's SIGTERM (which reaches it too: exit 0). A tapdisk
@@ -73,6 +75,23 @@ exec /usr/local/bin/blktap-xen-hotplug "\$@" 2>>$TESTBED_OUT/hotplug.log
 HOTPLUG
 chmod 755 /etc/xen/scripts/block-userspace
 """ + SERVE
+# A VHD chain (base <- leaf) in $TESTBED_OUT (so that it comes back to the host), and a live
+# snapshot while the guest writes: pause, vhd-util snapshot, unpause onto the new leaf.
+BACKEND_CMD_VHD = BACKEND_CMD.replace("aio:$DISK_IMAGE", "vhd:$TESTBED_OUT/leaf.vhd").replace(
+    "tap-ctl create", r"""vhd-util create -n $TESTBED_OUT/base.vhd -s 64
+vhd-util snapshot -n $TESTBED_OUT/leaf.vhd -p $TESTBED_OUT/base.vhd
+tap-ctl create""", 1).replace(SERVE, r"""
+(
+  until xenstore-ls -f /local/domain/0/backend/vbd 2>/dev/null | grep -q '/state = "4"'; do
+    sleep 0.2
+  done
+  sleep 5
+  tap-ctl pause -p $tid -m $minor
+  vhd-util snapshot -n $TESTBED_OUT/snap.vhd -p $TESTBED_OUT/leaf.vhd
+  tap-ctl unpause -p $tid -m $minor -a vhd:$TESTBED_OUT/snap.vhd
+  echo "backend: live snapshot taken: $(tap-ctl list)"
+) &
+""" + SERVE)
 # As BACKEND_CMD, but tapback is stopped once the guest is connected and started again while
 # the guest does its I/O: the new one must take the VBD over (and close it at the end).
 BACKEND_CMD_RESTART = BACKEND_CMD.replace(SERVE, r"""
@@ -296,3 +315,29 @@ def test_userspace_pv_tapback_restart_while_the_guest_runs(testbed, payload, tmp
     assert rc == 0, explain(out, text)
     log = (out / "out" / "backend.log").read_text(errors="replace")
     assert "starting it again" in log and "taken over as init-wait" in log, log[-3000:]
+
+
+def read_chain(leaf: Path, dest: Path) -> Path:
+    """The guest's disk as raw bytes, read through our library from a VHD chain."""
+    from blktap.image import Chain
+
+    with Chain.open(str(leaf)) as disk, open(dest, "wb") as out:
+        size = disk.size
+        for off in range(0, size, 4 << 20):
+            out.write(disk.pread(off, min(4 << 20, size - off)))
+    return dest
+
+
+def test_userspace_pv_vhd_chain_with_a_live_snapshot(testbed, payload, guest_script, tmp_path):
+    out = tmp_path / "run"
+    rc, text = run_testbed(testbed, out, "userspace-pv", payload=payload,
+                           backend=BACKEND_CMD_VHD, guest=guest_script)
+    assert rc == 0, explain(out, text)
+    log = (out / "out" / "backend.log").read_text(errors="replace")
+    assert "live snapshot taken" in log and "snap.vhd" in log, log[-3000:]
+    vhd_util = shutil.which("vhd-util", path=os.path.dirname(os.sys.executable)) or "vhd-util"
+    for name in ("base.vhd", "leaf.vhd", "snap.vhd"):
+        r = subprocess.run([vhd_util, "check", "-n", str(out / "out" / name)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, (name, r.stdout, r.stderr)
+    check_files_in_image(read_chain(out / "out" / "snap.vhd", tmp_path / "disk.raw"))
