@@ -93,7 +93,8 @@ tap-ctl create""", 1).replace(SERVE, r"""
 ) &
 """ + SERVE)
 # As BACKEND_CMD, but tapback is stopped once the guest is connected and started again while
-# the guest does its I/O: the new one must take the VBD over (and close it at the end).
+# the guest does its I/O: the new one (speaking through the xenbus device rather than
+# xenstored's socket) must take the VBD over, and close it at the end.
 BACKEND_CMD_RESTART = BACKEND_CMD.replace(SERVE, r"""
 set +e
 python3 -m blktap.cli.tapback -d -v -n vbd --ready-file "$BACKEND_READY_FILE" &
@@ -102,8 +103,8 @@ until xenstore-ls -f /local/domain/0/backend/vbd 2>/dev/null | grep -q '/state =
   sleep 0.2
 done
 kill -TERM $pid; wait $pid
-echo "backend: tapback stopped with status $?, starting it again"
-python3 -m blktap.cli.tapback -d -v -n vbd &
+echo "backend: tapback stopped with status $?, starting it again (on /dev/xen/xenbus)"
+python3 -m blktap.cli.tapback -d -v -n vbd --xenstore /dev/xen/xenbus &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid; exit 0' TERM
 wait $pid
