@@ -514,3 +514,31 @@ def test_tapback_command_serves_and_exits_0_on_sigterm(tmp_path):
             td.close()
             await fake.stop()
     asyncio.run(main())
+
+
+def test_tapback_command_daemonizes(tmp_path):
+    import signal
+    import sys
+
+    pidfile = tmp_path / "tapback.pid"
+
+    async def main():
+        fake = await FakeXenstored(str(tmp_path / "xs.sock")).start()
+        env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "blktap.cli.tapback", "--xenstore", fake.path,
+            "--pidfile", str(pidfile), env=env, stderr=asyncio.subprocess.PIPE)
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 0, err.decode()  # back once the daemon watches
+            pid = int(pidfile.read_text())
+            assert any(tok == "tapback-backend" for c in fake.conns for _, tok in c.watches)
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(300):
+                if not pidfile.exists():
+                    break
+                await asyncio.sleep(0.05)
+            assert not pidfile.exists()  # removed on the way out
+        finally:
+            await fake.stop()
+    asyncio.run(main())
