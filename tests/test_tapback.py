@@ -345,6 +345,28 @@ def test_unknown_minor_waits_for_a_good_physical_device(tmp_path):
     run(tmp_path, body)
 
 
+def test_a_tapdisk_not_answering_yet_is_asked_again(tmp_path):
+    async def body(r: Rig):
+        r.add(1)
+        await r.until(lambda: r.state(1) == "2", "InitWait")
+        # names a tapdisk whose socket does not exist yet
+        late = FakeTapdisk.__new__(FakeTapdisk)
+        path = os.path.join(r.td.rundir, "nbd5151.0")
+        r.fake.write(f"{r.be(1)}/physical-device-path", path)
+        r.fake.write(f"{r.be(1)}/hotplug-status", "connected")
+        r.front_init(1)
+        await r.settle()
+        assert r.state(1) == "2"
+        # it comes up; no XenStore event tells tapback, the retry does
+        late.__init__(r.td.rundir, 5151, {0: 64})
+        try:
+            await r.until(lambda: r.state(1) == "4", "Connected")
+            assert r.key(1, "sectors") == "64"
+        finally:
+            late.close()
+    run(tmp_path, body)
+
+
 # ----------------------------------------------------------------------------- lifecycles
 def test_backend_directory_vanishing_while_connected(tmp_path):
     async def body(r: Rig):

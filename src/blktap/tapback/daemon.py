@@ -28,6 +28,7 @@ from blktap.tapback.xenstore import Watch, XenStore
 
 log = logging.getLogger("blktap.tapback")
 BACKEND_TOKEN = "tapback-backend"
+RETRY_DELAY = 1.0  # seconds before a VBD whose tapdisk did not answer is looked at again
 
 
 async def my_domid(xs: XenStore) -> int:
@@ -76,6 +77,8 @@ class _Agent:
                 await self._watch_frontend()
                 if phase is Phase.GONE:
                     return
+                if vbd.retry:
+                    asyncio.get_running_loop().call_later(RETRY_DELAY, self.poke)
         except asyncio.CancelledError:
             raise
         except Exception:
