@@ -110,8 +110,10 @@ trap 'kill -TERM $pid 2>/dev/null; wait $pid; exit 0' TERM
 wait $pid
 """)
 
-# The custom workload. Modules for ext2 (through ext4.ko: the domU kernel has no file system
-# built in) come appended as base64 after the marker line.
+# The custom workload. The domU kernel has no file system built in and its initrd holds only
+# blkfront, so the modules for FAT (busybox's mkdosfs) come appended as base64 after the
+# marker line. (ext2 would need ext4.ko: 2 MiB, which a run's initrd does not carry
+# intact.)
 GUEST_SCRIPT = r"""#!/bin/busybox sh
 DEV=$1
 FAILED=0
@@ -127,12 +129,12 @@ echo "DOMU: write_cache=$wc max_segments=$ms discard_max_bytes=$dm" \
 [ "$wc" = "write back" ] && ok "write-back cache" || bad "write_cache=$wc"
 [ "$ms" -gt 11 ] && ok "max_segments=$ms" || bad "max_segments=$ms (no indirect)"
 [ "$dm" -gt 0 ] && ok "discard offered" || bad "discard_max_bytes=$dm"
-# 2. ext2 on the first 32 MiB: files, sync, remount, md5
+# 2. a FAT file system on the first 32 MiB: files, sync, remount, md5
 mkdir -p /tmp/m /mnt
 sed '1,/^__MODULES__$/d' "$0" | base64 -d | gunzip | tar -x -C /tmp/m || bad "unpack modules"
-for k in crc16 mbcache jbd2 crc32c_generic ext4; do insmod /tmp/m/$k.ko 2>/dev/null; done
-mke2fs -b 1024 $DEV 32768 >/dev/null 2>&1 || bad mke2fs
-mount -t ext2 $DEV /mnt || { bad "mount ext2"; exit 1; }
+for k in fat vfat nls_cp437 nls_ascii nls_utf8; do insmod /tmp/m/$k.ko 2>/dev/null; done
+mkdosfs $DEV 32768 >/dev/null 2>&1 || bad mkdosfs
+mount -t vfat $DEV /mnt || { bad "mount vfat"; exit 1; }
 for f in 1:4096 2:102400 3:1048576 4:3145728; do
   n=${f%%:*}; size=${f#*:}
   yes "blktap file $n" | head -c $size > /tmp/f$n
@@ -142,7 +144,7 @@ done
 sync
 umount /mnt || bad umount
 echo 3 > /proc/sys/vm/drop_caches
-mount -t ext2 $DEV /mnt || bad "mount again"
+mount -t vfat $DEV /mnt || bad "mount again"
 (cd /mnt && md5sum -c /tmp/sums) && ok "files after remount" || bad "md5 after remount"
 umount /mnt
 # 3. discard a range past the file system
@@ -155,8 +157,8 @@ sync
 exit $FAILED
 __MODULES__
 """
-MODULES = ["lib/crc16.ko", "fs/mbcache.ko", "fs/jbd2/jbd2.ko", "crypto/crc32c_generic.ko",
-           "fs/ext4/ext4.ko"]
+MODULES = ["fs/fat/fat.ko", "fs/fat/vfat.ko", "fs/nls/nls_cp437.ko", "fs/nls/nls_ascii.ko",
+           "fs/nls/nls_utf8.ko"]
 FILES = {n: (f"blktap file {n}\n" * (size // 13 + 1)).encode()[:size]
          for n, size in ((1, 4096), (2, 102400), (3, 1048576), (4, 3145728))}
 
@@ -257,13 +259,12 @@ def disk_image(tmp_path: Path, mib: int = 64) -> Path:
 
 
 def check_files_in_image(img: Path) -> None:
-    """The ext2 file system the guest made holds what it wrote (read on the host)."""
-    if shutil.which("debugfs") is None and not os.path.exists("/sbin/debugfs"):
-        return
-    debugfs = shutil.which("debugfs") or "/sbin/debugfs"
+    """What the guest wrote is in the image (a fresh FAT keeps each file in consecutive
+    clusters, so its bytes appear whole)."""
+    raw = img.read_bytes()
     for n, data in FILES.items():
-        r = subprocess.run([debugfs, "-R", f"cat /f{n}", str(img)], capture_output=True)
-        assert hashlib.md5(r.stdout).hexdigest() == hashlib.md5(data).hexdigest(), f"f{n}"
+        assert raw.find(data) >= 0, f"f{n} ({len(data)} bytes, md5 "\
+            f"{hashlib.md5(data).hexdigest()}) is not in {img}"
 
 
 # ----------------------------------------------------------------------------- tests
