@@ -135,12 +135,12 @@ sed '1,/^__MODULES__$/d' "$0" | base64 -d | gunzip | tar -x -C /tmp/m || bad "un
 for k in fat vfat nls_cp437 nls_ascii nls_utf8; do insmod /tmp/m/$k.ko 2>/dev/null; done
 mkdosfs $DEV 32768 >/dev/null 2>&1 || bad mkdosfs
 mount -t vfat $DEV /mnt || { bad "mount vfat"; exit 1; }
-for f in 1:4096 2:102400 3:1048576 4:3145728; do
+for f in 1:4096 2:102400 3:1048576; do
   n=${f%%:*}; size=${f#*:}
   yes "blktap file $n" | head -c $size > /tmp/f$n
   dd if=/tmp/f$n of=/mnt/f$n bs=1M conv=fsync 2>/dev/null || bad "write f$n"
 done
-(cd /tmp && md5sum f1 f2 f3 f4) > /tmp/sums
+(cd /tmp && md5sum f1 f2 f3) > /tmp/sums
 sync
 umount /mnt || bad umount
 echo 3 > /proc/sys/vm/drop_caches
@@ -148,11 +148,10 @@ mount -t vfat $DEV /mnt || bad "mount again"
 (cd /mnt && md5sum -c /tmp/sums) && ok "files after remount" || bad "md5 after remount"
 umount /mnt
 # 3. discard a range past the file system
-dd if=/dev/zero bs=1M count=4 2>/dev/null | tr '\0' 'D' \
-  | dd of=$DEV bs=1M seek=40 conv=fsync 2>/dev/null
-blkdiscard -o $((40 << 20)) -l $((4 << 20)) $DEV && ok "blkdiscard" || bad "blkdiscard"
-z=$(dd if=$DEV bs=1M skip=40 count=4 2>/dev/null | tr -d '\0' | wc -c)
-echo "DOMU: after discard $z non-zero bytes in the range"
+dd if=/tmp/f3 of=$DEV bs=1M seek=40 conv=fsync 2>/dev/null
+blkdiscard -o $((40 << 20)) -l $((1 << 20)) $DEV && ok "blkdiscard" || bad "blkdiscard"
+z=$(dd if=$DEV bs=1M skip=40 count=1 2>/dev/null | md5sum)
+echo "DOMU: after discard the range reads md5 $z (zeros: b6d81b360a5672d80c27430f39153e2c)"
 sync
 exit $FAILED
 __MODULES__
@@ -160,7 +159,7 @@ __MODULES__
 MODULES = ["fs/fat/fat.ko", "fs/fat/vfat.ko", "fs/nls/nls_cp437.ko", "fs/nls/nls_ascii.ko",
            "fs/nls/nls_utf8.ko"]
 FILES = {n: (f"blktap file {n}\n" * (size // 13 + 1)).encode()[:size]
-         for n, size in ((1, 4096), (2, 102400), (3, 1048576), (4, 3145728))}
+         for n, size in ((1, 4096), (2, 102400), (3, 1048576))}
 
 
 @pytest.fixture(scope="session")
@@ -214,7 +213,7 @@ def run_testbed(testbed: Path, out: Path, scenario: str, *, payload: Path | None
                 backend: str | None = None, guest: Path | None = None,
                 image: Path | None = None) -> tuple[int, str]:
     cmd = [str(TESTBED / "run.sh"), "--scenario", scenario, "--out", str(out),
-           "--domu-timeout", "300", "--backend-wait", "120"]
+           "--domu-timeout", "600", "--backend-wait", "120"]
     if payload is not None:
         cmd += ["--payload", str(payload)]
     if backend is not None:
