@@ -451,6 +451,22 @@ def test_restart_when_the_frontend_closed_meanwhile(tmp_path):
     run(tmp_path, body)
 
 
+def test_restart_after_the_toolstack_wrote_closing(tmp_path):
+    async def body(r: Rig):
+        await r.connect(1)
+        await r.stop()
+        # the guest died while we were away: libxl writes online=0 and state=5 itself
+        r.fake.write(f"{r.be(1)}/online", "0")
+        r.fake.write(f"{r.be(1)}/state", "5")
+        r.fake.rm("/local/domain/1")
+        await r.start()
+        await r.until(lambda: (1, DEVID) not in r.td.rings, "ring released")
+        await r.until(lambda: r.state(1) == "6", "Closed")
+        r.fake.rm(r.be(1))
+        await r.until(lambda: not r.tb.agents, "VBD dropped")
+    run(tmp_path, body)
+
+
 def test_one_domain_only(tmp_path):
     async def body(r: Rig):
         await r.stop()

@@ -228,9 +228,12 @@ class Vbd:
             # tapdisk still serves the ring (the step below sends it), and a frontend that
             # closes meanwhile must still get its ring released.
             self.phase = Phase.INIT_WAIT
-            self.connected = True
+            self.connected = self.frontend_seen = True
         elif state == XenbusState.CLOSING:
+            # Written by us after releasing the ring, or by the toolstack (libxl writes it
+            # when the domain goes) while the ring was still up: release it to be sure.
             self.phase = Phase.CLOSING
+            self.connected = self.frontend_seen = True  # a frontend that is gone now is gone
         else:
             self.phase = Phase.CLOSED
         log.info("%s: found in state %s, taken over as %s", self.name, state,
