@@ -345,6 +345,28 @@ def test_unknown_minor_waits_for_a_good_physical_device(tmp_path):
     run(tmp_path, body)
 
 
+def test_a_tapdisk_not_answering_yet_is_asked_again(tmp_path):
+    async def body(r: Rig):
+        r.add(1)
+        await r.until(lambda: r.state(1) == "2", "InitWait")
+        # names a tapdisk whose socket does not exist yet
+        late = FakeTapdisk.__new__(FakeTapdisk)
+        path = os.path.join(r.td.rundir, "nbd5151.0")
+        r.fake.write(f"{r.be(1)}/physical-device-path", path)
+        r.fake.write(f"{r.be(1)}/hotplug-status", "connected")
+        r.front_init(1)
+        await r.settle()
+        assert r.state(1) == "2"
+        # it comes up; no XenStore event tells tapback, the retry does
+        late.__init__(r.td.rundir, 5151, {0: 64})
+        try:
+            await r.until(lambda: r.state(1) == "4", "Connected")
+            assert r.key(1, "sectors") == "64"
+        finally:
+            late.close()
+    run(tmp_path, body)
+
+
 # ----------------------------------------------------------------------------- lifecycles
 def test_backend_directory_vanishing_while_connected(tmp_path):
     async def body(r: Rig):
@@ -426,6 +448,22 @@ def test_restart_when_the_frontend_closed_meanwhile(tmp_path):
         await r.start()
         await r.until(lambda: r.state(1) == "6", "Closed")
         assert (1, DEVID) not in r.td.rings
+    run(tmp_path, body)
+
+
+def test_restart_after_the_toolstack_wrote_closing(tmp_path):
+    async def body(r: Rig):
+        await r.connect(1)
+        await r.stop()
+        # the guest died while we were away: libxl writes online=0 and state=5 itself
+        r.fake.write(f"{r.be(1)}/online", "0")
+        r.fake.write(f"{r.be(1)}/state", "5")
+        r.fake.rm("/local/domain/1")
+        await r.start()
+        await r.until(lambda: (1, DEVID) not in r.td.rings, "ring released")
+        await r.until(lambda: r.state(1) == "6", "Closed")
+        r.fake.rm(r.be(1))
+        await r.until(lambda: not r.tb.agents, "VBD dropped")
     run(tmp_path, body)
 
 
@@ -512,5 +550,33 @@ def test_tapback_command_serves_and_exits_0_on_sigterm(tmp_path):
                 proc.kill()
                 await proc.wait()
             td.close()
+            await fake.stop()
+    asyncio.run(main())
+
+
+def test_tapback_command_daemonizes(tmp_path):
+    import signal
+    import sys
+
+    pidfile = tmp_path / "tapback.pid"
+
+    async def main():
+        fake = await FakeXenstored(str(tmp_path / "xs.sock")).start()
+        env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "blktap.cli.tapback", "--xenstore", fake.path,
+            "--pidfile", str(pidfile), env=env, stderr=asyncio.subprocess.PIPE)
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 0, err.decode()  # back once the daemon watches
+            pid = int(pidfile.read_text())
+            assert any(tok == "tapback-backend" for c in fake.conns for _, tok in c.watches)
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(300):
+                if not pidfile.exists():
+                    break
+                await asyncio.sleep(0.05)
+            assert not pidfile.exists()  # removed on the way out
+        finally:
             await fake.stop()
     asyncio.run(main())

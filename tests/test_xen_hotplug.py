@@ -59,14 +59,16 @@ def test_image_spec():
         hotplug.image_spec(" ")
 
 
-def test_add_then_remove_with_a_real_tapdisk(tmp_path, rundir):
+@pytest.mark.parametrize("xenbus_path", [BE, BE.removeprefix("/local/domain/0/")],
+                         ids=["absolute", "relative-as-libxl-passes-it"])
+def test_add_then_remove_with_a_real_tapdisk(tmp_path, rundir, xenbus_path):
     img = tmp_path / "disk.img"
     img.write_bytes(b"\0" * (1 << 20))
     ctl = TapCtl(rundir)
 
     async def body(fake, xs):
         backend(fake, str(img))
-        sock = await hotplug.add(xs, BE, ctl)
+        sock = await hotplug.add(xs, xenbus_path, ctl)
         assert fake.read(f"{BE}/hotplug-status") == "connected"
         assert fake.read(f"{BE}/physical-device-path") == sock
         target = parse_target(sock)
@@ -77,7 +79,7 @@ def test_add_then_remove_with_a_real_tapdisk(tmp_path, rundir):
         assert [(e.type, e.path) for e in entries] == [("aio", str(img))]
         info = ctl.disk_info(target.tid, target.minor)
         assert (info.sectors, info.sector_size) == (2048, 512)
-        await hotplug.remove(xs, BE)
+        await hotplug.remove(xs, xenbus_path)
         assert ctl.list_all() == []
     run(tmp_path, body)
 

@@ -281,3 +281,13 @@ def test_the_reply_to_a_cancelled_request_goes_to_no_one_else(tmp_path):
             first.cancel()
             assert await xs.read("/b") == "B"
     run(tmp_path, body)
+
+
+def test_a_mute_xenstored_times_out(tmp_path):
+    async def body(fake, xs):
+        xs.timeout = 0.2
+        fake._handle = lambda *a: None  # reads requests, never answers
+        with pytest.raises(XenStoreError) as e:
+            await xs.read("/a")
+        assert e.value.errno == errno.ETIMEDOUT
+    run(tmp_path, body)

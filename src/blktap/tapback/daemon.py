@@ -28,6 +28,8 @@ from blktap.tapback.xenstore import Watch, XenStore
 
 log = logging.getLogger("blktap.tapback")
 BACKEND_TOKEN = "tapback-backend"
+UNWATCH_WAIT = 1.0  # seconds a stopping tapback waits for xenstored to drop its watch
+RETRY_DELAY = 1.0  # seconds before a VBD whose tapdisk did not answer is looked at again
 
 
 async def my_domid(xs: XenStore) -> int:
@@ -76,7 +78,14 @@ class _Agent:
                 await self._watch_frontend()
                 if phase is Phase.GONE:
                     return
+                if vbd.retry:
+                    asyncio.get_running_loop().call_later(RETRY_DELAY, self.poke)
         except asyncio.CancelledError:
+            # Shutting down: the connection's close drops the watches with it (a request
+            # now could wait on a peer that is going away).
+            if self.frontend_watch is not None:
+                self.vbd.xs.forget(self.frontend_watch)
+                self.frontend_watch = None
             raise
         except Exception:
             log.exception("%s: state machine failed", vbd.name)
@@ -160,10 +169,11 @@ class Tapback:
                              return_exceptions=True)
         if self._watch is not None:
             watch, self._watch = self._watch, None
+            # Closing the connection would end the watch too: do not wait long for it.
             try:
-                await watch.close()
-            except XenStoreError:
-                pass
+                await asyncio.wait_for(watch.close(), UNWATCH_WAIT)
+            except (XenStoreError, TimeoutError):
+                self.xs.forget(watch)
 
     # ------------------------------------------------------------------ events
     def _on_event(self, path: str, _token: str) -> None:

@@ -125,7 +125,7 @@ def _remove_tapdisk(ctl: TapCtl, tid: int, minor: int, domid: int, devid: int) -
     try:
         ctl.xen_disconnect(tid, domid, devid, minor)
     except BlktapError as exc:
-        if exc.errno in _GONE:
+        if exc.errno in _GONE or exc.errno == errno.ENODEV:
             pass  # not connected (tapback released it), or the tapdisk is gone
         else:
             log.info("tapdisk %d: releasing the ring of %d/%d: %s", tid, domid, devid, exc)

@@ -146,6 +146,7 @@ class Vbd:
         self.frontend_seen = False
         self.device_type: str | None = None  # the frontend's device-type (disk, cdrom)
         self.last_error: str | None = None
+        self.retry = False  # the last step met a tapdisk error worth trying again
 
     def __repr__(self) -> str:
         return f"<Vbd {self.domid}/{self.devid} {self.phase.value}>"
@@ -182,6 +183,7 @@ class Vbd:
     # ------------------------------------------------------------------ the step
     async def step(self) -> Phase:
         """Look at XenStore and do what the phase calls for; returns the new phase."""
+        self.retry = False
         snap = await self.snapshot()
         if not snap.exists:
             await self._gone()
@@ -226,9 +228,12 @@ class Vbd:
             # tapdisk still serves the ring (the step below sends it), and a frontend that
             # closes meanwhile must still get its ring released.
             self.phase = Phase.INIT_WAIT
-            self.connected = True
+            self.connected = self.frontend_seen = True
         elif state == XenbusState.CLOSING:
+            # Written by us after releasing the ring, or by the toolstack (libxl writes it
+            # when the domain goes) while the ring was still up: release it to be sure.
             self.phase = Phase.CLOSING
+            self.connected = self.frontend_seen = True  # a frontend that is gone now is gone
         else:
             self.phase = Phase.CLOSED
         log.info("%s: found in state %s, taken over as %s", self.name, state,
@@ -253,10 +258,15 @@ class Vbd:
             target = await self.link.locate(*key)
             disk = await self.link.disk_info(target)
         except BlktapError as exc:
+            # Try again later (and on the next event): a tapdisk still starting, or too
+            # busy to answer in time, must not leave the guest waiting for ever.
             self.target = self.disk = None
+            self.target_key = None
+            self.retry = True
+            if str(exc) != self.last_error:
+                log.warning("%s: cannot use the tapdisk at %s: %s", self.name,
+                            key[0] or key[1], exc)
             self.last_error = str(exc)
-            log.warning("%s: cannot use the tapdisk at %s: %s", self.name, key[0] or key[1],
-                        exc)
             return
         if disk.sectors <= 0 or disk.sector_size <= 0 or disk.sector_size % 512:
             log.warning("%s: tapdisk reports %d sectors of %d bytes", self.name, disk.sectors,

@@ -34,6 +34,7 @@ ENV_VAR = "XENSTORED_PATH"
 DEFAULT_SOCKET = "/run/xenstored/socket"
 XENBUS_DEVICE = "/dev/xen/xenbus"
 TRANSACTION_ATTEMPTS = 100
+REQUEST_TIMEOUT = 30.0  # xenstored answers in milliseconds; this is for a peer gone mute
 T = TypeVar("T")
 WatchCallback = Callable[[str, str], None]  # (path that fired, token)
 
@@ -150,6 +151,7 @@ class XenStore:
         self._tokens = itertools.count(1)
         self._write_lock = asyncio.Lock()
         self._broken: XenStoreError | None = None
+        self.timeout = REQUEST_TIMEOUT
         self._loop.add_reader(fd, self._readable)
 
     @classmethod
@@ -285,7 +287,10 @@ class XenStore:
         self._pending[req_id] = fut
         try:
             await self._send(w.pack(op, req_id, tx, payload))
-            rop, reply = await fut
+            rop, reply = await asyncio.wait_for(fut, self.timeout)
+        except TimeoutError:
+            raise XenStoreError(f"XenStore {op.name.lower()}: no answer within "
+                                f"{self.timeout:g} s", errno.ETIMEDOUT) from None
         finally:
             self._pending.pop(req_id, None)
         if rop == Op.ERROR:
@@ -364,11 +369,17 @@ class XenStore:
             raise
         return watch
 
+    def forget(self, watch: Watch) -> None:
+        """Stop delivering a watch's events here without telling xenstored (the watch
+        ends there with the connection)."""
+        if self._watches.get(watch.token) is watch:
+            del self._watches[watch.token]
+        watch._end()
+
     async def unwatch(self, watch: Watch) -> None:
         if self._watches.get(watch.token) is not watch:
             return
-        del self._watches[watch.token]
-        watch._end()
+        self.forget(watch)
         try:
             await self.request(Op.UNWATCH, w.fields(watch.path, watch.token))
         except XenStoreError as exc:
