@@ -95,3 +95,69 @@ def with_engine(body: Callable[[Any], Awaitable[Any]], engine_class: type | None
             engine.close()
     return asyncio.run(main())
 
+
+
+# ----------------------------------------------------------------------------- Xen testbed
+XEN_TESTBED = SHARED / "xen-testbed"
+XEN_BUILD_TIMEOUT = 1800
+
+
+def apt_mirror() -> str | None:
+    """The first Debian mirror this machine's apt uses (deb822 ``.sources`` or one-line
+    ``.list`` files). The testbed's build.sh looks for it too, but stops under ``set -o
+    pipefail`` when /etc/apt/sources.list is absent (as on Debian 12 images that only have
+    sources.list.d/debian.sources): we hand it over as MIRROR."""
+    import glob
+
+    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+        for line in Path(path).read_text(errors="replace").splitlines():
+            if line.startswith("URIs:"):
+                for uri in line.split()[1:]:
+                    if not uri.rstrip("/").endswith("-security"):
+                        return uri
+    for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
+        try:
+            lines = Path(path).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            words = line.split()
+            if len(words) >= 3 and words[0] == "deb":
+                uri = next((w for w in words[1:] if not w.startswith("[")), "")
+                if uri and not uri.rstrip("/").endswith("-security"):
+                    return uri
+    return None
+
+
+@pytest.fixture(scope="session")
+def xen_testbed() -> Path:
+    """The Xen testbed built once (``XEN_TESTBED_DIR``, default /var/tmp/xen-testbed).
+    Building needs root and the Debian mirror; where it cannot be built the Xen guest
+    tests skip with the reason, except in CI (``CI`` set), where that is a failure: CI
+    must prove the Xen path, not skip it."""
+    if not (XEN_TESTBED / "run.sh").exists():
+        pytest.skip(f"no xen testbed at {XEN_TESTBED} (../shared is absent)")
+    work = Path(os.environ.get("XEN_TESTBED_DIR", "/var/tmp/xen-testbed"))
+
+    def cannot(reason: str) -> None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the Xen testbed could not be built in CI: {reason}")
+        pytest.skip(reason)
+
+    if not (work / ".built").exists():
+        if os.geteuid() != 0:
+            cannot(f"the xen testbed is not built in {work} and building needs root")
+        env = dict(os.environ, XEN_TESTBED_DIR=str(work))
+        if "MIRROR" not in env and (mirror := apt_mirror()):
+            env["MIRROR"] = mirror
+        try:
+            r = subprocess.run(["bash", str(XEN_TESTBED / "build.sh")], env=env,
+                               capture_output=True, text=True, timeout=XEN_BUILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            cannot(f"building the xen testbed took over {XEN_BUILD_TIMEOUT} s")
+        else:
+            if r.returncode != 0:
+                cannot("the xen testbed did not build: " + (r.stdout + r.stderr)[-1500:])
+    if shutil.which("qemu-system-x86_64") is None:
+        cannot("qemu-system-x86_64 is missing (the testbed's build.sh installs it)")
+    return work

@@ -2,8 +2,9 @@
 
 ``tests/xen/run_testbed.sh`` stages this tree into dom0 and runs the testbed's
 ``userspace-pv`` scenario with ``tests/xen/mini_backend.py`` (a test-only XenStore
-handshake) handing the guest's ring to ``tap-ctl create -a aio:$DISK_IMAGE``. Skipped
-unless the testbed is built (``XEN_TESTBED_DIR``, see ../shared/xen-testbed/README.md).
+handshake) handing the guest's ring to ``tap-ctl create -a aio:$DISK_IMAGE``. The
+testbed is built once by ``conftest.xen_testbed`` (``XEN_TESTBED_DIR``, see
+../shared/xen-testbed/README.md).
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "tests" / "xen" / "run_testbed.sh"
-BUILD = Path(os.environ.get("XEN_TESTBED_DIR", "/var/tmp/xtb"))
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (BUILD / "xen.elf").exists() or not (BUILD / "dom0.img").exists(),
-                       reason=f"the Xen testbed is not built in {BUILD}"),
-    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no qemu"),
-]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _built(xen_testbed: Path) -> None:
+    global BUILD
+    BUILD = xen_testbed
+
+
+BUILD = Path("/var/tmp/xen-testbed")  # replaced by the built testbed (conftest.xen_testbed)
 
 
 # What the testbed's TCG dom0 shows when its own user space crashed under load (xl dying
