@@ -38,7 +38,7 @@ BUILD = Path("/var/tmp/xen-testbed")  # replaced by the built testbed (conftest.
 RIG_CRASH = re.compile(r"Segmentation fault|general protection fault|xl-create rc=134")
 
 
-def testbed(out: Path, *args: str) -> subprocess.CompletedProcess:
+def run_rig(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, XEN_TESTBED_DIR=str(BUILD))
     argv = [str(RUN), "--mini", "--out", str(out), "--timeout", "1500", *args]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=1800, env=env)
@@ -62,7 +62,7 @@ def ring_stats(out: Path) -> dict:
 
 def test_default_workload_through_our_ring(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    r = testbed(out, "--scenario", "userspace-pv")
+    r = run_rig(out, "--scenario", "userspace-pv")
     verdict = (out / "verdict.txt").read_text() if (out / "verdict.txt").exists() else ""
     assert r.returncode == 0, verdict + r.stdout[-4000:]
     assert "guest-wrote-ok" in verdict
@@ -73,7 +73,7 @@ def test_default_workload_through_our_ring(tmp_path: Path) -> None:
 def test_flush_indirect_and_discard_reach_tapdisk(tmp_path: Path) -> None:
     out = tmp_path / "run"
     script = ROOT / "tests" / "xen" / "guest_features.sh"
-    r = testbed(out, "--scenario", "userspace-pv", "--guest-script", str(script),
+    r = run_rig(out, "--scenario", "userspace-pv", "--guest-script", str(script),
                 "--image", str(_image(tmp_path)))
     verdict = (out / "verdict.txt").read_text() if (out / "verdict.txt").exists() else ""
     assert r.returncode == 0, verdict + r.stdout[-4000:]
