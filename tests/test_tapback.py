@@ -23,6 +23,9 @@ DEVID = 51712
 PID = 4242
 
 
+STOP_LIMIT = 20.0  # seconds tapback's stop may take in these tests
+
+
 class Rig:
     def __init__(self, fake: FakeXenstored, td: FakeTapdisk, xs: XenStore, name: str) -> None:
         self.fake, self.td, self.xs, self.name = fake, td, xs, name
@@ -133,11 +136,14 @@ def run(tmp_path, body, name: str = "vbd3", disks: dict[int, int] | None = None,
             await rig.start(options)
             await asyncio.wait_for(body(rig), timeout)
         finally:
-            if rig.tb is not None:
-                await rig.stop()
-            await xs.close()
-            td.close()
-            await fake.stop()
+            try:
+                if rig.tb is not None:
+                    # A stop that does not finish is a defect: fail, never hang the suite.
+                    await asyncio.wait_for(rig.stop(), STOP_LIMIT)
+            finally:
+                await xs.close()
+                td.close()
+                await fake.stop()
     asyncio.run(main())
 
 
