@@ -742,7 +742,7 @@ def test_vhd_chain_round_trip(kind: str, tmp_path: Path) -> None:
         assert server.stop() == 0
     assert base.read_bytes() == base_before, "the parent changed"
     flat = tmp_path / "flat.raw"
-    res = run([tool("blktap"), "convert", "-O", "raw", str(leaf), str(flat)], text=True)
+    res = run([tool("blktap"), "convert", "-O", "raw", f"vhd:{leaf}", str(flat)], text=True)
     assert res.returncode == 0, res.stderr
     expect = bytearray(head.ljust(32 * MiB, b"\0"))
     expect[1024 * SECTOR:1024 * SECTOR + 256 * 1024] = pattern(256 * 1024, 8)

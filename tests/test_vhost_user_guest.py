@@ -188,7 +188,7 @@ def test_boot_vhd_chain_two_queues(testbed: Path, workdir: Path) -> None:
     assert b.ready.get("mq") == "2", b.ready
     assert base.read_bytes() == base_before, "the parent changed"
     flat = d / "flat.raw"
-    res = run([tool("blktap"), "convert", "-O", "raw", str(leaf), str(flat)], text=True)
+    res = run([tool("blktap"), "convert", "-O", "raw", f"vhd:{leaf}", str(flat)], text=True)
     assert res.returncode == 0, res.stderr
     assert flat.stat().st_size == DISK
     host_check(testbed, flat)
