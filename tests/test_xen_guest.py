@@ -192,7 +192,7 @@ def guest_script(testbed, tmp_path_factory) -> Path:
 
 def run_testbed(testbed: Path, out: Path, scenario: str, *, payload: Path | None = None,
                 backend: str | None = None, guest: Path | None = None,
-                image: Path | None = None) -> tuple[int, str]:
+                image: Path | None = None, retry: bool = True) -> tuple[int, str]:
     cmd = [str(TESTBED / "run.sh"), "--scenario", scenario, "--out", str(out),
            "--domu-timeout", "600", "--backend-wait", "120"]
     if payload is not None:
@@ -205,7 +205,7 @@ def run_testbed(testbed: Path, out: Path, scenario: str, *, payload: Path | None
         cmd += ["--image", str(image)]
     env = dict(os.environ, XEN_TESTBED_DIR=str(testbed))
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    if r.returncode != 0:
+    if r.returncode != 0 and retry:
         # The rig's emulated dom0 under TCG loses programs now and then (xl or python3
         # segfaulting, an import failing, an initrd that does not inflate: see the
         # testbed's README): one more run before believing a failure, as it advises. A
@@ -285,7 +285,8 @@ def test_userspace_pv_with_our_hotplug_script(testbed, payload, tmp_path):
 def test_blkback_kernel_guest_script_baseline(testbed, guest_script, tmp_path):
     out = tmp_path / "run"
     img = disk_image(tmp_path)
-    rc, text = run_testbed(testbed, out, "blkback-kernel", guest=guest_script, image=img)
+    rc, text = run_testbed(testbed, out, "blkback-kernel", guest=guest_script, image=img,
+                           retry=False)  # xfail: one run tells
     assert rc == 0, explain(out, text)
     check_files_in_image(out / "disk.img")
 
@@ -310,7 +311,7 @@ def test_userspace_pv_guest_script(testbed, payload, guest_script, tmp_path):
 def test_userspace_pv_tapback_restart_while_the_guest_runs(testbed, payload, tmp_path):
     out = tmp_path / "run"
     rc, text = run_testbed(testbed, out, "userspace-pv", payload=payload,
-                           backend=BACKEND_CMD_RESTART)
+                           backend=BACKEND_CMD_RESTART, retry=False)  # xfail: one run tells
     assert rc == 0, explain(out, text)
     log = (out / "out" / "backend.log").read_text(errors="replace")
     assert "starting it again" in log and "taken over as" in log, log[-3000:]
@@ -336,7 +337,8 @@ def read_chain(leaf: Path, dest: Path) -> Path:
 def test_userspace_pv_vhd_chain_with_a_live_snapshot(testbed, payload, guest_script, tmp_path):
     out = tmp_path / "run"
     rc, text = run_testbed(testbed, out, "userspace-pv", payload=payload,
-                           backend=BACKEND_CMD_VHD, guest=guest_script)
+                           backend=BACKEND_CMD_VHD, guest=guest_script,
+                           retry=False)  # xfail: one run tells
     assert rc == 0, explain(out, text)
     log = (out / "out" / "backend.log").read_text(errors="replace")
     assert "live snapshot taken" in log and "snap.vhd" in log, log[-3000:]
