@@ -24,6 +24,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from blktap.cli.daemonize import detach_until_ready, say_ready
 from blktap.control import message as m
 from blktap.errors import BlktapError
 
@@ -91,25 +92,6 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root.addHandler(handler)
 
 
-def _daemonize() -> int:
-    """Fork; the parent exits 0 when the child says it watches, else with its status."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(w)
-        answer = b""
-        while chunk := os.read(r, 16):
-            answer += chunk
-        if answer == b"ok":
-            os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        os._exit(code if code > 0 else 1)
-    os.close(r)
-    os.setsid()
-    return w
-
-
 async def _main(args: argparse.Namespace, ready_fd: int | None) -> int:
     from blktap.tapback.daemon import Tapback
     from blktap.tapback.link import ControlLink
@@ -130,12 +112,7 @@ async def _main(args: argparse.Namespace, ready_fd: int | None) -> int:
             with open(args.ready_file, "a"):
                 pass
         if ready_fd is not None:
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.close(null)
-            os.write(ready_fd, b"ok")
-            os.close(ready_fd)
+            say_ready(ready_fd)
         await tb.run()
     finally:
         await xs.close()
@@ -150,7 +127,7 @@ async def _main(args: argparse.Namespace, ready_fd: int | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ready_fd = None if args.debug else _daemonize()
+    ready_fd = None if args.debug else detach_until_ready()
     _setup_logging(args)
     try:
         return asyncio.run(_main(args, ready_fd))

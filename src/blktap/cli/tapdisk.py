@@ -28,6 +28,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from blktap.cli.daemonize import detach_until_ready, null_stdio, say_ready
 from blktap.control.rundir import control_dir
 from blktap.errors import BlktapError
 
@@ -111,10 +112,7 @@ def setup_logging(args: argparse.Namespace) -> LogFile | None:
 def detach_stdio() -> None:
     """The daemon's standard streams go to /dev/null (stdout's EOF tells tap-ctl spawn
     that the path has been printed); log records now only go to the log file."""
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
+    null_stdio()
     root = logging.getLogger("blktap")
     for h in list(root.handlers):
         if isinstance(h, logging.StreamHandler) and not isinstance(h, LogFile):
@@ -146,8 +144,7 @@ async def _main(args: argparse.Namespace, ready_fd: int | None,
             print(minor, slot.socket, flush=True)
         if ready_fd is not None:
             detach_stdio()
-            os.write(ready_fd, b"ok")
-            os.close(ready_fd)
+            say_ready(ready_fd)
         await td.run()
     finally:
         await td.shutdown()
@@ -156,33 +153,11 @@ async def _main(args: argparse.Namespace, ready_fd: int | None,
     return 0
 
 
-def _daemonize() -> int:
-    """Fork. The parent waits until the child says it serves, then exits 0, or until it
-    dies, then exits with its code. The child, in a session of its own, returns the fd to
-    say it on."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(w)
-        answer = b""
-        while chunk := os.read(r, 16):
-            answer += chunk
-        if answer == b"ok":
-            os._exit(0)
-        # The child failed before serving (it said why on stderr).
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        os._exit(code if code > 0 else 1)
-    os.close(r)
-    os.setsid()
-    return w
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ready_fd: int | None = None
     if not args.foreground:
-        ready_fd = _daemonize()
+        ready_fd = detach_until_ready()
     logfile = setup_logging(args)
     code = 1
     try:
