@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from blktap.errors import BlktapError
+from blktap.io.iov import advance, total
 from blktap.tapdisk.driver import Caps
 from blktap.tapdisk.vbd import VBD
 from blktap.transport.vhost_user import virtio as v
@@ -168,12 +169,12 @@ class BlkDevice:
             if len(joined) < v.OUTHDR.size:
                 raise BadRequest(f"a request header of {len(joined)} bytes")
             kind, _, sector = v.OUTHDR.unpack_from(joined)
-            out = _cut(readable, v.OUTHDR.size)
+            out = advance(readable, v.OUTHDR.size)
         vbd = self.vbd
         if out and kind in (v.T_IN, v.T_GET_ID):
             raise BadRequest("a read with device-readable data buffers")
         if kind == v.T_IN:
-            length = _total(writable)
+            length = total(writable)
             offset = self._range(sector, length)
             if len(writable) == 1:
                 if vbd.read_now(offset, writable[0]):
@@ -190,7 +191,7 @@ class BlkDevice:
                 raise BadRequest("write to a read-only disk")
             if writable:
                 raise BadRequest("a write with device-writable data buffers")
-            length = _total(out)
+            length = total(out)
             offset = self._range(sector, length)
             fua = not self.writeback
             if len(out) == 1:
@@ -209,7 +210,7 @@ class BlkDevice:
                 return
             vq.spawn(self._flush(vq, head, status))
         elif kind == v.T_GET_ID:
-            n = min(_total(writable), v.ID_BYTES)
+            n = min(total(writable), v.ID_BYTES)
             pos = 0
             for view in writable:
                 take = min(len(view), n - pos)
@@ -245,7 +246,7 @@ class BlkDevice:
         """The (offset, length, unmap) ranges of a DISCARD / WRITE_ZEROES; None when the
         request asks for something unsupported."""
         seg = v.DISCARD_SEGMENT.size
-        size = _total(out)
+        size = total(out)
         if not size or size % seg:
             raise BadRequest(f"{size} bytes of discard/write-zeroes ranges")
         count = size // seg
@@ -343,10 +344,6 @@ class BlkDevice:
                         message, self.errors)
 
 
-def _total(iov: list[memoryview]) -> int:
-    return sum(len(x) for x in iov)
-
-
 def _gather(iov: list[memoryview], n: int) -> bytes:
     """The first ``n`` bytes of ``iov`` (fewer if it is shorter), copied."""
     parts = []
@@ -356,15 +353,3 @@ def _gather(iov: list[memoryview], n: int) -> bytes:
         parts.append(bytes(view[:n]))
         n -= len(parts[-1])
     return b"".join(parts)
-
-
-def _cut(iov: list[memoryview], n: int) -> list[memoryview]:
-    """``iov`` without its first ``n`` bytes."""
-    out = []
-    for view in iov:
-        if n >= len(view):
-            n -= len(view)
-            continue
-        out.append(view[n:] if n else view)
-        n = 0
-    return out
