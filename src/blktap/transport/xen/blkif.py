@@ -367,7 +367,7 @@ class BlkifRing:
                 raise BadRequest(f"indirect page: grant copy: {exc}") from None
             if any(status):
                 raise BadRequest(f"indirect page: grant copy status {status}")
-            segments = parse_segments(bytes(slot.view[:nseg * 8]), nseg)
+            segments = parse_segments(slot.view, nseg)  # parsed before the slot holds data
             job = self._rw_job(req, req.indirect_op, segments)
         except BaseException:
             self.buffers.put(slot)
