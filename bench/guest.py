@@ -31,6 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import report as report_md  # noqa: E402
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 SHARED = Path(os.environ.get("BLKTAP_SHARED", ROOT.parent / "shared"))
@@ -139,14 +143,8 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def replace_section(old: str, section: str) -> str:
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    start = old.find(BEGIN)
-    end = old.find(END, start if start >= 0 else 0)
-    if start >= 0 and end >= 0:
-        return old[:start] + block + old[end + len(END):].lstrip("\n")
-    if not old.strip():
-        return "# Benchmark report\n\n" + block
-    return old.rstrip("\n") + "\n\n" + block
+    """REPORT.md with this script's section replaced (bench/report.py does the work)."""
+    return report_md.replace_section(old, section, BEGIN, END)
 
 
 def build(testbed: Path) -> None:

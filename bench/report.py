@@ -11,14 +11,15 @@ BEGIN = "<!-- bench/run.py: begin (generated; edits here are overwritten) -->"
 END = "<!-- bench/run.py: end -->"
 
 
-def replace_section(old: str, section: str) -> str:
+def replace_section(old: str, section: str, begin: str = BEGIN, end_marker: str = END) -> str:
     """`old` with the text between the markers replaced by `section` (appended, after
-    one blank line, when the markers are not there yet)."""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    start = old.find(BEGIN)
-    end = old.find(END, start if start >= 0 else 0)
+    one blank line, when the markers are not there yet). Each benchmark script owns its
+    pair of markers (bench/run.py's by default)."""
+    block = f"{begin}\n{section.rstrip()}\n{end_marker}\n"
+    start = old.find(begin)
+    end = old.find(end_marker, start if start >= 0 else 0)
     if start >= 0 and end >= 0:
-        return old[:start] + block + old[end + len(END):].lstrip("\n")
+        return old[:start] + block + old[end + len(end_marker):].lstrip("\n")
     if not old.strip():
         return "# Benchmark report\n\n" + block
     return old.rstrip("\n") + "\n\n" + block
