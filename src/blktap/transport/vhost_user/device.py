@@ -358,13 +358,7 @@ class Session:
         for i in range(count):
             gpa, size, uva, offset = p.MEM_REGION.unpack_from(
                 msg.payload, p.MEM_TABLE_HEADER.size + i * p.MEM_REGION.size)
-            fd = msg.take_fd()
-            try:
-                self.memory.add(fd, gpa, size, uva, offset)
-            except BlktapError as exc:
-                raise ProtocolError(str(exc)) from None
-            finally:
-                close_fds([fd])
+            self._map_region(msg.take_fd(), gpa, size, uva, offset)
         self._remap()
 
     def _get_max_mem_slots(self, msg: Message) -> bytes:
@@ -372,14 +366,18 @@ class Session:
 
     def _add_mem_reg(self, msg: Message) -> None:
         _, gpa, size, uva, offset = p.SINGLE_MEM_REGION.unpack(msg.payload)
-        fd = msg.take_fd()
+        self._map_region(msg.take_fd(), gpa, size, uva, offset)
+        self._remap()
+
+    def _map_region(self, fd: int, gpa: int, size: int, uva: int, offset: int) -> None:
+        """Map one region of guest RAM; the fd is ours to close either way (the mapping
+        keeps the memory)."""
         try:
             self.memory.add(fd, gpa, size, uva, offset)
         except BlktapError as exc:
             raise ProtocolError(str(exc)) from None
         finally:
             close_fds([fd])
-        self._remap()
 
     def _rem_mem_reg(self, msg: Message) -> None:
         _, gpa, size, uva, _ = p.SINGLE_MEM_REGION.unpack(msg.payload)
