@@ -260,8 +260,8 @@ class Tapdisk:
             conn.setblocking(False)
             try:
                 try:
-                    request = await asyncio.wait_for(m.read_message_async(conn, loop),
-                                                     REQUEST_TIMEOUT)
+                    async with asyncio.timeout(REQUEST_TIMEOUT):  # (not wait_for: see _send)
+                        request = await m.read_message_async(conn, loop)
                 finally:
                     self._waiting.pop(me, None)  # type: ignore[arg-type]
             except TimeoutError:
@@ -285,8 +285,10 @@ class Tapdisk:
     @staticmethod
     async def _send(conn: socket.socket, replies: list[Message]) -> None:
         data = b"".join(m.encode(r) for r in replies)
-        await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(conn, data),
-                               REQUEST_TIMEOUT)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that arrives
+        # as the awaited work ends, and a stop would then wait for that task for ever.
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            await asyncio.get_running_loop().sock_sendall(conn, data)
 
     async def handle(self, request: Message) -> list[Message]:
         """The replies to one request (never raises for a request's own faults)."""
@@ -466,7 +468,8 @@ class Tapdisk:
         if slot.vbd is None:
             return m.Image(0, 0, 0)  # never opened: zeros, as the reference
         info = VDISK_READONLY if slot.vbd.read_only else 0
-        return m.Image(slot.vbd.size // SECTOR, SECTOR, info)
+        # Our extension: tapback may offer the frontend an order-4 ring (16 grant refs).
+        return m.Image(slot.vbd.size // SECTOR, SECTOR, info, max_ring_order=m.MAX_RING_ORDER)
 
     def _ring_of(self, domid: int, devid: int) -> Slot | None:
         for slot in self.slots.values():
