@@ -87,9 +87,9 @@ def check_size(header: LogHeader, file_size: int, path: str) -> None:
                           errno.EINVAL)
     want = HEADER_SIZE + header.bitmap_size
     if file_size < want:
-        raise FormatError(f"Failed to read bitmap from file {path}: the log is truncated "
-                          f"({file_size} bytes; a log of a {header.size}-byte disk has "
-                          f"{want})", errno.EIO)
+        raise FormatError(f"Failed to read bitmap from file {path}: truncated, or not a "
+                          f"CBT log ({file_size} bytes; the log of a {header.size}-byte "
+                          f"disk has {want})", errno.EIO)
 
 
 def read_bitmap_fd(fd: int, header: LogHeader, path: str) -> bytearray:
