@@ -430,7 +430,22 @@ def test_tapdisk_refuses_a_bad_log_and_keeps_serving(host: Host, tmp_path: Path)
             text=True)
     assert r.returncode == 0, r.stderr
     assert bits_of(good) == {16}
-    host.out("destroy", "-p", p, "-m", str(minor))
+    # unpause -c with a bad log: refused at once (no retries), the disk stays paused,
+    # marked RESUME_FAILED; an unpause with a good log then serves and tracks again.
+    m = str(minor)
+    host.out("pause", "-p", p, "-m", m)
+    bad.write_bytes(spec_log(8 * MiB)[:60])
+    got, _, err = host.tap_ctl("unpause", "-p", p, "-m", m, "-c", str(bad), ok=False)
+    assert got == errno.EIO, err
+    state = int(next(e for e in host.listing() if e.get("minor") == m)["state"], 16)
+    assert state & 0x20 and state & 0x200, hex(state)
+    fresh = tmp_path / "fresh.cbtlog"
+    fresh.write_bytes(spec_log(8 * MiB))
+    host.out("unpause", "-p", p, "-m", m, "-c", str(fresh))
+    r = run([qemu_io, "-f", "raw", "-c", "write -P 8 4M 4k", host.nbd(pid, minor)], text=True)
+    assert r.returncode == 0, r.stderr
+    assert bits_of(fresh) == {64} and bits_of(good) == {16}
+    host.out("destroy", "-p", p, "-m", m)
 
 
 def test_backup_example_reads_exactly_the_changed_extents(host: Host, tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from blktap.control import message as m
 from blktap.control.message import Flag, Message, MessageType
 from blktap.control.rundir import MinorHold, RunDir
-from blktap.errors import BlktapError, ControlProtocolError
+from blktap.errors import BlktapError, CbtLogError, ControlProtocolError
 from blktap.io import ThreadEngine, best_engine
 from blktap.tapdisk.driver import SECTOR, Driver
 from blktap.tapdisk.drivers import open_stack, require_type
@@ -305,7 +305,8 @@ class Tapdisk:
             finally:
                 self._queued -= 1
         except BlktapError as exc:
-            if exc.errno not in (errno.EBUSY, errno.EINVAL, errno.ENOENT, errno.EEXIST):
+            if (exc.errno not in (errno.EBUSY, errno.EINVAL, errno.ENOENT, errno.EEXIST)
+                    or isinstance(exc, CbtLogError)):
                 log.error("%s of minor %d: %s", t.label, request.cookie, exc)
             return [_error(exc.errno, str(exc), request.cookie)]
         except OSError as exc:
@@ -479,8 +480,9 @@ class Tapdisk:
                 raise
         slot.params, slot.vbd, slot.nbd, slot.socket = params, vbd, server, path
         slot.vhost = vhost
-        log.info("minor %d: opened %s (%d bytes%s), NBD at %s%s", minor, params.spec,
-                 vbd.size, ", read-only" if vbd.read_only else "", path,
+        log.info("minor %d: opened %s (%d bytes%s%s), NBD at %s%s", minor, params.spec,
+                 vbd.size, ", read-only" if vbd.read_only else "",
+                 f", CBT log {params.logpath}" if params.logpath else "", path,
                  f", vhost-user at {vhost.path}" if vhost else "")
         return vbd
 
@@ -589,7 +591,9 @@ class Tapdisk:
                 driver = await self._open_stack(slot.params, spec, logpath)
                 break
             except (OSError, BlktapError) as exc:
-                if attempt == RESUME_ATTEMPTS:
+                # A log that cannot be used will not heal in a few seconds (sm writes it
+                # before it unpauses): no retry.
+                if attempt == RESUME_ATTEMPTS or isinstance(exc, CbtLogError):
                     vbd.state |= VbdState.RESUME_FAILED
                     raise
                 log.warning("minor %d: reopening %s failed (%s), attempt %d of %d", minor,
@@ -609,7 +613,8 @@ class Tapdisk:
         slot.params.logpath = logpath
         assert slot.nbd is not None
         slot.nbd.export.description = spec
-        log.info("minor %d: resumed on %s", minor, spec)
+        log.info("minor %d: resumed on %s%s", minor, spec,
+                 f" with CBT log {logpath}" if logpath else "")
 
     # ------------------------------------------------------------------ reports
     def list_replies(self, cookie: int) -> list[Message]:

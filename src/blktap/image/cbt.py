@@ -12,7 +12,7 @@ bitmap that follows it.
     @36 padding (4 bytes, zero)
     @40 u64 size of the disk in bytes
 
-Nothing here prints; errors are :class:`~blktap.errors.FormatError` with the errno the
+Nothing here prints; errors are :class:`~blktap.errors.CbtLogError` with the errno the
 reference's ``cbt-util`` exits with (EIO for a short file, EINVAL for a bad request).
 """
 
@@ -24,7 +24,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-from blktap.errors import FormatError
+from blktap.errors import CbtLogError
 from blktap.io.threads import read_full
 
 BLOCK = 64 << 10  # bytes of disk per bit
@@ -74,7 +74,7 @@ def read_header_fd(fd: int, path: str) -> LogHeader:
     buf = bytearray(HEADER_SIZE)
     got = os.preadv(fd, [buf], 0)
     if got < HEADER_SIZE:
-        raise FormatError(f"Failed to read CBT metadata from file {path}: "
+        raise CbtLogError(f"Failed to read CBT metadata from file {path}: "
                           f"{got} bytes, a header has {HEADER_SIZE}", errno.EIO)
     return LogHeader.unpack(buf)
 
@@ -83,11 +83,11 @@ def check_size(header: LogHeader, file_size: int, path: str) -> None:
     """The file holds the whole bitmap its header promises (EIO if short, EINVAL for a
     size field no disk has: a file that is not a log)."""
     if header.size > MAX_SIZE:
-        raise FormatError(f"{path}: not a CBT log (disk size field {header.size})",
+        raise CbtLogError(f"{path}: not a CBT log (disk size field {header.size})",
                           errno.EINVAL)
     want = HEADER_SIZE + header.bitmap_size
     if file_size < want:
-        raise FormatError(f"Failed to read bitmap from file {path}: truncated, or not a "
+        raise CbtLogError(f"Failed to read bitmap from file {path}: truncated, or not a "
                           f"CBT log ({file_size} bytes; the log of a {header.size}-byte "
                           f"disk has {want})", errno.EIO)
 
@@ -105,7 +105,7 @@ def _open(path: str, flags: int) -> int:
     try:
         return os.open(path, flags | os.O_CLOEXEC)
     except OSError as exc:
-        raise FormatError(f"Failed to open log file {path}. {os.strerror(exc.errno)}",
+        raise CbtLogError(f"Failed to open log file {path}. {os.strerror(exc.errno)}",
                           exc.errno) from None
 
 
@@ -138,7 +138,7 @@ def create(path: str, size: int) -> LogHeader:
     """A new log (replacing a file of that name, as the reference's ``w+``): nil uuids,
     not consistent, every block clean."""
     if size <= 0 or size > MAX_SIZE:
-        raise FormatError(f"{path}: disk size {size} out of range", errno.EINVAL)
+        raise CbtLogError(f"{path}: disk size {size} out of range", errno.EINVAL)
     header = LogHeader(size=size)
     fd = _open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     try:
@@ -155,10 +155,10 @@ def grow_fd(fd: int, header: LogHeader, new_size: int, path: str) -> LogHeader:
     new bytes are zeroed and synced before the header names the new size, so a crash
     leaves the old log or the new one. A smaller size is refused (EINVAL)."""
     if new_size < header.size:
-        raise FormatError(f"Size smaller than current file size ({header.size})",
+        raise CbtLogError(f"Size smaller than current file size ({header.size})",
                           errno.EINVAL)
     if new_size > MAX_SIZE:
-        raise FormatError(f"{path}: disk size {new_size} out of range", errno.EINVAL)
+        raise CbtLogError(f"{path}: disk size {new_size} out of range", errno.EINVAL)
     old_bm, new_bm = header.bitmap_size, bitmap_size(new_size)
     if new_bm > old_bm:
         _write_all(fd, bytes(new_bm - old_bm), HEADER_SIZE + old_bm)
@@ -201,7 +201,7 @@ def coalesce(parent_path: str, child_path: str) -> None:
         try:
             cheader = read_header_fd(cfd, child_path)
             if pheader.bitmap_size > cheader.bitmap_size:
-                raise FormatError("Parent bitmap larger than child bitmap,can't coalesce",
+                raise CbtLogError("Parent bitmap larger than child bitmap,can't coalesce",
                                   errno.EINVAL)
             pbits = read_bitmap_fd(pfd, pheader, parent_path)
             cbits = read_bitmap_fd(cfd, cheader, child_path)

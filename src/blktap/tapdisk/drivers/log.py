@@ -25,7 +25,7 @@ import errno
 import os
 from collections.abc import Sequence
 
-from blktap.errors import FormatError
+from blktap.errors import CbtLogError
 from blktap.image import cbt
 from blktap.io.engine import Engine
 from blktap.io.iov import total
@@ -65,13 +65,13 @@ class LogDriver(Driver):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            raise FormatError(f"CBT log {path}: {os.strerror(exc.errno)}",
+            raise CbtLogError(f"CBT log {path}: {os.strerror(exc.errno)}",
                               exc.errno) from None
         try:
             header = cbt.read_header_fd(fd, path)
             cbt.check_size(header, os.fstat(fd).st_size, path)
             if header.size > parent.size:
-                raise FormatError(f"CBT log {path} is for a disk of {header.size} bytes; "
+                raise CbtLogError(f"CBT log {path} is for a disk of {header.size} bytes; "
                                   f"this disk has {parent.size}", errno.EINVAL)
             if header.size < parent.size:
                 header = cbt.grow_fd(fd, header, parent.size, path)
