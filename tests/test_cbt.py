@@ -278,6 +278,44 @@ def test_log_filter_syncs_new_bits_before_the_write_and_groups_them(tmp_path: Pa
     with_engine(body, Recording)
 
 
+class FailingLogSync(ThreadEngine):
+    """The thread engine whose next sync of a ``.cbtlog`` file fails with EIO."""
+
+    fail_next = False
+
+    async def fsync(self, fd, *, datasync=True):  # type: ignore[no-untyped-def]
+        if self.fail_next and os.readlink(f"/proc/self/fd/{fd}").endswith(".cbtlog"):
+            self.fail_next = False
+            raise OSError(errno.EIO, "injected")
+        await super().fsync(fd, datasync=datasync)
+
+
+def test_a_failed_log_sync_fails_the_write_before_it_reaches_the_disk(tmp_path: Path) -> None:
+    disk, log = tmp_path / "disk.img", tmp_path / "d.cbtlog"
+    with open(disk, "wb") as f:
+        f.truncate(4 * MiB)
+    log.write_bytes(spec_log(4 * MiB))
+
+    async def body(engine: FailingLogSync) -> None:
+        below = await engine.call(open_stack, engine, f"aio:{disk}", writable=True,
+                                  direct=False)
+        top = await engine.call(LogDriver.open, engine, str(log), below)
+        vbd = VBD(top, name="t")
+        try:
+            engine.fail_next = True
+            with pytest.raises(OSError) as e:
+                await vbd.write(5 * BLOCK, memoryview(b"x" * 4096))
+            assert e.value.errno == errno.EIO
+            assert disk.read_bytes()[5 * BLOCK : 5 * BLOCK + 4096] == bytes(4096)
+            # The next write syncs the bit the failed one set, and its own.
+            await vbd.write(9 * BLOCK, memoryview(b"y" * 4096))
+            assert log.read_bytes() == spec_log(4 * MiB, {5, 9})
+        finally:
+            await vbd.close()
+
+    with_engine(body, FailingLogSync)
+
+
 def test_log_open_grows_a_smaller_log_and_refuses_bad_ones(tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     with open(disk, "wb") as f:

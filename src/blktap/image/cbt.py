@@ -136,14 +136,14 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
 
 def create(path: str, size: int) -> LogHeader:
     """A new log (replacing a file of that name, as the reference's ``w+``): nil uuids,
-    not consistent, every block clean."""
+    not consistent, every block clean. The bitmap's zeros are written, not left as a
+    hole, so that marking blocks later never needs space the file system may not have."""
     if size <= 0 or size > MAX_SIZE:
         raise CbtLogError(f"{path}: disk size {size} out of range", errno.EINVAL)
     header = LogHeader(size=size)
     fd = _open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     try:
-        _write_all(fd, header.pack(), 0)
-        os.ftruncate(fd, HEADER_SIZE + header.bitmap_size)
+        _write_all(fd, header.pack() + bytes(header.bitmap_size), 0)
         os.fsync(fd)
     finally:
         os.close(fd)
