@@ -333,8 +333,8 @@ class Tapdisk:
             return [Message(T.DETACH_RSP, minor)]
         if t is T.OPEN:
             assert isinstance(req.payload, m.Params)
-            vbd = await self.open(minor, self._open_params(req.payload, req.key,
-                                                                  req.logpath))
+            params = self._open_params(req.payload, req.key, req.logpath)
+            vbd = await self.open(minor, params)
             return [Message(T.OPEN_RSP, minor, m.Image(vbd.size // SECTOR, SECTOR, 0))]
         if t in (T.CLOSE, T.FORCE_SHUTDOWN):
             await self.close(minor, force=t is T.FORCE_SHUTDOWN)
