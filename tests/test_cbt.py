@@ -3,7 +3,7 @@ not from our module), the drop-in cbt-util, the ``log`` filter in-process (bits 
 before the write goes down), ``blktap changed``, and tapdisk serving a disk opened with
 ``tap-ctl open -C``: fio writes with verify, a live snapshot that switches logs with
 ``unpause -c``, ``cbt-util coalesce``, and NBD's ``qemu:dirty-bitmap:`` context read by
-nbdinfo; the backup example of docs/cbt.md run against it."""
+nbdinfo and qemu-img; the backup example of docs/cbt.md run against it."""
 
 from __future__ import annotations
 
@@ -376,6 +376,23 @@ def nbdinfo_map(uri: str, name: str) -> list[tuple[int, int, int]]:
     return [(e["offset"], e["length"], e["type"]) for e in json.loads(r.stdout)]
 
 
+def qemu_dirty_map(socket: Path, name: str) -> list[tuple[int, int, int]]:
+    """qemu's own NBD client reading the bitmap (x-dirty-bitmap): qemu-img map reports a
+    dirty run as "data": false, a clean one as "data": true."""
+    r = run([need("qemu-img"), "map", "--output=json", "--image-opts",
+             f"driver=nbd,server.type=unix,server.path={socket},"
+             f"x-dirty-bitmap=qemu:dirty-bitmap:{name}"], text=True)
+    assert r.returncode == 0, r.stderr
+    out: list[tuple[int, int, int]] = []
+    for e in json.loads(r.stdout):
+        t = 0 if e["data"] else 1
+        if out and out[-1][2] == t and out[-1][0] + out[-1][1] == e["start"]:
+            out[-1] = (out[-1][0], out[-1][1] + e["length"], t)
+        else:
+            out.append((e["start"], e["length"], t))
+    return out
+
+
 def map_of(blocks: set[int], size: int) -> list[tuple[int, int, int]]:
     """What the dirty-bitmap context says of ``blocks``: runs of (offset, length, 1|0)."""
     out: list[tuple[int, int, int]] = []
@@ -429,6 +446,7 @@ def test_tapdisk_cbt_fio_live_snapshot_coalesce_and_nbdinfo(host: Host, tmp_path
     assert bits_of(log1) == written1  # the old log saw none of the new writes
     assert written1 - written2 and written2 - written1  # (the test can tell them apart)
     assert nbdinfo_map(uri, "vdi2") == map_of(written2, size)
+    assert qemu_dirty_map(host.run_dir / f"nbd{pid}.{minor}", "vdi2") == map_of(written2, size)
     r = run([need("nbdinfo"), "--map=qemu:dirty-bitmap:vdi1", uri], text=True)
     assert r.returncode != 0  # that log is gone from the disk
 
