@@ -26,19 +26,20 @@ DIRTY = 1  # the context's state bit for a changed block
 def changed_extents(h: "nbd.NBD", context: str, size: int) -> list[tuple[int, int]]:
     """(offset, length) of each run the server reports as changed."""
     extents: list[tuple[int, int]] = []
+    found: list[int] = []  # the entries of the last reply: length, flags, length, ...
+
+    def collect(ctx: str, start: int, entries: list[int], err: int) -> int:
+        if ctx == context:
+            found.extend(entries)
+        return 0
+
     offset = 0
     while offset < size:
-        found: list[int] = []
-
-        def collect(ctx: str, start: int, entries: list[int], err: int) -> int:
-            if ctx == context:
-                found.extend(entries)
-            return 0
-
+        found.clear()
         h.block_status(min(STATUS_SPAN, size - offset), offset, collect)
         if not found:
             raise SystemExit(f"the server said nothing of {context} at {offset}")
-        for length, flags in zip(found[::2], found[1::2]):
+        for length, flags in zip(found[::2], found[1::2], strict=True):
             length = min(length, size - offset)
             if flags & DIRTY:
                 if extents and extents[-1][0] + extents[-1][1] == offset:
