@@ -1,16 +1,9 @@
 """Changed-block tracking logs: the reference's file format and what is done with it.
 
-A log is a 48-byte header followed by a bitmap with one bit per 64 KiB block of the
-disk, the first block in the least significant bit of the first byte (the reference
-sets bits through little-endian ``unsigned long`` words, which lands them there).
-There is no magic number: a file is a log when its header's disk size matches the
-bitmap that follows it.
-
-    @0  uuid parent (16 bytes, as stored by libuuid: big-endian, RFC 4122 order)
-    @16 uuid child
-    @32 int consistent (host order: little-endian on every platform Xen runs on)
-    @36 padding (4 bytes, zero)
-    @40 u64 size of the disk in bytes
+The layout is in :mod:`blktap.image.cbt.structs`: a 48-byte header, then a bitmap with one
+bit per 64 KiB block of the disk, the first block in the least significant bit of the
+first byte (the reference sets bits through little-endian ``unsigned long`` words, which
+lands them there).
 
 Nothing here prints; errors are :class:`~blktap.errors.CbtLogError` with the errno the
 reference's ``cbt-util`` exits with (EIO for a short file, EINVAL for a bad request).
@@ -20,53 +13,11 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 import uuid
-from dataclasses import dataclass
 
 from blktap.errors import CbtLogError
+from blktap.image.cbt.structs import HEADER_SIZE, MAX_SIZE, LogHeader, bitmap_size
 from blktap.io.threads import read_full
-
-BLOCK = 64 << 10  # bytes of disk per bit
-HEADER = struct.Struct("<16s16si4xQ")
-HEADER_SIZE = HEADER.size  # 48
-NIL = uuid.UUID(int=0)
-# A disk of this many bytes would need a bitmap larger than any disk blktap serves
-# (2 EiB); a larger size field means the file is not a log.
-MAX_SIZE = 1 << 61
-
-
-def bitmap_size(size: int) -> int:
-    """Bytes of bitmap for a disk of ``size`` bytes (whole bytes of whole blocks)."""
-    return -(-blocks(size) // 8)
-
-
-def blocks(size: int) -> int:
-    """64 KiB blocks covering ``size`` bytes."""
-    return -(-size // BLOCK)
-
-
-@dataclass
-class LogHeader:
-    """The 48-byte header."""
-
-    parent: uuid.UUID = NIL
-    child: uuid.UUID = NIL
-    consistent: int = 0
-    size: int = 0
-
-    def pack(self) -> bytes:
-        return HEADER.pack(self.parent.bytes, self.child.bytes, self.consistent, self.size)
-
-    @classmethod
-    def unpack(cls, data: bytes | bytearray | memoryview) -> LogHeader:
-        parent, child, consistent, size = HEADER.unpack_from(data)
-        return cls(uuid.UUID(bytes=bytes(parent)), uuid.UUID(bytes=bytes(child)),
-                   consistent, size)
-
-    @property
-    def bitmap_size(self) -> int:
-        return bitmap_size(self.size)
 
 
 def read_header_fd(fd: int, path: str) -> LogHeader:
@@ -215,41 +166,3 @@ def coalesce(parent_path: str, child_path: str) -> None:
             os.close(cfd)
     finally:
         os.close(pfd)
-
-
-# ---------------------------------------------------------------------------- bit runs
-def bit_string(bitmap: bytes | bytearray | memoryview, first: int, count: int) -> str:
-    """Blocks ``[first, first + count)`` as a string of '0'/'1', one character per
-    block in disk order (so runs are found with ``str.find``, in C)."""
-    if count <= 0:
-        return ""
-    lo, hi = first // 8, -(-(first + count) // 8)
-    value = int.from_bytes(bitmap[lo:hi], "little") >> (first - lo * 8)
-    return format(value & ((1 << count) - 1), f"0{count}b")[::-1]
-
-
-def runs(bitmap: bytes | bytearray | memoryview, first: int, count: int,
-         ) -> list[tuple[int, int, bool]]:
-    """Runs (first block, blocks, dirty) covering blocks ``[first, first + count)``."""
-    bits = bit_string(bitmap, first, count)
-    out: list[tuple[int, int, bool]] = []
-    pos = 0
-    while pos < count:
-        dirty = bits[pos] == "1"
-        end = bits.find("0" if dirty else "1", pos)
-        if end < 0:
-            end = count
-        out.append((first + pos, end - pos, dirty))
-        pos = end
-    return out
-
-
-def changed_extents(header: LogHeader, bitmap: bytes | bytearray | memoryview,
-                    ) -> list[tuple[int, int]]:
-    """(offset, length) in bytes of every run of changed blocks, cut at the disk's end."""
-    out = []
-    for first, n, dirty in runs(bitmap, 0, blocks(header.size)):
-        if dirty:
-            start = first * BLOCK
-            out.append((start, min((first + n) * BLOCK, header.size) - start))
-    return out
