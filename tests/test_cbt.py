@@ -278,6 +278,43 @@ def test_log_filter_syncs_new_bits_before_the_write_and_groups_them(tmp_path: Pa
     with_engine(body, Recording)
 
 
+def test_log_filter_marks_exactly_the_blocks_of_random_requests(tmp_path: Path) -> None:
+    """Writes, zeroings and discards of random sizes and places (across byte and block
+    boundaries, whole bytes of the bitmap): the file is the spec's bitmap of the blocks
+    they touched, after each request."""
+    disk, log = tmp_path / "disk.img", tmp_path / "r.cbtlog"
+    size = 48 * MiB + 7 * 512
+    with open(disk, "wb") as f:
+        f.truncate(size)
+    log.write_bytes(spec_log(size))
+    rnd = random.Random(1616)
+
+    async def body(engine: ThreadEngine) -> None:
+        below = await engine.call(open_stack, engine, f"aio:{disk}", writable=True,
+                                  direct=False)
+        top = await engine.call(LogDriver.open, engine, str(log), below)
+        vbd = VBD(top, name="r")
+        touched: set[int] = set()
+        try:
+            for i in range(120):
+                n = rnd.choice([512, 4096, BLOCK - 512, BLOCK, 3 * BLOCK + 1024,
+                                20 * BLOCK, 70 * BLOCK])
+                off = rnd.randrange(0, (size - n) // 512 + 1) * 512
+                op = rnd.choice(["write", "write", "zeroes", "discard"])
+                if op == "write":
+                    await vbd.write(off, memoryview(bytes([i % 255 + 1]) * n))
+                elif op == "zeroes":
+                    await vbd.write_zeroes(off, n)
+                else:
+                    await vbd.discard(off, n)
+                touched |= blocks_of([(off, n)])
+                assert log.read_bytes() == spec_log(size, touched), (i, op, off, n)
+        finally:
+            await vbd.close()
+
+    with_engine(body)
+
+
 class FailingLogSync(ThreadEngine):
     """The thread engine whose next sync of a ``.cbtlog`` file fails with EIO."""
 
@@ -435,6 +472,10 @@ def test_tapdisk_cbt_fio_live_snapshot_coalesce_and_nbdinfo(host: Host, tmp_path
     written1 = fio_writes(uri, tmp_path, "one", 0, 48 * MiB, 1, 150)
     assert bits_of(log1) == written1  # durable while the disk is still open
     assert nbdinfo_map(uri, "vdi1") == map_of(written1, size)
+    r = run([need("nbdinfo"), "--json", uri], text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["exports"][0]["contexts"] == [
+        "base:allocation", "qemu:dirty-bitmap:vdi1"]
 
     # Live snapshot: pause, snapshot, unpause on the child with a new log.
     host.out("pause", "-p", p, "-m", m)
