@@ -583,6 +583,24 @@ def test_backup_example_reads_exactly_the_changed_extents(host: Host, tmp_path: 
     host.out("destroy", "-p", str(pid), "-m", str(minor))
 
 
+def test_blktap_serve_with_a_cbt_log(tmp_path: Path) -> None:
+    from nbd_helpers import serve
+    disk, log = tmp_path / "disk.img", tmp_path / "s.cbtlog"
+    with open(disk, "wb") as f:
+        f.truncate(4 * MiB)
+    log.write_bytes(spec_log(4 * MiB))
+    with serve(f"aio:{disk}", tmp_path, "--cbt-log", str(log)) as srv:
+        r = run([need("qemu-io"), "-f", "raw", "-c", "write -P 3 130k 64k", srv.uri], text=True)
+        assert r.returncode == 0, r.stderr
+        assert nbdinfo_map(srv.uri, "s") == map_of({2, 3}, 4 * MiB)
+        assert srv.stop() == 0
+    assert log.read_bytes() == spec_log(4 * MiB, {2, 3})
+    log.write_bytes(spec_log(8 * MiB))  # for a larger disk: refused, nothing served
+    r = run([tool("blktap"), "serve", f"aio:{disk}", "--socket", str(tmp_path / "x.sock"),
+             "--cbt-log", str(log)], text=True, timeout=60)
+    assert r.returncode == errno.EINVAL and "for a disk of 8388608 bytes" in r.stderr
+
+
 def test_spec_log_helper_matches_struct_layout() -> None:
     """The test's own builder against an independent struct layout of the C header."""
     u1, u2 = uuid.uuid4().bytes, uuid.uuid4().bytes
