@@ -7,6 +7,9 @@ do (they exit with ``-ret``, an errno), and print ``str(exc)`` as the one-line m
     BlktapError
      ├── ImageError                  a problem with an image file
      │    ├── FormatError            not this format, or corrupt metadata (EINVAL)
+     │    │    └── CbtLogError       a changed-block tracking log that cannot be used:
+     │    │                          missing (its errno), short (EIO), not a log or for
+     │    │                          another disk (EINVAL) (docs/cbt.md)
      │    ├── UnsupportedImage       valid but uses a feature we do not handle (EOPNOTSUPP)
      │    ├── ChainError             a parent chain that cannot be assembled
      │    │    ├── ParentNotFound    a parent named by a child is missing (ENOENT)
@@ -49,6 +52,10 @@ class FormatError(ImageError):
     """The file is not in the expected format, or its metadata is corrupt."""
 
     default_errno = _errno.EINVAL
+
+
+class CbtLogError(FormatError):
+    """A CBT log (cbt-util's file) that cannot be read or used for this disk."""
 
 
 class UnsupportedImage(ImageError):

@@ -11,6 +11,7 @@
     blktap rebase IMAGE PARENT   give a differencing VHD a new parent, keeping its content
     blktap resize IMAGE SIZE     grow a disk (fast, or journaled when metadata must move)
     blktap revert IMAGE JOURNAL  undo an interrupted resize
+    blktap changed LOG           the extents a CBT log marks as changed
 
 Image arguments take ``vhd:PATH``, ``qcow2:PATH``, ``aio:PATH`` or ``raw:PATH``, or a plain
 path whose format is probed. A probed differencing VHD or qcow2 image with a backing file
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from blktap import __version__
-from blktap.cli import maintain, serve
+from blktap.cli import changed, maintain, serve
 from blktap.cli.common import (
     PROG,
     TERMINATED_EXIT,
@@ -137,6 +138,7 @@ def build_parser() -> Parser:
     _add_check(sub)
     maintain.add_commands(sub, _command)
     serve.add_parser(sub, _command)
+    changed.add_parser(sub, _command)
     return parser
 
 

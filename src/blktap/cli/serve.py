@@ -94,6 +94,9 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
     cmd.add_argument("--serial", metavar="TEXT",
                      help="vhost-user: the disk's serial number (GET_ID, 20 bytes at most; "
                      "default: the image's file name)")
+    cmd.add_argument("--cbt-log", metavar="LOG",
+                     help="track changed blocks in this CBT log (cbt-util's format; as "
+                          "tap-ctl open -C), exported as qemu:dirty-bitmap:NAME (docs/cbt.md)")
     cmd.add_argument("-v", "--verbose", action="store_true", help="log connections")
     add_parent_dir(cmd)
 
@@ -158,6 +161,9 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
         driver = await engine.call(open_stack, engine, args.image,
                                    writable=not args.read_only, direct=args.direct,
                                    parent_policy=policy)
+        if args.cbt_log:
+            from blktap.tapdisk.drivers.log import LogDriver
+            driver = await engine.call(LogDriver.open, engine, args.cbt_log, driver)
         vbd = VBD(driver, name=args.image, read_only=args.read_only, timeout=args.timeout)
         uris = []
         if args.vhost_user:

@@ -46,10 +46,11 @@ from dataclasses import dataclass
 from blktap.control import message as m
 from blktap.control.message import Flag, Message, MessageType
 from blktap.control.rundir import MinorHold, RunDir
-from blktap.errors import BlktapError, ControlProtocolError
+from blktap.errors import BlktapError, CbtLogError, ControlProtocolError
 from blktap.io import ThreadEngine, best_engine
 from blktap.tapdisk.driver import SECTOR, Driver
 from blktap.tapdisk.drivers import open_stack, require_type
+from blktap.tapdisk.drivers.log import LogDriver
 from blktap.tapdisk.stats import format_stats
 from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD, VbdState
 from blktap.transport.nbd import Export, NbdServer
@@ -69,7 +70,6 @@ STATS_ALL = 0xFFFF  # STATS with this cookie: every VBD, as a JSON array
 UNSUPPORTED_FLAGS = {
     Flag.ADD_CACHE: "the read cache (-r)",
     Flag.VHD_INDEX: "vhd index",
-    Flag.ADD_LOG: "the changed-block log (-C)",
     Flag.ADD_LCACHE: "the local cache (-r)",
     Flag.REUSE_PRT: "a parent of another minor (-e)",
     Flag.SECONDARY: "a secondary (-2)",
@@ -93,6 +93,7 @@ class OpenParams:
     direct: bool = True
     timeout: float = DEFAULT_TIMEOUT
     key: bytes | None = None
+    logpath: str | None = None  # the CBT log above the leaf (-C / unpause -c)
 
 
 @dataclass
@@ -306,7 +307,8 @@ class Tapdisk:
             finally:
                 self._queued -= 1
         except BlktapError as exc:
-            if exc.errno not in (errno.EBUSY, errno.EINVAL, errno.ENOENT, errno.EEXIST):
+            if (exc.errno not in (errno.EBUSY, errno.EINVAL, errno.ENOENT, errno.EEXIST)
+                    or isinstance(exc, CbtLogError)):
                 log.error("%s of minor %d: %s", t.label, request.cookie, exc)
             return [_error(exc.errno, str(exc), request.cookie)]
         except OSError as exc:
@@ -333,7 +335,8 @@ class Tapdisk:
             return [Message(T.DETACH_RSP, minor)]
         if t is T.OPEN:
             assert isinstance(req.payload, m.Params)
-            vbd = await self.open(minor, self._open_params(req.payload, req.key))
+            params = self._open_params(req.payload, req.key, req.logpath)
+            vbd = await self.open(minor, params)
             return [Message(T.OPEN_RSP, minor, m.Image(vbd.size // SECTOR, SECTOR, 0))]
         if t in (T.CLOSE, T.FORCE_SHUTDOWN):
             await self.close(minor, force=t is T.FORCE_SHUTDOWN)
@@ -345,7 +348,7 @@ class Tapdisk:
             assert isinstance(req.payload, m.Params)
             p = req.payload
             self._check_flags(p.flags & ~(Flag.RDONLY | Flag.NO_O_DIRECT))
-            await self.resume(minor, p.path or None)
+            await self.resume(minor, p.path or None, req.logpath)
             return [Message(T.RESUME_RSP, minor)]
         if t is T.XENBLKIF_CONNECT:
             assert isinstance(req.payload, m.Blkif)
@@ -364,14 +367,23 @@ class Tapdisk:
             if flags & flag:
                 raise BlktapError(f"{what} is not supported yet", errno.EOPNOTSUPP)
 
-    def _open_params(self, p: m.Params, key: bytes | None) -> OpenParams:
+    def _open_params(self, p: m.Params, key: bytes | None,
+                     logpath: str | None = None) -> OpenParams:
         self._check_flags(p.flags)
         if not p.path:
             raise BlktapError("open: no image given", errno.EINVAL)
         return OpenParams(spec=p.path, read_only=bool(p.flags & Flag.RDONLY),
                           direct=not p.flags & Flag.NO_O_DIRECT,
                           timeout=float(p.req_timeout) if p.req_timeout else DEFAULT_TIMEOUT,
-                          key=key)
+                          key=key, logpath=self._logpath(p.flags, logpath))
+
+    @staticmethod
+    def _logpath(flags: int, logpath: str | None) -> str | None:
+        if not flags & Flag.ADD_LOG:
+            return None
+        if not logpath:
+            raise BlktapError("no CBT log path after the message", errno.EINVAL)
+        return logpath
 
     def _slot(self, minor: int, code: int = errno.ENODEV) -> Slot:
         """The attached minor; ENODEV if not attached (OPEN says EINVAL), as the
@@ -413,17 +425,31 @@ class Tapdisk:
         if not self.slots:
             self.done.set()  # the reference exits once its last VBD is gone
 
-    async def _open_stack(self, params: OpenParams, spec: str) -> Driver:
-        return await self.engine.call(open_stack, self.engine, spec,
-                                      writable=not params.read_only, direct=params.direct,
-                                      **({"key": params.key} if params.key else {}))
+    async def _open_stack(self, params: OpenParams, spec: str,
+                          logpath: str | None = None) -> Driver:
+        """The image's driver stack, with the CBT log filter above the leaf when
+        ``logpath`` names one (a log that cannot be used closes the stack again)."""
+        driver = await self.engine.call(open_stack, self.engine, spec,
+                                        writable=not params.read_only, direct=params.direct,
+                                        **({"key": params.key} if params.key else {}))
+        if logpath is None:
+            return driver
+        try:
+            return await self.engine.call(LogDriver.open, self.engine, logpath, driver)
+        except BaseException:
+            for d in driver.chain():
+                try:
+                    await d.close()
+                except (OSError, BlktapError):
+                    pass
+            raise
 
     async def open(self, minor: int, params: OpenParams) -> VBD:
         slot = self._slot(minor, errno.EINVAL)
         if slot.vbd is not None:
             raise BlktapError(f"minor {minor} is already open", errno.EALREADY)
         params.spec = typed_spec(params.spec)
-        driver = await self._open_stack(params, params.spec)
+        driver = await self._open_stack(params, params.spec, params.logpath)
         vbd = VBD(driver, name=params.spec, read_only=params.read_only,
                   timeout=params.timeout)
         server = NbdServer(Export("", vbd, description=params.spec, any_name=True))
@@ -456,8 +482,9 @@ class Tapdisk:
                 raise
         slot.params, slot.vbd, slot.nbd, slot.socket = params, vbd, server, path
         slot.vhost = vhost
-        log.info("minor %d: opened %s (%d bytes%s), NBD at %s%s", minor, params.spec,
-                 vbd.size, ", read-only" if vbd.read_only else "", path,
+        log.info("minor %d: opened %s (%d bytes%s%s), NBD at %s%s", minor, params.spec,
+                 vbd.size, ", read-only" if vbd.read_only else "",
+                 f", CBT log {params.logpath}" if params.logpath else "", path,
                  f", vhost-user at {vhost.path}" if vhost else "")
         return vbd
 
@@ -551,7 +578,11 @@ class Tapdisk:
         await vbd.pause()
         log.info("minor %d: paused", minor)
 
-    async def resume(self, minor: int, new_spec: str | None = None) -> None:
+    async def resume(self, minor: int, new_spec: str | None = None,
+                     logpath: str | None = None) -> None:
+        """Reopen a paused minor, on ``new_spec`` if given, with the CBT log ``logpath``
+        above the leaf, or without a log when there is none (as the reference: unpause
+        without -c drops the log)."""
         slot = self._slot(minor)
         vbd = self._open_vbd(minor)
         assert slot.params is not None
@@ -560,10 +591,12 @@ class Tapdisk:
         spec = typed_spec(new_spec) if new_spec else slot.params.spec
         for attempt in range(1, RESUME_ATTEMPTS + 1):
             try:
-                driver = await self._open_stack(slot.params, spec)
+                driver = await self._open_stack(slot.params, spec, logpath)
                 break
             except (OSError, BlktapError) as exc:
-                if attempt == RESUME_ATTEMPTS:
+                # A log that cannot be used will not heal in a few seconds (sm writes it
+                # before it unpauses): no retry.
+                if attempt == RESUME_ATTEMPTS or isinstance(exc, CbtLogError):
                     vbd.state |= VbdState.RESUME_FAILED
                     raise
                 log.warning("minor %d: reopening %s failed (%s), attempt %d of %d", minor,
@@ -580,9 +613,11 @@ class Tapdisk:
                     pass
             raise
         slot.params.spec = spec
+        slot.params.logpath = logpath
         assert slot.nbd is not None
         slot.nbd.export.description = spec
-        log.info("minor %d: resumed on %s", minor, spec)
+        log.info("minor %d: resumed on %s%s", minor, spec,
+                 f" with CBT log {logpath}" if logpath else "")
 
     # ------------------------------------------------------------------ reports
     def list_replies(self, cookie: int) -> list[Message]:

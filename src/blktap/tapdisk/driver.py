@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import errno
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from blktap.errors import OutOfRange, UnsupportedImage
 from blktap.io import syscalls
@@ -73,6 +73,18 @@ def merge_extents(extents: Extents) -> Extents:
         else:
             out.append((length, flags))
     return out
+
+
+@runtime_checkable
+class DirtyBitmap(Protocol):
+    """A layer that tracks changed blocks (the ``log`` filter): transports export its
+    bitmap by name (NBD's ``qemu:dirty-bitmap:NAME``)."""
+
+    bitmap_name: str
+
+    def runs(self, offset: int, length: int) -> Extents:
+        """(length, 1 dirty / 0 clean) runs covering ``[offset, offset + length)``."""
+        ...
 
 
 class Driver:

@@ -44,7 +44,15 @@ from dataclasses import dataclass, field
 from blktap.errors import BlktapError, OutOfRange
 from blktap.io.buffers import scratch_buffer
 from blktap.io.engine import settled
-from blktap.tapdisk.driver import SECTOR, Caps, Driver, Extents, Tally, merge_extents
+from blktap.tapdisk.driver import (
+    SECTOR,
+    Caps,
+    DirtyBitmap,
+    Driver,
+    Extents,
+    Tally,
+    merge_extents,
+)
 from blktap.tapdisk.stats import VbdStats
 
 log = logging.getLogger("blktap.tapdisk")
@@ -558,6 +566,22 @@ class VBD:
             if pos >= offset + length:
                 break
         return merge_extents(out)
+
+    def dirty_bitmaps(self) -> list[str]:
+        """Names of the changed-block bitmaps of the driver stack (its CBT log)."""
+        return [d.bitmap_name for d in self.driver.chain() if isinstance(d, DirtyBitmap)]
+
+    async def dirty_status(self, name: str, offset: int, length: int) -> Extents:
+        """Runs of (length, 1 changed / 0 unchanged) from ``offset`` in the bitmap
+        ``name``; held while paused; EINVAL once the bitmap is gone (unpaused without
+        that log)."""
+        self._check(offset, length, errno.EINVAL)
+        await self._held()
+        for d in self.driver.chain():
+            if isinstance(d, DirtyBitmap) and d.bitmap_name == name:
+                return d.runs(offset, length)
+        raise BlktapError(f"{self.name}: no dirty bitmap {name!r} (its log was replaced "
+                          "or removed)", errno.EINVAL)
 
     async def cache(self, offset: int, length: int) -> None:
         self._check(offset, length, errno.EINVAL)
