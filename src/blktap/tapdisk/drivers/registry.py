@@ -58,7 +58,7 @@ class Entry:
     name: str
     # "module:Class", or None: known, not built.
     target: str | None
-    # "built-in", or "plugin NAME from DIST VERSION".
+    # "built-in (module:Class)", or "plugin 'NAME' (module:Class, from DIST VERSION)".
     origin: str
     plugin: bool = False
 
@@ -77,7 +77,9 @@ def table() -> dict[str, Entry]:
     """Every known type name (built-in first, then plugins), read once per process."""
     global _table
     if _table is None:
-        rows = {name: Entry(name, target, "built-in") for name, target in BUILTIN.items()}
+        rows = {name: Entry(name, target, f"built-in ({target})" if target
+                            else "the reference's name, not built here")
+                for name, target in BUILTIN.items()}
         for ep in _plugin_entries():
             dist = ep.dist
             where = f"{dist.name} {dist.version}" if dist is not None else "an unknown package"
@@ -113,6 +115,28 @@ def skipped() -> dict[str, str]:
     """Entry points that were not put in the table, and why (``blktap drivers``)."""
     table()
     return dict(_skipped)
+
+
+def listing() -> list[dict[str, str]]:
+    """The table as ``blktap drivers`` shows it: every name with its status (``built-in``,
+    ``not built``, ``plugin``, ``broken``: the plugin is imported to tell), its origin,
+    and for a broken or skipped plugin why."""
+    rows: list[dict[str, str]] = []
+    for name, row in table().items():
+        item = {"name": name, "origin": row.origin,
+                "status": ("plugin" if row.plugin else "built-in") if row.target
+                else "not built"}
+        if row.plugin:
+            try:
+                driver_class(name)
+            except BlktapError as exc:
+                item["status"] = "broken"
+                item["error"] = str(exc)
+        rows.append(item)
+    for name, why in skipped().items():
+        origin, _, reason = why.rpartition(": ")
+        rows.append({"name": name, "origin": origin, "status": "skipped", "error": reason})
+    return rows
 
 
 def is_openable(kind: str) -> bool:
@@ -160,4 +184,4 @@ def driver_class(kind: str, spec: str = "") -> type[Driver]:
 
 
 __all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "Entry", "driver_class", "implemented",
-           "is_openable", "refresh", "skipped", "table"]
+           "is_openable", "listing", "refresh", "skipped", "table"]
