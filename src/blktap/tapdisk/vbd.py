@@ -331,6 +331,8 @@ class VBD:
                     continue
                 if code in RETRYABLE:
                     self.stats.timeouts += 1
+                if isinstance(exc, DriverError):  # a driver out of protocol: say it
+                    log.error("%s: %s failed: %s", self.name, first.op.value, exc)
                 error = exc
                 break
             except Exception as exc:  # a bug in a driver: fail the request, not the disk

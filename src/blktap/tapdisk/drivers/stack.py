@@ -43,15 +43,15 @@ _SPEC = re.compile(r"^([a-z][a-z0-9+_-]*):(.*)$")
 # ---------------------------------------------------------------------- names
 def split_type(spec: str) -> tuple[str | None, str]:
     """``type:path`` -> (type, path); a plain path -> (None, path). An unknown or
-    unimplemented type is an error; nothing is opened."""
+    unimplemented type is an error, and so is a plugin that cannot be loaded; nothing
+    is opened."""
     match = _SPEC.match(spec)
     if match:
         kind, path = match[1], match[2]
-        if registry.is_openable(kind):
-            if not path:
-                raise UsageError(f"{spec}: no path after {kind}:")
-            return kind, path
-        registry.driver_class(kind, spec)  # raises: ENOSYS, ENOENT, ELIBBAD
+        registry.driver_class(kind, spec)  # raises: ENOENT, ENOSYS, ELIBBAD (plugins)
+        if not path:
+            raise UsageError(f"{spec}: no path after {kind}:")
+        return kind, path
     return None, spec
 
 
