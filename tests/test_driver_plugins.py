@@ -406,7 +406,9 @@ def test_a_plugin_names_its_parent(plugins: Path, tmp_path: Path,
             assert not drv.parent.writable
             for d in drv.chain():
                 await d.close()
+            fds = len(os.listdir("/proc/self/fd"))
             assert (await refused(f"aio:{base} 4096\n")).errno == errno.EINVAL  # validate
+            assert len(os.listdir("/proc/self/fd")) == fds  # the parent opened was closed
             assert (await refused(f"delta:{spec} {MiB}\n")).errno == errno.ELOOP
             assert (await refused(f"{base} {MiB}\n")).errno == errno.EINVAL  # untyped
             assert (await refused(f"nbd:{base} {MiB}\n")).errno == errno.ENOSYS
@@ -425,3 +427,20 @@ def test_a_plugin_names_its_parent(plugins: Path, tmp_path: Path,
     res = run([tool("blktap"), "serve", f"delta:{spec}", "--socket",
                str(tmp_path / "w.sock")], text=True, timeout=60)
     assert res.returncode == errno.EROFS, res.stderr
+
+
+def test_a_filter_over_a_vhd_chain(plugins: Path, tmp_path: Path) -> None:
+    """The layer a filter wraps is opened by the same code as any disk: here a VHD
+    snapshot with its base, read-only under the overlay, the chain's files unchanged."""
+    raw = tmp_path / "content.raw"
+    raw.write_bytes(b"\x61" * MiB + bytes(3 * MiB))
+    base, leaf = tmp_path / "base.vhd", tmp_path / "leaf.vhd"
+    for argv in (["convert", "-O", "vhd", str(raw), str(base)],
+                 ["snapshot", str(leaf), str(base)]):
+        res = run([tool("blktap"), *argv], text=True)
+        assert res.returncode == 0, res.stderr
+    before = leaf.read_bytes(), base.read_bytes()
+    with serve(f"overlay:vhd:{leaf}", tmp_path) as srv:
+        qemu_io(srv.uri, "read -P 0x61 0 1M", "read -P 0 1M 3M", "write -P 0x62 512k 1M",
+                "read -P 0x62 512k 1M", "read -P 0x61 0 512k")
+    assert (leaf.read_bytes(), base.read_bytes()) == before
