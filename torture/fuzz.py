@@ -44,12 +44,12 @@ import atheris
 with atheris.instrument_imports(include=["blktap"]):
     from blktap.control import message
     from blktap.errors import BlktapError
-    from blktap.image.vhd import check as vhd_check
-    from blktap.image.vhd.create import create as create_vhd
-    from blktap.image.vhd.create import snapshot as snapshot_vhd
     from blktap.image.qcow2 import check as qcow2_check
     from blktap.image.qcow2.create import create as create_qcow2
     from blktap.image.qcow2.image import Qcow2Image
+    from blktap.image.vhd import check as vhd_check
+    from blktap.image.vhd.create import create as create_vhd
+    from blktap.image.vhd.create import snapshot as snapshot_vhd
     from blktap.image.vhd.image import VhdImage
     from blktap.io import ThreadEngine
     from blktap.tapdisk.driver import Caps, Driver

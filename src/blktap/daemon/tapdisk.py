@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from blktap.control import message as m
 from blktap.control.message import Flag, Message, MessageType
 from blktap.control.rundir import MinorHold, RunDir
-from blktap.errors import BlktapError, CbtLogError, ControlProtocolError
+from blktap.errors import BlktapError, CbtLogError, ControlProtocolError, DriverError
 from blktap.io import ThreadEngine, best_engine
 from blktap.tapdisk.driver import SECTOR, Driver
 from blktap.tapdisk.drivers import open_stack, require_type
@@ -307,8 +307,9 @@ class Tapdisk:
             finally:
                 self._queued -= 1
         except BlktapError as exc:
-            if (exc.errno not in (errno.EBUSY, errno.EINVAL, errno.ENOENT, errno.EEXIST)
-                    or isinstance(exc, CbtLogError)):
+            # A driver's bug, or a bad CBT log, is the operator's to see whatever its errno.
+            if isinstance(exc, (DriverError, CbtLogError)) or exc.errno not in (
+                    errno.EBUSY, errno.EINVAL, errno.ENOENT, errno.EEXIST):
                 log.error("%s of minor %d: %s", t.label, request.cookie, exc)
             return [_error(exc.errno, str(exc), request.cookie)]
         except OSError as exc:

@@ -41,7 +41,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from blktap.errors import BlktapError, OutOfRange
+from blktap.errors import BlktapError, DriverError, OutOfRange
 from blktap.io.buffers import scratch_buffer
 from blktap.io.engine import settled
 from blktap.tapdisk.driver import (
@@ -111,6 +111,24 @@ class Request:
 def errno_of(exc: BaseException) -> int:
     code = getattr(exc, "errno", None)
     return code if isinstance(code, int) and code > 0 else errno.EIO
+
+
+def _checked_extents(d: Driver, extents: object, length: int) -> Extents:
+    """A driver's block-status answer, or DriverError (EIO) when it is out of protocol:
+    runs of (positive length, int flags) covering at least one byte and at most
+    ``length`` (less is fine: the caller asks again)."""
+    covered = 0
+    if isinstance(extents, list) and extents:
+        for run in extents:
+            if not (isinstance(run, tuple) and len(run) == 2 and type(run[0]) is int
+                    and type(run[1]) is int and run[0] > 0):
+                break
+            covered += run[0]
+        else:
+            if covered <= length:
+                return extents
+    raise DriverError(f"{d.path or d.name}: the {d.name} driver answered block status for "
+                      f"{length} bytes with {str(extents)[:80]}", errno.EIO)
 
 
 class VBD:
@@ -274,7 +292,11 @@ class VBD:
         d = self.driver
         op = req.op
         if op is Op.READ:
-            return await d.read(req.offset, iov)
+            got = await d.read(req.offset, iov)
+            if got is not None and got != length:
+                raise DriverError(f"{d.path or d.name}: the {d.name} driver read {got!r} "
+                                  f"bytes of {length} at {req.offset}", errno.EIO)
+            return None
         if op is Op.WRITE:
             return await d.write(req.offset, iov, fua=req.fua)
         if op is Op.FLUSH:
@@ -285,7 +307,7 @@ class VBD:
             return await d.write_zeroes(req.offset, length, may_trim=req.may_trim,
                                         fast=req.fast, fua=req.fua)
         if op is Op.STATUS:
-            return await d.block_status(req.offset, length)
+            return _checked_extents(d, await d.block_status(req.offset, length), length)
         return await d.cache(req.offset, length)
 
     async def _issue(self, group: list[Request]) -> None:
@@ -317,6 +339,8 @@ class VBD:
                     continue
                 if code in RETRYABLE:
                     self.stats.timeouts += 1
+                if isinstance(exc, DriverError):  # a driver out of protocol: say it
+                    log.error("%s: %s failed: %s", self.name, first.op.value, exc)
                 error = exc
                 break
             except Exception as exc:  # a bug in a driver: fail the request, not the disk
