@@ -291,8 +291,8 @@ def test_open_errors(daemon: Daemon, tmp_path: Path, disk: Path) -> None:
     assert daemon.request(msg(OPEN, minor, params("qcow:/x"))).error == errno.ENOSYS
     assert daemon.request(msg(OPEN, minor, params(""))).error == errno.EINVAL
     r = daemon.request(msg(OPEN, minor, params(f"aio:{disk}", F_SECONDARY,
-                                                   secondary=f"aio:{disk}")))
-    assert r.error == errno.EOPNOTSUPP and "secondary" in r.text
+                                                   secondary=f"aio:{tmp_path}/nowhere.img")))
+    assert r.error == errno.ENOENT and "secondary" in r.text
     r = daemon.request(msg(OPEN, minor, params(f"aio:{disk}", F_ADD_LOG)),
                        b"/tmp/log".ljust(256, b"\0"))
     assert r.error == errno.EOPNOTSUPP
@@ -555,12 +555,12 @@ def test_sighup_reopens_the_log(daemon: Daemon, disk: Path) -> None:
 
 
 def test_resume_with_filters_is_unsupported(daemon: Daemon, disk: Path) -> None:
-    """unpause -2 / -c name filters not built yet: EOPNOTSUPP, the disk stays paused and
-    a plain resume still works."""
+    """unpause -c names a filter not built yet: EOPNOTSUPP; an unpause -2 with an empty
+    secondary: EINVAL; the disk stays paused and a plain resume still works."""
     minor = daemon.open_disk(disk)
     daemon.ok(msg(PAUSE, minor), PAUSE_RSP)
-    r = daemon.request(msg(RESUME, minor, params("", F_SECONDARY, secondary=f"aio:{disk}")))
-    assert r.error == errno.EOPNOTSUPP
+    r = daemon.request(msg(RESUME, minor, params("", F_SECONDARY, secondary="")))
+    assert r.error == errno.EINVAL
     r = daemon.request(msg(RESUME, minor, params("", F_ADD_LOG)), b"/tmp/x.log".ljust(256, b"\0"))
     assert r.error == errno.EOPNOTSUPP
     assert daemon.listing()[0][2] & 0x20

@@ -81,6 +81,8 @@ class Driver:
     name = "driver"
     # The reference's disk-type numbers (tap-ctl stats reports them).
     type_id = -1
+    # An image tap-ctl stats lists; False for a filter with no data of its own (mirror).
+    image = True
 
     def __init__(self, engine: Engine, size: int, *, writable: bool,
                  parent: Driver | None = None) -> None:

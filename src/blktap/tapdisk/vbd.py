@@ -648,7 +648,7 @@ class VBD:
             "name": self.name,
             "secs": [st.read_sectors, st.write_sectors],
             "images": [{"name": d.path, "hits": list(d.hits), "fail": list(d.fail),
-                        "driver": d.describe()} for d in self.driver.chain()],
+                        "driver": d.describe()} for d in self.driver.chain() if d.image],
             "FIXME_enospc_redirect_count": 0,
             "nbd_mirror_failed": 0,
             "reqs_outstanding": st.in_flight,
