@@ -195,6 +195,10 @@ def test_failing_secondary_is_reported(host: Host, tmp_path: Path, small_fs: Pat
     assert st["nbd_mirror_failed"] == 1
     assert st["mirror"]["state"] == "failed"
     assert "No space left" in st["mirror"]["error"] and st["mirror"]["failed_at"]
+    # The background copy of a migration asks, and fails.
+    copy = run([tool("blktap"), "copy", f"aio:{leaf}", f"aio:{sparse(tmp_path / 'c.img')}",
+                "--no-direct", "--check-mirror", f"{pid}:{minor}"], env=host.env, text=True)
+    assert copy.returncode == errno.EIO and "is failed: write of" in copy.stderr, copy.stderr
     # Not written again, even after a pause and a plain unpause (it missed writes).
     p, m = str(pid), str(minor)
     host.out("pause", "-p", p, "-m", m)
