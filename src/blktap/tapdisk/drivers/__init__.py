@@ -1,7 +1,8 @@
 """Image drivers and the registry that builds a driver stack from ``type:path``.
 
-Type names are the reference tapdisk's (``tapdisk-disktype.c``): ``aio``, ``vhd`` and
-``ram`` are implemented, and ``qcow2`` (qemu's format) beside them; the reference's other
+Type names are the reference tapdisk's (``tapdisk-disktype.c``): ``aio``, ``vhd``,
+``ram`` and ``nbd`` (an NBD client; an NBD URI may also be given whole) are implemented,
+and ``qcow2`` (qemu's format) beside them; the reference's other
 names are known and answer ENOSYS (not built), as there; anything else is ENOENT. A path
 without a type is probed: a VHD gets the ``vhd`` driver, a qcow2 image ``qcow2``,
 anything else ``aio``; a probed differencing VHD (or qcow2 with a backing file) is refused
@@ -22,14 +23,17 @@ from blktap.image.raw import RawImage
 from blktap.io.engine import Engine
 from blktap.tapdisk.driver import Driver
 from blktap.tapdisk.drivers.aio import AioDriver
+from blktap.tapdisk.drivers.nbd import NbdDriver
 from blktap.tapdisk.drivers.qcow2 import Qcow2Driver
 from blktap.tapdisk.drivers.ram import RamDriver
 from blktap.tapdisk.drivers.vhd import VhdDriver
 
-IMPLEMENTED = ("aio", "vhd", "ram", "qcow2")
+IMPLEMENTED = ("aio", "vhd", "ram", "qcow2", "nbd")
 # In the reference's table but not built here (yet), as "sync"/"vmdk" are not built there.
 KNOWN = ("sync", "vmdk", "vhdsync", "qcow", "bc", "vhdi", "log", "remus", "lc", "lle", "llp",
-         "valve", "nbd")
+         "valve")
+# An NBD URI given whole (nbd://..., nbds+unix://...) is the nbd driver's path.
+NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 
 _SPEC = re.compile(r"^([a-z][a-z0-9+_-]*):(.*)$")
 
@@ -40,6 +44,8 @@ def split_type(spec: str) -> tuple[str | None, str]:
     match = _SPEC.match(spec)
     if match:
         kind, path = match[1], match[2]
+        if kind in NBD_SCHEMES and path.startswith("//"):
+            return "nbd", spec
         if kind in IMPLEMENTED:
             if not path:
                 raise UsageError(f"{spec}: no path after {kind}:")
@@ -104,6 +110,8 @@ def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True
         return AioDriver.open(engine, path, writable=writable, direct=direct)
     if kind == "ram":
         return RamDriver.open(engine, path, writable=writable)
+    if kind == "nbd":
+        return NbdDriver.open(engine, path, writable=writable)
     chain = Chain.open(f"{kind}:{path}", writable=writable, key=key, probed=probed,
                        follow_probed_parents=follow_probed_parents,
                        parent_policy=parent_policy)
@@ -126,5 +134,5 @@ def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True
     return below
 
 
-__all__ = ["AioDriver", "Driver", "Qcow2Driver", "RamDriver", "VhdDriver", "open_stack",
-           "parse", "require_type", "split_type"]
+__all__ = ["AioDriver", "Driver", "NbdDriver", "Qcow2Driver", "RamDriver", "VhdDriver",
+           "open_stack", "parse", "require_type", "split_type"]
