@@ -51,6 +51,11 @@ log = logging.getLogger("blktap.tapdisk")
 
 # Zeros written to a secondary that cannot write zeroes by itself: per request.
 ZERO_WRITE = 1 << 20
+# The longest a request may wait on the secondary (an NBD secondary holds requests while
+# it reconnects) before the mirror is declared failed, as the reference's NBD client's
+# 30 s: the guest's writes wait for the secondary meanwhile. Shorter if the VBD's
+# per-request timeout (tap-ctl -t) is.
+SECONDARY_TIMEOUT = 30.0
 
 
 class Mode(enum.Enum):
@@ -182,6 +187,14 @@ class MirrorDriver(Driver):
         # secondary that lacks them by other means.
         both = Caps.TRIM | Caps.FAST_ZERO
         self.caps = leaf.caps & ~(both & ~secondary.caps)
+
+    def bound_requests(self, timeout: float) -> None:
+        """The VBD's per-request timeout: the secondary's layers get at most
+        SECONDARY_TIMEOUT (the leaf's get theirs from the VBD)."""
+        for layer in self.secondary.chain():
+            bound = getattr(layer, "bound_requests", None)
+            if bound is not None:
+                bound(min(timeout, SECONDARY_TIMEOUT))
 
     # ------------------------------------------------------------------ helpers
     async def _both(self, on_secondary: Coroutine[Any, Any, object],
