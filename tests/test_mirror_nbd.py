@@ -16,7 +16,17 @@ from pathlib import Path
 import pytest
 
 from conftest import need, run
-from test_mirror import host, qemu_io, read_disk, small_fs, sparse, stats, tapdisk_log  # noqa: F401
+
+# host and small_fs are fixtures this module uses.
+from test_mirror import (  # noqa: F401
+    host,
+    qemu_io,
+    read_disk,
+    small_fs,
+    sparse,
+    stats,
+    tapdisk_log,
+)
 from test_tap_ctl_daemon import Host
 from test_tapdisk_live import BLOCKS, Writer, replay
 
@@ -74,8 +84,8 @@ def compare(a: str, b: str) -> None:
 
 
 @pytest.mark.parametrize("target", ["nbdkit", "tapdisk"])
-def test_fio_through_a_mirrored_disk(host: Host, tmp_path: Path, nbdkit: Nbdkit,
-                                     target: str) -> None:
+def test_fio_through_a_mirrored_disk(host: Host, tmp_path: Path,  # noqa: F811
+                                     nbdkit: Nbdkit, target: str) -> None:
     leaf = sparse(tmp_path / "leaf.img", SIZE)
     if target == "nbdkit":
         secondary, secondary_uri = f"nbd:{nbdkit.socket}", nbdkit.uri
@@ -116,7 +126,8 @@ def test_leaf_enospc_nbd_secondary(host: Host, tmp_path: Path, small_fs: Path,  
     host.out("destroy", "-p", str(pid), "-m", str(minor))
 
 
-def test_secondary_killed_mid_run(host: Host, tmp_path: Path, nbdkit: Nbdkit) -> None:
+def test_secondary_killed_mid_run(host: Host, tmp_path: Path,  # noqa: F811
+                                  nbdkit: Nbdkit) -> None:
     """nbdkit is killed while a client writes: the writes the client saw acknowledged
     are all on the disk (the leaf), none failed; the mirror is marked failed within the
     request timeout (-t 3), in stats and in the log."""
