@@ -79,19 +79,19 @@ def stop_tapdisks(env: dict[str, str], control: Path) -> None:
             env=dict(env, BLKTAP_CONTROL_DIR=str(control)))
 
 
-@pytest.mark.slow
-def test_live_migration_script(tmp_path: Path) -> None:
+def common_env(tmp_path: Path, bin_dir: Path) -> dict[str, str]:
     need("qemu-io")
     need("qemu-img")
     if not os.path.exists(SYSTEM_PYTHON):
         pytest.skip("no system python3 with libnbd")
-    src_control, dst_control = tmp_path / "src-run", tmp_path / "dst-run"
-    dst_dir = tmp_path / "dst"
-    dst_dir.mkdir()
-    bin_dir = Path(tool("tap-ctl")).parent
-    env = dict(os.environ, BLKTAP_LOG_DIR=str(tmp_path / "log"), TAPDISK=tool("tapdisk"),
-               PATH=f"{bin_dir}:{os.environ['PATH']}")
-    # The source disk, with data the copy (not the mirror) has to move.
+    return dict(os.environ, BLKTAP_LOG_DIR=str(tmp_path / "log"), TAPDISK=tool("tapdisk"),
+                PATH=f"{bin_dir}:{os.environ['PATH']}")
+
+
+def source_disk(tmp_path: Path, env: dict[str, str], src_control: Path,
+                *open_args: str) -> tuple[Path, bytearray, str, str]:
+    """The source VHD with data only the copy moves, served: (leaf, its content outside
+    the writer's range, pid, minor)."""
     leaf = tmp_path / "src.vhd"
     assert run([tool("blktap"), "create", str(leaf), "32M"]).returncode == 0
     # 1M-2M is also in the writer's range: the copy writes its old bytes into the
@@ -104,12 +104,18 @@ def test_live_migration_script(tmp_path: Path) -> None:
     expected[8 * MiB:12 * MiB] = b"\x77" * 4 * MiB
     expected[20 * MiB:21 * MiB] = b"\x78" * MiB
     src_env = dict(env, BLKTAP_CONTROL_DIR=str(src_control))
-    out = run([tool("tap-ctl"), "create", "-a", f"vhd:{leaf}"], env=src_env, text=True)
+    out = run([tool("tap-ctl"), "create", "-a", f"vhd:{leaf}", *open_args], env=src_env,
+              text=True)
     assert out.returncode == 0, out.stderr
     minor = out.stdout.strip().rsplit("-", 1)[1]
     listing = run([tool("tap-ctl"), "list", "-m", minor], env=src_env, text=True).stdout
     pid = re.match(r"pid=(\d+) ", listing)[1]  # type: ignore[index]
+    return leaf, expected, pid, minor
 
+
+def switch_hook(tmp_path: Path) -> Path:
+    """SWITCH for the script: tell the writer the destination's socket, wait until it
+    has moved."""
     switch = tmp_path / "switch.sh"
     switch.write_text(f"""#!/bin/bash
 # Move the NBD client: tell it the destination's socket, wait until it has moved.
@@ -119,6 +125,17 @@ for _ in $(seq 1200); do [ -e {tmp_path}/switch.done ] && exit 0; sleep 0.05; do
 exit 1
 """)
     switch.chmod(0o755)
+    return switch
+
+
+@pytest.mark.slow
+def test_live_migration_script(tmp_path: Path) -> None:
+    src_control, dst_control = tmp_path / "src-run", tmp_path / "dst-run"
+    dst_dir = tmp_path / "dst"
+    dst_dir.mkdir()
+    env = common_env(tmp_path, Path(tool("tap-ctl")).parent)
+    leaf, expected, pid, minor = source_disk(tmp_path, env, src_control)
+    switch = switch_hook(tmp_path)
     script = tmp_path / "migrate.sh"
     script.write_text(migration_script())
 
@@ -169,3 +186,63 @@ def migrate_and_check(env: dict[str, str], tmp_path: Path, writer: Writer, pid: 
     cmp = run([tool("blktap"), "compare", f"vhd:{dst_dir}/leaf.vhd", f"aio:{want}"],
               text=True)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+@pytest.mark.slow
+def test_migration_rolls_back_when_the_mirror_breaks(tmp_path: Path) -> None:
+    """The destination's leaf tapdisk dies during the copy: the copy's --check-mirror
+    fails, the script stops before any switch and the source serves alone again, with
+    every write the client saw acknowledged."""
+    src_control, dst_control = tmp_path / "src-run", tmp_path / "dst-run"
+    dst_dir = tmp_path / "dst"
+    dst_dir.mkdir()
+    # blktap, wrapped: before the copy, kill the destination leaf's tapdisk and wait
+    # until the source has declared its mirror failed (-t 3 bounds that).
+    wrap = tmp_path / "bin"
+    wrap.mkdir()
+    (wrap / "blktap").write_text(f"""#!/bin/bash
+if [ "$1" = copy ]; then
+    d=$(BLKTAP_CONTROL_DIR={dst_control} tap-ctl list | grep 'leaf.vhd$' | cut -d' ' -f1)
+    d=${{d#pid=}}
+    kill -9 $d
+    for _ in $(seq 600); do
+        tap-ctl stats -p $SRC_PID -m $SRC_MINOR | grep -q '"nbd_mirror_failed": 1,' && break
+        sleep 0.1
+    done
+fi
+exec {tool("blktap")} "$@"
+""")
+    (wrap / "blktap").chmod(0o755)
+    env = common_env(tmp_path, wrap)
+    env["PATH"] = f"{wrap}:{Path(tool('tap-ctl')).parent}:{os.environ['PATH']}"
+    leaf, expected, pid, minor = source_disk(tmp_path, env, src_control, "-t", "3")
+    script = tmp_path / "migrate.sh"
+    script.write_text(migration_script())
+    writer = Writer(src_control / f"nbd{pid}.{minor}", tmp_path)
+    src_env = dict(env, BLKTAP_CONTROL_DIR=str(src_control))
+    try:
+        writer.wait_for(BLOCKS + 10)
+        mig = run(["bash", str(script)], text=True, timeout=600,
+                  env=dict(env, SRC_CONTROL=str(src_control), DST_CONTROL=str(dst_control),
+                           SRC_PID=pid, SRC_MINOR=minor, SRC_LEAF=str(leaf),
+                           DST_DIR=str(dst_dir), SWITCH=str(switch_hook(tmp_path))))
+        assert mig.returncode != 0, mig.stdout + mig.stderr
+        assert "migration failed at step 'copy'" in mig.stderr, mig.stderr
+        assert "is failed: write of" in mig.stderr, mig.stderr
+        assert not (tmp_path / "switch").exists()
+        st = run([tool("tap-ctl"), "stats", "-p", pid, "-m", minor], env=src_env, text=True)
+        assert '"mirror"' not in st.stdout and '"nbd_mirror_failed": 0' in st.stdout
+        at = writer.count()
+        writer.wait_for(at + 50)  # the source serves on, alone
+        n, _ = writer.finish()
+        expected[:BLOCKS * BLOCK] = replay(n, BLOCKS * BLOCK)
+        want = tmp_path / "expected.raw"
+        want.write_bytes(expected)
+        uri = f"nbd+unix:///?socket={src_control}/nbd{pid}.{minor}"
+        cmp = run([need("qemu-img"), "compare", "-f", "raw", "-F", "raw", uri, str(want)],
+                  text=True)
+        assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    finally:
+        writer.kill()
+        stop_tapdisks(env, src_control)
+        stop_tapdisks(env, dst_control)
