@@ -789,7 +789,7 @@ class Tapdisk:
                 log.warning("minor %d: attached, not open", minor)
                 continue
             log.warning("minor %d: %s state=%#x %s", minor, slot.path, slot.state,
-                        format_stats(slot.vbd.stats_dict()))
+                        format_stats(self._stats(slot)))
 
 
 __all__ = ["OpenParams", "Slot", "Tapdisk"]
