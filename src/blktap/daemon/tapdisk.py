@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import glob
 import logging
 import os
 import signal
@@ -50,6 +51,7 @@ from blktap.errors import BlktapError, ControlProtocolError
 from blktap.io import ThreadEngine, best_engine
 from blktap.tapdisk.driver import SECTOR, Driver
 from blktap.tapdisk.drivers import open_stack, require_type
+from blktap.tapdisk.drivers.nbd import open_on_nbd_parent
 from blktap.tapdisk.mirror import MirrorDriver, MirrorState, Mode, Phase
 from blktap.tapdisk.stats import format_stats
 from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD, VbdState
@@ -72,7 +74,6 @@ UNSUPPORTED_FLAGS = {
     Flag.VHD_INDEX: "vhd index",
     Flag.ADD_LOG: "the changed-block log (-C)",
     Flag.ADD_LCACHE: "the local cache (-r)",
-    Flag.REUSE_PRT: "a parent of another minor (-e)",
 }
 # ``-2 null`` on unpause removes the secondary.
 NO_SECONDARY = "null"
@@ -96,6 +97,8 @@ class OpenParams:
     key: bytes | None = None
     secondary: str | None = None  # -2 TYPE:PATH
     standby: bool = False  # -s
+    # -e: the parent is what this minor (another tapdisk's disk) serves over NBD.
+    parent_minor: int | None = None
 
 
 @dataclass
@@ -388,7 +391,8 @@ class Tapdisk:
         return OpenParams(spec=p.path, read_only=bool(p.flags & Flag.RDONLY),
                           direct=not p.flags & Flag.NO_O_DIRECT,
                           timeout=float(p.req_timeout) if p.req_timeout else DEFAULT_TIMEOUT,
-                          key=key, secondary=secondary, standby=bool(p.flags & Flag.STANDBY))
+                          key=key, secondary=secondary, standby=bool(p.flags & Flag.STANDBY),
+                          parent_minor=p.prt_devnum if p.flags & Flag.REUSE_PRT else None)
 
     def _slot(self, minor: int, code: int = errno.ENODEV) -> Slot:
         """The attached minor; ENODEV if not attached (OPEN says EINVAL), as the
@@ -430,7 +434,22 @@ class Tapdisk:
         if not self.slots:
             self.done.set()  # the reference exits once its last VBD is gone
 
+    def parent_socket(self, minor: int) -> str:
+        """``-e MINOR``: the NBD socket of the tapdisk serving that minor (the reference's
+        glob ``nbd[0-9]*.MINOR`` in the control directory)."""
+        pattern = os.path.join(glob.escape(self.run_dir.path), f"nbd[0-9]*.{minor}")
+        found = sorted(glob.glob(pattern))
+        if not found:
+            raise BlktapError(f"-e {minor}: no tapdisk serves minor {minor} "
+                              f"(no {pattern})", errno.ENOENT)
+        return found[0]
+
     async def _open_stack(self, params: OpenParams, spec: str) -> Driver:
+        if params.parent_minor is not None:
+            return await self.engine.call(
+                open_on_nbd_parent, self.engine, spec,
+                self.parent_socket(params.parent_minor), writable=not params.read_only,
+                key=params.key)
         return await self.engine.call(open_stack, self.engine, spec,
                                       writable=not params.read_only, direct=params.direct,
                                       **({"key": params.key} if params.key else {}))

@@ -116,16 +116,16 @@ class Connection:
             log.exception("nbd %s: reply reader failed", self.client.address)
             self.broken(f"{type(exc).__name__}: {exc}")
 
-    def _take(self, handle: int, final: bool) -> Request:
+    def _take(self, handle: int) -> Request:
+        """The request a reply is for (it stays in flight, and fails with the others if
+        its reply breaks the protocol, until :meth:`_done`)."""
         req = self.inflight.get(handle)
         if req is None:
             raise ProtocolError(f"a reply for handle {handle:#x}, which is not in flight")
-        if final:
-            del self.inflight[handle]
         return req
 
     async def _simple(self, error: int, handle: int) -> None:
-        req = self._take(handle, True)
+        req = self._take(handle)
         if error:
             req.error = self.client.wire_error(req, error, "")
         elif req.cmd == p.CMD_READ:
@@ -147,7 +147,7 @@ class Connection:
 
     async def _chunk(self, flags: int, kind: int, handle: int, length: int) -> None:
         done = bool(flags & p.REPLY_FLAG_DONE)
-        req = self._take(handle, done)
+        req = self._take(handle)
         ch = self.ch
         if kind == p.REPLY_TYPE_OFFSET_DATA:
             if req.cmd != p.CMD_READ or length < _OFFSET.size:
@@ -215,6 +215,7 @@ class Connection:
                                 f"read of [{req.offset}, {req.offset + req.length})")
 
     def _done(self, req: Request) -> None:
+        self.inflight.pop(req.handle, None)
         fut = req.fut
         if fut is not None and not fut.done():
             if req.error is not None and req.error.errno == errno.ESHUTDOWN:
@@ -266,6 +267,14 @@ class Connection:
             except (Closed, TimeoutError):
                 pass
         self._finish(lambda: NbdClientError("nbd: closed", errno.ESHUTDOWN))
+
+
+def _forget(fut: asyncio.Future) -> None:
+    """A future nobody will await: its exception, if any, is expected."""
+    if fut.done() and not fut.cancelled():
+        fut.exception()
+    elif not fut.done():
+        fut.cancel()
 
 
 class NbdClient:
@@ -460,12 +469,14 @@ class NbdClient:
         except Closed as exc:
             conn.inflight.pop(handle, None)
             conn.lost(f"send failed: {exc}")
+            _forget(fut)
             raise _Retry() from None
         except BaseException:
             # Cut short (timeout, cancelled) with part of it perhaps sent: the stream
             # is no longer in step; start again on a new connection.
             conn.inflight.pop(handle, None)
             conn.lost("a request was abandoned while being sent")
+            _forget(fut)
             raise
         await fut
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 
-from blktap.errors import NbdClientError
+from blktap.errors import NbdClientError, UsageError
 from blktap.io.engine import Engine
 from blktap.io.iov import slice_iov, total, zero_fill, zeros_iov
 from blktap.nbdclient.address import parse
@@ -188,4 +188,31 @@ class NbdDriver(Driver):
                 "reconnects": client.reconnects, "last_error": client.last_error}
 
 
-__all__ = ["NbdDriver"]
+def open_on_nbd_parent(engine: Engine, spec: str, parent: str, *, writable: bool,
+                       key: bytes | None = None) -> Driver:
+    """``tap-ctl open -e MINOR``: the differencing VHD ``spec`` (``vhd:PATH``) whose
+    parent is not the chain its locators name but what another tapdisk serves over NBD at
+    ``parent`` (a socket path or any ``nbd`` driver path), read-only; as the reference
+    stacks a leaf on another tapdisk's chain. Blocking."""
+    from blktap.image.vhd.image import VhdImage
+    from blktap.image.vhd.keyhash import cipher_for
+    from blktap.tapdisk.drivers.vhd import VhdDriver
+
+    kind, _, path = spec.partition(":")
+    if kind != "vhd" or not path:
+        raise UsageError(f"{spec}: -e stacks a VHD (vhd:PATH) on another tapdisk's disk",
+                         errno.EINVAL)
+    image = VhdImage.open(path, writable=writable)
+    try:
+        if not image.is_differencing:
+            raise UsageError(f"{path} is not a differencing VHD: it has no parent to take "
+                             f"from another tapdisk (-e)", errno.EINVAL)
+        cipher = cipher_for(image, key)
+        below = NbdDriver.open(engine, parent, writable=False)
+    except BaseException:
+        image.close()
+        raise
+    return VhdDriver(engine, image, below, cipher)
+
+
+__all__ = ["NbdDriver", "open_on_nbd_parent"]
