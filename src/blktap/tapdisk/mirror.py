@@ -163,6 +163,10 @@ class MirrorState:
                 "secs": list(self.secs), "redirected_bytes": self.moved.bytes}
 
 
+# What a mirrored request does with the secondary's and the leaf's errors (raises one).
+Settle = Callable[[BaseException | None, BaseException | None], None]
+
+
 def _is_enospc(exc: BaseException) -> bool:
     return getattr(exc, "errno", None) == errno.ENOSPC
 
@@ -198,16 +202,29 @@ class MirrorDriver(Driver):
 
     # ------------------------------------------------------------------ helpers
     async def _both(self, on_secondary: Coroutine[Any, Any, object],
-                    on_leaf: Coroutine[Any, Any, object]
-                    ) -> tuple[BaseException | None, BaseException | None]:
+                    on_leaf: Coroutine[Any, Any, object], settle: Settle) -> None:
         """Run a request on the secondary and the leaf together (the secondary's issued
-        first); their errors. Returns only once neither holds the caller's buffers."""
-        sec, leaf = await asyncio.gather(on_secondary, on_leaf, return_exceptions=True)
-        for r in (sec, leaf):
-            if isinstance(r, BaseException) and not isinstance(r, Exception):
-                raise r  # cancelled
-        return (sec if isinstance(sec, BaseException) else None,
-                leaf if isinstance(leaf, BaseException) else None)
+        first), then ``settle(secondary's error, leaf's error)``, which raises what the
+        request fails with. A cancelled caller still waits for both (neither may hold its
+        buffers when it returns) and for their outcome to be recorded (a failed
+        secondary, a full leaf); then the CancelledError goes on."""
+        pair = asyncio.gather(on_secondary, on_leaf, return_exceptions=True)
+        cancelled = False
+        while True:
+            try:
+                sec, leaf = await asyncio.shield(pair)
+                break
+            except asyncio.CancelledError:
+                cancelled = True
+        errors = [r if isinstance(r, BaseException) else None for r in (sec, leaf)]
+        if not cancelled:
+            settle(errors[0], errors[1])
+            return
+        try:
+            settle(errors[0], errors[1])
+        except Exception:  # noqa: S110 - the caller is gone; the state is recorded
+            pass
+        raise asyncio.CancelledError
 
     async def _on_leaf(self, offset: int, length: int, op: Coroutine[Any, Any, object]
                        ) -> None:
@@ -283,22 +300,24 @@ class MirrorDriver(Driver):
                 self._leaf_full(exc)
                 await self._redirect(offset, length, sec_op())
             return
-        sec_err, leaf_err = await self._both(sec_op(), self._on_leaf(offset, length,
-                                                                     leaf_op()))
-        if sec_err is not None:
-            st.fail(f"write of {length} bytes at {offset}", sec_err)
-            if leaf_err is not None:
-                raise leaf_err
-            return
-        if leaf_err is None:
-            return
-        if _is_enospc(leaf_err):
-            # The secondary has it: the leaf retires, this write is done.
-            self._leaf_full(leaf_err)
-            st.redirected += 1
-            st.moved.add(offset, offset + length)
-            return
-        raise leaf_err
+
+        def settle(sec_err: BaseException | None, leaf_err: BaseException | None) -> None:
+            if sec_err is not None:
+                st.fail(f"write of {length} bytes at {offset}", sec_err)
+                if leaf_err is not None:
+                    raise leaf_err
+                return
+            if leaf_err is None:
+                return
+            if _is_enospc(leaf_err):
+                # The secondary has it: the leaf retires, this write is done.
+                self._leaf_full(leaf_err)
+                st.redirected += 1
+                st.moved.add(offset, offset + length)
+                return
+            raise leaf_err
+
+        await self._both(sec_op(), self._on_leaf(offset, length, leaf_op()), settle)
 
     # ------------------------------------------------------------------ operations
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
@@ -358,12 +377,14 @@ class MirrorDriver(Driver):
         if st.phase is Phase.FAILED_OVER:
             return  # a hint: the secondary keeps what it holds, the leaf is not written
         if st.writes_secondary and self.secondary.caps & Caps.TRIM:
-            sec_err, leaf_err = await self._both(self.secondary.discard(offset, length),
-                                                 leaf.discard(offset, length))
-            if sec_err is not None:
-                st.fail(f"discard of {length} bytes at {offset}", sec_err)
-            if leaf_err is not None:
-                raise leaf_err
+            def settle(sec_err: BaseException | None, leaf_err: BaseException | None) -> None:
+                if sec_err is not None:
+                    st.fail(f"discard of {length} bytes at {offset}", sec_err)
+                if leaf_err is not None:
+                    raise leaf_err
+
+            await self._both(self.secondary.discard(offset, length),
+                             leaf.discard(offset, length), settle)
             return
         await leaf.discard(offset, length)
 
@@ -374,13 +395,15 @@ class MirrorDriver(Driver):
         if not st.writes_secondary:
             await leaf.flush()
             return
-        sec_err, leaf_err = await self._both(self.secondary.flush(), leaf.flush())
-        if sec_err is not None:
-            if st.phase is Phase.FAILED_OVER:
-                raise sec_err
-            st.fail("flush", sec_err)
-        if leaf_err is not None:
-            raise leaf_err
+        def settle(sec_err: BaseException | None, leaf_err: BaseException | None) -> None:
+            if sec_err is not None:
+                if st.phase is Phase.FAILED_OVER:
+                    raise sec_err
+                st.fail("flush", sec_err)
+            if leaf_err is not None:
+                raise leaf_err
+
+        await self._both(self.secondary.flush(), leaf.flush(), settle)
 
     async def block_status(self, offset: int, length: int) -> Extents:
         st = self.state
