@@ -164,7 +164,11 @@ def test_bad_secondaries_are_refused(host: Host, tmp_path: Path) -> None:
         (["-2", f"qcow:{small}"], errno.ENOSYS),
         (["-s"], errno.EINVAL),  # standby without a secondary
         (["-R", "-2", f"aio:{small}"], errno.EINVAL),
+        (["-2", f"aio:{leaf}"], errno.EINVAL),  # the leaf itself
+        (["-2", f"aio:{tmp_path / 'link.img'}"], errno.EINVAL),  # the leaf by another name
+        (["-2", "nbd:"], errno.EINVAL),
     ]
+    os.symlink(leaf, tmp_path / "link.img")
     for extra, code in cases:
         got, _, err = host.tap_ctl(*base, *extra, ok=False)
         assert got == code, (extra, got, err)
@@ -174,6 +178,10 @@ def test_bad_secondaries_are_refused(host: Host, tmp_path: Path) -> None:
     host.out("pause", "-p", p, "-m", m)
     got, _, _ = host.tap_ctl("unpause", "-p", p, "-m", m, "-2", f"aio:{small}", ok=False)
     assert got == errno.EINVAL
+    # Its own NBD export: every mirrored write would come back to be mirrored again.
+    own = f"nbd:{host.run_dir}/nbd{pid}.{minor}"
+    got, _, err = host.tap_ctl("unpause", "-p", p, "-m", m, "-2", own, ok=False)
+    assert got == errno.EINVAL, err
     assert host.listing()[0]["state"].startswith("0x2")  # still paused
     host.out("unpause", "-p", p, "-m", m)
     qemu_io(host.nbd(int(pid), int(minor)), "write -P 0x07 0 4k")

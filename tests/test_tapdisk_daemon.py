@@ -561,6 +561,8 @@ def test_resume_with_filters_is_unsupported(daemon: Daemon, disk: Path) -> None:
     daemon.ok(msg(PAUSE, minor), PAUSE_RSP)
     r = daemon.request(msg(RESUME, minor, params("", F_SECONDARY, secondary="")))
     assert r.error == errno.EINVAL
+    r = daemon.request(msg(RESUME, minor, params("", 0x100)))  # standby, no secondary
+    assert r.error == errno.EINVAL
     r = daemon.request(msg(RESUME, minor, params("", F_ADD_LOG)), b"/tmp/x.log".ljust(256, b"\0"))
     assert r.error == errno.EOPNOTSUPP
     assert daemon.listing()[0][2] & 0x20

@@ -353,6 +353,8 @@ class Tapdisk:
             secondary = p.secondary if p.flags & Flag.SECONDARY else None
             if p.flags & Flag.SECONDARY and not secondary:
                 raise BlktapError("resume: -2 without a secondary", errno.EINVAL)
+            if p.flags & Flag.STANDBY and secondary in (None, NO_SECONDARY):
+                raise BlktapError("resume: standby (-s) needs a secondary (-2)", errno.EINVAL)
             await self.resume(minor, p.path or None, secondary=secondary,
                               standby=bool(p.flags & Flag.STANDBY))
             return [Message(T.RESUME_RSP, minor)]
@@ -465,7 +467,7 @@ class Tapdisk:
             mirror = self._new_mirror(minor, params.secondary, params.standby)
         driver = await self._open_stack(params, params.spec)
         if mirror is not None:
-            driver = await self._with_secondary(driver, params, mirror, explicit=True)
+            driver = await self._with_secondary(minor, driver, params, mirror, explicit=True)
         slot.mirror = mirror
         vbd = VBD(driver, name=params.spec, read_only=params.read_only,
                   timeout=params.timeout)
@@ -623,7 +625,7 @@ class Tapdisk:
                 await asyncio.sleep(RESUME_RETRY_INTERVAL)
         if mirror is not None and not mirror.failed:
             try:
-                driver = await self._with_secondary(driver, slot.params, mirror,
+                driver = await self._with_secondary(minor, driver, slot.params, mirror,
                                                     explicit=explicit)
             except BaseException:
                 vbd.state |= VbdState.RESUME_FAILED
@@ -691,8 +693,8 @@ class Tapdisk:
             return None, False
         return self._new_mirror(minor, typed_spec(secondary), standby), True
 
-    async def _with_secondary(self, leaf: Driver, params: OpenParams, mirror: MirrorState,
-                              *, explicit: bool) -> Driver:
+    async def _with_secondary(self, minor: int, leaf: Driver, params: OpenParams,
+                              mirror: MirrorState, *, explicit: bool) -> Driver:
         """``leaf`` with the secondary beside it. A secondary named in this request that
         cannot be opened fails the request (``leaf`` is closed); one kept from before is
         marked failed instead and the disk is served from the leaf, unless the leaf
@@ -708,11 +710,38 @@ class Tapdisk:
             mirror.fail("reopen", exc)
             return leaf
         try:
+            self._check_not_itself(minor, leaf, sec, mirror.spec)
             return MirrorDriver(leaf, sec, mirror)
         except BlktapError:
             await self._close_all(sec)
             await self._close_all(leaf)
             raise
+
+    def _check_not_itself(self, minor: int, leaf: Driver, sec: Driver, spec: str) -> None:
+        """A secondary that is a file of the leaf's chain (written twice, or a parent
+        written under its children) or this tapdisk's own NBD export (every write would
+        come back to be mirrored again) is refused: EINVAL."""
+        def ident(path: str) -> tuple[int, int] | None:
+            try:
+                st = os.stat(path)
+            except (OSError, ValueError):
+                return None
+            return st.st_dev, st.st_ino
+
+        mine = {i: d.path for d in leaf.chain() if d.path and (i := ident(d.path))}
+        for d in sec.chain():
+            paths = [d.path]
+            address = getattr(getattr(d, "client", None), "address", None)
+            if getattr(address, "unix", None):
+                paths.append(address.unix)
+            for path in paths:
+                i = ident(path) if path else None
+                if i is not None and i in mine:
+                    raise BlktapError(f"secondary {spec} is {mine[i]}, of the disk's own "
+                                      "chain", errno.EINVAL)
+                if i is not None and ident(self.nbd_path(minor)) == i:
+                    raise BlktapError(f"secondary {spec} is this tapdisk's own NBD export",
+                                      errno.EINVAL)
 
     @staticmethod
     async def _close_all(driver: Driver) -> None:
