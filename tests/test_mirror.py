@@ -261,6 +261,18 @@ def test_leaf_enospc(host: Host, tmp_path: Path, small_fs: Path, standby: bool) 
     assert got == errno.EBUSY, err
     host.out("unpause", "-p", p, "-m", m)
     assert read_disk(uri, tmp_path) == model
+    # The toolstack's answer: a new leaf holding the disk (here: a copy where there is
+    # room). The fail-over is over; the secondary is mirrored (or standing by) again.
+    host.out("pause", "-p", p, "-m", m)
+    new_leaf = tmp_path / "new-leaf.img"
+    new_leaf.write_bytes(model)
+    host.out("unpause", "-p", p, "-m", m, "-a", f"aio:{new_leaf}")
+    st = stats(host, pid, minor)
+    assert st["mirror"]["state"] == "active" and st["mirror"]["redirected_bytes"] == 0
+    qemu_io(uri, "write -P 0x45 7M 64k")
+    model[7 * MiB:7 * MiB + 64 * KiB] = b"\x45" * 64 * KiB
+    assert read_disk(uri, tmp_path) == model == new_leaf.read_bytes()
+    assert (sec.read_bytes()[7 * MiB:7 * MiB + 64 * KiB] == b"\x45" * 64 * KiB) != standby
     host.out("destroy", "-p", p, "-m", m)
 
 

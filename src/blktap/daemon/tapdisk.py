@@ -36,6 +36,7 @@ that sends its request promptly is answered whatever the others do.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import glob
 import logging
@@ -52,7 +53,7 @@ from blktap.io import ThreadEngine, best_engine
 from blktap.tapdisk.driver import SECTOR, Driver
 from blktap.tapdisk.drivers import open_stack, require_type
 from blktap.tapdisk.drivers.nbd import open_on_nbd_parent
-from blktap.tapdisk.mirror import MirrorDriver, MirrorState, Mode, Phase
+from blktap.tapdisk.mirror import MirrorDriver, MirrorState, Mode, Phase, RangeSet
 from blktap.tapdisk.stats import format_stats
 from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD, VbdState
 from blktap.transport.nbd import Export, NbdServer
@@ -682,7 +683,9 @@ class Tapdisk:
         if secondary is None:  # keep what there was
             if old is not None and new_leaf and old.phase is Phase.FAILED_OVER:
                 # A new leaf after an ENOSPC: the toolstack has dealt with it.
-                old.phase, old.moved, old.failed_over_at = Phase.ACTIVE, type(old.moved)(), None
+                # A new state: the old one stays as it was if this resume fails.
+                old = dataclasses.replace(old, phase=Phase.ACTIVE, moved=RangeSet(),
+                                          failed_over_at=None)
             return old, False
         if holds_writes:
             assert old is not None
