@@ -199,6 +199,35 @@ def test_io_against_real_servers(kind: str, tmp_path: Path) -> None:
         drive(lambda engine: body(engine, path, img))
 
 
+def test_oldstyle_server_and_simple_replies(tmp_path: Path) -> None:
+    """nbdkit in oldstyle: no options, so no structured replies: reads come back as
+    simple replies with their data, many in flight."""
+    sock = tmp_path / "old.sock"
+    chunk = 32 << 10
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await open_driver(engine, str(sock))
+        assert drv.client.session.style == "oldstyle"
+        assert not drv.client.session.structured and not drv.caps & Caps.BLOCK_STATUS
+        # (No flush: nbdkit 1.32's oldstyle advertises it, then refuses it with EINVAL.)
+        await asyncio.gather(*(drv.write(i * chunk, [memoryview(pattern(i, chunk))])
+                               for i in range(32)))
+        bufs = [bytearray(chunk) for _ in range(32)]
+        await asyncio.gather(*(drv.read(i * chunk, [memoryview(bufs[i])[:4096],
+                                                    memoryview(bufs[i])[4096:]])
+                               for i in range(32)))
+        assert all(bufs[i] == pattern(i, chunk) for i in range(32))
+        assert await drv.block_status(0, MiB) == [(MiB, 0)]
+        await drv.close()
+        with pytest.raises(NbdClientError) as exc:  # an oldstyle server has no names
+            await engine.call(NbdDriver.open, engine, f"nbd+unix:///x?socket={sock}",
+                              writable=False)
+        assert exc.value.errno == errno.ENOENT
+
+    with process(nbdkit_argv(sock, "-o", "memory", f"size={MiB}"), sock):
+        drive(body)
+
+
 def test_read_only_export_and_missing_export(tmp_path: Path) -> None:
     img = sparse(tmp_path / "ro.img", MiB)
     sock = tmp_path / "ro.sock"
