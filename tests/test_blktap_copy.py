@@ -46,8 +46,9 @@ def test_copy_chain_to_sparse_raw(tmp_path: Path) -> None:
     dst = tmp_path / "dst.raw"
     with open(dst, "wb") as f:
         f.truncate(64 * MiB)
-    code, out, err = blktap("copy", f"vhd:{child}", f"aio:{dst}", "--json")
+    code, out, err = blktap("copy", f"vhd:{child}", f"aio:{dst}", "--json", "--progress")
     assert code == 0, err
+    assert "copying [" in err and "100%" in err  # the bar, drawn although not a terminal
     res = json.loads(out)
     # Three VHD blocks of 2 MiB hold data; the rest was never read.
     assert res["copied"] == 6 * MiB and res["extents"] == 3, res
