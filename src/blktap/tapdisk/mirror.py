@@ -208,15 +208,19 @@ class MirrorDriver(Driver):
         request fails with. A cancelled caller still waits for both (neither may hold its
         buffers when it returns) and for their outcome to be recorded (a failed
         secondary, a full leaf); then the CancelledError goes on."""
-        pair = asyncio.gather(on_secondary, on_leaf, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        sec = loop.create_task(on_secondary)  # runs first
+        leaf = loop.create_task(on_leaf)
         cancelled = False
-        while True:
+        pending = {sec, leaf}
+        while pending:
             try:
-                sec, leaf = await asyncio.shield(pair)
-                break
+                # wait() leaves the tasks alone when this caller is cancelled.
+                _, pending = await asyncio.wait(pending)
             except asyncio.CancelledError:
                 cancelled = True
-        errors = [r if isinstance(r, BaseException) else None for r in (sec, leaf)]
+        errors = [t.exception() if not t.cancelled() else asyncio.CancelledError()
+                  for t in (sec, leaf)]
         if not cancelled:
             settle(errors[0], errors[1])
             return
