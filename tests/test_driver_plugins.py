@@ -277,7 +277,7 @@ def test_tap_ctl_and_tapdisk_serve_plugins(plugins: Path, tmp_path: Path) -> Non
         host.out("attach", "-p", str(pid), "-m", minor2)
         for spec, code in ((f"raiser:{disk}", errno.EIO), ("broken:x", errno.ELIBBAD),
                            ("liar:x", errno.EINVAL), ("nosuch:x", errno.ENOENT),
-                           ("nbd:x", errno.ENOSYS)):
+                           ("vmdk:x", errno.ENOSYS)):
             got = host.tap_ctl("open", "-p", str(pid), "-m", minor2, "-a", spec, ok=False)
             assert got[0] == code, (spec, got)
             qemu_io(host.nbd(pid, minor), "read -P 0x77 3M 1M")
@@ -322,10 +322,10 @@ def test_broken_plugins_name_themselves_and_spare_the_others(plugins: Path,
     # The rest of the table is as it was, and the working plugins work.
     assert split_type("chunks:/d") == ("chunks", "/d")
     assert split_type("aio:/x") == ("aio", "/x")
-    assert refused("nbd:/x").errno == errno.ENOSYS
+    assert refused("vmdk:/x").errno == errno.ENOSYS
     err = refused("nosuch:/x")
     assert err.errno == errno.ENOENT and "chunks" in str(err) and "overlay" in str(err)
-    assert IMPLEMENTED == ("aio", "vhd", "ram", "qcow2") and "nbd" in KNOWN
+    assert IMPLEMENTED == ("aio", "vhd", "ram", "nbd", "qcow2") and "vmdk" in KNOWN
     # A plugin named like a built-in is skipped, the built-in kept.
     assert registry.table()["aio"].plugin is False
     assert "built-in driver of that name wins" in registry.skipped()["aio"]
@@ -333,7 +333,7 @@ def test_broken_plugins_name_themselves_and_spare_the_others(plugins: Path,
     rows = {r["name"]: r for r in json.loads(res.stdout)}
     assert res.returncode == 0, res.stderr
     assert rows["chunks"]["status"] == "plugin" and rows["vhd"]["status"] == "built-in"
-    assert rows["broken"]["status"] == "broken" and rows["nbd"]["status"] == "not built"
+    assert rows["broken"]["status"] == "broken" and rows["vmdk"]["status"] == "not built"
     assert rows["oldapi"]["status"] == "broken"
 
 
@@ -411,7 +411,7 @@ def test_a_plugin_names_its_parent(plugins: Path, tmp_path: Path,
             assert len(os.listdir("/proc/self/fd")) == fds  # the parent opened was closed
             assert (await refused(f"delta:{spec} {MiB}\n")).errno == errno.ELOOP
             assert (await refused(f"{base} {MiB}\n")).errno == errno.EINVAL  # untyped
-            assert (await refused(f"nbd:{base} {MiB}\n")).errno == errno.ENOSYS
+            assert (await refused(f"vmdk:{base} {MiB}\n")).errno == errno.ENOSYS
             elsewhere = tmp_path / "allowed"
             elsewhere.mkdir()
             monkeypatch.setenv("BLKTAP_PARENT_DIRS", str(elsewhere))

@@ -291,8 +291,8 @@ def test_open_errors(daemon: Daemon, tmp_path: Path, disk: Path) -> None:
     assert daemon.request(msg(OPEN, minor, params("qcow:/x"))).error == errno.ENOSYS
     assert daemon.request(msg(OPEN, minor, params(""))).error == errno.EINVAL
     r = daemon.request(msg(OPEN, minor, params(f"aio:{disk}", F_SECONDARY,
-                                                   secondary=f"aio:{disk}")))
-    assert r.error == errno.EOPNOTSUPP and "secondary" in r.text
+                                                   secondary=f"aio:{tmp_path}/nowhere.img")))
+    assert r.error == errno.ENOENT and "secondary" in r.text
     # A CBT log that is not there: ENOENT naming it, nothing opened (docs/cbt.md).
     r = daemon.request(msg(OPEN, minor, params(f"aio:{disk}", F_ADD_LOG)),
                        f"{tmp_path}/none.cbtlog".encode().ljust(256, b"\0"))
@@ -556,12 +556,15 @@ def test_sighup_reopens_the_log(daemon: Daemon, disk: Path) -> None:
 
 
 def test_resume_with_filters_is_unsupported(daemon: Daemon, disk: Path) -> None:
-    """unpause -2 names a filter not built yet: EOPNOTSUPP; unpause -c with a log that is
-    not there: ENOENT at once; the disk stays paused and a plain resume still works."""
+    """unpause -2 with an empty secondary, or -s without one: EINVAL; unpause -c with a
+    log that is not there: ENOENT at once; the disk stays paused and a plain resume still
+    works."""
     minor = daemon.open_disk(disk)
     daemon.ok(msg(PAUSE, minor), PAUSE_RSP)
-    r = daemon.request(msg(RESUME, minor, params("", F_SECONDARY, secondary=f"aio:{disk}")))
-    assert r.error == errno.EOPNOTSUPP
+    r = daemon.request(msg(RESUME, minor, params("", F_SECONDARY, secondary="")))
+    assert r.error == errno.EINVAL
+    r = daemon.request(msg(RESUME, minor, params("", 0x100)))  # standby, no secondary
+    assert r.error == errno.EINVAL
     r = daemon.request(msg(RESUME, minor, params("", F_ADD_LOG)),
                        f"{disk}.none.cbtlog".encode().ljust(256, b"\0"))
     assert r.error == errno.ENOENT

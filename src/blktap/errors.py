@@ -29,6 +29,10 @@ do (they exit with ``-ret``, an errno), and print ``str(exc)`` as the one-line m
      │                               do or answers out of protocol (EINVAL, EIO)
      ├── UsageError                  a bad argument from a caller (EINVAL)
      ├── ControlProtocolError        a malformed tapdisk control message (EINVAL; EPROTO)
+     ├── NbdClientError              an NBD server we are a client of: unreachable, refused
+     │                               the export or an option (its errno: ECONNREFUSED,
+     │                               ENOENT, EACCES...), broke the protocol (EPROTO) or did
+     │                               not answer in time (ETIMEDOUT)
      └── XenStoreError               XenStore said no (its errno: ENOENT, EAGAIN, EACCES...),
                                      or its connection broke (EPIPE, EPROTO)
 """
@@ -155,6 +159,14 @@ class ControlProtocolError(BlktapError):
         super().__init__(message, errno)
         self.cookie = cookie
         self.msg_type = msg_type
+
+
+class NbdClientError(BlktapError):
+    """The NBD client (the ``nbd`` driver) could not use its server: unreachable, an option
+    or export refused, a reply that breaks the protocol (EPROTO), no answer in time
+    (ETIMEDOUT), or an error the server returned for a request (its errno)."""
+
+    default_errno = _errno.EIO
 
 
 class XenStoreError(BlktapError):

@@ -6,6 +6,7 @@
     blktap convert SRC DST       a chain flattened into a new raw file or VHD
     blktap compare A B           whether two disks read the same
     blktap map IMAGE             which layer holds each part of the disk
+    blktap copy SRC DST          copy only the allocated extents onto another disk
     blktap check IMAGE           a qcow2 image's consistency (qemu-img check's verdicts)
     blktap coalesce IMAGE        merge a differencing VHD into its parent
     blktap rebase IMAGE PARENT   give a differencing VHD a new parent, keeping its content
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from blktap import __version__
-from blktap.cli import changed, maintain, serve
+from blktap.cli import changed, copy, maintain, serve
 from blktap.cli.common import (
     PROG,
     TERMINATED_EXIT,
@@ -140,6 +141,7 @@ def build_parser() -> Parser:
     maintain.add_commands(sub, _command)
     serve.add_parser(sub, _command)
     changed.add_parser(sub, _command)
+    copy.add_parser(sub, _command)
     _add_drivers(sub)
     return parser
 

@@ -36,7 +36,9 @@ that sends its request promptly is answered whatever the others do.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
+import glob
 import logging
 import os
 import signal
@@ -51,6 +53,8 @@ from blktap.io import ThreadEngine, best_engine
 from blktap.tapdisk.driver import SECTOR, Driver
 from blktap.tapdisk.drivers import open_stack, require_type
 from blktap.tapdisk.drivers.log import LogDriver
+from blktap.tapdisk.drivers.nbd import open_on_nbd_parent
+from blktap.tapdisk.mirror import MirrorDriver, MirrorState, Mode, Phase, RangeSet
 from blktap.tapdisk.stats import format_stats
 from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD, VbdState
 from blktap.transport.nbd import Export, NbdServer
@@ -71,10 +75,9 @@ UNSUPPORTED_FLAGS = {
     Flag.ADD_CACHE: "the read cache (-r)",
     Flag.VHD_INDEX: "vhd index",
     Flag.ADD_LCACHE: "the local cache (-r)",
-    Flag.REUSE_PRT: "a parent of another minor (-e)",
-    Flag.SECONDARY: "a secondary (-2)",
-    Flag.STANDBY: "standby (-s)",
 }
+# ``-2 null`` on unpause removes the secondary.
+NO_SECONDARY = "null"
 # Requests that read state only: served at once, beside a running exclusive one.
 REENTRANT = frozenset({MessageType.PID, MessageType.LIST, MessageType.STATS})
 # RESUME reopens the chain up to this many times, this far apart, as the reference does
@@ -94,6 +97,10 @@ class OpenParams:
     timeout: float = DEFAULT_TIMEOUT
     key: bytes | None = None
     logpath: str | None = None  # the CBT log above the leaf (-C / unpause -c)
+    secondary: str | None = None  # -2 TYPE:PATH
+    standby: bool = False  # -s
+    # -e: the parent is what this minor (another tapdisk's disk) serves over NBD.
+    parent_minor: int | None = None
 
 
 @dataclass
@@ -110,6 +117,7 @@ class Slot:
     owned_marker: bool = False  # allocated by us (--open), freed by us
     was_closed: bool = False
     blkif: BlkifRing | None = None  # the Xen guest's ring, while connected
+    mirror: MirrorState | None = None  # the secondary (-2), kept across pause/resume
 
     @property
     def state(self) -> int:
@@ -349,7 +357,13 @@ class Tapdisk:
             assert isinstance(req.payload, m.Params)
             p = req.payload
             self._check_flags(p.flags & ~(Flag.RDONLY | Flag.NO_O_DIRECT))
-            await self.resume(minor, p.path or None, req.logpath)
+            secondary = p.secondary if p.flags & Flag.SECONDARY else None
+            if p.flags & Flag.SECONDARY and not secondary:
+                raise BlktapError("resume: -2 without a secondary", errno.EINVAL)
+            if p.flags & Flag.STANDBY and secondary in (None, NO_SECONDARY):
+                raise BlktapError("resume: standby (-s) needs a secondary (-2)", errno.EINVAL)
+            await self.resume(minor, p.path or None, req.logpath, secondary=secondary,
+                              standby=bool(p.flags & Flag.STANDBY))
             return [Message(T.RESUME_RSP, minor)]
         if t is T.XENBLKIF_CONNECT:
             assert isinstance(req.payload, m.Blkif)
@@ -373,10 +387,23 @@ class Tapdisk:
         self._check_flags(p.flags)
         if not p.path:
             raise BlktapError("open: no image given", errno.EINVAL)
+        secondary = None
+        if p.flags & Flag.SECONDARY:
+            if not p.secondary:
+                raise BlktapError("open: -2 without a secondary", errno.EINVAL)
+            if p.secondary != NO_SECONDARY:
+                secondary = p.secondary
+        if p.flags & Flag.STANDBY and secondary is None:
+            raise BlktapError("open: standby (-s) needs a secondary (-2)", errno.EINVAL)
+        if secondary is not None and p.flags & Flag.RDONLY:
+            raise BlktapError("open: a read-only disk has nothing to mirror (-2 with -R)",
+                              errno.EINVAL)
         return OpenParams(spec=p.path, read_only=bool(p.flags & Flag.RDONLY),
                           direct=not p.flags & Flag.NO_O_DIRECT,
                           timeout=float(p.req_timeout) if p.req_timeout else DEFAULT_TIMEOUT,
-                          key=key, logpath=self._logpath(p.flags, logpath))
+                          key=key, logpath=self._logpath(p.flags, logpath),
+                          secondary=secondary, standby=bool(p.flags & Flag.STANDBY),
+                          parent_minor=p.prt_devnum if p.flags & Flag.REUSE_PRT else None)
 
     @staticmethod
     def _logpath(flags: int, logpath: str | None) -> str | None:
@@ -426,23 +453,36 @@ class Tapdisk:
         if not self.slots:
             self.done.set()  # the reference exits once its last VBD is gone
 
-    async def _open_stack(self, params: OpenParams, spec: str,
-                          logpath: str | None = None) -> Driver:
-        """The image's driver stack, with the CBT log filter above the leaf when
-        ``logpath`` names one (a log that cannot be used closes the stack again)."""
-        driver = await self.engine.call(open_stack, self.engine, spec,
-                                        writable=not params.read_only, direct=params.direct,
-                                        **({"key": params.key} if params.key else {}))
+    def parent_socket(self, minor: int) -> str:
+        """``-e MINOR``: the NBD socket of the tapdisk serving that minor (the reference's
+        glob ``nbd[0-9]*.MINOR`` in the control directory)."""
+        pattern = os.path.join(glob.escape(self.run_dir.path), f"nbd[0-9]*.{minor}")
+        found = sorted(glob.glob(pattern))
+        if not found:
+            raise BlktapError(f"-e {minor}: no tapdisk serves minor {minor} "
+                              f"(no {pattern})", errno.ENOENT)
+        return found[0]
+
+    async def _open_stack(self, params: OpenParams, spec: str) -> Driver:
+        if params.parent_minor is not None:
+            return await self.engine.call(
+                open_on_nbd_parent, self.engine, spec,
+                self.parent_socket(params.parent_minor), writable=not params.read_only,
+                key=params.key)
+        return await self.engine.call(open_stack, self.engine, spec,
+                                      writable=not params.read_only, direct=params.direct,
+                                      **({"key": params.key} if params.key else {}))
+
+    async def _with_log(self, driver: Driver, logpath: str | None) -> Driver:
+        """``driver`` with the CBT log filter above it when ``logpath`` names one (on top
+        of the secondary too: a write redirected to it on ENOSPC is a change all the
+        same). A log that cannot be used closes the stack again."""
         if logpath is None:
             return driver
         try:
             return await self.engine.call(LogDriver.open, self.engine, logpath, driver)
         except BaseException:
-            for d in driver.chain():
-                try:
-                    await d.close()
-                except (OSError, BlktapError):
-                    pass
+            await self._close_all(driver)
             raise
 
     async def open(self, minor: int, params: OpenParams) -> VBD:
@@ -450,7 +490,15 @@ class Tapdisk:
         if slot.vbd is not None:
             raise BlktapError(f"minor {minor} is already open", errno.EALREADY)
         params.spec = typed_spec(params.spec)
-        driver = await self._open_stack(params, params.spec, params.logpath)
+        mirror = None
+        if params.secondary is not None:
+            params.secondary = typed_spec(params.secondary)
+            mirror = self._new_mirror(minor, params.secondary, params.standby)
+        driver = await self._open_stack(params, params.spec)
+        if mirror is not None:
+            driver = await self._with_secondary(minor, driver, params, mirror, explicit=True)
+        slot.mirror = mirror
+        driver = await self._with_log(driver, params.logpath)
         vbd = VBD(driver, name=params.spec, read_only=params.read_only,
                   timeout=params.timeout)
         server = NbdServer(Export("", vbd, description=params.spec, any_name=True))
@@ -483,10 +531,11 @@ class Tapdisk:
                 raise
         slot.params, slot.vbd, slot.nbd, slot.socket = params, vbd, server, path
         slot.vhost = vhost
-        log.info("minor %d: opened %s (%d bytes%s%s), NBD at %s%s", minor, params.spec,
+        log.info("minor %d: opened %s (%d bytes%s%s), NBD at %s%s%s", minor, params.spec,
                  vbd.size, ", read-only" if vbd.read_only else "",
                  f", CBT log {params.logpath}" if params.logpath else "", path,
-                 f", vhost-user at {vhost.path}" if vhost else "")
+                 f", vhost-user at {vhost.path}" if vhost else "",
+                 f", secondary {mirror.spec} ({mirror.mode.value})" if mirror else "")
         return vbd
 
     # ------------------------------------------------------------------ Xen rings
@@ -565,6 +614,7 @@ class Tapdisk:
         finally:
             slot.vbd = slot.nbd = slot.socket = slot.vhost = None
             slot.params = None
+            slot.mirror = None
             slot.was_closed = True
         log.info("minor %d closed%s", minor, " (forced)" if force else "")
 
@@ -580,29 +630,48 @@ class Tapdisk:
         log.info("minor %d: paused", minor)
 
     async def resume(self, minor: int, new_spec: str | None = None,
-                     logpath: str | None = None) -> None:
-        """Reopen a paused minor, on ``new_spec`` if given, with the CBT log ``logpath``
-        above the leaf, or without a log when there is none (as the reference: unpause
-        without -c drops the log)."""
+                     logpath: str | None = None, *,
+                     secondary: str | None = None, standby: bool = False) -> None:
+        """Reopen the stack (on ``new_spec`` if given) and serve again, with the CBT log
+        ``logpath`` above it, or without a log when there is none (as the reference:
+        unpause without -c drops the log). ``secondary`` (``unpause -2``) names a new
+        secondary, ``"null"`` removes it; without it the secondary the disk had is opened
+        again (unless it failed: it missed writes)."""
         slot = self._slot(minor)
         vbd = self._open_vbd(minor)
         assert slot.params is not None
         if not vbd.state & VbdState.PAUSED:
             raise BlktapError(f"minor {minor} is not paused", errno.EINVAL)
         spec = typed_spec(new_spec) if new_spec else slot.params.spec
+        if vbd.read_only and secondary not in (None, NO_SECONDARY):
+            raise BlktapError(f"minor {minor} is read-only: nothing to mirror", errno.EINVAL)
+        mirror, explicit = self._mirror_for_resume(slot, spec != slot.params.spec, minor,
+                                                   secondary, standby)
         for attempt in range(1, RESUME_ATTEMPTS + 1):
             try:
-                driver = await self._open_stack(slot.params, spec, logpath)
+                driver = await self._open_stack(slot.params, spec)
                 break
             except (OSError, BlktapError) as exc:
-                # A log that cannot be used will not heal in a few seconds (sm writes it
-                # before it unpauses): no retry.
-                if attempt == RESUME_ATTEMPTS or isinstance(exc, CbtLogError):
+                if attempt == RESUME_ATTEMPTS:
                     vbd.state |= VbdState.RESUME_FAILED
                     raise
                 log.warning("minor %d: reopening %s failed (%s), attempt %d of %d", minor,
                             spec, exc, attempt, RESUME_ATTEMPTS)
                 await asyncio.sleep(RESUME_RETRY_INTERVAL)
+        if mirror is not None and not mirror.failed:
+            try:
+                driver = await self._with_secondary(minor, driver, slot.params, mirror,
+                                                    explicit=explicit)
+            except BaseException:
+                vbd.state |= VbdState.RESUME_FAILED
+                raise
+        try:
+            # A log that cannot be used will not heal in a few seconds (sm writes it before
+            # it unpauses): no retry; the stack is closed again.
+            driver = await self._with_log(driver, logpath)
+        except BaseException:
+            vbd.state |= VbdState.RESUME_FAILED
+            raise
         try:
             await vbd.resume(driver, name=spec)
         except BaseException:
@@ -615,10 +684,118 @@ class Tapdisk:
             raise
         slot.params.spec = spec
         slot.params.logpath = logpath
+        slot.mirror = mirror
+        if mirror is not None:
+            slot.params.secondary, slot.params.standby = mirror.spec, mirror.mode is Mode.STANDBY
+        else:
+            slot.params.secondary, slot.params.standby = None, False
         assert slot.nbd is not None
         slot.nbd.export.description = spec
-        log.info("minor %d: resumed on %s%s", minor, spec,
-                 f" with CBT log {logpath}" if logpath else "")
+        log.info("minor %d: resumed on %s%s%s", minor, spec,
+                 f" with CBT log {logpath}" if logpath else "",
+                 "" if mirror is None else f", secondary {mirror.spec} ({mirror.mode.value}, "
+                 f"{mirror.phase.value})")
+
+    # ------------------------------------------------------------------ secondary
+    def enospc_marker(self, minor: int) -> str:
+        """The file touched when a leaf runs out of space (the reference's
+        ``/run/tapdisk-enospc<minor>``: beside the runtime directory)."""
+        return os.path.join(os.path.dirname(self.run_dir.path), f"tapdisk-enospc{minor}")
+
+    def _new_mirror(self, minor: int, spec: str, standby: bool) -> MirrorState:
+        marker = self.enospc_marker(minor)
+
+        def touch() -> None:
+            self.precious = True
+            with open(marker, "a"):
+                pass
+            os.utime(marker)
+
+        def keep_log() -> None:
+            self.precious = True
+
+        return MirrorState(spec, Mode.STANDBY if standby else Mode.MIRROR, on_enospc=touch,
+                           on_failure=keep_log)
+
+    def _mirror_for_resume(self, slot: Slot, new_leaf: bool, minor: int,
+                           secondary: str | None, standby: bool
+                           ) -> tuple[MirrorState | None, bool]:
+        """The secondary a resume serves with, and whether it was named now."""
+        old = slot.mirror
+        holds_writes = old is not None and old.phase is Phase.FAILED_OVER and not new_leaf
+        if secondary is None:  # keep what there was
+            if old is not None and new_leaf and old.phase is Phase.FAILED_OVER:
+                # A new leaf after an ENOSPC: the toolstack has dealt with it.
+                # A new state: the old one stays as it was if this resume fails.
+                old = dataclasses.replace(old, phase=Phase.ACTIVE, moved=RangeSet(),
+                                          failed_over_at=None)
+            return old, False
+        if holds_writes:
+            assert old is not None
+            raise BlktapError(f"minor {minor}: the secondary {old.spec} holds writes the "
+                              f"leaf lacks (it failed over on ENOSPC); give a new leaf "
+                              f"(-a) with the change", errno.EBUSY)
+        if secondary == NO_SECONDARY:
+            return None, False
+        return self._new_mirror(minor, typed_spec(secondary), standby), True
+
+    async def _with_secondary(self, minor: int, leaf: Driver, params: OpenParams,
+                              mirror: MirrorState, *, explicit: bool) -> Driver:
+        """``leaf`` with the secondary beside it. A secondary named in this request that
+        cannot be opened fails the request (``leaf`` is closed); one kept from before is
+        marked failed instead and the disk is served from the leaf, unless the leaf
+        failed over to it (then it holds writes the leaf lacks: the request fails)."""
+        try:
+            sec = await self.engine.call(open_stack, self.engine, mirror.spec, writable=True,
+                                         direct=params.direct)
+        except (OSError, BlktapError) as exc:
+            if explicit or mirror.phase is Phase.FAILED_OVER:
+                await self._close_all(leaf)
+                raise BlktapError(f"secondary {mirror.spec}: {exc}",
+                                  getattr(exc, "errno", None) or errno.EIO) from exc
+            mirror.fail("reopen", exc)
+            return leaf
+        try:
+            self._check_not_itself(minor, leaf, sec, mirror.spec)
+            return MirrorDriver(leaf, sec, mirror)
+        except BlktapError:
+            await self._close_all(sec)
+            await self._close_all(leaf)
+            raise
+
+    def _check_not_itself(self, minor: int, leaf: Driver, sec: Driver, spec: str) -> None:
+        """A secondary that is a file of the leaf's chain (written twice, or a parent
+        written under its children) or this tapdisk's own NBD export (every write would
+        come back to be mirrored again) is refused: EINVAL."""
+        def ident(path: str) -> tuple[int, int] | None:
+            try:
+                st = os.stat(path)
+            except (OSError, ValueError):
+                return None
+            return st.st_dev, st.st_ino
+
+        mine = {i: d.path for d in leaf.chain() if d.path and (i := ident(d.path))}
+        for d in sec.chain():
+            paths = [d.path]
+            address = getattr(getattr(d, "client", None), "address", None)
+            if getattr(address, "unix", None):
+                paths.append(address.unix)
+            for path in paths:
+                i = ident(path) if path else None
+                if i is not None and i in mine:
+                    raise BlktapError(f"secondary {spec} is {mine[i]}, of the disk's own "
+                                      "chain", errno.EINVAL)
+                if i is not None and ident(self.nbd_path(minor)) == i:
+                    raise BlktapError(f"secondary {spec} is this tapdisk's own NBD export",
+                                      errno.EINVAL)
+
+    @staticmethod
+    async def _close_all(driver: Driver) -> None:
+        for d in driver.chain():
+            try:
+                await d.close()
+            except (OSError, BlktapError) as exc:
+                log.warning("closing %s: %s", d.path or d.name, exc)
 
     # ------------------------------------------------------------------ reports
     def list_replies(self, cookie: int) -> list[Message]:
@@ -639,6 +816,11 @@ class Tapdisk:
                     "reqs_outstanding": 0, "read_caching": "false"}
         out = slot.vbd.stats_dict()
         out["read_caching"] = "false" if slot.params.direct else "true"
+        mirror = slot.mirror
+        if mirror is not None:
+            out["FIXME_enospc_redirect_count"] = mirror.redirected
+            out["nbd_mirror_failed"] = int(mirror.failed)
+            out["mirror"] = mirror.as_dict()
         if slot.blkif is not None:
             out["xenblkif"] = slot.blkif.stats_dict()
         return out
@@ -701,7 +883,7 @@ class Tapdisk:
                 log.warning("minor %d: attached, not open", minor)
                 continue
             log.warning("minor %d: %s state=%#x %s", minor, slot.path, slot.state,
-                        format_stats(slot.vbd.stats_dict()))
+                        format_stats(self._stats(slot)))
 
 
 __all__ = ["OpenParams", "Slot", "Tapdisk"]

@@ -129,6 +129,8 @@ class Driver:
     is_filter = False
     # Whether open_layer takes OpenContext.key (else a key is refused with EINVAL).
     accepts_key = False
+    # An image tap-ctl stats lists; False for a filter with no data of its own (mirror).
+    listed_in_stats = True
 
     def __init__(self, engine: Engine, size: int, *, writable: bool,
                  parent: Driver | None = None) -> None:

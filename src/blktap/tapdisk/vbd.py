@@ -108,6 +108,15 @@ class Request:
     start: float = field(default_factory=time.monotonic)
 
 
+def bound_requests(driver: Driver, timeout: float) -> None:
+    """Tell the layers that hold requests themselves (the ``nbd`` driver, while it
+    reconnects) how long a request may wait: the VBD's per-request timeout."""
+    for layer in driver.chain():
+        bound = getattr(layer, "bound_requests", None)
+        if bound is not None:
+            bound(timeout)
+
+
 def errno_of(exc: BaseException) -> int:
     code = getattr(exc, "errno", None)
     return code if isinstance(code, int) and code > 0 else errno.EIO
@@ -145,6 +154,7 @@ class VBD:
         self.watchdog_timeout = watchdog
         self.stats = VbdStats()
         self.loop = asyncio.get_running_loop()
+        bound_requests(driver, timeout)
         self._queue: list[Request] = []
         self._tasks_for_abandoned: set[asyncio.Task] = set()
         self._inflight: set[Request] = set()
@@ -665,6 +675,7 @@ class VBD:
         if not self.read_only and not driver.writable:
             raise BlktapError(f"{name or driver.path} is read-only", errno.EROFS)
         self.driver = driver
+        bound_requests(driver, self.timeout)
         if name:
             self.name = name
         self.state = VbdState(0)
@@ -696,7 +707,8 @@ class VBD:
             "name": self.name,
             "secs": [st.read_sectors, st.write_sectors],
             "images": [{"name": d.path, "hits": list(d.hits), "fail": list(d.fail),
-                        "driver": d.describe()} for d in self.driver.chain()],
+                        "driver": d.describe()} for d in self.driver.chain()
+                       if d.listed_in_stats],
             "FIXME_enospc_redirect_count": 0,
             "nbd_mirror_failed": 0,
             "reqs_outstanding": st.in_flight,

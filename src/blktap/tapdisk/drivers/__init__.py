@@ -1,7 +1,8 @@
 """Image drivers and the registry that builds a driver stack from ``type:path``.
 
-Type names are the reference tapdisk's (``tapdisk-disktype.c``): ``aio``, ``vhd`` and
-``ram`` are implemented, and ``qcow2`` (qemu's format) beside them; the reference's other
+Type names are the reference tapdisk's (``tapdisk-disktype.c``): ``aio``, ``vhd``,
+``ram`` and ``nbd`` (an NBD client; an NBD URI may also be given whole) are implemented,
+and ``qcow2`` (qemu's format) beside them; the reference's other
 names are known and answer ENOSYS (not built), as there; plugins (entry points of group
 ``blktap.drivers``, docs/drivers.md) add names; anything else is ENOENT. The one table is
 :data:`registry.BUILTIN` plus the plugins (:mod:`.registry`); stacks are built by
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from blktap.tapdisk.driver import Driver
 from blktap.tapdisk.drivers.aio import AioDriver
+from blktap.tapdisk.drivers.nbd import NbdDriver
 from blktap.tapdisk.drivers.qcow2 import Qcow2Driver
 from blktap.tapdisk.drivers.ram import RamDriver
 from blktap.tapdisk.drivers.registry import BUILTIN
@@ -32,6 +34,6 @@ IMPLEMENTED = tuple(name for name, target in BUILTIN.items() if target is not No
 # In the reference's table but not built here (yet), as "sync"/"vmdk" are not built there.
 KNOWN = tuple(name for name, target in BUILTIN.items() if target is None)
 
-__all__ = ["IMPLEMENTED", "KNOWN", "AioDriver", "Driver", "Qcow2Driver", "RamDriver",
+__all__ = ["IMPLEMENTED", "KNOWN", "AioDriver", "Driver", "NbdDriver", "Qcow2Driver", "RamDriver",
            "VhdDriver", "open_stack", "parse", "probed_driver", "require_type",
            "split_type"]

@@ -44,7 +44,7 @@ BUILTIN: dict[str, str | None] = {
     "lle": None,
     "llp": None,
     "valve": None,
-    "nbd": None,
+    "nbd": "blktap.tapdisk.drivers.nbd:NbdDriver",
     "qcow2": "blktap.tapdisk.drivers.qcow2:Qcow2Driver",
 }
 

@@ -38,6 +38,8 @@ from blktap.tapdisk.driver import CAP_METHODS, WRITE_CAPS, Caps, Driver, OpenCon
 from blktap.tapdisk.drivers import registry
 
 _SPEC = re.compile(r"^([a-z][a-z0-9+_-]*):(.*)$")
+# An NBD URI given whole (nbd://..., nbds+unix://...) is the nbd driver's path.
+NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 
 
 # ---------------------------------------------------------------------- names
@@ -48,6 +50,8 @@ def split_type(spec: str) -> tuple[str | None, str]:
     match = _SPEC.match(spec)
     if match:
         kind, path = match[1], match[2]
+        if kind in NBD_SCHEMES and path.startswith("//"):
+            return "nbd", spec  # an NBD URI given whole is the nbd driver's path
         registry.driver_class(kind, spec)  # raises: ENOENT, ENOSYS, ELIBBAD (plugins)
         if not path:
             raise UsageError(f"{spec}: no path after {kind}:")
