@@ -431,7 +431,7 @@ def test_server_gone_for_longer_than_the_timeout(tmp_path: Path) -> None:
         with pytest.raises(NbdClientError) as exc:
             await drv.read(0, [memoryview(bytearray(4096))])
         assert exc.value.errno == errno.ETIMEDOUT
-        assert "not answered" in str(exc.value) and "unreachable" in str(exc.value)
+        assert "not answered" in str(exc.value) and "no connection" in str(exc.value)
         await drv.close()
 
     with process(qemu_nbd_argv(img, sock), sock) as proc:
@@ -520,6 +520,9 @@ class BadServer:
                     break
                 else:
                     c.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, (1 << 31) + 1, 0))
+            if self.mode == "no-read":  # takes nothing more: the client's sends stall
+                threading.Event().wait(GUARD)
+                return
             while True:
                 _, _, cmd, handle, offset, length = struct.unpack(">IHHQQI",
                                                                   self._recv(c, 28))
@@ -563,6 +566,31 @@ def test_garbage_answers_fail_clearly(mode: str, words: str, tmp_path: Path) -> 
             expect = errno.ETIMEDOUT if mode == "silent" else errno.EPROTO
             assert exc.value.errno == expect, exc.value
             assert words in str(exc.value), exc.value
+        await drv.close()
+
+    try:
+        drive(body)
+    finally:
+        srv.close()
+
+
+def test_a_server_that_reads_nothing(tmp_path: Path) -> None:
+    """Writes stuck in a full socket fail at the timeout; the connection is dropped (what
+    was queued never leaves from buffers handed back) and the driver closes at once."""
+    sock = tmp_path / "stuck.sock"
+    srv = BadServer(sock, "no-read")
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await open_driver(engine, str(sock), timeout=1.0)
+        data = memoryview(bytearray(MiB // 4))  # 1 MiB in all: more than a socket holds
+        drv.client._start()
+        first = drv.client.conn
+        assert first is not None and first.alive
+        results = await asyncio.gather(*(drv.write(i * MiB // 4, [data]) for i in range(4)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, NbdClientError) and r.errno == errno.ETIMEDOUT
+                   for r in results), results
+        assert not first.alive  # dropped, not left with a half-sent request in it
         await drv.close()
 
     try:
