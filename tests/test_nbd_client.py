@@ -634,6 +634,56 @@ def test_blktap_serve_and_tapdisk_leaf(tmp_path: Path) -> None:
     assert img.read_bytes()[512 << 10 : (512 << 10) + MiB] == b"\x5a" * MiB
 
 
+def test_served_disk_survives_its_server_restarting(tmp_path: Path) -> None:
+    """End to end: ``blktap serve nbd:...`` in front of qemu-nbd; qemu-nbd is killed, a
+    client (qemu-img bench, 16 writes in flight) writes through the front meanwhile, and
+    qemu-nbd comes back: the client sees no error and every byte lands."""
+    img = sparse(tmp_path / "back.img", 32 * MiB)
+    sock = tmp_path / "back.sock"
+    with serve_behind(img, sock, tmp_path) as (srv, restart):
+        restart(kill_only=True)
+        bench = subprocess.Popen([need("qemu-img"), "bench", "-f", "raw", "-w", "-c", "512",
+                                  "-d", "16", "-s", "65536", "-S", "65536",
+                                  "--pattern=0x5a", srv.uri],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)  # its requests reach the front and are held there
+        assert bench.poll() is None, bench.communicate()
+        restart()
+        out, err = bench.communicate(timeout=GUARD)
+        assert bench.returncode == 0, out + err
+    assert img.read_bytes() == b"\x5a" * (32 * MiB)
+
+
+@contextmanager
+def serve_behind(img: Path, sock: Path, tmp: Path) -> Iterator[tuple]:
+    """qemu-nbd on ``img`` and ``blktap serve nbd:SOCK`` in front; ``restart()`` kills
+    qemu-nbd (and starts it again unless ``kill_only``)."""
+    procs: list[subprocess.Popen] = []
+
+    def start() -> None:
+        proc = subprocess.Popen(qemu_nbd_argv(img, sock), stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        _wait_socket(sock, proc)
+
+    def restart(kill_only: bool = False) -> None:
+        procs[-1].kill()
+        procs[-1].wait()
+        if kill_only:
+            sock.unlink()
+        else:
+            start()
+
+    start()
+    try:
+        with serve(f"nbd:{sock}", tmp, "--timeout", str(GUARD), name="front.sock") as srv:
+            yield srv, restart
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
 def test_open_stack_refuses_a_key_and_unknown_specs(tmp_path: Path) -> None:
     async def body(engine: ThreadEngine) -> None:
         with pytest.raises(BlktapError) as exc:
