@@ -748,3 +748,11 @@ def test_tap_ctl_create_on_nbd_and_open_e_parent(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_image_commands_say_an_nbd_disk_is_not_a_file() -> None:
+    for argv in (["info", "nbd:/run/x.sock"], ["map", "nbds://h/e"],
+                 ["compare", "nbd+unix:///?socket=/s", "/dev/null"]):
+        res = run([tool("blktap"), *argv], text=True)
+        assert res.returncode == errno.EINVAL, (argv, res.stderr)
+        assert "not an image file" in res.stderr, res.stderr
