@@ -46,7 +46,7 @@ MAX_ERROR_PAYLOAD = 4 + 2 + 4096 + 8
 # Wire errors we know (the NBD values are Linux's); anything else is EIO.
 _WIRE_ERRNO = {p.NBD_EPERM, p.NBD_EIO, p.NBD_ENOMEM, p.NBD_EINVAL, p.NBD_ENOSPC,
                p.NBD_EOVERFLOW, p.NBD_ENOTSUP, p.NBD_ESHUTDOWN}
-_U32 = p.CLIENT_FLAGS  # ">I"
+_U32 = struct.Struct(">I")  # a reply's magic; a block-status chunk's context id
 _OFFSET = struct.Struct(">Q")  # a data chunk's offset
 _HOLE = struct.Struct(">QI")  # a hole chunk: offset, length
 _EXTENT = struct.Struct(">II")  # a base:allocation extent: length, flags
