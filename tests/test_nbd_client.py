@@ -513,6 +513,11 @@ class BadServer:
                 self._recv(c, length)
                 if opt == 8:  # STRUCTURED_REPLY
                     c.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, 1, 0))
+                elif opt == 7 and self.mode == "no-go":  # as an old server: unknown
+                    c.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, (1 << 31) + 1, 0))
+                elif opt == 1:  # EXPORT_NAME: size and flags, no zeroes (agreed)
+                    c.sendall(struct.pack(">QH", MiB, 1 | 4))
+                    break
                 elif opt == 7:  # GO
                     info = struct.pack(">HQH", 0, MiB, 1 | 4)
                     c.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, 3, len(info)) + info)
@@ -539,6 +544,12 @@ class BadServer:
                 elif self.mode == "outside":
                     c.sendall(struct.pack(">IHHQIQ", 0x668E33EF, 1, 1, handle, 8 + length,
                                           offset + 512) + bytes(length))
+                elif self.mode == "no-go":  # a correct answer: a read gives 0x77s
+                    if cmd == 0:
+                        c.sendall(struct.pack(">IHHQIQ", 0x668E33EF, 1, 1, handle, 8 + length,
+                                              offset) + b"\x77" * length)
+                    else:
+                        c.sendall(struct.pack(">IIQ", 0x67446698, 0, handle))
                 elif self.mode == "short":
                     c.sendall(struct.pack(">IHHQI", 0x668E33EF, 1, 0, handle, 0))
                 # "silent": never answers
@@ -566,6 +577,26 @@ def test_garbage_answers_fail_clearly(mode: str, words: str, tmp_path: Path) -> 
             expect = errno.ETIMEDOUT if mode == "silent" else errno.EPROTO
             assert exc.value.errno == expect, exc.value
             assert words in str(exc.value), exc.value
+        await drv.close()
+
+    try:
+        drive(body)
+    finally:
+        srv.close()
+
+
+def test_a_server_without_go_gets_export_name(tmp_path: Path) -> None:
+    sock = tmp_path / "old.sock"
+    srv = BadServer(sock, "no-go")
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await open_driver(engine, str(sock), writable=False)
+        assert drv.size == MiB and drv.client.session.structured
+        assert not drv.caps & Caps.BLOCK_STATUS  # no context without GO
+        buf = bytearray(8192)
+        await drv.read(4096, [memoryview(buf)])
+        assert buf == b"\x77" * 8192
+        await drv.flush()
         await drv.close()
 
     try:
