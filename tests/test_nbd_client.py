@@ -726,10 +726,33 @@ def test_open_stack_refuses_a_key_and_unknown_specs(tmp_path: Path) -> None:
     drive(body)
 
 
-def test_tap_ctl_create_on_nbd_and_open_e_parent(tmp_path: Path) -> None:
-    """tapdisk serves ``nbd:`` leaves (tap-ctl create -a nbd:...), and ``tap-ctl open -e
-    MINOR`` stacks a differencing VHD on what another tapdisk serves: the parent named
-    by its locator is not opened (it was moved away)."""
+def test_tap_ctl_create_on_nbd(tmp_path: Path) -> None:
+    """tapdisk serves an ``nbd:`` leaf: tap-ctl create -a nbd:SOCKET."""
+    from test_tap_ctl_daemon import Host
+
+    host = Host(tmp_path)
+    img = tmp_path / "q.img"
+    img.write_bytes(b"q" * MiB)
+    sock = tmp_path / "q.sock"
+    with process(qemu_nbd_argv(img, sock), sock):
+        pid, minor = host.create(f"nbd:{sock}", "-R")
+        try:
+            host.serving(pid, minor, MiB)
+            res = run([need("qemu-io"), "-f", "raw", "-r", "-c", f"read -P 0x71 0 {MiB}",
+                       host.nbd(pid, minor)], text=True)
+            assert res.returncode == 0 and "verification failed" not in res.stdout, \
+                res.stdout + res.stderr
+            host.out("destroy", "-p", str(pid), "-m", str(minor))
+        finally:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_tap_ctl_open_e_parent(tmp_path: Path) -> None:
+    """``tap-ctl open -e MINOR`` stacks a differencing VHD on what another tapdisk
+    serves: the parent named by its locator is not opened (it was moved away)."""
     from test_tap_ctl_daemon import Host
 
     host = Host(tmp_path)
@@ -766,10 +789,6 @@ def test_tap_ctl_create_on_nbd_and_open_e_parent(tmp_path: Path) -> None:
         assert "Pattern verification failed" not in res.stdout, res.stdout
         stats = host.out("stats", "-p", str(pid_b), "-m", str(minor_b))
         assert '"name": "nbd"' in stats or '"nbd"' in stats, stats
-        # A leaf on nbd: directly.
-        pid_c, minor_c = host.create(f"nbd:{host.run_dir}/nbd{pid_a}.{minor_a}", "-R")
-        pids.append(pid_c)
-        host.serving(pid_c, minor_c, 8 * MiB)
         # -e with a minor nobody serves: ENOENT, said plainly.
         code, _, err = host.tap_ctl("create", "-a", f"vhd:{child}", "-e", "999", ok=False)
         assert code == errno.ENOENT, (code, err)
