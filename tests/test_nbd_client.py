@@ -228,6 +228,27 @@ def test_oldstyle_server_and_simple_replies(tmp_path: Path) -> None:
         drive(body)
 
 
+def test_server_errors_are_the_requests_errors(tmp_path: Path) -> None:
+    """nbdkit's ``full`` plugin fails every write with ENOSPC: the write fails with
+    ENOSPC (the server's message kept), and the connection goes on serving."""
+    sock = tmp_path / "full.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await open_driver(engine, str(sock))
+        for _ in range(2):
+            with pytest.raises(NbdClientError) as exc:
+                await drv.write(0, [memoryview(b"x" * 4096)])
+            assert exc.value.errno == errno.ENOSPC and "write" in str(exc.value)
+            buf = bytearray(b"?" * 4096)
+            await drv.read(0, [memoryview(buf)])
+            assert buf == bytes(4096)
+        assert drv.client.reconnects == 0
+        await drv.close()
+
+    with process(nbdkit_argv(sock, "full", f"size={MiB}"), sock):
+        drive(body)
+
+
 def test_read_only_export_and_missing_export(tmp_path: Path) -> None:
     img = sparse(tmp_path / "ro.img", MiB)
     sock = tmp_path / "ro.sock"
