@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages blktap's tests and tools use, only those that are missing.
-# Real peers for the tests: qemu-img/qemu-io/qemu-nbd, libnbd's tools and bindings, fio, nbdkit.
+# Real peers for the tests: qemu-img/qemu-io/qemu-nbd, libnbd's tools and bindings, fio, nbdkit;
+# openssl makes the certificates of the nbd driver's TLS tests.
 # For bench/run.py: qemu-storage-daemon (in qemu-system-common on Debian 12) and nbdkit's
 # Python plugin. For the vhost-user guest tests (shared/guest-testbed): QEMU itself, and what
 # its build.sh needs to make the tiny guest (static busybox, gcc for blkbench, cpio, kmod and
@@ -12,7 +13,7 @@ set -euo pipefail
 packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv
           qemu-system-common nbdkit-plugin-python strace
           qemu-system-x86 busybox-static gcc libc6-dev cpio kmod xz-utils zstd
-          debootstrap e2fsprogs gzip)
+          debootstrap e2fsprogs gzip openssl)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || packages+=(linux-image-amd64)
 missing=()
 for p in "${packages[@]}"; do

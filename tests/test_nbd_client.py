@@ -228,6 +228,27 @@ def test_oldstyle_server_and_simple_replies(tmp_path: Path) -> None:
         drive(body)
 
 
+def test_server_errors_are_the_requests_errors(tmp_path: Path) -> None:
+    """nbdkit's ``full`` plugin fails every write with ENOSPC: the write fails with
+    ENOSPC (the server's message kept), and the connection goes on serving."""
+    sock = tmp_path / "full.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await open_driver(engine, str(sock))
+        for _ in range(2):
+            with pytest.raises(NbdClientError) as exc:
+                await drv.write(0, [memoryview(b"x" * 4096)])
+            assert exc.value.errno == errno.ENOSPC and "write" in str(exc.value)
+            buf = bytearray(b"?" * 4096)
+            await drv.read(0, [memoryview(buf)])
+            assert buf == bytes(4096)
+        assert drv.client.reconnects == 0
+        await drv.close()
+
+    with process(nbdkit_argv(sock, "full", f"size={MiB}"), sock):
+        drive(body)
+
+
 def test_read_only_export_and_missing_export(tmp_path: Path) -> None:
     img = sparse(tmp_path / "ro.img", MiB)
     sock = tmp_path / "ro.sock"
@@ -431,7 +452,7 @@ def test_server_gone_for_longer_than_the_timeout(tmp_path: Path) -> None:
         with pytest.raises(NbdClientError) as exc:
             await drv.read(0, [memoryview(bytearray(4096))])
         assert exc.value.errno == errno.ETIMEDOUT
-        assert "not answered" in str(exc.value) and "unreachable" in str(exc.value)
+        assert "not answered" in str(exc.value) and "no connection" in str(exc.value)
         await drv.close()
 
     with process(qemu_nbd_argv(img, sock), sock) as proc:
@@ -513,6 +534,11 @@ class BadServer:
                 self._recv(c, length)
                 if opt == 8:  # STRUCTURED_REPLY
                     c.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, 1, 0))
+                elif opt == 7 and self.mode == "no-go":  # as an old server: unknown
+                    c.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, (1 << 31) + 1, 0))
+                elif opt == 1:  # EXPORT_NAME: size and flags, no zeroes (agreed)
+                    c.sendall(struct.pack(">QH", MiB, 1 | 4))
+                    break
                 elif opt == 7:  # GO
                     info = struct.pack(">HQH", 0, MiB, 1 | 4)
                     c.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, 3, len(info)) + info)
@@ -520,6 +546,9 @@ class BadServer:
                     break
                 else:
                     c.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, (1 << 31) + 1, 0))
+            if self.mode == "no-read":  # takes nothing more: the client's sends stall
+                threading.Event().wait(GUARD)
+                return
             while True:
                 _, _, cmd, handle, offset, length = struct.unpack(">IHHQQI",
                                                                   self._recv(c, 28))
@@ -536,6 +565,12 @@ class BadServer:
                 elif self.mode == "outside":
                     c.sendall(struct.pack(">IHHQIQ", 0x668E33EF, 1, 1, handle, 8 + length,
                                           offset + 512) + bytes(length))
+                elif self.mode == "no-go":  # a correct answer: a read gives 0x77s
+                    if cmd == 0:
+                        c.sendall(struct.pack(">IHHQIQ", 0x668E33EF, 1, 1, handle, 8 + length,
+                                              offset) + b"\x77" * length)
+                    else:
+                        c.sendall(struct.pack(">IIQ", 0x67446698, 0, handle))
                 elif self.mode == "short":
                     c.sendall(struct.pack(">IHHQI", 0x668E33EF, 1, 0, handle, 0))
                 # "silent": never answers
@@ -563,6 +598,51 @@ def test_garbage_answers_fail_clearly(mode: str, words: str, tmp_path: Path) -> 
             expect = errno.ETIMEDOUT if mode == "silent" else errno.EPROTO
             assert exc.value.errno == expect, exc.value
             assert words in str(exc.value), exc.value
+        await drv.close()
+
+    try:
+        drive(body)
+    finally:
+        srv.close()
+
+
+def test_a_server_without_go_gets_export_name(tmp_path: Path) -> None:
+    sock = tmp_path / "old.sock"
+    srv = BadServer(sock, "no-go")
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await open_driver(engine, str(sock), writable=False)
+        assert drv.size == MiB and drv.client.session.structured
+        assert not drv.caps & Caps.BLOCK_STATUS  # no context without GO
+        buf = bytearray(8192)
+        await drv.read(4096, [memoryview(buf)])
+        assert buf == b"\x77" * 8192
+        await drv.flush()
+        await drv.close()
+
+    try:
+        drive(body)
+    finally:
+        srv.close()
+
+
+def test_a_server_that_reads_nothing(tmp_path: Path) -> None:
+    """Writes stuck in a full socket fail at the timeout; the connection is dropped (what
+    was queued never leaves from buffers handed back) and the driver closes at once."""
+    sock = tmp_path / "stuck.sock"
+    srv = BadServer(sock, "no-read")
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await open_driver(engine, str(sock), timeout=1.0)
+        data = memoryview(bytearray(MiB // 4))  # 1 MiB in all: more than a socket holds
+        drv.client._start()
+        first = drv.client.conn
+        assert first is not None and first.alive
+        results = await asyncio.gather(*(drv.write(i * MiB // 4, [data]) for i in range(4)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, NbdClientError) and r.errno == errno.ETIMEDOUT
+                   for r in results), results
+        assert not first.alive  # dropped, not left with a half-sent request in it
         await drv.close()
 
     try:
@@ -606,6 +686,56 @@ def test_blktap_serve_and_tapdisk_leaf(tmp_path: Path) -> None:
     assert img.read_bytes()[512 << 10 : (512 << 10) + MiB] == b"\x5a" * MiB
 
 
+def test_served_disk_survives_its_server_restarting(tmp_path: Path) -> None:
+    """End to end: ``blktap serve nbd:...`` in front of qemu-nbd; qemu-nbd is killed, a
+    client (qemu-img bench, 16 writes in flight) writes through the front meanwhile, and
+    qemu-nbd comes back: the client sees no error and every byte lands."""
+    img = sparse(tmp_path / "back.img", 32 * MiB)
+    sock = tmp_path / "back.sock"
+    with serve_behind(img, sock, tmp_path) as (srv, restart):
+        restart(kill_only=True)
+        bench = subprocess.Popen([need("qemu-img"), "bench", "-f", "raw", "-w", "-c", "512",
+                                  "-d", "16", "-s", "65536", "-S", "65536",
+                                  "--pattern=0x5a", srv.uri],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)  # its requests reach the front and are held there
+        assert bench.poll() is None, bench.communicate()
+        restart()
+        out, err = bench.communicate(timeout=GUARD)
+        assert bench.returncode == 0, out + err
+    assert img.read_bytes() == b"\x5a" * (32 * MiB)
+
+
+@contextmanager
+def serve_behind(img: Path, sock: Path, tmp: Path) -> Iterator[tuple]:
+    """qemu-nbd on ``img`` and ``blktap serve nbd:SOCK`` in front; ``restart()`` kills
+    qemu-nbd (and starts it again unless ``kill_only``)."""
+    procs: list[subprocess.Popen] = []
+
+    def start() -> None:
+        proc = subprocess.Popen(qemu_nbd_argv(img, sock), stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        _wait_socket(sock, proc)
+
+    def restart(kill_only: bool = False) -> None:
+        procs[-1].kill()
+        procs[-1].wait()
+        if kill_only:
+            sock.unlink()
+        else:
+            start()
+
+    start()
+    try:
+        with serve(f"nbd:{sock}", tmp, "--timeout", str(GUARD), name="front.sock") as srv:
+            yield srv, restart
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
 def test_open_stack_refuses_a_key_and_unknown_specs(tmp_path: Path) -> None:
     async def body(engine: ThreadEngine) -> None:
         with pytest.raises(BlktapError) as exc:
@@ -617,10 +747,33 @@ def test_open_stack_refuses_a_key_and_unknown_specs(tmp_path: Path) -> None:
     drive(body)
 
 
-def test_tap_ctl_create_on_nbd_and_open_e_parent(tmp_path: Path) -> None:
-    """tapdisk serves ``nbd:`` leaves (tap-ctl create -a nbd:...), and ``tap-ctl open -e
-    MINOR`` stacks a differencing VHD on what another tapdisk serves: the parent named
-    by its locator is not opened (it was moved away)."""
+def test_tap_ctl_create_on_nbd(tmp_path: Path) -> None:
+    """tapdisk serves an ``nbd:`` leaf: tap-ctl create -a nbd:SOCKET."""
+    from test_tap_ctl_daemon import Host
+
+    host = Host(tmp_path)
+    img = tmp_path / "q.img"
+    img.write_bytes(b"q" * MiB)
+    sock = tmp_path / "q.sock"
+    with process(qemu_nbd_argv(img, sock), sock):
+        pid, minor = host.create(f"nbd:{sock}", "-R")
+        try:
+            host.serving(pid, minor, MiB)
+            res = run([need("qemu-io"), "-f", "raw", "-r", "-c", f"read -P 0x71 0 {MiB}",
+                       host.nbd(pid, minor)], text=True)
+            assert res.returncode == 0 and "verification failed" not in res.stdout, \
+                res.stdout + res.stderr
+            host.out("destroy", "-p", str(pid), "-m", str(minor))
+        finally:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_tap_ctl_open_e_parent(tmp_path: Path) -> None:
+    """``tap-ctl open -e MINOR`` stacks a differencing VHD on what another tapdisk
+    serves: the parent named by its locator is not opened (it was moved away)."""
     from test_tap_ctl_daemon import Host
 
     host = Host(tmp_path)
@@ -657,10 +810,6 @@ def test_tap_ctl_create_on_nbd_and_open_e_parent(tmp_path: Path) -> None:
         assert "Pattern verification failed" not in res.stdout, res.stdout
         stats = host.out("stats", "-p", str(pid_b), "-m", str(minor_b))
         assert '"name": "nbd"' in stats or '"nbd"' in stats, stats
-        # A leaf on nbd: directly.
-        pid_c, minor_c = host.create(f"nbd:{host.run_dir}/nbd{pid_a}.{minor_a}", "-R")
-        pids.append(pid_c)
-        host.serving(pid_c, minor_c, 8 * MiB)
         # -e with a minor nobody serves: ENOENT, said plainly.
         code, _, err = host.tap_ctl("create", "-a", f"vhd:{child}", "-e", "999", ok=False)
         assert code == errno.ENOENT, (code, err)
@@ -670,3 +819,11 @@ def test_tap_ctl_create_on_nbd_and_open_e_parent(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_image_commands_say_an_nbd_disk_is_not_a_file() -> None:
+    for argv in (["info", "nbd:/run/x.sock"], ["map", "nbds://h/e"],
+                 ["compare", "nbd+unix:///?socket=/s", "/dev/null"]):
+        res = run([tool("blktap"), *argv], text=True)
+        assert res.returncode == errno.EINVAL, (argv, res.stderr)
+        assert "not an image file" in res.stderr, res.stderr

@@ -325,6 +325,11 @@ def open_chain(spec: str, args: argparse.Namespace, *, key_file: str | None = No
     ``metadata_only``: the caller reads no data (info, map), so encrypted layers open
     without their key. Otherwise ``key_file`` holds the key of an encrypted chain; it is
     not applied to a chain that is not encrypted (``compare`` may name one of each)."""
+    scheme = spec.partition(":")[0]
+    if scheme in ("nbd", "nbds", "nbd+unix", "nbds+unix"):
+        raise UsageError(f"{spec}: an NBD disk is not an image file: serve it "
+                         f"(blktap serve, tap-ctl) or read it with NBD tools (nbdinfo, "
+                         f"qemu-img); docs/drivers-nbd.md")
     policy = parent_policy(args)
     with errors_about(parse_spec(spec)[1]):
         if metadata_only:

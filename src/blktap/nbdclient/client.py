@@ -46,7 +46,7 @@ MAX_ERROR_PAYLOAD = 4 + 2 + 4096 + 8
 # Wire errors we know (the NBD values are Linux's); anything else is EIO.
 _WIRE_ERRNO = {p.NBD_EPERM, p.NBD_EIO, p.NBD_ENOMEM, p.NBD_EINVAL, p.NBD_ENOSPC,
                p.NBD_EOVERFLOW, p.NBD_ENOTSUP, p.NBD_ESHUTDOWN}
-_U32 = p.CLIENT_FLAGS  # ">I"
+_U32 = struct.Struct(">I")  # a reply's magic; a block-status chunk's context id
 _OFFSET = struct.Struct(">Q")  # a data chunk's offset
 _HOLE = struct.Struct(">QI")  # a hole chunk: offset, length
 _EXTENT = struct.Struct(">II")  # a base:allocation extent: length, flags
@@ -62,7 +62,7 @@ class ProtocolError(Exception):
 
 class Request:
     __slots__ = ("cmd", "flags", "offset", "length", "iov", "fut", "handle", "error",
-                 "covered", "extents", "abandoned")
+                 "covered", "extents", "abandoned", "sent")
 
     def __init__(self, cmd: int, flags: int, offset: int, length: int,
                  iov: Sequence[memoryview] | None) -> None:
@@ -77,6 +77,7 @@ class Request:
         self.covered = 0  # bytes of a structured read answered
         self.extents: list[tuple[int, int]] = []
         self.abandoned = False  # timed out: a late reply is read and dropped
+        self.sent = False  # all of it is with the kernel
 
 
 class Connection:
@@ -226,6 +227,13 @@ class Connection:
                 fut.set_exception(req.error)
             else:
                 fut.set_result(None)
+
+    def on_sent(self, exc: BaseException | None, req: Request) -> None:
+        """A queued request left (or the connection broke first)."""
+        if exc is None:
+            req.sent = True
+        else:
+            self.lost(f"send failed: {exc}")
 
     # ------------------------------------------------------------------ the end
     def _finish(self, exc_for: Callable[[], BaseException]) -> None:
@@ -423,6 +431,7 @@ class NbdClient:
         deadline = loop.time() + self.timeout
         started = time.monotonic()
         waited: int | None = None
+        held = False  # waiting for a connection (not for a reply)
         try:
             async with asyncio.timeout_at(deadline):
                 while True:
@@ -431,7 +440,9 @@ class NbdClient:
                         if self._fatal is not None and waited == self._epoch:
                             raise self._fatal
                         waited = self._reconnect_soon()
+                        held = True
                         await self._up.wait()
+                        held = False
                         if self.closed:
                             raise NbdClientError(f"nbd {self.address}: closed",
                                                  errno.ESHUTDOWN)
@@ -444,7 +455,7 @@ class NbdClient:
         except TimeoutError:
             req.abandoned = True
             waited = time.monotonic() - started
-            why = "" if self.connected else f" (server unreachable: {self.last_error})"
+            why = f" (held: no connection; {self.last_error or 'reconnecting'})" if held else ""
             raise NbdClientError(
                 f"nbd {self.address}: {p.CMD_NAMES.get(req.cmd, req.cmd)} of {req.length} "
                 f"bytes at {req.offset} not answered in {waited:.1f} s{why}",
@@ -464,21 +475,42 @@ class NbdClient:
         conn.inflight[handle] = req
         header = p.REQUEST.pack(p.REQUEST_MAGIC, req.flags, req.cmd, handle, req.offset,
                                 req.length)
+        message = [header, *bufs] if bufs else [header]
+        if conn.ch.tls:
+            req.sent = False
+            try:
+                await conn.ch.send(message)
+            except Closed as exc:
+                conn.inflight.pop(handle, None)
+                conn.lost(f"send failed: {exc}")
+                _forget(fut)
+                raise _Retry() from None
+            except BaseException:
+                self._abandon_unsent(conn, req)
+                raise
+            req.sent = True
+        else:
+            # Queued for the end of this turn of the loop (one sendmsg for every request
+            # of the turn), not waited for: the caller's buffers stay valid until the
+            # reply, which cannot come before the data has left.
+            req.sent = False
+            conn.ch.post(message, conn.on_sent, req)
         try:
-            await conn.ch.send([header, *bufs] if bufs else [header])
-        except Closed as exc:
-            conn.inflight.pop(handle, None)
-            conn.lost(f"send failed: {exc}")
-            _forget(fut)
-            raise _Retry() from None
+            await fut
         except BaseException:
-            # Cut short (timeout, cancelled) with part of it perhaps sent: the stream
-            # is no longer in step; start again on a new connection.
-            conn.inflight.pop(handle, None)
-            conn.lost("a request was abandoned while being sent")
-            _forget(fut)
+            if not req.sent:
+                self._abandon_unsent(conn, req)
             raise
-        await fut
+
+    @staticmethod
+    def _abandon_unsent(conn: Connection, req: Request) -> None:
+        """A request cut short (timeout, cancelled) before all of it was with the kernel:
+        its buffers go back to the caller, so what is queued must not leave, and the
+        stream is no longer in step: start again on a new connection."""
+        conn.inflight.pop(req.handle, None)
+        conn.lost("a request was abandoned while being sent")
+        if req.fut is not None:
+            _forget(req.fut)
 
     async def close(self) -> None:
         if self.closed:

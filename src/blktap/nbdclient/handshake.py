@@ -218,8 +218,7 @@ def _negotiate(n: _Negotiator, address: Address) -> Session:
     data = _export_name_payload(name) + struct.pack(">HH", 1, p.INFO_BLOCK_SIZE)
     kind, payload, before = n.final(p.OPT_GO, data)
     if kind == p.REP_ERR_UNSUP:
-        if meta_id is not None:  # only GO keeps a context: no block status then
-            meta_id = None
+        # EXPORT_NAME keeps structured replies but no metadata context: no block status.
         session = _export_name(n, address, name, no_zeroes, style="newstyle-fixed")
         session.structured = structured
         return session
