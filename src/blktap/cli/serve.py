@@ -2,7 +2,7 @@
 
     blktap serve TYPE:PATH [--socket PATH] [--tcp HOST:PORT] [--read-only]
                  [--export-name NAME] [--tls-cert FILE --tls-key FILE [--tls-ca FILE]]
-                 [--memory-budget SIZE]
+                 [--memory-budget SIZE] [--limit LIMITS]
                  [--vhost-user SOCK [--num-queues N] [--serial TEXT]]
 
 Prints the NBD URI of each NBD listener, and ``vhost-user:/ABSOLUTE/SOCK`` for each
@@ -94,6 +94,10 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
     cmd.add_argument("--serial", metavar="TEXT",
                      help="vhost-user: the disk's serial number (GET_ID, 20 bytes at most; "
                      "default: the image's file name)")
+    cmd.add_argument("--limit", metavar="LIMITS",
+                     help="rate-limit the disk (the valve filter): rate=BYTES/s, iops=N, "
+                     "burst=BYTES, iops-burst=N, group=NAME (a blktap rated group), "
+                     "comma-separated, e.g. rate=20M,iops=500 (docs/filters.md)")
     cmd.add_argument("-v", "--verbose", action="store_true", help="log connections")
     add_parent_dir(cmd)
 
@@ -109,6 +113,9 @@ def run_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
         raise UsageError("--num-queues must be between 1 and 256")
     if args.serial is not None and len(args.serial.encode()) > 20:
         raise UsageError("--serial takes at most 20 bytes")
+    if args.limit is not None:
+        from blktap.tapdisk.ratelimit import Limits
+        Limits.parse(args.limit)  # a bad limit is a usage error before anything opens
     if not args.socket and not args.tcp and not args.vhost_user:
         args.tcp = [parse_hostport(DEFAULT_TCP)]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -155,7 +162,8 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
     try:
         tls = tls_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
         policy = parent_policy(args)
-        driver = await engine.call(open_stack, engine, args.image,
+        spec = args.image if args.limit is None else f"valve:{args.limit}:{args.image}"
+        driver = await engine.call(open_stack, engine, spec,
                                    writable=not args.read_only, direct=args.direct,
                                    parent_policy=policy)
         vbd = VBD(driver, name=args.image, read_only=args.read_only, timeout=args.timeout)
@@ -181,7 +189,8 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
                              port=bound_port))
         # Only once serving: an error line stays the only line when something fails.
         if split_type(args.image)[0] is None:
-            kind = "aio" if isinstance(driver, AioDriver) else "vhd"
+            image = driver.parent if args.limit is not None else driver
+            kind = "aio" if isinstance(image, AioDriver) else "vhd"
             what = "raw" if kind == "aio" else "VHD"
             print_warning(f"{args.image}: format probed as {what}; a guest that writes to "
                           f"this disk may change what it probes as: name the format "

@@ -49,7 +49,9 @@ from blktap.control.rundir import MinorHold, RunDir
 from blktap.errors import BlktapError, ControlProtocolError
 from blktap.io import ThreadEngine, best_engine
 from blktap.tapdisk.driver import SECTOR, Driver
-from blktap.tapdisk.drivers import open_stack, require_type
+from blktap.tapdisk.drivers import FILTERS, open_stack, require_type
+from blktap.tapdisk.drivers.valve import ValveDriver, keep_valve, split_spec, with_limits
+from blktap.tapdisk.ratelimit import Limits
 from blktap.tapdisk.stats import format_stats
 from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD, VbdState
 from blktap.transport.nbd import Export, NbdServer
@@ -134,6 +136,9 @@ def typed_spec(spec: str) -> str:
     reference tapdisk: probing a disk a guest writes to would let the guest choose how
     it is read (docs/security.md)."""
     kind, path = require_type(spec)
+    if kind in FILTERS:  # a filter's own arguments, then the spec it wraps
+        args, inner = split_spec(path)
+        return f"{kind}:{args}:{typed_spec(inner)}"
     return f"{kind}:{path}"
 
 
@@ -345,6 +350,10 @@ class Tapdisk:
             self._check_flags(p.flags & ~(Flag.RDONLY | Flag.NO_O_DIRECT))
             await self.resume(minor, p.path or None)
             return [Message(T.RESUME_RSP, minor)]
+        if t is T.VALVE_SET:
+            assert isinstance(req.payload, m.Text)
+            self.set_limits(minor, req.payload.text)
+            return [Message(T.VALVE_SET_RSP, minor)]
         if t is T.XENBLKIF_CONNECT:
             assert isinstance(req.payload, m.Blkif)
             await self.xen_connect(minor, req.payload)
@@ -554,7 +563,8 @@ class Tapdisk:
         assert slot.params is not None
         if not vbd.state & VbdState.PAUSED:
             raise BlktapError(f"minor {minor} is not paused", errno.EINVAL)
-        spec = typed_spec(new_spec) if new_spec else slot.params.spec
+        spec = (keep_valve(slot.params.spec, typed_spec(new_spec)) if new_spec
+                else slot.params.spec)
         for attempt in range(1, RESUME_ATTEMPTS + 1):
             try:
                 driver = await self._open_stack(slot.params, spec)
@@ -580,6 +590,28 @@ class Tapdisk:
         assert slot.nbd is not None
         slot.nbd.export.description = spec
         log.info("minor %d: resumed on %s", minor, spec)
+
+    def set_limits(self, minor: int, text: str) -> Limits:
+        """VALVE_SET: the minor's valve takes new limits at once (held requests are
+        measured against them from now on); a paused disk gets them when it resumes.
+        EINVAL for a disk opened without a valve or for limits that do not parse."""
+        slot = self._slot(minor)
+        vbd = self._open_vbd(minor)
+        assert slot.params is not None
+        if not slot.params.spec.startswith("valve:"):
+            raise BlktapError(f"minor {minor} has no valve: open it as "
+                              f"valve:LIMITS:{slot.params.spec}", errno.EINVAL)
+        limits = Limits.parse(text)
+        if not vbd.paused:
+            for d in vbd.driver.chain():
+                if isinstance(d, ValveDriver):
+                    d.set_limits(limits)
+                    break
+        slot.params.spec = vbd.name = with_limits(slot.params.spec, limits)
+        if slot.nbd is not None:
+            slot.nbd.export.description = slot.params.spec
+        log.info("minor %d: limits %s", minor, limits.text() or "(none)")
+        return limits
 
     # ------------------------------------------------------------------ reports
     def list_replies(self, cookie: int) -> list[Message]:

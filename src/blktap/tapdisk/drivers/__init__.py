@@ -24,12 +24,15 @@ from blktap.tapdisk.driver import Driver
 from blktap.tapdisk.drivers.aio import AioDriver
 from blktap.tapdisk.drivers.qcow2 import Qcow2Driver
 from blktap.tapdisk.drivers.ram import RamDriver
+from blktap.tapdisk.drivers.valve import ValveDriver
 from blktap.tapdisk.drivers.vhd import VhdDriver
 
-IMPLEMENTED = ("aio", "vhd", "ram", "qcow2")
+# Filters named in a spec: TYPE:ARGS:INNER-SPEC wraps the stack of INNER-SPEC.
+FILTERS = {"valve": ValveDriver.open_over}
+IMPLEMENTED = ("aio", "vhd", "ram", "qcow2", *FILTERS)
 # In the reference's table but not built here (yet), as "sync"/"vmdk" are not built there.
 KNOWN = ("sync", "vmdk", "vhdsync", "qcow", "bc", "vhdi", "log", "remus", "lc", "lle", "llp",
-         "valve", "nbd")
+         "nbd")
 
 _SPEC = re.compile(r"^([a-z][a-z0-9+_-]*):(.*)$")
 
@@ -97,6 +100,10 @@ def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True
     probed = kind is None
     if kind is None:
         kind = probed_driver(path)
+    if kind in FILTERS:
+        return FILTERS[kind](engine, path, lambda inner: open_stack(
+            engine, inner, writable=writable, direct=direct, key=key,
+            follow_probed_parents=follow_probed_parents, parent_policy=parent_policy))
     if key is not None and kind != "vhd":
         raise EncryptionError(f"{path}: the {kind} driver serves data as it is stored and "
                               f"cannot decrypt it, but a key was given", errno.EINVAL)
