@@ -422,6 +422,12 @@ def test_member_reports_are_levels(tmp_path: Path) -> None:
             await _until(lambda: m.credit >= 1000, "granted")
             await asyncio.sleep(0.05)
             assert m.granted == 1000
+            # Spent, the same level again is a new want (the daemon lowered it by the
+            # grant): it must be asked for, or a valve waits forever.
+            m.spend(1000)
+            m.want(1000)
+            await _until(lambda: m.credit >= 1000, "granted again")
+            assert m.granted == 2000
             await m.close()
         finally:
             await server.stop()

@@ -105,6 +105,9 @@ class GroupMember:
                         del buf[: GRANT.size]
                         self.credit += credit
                         self.granted += credit
+                        # The daemon lowered our need by the grant: the next level
+                        # we want is news to it, even if it equals the last we sent.
+                        self._sent_need = -1
                         self.changed.set()
             except OSError as exc:
                 log.warning("%s: rate group %s: %s", self.name, self.path, exc)
