@@ -227,7 +227,7 @@ class Cli:
     def cmd_create(self, args: list[str]) -> int:
         params: str | None = None
         o = _OpenOptions()
-        for opt, val in self.options(args, "a:RDd:e:r2:st:C:h"):
+        for opt, val in self.options(args, "a:RDd:e:rb2:st:C:h"):
             if opt == "a":
                 params = val
             elif opt == "d":
@@ -283,7 +283,7 @@ class Cli:
         params: str | None = None
         key: bytes | None = None
         o = _OpenOptions()
-        for opt, val in self.options(args, "a:RDm:p:e:r2:st:C:Eh"):
+        for opt, val in self.options(args, "a:RDm:p:e:rb2:st:C:Eh"):
             if opt == "p":
                 pid = atoi(val or "")
             elif opt == "m":
@@ -432,6 +432,8 @@ class _OpenOptions:
             self.flags |= Flag.NO_O_DIRECT
         elif opt == "r":
             self.flags |= Flag.ADD_LCACHE
+        elif opt == "b":  # ours: the reference's tap-ctl has no option for ADD_CACHE
+            self.flags |= Flag.ADD_CACHE
         elif opt == "e":
             self.flags |= Flag.REUSE_PRT
             self.prt_minor = atoi(val)

@@ -36,6 +36,7 @@ that sends its request promptly is answered whatever the others do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -50,6 +51,7 @@ from blktap.errors import BlktapError, ControlProtocolError
 from blktap.io import ThreadEngine, best_engine
 from blktap.tapdisk.driver import SECTOR, Driver
 from blktap.tapdisk.drivers import FILTERS, open_stack, require_type
+from blktap.tapdisk.drivers.caches import add_caches
 from blktap.tapdisk.drivers.valve import ValveDriver, keep_valve, split_spec, with_limits
 from blktap.tapdisk.ratelimit import Limits
 from blktap.tapdisk.stats import format_stats
@@ -69,10 +71,8 @@ LISTEN_BACKLOG = 128
 STATS_ALL = 0xFFFF  # STATS with this cookie: every VBD, as a JSON array
 # Open flags that need filters not built yet (cache, log, mirror, index, ...).
 UNSUPPORTED_FLAGS = {
-    Flag.ADD_CACHE: "the read cache (-r)",
     Flag.VHD_INDEX: "vhd index",
     Flag.ADD_LOG: "the changed-block log (-C)",
-    Flag.ADD_LCACHE: "the local cache (-r)",
     Flag.REUSE_PRT: "a parent of another minor (-e)",
     Flag.SECONDARY: "a secondary (-2)",
     Flag.STANDBY: "standby (-s)",
@@ -95,6 +95,8 @@ class OpenParams:
     direct: bool = True
     timeout: float = DEFAULT_TIMEOUT
     key: bytes | None = None
+    local_cache: bool = False  # -r: the lc filter between the leaf and its parent
+    block_cache: bool = False  # ADD_CACHE: the shared bc filter above the parent
 
 
 @dataclass
@@ -378,7 +380,8 @@ class Tapdisk:
         return OpenParams(spec=p.path, read_only=bool(p.flags & Flag.RDONLY),
                           direct=not p.flags & Flag.NO_O_DIRECT,
                           timeout=float(p.req_timeout) if p.req_timeout else DEFAULT_TIMEOUT,
-                          key=key)
+                          key=key, local_cache=bool(p.flags & Flag.ADD_LCACHE),
+                          block_cache=bool(p.flags & Flag.ADD_CACHE))
 
     def _slot(self, minor: int, code: int = errno.ENODEV) -> Slot:
         """The attached minor; ENODEV if not attached (OPEN says EINVAL), as the
@@ -421,9 +424,17 @@ class Tapdisk:
             self.done.set()  # the reference exits once its last VBD is gone
 
     async def _open_stack(self, params: OpenParams, spec: str) -> Driver:
-        return await self.engine.call(open_stack, self.engine, spec,
-                                      writable=not params.read_only, direct=params.direct,
-                                      **({"key": params.key} if params.key else {}))
+        top = await self.engine.call(open_stack, self.engine, spec,
+                                     writable=not params.read_only, direct=params.direct,
+                                     **({"key": params.key} if params.key else {}))
+        try:
+            add_caches(self.engine, top, local=params.local_cache, shared=params.block_cache)
+        except BaseException:
+            for d in top.chain():
+                with contextlib.suppress(OSError, BlktapError):
+                    await d.close()
+            raise
+        return top
 
     async def open(self, minor: int, params: OpenParams) -> VBD:
         slot = self._slot(minor, errno.EINVAL)
