@@ -403,3 +403,35 @@ def test_tap_ctl_open_r_and_b(tmp_path: Path, chain: tuple[Path, bytes]) -> None
         host.out("destroy", "-p", p, "-m", m)
     res = run([tool("vhd-util"), "check", "-n", str(leaf)], text=True)
     assert res.returncode == 0, res.stdout
+
+
+def test_encrypted_leaf_stores_the_cache_encrypted(tmp_path: Path) -> None:
+    """An encrypted chain read through ``lc``: the leaf receives the parents' data
+    encrypted with its key (never in clear), and the chain still reads the same."""
+    from test_tapdisk_encrypted import KEY64, make_encrypted
+
+    base = make_encrypted(tmp_path / "base.vhd", 4 * MiB)
+    data = os.urandom(2 * MiB)
+    with Chain.open(f"vhd:{base}", key=KEY64, writable=True) as c:
+        c.pwrite(0, data)
+    leaf = tmp_path / "leaf.vhd"
+    snapshot(str(leaf), str(base))
+
+    async def body() -> None:
+        engine = ThreadEngine(2)
+        try:
+            top = open_stack(engine, f"vhd:{leaf}", writable=True, direct=False, key=KEY64)
+            lc = LocalCacheDriver.insert(engine, top)
+            assert lc is not None
+            vbd = VBD(top, name="t")
+            assert (await read_all(vbd, 2 * MiB))[: 2 * MiB] == data
+            assert lc.filled == 4096
+            await vbd.close()
+        finally:
+            engine.close()
+    asyncio.run(body())
+    assert data[:4096] not in leaf.read_bytes()
+    with Chain.open(f"vhd:{leaf}", key=KEY64) as c:
+        assert c.pread(0, 2 * MiB) == data
+    with Chain.open(f"vhd:{base}", key=KEY64) as c:
+        assert c.pread(0, 2 * MiB) == data

@@ -96,21 +96,20 @@ class LocalCacheDriver(Driver):
                                f"less than {self.low_water}")
             self._room -= nbytes
             return self.enabled
-        if now - self._checked >= CHECK_INTERVAL:
-            self._checked = now
-            try:
-                room = self.free(self.dir)
-            except OSError as exc:
-                room, why = 0, f"statvfs: {exc.strerror}"
-            else:
-                why = f"{room} bytes free"
-            self._room = room - nbytes
-            if room - nbytes < self.low_water:
-                self._turn_off(f"{self.dir}: {why}, less than {self.low_water}")
-            elif not self.enabled:
-                self.enabled = True
-                self.reason = ""
-                log.warning("%s: local cache on again (%d bytes free)", self.leaf.path, room)
+        self._checked = now
+        try:
+            room = self.free(self.dir)
+        except OSError as exc:
+            room, why = 0, f"statvfs: {exc.strerror}"
+        else:
+            why = f"{room} bytes free"
+        self._room = room - nbytes
+        if room - nbytes < self.low_water:
+            self._turn_off(f"{self.dir}: {why}, less than {self.low_water}")
+        elif not self.enabled:
+            self.enabled = True
+            self.reason = ""
+            log.warning("%s: local cache on again (%d bytes free)", self.leaf.path, room)
         return self.enabled
 
     def _turn_off(self, why: str) -> None:
