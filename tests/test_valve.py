@@ -585,3 +585,26 @@ def test_tap_ctl_valve_and_blktap_rated(tmp_path: Path) -> None:
         rated.stdout.close()  # type: ignore[union-attr]
         rated.stderr.close()  # type: ignore[union-attr]
     assert not (tmp_path / "rl" / "grp").exists()
+
+
+# ---------------------------------------------------------------------- blktap serve
+def test_serve_limit(tmp_path: Path) -> None:
+    """``blktap serve --limit``: a bad limit is one line and exit 22 before anything is
+    opened; a good one serves the same bytes through the valve."""
+    from conftest import need, run, tool
+    from nbd_helpers import serve
+
+    raw = tmp_path / "d.img"
+    data = os.urandom(MiB)
+    raw.write_bytes(data)
+    res = run([tool("blktap"), "serve", f"aio:{raw}", "--limit", "rate=quick",
+               "--socket", str(tmp_path / "s.sock")], text=True, timeout=60)
+    assert res.returncode == errno.EINVAL and res.stdout == ""
+    assert res.stderr.startswith("blktap: rate: 'quick' is not a size")
+    assert not (tmp_path / "s.sock").exists()
+    nbdcopy = need("nbdcopy")
+    with serve(f"aio:{raw}", tmp_path, "--limit", "rate=64M,iops=5000") as srv:
+        res = run([nbdcopy, srv.uri, str(tmp_path / "out.img")], text=True)
+        assert res.returncode == 0, res.stderr
+        assert srv.stop(2) == 0
+    assert (tmp_path / "out.img").read_bytes() == data
