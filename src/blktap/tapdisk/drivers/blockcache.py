@@ -119,6 +119,8 @@ class Pool:
 
 def _identity(driver: Driver) -> tuple:
     fd = getattr(driver, "fd", None)
+    if fd is None:  # the qcow2 driver keeps it in its image
+        fd = getattr(getattr(driver, "image", None), "fd", None)
     if isinstance(fd, int) and fd >= 0:
         st = os.fstat(fd)
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
