@@ -384,7 +384,9 @@ def test_two_disks_in_one_group_share_its_credit(tmp_path: Path,
 
 
 def test_group_member_waits_for_a_daemon_that_is_not_there(tmp_path: Path) -> None:
-    """No daemon: requests wait (never fail); once it starts, they pass."""
+    """No daemon: requests wait (never fail); once it starts, they pass. Past the grace
+    without a daemon, they pass on the disk's own limits (a disk, and its close, must
+    not hang because a daemon is gone)."""
     import blktap.rated.client as client_mod
 
     async def body() -> None:
@@ -403,6 +405,18 @@ def test_group_member_waits_for_a_daemon_that_is_not_there(tmp_path: Path) -> No
                 await v.close()
             finally:
                 await server.stop()
+            old_grace = client_mod.GRACE
+            client_mod.GRACE = 0.3
+            try:
+                w = ValveDriver(None, Recorder(),  # type: ignore[arg-type]
+                                Limits.parse(f"group={tmp_path}/never"))
+                await asyncio.wait_for(asyncio.gather(*(w.write(0, buf())
+                                                        for _ in range(4))), 10)
+                assert w.passed == [4, 256 * KiB] and w.group is not None
+                assert w.group.granted == 0
+                await w.close()
+            finally:
+                client_mod.GRACE = old_grace
         finally:
             client_mod.RECONNECT = old
     _run(body)

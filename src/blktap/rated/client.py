@@ -3,7 +3,9 @@
 It holds the credit the group granted, says what it waits for (:meth:`want`), and hands
 back what it did not use when it closes. If the group's daemon is not there (not started
 yet, restarted), it connects again every :data:`RECONNECT` seconds and the requests held
-by the valve keep waiting: limited requests wait, they never fail.
+by the valve keep waiting, for :data:`GRACE` seconds: past that, the valve lets them
+pass on its own limits alone (the group cannot be enforced without its daemon, and a
+disk must not hang, nor its close, because a daemon is gone), until it is back.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 
 from blktap.rated.proto import GRANT, REPORT
 
 log = logging.getLogger("blktap.valve")
 
 RECONNECT = 2.0  # seconds, as the reference's valve
+GRACE = 10.0  # seconds without the daemon before its members stop waiting for it
 
 
 class GroupMember:
@@ -34,12 +38,20 @@ class GroupMember:
         self._task: asyncio.Task | None = None
         self._sender: asyncio.Task | None = None
         self._warned = False
+        self._down_since: float | None = None  # when it lost (or never had) the daemon
+
+    def down_for(self) -> float:
+        """Seconds without the daemon (0 while connected)."""
+        if self.connected or self._down_since is None:
+            return 0.0
+        return time.monotonic() - self._down_since
 
     @property
     def started(self) -> bool:
         return self._task is not None
 
     def start(self) -> None:
+        self._down_since = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     # ------------------------------------------------------------------ credit
@@ -91,6 +103,7 @@ class GroupMember:
                 log.warning("%s: rate group %s reached", self.name, self.path)
                 self._warned = False
             self._sock, self.connected, self._sent_need = sock, True, -1
+            self._down_since = None
             self._report()
             self.changed.set()
             buf = bytearray()
@@ -115,6 +128,8 @@ class GroupMember:
             await asyncio.sleep(RECONNECT)
 
     def _drop(self) -> None:
+        if self.connected:
+            self._down_since = time.monotonic()
         self.connected = False
         if self._sock is not None:
             self._sock.close()

@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from blktap.errors import UsageError
 from blktap.io.engine import Engine
 from blktap.io.iov import total
+from blktap.rated import client as group_client
 from blktap.rated.client import GroupMember
 from blktap.tapdisk.driver import Driver, Extents, Tally
 from blktap.tapdisk.ratelimit import Limits, TokenBucket, group_socket
@@ -143,13 +144,20 @@ class ValveDriver(Driver):
             return True
         if not group.started:
             group.start()
-        return group.credit >= nbytes
+        return group.credit >= nbytes or self._group_gone(group)
+
+    @staticmethod
+    def _group_gone(group: GroupMember) -> bool:
+        """The group's daemon has been away for longer than the grace: pass on the
+        disk's own limits (see rated/client.py)."""
+        return not group.connected and group.down_for() >= group_client.GRACE
 
     def _take(self, nbytes: int, nios: int) -> None:
         self.bytes.take(nbytes)
         self.ios.take(nios)
-        if self.group is not None and nbytes > 0:
-            self.group.spend(nbytes)
+        group = self.group
+        if group is not None and nbytes > 0 and group.credit >= nbytes:
+            group.spend(nbytes)  # (else it passes because the daemon is gone)
         self.passed[0] += 1
         self.passed[1] += nbytes
 
@@ -195,10 +203,17 @@ class ValveDriver(Driver):
                 await self.sleep(wait)
                 continue
             group = self.group
-            if group is not None and head.nbytes > 0 and group.credit < head.nbytes:
+            if (group is not None and head.nbytes > 0 and group.credit < head.nbytes
+                    and not self._group_gone(group)):
                 group.changed.clear()
                 group.want(self._queued_bytes - group.credit)
-                await group.changed.wait()
+                if group.connected:
+                    await group.changed.wait()
+                else:  # until it connects, or the grace is over
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            group.changed.wait(),
+                            max(0.01, group_client.GRACE - group.down_for()))
                 continue
             self._queue.popleft()
             self._queued_bytes -= head.nbytes
