@@ -435,3 +435,36 @@ def test_encrypted_leaf_stores_the_cache_encrypted(tmp_path: Path) -> None:
         assert c.pread(0, 2 * MiB) == data
     with Chain.open(f"vhd:{base}", key=KEY64) as c:
         assert c.pread(0, 2 * MiB) == data
+
+
+def test_tap_ctl_block_cache_shared_by_two_minors(tmp_path: Path) -> None:
+    """Two disks over one parent in one tapdisk, both opened with ``-b``: the second
+    one's reads are served from the pages the first one's brought in."""
+    from test_tap_ctl_daemon import ALLOCATE_RE, Host
+
+    qemu_img = need("qemu-img")
+    base, a, b = (tmp_path / n for n in ("base.vhd", "a.vhd", "b.vhd"))
+    make_chain(base, a)
+    snapshot(str(b), str(base))
+    with Chain.open(f"vhd:{b}") as c:
+        expected_b = c.pread(0, SIZE)
+    host = Host(tmp_path)
+    pid, first = host.create(f"vhd:{a}", "-b")
+    p = str(pid)
+    second = ALLOCATE_RE.search(host.out("allocate").strip())[1]  # type: ignore[index]
+    try:
+        host.out("attach", "-p", p, "-m", second)
+        host.out("open", "-p", p, "-m", second, "-a", f"vhd:{b}", "-b")
+        for minor in (first, int(second)):
+            res = run([qemu_img, "convert", "-f", "raw", "-O", "raw", host.nbd(pid, minor),
+                       str(tmp_path / f"{minor}.raw")], text=True)
+            assert res.returncode == 0, res.stderr
+        assert (tmp_path / f"{second}.raw").read_bytes() == expected_b
+        stats = json.loads(host.out("stats", "-p", p, "-m", second))
+        assert [i["driver"]["name"] for i in stats["images"]] == ["vhd", "bc", "vhd"]
+        bc = stats["images"][1]["driver"]["status"]
+        assert bc["shared"]["users"] == 2 and bc["hits"] > 0 and bc["misses"] == 0
+        assert stats["images"][2]["hits"][0] == 0  # its parent driver read nothing
+    finally:
+        host.out("destroy", "-p", p, "-m", second)
+        host.out("destroy", "-p", p, "-m", str(first))
