@@ -106,6 +106,39 @@ def test_decode_blkif() -> None:
     assert m.encode(msg) == bytes(b)
 
 
+def test_blkif_order_4_extension() -> None:
+    """Our extension: an order-4 ring's refs 8-15 follow the 316-byte payload; for orders
+    the reference can send, whatever its tapback left there is not read."""
+    b = raw(24, 1)
+    struct.pack_into("=II", b, U, 4, 51712)
+    struct.pack_into("=8I", b, U + 8, *range(10, 18))
+    struct.pack_into("=II", b, U + 40, 4, 3)
+    struct.pack_into("=III", b, U + 304, 33, 0, 0)
+    struct.pack_into("=8I", b, U + 316, *range(18, 26))
+    msg = m.decode(bytes(b))
+    assert msg.payload == m.Blkif(4, 51712, tuple(range(10, 26)), 4, 3, "", 33)
+    assert m.encode(msg) == bytes(b)
+    struct.pack_into("=I", b, U + 40, 3)  # the same bytes at order 3: the tail is ignored
+    assert m.decode(bytes(b)).payload.gref == tuple(range(10, 18))
+    struct.pack_into("=I", b, U + 40, 5)
+    with pytest.raises(ControlProtocolError, match="ring order 5"):
+        m.decode(bytes(b))
+    for order, grefs in ((4, tuple(range(8))), (3, tuple(range(16))), (2, (1, 2, 3))):
+        with pytest.raises(ControlProtocolError, match="grant refs"):
+            m.encode(m.Message(m.MessageType.XENBLKIF_CONNECT, 1, m.Blkif(1, 2, grefs, order)))
+
+
+def test_disk_info_ring_order_extension() -> None:
+    b = raw(29, 2)
+    struct.pack_into("=QII", b, U, 1 << 21, 512, 0)
+    assert m.decode(bytes(b)).payload.max_ring_order is None  # the reference says nothing
+    struct.pack_into("=4sI", b, U + 16, b"BTX1", 4)
+    msg = m.decode(bytes(b))
+    assert msg.payload == m.Image(1 << 21, 512, 0, 4) and m.encode(msg) == bytes(b)
+    struct.pack_into("=4sI", b, U + 16, b"BTX1", 9)  # an order nobody takes: not believed
+    assert m.decode(bytes(b)).payload.max_ring_order is None
+
+
 @pytest.mark.parametrize("mtype", [3, 5, 9, 13, 15, 19, 21, 23, 28, 30])
 def test_header_only_requests(mtype: int) -> None:
     b = raw(mtype, 12)
@@ -237,9 +270,11 @@ def messages(draw: st.DrawFn) -> m.Message:
         p = m.Stat()
         text = draw(st.binary(max_size=100))
     elif kind is m.Blkif:
-        p = m.Blkif(draw(_u32), draw(_u32), tuple(draw(st.lists(_u32, min_size=8, max_size=8))),
-                    draw(st.integers(0, 3)), draw(_u32), draw(_text), draw(_u32), draw(_u32),
-                    draw(_u32))
+        order = draw(st.integers(0, 4))
+        pages = 16 if order == 4 else 8
+        p = m.Blkif(draw(_u32), draw(_u32),
+                    tuple(draw(st.lists(_u32, min_size=pages, max_size=pages))),
+                    order, draw(_u32), draw(_text), draw(_u32), draw(_u32), draw(_u32))
     elif kind is m.Text:
         p = m.Text(draw(_text))
     elif kind is m.Query:

@@ -272,7 +272,7 @@ def test_unsupported_filters_say_so(host: Host, disk: Path) -> None:
     pid = host.out("spawn").strip()
     minor = ALLOCATE_RE.search(host.out("allocate").strip())[1]  # type: ignore[index]
     host.out("attach", "-p", pid, "-m", minor)
-    for extra in (["-2", f"aio:{disk}"], ["-C", str(disk) + ".log"], ["-s"]):
+    for extra in (["-2", f"aio:{disk}"], ["-s"]):
         code, _, err = host.tap_ctl("open", "-p", pid, "-m", minor, "-a", f"aio:{disk}",
                                     *extra, ok=False)
         assert (code, err) == (95, "Operation not supported\n"), extra

@@ -152,8 +152,9 @@ def test_full_handshake_and_close(tmp_path):
     async def body(r: Rig):
         r.add(1)
         await r.until(lambda: r.state(1) == "2", "InitWait")
-        # what blkfront reads on InitWait is there, and only what we can serve
-        assert r.key(1, "max-ring-page-order") == "3"
+        # what blkfront reads on InitWait is there, and only what we can serve (no tapdisk
+        # is known yet: our own order 4)
+        assert r.key(1, "max-ring-page-order") == "4"
         assert r.key(1, "feature-flush-cache") == "1"
         assert r.key(1, "feature-barrier") == "1"
         assert r.key(1, "feature-max-indirect-segments") == "256"
@@ -170,6 +171,8 @@ def test_full_handshake_and_close(tmp_path):
             ("2048", "512", "0")
         assert r.key(1, "feature-discard") == "1"
         assert r.key(1, "discard-granularity") == "4096"
+        # the fake tapdisk answers DISK_INFO as the reference's: order 3 at most
+        assert r.key(1, "max-ring-page-order") == "3"
         assert r.key(1, "discard-alignment") == "0"
         assert r.key(1, "kthread-pid") == str(PID)
         # guest shutdown: Closing, then Closed
@@ -196,6 +199,51 @@ def test_multi_page_ring(tmp_path):
         ring = r.td.rings[(1, DEVID)]
         assert ring.order == 3 and ring.gref == grefs
     run(tmp_path, body)
+
+
+def test_order_4_ring_with_a_tapdisk_that_takes_it(tmp_path):
+    """Order 4 (16 pages, blkfront's largest): the 16 grant refs reach the tapdisk through
+    our CONNECT extension (docs/protocols/control.md)."""
+    async def body(r: Rig):
+        r.td.max_ring_order = 4
+        r.add(1)
+        await r.until(lambda: r.state(1) == "2", "InitWait")
+        r.hotplug(1)
+        await r.until(lambda: r.key(1, "sectors") == "2048", "disk keys")
+        assert r.key(1, "max-ring-page-order") == "4"
+        grefs = tuple(range(200, 216))
+        r.front_init(1, order=4, grefs=grefs)
+        await r.until(lambda: r.state(1) == "4", "Connected")
+        ring = r.td.rings[(1, DEVID)]
+        assert ring.order == 4 and ring.gref == grefs
+    run(tmp_path, body)
+
+
+def test_a_reference_tapdisk_lowers_the_offer_before_the_frontend_reads_it(tmp_path):
+    """A tapdisk named before InitWait (as sm does: tap-ctl create, then the VBD plug)
+    that says nothing of orders gets order 3 offered, the reference's."""
+    async def body(r: Rig):
+        r.add(1, extra={f"{r.be(1)}/physical-device-path": r.td.nbd_path(0),
+                        f"{r.be(1)}/hotplug-status": "connected"})
+        await r.until(lambda: r.state(1) == "2", "InitWait")
+        assert r.key(1, "max-ring-page-order") == "3"
+    run(tmp_path, body)
+
+
+def test_order_4_chosen_for_a_reference_tapdisk_is_refused_clearly(tmp_path, caplog):
+    """The offer went out before the tapdisk was known and the frontend took order 4: the
+    reference tapdisk cannot map 16 pages, so the guest gets Closing, and the log says why
+    and what to do; nothing is sent to the tapdisk."""
+    async def body(r: Rig):
+        r.add(1)
+        await r.until(lambda: r.state(1) == "2", "InitWait")
+        r.front_init(1, order=4, grefs=tuple(range(200, 216)))
+        r.hotplug(1)
+        await r.until(lambda: r.state(1) == "5", "Closing")
+        assert r.td.log == []
+    with caplog.at_level("ERROR", logger="blktap.tapback"):
+        run(tmp_path, body)
+    assert "--max-ring-page-order 3" in caplog.text, caplog.text
 
 
 def test_protocol_missing_means_x86_32(tmp_path):

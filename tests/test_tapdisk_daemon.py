@@ -293,9 +293,10 @@ def test_open_errors(daemon: Daemon, tmp_path: Path, disk: Path) -> None:
     r = daemon.request(msg(OPEN, minor, params(f"aio:{disk}", F_SECONDARY,
                                                    secondary=f"aio:{disk}")))
     assert r.error == errno.EOPNOTSUPP and "secondary" in r.text
+    # A CBT log that is not there: ENOENT naming it, nothing opened (docs/cbt.md).
     r = daemon.request(msg(OPEN, minor, params(f"aio:{disk}", F_ADD_LOG)),
-                       b"/tmp/log".ljust(256, b"\0"))
-    assert r.error == errno.EOPNOTSUPP
+                       f"{tmp_path}/none.cbtlog".encode().ljust(256, b"\0"))
+    assert r.error == errno.ENOENT and "none.cbtlog" in r.text
     # After all that, it opens read-only.
     daemon.ok(msg(OPEN, minor, params(f"aio:{disk}", F_RDONLY | F_NO_O_DIRECT, 30)), OPEN_RSP)
 
@@ -555,14 +556,15 @@ def test_sighup_reopens_the_log(daemon: Daemon, disk: Path) -> None:
 
 
 def test_resume_with_filters_is_unsupported(daemon: Daemon, disk: Path) -> None:
-    """unpause -2 / -c name filters not built yet: EOPNOTSUPP, the disk stays paused and
-    a plain resume still works."""
+    """unpause -2 names a filter not built yet: EOPNOTSUPP; unpause -c with a log that is
+    not there: ENOENT at once; the disk stays paused and a plain resume still works."""
     minor = daemon.open_disk(disk)
     daemon.ok(msg(PAUSE, minor), PAUSE_RSP)
     r = daemon.request(msg(RESUME, minor, params("", F_SECONDARY, secondary=f"aio:{disk}")))
     assert r.error == errno.EOPNOTSUPP
-    r = daemon.request(msg(RESUME, minor, params("", F_ADD_LOG)), b"/tmp/x.log".ljust(256, b"\0"))
-    assert r.error == errno.EOPNOTSUPP
+    r = daemon.request(msg(RESUME, minor, params("", F_ADD_LOG)),
+                       f"{disk}.none.cbtlog".encode().ljust(256, b"\0"))
+    assert r.error == errno.ENOENT
     assert daemon.listing()[0][2] & 0x20
     daemon.ok(msg(RESUME, minor, params("")), RESUME_RSP)
     assert daemon.listing()[0][2] == 0

@@ -304,7 +304,7 @@ def test_userspace_pv_guest_script(testbed, payload, guest_script, tmp_path):
                            guest=guest_script, image=img)
     assert rc == 0, explain(out, text)
     keys = xenstore_keys(out)
-    assert keys.get("backend/max-ring-page-order") == "3", keys
+    assert keys.get("backend/max-ring-page-order") == "4", keys
     assert keys.get("backend/feature-max-indirect-segments") == "256", keys
     check_files_in_image(out / "disk.img")
 

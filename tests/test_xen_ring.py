@@ -758,8 +758,10 @@ async def ask(path: str, kind: int, minor: int, body: bytes = b"") -> tuple[int,
 def blkif(guest: Guest, *, proto: int | None = None, order: int | None = None,
           devid: int = 51712) -> bytes:
     refs = guest.ring_grefs + [0] * (8 - len(guest.ring_grefs))
-    return BLKIF.pack(guest.domid, devid, *refs, guest.order if order is None else order,
-                      guest.L.proto if proto is None else proto, b"pool0", 9, 0, 0)
+    # Order 4 (our extension): refs 8-15 follow the reference's 316-byte payload.
+    more = struct.pack("=8I", *refs[8:16]) if len(refs) > 8 else b""
+    return BLKIF.pack(guest.domid, devid, *refs[:8], guest.order if order is None else order,
+                      guest.L.proto if proto is None else proto, b"pool0", 9, 0, 0) + more
 
 
 def test_connect_disconnect_and_disk_info_over_the_control_socket(tmp_path: Path) -> None:
@@ -784,6 +786,8 @@ def test_connect_disconnect_and_disk_info_over_the_control_socket(tmp_path: Path
             assert (await ask(ctl, T_OPEN, 3, params))[0] == T_OPEN_RSP
             kind, body = await ask(ctl, T_INFO, 3)
             assert kind == T_INFO_RSP and IMAGE.unpack_from(body) == (4096, 512, 0)
+            # ...and, after the image, our extension: order-4 rings are taken
+            assert struct.unpack_from("=4sI", body, IMAGE.size) == (b"BTX1", 4)
             # Bad protocol, unknown minor.
             kind, body = await ask(ctl, T_CONNECT, 3, blkif(guest, proto=9))
             assert kind == T_ERROR and RESP.unpack_from(body)[0] == errno.EINVAL
@@ -819,8 +823,9 @@ def test_connect_disconnect_and_disk_info_over_the_control_socket(tmp_path: Path
             assert devices.grant_devices[-1].closed
             kind, body = await ask(ctl, T_DISCONNECT, 0, blkif(guest))
             assert kind == T_ERROR and RESP.unpack_from(body)[0] == errno.ENODEV
-            # And again, as after a guest reboot.
-            guest2 = Guest(X32, order=0, domid=8)
+            # And again, as after a guest reboot, with the largest ring blkfront makes
+            # (order 4: 16 grant refs, through our CONNECT extension).
+            guest2 = Guest(X32, order=4, domid=8)
             td.xen = Devices(guest2)
             kind, _ = await ask(ctl, T_CONNECT, 3, blkif(guest2))
             assert kind == T_CONNECT_RSP

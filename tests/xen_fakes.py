@@ -297,6 +297,9 @@ class FakeTapdisk:
         self.rings: dict[tuple[int, int], cm.Blkif] = {}
         self.log: list[tuple[str, int, int]] = []  # (op, domid, devid)
         self.connect_error: int | None = None  # errno to answer CONNECT with
+        # What DISK_INFO_RSP says of ring orders: None as the reference tapdisk (nothing),
+        # 4 as ours (the extension tag).
+        self.max_ring_order: int | None = None
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(self.path)
         self._sock.listen(16)
@@ -335,7 +338,7 @@ class FakeTapdisk:
             if req.cookie not in self.disks:
                 return self._error(errno.ENODEV, req.cookie)
             return cm.Message(T.DISK_INFO_RSP, req.cookie,
-                              cm.Image(self.disks[req.cookie], 512, 0))
+                              cm.Image(self.disks[req.cookie], 512, 0, self.max_ring_order))
         if req.type is T.XENBLKIF_CONNECT:
             b = req.payload
             assert isinstance(b, cm.Blkif)

@@ -13,6 +13,12 @@ Targets (each takes the fuzzer's bytes as what a stranger would send or write):
 - ``virtqueue``: what a KVM guest writes into its shared memory for a vhost-user-blk disk:
   a split ring's descriptor table, avail ring and the requests' headers and data,
   processed by our virtqueue and virtio-blk code against a 1 MiB disk in memory.
+- ``blkif``: what a Xen guest writes for its blkfront disk: the shared ring page (indices,
+  requests of every op, indirect descriptors) and eight granted pages (data, indirect
+  segment lists), served by our blkif ring code against a 1 MiB disk in memory, with a
+  stand-in for the grant device that fails copies of unknown grant references as Xen does.
+- ``qcow2``: a qcow2 file (header, extensions, L1/L2 tables, refcounts, snapshots):
+  opened, mapped, read and checked by the library, as ``blktap info/check`` would.
 
 A target fails when anything escapes other than the project's own errors
 (:class:`blktap.errors.BlktapError`) or the protocol's orderly refusals, when the server
@@ -38,6 +44,9 @@ import atheris
 with atheris.instrument_imports(include=["blktap"]):
     from blktap.control import message
     from blktap.errors import BlktapError
+    from blktap.image.qcow2 import check as qcow2_check
+    from blktap.image.qcow2.create import create as create_qcow2
+    from blktap.image.qcow2.image import Qcow2Image
     from blktap.image.vhd import check as vhd_check
     from blktap.image.vhd.create import create as create_vhd
     from blktap.image.vhd.create import snapshot as snapshot_vhd
@@ -50,6 +59,8 @@ with atheris.instrument_imports(include=["blktap"]):
     from blktap.transport.vhost_user.blk import BlkDevice, BlkOptions
     from blktap.transport.vhost_user.memory import GuestMemory
     from blktap.transport.vhost_user.virtqueue import Virtqueue
+    from blktap.transport.xen.blkif import BlkifRing
+    from blktap.transport.xen.structs import abi_for
 
 MiB = 1 << 20
 
@@ -355,11 +366,197 @@ def virtqueue_seeds() -> list[bytes]:
     return [bytes(ram), bytes(ram[:4096 + 64]) + bytes(ram[4096 + 64:])]
 
 
+# ----------------------------------------------------------------------------- qcow2
+_qcow2_path = os.path.join(_vhd_dir, "fuzz.qcow2")
+
+
+def qcow2_target(data: bytes) -> None:
+    with open(_qcow2_path, "wb") as f:
+        f.write(data)
+    try:
+        image = Qcow2Image.open(_qcow2_path)
+    except BlktapError:
+        image = None
+    if image is not None:
+        try:
+            sectors = min(image.sectors, 1 << 16)
+            for run in image.status(0, sectors):
+                del run
+            image.read(0, min(sectors, 256))
+            image.backing_path()
+        except BlktapError:
+            pass
+        finally:
+            image.close()
+    try:
+        qcow2_check.check(_qcow2_path)
+    except BlktapError:
+        pass
+
+
+def qcow2_seeds() -> list[bytes]:
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        for i, kw in enumerate(({}, {"cluster_size": 4096}, {"extended_l2": True},
+                                {"backing_file": "base.qcow2", "backing_fmt": "qcow2"})):
+            path = os.path.join(d, f"seed{i}.qcow2")
+            create_qcow2(path, 8 * MiB, **kw)
+            if "backing_file" not in kw:  # (writing into a layer reads what is below)
+                with Qcow2Image.open(path, writable=True) as image:
+                    image.write(8, b"\x5a" * 4096)
+            out.append(Path(path).read_bytes())
+    return out
+
+
+# ----------------------------------------------------------------------------- blkif
+class BlkifHarness:
+    """One order-0 ring (x86_64 ABI) in ordinary memory and eight granted guest pages
+    (grant references 8..15), a blkif ring over a memory disk. Each input is the ring page
+    then the granted pages; the ring is connected, kicked, drained and disconnected."""
+
+    PAGE = 4096
+    GREFS = range(8, 16)
+    DOMID = 5
+
+    class _Mapping:
+        def __init__(self, mem: bytearray) -> None:
+            self.view = memoryview(mem)
+
+        def close(self) -> None:
+            self.view.release()
+
+    class _Grants:
+        def __init__(self, harness: BlkifHarness) -> None:
+            self.h = harness
+
+        def map(self, domid: int, grefs) -> BlkifHarness._Mapping:  # noqa: ANN001
+            return BlkifHarness._Mapping(self.h.ring)
+
+        def copy(self, domid: int, spans, local, offset: int,  # noqa: ANN001
+                 to_guest: bool) -> list[int]:
+            out = []
+            for ref, off, n in spans:
+                page = self.h.pages.get(ref)
+                if page is None or off + n > BlkifHarness.PAGE:
+                    out.append(-4)  # GNTST_bad_gntref / a span Xen would refuse
+                    continue
+                if to_guest:
+                    page[off:off + n] = local.view[offset:offset + n]
+                else:
+                    local.view[offset:offset + n] = page[off:off + n]
+                out.append(0)
+                offset += n
+            return out
+
+        def close(self) -> None:
+            pass
+
+    class _Notifier:
+        def __init__(self) -> None:
+            self.r, self.w = os.pipe()
+            os.set_blocking(self.r, False)
+
+        def fileno(self) -> int:
+            return self.r
+
+        def clear(self) -> None:
+            try:
+                os.read(self.r, 64)
+            except BlockingIOError:
+                pass
+
+        def notify(self) -> None:
+            pass
+
+        def close(self) -> None:
+            os.close(self.r)
+            os.close(self.w)
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.bugs = _BugLog()
+        for name in ("blktap.tapdisk", "asyncio"):
+            logging.getLogger(name).addHandler(self.bugs)
+            logging.getLogger(name).propagate = False
+        self.loop.run_until_complete(self._setup())
+        self.ring = bytearray(self.PAGE)
+        self.pages: dict[int, bytearray] = {}
+
+    async def _setup(self) -> None:
+        self.engine = ThreadEngine(2)
+        self.vbd = VBD(Memory(self.engine), name="fuzz")
+
+    def play(self, data: bytes) -> None:
+        self.ring[:] = data[:self.PAGE].ljust(self.PAGE, b"\0")
+        self.pages = {g: bytearray(data[self.PAGE * (i + 1):self.PAGE * (i + 2)]
+                                   .ljust(self.PAGE, b"\0"))
+                      for i, g in enumerate(self.GREFS)}
+        self.loop.run_until_complete(asyncio.wait_for(self._play(), 10.0))
+        bugs = [r for r in self.bugs.records if r.exc_info]
+        self.bugs.records.clear()
+        if bugs:
+            raise Bug(f"logged: {bugs[0].getMessage()} {bugs[0].exc_text or ''}")
+
+    async def _play(self) -> None:
+        notifier = self._Notifier()
+        ring = BlkifRing(self.vbd, self._Grants(self), notifier, self._Mapping(self.ring),
+                         abi_for(3), 0, domid=self.DOMID, devid=51712, name="fuzzring")
+        ring.start()
+        os.write(notifier.w, b"!")
+        # Until what was consumed is answered (a barrier holds the rest back meanwhile),
+        # then disconnect as tapback would.
+        for _ in range(1000):
+            await asyncio.sleep(0.001 if ring._inflight else 0)
+            if not (ring._inflight or ring._backlog or ring.dead):
+                break
+        await ring.stop()
+
+
+_blkif: BlkifHarness | None = None
+
+
+def blkif_target(data: bytes) -> None:
+    global _blkif
+    if _blkif is None:
+        _blkif = BlkifHarness()
+    _blkif.play(data)
+
+
+def blkif_seeds() -> list[bytes]:
+    """A ring holding a read, a write, a flush, a barrier, a discard and an indirect write
+    whose segment list is in granted page 8."""
+    page = BlkifHarness.PAGE
+    ring = bytearray(page)
+    rw = struct.Struct("<BBHxxxxQQ")  # op, nr_segments, handle, id, sector
+    seg = struct.Struct("<IBBxx")  # gref, first_sect, last_sect
+    slot = lambda i: 64 + 112 * i  # noqa: E731
+    rw.pack_into(ring, slot(0), 0, 1, 0, 1, 8)
+    seg.pack_into(ring, slot(0) + 24, 9, 0, 7)
+    rw.pack_into(ring, slot(1), 1, 2, 0, 2, 16)
+    seg.pack_into(ring, slot(1) + 24, 10, 0, 7)
+    seg.pack_into(ring, slot(1) + 32, 11, 2, 5)
+    rw.pack_into(ring, slot(2), 3, 0, 0, 3, 0)  # flush
+    rw.pack_into(ring, slot(3), 2, 1, 0, 4, 24)  # barrier with data
+    seg.pack_into(ring, slot(3) + 24, 12, 0, 7)
+    struct.pack_into("<BBHxxxxQQQ", ring, slot(4), 5, 0, 0, 5, 32, 64)  # discard
+    struct.pack_into("<BBHxxxxQQH2x8I", ring, slot(5), 6, 1, 3, 6, 40, 0, 8, 0, 0, 0, 0, 0,
+                     0, 0)  # indirect write of 3 segments listed in page 8
+    indirect = bytearray(page)
+    for i in range(3):
+        seg.pack_into(indirect, 8 * i, 13 + i, 0, 7)
+    struct.pack_into("<IIII", ring, 0, 6, 1, 0, 1)  # req_prod 6, req_event 1
+    pages = [indirect] + [bytearray(bytes([0x41 + i]) * page) for i in range(7)]
+    return [bytes(ring) + b"".join(pages), bytes(ring)]
+
+
 TARGETS: dict[str, tuple[Callable[[bytes], None], Callable[[], list[bytes]]]] = {
     "control": (control_target, control_seeds),
     "nbd": (nbd_target, nbd_seeds),
     "vhd": (vhd_target, vhd_seeds),
     "virtqueue": (virtqueue_target, virtqueue_seeds),
+    "blkif": (blkif_target, blkif_seeds),
+    "qcow2": (qcow2_target, qcow2_seeds),
 }
 
 

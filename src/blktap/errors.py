@@ -7,6 +7,9 @@ do (they exit with ``-ret``, an errno), and print ``str(exc)`` as the one-line m
     BlktapError
      ├── ImageError                  a problem with an image file
      │    ├── FormatError            not this format, or corrupt metadata (EINVAL)
+     │    │    └── CbtLogError       a changed-block tracking log that cannot be used:
+     │    │                          missing (its errno), short (EIO), not a log or for
+     │    │                          another disk (EINVAL) (docs/cbt.md)
      │    ├── UnsupportedImage       valid but uses a feature we do not handle (EOPNOTSUPP)
      │    ├── ChainError             a parent chain that cannot be assembled
      │    │    ├── ParentNotFound    a parent named by a child is missing (ENOENT)
@@ -20,6 +23,10 @@ do (they exit with ``-ret``, an errno), and print ``str(exc)`` as the one-line m
      │    ├── OutOfRange             an access past the end of the virtual disk (ERANGE/ENOSPC)
      │    └── EncryptionError        an encrypted image without its key, a wrong key, a key
      │                               for a clear image, a bad key (EINVAL; ENOKEY: wrong key)
+     ├── DriverError                 a driver that cannot be used: a plugin that fails
+     │                               to load or was written for another driver API
+     │                               (ELIBBAD), a driver that declares what it does not
+     │                               do or answers out of protocol (EINVAL, EIO)
      ├── UsageError                  a bad argument from a caller (EINVAL)
      ├── ControlProtocolError        a malformed tapdisk control message (EINVAL; EPROTO)
      └── XenStoreError               XenStore said no (its errno: ENOENT, EAGAIN, EACCES...),
@@ -49,6 +56,10 @@ class FormatError(ImageError):
     """The file is not in the expected format, or its metadata is corrupt."""
 
     default_errno = _errno.EINVAL
+
+
+class CbtLogError(FormatError):
+    """A CBT log (cbt-util's file) that cannot be read or used for this disk."""
 
 
 class UnsupportedImage(ImageError):
@@ -111,6 +122,15 @@ class EncryptionError(ImageError):
     """An encrypted image opened without its key or with the wrong one (ENOKEY, as the
     reference's key check), a key given for an image that is not encrypted, or a key that
     cannot be one (EINVAL)."""
+
+    default_errno = _errno.EINVAL
+
+
+class DriverError(BlktapError):
+    """A driver (most often a plugin, docs/drivers.md) broke the driver protocol: it
+    could not be loaded (ELIBBAD), was written for another API version (ELIBBAD),
+    declares capabilities it does not implement (EINVAL) or answered a request out of
+    protocol (a short read, a bad block-status answer: EIO). The message names it."""
 
     default_errno = _errno.EINVAL
 

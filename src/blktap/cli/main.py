@@ -11,6 +11,7 @@
     blktap rebase IMAGE PARENT   give a differencing VHD a new parent, keeping its content
     blktap resize IMAGE SIZE     grow a disk (fast, or journaled when metadata must move)
     blktap revert IMAGE JOURNAL  undo an interrupted resize
+    blktap changed LOG           the extents a CBT log marks as changed
 
 Image arguments take ``vhd:PATH``, ``qcow2:PATH``, ``aio:PATH`` or ``raw:PATH``, or a plain
 path whose format is probed. A probed differencing VHD or qcow2 image with a backing file
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from blktap import __version__
-from blktap.cli import maintain, rated, serve
+from blktap.cli import changed, maintain, rated, serve
 from blktap.cli.common import (
     PROG,
     TERMINATED_EXIT,
@@ -50,6 +51,7 @@ from blktap.cli.common import (
     print_error,
     print_json,
     print_note,
+    print_warning,
     sigterm_raises,
 )
 from blktap.errors import BlktapError, FormatError, UsageError
@@ -137,6 +139,8 @@ def build_parser() -> Parser:
     _add_check(sub)
     maintain.add_commands(sub, _command)
     serve.add_parser(sub, _command)
+    changed.add_parser(sub, _command)
+    _add_drivers(sub)
     rated.add_parser(sub, _command)
     return parser
 
@@ -851,6 +855,30 @@ def cmd_map(args: argparse.Namespace) -> int:
               r["status"], "(zeros)" if r["file"] is None else r["file"]) for r in rows]
     print("\n".join(format_table(("offset", "length", "depth", "status", "path"), table,
                                  "rrrll")))
+    return 0
+
+
+# ================================================================================== drivers
+def _add_drivers(sub: Any) -> None:
+    cmd = _command(sub, "drivers", cmd_drivers,
+                   "List the tapdisk driver types: built-in, plugins (entry points of "
+                   "group blktap.drivers) and why a plugin cannot be used.")
+    cmd.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_drivers(args: argparse.Namespace) -> int:
+    from blktap.tapdisk.drivers.registry import listing
+    rows = listing()
+    if args.json:
+        print_json(rows)
+        return 0
+    table = [(r["name"], r["status"], r["origin"] + (f": {r['error']}" if "error" in r
+                                                      and r["status"] == "skipped" else ""))
+             for r in rows]
+    print("\n".join(format_table(("name", "status", "origin"), table, "lll")))
+    for r in rows:
+        if r["status"] == "broken":
+            print_warning(r["error"])
     return 0
 
 

@@ -94,6 +94,9 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
     cmd.add_argument("--serial", metavar="TEXT",
                      help="vhost-user: the disk's serial number (GET_ID, 20 bytes at most; "
                      "default: the image's file name)")
+    cmd.add_argument("--cbt-log", metavar="LOG",
+                     help="track changed blocks in this CBT log (cbt-util's format; as "
+                          "tap-ctl open -C), exported as qemu:dirty-bitmap:NAME (docs/cbt.md)")
     cmd.add_argument("--limit", metavar="LIMITS",
                      help="rate-limit the disk (the valve filter): rate=BYTES/s, iops=N, "
                      "burst=BYTES, iops-burst=N, group=NAME (a blktap rated group), "
@@ -162,10 +165,16 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
     try:
         tls = tls_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
         policy = parent_policy(args)
-        spec = args.image if args.limit is None else f"valve:{args.limit}:{args.image}"
-        driver = await engine.call(open_stack, engine, spec,
+        driver = await engine.call(open_stack, engine, args.image,
                                    writable=not args.read_only, direct=args.direct,
                                    parent_policy=policy)
+        if args.cbt_log:
+            from blktap.tapdisk.drivers.log import LogDriver
+            driver = await engine.call(LogDriver.open, engine, args.cbt_log, driver)
+        if args.limit is not None:
+            from blktap.tapdisk.drivers.valve import ValveDriver
+            from blktap.tapdisk.ratelimit import Limits
+            driver = ValveDriver.over(engine, driver, Limits.parse(args.limit))
         vbd = VBD(driver, name=args.image, read_only=args.read_only, timeout=args.timeout)
         uris = []
         if args.vhost_user:
@@ -189,7 +198,7 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
                              port=bound_port))
         # Only once serving: an error line stays the only line when something fails.
         if split_type(args.image)[0] is None:
-            image = driver.parent if args.limit is not None else driver
+            image = driver.chain()[-1]
             kind = "aio" if isinstance(image, AioDriver) else "vhd"
             what = "raw" if kind == "aio" else "VHD"
             print_warning(f"{args.image}: format probed as {what}; a guest that writes to "

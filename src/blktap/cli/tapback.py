@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "else /run/xenstored/socket if present, else /dev/xen/xenbus)")
     p.add_argument("--max-ring-page-order", type=int, default=m.MAX_RING_ORDER,
                    choices=range(0, m.MAX_RING_ORDER + 1), metavar="N",
-                   help=f"largest ring offered, 2^N pages (0..{m.MAX_RING_ORDER}, the most "
-                        f"XENBLKIF_CONNECT carries; default {m.MAX_RING_ORDER})")
+                   help=f"largest ring offered, 2^N pages (0..{m.MAX_RING_ORDER}; default "
+                        f"{m.MAX_RING_ORDER}, lowered to {m.REFERENCE_RING_ORDER} for a tapdisk "
+                        f"that does not take more, as the reference's)")
     p.add_argument("--max-indirect-segments", type=int, default=256, metavar="N",
                    help="feature-max-indirect-segments offered (0: none; default 256)")
     p.add_argument("--no-flush", action="store_true", help="do not offer feature-flush-cache")

@@ -30,8 +30,14 @@ from blktap.errors import ControlProtocolError
 PATH_LENGTH = 256  # TAPDISK_MESSAGE_MAX_PATH_LENGTH (a char[] with its NUL)
 STRING_LENGTH = 256  # TAPDISK_MESSAGE_STRING_LENGTH
 MAX_MINORS = PATH_LENGTH // 4 - 1  # 63 ints after the count: the minors payload is 256 bytes
-MAX_RING_PAGES = 8  # gref[] of the blkif payload; order is log2 of the pages in use
-MAX_RING_ORDER = 3
+REFERENCE_RING_PAGES = 8  # gref[] of the reference's blkif payload (MAX_RING_PAGE_ORDER 3)
+REFERENCE_RING_ORDER = 3
+# Our extension (docs/protocols/control.md): an order-4 ring's other 8 grant references follow
+# the reference's 316-byte payload, in the union's unused tail; a DISK_INFO_RSP that carries
+# EXT_TAG after the image says the tapdisk takes them. Linux blkfront goes up to order 4.
+MAX_RING_PAGES = 16
+MAX_RING_ORDER = 4
+EXT_TAG = b"BTX1"
 KEY_MIN, KEY_MAX = 1, 128  # key sizes tapdisk accepts (tap-ctl sends 32 or 64)
 MAX_STATS_TEXT = 16 << 20  # our bound on a STATS_RSP body (the reference has none)
 
@@ -48,7 +54,9 @@ MINORS = struct.Struct(f"=i{MAX_MINORS}i")  # count, list[63] -> 256
 LIST = struct.Struct(f"=iii{PATH_LENGTH}s")  # count, minor, state, path -> 268
 STAT = struct.Struct("=HH4xQ")  # type, cookie, pad, size_t length -> 16
 # domid, devid, gref[8], order, proto, pool[256], port, poll_duration, poll_idle -> 316
-BLKIF = struct.Struct(f"=II{MAX_RING_PAGES}III{STRING_LENGTH}sIII")
+BLKIF = struct.Struct(f"=II{REFERENCE_RING_PAGES}III{STRING_LENGTH}sIII")
+BLKIF_MORE_GREFS = struct.Struct(f"={MAX_RING_PAGES - REFERENCE_RING_PAGES}I")  # at BLKIF.size
+IMAGE_EXT = struct.Struct("=4sI")  # EXT_TAG, the largest ring order taken; at IMAGE.size
 RESUME = struct.Struct(f"=I{PATH_LENGTH}s{PATH_LENGTH}s")  # flags, new_params, secondary -> 516
 QUERY = struct.Struct(f"=QQ{STRING_LENGTH}s")  # current, total, status -> 272
 KEY_SIZE = struct.Struct("=B")  # the encryption trailer's length byte
@@ -61,6 +69,8 @@ for _s, _size in _C_SIZES.items():
 UNION_SIZE = -(-max(_C_SIZES.values()) // 8) * 8
 MESSAGE_SIZE = HEADER.size + UNION_SIZE
 assert (UNION_SIZE, MESSAGE_SIZE) == (536, 544)
+assert BLKIF.size + BLKIF_MORE_GREFS.size <= UNION_SIZE
+assert IMAGE.size + IMAGE_EXT.size <= UNION_SIZE
 
 
 class MessageType(enum.IntEnum):
@@ -169,6 +179,9 @@ class Image:
     sectors: int
     sector_size: int
     info: int = 0
+    # Ours, in DISK_INFO_RSP only: the largest ring order XENBLKIF_CONNECT may carry. None
+    # where the tapdisk does not say (the reference's: REFERENCE_RING_ORDER).
+    max_ring_order: int | None = None
 
 
 @dataclass(frozen=True)
@@ -214,7 +227,7 @@ class Stat:
 class Blkif:
     domid: int
     devid: int
-    gref: tuple[int, ...] = (0,) * MAX_RING_PAGES
+    gref: tuple[int, ...] = (0,) * REFERENCE_RING_PAGES  # 1 << order used, up to 16
     order: int = 0
     proto: int = 0
     pool: str = ""
@@ -311,7 +324,10 @@ def _decode_payload(kind: type, u: memoryview, ctx: dict) -> Payload:
         return Params(flags, _cstr(path, "path", ctx), devnum, domid, prt, timeout,
                       _cstr(secondary, "secondary", ctx))
     if kind is Image:
-        return Image(*IMAGE.unpack_from(u))
+        sectors, sector_size, info = IMAGE.unpack_from(u)
+        tag, order = IMAGE_EXT.unpack_from(u, IMAGE.size)
+        return Image(sectors, sector_size, info,
+                     order if tag == EXT_TAG and order <= MAX_RING_ORDER else None)
     if kind is Response:
         err, text = RESPONSE.unpack_from(u)
         if err < 0:
@@ -332,10 +348,14 @@ def _decode_payload(kind: type, u: memoryview, ctx: dict) -> Payload:
         return Stat(stype, scookie)
     if kind is Blkif:
         domid, devid, *rest = BLKIF.unpack_from(u)
-        gref = tuple(rest[:MAX_RING_PAGES])
-        order, proto, pool, port, duration, idle = rest[MAX_RING_PAGES:]
+        gref = tuple(rest[:REFERENCE_RING_PAGES])
+        order, proto, pool, port, duration, idle = rest[REFERENCE_RING_PAGES:]
         if order > MAX_RING_ORDER:
             raise _bad(f"ring order {order}", ctx)
+        if order > REFERENCE_RING_ORDER:
+            # The tail is read only for an order the reference cannot send: its tapback
+            # may leave anything there.
+            gref += BLKIF_MORE_GREFS.unpack_from(u, BLKIF.size)
         return Blkif(domid, devid, gref, order, proto, _cstr(pool, "pool", ctx), port,
                      duration, idle)
     if kind is Text:
@@ -426,6 +446,8 @@ def _encode_payload(p: Payload, u: bytearray, off: int) -> None:
                          _cbytes(p.secondary, PATH_LENGTH, "secondary"))
     elif isinstance(p, Image):
         IMAGE.pack_into(u, off, p.sectors, p.sector_size, p.info)
+        if p.max_ring_order is not None:
+            IMAGE_EXT.pack_into(u, off + IMAGE.size, EXT_TAG, p.max_ring_order)
     elif isinstance(p, Text):
         STRING.pack_into(u, off, _cbytes(p.text, STRING_LENGTH, "text"))
     elif isinstance(p, Response):
@@ -443,10 +465,15 @@ def _encode_payload(p: Payload, u: bytearray, off: int) -> None:
     elif isinstance(p, Stat):
         STAT.pack_into(u, off, p.type, p.cookie, 0)  # length is set from Message.text
     elif isinstance(p, Blkif):
-        if len(p.gref) != MAX_RING_PAGES or not 0 <= p.order <= MAX_RING_ORDER:
-            raise ControlProtocolError("blkif: 8 grant refs and an order of 0..3 expected",
-                                       errno.EINVAL)
-        BLKIF.pack_into(u, off, p.domid, p.devid, *p.gref, p.order, p.proto,
+        if not 0 <= p.order <= MAX_RING_ORDER or not 1 << p.order <= len(p.gref) <= (
+                MAX_RING_PAGES if p.order > REFERENCE_RING_ORDER else REFERENCE_RING_PAGES):
+            raise ControlProtocolError(
+                f"blkif: order {p.order} with {len(p.gref)} grant refs (orders 0..3 carry 8, "
+                f"order 4 carries 16)", errno.EINVAL)
+        grefs = tuple(p.gref) + (0,) * (MAX_RING_PAGES - len(p.gref))
+        if p.order > REFERENCE_RING_ORDER:
+            BLKIF_MORE_GREFS.pack_into(u, off + BLKIF.size, *grefs[REFERENCE_RING_PAGES:])
+        BLKIF.pack_into(u, off, p.domid, p.devid, *grefs[:REFERENCE_RING_PAGES], p.order, p.proto,
                         _cbytes(p.pool, STRING_LENGTH, "pool"), p.port, p.poll_duration,
                         p.poll_idle_threshold)
     else:

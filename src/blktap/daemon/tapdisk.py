@@ -36,7 +36,6 @@ that sends its request promptly is answered whatever the others do.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -47,12 +46,13 @@ from dataclasses import dataclass
 from blktap.control import message as m
 from blktap.control.message import Flag, Message, MessageType
 from blktap.control.rundir import MinorHold, RunDir
-from blktap.errors import BlktapError, ControlProtocolError
+from blktap.errors import BlktapError, CbtLogError, ControlProtocolError, DriverError
 from blktap.io import ThreadEngine, best_engine
 from blktap.tapdisk.driver import SECTOR, Driver
-from blktap.tapdisk.drivers import FILTERS, open_stack, require_type
+from blktap.tapdisk.drivers import open_stack, require_type
 from blktap.tapdisk.drivers.caches import add_caches
-from blktap.tapdisk.drivers.valve import ValveDriver, keep_valve, split_spec, with_limits
+from blktap.tapdisk.drivers.log import LogDriver
+from blktap.tapdisk.drivers.valve import ValveDriver, keep_valve, with_limits
 from blktap.tapdisk.ratelimit import Limits
 from blktap.tapdisk.stats import format_stats
 from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD, VbdState
@@ -72,7 +72,6 @@ STATS_ALL = 0xFFFF  # STATS with this cookie: every VBD, as a JSON array
 # Open flags that need filters not built yet (cache, log, mirror, index, ...).
 UNSUPPORTED_FLAGS = {
     Flag.VHD_INDEX: "vhd index",
-    Flag.ADD_LOG: "the changed-block log (-C)",
     Flag.REUSE_PRT: "a parent of another minor (-e)",
     Flag.SECONDARY: "a secondary (-2)",
     Flag.STANDBY: "standby (-s)",
@@ -95,6 +94,7 @@ class OpenParams:
     direct: bool = True
     timeout: float = DEFAULT_TIMEOUT
     key: bytes | None = None
+    logpath: str | None = None  # the CBT log above the leaf (-C / unpause -c)
     local_cache: bool = False  # -r: the lc filter between the leaf and its parent
     block_cache: bool = False  # ADD_CACHE: the shared bc filter above the parent
 
@@ -138,9 +138,6 @@ def typed_spec(spec: str) -> str:
     reference tapdisk: probing a disk a guest writes to would let the guest choose how
     it is read (docs/security.md)."""
     kind, path = require_type(spec)
-    if kind in FILTERS:  # a filter's own arguments, then the spec it wraps
-        args, inner = split_spec(path)
-        return f"{kind}:{args}:{typed_spec(inner)}"
     return f"{kind}:{path}"
 
 
@@ -267,8 +264,8 @@ class Tapdisk:
             conn.setblocking(False)
             try:
                 try:
-                    request = await asyncio.wait_for(m.read_message_async(conn, loop),
-                                                     REQUEST_TIMEOUT)
+                    async with asyncio.timeout(REQUEST_TIMEOUT):  # (not wait_for: see _send)
+                        request = await m.read_message_async(conn, loop)
                 finally:
                     self._waiting.pop(me, None)  # type: ignore[arg-type]
             except TimeoutError:
@@ -292,8 +289,10 @@ class Tapdisk:
     @staticmethod
     async def _send(conn: socket.socket, replies: list[Message]) -> None:
         data = b"".join(m.encode(r) for r in replies)
-        await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(conn, data),
-                               REQUEST_TIMEOUT)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that arrives
+        # as the awaited work ends, and a stop would then wait for that task for ever.
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            await asyncio.get_running_loop().sock_sendall(conn, data)
 
     async def handle(self, request: Message) -> list[Message]:
         """The replies to one request (never raises for a request's own faults)."""
@@ -311,7 +310,9 @@ class Tapdisk:
             finally:
                 self._queued -= 1
         except BlktapError as exc:
-            if exc.errno not in (errno.EBUSY, errno.EINVAL, errno.ENOENT, errno.EEXIST):
+            # A driver's bug, or a bad CBT log, is the operator's to see whatever its errno.
+            if isinstance(exc, (DriverError, CbtLogError)) or exc.errno not in (
+                    errno.EBUSY, errno.EINVAL, errno.ENOENT, errno.EEXIST):
                 log.error("%s of minor %d: %s", t.label, request.cookie, exc)
             return [_error(exc.errno, str(exc), request.cookie)]
         except OSError as exc:
@@ -338,7 +339,8 @@ class Tapdisk:
             return [Message(T.DETACH_RSP, minor)]
         if t is T.OPEN:
             assert isinstance(req.payload, m.Params)
-            vbd = await self.open(minor, self._open_params(req.payload, req.key))
+            params = self._open_params(req.payload, req.key, req.logpath)
+            vbd = await self.open(minor, params)
             return [Message(T.OPEN_RSP, minor, m.Image(vbd.size // SECTOR, SECTOR, 0))]
         if t in (T.CLOSE, T.FORCE_SHUTDOWN):
             await self.close(minor, force=t is T.FORCE_SHUTDOWN)
@@ -350,7 +352,7 @@ class Tapdisk:
             assert isinstance(req.payload, m.Params)
             p = req.payload
             self._check_flags(p.flags & ~(Flag.RDONLY | Flag.NO_O_DIRECT))
-            await self.resume(minor, p.path or None)
+            await self.resume(minor, p.path or None, req.logpath)
             return [Message(T.RESUME_RSP, minor)]
         if t is T.VALVE_SET:
             assert isinstance(req.payload, m.Text)
@@ -373,15 +375,25 @@ class Tapdisk:
             if flags & flag:
                 raise BlktapError(f"{what} is not supported yet", errno.EOPNOTSUPP)
 
-    def _open_params(self, p: m.Params, key: bytes | None) -> OpenParams:
+    def _open_params(self, p: m.Params, key: bytes | None,
+                     logpath: str | None = None) -> OpenParams:
         self._check_flags(p.flags)
         if not p.path:
             raise BlktapError("open: no image given", errno.EINVAL)
         return OpenParams(spec=p.path, read_only=bool(p.flags & Flag.RDONLY),
                           direct=not p.flags & Flag.NO_O_DIRECT,
                           timeout=float(p.req_timeout) if p.req_timeout else DEFAULT_TIMEOUT,
-                          key=key, local_cache=bool(p.flags & Flag.ADD_LCACHE),
+                          key=key, logpath=self._logpath(p.flags, logpath),
+                          local_cache=bool(p.flags & Flag.ADD_LCACHE),
                           block_cache=bool(p.flags & Flag.ADD_CACHE))
+
+    @staticmethod
+    def _logpath(flags: int, logpath: str | None) -> str | None:
+        if not flags & Flag.ADD_LOG:
+            return None
+        if not logpath:
+            raise BlktapError("no CBT log path after the message", errno.EINVAL)
+        return logpath
 
     def _slot(self, minor: int, code: int = errno.ENODEV) -> Slot:
         """The attached minor; ENODEV if not attached (OPEN says EINVAL), as the
@@ -423,25 +435,34 @@ class Tapdisk:
         if not self.slots:
             self.done.set()  # the reference exits once its last VBD is gone
 
-    async def _open_stack(self, params: OpenParams, spec: str) -> Driver:
-        top = await self.engine.call(open_stack, self.engine, spec,
-                                     writable=not params.read_only, direct=params.direct,
-                                     **({"key": params.key} if params.key else {}))
+    async def _open_stack(self, params: OpenParams, spec: str,
+                          logpath: str | None = None) -> Driver:
+        """The image's driver stack, with the read caches the open asked for, and the
+        CBT log filter above the leaf when ``logpath`` names one (a log or cache that
+        cannot be used closes the stack again)."""
+        driver = await self.engine.call(open_stack, self.engine, spec,
+                                        writable=not params.read_only, direct=params.direct,
+                                        **({"key": params.key} if params.key else {}))
         try:
-            add_caches(self.engine, top, local=params.local_cache, shared=params.block_cache)
+            add_caches(self.engine, driver, local=params.local_cache,
+                       shared=params.block_cache)
+            if logpath is None:
+                return driver
+            return await self.engine.call(LogDriver.open, self.engine, logpath, driver)
         except BaseException:
-            for d in top.chain():
-                with contextlib.suppress(OSError, BlktapError):
+            for d in driver.chain():
+                try:
                     await d.close()
+                except (OSError, BlktapError):
+                    pass
             raise
-        return top
 
     async def open(self, minor: int, params: OpenParams) -> VBD:
         slot = self._slot(minor, errno.EINVAL)
         if slot.vbd is not None:
             raise BlktapError(f"minor {minor} is already open", errno.EALREADY)
         params.spec = typed_spec(params.spec)
-        driver = await self._open_stack(params, params.spec)
+        driver = await self._open_stack(params, params.spec, params.logpath)
         vbd = VBD(driver, name=params.spec, read_only=params.read_only,
                   timeout=params.timeout)
         server = NbdServer(Export("", vbd, description=params.spec, any_name=True))
@@ -474,8 +495,9 @@ class Tapdisk:
                 raise
         slot.params, slot.vbd, slot.nbd, slot.socket = params, vbd, server, path
         slot.vhost = vhost
-        log.info("minor %d: opened %s (%d bytes%s), NBD at %s%s", minor, params.spec,
-                 vbd.size, ", read-only" if vbd.read_only else "", path,
+        log.info("minor %d: opened %s (%d bytes%s%s), NBD at %s%s", minor, params.spec,
+                 vbd.size, ", read-only" if vbd.read_only else "",
+                 f", CBT log {params.logpath}" if params.logpath else "", path,
                  f", vhost-user at {vhost.path}" if vhost else "")
         return vbd
 
@@ -486,7 +508,8 @@ class Tapdisk:
         if slot.vbd is None:
             return m.Image(0, 0, 0)  # never opened: zeros, as the reference
         info = VDISK_READONLY if slot.vbd.read_only else 0
-        return m.Image(slot.vbd.size // SECTOR, SECTOR, info)
+        # Our extension: tapback may offer the frontend an order-4 ring (16 grant refs).
+        return m.Image(slot.vbd.size // SECTOR, SECTOR, info, max_ring_order=m.MAX_RING_ORDER)
 
     def _ring_of(self, domid: int, devid: int) -> Slot | None:
         for slot in self.slots.values():
@@ -568,7 +591,11 @@ class Tapdisk:
         await vbd.pause()
         log.info("minor %d: paused", minor)
 
-    async def resume(self, minor: int, new_spec: str | None = None) -> None:
+    async def resume(self, minor: int, new_spec: str | None = None,
+                     logpath: str | None = None) -> None:
+        """Reopen a paused minor, on ``new_spec`` if given, with the CBT log ``logpath``
+        above the leaf, or without a log when there is none (as the reference: unpause
+        without -c drops the log)."""
         slot = self._slot(minor)
         vbd = self._open_vbd(minor)
         assert slot.params is not None
@@ -578,10 +605,12 @@ class Tapdisk:
                 else slot.params.spec)
         for attempt in range(1, RESUME_ATTEMPTS + 1):
             try:
-                driver = await self._open_stack(slot.params, spec)
+                driver = await self._open_stack(slot.params, spec, logpath)
                 break
             except (OSError, BlktapError) as exc:
-                if attempt == RESUME_ATTEMPTS:
+                # A log that cannot be used will not heal in a few seconds (sm writes it
+                # before it unpauses): no retry.
+                if attempt == RESUME_ATTEMPTS or isinstance(exc, CbtLogError):
                     vbd.state |= VbdState.RESUME_FAILED
                     raise
                 log.warning("minor %d: reopening %s failed (%s), attempt %d of %d", minor,
@@ -598,9 +627,11 @@ class Tapdisk:
                     pass
             raise
         slot.params.spec = spec
+        slot.params.logpath = logpath
         assert slot.nbd is not None
         slot.nbd.export.description = spec
-        log.info("minor %d: resumed on %s", minor, spec)
+        log.info("minor %d: resumed on %s%s", minor, spec,
+                 f" with CBT log {logpath}" if logpath else "")
 
     def set_limits(self, minor: int, text: str) -> Limits:
         """VALVE_SET: the minor's valve takes new limits at once (held requests are

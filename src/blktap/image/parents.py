@@ -73,6 +73,10 @@ class ParentPolicy:
     def confined(self) -> bool:
         return self.dirs is not None
 
+    def allows(self, real: str) -> bool:
+        """Whether the real path ``real`` lies inside the allowed directories."""
+        return self.dirs is None or any(_inside(real, folder) for folder in self.dirs)
+
     def check(self, child: str, parent: str) -> str:
         """The real path to open ``parent`` (as ``child`` names it) at, or
         ParentNotAllowed. A parent that does not exist is left to the opener to report."""
@@ -84,7 +88,7 @@ class ParentPolicy:
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             raise ParentNotAllowed(f"{child}: parent {parent} is not a regular file or a "
                                    f"block device", image=child, parent=parent)
-        if self.dirs is None or any(_inside(real, folder) for folder in self.dirs):
+        if self.allows(real):
             return real
         shown = parent if real == parent else f"{parent} (really {real})"
         raise ParentNotAllowed(

@@ -171,7 +171,8 @@ class Tapback:
             watch, self._watch = self._watch, None
             # Closing the connection would end the watch too: do not wait long for it.
             try:
-                await asyncio.wait_for(watch.close(), UNWATCH_WAIT)
+                async with asyncio.timeout(UNWATCH_WAIT):  # (wait_for can lose a cancel)
+                    await watch.close()
             except (XenStoreError, TimeoutError):
                 self.xs.forget(watch)
 

@@ -76,7 +76,9 @@ DISCARD_GRANULARITY = 4096  # what a punched hole frees on the file systems imag
 class Options:
     """What this tapback offers guests (the command line's choices)."""
 
-    max_ring_page_order: int = m.MAX_RING_ORDER  # the most the CONNECT payload carries
+    # Our tapdisk takes order 4 (16 pages, Linux blkfront's largest); a tapdisk that does not
+    # say so in DISK_INFO_RSP (the reference's) gets at most order 3, what its CONNECT carries.
+    max_ring_page_order: int = m.MAX_RING_ORDER
     barrier: bool = True  # -b/--nobarrier turns it off
     flush: bool = True
     discard: bool = True
@@ -275,8 +277,13 @@ class Vbd:
         log.info("%s: tapdisk %d minor %d, %d sectors of %d bytes", self.name, target.tid,
                  target.minor, disk.sectors, disk.sector_size)
         if self.phase is Phase.INIT_WAIT and not self.connected:
-            # The guest reads these only when we go Connected, but tools like to see them.
-            await self._write_backend(self._disk_keys(snap))
+            # The guest reads these only when we go Connected, but tools like to see them;
+            # and a tapdisk taking smaller rings than we offered lowers the offer while the
+            # frontend may not have read it yet (the check at connect covers the rest).
+            keys = self._disk_keys(snap)
+            if self._ring_order_offer() < self.options.max_ring_page_order:
+                keys["max-ring-page-order"] = str(self._ring_order_offer())
+            await self._write_backend(keys)
 
     # ------------------------------------------------------------------ actions
     def _feature_keys(self) -> dict[str, str]:
@@ -286,11 +293,24 @@ class Vbd:
             "feature-flush-cache": "1" if o.flush else "0",
             "feature-persistent": "1" if o.persistent_grants else "0",
         }
-        if o.max_ring_page_order > 0:
-            keys["max-ring-page-order"] = str(o.max_ring_page_order)
+        if self._ring_order_offer() > 0:
+            keys["max-ring-page-order"] = str(self._ring_order_offer())
         if o.max_indirect_segments > 0:
             keys["feature-max-indirect-segments"] = str(o.max_indirect_segments)
         return keys
+
+    def _tapdisk_ring_order(self) -> int | None:
+        """The largest ring order the located tapdisk takes; None while none is located."""
+        if self.disk is None:
+            return None
+        if self.disk.max_ring_order is None:
+            return m.REFERENCE_RING_ORDER
+        return self.disk.max_ring_order
+
+    def _ring_order_offer(self) -> int:
+        taken = self._tapdisk_ring_order()
+        offer = self.options.max_ring_page_order
+        return offer if taken is None else min(offer, taken)
 
     def _info(self, snap: Snapshot) -> int:
         info = self.disk.info if self.disk is not None else 0
@@ -360,6 +380,13 @@ class Vbd:
         if order > self.options.max_ring_page_order:
             raise FrontendError(f"frontend asks for ring-page-order {order}; we offered "
                                 f"{self.options.max_ring_page_order}")
+        taken = self._tapdisk_ring_order()
+        if taken is not None and order > taken:
+            raise FrontendError(
+                f"frontend chose ring-page-order {order}, which tapdisk "
+                f"{self.target.tid if self.target else '?'} does not take (at most {taken}; "
+                f"with the reference tapdisk run tapback --max-ring-page-order "
+                f"{m.REFERENCE_RING_ORDER})")
         if order == 0 and order_text is None:
             grefs = [_u32(await get("ring-ref"), "ring-ref")]
         else:
@@ -390,7 +417,8 @@ class Vbd:
             return
         blkif = m.Blkif(
             domid=self.domid, devid=self.devid,
-            gref=grefs + (0,) * (m.MAX_RING_PAGES - len(grefs)), order=order, proto=proto,
+            gref=grefs + (0,) * (m.REFERENCE_RING_PAGES - len(grefs)), order=order,
+            proto=proto,
             pool=snap.keys.get("pool", "")[:m.STRING_LENGTH - 1], port=port,
             poll_duration=_int_or_none(snap.keys.get("polling-duration")) or 0,
             poll_idle_threshold=_int_or_none(snap.keys.get("polling-idle-threshold")) or 0)

@@ -287,7 +287,10 @@ class XenStore:
         self._pending[req_id] = fut
         try:
             await self._send(w.pack(op, req_id, tx, payload))
-            rop, reply = await asyncio.wait_for(fut, self.timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
+            # arrives as the reply does, and tapback's stop then waits for ever.
+            async with asyncio.timeout(self.timeout):
+                rop, reply = await fut
         except TimeoutError:
             raise XenStoreError(f"XenStore {op.name.lower()}: no answer within "
                                 f"{self.timeout:g} s", errno.ETIMEDOUT) from None

@@ -15,9 +15,16 @@ without waiting (files in memory, cached metadata): the VBD tries them first, an
 request they serve costs no task, future or turn of the event loop. They answer False
 (having changed nothing) whenever the coroutine would have to wait.
 
-Filters (rate limiting, changed-block log, mirroring, caches) will be drivers whose
-``parent`` is the driver they wrap, inheriting its size; the forwarding helpers here are
-that seam.
+Stacking (the reference's ``td_get_parent_id`` / ``td_validate_parent``): a driver
+opened by :meth:`Driver.open_layer` may name the layer below it with
+:meth:`Driver.parent_spec`; the stack opener (:mod:`blktap.tapdisk.drivers.stack`) opens
+that ``type:args`` read-only through the same registry, attaches it as ``parent`` and
+calls :meth:`Driver.validate_parent`. A :class:`Filter` is a driver without data of its
+own whose parent is the layer it wraps (opened writable when the filter is): its size and
+capabilities are its parent's, and everything it does not override is passed down.
+
+This module is the implementation; the documented, versioned surface for drivers written
+outside the package is :mod:`blktap.driver` (docs/drivers.md).
 """
 
 from __future__ import annotations
@@ -25,12 +32,18 @@ from __future__ import annotations
 import enum
 import errno
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 from blktap.errors import OutOfRange, UnsupportedImage
+from blktap.image.parents import ParentPolicy
 from blktap.io import syscalls
 from blktap.io.engine import Engine
 from blktap.io.iov import slice_iov, total, zero_fill, zeros_iov
+
+# The version of the driver protocol (blktap.driver). A plugin states the one it was
+# written for (``api_version``); a plugin written for another is refused.
+API_VERSION = 1
 
 SECTOR = 512
 # Zeros written when the file system can neither punch nor zero a range: per system call.
@@ -75,12 +88,47 @@ def merge_extents(extents: Extents) -> Extents:
     return out
 
 
+@runtime_checkable
+class DirtyBitmap(Protocol):
+    """A layer that tracks changed blocks (the ``log`` filter): transports export its
+    bitmap by name (NBD's ``qemu:dirty-bitmap:NAME``)."""
+
+    bitmap_name: str
+
+    def runs(self, offset: int, length: int) -> Extents:
+        """(length, 1 dirty / 0 clean) runs covering ``[offset, offset + length)``."""
+        ...
+
+
+@dataclass(frozen=True)
+class OpenContext:
+    """What a layer is opened with (the argument of :meth:`Driver.open_layer`)."""
+
+    engine: Engine
+    # Open for writing (a parent of a differencing layer is always opened read-only).
+    writable: bool
+    # O_DIRECT where it helps (tapdisk's ``-D`` turns it off).
+    direct: bool = True
+    # The key of an encrypted image (``tap-ctl open -E``): only drivers with
+    # ``accepts_key`` get one; for the others it is refused before they are opened.
+    key: bytes | None = None
+    # The type was guessed from the file's content, not named (docs/security.md).
+    probed: bool = False
+    follow_probed_parents: bool = False
+    # Where parents named by images may be opened from (None: the environment's).
+    parent_policy: ParentPolicy | None = None
+
+
 class Driver:
     """Base class of every driver; subclasses override what they support."""
 
     name = "driver"
     # The reference's disk-type numbers (tap-ctl stats reports them).
     type_id = -1
+    # A filter has no data of its own: its size and caps are its parent's.
+    is_filter = False
+    # Whether open_layer takes OpenContext.key (else a key is refused with EINVAL).
+    accepts_key = False
 
     def __init__(self, engine: Engine, size: int, *, writable: bool,
                  parent: Driver | None = None) -> None:
@@ -93,6 +141,24 @@ class Driver:
         # Sectors [read, written] this layer was asked for, and failed (tap-ctl stats).
         self.hits = [0, 0]
         self.fail = [0, 0]
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open_layer(cls, ctx: OpenContext, args: str) -> Driver:
+        """Open this driver for ``args`` (what follows ``type:``). Blocking: it runs in
+        an engine thread before the disk is served, so files may be opened and metadata
+        read here. Raise :class:`~blktap.errors.BlktapError` (or ``OSError``) with an
+        errno to refuse."""
+        raise UnsupportedImage(f"{cls.name}: cannot be opened by name", errno.ENOSYS)
+
+    def parent_spec(self) -> str | None:
+        """``type:args`` of the layer below this one, or None (the reference's
+        ``td_get_parent_id``). Asked once, right after :meth:`open_layer`."""
+        return None
+
+    def validate_parent(self, parent: Driver) -> None:
+        """Check the parent the stack opened (``td_validate_parent``): raise to refuse
+        it (a wrong size, a wrong identity). ``self.parent`` is already set."""
 
     # ------------------------------------------------------------------ the stack
     def chain(self) -> list[Driver]:
@@ -121,6 +187,21 @@ class Driver:
             await parent.read(offset, iov)
         except BaseException:
             parent.fail[0] += -(-inside // SECTOR)
+            raise
+
+    async def forward_write(self, offset: int, iov: Sequence[memoryview], *,
+                            fua: bool = False) -> None:
+        """Write to the parent (a filter passing a write down), counted in its hits."""
+        parent = self.parent
+        if parent is None:
+            raise UnsupportedImage(f"{self.path or self.name}: nothing below to write to",
+                                   errno.EROFS)
+        sectors = -(-total(iov) // SECTOR)
+        parent.hits[1] += sectors
+        try:
+            await parent.write(offset, iov, fua=fua)
+        except BaseException:
+            parent.fail[1] += sectors
             raise
 
     async def forward_block_status(self, offset: int, length: int) -> Extents:
@@ -200,7 +281,9 @@ class Driver:
         return True
 
     # ------------------------------------------------------------------ operations
-    async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
+    async def read(self, offset: int, iov: Sequence[memoryview]) -> int | None:
+        """Fill ``iov`` with the bytes at ``offset``; return None (or the number of
+        bytes filled: fewer than asked fails the request with EIO)."""
         raise NotImplementedError
 
     def read_now(self, offset: int, iov: Sequence[memoryview], tally: Tally) -> bool:
@@ -253,3 +336,74 @@ class Driver:
     def describe(self) -> dict:
         """Per-layer facts for stats (the reference's ``driver`` object)."""
         return {"type": self.type_id, "name": self.name, "status": None}
+
+
+class Filter(Driver):
+    """A driver without data of its own over the layer it wraps (its parent).
+
+    ``args`` name the layer below: ``open_layer`` gets e.g. ``aio:/disk.img`` for
+    ``myfilter:aio:/disk.img``; a filter with options of its own parses them off the
+    front and passes the rest to ``__init__``. Everything not overridden is passed down
+    unchanged; size and caps are the parent's (set by :meth:`validate_parent`).
+    """
+
+    is_filter = True
+    # False: the layer below is opened read-only even when the filter is writable.
+    parent_writable = True
+    # Filters see every key: it is the layer below's to check.
+    accepts_key = True
+
+    def __init__(self, engine: Engine, inner: str, *, writable: bool) -> None:
+        super().__init__(engine, 0, writable=writable)
+        self.inner = inner
+
+    @classmethod
+    def open_layer(cls, ctx: OpenContext, args: str) -> Driver:
+        return cls(ctx.engine, args, writable=ctx.writable)
+
+    def parent_spec(self) -> str | None:
+        return self.inner
+
+    def validate_parent(self, parent: Driver) -> None:
+        self.size = parent.size
+        self.caps = parent.caps if self.writable else parent.caps & ~WRITE_CAPS
+        self.path = self.path or parent.path
+
+    @property
+    def below(self) -> Driver:
+        assert self.parent is not None
+        return self.parent
+
+    async def read(self, offset: int, iov: Sequence[memoryview]) -> int | None:
+        await self.forward_read(offset, iov)
+        return None
+
+    async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
+        self._require_writable()
+        await self.forward_write(offset, iov, fua=fua)
+
+    async def flush(self) -> None:
+        await self.below.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._require_writable()
+        await self.below.discard(offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = True,
+                           fast: bool = False, fua: bool = False) -> None:
+        self._require_writable()
+        await self.below.write_zeroes(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+
+    async def block_status(self, offset: int, length: int) -> Extents:
+        return await self.forward_block_status(offset, length)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.below.cache(offset, length)
+
+
+# What a read-only layer cannot offer.
+WRITE_CAPS = Caps.WRITE | Caps.FUA | Caps.TRIM | Caps.ZERO | Caps.FAST_ZERO
+# The method each capability needs overridden: declaring one without it is a mistake.
+CAP_METHODS = {Caps.WRITE: "write", Caps.FUA: "write", Caps.TRIM: "discard",
+               Caps.ZERO: "write_zeroes", Caps.FAST_ZERO: "write_zeroes",
+               Caps.BLOCK_STATUS: "block_status", Caps.CACHE: "cache", Caps.FLUSH: "flush"}

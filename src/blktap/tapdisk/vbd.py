@@ -41,10 +41,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from blktap.errors import BlktapError, OutOfRange
+from blktap.errors import BlktapError, DriverError, OutOfRange
 from blktap.io.buffers import scratch_buffer
 from blktap.io.engine import settled
-from blktap.tapdisk.driver import SECTOR, Caps, Driver, Extents, Tally, merge_extents
+from blktap.tapdisk.driver import (
+    SECTOR,
+    Caps,
+    DirtyBitmap,
+    Driver,
+    Extents,
+    Tally,
+    merge_extents,
+)
 from blktap.tapdisk.stats import VbdStats
 
 log = logging.getLogger("blktap.tapdisk")
@@ -103,6 +111,24 @@ class Request:
 def errno_of(exc: BaseException) -> int:
     code = getattr(exc, "errno", None)
     return code if isinstance(code, int) and code > 0 else errno.EIO
+
+
+def _checked_extents(d: Driver, extents: object, length: int) -> Extents:
+    """A driver's block-status answer, or DriverError (EIO) when it is out of protocol:
+    runs of (positive length, int flags) covering at least one byte and at most
+    ``length`` (less is fine: the caller asks again)."""
+    covered = 0
+    if isinstance(extents, list) and extents:
+        for run in extents:
+            if not (isinstance(run, tuple) and len(run) == 2 and type(run[0]) is int
+                    and type(run[1]) is int and run[0] > 0):
+                break
+            covered += run[0]
+        else:
+            if covered <= length:
+                return extents
+    raise DriverError(f"{d.path or d.name}: the {d.name} driver answered block status for "
+                      f"{length} bytes with {str(extents)[:80]}", errno.EIO)
 
 
 class VBD:
@@ -266,7 +292,11 @@ class VBD:
         d = self.driver
         op = req.op
         if op is Op.READ:
-            return await d.read(req.offset, iov)
+            got = await d.read(req.offset, iov)
+            if got is not None and got != length:
+                raise DriverError(f"{d.path or d.name}: the {d.name} driver read {got!r} "
+                                  f"bytes of {length} at {req.offset}", errno.EIO)
+            return None
         if op is Op.WRITE:
             return await d.write(req.offset, iov, fua=req.fua)
         if op is Op.FLUSH:
@@ -277,7 +307,7 @@ class VBD:
             return await d.write_zeroes(req.offset, length, may_trim=req.may_trim,
                                         fast=req.fast, fua=req.fua)
         if op is Op.STATUS:
-            return await d.block_status(req.offset, length)
+            return _checked_extents(d, await d.block_status(req.offset, length), length)
         return await d.cache(req.offset, length)
 
     async def _issue(self, group: list[Request]) -> None:
@@ -309,6 +339,8 @@ class VBD:
                     continue
                 if code in RETRYABLE:
                     self.stats.timeouts += 1
+                if isinstance(exc, DriverError):  # a driver out of protocol: say it
+                    log.error("%s: %s failed: %s", self.name, first.op.value, exc)
                 error = exc
                 break
             except Exception as exc:  # a bug in a driver: fail the request, not the disk
@@ -558,6 +590,22 @@ class VBD:
             if pos >= offset + length:
                 break
         return merge_extents(out)
+
+    def dirty_bitmaps(self) -> list[str]:
+        """Names of the changed-block bitmaps of the driver stack (its CBT log)."""
+        return [d.bitmap_name for d in self.driver.chain() if isinstance(d, DirtyBitmap)]
+
+    async def dirty_status(self, name: str, offset: int, length: int) -> Extents:
+        """Runs of (length, 1 changed / 0 unchanged) from ``offset`` in the bitmap
+        ``name``; held while paused; EINVAL once the bitmap is gone (unpaused without
+        that log)."""
+        self._check(offset, length, errno.EINVAL)
+        await self._held()
+        for d in self.driver.chain():
+            if isinstance(d, DirtyBitmap) and d.bitmap_name == name:
+                return d.runs(offset, length)
+        raise BlktapError(f"{self.name}: no dirty bitmap {name!r} (its log was replaced "
+                          "or removed)", errno.EINVAL)
 
     async def cache(self, offset: int, length: int) -> None:
         self._check(offset, length, errno.EINVAL)

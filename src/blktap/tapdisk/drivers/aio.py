@@ -26,6 +26,7 @@ from blktap.tapdisk.driver import (
     Caps,
     Driver,
     Extents,
+    OpenContext,
     Tally,
 )
 
@@ -78,6 +79,10 @@ class AioDriver(Driver):
             except OSError:  # tmpfs and some others refuse O_DIRECT: buffered only
                 dfd = None
         return cls(engine, path, fd, dfd, size, writable=writable, block_device=block)
+
+    @classmethod
+    def open_layer(cls, ctx: OpenContext, args: str) -> AioDriver:
+        return cls.open(ctx.engine, args, writable=ctx.writable, direct=ctx.direct)
 
     # ------------------------------------------------------------------ helpers
     def _fd_for(self, offset: int, iov: Sequence[memoryview]) -> int:

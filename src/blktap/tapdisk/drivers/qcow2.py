@@ -31,6 +31,7 @@ from blktap.tapdisk.driver import (
     Caps,
     Driver,
     Extents,
+    OpenContext,
     Tally,
     merge_extents,
 )
@@ -43,6 +44,12 @@ class Qcow2Driver(Driver):
     name = "qcow2"
     # Past the reference's table (which ends at 16): qcow2 is not one of its drivers.
     type_id = 17
+
+    @classmethod
+    def open_layer(cls, ctx: OpenContext, args: str) -> Driver:
+        """The image and its backing chain (the library's chain checks)."""
+        from blktap.tapdisk.drivers.images import open_image_chain
+        return open_image_chain(ctx, "qcow2", args)
 
     def __init__(self, engine: Engine, image: Qcow2Image, parent: Driver | None) -> None:
         super().__init__(engine, image.size, writable=image.writable, parent=parent)

@@ -18,7 +18,7 @@ from blktap.errors import FormatError
 from blktap.io.engine import Engine
 from blktap.io.iov import copy_into, slice_iov, total, zero_fill
 from blktap.io.threads import read_full
-from blktap.tapdisk.driver import STATE_DATA, Caps, Driver, Extents
+from blktap.tapdisk.driver import STATE_DATA, Caps, Driver, Extents, OpenContext
 
 DEFAULT_MAX_SIZE = 1 << 30
 INLINE_COPY = 256 << 10
@@ -72,6 +72,10 @@ class RamDriver(Driver):
             os.close(fd)
             raise
         return cls(engine, path, fd, size, mem, writable=writable)
+
+    @classmethod
+    def open_layer(cls, ctx: OpenContext, args: str) -> RamDriver:
+        return cls.open(ctx.engine, args, writable=ctx.writable)
 
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
         src = self.view[offset : offset + total(iov)]

@@ -34,7 +34,7 @@ from blktap.io.engine import Engine
 from blktap.io.iov import total
 from blktap.rated import client as group_client
 from blktap.rated.client import GroupMember
-from blktap.tapdisk.driver import Driver, Extents, Tally
+from blktap.tapdisk.driver import Driver, Extents, Filter, OpenContext, Tally
 from blktap.tapdisk.ratelimit import Limits, TokenBucket, group_socket
 
 log = logging.getLogger("blktap.valve")
@@ -60,15 +60,20 @@ class _Waiter:
         self.future = future
 
 
-class ValveDriver(Driver):
+class ValveDriver(Filter):
     name = "valve"
     type_id = 14
 
-    def __init__(self, engine: Engine, parent: Driver, limits: Limits, *,
+    def __init__(self, engine: Engine, inner: str | Driver, limits: Limits, *,
+                 writable: bool | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Sleep = asyncio.sleep) -> None:
-        super().__init__(engine, parent.size, writable=parent.writable, parent=parent)
-        self.caps = parent.caps
+        """Over ``inner``: the spec the stack opens below (``open_layer``), or a driver
+        already open (``over``, tests)."""
+        below = inner if isinstance(inner, Driver) else None
+        if writable is None:
+            writable = below.writable if below is not None else False
+        super().__init__(engine, "" if below is not None else str(inner), writable=writable)
         self.clock = clock
         self.sleep = sleep
         self.limits = Limits()
@@ -84,20 +89,27 @@ class ValveDriver(Driver):
         self.held = [0, 0]  # [waiting now, held in all]
         self.passed = [0, 0]  # [requests, bytes]
         self.set_limits(limits)
+        if below is not None:
+            self.parent = below
+            self.validate_parent(below)
 
     @classmethod
-    def open_over(cls, engine: Engine, path: str,
-                  open_inner: Callable[[str], Driver]) -> ValveDriver:
-        """``valve:LIMITS:INNER``: open INNER with ``open_inner`` and wrap it."""
-        text, inner = split_spec(path)
-        limits = Limits.parse(text)
-        below = open_inner(inner)
+    def open_layer(cls, ctx: OpenContext, args: str) -> Driver:
+        """``valve:LIMITS:INNER``: the stack opens INNER below (a TYPE:ARGS spec)."""
+        text, inner = split_spec(args)
+        return cls(ctx.engine, inner, Limits.parse(text), writable=ctx.writable)
+
+    @classmethod
+    def over(cls, engine: Engine, below: Driver, limits: Limits) -> ValveDriver:
+        """A valve over a stack already open (``blktap serve --limit``)."""
         return cls(engine, below, limits)
 
     # ------------------------------------------------------------------ limits
     @property
     def path(self) -> str:  # type: ignore[override]
-        return self.limits.text()
+        limits = self.__dict__.get("limits")
+        return limits.text() if limits is not None else ""
+
 
     @path.setter
     def path(self, value: str) -> None:

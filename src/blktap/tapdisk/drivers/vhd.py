@@ -39,6 +39,7 @@ from blktap.tapdisk.driver import (
     Caps,
     Driver,
     Extents,
+    OpenContext,
     Tally,
     merge_extents,
 )
@@ -137,6 +138,13 @@ def _whole_sectors(iov: Sequence[memoryview]) -> Iterator[memoryview | bytes]:
 class VhdDriver(Driver):
     name = "vhd"
     type_id = 4
+    accepts_key = True
+
+    @classmethod
+    def open_layer(cls, ctx: OpenContext, args: str) -> Driver:
+        """The image and every parent its locators name (the library's chain checks)."""
+        from blktap.tapdisk.drivers.images import open_image_chain
+        return open_image_chain(ctx, "vhd", args)
 
     def __init__(self, engine: Engine, image: VhdImage, parent: Driver | None,
                  cipher: XtsCipher | None = None) -> None:

@@ -509,13 +509,22 @@ class Connection:
     async def _block_status(self, handle: int, flags: int, offset: int, length: int) -> None:
         if not length:
             raise RequestError(p.NBD_EINVAL, "block status of 0 bytes")
-        extents = await self.vbd.block_status(offset, min(length, MAX_STATUS_LENGTH))
-        if flags & p.CMD_FLAG_REQ_ONE:
-            extents = extents[:1]
-        else:
-            extents = extents[:MAX_STATUS_EXTENTS]
-        ids = list(self.session.contexts)
-        for i, ctx_id in enumerate(ids):
+        length = min(length, MAX_STATUS_LENGTH)
+        # Every context's answer first: an error fails the request before any chunk.
+        answers = []
+        for ctx_id, ctx in self.session.contexts.items():
+            if ctx == p.META_BASE_ALLOCATION:
+                extents = await self.vbd.block_status(offset, length)
+            else:
+                extents = await self.vbd.dirty_status(ctx[len(p.META_DIRTY_BITMAP):],
+                                                      offset, length)
+            if flags & p.CMD_FLAG_REQ_ONE:
+                extents = extents[:1]
+            else:
+                extents = extents[:MAX_STATUS_EXTENTS]
+            answers.append((ctx_id, extents))
+        ids = [ctx_id for ctx_id, _ in answers]
+        for i, (ctx_id, extents) in enumerate(answers):
             payload = struct.pack(f">I{2 * len(extents)}I", ctx_id,
                                   *(v for ext in extents for v in ext))
             done = p.REPLY_FLAG_DONE if i == len(ids) - 1 else 0

@@ -252,14 +252,21 @@ class Negotiation:
         name, queries = self._queries(data)
         if not self.export.matches(name):
             raise _Invalid(p.REP_ERR_UNKNOWN, f"no export named {name!r}")
+        # base:allocation, then qemu:dirty-bitmap:NAME per CBT log, with their ids.
+        known = {p.META_BASE_ALLOCATION: p.META_ID_BASE_ALLOCATION}
+        for i, bitmap in enumerate(self.export.vbd.dirty_bitmaps()):
+            known.setdefault(p.META_DIRTY_BITMAP + bitmap, p.META_ID_BASE_ALLOCATION + 1 + i)
         if listing:
-            found = not queries or any(q in ("base:", p.META_BASE_ALLOCATION) for q in queries)
-            if found:
+            # No query lists everything; "ns:" or "qemu:dirty-bitmap:" lists a family.
+            for ctx in known:
+                if not queries or any(q == ctx or (q.endswith(":") and ctx.startswith(q))
+                                      for q in queries):
+                    await self.reply(option, p.REP_META_CONTEXT,
+                                     struct.pack(">I", 0) + ctx.encode())
+        else:
+            chosen = {known[q]: q for q in dict.fromkeys(queries) if q in known}
+            self.session.contexts = chosen
+            for ctx_id, ctx in chosen.items():
                 await self.reply(option, p.REP_META_CONTEXT,
-                                 struct.pack(">I", 0) + p.META_BASE_ALLOCATION.encode())
-        elif p.META_BASE_ALLOCATION in queries:
-            self.session.contexts = {p.META_ID_BASE_ALLOCATION: p.META_BASE_ALLOCATION}
-            await self.reply(option, p.REP_META_CONTEXT,
-                             struct.pack(">I", p.META_ID_BASE_ALLOCATION)
-                             + p.META_BASE_ALLOCATION.encode())
+                                 struct.pack(">I", ctx_id) + ctx.encode())
         await self.reply(option, p.REP_ACK)

@@ -101,6 +101,8 @@ REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
 # Metadata contexts.
 META_BASE_ALLOCATION = "base:allocation"
 META_ID_BASE_ALLOCATION = 1
+# qemu's: one per dirty bitmap, state bit 1 = changed.
+META_DIRTY_BITMAP = "qemu:dirty-bitmap:"
 
 # Error values allowed on the wire.
 NBD_EPERM = 1

@@ -163,8 +163,9 @@ class NbdServer:
         self._channels.add(ch)
         try:
             try:
-                session = await asyncio.wait_for(
-                    Negotiation(ch, self.export, self.tls).run(), self.handshake_timeout)
+                # asyncio.timeout, not wait_for, which on 3.11 can lose a cancellation
+                async with asyncio.timeout(self.handshake_timeout):
+                    session = await Negotiation(ch, self.export, self.tls).run()
             except (TimeoutError, Closed):
                 return
             except Dropped as exc:

@@ -166,7 +166,8 @@ class BlkifRing:
                 for task in list(self._tasks):
                     task.cancel()
             try:
-                await asyncio.wait_for(self._idle.wait(), _STOP_POLL)
+                async with asyncio.timeout(_STOP_POLL):  # (wait_for can lose a cancel)
+                    await self._idle.wait()
             except TimeoutError:
                 pass
         if not self.dead:
