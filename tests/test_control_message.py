@@ -275,6 +275,8 @@ def messages(draw: st.DrawFn) -> m.Message:
         p = m.Blkif(draw(_u32), draw(_u32),
                     tuple(draw(st.lists(_u32, min_size=pages, max_size=pages))),
                     order, draw(_u32), draw(_text), draw(_u32), draw(_u32), draw(_u32))
+    elif kind is m.Text:
+        p = m.Text(draw(_text))
     elif kind is m.Query:
         p = m.Query(draw(st.integers(0, 2**64 - 1)), draw(st.integers(0, 2**64 - 1)),
                     draw(_text))

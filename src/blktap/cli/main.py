@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from blktap import __version__
-from blktap.cli import changed, copy, maintain, serve
+from blktap.cli import changed, copy, maintain, rated, serve
 from blktap.cli.common import (
     PROG,
     TERMINATED_EXIT,
@@ -143,6 +143,7 @@ def build_parser() -> Parser:
     changed.add_parser(sub, _command)
     copy.add_parser(sub, _command)
     _add_drivers(sub)
+    rated.add_parser(sub, _command)
     return parser
 
 

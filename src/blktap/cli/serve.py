@@ -2,7 +2,7 @@
 
     blktap serve TYPE:PATH [--socket PATH] [--tcp HOST:PORT] [--read-only]
                  [--export-name NAME] [--tls-cert FILE --tls-key FILE [--tls-ca FILE]]
-                 [--memory-budget SIZE]
+                 [--memory-budget SIZE] [--limit LIMITS]
                  [--vhost-user SOCK [--num-queues N] [--serial TEXT]]
 
 Prints the NBD URI of each NBD listener, and ``vhost-user:/ABSOLUTE/SOCK`` for each
@@ -98,6 +98,10 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
     cmd.add_argument("--cbt-log", metavar="LOG",
                      help="track changed blocks in this CBT log (cbt-util's format; as "
                           "tap-ctl open -C), exported as qemu:dirty-bitmap:NAME (docs/cbt.md)")
+    cmd.add_argument("--limit", metavar="LIMITS",
+                     help="rate-limit the disk (the valve filter): rate=BYTES/s, iops=N, "
+                     "burst=BYTES, iops-burst=N, group=NAME (a blktap rated group), "
+                     "comma-separated, e.g. rate=20M,iops=500 (docs/filters.md)")
     cmd.add_argument("-v", "--verbose", action="store_true", help="log connections")
     add_parent_dir(cmd)
 
@@ -113,6 +117,9 @@ def run_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
         raise UsageError("--num-queues must be between 1 and 256")
     if args.serial is not None and len(args.serial.encode()) > 20:
         raise UsageError("--serial takes at most 20 bytes")
+    if args.limit is not None:
+        from blktap.tapdisk.ratelimit import Limits
+        Limits.parse(args.limit)  # a bad limit is a usage error before anything opens
     if not args.socket and not args.tcp and not args.vhost_user:
         args.tcp = [parse_hostport(DEFAULT_TCP)]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -165,6 +172,10 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
         if args.cbt_log:
             from blktap.tapdisk.drivers.log import LogDriver
             driver = await engine.call(LogDriver.open, engine, args.cbt_log, driver)
+        if args.limit is not None:
+            from blktap.tapdisk.drivers.valve import ValveDriver
+            from blktap.tapdisk.ratelimit import Limits
+            driver = ValveDriver.over(engine, driver, Limits.parse(args.limit))
         vbd = VBD(driver, name=args.image, read_only=args.read_only, timeout=args.timeout)
         uris = []
         if args.vhost_user:
@@ -188,7 +199,8 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
                              port=bound_port))
         # Only once serving: an error line stays the only line when something fails.
         if split_type(args.image)[0] is None:
-            kind = "aio" if isinstance(driver, AioDriver) else "vhd"
+            image = driver.chain()[-1]
+            kind = "aio" if isinstance(image, AioDriver) else "vhd"
             what = "raw" if kind == "aio" else "VHD"
             print_warning(f"{args.image}: format probed as {what}; a guest that writes to "
                           f"this disk may change what it probes as: name the format "

@@ -57,6 +57,12 @@ PAUSE_USAGE = "usage: pause <-p pid> <-m minor> [-t timeout secs]\n"
 UNPAUSE_USAGE = ("usage: unpause <-p pid> <-m minor> [-a type:/path/to/file] "
                  "[-2 secondary] "
                  "[-c </path/to/logfile> insert log layer to track changed blocks]\n")
+# Ours (not in the command list, which stays the reference's): docs/filters.md.
+VALVE_USAGE = ("usage: valve <-p pid> <-m minor> <-l limits>\n"
+               "\n"
+               "Changes the rate limits of a disk opened as valve:LIMITS:TYPE:PATH, at once.\n"
+               "limits := rate=BYTES/s,iops=N,burst=BYTES,iops-burst=N,group=NAME "
+               "(any of them; empty: no limit)\n")
 STATS_USAGE = ("usage: stats <-p pid> <-m minor>\n"
                "\n"
                "Prints a Python dictionary with the VBD stats. The images are "
@@ -221,7 +227,7 @@ class Cli:
     def cmd_create(self, args: list[str]) -> int:
         params: str | None = None
         o = _OpenOptions()
-        for opt, val in self.options(args, "a:RDd:e:r2:st:C:h"):
+        for opt, val in self.options(args, "a:RDd:e:rb2:st:C:h"):
             if opt == "a":
                 params = val
             elif opt == "d":
@@ -277,7 +283,7 @@ class Cli:
         params: str | None = None
         key: bytes | None = None
         o = _OpenOptions()
-        for opt, val in self.options(args, "a:RDm:p:e:r2:st:C:Eh"):
+        for opt, val in self.options(args, "a:RDm:p:e:rb2:st:C:Eh"):
             if opt == "p":
                 pid = atoi(val or "")
             elif opt == "m":
@@ -345,6 +351,25 @@ class Cli:
         self.ctl.unpause(pid, minor, params, secondary=secondary, logpath=logpath)
         return 0
 
+    def cmd_valve(self, args: list[str]) -> int:
+        pid = minor = -1
+        limits: str | None = None
+        for opt, val in self.options(args, "p:m:l:h"):
+            if opt == "p":
+                pid = atoi(val or "")
+            elif opt == "m":
+                minor = atoi(val or "")
+            elif opt == "l":
+                limits = val or ""
+            elif opt == "?":
+                return self.bad_option(val, VALVE_USAGE)
+            elif opt == "h":
+                return self.help(VALVE_USAGE)
+        if pid == -1 or minor == -1 or limits is None:
+            return self.usage(VALVE_USAGE)
+        self.ctl.set_limits(pid, minor, limits)
+        return 0
+
     def cmd_stats(self, args: list[str]) -> int:
         t = self._pid_minor(args, "p:m:h", STATS_USAGE)
         if t.code is not None:
@@ -407,6 +432,8 @@ class _OpenOptions:
             self.flags |= Flag.NO_O_DIRECT
         elif opt == "r":
             self.flags |= Flag.ADD_LCACHE
+        elif opt == "b":  # ours: the reference's tap-ctl has no option for ADD_CACHE
+            self.flags |= Flag.ADD_CACHE
         elif opt == "e":
             self.flags |= Flag.REUSE_PRT
             self.prt_minor = atoi(val)
@@ -446,7 +473,7 @@ def _row(e: TapEntry) -> str:
 
 
 HANDLERS: dict[str, Callable[[Cli, list[str]], int]] = {
-    name: getattr(Cli, f"cmd_{name}") for name in COMMANDS}
+    name: getattr(Cli, f"cmd_{name}") for name in [*COMMANDS, "valve"]}
 
 
 def run(argv: list[str]) -> tuple[int, bytes]:

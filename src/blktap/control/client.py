@@ -404,6 +404,17 @@ class TapCtl:
         request = _build(MessageType.RESUME, minor, payload, logpath, None)
         self._exchange(tid, request, MessageType.RESUME_RSP, timeout)
 
+    def set_limits(self, tid: int, minor: int, limits: str,
+                   timeout: float | None = None) -> None:
+        """VALVE_SET: the valve of an open VBD takes ``limits`` (docs/filters.md) at once."""
+        _check_minor(minor)
+        raw = limits.encode()
+        if len(raw) >= m.STRING_LENGTH:
+            raise BlktapError(f"limits: {len(raw)} bytes, at most {m.STRING_LENGTH - 1}",
+                              errno.ENAMETOOLONG)
+        self._exchange(tid, Message(MessageType.VALVE_SET, minor, m.Text(limits)),
+                       MessageType.VALVE_SET_RSP, timeout)
+
     # ------------------------------------------------------------------ minors
     def allocate(self) -> tuple[int, str]:
         """A new minor: (minor, marker path)."""

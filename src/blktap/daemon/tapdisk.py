@@ -52,9 +52,12 @@ from blktap.errors import BlktapError, CbtLogError, ControlProtocolError, Driver
 from blktap.io import ThreadEngine, best_engine
 from blktap.tapdisk.driver import SECTOR, Driver
 from blktap.tapdisk.drivers import open_stack, require_type
+from blktap.tapdisk.drivers.caches import add_caches
 from blktap.tapdisk.drivers.log import LogDriver
 from blktap.tapdisk.drivers.nbd import open_on_nbd_parent
+from blktap.tapdisk.drivers.valve import ValveDriver, keep_valve, with_limits
 from blktap.tapdisk.mirror import MirrorDriver, MirrorState, Mode, Phase, RangeSet
+from blktap.tapdisk.ratelimit import Limits
 from blktap.tapdisk.stats import format_stats
 from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD, VbdState
 from blktap.transport.nbd import Export, NbdServer
@@ -72,9 +75,7 @@ LISTEN_BACKLOG = 128
 STATS_ALL = 0xFFFF  # STATS with this cookie: every VBD, as a JSON array
 # Open flags that need filters not built yet (cache, log, mirror, index, ...).
 UNSUPPORTED_FLAGS = {
-    Flag.ADD_CACHE: "the read cache (-r)",
     Flag.VHD_INDEX: "vhd index",
-    Flag.ADD_LCACHE: "the local cache (-r)",
 }
 # ``-2 null`` on unpause removes the secondary.
 NO_SECONDARY = "null"
@@ -101,6 +102,8 @@ class OpenParams:
     standby: bool = False  # -s
     # -e: the parent is what this minor (another tapdisk's disk) serves over NBD.
     parent_minor: int | None = None
+    local_cache: bool = False  # -r: the lc filter between the leaf and its parent
+    block_cache: bool = False  # ADD_CACHE: the shared bc filter above the parent
 
 
 @dataclass
@@ -365,6 +368,10 @@ class Tapdisk:
             await self.resume(minor, p.path or None, req.logpath, secondary=secondary,
                               standby=bool(p.flags & Flag.STANDBY))
             return [Message(T.RESUME_RSP, minor)]
+        if t is T.VALVE_SET:
+            assert isinstance(req.payload, m.Text)
+            self.set_limits(minor, req.payload.text)
+            return [Message(T.VALVE_SET_RSP, minor)]
         if t is T.XENBLKIF_CONNECT:
             assert isinstance(req.payload, m.Blkif)
             await self.xen_connect(minor, req.payload)
@@ -403,7 +410,9 @@ class Tapdisk:
                           timeout=float(p.req_timeout) if p.req_timeout else DEFAULT_TIMEOUT,
                           key=key, logpath=self._logpath(p.flags, logpath),
                           secondary=secondary, standby=bool(p.flags & Flag.STANDBY),
-                          parent_minor=p.prt_devnum if p.flags & Flag.REUSE_PRT else None)
+                          parent_minor=p.prt_devnum if p.flags & Flag.REUSE_PRT else None,
+                          local_cache=bool(p.flags & Flag.ADD_LCACHE),
+                          block_cache=bool(p.flags & Flag.ADD_CACHE))
 
     @staticmethod
     def _logpath(flags: int, logpath: str | None) -> str | None:
@@ -464,14 +473,25 @@ class Tapdisk:
         return found[0]
 
     async def _open_stack(self, params: OpenParams, spec: str) -> Driver:
+        """The image's driver stack, with the read caches the open asked for (a cache
+        that cannot be used closes the stack again)."""
         if params.parent_minor is not None:
-            return await self.engine.call(
+            driver = await self.engine.call(
                 open_on_nbd_parent, self.engine, spec,
                 self.parent_socket(params.parent_minor), writable=not params.read_only,
                 key=params.key)
-        return await self.engine.call(open_stack, self.engine, spec,
-                                      writable=not params.read_only, direct=params.direct,
-                                      **({"key": params.key} if params.key else {}))
+        else:
+            driver = await self.engine.call(open_stack, self.engine, spec,
+                                            writable=not params.read_only,
+                                            direct=params.direct,
+                                            **({"key": params.key} if params.key else {}))
+        try:
+            add_caches(self.engine, driver, local=params.local_cache,
+                       shared=params.block_cache)
+        except BaseException:
+            await self._close_all(driver)
+            raise
+        return driver
 
     async def _with_log(self, driver: Driver, logpath: str | None) -> Driver:
         """``driver`` with the CBT log filter above it when ``logpath`` names one (on top
@@ -642,7 +662,8 @@ class Tapdisk:
         assert slot.params is not None
         if not vbd.state & VbdState.PAUSED:
             raise BlktapError(f"minor {minor} is not paused", errno.EINVAL)
-        spec = typed_spec(new_spec) if new_spec else slot.params.spec
+        spec = (keep_valve(slot.params.spec, typed_spec(new_spec)) if new_spec
+                else slot.params.spec)
         if vbd.read_only and secondary not in (None, NO_SECONDARY):
             raise BlktapError(f"minor {minor} is read-only: nothing to mirror", errno.EINVAL)
         mirror, explicit = self._mirror_for_resume(slot, spec != slot.params.spec, minor,
@@ -796,6 +817,28 @@ class Tapdisk:
                 await d.close()
             except (OSError, BlktapError) as exc:
                 log.warning("closing %s: %s", d.path or d.name, exc)
+
+    def set_limits(self, minor: int, text: str) -> Limits:
+        """VALVE_SET: the minor's valve takes new limits at once (held requests are
+        measured against them from now on); a paused disk gets them when it resumes.
+        EINVAL for a disk opened without a valve or for limits that do not parse."""
+        slot = self._slot(minor)
+        vbd = self._open_vbd(minor)
+        assert slot.params is not None
+        if not slot.params.spec.startswith("valve:"):
+            raise BlktapError(f"minor {minor} has no valve: open it as "
+                              f"valve:LIMITS:{slot.params.spec}", errno.EINVAL)
+        limits = Limits.parse(text)
+        if not vbd.paused:
+            for d in vbd.driver.chain():
+                if isinstance(d, ValveDriver):
+                    d.set_limits(limits)
+                    break
+        slot.params.spec = vbd.name = with_limits(slot.params.spec, limits)
+        if slot.nbd is not None:
+            slot.nbd.export.description = slot.params.spec
+        log.info("minor %d: limits %s", minor, limits.text() or "(none)")
+        return limits
 
     # ------------------------------------------------------------------ reports
     def list_replies(self, cookie: int) -> list[Message]:

@@ -43,7 +43,7 @@ BUILTIN: dict[str, str | None] = {
     "lc": None,
     "lle": None,
     "llp": None,
-    "valve": None,
+    "valve": "blktap.tapdisk.drivers.valve:ValveDriver",
     "nbd": "blktap.tapdisk.drivers.nbd:NbdDriver",
     "qcow2": "blktap.tapdisk.drivers.qcow2:Qcow2Driver",
 }

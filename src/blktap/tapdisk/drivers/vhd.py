@@ -422,9 +422,7 @@ class VhdDriver(Driver):
     # ------------------------------------------------------------------ writes
     def _write_locked(self, sector: int, iov: Sequence[memoryview]) -> None:
         with self.lock:
-            for piece in _whole_sectors(iov):
-                self.image.write(sector, piece)
-                sector += len(piece) // SECTOR
+            self._write_pieces(sector, iov)
 
     async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
         self._require_writable()
@@ -442,6 +440,35 @@ class VhdDriver(Driver):
         await self.engine.call(self._write_locked, sector, iov)
         if fua:
             await self.flush()
+
+    def _fill_locked(self, sector: int, iov: Sequence[memoryview]) -> int:
+        with self.lock:
+            written = 0
+            for first, n, file_off in list(self.image.extents(sector, total(iov) // SECTOR)):
+                if file_off is not None:
+                    continue  # written meanwhile (a guest's write): it stays
+                sub = slice_iov(iov, (first - sector) * SECTOR, n * SECTOR)
+                self._write_pieces(first, sub)
+                written += n
+            return written
+
+    def _write_pieces(self, sector: int, iov: Sequence[memoryview]) -> None:
+        """Through the image (which allocates); the caller holds the lock."""
+        for piece in _whole_sectors(iov):
+            self.image.write(sector, piece)
+            sector += len(piece) // SECTOR
+
+    async def fill(self, offset: int, iov: Sequence[memoryview]) -> int:
+        """Write ``iov`` at ``offset`` only where this layer holds nothing yet (a read
+        cache filling the leaf with what its parents returned); sectors written meanwhile
+        are left as they are: the check and the write are one step under the lock, and a
+        write to sectors the layer does not hold takes that lock too. Returns the
+        sectors written."""
+        self._require_writable()
+        sector = offset // SECTOR
+        if self.cipher is not None:
+            iov = await self._encrypt(sector, iov)
+        return await self.engine.call(self._fill_locked, sector, iov)
 
     def write_now(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> bool:
         """Sectors the layer holds already, in one run of the file, in memory: no metadata
