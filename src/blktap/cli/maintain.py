@@ -14,14 +14,16 @@ from collections.abc import Callable
 from typing import Any
 
 from blktap.cli.common import (
-    Progress,
+    add_output_option,
     add_parent_dir,
+    add_progress_option,
     describe_size,
     human_size,
     parent_policy,
     parse_size,
     print_json,
     print_note,
+    progress_for,
 )
 from blktap.errors import BlktapError, UsageError
 from blktap.image.chain import parse_spec, probe, refuse_probed_parent
@@ -48,7 +50,8 @@ def add_commands(sub: Any, command: Register) -> None:
     cmd.add_argument("--remove", action="store_true",
                      help="then delete IMAGE (refused while a VHD in its folder still has "
                           "IMAGE as its parent)")
-    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output_option(cmd)
+    add_progress_option(cmd)
     add_parent_dir(cmd)
 
     cmd = command(sub, "resize", cmd_resize,
@@ -60,7 +63,7 @@ def add_commands(sub: Any, command: Register) -> None:
     cmd.add_argument("--journal", metavar="PATH",
                      help="where to keep the undo journal while a VHD's metadata must move "
                           "(default: a hidden file beside IMAGE, removed when done)")
-    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output_option(cmd)
 
     cmd = command(sub, "revert", cmd_revert,
                   "Undo an interrupted VHD resize with its journal.")
@@ -79,7 +82,8 @@ def add_commands(sub: Any, command: Register) -> None:
                           "PARENT holds the same data as the old parent; vhd-util modify -p)")
     cmd.add_argument("--key-file", metavar="PATH",
                      help="the AES-XTS key (32 or 64 bytes) of an encrypted chain")
-    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output_option(cmd)
+    add_progress_option(cmd)
     add_parent_dir(cmd)
 
 
@@ -127,7 +131,7 @@ def cmd_coalesce(args: argparse.Namespace) -> int:
     if args.remove and children and not args.rebase_children:
         raise UsageError(f"not removing {path}: {', '.join(children)} still use it as "
                          f"their parent (add --rebase-children)")
-    with Progress("coalescing", total) as progress:
+    with progress_for(args, "coalescing", total) as progress:
         started = time.monotonic()
         result = coalesce(path, sparse=args.sparse,
                           progress=lambda done, _: progress.update(done * block_size),
@@ -174,7 +178,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.parent}: the vhd: prefix contradicts --raw-parent")
     if fmt is None and not raw:
         refuse_probed_parent(parent)
-    with Progress("comparing parents", 1) as progress:
+    with progress_for(args, "comparing parents", 1) as progress:
 
         def report(done: int, total: int) -> None:
             progress.total = total
