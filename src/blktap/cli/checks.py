@@ -12,6 +12,7 @@ parents (within ``--parent-dir``); a plain path checks that image alone.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -24,10 +25,13 @@ from blktap.cli.common import (
     print_error,
     print_json,
 )
-from blktap.errors import BlktapError, UsageError
+from blktap.errors import BlktapError, FormatError, UsageError
 from blktap.image import checking
 from blktap.image import measure as measuring
 from blktap.image.chain import Chain, parse_spec, probe
+from blktap.image.qcow2 import structs as qs
+from blktap.image.qcow2.create import DEFAULT_CLUSTER_SIZE
+from blktap.image.qcow2.image import Qcow2Image
 
 Register = Callable[[Any, str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 # The qcow2 creation options that change what a new image needs (qemu-img's names).
@@ -109,7 +113,25 @@ def measure_options(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
     options = qcow2_options(args.options)
     if "backing_file" in options:
         raise UsageError("measure: a target with a backing_file is not supported")
+    if options.get("compat", "1.1") not in ("1.1", "v3"):
+        args.no_bitmaps = True  # compat=0.10 images cannot hold bitmaps
     return {k: v for k, v in options.items() if k in MEASURE_QCOW2_OPTIONS}
+
+
+def source_bitmaps(chain: Chain) -> list[tuple[str, int]] | None:
+    """The persistent bitmaps of a qcow2 source ((name, granularity bits) each), or None
+    when the source cannot have any (not a qcow2 v3 image)."""
+    leaf = chain.leaf
+    if not isinstance(leaf, Qcow2Image) or leaf.version < 3:
+        return None
+    found = leaf.bitmaps
+    if found is None or not leaf.header.autoclear_features & qs.AUTOCLEAR_BITMAPS:
+        return []
+    raw = os.pread(leaf.fd, found.directory_size, found.directory_offset)
+    entries = qs.unpack_bitmap_directory(raw, found.nb_bitmaps)
+    if isinstance(entries, str):
+        raise FormatError(f"{leaf.path}: {entries}")
+    return [(e.name, e.granularity_bits) for e in entries]
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
@@ -119,20 +141,27 @@ def cmd_measure(args: argparse.Namespace) -> int:
         raise UsageError("--size cannot be used together with an image")
     if args.size is None and args.image is None:
         raise UsageError("give --size SIZE or an image")
+    bitmaps: int | None = None
     if args.image is None:
         result = measuring.measure(fmt, args.size, None, **options)
-        source: str | None = None
     else:
-        spec = args.image
-        with Chain.open(spec, ciphertext=True, parent_policy=parent_policy(args)) as chain:
+        with Chain.open(args.image, ciphertext=True,
+                        parent_policy=parent_policy(args)) as chain:
             runs = measuring.data_extents(chain.map())
             size = chain.size
-            source = chain.leaf.path
+            found = source_bitmaps(chain)
         result = measuring.measure(fmt, size, runs, **options)
+        if fmt == "qcow2" and found is not None and not getattr(args, "no_bitmaps", False):
+            bitmaps = measuring.qcow2_bitmaps_size(
+                found, size, int(options.get("cluster_size", DEFAULT_CLUSTER_SIZE)))
     if args.json:
-        print_json({"required": result.required, "fully-allocated": result.fully_allocated})
+        out = {"required": result.required, "fully-allocated": result.fully_allocated}
+        if bitmaps is not None:
+            out["bitmaps"] = bitmaps
+        print_json(out)
     else:
         print(f"required size: {result.required}")
         print(f"fully allocated size: {result.fully_allocated}")
-    del source
+        if bitmaps is not None:
+            print(f"bitmaps size: {bitmaps}")
     return 0

@@ -82,6 +82,24 @@ def sigterm_raises() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+# ------------------------------------------------------------------------------ version
+def version_line(prog: str) -> str:
+    from blktap import __version__
+
+    return f"{prog} (blktap) {__version__}"
+
+
+def print_version_if_asked(prog: str, args: Sequence[str]) -> bool:
+    """For the legacy tools, whose reference takes no --version: ``--version`` as the
+    only argument prints the version (a call the reference tools' callers never make, so
+    their behaviour stays the reference's for everything else)."""
+    if list(args) != ["--version"]:
+        return False
+    sys.stdout.write(version_line(prog) + "\n")
+    sys.stdout.flush()
+    return True
+
+
 # ------------------------------------------------------------------------------ sizes
 def parse_size(text: str) -> int:
     """Bytes from ``"512"``, ``"64M"``, ``"10G"``, ``"1.5GiB"``, ``"4k"``, ``"2MB"``.

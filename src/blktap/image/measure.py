@@ -107,6 +107,22 @@ def measure_qcow2(size: int, data: list[tuple[int, int]] | None, *,
     return Measurement(full - virtual + required, full)
 
 
+def qcow2_bitmaps_size(bitmaps: Iterable[tuple[str, int]], size: int,
+                       cluster_size: int = DEFAULT_CLUSTER_SIZE) -> int:
+    """Room for a qcow2 source's persistent bitmaps ((name, granularity bits) each) in a
+    qcow2 target: every bitmap wholly allocated, its table, and the directory (qemu-img
+    measure's "bitmaps size")."""
+    total = directory = 0
+    for name, granularity_bits in bitmaps:
+        bits = -(-size // (1 << granularity_bits))
+        nbytes = -(-bits // 8)
+        clusters = -(-nbytes // cluster_size)
+        total += clusters * cluster_size
+        total += _round_up(clusters * 8, cluster_size)
+        directory += _round_up(24 + len(name.encode()), 8)
+    return total + _round_up(directory, cluster_size)
+
+
 # ------------------------------------------------------------------------------ vhd
 def vhd_file_size(size: int, blocks: int, *, fixed: bool = False) -> int:
     """The size of the VHD file ``convert`` writes for a disk of ``size`` bytes (rounded
