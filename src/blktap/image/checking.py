@@ -110,7 +110,7 @@ def exit_code(verdicts: list[Verdict]) -> int:
 
 
 def check_qcow2(path: str, repair: str | None) -> Verdict:
-    result = qcow2_check.check_or_error(path, repair)
+    result = qcow2_check.check(path, repair=repair)
     return Verdict(path, "qcow2", check_errors=result.check_errors,
                    corruptions=result.corruptions, leaks=result.leaks,
                    corruptions_fixed=result.corruptions_fixed, leaks_fixed=result.leaks_fixed,
@@ -197,12 +197,19 @@ def check(path: str, fmt: str, *, repair: str | None = None,
     corruptions, stops the walk there."""
     if repair not in REPAIR_MODES:
         raise UsageError(f"invalid repair mode {repair!r} (leaks or all)")
+    # An image that cannot be opened at all raises (OSError, BlktapError): the caller
+    # reports it, as qemu-img does, as a check that could not complete.
     if fmt == "qcow2":
         return [check_qcow2(path, repair)]
     if fmt in ("raw", "aio"):
         return [check_raw(path)]
     if fmt != "vhd":
         raise UsageError(f"{path}: cannot check format {fmt!r}")
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        exc.filename = path
+        raise
     out = [check_vhd(path, repair)]
     seen = {os.path.realpath(path)}
     current = path
