@@ -94,13 +94,18 @@ def test_p_shows_progress_into_a_pipe_and_q_hides_it(tmp_path: Path, source: Pat
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
-def test_q_hides_notes_but_not_errors(tmp_path: Path) -> None:
+def test_q_prints_nothing_but_errors(tmp_path: Path) -> None:
+    """As qemu-img's -q: the exit code tells; JSON asked for is still printed."""
     noted = blktap("create", tmp_path / "a.vhd", "33M")
-    assert "note: size rounded up" in noted.stderr
+    assert "note: size rounded up" in noted.stderr and noted.stdout.startswith("Created")
     quiet = blktap("create", "-q", tmp_path / "b.vhd", "33M")
-    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
     failed = blktap("create", "-q", tmp_path / "b.vhd", "33M")
     assert failed.returncode == errno.EEXIST and failed.stderr.startswith("blktap: ")
+    differ = blktap("compare", "-q", tmp_path / "a.vhd", tmp_path / "nope.vhd")
+    assert differ.returncode == errno.ENOENT and differ.stdout == ""
+    asked = blktap("info", "-q", "--output=json", tmp_path / "b.vhd")
+    assert json.loads(asked.stdout)["virtual_size"] == 34 * MiB
 
 
 def test_v_and_debug_log_on_stderr(tmp_path: Path, source: Path) -> None:

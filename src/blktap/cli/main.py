@@ -36,7 +36,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, redirect_stdout, suppress
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         debug = debug or args.debug
         set_quiet(args.quiet)
         configure_logging(args)
-        with sigterm_raises():
+        with sigterm_raises(), quiet_stdout(args.quiet and not args.json):
             return args.handler(args)
     except BrokenPipeError:
         _silence_stdout()
@@ -348,6 +348,17 @@ def configure_logging(args: argparse.Namespace) -> None:
         handler.blktap_cli = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
+
+
+@contextmanager
+def quiet_stdout(quiet: bool) -> Iterator[None]:
+    """-q, as qemu-img's: no output but errors (the result is the exit code); output
+    asked for with --output=json is still printed."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+        yield
 
 
 def _silence_stdout() -> None:

@@ -69,6 +69,7 @@ def add_commands(sub: Any, command: Register) -> None:
                   "Undo an interrupted VHD resize with its journal.")
     cmd.add_argument("image", metavar="IMAGE")
     cmd.add_argument("journal", metavar="JOURNAL")
+    add_output_option(cmd)
 
     cmd = command(sub, "rebase", cmd_rebase,
                   "Give IMAGE, a differencing VHD, the parent PARENT; its content stays "
@@ -261,6 +262,9 @@ def _resize_raw(path: str, args: argparse.Namespace) -> int:
 def cmd_revert(args: argparse.Namespace) -> int:
     path = vhd_path(args.image)
     revert_resize(path, args.journal)
+    if args.json:
+        print_json({"image": path, "journal": args.journal, "reverted": True})
+        return 0
     print(f"Reverted {path} to its size before the interrupted resize; {args.journal} "
           f"removed")
     return 0

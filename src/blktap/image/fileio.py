@@ -33,7 +33,10 @@ def is_regular(fd: int) -> bool:
 
 def pread_exact(fd: int, length: int, offset: int) -> bytes:
     """Read exactly ``length`` bytes, or fail: metadata must never be read short."""
-    data = os.pread(fd, length, offset)
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as exc:
+        raise at_offset(exc, offset) from None
     if len(data) != length:
         raise FormatError(f"short read at offset {offset}: wanted {length}, got {len(data)}",
                           errno.EIO)
@@ -96,7 +99,10 @@ def preadv_into(fd: int, view: memoryview, offset: int) -> None:
     """Fill ``view`` from the file at ``offset``; bytes past the end of file read as zeros
     (a raw parent shorter than its child, a file still being extended)."""
     while view:
-        got = os.preadv(fd, [view], offset)
+        try:
+            got = os.preadv(fd, [view], offset)
+        except OSError as exc:
+            raise at_offset(exc, offset) from None
         if got <= 0:
             zero_fill(view)
             return
