@@ -79,6 +79,7 @@ def test_progress_line_has_rate_and_eta() -> None:
     bar.close()
     last = out.getvalue().splitlines()[-1]
     assert "100%" in last and "ETA" not in last
+    assert len(out.getvalue().splitlines()) == 2  # the end is said once
     assert format_duration(3723) == "1:02:03" and format_duration(59.6) == "1:00"
 
 

@@ -245,7 +245,8 @@ class Progress:
 
     On a terminal it is one line redrawn with ``\\r`` at most every ``interval`` seconds
     and cleared by ``close``; with ``redraw`` off (``-p`` into a pipe or a log) it is a
-    line of its own at most every ``line_interval`` seconds, and a last one at the end.
+    line of its own at most every ``line_interval`` seconds, and always at the end (an
+    update that reaches the total is drawn).
     Silent unless enabled (by default: when the stream is a terminal). The rate is the
     average since the start, the ETA what is left at that rate; ``clock`` is for tests.
     """
@@ -266,10 +267,8 @@ class Progress:
         self.started = clock()
         self._last = float("-inf")
         self._drawn = False
-        self._done = 0
 
     def update(self, done: int) -> None:
-        self._done = done
         if not self.enabled:
             return
         now = self.clock()
@@ -304,11 +303,8 @@ class Progress:
     def close(self) -> None:
         if not (self.enabled and self._drawn):
             return
-        if self.redraw:
+        if self.redraw:  # lines of their own stay: the last update drew the end
             self.stream.write("\r\x1b[K")
-        elif self._done >= self.total:
-            self._last = float("-inf")
-            self.stream.write(self.line(self._done) + "\n")
         self.stream.flush()
         self._drawn = False
 
