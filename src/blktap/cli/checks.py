@@ -12,6 +12,7 @@ parents (within ``--parent-dir``); a plain path checks that image alone.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,7 @@ from blktap.image.qcow2 import structs as qs
 from blktap.image.qcow2.create import DEFAULT_CLUSTER_SIZE
 from blktap.image.qcow2.image import Qcow2Image
 
+log = logging.getLogger("blktap.cli")
 Register = Callable[[Any, str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 # The qcow2 creation options that change what a new image needs (qemu-img's names).
 MEASURE_QCOW2_OPTIONS = ("cluster_size", "refcount_bits", "extended_l2", "preallocation")
@@ -74,7 +76,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         explicit = fmt is not None
         fmt = fmt or probe(path)
         policy = parent_policy(args) if explicit and fmt == "vhd" else None
+        log.info("checking %s (%s%s%s)", path, fmt, ", with its parents" if policy else "",
+                 f", repairing {args.repair}" if args.repair else "")
         verdicts = checking.check(path, fmt, repair=args.repair, parents=policy)
+        for v in verdicts:
+            log.debug("%s: %d check errors, %d corruptions, %d leaks", v.path,
+                      v.check_errors, v.corruptions, v.leaks)
     except UsageError:
         raise
     except (BlktapError, OSError) as exc:

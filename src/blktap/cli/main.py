@@ -155,7 +155,10 @@ def build_parser() -> Parser:
 
 
 def _command(sub: Any, name: str, handler: Handler, summary: str) -> Parser:
-    cmd = sub.add_parser(name, help=summary, description=summary, allow_abbrev=False)
+    # "resolve": a subcommand that defines -q, -v or --debug itself takes the option
+    # string over from the shared one instead of breaking the whole parser.
+    cmd = sub.add_parser(name, help=summary, description=summary, allow_abbrev=False,
+                         conflict_handler="resolve")
     cmd.set_defaults(handler=handler, min_error_code=1)
     add_common_options(cmd)
     return cmd

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from blktap.image.vhd.journal import revert as revert_resize
 from blktap.image.vhd.rebase import rebase
 from blktap.image.vhd.resize import load_target, resize, round_size
 
+log = logging.getLogger("blktap.cli")
 Register = Callable[[Any, str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
@@ -132,6 +134,7 @@ def cmd_coalesce(args: argparse.Namespace) -> int:
     if args.remove and children and not args.rebase_children:
         raise UsageError(f"not removing {path}: {', '.join(children)} still use it as "
                          f"their parent (add --rebase-children)")
+    log.info("coalescing %s into its parent%s", path, " (sparse)" if args.sparse else "")
     with progress_for(args, "coalescing", total) as progress:
         started = time.monotonic()
         result = coalesce(path, sparse=args.sparse,
@@ -179,6 +182,8 @@ def cmd_rebase(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.parent}: the vhd: prefix contradicts --raw-parent")
     if fmt is None and not raw:
         refuse_probed_parent(parent)
+    log.info("rebasing %s onto %s (%s)", path, parent,
+             "pointers only" if args.unsafe else "content kept")
     with progress_for(args, "comparing parents", 1) as progress:
 
         def report(done: int, total: int) -> None:
