@@ -102,6 +102,13 @@ def test_check_missing_and_unreadable_is_check_not_completed(tmp_path: Path) -> 
         code, out, err = blktap("check", spec)
         assert code == 1 and out == "" and "No such file" in err
     assert qemu("check", tmp_path / "none.qcow2")[0] == 1
+    # A file that is not of the format named cannot be checked either (both tools).
+    junk = tmp_path / "junk"
+    junk.write_bytes(os.urandom(64 * 1024))
+    for fmt in ("vhd", "qcow2"):
+        code, out, err = blktap("check", f"{fmt}:{junk}")
+        assert code == 1 and out == "" and len(err.splitlines()) == 1, (fmt, err)
+    assert qemu("check", "-f", "vpc", junk)[0] == qemu("check", "-f", "qcow2", junk)[0] == 1
 
 
 def test_check_raw_is_unsupported_as_in_qemu_img(tmp_path: Path) -> None:

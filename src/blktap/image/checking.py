@@ -23,7 +23,7 @@ import errno
 import os
 from dataclasses import dataclass, field
 
-from blktap.errors import BlktapError, UsageError
+from blktap.errors import BlktapError, FormatError, UsageError
 from blktap.image.parents import ParentPolicy
 from blktap.image.qcow2 import check as qcow2_check
 from blktap.image.vhd import check as vhd_check
@@ -182,6 +182,30 @@ def check_vhd(path: str, repair: str | None) -> Verdict:
     return after
 
 
+def require_vhd(path: str) -> None:
+    """Raise unless ``path`` can be read and looks like a VHD: a footer cookie at its end
+    or at its start (a VHD with both footers damaged is beyond checking, as qemu-img
+    says of an image it cannot open)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        exc.filename = path
+        raise
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        ends = [os.pread(fd, 8, 0)]
+        for length in (s.FOOTER_SIZE, s.FOOTER_SIZE - 1):
+            if size >= length:
+                ends.append(os.pread(fd, 8, size - length))
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
+    finally:
+        os.close(fd)
+    if s.FOOTER_COOKIE not in ends:
+        raise FormatError(f"{path}: not a VHD (no footer at its end or at its start)",
+                          errno.EINVAL)
+
+
 def vhd_parent(path: str) -> str | None:
     """The VHD parent of a differencing VHD (None: none, or a raw one)."""
     with VhdImage.open(path, allow_disabled=True, validate_bat=False) as image:
@@ -205,11 +229,7 @@ def check(path: str, fmt: str, *, repair: str | None = None,
         return [check_raw(path)]
     if fmt != "vhd":
         raise UsageError(f"{path}: cannot check format {fmt!r}")
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-    except OSError as exc:
-        exc.filename = path
-        raise
+    require_vhd(path)
     out = [check_vhd(path, repair)]
     seen = {os.path.realpath(path)}
     current = path
