@@ -781,6 +781,27 @@ def test_a_failing_resize_is_undone(image: Path, tmp_path: Path,
     assert image.read_bytes() == original and not jpath.exists()
 
 
+@pytest.mark.parametrize("signal_like", [KeyboardInterrupt, "Terminated"])
+def test_an_interrupted_resize_is_undone(image: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch,
+                                         signal_like: object) -> None:
+    """Ctrl-C, or the SIGTERM/SIGHUP the CLIs turn into an exception, half way: the
+    image is put back and the journal removed (nothing left beside the image)."""
+    from blktap.cli.common import Terminated
+
+    exc_type = Terminated if signal_like == "Terminated" else signal_like
+    original = image.read_bytes()
+    jpath = tmp_path / "J"
+
+    def interrupted(*_args: object) -> None:
+        raise exc_type()  # type: ignore[operator]
+
+    monkeypatch.setattr(rs, "copy_range", interrupted)
+    with pytest.raises(exc_type):  # type: ignore[call-overload]
+        rs.resize(str(image), 600 * MB, journal=str(jpath))
+    assert image.read_bytes() == original and not jpath.exists()
+
+
 # ------------------------------------------------------------ block devices
 def test_journal_on_a_block_device(image: Path, tmp_path: Path,
                                    loop_device: Callable[[Path], str]) -> None:  # noqa: F811

@@ -112,25 +112,77 @@ def test_sigkill_of_convert_leaves_nothing(tmp_path: Path, source: Path, fmt: st
     assert mid_build >= 1  # the kills did land inside builds
 
 
-@pytest.mark.parametrize("mode", ["tmpfile", "folder"])
-def test_sigterm_of_convert_cleans_up(tmp_path: Path, source: Path, mode: str) -> None:
-    """SIGTERM mid-build: the command says so, exits 143, and leaves nothing, with an
-    unnamed file or with a private folder (whose cleanup runs on the way out)."""
-    env = dict(os.environ, BLKTAP_NO_TMPFILE="1" if mode == "folder" else "")
-    dst = tmp_path / "out.vhd"
-    proc = subprocess.Popen(convert_argv(source, dst), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=env, text=True)
+# What each signal that ends a command cleanly makes it say and exit with: 128 + the
+# signal, as a shell reports for a process that signal killed.
+CLEAN_SIGNALS = {
+    signal.SIGTERM: (143, "terminated"),
+    signal.SIGINT: (130, "interrupted"),
+    signal.SIGHUP: (129, "hangup"),
+}
+
+
+def signal_mid_build(argv: list[str], folder: Path, signum: int, env: dict[str, str]
+                     ) -> tuple[int, str]:
+    """Run ``argv``, send ``signum`` once it is building its file, and return its exit
+    code and stderr."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env, text=True)
     try:
-        assert stop_while_building(proc, tmp_path, SIZE // 8)
-        os.kill(proc.pid, signal.SIGTERM)
+        assert stop_while_building(proc, folder, SIZE // 8)
+        os.kill(proc.pid, signum)
         os.kill(proc.pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert (proc.returncode, err) == (143, "blktap: terminated\n")
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("signum", list(CLEAN_SIGNALS), ids=lambda s: signal.Signals(s).name)
+@pytest.mark.parametrize("mode", ["tmpfile", "folder"])
+def test_signal_of_convert_cleans_up(tmp_path: Path, source: Path, mode: str,
+                                     signum: int) -> None:
+    """SIGTERM (timeout, systemd), SIGINT (Ctrl-C) or SIGHUP (a closed terminal) mid-build:
+    the command says so, exits 128 + the signal, and leaves nothing, with an unnamed file
+    or with a private folder (whose cleanup runs on the way out)."""
+    env = dict(os.environ, BLKTAP_NO_TMPFILE="1" if mode == "folder" else "")
+    code, word = CLEAN_SIGNALS[signum]
+    got = signal_mid_build(convert_argv(source, tmp_path / "out.vhd"), tmp_path, signum, env)
+    assert got == (code, f"blktap: {word}\n")
     assert leftovers(tmp_path, set()) == set()
+
+
+@pytest.mark.parametrize("signum", list(CLEAN_SIGNALS), ids=lambda s: signal.Signals(s).name)
+def test_signal_of_vhd_util_copy_cleans_up(tmp_path: Path, source: Path, signum: int) -> None:
+    """vhd-util copy, in folder mode (where a process killed outright would leave its
+    folder until the next build): every clean signal removes it on the way out."""
+    env = dict(os.environ, BLKTAP_NO_TMPFILE="1")
+    src = tmp_path / "src.vhd"
+    assert run(convert_argv(source, src), text=True).returncode == 0
+    argv = [tool("vhd-util"), "copy", "-n", str(src), "-N", str(tmp_path / "copy.vhd")]
+    code, _ = signal_mid_build(argv, tmp_path, signum, env)
+    assert code == CLEAN_SIGNALS[signum][0]
+    assert leftovers(tmp_path, {src.name}) == set()
+
+
+def test_nohup_keeps_sighup_ignored(tmp_path: Path, source: Path) -> None:
+    """Under nohup (SIGHUP ignored when the command starts) a hangup does not stop it."""
+    dst = tmp_path / "out.raw"
+    argv = ["nohup", *convert_argv(source, dst)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    try:
+        assert stop_while_building(proc, tmp_path, SIZE // 8)
+        os.kill(proc.pid, signal.SIGHUP)
+        os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert_complete(source, dst)
 
 
 def test_folder_mode_sigkill_is_cleaned_by_the_next_build(tmp_path: Path,

@@ -383,6 +383,23 @@ def test_transient_errors_are_retried_then_succeed() -> None:
     run(body)
 
 
+def test_retried_attempts_count_in_hits_and_fail_as_in_c() -> None:
+    """The C tapdisk counts every completion: an attempt that failed and was retried is
+    in the layer's ``hits`` and ``fail`` as well as the one that succeeded."""
+    async def body(engine: ThreadEngine) -> dict:
+        drv = Flaky(engine, 2, errno.EAGAIN)
+        drv.path = "flaky"
+        vbd = VBD(drv, retry_interval=0.01)
+        await vbd.read(0, view(bytes(1024)))
+        stats = vbd.stats_dict()
+        await vbd.close()
+        return stats
+    stats = run(body)
+    assert stats["secs"] == [2, 0]
+    [img] = stats["images"]
+    assert img["hits"] == [6, 0] and img["fail"] == [4, 0]
+
+
 def test_transient_errors_fail_after_the_timeout() -> None:
     async def body(engine: ThreadEngine) -> None:
         drv = Flaky(engine, 10**6, errno.EBUSY)
@@ -543,7 +560,7 @@ def test_stats_follow_the_reference_shape(tmp_path: Path) -> None:
     async def body(engine: ThreadEngine) -> dict:
         vbd = await open_vbd(engine, f"vhd:{leaf}")
         await vbd.write(0, view(b"w" * 4096))
-        await vbd.read(0, view(bytes(8192)))  # 8 sectors from the leaf, 8 forwarded
+        await vbd.read(0, view(bytes(8192)))  # 8 sectors from the leaf, 8 from the base
         stats = vbd.stats_dict()
         await vbd.close()
         return stats
@@ -553,10 +570,55 @@ def test_stats_follow_the_reference_shape(tmp_path: Path) -> None:
                                "counters"]
     assert stats["secs"] == [16, 8]
     leaf_img, base_img = stats["images"]
-    assert leaf_img["name"] == str(leaf) and leaf_img["hits"] == [16, 8]
+    # Each layer counts what it served itself, as the C tapdisk (not what passed it).
+    assert leaf_img["name"] == str(leaf) and leaf_img["hits"] == [8, 8]
     assert base_img["hits"] == [8, 0] and base_img["fail"] == [0, 0]
     assert leaf_img["driver"] == {"type": 4, "name": "vhd", "status": None}
     assert stats["counters"]["write_reqs"] == 1 and stats["reqs_outstanding"] == 0
+
+
+def test_aio_status_has_the_c_drivers_shape(tmp_path: Path) -> None:
+    """The C aio driver's stats status is ``{"reqs": {"max": N, "pending": N}}``; ours
+    too (max: what the engine runs at once), with our ``direct`` beside it."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(MiB))
+
+    async def body(engine: ThreadEngine) -> tuple[dict, dict, dict]:
+        vbd = await open_vbd(engine, f"aio:{path}")
+        await vbd.write(0, view(b"w" * 4096))
+        await vbd.read(4096, view(bytes(8192)))
+        stats = vbd.stats_dict()
+        # Hold the engine's reads: the ones handed to it are pending until released.
+        release, entered = asyncio.Event(), []
+        real = engine.preadv
+
+        async def held(fd: int, iov: object, offset: int) -> None:
+            entered.append(offset)
+            await release.wait()
+            await real(fd, iov, offset)  # type: ignore[arg-type]
+
+        engine.preadv = held  # type: ignore[method-assign]
+        tasks = [asyncio.ensure_future(vbd.read(i * 65536 + 1, view(bytes(100))))
+                 for i in range(3)]
+        while len(entered) < 3:
+            await asyncio.sleep(0.001)
+        during = vbd.stats_dict()
+        release.set()
+        await asyncio.gather(*tasks)
+        engine.preadv = real  # type: ignore[method-assign]
+        after = vbd.stats_dict()
+        await vbd.close()
+        return stats, during, after
+    stats, during, after = run(body)
+    [img] = stats["images"]
+    status = img["driver"]["status"]
+    assert list(img["driver"])[:3] == ["type", "name", "status"]
+    assert img["driver"]["type"] == 0 and img["driver"]["name"] == "aio"
+    assert list(status) == ["reqs"] and list(status["reqs"]) == ["max", "pending"]
+    assert status["reqs"]["max"] >= 1 and status["reqs"]["pending"] == 0
+    assert during["images"][0]["driver"]["status"]["reqs"]["pending"] == 3
+    assert after["images"][0]["driver"]["status"]["reqs"]["pending"] == 0
+    assert img["hits"] == [16, 8]
 
 
 def test_reads_skip_empty_layers_of_a_deep_chain(tmp_path: Path) -> None:
@@ -614,12 +676,11 @@ def test_reads_skip_empty_layers_of_a_deep_chain(tmp_path: Path) -> None:
         assert c.pread(1 * MiB, 65536) == base_data[:65536]
     hits = [img["hits"][0] for img in stats["images"]]  # leaf first
     assert len(hits) == 31
-    # 128 + 16 + 8 sectors asked of the leaf; every layer down to the middle one saw
-    # all of them; below it, the 8 sectors the middle layer does not hold go on.
-    assert hits[0] == 152
-    assert all(h == 152 for h in hits[: 31 - mid])
-    assert all(h == 128 + 8 + 8 for h in hits[31 - mid : 30]), hits
-    assert hits[30] == 128 + 8 + 8
+    # 128 + 16 + 8 sectors read; as the C tapdisk counts them, each on the layer that
+    # served it: the middle layer 8, the base the rest (its data, and the zeros past
+    # every layer's data); the empty layers none, skipped or not.
+    assert hits == [0] * (30 - mid) + [8] + [0] * (mid - 1) + [128 + 8 + 8], hits
+    assert sum(hits) == stats["secs"][0] == 152
 
 
 def test_skip_stops_at_a_smaller_parent(tmp_path: Path) -> None:

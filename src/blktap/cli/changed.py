@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from blktap.cli.common import format_table, human_size, print_json
+from blktap.cli.common import add_output_option, format_table, human_size, print_json
 from blktap.image import cbt
 
 
@@ -19,7 +19,7 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
                   "List the extents a changed-block tracking log (cbt-util's) marks as "
                   "written.")
     cmd.add_argument("log", metavar="LOG", help="the CBT log file (e.g. VDI.cbtlog)")
-    cmd.add_argument("--json", action="store_true", help="print JSON")
+    add_output_option(cmd)
 
 
 def report(path: str) -> dict:

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from typing import Any, TextIO
@@ -32,31 +32,72 @@ _UNIT_NAMES = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
 # ------------------------------------------------------------------------------ signals
 class Terminated(BaseException):
-    """SIGTERM arrived: raised wherever the program was, so that the cleanups on the way
-    out run (a file being built is discarded) as they do for Ctrl-C."""
+    """SIGTERM or SIGHUP arrived: raised wherever the program was, so that the cleanups on
+    the way out run (a file being built is discarded) as they do for Ctrl-C."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """What a shell reports for a process that signal killed: 128 + its number."""
+        return 128 + self.signum
+
+    @property
+    def message(self) -> str:
+        return "hangup" if self.signum == signal.SIGHUP else "terminated"
 
 
 TERMINATED_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM killed
+# The signals that end a command cleanly (SIGINT is Python's KeyboardInterrupt).
+CLEAN_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """Within the block, the next SIGTERM raises :class:`Terminated` (in the main thread
-    only, where Python runs signal handlers); a second SIGTERM kills at once, as by
-    default. The previous handler is back afterwards (main() may run inside a test)."""
+    """Within the block, the next SIGTERM or SIGHUP raises :class:`Terminated` (in the main
+    thread only, where Python runs signal handlers); a second one kills at once, as by
+    default. The previous handlers are back afterwards (main() may run inside a test).
+    A SIGHUP that was ignored when the program started (nohup) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Terminated()
+        for sig in CLEAN_EXIT_SIGNALS:
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, signal.SIG_DFL)
+        raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {}
+    for sig in CLEAN_EXIT_SIGNALS:
+        if signal.getsignal(sig) == signal.SIG_IGN and sig == signal.SIGHUP:
+            continue
+        previous[sig] = signal.signal(sig, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ------------------------------------------------------------------------------ version
+def version_line(prog: str) -> str:
+    from blktap import __version__
+
+    return f"{prog} (blktap) {__version__}"
+
+
+def print_version_if_asked(prog: str, args: Sequence[str]) -> bool:
+    """For the legacy tools, whose reference takes no --version: ``--version`` as the
+    only argument prints the version (a call the reference tools' callers never make, so
+    their behaviour stays the reference's for everything else)."""
+    if list(args) != ["--version"]:
+        return False
+    sys.stdout.write(version_line(prog) + "\n")
+    sys.stdout.flush()
+    return True
 
 
 # ------------------------------------------------------------------------------ sizes
@@ -134,8 +175,18 @@ def print_error(message: str, stream: TextIO | None = None) -> None:
     stream.flush()
 
 
+# -q: notes are not printed (errors and warnings are). Set by main() for one command.
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
 def print_note(message: str, stream: TextIO | None = None) -> None:
-    print_error(f"note: {message}", stream)
+    if not _quiet:
+        print_error(f"note: {message}", stream)
 
 
 def print_warning(message: str, stream: TextIO | None = None) -> None:
@@ -190,27 +241,37 @@ def is_terminal(stream: TextIO) -> bool:
 
 
 class Progress:
-    """A one-line progress bar redrawn with ``\\r``; silent unless the stream is a terminal.
+    """A progress line: ``label [####----] 42%  1.2 GiB / 3 GiB  210 MiB/s  ETA 0:09``.
 
-    Redraws at most every ``interval`` seconds; ``close`` clears the line.
+    On a terminal it is one line redrawn with ``\\r`` at most every ``interval`` seconds
+    and cleared by ``close``; with ``redraw`` off (``-p`` into a pipe or a log) it is a
+    line of its own at most every ``line_interval`` seconds, and always at the end (an
+    update that reaches the total is drawn).
+    Silent unless enabled (by default: when the stream is a terminal). The rate is the
+    average since the start, the ETA what is left at that rate; ``clock`` is for tests.
     """
 
     WIDTH = 30
 
     def __init__(self, label: str, total: int, stream: TextIO | None = None,
-                 enabled: bool | None = None, interval: float = 0.1) -> None:
+                 enabled: bool | None = None, interval: float = 0.1, *,
+                 redraw: bool = True, line_interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.label = label
         self.total = max(total, 0)
         self.stream = stream or sys.stderr
         self.enabled = is_terminal(self.stream) if enabled is None else enabled
-        self.interval = interval
+        self.redraw = redraw
+        self.interval = interval if redraw else line_interval
+        self.clock = clock
+        self.started = clock()
         self._last = float("-inf")
         self._drawn = False
 
     def update(self, done: int) -> None:
         if not self.enabled:
             return
-        now = time.monotonic()
+        now = self.clock()
         if now - self._last < self.interval and done < self.total:
             return
         self._last = now
@@ -221,22 +282,100 @@ class Progress:
         fraction = done / self.total if self.total else 1.0
         filled = int(fraction * self.WIDTH)
         bar = "#" * filled + "-" * (self.WIDTH - filled)
-        return (f"{self.label} [{bar}] {int(fraction * 100):3d}%  "
+        text = (f"{self.label} [{bar}] {int(fraction * 100):3d}%  "
                 f"{human_size(done)} / {human_size(self.total)}")
+        elapsed = self.clock() - self.started
+        if elapsed > 0 and done > 0:
+            rate = done / elapsed
+            text += f"  {short_size(rate)}/s"
+            if done < self.total:
+                text += f"  ETA {format_duration((self.total - done) / rate)}"
+        return text
 
     def _draw(self, done: int) -> None:
-        self.stream.write("\r" + self.line(done) + "\x1b[K")
+        if self.redraw:
+            self.stream.write("\r" + self.line(done) + "\x1b[K")
+        else:
+            self.stream.write(self.line(done) + "\n")
         self.stream.flush()
         self._drawn = True
 
     def close(self) -> None:
-        if self.enabled and self._drawn:
+        if not (self.enabled and self._drawn):
+            return
+        if self.redraw:  # lines of their own stay: the last update drew the end
             self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._drawn = False
+        self.stream.flush()
+        self._drawn = False
 
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def short_size(nbytes: float) -> str:
+    """``1.5 GiB``, ``210 MiB``, ``12.3 KiB``: three significant figures at most."""
+    unit = 0
+    while unit + 1 < len(_UNIT_NAMES) and nbytes >= 1024:
+        nbytes /= 1024
+        unit += 1
+    if unit == 0:
+        return f"{int(nbytes)} B"
+    return f"{nbytes:.3g} {_UNIT_NAMES[unit]}"
+
+
+def format_duration(seconds: float) -> str:
+    """``0:09``, ``12:05``, ``1:02:03``."""
+    whole = int(seconds + 0.5)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+# ------------------------------------------------------------------------------ options
+# -p, -q, -v/--debug and --output, the same on every subcommand. Their defaults sit on the
+# top-level parser, so that they can be given before the subcommand too.
+OUTPUT_FORMATS = ("human", "json")
+
+
+def add_common_options(cmd: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """``-q``, ``-v`` and ``--debug`` (on every command). On a subcommand they default to
+    nothing, so that ``blktap -q convert`` keeps what the top level parsed."""
+    default: Any = argparse.SUPPRESS if not top else None
+    cmd.add_argument("-q", "--quiet", action="store_true",
+                     default=default if not top else False,
+                     help="print nothing but errors (no progress, no notes, no report "
+                          "unless --output=json): the exit code tells")
+    cmd.add_argument("-v", "--verbose", action="count",
+                     default=default if not top else 0,
+                     help="log what is done on stderr (-vv: in detail)")
+    cmd.add_argument("--debug", action="store_true", default=default if not top else False,
+                     help="log everything, and show a traceback on an internal error")
+
+
+def add_output_option(cmd: argparse.ArgumentParser) -> None:
+    """``--output=human|json`` for a command that reports; ``--json`` is its alias."""
+    cmd.add_argument("--output", choices=OUTPUT_FORMATS, default="human",
+                     help="how to print the result (default: human)")
+    cmd.add_argument("--json", dest="output", action="store_const", const="json",
+                     help="the same as --output=json")
+
+
+def add_progress_option(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("-p", "--progress", action="store_true",
+                     help="show progress with rate and ETA (default: on a terminal), even "
+                          "into a pipe or a log")
+
+
+def progress_for(args: argparse.Namespace, label: str, total: int,
+                 stream: TextIO | None = None) -> Progress:
+    """The progress line a command asked for: none with -q, a redrawn bar on a terminal,
+    lines of their own with -p elsewhere."""
+    stream = stream or sys.stderr
+    if getattr(args, "quiet", False):
+        return Progress(label, total, stream, enabled=False)
+    terminal = is_terminal(stream)
+    forced = bool(getattr(args, "progress", False))
+    return Progress(label, total, stream, enabled=terminal or forced, redraw=terminal)

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from blktap.cli.common import Progress, human_size, print_json
+from blktap.cli.common import Progress, add_output_option, human_size, print_json
 from blktap.errors import BlktapError, UsageError
 
 
@@ -38,9 +38,9 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
     cmd.add_argument("--zero-holes", action="store_true",
                      help="make the ranges SRC reads as zeros zero on DST too (for a "
                           "destination that is not empty)")
-    cmd.add_argument("--progress", action="store_true",
+    cmd.add_argument("-p", "--progress", action="store_true",
                      help="draw the progress bar even when stderr is not a terminal")
-    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output_option(cmd)
     cmd.add_argument("--check-mirror", metavar="PID:MINOR",
                      help="after the copy, fail unless that tapdisk's mirror is intact")
     cmd.add_argument("--chunk", default="2M", help="bytes per request (default 2M)")

@@ -7,7 +7,8 @@
     blktap compare A B           whether two disks read the same
     blktap map IMAGE             which layer holds each part of the disk
     blktap copy SRC DST          copy only the allocated extents onto another disk
-    blktap check IMAGE           a qcow2 image's consistency (qemu-img check's verdicts)
+    blktap check IMAGE           an image's consistency (qemu-img check's verdicts)
+    blktap measure [IMAGE]       the space a new image needs (qemu-img measure)
     blktap coalesce IMAGE        merge a differencing VHD into its parent
     blktap rebase IMAGE PARENT   give a differencing VHD a new parent, keeping its content
     blktap resize IMAGE SIZE     grow a disk (fast, or journaled when metadata must move)
@@ -20,28 +21,37 @@ is refused (EPERM): its parents are followed only when the format is named, ``vh
 or ``qcow2:PATH`` (docs/security.md). ``--parent-dir DIR`` (or ``BLKTAP_PARENT_DIRS``)
 confines the parents opened to those directories. Errors are one line on stderr,
 ``blktap: <message>``, and the exit code is the error's errno.
+
+Every subcommand takes ``-q`` (no progress, no notes), ``-v``/``--debug`` (log on stderr);
+those that report take ``--output=json`` (alias ``--json``); the long ones take ``-p``
+(progress with rate and ETA even when stderr is not a terminal). SIGTERM and SIGHUP end a
+command as Ctrl-C does: what it was building is removed, and it exits 128 + the signal.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import stat
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, redirect_stdout, suppress
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from blktap import __version__
-from blktap.cli import changed, copy, maintain, rated, serve
+from blktap.cli import changed, checks, copy, maintain, rated, serve
 from blktap.cli.common import (
     PROG,
-    TERMINATED_EXIT,
     Progress,
     Terminated,
+    add_common_options,
+    add_output_option,
     add_parent_dir,
+    add_progress_option,
     describe_size,
     error_message,
     exit_code,
@@ -53,6 +63,8 @@ from blktap.cli.common import (
     print_json,
     print_note,
     print_warning,
+    progress_for,
+    set_quiet,
     sigterm_raises,
 )
 from blktap.errors import BlktapError, FormatError, UsageError
@@ -68,7 +80,6 @@ from blktap.image.chain import (
 from blktap.image.chain import open_chain as open_chain_with_key
 from blktap.image.crypto import read_key_file
 from blktap.image.fileio import pwrite_all, staged_path
-from blktap.image.qcow2 import check as qcow2_check
 from blktap.image.qcow2.create import create as create_qcow2
 from blktap.image.qcow2.image import Qcow2Image
 from blktap.image.vhd import structs as s
@@ -94,11 +105,13 @@ QCOW2_OPTIONS = ("cluster_size", "compat", "preallocation", "lazy_refcounts", "e
                  "refcount_bits", "backing_file", "backing_fmt")
 
 Handler = Callable[[argparse.Namespace], int]
+log = logging.getLogger("blktap.cli")
 
 
 # ==================================================================================== parser
 class Parser(argparse.ArgumentParser):
-    """argparse, with usage mistakes reported like every other error: one line."""
+    """argparse, with usage mistakes reported like every other error: one line, naming
+    the subcommand's help."""
 
     def error(self, message: str) -> NoReturn:
         where = self.prog.removeprefix(PROG).strip()
@@ -130,6 +143,7 @@ def build_parser() -> Parser:
                            "it vhd:PATH to follow its parents). Sizes accept 512, 64M, 10G "
                            "(units of 1024).")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    add_common_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_info(sub)
     _add_create(sub)
@@ -137,7 +151,7 @@ def build_parser() -> Parser:
     _add_convert(sub)
     _add_compare(sub)
     _add_map(sub)
-    _add_check(sub)
+    checks.add_commands(sub, _command)
     maintain.add_commands(sub, _command)
     serve.add_parser(sub, _command)
     changed.add_parser(sub, _command)
@@ -148,15 +162,19 @@ def build_parser() -> Parser:
 
 
 def _command(sub: Any, name: str, handler: Handler, summary: str) -> Parser:
-    cmd = sub.add_parser(name, help=summary, description=summary, allow_abbrev=False)
+    # "resolve": a subcommand that defines -q, -v or --debug itself takes the option
+    # string over from the shared one instead of breaking the whole parser.
+    cmd = sub.add_parser(name, help=summary, description=summary, allow_abbrev=False,
+                         conflict_handler="resolve")
     cmd.set_defaults(handler=handler, min_error_code=1)
+    add_common_options(cmd)
     return cmd
 
 
 def _add_info(sub: Any) -> None:
     cmd = _command(sub, "info", cmd_info, "Show an image: format, sizes, allocation, chain.")
     cmd.add_argument("image", metavar="IMAGE")
-    cmd.add_argument("--json", action="store_true", help="print JSON")
+    add_output_option(cmd)
     add_parent_dir(cmd)
 
 
@@ -173,6 +191,7 @@ def _add_create(sub: Any) -> None:
                      help="reserve all the space now (fixed VHD, fully allocated raw file)")
     cmd.add_argument("--prealloc", metavar="SIZE", type=parse_size,
                      help="dynamic VHD: size its metadata for growing to SIZE later")
+    add_output_option(cmd)
 
 
 def _add_snapshot(sub: Any) -> None:
@@ -188,6 +207,7 @@ def _add_snapshot(sub: Any) -> None:
                      help="link to PARENT even when it is an empty differencing image")
     cmd.add_argument("--depth-limit", metavar="N", type=positive_int,
                      help="refuse when the parent chain already has N images or more")
+    add_output_option(cmd)
     add_parent_dir(cmd)
 
 
@@ -205,6 +225,8 @@ def _add_convert(sub: Any) -> None:
                      help="skip zeros so that DST stays sparse (default: --sparse)")
     cmd.add_argument("--force", action="store_true",
                      help="replace DST if it exists (a regular file, not part of SRC)")
+    add_output_option(cmd)
+    add_progress_option(cmd)
     add_key_file(cmd, "SRC")
     add_parent_dir(cmd)
 
@@ -218,7 +240,8 @@ def _add_compare(sub: Any) -> None:
     cmd.add_argument("--strict", action="store_true",
                      help="images of different sizes differ (default: the extra part must "
                           "read as zeros)")
-    cmd.add_argument("--json", action="store_true", help="print JSON")
+    add_output_option(cmd)
+    add_progress_option(cmd)
     add_key_file(cmd, "A or B")
     add_parent_dir(cmd)
 
@@ -251,20 +274,10 @@ def qcow2_options(specs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _add_check(sub: Any) -> None:
-    cmd = _command(sub, "check", cmd_check,
-                   "Check a qcow2 image as qemu-img check does. Exit 0 clean, 1 check "
-                   "failed, 2 corruptions, 3 leaked clusters only.")
-    cmd.add_argument("image", metavar="IMAGE")
-    cmd.add_argument("-r", "--repair", choices=("leaks", "all"),
-                     help="repair leaked clusters, or everything")
-    cmd.add_argument("--json", action="store_true", help="print JSON")
-
-
 def _add_map(sub: Any) -> None:
     cmd = _command(sub, "map", cmd_map, "List the extents of the disk and the layer of each.")
     cmd.add_argument("image", metavar="IMAGE")
-    cmd.add_argument("--json", action="store_true", help="print JSON")
+    add_output_option(cmd)
     add_parent_dir(cmd)
 
 
@@ -272,13 +285,17 @@ def _add_map(sub: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     min_code = 1
+    debug = bool(os.environ.get("BLKTAP_DEBUG"))
     try:
-        args = parser.parse_args(argv)
+        args = parse_args(parser, argv)
         if args.command is None:
             parser.print_help()
             return 0
         min_code = args.min_error_code
-        with sigterm_raises():
+        debug = debug or args.debug
+        set_quiet(args.quiet)
+        configure_logging(args)
+        with sigterm_raises(), quiet_stdout(args.quiet and not args.json):
             return args.handler(args)
     except BrokenPipeError:
         _silence_stdout()
@@ -289,15 +306,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print_error("interrupted")
         return 130
-    except Terminated:
-        print_error("terminated")
-        return TERMINATED_EXIT
+    except Terminated as exc:
+        print_error(exc.message)
+        return exc.exit_code
     except Exception as exc:  # a bug: still one line, unless asked for the traceback
-        if os.environ.get("BLKTAP_DEBUG"):
+        if debug:
             raise
         print_error(f"internal error: {type(exc).__name__}: {error_message(exc)} "
-                    f"(set BLKTAP_DEBUG=1 to see where)")
+                    f"(run with --debug, or set BLKTAP_DEBUG=1, to see where)")
         return errno.EIO
+    finally:
+        set_quiet(False)
+
+
+def parse_args(parser: Parser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, reporting an unknown option against the subcommand it was given to (its
+    help names its options), and setting ``json`` from ``--output`` for the handlers."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = getattr(args, "command", None)
+        owner = subparser(parser, command) if command else None
+        (owner or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    args.json = getattr(args, "output", "human") == "json"
+    return args
+
+
+def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
+    """The parser of subcommand ``name``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser | None = action.choices.get(name)
+            return found
+    return None
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    """-v: what is done (INFO) on stderr; -vv or --debug: in detail (DEBUG). A command
+    that sets its logging up itself (serve) says so with ``own_logging``."""
+    if getattr(args, "own_logging", False):
+        return
+    if args.debug or args.verbose >= 2:
+        level = logging.DEBUG
+    elif args.verbose:
+        level = logging.INFO
+    else:
+        return
+    root = logging.getLogger("blktap")
+    if not any(getattr(h, "blktap_cli", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+        handler.blktap_cli = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+@contextmanager
+def quiet_stdout(quiet: bool) -> Iterator[None]:
+    """-q, as qemu-img's: no output but errors (the result is the exit code); output
+    asked for with --output=json is still printed."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+        yield
 
 
 def _silence_stdout() -> None:
@@ -485,23 +556,31 @@ def cmd_create(args: argparse.Namespace) -> int:
             raise UsageError("--fixed and --prealloc apply to VHD and raw images (qcow2: "
                              "-o preallocation=...)")
         create_qcow2(path, args.size, **qcow2_options(args.options))
-        print(f"Created {path}: qcow2, {describe_size(-(-args.size // 512) * 512)}")
-        return 0
+        return report_created(args, path, "qcow2", None, -(-args.size // 512) * 512)
     if fmt == "raw":
         if args.prealloc is not None:
             raise UsageError("--prealloc applies to VHD images only")
         with errors_about(path):
             create_raw(path, args.size, args.fixed)
-        kind = "raw, fully allocated" if args.fixed else "raw, sparse"
-        print(f"Created {path}: {kind}, {describe_size(args.size)}")
-        return 0
+        return report_created(args, path, "raw", "fully allocated" if args.fixed else "sparse",
+                              args.size)
     if args.fixed and args.prealloc is not None:
         raise UsageError("--prealloc applies to dynamic VHDs; a fixed VHD cannot grow fast")
     create_vhd(path, args.size, fixed=args.fixed, prealloc_size=args.prealloc)
     size = vhd_size(path)
-    note_rounding(args.size, size)
-    kind = "fixed" if args.fixed else "dynamic"
-    print(f"Created {path}: VHD {kind}, {describe_size(size)}")
+    if not args.json:
+        note_rounding(args.size, size)
+    return report_created(args, path, "vhd", "fixed" if args.fixed else "dynamic", size)
+
+
+def report_created(args: argparse.Namespace, path: str, fmt: str, kind: str | None,
+                   size: int) -> int:
+    if args.json:
+        print_json({"image": path, "format": fmt, "type": kind, "virtual_size": size})
+    else:
+        shown = {"vhd": "VHD"}.get(fmt, fmt)
+        sep = " " if fmt == "vhd" else ", "
+        print(f"Created {path}: {shown}{sep + kind if kind else ''}, {describe_size(size)}")
     return 0
 
 
@@ -541,6 +620,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     used = snapshot_vhd(child, parent, raw_parent=raw, prealloc_size=args.prealloc,
                         depth_limit=args.depth_limit, skip_empty=args.skip_empty,
                         parent_policy=parent_policy(args))
+    if args.json:
+        print_json({"image": child, "format": "vhd", "type": "differencing",
+                    "parent": used, "parent_is_raw": raw})
+        return 0
     print(f"Created {child}: VHD differencing, parent {used}")
     if os.path.realpath(parent) != os.path.realpath(used):
         print_note(f"{parent} is an empty differencing image: the snapshot links to its "
@@ -713,10 +796,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.fixed and fmt != "vhd":
         raise UsageError("--fixed applies to VHD output (for a fully allocated raw file "
                          "use --no-sparse)")
+    started = time.monotonic()
     with open_chain(args.src, args, key_file=args.key_file) as chain:
         check_destination(dst, chain, args.force)
-        with staged_output(dst, args.force) as tmp, \
-                Progress(f"converting to {fmt}", chain.size) as progress:
+        log.info("converting %s (%d layers, %d bytes) to %s %s", chain.leaf.path,
+                 len(chain), chain.size, fmt, dst)
+        with errors_about(dst), staged_output(dst, args.force) as tmp, \
+                progress_for(args, f"converting to {fmt}", chain.size) as progress:
+            log.debug("building %s at %s", dst, tmp)
             if fmt == "raw":
                 written = write_raw(chain, tmp, args.sparse, progress)
             elif fmt == "qcow2":
@@ -725,9 +812,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
             else:
                 written = write_vhd(chain, tmp, args.fixed, args.sparse, progress)
             size = vhd_size(tmp) if fmt == "vhd" else chain.size
-    note_rounding(chain.size, size)
+    elapsed = time.monotonic() - started
+    log.info("%s complete: %d bytes written in %.3f s", dst, written, elapsed)
     kind = {"raw": "raw", "qcow2": "qcow2"}.get(
         fmt, f"VHD {'fixed' if args.fixed else 'dynamic'}")
+    if args.json:
+        print_json({"source": chain.leaf.path, "layers": len(chain), "target": dst,
+                    "format": fmt, "type": None if fmt != "vhd" else kind.split()[1],
+                    "virtual_size": size, "written": written,
+                    "seconds": round(elapsed, 3)})
+        return 0
+    note_rounding(chain.size, size)
     print(f"Converted {chain.leaf.path} ({len(chain)} layer{'s' if len(chain) > 1 else ''}) "
           f"to {dst}: {kind}, {describe_size(size)}, {human_size(written)} of data written")
     return 0
@@ -823,7 +918,7 @@ def first_nonzero(chain: Chain, start: int, buf: bytearray, progress: Progress) 
 def cmd_compare(args: argparse.Namespace) -> int:
     with open_chain(args.a, args, key_file=args.key_file) as a, \
             open_chain(args.b, args, key_file=args.key_file) as b:
-        with Progress("comparing", max(a.size, b.size)) as progress:
+        with progress_for(args, "comparing", max(a.size, b.size)) as progress:
             result = compare_chains(a, b, args.strict, progress)
         sizes = a.size, b.size
     if args.json:
@@ -870,7 +965,7 @@ def _add_drivers(sub: Any) -> None:
     cmd = _command(sub, "drivers", cmd_drivers,
                    "List the tapdisk driver types: built-in, plugins (entry points of "
                    "group blktap.drivers) and why a plugin cannot be used.")
-    cmd.add_argument("--json", action="store_true", help="print JSON")
+    add_output_option(cmd)
 
 
 def cmd_drivers(args: argparse.Namespace) -> int:
@@ -887,37 +982,6 @@ def cmd_drivers(args: argparse.Namespace) -> int:
         if r["status"] == "broken":
             print_warning(r["error"])
     return 0
-
-
-# ==================================================================================== check
-def cmd_check(args: argparse.Namespace) -> int:
-    fmt, path = parse_spec(args.image)
-    try:
-        fmt = fmt or probe(path)
-        if fmt != "qcow2":
-            raise UsageError(f"{path}: check is for qcow2 images (this is {fmt}; for VHD "
-                             f"use vhd-util check)")
-        result = qcow2_check.check(path, repair=args.repair)
-    except BlktapError as exc:
-        # qemu-img check: an image that cannot be checked exits 1.
-        print_error(error_message(exc))
-        return 1
-    if args.json:
-        print_json({"filename": path, "format": "qcow2", "check-errors": result.check_errors,
-                    "corruptions": result.corruptions, "leaks": result.leaks,
-                    "corruptions-fixed": result.corruptions_fixed,
-                    "leaks-fixed": result.leaks_fixed,
-                    "image-end-offset": result.image_end_offset,
-                    "total-clusters": result.total_clusters,
-                    "allocated-clusters": result.allocated_clusters,
-                    "messages": result.messages})
-    else:
-        for line in result.messages:
-            print(line)
-        if result.messages:
-            print()
-        print("\n".join(result.summary()))
-    return result.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from blktap.cli.common import (
-    Progress,
+    add_output_option,
     add_parent_dir,
+    add_progress_option,
     describe_size,
     human_size,
     parent_policy,
     parse_size,
     print_json,
     print_note,
+    progress_for,
 )
 from blktap.errors import BlktapError, UsageError
 from blktap.image.chain import parse_spec, probe, refuse_probed_parent
@@ -33,6 +36,7 @@ from blktap.image.vhd.journal import revert as revert_resize
 from blktap.image.vhd.rebase import rebase
 from blktap.image.vhd.resize import load_target, resize, round_size
 
+log = logging.getLogger("blktap.cli")
 Register = Callable[[Any, str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
@@ -48,7 +52,8 @@ def add_commands(sub: Any, command: Register) -> None:
     cmd.add_argument("--remove", action="store_true",
                      help="then delete IMAGE (refused while a VHD in its folder still has "
                           "IMAGE as its parent)")
-    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output_option(cmd)
+    add_progress_option(cmd)
     add_parent_dir(cmd)
 
     cmd = command(sub, "resize", cmd_resize,
@@ -60,12 +65,13 @@ def add_commands(sub: Any, command: Register) -> None:
     cmd.add_argument("--journal", metavar="PATH",
                      help="where to keep the undo journal while a VHD's metadata must move "
                           "(default: a hidden file beside IMAGE, removed when done)")
-    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output_option(cmd)
 
     cmd = command(sub, "revert", cmd_revert,
                   "Undo an interrupted VHD resize with its journal.")
     cmd.add_argument("image", metavar="IMAGE")
     cmd.add_argument("journal", metavar="JOURNAL")
+    add_output_option(cmd)
 
     cmd = command(sub, "rebase", cmd_rebase,
                   "Give IMAGE, a differencing VHD, the parent PARENT; its content stays "
@@ -79,7 +85,8 @@ def add_commands(sub: Any, command: Register) -> None:
                           "PARENT holds the same data as the old parent; vhd-util modify -p)")
     cmd.add_argument("--key-file", metavar="PATH",
                      help="the AES-XTS key (32 or 64 bytes) of an encrypted chain")
-    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_output_option(cmd)
+    add_progress_option(cmd)
     add_parent_dir(cmd)
 
 
@@ -127,7 +134,8 @@ def cmd_coalesce(args: argparse.Namespace) -> int:
     if args.remove and children and not args.rebase_children:
         raise UsageError(f"not removing {path}: {', '.join(children)} still use it as "
                          f"their parent (add --rebase-children)")
-    with Progress("coalescing", total) as progress:
+    log.info("coalescing %s into its parent%s", path, " (sparse)" if args.sparse else "")
+    with progress_for(args, "coalescing", total) as progress:
         started = time.monotonic()
         result = coalesce(path, sparse=args.sparse,
                           progress=lambda done, _: progress.update(done * block_size),
@@ -174,7 +182,9 @@ def cmd_rebase(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.parent}: the vhd: prefix contradicts --raw-parent")
     if fmt is None and not raw:
         refuse_probed_parent(parent)
-    with Progress("comparing parents", 1) as progress:
+    log.info("rebasing %s onto %s (%s)", path, parent,
+             "pointers only" if args.unsafe else "content kept")
+    with progress_for(args, "comparing parents", 1) as progress:
 
         def report(done: int, total: int) -> None:
             progress.total = total
@@ -257,6 +267,9 @@ def _resize_raw(path: str, args: argparse.Namespace) -> int:
 def cmd_revert(args: argparse.Namespace) -> int:
     path = vhd_path(args.image)
     revert_resize(path, args.journal)
+    if args.json:
+        print_json({"image": path, "journal": args.journal, "reverted": True})
+        return 0
     print(f"Reverted {path} to its size before the interrupted resize; {args.journal} "
           f"removed")
     return 0

@@ -102,7 +102,9 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
                      help="rate-limit the disk (the valve filter): rate=BYTES/s, iops=N, "
                      "burst=BYTES, iops-burst=N, group=NAME (a blktap rated group), "
                      "comma-separated, e.g. rate=20M,iops=500 (docs/filters.md)")
-    cmd.add_argument("-v", "--verbose", action="store_true", help="log connections")
+    # -v (log connections) and --debug are the options every subcommand has; serve sets
+    # its logging up itself, with its own prefix.
+    cmd.set_defaults(own_logging=True)
     add_parent_dir(cmd)
 
 
@@ -122,7 +124,9 @@ def run_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
         Limits.parse(args.limit)  # a bad limit is a usage error before anything opens
     if not args.socket and not args.tcp and not args.vhost_user:
         args.tcp = [parse_hostport(DEFAULT_TCP)]
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    level = logging.DEBUG if getattr(args, "debug", False) else (
+        logging.INFO if getattr(args, "verbose", 0) else logging.WARNING)
+    logging.basicConfig(level=level,
                         format="blktap serve: %(message)s", stream=sys.stderr)
     return asyncio.run(_serve(args, out or sys.stdout))
 

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
+from blktap.cli.common import print_version_if_asked
 from blktap.cli.vhd_util.options import Output, getopt, strtol
 from blktap.control.client import ListIncomplete, TapCtl, TapEntry, read_key
 from blktap.control.message import Flag
@@ -502,6 +503,8 @@ def run(argv: list[str]) -> tuple[int, bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if print_version_if_asked("tap-ctl", sys.argv[1:] if argv is None else argv):
+        return 0
     try:
         code, out = run(list(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:

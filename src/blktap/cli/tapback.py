@@ -24,6 +24,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from blktap.cli.common import version_line
 from blktap.cli.daemonize import detach_until_ready, say_ready
 from blktap.control import message as m
 from blktap.errors import BlktapError
@@ -34,6 +35,7 @@ PROG = "tapback"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Serve Xen guests' block devices "
                                 "from tapdisks: the XenStore half of the backend.")
+    p.add_argument("--version", action="version", version=version_line(p.prog))
     p.add_argument("-d", "--debug", action="store_true",
                    help="stay in the foreground and log to stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")

@@ -28,6 +28,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from blktap.cli.common import version_line
 from blktap.cli.daemonize import detach_until_ready, null_stdio, say_ready
 from blktap.control.rundir import control_dir
 from blktap.errors import BlktapError
@@ -38,6 +39,7 @@ LOG_FORMAT = "%(asctime)s tapdisk[%(process)d]: %(levelname)s %(message)s"
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tapdisk", description="Serve virtual disks.")
+    ap.add_argument("--version", action="version", version=version_line(ap.prog))
     ap.add_argument("-D", dest="foreground", action="store_true",
                     help="stay in the foreground (do not daemonize)")
     ap.add_argument("--run-dir", default=None,

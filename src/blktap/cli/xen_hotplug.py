@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from blktap.cli.common import print_version_if_asked
 from blktap.errors import BlktapError
 
 PROG = "blktap-xen-hotplug"
@@ -37,6 +38,8 @@ async def _run(action: str, path: str, xenstore: str | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if print_version_if_asked(PROG, args):
+        return 0
     if len(args) != 1 or args[0] not in ACTIONS:
         print(f"usage: {PROG} add|remove   (with XENBUS_PATH set, as libxl runs it)",
               file=sys.stderr)

@@ -6,6 +6,8 @@ environment variable ``BLKTAP_CONTROL_DIR`` names another directory)::
     <dir>/ctl<pid>               a tapdisk's control socket (pid = the tapdisk's id)
     <dir>/nbdclient<pid>         a tapdisk's NBD-client fd receiver
     <dir>/nbd<pid>.<minor>       the NBD export of one VBD
+    <dir>/nbd-old<pid>.<minor>   the same export again (the reference's "old" server's
+                                 socket, which XenServer tools look for)
     <dir>/tapdisk/tapdisk-<N>    the marker of minor N (0 <= N < 16384)
 
 Since the kernel blktap driver is gone, a "minor" is nothing but the number of a marker
@@ -129,6 +131,9 @@ class RunDir:
 
     def nbd_socket(self, pid: int, minor: int) -> str:
         return os.path.join(self.path, f"nbd{pid}.{minor}")
+
+    def nbd_old_socket(self, pid: int, minor: int) -> str:
+        return os.path.join(self.path, f"nbd-old{pid}.{minor}")
 
     def marker_path(self, minor: int) -> str:
         _check_minor(minor)

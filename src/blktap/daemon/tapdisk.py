@@ -527,6 +527,11 @@ class Tapdisk:
             old = os.umask(0o177)
             try:
                 server.listen_unix(path)
+                # The reference listens on a second direct socket, its "old" server's
+                # (newstyle-fixed too on a direct connection): the same export here.
+                # Its two fd-passing sockets (nbdserver*, for descriptors handed over
+                # by another process) are not offered.
+                server.listen_unix(self.run_dir.nbd_old_socket(self.pid, minor))
             finally:
                 os.umask(old)
         except BaseException:

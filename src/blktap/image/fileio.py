@@ -33,19 +33,37 @@ def is_regular(fd: int) -> bool:
 
 def pread_exact(fd: int, length: int, offset: int) -> bytes:
     """Read exactly ``length`` bytes, or fail: metadata must never be read short."""
-    data = os.pread(fd, length, offset)
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as exc:
+        raise at_offset(exc, offset) from None
     if len(data) != length:
         raise FormatError(f"short read at offset {offset}: wanted {length}, got {len(data)}",
                           errno.EIO)
     return data
 
 
+def at_offset(exc: OSError, offset: int) -> OSError:
+    """The same system error, its message naming where in the file it happened
+    (``No space left on device at offset 1048576``); the caller adds the file's name."""
+    text = exc.strerror or os.strerror(exc.errno or errno.EIO)
+    if text.endswith(f" at offset {offset}"):
+        return exc
+    out = OSError(exc.errno, f"{text} at offset {offset}", exc.filename)
+    out.__traceback__ = exc.__traceback__
+    return out
+
+
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset``; a failure names the offset it happened at."""
     view = memoryview(data).cast("B")
     while view:
-        written = os.pwrite(fd, view, offset)
+        try:
+            written = os.pwrite(fd, view, offset)
+        except OSError as exc:
+            raise at_offset(exc, offset) from None
         if written <= 0:
-            raise OSError(errno.EIO, "short write")
+            raise OSError(errno.EIO, f"short write at offset {offset}")
         view = view[written:]
         offset += written
 
@@ -54,7 +72,10 @@ def pwritev_all(fd: int, buffers: list[bytes | bytearray | memoryview], offset: 
     """Write several buffers back to back in one system call (finishing a short write
     buffer by buffer), without joining them in Python first."""
     views = [memoryview(b).cast("B") for b in buffers]
-    done = os.pwritev(fd, views, offset)
+    try:
+        done = os.pwritev(fd, views, offset)
+    except OSError as exc:
+        raise at_offset(exc, offset) from None
     for view in views:
         if done >= len(view):
             done -= len(view)
@@ -78,7 +99,10 @@ def preadv_into(fd: int, view: memoryview, offset: int) -> None:
     """Fill ``view`` from the file at ``offset``; bytes past the end of file read as zeros
     (a raw parent shorter than its child, a file still being extended)."""
     while view:
-        got = os.preadv(fd, [view], offset)
+        try:
+            got = os.preadv(fd, [view], offset)
+        except OSError as exc:
+            raise at_offset(exc, offset) from None
         if got <= 0:
             zero_fill(view)
             return

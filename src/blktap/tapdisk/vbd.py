@@ -343,6 +343,7 @@ class VBD:
                 code = errno_of(exc)
                 if code in RETRYABLE and time.monotonic() - first.start < self.timeout:
                     self.stats.retries += 1
+                    self._count_failed_attempt(first.op, length)
                     log.info("%s: %s of %d bytes at %d failed (%s), retrying", self.name,
                              first.op.value, length, first.offset, exc)
                     await asyncio.sleep(self.retry_interval)
@@ -358,6 +359,16 @@ class VBD:
                 error = BlktapError(f"{type(exc).__name__}: {exc}", errno.EIO)
                 break
         return result, error
+
+    def _count_failed_attempt(self, op: Op, length: int) -> None:
+        """A read or write attempt that failed and will be retried counts in the top
+        layer's ``hits`` and ``fail`` as the C tapdisk counts every completion (the
+        layers below counted the attempt as it passed them)."""
+        if op is Op.READ or op is Op.WRITE:
+            i = 1 if op is Op.WRITE else 0
+            sectors = -(-length // SECTOR)
+            self.driver.hits[i] += sectors
+            self.driver.fail[i] += sectors
 
     def _finish(self, group: list[Request], result: object,
                 error: BaseException | None, *, cancelled: bool = False) -> None:
@@ -699,16 +710,32 @@ class VBD:
 
     def stats_dict(self) -> dict:
         """The reference's ``tap-ctl stats`` object, in its field order (leaf first in
-        ``images``; sectors), then our own counters."""
+        ``images``; sectors), then our own counters.
+
+        A layer's ``hits`` and ``fail`` are the sectors that layer served (or failed)
+        itself, as the C tapdisk counts them on the image that completes a request: a
+        read the leaf forwards to its parent counts on the parent, not on both. The
+        drivers count what each layer was asked for (cheaper on the data path: one add
+        per forward); a layer's own reads are what it was asked for less what it passed
+        down, since a parent is asked only through its child. Writes are never passed
+        down."""
         st = self.stats
-        for d in self.driver.chain():
+        chain = self.driver.chain()
+        for d in chain:
             d.settle_hits()
+        images = []
+        for d, below in zip(chain, [*chain[1:], None], strict=True):
+            hits, fail = list(d.hits), list(d.fail)
+            if below is not None:
+                hits[0] -= below.hits[0]
+                fail[0] -= below.fail[0]
+            if d.listed_in_stats:  # (a filter without data of its own is not an image)
+                images.append({"name": d.path, "hits": hits, "fail": fail,
+                               "driver": d.describe()})
         return {
             "name": self.name,
             "secs": [st.read_sectors, st.write_sectors],
-            "images": [{"name": d.path, "hits": list(d.hits), "fail": list(d.fail),
-                        "driver": d.describe()} for d in self.driver.chain()
-                       if d.listed_in_stats],
+            "images": images,
             "FIXME_enospc_redirect_count": 0,
             "nbd_mirror_failed": 0,
             "reqs_outstanding": st.in_flight,

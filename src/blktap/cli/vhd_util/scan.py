@@ -104,7 +104,10 @@ def run(argv: list[str], out: Output) -> int:
         else:
             targets = _file_targets(pattern, parsed.args, opts, out)
     except ScanError as exc:
-        out.error(f"scan failed: {-exc.err}. Check syslog for details\n")
+        # The reference says "Check syslog for details" here, though nothing of ours
+        # logs there (and callers parse stdout and the exit code, not this line): say
+        # what failed instead.
+        out.error(f"scan failed: {-exc.err} ({exc.message}: {os.strerror(exc.err)})\n")
         return exc.err
     return _Scanner(opts, out).scan(targets)
 

@@ -313,7 +313,7 @@ def _check(image: Qcow2Image, result: CheckResult, repair: str | None) -> None:
             and repair != "all":
         repair = "all"
     if repair is None:
-        _fill_summary(image, result, refs)
+        _fill_summary(image, result, refs, stored)
         return
     if repair == "all" and (low or image.dirty or result.corruptions):
         _rebuild(image, walker, result)
@@ -332,10 +332,10 @@ def _check(image: Qcow2Image, result: CheckResult, repair: str | None) -> None:
         # (the safe direction; a flag set on a shared cluster needs -r all).
         result.corruptions_fixed = _set_missing_copied(image, walker, stored, result)
         if not result.leaks_fixed and not result.corruptions_fixed:
-            _fill_summary(image, result, refs)
+            _fill_summary(image, result, refs, stored)
             return
     else:
-        _fill_summary(image, result, refs)
+        _fill_summary(image, result, refs, stored)
         return
     os.fsync(image.fd)
     # The verdict after repair is that of a new check.
@@ -398,9 +398,12 @@ def _set_missing_copied(image: Qcow2Image, walker: _Walker, stored: list[int],
     return fixed
 
 
-def _fill_summary(image: Qcow2Image, result: CheckResult, refs: array.array) -> None:
+def _fill_summary(image: Qcow2Image, result: CheckResult, refs: array.array,
+                  stored: list[int]) -> None:
+    """The image's end is after the last cluster referenced or counted (qemu-img's: a
+    leaked cluster at the end still takes room in the file)."""
     result.total_clusters = -(-image.size // image.cluster_size)
-    last = max((c for c in range(len(refs)) if refs[c]), default=0)
+    last = max((c for c in range(len(refs)) if refs[c] or stored[c]), default=0)
     result.image_end_offset = (last + 1) * image.cluster_size
 
 

@@ -37,6 +37,7 @@ import os
 import stat
 import sys
 from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 
 from blktap.errors import BlktapError, FormatError, UnsupportedImage, UsageError
@@ -637,6 +638,13 @@ def resize(path: str, size: int, *, journal: str | None = None) -> int:
             raise FormatError(f"{path}: resize failed ({exc}) and so did undoing it "
                               f"({rexc}); the journal {journal} is kept", code) from None
         raise FormatError(f"{path}: resize failed, image restored: {exc}", code) from None
+    except BaseException:
+        # Interrupted (Ctrl-C, or a SIGTERM/SIGHUP the CLI turns into an exception):
+        # undo, so that neither a disabled image nor the journal is left behind. If
+        # undoing fails too, the journal stays for ``revert``.
+        with suppress(OSError, BlktapError):
+            jn.revert(path, journal)
+        raise
     jn.remove_journal(journal)
     return plan.new_size
 
