@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from blktap import __version__
-from blktap.cli import maintain, serve
+from blktap.cli import attach, maintain, serve
 from blktap.cli.common import (
     PROG,
     TERMINATED_EXIT,
@@ -137,6 +137,7 @@ def build_parser() -> Parser:
     _add_check(sub)
     maintain.add_commands(sub, _command)
     serve.add_parser(sub, _command)
+    attach.add_parsers(sub, _command)
     return parser
 
 
