@@ -240,3 +240,31 @@ def test_fuse_bad_target(tmp_path: Path) -> None:
     assert r.returncode == errno.EINVAL, r.stderr
     assert "not a regular file" in r.stderr
     assert r.stdout == ""
+
+
+def test_fuse_sigterm_while_a_loop_device_holds_the_file(tmp_path: Path, cleanup: list) -> None:
+    root_only()
+    need("losetup")
+    image = tmp_path / "d.raw"
+    image.write_bytes(b"\x42" * (4 * MiB))
+    disk = tmp_path / "disk.raw"
+    served = FuseServed(f"aio:{image}", disk)
+    cleanup.append(["umount", "-l", str(disk)])
+    loop = run(["losetup", "-f", "--show", str(disk)], text=True)
+    assert loop.returncode == 0, loop.stderr
+    dev = loop.stdout.strip()
+    cleanup.append(["losetup", "-d", dev])
+    served.proc.send_signal(signal.SIGTERM)
+    # The name goes at once; the loop device is still served until it lets go.
+    deadline = time.monotonic() + 30
+    while mounted(disk) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not mounted(disk)
+    with open(dev, "rb") as f:
+        assert f.read(4096) == b"\x42" * 4096
+    assert served.proc.poll() is None
+    assert run(["losetup", "-d", dev]).returncode == 0
+    # The loop device lets go of the file soon after (its release is deferred work):
+    # then the server ends by itself.
+    assert served.proc.wait(timeout=60) == 0
+    assert "in use" in served.stderr
