@@ -268,3 +268,56 @@ def test_fuse_sigterm_while_a_loop_device_holds_the_file(tmp_path: Path, cleanup
     # then the server ends by itself.
     assert served.proc.wait(timeout=60) == 0
     assert "in use" in served.stderr
+
+
+def test_fuse_as_a_user_through_fusermount3(tmp_path: Path) -> None:
+    """Not root: fusermount3 mounts and hands the descriptor back; SIGTERM unmounts."""
+    root_only()  # to become another user
+    need("fusermount3")
+    need("setpriv")
+    # Another user cannot run our venv's interpreter (under root's home): the system's.
+    python = "/usr/bin/python3"
+    if subprocess.run([python, "-c", "import sys; assert sys.version_info >= (3, 11)"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("no system python3 >= 3.11 for another user")
+    import shutil
+    import tempfile
+
+    from conftest import ROOT
+    base = Path(tempfile.mkdtemp(prefix="blktap-fuse-user-"))  # tmp_path is root's only
+    try:
+        base.chmod(0o777)
+        shutil.copytree(ROOT / "src", base / "src",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        image = base / "u.raw"
+        image.write_bytes(bytes(MiB))
+        image.chmod(0o666)
+        subprocess.run(["chmod", "-R", "a+rX", str(base / "src")], check=True)
+        disk = base / "f.raw"
+        user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "env",
+                f"HOME={base}", f"PYTHONPATH={base / 'src'}"]
+        proc = subprocess.Popen([*user, python, "-c",
+                                 "import sys; from blktap.cli.main import main; "
+                                 "sys.exit(main())", "serve", f"aio:{image}", "--fuse",
+                                 str(disk)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().strip()
+            assert line == f"fuse:{disk}", proc.stderr.read() if proc.stderr else ""
+            assert mounted(disk)
+            r = subprocess.run([*user, "dd", "if=/dev/zero", f"of={disk}", "bs=4k", "count=1",
+                                "seek=3", "conv=notrunc,fsync"], capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            r = subprocess.run([*user, "stat", "-c", "%u %s", str(disk)], capture_output=True,
+                               text=True, timeout=60)
+            assert r.stdout.split() == ["65534", str(MiB)], r.stderr
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=60)
+        assert rc == 0, proc.stderr.read() if proc.stderr else ""
+        assert not mounted(disk) and not disk.exists()
+    finally:
+        subprocess.run(["umount", "-l", str(base / "f.raw")], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)

@@ -84,6 +84,8 @@ def _mount_fusermount(path: str, *, read_only: bool, fsname: str) -> int:
         opts = f"default_permissions,fsname={fsname},subtype=blktap,nosuid,nodev"
         if read_only:
             opts += ",ro"
+        if _user_allow_other():
+            opts += ",allow_other"
         env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
         r = subprocess.run([helper, "-o", opts, "--", path], env=env,
                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
@@ -104,6 +106,16 @@ def _mount_fusermount(path: str, *, read_only: bool, fsname: str) -> int:
     finally:
         theirs.close()
         ours.close()
+
+
+def _user_allow_other() -> bool:
+    """fusermount3 lets users pass allow_other (root's losetup may then open the file)
+    only where /etc/fuse.conf says user_allow_other."""
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def unmount(path: str, *, lazy: bool = False) -> None:

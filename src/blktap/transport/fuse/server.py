@@ -371,6 +371,8 @@ class FuseServer:
         pos = offset
         while pos < size:
             extents = await self.vbd.block_status(pos, min(LSEEK_STEP, size - pos))
+            if not extents:
+                raise BlktapError("block status answered nothing", errno.EIO)
             for length, flags in extents:
                 if bool(flags & STATE_HOLE) == (whence == SEEK_HOLE):
                     return pos
