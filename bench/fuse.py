@@ -8,8 +8,9 @@
 Both sides use the image the same way: qsd gets cache.direct=on exactly where ours
 opens the image with O_DIRECT (a raw image on a disk file system); elsewhere (our VHD
 driver is buffered; tmpfs has no direct I/O) both go through the page cache. fio reads
-and writes the exported file with ioengine=psync and numjobs=QD (FUSE files take synchronous I/O; a job per request in
-flight), direct=1 where the export accepts O_DIRECT, else buffered. Results: the median
+and writes the exported file with ioengine=psync and numjobs=QD (FUSE files take
+synchronous I/O; a job per request in flight), direct=1 where the export accepts
+O_DIRECT, else buffered. Results: the median
 of the repetitions per (format, server, workload), and ours/qsd's ratio, printed as a
 Markdown table (and saved as JSON with --json). Needs root (mount) or fusermount3.
 """
