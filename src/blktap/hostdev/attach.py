@@ -139,6 +139,7 @@ def detach(target: str, *, tc: TapCtl | None = None) -> Attachment:
     refused with EBUSY: unmount it first."""
     tc = tc or TapCtl()
     a = find(target, tc)
+    flush_error: OSError | None = None
     connected = nbd_kernel.status().get(a.index, False)
     if connected:
         try:
@@ -150,6 +151,8 @@ def detach(target: str, *, tc: TapCtl | None = None) -> Attachment:
             raise BlktapError(f"{a.device}: {exc.strerror}", exc.errno) from None
         try:
             os.fsync(fd)  # the page cache, then a FLUSH the tapdisk passes down
+        except OSError as exc:  # a dead tapdisk: detach all the same, then say so
+            flush_error = exc
         finally:
             os.close(fd)
         nbd_kernel.disconnect(a.index)
@@ -160,6 +163,10 @@ def detach(target: str, *, tc: TapCtl | None = None) -> Attachment:
         tc.destroy(a.tid, a.minor)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(_record_dir(tc), str(a.index)))
+    if flush_error is not None:
+        raise BlktapError(f"{a.device}: the flush failed ({flush_error.strerror}): writes "
+                          f"not yet flushed may be lost; detached all the same",
+                          flush_error.errno or errno.EIO)
     return a
 
 
