@@ -3,7 +3,8 @@
 the testbed's disk through a tapdisk, makes an ext4 file system on /dev/nbdN, writes
 files, checks that tap-ctl sees, pauses and resumes the tapdisk, detaches, then attaches
 read-only and reads the files back. The host then checks the image it gets back
-(e2fsck, the files' bytes). Slow: one testbed run (about a minute and a half)."""
+(e2fsck, the files' bytes). Slow: one testbed run, 7 to 12 minutes on a shared 2-core
+machine (every Python start in the TCG dom0 costs seconds)."""
 
 from __future__ import annotations
 
