@@ -65,6 +65,17 @@ step "small $(cat /mnt/t/dir/small) big-md5 $(md5sum < /mnt/t/big | cut -c1-32)"
 umount /mnt/t
 blktap detach $dev
 step "done"
+# The tapdisk dies under an attached device: I/O fails once the dead-connection timeout
+# has passed (it does not hang), and detach still cleans up, reporting the failed flush.
+dev=$(blktap attach --timeout 10 --dead-conn-timeout 3 aio:$DISK_IMAGE)
+set -- $(tap-ctl list | head -n 1)
+kill -9 ${1#pid=}
+t0=$(date +%s)
+if timeout 120 dd if=$dev of=/dev/null bs=4k count=1 skip=1000 iflag=direct; then exit 12; fi
+step "dead: read failed after $(( $(date +%s) - t0 )) s"
+rc=0; timeout 120 blktap detach $dev || rc=$?
+step "dead: detach rc=$rc attached: [$(blktap attached)] connected: $(cat /sys/block/${dev#/dev/}/pid 2>/dev/null || echo no)"
+step "dead-done"
 """
 
 
@@ -83,6 +94,8 @@ def test_kernel_nbd_attach_in_xen_dom0(testbed, payload, tmp_path):  # noqa: F81
                     if line.startswith("[backend] "))
     assert "ATTACH-STEP done" in log, log[-4000:]
     assert "ATTACH-STEP scheduler [none]" in log, log[-4000:]
+    assert "ATTACH-STEP dead-done" in log, log[-4000:]
+    assert "ATTACH-STEP dead: detach rc=5 attached: [] connected: no" in log, log[-4000:]
     assert "ATTACH-STEP size 67108864" in log, log[-4000:]
     assert "ATTACH-STEP backend blktap:" in log, log[-4000:]
     assert "state=0x2a" in log.split("ATTACH-STEP paused:")[1].splitlines()[0]

@@ -159,8 +159,13 @@ def detach(target: str, *, tc: TapCtl | None = None) -> Attachment:
         deadline = time.monotonic() + DISCONNECT_WAIT
         while _sysfs_pid(a.index) and time.monotonic() < deadline:
             time.sleep(0.05)
-    with contextlib.suppress(BlktapError):  # already gone is fine
+    try:
         tc.destroy(a.tid, a.minor)
+    except BlktapError:
+        # The tapdisk is gone (killed): its minor's marker is orphaned; free it (free
+        # refuses a marker a live tapdisk still holds).
+        with contextlib.suppress(BlktapError, OSError):
+            tc.free(a.minor)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(_record_dir(tc), str(a.index)))
     if flush_error is not None:
