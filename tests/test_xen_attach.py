@@ -2,9 +2,11 @@
 6.1 kernel has nbd.ko; the machines we build on have none). The backend command attaches
 the testbed's disk through a tapdisk, makes an ext4 file system on /dev/nbdN, writes
 files, checks that tap-ctl sees, pauses and resumes the tapdisk, detaches, then attaches
-read-only and reads the files back. The host then checks the image it gets back
-(e2fsck, the files' bytes). Slow: one testbed run, 7 to 12 minutes on a shared 2-core
-machine (every Python start in the TCG dom0 costs seconds)."""
+read-only and reads the files back; last, it kills the tapdisk under an attached device
+(I/O fails after the dead-connection timeout; detach cleans up and reports EIO). The host
+then checks the image it gets back (e2fsck, the files' bytes). Slow: one testbed run, 7
+to 12 minutes on a shared 2-core machine (every Python start in the TCG dom0 costs
+seconds)."""
 
 from __future__ import annotations
 
@@ -74,7 +76,8 @@ t0=$(date +%s)
 if timeout 120 dd if=$dev of=/dev/null bs=4k count=1 skip=1000 iflag=direct; then exit 12; fi
 step "dead: read failed after $(( $(date +%s) - t0 )) s"
 rc=0; timeout 120 blktap detach $dev || rc=$?
-step "dead: detach rc=$rc attached: [$(blktap attached)] connected: $(cat /sys/block/${dev#/dev/}/pid 2>/dev/null || echo no)"
+conn=$(cat /sys/block/${dev#/dev/}/pid 2>/dev/null || echo no)
+step "dead: detach rc=$rc attached: [$(blktap attached)] connected: $conn"
 step "dead-done"
 """
 
