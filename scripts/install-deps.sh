@@ -10,7 +10,7 @@
 # when run as root).
 set -euo pipefail
 
-packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv
+packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv fuse3
           qemu-system-common nbdkit-plugin-python strace
           qemu-system-x86 busybox-static gcc libc6-dev cpio kmod xz-utils zstd
           debootstrap e2fsprogs gzip openssl)

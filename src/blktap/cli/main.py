@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from blktap import __version__
-from blktap.cli import changed, checks, copy, maintain, rated, serve
+from blktap.cli import attach, changed, checks, copy, maintain, rated, serve
 from blktap.cli.common import (
     PROG,
     Progress,
@@ -158,6 +158,7 @@ def build_parser() -> Parser:
     copy.add_parser(sub, _command)
     _add_drivers(sub)
     rated.add_parser(sub, _command)
+    attach.add_parsers(sub, _command)
     return parser
 
 

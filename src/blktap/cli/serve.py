@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -95,6 +96,9 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
     cmd.add_argument("--serial", metavar="TEXT",
                      help="vhost-user: the disk's serial number (GET_ID, 20 bytes at most; "
                      "default: the image's file name)")
+    cmd.add_argument("--fuse", metavar="FILE", action="append", default=[],
+                     help="show the disk as this regular file (a FUSE mount over it, "
+                     "created if missing; losetup gives a block device); repeatable")
     cmd.add_argument("--cbt-log", metavar="LOG",
                      help="track changed blocks in this CBT log (cbt-util's format; as "
                           "tap-ctl open -C), exported as qemu:dirty-bitmap:NAME (docs/cbt.md)")
@@ -122,13 +126,31 @@ def run_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.limit is not None:
         from blktap.tapdisk.ratelimit import Limits
         Limits.parse(args.limit)  # a bad limit is a usage error before anything opens
-    if not args.socket and not args.tcp and not args.vhost_user:
+    if not args.socket and not args.tcp and not args.vhost_user and not args.fuse:
         args.tcp = [parse_hostport(DEFAULT_TCP)]
     level = logging.DEBUG if getattr(args, "debug", False) else (
         logging.INFO if getattr(args, "verbose", 0) else logging.WARNING)
     logging.basicConfig(level=level,
                         format="blktap serve: %(message)s", stream=sys.stderr)
     return asyncio.run(_serve(args, out or sys.stdout))
+
+
+async def _stop_fuses(fuses: list, again: asyncio.Event) -> None:
+    """Unmount the files; one still in use (a loop device on it) is detached and served
+    until its last user lets go, or until a second signal (``again``) drops it."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.ensure_future(asyncio.gather(*(fs.stop() for fs in fuses)))
+    signalled = loop.create_task(again.wait())
+    try:
+        await asyncio.wait([stopping, signalled], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        signalled.cancel()
+        if not stopping.done():
+            stopping.cancel()
+        results = await asyncio.gather(stopping, signalled, return_exceptions=True)
+    if isinstance(results[0], BaseException) and \
+            not isinstance(results[0], asyncio.CancelledError):
+        raise results[0]
 
 
 def _uri(tls: bool, name: str, *, socket: str | None = None,
@@ -167,6 +189,8 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
         engine = best_engine(args.threads)
     vbd = server = None
     vhost: list = []
+    fuses: list = []
+    created: list[str] = []
     try:
         tls = tls_context(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
         policy = parent_policy(args)
@@ -192,6 +216,15 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
                 vhost.append(vs := VhostUserServer(vbd, options))
                 vs.listen(path)
                 uris.append(f"vhost-user:{path}")
+        for path in args.fuse:
+            from blktap.transport.fuse import FuseServer
+            path = os.path.abspath(path)
+            if not os.path.lexists(path):
+                with open(path, "x"):
+                    created.append(path)
+            fuses.append(fs := FuseServer(vbd, path))
+            fs.mount()
+            uris.append(f"fuse:{path}")
         server = NbdServer(Export(args.export_name, vbd, description=args.image), tls=tls)
         for path in args.socket:
             path = os.path.abspath(path)  # the URI must work from anywhere
@@ -215,9 +248,25 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
         for uri in uris:
             print(uri, file=out)
         out.flush()
-        await stop.wait()
+        waits = [loop.create_task(stop.wait())]
+        if fuses and not (args.socket or args.tcp or args.vhost_user):
+            # Only files: the server ends when they are unmounted from outside too.
+            waits += [loop.create_task(fs.wait_closed()) for fs in fuses]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
         logging.getLogger("blktap.nbd").info("stopping")
+        stop.clear()
+        await _stop_fuses(fuses, stop)
     finally:
+        for fs in fuses:
+            await fs.abort()
+        for path in created:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         for vs in vhost:
             await vs.stop()
         if server is not None:
