@@ -1,12 +1,12 @@
 """Image drivers and the registry that builds a driver stack from ``type:path``.
 
 Type names are the reference tapdisk's (``tapdisk-disktype.c``): ``aio``, ``vhd`` and
-``ram`` are implemented, and ``qcow2`` (qemu's format) beside them; the reference's other
-names are known and answer ENOSYS (not built), as there; anything else is ENOENT. A path
-without a type is probed: a VHD gets the ``vhd`` driver, a qcow2 image ``qcow2``,
-anything else ``aio``; a probed differencing VHD (or qcow2 with a backing file) is refused
-(:class:`~blktap.errors.ProbedParent`, docs/security.md). The tapdisk daemon, as the
-reference, takes no path without a type (:func:`split_type`).
+``ram`` are implemented, and ``qcow2`` (qemu's format) and ``rbd`` (Ceph) beside them; the
+reference's other names are known and answer ENOSYS (not built), as there; anything else
+is ENOENT. A path without a type is probed: a VHD gets the ``vhd`` driver, a qcow2 image
+``qcow2``, anything else ``aio``; a probed differencing VHD (or qcow2 with a backing file)
+is refused (:class:`~blktap.errors.ProbedParent`, docs/security.md). The tapdisk daemon,
+as the reference, takes no path without a type (:func:`split_type`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from blktap.tapdisk.drivers.qcow2 import Qcow2Driver
 from blktap.tapdisk.drivers.ram import RamDriver
 from blktap.tapdisk.drivers.vhd import VhdDriver
 
-IMPLEMENTED = ("aio", "vhd", "ram", "qcow2")
+IMPLEMENTED = ("aio", "vhd", "ram", "qcow2", "rbd")
 # In the reference's table but not built here (yet), as "sync"/"vmdk" are not built there.
 KNOWN = ("sync", "vmdk", "vhdsync", "qcow", "bc", "vhdi", "log", "remus", "lc", "lle", "llp",
          "valve", "nbd")
@@ -104,6 +104,10 @@ def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True
         return AioDriver.open(engine, path, writable=writable, direct=direct)
     if kind == "ram":
         return RamDriver.open(engine, path, writable=writable)
+    if kind == "rbd":  # a Ceph image (drivers/rbd.py); its bindings load on first use
+        from blktap.tapdisk.drivers.rbd import RbdDriver
+
+        return RbdDriver.open(engine, path, writable=writable)
     chain = Chain.open(f"{kind}:{path}", writable=writable, key=key, probed=probed,
                        follow_probed_parents=follow_probed_parents,
                        parent_policy=parent_policy)
