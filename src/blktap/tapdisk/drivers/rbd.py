@@ -77,6 +77,8 @@ class RbdDriver(Driver):
             self.caps |= Caps.WRITE | Caps.FLUSH | Caps.FUA | Caps.TRIM | Caps.ZERO
         self.slots = asyncio.Semaphore(max_inflight)
         self.max_inflight = max_inflight
+        self.inflight = 0  # requests librbd holds (their callbacks still to come)
+        self._idle: asyncio.Event | None = None
 
     @classmethod
     def open(cls, engine: Engine, spec: str, *, writable: bool,
@@ -100,11 +102,24 @@ class RbdDriver(Driver):
             except Exception as exc:  # refused before queueing (bad argument, closed)
                 code = getattr(exc, "errno", None) or errno.EIO
                 raise OSError(abs(code), f"{self.path}: {what}: {exc}") from None
+            self.inflight += 1
             try:
-                return await fut
+                # Shielded: librbd owns the buffers until its callback, whatever the
+                # caller does; close() waits for every one.
+                return await asyncio.shield(fut)
             except OSError as exc:
                 code = TRANSIENT.get(exc.errno, exc.errno)
                 raise OSError(code, f"{self.path}: {what}: {exc.strerror}") from None
+            finally:
+                if fut.done():
+                    self._landed()
+                else:
+                    fut.add_done_callback(lambda _: self._landed())
+
+    def _landed(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0 and self._idle is not None:
+            self._idle.set()
 
     # ------------------------------------------------------------------ operations
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
@@ -163,9 +178,11 @@ class RbdDriver(Driver):
         return merge_extents(out) or [(length, STATE_DATA)]
 
     async def close(self) -> None:
-        # Let what is in flight finish (the VBD drains first; this is for direct users).
-        for _ in range(self.max_inflight):
-            await self.slots.acquire()
+        # Let what librbd holds land first (the VBD drains before closing; this is for
+        # requests whose callers gave up).
+        while self.inflight:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
         await self.engine.call(self.image.close)
 
     def describe(self) -> dict:

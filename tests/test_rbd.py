@@ -1,0 +1,272 @@
+"""The rbd driver against a real, throwaway Ceph (tests/ceph_cluster.py): librbd's aio
+path in-process, ``blktap serve rbd:`` with qemu's own rbd driver and fio as peers, a
+snapshot taken while the disk is served, the OSD stopped and restarted mid-I/O."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from blktap.errors import BlktapError, UsageError
+from blktap.image import rbd as rbdlib
+from blktap.image.rbd import parse_spec
+from conftest import need, run, with_engine
+from nbd_helpers import serve
+
+MiB = 1 << 20
+
+
+def new_image(cluster, size: int = 64 * MiB) -> str:
+    name = "t-" + uuid.uuid4().hex[:10]
+    cluster.rbd("create", "--size", f"{size // MiB}M", f"rbd/{name}")
+    return name
+
+
+def qemu_io(spec: str, *commands: str, fmt: str = "raw", timeout: float = 120,
+            read_only: bool = False) -> subprocess.CompletedProcess:
+    argv = [need("qemu-io"), "-f", fmt, *(["-r"] if read_only else [])]
+    for c in commands:
+        argv += ["-c", c]
+    return run([*argv, spec], text=True, timeout=timeout)
+
+
+def qemu_rbd(cluster, image: str, snap: str | None = None) -> str:
+    """The image as qemu's rbd driver names it."""
+    return cluster.spec(image, snap)
+
+
+# ----------------------------------------------------------------------------- no cluster
+def test_spec_parsing() -> None:
+    s = parse_spec("rbd:vms/disk1")
+    assert (s.pool, s.namespace, s.image, s.snap, s.conf, s.user) == \
+        ("vms", "", "disk1", None, None, None)
+    s = parse_spec("rbd:vms/tenant/disk1@gold:conf=/etc/ceph/c.conf:id=xen:"
+                   "mon_host=10.0.0.1\\:6789:rados_osd_op_timeout=5")
+    assert (s.pool, s.namespace, s.image, s.snap) == ("vms", "tenant", "disk1", "gold")
+    assert s.conf == "/etc/ceph/c.conf" and s.user == "xen"
+    assert s.options == {"mon_host": "10.0.0.1:6789", "rados_osd_op_timeout": "5"}
+    assert parse_spec("p/a\\@b").image == "a@b"
+    for bad in ("rbd:pool", "rbd:/img", "rbd:p/i@", "rbd:p/i@a@b", "rbd:p/i:conf",
+                "rbd:a/b/c/d"):
+        with pytest.raises(UsageError):
+            parse_spec(bad)
+
+
+def test_missing_bindings_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without python3-rbd for this interpreter, opening says so (ENOSYS), naming the
+    packages and the folders looked in."""
+    monkeypatch.setattr(rbdlib, "_bindings", None)
+    monkeypatch.setattr(rbdlib, "SYSTEM_DIRS", ("/nonexistent",))
+    for name in ("rados", "rbd"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "dist-packages" not in p])
+    with pytest.raises(BlktapError) as info:
+        rbdlib.bindings()
+    assert info.value.errno == errno.ENOSYS
+    assert "python3-rbd" in str(info.value) and "/nonexistent" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- in-process
+def test_driver_operations(ceph_cluster) -> None:
+    """read/write/flush/discard/write-zeroes/block status through librbd's aio calls,
+    many requests in flight at once (more than the in-flight bound)."""
+    import asyncio
+
+    from blktap.tapdisk.driver import STATE_DATA, STATE_ZERO, Caps
+    from blktap.tapdisk.drivers import open_stack
+    from blktap.tapdisk.drivers.rbd import RbdDriver
+
+    name = new_image(ceph_cluster, 32 * MiB)
+    spec = ceph_cluster.spec(name)
+
+    async def body(engine):
+        ro = open_stack(engine, spec, writable=False)
+        assert isinstance(ro, RbdDriver) and not ro.caps & Caps.WRITE
+        await ro.close()
+        d = RbdDriver.open(engine, spec, writable=True, max_inflight=4)  # to be exceeded
+        assert d.size == 32 * MiB
+        assert d.caps & (Caps.WRITE | Caps.FLUSH | Caps.TRIM | Caps.ZERO | Caps.BLOCK_STATUS)
+        try:
+            bufs = [bytearray([i + 1]) * 65536 for i in range(32)]
+            await asyncio.gather(*(d.write(i * 65536, [memoryview(b)])
+                                   for i, b in enumerate(bufs)))
+            await d.flush()
+            # Two buffers for one read (an iovec), split mid-write.
+            a, b = bytearray(100 * 512), bytearray(156 * 512)
+            await d.read(65536 - 512 * 100, [memoryview(a), memoryview(b)])
+            assert a == bytes([1]) * len(a)
+            assert b[:65536] == bytes([2]) * 65536 and b[65536:] == bytes([3]) * (len(b) - 65536)
+            await d.write_zeroes(65536, 65536)
+            out = bytearray(65536)
+            await d.read(65536, [memoryview(out)])
+            assert out == bytes(65536)
+            await d.discard(0, 8 * MiB)
+            ext = await d.block_status(0, 32 * MiB)
+            assert sum(n for n, _ in ext) <= 32 * MiB
+            # Everything written was in the first 4 MiB object, now discarded; the rest
+            # was never written: all of it reads as zeros and says so.
+            assert all(f & STATE_ZERO for _, f in ext), ext
+            await d.write(20 * MiB, [memoryview(bytearray(b"x" * 4096))], fua=True)
+            ext = await d.block_status(16 * MiB, 8 * MiB)
+            assert any(not f & STATE_ZERO and f == STATE_DATA for _, f in ext), ext
+            with pytest.raises(OSError):  # past the end: librbd refuses it
+                await d.read(40 * MiB, [memoryview(bytearray(512))])
+        finally:
+            await d.close()
+
+    with_engine(body)
+
+
+def test_snapshot_is_read_only_and_bad_names_fail_clearly(ceph_cluster) -> None:
+    from blktap.tapdisk.drivers import open_stack
+
+    name = new_image(ceph_cluster, 8 * MiB)
+    ceph_cluster.rbd("snap", "create", f"rbd/{name}@s1")
+
+    async def body(engine):
+        with pytest.raises(UsageError) as info:
+            open_stack(engine, ceph_cluster.spec(name, "s1"), writable=True)
+        assert info.value.errno == errno.EROFS
+        d = open_stack(engine, ceph_cluster.spec(name, "s1"), writable=False)
+        try:
+            assert not d.writable
+            with pytest.raises(BlktapError):
+                await d.write(0, [memoryview(bytearray(512))])
+        finally:
+            await d.close()
+        for bad, code in ((ceph_cluster.spec("no-such-image"), errno.ENOENT),
+                          (f"rbd:nopool/x:conf={ceph_cluster.conf}", errno.ENOENT),
+                          (ceph_cluster.spec(name, "nosnap"), errno.ENOENT)):
+            with pytest.raises(BlktapError) as info:
+                open_stack(engine, bad, writable=False)
+            assert info.value.errno == code, (bad, info.value)
+            assert "rbd:" in str(info.value)
+
+    with_engine(body)
+
+
+# ----------------------------------------------------------------------------- peers
+def test_qemu_reads_what_we_wrote_and_we_read_what_it_wrote(ceph_cluster,
+                                                            tmp_path: Path) -> None:
+    name = new_image(ceph_cluster)
+    with serve(ceph_cluster.spec(name), tmp_path) as srv:
+        r = qemu_io(srv.uri, "write -P 0x11 0 3M", "write -P 0x12 5M 64k",
+                    "write -z 1M 512k", "flush")
+        assert r.returncode == 0, r.stdout + r.stderr
+        # Read while we still serve it: qemu's rbd driver is a second client.
+        r = qemu_io(qemu_rbd(ceph_cluster, name), "read -P 0x11 0 1M",
+                    "read -P 0 1M 512k", "read -P 0x11 1536k 1536k", "read -P 0 3M 2M",
+                    "read -P 0x12 5M 64k", "read -P 0 5184k 1M")
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, \
+            r.stdout + r.stderr
+    r = qemu_io(qemu_rbd(ceph_cluster, name), "write -P 0x33 7M 1M", "discard 0 4M")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with serve(ceph_cluster.spec(name), tmp_path, "--read-only") as srv:
+        r = qemu_io(srv.uri, "read -P 0x33 7M 1M", "read -P 0 0 4M", "read -P 0x12 5M 64k",
+                    read_only=True)
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, \
+            r.stdout + r.stderr
+        r = run([need("qemu-img"), "compare", "-f", "raw", "-F", "raw", srv.uri,
+                 qemu_rbd(ceph_cluster, name)], text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        # Block status over NBD: the object map's picture (4 MiB objects).
+        r = run([need("qemu-img"), "map", "--output=json", "-f", "raw", srv.uri], text=True)
+        assert r.returncode == 0, r.stderr
+        data = [(e["start"], e["length"]) for e in json.loads(r.stdout) if e["data"]]
+        assert data and all(s >= 4 * MiB for s, _ in data), data
+
+
+def test_fio_verify_over_nbd(ceph_cluster, tmp_path: Path) -> None:
+    fio = need("fio")
+    name = new_image(ceph_cluster)
+    with serve(ceph_cluster.spec(name), tmp_path) as srv:
+        res = run([fio, "--name=v", "--ioengine=nbd", f"--uri={srv.uri}", "--rw=randwrite",
+                   "--bs=4k", "--iodepth=16", "--size=16M", "--verify=crc32c",
+                   "--do_verify=1", "--verify_fatal=1", "--randrepeat=1",
+                   "--verify_state_save=0", "--output-format=json"],
+                  text=True, timeout=300, cwd=tmp_path)
+        assert res.returncode == 0, res.stdout + res.stderr
+        job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
+        assert job["error"] == 0 and job["write"]["io_bytes"] == 16 * MiB
+        # And what fio left there is what qemu's driver reads.
+        r = run([need("qemu-img"), "compare", "-f", "raw", "-F", "raw", srv.uri,
+                 qemu_rbd(ceph_cluster, name)], text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_live_snapshot(ceph_cluster, tmp_path: Path) -> None:
+    """A snapshot taken while the disk is served and written keeps what was written
+    before it; the served disk goes on with the writes after it; the snapshot serves
+    read-only."""
+    name = new_image(ceph_cluster, 16 * MiB)
+    with serve(ceph_cluster.spec(name), tmp_path) as srv:
+        assert qemu_io(srv.uri, "write -P 0xa1 0 2M", "flush").returncode == 0
+        ceph_cluster.rbd("snap", "create", f"rbd/{name}@live")
+        r = qemu_io(srv.uri, "write -P 0xb2 1M 2M", "read -P 0xa1 0 1M",
+                    "read -P 0xb2 1M 2M")
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+    with serve(ceph_cluster.spec(name, "live"), tmp_path, "--read-only",
+               name="snap.sock") as srv:
+        r = qemu_io(srv.uri, "read -P 0xa1 0 2M", "read -P 0 2M 2M", read_only=True)
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+        r = qemu_io(srv.uri, "write -P 1 0 4k")  # the export says read-only
+        assert r.returncode != 0 and "wrote" not in r.stdout, r.stdout
+
+
+# ----------------------------------------------------------------------------- OSD outage
+def test_osd_restart_mid_io_holds_requests(ceph_cluster, tmp_path: Path) -> None:
+    """Writes issued while the only OSD is down are held, complete once it is back, and
+    none is lost; acknowledged writes from before the outage are still there."""
+    name = new_image(ceph_cluster, 16 * MiB)
+    with serve(ceph_cluster.spec(name), tmp_path) as srv:
+        assert qemu_io(srv.uri, "write -P 0x41 0 4M", "flush").returncode == 0
+        ceph_cluster.stop_osd()
+        try:
+            writer = subprocess.Popen(
+                [need("qemu-io"), "-f", "raw", "-c", "write -P 0x42 4M 4M",
+                 "-c", "write -P 0x43 12M 1M", "-c", "flush", srv.uri],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            time.sleep(3)
+            held = writer.poll() is None
+        finally:
+            ceph_cluster.start_osd()
+        out, _ = writer.communicate(timeout=120)
+        assert held, "the writes completed while the OSD was down: " + out
+        assert writer.returncode == 0 and "error" not in out.lower(), out
+        r = qemu_io(srv.uri, "read -P 0x41 0 4M", "read -P 0x42 4M 4M", "read -P 0x43 12M 1M")
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+    r = qemu_io(qemu_rbd(ceph_cluster, name), "read -P 0x41 0 4M", "read -P 0x42 4M 4M",
+                "read -P 0x43 12M 1M")
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+
+
+def test_osd_outage_past_the_timeout_fails_clearly(ceph_cluster, tmp_path: Path) -> None:
+    """An OSD that stops answering (frozen): requests time out in librbd
+    (rados_osd_op_timeout), the VBD retries them until its own timeout, then the client
+    gets an error; the server keeps serving, and once the OSD answers again, writes work
+    and what was acknowledged before is intact."""
+    name = new_image(ceph_cluster, 16 * MiB)
+    spec = ceph_cluster.spec(name) + ":rados_osd_op_timeout=2"
+    with serve(spec, tmp_path, "--timeout", "4", "-v") as srv:
+        assert qemu_io(srv.uri, "write -P 0x51 0 1M", "flush").returncode == 0
+        ceph_cluster.pause_osd()
+        try:
+            r = qemu_io(srv.uri, "write -P 0x52 1M 64k", timeout=60)
+        finally:
+            ceph_cluster.resume_osd()
+        assert "Input/output error" in r.stdout + r.stderr, r.stdout + r.stderr
+        r = qemu_io(srv.uri, "write -P 0x53 2M 64k", "read -P 0x51 0 1M",
+                    "read -P 0x53 2M 64k", timeout=120)
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, \
+            r.stdout + r.stderr
+        code = srv.stop()
+        err = srv.stderr
+    assert code == 0, err
+    assert "retrying" in err and name in err, err
