@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -270,3 +272,31 @@ def test_osd_outage_past_the_timeout_fails_clearly(ceph_cluster, tmp_path: Path)
         err = srv.stderr
     assert code == 0, err
     assert "retrying" in err and name in err, err
+
+
+# ----------------------------------------------------------------------------- tap-ctl
+def test_tap_ctl_create_rbd(ceph_cluster, tmp_path: Path) -> None:
+    """``tap-ctl create -a rbd:...`` spawns a tapdisk serving the image (its NBD
+    socket), ``list`` shows the spec, ``destroy`` closes it; a missing image is refused
+    with the cluster's ENOENT and no tapdisk is left."""
+    from test_tap_ctl_daemon import Host, wait_gone
+
+    name = new_image(ceph_cluster, 8 * MiB)
+    host = Host(tmp_path)
+    spec = ceph_cluster.spec(name)
+    pid, minor = host.create(spec)
+    try:
+        assert any(e.get("args") == spec for e in host.listing()), host.listing()
+        host.serving(pid, minor, 8 * MiB)
+        r = qemu_io(host.nbd(pid, minor), "write -P 0x61 0 1M", "flush")
+        assert r.returncode == 0, r.stdout + r.stderr
+        host.out("destroy", "-p", str(pid), "-m", str(minor))
+        wait_gone(pid)
+    finally:
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
+    r = qemu_io(qemu_rbd(ceph_cluster, name), "read -P 0x61 0 1M", read_only=True)
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+    code, out, err = host.tap_ctl("create", "-a", ceph_cluster.spec("missing"), ok=False)
+    assert code == errno.ENOENT, (code, out, err)
+    assert not any("pid" in e for e in host.listing())
