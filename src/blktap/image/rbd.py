@@ -22,6 +22,8 @@ import importlib.util
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -170,6 +172,10 @@ def parse_spec(text: str) -> RbdSpec:
     return RbdSpec(pool, image, namespace, snap, conf, user, options)
 
 
+def as_spec(text: str | RbdSpec) -> RbdSpec:
+    return text if isinstance(text, RbdSpec) else parse_spec(text)
+
+
 # ----------------------------------------------------------------------------- opening
 def _error(spec: RbdSpec, what: str, exc: BaseException) -> FormatError:
     code = getattr(exc, "errno", None) or errno.EIO
@@ -202,7 +208,7 @@ class RbdImage:
     @classmethod
     def open(cls, text: str | RbdSpec, *, writable: bool = False) -> RbdImage:
         """Connect and open (blocking). A snapshot is read-only: writable is refused."""
-        spec = text if isinstance(text, RbdSpec) else parse_spec(text)
+        spec = as_spec(text)
         if spec.snap and writable:
             raise UsageError(f"rbd:{spec.name()}: a snapshot is read-only", errno.EROFS)
         rados, rbd = bindings()
@@ -273,6 +279,10 @@ class RbdImage:
             runs.append((pos, end - pos, False))
         return runs
 
+    def allocated_bytes(self) -> int:
+        """Bytes in objects that exist (whole objects with fast-diff)."""
+        return sum(n for _, n, data in self.data_runs(0, self.size) if data)
+
     def readinto(self, offset: int, view: memoryview) -> None:
         n = len(view)
         inside = max(0, min(n, self.size - offset))
@@ -316,12 +326,10 @@ class RbdImage:
         return f"<RbdImage {self.path} size={self.size}>"
 
 
-def create(text: str, size: int) -> None:
-    """Create an image of ``size`` bytes (the cluster's default features); EEXIST if one
-    of that name exists."""
-    spec = parse_spec(text)
-    if spec.snap:
-        raise UsageError(f"rbd:{spec.name()}: cannot create a snapshot as an image")
+@contextmanager
+def _pool(spec: RbdSpec, what: str) -> Iterator[tuple[Any, ModuleType]]:
+    """(I/O context of the spec's pool and namespace, the rbd module), for one management
+    call; any failure of the cluster is a FormatError saying ``what`` failed."""
     rados, rbd = bindings()
     cluster = rados.Rados(rados_id=spec.user, conffile=spec.conf or "")
     try:
@@ -333,10 +341,109 @@ def create(text: str, size: int) -> None:
             with cluster.open_ioctx(spec.pool) as ioctx:
                 if spec.namespace:
                     ioctx.set_namespace(spec.namespace)
-                rbd.RBD().create(ioctx, spec.image, size)
-        except UsageError:
+                yield ioctx, rbd
+        except (UsageError, FormatError):
             raise
         except Exception as exc:
-            raise _error(spec, "cannot create the image", exc) from None
+            raise _error(spec, what, exc) from None
     finally:
         cluster.shutdown()
+
+
+def create(text: str | RbdSpec, size: int) -> None:
+    """Create an image of ``size`` bytes (the cluster's default features); EEXIST if one
+    of that name exists."""
+    spec = as_spec(text)
+    if spec.snap:
+        raise UsageError(f"rbd:{spec.name()}: cannot create a snapshot as an image")
+    with _pool(spec, "cannot create the image") as (ioctx, rbd):
+        rbd.RBD().create(ioctx, spec.image, size)
+
+
+def remove(text: str | RbdSpec) -> None:
+    """Remove an image (without snapshots); ENOENT when there is none."""
+    spec = as_spec(text)
+    with _pool(spec, "cannot remove the image") as (ioctx, rbd):
+        rbd.RBD().remove(ioctx, spec.image)
+
+
+def rename(text: str | RbdSpec, new_name: str) -> None:
+    """Rename an image inside its pool (EEXIST when the new name is taken)."""
+    spec = as_spec(text)
+    with _pool(spec, f"cannot rename the image to {new_name}") as (ioctx, rbd):
+        rbd.RBD().rename(ioctx, spec.image, new_name)
+
+
+def exists(text: str | RbdSpec) -> bool:
+    spec = as_spec(text)
+    with _pool(spec, "cannot list the pool") as (ioctx, rbd):
+        return spec.image in rbd.RBD().list(ioctx)
+
+
+# ----------------------------------------------------------------------------- the tools
+class RbdChain:
+    """An RBD image seen as a one-layer :class:`~blktap.image.chain.Chain` (what
+    ``blktap info/convert/compare/map`` use of one): reads, the map, sizes. Where the
+    image is a clone, librbd reads through its parent itself (and the map includes it)."""
+
+    def __init__(self, image: RbdImage) -> None:
+        self.image = image
+        self.layers = [image]
+        self.ciphers = [None]
+
+    @classmethod
+    def open(cls, text: str | RbdSpec, *, writable: bool = False) -> RbdChain:
+        return cls(RbdImage.open(text, writable=writable))
+
+    @property
+    def leaf(self) -> RbdImage:
+        return self.image
+
+    @property
+    def size(self) -> int:
+        return self.image.size
+
+    @property
+    def sectors(self) -> int:
+        return self.image.sectors
+
+    def __len__(self) -> int:
+        return 1
+
+    def readinto(self, sector: int, buf: bytearray | memoryview) -> None:
+        self.image.readinto(sector * SECTOR_SIZE, memoryview(buf).cast("B"))
+
+    def pread(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        self.image.readinto(offset, memoryview(buf))
+        return buf
+
+    def map(self, sector: int = 0, count: int | None = None) -> list:
+        from blktap.image.chain import Extent
+
+        start = sector * SECTOR_SIZE
+        end = self.size if count is None else min(self.size, (sector + count) * SECTOR_SIZE)
+        out: list[Extent] = []
+        for off, n, data in self.image.data_runs(start, end - start) if end > start else ():
+            depth = 0 if data else None
+            if out and out[-1].depth == depth and out[-1].offset + out[-1].length == off:
+                out[-1] = Extent(out[-1].offset, out[-1].length + n, depth)
+            else:
+                out.append(Extent(off, n, depth))
+        return out
+
+    def allocated_bytes(self) -> int:
+        return self.image.allocated_bytes()
+
+    def flush(self) -> None:
+        self.image.flush()
+
+    def close(self) -> None:
+        self.image.close()
+
+    def __enter__(self) -> RbdChain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
