@@ -358,3 +358,44 @@ def test_convert_a_vhd_chain_into_rbd_and_back(ceph_cluster, tmp_path: Path) -> 
     assert blktap("compare", f"vhd:{leaf}", dst).returncode == 0
     images = ceph_cluster.rbd("ls", "rbd").split()
     assert name in images and not any(".blktap-" in i for i in images), images
+
+
+# ----------------------------------------------------------------------------- RBD parent
+def test_qcow2_leaf_over_an_rbd_snapshot(ceph_cluster, tmp_path: Path) -> None:
+    """A local qcow2 copy-on-write layer over a shared golden image on Ceph (qemu's
+    spelling: backing file rbd:..., format raw): served by us, reads fall through to the
+    snapshot, partial-cluster writes copy up what lies below; qemu (through its own rbd
+    driver) reads the same disk; info/map show both layers; convert flattens it; parents
+    confined to directories refuse a cluster."""
+    gold = new_image(ceph_cluster)
+    r = qemu_io(qemu_rbd(ceph_cluster, gold), "write -P 0x21 0 8M", "write -P 0x22 40M 1M")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ceph_cluster.rbd("snap", "create", f"rbd/{gold}@v1")
+    assert qemu_io(qemu_rbd(ceph_cluster, gold), "write -P 0x99 0 8M").returncode == 0
+    leaf = tmp_path / "leaf.qcow2"
+    r = run([need("qemu-img"), "create", "-q", "-f", "qcow2", "-b",
+             qemu_rbd(ceph_cluster, gold, "v1"), "-F", "raw", str(leaf)], text=True)
+    assert r.returncode == 0, r.stderr
+    with serve(f"qcow2:{leaf}", tmp_path) as srv:
+        r = qemu_io(srv.uri, "write -P 0x23 1000k 100k", "read -P 0x21 0 1000k",
+                    "read -P 0x23 1000k 100k", "read -P 0x21 1100k 1M",
+                    "read -P 0 8M 32M", "read -P 0x22 40M 1M")
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, \
+            r.stdout + r.stderr
+        r = run([need("qemu-img"), "compare", "-f", "raw", "-F", "qcow2", srv.uri,
+                 str(leaf)], text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    info = json.loads(blktap("info", "--json", f"qcow2:{leaf}").stdout)
+    assert [x["format"] for x in info["chain"]] == ["qcow2", "rbd"], info
+    rows = json.loads(blktap("map", "--json", f"qcow2:{leaf}").stdout)
+    assert {r["depth"] for r in rows} == {0, 1, None}, rows
+    flat = tmp_path / "flat.vhd"
+    assert blktap("convert", f"qcow2:{leaf}", str(flat)).returncode == 0
+    r = qemu_io(str(flat), "read -P 0x21 0 1000k", "read -P 0x23 1000k 100k",
+                "read -P 0x22 40M 1M", fmt="vpc", read_only=True)
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+    from conftest import tool
+
+    r = run([tool("blktap"), "info", "--parent-dir", str(tmp_path), f"qcow2:{leaf}"],
+            text=True)
+    assert r.returncode == errno.EACCES and "Ceph" in r.stderr, r.stderr

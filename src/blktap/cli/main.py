@@ -684,6 +684,8 @@ def check_destination(dst: str, chain: Chain, force: bool) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"{dst}: not a regular file; --force only replaces regular files")
     for layer in chain.layers:
+        if isinstance(layer, RbdImage):
+            continue
         layer_st = os.fstat(layer.fd)
         if (layer_st.st_dev, layer_st.st_ino) == (st.st_dev, st.st_ino):
             raise UsageError(f"{dst} is part of the source chain ({layer.path}); "

@@ -19,6 +19,7 @@ from blktap.image.chain import Chain, probe
 from blktap.image.parents import ParentPolicy
 from blktap.image.qcow2.image import Qcow2Image
 from blktap.image.raw import RawImage
+from blktap.image.rbd import RbdImage
 from blktap.io.engine import Engine
 from blktap.tapdisk.driver import Driver
 from blktap.tapdisk.drivers.aio import AioDriver
@@ -115,7 +116,11 @@ def open_stack(engine: Engine, spec: str, *, writable: bool, direct: bool = True
     try:
         for layer, cipher in zip(reversed(chain.layers), reversed(chain.ciphers),
                                  strict=True):
-            if isinstance(layer, RawImage):
+            if isinstance(layer, RbdImage):  # a qcow2 leaf's Ceph backing image
+                from blktap.tapdisk.drivers.rbd import RbdDriver
+
+                below = RbdDriver(engine, layer)
+            elif isinstance(layer, RawImage):
                 raw_path = layer.path
                 layer.close()
                 below = AioDriver.open(engine, raw_path, writable=False, direct=direct)
