@@ -399,3 +399,36 @@ def test_qcow2_leaf_over_an_rbd_snapshot(ceph_cluster, tmp_path: Path) -> None:
     r = run([tool("blktap"), "info", "--parent-dir", str(tmp_path), f"qcow2:{leaf}"],
             text=True)
     assert r.returncode == errno.EACCES and "Ceph" in r.stderr, r.stderr
+
+
+def test_cancelled_request_is_waited_for_by_close(ceph_cluster) -> None:
+    """A caller that gives up on a request librbd holds (the OSD frozen) does not take
+    the buffer back from librbd: the request still counts as in flight, and close()
+    waits for librbd to finish it before closing the image."""
+    import asyncio
+
+    from blktap.tapdisk.drivers.rbd import RbdDriver
+
+    name = new_image(ceph_cluster, 8 * MiB)
+
+    async def body(engine):
+        d = RbdDriver.open(engine, ceph_cluster.spec(name), writable=True)
+        await d.write(0, [memoryview(bytearray(b"z" * 4096))])
+        ceph_cluster.pause_osd()
+        try:
+            task = asyncio.create_task(d.write(4096, [memoryview(bytearray(4096))]))
+            await asyncio.sleep(1)
+            assert not task.done() and d.inflight == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert d.inflight == 1
+            closing = asyncio.create_task(d.close())
+            await asyncio.sleep(0.5)
+            assert not closing.done()
+        finally:
+            ceph_cluster.resume_osd()
+        await asyncio.wait_for(closing, 60)
+        assert d.inflight == 0
+
+    with_engine(body)

@@ -112,11 +112,13 @@ class RbdDriver(Driver):
                 raise OSError(code, f"{self.path}: {what}: {exc.strerror}") from None
             finally:
                 if fut.done():
-                    self._landed()
-                else:
-                    fut.add_done_callback(lambda _: self._landed())
+                    self._landed(fut)
+                else:  # the caller was cancelled: count it when librbd is done
+                    fut.add_done_callback(self._landed)
 
-    def _landed(self) -> None:
+    def _landed(self, fut: asyncio.Future) -> None:
+        if not fut.cancelled():
+            fut.exception()  # retrieved: a late failure nobody waits for is not logged
         self.inflight -= 1
         if self.inflight == 0 and self._idle is not None:
             self._idle.set()
