@@ -53,15 +53,6 @@ STATUS_OBJECTS = 64
 TRANSIENT = {errno.ETIMEDOUT: errno.EAGAIN, errno.ESHUTDOWN: errno.EAGAIN}
 
 
-def _settle(fut: asyncio.Future, ret: int, data: Any) -> None:
-    if fut.done():  # the caller gave up (cancelled): nothing to deliver
-        return
-    if ret < 0:
-        fut.set_exception(OSError(-ret, os.strerror(-ret)))
-    else:
-        fut.set_result(data)
-
-
 class RbdDriver(Driver):
     name = "rbd"
     type_id = 18  # past the reference's table (qcow2 is 17)
@@ -89,12 +80,14 @@ class RbdDriver(Driver):
     # ------------------------------------------------------------------ the bridge
     async def _aio(self, what: str, start: Callable[[Callable[..., None]], Any]) -> Any:
         """Run one librbd aio call: ``start(callback)`` issues it; its completion comes
-        back on the loop. Errors carry the image and the operation."""
+        back on the loop. Errors carry the image and the operation. A caller cancelled
+        meanwhile leaves the request to librbd (which owns its buffer until the
+        callback): it counts as in flight until then, and close() waits for it."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
         def done(completion: Any, data: Any = None) -> None:  # a librbd thread
-            loop.call_soon_threadsafe(_settle, fut, completion.get_return_value(), data)
+            loop.call_soon_threadsafe(self._settle, fut, completion.get_return_value(), data)
 
         async with self.slots:
             try:
@@ -104,24 +97,22 @@ class RbdDriver(Driver):
                 raise OSError(abs(code), f"{self.path}: {what}: {exc}") from None
             self.inflight += 1
             try:
-                # Shielded: librbd owns the buffers until its callback, whatever the
-                # caller does; close() waits for every one.
-                return await asyncio.shield(fut)
+                return await fut
             except OSError as exc:
                 code = TRANSIENT.get(exc.errno, exc.errno)
                 raise OSError(code, f"{self.path}: {what}: {exc.strerror}") from None
-            finally:
-                if fut.done():
-                    self._landed(fut)
-                else:  # the caller was cancelled: count it when librbd is done
-                    fut.add_done_callback(self._landed)
 
-    def _landed(self, fut: asyncio.Future) -> None:
-        if not fut.cancelled():
-            fut.exception()  # retrieved: a late failure nobody waits for is not logged
+    def _settle(self, fut: asyncio.Future, ret: int, data: Any) -> None:
+        """On the loop, once librbd is done with a request."""
         self.inflight -= 1
         if self.inflight == 0 and self._idle is not None:
             self._idle.set()
+        if fut.done():  # the caller gave up (cancelled): nothing to deliver
+            return
+        if ret < 0:
+            fut.set_exception(OSError(-ret, os.strerror(-ret)))
+        else:
+            fut.set_result(data)
 
     # ------------------------------------------------------------------ operations
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
