@@ -432,3 +432,25 @@ def test_cancelled_request_is_waited_for_by_close(ceph_cluster) -> None:
         assert d.inflight == 0
 
     with_engine(body)
+
+
+def test_serve_bad_specs_fail_with_one_line_and_the_errno(ceph_cluster, tmp_path: Path) -> None:
+    """What an operator mistypes: a missing image (ENOENT), a conf file that is not there
+    (ENOENT), a cluster that does not answer (ETIMEDOUT after client_mount_timeout), a
+    spec without an image (EINVAL), an unknown Ceph option (EINVAL); one line each."""
+    from conftest import tool
+
+    cases = [
+        (ceph_cluster.spec("missing"), errno.ENOENT, "RBD image not found"),
+        ("rbd:rbd/x:conf=" + str(tmp_path / "none.conf"), errno.ENOENT, "none.conf"),
+        ("rbd:rbd/x:mon_host=127.0.0.1\\:1:client_mount_timeout=2", errno.ETIMEDOUT,
+         "cannot connect"),
+        ("rbd:rbd", errno.EINVAL, "POOL/IMAGE"),
+        (ceph_cluster.spec("x") + ":no_such_option=1", errno.EINVAL, "no_such_option"),
+    ]
+    for spec, code, words in cases:
+        r = run([tool("blktap"), "serve", spec, "--socket", str(tmp_path / "s.sock")],
+                text=True, timeout=60)
+        assert r.returncode == code, (spec, r.returncode, r.stderr)
+        assert words in r.stderr and r.stderr.count("\n") == 1, (spec, r.stderr)
+        assert r.stdout == ""

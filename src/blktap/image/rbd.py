@@ -177,6 +177,40 @@ def as_spec(text: str | RbdSpec) -> RbdSpec:
 
 
 # ----------------------------------------------------------------------------- opening
+def _cluster(spec: RbdSpec) -> Any:
+    """A not yet connected ``rados.Rados`` for the spec: its ``conf`` file (which must
+    be readable), else librados's usual search ($CEPH_CONF, /etc/ceph/ceph.conf...) when
+    there is a file to find (without one, ``mon_host`` and the other options may say
+    everything, as with qemu); then the timeouts and the spec's options."""
+    rados, _ = bindings()
+    cluster = rados.Rados(rados_id=spec.user)
+    try:
+        if spec.conf:
+            try:
+                cluster.conf_read_file(spec.conf)
+            except Exception as exc:
+                raise _error(spec, f"cannot read {spec.conf}", exc) from None
+        else:
+            try:
+                cluster.conf_read_file()
+            except Exception as exc:
+                if abs(getattr(exc, "errno", 0) or 0) != errno.ENOENT:
+                    raise _error(spec, "cannot read the Ceph configuration", exc) from None
+        cluster.conf_parse_env()
+        cluster.conf_set("client_mount_timeout", DEFAULT_MOUNT_TIMEOUT)
+        cluster.conf_set("rados_osd_op_timeout", DEFAULT_OSD_OP_TIMEOUT)
+        for key, value in spec.options.items():
+            try:
+                cluster.conf_set(key, value)
+            except Exception as exc:
+                raise UsageError(f"rbd:{spec.name()}: option {key}={value}: {exc}",
+                                 errno.EINVAL) from None
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster
+
+
 def _error(spec: RbdSpec, what: str, exc: BaseException) -> FormatError:
     code = getattr(exc, "errno", None) or errno.EIO
     code = abs(code)
@@ -211,21 +245,10 @@ class RbdImage:
         spec = as_spec(text)
         if spec.snap and writable:
             raise UsageError(f"rbd:{spec.name()}: a snapshot is read-only", errno.EROFS)
-        rados, rbd = bindings()
-        try:
-            cluster = rados.Rados(rados_id=spec.user, conffile=spec.conf or "")
-        except Exception as exc:
-            raise _error(spec, "cannot read the Ceph configuration", exc) from None
+        _, rbd = bindings()
+        cluster = _cluster(spec)
         ioctx = None
         try:
-            cluster.conf_set("client_mount_timeout", DEFAULT_MOUNT_TIMEOUT)
-            cluster.conf_set("rados_osd_op_timeout", DEFAULT_OSD_OP_TIMEOUT)
-            for key, value in spec.options.items():
-                try:
-                    cluster.conf_set(key, value)
-                except Exception as exc:
-                    raise UsageError(f"rbd:{spec.name()}: option {key}={value}: {exc}",
-                                     errno.EINVAL) from None
             try:
                 cluster.connect()
             except Exception as exc:
@@ -330,12 +353,9 @@ class RbdImage:
 def _pool(spec: RbdSpec, what: str) -> Iterator[tuple[Any, ModuleType]]:
     """(I/O context of the spec's pool and namespace, the rbd module), for one management
     call; any failure of the cluster is a FormatError saying ``what`` failed."""
-    rados, rbd = bindings()
-    cluster = rados.Rados(rados_id=spec.user, conffile=spec.conf or "")
+    _, rbd = bindings()
+    cluster = _cluster(spec)
     try:
-        cluster.conf_set("client_mount_timeout", DEFAULT_MOUNT_TIMEOUT)
-        for key, value in spec.options.items():
-            cluster.conf_set(key, value)
         try:
             cluster.connect()
             with cluster.open_ioctx(spec.pool) as ioctx:
