@@ -125,7 +125,8 @@ def build_parser() -> Parser:
     parser = Parser(prog=PROG, allow_abbrev=False,
                     description="Inspect, create, snapshot, convert and compare virtual disk "
                                 "images (VHD and raw).",
-                    epilog="Image arguments accept vhd:PATH, aio:PATH, raw:PATH or a plain "
+                    epilog="Image arguments accept vhd:PATH, aio:PATH, raw:PATH, "
+                           "rbd:POOL/IMAGE[@SNAP][:conf=FILE] (Ceph, docs/ceph.md) or a plain "
                            "path (format probed; a probed differencing VHD is refused: name "
                            "it vhd:PATH to follow its parents). Sizes accept 512, 64M, 10G "
                            "(units of 1024).")

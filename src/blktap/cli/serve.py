@@ -58,7 +58,8 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
     cmd = command(sub, "serve", run_args,
                   "Serve a disk (its whole chain) over NBD until interrupted.")
     cmd.add_argument("image", metavar="TYPE:PATH",
-                     help="vhd:PATH, aio:PATH, ram:PATH, or a plain path (format probed)")
+                     help="vhd:PATH, aio:PATH, qcow2:PATH, ram:PATH, rbd:POOL/IMAGE[:conf=FILE] "
+                          "(Ceph), or a plain path (format probed)")
     cmd.add_argument("--socket", metavar="PATH", action="append", default=[],
                      help="listen on a UNIX socket")
     cmd.add_argument("--tcp", metavar="HOST:PORT", action="append", default=[],
