@@ -170,11 +170,20 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory):
     monitor, one memstore OSD, auth none, on loopback. Skips when Debian's ceph packages
     are not installed (scripts/install-deps.sh installs them), except in CI (``CI``
     set), where that is a failure."""
+    from blktap.errors import BlktapError
+    from blktap.image.rbd import bindings
     from ceph_cluster import CephCluster, missing_programs
 
     missing = missing_programs()
+    reason = ""
     if missing:
         reason = f"ceph is not installed ({', '.join(missing)} missing; make test installs it)"
+    else:
+        try:
+            bindings()
+        except BlktapError as exc:
+            reason = str(exc)
+    if reason:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
