@@ -68,6 +68,10 @@ def main() -> int:
     ap.add_argument("--runtime", type=float, default=5.0)
     ap.add_argument("--size", default="256M")
     ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--cache", choices=("none", "writeback"), default="none",
+                    help="librbd's cache for both: none (rbd_cache=false; qemu-nbd "
+                    "--cache=none), or writeback (librbd's default, writethrough until "
+                    "the first flush; qemu-nbd --cache=writeback)")
     args = ap.parse_args()
     if missing_programs() or not shutil.which("qemu-nbd") or not shutil.which("fio"):
         print("bench/rbd.py: needs ceph, qemu-nbd (qemu-block-extra) and fio "
@@ -85,10 +89,11 @@ def main() -> int:
         cluster.rbd("bench", "--io-type", "write", "--io-size", "4M", "--io-pattern", "seq",
                     "--io-total", str(size), "rbd/bench")
         spec = cluster.spec("bench")
+        ours = spec + (":rbd_cache=false" if args.cache == "none" else "")
         servers = {
-            "blktap": lambda sock: [blktap, "serve", spec, "--socket", str(sock)],
+            "blktap": lambda sock: [blktap, "serve", ours, "--socket", str(sock)],
             "qemu-nbd": lambda sock: ["qemu-nbd", "-f", "raw", "-k", str(sock),
-                                      "--persistent", "--cache=writeback",
+                                      "--persistent", f"--cache={args.cache}",
                                       "--aio=threads", spec],
         }
         order = list(servers)
@@ -110,10 +115,12 @@ def main() -> int:
         cluster.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    lines = ["## blktap serve rbd: against qemu-nbd (qemu's rbd driver)", "",
+    lines = [f"## blktap serve rbd: against qemu-nbd (qemu's rbd driver), cache {args.cache}",
+             "",
              f"One memstore OSD on this host (tests/ceph_cluster.py), a {size // MIB} MiB "
              f"image written through first, fio over NBD on a UNIX socket, {args.reps} "
-             f"repetitions of {args.runtime:g} s, medians; ratio = ours / qemu-nbd's.",
+             f"repetitions of {args.runtime:g} s, medians; ratio = ours / qemu-nbd's. "
+             f"librbd's cache: {args.cache} for both.",
              f"Host: {os.cpu_count()} CPUs, shared with other work while measured.", "",
              "| workload | unit | blktap | qemu-nbd | ratio |", "|---|---|---:|---:|---:|"]
     for w in NAMES:
@@ -126,7 +133,9 @@ def main() -> int:
     print(section)
     out = args.out / "REPORT.md"
     old = out.read_text() if out.exists() else ""
-    out.write_text(report.replace_section(old, section, BEGIN, END))
+    begin, end = BEGIN.replace("rbd.py", f"rbd.py {args.cache}"), END.replace(
+        "rbd.py", f"rbd.py {args.cache}")
+    out.write_text(report.replace_section(old, section, begin, end))
     return 0
 
 
