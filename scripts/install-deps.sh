@@ -7,13 +7,16 @@
 # its build.sh needs to make the tiny guest (static busybox, gcc for blkbench, cpio, kmod and
 # a kernel with its modules when /boot has none). For the Xen guest tests: what
 # ../shared/xen-testbed/build.sh needs on the host (it would install them itself, but only
-# when run as root).
+# when run as root). For the rbd driver and its tests (tests/ceph_cluster.py): a throwaway
+# Ceph (monitor, OSD, the ceph/rbd tools), Debian's librbd/librados Python bindings, and
+# qemu's rbd block driver (qemu-block-extra) as the peer.
 set -euo pipefail
 
 packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv fuse3
           qemu-system-common nbdkit-plugin-python strace
           qemu-system-x86 busybox-static gcc libc6-dev cpio kmod xz-utils zstd
-          debootstrap e2fsprogs gzip openssl)
+          debootstrap e2fsprogs gzip openssl
+          ceph-mon ceph-osd ceph-common python3-rbd python3-rados qemu-block-extra)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || packages+=(linux-image-amd64)
 missing=()
 for p in "${packages[@]}"; do

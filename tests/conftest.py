@@ -161,3 +161,34 @@ def xen_testbed() -> Path:
     if shutil.which("qemu-system-x86_64") is None:
         cannot("qemu-system-x86_64 is missing (the testbed's build.sh installs it)")
     return work
+
+
+# ----------------------------------------------------------------------------- Ceph
+@pytest.fixture(scope="session")
+def ceph_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A throwaway single-node Ceph (tests/ceph_cluster.py) for the session: one
+    monitor, one memstore OSD, auth none, on loopback. Skips when Debian's ceph packages
+    are not installed (scripts/install-deps.sh installs them), except in CI (``CI``
+    set), where that is a failure."""
+    from blktap.errors import BlktapError
+    from blktap.image.rbd import bindings
+    from ceph_cluster import CephCluster, missing_programs
+
+    missing = missing_programs()
+    reason = ""
+    if missing:
+        reason = f"ceph is not installed ({', '.join(missing)} missing; make test installs it)"
+    else:
+        try:
+            bindings()
+        except BlktapError as exc:
+            reason = str(exc)
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    cluster = CephCluster.start(tmp_path_factory.mktemp("ceph"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

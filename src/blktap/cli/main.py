@@ -31,6 +31,7 @@ command as Ctrl-C does: what it was building is removed, and it exits 128 + the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import logging
 import os
@@ -68,6 +69,7 @@ from blktap.cli.common import (
     sigterm_raises,
 )
 from blktap.errors import BlktapError, FormatError, UsageError
+from blktap.image import rbd as rbdlib
 from blktap.image.chain import (
     SECTOR_SIZE,
     Chain,
@@ -82,6 +84,7 @@ from blktap.image.crypto import read_key_file
 from blktap.image.fileio import pwrite_all, staged_path
 from blktap.image.qcow2.create import create as create_qcow2
 from blktap.image.qcow2.image import Qcow2Image
+from blktap.image.rbd import RbdChain, RbdImage
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.create import create as create_vhd
 from blktap.image.vhd.create import snapshot as snapshot_vhd
@@ -138,7 +141,8 @@ def build_parser() -> Parser:
     parser = Parser(prog=PROG, allow_abbrev=False,
                     description="Inspect, create, snapshot, convert and compare virtual disk "
                                 "images (VHD and raw).",
-                    epilog="Image arguments accept vhd:PATH, aio:PATH, raw:PATH or a plain "
+                    epilog="Image arguments accept vhd:PATH, aio:PATH, raw:PATH, "
+                           "rbd:POOL/IMAGE[@SNAP][:conf=FILE] (Ceph, docs/ceph.md) or a plain "
                            "path (format probed; a probed differencing VHD is refused: name "
                            "it vhd:PATH to follow its parents). Sizes accept 512, 64M, 10G "
                            "(units of 1024).")
@@ -403,6 +407,10 @@ def open_chain(spec: str, args: argparse.Namespace, *, key_file: str | None = No
         raise UsageError(f"{spec}: an NBD disk is not an image file: serve it "
                          f"(blktap serve, tap-ctl) or read it with NBD tools (nbdinfo, "
                          f"qemu-img); docs/drivers-nbd.md")
+    if spec.startswith("rbd:"):  # a Ceph image (image/rbd.py): one layer
+        if key_file:
+            raise UsageError(f"{spec}: an RBD image is not encrypted by blktap; no key")
+        return RbdChain.open(spec)  # type: ignore[return-value]
     policy = parent_policy(args)
     with errors_about(parse_spec(spec)[1]):
         if metadata_only:
@@ -418,6 +426,8 @@ def layer_format(layer: Layer) -> tuple[str, str | None]:
         return "vhd", VHD_TYPES.get(layer.footer.type, str(layer.footer.type))
     if isinstance(layer, Qcow2Image):
         return "qcow2", f"v{layer.version}"
+    if isinstance(layer, RbdImage):
+        return "rbd", None
     return "raw", None
 
 
@@ -771,6 +781,8 @@ def check_destination(dst: str, chain: Chain, force: bool) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"{dst}: not a regular file; --force only replaces regular files")
     for layer in chain.layers:
+        if isinstance(layer, RbdImage):
+            continue
         layer_st = os.fstat(layer.fd)
         if (layer_st.st_dev, layer_st.st_ino) == (st.st_dev, st.st_ino):
             raise UsageError(f"{dst} is part of the source chain ({layer.path}); "
@@ -790,7 +802,48 @@ def staged_output(dst: str, force: bool) -> Iterator[str]:
         raise
 
 
+def write_rbd(chain: Chain, dst: str, sparse: bool, force: bool) -> int:
+    """Copy the disk into a new RBD image: written under a temporary name in the same
+    pool, then renamed to DST's (replacing DST only with ``force``); removed on failure.
+    Sparse: only the data runs are written (the rest stays unallocated objects)."""
+    spec = rbdlib.parse_spec(dst)
+    if spec.snap:
+        raise UsageError(f"{dst}: cannot write into a snapshot", errno.EROFS)
+    if any(isinstance(x, RbdImage) and x.spec.pool == spec.pool and
+           x.spec.namespace == spec.namespace and x.spec.image == spec.image
+           for x in chain.layers):
+        raise UsageError(f"{dst} is the source; refusing to replace it")
+    if rbdlib.exists(dst) and not force:
+        raise UsageError(f"{dst}: already exists (use --force to replace it)", errno.EEXIST)
+    tmp = dataclasses.replace(spec, image=f"{spec.image}.blktap-{os.getpid()}")
+    rbdlib.create(tmp, chain.size)
+    written = 0
+    try:
+        with RbdImage.open(tmp, writable=True) as image, \
+                Progress("converting to rbd", chain.size) as progress:
+            for offset, view in data_chunks(chain, sparse, progress):
+                image.write(offset, view)
+                written += len(view)
+            image.flush()
+        if force and rbdlib.exists(dst):
+            rbdlib.remove(dst)
+        rbdlib.rename(tmp, spec.image)
+    except BaseException:
+        rbdlib.remove(tmp)
+        raise
+    return written
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    if args.dst.startswith("rbd:"):
+        if args.options or args.fixed or args.output_format not in (None, "raw"):
+            raise UsageError("an RBD destination takes no -o, --fixed or other format")
+        with open_chain(args.src, args, key_file=args.key_file) as chain:
+            written = write_rbd(chain, args.dst, args.sparse, args.force)
+        print(f"Converted {chain.leaf.path} ({len(chain)} layer"
+              f"{'s' if len(chain) > 1 else ''}) to {args.dst}: rbd, "
+              f"{describe_size(chain.size)}, {human_size(written)} of data written")
+        return 0
     fmt, dst = output_format(args.output_format, args.dst, "raw")
     if args.options and fmt != "qcow2":
         raise UsageError("-o applies to qcow2 output")

@@ -60,7 +60,8 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
                   "Serve a disk (its whole chain) over NBD until interrupted.")
     cmd.add_argument("image", metavar="TYPE:PATH",
                      help="vhd:PATH, aio:PATH, qcow2:PATH, ram:PATH, nbd:SERVER or an "
-                     "nbd:// URI (docs/drivers-nbd.md), or a plain path (format probed)")
+                     "nbd:// URI (docs/drivers-nbd.md), rbd:POOL/IMAGE[:conf=FILE] (Ceph), "
+                     "or a plain path (format probed)")
     cmd.add_argument("--socket", metavar="PATH", action="append", default=[],
                      help="listen on a UNIX socket")
     cmd.add_argument("--tcp", metavar="HOST:PORT", action="append", default=[],

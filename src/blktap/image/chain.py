@@ -32,6 +32,7 @@ from blktap.errors import (
     FormatError,
     OutOfRange,
     ParentLoop,
+    ParentNotAllowed,
     ParentNotFound,
     ProbedParent,
     UnsupportedImage,
@@ -43,6 +44,7 @@ from blktap.image.parents import ParentPolicy, default_policy
 from blktap.image.qcow2 import image as q2
 from blktap.image.qcow2.image import Qcow2Image
 from blktap.image.raw import RawImage
+from blktap.image.rbd import RbdImage
 from blktap.image.vhd import structs as s
 from blktap.image.vhd.image import VhdImage
 from blktap.image.vhd.keyhash import cipher_for, is_encrypted
@@ -51,7 +53,7 @@ SECTOR_SIZE = 512
 # More layers than this is a broken chain, not a real one (XenServer stops at 30).
 DEFAULT_MAX_DEPTH = 256
 
-Layer = VhdImage | RawImage | Qcow2Image
+Layer = VhdImage | RawImage | Qcow2Image | RbdImage
 
 FORMATS = ("vhd", "raw", "qcow2")
 # Prefixes accepted in image arguments: tapdisk's driver names and plain format names.
@@ -181,6 +183,11 @@ class Chain:
                 if len(layers) >= max_depth:
                     raise ChainTooDeep(f"{path}: chain deeper than {max_depth} images")
                 parent: Layer
+                if isinstance(current, Qcow2Image) and _names_rbd(current):
+                    # A local leaf over a Ceph image (qemu's "rbd:..." backing file, raw):
+                    # the last layer, read-only (docs/ceph.md).
+                    layers.append(_open_rbd_backing(current, policy))
+                    break
                 if isinstance(current, Qcow2Image):
                     parent_path, parent = _open_qcow2_backing(current, policy,
                                                               follow_probed_parents)
@@ -224,7 +231,9 @@ class Chain:
         return cls(layers, ciphers)
 
     @staticmethod
-    def _identity(layer: Layer) -> tuple[int, int]:
+    def _identity(layer: Layer) -> tuple[int, int] | tuple[str, str]:
+        if isinstance(layer, RbdImage):
+            return "rbd", layer.spec.name()
         st = os.fstat(layer.fd)
         return st.st_dev, st.st_ino
 
@@ -275,6 +284,9 @@ class Chain:
                 return
         if isinstance(layer, Qcow2Image):
             layer.readinto_layer(sector, count, view, functools.partial(self._read, depth + 1))
+            return
+        if isinstance(layer, RbdImage):  # always the last layer; librbd reads its holes
+            layer.readinto(sector * SECTOR_SIZE, view[: count * SECTOR_SIZE])
             return
         for first, n, file_off in layer.extents(sector, count):
             sub = view[(first - sector) * SECTOR_SIZE : (first - sector + n) * SECTOR_SIZE]
@@ -379,7 +391,15 @@ class Chain:
             tail = (sector + keep, count - keep)
             count = keep
         if count:
-            if isinstance(layer, RawImage):
+            if isinstance(layer, RbdImage):
+                for off, n, has_data in layer.data_runs(sector * SECTOR_SIZE,
+                                                        count * SECTOR_SIZE):
+                    first, stop = off // SECTOR_SIZE, -(-(off + n) // SECTOR_SIZE)
+                    if has_data:
+                        yield first, stop - first, depth, False
+                    else:
+                        yield from self._map(depth + 1, first, stop - first)
+            elif isinstance(layer, RawImage):
                 for first, n, has_data in layer.data_extents(sector, count):
                     if has_data:
                         yield first, n, depth, False
@@ -465,6 +485,25 @@ def _open_qcow2_backing(child: Qcow2Image, policy: ParentPolicy,
         finally:
             layer.close()
     return path, layer
+
+
+def _names_rbd(child: Qcow2Image) -> bool:
+    return bool(child.backing_file) and child.backing_file.startswith("rbd:")
+
+
+def _open_rbd_backing(child: Qcow2Image, policy: ParentPolicy) -> RbdImage:
+    """The Ceph image a qcow2 layer names as its backing file (``rbd:POOL/IMAGE[@SNAP]
+    [:conf=...]``, format raw as qemu requires), read-only. Refused where parents are
+    confined to directories (``BLKTAP_PARENT_DIRS``): a cluster is not a directory."""
+    name = child.backing_file
+    if child.backing_format not in (None, "", "raw"):
+        raise UnsupportedImage(f"{child.path}: backing image {name} has format "
+                               f"{child.backing_format!r}; an rbd: backing image is raw")
+    if policy.confined:
+        raise ParentNotAllowed(f"{child.path}: backing image {name} is on a Ceph cluster, "
+                               f"but parents are confined to {':'.join(policy.dirs or [])}",
+                               image=child.path, parent=name)
+    return RbdImage.open(name)
 
 
 def named_parent(image: VhdImage) -> str:

@@ -2,7 +2,7 @@
 
 Type names are the reference tapdisk's (``tapdisk-disktype.c``): ``aio``, ``vhd``,
 ``ram`` and ``nbd`` (an NBD client; an NBD URI may also be given whole) are implemented,
-and ``qcow2`` (qemu's format) beside them; the reference's other
+and ``qcow2`` (qemu's format) and ``rbd`` (Ceph) beside them; the reference's other
 names are known and answer ENOSYS (not built), as there; plugins (entry points of group
 ``blktap.drivers``, docs/drivers.md) add names; anything else is ENOENT. The one table is
 :data:`registry.BUILTIN` plus the plugins (:mod:`.registry`); stacks are built by

@@ -12,6 +12,7 @@ from __future__ import annotations
 from blktap.image.chain import Chain
 from blktap.image.qcow2.image import Qcow2Image
 from blktap.image.raw import RawImage
+from blktap.image.rbd import RbdImage
 from blktap.tapdisk.driver import Driver, OpenContext
 from blktap.tapdisk.drivers.aio import AioDriver
 from blktap.tapdisk.drivers.qcow2 import Qcow2Driver
@@ -27,7 +28,11 @@ def open_image_chain(ctx: OpenContext, kind: str, path: str) -> Driver:
     try:
         for layer, cipher in zip(reversed(chain.layers), reversed(chain.ciphers),
                                  strict=True):
-            if isinstance(layer, RawImage):
+            if isinstance(layer, RbdImage):  # a qcow2 leaf's Ceph backing image
+                from blktap.tapdisk.drivers.rbd import RbdDriver
+
+                below = RbdDriver(ctx.engine, layer)
+            elif isinstance(layer, RawImage):
                 raw_path = layer.path
                 layer.close()
                 below = AioDriver.open(ctx.engine, raw_path, writable=False,

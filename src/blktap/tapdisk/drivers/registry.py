@@ -46,6 +46,7 @@ BUILTIN: dict[str, str | None] = {
     "valve": "blktap.tapdisk.drivers.valve:ValveDriver",
     "nbd": "blktap.tapdisk.drivers.nbd:NbdDriver",
     "qcow2": "blktap.tapdisk.drivers.qcow2:Qcow2Driver",
+    "rbd": "blktap.tapdisk.drivers.rbd:RbdDriver",
 }
 
 NAME = re.compile(r"^[a-z][a-z0-9+_-]*$")

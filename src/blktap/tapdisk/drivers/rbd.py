@@ -1,0 +1,187 @@
+"""``rbd``: a disk on a Ceph cluster, through librbd's asynchronous calls.
+
+``rbd:POOL[/NS]/IMAGE[@SNAP][:conf=PATH][:id=USER][:KEY=VALUE...]`` (qemu's spelling;
+:mod:`blktap.image.rbd` parses it and connects). Every request is one librbd aio call
+issued from the event loop thread (the bindings release the GIL while librbd queues
+it); librbd completes it on one of its own threads, whose callback only hands the result
+to the loop (``call_soon_threadsafe``): no thread per request. At most ``max_inflight``
+requests are in librbd at once; the others wait their turn.
+
+The Python bindings move bytes as ``bytes`` objects: a read arrives in one and is copied
+into the caller's buffers, a write is gathered into one. That one copy each way is the
+price of the bindings (librbd itself copies nothing more).
+
+- flush: ``aio_flush`` (librbd's cache, when enabled, written back); FUA = write + flush.
+- discard: ``aio_discard``; write-zeroes: ``aio_write_zeroes`` (sparse where whole
+  objects are zeroed; ``may_trim`` False asks for the thick-provision flag).
+- block status: ``diff_iterate`` against nothing, in the engine (it blocks): objects
+  that exist are data, the rest reads as zeros. With fast-diff the object map answers
+  without asking the OSDs; without it, at most :data:`STATUS_OBJECTS` objects are looked
+  at per answer (block status may answer short).
+- A snapshot (``@SNAP``) is read-only.
+- An OSD that stops answering holds requests (librbd resends them when it is back);
+  past ``rados_osd_op_timeout`` (30 s unless the spec says otherwise, 0: never) a
+  request fails with ETIMEDOUT, turned into EAGAIN here so that the VBD retries it until
+  its own timeout, then fails it with a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from blktap.image.rbd import RbdImage
+from blktap.io.engine import Engine
+from blktap.io.iov import copy_into, total
+from blktap.tapdisk.driver import (
+    STATE_DATA,
+    STATE_HOLE,
+    STATE_ZERO,
+    Caps,
+    Driver,
+    Extents,
+    OpenContext,
+    merge_extents,
+)
+
+DEFAULT_MAX_INFLIGHT = 64
+# Objects diff_iterate looks at per block-status answer when there is no object map.
+STATUS_OBJECTS = 64
+# Errors the cluster gives for a request it may take later: retried by the VBD.
+TRANSIENT = {errno.ETIMEDOUT: errno.EAGAIN, errno.ESHUTDOWN: errno.EAGAIN}
+
+
+class RbdDriver(Driver):
+    name = "rbd"
+    type_id = 18  # past the reference's table (qcow2 is 17)
+
+    def __init__(self, engine: Engine, image: RbdImage, *,
+                 max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:
+        super().__init__(engine, image.size, writable=image.writable)
+        self.image = image
+        self.rbd = image.image
+        self.path = image.path
+        self.caps = Caps.BLOCK_STATUS
+        if image.writable:
+            self.caps |= Caps.WRITE | Caps.FLUSH | Caps.FUA | Caps.TRIM | Caps.ZERO
+        self.slots = asyncio.Semaphore(max_inflight)
+        self.max_inflight = max_inflight
+        self.inflight = 0  # requests librbd holds (their callbacks still to come)
+        self._idle: asyncio.Event | None = None
+
+    @classmethod
+    def open(cls, engine: Engine, spec: str, *, writable: bool,
+             max_inflight: int = DEFAULT_MAX_INFLIGHT) -> RbdDriver:
+        """Connect and open (blocking: before serving, or in the engine)."""
+        return cls(engine, RbdImage.open(spec, writable=writable), max_inflight=max_inflight)
+
+    @classmethod
+    def open_layer(cls, ctx: OpenContext, args: str) -> RbdDriver:
+        return cls.open(ctx.engine, args, writable=ctx.writable)
+
+    # ------------------------------------------------------------------ the bridge
+    async def _aio(self, what: str, start: Callable[[Callable[..., None]], Any]) -> Any:
+        """Run one librbd aio call: ``start(callback)`` issues it; its completion comes
+        back on the loop. Errors carry the image and the operation. A caller cancelled
+        meanwhile leaves the request to librbd (which owns its buffer until the
+        callback): it counts as in flight until then, and close() waits for it."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def done(completion: Any, data: Any = None) -> None:  # a librbd thread
+            loop.call_soon_threadsafe(self._settle, fut, completion.get_return_value(), data)
+
+        async with self.slots:
+            try:
+                start(done)
+            except Exception as exc:  # refused before queueing (bad argument, closed)
+                code = getattr(exc, "errno", None) or errno.EIO
+                raise OSError(abs(code), f"{self.path}: {what}: {exc}") from None
+            self.inflight += 1
+            try:
+                return await fut
+            except OSError as exc:
+                code = TRANSIENT.get(exc.errno, exc.errno)
+                raise OSError(code, f"{self.path}: {what}: {exc.strerror}") from None
+
+    def _settle(self, fut: asyncio.Future, ret: int, data: Any) -> None:
+        """On the loop, once librbd is done with a request."""
+        self.inflight -= 1
+        if self.inflight == 0 and self._idle is not None:
+            self._idle.set()
+        if fut.done():  # the caller gave up (cancelled): nothing to deliver
+            return
+        if ret < 0:
+            fut.set_exception(OSError(-ret, os.strerror(-ret)))
+        else:
+            fut.set_result(data)
+
+    # ------------------------------------------------------------------ operations
+    async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
+        length = total(iov)
+        data = await self._aio("read", lambda cb: self.rbd.aio_read(offset, length, cb))
+        if len(data) != length:
+            raise OSError(errno.EIO, f"{self.path}: short read ({len(data)} of {length} "
+                          f"bytes at {offset})")
+        if len(iov) == 1:
+            iov[0][:] = data
+        else:
+            copy_into(iov, memoryview(data))
+
+    async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
+        self._require_writable()
+        data = bytes(iov[0]) if len(iov) == 1 else b"".join(iov)
+        await self._aio("write", lambda cb: self.rbd.aio_write(data, offset, cb))
+        if fua:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.writable:
+            await self._aio("flush", lambda cb: self.rbd.aio_flush(cb))
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._require_writable()
+        await self._aio("discard", lambda cb: self.rbd.aio_discard(offset, length, cb))
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = True,
+                           fast: bool = False, fua: bool = False) -> None:
+        self._require_writable()
+        # librbd zeroes whole objects by removing or truncating them and writes zeros
+        # only into the partial ones at the edges: cheap either way, so FAST_ZERO is
+        # honoured by doing it.
+        flags = 0 if may_trim else self._thick_flag()
+        await self._aio("write zeroes", lambda cb: self.rbd.aio_write_zeroes(
+            offset, length, cb, zero_flags=flags))
+        if fua:
+            await self.flush()
+
+    @staticmethod
+    def _thick_flag() -> int:
+        from blktap.image.rbd import bindings
+
+        return int(getattr(bindings()[1], "RBD_WRITE_ZEROES_FLAG_THICK_PROVISION", 0))
+
+    async def block_status(self, offset: int, length: int) -> Extents:
+        if not self.image.fast_diff:
+            obj = self.image.object_size
+            limit = (offset // obj + STATUS_OBJECTS) * obj - offset
+            length = max(1, min(length, limit))
+        async with self.slots:
+            runs = await self.engine.call(self.image.data_runs, offset, length)
+        out: Extents = [(n, STATE_DATA if data else STATE_HOLE | STATE_ZERO)
+                        for _, n, data in runs]
+        return merge_extents(out) or [(length, STATE_DATA)]
+
+    async def close(self) -> None:
+        # Let what librbd holds land first (the VBD drains before closing; this is for
+        # requests whose callers gave up).
+        while self.inflight:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+        await self.engine.call(self.image.close)
+
+    def describe(self) -> dict:
+        return {"type": self.type_id, "name": self.name, "status": None}

@@ -1,0 +1,456 @@
+"""The rbd driver against a real, throwaway Ceph (tests/ceph_cluster.py): librbd's aio
+path in-process, ``blktap serve rbd:`` with qemu's own rbd driver and fio as peers, a
+snapshot taken while the disk is served, the OSD stopped and restarted mid-I/O."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from blktap.errors import BlktapError, UsageError
+from blktap.image import rbd as rbdlib
+from blktap.image.rbd import parse_spec
+from conftest import need, run, with_engine
+from nbd_helpers import serve
+
+MiB = 1 << 20
+
+
+def new_image(cluster, size: int = 64 * MiB) -> str:
+    name = "t-" + uuid.uuid4().hex[:10]
+    cluster.rbd("create", "--size", f"{size // MiB}M", f"rbd/{name}")
+    return name
+
+
+def qemu_io(spec: str, *commands: str, fmt: str = "raw", timeout: float = 120,
+            read_only: bool = False) -> subprocess.CompletedProcess:
+    argv = [need("qemu-io"), "-f", fmt, *(["-r"] if read_only else [])]
+    for c in commands:
+        argv += ["-c", c]
+    return run([*argv, spec], text=True, timeout=timeout)
+
+
+def qemu_rbd(cluster, image: str, snap: str | None = None) -> str:
+    """The image as qemu's rbd driver names it."""
+    return cluster.spec(image, snap)
+
+
+# ----------------------------------------------------------------------------- no cluster
+def test_spec_parsing() -> None:
+    s = parse_spec("rbd:vms/disk1")
+    assert (s.pool, s.namespace, s.image, s.snap, s.conf, s.user) == \
+        ("vms", "", "disk1", None, None, None)
+    s = parse_spec("rbd:vms/tenant/disk1@gold:conf=/etc/ceph/c.conf:id=xen:"
+                   "mon_host=10.0.0.1\\:6789:rados_osd_op_timeout=5")
+    assert (s.pool, s.namespace, s.image, s.snap) == ("vms", "tenant", "disk1", "gold")
+    assert s.conf == "/etc/ceph/c.conf" and s.user == "xen"
+    assert s.options == {"mon_host": "10.0.0.1:6789", "rados_osd_op_timeout": "5"}
+    assert parse_spec("p/a\\@b").image == "a@b"
+    for bad in ("rbd:pool", "rbd:/img", "rbd:p/i@", "rbd:p/i@a@b", "rbd:p/i:conf",
+                "rbd:a/b/c/d"):
+        with pytest.raises(UsageError):
+            parse_spec(bad)
+
+
+def test_missing_bindings_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without python3-rbd for this interpreter, opening says so (ENOSYS), naming the
+    packages and the folders looked in."""
+    monkeypatch.setattr(rbdlib, "_bindings", None)
+    monkeypatch.setattr(rbdlib, "SYSTEM_DIRS", ("/nonexistent",))
+    for name in ("rados", "rbd"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "dist-packages" not in p])
+    with pytest.raises(BlktapError) as info:
+        rbdlib.bindings()
+    assert info.value.errno == errno.ENOSYS
+    assert "python3-rbd" in str(info.value) and "/nonexistent" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- in-process
+def test_driver_operations(ceph_cluster) -> None:
+    """read/write/flush/discard/write-zeroes/block status through librbd's aio calls,
+    many requests in flight at once (more than the in-flight bound)."""
+    import asyncio
+
+    from blktap.tapdisk.driver import STATE_DATA, STATE_ZERO, Caps
+    from blktap.tapdisk.drivers import open_stack
+    from blktap.tapdisk.drivers.rbd import RbdDriver
+
+    name = new_image(ceph_cluster, 32 * MiB)
+    spec = ceph_cluster.spec(name)
+
+    async def body(engine):
+        ro = open_stack(engine, spec, writable=False)
+        assert isinstance(ro, RbdDriver) and not ro.caps & Caps.WRITE
+        await ro.close()
+        d = RbdDriver.open(engine, spec, writable=True, max_inflight=4)  # to be exceeded
+        assert d.size == 32 * MiB
+        assert d.caps & (Caps.WRITE | Caps.FLUSH | Caps.TRIM | Caps.ZERO | Caps.BLOCK_STATUS)
+        try:
+            bufs = [bytearray([i + 1]) * 65536 for i in range(32)]
+            await asyncio.gather(*(d.write(i * 65536, [memoryview(b)])
+                                   for i, b in enumerate(bufs)))
+            await d.flush()
+            # Two buffers for one read (an iovec), split mid-write.
+            a, b = bytearray(100 * 512), bytearray(156 * 512)
+            await d.read(65536 - 512 * 100, [memoryview(a), memoryview(b)])
+            assert a == bytes([1]) * len(a)
+            assert b[:65536] == bytes([2]) * 65536 and b[65536:] == bytes([3]) * (len(b) - 65536)
+            await d.write_zeroes(65536, 65536)
+            out = bytearray(65536)
+            await d.read(65536, [memoryview(out)])
+            assert out == bytes(65536)
+            await d.discard(0, 8 * MiB)
+            ext = await d.block_status(0, 32 * MiB)
+            assert sum(n for n, _ in ext) <= 32 * MiB
+            # Everything written was in the first 4 MiB object, now discarded; the rest
+            # was never written: all of it reads as zeros and says so.
+            assert all(f & STATE_ZERO for _, f in ext), ext
+            await d.write(20 * MiB, [memoryview(bytearray(b"x" * 4096))], fua=True)
+            ext = await d.block_status(16 * MiB, 8 * MiB)
+            assert any(not f & STATE_ZERO and f == STATE_DATA for _, f in ext), ext
+            with pytest.raises(OSError):  # past the end: librbd refuses it
+                await d.read(40 * MiB, [memoryview(bytearray(512))])
+        finally:
+            await d.close()
+
+    with_engine(body)
+
+
+def test_snapshot_is_read_only_and_bad_names_fail_clearly(ceph_cluster) -> None:
+    from blktap.tapdisk.drivers import open_stack
+
+    name = new_image(ceph_cluster, 8 * MiB)
+    ceph_cluster.rbd("snap", "create", f"rbd/{name}@s1")
+
+    async def body(engine):
+        with pytest.raises(UsageError) as info:
+            open_stack(engine, ceph_cluster.spec(name, "s1"), writable=True)
+        assert info.value.errno == errno.EROFS
+        d = open_stack(engine, ceph_cluster.spec(name, "s1"), writable=False)
+        try:
+            assert not d.writable
+            with pytest.raises(BlktapError):
+                await d.write(0, [memoryview(bytearray(512))])
+        finally:
+            await d.close()
+        for bad, code in ((ceph_cluster.spec("no-such-image"), errno.ENOENT),
+                          (f"rbd:nopool/x:conf={ceph_cluster.conf}", errno.ENOENT),
+                          (ceph_cluster.spec(name, "nosnap"), errno.ENOENT)):
+            with pytest.raises(BlktapError) as info:
+                open_stack(engine, bad, writable=False)
+            assert info.value.errno == code, (bad, info.value)
+            assert "rbd:" in str(info.value)
+
+    with_engine(body)
+
+
+# ----------------------------------------------------------------------------- peers
+def test_qemu_reads_what_we_wrote_and_we_read_what_it_wrote(ceph_cluster,
+                                                            tmp_path: Path) -> None:
+    name = new_image(ceph_cluster)
+    with serve(ceph_cluster.spec(name), tmp_path) as srv:
+        r = qemu_io(srv.uri, "write -P 0x11 0 3M", "write -P 0x12 5M 64k",
+                    "write -z 1M 512k", "flush")
+        assert r.returncode == 0, r.stdout + r.stderr
+        # Read while we still serve it: qemu's rbd driver is a second client.
+        r = qemu_io(qemu_rbd(ceph_cluster, name), "read -P 0x11 0 1M",
+                    "read -P 0 1M 512k", "read -P 0x11 1536k 1536k", "read -P 0 3M 2M",
+                    "read -P 0x12 5M 64k", "read -P 0 5184k 1M")
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, \
+            r.stdout + r.stderr
+    r = qemu_io(qemu_rbd(ceph_cluster, name), "write -P 0x33 7M 1M", "discard 0 4M")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with serve(ceph_cluster.spec(name), tmp_path, "--read-only") as srv:
+        r = qemu_io(srv.uri, "read -P 0x33 7M 1M", "read -P 0 0 4M", "read -P 0x12 5M 64k",
+                    read_only=True)
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, \
+            r.stdout + r.stderr
+        r = run([need("qemu-img"), "compare", "-f", "raw", "-F", "raw", srv.uri,
+                 qemu_rbd(ceph_cluster, name)], text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        # Block status over NBD: the object map's picture (4 MiB objects).
+        r = run([need("qemu-img"), "map", "--output=json", "-f", "raw", srv.uri], text=True)
+        assert r.returncode == 0, r.stderr
+        data = [(e["start"], e["length"]) for e in json.loads(r.stdout) if e["data"]]
+        assert data and all(s >= 4 * MiB for s, _ in data), data
+
+
+def test_fio_verify_over_nbd(ceph_cluster, tmp_path: Path) -> None:
+    fio = need("fio")
+    name = new_image(ceph_cluster)
+    with serve(ceph_cluster.spec(name), tmp_path) as srv:
+        res = run([fio, "--name=v", "--ioengine=nbd", f"--uri={srv.uri}", "--rw=randwrite",
+                   "--bs=4k", "--iodepth=16", "--size=16M", "--verify=crc32c",
+                   "--do_verify=1", "--verify_fatal=1", "--randrepeat=1",
+                   "--verify_state_save=0", "--output-format=json"],
+                  text=True, timeout=300, cwd=tmp_path)
+        assert res.returncode == 0, res.stdout + res.stderr
+        job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
+        assert job["error"] == 0 and job["write"]["io_bytes"] == 16 * MiB
+        # And what fio left there is what qemu's driver reads.
+        r = run([need("qemu-img"), "compare", "-f", "raw", "-F", "raw", srv.uri,
+                 qemu_rbd(ceph_cluster, name)], text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_live_snapshot(ceph_cluster, tmp_path: Path) -> None:
+    """A snapshot taken while the disk is served and written keeps what was written
+    before it; the served disk goes on with the writes after it; the snapshot serves
+    read-only."""
+    name = new_image(ceph_cluster, 16 * MiB)
+    with serve(ceph_cluster.spec(name), tmp_path) as srv:
+        assert qemu_io(srv.uri, "write -P 0xa1 0 2M", "flush").returncode == 0
+        ceph_cluster.rbd("snap", "create", f"rbd/{name}@live")
+        r = qemu_io(srv.uri, "write -P 0xb2 1M 2M", "read -P 0xa1 0 1M",
+                    "read -P 0xb2 1M 2M")
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+    with serve(ceph_cluster.spec(name, "live"), tmp_path, "--read-only",
+               name="snap.sock") as srv:
+        r = qemu_io(srv.uri, "read -P 0xa1 0 2M", "read -P 0 2M 2M", read_only=True)
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+        r = qemu_io(srv.uri, "write -P 1 0 4k")  # the export says read-only
+        assert r.returncode != 0 and "wrote" not in r.stdout, r.stdout
+
+
+# ----------------------------------------------------------------------------- OSD outage
+def test_osd_restart_mid_io_holds_requests(ceph_cluster, tmp_path: Path) -> None:
+    """Writes issued while the only OSD is down are held, complete once it is back, and
+    none is lost; acknowledged writes from before the outage are still there."""
+    name = new_image(ceph_cluster, 16 * MiB)
+    with serve(ceph_cluster.spec(name), tmp_path) as srv:
+        assert qemu_io(srv.uri, "write -P 0x41 0 4M", "flush").returncode == 0
+        ceph_cluster.stop_osd()
+        try:
+            writer = subprocess.Popen(
+                [need("qemu-io"), "-f", "raw", "-c", "write -P 0x42 4M 4M",
+                 "-c", "write -P 0x43 12M 1M", "-c", "flush", srv.uri],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            time.sleep(3)
+            held = writer.poll() is None
+        finally:
+            ceph_cluster.start_osd()
+        out, _ = writer.communicate(timeout=120)
+        assert held, "the writes completed while the OSD was down: " + out
+        assert writer.returncode == 0 and "error" not in out.lower(), out
+        r = qemu_io(srv.uri, "read -P 0x41 0 4M", "read -P 0x42 4M 4M", "read -P 0x43 12M 1M")
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+    r = qemu_io(qemu_rbd(ceph_cluster, name), "read -P 0x41 0 4M", "read -P 0x42 4M 4M",
+                "read -P 0x43 12M 1M")
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+
+
+def test_osd_outage_past_the_timeout_fails_clearly(ceph_cluster, tmp_path: Path) -> None:
+    """An OSD that stops answering (frozen): requests time out in librbd
+    (rados_osd_op_timeout), the VBD retries them until its own timeout, then the client
+    gets an error; the server keeps serving, and once the OSD answers again, writes work
+    and what was acknowledged before is intact."""
+    name = new_image(ceph_cluster, 16 * MiB)
+    spec = ceph_cluster.spec(name) + ":rados_osd_op_timeout=2"
+    with serve(spec, tmp_path, "--timeout", "4", "-v") as srv:
+        assert qemu_io(srv.uri, "write -P 0x51 0 1M", "flush").returncode == 0
+        ceph_cluster.pause_osd()
+        try:
+            r = qemu_io(srv.uri, "write -P 0x52 1M 64k", timeout=60)
+        finally:
+            ceph_cluster.resume_osd()
+        assert "Input/output error" in r.stdout + r.stderr, r.stdout + r.stderr
+        r = qemu_io(srv.uri, "write -P 0x53 2M 64k", "read -P 0x51 0 1M",
+                    "read -P 0x53 2M 64k", timeout=120)
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, \
+            r.stdout + r.stderr
+        code = srv.stop()
+        err = srv.stderr
+    assert code == 0, err
+    assert "retrying" in err and name in err, err
+
+
+# ----------------------------------------------------------------------------- tap-ctl
+def test_tap_ctl_create_rbd(ceph_cluster, tmp_path: Path) -> None:
+    """``tap-ctl create -a rbd:...`` spawns a tapdisk serving the image (its NBD
+    socket), ``list`` shows the spec, ``destroy`` closes it; a missing image is refused
+    with the cluster's ENOENT and no tapdisk is left."""
+    from test_tap_ctl_daemon import Host, wait_gone
+
+    name = new_image(ceph_cluster, 8 * MiB)
+    host = Host(tmp_path)
+    spec = ceph_cluster.spec(name)
+    pid, minor = host.create(spec)
+    try:
+        assert any(e.get("args") == spec for e in host.listing()), host.listing()
+        host.serving(pid, minor, 8 * MiB)
+        r = qemu_io(host.nbd(pid, minor), "write -P 0x61 0 1M", "flush")
+        assert r.returncode == 0, r.stdout + r.stderr
+        host.out("destroy", "-p", str(pid), "-m", str(minor))
+        wait_gone(pid)
+    finally:
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
+    r = qemu_io(qemu_rbd(ceph_cluster, name), "read -P 0x61 0 1M", read_only=True)
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+    code, out, err = host.tap_ctl("create", "-a", ceph_cluster.spec("missing"), ok=False)
+    assert code == errno.ENOENT, (code, out, err)
+    assert not any("pid" in e for e in host.listing())
+
+
+# ----------------------------------------------------------------------------- the tools
+def blktap(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    from conftest import tool
+
+    return run([tool("blktap"), *args], text=True, cwd=cwd)
+
+
+def test_convert_a_vhd_chain_into_rbd_and_back(ceph_cluster, tmp_path: Path) -> None:
+    """A two-layer VHD chain into a new RBD image (sparse: only the data is written),
+    info/map/compare on it, and back into a VHD; qemu's rbd driver agrees. An existing
+    destination is refused unless --force."""
+    base, leaf = tmp_path / "base.vhd", tmp_path / "leaf.vhd"
+    assert blktap("create", str(base), "64M").returncode == 0
+    with serve(f"vhd:{base}", tmp_path, name="base.sock") as srv:
+        assert qemu_io(srv.uri, "write -P 0x71 0 2M", "write -P 0x72 30M 1M").returncode == 0
+    assert blktap("snapshot", str(leaf), str(base)).returncode == 0
+    with serve(f"vhd:{leaf}", tmp_path, name="leaf.sock") as srv:
+        assert qemu_io(srv.uri, "write -P 0x73 1M 2M").returncode == 0
+    name = "conv-" + uuid.uuid4().hex[:8]
+    dst = ceph_cluster.spec(name)
+    r = blktap("convert", f"vhd:{leaf}", dst)
+    assert r.returncode == 0, r.stderr
+    assert "(2 layers)" in r.stdout and "4 MiB of data written" in r.stdout, r.stdout
+    used = ceph_cluster.rbd("du", "--format", "json", f"rbd/{name}")
+    # Objects of 4 MiB: the first and the one at 28-32 MiB, nothing else.
+    assert json.loads(used)["images"][0]["used_size"] <= 8 * MiB, used
+    r = blktap("info", "--json", dst)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert (info["format"], info["virtual_size"], info["chain_depth"]) == ("rbd", 64 * MiB, 1)
+    r = blktap("map", "--json", dst)
+    assert r.returncode == 0, r.stderr
+    data = [(e["offset"], e["length"]) for e in json.loads(r.stdout) if e["status"] == "data"]
+    assert data == [(0, 4 * MiB), (28 * MiB, 4 * MiB)], data
+    assert blktap("compare", f"vhd:{leaf}", dst).returncode == 0
+    # qemu's vpc driver has no differencing VHDs: its rbd driver checks the patterns.
+    r = qemu_io(qemu_rbd(ceph_cluster, name), "read -P 0x71 0 1M", "read -P 0x73 1M 2M",
+                "read -P 0 3M 27M", "read -P 0x72 30M 1M", "read -P 0 31M 33M",
+                read_only=True)
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+    # Back into a VHD, sparse.
+    back = tmp_path / "back.vhd"
+    r = blktap("convert", dst, str(back))
+    assert r.returncode == 0, r.stderr
+    assert blktap("compare", f"vhd:{leaf}", str(back)).returncode == 0
+    assert json.loads(blktap("info", "--json", str(back)).stdout)["allocated"] <= 6 * MiB
+    # A difference is seen; an existing destination is kept unless --force.
+    assert qemu_io(qemu_rbd(ceph_cluster, name), "write -P 1 50M 512").returncode == 0
+    r = blktap("compare", f"vhd:{leaf}", dst)
+    assert r.returncode == 1 and f"offset {50 * MiB}" in r.stdout, r.stdout
+    r = blktap("convert", f"vhd:{leaf}", dst)
+    assert r.returncode == errno.EEXIST and "already exists" in r.stderr, r.stderr
+    assert blktap("convert", "--force", f"vhd:{leaf}", dst).returncode == 0
+    assert blktap("compare", f"vhd:{leaf}", dst).returncode == 0
+    images = ceph_cluster.rbd("ls", "rbd").split()
+    assert name in images and not any(".blktap-" in i for i in images), images
+
+
+# ----------------------------------------------------------------------------- RBD parent
+def test_qcow2_leaf_over_an_rbd_snapshot(ceph_cluster, tmp_path: Path) -> None:
+    """A local qcow2 copy-on-write layer over a shared golden image on Ceph (qemu's
+    spelling: backing file rbd:..., format raw): served by us, reads fall through to the
+    snapshot, partial-cluster writes copy up what lies below; qemu (through its own rbd
+    driver) reads the same disk; info/map show both layers; convert flattens it; parents
+    confined to directories refuse a cluster."""
+    gold = new_image(ceph_cluster)
+    r = qemu_io(qemu_rbd(ceph_cluster, gold), "write -P 0x21 0 8M", "write -P 0x22 40M 1M")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ceph_cluster.rbd("snap", "create", f"rbd/{gold}@v1")
+    assert qemu_io(qemu_rbd(ceph_cluster, gold), "write -P 0x99 0 8M").returncode == 0
+    leaf = tmp_path / "leaf.qcow2"
+    r = run([need("qemu-img"), "create", "-q", "-f", "qcow2", "-b",
+             qemu_rbd(ceph_cluster, gold, "v1"), "-F", "raw", str(leaf)], text=True)
+    assert r.returncode == 0, r.stderr
+    with serve(f"qcow2:{leaf}", tmp_path) as srv:
+        r = qemu_io(srv.uri, "write -P 0x23 1000k 100k", "read -P 0x21 0 1000k",
+                    "read -P 0x23 1000k 100k", "read -P 0x21 1100k 1M",
+                    "read -P 0 8M 32M", "read -P 0x22 40M 1M")
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, \
+            r.stdout + r.stderr
+        r = run([need("qemu-img"), "compare", "-f", "raw", "-F", "qcow2", srv.uri,
+                 str(leaf)], text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    info = json.loads(blktap("info", "--json", f"qcow2:{leaf}").stdout)
+    assert [x["format"] for x in info["chain"]] == ["qcow2", "rbd"], info
+    rows = json.loads(blktap("map", "--json", f"qcow2:{leaf}").stdout)
+    assert {r["depth"] for r in rows} == {0, 1, None}, rows
+    flat = tmp_path / "flat.vhd"
+    assert blktap("convert", f"qcow2:{leaf}", str(flat)).returncode == 0
+    r = qemu_io(str(flat), "read -P 0x21 0 1000k", "read -P 0x23 1000k 100k",
+                "read -P 0x22 40M 1M", fmt="vpc", read_only=True)
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+    from conftest import tool
+
+    r = run([tool("blktap"), "info", "--parent-dir", str(tmp_path), f"qcow2:{leaf}"],
+            text=True)
+    assert r.returncode == errno.EACCES and "Ceph" in r.stderr, r.stderr
+
+
+def test_cancelled_request_is_waited_for_by_close(ceph_cluster) -> None:
+    """A caller that gives up on a request librbd holds (the OSD frozen) does not take
+    the buffer back from librbd: the request still counts as in flight, and close()
+    waits for librbd to finish it before closing the image."""
+    import asyncio
+
+    from blktap.tapdisk.drivers.rbd import RbdDriver
+
+    name = new_image(ceph_cluster, 8 * MiB)
+
+    async def body(engine):
+        d = RbdDriver.open(engine, ceph_cluster.spec(name), writable=True)
+        await d.write(0, [memoryview(bytearray(b"z" * 4096))])
+        ceph_cluster.pause_osd()
+        try:
+            task = asyncio.create_task(d.write(4096, [memoryview(bytearray(4096))]))
+            await asyncio.sleep(1)
+            assert not task.done() and d.inflight == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert d.inflight == 1
+            closing = asyncio.create_task(d.close())
+            await asyncio.sleep(0.5)
+            assert not closing.done()
+        finally:
+            ceph_cluster.resume_osd()
+        await asyncio.wait_for(closing, 60)
+        assert d.inflight == 0
+
+    with_engine(body)
+
+
+def test_serve_bad_specs_fail_with_one_line_and_the_errno(ceph_cluster, tmp_path: Path) -> None:
+    """What an operator mistypes: a missing image (ENOENT), a conf file that is not there
+    (ENOENT), a cluster that does not answer (ETIMEDOUT after client_mount_timeout), a
+    spec without an image (EINVAL), an unknown Ceph option (EINVAL); one line each."""
+    from conftest import tool
+
+    cases = [
+        (ceph_cluster.spec("missing"), errno.ENOENT, "RBD image not found"),
+        ("rbd:rbd/x:conf=" + str(tmp_path / "none.conf"), errno.ENOENT, "none.conf"),
+        ("rbd:rbd/x:mon_host=127.0.0.1\\:1:client_mount_timeout=2", errno.ETIMEDOUT,
+         "cannot connect"),
+        ("rbd:rbd", errno.EINVAL, "POOL/IMAGE"),
+        (ceph_cluster.spec("x") + ":no_such_option=1", errno.EINVAL, "no_such_option"),
+    ]
+    for spec, code, words in cases:
+        r = run([tool("blktap"), "serve", spec, "--socket", str(tmp_path / "s.sock")],
+                text=True, timeout=60)
+        assert r.returncode == code, (spec, r.returncode, r.stderr)
+        assert words in r.stderr and r.stderr.count("\n") == 1, (spec, r.stderr)
+        assert r.stdout == ""
