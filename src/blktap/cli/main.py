@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from blktap import __version__
-from blktap.cli import changed, maintain, serve
+from blktap.cli import changed, exporter, maintain, serve
 from blktap.cli.common import (
     PROG,
     TERMINATED_EXIT,
@@ -140,6 +140,7 @@ def build_parser() -> Parser:
     maintain.add_commands(sub, _command)
     serve.add_parser(sub, _command)
     changed.add_parser(sub, _command)
+    exporter.add_parser(sub, _command)
     _add_drivers(sub)
     return parser
 

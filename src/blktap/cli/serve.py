@@ -31,6 +31,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from blktap.cli.common import add_parent_dir, parent_policy, print_warning
+from blktap.cli.service import ServeService, add_serve_options
 from blktap.errors import UsageError
 
 DEFAULT_TCP = "127.0.0.1:10809"
@@ -99,6 +100,7 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
                           "tap-ctl open -C), exported as qemu:dirty-bitmap:NAME (docs/cbt.md)")
     cmd.add_argument("-v", "--verbose", action="store_true", help="log connections")
     add_parent_dir(cmd)
+    add_serve_options(cmd)  # metrics, logs, pid file, daemon, captive mode (service.py)
 
 
 def run_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -112,11 +114,13 @@ def run_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
         raise UsageError("--num-queues must be between 1 and 256")
     if args.serial is not None and len(args.serial.encode()) > 20:
         raise UsageError("--serial takes at most 20 bytes")
-    if not args.socket and not args.tcp and not args.vhost_user:
-        args.tcp = [parse_hostport(DEFAULT_TCP)]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="blktap serve: %(message)s", stream=sys.stderr)
-    return asyncio.run(_serve(args, out or sys.stdout))
+    service = ServeService(args)
+    service.before_loop()
+    if not args.socket and not args.tcp and not args.vhost_user:
+        args.tcp = [parse_hostport(DEFAULT_TCP)]
+    return asyncio.run(_serve(args, out or sys.stdout, service))
 
 
 def _uri(tls: bool, name: str, *, socket: str | None = None,
@@ -129,7 +133,7 @@ def _uri(tls: bool, name: str, *, socket: str | None = None,
     return f"nbd{'s' if tls else ''}://{host}:{port}/{path}"
 
 
-async def _serve(args: argparse.Namespace, out: TextIO) -> int:
+async def _serve(args: argparse.Namespace, out: TextIO, service: ServeService) -> int:
     from blktap.io import LinuxAioEngine, ThreadEngine, best_engine
     from blktap.io.buffers import default_budget
     from blktap.tapdisk.drivers import AioDriver, open_stack, split_type
@@ -195,12 +199,11 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        for uri in uris:
-            print(uri, file=out)
-        out.flush()
-        await stop.wait()
+        await service.ready(vbd, uris, tls is not None, out)
+        code = await service.wait(stop)
         logging.getLogger("blktap.nbd").info("stopping")
     finally:
+        await service.close()
         for vs in vhost:
             await vs.stop()
         if server is not None:
@@ -211,7 +214,7 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
             for d in driver.chain():
                 await d.close()
         engine.close()
-    return 0
+    return code
 
 
 __all__ = ["add_parser", "run_args"]
