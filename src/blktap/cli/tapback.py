@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from blktap.cli.daemonize import detach_until_ready, say_ready
 from blktap.cli.logsetup import add_log_options, configure
+from blktap.cli.service import sd_notify
 from blktap.control import message as m
 from blktap.errors import BlktapError
 
@@ -121,6 +122,7 @@ async def _main(args: argparse.Namespace, ready_fd: int | None) -> int:
                 pass
         if ready_fd is not None:
             say_ready(ready_fd)
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}")  # tapback.service: Type=notify
         await tb.run()
     finally:
         await xs.close()
