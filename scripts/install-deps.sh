@@ -6,13 +6,14 @@
 # its build.sh needs to make the tiny guest (static busybox, gcc for blkbench, cpio, kmod and
 # a kernel with its modules when /boot has none). For the Xen guest tests: what
 # ../shared/xen-testbed/build.sh needs on the host (it would install them itself, but only
-# when run as root).
+# when run as root). For docs/operations.md's tests: groff and man (the man pages render),
+# systemd's systemd-analyze (the units verify; the package starts nothing in a container).
 set -euo pipefail
 
 packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv
           qemu-system-common nbdkit-plugin-python strace
           qemu-system-x86 busybox-static gcc libc6-dev cpio kmod xz-utils zstd
-          debootstrap e2fsprogs gzip)
+          debootstrap e2fsprogs gzip groff-base man-db systemd)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || packages+=(linux-image-amd64)
 missing=()
 for p in "${packages[@]}"; do

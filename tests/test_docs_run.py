@@ -77,3 +77,13 @@ def test_cli_doc_block(block: Block, cli_files: Path, tmp_path: Path) -> None:
         if f.is_file() and not f.is_symlink():
             subprocess.run(["cp", "--sparse=always", str(f), str(tmp_path)], check=True)
     _run(block.script(), tmp_path, f"docs/cli.md:{block.line}")
+
+
+OPS = (ROOT / "docs" / "operations.md").read_text()
+
+
+@pytest.mark.parametrize("block", blocks(OPS), ids=lambda b: f"operations.md:{b.line}")
+def test_operations_doc_block(block: Block, tmp_path: Path) -> None:
+    if block.skip:
+        pytest.skip(block.skip)
+    _run(block.script(), tmp_path, f"docs/operations.md:{block.line}")
