@@ -17,7 +17,7 @@ import pytest
 
 from blktap.metrics.latency import BOUNDS, LatencyHistogram
 from blktap.metrics.prometheus import VbdSample, render
-from conftest import need, run, tool
+from conftest import need, run, tool, with_engine
 
 parser = pytest.importorskip("prometheus_client.parser")
 MiB = 1 << 20
@@ -91,6 +91,45 @@ def test_render_parses_and_escapes() -> None:
     assert not [s for s in fams["blktap_vbd_requests"].samples if s.labels["minor"] == "1"]
     assert value(fams, "blktap_vbd_layer_info", "blktap_vbd_layer_info", minor="1",
                  driver="aio") == 1
+
+
+def test_vbd_histograms_count_every_completed_request(tmp_path: Path) -> None:
+    """One histogram sample per completed request of its op (queued or side door), none
+    for a request its caller withdrew; tap-ctl stats carries them."""
+    import asyncio
+
+    from blktap.tapdisk.drivers import open_stack
+    from blktap.tapdisk.vbd import VBD
+
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(MiB))
+
+    async def body(engine: object) -> dict:
+        driver = await engine.call(open_stack, engine, f"aio:{disk}",  # type: ignore[attr-defined]
+                                   writable=True, direct=False)
+        vbd = VBD(driver)
+        buf = memoryview(bytearray(4096))
+        await vbd.write(0, buf)
+        await vbd.read(0, buf)
+        await vbd.read(8192, buf)
+        await vbd.flush()
+        served_now = vbd.read_now(0, buf)
+        task = asyncio.ensure_future(vbd.read(4096, memoryview(bytearray(512))))
+        await asyncio.sleep(0)
+        task.cancel()  # withdrawn while queued
+        await asyncio.gather(task, return_exceptions=True)
+        stats = vbd.stats_dict()
+        await vbd.close()
+        return {"stats": stats, "now": served_now}
+
+    out = with_engine(body)
+    c, lat = out["stats"]["counters"], out["stats"]["latency"]
+    assert lat["le"] == list(BOUNDS)
+    assert c["cancelled"] == 1
+    for op in ("read", "write", "other"):
+        assert sum(lat[op]["counts"]) == c[f"{op}_reqs"], op
+    assert c["read_reqs"] == 2 + out["now"] and c["write_reqs"] == 1 and c["other_reqs"] == 1
+    assert lat["write"]["sum"] > 0
 
 
 SCRAPE = (f"{sys.executable} -c 'import sys, urllib.request; "
