@@ -28,9 +28,9 @@ class OneLineFormatter(logging.Formatter):
 
 
 def add_log_options(parser: argparse.ArgumentParser, *, level: str | None = None,
-                    target_help: str = "stderr") -> None:
+                    level_help: str | None = None, target_help: str = "stderr") -> None:
     parser.add_argument("--log-level", choices=LEVELS, default=level,
-                        help=f"least severe level logged (default {level or 'as before'})")
+                        help=f"least severe level logged (default {level_help or level})")
     parser.add_argument("--log", metavar="FILE|syslog|stderr", default=None,
                         help=f"where log lines go (default {target_help}); syslog is "
                              f"{SYSLOG_SOCKET}, which journald reads too")

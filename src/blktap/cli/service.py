@@ -109,7 +109,7 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (port 0 "
                         "picks one; its URL is printed after the disk's URIs)")
-    add_log_options(p, target_help="stderr")
+    add_log_options(p, level_help="warning, info with -v", target_help="stderr")
     p.add_argument("--pidfile", metavar="FILE", help="write the serving process's pid here")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--foreground", dest="daemon", action="store_false", default=False,

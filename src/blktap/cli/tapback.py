@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connect without waiting for hotplug-status=connected")
     p.add_argument("--ready-file", metavar="PATH",
                    help="touch PATH once XenStore is watched")
-    add_log_options(p, target_help="syslog, or stderr with -d")
+    add_log_options(p, level_help="info, debug with -v", target_help="syslog, or stderr with -d")
     return p
 
 

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="request timeout in seconds (default 120)")
     ap.add_argument("--no-direct", dest="direct", action="store_false",
                     help="never use O_DIRECT")
-    add_log_options(ap, target_help="the per-process file in --log-dir")
+    add_log_options(ap, level_help="info", target_help="the per-process file in --log-dir")
     return ap
 
 
