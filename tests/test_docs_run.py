@@ -4,7 +4,9 @@ docs cannot drift from the commands."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,10 +54,15 @@ def test_readme_tour(tmp_path: Path) -> None:
     text = (ROOT / "README.md").read_text()
     tour = blocks(text, "A quick tour")
     assert len(tour) >= 2
-    for block in tour:
-        if block.skip:
-            continue
-        _run(block.script(), tmp_path, f"README.md:{block.line}")
+    try:
+        for block in tour:
+            if block.skip:
+                continue
+            _run(block.script(), tmp_path, f"README.md:{block.line}")
+    finally:  # a tour that failed half-way may leave its tapdisk (run/ctl<pid>) running
+        for ctl in (tmp_path / "run").glob("ctl[0-9]*"):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(ctl.name[3:]), signal.SIGTERM)
 
 
 CLI = (ROOT / "docs" / "cli.md").read_text()
