@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: run test setup deps venv lint bench torture clean
+.PHONY: run test setup deps venv lint bench torture clean man
 
 setup: deps venv
 
@@ -27,6 +27,11 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# make man: the man pages of blktap, tapdisk, tapback, vhd-util and tap-ctl in build/man
+# (read one with: man -l build/man/man8/tap-ctl.8; install with MANPATH or cp).
+man: venv
+	$(PY) -m blktap.cli.manpage --out build/man
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench torture

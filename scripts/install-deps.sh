@@ -10,12 +10,14 @@
 # when run as root). For the rbd driver and its tests (tests/ceph_cluster.py): a throwaway
 # Ceph (monitor, OSD, the ceph/rbd tools), Debian's librbd/librados Python bindings, and
 # qemu's rbd block driver (qemu-block-extra) as the peer.
+# when run as root). For docs/operations.md's tests: groff and man (the man pages render),
+# systemd's systemd-analyze (the units verify; the package starts nothing in a container).
 set -euo pipefail
 
 packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv fuse3
           qemu-system-common nbdkit-plugin-python strace
           qemu-system-x86 busybox-static gcc libc6-dev cpio kmod xz-utils zstd
-          debootstrap e2fsprogs gzip openssl
+          debootstrap e2fsprogs gzip openssl groff-base man-db systemd
           ceph-mon ceph-osd ceph-common python3-rbd python3-rados qemu-block-extra)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || packages+=(linux-image-amd64)
 missing=()

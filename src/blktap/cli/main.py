@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from blktap import __version__
-from blktap.cli import attach, changed, checks, copy, maintain, rated, serve
+from blktap.cli import attach, changed, checks, copy, exporter, maintain, rated, serve
 from blktap.cli.common import (
     PROG,
     Progress,
@@ -160,6 +160,7 @@ def build_parser() -> Parser:
     serve.add_parser(sub, _command)
     changed.add_parser(sub, _command)
     copy.add_parser(sub, _command)
+    exporter.add_parser(sub, _command)
     _add_drivers(sub)
     rated.add_parser(sub, _command)
     attach.add_parsers(sub, _command)

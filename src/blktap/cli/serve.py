@@ -32,6 +32,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from blktap.cli.common import add_parent_dir, parent_policy, print_warning
+from blktap.cli.service import ServeService, add_serve_options
 from blktap.errors import UsageError
 
 DEFAULT_TCP = "127.0.0.1:10809"
@@ -111,6 +112,7 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
     # its logging up itself, with its own prefix.
     cmd.set_defaults(own_logging=True)
     add_parent_dir(cmd)
+    add_serve_options(cmd)  # metrics, logs, pid file, daemon, captive mode (service.py)
 
 
 def run_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -127,13 +129,15 @@ def run_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.limit is not None:
         from blktap.tapdisk.ratelimit import Limits
         Limits.parse(args.limit)  # a bad limit is a usage error before anything opens
-    if not args.socket and not args.tcp and not args.vhost_user and not args.fuse:
-        args.tcp = [parse_hostport(DEFAULT_TCP)]
     level = logging.DEBUG if getattr(args, "debug", False) else (
         logging.INFO if getattr(args, "verbose", 0) else logging.WARNING)
     logging.basicConfig(level=level,
                         format="blktap serve: %(message)s", stream=sys.stderr)
-    return asyncio.run(_serve(args, out or sys.stdout))
+    service = ServeService(args)
+    service.before_loop()
+    if not args.socket and not args.tcp and not args.vhost_user and not args.fuse:
+        args.tcp = [parse_hostport(DEFAULT_TCP)]
+    return asyncio.run(_serve(args, out or sys.stdout, service))
 
 
 async def _stop_fuses(fuses: list, again: asyncio.Event) -> None:
@@ -154,6 +158,19 @@ async def _stop_fuses(fuses: list, again: asyncio.Event) -> None:
         raise results[0]
 
 
+async def _until_stopped_or_unmounted(stop: asyncio.Event, fuses: list) -> int:
+    loop = asyncio.get_running_loop()
+    waits = [loop.create_task(stop.wait())]
+    waits += [loop.create_task(fs.wait_closed()) for fs in fuses]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+    return 0
+
+
 def _uri(tls: bool, name: str, *, socket: str | None = None,
          host: str = "", port: int = 0) -> str:
     path = quote(name, safe="")
@@ -164,7 +181,7 @@ def _uri(tls: bool, name: str, *, socket: str | None = None,
     return f"nbd{'s' if tls else ''}://{host}:{port}/{path}"
 
 
-async def _serve(args: argparse.Namespace, out: TextIO) -> int:
+async def _serve(args: argparse.Namespace, out: TextIO, service: ServeService) -> int:
     from blktap.io import LinuxAioEngine, ThreadEngine, best_engine
     from blktap.io.buffers import default_budget
     from blktap.tapdisk.drivers import AioDriver, open_stack, split_type
@@ -246,19 +263,12 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        for uri in uris:
-            print(uri, file=out)
-        out.flush()
-        waits = [loop.create_task(stop.wait())]
+        await service.ready(vbd, uris, tls is not None, out)
         if fuses and not (args.socket or args.tcp or args.vhost_user):
             # Only files: the server ends when they are unmounted from outside too.
-            waits += [loop.create_task(fs.wait_closed()) for fs in fuses]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+            code = await _until_stopped_or_unmounted(stop, fuses)
+        else:
+            code = await service.wait(stop)
         logging.getLogger("blktap.nbd").info("stopping")
         stop.clear()
         await _stop_fuses(fuses, stop)
@@ -268,6 +278,7 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
         for path in created:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        await service.close()
         for vs in vhost:
             await vs.stop()
         if server is not None:
@@ -278,7 +289,7 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
             for d in driver.chain():
                 await d.close()
         engine.close()
-    return 0
+    return code
 
 
 __all__ = ["add_parser", "run_args"]

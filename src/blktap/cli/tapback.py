@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 from blktap.cli.common import version_line
 from blktap.cli.daemonize import detach_until_ready, say_ready
+from blktap.cli.logsetup import add_log_options, configure
+from blktap.cli.service import sd_notify
 from blktap.control import message as m
 from blktap.errors import BlktapError
 
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connect without waiting for hotplug-status=connected")
     p.add_argument("--ready-file", metavar="PATH",
                    help="touch PATH once XenStore is watched")
+    add_log_options(p, level_help="info, debug with -v", target_help="syslog, or stderr with -d")
     return p
 
 
@@ -80,6 +83,11 @@ def _options(args: argparse.Namespace):  # -> Options (imported lazily with the 
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
+    if args.log or args.log_level:
+        target = args.log or ("stderr" if args.debug or not os.path.exists("/dev/log")
+                              else "syslog")
+        configure(PROG, args.log_level or ("debug" if args.verbose else "info"), target)
+        return
     root = logging.getLogger("blktap")
     root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.debug:
@@ -116,6 +124,7 @@ async def _main(args: argparse.Namespace, ready_fd: int | None) -> int:
                 pass
         if ready_fd is not None:
             say_ready(ready_fd)
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}")  # tapback.service: Type=notify
         await tb.run()
     finally:
         await xs.close()
@@ -131,7 +140,11 @@ async def _main(args: argparse.Namespace, ready_fd: int | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ready_fd = None if args.debug else detach_until_ready()
-    _setup_logging(args)
+    try:
+        _setup_logging(args)
+    except BlktapError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.errno or 22
     try:
         return asyncio.run(_main(args, ready_fd))
     except (BlktapError, OSError) as exc:

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 from blktap.cli.common import version_line
 from blktap.cli.daemonize import detach_until_ready, null_stdio, say_ready
+from blktap.cli.logsetup import add_log_options, configure
 from blktap.control.rundir import control_dir
 from blktap.errors import BlktapError
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="request timeout in seconds (default 120)")
     ap.add_argument("--no-direct", dest="direct", action="store_false",
                     help="never use O_DIRECT")
+    add_log_options(ap, level_help="info", target_help="the per-process file in --log-dir")
     return ap
 
 
@@ -96,8 +98,11 @@ class LogFile(logging.Handler):
 
 
 def setup_logging(args: argparse.Namespace) -> LogFile | None:
+    if args.log:  # --log FILE|syslog|stderr in place of the per-process file
+        configure("tapdisk", args.log_level or "info", args.log)
+        return None
     root = logging.getLogger("blktap")
-    root.setLevel(logging.INFO)
+    root.setLevel((args.log_level or "info").upper())
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(logging.WARNING)
     stderr.setFormatter(logging.Formatter("tapdisk: %(message)s"))
@@ -107,6 +112,7 @@ def setup_logging(args: argparse.Namespace) -> LogFile | None:
     except OSError as exc:
         root.warning("no log file in %s: %s", args.log_dir, exc.strerror)
         return None
+    logfile.setLevel(root.level)
     root.addHandler(logfile)
     return logfile
 
@@ -117,7 +123,7 @@ def detach_stdio() -> None:
     null_stdio()
     root = logging.getLogger("blktap")
     for h in list(root.handlers):
-        if isinstance(h, logging.StreamHandler) and not isinstance(h, LogFile):
+        if isinstance(h, logging.StreamHandler) and h.stream is sys.stderr:
             root.removeHandler(h)
 
 
@@ -157,10 +163,18 @@ async def _main(args: argparse.Namespace, ready_fd: int | None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.log == "stderr" and not args.foreground:
+        print("tapdisk: --log stderr needs -D (a daemon's stderr is /dev/null)",
+              file=sys.stderr)
+        return 22
     ready_fd: int | None = None
     if not args.foreground:
         ready_fd = detach_until_ready()
-    logfile = setup_logging(args)
+    try:
+        logfile = setup_logging(args)
+    except BlktapError as exc:
+        print(f"tapdisk: {exc}", file=sys.stderr)
+        return exc.errno or 22
     code = 1
     try:
         code = asyncio.run(_main(args, ready_fd, logfile))

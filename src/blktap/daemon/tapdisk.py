@@ -129,6 +129,11 @@ class Slot:
             return int(VbdState.CLOSED) if self.was_closed else 0
         return int(self.vbd.state)
 
+    def __str__(self) -> str:
+        """How log lines name it: ``minor N (type:path)``, the image once open."""
+        return f"minor {self.minor} ({self.params.spec})" if self.params else \
+            f"minor {self.minor}"
+
     @property
     def path(self) -> str:
         """``type:path`` as LIST reports it; empty while not open."""
@@ -321,11 +326,11 @@ class Tapdisk:
             # A driver's bug, or a bad CBT log, is the operator's to see whatever its errno.
             if isinstance(exc, (DriverError, CbtLogError)) or exc.errno not in (
                     errno.EBUSY, errno.EINVAL, errno.ENOENT, errno.EEXIST):
-                log.error("%s of minor %d: %s", t.label, request.cookie, exc)
+                log.error("%s of %s: %s", t.label, self._named(request.cookie), exc)
             return [_error(exc.errno, str(exc), request.cookie)]
         except OSError as exc:
             code = exc.errno or errno.EIO
-            log.error("%s of minor %d: %s", t.label, request.cookie, exc)
+            log.error("%s of %s: %s", t.label, self._named(request.cookie), exc)
             return [_error(code, str(exc), request.cookie)]
 
     async def _dispatch(self, req: Message) -> list[Message]:
@@ -421,6 +426,11 @@ class Tapdisk:
         if not logpath:
             raise BlktapError("no CBT log path after the message", errno.EINVAL)
         return logpath
+
+    def _named(self, minor: int) -> str:
+        """``minor N (type:path)`` for a log line (the minor alone when not open)."""
+        slot = self.slots.get(minor)
+        return str(slot) if slot is not None else f"minor {minor}"
 
     def _slot(self, minor: int, code: int = errno.ENODEV) -> Slot:
         """The attached minor; ENODEV if not attached (OPEN says EINVAL), as the
@@ -626,6 +636,7 @@ class Tapdisk:
         if slot.vbd is None or slot.nbd is None:
             return
         vbd, server = slot.vbd, slot.nbd
+        spec = slot.params.spec if slot.params else ""
         try:
             if vbd.paused:
                 # Requests held by the pause can never complete: closing the VBD first
@@ -641,7 +652,7 @@ class Tapdisk:
             slot.params = None
             slot.mirror = None
             slot.was_closed = True
-        log.info("minor %d closed%s", minor, " (forced)" if force else "")
+        log.info("minor %d (%s) closed%s", minor, spec, " (forced)" if force else "")
 
     async def pause(self, minor: int) -> None:
         """Pause; pausing a paused (or never opened) minor succeeds, as in the reference
@@ -650,9 +661,9 @@ class Tapdisk:
         vbd = slot.vbd
         if vbd is None or vbd.paused:
             return
-        log.info("minor %d: pausing", minor)
+        log.info("%s: pausing", slot)
         await vbd.pause()
-        log.info("minor %d: paused", minor)
+        log.info("%s: paused", slot)
 
     async def resume(self, minor: int, new_spec: str | None = None,
                      logpath: str | None = None, *,
@@ -902,7 +913,7 @@ class Tapdisk:
                     await self.close(minor)
             except (OSError, BlktapError) as exc:
                 self.precious = True
-                log.error("closing minor %d: %s", minor, exc)
+                log.error("closing %s: %s", slot, exc)
         for minor in sorted(self.slots):
             try:
                 await self.detach(minor)

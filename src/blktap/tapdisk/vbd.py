@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from blktap.errors import BlktapError, DriverError, OutOfRange
 from blktap.io.buffers import scratch_buffer
 from blktap.io.engine import settled
+from blktap.metrics.latency import OpLatency
 from blktap.tapdisk.driver import (
     SECTOR,
     Caps,
@@ -153,6 +154,7 @@ class VBD:
         self.retry_interval = retry_interval
         self.watchdog_timeout = watchdog
         self.stats = VbdStats()
+        self.latency = OpLatency()  # per-request latency histograms (metrics)
         self.loop = asyncio.get_running_loop()
         bound_requests(driver, timeout)
         self._queue: list[Request] = []
@@ -376,10 +378,15 @@ class VBD:
         self._last_progress = time.monotonic()
         self._stall_reported = False
         top = self.driver
+        now = self._last_progress
+        lat = self.latency
         for req in group:
             self._inflight.discard(req)
             st.in_flight -= 1
             sectors = -(-req.length // SECTOR)
+            if not cancelled:
+                (lat.read if req.op is Op.READ else lat.write if req.op is Op.WRITE
+                 else lat.other).observe(now - req.start)
             if cancelled:
                 st.cancelled += 1
             elif req.op is Op.READ:
@@ -485,6 +492,8 @@ class VBD:
         """Count a request the side door served, as _finish counts the others."""
         st = self.stats
         st.submitted += 1
+        # A histogram's first bucket, without a clock read (LatencyHistogram.observe_instant)
+        (self.latency.write if write else self.latency.read).counts[0] += 1
         if write:
             st.write_reqs += 1
             st.write_sectors += sectors
@@ -741,4 +750,5 @@ class VBD:
             "reqs_outstanding": st.in_flight,
             "read_caching": "false",
             "counters": st.as_dict(),
+            "latency": self.latency.as_dict(),
         }
