@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from blktap import __version__
-from blktap.cli import changed, maintain, serve
+from blktap.cli import changed, maintain, qcow2_layers, serve
 from blktap.cli.common import (
     PROG,
     TERMINATED_EXIT,
@@ -174,7 +174,8 @@ def _add_create(sub: Any) -> None:
 
 def _add_snapshot(sub: Any) -> None:
     cmd = _command(sub, "snapshot", cmd_snapshot,
-                   "Create CHILD, a differencing VHD whose parent is PARENT.")
+                   "Create CHILD, a differencing VHD (or a qcow2 image: qcow2:CHILD or a "
+                   ".qcow2 name) whose parent is PARENT.")
     cmd.add_argument("child", metavar="CHILD")
     cmd.add_argument("parent", metavar="PARENT")
     cmd.add_argument("--raw-parent", action="store_true",
@@ -526,6 +527,8 @@ def snapshot_parent(spec: str, raw_flag: bool) -> tuple[str, bool]:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    if output_format(None, args.child, "vhd")[0] == "qcow2":
+        return qcow2_layers.cmd_snapshot(args, parse_spec(args.child)[1])
     child_fmt, child = parse_spec(args.child)
     if child_fmt == "raw":
         raise UsageError(f"{args.child}: a snapshot is always a VHD")
