@@ -338,7 +338,7 @@ def layer_format(layer: Layer) -> tuple[str, str | None]:
     if isinstance(layer, VhdImage):
         return "vhd", VHD_TYPES.get(layer.footer.type, str(layer.footer.type))
     if isinstance(layer, Qcow2Image):
-        return "qcow2", f"v{layer.version}"
+        return layer.format_name, f"v{layer.version}"
     return "raw", None
 
 

@@ -73,6 +73,8 @@ def _be_bytes(arr: array.array) -> bytes:
 class Qcow2Image:
     """One open qcow2 file."""
 
+    format_name = "qcow2"
+
     def __init__(self, path: str, fd: int, writable: bool, header: s.Header,
                  file_size: int) -> None:
         self.path = path

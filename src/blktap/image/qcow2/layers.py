@@ -39,7 +39,7 @@ SECTOR_SIZE = 512
 # Commit and rebase move the disk in pieces of this many bytes at most.
 CHUNK = 2 << 20
 # Our format names as qemu writes them in the backing format extension.
-QEMU_FORMAT_NAMES = {"qcow2": "qcow2", "raw": "raw", "vhd": "vpc"}
+QEMU_FORMAT_NAMES = {"qcow2": "qcow2", "raw": "raw", "vhd": "vpc", "qcow": "qcow"}
 
 
 def backing_name(child: str, parent: str) -> str:
