@@ -12,7 +12,7 @@ import pytest
 
 from blktap.image.qcow2.check import check
 from blktap.image.qcow2.create import create
-from blktap.image.qcow2.layers import rebase, resize
+from blktap.image.qcow2.layers import commit, rebase, resize
 from conftest import run, tool
 from faults import count_mutations, crash_after, kill_points
 from qcow2_helpers import MiB, qemu_check, qemu_img, qemu_io, qemu_raw
@@ -214,3 +214,25 @@ def test_killed_rebase_keeps_content(tmp_path: Path) -> None:
         code, info = qemu_check(img)
         assert code in (0, 3), (n, info)
         assert qemu_raw(img, tmp_path) == expect, n
+
+
+def test_killed_commit_keeps_the_chain_reading_the_same(tmp_path: Path) -> None:
+    base_t = make_base(tmp_path, "qcow2")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base_t.name, "-F", "qcow2", top, "8M")
+    qemu_io(top, "write -P 0x51 1M 256k", "write -z 2M 128k", "write -P 0x52 5M 64k")
+    expect = qemu_raw(top, tmp_path)
+    template = tmp_path / "base.template"
+    shutil.copy(base_t, template)
+
+    def op() -> None:
+        commit(str(top))
+
+    total = count_mutations(op)
+    assert total > 3
+    for n in kill_points(total, 30):
+        shutil.copy(template, base_t)
+        crash_after(op, n)
+        code, info = qemu_check(base_t)
+        assert code in (0, 3), (n, info)
+        assert qemu_raw(top, tmp_path) == expect, n
