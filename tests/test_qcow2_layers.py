@@ -236,3 +236,17 @@ def test_killed_commit_keeps_the_chain_reading_the_same(tmp_path: Path) -> None:
         code, info = qemu_check(base_t)
         assert code in (0, 3), (n, info)
         assert qemu_raw(top, tmp_path) == expect, n
+
+
+def test_rebase_compares_only_where_a_chain_holds_data(tmp_path: Path) -> None:
+    # A 1 TiB image over an 8 MiB base: only the base's data is read and compared.
+    make_base(tmp_path, "qcow2")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "1T")
+    qemu_io(top, "write -P 0x61 0 1M", "write -P 0x62 900G 1M")
+    result = rebase(str(top), None, None)
+    assert result.compared_bytes == 3 * MiB  # the base's 4 MiB of data, less the 1 MiB
+    assert result.copied_bytes == 3 * MiB
+    assert qemu_check(top)[0] == 0
+    qemu_io(top, "read -P 0x61 0 1M", "read -P 0x11 1M 3M", "read -P 0 4M 4M",
+            "read -P 0x62 900G 1M")

@@ -146,10 +146,16 @@ def _copy_differences(old: Chain, top: Qcow2Image, target: Chain | None
     compared = copied = 0
     buf_old = bytearray(CHUNK)
     buf_new = bytearray(CHUNK)
-    holes = [(start, n) for start, n, kind, _ in top.runs(0, top.sectors * SECTOR_SIZE)
-             if kind == q2.HOLE]
-    for start, n in holes:
-        pos, end = start, start + n
+    holes = [(start, start + n) for start, n, kind, _ in
+             top.runs(0, top.sectors * SECTOR_SIZE) if kind == q2.HOLE]
+    # Only where the old chain or the new one holds something can they differ: where
+    # neither does, both read zeros (a 100 TiB image with little data is quick).
+    held = [(e.offset, e.offset + e.length) for e in old.map() if e.depth]
+    if target is not None:
+        held += [(e.offset, e.offset + e.length) for e in target.map()
+                 if e.depth is not None]
+    for start, end in _intersect(holes, _merge(held)):
+        pos = start
         while pos < end:
             step = min(CHUNK - pos % CHUNK, end - pos)
             sector, count = pos // SECTOR_SIZE, step // SECTOR_SIZE
@@ -166,6 +172,31 @@ def _copy_differences(old: Chain, top: Qcow2Image, target: Chain | None
                 copied += step
             pos += step
     return compared, copied
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _intersect(xs: list[tuple[int, int]], ys: list[tuple[int, int]]
+               ) -> list[tuple[int, int]]:
+    """The overlap of two sorted lists of disjoint spans."""
+    out, i, j = [], 0, 0
+    while i < len(xs) and j < len(ys):
+        a, b = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        if a < b:
+            out.append((a, b))
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
 
 
 def _read_padded(chain: Chain, sector: int, count: int, view: memoryview) -> None:
