@@ -250,3 +250,29 @@ def test_rebase_compares_only_where_a_chain_holds_data(tmp_path: Path) -> None:
     assert qemu_check(top)[0] == 0
     qemu_io(top, "read -P 0x61 0 1M", "read -P 0x11 1M 3M", "read -P 0 4M 4M",
             "read -P 0x62 900G 1M")
+
+
+def test_bad_input_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    base = make_base(tmp_path, "qcow2")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, "8M")
+    garbage = tmp_path / "g.qcow2"
+    garbage.write_bytes(b"QFI\xfb" + bytes(60))
+    files = {p: p.read_bytes() for p in (base, top, garbage)}
+    cases = [
+        (("rebase", f"qcow2:{top}", f"qcow2:{tmp_path / 'nope.qcow2'}"), "nope.qcow2"),
+        (("snapshot", tmp_path / "n.qcow2", f"qcow2:{tmp_path / 'nope.qcow2'}"), "nope"),
+        (("snapshot", tmp_path / "n.qcow2", f"qcow2:{garbage}"), "g.qcow2"),
+        (("resize", f"qcow2:{garbage}", "1G"), "g.qcow2"),
+        (("commit", f"qcow2:{garbage}"), "g.qcow2"),
+        (("resize", f"qcow2:{top}", "0"), "size"),
+        (("rebase", top, f"qcow2:{base}"), "probed"),  # a plain path is not followed
+        (("commit", top), "probed"),
+    ]
+    for argv, words in cases:
+        code, _, err = blktap(*argv)
+        assert code != 0 and words in err, (argv, err)
+        assert err.count("\n") == 1, err  # one line
+    for path, data in files.items():
+        assert path.read_bytes() == data, path
+    assert not (tmp_path / "n.qcow2").exists()
