@@ -66,6 +66,19 @@ def evaluate(median: Median, idle_rss_kib: int | None) -> list[Check]:
         out.append(_ratio(g5, f"chain {wl}: depth 30 / depth 1",
                           median("chain", "depth 30", wl), median("chain", "depth 1", wl),
                           1 / 1.1))
+    g7 = "qcow2 >= 1.0x qemu-nbd -f qcow2 on every workload"
+    g8 = "qcow2 >= 0.8x our own raw figure"
+    for group in ("qcow2", "qcow2-sparse"):
+        for w in WORKLOADS:
+            ours = median(group, "blktap", w.name)
+            if ours is None and group == "qcow2-sparse":
+                continue  # reads only
+            out.append(_ratio(g7, f"{group} {w.name}: blktap / qemu-nbd qcow2", ours,
+                              median(group, "qemu-nbd", w.name), 1.0))
+    for w in WORKLOADS:
+        out.append(_ratio(g8, f"{w.name}: blktap qcow2 / blktap raw (tmpfs)",
+                          median("qcow2", "blktap", w.name),
+                          median("raw-tmpfs", "blktap", w.name), 0.8))
     g6 = f"idle tapdisk RSS < {IDLE_RSS_LIMIT_MB:g} MB"
     if idle_rss_kib is None:
         out.append(Check(g6, "idle tapdisk VmRSS (MB)", f"< {IDLE_RSS_LIMIT_MB:g}", None, None))

@@ -74,3 +74,23 @@ def chain(base: Path, depth: int, prefix: str) -> Image:
 def sparse_vhd(path: Path, size_mb: int) -> Image:
     _run([ours("vhd-util"), "create", "-n", str(path), "-s", str(size_mb)])
     return Image(path, "vhd")
+
+
+def qcow2_from_raw(raw: Path, dst: Path) -> Image:
+    """A qcow2 image (64 KiB clusters) with the raw file's data, every cluster allocated
+    (random data has no zero cluster)."""
+    _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(dst)])
+    return Image(dst, "qcow2")
+
+
+def sparse_qcow2(path: Path, size: int) -> Image:
+    _run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)])
+    return Image(path, "qcow2")
+
+
+def qcow2_allocated(path: Path) -> int:
+    """Bytes of the disk the image holds (qemu-img map)."""
+    import json  # noqa: PLC0415
+
+    rows = json.loads(_run(["qemu-img", "map", "--output=json", str(path)]))
+    return sum(r["length"] for r in rows if r.get("data"))

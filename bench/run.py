@@ -8,11 +8,13 @@ an nbdkit Python plugin, on the same images, with the same fio and nbdcopy workl
 
 Groups: raw-tmpfs, raw-disk (every server on a raw file), vhd (ours against qemu-nbd
 -f vpc, same data), chain (ours on VHD chains of depth 1, 8 and 30, data in the base),
-memory (RSS of tapdisk and blktap serve). Within a repetition the servers of a group run
-in turn, the order rotated from one repetition to the next; each is started afresh and
-runs every workload of its group. Output: OUT/REPORT.md (only the section between this
-script's markers is replaced), OUT/results/latest.json, OUT/results/ratios.png (with
-matplotlib: the `bench` extra). OUT is bench/ unless --out says otherwise.
+qcow2 (ours against qemu-nbd -f qcow2 on the same qcow2 image, fully allocated, and
+read-only on a sparse one), memory (RSS of tapdisk and blktap serve). Within a repetition
+the servers of a group run in turn, the order rotated from one repetition to the next;
+each is started afresh and runs every workload of its group. Output: OUT/REPORT.md (only
+the section between this script's markers is replaced), OUT/results/latest.json,
+OUT/results/ratios.png (with matplotlib: the `bench` extra). OUT is bench/ unless --out
+says otherwise.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import report  # noqa: E402
 import workloads  # noqa: E402
 from servers import BENCH, ROOT, SERVERS, Image, Running, ServerError  # noqa: E402
 
-GROUPS = ("raw-tmpfs", "raw-disk", "vhd", "chain", "memory")
+GROUPS = ("raw-tmpfs", "raw-disk", "vhd", "qcow2", "chain", "memory")
 QUICK_SERVERS = ("blktap", "qemu-nbd", "nbdkit-file")
 QUICK_GROUPS = ("raw-tmpfs", "vhd", "chain", "memory")
 DEPTHS = (1, 8, 30)
@@ -191,7 +193,7 @@ def build_groups(args: argparse.Namespace, avail: list[str], shm: Path,
     size = args.size
     wanted = set(args.groups)
     raw_shm = None
-    if wanted & {"raw-tmpfs", "raw-disk", "vhd", "chain"}:
+    if wanted & {"raw-tmpfs", "raw-disk", "vhd", "qcow2", "chain"}:
         say(f"preparing images ({size >> 20} MiB of random data)")
         raw_shm = images.random_raw(shm / "disk.raw", size)
     raw_servers = [s for s in avail if "raw" in SERVERS[s].formats]
@@ -219,20 +221,46 @@ def build_groups(args: argparse.Namespace, avail: list[str], shm: Path,
                 "vhd", "Dynamic VHD on tmpfs (qemu-nbd: -f vpc), every block allocated", vref,
                 [Entry(s, s, vhd) for s in vhd_servers], list(workloads.WORKLOADS)))
         if "chain" in wanted and "blktap" in avail:
-            base = shm / "base.vhd"
-            images.copy_file(vhd.path, base)
-            entries = []
-            for depth in (QUICK_DEPTHS if args.quick else DEPTHS):
-                leaf = images.chain(base, depth, f"d{depth}")
-                got = images.chain_depth(leaf.path)
-                if got != depth:
-                    raise RuntimeError(f"{leaf.path}: chain depth {got}, expected {depth}")
-                entries.append(Entry(f"depth {depth}", "blktap", leaf, read_only=True))
-            groups.append(Group(
-                "chain", "VHD chains on tmpfs (ours, read-only): data in the base, empty "
-                "snapshots above", "depth 1", entries,
-                [w for w in workloads.WORKLOADS if not w.writes]))
+            groups.append(_chain_group(args, vhd, shm))
+    if "qcow2" in wanted and raw_shm:
+        groups.extend(_qcow2_groups(raw_shm, avail, shm, size))
     return groups
+
+
+def _qcow2_groups(raw_shm: Image, avail: list[str], shm: Path, size: int) -> list[Group]:
+    """qcow2, fully allocated (every workload) and sparse (reads only: a write would
+    allocate for the servers that come after), ours against qemu-nbd -f qcow2."""
+    full = images.qcow2_from_raw(raw_shm.path, shm / "disk.qcow2")
+    if images.qcow2_allocated(full.path) != size:
+        raise RuntimeError(f"{full.path}: not every cluster allocated")
+    sparse = images.sparse_qcow2(shm / "sparse.qcow2", size)
+    servers = [s for s in ("blktap", "qemu-nbd") if s in avail]
+    ref = "qemu-nbd" if "qemu-nbd" in servers else "blktap"
+    return [
+        Group("qcow2", "qcow2 on tmpfs (qemu-nbd: -f qcow2), 64 KiB clusters, every "
+              "cluster allocated", ref, [Entry(s, s, full) for s in servers],
+              list(workloads.WORKLOADS)),
+        Group("qcow2-sparse", "qcow2 on tmpfs, nothing allocated (read-only: reads of "
+              "holes)", ref, [Entry(s, s, sparse, read_only=True) for s in servers],
+              [w for w in workloads.WORKLOADS if not w.writes]),
+    ]
+
+
+def _chain_group(args: argparse.Namespace, vhd: Image, shm: Path) -> Group:
+    """VHD chains of each depth over a copy of the VHD, data in the base."""
+    base = shm / "base.vhd"
+    images.copy_file(vhd.path, base)
+    entries = []
+    for depth in (QUICK_DEPTHS if args.quick else DEPTHS):
+        leaf = images.chain(base, depth, f"d{depth}")
+        got = images.chain_depth(leaf.path)
+        if got != depth:
+            raise RuntimeError(f"{leaf.path}: chain depth {got}, expected {depth}")
+        entries.append(Entry(f"depth {depth}", "blktap", leaf, read_only=True))
+    return Group(
+        "chain", "VHD chains on tmpfs (ours, read-only): data in the base, empty "
+        "snapshots above", "depth 1", entries,
+        [w for w in workloads.WORKLOADS if not w.writes])
 
 
 def run_groups(groups: list[Group], args: argparse.Namespace,

@@ -27,7 +27,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 @dataclass(frozen=True)
 class Image:
     path: Path
-    fmt: str  # "raw" or "vhd"
+    fmt: str  # "raw", "vhd" or "qcow2"
 
 
 def ours(name: str) -> str:
@@ -37,19 +37,23 @@ def ours(name: str) -> str:
 
 
 def _blktap(img: Image, sock: Path, read_only: bool) -> list[str]:
-    kind = "vhd" if img.fmt == "vhd" else "aio"
+    kind = {"vhd": "vhd", "qcow2": "qcow2"}.get(img.fmt, "aio")
     argv = [ours("blktap"), "serve", f"{kind}:{img.path}", "--socket", str(sock)]
     return argv + (["--read-only"] if read_only else [])
 
 
+def _qemu_fmt(img: Image) -> str:
+    return {"vhd": "vpc", "qcow2": "qcow2"}.get(img.fmt, "raw")
+
+
 def _qemu_nbd(img: Image, sock: Path, read_only: bool) -> list[str]:
-    fmt = "vpc" if img.fmt == "vhd" else "raw"
+    fmt = _qemu_fmt(img)
     argv = ["qemu-nbd", "-t", "-e", "8", "--cache=none", "-f", fmt, "-k", str(sock)]
     return argv + (["-r"] if read_only else []) + [str(img.path)]
 
 
 def _qsd(img: Image, sock: Path, read_only: bool) -> list[str]:
-    fmt = "vpc" if img.fmt == "vhd" else "raw"
+    fmt = _qemu_fmt(img)
     # cache.direct=on matches qemu-nbd's --cache=none; aio is qemu's default (threads).
     return ["qemu-storage-daemon",
             "--blockdev", f"driver=file,node-name=file0,filename={img.path},cache.direct=on"
@@ -103,11 +107,12 @@ class ServerDef:
 
 
 SERVERS: dict[str, ServerDef] = {s.name: s for s in (
-    ServerDef("blktap", "blktap serve (ours)", ("raw", "vhd"), _blktap,
+    ServerDef("blktap", "blktap serve (ours)", ("raw", "vhd", "qcow2"), _blktap,
               lambda: _needs_program(ours("blktap"))(), prints_uri=True),
-    ServerDef("qemu-nbd", "qemu-nbd -t -e 8 --cache=none", ("raw", "vhd"), _qemu_nbd,
+    ServerDef("qemu-nbd", "qemu-nbd -t -e 8 --cache=none", ("raw", "vhd", "qcow2"), _qemu_nbd,
               _needs_program("qemu-nbd")),
-    ServerDef("qsd", "qemu-storage-daemon (NBD export, cache.direct=on)", ("raw", "vhd"),
+    ServerDef("qsd", "qemu-storage-daemon (NBD export, cache.direct=on)",
+              ("raw", "vhd", "qcow2"),
               _qsd, _needs_program("qemu-storage-daemon")),
     ServerDef("nbdkit-file", "nbdkit file", ("raw",), _nbdkit_file,
               lambda: _nbdkit_has("file")),

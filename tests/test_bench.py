@@ -122,6 +122,20 @@ def test_goals_from_medians() -> None:
     assert goals.evaluate(lambda *a: None, 40 * 1024 * 1024)[-1].met is False
 
 
+def test_qcow2_goals_from_medians() -> None:
+    med = {("qcow2", "blktap", "seqread"): 90.0, ("qcow2", "qemu-nbd", "seqread"): 100.0,
+           ("raw-tmpfs", "blktap", "seqread"): 100.0,
+           ("qcow2-sparse", "blktap", "randread-qd1"): 30.0,
+           ("qcow2-sparse", "qemu-nbd", "randread-qd1"): 20.0}
+    by = {c.what: c for c in goals.evaluate(lambda g, label, w: med.get((g, label, w)), None)}
+    assert by["qcow2 seqread: blktap / qemu-nbd qcow2"].value == pytest.approx(0.9)
+    assert by["qcow2 seqread: blktap / qemu-nbd qcow2"].met is False
+    assert by["seqread: blktap qcow2 / blktap raw (tmpfs)"].met is True
+    assert by["qcow2-sparse randread-qd1: blktap / qemu-nbd qcow2"].met is True
+    # The sparse group has no writes: no check is made up for them.
+    assert "qcow2-sparse seqwrite: blktap / qemu-nbd qcow2" not in by
+
+
 def test_sizes_and_options() -> None:
     assert bench_run.parse_size("64M") == 64 << 20
     assert bench_run.parse_size("1G") == 1 << 30

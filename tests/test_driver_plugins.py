@@ -325,7 +325,8 @@ def test_broken_plugins_name_themselves_and_spare_the_others(plugins: Path,
     assert refused("vmdk:/x").errno == errno.ENOSYS
     err = refused("nosuch:/x")
     assert err.errno == errno.ENOENT and "chunks" in str(err) and "overlay" in str(err)
-    assert IMPLEMENTED == ("aio", "vhd", "ram", "valve", "nbd", "qcow2", "rbd") and "vmdk" in KNOWN
+    assert IMPLEMENTED == ("aio", "vhd", "ram", "qcow", "valve", "nbd", "qcow2", "rbd") \
+        and "vmdk" in KNOWN
     # A plugin named like a built-in is skipped, the built-in kept.
     assert registry.table()["aio"].plugin is False
     assert "built-in driver of that name wins" in registry.skipped()["aio"]

@@ -41,7 +41,7 @@ def test_bad_input(tmp_path: Path, case: str) -> None:
         "directory": ([f"aio:{tmp_path}"], 21, "Is a directory"),
         "not-vhd": ([f"vhd:{raw}"], 22, "d.img"),
         "unknown-type": ([f"bogus:{raw}"], 2, "unknown driver type"),
-        "not-built": ([f"qcow:{raw}"], 38, "not implemented"),
+        "not-built": ([f"vmdk:{raw}"], 38, "not implemented"),
         "bad-tcp": ([str(raw), "--tcp", "localhost"], 22, "invalid address"),
         "tls-half": ([str(raw), "--tls-cert", str(raw)], 22, "--tls-key"),
         "socket-is-file": ([str(raw), "--socket", str(raw)], 17, "not a socket"),

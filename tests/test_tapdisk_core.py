@@ -117,7 +117,7 @@ def test_parse_specs(tmp_path: Path) -> None:
     assert parse(str(raw)) == ("aio", str(raw))
     assert parse(str(tmp_path / "d.vhd")) == ("vhd", str(tmp_path / "d.vhd"))
     with pytest.raises(BlktapError) as exc:
-        parse("qcow:/x")
+        parse("vmdk:/x")
     assert exc.value.errno == errno.ENOSYS
     with pytest.raises(BlktapError) as exc:
         parse("bogus:/x")

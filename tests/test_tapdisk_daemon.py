@@ -288,7 +288,7 @@ def test_open_errors(daemon: Daemon, tmp_path: Path, disk: Path) -> None:
     r = daemon.request(msg(OPEN, minor, params(f"aio:{tmp_path}/missing.img")))
     assert r.error == errno.ENOENT and "missing.img" in r.text
     assert daemon.request(msg(OPEN, minor, params(f"vhd:{disk}"))).error == errno.EINVAL
-    assert daemon.request(msg(OPEN, minor, params("qcow:/x"))).error == errno.ENOSYS
+    assert daemon.request(msg(OPEN, minor, params("vmdk:/x"))).error == errno.ENOSYS
     assert daemon.request(msg(OPEN, minor, params(""))).error == errno.EINVAL
     r = daemon.request(msg(OPEN, minor, params(f"aio:{disk}", F_SECONDARY,
                                                    secondary=f"aio:{tmp_path}/nowhere.img")))

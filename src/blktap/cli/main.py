@@ -44,7 +44,17 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from blktap import __version__
-from blktap.cli import attach, changed, checks, copy, exporter, maintain, rated, serve
+from blktap.cli import (
+    attach,
+    changed,
+    checks,
+    copy,
+    exporter,
+    maintain,
+    qcow2_layers,
+    rated,
+    serve,
+)
 from blktap.cli.common import (
     PROG,
     Progress,
@@ -202,7 +212,8 @@ def _add_create(sub: Any) -> None:
 
 def _add_snapshot(sub: Any) -> None:
     cmd = _command(sub, "snapshot", cmd_snapshot,
-                   "Create CHILD, a differencing VHD whose parent is PARENT.")
+                   "Create CHILD, a differencing VHD (or a qcow2 image: qcow2:CHILD or a "
+                   ".qcow2 name) whose parent is PARENT.")
     cmd.add_argument("child", metavar="CHILD")
     cmd.add_argument("parent", metavar="PARENT")
     cmd.add_argument("--raw-parent", action="store_true",
@@ -426,7 +437,7 @@ def layer_format(layer: Layer) -> tuple[str, str | None]:
     if isinstance(layer, VhdImage):
         return "vhd", VHD_TYPES.get(layer.footer.type, str(layer.footer.type))
     if isinstance(layer, Qcow2Image):
-        return "qcow2", f"v{layer.version}"
+        return layer.format_name, f"v{layer.version}"
     if isinstance(layer, RbdImage):
         return "rbd", None
     return "raw", None
@@ -625,6 +636,8 @@ def snapshot_parent(spec: str, raw_flag: bool) -> tuple[str, bool]:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    if output_format(None, args.child, "vhd")[0] == "qcow2":
+        return qcow2_layers.cmd_snapshot(args, parse_spec(args.child)[1])
     child_fmt, child = parse_spec(args.child)
     if child_fmt == "raw":
         raise UsageError(f"{args.child}: a snapshot is always a VHD")

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from blktap.cli import qcow2_layers
 from blktap.cli.common import (
     add_output_option,
     add_parent_dir,
@@ -56,8 +57,16 @@ def add_commands(sub: Any, command: Register) -> None:
     add_progress_option(cmd)
     add_parent_dir(cmd)
 
+    cmd = command(sub, "commit", cmd_commit,
+                  "Write what IMAGE holds into its parent (qcow2 over qcow2, VHD or raw; "
+                  "a VHD: as coalesce).")
+    cmd.add_argument("image", metavar="IMAGE")
+    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_parent_dir(cmd)
+
     cmd = command(sub, "resize", cmd_resize,
-                  "Grow IMAGE's virtual size to SIZE (a VHD, or a raw file).")
+                  "Grow IMAGE's virtual size to SIZE (a VHD, a qcow2 image or a raw file; "
+                  "a qcow2 image also shrinks when nothing is stored past SIZE).")
     cmd.add_argument("image", metavar="IMAGE")
     cmd.add_argument("size", metavar="SIZE", type=parse_size,
                      help="the new virtual size: bytes or 64M, 10G... (VHD: rounded up to "
@@ -74,8 +83,8 @@ def add_commands(sub: Any, command: Register) -> None:
     add_output_option(cmd)
 
     cmd = command(sub, "rebase", cmd_rebase,
-                  "Give IMAGE, a differencing VHD, the parent PARENT; its content stays "
-                  "the same.")
+                  "Give IMAGE, a differencing VHD or a qcow2 image, the parent PARENT; its "
+                  "content stays the same (qcow2: PARENT '' removes the backing file).")
     cmd.add_argument("image", metavar="IMAGE")
     cmd.add_argument("parent", metavar="PARENT")
     cmd.add_argument("--raw-parent", action="store_true",
@@ -173,7 +182,17 @@ def cmd_coalesce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_commit(args: argparse.Namespace) -> int:
+    if qcow2_layers.is_qcow2(args.image):
+        return qcow2_layers.cmd_commit(args)
+    args.sparse = False
+    args.rebase_children = args.remove = False
+    return cmd_coalesce(args)
+
+
 def cmd_rebase(args: argparse.Namespace) -> int:
+    if qcow2_layers.is_qcow2(args.image):
+        return qcow2_layers.cmd_rebase(args)
     path = vhd_path(args.image, follows_parent=True)
     policy = parent_policy(args)
     fmt, parent = parse_spec(args.parent)
@@ -214,6 +233,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     fmt = fmt or probe(path)
     if fmt == "raw":
         return _resize_raw(path, args)
+    if fmt == "qcow2":
+        return qcow2_layers.cmd_resize(args, path)
     target = load_target(path)
     old = target.size
     new = round_size(args.size)

@@ -41,6 +41,7 @@ from blktap.errors import (
 from blktap.image.crypto import XtsCipher
 from blktap.image.fileio import file_size_of, pread_exact, preadv_into, zero_fill
 from blktap.image.parents import ParentPolicy, default_policy
+from blktap.image.qcow.image import QcowImage
 from blktap.image.qcow2 import image as q2
 from blktap.image.qcow2.image import Qcow2Image
 from blktap.image.raw import RawImage
@@ -55,9 +56,9 @@ DEFAULT_MAX_DEPTH = 256
 
 Layer = VhdImage | RawImage | Qcow2Image | RbdImage
 
-FORMATS = ("vhd", "raw", "qcow2")
+FORMATS = ("vhd", "raw", "qcow2", "qcow")
 # Prefixes accepted in image arguments: tapdisk's driver names and plain format names.
-PREFIXES = {"vhd": "vhd", "aio": "raw", "raw": "raw", "qcow2": "qcow2"}
+PREFIXES = {"vhd": "vhd", "aio": "raw", "raw": "raw", "qcow2": "qcow2", "qcow": "qcow"}
 
 
 def parse_spec(spec: str) -> tuple[str | None, str]:
@@ -71,7 +72,7 @@ def parse_spec(spec: str) -> tuple[str | None, str]:
 
 def probe(path: str) -> str:
     """Guess the format of a file: "vhd" when it carries a VHD footer, "qcow2" when it
-    starts with qcow2's magic, else "raw"."""
+    starts with qcow2's magic ("qcow" for its version 1), else "raw"."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -90,7 +91,7 @@ def probe(path: str) -> str:
                 os.pread(fd, 8, s.FOOTER_SIZE) == s.HEADER_COOKIE:
             return "vhd"
         if head[:4] == b"QFI\xfb":
-            return "qcow2"
+            return "qcow" if head[4:8] == b"\0\0\0\1" else "qcow2"
         if size >= s.FOOTER_SIZE:
             tail = pread_exact(fd, 8, size - s.FOOTER_SIZE)
             if tail in (s.FOOTER_COOKIE, s.POISON_COOKIE):
@@ -109,6 +110,8 @@ def open_layer(path: str, fmt: str | None, *, writable: bool = False) -> Layer:
         return RawImage.open(path, writable=writable)
     if fmt == "qcow2":
         return Qcow2Image.open(path, writable=writable)
+    if fmt == "qcow":
+        return QcowImage.open(path, writable=writable)
     raise UsageError(f"unknown image format {fmt!r}")
 
 
@@ -457,7 +460,8 @@ def probed_backing_error(path: str, image: Qcow2Image) -> ProbedParent:
 
 
 # Formats a qcow2 image may name for its backing file, in qemu's names and ours.
-QCOW2_BACKING_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vpc": "vhd", "vhd": "vhd"}
+QCOW2_BACKING_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vpc": "vhd", "vhd": "vhd",
+                         "qcow": "qcow"}
 
 
 def _open_qcow2_backing(child: Qcow2Image, policy: ParentPolicy,

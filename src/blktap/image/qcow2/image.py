@@ -73,6 +73,8 @@ def _be_bytes(arr: array.array) -> bytes:
 class Qcow2Image:
     """One open qcow2 file."""
 
+    format_name = "qcow2"
+
     def __init__(self, path: str, fd: int, writable: bool, header: s.Header,
                  file_size: int) -> None:
         self.path = path
@@ -830,7 +832,55 @@ class Qcow2Image:
         else as unallocated (zeros, or the backing file's data on a v2 image)."""
         self._require_writable()
         self._check_range(sector, count * SECTOR_SIZE)
-        self._drop_clusters(sector, count, zero=self.backing_file is not None)
+        zero = self.backing_file is not None
+        if self.extended:
+            # Extended L2: the whole subclusters of the partial clusters at both ends go
+            # too (their bits in the bitmap), the partly covered ones stay.
+            for cluster, a, b in self._partial_ends(sector, count):
+                sc = self.subcluster_size
+                lo, hi = -(-a // sc) * sc, b // sc * sc
+                if hi > lo:
+                    self._changing()
+                    self._drop_subclusters(cluster, lo, hi, zero=zero)
+        self._drop_clusters(sector, count, zero=zero)
+
+    def _partial_ends(self, sector: int, count: int) -> list[tuple[int, int, int]]:
+        """The partly covered clusters at both ends of a range: (cluster, start, end),
+        bytes inside the cluster."""
+        cs = self.cluster_size
+        pos, end = sector * SECTOR_SIZE, (sector + count) * SECTOR_SIZE
+        head = min(end, -(-pos // cs) * cs)
+        tail = max(head, end // cs * cs)
+        out = []
+        for a, b in ((pos, head), (tail, end)):
+            if b > a and (a % cs or b - a < cs):
+                cluster = a // cs
+                out.append((cluster, a - cluster * cs, b - cluster * cs))
+        return out
+
+    def _drop_subclusters(self, cluster: int, lo: int, hi: int, *, zero: bool) -> bool:
+        """Extended L2: make subclusters [lo, hi) (bytes, subcluster aligned) of one
+        cluster read as zeros (``zero``: the zero bits) or as unallocated, in one write
+        of the L2 entry; a host cluster left without allocated subclusters is released
+        after. False for a compressed cluster (no bitmap to change)."""
+        sc = self.subcluster_size
+        first, last = lo // sc, hi // sc
+        mask = ((1 << last) - 1) & ~((1 << first) - 1)
+        entry, bitmap = self._entry(cluster)
+        if entry & s.OFLAG_COMPRESSED:
+            return False
+        alloc, zbits = bitmap & s.SUBCLUSTER_ALLOC_MASK, bitmap >> 32
+        new_alloc = alloc & ~mask
+        new_zero = (zbits | mask) if zero else (zbits & ~mask)
+        if (new_alloc, new_zero) == (alloc, zbits):
+            return True
+        table, table_off, word = self._l2_for_write(cluster)
+        entry = table[word]
+        keep = entry if new_alloc else 0
+        self._set_l2(table, table_off, word, keep, new_alloc | (new_zero << 32))
+        if not new_alloc and entry & s.L2_OFFSET_MASK:
+            self._release_entry(entry)
+        return True
 
     def write_zeroes(self, sector: int, count: int) -> None:
         """Make sectors read as zeros: whole clusters by their L2 entry (the zero flag,
@@ -846,13 +896,27 @@ class Qcow2Image:
             head = tail = end
         self._changing()
         for a, b in ((pos, head), (tail, end)):
-            while a < b:
-                n = min(b - a, 1 << 20)
-                self.write(a // SECTOR_SIZE, bytes(n))
-                a += n
+            if a < b and self.extended:
+                # Whole subclusters by their zero bits; only the partly covered ones
+                # at both ends are written.
+                sc = self.subcluster_size
+                lo, hi = -(-a // sc) * sc, b // sc * sc
+                base = a // cs * cs
+                if hi > lo and self._drop_subclusters(a // cs, lo - base, hi - base,
+                                                      zero=True):
+                    self._write_zeros(a, lo)
+                    self._write_zeros(hi, b)
+                    continue
+            self._write_zeros(a, b)
         if tail > head:
             self._drop_clusters(head // SECTOR_SIZE, (tail - head) // SECTOR_SIZE,
                                 zero=True, exact=True)
+
+    def _write_zeros(self, a: int, b: int) -> None:
+        while a < b:
+            n = min(b - a, 1 << 20)
+            self.write(a // SECTOR_SIZE, bytes(n))
+            a += n
 
     def _drop_clusters(self, sector: int, count: int, *, zero: bool,
                        exact: bool = False) -> None:

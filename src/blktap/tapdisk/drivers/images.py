@@ -10,11 +10,13 @@ come back with their parents attached.
 from __future__ import annotations
 
 from blktap.image.chain import Chain
+from blktap.image.qcow.image import QcowImage
 from blktap.image.qcow2.image import Qcow2Image
 from blktap.image.raw import RawImage
 from blktap.image.rbd import RbdImage
 from blktap.tapdisk.driver import Driver, OpenContext
 from blktap.tapdisk.drivers.aio import AioDriver
+from blktap.tapdisk.drivers.qcow import QcowDriver
 from blktap.tapdisk.drivers.qcow2 import Qcow2Driver
 from blktap.tapdisk.drivers.vhd import VhdDriver
 
@@ -37,6 +39,8 @@ def open_image_chain(ctx: OpenContext, kind: str, path: str) -> Driver:
                 layer.close()
                 below = AioDriver.open(ctx.engine, raw_path, writable=False,
                                        direct=ctx.direct)
+            elif isinstance(layer, QcowImage):
+                below = QcowDriver(ctx.engine, layer, below)
             elif isinstance(layer, Qcow2Image):
                 below = Qcow2Driver(ctx.engine, layer, below)
             else:

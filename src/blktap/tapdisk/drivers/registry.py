@@ -35,7 +35,7 @@ BUILTIN: dict[str, str | None] = {
     "vhdsync": None,
     "vhd": "blktap.tapdisk.drivers.vhd:VhdDriver",
     "ram": "blktap.tapdisk.drivers.ram:RamDriver",
-    "qcow": None,
+    "qcow": "blktap.tapdisk.drivers.qcow:QcowDriver",
     "bc": None,
     "vhdi": None,
     "log": None,

@@ -72,7 +72,7 @@ def require_type(spec: str) -> tuple[str, str]:
 def probed_driver(path: str) -> str:
     """The driver for a file of probed format: never ``aio`` for a VHD or qcow2 image,
     which would serve its metadata as disk content."""
-    return {"vhd": "vhd", "qcow2": "qcow2"}.get(probe(path), "aio")
+    return {"vhd": "vhd", "qcow2": "qcow2", "qcow": "qcow"}.get(probe(path), "aio")
 
 
 def parse(spec: str) -> tuple[str, str]:
