@@ -161,7 +161,7 @@ def test_bad_secondaries_are_refused(host: Host, tmp_path: Path) -> None:
         (["-2", str(small)], errno.EINVAL),  # no type
         (["-2", f"aio:{small}"], errno.EINVAL),  # another size
         (["-2", f"aio:{tmp_path}/missing.img"], errno.ENOENT),
-        (["-2", f"qcow:{small}"], errno.ENOSYS),
+        (["-2", f"vmdk:{small}"], errno.ENOSYS),
         (["-s"], errno.EINVAL),  # standby without a secondary
         (["-R", "-2", f"aio:{small}"], errno.EINVAL),
         (["-2", f"aio:{leaf}"], errno.EINVAL),  # the leaf itself
