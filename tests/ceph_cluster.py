@@ -158,7 +158,22 @@ osd data = {root}/osd
     def pause_osd(self) -> None:
         """Freeze the OSD (SIGSTOP): requests to it are held, as when a storage node
         stops answering."""
-        os.kill(self.procs["osd.0"].pid, signal.SIGSTOP)
+        pid = self.procs["osd.0"].pid
+        os.kill(pid, signal.SIGSTOP)
+        # SIGSTOP is delivered asynchronously: return once every thread has stopped, so
+        # that a request issued next cannot slip through to a still-running OSD.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            states = []
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+                except OSError:
+                    continue
+            if states and all(st in "tT" for st in states):
+                return
+            time.sleep(0.01)
 
     def resume_osd(self) -> None:
         os.kill(self.procs["osd.0"].pid, signal.SIGCONT)

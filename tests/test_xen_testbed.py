@@ -38,15 +38,24 @@ BUILD = Path("/var/tmp/xen-testbed")  # replaced by the built testbed (conftest.
 RIG_CRASH = re.compile(r"Segmentation fault|general protection fault|xl-create rc=134")
 
 
+# A run takes 1-3 minutes here. Once the TCG dom0 froze after the guest was gone (its
+# serial log silent for 15 minutes, the ring already disconnected cleanly): the rig's own
+# timeout ends such a run, which is then worth one retry too.
+RIG_TIMEOUT = 600
+RIG_HUNG = re.compile(r"qemu-exit=124")
+
+
 def run_rig(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, XEN_TESTBED_DIR=str(BUILD))
-    argv = [str(RUN), "--mini", "--out", str(out), "--timeout", "1500", *args]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=1800, env=env)
+    argv = [str(RUN), "--mini", "--out", str(out), "--timeout", str(RIG_TIMEOUT), *args]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=RIG_TIMEOUT + 300,
+                       env=env)
     serial = out / "serial.log"
-    if r.returncode and serial.exists() and RIG_CRASH.search(
-            serial.read_text(errors="replace")):
+    if r.returncode and (RIG_HUNG.search(r.stdout + r.stderr) or serial.exists() and
+                         RIG_CRASH.search(serial.read_text(errors="replace"))):
         shutil.rmtree(out)
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=1800, env=env)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=RIG_TIMEOUT + 300,
+                           env=env)
     return r
 
 
