@@ -56,6 +56,13 @@ def run_rig(out: Path, *args: str) -> subprocess.CompletedProcess:
         shutil.rmtree(out)
         r = subprocess.run(argv, capture_output=True, text=True, timeout=RIG_TIMEOUT + 300,
                            env=env)
+        if r.returncode and RIG_HUNG.search(r.stdout + r.stderr):
+            # Open (issue 12): with the flush/indirect/discard guest script the dom0 fell
+            # silent after the ring had disconnected cleanly, in 2 of 3 runs on one day
+            # and never before. Only this symptom, twice in a row, is tolerated; a wrong
+            # result still fails.
+            pytest.xfail("the testbed's dom0 hung after the guest was gone, twice "
+                         "(qemu-exit=124): issue 12")
     return r
 
 
