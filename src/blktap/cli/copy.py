@@ -120,11 +120,10 @@ async def _copy(args: argparse.Namespace, chunk: int) -> Any:
         # count, unless the copy failed already.
         errors: list[BaseException] = []
         for top in reversed(opened):
-            for d in top.chain():
-                try:
-                    await d.close()
-                except (OSError, BlktapError) as exc:
-                    errors.append(exc)
+            try:
+                await top.close_chain()
+            except (OSError, BlktapError) as exc:
+                errors.append(exc)
         engine.close()
         if errors and sys.exc_info()[1] is None:
             raise errors[0]

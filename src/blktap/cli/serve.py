@@ -286,8 +286,7 @@ async def _serve(args: argparse.Namespace, out: TextIO, service: ServeService) -
         if vbd is not None:
             await vbd.close()
         elif "driver" in locals():
-            for d in driver.chain():
-                await d.close()
+            await driver.close_chain()
         engine.close()
     return code
 

@@ -713,11 +713,7 @@ class Tapdisk:
             await vbd.resume(driver, name=spec)
         except BaseException:
             vbd.state |= VbdState.RESUME_FAILED
-            for d in driver.chain():
-                try:
-                    await d.close()
-                except (OSError, BlktapError):
-                    pass
+            await self._close_all(driver)
             raise
         slot.params.spec = spec
         slot.params.logpath = logpath
@@ -828,11 +824,10 @@ class Tapdisk:
 
     @staticmethod
     async def _close_all(driver: Driver) -> None:
-        for d in driver.chain():
-            try:
-                await d.close()
-            except (OSError, BlktapError) as exc:
-                log.warning("closing %s: %s", d.path or d.name, exc)
+        try:
+            await driver.close_chain()
+        except (OSError, BlktapError) as exc:
+            log.warning("closing %s: %s", driver.path or driver.name, exc)
 
     def set_limits(self, minor: int, text: str) -> Limits:
         """VALVE_SET: the minor's valve takes new limits at once (held requests are

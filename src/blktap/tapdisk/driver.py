@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from blktap.errors import OutOfRange, UnsupportedImage
+from blktap.errors import BlktapError, OutOfRange, UnsupportedImage
 from blktap.image.parents import ParentPolicy
 from blktap.io import syscalls
 from blktap.io.engine import Engine
@@ -171,6 +171,18 @@ class Driver:
             out.append(d)
             d = d.parent
         return out
+
+    async def close_chain(self) -> None:
+        """Close this driver and every parent below it, each even when one before it
+        failed; then raise the first failure."""
+        errors: list[BaseException] = []
+        for d in self.chain():
+            try:
+                await d.close()
+            except (OSError, BlktapError) as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     async def forward_read(self, offset: int, iov: Sequence[memoryview]) -> None:
         """Read what this layer does not hold: from the parent, zeros past its end or

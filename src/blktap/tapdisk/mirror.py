@@ -425,14 +425,7 @@ class MirrorDriver(Driver):
 
     async def close(self) -> None:
         """Close the secondary's stack (the VBD closes the leaf's)."""
-        errors: list[BaseException] = []
-        for d in self.secondary.chain():
-            try:
-                await d.close()
-            except (OSError, BlktapError) as exc:
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+        await self.secondary.close_chain()
 
     def describe(self) -> dict:
         return {"type": self.type_id, "name": self.name, "status": self.state.as_dict()}

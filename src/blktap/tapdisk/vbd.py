@@ -655,14 +655,7 @@ class VBD:
         return bool(self.state & (VbdState.PAUSED | VbdState.PAUSE_REQUESTED))
 
     async def _close_stack(self) -> None:
-        errors: list[BaseException] = []
-        for d in self.driver.chain():
-            try:
-                await d.close()
-            except (OSError, BlktapError) as exc:
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+        await self.driver.close_chain()
 
     async def pause(self) -> None:
         """Hold new requests, let those in flight finish, close the driver stack.
