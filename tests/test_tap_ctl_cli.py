@@ -585,6 +585,20 @@ def test_spawn_of_a_missing_binary_is_enoent(capsys, monkeypatch, rundir):
     assert tapctl(capsys, "spawn") == (errno.ENOENT, "", "No such file or directory\n")
 
 
+def test_spawn_time_limit_from_the_environment(capsys, monkeypatch, rundir):
+    # A tapdisk that never prints: given up after $BLKTAP_SPAWN_TIMEOUT (ETIMEDOUT)...
+    monkeypatch.setenv("TAPDISK", fake_tapdisk(rundir, "exec sleep 30"))
+    monkeypatch.setenv("BLKTAP_SPAWN_TIMEOUT", "0.5")
+    assert tapctl(capsys, "spawn")[0] == errno.ETIMEDOUT
+    # ...a longer limit is taken as given, and nonsense leaves the default.
+    from blktap.control.client import SPAWN_TIMEOUT, spawn_timeout
+    monkeypatch.setenv("BLKTAP_SPAWN_TIMEOUT", "600")
+    assert spawn_timeout() == 600
+    for bad in ("", "0", "-3", "soon"):
+        monkeypatch.setenv("BLKTAP_SPAWN_TIMEOUT", bad)
+        assert spawn_timeout() == SPAWN_TIMEOUT
+
+
 def test_spawn_retries_a_tapdisk_killed_by_sigusr1(capsys, monkeypatch, rundir):
     count = os.path.join(os.path.dirname(rundir), "tries")
     monkeypatch.setenv("TAPDISK", fake_tapdisk(rundir, (

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, xen_rig_env
 
 pytestmark = pytest.mark.slow
 TESTBED = SHARED / "xen-testbed"
@@ -36,6 +36,7 @@ RUN_TIMEOUT = 1200
 PREP = r"""
 set -e
 export PYTHONPATH=/opt/payload/src TAPDISK=/usr/local/bin/tapdisk
+export BLKTAP_SPAWN_TIMEOUT=600  # starting Python in the TCG dom0 can take a minute
 for cmd in tapdisk:tapdisk tap-ctl:tap_ctl tapback:tapback blktap-xen-hotplug:xen_hotplug \
            vhd-util:vhd_util; do
   mod=${cmd#*:} name=${cmd%%:*}
@@ -192,9 +193,10 @@ def guest_script(testbed, tmp_path_factory) -> Path:
 
 def run_testbed(testbed: Path, out: Path, scenario: str, *, payload: Path | None = None,
                 backend: str | None = None, guest: Path | None = None,
-                image: Path | None = None, retry: bool = True) -> tuple[int, str]:
+                image: Path | None = None, retry: bool = True,
+                backend_wait: int = 120) -> tuple[int, str]:
     cmd = [str(TESTBED / "run.sh"), "--scenario", scenario, "--out", str(out),
-           "--domu-timeout", "600", "--backend-wait", "120"]
+           "--domu-timeout", "600", "--backend-wait", str(backend_wait)]
     if payload is not None:
         cmd += ["--payload", str(payload)]
     if backend is not None:
@@ -203,7 +205,7 @@ def run_testbed(testbed: Path, out: Path, scenario: str, *, payload: Path | None
         cmd += ["--guest-script", str(guest)]
     if image is not None:
         cmd += ["--image", str(image)]
-    env = dict(os.environ, XEN_TESTBED_DIR=str(testbed))
+    env = xen_rig_env(testbed)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     if r.returncode != 0 and retry:
         # The rig's emulated dom0 under TCG loses programs now and then (xl or python3

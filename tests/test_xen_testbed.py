@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import xen_rig_env
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "tests" / "xen" / "run_testbed.sh"
 
@@ -46,8 +48,9 @@ RIG_HUNG = re.compile(r"qemu-exit=124")
 
 
 def run_rig(out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XEN_TESTBED_DIR=str(BUILD))
-    argv = [str(RUN), "--mini", "--out", str(out), "--timeout", str(RIG_TIMEOUT), *args]
+    env = xen_rig_env(BUILD)
+    argv = [str(RUN), "--mini", "--out", str(out), "--timeout", str(RIG_TIMEOUT),
+            "--backend-wait", "120", *args]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=RIG_TIMEOUT + 300,
                        env=env)
     serial = out / "serial.log"

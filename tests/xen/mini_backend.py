@@ -201,12 +201,22 @@ class Backend:
         self.watch(ROOT)
         open(READY, "w").close()
         say("ready")
+        start_diagnostics()
         while True:
             pipes = [w.stdout for w in self.watchers]
             ready, _, _ = select.select(pipes, [], [], 0.5)
             for p in ready:
-                p.readline()  # type: ignore[union-attr]
+                if not p.readline():  # type: ignore[union-attr]
+                    self.unwatch(p)
             self.step()
+
+    def unwatch(self, pipe: object) -> None:
+        for w in self.watchers:
+            if w.stdout is pipe:
+                say(f"xenstore-watch {w.args[1]} ended (rc {w.wait()})")
+                self.watchers.remove(w)
+                self.watched.discard(w.args[1])
+                return
 
     def stop(self) -> None:
         self.save_stats("final")
@@ -227,6 +237,74 @@ class Backend:
             say("tapdisk destroyed")
         except Exception as exc:  # noqa: BLE001
             say(f"destroy: {exc}")
+
+
+DIAG_STARTED = False
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def spinners() -> list[int]:
+    """User processes other than ours that have used more than 5 s of CPU."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in (os.getpid(), 1):
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kthread = int(fields[6]) & 0x00200000  # PF_KTHREAD
+        if int(fields[11]) + int(fields[12]) > 5 * CLK_TCK and not kthread:
+            found.append(int(name))
+    return found
+
+
+def proc_facts(pid: int) -> str:
+    facts = []
+    for what in ("cmdline", "stat", "syscall", "wchan", "stack", "status"):
+        try:
+            with open(f"/proc/{pid}/{what}", "rb") as f:
+                text = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError as exc:
+            text = str(exc)
+        if what == "status":
+            text = " ".join(ln for ln in text.splitlines()
+                            if ln.startswith(("State", "SigPnd", "ShdPnd", "SigBlk",
+                                              "SigCgt", "voluntary", "nonvoluntary")))
+        facts.append(f"{what}={' | '.join(text.split(chr(10)))[:400]}")
+    return " ; ".join(facts)
+
+
+def start_diagnostics() -> None:
+    """Issue 12's open question: the testbed's dom0 fell silent after a guest was gone.
+    Every 20 s, dom0's processes (state, kernel wait channel) and xl's view, on the
+    serial log."""
+    import threading
+
+    global DIAG_STARTED
+    if DIAG_STARTED:
+        return
+    DIAG_STARTED = True
+
+    def loop() -> None:
+        while True:
+            time.sleep(20)
+            for argv in (["ps", "-eo", "pid,ppid,stat,wchan:28,time,args", "--sort", "-time"],
+                         ["xl", "list"]):
+                try:
+                    r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+                    text = r.stdout + r.stderr
+                except (OSError, subprocess.TimeoutExpired) as exc:
+                    text = f"{argv[0]}: {exc}"
+                for line in text.splitlines()[:40]:
+                    if "[" in line.split(None, 5)[-1][:1]:
+                        continue  # kernel threads
+                    say(f"diag: {line}")
+            for pid in spinners():
+                say(f"diag: spinner {pid}: {proc_facts(pid)}")
+
+    threading.Thread(target=loop, daemon=True).start()
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ ROOT=$(cd "$HERE/../.." && pwd)
 TESTBED=${XEN_TESTBED:-$ROOT/../../shared/xen-testbed}
 [ -x "$TESTBED/run.sh" ] || TESTBED=/work/shared/xen-testbed
 [ "${1:-}" != --mini ] || shift
+# The emulated CPU: see XEN_RIG_CPU in tests/conftest.py (max's AVX2 crashed dom0 programs).
+export QEMU_CPU=${QEMU_CPU:-qemu64,+svm}
 STAGE=$(mktemp -d "${TMPDIR:-/var/tmp}/blktap-payload.XXXXXX")
 trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$STAGE/bin" "$STAGE/tests"
@@ -23,6 +25,6 @@ for tool in tapdisk:blktap.cli.tapdisk tap-ctl:blktap.cli.tap_ctl tapback:blktap
   printf '#!/bin/sh\nexec python3 -m %s "$@"\n' "${tool#*:}" > "$STAGE/bin/${tool%%:*}"
   chmod +x "$STAGE/bin/${tool%%:*}"
 done
-ENV='export PYTHONPATH=/opt/payload/src TAPDISK=/opt/payload/bin/tapdisk PATH=/opt/payload/bin:$PATH BLKTAP_LOG_DIR=$TESTBED_OUT/tapdisk-log;'
+ENV='export PYTHONPATH=/opt/payload/src TAPDISK=/opt/payload/bin/tapdisk BLKTAP_SPAWN_TIMEOUT=600 PATH=/opt/payload/bin:$PATH BLKTAP_LOG_DIR=$TESTBED_OUT/tapdisk-log;'
 CMD="$ENV exec python3 /opt/payload/tests/xen/mini_backend.py \$DISK_IMAGE"
 "$TESTBED/run.sh" --payload "$STAGE" --backend "$CMD" "$@"

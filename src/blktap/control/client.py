@@ -57,6 +57,18 @@ from blktap.errors import BlktapError, ControlProtocolError
 
 QUERY_TIMEOUT = 10.0  # PID, LIST, STATS: the reference's list/stats use 10 s
 SPAWN_TIMEOUT = 60.0  # for the launched tapdisk to print its socket and exit
+# Slow hosts (an emulated dom0, a loaded machine: starting Python can take a minute) may
+# give it longer; the reference has no limit at all.
+SPAWN_TIMEOUT_ENV = "BLKTAP_SPAWN_TIMEOUT"
+
+
+def spawn_timeout() -> float:
+    """SPAWN_TIMEOUT, or ``$BLKTAP_SPAWN_TIMEOUT`` seconds when that is a positive number."""
+    try:
+        value = float(os.environ.get(SPAWN_TIMEOUT_ENV, ""))
+    except ValueError:
+        return SPAWN_TIMEOUT
+    return value if value > 0 else SPAWN_TIMEOUT
 SPAWN_RETRIES = 3  # a tapdisk killed by SIGUSR1 before it set its handlers is retried
 NO_PARENT = -1  # prt_devnum when no -e minor is given (the reference sends -1)
 _SOCKET_RE = re.compile(r"ctl(\d+)$")
@@ -428,7 +440,7 @@ class TapCtl:
         self.rundir.free(minor)
 
     # ------------------------------------------------------------------ processes
-    def spawn(self, timeout: float = SPAWN_TIMEOUT) -> int:
+    def spawn(self, timeout: float | None = None) -> int:
         """Start a tapdisk and return its id (the number in its control socket name).
 
         The contract with our tapdisk: it is run without arguments, with stdout a pipe
@@ -439,6 +451,8 @@ class TapCtl:
         retried (as the reference: a debug signal may hit it before its handlers are
         set); one that prints no socket path fails with EPROTO.
         """
+        if timeout is None:
+            timeout = spawn_timeout()
         binary = tapdisk_binary()
         env = dict(os.environ)
         env[ENV_VAR] = self.rundir.path
