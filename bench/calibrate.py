@@ -224,9 +224,13 @@ class Sampler:
                     running_ours += bool(f and f[1] == "R")
             except OSError:
                 pass
+        # Kernel threads (kworkers doing our I/O among them) are not "other work".
+        running_kernel = sum(1 for pid, f in info.items()
+                             if (pid == "2" or f[2] == "2") and f[1] == "R")
         if not first:
             try:
-                self._runnable.append(max(0, _runnable_total() - running_ours))
+                self._runnable.append(max(0, _runnable_total() - running_ours
+                                          - running_kernel))
             except (OSError, ValueError, IndexError):
                 pass
         for pid, f in info.items():
@@ -234,7 +238,8 @@ class Sampler:
                 continue
             cpu = (int(f[12]) + int(f[13])) / CLK_TCK
             if pid in self._last:
-                self._other[pid] = self._other.get(pid, 0.0) + cpu - self._last[pid]
+                # max(): a pid reused by a new process between two scans
+                self._other[pid] = self._other.get(pid, 0.0) + max(0.0, cpu - self._last[pid])
             elif not first and int(f[20]) >= self._boot_ticks:
                 self._other[pid] = cpu  # started during the repetition: all of it counts
             self._last[pid] = cpu

@@ -611,9 +611,11 @@ def main(argv: list[str] | None = None) -> int:
     say(f"wrote {rpath}, {out / 'results' / 'latest.json'}"
         + (f", {out / 'results' / 'ratios.png'}" if has_chart else "")
         + f" in {data['seconds'] / 60:.1f} min")
+    if not_judged:
+        say(f"goals not judged: {not_judged}")
     for c in (c for c in checks if c.value is not None):
-        say(f"goal {c.verdict}: {c.what} = "
-            + ("–" if c.value is None else f"{c.value:.2f}") + f" (target {c.target})")
+        verdict = "not judged" if c.not_judged else c.verdict
+        say(f"goal {verdict}: {c.what} = {c.value:.2f} (target {c.target})")
     return status
 
 
