@@ -111,7 +111,7 @@ def _repetition_lines(data: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _goal_lines(data: dict[str, Any]) -> list[str]:
+def goal_lines(data: dict[str, Any]) -> list[str]:
     checks = data["goals"]
     lines = ["### Goals", ""]
     if data.get("not_judged"):
@@ -236,7 +236,7 @@ def markdown(data: dict[str, Any], chart: str | None) -> str:
         for note in g.get("notes", []):
             lines += ["", note]
         lines.append("")
-    lines += _goal_lines(data)
+    lines += goal_lines(data)
     if data["memory"]:
         lines += ["### Memory", "", "| process | command | VmRSS MiB | peak (VmHWM) MiB | note |",
                   "|---|---|---|---|---|"]

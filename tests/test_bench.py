@@ -7,6 +7,7 @@ is asserted."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -236,6 +237,38 @@ def test_a_disturbed_run_is_not_judged() -> None:
     slow = next(c for c in checks if c.what.endswith("nbdkit-file"))
     assert slow.profile == "bench/where.py aio:/dev/shm/disk.raw randread-qd32"
     assert goals.goal_verdict(checks) == f"not judged: {why}"
+
+
+def test_report_withholds_verdicts_and_names_profiles() -> None:
+    """The goals section of a disturbed run: the reason stated once, every measured check
+    "not judged", and the profile to take for each check whose figure misses."""
+    fig = per_rep({("vhd", "blktap", "randread-qd1"): [10.0, 12.0],
+                   ("vhd", "qemu-nbd", "randread-qd1"): [10.0, 10.0],
+                   ("vhd", "blktap", "nbdcopy"): [30.0, 30.0],
+                   ("vhd", "qemu-nbd", "nbdcopy"): [10.0, 12.0]})
+    why = "disturbed run (1 of 2 repetitions; vhd #2: steal time 9%)"
+    checks = goals.evaluate(fig, None, not_judged=why)
+    data = {"not_judged": why,
+            "goals": [{**dataclasses.asdict(c), "verdict": c.verdict} for c in checks]}
+    text = "\n".join(report.goal_lines(data))
+    assert f"**Not judged: {why}.**" in text
+    assert ("| VHD >= 2x qemu-nbd -f vpc on every workload | vhd seqread: blktap / "
+            "qemu-nbd vpc | >= 2x | – | – | not measured |") in text
+    assert ("|  | vhd randread-qd1: blktap / qemu-nbd vpc | >= 2x | 1.10 | 1.00–1.20, n=2 | "
+            "not judged |") in text
+    assert "| vhd nbdcopy: blktap / qemu-nbd vpc | >= 2x | 2.75 | 2.50–3.00, n=2 | " \
+        "not judged |" in text
+    assert "0 checks met, 0 not met, 2 not judged" in text
+    assert "- VHD >= 2x qemu-nbd -f vpc on every workload: **not judged**" in text
+    assert ("- vhd randread-qd1: blktap / qemu-nbd vpc (1.10, target >= 2x): "
+            "`bench/where.py vhd:/dev/shm/disk.vhd randread-qd1`") in text
+    assert "where.py vhd:/dev/shm/disk.vhd nbdcopy" not in text
+    # Judged, the same figures are met and not met.
+    data = {"not_judged": None, "goals": [{**dataclasses.asdict(c), "verdict": c.verdict}
+                                          for c in goals.evaluate(fig, None)]}
+    text = "\n".join(report.goal_lines(data))
+    assert "Not judged" not in text and "1 checks met, 1 not met, 0 not judged" in text
+    assert "| 1.10 | 1.00–1.20, n=2 | NOT met |" in text
 
 
 def test_qcow2_goals_from_ratios() -> None:
