@@ -43,7 +43,7 @@ def test_quick_mode_end_to_end(tmp_path: Path) -> None:
     for program in ("fio", "nbdcopy", "qemu-nbd", "nbdkit", "nbdinfo"):
         need(program)
     (tmp_path / "REPORT.md").write_text(OTHER)
-    res = bench(tmp_path, "--quick", "--retries", "0", "--quiet-file",
+    res = bench(tmp_path, "--quick", "--runtime", "0.5", "--retries", "0", "--quiet-file",
                 str(tmp_path / "absent.json"))
     assert res.returncode == 0, res.stderr[-3000:]
     text = (tmp_path / "REPORT.md").read_text()
