@@ -189,8 +189,9 @@ def _loadavg() -> list[float]:
 class Sampler:
     """Samples /proc every `interval` seconds in a thread between start() and stop()."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.5, top: int | None = 5) -> None:
         self.interval = interval
+        self.top = top  # how many of the busiest other commands the sample names (None: all)
         self.me = os.getpid()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -274,7 +275,7 @@ class Sampler:
             steal_s=(_steal_ticks() - self._steal0) / CLK_TCK,
             other_runnable=statistics.mean(self._runnable) if self._runnable else 0.0,
             ticks=len(self._runnable), loadavg_start=self._load0, loadavg_end=_loadavg(),
-            top_others=top[:5])
+            top_others=top[:self.top])
 
 
 # The quiet reference -------------------------------------------------------------------

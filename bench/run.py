@@ -2,9 +2,10 @@
 """Benchmark: blktap's NBD server against qemu-nbd, qemu-storage-daemon, nbdkit file and
 an nbdkit Python plugin, on the same images, with the same fio and nbdcopy workloads.
 
-    .venv/bin/python bench/run.py                    # the full run (make bench), ~20 min
-    .venv/bin/python bench/run.py --quick            # tiny sizes, < 2 min (make bench ARGS=--quick)
+    .venv/bin/python bench/run.py                    # the full run (make bench), ~30 min
+    .venv/bin/python bench/run.py --quick            # tiny sizes, a few min (ARGS=--quick)
     .venv/bin/python bench/run.py --only raw-tmpfs --reps 5 --runtime 5 --out /tmp/b
+    .venv/bin/python bench/run.py --record-quiet     # on a quiet machine: bench/quiet.json
 
 Groups: raw-tmpfs, raw-disk (every server on a raw file), vhd (ours against qemu-nbd
 -f vpc, same data), chain (ours on VHD chains of depth 1, 8 and 30, data in the base),

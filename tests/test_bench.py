@@ -392,7 +392,7 @@ def test_sampler_counts_other_processes_not_ours(tmp_path: Path) -> None:
     spin = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1.5: pass\n"
     for name in ("stranger", "ourchild"):
         os.symlink(sys.executable, tmp_path / name)
-    sampler = calibrate.Sampler(interval=0.2)
+    sampler = calibrate.Sampler(interval=0.2, top=None)  # every other command, not the top 5
     sampler.start()
     # sh starts the stranger in the background and exits: init adopts it.
     subprocess.run(["sh", "-c", f'"{tmp_path / "stranger"}" -c "$0" >/dev/null 2>&1 &', spin],
@@ -420,6 +420,13 @@ def test_sizes_and_options() -> None:
         bench_run.parse_args(["--only", "nosuchgroup"])
     with pytest.raises(SystemExit):
         bench_run.parse_args(["--size", "3M"])
+    assert (args.retries, full.retries, full.threshold) == (1, 2, 0.15)
+    assert full.workload_names == [w.name for w in bench_run.workloads.WORKLOADS]
+    assert bench_run.parse_args(["--workloads", "seqread,nbdcopy"]).workload_names == \
+        ["seqread", "nbdcopy"]
+    for bad in (["--workloads", "randread-qd7"], ["--threshold", "1.5"], ["--retries", "-1"]):
+        with pytest.raises(SystemExit):
+            bench_run.parse_args(bad)
 
 
 def test_proc_figures_of_a_live_process() -> None:
