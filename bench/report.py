@@ -189,7 +189,8 @@ def markdown(data: dict[str, Any], chart: str | None) -> str:
         "repetition to the next (A B C, B C A, ...). Figures are medians with the min–max "
         "over the kept repetitions; the ratio to the group's reference is the median of "
         "the ratios within each repetition, with their min–max (and IQR from 4 "
-        "repetitions). The quiet column is the figure of bench/quiet.json. CPU is the "
+        "repetitions). The quiet column is the quiet reference's figure (this run's median "
+        "as a share of it). CPU is the "
         "server process's user+system time (/proc/PID/stat) over the job divided by the "
         "I/Os done (nbdcopy: 256 KiB requests). A repetition is disturbed when a "
         f"calibration figure is off the quiet one by more than {s['threshold'] * 100:.0f}%, "
@@ -227,6 +228,8 @@ def markdown(data: dict[str, Any], chart: str | None) -> str:
                              f"{row['error']} | {quiet} | | | | |")
                 continue
             cpu = "–" if row["cpu_us_per_io"] is None else f"{row['cpu_us_per_io']:.1f}"
+            if row.get("quiet") and row["median"]:
+                quiet += f" ({row['median'] / row['quiet'] * 100:.0f}%)"
             lines.append(
                 f"| {row['workload']} | {row['label']} | "
                 f"{fmt_value(row['median'], row['unit'])} | "
