@@ -36,8 +36,9 @@ man: venv
 lint: venv
 	$(VENV)/bin/ruff check src tests bench torture
 
-# make bench: the NBD server benchmark (~20 min), bench/REPORT.md and bench/results/.
-# make bench ARGS=--quick: the quick one (< 2 min). Other options: bench/run.py --help.
+# make bench: the NBD server benchmark (~30 min), bench/REPORT.md and bench/results/.
+# make bench ARGS=--quick: the quick one (a few minutes). ARGS=--record-quiet on a quiet
+# machine records bench/quiet.json. Other options: bench/run.py --help, docs/benchmarks.md.
 bench: setup
 	@($(PY) -c 'import matplotlib' 2>/dev/null && test -x $(VENV)/bin/py-spy) || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py $(ARGS)

@@ -39,6 +39,130 @@ def fmt_ratio(r: float | None) -> str:
     return "–" if r is None else f"{r:.2f}x"
 
 
+def fmt_pct(x: float | None) -> str:
+    return "–" if x is None else f"{x * 100:+.0f}%"
+
+
+def fmt_spread(sp: dict[str, Any] | None) -> str:
+    """min–max of per-repetition ratios, with the IQR when there are 4 or more."""
+    if not sp:
+        return "–"
+    text = f"{sp['min']:.2f}–{sp['max']:.2f}"
+    if sp["n"] >= 4:
+        text += f" (IQR {sp['q1']:.2f}–{sp['q3']:.2f})"
+    return text + f", n={sp['n']}"
+
+
+def _quiet_lines(data: dict[str, Any]) -> list[str]:
+    q = data.get("quiet")
+    s = data["settings"]
+    if not q:
+        return ["**No quiet reference** (`bench/quiet.json` not recorded): nothing tells a "
+                "quiet machine's figures from a disturbed one's, so the goals are not judged. "
+                "`bench/run.py --record-quiet` on a quiet machine records it "
+                "(docs/benchmarks.md).", ""]
+    qm = q.get("machine") or {}
+    cal = q.get("calibration") or {}
+    text = (f"Quiet reference: recorded {q.get('recorded')} on {qm.get('cpus')} CPUs "
+            f"({qm.get('cpu_model')})" + (" by this run" if q.get("this_run") else "")
+            + "; calibration " + ", ".join(f"{k} {v:,.1f}" for k, v in cal.items()) + ".")
+    qs = q.get("settings") or {}
+    if any(qs.get(k) != s.get(k) for k in ("size", "runtime")):
+        text += (f" Its figures were taken with {qs.get('size', 0) >> 20} MiB images and "
+                 f"{qs.get('runtime')} s jobs, this run's with {s['size'] >> 20} MiB and "
+                 f"{s['runtime']:g} s: the quiet column is indicative only.")
+    if q.get("mismatch"):
+        text += f" **{q['mismatch']}**: the calibration is not compared."
+    return [text, ""]
+
+
+def _repetition_lines(data: dict[str, Any]) -> list[str]:
+    reps = data.get("repetitions") or []
+    if not reps:
+        return []
+    lines = ["### Repetitions", "",
+             "Calibration before each repetition (cpu1: a Python loop in one process, cpu2: "
+             "in two at once, M loops/s; fio: 4 KiB random psync reads of a tmpfs file, "
+             "IOPS), its deviation from the quiet reference, and what the sampler saw during "
+             "the repetition: CPU of processes not the benchmark's (share of all CPUs), steal "
+             "time, runnable threads not ours (mean), load average (1 min) at the end. A "
+             "disturbed repetition is run again; only the last attempt of each is kept.", "",
+             "| group | rep | attempt | cpu1 | cpu2 | fio | others' CPU | steal | runnable "
+             "| load | state |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reps:
+        cal, dev, smp = r.get("calibration", {}), r.get("deviation", {}), r.get("sample", {})
+
+        def cell(name: str, cal: dict[str, Any] = cal, dev: dict[str, Any] = dev) -> str:
+            if name not in cal:
+                return "–"
+            v = f"{cal[name]:,.0f}" if name == "fio" else f"{cal[name]:.2f}"
+            return v + (f" ({fmt_pct(dev[name])})" if name in dev else "")
+        if r["reasons"]:
+            state = "**disturbed**: " + "; ".join(r["reasons"])
+        else:
+            state = "ok"
+        state += "" if r.get("kept") else " (discarded)"
+        load = smp.get("loadavg_end") or [None]
+        lines.append(
+            f"| {r['group']} | {r['rep'] + 1} | {r['attempt'] + 1} | {cell('cpu1')} | "
+            f"{cell('cpu2')} | {cell('fio')} | {smp.get('other_share', 0) * 100:.0f}% | "
+            f"{smp.get('steal_share', 0) * 100:.0f}% | {smp.get('other_runnable', 0):.2f} | "
+            + ("–" if load[0] is None else f"{load[0]:.2f}") + f" | {state} |")
+    return lines + [""]
+
+
+def goal_lines(data: dict[str, Any]) -> list[str]:
+    checks = data["goals"]
+    lines = ["### Goals", ""]
+    if data.get("not_judged"):
+        lines += [f"**Not judged: {data['not_judged']}.** The ratios are shown; no goal is "
+                  "called met or not met from this run.", ""]
+    lines += ["Each ratio is the median over the kept repetitions of the ratio within the "
+              "repetition, with its min–max (IQR from 4 repetitions).", "",
+              "| goal | ratio checked | target | median | min–max | verdict |",
+              "|---|---|---|---|---|---|"]
+    shown = None
+    for c in checks:
+        val = "–" if c["value"] is None else f"{c['value']:.2f}"
+        goal = "" if c["goal"] == shown else c["goal"]
+        shown = c["goal"]
+        sp = c.get("spread")
+        rng = "–" if not sp else fmt_spread(sp)
+        verdict = "not judged" if c["value"] is not None and c.get("not_judged") \
+            else c["verdict"]
+        lines.append(f"| {goal} | {c['what']} | {c['target']} | {val} | {rng} | "
+                     f"{verdict} |")
+    met = sum(1 for c in checks if c["met"] is True)
+    missed = sum(1 for c in checks if c["met"] is False)
+    unknown = sum(1 for c in checks if c["value"] is None)
+    unjudged = sum(1 for c in checks if c["value"] is not None and c.get("not_judged"))
+    lines += ["", f"{met} checks met, {missed} not met, {unjudged} not judged, {unknown} not "
+              "measured. By goal:", ""]
+    for goal in dict.fromkeys(c["goal"] for c in checks):
+        cs = [c for c in checks if c["goal"] == goal]
+        verdict = goal_verdict(cs)
+        ok = sum(1 for c in cs if c["met"] is True)
+        lines.append(f"- {goal}: **{verdict}** ({ok} of {len(cs)} checks met)")
+    missing = [c for c in checks if c.get("profile")]
+    if missing:
+        lines += ["", "Where to look, for each check whose figure misses its target "
+                  "(`bench/where.py` samples `blktap serve` under that workload; images "
+                  "like the run's, bench/images.py):", ""]
+        for c in missing:
+            lines.append(f"- {c['what']} ({c['value']:.2f}, target {c['target']}): "
+                         f"`{c['profile']}`")
+    return lines + [""]
+
+
+def goal_verdict(cs: list[dict[str, Any]]) -> str:
+    if all(c["value"] is None for c in cs):
+        return "not measured"
+    reason = next((c["not_judged"] for c in cs if c.get("not_judged")), None)
+    if reason:
+        return "not judged"
+    return "not met" if any(c["met"] is False for c in cs) else "met"
+
+
 def markdown(data: dict[str, Any], chart: str | None) -> str:
     s = data["settings"]
     m = data["machine"]
@@ -49,17 +173,31 @@ def markdown(data: dict[str, Any], chart: str | None) -> str:
         f"{m['memory_gib']:.0f} GiB, Linux {m['kernel']}, Python {m['python']}"
         + (f", net.core.wmem_max {m['wmem_max']}" if m.get("wmem_max") else "") + ".",
         f"Load average (1, 5, 15 min) at the start {fmt_load(m['loadavg_start'])}, at the "
-        f"end {fmt_load(m['loadavg_end'])}: other work shares the machine, so read the "
-        "spreads.",
+        f"end {fmt_load(m['loadavg_end'])}.",
         "Tools: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
         f"Source: commit {data.get('source', '?')}. Command: `{data['command']}`"
         + (" (quick mode: tiny sizes, not for conclusions)" if s["quick"] else "") + ".",
+        "",
+    ]
+    if data.get("not_judged"):
+        lines += [f"**Goals not judged: {data['not_judged']}.**", ""]
+    lines += _quiet_lines(data)
+    lines += [
         f"Image size {s['size'] >> 20} MiB; {s['reps']} repetition(s) of {s['runtime']:g} s "
-        "per job; servers interleaved (A B C, B C A, ...), each started afresh on the image "
-        "for each repetition and running the group's workloads in turn. Figures are medians "
-        "with the min–max over the repetitions; CPU is the server process's user+system "
-        "time (/proc/PID/stat) over the job divided by the I/Os done (nbdcopy: 256 KiB "
-        "requests).",
+        "per job. In a repetition each workload runs on every server of the group back to "
+        "back, each server started afresh for the job, the servers' order rotated from one "
+        "repetition to the next (A B C, B C A, ...). Figures are medians with the min–max "
+        "over the kept repetitions; the ratio to the group's reference is the median of "
+        "the ratios within each repetition, with their min–max (and IQR from 4 "
+        "repetitions). The quiet column is the quiet reference's figure (this run's median "
+        "as a share of it). CPU is the "
+        "server process's user+system time (/proc/PID/stat) over the job divided by the "
+        "I/Os done (nbdcopy: 256 KiB requests). A repetition is disturbed when a "
+        f"calibration figure is off the quiet one by more than {s['threshold'] * 100:.0f}%, "
+        f"other processes used more than {s['limits']['max_other_cpu'] * 100:.0f}% of the "
+        f"CPUs, steal exceeded {s['limits']['max_steal'] * 100:.0f}% or more than "
+        f"{s['limits']['max_other_runnable']:g} threads not ours were runnable on average; "
+        f"it is run again up to {s['retries']} time(s).",
         "",
         "Images hold random data, every block allocated: raw files on tmpfs (/dev/shm) and on "
         "disk (a directory beside the checkout), a dynamic VHD (`blktap convert`) on tmpfs, "
@@ -76,48 +214,32 @@ def markdown(data: dict[str, Any], chart: str | None) -> str:
     for name, cmd in data["workload_commands"].items():
         lines.append(f"- {name}: `{cmd}`")
     lines += ["", f"The whole run took {data['seconds'] / 60:.1f} min.", ""]
+    lines += _repetition_lines(data)
     for g in data["groups"]:
         ref = g["reference"]
         lines += [f"### {g['title']}", "",
-                  f"| workload | server | median | min–max | unit | CPU µs/IO | vs {ref} |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"| workload | server | median | min–max | quiet | unit | CPU µs/IO | "
+                  f"vs {ref} | ratio min–max |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in g["rows"]:
+            quiet = fmt_value(row.get("quiet"), row["unit"])
             if row.get("error"):
                 lines.append(f"| {row['workload']} | {row['label']} | failed | "
-                             f"{row['error']} | | | |")
+                             f"{row['error']} | {quiet} | | | | |")
                 continue
             cpu = "–" if row["cpu_us_per_io"] is None else f"{row['cpu_us_per_io']:.1f}"
+            if row.get("quiet") and row["median"]:
+                quiet += f" ({row['median'] / row['quiet'] * 100:.0f}%)"
             lines.append(
                 f"| {row['workload']} | {row['label']} | "
                 f"{fmt_value(row['median'], row['unit'])} | "
                 f"{fmt_value(row['min'], row['unit'])}–{fmt_value(row['max'], row['unit'])} | "
-                f"{row['unit']} | {cpu} | {fmt_ratio(row['ratio'])} |")
+                f"{quiet} | {row['unit']} | {cpu} | {fmt_ratio(row['ratio'])} | "
+                f"{fmt_spread(row.get('ratio_spread'))} |")
         for note in g.get("notes", []):
             lines += ["", note]
         lines.append("")
-    lines += ["### Goals", "", "| goal | ratio checked | target | measured | verdict |",
-              "|---|---|---|---|---|"]
-    shown = None
-    for c in data["goals"]:
-        val = "–" if c["value"] is None else f"{c['value']:.2f}"
-        goal = "" if c["goal"] == shown else c["goal"]
-        shown = c["goal"]
-        lines.append(f"| {goal} | {c['what']} | {c['target']} | {val} | {c['verdict']} |")
-    met = sum(1 for c in data["goals"] if c["met"] is True)
-    missed = sum(1 for c in data["goals"] if c["met"] is False)
-    unknown = sum(1 for c in data["goals"] if c["met"] is None)
-    lines += ["", f"{met} checks met, {missed} not met, {unknown} not measured. By goal:", ""]
-    for goal in dict.fromkeys(c["goal"] for c in data["goals"]):
-        cs = [c for c in data["goals"] if c["goal"] == goal]
-        if all(c["met"] is None for c in cs):
-            verdict = "not measured"
-        elif all(c["met"] is True for c in cs):
-            verdict = "**met**"
-        else:
-            verdict = "**not met**"
-        ok = sum(1 for c in cs if c["met"] is True)
-        lines.append(f"- {goal}: {verdict} ({ok} of {len(cs)} checks)")
-    lines.append("")
+    lines += goal_lines(data)
     if data["memory"]:
         lines += ["### Memory", "", "| process | command | VmRSS MiB | peak (VmHWM) MiB | note |",
                   "|---|---|---|---|---|"]
@@ -173,7 +295,7 @@ def chart(data: dict[str, Any], path: Path) -> bool:
         ax.set_ylabel(f"x {g['reference']}")
         ax.set_title(g["title"], fontsize=10)
         ax.legend(fontsize=7, ncol=min(5, len(labels)))
-    fig.suptitle(f"Median throughput relative to each group's reference ({data['date']})",
+    fig.suptitle(f"Median of the per-repetition ratios to each group's reference ({data['date']})",
                  fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
     path.parent.mkdir(parents=True, exist_ok=True)

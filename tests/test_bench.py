@@ -1,14 +1,21 @@
 """bench/run.py: the quick mode runs end to end and writes a report, the JSON and the chart;
-a missing server is skipped with a note; the report's other sections are kept; goals and
-ratios come out of the medians as stated. No timing is asserted."""
+a missing server is skipped with a note; the report's other sections are kept; ratios are
+medians of per-repetition ratios; a calibration off the quiet reference, or other
+processes' CPU, marks a repetition disturbed, which is run again, and a disturbed run (or
+one without a quiet reference) judges no goal. Calibration figures are injected: no timing
+is asserted."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,10 +23,12 @@ from conftest import ROOT, need
 
 sys.path.insert(0, str(ROOT / "bench"))
 
+import calibrate  # noqa: E402
 import goals  # noqa: E402
 import report  # noqa: E402
 import run as bench_run  # noqa: E402
 import servers  # noqa: E402
+import stats  # noqa: E402
 
 OTHER = "# Benchmark report\n\n## Coalesce (bench/coalesce.py)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
 
@@ -35,12 +44,14 @@ def test_quick_mode_end_to_end(tmp_path: Path) -> None:
     for program in ("fio", "nbdcopy", "qemu-nbd", "nbdkit", "nbdinfo"):
         need(program)
     (tmp_path / "REPORT.md").write_text(OTHER)
-    res = bench(tmp_path, "--quick")
+    res = bench(tmp_path, "--quick", "--runtime", "0.5", "--retries", "0", "--quiet-file",
+                str(tmp_path / "absent.json"))
     assert res.returncode == 0, res.stderr[-3000:]
     text = (tmp_path / "REPORT.md").read_text()
     assert text.startswith(OTHER.rstrip("\n"))  # the other section is kept as it was
     assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
     assert "| seqread | blktap |" in text and "### Goals" in text and "### Memory" in text
+    assert "**No quiet reference**" in text and "### Repetitions" in text
     data = json.loads((tmp_path / "results" / "latest.json").read_text())
     assert data["settings"]["quick"] is True
     names = {g["name"] for g in data["groups"]}
@@ -50,12 +61,24 @@ def test_quick_mode_end_to_end(tmp_path: Path) -> None:
             assert not row.get("error"), row
             assert row["median"] > 0 and row["min"] <= row["median"] <= row["max"]
             assert row["cpu_us_per_io"] is not None and row["cpu_us_per_io"] >= 0
+            assert row["ratio_spread"]["n"] == 1 and row["quiet"] is None
         assert all(r["ratio"] == 1.0 for r in g["rows"] if r["label"] == g["reference"])
+    # One repetition per group, each calibrated and sampled, none run again.
+    assert [(r["group"], r["attempt"], r["kept"]) for r in data["repetitions"]] == \
+        [(g, 0, True) for g in ("raw-tmpfs", "vhd", "chain")]
+    for r in data["repetitions"]:
+        assert set(r["calibration"]) == {"cpu1", "cpu2", "fio"}
+        assert all(v > 0 for v in r["calibration"].values()) and r["deviation"] == {}
+        assert r["sample"]["wall_s"] > 0 and r["sample"]["ticks"] >= 1
+    # Without a quiet reference nothing is judged, whatever the figures.
+    assert data["not_judged"].startswith("no quiet reference")
+    measured = [c for c in data["goals"] if c["value"] is not None]
+    assert measured and all(c["met"] is None for c in measured)
+    assert all(c["verdict"].startswith("not judged: no quiet reference") for c in measured)
     idle = next(m for m in data["memory"] if m["case"].startswith("idle tapdisk"))
     assert idle["rss_kib"] > 0
     big = next(m for m in data["memory"] if "sparse" in m["case"])
     assert big["rss_kib"] > 0 and "`nbdcopy URI null:` ok" in big["note"]
-    assert any(c["met"] is not None for c in data["goals"])
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -72,6 +95,46 @@ def test_quick_mode_end_to_end(tmp_path: Path) -> None:
     assert "| seqread | blktap |" not in again
 
 
+def test_disturbed_run_is_repeated_and_not_judged(tmp_path: Path) -> None:
+    """A quiet reference for this machine whose calibration no real run can reach: every
+    repetition is disturbed, run again --retries times, and the goals are not judged;
+    the peers' quiet figures stand beside this run's."""
+    for program in ("fio", "nbdcopy", "nbdkit"):
+        need(program)
+    quiet = tmp_path / "quiet.json"
+    quiet.write_text(json.dumps({
+        "recorded": "2026-01-01", "machine": bench_run.machine(),
+        "settings": {"size": 16 << 20, "runtime": 0.2},
+        "calibration": {"cpu1": 1e9, "cpu2": 2e9, "fio": 1e12},
+        "figures": {"raw-tmpfs": {"nbdkit-file": {"randread-qd32": 123456.0}}}}))
+    res = bench(tmp_path / "out", "--only", "raw-tmpfs", "--servers", "blktap,nbdkit-file",
+                "--workloads", "randread-qd32", "--size", "16M", "--runtime", "0.2",
+                "--reps", "1", "--retries", "1", "--quiet-file", str(quiet))
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "results" / "latest.json").read_text())
+    reps = data["repetitions"]
+    assert [(r["attempt"], r["kept"]) for r in reps] == [(0, False), (1, True)]
+    for r in reps:
+        assert any(x.startswith("calibration cpu1 100% slower") for x in r["reasons"])
+        assert r["deviation"]["fio"] < -0.99
+    assert {r["attempt"] for r in data["results"]} == {0, 1}
+    assert all(r["kept"] == (r["attempt"] == 1) for r in data["results"])
+    assert data["not_judged"].startswith("disturbed run (1 of 1 repetitions; raw-tmpfs #1: "
+                                         "calibration cpu1 100% slower")
+    (check,) = [c for c in data["goals"] if c["value"] is not None]
+    assert check["what"] == "raw-tmpfs randread-qd32: blktap / nbdkit-file"
+    assert check["met"] is None
+    assert check["verdict"] == "not judged: " + data["not_judged"]
+    (group,) = data["groups"]
+    row = next(r for r in group["rows"] if r["label"] == "nbdkit-file")
+    assert row["quiet"] == 123456.0 and row["n"] == 1
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "**Goals not judged: disturbed run" in text and "**disturbed**: calibration" in text
+    assert "| randread-qd32 | nbdkit-file |" in text
+    assert re.search(r"\| 123,456 \(\d+%\) \| IOPS \|", text)
+    assert "(discarded)" in text and "the quiet column is indicative only" not in text
+
+
 def test_missing_server_is_skipped_with_a_note(tmp_path: Path) -> None:
     """With qemu-nbd and qemu-storage-daemon out of PATH the run still completes: they
     are named as skipped in the report, and the ratios fall back to another server."""
@@ -82,7 +145,8 @@ def test_missing_server_is_skipped_with_a_note(tmp_path: Path) -> None:
         os.symlink(found, bindir / program)
     env = {**os.environ, "PATH": str(bindir)}
     res = bench(tmp_path / "out", "--only", "raw-tmpfs", "--size", "16M", "--runtime", "0.2",
-                "--reps", "1", "--servers", "blktap,qemu-nbd,qsd", env=env)
+                "--reps", "1", "--retries", "0", "--workloads", "seqread,randread-qd32",
+                "--servers", "blktap,qemu-nbd,qsd", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     text = (tmp_path / "out" / "REPORT.md").read_text()
     assert "- qemu-nbd: **skipped** (qemu-nbd is not installed)" in text
@@ -104,36 +168,245 @@ def test_replace_section_keeps_the_rest() -> None:
     assert report.replace_section("", "x").startswith("# Benchmark report\n\n" + report.BEGIN)
 
 
-def test_goals_from_medians() -> None:
-    med = {("raw-tmpfs", "blktap", "seqread"): 100.0,
-           ("raw-tmpfs", "nbdkit-file", "seqread"): 125.0,
-           ("raw-tmpfs", "blktap", "randread-qd32"): 30.0,
-           ("raw-tmpfs", "qemu-nbd", "randread-qd32"): 20.0,
-           ("chain", "depth 1", "randread-qd1"): 100.0,
-           ("chain", "depth 30", "randread-qd1"): 91.0}
-    checks = goals.evaluate(lambda g, label, w: med.get((g, label, w)), 30 * 1024)
-    by = {c.what: c for c in checks}
-    c = by["raw-tmpfs seqread: blktap / nbdkit-file"]
-    assert c.value == pytest.approx(0.8) and c.met is False and c.verdict == "NOT met"
-    assert by["raw-tmpfs randread-qd32: blktap / qemu-nbd"].met is True
-    assert by["raw-tmpfs randread-qd32: blktap / nbdkit-python"].met is None
+def per_rep(table: dict[tuple[str, str, str], list[float]]) -> goals.Figures:
+    return lambda g, label, w: dict(enumerate(table.get((g, label, w), [])))
+
+
+def test_ratios_are_medians_of_per_repetition_ratios() -> None:
+    ours = {0: 100.0, 1: 60.0, 2: 80.0}
+    ref = {0: 50.0, 1: 60.0, 2: 100.0, 3: 7.0}  # repetition 3 has no pair: no ratio
+    assert stats.paired_ratios(ours, ref) == [2.0, 1.0, 0.8]
+    sp = stats.ratio_spread(ours, ref)
+    assert sp is not None and (sp.n, sp.median, sp.min, sp.max) == (3, 1.0, 0.8, 2.0)
+    # Not the ratio of the medians, which pairs different repetitions (80 / 60).
+    assert sp.median != pytest.approx(80 / 60)
+    # Latency from rates: the reference's rate over ours.
+    assert stats.paired_ratios({0: 50.0}, {0: 100.0}, invert=True) == [2.0]
+    # A failed (zero) figure gives no ratio; nothing gives no spread.
+    assert stats.paired_ratios({0: 0.0, 1: 5.0}, {0: 3.0, 1: 10.0}) == [0.5]
+    assert stats.spread([]) is None
+    five = stats.spread([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert five is not None and (five.median, five.q1, five.q3) == (3.0, 2.0, 4.0)
+    two = stats.spread([1.0, 3.0])
+    assert two is not None and (two.median, two.q1, two.q3) == (2.0, 1.0, 3.0)
+
+
+def test_goals_from_per_repetition_ratios() -> None:
+    fig = per_rep({("raw-tmpfs", "blktap", "randread-qd32"): [30.0, 30.0, 30.0],
+                   ("raw-tmpfs", "qemu-nbd", "randread-qd32"): [20.0, 15.0, 25.0],
+                   ("raw-tmpfs", "nbdkit-file", "randread-qd32"): [30.0, 40.0, 20.0],
+                   ("raw-tmpfs", "blktap", "randread-qd1"): [100.0, 100.0],
+                   ("raw-tmpfs", "nbdkit-file", "randread-qd1"): [160.0, 140.0],
+                   ("raw-disk", "blktap", "randwrite-qd32"): [9.0],
+                   ("raw-disk", "qemu-nbd", "randwrite-qd32"): [10.0],
+                   ("vhd", "blktap", "seqread"): [90.0, 100.0],
+                   ("raw-tmpfs", "blktap", "seqread"): [100.0, 100.0],
+                   ("chain", "depth 1", "randread-qd1"): [100.0],
+                   ("chain", "depth 30", "randread-qd1"): [91.0]})
+    by = {c.what: c for c in goals.evaluate(fig, 30 * 1024)}
+    c = by["raw-tmpfs randread-qd32: blktap / qemu-nbd"]  # ratios 1.5, 2.0, 1.2
+    assert c.value == pytest.approx(1.5) and c.met is True and c.verdict == "met"
+    assert c.spread is not None and (c.spread.min, c.spread.max) == (pytest.approx(1.2), 2.0)
+    c = by["raw-tmpfs randread-qd32: blktap / nbdkit-file"]  # 1.0, 0.75, 1.5
+    assert c.value == pytest.approx(1.0) and c.met is True
+    assert by["raw-tmpfs randwrite-qd32: blktap / qemu-nbd"].verdict == "not measured"
+    c = by["raw-tmpfs randread-qd1 latency: blktap / nbdkit-file"]  # 1.6, 1.4 -> 1.5
+    assert c.target == "<= 1.5x" and c.value == pytest.approx(1.5) and c.met is True
+    c = by["raw-disk randwrite-qd32: blktap / qemu-nbd"]
+    assert c.met is False and c.verdict == "NOT met"
+    assert c.profile == "bench/where.py aio:DIR-ON-DISK/disk.raw randwrite-qd32"
+    c = by["seqread: blktap vhd / blktap raw (tmpfs)"]  # 0.9, 1.0 -> 0.95 >= 0.9
+    assert c.met is True and c.profile is None
     assert by["chain randread-qd1: depth 30 / depth 1"].met is True  # 100/91 < 1.1
     assert by["idle tapdisk VmRSS (MB)"].met is True
-    assert goals.evaluate(lambda *a: None, 40 * 1024 * 1024)[-1].met is False
+    assert goals.evaluate(lambda *a: {}, 40 * 1024 * 1024)[-1].met is False
+    goal_names = {c.goal for c in by.values()}
+    assert "raw tmpfs 4 KiB random QD32 >= 1.5x qemu-nbd and >= 1.0x nbdkit file" in goal_names
+    assert "VHD >= 0.9x our own raw figure (tmpfs)" in goal_names
 
 
-def test_qcow2_goals_from_medians() -> None:
-    med = {("qcow2", "blktap", "seqread"): 90.0, ("qcow2", "qemu-nbd", "seqread"): 100.0,
-           ("raw-tmpfs", "blktap", "seqread"): 100.0,
-           ("qcow2-sparse", "blktap", "randread-qd1"): 30.0,
-           ("qcow2-sparse", "qemu-nbd", "randread-qd1"): 20.0}
-    by = {c.what: c for c in goals.evaluate(lambda g, label, w: med.get((g, label, w)), None)}
+def test_a_disturbed_run_is_not_judged() -> None:
+    """Figures that meet and miss their targets: with a reason not to judge, no check is
+    called met or not met, and the verdict names the reason."""
+    fig = per_rep({("raw-tmpfs", "blktap", "randread-qd32"): [30.0],
+                   ("raw-tmpfs", "qemu-nbd", "randread-qd32"): [10.0],
+                   ("raw-tmpfs", "nbdkit-file", "randread-qd32"): [60.0]})
+    why = "disturbed run (1 of 1 repetitions; raw-tmpfs #1: steal time 20%)"
+    checks = [c for c in goals.evaluate(fig, 30 * 1024, not_judged=why) if c.value is not None]
+    assert len(checks) == 3 and all(c.met is None for c in checks)
+    assert {c.verdict for c in checks} == {f"not judged: {why}"}
+    # The missing one still names its profile.
+    slow = next(c for c in checks if c.what.endswith("nbdkit-file"))
+    assert slow.profile == "bench/where.py aio:/dev/shm/disk.raw randread-qd32"
+    assert goals.goal_verdict(checks) == f"not judged: {why}"
+
+
+def test_report_withholds_verdicts_and_names_profiles() -> None:
+    """The goals section of a disturbed run: the reason stated once, every measured check
+    "not judged", and the profile to take for each check whose figure misses."""
+    fig = per_rep({("vhd", "blktap", "randread-qd1"): [10.0, 12.0],
+                   ("vhd", "qemu-nbd", "randread-qd1"): [10.0, 10.0],
+                   ("vhd", "blktap", "nbdcopy"): [30.0, 30.0],
+                   ("vhd", "qemu-nbd", "nbdcopy"): [10.0, 12.0]})
+    why = "disturbed run (1 of 2 repetitions; vhd #2: steal time 9%)"
+    checks = goals.evaluate(fig, None, not_judged=why)
+    data = {"not_judged": why,
+            "goals": [{**dataclasses.asdict(c), "verdict": c.verdict} for c in checks]}
+    text = "\n".join(report.goal_lines(data))
+    assert f"**Not judged: {why}.**" in text
+    assert ("| VHD >= 2x qemu-nbd -f vpc on every workload | vhd seqread: blktap / "
+            "qemu-nbd vpc | >= 2x | – | – | not measured |") in text
+    assert ("|  | vhd randread-qd1: blktap / qemu-nbd vpc | >= 2x | 1.10 | 1.00–1.20, n=2 | "
+            "not judged |") in text
+    assert "| vhd nbdcopy: blktap / qemu-nbd vpc | >= 2x | 2.75 | 2.50–3.00, n=2 | " \
+        "not judged |" in text
+    assert "0 checks met, 0 not met, 2 not judged" in text
+    assert "- VHD >= 2x qemu-nbd -f vpc on every workload: **not judged**" in text
+    assert ("- vhd randread-qd1: blktap / qemu-nbd vpc (1.10, target >= 2x): "
+            "`bench/where.py vhd:/dev/shm/disk.vhd randread-qd1`") in text
+    assert "where.py vhd:/dev/shm/disk.vhd nbdcopy" not in text
+    # Judged, the same figures are met and not met.
+    data = {"not_judged": None, "goals": [{**dataclasses.asdict(c), "verdict": c.verdict}
+                                          for c in goals.evaluate(fig, None)]}
+    text = "\n".join(report.goal_lines(data))
+    assert "Not judged" not in text and "1 checks met, 1 not met, 0 not judged" in text
+    assert "| 1.10 | 1.00–1.20, n=2 | NOT met |" in text
+
+
+def test_qcow2_goals_from_ratios() -> None:
+    fig = per_rep({("qcow2", "blktap", "seqread"): [90.0],
+                   ("qcow2", "qemu-nbd", "seqread"): [100.0],
+                   ("raw-tmpfs", "blktap", "seqread"): [100.0],
+                   ("qcow2-sparse", "blktap", "randread-qd1"): [30.0],
+                   ("qcow2-sparse", "qemu-nbd", "randread-qd1"): [20.0]})
+    by = {c.what: c for c in goals.evaluate(fig, None)}
     assert by["qcow2 seqread: blktap / qemu-nbd qcow2"].value == pytest.approx(0.9)
     assert by["qcow2 seqread: blktap / qemu-nbd qcow2"].met is False
     assert by["seqread: blktap qcow2 / blktap raw (tmpfs)"].met is True
     assert by["qcow2-sparse randread-qd1: blktap / qemu-nbd qcow2"].met is True
+    assert by["qcow2-sparse randread-qd1: blktap / qemu-nbd qcow2"].profile is None
     # The sparse group has no writes: no check is made up for them.
     assert "qcow2-sparse seqwrite: blktap / qemu-nbd qcow2" not in by
+
+
+QUIET_CAL = {"cpu1": 10.0, "cpu2": 20.0, "fio": 1000.0}
+
+
+def test_calibration_off_the_quiet_reference_is_disturbed() -> None:
+    dev, why = calibrate.compare({"cpu1": 8.4, "cpu2": 19.0, "fio": 1200.0}, QUIET_CAL, 0.15)
+    assert dev == pytest.approx({"cpu1": -0.16, "cpu2": -0.05, "fio": 0.2})
+    assert why == ["calibration cpu1 16% slower than quiet (limit 15%)",
+                   "calibration fio 20% faster than quiet (limit 15%)"]
+    assert calibrate.compare({"cpu1": 8.6, "cpu2": 23.0, "fio": 870.0}, QUIET_CAL, 0.15)[1] == []
+    assert calibrate.compare({"cpu1": 8.4}, QUIET_CAL, 0.2)[1] == []  # the threshold is an option
+    assert calibrate.compare({"cpu1": 1.0}, None, 0.15) == ({}, [])  # no reference: no check
+
+
+def test_sampler_figures_mark_a_disturbed_repetition() -> None:
+    limits = calibrate.Limits()
+    quiet = calibrate.Sample(wall_s=10, cpus=2, other_cpu_s=1.0, steal_s=0.5,
+                             other_runnable=0.2)
+    assert calibrate.judge_sample(quiet, limits) == []
+    busy = calibrate.Sample(wall_s=10, cpus=2, other_cpu_s=3.0, steal_s=1.2,
+                            other_runnable=1.5, top_others=[("qemu-system-x86", 2.5)])
+    assert calibrate.judge_sample(busy, limits) == [
+        "other processes used 15% of the CPUs (limit 10%: qemu-system-x86 2.5 s)",
+        "steal time 6% (limit 5%)",
+        "1.5 runnable threads not ours on average (limit 0.5)"]
+    assert calibrate.judge_sample(busy, calibrate.Limits(0.2, 0.1, 2.0)) == []
+
+
+def test_disturbed_repetition_is_run_again_then_the_run_not_judged() -> None:
+    """Injected calibrations: two disturbed attempts then a quiet one are three records,
+    the last kept; with fewer retries the disturbed one is kept and the run not judged."""
+    def attempts(cals: list[dict[str, float]]) -> bench_run.Attempt:
+        def attempt(n: int) -> dict[str, Any]:
+            dev, why = calibrate.compare(cals[n], QUIET_CAL, 0.15)
+            return {"group": "raw-tmpfs", "rep": 0, "attempt": n, "calibration": cals[n],
+                    "deviation": dev, "reasons": why}
+        return attempt
+    slow = {"cpu1": 5.0, "cpu2": 20.0, "fio": 1000.0}
+    cals = [slow, {"cpu1": 10.0, "cpu2": 12.0, "fio": 1000.0}, QUIET_CAL]
+    log = bench_run.repeat_until_quiet(attempts(cals), retries=2)
+    assert [(r["attempt"], r["kept"], bool(r["reasons"])) for r in log] == \
+        [(0, False, True), (1, False, True), (2, True, False)]
+    quiet = {"recorded": "x", "machine": {}, "calibration": QUIET_CAL}
+    assert bench_run.judgement(quiet, None, log) is None
+    assert len(bench_run.repeat_until_quiet(attempts([QUIET_CAL]), retries=2)) == 1
+    log = bench_run.repeat_until_quiet(attempts(cals), retries=1)
+    assert [r["kept"] for r in log] == [False, True]
+    assert bench_run.judgement(quiet, None, log) == \
+        "disturbed run (1 of 1 repetitions; raw-tmpfs #1: calibration cpu2 40% slower than quiet)"
+    assert bench_run.judgement(None, None, log).startswith("no quiet reference; disturbed run")
+    assert bench_run.judgement(quiet, "quiet reference is of another machine (cpus 4, here 2)",
+                               []) == "quiet reference is of another machine (cpus 4, here 2)"
+
+
+def test_quiet_reference_absent_placeholder_or_of_another_machine(tmp_path: Path) -> None:
+    path = tmp_path / "quiet.json"
+    assert calibrate.load_quiet(path) is None
+    calibrate.not_recorded_file(path)
+    assert json.loads(path.read_text())["state"] == "not recorded"
+    assert calibrate.load_quiet(path) is None
+    path.write_text("{not json")
+    assert calibrate.load_quiet(path) is None
+    here = bench_run.machine()
+    path.write_text(json.dumps({"recorded": "2026-01-01", "machine": here,
+                                "calibration": QUIET_CAL}))
+    loaded = calibrate.load_quiet(path)
+    assert loaded is not None and calibrate.machine_mismatch(loaded["machine"], here) is None
+    other = {**here, "cpus": (here["cpus"] or 1) + 6}
+    assert calibrate.machine_mismatch(other, here) == \
+        f"quiet reference is of another machine (cpus {other['cpus']!r}, here {here['cpus']!r})"
+    # The repository's own file is valid JSON and, until the lead records it, not recorded.
+    committed = json.loads((ROOT / "bench" / "quiet.json").read_text())
+    assert committed.get("recorded") is False or calibrate.load_quiet(
+        ROOT / "bench" / "quiet.json") is not None
+
+
+def test_record_quiet_refuses_a_disturbed_or_unsteady_run() -> None:
+    data = {"date": "2026-12-03", "machine": {"cpus": 2}, "source": "abc", "command": "c",
+            "versions": {}, "settings": {"size": 1},
+            "groups": [{"name": "raw-tmpfs", "rows": [
+                {"label": "qemu-nbd", "workload": "seqread", "median": 900.0},
+                {"label": "nbdkit-file", "workload": "seqread", "median": None}]}]}
+
+    def rep(n: int, cal: dict[str, float], why: list[str], kept: bool = True) -> dict[str, Any]:
+        return {"group": "raw-tmpfs", "rep": n, "attempt": 0, "calibration": cal,
+                "reasons": why, "kept": kept}
+    steady = [rep(0, QUIET_CAL, []), rep(1, {**QUIET_CAL, "cpu1": 11.0}, []),
+              rep(1, {**QUIET_CAL, "cpu1": 1.0}, ["steal time 20% (limit 5%)"], kept=False)]
+    record, why = bench_run.quiet_record(data, steady, 0.15)
+    assert why == [] and record is not None
+    assert record["calibration"] == {"cpu1": 10.5, "cpu2": 20.0, "fio": 1000.0}
+    assert record["figures"] == {"raw-tmpfs": {"qemu-nbd": {"seqread": 900.0}}}
+    assert record["recorded"] == "2026-12-03" and record["machine"] == {"cpus": 2}
+    record, why = bench_run.quiet_record(data, [rep(0, QUIET_CAL, ["steal time 20%"])], 0.15)
+    assert record is None and why == ["raw-tmpfs #1: steal time 20%"]
+    record, why = bench_run.quiet_record(
+        data, [rep(0, QUIET_CAL, []), rep(1, {**QUIET_CAL, "fio": 1300.0}, [])], 0.15)
+    assert record is None and why == ["calibration fio varies by 30% between repetitions"]
+
+
+def test_sampler_counts_other_processes_not_ours(tmp_path: Path) -> None:
+    """A busy process that is not the benchmark's (double-forked, so not our descendant)
+    shows in the sample by name; a busy child of ours does not."""
+    spin = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1.5: pass\n"
+    for name in ("stranger", "ourchild"):
+        os.symlink(sys.executable, tmp_path / name)
+    sampler = calibrate.Sampler(interval=0.2, top=None)  # every other command, not the top 5
+    sampler.start()
+    # sh starts the stranger in the background and exits: init adopts it.
+    subprocess.run(["sh", "-c", f'"{tmp_path / "stranger"}" -c "$0" >/dev/null 2>&1 &', spin],
+                   check=True)
+    subprocess.run([str(tmp_path / "ourchild"), "-c", spin], check=True)
+    time.sleep(0.3)
+    sample = sampler.stop()
+    names = dict(sample.top_others)
+    assert names.get("stranger", 0) > 0, sample
+    assert "ourchild" not in names
+    assert sample.other_cpu_s >= names["stranger"] and sample.ticks >= 3
+    assert sample.wall_s > 1.5 and sample.cpus == os.cpu_count()
 
 
 def test_sizes_and_options() -> None:
@@ -149,6 +422,13 @@ def test_sizes_and_options() -> None:
         bench_run.parse_args(["--only", "nosuchgroup"])
     with pytest.raises(SystemExit):
         bench_run.parse_args(["--size", "3M"])
+    assert (args.retries, full.retries, full.threshold) == (1, 2, 0.15)
+    assert full.workload_names == [w.name for w in bench_run.workloads.WORKLOADS]
+    assert bench_run.parse_args(["--workloads", "seqread,nbdcopy"]).workload_names == \
+        ["seqread", "nbdcopy"]
+    for bad in (["--workloads", "randread-qd7"], ["--threshold", "1.5"], ["--retries", "-1"]):
+        with pytest.raises(SystemExit):
+            bench_run.parse_args(bad)
 
 
 def test_proc_figures_of_a_live_process() -> None:
