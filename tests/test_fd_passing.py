@@ -307,6 +307,24 @@ def test_a_passed_connection_is_a_mirror_secondary(host: Host, tmp_path: Path,  
     code, _, err = host.tap_ctl("open", "-p", str(pid), "-m", str(m2), "-a",
                                 f"aio:{leaf2}", "-2", "nbd:sec-open", ok=False)
     assert code == errno.ENOENT, err
+    # A socket connected to the disk's own export (by another process, so no path in the
+    # spec says so): refused, as -2 nbd:<its own socket> is. A pause closes the
+    # secondary's connection: the unpause that keeps it needs a new socket passed under
+    # its name (the reference's fds are one use too).
+    for n, own in enumerate((f"nbd{pid}.{m0}", f"nbd-old{pid}.{m0}"), 1):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(host.run_dir / own))
+        pass_named(host, pid, b"itself", s)
+        wait_log(host, pid, "a socket kept under the name 'itself'", n)
+        host.out("pause", "-p", str(pid), "-m", str(m0))
+        code, _, err = host.tap_ctl("unpause", "-p", str(pid), "-m", str(m0), "-2",
+                                    "nbd:itself", ok=False)
+        assert code == errno.EINVAL, err
+        pass_named(host, pid, b"sec-unpause", targets[1].connect())
+        wait_log(host, pid, "a socket kept under the name 'sec-unpause'", 1 + n)
+        host.out("unpause", "-p", str(pid), "-m", str(m0))
+    qemu_io(host.nbd(pid, m0), "write -P 0x71 2M 64k", "flush")
+    assert targets[1].img.read_bytes()[2 * MiB:2 * MiB + 64 * KiB] == b"\x71" * 64 * KiB
     # The disk is served on as it was, from both secondaries.
     for minor in (m0, m1):
         st = json.loads(host.out("stats", "-p", str(pid), "-m", str(minor)))

@@ -847,15 +847,20 @@ class Tapdisk:
         mine = {i: d.path for d in leaf.chain() if d.path and (i := ident(d.path))}
         for d in sec.chain():
             paths = [d.path]
-            address = getattr(getattr(d, "client", None), "address", None)
+            client = getattr(d, "client", None)
+            address = getattr(client, "address", None)
             if getattr(address, "unix", None):
                 paths.append(address.unix)
+            # What a passed socket is connected to, as the kernel says.
+            paths.append(getattr(client, "peer_path", None))
+            exports = {ident(self.nbd_path(minor)),
+                       ident(self.run_dir.nbd_old_socket(self.pid, minor))} - {None}
             for path in paths:
                 i = ident(path) if path else None
                 if i is not None and i in mine:
                     raise BlktapError(f"secondary {spec} is {mine[i]}, of the disk's own "
                                       "chain", errno.EINVAL)
-                if i is not None and ident(self.nbd_path(minor)) == i:
+                if i is not None and i in exports:
                     raise BlktapError(f"secondary {spec} is this tapdisk's own NBD export",
                                       errno.EINVAL)
 
