@@ -1,5 +1,5 @@
-"""The ``main`` the drop-in tools share (``vhd-util``, ``cbt-util``): C stdio emulated by
-:class:`~blktap.cli.vhd_util.options.Output`, and the same clean ends.
+"""The ``main`` the drop-in tools share (``vhd-util``, ``cbt-util``, ``tap-ctl``): C stdio
+emulated by :class:`~blktap.cli.vhd_util.options.Output`, and the same clean ends.
 
 - Ctrl-C (SIGINT) exits 130; SIGTERM and SIGHUP raise
   :class:`~blktap.cli.common.Terminated` wherever the command is, so that a file being
