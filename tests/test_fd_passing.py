@@ -172,6 +172,15 @@ def test_bad_senders_are_logged_and_the_tapdisk_serves_on(host: Host,  # noqa: F
     with os.fdopen(r, "rb") as reader:
         assert reader.read() == b""  # every write end is closed: tapdisk's too
     wait_log(host, pid, f"{name}: the descriptor is not a socket")
+    # More descriptors than the receiver has room for (16): the kernel closes the rest,
+    # the receiver the ones it got (the first is a pipe: refused).
+    pipes = [os.pipe() for _ in range(20)]
+    send_fds(path, [w for _, w in pipes], b"many\0")
+    for r, w in pipes:
+        os.close(w)
+        with os.fdopen(r, "rb") as reader:
+            assert reader.read() == b""
+    wait_log(host, pid, f"{name}: more than 16 descriptors in one message")
     # A datagram socket: refused.
     da, db = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with da, db:
