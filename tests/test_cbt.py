@@ -16,6 +16,7 @@ import re
 import signal
 import struct
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,6 +113,55 @@ def test_cbt_util_coalesce_ors_the_parent_into_the_child(tmp_path: Path) -> None
     assert r.returncode == errno.EINVAL
     assert r.stderr == b"Parent bitmap larger than child bitmap,can't coalesce"
     assert parent.read_bytes() == spec_log(psize, pbits)
+
+
+# SIGTERM (or SIGHUP) half way through the log's bytes, sent by the process to itself at
+# a known point so that the test does not race the write.
+_INTERRUPTED_CREATE = """
+import os, signal, sys
+import blktap.image.cbt.log as log
+from blktap.cli import cbt_util
+real = log._write_all
+def half_then_signal(fd, data, offset):
+    half = len(data) // 2
+    real(fd, memoryview(data)[:half], offset)
+    os.kill(os.getpid(), int(sys.argv[1]))
+    real(fd, memoryview(data)[half:], offset + half)
+log._write_all = half_then_signal
+sys.exit(cbt_util.main(["cbt-util", *sys.argv[2:]]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+@pytest.mark.parametrize("existing", [True, False], ids=["replacing", "new"])
+def test_cbt_util_create_interrupted_leaves_nothing_partial(tmp_path: Path, sig: int,
+                                                            existing: bool) -> None:
+    """cbt-util shares vhd-util's main: a signal during create ends it cleanly (exit
+    128+N, 130 for Ctrl-C) and leaves the old log as it was, or no file: never half a
+    log that sm would then read as one."""
+    log = tmp_path / "a.cbtlog"
+    if existing:
+        assert cbt_util("create", "-n", str(log), "-s", str(10 * MiB)).returncode == 0
+        assert cbt_util("set", "-n", str(log), "-f", "1").returncode == 0
+        os.chmod(log, 0o640)
+        old = log.read_bytes()
+    r = run([sys.executable, "-c", _INTERRUPTED_CREATE, str(int(sig)), "create", "-n",
+             str(log), "-s", str(100 * MiB)])
+    assert r.returncode == (130 if sig == signal.SIGINT else 128 + sig), r.stderr
+    if existing:
+        assert log.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["a.cbtlog"] if existing else [])
+    # Uninterrupted, the same command replaces the log whole, keeping its permissions.
+    assert cbt_util("create", "-n", str(log), "-s", str(100 * MiB)).returncode == 0
+    assert log.read_bytes() == spec_log(100 * MiB)
+    assert (log.stat().st_mode & 0o777) == (0o640 if existing else 0o644 & ~_umask())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.cbtlog"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_cbt_util_bad_input_gives_the_references_messages_and_codes(tmp_path: Path) -> None:

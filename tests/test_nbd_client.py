@@ -134,7 +134,9 @@ def test_addresses() -> None:
     assert parse("nbds://h:7/e?tls-certificates=/c&tls-verify-peer=false") == Address(
         host="h", port=7, export="e", tls=True, tls_certificates="/c", tls_verify=False)
     assert parse("nbds+unix:///e?socket=/s") == Address(unix="/s", export="e", tls=True)
-    for bad in ("", "nodelimiter", "h:notaport", "h:0", "http://h/x", "nbd+unix:///e",
+    # A bare name: a socket another process passed to this one under that name.
+    assert parse("mirror-0") == Address(passed="mirror-0")
+    for bad in ("", "two words", "tab\there", "h:notaport", "h:0", "http://h/x", "nbd+unix:///e",
                 "nbd://h/e?socket=/s", "nbd://h/?bogus=1", "nbd://h/?tls-verify-peer=maybe"):
         with pytest.raises(UsageError):
             parse(bad)
@@ -390,6 +392,69 @@ def test_tls(kind: str, tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- reconnect
+def test_a_passed_socket_is_used_once_and_a_reconnect_waits_for_the_next(
+        tmp_path: Path) -> None:
+    """``nbd:NAME``: the socket passed under NAME (here put in the process's registry
+    directly; tests/test_fd_passing.py passes them to a tapdisk) is the connection, taken
+    once. When its server dies, requests are held until a new socket is passed under
+    the same name, then complete on it; none is lost."""
+    from blktap.nbdclient.passed import passed_sockets
+
+    img = sparse(tmp_path / "p.img")
+    sock = tmp_path / "p.sock"
+    server: dict[str, subprocess.Popen] = {}
+    chunk = 64 << 10
+
+    def start() -> None:
+        proc = subprocess.Popen(qemu_nbd_argv(img, sock), stderr=subprocess.PIPE, text=True)
+        server["p"] = proc
+        _wait_socket(sock, proc)
+
+    def pass_one() -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(sock))
+        assert passed_sockets().put("passed-disk", s) is False
+
+    async def body(engine: ThreadEngine) -> None:
+        pass_one()
+        drv = await open_driver(engine, "passed-disk", timeout=GUARD)
+        assert "passed-disk" not in passed_sockets().names()  # taken
+        with pytest.raises(NbdClientError) as exc:  # once
+            await open_driver(engine, "passed-disk")
+        assert exc.value.errno == errno.ENOENT
+        await drv.write(0, [memoryview(pattern(0, chunk))])
+        server["p"].kill()
+        server["p"].wait()
+        os.unlink(sock)
+        held = [asyncio.ensure_future(drv.write(i * chunk, [memoryview(pattern(i, chunk))]))
+                for i in range(1, 9)]
+        await asyncio.sleep(0.5)
+        assert not [t for t in held if t.done()], "requests failed without a connection"
+        await engine.call(start)
+        await asyncio.sleep(0.3)
+        assert not [t for t in held if t.done()], "it reconnected without a passed socket"
+        pass_one()
+        await asyncio.gather(*held)
+        await drv.flush()
+        back = bytearray(chunk)
+        for i in range(9):
+            await drv.read(i * chunk, [memoryview(back)])
+            assert back == pattern(i, chunk), i
+        assert drv.client.reconnects == 1
+        await drv.close()
+
+    start()
+    try:
+        drive(body)
+    finally:
+        passed_sockets().close_all()
+        server["p"].kill()
+        server["p"].wait()
+    data = img.read_bytes()
+    for i in range(9):
+        assert data[i * chunk:(i + 1) * chunk] == pattern(i, chunk)
+
+
 def test_server_killed_and_restarted_mid_io(tmp_path: Path) -> None:
     """Requests in flight when the server dies, and requests made while it is down, are
     held (not failed) and complete once it is back; none is lost."""
@@ -742,8 +807,11 @@ def test_open_stack_refuses_a_key_and_unknown_specs(tmp_path: Path) -> None:
             await engine.call(open_stack, engine, "nbd:/x/y.sock", writable=False,
                               key=b"k" * 32)
         assert exc.value.errno == errno.EINVAL
-        with pytest.raises(UsageError):
+        # A bare word names a passed socket; none was passed under it.
+        with pytest.raises(BlktapError) as exc:
             await engine.call(open_stack, engine, "nbd:justaword", writable=False)
+        assert exc.value.errno == errno.ENOENT
+        assert "no socket was passed under that name" in str(exc.value)
     drive(body)
 
 

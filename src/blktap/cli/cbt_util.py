@@ -13,6 +13,7 @@ import errno
 import sys
 import uuid
 
+from blktap.cli.legacy import legacy_main
 from blktap.cli.vhd_util.options import Output, getopt, strtol, strtoull
 from blktap.errors import BlktapError
 from blktap.image import cbt
@@ -162,18 +163,8 @@ def run(argv: list[str], out: Output) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    out = Output()
-    try:
-        code = run(sys.argv if argv is None else argv, out)
-    except BrokenPipeError:
-        code = errno.EPIPE
-    finally:
-        try:
-            out.close()
-        except BrokenPipeError:
-            pass
-    return code
-
+    # The reference's cbt-util takes --version for a command it does not know.
+    return legacy_main("cbt-util", run, argv, version=False)
 
 if __name__ == "__main__":
     sys.exit(main())

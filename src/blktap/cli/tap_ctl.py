@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
-from blktap.cli.common import print_version_if_asked
+from blktap.cli.legacy import legacy_main
 from blktap.cli.vhd_util.options import Output, getopt, strtol
 from blktap.control.client import ListIncomplete, TapCtl, TapEntry, read_key
 from blktap.control.message import Flag
@@ -502,21 +502,20 @@ def run(argv: list[str]) -> tuple[int, bytes]:
     return code, bytes(cli.out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    if print_version_if_asked("tap-ctl", sys.argv[1:] if argv is None else argv):
-        return 0
+def _run_and_print(argv: list[str], out: Output) -> int:
+    code, data = run(argv[1:])
     try:
-        code, out = run(list(sys.argv[1:] if argv is None else argv))
-    except KeyboardInterrupt:
-        return 130
-    try:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(out)
-        sys.stdout.buffer.flush()
+        out.raw(data)
     except BrokenPipeError:
         pass  # the reference ignores SIGPIPE: output to a closed pipe is lost quietly
     return code
 
+
+def main(argv: list[str] | None = None) -> int:
+    # SIGTERM raises, so that an interrupted create undoes its steps (frees the minor,
+    # stops the tapdisk it spawned) as a failed one does.
+    return legacy_main("tap-ctl", _run_and_print,
+                       None if argv is None else ["tap-ctl", *argv])
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,10 +4,14 @@ Layout, as the reference tap-ctl and tapdisk use it (``/run/blktap-control`` unl
 environment variable ``BLKTAP_CONTROL_DIR`` names another directory)::
 
     <dir>/ctl<pid>               a tapdisk's control socket (pid = the tapdisk's id)
-    <dir>/nbdclient<pid>         a tapdisk's NBD-client fd receiver
+    <dir>/nbdclient<pid>         a tapdisk's NBD-client fd receiver: connected sockets
+                                 handed over by name, for ``nbd:NAME``
     <dir>/nbd<pid>.<minor>       the NBD export of one VBD
     <dir>/nbd-old<pid>.<minor>   the same export again (the reference's "old" server's
                                  socket, which XenServer tools look for)
+    <dir>/nbdserver-new<pid>.<minor>  fd-passing: a connected socket handed over gets
+                                 the export with the fixed newstyle handshake
+    <dir>/nbdserver<pid>.<minor> fd-passing: the same with the oldstyle handshake
     <dir>/tapdisk/tapdisk-<N>    the marker of minor N (0 <= N < 16384)
 
 Since the kernel blktap driver is gone, a "minor" is nothing but the number of a marker
@@ -134,6 +138,14 @@ class RunDir:
 
     def nbd_old_socket(self, pid: int, minor: int) -> str:
         return os.path.join(self.path, f"nbd-old{pid}.{minor}")
+
+    def nbd_fd_socket(self, pid: int, minor: int) -> str:
+        """The fd-passing socket whose connections get the fixed newstyle handshake."""
+        return os.path.join(self.path, f"nbdserver-new{pid}.{minor}")
+
+    def nbd_fd_oldstyle_socket(self, pid: int, minor: int) -> str:
+        """The fd-passing socket whose connections get the oldstyle handshake."""
+        return os.path.join(self.path, f"nbdserver{pid}.{minor}")
 
     def marker_path(self, minor: int) -> str:
         _check_minor(minor)

@@ -7,6 +7,12 @@ As the reference tapdisk (``blktap-reference.md`` §2): it listens on ``<dir>/ct
 vhost-user-blk device for a KVM/QEMU guest at ``<dir>/vhost<pid>.<minor>``), and exits by
 itself once its last VBD is detached.
 
+As the reference, it also takes connected sockets other processes hand over
+(:mod:`blktap.transport.fdreceiver`): on ``<dir>/nbdserver-new<pid>.<minor>`` and
+``<dir>/nbdserver<pid>.<minor>`` a client of the VBD's export (fixed newstyle, oldstyle
+handshake), on ``<dir>/nbdclient<pid>`` a connection to an NBD server kept under a name
+for ``nbd:NAME`` (a secondary, ``-2 nbd:NAME``; :mod:`blktap.nbdclient.passed`).
+
 A minor's life, driven by ``tap-ctl``::
 
     ATTACH ──► attached ──OPEN──► open (state 0) ──PAUSE──► paused (0x2a)
@@ -50,6 +56,7 @@ from blktap.control.message import Flag, Message, MessageType
 from blktap.control.rundir import MinorHold, RunDir
 from blktap.errors import BlktapError, CbtLogError, ControlProtocolError, DriverError
 from blktap.io import ThreadEngine, best_engine
+from blktap.nbdclient.passed import passed_sockets
 from blktap.tapdisk.driver import SECTOR, Driver
 from blktap.tapdisk.drivers import open_stack, require_type
 from blktap.tapdisk.drivers.caches import add_caches
@@ -60,6 +67,7 @@ from blktap.tapdisk.mirror import MirrorDriver, MirrorState, Mode, Phase, RangeS
 from blktap.tapdisk.ratelimit import Limits
 from blktap.tapdisk.stats import format_stats
 from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD, VbdState
+from blktap.transport.fdreceiver import FdReceiver, Refused
 from blktap.transport.nbd import Export, NbdServer
 from blktap.transport.vhost_user import BlkOptions, VhostUserServer, default_serial
 from blktap.transport.xen import BlkifRing, HostDevices, XenDevices
@@ -172,6 +180,7 @@ class Tapdisk:
         self._queued = 0  # exclusive requests waiting for or holding the lock
         self._ctl: socket.socket | None = None
         self._ctl_task: asyncio.Task | None = None
+        self._fd_client: FdReceiver | None = None  # nbdclient<pid>
         self._clients: set[asyncio.Task] = set()
         # The connections still reading their request, oldest first (dicts keep order).
         self._waiting: dict[asyncio.Task, None] = {}
@@ -217,7 +226,32 @@ class Tapdisk:
         sock.setblocking(False)
         self._ctl = sock
         self._ctl_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._start_fd_client()
         return path
+
+    def _start_fd_client(self) -> None:
+        """``nbdclient<pid>``: sockets handed over for ``nbd:NAME``. Not being able to
+        offer it is logged, not fatal (the reference goes on without it too)."""
+        receiver = FdReceiver(self.run_dir.nbd_client_socket(self.pid), self._passed_socket)
+        old = os.umask(0o177)
+        try:
+            receiver.listen()
+        except (OSError, BlktapError) as exc:
+            log.error("cannot offer %s: %s", receiver.path, exc)
+            return
+        finally:
+            os.umask(old)
+        self._fd_client = receiver
+
+    @staticmethod
+    def _passed_socket(sock: socket.socket, payload: bytes) -> None:
+        try:
+            name = payload.decode()
+        except UnicodeDecodeError:
+            raise Refused(f"the name {payload!r} is not UTF-8") from None
+        replaced = passed_sockets().put(name, sock)
+        log.info("nbdclient: a socket kept under the name %r%s", name,
+                 " (the one passed before under it closed)" if replaced else "")
 
     async def _accept_loop(self) -> None:
         """Accept every connection at once; none is left in the backlog."""
@@ -539,9 +573,12 @@ class Tapdisk:
                 server.listen_unix(path)
                 # The reference listens on a second direct socket, its "old" server's
                 # (newstyle-fixed too on a direct connection): the same export here.
-                # Its two fd-passing sockets (nbdserver*, for descriptors handed over
-                # by another process) are not offered.
                 server.listen_unix(self.run_dir.nbd_old_socket(self.pid, minor))
+                # And on two fd-passing sockets: a connected socket handed over gets the
+                # fixed newstyle handshake on one, the oldstyle one on the other.
+                server.listen_fd_passing(self.run_dir.nbd_fd_socket(self.pid, minor))
+                server.listen_fd_passing(self.run_dir.nbd_fd_oldstyle_socket(self.pid, minor),
+                                         old=True)
             finally:
                 os.umask(old)
         except BaseException:
@@ -810,15 +847,20 @@ class Tapdisk:
         mine = {i: d.path for d in leaf.chain() if d.path and (i := ident(d.path))}
         for d in sec.chain():
             paths = [d.path]
-            address = getattr(getattr(d, "client", None), "address", None)
+            client = getattr(d, "client", None)
+            address = getattr(client, "address", None)
             if getattr(address, "unix", None):
                 paths.append(address.unix)
+            # What a passed socket is connected to, as the kernel says.
+            paths.append(getattr(client, "peer_path", None))
+            exports = {ident(self.nbd_path(minor)),
+                       ident(self.run_dir.nbd_old_socket(self.pid, minor))} - {None}
             for path in paths:
                 i = ident(path) if path else None
                 if i is not None and i in mine:
                     raise BlktapError(f"secondary {spec} is {mine[i]}, of the disk's own "
                                       "chain", errno.EINVAL)
-                if i is not None and ident(self.nbd_path(minor)) == i:
+                if i is not None and i in exports:
                     raise BlktapError(f"secondary {spec} is this tapdisk's own NBD export",
                                       errno.EINVAL)
 
@@ -897,6 +939,9 @@ class Tapdisk:
                 os.unlink(self.control_path)
             except OSError:
                 pass
+        if self._fd_client is not None:
+            await self._fd_client.stop()
+            self._fd_client = None
         for task in list(self._clients):
             task.cancel()
         for minor in sorted(self.slots):
@@ -914,6 +959,7 @@ class Tapdisk:
                 await self.detach(minor)
             except (OSError, BlktapError) as exc:
                 log.error("detaching minor %d: %s", minor, exc)
+        passed_sockets().close_all()
         self.engine.close()
 
     async def run(self) -> None:

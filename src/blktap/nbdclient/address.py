@@ -3,7 +3,10 @@
 - ``/path/to/socket`` (any name with a ``/``): a UNIX socket, default export;
 - ``host:port`` or ``[v6addr]:port``: TCP, default export;
 - ``nbd://host[:port][/export]``, ``nbds://...`` (TLS): TCP (port 10809 by default);
-- ``nbd+unix:///export?socket=PATH``, ``nbds+unix:///export?socket=PATH``: a UNIX socket.
+- ``nbd+unix:///export?socket=PATH``, ``nbds+unix:///export?socket=PATH``: a UNIX socket;
+- ``NAME`` (neither a ``/`` nor a ``:``): a connected socket another process handed to
+  this one under that name (:mod:`blktap.nbdclient.passed`), default export. It is taken
+  when the driver connects: a reconnect waits for a new one passed under the same name.
 
 URI query parameters, as libnbd names them: ``socket`` (the UNIX socket),
 ``tls-certificates=DIR`` (a directory in the layout qemu and nbdkit use: ``ca-cert.pem``
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from blktap.errors import NbdClientError, UsageError
+from blktap.nbdclient.passed import check_name
 
 DEFAULT_PORT = 10809
 SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
@@ -38,8 +42,11 @@ class Address:
     tls_certificates: str | None = None
     tls_verify: bool = True
     tls_hostname: str | None = None
+    passed: str | None = None  # the name of a socket handed over (nbdclient<pid>)
 
     def __str__(self) -> str:
+        if self.passed is not None:
+            return f"passed socket {self.passed!r}"
         where = self.unix if self.unix is not None else f"{self.host}:{self.port}"
         name = f" export {self.export!r}" if self.export else ""
         return f"{where}{name}{' (TLS)' if self.tls else ''}"
@@ -152,8 +159,11 @@ def parse(spec: str) -> Address:
     if ":" in spec:
         host, port = _split_host_port(spec, spec)
         return Address(host=host, port=port)
-    raise UsageError(f"nbd:{spec}: not a socket path (with a '/'), host:port or "
-                     f"nbd:// URI")
+    why = check_name(spec)
+    if why is not None:
+        raise UsageError(f"nbd:{spec}: not a socket path (with a '/'), host:port, "
+                         f"nbd:// URI or the name of a passed socket ({why})")
+    return Address(passed=spec)
 
 
 __all__ = ["DEFAULT_PORT", "SCHEMES", "Address", "parse"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -285,6 +286,16 @@ def _forget(fut: asyncio.Future) -> None:
         fut.cancel()
 
 
+def _peer_path(sock: socket.socket) -> str | None:
+    if sock.family != socket.AF_UNIX:
+        return None
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return None
+    return name if isinstance(name, str) and name.startswith("/") else None
+
+
 class NbdClient:
     """An NBD client for one export; opened by :meth:`connect` (blocking), used from the
     event loop."""
@@ -293,6 +304,9 @@ class NbdClient:
                  timeout: float = DEFAULT_TIMEOUT, writable: bool = True) -> None:
         self.address = address
         self.session = session  # the first one: size and flags stay as they were
+        # The path of the UNIX socket the server listens on, as the kernel says (for a
+        # passed socket too: what it was connected to); None for TCP or a socketpair.
+        self.peer_path = _peer_path(session.sock)
         self.engine = engine
         self.timeout = timeout
         self.writable = writable

@@ -5,7 +5,8 @@ Fixed newstyle first: STARTTLS when the address asks for TLS (and never sends an
 in clear text after that), STRUCTURED_REPLY, SET_META_CONTEXT ``base:allocation``, then
 GO with the block-size info; a server that does not know GO gets EXPORT_NAME. Plain
 newstyle (not fixed) gets EXPORT_NAME only; oldstyle is accepted (no export name, no
-options, no TLS). Everything the server says is bounded and checked: a reply that breaks
+options, no TLS). A passed socket (``nbd:NAME``) is taken from this process's registry
+instead of connecting. Everything the server says is bounded and checked: a reply that breaks
 the protocol is EPROTO, not a hang or a huge allocation.
 """
 
@@ -19,13 +20,13 @@ from dataclasses import dataclass, field
 
 from blktap.errors import NbdClientError
 from blktap.nbdclient.address import Address
+from blktap.nbdclient.passed import passed_sockets
 from blktap.transport.nbd import proto as p
 
 CONNECT_TIMEOUT = 10.0
 # Option replies longer than this are not something a negotiation needs.
 MAX_OPTION_REPLY = 64 << 10
 MAX_REPLIES_PER_OPTION = 256
-OLDSTYLE_MAGIC = 0x00420281861253
 OLDSTYLE_REST = struct.Struct(">QI124x")  # size, flags (global << 16 | transmission)
 MAGIC_PAIR = struct.Struct(">QQ")
 HFLAGS = struct.Struct(">H")
@@ -131,6 +132,15 @@ class _Negotiator:
 
 
 def _connect(address: Address, timeout: float) -> socket.socket:
+    if address.passed is not None:
+        sock = passed_sockets().take(address.passed)
+        if sock is None:  # ENOENT: a reconnect waits for one passed under that name
+            raise _fail(address, "no socket was passed under that name (or it was used "
+                        "already)", errno.ENOENT)
+        sock.settimeout(timeout)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
     try:
         if address.unix is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -161,7 +171,7 @@ def _negotiate(n: _Negotiator, address: Address) -> Session:
     magic, second = MAGIC_PAIR.unpack(n.recv(MAGIC_PAIR.size))
     if magic != p.NBDMAGIC:
         raise _fail(address, f"not an NBD server (magic {magic:#x})", errno.EPROTO)
-    if second == OLDSTYLE_MAGIC:
+    if second == p.OLDSTYLE_MAGIC:
         size, flags = OLDSTYLE_REST.unpack(n.recv(OLDSTYLE_REST.size))
         if address.tls:
             raise _fail(address, "an oldstyle server cannot do TLS", errno.EPROTO)

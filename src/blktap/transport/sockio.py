@@ -17,14 +17,18 @@ about to wait for more requests leave before it waits, not a turn of the loop la
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import select
 import socket
 import ssl
+import stat
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from blktap.errors import BlktapError
 from blktap.io.iov import IOV_MAX, advance
 
 log = logging.getLogger("blktap.transport")
@@ -457,3 +461,31 @@ class Channel:
             self.sock.close()
         except OSError:
             pass
+
+
+def unix_listener(path: str, backlog: int = 128) -> socket.socket:
+    """A listening UNIX stream socket at ``path``: a stale socket file (nobody listens)
+    is replaced; a live one (EADDRINUSE) or anything else there (EEXIST) is refused."""
+    if os.path.lexists(path):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise BlktapError(f"{path}: exists and is not a socket", errno.EEXIST)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: a leftover of a killed server
+        else:
+            raise BlktapError(f"{path}: another server is listening there",
+                              errno.EADDRINUSE)
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BlktapError(f"{path}: {os.strerror(exc.errno or errno.EIO)}",
+                          exc.errno or errno.EIO) from None
+    return sock

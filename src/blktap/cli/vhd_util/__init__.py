@@ -11,7 +11,6 @@ import os
 import sys
 from collections.abc import Callable
 
-from blktap.cli.common import Terminated, print_version_if_asked, sigterm_raises
 from blktap.cli.vhd_util.options import Exit, Output, Usage
 from blktap.errors import BlktapError
 
@@ -73,25 +72,9 @@ def run(argv: list[str], out: Output) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if print_version_if_asked("vhd-util", (sys.argv if argv is None else argv)[1:]):
-        return 0
-    out = Output()
-    try:
-        with sigterm_raises():  # so that a file being built is discarded, as on Ctrl-C
-            code = run(sys.argv if argv is None else argv, out)
-    except KeyboardInterrupt:
-        code = 130
-    except Terminated as exc:
-        code = exc.exit_code
-    except BrokenPipeError:
-        code = 32
-    finally:
-        try:
-            out.close()
-        except BrokenPipeError:
-            pass
-    return code
+    from blktap.cli.legacy import legacy_main  # (it imports this package's options)
 
+    return legacy_main("vhd-util", run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

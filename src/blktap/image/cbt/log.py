@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import uuid
 
-from blktap.errors import CbtLogError
+from blktap.errors import CbtLogError, FormatError
 from blktap.image.cbt.structs import HEADER_SIZE, MAX_SIZE, LogHeader, bitmap_size
+from blktap.image.fileio import staged_path
 from blktap.io.threads import read_full
 
 
@@ -88,17 +90,49 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
 def create(path: str, size: int) -> LogHeader:
     """A new log (replacing a file of that name, as the reference's ``w+``): nil uuids,
     not consistent, every block clean. The bitmap's zeros are written, not left as a
-    hole, so that marking blocks later never needs space the file system may not have."""
+    hole, so that marking blocks later never needs space the file system may not have.
+
+    A log that is a file is built aside and renamed into place (keeping the old file's
+    permissions): interrupted, or failing, it leaves the old log or none, never a part
+    of one. A log that is a block device (a logical volume, as on LVM storage) is
+    written in place: it cannot be replaced."""
     if size <= 0 or size > MAX_SIZE:
         raise CbtLogError(f"{path}: disk size {size} out of range", errno.EINVAL)
     header = LogHeader(size=size)
-    fd = _open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    data = header.pack() + bytes(header.bitmap_size)
+    target = os.path.realpath(path)
     try:
-        _write_all(fd, header.pack() + bytes(header.bitmap_size), 0)
+        st: os.stat_result | None = os.stat(target)
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        _write_new(path, path, data, os.O_RDWR | os.O_TRUNC, None)
+        return header
+    try:
+        with staged_path(target, replace=True) as stage:
+            _write_new(path, stage, data, os.O_RDWR,
+                       stat.S_IMODE(st.st_mode) if st is not None else None)
+    except CbtLogError:
+        raise
+    except FormatError as exc:  # the folder cannot take a new file
+        raise CbtLogError(f"Failed to open log file {path}. {os.strerror(exc.errno)}",
+                          exc.errno) from None
+    return header
+
+
+def _write_new(path: str, where: str, data: bytes, flags: int, mode: int | None) -> None:
+    try:
+        fd = os.open(where, flags | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CbtLogError(f"Failed to open log file {path}. {os.strerror(exc.errno)}",
+                          exc.errno) from None
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        _write_all(fd, data, 0)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return header
 
 
 def grow_fd(fd: int, header: LogHeader, new_size: int, path: str) -> LogHeader:

@@ -1,4 +1,5 @@
-"""The fixed newstyle handshake: option haggling until the client picks the export.
+"""The handshakes: fixed newstyle (option haggling until the client picks the export),
+and oldstyle (:func:`oldstyle`, for a connection handed over on an fd-passing socket).
 
 With a TLS context the server runs in FORCEDTLS mode: every option but STARTTLS and
 ABORT is answered ERR_TLS_REQD until TLS is up, and EXPORT_NAME before that drops the
@@ -270,3 +271,16 @@ class Negotiation:
                 await self.reply(option, p.REP_META_CONTEXT,
                                  struct.pack(">I", ctx_id) + ctx.encode())
         await self.reply(option, p.REP_ACK)
+
+
+async def oldstyle(ch: Channel, export: Export, tls: ssl.SSLContext | None) -> Session:
+    """The oldstyle handshake: the server says everything (size, transmission flags) in
+    one message, and transmission starts at once with simple replies only (no options:
+    no structured replies, no metadata contexts, no TLS, no export name). A server that
+    requires TLS drops the client instead."""
+    if tls is not None:
+        raise Dropped("the oldstyle handshake cannot do TLS, which this server requires")
+    flags = transmission_flags(export, structured=False)
+    await ch.send([p.OLDSTYLE_HELLO.pack(p.NBDMAGIC, p.OLDSTYLE_MAGIC, export.vbd.size,
+                                         flags)])
+    return Session(export)

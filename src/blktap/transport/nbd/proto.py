@@ -10,6 +10,7 @@ import struct
 
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+OLDSTYLE_MAGIC = 0x00420281861253  # the oldstyle handshake's second magic (cliserv_magic)
 OPT_REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
@@ -130,6 +131,9 @@ def nbd_error(code: int) -> int:
 
 # Wire structures.
 HELLO = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
+# The whole oldstyle handshake: NBDMAGIC, OLDSTYLE_MAGIC, size, flags (global flags, none
+# in oldstyle, in the high 16 bits; transmission flags in the low 16), 124 zero bytes.
+OLDSTYLE_HELLO = struct.Struct(">QQQI124x")
 CLIENT_FLAGS = struct.Struct(">I")
 OPTION = struct.Struct(">QII")  # IHAVEOPT, option, length
 OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length

@@ -1,7 +1,9 @@
 """Listeners and connections of the NBD server.
 
 One :class:`NbdServer` serves one :class:`Export` (a VBD under a name) on any number of
-UNIX-socket and TCP listeners. Each accepted client gets its own task: handshake (with a
+UNIX-socket and TCP listeners, and on fd-passing sockets (:meth:`NbdServer.listen_fd_passing`:
+another process hands over a connected socket, which gets the fixed newstyle or the
+oldstyle handshake). Each client gets its own task: handshake (with a
 time limit), then transmission. A client that misbehaves is dropped alone; the others
 and the listeners carry on. :meth:`NbdServer.stop` stops accepting, lets every request
 in flight finish and closes the connections (the VBD is the caller's to close).
@@ -20,14 +22,14 @@ import logging
 import os
 import socket
 import ssl
-import stat
 
 from blktap.errors import BlktapError
 from blktap.io.buffers import BufferPool, default_pool
+from blktap.transport.fdreceiver import FdReceiver, Refused
 from blktap.transport.nbd.connection import Connection
 from blktap.transport.nbd.export import Export
-from blktap.transport.nbd.handshake import Dropped, Negotiation
-from blktap.transport.sockio import Channel, Closed
+from blktap.transport.nbd.handshake import Dropped, Negotiation, oldstyle
+from blktap.transport.sockio import Channel, Closed, unix_listener
 
 log = logging.getLogger("blktap.nbd")
 # Bytes a UNIX-socket client may have unread before our sendmsg stops short (Linux caps it
@@ -74,34 +76,16 @@ class NbdServer:
         self._clients: set[asyncio.Task] = set()
         self._channels: set[Channel] = set()
         self._connections: set[Connection] = set()
+        self._receivers: list[FdReceiver] = []
         self._stopping = False
         self.accepted = 0
+        self.passed = 0  # connections handed over on fd-passing sockets
 
     # ------------------------------------------------------------------ listeners
     def listen_unix(self, path: str) -> str:
         """Listen on a UNIX socket at ``path`` (a stale socket file is replaced, anything
         else there is refused)."""
-        if os.path.lexists(path):
-            st = os.lstat(path)
-            if not stat.S_ISSOCK(st.st_mode):
-                raise BlktapError(f"{path}: exists and is not a socket", errno.EEXIST)
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # nobody listens: a leftover of a killed server
-            else:
-                raise BlktapError(f"{path}: another server is listening there",
-                                  errno.EADDRINUSE)
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-            sock.listen(128)
-        except OSError as exc:
-            sock.close()
-            raise BlktapError(f"{path}: {os.strerror(exc.errno)}", exc.errno) from None
+        sock = unix_listener(path)
         self._add_listener(sock, path)
         return path
 
@@ -144,28 +128,58 @@ class NbdServer:
                 conn.close()
                 continue
             if conn.family in (socket.AF_INET, socket.AF_INET6):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 peer = f"{addr[0]}:{addr[1]}"
             else:
                 peer = f"unix#{self.accepted}"
-                try:
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
-                except OSError:
-                    pass  # the default then; it works, only slower for large reads
             self.accepted += 1
-            task = self.loop.create_task(self._client(conn, peer))
-            self._clients.add(task)
-            task.add_done_callback(self._clients.discard)
+            self._start_client(conn, peer)
+
+    def _start_client(self, conn: socket.socket, peer: str, *, old: bool = False) -> None:
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        elif conn.family == socket.AF_UNIX:
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
+            except OSError:
+                pass  # the default then; it works, only slower for large reads
+        task = self.loop.create_task(self._client(conn, peer, old=old))
+        self._clients.add(task)
+        task.add_done_callback(self._clients.discard)
+
+    # ------------------------------------------------------------------ fd passing
+    def listen_fd_passing(self, path: str, *, old: bool = False) -> str:
+        """Take connections another process hands over on the fd-passing socket at
+        ``path`` (:mod:`blktap.transport.fdreceiver`; the message's text is logged):
+        each gets the fixed newstyle handshake, or with ``old`` the oldstyle one (as
+        the reference's ``nbdserver-new`` and ``nbdserver`` sockets)."""
+        receiver = FdReceiver(path, lambda sock, _payload: self.adopt(sock, old=old))
+        receiver.listen()
+        self._receivers.append(receiver)
+        return path
+
+    def adopt(self, sock: socket.socket, *, old: bool = False) -> None:
+        """Serve a connected socket as a client (the server owns it from now on);
+        Refused (the socket closed) while stopping or full."""
+        if self._stopping or len(self._clients) >= self.max_connections:
+            sock.close()
+            raise Refused("the server is stopping" if self._stopping else
+                          f"the server has {self.max_connections} clients already")
+        peer = f"passed#{self.passed}{' (oldstyle)' if old else ''}"
+        self.passed += 1
+        self._start_client(sock, peer, old=old)
 
     # ------------------------------------------------------------------ clients
-    async def _client(self, sock: socket.socket, peer: str) -> None:
+    async def _client(self, sock: socket.socket, peer: str, *, old: bool = False) -> None:
         ch = Channel(sock, self.loop)
         self._channels.add(ch)
         try:
             try:
                 # asyncio.timeout, not wait_for, which on 3.11 can lose a cancellation
                 async with asyncio.timeout(self.handshake_timeout):
-                    session = await Negotiation(ch, self.export, self.tls).run()
+                    if old:
+                        session = await oldstyle(ch, self.export, self.tls)
+                    else:
+                        session = await Negotiation(ch, self.export, self.tls).run()
             except (TimeoutError, Closed):
                 return
             except Dropped as exc:
@@ -208,6 +222,9 @@ class NbdServer:
                 except OSError:
                     pass
         self._listeners.clear()
+        receivers, self._receivers = self._receivers, []
+        for receiver in receivers:
+            await receiver.stop()
         # Clients still negotiating are dropped; connected ones stop reading, and the
         # requests they have in flight complete and are answered before they close.
         serving = {conn.ch for conn in self._connections}
