@@ -108,6 +108,19 @@ class RbdSpec:
         at = f"@{self.snap}" if self.snap else ""
         return f"{self.pool}/{ns}{self.image}{at}"
 
+    def text(self) -> str:
+        """The whole spec, ``rbd:`` first, quoted so that :func:`parse_spec` gives it
+        back (what a VHD's locator stores)."""
+        parts = [_quote(p) for p in (self.pool, self.namespace, self.image) if p]
+        out = "rbd:" + "/".join(parts) + (f"@{_quote(self.snap)}" if self.snap else "")
+        pairs = ([("conf", self.conf)] if self.conf else []) + \
+            ([("id", self.user)] if self.user else []) + list(self.options.items())
+        return out + "".join(f":{_quote(k, ':=')}={_quote(v, ':')}" for k, v in pairs)
+
+
+def _quote(text: str, special: str = ":@/") -> str:
+    return "".join("\\" + c if c in special or c == "\\" else c for c in text)
+
 
 def _split_unquoted(text: str, sep: str) -> list[str]:
     """Split on ``sep`` where it is not quoted by a backslash; quotes stay in place."""
