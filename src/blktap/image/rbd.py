@@ -301,19 +301,7 @@ class RbdImage:
 
         self.image.diff_iterate(offset, end - offset, None, seen, include_parent=True,
                                 whole_object=self.fast_diff)
-        runs: list[tuple[int, int, bool]] = []
-        pos = offset
-        for a, b in sorted(found):
-            if b <= pos:
-                continue
-            a = max(a, pos)
-            if a > pos:
-                runs.append((pos, a - pos, False))
-            runs.append((a, b - a, True))
-            pos = b
-        if pos < end:
-            runs.append((pos, end - pos, False))
-        return runs
+        return data_runs_from(found, offset, end)
 
     def allocated_bytes(self) -> int:
         """Bytes in objects that exist (whole objects with fast-diff)."""
@@ -360,6 +348,25 @@ class RbdImage:
 
     def __repr__(self) -> str:
         return f"<RbdImage {self.path} size={self.size}>"
+
+
+def data_runs_from(found: list[tuple[int, int]], offset: int, end: int
+                   ) -> list[tuple[int, int, bool]]:
+    """Runs (offset, length, holds data) covering [offset, end) from the (start, stop)
+    extents diff_iterate found holding data (any order, overlaps allowed)."""
+    runs: list[tuple[int, int, bool]] = []
+    pos = offset
+    for a, b in sorted(found):
+        if b <= pos:
+            continue
+        a = max(a, pos)
+        if a > pos:
+            runs.append((pos, a - pos, False))
+        runs.append((a, b - a, True))
+        pos = b
+    if pos < end:
+        runs.append((pos, end - pos, False))
+    return runs
 
 
 @contextmanager

@@ -35,7 +35,9 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from blktap.image.rbd import RbdImage
+from blktap.image import rbd_c
+from blktap.image.rbd import RbdImage, data_runs_from
+from blktap.image.rbd_c import CImage
 from blktap.io.engine import Engine
 from blktap.io.iov import copy_into, total
 from blktap.tapdisk.driver import (
@@ -50,6 +52,8 @@ from blktap.tapdisk.driver import (
 )
 
 DEFAULT_MAX_INFLIGHT = 64
+# "bindings" keeps requests on the Python bindings' aio calls (the C path's fallback).
+ENV_IO = "BLKTAP_RBD_IO"
 # Objects diff_iterate looks at per block-status answer when there is no object map.
 STATUS_OBJECTS = 64
 # Errors the cluster gives for a request it may take later: retried by the VBD.
@@ -81,6 +85,14 @@ class RbdDriver(Driver):
             collections.deque()
         self._wake_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop serving us
+        # librbd's C calls (rbd_c), when they load: requests by completion, completions
+        # signalled on an eventfd the loop watches. The bindings' handle is closed.
+        self.c: CImage | None = None
+        self._pending: dict[int, tuple[asyncio.Future, Any]] = {}  # by completion
+        self._watching: asyncio.AbstractEventLoop | None = None
+        if os.environ.get(ENV_IO, "c") != "bindings" and rbd_c.load() is not None:
+            self.c = CImage(image.spec, image.writable)
+            image.close()
 
     @classmethod
     def open(cls, engine: Engine, spec: str, *, writable: bool,
@@ -169,9 +181,66 @@ class RbdDriver(Driver):
             else:
                 fut.set_result(data)
 
+    # ------------------------------------------------------------------ the C path
+    async def _c_call(self, what: str, issue: Callable[..., int], *args: Any,
+                      keep: Any = None) -> int:
+        """Issue one request through librbd's C calls (``issue(*args)`` returns its
+        completion) and wait for its return value (:meth:`_c_events` settles it).
+        ``keep`` holds what librbd reads or fills (pinned buffers) until the request
+        is over, even for a caller that gave up waiting."""
+        if self.inflight < self.max_inflight and not self._slot_waiters:
+            self.inflight += 1
+        else:
+            await self._take()
+        loop = asyncio.get_running_loop()
+        if self._watching is not loop:
+            assert self.c is not None
+            loop.add_reader(self.c.eventfd, self._c_events)
+            self._watching = loop
+        try:
+            comp = issue(*args)
+        except OSError as exc:  # refused before queueing
+            self._give_back()
+            raise OSError(exc.errno, f"{self.path}: {what}: {exc.strerror}") from None
+        fut = loop.create_future()
+        self._pending[comp] = (fut, keep)
+        try:
+            return await fut
+        except OSError as exc:
+            code = TRANSIENT.get(exc.errno, exc.errno)
+            raise OSError(code, f"{self.path}: {what}: {exc.strerror}") from None
+
+    def _c_events(self) -> None:
+        """The eventfd is readable: settle every request librbd has finished."""
+        assert self.c is not None
+        pending = self._pending
+        for comp, ret in self.c.poll():
+            entry = pending.pop(comp, None)
+            if entry is None:
+                continue
+            fut = entry[0]
+            self._give_back()
+            if fut.done():  # the caller gave up (cancelled): nothing to deliver
+                continue
+            if ret < 0:
+                fut.set_exception(OSError(-ret, os.strerror(-ret)))
+            else:
+                fut.set_result(ret)
+
     # ------------------------------------------------------------------ operations
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
         length = total(iov)
+        if self.c is not None:  # straight into the caller's buffers
+            if len(iov) == 1:
+                pinned = CImage.pin(iov[0])
+                got = await self._c_call("read", self.c.read, offset, pinned, keep=pinned)
+            else:
+                vec, keep = CImage.iovec(iov)
+                got = await self._c_call("read", self.c.readv, offset, vec, keep=keep)
+            if got != length:
+                raise OSError(errno.EIO, f"{self.path}: short read ({got} of {length} "
+                              f"bytes at {offset})")
+            return
         data = await self._aio("read", self.rbd.aio_read, offset, length)
         if len(data) != length:
             raise OSError(errno.EIO, f"{self.path}: short read ({len(data)} of {length} "
@@ -183,18 +252,35 @@ class RbdDriver(Driver):
 
     async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
         self._require_writable()
+        if self.c is not None:  # straight from the caller's buffers
+            if any(view.readonly for view in iov):  # (ctypes pins writable ones only)
+                iov = [memoryview(bytearray(b"".join(iov)))]
+            if len(iov) == 1:
+                pinned = CImage.pin(iov[0])
+                await self._c_call("write", self.c.write, offset, pinned, keep=pinned)
+            else:
+                vec, keep = CImage.iovec(iov)
+                await self._c_call("write", self.c.writev, offset, vec, keep=keep)
+            if fua:
+                await self.flush()
+            return
         data = bytes(iov[0]) if len(iov) == 1 else b"".join(iov)
         await self._aio("write", self.rbd.aio_write, data, offset)
         if fua:
             await self.flush()
 
     async def flush(self) -> None:
-        if self.writable:
+        if self.writable and self.c is not None:
+            await self._c_call("flush", self.c.flush)
+        elif self.writable:
             await self._aio("flush", self.rbd.aio_flush)
 
     async def discard(self, offset: int, length: int) -> None:
         self._require_writable()
-        await self._aio("discard", self.rbd.aio_discard, offset, length)
+        if self.c is not None:
+            await self._c_call("discard", self.c.discard, offset, length)
+        else:
+            await self._aio("discard", self.rbd.aio_discard, offset, length)
 
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = True,
                            fast: bool = False, fua: bool = False) -> None:
@@ -203,8 +289,11 @@ class RbdDriver(Driver):
         # only into the partial ones at the edges: cheap either way, so FAST_ZERO is
         # honoured by doing it.
         flags = 0 if may_trim else self._thick_flag()
-        await self._aio("write zeroes", self.rbd.aio_write_zeroes, offset, length,
-                        zero_flags=flags)
+        if self.c is not None:
+            await self._c_call("write zeroes", self.c.write_zeroes, offset, length, flags)
+        else:
+            await self._aio("write zeroes", self.rbd.aio_write_zeroes, offset, length,
+                            zero_flags=flags)
         if fua:
             await self.flush()
 
@@ -221,12 +310,19 @@ class RbdDriver(Driver):
             length = max(1, min(length, limit))
         await self._take()  # a place, though not librbd's: it runs in the engine
         try:
-            runs = await self.engine.call(self.image.data_runs, offset, length)
+            runs = await self.engine.call(self._data_runs, offset, length)
         finally:
             self._give_back()
         out: Extents = [(n, STATE_DATA if data else STATE_HOLE | STATE_ZERO)
                         for _, n, data in runs]
         return merge_extents(out) or [(length, STATE_DATA)]
+
+    def _data_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        if self.c is None:
+            return self.image.data_runs(offset, length)
+        end = min(offset + length, self.size)
+        found = self.c.data_runs(offset, end - offset, end, self.image.fast_diff)
+        return data_runs_from(found, offset, end)
 
     async def close(self) -> None:
         # Let what librbd holds land first (the VBD drains before closing; this is for
@@ -234,6 +330,11 @@ class RbdDriver(Driver):
         while self.inflight:
             self._idle = asyncio.Event()
             await self._idle.wait()
+        if self.c is not None:
+            if self._watching is not None:
+                self._watching.remove_reader(self.c.eventfd)
+                self._watching = None
+            await self.engine.call(self.c.close)
         await self.engine.call(self.image.close)
 
     def describe(self) -> dict:
