@@ -117,14 +117,21 @@ def test_parent_policy_for_ceph_parents(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- in-process
-def test_driver_operations(ceph_cluster) -> None:
-    """read/write/flush/discard/write-zeroes/block status through librbd's aio calls,
-    many requests in flight at once (more than the in-flight bound)."""
+@pytest.mark.parametrize("io", ["c", "bindings"])
+def test_driver_operations(ceph_cluster, io: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read/write/flush/discard/write-zeroes/block status through librbd's aio calls
+    (its C API, and the Python bindings' fallback), many requests in flight at once
+    (more than the in-flight bound), reads and writes of one buffer and of several."""
     import asyncio
 
+    from blktap.image import rbd_c
     from blktap.tapdisk.driver import STATE_DATA, STATE_ZERO, Caps
     from blktap.tapdisk.drivers import open_stack
-    from blktap.tapdisk.drivers.rbd import RbdDriver
+    from blktap.tapdisk.drivers.rbd import ENV_IO, RbdDriver
+
+    monkeypatch.setenv(ENV_IO, io)
+    if io == "c":
+        assert rbd_c.load() is not None, "librbd's C calls do not load through ctypes"
 
     name = new_image(ceph_cluster, 32 * MiB)
     spec = ceph_cluster.spec(name)
@@ -134,6 +141,7 @@ def test_driver_operations(ceph_cluster) -> None:
         assert isinstance(ro, RbdDriver) and not ro.caps & Caps.WRITE
         await ro.close()
         d = RbdDriver.open(engine, spec, writable=True, max_inflight=4)  # to be exceeded
+        assert (d.c is not None) == (io == "c")
         assert d.size == 32 * MiB
         assert d.caps & (Caps.WRITE | Caps.FLUSH | Caps.TRIM | Caps.ZERO | Caps.BLOCK_STATUS)
         try:
@@ -156,7 +164,12 @@ def test_driver_operations(ceph_cluster) -> None:
             # Everything written was in the first 4 MiB object, now discarded; the rest
             # was never written: all of it reads as zeros and says so.
             assert all(f & STATE_ZERO for _, f in ext), ext
-            await d.write(20 * MiB, [memoryview(bytearray(b"x" * 4096))], fua=True)
+            # A write of two buffers, one of them read-only.
+            await d.write(20 * MiB, [memoryview(b"x" * 2048), memoryview(bytearray(b"x" * 2048))],
+                          fua=True)
+            back = bytearray(4096)
+            await d.read(20 * MiB, [memoryview(back)])
+            assert back == b"x" * 4096
             ext = await d.block_status(16 * MiB, 8 * MiB)
             assert any(not f & STATE_ZERO and f == STATE_DATA for _, f in ext), ext
             with pytest.raises(OSError):  # past the end: librbd refuses it

@@ -91,8 +91,10 @@ class RbdDriver(Driver):
         self._pending: dict[int, tuple[asyncio.Future, Any]] = {}  # by completion
         self._watching: asyncio.AbstractEventLoop | None = None
         if os.environ.get(ENV_IO, "c") != "bindings" and rbd_c.load() is not None:
-            self.c = CImage(image.spec, image.writable)
-            image.close()
+            try:
+                self.c = CImage(image.spec, image.writable)
+            finally:
+                image.close()  # (the bindings' connection, either way: not used now)
 
     @classmethod
     def open(cls, engine: Engine, spec: str, *, writable: bool,
