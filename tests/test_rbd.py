@@ -472,7 +472,7 @@ def test_vhd_leaf_over_an_rbd_snapshot(ceph_cluster, tmp_path: Path,
     was named (never when probed); served over NBD, its reads fall through to the
     snapshot and its writes stay local. qemu-img compares our export with qemu's own
     picture of the same disk (a qcow2 overlay over its rbd driver's view of the snapshot,
-    given the same writes); fio verifies its writes through NBD."""
+    given the same writes); fio verifies its writes through NBD; tapdisk serves it."""
     from conftest import tool
 
     gold = new_image(ceph_cluster)
@@ -544,6 +544,20 @@ def test_vhd_leaf_over_an_rbd_snapshot(ceph_cluster, tmp_path: Path,
         assert fio.returncode == 0, fio.stdout + fio.stderr
         job = json.loads(fio.stdout[fio.stdout.index("{"):])["jobs"][0]
         assert job["error"] == 0 and job["write"]["io_bytes"] == 16 * MiB
+    # tapdisk (tap-ctl create -a vhd:...) serves it too, BLKTAP_PARENT_RBD inherited.
+    from test_tap_ctl_daemon import Host, wait_gone
+
+    host = Host(tmp_path)
+    pid, minor = host.create(f"vhd:{leaf}")
+    try:
+        r = qemu_io(host.nbd(pid, minor), "read -P 0x31 0 1000k", "read -P 0x33 1000k 100k",
+                    "read -P 0x32 40M 1M", "read -P 0x35 60M 1M", read_only=True)
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+        host.out("destroy", "-p", str(pid), "-m", str(minor))
+        wait_gone(pid)
+    finally:
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
     # The writes are in the leaf, none in the snapshot (qemu reads it as it was).
     r = qemu_io(parent, "read -P 0x31 0 6M", "read -P 0 6M 34M", "read -P 0x32 40M 3M",
                 "read -P 0 43M 21M", read_only=True)
