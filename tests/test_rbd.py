@@ -75,15 +75,63 @@ def test_missing_bindings_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -
     assert "python3-rbd" in str(info.value) and "/nonexistent" in str(info.value)
 
 
+def test_parent_policy_for_ceph_parents(tmp_path: Path) -> None:
+    """Which rbd: parents an image may name: pools listed (POOL: any namespace, POOL/NS,
+    *), none by default; Ceph options beyond conf and id refused whatever the pools (a
+    VHD whose locator sets log_file is not opened and nothing is written there); a
+    locator that does not parse is the image's damage. No cluster is asked."""
+    from blktap.errors import FormatError, ParentNotAllowed
+    from blktap.image.chain import Chain
+    from blktap.image.parents import ParentPolicy
+    from blktap.image.vhd import structs
+    from blktap.image.vhd.create import ParentInfo, _build_dynamic, _new_footer
+
+    none = ParentPolicy.from_env({})
+    env = ParentPolicy.from_env({"BLKTAP_PARENT_RBD": "vms, gold/tenant,"})
+    assert none.rbd == () and env.rbd == ("vms", "gold/tenant")
+    for policy, spec, ok in ((none, "rbd:vms/a@s", False), (env, "rbd:vms/a@s", True),
+                             (env, "rbd:vms/ns/a@s:conf=/etc/ceph/c.conf:id=xen", True),
+                             (env, "rbd:gold/a@s", False), (env, "rbd:gold/tenant/a", True),
+                             (env, "rbd:gold/other/a", False),
+                             (ParentPolicy(rbd=("*",)), "rbd:any/a", True)):
+        if ok:
+            assert policy.check_rbd("c.vhd", spec) == spec
+        else:
+            with pytest.raises(ParentNotAllowed) as info:
+                policy.check_rbd("c.vhd", spec)
+            assert info.value.errno == errno.EACCES and "c.vhd" in str(info.value)
+    with pytest.raises(UsageError):
+        ParentPolicy.from_env({"BLKTAP_PARENT_RBD": "a/b/c"})
+    with pytest.raises(FormatError):
+        env.check_rbd("c.vhd", "rbd:vms")
+    # A VHD (say, uploaded by a user) whose locator sets a Ceph option.
+    evil = tmp_path / "evil.vhd"
+    log = tmp_path / "written.log"
+    name = f"rbd:vms/gold@v1:log_file={log}"
+    info = ParentInfo(name, 8 * MiB, b"\0" * 16, 0, rbd=True)
+    footer = _new_footer(8 * MiB, structs.DISK_TYPE_DIFF, None, None)
+    evil.write_bytes(_build_dynamic(8 * MiB, 4, footer, info, None))
+    with pytest.raises(ParentNotAllowed) as refused:
+        Chain.open(f"vhd:{evil}", parent_policy=ParentPolicy(rbd=("*",)))
+    assert "log_file" in str(refused.value) and not log.exists()
+
+
 # ----------------------------------------------------------------------------- in-process
-def test_driver_operations(ceph_cluster) -> None:
-    """read/write/flush/discard/write-zeroes/block status through librbd's aio calls,
-    many requests in flight at once (more than the in-flight bound)."""
+@pytest.mark.parametrize("io", ["c", "bindings"])
+def test_driver_operations(ceph_cluster, io: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read/write/flush/discard/write-zeroes/block status through librbd's aio calls
+    (its C API, and the Python bindings' fallback), many requests in flight at once
+    (more than the in-flight bound), reads and writes of one buffer and of several."""
     import asyncio
 
+    from blktap.image import rbd_c
     from blktap.tapdisk.driver import STATE_DATA, STATE_ZERO, Caps
     from blktap.tapdisk.drivers import open_stack
-    from blktap.tapdisk.drivers.rbd import RbdDriver
+    from blktap.tapdisk.drivers.rbd import ENV_IO, RbdDriver
+
+    monkeypatch.setenv(ENV_IO, io)
+    if io == "c":
+        assert rbd_c.load() is not None, "librbd's C calls do not load through ctypes"
 
     name = new_image(ceph_cluster, 32 * MiB)
     spec = ceph_cluster.spec(name)
@@ -93,6 +141,7 @@ def test_driver_operations(ceph_cluster) -> None:
         assert isinstance(ro, RbdDriver) and not ro.caps & Caps.WRITE
         await ro.close()
         d = RbdDriver.open(engine, spec, writable=True, max_inflight=4)  # to be exceeded
+        assert (d.c is not None) == (io == "c")
         assert d.size == 32 * MiB
         assert d.caps & (Caps.WRITE | Caps.FLUSH | Caps.TRIM | Caps.ZERO | Caps.BLOCK_STATUS)
         try:
@@ -115,7 +164,12 @@ def test_driver_operations(ceph_cluster) -> None:
             # Everything written was in the first 4 MiB object, now discarded; the rest
             # was never written: all of it reads as zeros and says so.
             assert all(f & STATE_ZERO for _, f in ext), ext
-            await d.write(20 * MiB, [memoryview(bytearray(b"x" * 4096))], fua=True)
+            # A write of two buffers, one of them read-only.
+            await d.write(20 * MiB, [memoryview(b"x" * 2048), memoryview(bytearray(b"x" * 2048))],
+                          fua=True)
+            back = bytearray(4096)
+            await d.read(20 * MiB, [memoryview(back)])
+            assert back == b"x" * 4096
             ext = await d.block_status(16 * MiB, 8 * MiB)
             assert any(not f & STATE_ZERO and f == STATE_DATA for _, f in ext), ext
             with pytest.raises(OSError):  # past the end: librbd refuses it
@@ -361,7 +415,8 @@ def test_convert_a_vhd_chain_into_rbd_and_back(ceph_cluster, tmp_path: Path) -> 
 
 
 # ----------------------------------------------------------------------------- RBD parent
-def test_qcow2_leaf_over_an_rbd_snapshot(ceph_cluster, tmp_path: Path) -> None:
+def test_qcow2_leaf_over_an_rbd_snapshot(ceph_cluster, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A local qcow2 copy-on-write layer over a shared golden image on Ceph (qemu's
     spelling: backing file rbd:..., format raw): served by us, reads fall through to the
     snapshot, partial-cluster writes copy up what lies below; qemu (through its own rbd
@@ -376,6 +431,9 @@ def test_qcow2_leaf_over_an_rbd_snapshot(ceph_cluster, tmp_path: Path) -> None:
     r = run([need("qemu-img"), "create", "-q", "-f", "qcow2", "-b",
              qemu_rbd(ceph_cluster, gold, "v1"), "-F", "raw", str(leaf)], text=True)
     assert r.returncode == 0, r.stderr
+    r = blktap("info", f"qcow2:{leaf}")  # no pool listed: not followed
+    assert r.returncode == errno.EACCES and "BLKTAP_PARENT_RBD" in r.stderr, r.stderr
+    monkeypatch.setenv("BLKTAP_PARENT_RBD", "rbd")
     with serve(f"qcow2:{leaf}", tmp_path) as srv:
         r = qemu_io(srv.uri, "write -P 0x23 1000k 100k", "read -P 0x21 0 1000k",
                     "read -P 0x23 1000k 100k", "read -P 0x21 1100k 1M",
@@ -396,9 +454,120 @@ def test_qcow2_leaf_over_an_rbd_snapshot(ceph_cluster, tmp_path: Path) -> None:
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
     from conftest import tool
 
+    # Confining file parents keeps the listed pools.
+    r = run([tool("blktap"), "info", "--parent-dir", str(tmp_path), f"qcow2:{leaf}"],
+            text=True)
+    assert r.returncode == 0, r.stderr
+    monkeypatch.delenv("BLKTAP_PARENT_RBD")
     r = run([tool("blktap"), "info", "--parent-dir", str(tmp_path), f"qcow2:{leaf}"],
             text=True)
     assert r.returncode == errno.EACCES and "Ceph" in r.stderr, r.stderr
+
+
+def test_vhd_leaf_over_an_rbd_snapshot(ceph_cluster, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local VHD leaf over a snapshot on Ceph (its MACX locator holds the rbd: spec):
+    made by ``blktap create -b`` and ``vhd-util snapshot``, shown by query/info, checked;
+    followed only where the pool is listed (BLKTAP_PARENT_RBD/--parent-rbd) and the VHD
+    was named (never when probed); served over NBD, its reads fall through to the
+    snapshot and its writes stay local. qemu-img compares our export with qemu's own
+    picture of the same disk (a qcow2 overlay over its rbd driver's view of the snapshot,
+    given the same writes); fio verifies its writes through NBD; tapdisk serves it."""
+    from conftest import tool
+
+    gold = new_image(ceph_cluster)
+    r = qemu_io(qemu_rbd(ceph_cluster, gold), "write -P 0x31 0 6M", "write -P 0x32 40M 3M")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ceph_cluster.rbd("snap", "create", f"rbd/{gold}@v1")
+    # After the snapshot: the leaf must not see this.
+    assert qemu_io(qemu_rbd(ceph_cluster, gold), "write -P 0x99 0 8M").returncode == 0
+    parent = qemu_rbd(ceph_cluster, gold, "v1")
+    leaf, leaf2 = tmp_path / "leaf.vhd", tmp_path / "leaf2.vhd"
+    r = blktap("create", "-b", parent, str(leaf))
+    assert r.returncode == 0 and parent in r.stdout, r.stdout + r.stderr
+    r = run([tool("vhd-util"), "snapshot", "-n", str(leaf2), "-p", parent], text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for image in (leaf, leaf2):
+        r = run([tool("vhd-util"), "query", "-n", str(image), "-p", "-v"], text=True)
+        assert r.returncode == 0 and r.stdout == f"64\n{parent}\n", r.stdout + r.stderr
+        r = run([tool("vhd-util"), "check", "-n", str(image)], text=True)
+        assert r.returncode == 0 and "is valid" in r.stdout, r.stdout
+    # Bad parents are refused at creation, one line each.
+    for bad, code in ((qemu_rbd(ceph_cluster, gold), errno.EINVAL),  # not a snapshot
+                      (parent + ":log_file=/tmp/x", errno.EINVAL),
+                      (qemu_rbd(ceph_cluster, gold, "nosnap"), errno.ENOENT)):
+        r = blktap("snapshot", str(tmp_path / "bad.vhd"), bad)
+        assert r.returncode == code and r.stderr.count("\n") == 1, (bad, r.stderr)
+        assert not (tmp_path / "bad.vhd").exists()
+
+    # Followed only when allowed: no pool listed, another pool, a probed VHD.
+    monkeypatch.delenv("BLKTAP_PARENT_RBD", raising=False)
+    r = blktap("info", f"vhd:{leaf}")
+    assert r.returncode == errno.EACCES and "BLKTAP_PARENT_RBD" in r.stderr, r.stderr
+    r = blktap("info", "--parent-rbd", "otherpool", f"vhd:{leaf}")
+    assert r.returncode == errno.EACCES and "otherpool" in r.stderr, r.stderr
+    r = run([tool("blktap"), "serve", f"vhd:{leaf}", "--socket", str(tmp_path / "x.sock")],
+            text=True, timeout=60)
+    assert r.returncode == errno.EACCES and "Ceph" in r.stderr, r.stderr
+    monkeypatch.setenv("BLKTAP_PARENT_RBD", "rbd")
+    r = blktap("info", str(leaf))  # probed: refused whatever the pools
+    assert r.returncode == errno.EPERM and "probed" in r.stderr, r.stderr
+    guest = tmp_path / "guest.img"  # a guest that wrote the VHD into its raw disk
+    guest.write_bytes(leaf.read_bytes() + bytes(MiB))
+    r = run([tool("blktap"), "serve", str(guest), "--socket", str(tmp_path / "g.sock")],
+            text=True, timeout=60)
+    assert r.returncode == errno.EPERM and "probed" in r.stderr, r.stderr
+
+    info = json.loads(blktap("info", "--json", f"vhd:{leaf}").stdout)
+    assert [x["format"] for x in info["chain"]] == ["vhd", "rbd"], info
+    ref = tmp_path / "ref.qcow2"  # qemu's own picture: its rbd driver under a qcow2
+    r = run([need("qemu-img"), "create", "-q", "-f", "qcow2", "-b", parent, "-F", "raw",
+             str(ref)], text=True)
+    assert r.returncode == 0, r.stderr
+    writes = ("write -P 0x33 1000k 100k", "write -P 0x34 41M 4k", "write -z 5M 512k",
+              "write -P 0x35 60M 1M")
+    assert qemu_io(str(ref), *writes, fmt="qcow2").returncode == 0
+    with serve(f"vhd:{leaf}", tmp_path) as srv:
+        r = qemu_io(srv.uri, *writes, "flush", "read -P 0x31 0 1000k",
+                    "read -P 0x33 1000k 100k", "read -P 0x31 1100k 3M", "read -P 0 5M 512k",
+                    "read -P 0 6M 34M", "read -P 0x32 40M 1M", "read -P 0x34 41M 4k")
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, \
+            r.stdout + r.stderr
+        r = run([need("qemu-img"), "compare", "-f", "raw", "-F", "qcow2", srv.uri, str(ref)],
+                text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        fio = run([need("fio"), "--name=v", "--ioengine=nbd", f"--uri={srv.uri}",
+                   "--rw=randwrite", "--bs=4k", "--iodepth=16", "--offset=8M", "--size=16M",
+                   "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                   "--randrepeat=1", "--verify_state_save=0", "--output-format=json"],
+                  text=True, timeout=300, cwd=tmp_path)
+        assert fio.returncode == 0, fio.stdout + fio.stderr
+        job = json.loads(fio.stdout[fio.stdout.index("{"):])["jobs"][0]
+        assert job["error"] == 0 and job["write"]["io_bytes"] == 16 * MiB
+    # tapdisk (tap-ctl create -a vhd:...) serves it too, BLKTAP_PARENT_RBD inherited.
+    from test_tap_ctl_daemon import Host, wait_gone
+
+    host = Host(tmp_path)
+    pid, minor = host.create(f"vhd:{leaf}")
+    try:
+        r = qemu_io(host.nbd(pid, minor), "read -P 0x31 0 1000k", "read -P 0x33 1000k 100k",
+                    "read -P 0x32 40M 1M", "read -P 0x35 60M 1M", read_only=True)
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+        host.out("destroy", "-p", str(pid), "-m", str(minor))
+        wait_gone(pid)
+    finally:
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
+    # The writes are in the leaf, none in the snapshot (qemu reads it as it was).
+    r = qemu_io(parent, "read -P 0x31 0 6M", "read -P 0 6M 34M", "read -P 0x32 40M 3M",
+                "read -P 0 43M 21M", read_only=True)
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+    r = run([tool("vhd-util"), "check", "-n", str(leaf)], text=True)
+    assert r.returncode == 0 and "is valid" in r.stdout, r.stdout
+    r = blktap("check", f"vhd:{leaf}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads(blktap("map", "--json", f"vhd:{leaf}").stdout)
+    assert {r["depth"] for r in rows} == {0, 1, None}, rows
 
 
 def test_cancelled_request_is_waited_for_by_close(ceph_cluster) -> None:

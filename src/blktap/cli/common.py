@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import re
 import signal
 import sys
@@ -20,7 +21,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, TextIO
 
 from blktap.errors import BlktapError, UsageError
-from blktap.image.parents import ENV_PARENT_DIRS, ParentPolicy
+from blktap.image.parents import ENV_PARENT_DIRS, ENV_PARENT_RBD, ParentPolicy
 
 PROG = "blktap"
 
@@ -198,14 +199,25 @@ def add_parent_dir(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--parent-dir", metavar="DIR", action="append", default=[],
                      help=f"open parents only from inside DIR (repeatable; symlinks are "
                           f"resolved first); given, it takes the place of {ENV_PARENT_DIRS}")
+    cmd.add_argument("--parent-rbd", metavar="POOL", action="append", default=[],
+                     help=f"let images name parents on Ceph in POOL (or POOL/NAMESPACE; * "
+                          f"for every pool; repeatable); given, it takes the place of "
+                          f"{ENV_PARENT_RBD} (default: no Ceph parent is followed)")
 
 
 def parent_policy(args: argparse.Namespace) -> ParentPolicy:
-    """The --parent-dir directories, else the environment's."""
+    """The --parent-dir directories and --parent-rbd pools, else the environment's."""
     dirs = getattr(args, "parent_dir", None)
     if dirs:
-        return ParentPolicy.confined_to(dirs)
-    return ParentPolicy.from_env()
+        env_rbd = {ENV_PARENT_RBD: os.environ.get(ENV_PARENT_RBD, "")}
+        policy = ParentPolicy(ParentPolicy.confined_to(dirs).dirs,
+                              ParentPolicy.from_env(env_rbd).rbd)
+    else:
+        policy = ParentPolicy.from_env()
+    pools = getattr(args, "parent_rbd", None)
+    if pools:
+        policy = policy.with_rbd(pools)
+    return policy
 
 
 # ------------------------------------------------------------------------------ output

@@ -197,8 +197,12 @@ def _add_info(sub: Any) -> None:
 def _add_create(sub: Any) -> None:
     cmd = _command(sub, "create", cmd_create, "Create a new VHD or raw image.")
     cmd.add_argument("image", metavar="IMAGE")
-    cmd.add_argument("size", metavar="SIZE", type=parse_size,
-                     help="virtual size: bytes or 64M, 10G... (VHD: rounded up to 2 MiB)")
+    cmd.add_argument("size", metavar="SIZE", type=parse_size, nargs="?",
+                     help="virtual size: bytes or 64M, 10G... (VHD: rounded up to 2 MiB); "
+                          "with -b, the parent's")
+    cmd.add_argument("-b", "--backing", metavar="PARENT",
+                     help="create a differencing image over PARENT (as blktap snapshot "
+                          "IMAGE PARENT; PARENT may be a Ceph snapshot, rbd:POOL/IMAGE@SNAP)")
     cmd.add_argument("-f", "--format", choices=("vhd", "raw", "qcow2"),
                      help="image format (default: from a vhd:/raw:/qcow2: prefix or the "
                           ".vhd/.img/.qcow2 name, else vhd)")
@@ -208,6 +212,7 @@ def _add_create(sub: Any) -> None:
     cmd.add_argument("--prealloc", metavar="SIZE", type=parse_size,
                      help="dynamic VHD: size its metadata for growing to SIZE later")
     add_output_option(cmd)
+    add_parent_dir(cmd)
 
 
 def _add_snapshot(sub: Any) -> None:
@@ -570,6 +575,17 @@ def _reserve(fd: int, size: int) -> None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     fmt, path = output_format(args.format, args.image, "vhd")
+    if args.backing is not None:
+        if args.size is not None or args.fixed or args.options:
+            raise UsageError("-b takes the size of its parent; no SIZE, --fixed or -o")
+        if fmt == "raw":
+            raise UsageError(f"{args.image}: a raw image has no parent")
+        args.child = f"{fmt}:{path}"
+        args.parent, args.raw_parent = args.backing, False
+        args.depth_limit, args.skip_empty = None, True
+        return cmd_snapshot(args)
+    if args.size is None:
+        raise UsageError("create: SIZE is needed (or -b PARENT)")
     if args.size <= 0:
         raise UsageError(f"invalid size {args.size}: must be more than 0 bytes")
     if args.options and fmt != "qcow2":
@@ -622,6 +638,8 @@ def note_rounding(asked: int, made: int) -> None:
 def snapshot_parent(spec: str, raw_flag: bool) -> tuple[str, bool]:
     """(path, is raw) of a snapshot's parent. A plain path is probed, and a raw file is
     only accepted when asked for: a VHD with a damaged footer also probes as raw."""
+    if spec.startswith("rbd:"):  # a snapshot on Ceph: raw, named by its spec
+        return spec, True
     fmt, path = parse_spec(spec)
     if fmt == "vhd" and raw_flag:
         raise UsageError(f"{spec}: the vhd: prefix contradicts --raw-parent")

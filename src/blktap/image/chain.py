@@ -32,7 +32,6 @@ from blktap.errors import (
     FormatError,
     OutOfRange,
     ParentLoop,
-    ParentNotAllowed,
     ParentNotFound,
     ProbedParent,
     UnsupportedImage,
@@ -190,6 +189,10 @@ class Chain:
                     # A local leaf over a Ceph image (qemu's "rbd:..." backing file, raw):
                     # the last layer, read-only (docs/ceph.md).
                     layers.append(_open_rbd_backing(current, policy))
+                    break
+                if isinstance(current, VhdImage) and current.parent_rbd is not None:
+                    # The same under a VHD (its MACX locator holds the spec).
+                    layers.append(open_rbd_parent(current.path, current.parent_rbd, policy))
                     break
                 if isinstance(current, Qcow2Image):
                     parent_path, parent = _open_qcow2_backing(current, policy,
@@ -497,17 +500,26 @@ def _names_rbd(child: Qcow2Image) -> bool:
 
 def _open_rbd_backing(child: Qcow2Image, policy: ParentPolicy) -> RbdImage:
     """The Ceph image a qcow2 layer names as its backing file (``rbd:POOL/IMAGE[@SNAP]
-    [:conf=...]``, format raw as qemu requires), read-only. Refused where parents are
-    confined to directories (``BLKTAP_PARENT_DIRS``): a cluster is not a directory."""
+    [:conf=...]``, format raw as qemu requires): :func:`open_rbd_parent`."""
     name = child.backing_file
     if child.backing_format not in (None, "", "raw"):
         raise UnsupportedImage(f"{child.path}: backing image {name} has format "
                                f"{child.backing_format!r}; an rbd: backing image is raw")
-    if policy.confined:
-        raise ParentNotAllowed(f"{child.path}: backing image {name} is on a Ceph cluster, "
-                               f"but parents are confined to {':'.join(policy.dirs or [])}",
-                               image=child.path, parent=name)
-    return RbdImage.open(name)
+    return open_rbd_parent(child.path, name, policy)
+
+
+def open_rbd_parent(child: str, spec: str, policy: ParentPolicy) -> RbdImage:
+    """The Ceph image ``child`` names as its parent, read-only, if ``policy`` lets it be
+    opened (its pool listed in ``BLKTAP_PARENT_RBD``/``--parent-rbd``, no Ceph option
+    but conf and id), else ParentNotAllowed (EACCES). A parent the cluster does not have
+    is ParentNotFound."""
+    policy.check_rbd(child, spec)
+    try:
+        return RbdImage.open(spec)
+    except FormatError as exc:
+        if exc.errno == errno.ENOENT:
+            raise ParentNotFound(f"{child}: parent {exc}") from None
+        raise
 
 
 def named_parent(image: VhdImage) -> str:

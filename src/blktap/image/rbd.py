@@ -108,6 +108,19 @@ class RbdSpec:
         at = f"@{self.snap}" if self.snap else ""
         return f"{self.pool}/{ns}{self.image}{at}"
 
+    def text(self) -> str:
+        """The whole spec, ``rbd:`` first, quoted so that :func:`parse_spec` gives it
+        back (what a VHD's locator stores)."""
+        parts = [_quote(p) for p in (self.pool, self.namespace, self.image) if p]
+        out = "rbd:" + "/".join(parts) + (f"@{_quote(self.snap)}" if self.snap else "")
+        pairs = ([("conf", self.conf)] if self.conf else []) + \
+            ([("id", self.user)] if self.user else []) + list(self.options.items())
+        return out + "".join(f":{_quote(k, ':=')}={_quote(v, ':')}" for k, v in pairs)
+
+
+def _quote(text: str, special: str = ":@/") -> str:
+    return "".join("\\" + c if c in special or c == "\\" else c for c in text)
+
 
 def _split_unquoted(text: str, sep: str) -> list[str]:
     """Split on ``sep`` where it is not quoted by a backslash; quotes stay in place."""
@@ -288,19 +301,7 @@ class RbdImage:
 
         self.image.diff_iterate(offset, end - offset, None, seen, include_parent=True,
                                 whole_object=self.fast_diff)
-        runs: list[tuple[int, int, bool]] = []
-        pos = offset
-        for a, b in sorted(found):
-            if b <= pos:
-                continue
-            a = max(a, pos)
-            if a > pos:
-                runs.append((pos, a - pos, False))
-            runs.append((a, b - a, True))
-            pos = b
-        if pos < end:
-            runs.append((pos, end - pos, False))
-        return runs
+        return data_runs_from(found, offset, end)
 
     def allocated_bytes(self) -> int:
         """Bytes in objects that exist (whole objects with fast-diff)."""
@@ -347,6 +348,25 @@ class RbdImage:
 
     def __repr__(self) -> str:
         return f"<RbdImage {self.path} size={self.size}>"
+
+
+def data_runs_from(found: list[tuple[int, int]], offset: int, end: int
+                   ) -> list[tuple[int, int, bool]]:
+    """Runs (offset, length, holds data) covering [offset, end) from the (start, stop)
+    extents diff_iterate found holding data (any order, overlaps allowed)."""
+    runs: list[tuple[int, int, bool]] = []
+    pos = offset
+    for a, b in sorted(found):
+        if b <= pos:
+            continue
+        a = max(a, pos)
+        if a > pos:
+            runs.append((pos, a - pos, False))
+        runs.append((a, b - a, True))
+        pos = b
+    if pos < end:
+        runs.append((pos, end - pos, False))
+    return runs
 
 
 @contextmanager

@@ -90,6 +90,8 @@ def _query(image, name: str, flags: set[str], out: Output) -> int:  # noqa: ANN0
 
 
 def _parent(image, unresolved: bool) -> tuple[str | None, int]:  # noqa: ANN001
+    if image.parent_rbd is not None:  # a snapshot on Ceph: its spec, nothing resolved
+        return image.parent_rbd, 0
     names = [name for _, _, name in image.parent_locator_names() if name is not None]
     if not names:
         return None, errno.EINVAL

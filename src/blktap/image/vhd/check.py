@@ -365,6 +365,16 @@ class _Checker:
             seen_codes.add(loc.code)
             if loc.code not in (s.PLAT_CODE_MACX, s.PLAT_CODE_W2KU, s.PLAT_CODE_W2RU):
                 continue
+            spec = locators.read_rbd(self.fd, loc, pread=self.view.pread)
+            if spec is not None:
+                # A snapshot on Ceph (raw): the header names it whole; the cluster is
+                # not asked (a check looks at the file).
+                if not raw_parent or spec != header.parent_name:
+                    raise _Fail(f"parent locator {i} names {spec}, the header "
+                                f"{header.parent_name} (parent uuid "
+                                f"{'zero' if raw_parent else 'set'})")
+                found += 1
+                continue
             name = locators.read_name(self.fd, loc, pread=self.view.pread)
             if name is None:
                 raise _Fail(f"error reading parent locator {i}: {-errno.EINVAL}")

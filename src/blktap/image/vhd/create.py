@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import uuid as _uuid
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class ParentInfo:
     uuid: bytes  # all zero for a raw parent
     mtime: int
     keyhash: tuple[int, bytes, bytes] | None = None  # (cookie, nonce, hash)
+    rbd: bool = False  # ``path`` is the rbd: spec of a snapshot on a Ceph cluster
 
 
 def _metadata_layout(max_bat: int) -> tuple[int, int, int, int]:
@@ -82,10 +84,15 @@ def _build_dynamic(size: int, max_bat: int, footer: s.Footer,
     if parent is not None:
         header.prt_uuid = parent.uuid
         header.prt_ts = s.vhd_time(parent.mtime)
-        header.prt_name = s.Header.encode_parent_name(os.path.basename(parent.path))
-        assert locator_paths is not None
-        for i, code in enumerate(SNAPSHOT_LOCATOR_CODES):
-            data = locators.encode(code, locator_paths)
+        if parent.rbd:  # one MACX locator holding the spec (locators.py)
+            names = [(s.PLAT_CODE_MACX, locators.encode_rbd(parent.path))]
+            header.prt_name = s.Header.encode_parent_name(parent.path)
+        else:
+            assert locator_paths is not None
+            names = [(code, locators.encode(code, locator_paths))
+                     for code in SNAPSHOT_LOCATOR_CODES]
+            header.prt_name = s.Header.encode_parent_name(os.path.basename(parent.path))
+        for i, (code, data) in enumerate(names):
             space = s.pad_sector(len(data))
             header.loc[i] = s.ParentLocator(code=code, data_space=space,
                                             data_len=len(data), data_offset=end)
@@ -184,6 +191,33 @@ def parent_info(path: str, raw: bool) -> ParentInfo:
         return ParentInfo(real, img.size, img.footer.uuid, int(st.st_mtime), keyhash)
 
 
+def rbd_parent_info(text: str) -> ParentInfo:
+    """Describe a snapshot on a Ceph cluster as a would-be parent (connects to it). Only
+    a snapshot will do: an image may change under its child. The spec may name the
+    cluster's configuration and the client (``conf``, ``id``), nothing else: a child
+    names no other Ceph option (ParentPolicy.check_rbd refuses them when opening)."""
+    from blktap.image.parents import RBD_PARENT_KEYS
+    from blktap.image.rbd import RbdImage, parse_spec
+
+    spec = parse_spec(text)
+    if not spec.snap:
+        raise UsageError(f"rbd:{spec.name()}: a parent on Ceph must be a snapshot "
+                         f"(rbd snap create {spec.name()}@NAME; rbd snap protect it)")
+    if spec.options:
+        raise UsageError(f"rbd:{spec.name()}: a parent named in a VHD may only say "
+                         f"{' and '.join(k + '=' for k in RBD_PARENT_KEYS)}; set "
+                         f"{', '.join(sorted(spec.options))} in the ceph.conf it names")
+    name = spec.text()
+    try:
+        s.Header.encode_parent_name(name)
+    except ValueError:
+        raise UsageError(f"{name}: longer than the 256 characters a VHD header holds",
+                         errno.ENAMETOOLONG) from None
+    with RbdImage.open(spec) as image:
+        size = image.size
+    return ParentInfo(name, size, b"\0" * 16, int(time.time()), rbd=True)
+
+
 def chain_depth(path: str, parent_policy: ParentPolicy | None = None) -> int:
     """Number of images in the chain starting at ``path`` (a raw parent counts), with the
     loop, depth and parent policy checks of :meth:`Chain.open`."""
@@ -208,7 +242,8 @@ def find_snapshot_target(parent: str, parent_policy: ParentPolicy | None = None
             raise ParentLoop(f"{parent}: the parent chain loops back to {current}")
         seen.add(current)
         with VhdImage.open(current) as img:
-            if not img.is_differencing or img.allocated_blocks():
+            if not img.is_differencing or img.allocated_blocks() or \
+                    img.parent_rbd is not None:  # (a Ceph parent is not linked to here)
                 return current, False
             nxt = policy.check(current, img.parent_path())
             if img.parent_is_raw:
@@ -224,6 +259,8 @@ def snapshot(child: str, parent: str, *, raw_parent: bool = False,
     used (``skip_empty`` links past empty differencing ancestors). ``parent`` is the
     caller's choice; the ancestors found through locators (skipped or counted) must pass
     ``parent_policy`` (default: the environment's)."""
+    if parent.startswith("rbd:"):
+        return _snapshot_rbd(child, parent, prealloc_size, timestamp, uuid)
     target, target_raw = parent, raw_parent
     if not raw_parent and skip_empty:
         target, target_raw = find_snapshot_target(parent, parent_policy)
@@ -250,5 +287,25 @@ def snapshot(child: str, parent: str, *, raw_parent: bool = False,
     footer = _new_footer(size, s.DISK_TYPE_DIFF, timestamp, uuid)
     rel = locators.relative_path(child, info.path)
     content = _build_dynamic(size, max_bat, footer, info, rel)
+    _publish(child, lambda fd: pwrite_all(fd, content, 0))
+    return info.path
+
+
+def _snapshot_rbd(child: str, parent: str, prealloc_size: int | None,
+                  timestamp: int | None, uuid: bytes | None) -> str:
+    """A differencing VHD over a snapshot on Ceph: a raw parent (no uuid) that the one
+    MACX locator names by its spec. Returns the spec as stored."""
+    info = rbd_parent_info(parent)
+    size = s.pad_sector(info.size)
+    _validate_size(size)
+    max_bat = -(-size // s.DEFAULT_BLOCK_SIZE)
+    if prealloc_size is not None:
+        prealloc_size = round_size(prealloc_size)
+        if prealloc_size < size:
+            raise UsageError(f"metadata size {prealloc_size} is smaller than the disk size "
+                             f"{size}")
+        max_bat = prealloc_size // s.DEFAULT_BLOCK_SIZE
+    footer = _new_footer(size, s.DISK_TYPE_DIFF, timestamp, uuid)
+    content = _build_dynamic(size, max_bat, footer, info, None)
     _publish(child, lambda fd: pwrite_all(fd, content, 0))
     return info.path

@@ -360,6 +360,18 @@ class VhdImage:
         return out
 
     @property
+    def parent_rbd(self) -> str | None:
+        """The ``rbd:`` spec of a parent on a Ceph cluster (a MACX locator holding it),
+        else None; nothing is checked or opened (see ParentPolicy.check_rbd)."""
+        if not self.is_differencing or self.header is None:
+            return None
+        for loc in self.header.loc:
+            spec = locators.read_rbd(self.fd, loc) if loc.code != s.PLAT_CODE_NONE else None
+            if spec is not None:
+                return spec
+        return None
+
+    @property
     def parent_is_raw(self) -> bool:
         return self.is_differencing and self.header is not None and \
             self.header.prt_uuid == b"\0" * 16
@@ -377,6 +389,9 @@ class VhdImage:
                 return found
         assert self.header is not None
         name = self.header.parent_name
+        if self.parent_rbd is not None:
+            raise ParentNotFound(f"{self.path}: parent {self.parent_rbd} is on a Ceph "
+                                 f"cluster, not a file", errno.EMEDIUMTYPE)
         raise ParentNotFound(f"{self.path}: parent {name!r} not found")
 
     # ----------------------------------------------------------------- bitmaps

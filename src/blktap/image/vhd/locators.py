@@ -5,6 +5,12 @@ the parent *relative to the child's folder* (e.g. ``./base.vhd``): MACX as a UTF
 ``file://`` URL, W2KU and W2RU as UTF-16LE with backslashes. That W2KU is relative goes
 against the specification (which calls it absolute); we follow blktap because its readers
 and ours resolve any locator both ways.
+
+A parent on a Ceph cluster (docs/ceph.md) is named by one MACX locator holding the URL
+``rbd:POOL/IMAGE@SNAP[:conf=...][:id=...]`` (UTF-8) and no W2KU/W2RU locator: MACX holds
+a URL, and readers that know only ``file://`` URLs (the reference, older blktap) find no
+parent instead of looking for a file of that name. Where the header keeps the parent's
+file name, it keeps the whole spec.
 """
 
 from __future__ import annotations
@@ -61,6 +67,16 @@ def decode(code: int, payload: bytes) -> str | None:
     return None
 
 
+RBD_PREFIX = "rbd:"
+
+
+def encode_rbd(spec: str) -> bytes:
+    """The payload of the MACX locator naming the Ceph parent ``spec``."""
+    if not spec.startswith(RBD_PREFIX):
+        raise ValueError(f"{spec!r} is no rbd: spec")
+    return spec.encode("utf-8")
+
+
 def reserved_size(loc: s.ParentLocator) -> int:
     """Bytes a locator reserves: sectors when below one sector, bytes when a multiple of
     512 (blktap's writers), nothing otherwise (the reference's reading)."""
@@ -79,6 +95,19 @@ def read_name(fd: int, loc: s.ParentLocator, *,
     offset)`` reads instead of ``fd`` (the checker reads a file as a plan would leave it)."""
     if loc.code not in (s.PLAT_CODE_MACX, s.PLAT_CODE_W2KU, s.PLAT_CODE_W2RU):
         return None
+    data = _payload(fd, loc, pread)
+    if data is None:
+        return None
+    if loc.code != s.PLAT_CODE_MACX and len(data) % 2:
+        return None
+    name = decode(loc.code, data)
+    if name is None or not name.isascii():
+        return None
+    return name
+
+
+def _payload(fd: int, loc: s.ParentLocator,
+             pread: Callable[[int, int], bytes] | None) -> bytes | None:
     size = reserved_size(loc)
     if size == 0 or loc.data_len > size:
         return None
@@ -88,13 +117,22 @@ def read_name(fd: int, loc: s.ParentLocator, *,
         return None
     if len(payload) < size:
         return None
-    data = payload[: loc.data_len]
-    if loc.code != s.PLAT_CODE_MACX and len(data) % 2:
+    return payload[: loc.data_len]
+
+
+def read_rbd(fd: int, loc: s.ParentLocator, *,
+             pread: Callable[[int, int], bytes] | None = None) -> str | None:
+    """The ``rbd:`` spec a MACX locator holds (a parent on Ceph), else None."""
+    if loc.code != s.PLAT_CODE_MACX:
         return None
-    name = decode(loc.code, data)
-    if name is None or not name.isascii():
+    data = _payload(fd, loc, pread)
+    if data is None or not data.startswith(RBD_PREFIX.encode()):
         return None
-    return name
+    try:
+        text = data.split(b"\0", 1)[0].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.isascii() and text.isprintable() else None
 
 
 def resolve(child_path: str, name: str) -> str | None:

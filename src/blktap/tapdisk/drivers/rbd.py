@@ -28,12 +28,16 @@ price of the bindings (librbd itself copies nothing more).
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
-from blktap.image.rbd import RbdImage
+from blktap.image import rbd_c
+from blktap.image.rbd import RbdImage, data_runs_from
+from blktap.image.rbd_c import CImage
 from blktap.io.engine import Engine
 from blktap.io.iov import copy_into, total
 from blktap.tapdisk.driver import (
@@ -48,6 +52,8 @@ from blktap.tapdisk.driver import (
 )
 
 DEFAULT_MAX_INFLIGHT = 64
+# "bindings" keeps requests on the Python bindings' aio calls (the C path's fallback).
+ENV_IO = "BLKTAP_RBD_IO"
 # Objects diff_iterate looks at per block-status answer when there is no object map.
 STATUS_OBJECTS = 64
 # Errors the cluster gives for a request it may take later: retried by the VBD.
@@ -67,10 +73,28 @@ class RbdDriver(Driver):
         self.caps = Caps.BLOCK_STATUS
         if image.writable:
             self.caps |= Caps.WRITE | Caps.FLUSH | Caps.FUA | Caps.TRIM | Caps.ZERO
-        self.slots = asyncio.Semaphore(max_inflight)
         self.max_inflight = max_inflight
-        self.inflight = 0  # requests librbd holds (their callbacks still to come)
+        # Requests librbd holds (their outcome not yet settled on the loop), plus the
+        # places handed to waiters about to issue theirs.
+        self.inflight = 0
+        self._slot_waiters: collections.deque[asyncio.Future] = collections.deque()
         self._idle: asyncio.Event | None = None
+        # Completions queued by librbd's threads for the loop, and whether a wake-up of
+        # the loop is already on its way (one per batch, not one per completion).
+        self._finished: collections.deque[tuple[asyncio.Future, Any, Any]] = \
+            collections.deque()
+        self._wake_pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop serving us
+        # librbd's C calls (rbd_c), when they load: requests by completion, completions
+        # signalled on an eventfd the loop watches. The bindings' handle is closed.
+        self.c: CImage | None = None
+        self._pending: dict[int, tuple[asyncio.Future, Any]] = {}  # by completion
+        self._watching: asyncio.AbstractEventLoop | None = None
+        if os.environ.get(ENV_IO, "c") != "bindings" and rbd_c.load() is not None:
+            try:
+                self.c = CImage(image.spec, image.writable)
+            finally:
+                image.close()  # (the bindings' connection, either way: not used now)
 
     @classmethod
     def open(cls, engine: Engine, spec: str, *, writable: bool,
@@ -83,46 +107,143 @@ class RbdDriver(Driver):
         return cls.open(ctx.engine, args, writable=ctx.writable)
 
     # ------------------------------------------------------------------ the bridge
-    async def _aio(self, what: str, start: Callable[[Callable[..., None]], Any]) -> Any:
-        """Run one librbd aio call: ``start(callback)`` issues it; its completion comes
-        back on the loop. Errors carry the image and the operation. A caller cancelled
-        meanwhile leaves the request to librbd (which owns its buffer until the
-        callback): it counts as in flight until then, and close() waits for it."""
-        loop = asyncio.get_running_loop()
+    async def _aio(self, what: str, call: Callable[..., Any], *args: Any,
+                   **kwargs: Any) -> Any:
+        """Run one librbd aio call, ``call(*args, oncomplete, **kwargs)``; its completion
+        comes back on the loop (:meth:`_complete`, :meth:`_drain`). Errors carry the image
+        and the operation. A caller cancelled meanwhile leaves the request to librbd
+        (which owns its buffer until the callback): it counts as in flight until then,
+        and close() waits for it."""
+        if self.inflight < self.max_inflight and not self._slot_waiters:
+            self.inflight += 1  # a free place (the common case, without a coroutine)
+        else:
+            await self._take()
+        self._loop = loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        try:
+            call(*args, partial(self._complete, fut), **kwargs)
+        except Exception as exc:  # refused before queueing (bad argument, closed)
+            self._give_back()
+            code = getattr(exc, "errno", None) or errno.EIO
+            raise OSError(abs(code), f"{self.path}: {what}: {exc}") from None
+        try:
+            return await fut
+        except OSError as exc:
+            code = TRANSIENT.get(exc.errno, exc.errno)
+            raise OSError(code, f"{self.path}: {what}: {exc.strerror}") from None
 
-        def done(completion: Any, data: Any = None) -> None:  # a librbd thread
-            loop.call_soon_threadsafe(self._settle, fut, completion.get_return_value(), data)
-
-        async with self.slots:
-            try:
-                start(done)
-            except Exception as exc:  # refused before queueing (bad argument, closed)
-                code = getattr(exc, "errno", None) or errno.EIO
-                raise OSError(abs(code), f"{self.path}: {what}: {exc}") from None
+    async def _take(self) -> None:
+        """Take one of the ``max_inflight`` places (counted in ``inflight``), waiting
+        for one first come, first served."""
+        if self.inflight < self.max_inflight and not self._slot_waiters:
             self.inflight += 1
-            try:
-                return await fut
-            except OSError as exc:
-                code = TRANSIENT.get(exc.errno, exc.errno)
-                raise OSError(code, f"{self.path}: {what}: {exc.strerror}") from None
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._give_back()  # handed a place it will not use
+            else:
+                self._slot_waiters.remove(waiter)
+            raise
 
-    def _settle(self, fut: asyncio.Future, ret: int, data: Any) -> None:
-        """On the loop, once librbd is done with a request."""
+    def _give_back(self) -> None:
+        """A place is free: it goes to the first waiter (still counted), else away."""
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
         self.inflight -= 1
         if self.inflight == 0 and self._idle is not None:
             self._idle.set()
-        if fut.done():  # the caller gave up (cancelled): nothing to deliver
-            return
-        if ret < 0:
-            fut.set_exception(OSError(-ret, os.strerror(-ret)))
+
+    def _complete(self, fut: asyncio.Future, completion: Any, data: Any = None) -> None:
+        """librbd's callback, on one of its threads (the GIL held): queue the outcome and
+        wake the loop once for as many completions as arrive before it runs."""
+        self._finished.append((fut, completion, data))
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._loop.call_soon_threadsafe(self._drain)  # type: ignore[union-attr]
+
+    def _drain(self) -> None:
+        """On the loop: settle every completion queued so far."""
+        self._wake_pending = False  # first: a completion queued from now on wakes again
+        finished = self._finished
+        while finished:
+            fut, completion, data = finished.popleft()
+            self._give_back()
+            if fut.done():  # the caller gave up (cancelled): nothing to deliver
+                continue
+            ret = completion.get_return_value()
+            if ret < 0:
+                fut.set_exception(OSError(-ret, os.strerror(-ret)))
+            else:
+                fut.set_result(data)
+
+    # ------------------------------------------------------------------ the C path
+    async def _c_call(self, what: str, issue: Callable[..., int], *args: Any,
+                      keep: Any = None) -> int:
+        """Issue one request through librbd's C calls (``issue(*args)`` returns its
+        completion) and wait for its return value (:meth:`_c_events` settles it).
+        ``keep`` holds what librbd reads or fills (pinned buffers) until the request
+        is over, even for a caller that gave up waiting."""
+        if self.inflight < self.max_inflight and not self._slot_waiters:
+            self.inflight += 1
         else:
-            fut.set_result(data)
+            await self._take()
+        loop = asyncio.get_running_loop()
+        if self._watching is not loop:
+            assert self.c is not None
+            loop.add_reader(self.c.eventfd, self._c_events)
+            self._watching = loop
+        try:
+            comp = issue(*args)
+        except OSError as exc:  # refused before queueing
+            self._give_back()
+            raise OSError(exc.errno, f"{self.path}: {what}: {exc.strerror}") from None
+        fut = loop.create_future()
+        self._pending[comp] = (fut, keep)
+        try:
+            return await fut
+        except OSError as exc:
+            code = TRANSIENT.get(exc.errno, exc.errno)
+            raise OSError(code, f"{self.path}: {what}: {exc.strerror}") from None
+
+    def _c_events(self) -> None:
+        """The eventfd is readable: settle every request librbd has finished."""
+        assert self.c is not None
+        pending = self._pending
+        for comp, ret in self.c.poll():
+            entry = pending.pop(comp, None)
+            if entry is None:
+                continue
+            fut = entry[0]
+            self._give_back()
+            if fut.done():  # the caller gave up (cancelled): nothing to deliver
+                continue
+            if ret < 0:
+                fut.set_exception(OSError(-ret, os.strerror(-ret)))
+            else:
+                fut.set_result(ret)
 
     # ------------------------------------------------------------------ operations
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
         length = total(iov)
-        data = await self._aio("read", lambda cb: self.rbd.aio_read(offset, length, cb))
+        if self.c is not None:  # straight into the caller's buffers
+            if len(iov) == 1:
+                pinned = CImage.pin(iov[0])
+                got = await self._c_call("read", self.c.read, offset, pinned, keep=pinned)
+            else:
+                vec, keep = CImage.iovec(iov)
+                got = await self._c_call("read", self.c.readv, offset, vec, keep=keep)
+            if got != length:
+                raise OSError(errno.EIO, f"{self.path}: short read ({got} of {length} "
+                              f"bytes at {offset})")
+            return
+        data = await self._aio("read", self.rbd.aio_read, offset, length)
         if len(data) != length:
             raise OSError(errno.EIO, f"{self.path}: short read ({len(data)} of {length} "
                           f"bytes at {offset})")
@@ -133,18 +254,35 @@ class RbdDriver(Driver):
 
     async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
         self._require_writable()
+        if self.c is not None:  # straight from the caller's buffers
+            if any(view.readonly for view in iov):  # (ctypes pins writable ones only)
+                iov = [memoryview(bytearray(b"".join(iov)))]
+            if len(iov) == 1:
+                pinned = CImage.pin(iov[0])
+                await self._c_call("write", self.c.write, offset, pinned, keep=pinned)
+            else:
+                vec, keep = CImage.iovec(iov)
+                await self._c_call("write", self.c.writev, offset, vec, keep=keep)
+            if fua:
+                await self.flush()
+            return
         data = bytes(iov[0]) if len(iov) == 1 else b"".join(iov)
-        await self._aio("write", lambda cb: self.rbd.aio_write(data, offset, cb))
+        await self._aio("write", self.rbd.aio_write, data, offset)
         if fua:
             await self.flush()
 
     async def flush(self) -> None:
-        if self.writable:
-            await self._aio("flush", lambda cb: self.rbd.aio_flush(cb))
+        if self.writable and self.c is not None:
+            await self._c_call("flush", self.c.flush)
+        elif self.writable:
+            await self._aio("flush", self.rbd.aio_flush)
 
     async def discard(self, offset: int, length: int) -> None:
         self._require_writable()
-        await self._aio("discard", lambda cb: self.rbd.aio_discard(offset, length, cb))
+        if self.c is not None:
+            await self._c_call("discard", self.c.discard, offset, length)
+        else:
+            await self._aio("discard", self.rbd.aio_discard, offset, length)
 
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = True,
                            fast: bool = False, fua: bool = False) -> None:
@@ -153,8 +291,11 @@ class RbdDriver(Driver):
         # only into the partial ones at the edges: cheap either way, so FAST_ZERO is
         # honoured by doing it.
         flags = 0 if may_trim else self._thick_flag()
-        await self._aio("write zeroes", lambda cb: self.rbd.aio_write_zeroes(
-            offset, length, cb, zero_flags=flags))
+        if self.c is not None:
+            await self._c_call("write zeroes", self.c.write_zeroes, offset, length, flags)
+        else:
+            await self._aio("write zeroes", self.rbd.aio_write_zeroes, offset, length,
+                            zero_flags=flags)
         if fua:
             await self.flush()
 
@@ -169,11 +310,21 @@ class RbdDriver(Driver):
             obj = self.image.object_size
             limit = (offset // obj + STATUS_OBJECTS) * obj - offset
             length = max(1, min(length, limit))
-        async with self.slots:
-            runs = await self.engine.call(self.image.data_runs, offset, length)
+        await self._take()  # a place, though not librbd's: it runs in the engine
+        try:
+            runs = await self.engine.call(self._data_runs, offset, length)
+        finally:
+            self._give_back()
         out: Extents = [(n, STATE_DATA if data else STATE_HOLE | STATE_ZERO)
                         for _, n, data in runs]
         return merge_extents(out) or [(length, STATE_DATA)]
+
+    def _data_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        if self.c is None:
+            return self.image.data_runs(offset, length)
+        end = min(offset + length, self.size)
+        found = self.c.data_runs(offset, end - offset, end, self.image.fast_diff)
+        return data_runs_from(found, offset, end)
 
     async def close(self) -> None:
         # Let what librbd holds land first (the VBD drains before closing; this is for
@@ -181,6 +332,11 @@ class RbdDriver(Driver):
         while self.inflight:
             self._idle = asyncio.Event()
             await self._idle.wait()
+        if self.c is not None:
+            if self._watching is not None:
+                self._watching.remove_reader(self.c.eventfd)
+                self._watching = None
+            await self.engine.call(self.c.close)
         await self.engine.call(self.image.close)
 
     def describe(self) -> dict:

@@ -217,8 +217,10 @@ def _attach(ctx: OpenContext, driver: Driver, spec: str, below: str, *,
                                    writable=ctx.writable and type(driver).parent_writable)
     else:
         # A parent named by an image: whoever wrote the image chose it.
-        _, _, args = below.partition(":")
-        if os.path.exists(args):
+        kind, _, args = below.partition(":")
+        if kind == "rbd":  # a Ceph image: only from the pools the operator lists
+            default_policy(ctx.parent_policy).check_rbd(spec, below)
+        elif os.path.exists(args):
             policy = default_policy(ctx.parent_policy)
             real = os.path.realpath(args)
             if not policy.allows(real):
