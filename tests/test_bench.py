@@ -18,8 +18,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import goals  # noqa: E402
 import report  # noqa: E402
-import run as bench_run  # noqa: E402
 import servers  # noqa: E402
+
+import run as bench_run  # noqa: E402
 
 OTHER = "# Benchmark report\n\n## Coalesce (bench/coalesce.py)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
 

@@ -22,12 +22,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from model import Model, verify
-from procs import SYSTEM_PYTHON, Server, rss_kib, start_serve, start_tapdisk, tool
-
 from blktap.image import Chain
 from blktap.image.vhd.create import create as create_vhd
 from blktap.image.vhd.create import snapshot as snapshot_vhd
+from model import Model, verify
+from procs import SYSTEM_PYTHON, Server, rss_kib, start_serve, start_tapdisk, tool
 
 MiB = 1 << 20
 REGION = 8 * MiB
