@@ -148,17 +148,6 @@ def test_smoke_crash(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qcow2", "vhost-user", "blkif"])
-def test_smoke_crash_of_one_kind(tmp_path: Path, kind: str) -> None:
-    if kind == "qcow2":
-        need("nbdsh")
-        need("qemu-img")
-    s = _run(tmp_path, "crash", "--kinds", kind, "--trials", "3")["parts"]["crash"]
-    assert s["trials"] == 3 and set(s["kinds"]) == {kind} and s["durable_writes"] > 0
-    assert (s["failed"], s["lost_sectors"], s["torn_sectors"]) == (0, 0, 0)
-
-
-@pytest.mark.slow
 def test_smoke_maintenance_kills(tmp_path: Path) -> None:
     s = _run(tmp_path, "maint")["parts"]["maint"]
     assert s["trials"] == 10 and s["failed"] == 0 and s["killed_midway"] > 0
