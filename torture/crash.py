@@ -220,11 +220,13 @@ def read_as_judged(layout: str, spec: str, regions: list[int]) -> tuple[list[byt
     return qemu, None
 
 
-def _await_ready(child: subprocess.Popen, timeout: float = 60.0) -> str:
-    """What the blkif child printed up to and with ``R`` (its ring connected) and after,
-    read raw: ``communicate`` reads the pipe itself, past any reader's buffer."""
-    assert child.stdout is not None
-    fd = child.stdout.fileno()
+def _await_start(proc: subprocess.Popen, until: bytes, timeout: float = 60.0) -> str:
+    """What a writer printed up to its first line starting with ``until`` (or its end),
+    read raw: ``communicate`` reads the pipe itself, past any reader's buffer. The kill's
+    clock starts after it, so that no trial ends before its writers began (a loaded
+    machine can take a second to start a Python)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     got = b""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -232,15 +234,15 @@ def _await_ready(child: subprocess.Popen, timeout: float = 60.0) -> str:
         if ready:
             chunk = os.read(fd, 65536)
             if not chunk:
-                break
-            got += chunk
-            if got.startswith(b"R\n"):
                 return got.decode()
-        elif child.poll() is not None:
-            break
-    child.kill()
-    _, err = child.communicate(timeout=10)
-    raise RuntimeError(f"the blkif writer did not start: {err.strip()[-2000:]}")
+            got += chunk
+            if any(ln.startswith(until) for ln in got.split(b"\n")[:-1]):
+                return got.decode()
+        elif proc.poll() is not None:
+            return got.decode()
+    proc.kill()
+    _, err = proc.communicate(timeout=10)
+    raise RuntimeError(f"a writer did not start: {err.strip()[-2000:]}")
 
 
 def _await_socket(path: str, timeout: float = 30.0) -> None:
@@ -276,7 +278,7 @@ def run_trial(workdir: Path, seed: int, *, layout: str, transport: str, connecti
     regions = rng.sample(range(0, DISK, REGION), connections)
     server: Server | None = None
     writers: list[subprocess.Popen] = []
-    early = ""  # what the blkif child printed before the clock started
+    early: list[str] = []  # what each writer printed before the clock started
     try:
         depth = str(rng.choice((1, 4, 16)))
         if transport == "blkif":
@@ -287,7 +289,9 @@ def run_trial(workdir: Path, seed: int, *, layout: str, transport: str, connecti
                  "--order", str(order), "--abi", str(abi)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             writers.append(child)
-            early = _await_ready(child)
+            early.append(_await_start(child, b"R"))  # its ring is connected
+            if not early[0].startswith("R\n"):
+                raise RuntimeError(f"the blkif writer did not start: {early[0][-2000:]}")
             server = Server("blkif", "", child.pid, proc=child)
         elif transport in VHOST_TRANSPORTS:
             server = (start_serve(spec, workdir / "nbd.sock",
@@ -308,6 +312,8 @@ def run_trial(workdir: Path, seed: int, *, layout: str, transport: str, connecti
                     [SYSTEM_PYTHON, WRITER, server.uri, str(seed * 16 + i), str(region),
                      str(REGION), "--depth", str(rng.choice((1, 4, 16))), "--seconds", "60"],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        if transport != "blkif":
+            early = [_await_start(w, b"S") for w in writers]  # its first write is sent
         time.sleep(trial.kill_after)
         trial.server_rss_kib = rss_kib(server.pid)
         if server.proc is not None and server.proc.poll() is not None:
@@ -326,8 +332,10 @@ def run_trial(workdir: Path, seed: int, *, layout: str, transport: str, connecti
                 trial.problems.append(f"a writer failed (exit {w.returncode}): "
                                       f"{err.strip()[-1500:]}")
             outputs.append(out)
-        if early:
-            outputs[0] = early + outputs[0]
+        outputs = [e + o for e, o in zip(early, outputs, strict=True)]
+        for out in outputs:
+            if not any(ln.startswith("S ") for ln in out.splitlines()):
+                trial.problems.append(f"a writer sent no write: {out.strip()[-300:]!r}")
     finally:
         for w in writers:
             if w.poll() is None:
