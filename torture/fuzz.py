@@ -372,7 +372,7 @@ _qcow2_path = os.path.join(_vhd_dir, "fuzz.qcow2")
 
 # The status walk stops after this many sectors: a mutated header may claim any size, and
 # mapping millions of 512-byte clusters one by one is time, not coverage.
-QCOW2_STATUS_SECTORS = 1 << 12
+QCOW2_STATUS_SECTORS = 1 << 11  # 1 MiB: the largest seed
 
 
 def qcow2_target(data: bytes) -> None:
