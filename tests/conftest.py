@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("BLKTAP_SHARED", ROOT.parent / "shared"))
 FIXTURE_TARBALL = SHARED / "fixtures" / "vhd-reference.tar.gz"
 VENV_BIN = Path(sys.executable).parent
+# The guest stand-ins (torture/vhost_user_frontend.py, torture/xen_guest.py) live with the
+# torture harness, which uses them too and must not import from tests/.
+if str(ROOT / "torture") not in sys.path:
+    sys.path.append(str(ROOT / "torture"))
 
 
 def tool(name: str) -> str:

@@ -26,9 +26,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import calibrate  # noqa: E402
 import goals  # noqa: E402
 import report  # noqa: E402
-import run as bench_run  # noqa: E402
 import servers  # noqa: E402
 import stats  # noqa: E402
+
+import run as bench_run  # noqa: E402
 
 OTHER = "# Benchmark report\n\n## Coalesce (bench/coalesce.py)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
 

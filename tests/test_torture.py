@@ -87,15 +87,42 @@ def test_failed_flush_makes_nothing_durable() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["lose", "tear"])
-def test_a_trial_notices_damage(tmp_path: Path, damage: str) -> None:
-    need("nbdsh")
+@pytest.mark.parametrize(("damage", "layout", "transport"), [
+    ("lose", "dynamic", "serve"), ("tear", "dynamic", "serve"),
+    ("lose", "qcow2-backed", "serve"), ("tear", "raw", "vhost-serve"),
+    ("lose", "raw", "blkif")])
+def test_a_trial_notices_damage(tmp_path: Path, damage: str, layout: str,
+                                transport: str) -> None:
+    if transport in ("serve", "tapdisk"):
+        need("nbdsh")
+    if layout.startswith("qcow2"):
+        need("qemu-img")
     import crash
 
-    trial = crash.run_trial(tmp_path / "t", 11, layout="dynamic", transport="serve",
+    trial = crash.run_trial(tmp_path / "t", 11, layout=layout, transport=transport,
                             connections=1, max_kill_after=1.0, damage=damage)
     assert trial.durable_writes > 0
     assert not trial.ok and (trial.lost or trial.torn), trial
+
+
+def test_kinds_are_taken_in_turn() -> None:
+    import crash
+
+    plan = crash.combos(("qcow2", "vhost-user", "blkif"))
+    assert [k for k, *_ in plan[:3]] == ["qcow2", "vhost-user", "blkif"]
+    assert {lay for k, lay, _, _ in plan if k == "qcow2"} == set(crash.QCOW2_LAYOUTS)
+    assert {tr for k, _, tr, _ in plan if k == "vhost-user"} == {"vhost-serve",
+                                                                 "vhost-tapdisk"}
+    # one ring per blkif child, one vhost-user socket per tapdisk
+    assert all(c == 1 for _, _, tr, c in plan if tr in ("blkif", "vhost-tapdisk"))
+    assert any(c == 2 for _, _, tr, c in plan if tr == "vhost-serve")
+
+
+def test_unknown_kind_is_refused(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, str(ROOT / "torture" / "run.py"), "crash",
+                          "--kinds", "qcow2,floppy", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "unknown floppy" in res.stderr
 
 
 def _run(tmp_path: Path, *args: str) -> dict:
@@ -110,9 +137,14 @@ def _run(tmp_path: Path, *args: str) -> dict:
 @pytest.mark.slow
 def test_smoke_crash(tmp_path: Path) -> None:
     need("nbdsh")
+    need("qemu-img")
     s = _run(tmp_path, "crash")["parts"]["crash"]
-    assert s["trials"] == 8 and s["durable_writes"] > 100
+    assert s["trials"] == 10 and s["durable_writes"] > 100
     assert (s["lost_sectors"], s["torn_sectors"], s["images_failing_check"]) == (0, 0, 0)
+    # every kind took its turn (two trials each) and made writes durable
+    assert set(s["kinds"]) == {"vhd", "raw", "qcow2", "vhost-user", "blkif"}
+    for kind, k in s["kinds"].items():
+        assert k["trials"] == 2 and k["failed"] == 0 and k["durable_writes"] > 0, kind
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""vhost-user-blk: the protocol, from a front-end's side (tests/vhost_user_frontend.py).
+"""vhost-user-blk: the protocol, from a front-end's side (torture/vhost_user_frontend.py).
 
 Every test runs against our back-end (``blktap serve TYPE:PATH --vhost-user SOCK``) and,
 where the vhost-user and virtio specs define the behaviour, against qemu-storage-daemon's

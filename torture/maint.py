@@ -28,11 +28,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from procs import tool
-
 from blktap.image import Chain
 from blktap.image.vhd.create import create as create_vhd
 from blktap.image.vhd.create import snapshot as snapshot_vhd
+from procs import tool
 
 MiB = 1 << 20
 SIZE = 256 * MiB

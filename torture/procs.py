@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
@@ -49,6 +49,7 @@ class Server:
     proc: subprocess.Popen | None = None
     minor: int | None = None
     env: dict[str, str] | None = None
+    vhost: list[str] = field(default_factory=list)  # vhost-user sockets, when asked for
 
     def kill(self) -> None:
         try:
@@ -92,17 +93,26 @@ def _state(pid: int) -> str:
         return "?"
 
 
-def start_serve(spec: str, sock: Path) -> Server:
-    proc = subprocess.Popen([tool("blktap"), "serve", spec, "--socket", str(sock)],
+def start_serve(spec: str, sock: Path, vhost_user: list[Path] | None = None) -> Server:
+    """``blktap serve`` on an NBD socket, or (``vhost_user``) on vhost-user sockets only."""
+    where = (["--socket", str(sock)] if not vhost_user else
+             [a for p in vhost_user for a in ("--vhost-user", str(p))])
+    proc = subprocess.Popen([tool("blktap"), "serve", spec, *where],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + START_TIMEOUT
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()  # (raw reads: select does not see what a reader buffered)
+    got = b""
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        ready, _, _ = select.select([fd], [], [], 0.2)
         if ready:
-            line = proc.stdout.readline().strip()
-            if line:
-                return Server("serve", line, proc.pid, proc=proc)
+            got += os.read(fd, 4096)
+            lines = [ln.strip() for ln in got.decode().split("\n")[:-1] if ln.strip()]
+            if lines and not vhost_user:
+                return Server("serve", lines[0], proc.pid, proc=proc)
+            if vhost_user and len(lines) == len(vhost_user):
+                return Server("serve", lines[0], proc.pid, proc=proc,
+                              vhost=[ln.split(":", 1)[1] for ln in lines])
         if proc.poll() is not None:
             break
     proc.kill()
@@ -110,9 +120,13 @@ def start_serve(spec: str, sock: Path) -> Server:
     raise RuntimeError(f"blktap serve {spec} did not start: {err.strip()}")
 
 
-def start_tapdisk(spec: str, workdir: Path) -> Server:
+def start_tapdisk(spec: str, workdir: Path, vhost_user: bool = False) -> Server:
+    """A tapdisk made by ``tap-ctl create``; with ``vhost_user`` it also exports the disk
+    on its vhost-user socket (BLKTAP_VHOST_USER=1)."""
     env = {**os.environ, "BLKTAP_CONTROL_DIR": str(workdir / "run"),
            "BLKTAP_LOG_DIR": str(workdir / "log")}
+    if vhost_user:
+        env["BLKTAP_VHOST_USER"] = "1"
     res = subprocess.run([tool("tap-ctl"), "create", "-a", spec], env=env,
                          capture_output=True, text=True, timeout=60)
     if res.returncode != 0:
@@ -125,4 +139,6 @@ def start_tapdisk(spec: str, workdir: Path) -> Server:
         raise RuntimeError(f"tap-ctl list: no tapdisk for minor {minor}: {res.stdout!r}")
     pid = int(m.group(1))
     sock = workdir / "run" / f"nbd{pid}.{minor}"
-    return Server("tapdisk", f"nbd+unix:///?socket={sock}", pid, minor=minor, env=env)
+    vhost = [str(workdir / "run" / f"vhost{pid}.{minor}")] if vhost_user else []
+    return Server("tapdisk", f"nbd+unix:///?socket={sock}", pid, minor=minor, env=env,
+                  vhost=vhost)

@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import nbd  # noqa: E402  (python3-libnbd, system Python)
+
 from model import SECTOR, write_bytes  # noqa: E402
 
 MAX_WRITE = 128 * 1024
