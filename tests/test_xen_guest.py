@@ -276,6 +276,17 @@ def test_userspace_pv_default_workload(testbed, payload, tmp_path):
     assert keys.get("backend/physical-device-path", "").startswith("/run/blktap-control/nbd")
 
 
+def test_userspace_pvh_default_workload(testbed, payload, tmp_path):
+    """The same through a PVH guest (an HVM container on the rig's emulated nested SVM): a
+    second opinion, retried once as the rig's README advises."""
+    out = tmp_path / "run"
+    rc, text = run_testbed(testbed, out, "userspace-pvh", payload=payload, backend=BACKEND_CMD)
+    assert rc == 0, explain(out, text)
+    log = (out / "out" / "backend.log").read_text(errors="replace")
+    assert re.search(r"connected: order \d+, event channel \d+", log), log[-3000:]
+    assert "guest-wrote-ok" in text, text[-3000:]
+
+
 def test_userspace_pv_with_our_hotplug_script(testbed, payload, tmp_path):
     out = tmp_path / "run"
     rc, text = run_testbed(testbed, out, "userspace-pv", payload=payload,
