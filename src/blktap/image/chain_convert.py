@@ -122,7 +122,11 @@ def check_targets(names: list[str], sources: list[Chain], replace: bool) -> None
         if (st.st_dev, st.st_ino) in identities:
             raise UsageError(f"{name} is part of the source chain; refusing to replace it")
         if not replace:
-            raise UsageError(f"{name}: already exists (use --force to replace it)", errno.EEXIST)
+            what = "" if name == names[0] else \
+                " (a layer of the converted chain would take that name: --layer-name " \
+                "picks other names)"
+            raise UsageError(f"{name}: already exists{what}; use --force to replace it",
+                             errno.EEXIST)
         if not os.path.isfile(name):
             raise UsageError(f"{name}: not a regular file; --force only replaces regular "
                              f"files")
