@@ -350,6 +350,24 @@ class Qcow2Image:
             self._l2_cache.move_to_end(off)
         return table
 
+    def plain_data(self, offset: int, length: int) -> bool:
+        """Whether the range lies inside one cluster stored as plain data (not zero, not
+        compressed, not in subclusters) whose L2 table is in memory: one lookup, nothing
+        read and no runs built (the status a server asks before each read)."""
+        cs = self.cluster_size
+        cluster = offset // cs
+        if self.extended or (offset + length - 1) // cs != cluster:
+            return False
+        l1i, l2i = divmod(cluster, self.l2_entries)
+        if l1i >= len(self.l1):
+            return False
+        table = self._l2_cache.get(self.l1[l1i] & s.L1_OFFSET_MASK)
+        if table is None:
+            return False
+        entry = table[l2i]
+        return bool(entry & s.L2_OFFSET_MASK) and not entry & (s.OFLAG_COMPRESSED |
+                                                                s.OFLAG_ZERO)
+
     def metadata_cached(self, offset: int, length: int) -> bool:
         """Whether finding the runs of the range reads nothing from the file."""
         span = self.cluster_size * self.l2_entries
