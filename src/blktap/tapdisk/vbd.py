@@ -485,8 +485,13 @@ class VBD:
             extents = self.driver.status_now(offset, length)
         except Exception:  # the read reports what is wrong
             return None
-        if extents is None or (len(extents) == 1 and not extents[0][1] & STATE_ZERO):
+        if extents is None:
             return None
+        if len(extents) == 1:  # the common cases: data, or zeros from end to end
+            if not extents[0][1] & STATE_ZERO or extents[0][0] != length:
+                return None
+            self._served_now(False, length // SECTOR)
+            return [(length, True)]
         runs: list[tuple[int, bool]] = []
         covered = 0
         for n, flags in extents:

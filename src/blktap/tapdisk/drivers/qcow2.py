@@ -258,8 +258,13 @@ class Qcow2Driver(Driver):
     def status_now(self, offset: int, length: int) -> Extents | None:
         # The common case first, cheap and without the lock: one cached L2 entry (as
         # vhd reads its BAT: a racing write may be seen or not, as for any read).
-        if self.image.plain_data(offset, length):
+        kind = self.image.quick_kind(offset, length)
+        if kind == q2.DATA:
             return [(length, STATE_DATA)]
+        if kind == q2.HOLE:
+            return self.forward_status_now(offset, length)
+        if kind == q2.ZERO:
+            return [(length, STATE_HOLE | STATE_ZERO)]
         runs = self._runs_now(offset, length)
         if runs is None:
             return None
