@@ -934,6 +934,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("--keep-chain and -B write files, not RBD images")
     if args.backing_format and not args.backing:
         raise UsageError("-F names the format of -B BASE: give -B")
+    if args.layer_name != "{name}.{ext}" and not args.keep_chain:
+        raise UsageError("--layer-name names the layers of --keep-chain: give --keep-chain")
     if args.keep_chain or args.backing:
         fmt, dst = output_format(args.output_format, args.dst, "raw")
         return cmd_convert_layers(args, fmt, dst)

@@ -153,7 +153,8 @@ def convert_chain(chain: Chain, names: list[str], fmt: str, *, sparse: bool = Tr
     layers = [NewLayer(name, fmt, _target_size(fmt, layer.size))
               for name, layer in zip(names, chain.layers, strict=True)]
     uuids = [_uuid.uuid4().bytes for _ in layers]
-    offsets = [sum(x.size for x in chain.layers[:i]) for i in range(len(chain))]
+    # Progress: the layers are written base first, each after those below it.
+    offsets = [sum(x.size for x in chain.layers[i + 1 :]) for i in range(len(chain))]
     made: list[tuple[str, tuple[int, int]]] = []
     try:
         with ExitStack() as stack:
