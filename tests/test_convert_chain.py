@@ -220,3 +220,34 @@ def test_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
             chain_convert.convert_chain(chain, names, "vhd")
         assert os.listdir(out) == ["top.vhd"]
         assert (out / "top.vhd").read_bytes() == b"stranger"
+
+
+def test_same_format_chains(tmp_path: Path) -> None:
+    """qcow2 to qcow2 and VHD to VHD keep their chains too (a copy layer by layer)."""
+    top = qcow2_chain(tmp_path)
+    out = tmp_path / "q"
+    out.mkdir()
+    code, _, err = blktap("convert", "--keep-chain", f"qcow2:{top}", out / "top.qcow2")
+    assert code == 0, err
+    res = run(["qemu-img", "compare", str(top), str(out / "top.qcow2")], text=True)
+    assert res.returncode == 0, res.stdout
+    assert [Path(x["filename"]).name for x in json.loads(qemu_img(
+        "info", "--backing-chain", "--output=json", out / "top.qcow2"))] == \
+        ["top.qcow2", "mid.qcow2", "base.qcow2"]
+    for depth in range(3):
+        assert own_sectors(f"qcow2:{out / 'top.qcow2'}", depth) == \
+            own_sectors(f"qcow2:{top}", depth)
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    v1.mkdir()
+    v2.mkdir()
+    code, _, err = blktap("convert", "--keep-chain", f"qcow2:{top}", v1 / "top.vhd")
+    assert code == 0, err
+    code, _, err = blktap("convert", "--keep-chain", f"vhd:{v1 / 'top.vhd'}",
+                          v2 / "top.vhd")
+    assert code == 0, err
+    for name in ("top.vhd", "mid.vhd", "base.vhd"):
+        assert vhd_util("check", "-n", v2 / name)[0] == 0
+    for depth in range(3):
+        assert own_sectors(f"vhd:{v2 / 'top.vhd'}", depth) == \
+            own_sectors(f"vhd:{v1 / 'top.vhd'}", depth)
+    served_compare(top, v2 / "top.vhd", tmp_path)
