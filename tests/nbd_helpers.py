@@ -160,6 +160,8 @@ class Wire:
             payload = self.recv(length)
             if kind == 1:
                 data += payload[8:]
+            elif kind == 2:  # a hole: zeros, filled in here
+                data += bytes(struct.unpack(">QI", payload)[1])
             elif kind == 5:
                 data += payload
             elif kind & 0x8000:

@@ -308,3 +308,23 @@ def test_vhd_util_copy_killed_or_completed(tmp_path: Path, source: Path, mode: s
     assert leftovers(tmp_path, {src.name, key.name}) == {dst.name}
     res = run([tool("vhd-util"), "check", "-n", str(dst)], text=True)
     assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.parametrize("mode", ["tmpfile", "folder"])
+def test_signal_of_convert_keep_chain_cleans_up(tmp_path: Path, source: Path,
+                                                mode: str) -> None:
+    """convert --keep-chain builds every layer aside: SIGTERM while it writes the base
+    leaves no layer, finished or not, under any name."""
+    src = tmp_path / "src"
+    src.mkdir()
+    snap = src / "snap.vhd"
+    res = run([tool("blktap"), "snapshot", str(snap), f"raw:{source}"], text=True)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, BLKTAP_NO_TMPFILE="1" if mode == "folder" else "")
+    argv = [tool("blktap"), "convert", "--keep-chain", "-O", "qcow2", f"vhd:{snap}",
+            str(out / "snap.qcow2")]
+    got = signal_mid_build(argv, out, signal.SIGTERM, env)
+    assert got == (143, "blktap: terminated\n")
+    assert leftovers(out, set()) == set()

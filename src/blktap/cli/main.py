@@ -3,7 +3,8 @@
     blktap info IMAGE            what an image is, its chain and how much it holds
     blktap create IMAGE SIZE     a new VHD or raw disk
     blktap snapshot CHILD PARENT a differencing VHD over a parent
-    blktap convert SRC DST       a chain flattened into a new raw file or VHD
+    blktap convert SRC DST       a chain flattened into a new raw file, VHD or qcow2 image
+                                 (--keep-chain: layer by layer; -B BASE: over a base)
     blktap compare A B           whether two disks read the same
     blktap map IMAGE             which layer holds each part of the disk
     blktap copy SRC DST          copy only the allocated extents onto another disk
@@ -79,6 +80,7 @@ from blktap.cli.common import (
     sigterm_raises,
 )
 from blktap.errors import BlktapError, FormatError, UsageError
+from blktap.image import chain_convert
 from blktap.image import rbd as rbdlib
 from blktap.image.chain import (
     SECTOR_SIZE,
@@ -247,6 +249,21 @@ def _add_convert(sub: Any) -> None:
                      help="skip zeros so that DST stays sparse (default: --sparse)")
     cmd.add_argument("--force", action="store_true",
                      help="replace DST if it exists (a regular file, not part of SRC)")
+    layers = cmd.add_argument_group("keeping layers (VHD and qcow2 output)")
+    layers.add_argument("--keep-chain", action="store_true",
+                        help="convert each layer of SRC's chain into a layer of its own "
+                             "(DST is the leaf; the parents go beside it, named by "
+                             "--layer-name), each holding only its source layer's data")
+    layers.add_argument("--layer-name", metavar="PATTERN", default="{name}.{ext}",
+                        help="with --keep-chain: the parents' file names, in DST's folder; "
+                             "fields {name} (the source layer's name without extension), "
+                             "{depth} (1: the leaf's parent), {ext} (default: {name}.{ext})")
+    layers.add_argument("-B", "--backing", metavar="BASE",
+                        help="make DST a child of the existing image BASE, holding only "
+                             "where SRC reads differently from BASE (as qemu-img convert "
+                             "-B)")
+    layers.add_argument("-F", "--backing-format", choices=("vhd", "vpc", "qcow2", "raw"),
+                        help="BASE's format (same as a vhd:/qcow2:/raw: prefix on BASE)")
     add_output_option(cmd)
     add_progress_option(cmd)
     add_key_file(cmd, "SRC")
@@ -866,7 +883,80 @@ def write_rbd(chain: Chain, dst: str, sparse: bool, force: bool) -> int:
     return written
 
 
+def cmd_convert_layers(args: argparse.Namespace, fmt: str, dst: str) -> int:
+    """convert --keep-chain, and convert -B BASE."""
+    if args.keep_chain and args.backing:
+        raise UsageError("--keep-chain and -B exclude each other (-B makes one layer over "
+                         "an existing base)")
+    if args.fixed:
+        raise UsageError("--fixed makes a whole disk; a kept chain's layers and a child of "
+                         "-B are differencing images")
+    if fmt not in chain_convert.CHAIN_FORMATS:
+        raise UsageError(f"{'--keep-chain' if args.keep_chain else '-B'} needs VHD or qcow2 "
+                         f"output (-O vhd|qcow2): a {fmt} image has no parent link")
+    options = qcow2_options(args.options)
+    started = time.monotonic()
+    with open_chain(args.src, args, key_file=args.key_file) as chain:
+        if args.keep_chain:
+            names = chain_convert.layer_names(chain, dst, fmt, args.layer_name)
+            chain_convert.check_targets(names, [chain], args.force)
+            total = sum(layer.size for layer in chain.layers)
+            with errors_about(dst), \
+                    progress_for(args, f"converting layers to {fmt}", total) as progress:
+                made = chain_convert.convert_chain(
+                    chain, names, fmt, sparse=args.sparse, replace=args.force,
+                    options=options, progress=progress.update)
+        else:
+            made = [convert_onto(args, chain, fmt, dst, options)]
+    elapsed = time.monotonic() - started
+    layers = [{"depth": depth, "source": source.path, "target": new.path, "format": new.fmt,
+               "virtual_size": new.size, "written": new.written}
+              for depth, (source, new) in enumerate(zip(chain.layers, made, strict=False))]
+    if args.backing:
+        layers[0]["backing"] = args.backing
+    if args.json:
+        print_json({"source": chain.leaf.path, "layers": layers, "target": dst,
+                    "format": fmt, "seconds": round(elapsed, 3)})
+        return 0
+    what = "onto " + args.backing if args.backing else f"{len(made)} layer" + \
+        ("s" if len(made) > 1 else "")
+    print(f"Converted {chain.leaf.path} to {fmt} ({what}):")
+    rows = [(x["depth"], x["target"], human_size(x["virtual_size"]),
+             human_size(x["written"]), x["source"]) for x in layers]
+    for line in format_table(("depth", "image", "size", "written", "from"), rows, "llrrl"):
+        print("  " + line)
+    return 0
+
+
+def convert_onto(args: argparse.Namespace, chain: Chain, fmt: str, dst: str,
+                 options: dict[str, Any]) -> chain_convert.NewLayer:
+    """convert -B: DST over the existing BASE."""
+    base_spec = args.backing
+    if args.backing_format:
+        prefixed, path = parse_spec(base_spec)
+        named = {"vpc": "vhd"}.get(args.backing_format, args.backing_format)
+        if prefixed and prefixed != named:
+            raise UsageError(f"{base_spec}: the {prefixed}: prefix contradicts -F "
+                             f"{args.backing_format}")
+        base_spec = f"{named}:{path}"
+    with open_chain(base_spec, args) as base:
+        chain_convert.check_targets([dst], [chain, base], args.force)
+        with errors_about(dst), staged_output(dst, args.force) as tmp, \
+                progress_for(args, f"converting to {fmt}", chain.size) as progress:
+            return chain_convert.convert_onto(chain, base, tmp, dst, fmt, options=options,
+                                              progress=progress.update)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    if (args.keep_chain or args.backing) and args.dst.startswith("rbd:"):
+        raise UsageError("--keep-chain and -B write files, not RBD images")
+    if args.backing_format and not args.backing:
+        raise UsageError("-F names the format of -B BASE: give -B")
+    if args.layer_name != "{name}.{ext}" and not args.keep_chain:
+        raise UsageError("--layer-name names the layers of --keep-chain: give --keep-chain")
+    if args.keep_chain or args.backing:
+        fmt, dst = output_format(args.output_format, args.dst, "raw")
+        return cmd_convert_layers(args, fmt, dst)
     if args.dst.startswith("rbd:"):
         if args.options or args.fixed or args.output_format not in (None, "raw"):
             raise UsageError("an RBD destination takes no -o, --fixed or other format")

@@ -426,6 +426,34 @@ class Chain:
         if tail:
             yield tail[0], tail[1], None, False
 
+    def own_runs(self, depth: int) -> Iterator[tuple[int, int, bool]]:
+        """(first sector, count, reads as zeros) of the runs the layer at ``depth`` holds
+        itself (its data, and a qcow2 layer's zero clusters), in order; what it leaves to
+        the layers below is not listed."""
+        layer = self.layers[depth]
+        if isinstance(layer, RbdImage):
+            for off, n, has_data in layer.data_runs(0, layer.size):
+                if has_data:
+                    first = off // SECTOR_SIZE
+                    yield first, -(-(off + n) // SECTOR_SIZE) - first, False
+        elif isinstance(layer, RawImage):
+            for first, n, has_data in layer.data_extents(0, layer.sectors):
+                if has_data:
+                    yield first, n, False
+        elif isinstance(layer, Qcow2Image):
+            for first, n, kind in layer.status(0, layer.sectors):
+                if kind != q2.HOLE:
+                    yield first, n, kind == q2.ZERO
+        else:
+            for first, n, file_off in layer.extents(0, layer.sectors):
+                if file_off is not None:
+                    yield first, n, False
+
+    def read_from(self, depth: int, sector: int, view: memoryview) -> None:
+        """Fill ``view`` (whole sectors) with what the chain reads as from the layer at
+        ``depth`` down (depth 0: the disk; past a layer's end: zeros)."""
+        self._read(depth, sector, len(view) // SECTOR_SIZE, view)
+
     def allocated_bytes(self) -> int:
         """Bytes of the disk that some layer holds."""
         return sum(e.length for e in self.map() if e.depth is not None)

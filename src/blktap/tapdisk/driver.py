@@ -232,6 +232,20 @@ class Driver:
             out.append((length - inside, STATE_HOLE | STATE_ZERO))
         return merge_extents(out)
 
+    def forward_status_now(self, offset: int, length: int) -> Extents | None:
+        """:meth:`status_now` of the parent (past its end, and below the last layer: a
+        hole that reads as zeros), or None if it cannot answer now."""
+        parent = self.parent
+        if parent is None or offset >= parent.size:
+            return [(length, STATE_HOLE | STATE_ZERO)]
+        inside = min(length, parent.size - offset)
+        out = parent.status_now(offset, inside)
+        if out is None:
+            return None
+        if inside < length:
+            out = [*out, (length - inside, STATE_HOLE | STATE_ZERO)]
+        return out
+
     async def reads_as_zeros(self, offset: int, length: int) -> bool:
         """Whether the range certainly reads as zeros (asked of a parent before writing
         zeros over a part a child does not hold)."""
@@ -337,6 +351,15 @@ class Driver:
         """Runs from ``offset`` covering at least one byte and at most ``length``."""
         return [(length, STATE_DATA)]
 
+    def status_now(self, offset: int, length: int) -> Extents | None:
+        """The synchronous side door of :meth:`block_status`: runs covering exactly
+        ``[offset, offset + length)`` (whole sectors), from what is in memory (cached
+        metadata), never waiting; None when it cannot tell without waiting. Transports
+        ask it before a read, to answer the parts that read as zeros without reading
+        them (NBD's hole chunks): it must be cheap, and cheapest for data (one run).
+        Drivers that cannot tell keep this default."""
+        return None
+
     async def cache(self, offset: int, length: int) -> None:
         return None
 
@@ -410,6 +433,9 @@ class Filter(Driver):
 
     async def block_status(self, offset: int, length: int) -> Extents:
         return await self.forward_block_status(offset, length)
+
+    def status_now(self, offset: int, length: int) -> Extents | None:
+        return self.forward_status_now(offset, length)
 
     async def cache(self, offset: int, length: int) -> None:
         await self.below.cache(offset, length)

@@ -47,6 +47,7 @@ from blktap.io.engine import settled
 from blktap.metrics.latency import OpLatency
 from blktap.tapdisk.driver import (
     SECTOR,
+    STATE_ZERO,
     Caps,
     DirtyBitmap,
     Driver,
@@ -65,6 +66,10 @@ WATCHDOG_TIMEOUT = 10.0
 # A merged request stays below these (bytes, buffers).
 MAX_MERGE_BYTES = 8 << 20
 MAX_MERGE_IOVS = 256
+# zero_runs_now: zero runs shorter than this inside a read are sent as data, and a read
+# that would be answered in more runs than this is answered as data.
+HOLE_MIN = 4096
+HOLE_MAX_RUNS = 16
 
 
 class VbdState(enum.IntFlag):
@@ -461,6 +466,60 @@ class VBD:
             layer.hits[0] += n
         self._served_now(False, length // SECTOR)
         return True
+
+    def zero_runs_now(self, offset: int, length: int, *, min_hole: int = HOLE_MIN,
+                      max_runs: int = HOLE_MAX_RUNS) -> list[tuple[int, bool]] | None:
+        """For a read about to be served: the runs of ``[offset, offset + length)`` as
+        (length, reads as zeros), from the driver stack's :meth:`Driver.status_now`
+        (cached metadata, never waiting), when some part of it reads as zeros; None when
+        all of it is data, or the stack cannot tell now (then read as usual).
+
+        Zero runs shorter than ``min_hole`` inside the range count as data, and more than
+        ``max_runs`` runs give None: a reply in many small pieces costs more than the
+        zeros. A range that reads as zeros from end to end is one run (``[(length,
+        True)]``): the caller answers it without reading, and it is counted here as a
+        read served."""
+        try:
+            extents = self.driver.status_now(offset, length)
+        except Exception:  # the read reports what is wrong
+            return None
+        # Data first, and cheaply: it is what most reads are, and read_now checks the
+        # rest (a running disk, whole sectors inside it) for them.
+        if extents is None or (len(extents) == 1 and not extents[0][1] & STATE_ZERO):
+            return None
+        if not self._may_serve_now(offset, length):
+            return None
+        if len(extents) == 1:  # zeros from end to end
+            if extents[0][0] != length:
+                return None
+            self._served_now(False, length // SECTOR)
+            return [(length, True)]
+        runs: list[tuple[int, bool]] = []
+        covered = 0
+        for n, flags in extents:
+            zero = bool(flags & STATE_ZERO)
+            covered += n
+            if runs and runs[-1][1] == zero:
+                runs[-1] = (runs[-1][0] + n, zero)
+            else:
+                runs.append((n, zero))
+        if covered != length:
+            return None
+        if len(runs) == 1:
+            if not runs[0][1]:
+                return None
+            self._served_now(False, length // SECTOR)
+            return runs
+        small = [(n, zero and n >= min_hole) for n, zero in runs]
+        runs = []
+        for n, zero in small:
+            if runs and runs[-1][1] == zero:
+                runs[-1] = (runs[-1][0] + n, zero)
+            else:
+                runs.append((n, zero))
+        if len(runs) == 1 or len(runs) > max_runs:
+            return None
+        return runs
 
     def write_now(self, offset: int, view: memoryview, *, fua: bool = False) -> bool:
         """:meth:`read_now` for writes: True once the data is written (durable with

@@ -350,6 +350,31 @@ class Qcow2Image:
             self._l2_cache.move_to_end(off)
         return table
 
+    def quick_kind(self, offset: int, length: int) -> int | None:
+        """The kind (DATA, ZERO or HOLE) of a range inside one cluster, when one lookup
+        in memory tells (an L1 entry without a table, or an L2 table in the cache, plain
+        clusters: not compressed, not in subclusters); else None. Nothing is read and no
+        runs are built: the status a server asks before each read."""
+        cs = self.cluster_size
+        cluster = offset // cs
+        if self.extended or (offset + length - 1) // cs != cluster:
+            return None
+        l1i, l2i = divmod(cluster, self.l2_entries)
+        if l1i >= len(self.l1):
+            return None
+        l2_off = self.l1[l1i] & s.L1_OFFSET_MASK
+        if not l2_off:
+            return HOLE
+        table = self._l2_cache.get(l2_off)
+        if table is None:
+            return None
+        entry = table[l2i]
+        if entry & (s.OFLAG_COMPRESSED | s.L2_STANDARD_RESERVED_MASK):
+            return None
+        if entry & s.OFLAG_ZERO:
+            return ZERO if self.version >= 3 else None
+        return DATA if entry & s.L2_OFFSET_MASK else HOLE
+
     def metadata_cached(self, offset: int, length: int) -> bool:
         """Whether finding the runs of the range reads nothing from the file."""
         span = self.cluster_size * self.l2_entries

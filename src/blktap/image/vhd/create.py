@@ -309,3 +309,17 @@ def _snapshot_rbd(child: str, parent: str, prealloc_size: int | None,
     content = _build_dynamic(size, max_bat, footer, info, None)
     _publish(child, lambda fd: pwrite_all(fd, content, 0))
     return info.path
+
+
+def differencing(path: str, size: int, parent: ParentInfo, locator_path: str, *,
+                 uuid: bytes | None = None, timestamp: int | None = None) -> None:
+    """Create a differencing VHD at ``path`` from what it records of its parent, without
+    opening the parent: for a parent that is still being built (blktap convert
+    --keep-chain writes a whole chain aside). ``parent.path`` is the parent's final name,
+    ``locator_path`` the name the locators hold (relative to ``path``'s folder: ``./p``)."""
+    size = s.pad_sector(size)
+    _validate_size(size)
+    footer = _new_footer(size, s.DISK_TYPE_DIFF, timestamp, uuid)
+    content = _build_dynamic(size, -(-size // s.DEFAULT_BLOCK_SIZE), footer, parent,
+                             locator_path)
+    _publish(path, lambda fd: pwrite_all(fd, content, 0))

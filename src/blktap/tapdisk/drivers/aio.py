@@ -52,6 +52,12 @@ class AioDriver(Driver):
         # Requests handed to the engine and not completed yet (the C driver's pending
         # count, reported in stats; the side doors complete at once and never wait).
         self.pending = 0
+        # status_now: a file with every block allocated has no hole (until this driver
+        # punches one: discard, write_zeroes); on tmpfs SEEK_DATA is a lookup in memory
+        # and may be asked on the loop thread; elsewhere it may wait (not asked now).
+        st = os.fstat(fd)
+        self.dense = block_device or st.st_blocks * 512 >= st.st_size
+        self.seek_now = not block_device and syscalls.in_memory(fd)
         self.caps = Caps.BLOCK_STATUS | Caps.CACHE | Caps.FLUSH
         if writable:
             self.caps |= Caps.WRITE | Caps.FUA | Caps.TRIM | Caps.ZERO | Caps.FAST_ZERO
@@ -143,6 +149,7 @@ class AioDriver(Driver):
     async def discard(self, offset: int, length: int) -> None:
         self._require_writable()
         length = min(length, self.size - offset)
+        self.dense = self.block_device
         try:
             if self.block_device:
                 await self.engine.call(syscalls.blk_discard, self.fd, offset, length)
@@ -160,6 +167,7 @@ class AioDriver(Driver):
         if length <= 0:
             return
         if not self.block_device:
+            self.dense = False
             await self._zero_file(self.fd, offset, length, punch=may_trim, fast=fast)
         elif fast:
             raise self._slow_zeroing()
@@ -191,6 +199,13 @@ class AioDriver(Driver):
         if offset + length > end:  # the padding of a last partial sector
             out.append((offset + length - max(end, offset), STATE_HOLE | STATE_ZERO))
         return out
+
+    def status_now(self, offset: int, length: int) -> Extents | None:
+        if self.dense:
+            return [(length, STATE_DATA)]
+        if not self.seek_now:
+            return None
+        return self._extents(offset, length)
 
     async def block_status(self, offset: int, length: int) -> Extents:
         if self.block_device:

@@ -255,6 +255,34 @@ class Qcow2Driver(Driver):
                     break
         return merge_extents(out)
 
+    def status_now(self, offset: int, length: int) -> Extents | None:
+        # The common case first, cheap and without the lock: one cached L2 entry (as
+        # vhd reads its BAT: a racing write may be seen or not, as for any read).
+        kind = self.image.quick_kind(offset, length)
+        if kind == q2.DATA:
+            return [(length, STATE_DATA)]
+        if kind == q2.HOLE:
+            return self.forward_status_now(offset, length)
+        if kind == q2.ZERO:
+            return [(length, STATE_HOLE | STATE_ZERO)]
+        runs = self._runs_now(offset, length)
+        if runs is None:
+            return None
+        if len(runs) == 1 and runs[0][2] == q2.DATA:
+            return [(length, STATE_DATA)]
+        out: Extents = []
+        for start, n, kind, _host in runs:
+            if kind in (q2.DATA, q2.COMPRESSED):
+                out.append((n, STATE_DATA))
+            elif kind == q2.ZERO:
+                out.append((n, STATE_HOLE | STATE_ZERO))
+            else:
+                below = self.forward_status_now(start, n)
+                if below is None:
+                    return None
+                out.extend(below)
+        return out
+
     def _close_locked(self) -> None:
         with self.lock:
             self.image.close()

@@ -586,6 +586,37 @@ class VhdDriver(Driver):
                 break  # the parent answered short: stop there
         return merge_extents(out)
 
+    def status_now(self, offset: int, length: int) -> Extents | None:
+        sector = offset // SECTOR
+        count = length // SECTOR
+        if self._fixed:
+            return [(length, STATE_DATA)]
+        # The common case first, cheap: inside one block that the batmap says is full
+        # (read without the lock, as _holds_none reads the BAT: bits only get set).
+        blk, off = divmod(sector, self._spb)
+        if off + count <= self._spb:
+            bat = self.image.bat
+            if blk < len(bat) and bat[blk] != s.BAT_ENTRY_UNUSED and \
+                    self.image.block_full(blk):
+                return [(length, STATE_DATA)]
+        if count and self._holds_none(sector, count):
+            return self.forward_status_now(offset, length)
+        runs = self._runs_now(sector, count)
+        if runs is None:
+            return None
+        if len(runs) == 1 and runs[0][2] is not None:
+            return [(length, STATE_DATA)]
+        out: Extents = []
+        for first, n, file_off in runs:
+            if file_off is not None:
+                out.append((n * SECTOR, STATE_DATA))
+                continue
+            below = self.forward_status_now(first * SECTOR, n * SECTOR)
+            if below is None:
+                return None
+            out.extend(below)
+        return out
+
     def _close_locked(self) -> None:
         with self.lock:
             self.image.close()

@@ -69,6 +69,8 @@ _ALLOWED_FLAGS = {
     p.CMD_BLOCK_STATUS: p.CMD_FLAG_FUA | p.CMD_FLAG_REQ_ONE,
 }
 _WRITES = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
+# A read's (length, reads as zeros) runs, when some part of it is a hole (VBD.zero_runs_now).
+Holes = list[tuple[int, bool]] | None
 
 
 class RequestError(Exception):
@@ -263,11 +265,22 @@ class Connection:
         if self.broken:
             self._release(None, length)
             return
+        holes = None
+        if length and self.session.structured:
+            holes = self.vbd.zero_runs_now(offset, length)
+            if holes is not None:
+                if len(holes) == 1:  # zeros from end to end: one hole chunk, no read
+                    self._post([p.CHUNK_OFFSET_HOLE.pack(
+                        p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                        p.REPLY_TYPE_OFFSET_HOLE, handle, 12, offset, length)], None, length)
+                    return
+                if flags & p.CMD_FLAG_DF:  # one content chunk: zeros and data as data
+                    holes = None
         buf = self.pool.get(length)
         if length and self.vbd.read_now(offset, buf.view):
-            self._post(self._data_reply(handle, offset, buf), buf, length)
+            self._post(self._data_reply(handle, offset, buf, holes), buf, length)
         else:
-            self._start_read(handle, flags, offset, buf, length)
+            self._start_read(handle, flags, offset, buf, length, holes)
 
     def _serve_write(self, handle: int, flags: int, offset: int, buf: Buffer,
                      length: int) -> None:
@@ -367,11 +380,12 @@ class Connection:
         task.add_done_callback(self.tasks.discard)
 
     def _start_read(self, handle: int, flags: int, offset: int, buf: Buffer,
-                    length: int) -> None:
+                    length: int, holes: Holes = None) -> None:
         """A task for a read, cancelled if the client goes away. Cancelled before its
         first step, its coroutine never runs: the buffer is released here then."""
         started: list[bool] = []
-        task = self.loop.create_task(self._read(handle, flags, offset, buf, length, started))
+        task = self.loop.create_task(self._read(handle, flags, offset, buf, length, started,
+                                                holes))
         self.tasks.add(task)
         self.reads.add(task)
 
@@ -394,13 +408,33 @@ class Connection:
     def _ok_reply(self, handle: int) -> list:
         return [p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle)]
 
-    def _data_reply(self, handle: int, offset: int, buf: Buffer) -> list:
-        """The successful reply to a read (of at least one byte) of ``buf``."""
+    def _data_reply(self, handle: int, offset: int, buf: Buffer, holes: Holes = None
+                    ) -> list:
+        """The successful reply to a read (of at least one byte) of ``buf``; with
+        ``holes`` (VBD.zero_runs_now: (length, reads as zeros) runs), a chunk per run,
+        the zero runs as hole chunks whose bytes are not sent."""
         if not self.session.structured:
             return [p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, handle), buf.view]
-        return [p.CHUNK_OFFSET_DATA.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
-                                         p.REPLY_TYPE_OFFSET_DATA, handle,
-                                         len(buf.view) + 8, offset), buf.view]
+        if holes is None:
+            return [p.CHUNK_OFFSET_DATA.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                             p.REPLY_TYPE_OFFSET_DATA, handle,
+                                             len(buf.view) + 8, offset), buf.view]
+        out: list = []
+        pos = 0
+        last = len(holes) - 1
+        for i, (n, zero) in enumerate(holes):
+            done = p.REPLY_FLAG_DONE if i == last else 0
+            if zero:
+                out.append(p.CHUNK_OFFSET_HOLE.pack(p.STRUCTURED_REPLY_MAGIC, done,
+                                                    p.REPLY_TYPE_OFFSET_HOLE, handle, 12,
+                                                    offset + pos, n))
+            else:
+                out.append(p.CHUNK_OFFSET_DATA.pack(p.STRUCTURED_REPLY_MAGIC, done,
+                                                    p.REPLY_TYPE_OFFSET_DATA, handle, n + 8,
+                                                    offset + pos))
+                out.append(buf.view[pos : pos + n])
+            pos += n
+        return out
 
     def _post(self, bufs: list, buf: Buffer | None, length: int) -> None:
         """Queue the reply of a request served at once; its buffer and its place in
@@ -445,7 +479,7 @@ class Connection:
 
     # ------------------------------------------------------------------ commands
     async def _read(self, handle: int, flags: int, offset: int, buf: Buffer,
-                    length: int, started: list[bool]) -> None:
+                    length: int, started: list[bool], holes: Holes = None) -> None:
         """A read the side door could not serve. The reply is posted, not awaited: the
         buffer and the request's place in flight go back when it is with the kernel,
         and the task ends a turn of the loop sooner."""
@@ -462,7 +496,7 @@ class Connection:
             self._release(buf, length)
             raise
         if length or not self.session.structured:
-            self._post(self._data_reply(handle, offset, buf), buf, length)
+            self._post(self._data_reply(handle, offset, buf, holes), buf, length)
         else:
             self._post([p.CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
                                      p.REPLY_TYPE_NONE, handle, 0)], buf, length)

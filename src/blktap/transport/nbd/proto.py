@@ -144,6 +144,7 @@ REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
 CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, handle, length
 CHUNK_OFFSET_DATA = struct.Struct(">IHHQIQ")  # chunk header + offset
+CHUNK_OFFSET_HOLE = struct.Struct(">IHHQIQI")  # chunk header + offset + hole size
 ERROR_PAYLOAD = struct.Struct(">IH")  # error, message length
 
 # Limits we advertise and enforce.
