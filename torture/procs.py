@@ -132,11 +132,17 @@ def start_tapdisk(spec: str, workdir: Path, vhost_user: bool = False) -> Server:
     if res.returncode != 0:
         raise RuntimeError(f"tap-ctl create -a {spec}: {res.stderr.strip()}")
     minor = int(res.stdout.strip().rsplit("-", 1)[1])
-    res = subprocess.run([tool("tap-ctl"), "list", "-m", str(minor)], env=env,
-                         capture_output=True, text=True, timeout=60)
-    m = re.search(r"pid=(\d+)", res.stdout)
-    if not m:
-        raise RuntimeError(f"tap-ctl list: no tapdisk for minor {minor}: {res.stdout!r}")
+    for _ in range(5):
+        # On a loaded machine the tapdisk may not answer LIST within tap-ctl's 10 s: it
+        # then says so (ETIMEDOUT on stderr), and asking again is the caller's part.
+        res = subprocess.run([tool("tap-ctl"), "list", "-m", str(minor)], env=env,
+                             capture_output=True, text=True, timeout=60)
+        m = re.search(r"pid=(\d+)", res.stdout)
+        if m:
+            break
+    else:
+        raise RuntimeError(f"tap-ctl list: no tapdisk for minor {minor}: {res.stdout!r} "
+                           f"{res.stderr.strip()!r} (exit {res.returncode})")
     pid = int(m.group(1))
     sock = workdir / "run" / f"nbd{pid}.{minor}"
     vhost = [str(workdir / "run" / f"vhost{pid}.{minor}")] if vhost_user else []
