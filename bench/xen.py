@@ -23,7 +23,6 @@ missing. Each boot takes 1-10 minutes depending on the machine's load.
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime
 import gzip
 import hashlib
@@ -67,13 +66,13 @@ XS_KEYS = ("backend/max-ring-page-order", "frontend/ring-page-order",
            "backend/feature-max-indirect-segments", "backend/feature-persistent",
            "frontend/feature-persistent")
 RUN_TIMEOUT = 1800
-MARK = "__BLKBENCH__"
 
 GUEST_SCRIPT = r"""#!/bin/busybox sh
-# bench/xen.py's guest workload: blkbench (appended below, gzip + base64) on the disk.
+# bench/xen.py's guest workload: blkbench, which the image carries gzipped at byte @OFF@
+# (the domU's initrd is no place for large files), then the workloads on the disk.
 DEV=$1
 SECS=@SECS@
-sed "1,/^@MARK@\$/d" "$0" | base64 -d | gunzip > /tmp/blkbench ||
+dd if=$DEV bs=4096 skip=@SKIP@ count=@COUNT@ 2>/dev/null | head -c @LEN@ | gunzip > /tmp/blkbench ||
   { echo "XBENCH unpack failed"; exit 1; }
 chmod 755 /tmp/blkbench
 sum=$(md5sum /tmp/blkbench); sum=${sum%% *}
@@ -89,17 +88,41 @@ for w in @WORKLOADS@; do
   /tmp/blkbench $DEV $1 $2 $3 $SECS || { echo "XBENCH failed $w"; FAILED=1; }
 done
 exit $FAILED
-@MARK@
 """
 
 
-def guest_script(blkbench: bytes, secs: int) -> str:
-    """The domU's script with the (static) blkbench binary appended, gzip then base64
-    (busybox decodes both); the guest checks its md5 before running it."""
-    text = (GUEST_SCRIPT.replace("@SECS@", str(secs)).replace("@MARK@", MARK)
+def carry(blkbench: bytes, size: int) -> tuple[int, bytes]:
+    """Where the image carries blkbench, and the bytes it holds there (gzipped; the last
+    4 KiB-aligned stretch of the disk that fits)."""
+    packed = gzip.compress(blkbench, 9)
+    offset = (size - len(packed)) // 4096 * 4096
+    if offset < size // 2:
+        raise ValueError(f"a {size >> 20} MiB image is too small to carry blkbench")
+    return offset, packed
+
+
+def guest_script(blkbench: bytes, secs: int, offset: int, packed_len: int) -> str:
+    """The domU's script: it takes blkbench (packed_len gzipped bytes at offset) off the
+    disk, checks its md5 and runs the workloads."""
+    return (GUEST_SCRIPT.replace("@SECS@", str(secs)).replace("@OFF@", str(offset))
+            .replace("@SKIP@", str(offset // 4096))
+            .replace("@COUNT@", str(-(-packed_len // 4096))).replace("@LEN@", str(packed_len))
             .replace("@MD5@", hashlib.md5(blkbench).hexdigest())
             .replace("@WORKLOADS@", " ".join(f"{m}:{bs}:{t}" for m, bs, t in WORKLOADS)))
-    return text + base64.encodebytes(gzip.compress(blkbench, 9)).decode()
+
+
+def write_image(path: Path, mib: int, blkbench: bytes) -> tuple[int, int]:
+    """A raw image of random data (every block written: no boot reads holes) carrying
+    blkbench; returns where it sits and its packed length (the script's arguments)."""
+    size = mib << 20
+    offset, packed = carry(blkbench, size)
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(block)
+        f.seek(offset)
+        f.write(packed)
+    return offset, len(packed)
 
 
 def backend_cmd() -> str:
@@ -308,19 +331,17 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         try:
             build_testbed(args.testbed)
+            blkbench = build_blkbench(tmp)
+            image = tmp / "disk.img"
+            offset, packed_len = write_image(image, args.image_mib, blkbench)
             script = tmp / "guest.sh"
-            script.write_text(guest_script(build_blkbench(tmp), args.secs))
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            script.write_text(guest_script(blkbench, args.secs, offset, packed_len))
+        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
             print(f"xen.py: {e}", file=sys.stderr)
             return 2
         payload = tmp / "payload"
         shutil.copytree(ROOT / "src", payload / "src",
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        image = tmp / "disk.img"
-        block = os.urandom(1 << 20)  # every block written: no boot reads holes
-        with open(image, "wb") as fimg:
-            for _ in range(args.image_mib):
-                fimg.write(block)
         order: list[str] = []
         runs: list[dict[str, Any]] = []
         boots_load: list[float] = []

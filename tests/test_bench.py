@@ -262,21 +262,29 @@ def test_xen_bench_ratios_goals_and_report() -> None:
 
 
 def test_xen_bench_guest_script_carries_blkbench(tmp_path: Path) -> None:
-    """The guest script unpacks the appended binary (gzip + base64, as busybox decodes it),
-    checks its md5 and runs every workload on the disk it is given."""
+    """The image carries blkbench gzipped near its end; the guest script takes it off the
+    disk (busybox dd, head, gunzip), checks its md5 and runs every workload on the disk."""
     import xen
 
     busybox = need("busybox")
     fake = b"#!/bin/sh\necho \"RESULT mode=$2 bs=$3 qd=$4 iops=1 MiBps=1 lat_us=1\"\n" * 50
+    disk = tmp_path / "disk.img"
+    offset, packed_len = xen.write_image(disk, 2, fake)
+    assert offset % 4096 == 0 and offset + packed_len <= 2 << 20
     script = tmp_path / "guest.sh"
-    script.write_text(xen.guest_script(fake, 1).replace("/tmp/blkbench", str(tmp_path / "bb")))
-    r = subprocess.run([busybox, "sh", str(script), "/dev/null"], capture_output=True,
+    script.write_text(xen.guest_script(fake, 1, offset, packed_len)
+                      .replace("/tmp/blkbench", str(tmp_path / "bb")))
+    r = subprocess.run([busybox, "sh", str(script), str(disk)], capture_output=True,
                        text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "bb").read_bytes() == fake
     assert list(xen.parse_console(r.stdout)[0]) == [
         f"{m} {'1M' if bs > 4096 else '4k'} qd{t}" for m, bs, t in xen.WORKLOADS]
-    script.write_text(script.read_text()[:-200] + "AAAA\n")  # a damaged payload
-    r = subprocess.run([busybox, "sh", str(script), "/dev/null"], capture_output=True,
+    with open(disk, "r+b") as f:  # a disk whose copy is damaged: refused, nothing run
+        f.seek(offset + 20)
+        f.write(b"\0" * 8)
+    r = subprocess.run([busybox, "sh", str(script), str(disk)], capture_output=True,
                        text=True, timeout=60, check=False)
     assert r.returncode != 0 and "RESULT" not in r.stdout
+    with pytest.raises(ValueError, match="too small"):
+        xen.carry(os.urandom(1 << 20), 1 << 20)
