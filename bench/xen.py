@@ -51,6 +51,13 @@ TESTBED = SHARED / "xen-testbed"
 BLKBENCH_C = SHARED / "guest-testbed" / "blkbench.c"
 BEGIN = "<!-- bench/xen.py: begin (generated; edits here are overwritten) -->"
 END = "<!-- bench/xen.py: end -->"
+
+
+def markers(cache: str) -> tuple[str, str]:
+    """The report section's markers: the default (O_DIRECT) run's, or --cache buffered's."""
+    if cache == "direct":
+        return BEGIN, END
+    return BEGIN.replace("xen.py:", f"xen.py {cache}:"), END.replace("xen.py:", f"xen.py {cache}:")
 KERNEL, OURS = "blkback", "ours"
 # blkbench MODE BS THREADS, in this order in each boot
 WORKLOADS = (("read", 1 << 20, 1), ("write", 1 << 20, 1), ("randread", 4096, 1),
@@ -125,11 +132,16 @@ def write_image(path: Path, mib: int, blkbench: bytes) -> tuple[int, int]:
     return offset, len(packed)
 
 
-def backend_cmd() -> str:
+def backend_cmd(cache: str = "direct") -> str:
     """Our back-end in dom0, as the Xen guest tests run it (tap-ctl create of aio:IMAGE
-    before the guest, the block-userspace hotplug script naming it, tapback serving)."""
+    before the guest, the block-userspace hotplug script naming it, tapback serving);
+    with cache "buffered", tap-ctl create -D (no O_DIRECT: dom0's page cache, as kernel
+    blkback's loop device)."""
     from test_xen_guest import BACKEND_CMD
-    return BACKEND_CMD
+    if cache == "direct":
+        return BACKEND_CMD
+    assert "tap-ctl create -a aio:" in BACKEND_CMD
+    return BACKEND_CMD.replace("tap-ctl create -a aio:", "tap-ctl create -D -a aio:")
 
 
 def ratios(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -201,14 +213,19 @@ def markdown(data: dict[str, Any]) -> str:
         return "–" if v is None else f"{v:.2f}x"
     load = data["loadavg"]
     lines = [
-        "## Xen path: our tapdisk + tapback against kernel blkback (bench/xen.py)",
+        "## Xen path: our tapdisk + tapback against kernel blkback (bench/xen.py"
+        + ("" if s.get("cache", "direct") == "direct" else f" --cache {s['cache']}") + ")",
         "",
         f"{data['date']}, source {data['source']}. Order {' '.join(s['order'])}; "
         f"blkbench {s['secs']} s per workload, O_DIRECT on /dev/xvda, in a busybox PV domU "
         f"(Xen testbed: Xen 4.17, Debian 12 dom0, QEMU TCG with -cpu {s['qemu_cpu']}); "
         f"{s['image_mib']} MiB raw image of random data, the same for both. Kernel blkback "
         "serves it the rig's way (`phy` target, the stock block script's loop device, "
-        "buffered in dom0's page cache); ours opens it `aio:` (O_DIRECT) in a tapdisk driven "
+        "buffered in dom0's page cache); ours opens it `aio:` "
+        + ("(O_DIRECT)" if s.get("cache", "direct") == "direct"
+           else "buffered (`tap-ctl create -D`: no O_DIRECT, dom0's page cache as the "
+           "loop device)")
+        + " in a tapdisk driven "
         "by our tapback. Ratio: ours over kernel blkback (IOPS) within a repetition; median "
         "and min–max over the repetitions. TCG makes the absolute numbers meaningless.",
         "",
@@ -275,7 +292,7 @@ def build_testbed(work: Path) -> None:
 
 
 def boot(work: Path, out: Path, kind: str, script: Path, image: Path, payload: Path,
-         qemu_cpu: str) -> dict[str, Any]:
+         qemu_cpu: str, cache: str = "direct") -> dict[str, Any]:
     cmd = [str(TESTBED / "run.sh"), "--out", str(out), "--guest-script", str(script),
            "--image", str(image), "--domu-timeout", "900", "--backend-wait", "120",
            "--timeout", str(RUN_TIMEOUT - 60)]
@@ -283,7 +300,7 @@ def boot(work: Path, out: Path, kind: str, script: Path, image: Path, payload: P
         cmd += ["--scenario", "blkback-kernel"]
     else:
         cmd += ["--scenario", "userspace-pv", "--payload", str(payload),
-                "--backend", backend_cmd()]
+                "--backend", backend_cmd(cache)]
     env = dict(os.environ, XEN_TESTBED_DIR=str(work), QEMU_CPU=qemu_cpu)
     t0 = time.monotonic()
     try:
@@ -312,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--secs", type=int, default=5, help="seconds per workload (default 5)")
     ap.add_argument("--image-mib", type=int, default=128)
     ap.add_argument("--out", type=Path, default=BENCH, help="where REPORT.md and results/ go")
+    ap.add_argument("--cache", choices=("direct", "buffered"), default="direct",
+                    help="how our tapdisk opens the image: direct (O_DIRECT, the default, "
+                    "what tap-ctl create does) or buffered (tap-ctl create -D: dom0's page "
+                    "cache, as the rig's kernel blkback through its loop device)")
     ap.add_argument("--keep", type=Path, help="keep the rig's run directories here")
     ap.add_argument("--testbed", type=Path, default=Path(os.environ.get(
         "XEN_TESTBED_DIR", "/var/tmp/xen-testbed")))
@@ -350,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                 order.append(kind)
                 out = (args.keep or tmp) / f"rep{rep}-{kind}"
                 shutil.rmtree(out, ignore_errors=True)
-                run = boot(args.testbed, out, kind, script, image, payload, qemu_cpu)
+                run = boot(args.testbed, out, kind, script, image, payload, qemu_cpu,
+                           args.cache)
                 run["rep"] = rep
                 boots_load.append(os.getloadavg()[0])
                 runs.append(run)
@@ -364,17 +386,19 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "source": git_source(),
         "settings": {"reps": args.reps, "secs": args.secs, "image_mib": args.image_mib,
-                     "order": order, "qemu_cpu": qemu_cpu},
+                     "order": order, "qemu_cpu": qemu_cpu,
+                     "cache": args.cache},
         "loadavg": {"start": load_start, "boots": boots_load},
         "seconds": time.monotonic() - t_start,
         "runs": runs, "rows": rows, "goals": goals(rows),
     }
     (args.out / "results").mkdir(parents=True, exist_ok=True)
-    (args.out / "results" / "xen.json").write_text(json.dumps(data, indent=1) + "\n")
+    name = "xen.json" if args.cache == "direct" else f"xen-{args.cache}.json"
+    (args.out / "results" / name).write_text(json.dumps(data, indent=1) + "\n")
     report = args.out / "REPORT.md"
     old = report.read_text() if report.exists() else ""
     section = markdown(data)
-    report.write_text(report_md.replace_section(old, section, BEGIN, END))
+    report.write_text(report_md.replace_section(old, section, *markers(args.cache)))
     print(section)
     return 0 if all(r["ok"] for r in runs) else 1
 

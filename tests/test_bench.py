@@ -259,6 +259,14 @@ def test_xen_bench_ratios_goals_and_report() -> None:
                                   xen.BEGIN, xen.END)
     again = report.replace_section(text, section, xen.BEGIN, xen.END)
     assert "run.py's" in text and again == text and again.count(xen.BEGIN) == 1
+    # --cache buffered: ours without O_DIRECT, in a section of its own beside the default's
+    data["settings"]["cache"] = "buffered"
+    buffered = xen.markdown(data)
+    assert "--cache buffered" in buffered and "tap-ctl create -D" in buffered
+    both = report.replace_section(text, buffered, *xen.markers("buffered"))
+    assert section in both and buffered in both and both.count(xen.BEGIN) == 1
+    assert "tap-ctl create -D -a aio:$DISK_IMAGE" in xen.backend_cmd("buffered")
+    assert " -D " not in xen.backend_cmd()
 
 
 def test_xen_bench_guest_script_carries_blkbench(tmp_path: Path) -> None:
