@@ -493,3 +493,87 @@ def test_guest_bench_parses_and_reports() -> None:
     assert "run.py's" in text and "| read 1M qd1 | 100 | 300 |" in text and "3.00x" in text
     again = guest.replace_section(text, guest.markdown(data))
     assert again == text and again.count(guest.BEGIN) == 1
+
+
+def test_xen_bench_ratios_goals_and_report() -> None:
+    """bench/xen.py: the domU console's RESULT lines become per-repetition ratios (ours over
+    kernel blkback within the same repetition, not a ratio of medians), their median and
+    min–max, goal verdicts against issue 12's targets; a failed boot drops its repetition;
+    the section sits between its own markers beside the others."""
+    import xen
+
+    def console(read: float, randwrite: float) -> str:
+        return ("DOMU: running /guest-script\nXBENCH queue max_segments=256 write_cache=write "
+                "back hw_queues=1\n" + "\n".join(
+                    f"RESULT mode={m} bs={bs} qd={qd} iops={v:.0f} MiBps={v * bs / (1 << 20):.1f} "
+                    f"lat_us=50.0 ios=1 secs=5.00"
+                    for m, bs, qd, v in (("read", 1 << 20, 1, read),
+                                         ("randwrite", 4096, 8, randwrite))))
+
+    def run(kind: str, rep: int, read: float, randwrite: float, ok: bool = True) -> dict:
+        results, queue = xen.parse_console(console(read, randwrite))
+        return {"backend": kind, "rep": rep, "ok": ok, "why": "" if ok else "rc=1",
+                "secs": 60.0, "results": results, "queue": queue, "xenstore": {}, "dir": "d"}
+    runs = [run(xen.KERNEL, 0, 100, 1000), run(xen.OURS, 0, 150, 500),
+            run(xen.KERNEL, 1, 50, 1000), run(xen.OURS, 1, 50, 900),
+            run(xen.KERNEL, 2, 100, 1000), run(xen.OURS, 2, 200, 2000, ok=False)]
+    assert runs[0]["queue"].startswith("max_segments=256")
+    assert xen.ratios(runs) == {"read 1M qd1": [1.5, 1.0], "randwrite 4k qd8": [0.5, 0.9]}
+    rows = {r["workload"]: r for r in xen.summarize(runs)}
+    read = rows["read 1M qd1"]
+    assert read["ratio"] == 1.25 and (read["min"], read["max"]) == (1.0, 1.5)
+    # the medians of the good boots (kernel 100, 50, 100; ours 150, 50), not of the ratios
+    assert read[xen.KERNEL]["iops"] == 100 and read[xen.OURS]["iops"] == 100
+    assert rows["randwrite 4k qd8"]["ratio"] == pytest.approx(0.7)
+    verdicts = {(g["workload"], g["met"]) for g in xen.goals(list(rows.values()))}
+    assert ("read 1M qd1", True) in verdicts and ("randwrite 4k qd8", False) in verdicts
+    assert ("write 1M qd1", None) in verdicts  # not measured
+    data = {"date": "now", "source": "abc", "seconds": 600.0,
+            "settings": {"reps": 3, "secs": 5, "image_mib": 128, "qemu_cpu": "qemu64,+svm",
+                         "order": [r["backend"] for r in runs]},
+            "loadavg": {"start": 9.0, "boots": [9.0] * 6}, "runs": runs,
+            "rows": list(rows.values()), "goals": xen.goals(list(rows.values()))}
+    section = xen.markdown(data)
+    assert "| read 1M qd1 | 100 | 100 |" in section and "| 1.25x | 1.00x–1.50x |" in section
+    assert "not a verdict" in section and "**failed** (rc=1)" in section
+    text = report.replace_section(report.replace_section(OTHER, "run.py's"), section,
+                                  xen.BEGIN, xen.END)
+    again = report.replace_section(text, section, xen.BEGIN, xen.END)
+    assert "run.py's" in text and again == text and again.count(xen.BEGIN) == 1
+    # --cache buffered: ours without O_DIRECT, in a section of its own beside the default's
+    data["settings"]["cache"] = "buffered"
+    buffered = xen.markdown(data)
+    assert "--cache buffered" in buffered and "tap-ctl create -D" in buffered
+    both = report.replace_section(text, buffered, *xen.markers("buffered"))
+    assert section in both and buffered in both and both.count(xen.BEGIN) == 1
+    assert "tap-ctl create -D -a aio:$DISK_IMAGE" in xen.backend_cmd("buffered")
+    assert " -D " not in xen.backend_cmd()
+
+
+def test_xen_bench_guest_script_carries_blkbench(tmp_path: Path) -> None:
+    """The image carries blkbench gzipped near its end; the guest script takes it off the
+    disk (busybox dd, head, gunzip), checks its md5 and runs every workload on the disk."""
+    import xen
+
+    busybox = need("busybox")
+    fake = b"#!/bin/sh\necho \"RESULT mode=$2 bs=$3 qd=$4 iops=1 MiBps=1 lat_us=1\"\n" * 50
+    disk = tmp_path / "disk.img"
+    offset, packed_len = xen.write_image(disk, 2, fake)
+    assert offset % 4096 == 0 and offset + packed_len <= 2 << 20
+    script = tmp_path / "guest.sh"
+    script.write_text(xen.guest_script(fake, 1, offset, packed_len)
+                      .replace("/tmp/blkbench", str(tmp_path / "bb")))
+    r = subprocess.run([busybox, "sh", str(script), str(disk)], capture_output=True,
+                       text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "bb").read_bytes() == fake
+    assert list(xen.parse_console(r.stdout)[0]) == [
+        f"{m} {'1M' if bs > 4096 else '4k'} qd{t}" for m, bs, t in xen.WORKLOADS]
+    with open(disk, "r+b") as f:  # a disk whose copy is damaged: refused, nothing run
+        f.seek(offset + 20)
+        f.write(b"\0" * 8)
+    r = subprocess.run([busybox, "sh", str(script), str(disk)], capture_output=True,
+                       text=True, timeout=60, check=False)
+    assert r.returncode != 0 and "RESULT" not in r.stdout
+    with pytest.raises(ValueError, match="too small"):
+        xen.carry(os.urandom(1 << 20), 1 << 20)
