@@ -435,7 +435,20 @@ class Filter(Driver):
         return await self.forward_block_status(offset, length)
 
     def status_now(self, offset: int, length: int) -> Extents | None:
+        # The layer below may only speak for a filter that reads, writes and reports what
+        # it does: one that keeps data of its own (an overlay, a cache of writes) would see
+        # its writes answered as the holes below. Such a filter tells for itself, or
+        # forwards explicitly when what it reads is what lies below.
+        if self._keeps_data():
+            return None
         return self.forward_status_now(offset, length)
+
+    @classmethod
+    def _keeps_data(cls) -> bool:
+        return (cls.read is not Filter.read or cls.write is not Filter.write
+                or cls.block_status is not Filter.block_status
+                or cls.write_zeroes is not Filter.write_zeroes
+                or cls.discard is not Filter.discard)
 
     async def cache(self, offset: int, length: int) -> None:
         await self.below.cache(offset, length)
