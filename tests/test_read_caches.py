@@ -468,3 +468,42 @@ def test_tap_ctl_block_cache_shared_by_two_minors(tmp_path: Path) -> None:
     finally:
         host.out("destroy", "-p", p, "-m", second)
         host.out("destroy", "-p", p, "-m", str(first))
+
+
+class SideDoorParent(Driver):
+    """A parent whose reads always succeed on the side door (zeros)."""
+
+    name = "side-door"
+
+    def read_now(self, offset, iov, tally) -> bool:  # type: ignore[override]
+        for v in iov:
+            v[:] = bytes(len(v))
+        return True
+
+
+def test_a_cache_turned_off_looks_again_before_taking_the_side_door(tmp_path: Path) -> None:
+    """While off, reads may take the side door below (nothing to fill); once its second
+    is up, the read must go the coroutine way, which looks at the free space again and
+    turns the cache back on. (Before: the side door served every read, and a cache off
+    stayed off for as long as reads came that way.)"""
+    leaf = tmp_path / "leaf.vhd"
+    create(str(leaf), MiB)
+    clock, room = Clock(), [0]
+
+    async def body() -> None:
+        engine = ThreadEngine(1)
+        try:
+            top = open_stack(engine, f"vhd:{leaf}", writable=True, direct=False)
+            lc = LocalCacheDriver(engine, top, SideDoorParent(engine, MiB, writable=False),
+                                  clock=clock, free=lambda _path: room[0])
+            assert not lc._may_fill(4096) and not lc.enabled  # no room: off
+            buf = memoryview(bytearray(4096))
+            clock.now = 0.5
+            assert lc.read_now(0, [buf], [])  # within the second: the side door serves it
+            clock.now, room[0] = 2.0, 64 * MiB
+            assert not lc.read_now(0, [buf], [])  # time to look again: the coroutine's way
+            assert lc._may_fill(4096) and lc.enabled
+            await top.close()
+        finally:
+            engine.close()
+    asyncio.run(body())

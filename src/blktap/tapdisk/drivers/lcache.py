@@ -138,8 +138,12 @@ class LocalCacheDriver(Driver):
         self.filled += written  # (not "+= await": other reads' fills finish meanwhile)
 
     def read_now(self, offset: int, iov: Sequence[memoryview], tally: Tally) -> bool:
-        """Only while the cache is off: a read that fills goes the coroutine way."""
-        if self.enabled or not self.forward_read_now(offset, iov, tally):
+        """Only while the cache is off, and not when it is time to look at the free space
+        again (that look, and a fill once there is room, are the coroutine's): else a
+        cache turned off would never turn on again while reads took this way."""
+        if self.enabled or self.clock() - self._checked >= CHECK_INTERVAL:
+            return False
+        if not self.forward_read_now(offset, iov, tally):
             return False
         n = (len(iov[0]) if len(iov) == 1 else total(iov)) // SECTOR
         self.misses += n
