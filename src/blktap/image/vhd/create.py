@@ -275,19 +275,8 @@ def snapshot(child: str, parent: str, *, raw_parent: bool = False,
     size = info.size
     if os.path.realpath(parent) != info.path:
         size = max(size, parent_info(parent, raw_parent).size)
-    size = s.pad_sector(size)
-    _validate_size(size)
-    max_bat = -(-size // s.DEFAULT_BLOCK_SIZE)
-    if prealloc_size is not None:
-        prealloc_size = round_size(prealloc_size)
-        if prealloc_size < size:
-            raise UsageError(f"metadata size {prealloc_size} is smaller than the disk size "
-                             f"{size}")
-        max_bat = prealloc_size // s.DEFAULT_BLOCK_SIZE
-    footer = _new_footer(size, s.DISK_TYPE_DIFF, timestamp, uuid)
-    rel = locators.relative_path(child, info.path)
-    content = _build_dynamic(size, max_bat, footer, info, rel)
-    _publish(child, lambda fd: pwrite_all(fd, content, 0))
+    _write_differencing(child, size, info, locators.relative_path(child, info.path),
+                        prealloc_size=prealloc_size, timestamp=timestamp, uuid=uuid)
     return info.path
 
 
@@ -296,18 +285,8 @@ def _snapshot_rbd(child: str, parent: str, prealloc_size: int | None,
     """A differencing VHD over a snapshot on Ceph: a raw parent (no uuid) that the one
     MACX locator names by its spec. Returns the spec as stored."""
     info = rbd_parent_info(parent)
-    size = s.pad_sector(info.size)
-    _validate_size(size)
-    max_bat = -(-size // s.DEFAULT_BLOCK_SIZE)
-    if prealloc_size is not None:
-        prealloc_size = round_size(prealloc_size)
-        if prealloc_size < size:
-            raise UsageError(f"metadata size {prealloc_size} is smaller than the disk size "
-                             f"{size}")
-        max_bat = prealloc_size // s.DEFAULT_BLOCK_SIZE
-    footer = _new_footer(size, s.DISK_TYPE_DIFF, timestamp, uuid)
-    content = _build_dynamic(size, max_bat, footer, info, None)
-    _publish(child, lambda fd: pwrite_all(fd, content, 0))
+    _write_differencing(child, info.size, info, None, prealloc_size=prealloc_size,
+                        timestamp=timestamp, uuid=uuid)
     return info.path
 
 
@@ -317,9 +296,24 @@ def differencing(path: str, size: int, parent: ParentInfo, locator_path: str, *,
     opening the parent: for a parent that is still being built (blktap convert
     --keep-chain writes a whole chain aside). ``parent.path`` is the parent's final name,
     ``locator_path`` the name the locators hold (relative to ``path``'s folder: ``./p``)."""
+    _write_differencing(path, size, parent, locator_path, timestamp=timestamp, uuid=uuid)
+
+
+def _write_differencing(path: str, size: int, parent: ParentInfo, locator: str | None, *,
+                        prealloc_size: int | None = None, timestamp: int | None = None,
+                        uuid: bytes | None = None) -> None:
+    """The one way a differencing VHD is written: ``locator`` is what its locators hold
+    (None: the parent names itself, as a Ceph spec does); ``prealloc_size`` sizes the BAT
+    for a disk that may grow to that size."""
     size = s.pad_sector(size)
     _validate_size(size)
+    max_bat = -(-size // s.DEFAULT_BLOCK_SIZE)
+    if prealloc_size is not None:
+        prealloc_size = round_size(prealloc_size)
+        if prealloc_size < size:
+            raise UsageError(f"metadata size {prealloc_size} is smaller than the disk size "
+                             f"{size}")
+        max_bat = prealloc_size // s.DEFAULT_BLOCK_SIZE
     footer = _new_footer(size, s.DISK_TYPE_DIFF, timestamp, uuid)
-    content = _build_dynamic(size, -(-size // s.DEFAULT_BLOCK_SIZE), footer, parent,
-                             locator_path)
+    content = _build_dynamic(size, max_bat, footer, parent, locator)
     _publish(path, lambda fd: pwrite_all(fd, content, 0))
