@@ -69,6 +69,7 @@ from blktap.tapdisk.stats import format_stats
 from blktap.tapdisk.vbd import DEFAULT_TIMEOUT, VBD, VbdState
 from blktap.transport.fdreceiver import FdReceiver, Refused
 from blktap.transport.nbd import Export, NbdServer
+from blktap.transport.sockio import close_listener
 from blktap.transport.vhost_user import BlkOptions, VhostUserServer, default_serial
 from blktap.transport.xen import BlkifRing, HostDevices, XenDevices
 from blktap.transport.xen import connect as xen_connect
@@ -933,12 +934,8 @@ class Tapdisk:
             self._ctl_task.cancel()
             self._ctl_task = None
         if self._ctl is not None:
-            self._ctl.close()
+            close_listener(self._ctl, self.control_path)
             self._ctl = None
-            try:
-                os.unlink(self.control_path)
-            except OSError:
-                pass
         if self._fd_client is not None:
             await self._fd_client.stop()
             self._fd_client = None

@@ -26,7 +26,7 @@ import socket
 import stat
 from collections.abc import Callable
 
-from blktap.transport.sockio import unix_listener
+from blktap.transport.sockio import close_listener, unix_listener
 
 log = logging.getLogger("blktap.fdreceiver")
 
@@ -115,12 +115,8 @@ class FdReceiver:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._waiting.clear()
         if self._sock is not None:
-            self._sock.close()
+            close_listener(self._sock, self.path)
             self._sock = None
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
 
     # ------------------------------------------------------------------ connections
     async def _accept_loop(self) -> None:

@@ -463,6 +463,15 @@ class Channel:
             pass
 
 
+def close_listener(sock: socket.socket, path: str) -> None:
+    """Close a listener made by :func:`unix_listener` and remove its socket file."""
+    sock.close()
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def unix_listener(path: str, backlog: int = 128) -> socket.socket:
     """A listening UNIX stream socket at ``path``: a stale socket file (nobody listens)
     is replaced; a live one (EADDRINUSE) or anything else there (EEXIST) is refused."""

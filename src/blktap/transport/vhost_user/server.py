@@ -18,6 +18,7 @@ import stat
 
 from blktap.errors import BlktapError
 from blktap.tapdisk.vbd import VBD
+from blktap.transport.sockio import close_listener
 from blktap.transport.vhost_user.blk import BlkDevice, BlkOptions
 from blktap.transport.vhost_user.device import Session
 
@@ -116,9 +117,5 @@ class VhostUserServer:
             except asyncio.CancelledError:
                 pass
         if self._sock is not None:
-            self._sock.close()
+            close_listener(self._sock, self.path)
             self._sock = None
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
