@@ -439,16 +439,16 @@ class Filter(Driver):
         # it does: one that keeps data of its own (an overlay, a cache of writes) would see
         # its writes answered as the holes below. Such a filter tells for itself, or
         # forwards explicitly when what it reads is what lies below.
-        if self._keeps_data():
+        if self._keeps_data:
             return None
         return self.forward_status_now(offset, length)
 
-    @classmethod
-    def _keeps_data(cls) -> bool:
-        return (cls.read is not Filter.read or cls.write is not Filter.write
-                or cls.block_status is not Filter.block_status
-                or cls.write_zeroes is not Filter.write_zeroes
-                or cls.discard is not Filter.discard)
+    _keeps_data = False  # per class, set once (status_now runs before every NBD read)
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._keeps_data = any(getattr(cls, name) is not getattr(Filter, name) for name in
+                              ("read", "write", "block_status", "write_zeroes", "discard"))
 
     async def cache(self, offset: int, length: int) -> None:
         await self.below.cache(offset, length)

@@ -38,6 +38,8 @@ from blktap.tapdisk.driver import (
 from blktap.tapdisk.drivers.vhd import gather_all
 
 Run = tuple[int, int, int, int]  # start byte, length, kind, host offset
+# What a run of each kind reads as; the others (holes) are for the backing file to say.
+KIND_STATE = {q2.DATA: STATE_DATA, q2.COMPRESSED: STATE_DATA, q2.ZERO: STATE_HOLE | STATE_ZERO}
 
 
 class Qcow2Driver(Driver):
@@ -244,10 +246,8 @@ class Qcow2Driver(Driver):
         runs = await self._runs(offset, length)
         out: Extents = []
         for start, n, kind, _host in runs:
-            if kind in (q2.DATA, q2.COMPRESSED):
-                out.append((n, STATE_DATA))
-            elif kind == q2.ZERO:
-                out.append((n, STATE_HOLE | STATE_ZERO))
+            if kind in KIND_STATE:
+                out.append((n, KIND_STATE[kind]))
             else:
                 below = await self.forward_block_status(start, n)
                 out.extend(below)
@@ -272,10 +272,8 @@ class Qcow2Driver(Driver):
             return [(length, STATE_DATA)]
         out: Extents = []
         for start, n, kind, _host in runs:
-            if kind in (q2.DATA, q2.COMPRESSED):
-                out.append((n, STATE_DATA))
-            elif kind == q2.ZERO:
-                out.append((n, STATE_HOLE | STATE_ZERO))
+            if kind in KIND_STATE:
+                out.append((n, KIND_STATE[kind]))
             else:
                 below = self.forward_status_now(start, n)
                 if below is None:
