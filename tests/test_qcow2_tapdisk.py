@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from blktap.image.chain import Chain
+from blktap.image.qcow2 import image as q2
 from blktap.image.qcow2.check import check
 from blktap.image.qcow2.create import create
+from blktap.image.qcow2.image import Qcow2Image
 from blktap.io import ThreadEngine
 from blktap.tapdisk.driver import STATE_DATA, STATE_HOLE, STATE_ZERO
 from blktap.tapdisk.drivers import Qcow2Driver, open_stack, parse
@@ -100,6 +102,40 @@ def test_driver_stack_reads_writes_and_qemu_agrees(tmp_path: Path, layout: dict)
     assert qemu_check(leaf)[0] == 0
     assert check(str(leaf)).exit_code == 0
     assert qemu_raw(leaf, tmp_path) == shadow
+
+
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_quick_data_agrees_with_the_runs(tmp_path: Path, compat: str) -> None:
+    """The one-lookup path of small reads and writes (``quick_data``) answers only for a
+    plain data cluster, with the runs' host offset, and says it may be written in place
+    exactly when the library's ``in_place`` does: checked on every kind of cluster qemu
+    makes (data, zero, compressed, unallocated, shared with an internal snapshot)."""
+    img = tmp_path / "k.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"compat={compat}", img, "1M")
+    commands = ["write -P 1 0 192k", "write -c -P 2 256k 64k"]
+    if compat == "1.1":
+        commands.append("write -z 128k 64k")  # a zero flag over data (v3 only)
+    qemu_io(img, *commands)
+    qemu_img("snapshot", "-c", "s1", img)  # every cluster so far shared: not COPIED
+    qemu_io(img, "write -P 3 64k 4k", "write -P 4 512k 64k")  # copied up, and new
+    image = Qcow2Image.open(str(img), writable=True)
+    try:
+        seen = set()
+        for off in range(0, MiB, 4096):
+            runs = list(image.runs(off, 4096))  # (also brings the L2 table in)
+            quick = image.quick_data(off, 4096)
+            kind = runs[0][2] if len(runs) == 1 else None
+            if quick is None:
+                assert kind != q2.DATA, (off, runs)
+            else:
+                assert runs == [(off, 4096, q2.DATA, quick[0])], (off, runs, quick)
+                assert quick[1] == (image.in_place(off, 4096) is not None), (off, quick)
+            seen.add((kind, None if quick is None else quick[1]))
+        assert image.quick_data(60 * 1024, 8192) is None  # across two clusters
+        expected = {(q2.DATA, True), (q2.DATA, False), (q2.COMPRESSED, None), (q2.HOLE, None)}
+        assert seen == expected | ({(q2.ZERO, None)} if compat == "1.1" else set())
+    finally:
+        image.close()
 
 
 def test_block_status_and_side_doors() -> None:

@@ -94,7 +94,12 @@ class Qcow2Driver(Driver):
 
     # ------------------------------------------------------------------ reads
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
-        runs = await self._runs(offset, total(iov))
+        length = total(iov)
+        quick = self.image.quick_data(offset, length)
+        if quick is not None:
+            await self.engine.preadv(self.data_fd, iov, quick[0])
+            return
+        runs = await self._runs(offset, length)
         if len(runs) == 1 and runs[0][2] == q2.DATA:
             await self.engine.preadv(self.data_fd, iov, runs[0][3])
             return
@@ -116,7 +121,11 @@ class Qcow2Driver(Driver):
             await gather_all(ops)
 
     def read_now(self, offset: int, iov: Sequence[memoryview], tally: Tally) -> bool:
-        runs = self._runs_now(offset, total(iov))
+        length = len(iov[0]) if len(iov) == 1 else total(iov)
+        quick = self.image.quick_data(offset, length)
+        if quick is not None:
+            return self.engine.try_preadv(self.data_fd, iov, quick[0])
+        runs = self._runs_now(offset, length)
         if runs is None:
             return False
         for start, n, kind, host in runs:
@@ -197,7 +206,8 @@ class Qcow2Driver(Driver):
     async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
         self._require_writable()
         length = total(iov)
-        host = self._in_place_now(offset, length)
+        quick = self.image.quick_data(offset, length)
+        host = quick[0] if quick is not None and quick[1] else self._in_place_now(offset, length)
         if host is None and not self.image.metadata_cached(offset, length):
             host = await self.engine.call(self._in_place_locked, offset, length)
         if host is not None:
@@ -211,7 +221,9 @@ class Qcow2Driver(Driver):
     def write_now(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> bool:
         if not self.writable:
             return False
-        host = self._in_place_now(offset, total(iov))
+        length = len(iov[0]) if len(iov) == 1 else total(iov)
+        quick = self.image.quick_data(offset, length)
+        host = quick[0] if quick is not None and quick[1] else self._in_place_now(offset, length)
         if host is None:
             return False
         return self.engine.try_pwritev(self.fd, iov, host, dsync=fua)
