@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import sys
 import time
 
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from blktap.control.message import Blkif  # noqa: E402
 from blktap.daemon.tapdisk import OpenParams, Tapdisk  # noqa: E402
 from model import SECTOR, write_bytes  # noqa: E402
+from plan import Events, WritePlan  # noqa: E402
 from xen_guest import (  # noqa: E402
     OKAY,
     OP_BARRIER,
@@ -44,7 +44,6 @@ from xen_guest import (  # noqa: E402
     Guest,
 )
 
-MAX_WRITE = 128 * 1024
 DIRECT_SEGMENTS = 11
 SECTORS_PER_PAGE = PAGE // SECTOR
 
@@ -64,12 +63,9 @@ def segments(guest: Guest, data: bytes, first: int) -> list[tuple[int, int, int]
 
 
 async def run(args: argparse.Namespace) -> None:
-    rng = random.Random(args.seed)
-    out = sys.stdout
-
-    def say(*words: object) -> None:
-        out.write(" ".join(map(str, words)) + "\n")
-        out.flush()
+    say = Events()
+    plan = WritePlan(args.seed, args.offset, args.length)
+    rng = plan.rng  # (segment placement and opcodes: one stream, one seed)
 
     guest = Guest(X64 if args.abi == 64 else X32, order=args.order, domid=7)
     os.makedirs(args.rundir, exist_ok=True)
@@ -82,19 +78,14 @@ async def run(args: argparse.Namespace) -> None:
     say("R")
     depth = min(args.depth, guest.size)
     inflight: dict[int, tuple[list[str], tuple[int, int] | None, list[int]]] = {}
-    busy: list[tuple[int, int]] = []
     seq, flush_id, rid = 1, 0, 0
-    sectors = args.length // SECTOR
     deadline = time.monotonic() + args.seconds
-
-    def overlaps(a: int, b: int) -> bool:
-        return any(a < e and s < b for s, e in busy)
 
     while time.monotonic() < deadline or inflight:
         pushed = False
         while time.monotonic() < deadline and len(inflight) < depth:
             rid += 1
-            if rng.random() < 0.06:  # a flush: FLUSH_DISKCACHE or a barrier, no data
+            if plan.flush_next():  # a flush: FLUSH_DISKCACHE or a barrier, no data
                 flush_id += 1
                 op = rng.choice((OP_FLUSH, OP_BARRIER))
                 say("FS", flush_id)
@@ -102,15 +93,13 @@ async def run(args: argparse.Namespace) -> None:
                 inflight[rid] = ([f"FA {flush_id}"], None, [])
                 pushed = True
                 continue
-            durable = rng.random() < 0.15
-            limit = (DIRECT_SEGMENTS - 1) * SECTORS_PER_PAGE if durable else MAX_WRITE // SECTOR
-            count = rng.choice((1, 1, 2, 7, 8, 16, 64, rng.randint(1, MAX_WRITE // SECTOR)))
-            count = min(count, sectors, limit)
-            start = rng.randrange(0, sectors - count + 1)
-            a, b = args.offset + start * SECTOR, args.offset + (start + count) * SECTOR
-            if overlaps(a, b):
+            durable = plan.durable_next()
+            # (a write with a flush goes direct: at most 11 segments, starting anywhere)
+            span = plan.next_span((DIRECT_SEGMENTS - 1) * SECTORS_PER_PAGE if durable else None)
+            if span is None:
                 rid -= 1
                 break
+            a, b = span
             segs = segments(guest, write_bytes(args.seed, seq, a, b - a),
                             rng.randrange(SECTORS_PER_PAGE))
             grefs = [g for g, _, _ in segs]
@@ -127,8 +116,7 @@ async def run(args: argparse.Namespace) -> None:
                 table = guest.grant(b"".join(SEG.pack(*s) for s in segs))
                 grefs.append(table)
                 guest.put_indirect(OP_WRITE, rid, a // SECTOR, len(segs), [table])
-            inflight[rid] = (done, (a, b), grefs)
-            busy.append((a, b))
+            inflight[rid] = (done, span, grefs)
             seq += 1
             pushed = True
         if pushed:
@@ -144,7 +132,7 @@ async def run(args: argparse.Namespace) -> None:
                 else:  # A seq -> E seq status, FA id -> FE id
                     say("E" if line[0] == "A" else "FE", line.split()[1], status)
             if span is not None:
-                busy.remove(span)
+                plan.finished(span)
             for g in grefs:
                 guest.pages.pop(g, None)
     say("X", "done", 0)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import select
 import sys
 import time
@@ -28,6 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from model import SECTOR, write_bytes  # noqa: E402
+from plan import MAX_WRITE, Events, WritePlan  # noqa: E402
 from vhost_user_frontend import (  # noqa: E402
     OUTHDR,
     S_OK,
@@ -37,8 +37,6 @@ from vhost_user_frontend import (  # noqa: E402
     Buf,
     Dropped,
 )
-
-MAX_WRITE = 128 * 1024
 
 
 class Slot:
@@ -61,12 +59,8 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30.0)
     args = ap.parse_args()
-    rng = random.Random(args.seed)
-    out = sys.stdout
-
-    def say(*words: object) -> None:
-        out.write(" ".join(map(str, words)) + "\n")
-        out.flush()
+    say = Events()
+    plan = WritePlan(args.seed, args.offset, args.length)
 
     try:
         client = BlkClient(args.socket, queue_size=64, mem_size=8 << 20).connect()
@@ -76,15 +70,10 @@ def main() -> int:
     q = client.queues[0]
     free = [Slot(client) for _ in range(args.depth)]
     inflight: dict[int, Slot] = {}  # head -> slot
-    busy: list[tuple[int, int]] = []
     seq = 1
     flush_id = 0
     want_flush = False  # a "FUA" write completed: flush next
     deadline = time.monotonic() + args.seconds
-    sectors = args.length // SECTOR
-
-    def overlaps(a: int, b: int) -> bool:
-        return any(a < e and s < b for s, e in busy)
 
     def submit_flush() -> None:
         nonlocal flush_id
@@ -107,7 +96,7 @@ def main() -> int:
             ok = slot.status.read(1)[0] == S_OK
             if kind == "W":
                 say("A" if ok else "E", ident, *(() if ok else (slot.status.read(1)[0],)))
-                busy.remove(span)
+                plan.finished(span)
                 if ok and slot.fua:
                     want_flush = True
             else:
@@ -117,28 +106,25 @@ def main() -> int:
     try:
         while time.monotonic() < deadline or inflight:
             while time.monotonic() < deadline and free:
-                if want_flush or rng.random() < 0.06:
+                if want_flush or plan.flush_next():
                     want_flush = False
                     submit_flush()
                     continue
-                count = rng.choice((1, 1, 2, 7, 8, 16, 64, rng.randint(1, MAX_WRITE // SECTOR)))
-                count = min(count, sectors)
-                start = rng.randrange(0, sectors - count + 1)
-                a, b = args.offset + start * SECTOR, args.offset + (start + count) * SECTOR
-                if overlaps(a, b):
+                span = plan.next_span()
+                if span is None:
                     break
-                fua = rng.random() < 0.15
+                a, b = span
+                fua = plan.durable_next()
                 slot = free.pop()
                 slot.header.write(OUTHDR.pack(T_OUT, 0, a // SECTOR))
                 slot.fua = fua
                 slot.data.write(write_bytes(args.seed, seq, a, b - a))
                 slot.status.write(b"\xff")
-                slot.what = ("W", seq, (a, b))
+                slot.what = ("W", seq, span)
                 say("S", seq, a, b - a, 0)
                 head = q.add_chain([(slot.header.gpa, OUTHDR.size, False),
                                     (slot.data.gpa, b - a, False), (slot.status.gpa, 1, True)])
                 inflight[head] = slot
-                busy.append((a, b))
                 q.publish([head])
                 seq += 1
             if not inflight:

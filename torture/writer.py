@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import time
 
@@ -23,9 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import nbd  # noqa: E402  (python3-libnbd, system Python)
 
-from model import SECTOR, write_bytes  # noqa: E402
-
-MAX_WRITE = 128 * 1024
+from model import write_bytes  # noqa: E402
+from plan import Events, WritePlan  # noqa: E402
 
 
 def main() -> int:
@@ -38,12 +36,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--first-seq", type=int, default=1)
     args = ap.parse_args()
-    rng = random.Random(args.seed)
-    out = sys.stdout
-
-    def say(*words: object) -> None:
-        out.write(" ".join(map(str, words)) + "\n")
-        out.flush()
+    say = Events()
+    plan = WritePlan(args.seed, args.offset, args.length)
 
     h = nbd.NBD()
     try:
@@ -52,35 +46,27 @@ def main() -> int:
         say("X", "connect", exc.errno or 0)
         return 0
     inflight: dict[int, tuple[str, int, tuple[int, int] | None]] = {}  # cookie -> what
-    busy: list[tuple[int, int]] = []  # byte ranges of writes in flight
     seq = args.first_seq
     flush_id = 0
     deadline = time.monotonic() + args.seconds
-    sectors = args.length // SECTOR
-
-    def overlaps(a: int, b: int) -> bool:
-        return any(a < e and s < b for s, e in busy)
 
     try:
         while time.monotonic() < deadline or inflight:
             while time.monotonic() < deadline and len(inflight) < args.depth:
-                if rng.random() < 0.06:
+                if plan.flush_next():
                     flush_id += 1
                     say("FS", flush_id)
                     inflight[h.aio_flush()] = ("F", flush_id, None)
                     continue
-                count = rng.choice((1, 1, 2, 7, 8, 16, 64, rng.randint(1, MAX_WRITE // SECTOR)))
-                count = min(count, sectors)
-                start = rng.randrange(0, sectors - count + 1)
-                a, b = args.offset + start * SECTOR, args.offset + (start + count) * SECTOR
-                if overlaps(a, b):
+                span = plan.next_span()
+                if span is None:
                     break
-                fua = rng.random() < 0.15
+                a, b = span
+                fua = plan.durable_next()
                 say("S", seq, a, b - a, int(fua))
                 buf = nbd.Buffer.from_bytearray(bytearray(write_bytes(args.seed, seq, a, b - a)))
                 cookie = h.aio_pwrite(buf, a, flags=nbd.CMD_FLAG_FUA if fua else 0)
-                inflight[cookie] = ("W", seq, (a, b))
-                busy.append((a, b))
+                inflight[cookie] = ("W", seq, span)
                 seq += 1
             if not inflight:
                 break
@@ -93,7 +79,7 @@ def main() -> int:
                 except nbd.Error as exc:
                     say("E" if kind == "W" else "FE", ident, exc.errno or 0)
                 if span is not None:
-                    busy.remove(span)
+                    plan.finished(span)
     except nbd.Error as exc:
         say("X", "error", exc.errno or 0)
         return 0
