@@ -161,8 +161,11 @@ def test_block_status_and_side_doors() -> None:
                 assert drv.read_now(0, [buf2], [])
                 assert buf2 == b"\1" * 4096
                 zeros = view(b"\7" * 4096)
-                assert drv.read_now(2 * MiB, [zeros], [])
+                assert drv.read_now(2 * MiB, [zeros], [])  # a zero cluster
                 assert zeros == bytes(4096)
+                hole = view(b"\7" * 4096)
+                assert drv.read_now(MiB, [hole], [])  # unallocated, no backing file
+                assert hole == bytes(4096)
                 # A write to an owned cluster goes through the side door...
                 assert drv.write_now(4096, [view(b"\2" * 512)])
                 got = view(bytes(512))

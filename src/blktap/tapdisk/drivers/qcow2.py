@@ -125,6 +125,12 @@ class Qcow2Driver(Driver):
         quick = self.image.quick_data(offset, length)
         if quick is not None:
             return self.engine.try_preadv(self.data_fd, iov, quick[0])
+        kind = self.image.quick_kind(offset, length)
+        if kind == q2.ZERO:
+            zero_fill(iov)
+            return True
+        if kind == q2.HOLE:
+            return self.forward_read_now(offset, iov, tally)
         runs = self._runs_now(offset, length)
         if runs is None:
             return False
