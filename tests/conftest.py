@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -22,6 +23,22 @@ VENV_BIN = Path(sys.executable).parent
 # torture harness, which uses them too and must not import from tests/.
 if str(ROOT / "torture") not in sys.path:
     sys.path.append(str(ROOT / "torture"))
+
+
+def _hup_ignored_here(signum: int, frame: object) -> None:
+    """SIGHUP stays ignored in pytest itself (it was started under nohup)."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The tools the tests start must meet the signal dispositions an operator's shell
+    gives them. Started in the background of a non-interactive shell, or under nohup,
+    pytest has SIGINT or SIGHUP ignored, and an ignored signal stays ignored across exec:
+    the tests of Ctrl-C and hangups would then test nohup's behaviour instead. A handler
+    is reset to the default at exec, so one is installed for each ignored signal."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _hup_ignored_here)
 
 
 def tool(name: str) -> str:
