@@ -121,7 +121,9 @@ tap-ctl create""", 1).replace(SERVE, r"""
 # this script writes into the disk once the new tapback has taken over, then does its I/O
 # and goes: so the takeover always falls while the guest runs, and its end is always the new
 # tapback's to handle (before, with the default workload, a fast guest could be done before
-# the first tapback was stopped).
+# the first tapback was stopped). The new tapback logs to out/tapback-again.log (mirrored
+# into backend.log by tail): through a pipe to tee, the rig's SIGTERM left the script
+# alive until its SIGKILL (two runs of two).
 TAKEOVER_MARK = "BLKTAP-TAPBACK-TAKEN-OVER"
 TAKEOVER_SECTOR = 8 << 11  # 8 MiB into the testbed's 16 MiB image
 BACKEND_CMD_RESTART = BACKEND_CMD.replace(SERVE, r"""
@@ -133,11 +135,13 @@ until xenstore-ls -f /local/domain/0/backend/vbd 2>/dev/null | grep -q '/state =
 done
 kill -TERM $pid; wait $pid
 echo "backend: tapback stopped with status $?, starting it again (on /dev/xen/xenbus)"
-python3 -m blktap.cli.tapback -d -v -n vbd --xenstore /dev/xen/xenbus \
-  > >(tee /run/tapback-again.log) 2>&1 &
+log=$TESTBED_OUT/tapback-again.log
+python3 -m blktap.cli.tapback -d -v -n vbd --xenstore /dev/xen/xenbus 2>>$log &
 pid=$!
-trap 'kill -TERM $pid 2>/dev/null; wait $pid; exit 0' TERM
-until grep -q "taken over as" /run/tapback-again.log 2>/dev/null; do sleep 0.2; done
+tail -n +1 -F --pid=$pid $log 2>/dev/null &
+trap 'echo "backend: SIGTERM"; kill -TERM $pid 2>/dev/null; wait $pid
+      echo "backend: the new tapback exited with status $?"; exit 0' TERM
+until grep -q "taken over as" $log 2>/dev/null; do sleep 0.2; done
 echo "@MARK@ run=$$" | dd of=$DISK_IMAGE bs=512 seek=@SECTOR@ conv=notrunc,fsync 2>/dev/null
 echo "backend: the guest may go on"
 wait $pid
@@ -401,11 +405,13 @@ def test_userspace_pv_tapback_restart_while_the_guest_runs(testbed, payload, tmp
                            backend=BACKEND_CMD_RESTART, guest=guest)
     assert rc == 0, explain(out, text)
     log = (out / "out" / "backend.log").read_text(errors="replace")
-    assert "starting it again" in log and "taken over as" in log, log[-3000:]
+    assert "starting it again" in log and "the guest may go on" in log, log[-3000:]
+    again = (out / "out" / "tapback-again.log").read_text(errors="replace")
+    assert "taken over as" in again, again[-3000:]
     console = (out / "out" / "domU-console.log").read_text(errors="replace")
     assert "DOMU-RESULT ok the new tapback took over" in console, console[-3000:]
     # the guest went after the takeover: the new tapback released its ring
-    assert "released the ring" in log.split("the guest may go on", 1)[1], log[-3000:]
+    assert "released the ring" in again, again[-3000:]
 
 
 def read_chain(leaf: Path, dest: Path) -> Path:
