@@ -679,6 +679,37 @@ def test_live_snapshot_of_a_connected_vhd_onto_a_new_leaf(tmp_path: Path) -> Non
         assert check_image(path).ok, path
 
 
+def test_connecting_a_served_ring_again_is_answered_not_logged_as_an_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A restarted tapback sends XENBLKIF_CONNECT for the rings it finds Connected; the
+    tapdisk still serving them answers EALREADY, which is no fault of the tapdisk's: an
+    ERROR line would keep its log file as if something had gone wrong (seen in the Xen
+    testbed's tapback-restart run)."""
+    from blktap.daemon.tapdisk import Tapdisk
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(MiB))
+
+    async def main() -> None:
+        guest = Guest(X64)
+        td = Tapdisk(tmp_path / "run", threads=2, xen=Devices(guest))
+        ctl = td.start_control()
+        try:
+            await td.attach(0, hold=False)
+            params = PARAMS.pack(0, 0, 0, f"aio:{img}".encode(), 0, 0, b"")
+            assert (await ask(ctl, T_OPEN, 0, params))[0] == T_OPEN_RSP
+            assert (await ask(ctl, T_CONNECT, 0, blkif(guest)))[0] == T_CONNECT_RSP
+            kind, body = await ask(ctl, T_CONNECT, 0, blkif(guest))
+            assert kind == T_ERROR and RESP.unpack_from(body)[0] == errno.EALREADY
+        finally:
+            await td.shutdown()
+            guest.close()
+
+    with caplog.at_level(logging.INFO, logger="blktap.tapdisk"):
+        asyncio.run(main())
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 def test_disk_info_of_a_read_only_disk(tmp_path: Path) -> None:
     from blktap.daemon.tapdisk import Tapdisk
 
