@@ -37,6 +37,7 @@ PREP = r"""
 set -e
 export PYTHONPATH=/opt/payload/src TAPDISK=/usr/local/bin/tapdisk
 export BLKTAP_SPAWN_TIMEOUT=600  # starting Python in the TCG dom0 can take a minute
+export BLKTAP_LOG_DIR=$TESTBED_OUT  # tapdisk.<pid>.log comes back to the host in out/
 for cmd in tapdisk:tapdisk tap-ctl:tap_ctl tapback:tapback blktap-xen-hotplug:xen_hotplug \
            vhd-util:vhd_util; do
   mod=${cmd#*:} name=${cmd%%:*}
@@ -76,26 +77,55 @@ HOTPLUG
 chmod 755 /etc/xen/scripts/block-userspace
 """ + SERVE
 # A VHD chain (base <- leaf) in $TESTBED_OUT (so that it comes back to the host), and a live
-# snapshot while the guest writes: pause, vhd-util snapshot, unpause onto the new leaf.
+# snapshot while the guest writes: pause, vhd-util snapshot, unpause onto the new leaf. The
+# two sides meet on the disk itself (there is no other channel between dom0's shell and the
+# busybox guest): the guest writes SNAPSHOT_READY at MARK_SECTOR once its first files are
+# synced, and this script, which looks for it in leaf.vhd, pauses, snapshots, writes
+# SNAPSHOT_DONE at the same sector of the new (still unserved) leaf and unpauses onto it; the
+# guest, reading the sector again, then writes the rest. So the snapshot falls in the middle
+# of the guest's work whatever the rig's speed (before, a fixed delay after the ring
+# connected raced the guest: a fast guest was done, and the rig's SIGTERM had ended this
+# script before it said so, when the snapshot was taken).
+MARK_SECTOR = 60 << 11  # 60 MiB: past the guest's FAT (32 MiB) and its discard (40 MiB)
+SNAPSHOT_READY = "BLKTAP-SNAPSHOT-READY"
+SNAPSHOT_DONE = "BLKTAP-SNAPSHOT-DONE"
 BACKEND_CMD_VHD = BACKEND_CMD.replace("aio:$DISK_IMAGE", "vhd:$TESTBED_OUT/leaf.vhd").replace(
     "tap-ctl create", r"""vhd-util create -n $TESTBED_OUT/base.vhd -s 64
 vhd-util snapshot -n $TESTBED_OUT/leaf.vhd -p $TESTBED_OUT/base.vhd
 tap-ctl create""", 1).replace(SERVE, r"""
 (
-  set +e  # a TCG dom0 under load sometimes segfaults a `sleep`: keep going
-  until xenstore-ls -f /local/domain/0/backend/vbd 2>/dev/null | grep -q '/state = "4"'; do
-    sleep 0.2
-  done
-  sleep 2
-  tap-ctl pause -p $tid -m $minor
-  vhd-util snapshot -n $TESTBED_OUT/snap.vhd -p $TESTBED_OUT/leaf.vhd
-  tap-ctl unpause -p $tid -m $minor -a vhd:$TESTBED_OUT/snap.vhd
-  echo "backend: live snapshot taken: $(tap-ctl list)"
+  set +e
+  leaf=$TESTBED_OUT/leaf.vhd snap=$TESTBED_OUT/snap.vhd
+  until grep -q -a -F @READY@ $leaf; do sleep 0.5; done
+  echo "backend: the guest is ready for the snapshot"
+  if tap-ctl pause -p $tid -m $minor &&
+     vhd-util snapshot -n $snap -p $leaf &&
+     python3 -c "if 1:
+       import sys
+       from blktap.image import Chain
+       with Chain.open('vhd:' + sys.argv[1], writable=True) as disk:
+           disk.pwrite(@SECTOR@ * 512, sys.argv[2].encode().ljust(512, b'\0'))
+     " $snap "@DONE@ $(date +%s)" &&
+     tap-ctl unpause -p $tid -m $minor -a vhd:$snap; then
+    echo "backend: live snapshot taken onto $snap"
+    tap-ctl list
+  else
+    echo "backend: the live snapshot failed"
+  fi
 ) &
-""" + SERVE)
-# As BACKEND_CMD, but tapback is stopped once the guest is connected and started again while
-# the guest does its I/O: the new one (speaking through the xenbus device rather than
-# xenstored's socket) must take the VBD over, and close it at the end.
+""".replace("@READY@", SNAPSHOT_READY).replace("@DONE@", SNAPSHOT_DONE).replace(
+    "@SECTOR@", str(MARK_SECTOR)) + SERVE)
+# As BACKEND_CMD, but tapback is stopped once the guest is connected and started again: the
+# new one (speaking through the xenbus device rather than xenstored's socket) must take the
+# VBD over, and close it at the end. The guest (GUEST_SCRIPT_RESTART) waits for the mark
+# this script writes into the disk once the new tapback has taken over, then does its I/O
+# and goes: so the takeover always falls while the guest runs, and its end is always the new
+# tapback's to handle (before, with the default workload, a fast guest could be done before
+# the first tapback was stopped). The new tapback logs to out/tapback-again.log (mirrored
+# into backend.log by tail): through a pipe to tee, the rig's SIGTERM left the script
+# alive until its SIGKILL (two runs of two).
+TAKEOVER_MARK = "BLKTAP-TAPBACK-TAKEN-OVER"
+TAKEOVER_SECTOR = 8 << 11  # 8 MiB into the testbed's 16 MiB image
 BACKEND_CMD_RESTART = BACKEND_CMD.replace(SERVE, r"""
 set +e
 python3 -m blktap.cli.tapback -d -v -n vbd --ready-file "$BACKEND_READY_FILE" &
@@ -105,11 +135,36 @@ until xenstore-ls -f /local/domain/0/backend/vbd 2>/dev/null | grep -q '/state =
 done
 kill -TERM $pid; wait $pid
 echo "backend: tapback stopped with status $?, starting it again (on /dev/xen/xenbus)"
-python3 -m blktap.cli.tapback -d -v -n vbd --xenstore /dev/xen/xenbus &
+log=$TESTBED_OUT/tapback-again.log
+python3 -m blktap.cli.tapback -d -v -n vbd --xenstore /dev/xen/xenbus 2>>$log &
 pid=$!
-trap 'kill -TERM $pid 2>/dev/null; wait $pid; exit 0' TERM
+tail -n +1 -F --pid=$pid $log 2>/dev/null &
+trap 'echo "backend: SIGTERM"; kill -TERM $pid 2>/dev/null; wait $pid
+      echo "backend: the new tapback exited with status $?"; exit 0' TERM
+until grep -q "taken over as" $log 2>/dev/null; do sleep 0.2; done
+echo "@MARK@ run=$$" | dd of=$DISK_IMAGE bs=512 seek=@SECTOR@ conv=notrunc,fsync 2>/dev/null
+echo "backend: the guest may go on"
 wait $pid
-""")
+""".replace("@MARK@", TAKEOVER_MARK).replace("@SECTOR@", str(TAKEOVER_SECTOR)))
+GUEST_SCRIPT_RESTART = r"""#!/bin/busybox sh
+DEV=$1
+i=0
+until dd if=$DEV bs=512 skip=@SECTOR@ count=1 2>/dev/null | grep -q @MARK@; do
+  i=$((i + 1))
+  [ $i -le 500 ] || { echo "DOMU-RESULT FAIL no takeover mark after 500 looks"; exit 1; }
+  sleep 1
+  echo 1 > /proc/sys/vm/drop_caches
+done
+echo "DOMU-RESULT ok the new tapback took over (looked $i times)"
+yes "blktap restart run $RUN_ID" | head -c 1048576 > /tmp/w
+dd if=/tmp/w of=$DEV bs=1M seek=4 conv=fsync 2>/dev/null ||
+  { echo "DOMU-RESULT FAIL write"; exit 1; }
+echo 3 > /proc/sys/vm/drop_caches
+a=$(md5sum < /tmp/w)
+b=$(dd if=$DEV bs=1M skip=4 count=1 2>/dev/null | md5sum)
+[ "$a" = "$b" ] || { echo "DOMU-RESULT FAIL read back $b, wrote $a"; exit 1; }
+echo "DOMU-RESULT ok written and read back after the takeover"
+""".replace("@MARK@", TAKEOVER_MARK).replace("@SECTOR@", str(TAKEOVER_SECTOR))
 
 # The custom workload. The domU kernel has no file system built in and its initrd holds only
 # blkfront, so the modules for FAT (busybox's mkdosfs) come appended as base64 after the
@@ -136,8 +191,10 @@ sed '1,/^__MODULES__$/d' "$0" | base64 -d | gunzip | tar -x -C /tmp/m || bad "un
 for k in fat vfat nls_cp437 nls_ascii nls_utf8; do insmod /tmp/m/$k.ko 2>/dev/null; done
 mkdosfs $DEV 32768 >/dev/null 2>&1 || bad mkdosfs
 mount -t vfat $DEV /mnt || { bad "mount vfat"; exit 1; }
+before_f3() { :; }
 for f in 1:4096 2:102400 3:1048576; do
   n=${f%%:*}; size=${f#*:}
+  [ $n = 3 ] && before_f3
   yes "blktap file $n" | head -c $size > /tmp/f$n
   dd if=/tmp/f$n of=/mnt/f$n bs=1M conv=fsync 2>/dev/null || bad "write f$n"
 done
@@ -157,6 +214,23 @@ sync
 exit $FAILED
 __MODULES__
 """
+# The live-snapshot run's guest: before its third file it marks the disk ready and waits for
+# the backend's mark, which only the new leaf holds (see BACKEND_CMD_VHD).
+GUEST_SCRIPT_SNAPSHOT = GUEST_SCRIPT.replace("before_f3() { :; }\n", r"""before_f3() {
+  sync
+  { echo "@READY@ run=$RUN_ID"; head -c 512 /dev/zero; } | head -c 512 > /tmp/ready
+  dd if=/tmp/ready of=$DEV bs=512 seek=@SECTOR@ conv=fsync 2>/dev/null || bad "ready mark"
+  i=0
+  until dd if=$DEV bs=512 skip=@SECTOR@ count=1 2>/dev/null | grep -q @DONE@; do
+    i=$((i + 1))
+    [ $i -le 500 ] || { bad "no snapshot after 500 looks"; return; }
+    sleep 1
+    echo 1 > /proc/sys/vm/drop_caches
+  done
+  ok "live snapshot seen (looked $i times)"
+}
+""".replace("@READY@", SNAPSHOT_READY).replace("@DONE@", SNAPSHOT_DONE).replace(
+    "@SECTOR@", str(MARK_SECTOR)), 1)
 MODULES = ["fs/fat/fat.ko", "fs/fat/vfat.ko", "fs/nls/nls_cp437.ko", "fs/nls/nls_ascii.ko",
            "fs/nls/nls_utf8.ko"]
 FILES = {n: (f"blktap file {n}\n" * (size // 13 + 1)).encode()[:size]
@@ -177,18 +251,22 @@ def payload(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="session")
-def guest_script(testbed, tmp_path_factory) -> Path:
+def write_guest_script(testbed: Path, dest: Path, script: str) -> Path:
+    """``script`` with the FAT modules of the testbed's kernel appended."""
     kv = (testbed / "kernel-version").read_text().strip()
     mods = testbed / "rootfs" / "lib" / "modules" / kv / "kernel"
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for rel in MODULES:
             tar.add(mods / rel, arcname=os.path.basename(rel))
-    text = GUEST_SCRIPT + base64.encodebytes(buf.getvalue()).decode()
-    path = tmp_path_factory.mktemp("guest") / "guest.sh"
-    path.write_text(text)
-    return path
+    dest.write_text(script + base64.encodebytes(buf.getvalue()).decode())
+    return dest
+
+
+@pytest.fixture(scope="session")
+def guest_script(testbed, tmp_path_factory) -> Path:
+    return write_guest_script(testbed, tmp_path_factory.mktemp("guest") / "guest.sh",
+                              GUEST_SCRIPT)
 
 
 def run_testbed(testbed: Path, out: Path, scenario: str, *, payload: Path | None = None,
@@ -222,11 +300,11 @@ def run_testbed(testbed: Path, out: Path, scenario: str, *, payload: Path | None
 
 def explain(out: Path, text: str) -> str:
     parts = [text[-3000:]]
-    for name in ("out/backend.log", "out/hotplug.log", "out/domU-console.log",
-                 "out/xenstore-last.txt"):
-        p = out / name
+    logs = sorted((out / "out").glob("tapdisk.*.log")) if (out / "out").is_dir() else []
+    for p in [out / "out" / name for name in ("backend.log", "hotplug.log", "domU-console.log",
+                                              "xenstore-last.txt")] + logs:
         if p.exists():
-            parts.append(f"--- {name}\n" + p.read_text(errors="replace")[-3000:])
+            parts.append(f"--- {p.relative_to(out)}\n" + p.read_text(errors="replace")[-3000:])
     return "\n".join(parts)
 
 
@@ -319,20 +397,21 @@ def test_userspace_pv_guest_script(testbed, payload, guest_script, tmp_path):
     check_files_in_image(out / "disk.img")
 
 
-@pytest.mark.xfail(reason="racy in the rig (issue 12): under TCG the guest may finish its "
-                   "whole workload before the first tapback is stopped, leaving nothing to "
-                   "take over (seen here), and once the restarted python3 failed to import; "
-                   "takeover after a restart is covered by the fast tests in "
-                   "tests/test_tapback.py", strict=False)
 def test_userspace_pv_tapback_restart_while_the_guest_runs(testbed, payload, tmp_path):
     out = tmp_path / "run"
+    guest = tmp_path / "guest.sh"
+    guest.write_text(GUEST_SCRIPT_RESTART)
     rc, text = run_testbed(testbed, out, "userspace-pv", payload=payload,
-                           backend=BACKEND_CMD_RESTART, retry=False)  # xfail: one run tells
+                           backend=BACKEND_CMD_RESTART, guest=guest)
     assert rc == 0, explain(out, text)
     log = (out / "out" / "backend.log").read_text(errors="replace")
-    assert "starting it again" in log and "taken over as" in log, log[-3000:]
-    # whatever the guest did meanwhile (it may have finished), the new tapback released it
-    assert "released the ring" in log.split("starting it again", 1)[1], log[-3000:]
+    assert "starting it again" in log and "the guest may go on" in log, log[-3000:]
+    again = (out / "out" / "tapback-again.log").read_text(errors="replace")
+    assert "taken over as" in again, again[-3000:]
+    console = (out / "out" / "domU-console.log").read_text(errors="replace")
+    assert "DOMU-RESULT ok the new tapback took over" in console, console[-3000:]
+    # the guest went after the takeover: the new tapback released its ring
+    assert "released the ring" in again, again[-3000:]
 
 
 def read_chain(leaf: Path, dest: Path) -> Path:
@@ -346,21 +425,27 @@ def read_chain(leaf: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.xfail(reason="known open problem (issue 12): not yet passed end to end in the "
-                   "testbed (the guest script's modules failed to unpack in one run, the "
-                   "guest was lost before connecting in another); the snapshot itself "
-                   "was taken live and all three layers checked", strict=False)
-def test_userspace_pv_vhd_chain_with_a_live_snapshot(testbed, payload, guest_script, tmp_path):
+def test_userspace_pv_vhd_chain_with_a_live_snapshot(testbed, payload, tmp_path):
+    """A guest on a VHD chain, snapshotted between its second and third file (the two
+    sides meet on the disk: BACKEND_CMD_VHD): the old leaf holds what the guest wrote
+    before, the new one what it wrote after, every layer passes vhd-util check."""
     out = tmp_path / "run"
+    guest = write_guest_script(testbed, tmp_path / "guest.sh", GUEST_SCRIPT_SNAPSHOT)
     rc, text = run_testbed(testbed, out, "userspace-pv", payload=payload,
-                           backend=BACKEND_CMD_VHD, guest=guest_script,
-                           retry=False)  # xfail: one run tells
+                           backend=BACKEND_CMD_VHD, guest=guest)
     assert rc == 0, explain(out, text)
     log = (out / "out" / "backend.log").read_text(errors="replace")
-    assert "live snapshot taken" in log and "snap.vhd" in log, log[-3000:]
+    assert "live snapshot taken onto" in log, log[-3000:]
+    # The guest read the backend's mark, which only snap.vhd holds: it was served from it.
+    console = (out / "out" / "domU-console.log").read_text(errors="replace")
+    assert "DOMU-RESULT ok live snapshot seen" in console, console[-3000:]
     vhd_util = shutil.which("vhd-util", path=os.path.dirname(os.sys.executable)) or "vhd-util"
     for name in ("base.vhd", "leaf.vhd", "snap.vhd"):
         r = subprocess.run([vhd_util, "check", "-n", str(out / "out" / name)],
                            capture_output=True, text=True)
         assert r.returncode == 0, (name, r.stdout, r.stderr)
     check_files_in_image(read_chain(out / "out" / "snap.vhd", tmp_path / "disk.raw"))
+    # The old leaf stopped at the snapshot: the first two files, not the third.
+    before = read_chain(out / "out" / "leaf.vhd", tmp_path / "before.raw").read_bytes()
+    assert before.find(FILES[1]) >= 0 and before.find(FILES[2]) >= 0
+    assert before.find(FILES[3]) < 0, "the third file was written into the old leaf"

@@ -625,6 +625,91 @@ def test_connect_disconnect_and_disk_info_over_the_control_socket(tmp_path: Path
     assert img.read_bytes()[4096:8192] == b"c" * PAGE
 
 
+def test_live_snapshot_of_a_connected_vhd_onto_a_new_leaf(tmp_path: Path) -> None:
+    """tap-ctl pause, vhd-util snapshot, tap-ctl unpause -a vhd:NEW with a guest's ring
+    connected (the Xen testbed's live-snapshot run, without Xen): a write made while
+    paused is held, then lands in the new leaf; the old leaf keeps what came before, and
+    both layers pass vhd-util check's rules."""
+    from blktap.daemon.tapdisk import Tapdisk
+    from blktap.image import Chain
+    from blktap.image.vhd import create as vhd_create
+    from blktap.image.vhd import snapshot as vhd_snapshot
+    from blktap.image.vhd.check import check_image
+
+    base, leaf, snap = (str(tmp_path / f"{n}.vhd") for n in ("base", "leaf", "snap"))
+    vhd_create(base, 4 * MiB)
+    vhd_snapshot(leaf, base)
+
+    async def main() -> None:
+        guest = Guest(X64)
+        td = Tapdisk(tmp_path / "run", threads=2, xen=Devices(guest))
+        ctl = td.start_control()
+        try:
+            await td.attach(0, hold=False)
+            params = PARAMS.pack(0, 0, 0, f"vhd:{leaf}".encode(), 0, 0, b"")
+            assert (await ask(ctl, T_OPEN, 0, params))[0] == T_OPEN_RSP
+            assert (await ask(ctl, T_CONNECT, 0, blkif(guest)))[0] == T_CONNECT_RSP
+            before, after = guest.grant(b"1" * PAGE), guest.grant(b"2" * PAGE)
+            guest.put_rw(OP_WRITE, 1, 0, [(before, 0, 7)])
+            guest.push()
+            assert await guest.wait(1) == {1: (OP_WRITE, OKAY)}
+            await td.pause(0)
+            guest.put_rw(OP_WRITE, 2, 8, [(after, 0, 7)])
+            guest.put_rw(OP_FLUSH, 3, 0, [])
+            guest.push()
+            await asyncio.sleep(0.05)
+            assert guest.responses() == []  # held by the pause
+            vhd_snapshot(snap, leaf)
+            await td.resume(0, f"vhd:{snap}")
+            assert await guest.wait(2) == {2: (OP_WRITE, OKAY), 3: (OP_FLUSH, OKAY)}
+            r = guest.grant()
+            guest.put_rw(OP_READ, 4, 0, [(r, 0, 7)])
+            guest.push()
+            assert await guest.wait(1) == {4: (OP_READ, OKAY)}
+            assert bytes(guest.pages[r]) == b"1" * PAGE  # read through the new leaf
+        finally:
+            await td.shutdown()
+            guest.close()
+
+    asyncio.run(main())
+    with Chain.open(f"vhd:{leaf}") as old, Chain.open(f"vhd:{snap}") as new:
+        assert old.pread(0, 2 * PAGE) == b"1" * PAGE + bytes(PAGE)
+        assert new.pread(0, 2 * PAGE) == b"1" * PAGE + b"2" * PAGE
+    for path in (base, leaf, snap):
+        assert check_image(path).ok, path
+
+
+def test_connecting_a_served_ring_again_is_answered_not_logged_as_an_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A restarted tapback sends XENBLKIF_CONNECT for the rings it finds Connected; the
+    tapdisk still serving them answers EALREADY, which is no fault of the tapdisk's: an
+    ERROR line would keep its log file as if something had gone wrong (seen in the Xen
+    testbed's tapback-restart run)."""
+    from blktap.daemon.tapdisk import Tapdisk
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(MiB))
+
+    async def main() -> None:
+        guest = Guest(X64)
+        td = Tapdisk(tmp_path / "run", threads=2, xen=Devices(guest))
+        ctl = td.start_control()
+        try:
+            await td.attach(0, hold=False)
+            params = PARAMS.pack(0, 0, 0, f"aio:{img}".encode(), 0, 0, b"")
+            assert (await ask(ctl, T_OPEN, 0, params))[0] == T_OPEN_RSP
+            assert (await ask(ctl, T_CONNECT, 0, blkif(guest)))[0] == T_CONNECT_RSP
+            kind, body = await ask(ctl, T_CONNECT, 0, blkif(guest))
+            assert kind == T_ERROR and RESP.unpack_from(body)[0] == errno.EALREADY
+        finally:
+            await td.shutdown()
+            guest.close()
+
+    with caplog.at_level(logging.INFO, logger="blktap.tapdisk"):
+        asyncio.run(main())
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 def test_disk_info_of_a_read_only_disk(tmp_path: Path) -> None:
     from blktap.daemon.tapdisk import Tapdisk
 

@@ -359,8 +359,10 @@ class Tapdisk:
                 self._queued -= 1
         except BlktapError as exc:
             # A driver's bug, or a bad CBT log, is the operator's to see whatever its errno.
+            # EALREADY is the caller's news, not a fault: a restarted tapback connects the
+            # rings it finds in XenStore again, and is told they are served.
             if isinstance(exc, (DriverError, CbtLogError)) or exc.errno not in (
-                    errno.EBUSY, errno.EINVAL, errno.ENOENT, errno.EEXIST):
+                    errno.EBUSY, errno.EINVAL, errno.ENOENT, errno.EEXIST, errno.EALREADY):
                 log.error("%s of %s: %s", t.label, self._named(request.cookie), exc)
             return [_error(exc.errno, str(exc), request.cookie)]
         except OSError as exc:
