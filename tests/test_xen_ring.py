@@ -12,11 +12,13 @@ what a blkfront following the headers would see.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import mmap
 import os
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -625,12 +627,31 @@ def test_connect_disconnect_and_disk_info_over_the_control_socket(tmp_path: Path
     assert img.read_bytes()[4096:8192] == b"c" * PAGE
 
 
+@contextlib.asynccontextmanager
+async def connected_tapdisk(tmp_path: Path, spec: str) -> AsyncIterator[tuple]:
+    """A Tapdisk serving ``spec`` on minor 0 to a stand-in guest's connected ring, as
+    tap-ctl open and tapback's XENBLKIF_CONNECT leave it: (guest, tapdisk, control)."""
+    from blktap.daemon.tapdisk import Tapdisk
+
+    guest = Guest(X64)
+    td = Tapdisk(tmp_path / "run", threads=2, xen=Devices(guest))
+    ctl = td.start_control()
+    try:
+        await td.attach(0, hold=False)
+        params = PARAMS.pack(0, 0, 0, spec.encode(), 0, 0, b"")
+        assert (await ask(ctl, T_OPEN, 0, params))[0] == T_OPEN_RSP
+        assert (await ask(ctl, T_CONNECT, 0, blkif(guest)))[0] == T_CONNECT_RSP
+        yield guest, td, ctl
+    finally:
+        await td.shutdown()
+        guest.close()
+
+
 def test_live_snapshot_of_a_connected_vhd_onto_a_new_leaf(tmp_path: Path) -> None:
     """tap-ctl pause, vhd-util snapshot, tap-ctl unpause -a vhd:NEW with a guest's ring
     connected (the Xen testbed's live-snapshot run, without Xen): a write made while
     paused is held, then lands in the new leaf; the old leaf keeps what came before, and
     both layers pass vhd-util check's rules."""
-    from blktap.daemon.tapdisk import Tapdisk
     from blktap.image import Chain
     from blktap.image.vhd import create as vhd_create
     from blktap.image.vhd import snapshot as vhd_snapshot
@@ -641,14 +662,7 @@ def test_live_snapshot_of_a_connected_vhd_onto_a_new_leaf(tmp_path: Path) -> Non
     vhd_snapshot(leaf, base)
 
     async def main() -> None:
-        guest = Guest(X64)
-        td = Tapdisk(tmp_path / "run", threads=2, xen=Devices(guest))
-        ctl = td.start_control()
-        try:
-            await td.attach(0, hold=False)
-            params = PARAMS.pack(0, 0, 0, f"vhd:{leaf}".encode(), 0, 0, b"")
-            assert (await ask(ctl, T_OPEN, 0, params))[0] == T_OPEN_RSP
-            assert (await ask(ctl, T_CONNECT, 0, blkif(guest)))[0] == T_CONNECT_RSP
+        async with connected_tapdisk(tmp_path, f"vhd:{leaf}") as (guest, td, _ctl):
             before, after = guest.grant(b"1" * PAGE), guest.grant(b"2" * PAGE)
             guest.put_rw(OP_WRITE, 1, 0, [(before, 0, 7)])
             guest.push()
@@ -667,9 +681,6 @@ def test_live_snapshot_of_a_connected_vhd_onto_a_new_leaf(tmp_path: Path) -> Non
             guest.push()
             assert await guest.wait(1) == {4: (OP_READ, OKAY)}
             assert bytes(guest.pages[r]) == b"1" * PAGE  # read through the new leaf
-        finally:
-            await td.shutdown()
-            guest.close()
 
     asyncio.run(main())
     with Chain.open(f"vhd:{leaf}") as old, Chain.open(f"vhd:{snap}") as new:
@@ -685,25 +696,14 @@ def test_connecting_a_served_ring_again_is_answered_not_logged_as_an_error(
     tapdisk still serving them answers EALREADY, which is no fault of the tapdisk's: an
     ERROR line would keep its log file as if something had gone wrong (seen in the Xen
     testbed's tapback-restart run)."""
-    from blktap.daemon.tapdisk import Tapdisk
 
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(MiB))
 
     async def main() -> None:
-        guest = Guest(X64)
-        td = Tapdisk(tmp_path / "run", threads=2, xen=Devices(guest))
-        ctl = td.start_control()
-        try:
-            await td.attach(0, hold=False)
-            params = PARAMS.pack(0, 0, 0, f"aio:{img}".encode(), 0, 0, b"")
-            assert (await ask(ctl, T_OPEN, 0, params))[0] == T_OPEN_RSP
-            assert (await ask(ctl, T_CONNECT, 0, blkif(guest)))[0] == T_CONNECT_RSP
+        async with connected_tapdisk(tmp_path, f"aio:{img}") as (guest, _td, ctl):
             kind, body = await ask(ctl, T_CONNECT, 0, blkif(guest))
             assert kind == T_ERROR and RESP.unpack_from(body)[0] == errno.EALREADY
-        finally:
-            await td.shutdown()
-            guest.close()
 
     with caplog.at_level(logging.INFO, logger="blktap.tapdisk"):
         asyncio.run(main())
