@@ -76,12 +76,20 @@ def summarize(raw: Path, top: int = 12) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="After --: more blktap serve options.")
     ap.add_argument("image", help="TYPE:PATH as blktap serve takes it")
     ap.add_argument("workload", choices=sorted(BY_NAME))
     ap.add_argument("--seconds", type=float, default=4.0, help="sampling time (default 4)")
-    ap.add_argument("serve_options", nargs="*", help="after --: more blktap serve options")
-    args = ap.parse_args()
+    # Split at "--" by hand: with a positional taking the rest, argparse refused an option
+    # (--seconds) written after IMAGE WORKLOAD and before the "--".
+    argv = sys.argv[1:]
+    serve_options: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, serve_options = argv[:cut], argv[cut + 1:]
+    args = ap.parse_args(argv)
+    args.serve_options = serve_options
     py_spy = shutil.which("py-spy", path=f"{ROOT / '.venv/bin'}:{os.environ.get('PATH', '')}")
     if py_spy is None:
         ap.error("py-spy not found: pip install -e '.[bench]'")
