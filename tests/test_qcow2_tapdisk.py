@@ -105,11 +105,12 @@ def test_driver_stack_reads_writes_and_qemu_agrees(tmp_path: Path, layout: dict)
 
 
 @pytest.mark.parametrize("compat", ["1.1", "0.10"])
-def test_quick_data_agrees_with_the_runs(tmp_path: Path, compat: str) -> None:
-    """The one-lookup path of small reads and writes (``quick_data``) answers only for a
-    plain data cluster, with the runs' host offset, and says it may be written in place
-    exactly when the library's ``in_place`` does: checked on every kind of cluster qemu
-    makes (data, zero, compressed, unallocated, shared with an internal snapshot)."""
+def test_quick_lookup_agrees_with_the_runs(tmp_path: Path, compat: str) -> None:
+    """The one-lookup path of small reads, writes and status (``quick_lookup``) gives the
+    runs' kind, and for a plain data cluster the runs' host offset, and says it may be
+    written in place exactly when the library's ``in_place`` does: checked on every kind
+    of cluster qemu makes (data, zero, compressed, unallocated, shared with an internal
+    snapshot)."""
     img = tmp_path / "k.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"compat={compat}", img, "1M")
     commands = ["write -P 1 0 192k", "write -c -P 2 256k 64k"]
@@ -123,15 +124,18 @@ def test_quick_data_agrees_with_the_runs(tmp_path: Path, compat: str) -> None:
         seen = set()
         for off in range(0, MiB, 4096):
             runs = list(image.runs(off, 4096))  # (also brings the L2 table in)
-            quick = image.quick_data(off, 4096)
+            found = image.quick_lookup(off, 4096)
             kind = runs[0][2] if len(runs) == 1 else None
+            if found is not None:
+                assert found[0] == kind, (off, runs, found)
+            quick = found[1:] if found is not None and found[0] == q2.DATA else None
             if quick is None:
                 assert kind != q2.DATA, (off, runs)
             else:
                 assert runs == [(off, 4096, q2.DATA, quick[0])], (off, runs, quick)
                 assert quick[1] == (image.in_place(off, 4096) is not None), (off, quick)
             seen.add((kind, None if quick is None else quick[1]))
-        assert image.quick_data(60 * 1024, 8192) is None  # across two clusters
+        assert image.quick_lookup(60 * 1024, 8192) is None  # across two clusters
         expected = {(q2.DATA, True), (q2.DATA, False), (q2.COMPRESSED, None), (q2.HOLE, None)}
         assert seen == expected | ({(q2.ZERO, None)} if compat == "1.1" else set())
     finally:

@@ -51,6 +51,8 @@ HOLE = 0  # not here: read the backing file (zeros without one)
 ZERO = 1  # reads as zeros
 DATA = 2  # stored at a host offset
 COMPRESSED = 3  # a compressed cluster (host: the guest cluster index)
+_QUICK_HOLE = (HOLE, 0, False)  # quick_lookup's answers without a host offset
+_QUICK_ZERO = (ZERO, 0, False)
 
 ReadBelow = Callable[[int, int, memoryview], None]
 
@@ -350,37 +352,14 @@ class Qcow2Image:
             self._l2_cache.move_to_end(off)
         return table
 
-    def quick_kind(self, offset: int, length: int) -> int | None:
-        """The kind (DATA, ZERO or HOLE) of a range inside one cluster, when one lookup
-        in memory tells (an L1 entry without a table, or an L2 table in the cache, plain
-        clusters: not compressed, not in subclusters); else None. Nothing is read and no
-        runs are built: the status a server asks before each read."""
-        cs = self.cluster_size
-        cluster = offset // cs
-        if self.extended or (offset + length - 1) // cs != cluster:
-            return None
-        l1i, l2i = divmod(cluster, self.l2_entries)
-        if l1i >= len(self.l1):
-            return None
-        l2_off = self.l1[l1i] & s.L1_OFFSET_MASK
-        if not l2_off:
-            return HOLE
-        table = self._l2_cache.get(l2_off)
-        if table is None:
-            return None
-        entry = table[l2i]
-        if entry & (s.OFLAG_COMPRESSED | s.L2_STANDARD_RESERVED_MASK):
-            return None
-        if entry & s.OFLAG_ZERO:
-            return ZERO if self.version >= 3 else None
-        return DATA if entry & s.L2_OFFSET_MASK else HOLE
-
-    def quick_data(self, offset: int, length: int) -> tuple[int, bool] | None:
-        """For a range inside one plain data cluster whose L2 table is in the cache (not
-        compressed, no zero flag, no subclusters): its host offset, and whether this image
-        owns the cluster (COPIED: it may be written in place). Else None. One lookup in
-        memory, as :meth:`quick_kind`: the path of a small read or write of data already
-        allocated, which needs no runs."""
+    def quick_lookup(self, offset: int, length: int) -> tuple[int, int, bool] | None:
+        """(kind, host offset, owned) of a range inside one cluster, when one lookup in
+        memory tells: an L1 entry without a table, or a plain entry (not compressed, not
+        in subclusters, a data cluster aligned) of an L2 table in the cache. For DATA the
+        host offset is the range's, and owned says whether this image owns the cluster
+        (COPIED: writable in place); ZERO and HOLE carry (0, False). Else None: the runs
+        tell (and say what is wrong with a bad entry). Nothing is read and no runs are
+        built: the path of a small read, write or status of a running disk."""
         cs = self.cluster_size
         cluster, within = divmod(offset, cs)
         if self.extended or within + length > cs:
@@ -388,15 +367,23 @@ class Qcow2Image:
         l1i, l2i = divmod(cluster, self.l2_entries)
         if l1i >= len(self.l1):
             return None
-        table = self._l2_cache.get(self.l1[l1i] & s.L1_OFFSET_MASK)
+        l2_off = self.l1[l1i] & s.L1_OFFSET_MASK
+        if not l2_off:
+            return _QUICK_HOLE
+        table = self._l2_cache.get(l2_off)
         if table is None:
             return None
         entry = table[l2i]
-        host = entry & s.L2_OFFSET_MASK
-        if not host or host % cs or entry & (s.OFLAG_COMPRESSED | s.OFLAG_ZERO
-                                             | s.L2_STANDARD_RESERVED_MASK):
+        if entry & (s.OFLAG_COMPRESSED | s.L2_STANDARD_RESERVED_MASK):
             return None
-        return host + within, bool(entry & s.OFLAG_COPIED)
+        if entry & s.OFLAG_ZERO:
+            return _QUICK_ZERO if self.version >= 3 else None
+        host = entry & s.L2_OFFSET_MASK
+        if not host:
+            return _QUICK_HOLE
+        if host % cs:
+            return None
+        return DATA, host + within, bool(entry & s.OFLAG_COPIED)
 
     def metadata_cached(self, offset: int, length: int) -> bool:
         """Whether finding the runs of the range reads nothing from the file."""

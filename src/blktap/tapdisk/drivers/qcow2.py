@@ -95,9 +95,9 @@ class Qcow2Driver(Driver):
     # ------------------------------------------------------------------ reads
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
         length = total(iov)
-        quick = self.image.quick_data(offset, length)
-        if quick is not None:
-            await self.engine.preadv(self.data_fd, iov, quick[0])
+        quick = self.image.quick_lookup(offset, length)
+        if quick is not None and quick[0] == q2.DATA:
+            await self.engine.preadv(self.data_fd, iov, quick[1])
             return
         runs = await self._runs(offset, length)
         if len(runs) == 1 and runs[0][2] == q2.DATA:
@@ -122,15 +122,15 @@ class Qcow2Driver(Driver):
 
     def read_now(self, offset: int, iov: Sequence[memoryview], tally: Tally) -> bool:
         length = len(iov[0]) if len(iov) == 1 else total(iov)
-        quick = self.image.quick_data(offset, length)
+        quick = self.image.quick_lookup(offset, length)
         if quick is not None:
-            return self.engine.try_preadv(self.data_fd, iov, quick[0])
-        kind = self.image.quick_kind(offset, length)
-        if kind == q2.ZERO:
-            zero_fill(iov)
-            return True
-        if kind == q2.HOLE:
-            return self.forward_read_now(offset, iov, tally)
+            kind, host, _owned = quick
+            if kind == q2.DATA:
+                return self.engine.try_preadv(self.data_fd, iov, host)
+            if kind == q2.ZERO:
+                zero_fill(iov)
+                return True
+            return self.forward_read_now(offset, iov, tally)  # HOLE
         runs = self._runs_now(offset, length)
         if runs is None:
             return False
@@ -149,6 +149,15 @@ class Qcow2Driver(Driver):
         return True
 
     # ------------------------------------------------------------------ writes
+    def _owned_now(self, offset: int, length: int) -> int | None:
+        """Where the range can be written in place, if that is known at once: one lookup
+        for a range in one owned cluster, else the library's walk when nothing must be
+        read (and the lock is free)."""
+        quick = self.image.quick_lookup(offset, length)
+        if quick is not None and quick[2]:
+            return quick[1]
+        return self._in_place_now(offset, length)
+
     def _in_place_now(self, offset: int, length: int) -> int | None:
         if not self.lock.acquire(blocking=False):
             return None
@@ -212,8 +221,7 @@ class Qcow2Driver(Driver):
     async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
         self._require_writable()
         length = total(iov)
-        quick = self.image.quick_data(offset, length)
-        host = quick[0] if quick is not None and quick[1] else self._in_place_now(offset, length)
+        host = self._owned_now(offset, length)
         if host is None and not self.image.metadata_cached(offset, length):
             host = await self.engine.call(self._in_place_locked, offset, length)
         if host is not None:
@@ -227,9 +235,7 @@ class Qcow2Driver(Driver):
     def write_now(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> bool:
         if not self.writable:
             return False
-        length = len(iov[0]) if len(iov) == 1 else total(iov)
-        quick = self.image.quick_data(offset, length)
-        host = quick[0] if quick is not None and quick[1] else self._in_place_now(offset, length)
+        host = self._owned_now(offset, len(iov[0]) if len(iov) == 1 else total(iov))
         if host is None:
             return False
         return self.engine.try_pwritev(self.fd, iov, host, dsync=fua)
@@ -276,13 +282,11 @@ class Qcow2Driver(Driver):
     def status_now(self, offset: int, length: int) -> Extents | None:
         # The common case first, cheap and without the lock: one cached L2 entry (as
         # vhd reads its BAT: a racing write may be seen or not, as for any read).
-        kind = self.image.quick_kind(offset, length)
-        if kind == q2.DATA:
-            return [(length, STATE_DATA)]
-        if kind == q2.HOLE:
-            return self.forward_status_now(offset, length)
-        if kind == q2.ZERO:
-            return [(length, STATE_HOLE | STATE_ZERO)]
+        quick = self.image.quick_lookup(offset, length)
+        if quick is not None:
+            if quick[0] == q2.HOLE:
+                return self.forward_status_now(offset, length)
+            return [(length, KIND_STATE[quick[0]])]
         runs = self._runs_now(offset, length)
         if runs is None:
             return None
