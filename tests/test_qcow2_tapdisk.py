@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from blktap.errors import FormatError
 from blktap.image.chain import Chain
 from blktap.image.qcow2 import image as q2
 from blktap.image.qcow2.check import check
 from blktap.image.qcow2.create import create
 from blktap.image.qcow2.image import Qcow2Image
+from blktap.image.qcow2.structs import L1_OFFSET_MASK
 from blktap.io import ThreadEngine
 from blktap.tapdisk.driver import STATE_DATA, STATE_HOLE, STATE_ZERO
 from blktap.tapdisk.drivers import Qcow2Driver, open_stack, parse
@@ -140,6 +142,41 @@ def test_quick_lookup_agrees_with_the_runs(tmp_path: Path, compat: str) -> None:
         assert seen == expected | ({(q2.ZERO, None)} if compat == "1.1" else set())
     finally:
         image.close()
+
+
+def test_misaligned_data_cluster_is_refused_by_every_path(tmp_path: Path) -> None:
+    """An L2 entry pointing half way into a cluster (a corrupt image): the one-lookup
+    path does not answer for it, so reads, writes and the block status all give the
+    library's error instead of serving bytes from the wrong place or calling it data."""
+    img = tmp_path / "bad.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    qemu_io(img, "write -P 1 0 64k")
+    with Qcow2Image.open(str(img)) as image:
+        l2_off = image.l1[0] & L1_OFFSET_MASK
+    with open(img, "r+b") as f:
+        f.seek(l2_off)
+        entry = int.from_bytes(f.read(8), "big")
+        f.seek(l2_off)
+        f.write((entry + 512).to_bytes(8, "big"))
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await engine.call(open_stack, engine, f"qcow2:{img}", writable=True)
+        try:
+            with pytest.raises(FormatError, match="not cluster aligned"):
+                await drv.read(0, [view(bytes(4096))])
+            for call in (lambda: drv.read_now(0, [view(bytes(4096))], []),
+                         lambda: drv.write_now(0, [view(b"x" * 4096)]),
+                         lambda: drv.status_now(0, 4096)):
+                with pytest.raises(FormatError, match="not cluster aligned"):
+                    call()
+            with pytest.raises(FormatError, match="not cluster aligned"):
+                await drv.block_status(0, 4096)
+            with pytest.raises(FormatError, match="not cluster aligned"):
+                await drv.write(0, [view(b"x" * 4096)])
+        finally:
+            await drv.close()
+
+    with_engine(body)
 
 
 def test_block_status_and_side_doors() -> None:

@@ -405,8 +405,10 @@ class Qcow2Image:
             cluster, within = divmod(pos, cs)
             n = min(cs - within, end - pos)
             entry, bitmap = self._entry(cluster)
-            off = entry & s.L2_OFFSET_MASK
-            if not off or not entry & s.OFLAG_COPIED or entry & s.OFLAG_COMPRESSED:
+            if entry & s.OFLAG_COMPRESSED:
+                return None
+            off = self._host_of(cluster, entry)
+            if not off or not entry & s.OFLAG_COPIED:
                 return None
             if self.extended:
                 sc = self.subcluster_size
@@ -432,21 +434,28 @@ class Qcow2Image:
             return table[2 * l2i], table[2 * l2i + 1]
         return table[l2i], 0
 
-    def _cluster_runs(self, cluster: int, lo: int, hi: int
-                      ) -> Iterator[tuple[int, int, int, int]]:
-        """Runs of bytes [lo, hi) inside one cluster: (in-cluster start, end, kind, host)."""
-        entry, bitmap = self._entry(cluster)
-        cs = self.cluster_size
-        if entry & s.OFLAG_COMPRESSED:
-            yield lo, hi, COMPRESSED, cluster
-            return
+    def _host_of(self, cluster: int, entry: int) -> int:
+        """The host offset of a cluster's L2 entry (not a compressed one), checked as
+        every use of it must be before reading or writing there: no reserved bits in a
+        standard entry, and cluster aligned (else a write would land across two
+        clusters)."""
         if entry & s.L2_STANDARD_RESERVED_MASK and not self.extended:
             raise FormatError(f"{self.path}: L2 entry of cluster {cluster} has reserved "
                               f"bits set ({entry:#x})")
         off = entry & s.L2_OFFSET_MASK
-        if off % cs:
+        if off % self.cluster_size:
             raise FormatError(f"{self.path}: data cluster {cluster} at {off:#x} is not "
                               f"cluster aligned")
+        return off
+
+    def _cluster_runs(self, cluster: int, lo: int, hi: int
+                      ) -> Iterator[tuple[int, int, int, int]]:
+        """Runs of bytes [lo, hi) inside one cluster: (in-cluster start, end, kind, host)."""
+        entry, bitmap = self._entry(cluster)
+        if entry & s.OFLAG_COMPRESSED:
+            yield lo, hi, COMPRESSED, cluster
+            return
+        off = self._host_of(cluster, entry)
         if not self.extended:
             if entry & s.OFLAG_ZERO and self.version >= 3:
                 yield lo, hi, ZERO, 0
@@ -785,9 +794,9 @@ class Qcow2Image:
         table, table_off, word = self._l2_for_write(cluster)
         entry = table[word]
         bitmap = table[word + 1] if self.extended else 0
-        off = entry & s.L2_OFFSET_MASK
         cs = self.cluster_size
         compressed = bool(entry & s.OFLAG_COMPRESSED)
+        off = 0 if compressed else self._host_of(cluster, entry)
         owned = bool(off) and not compressed and bool(entry & s.OFLAG_COPIED)
         if owned and not self.extended:
             if not entry & s.OFLAG_ZERO:
