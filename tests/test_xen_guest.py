@@ -146,15 +146,23 @@ echo "@MARK@ run=$$" | dd of=$DISK_IMAGE bs=512 seek=@SECTOR@ conv=notrunc,fsync
 echo "backend: the guest may go on"
 wait $pid
 """.replace("@MARK@", TAKEOVER_MARK).replace("@SECTOR@", str(TAKEOVER_SECTOR)))
+# busybox sh: wait_mark TEXT SECTOR waits (500 looks, a second apart, the page cache
+# dropped each time so that the backend's write is seen) until that sector of $DEV holds
+# TEXT; $i says how many looks it took. How a guest meets dom0's script on the disk.
+WAIT_MARK = r"""wait_mark() {
+  i=0
+  until dd if=$DEV bs=512 skip=$2 count=1 2>/dev/null | grep -q "$1"; do
+    i=$((i + 1))
+    [ $i -le 500 ] || return 1
+    sleep 1
+    echo 1 > /proc/sys/vm/drop_caches
+  done
+}
+"""
 GUEST_SCRIPT_RESTART = r"""#!/bin/busybox sh
 DEV=$1
-i=0
-until dd if=$DEV bs=512 skip=@SECTOR@ count=1 2>/dev/null | grep -q @MARK@; do
-  i=$((i + 1))
-  [ $i -le 500 ] || { echo "DOMU-RESULT FAIL no takeover mark after 500 looks"; exit 1; }
-  sleep 1
-  echo 1 > /proc/sys/vm/drop_caches
-done
+""" + WAIT_MARK + r"""wait_mark @MARK@ @SECTOR@ ||
+  { echo "DOMU-RESULT FAIL no takeover mark after 500 looks"; exit 1; }
 echo "DOMU-RESULT ok the new tapback took over (looked $i times)"
 yes "blktap restart run $RUN_ID" | head -c 1048576 > /tmp/w
 dd if=/tmp/w of=$DEV bs=1M seek=4 conv=fsync 2>/dev/null ||
@@ -216,17 +224,11 @@ __MODULES__
 """
 # The live-snapshot run's guest: before its third file it marks the disk ready and waits for
 # the backend's mark, which only the new leaf holds (see BACKEND_CMD_VHD).
-GUEST_SCRIPT_SNAPSHOT = GUEST_SCRIPT.replace("before_f3() { :; }\n", r"""before_f3() {
+GUEST_SCRIPT_SNAPSHOT = GUEST_SCRIPT.replace("before_f3() { :; }\n", WAIT_MARK + r"""before_f3() {
   sync
   { echo "@READY@ run=$RUN_ID"; head -c 512 /dev/zero; } | head -c 512 > /tmp/ready
   dd if=/tmp/ready of=$DEV bs=512 seek=@SECTOR@ conv=fsync 2>/dev/null || bad "ready mark"
-  i=0
-  until dd if=$DEV bs=512 skip=@SECTOR@ count=1 2>/dev/null | grep -q @DONE@; do
-    i=$((i + 1))
-    [ $i -le 500 ] || { bad "no snapshot after 500 looks"; return; }
-    sleep 1
-    echo 1 > /proc/sys/vm/drop_caches
-  done
+  wait_mark @DONE@ @SECTOR@ || { bad "no snapshot after 500 looks"; return; }
   ok "live snapshot seen (looked $i times)"
 }
 """.replace("@READY@", SNAPSHOT_READY).replace("@DONE@", SNAPSHOT_DONE).replace(
