@@ -5,6 +5,7 @@ docs/reliability.md)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,40 @@ def test_smoke_fuzz(tmp_path: Path) -> None:
     s = _run(tmp_path, "fuzz", "--fuzz-runs", "5000")["parts"]["fuzz"]
     for name, target in s["targets"].items():
         assert target["executions"] == 5000 and not target["crashed"], name
+
+
+def test_fuzz_runs_leave_no_folders_behind(tmp_path: Path) -> None:
+    """libFuzzer ends a run from C, where Python's exit handlers do not run: the folder of
+    a finished run (its image files, its corpus) is swept by the next run, as the
+    library's staging folders are, so runs one after the other never pile up folders."""
+    pytest.importorskip("atheris")
+
+    def fuzz_run() -> int:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "torture" / "fuzz.py"), "vhd",
+                                 "-runs=20"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        return proc.pid
+
+    def fuzz_folders() -> set[str]:
+        return {p.name for p in Path("/dev/shm").iterdir() if "fuzz" in p.name}
+
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    before = fuzz_folders()
+    fuzz_run()
+    second = fuzz_run()
+    # Only the last run's folder is left (the first run's was swept by the second).
+    assert {n for n in fuzz_folders() - before if not n.startswith(f".blktap-{second}-")} == set()
+    from blktap.image.fileio import remove_stale_stages
+
+    dirfd = os.open("/dev/shm", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        remove_stale_stages(dirfd)  # (the second run's, as a third run would)
+    finally:
+        os.close(dirfd)
+    assert fuzz_folders() - before == set()
 
 
 @pytest.mark.slow

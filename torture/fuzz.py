@@ -30,8 +30,11 @@ that reaches deep.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import fcntl
 import logging
 import os
+import shutil
 import socket
 import struct
 import sys
@@ -44,6 +47,7 @@ import atheris
 with atheris.instrument_imports(include=["blktap"]):
     from blktap.control import message
     from blktap.errors import BlktapError
+    from blktap.image.fileio import STAGE_PREFIX, remove_stale_stages
     from blktap.image.qcow2 import check as qcow2_check
     from blktap.image.qcow2.create import create as create_qcow2
     from blktap.image.qcow2.image import Qcow2Image
@@ -208,10 +212,29 @@ def nbd_seeds() -> list[bytes]:
             hello + opt(1, b"") + reqs]
 
 
+# ----------------------------------------------------------------------------- files
+def _work_dir() -> str:
+    """This process's folder for the targets' image files (and a corpus made up here).
+    libFuzzer ends the process from C, where nothing of Python's exit runs, so the folder
+    is named and flock'd as the library's staging folders are (``.blktap-<pid>-...``):
+    the next run's sweep (:func:`remove_stale_stages`) removes those of dead processes."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    dirfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        remove_stale_stages(dirfd)
+    finally:
+        os.close(dirfd)
+    path = tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-fuzz-", dir=base)
+    lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held (the descriptor stays open) while we live
+    atexit.register(shutil.rmtree, path, True)  # a Python exit (an import by the tests)
+    return path
+
+
+_work = _work_dir()
+
 # ----------------------------------------------------------------------------- vhd
-_vhd_dir = tempfile.mkdtemp(prefix="blktap-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm")
-                            else None)
-_vhd_path = os.path.join(_vhd_dir, "fuzz.vhd")
+_vhd_path = os.path.join(_work, "fuzz.vhd")
 
 
 def vhd_target(data: bytes) -> None:
@@ -367,7 +390,7 @@ def virtqueue_seeds() -> list[bytes]:
 
 
 # ----------------------------------------------------------------------------- qcow2
-_qcow2_path = os.path.join(_vhd_dir, "fuzz.qcow2")
+_qcow2_path = os.path.join(_work, "fuzz.qcow2")
 
 
 # The status walk stops after this many sectors: a mutated header may claim any size, and
@@ -592,7 +615,8 @@ def main(argv: list[str]) -> int:
     flags = [a for a in argv[2:] if a.startswith("-")]
     dirs = [a for a in argv[2:] if not a.startswith("-")]
     if not dirs:  # a corpus folder seeded with valid inputs
-        corpus = Path(tempfile.mkdtemp(prefix=f"blktap-fuzz-{name}-"))
+        corpus = Path(_work) / f"corpus-{name}"
+        corpus.mkdir()
         dirs = [str(corpus)]
     for i, seed in enumerate(seeds()):
         (Path(dirs[0]) / f"seed-{i}").write_bytes(seed)
