@@ -146,6 +146,22 @@ def _checked_extents(d: Driver, extents: object, length: int) -> Extents:
                       f"{length} bytes with {str(extents)[:80]}", errno.EIO)
 
 
+def _cut_extents(extents: Extents, start: int, offset: int, length: int) -> Extents:
+    """The runs of a block status answer from ``start`` (the widened range) cut back to
+    ``[offset, offset + length)``, neighbours of the same flags merged."""
+    out: Extents = []
+    pos = start
+    end = offset + length
+    for n, flags in extents:
+        lo, hi = max(pos, offset), min(pos + n, end)
+        if hi > lo:
+            out.append((hi - lo, flags))
+        pos += n
+        if pos >= end:
+            break
+    return merge_extents(out)
+
+
 class VBD:
     """One disk served from a driver stack."""
 
@@ -664,25 +680,56 @@ class VBD:
         self._check(offset, length, errno.EINVAL)
         if not length:
             return []
-        start = offset - offset % SECTOR
-        end = min(-(-(offset + length) // SECTOR) * SECTOR, -(-self.size // SECTOR) * SECTOR)
+        start, end = self._status_span(offset, length)
         extents = await self._submit(Request(Op.STATUS, start, end - start))
         assert isinstance(extents, list)
-        # Cut the widened range back to what was asked.
-        out: Extents = []
-        pos = start
-        for n, flags in extents:
-            lo, hi = max(pos, offset), min(pos + n, offset + length)
-            if hi > lo:
-                out.append((hi - lo, flags))
-            pos += n
-            if pos >= offset + length:
-                break
-        return merge_extents(out)
+        return _cut_extents(extents, start, offset, length)
+
+    def block_status_now(self, offset: int, length: int) -> Extents | None:
+        """:meth:`block_status` at once, on the loop thread, from what the driver stack
+        knows without waiting (:meth:`Driver.status_now`); None when it cannot tell now,
+        or for anything :meth:`block_status` would hold, refuse or retry (a paused or
+        closed disk, a range outside it, a driver's error): the transport then calls
+        that. Counted in the statistics as any other request."""
+        if (self._closed or not self._running.is_set() or length <= 0 or offset < 0
+                or offset + length > self.size):
+            return None
+        start, end = self._status_span(offset, length)
+        try:
+            extents = self.driver.status_now(start, end - start)
+        except Exception:  # block_status reports it
+            return None
+        if extents is None or sum(n for n, _ in extents) != end - start:
+            return None
+        st = self.stats
+        st.submitted += 1
+        st.other_reqs += 1
+        self.latency.other.counts[0] += 1  # as _served_now: the first bucket, no clock read
+        if self._inflight:  # progress, for the watchdog
+            self._last_progress = time.monotonic()
+        return _cut_extents(extents, start, offset, length)
+
+    def _status_span(self, offset: int, length: int) -> tuple[int, int]:
+        """The whole sectors around a block status range (the disk's last one may be
+        partial)."""
+        start = offset - offset % SECTOR
+        end = min(-(-(offset + length) // SECTOR) * SECTOR, -(-self.size // SECTOR) * SECTOR)
+        return start, end
 
     def dirty_bitmaps(self) -> list[str]:
         """Names of the changed-block bitmaps of the driver stack (its CBT log)."""
         return [d.bitmap_name for d in self.driver.chain() if isinstance(d, DirtyBitmap)]
+
+    def dirty_status_now(self, name: str, offset: int, length: int) -> Extents | None:
+        """:meth:`dirty_status` at once (the bitmap is in memory), or None where that
+        would wait or refuse (a paused disk, a bitmap that is gone)."""
+        if (self._closed or not self._running.is_set() or length < 0 or offset < 0
+                or offset + length > self.size):
+            return None
+        for d in self.driver.chain():
+            if isinstance(d, DirtyBitmap) and d.bitmap_name == name:
+                return d.runs(offset, length)
+        return None
 
     async def dirty_status(self, name: str, offset: int, length: int) -> Extents:
         """Runs of (length, 1 changed / 0 unchanged) from ``offset`` in the bitmap

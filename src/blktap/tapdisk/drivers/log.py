@@ -218,6 +218,10 @@ class LogDriver(Driver):
     async def block_status(self, offset: int, length: int) -> Extents:
         return await self.forward_block_status(offset, length)
 
+    def status_now(self, offset: int, length: int) -> Extents | None:
+        # Reads are the disk's own: what it says of a range is what the log's disk holds.
+        return self.forward_status_now(offset, length)
+
     async def cache(self, offset: int, length: int) -> None:
         assert self.parent is not None
         await self.parent.cache(offset, length)

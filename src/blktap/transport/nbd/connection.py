@@ -69,6 +69,8 @@ _ALLOWED_FLAGS = {
     p.CMD_BLOCK_STATUS: p.CMD_FLAG_FUA | p.CMD_FLAG_REQ_ONE,
 }
 _WRITES = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
+# The commands the data hook may serve without waking the reader (Connection._pump).
+_PUMPED = (p.CMD_READ, p.CMD_WRITE, p.CMD_BLOCK_STATUS)
 # A read's (length, reads as zeros) runs, when some part of it is a hole (VBD.zero_runs_now).
 Holes = list[tuple[int, bool]] | None
 
@@ -184,6 +186,8 @@ class Connection:
             elif cmd == p.CMD_READ:
                 await self._admit(length)
                 self._serve_read(handle, flags, offset, length)
+            elif cmd == p.CMD_BLOCK_STATUS and self._status_now(handle, flags, offset, length):
+                pass  # answered at once; it held no room
             else:
                 await self._admit(0)
                 self._start(self._other(handle, cmd, flags, offset, length))
@@ -226,9 +230,10 @@ class Connection:
         the complete reads and writes that are valid and admissible, serving at once
         what the VBD's side door can do and starting a task for the rest, as the reader
         would, but without waking it: at QD1 that saves the reader's wake-up, a turn of
-        the loop per request. Anything else (another command, an error to answer, a
-        write payload not all here, flow control, the fairness budget) wakes the reader,
-        which takes it from there (False)."""
+        the loop per request. Block status requests it takes only when the side doors
+        answer them at once. Anything else (another command, an error to answer, a write
+        payload not all here, flow control, the fairness budget) wakes the reader, which
+        takes it from there (False)."""
         ch = self.ch
         buf_bytes = ch.buf
         size = self.vbd.size
@@ -237,12 +242,17 @@ class Connection:
             if ch.end - ch.start < req.size:
                 return True  # a partial header (or nothing): wait for more
             magic, flags, cmd, handle, offset, length = req.unpack_from(buf_bytes, ch.start)
-            if (magic != p.REQUEST_MAGIC or cmd not in (p.CMD_READ, p.CMD_WRITE)
-                    or self.broken or not self._can_admit(length)
-                    or not self.budget.fits(self._charge(length))
+            payload = 0 if cmd == p.CMD_BLOCK_STATUS else length
+            if (magic != p.REQUEST_MAGIC or cmd not in _PUMPED or self.broken
+                    or not self._can_admit(payload)
+                    or not self.budget.fits(self._charge(payload))
                     or self._validate(cmd, flags, offset, length, size) is not None):
                 return False
-            if cmd == p.CMD_WRITE:
+            if cmd == p.CMD_BLOCK_STATUS:
+                if not self._status_now(handle, flags, offset, length):
+                    return False  # the reader starts a task for it
+                ch.consume(req.size)
+            elif cmd == p.CMD_WRITE:
                 if ch.end - ch.start < req.size + length:
                     return False  # the reader receives the rest straight into a buffer
                 ch.consume(req.size)
@@ -552,16 +562,43 @@ class Connection:
             else:
                 extents = await self.vbd.dirty_status(ctx[len(p.META_DIRTY_BITMAP):],
                                                       offset, length)
-            if flags & p.CMD_FLAG_REQ_ONE:
-                extents = extents[:1]
-            else:
-                extents = extents[:MAX_STATUS_EXTENTS]
             answers.append((ctx_id, extents))
-        ids = [ctx_id for ctx_id, _ in answers]
+        await self._send(self._status_reply(handle, flags, answers))
+
+    def _status_now(self, handle: int, flags: int, offset: int, length: int) -> bool:
+        """Answer a valid block status request at once if the VBD's side doors can tell
+        every negotiated context without waiting (cached metadata, the bitmap in memory);
+        False leaves it to a task (:meth:`_block_status`), which also answers what is
+        wrong with it. Served here, it holds no room in flight and no buffer."""
+        if not length or self.broken or not self._can_admit(0):
+            return False
+        length = min(length, MAX_STATUS_LENGTH)
+        answers = []
+        for ctx_id, ctx in self.session.contexts.items():
+            if ctx == p.META_BASE_ALLOCATION:
+                extents = self.vbd.block_status_now(offset, length)
+            else:
+                extents = self.vbd.dirty_status_now(ctx[len(p.META_DIRTY_BITMAP):],
+                                                    offset, length)
+            if not extents:
+                return False
+            answers.append((ctx_id, extents))
+        self._take(0)
+        self._post(self._status_reply(handle, flags, answers), None, 0)
+        return True
+
+    @staticmethod
+    def _status_reply(handle: int, flags: int, answers: list[tuple[int, list]]) -> list:
+        """The chunks of a block status reply: one per context, the last flagged done."""
+        out: list = []
+        last = len(answers) - 1
         for i, (ctx_id, extents) in enumerate(answers):
+            extents = extents[:1] if flags & p.CMD_FLAG_REQ_ONE else \
+                extents[:MAX_STATUS_EXTENTS]
             payload = struct.pack(f">I{2 * len(extents)}I", ctx_id,
                                   *(v for ext in extents for v in ext))
-            done = p.REPLY_FLAG_DONE if i == len(ids) - 1 else 0
-            await self._send([p.CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, done,
-                                           p.REPLY_TYPE_BLOCK_STATUS, handle, len(payload)),
-                              payload])
+            out.append(p.CHUNK.pack(p.STRUCTURED_REPLY_MAGIC,
+                                    p.REPLY_FLAG_DONE if i == last else 0,
+                                    p.REPLY_TYPE_BLOCK_STATUS, handle, len(payload)))
+            out.append(payload)
+        return out
