@@ -1491,9 +1491,11 @@ def hang_up(w: Wire) -> None:
 
 
 @contextlib.asynccontextmanager
-async def nbd_served(engine: ThreadEngine, spec: str, sock: Path, *,
+async def nbd_served(engine: ThreadEngine, spec: str | Driver, sock: Path, *,
                      tls: ssl.SSLContext | None = None) -> AsyncIterator[tuple[NbdServer, VBD]]:
-    drv = await engine.call(open_stack, engine, spec, writable=True)
+    """A server of ``spec`` (a stack to open writable, or one opened already)."""
+    drv = spec if isinstance(spec, Driver) else \
+        await engine.call(open_stack, engine, spec, writable=True)
     vbd = VBD(drv)
     server = NbdServer(Export("", vbd), tls=tls)
     server.listen_unix(str(sock))

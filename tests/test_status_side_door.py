@@ -15,12 +15,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import socket
 import struct
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -30,18 +28,15 @@ from blktap.tapdisk.drivers import open_stack
 from blktap.tapdisk.drivers.log import LogDriver
 from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd.connection import FAIRNESS_BUDGET
-from blktap.transport.nbd.server import Export, NbdServer
 from blktap.transport.sockio import Channel
 from conftest import need, tool, with_engine
 from nbd_helpers import serve
 from test_cbt import spec_log
 from test_fast_path import (
-    CLIENTS,
     DEADLINE,
     HookSpy,
     attach,
     exchange,
-    hang_up,
     nbd_served,
     req,
     settled,
@@ -283,7 +278,9 @@ def test_dirty_bitmap_beside_allocation_at_once(shm: Path) -> None:
     sock = shm / "d.sock"
 
     async def body(engine: ThreadEngine) -> None:
-        async with served_with_log(engine, disk, log, sock) as (server, vbd):
+        below = await engine.call(open_stack, engine, f"aio:{disk}", writable=True)
+        logged = await engine.call(LogDriver.open, engine, str(log), below)
+        async with nbd_served(engine, logged, sock) as (server, vbd):
             await vbd.write(3 * MiB, memoryview(b"\x55" * (64 << 10)))
             bitmap = vbd.dirty_bitmaps()[0]
 
@@ -319,23 +316,6 @@ def test_dirty_bitmap_beside_allocation_at_once(shm: Path) -> None:
             assert (spy.hook_took, spy.reader_took, len(spy.calls)) == (1, 0, 1), spy.calls
             await settled(conn, vbd)
     with_engine(body)
-
-
-@contextlib.asynccontextmanager
-async def served_with_log(engine: ThreadEngine, disk: Path, log: Path, sock: Path
-                          ) -> AsyncIterator[tuple[NbdServer, VBD]]:
-    below = await engine.call(open_stack, engine, f"aio:{disk}", writable=True)
-    vbd = VBD(await engine.call(LogDriver.open, engine, str(log), below))
-    server = NbdServer(Export("", vbd))
-    server.listen_unix(str(sock))
-    CLIENTS[server] = []
-    try:
-        yield server, vbd
-    finally:
-        for w in CLIENTS.pop(server):
-            hang_up(w)
-        await server.stop()
-        await vbd.close()
 
 
 def test_send_at_once_does_not_yield_and_keeps_order() -> None:
