@@ -106,6 +106,54 @@ def test_driver_stack_reads_writes_and_qemu_agrees(tmp_path: Path, layout: dict)
     assert qemu_raw(leaf, tmp_path) == shadow
 
 
+def test_quick_lookup_across_clusters(tmp_path: Path) -> None:
+    """A range over several clusters is answered by one look when they are all alike
+    (data following each other in the file with the same flags, all zero, all holes),
+    and left to the runs otherwise; whenever it answers, the runs say the same."""
+    img = tmp_path / "m.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "4M")
+    qemu_io(img, "write -P 1 0 512k", "write -z 512k 256k",  # data in order, zeros
+            "write -P 2 1536k 64k", "write -P 3 1472k 64k",  # two clusters out of order
+            "write -P 4 3M 128k")
+    qemu_img("snapshot", "-c", "s1", img)  # 3M..3M+128k shared from now on
+    # 3M's first cluster copied up (flags differ from its neighbour's); 2M..2M+256k new
+    qemu_io(img, "write -P 5 3M 4k", "write -P 6 2M 256k")
+    image = Qcow2Image.open(str(img), writable=True)
+    KiB = 1024
+    try:
+        list(image.runs(0, image.size))  # every L2 table in the cache
+        for off in range(0, image.size, 16 * KiB):
+            for n in (4 * KiB, 60 * KiB, 64 * KiB, 68 * KiB, 128 * KiB, 256 * KiB,
+                      512 * KiB, MiB, 5 * MiB):
+                if off + n > image.size:
+                    continue
+                found = image.quick_lookup(off, n)
+                if found is None:
+                    continue
+                runs = list(image.runs(off, n))
+                assert len(runs) == 1 and runs[0][2] == found[0], (off, n, runs, found)
+                if found[0] == q2.DATA:
+                    assert runs[0][3] == found[1], (off, n, runs, found)
+                    assert found[2] == (image.in_place(off, n) is not None), (off, n)
+        cs = 64 * KiB
+        assert image.quick_lookup(0, 512 * KiB)[:2] == (q2.DATA, runs_host(image, 0))
+        assert image.quick_lookup(4 * KiB, 256 * KiB)[0] == q2.DATA
+        assert not image.quick_lookup(0, 512 * KiB)[2]  # shared with the snapshot
+        assert image.quick_lookup(2 * MiB, 256 * KiB)[2]  # owned: writable in place
+        assert image.quick_lookup(512 * KiB, 256 * KiB)[0] == q2.ZERO
+        assert image.quick_lookup(768 * KiB, 512 * KiB)[0] == q2.HOLE
+        assert image.quick_lookup(448 * KiB, 128 * KiB) is None  # data, then zeros
+        assert image.quick_lookup(1472 * KiB, 2 * cs) is None  # out of order in the file
+        assert image.quick_lookup(3 * MiB, 2 * cs) is None  # owned, then shared
+        assert image.quick_lookup(0, 65 * cs) is None  # more than QUICK_CLUSTERS
+    finally:
+        image.close()
+
+
+def runs_host(image: Qcow2Image, off: int) -> int:
+    return list(image.runs(off, 512))[0][3]
+
+
 @pytest.mark.parametrize("compat", ["1.1", "0.10"])
 def test_quick_lookup_agrees_with_the_runs(tmp_path: Path, compat: str) -> None:
     """The one-lookup path of small reads, writes and status (``quick_lookup``) gives the
@@ -137,7 +185,7 @@ def test_quick_lookup_agrees_with_the_runs(tmp_path: Path, compat: str) -> None:
                 assert runs == [(off, 4096, q2.DATA, quick[0])], (off, runs, quick)
                 assert quick[1] == (image.in_place(off, 4096) is not None), (off, quick)
             seen.add((kind, None if quick is None else quick[1]))
-        assert image.quick_lookup(60 * 1024, 8192) is None  # across two clusters
+        assert image.quick_lookup(60 * 1024, 8192) is None  # data, then data elsewhere
         expected = {(q2.DATA, True), (q2.DATA, False), (q2.COMPRESSED, None), (q2.HOLE, None)}
         assert seen == expected | ({(q2.ZERO, None)} if compat == "1.1" else set())
     finally:

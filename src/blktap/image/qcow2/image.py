@@ -51,6 +51,8 @@ HOLE = 0  # not here: read the backing file (zeros without one)
 ZERO = 1  # reads as zeros
 DATA = 2  # stored at a host offset
 COMPRESSED = 3  # a compressed cluster (host: the guest cluster index)
+# quick_lookup looks at most this many L2 entries (a longer range takes the runs).
+QUICK_CLUSTERS = 64
 _QUICK_HOLE = (HOLE, 0, False)  # quick_lookup's answers without a host offset
 _QUICK_ZERO = (ZERO, 0, False)
 
@@ -353,19 +355,23 @@ class Qcow2Image:
         return table
 
     def quick_lookup(self, offset: int, length: int) -> tuple[int, int, bool] | None:
-        """(kind, host offset, owned) of a range inside one cluster, when one lookup in
-        memory tells: an L1 entry without a table, or a plain entry (not compressed, not
-        in subclusters, a data cluster aligned) of an L2 table in the cache. For DATA the
-        host offset is the range's, and owned says whether this image owns the cluster
-        (COPIED: writable in place); ZERO and HOLE carry (0, False). Else None: the runs
-        tell (and say what is wrong with a bad entry). Nothing is read and no runs are
-        built: the path of a small read, write or status of a running disk."""
+        """(kind, host offset, owned) of a range that one kind covers whole, when a look at
+        memory tells: an L1 entry without a table, or plain entries (not compressed, not
+        in subclusters, data clusters aligned) of one L2 table in the cache, all alike. For
+        DATA the host offset is the range's, the clusters following each other in the file
+        with the same flags, and owned says whether this image owns them (COPIED:
+        writable in place); ZERO and HOLE carry (0, False). Else None: the runs tell (and
+        say what is wrong with a bad entry). Nothing is read and no runs are built: the
+        path of a read, write or status of a running disk, whole for a range inside one
+        cluster and for up to :data:`QUICK_CLUSTERS` clusters that a guest or a copy
+        wrote in order."""
         cs = self.cluster_size
         cluster, within = divmod(offset, cs)
-        if self.extended or within + length > cs:
+        if self.extended:
             return None
+        more = (within + length - 1) // cs if length > cs - within else 0
         l1i, l2i = divmod(cluster, self.l2_entries)
-        if l1i >= len(self.l1):
+        if l1i >= len(self.l1) or more >= QUICK_CLUSTERS or l2i + more >= self.l2_entries:
             return None
         l2_off = self.l1[l1i] & s.L1_OFFSET_MASK
         if not l2_off:
@@ -377,12 +383,28 @@ class Qcow2Image:
         if entry & (s.OFLAG_COMPRESSED | s.L2_STANDARD_RESERVED_MASK):
             return None
         if entry & s.OFLAG_ZERO:
-            return _QUICK_ZERO if self.version >= 3 else None
+            if self.version < 3:
+                return None
+            for k in range(l2i + 1, l2i + more + 1):
+                e = table[k]
+                if not e & s.OFLAG_ZERO or e & (s.OFLAG_COMPRESSED
+                                                 | s.L2_STANDARD_RESERVED_MASK):
+                    return None
+            return _QUICK_ZERO
         host = entry & s.L2_OFFSET_MASK
         if not host:
+            for k in range(l2i + 1, l2i + more + 1):
+                if table[k] & (s.L2_OFFSET_MASK | s.OFLAG_ZERO | s.OFLAG_COMPRESSED
+                               | s.L2_STANDARD_RESERVED_MASK):
+                    return None
             return _QUICK_HOLE
         if host % cs:
             return None
+        # The next clusters' entries are this one's moved on by a cluster each: the same
+        # flags, the next host cluster (no carry into the flags: offsets are < 2^56).
+        for k in range(1, more + 1):
+            if table[l2i + k] != entry + k * cs:
+                return None
         return DATA, host + within, bool(entry & s.OFLAG_COPIED)
 
     def metadata_cached(self, offset: int, length: int) -> bool:
