@@ -61,15 +61,21 @@ class EventChannel:
         return self.fd
 
     def clear(self) -> None:
+        want = 64 * _PORT.size
         while True:
             try:
-                data = os.read(self.fd, 64 * _PORT.size)
+                data = os.read(self.fd, want)
             except BlockingIOError:
                 return
             if not data:
                 return
             # Unmask what fired (only our port can be queued on this descriptor).
             os.write(self.fd, data[: len(data) - len(data) % _PORT.size])
+            if len(data) < want:
+                # The device gave all it had queued: no read just to hear EAGAIN (in a PV
+                # dom0 every system call goes through Xen). An event after this read makes
+                # the descriptor readable again, and the loop calls us again.
+                return
 
     def notify(self) -> None:
         fcntl.ioctl(self.fd, IOCTL_EVTCHN_NOTIFY, _PORT.pack(self.port))
