@@ -133,6 +133,8 @@ class BlkifRing:
         self._backlog: deque[Request] = deque()  # consumed, waiting for a barrier to end
         self._barrier = False  # a barrier is pending: consume nothing more
         self._push_scheduled = False
+        self._servicing = False  # in _service: responses are pushed at the end of the pass
+        self._push_pending = False
         self._reading = False
         self._stopping = False
         self.dead = False  # disconnected by itself (corrupt ring)
@@ -233,7 +235,18 @@ class BlkifRing:
 
     def _service(self) -> None:
         """Consume and start what the ring holds, until it is empty (and the frontend
-        asked for an event on the next request) or a barrier stops us."""
+        asked for an event on the next request) or a barrier stops us. The responses of
+        the pass (the side door's, bad requests') are pushed together at its end."""
+        self._servicing = True
+        try:
+            self._consume()
+        finally:
+            self._servicing = False
+        if self._push_pending:
+            self._push_pending = False
+            self._push_now()
+
+    def _consume(self) -> None:
         try:
             while not self._stopping and not self._barrier:
                 if self._backlog:
@@ -497,12 +510,22 @@ class BlkifRing:
         except RingCorrupt as exc:
             self._fail(str(exc))
             return
-        if not self._push_scheduled:
+        # Pushed once per batch: at the end of a pass over the ring, now when nothing else
+        # is in flight (no other completion to wait for: a turn of the loop, and in a PV
+        # dom0 its system calls, saved), else at the next turn, with those of this one.
+        if self._servicing:
+            self._push_pending = True
+        elif not self._inflight:
+            self._push_now()
+        elif not self._push_scheduled:
             self._push_scheduled = True
             self.loop.call_soon(self._push_soon)
 
     def _push_soon(self) -> None:
         self._push_scheduled = False
+        self._push_now()
+
+    def _push_now(self) -> None:
         if self.dead or self.stopped:
             return
         try:
