@@ -574,15 +574,23 @@ class Connection:
             return False
         length = min(length, MAX_STATUS_LENGTH)
         answers = []
+        base_id = None
         for ctx_id, ctx in self.session.contexts.items():
             if ctx == p.META_BASE_ALLOCATION:
-                extents = self.vbd.block_status_now(offset, length)
-            else:
-                extents = self.vbd.dirty_status_now(ctx[len(p.META_DIRTY_BITMAP):],
-                                                    offset, length)
+                base_id = ctx_id
+                continue
+            extents = self.vbd.dirty_status_now(ctx[len(p.META_DIRTY_BITMAP):], offset,
+                                                length)
             if not extents:
                 return False
             answers.append((ctx_id, extents))
+        # Asked last: once it answers, the VBD counts a request served (the chunks may
+        # come in any order).
+        if base_id is not None:
+            extents = self.vbd.block_status_now(offset, length)
+            if not extents:
+                return False
+            answers.append((base_id, extents))
         self._take(0)
         self._post(self._status_reply(handle, flags, answers), None, 0)
         return True
