@@ -113,6 +113,7 @@ class Virtqueue:
         self._published = 0
         self._signal_valid = False
         self._flush_pending = False
+        self._processing = False  # in process(): it publishes at the end of its pass
         self._call_failed = False
         self.tasks: set[asyncio.Task] = set()
         self.inflight: Any = None  # an InflightQueue when the front-end shares one
@@ -267,6 +268,15 @@ class Virtqueue:
             return
         avail = self._avail
         assert avail is not None and self._used16 is not None
+        self._processing = True
+        try:
+            self._take_available(avail)
+        finally:
+            self._processing = False
+        if not self.broken:
+            self.flush()
+
+    def _take_available(self, avail: memoryview) -> None:
         num = self.num
         budget = BUDGET
         try:
@@ -306,8 +316,6 @@ class Virtqueue:
                     return
         except (BadRing, BadAddress) as exc:
             self.fail(exc)
-            return
-        self.flush()
 
     def walk(self, head: int) -> list[Descriptor]:
         """The descriptors of the chain at ``head`` (an indirect table followed), checked
@@ -366,7 +374,14 @@ class Virtqueue:
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         if self.inflight is not None:
             self.inflight.end(head)
-        if not self._flush_pending:
+        # Published once per batch: at the end of process()'s pass (the side door's
+        # answers), now when no other request is in flight (this one's task is the last:
+        # a turn of the loop saved), else at the next turn with those of this one.
+        if self._processing:
+            return
+        if len(self.tasks) <= 1:
+            self.flush()
+        elif not self._flush_pending:
             self._flush_pending = True
             self.loop.call_soon(self.flush)
 
