@@ -525,6 +525,40 @@ class Qcow2Image:
                     cur = [pos, stop_at - pos, HOLE, 0]
                 pos = stop_at
                 continue
+            if not self.extended:
+                # One table for the clusters it maps: the entries in a plain loop, with
+                # _cluster_runs' verdicts (a lookup and a generator per cluster cost most
+                # of a long walk: block status, map, check, convert).
+                table = self.l2_table(l1i)
+                assert table is not None
+                stop_at = min(end, (l1i + 1) * span)
+                first = pos // cs
+                zero_ok = self.version >= 3
+                for cluster in range(first, (stop_at - 1) // cs + 1):
+                    entry = table[cluster - l1i * self.l2_entries]
+                    base = cluster * cs
+                    lo = pos if cluster == first else base
+                    hi = min(stop_at, base + cs)
+                    if entry & s.OFLAG_COMPRESSED:
+                        kind, host = COMPRESSED, cluster
+                    else:
+                        off = self._host_of(cluster, entry) if entry else 0
+                        if entry & s.OFLAG_ZERO and zero_ok:
+                            kind, host = ZERO, 0
+                        elif off:
+                            kind, host = DATA, off + lo - base
+                        else:
+                            kind, host = HOLE, 0
+                    if cur is not None and cur[2] == kind and cur[0] + cur[1] == lo and (
+                            (kind == DATA and cur[3] + cur[1] == host)
+                            or kind in (HOLE, ZERO)):
+                        cur[1] += hi - lo
+                        continue
+                    if cur is not None:
+                        yield cur[0], cur[1], cur[2], cur[3]
+                    cur = [lo, hi - lo, kind, host]
+                pos = stop_at
+                continue
             cluster, within = divmod(pos, cs)
             stop = min(cs, within + end - pos)
             base = cluster * cs
