@@ -144,7 +144,6 @@ class _Walker:
         img, cs = self.img, self.cs
         self.inc(l1_offset, len(l1) * 8)
         seen_data = 0
-        prev_end = None
         for i, entry in enumerate(l1):
             off = entry & s.L1_OFFSET_MASK
             if not off:
@@ -166,6 +165,9 @@ class _Walker:
             if sys.byteorder == "little":
                 table.byteswap()
             words = img.l2_entry_words
+            # Fragmentation as qemu-img check counts it: within one L2 table, a data
+            # cluster not right after the previous one; every compressed cluster.
+            prev_end = None
             for k in range(0, len(table), words):
                 e = table[k]
                 bitmap = table[k + 1] if words == 2 else 0
@@ -183,6 +185,7 @@ class _Walker:
                     if active:
                         self.res.compressed_clusters += 1
                         self.res.allocated_clusters += 1
+                        self.res.fragmented_clusters += 1
                     continue
                 doff = e & s.L2_OFFSET_MASK
                 if words == 2 and bitmap & s.SUBCLUSTER_ALLOC_MASK & (bitmap >> 32):
