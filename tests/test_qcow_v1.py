@@ -71,6 +71,18 @@ def test_compressed_clusters_and_convert_to_qcow2(tmp_path: Path) -> None:
     qemu_img("compare", "-f", "qcow", "-F", "raw", comp, raw)
     assert comp.stat().st_size < MiB  # compressed indeed
     assert read_all(f"qcow:{comp}") == expect
+    # The qcow2 layer's shortcuts read its entries as qcow2's (bit 63 is COPIED there,
+    # the compressed flag here): a v1 layer never takes them, whatever the range.
+    with QcowImage.open(str(comp)) as image:
+        list(image.runs(0, image.size))  # every table in the cache
+        for off in range(0, image.size, 16 << 10):
+            for n in (512, 4096, 64 << 10, 256 << 10):
+                if off + n <= image.size:
+                    assert image.quick_lookup(off, n) is None, (off, n)
+    # Served (the qcow2 driver's side doors and block status over a v1 layer): what
+    # qemu reads over NBD is the source, holes and compressed clusters alike.
+    with serve(f"qcow:{comp}", tmp_path, "--read-only") as srv:
+        qemu_img("compare", "-f", "raw", "-F", "raw", srv.uri, raw)
     out = tmp_path / "c.qcow2"
     code, _, err = blktap("convert", "-O", "qcow2", f"qcow:{comp}", out)
     assert code == 0, err

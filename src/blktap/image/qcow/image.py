@@ -62,6 +62,8 @@ def header_problem(h: v1.Header, file_size: int) -> str | None:
 class QcowImage(Qcow2Image):
     """One open qcow (version 1) file, read-only."""
 
+    _plain_entries = False  # its entries go through _cluster_runs below
+
     format_name = "qcow"
 
     @classmethod

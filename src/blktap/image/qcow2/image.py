@@ -77,6 +77,10 @@ def _be_bytes(arr: array.array) -> bytes:
 class Qcow2Image:
     """One open qcow2 file."""
 
+    # Entries are qcow2's (runs may read them inline); the old qcow's layer, whose
+    # entries mean other things, walks them through its own _cluster_runs.
+    _plain_entries = True
+
     format_name = "qcow2"
 
     def __init__(self, path: str, fd: int, writable: bool, header: s.Header,
@@ -367,7 +371,7 @@ class Qcow2Image:
         wrote in order."""
         cs = self.cluster_size
         cluster, within = divmod(offset, cs)
-        if self.extended:
+        if self.extended or not self._plain_entries:
             return None
         more = (within + length - 1) // cs if length > cs - within else 0
         l1i, l2i = divmod(cluster, self.l2_entries)
@@ -525,7 +529,7 @@ class Qcow2Image:
                     cur = [pos, stop_at - pos, HOLE, 0]
                 pos = stop_at
                 continue
-            if not self.extended:
+            if self._plain_entries and not self.extended:
                 # One table for the clusters it maps: the entries in a plain loop, with
                 # _cluster_runs' verdicts (a lookup and a generator per cluster cost most
                 # of a long walk: block status, map, check, convert).
