@@ -2359,3 +2359,36 @@ def test_unix_connections_ask_for_the_large_send_buffer(shm: Path) -> None:
                 capture_output=True, text=True, timeout=30)
             assert res.returncode == 0 and int(res.stdout) == len(content), res.stderr
     arun(body)
+
+
+def test_a_lone_reply_leaves_without_waiting_a_turn(shm: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request at a time on the slow path (writes that allocate qcow2 clusters): its
+    reply is sent when the request completes, not left for the end of the loop's turn
+    (a turn costs system calls); the data hook still sends its batch once."""
+    img = shm / "alloc.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
+    sock = shm / "alloc.sock"
+    deferred: list[int] = []
+    real = Channel.post
+
+    def post(self: Channel, bufs, done, arg=None, *, now: bool = False) -> None:  # noqa: ANN001
+        real(self, bufs, done, arg, **({"now": True} if now else {}))
+        if self._flush_pending and not self._hold_flush:
+            deferred.append(len(bufs))
+    monkeypatch.setattr(Channel, "post", post)
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, f"qcow2:{img}", sock) as (server, vbd):
+            w, conn = await attach(server, sock)
+
+            def client() -> None:
+                for i in range(30):  # a new cluster each: allocation, the task's path
+                    w.request(1, (i + 1) * 65536, 4096, handle=i, data=bytes([i]) * 4096)
+                    handle, error, _ = w.reply()
+                    assert (handle, error) == (i, 0)
+            await asyncio.to_thread(client)
+            await settled(conn, vbd)
+            assert vbd.stats.write_reqs == 30
+    with_engine(body)
+    assert deferred == []

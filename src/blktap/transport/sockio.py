@@ -317,10 +317,13 @@ class Channel:
             pass
 
     def post(self, bufs: Sequence[bytes | bytearray | memoryview],
-             done: Callable[[BaseException | None, Any], None], arg: Any = None) -> None:
+             done: Callable[[BaseException | None, Any], None], arg: Any = None, *,
+             now: bool = False) -> None:
         """Queue a message as :meth:`send` does, without waiting: ``done(None, arg)`` is
         called once every byte is with the kernel (the buffers may be reused then), or
-        ``done(Closed, arg)`` if the connection broke first. Not for TLS channels."""
+        ``done(Closed, arg)`` if the connection broke first. Not for TLS channels.
+        ``now``: the caller has nothing else to send this turn; what is queued leaves at
+        once (unless the data hook is running: it sends its batch when it returns)."""
         if self.closed:
             done(Closed("connection closed"), arg)
             return
@@ -330,7 +333,7 @@ class Channel:
                 self._out_bytes += len(b)
         self._out_waiters.append((done, arg))
         if self._writer is None:
-            if self._out_bytes >= FLUSH_BYTES:
+            if self._out_bytes >= FLUSH_BYTES or (now and not self._hold_flush):
                 self._flush()
             elif not self._flush_pending and not self._hold_flush:
                 self._flush_pending = True

@@ -33,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections.abc import Coroutine
+from typing import Any
 
 from blktap.errors import BlktapError
 from blktap.io.buffers import Buffer, BufferPool, size_class
@@ -127,8 +129,9 @@ class Connection:
         finally:
             self.ch.on_data = None
             try:
-                while self.tasks:  # (a task may start another: a TLS reply's send)
-                    await asyncio.gather(*self.tasks, return_exceptions=True)
+                # (A task may start another: a TLS reply's send.)
+                while pending := [t for t in self.tasks if not t.done()]:
+                    await asyncio.gather(*pending, return_exceptions=True)
                 # Replies posted by the reader have no task: they leave before the close.
                 await self.ch.drain()
             finally:
@@ -384,10 +387,17 @@ class Connection:
             self.budget.release(size_class(length))
         self.freed.set()
 
-    def _start(self, coro: object) -> None:
-        task = self.loop.create_task(coro)  # type: ignore[arg-type]
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.tasks.add(self.loop.create_task(self._owned(coro)))
+
+    async def _owned(self, coro: Coroutine[Any, Any, None]) -> None:
+        # The task leaves the set itself when it ends: a done callback would cost a turn
+        # of the loop per request. (Nothing cancels these: writes and other commands run
+        # to the end; serve() waits only for those not done.)
+        try:
+            await coro
+        finally:
+            self.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     def _start_read(self, handle: int, flags: int, offset: int, buf: Buffer,
                     length: int, holes: Holes = None) -> None:
@@ -455,7 +465,9 @@ class Connection:
         if self.ch.tls:  # TLS sends go buffer by buffer through the send lock, awaited
             self._start(self._send_posted(bufs, buf, length))
             return
-        self.ch.post(bufs, self._posted, (buf, length))
+        # The last request in flight: nothing to batch its reply with, so it leaves now
+        # rather than at the end of the turn (the data hook still sends its batch once).
+        self.ch.post(bufs, self._posted, (buf, length), now=self.in_flight <= 1)
 
     async def _send_posted(self, bufs: list, buf: Buffer | None, length: int) -> None:
         try:
