@@ -42,6 +42,8 @@ from blktap.tapdisk.vbd import errno_of
 from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.handshake import Dropped, Session
 from blktap.transport.sockio import Channel, Closed
+from blktap.transport.tasks import drain as drain_tasks
+from blktap.transport.tasks import start_owned
 
 log = logging.getLogger("blktap.nbd")
 
@@ -129,9 +131,7 @@ class Connection:
         finally:
             self.ch.on_data = None
             try:
-                # (A task may start another: a TLS reply's send.)
-                while pending := [t for t in self.tasks if not t.done()]:
-                    await asyncio.gather(*pending, return_exceptions=True)
+                await drain_tasks(self.tasks)  # (a task may start another: a TLS reply's send)
                 # Replies posted by the reader have no task: they leave before the close.
                 await self.ch.drain()
             finally:
@@ -388,16 +388,8 @@ class Connection:
         self.freed.set()
 
     def _start(self, coro: Coroutine[Any, Any, None]) -> None:
-        self.tasks.add(self.loop.create_task(self._owned(coro)))
-
-    async def _owned(self, coro: Coroutine[Any, Any, None]) -> None:
-        # The task leaves the set itself when it ends: a done callback would cost a turn
-        # of the loop per request. (Nothing cancels these: writes and other commands run
-        # to the end; serve() waits only for those not done.)
-        try:
-            await coro
-        finally:
-            self.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+        # Nothing cancels these: writes and other commands run to the end.
+        start_owned(self.loop, self.tasks, coro)
 
     def _start_read(self, handle: int, flags: int, offset: int, buf: Buffer,
                     length: int, holes: Holes = None) -> None:

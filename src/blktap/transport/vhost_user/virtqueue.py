@@ -37,6 +37,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from blktap.errors import BlktapError
+from blktap.transport.tasks import drain as drain_tasks
+from blktap.transport.tasks import start_owned
 from blktap.transport.vhost_user import virtio as v
 from blktap.transport.vhost_user.memory import BadAddress, GuestMemory
 
@@ -237,9 +239,7 @@ class Virtqueue:
             self.kick_fd = -1
 
     async def drain(self) -> None:
-        while pending := [t for t in self.tasks if not t.done()]:
-            await asyncio.gather(*pending, return_exceptions=True)
-        self.tasks.clear()  # (one cancelled before it started never took itself out)
+        await drain_tasks(self.tasks)
 
     def close(self) -> None:
         """Drop every fd and view (the caller drained the tasks first)."""
@@ -360,15 +360,7 @@ class Virtqueue:
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a request's coroutine; the queue owns the task (stop and close wait)."""
-        self.tasks.add(self.loop.create_task(self._owned(coro)))
-
-    async def _owned(self, coro: Coroutine[Any, Any, None]) -> None:
-        # The task leaves the set itself when it ends: a done callback would cost a turn
-        # of the loop per request. (Nothing cancels these tasks; drain() copes anyway.)
-        try:
-            await coro
-        finally:
-            self.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+        start_owned(self.loop, self.tasks, coro)
 
     def push(self, head: int, written: int) -> None:
         """Return a chain to the guest (published by the next flush)."""
