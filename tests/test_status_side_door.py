@@ -8,7 +8,7 @@
   answers equal to qemu-nbd's on the same image through libnbd, the dirty-bitmap context
   of a CBT log beside base:allocation, a paused disk held until resumed, bad requests
   still refused by the reader;
-- ``Channel.send(at_once=True)``: the message leaves before the call returns, without
+- ``Channel.send(now=True)``: the message leaves before the call returns, without
   yielding to the loop, and after what was posted before it.
 """
 
@@ -333,13 +333,13 @@ def test_send_at_once_does_not_yield_and_keeps_order() -> None:
             ch = Channel(a)
             turns: list[str] = []
             asyncio.get_running_loop().call_soon(turns.append, "ran")
-            await ch.send([b"hello ", memoryview(b"world")], at_once=True)
+            await ch.send([b"hello ", memoryview(b"world")], now=True)
             assert turns == []  # no turn of the loop
             assert b.recv(64) == b"hello world"
             # Something posted and not yet flushed goes first.
             done: list[object] = []
             ch.post([b"first;"], lambda exc, arg: done.append(exc))
-            await ch.send([b"second"], at_once=True)
+            await ch.send([b"second"], now=True)
             assert done == [None]
             b.settimeout(DEADLINE)
             got = b""

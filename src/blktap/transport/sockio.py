@@ -280,7 +280,7 @@ class Channel:
 
     # ------------------------------------------------------------------ sending
     async def send(self, bufs: Sequence[bytes | bytearray | memoryview], *,
-                   at_once: bool = False) -> None:
+                   now: bool = False) -> None:
         """Send every buffer (bytes-like, of bytes), in order, as one message (not
         interleaved with another); return once all of it is with the kernel, so that the
         caller may reuse its buffers.
@@ -288,23 +288,19 @@ class Channel:
         Messages sent during one turn of the event loop leave together, in one
         ``sendmsg`` at the end of the turn (or as soon as :data:`FLUSH_BYTES` are
         queued): replies that complete together cost one system call (and one wake-up
-        of the client), not one each. ``at_once`` is for a caller that has nothing to
-        batch with (a handshake, which then waits for the peer's answer): the message
-        leaves now when nothing is queued before it, and the call returns without a
-        turn of the loop when the socket takes all of it."""
+        of the client), not one each. ``now`` is for a caller that has nothing to batch
+        with (a handshake, which then waits for the peer's answer): what is queued
+        leaves at once, as :meth:`post` says, and the call returns without a turn of
+        the loop when the socket takes all of it."""
         if self.tls:
             async with self._send_lock:
                 for b in bufs:
                     if len(b):
                         await self._send_one(memoryview(b).cast("B"))
             return
-        if at_once and self._writer is None and not self._out_waiters:
-            bufs = self._send_some([b for b in bufs if len(b)])  # raises Closed
-            if not bufs:
-                return
         waiter = self.loop.create_future()
-        self.post(bufs, _settle, waiter)
-        await waiter
+        self.post(bufs, _settle, waiter, now=now)
+        await waiter  # (done already when the flush sent it all: no suspension)
 
     async def drain(self) -> None:
         """Return once every message queued so far is with the kernel (or the connection

@@ -82,7 +82,7 @@ class Negotiation:
     # ------------------------------------------------------------------ replies
     async def reply(self, option: int, kind: int, data: bytes = b"") -> None:
         await self.ch.send([p.OPTION_REPLY.pack(p.OPT_REPLY_MAGIC, option, kind, len(data)),
-                            data], at_once=True)
+                            data], now=True)
 
     async def error(self, option: int, kind: int, message: str) -> None:
         await self.reply(option, kind, message.encode()[:4096])
@@ -92,7 +92,7 @@ class Negotiation:
         """Negotiate; the session to serve, or None when the client ended it (ABORT)."""
         ch = self.ch
         await ch.send([p.HELLO.pack(p.NBDMAGIC, p.IHAVEOPT,
-                                    p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)], at_once=True)
+                                    p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)], now=True)
         (cflags,) = struct.unpack(">I", await ch.read_exact(4))
         if cflags & ~(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES):
             raise Dropped(f"unknown client flags {cflags:#x}")
@@ -147,7 +147,7 @@ class Negotiation:
             flags = transmission_flags(self.export, self.session.structured)
             zeros = b"" if self.session.no_zeroes else bytes(124)
             await self.ch.send([p.EXPORT_NAME_REPLY.pack(self.export.vbd.size, flags), zeros],
-                               at_once=True)
+                               now=True)
             return True
         if option == p.OPT_LIST:
             if data:
@@ -283,5 +283,5 @@ async def oldstyle(ch: Channel, export: Export, tls: ssl.SSLContext | None) -> S
         raise Dropped("the oldstyle handshake cannot do TLS, which this server requires")
     flags = transmission_flags(export, structured=False)
     await ch.send([p.OLDSTYLE_HELLO.pack(p.NBDMAGIC, p.OLDSTYLE_MAGIC, export.vbd.size,
-                                         flags)], at_once=True)
+                                         flags)], now=True)
     return Session(export)
