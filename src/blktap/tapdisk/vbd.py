@@ -726,9 +726,13 @@ class VBD:
         if (self._closed or not self._running.is_set() or length < 0 or offset < 0
                 or offset + length > self.size):
             return None
+        bitmap = self._dirty_bitmap(name)
+        return None if bitmap is None else bitmap.runs(offset, length)
+
+    def _dirty_bitmap(self, name: str) -> DirtyBitmap | None:
         for d in self.driver.chain():
             if isinstance(d, DirtyBitmap) and d.bitmap_name == name:
-                return d.runs(offset, length)
+                return d
         return None
 
     async def dirty_status(self, name: str, offset: int, length: int) -> Extents:
@@ -737,9 +741,9 @@ class VBD:
         that log)."""
         self._check(offset, length, errno.EINVAL)
         await self._held()
-        for d in self.driver.chain():
-            if isinstance(d, DirtyBitmap) and d.bitmap_name == name:
-                return d.runs(offset, length)
+        bitmap = self._dirty_bitmap(name)
+        if bitmap is not None:
+            return bitmap.runs(offset, length)
         raise BlktapError(f"{self.name}: no dirty bitmap {name!r} (its log was replaced "
                           "or removed)", errno.EINVAL)
 
