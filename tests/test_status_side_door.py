@@ -279,6 +279,35 @@ def test_nbd_map_equals_qemu_nbds(tmp_path: Path) -> None:
     assert flat(ours) == flat(theirs)
 
 
+def test_a_disk_with_a_cbt_log_maps_and_reads_as_without(tmp_path: Path) -> None:
+    """The changed-block log filter passes the status of the disk below on (status_now):
+    served with --cbt-log, nbdinfo --map sees qemu-nbd's map of the image, and qemu-img
+    compare over NBD (whose reads of holes come back as hole chunks) sees its data."""
+    need("nbdinfo")
+    need("qemu-nbd")
+    top = qcow2_over_raw(tmp_path)
+    qsock = tmp_path / "q.sock"
+    log = tmp_path / "top.cbtlog"
+    subprocess.run([tool("cbt-util"), "create", "-n", str(log), "-s", "18"], check=True)
+    qemu = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-k", str(qsock), "-t",
+                             str(top)], stderr=subprocess.PIPE)
+    try:
+        deadline = DEADLINE
+        while not qsock.exists() and deadline > 0:
+            subprocess.run(["sleep", "0.05"])
+            deadline -= 0.05
+        theirs = nbd_map(f"nbd+unix:///?socket={qsock}")
+        with serve(f"qcow2:{top}", tmp_path, "--cbt-log", str(log)) as srv:
+            ours = nbd_map(srv.uri)
+            subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", srv.uri,
+                            str(top)], check=True, capture_output=True, timeout=120)
+    finally:
+        qemu.terminate()
+        qemu.wait(timeout=30)
+    assert [(r["offset"], r["length"], r["type"]) for r in ours] == \
+        [(r["offset"], r["length"], r["type"]) for r in theirs]
+
+
 def test_dirty_bitmap_beside_allocation_at_once(shm: Path) -> None:
     """Both contexts (base:allocation and a CBT log's qemu:dirty-bitmap:) answered in one
     reply from the hook, equal to what the awaited path says."""
