@@ -1,8 +1,10 @@
 """The transmission phase: requests in, replies out, many in flight, out of order.
 
-The reader parses request headers straight from the receive buffer and starts one task
-per request; requests parsed in the same turn of the event loop reach the VBD together,
-which merges neighbours. Write payloads land in pooled, page-aligned buffers; read
+The reader parses request headers straight from the receive buffer; what the VBD's side
+door cannot serve at once goes to the VBD the callback way (reads and writes of whole
+sectors: no task per request, the reply posted from the completion) or in a task of its
+own (everything else). Requests parsed in the same turn of the event loop reach the VBD
+together, which merges neighbours. Write payloads land in pooled, page-aligned buffers; read
 replies go out as one ``sendmsg`` of header and data. Replies are never interleaved
 (one send lock).
 
@@ -15,7 +17,7 @@ dropped, so that what it holds goes to those who wait.
 
 A client that is gone (a reply could not be sent, the socket hung up or was reset, or it
 broke the protocol) gets nothing more done for it: its reader stops, so the requests it
-queued in the socket are never parsed, and the tasks of its reads are cancelled (the VBD
+queued in the socket are never parsed, and its reads are cancelled (the VBD
 drops what has not reached the disk yet and lets what has finish, the buffers coming
 back once no driver holds them). Writes and other commands are never cancelled: a write
 may still land, as it may when a client dies mid-write, and is then answered to nobody.
@@ -38,7 +40,8 @@ from typing import Any
 
 from blktap.errors import BlktapError
 from blktap.io.buffers import Buffer, BufferPool, size_class
-from blktap.tapdisk.vbd import errno_of
+from blktap.tapdisk.driver import SECTOR
+from blktap.tapdisk.vbd import Request, errno_of
 from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.handshake import Dropped, Session
 from blktap.transport.sockio import Channel, Closed
@@ -99,6 +102,11 @@ class Connection:
         self.peer = peer
         self.tasks: set[asyncio.Task] = set()
         self.reads: set[asyncio.Task] = set()  # cancelled if the client goes away
+        # Reads started the callback way (cancelled likewise), with their buffers; and
+        # how many requests started that way are not answered yet.
+        self.started_reads: dict[Request, tuple[Buffer, int]] = {}
+        self.callbacks = 0
+        self._callbacks_idle: asyncio.Future | None = None
         # Requests admitted and not yet answered, and the payload bytes they hold.
         self.in_flight = 0
         self.bytes_in_flight = 0
@@ -131,11 +139,30 @@ class Connection:
         finally:
             self.ch.on_data = None
             try:
-                await drain_tasks(self.tasks)  # (a task may start another: a TLS reply's send)
+                await self._settle()
                 # Replies posted by the reader have no task: they leave before the close.
                 await self.ch.drain()
             finally:
                 self.budget.holders.discard(self)
+
+    async def _settle(self) -> None:
+        """Wait for every request in flight: tasks (a task may start another: a TLS
+        reply's send) and requests started the callback way (whose completion may
+        start a task: an error's reply)."""
+        while True:
+            await drain_tasks(self.tasks)
+            if not self.callbacks:
+                if not self.tasks:
+                    return
+                continue
+            self._callbacks_idle = self.loop.create_future()
+            await self._callbacks_idle
+
+    def _callback_ended(self) -> None:
+        self.callbacks -= 1
+        idle = self._callbacks_idle
+        if not self.callbacks and idle is not None and not idle.done():
+            idle.set_result(None)
 
     def _die(self) -> None:
         """The client cannot be answered any more: stop reading its requests and cancel
@@ -148,6 +175,11 @@ class Connection:
             self.reader.cancel()
         for task in self.reads:
             task.cancel()
+        for req, (buf, length) in list(self.started_reads.items()):
+            if self.vbd.cancel(req):  # never reached a driver: no completion will come
+                del self.started_reads[req]
+                self._release(buf, length)
+                self._callback_ended()
 
     def stop_reading(self) -> None:
         """Take no more requests (server shutdown); those in flight still complete."""
@@ -237,6 +269,12 @@ class Connection:
         answer them at once. Anything else (another command, an error to answer, a write
         payload not all here, flow control, the fairness budget) wakes the reader, which
         takes it from there (False)."""
+        try:
+            return self._pump_requests()
+        finally:
+            self.vbd.kick()  # what this pass queued goes to the driver now, merged
+
+    def _pump_requests(self) -> bool:
         ch = self.ch
         buf_bytes = ch.buf
         size = self.vbd.size
@@ -298,10 +336,31 @@ class Connection:
     def _serve_write(self, handle: int, flags: int, offset: int, buf: Buffer,
                      length: int) -> None:
         """An admitted write whose payload is in ``buf``: likewise."""
-        if self.vbd.write_now(offset, buf.view, fua=bool(flags & p.CMD_FLAG_FUA)):
+        fua = bool(flags & p.CMD_FLAG_FUA)
+        if self.vbd.write_now(offset, buf.view, fua=fua):
             self._written(handle, buf, length)
-        else:
-            self._start(self._write(handle, flags, offset, buf, length))
+            return
+        if length and not (offset | length) % SECTOR:
+            try:
+                self.vbd.start_write(offset, [buf.view], length,
+                                     lambda error: self._write_done(handle, buf, length, error),
+                                     fua=fua)
+            except BlktapError:
+                pass  # the task's way answers it
+            else:
+                self.callbacks += 1
+                return
+        self._start(self._write(handle, flags, offset, buf, length))
+
+    def _write_done(self, handle: int, buf: Buffer, length: int,
+                    error: BaseException | None) -> None:
+        try:
+            if error is None:
+                self._written(handle, buf, length)
+            else:
+                self._start(self._failed(handle, p.CMD_WRITE, error, buf, length))
+        finally:
+            self._callback_ended()
 
     def _written(self, handle: int, buf: Buffer, length: int) -> None:
         """The payload is in the file: its buffer goes back now, its place in flight
@@ -393,8 +452,21 @@ class Connection:
 
     def _start_read(self, handle: int, flags: int, offset: int, buf: Buffer,
                     length: int, holes: Holes = None) -> None:
-        """A task for a read, cancelled if the client goes away. Cancelled before its
-        first step, its coroutine never runs: the buffer is released here then."""
+        """A read the side door could not serve: the callback way if it is of whole
+        sectors, else a task, cancelled if the client goes away (cancelled before its
+        first step, its coroutine never runs: the buffer is released here then)."""
+        if length and not (offset | length) % SECTOR:
+            try:
+                req = self.vbd.start_read(
+                    offset, [buf.view], length,
+                    lambda error: self._read_done(req, handle, offset, buf, length, holes,
+                                                  error))
+            except BlktapError:
+                pass  # the task's way answers it
+            else:
+                self.started_reads[req] = (buf, length)
+                self.callbacks += 1
+                return
         started: list[bool] = []
         task = self.loop.create_task(self._read(handle, flags, offset, buf, length, started,
                                                 holes))
@@ -407,6 +479,27 @@ class Connection:
             if not started:
                 self._release(buf, length)
         task.add_done_callback(done)
+
+    def _read_done(self, req: Request, handle: int, offset: int, buf: Buffer, length: int,
+                   holes: Holes, error: BaseException | None) -> None:
+        self.started_reads.pop(req, None)
+        try:
+            if error is None:
+                self._post(self._data_reply(handle, offset, buf, holes), buf, length)
+            elif isinstance(error, asyncio.CancelledError):  # the client is gone
+                self._release(buf, length)
+            else:
+                self._start(self._failed(handle, p.CMD_READ, error, buf, length))
+        finally:
+            self._callback_ended()
+
+    async def _failed(self, handle: int, cmd: int, error: BaseException, buf: Buffer,
+                      length: int) -> None:
+        """Answer a request started the callback way that failed."""
+        try:
+            await self._fail(handle, cmd, error)
+        finally:
+            self._release(buf, length)
 
     # ------------------------------------------------------------------ replies
     async def _send(self, bufs: list) -> None:
