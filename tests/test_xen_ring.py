@@ -898,3 +898,34 @@ def test_a_lone_response_is_pushed_when_its_request_completes() -> None:
         assert turns <= LONE_RESPONSE_TURNS, turns
         assert await guest.wait(1) == {1: (OP_WRITE, OKAY)}
     serve(body)
+
+
+# Turns of the test's loop from the guest's push to seeing the driver's call, for a
+# request the side door cannot serve (counted, not timed): the event's turn, the group
+# task's call, the test's look. By a task per request it took one more (the task's first
+# step, then the VBD's merge turn).
+SLOW_PATH_TURNS = 3
+
+
+def test_a_request_reaches_the_driver_the_turn_after_its_event() -> None:
+    """A write the side door cannot serve goes to the VBD the callback way: queued and
+    kicked in the pass that consumes it, its group's task calls the driver in the next
+    turn; the response follows its completion."""
+    async def body(guest: Guest, ring, vbd: VBD, drv: Recorder) -> None:
+        g = guest.grant(pattern(2))
+        drv.gate.clear()
+        guest.put_rw(OP_WRITE, 1, 8, [(g, 0, 7)])
+        guest.push()
+        turns = 0
+        try:
+            while ("write", 8 * 512, PAGE) not in drv.calls:
+                await asyncio.sleep(0)
+                turns += 1
+                assert turns < 100
+            assert turns <= SLOW_PATH_TURNS, turns
+            assert not ring._tasks  # no task of the ring's own
+        finally:
+            drv.gate.set()
+        assert await guest.wait(1) == {1: (OP_WRITE, OKAY)}
+        assert bytes(drv.data[8 * 512 : 8 * 512 + PAGE]) == pattern(2)
+    serve(body)

@@ -8,8 +8,11 @@ Each request is copied out of the ring, validated, and served through the same V
 NBD's: a write copies the guest's segments into the request's own buffer (one
 IOCTL_GNTDEV_GRANT_COPY for all of them) and then writes; a read reads into the buffer
 and then copies out to the guest's segments. What the VBD's side door can do at once
-(data in memory or the page cache) is answered without a task. Responses written during
-one turn of the event loop are published together, with at most one notification.
+(data in memory or the page cache) is answered without a task; other reads and writes go
+to the VBD the callback way (queued and kicked at the end of the pass over the ring,
+answered from their completion: no task per request either); barriers, flushes and
+discards get a task. Responses written during one turn of the event loop are published
+together, with at most one notification.
 
 Operations: READ, WRITE; WRITE_BARRIER (consumption stops at it; it runs once everything
 before it is done, then its data is written and flushed); FLUSH_DISKCACHE (a VBD flush;
@@ -31,6 +34,7 @@ from dataclasses import dataclass, fields
 
 from blktap.errors import BlktapError
 from blktap.tapdisk.vbd import VBD, VbdState
+from blktap.tapdisk.vbd import Request as VbdRequest
 from blktap.transport.xen.evtchn import Notifier
 from blktap.transport.xen.gntdev import Grants, GrantSpan, Mapping, PageBuffers, Slot
 from blktap.transport.xen.ring import BackRing, RingCorrupt
@@ -100,6 +104,7 @@ class Job:
     spans: list[GrantSpan] | None = None
     slot: Slot | None = None
     copied: bool = False  # the guest's data is in the buffer already (writes)
+    started: VbdRequest | None = None  # the VBD's request, started the callback way
 
 
 class BlkifRing:
@@ -125,6 +130,7 @@ class BlkifRing:
         per_request = max(MAX_SEGMENTS, self.max_indirect) * PAGE
         self.buffers = PageBuffers(self.ring.size, per_request)
         self._tasks: set[asyncio.Task] = set()
+        self._started: set[Job] = set()  # at the VBD the callback way
         self._inflight = 0
         self._idle = asyncio.Event()  # nothing in flight
         self._idle.set()
@@ -167,6 +173,12 @@ class BlkifRing:
                 # Nothing of ours is at a driver: the rest wait for a resume.
                 for task in list(self._tasks):
                     task.cancel()
+                for job in list(self._started):
+                    assert job.started is not None
+                    if self.vbd.cancel(job.started):  # held: its done will not come
+                        self._started.discard(job)
+                        self._release(job)
+                        self._ended()
             try:
                 async with asyncio.timeout(_STOP_POLL):  # (wait_for can lose a cancel)
                     await self._idle.wait()
@@ -242,6 +254,7 @@ class BlkifRing:
             self._consume()
         finally:
             self._servicing = False
+            self.vbd.kick()  # the pass's reads and writes go to the driver now, merged
         if self._push_pending:
             self._push_pending = False
             self._push_now()
@@ -289,6 +302,8 @@ class BlkifRing:
         self._idle.clear()
         if self._inflight > 1:
             self._one_left.clear()
+        if job.op in (Op.READ, Op.WRITE) and self._start(job):
+            return
         # The task takes itself out of the set when it ends (_run): a done callback would
         # cost a turn of the loop per request. Cancelled only by _stop, which runs after
         # every task created before it has started (the loop runs them in order).
@@ -433,6 +448,55 @@ class BlkifRing:
         self._done(job, Status.OKAY)
         return True
 
+    def _start(self, job: Job) -> bool:
+        """A read or write (the side door could not serve it) to the VBD the callback
+        way; False leaves it to a task (a VBD that refuses it at once: closed)."""
+        if job.slot is None:
+            job.slot = self.buffers.get()
+        if job.op == Op.WRITE and not job.copied:
+            if not self._copy(job, False):
+                self._ended()
+                self._done(job, Status.ERROR)
+                return True
+            job.copied = True
+        view = job.slot.view[:job.length]
+        start = self.vbd.start_read if job.op == Op.READ else self.vbd.start_write
+        try:
+            job.started = start(job.offset, [view], job.length,
+                                lambda error: self._started_done(job, error))
+        except BlktapError:
+            return False
+        self._started.add(job)
+        return True
+
+    def _started_done(self, job: Job, error: BaseException | None) -> None:
+        self._started.discard(job)
+        self._ended()
+        if isinstance(error, asyncio.CancelledError):  # the guest is going away
+            self._release(job)
+            return
+        if error is None:
+            status = Status.OKAY
+            if job.op == Op.READ and not self._copy(job, True):
+                status = Status.ERROR
+        else:
+            status = self._failed(job, error)
+        self._done(job, status)
+
+    def _failed(self, job: Job, exc: BaseException) -> int:
+        code = getattr(exc, "errno", None)
+        self._warn("request %#x (op %d, %d bytes at %d): %s", job.req.id, job.req.op,
+                   job.length, job.offset, exc)
+        return Status.EOPNOTSUPP if code == errno.EOPNOTSUPP else Status.ERROR
+
+    def _ended(self) -> None:
+        """A request is no longer in flight."""
+        self._inflight -= 1
+        if self._inflight <= 1:
+            self._one_left.set()
+        if not self._inflight:
+            self._idle.set()
+
     async def _run(self, job: Job) -> None:
         status: int = Status.ERROR
         try:
@@ -441,19 +505,12 @@ class BlkifRing:
             self._release(job)
             raise
         except (OSError, BlktapError) as exc:
-            code = getattr(exc, "errno", None)
-            self._warn("request %#x (op %d, %d bytes at %d): %s", job.req.id, job.req.op,
-                       job.length, job.offset, exc)
-            status = Status.EOPNOTSUPP if code == errno.EOPNOTSUPP else Status.ERROR
+            status = self._failed(job, exc)
         except Exception:  # a bug: this request fails, the ring goes on
             log.exception("%s: request %#x failed", self.name, job.req.id)
         finally:
             self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
-            self._inflight -= 1
-            if self._inflight <= 1:
-                self._one_left.set()
-            if not self._inflight:
-                self._idle.set()
+            self._ended()
         self._done(job, status)
         if job.op == Op.WRITE_BARRIER:
             self._barrier = False
