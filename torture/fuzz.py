@@ -308,7 +308,8 @@ class VirtqueueHarness:
         self.broken: list[BaseException] = []
 
     def _queue(self) -> Virtqueue:
-        vq = Virtqueue(0, self.memory, self.device.handle, self.broken.append, name="fuzzvq")
+        vq = Virtqueue(0, self.memory, self.device.handle, self.broken.append, name="fuzzvq",
+                       on_pass=self.vbd.kick)
         vq.indirect = True
         vq.set_num(self.QUEUE)
         vq.set_addr(self.UVA + self.DESC, self.UVA + self.AVAIL, self.UVA + self.USED)

@@ -5,7 +5,9 @@ OUT, DISCARD and WRITE_ZEROES, writable for IN and GET_ID) and a status byte, th
 byte of the chain, device-writable. The data buffers become memoryviews straight into
 guest memory and go to the VBD as they are: the disk reads into and writes from the
 guest's pages, no copies. What the VBD's side door can serve at once completes before
-the next chain is looked at; the rest runs in a task the queue owns.
+the next chain is looked at; other reads and writes go to the VBD the callback way
+(kicked at the end of the queue's pass, completed from the VBD's callback); the rest
+(flush, discard, write zeroes) runs in a task the queue owns.
 
 Errors: a chain whose status byte is not a device-writable byte of guest memory cannot be
 answered, so the device is broken (:class:`~.virtqueue.BadRing`); anything else wrong
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from blktap.errors import BlktapError
 from blktap.io.iov import advance, total
 from blktap.tapdisk.driver import Caps
-from blktap.tapdisk.vbd import VBD
+from blktap.tapdisk.vbd import VBD, Done
 from blktap.transport.vhost_user import virtio as v
 from blktap.transport.vhost_user.memory import BadAddress
 from blktap.transport.vhost_user.virtqueue import BadRing, Descriptor, Virtqueue
@@ -185,7 +187,9 @@ class BlkDevice:
                 status[0] = v.S_OK
                 vq.push(head, length + 1)
                 return
-            vq.spawn(self._read(vq, head, status, offset, writable, length))
+            if not self._start(vq, offset, writable, length, False, False,
+                               self._read_done(vq, head, status, offset, length)):
+                vq.spawn(self._read(vq, head, status, offset, writable, length))
         elif kind == v.T_OUT:
             if self.read_only:
                 raise BadRequest("write to a read-only disk")
@@ -203,7 +207,9 @@ class BlkDevice:
                 status[0] = v.S_OK
                 vq.push(head, 1)
                 return
-            vq.spawn(self._write(vq, head, status, offset, out, length, fua))
+            if not self._start(vq, offset, out, length, True, fua,
+                               self._write_done(vq, head, status, offset, length)):
+                vq.spawn(self._write(vq, head, status, offset, out, length, fua))
         elif kind == v.T_FLUSH:
             if not self.has_flush:
                 self._finish(vq, head, status, v.S_UNSUPP, 1)
@@ -270,6 +276,54 @@ class BlkDevice:
                 raise BadRequest(f"sectors {sector}+{nsect} past the end of the disk")
             ranges.append((offset, length, bool(flags & v.WRITE_ZEROES_F_UNMAP)))
         return ranges
+
+    # ------------------------------------------------------------------ the callback way
+    def _start(self, vq: Virtqueue, offset: int, iov: list[memoryview], length: int,
+               write: bool, fua: bool, done: Done) -> bool:
+        """A read or write to the VBD the callback way; False leaves it to a task (the
+        VBD refused it at once: the task's way reports why)."""
+        if not length:
+            return False
+        try:
+            if write:
+                self.vbd.start_write(offset, iov, length, done, fua=fua)
+            else:
+                self.vbd.start_read(offset, iov, length, done)
+        except BlktapError:
+            return False
+        vq.begin()
+        return True
+
+    def _read_done(self, vq: Virtqueue, head: int, status: memoryview, offset: int,
+                   length: int) -> Done:
+        def done(error: BaseException | None) -> None:
+            try:
+                if error is None:
+                    self._finish(vq, head, status, v.S_OK, length + 1)
+                else:
+                    self._ended_badly(vq, head, status, "read", offset, length, error)
+            finally:
+                vq.end()
+        return done
+
+    def _write_done(self, vq: Virtqueue, head: int, status: memoryview, offset: int,
+                    length: int) -> Done:
+        def done(error: BaseException | None) -> None:
+            try:
+                if error is None:
+                    self._finish(vq, head, status, v.S_OK, 1)
+                else:
+                    self._ended_badly(vq, head, status, "write", offset, length, error)
+            finally:
+                vq.end()
+        return done
+
+    def _ended_badly(self, vq: Virtqueue, head: int, status: memoryview, what: str,
+                     offset: int, length: int, error: BaseException) -> None:
+        if isinstance(error, Exception):
+            self._failed(vq, head, status, what, offset, length, error)
+        else:  # cancelled (nothing here cancels: the VBD's own teardown)
+            self._finish(vq, head, status, v.S_IOERR, 1)
 
     # ------------------------------------------------------------------ the slow ways
     async def _read(self, vq: Virtqueue, head: int, status: memoryview, offset: int,

@@ -1,7 +1,9 @@
 """One split virtqueue as the device sees it.
 
     guest ──avail ring──► pop ──► chain walk ──► on_chain(queue, head, descriptors)
-          ◄──used ring─── push ◄── completion (at once, or from the request's task)
+                                     (on_pass() at the end of each pass)
+          ◄──used ring─── push ◄── completion (at once, from the request's task, or from
+                                   the VBD's callback: begin()/end() count those)
           ◄──call eventfd── flush (once per turn of the loop, EVENT_IDX-aware)
 
 States (the vhost-user spec's): STOPPED until SET_VRING_KICK, then started; started
@@ -83,10 +85,12 @@ ChainHandler = Callable[["Virtqueue", int, list[Descriptor]], None]
 
 class Virtqueue:
     def __init__(self, index: int, memory: GuestMemory, on_chain: ChainHandler,
-                 on_broken: Callable[[BaseException], None], name: str = "") -> None:
+                 on_broken: Callable[[BaseException], None], name: str = "", *,
+                 on_pass: Callable[[], None] | None = None) -> None:
         self.index = index
         self.memory = memory
         self.on_chain = on_chain
+        self.on_pass = on_pass  # after a pass over the avail ring (the VBD's kick)
         self.on_broken = on_broken
         self.name = name or f"vq{index}"
         self.loop = asyncio.get_running_loop()
@@ -118,6 +122,9 @@ class Virtqueue:
         self._processing = False  # in process(): it publishes at the end of its pass
         self._call_failed = False
         self.tasks: set[asyncio.Task] = set()
+        # Requests in flight without a task (begin/end), and who waits for them to end.
+        self.started = 0
+        self._started_idle: asyncio.Future | None = None
         self.inflight: Any = None  # an InflightQueue when the front-end shares one
         self._resubmit: list[int] = []  # heads a previous back-end left in flight
         self.served = 0  # chains taken from the avail ring
@@ -239,7 +246,26 @@ class Virtqueue:
             self.kick_fd = -1
 
     async def drain(self) -> None:
-        await drain_tasks(self.tasks)
+        """Wait for every request in flight: tasks, and those begun without one."""
+        while True:
+            await drain_tasks(self.tasks)
+            if not self.started:
+                if not self.tasks:
+                    return
+                continue
+            self._started_idle = self.loop.create_future()
+            await self._started_idle
+
+    def begin(self) -> None:
+        """A request is in flight without a task (its completion calls :meth:`end`,
+        after its :meth:`push`)."""
+        self.started += 1
+
+    def end(self) -> None:
+        self.started -= 1
+        idle = self._started_idle
+        if not self.started and idle is not None and not idle.done():
+            idle.set_result(None)
 
     def close(self) -> None:
         """Drop every fd and view (the caller drained the tasks first)."""
@@ -274,6 +300,8 @@ class Virtqueue:
             self._take_available(avail)
         finally:
             self._processing = False
+            if self.on_pass is not None:
+                self.on_pass()
         if not self.broken:
             self.flush()
 
@@ -374,11 +402,11 @@ class Virtqueue:
         if self.inflight is not None:
             self.inflight.end(head)
         # Published once per batch: at the end of process()'s pass (the side door's
-        # answers), now when no other request is in flight (this one's task is the last:
-        # a turn of the loop saved), else at the next turn with those of this one.
+        # answers), now when no other request is in flight (this one is the last: a turn
+        # of the loop saved), else at the next turn with those of this one.
         if self._processing:
             return
-        if len(self.tasks) <= 1:
+        if len(self.tasks) + self.started <= 1:
             self.flush()
         elif not self._flush_pending:
             self._flush_pending = True
