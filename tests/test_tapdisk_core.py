@@ -445,6 +445,30 @@ def test_watchdog_reports_a_stall(caplog: pytest.LogCaptureFixture) -> None:
     run(body)
 
 
+def test_watchdog_does_not_count_the_time_a_pause_held_a_request() -> None:
+    """A request made long before it reaches the driver (held by a pause) starts the
+    watchdog's clock at the resume, not when it was made."""
+    async def body(engine: ThreadEngine) -> None:
+        drv = Flaky(engine, 0, 0)
+        drv.hang.clear()
+        vbd = VBD(drv, watchdog=1.0)
+        await vbd.pause()
+        told: list[BaseException | None] = []
+        req = vbd.start_read(0, [view(bytes(512))], 512, told.append)
+        req.start -= 100.0  # made 100 s ago, as far as the watchdog can tell
+        await vbd.resume(drv)
+        await asyncio.sleep(0.6)  # the watchdog looks every 0.25 s
+        assert vbd.stats.in_flight == 1 and vbd.stats.watchdog_stalls == 0
+        drv.hang.set()
+        for _ in range(100):
+            if told:
+                break
+            await asyncio.sleep(0.01)
+        assert told == [None]
+        await vbd.close()
+    run(body)
+
+
 def test_close_waits_for_requests_in_flight(tmp_path: Path) -> None:
     path = tmp_path / "d.vhd"
     create_vhd(str(path), 16 * MiB)

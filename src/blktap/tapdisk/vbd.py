@@ -334,8 +334,11 @@ class VBD:
                     j += 1
             i += len(group)
             # In flight from now on (close() waits for it even before its task runs).
-            if not self._inflight:
-                self._last_progress = time.monotonic()
+            # The watchdog's clock starts when the first of them was made (this turn or
+            # the last), or at the last completion or resume if later (a request held by
+            # a pause): no clock reading of its own, which a PV dom0 pays as a syscall.
+            if not self._inflight and req.start > self._last_progress:
+                self._last_progress = req.start
             self._inflight.update(group)
             self._idle.clear()
             self.stats.in_flight += len(group)
