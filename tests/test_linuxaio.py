@@ -507,6 +507,69 @@ def test_read_entirely_past_end_of_file_is_zeros(disk: Disk, vectored: bool) -> 
     assert os.path.getsize(disk.path) == len(disk.model)
 
 
+# ------------------------------------------------------------------ the callback way
+def test_started_operations_are_told_in_the_turn_that_reaps_them(disk: Disk) -> None:
+    """start_preadv / start_pwritev submit at once and call ``done`` from the reaping
+    itself (no future, no coroutine woken): a lone request, a batch of eight (one
+    io_submit at the end of the turn), a short read finished by a worker, a misaligned
+    one the kernel refuses (told EINVAL); buffered descriptors are declined (False,
+    nothing called)."""
+    disk.need_512()
+    pool = BufferPool()
+
+    async def body(engine: LinuxAioEngine) -> None:
+        told: dict[str, BaseException | None] = {}
+
+        def tell(name: str) -> Callable[[BaseException | None], None]:
+            return lambda error: told.__setitem__(name, error)
+
+        async def until_told(*names: str) -> None:
+            for _ in range(10000):
+                if all(n in told for n in names):
+                    return
+                await asyncio.sleep(0)
+            raise AssertionError(f"never told: {names}")
+
+        buf = pool.get(4 * KiB).view
+        assert engine.start_preadv(disk.dfd, [buf], 8 * KiB, tell("lone"))
+        assert "lone" not in told  # never from the call itself
+        await until_told("lone")
+        assert told["lone"] is None and buf == disk.model[8 * KiB : 12 * KiB]
+        views = aligned_views(pool, [4 * KiB] * 8)
+        for i, v in enumerate(views):
+            v[:] = random.Random(i).randbytes(4 * KiB)
+            assert engine.start_pwritev(disk.dfd, [v], (64 + i) * 4 * KiB, tell(f"w{i}"),
+                                        dsync=i % 2 == 1)
+            disk.model[(64 + i) * 4 * KiB : (65 + i) * 4 * KiB] = v
+        await until_told(*(f"w{i}" for i in range(8)))
+        assert all(told[f"w{i}"] is None for i in range(8))
+        assert engine.aio_submitted == 9 and engine.submitted == 0
+        tail = pool.get(8 * KiB).view
+        assert engine.start_preadv(disk.dfd, [tail], len(disk.model) - 4 * KiB, tell("eof"))
+        await until_told("eof")
+        assert told["eof"] is None and engine.submitted == 1  # finished by a worker
+        assert bytes(tail) == bytes(disk.model[-4 * KiB :]) + bytes(4 * KiB)
+        assert engine.start_preadv(disk.dfd, [buf[:1000]], 0, tell("bad"))
+        await until_told("bad")
+        err = told["bad"]
+        assert isinstance(err, OSError) and err.errno == errno.EINVAL
+        assert not engine.start_preadv(disk.bfd, [buf], 0, tell("buffered"))
+        await asyncio.sleep(0)
+        assert "buffered" not in told
+
+    with_engine(body)
+    assert disk.read_back() == disk.model
+
+
+def test_the_thread_engine_declines_the_callback_way(disk: Disk) -> None:
+    async def body(engine: ThreadEngine) -> None:
+        buf = BufferPool().get(4 * KiB).view
+        assert not engine.start_preadv(disk.dfd, [buf], 0, lambda error: None)
+        assert not engine.start_pwritev(disk.dfd, [buf], 0, lambda error: None)
+
+    conftest.with_engine(body)
+
+
 # ================================================================== 4. errors
 @pytest.mark.parametrize("write", [False, True], ids=["read", "write"])
 @pytest.mark.parametrize("what", ["offset", "buffer", "length"])

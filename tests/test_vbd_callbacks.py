@@ -151,6 +151,26 @@ def test_without_a_kick_the_requests_go_on_the_next_turn() -> None:
     run(body)
 
 
+def test_a_batch_issues_its_requests_when_the_outermost_one_ends() -> None:
+    """Inside ``with vbd.batch:`` nothing is scheduled for the next turn (a callback
+    scheduled costs a turn even cancelled); the requests go, merged, when the outermost
+    batch ends."""
+    async def body(vbd: VBD, drv: Recorder, out: Outcomes) -> None:
+        ready = asyncio.get_running_loop()._ready  # type: ignore[attr-defined]
+        before = len(ready)
+        with vbd.batch:
+            with vbd.batch:
+                vbd.start_read(0, bufs(1), 4 * KiB, out("a"))
+            vbd.start_read(4 * KiB, bufs(1), 4 * KiB, out("b"))
+            assert len(ready) == before  # nothing scheduled
+            assert vbd.stats.in_flight == 0  # queued, not issued
+        assert vbd.stats.in_flight == 2
+        await until(lambda: len(out.told) == 2, "both told")
+        assert drv.calls == [("read", 0, 8 * KiB)]
+
+    run(body)
+
+
 def test_writes_with_and_without_fua_are_not_merged_and_reads_mix_with_coroutines() -> None:
     """A FUA write does not join a plain one; a read started the callback way and one
     awaited by a coroutine in the same turn are merged, whichever leads."""
@@ -392,3 +412,138 @@ def test_close_waits_for_requests_under_way() -> None:
         assert out.told == {"w": None} and drv.finished == 1
 
     run(body)
+
+
+# ------------------------------------------------------------------ at the driver
+class Kernel(Recorder):
+    """A driver that takes reads and writes the callback way (as ``aio`` hands them to
+    the kernel): ``start_*`` records the operation and keeps its ``done``, which the test
+    calls as the engine's reaping would. ``refuse`` makes start_* say False; ``crash``
+    makes it raise."""
+
+    def __init__(self, engine: ThreadEngine, content: bytes) -> None:
+        super().__init__(engine, content)
+        self.started: list[tuple[str, int, Sequence[memoryview], Callable]] = []
+        self.refuse = False
+        self.crash = False
+
+    def _start(self, op: str, offset: int, iov: Sequence[memoryview], done: Callable
+               ) -> bool:
+        if self.crash:
+            raise RuntimeError("a driver bug")
+        if self.refuse:
+            return False
+        self.started.append((op, offset, iov, done))
+        return True
+
+    def start_read(self, offset: int, iov: Sequence[memoryview], done: Callable) -> bool:
+        return self._start("read", offset, iov, done)
+
+    def start_write(self, offset: int, iov: Sequence[memoryview], done: Callable, *,
+                    fua: bool = False) -> bool:
+        return self._start("write_fua" if fua else "write", offset, iov, done)
+
+    def complete(self, i: int = 0, error: BaseException | None = None) -> None:
+        op, offset, iov, done = self.started.pop(i)
+        if error is None:
+            for v in iov:
+                if op == "read":
+                    v[:] = self.data[offset : offset + len(v)]
+                else:
+                    self.data[offset : offset + len(v)] = v
+                offset += len(v)
+        done(error)
+
+
+def run_kernel(body: Callable[[VBD, Kernel, Outcomes], object], **vbd_args: object) -> None:
+    async def main() -> None:
+        engine = ThreadEngine(1)
+        drv = Kernel(engine, pattern(SIZE))
+        vbd = VBD(drv, **vbd_args)  # type: ignore[arg-type]
+        try:
+            await body(vbd, drv, Outcomes())  # type: ignore[misc]
+        finally:
+            while drv.started:
+                drv.complete()
+            await vbd.close()
+            engine.close()
+    asyncio.run(main())
+
+
+def test_a_driver_that_takes_the_callback_way_gets_the_group_at_the_kick() -> None:
+    """Three adjacent reads: one start_read at the kick itself with the merged buffers,
+    no task; the driver's completion tells every request at once, in the same call."""
+    content = pattern(SIZE)
+
+    async def body(vbd: VBD, drv: Kernel, out: Outcomes) -> None:
+        views = bufs(3)
+        reqs = [vbd.start_read(i * 4 * KiB, [views[i]], 4 * KiB, out(f"r{i}"))
+                for i in range(3)]
+        vbd.kick()
+        assert [(op, off, sum(len(v) for v in iov)) for op, off, iov, _ in drv.started] \
+            == [("read", 0, 12 * KiB)]
+        assert not vbd._group_tasks and all(r.task is None for r in reqs)
+        assert vbd.cancel(reqs[0]) is False  # the kernel has it: told when it is done
+        drv.complete()
+        assert out.order == ["r0", "r1", "r2"] and set(out.told.values()) == {None}
+        assert b"".join(bytes(v) for v in views) == content[: 12 * KiB]
+        st = vbd.stats
+        assert (st.merged, st.read_reqs, st.in_flight, st.cancelled) == (2, 3, 0, 0)
+        assert drv.calls == []  # the coroutine read was never used
+
+    run_kernel(body)
+
+
+def test_writes_keep_their_fua_and_errors_are_told() -> None:
+    async def body(vbd: VBD, drv: Kernel, out: Outcomes) -> None:
+        vbd.start_write(0, [memoryview(b"A" * 4096)], 4 * KiB, out("w"), fua=True)
+        vbd.kick()
+        assert drv.started[0][0] == "write_fua"
+        drv.complete()
+        assert out.told == {"w": None} and bytes(drv.data[:4096]) == b"A" * 4096
+        vbd.start_read(0, bufs(1), 4 * KiB, out("bad"))
+        vbd.kick()
+        drv.complete(error=OSError(errno.EIO, "media error"))
+        err = out.told["bad"]
+        assert isinstance(err, OSError) and err.errno == errno.EIO
+        assert vbd.stats.read_errors == 1 and vbd.stats.retries == 0
+
+    run_kernel(body)
+
+
+def test_a_retryable_error_is_retried_by_the_coroutine_path() -> None:
+    """EAGAIN from the driver's callback way: the group is issued again (after the retry
+    interval) through the coroutine read, which succeeds."""
+    content = pattern(SIZE)
+
+    async def body(vbd: VBD, drv: Kernel, out: Outcomes) -> None:
+        view = bufs(1)[0]
+        vbd.start_read(8 * KiB, [view], 4 * KiB, out("r"))
+        vbd.kick()
+        drv.complete(error=OSError(errno.EAGAIN, "try again"))
+        assert out.told == {}
+        await until(lambda: "r" in out.told, "the retry told", turns=100000)
+        assert out.told["r"] is None and bytes(view) == content[8 * KiB : 12 * KiB]
+        assert drv.calls == [("read", 8 * KiB, 4 * KiB)]  # the retry, by coroutine
+        assert vbd.stats.retries == 1 and vbd.stats.read_reqs == 1
+
+    run_kernel(body, retry_interval=0.001)
+
+
+def test_a_driver_that_declines_or_fails_to_start_gets_the_coroutine_path() -> None:
+    content = pattern(SIZE)
+
+    async def body(vbd: VBD, drv: Kernel, out: Outcomes) -> None:
+        for i, how in enumerate(("refuse", "crash")):
+            setattr(drv, how, True)
+            view = bufs(1)[0]
+            vbd.start_read(i * 4 * KiB, [view], 4 * KiB, out(how))
+            vbd.kick()
+            assert drv.started == []
+            await until(lambda how=how: how in out.told, f"{how}: told")
+            assert out.told[how] is None
+            assert bytes(view) == content[i * 4 * KiB : (i + 1) * 4 * KiB]
+            setattr(drv, how, False)
+        assert len(drv.calls) == 2
+
+    run_kernel(body)

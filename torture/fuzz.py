@@ -309,7 +309,7 @@ class VirtqueueHarness:
 
     def _queue(self) -> Virtqueue:
         vq = Virtqueue(0, self.memory, self.device.handle, self.broken.append, name="fuzzvq",
-                       on_pass=self.vbd.kick)
+                       batch=self.vbd.batch)
         vq.indirect = True
         vq.set_num(self.QUEUE)
         vq.set_addr(self.UVA + self.DESC, self.UVA + self.AVAIL, self.UVA + self.USED)

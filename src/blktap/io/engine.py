@@ -11,6 +11,11 @@ transport may cancel the reads of a client that went away (:class:`Settled`).
 ``try_preadv`` / ``try_pwritev`` are the synchronous side door: I/O that cannot block
 (files in memory, the page cache) is done at once on the caller's thread, so that a
 request served from memory costs no task, future or turn of the event loop.
+
+``start_preadv`` / ``start_pwritev`` are the callback way, for engines that hand I/O to
+the kernel (Linux AIO): the operation is submitted at once and ``done(error)`` is called
+on the loop when it completes, in the turn that reaps it, with no coroutine to wake. It
+cannot be cancelled (the kernel has the buffers until then).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 Iov = Sequence[memoryview]
+# Told when an operation started the callback way completes: None, or the OSError.
+Completion = Callable[[BaseException | None], None]
 
 
 class Settled(asyncio.Future):
@@ -74,6 +81,17 @@ class Engine(ABC):
     def try_pwritev(self, fd: int, iov: Iov, offset: int, *, dsync: bool = False) -> bool:
         """Do :meth:`pwritev` now if that cannot block: True when all of it is written;
         False (and nothing written) when it would have to wait."""
+        return False
+
+    def start_preadv(self, fd: int, iov: Iov, offset: int, done: Completion) -> bool:
+        """Submit :meth:`preadv` now and call ``done`` on the loop once it completes:
+        True when submitted (``done`` is never called from here); False when this engine
+        or this descriptor cannot (the caller awaits :meth:`preadv` instead)."""
+        return False
+
+    def start_pwritev(self, fd: int, iov: Iov, offset: int, done: Completion, *,
+                      dsync: bool = False) -> bool:
+        """:meth:`start_preadv` for :meth:`pwritev`."""
         return False
 
     @abstractmethod

@@ -4,7 +4,8 @@ engine does it.
 With O_DIRECT the kernel's native AIO is truly asynchronous: a request costs its share of
 one ``io_submit`` (the requests of one turn of the event loop go together; a request
 alone goes at once) and of one ``io_getevents`` when the eventfd says completions are
-ready. No worker thread wakes
+ready. A request started the callback way (``start_preadv``/``start_pwritev``) is told
+in the turn that reaps it, without waking a coroutine. No worker thread wakes
 up and none competes for the GIL, which is what a thread hand-off costs per request (4
 KiB random reads of a raw file on ext4 over NBD, see bench/REPORT.md). This is what the
 reference tapdisk does with libaio.
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from blktap.io import aio_abi as abi
-from blktap.io.engine import settled
+from blktap.io.engine import Completion, settled
 from blktap.io.iov import IOV_MAX, advance, total
 from blktap.io.threads import DEFAULT_THREADS, DIRECT, ThreadEngine, read_full, write_full
 
@@ -34,7 +35,8 @@ DEFAULT_DEPTH = 256
 
 @dataclass(eq=False, slots=True)
 class _Op:
-    future: asyncio.Future
+    # Who waits: a coroutine's future, or the callback of start_preadv/start_pwritev.
+    waiter: asyncio.Future | Completion
     fd: int
     iov: Sequence[memoryview]  # kept alive (and not reused) until the kernel is done
     offset: int
@@ -77,9 +79,11 @@ class LinuxAioEngine(ThreadEngine):
 
     # ------------------------------------------------------------------ submission
     def _queue(self, fd: int, iov: Sequence[memoryview], offset: int, *, write: bool,
-               rw_flags: int = 0) -> asyncio.Future | None:
-        """Fill an iocb for the request and submit it; None when it cannot go to the
-        kernel (no free slot, a read-only buffer)."""
+               rw_flags: int = 0, done: Completion | None = None
+               ) -> asyncio.Future | Completion | None:
+        """Fill an iocb for the request and submit it: its waiter (a future, or
+        ``done``); None when it cannot go to the kernel (no free slot, a read-only
+        buffer)."""
         length = total(iov)
         if not self._free or not length or len(iov) > IOV_MAX or self._closed:
             return None  # an empty request has no buffer address to give the kernel
@@ -102,8 +106,9 @@ class LinuxAioEngine(ThreadEngine):
                            self._aio_efd)
         # The kernel cannot be asked to stop (io_cancel fails on files), so a task
         # cancelled while the kernel has the buffers wakes when it is done with them.
-        fut = settled(self.loop, cancellable=False)
-        self._ops[slot] = _Op(fut, fd, iov, offset, length, write, rw_flags, iovecs)
+        waiter: asyncio.Future | Completion = (
+            done if done is not None else settled(self.loop, cancellable=False))
+        self._ops[slot] = _Op(waiter, fd, iov, offset, length, write, rw_flags, iovecs)
         self._batch.append(slot)
         if len(self._ops) == 1:
             # Nothing else in flight: submit now, rather than a turn of the loop later.
@@ -115,7 +120,7 @@ class LinuxAioEngine(ThreadEngine):
             # one, 18k batched).
             self._submit_pending = True
             self.loop.call_soon(self._submit_batch)
-        return fut
+        return waiter
 
     def _submit_batch(self) -> None:
         self._submit_pending = False
@@ -148,7 +153,12 @@ class LinuxAioEngine(ThreadEngine):
             job = (write_full, (op.fd, iov, op.offset + done, op.rw_flags))
         else:
             job = (read_full, (op.fd, iov, op.offset + done))
-        self._jobs.put((op.future, *job))
+        waiter = op.waiter
+        if not isinstance(waiter, asyncio.Future):  # a callback: told by a future's
+            fut = settled(self.loop, cancellable=False)
+            fut.add_done_callback(lambda f, tell=waiter: tell(f.exception()))
+            waiter = fut
+        self._jobs.put((waiter, *job))
         self.submitted += 1
 
     # ------------------------------------------------------------------ completion
@@ -170,21 +180,25 @@ class LinuxAioEngine(ThreadEngine):
         return n
 
     def _complete_op(self, op: _Op, res: int) -> None:
-        fut = op.future
-        if res < 0:
-            if not fut.done():
-                fut.set_exception(OSError(-res, os.strerror(-res)))
-        elif res < op.length:
+        if 0 <= res < op.length:
             self._to_worker(op, res)  # end of file (or a partial transfer): finish there
-        elif not fut.done():
-            fut.set_result(None)
+            return
+        waiter = op.waiter
+        if not isinstance(waiter, asyncio.Future):  # the callback way: told now
+            waiter(OSError(-res, os.strerror(-res)) if res < 0 else None)
+        elif waiter.done():
+            pass
+        elif res < 0:
+            waiter.set_exception(OSError(-res, os.strerror(-res)))
+        else:
+            waiter.set_result(None)
 
     # ------------------------------------------------------------------ interface
     async def preadv(self, fd: int, iov: Sequence[memoryview], offset: int) -> None:
         if self._fd_mode(fd) == DIRECT:
             fut = self._queue(fd, iov, offset, write=False)
             if fut is not None:
-                await fut
+                await fut  # type: ignore[misc]
                 return
         await super().preadv(fd, iov, offset)
 
@@ -194,9 +208,20 @@ class LinuxAioEngine(ThreadEngine):
             fut = self._queue(fd, iov, offset, write=True,
                               rw_flags=os.RWF_DSYNC if dsync else 0)
             if fut is not None:
-                await fut
+                await fut  # type: ignore[misc]
                 return
         await super().pwritev(fd, iov, offset, dsync=dsync)
+
+    def start_preadv(self, fd: int, iov: Sequence[memoryview], offset: int,
+                     done: Completion) -> bool:
+        return (self._fd_mode(fd) == DIRECT
+                and self._queue(fd, iov, offset, write=False, done=done) is not None)
+
+    def start_pwritev(self, fd: int, iov: Sequence[memoryview], offset: int,
+                      done: Completion, *, dsync: bool = False) -> bool:
+        return (self._fd_mode(fd) == DIRECT
+                and self._queue(fd, iov, offset, write=True,
+                                rw_flags=os.RWF_DSYNC if dsync else 0, done=done) is not None)
 
     def close(self) -> None:
         """Wait for what the kernel has, then stop the workers."""

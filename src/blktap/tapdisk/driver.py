@@ -38,7 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 from blktap.errors import BlktapError, OutOfRange, UnsupportedImage
 from blktap.image.parents import ParentPolicy
 from blktap.io import syscalls
-from blktap.io.engine import Engine
+from blktap.io.engine import Completion, Engine
 from blktap.io.iov import slice_iov, total, zero_fill, zeros_iov
 
 # The version of the driver protocol (blktap.driver). A plugin states the one it was
@@ -328,6 +328,19 @@ class Driver:
         """The side door of :meth:`write`: write all of it now when nothing has to wait
         (no metadata change, data to memory) and return True, or return False having
         changed nothing."""
+        return False
+
+    def start_read(self, offset: int, iov: Sequence[memoryview], done: Completion) -> bool:
+        """The callback way of :meth:`read`, for a driver whose read is one operation the
+        kernel completes (``aio`` on a direct descriptor): submit it now and return True,
+        ``done(error)`` being called on the loop when it completes (never from here),
+        with no coroutine to wake; or return False having done nothing, for the caller
+        to await :meth:`read`. Drivers that cannot keep this default."""
+        return False
+
+    def start_write(self, offset: int, iov: Sequence[memoryview], done: Completion, *,
+                    fua: bool = False) -> bool:
+        """:meth:`start_read` for :meth:`write`."""
         return False
 
     async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:

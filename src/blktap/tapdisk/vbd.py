@@ -22,13 +22,16 @@
   queued is dropped, one the engine has not started is dropped there, one under way
   finishes first; CancelledError reaches the caller only when no driver holds its
   buffers. Others merged with it still get their I/O. ``stats.cancelled`` counts them.
-- The callback way (:meth:`VBD.start_read` / :meth:`VBD.start_write`, then
-  :meth:`VBD.kick` at the end of the transport's pass): the request is queued at once, on
-  the loop thread, and ``done(error)`` is called when it completes, from the task the VBD
-  runs its group in. No task or future per request, and no turn of the loop waiting for
-  the merge: at queue depth 1 a request costs a turn less than by the coroutines, and a
-  transport's reply goes out in the turn the I/O completes. :meth:`VBD.cancel` withdraws
-  such a request as cancelling a task does the others.
+- The callback way (:meth:`VBD.start_read` / :meth:`VBD.start_write` inside ``with
+  vbd.batch:`` around the transport's pass): the request is queued at once, on the loop
+  thread, goes to the driver when the batch ends, and ``done(error)`` is called when it
+  completes: from the engine's reaping if the driver takes the callback way too
+  (:meth:`Driver.start_read`, ``aio`` on a direct descriptor: two turns of the loop per
+  request at queue depth 1), else from the task the VBD runs its group in (four). No
+  task or future per request, and no turn of the loop waiting for the merge (the
+  coroutines take five or six): a transport's reply goes out in the turn the I/O
+  completes. :meth:`VBD.cancel` withdraws such a request as cancelling a task does the
+  others.
 - A watchdog logs when requests are in flight and none completed for ``watchdog``
   seconds (default 10 s), once per stall.
 - Counters (:class:`~blktap.tapdisk.stats.VbdStats`) are what ``tap-ctl stats`` reports.
@@ -132,6 +135,27 @@ class Request:
     withdrawn: bool = False  # cancelled before that: the task drops it
 
 
+class Batch:
+    """``with vbd.batch:`` around a transport's pass over its requests: what it starts
+    the callback way is queued and goes to the drivers, merged, when the outermost batch
+    ends (:meth:`VBD.kick`), in the same turn of the loop. Re-entrant; one per VBD."""
+
+    __slots__ = ("vbd", "depth")
+
+    def __init__(self, vbd: VBD) -> None:
+        self.vbd = vbd
+        self.depth = 0
+
+    def __enter__(self) -> Batch:
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+        if not self.depth:
+            self.vbd.kick()
+
+
 def bound_requests(driver: Driver, timeout: float) -> None:
     """Tell the layers that hold requests themselves (the ``nbd`` driver, while it
     reconnects) how long a request may wait: the VBD's per-request timeout."""
@@ -200,6 +224,7 @@ class VBD:
         # Requests started the callback way while paused; queued again on resume.
         self._held_back: list[Request] = []
         self._kick_handle: asyncio.Handle | None = None
+        self.batch = Batch(self)
         self._group_tasks: set[asyncio.Task] = set()
         self._tasks_for_abandoned: set[asyncio.Task] = set()
         self._inflight: set[Request] = set()
@@ -346,13 +371,67 @@ class VBD:
             for other in group[1:]:
                 if other.done is None:
                     other.future = settled(self.loop, cancellable=False)
-            if req.done is not None:  # no task of its own waits to run it: the VBD's
+            if req.done is not None and not self._start_at_driver(group):
+                # No task of its own waits to run it, and the driver cannot take it the
+                # callback way: a task of the VBD's.
                 task = self.loop.create_task(self._run_group(group))
                 req.task = task
                 self._group_tasks.add(task)
 
-    async def _run_group(self, group: list[Request]) -> None:
-        """Run the group a request started the callback way leads."""
+    def _start_at_driver(self, group: list[Request]) -> bool:
+        """Hand a group the callback way to a driver that takes it so (Driver.start_read
+        / start_write: one operation the kernel completes), told in the turn the engine
+        reaps it: no task, no coroutine to wake. False: the driver cannot."""
+        first = group[0]
+        if first.op is Op.READ:
+            start = self.driver.start_read
+        elif first.op is Op.WRITE:
+            start = self.driver.start_write
+        else:
+            return False
+        if len(group) > 1:
+            iov: Sequence[memoryview] = [v for r in group for v in r.iov]
+            length = sum(r.length for r in group)
+        else:
+            iov, length = first.iov, first.length
+
+        def done(error: BaseException | None) -> None:
+            self._driver_done(group, length, error)
+        try:
+            if first.op is Op.READ:
+                started = start(first.offset, iov, done)
+            else:
+                started = start(first.offset, iov, done, fua=first.fua)
+        except Exception:  # the coroutine path does it again and reports what fails
+            return False
+        if started:
+            first.running = True  # (no task: cancel leaves it to the kernel)
+            self.stats.merged += len(group) - 1
+        return started
+
+    def _driver_done(self, group: list[Request], length: int,
+                     error: BaseException | None) -> None:
+        """A group started at the driver the callback way completed: finish it, or retry
+        it as the coroutine path would (in a task, after the retry interval)."""
+        if error is not None:
+            first = group[0]
+            code = errno_of(error)
+            if code in RETRYABLE and time.monotonic() - first.start < self.timeout:
+                self.stats.retries += 1
+                self._count_failed_attempt(first.op, length)
+                log.info("%s: %s of %d bytes at %d failed (%s), retrying", self.name,
+                         first.op.value, length, first.offset, error)
+                task = self.loop.create_task(self._run_group(group, self.retry_interval))
+                first.task = task
+                self._group_tasks.add(task)
+                return
+            if code in RETRYABLE:
+                self.stats.timeouts += 1
+        self._finish(group, None, error)
+
+    async def _run_group(self, group: list[Request], delay: float = 0.0) -> None:
+        """Run the group a request started the callback way leads (after ``delay``: a
+        retry of one started at the driver)."""
         first = group[0]
         try:
             first.running = True
@@ -360,7 +439,9 @@ class VBD:
                 self._withdraw(group)
                 return
             try:
-                result, error = await self._execute(group)
+                if delay:
+                    await asyncio.sleep(delay)
+                result, error = await self._execute(group, count_merged=not delay)
             except asyncio.CancelledError:  # VBD.cancel: the driver let go of the buffers
                 self._withdraw(group)
                 return
@@ -377,8 +458,9 @@ class VBD:
         """Queue a read of ``length`` bytes (whole sectors at a sector-aligned offset,
         into the buffers of ``iov``); ``done`` is called once it completes, never from
         here. Raises at once, queueing nothing, what :meth:`readv` would raise before
-        waiting (closed disk, out of range, not whole sectors). Call :meth:`kick` at the
-        end of the pass that queued it (else it goes on the loop's next turn)."""
+        waiting (closed disk, out of range, not whole sectors). Inside ``with
+        vbd.batch:`` it goes to the driver when the batch ends, else on the loop's next
+        turn."""
         self._check(offset, length, errno.EINVAL)
         if (offset | length) % SECTOR or not length:
             raise BlktapError(f"{length} bytes at {offset}: not whole sectors", errno.EINVAL)
@@ -398,7 +480,9 @@ class VBD:
             return req
         self.stats.submitted += 1
         self._queue.append(req)
-        if self._kick_handle is None:  # in case the transport does not kick this turn
+        # Outside a batch, nobody kicks at the end of the pass: the next turn does. (Not
+        # inside one: even cancelled, a scheduled callback costs a turn of the loop.)
+        if not self.batch.depth and self._kick_handle is None:
             self._kick_handle = self.loop.call_soon(self._kick_soon)
         return req
 
@@ -409,8 +493,7 @@ class VBD:
 
     def kick(self) -> None:
         """Issue now what was queued the callback way (merging neighbours), instead of
-        on the loop's next turn: transports call it at the end of a pass over their
-        requests."""
+        on the loop's next turn (the end of a :attr:`batch` does it)."""
         if self._kick_handle is not None:
             self._kick_handle.cancel()
             self._kick_handle = None
@@ -462,13 +545,15 @@ class VBD:
         result, error = await self._execute(group)
         self._finish(group, result, error)
 
-    async def _execute(self, group: list[Request]) -> tuple[object, BaseException | None]:
+    async def _execute(self, group: list[Request], *, count_merged: bool = True
+                       ) -> tuple[object, BaseException | None]:
         """Run a (merged) request with retries; (result, error)."""
         first = group[0]
         if len(group) > 1:
             iov: Sequence[memoryview] = [v for r in group for v in r.iov]
             length = sum(r.length for r in group)
-            self.stats.merged += len(group) - 1
+            if count_merged:
+                self.stats.merged += len(group) - 1
         else:
             iov, length = first.iov, first.length
         result: object = None

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from blktap.errors import FormatError
 from blktap.io import syscalls
-from blktap.io.engine import Engine
+from blktap.io.engine import Completion, Engine
 from blktap.io.iov import slice_iov, total
 from blktap.tapdisk.driver import (
     STATE_DATA,
@@ -116,6 +116,29 @@ class AioDriver(Driver):
 
     def read_now(self, offset: int, iov: Sequence[memoryview], tally: Tally) -> bool:
         return self.engine.try_preadv(self._fd_for(offset, iov), iov, offset)
+
+    def start_read(self, offset: int, iov: Sequence[memoryview], done: Completion) -> bool:
+        if not self.engine.start_preadv(self._fd_for(offset, iov), iov, offset,
+                                        self._counted(done)):
+            return False
+        self.pending += 1
+        return True
+
+    def start_write(self, offset: int, iov: Sequence[memoryview], done: Completion, *,
+                    fua: bool = False) -> bool:
+        if not self.writable or offset + total(iov) > self.size:
+            return False  # (the partial last sector: write() trims it)
+        if not self.engine.start_pwritev(self._fd_for(offset, iov), iov, offset,
+                                         self._counted(done), dsync=fua):
+            return False
+        self.pending += 1
+        return True
+
+    def _counted(self, done: Completion) -> Completion:
+        def completed(error: BaseException | None) -> None:
+            self.pending -= 1
+            done(error)
+        return completed
 
     def _inside(self, offset: int, iov: Sequence[memoryview]) -> Sequence[memoryview]:
         """The part of a write's buffers inside the file: the last sector of a file whose

@@ -269,10 +269,8 @@ class Connection:
         answer them at once. Anything else (another command, an error to answer, a write
         payload not all here, flow control, the fairness budget) wakes the reader, which
         takes it from there (False)."""
-        try:
+        with self.vbd.batch:  # what this pass queues goes to the driver at its end
             return self._pump_requests()
-        finally:
-            self.vbd.kick()  # what this pass queued goes to the driver now, merged
 
     def _pump_requests(self) -> bool:
         ch = self.ch

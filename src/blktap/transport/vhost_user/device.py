@@ -95,7 +95,7 @@ class Session:
         self.phase = Phase.CONNECTED
         self.memory = GuestMemory()
         self.queues = [Virtqueue(i, self.memory, blk.handle, self._on_broken,
-                                 name=f"{name} vq{i}", on_pass=blk.vbd.kick)
+                                 name=f"{name} vq{i}", batch=blk.vbd.batch)
                        for i in range(blk.options.num_queues)]
         self.offered_protocol = PROTOCOL_FEATURES
         if not inflight_ok:

@@ -1,7 +1,7 @@
 """One split virtqueue as the device sees it.
 
     guest ──avail ring──► pop ──► chain walk ──► on_chain(queue, head, descriptors)
-                                     (on_pass() at the end of each pass)
+                                     (each pass inside ``batch``)
           ◄──used ring─── push ◄── completion (at once, from the request's task, or from
                                    the VBD's callback: begin()/end() count those)
           ◄──call eventfd── flush (once per turn of the loop, EVENT_IDX-aware)
@@ -36,6 +36,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Coroutine
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from blktap.errors import BlktapError
@@ -86,11 +87,13 @@ ChainHandler = Callable[["Virtqueue", int, list[Descriptor]], None]
 class Virtqueue:
     def __init__(self, index: int, memory: GuestMemory, on_chain: ChainHandler,
                  on_broken: Callable[[BaseException], None], name: str = "", *,
-                 on_pass: Callable[[], None] | None = None) -> None:
+                 batch: AbstractContextManager | None = None) -> None:
         self.index = index
         self.memory = memory
         self.on_chain = on_chain
-        self.on_pass = on_pass  # after a pass over the avail ring (the VBD's kick)
+        # Around each pass over the avail ring (the VBD's batch: what the pass starts
+        # goes to the driver at its end).
+        self.batch: AbstractContextManager = batch or nullcontext()
         self.on_broken = on_broken
         self.name = name or f"vq{index}"
         self.loop = asyncio.get_running_loop()
@@ -297,11 +300,10 @@ class Virtqueue:
         assert avail is not None and self._used16 is not None
         self._processing = True
         try:
-            self._take_available(avail)
+            with self.batch:
+                self._take_available(avail)
         finally:
             self._processing = False
-            if self.on_pass is not None:
-                self.on_pass()
         if not self.broken:
             self.flush()
 

@@ -251,10 +251,10 @@ class BlkifRing:
         the pass (the side door's, bad requests') are pushed together at its end."""
         self._servicing = True
         try:
-            self._consume()
+            with self.vbd.batch:  # the pass's reads and writes go to the driver at its end
+                self._consume()
         finally:
             self._servicing = False
-            self.vbd.kick()  # the pass's reads and writes go to the driver now, merged
         if self._push_pending:
             self._push_pending = False
             self._push_now()
