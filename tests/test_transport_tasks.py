@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from blktap.transport.tasks import drain, start_owned
+from blktap.transport.tasks import Untasked, drain, settle, start_owned
 
 
 def test_a_task_leaves_the_set_in_the_turn_it_ends() -> None:
@@ -61,4 +61,36 @@ def test_drain_does_not_hang_on_a_task_cancelled_before_it_ran() -> None:
         task.cancel()  # before its first step: its coroutine never runs
         await asyncio.wait_for(drain(tasks), 5)
         assert task.cancelled() and not tasks
+    asyncio.run(main())
+
+
+def test_settle_waits_for_requests_without_a_task_and_the_tasks_they_start() -> None:
+    """Two requests begun without a task: settle returns only once both ended, and the
+    task the second one's completion started (an error's reply) has ended too."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task] = set()
+        untasked = Untasked(loop)
+        replied: list[str] = []
+
+        async def reply() -> None:
+            await asyncio.sleep(0)
+            replied.append("error reply")
+
+        def complete(start_a_task: bool) -> None:
+            if start_a_task:
+                start_owned(loop, tasks, reply())
+            untasked.end()
+        untasked.begin()
+        untasked.begin()
+        settling = asyncio.ensure_future(settle(tasks, untasked))
+        await asyncio.sleep(0)
+        loop.call_soon(complete, False)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not settling.done() and untasked.count == 1
+        loop.call_soon(complete, True)
+        await settling
+        assert replied == ["error reply"] and not tasks and untasked.count == 0
+        await settle(tasks, untasked)  # nothing in flight: at once
     asyncio.run(main())

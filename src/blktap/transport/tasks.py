@@ -1,4 +1,5 @@
-"""Tasks of requests in flight, owned by the transport that started them.
+"""Requests in flight, owned by the transport that started them: tasks, and requests
+started without one (the VBD's callback way), counted by :class:`Untasked`.
 
 Each task takes itself out of its owner's set when it ends. A done callback would do the
 same one turn of the event loop later, and a turn costs system calls (an ``epoll_wait``
@@ -34,3 +35,41 @@ async def drain(tasks: set[asyncio.Task]) -> None:
     while pending := [t for t in tasks if not t.done()]:
         await asyncio.gather(*pending, return_exceptions=True)
     tasks.difference_update([t for t in tasks if t.done()])
+
+
+class Untasked:
+    """How many requests an owner has in flight without a task of its own (each one's
+    completion calls :meth:`end`), and a way to wait until there are none."""
+
+    __slots__ = ("loop", "count", "_idle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.count = 0
+        self._idle: asyncio.Future | None = None
+
+    def begin(self) -> None:
+        self.count += 1
+
+    def end(self) -> None:
+        self.count -= 1
+        idle = self._idle
+        if not self.count and idle is not None and not idle.done():
+            idle.set_result(None)
+
+    async def wait(self) -> None:
+        while self.count:
+            self._idle = self.loop.create_future()
+            await self._idle
+
+
+async def settle(tasks: set[asyncio.Task], untasked: Untasked) -> None:
+    """Wait until nothing is in flight: every task (those started meanwhile too) and
+    every request without one (whose completion may start a task: an error's reply)."""
+    while True:
+        await drain(tasks)
+        if not untasked.count:
+            if not tasks:
+                return
+            continue
+        await untasked.wait()

@@ -45,8 +45,7 @@ from blktap.tapdisk.vbd import Request, errno_of
 from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.handshake import Dropped, Session
 from blktap.transport.sockio import Channel, Closed
-from blktap.transport.tasks import drain as drain_tasks
-from blktap.transport.tasks import start_owned
+from blktap.transport.tasks import Untasked, settle, start_owned
 
 log = logging.getLogger("blktap.nbd")
 
@@ -105,8 +104,7 @@ class Connection:
         # Reads started the callback way (cancelled likewise), with their buffers; and
         # how many requests started that way are not answered yet.
         self.started_reads: dict[Request, tuple[Buffer, int]] = {}
-        self.callbacks = 0
-        self._callbacks_idle: asyncio.Future | None = None
+        self.callbacks = Untasked(loop)
         # Requests admitted and not yet answered, and the payload bytes they hold.
         self.in_flight = 0
         self.bytes_in_flight = 0
@@ -139,30 +137,11 @@ class Connection:
         finally:
             self.ch.on_data = None
             try:
-                await self._settle()
+                await settle(self.tasks, self.callbacks)
                 # Replies posted by the reader have no task: they leave before the close.
                 await self.ch.drain()
             finally:
                 self.budget.holders.discard(self)
-
-    async def _settle(self) -> None:
-        """Wait for every request in flight: tasks (a task may start another: a TLS
-        reply's send) and requests started the callback way (whose completion may
-        start a task: an error's reply)."""
-        while True:
-            await drain_tasks(self.tasks)
-            if not self.callbacks:
-                if not self.tasks:
-                    return
-                continue
-            self._callbacks_idle = self.loop.create_future()
-            await self._callbacks_idle
-
-    def _callback_ended(self) -> None:
-        self.callbacks -= 1
-        idle = self._callbacks_idle
-        if not self.callbacks and idle is not None and not idle.done():
-            idle.set_result(None)
 
     def _die(self) -> None:
         """The client cannot be answered any more: stop reading its requests and cancel
@@ -179,7 +158,7 @@ class Connection:
             if self.vbd.cancel(req):  # never reached a driver: no completion will come
                 del self.started_reads[req]
                 self._release(buf, length)
-                self._callback_ended()
+                self.callbacks.end()
 
     def stop_reading(self) -> None:
         """Take no more requests (server shutdown); those in flight still complete."""
@@ -346,7 +325,7 @@ class Connection:
             except BlktapError:
                 pass  # the task's way answers it
             else:
-                self.callbacks += 1
+                self.callbacks.begin()
                 return
         self._start(self._write(handle, flags, offset, buf, length))
 
@@ -358,7 +337,7 @@ class Connection:
             else:
                 self._start(self._failed(handle, p.CMD_WRITE, error, buf, length))
         finally:
-            self._callback_ended()
+            self.callbacks.end()
 
     def _written(self, handle: int, buf: Buffer, length: int) -> None:
         """The payload is in the file: its buffer goes back now, its place in flight
@@ -463,7 +442,7 @@ class Connection:
                 pass  # the task's way answers it
             else:
                 self.started_reads[req] = (buf, length)
-                self.callbacks += 1
+                self.callbacks.begin()
                 return
         started: list[bool] = []
         task = self.loop.create_task(self._read(handle, flags, offset, buf, length, started,
@@ -489,7 +468,7 @@ class Connection:
             else:
                 self._start(self._failed(handle, p.CMD_READ, error, buf, length))
         finally:
-            self._callback_ended()
+            self.callbacks.end()
 
     async def _failed(self, handle: int, cmd: int, error: BaseException, buf: Buffer,
                       length: int) -> None:

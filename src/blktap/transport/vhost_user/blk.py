@@ -188,7 +188,8 @@ class BlkDevice:
                 vq.push(head, length + 1)
                 return
             if not self._start(vq, offset, writable, length, False, False,
-                               self._read_done(vq, head, status, offset, length)):
+                               self._completion(vq, head, status, "read", offset, length,
+                                                length + 1)):
                 vq.spawn(self._read(vq, head, status, offset, writable, length))
         elif kind == v.T_OUT:
             if self.read_only:
@@ -208,7 +209,8 @@ class BlkDevice:
                 vq.push(head, 1)
                 return
             if not self._start(vq, offset, out, length, True, fua,
-                               self._write_done(vq, head, status, offset, length)):
+                               self._completion(vq, head, status, "write", offset, length,
+                                                1)):
                 vq.spawn(self._write(vq, head, status, offset, out, length, fua))
         elif kind == v.T_FLUSH:
             if not self.has_flush:
@@ -291,39 +293,24 @@ class BlkDevice:
                 self.vbd.start_read(offset, iov, length, done)
         except BlktapError:
             return False
-        vq.begin()
+        vq.untasked.begin()
         return True
 
-    def _read_done(self, vq: Virtqueue, head: int, status: memoryview, offset: int,
-                   length: int) -> Done:
+    def _completion(self, vq: Virtqueue, head: int, status: memoryview, what: str,
+                    offset: int, length: int, written: int) -> Done:
+        """The ``done`` of a read or write started the callback way: the answer, with
+        ``written`` bytes for the used ring when it succeeded."""
         def done(error: BaseException | None) -> None:
             try:
                 if error is None:
-                    self._finish(vq, head, status, v.S_OK, length + 1)
-                else:
-                    self._ended_badly(vq, head, status, "read", offset, length, error)
+                    self._finish(vq, head, status, v.S_OK, written)
+                elif isinstance(error, Exception):
+                    self._failed(vq, head, status, what, offset, length, error)
+                else:  # cancelled (nothing here cancels: the VBD's own teardown)
+                    self._finish(vq, head, status, v.S_IOERR, 1)
             finally:
-                vq.end()
+                vq.untasked.end()
         return done
-
-    def _write_done(self, vq: Virtqueue, head: int, status: memoryview, offset: int,
-                    length: int) -> Done:
-        def done(error: BaseException | None) -> None:
-            try:
-                if error is None:
-                    self._finish(vq, head, status, v.S_OK, 1)
-                else:
-                    self._ended_badly(vq, head, status, "write", offset, length, error)
-            finally:
-                vq.end()
-        return done
-
-    def _ended_badly(self, vq: Virtqueue, head: int, status: memoryview, what: str,
-                     offset: int, length: int, error: BaseException) -> None:
-        if isinstance(error, Exception):
-            self._failed(vq, head, status, what, offset, length, error)
-        else:  # cancelled (nothing here cancels: the VBD's own teardown)
-            self._finish(vq, head, status, v.S_IOERR, 1)
 
     # ------------------------------------------------------------------ the slow ways
     async def _read(self, vq: Virtqueue, head: int, status: memoryview, offset: int,

@@ -3,7 +3,7 @@
     guest ──avail ring──► pop ──► chain walk ──► on_chain(queue, head, descriptors)
                                      (each pass inside ``batch``)
           ◄──used ring─── push ◄── completion (at once, from the request's task, or from
-                                   the VBD's callback: begin()/end() count those)
+                                   the VBD's callback: ``untasked`` counts those)
           ◄──call eventfd── flush (once per turn of the loop, EVENT_IDX-aware)
 
 States (the vhost-user spec's): STOPPED until SET_VRING_KICK, then started; started
@@ -40,8 +40,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from blktap.errors import BlktapError
-from blktap.transport.tasks import drain as drain_tasks
-from blktap.transport.tasks import start_owned
+from blktap.transport.tasks import Untasked, settle, start_owned
 from blktap.transport.vhost_user import virtio as v
 from blktap.transport.vhost_user.memory import BadAddress, GuestMemory
 
@@ -125,9 +124,8 @@ class Virtqueue:
         self._processing = False  # in process(): it publishes at the end of its pass
         self._call_failed = False
         self.tasks: set[asyncio.Task] = set()
-        # Requests in flight without a task (begin/end), and who waits for them to end.
-        self.started = 0
-        self._started_idle: asyncio.Future | None = None
+        # Requests in flight without a task (the VBD's callback way).
+        self.untasked = Untasked(self.loop)
         self.inflight: Any = None  # an InflightQueue when the front-end shares one
         self._resubmit: list[int] = []  # heads a previous back-end left in flight
         self.served = 0  # chains taken from the avail ring
@@ -249,26 +247,8 @@ class Virtqueue:
             self.kick_fd = -1
 
     async def drain(self) -> None:
-        """Wait for every request in flight: tasks, and those begun without one."""
-        while True:
-            await drain_tasks(self.tasks)
-            if not self.started:
-                if not self.tasks:
-                    return
-                continue
-            self._started_idle = self.loop.create_future()
-            await self._started_idle
-
-    def begin(self) -> None:
-        """A request is in flight without a task (its completion calls :meth:`end`,
-        after its :meth:`push`)."""
-        self.started += 1
-
-    def end(self) -> None:
-        self.started -= 1
-        idle = self._started_idle
-        if not self.started and idle is not None and not idle.done():
-            idle.set_result(None)
+        """Wait for every request in flight: tasks, and those without one."""
+        await settle(self.tasks, self.untasked)
 
     def close(self) -> None:
         """Drop every fd and view (the caller drained the tasks first)."""
@@ -408,7 +388,7 @@ class Virtqueue:
         # of the loop saved), else at the next turn with those of this one.
         if self._processing:
             return
-        if len(self.tasks) + self.started <= 1:
+        if len(self.tasks) + self.untasked.count <= 1:
             self.flush()
         elif not self._flush_pending:
             self._flush_pending = True
