@@ -135,6 +135,13 @@ class Request:
     withdrawn: bool = False  # cancelled before that: the task drops it
 
 
+def _group_iov(group: list[Request]) -> tuple[Sequence[memoryview], int]:
+    """The buffers and length of a merged group's one driver call."""
+    if len(group) == 1:
+        return group[0].iov, group[0].length
+    return [v for r in group for v in r.iov], sum(r.length for r in group)
+
+
 class Batch:
     """``with vbd.batch:`` around a transport's pass over its requests: what it starts
     the callback way is queued and goes to the drivers, merged, when the outermost batch
@@ -367,6 +374,7 @@ class VBD:
             self._inflight.update(group)
             self._idle.clear()
             self.stats.in_flight += len(group)
+            self.stats.merged += len(group) - 1
             req.group = group
             for other in group[1:]:
                 if other.done is None:
@@ -389,11 +397,7 @@ class VBD:
             start = self.driver.start_write
         else:
             return False
-        if len(group) > 1:
-            iov: Sequence[memoryview] = [v for r in group for v in r.iov]
-            length = sum(r.length for r in group)
-        else:
-            iov, length = first.iov, first.length
+        iov, length = _group_iov(group)
 
         def done(error: BaseException | None) -> None:
             self._driver_done(group, length, error)
@@ -406,27 +410,17 @@ class VBD:
             return False
         if started:
             first.running = True  # (no task: cancel leaves it to the kernel)
-            self.stats.merged += len(group) - 1
         return started
 
     def _driver_done(self, group: list[Request], length: int,
                      error: BaseException | None) -> None:
         """A group started at the driver the callback way completed: finish it, or retry
         it as the coroutine path would (in a task, after the retry interval)."""
-        if error is not None:
-            first = group[0]
-            code = errno_of(error)
-            if code in RETRYABLE and time.monotonic() - first.start < self.timeout:
-                self.stats.retries += 1
-                self._count_failed_attempt(first.op, length)
-                log.info("%s: %s of %d bytes at %d failed (%s), retrying", self.name,
-                         first.op.value, length, first.offset, error)
-                task = self.loop.create_task(self._run_group(group, self.retry_interval))
-                first.task = task
-                self._group_tasks.add(task)
-                return
-            if code in RETRYABLE:
-                self.stats.timeouts += 1
+        if error is not None and self._retrying(group[0], length, error):
+            task = self.loop.create_task(self._run_group(group, self.retry_interval))
+            group[0].task = task
+            self._group_tasks.add(task)
+            return
         self._finish(group, None, error)
 
     async def _run_group(self, group: list[Request], delay: float = 0.0) -> None:
@@ -441,7 +435,7 @@ class VBD:
             try:
                 if delay:
                     await asyncio.sleep(delay)
-                result, error = await self._execute(group, count_merged=not delay)
+                result, error = await self._execute(group)
             except asyncio.CancelledError:  # VBD.cancel: the driver let go of the buffers
                 self._withdraw(group)
                 return
@@ -545,17 +539,10 @@ class VBD:
         result, error = await self._execute(group)
         self._finish(group, result, error)
 
-    async def _execute(self, group: list[Request], *, count_merged: bool = True
-                       ) -> tuple[object, BaseException | None]:
+    async def _execute(self, group: list[Request]) -> tuple[object, BaseException | None]:
         """Run a (merged) request with retries; (result, error)."""
         first = group[0]
-        if len(group) > 1:
-            iov: Sequence[memoryview] = [v for r in group for v in r.iov]
-            length = sum(r.length for r in group)
-            if count_merged:
-                self.stats.merged += len(group) - 1
-        else:
-            iov, length = first.iov, first.length
+        iov, length = _group_iov(group)
         result: object = None
         error: BaseException | None = None
         while True:
@@ -563,18 +550,9 @@ class VBD:
                 result = await self._call(first, iov, length)
                 break
             except (OSError, BlktapError) as exc:
-                code = errno_of(exc)
-                if code in RETRYABLE and time.monotonic() - first.start < self.timeout:
-                    self.stats.retries += 1
-                    self._count_failed_attempt(first.op, length)
-                    log.info("%s: %s of %d bytes at %d failed (%s), retrying", self.name,
-                             first.op.value, length, first.offset, exc)
+                if self._retrying(first, length, exc):
                     await asyncio.sleep(self.retry_interval)
                     continue
-                if code in RETRYABLE:
-                    self.stats.timeouts += 1
-                if isinstance(exc, DriverError):  # a driver out of protocol: say it
-                    log.error("%s: %s failed: %s", self.name, first.op.value, exc)
                 error = exc
                 break
             except Exception as exc:  # a bug in a driver: fail the request, not the disk
@@ -582,6 +560,23 @@ class VBD:
                 error = BlktapError(f"{type(exc).__name__}: {exc}", errno.EIO)
                 break
         return result, error
+
+    def _retrying(self, first: Request, length: int, exc: BaseException) -> bool:
+        """Whether a failed attempt at a group (led by ``first``) is to be made again
+        after the retry interval (EAGAIN, EBUSY, EINTR within the timeout), counted as
+        such; else it fails, counted and, for a driver out of protocol, said."""
+        code = errno_of(exc)
+        if code in RETRYABLE:
+            if time.monotonic() - first.start < self.timeout:
+                self.stats.retries += 1
+                self._count_failed_attempt(first.op, length)
+                log.info("%s: %s of %d bytes at %d failed (%s), retrying", self.name,
+                         first.op.value, length, first.offset, exc)
+                return True
+            self.stats.timeouts += 1
+        if isinstance(exc, DriverError):
+            log.error("%s: %s failed: %s", self.name, first.op.value, exc)
+        return False
 
     def _count_failed_attempt(self, op: Op, length: int) -> None:
         """A read or write attempt that failed and will be retried counts in the top
