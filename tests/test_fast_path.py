@@ -74,6 +74,21 @@ KEY = bytes(range(64))  # AES-256-XTS, halves differ
 DEADLINE = 60.0  # seconds a condition may take to come true (never a timing assert)
 
 
+# ------------------------------------------------------------------------- turns
+def count_loop_turns(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A counter (``[n]``) of the main thread's event loop turns (its epoll waits), for
+    tests that count them instead of timing anything."""
+    turns = [0]
+    real = selectors.EpollSelector.select
+
+    def select(self: selectors.EpollSelector, timeout: float | None = None) -> list:
+        if threading.current_thread() is threading.main_thread():
+            turns[0] += 1
+        return real(self, timeout)
+    monkeypatch.setattr(selectors.EpollSelector, "select", select)
+    return turns
+
+
 # ------------------------------------------------------------------------- places
 def _in_memory(path: Path) -> bool:
     fd = os.open(path, os.O_RDONLY)
@@ -2405,14 +2420,7 @@ def test_a_request_on_the_slow_path_costs_four_turns_of_the_loop(
     img = shm / "turns.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
     sock = shm / "turns.sock"
-    turns = [0]
-    real = selectors.EpollSelector.select
-
-    def select(self: selectors.EpollSelector, timeout: float | None = None) -> list:
-        if threading.current_thread() is threading.main_thread():
-            turns[0] += 1
-        return real(self, timeout)
-    monkeypatch.setattr(selectors.EpollSelector, "select", select)
+    turns = count_loop_turns(monkeypatch)
     n = 60
 
     async def body(engine: ThreadEngine) -> None:
@@ -2456,14 +2464,7 @@ def test_a_direct_read_or_write_costs_two_turns_of_the_loop(
         if _in_memory(img):
             pytest.skip("no disk file system here")
         sock = folder / "direct.sock"
-        turns = [0]
-        real = selectors.EpollSelector.select
-
-        def select(self: selectors.EpollSelector, timeout: float | None = None) -> list:
-            if threading.current_thread() is threading.main_thread():
-                turns[0] += 1
-            return real(self, timeout)
-        monkeypatch.setattr(selectors.EpollSelector, "select", select)
+        turns = count_loop_turns(monkeypatch)
         n = 200
         expect = bytearray(img.read_bytes())
 

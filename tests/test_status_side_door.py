@@ -15,10 +15,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import struct
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -252,6 +254,23 @@ def nbd_map(uri: str, context: str = "base:allocation") -> list[dict]:
     return json.loads(r.stdout)
 
 
+@contextlib.contextmanager
+def qemu_nbd_map(image: Path, sock: Path) -> Iterator[list[dict]]:
+    """qemu-nbd serving ``image`` (qcow2, read-only) on ``sock`` while the block runs;
+    nbdinfo's map of it."""
+    qemu = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-k", str(sock), "-t",
+                             str(image)], stderr=subprocess.PIPE)
+    try:
+        deadline = DEADLINE
+        while not sock.exists() and deadline > 0:
+            subprocess.run(["sleep", "0.05"])
+            deadline -= 0.05
+        yield nbd_map(f"nbd+unix:///?socket={sock}")
+    finally:
+        qemu.terminate()
+        qemu.wait(timeout=30)
+
+
 def test_nbd_map_equals_qemu_nbds(tmp_path: Path) -> None:
     """nbdinfo --map (libnbd, many block status requests) sees the same map from us as
     from qemu-nbd on the same image."""
@@ -259,19 +278,9 @@ def test_nbd_map_equals_qemu_nbds(tmp_path: Path) -> None:
     need("qemu-nbd")
     top = qcow2_over_raw(tmp_path)
     qsock = tmp_path / "q.sock"
-    qemu = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-k", str(qsock), "-t",
-                             str(top)], stderr=subprocess.PIPE)
-    try:
-        deadline = DEADLINE
-        while not qsock.exists() and deadline > 0:
-            subprocess.run(["sleep", "0.05"])
-            deadline -= 0.05
-        theirs = nbd_map(f"nbd+unix:///?socket={qsock}")
+    with qemu_nbd_map(top, qsock) as theirs:
         with serve(f"qcow2:{top}", tmp_path, "--read-only") as srv:
             ours = nbd_map(srv.uri)
-    finally:
-        qemu.terminate()
-        qemu.wait(timeout=30)
 
     def flat(rows: list[dict]) -> list[tuple[int, int, int]]:
         return [(r["offset"], r["length"], r["type"]) for r in rows]
@@ -289,21 +298,11 @@ def test_a_disk_with_a_cbt_log_maps_and_reads_as_without(tmp_path: Path) -> None
     qsock = tmp_path / "q.sock"
     log = tmp_path / "top.cbtlog"
     subprocess.run([tool("cbt-util"), "create", "-n", str(log), "-s", "18"], check=True)
-    qemu = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-k", str(qsock), "-t",
-                             str(top)], stderr=subprocess.PIPE)
-    try:
-        deadline = DEADLINE
-        while not qsock.exists() and deadline > 0:
-            subprocess.run(["sleep", "0.05"])
-            deadline -= 0.05
-        theirs = nbd_map(f"nbd+unix:///?socket={qsock}")
+    with qemu_nbd_map(top, qsock) as theirs:
         with serve(f"qcow2:{top}", tmp_path, "--cbt-log", str(log)) as srv:
             ours = nbd_map(srv.uri)
             subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", srv.uri,
                             str(top)], check=True, capture_output=True, timeout=120)
-    finally:
-        qemu.terminate()
-        qemu.wait(timeout=30)
     assert [(r["offset"], r["length"], r["type"]) for r in ours] == \
         [(r["offset"], r["length"], r["type"]) for r in theirs]
 
