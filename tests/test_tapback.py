@@ -12,6 +12,7 @@ import os
 
 import pytest
 
+from blktap.control import message as cm
 from blktap.errors import BlktapError
 from blktap.tapback.daemon import Tapback
 from blktap.tapback.link import ControlLink, parse_target
@@ -219,6 +220,33 @@ def test_order_4_ring_with_a_tapdisk_that_takes_it(tmp_path):
     run(tmp_path, body)
 
 
+@pytest.mark.parametrize("tapdisk_maps,frontend,negotiated", [
+    (True, "1", True), (True, "0", False), (False, "1", False)],
+    ids=["both", "frontend-declines", "reference-tapdisk"])
+def test_persistent_grants_negotiated(tmp_path, tapdisk_maps, frontend, negotiated):
+    """tapback --persistent-grants offers feature-persistent only to a tapdisk whose
+    DISK_INFO_RSP says its ring maps grants (ours), and tells the tapdisk in CONNECT only
+    when the frontend said feature-persistent too."""
+    async def body(r: Rig):
+        if tapdisk_maps:
+            r.td.max_ring_order = 4
+            r.td.features = cm.FEATURE_PERSISTENT_GRANTS
+        await r.connect(1, extra={"feature-persistent": frontend})
+        assert r.key(1, "feature-persistent") == ("1" if tapdisk_maps else "0")
+        assert r.td.rings[(1, DEVID)].persistent_grants is negotiated
+    run(tmp_path, body, options=Options(persistent_grants=True))
+
+
+def test_persistent_grants_not_offered_unless_asked(tmp_path):
+    async def body(r: Rig):
+        r.td.max_ring_order = 4
+        r.td.features = cm.FEATURE_PERSISTENT_GRANTS
+        await r.connect(1)
+        assert r.key(1, "feature-persistent") == "0"
+        assert r.td.rings[(1, DEVID)].persistent_grants is False
+    run(tmp_path, body)
+
+
 def test_a_reference_tapdisk_lowers_the_offer_before_the_frontend_reads_it(tmp_path):
     """A tapdisk named before InitWait (as sm does: tap-ctl create, then the VBD plug)
     that says nothing of orders gets order 3 offered, the reference's."""
@@ -315,7 +343,8 @@ def test_options_change_what_is_offered(tmp_path):
         await r.until(lambda: r.state(1) == "2", "InitWait")
         assert r.key(1, "feature-barrier") == "0"
         assert r.key(1, "feature-flush-cache") == "0"
-        assert r.key(1, "feature-persistent") == "1"
+        # Asked for, but no tapdisk known yet that maps grants: not offered (yet).
+        assert r.key(1, "feature-persistent") == "0"
         assert r.key(1, "max-ring-page-order") is None
         assert r.key(1, "feature-max-indirect-segments") is None
         r.hotplug(1)

@@ -94,7 +94,8 @@ class Recorder(Driver):
 
 
 def serve(body, *, layout: Layout = X64, order: int = 0, read_only: bool = False,  # noqa: ANN001
-          driver=None, max_indirect: int = 256):  # noqa: ANN001
+          driver=None, max_indirect: int = 256, persistent: bool = False,  # noqa: ANN001
+          max_persistent: int | None = None):
     """Run ``body(guest, ring, vbd, driver)`` with a connected ring."""
     async def main(engine: ThreadEngine):  # noqa: ANN202
         drv = driver(engine) if driver else Recorder(engine)
@@ -102,7 +103,9 @@ def serve(body, *, layout: Layout = X64, order: int = 0, read_only: bool = False
         guest = Guest(layout, order)
         ring = connect(vbd, Devices(guest), domid=guest.domid, devid=51712,
                        grefs=guest.ring_grefs, order=order, proto=layout.proto, port=9,
-                       max_indirect=max_indirect)
+                       max_indirect=max_indirect, persistent=persistent)
+        if max_persistent is not None:
+            ring.max_persistent = max_persistent
         try:
             return await body(guest, ring, vbd, drv)
         finally:
@@ -516,6 +519,118 @@ def test_side_door_serves_a_file_in_memory(tmp_path: Path) -> None:
         path.unlink()
 
 
+# ---------------------------------------------------------------- persistent grants
+@pytest.mark.parametrize("layout", [X64, X32], ids=["x86_64", "x86_32"])
+def test_persistent_grants_serve_in_the_guests_own_pages(layout: Layout) -> None:
+    """feature-persistent on both ends: each grant is mapped the first time it is seen
+    and kept; the data goes between the disk and the guest's pages with no grant copy."""
+    async def body(guest: Guest, ring, vbd: VBD, drv: Recorder) -> None:
+        data = [pattern(1), pattern(2), pattern(3)]
+        src = [guest.grant(d) for d in data]
+        guest.put_rw(OP_WRITE, 1, 10, [(src[0], 2, 7), (src[1], 0, 7), (src[2], 0, 0)])
+        guest.push()
+        assert await guest.wait(1) == {1: (OP_WRITE, OKAY)}
+        assert bytes(drv.data[10 * 512:25 * 512]) == data[0][1024:] + data[1] + data[2][:512]
+        dst = [guest.grant(), guest.grant()]
+        guest.put_rw(OP_READ, 2, 11, [(dst[0], 1, 7), (dst[1], 0, 7)])
+        guest.push()
+        assert await guest.wait(1) == {2: (OP_READ, OKAY)}
+        assert bytes(guest.pages[dst[0]][512:]) == bytes(drv.data[11 * 512:18 * 512])
+        assert bytes(guest.pages[dst[1]]) == bytes(drv.data[18 * 512:26 * 512])
+        assert guest.map_calls == 2
+        # The frontend reuses its pool: the same grants again cost no mapping.
+        guest.pages[src[1]][:] = pattern(9)
+        guest.put_rw(OP_WRITE, 3, 0, [(src[1], 0, 7), (src[0], 0, 7)])
+        guest.put_rw(OP_READ, 4, 0, [(dst[1], 0, 7)])
+        guest.push()
+        assert await guest.wait(2) == {3: (OP_WRITE, OKAY), 4: (OP_READ, OKAY)}
+        assert bytes(drv.data[:PAGE]) == pattern(9)
+        assert guest.map_calls == 2 and guest.copies == 0
+        st = ring.stats
+        assert (st.mapped, st.grants_mapped, st.map_failures) == (4, 5, 0)
+        assert ring.stats_dict()["persistent_grants"] is True
+        await ring.stop()
+        assert guest.page_mappings and all(m.closed for m in guest.page_mappings)
+    serve(body, layout=layout, persistent=True)
+
+
+def test_persistent_grants_for_indirect_requests() -> None:
+    """The indirect pages are persistent grants too: mapped, read in place."""
+    async def body(guest: Guest, ring, vbd: VBD, drv: Recorder) -> None:
+        data = [pattern(i) for i in range(256)]
+        pages = [guest.grant(d) for d in data]
+        ind = guest.grant(b"".join(SEG.pack(g, 0, 7) for g in pages))
+        guest.put_indirect(OP_WRITE, 0xAA, 2048, 256, [ind])
+        guest.push()
+        assert await guest.wait(1) == {0xAA: (OP_WRITE, OKAY)}
+        assert bytes(drv.data[MiB:2 * MiB]) == b"".join(data)
+        assert ("write", MiB, MiB) in drv.calls
+        for g in pages:
+            guest.pages[g][:] = bytes(PAGE)
+        guest.put_indirect(OP_READ, 0xBB, 2048, 256, [ind])  # the same pool, read back
+        guest.push()
+        assert await guest.wait(1) == {0xBB: (OP_READ, OKAY)}
+        assert b"".join(bytes(guest.pages[g]) for g in pages) == b"".join(data)
+        assert guest.copies == 0 and guest.map_calls == 2  # the table, then its pages
+        assert ring.stats.grants_mapped == 257
+    serve(body, persistent=True)
+
+
+def test_persistent_grants_a_bad_grant_fails_its_request_only() -> None:
+    async def body(guest: Guest, ring, vbd: VBD, drv: Recorder) -> None:
+        good = guest.grant(b"g" * PAGE)
+        guest.put_rw(OP_WRITE, 1, 0, [(good, 0, 7), (424242, 0, 7)])
+        guest.push()
+        assert await guest.wait(1) == {1: (OP_WRITE, ERROR)}
+        assert ring.stats.map_failures == 2 and not ring.dead
+        guest.put_rw(OP_WRITE, 2, 0, [(good, 0, 7)])
+        guest.push()
+        assert await guest.wait(1) == {2: (OP_WRITE, OKAY)}
+        assert bytes(drv.data[:PAGE]) == b"g" * PAGE and ring.stats.mapped == 1
+    serve(body, persistent=True)
+
+
+def test_persistent_grants_past_the_limit_go_by_grant_copy() -> None:
+    async def body(guest: Guest, ring, vbd: VBD, drv: Recorder) -> None:
+        first = [guest.grant(pattern(i)) for i in range(3)]
+        guest.put_rw(OP_WRITE, 1, 0, [(g, 0, 7) for g in first])
+        guest.push()
+        assert await guest.wait(1) == {1: (OP_WRITE, OKAY)}
+        more = [guest.grant(pattern(10 + i)) for i in range(2)]  # 5 > 4: copied
+        guest.put_rw(OP_WRITE, 2, 24, [(g, 0, 7) for g in more])
+        guest.push()
+        assert await guest.wait(1) == {2: (OP_WRITE, OKAY)}
+        assert guest.copies == 1 and ring.stats.grants_mapped == 3
+        guest.put_rw(OP_READ, 3, 24, [(g, 0, 7) for g in first[:2]])  # mapped already
+        guest.push()
+        assert await guest.wait(1) == {3: (OP_READ, OKAY)}
+        assert guest.copies == 1 and ring.stats.mapped == 2
+        assert [bytes(guest.pages[g]) for g in first[:2]] == [pattern(10), pattern(11)]
+    serve(body, persistent=True, max_persistent=4)
+
+
+def test_persistent_grants_through_the_side_door(tmp_path: Path) -> None:
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+    path = shm / f"xen-ring-pg-{os.getpid()}.img"
+    path.write_bytes(bytes(MiB))
+    try:
+        async def body(guest: Guest, ring, vbd: VBD, drv) -> None:  # noqa: ANN001
+            g = guest.grant(b"p" * PAGE)
+            guest.put_rw(OP_WRITE, 1, 8, [(g, 0, 7)])
+            r = guest.grant()
+            guest.put_rw(OP_READ, 2, 8, [(r, 4, 7)])
+            guest.push()
+            assert await guest.wait(2) == {1: (OP_WRITE, OKAY), 2: (OP_READ, OKAY)}
+            assert bytes(guest.pages[r]) == bytes(2048) + b"p" * 2048
+            assert ring.stats.side_door == 2 and ring.stats.mapped == 2
+            assert guest.copies == 0
+
+        serve(body, persistent=True,
+              driver=lambda e: open_stack(e, f"aio:{path}", writable=True))
+    finally:
+        path.unlink()
+
+
 # ---------------------------------------------------------------- over the control socket
 CTL = struct.Struct("=HH4x")
 MSG = 544
@@ -645,6 +760,41 @@ async def connected_tapdisk(tmp_path: Path, spec: str) -> AsyncIterator[tuple]:
     finally:
         await td.shutdown()
         guest.close()
+
+
+def test_persistent_grants_over_the_control_socket(tmp_path: Path) -> None:
+    """DISK_INFO_RSP says the ring maps grants (our extension's feature word); a CONNECT
+    carrying the negotiated feature gets a ring serving from the guest's mapped pages."""
+    from blktap.daemon.tapdisk import Tapdisk
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(MiB))
+
+    async def main() -> None:
+        guest = Guest(X64)
+        td = Tapdisk(tmp_path / "run", threads=2, xen=Devices(guest))
+        ctl = td.start_control()
+        try:
+            await td.attach(0, hold=False)
+            params = PARAMS.pack(0, 0, 0, f"aio:{img}".encode(), 0, 0, b"")
+            assert (await ask(ctl, T_OPEN, 0, params))[0] == T_OPEN_RSP
+            kind, body = await ask(ctl, T_INFO, 0)
+            assert kind == T_INFO_RSP
+            assert struct.unpack_from("=4sII", body, IMAGE.size) == (b"BTX1", 4, 1)
+            ext = bytes(32) + struct.pack("=4sI", b"BTX1", 1)  # past the order-4 refs
+            assert (await ask(ctl, T_CONNECT, 0, blkif(guest) + ext))[0] == T_CONNECT_RSP
+            assert td.slots[0].blkif is not None and td.slots[0].blkif.persistent
+            g = guest.grant(b"c" * PAGE)
+            guest.put_rw(OP_WRITE, 1, 0, [(g, 0, 7)])
+            guest.push()
+            assert await guest.wait(1) == {1: (OP_WRITE, OKAY)}
+            assert guest.copies == 0 and guest.map_calls == 1
+        finally:
+            await td.shutdown()
+            guest.close()
+        assert img.read_bytes()[:PAGE] == b"c" * PAGE
+
+    asyncio.run(main())
 
 
 def test_live_snapshot_of_a_connected_vhd_onto_a_new_leaf(tmp_path: Path) -> None:

@@ -300,6 +300,7 @@ class FakeTapdisk:
         # What DISK_INFO_RSP says of ring orders: None as the reference tapdisk (nothing),
         # 4 as ours (the extension tag).
         self.max_ring_order: int | None = None
+        self.features = 0  # with max_ring_order: cm.FEATURE_* its ring implements
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(self.path)
         self._sock.listen(16)
@@ -338,7 +339,8 @@ class FakeTapdisk:
             if req.cookie not in self.disks:
                 return self._error(errno.ENODEV, req.cookie)
             return cm.Message(T.DISK_INFO_RSP, req.cookie,
-                              cm.Image(self.disks[req.cookie], 512, 0, self.max_ring_order))
+                              cm.Image(self.disks[req.cookie], 512, 0, self.max_ring_order,
+                                       self.features))
         if req.type is T.XENBLKIF_CONNECT:
             b = req.payload
             assert isinstance(b, cm.Blkif)

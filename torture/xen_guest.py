@@ -68,6 +68,22 @@ class Mapping:
         self.closed = True
 
 
+class PageMapping:
+    """Guest data pages mapped by the backend (persistent grants): while mapped, a page
+    is the backend's to read and write."""
+
+    def __init__(self, guest: Guest, grefs: list[int]) -> None:
+        self.grefs = grefs
+        self.pages = [memoryview(guest.pages[ref]) for ref in grefs]
+        self.closed = False
+
+    def close(self) -> None:
+        for page in self.pages:
+            page.release()
+        self.pages = []
+        self.closed = True
+
+
 class Guest:
     """A frontend: ring pages, data pages, an event channel, and its grant table."""
 
@@ -91,6 +107,8 @@ class Guest:
         self.mapping: Mapping | None = None
         self.notifier: Notifier | None = None
         self.copies = 0
+        self.map_calls = 0  # map_pages calls (persistent grants)
+        self.page_mappings: list[PageMapping] = []
 
     # ---- grants
     def grant(self, data: bytes = b"") -> int:
@@ -216,6 +234,17 @@ class Grants:
             raise OSError(errno.EINVAL, "not the ring's grants")
         g.mapping = Mapping(g.ring)
         return g.mapping
+
+    def map_pages(self, domid: int, grefs: Sequence[int]) -> PageMapping:
+        """Persistent grants: views of the guest's own pages (EINVAL for a grant it did
+        not give, as mmap of a bad grant fails on gntdev)."""
+        g = self.guest
+        g.map_calls += 1
+        if domid != g.domid or any(ref not in g.pages for ref in grefs):
+            raise OSError(errno.EINVAL, "bad grant reference")
+        mapping = PageMapping(g, list(grefs))
+        g.page_mappings.append(mapping)
+        return mapping
 
     def copy(self, domid: int, spans: Sequence[tuple[int, int, int]], local, offset: int,
              to_guest: bool) -> list[int]:

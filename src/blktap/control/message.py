@@ -38,6 +38,9 @@ REFERENCE_RING_ORDER = 3
 MAX_RING_PAGES = 16
 MAX_RING_ORDER = 4
 EXT_TAG = b"BTX1"
+# Our extension's feature bits: in DISK_INFO_RSP what the tapdisk's ring implements, in
+# XENBLKIF_CONNECT what tapback negotiated with the frontend (both after EXT_TAG).
+FEATURE_PERSISTENT_GRANTS = 1
 KEY_MIN, KEY_MAX = 1, 128  # key sizes tapdisk accepts (tap-ctl sends 32 or 64)
 MAX_STATS_TEXT = 16 << 20  # our bound on a STATS_RSP body (the reference has none)
 
@@ -56,7 +59,8 @@ STAT = struct.Struct("=HH4xQ")  # type, cookie, pad, size_t length -> 16
 # domid, devid, gref[8], order, proto, pool[256], port, poll_duration, poll_idle -> 316
 BLKIF = struct.Struct(f"=II{REFERENCE_RING_PAGES}III{STRING_LENGTH}sIII")
 BLKIF_MORE_GREFS = struct.Struct(f"={MAX_RING_PAGES - REFERENCE_RING_PAGES}I")  # at BLKIF.size
-IMAGE_EXT = struct.Struct("=4sI")  # EXT_TAG, the largest ring order taken; at IMAGE.size
+IMAGE_EXT = struct.Struct("=4sII")  # EXT_TAG, the largest ring order taken, features
+BLKIF_EXT = struct.Struct("=4sI")  # EXT_TAG, features negotiated; after BLKIF_MORE_GREFS
 RESUME = struct.Struct(f"=I{PATH_LENGTH}s{PATH_LENGTH}s")  # flags, new_params, secondary -> 516
 QUERY = struct.Struct(f"=QQ{STRING_LENGTH}s")  # current, total, status -> 272
 KEY_SIZE = struct.Struct("=B")  # the encryption trailer's length byte
@@ -69,7 +73,7 @@ for _s, _size in _C_SIZES.items():
 UNION_SIZE = -(-max(_C_SIZES.values()) // 8) * 8
 MESSAGE_SIZE = HEADER.size + UNION_SIZE
 assert (UNION_SIZE, MESSAGE_SIZE) == (536, 544)
-assert BLKIF.size + BLKIF_MORE_GREFS.size <= UNION_SIZE
+assert BLKIF.size + BLKIF_MORE_GREFS.size + BLKIF_EXT.size <= UNION_SIZE
 assert IMAGE.size + IMAGE_EXT.size <= UNION_SIZE
 
 
@@ -182,6 +186,7 @@ class Image:
     # Ours, in DISK_INFO_RSP only: the largest ring order XENBLKIF_CONNECT may carry. None
     # where the tapdisk does not say (the reference's: REFERENCE_RING_ORDER).
     max_ring_order: int | None = None
+    features: int = 0  # ours, with max_ring_order: FEATURE_* the tapdisk's ring implements
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,9 @@ class Blkif:
     port: int = 0
     poll_duration: int = 0
     poll_idle_threshold: int = 0
+    # Ours (after the order-4 grant references, with EXT_TAG): tapback and the frontend
+    # both said feature-persistent. The reference's tapback never sets it.
+    persistent_grants: bool = False
 
 
 @dataclass(frozen=True)
@@ -325,9 +333,10 @@ def _decode_payload(kind: type, u: memoryview, ctx: dict) -> Payload:
                       _cstr(secondary, "secondary", ctx))
     if kind is Image:
         sectors, sector_size, info = IMAGE.unpack_from(u)
-        tag, order = IMAGE_EXT.unpack_from(u, IMAGE.size)
-        return Image(sectors, sector_size, info,
-                     order if tag == EXT_TAG and order <= MAX_RING_ORDER else None)
+        tag, order, features = IMAGE_EXT.unpack_from(u, IMAGE.size)
+        if tag != EXT_TAG or order > MAX_RING_ORDER:
+            return Image(sectors, sector_size, info)
+        return Image(sectors, sector_size, info, order, features)
     if kind is Response:
         err, text = RESPONSE.unpack_from(u)
         if err < 0:
@@ -356,8 +365,10 @@ def _decode_payload(kind: type, u: memoryview, ctx: dict) -> Payload:
             # The tail is read only for an order the reference cannot send: its tapback
             # may leave anything there.
             gref += BLKIF_MORE_GREFS.unpack_from(u, BLKIF.size)
+        tag, features = BLKIF_EXT.unpack_from(u, BLKIF.size + BLKIF_MORE_GREFS.size)
+        persistent = tag == EXT_TAG and bool(features & FEATURE_PERSISTENT_GRANTS)
         return Blkif(domid, devid, gref, order, proto, _cstr(pool, "pool", ctx), port,
-                     duration, idle)
+                     duration, idle, persistent)
     if kind is Text:
         (text,) = STRING.unpack_from(u)
         return Text(_cstr(text, "text", ctx))
@@ -447,7 +458,7 @@ def _encode_payload(p: Payload, u: bytearray, off: int) -> None:
     elif isinstance(p, Image):
         IMAGE.pack_into(u, off, p.sectors, p.sector_size, p.info)
         if p.max_ring_order is not None:
-            IMAGE_EXT.pack_into(u, off + IMAGE.size, EXT_TAG, p.max_ring_order)
+            IMAGE_EXT.pack_into(u, off + IMAGE.size, EXT_TAG, p.max_ring_order, p.features)
     elif isinstance(p, Text):
         STRING.pack_into(u, off, _cbytes(p.text, STRING_LENGTH, "text"))
     elif isinstance(p, Response):
@@ -473,6 +484,9 @@ def _encode_payload(p: Payload, u: bytearray, off: int) -> None:
         grefs = tuple(p.gref) + (0,) * (MAX_RING_PAGES - len(p.gref))
         if p.order > REFERENCE_RING_ORDER:
             BLKIF_MORE_GREFS.pack_into(u, off + BLKIF.size, *grefs[REFERENCE_RING_PAGES:])
+        if p.persistent_grants:
+            BLKIF_EXT.pack_into(u, off + BLKIF.size + BLKIF_MORE_GREFS.size, EXT_TAG,
+                                FEATURE_PERSISTENT_GRANTS)
         BLKIF.pack_into(u, off, p.domid, p.devid, *grefs[:REFERENCE_RING_PAGES], p.order, p.proto,
                         _cbytes(p.pool, STRING_LENGTH, "pool"), p.port, p.poll_duration,
                         p.poll_idle_threshold)

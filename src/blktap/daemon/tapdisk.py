@@ -621,7 +621,8 @@ class Tapdisk:
             return m.Image(0, 0, 0)  # never opened: zeros, as the reference
         info = VDISK_READONLY if slot.vbd.read_only else 0
         # Our extension: tapback may offer the frontend an order-4 ring (16 grant refs).
-        return m.Image(slot.vbd.size // SECTOR, SECTOR, info, max_ring_order=m.MAX_RING_ORDER)
+        return m.Image(slot.vbd.size // SECTOR, SECTOR, info, max_ring_order=m.MAX_RING_ORDER,
+                       features=m.FEATURE_PERSISTENT_GRANTS)
 
     def _ring_of(self, domid: int, devid: int) -> Slot | None:
         for slot in self.slots.values():
@@ -648,6 +649,7 @@ class Tapdisk:
         try:
             ring = xen_connect(vbd, self.xen, domid=b.domid, devid=b.devid, grefs=b.gref,
                                order=b.order, proto=b.proto, port=b.port,
+                               persistent=b.persistent_grants,
                                name=f"minor {minor} (domain {b.domid} device {b.devid})")
         except ValueError as exc:
             raise BlktapError(f"blkif connect: {exc}", errno.EINVAL) from exc

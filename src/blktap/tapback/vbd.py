@@ -83,7 +83,8 @@ class Options:
     flush: bool = True
     discard: bool = True
     max_indirect_segments: int = 256
-    persistent_grants: bool = False  # only when the ring side implements them
+    # Offered only to a tapdisk whose DISK_INFO_RSP says its ring implements them (ours)
+    persistent_grants: bool = False
     require_hotplug: bool = True  # wait for hotplug-status=connected, as the reference
 
 
@@ -291,13 +292,18 @@ class Vbd:
         keys = {
             "feature-barrier": "1" if o.barrier else "0",
             "feature-flush-cache": "1" if o.flush else "0",
-            "feature-persistent": "1" if o.persistent_grants else "0",
+            "feature-persistent": "1" if self._persistent_offer() else "0",
         }
         if self._ring_order_offer() > 0:
             keys["max-ring-page-order"] = str(self._ring_order_offer())
         if o.max_indirect_segments > 0:
             keys["feature-max-indirect-segments"] = str(o.max_indirect_segments)
         return keys
+
+    def _persistent_offer(self) -> bool:
+        """Persistent grants are offered when asked for and the tapdisk maps grants."""
+        return (self.options.persistent_grants and self.disk is not None
+                and bool(self.disk.features & m.FEATURE_PERSISTENT_GRANTS))
 
     def _tapdisk_ring_order(self) -> int | None:
         """The largest ring order the located tapdisk takes; None while none is located."""
@@ -364,7 +370,7 @@ class Vbd:
         if await self._switch(XenbusState.INIT_WAIT, keys):
             self.phase = Phase.INIT_WAIT
 
-    async def _read_frontend(self) -> tuple[tuple[int, ...], int, int, int]:
+    async def _read_frontend(self) -> tuple[tuple[int, ...], int, int, int, bool]:
         """(grant refs, order, event channel, protocol) from the frontend directory."""
         assert self.frontend is not None
         fe = self.frontend
@@ -399,17 +405,15 @@ class Vbd:
             proto = PROTOCOLS[proto_text]
         else:
             raise FrontendError(f"frontend protocol {proto_text!r} is not one we speak")
-        persistent = await get("feature-persistent")
-        if persistent == "1" and not self.options.persistent_grants:
-            log.debug("%s: frontend offers persistent grants; not used", self.name)
-        return tuple(grefs), order, port, proto
+        persistent = await get("feature-persistent") == "1" and self._persistent_offer()
+        return tuple(grefs), order, port, proto, persistent
 
     async def _connect(self, snap: Snapshot) -> None:
         assert self.target is not None and self.disk is not None
         if self.frontend:
             self.device_type = await self.xs.read_or(f"{self.frontend}/device-type")
         try:
-            grefs, order, port, proto = await self._read_frontend()
+            grefs, order, port, proto, persistent = await self._read_frontend()
         except FrontendError as exc:
             self.last_error = str(exc)
             log.error("%s: %s", self.name, exc)
@@ -421,7 +425,8 @@ class Vbd:
             proto=proto,
             pool=snap.keys.get("pool", "")[:m.STRING_LENGTH - 1], port=port,
             poll_duration=_int_or_none(snap.keys.get("polling-duration")) or 0,
-            poll_idle_threshold=_int_or_none(snap.keys.get("polling-idle-threshold")) or 0)
+            poll_idle_threshold=_int_or_none(snap.keys.get("polling-idle-threshold")) or 0,
+            persistent_grants=persistent)
         try:
             fresh = await self.link.connect(self.target, blkif)
         except BlktapError as exc:
@@ -446,8 +451,9 @@ class Vbd:
             await self._gone()
             return
         self.phase = Phase.CONNECTED
-        log.info("%s: connected: order %d, event channel %d, %s", self.name, order, port,
-                 {PROTO_X86_32: "x86_32", PROTO_X86_64: "x86_64"}.get(proto, proto))
+        log.info("%s: connected: order %d, event channel %d, %s%s", self.name, order, port,
+                 {PROTO_X86_32: "x86_32", PROTO_X86_64: "x86_64"}.get(proto, proto),
+                 ", persistent grants" if persistent else "")
 
     async def _fail(self) -> None:
         """Give up on this frontend until it starts over: Closing tells the guest."""

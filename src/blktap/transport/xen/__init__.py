@@ -46,10 +46,11 @@ class HostDevices:
 
 def connect(vbd: VBD, devices: XenDevices, *, domid: int, devid: int, grefs: Sequence[int],
             order: int, proto: int, port: int, name: str = "",
-            max_indirect: int = MAX_INDIRECT_SEGMENTS) -> BlkifRing:
+            max_indirect: int = MAX_INDIRECT_SEGMENTS, persistent: bool = False) -> BlkifRing:
     """Map the frontend's ring (``1 << order`` of ``grefs``), bind its event channel and
-    start serving ``vbd`` on it. ValueError for a bad order or protocol; OSError from the
-    devices (a bad grant reference fails the mapping)."""
+    start serving ``vbd`` on it (``persistent``: both ends said feature-persistent, the
+    guest's data pages are mapped once and kept). ValueError for a bad order or protocol;
+    OSError from the devices (a bad grant reference fails the mapping)."""
     if not 0 <= order <= MAX_RING_ORDER or len(grefs) < 1 << order:
         raise ValueError(f"ring order {order} with {len(grefs)} grant references")
     abi = abi_for(proto)  # ValueError if unknown
@@ -59,7 +60,8 @@ def connect(vbd: VBD, devices: XenDevices, *, domid: int, devid: int, grefs: Seq
         mapping = grants.map(domid, list(grefs[: 1 << order]))
         notifier = devices.bind(domid, port)
         ring = BlkifRing(vbd, grants, notifier, mapping, abi, order, domid=domid,
-                         devid=devid, name=name, max_indirect=max_indirect)
+                         devid=devid, name=name, max_indirect=max_indirect,
+                         persistent=persistent)
     except BaseException:
         for thing in (notifier, mapping, grants):
             if thing is not None:

@@ -7,8 +7,12 @@
 Each request is copied out of the ring, validated, and served through the same VBD as
 NBD's: a write copies the guest's segments into the request's own buffer (one
 IOCTL_GNTDEV_GRANT_COPY for all of them) and then writes; a read reads into the buffer
-and then copies out to the guest's segments. What the VBD's side door can do at once
-(data in memory or the page cache) is answered without a task; other reads and writes go
+and then copies out to the guest's segments. With persistent grants (both ends said
+feature-persistent) the guest's pages are mapped the first time a request names them and
+kept until disconnect: reads and writes then go straight to them, with no copy and no
+buffer (up to MAX_PERSISTENT_GRANTS pages; past that, grant copy). What the VBD's side
+door can do at once (data in memory or the page cache) is answered without a task; other
+reads and writes go
 to the VBD the callback way (queued and kicked at the end of the pass over the ring,
 answered from their completion: no task per request either); barriers, flushes and
 discards get a task. Responses written during one turn of the event loop are published
@@ -36,7 +40,14 @@ from blktap.errors import BlktapError
 from blktap.tapdisk.vbd import VBD, VbdState
 from blktap.tapdisk.vbd import Request as VbdRequest
 from blktap.transport.xen.evtchn import Notifier
-from blktap.transport.xen.gntdev import Grants, GrantSpan, Mapping, PageBuffers, Slot
+from blktap.transport.xen.gntdev import (
+    Grants,
+    GrantSpan,
+    Mapping,
+    PageBuffers,
+    PageMapping,
+    Slot,
+)
 from blktap.transport.xen.ring import BackRing, RingCorrupt
 from blktap.transport.xen.structs import (
     DISCARD_SECURE,
@@ -58,6 +69,10 @@ log = logging.getLogger("blktap.tapdisk")
 
 # How often a disconnect looks again at a paused VBD whose held requests it must drop.
 _STOP_POLL = 0.05
+# Guest pages a ring keeps mapped with persistent grants (Linux blkback's default
+# max_persistent_grants): 4 MiB of the guest's memory, a 1 MiB request 257 of them. Past
+# it, requests naming other grants are served by grant copy.
+MAX_PERSISTENT_GRANTS = 1056
 # Warnings a ring logs about its requests before it goes quiet (a guest sending bad grants
 # at ring speed must not fill the log); the counters go on.
 WARNINGS_PER_RING = 20
@@ -88,6 +103,9 @@ class BlkifStats:
     errors: int = 0  # answered BLKIF_RSP_ERROR
     unsupported: int = 0  # answered BLKIF_RSP_EOPNOTSUPP
     side_door: int = 0  # served at once, without a task
+    mapped: int = 0  # requests served in the guest's own pages (persistent grants)
+    grants_mapped: int = 0  # grants kept mapped (persistent grants)
+    map_failures: int = 0  # grants that could not be mapped (the request went by copy)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -104,6 +122,9 @@ class Job:
     spans: list[GrantSpan] | None = None
     slot: Slot | None = None
     copied: bool = False  # the guest's data is in the buffer already (writes)
+    # The guest's own pages, mapped (persistent grants): the I/O goes straight to them,
+    # there is nothing to copy and no buffer.
+    iov: list[memoryview] | None = None
     started: VbdRequest | None = None  # the VBD's request, started the callback way
 
 
@@ -112,7 +133,9 @@ class BlkifRing:
 
     def __init__(self, vbd: VBD, grants: Grants, notifier: Notifier, mapping: Mapping,
                  abi: Abi, order: int, *, domid: int, devid: int,
-                 max_indirect: int = MAX_INDIRECT_SEGMENTS, name: str = "") -> None:
+                 max_indirect: int = MAX_INDIRECT_SEGMENTS, name: str = "",
+                 persistent: bool = False,
+                 max_persistent: int = MAX_PERSISTENT_GRANTS) -> None:
         self.vbd = vbd
         self.grants = grants
         self.notifier = notifier
@@ -129,6 +152,13 @@ class BlkifRing:
         # One bounce buffer per slot: at most ring-size requests are ever unanswered.
         per_request = max(MAX_SEGMENTS, self.max_indirect) * PAGE
         self.buffers = PageBuffers(self.ring.size, per_request)
+        # Persistent grants (both ends said feature-persistent): the frontend reuses a
+        # pool of granted pages and never revokes one we hold mapped, so a grant mapped
+        # once is kept until disconnect, as gref -> its page.
+        self.persistent = persistent
+        self.max_persistent = max_persistent
+        self._pages: dict[int, memoryview] = {}
+        self._page_maps: list[PageMapping] = []
         self._tasks: set[asyncio.Task] = set()
         self._started: set[Job] = set()  # at the VBD the callback way
         self._inflight = 0
@@ -152,9 +182,9 @@ class BlkifRing:
     def start(self) -> None:
         self.loop.add_reader(self.notifier.fileno(), self._on_event)
         self._reading = True
-        log.info("%s: connected (%s, %d-page ring of %d slots, up to %d segments)",
+        log.info("%s: connected (%s, %d-page ring of %d slots, up to %d segments%s)",
                  self.name, self.abi.name, 1 << self.order, self.ring.size,
-                 self.max_indirect)
+                 self.max_indirect, ", persistent grants" if self.persistent else "")
         self._service()  # requests queued before we listened
 
     async def stop(self) -> None:
@@ -189,8 +219,12 @@ class BlkifRing:
                 self._push()
             except (OSError, RingCorrupt) as exc:
                 log.warning("%s: last responses: %s", self.name, exc)
-        for what, close in (("ring", self.mapping.close), ("grant device", self.grants.close),
-                            ("event channel", self.notifier.close)):
+        self._pages.clear()
+        closes = [("guest pages", pages.close) for pages in self._page_maps]
+        self._page_maps.clear()
+        closes += [("ring", self.mapping.close), ("grant device", self.grants.close),
+                   ("event channel", self.notifier.close)]
+        for what, close in closes:
             try:
                 close()
             except (OSError, BufferError) as exc:
@@ -204,13 +238,15 @@ class BlkifRing:
                 f"{st.flushes} flushes, {st.barriers} barriers, {st.discards} discards, "
                 f"{st.indirect} indirect, {st.errors} errors, {st.unsupported} unsupported; "
                 f"largest {st.max_segments} segments; {st.events} events in, "
-                f"{st.notifies} out")
+                f"{st.notifies} out"
+                + (f"; {st.mapped} served in mapped pages, {st.grants_mapped} grants mapped"
+                   if self.persistent else ""))
 
     def stats_dict(self) -> dict:
         out: dict = {"domid": self.domid, "devid": self.devid, "protocol": self.abi.name,
                      "ring_pages": 1 << self.order, "ring_size": self.ring.size,
                      "requests": self.ring.requests, "responses": self.ring.responses,
-                     "in_flight": self._inflight}
+                     "in_flight": self._inflight, "persistent_grants": self.persistent}
         out.update(self.stats.as_dict())
         return out
 
@@ -370,7 +406,35 @@ class BlkifRing:
         if op != Op.READ:
             self._check_writable()
         self._count_rw(op, len(spans))
-        return Job(req, op, req.sector * SECTOR, total, spans)
+        job = Job(req, op, req.sector * SECTOR, total, spans)
+        if self.persistent:
+            pages = self._mapped([ref for ref, _, _ in spans])
+            if pages is not None:
+                self.stats.mapped += 1
+                job.iov = [page[off:off + n]
+                           for page, (_, off, n) in zip(pages, spans, strict=True)]
+        return job
+
+    def _mapped(self, grefs: list[int]) -> list[memoryview] | None:
+        """The guest pages of ``grefs`` (persistent grants), mapping those not mapped
+        yet; None when they cannot all be (more than ``max_persistent`` in all, or a
+        grant the device refuses): the request then goes by grant copy, which says which
+        grant is bad."""
+        pages = self._pages
+        missing = [ref for ref in dict.fromkeys(grefs) if ref not in pages]
+        if missing:
+            if len(pages) + len(missing) > self.max_persistent:
+                return None
+            try:
+                mapped = self.grants.map_pages(self.domid, missing)
+            except OSError as exc:
+                self.stats.map_failures += len(missing)
+                self._warn("mapping grants %s: %s; served by grant copy", missing[:4], exc)
+                return None
+            self._page_maps.append(mapped)
+            pages.update(zip(missing, mapped.pages, strict=True))
+            self.stats.grants_mapped += len(missing)
+        return [pages[ref] for ref in grefs]
 
     def _count_rw(self, op: int, nseg: int) -> None:
         st = self.stats
@@ -387,6 +451,11 @@ class BlkifRing:
         overwrites later), then treat the segments listed there as a READ/WRITE's."""
         nseg = req.nr_segments
         pages = -(-nseg // SEGMENTS_PER_INDIRECT_PAGE)
+        if self.persistent:  # the frontend's indirect pages are persistent grants too
+            mapped = self._mapped(list(req.indirect_grefs[:pages]))
+            if mapped is not None:  # parsed into a list once: the guest may change them
+                segments = parse_segments(b"".join(mapped), nseg)
+                return self._rw_job(req, req.indirect_op, segments)
         slot = self.buffers.get()
         try:
             try:
@@ -412,8 +481,20 @@ class BlkifRing:
             self.stats.errors += 1
 
     # ------------------------------------------------------------------ data
+    def _data(self, job: Job) -> list[memoryview]:
+        """Where a read or write's data is: the guest's mapped pages, or the request's
+        own buffer."""
+        if job.iov is not None:
+            return job.iov
+        if job.slot is None:
+            job.slot = self.buffers.get()
+        return [job.slot.view[:job.length]]
+
     def _copy(self, job: Job, to_guest: bool) -> bool:
-        """Move a request's data between the guest's segments and its buffer."""
+        """Move a request's data between the guest's segments and its buffer (nothing
+        to move when the I/O used the guest's mapped pages)."""
+        if job.iov is not None:
+            return True
         assert job.slot is not None and job.spans is not None
         try:
             status = self.grants.copy(self.domid, job.spans, job.slot, 0, to_guest)
@@ -429,17 +510,15 @@ class BlkifRing:
 
     def _serve_now(self, job: Job) -> bool:
         """The side door: a read or write the VBD can do at once, answered at once."""
-        if job.slot is None:
-            job.slot = self.buffers.get()
-        view = job.slot.view[:job.length]
+        iov = self._data(job)
         if job.op == Op.WRITE:
             if not self._copy(job, False):
                 self._done(job, Status.ERROR)
                 return True
             job.copied = True
-            if not self.vbd.write_now(job.offset, view):
+            if not self.vbd.writev_now(job.offset, iov, job.length):
                 return False
-        elif not self.vbd.read_now(job.offset, view):
+        elif not self.vbd.readv_now(job.offset, iov, job.length):
             return False
         elif not self._copy(job, True):
             self._done(job, Status.ERROR)
@@ -451,18 +530,16 @@ class BlkifRing:
     def _start(self, job: Job) -> bool:
         """A read or write (the side door could not serve it) to the VBD the callback
         way; False leaves it to a task (a VBD that refuses it at once: closed)."""
-        if job.slot is None:
-            job.slot = self.buffers.get()
+        iov = self._data(job)
         if job.op == Op.WRITE and not job.copied:
             if not self._copy(job, False):
                 self._ended()
                 self._done(job, Status.ERROR)
                 return True
             job.copied = True
-        view = job.slot.view[:job.length]
         start = self.vbd.start_read if job.op == Op.READ else self.vbd.start_write
         try:
-            job.started = start(job.offset, [view], job.length,
+            job.started = start(job.offset, iov, job.length,
                                 lambda error: self._started_done(job, error))
         except BlktapError:
             return False
@@ -526,17 +603,15 @@ class BlkifRing:
             await vbd.discard(job.offset, job.length)
             return Status.OKAY
         if job.length:
-            if job.slot is None:
-                job.slot = self.buffers.get()
-            view = job.slot.view[:job.length]
+            iov = self._data(job)
             if op == Op.READ:
-                await vbd.read(job.offset, view)
+                await vbd.readv(job.offset, iov, job.length)
                 return Status.OKAY if self._copy(job, True) else Status.ERROR
             if not job.copied:
                 if not self._copy(job, False):
                     return Status.ERROR
                 job.copied = True
-            await vbd.write(job.offset, view)
+            await vbd.writev(job.offset, iov, job.length)
         if op in (Op.WRITE_BARRIER, Op.FLUSH_DISKCACHE):
             await vbd.flush()
         return Status.OKAY

@@ -73,11 +73,22 @@ class Mapping(Protocol):
     def close(self) -> None: ...
 
 
+class PageMapping(Protocol):
+    """Guest pages mapped for keeps (persistent grants): one view per page."""
+
+    pages: list[memoryview]
+
+    def close(self) -> None: ...
+
+
 class Grants(Protocol):
     """What the ring logic needs from the grant device."""
 
     def map(self, domid: int, grefs: Sequence[int]) -> Mapping:
         """Map ``grefs`` (in order, contiguously), read-write."""
+
+    def map_pages(self, domid: int, grefs: Sequence[int]) -> PageMapping:
+        """Map ``grefs`` read-write, a view per page (in the order of ``grefs``)."""
 
     def copy(self, domid: int, spans: Sequence[GrantSpan], local: LocalBuffer, offset: int,
              to_guest: bool) -> list[int]:
@@ -104,6 +115,22 @@ class GntMapping:
         self._mem.close()
         self._mem = None
         self._dev.unmap(self.index, self.count)
+
+
+class GntPages:
+    """A :class:`GntMapping` seen page by page (``pages``); close releases the pages'
+    views, then unmaps."""
+
+    def __init__(self, mapping: GntMapping) -> None:
+        self._mapping = mapping
+        view = mapping.view
+        self.pages = [view[i * PAGE:(i + 1) * PAGE] for i in range(mapping.count)]
+
+    def close(self) -> None:
+        for page in self.pages:
+            page.release()
+        self.pages = []
+        self._mapping.close()
 
 
 class GntDev:
@@ -134,6 +161,9 @@ class GntDev:
             self.unmap(index, count)
             raise
         return GntMapping(self, index, count, mem)
+
+    def map_pages(self, domid: int, grefs: Sequence[int]) -> GntPages:
+        return GntPages(self.map(domid, grefs))
 
     def unmap(self, index: int, count: int) -> None:
         fcntl.ioctl(self.fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, _UNMAP.pack(index, count, 0))
@@ -199,5 +229,5 @@ class Slot:
         self.address = address
 
 
-__all__ = ["GNTDEV_PATH", "GntDev", "GntMapping", "GrantSpan", "Grants", "LocalBuffer",
-           "Mapping", "PageBuffers", "Slot"]
+__all__ = ["GNTDEV_PATH", "GntDev", "GntMapping", "GntPages", "GrantSpan", "Grants",
+           "LocalBuffer", "Mapping", "PageBuffers", "PageMapping", "Slot"]
