@@ -53,11 +53,17 @@ BEGIN = "<!-- bench/xen.py: begin (generated; edits here are overwritten) -->"
 END = "<!-- bench/xen.py: end -->"
 
 
-def markers(cache: str) -> tuple[str, str]:
-    """The report section's markers: the default (O_DIRECT) run's, or --cache buffered's."""
-    if cache == "direct":
+def variant(cache: str, persistent: bool) -> str:
+    """The run's options as they name its report section and results file: "" for the
+    default (O_DIRECT, grant copy), else e.g. "buffered", "persistent"."""
+    return " ".join(([] if cache == "direct" else [cache]) + (["persistent"] if persistent else []))
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The report section's markers: the default run's, or a variant's."""
+    if not name:
         return BEGIN, END
-    return BEGIN.replace("xen.py:", f"xen.py {cache}:"), END.replace("xen.py:", f"xen.py {cache}:")
+    return BEGIN.replace("xen.py:", f"xen.py {name}:"), END.replace("xen.py:", f"xen.py {name}:")
 KERNEL, OURS = "blkback", "ours"
 # blkbench MODE BS THREADS, in this order in each boot
 WORKLOADS = (("read", 1 << 20, 1), ("write", 1 << 20, 1), ("randread", 4096, 1),
@@ -132,16 +138,20 @@ def write_image(path: Path, mib: int, blkbench: bytes) -> tuple[int, int]:
     return offset, len(packed)
 
 
-def backend_cmd(cache: str = "direct") -> str:
+def backend_cmd(cache: str = "direct", persistent: bool = False) -> str:
     """Our back-end in dom0, as the Xen guest tests run it (tap-ctl create of aio:IMAGE
     before the guest, the block-userspace hotplug script naming it, tapback serving);
     with cache "buffered", tap-ctl create -D (no O_DIRECT: dom0's page cache, as kernel
-    blkback's loop device)."""
+    blkback's loop device); with persistent, tapback --persistent-grants."""
     from test_xen_guest import BACKEND_CMD
-    if cache == "direct":
-        return BACKEND_CMD
-    assert "tap-ctl create -a aio:" in BACKEND_CMD
-    return BACKEND_CMD.replace("tap-ctl create -a aio:", "tap-ctl create -D -a aio:")
+    cmd = BACKEND_CMD
+    if cache != "direct":
+        assert "tap-ctl create -a aio:" in cmd
+        cmd = cmd.replace("tap-ctl create -a aio:", "tap-ctl create -D -a aio:")
+    if persistent:
+        assert "blktap.cli.tapback -d" in cmd
+        cmd = cmd.replace("blktap.cli.tapback -d", "blktap.cli.tapback --persistent-grants -d")
+    return cmd
 
 
 def ratios(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -214,7 +224,8 @@ def markdown(data: dict[str, Any]) -> str:
     load = data["loadavg"]
     lines = [
         "## Xen path: our tapdisk + tapback against kernel blkback (bench/xen.py"
-        + ("" if s.get("cache", "direct") == "direct" else f" --cache {s['cache']}") + ")",
+        + ("" if s.get("cache", "direct") == "direct" else f" --cache {s['cache']}")
+        + (" --persistent-grants" if s.get("persistent_grants") else "") + ")",
         "",
         f"{data['date']}, source {data['source']}. Order {' '.join(s['order'])}; "
         f"blkbench {s['secs']} s per workload, O_DIRECT on /dev/xvda, in a busybox PV domU "
@@ -225,8 +236,10 @@ def markdown(data: dict[str, Any]) -> str:
         + ("(O_DIRECT)" if s.get("cache", "direct") == "direct"
            else "buffered (`tap-ctl create -D`: no O_DIRECT, dom0's page cache as the "
            "loop device)")
-        + " in a tapdisk driven "
-        "by our tapback. Ratio: ours over kernel blkback (IOPS) within a repetition; median "
+        + " in a tapdisk driven by our tapback"
+        + (" with persistent grants offered (`tapback --persistent-grants`: the guest's "
+           "pages mapped once and kept, no grant copy)" if s.get("persistent_grants") else "")
+        + ". Ratio: ours over kernel blkback (IOPS) within a repetition; median "
         "and min–max over the repetitions. TCG makes the absolute numbers meaningless.",
         "",
         f"Load average (1 min) on this 2-CPU host: {load['start']:.1f} at the start, "
@@ -292,7 +305,7 @@ def build_testbed(work: Path) -> None:
 
 
 def boot(work: Path, out: Path, kind: str, script: Path, image: Path, payload: Path,
-         qemu_cpu: str, cache: str = "direct") -> dict[str, Any]:
+         qemu_cpu: str, cache: str = "direct", persistent: bool = False) -> dict[str, Any]:
     cmd = [str(TESTBED / "run.sh"), "--out", str(out), "--guest-script", str(script),
            "--image", str(image), "--domu-timeout", "900", "--backend-wait", "120",
            "--timeout", str(RUN_TIMEOUT - 60)]
@@ -300,7 +313,7 @@ def boot(work: Path, out: Path, kind: str, script: Path, image: Path, payload: P
         cmd += ["--scenario", "blkback-kernel"]
     else:
         cmd += ["--scenario", "userspace-pv", "--payload", str(payload),
-                "--backend", backend_cmd(cache)]
+                "--backend", backend_cmd(cache, persistent)]
     env = dict(os.environ, XEN_TESTBED_DIR=str(work), QEMU_CPU=qemu_cpu)
     t0 = time.monotonic()
     try:
@@ -333,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="how our tapdisk opens the image: direct (O_DIRECT, the default, "
                     "what tap-ctl create does) or buffered (tap-ctl create -D: dom0's page "
                     "cache, as the rig's kernel blkback through its loop device)")
+    ap.add_argument("--persistent-grants", action="store_true",
+                    help="our tapback offers feature-persistent (blkfront then reuses "
+                    "granted pages, which our ring maps once instead of copying)")
     ap.add_argument("--keep", type=Path, help="keep the rig's run directories here")
     ap.add_argument("--testbed", type=Path, default=Path(os.environ.get(
         "XEN_TESTBED_DIR", "/var/tmp/xen-testbed")))
@@ -372,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = (args.keep or tmp) / f"rep{rep}-{kind}"
                 shutil.rmtree(out, ignore_errors=True)
                 run = boot(args.testbed, out, kind, script, image, payload, qemu_cpu,
-                           args.cache)
+                           args.cache, args.persistent_grants)
                 run["rep"] = rep
                 boots_load.append(os.getloadavg()[0])
                 runs.append(run)
@@ -387,18 +403,19 @@ def main(argv: list[str] | None = None) -> int:
         "source": git_source(),
         "settings": {"reps": args.reps, "secs": args.secs, "image_mib": args.image_mib,
                      "order": order, "qemu_cpu": qemu_cpu,
-                     "cache": args.cache},
+                     "cache": args.cache, "persistent_grants": args.persistent_grants},
         "loadavg": {"start": load_start, "boots": boots_load},
         "seconds": time.monotonic() - t_start,
         "runs": runs, "rows": rows, "goals": goals(rows),
     }
     (args.out / "results").mkdir(parents=True, exist_ok=True)
-    name = "xen.json" if args.cache == "direct" else f"xen-{args.cache}.json"
-    (args.out / "results" / name).write_text(json.dumps(data, indent=1) + "\n")
+    name = variant(args.cache, args.persistent_grants)
+    results = f"xen-{name.replace(' ', '-')}.json" if name else "xen.json"
+    (args.out / "results" / results).write_text(json.dumps(data, indent=1) + "\n")
     report = args.out / "REPORT.md"
     old = report.read_text() if report.exists() else ""
     section = markdown(data)
-    report.write_text(report_md.replace_section(old, section, *markers(args.cache)))
+    report.write_text(report_md.replace_section(old, section, *markers(name)))
     print(section)
     return 0 if all(r["ok"] for r in runs) else 1
 

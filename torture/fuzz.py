@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import errno
 import fcntl
 import logging
 import os
@@ -453,7 +454,9 @@ def qcow2_seeds() -> list[bytes]:
 class BlkifHarness:
     """One order-0 ring (x86_64 ABI) in ordinary memory and eight granted guest pages
     (grant references 8..15), a blkif ring over a memory disk. Each input is the ring page
-    then the granted pages; the ring is connected, kicked, drained and disconnected."""
+    then the granted pages; the ring is connected, kicked, drained and disconnected. The
+    last byte of the ring header's padding (63), which the backend never reads, chooses
+    persistent grants (odd: the guest's pages are mapped, not copied)."""
 
     PAGE = 4096
     GREFS = range(8, 16)
@@ -466,12 +469,25 @@ class BlkifHarness:
         def close(self) -> None:
             self.view.release()
 
+    class _Pages:
+        def __init__(self, pages: list[bytearray]) -> None:
+            self.pages = [memoryview(p) for p in pages]
+
+        def close(self) -> None:
+            for page in self.pages:
+                page.release()
+
     class _Grants:
         def __init__(self, harness: BlkifHarness) -> None:
             self.h = harness
 
         def map(self, domid: int, grefs) -> BlkifHarness._Mapping:  # noqa: ANN001
             return BlkifHarness._Mapping(self.h.ring)
+
+        def map_pages(self, domid: int, grefs) -> BlkifHarness._Pages:  # noqa: ANN001
+            if any(ref not in self.h.pages for ref in grefs):
+                raise OSError(errno.EINVAL, "bad grant reference")  # as gntdev's mmap
+            return BlkifHarness._Pages([self.h.pages[ref] for ref in grefs])
 
         def copy(self, domid: int, spans, local, offset: int,  # noqa: ANN001
                  to_guest: bool) -> list[int]:
@@ -545,7 +561,8 @@ class BlkifHarness:
     async def _play(self) -> None:
         notifier = self._Notifier()
         ring = BlkifRing(self.vbd, self._Grants(self), notifier, self._Mapping(self.ring),
-                         abi_for(3), 0, domid=self.DOMID, devid=51712, name="fuzzring")
+                         abi_for(3), 0, domid=self.DOMID, devid=51712, name="fuzzring",
+                         persistent=bool(self.ring[63] & 1))
         ring.start()
         os.write(notifier.w, b"!")
         # Until what was consumed is answered (a barrier holds the rest back meanwhile),
@@ -593,7 +610,9 @@ def blkif_seeds() -> list[bytes]:
         seg.pack_into(indirect, 8 * i, 13 + i, 0, 7)
     struct.pack_into("<IIII", ring, 0, 6, 1, 0, 1)  # req_prod 6, req_event 1
     pages = [indirect] + [bytearray(bytes([0x41 + i]) * page) for i in range(7)]
-    return [bytes(ring) + b"".join(pages), bytes(ring)]
+    persistent = bytearray(ring)
+    persistent[63] = 1  # the same requests with persistent grants
+    return [bytes(ring) + b"".join(pages), bytes(ring), bytes(persistent) + b"".join(pages)]
 
 
 TARGETS: dict[str, tuple[Callable[[bytes], None], Callable[[], list[bytes]]]] = {
