@@ -207,6 +207,22 @@ def xenstore(out: Path) -> dict[str, str]:
     return {k: keys[k] for k in XS_KEYS if k in keys}
 
 
+# The ring's summary in tapdisk's log when the guest's device goes (blkif.py's summary)
+RING_SUMMARY = re.compile(r"disconnected \((\d+) requests: .*process CPU ([\d.]+) s user, "
+                          r"([\d.]+) s system in ([\d.]+) s\)")
+
+
+def tapdisk_cpu(out: Path) -> dict[str, float] | None:
+    """What serving the ring cost our tapdisk (its log, back in OUT/out): requests, CPU
+    seconds (user, system) and wall seconds from connect to disconnect."""
+    for log in sorted((out / "out").glob("tapdisk.*.log")):
+        hit = RING_SUMMARY.search(log.read_text(errors="replace"))
+        if hit:
+            n, user, system, wall = (float(v) for v in hit.groups())
+            return {"requests": n, "user": user, "system": system, "wall": wall}
+    return None
+
+
 def parse_console(text: str) -> tuple[dict[str, dict[str, float]], str]:
     """blkbench's results and the guest's XBENCH queue line from the domU console."""
     m = re.search(r"XBENCH queue (.*)", text)
@@ -269,8 +285,15 @@ def markdown(data: dict[str, Any]) -> str:
     for r in data["runs"]:
         state = "ok" if r["ok"] else f"**failed** ({r['why']})"
         xs = ", ".join(f"{k}={v}" for k, v in r["xenstore"].items())
+        cpu = ""
+        if td := r.get("tapdisk"):
+            used = td["user"] + td["system"]
+            cpu = (f"; tapdisk: {td['requests']:,.0f} requests, CPU {td['user']:.1f} s user + "
+                   f"{td['system']:.1f} s system in {td['wall']:.0f} s "
+                   f"({100 * used / td['wall']:.0f}% of a CPU), "
+                   f"{1000 * used / max(1, td['requests']):.2f} ms per request")
         lines.append(f"- rep {r['rep']} {r['backend']}: {state}, {r['secs']:.0f} s; "
-                     f"{r['queue'] or 'no queue line'}; {xs or 'no XenStore picture'}")
+                     f"{r['queue'] or 'no queue line'}; {xs or 'no XenStore picture'}{cpu}")
     return "\n".join(lines) + "\n"
 
 
@@ -332,7 +355,8 @@ def boot(work: Path, out: Path, kind: str, script: Path, image: Path, payload: P
         last = [ln for ln in text.splitlines() if "XEN-TESTBED:" in ln][-1:]
         why = f"rc={rc}, {len(results)} results" + (f"; {last[0].strip()}" if last else "")
     return {"backend": kind, "ok": ok, "why": why, "secs": secs, "results": results,
-            "queue": queue, "xenstore": xenstore(out), "dir": str(out)}
+            "queue": queue, "xenstore": xenstore(out), "dir": str(out),
+            "tapdisk": tapdisk_cpu(out) if kind == OURS else None}
 
 
 def main(argv: list[str] | None = None) -> int:

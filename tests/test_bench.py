@@ -558,6 +558,41 @@ def test_xen_bench_ratios_goals_and_report() -> None:
     assert section in both and buffered in both and both.count(xen.BEGIN) == 1
     assert "tap-ctl create -D -a aio:$DISK_IMAGE" in xen.backend_cmd("buffered")
     assert " -D " not in xen.backend_cmd()
+    # --persistent-grants: tapback offers them; a section of its own, named by its variant
+    assert "tapback --persistent-grants -d" in xen.backend_cmd("direct", True)
+    assert "--persistent-grants" not in xen.backend_cmd()
+    assert xen.variant("direct", True) == "persistent"
+    assert xen.variant("buffered", True) == "buffered persistent"
+    data["settings"].update(cache="direct", persistent_grants=True)
+    persistent = xen.markdown(data)
+    assert "(bench/xen.py --persistent-grants)" in persistent
+    assert xen.markers("persistent") not in (xen.markers(""), xen.markers("buffered"))
+
+
+def test_xen_bench_reads_tapdisks_cpu_from_its_log(tmp_path: Path) -> None:
+    """The ring's summary at disconnect (blkif.py) gives the CPU tapdisk spent serving it:
+    the bench reports it per boot of ours."""
+    import xen
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tapdisk.258.log").write_text(
+        "x INFO minor 0 (domain 1 device 51712): connected (x86_64-abi, ...)\n"
+        "x INFO minor 0 (domain 1 device 51712): disconnected (245 requests: 198 reads, 42 "
+        "writes, 4 flushes, 0 barriers, 1 discards, 39 indirect, 0 errors, 0 unsupported; "
+        "largest 32 segments; 214 events in, 212 out; process CPU 3.20 s user, 1.70 s "
+        "system in 9.80 s)\n")
+    assert xen.tapdisk_cpu(tmp_path) == {"requests": 245, "user": 3.2, "system": 1.7,
+                                         "wall": 9.8}
+    assert xen.tapdisk_cpu(tmp_path / "nothing") is None
+    run = {"backend": xen.OURS, "rep": 0, "ok": True, "why": "", "secs": 60.0, "results": {},
+           "queue": "", "xenstore": {}, "dir": "d", "tapdisk": xen.tapdisk_cpu(tmp_path)}
+    data = {"date": "now", "source": "abc", "seconds": 60.0,
+            "settings": {"reps": 1, "secs": 5, "image_mib": 128, "qemu_cpu": "qemu64",
+                         "order": [xen.OURS]},
+            "loadavg": {"start": 1.0, "boots": [1.0]}, "runs": [run], "rows": [], "goals": []}
+    assert ("tapdisk: 245 requests, CPU 3.2 s user + 1.7 s system in 10 s (50% of a CPU), "
+            "20.00 ms per request") in xen.markdown(data)
 
 
 def test_xen_bench_guest_script_carries_blkbench(tmp_path: Path) -> None:

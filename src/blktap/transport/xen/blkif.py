@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 from collections import deque
 from dataclasses import dataclass, fields
 
@@ -177,9 +178,13 @@ class BlkifRing:
         self.stopped = False
         self._stop_task: asyncio.Task | None = None
         self._warnings = 0
+        self._since: tuple[os.times_result, float] | None = None
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
+        # The process's CPU time and the clock at connect, for the disconnect's summary:
+        # what serving the ring cost (with anything else the process did meanwhile).
+        self._since = (os.times(), self.loop.time())
         self.loop.add_reader(self.notifier.fileno(), self._on_event)
         self._reading = True
         log.info("%s: connected (%s, %d-page ring of %d slots, up to %d segments%s)",
@@ -230,17 +235,24 @@ class BlkifRing:
             except (OSError, BufferError) as exc:
                 log.warning("%s: releasing the %s: %s", self.name, what, exc)
         self.stopped = True
-        log.info("%s: disconnected (%s)", self.name, self.summary())
+        log.info("%s: disconnected (%s)", self.name, self.summary(cpu=True))
 
-    def summary(self) -> str:
+    def summary(self, *, cpu: bool = False) -> str:
+        """The counters in a line; with ``cpu``, the process's CPU seconds (user, system)
+        over the seconds since connect."""
         st = self.stats
+        used = ""
+        if cpu and self._since is not None:
+            (t0, w0), t1 = self._since, os.times()
+            used = (f"; process CPU {t1.user - t0.user:.2f} s user, "
+                    f"{t1.system - t0.system:.2f} s system in {self.loop.time() - w0:.2f} s")
         return (f"{self.ring.requests} requests: {st.reads} reads, {st.writes} writes, "
                 f"{st.flushes} flushes, {st.barriers} barriers, {st.discards} discards, "
                 f"{st.indirect} indirect, {st.errors} errors, {st.unsupported} unsupported; "
                 f"largest {st.max_segments} segments; {st.events} events in, "
                 f"{st.notifies} out"
                 + (f"; {st.mapped} served in mapped pages, {st.grants_mapped} grants mapped"
-                   if self.persistent else ""))
+                   if self.persistent else "") + used)
 
     def stats_dict(self) -> dict:
         out: dict = {"domid": self.domid, "devid": self.devid, "protocol": self.abi.name,
