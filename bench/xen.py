@@ -53,10 +53,11 @@ BEGIN = "<!-- bench/xen.py: begin (generated; edits here are overwritten) -->"
 END = "<!-- bench/xen.py: end -->"
 
 
-def variant(cache: str, persistent: bool) -> str:
+def variant(cache: str, grants: str) -> str:
     """The run's options as they name its report section and results file: "" for the
-    default (O_DIRECT, grant copy), else e.g. "buffered", "persistent"."""
-    return " ".join(([] if cache == "direct" else [cache]) + (["persistent"] if persistent else []))
+    default (O_DIRECT, persistent grants), else e.g. "buffered", "copy"."""
+    return " ".join(([] if cache == "direct" else [cache])
+                    + ([] if grants == "persistent" else [grants]))
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -138,19 +139,20 @@ def write_image(path: Path, mib: int, blkbench: bytes) -> tuple[int, int]:
     return offset, len(packed)
 
 
-def backend_cmd(cache: str = "direct", persistent: bool = False) -> str:
+def backend_cmd(cache: str = "direct", grants: str = "persistent") -> str:
     """Our back-end in dom0, as the Xen guest tests run it (tap-ctl create of aio:IMAGE
     before the guest, the block-userspace hotplug script naming it, tapback serving);
     with cache "buffered", tap-ctl create -D (no O_DIRECT: dom0's page cache, as kernel
-    blkback's loop device); with persistent, tapback --persistent-grants."""
+    blkback's loop device); with grants "copy", tapback --no-persistent-grants."""
     from test_xen_guest import BACKEND_CMD
     cmd = BACKEND_CMD
     if cache != "direct":
         assert "tap-ctl create -a aio:" in cmd
         cmd = cmd.replace("tap-ctl create -a aio:", "tap-ctl create -D -a aio:")
-    if persistent:
+    if grants == "copy":
         assert "blktap.cli.tapback -d" in cmd
-        cmd = cmd.replace("blktap.cli.tapback -d", "blktap.cli.tapback --persistent-grants -d")
+        cmd = cmd.replace("blktap.cli.tapback -d",
+                          "blktap.cli.tapback --no-persistent-grants -d")
     return cmd
 
 
@@ -229,6 +231,14 @@ def parse_console(text: str) -> tuple[dict[str, dict[str, float]], str]:
     return guest.parse(text), (m.group(1).strip() if m else "")
 
 
+def grants(settings: dict[str, Any]) -> str:
+    """How a run's ring reached the guest's data (runs before persistent grants existed,
+    or before they became tapback's default, copied)."""
+    if "grants" in settings:
+        return settings["grants"]
+    return "persistent" if settings.get("persistent_grants") else "copy"
+
+
 def markdown(data: dict[str, Any]) -> str:
     s = data["settings"]
 
@@ -241,7 +251,7 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [
         "## Xen path: our tapdisk + tapback against kernel blkback (bench/xen.py"
         + ("" if s.get("cache", "direct") == "direct" else f" --cache {s['cache']}")
-        + (" --persistent-grants" if s.get("persistent_grants") else "") + ")",
+        + (" --grants copy" if grants(s) == "copy" else "") + ")",
         "",
         f"{data['date']}, source {data['source']}. Order {' '.join(s['order'])}; "
         f"blkbench {s['secs']} s per workload, O_DIRECT on /dev/xvda, in a busybox PV domU "
@@ -253,8 +263,9 @@ def markdown(data: dict[str, Any]) -> str:
            else "buffered (`tap-ctl create -D`: no O_DIRECT, dom0's page cache as the "
            "loop device)")
         + " in a tapdisk driven by our tapback"
-        + (" with persistent grants offered (`tapback --persistent-grants`: the guest's "
-           "pages mapped once and kept, no grant copy)" if s.get("persistent_grants") else "")
+        + (", with a grant copy per request (`tapback --no-persistent-grants`)"
+           if grants(s) == "copy" else ", with persistent grants (tapback's default: the "
+           "guest's pages mapped once and kept, no grant copy)")
         + ". Ratio: ours over kernel blkback (IOPS) within a repetition; median "
         "and min–max over the repetitions. TCG makes the absolute numbers meaningless.",
         "",
@@ -328,7 +339,7 @@ def build_testbed(work: Path) -> None:
 
 
 def boot(work: Path, out: Path, kind: str, script: Path, image: Path, payload: Path,
-         qemu_cpu: str, cache: str = "direct", persistent: bool = False) -> dict[str, Any]:
+         qemu_cpu: str, cache: str = "direct", grants: str = "persistent") -> dict[str, Any]:
     cmd = [str(TESTBED / "run.sh"), "--out", str(out), "--guest-script", str(script),
            "--image", str(image), "--domu-timeout", "900", "--backend-wait", "120",
            "--timeout", str(RUN_TIMEOUT - 60)]
@@ -336,7 +347,7 @@ def boot(work: Path, out: Path, kind: str, script: Path, image: Path, payload: P
         cmd += ["--scenario", "blkback-kernel"]
     else:
         cmd += ["--scenario", "userspace-pv", "--payload", str(payload),
-                "--backend", backend_cmd(cache, persistent)]
+                "--backend", backend_cmd(cache, grants)]
     env = dict(os.environ, XEN_TESTBED_DIR=str(work), QEMU_CPU=qemu_cpu)
     t0 = time.monotonic()
     try:
@@ -370,9 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="how our tapdisk opens the image: direct (O_DIRECT, the default, "
                     "what tap-ctl create does) or buffered (tap-ctl create -D: dom0's page "
                     "cache, as the rig's kernel blkback through its loop device)")
-    ap.add_argument("--persistent-grants", action="store_true",
-                    help="our tapback offers feature-persistent (blkfront then reuses "
-                    "granted pages, which our ring maps once instead of copying)")
+    ap.add_argument("--grants", choices=("persistent", "copy"), default="persistent",
+                    help="how our ring reaches the guest's data: persistent (tapback's "
+                    "default: blkfront reuses granted pages, which the ring maps once) or "
+                    "copy (tapback --no-persistent-grants: a grant copy per request)")
     ap.add_argument("--keep", type=Path, help="keep the rig's run directories here")
     ap.add_argument("--testbed", type=Path, default=Path(os.environ.get(
         "XEN_TESTBED_DIR", "/var/tmp/xen-testbed")))
@@ -412,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = (args.keep or tmp) / f"rep{rep}-{kind}"
                 shutil.rmtree(out, ignore_errors=True)
                 run = boot(args.testbed, out, kind, script, image, payload, qemu_cpu,
-                           args.cache, args.persistent_grants)
+                           args.cache, args.grants)
                 run["rep"] = rep
                 boots_load.append(os.getloadavg()[0])
                 runs.append(run)
@@ -427,13 +439,13 @@ def main(argv: list[str] | None = None) -> int:
         "source": git_source(),
         "settings": {"reps": args.reps, "secs": args.secs, "image_mib": args.image_mib,
                      "order": order, "qemu_cpu": qemu_cpu,
-                     "cache": args.cache, "persistent_grants": args.persistent_grants},
+                     "cache": args.cache, "grants": args.grants},
         "loadavg": {"start": load_start, "boots": boots_load},
         "seconds": time.monotonic() - t_start,
         "runs": runs, "rows": rows, "goals": goals(rows),
     }
     (args.out / "results").mkdir(parents=True, exist_ok=True)
-    name = variant(args.cache, args.persistent_grants)
+    name = variant(args.cache, args.grants)
     results = f"xen-{name.replace(' ', '-')}.json" if name else "xen.json"
     (args.out / "results" / results).write_text(json.dumps(data, indent=1) + "\n")
     report = args.out / "REPORT.md"

@@ -558,15 +558,21 @@ def test_xen_bench_ratios_goals_and_report() -> None:
     assert section in both and buffered in both and both.count(xen.BEGIN) == 1
     assert "tap-ctl create -D -a aio:$DISK_IMAGE" in xen.backend_cmd("buffered")
     assert " -D " not in xen.backend_cmd()
-    # --persistent-grants: tapback offers them; a section of its own, named by its variant
-    assert "tapback --persistent-grants -d" in xen.backend_cmd("direct", True)
-    assert "--persistent-grants" not in xen.backend_cmd()
-    assert xen.variant("direct", True) == "persistent"
-    assert xen.variant("buffered", True) == "buffered persistent"
-    data["settings"].update(cache="direct", persistent_grants=True)
-    persistent = xen.markdown(data)
-    assert "(bench/xen.py --persistent-grants)" in persistent
-    assert xen.markers("persistent") not in (xen.markers(""), xen.markers("buffered"))
+    # --grants copy: tapback --no-persistent-grants, a section of its own named by its
+    # variant; persistent grants (tapback's default) are the default run's
+    assert "tapback --no-persistent-grants -d" in xen.backend_cmd("direct", "copy")
+    assert "persistent-grants" not in xen.backend_cmd()
+    assert xen.variant("direct", "persistent") == ""
+    assert xen.variant("direct", "copy") == "copy"
+    assert xen.variant("buffered", "copy") == "buffered copy"
+    assert "with persistent grants (tapback's default" in xen.markdown(
+        dict(data, settings=dict(data["settings"], cache="direct", grants="persistent")))
+    data["settings"].update(cache="direct", grants="copy")
+    copy = xen.markdown(data)
+    assert "(bench/xen.py --grants copy)" in copy and "--no-persistent-grants" in copy
+    assert xen.markers("copy") not in (xen.markers(""), xen.markers("buffered"))
+    # a run recorded before the option (no "grants" key) copied, unless it said otherwise
+    assert xen.grants({}) == "copy" and xen.grants({"persistent_grants": True}) == "persistent"
 
 
 def test_xen_bench_reads_tapdisks_cpu_from_its_log(tmp_path: Path) -> None:

@@ -224,7 +224,7 @@ def test_order_4_ring_with_a_tapdisk_that_takes_it(tmp_path):
     (True, "1", True), (True, "0", False), (False, "1", False)],
     ids=["both", "frontend-declines", "reference-tapdisk"])
 def test_persistent_grants_negotiated(tmp_path, tapdisk_maps, frontend, negotiated):
-    """tapback --persistent-grants offers feature-persistent only to a tapdisk whose
+    """tapback offers feature-persistent (by default) only to a tapdisk whose
     DISK_INFO_RSP says its ring maps grants (ours), and tells the tapdisk in CONNECT only
     when the frontend said feature-persistent too."""
     async def body(r: Rig):
@@ -234,17 +234,24 @@ def test_persistent_grants_negotiated(tmp_path, tapdisk_maps, frontend, negotiat
         await r.connect(1, extra={"feature-persistent": frontend})
         assert r.key(1, "feature-persistent") == ("1" if tapdisk_maps else "0")
         assert r.td.rings[(1, DEVID)].persistent_grants is negotiated
-    run(tmp_path, body, options=Options(persistent_grants=True))
+    run(tmp_path, body)
 
 
-def test_persistent_grants_not_offered_unless_asked(tmp_path):
+def test_no_persistent_grants(tmp_path):
+    """tapback --no-persistent-grants: grant copy, whatever the tapdisk and the frontend
+    can do."""
+    from blktap.cli.tapback import _options, build_parser
+    assert _options(build_parser().parse_args([])).persistent_grants is True
+    assert _options(build_parser().parse_args(["--persistent-grants"])).persistent_grants
+    assert not _options(build_parser().parse_args(["--no-persistent-grants"])).persistent_grants
+
     async def body(r: Rig):
         r.td.max_ring_order = 4
         r.td.features = cm.FEATURE_PERSISTENT_GRANTS
         await r.connect(1)
         assert r.key(1, "feature-persistent") == "0"
         assert r.td.rings[(1, DEVID)].persistent_grants is False
-    run(tmp_path, body)
+    run(tmp_path, body, options=Options(persistent_grants=False))
 
 
 def test_a_reference_tapdisk_lowers_the_offer_before_the_frontend_reads_it(tmp_path):

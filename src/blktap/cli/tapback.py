@@ -5,7 +5,7 @@ Accepts the reference's flags: ``-d/--debug`` (stay in the foreground, log to st
 ``-x/--domain DOMID`` (serve one domain only), ``-b/--nobarrier`` (do not offer
 ``feature-barrier``), ``-p/--pidfile PATH``. Ours in addition: what we offer guests
 (``--max-ring-page-order``, ``--max-indirect-segments``, ``--no-flush``, ``--no-discard``,
-``--persistent-grants``), ``--xenstore PATH`` (else ``$XENSTORED_PATH``, else the
+``--no-persistent-grants``), ``--xenstore PATH`` (else ``$XENSTORED_PATH``, else the
 xenstored socket, else /dev/xen/xenbus), ``--ready-file PATH`` (touched once XenStore is
 watched) and ``--no-hotplug-wait``.
 
@@ -60,8 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature-max-indirect-segments offered (0: none; default 256)")
     p.add_argument("--no-flush", action="store_true", help="do not offer feature-flush-cache")
     p.add_argument("--no-discard", action="store_true", help="do not offer feature-discard")
-    p.add_argument("--persistent-grants", action="store_true",
-                   help="offer feature-persistent (only if the tapdisk's ring implements it)")
+    grants = p.add_mutually_exclusive_group()
+    grants.add_argument("--no-persistent-grants", dest="persistent_grants",
+                        action="store_false", default=True,
+                        help="do not offer feature-persistent: the ring copies each "
+                             "request's data by grant copy (by default persistent grants "
+                             "are offered to a tapdisk whose ring maps them, as ours)")
+    grants.add_argument("--persistent-grants", dest="persistent_grants", action="store_true",
+                        help=argparse.SUPPRESS)  # the default; kept for older command lines
     p.add_argument("--no-hotplug-wait", action="store_true",
                    help="connect without waiting for hotplug-status=connected")
     p.add_argument("--ready-file", metavar="PATH",

@@ -1,7 +1,8 @@
 """One VBD served to a Xen guest over a blkif ring.
 
     frontend ──ring──► BlkifRing ──► VBD (queue, merge, retry, pause, stats) ──► drivers
-    (blkfront)  ◄─evtchn─   │ grant copy ▲
+    (blkfront)  ◄─evtchn─   │ the guest's pages, mapped (persistent grants), or by
+                            │ grant copy ▲
                             └─ bounce buffers (one per ring slot, page aligned)
 
 Each request is copied out of the ring, validated, and served through the same VBD as
