@@ -152,6 +152,7 @@ def main() -> int:
                      f"| {c_ours:.0f} | {c_theirs:.0f} | {c_ratio:.2f}x |")
     section = "\n".join(lines)
     print(section)
+    args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "REPORT.md"
     old = out.read_text() if out.exists() else ""
     begin, end = BEGIN.replace("rbd.py", f"rbd.py {args.cache}"), END.replace(

@@ -570,6 +570,68 @@ def test_vhd_leaf_over_an_rbd_snapshot(ceph_cluster, tmp_path: Path,
     assert {r["depth"] for r in rows} == {0, 1, None}, rows
 
 
+def test_reads_and_writes_the_callback_way(ceph_cluster) -> None:
+    """With librbd's C calls the VBD hands reads and writes to the driver the callback
+    way (issued at its kick, told from the eventfd's reaping, no task): several at once,
+    more than the in-flight bound (the rest by the coroutine path), one buffer and
+    several; what the driver cannot take so (read-only buffers, FUA, the bindings'
+    fallback) it refuses at once, and librbd's errors come back as the coroutine path
+    raises them."""
+    import asyncio
+
+    from blktap.tapdisk.drivers.rbd import RbdDriver
+    from blktap.tapdisk.vbd import VBD
+
+    name = new_image(ceph_cluster, 8 * MiB)
+
+    async def body(engine):
+        d = RbdDriver.open(engine, ceph_cluster.spec(name), writable=True, max_inflight=4)
+        assert d.c is not None, "librbd's C calls do not load through ctypes"
+        started = []
+        real = d._start
+
+        def counted(what, offset, iov, done):  # noqa: ANN001, ANN202
+            took = real(what, offset, iov, done)
+            started.append((what, took))
+            return took
+        d._start = counted
+        vbd = VBD(d)
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes = [loop.create_future() for _ in range(8)]
+            with vbd.batch:  # 8 writes 64 KiB apart: no merging, 4 places in librbd
+                for i, fut in enumerate(outcomes):
+                    vbd.start_write(i * 131072, [memoryview(bytearray([i + 1]) * 65536)],
+                                    65536, fut.set_result)
+            assert await asyncio.gather(*outcomes) == [None] * 8
+            assert started[:4] == [("write", True)] * 4
+            a, b = bytearray(512), bytearray(65536 - 512)
+            got = loop.create_future()
+            vbd.start_read(131072, [memoryview(a), memoryview(b)], 65536, got.set_result)
+            assert await got is None
+            assert a + b == bytes([2]) * 65536 and started[-1] == ("read", True)
+            # What the callback way leaves to the coroutine path, refused at once.
+            assert not d.start_write(0, [memoryview(b"x" * 512)], lambda e: None)
+            assert not d.start_write(0, [memoryview(bytearray(512))], lambda e: None,
+                                     fua=True)
+            # Past the end: librbd fails it, at once (then the coroutine path raises
+            # it) or at completion (told to done as the coroutine path would raise it).
+            failed = loop.create_future()
+            past = [memoryview(bytearray(1024))]
+            if d.start_read(8 * MiB - 512, past, failed.set_result):
+                error = await failed
+                assert isinstance(error, OSError) and error.errno and "read" in str(error)
+            else:
+                with pytest.raises(OSError, match="read"):
+                    await d.read(8 * MiB - 512, past)
+        finally:
+            await vbd.close()
+            await d.close()
+        assert d.inflight == 0
+
+    with_engine(body)
+
+
 def test_cancelled_request_is_waited_for_by_close(ceph_cluster) -> None:
     """A caller that gives up on a request librbd holds (the OSD frozen) does not take
     the buffer back from librbd: the request still counts as in flight, and close()

@@ -7,6 +7,11 @@ it); librbd completes it on one of its own threads, whose callback only hands th
 to the loop (``call_soon_threadsafe``): no thread per request. At most ``max_inflight``
 requests are in librbd at once; the others wait their turn.
 
+With librbd's C calls (``rbd_c``, the default where they load), completions signal an
+eventfd the loop watches, and reads and writes can also be started the callback way
+(:meth:`Driver.start_read` / :meth:`Driver.start_write`): issued at once from the VBD's
+kick, told in the turn that reaps the eventfd, with no task or future of their own.
+
 The Python bindings move bytes as ``bytes`` objects: a read arrives in one and is copied
 into the caller's buffers, a write is gathered into one. That one copy each way is the
 price of the bindings (librbd itself copies nothing more).
@@ -38,7 +43,7 @@ from typing import Any
 from blktap.image import rbd_c
 from blktap.image.rbd import RbdImage, data_runs_from
 from blktap.image.rbd_c import CImage
-from blktap.io.engine import Engine
+from blktap.io.engine import Completion, Engine
 from blktap.io.iov import copy_into, total
 from blktap.tapdisk.driver import (
     STATE_DATA,
@@ -58,6 +63,18 @@ ENV_IO = "BLKTAP_RBD_IO"
 STATUS_OBJECTS = 64
 # Errors the cluster gives for a request it may take later: retried by the VBD.
 TRANSIENT = {errno.ETIMEDOUT: errno.EAGAIN, errno.ESHUTDOWN: errno.EAGAIN}
+
+
+class _Started:
+    """A read or write started the callback way: what to tell, and whom."""
+
+    __slots__ = ("done", "length", "offset", "what")
+
+    def __init__(self, what: str, offset: int, length: int, done: Completion) -> None:
+        self.what = what
+        self.offset = offset
+        self.length = length
+        self.done = done
 
 
 class RbdDriver(Driver):
@@ -88,7 +105,9 @@ class RbdDriver(Driver):
         # librbd's C calls (rbd_c), when they load: requests by completion, completions
         # signalled on an eventfd the loop watches. The bindings' handle is closed.
         self.c: CImage | None = None
-        self._pending: dict[int, tuple[asyncio.Future, Any]] = {}  # by completion
+        # By completion: who waits (a future, or a callback-way request) and what
+        # librbd reads or fills (kept pinned until the completion).
+        self._pending: dict[int, tuple[asyncio.Future | _Started, Any]] = {}
         self._watching: asyncio.AbstractEventLoop | None = None
         if os.environ.get(ENV_IO, "c") != "bindings" and rbd_c.load() is not None:
             try:
@@ -195,10 +214,7 @@ class RbdDriver(Driver):
         else:
             await self._take()
         loop = asyncio.get_running_loop()
-        if self._watching is not loop:
-            assert self.c is not None
-            loop.add_reader(self.c.eventfd, self._c_events)
-            self._watching = loop
+        self._watch(loop)
         try:
             comp = issue(*args)
         except OSError as exc:  # refused before queueing
@@ -212,6 +228,12 @@ class RbdDriver(Driver):
             code = TRANSIENT.get(exc.errno, exc.errno)
             raise OSError(code, f"{self.path}: {what}: {exc.strerror}") from None
 
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._watching is not loop:
+            assert self.c is not None
+            loop.add_reader(self.c.eventfd, self._c_events)
+            self._watching = loop
+
     def _c_events(self) -> None:
         """The eventfd is readable: settle every request librbd has finished."""
         assert self.c is not None
@@ -220,14 +242,61 @@ class RbdDriver(Driver):
             entry = pending.pop(comp, None)
             if entry is None:
                 continue
-            fut = entry[0]
+            waiter = entry[0]
             self._give_back()
-            if fut.done():  # the caller gave up (cancelled): nothing to deliver
+            if isinstance(waiter, _Started):
+                waiter.done(self._outcome(waiter, ret))
+            elif waiter.done():  # the caller gave up (cancelled): nothing to deliver
                 continue
-            if ret < 0:
-                fut.set_exception(OSError(-ret, os.strerror(-ret)))
+            elif ret < 0:
+                waiter.set_exception(OSError(-ret, os.strerror(-ret)))
             else:
-                fut.set_result(ret)
+                waiter.set_result(ret)
+
+    def _outcome(self, started: _Started, ret: int) -> OSError | None:
+        """A callback-way request's error, as the coroutine path would raise it."""
+        if ret < 0:
+            code = TRANSIENT.get(-ret, -ret)
+            return OSError(code, f"{self.path}: {started.what}: {os.strerror(-ret)}")
+        if started.what == "read" and ret != started.length:
+            return OSError(errno.EIO, f"{self.path}: short read ({ret} of {started.length} "
+                           f"bytes at {started.offset})")
+        return None
+
+    def _start(self, what: str, offset: int, iov: Sequence[memoryview],
+               done: Completion) -> bool:
+        """Issue a read or write through the C calls now; False (nothing issued) where
+        the coroutine path must do it: the bindings' fallback, no free place in librbd
+        (the coroutine path waits its turn), read-only buffers, or librbd refusing it
+        (the coroutine path says why)."""
+        c = self.c
+        if c is None or self.inflight >= self.max_inflight or self._slot_waiters:
+            return False
+        if any(view.readonly for view in iov):  # (ctypes pins writable buffers only)
+            return False
+        loop = asyncio.get_running_loop()
+        self._watch(loop)
+        try:
+            if len(iov) == 1:
+                keep = CImage.pin(iov[0])
+                comp = (c.read if what == "read" else c.write)(offset, keep)
+            else:
+                vec, keep = CImage.iovec(iov)
+                comp = (c.readv if what == "read" else c.writev)(offset, vec)
+        except OSError:
+            return False
+        self.inflight += 1
+        self._pending[comp] = (_Started(what, offset, total(iov), done), keep)
+        return True
+
+    def start_read(self, offset: int, iov: Sequence[memoryview], done: Completion) -> bool:
+        return self._start("read", offset, iov, done)
+
+    def start_write(self, offset: int, iov: Sequence[memoryview], done: Completion, *,
+                    fua: bool = False) -> bool:
+        if not self.writable or fua:  # (FUA is a write then a flush: the coroutine path)
+            return False
+        return self._start("write", offset, iov, done)
 
     # ------------------------------------------------------------------ operations
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
