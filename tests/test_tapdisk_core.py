@@ -20,7 +20,14 @@ from blktap.image.vhd.create import create as create_vhd
 from blktap.image.vhd.create import snapshot as snapshot_vhd
 from blktap.io import BufferPool, ThreadEngine
 from blktap.io.iov import advance, slice_iov, total, zero_fill
-from blktap.tapdisk.driver import STATE_DATA, STATE_HOLE, STATE_ZERO, Caps, Driver
+from blktap.tapdisk.driver import (
+    STATE_DATA,
+    STATE_HOLE,
+    STATE_ZERO,
+    Caps,
+    Driver,
+    merge_extents,
+)
 from blktap.tapdisk.drivers import open_stack, parse
 from blktap.tapdisk.vbd import VBD
 from conftest import with_engine
@@ -705,6 +712,58 @@ def test_reads_skip_empty_layers_of_a_deep_chain(tmp_path: Path) -> None:
     # every layer's data); the empty layers none, skipped or not.
     assert hits == [0] * (30 - mid) + [8] + [0] * (mid - 1) + [128 + 8 + 8], hits
     assert sum(hits) == stats["secs"][0] == 152
+
+
+def test_status_skips_empty_layers_of_a_deep_chain(tmp_path: Path) -> None:
+    """status_now (asked by the NBD server before each read) jumps over the layers that
+    hold nothing of the range, as reads do: the same answer as walking every layer, with
+    only the layers that may hold some of it asked; a parent smaller than its child still
+    ends the data at its end."""
+    size = 8 * MiB
+    layers = [tmp_path / "l0.vhd"]
+    create_vhd(str(layers[0]), size)
+    with Chain.open(f"vhd:{layers[0]}", writable=True) as c:
+        c.pwrite(1 * MiB, b"b" * (256 * 1024))
+    for i in range(1, 31):
+        layers.append(tmp_path / f"l{i}.vhd")
+        snapshot_vhd(str(layers[i]), str(layers[i - 1]), skip_empty=False)
+    mid = 15
+    with Chain.open(f"vhd:{layers[mid]}", writable=True) as c:
+        c.pwrite(5 * MiB, b"M" * 4096)
+
+    from blktap.tapdisk.drivers.vhd import VhdDriver
+    asked: list[str] = []
+    real = VhdDriver.status_now
+
+    def counting(self: VhdDriver, offset: int, length: int):  # noqa: ANN202
+        asked.append(self.path)
+        return real(self, offset, length)
+
+    async def body(engine: ThreadEngine) -> None:
+        vbd = await open_vbd(engine, f"vhd:{layers[-1]}", read_only=True)
+        leaf = vbd.driver
+        assert isinstance(leaf, VhdDriver)
+        want = {(1 * MiB, 65536): [(65536, STATE_DATA)],
+                (5 * MiB, 8192): [(4096, STATE_DATA), (4096, STATE_HOLE | STATE_ZERO)],
+                (6 * MiB, 4096): [(4096, STATE_HOLE | STATE_ZERO)]}
+        for off, n in want:  # the bitmaps of the blocks held come into memory
+            await vbd.read(off, view(bytes(n)))
+        VhdDriver.status_now = counting  # type: ignore[method-assign]
+        try:
+            for (off, n), extents in want.items():
+                asked.clear()
+                got = leaf.status_now(off, n)
+                assert merge_extents(got) == extents, (off, got)
+                # The leaf, then the layer that holds the block (the part it does not
+                # hold is asked of its parent, which skips in turn); a block nobody
+                # holds is answered by the leaf alone.
+                holders = {1 * MiB: [layers[0]], 5 * MiB: [layers[mid], layers[mid - 1]],
+                           6 * MiB: []}[off]
+                assert asked == [str(layers[-1])] + [str(h) for h in holders], (off, asked)
+        finally:
+            VhdDriver.status_now = real  # type: ignore[method-assign]
+        await vbd.close()
+    run(body)
 
 
 def test_skip_stops_at_a_smaller_parent(tmp_path: Path) -> None:

@@ -600,7 +600,13 @@ class VhdDriver(Driver):
                     self.image.block_full(blk):
                 return [(length, STATE_DATA)]
         if count and self._holds_none(sector, count):
-            return self.forward_status_now(offset, length)
+            # As reads do: straight to the first layer below that may hold some of it
+            # (the NBD server asks this before every read: through 29 empty layers it
+            # cost more than the read itself).
+            depth = self._skippable(sector, count)
+            if not depth:
+                return self.forward_status_now(offset, length)
+            return self._below[depth - 1].forward_status_now(offset, length)
         runs = self._runs_now(sector, count)
         if runs is None:
             return None
