@@ -13,10 +13,9 @@ feature-persistent) the guest's pages are mapped the first time a request names 
 kept until disconnect: reads and writes then go straight to them, with no copy and no
 buffer (up to MAX_PERSISTENT_GRANTS pages; past that, grant copy). What the VBD's side
 door can do at once (data in memory or the page cache) is answered without a task; other
-reads and writes go
-to the VBD the callback way (queued and kicked at the end of the pass over the ring,
-answered from their completion: no task per request either); barriers, flushes and
-discards get a task. Responses written during one turn of the event loop are published
+reads and writes go to the VBD the callback way (queued and kicked at the end of the pass
+over the ring, answered from their completion: no task per request either); barriers,
+flushes and discards get a task. Responses written during one turn of the event loop are published
 together, with at most one notification.
 
 Operations: READ, WRITE; WRITE_BARRIER (consumption stops at it; it runs once everything
