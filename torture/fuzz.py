@@ -638,8 +638,9 @@ def main(argv: list[str]) -> int:
         corpus = Path(_work) / f"corpus-{name}"
         corpus.mkdir()
         dirs = [str(corpus)]
-    for i, seed in enumerate(seeds()):
-        (Path(dirs[0]) / f"seed-{i}").write_bytes(seed)
+    if Path(dirs[0]).is_dir():  # (a file is an input to replay, as libFuzzer takes it)
+        for i, seed in enumerate(seeds()):
+            (Path(dirs[0]) / f"seed-{i}").write_bytes(seed)
     atheris.Setup([argv[0], *flags, *dirs], target)
     atheris.Fuzz()
     return 0
