@@ -420,33 +420,37 @@ class BlkifRing:
         self._count_rw(op, len(spans))
         job = Job(req, op, req.sector * SECTOR, total, spans)
         if self.persistent:
-            pages = self._mapped([ref for ref, _, _ in spans])
-            if pages is not None:
+            pages = self._pages
+            # Every grant mapped already (the frontend reuses its pool): one pass.
+            try:
+                job.iov = [pages[ref][off:off + n] for ref, off, n in spans]
+            except KeyError:
+                if self._map([ref for ref, _, _ in spans]):
+                    job.iov = [pages[ref][off:off + n] for ref, off, n in spans]
+            if job.iov is not None:
                 self.stats.mapped += 1
-                job.iov = [page[off:off + n]
-                           for page, (_, off, n) in zip(pages, spans, strict=True)]
         return job
 
-    def _mapped(self, grefs: list[int]) -> list[memoryview] | None:
-        """The guest pages of ``grefs`` (persistent grants), mapping those not mapped
-        yet; None when they cannot all be (more than ``max_persistent`` in all, or a
-        grant the device refuses): the request then goes by grant copy, which says which
-        grant is bad."""
+    def _map(self, grefs: list[int]) -> bool:
+        """Map those of ``grefs`` not mapped yet (persistent grants); False when they
+        cannot all be (more than ``max_persistent`` in all, or a grant the device
+        refuses): the request then goes by grant copy, which says which grant is bad."""
         pages = self._pages
         missing = [ref for ref in dict.fromkeys(grefs) if ref not in pages]
-        if missing:
-            if len(pages) + len(missing) > self.max_persistent:
-                return None
-            try:
-                mapped = self.grants.map_pages(self.domid, missing)
-            except OSError as exc:
-                self.stats.map_failures += len(missing)
-                self._warn("mapping grants %s: %s; served by grant copy", missing[:4], exc)
-                return None
-            self._page_maps.append(mapped)
-            pages.update(zip(missing, mapped.pages, strict=True))
-            self.stats.grants_mapped += len(missing)
-        return [pages[ref] for ref in grefs]
+        if not missing:
+            return True
+        if len(pages) + len(missing) > self.max_persistent:
+            return False
+        try:
+            mapped = self.grants.map_pages(self.domid, missing)
+        except OSError as exc:
+            self.stats.map_failures += len(missing)
+            self._warn("mapping grants %s: %s; served by grant copy", missing[:4], exc)
+            return False
+        self._page_maps.append(mapped)
+        pages.update(zip(missing, mapped.pages, strict=True))
+        self.stats.grants_mapped += len(missing)
+        return True
 
     def _count_rw(self, op: int, nseg: int) -> None:
         st = self.stats
@@ -463,16 +467,16 @@ class BlkifRing:
         overwrites later), then treat the segments listed there as a READ/WRITE's."""
         nseg = req.nr_segments
         pages = -(-nseg // SEGMENTS_PER_INDIRECT_PAGE)
-        if self.persistent:  # the frontend's indirect pages are persistent grants too
-            mapped = self._mapped(list(req.indirect_grefs[:pages]))
-            if mapped is not None:  # parsed into a list once: the guest may change them
-                segments = parse_segments(b"".join(mapped), nseg)
-                return self._rw_job(req, req.indirect_op, segments)
+        grefs = req.indirect_grefs[:pages]
+        if self.persistent and self._map(list(grefs)):
+            # The frontend's indirect pages are persistent grants too: parsed from the
+            # mapped pages into a list once (the guest may change them afterwards).
+            segments = parse_segments(b"".join(self._pages[ref] for ref in grefs), nseg)
+            return self._rw_job(req, req.indirect_op, segments)
         slot = self.buffers.get()
         try:
             try:
-                status = self.grants.copy(self.domid, [(g, 0, PAGE) for g in
-                                                       req.indirect_grefs[:pages]],
+                status = self.grants.copy(self.domid, [(g, 0, PAGE) for g in grefs],
                                           slot, 0, False)
             except OSError as exc:
                 raise BadRequest(f"indirect page: grant copy: {exc}") from None
