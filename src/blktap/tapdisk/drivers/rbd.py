@@ -65,8 +65,9 @@ STATUS_OBJECTS = 64
 TRANSIENT = {errno.ETIMEDOUT: errno.EAGAIN, errno.ESHUTDOWN: errno.EAGAIN}
 
 
-class _Started:
-    """A read or write started the callback way: what to tell, and whom."""
+class _Issued:
+    """A request librbd holds (C calls): what it is, for its error, and whom to tell
+    (a callback-way request's ``done``, or the settling of a coroutine's future)."""
 
     __slots__ = ("done", "length", "offset", "what")
 
@@ -75,6 +76,15 @@ class _Started:
         self.offset = offset
         self.length = length
         self.done = done
+
+
+def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
+    if fut.done():  # the caller gave up (cancelled): nothing to deliver
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
 
 
 class RbdDriver(Driver):
@@ -105,9 +115,9 @@ class RbdDriver(Driver):
         # librbd's C calls (rbd_c), when they load: requests by completion, completions
         # signalled on an eventfd the loop watches. The bindings' handle is closed.
         self.c: CImage | None = None
-        # By completion: who waits (a future, or a callback-way request) and what
-        # librbd reads or fills (kept pinned until the completion).
-        self._pending: dict[int, tuple[asyncio.Future | _Started, Any]] = {}
+        # By completion: the request, and what librbd reads or fills (kept pinned
+        # until the completion, even for a caller that gave up waiting).
+        self._pending: dict[int, tuple[_Issued, Any]] = {}
         self._watching: asyncio.AbstractEventLoop | None = None
         if os.environ.get(ENV_IO, "c") != "bindings" and rbd_c.load() is not None:
             try:
@@ -203,12 +213,10 @@ class RbdDriver(Driver):
                 fut.set_result(data)
 
     # ------------------------------------------------------------------ the C path
-    async def _c_call(self, what: str, issue: Callable[..., int], *args: Any,
-                      keep: Any = None) -> int:
-        """Issue one request through librbd's C calls (``issue(*args)`` returns its
-        completion) and wait for its return value (:meth:`_c_events` settles it).
-        ``keep`` holds what librbd reads or fills (pinned buffers) until the request
-        is over, even for a caller that gave up waiting."""
+    async def _c_call(self, what: str, issue: Callable[[], tuple[int, Any]],
+                      offset: int = 0, length: int = 0) -> None:
+        """Issue one request through librbd's C calls (``issue()`` returns its completion
+        and what to keep pinned) and wait for it (:meth:`_c_events` settles it)."""
         if self.inflight < self.max_inflight and not self._slot_waiters:
             self.inflight += 1
         else:
@@ -216,17 +224,24 @@ class RbdDriver(Driver):
         loop = asyncio.get_running_loop()
         self._watch(loop)
         try:
-            comp = issue(*args)
+            comp, keep = issue()
         except OSError as exc:  # refused before queueing
             self._give_back()
             raise OSError(exc.errno, f"{self.path}: {what}: {exc.strerror}") from None
         fut = loop.create_future()
-        self._pending[comp] = (fut, keep)
-        try:
-            return await fut
-        except OSError as exc:
-            code = TRANSIENT.get(exc.errno, exc.errno)
-            raise OSError(code, f"{self.path}: {what}: {exc.strerror}") from None
+        self._pending[comp] = (_Issued(what, offset, length, partial(_settle, fut)), keep)
+        await fut
+
+    def _submit(self, what: str, offset: int, iov: Sequence[memoryview]) -> tuple[int, Any]:
+        """Issue a read or write of ``iov`` (writable buffers) at ``offset``: its
+        completion and what keeps the buffers pinned. OSError if librbd refuses it."""
+        c = self.c
+        assert c is not None
+        if len(iov) == 1:
+            keep = CImage.pin(iov[0])
+            return (c.read if what == "read" else c.write)(offset, keep), keep
+        vec, keep = CImage.iovec(iov)
+        return (c.readv if what == "read" else c.writev)(offset, vec), keep
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._watching is not loop:
@@ -242,25 +257,19 @@ class RbdDriver(Driver):
             entry = pending.pop(comp, None)
             if entry is None:
                 continue
-            waiter = entry[0]
             self._give_back()
-            if isinstance(waiter, _Started):
-                waiter.done(self._outcome(waiter, ret))
-            elif waiter.done():  # the caller gave up (cancelled): nothing to deliver
-                continue
-            elif ret < 0:
-                waiter.set_exception(OSError(-ret, os.strerror(-ret)))
-            else:
-                waiter.set_result(ret)
+            req = entry[0]
+            req.done(self._error(req, ret))
 
-    def _outcome(self, started: _Started, ret: int) -> OSError | None:
-        """A callback-way request's error, as the coroutine path would raise it."""
+    def _error(self, req: _Issued, ret: int) -> OSError | None:
+        """What a finished request failed with: librbd's error (those the cluster may get
+        over as EAGAIN, for the VBD to retry), or a short read."""
         if ret < 0:
             code = TRANSIENT.get(-ret, -ret)
-            return OSError(code, f"{self.path}: {started.what}: {os.strerror(-ret)}")
-        if started.what == "read" and ret != started.length:
-            return OSError(errno.EIO, f"{self.path}: short read ({ret} of {started.length} "
-                           f"bytes at {started.offset})")
+            return OSError(code, f"{self.path}: {req.what}: {os.strerror(-ret)}")
+        if req.what == "read" and ret != req.length:
+            return OSError(errno.EIO, f"{self.path}: short read ({ret} of {req.length} "
+                           f"bytes at {req.offset})")
         return None
 
     def _start(self, what: str, offset: int, iov: Sequence[memoryview],
@@ -269,24 +278,17 @@ class RbdDriver(Driver):
         the coroutine path must do it: the bindings' fallback, no free place in librbd
         (the coroutine path waits its turn), read-only buffers, or librbd refusing it
         (the coroutine path says why)."""
-        c = self.c
-        if c is None or self.inflight >= self.max_inflight or self._slot_waiters:
+        if self.c is None or self.inflight >= self.max_inflight or self._slot_waiters:
             return False
         if any(view.readonly for view in iov):  # (ctypes pins writable buffers only)
             return False
-        loop = asyncio.get_running_loop()
-        self._watch(loop)
+        self._watch(asyncio.get_running_loop())
         try:
-            if len(iov) == 1:
-                keep = CImage.pin(iov[0])
-                comp = (c.read if what == "read" else c.write)(offset, keep)
-            else:
-                vec, keep = CImage.iovec(iov)
-                comp = (c.readv if what == "read" else c.writev)(offset, vec)
+            comp, keep = self._submit(what, offset, iov)
         except OSError:
             return False
         self.inflight += 1
-        self._pending[comp] = (_Started(what, offset, total(iov), done), keep)
+        self._pending[comp] = (_Issued(what, offset, total(iov), done), keep)
         return True
 
     def start_read(self, offset: int, iov: Sequence[memoryview], done: Completion) -> bool:
@@ -302,15 +304,8 @@ class RbdDriver(Driver):
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
         length = total(iov)
         if self.c is not None:  # straight into the caller's buffers
-            if len(iov) == 1:
-                pinned = CImage.pin(iov[0])
-                got = await self._c_call("read", self.c.read, offset, pinned, keep=pinned)
-            else:
-                vec, keep = CImage.iovec(iov)
-                got = await self._c_call("read", self.c.readv, offset, vec, keep=keep)
-            if got != length:
-                raise OSError(errno.EIO, f"{self.path}: short read ({got} of {length} "
-                              f"bytes at {offset})")
+            await self._c_call("read", partial(self._submit, "read", offset, iov), offset,
+                               length)
             return
         data = await self._aio("read", self.rbd.aio_read, offset, length)
         if len(data) != length:
@@ -326,12 +321,8 @@ class RbdDriver(Driver):
         if self.c is not None:  # straight from the caller's buffers
             if any(view.readonly for view in iov):  # (ctypes pins writable ones only)
                 iov = [memoryview(bytearray(b"".join(iov)))]
-            if len(iov) == 1:
-                pinned = CImage.pin(iov[0])
-                await self._c_call("write", self.c.write, offset, pinned, keep=pinned)
-            else:
-                vec, keep = CImage.iovec(iov)
-                await self._c_call("write", self.c.writev, offset, vec, keep=keep)
+            await self._c_call("write", partial(self._submit, "write", offset, iov), offset,
+                               total(iov))
             if fua:
                 await self.flush()
             return
@@ -341,15 +332,15 @@ class RbdDriver(Driver):
             await self.flush()
 
     async def flush(self) -> None:
-        if self.writable and self.c is not None:
-            await self._c_call("flush", self.c.flush)
+        if self.writable and (c := self.c) is not None:
+            await self._c_call("flush", lambda: (c.flush(), None))
         elif self.writable:
             await self._aio("flush", self.rbd.aio_flush)
 
     async def discard(self, offset: int, length: int) -> None:
         self._require_writable()
-        if self.c is not None:
-            await self._c_call("discard", self.c.discard, offset, length)
+        if (c := self.c) is not None:
+            await self._c_call("discard", lambda: (c.discard(offset, length), None))
         else:
             await self._aio("discard", self.rbd.aio_discard, offset, length)
 
@@ -360,8 +351,9 @@ class RbdDriver(Driver):
         # only into the partial ones at the edges: cheap either way, so FAST_ZERO is
         # honoured by doing it.
         flags = 0 if may_trim else self._thick_flag()
-        if self.c is not None:
-            await self._c_call("write zeroes", self.c.write_zeroes, offset, length, flags)
+        if (c := self.c) is not None:
+            await self._c_call("write zeroes",
+                               lambda: (c.write_zeroes(offset, length, flags), None))
         else:
             await self._aio("write zeroes", self.rbd.aio_write_zeroes, offset, length,
                             zero_flags=flags)
