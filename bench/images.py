@@ -52,6 +52,17 @@ def vhd_from_raw(raw: Path, dst: Path) -> Image:
     return Image(dst, "vhd")
 
 
+def drop_cache(path: Path) -> None:
+    """Write the file back and drop its pages from the page cache (nothing is dropped on
+    tmpfs, whose pages are the file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def allocated_blocks(vhd: Path) -> int:
     return int(_run([ours("vhd-util"), "query", "-n", str(vhd), "-a"]).split()[0])
 

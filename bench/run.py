@@ -347,29 +347,17 @@ def repeat_until_quiet(attempt: Attempt, retries: int) -> list[dict[str, Any]]:
     return records
 
 
-def cold_start(path: Path) -> None:
-    """Give the next server the image as the last one left it on disk, not in the page
-    cache: what a server that writes through the cache (nbdkit file) left dirty is
-    written back, and the file's cached pages are dropped. Otherwise the next server's
-    O_DIRECT writes pay for the writeback and the cache invalidation of another's work
-    (seen: ours at 0.33x qemu-nbd on raw-disk randwrite-qd32 after nbdkit file had
-    written, 0.72x run alone). Nothing is dropped on tmpfs (its pages are the file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def run_job(g: Group, e: Entry, w: workloads.Workload, rep: int, attempt: int,
             args: argparse.Namespace, shm: Path, peak: dict[str, int]) -> dict[str, Any]:
-    """One workload on one freshly started server (on a disk image, a cold one: see
-    cold_start)."""
+    """One workload on one freshly started server, on a disk image a cold one."""
     base = {"group": g.name, "label": e.label, "server": e.server, "rep": rep,
             "attempt": attempt, "workload": w.name, "unit": w.unit}
     if g.name == "raw-disk":
-        cold_start(e.image.path)
+        # The image as the last server left it on disk, not in the page cache: otherwise
+        # whoever writes with O_DIRECT after a server that writes through the cache
+        # (nbdkit file) pays for its writeback and the invalidation (seen: ours at 0.33x
+        # qemu-nbd on randwrite-qd32 after nbdkit file, 0.72x run alone).
+        images.drop_cache(e.image.path)
     try:
         srv = Running(SERVERS[e.server], e.image, shm, e.read_only)
     except ServerError as exc:

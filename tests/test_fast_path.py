@@ -65,6 +65,9 @@ from conftest import ROOT, need, with_engine
 from nbd_helpers import REQUEST_MAGIC, SIMPLE, STRUCTURED, Wire
 from test_nbd_protocol import make_cert  # a self-signed certificate for localhost
 
+sys.path.insert(0, str(ROOT / "bench"))
+from images import drop_cache  # noqa: E402  (bench/run.py's cold start of a disk image)
+
 MiB = 1 << 20
 KiB = 1 << 10
 SECTOR = 512
@@ -150,16 +153,6 @@ def chain_bytes(path: Path, key: bytes | None = None) -> bytes:
 
 def check_ok(path: Path) -> bool:
     return vhd_check.check(str(path)).errno == 0
-
-
-def drop_cache(path: Path) -> None:
-    """Write the file back and drop its pages from the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def qemu_compare(uri_or_path: str, raw: Path, fmt: str = "raw") -> None:
