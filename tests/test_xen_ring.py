@@ -18,7 +18,7 @@ import logging
 import mmap
 import os
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -495,11 +495,20 @@ def test_disconnect_of_a_paused_disk_drops_the_held_requests() -> None:
     serve(body)
 
 
-def test_side_door_serves_a_file_in_memory(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def image_in_memory(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB raw image on tmpfs (where the side door serves everything), removed after."""
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
     path = shm / f"xen-ring-{os.getpid()}.img"
     path.write_bytes(bytes(MiB))
     try:
+        yield path
+    finally:
+        path.unlink()
+
+
+def test_side_door_serves_a_file_in_memory(tmp_path: Path) -> None:
+    with image_in_memory(tmp_path) as path:
         async def body(guest: Guest, ring, vbd: VBD, drv) -> None:  # noqa: ANN001
             g = guest.grant(b"s" * PAGE)
             guest.put_rw(OP_WRITE, 1, 8, [(g, 0, 7)])
@@ -515,8 +524,6 @@ def test_side_door_serves_a_file_in_memory(tmp_path: Path) -> None:
 
         serve(body, driver=lambda e: open_stack(e, f"aio:{path}", writable=True))
         assert path.read_bytes()[4096:8192] == b"s" * PAGE
-    finally:
-        path.unlink()
 
 
 # ---------------------------------------------------------------- persistent grants
@@ -610,10 +617,7 @@ def test_persistent_grants_past_the_limit_go_by_grant_copy() -> None:
 
 
 def test_persistent_grants_through_the_side_door(tmp_path: Path) -> None:
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
-    path = shm / f"xen-ring-pg-{os.getpid()}.img"
-    path.write_bytes(bytes(MiB))
-    try:
+    with image_in_memory(tmp_path) as path:
         async def body(guest: Guest, ring, vbd: VBD, drv) -> None:  # noqa: ANN001
             g = guest.grant(b"p" * PAGE)
             guest.put_rw(OP_WRITE, 1, 8, [(g, 0, 7)])
@@ -627,8 +631,6 @@ def test_persistent_grants_through_the_side_door(tmp_path: Path) -> None:
 
         serve(body, persistent=True,
               driver=lambda e: open_stack(e, f"aio:{path}", writable=True))
-    finally:
-        path.unlink()
 
 
 # ---------------------------------------------------------------- over the control socket

@@ -67,6 +67,8 @@ with atheris.instrument_imports(include=["blktap"]):
     from blktap.transport.xen.blkif import BlkifRing
     from blktap.transport.xen.structs import abi_for
 
+from xen_guest import PageMapping  # noqa: E402  (the guest's pages, mapped)
+
 MiB = 1 << 20
 
 
@@ -469,14 +471,6 @@ class BlkifHarness:
         def close(self) -> None:
             self.view.release()
 
-    class _Pages:
-        def __init__(self, pages: list[bytearray]) -> None:
-            self.pages = [memoryview(p) for p in pages]
-
-        def close(self) -> None:
-            for page in self.pages:
-                page.release()
-
     class _Grants:
         def __init__(self, harness: BlkifHarness) -> None:
             self.h = harness
@@ -484,10 +478,10 @@ class BlkifHarness:
         def map(self, domid: int, grefs) -> BlkifHarness._Mapping:  # noqa: ANN001
             return BlkifHarness._Mapping(self.h.ring)
 
-        def map_pages(self, domid: int, grefs) -> BlkifHarness._Pages:  # noqa: ANN001
+        def map_pages(self, domid: int, grefs) -> PageMapping:  # noqa: ANN001
             if any(ref not in self.h.pages for ref in grefs):
                 raise OSError(errno.EINVAL, "bad grant reference")  # as gntdev's mmap
-            return BlkifHarness._Pages([self.h.pages[ref] for ref in grefs])
+            return PageMapping([self.h.pages[ref] for ref in grefs])
 
         def copy(self, domid: int, spans, local, offset: int,  # noqa: ANN001
                  to_guest: bool) -> list[int]:

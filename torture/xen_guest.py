@@ -72,9 +72,8 @@ class PageMapping:
     """Guest data pages mapped by the backend (persistent grants): while mapped, a page
     is the backend's to read and write."""
 
-    def __init__(self, guest: Guest, grefs: list[int]) -> None:
-        self.grefs = grefs
-        self.pages = [memoryview(guest.pages[ref]) for ref in grefs]
+    def __init__(self, pages: list[bytearray]) -> None:
+        self.pages = [memoryview(page) for page in pages]
         self.closed = False
 
     def close(self) -> None:
@@ -242,7 +241,7 @@ class Grants:
         g.map_calls += 1
         if domid != g.domid or any(ref not in g.pages for ref in grefs):
             raise OSError(errno.EINVAL, "bad grant reference")
-        mapping = PageMapping(g, list(grefs))
+        mapping = PageMapping([g.pages[ref] for ref in grefs])
         g.page_mappings.append(mapping)
         return mapping
 

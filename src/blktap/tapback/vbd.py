@@ -372,7 +372,8 @@ class Vbd:
             self.phase = Phase.INIT_WAIT
 
     async def _read_frontend(self) -> tuple[tuple[int, ...], int, int, int, bool]:
-        """(grant refs, order, event channel, protocol) from the frontend directory."""
+        """(grant refs, order, event channel, protocol, persistent grants agreed) from the
+        frontend directory."""
         assert self.frontend is not None
         fe = self.frontend
 
