@@ -288,6 +288,34 @@ def test_nbd_map_equals_qemu_nbds(tmp_path: Path) -> None:
     assert flat(ours) == flat(theirs)
 
 
+def test_a_deep_chain_maps_and_reads_as_its_base(tmp_path: Path) -> None:
+    """A base written by qemu-io under 29 empty snapshots: nbdinfo --map of the leaf
+    served by us is the base's map (block status jumps over the empty layers, as reads
+    do), and qemu-img compare reads the same bytes through both."""
+    need("nbdinfo")
+    need("qemu-img")
+    top = vhd_chain(tmp_path)  # base (qemu-io's data) <- top
+    for i in range(28):
+        leaf = tmp_path / f"l{i}.vhd"
+        subprocess.run([tool("vhd-util"), "snapshot", "-e", "-n", str(leaf), "-p", str(top)],
+                       check=True)
+        top = leaf
+    with serve(f"vhd:{top}", tmp_path, "--read-only") as srv:
+        deep = nbd_map(srv.uri)
+        other = tmp_path / "base-server"
+        other.mkdir()
+        with serve(f"vhd:{tmp_path / 'base.vhd'}", other, "--read-only") as base:
+            shallow = nbd_map(base.uri)
+            r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", srv.uri,
+                                base.uri], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    def flat(rows: list[dict]) -> list[tuple[int, int, int]]:
+        return [(r["offset"], r["length"], r["type"]) for r in rows]
+    assert flat(deep) == flat(shallow)
+    assert any(r["type"] == 0 for r in deep) and any(r["type"] != 0 for r in deep), deep
+
+
 def test_a_disk_with_a_cbt_log_maps_and_reads_as_without(tmp_path: Path) -> None:
     """The changed-block log filter passes the status of the disk below on (status_now):
     served with --cbt-log, nbdinfo --map sees qemu-nbd's map of the image, and qemu-img
