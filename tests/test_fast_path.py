@@ -355,6 +355,11 @@ def test_aio_read_now_write_now(shm: Path, disk: Path) -> None:
             assert not drv.write_now(0, [buf.view])
             await drv.read(0, [buf.view])
             assert bytes(buf.view) == content[:65536]
+            # A buffer off the block boundary: the buffered descriptor, the right bytes.
+            odd = memoryview(bytearray(65536 + 1))[1:]
+            assert drv._fd_for(0, [odd]) == drv.fd
+            await drv.read(0, [odd])
+            assert bytes(odd) == content[:65536]
         finally:
             await drv.close()
     arun(body)
@@ -2432,6 +2437,59 @@ def test_a_request_on_the_slow_path_costs_four_turns_of_the_loop(
             assert vbd.stats.write_reqs == n
             assert per_request <= 4.2, per_request
     with_engine(body)
+
+
+def test_the_aio_driver_starts_direct_requests_with_the_addresses_it_checked(
+        tmp_path: Path) -> None:
+    """The callback way of a raw file with O_DIRECT under the Linux AIO engine: a request
+    of several aligned buffers goes to the kernel with the addresses the driver's
+    alignment check took (one ctypes look-up per buffer, not one per layer), and the
+    kernel fills those buffers; one buffer off the block boundary sends the request to the
+    buffered descriptor, which the callback way declines (the caller awaits ``read``)."""
+    from blktap.io.linuxaio import LinuxAioEngine
+
+    folder = Path(tempfile.mkdtemp(prefix="blktap-direct-", dir="/var/tmp"))
+    try:
+        img = folder / "direct.raw"
+        content = random.Random(6).randbytes(MiB)
+        img.write_bytes(content)
+        try:
+            os.close(os.open(img, os.O_RDONLY | os.O_DIRECT))
+        except OSError:
+            pytest.skip("no file system with O_DIRECT here")
+        if _in_memory(img):
+            pytest.skip("no disk file system here")
+        pool = BufferPool()
+
+        async def body(engine: LinuxAioEngine) -> None:
+            drv = await engine.call(open_stack, engine, f"aio:{img}", writable=True)
+            assert isinstance(drv, AioDriver) and drv.dfd is not None
+            try:
+                loop = asyncio.get_running_loop()
+                parts = [pool.get(4096).view for _ in range(8)]
+                told: asyncio.Future = loop.create_future()
+                kernel = engine.aio_submitted
+                assert drv.start_read(8192, parts, told.set_result)
+                assert await told is None
+                assert engine.aio_submitted == kernel + 1
+                assert b"".join(parts) == content[8192 : 8192 + 32768]
+                for i, part in enumerate(parts):
+                    part[:] = bytes([i + 1]) * 4096
+                told = loop.create_future()
+                assert drv.start_write(65536, parts, told.set_result)
+                assert await told is None
+                odd = memoryview(bytearray(4096 + 1))[1:]
+                assert not drv.start_read(0, [*parts[:3], odd], told.set_result)
+                await drv.read(0, [*parts[:3], odd])
+                assert b"".join([*parts[:3], odd]) == content[:16384]
+            finally:
+                await drv.close()
+        with_engine(body, LinuxAioEngine)
+        want = bytearray(content)
+        want[65536 : 65536 + 32768] = b"".join(bytes([i + 1]) * 4096 for i in range(8))
+        assert img.read_bytes() == want
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_direct_read_or_write_costs_two_turns_of_the_loop(

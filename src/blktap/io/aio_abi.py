@@ -13,6 +13,7 @@ import errno
 import os
 import platform
 import struct
+from collections.abc import Sequence
 
 # Architecture-specific system call numbers (unistd_64.h / asm-generic/unistd.h).
 _NR = {
@@ -89,3 +90,26 @@ def io_getevents(ctx: int, min_nr: int, nr: int, events: int, timeout: int | Non
 def address_of(view: memoryview) -> int:
     """The address of a writable buffer's first byte (it must stay alive meanwhile)."""
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def addresses(iov: Sequence[memoryview]) -> list[int]:
+    """:func:`address_of` each buffer: TypeError for a read-only one, ValueError for an
+    empty one. (A ctypes object per buffer is most of what a many-segment request costs
+    to submit: a caller that needed them already hands them on rather than ask twice.)"""
+    from_buffer, addressof = ctypes.c_char.from_buffer, ctypes.addressof
+    return [addressof(from_buffer(view)) for view in iov]
+
+
+_IOVEC_ARRAYS: dict[int, struct.Struct] = {}
+
+
+def iovec_array(addrs: Sequence[int], iov: Sequence[memoryview]) -> bytearray:
+    """A struct iovec array for the buffers of ``iov`` at ``addrs``, packed in one call."""
+    n = len(iov)
+    layout = _IOVEC_ARRAYS.get(n)
+    if layout is None:
+        layout = _IOVEC_ARRAYS[n] = struct.Struct(f"<{2 * n}Q")
+    pairs = [0] * (2 * n)
+    pairs[0::2] = addrs
+    pairs[1::2] = map(len, iov)
+    return bytearray(layout.pack(*pairs))

@@ -83,14 +83,18 @@ class Engine(ABC):
         False (and nothing written) when it would have to wait."""
         return False
 
-    def start_preadv(self, fd: int, iov: Iov, offset: int, done: Completion) -> bool:
+    def start_preadv(self, fd: int, iov: Iov, offset: int, done: Completion, *,
+                     addresses: Sequence[int] | None = None) -> bool:
         """Submit :meth:`preadv` now and call ``done`` on the loop once it completes:
         True when submitted (``done`` is never called from here); False when this engine
-        or this descriptor cannot (the caller awaits :meth:`preadv` instead)."""
+        or this descriptor cannot (the caller awaits :meth:`preadv` instead).
+        ``addresses``: the buffers' addresses (``aio_abi.addresses``), when the caller
+        already took them (an alignment check): an engine that needs them saves asking
+        again."""
         return False
 
     def start_pwritev(self, fd: int, iov: Iov, offset: int, done: Completion, *,
-                      dsync: bool = False) -> bool:
+                      dsync: bool = False, addresses: Sequence[int] | None = None) -> bool:
         """:meth:`start_preadv` for :meth:`pwritev`."""
         return False
 

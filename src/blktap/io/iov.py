@@ -13,7 +13,7 @@ _ZEROS = bytes(1 << 20)
 
 
 def total(iov: Sequence[memoryview]) -> int:
-    return sum(len(v) for v in iov)
+    return sum(map(len, iov))
 
 
 def slice_iov(iov: Sequence[memoryview], start: int, length: int) -> list[memoryview]:

@@ -79,27 +79,27 @@ class LinuxAioEngine(ThreadEngine):
 
     # ------------------------------------------------------------------ submission
     def _queue(self, fd: int, iov: Sequence[memoryview], offset: int, *, write: bool,
-               rw_flags: int = 0, done: Completion | None = None
+               rw_flags: int = 0, done: Completion | None = None,
+               addresses: Sequence[int] | None = None
                ) -> asyncio.Future | Completion | None:
         """Fill an iocb for the request and submit it: its waiter (a future, or
         ``done``); None when it cannot go to the kernel (no free slot, a read-only
-        buffer)."""
+        buffer). ``addresses``: the buffers' own, when the caller has them."""
         length = total(iov)
         if not self._free or not length or len(iov) > IOV_MAX or self._closed:
             return None  # an empty request has no buffer address to give the kernel
-        try:
-            if len(iov) == 1:
-                opcode = abi.CMD_PWRITE if write else abi.CMD_PREAD
-                buf, nbytes, iovecs = abi.address_of(iov[0]), len(iov[0]), None
-            else:
-                opcode = abi.CMD_PWRITEV if write else abi.CMD_PREADV
-                iovecs = bytearray(abi.IOVEC.size * len(iov))
-                for i, view in enumerate(iov):
-                    abi.IOVEC.pack_into(iovecs, i * abi.IOVEC.size, abi.address_of(view),
-                                        len(view))
-                buf, nbytes = abi.address_of(memoryview(iovecs)), len(iov)
-        except (TypeError, ValueError):  # read-only or empty buffers have no address
-            return None
+        if addresses is None:
+            try:
+                addresses = abi.addresses(iov)
+            except (TypeError, ValueError):  # read-only or empty buffers have no address
+                return None
+        if len(iov) == 1:
+            opcode = abi.CMD_PWRITE if write else abi.CMD_PREAD
+            buf, nbytes, iovecs = addresses[0], len(iov[0]), None
+        else:
+            opcode = abi.CMD_PWRITEV if write else abi.CMD_PREADV
+            iovecs = abi.iovec_array(addresses, iov)
+            buf, nbytes = abi.address_of(memoryview(iovecs)), len(iov)
         slot = self._free.pop()
         abi.IOCB.pack_into(self._iocbs, slot * abi.IOCB.size, slot, 0, rw_flags, opcode,
                            0, fd, buf, nbytes, offset, 0, abi.IOCB_FLAG_RESFD,
@@ -197,15 +197,18 @@ class LinuxAioEngine(ThreadEngine):
         await super().pwritev(fd, iov, offset, dsync=dsync)
 
     def start_preadv(self, fd: int, iov: Sequence[memoryview], offset: int,
-                     done: Completion) -> bool:
+                     done: Completion, *, addresses: Sequence[int] | None = None) -> bool:
         return (self._fd_mode(fd) == DIRECT
-                and self._queue(fd, iov, offset, write=False, done=done) is not None)
+                and self._queue(fd, iov, offset, write=False, done=done,
+                                addresses=addresses) is not None)
 
     def start_pwritev(self, fd: int, iov: Sequence[memoryview], offset: int,
-                      done: Completion, *, dsync: bool = False) -> bool:
+                      done: Completion, *, dsync: bool = False,
+                      addresses: Sequence[int] | None = None) -> bool:
         return (self._fd_mode(fd) == DIRECT
                 and self._queue(fd, iov, offset, write=True,
-                                rw_flags=os.RWF_DSYNC if dsync else 0, done=done) is not None)
+                                rw_flags=os.RWF_DSYNC if dsync else 0, done=done,
+                                addresses=addresses) is not None)
 
     def close(self) -> None:
         """Wait for what the kernel has, then stop the workers."""

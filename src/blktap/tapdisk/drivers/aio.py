@@ -9,14 +9,13 @@ is one ``pwritev`` with RWF_DSYNC. Holes come from SEEK_DATA/SEEK_HOLE and read 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 from collections.abc import Sequence
 
 from blktap.errors import FormatError
-from blktap.io import syscalls
+from blktap.io import aio_abi, syscalls
 from blktap.io.engine import Completion, Engine
 from blktap.io.iov import slice_iov, total
 from blktap.tapdisk.driver import (
@@ -29,12 +28,6 @@ from blktap.tapdisk.driver import (
     OpenContext,
     Tally,
 )
-
-
-def _address(view: memoryview) -> int | None:
-    if view.readonly:
-        return None
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 class AioDriver(Driver):
@@ -94,16 +87,36 @@ class AioDriver(Driver):
         return cls.open(ctx.engine, args, writable=ctx.writable, direct=ctx.direct)
 
     # ------------------------------------------------------------------ helpers
-    def _fd_for(self, offset: int, iov: Sequence[memoryview]) -> int:
+    def _direct_shape(self, offset: int, iov: Sequence[memoryview]) -> bool:
+        """Whether the offset and every length suit the direct descriptor (the buffers'
+        addresses are :meth:`_direct_addresses`'s to check)."""
         if self.dfd is None or offset % self.align:
-            return self.fd
+            return False
         align = self.align
         for view in iov:
             if len(view) % align:
-                return self.fd
-            addr = _address(view)
-            if addr is None or addr % align:
-                return self.fd
+                return False
+        return True
+
+    def _direct_addresses(self, offset: int, iov: Sequence[memoryview]) -> list[int] | None:
+        """The buffers' addresses when the request may go to the direct descriptor
+        (offset, lengths and addresses aligned, every buffer writable), else None."""
+        if not self._direct_shape(offset, iov):
+            return None
+        try:
+            addrs = aio_abi.addresses(iov)
+        except (TypeError, ValueError):  # read-only or empty: no address to check
+            return None
+        mask = self.align - 1
+        for addr in addrs:
+            if addr & mask:
+                return None
+        return addrs
+
+    def _fd_for(self, offset: int, iov: Sequence[memoryview]) -> int:
+        if self._direct_addresses(offset, iov) is None:
+            return self.fd
+        assert self.dfd is not None
         return self.dfd
 
     # ------------------------------------------------------------------ operations
@@ -115,11 +128,18 @@ class AioDriver(Driver):
             self.pending -= 1
 
     def read_now(self, offset: int, iov: Sequence[memoryview], tally: Tally) -> bool:
-        return self.engine.try_preadv(self._fd_for(offset, iov), iov, offset)
+        # A request the direct descriptor would take always waits for the device; only
+        # the buffered one may find the page cache holding it.
+        if self._direct_shape(offset, iov):
+            return False
+        return self.engine.try_preadv(self.fd, iov, offset)
 
     def start_read(self, offset: int, iov: Sequence[memoryview], done: Completion) -> bool:
-        if not self.engine.start_preadv(self._fd_for(offset, iov), iov, offset,
-                                        self._counted(done)):
+        addrs = self._direct_addresses(offset, iov)
+        fd = self.fd if addrs is None else self.dfd
+        assert fd is not None
+        if not self.engine.start_preadv(fd, iov, offset, self._counted(done),
+                                        addresses=addrs):
             return False
         self.pending += 1
         return True
@@ -128,8 +148,11 @@ class AioDriver(Driver):
                     fua: bool = False) -> bool:
         if not self.writable or offset + total(iov) > self.size:
             return False  # (the partial last sector: write() trims it)
-        if not self.engine.start_pwritev(self._fd_for(offset, iov), iov, offset,
-                                         self._counted(done), dsync=fua):
+        addrs = self._direct_addresses(offset, iov)
+        fd = self.fd if addrs is None else self.dfd
+        assert fd is not None
+        if not self.engine.start_pwritev(fd, iov, offset, self._counted(done), dsync=fua,
+                                         addresses=addrs):
             return False
         self.pending += 1
         return True
@@ -162,8 +185,9 @@ class AioDriver(Driver):
         if not self.writable:
             return False
         iov = self._inside(offset, iov)
-        return not iov or self.engine.try_pwritev(self._fd_for(offset, iov), iov, offset,
-                                                  dsync=fua)
+        # Only a file in memory is written now, and such a file has no direct descriptor.
+        return not iov or (self.dfd is None
+                           and self.engine.try_pwritev(self.fd, iov, offset, dsync=fua))
 
     async def flush(self) -> None:
         if self.writable:
