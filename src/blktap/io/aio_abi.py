@@ -39,6 +39,31 @@ IO_EVENT = struct.Struct("<QQqq")
 # struct iovec
 IOVEC = struct.Struct("<QQ")
 
+# struct aio_ring, the completion ring the kernel maps into the process at the address
+# io_setup returns as the context: id, nr (events the ring holds), head (the next event
+# to take: the reader advances it), tail (where the kernel writes the next), magic,
+# compat_features, incompat_features, header_length, then nr struct io_event.
+AIO_RING = struct.Struct("<IIIIIIII")
+AIO_RING_HEAD = 8  # offsets of head and tail in the header
+AIO_RING_MAGIC = 0xA10A10A1
+
+
+def completion_ring(ctx: int) -> memoryview | None:
+    """The kernel's completion ring of ``ctx`` as writable memory, for taking completions
+    without a system call as libaio and fio's ``userspace_reap`` do; None where that is
+    not known to be sound: another layout (magic, incompatible features, header size),
+    or a machine whose loads may be reordered (the kernel publishes an event, then moves
+    the tail; only x86's ordered loads make reading the tail then the event safe without
+    a barrier Python cannot issue)."""
+    if platform.machine() != "x86_64" or not ctx:
+        return None
+    _id, nr, _head, _tail, magic, _compat, incompat, header = AIO_RING.unpack(
+        ctypes.string_at(ctx, AIO_RING.size))
+    if magic != AIO_RING_MAGIC or incompat or header != AIO_RING.size or not nr:
+        return None
+    size = AIO_RING.size + nr * IO_EVENT.size
+    return memoryview((ctypes.c_char * size).from_address(ctx)).cast("B")
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
