@@ -615,6 +615,53 @@ def test_started_operations_are_told_in_the_turn_that_reaps_them(disk: Disk) -> 
     assert disk.read_back() == disk.model
 
 
+def test_requests_started_under_a_plug_go_in_one_io_submit(
+        disk: Disk, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a plug each started request is its own io_submit; under one (re-entrant),
+    all of them go in a single io_submit when the outermost plug ends, and each is told
+    its own outcome; a request the kernel refuses within the batch (a misaligned buffer,
+    EINVAL) fails alone."""
+    disk.need_512()
+    pool = BufferPool()
+    counts: list[int] = []
+    real_submit = aio_abi.io_submit
+
+    def spy(ctx: int, count: int, pointers: int) -> int:
+        counts.append(count)
+        return real_submit(ctx, count, pointers)
+
+    monkeypatch.setattr(aio_abi, "io_submit", spy)
+
+    async def body(engine: LinuxAioEngine) -> None:
+        told: dict[int, BaseException | None] = {}
+        views = aligned_views(pool, [4 * KiB] * 8)
+        for i, v in enumerate(views[:2]):
+            assert engine.start_preadv(disk.dfd, [v], i * 4 * KiB,
+                                       lambda e, i=i: told.__setitem__(i, e))
+        assert counts == [1, 1]
+        with engine.plug():
+            with engine.plug():
+                for i, v in enumerate(views[2:], start=2):
+                    assert engine.start_preadv(disk.dfd, [v], i * 4 * KiB,
+                                               lambda e, i=i: told.__setitem__(i, e))
+            bad = pool.get(4 * KiB).view
+            assert engine.start_preadv(disk.dfd, [bad[:1000]], 0,
+                                       lambda e: told.__setitem__(99, e))
+            assert counts == [1, 1]  # held until the outer plug ends
+        assert counts[2] == 7 and sum(counts) >= 9
+        for _ in range(10000):
+            if len(told) == 9:
+                break
+            await asyncio.sleep(0)
+        assert all(told[i] is None for i in range(8))
+        err = told[99]
+        assert isinstance(err, OSError) and err.errno == errno.EINVAL
+        for i, v in enumerate(views):
+            assert v == disk.model[i * 4 * KiB : (i + 1) * 4 * KiB]
+
+    with_engine(body)
+
+
 def test_the_thread_engine_declines_the_callback_way(disk: Disk) -> None:
     async def body(engine: ThreadEngine) -> None:
         buf = BufferPool().get(4 * KiB).view

@@ -59,6 +59,27 @@ def settled(loop: asyncio.AbstractEventLoop, cancellable: bool = True) -> Settle
     return fut
 
 
+class Plug:
+    """``with engine.plug():`` around starting several requests (as the block layer's
+    plug): an engine that submits to the kernel may hold them and submit them together
+    when the outermost plug ends, in the same turn of the loop. Re-entrant."""
+
+    __slots__ = ("depth", "_unplug")
+
+    def __init__(self, unplug: Callable[[], None] | None = None) -> None:
+        self.depth = 0
+        self._unplug = unplug
+
+    def __enter__(self) -> Plug:
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+        if not self.depth and self._unplug is not None:
+            self._unplug()
+
+
 class Engine(ABC):
     """Asynchronous positioned I/O on file descriptors."""
 
@@ -82,6 +103,12 @@ class Engine(ABC):
         """Do :meth:`pwritev` now if that cannot block: True when all of it is written;
         False (and nothing written) when it would have to wait."""
         return False
+
+    _no_plug = Plug()
+
+    def plug(self) -> Plug:
+        """A :class:`Plug` (this engine holds nothing: it submits as requests come)."""
+        return self._no_plug
 
     def start_preadv(self, fd: int, iov: Iov, offset: int, done: Completion, *,
                      addresses: Sequence[int] | None = None) -> bool:

@@ -346,6 +346,12 @@ class VBD:
         """Issue what was queued during this turn of the loop, merging neighbours: each
         group goes to its first request (``group``), the others get a future."""
         queue, self._queue = self._queue, []
+        # What the groups start at the driver's engine goes to the kernel together, at the
+        # end of this loop (one io_submit instead of one per group).
+        with self.driver.engine.plug():
+            self._issue_queue(queue)
+
+    def _issue_queue(self, queue: list[Request]) -> None:
         i = 0
         while i < len(queue):
             req = queue[i]
