@@ -45,7 +45,9 @@ class Buffer:
 
 def size_class(size: int) -> int:
     """The bytes a buffer of ``size`` bytes takes (what a budget is charged)."""
-    return max(MIN_CLASS, 1 << (max(size, 1) - 1).bit_length())
+    if size <= MIN_CLASS:  # (most requests: one comparison, no calls)
+        return MIN_CLASS
+    return 1 << (size - 1).bit_length()
 
 
 def _empty(mem: mmap.mmap) -> None:

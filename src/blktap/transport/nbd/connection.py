@@ -261,9 +261,10 @@ class Connection:
                 return True  # a partial header (or nothing): wait for more
             magic, flags, cmd, handle, offset, length = req.unpack_from(buf_bytes, ch.start)
             payload = 0 if cmd == p.CMD_BLOCK_STATUS else length
+            charge = self._charge(payload)
             if (magic != p.REQUEST_MAGIC or cmd not in _PUMPED or self.broken
                     or not self._can_admit(payload)
-                    or not self.budget.fits(self._charge(payload))
+                    or not self.budget.fits(charge)
                     or self._validate(cmd, flags, offset, length, size) is not None):
                 return False
             if cmd == p.CMD_BLOCK_STATUS:
@@ -274,7 +275,7 @@ class Connection:
                 if ch.end - ch.start < req.size + length:
                     return False  # the reader receives the rest straight into a buffer
                 ch.consume(req.size)
-                self.budget.take(self._charge(length))
+                self.budget.take(charge)
                 self._take(length)
                 buf = self.pool.get(length)
                 buf.view[:] = ch.view[ch.start : ch.start + length]
@@ -282,7 +283,7 @@ class Connection:
                 self._serve_write(handle, flags, offset, buf, length)
             else:
                 ch.consume(req.size)
-                self.budget.take(self._charge(length))
+                self.budget.take(charge)
                 self._take(length)
                 self._serve_read(handle, flags, offset, length)
         return ch.end - ch.start < req.size
