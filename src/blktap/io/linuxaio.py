@@ -1,12 +1,13 @@
 """The Linux AIO engine: direct I/O submitted to the kernel, everything else as the thread
 engine does it.
 
-With O_DIRECT the kernel's native AIO is truly asynchronous: a request costs one
-``io_submit``, made at once, and its share of one ``io_getevents`` when the eventfd says
-completions are ready. A request started the callback way
-(``start_preadv``/``start_pwritev``) is told in the turn that reaps it, without waking a
-coroutine. No worker thread wakes
-up and none competes for the GIL, which is what a thread hand-off costs per request (4
+With O_DIRECT the kernel's native AIO is truly asynchronous: a request started alone is
+submitted at once, those started together under a :meth:`plug` share one ``io_submit``,
+and completions, signalled through an eventfd, are read from the ring the kernel maps
+into the process (``io_getevents`` where that is not known to be sound). A request
+started the callback way (``start_preadv``/``start_pwritev``) is told in the turn that
+reaps it, without waking a coroutine. No worker thread wakes up and none competes for the
+GIL, which is what a thread hand-off costs per request (4
 KiB random reads of a raw file on ext4 over NBD, see bench/REPORT.md). This is what the
 reference tapdisk does with libaio.
 
@@ -127,11 +128,9 @@ class LinuxAioEngine(ThreadEngine):
         return waiter
 
     def _submit_iocb(self, slot: int) -> None:
-        """Hand one iocb to the kernel now, not with the others of its turn of the loop:
-        the device starts on it while the rest are parsed, where a batch left it idle
-        until the turn's end (4 KiB random writes at QD32 on this VM's virtio disk over
-        NBD: 14k IOPS batched per turn, 17k at once; reads 22k and 25k; the device idle
-        half the time with batches). Requests started together go together: plug()."""
+        """Hand one iocb to the kernel now. (An earlier version held every request to the
+        end of its turn of the loop; requests started together now say so with
+        :meth:`plug`, and one started alone need not wait for the others of its turn.)"""
         try:
             self.aio_submitted += abi.io_submit(self._ctx, 1, self._pointers_base + 8 * slot)
         except OSError:
