@@ -113,11 +113,18 @@ class AioDriver(Driver):
                 return None
         return addrs
 
-    def _fd_for(self, offset: int, iov: Sequence[memoryview]) -> int:
-        if self._direct_addresses(offset, iov) is None:
-            return self.fd
+    def _target(self, offset: int, iov: Sequence[memoryview]
+                ) -> tuple[int, list[int] | None]:
+        """The descriptor a request goes to, with its buffers' addresses when that is the
+        direct one (the engine submits them as they are)."""
+        addrs = self._direct_addresses(offset, iov)
+        if addrs is None:
+            return self.fd, None
         assert self.dfd is not None
-        return self.dfd
+        return self.dfd, addrs
+
+    def _fd_for(self, offset: int, iov: Sequence[memoryview]) -> int:
+        return self._target(offset, iov)[0]
 
     # ------------------------------------------------------------------ operations
     async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
@@ -135,9 +142,7 @@ class AioDriver(Driver):
         return self.engine.try_preadv(self.fd, iov, offset)
 
     def start_read(self, offset: int, iov: Sequence[memoryview], done: Completion) -> bool:
-        addrs = self._direct_addresses(offset, iov)
-        fd = self.fd if addrs is None else self.dfd
-        assert fd is not None
+        fd, addrs = self._target(offset, iov)
         if not self.engine.start_preadv(fd, iov, offset, self._counted(done),
                                         addresses=addrs):
             return False
@@ -148,9 +153,7 @@ class AioDriver(Driver):
                     fua: bool = False) -> bool:
         if not self.writable or offset + total(iov) > self.size:
             return False  # (the partial last sector: write() trims it)
-        addrs = self._direct_addresses(offset, iov)
-        fd = self.fd if addrs is None else self.dfd
-        assert fd is not None
+        fd, addrs = self._target(offset, iov)
         if not self.engine.start_pwritev(fd, iov, offset, self._counted(done), dsync=fua,
                                          addresses=addrs):
             return False
