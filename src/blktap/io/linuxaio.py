@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,9 +29,6 @@ from blktap.io import aio_abi as abi
 from blktap.io.engine import Completion, Plug, settled
 from blktap.io.iov import IOV_MAX, advance, total
 from blktap.io.threads import DEFAULT_THREADS, DIRECT, ThreadEngine, read_full, write_full
-
-_HEAD_TAIL = struct.Struct("<II")
-_HEAD = struct.Struct("<I")
 
 # Operations in flight in the kernel at once; past that, requests go to the workers.
 DEFAULT_DEPTH = 256
@@ -207,7 +203,7 @@ class LinuxAioEngine(ThreadEngine):
         system call (each costs a ctypes call and, in a PV dom0, a trip through Xen)."""
         ring = self._ring
         assert ring is not None
-        head, tail = _HEAD_TAIL.unpack_from(ring, abi.AIO_RING_HEAD)
+        head, tail = abi.AIO_RING_HEAD_TAIL.unpack_from(ring, abi.AIO_RING_AT_HEAD)
         if head == tail:
             return
         nr = self._ring_events
@@ -222,7 +218,7 @@ class LinuxAioEngine(ThreadEngine):
             done.append((slot, res))
             head = head + 1 if head + 1 < nr else 0
         # Handed back before any is finished: a completion's callback may submit more.
-        _HEAD.pack_into(ring, abi.AIO_RING_HEAD, head)
+        abi.AIO_RING_HEAD.pack_into(ring, abi.AIO_RING_AT_HEAD, head)
         for slot, res in done:
             self._complete_op(self._take(slot), res)
 
