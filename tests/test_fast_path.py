@@ -2439,8 +2439,22 @@ def test_a_request_on_the_slow_path_costs_four_turns_of_the_loop(
     with_engine(body)
 
 
+def direct_raw(folder: Path, content: bytes) -> Path:
+    """A raw image of ``content`` in ``folder``, skipping the test unless the file system
+    takes O_DIRECT and is not in memory."""
+    img = folder / "direct.raw"
+    img.write_bytes(content)
+    try:
+        os.close(os.open(img, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip("no file system with O_DIRECT here")
+    if _in_memory(img):
+        pytest.skip("no disk file system here")
+    return img
+
+
 def test_the_aio_driver_starts_direct_requests_with_the_addresses_it_checked(
-        tmp_path: Path) -> None:
+        disk: Path) -> None:
     """The callback way of a raw file with O_DIRECT under the Linux AIO engine: a request
     of several aligned buffers goes to the kernel with the addresses the driver's
     alignment check took (one ctypes look-up per buffer, not one per layer), and the
@@ -2448,104 +2462,77 @@ def test_the_aio_driver_starts_direct_requests_with_the_addresses_it_checked(
     buffered descriptor, which the callback way declines (the caller awaits ``read``)."""
     from blktap.io.linuxaio import LinuxAioEngine
 
-    folder = Path(tempfile.mkdtemp(prefix="blktap-direct-", dir="/var/tmp"))
-    try:
-        img = folder / "direct.raw"
-        content = random.Random(6).randbytes(MiB)
-        img.write_bytes(content)
-        try:
-            os.close(os.open(img, os.O_RDONLY | os.O_DIRECT))
-        except OSError:
-            pytest.skip("no file system with O_DIRECT here")
-        if _in_memory(img):
-            pytest.skip("no disk file system here")
-        pool = BufferPool()
+    content = random.Random(6).randbytes(MiB)
+    img = direct_raw(disk, content)
+    pool = BufferPool()
 
-        async def body(engine: LinuxAioEngine) -> None:
-            drv = await engine.call(open_stack, engine, f"aio:{img}", writable=True)
-            assert isinstance(drv, AioDriver) and drv.dfd is not None
-            try:
-                loop = asyncio.get_running_loop()
-                parts = [pool.get(4096).view for _ in range(8)]
-                told: asyncio.Future = loop.create_future()
-                kernel = engine.aio_submitted
-                assert drv.start_read(8192, parts, told.set_result)
-                assert await told is None
-                assert engine.aio_submitted == kernel + 1
-                assert b"".join(parts) == content[8192 : 8192 + 32768]
-                for i, part in enumerate(parts):
-                    part[:] = bytes([i + 1]) * 4096
-                told = loop.create_future()
-                assert drv.start_write(65536, parts, told.set_result)
-                assert await told is None
-                odd = memoryview(bytearray(4096 + 1))[1:]
-                assert not drv.start_read(0, [*parts[:3], odd], told.set_result)
-                await drv.read(0, [*parts[:3], odd])
-                assert b"".join([*parts[:3], odd]) == content[:16384]
-            finally:
-                await drv.close()
-        with_engine(body, LinuxAioEngine)
-        want = bytearray(content)
-        want[65536 : 65536 + 32768] = b"".join(bytes([i + 1]) * 4096 for i in range(8))
-        assert img.read_bytes() == want
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    async def body(engine: LinuxAioEngine) -> None:
+        drv = await engine.call(open_stack, engine, f"aio:{img}", writable=True)
+        assert isinstance(drv, AioDriver) and drv.dfd is not None
+        try:
+            loop = asyncio.get_running_loop()
+            parts = [pool.get(4096).view for _ in range(8)]
+            told: asyncio.Future = loop.create_future()
+            kernel = engine.aio_submitted
+            assert drv.start_read(8192, parts, told.set_result)
+            assert await told is None
+            assert engine.aio_submitted == kernel + 1
+            assert b"".join(parts) == content[8192 : 8192 + 32768]
+            for i, part in enumerate(parts):
+                part[:] = bytes([i + 1]) * 4096
+            told = loop.create_future()
+            assert drv.start_write(65536, parts, told.set_result)
+            assert await told is None
+            odd = memoryview(bytearray(4096 + 1))[1:]
+            assert not drv.start_read(0, [*parts[:3], odd], told.set_result)
+            await drv.read(0, [*parts[:3], odd])
+            assert b"".join([*parts[:3], odd]) == content[:16384]
+        finally:
+            await drv.close()
+    with_engine(body, LinuxAioEngine)
+    want = bytearray(content)
+    want[65536 : 65536 + 32768] = b"".join(bytes([i + 1]) * 4096 for i in range(8))
+    assert img.read_bytes() == want
 
 
 def test_a_direct_read_or_write_costs_two_turns_of_the_loop(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A raw file with O_DIRECT under the Linux AIO engine: the data hook queues and kicks
     the request, the VBD hands it to the driver's callback way at the kick (io_submit at
     once), and the reaping of its completion sends the reply: two turns of the loop per
     request at QD1 (by the coroutines it took five to six)."""
     from blktap.io.linuxaio import LinuxAioEngine
 
-    folder = tmp_path
-    probe = folder / "probe"
-    probe.write_bytes(bytes(4096))
-    if _in_memory(probe):
-        folder = Path(tempfile.mkdtemp(prefix="blktap-turns-", dir="/var/tmp"))
-    try:
-        img = folder / "direct.raw"
-        img.write_bytes(random.Random(5).randbytes(4 * MiB))
-        try:
-            os.close(os.open(img, os.O_RDONLY | os.O_DIRECT))
-        except OSError:
-            pytest.skip("no file system with O_DIRECT here")
-        if _in_memory(img):
-            pytest.skip("no disk file system here")
-        sock = folder / "direct.sock"
-        turns = count_loop_turns(monkeypatch)
-        n = 200
-        expect = bytearray(img.read_bytes())
+    img = direct_raw(disk, random.Random(5).randbytes(4 * MiB))
+    sock = disk / "direct.sock"
+    turns = count_loop_turns(monkeypatch)
+    n = 200
+    expect = bytearray(img.read_bytes())
 
-        async def body(engine: LinuxAioEngine) -> None:
-            async with nbd_served(engine, f"aio:{img}", sock) as (server, vbd):
-                w, conn = await attach(server, sock)
+    async def body(engine: LinuxAioEngine) -> None:
+        async with nbd_served(engine, f"aio:{img}", sock) as (server, vbd):
+            w, conn = await attach(server, sock)
 
-                def client() -> None:
-                    for i in range(n):
-                        off = (i * 7919 % 1000) * 4096
-                        if i % 2:
-                            data = bytes([i % 251]) * 4096
-                            w.request(1, off, 4096, handle=i, data=data)
-                            expect[off : off + 4096] = data
-                            assert w.reply()[:2] == (i, 0)
-                        else:
-                            w.request(0, off, 4096, handle=i)
-                            handle, error, got = w.reply(4096)
-                            assert (handle, error) == (i, 0)
-                            assert got == expect[off : off + 4096]
-                turns[0] = 0
-                workers, kernel = engine.submitted, engine.aio_submitted
-                await asyncio.to_thread(client)
-                per_request = turns[0] / n
-                await settled(conn, vbd)
-                assert engine.aio_submitted - kernel == n  # all of them through the kernel
-                assert engine.submitted == workers
-                assert per_request <= 2.3, per_request
-        with_engine(body, LinuxAioEngine)
-        assert img.read_bytes() == expect
-    finally:
-        if folder != tmp_path:
-            shutil.rmtree(folder, ignore_errors=True)
+            def client() -> None:
+                for i in range(n):
+                    off = (i * 7919 % 1000) * 4096
+                    if i % 2:
+                        data = bytes([i % 251]) * 4096
+                        w.request(1, off, 4096, handle=i, data=data)
+                        expect[off : off + 4096] = data
+                        assert w.reply()[:2] == (i, 0)
+                    else:
+                        w.request(0, off, 4096, handle=i)
+                        handle, error, got = w.reply(4096)
+                        assert (handle, error) == (i, 0)
+                        assert got == expect[off : off + 4096]
+            turns[0] = 0
+            workers, kernel = engine.submitted, engine.aio_submitted
+            await asyncio.to_thread(client)
+            per_request = turns[0] / n
+            await settled(conn, vbd)
+            assert engine.aio_submitted - kernel == n  # all of them through the kernel
+            assert engine.submitted == workers
+            assert per_request <= 2.3, per_request
+    with_engine(body, LinuxAioEngine)
+    assert img.read_bytes() == expect

@@ -174,6 +174,26 @@ def fill(view: memoryview, byte: int) -> None:
     view[:] = bytes([byte]) * len(view)
 
 
+async def model_op(engine: LinuxAioEngine, disk: Disk, pool: BufferPool,
+                   rng: random.Random, block: int, write: bool) -> None:
+    """A 4 KiB read of ``block`` checked against the model, or a write of random bytes
+    the model takes (callers never have two in flight on one block)."""
+    offset = block * BLOCK
+    buf = pool.get(BLOCK)
+    try:
+        if write:
+            data = rng.randbytes(BLOCK)
+            buf.view[:] = data
+            disk.model[offset : offset + BLOCK] = data
+            await engine.pwritev(disk.dfd, [buf.view], offset)
+        else:
+            expect = bytes(disk.model[offset : offset + BLOCK])
+            await engine.preadv(disk.dfd, [buf.view], offset)
+            assert buf.view == expect
+    finally:
+        pool.put(buf)
+
+
 def aligned_views(pool: BufferPool, sizes: list[int]) -> list[memoryview]:
     """Page-aligned views, each of its own pool buffer."""
     return [pool.get(n).view for n in sizes]
@@ -383,26 +403,11 @@ def test_200_concurrent_random_ops_against_model(disk: Disk) -> None:
     pool = BufferPool()
     rounds, per_round = 5, 200
 
-    async def op(engine: LinuxAioEngine, block: int, write: bool) -> None:
-        offset = block * BLOCK
-        buf = pool.get(BLOCK)
-        try:
-            if write:
-                data = rng.randbytes(BLOCK)
-                buf.view[:] = data
-                disk.model[offset : offset + BLOCK] = data  # no other op touches it
-                await engine.pwritev(disk.dfd, [buf.view], offset)
-            else:
-                expect = bytes(disk.model[offset : offset + BLOCK])
-                await engine.preadv(disk.dfd, [buf.view], offset)
-                assert buf.view == expect
-        finally:
-            pool.put(buf)
-
     async def body(engine: LinuxAioEngine) -> None:
         for _ in range(rounds):
             chosen = rng.sample(range(blocks), per_round)
-            await asyncio.gather(*(op(engine, b, rng.random() < 0.5) for b in chosen))
+            await asyncio.gather(*(model_op(engine, disk, pool, rng, b, rng.random() < 0.5)
+                                 for b in chosen))
         assert engine.aio_submitted == rounds * per_round
         assert engine.submitted == 0
 
@@ -431,22 +436,6 @@ def test_completions_are_taken_from_the_kernels_ring_without_io_getevents(
 
     monkeypatch.setattr(aio_abi, "io_getevents", spy)
 
-    async def op(engine: LinuxAioEngine, block: int, write: bool) -> None:
-        offset = block * BLOCK
-        buf = pool.get(BLOCK)
-        try:
-            if write:
-                data = rng.randbytes(BLOCK)
-                buf.view[:] = data
-                disk.model[offset : offset + BLOCK] = data
-                await engine.pwritev(disk.dfd, [buf.view], offset)
-            else:
-                expect = bytes(disk.model[offset : offset + BLOCK])
-                await engine.preadv(disk.dfd, [buf.view], offset)
-                assert buf.view == expect
-        finally:
-            pool.put(buf)
-
     async def body(engine: LinuxAioEngine) -> None:
         ring = engine._ring
         assert ring is not None
@@ -454,7 +443,8 @@ def test_completions_are_taken_from_the_kernels_ring_without_io_getevents(
         assert 8 <= nr < 1000  # so that 1,000 completions wrap it
         for _ in range(125):
             chosen = rng.sample(range(blocks), 8)
-            await asyncio.gather(*(op(engine, b, rng.random() < 0.5) for b in chosen))
+            await asyncio.gather(*(model_op(engine, disk, pool, rng, b, rng.random() < 0.5)
+                                 for b in chosen))
         head, tail = struct.unpack_from("<II", ring, 8)
         assert head == tail == 1000 % nr
         assert engine.aio_submitted == 1000 and engine.submitted == 0
