@@ -60,9 +60,10 @@ def settled(loop: asyncio.AbstractEventLoop, cancellable: bool = True) -> Settle
 
 
 class Plug:
-    """``with engine.plug():`` around starting several requests (as the block layer's
-    plug): an engine that submits to the kernel may hold them and submit them together
-    when the outermost plug ends, in the same turn of the loop. Re-entrant."""
+    """``with plug:`` around starting several requests (as the block layer's plug): what
+    they start is held, and ``unplug`` sends it on together when the outermost ``with``
+    ends, in the same turn of the loop. Re-entrant. An engine's (``engine.plug()``) holds
+    its submissions to the kernel; a VBD's (``vbd.batch``) its queue for the drivers."""
 
     __slots__ = ("depth", "_unplug")
 

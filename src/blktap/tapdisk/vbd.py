@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 from blktap.errors import BlktapError, DriverError, OutOfRange
 from blktap.io.buffers import scratch_buffer
-from blktap.io.engine import settled
+from blktap.io.engine import Plug, settled
 from blktap.metrics.latency import OpLatency
 from blktap.tapdisk.driver import (
     SECTOR,
@@ -142,27 +142,6 @@ def _group_iov(group: list[Request]) -> tuple[Sequence[memoryview], int]:
     return [v for r in group for v in r.iov], sum(r.length for r in group)
 
 
-class Batch:
-    """``with vbd.batch:`` around a transport's pass over its requests: what it starts
-    the callback way is queued and goes to the drivers, merged, when the outermost batch
-    ends (:meth:`VBD.kick`), in the same turn of the loop. Re-entrant; one per VBD."""
-
-    __slots__ = ("vbd", "depth")
-
-    def __init__(self, vbd: VBD) -> None:
-        self.vbd = vbd
-        self.depth = 0
-
-    def __enter__(self) -> Batch:
-        self.depth += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.depth -= 1
-        if not self.depth:
-            self.vbd.kick()
-
-
 def bound_requests(driver: Driver, timeout: float) -> None:
     """Tell the layers that hold requests themselves (the ``nbd`` driver, while it
     reconnects) how long a request may wait: the VBD's per-request timeout."""
@@ -231,7 +210,10 @@ class VBD:
         # Requests started the callback way while paused; queued again on resume.
         self._held_back: list[Request] = []
         self._kick_handle: asyncio.Handle | None = None
-        self.batch = Batch(self)
+        # ``with vbd.batch:`` around a transport's pass over its requests: what it starts
+        # the callback way is queued and goes to the drivers, merged, when the outermost
+        # batch ends (kick), in the same turn of the loop.
+        self.batch = Plug(self.kick)
         self._group_tasks: set[asyncio.Task] = set()
         self._tasks_for_abandoned: set[asyncio.Task] = set()
         self._inflight: set[Request] = set()
