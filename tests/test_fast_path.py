@@ -2487,6 +2487,11 @@ def test_the_aio_driver_starts_direct_requests_with_the_addresses_it_checked(
             assert not drv.start_read(0, [*parts[:3], odd], told.set_result)
             await drv.read(0, [*parts[:3], odd])
             assert b"".join([*parts[:3], odd]) == content[:16384]
+            # A read-only buffer has no address to give the kernel: the buffered
+            # descriptor again, through write (the same bytes, so the file is unchanged).
+            ro = memoryview(content[:4096])
+            assert not drv.start_write(0, [ro], told.set_result)
+            await drv.write(0, [ro])
         finally:
             await drv.close()
     with_engine(body, LinuxAioEngine)
