@@ -1728,6 +1728,48 @@ def test_hook_hands_a_partial_write_to_the_reader(shm: Path) -> None:
     arun(body)
 
 
+def test_reader_batches_the_replies_of_requests_it_finds_buffered(
+        shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes the reader serves at once (it woke for a payload that came in pieces, and
+    found more requests behind it): their replies leave together when it has taken what
+    was buffered, not one send each (at QD32 on tmpfs that was a sendmsg per write)."""
+    spec, path, content = make_image(shm, "raw")
+    sock = shm / "s.sock"
+    model = bytearray(content)
+    flushes: list[int] = []
+    real = Channel._send_some
+
+    def send_some(self: Channel, rest: list) -> list:
+        flushes.append(len(rest))
+        return real(self, rest)
+    monkeypatch.setattr(Channel, "_send_some", send_some)
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            w, conn = await attach(server, sock)
+            spy = HookSpy(conn)
+            writes = [(i, (3 + 5 * i) * 65536, data(200 + i, 4096)) for i in range(32)]
+            stream = b"".join(req(WRITE, off, len(pl), handle=h, payload=pl)
+                              for h, off, pl in writes)
+            send_now(w, stream[: REQ.size + 1000])  # the first payload, cut short
+            await until(lambda: bool(conn.ch._read_waiters) and not conn.ch._filling,
+                        "reader waits for the rest of the payload")
+            flushes.clear()
+            send_now(w, stream[REQ.size + 1000 :])  # all of it there when the reader runs
+            expect = {h: (0, b"") for h, _, _ in writes}
+            assert await asyncio.to_thread(collect, w, len(writes), {}) == expect
+            for _, off, pl in writes:
+                model[off : off + len(pl)] = pl
+            assert spy.reader_took == len(writes) and spy.hook_took == 0
+            # The first reply alone (nothing was buffered behind its payload yet), then the
+            # 31 others together; the old rule (send when the last in flight) made it 32.
+            assert len(flushes) <= 3, flushes
+            await settled(conn, vbd)
+            w.close()
+        assert path.read_bytes() == model
+    arun(body)
+
+
 def test_hook_at_the_end_of_the_receive_buffer(shm: Path) -> None:
     """One request of exactly the buffer's size arrives whole: the hook serves it. Then
     writes fill the buffer to its very end with the next header cut there: the hook

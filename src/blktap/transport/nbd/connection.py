@@ -528,9 +528,12 @@ class Connection:
         if self.ch.tls:  # TLS sends go buffer by buffer through the send lock, awaited
             self._start(self._send_posted(bufs, buf, length))
             return
-        # The last request in flight: nothing to batch its reply with, so it leaves now
-        # rather than at the end of the turn (the data hook still sends its batch once).
-        self.ch.post(bufs, self._posted, (buf, length), now=self.in_flight <= 1)
+        # The last request in flight, and no other request waiting in the receive buffer:
+        # nothing to batch its reply with, so it leaves now rather than at the end of the
+        # turn (the data hook still sends its batch once). With a request buffered the
+        # reader goes on to it in this turn, and the replies leave together.
+        self.ch.post(bufs, self._posted, (buf, length),
+                     now=self.in_flight <= 1 and self.ch.buffered < p.REQUEST.size)
 
     async def _send_posted(self, bufs: list, buf: Buffer | None, length: int) -> None:
         try:
