@@ -1770,6 +1770,66 @@ def test_reader_batches_the_replies_of_requests_it_finds_buffered(
     arun(body)
 
 
+@pytest.mark.parametrize("kind", ["raw", "vhd"])
+def test_writes_the_side_door_takes_are_written_from_the_receive_buffer(
+        shm: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write whose payload is all in the receive buffer (taken by the hook, or by the
+    reader behind a payload that came in pieces) goes to the side door from there: no
+    buffer of its own, no copy. One the side door refuses (a VHD write that allocates a
+    block) is copied into a buffer and served the slow way. All of it lands."""
+    spec, path, content = make_image(shm, kind)
+    sock = shm / "s.sock"
+    model = bytearray(content)
+    got_buffers: list[int] = []
+    real_get = BufferPool.get
+
+    def get(self: BufferPool, n: int):  # noqa: ANN202
+        got_buffers.append(n)
+        return real_get(self, n)
+    monkeypatch.setattr(BufferPool, "get", get)
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            w, conn = await attach(server, sock)
+            spy = HookSpy(conn)
+            # Overwrites inside data already there (a VHD's block 0): the side door takes
+            # every one.
+            writes = [(i, 2 * i * 65536 + 512, data(300 + i, 4096)) for i in range(16)]
+            stream = b"".join(req(WRITE, off, len(pl), handle=h, payload=pl)
+                              for h, off, pl in writes)
+            expect = {h: (0, b"") for h, _, _ in writes}
+            assert await exchange(w, stream, len(writes), {}) == expect
+            assert spy.hook_took > 0
+            # Behind a payload that came in pieces: the reader serves the others.
+            cut = REQ.size + 1000
+            more = [(16 + i, (2 * i + 1) * 65536, data(400 + i, 4096)) for i in range(16)]
+            stream = b"".join(req(WRITE, off, len(pl), handle=h, payload=pl)
+                              for h, off, pl in more)
+            send_now(w, stream[:cut])
+            await until(lambda: bool(conn.ch._read_waiters) and not conn.ch._filling,
+                        "reader waits for the rest of the payload")
+            send_now(w, stream[cut:])
+            assert await asyncio.to_thread(collect, w, len(more), {}) == {
+                h: (0, b"") for h, _, _ in more}
+            assert spy.reader_took == len(more)
+            # Only the write whose payload was cut took a buffer.
+            assert got_buffers == [4096], got_buffers
+            for _, off, pl in writes + more:
+                model[off : off + len(pl)] = pl
+            if kind == "vhd":
+                # Past the data: a block to allocate, which the side door refuses.
+                off = len(content) - 2 * MiB
+                pl = data(500, 4096)
+                assert await exchange(w, req(WRITE, off, 4096, handle=99, payload=pl), 1,
+                                      {}) == {99: (0, b"")}
+                model[off : off + 4096] = pl
+            await settled(conn, vbd)
+            w.close()
+        written = chain_bytes(path) if kind == "vhd" else path.read_bytes()
+        assert written == bytes(model)
+    arun(body)
+
+
 def test_hook_at_the_end_of_the_receive_buffer(shm: Path) -> None:
     """One request of exactly the buffer's size arrives whole: the hook serves it. Then
     writes fill the buffer to its very end with the next header cut there: the hook

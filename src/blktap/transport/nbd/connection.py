@@ -188,13 +188,16 @@ class Connection:
                     await self._reply_error(handle, error[0], error[1])
                     continue
                 await self._admit(length)
-                buf = self.pool.get(length)
-                try:
-                    await ch.read_into(buf.view)
-                except BaseException:
-                    self._release(buf, length)
-                    raise
-                self._serve_write(handle, flags, offset, buf, length)
+                if ch.buffered >= length:
+                    self._serve_buffered_write(handle, flags, offset, length)
+                else:
+                    buf = self.pool.get(length)
+                    try:
+                        await ch.read_into(buf.view)
+                    except BaseException:
+                        self._release(buf, length)
+                        raise
+                    self._serve_write(handle, flags, offset, buf, length)
             elif error is not None:
                 await self._reply_error(handle, error[0], error[1])
             elif cmd == p.CMD_READ:
@@ -277,10 +280,7 @@ class Connection:
                 ch.consume(req.size)
                 self.budget.take(charge)
                 self._take(length)
-                buf = self.pool.get(length)
-                buf.view[:] = ch.view[ch.start : ch.start + length]
-                ch.consume(length)
-                self._serve_write(handle, flags, offset, buf, length)
+                self._serve_buffered_write(handle, flags, offset, length)
             else:
                 ch.consume(req.size)
                 self.budget.take(charge)
@@ -311,11 +311,28 @@ class Connection:
         else:
             self._start_read(handle, flags, offset, buf, length, holes)
 
+    def _serve_buffered_write(self, handle: int, flags: int, offset: int,
+                              length: int) -> None:
+        """An admitted write whose payload is all in the receive buffer: written from
+        there when the side door takes it (no buffer of its own, no copy), else copied
+        into one and served as the others are."""
+        ch = self.ch
+        payload = ch.view[ch.start : ch.start + length]
+        if self.vbd.write_now(offset, payload, fua=bool(flags & p.CMD_FLAG_FUA)):
+            ch.consume(length)
+            self._post(self._ok_reply(handle), None, length)
+            return
+        buf = self.pool.get(length)
+        buf.view[:] = payload
+        ch.consume(length)
+        self._serve_write(handle, flags, offset, buf, length, tried_now=True)
+
     def _serve_write(self, handle: int, flags: int, offset: int, buf: Buffer,
-                     length: int) -> None:
-        """An admitted write whose payload is in ``buf``: likewise."""
+                     length: int, *, tried_now: bool = False) -> None:
+        """An admitted write whose payload is in ``buf``: likewise (``tried_now``: the
+        side door refused it already)."""
         fua = bool(flags & p.CMD_FLAG_FUA)
-        if self.vbd.write_now(offset, buf.view, fua=fua):
+        if not tried_now and self.vbd.write_now(offset, buf.view, fua=fua):
             self._written(handle, buf, length)
             return
         if length and not (offset | length) % SECTOR:
