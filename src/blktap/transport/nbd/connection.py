@@ -315,7 +315,7 @@ class Connection:
                               length: int) -> None:
         """An admitted write whose payload is all in the receive buffer: written from
         there when the side door takes it (no buffer of its own, no copy), else copied
-        into one and served as the others are."""
+        into one for the driver."""
         ch = self.ch
         payload = ch.view[ch.start : ch.start + length]
         if self.vbd.write_now(offset, payload, fua=bool(flags & p.CMD_FLAG_FUA)):
@@ -325,21 +325,25 @@ class Connection:
         buf = self.pool.get(length)
         buf.view[:] = payload
         ch.consume(length)
-        self._serve_write(handle, flags, offset, buf, length, tried_now=True)
+        self._write_later(handle, flags, offset, buf, length)
 
     def _serve_write(self, handle: int, flags: int, offset: int, buf: Buffer,
-                     length: int, *, tried_now: bool = False) -> None:
-        """An admitted write whose payload is in ``buf``: likewise (``tried_now``: the
-        side door refused it already)."""
-        fua = bool(flags & p.CMD_FLAG_FUA)
-        if not tried_now and self.vbd.write_now(offset, buf.view, fua=fua):
+                     length: int) -> None:
+        """An admitted write whose payload is in ``buf``: likewise."""
+        if self.vbd.write_now(offset, buf.view, fua=bool(flags & p.CMD_FLAG_FUA)):
             self._written(handle, buf, length)
             return
+        self._write_later(handle, flags, offset, buf, length)
+
+    def _write_later(self, handle: int, flags: int, offset: int, buf: Buffer,
+                     length: int) -> None:
+        """A write the side door refused: to the VBD the callback way if it is of whole
+        sectors, else by a task."""
         if length and not (offset | length) % SECTOR:
             try:
                 self.vbd.start_write(offset, [buf.view], length,
                                      lambda error: self._write_done(handle, buf, length, error),
-                                     fua=fua)
+                                     fua=bool(flags & p.CMD_FLAG_FUA))
             except BlktapError:
                 pass  # the task's way answers it
             else:
