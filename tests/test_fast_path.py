@@ -1728,6 +1728,27 @@ def test_hook_hands_a_partial_write_to_the_reader(shm: Path) -> None:
     arun(body)
 
 
+# Where send_first_payload_cut cuts: the first request's header and 1000 bytes of its payload.
+PAYLOAD_CUT = REQ.size + 1000
+
+
+def write_requests(writes: list[tuple[int, int, bytes]]
+                   ) -> tuple[bytes, dict[int, tuple[int, bytes]]]:
+    """The requests of ``writes`` ((handle, offset, payload) each) as one stream, and the
+    replies they expect (by handle)."""
+    stream = b"".join(req(WRITE, off, len(pl), handle=h, payload=pl) for h, off, pl in writes)
+    return stream, {h: (0, b"") for h, _, _ in writes}
+
+
+async def send_first_payload_cut(w: Wire, conn: Connection, stream: bytes) -> None:
+    """Send ``stream`` up to :data:`PAYLOAD_CUT` (a write's payload cut short) and return
+    once the reader waits for the rest of it: what is sent next is all buffered when the
+    reader runs, and it serves that itself."""
+    send_now(w, stream[:PAYLOAD_CUT])
+    await until(lambda: bool(conn.ch._read_waiters) and not conn.ch._filling,
+                "reader waits for the rest of the payload")
+
+
 def test_reader_batches_the_replies_of_requests_it_finds_buffered(
         shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes the reader serves at once (it woke for a payload that came in pieces, and
@@ -1749,14 +1770,10 @@ def test_reader_batches_the_replies_of_requests_it_finds_buffered(
             w, conn = await attach(server, sock)
             spy = HookSpy(conn)
             writes = [(i, (3 + 5 * i) * 65536, data(200 + i, 4096)) for i in range(32)]
-            stream = b"".join(req(WRITE, off, len(pl), handle=h, payload=pl)
-                              for h, off, pl in writes)
-            send_now(w, stream[: REQ.size + 1000])  # the first payload, cut short
-            await until(lambda: bool(conn.ch._read_waiters) and not conn.ch._filling,
-                        "reader waits for the rest of the payload")
+            stream, expect = write_requests(writes)
+            await send_first_payload_cut(w, conn, stream)
             flushes.clear()
-            send_now(w, stream[REQ.size + 1000 :])  # all of it there when the reader runs
-            expect = {h: (0, b"") for h, _, _ in writes}
+            send_now(w, stream[PAYLOAD_CUT:])
             assert await asyncio.to_thread(collect, w, len(writes), {}) == expect
             for _, off, pl in writes:
                 model[off : off + len(pl)] = pl
@@ -1795,22 +1812,15 @@ def test_writes_the_side_door_takes_are_written_from_the_receive_buffer(
             # Overwrites inside data already there (a VHD's block 0): the side door takes
             # every one.
             writes = [(i, 2 * i * 65536 + 512, data(300 + i, 4096)) for i in range(16)]
-            stream = b"".join(req(WRITE, off, len(pl), handle=h, payload=pl)
-                              for h, off, pl in writes)
-            expect = {h: (0, b"") for h, _, _ in writes}
+            stream, expect = write_requests(writes)
             assert await exchange(w, stream, len(writes), {}) == expect
             assert spy.hook_took > 0
             # Behind a payload that came in pieces: the reader serves the others.
-            cut = REQ.size + 1000
             more = [(16 + i, (2 * i + 1) * 65536, data(400 + i, 4096)) for i in range(16)]
-            stream = b"".join(req(WRITE, off, len(pl), handle=h, payload=pl)
-                              for h, off, pl in more)
-            send_now(w, stream[:cut])
-            await until(lambda: bool(conn.ch._read_waiters) and not conn.ch._filling,
-                        "reader waits for the rest of the payload")
-            send_now(w, stream[cut:])
-            assert await asyncio.to_thread(collect, w, len(more), {}) == {
-                h: (0, b"") for h, _, _ in more}
+            stream, expect = write_requests(more)
+            await send_first_payload_cut(w, conn, stream)
+            send_now(w, stream[PAYLOAD_CUT:])
+            assert await asyncio.to_thread(collect, w, len(more), {}) == expect
             assert spy.reader_took == len(more)
             # Only the write whose payload was cut took a buffer.
             assert got_buffers == [4096], got_buffers
@@ -1827,6 +1837,55 @@ def test_writes_the_side_door_takes_are_written_from_the_receive_buffer(
             w.close()
         written = chain_bytes(path) if kind == "vhd" else path.read_bytes()
         assert written == bytes(model)
+    arun(body)
+
+
+def test_empty_and_fua_writes_from_the_receive_buffer(
+        shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes of no bytes (one at the very end of the disk) and FUA writes, whole in the
+    receive buffer, through the hook and through the reader: the empty ones are answered
+    without touching the disk, the FUA ones reach the side door as FUA."""
+    spec, path, content = make_image(shm, "raw")
+    sock = shm / "s.sock"
+    model = bytearray(content)
+    side_door: list[tuple[int, int, bool]] = []
+    real = AioDriver.write_now
+
+    def write_now(self: AioDriver, offset: int, iov: list, *, fua: bool = False) -> bool:
+        side_door.append((offset, sum(len(v) for v in iov), fua))
+        return real(self, offset, iov, fua=fua)
+    monkeypatch.setattr(AioDriver, "write_now", write_now)
+
+    def mixed(first: int, base: int) -> list[bytes]:
+        return [req(WRITE, base, 4096, handle=first, payload=data(first, 4096)),
+                req(WRITE, base, 0, handle=first + 1, flags=FUA),
+                req(WRITE, len(content), 0, handle=first + 2),
+                req(WRITE, base + 8192, 4096, handle=first + 3, flags=FUA,
+                    payload=data(first + 3, 4096))]
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            w, conn = await attach(server, sock)
+            spy = HookSpy(conn)
+            expect = {h: (0, b"") for h in range(1, 5)}
+            assert await exchange(w, b"".join(mixed(1, MiB)), 4, {}) == expect
+            assert spy.hook_took == 4
+            stream = b"".join(mixed(11, 2 * MiB))
+            await send_first_payload_cut(w, conn, stream)
+            send_now(w, stream[PAYLOAD_CUT:])
+            expect = {h: (0, b"") for h in range(11, 15)}
+            assert await asyncio.to_thread(collect, w, 4, {}) == expect
+            assert spy.reader_took == 4
+            for first, base in ((1, MiB), (11, 2 * MiB)):
+                model[base : base + 4096] = data(first, 4096)
+                model[base + 8192 : base + 12288] = data(first + 3, 4096)
+            # Only the writes with a payload reached the disk, each with its own flag.
+            assert [(o, n, f) for o, n, f in side_door if n] == [
+                (MiB, 4096, False), (MiB + 8192, 4096, True),
+                (2 * MiB, 4096, False), (2 * MiB + 8192, 4096, True)]
+            await settled(conn, vbd)
+            w.close()
+        assert path.read_bytes() == model
     arun(body)
 
 
