@@ -34,6 +34,7 @@ from urllib.parse import quote
 from blktap.cli.common import add_parent_dir, parent_policy, print_warning
 from blktap.cli.service import ServeService, add_serve_options
 from blktap.errors import UsageError
+from blktap.io.clock import new_event_loop
 
 DEFAULT_TCP = "127.0.0.1:10809"
 
@@ -137,7 +138,8 @@ def run_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
     service.before_loop()
     if not args.socket and not args.tcp and not args.vhost_user and not args.fuse:
         args.tcp = [parse_hostport(DEFAULT_TCP)]
-    return asyncio.run(_serve(args, out or sys.stdout, service))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(_serve(args, out or sys.stdout, service))
 
 
 async def _stop_fuses(fuses: list, again: asyncio.Event) -> None:

@@ -49,10 +49,11 @@ import errno
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from blktap.errors import BlktapError, DriverError, OutOfRange
 from blktap.io.buffers import scratch_buffer
+from blktap.io.clock import Ticker, turn_clock
 from blktap.io.engine import Plug, settled
 from blktap.metrics.latency import OpLatency
 from blktap.tapdisk.driver import (
@@ -126,7 +127,8 @@ class Request:
     # a request merged into another's group.
     group: list[Request] | None = None
     future: asyncio.Future | None = None
-    start: float = field(default_factory=time.monotonic)
+    # When it was made, by the VBD's turn clock (set by the VBD: _start, _submit).
+    start: float = 0.0
     # The callback way (VBD.start_read/start_write): called with None or the error once
     # no driver holds the buffers; the group such a request leads runs in ``task``.
     done: Done | None = None
@@ -205,6 +207,9 @@ class VBD:
         self.stats = VbdStats()
         self.latency = OpLatency()  # per-request latency histograms (metrics)
         self.loop = asyncio.get_running_loop()
+        # Stamps for requests and progress: the loop's turn time where it keeps one (no
+        # clock reading per request: a system call in a PV dom0, see io/clock.py).
+        self._clock = turn_clock(self.loop)
         bound_requests(driver, timeout)
         self._queue: list[Request] = []
         # Requests started the callback way while paused; queued again on resume.
@@ -217,7 +222,7 @@ class VBD:
         self._group_tasks: set[asyncio.Task] = set()
         self._tasks_for_abandoned: set[asyncio.Task] = set()
         self._inflight: set[Request] = set()
-        self._last_progress = time.monotonic()
+        self._last_progress = self._clock()
         self._stall_reported = False
         self._rmw_lock = asyncio.Lock()
         self._idle = asyncio.Event()
@@ -227,7 +232,10 @@ class VBD:
         # Set while requests may go to the driver; cleared from pause to resume.
         self._running = asyncio.Event()
         self._running.set()
-        self._watchdog = self.loop.create_task(self._watch())
+        # Checked from the ticker's thread: a timer armed in the loop for as long as the
+        # disk is open would cost clock readings every turn (io/clock.py).
+        self._watchdog = Ticker.of(self.loop).every(
+            max(0.01, min(1.0, self.watchdog_timeout / 4)), self._check_watchdog)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -262,6 +270,7 @@ class VBD:
         of their tasks to run again issues them all, merging neighbours. The task of a
         group's first request runs the group; the others wait for its result. So a
         request costs no task and no turn of the loop beyond its caller's own."""
+        req.start = self._clock()
         if not self._running.is_set():
             await self._held()
         self._queue.append(req)
@@ -457,6 +466,7 @@ class VBD:
         return self._start(Request(Op.WRITE, offset, length, iov, fua=fua, done=done))
 
     def _start(self, req: Request) -> Request:
+        req.start = self._clock()
         if not self._running.is_set():  # paused: held until resume (or failed by close)
             self._held_back.append(req)
             return req
@@ -579,10 +589,9 @@ class VBD:
     def _finish(self, group: list[Request], result: object,
                 error: BaseException | None, *, cancelled: bool = False) -> None:
         st = self.stats
-        self._last_progress = time.monotonic()
+        self._last_progress = now = self._clock()
         self._stall_reported = False
         top = self.driver
-        now = self._last_progress
         lat = self.latency
         for req in group:
             self._inflight.discard(req)
@@ -629,21 +638,18 @@ class VBD:
         if not self._inflight:
             self._idle.set()
 
-    async def _watch(self) -> None:
-        period = max(0.01, min(1.0, self.watchdog_timeout / 4))
-        while True:
-            await asyncio.sleep(period)
-            if not self._inflight or self._stall_reported:
-                continue
-            stalled = time.monotonic() - self._last_progress
-            if stalled >= self.watchdog_timeout:
-                self._stall_reported = True
-                self.stats.watchdog_stalls += 1
-                oldest = min(self._inflight, key=lambda r: r.start)
-                log.warning("%s: watchdog: %d requests in flight, none completed for %.1f s "
-                            "(oldest: %s of %d bytes at %d, %.1f s old)", self.name,
-                            len(self._inflight), stalled, oldest.op.value, oldest.length,
-                            oldest.offset, time.monotonic() - oldest.start)
+    def _check_watchdog(self) -> None:
+        if not self._inflight or self._stall_reported:
+            return
+        stalled = time.monotonic() - self._last_progress
+        if stalled >= self.watchdog_timeout:
+            self._stall_reported = True
+            self.stats.watchdog_stalls += 1
+            oldest = min(self._inflight, key=lambda r: r.start)
+            log.warning("%s: watchdog: %d requests in flight, none completed for %.1f s "
+                        "(oldest: %s of %d bytes at %d, %.1f s old)", self.name,
+                        len(self._inflight), stalled, oldest.op.value, oldest.length,
+                        oldest.offset, time.monotonic() - oldest.start)
 
     # ------------------------------------------------------------------ side door
     def read_now(self, offset: int, view: memoryview) -> bool:
@@ -766,7 +772,7 @@ class VBD:
             st.read_sectors += sectors
         self.driver.hits[1 if write else 0] += sectors
         if self._inflight:  # progress, for the watchdog
-            self._last_progress = time.monotonic()
+            self._last_progress = self._clock()
 
     # ------------------------------------------------------------------ operations
     async def read(self, offset: int, view: memoryview) -> None:
@@ -895,7 +901,7 @@ class VBD:
         st.other_reqs += 1
         self.latency.other.counts[0] += 1  # as _served_now: the first bucket, no clock read
         if self._inflight:  # progress, for the watchdog
-            self._last_progress = time.monotonic()
+            self._last_progress = self._clock()
         return _cut_extents(extents, start, offset, length)
 
     def _status_span(self, offset: int, length: int) -> tuple[int, int]:
@@ -991,7 +997,7 @@ class VBD:
         if name:
             self.name = name
         self.state = VbdState(0)
-        self._last_progress = time.monotonic()
+        self._last_progress = self._clock()
         self._running.set()
         held, self._held_back = self._held_back, []
         for req in held:
