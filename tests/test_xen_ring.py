@@ -583,6 +583,60 @@ def test_persistent_grants_for_indirect_requests() -> None:
     serve(body, persistent=True)
 
 
+def test_persistent_grants_segments_seen_before_are_served_checked_as_the_first_time(
+        ) -> None:
+    """A segment of a mapped page is checked and cut once, then looked up: the same
+    segments again go to the same views, and every request is still checked in full
+    (its range, a write to a read-only disk, a new bad segment beside known ones)."""
+    async def body(guest: Guest, ring, vbd: VBD, drv: Recorder) -> None:
+        a, b = guest.grant(pattern(1)), guest.grant(pattern(2))
+        segs = [(a, 0, 7), (b, 2, 5)]
+        guest.put_rw(OP_WRITE, 1, 8, segs)
+        guest.push()
+        assert await guest.wait(1) == {1: (OP_WRITE, OKAY)}
+        assert bytes(drv.data[4096:4096 + PAGE + 2048]) == pattern(1) + pattern(2)[1024:3072]
+        assert set(ring._segment_views) == set(segs)
+        views = dict(ring._segment_views)
+        # The same segments, read back elsewhere in the guest's pages' own order
+        guest.pages[a][:] = bytes(PAGE)
+        guest.pages[b][:] = bytes(PAGE)
+        guest.put_rw(OP_READ, 2, 8, segs)
+        guest.push()
+        assert await guest.wait(1) == {2: (OP_READ, OKAY)}
+        assert bytes(guest.pages[a]) == pattern(1)
+        assert bytes(guest.pages[b][1024:3072]) == pattern(2)[1024:3072]
+        assert all(ring._segment_views[k] is v for k, v in views.items())
+        # Known segments still meet every check
+        last = vbd.size // 512 - 8
+        guest.put_rw(OP_READ, 3, last, segs)  # 12 sectors from 8 before the end
+        guest.put_rw(OP_READ, 4, 0, [segs[0], (b, 6, 2)])  # a bad one beside a known one
+        guest.put_rw(OP_READ, 5, 0, [segs[0], (b, 0, 8)])  # past its page
+        guest.put_rw(OP_WRITE, 6, 0, segs)
+        guest.push()
+        assert await guest.wait(4) == {3: (OP_READ, ERROR), 4: (OP_READ, ERROR),
+                                       5: (OP_READ, ERROR), 6: (OP_WRITE, OKAY)}
+        assert (b, 6, 2) not in ring._segment_views and (b, 0, 8) not in ring._segment_views
+        assert guest.copies == 0 and ring.stats.errors == 3
+        await ring.stop()
+        assert not ring._segment_views  # nothing keeps the guest's pages exported
+        assert all(m.closed for m in guest.page_mappings)
+    serve(body, persistent=True)
+
+
+def test_persistent_grants_known_segments_cannot_write_a_read_only_disk() -> None:
+    async def body(guest: Guest, ring, vbd: VBD, drv: Recorder) -> None:
+        g = guest.grant(b"w" * PAGE)
+        guest.put_rw(OP_READ, 1, 0, [(g, 0, 7)])
+        guest.push()
+        assert await guest.wait(1) == {1: (OP_READ, OKAY)}
+        assert (g, 0, 7) in ring._segment_views
+        guest.put_rw(OP_WRITE, 2, 0, [(g, 0, 7)])
+        guest.push()
+        assert await guest.wait(1) == {2: (OP_WRITE, ERROR)}
+        assert bytes(drv.data[:PAGE]) == bytes(PAGE)
+    serve(body, persistent=True, read_only=True)
+
+
 def test_persistent_grants_a_bad_grant_fails_its_request_only() -> None:
     async def body(guest: Guest, ring, vbd: VBD, drv: Recorder) -> None:
         good = guest.grant(b"g" * PAGE)
