@@ -857,3 +857,42 @@ def test_skip_over_several_blocks_stops_where_any_block_is_held(tmp_path: Path) 
     run(body)
     with Chain.open(f"vhd:{layers[-1]}") as c:
         assert c.pread(2 * MiB, 12288) == b"B" * 4096 + b"M" * 4096 + b"B" * 4096
+
+
+def test_finished_requests_leave_no_cycle_for_the_garbage_collector(tmp_path: Path) -> None:
+    """A request started the callback way, whose done refers back to it (as a transport's
+    closure does), and the group it led are freed by their reference counts once
+    finished: nothing per request is left for the cyclic collector to find."""
+    import gc
+
+    from blktap.tapdisk.vbd import Request
+
+    path = tmp_path / "d.img"
+    path.write_bytes(bytes(1 << 20))
+
+    async def body(engine: ThreadEngine) -> None:
+        vbd = await open_vbd(engine, f"aio:{path}")
+        finished: list[int] = []
+        bufs = [memoryview(bytearray(4096)) for _ in range(8)]
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for round_ in range(4):
+                for i, buf in enumerate(bufs):
+                    start = vbd.start_write if round_ % 2 else vbd.start_read
+                    # the closure refers to the request it is the done of
+                    req = start(i * 4096, [buf], 4096,
+                                lambda error, box=[]: finished.append(len(box)))
+                    req.done.__defaults__[0].append(req)  # type: ignore[union-attr]
+                while len(finished) < 8 * (round_ + 1):
+                    await asyncio.sleep(0.001)
+            gc.collect()
+            left = [o for o in gc.garbage if isinstance(o, Request)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert left == []
+        await vbd.close()
+    run(body)

@@ -622,9 +622,11 @@ class VBD:
                 st.other_reqs += 1
             else:
                 st.other_errors += 1
-            if req.done is not None:
+            done = req.done
+            if done is not None:
+                req.done = None  # (it refers to the request: no cycle for the collector)
                 try:
-                    req.done(asyncio.CancelledError() if cancelled else error)
+                    done(asyncio.CancelledError() if cancelled else error)
                 except Exception:  # a transport's bug: the others still hear theirs
                     log.exception("%s: completing a %s failed", self.name, req.op.value)
                 continue
@@ -635,6 +637,9 @@ class VBD:
                 fut.set_result(result)
             else:
                 fut.set_exception(error)
+        # The leader's group holds the leader: unlinked, a finished request is freed by
+        # its reference count, not left in a cycle for the garbage collector.
+        group[0].group = None
         if not self._inflight:
             self._idle.set()
 

@@ -596,6 +596,7 @@ class BlkifRing:
 
     def _started_done(self, job: Job, error: BaseException | None) -> None:
         self._started.discard(job)
+        job.started = None  # (its done refers to the job: no cycle left for the collector)
         self._ended()
         if isinstance(error, asyncio.CancelledError):  # the guest is going away
             self._release(job)
