@@ -111,6 +111,27 @@ def test_a_closed_loop_ends_its_ticker_thread() -> None:
     wait_for_no_ticker_thread()
 
 
+def test_a_ticker_does_not_keep_its_loop_alive() -> None:
+    """The registry of tickers holds loops weakly: a closed loop that nobody holds is
+    freed with its ticker, its check registered or not."""
+    import gc
+    import weakref
+
+    refs = []
+    for cancel in (True, False):
+        loop = asyncio.new_event_loop()
+        tick = Ticker.of(loop).every(0.01, lambda: None)
+        if cancel:
+            tick.cancel()
+        refs.append(weakref.ref(loop))
+        loop.close()
+        del loop, tick
+    wait_for_no_ticker_thread()
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    assert not any(r() in Ticker._of for r in refs)
+
+
 def test_ticker_refuses_a_period_that_is_not_positive() -> None:
     loop = asyncio.new_event_loop()
     try:

@@ -90,7 +90,8 @@ class Ticker:
         weakref.WeakKeyDictionary())
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # Weak: the registry's value must not keep its key (the loop) alive.
+        self._loop = weakref.ref(loop)
         self._cond = threading.Condition()
         self._due: list[tuple[float, int, Tick]] = []  # heap of (when, seq, tick)
         self._seq = itertools.count()
@@ -137,9 +138,7 @@ class Ticker:
                     self._cond.wait(wait)
                     continue
                 when, _, tick = heapq.heappop(self._due)
-                try:
-                    self.loop.call_soon_threadsafe(tick._run)
-                except RuntimeError:  # the loop is closed: nobody is left to check
+                if not self._hand_over(tick):  # the loop is gone: nobody is left to check
                     break
                 # The next one a period after this one was due, or a period from now if
                 # this thread was held up past that (no burst of checks to catch up).
@@ -149,3 +148,14 @@ class Ticker:
             self._due.clear()
             self._live = 0
             self._thread = None
+
+    def _hand_over(self, tick: Tick) -> bool:
+        """Give ``tick`` to its loop to run; False when the loop is closed or gone."""
+        loop = self._loop()  # (a local that ends here: the sleeping thread holds no loop)
+        if loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(tick._run)
+        except RuntimeError:
+            return False
+        return True
