@@ -34,7 +34,7 @@ from urllib.parse import quote
 from blktap.cli.common import add_parent_dir, parent_policy, print_warning
 from blktap.cli.service import ServeService, add_serve_options
 from blktap.errors import UsageError
-from blktap.io.clock import new_event_loop
+from blktap.io.clock import TurnClockLoop
 
 DEFAULT_TCP = "127.0.0.1:10809"
 
@@ -138,7 +138,7 @@ def run_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
     service.before_loop()
     if not args.socket and not args.tcp and not args.vhost_user and not args.fuse:
         args.tcp = [parse_hostport(DEFAULT_TCP)]
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+    with asyncio.Runner(loop_factory=TurnClockLoop) as runner:
         return runner.run(_serve(args, out or sys.stdout, service))
 
 

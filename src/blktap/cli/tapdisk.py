@@ -33,7 +33,7 @@ from blktap.cli.daemonize import detach_until_ready, null_stdio, say_ready
 from blktap.cli.logsetup import add_log_options, configure
 from blktap.control.rundir import control_dir
 from blktap.errors import BlktapError
-from blktap.io.clock import new_event_loop
+from blktap.io.clock import TurnClockLoop
 
 DEFAULT_LOG_DIR = "/var/log/blktap"
 LOG_FORMAT = "%(asctime)s tapdisk[%(process)d]: %(levelname)s %(message)s"
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.errno or 22
     code = 1
     try:
-        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        with asyncio.Runner(loop_factory=TurnClockLoop) as runner:
             code = runner.run(_main(args, ready_fd, logfile))
     except (BlktapError, OSError) as exc:
         logging.getLogger("blktap.tapdisk").error("%s", exc)

@@ -54,11 +54,6 @@ def turn_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
     return time.monotonic
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """The loop of a data-path process (``asyncio.Runner(loop_factory=...)``)."""
-    return TurnClockLoop()
-
-
 class Tick:
     """One periodic check registered with a :class:`Ticker`; :meth:`cancel` ends it."""
 
