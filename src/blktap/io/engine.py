@@ -105,6 +105,16 @@ class Engine(ABC):
         False (and nothing written) when it would have to wait."""
         return False
 
+    def inline_mode(self, fd: int) -> str | None:
+        """What :meth:`try_preadv`/:meth:`try_pwritev` can do on ``fd``, for a caller that
+        does the system calls itself (the compiled inline path): ``"memory"`` (a file in
+        memory: reads and writes never wait; a short read is the end of the file),
+        ``"nowait"`` (reads with RWF_NOWAIT, writes never) or None (never inline)."""
+        return None
+
+    def count_inline(self, reads: int, writes: int) -> None:  # noqa: B027 - optional
+        """Count requests such a caller did inline on this engine's behalf."""
+
     _no_plug = Plug()
 
     def plug(self) -> Plug:

@@ -192,6 +192,14 @@ class ThreadEngine(Engine):
         self.inline_reads += 1
         return True
 
+    def inline_mode(self, fd: int) -> str | None:
+        mode = self._fd_modes.get(fd) or self._fd_mode(fd)
+        return "memory" if mode == MEMORY else "nowait" if mode == NOWAIT else None
+
+    def count_inline(self, reads: int, writes: int) -> None:
+        self.inline_reads += reads
+        self.inline_writes += writes
+
     async def preadv(self, fd: int, iov: Sequence[memoryview], offset: int) -> None:
         """Reads that the kernel can serve without waiting (page cache, tmpfs) are done
         on the loop thread: a thread hand-off costs more than the copy. Anything else

@@ -33,7 +33,7 @@ import enum
 import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from blktap.errors import BlktapError, OutOfRange, UnsupportedImage
 from blktap.image.parents import ParentPolicy
@@ -117,6 +117,18 @@ class OpenContext:
     follow_probed_parents: bool = False
     # Where parents named by images may be opened from (None: the environment's).
     parent_policy: ParentPolicy | None = None
+
+
+class InlineTarget(NamedTuple):
+    """:meth:`Driver.inline_target`: the descriptor holding the disk's bytes at their own
+    offsets, the disk's size, whether the file is in memory (reads and writes never wait;
+    a short read is the end of the file) or only reads that find the page cache may be
+    done (RWF_NOWAIT), and whether writes may be done inline (a file in memory, writable)."""
+
+    fd: int
+    size: int
+    memory: bool
+    writes: bool
 
 
 class Driver:
@@ -329,6 +341,16 @@ class Driver:
         (no metadata change, data to memory) and return True, or return False having
         changed nothing."""
         return False
+
+    def inline_target(self) -> InlineTarget | None:
+        """Where a transport's compiled inline path may do this driver's reads and
+        writes itself, with plain system calls: when every byte of the disk sits at its
+        own offset of one descriptor the kernel serves without waiting, the target that
+        says so; else None (the default: filters, images with metadata, devices). Asked
+        again before each pass, so a driver may change its answer at any time (after
+        punching a hole, say); what the compiled path does must be exactly what
+        :meth:`read_now`/:meth:`write_now` would do."""
+        return None
 
     def start_read(self, offset: int, iov: Sequence[memoryview], done: Completion) -> bool:
         """The callback way of :meth:`read`, for a driver whose read is one operation the

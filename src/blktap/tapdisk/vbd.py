@@ -63,6 +63,7 @@ from blktap.tapdisk.driver import (
     DirtyBitmap,
     Driver,
     Extents,
+    InlineTarget,
     Tally,
     merge_extents,
 )
@@ -776,6 +777,40 @@ class VBD:
             st.read_reqs += 1
             st.read_sectors += sectors
         self.driver.hits[1 if write else 0] += sectors
+        if self._inflight:  # progress, for the watchdog
+            self._last_progress = self._clock()
+
+    def inline_target(self) -> InlineTarget | None:
+        """Where a transport's compiled inline path may serve this disk's reads (and
+        writes, if ``writes``) itself, as :meth:`read_now`/:meth:`write_now` would: the
+        top driver's :meth:`Driver.inline_target` while the disk runs (None while paused
+        or closed, and for any stack with a filter on top). The transport takes only
+        whole sectors inside the disk there, and reports them with :meth:`served_inline`.
+        Ask again before each pass: the answer changes with the disk's state."""
+        if self._closed or not self._running.is_set():
+            return None
+        target = self.driver.inline_target()
+        if target is not None and target.writes and self.read_only:
+            return target._replace(writes=False)
+        return target
+
+    def served_inline(self, reads: int, read_bytes: int, writes: int,
+                      write_bytes: int) -> None:
+        """Count the requests a transport served at :meth:`inline_target`, as
+        :meth:`_served_now` counts the side door's."""
+        st = self.stats
+        st.submitted += reads + writes
+        lat = self.latency
+        lat.read.counts[0] += reads
+        lat.write.counts[0] += writes
+        st.read_reqs += reads
+        st.read_sectors += read_bytes // SECTOR
+        st.write_reqs += writes
+        st.write_sectors += write_bytes // SECTOR
+        hits = self.driver.hits
+        hits[0] += read_bytes // SECTOR
+        hits[1] += write_bytes // SECTOR
+        self.driver.engine.count_inline(reads, writes)
         if self._inflight:  # progress, for the watchdog
             self._last_progress = self._clock()
 

@@ -25,6 +25,7 @@ from blktap.tapdisk.driver import (
     Caps,
     Driver,
     Extents,
+    InlineTarget,
     OpenContext,
     Tally,
 )
@@ -52,6 +53,7 @@ class AioDriver(Driver):
         self.dense = block_device or st.st_blocks * 512 >= st.st_size
         self.seek_now = not block_device and syscalls.in_memory(fd)
         self.caps = Caps.BLOCK_STATUS | Caps.CACHE | Caps.FLUSH
+        self._inline: InlineTarget | None = None  # inline_target, once learnt
         if writable:
             self.caps |= Caps.WRITE | Caps.FUA | Caps.TRIM | Caps.ZERO | Caps.FAST_ZERO
 
@@ -140,6 +142,22 @@ class AioDriver(Driver):
         if self._direct_shape(offset, iov):
             return False
         return self.engine.try_preadv(self.fd, iov, offset)
+
+    def inline_target(self) -> InlineTarget | None:
+        # Only the buffered descriptor serves inline (what the direct one takes waits for
+        # the device), and only a file without holes: a read of a hole is answered as one
+        # (VBD.zero_runs_now), which the compiled path does not do.
+        if self.dfd is not None or not self.dense:
+            return None
+        cached = self._inline
+        if cached is None:
+            mode = self.engine.inline_mode(self.fd)
+            if mode is None:
+                return None
+            memory = mode == "memory"
+            cached = self._inline = InlineTarget(self.fd, self.size, memory,
+                                                 memory and self.writable)
+        return cached
 
     def start_read(self, offset: int, iov: Sequence[memoryview], done: Completion) -> bool:
         fd, addrs = self._target(offset, iov)
