@@ -17,7 +17,7 @@ deps:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py src/blktap/transport/nbd/_inline.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test,torture]'
 	@touch $@

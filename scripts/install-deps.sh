@@ -9,14 +9,15 @@
 # ../shared/xen-testbed/build.sh needs on the host (it would install them itself, but only
 # when run as root). For the rbd driver and its tests (tests/ceph_cluster.py): a throwaway
 # Ceph (monitor, OSD, the ceph/rbd tools), Debian's librbd/librados Python bindings, and
-# qemu's rbd block driver (qemu-block-extra) as the peer.
+# qemu's rbd block driver (qemu-block-extra) as the peer. gcc and Python's headers
+# (python3-dev) build the NBD transport's compiled inline path at pip install.
 # when run as root). For docs/operations.md's tests: groff and man (the man pages render),
 # systemd's systemd-analyze (the units verify; the package starts nothing in a container).
 set -euo pipefail
 
 packages=(qemu-utils libnbd-bin python3-libnbd fio nbdkit python3-venv fuse3
           qemu-system-common nbdkit-plugin-python strace
-          qemu-system-x86 busybox-static gcc libc6-dev cpio kmod xz-utils zstd
+          qemu-system-x86 busybox-static gcc libc6-dev python3-dev cpio kmod xz-utils zstd
           debootstrap e2fsprogs gzip openssl groff-base man-db systemd
           ceph-mon ceph-osd ceph-common python3-rbd python3-rados qemu-block-extra)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || packages+=(linux-image-amd64)

@@ -14,6 +14,10 @@
   for a header), with raw sockets: requests split at every awkward place, mixed pipelines
   handed between the hook and the reader, bad magic, counters, flow control, a hook that
   raises, TLS (no hook), DISC, and a rejected write's payload that looks like requests.
+
+Everything here runs with the NBD transport's compiled inline path turned off
+(``BLKTAP_INLINE=0``): these are the Python path's tests, which stays the reference and
+the fallback; tests/test_nbd_inline.py runs the compiled one against the same peers.
 """
 
 from __future__ import annotations
@@ -75,6 +79,11 @@ BLOCK = 2 * MiB
 SYSTEM_PYTHON = "/usr/bin/python3"
 KEY = bytes(range(64))  # AES-256-XTS, halves differ
 DEADLINE = 60.0  # seconds a condition may take to come true (never a timing assert)
+
+
+@pytest.fixture(autouse=True)
+def python_path_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLKTAP_INLINE", "0")
 
 
 # ------------------------------------------------------------------------- turns
@@ -1112,7 +1121,8 @@ print(json.dumps(count))
 
 def spy_side_door(vbd: VBD) -> dict[str, list[int]]:
     """Count, per kind, requests the side door served at once and declined (a read all
-    of zeros, answered from the metadata without a read, counts as served at once)."""
+    of zeros, answered from the metadata without a read, and a request the transport's
+    compiled inline path served, count as served at once)."""
     counts = {"read": [0, 0], "write": [0, 0]}
     real_read, real_write, real_zeros = vbd.read_now, vbd.write_now, vbd.zero_runs_now
 
@@ -1131,9 +1141,17 @@ def spy_side_door(vbd: VBD) -> dict[str, list[int]]:
         ok = real_write(offset, v, fua=fua)
         counts["write"][0 if ok else 1] += 1
         return ok
+    real_inline = vbd.served_inline
+
+    def served_inline(reads: int, read_bytes: int, writes: int, write_bytes: int) -> None:
+        # The transport's compiled inline path serves at once too (its own system calls).
+        counts["read"][0] += reads
+        counts["write"][0] += writes
+        real_inline(reads, read_bytes, writes, write_bytes)
     vbd.read_now = read_now  # type: ignore[method-assign]
     vbd.write_now = write_now  # type: ignore[method-assign]
     vbd.zero_runs_now = zero_runs_now  # type: ignore[method-assign]
+    vbd.served_inline = served_inline  # type: ignore[method-assign]
     return counts
 
 

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import struct
+import threading
 from collections.abc import Coroutine
 from typing import Any
 
@@ -42,6 +44,7 @@ from blktap.errors import BlktapError
 from blktap.io.buffers import Buffer, BufferPool, size_class
 from blktap.tapdisk.driver import SECTOR
 from blktap.tapdisk.vbd import Request, errno_of
+from blktap.transport.nbd import inline
 from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.handshake import Dropped, Session
 from blktap.transport.sockio import Channel, Closed
@@ -81,6 +84,16 @@ _PUMPED = (p.CMD_READ, p.CMD_WRITE, p.CMD_BLOCK_STATUS)
 Holes = list[tuple[int, bool]] | None
 
 
+_scratch = threading.local()  # the compiled path's reply buffer, one per loop thread
+
+
+def _scratch_buffer() -> bytearray:
+    buf = getattr(_scratch, "buf", None)
+    if buf is None:
+        buf = _scratch.buf = bytearray(inline.SCRATCH_BYTES)
+    return buf
+
+
 class RequestError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -114,6 +127,8 @@ class Connection:
         self._hangup_check: asyncio.TimerHandle | None = None
         # Cached: asyncio.get_running_loop() costs a getpid() system call per call.
         self.loop = loop
+        # The compiled inline path (inline.py), used from the data hook (plain sockets).
+        self._inline = None if ch.tls else inline.compiled()
 
     # ------------------------------------------------------------------ reader
     async def serve(self) -> None:
@@ -174,6 +189,16 @@ class Connection:
             await ch.fill(p.REQUEST.size, between_messages=True)
             if self.broken:  # (fill need not wait, so the cancellation may not land)
                 raise Closed("the client is gone")
+            if self._inline is not None:
+                served = self._pump_inline(budget)
+                if self.broken:
+                    raise Closed("the client is gone")
+                if served:
+                    budget -= served
+                    if budget <= 0:
+                        budget = FAIRNESS_BUDGET
+                        await asyncio.sleep(0)
+                    continue
             magic, flags, cmd, handle, offset, length = ch.unpack(p.REQUEST)
             if magic != p.REQUEST_MAGIC:
                 raise Dropped(f"bad request magic {magic:#x}")
@@ -256,10 +281,15 @@ class Connection:
 
     def _pump_requests(self) -> bool:
         ch = self.ch
+        req = p.REQUEST
+        budget = FAIRNESS_BUDGET
+        if self._inline is not None:
+            budget -= self._pump_inline(budget)
+            if self.broken:
+                return False  # the reader finds it so and stops
         buf_bytes = ch.buf
         size = self.vbd.size
-        req = p.REQUEST
-        for _ in range(FAIRNESS_BUDGET):
+        for _ in range(budget):
             if ch.end - ch.start < req.size:
                 return True  # a partial header (or nothing): wait for more
             magic, flags, cmd, handle, offset, length = req.unpack_from(buf_bytes, ch.start)
@@ -287,6 +317,38 @@ class Connection:
                 self._take(length)
                 self._serve_read(handle, flags, offset, length)
         return ch.end - ch.start < req.size
+
+    def _pump_inline(self, budget: int) -> int:
+        """The compiled pass over the requests at the front of the receive buffer (up to
+        ``budget`` of them), when the disk has an inline target now: it serves those the
+        disk can serve at once, as :meth:`_serve_read`/:meth:`_serve_buffered_write`
+        would through the VBD's side door, and sends their replies itself; how many it
+        served. They hold no room in flight: each is done and answered before it
+        returns, but for replies the socket had no room for, which are queued here."""
+        ch = self.ch
+        if ch.end - ch.start < p.REQUEST.size or self.broken or not ch.clear_to_send():
+            return 0
+        target = self.vbd.inline_target()
+        if target is None:
+            return 0
+        scratch = _scratch_buffer()
+        assert self._inline is not None
+        start, reads, read_bytes, writes, write_bytes, sent, used, error = self._inline(
+            ch.fd, ch.buf, ch.start, ch.end, scratch, target.fd, target.size,
+            inline.mode(target, self.session.structured), budget, inline.MAX_LENGTH)
+        ch.consume(start - ch.start)
+        served = reads + writes
+        if served:
+            self.vbd.served_inline(reads, read_bytes, writes, write_bytes)
+        if error:
+            log.debug("%s: reply failed: %s", self.peer, os.strerror(error))
+            self._die()
+        elif sent < used:  # the socket is full: the rest waits in the queue, held and
+            left = used - sent  # charged as a buffer of its size would be
+            self.budget.take(self._charge(left))
+            self._take(left)
+            ch.post([bytes(scratch[sent:used])], self._posted, (None, left))
+        return served
 
     # ------------------------------------------------------------------ reads and writes
     def _serve_read(self, handle: int, flags: int, offset: int, length: int) -> None:

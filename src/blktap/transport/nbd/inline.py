@@ -1,0 +1,56 @@
+"""The compiled inline path of the NBD transport (``_inline.c``), when it was built.
+
+At QD1 a request served by the Python side door costs about a hundred Python calls
+(parse, validate, admit, VBD.read_now, the driver, the engine, the reply, the send
+queue) for two system calls' worth of work; the compiled pass does the same for the
+requests the disk can serve at once, in one call per batch. It takes only what the
+Python path would serve the same way and stops at anything else, so the Python path
+stays the reference: every error, flag and policy is decided there.
+
+The extension is optional: ``pip install`` builds it where a C compiler and Python's
+headers are present and goes on without it where they are not. ``BLKTAP_INLINE=0`` in
+the environment turns it off (to compare, or to rule it out).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from blktap.tapdisk.driver import InlineTarget
+
+MODE_STRUCTURED = 1
+MODE_MEMORY = 2
+MODE_WRITABLE = 4
+# Replies gathered before they are sent (a read's data travels in it): one buffer per
+# server, big enough for a batch of small reads or one large one.
+SCRATCH_BYTES = (1 << 20) + (64 << 10)
+# The largest request the compiled path takes (larger ones gain nothing from it).
+MAX_LENGTH = 1 << 20
+
+Pump = Callable[..., tuple[int, int, int, int, int, int, int, int]]
+
+try:
+    from blktap.transport.nbd import _inline
+except ImportError:  # not built (no compiler at install time)
+    _inline = None  # type: ignore[assignment]
+
+
+def compiled() -> Pump | None:
+    """The compiled pass (``nbd_pump``), or None when it is not built or turned off."""
+    if _inline is None or os.environ.get("BLKTAP_INLINE", "1") == "0":
+        return None
+    assert (_inline.MODE_STRUCTURED, _inline.MODE_MEMORY, _inline.MODE_WRITABLE) == (
+        MODE_STRUCTURED, MODE_MEMORY, MODE_WRITABLE)
+    return _inline.nbd_pump
+
+
+def available() -> bool:
+    """Whether the extension was built (whatever the environment says)."""
+    return _inline is not None
+
+
+def mode(target: InlineTarget, structured: bool) -> int:
+    """The mode bits of a pass over ``target``."""
+    return ((MODE_STRUCTURED if structured else 0) | (MODE_MEMORY if target.memory else 0)
+            | (MODE_WRITABLE if target.writes else 0))

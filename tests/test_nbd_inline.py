@@ -1,0 +1,563 @@
+"""The NBD transport's compiled inline path (``transport/nbd/_inline.c``, inline.py).
+
+- the build: where a C compiler and Python's headers are, ``pip install`` built it;
+- ``nbd_pump`` itself, over a socket pair and a file: reply bytes equal to the Python
+  path's packing (simple and structured), data read and written, FUA, and every request
+  it must leave to the Python path (bad magic, other commands, flags, unaligned, empty,
+  out of range, over the length limit, a write payload not all here, writes to a target
+  that takes none, reads the page cache does not hold), consuming nothing of those; the
+  request budget; a full socket (the rest of its replies handed back); a vanished peer;
+  a file shorter than the disk (zeros, as the Python path reads them);
+- the VBD's choice of a target: none while paused, for a filter on top, for a VHD, for a
+  file with holes; no writes on a read-only export;
+- end to end through the server, with raw sockets and with libnbd: a mixed burst of every
+  kind of request (valid and not) gets the same answers as the Python path gives; libnbd
+  with 64 in flight, checked by qemu-img; a client that reads no replies then vanishes
+  gives back every byte of memory it held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import shutil
+import socket
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from blktap.io.threads import ThreadEngine
+from blktap.tapdisk.driver import InlineTarget
+from blktap.tapdisk.drivers import open_stack
+from blktap.tapdisk.vbd import VBD
+from blktap.transport.nbd import inline
+from blktap.transport.nbd import proto as p
+from blktap.transport.nbd.connection import MAX_IN_FLIGHT
+from blktap.transport.nbd.server import Export, NbdServer
+from conftest import ROOT, need
+from nbd_helpers import Wire
+from test_fast_path import (
+    CLIENT,
+    DF,
+    FLUSH,
+    FUA,
+    QD1,
+    READ,
+    SYSTEM_PYTHON,
+    WRITE,
+    arun,
+    attach,
+    check_burst,
+    collect,
+    data,
+    exchange,
+    make_image,
+    mixed_burst,
+    nbd_served,
+    need_libnbd,
+    outstanding,
+    qemu_compare,
+    read_requests,
+    req,
+    settled,
+    shm,  # noqa: F401  (a fixture)
+    spy_side_door,
+    sub,
+    until,
+)
+
+MiB = 1 << 20
+KiB = 1 << 10
+SECTOR = 512
+
+
+def compiled() -> inline.Pump:
+    pump = inline.compiled()
+    if pump is None:
+        if not inline.available():
+            pytest.skip("the compiled inline path is not built here (no C compiler)")
+        pytest.skip("BLKTAP_INLINE=0 in the environment")
+    return pump
+
+
+# ------------------------------------------------------------------------- the build
+def test_the_extension_is_built_where_it_can_be() -> None:
+    """A machine with a C compiler and Python's headers (what scripts/install-deps.sh
+    installs) builds the extension at ``pip install``: a missing one there is a broken
+    build, not a reason to skip."""
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not (shutil.which("cc") or shutil.which("gcc")) or not headers.exists():
+        pytest.skip("no C compiler or no Python headers: the pure-Python path serves")
+    assert inline.available(), (
+        f"blktap.transport.nbd._inline was not built: run `pip install -e {ROOT}` and "
+        "read its warnings")
+
+
+# ------------------------------------------------------------------------- nbd_pump alone
+class Pumped:
+    """nbd_pump's answer, by name."""
+
+    def __init__(self, out: tuple) -> None:
+        (self.start, self.reads, self.read_bytes, self.writes, self.write_bytes,
+         self.sent, self.used, self.error) = out
+
+
+class Bench:
+    """A socket pair (server end, client end) and a file on tmpfs (or elsewhere)."""
+
+    def __init__(self, folder: Path, size: int = 4 * MiB) -> None:
+        self.server, self.client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.client.settimeout(10)
+        self.content = data(11, size)
+        self.path = folder / "disk"
+        self.path.write_bytes(self.content)
+        self.fd = os.open(self.path, os.O_RDWR)
+        self.size = size
+        self.rbuf = bytearray(256 * KiB)
+        self.scratch = bytearray(inline.SCRATCH_BYTES)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.server.close()
+        self.client.close()
+
+    def pump(self, stream: bytes, *, structured: bool = True, memory: bool = True,
+             writes: bool = True, budget: int = 64, max_length: int = inline.MAX_LENGTH,
+             size: int | None = None) -> Pumped:
+        self.rbuf[: len(stream)] = stream
+        mode = inline.mode(InlineTarget(self.fd, self.size, memory, writes), structured)
+        return Pumped(compiled()(self.server.fileno(), self.rbuf, 0, len(stream),
+                                 self.scratch, self.fd, self.size if size is None else size,
+                                 mode, budget, max_length))
+
+    def recv(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.client.recv(n - len(out))
+            assert chunk, "the server end closed"
+            out += chunk
+        return out
+
+
+@pytest.fixture
+def bench(shm: Path):  # noqa: F811
+    b = Bench(shm)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def test_pump_reads_answer_as_the_python_path_packs_them(bench: Bench) -> None:
+    """Structured: an OFFSET_DATA chunk flagged done (proto.CHUNK_OFFSET_DATA); simple: a
+    simple reply; the handle's bytes as sent; the data at the offset asked for; FUA and
+    DF (structured) are fine on a read."""
+    reads = [(0x0102030405060708, 0, 4096, 0), (7, 8 * SECTOR, SECTOR, FUA),
+             (2**64 - 1, 3 * MiB, 65536, DF), (9, bench.size - 4096, 4096, FUA | DF)]
+    stream = b"".join(req(READ, off, n, handle=h, flags=f) for h, off, n, f in reads)
+    out = bench.pump(stream)
+    assert (out.start, out.reads, out.writes, out.error) == (len(stream), 4, 0, 0)
+    assert out.read_bytes == sum(n for _, _, n, _ in reads)
+    assert out.sent == out.used
+    for h, off, n, _ in reads:
+        assert bench.recv(p.CHUNK_OFFSET_DATA.size) == p.CHUNK_OFFSET_DATA.pack(
+            p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA, h, n + 8,
+            off)
+        assert bench.recv(n) == bench.content[off : off + n]
+    stream = b"".join(req(READ, off, n, handle=h, flags=f & FUA) for h, off, n, f in reads)
+    out = bench.pump(stream, structured=False)
+    assert (out.start, out.reads) == (len(stream), 4)
+    for h, off, n, _ in reads:
+        assert bench.recv(16) == p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, h)
+        assert bench.recv(n) == bench.content[off : off + n]
+
+
+def test_pump_writes_land_and_are_answered(bench: Bench) -> None:
+    one, two = data(12, 8192), data(13, SECTOR)
+    stream = (req(WRITE, MiB, len(one), handle=5, payload=one)
+              + req(WRITE, bench.size - SECTOR, SECTOR, handle=6, flags=FUA, payload=two)
+              + req(READ, MiB, 8192, handle=7))
+    out = bench.pump(stream, structured=False)
+    assert (out.start, out.writes, out.write_bytes, out.reads) == (len(stream), 2, 8704, 1)
+    assert bench.recv(16) == p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, 5)
+    assert bench.recv(16) == p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, 6)
+    assert bench.recv(16) == p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, 7)
+    assert bench.recv(8192) == one  # read after the write, in order
+    on_disk = bench.path.read_bytes()
+    assert on_disk[MiB : MiB + 8192] == one and on_disk[-SECTOR:] == two
+
+
+LEFT_TO_PYTHON = {
+    "bad magic": (req(READ, 0, 4096, magic=0x12345678), {}),
+    "flush": (req(FLUSH), {}),
+    "trim": (req(4, 0, 4096), {}),
+    "unknown command": (req(42, 0, 4096), {}),
+    "unknown flag": (req(READ, 0, 4096, flags=1 << 9), {}),
+    "DF without structured replies": (req(READ, 0, 4096, flags=DF), {"structured": False}),
+    "write flag on a read": (req(READ, 0, 4096, flags=16), {}),
+    "DF on a write": (req(WRITE, 0, SECTOR, flags=DF, payload=b"x" * SECTOR), {}),
+    "unaligned offset": (req(READ, 100, 4096), {}),
+    "unaligned length": (req(READ, 0, 4000), {}),
+    "empty read": (req(READ, 4096, 0), {}),
+    "past the end": (req(READ, 4 * MiB - SECTOR, 2 * SECTOR), {}),
+    "offset past the end": (req(READ, 2**63, SECTOR), {}),
+    "offset wrapping": (req(READ, 2**64 - SECTOR, 2 * SECTOR), {}),
+    "over the length limit": (req(READ, 0, 8192), {"max_length": 4096}),
+    "write payload not all here": (req(WRITE, 0, 4096, payload=b"y" * 4095), {}),
+    "write to a target without writes": (req(WRITE, 0, SECTOR, payload=b"z" * SECTOR),
+                                         {"writes": False}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LEFT_TO_PYTHON))
+def test_pump_leaves_what_it_does_not_serve_to_the_python_path(bench: Bench, case: str) -> None:
+    """After two reads it serves, the request of each case stops the pass: nothing of it
+    is consumed, written or answered, and the reads' replies are sent."""
+    stream, options = LEFT_TO_PYTHON[case]
+    before = bench.path.read_bytes()
+    head = req(READ, 0, 4096, handle=1) + req(READ, 8192, 4096, handle=2)
+    # (A request after it would complete the payload that is not all here.)
+    tail = b"" if case == "write payload not all here" else req(READ, 0, 4096, handle=3)
+    out = bench.pump(head + stream + tail, **options)
+    assert (out.start, out.reads, out.writes, out.error) == (len(head), 2, 0, 0)
+    assert out.sent == out.used
+    structured = options.get("structured", True)
+    got = bench.recv(out.used)
+    assert len(got) == 2 * ((28 if structured else 16) + 4096)
+    bench.client.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        bench.client.recv(1)  # nothing more
+    assert bench.path.read_bytes() == before
+
+
+def test_pump_reads_only_what_the_page_cache_holds(tmp_path: Path) -> None:
+    """Not in memory: RWF_NOWAIT; a read of pages dropped from the cache is left to the
+    Python path (which hands it to a worker), one that is cached is served."""
+    b = Bench(tmp_path)
+    try:
+        os.fsync(b.fd)
+        os.posix_fadvise(b.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.pread(b.fd, 4096, 0)  # cached now
+        out = b.pump(req(READ, 0, 4096, handle=1) + req(READ, 2 * MiB, 4096, handle=2),
+                     memory=False, writes=False)
+        assert out.reads >= 1 and out.start >= 28
+        if out.reads == 1:  # the second page was not cached: left, not consumed
+            assert out.start == 28
+        assert b.recv(out.used)[28:] == b.content[: 4096] + (
+            b.content[2 * MiB : 2 * MiB + 4096] if out.reads == 2 else b"")
+        # Past the end of a file not in memory: left too (the Python path's worker reads
+        # it whole, zeros past the end).
+        out = b.pump(req(READ, 0, 4096, handle=1) + req(READ, b.size, 4096, handle=2),
+                     memory=False, writes=False, size=b.size + 4096)
+        assert (out.reads, out.start) == (1, 28)
+        b.recv(out.used)
+    finally:
+        b.close()
+
+
+def test_pump_reads_past_the_end_of_a_file_in_memory_as_zeros(bench: Bench) -> None:
+    """The disk is larger than the file now (it shrank under us): as the Python path's
+    try_preadv, what is past the end reads as zeros."""
+    out = bench.pump(req(READ, bench.size - 4096, 8192, handle=1), size=bench.size + 4096)
+    assert out.reads == 1
+    got = bench.recv(out.used)
+    assert got[28:] == bench.content[-4096:] + bytes(4096)
+
+
+def test_pump_keeps_to_its_request_budget(bench: Bench) -> None:
+    stream = b"".join(req(READ, i * 4096, 4096, handle=i) for i in range(10))
+    out = bench.pump(stream, budget=3)
+    assert (out.start, out.reads) == (3 * 28, 3)
+    bench.recv(out.used)
+
+
+def test_pump_hands_back_the_replies_a_full_socket_did_not_take(bench: Bench) -> None:
+    """Many large reads to a socket with a small send buffer that nobody reads: the
+    scratch fills, is sent in part, and the pass stops with what is left unsent for the
+    caller to queue; the replies sent and left together are every request served, in
+    order, whole."""
+    bench.server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * KiB)
+    n = 256 * KiB
+    stream = b"".join(req(READ, i * n, n, handle=i) for i in range(12))
+    out = bench.pump(stream, structured=False)
+    per = 16 + n
+    fit = inline.SCRATCH_BYTES // per  # replies the scratch holds before it must send
+    assert out.error == 0 and out.reads == fit and out.start == fit * 28
+    assert 0 < out.sent < out.used == fit * per
+    replies = bench.recv(out.sent) + bytes(bench.scratch[out.sent : out.used])
+    for i in range(fit):
+        assert replies[i * per : i * per + 16] == p.SIMPLE_REPLY.pack(
+            p.SIMPLE_REPLY_MAGIC, 0, i)
+        assert replies[i * per + 16 : (i + 1) * per] == bench.content[i * n : (i + 1) * n]
+
+
+def test_pump_reports_a_peer_that_is_gone(bench: Bench) -> None:
+    bench.client.close()
+    one = data(14, 4096)
+    out = bench.pump(req(WRITE, 0, 4096, handle=1, payload=one) + req(READ, 0, 4096))
+    assert out.error in (errno.EPIPE, errno.ECONNRESET)
+    assert out.writes == 1  # done before its reply failed, as a write may land for nobody
+    assert bench.path.read_bytes()[:4096] == one
+
+
+# ------------------------------------------------------------------------- the VBD's target
+def test_inline_target_follows_the_disk(shm: Path) -> None:  # noqa: F811
+    """A raw file on tmpfs has a target, with writes; a read-only VBD's has none; while
+    paused there is none, and again after resume; a VHD has none, nor a stack with a
+    filter on top (the rate limit), nor a file with a hole."""
+    spec, path, _ = make_image(shm, "raw")
+    vspec, _, _ = make_image(shm, "vhd")
+    holey = shm / "holey.raw"
+    with open(holey, "wb") as f:
+        f.truncate(4 * MiB)
+        f.seek(MiB)
+        f.write(b"x" * 4096)
+
+    async def body(engine: ThreadEngine) -> None:
+        async def vbd_of(s: str, **kw: object) -> VBD:
+            return VBD(await engine.call(open_stack, engine, s, writable=True), **kw)
+        vbd = await vbd_of(spec)
+        target = vbd.inline_target()
+        assert target is not None and target.memory and target.writes
+        assert target.size == path.stat().st_size
+        await vbd.pause()
+        assert vbd.inline_target() is None
+        await vbd.resume(await engine.call(open_stack, engine, spec, writable=True))
+        again = vbd.inline_target()  # the reopened file's
+        assert again is not None and again.fd != target.fd or again == target
+        await vbd.close()
+        assert vbd.inline_target() is None
+        ro = await vbd_of(spec, read_only=True)
+        assert ro.inline_target() is not None and not ro.inline_target().writes
+        await ro.close()
+        for s in (vspec, f"valve:rate=100M:{spec}", f"aio:{holey}"):
+            other = await vbd_of(s)
+            assert other.inline_target() is None, s
+            await other.close()
+    arun(body)
+
+
+# ------------------------------------------------------------------------- end to end
+def run_burst(shm: Path, spec: str, content: bytes, structured: bool,  # noqa: F811
+              rounds: int = 3) -> tuple[list[dict], dict[str, list[int]], dict]:
+    """mixed_burst rounds through a server; the replies by handle of each round."""
+    sock = shm / "s.sock"
+    out: list[dict] = []
+
+    async def body(engine: ThreadEngine) -> tuple[dict[str, list[int]], dict]:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            counts = spy_side_door(vbd)
+            counted = vbd.served_inline
+            inline_served = [0]
+
+            def served(reads: int, rb: int, writes: int, wb: int) -> None:
+                inline_served[0] += reads + writes
+                counted(reads, rb, writes, wb)
+            vbd.served_inline = served  # type: ignore[method-assign]
+            w, conn = await attach(server, sock, structured=structured)
+            for r in range(rounds):
+                reqs, reads, errors, writes, status = mixed_burst(len(content), 151 + r,
+                                                                  (r + 1) << 24)
+                count = len(reads) + len(errors) + len(writes)
+                got = await exchange(w, b"".join(reqs), count, reads)
+                if structured:
+                    check_burst(got, reads, errors, writes, status, content)
+                out.append(got)
+            await settled(conn, vbd)
+            assert outstanding(server.pool) == 0
+            return counts, {**vbd.stats.as_dict(), "inline": inline_served[0]}
+    counts, stats = arun(body)
+    return out, counts, stats
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_a_mixed_burst_gets_the_answers_the_python_path_gives(
+        shm: Path, monkeypatch: pytest.MonkeyPatch, structured: bool) -> None:  # noqa: F811
+    """Reads, writes (FUA or not, one over the receive buffer), every other command and
+    invalid requests, the same bursts against a fresh copy of the same image: with the
+    compiled path on, every handle gets the same error or data as with it off, the file
+    ends the same, and the statistics agree; the compiled path served most of them."""
+    compiled()
+    spec, path, content = make_image(shm, "raw")
+    pristine = path.read_bytes()
+    runs = {}
+    for mode in ("0", "1"):
+        path.write_bytes(pristine)
+        monkeypatch.setenv("BLKTAP_INLINE", mode)
+        runs[mode] = (*run_burst(shm, spec, content, structured), path.read_bytes())
+    (off_got, off_counts, off_stats, off_file) = runs["0"]
+    (on_got, on_counts, on_stats, on_file) = runs["1"]
+    assert on_got == off_got
+    assert on_file == off_file
+    for key in ("read_reqs", "write_reqs", "read_sectors", "write_sectors", "errors",
+                "other_reqs"):
+        assert on_stats.get(key) == off_stats.get(key), key
+    # The same requests served at once, by the side door or the compiled pass.
+    assert on_counts == off_counts
+    assert off_stats["inline"] == 0 and on_stats["inline"] > 0
+
+
+@pytest.mark.interop
+def test_libnbd_with_64_in_flight_checked_by_qemu_img(shm: Path) -> None:  # noqa: F811
+    """The same mixed client as the Python path's test (reads and writes of 4 KiB and
+    1 MiB, 64 in flight, every read checked against a model), with the compiled path:
+    statistics match the client's count, most requests were served inline, qemu-img
+    finds the disk equal to the model."""
+    compiled()
+    need_libnbd()
+    need("qemu-img")
+    spec, path, content = make_image(shm, "raw")
+    model_in, model_out = shm / "model.in", shm / "model.out"
+    model_in.write_bytes(content)
+    sock = shm / "s.sock"
+    inline_served = [0]
+
+    async def body(engine: ThreadEngine) -> tuple[dict, dict]:
+        drv = await engine.call(open_stack, engine, spec, writable=True)
+        vbd = VBD(drv)
+        real = vbd.served_inline
+
+        def served(reads: int, rb: int, writes: int, wb: int) -> None:
+            inline_served[0] += reads + writes
+            real(reads, rb, writes, wb)
+        vbd.served_inline = served  # type: ignore[method-assign]
+        server = NbdServer(Export("", vbd))
+        server.listen_unix(str(sock))
+        try:
+            out = await sub(SYSTEM_PYTHON, "-c", CLIENT, str(sock), "9", "3000", "64",
+                            "8", str(model_in), str(model_out))
+            stats = vbd.stats.as_dict()
+            await asyncio.to_thread(qemu_compare, f"nbd+unix:///?socket={sock}", model_out)
+            return __import__("json").loads(out), stats
+        finally:
+            await server.stop()
+            await vbd.close()
+    client, stats = arun(body)  # type: ignore[misc]
+    assert stats["read_reqs"] == client["reads"]
+    assert stats["write_reqs"] == client["writes"]
+    assert stats["read_sectors"] == client["read_bytes"] // SECTOR
+    assert stats["write_sectors"] == client["write_bytes"] // SECTOR
+    assert stats["errors"] == 0 and stats["in_flight"] == 0
+    assert inline_served[0] > (client["reads"] + client["writes"]) // 2
+    assert path.read_bytes() == model_out.read_bytes()
+
+
+@pytest.mark.interop
+def test_a_client_that_never_reads_replies_then_vanishes(shm: Path) -> None:  # noqa: F811
+    """200 pipelined reads of 256 KiB, no reply read: the compiled path serves until the
+    socket is full and queues the rest of its replies, charged to the memory budget; the
+    Python path takes over and stops at the in-flight limit; another client is served
+    meanwhile; when the first vanishes every buffer, slot and byte comes back."""
+    compiled()
+    need_libnbd()
+    spec, _, content = make_image(shm, "raw")
+    model = shm / "model"
+    model.write_bytes(content)
+    sock = shm / "s.sock"
+    length = 256 * KiB
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await engine.call(open_stack, engine, spec, writable=False)
+        vbd = VBD(drv, read_only=True)
+        server = NbdServer(Export("", vbd))
+        server.listen_unix(str(sock))
+        w = Wire(sock)
+        try:
+            await asyncio.to_thread(w.go, "", False)
+            await until(lambda: len(server._connections) == 1, "connected")
+            conn = next(iter(server._connections))
+            conn.ch.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * KiB)
+            w.sock.sendall(read_requests(200, length, len(content)))
+            await until(lambda: conn.in_flight == MAX_IN_FLIGHT and conn.ch._writer is not None,
+                        "stalled at the in-flight limit")
+            assert vbd.stats.read_reqs > MAX_IN_FLIGHT  # some served and answered inline
+            assert server.pool.budget.used > MAX_IN_FLIGHT * length - length
+            assert (await sub(SYSTEM_PYTHON, "-c", QD1, str(sock), str(model), "100")
+                    ).strip() == "100"
+            w.close()
+            await until(lambda: conn not in server._connections, "connection gone")
+            assert conn.bytes_in_flight == 0 and conn.in_flight == 0
+            assert outstanding(server.pool) == 0 and server.pool.budget.used == 0
+            assert vbd.stats.in_flight == 0 and vbd.stats.errors == 0
+            assert (await sub(SYSTEM_PYTHON, "-c", QD1, str(sock), str(model), "20")
+                    ).strip() == "20"
+        finally:
+            w.close()
+            await server.stop()
+            await vbd.close()
+    arun(body)
+
+
+def test_writes_inline_then_paused_disk_holds_them(shm: Path) -> None:  # noqa: F811
+    """Writes served inline; then the disk is paused: the next writes are not served
+    inline (nor at all) until it resumes, and are then answered and on disk."""
+    compiled()
+    spec, path, content = make_image(shm, "raw")
+    sock = shm / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            counts = spy_side_door(vbd)
+            w, conn = await attach(server, sock, structured=False)
+            one = data(21, 4096)
+            got = await exchange(w, req(WRITE, 0, 4096, handle=1, payload=one), 1, {})
+            assert got == {1: (0, b"")} and counts["write"] == [1, 0]
+            await vbd.pause()
+            two = data(22, 4096)
+            w.sock.sendall(req(WRITE, 4096, 4096, handle=2, payload=two))
+            await asyncio.sleep(0.2)
+            assert path.read_bytes()[4096:8192] == content[4096:8192]  # held
+            await vbd.resume(await engine.call(open_stack, engine, spec, writable=True))
+            assert await asyncio.to_thread(collect, w, 1, {}) == {2: (0, b"")}
+            assert path.read_bytes()[:8192] == one + two
+            await settled(conn, vbd)
+    arun(body)
+
+
+def test_random_pipelines_against_a_model(shm: Path) -> None:  # noqa: F811
+    """Random pipelines of reads and writes of random aligned sizes (some over the
+    scratch buffer's worth together, some over MAX_LENGTH), sent in random pieces: every
+    read equals the model at the time (no overlap between a read and a write in flight),
+    every write lands."""
+    compiled()
+    spec, path, content = make_image(shm, "raw")
+    sock = shm / "s.sock"
+    rng = random.Random(160)
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            w, conn = await attach(server, sock)
+            model = bytearray(content)
+            handle = 0
+            for _ in range(20):
+                reqs, reads, expect = [], {}, {}
+                busy: list[tuple[int, int]] = []
+                for _ in range(rng.randrange(1, 40)):
+                    n = rng.choice((SECTOR, 4096, 65536, 512 * KiB, 2 * MiB))
+                    off = rng.randrange((len(content) - n) // SECTOR) * SECTOR
+                    if any(off < e and b < off + n for b, e in busy):
+                        continue
+                    busy.append((off, off + n))
+                    handle += 1
+                    if rng.random() < 0.5:
+                        payload = rng.randbytes(n)
+                        model[off : off + n] = payload
+                        reqs.append(req(WRITE, off, n, handle=handle, payload=payload))
+                        expect[handle] = (0, b"")
+                    else:
+                        reads[handle] = (off, n)
+                        reqs.append(req(READ, off, n, handle=handle))
+                        expect[handle] = (0, bytes(model[off : off + n]))
+                stream = b"".join(reqs)
+                cuts = sorted(rng.sample(range(1, len(stream)), min(5, len(stream) - 1)))
+                pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)],
+                                                      strict=True)]
+                got = await exchange(w, pieces, len(expect), reads, pause=0.0005)
+                assert got == expect
+            await settled(conn, vbd)
+            assert outstanding(server.pool) == 0
+            assert path.read_bytes() == bytes(model)
+    arun(body)
