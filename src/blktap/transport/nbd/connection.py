@@ -276,17 +276,19 @@ class Connection:
         answer them at once. Anything else (another command, an error to answer, a write
         payload not all here, flow control, the fairness budget) wakes the reader, which
         takes it from there (False)."""
-        with self.vbd.batch:  # what this pass queues goes to the driver at its end
-            return self._pump_requests()
-
-    def _pump_requests(self) -> bool:
-        ch = self.ch
-        req = p.REQUEST
         budget = FAIRNESS_BUDGET
         if self._inline is not None:
             budget -= self._pump_inline(budget)
             if self.broken:
                 return False  # the reader finds it so and stops
+            if self.ch.end - self.ch.start < p.REQUEST.size:
+                return True  # all served (or a partial header): wait for more
+        with self.vbd.batch:  # what this pass queues goes to the driver at its end
+            return self._pump_requests(budget)
+
+    def _pump_requests(self, budget: int) -> bool:
+        ch = self.ch
+        req = p.REQUEST
         buf_bytes = ch.buf
         size = self.vbd.size
         for _ in range(budget):
@@ -335,7 +337,8 @@ class Connection:
         assert self._inline is not None
         start, reads, read_bytes, writes, write_bytes, sent, used, error = self._inline(
             ch.fd, ch.buf, ch.start, ch.end, scratch, target.fd, target.size,
-            inline.mode(target, self.session.structured), budget, inline.MAX_LENGTH)
+            self.session.structured | target.memory << 1 | target.writes << 2, budget,
+            inline.MAX_LENGTH)  # (inline.mode's bits, without a call)
         ch.consume(start - ch.start)
         served = reads + writes
         if served:
