@@ -120,15 +120,27 @@ class OpenContext:
 
 
 class InlineTarget(NamedTuple):
-    """:meth:`Driver.inline_target`: the descriptor holding the disk's bytes at their own
-    offsets, the disk's size, whether the file is in memory (reads and writes never wait;
-    a short read is the end of the file) or only reads that find the page cache may be
-    done (RWF_NOWAIT), and whether writes may be done inline (a file in memory, writable)."""
+    """:meth:`Driver.inline_target`: the descriptor holding the disk's bytes, the disk's
+    size, whether the file is in memory (reads and writes never wait; a short read is the
+    end of the file) or only reads that find the page cache may be done (RWF_NOWAIT), and
+    whether writes may be done inline (a file in memory, writable).
+
+    Without ``bat`` every byte is at its own offset. With it, the bytes are in blocks of
+    ``block_bytes`` (a dynamic VHD's): block ``b``'s data starts ``bat[b] + data_secs``
+    sectors into the file (an ``array('I')``; 0xffffffff: not allocated), and only blocks
+    whose bit is set in ``batmap`` (most significant bit first) may be served there:
+    wholly held, with no sector left to a parent. The driver must only ever set such a
+    bit after the block's data and BAT entry (the compiled path reads them without the
+    interpreter lock while engine threads allocate), and never clear one while serving."""
 
     fd: int
     size: int
     memory: bool
     writes: bool
+    bat: Any = None
+    batmap: Any = None
+    block_bytes: int = 0
+    data_secs: int = 0
 
 
 class Driver:

@@ -39,6 +39,7 @@ from blktap.tapdisk.driver import (
     Caps,
     Driver,
     Extents,
+    InlineTarget,
     OpenContext,
     Tally,
     merge_extents,
@@ -469,6 +470,26 @@ class VhdDriver(Driver):
         if self.cipher is not None:
             iov = await self._encrypt(sector, iov)
         return await self.engine.call(self._fill_locked, sector, iov)
+
+    def inline_target(self) -> InlineTarget | None:
+        # Unencrypted, in a regular file the kernel serves without waiting. A fixed VHD is
+        # a raw disk with a footer after it; a dynamic one is served through its BAT, only
+        # in blocks the batmap says are full (it only gains bits, each set after the block's
+        # data and BAT entry: VhdImage._note_full), so no sector is its parent's.
+        if self.cipher is not None or not self.regular:
+            return None
+        mode = self.engine.inline_mode(self.fd)
+        if mode is None:
+            return None
+        memory = mode == "memory"
+        writes = memory and self.writable
+        if self._fixed:
+            return InlineTarget(self.fd, self.size, memory, writes)
+        img = self.image
+        if img.batmap is None or not img.batmap_valid:
+            return None
+        return InlineTarget(self.fd, self.size, memory, writes, img.bat, img.batmap,
+                            self._spb * SECTOR, self._bitmap_secs)
 
     def write_now(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> bool:
         """Sectors the layer holds already, in one run of the file, in memory: no metadata

@@ -60,6 +60,43 @@ static inline void put16(unsigned char *p, uint16_t v) { v = htobe16(v); memcpy(
 static inline void put32(unsigned char *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
 static inline void put64(unsigned char *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
 
+/* A disk whose bytes sit in blocks of the file (a dynamic VHD): a block's data is at
+ * (bat[block] + data_secs) sectors, when the block is allocated (bat[block] is not
+ * 0xffffffff) and its bit in the batmap (most significant bit first) says every sector of
+ * it is held. Anything else (unallocated: the parent's or zeros; partly held) is the Python
+ * path's. Engine threads allocate blocks while a pass runs without the interpreter lock:
+ * they store the BAT entry before the batmap bit, after the data, so the bit is loaded
+ * first. No map: every byte at its own offset. */
+struct block_map {
+    const uint32_t *bat;
+    size_t entries;
+    const unsigned char *batmap;
+    size_t batmap_len;
+    uint64_t block_bytes;
+    uint64_t data_secs;
+};
+
+/* The file offset of disk offset ``off``, and in *room the bytes from there to the end of
+ * its block; -1 if the block is not wholly held. */
+static int64_t map_offset(const struct block_map *m, uint64_t off, uint64_t *room)
+{
+    if (m->bat == NULL) {
+        *room = UINT64_MAX;
+        return (int64_t)off;
+    }
+    uint64_t blk = off / m->block_bytes, within = off % m->block_bytes;
+    if (blk >= m->entries || (blk >> 3) >= m->batmap_len)
+        return -1;
+    unsigned char bits = __atomic_load_n(&m->batmap[blk >> 3], __ATOMIC_ACQUIRE);
+    if (!(bits & (0x80u >> (blk & 7))))
+        return -1;
+    uint32_t entry = __atomic_load_n(&m->bat[blk], __ATOMIC_RELAXED);
+    if (entry == 0xffffffffu)
+        return -1;
+    *room = m->block_bytes - within;
+    return (int64_t)((entry + m->data_secs) * 512u + within);
+}
+
 /* Read all of [offset, offset + length) into dst. A file in memory never waits: a short
  * read is its end, and the rest reads as zeros (the Python path does the same). Otherwise
  * RWF_NOWAIT: anything not wholly in the page cache is left to the Python path (-1). */
@@ -105,6 +142,27 @@ static int write_all(int fd, const unsigned char *src, size_t length, uint64_t o
     return 0;
 }
 
+/* A read through the map: every block it touches must be wholly held (checked before
+ * anything is read), each piece read from its place in the file. */
+static int read_mapped(const struct block_map *m, int fd, unsigned char *dst, uint64_t length,
+                       uint64_t offset, int memory)
+{
+    uint64_t pos = 0, room;
+    while (pos < length) {
+        if (map_offset(m, offset + pos, &room) < 0)
+            return -1;
+        pos += room < length - pos ? room : length - pos;
+    }
+    for (pos = 0; pos < length;) {
+        int64_t at = map_offset(m, offset + pos, &room);
+        uint64_t n = room < length - pos ? room : length - pos;
+        if (at < 0 || read_now(fd, dst + pos, n, (uint64_t)at, memory) < 0)
+            return -1;
+        pos += n;
+    }
+    return 0;
+}
+
 /* Send scratch[*sent:end] without waiting. 0: all of it left; 1: the socket is full (what
  * is left is the caller's to queue); -errno: the connection broke. */
 static int send_now(int sock, const unsigned char *buf, size_t *sent, size_t end)
@@ -124,11 +182,15 @@ static int send_now(int sock, const unsigned char *buf, size_t *sent, size_t end
 }
 
 PyDoc_STRVAR(nbd_pump_doc,
-"nbd_pump(sock, rbuf, start, end, scratch, fd, size, mode, max_requests, max_length)\n"
+"nbd_pump(sock, rbuf, start, end, scratch, fd, size, mode, max_requests, max_length\n"
+"         [, bat, batmap, block_bytes, data_secs])\n"
 "--\n\n"
 "Serve the READ and WRITE requests at rbuf[start:end] that a file descriptor ``fd`` of\n"
 "``size`` bytes can serve now, up to ``max_requests`` of at most ``max_length`` bytes,\n"
-"sending their replies on ``sock`` from ``scratch``. Returns (start, reads, read_bytes,\n"
+"sending their replies on ``sock`` from ``scratch``. With ``bat`` (uint32 entries, in\n"
+"sectors) and ``batmap``, the disk's bytes are in blocks of ``block_bytes`` (a dynamic\n"
+"VHD's), only those of blocks the batmap says are full are served, and a write only\n"
+"within one block. Returns (start, reads, read_bytes,\n"
 "writes, write_bytes, unsent, used, error): the position of the first request not taken,\n"
 "what was served, the replies not sent because the socket was full (scratch[unsent:used],\n"
 "for the caller to queue) and the errno that broke the connection (0: none).");
@@ -136,8 +198,8 @@ PyDoc_STRVAR(nbd_pump_doc,
 static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "nbd_pump takes 10 arguments");
+    if (nargs != 10 && nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "nbd_pump takes 10 or 14 arguments");
         return NULL;
     }
     int sock = PyLong_AsLong(args[0]);
@@ -151,18 +213,45 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
     if (PyErr_Occurred())
         return NULL;
 
-    Py_buffer rbuf, scratch;
+    struct block_map map = { NULL, 0, NULL, 0, 0, 0 };
+    Py_buffer rbuf, scratch, bat = { 0 }, batmap = { 0 };
+    int have_map = nargs == 14 && args[10] != Py_None;
+    if (have_map) {
+        map.block_bytes = PyLong_AsUnsignedLongLong(args[12]);
+        map.data_secs = PyLong_AsUnsignedLongLong(args[13]);
+        if (PyErr_Occurred())
+            return NULL;
+        if (map.block_bytes == 0 || map.block_bytes % 512) {
+            PyErr_SetString(PyExc_ValueError, "block_bytes must be a positive multiple of 512");
+            return NULL;
+        }
+    }
     if (PyObject_GetBuffer(args[1], &rbuf, PyBUF_WRITABLE) < 0)
         return NULL;
     if (PyObject_GetBuffer(args[4], &scratch, PyBUF_WRITABLE) < 0) {
         PyBuffer_Release(&rbuf);
         return NULL;
     }
+    if (have_map) {
+        if (PyObject_GetBuffer(args[10], &bat, PyBUF_FORMAT) < 0)
+            goto fail;
+        if (bat.itemsize != 4 || bat.format == NULL || strcmp(bat.format, "I") != 0) {
+            PyBuffer_Release(&bat);
+            PyErr_SetString(PyExc_TypeError, "bat must be an array of 'I'");
+            goto fail;
+        }
+        if (PyObject_GetBuffer(args[11], &batmap, PyBUF_SIMPLE) < 0) {
+            PyBuffer_Release(&bat);
+            goto fail;
+        }
+        map.bat = bat.buf;
+        map.entries = (size_t)bat.len / 4;
+        map.batmap = batmap.buf;
+        map.batmap_len = (size_t)batmap.len;
+    }
     if (start < 0 || end < start || end > rbuf.len) {
-        PyBuffer_Release(&scratch);
-        PyBuffer_Release(&rbuf);
         PyErr_SetString(PyExc_ValueError, "start and end must lie within rbuf");
-        return NULL;
+        goto fail_map;
     }
 
     const unsigned char *rb = rbuf.buf;
@@ -215,7 +304,7 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
         unsigned char *reply = sb + used;
         if (cmd == CMD_READ) {
-            if (read_now(fd, reply + read_header, length, offset, memory) < 0)
+            if (read_mapped(&map, fd, reply + read_header, length, offset, memory) < 0)
                 break;
             if (structured) {
                 put32(reply, STRUCTURED_REPLY_MAGIC);
@@ -233,7 +322,11 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
             read_bytes += length;
             start += REQUEST_SIZE;
         } else {
-            if (write_all(fd, req + REQUEST_SIZE, length, offset, flags & CMD_FLAG_FUA) < 0)
+            uint64_t room;
+            int64_t at = map_offset(&map, offset, &room);
+            if (at < 0 || room < length)
+                break;  /* not all in one held block: the Python path's */
+            if (write_all(fd, req + REQUEST_SIZE, length, (uint64_t)at, flags & CMD_FLAG_FUA) < 0)
                 break;  /* the Python path writes it again and reports what fails */
             put32(reply, SIMPLE_REPLY_MAGIC);
             put32(reply + 4, 0);
@@ -251,10 +344,24 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     Py_END_ALLOW_THREADS
 
+    if (have_map) {
+        PyBuffer_Release(&batmap);
+        PyBuffer_Release(&bat);
+    }
     PyBuffer_Release(&scratch);
     PyBuffer_Release(&rbuf);
     return Py_BuildValue("nKKKKnni", start, reads, read_bytes, writes, write_bytes,
                          (Py_ssize_t)sent, (Py_ssize_t)used, error);
+
+fail_map:
+    if (have_map) {
+        PyBuffer_Release(&batmap);
+        PyBuffer_Release(&bat);
+    }
+fail:
+    PyBuffer_Release(&scratch);
+    PyBuffer_Release(&rbuf);
+    return NULL;
 }
 
 static PyMethodDef methods[] = {

@@ -328,17 +328,24 @@ class Connection:
         served. They hold no room in flight: each is done and answered before it
         returns, but for replies the socket had no room for, which are queued here."""
         ch = self.ch
-        if ch.end - ch.start < p.REQUEST.size or self.broken or not ch.clear_to_send():
+        if ch.end - ch.start < p.REQUEST.size or self.broken:
             return 0
+        # The target first: clearing the way sends what is queued, which must not cost a
+        # disk without one (VHD, qcow2) the batching of its replies.
         target = self.vbd.inline_target()
-        if target is None:
+        if target is None or not ch.clear_to_send():
             return 0
         scratch = _scratch_buffer()
         assert self._inline is not None
-        start, reads, read_bytes, writes, write_bytes, sent, used, error = self._inline(
-            ch.fd, ch.buf, ch.start, ch.end, scratch, target.fd, target.size,
-            self.session.structured | target.memory << 1 | target.writes << 2, budget,
-            inline.MAX_LENGTH)  # (inline.mode's bits, without a call)
+        mode = self.session.structured | target.memory << 1 | target.writes << 2
+        if target.bat is None:  # (inline.mode's bits, without a call)
+            out = self._inline(ch.fd, ch.buf, ch.start, ch.end, scratch, target.fd,
+                               target.size, mode, budget, inline.MAX_LENGTH)
+        else:
+            out = self._inline(ch.fd, ch.buf, ch.start, ch.end, scratch, target.fd,
+                               target.size, mode, budget, inline.MAX_LENGTH, target.bat,
+                               target.batmap, target.block_bytes, target.data_secs)
+        start, reads, read_bytes, writes, write_bytes, sent, used, error = out
         ch.consume(start - ch.start)
         served = reads + writes
         if served:
