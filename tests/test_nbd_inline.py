@@ -744,3 +744,30 @@ def test_libnbd_on_a_vhd_checked_by_qemu_img(shm: Path) -> None:  # noqa: F811
     assert stats["errors"] == 0
     assert inline_served[0] > 0
     qemu_compare(str(path), model_out, fmt="vpc")
+
+
+def test_a_target_the_compiled_path_refuses_leaves_the_python_path_serving(
+        shm: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    """A driver answering a target the compiled path cannot take (a BAT that is a list):
+    the connection logs it once, turns the compiled path off for itself and serves every
+    request the Python way."""
+    compiled()
+    spec, _, content = make_image(shm, "raw")
+    sock = shm / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            good = vbd.inline_target()
+            assert good is not None
+            vbd.inline_target = lambda: good._replace(  # type: ignore[method-assign]
+                bat=[1, 2], batmap=bytearray(1), block_bytes=65536, data_secs=1)
+            w, conn = await attach(server, sock)
+            reads = {i: (i * 8192, 4096) for i in range(1, 40)}
+            stream = b"".join(req(READ, o, n, handle=h) for h, (o, n) in reads.items())
+            got = await exchange(w, stream, len(reads), reads)
+            assert got == {h: (0, content[o : o + n]) for h, (o, n) in reads.items()}
+            assert conn._inline is None
+            await settled(conn, vbd)
+    with caplog.at_level("ERROR", logger="blktap.nbd"):
+        arun(body)
+    assert sum("compiled inline path failed" in r.getMessage() for r in caplog.records) == 1

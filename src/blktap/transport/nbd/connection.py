@@ -338,13 +338,19 @@ class Connection:
         scratch = _scratch_buffer()
         assert self._inline is not None
         mode = self.session.structured | target.memory << 1 | target.writes << 2
-        if target.bat is None:  # (inline.mode's bits, without a call)
-            out = self._inline(ch.fd, ch.buf, ch.start, ch.end, scratch, target.fd,
-                               target.size, mode, budget, inline.MAX_LENGTH)
-        else:
-            out = self._inline(ch.fd, ch.buf, ch.start, ch.end, scratch, target.fd,
-                               target.size, mode, budget, inline.MAX_LENGTH, target.bat,
-                               target.batmap, target.block_bytes, target.data_secs)
+        try:
+            if target.bat is None:  # (inline.mode's bits, without a call)
+                out = self._inline(ch.fd, ch.buf, ch.start, ch.end, scratch, target.fd,
+                                   target.size, mode, budget, inline.MAX_LENGTH)
+            else:
+                out = self._inline(ch.fd, ch.buf, ch.start, ch.end, scratch, target.fd,
+                                   target.size, mode, budget, inline.MAX_LENGTH, target.bat,
+                                   target.batmap, target.block_bytes, target.data_secs)
+        except Exception:  # a target it cannot take (a bug): it raised before serving any
+            log.exception("%s: the compiled inline path failed; serving without it",
+                          self.peer)
+            self._inline = None
+            return 0
         start, reads, read_bytes, writes, write_bytes, sent, used, error = out
         ch.consume(start - ch.start)
         served = reads + writes
