@@ -8,6 +8,9 @@ Targets (each takes the fuzzer's bytes as what a stranger would send or write):
 - ``control``: one tapdisk control message (``tap-ctl``'s socket): ``message.decode``.
 - ``nbd``: a whole NBD client stream (handshake, options, then requests) played into an
   in-process server over a socketpair, against a 1 MiB disk in memory.
+- ``nbd-inline``: the same stream against a 1 MiB raw file in memory, so that reads and
+  writes go through the NBD transport's compiled inline path (its request parser and
+  the hand-over to the Python path) where it is built.
 - ``vhd``: a VHD file (footer, header, BAT, bitmaps, batmap, locators): opened, mapped,
   read and checked by the library, as ``blktap info`` / ``vhd-util check`` would.
 - ``virtqueue``: what a KVM guest writes into its shared memory for a vhost-user-blk disk:
@@ -58,6 +61,7 @@ with atheris.instrument_imports(include=["blktap"]):
     from blktap.image.vhd.image import VhdImage
     from blktap.io import ThreadEngine
     from blktap.tapdisk.driver import Caps, Driver
+    from blktap.tapdisk.drivers.aio import AioDriver
     from blktap.tapdisk.vbd import VBD
     from blktap.transport.nbd import Export, NbdServer
     from blktap.transport.nbd.handshake import Dropped
@@ -146,7 +150,8 @@ class _BugLog(logging.Handler):
 class NbdHarness:
     STEP_LIMIT = 10.0  # seconds one input may take before it counts as a hang
 
-    def __init__(self) -> None:
+    def __init__(self, disk: Callable[[ThreadEngine], Driver] | None = None) -> None:
+        self._disk = disk or Memory
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.vbd, self.server = self.loop.run_until_complete(self._setup())
@@ -157,7 +162,7 @@ class NbdHarness:
 
     async def _setup(self) -> tuple[VBD, NbdServer]:
         self.engine = ThreadEngine(2)
-        vbd = VBD(Memory(self.engine), name="fuzz")
+        vbd = VBD(self._disk(self.engine), name="fuzz")
         return vbd, NbdServer(Export("", vbd, description="fuzz"), handshake_timeout=5.0)
 
     def play(self, data: bytes) -> None:
@@ -192,6 +197,26 @@ def nbd_target(data: bytes) -> None:
         _nbd = NbdHarness()
     try:
         _nbd.play(data)
+    except (Dropped, ConnectionError):
+        return
+
+
+_nbd_inline: NbdHarness | None = None
+
+
+def _raw_in_memory(engine: ThreadEngine) -> Driver:
+    path = os.path.join(_work, "fuzz.raw")
+    with open(path, "wb") as f:
+        f.write(bytes(range(256)) * (MiB // 256))
+    return AioDriver.open(engine, path, writable=True, direct=False)
+
+
+def nbd_inline_target(data: bytes) -> None:
+    global _nbd_inline
+    if _nbd_inline is None:
+        _nbd_inline = NbdHarness(_raw_in_memory)
+    try:
+        _nbd_inline.play(data)
     except (Dropped, ConnectionError):
         return
 
@@ -612,6 +637,7 @@ def blkif_seeds() -> list[bytes]:
 TARGETS: dict[str, tuple[Callable[[bytes], None], Callable[[], list[bytes]]]] = {
     "control": (control_target, control_seeds),
     "nbd": (nbd_target, nbd_seeds),
+    "nbd-inline": (nbd_inline_target, nbd_seeds),
     "vhd": (vhd_target, vhd_seeds),
     "virtqueue": (virtqueue_target, virtqueue_seeds),
     "blkif": (blkif_target, blkif_seeds),
