@@ -143,6 +143,20 @@ class InlineTarget(NamedTuple):
     data_secs: int = 0
 
 
+def inline_file(engine: Engine, fd: int, size: int, writable: bool, bat: Any = None,
+                batmap: Any = None, block_bytes: int = 0, data_secs: int = 0
+                ) -> InlineTarget | None:
+    """The :class:`InlineTarget` of a file ``fd`` as ``engine`` would serve it inline (in
+    memory: reads and writes; in the page cache: reads only), or None when the engine
+    never does I/O on it inline."""
+    mode = engine.inline_mode(fd)
+    if mode is None:
+        return None
+    memory = mode == "memory"
+    return InlineTarget(fd, size, memory, memory and writable, bat, batmap, block_bytes,
+                        data_secs)
+
+
 class Driver:
     """Base class of every driver; subclasses override what they support."""
 
@@ -356,10 +370,11 @@ class Driver:
 
     def inline_target(self) -> InlineTarget | None:
         """Where a transport's compiled inline path may do this driver's reads and
-        writes itself, with plain system calls: when every byte of the disk sits at its
-        own offset of one descriptor the kernel serves without waiting, the target that
-        says so; else None (the default: filters, images with metadata, devices). Asked
-        again before each pass, so a driver may change its answer at any time (after
+        writes itself, with plain system calls: when the disk's bytes sit in one
+        descriptor the kernel serves without waiting (at their own offsets, or in blocks
+        a BAT places), the target that says so (:func:`inline_file` makes it); else None
+        (the default: filters, images with other metadata, devices). Asked again before
+        each pass, so a driver may change its answer at any time (after
         punching a hole, say); what the compiled path does must be exactly what
         :meth:`read_now`/:meth:`write_now` would do."""
         return None

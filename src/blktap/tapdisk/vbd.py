@@ -766,17 +766,27 @@ class VBD:
 
     def _served_now(self, write: bool, sectors: int) -> None:
         """Count a request the side door served, as _finish counts the others."""
-        st = self.stats
-        st.submitted += 1
-        # A histogram's first bucket, without a clock read (LatencyHistogram.observe_instant)
-        (self.latency.write if write else self.latency.read).counts[0] += 1
         if write:
-            st.write_reqs += 1
-            st.write_sectors += sectors
+            self._count_served(0, 0, 1, sectors)
         else:
-            st.read_reqs += 1
-            st.read_sectors += sectors
-        self.driver.hits[1 if write else 0] += sectors
+            self._count_served(1, sectors, 0, 0)
+
+    def _count_served(self, reads: int, read_sectors: int, writes: int,
+                      write_sectors: int) -> None:
+        """Count requests served at once (the side door's, the compiled inline path's)."""
+        st = self.stats
+        st.submitted += reads + writes
+        # A histogram's first bucket, without a clock read (LatencyHistogram.observe_instant)
+        lat = self.latency
+        lat.read.counts[0] += reads
+        lat.write.counts[0] += writes
+        st.read_reqs += reads
+        st.read_sectors += read_sectors
+        st.write_reqs += writes
+        st.write_sectors += write_sectors
+        hits = self.driver.hits
+        hits[0] += read_sectors
+        hits[1] += write_sectors
         if self._inflight:  # progress, for the watchdog
             self._last_progress = self._clock()
 
@@ -797,22 +807,10 @@ class VBD:
     def served_inline(self, reads: int, read_bytes: int, writes: int,
                       write_bytes: int) -> None:
         """Count the requests a transport served at :meth:`inline_target`, as
-        :meth:`_served_now` counts the side door's."""
-        st = self.stats
-        st.submitted += reads + writes
-        lat = self.latency
-        lat.read.counts[0] += reads
-        lat.write.counts[0] += writes
-        st.read_reqs += reads
-        st.read_sectors += read_bytes // SECTOR
-        st.write_reqs += writes
-        st.write_sectors += write_bytes // SECTOR
-        hits = self.driver.hits
-        hits[0] += read_bytes // SECTOR
-        hits[1] += write_bytes // SECTOR
+        :meth:`_served_now` counts the side door's (the engine counts them too, as it
+        counts the side door's inline system calls)."""
+        self._count_served(reads, read_bytes // SECTOR, writes, write_bytes // SECTOR)
         self.driver.engine.count_inline(reads, writes)
-        if self._inflight:  # progress, for the watchdog
-            self._last_progress = self._clock()
 
     # ------------------------------------------------------------------ operations
     async def read(self, offset: int, view: memoryview) -> None:

@@ -28,6 +28,7 @@ from blktap.tapdisk.driver import (
     InlineTarget,
     OpenContext,
     Tally,
+    inline_file,
 )
 
 
@@ -149,15 +150,9 @@ class AioDriver(Driver):
         # (VBD.zero_runs_now), which the compiled path does not do.
         if self.dfd is not None or not self.dense:
             return None
-        cached = self._inline
-        if cached is None:
-            mode = self.engine.inline_mode(self.fd)
-            if mode is None:
-                return None
-            memory = mode == "memory"
-            cached = self._inline = InlineTarget(self.fd, self.size, memory,
-                                                 memory and self.writable)
-        return cached
+        if self._inline is None:
+            self._inline = inline_file(self.engine, self.fd, self.size, self.writable)
+        return self._inline
 
     def start_read(self, offset: int, iov: Sequence[memoryview], done: Completion) -> bool:
         fd, addrs = self._target(offset, iov)

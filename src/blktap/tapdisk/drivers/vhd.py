@@ -42,6 +42,7 @@ from blktap.tapdisk.driver import (
     InlineTarget,
     OpenContext,
     Tally,
+    inline_file,
     merge_extents,
 )
 
@@ -167,6 +168,7 @@ class VhdDriver(Driver):
         self._below: list[VhdDriver] = []
         self._below_min_size: list[int] = []
         self._skip_counters: dict[int, SkipCounter] = {}
+        self._inline: InlineTarget | None = None  # inline_target, once learnt
         self.caps = Caps.BLOCK_STATUS | Caps.FLUSH
         if image.writable:
             self.caps |= Caps.WRITE | Caps.FUA | Caps.ZERO | Caps.FAST_ZERO
@@ -476,20 +478,19 @@ class VhdDriver(Driver):
         # a raw disk with a footer after it; a dynamic one is served through its BAT, only
         # in blocks the batmap says are full (it only gains bits, each set after the block's
         # data and BAT entry: VhdImage._note_full), so no sector is its parent's.
-        if self.cipher is not None or not self.regular:
-            return None
-        mode = self.engine.inline_mode(self.fd)
-        if mode is None:
-            return None
-        memory = mode == "memory"
-        writes = memory and self.writable
+        # Learnt once: the BAT and batmap are the same objects while open, and a valid
+        # batmap stays valid.
+        if self._inline is not None or self.cipher is not None or not self.regular:
+            return self._inline
         if self._fixed:
-            return InlineTarget(self.fd, self.size, memory, writes)
+            self._inline = inline_file(self.engine, self.fd, self.size, self.writable)
+            return self._inline
         img = self.image
         if img.batmap is None or not img.batmap_valid:
             return None
-        return InlineTarget(self.fd, self.size, memory, writes, img.bat, img.batmap,
-                            self._spb * SECTOR, self._bitmap_secs)
+        self._inline = inline_file(self.engine, self.fd, self.size, self.writable, img.bat,
+                                   img.batmap, self._spb * SECTOR, self._bitmap_secs)
+        return self._inline
 
     def write_now(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> bool:
         """Sectors the layer holds already, in one run of the file, in memory: no metadata

@@ -48,7 +48,7 @@
 #define REPLY_TYPE_OFFSET_DATA 1u
 #define SECTOR_MASK 511u
 
-/* nbd_pump's mode bits (mirrored in inline.py). */
+/* nbd_pump's mode bits (the module exports them: inline.mode). */
 #define MODE_STRUCTURED 1u  /* the session negotiated structured replies */
 #define MODE_MEMORY 2u      /* the file is in memory: reads never wait, writes are copies */
 #define MODE_WRITABLE 4u    /* writes may be done here (a writable export, a file in memory) */

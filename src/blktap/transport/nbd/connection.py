@@ -337,15 +337,11 @@ class Connection:
             return 0
         scratch = _scratch_buffer()
         assert self._inline is not None
-        mode = self.session.structured | target.memory << 1 | target.writes << 2
         try:
-            if target.bat is None:  # (inline.mode's bits, without a call)
-                out = self._inline(ch.fd, ch.buf, ch.start, ch.end, scratch, target.fd,
-                                   target.size, mode, budget, inline.MAX_LENGTH)
-            else:
-                out = self._inline(ch.fd, ch.buf, ch.start, ch.end, scratch, target.fd,
-                                   target.size, mode, budget, inline.MAX_LENGTH, target.bat,
-                                   target.batmap, target.block_bytes, target.data_secs)
+            out = self._inline(ch.fd, ch.buf, ch.start, ch.end, scratch, target.fd,
+                               target.size, inline.mode(target, self.session.structured),
+                               budget, inline.MAX_LENGTH, target.bat, target.batmap,
+                               target.block_bytes, target.data_secs)
         except Exception:  # a target it cannot take (a bug): it raised before serving any
             log.exception("%s: the compiled inline path failed; serving without it",
                           self.peer)
@@ -363,7 +359,7 @@ class Connection:
             left = used - sent  # charged as a buffer of its size would be
             self.budget.take(self._charge(left))
             self._take(left)
-            ch.post([bytes(scratch[sent:used])], self._posted, (None, left))
+            ch.post([bytes(memoryview(scratch)[sent:used])], self._posted, (None, left))
         return served
 
     # ------------------------------------------------------------------ reads and writes

@@ -19,11 +19,8 @@ from collections.abc import Callable
 
 from blktap.tapdisk.driver import InlineTarget
 
-MODE_STRUCTURED = 1
-MODE_MEMORY = 2
-MODE_WRITABLE = 4
 # Replies gathered before they are sent (a read's data travels in it): one buffer per
-# server, big enough for a batch of small reads or one large one.
+# loop thread, big enough for a batch of small reads or one large one.
 SCRATCH_BYTES = (1 << 20) + (64 << 10)
 # The largest request the compiled path takes (larger ones gain nothing from it).
 MAX_LENGTH = 1 << 20
@@ -40,8 +37,6 @@ def compiled() -> Pump | None:
     """The compiled pass (``nbd_pump``), or None when it is not built or turned off."""
     if _inline is None or os.environ.get("BLKTAP_INLINE", "1") == "0":
         return None
-    assert (_inline.MODE_STRUCTURED, _inline.MODE_MEMORY, _inline.MODE_WRITABLE) == (
-        MODE_STRUCTURED, MODE_MEMORY, MODE_WRITABLE)
     return _inline.nbd_pump
 
 
@@ -51,6 +46,8 @@ def available() -> bool:
 
 
 def mode(target: InlineTarget, structured: bool) -> int:
-    """The mode bits of a pass over ``target``."""
-    return ((MODE_STRUCTURED if structured else 0) | (MODE_MEMORY if target.memory else 0)
-            | (MODE_WRITABLE if target.writes else 0))
+    """The mode bits of a pass over ``target`` (the extension's constants: call only when
+    :func:`compiled` gave the pass)."""
+    return ((_inline.MODE_STRUCTURED if structured else 0)
+            | (_inline.MODE_MEMORY if target.memory else 0)
+            | (_inline.MODE_WRITABLE if target.writes else 0))
