@@ -1258,11 +1258,14 @@ def read_requests(count: int, length: int, size: int) -> bytes:
                                 length) for i in range(count))
 
 
-@pytest.mark.interop
-def test_nbd_client_that_never_reads_replies_then_vanishes(shm: Path) -> None:
-    """200 pipelined reads, no reply read: the connection stops at its in-flight limit
-    with its replies posted; another client is served meanwhile; when the first vanishes,
-    every buffer and slot comes back and the server still serves."""
+def stall_then_vanish(shm: Path, at_stall: Callable[[Connection, VBD, NbdServer, int], None],
+                      at_end: Callable[[Connection, VBD, NbdServer], None] | None = None
+                      ) -> None:
+    """200 pipelined reads of 256 KiB into a read-only server, no reply read: once the
+    connection is stalled at its in-flight limit, ``at_stall(conn, vbd, server,
+    length)`` checks it; another client is served meanwhile; the first vanishes, every
+    slot and buffer comes back (then ``at_end(conn, vbd, server)``), and the server
+    still serves."""
     need_libnbd()
     spec, _, content = make_image(shm, "raw")
     model = shm / "model"
@@ -1286,19 +1289,19 @@ def test_nbd_client_that_never_reads_replies_then_vanishes(shm: Path) -> None:
             w.sock.sendall(read_requests(200, length, len(content)))
             await until(lambda: conn.in_flight == MAX_IN_FLIGHT and conn.ch._writer is not None,
                         "stalled at the in-flight limit")
-            assert vbd.stats.read_reqs == MAX_IN_FLIGHT
-            assert conn.bytes_in_flight == MAX_IN_FLIGHT * length
-            assert outstanding(server.pool) == MAX_IN_FLIGHT
+            at_stall(conn, vbd, server, length)
             # Another client is served meanwhile.
             assert (await sub(SYSTEM_PYTHON, "-c", QD1, str(sock), str(model), "100")
                     ).strip() == "100"
             assert conn in server._connections
-            w.close()  # vanishes with 128 replies posted and 72 requests unread
+            w.close()  # vanishes with its replies posted and requests unread
             await until(lambda: conn not in server._connections, "connection gone")
             assert conn.bytes_in_flight == 0
             assert conn.in_flight == 0
             assert outstanding(server.pool) == 0
             assert vbd.stats.in_flight == 0 and vbd.stats.errors == 0
+            if at_end is not None:
+                at_end(conn, vbd, server)
             assert (await sub(SYSTEM_PYTHON, "-c", QD1, str(sock), str(model), "20")
                     ).strip() == "20"
         finally:
@@ -1306,6 +1309,18 @@ def test_nbd_client_that_never_reads_replies_then_vanishes(shm: Path) -> None:
             await server.stop()
             await vbd.close()
     arun(body)
+
+
+@pytest.mark.interop
+def test_nbd_client_that_never_reads_replies_then_vanishes(shm: Path) -> None:
+    """200 pipelined reads, no reply read: the connection stops at its in-flight limit
+    with its replies posted; another client is served meanwhile; when the first vanishes,
+    every buffer and slot comes back and the server still serves."""
+    def at_stall(conn: Connection, vbd: VBD, server: NbdServer, length: int) -> None:
+        assert vbd.stats.read_reqs == MAX_IN_FLIGHT
+        assert conn.bytes_in_flight == MAX_IN_FLIGHT * length
+        assert outstanding(server.pool) == MAX_IN_FLIGHT
+    stall_then_vanish(shm, at_stall)
 
 
 @pytest.mark.parametrize("end", ["disconnect", "server-stop"])

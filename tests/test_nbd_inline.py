@@ -39,17 +39,15 @@ from blktap.tapdisk.drivers import open_stack
 from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd import inline
 from blktap.transport.nbd import proto as p
-from blktap.transport.nbd.connection import MAX_IN_FLIGHT
+from blktap.transport.nbd.connection import MAX_IN_FLIGHT, Connection
 from blktap.transport.nbd.server import Export, NbdServer
 from conftest import ROOT, need
-from nbd_helpers import Wire
 from test_fast_path import (
     CLIENT,
     DF,
     FLUSH,
     FUA,
     KEY,
-    QD1,
     READ,
     SYSTEM_PYTHON,
     WRITE,
@@ -67,13 +65,12 @@ from test_fast_path import (
     need_libnbd,
     outstanding,
     qemu_compare,
-    read_requests,
     req,
     settled,
     shm,  # noqa: F401  (a fixture)
     spy_side_door,
+    stall_then_vanish,
     sub,
-    until,
 )
 
 MiB = 1 << 20
@@ -88,6 +85,45 @@ def compiled() -> inline.Pump:
             pytest.skip("the compiled inline path is not built here (no C compiler)")
         pytest.skip("BLKTAP_INLINE=0 in the environment")
     return pump
+
+
+def count_inline(vbd: VBD) -> list[int]:
+    """A counter (one item) of the requests the compiled path serves on ``vbd`` from now."""
+    served = [0]
+    counted = vbd.served_inline
+
+    def counting(reads: int, read_bytes: int, writes: int, write_bytes: int) -> None:
+        served[0] += reads + writes
+        counted(reads, read_bytes, writes, write_bytes)
+    vbd.served_inline = counting  # type: ignore[method-assign]
+    return served
+
+
+def run_libnbd(folder: Path, spec: str, content: bytes, seed: int, nops: int, *,
+               direct: bool = True) -> tuple[dict, dict, int]:
+    """test_fast_path's mixed libnbd client (4 KiB and 1 MiB, 64 in flight, every read
+    checked) against a server of ``spec``; qemu-img compares the disk, through the
+    server, with the client's model (left in ``folder``/model.out). Returns the client's
+    counts, the VBD's statistics and the requests the compiled path served."""
+    model_in, model_out = folder / "model.in", folder / "model.out"
+    model_in.write_bytes(content)
+    sock = folder / "s.sock"
+
+    async def body(engine: ThreadEngine) -> tuple[dict, dict, int]:
+        vbd = VBD(await engine.call(open_stack, engine, spec, writable=True, direct=direct))
+        served = count_inline(vbd)
+        server = NbdServer(Export("", vbd))
+        server.listen_unix(str(sock))
+        try:
+            out = await sub(SYSTEM_PYTHON, "-c", CLIENT, str(sock), str(seed), str(nops),
+                            "64", "8", str(model_in), str(model_out))
+            stats = vbd.stats.as_dict()
+            await asyncio.to_thread(qemu_compare, f"nbd+unix:///?socket={sock}", model_out)
+            return json.loads(out), stats, served[0]
+        finally:
+            await server.stop()
+            await vbd.close()
+    return arun(body)  # type: ignore[no-any-return]
 
 
 # ------------------------------------------------------------------------- the build
@@ -376,13 +412,7 @@ def run_burst(shm: Path, spec: str, content: bytes, structured: bool,  # noqa: F
     async def body(engine: ThreadEngine) -> tuple[dict[str, list[int]], dict]:
         async with nbd_served(engine, spec, sock) as (server, vbd):
             counts = spy_side_door(vbd)
-            counted = vbd.served_inline
-            inline_served = [0]
-
-            def served(reads: int, rb: int, writes: int, wb: int) -> None:
-                inline_served[0] += reads + writes
-                counted(reads, rb, writes, wb)
-            vbd.served_inline = served  # type: ignore[method-assign]
+            inline_served = count_inline(vbd)
             w, conn = await attach(server, sock, structured=structured)
             for r in range(rounds):
                 reqs, reads, errors, writes, status = mixed_burst(len(content), 151 + r,
@@ -436,38 +466,14 @@ def test_libnbd_with_64_in_flight_checked_by_qemu_img(shm: Path) -> None:  # noq
     need_libnbd()
     need("qemu-img")
     spec, path, content = make_image(shm, "raw")
-    model_in, model_out = shm / "model.in", shm / "model.out"
-    model_in.write_bytes(content)
-    sock = shm / "s.sock"
-    inline_served = [0]
-
-    async def body(engine: ThreadEngine) -> tuple[dict, dict]:
-        drv = await engine.call(open_stack, engine, spec, writable=True)
-        vbd = VBD(drv)
-        real = vbd.served_inline
-
-        def served(reads: int, rb: int, writes: int, wb: int) -> None:
-            inline_served[0] += reads + writes
-            real(reads, rb, writes, wb)
-        vbd.served_inline = served  # type: ignore[method-assign]
-        server = NbdServer(Export("", vbd))
-        server.listen_unix(str(sock))
-        try:
-            out = await sub(SYSTEM_PYTHON, "-c", CLIENT, str(sock), "9", "3000", "64",
-                            "8", str(model_in), str(model_out))
-            stats = vbd.stats.as_dict()
-            await asyncio.to_thread(qemu_compare, f"nbd+unix:///?socket={sock}", model_out)
-            return json.loads(out), stats
-        finally:
-            await server.stop()
-            await vbd.close()
-    client, stats = arun(body)  # type: ignore[misc]
+    client, stats, inline_served = run_libnbd(shm, spec, content, 9, 3000)
+    model_out = shm / "model.out"
     assert stats["read_reqs"] == client["reads"]
     assert stats["write_reqs"] == client["writes"]
     assert stats["read_sectors"] == client["read_bytes"] // SECTOR
     assert stats["write_sectors"] == client["write_bytes"] // SECTOR
     assert stats["errors"] == 0 and stats["in_flight"] == 0
-    assert inline_served[0] > (client["reads"] + client["writes"]) // 2
+    assert inline_served > (client["reads"] + client["writes"]) // 2
     assert path.read_bytes() == model_out.read_bytes()
 
 
@@ -478,43 +484,14 @@ def test_a_client_that_never_reads_replies_then_vanishes(shm: Path) -> None:  # 
     Python path takes over and stops at the in-flight limit; another client is served
     meanwhile; when the first vanishes every buffer, slot and byte comes back."""
     compiled()
-    need_libnbd()
-    spec, _, content = make_image(shm, "raw")
-    model = shm / "model"
-    model.write_bytes(content)
-    sock = shm / "s.sock"
-    length = 256 * KiB
 
-    async def body(engine: ThreadEngine) -> None:
-        drv = await engine.call(open_stack, engine, spec, writable=False)
-        vbd = VBD(drv, read_only=True)
-        server = NbdServer(Export("", vbd))
-        server.listen_unix(str(sock))
-        w = Wire(sock)
-        try:
-            await asyncio.to_thread(w.go, "", False)
-            await until(lambda: len(server._connections) == 1, "connected")
-            conn = next(iter(server._connections))
-            conn.ch.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * KiB)
-            w.sock.sendall(read_requests(200, length, len(content)))
-            await until(lambda: conn.in_flight == MAX_IN_FLIGHT and conn.ch._writer is not None,
-                        "stalled at the in-flight limit")
-            assert vbd.stats.read_reqs > MAX_IN_FLIGHT  # some served and answered inline
-            assert server.pool.budget.used > MAX_IN_FLIGHT * length - length
-            assert (await sub(SYSTEM_PYTHON, "-c", QD1, str(sock), str(model), "100")
-                    ).strip() == "100"
-            w.close()
-            await until(lambda: conn not in server._connections, "connection gone")
-            assert conn.bytes_in_flight == 0 and conn.in_flight == 0
-            assert outstanding(server.pool) == 0 and server.pool.budget.used == 0
-            assert vbd.stats.in_flight == 0 and vbd.stats.errors == 0
-            assert (await sub(SYSTEM_PYTHON, "-c", QD1, str(sock), str(model), "20")
-                    ).strip() == "20"
-        finally:
-            w.close()
-            await server.stop()
-            await vbd.close()
-    arun(body)
+    def at_stall(conn: Connection, vbd: VBD, server: NbdServer, length: int) -> None:
+        assert vbd.stats.read_reqs > MAX_IN_FLIGHT  # some served and answered inline
+        assert server.pool.budget.used > MAX_IN_FLIGHT * length - length
+
+    def at_end(conn: Connection, vbd: VBD, server: NbdServer) -> None:
+        assert server.pool.budget.used == 0
+    stall_then_vanish(shm, at_stall, at_end)
 
 
 def test_writes_inline_then_paused_disk_holds_them(shm: Path) -> None:  # noqa: F811
@@ -711,38 +688,17 @@ def test_a_vhd_mixed_burst_gets_the_answers_the_python_path_gives(
 @pytest.mark.interop
 def test_libnbd_on_a_vhd_checked_by_qemu_img(shm: Path) -> None:  # noqa: F811
     """The mixed libnbd client (64 in flight) on a dynamic VHD: statistics match, some
-    requests served inline, qemu-img compare finds the VHD (vpc) equal to the model."""
+    requests served inline, qemu-img compare finds the VHD (vpc) equal to the model, read
+    through the server and as a file."""
     compiled()
     need_libnbd()
     need("qemu-img")
     spec, path, _ = make_image(shm, "vhd")
-    content = chain_bytes(path)
-    model_in, model_out = shm / "model.in", shm / "model.out"
-    model_in.write_bytes(content)
-    sock = shm / "s.sock"
-    inline_served = [0]
-
-    async def body(engine: ThreadEngine) -> tuple[dict, dict]:
-        vbd = VBD(await engine.call(open_stack, engine, spec, writable=True))
-        real = vbd.served_inline
-
-        def served(reads: int, rb: int, writes: int, wb: int) -> None:
-            inline_served[0] += reads + writes
-            real(reads, rb, writes, wb)
-        vbd.served_inline = served  # type: ignore[method-assign]
-        server = NbdServer(Export("", vbd))
-        server.listen_unix(str(sock))
-        try:
-            out = await sub(SYSTEM_PYTHON, "-c", CLIENT, str(sock), "10", "2000", "64",
-                            "8", str(model_in), str(model_out))
-            return json.loads(out), vbd.stats.as_dict()
-        finally:
-            await server.stop()
-            await vbd.close()
-    client, stats = arun(body)  # type: ignore[misc]
+    client, stats, inline_served = run_libnbd(shm, spec, chain_bytes(path), 10, 2000)
+    model_out = shm / "model.out"
     assert stats["read_reqs"] == client["reads"] and stats["write_reqs"] == client["writes"]
     assert stats["errors"] == 0
-    assert inline_served[0] > 0
+    assert inline_served > 0
     qemu_compare(str(path), model_out, fmt="vpc")
 
 
@@ -771,3 +727,22 @@ def test_a_target_the_compiled_path_refuses_leaves_the_python_path_serving(
     with caplog.at_level("ERROR", logger="blktap.nbd"):
         arun(body)
     assert sum("compiled inline path failed" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.interop
+def test_libnbd_on_a_raw_file_in_the_page_cache(tmp_path: Path) -> None:
+    """A raw file on disk opened without O_DIRECT (tapdisk -D): the compiled path reads
+    what the page cache holds (RWF_NOWAIT) and leaves every write, and every read that
+    would wait, to the Python path. The mixed libnbd client's statistics match, some
+    reads (at most as many as it made) were served inline; qemu-img finds the disk equal
+    to the model."""
+    compiled()
+    need_libnbd()
+    need("qemu-img")
+    spec, path, content = make_image(tmp_path, "raw")
+    client, stats, inline_served = run_libnbd(tmp_path, spec, content, 11, 2000,
+                                              direct=False)
+    assert stats["read_reqs"] == client["reads"] and stats["write_reqs"] == client["writes"]
+    assert stats["errors"] == 0
+    assert 0 < inline_served <= client["reads"]
+    assert path.read_bytes() == (tmp_path / "model.out").read_bytes()
