@@ -125,13 +125,26 @@ class InlineTarget(NamedTuple):
     end of the file) or only reads that find the page cache may be done (RWF_NOWAIT), and
     whether writes may be done inline (a file in memory, writable).
 
-    Without ``bat`` every byte is at its own offset. With it, the bytes are in blocks of
-    ``block_bytes`` (a dynamic VHD's): block ``b``'s data starts ``bat[b] + data_secs``
-    sectors into the file (an ``array('I')``; 0xffffffff: not allocated), and only blocks
-    whose bit is set in ``batmap`` (most significant bit first) may be served there:
-    wholly held, with no sector left to a parent. The driver must only ever set such a
-    bit after the block's data and BAT entry (the compiled path reads them without the
-    interpreter lock while engine threads allocate), and never clear one while serving."""
+    Without a map every byte is at its own offset. With ``bat``, the bytes are in blocks
+    of ``block_bytes`` (a dynamic VHD's): block ``b``'s data starts ``bat[b] +
+    data_secs`` sectors into the file (an ``array('I')``; 0xffffffff: not allocated), and
+    only blocks whose bit is set in ``batmap`` (most significant bit first) may be served
+    there: wholly held, with no sector left to a parent. The driver must only ever set
+    such a bit after the block's data and BAT entry (the compiled path reads them without
+    the interpreter lock while engine threads allocate), and never clear one while
+    serving.
+
+    With ``l1``, the bytes are in clusters of ``2**cluster_bits`` (a qcow2 image's without
+    extended L2 entries): ``l1`` is the L1 table (an ``array('Q')``, native order) and
+    ``l2_tables`` the cache of L2 tables (a dict of such arrays by their offset in the
+    file). Only plain data clusters are served there (reads), and only clusters the
+    image owns alone (writes); a table not in the cache is the Python path's. A new
+    cluster's entry must be stored after its data, and a cluster freed only after its
+    entry changed and while holding ``guard``, which a transport holds for each pass.
+
+    ``holes_zero``: what the map leaves unallocated reads as zeros (the disk has no
+    parent), and may be served so; ``zero_flag``: so may a qcow2 cluster with the zero
+    flag (version 3)."""
 
     fd: int
     size: int
@@ -141,20 +154,25 @@ class InlineTarget(NamedTuple):
     batmap: Any = None
     block_bytes: int = 0
     data_secs: int = 0
+    l1: Any = None
+    l2_tables: Any = None
+    cluster_bits: int = 0
+    l2_entries: int = 0
+    guard: Any = None
+    holes_zero: bool = False
+    zero_flag: bool = False
 
 
-def inline_file(engine: Engine, fd: int, size: int, writable: bool, bat: Any = None,
-                batmap: Any = None, block_bytes: int = 0, data_secs: int = 0
+def inline_file(engine: Engine, fd: int, size: int, writable: bool, **layout: Any
                 ) -> InlineTarget | None:
     """The :class:`InlineTarget` of a file ``fd`` as ``engine`` would serve it inline (in
-    memory: reads and writes; in the page cache: reads only), or None when the engine
-    never does I/O on it inline."""
+    memory: reads and writes; in the page cache: reads only), laid out as ``layout`` says
+    (InlineTarget's map fields), or None when the engine never does I/O on it inline."""
     mode = engine.inline_mode(fd)
     if mode is None:
         return None
     memory = mode == "memory"
-    return InlineTarget(fd, size, memory, memory and writable, bat, batmap, block_bytes,
-                        data_secs)
+    return InlineTarget(fd, size, memory, memory and writable, **layout)
 
 
 class Driver:

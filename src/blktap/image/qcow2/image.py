@@ -26,6 +26,7 @@ import contextlib
 import errno
 import os
 import sys
+import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -110,6 +111,7 @@ class Qcow2Image:
         self.refcounts: Refcounts | None = None
         self.read_below: ReadBelow | None = None
         self._l2_cache: OrderedDict[int, array.array] = OrderedDict()
+        self.free_guard: threading.Lock | None = None
         self._inflated: tuple[int, bytes] | None = None
         self._dirty = False
         self._cleared_autoclear = False
@@ -357,6 +359,19 @@ class Qcow2Image:
         else:
             self._l2_cache.move_to_end(off)
         return table
+
+    @property
+    def plain_entries(self) -> bool:
+        """Whether an L2 entry is one 64-bit word of qcow2's (not extended, with a
+        subcluster bitmap; not the old qcow's, whose entries mean other things)."""
+        return self._plain_entries and not self.extended
+
+    @property
+    def l2_cache(self) -> OrderedDict[int, array.array]:
+        """The cached L2 tables (native-order words) by their offset in the file: the
+        same object while open, its tables changed in place as the image changes (to be
+        read, never changed, from outside)."""
+        return self._l2_cache
 
     def quick_lookup(self, offset: int, length: int) -> tuple[int, int, bool] | None:
         """(kind, host offset, owned) of a range that one kind covers whole, when a look at
@@ -744,6 +759,12 @@ class Qcow2Image:
         inconsistent, as after any program without bitmap support, instead of trusting
         bitmaps that missed changes."""
         self._dirty = True
+        self.clear_autoclear()
+
+    def clear_autoclear(self) -> None:
+        """Clear the autoclear bits of what we do not keep up to date, once (a writer that
+        changes data without the library's knowledge, as a driver writing clusters in
+        place does, calls this before it writes)."""
         if self._cleared_autoclear:
             return
         self._cleared_autoclear = True
@@ -796,12 +817,15 @@ class Qcow2Image:
         pwrite_all(self.fd, raw, table_off + word * 8)
 
     def _release(self, offset: int, clusters: int) -> None:
-        """Lower the counts of clusters no longer referenced from here; punch the freed."""
+        """Lower the counts of clusters no longer referenced from here; punch the freed.
+        Under :attr:`free_guard` when there is one: whoever reads the L2 entries without
+        the library (a compiled inline path) holds it while it uses what they said."""
         rc = self.refcounts
         assert rc is not None
-        freed = rc.update(offset >> self.cluster_bits, clusters, -1)
-        for c in freed:
-            self._punch(c << self.cluster_bits, self.cluster_size)
+        with self.free_guard if self.free_guard is not None else contextlib.nullcontext():
+            freed = rc.update(offset >> self.cluster_bits, clusters, -1)
+            for c in freed:
+                self._punch(c << self.cluster_bits, self.cluster_size)
 
     def _punch(self, offset: int, length: int) -> None:
         with contextlib.suppress(OSError):

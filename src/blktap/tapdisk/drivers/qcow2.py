@@ -31,8 +31,10 @@ from blktap.tapdisk.driver import (
     Caps,
     Driver,
     Extents,
+    InlineTarget,
     OpenContext,
     Tally,
+    inline_file,
     merge_extents,
 )
 from blktap.tapdisk.drivers.vhd import gather_all
@@ -63,6 +65,17 @@ class Qcow2Driver(Driver):
         self.regular = is_regular(image.fd)
         # Served from a buffer read through the stack, only while the lock is held.
         image.read_below = None
+        # Held by a transport's compiled inline path for each pass, and by the library
+        # while it frees clusters: a cluster it found in an L2 entry stays this disk's
+        # while the pass uses it (inline_target).
+        self.free_guard = threading.Lock()
+        image.free_guard = self.free_guard
+        self._inline: InlineTarget | None = None
+        if image.writable:
+            # Writes to owned clusters go around the library (here and inline): the
+            # autoclear bits of what they would leave stale (bitmaps) go first, as the
+            # format asks of a program opening an image read-write.
+            image.clear_autoclear()
         self.caps = Caps.BLOCK_STATUS | Caps.FLUSH
         if image.writable:
             self.caps |= Caps.WRITE | Caps.FUA | Caps.ZERO | Caps.FAST_ZERO | Caps.TRIM
@@ -147,6 +160,26 @@ class Qcow2Driver(Driver):
             else:
                 return False
         return True
+
+    def inline_target(self) -> InlineTarget | None:
+        # The image's own data clusters, found through its L1 table and the cached L2
+        # tables (the compiled path looks them up as quick_lookup does, without the
+        # interpreter lock), and without a parent its holes and zero clusters (zeros);
+        # compressed clusters, holes over a parent, tables not in the cache,
+        # subclusters and a separate data file are the Python path's. The library
+        # stores a new cluster's entry after its data and frees a cluster only after its
+        # entry changed, under free_guard (which the transport holds for each pass).
+        img = self.image
+        if not img.plain_entries or img.data_fd != img.fd or not self.regular:
+            return None
+        target = self._inline
+        if target is None or target.l1 is not img.l1:  # learnt again after a resize
+            target = self._inline = inline_file(
+                self.engine, self.fd, self.size, self.writable, l1=img.l1,
+                l2_tables=img.l2_cache, cluster_bits=img.cluster_bits,
+                l2_entries=img.l2_entries, guard=self.free_guard,
+                holes_zero=self.parent is None, zero_flag=img.version >= 3)
+        return target
 
     # ------------------------------------------------------------------ writes
     def _owned_now(self, offset: int, length: int) -> int | None:

@@ -477,7 +477,8 @@ class VhdDriver(Driver):
         # Unencrypted, in a regular file the kernel serves without waiting. A fixed VHD is
         # a raw disk with a footer after it; a dynamic one is served through its BAT, only
         # in blocks the batmap says are full (it only gains bits, each set after the block's
-        # data and BAT entry: VhdImage._note_full), so no sector is its parent's.
+        # data and BAT entry: VhdImage._note_full), so no sector is its parent's; without
+        # a parent, a block with no BAT entry reads as zeros there too.
         # Learnt once: the BAT and batmap are the same objects while open, and a valid
         # batmap stays valid.
         if self._inline is not None or self.cipher is not None or not self.regular:
@@ -488,8 +489,11 @@ class VhdDriver(Driver):
         img = self.image
         if img.batmap is None or not img.batmap_valid:
             return None
-        self._inline = inline_file(self.engine, self.fd, self.size, self.writable, img.bat,
-                                   img.batmap, self._spb * SECTOR, self._bitmap_secs)
+        self._inline = inline_file(self.engine, self.fd, self.size, self.writable,
+                                   bat=img.bat, batmap=img.batmap,
+                                   block_bytes=self._spb * SECTOR,
+                                   data_secs=self._bitmap_secs,
+                                   holes_zero=self.parent is None)
         return self._inline
 
     def write_now(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> bool:

@@ -335,18 +335,25 @@ class Connection:
         target = self.vbd.inline_target()
         if target is None or not ch.clear_to_send():
             return 0
+        guard = target.guard  # keeps clusters from being freed under the pass
+        if guard is not None and not guard.acquire(blocking=False):
+            return 0
         scratch = _scratch_buffer()
         assert self._inline is not None
         try:
             out = self._inline(ch.fd, ch.buf, ch.start, ch.end, scratch, target.fd,
                                target.size, inline.mode(target, self.session.structured),
                                budget, inline.MAX_LENGTH, target.bat, target.batmap,
-                               target.block_bytes, target.data_secs)
+                               target.block_bytes, target.data_secs, target.l1,
+                               target.l2_tables, target.cluster_bits, target.l2_entries)
         except Exception:  # a target it cannot take (a bug): it raised before serving any
             log.exception("%s: the compiled inline path failed; serving without it",
                           self.peer)
             self._inline = None
             return 0
+        finally:
+            if guard is not None:
+                guard.release()
         start, reads, read_bytes, writes, write_bytes, sent, used, error = out
         ch.consume(start - ch.start)
         served = reads + writes

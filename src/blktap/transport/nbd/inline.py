@@ -50,4 +50,6 @@ def mode(target: InlineTarget, structured: bool) -> int:
     :func:`compiled` gave the pass)."""
     return ((_inline.MODE_STRUCTURED if structured else 0)
             | (_inline.MODE_MEMORY if target.memory else 0)
-            | (_inline.MODE_WRITABLE if target.writes else 0))
+            | (_inline.MODE_WRITABLE if target.writes else 0)
+            | (_inline.MODE_HOLES_ZERO if target.holes_zero else 0)
+            | (_inline.MODE_ZERO_FLAG if target.zero_flag else 0))

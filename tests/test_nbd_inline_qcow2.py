@@ -1,0 +1,493 @@
+"""The compiled inline path over a qcow2 image's clusters (and over the holes of a disk
+without a parent: qcow2 and dynamic VHD).
+
+- ``nbd_pump`` with an L1 table and L2 tables made by hand: plain data clusters read
+  (across clusters, across tables), written only where the image owns them (COPIED);
+  every other entry (compressed, reserved bits, misaligned, shared, a table not in the
+  cache) left to the Python path; holes and zero clusters answered as a hole chunk
+  (structured) or zeros (simple) only where the disk has no parent; a read partly of
+  zeros left to the Python path in a structured session (it answers it in chunks);
+  targets of the wrong shape refused before anything is served;
+- the guard: while a pass holds it, the library does not free a cluster;
+- end to end against images qemu made (compressed, zero, data clusters, holes; an
+  overlay over a backing file): the same answers, disk and statistics with the compiled
+  path on and off; libnbd with 64 in flight checked by qemu-img check and compare;
+  random pipelines with discards and write-zeroes racing the compiled path, checked
+  against a model and by qemu-img check;
+- a writable qcow2 with persistent bitmaps loses their autoclear bit before any write
+  goes around the library.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from blktap.image.qcow2 import structs as s
+from blktap.io.threads import ThreadEngine
+from blktap.tapdisk.driver import InlineTarget
+from blktap.tapdisk.drivers import open_stack
+from blktap.tapdisk.vbd import VBD
+from blktap.transport.nbd import inline
+from blktap.transport.nbd import proto as p
+from qcow2_helpers import qemu_check, qemu_img, qemu_io, qemu_raw
+from test_fast_path import (
+    READ,
+    STATUS,
+    TRIM,
+    WRITE,
+    ZEROES,
+    arun,
+    attach,
+    data,
+    exchange,
+    nbd_served,
+    need_libnbd,
+    qemu_compare,
+    req,
+    settled,
+    shm,  # noqa: F401  (a fixture)
+)
+from test_nbd_inline import Bench, Pumped, compiled, run_burst, run_libnbd
+
+MiB = 1 << 20
+KiB = 1 << 10
+CLUSTER = 64 * KiB
+SECTOR = 512
+COPIED = s.OFLAG_COPIED
+
+
+# ------------------------------------------------------------------------- by hand
+class Clusters(Bench):
+    """A file laid out as a qcow2 image's clusters would be, by hand: 64 KiB clusters,
+    16 entries per L2 table (so a 1 MiB disk spans two tables), the file's clusters
+    placed out of order:
+
+    table 0 (at file offset 0x10000): cluster 0 at file cluster 5 (owned), 1 at 3
+    (owned), 2 at 9 (shared: no COPIED), 3 unallocated, 4 zero flag, 5 zero flag with
+    a host cluster, 6 compressed, 7 with a reserved bit, 8 at a misaligned offset, 9 at
+    file cluster 12 (owned), the rest unallocated;
+    table 1 (L1 entry 1): not in the cache; L1 entry 2: no table (holes)."""
+
+    ENTRIES = 16
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder, size=48 * CLUSTER)
+        self.disk_size = 3 * self.ENTRIES * CLUSTER
+        self.l1 = array.array("Q", [0x10000 | COPIED, 0x20000 | COPIED, 0])
+        t = array.array("Q", [0] * self.ENTRIES)
+        t[0] = 5 * CLUSTER | COPIED
+        t[1] = 3 * CLUSTER | COPIED
+        t[2] = 9 * CLUSTER
+        t[4] = s.OFLAG_ZERO
+        t[5] = 7 * CLUSTER | COPIED | s.OFLAG_ZERO
+        t[6] = s.OFLAG_COMPRESSED | 20 * CLUSTER
+        t[7] = 11 * CLUSTER | COPIED | (1 << 1)
+        t[8] = 13 * CLUSTER + 512 | COPIED
+        t[9] = 12 * CLUSTER | COPIED
+        self.table = t
+        self.tables = {0x10000: t}
+
+    def place(self, disk: int) -> int:
+        cluster, within = divmod(disk, CLUSTER)
+        return (self.table[cluster] & s.L2_OFFSET_MASK) + within
+
+    def pump(self, stream: bytes, *, structured: bool = True, memory: bool = True,
+             writes: bool = True, budget: int = 64, max_length: int = inline.MAX_LENGTH,
+             size: int | None = None, holes_zero: bool = False,
+             zero_flag: bool = False, l1: object = None, tables: object = None,
+             bits: int = 16, entries: int | None = None) -> Pumped:
+        self.rbuf[: len(stream)] = stream
+        target = InlineTarget(self.fd, self.disk_size, memory, writes,
+                              holes_zero=holes_zero, zero_flag=zero_flag)
+        return Pumped(compiled()(
+            self.server.fileno(), self.rbuf, 0, len(stream), self.scratch, self.fd,
+            self.disk_size if size is None else size, inline.mode(target, structured),
+            budget, max_length, None, None, 0, 0, self.l1 if l1 is None else l1,
+            self.tables if tables is None else tables, bits,
+            self.ENTRIES if entries is None else entries))
+
+
+@pytest.fixture
+def clusters(shm: Path):  # noqa: F811
+    b = Clusters(shm)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def test_pump_reads_plain_data_clusters_where_the_tables_place_them(
+        clusters: Clusters) -> None:
+    """Reads inside a cluster and across owned and shared data clusters (out of order in
+    the file) are served from their places; a read touching any other kind of entry, a
+    table not in the cache or an L1 entry without a table stops the pass there."""
+    b = clusters
+    served = [(0, 4096), (CLUSTER - 4096, 8192), (CLUSTER + 512, 2 * CLUSTER - 512),
+              (9 * CLUSTER, CLUSTER)]
+    stream = b"".join(req(READ, off, n, handle=i) for i, (off, n) in enumerate(served))
+    out = b.pump(stream, structured=False)
+    assert (out.start, out.reads) == (len(stream), len(served))
+    got = b.recv(out.used)
+    pos = 0
+    for i, (off, n) in enumerate(served):
+        assert got[pos : pos + 16] == p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, i)
+        want = b"".join(b.content[b.place(o) : b.place(o) + CLUSTER - o % CLUSTER]
+                        for o in range(off - off % CLUSTER, off + n, CLUSTER))
+        skip = off % CLUSTER
+        assert got[pos + 16 : pos + 16 + n] == want[skip : skip + n], i
+        pos += 16 + n
+    for off, n in ((3 * CLUSTER, 4096), (2 * CLUSTER, CLUSTER + 4096), (4 * CLUSTER, 512),
+                   (5 * CLUSTER, 4096), (6 * CLUSTER, 4096), (7 * CLUSTER, 4096),
+                   (8 * CLUSTER, 4096), (16 * CLUSTER, 4096), (32 * CLUSTER, 4096),
+                   (15 * CLUSTER, 2 * CLUSTER)):
+        for structured in (True, False):
+            out = b.pump(req(READ, off, n, handle=9), structured=structured)
+            assert (out.start, out.reads, out.used) == (0, 0, 0), (off, n)
+
+
+def test_pump_writes_only_clusters_the_image_owns(clusters: Clusters) -> None:
+    """A write inside an owned cluster lands at its place; a write to a shared cluster,
+    a hole, a zero cluster (even with a host cluster), a compressed or reserved entry, or
+    across two clusters (even both owned) is the Python path's, the file unchanged."""
+    b = clusters
+    before = b.path.read_bytes()
+    for off, n in ((2 * CLUSTER, 4096), (3 * CLUSTER, 4096), (4 * CLUSTER, 4096),
+                   (5 * CLUSTER, 4096), (6 * CLUSTER, 4096), (7 * CLUSTER, 4096),
+                   (CLUSTER - 4096, 8192), (32 * CLUSTER, 4096), (16 * CLUSTER, 512)):
+        out = b.pump(req(WRITE, off, n, handle=9, payload=b"w" * n), holes_zero=True,
+                     zero_flag=True)
+        assert (out.start, out.writes) == (0, 0), (off, n)
+    assert b.path.read_bytes() == before
+    one = data(41, 8192)
+    out = b.pump(req(WRITE, CLUSTER + 4096, 8192, handle=7, payload=one))
+    assert (out.writes, out.write_bytes) == (1, 8192)
+    assert b.recv(16) == p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, 7)
+    after = b.path.read_bytes()
+    at = b.place(CLUSTER + 4096)
+    assert after[at : at + 8192] == one
+    assert after[:at] == before[:at] and after[at + 8192 :] == before[at + 8192 :]
+
+
+def test_pump_answers_holes_and_zero_clusters_of_a_disk_without_a_parent(
+        clusters: Clusters) -> None:
+    """With holes_zero (no parent): an unallocated cluster, an L1 entry without a table,
+    and (with zero_flag, version 3) zero clusters read as zeros: one hole chunk in a
+    structured session, zeros in a simple one. A read partly of zeros and partly of data
+    is the Python path's in a structured session (it answers in a chunk per run) and
+    zeros then data in a simple one. Without zero_flag a zero cluster is the Python
+    path's; without holes_zero, a hole is."""
+    b = clusters
+    zeros = [(3 * CLUSTER, 4096), (4 * CLUSTER, CLUSTER), (5 * CLUSTER + 512, 1024),
+             (32 * CLUSTER, 3 * CLUSTER), (10 * CLUSTER, 6 * CLUSTER)]
+    stream = b"".join(req(READ, off, n, handle=i) for i, (off, n) in enumerate(zeros))
+    out = b.pump(stream, holes_zero=True, zero_flag=True)
+    assert (out.start, out.reads, out.used) == (len(stream), len(zeros), 32 * len(zeros))
+    got = b.recv(out.used)
+    for i, (off, n) in enumerate(zeros):
+        assert got[32 * i : 32 * i + 32] == p.CHUNK_OFFSET_HOLE.pack(
+            p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_HOLE, i, 12,
+            off, n)
+    out = b.pump(stream, structured=False, holes_zero=True, zero_flag=True)
+    assert out.reads == len(zeros)
+    # More than the socket takes: what it did not is handed back (the caller queues it).
+    got = b.recv(out.sent) + bytes(b.scratch[out.sent : out.used])
+    pos = 0
+    for i, (_off, n) in enumerate(zeros):
+        assert got[pos : pos + 16 + n] == p.SIMPLE_REPLY.pack(
+            p.SIMPLE_REPLY_MAGIC, 0, i) + bytes(n)
+        pos += 16 + n
+    mixed = req(READ, 2 * CLUSTER, 2 * CLUSTER, handle=5)  # shared data, then a hole
+    out = b.pump(mixed, holes_zero=True, zero_flag=True)
+    assert (out.start, out.reads) == (0, 0)
+    out = b.pump(mixed, structured=False, holes_zero=True, zero_flag=True)
+    assert out.reads == 1
+    got = b.recv(out.used)
+    at = b.place(2 * CLUSTER)
+    assert got[16:] == b.content[at : at + CLUSTER] + bytes(CLUSTER)
+    for off, options in ((4 * CLUSTER, {"holes_zero": True}),
+                         (3 * CLUSTER, {"zero_flag": True}),
+                         (32 * CLUSTER, {"zero_flag": True})):
+        out = b.pump(req(READ, off, 4096), **options)
+        assert (out.start, out.reads) == (0, 0), (off, options)
+
+
+def test_pump_refuses_qcow2_targets_of_the_wrong_shape(clusters: Clusters) -> None:
+    """An L1 table or an L2 table that is not an array of 64-bit words, tables that are
+    not a dict, a table shorter than l2_entries, cluster bits out of range, l2_entries
+    larger than a cluster holds, a BAT and an L1 table at once: each raises before a
+    request is served."""
+    b = clusters
+    stream = req(READ, 0, 4096, handle=1)
+    bad = [
+        {"l1": bytearray(24)},
+        {"l1": array.array("I", [0x10000])},
+        {"tables": [b.table]},
+        {"tables": {0x10000: bytes(128)}},
+        {"tables": {0x10000: array.array("Q", [0] * 4)}},
+        {"bits": 8},
+        {"bits": 22},
+        {"entries": 0},
+        {"entries": CLUSTER // 8 + 1},
+    ]
+    for options in bad:
+        with pytest.raises((TypeError, ValueError)):
+            b.pump(stream, **options)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        compiled()(b.server.fileno(), b.rbuf, 0, len(stream), b.scratch, b.fd,
+                   b.disk_size, 0, 1, 4096, array.array("I", [1]), bytearray(1), CLUSTER,
+                   1, b.l1, b.tables, 16, b.ENTRIES)
+    b.client.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        b.client.recv(1)
+
+
+def test_the_guard_keeps_clusters_from_being_freed_under_a_pass(
+        shm: Path) -> None:  # noqa: F811
+    """While the driver's free_guard is held (as the transport holds it for a pass), a
+    discard changes the L2 entry but does not free the cluster: it waits, and finishes
+    once the guard is let go."""
+    path = shm / "g.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    qemu_io(path, "write -P 7 0 1M")
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await engine.call(open_stack, engine, f"qcow2:{path}", writable=True)
+        vbd = VBD(drv)
+        target = vbd.inline_target()
+        assert target is not None and target.guard is drv.free_guard
+        assert target.l1 is drv.image.l1 and target.l2_tables is drv.image.l2_cache
+        assert target.holes_zero and target.zero_flag and target.writes
+        assert drv.free_guard.acquire()
+        done = threading.Event()
+        task = asyncio.ensure_future(vbd.discard(0, CLUSTER))
+        task.add_done_callback(lambda _: done.set())
+        await asyncio.sleep(0.3)
+        assert not done.is_set()
+        assert drv.image.quick_lookup(0, 4096)[0] != 2  # the entry changed already
+        drv.free_guard.release()
+        await asyncio.wait_for(task, 10)
+        await vbd.close()
+    arun(body)
+    assert qemu_check(path)[0] == 0
+
+
+# ------------------------------------------------------------------------- end to end
+def make_qcow2(folder: Path, name: str = "disk.qcow2", size: int = 32 * MiB
+               ) -> tuple[str, Path, bytes]:
+    """(spec, path, content): a qcow2 image qemu made, of every kind of cluster: random
+    data, compressed clusters, zero clusters (with and without a host cluster), holes
+    (in the reads' range and the writes'), and data half over the writes' range."""
+    raw = folder / (name + ".src")
+    content = bytearray(data(81, size))
+    for a, b in ((6 * MiB, 8 * MiB), (18 * MiB, 32 * MiB)):
+        content[a:b] = bytes(b - a)
+    raw.write_bytes(content)
+    path = folder / name
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", raw, path)
+    raw.unlink()
+    qemu_io(path, "write -c -P 90 6M 64k", "write -c -P 51 6336k 128k", "write -z 3M 512k",
+            "write -z -u 3584k 512k")
+    return f"qcow2:{path}", path, qemu_raw(path, folder)
+
+
+def make_overlay(folder: Path) -> tuple[str, Path, bytes]:
+    """An overlay over make_qcow2's image, with a few clusters of its own."""
+    _, base, _ = make_qcow2(folder, "base.qcow2")
+    path = folder / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", path)
+    qemu_io(path, "write -P 17 1M 256k", "write -P 18 5M 64k", "write -z 7M 128k",
+            "write -P 19 16M 1M")
+    return f"qcow2:{path}", path, qemu_raw(path, folder)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+@pytest.mark.parametrize("kind", ["alone", "overlay"])
+def test_a_qcow2_mixed_burst_gets_the_answers_the_python_path_gives(
+        shm: Path, monkeypatch: pytest.MonkeyPatch, structured: bool,  # noqa: F811
+        kind: str) -> None:
+    """The mixed bursts (reads of data, compressed, zero clusters and holes; writes in
+    place and allocating; every other command and invalid requests) on an image qemu made,
+    alone or over a backing file: the same answers, disk and statistics with the compiled
+    path on and off; it served some; qemu-img check finds the image clean."""
+    compiled()
+    spec, path, content = (make_qcow2 if kind == "alone" else make_overlay)(shm)
+    pristine = path.read_bytes()
+    runs = {}
+    for mode in ("0", "1"):
+        path.write_bytes(pristine)
+        monkeypatch.setenv("BLKTAP_INLINE", mode)
+        runs[mode] = (*run_burst(shm, spec, content, structured), qemu_raw(path, shm))
+        assert qemu_check(path)[0] == 0, mode
+    off_got, off_counts, off_stats, off_disk = runs["0"]
+    on_got, on_counts, on_stats, on_disk = runs["1"]
+    assert on_got == off_got
+    assert on_disk == off_disk
+    for key in ("read_reqs", "write_reqs", "read_sectors", "write_sectors", "errors",
+                "other_reqs"):
+        assert on_stats.get(key) == off_stats.get(key), key
+    assert off_stats["inline"] == 0 and on_stats["inline"] > 0
+
+
+@pytest.mark.interop
+def test_libnbd_on_a_qcow2_checked_by_qemu_img(shm: Path) -> None:  # noqa: F811
+    """The mixed libnbd client (64 in flight, every read checked) on a qcow2 image qemu
+    made: statistics match, most requests served inline, qemu-img check finds it clean
+    and compare finds it equal to the model."""
+    compiled()
+    need_libnbd()
+    spec, path, content = make_qcow2(shm)
+    client, stats, inline_served = run_libnbd(shm, spec, content, 12, 3000)
+    assert stats["read_reqs"] == client["reads"] and stats["write_reqs"] == client["writes"]
+    assert stats["errors"] == 0
+    assert inline_served > (client["reads"] + client["writes"]) // 2
+    assert qemu_check(path)[0] == 0
+    qemu_compare(str(path), shm / "model.out", fmt="qcow2")
+
+
+@pytest.mark.interop
+def test_random_pipelines_with_discards_race_the_compiled_path(
+        shm: Path) -> None:  # noqa: F811
+    """Random pipelines of reads, writes, discards and write-zeroes (whole clusters, no
+    two in flight overlapping), sent in pieces: discards free clusters and writes
+    allocate them again while the compiled path serves the requests around them. Every
+    read equals the model at the time, qemu-img check finds the image clean afterwards,
+    and qemu reads the model's bytes."""
+    compiled()
+    size = 16 * MiB
+    path = shm / "race.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, str(size))
+    qemu_io(path, f"write -P 3 0 {size}")
+    sock = shm / "s.sock"
+    rng = random.Random(4)
+
+    async def body(engine: ThreadEngine) -> int:
+        async with nbd_served(engine, f"qcow2:{path}", sock) as (server, vbd):
+            served = [0]
+            counted = vbd.served_inline
+
+            def counting(*args: int) -> None:
+                served[0] += args[0] + args[2]
+                counted(*args)
+            vbd.served_inline = counting  # type: ignore[method-assign]
+            w, conn = await attach(server, sock)
+            model = bytearray(b"\3" * size)
+            handle = 0
+            for _ in range(40):
+                reqs, reads, expect = [], {}, {}
+                busy: list[tuple[int, int]] = []
+                for _ in range(rng.randrange(4, 48)):
+                    kind = rng.random()
+                    if kind < 0.2:  # whole clusters: what they read as is known
+                        n = rng.choice((1, 2, 5)) * CLUSTER
+                        off = rng.randrange((size - n) // CLUSTER) * CLUSTER
+                    else:
+                        n = rng.choice((SECTOR, 4096, 4096, 65536))
+                        off = rng.randrange((size - n) // SECTOR) * SECTOR
+                    if any(off < e and b < off + n for b, e in busy):
+                        continue
+                    busy.append((off, off + n))
+                    handle += 1
+                    expect[handle] = (0, b"")
+                    if kind < 0.2:
+                        cmd = TRIM if kind < 0.1 else ZEROES
+                        model[off : off + n] = bytes(n)
+                        reqs.append(req(cmd, off, n, handle=handle))
+                    elif kind < 0.6:
+                        payload = rng.randbytes(n)
+                        model[off : off + n] = payload
+                        reqs.append(req(WRITE, off, n, handle=handle, payload=payload))
+                    else:
+                        reads[handle] = (off, n)
+                        reqs.append(req(READ, off, n, handle=handle))
+                        expect[handle] = (0, bytes(model[off : off + n]))
+                stream = b"".join(reqs)
+                cuts = sorted(rng.sample(range(1, len(stream)), min(4, len(stream) - 1)))
+                pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)],
+                                                      strict=True)]
+                got = await exchange(w, pieces, len(expect), reads, pause=0.0003)
+                assert got == expect
+            await settled(conn, vbd)
+            (shm / "model.out").write_bytes(model)
+            return served[0]
+    served = arun(body)
+    assert served > 0
+    assert qemu_check(path)[0] == 0
+    qemu_compare(str(path), shm / "model.out", fmt="qcow2")
+
+
+
+@pytest.mark.interop
+def test_a_writable_qcow2_drops_its_bitmaps_autoclear_bit_before_writing_in_place(
+        shm: Path) -> None:  # noqa: F811
+    """Persistent bitmaps do not see the writes done around the library (the side door,
+    the compiled path): opening the image writable clears their autoclear bit first, so
+    qemu does not trust bitmaps that missed changes; a read-only open keeps it."""
+    compiled()
+    path = shm / "bm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    qemu_io(path, "write -P 1 0 1M")
+    qemu_img("bitmap", "--add", path, "b0")
+    bit = s.AUTOCLEAR_BITMAPS
+
+    def autoclear() -> int:
+        with open(path, "rb") as f:
+            f.seek(s.OFF_AUTOCLEAR)
+            return int.from_bytes(f.read(8), "big")
+    assert autoclear() & bit
+    sock = shm / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        ro = await engine.call(open_stack, engine, f"qcow2:{path}", writable=False)
+        await ro.close()
+        assert autoclear() & bit
+        async with nbd_served(engine, f"qcow2:{path}", sock) as (server, vbd):
+            assert not autoclear() & bit
+            w, conn = await attach(server, sock)
+            one = data(5, 4096)
+            got = await exchange(w, req(WRITE, 8192, 4096, handle=1, payload=one), 1, {})
+            assert got == {1: (0, b"")}
+            await settled(conn, vbd)
+    arun(body)
+    assert not autoclear() & bit
+    assert qemu_raw(path, shm)[8192 : 8192 + 4096] == data(5, 4096)
+
+
+def test_a_sparse_vhd_without_a_parent_answers_its_holes_inline(
+        shm: Path) -> None:  # noqa: F811
+    """A dynamic VHD with no parent: reads of blocks without a BAT entry are answered by
+    the compiled path (a hole chunk), reads of blocks it holds too; a block status still
+    says what is allocated."""
+    compiled()
+    from blktap.image.vhd import create
+    path = shm / "sparse.vhd"
+    create(str(path), 16 * MiB)
+    sock = shm / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, f"vhd:{path}", sock) as (server, vbd):
+            target = vbd.inline_target()
+            assert target is not None and target.holes_zero
+            served = [0]
+            counted = vbd.served_inline
+
+            def counting(*args: int) -> None:
+                served[0] += args[0] + args[2]
+                counted(*args)
+            vbd.served_inline = counting  # type: ignore[method-assign]
+            w, conn = await attach(server, sock)
+            reads = {h: (h * MiB, 64 * KiB) for h in range(1, 9)}
+            stream = b"".join(req(READ, o, n, handle=h) for h, (o, n) in reads.items())
+            got = await exchange(w, stream, len(reads), reads)
+            assert got == {h: (0, bytes(n)) for h, (_o, n) in reads.items()}
+            assert served[0] == len(reads)
+            got = await exchange(w, req(STATUS, 0, MiB, handle=20), 1, {})
+            assert got[20][0] == 0
+            await settled(conn, vbd)
+    arun(body)
