@@ -11,6 +11,9 @@ Targets (each takes the fuzzer's bytes as what a stranger would send or write):
 - ``nbd-inline``: the same stream against a 1 MiB raw file in memory, so that reads and
   writes go through the NBD transport's compiled inline path (its request parser and
   the hand-over to the Python path) where it is built.
+- ``nbd-inline-qcow2``: the same stream against a 1 MiB qcow2 image in memory (4 KiB
+  clusters of every kind: data, zero, unallocated), through the compiled path's L2
+  lookups, while the stream's own writes, trims and zeroes change the tables under it.
 - ``vhd``: a VHD file (footer, header, BAT, bitmaps, batmap, locators): opened, mapped,
   read and checked by the library, as ``blktap info`` / ``vhd-util check`` would.
 - ``virtqueue``: what a KVM guest writes into its shared memory for a vhost-user-blk disk:
@@ -217,6 +220,41 @@ def nbd_inline_target(data: bytes) -> None:
         _nbd_inline = NbdHarness(_raw_in_memory)
     try:
         _nbd_inline.play(data)
+    except (Dropped, ConnectionError):
+        return
+
+
+_nbd_inline_qcow2: NbdHarness | None = None
+
+
+def _qcow2_in_memory(engine: ThreadEngine) -> Driver:
+    """A 1 MiB qcow2 image of 4 KiB clusters (requests span several) with every kind of
+    cluster: data, zero (v3), unallocated; written, zeroed and discarded by the library
+    as a guest would."""
+    from blktap.image.qcow2.create import create as create_qcow2
+    from blktap.image.qcow2.image import Qcow2Image
+    from blktap.tapdisk.drivers import open_stack
+    path = os.path.join(_work, "fuzz.qcow2")
+    if os.path.exists(path):
+        os.unlink(path)
+    create_qcow2(path, MiB, cluster_size=4096)
+    img = Qcow2Image.open(path, writable=True)
+    try:
+        img.write(0, bytes(range(256)) * (MiB // 2 // 256))
+        img.write_zeroes(256, 64)
+        img.discard(512, 64)
+        img.write(1024, b"z" * 65536)
+    finally:
+        img.close()
+    return open_stack(engine, f"qcow2:{path}", writable=True, direct=False)
+
+
+def nbd_inline_qcow2_target(data: bytes) -> None:
+    global _nbd_inline_qcow2
+    if _nbd_inline_qcow2 is None:
+        _nbd_inline_qcow2 = NbdHarness(_qcow2_in_memory)
+    try:
+        _nbd_inline_qcow2.play(data)
     except (Dropped, ConnectionError):
         return
 
@@ -638,6 +676,7 @@ TARGETS: dict[str, tuple[Callable[[bytes], None], Callable[[], list[bytes]]]] = 
     "control": (control_target, control_seeds),
     "nbd": (nbd_target, nbd_seeds),
     "nbd-inline": (nbd_inline_target, nbd_seeds),
+    "nbd-inline-qcow2": (nbd_inline_qcow2_target, nbd_seeds),
     "vhd": (vhd_target, vhd_seeds),
     "virtqueue": (virtqueue_target, virtqueue_seeds),
     "blkif": (blkif_target, blkif_seeds),

@@ -28,7 +28,8 @@ import maint  # noqa: E402
 import soak  # noqa: E402
 
 PARTS = ("crash", "maint", "fuzz", "soak")
-FUZZ_TARGETS = ("control", "nbd", "nbd-inline", "vhd", "virtqueue", "blkif", "qcow2")
+FUZZ_TARGETS = ("control", "nbd", "nbd-inline", "nbd-inline-qcow2", "vhd", "virtqueue", "blkif",
+                "qcow2")
 # Inputs at most this long (bytes): 16 KiB, but the ring page and its eight granted pages
 # for blkif, and for qcow2 its seeds (the one with extended L2 entries needs 16 KiB
 # clusters: 99 KiB).
