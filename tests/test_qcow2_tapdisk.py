@@ -328,3 +328,39 @@ def test_sigkill_under_nbd_writes(tmp_path: Path, delay: float) -> None:
     assert data[: 300 * 1024] == shadow[: 300 * 1024]
     assert data[2500 * 1024 : 2570 * 1024] == shadow[2500 * 1024 : 2570 * 1024]
     assert data[2300 * 1024 : 2500 * 1024] == shadow[2300 * 1024 : 2500 * 1024]
+
+
+def test_a_read_of_a_compressed_cluster_rewritten_meanwhile(tmp_path: Path) -> None:
+    """A read finds a cluster compressed; before it inflates it, a write to another part
+    of the cluster makes it a data cluster (and releases the compressed bytes): the read
+    gets the bytes the cluster holds now, not an error."""
+    img = tmp_path / "c.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    qemu_io(img, "write -c -P 51 64k 64k")
+    new = bytes([7]) * 4096
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await engine.call(open_stack, engine, f"qcow2:{img}", writable=True)
+        try:
+            inflate = drv._inflate_locked
+            calls = []
+
+            def write_first(cluster: int) -> bytes | None:
+                if not calls:  # the write lands between the runs and the inflating
+                    drv._locked(None, drv._write_views, 64 * 1024 + 8192, [view(new)])
+                calls.append(cluster)
+                return inflate(cluster)
+            drv._inflate_locked = write_first  # type: ignore[method-assign]
+            got = view(bytes(4096))
+            await drv.read(64 * 1024, [got])
+            assert got == bytes([51]) * 4096
+            assert calls == [1]
+            both = view(bytes(16384))
+            await drv.read(64 * 1024, [both])
+            assert both == bytes([51]) * 8192 + new + bytes([51]) * 4096
+        finally:
+            for d in drv.chain():
+                await d.close()
+
+    with_engine(body)
+    assert qemu_check(img)[0] == 0

@@ -191,6 +191,9 @@ class QcowImage(Qcow2Image):
         else:
             yield lo, hi, DATA, entry + lo
 
+    def compressed(self, cluster: int) -> bool:
+        return bool(self._entry(cluster)[0] & v1.OFLAG_COMPRESSED)
+
     def compressed_span(self, entry: int) -> tuple[int, int]:
         return v1.compressed_span(entry, self.cluster_bits)
 

@@ -650,6 +650,10 @@ class Qcow2Image:
         nsec = desc >> shift
         return coff, (nsec + 1) * SECTOR_SIZE - (coff & (SECTOR_SIZE - 1))
 
+    def compressed(self, cluster: int) -> bool:
+        """Whether the cluster is a compressed one now (a write makes it a data cluster)."""
+        return bool(self._entry(cluster)[0] & s.OFLAG_COMPRESSED)
+
     def inflate(self, cluster: int) -> bytes:
         """The contents of a compressed cluster (the last one is kept)."""
         if self._inflated is not None and self._inflated[0] == cluster:

@@ -101,8 +101,13 @@ class Qcow2Driver(Driver):
             return runs
         return await self.engine.call(self._runs_locked, offset, length)
 
-    def _inflate_locked(self, cluster: int) -> bytes:
+    def _inflate_locked(self, cluster: int) -> bytes | None:
+        """The cluster's bytes, or None if it is no longer compressed: a write to another
+        part of it made it a data cluster (and released the compressed bytes) since its
+        runs were found. The reader then reads that piece again."""
         with self.lock:
+            if not self.image.compressed(cluster):
+                return None
             return self.image.inflate(cluster)
 
     # ------------------------------------------------------------------ reads
@@ -128,6 +133,9 @@ class Qcow2Driver(Driver):
                 ops.append(self.forward_read(start, sub))
             else:
                 data = await self.engine.call(self._inflate_locked, host)
+                if data is None:  # rewritten meanwhile: what it holds now
+                    ops.append(self.read(start, sub))
+                    continue
                 within = start - host * cs
                 copy_into(sub, memoryview(data)[within : within + n])
         if ops:
