@@ -33,11 +33,12 @@ import pytest
 
 from blktap.image.vhd import check as vhd_check
 from blktap.image.vhd import create
+from blktap.image.vhd.create import snapshot as vhd_snapshot
 from blktap.io.threads import ThreadEngine
 from blktap.tapdisk.driver import InlineTarget
 from blktap.tapdisk.drivers import open_stack
 from blktap.tapdisk.vbd import VBD
-from blktap.transport.nbd import inline
+from blktap.transport.nbd import connection, inline
 from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.connection import MAX_IN_FLIGHT, Connection
 from blktap.transport.nbd.server import Export, NbdServer
@@ -58,6 +59,7 @@ from test_fast_path import (
     collect,
     data,
     exchange,
+    make_chain,
     make_encrypted,
     make_image,
     mixed_burst,
@@ -171,10 +173,9 @@ class Bench:
              writes: bool = True, budget: int = 64, max_length: int = inline.MAX_LENGTH,
              size: int | None = None) -> Pumped:
         self.rbuf[: len(stream)] = stream
-        mode = inline.mode(InlineTarget(self.fd, self.size, memory, writes), structured)
+        target = InlineTarget(self.fd, self.size if size is None else size, memory, writes)
         return Pumped(compiled()(self.server.fileno(), self.rbuf, 0, len(stream),
-                                 self.scratch, self.fd, self.size if size is None else size,
-                                 mode, budget, max_length))
+                                 self.scratch, target, structured, budget, max_length))
 
     def recv(self, n: int) -> bytes:
         out = b""
@@ -594,10 +595,10 @@ class Mapped(Bench):
              writes: bool = True, budget: int = 64, max_length: int = inline.MAX_LENGTH,
              size: int | None = None) -> Pumped:
         self.rbuf[: len(stream)] = stream
-        mode = inline.mode(InlineTarget(self.fd, 8 * self.BLOCK, memory, writes), structured)
+        target = InlineTarget(self.fd, 8 * self.BLOCK, memory, writes, self.bat,
+                              self.batmap, self.BLOCK, 1)
         return Pumped(compiled()(self.server.fileno(), self.rbuf, 0, len(stream),
-                                 self.scratch, self.fd, 8 * self.BLOCK, mode, budget,
-                                 max_length, self.bat, self.batmap, self.BLOCK, 1))
+                                 self.scratch, target, structured, budget, max_length))
 
 
 def test_pump_through_a_block_map(shm: Path) -> None:  # noqa: F811
@@ -652,9 +653,18 @@ def test_pump_refuses_a_bat_of_the_wrong_type(bench: Bench) -> None:
     for bat, block in ((bytearray(8), 65536), (array.array("H", [1]), 65536),
                        (array.array("I", [1]), 1000)):
         with pytest.raises((TypeError, ValueError)):
-            compiled()(bench.server.fileno(), bench.rbuf, 0, 0, bench.scratch, bench.fd,
-                       bench.size, inline.mode(target, True), 1, 4096, bat, bytearray(1),
-                       block, 1)
+            compiled()(bench.server.fileno(), bench.rbuf, 0, 0, bench.scratch,
+                       target._replace(bat=bat, batmap=bytearray(1), block_bytes=block,
+                                       data_secs=1), True, 1, 4096)
+
+
+def test_the_target_fields_are_where_the_compiled_path_reads_them() -> None:
+    """nbd_pump reads an InlineTarget by position: its fields, in order, are the ones
+    the extension names."""
+    compiled()
+    from blktap.transport.nbd import _inline
+    assert InlineTarget._fields[: len(_inline.TARGET_FIELDS)] == _inline.TARGET_FIELDS
+    assert len(InlineTarget._fields) == len(_inline.TARGET_FIELDS)
 
 
 @pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
@@ -746,3 +756,140 @@ def test_libnbd_on_a_raw_file_in_the_page_cache(tmp_path: Path) -> None:
     assert stats["errors"] == 0
     assert 0 < inline_served <= client["reads"]
     assert path.read_bytes() == (tmp_path / "model.out").read_bytes()
+
+
+# ------------------------------------------------------------------------- VHD chains
+def images_hits(vbd: VBD) -> list[tuple[str, list[int]]]:
+    return [(Path(i["name"]).name, i["hits"]) for i in vbd.stats_dict()["images"]]
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_a_vhd_chain_is_read_through_its_layers_inline(
+        shm: Path, monkeypatch: pytest.MonkeyPatch, structured: bool) -> None:  # noqa: F811
+    """base <- mid (empty) <- leaf: reads of blocks no layer holds (zeros), of the base's
+    full block, of the leaf's and base's partial blocks (the Python path's), across
+    blocks, and writes (allocating in the leaf): with the compiled path on, every reply,
+    the chain's bytes and each layer's hits in the stats are what they are with it off;
+    it served the reads of blocks it can place."""
+    compiled()
+    # Every request the pass leaves is followed by a pass (no backing off: counted here).
+    monkeypatch.setattr(connection, "INLINE_MISSES", 1 << 30)
+    base, mid, leaf = make_chain(shm)
+    pristine = {p: p.read_bytes() for p in (base, mid, leaf)}
+    content = chain_bytes(leaf)
+    sock = shm / "s.sock"
+    reads = {1: (14 * MiB, 65536), 2: (10 * MiB + 4096, 8192), 3: (4 * MiB, 32768),
+             4: (16384, 32768), 5: (6 * MiB, 4096), 6: (8 * MiB - 4096, 8192),
+             7: (12 * MiB - 4096, 8192), 8: (10 * MiB, 2 * MiB), 9: (15 * MiB, MiB)}
+    writes = {20: (12 * MiB, data(16, 4096))}
+
+    def run() -> tuple[dict, list, int, bytes]:
+        async def body(engine: ThreadEngine) -> tuple[dict, list, int]:
+            async with nbd_served(engine, f"vhd:{leaf}", sock) as (server, vbd):
+                served = count_inline(vbd)
+                w, conn = await attach(server, sock, structured=structured)
+                stream = b"".join(req(READ, o, n, handle=h) for h, (o, n) in reads.items())
+                got = await exchange(w, stream, len(reads), reads)
+                stream = b"".join(req(WRITE, o, len(b), handle=h, payload=b)
+                                  for h, (o, b) in writes.items())
+                got |= await exchange(w, stream, len(writes), {})
+                again = {h + 100: v for h, v in reads.items()}
+                stream = b"".join(req(READ, o, n, handle=h) for h, (o, n) in again.items())
+                got |= await exchange(w, stream, len(again), again)
+                await settled(conn, vbd)
+                return got, images_hits(vbd), served[0]
+        got, hit, served = arun(body)
+        return got, hit, served, chain_bytes(leaf)
+
+    runs = {}
+    for mode in ("0", "1"):
+        for path, raw in pristine.items():
+            path.write_bytes(raw)
+        monkeypatch.setenv("BLKTAP_INLINE", mode)
+        runs[mode] = run()
+    assert runs["1"][0] == runs["0"][0]
+    expect = bytearray(content)
+    expect[12 * MiB : 12 * MiB + 4096] = writes[20][1]
+    for h, (o, n) in reads.items():
+        assert runs["1"][0][h] == (0, content[o : o + n]), h
+        assert runs["1"][0][h + 100] == (0, bytes(expect[o : o + n])), h
+    assert runs["1"][1] == runs["0"][1]  # each layer's hits
+    assert runs["1"][3] == runs["0"][3] == bytes(expect)
+    assert runs["0"][2] == 0
+    # 1 (zeros), 2 (the base's full block) and 9 (zeros), twice; in a simple session
+    # also 7 (zeros and the base's data) before the write made its block the leaf's, in
+    # pieces. The rest are the Python path's: partial blocks, and 8, over 1 MiB.
+    assert runs["1"][2] == (6 if structured else 7)
+
+
+def test_a_chain_target_reads_each_layer_and_stops_at_what_it_cannot_place(
+        shm: Path) -> None:  # noqa: F811
+    """The leaf's target carries the layers below (mid, base: read-only, nearest first),
+    zeros under the base, and a hits counter per layer; a leaf over a raw file has the
+    file below it (every byte at its own offset); an encrypted leaf has none."""
+    base, mid, leaf = make_chain(shm)
+    raw = shm / "parent.raw"
+    raw.write_bytes(data(20, 16 * MiB))
+    over_raw = shm / "over-raw.vhd"
+    vhd_snapshot(str(over_raw), str(raw), raw_parent=True)
+
+    async def body(engine: ThreadEngine) -> None:
+        vbd = VBD(await engine.call(open_stack, engine, f"vhd:{leaf}", writable=True))
+        t = vbd.inline_target()
+        assert t is not None and len(t.below) == 2 and t.holes_zero
+        assert all(not b.writes for b in t.below)
+        assert t.below[0].bat is vbd.driver.parent.image.bat
+        assert t.below[1].bat is vbd.driver.parent.parent.image.bat
+        assert len(t.hits) == 3
+        await vbd.close()
+        vr = VBD(await engine.call(open_stack, engine, f"vhd:{over_raw}", writable=True))
+        t = vr.inline_target()
+        assert t is not None and len(t.below) == 1 and t.below[0].bat is None
+        await vr.close()
+    arun(body)
+
+
+def test_a_disk_the_pass_never_serves_is_asked_less_often(
+        shm: Path) -> None:  # noqa: F811
+    """A qcow2 over its backing file, nothing of its own: every read is the Python
+    path's. After INLINE_MISSES passes in a row that served nothing, the connection asks
+    one time in INLINE_RETRY; every read is answered right; once the image holds data
+    (a write), the pass serves again and the count starts over."""
+    compiled()
+    from qcow2_helpers import qemu_img
+    base = shm / "base.raw"
+    content = data(30, 8 * MiB)
+    base.write_bytes(content)
+    top = shm / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "raw", top)
+    sock = shm / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, f"qcow2:{top}", sock) as (server, vbd):
+            w, conn = await attach(server, sock)
+            calls = [0]
+            pump = conn._inline
+
+            def counting(*args: object) -> tuple:
+                calls[0] += 1
+                return pump(*args)
+            conn._inline = counting
+            reads = {h: (h * 65536, 4096) for h in range(1, 101)}
+            for h, (o, n) in reads.items():  # one at a time: a pass before each
+                got = await exchange(w, req(READ, o, n, handle=h), 1, {h: (o, n)})
+                assert got == {h: (0, content[o : o + n])}
+            assert conn._inline_misses >= connection.INLINE_MISSES
+            asked = connection.INLINE_MISSES + (100 - connection.INLINE_MISSES) \
+                // connection.INLINE_RETRY
+            assert calls[0] <= asked + 1
+            one = data(31, 65536)
+            got = await exchange(w, req(WRITE, 0, 65536, handle=200, payload=one), 1, {})
+            assert got == {200: (0, b"")}
+            served = count_inline(vbd)
+            for h in range(300, 300 + 2 * connection.INLINE_RETRY):
+                got = await exchange(w, req(READ, 0, 4096, handle=h), 1, {h: (0, 4096)})
+                assert got == {h: (0, one[:4096])}
+            assert served[0] >= connection.INLINE_RETRY
+            assert conn._inline_misses == 0
+            await settled(conn, vbd)
+    arun(body)

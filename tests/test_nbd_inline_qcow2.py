@@ -103,14 +103,14 @@ class Clusters(Bench):
              zero_flag: bool = False, l1: object = None, tables: object = None,
              bits: int = 16, entries: int | None = None) -> Pumped:
         self.rbuf[: len(stream)] = stream
-        target = InlineTarget(self.fd, self.disk_size, memory, writes,
-                              holes_zero=holes_zero, zero_flag=zero_flag)
-        return Pumped(compiled()(
-            self.server.fileno(), self.rbuf, 0, len(stream), self.scratch, self.fd,
-            self.disk_size if size is None else size, inline.mode(target, structured),
-            budget, max_length, None, None, 0, 0, self.l1 if l1 is None else l1,
-            self.tables if tables is None else tables, bits,
-            self.ENTRIES if entries is None else entries))
+        target = InlineTarget(
+            self.fd, self.disk_size if size is None else size, memory, writes,
+            l1=self.l1 if l1 is None else l1,
+            l2_tables=self.tables if tables is None else tables, cluster_bits=bits,
+            l2_entries=self.ENTRIES if entries is None else entries,
+            holes_zero=holes_zero, zero_flag=zero_flag)
+        return Pumped(compiled()(self.server.fileno(), self.rbuf, 0, len(stream),
+                                 self.scratch, target, structured, budget, max_length))
 
 
 @pytest.fixture
@@ -238,10 +238,14 @@ def test_pump_refuses_qcow2_targets_of_the_wrong_shape(clusters: Clusters) -> No
     for options in bad:
         with pytest.raises((TypeError, ValueError)):
             b.pump(stream, **options)  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        compiled()(b.server.fileno(), b.rbuf, 0, len(stream), b.scratch, b.fd,
-                   b.disk_size, 0, 1, 4096, array.array("I", [1]), bytearray(1), CLUSTER,
-                   1, b.l1, b.tables, 16, b.ENTRIES)
+    target = InlineTarget(b.fd, b.disk_size, True, True, l1=b.l1, l2_tables=b.tables,
+                          cluster_bits=16, l2_entries=b.ENTRIES)
+    for wrong in (target._replace(bat=array.array("I", [1]), batmap=bytearray(1),
+                                  block_bytes=CLUSTER),
+                  target._replace(below=(InlineTarget(b.fd, b.disk_size, True, False),))):
+        with pytest.raises(ValueError):
+            compiled()(b.server.fileno(), b.rbuf, 0, len(stream), b.scratch, wrong, True,
+                       1, 4096)
     b.client.setblocking(False)
     with pytest.raises(BlockingIOError):
         b.client.recv(1)

@@ -144,7 +144,16 @@ class InlineTarget(NamedTuple):
 
     ``holes_zero``: what the map leaves unallocated reads as zeros (the disk has no
     parent), and may be served so; ``zero_flag``: so may a qcow2 cluster with the zero
-    flag (version 3)."""
+    flag (version 3).
+
+    ``below``: the layers under a VHD (each the target of one read-only layer, nearest
+    first: a dynamic VHD's blocks, or a file at its own offsets), read where the layers
+    above have no block allocated (a block allocated but not full is the Python path's);
+    ``holes_zero`` then says what is under the last one. ``hits``: an ``array('Q')``, one
+    per layer (the top first), to which the sectors each layer served to reads are added.
+
+    The compiled path reads these fields by position (``_inline.TARGET_FIELDS``): add new
+    ones at the end."""
 
     fd: int
     size: int
@@ -161,6 +170,8 @@ class InlineTarget(NamedTuple):
     guard: Any = None
     holes_zero: bool = False
     zero_flag: bool = False
+    below: tuple = ()
+    hits: Any = None
 
 
 def inline_file(engine: Engine, fd: int, size: int, writable: bool, **layout: Any

@@ -315,14 +315,15 @@ class Channel:
     def clear_to_send(self) -> bool:
         """Whether a message may go straight to the socket, past the queue (the compiled
         inline path sends its replies so): a plain socket with nothing queued or being
-        sent, since the bytes of two messages must never interleave. What is queued is
-        sent first if the socket takes it."""
-        if self.tls or self.closed or self._writer is not None:
-            return False
-        if self._out_waiters:
-            self._flush()
-            return self._writer is None and not self._out_waiters
-        return True
+        sent, since the bytes of two messages must never interleave. (What is queued is
+        not sent here: it leaves in one system call with what joins it this turn.)"""
+        return not (self.tls or self.closed or self._writer is not None
+                    or self._out_waiters)
+
+    @property
+    def stalled(self) -> bool:
+        """Whether the socket refused the last send (a writer waits for room)."""
+        return self._writer is not None
 
     def post(self, bufs: Sequence[bytes | bytearray | memoryview],
              done: Callable[[BaseException | None, Any], None], arg: Any = None, *,

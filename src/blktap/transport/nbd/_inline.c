@@ -2,8 +2,9 @@
  * blktap.transport.nbd._inline: the NBD transport's inline path, compiled.
  *
  * One call takes the complete READ and WRITE requests at the front of a connection's
- * receive buffer that the kernel can serve without waiting (a raw file whose bytes sit at
- * their own offsets, in memory or in the page cache), does them with pread/pwrite,
+ * receive buffer that the kernel can serve without waiting (a disk whose bytes sit in
+ * files in memory or in the page cache, at their own offsets or where a VHD's BAT or a
+ * qcow2's L2 tables place them), does them with pread/pwrite,
  * gathers their replies in a scratch buffer and sends them in one system call. It stops
  * at the first request it does not take (another command, a flag, an unaligned or
  * out-of-range request, a write payload not all received, a read that would wait, an
@@ -50,12 +51,6 @@
 #define REPLY_TYPE_OFFSET_HOLE 2u
 #define SECTOR_MASK 511u
 
-/* nbd_pump's mode bits (the module exports them: inline.mode). */
-#define MODE_STRUCTURED 1u  /* the session negotiated structured replies */
-#define MODE_MEMORY 2u      /* the file is in memory: reads never wait, writes are copies */
-#define MODE_WRITABLE 4u    /* writes may be done here (a writable export, a file in memory) */
-#define MODE_HOLES_ZERO 8u  /* what the map leaves unallocated reads as zeros (no parent) */
-#define MODE_ZERO_FLAG 16u  /* a qcow2 L2 entry's zero flag means zeros (version 3) */
 
 static inline uint16_t get16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return be16toh(v); }
 static inline uint32_t get32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
@@ -64,47 +59,58 @@ static inline void put16(unsigned char *p, uint16_t v) { v = htobe16(v); memcpy(
 static inline void put32(unsigned char *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
 static inline void put64(unsigned char *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
 
-/* How a disk offset finds its place in the file: at its own offset (no map), through a
- * dynamic VHD's BAT, or through a qcow2 image's L2 tables.
+/* The disk, as nbd_pump's ``target`` describes it (an InlineTarget, tapdisk/driver.py,
+ * whose fields are read by position: T_*). Its bytes are in a stack of layers, the top
+ * first: each a file descriptor whose bytes are at their own offsets (MAP_PLAIN: a raw
+ * file, a fixed VHD), in blocks placed by a BAT (MAP_VHD: a dynamic VHD), or, for a top
+ * alone, in clusters placed by L2 tables (MAP_QCOW2).
  *
  * A dynamic VHD: a block's data is at (bat[block] + data_secs) sectors, when the block is
  * allocated (bat[block] is not 0xffffffff) and its bit in the batmap (most significant bit
- * first) says every sector of it is held. Anything else (unallocated: the parent's or
- * zeros; partly held) is the Python path's. Engine threads allocate blocks while a pass
- * runs without the interpreter lock: they store the BAT entry before the batmap bit,
- * after the data, so the bit is loaded first.
+ * first) says every sector of it is held. A block not allocated at all is the next
+ * layer's (the parent's), or zeros below the last layer when the disk has no parent
+ * (holes_zero); one allocated but not full is the Python path's (it merges sectors of
+ * several layers). Engine threads allocate blocks of the top layer while a pass runs
+ * without the interpreter lock: they store the BAT entry before the batmap bit, after the
+ * data, so the bit is loaded first. The layers below are read-only: only reads go there.
+ * A parent smaller than the disk reads as zeros past its end, as Driver.forward_read
+ * makes it.
  *
  * A qcow2 image (without extended L2 entries): cluster c's L2 table is the one L1 entry
- * c / l2_entries points at, and its entry there says where the cluster is. Only plain
- * data clusters are served: a host offset, cluster aligned, no zero, compressed or
- * reserved bit; a write only to a cluster the image owns alone (COPIED). The tables are
- * the driver's cache (native-endian arrays of 64-bit words, keyed by their offset in the
- * file); the ones a pass needs are found and pinned before the interpreter lock is let go
- * (QCOW2_TABLES at most: a request whose table is not among them is the Python path's).
- * Engine threads change entries while a pass runs: a new cluster's entry is stored after
- * its data, and a cluster is only freed after its entry changed and under the target's
- * guard, which the caller holds for the whole pass.
- *
- * Where the disk has no parent (MODE_HOLES_ZERO), what is not allocated (a VHD block
- * without a BAT entry; a qcow2 L1 entry without a table, an L2 entry without a cluster)
- * reads as zeros, and so does a qcow2 cluster with the zero flag (MODE_ZERO_FLAG): such
- * reads are served too, without touching the file. */
+ * c / l2_entries points at, and its entry there says where the cluster is. Plain data
+ * clusters are served: a host offset, cluster aligned, no zero, compressed or reserved
+ * bit; a write only to a cluster the image owns alone (COPIED). Where the disk has no
+ * parent (holes_zero), an L1 entry without a table and an L2 entry without a cluster read
+ * as zeros, and so does a zero cluster where the flag means that (zero_flag: version 3).
+ * The tables are the driver's cache (native-endian arrays of 64-bit words, keyed by their
+ * offset in the file); the ones a pass needs are found and pinned before the interpreter
+ * lock is let go (QCOW2_TABLES at most: a request whose table is not among them is the
+ * Python path's). Engine threads change entries while a pass runs: a new cluster's entry
+ * is stored after its data, and a cluster is only freed after its entry changed and under
+ * the target's guard, which the caller holds for the whole pass. */
+enum {
+    T_FD, T_SIZE, T_MEMORY, T_WRITES, T_BAT, T_BATMAP, T_BLOCK_BYTES, T_DATA_SECS, T_L1,
+    T_L2_TABLES, T_CLUSTER_BITS, T_L2_ENTRIES, T_GUARD, T_HOLES_ZERO, T_ZERO_FLAG, T_BELOW,
+    T_HITS, T_FIELDS
+};
 #define MAP_PLAIN 0
 #define MAP_VHD 1
 #define MAP_QCOW2 2
+#define MAX_LAYERS 256
 #define QCOW2_TABLES 16
 #define QCOW2_COPIED (1ull << 63)
 #define QCOW2_COMPRESSED (1ull << 62)
 #define QCOW2_ZERO 1ull
 #define QCOW2_OFFSET_MASK 0x00fffffffffffe00ull
 #define QCOW2_RESERVED_MASK 0x3f000000000001feull
-#define AT_PYTHON (-1)  /* map_offset: the Python path's */
-#define AT_ZEROS (-2)   /* map_offset: reads as zeros */
+#define AT_PYTHON (-1)  /* locate: the Python path's */
+#define AT_ZEROS (-2)   /* locate: reads as zeros */
 
-struct block_map {
+struct layer {
     int kind;
-    int holes_zero;  /* MODE_HOLES_ZERO */
-    int zero_flag;   /* MODE_ZERO_FLAG */
+    int fd;
+    int memory;  /* in memory: reads never wait, a short read is the end of the file */
+    uint64_t size;
     /* MAP_VHD */
     const uint32_t *bat;
     size_t entries;
@@ -112,64 +118,103 @@ struct block_map {
     size_t batmap_len;
     uint64_t block_bytes;
     uint64_t data_secs;
-    /* MAP_QCOW2 */
+    Py_buffer bat_view, batmap_view;
+};
+
+struct disk {
+    int writes;      /* writes may be done (to the top layer) */
+    int holes_zero;  /* no parent below the last layer */
+    int zero_flag;   /* qcow2 version 3 */
+    int layers;
+    struct layer *layer;  /* layer[0]: the top */
+    uint64_t *read_secs;  /* sectors of this pass's reads each layer served */
+    /* MAP_QCOW2 (the top) */
     unsigned cluster_bits;
     uint64_t l2_entries;
     int tables;
-    uint64_t table_l1[QCOW2_TABLES];         /* the L1 index each pinned table serves */
-    const uint64_t *table_words[QCOW2_TABLES];  /* NULL: no table (holes, zeros) */
+    uint64_t table_l1[QCOW2_TABLES];            /* the L1 index each pinned table serves */
+    const uint64_t *table_words[QCOW2_TABLES];  /* NULL: no table (holes) */
+    Py_buffer pinned[QCOW2_TABLES];
 };
 
-/* The file offset of disk offset ``off``, and in *room the bytes from there to the end of
- * its block (or cluster); AT_ZEROS if it reads as zeros (never for a write: ``write``);
- * AT_PYTHON if the Python path must serve it. */
-static int64_t map_offset(const struct block_map *m, uint64_t off, uint64_t *room, int write)
+static int64_t locate_qcow2(const struct disk *d, uint64_t off, uint64_t *room, int write)
 {
-    if (m->kind == MAP_PLAIN) {
-        *room = UINT64_MAX;
-        return (int64_t)off;
-    }
-    if (m->kind == MAP_QCOW2) {
-        uint64_t cluster = off >> m->cluster_bits;
-        uint64_t cs = 1ull << m->cluster_bits;
-        uint64_t l1i = cluster / m->l2_entries;
-        uint64_t within = off & (cs - 1);
-        int slot = -1;
-        for (int i = 0; i < m->tables; i++) {
-            if (m->table_l1[i] == l1i) {
-                slot = i;
-                break;
-            }
+    uint64_t cluster = off >> d->cluster_bits;
+    uint64_t cs = 1ull << d->cluster_bits;
+    uint64_t l1i = cluster / d->l2_entries;
+    uint64_t within = off & (cs - 1);
+    int slot = -1;
+    for (int i = 0; i < d->tables; i++) {
+        if (d->table_l1[i] == l1i) {
+            slot = i;
+            break;
         }
-        if (slot < 0)
-            return AT_PYTHON;
-        *room = cs - within;
-        const uint64_t *table = m->table_words[slot];
-        if (table == NULL)  /* pinned as a hole: only where holes read as zeros */
-            return write ? AT_PYTHON : AT_ZEROS;
-        uint64_t entry = __atomic_load_n(&table[cluster % m->l2_entries], __ATOMIC_ACQUIRE);
-        uint64_t host = entry & QCOW2_OFFSET_MASK;
-        if (entry & (QCOW2_COMPRESSED | QCOW2_RESERVED_MASK))
-            return AT_PYTHON;
-        if (entry & QCOW2_ZERO)
-            return m->zero_flag && !write ? AT_ZEROS : AT_PYTHON;
-        if (host == 0)
-            return m->holes_zero && !write ? AT_ZEROS : AT_PYTHON;
-        if ((host & (cs - 1)) || (write && !(entry & QCOW2_COPIED)))
-            return AT_PYTHON;
-        return (int64_t)(host + within);
     }
-    uint64_t blk = off / m->block_bytes, within = off % m->block_bytes;
-    if (blk >= m->entries || (blk >> 3) >= m->batmap_len)
+    if (slot < 0)
         return AT_PYTHON;
-    *room = m->block_bytes - within;
-    unsigned char bits = __atomic_load_n(&m->batmap[blk >> 3], __ATOMIC_ACQUIRE);
-    uint32_t entry = __atomic_load_n(&m->bat[blk], __ATOMIC_RELAXED);
-    if (!(bits & (0x80u >> (blk & 7))))  /* not wholly held: zeros if not allocated at all */
-        return entry == 0xffffffffu && m->holes_zero && !write ? AT_ZEROS : AT_PYTHON;
-    if (entry == 0xffffffffu)
+    *room = cs - within;
+    const uint64_t *table = d->table_words[slot];
+    if (table == NULL)  /* pinned as a hole: only where holes read as zeros */
+        return write ? AT_PYTHON : AT_ZEROS;
+    uint64_t entry = __atomic_load_n(&table[cluster % d->l2_entries], __ATOMIC_ACQUIRE);
+    uint64_t host = entry & QCOW2_OFFSET_MASK;
+    if (entry & (QCOW2_COMPRESSED | QCOW2_RESERVED_MASK))
         return AT_PYTHON;
-    return (int64_t)((entry + m->data_secs) * 512u + within);
+    if (entry & QCOW2_ZERO)
+        return d->zero_flag && !write ? AT_ZEROS : AT_PYTHON;
+    if (host == 0)
+        return d->holes_zero && !write ? AT_ZEROS : AT_PYTHON;
+    if ((host & (cs - 1)) || (write && !(entry & QCOW2_COPIED)))
+        return AT_PYTHON;
+    return (int64_t)(host + within);
+}
+
+/* Where disk offset ``off`` is: its offset in the file of layer *at, and in *room the bytes
+ * from there on that stay in the same place (to the end of a block or cluster, or of a
+ * parent smaller than the disk); AT_ZEROS if it reads as zeros (never for a ``write``);
+ * AT_PYTHON if the Python path must serve it. */
+static int64_t locate(const struct disk *d, uint64_t off, uint64_t *room, int write, int *at)
+{
+    *at = 0;
+    if (d->layer[0].kind == MAP_QCOW2)
+        return locate_qcow2(d, off, room, write);
+    uint64_t left = UINT64_MAX;
+    for (int i = 0; i < d->layers; i++) {
+        const struct layer *l = &d->layer[i];
+        *at = i;
+        if (i > 0) {
+            if (write)
+                return AT_PYTHON;  /* only the top is written, and only where it holds */
+            if (off >= l->size) {  /* past a smaller parent's end: zeros */
+                *at = i - 1;
+                *room = left;
+                return AT_ZEROS;
+            }
+            if (l->size - off < left)
+                left = l->size - off;
+        }
+        if (l->kind == MAP_PLAIN) {
+            *room = left;
+            return (int64_t)off;
+        }
+        uint64_t blk = off / l->block_bytes, within = off % l->block_bytes;
+        if (blk >= l->entries || (blk >> 3) >= l->batmap_len)
+            return AT_PYTHON;
+        if (l->block_bytes - within < left)
+            left = l->block_bytes - within;
+        unsigned char bits = __atomic_load_n(&l->batmap[blk >> 3], __ATOMIC_ACQUIRE);
+        uint32_t entry = __atomic_load_n(&l->bat[blk], __ATOMIC_RELAXED);
+        if (bits & (0x80u >> (blk & 7))) {
+            if (entry == 0xffffffffu)
+                return AT_PYTHON;
+            *room = left;
+            return (int64_t)((entry + l->data_secs) * 512u + within);
+        }
+        if (entry != 0xffffffffu)
+            return AT_PYTHON;  /* partly held: sectors of several layers */
+    }
+    *room = left;  /* below every layer: zeros if the disk has no parent */
+    return d->holes_zero && !write ? AT_ZEROS : AT_PYTHON;
 }
 
 /* Read all of [offset, offset + length) into dst. A file in memory never waits: a short
@@ -217,36 +262,38 @@ static int write_all(int fd, const unsigned char *src, size_t length, uint64_t o
     return 0;
 }
 
-/* A read through the map: every block it touches must be wholly held or read as zeros
- * (checked before anything is read), each piece read from its place in the file.
- * Returns 0 (dst filled), 1 (all of it reads as zeros and ``hole_reply``: dst left
- * alone, for a hole chunk to say so) or -1 (the Python path's). With ``hole_reply`` (a
- * structured reply), a read partly of zeros is the Python path's too: it answers it in a
- * chunk per run. */
-static int read_mapped(const struct block_map *m, int fd, unsigned char *dst, uint64_t length,
-                       uint64_t offset, int memory, int hole_reply)
+/* A read through the layers: every piece of it must be in a place the disk knows or read
+ * as zeros (checked before anything is read), each piece read from its place. Returns 0
+ * (dst filled), 1 (all of it reads as zeros and ``hole_reply``: dst left alone, for a hole
+ * chunk to say so) or -1 (the Python path's). With ``hole_reply`` (a structured reply), a
+ * read partly of zeros is the Python path's too: it answers it in a chunk per run. The
+ * sectors each layer served to a read it filled are added to d->read_secs. */
+static int read_mapped(const struct disk *d, unsigned char *dst, uint64_t length,
+                       uint64_t offset, int hole_reply)
 {
     uint64_t pos = 0, room, zeros = 0;
+    int at;
     while (pos < length) {
-        int64_t at = map_offset(m, offset + pos, &room, 0);
+        int64_t where = locate(d, offset + pos, &room, 0, &at);
         uint64_t n = room < length - pos ? room : length - pos;
-        if (at == AT_PYTHON)
+        if (where == AT_PYTHON)
             return -1;
-        if (at == AT_ZEROS)
+        if (where == AT_ZEROS)
             zeros += n;
         pos += n;
     }
-    if (hole_reply && zeros == length)
-        return 1;
-    if (hole_reply && zeros)
-        return -1;
+    if (hole_reply && zeros)  /* answered from the map alone, as VBD.zero_runs_now does:
+                                 no layer below is asked (nor counted) */
+        return zeros == length ? 1 : -1;
     for (pos = 0; pos < length;) {
-        int64_t at = map_offset(m, offset + pos, &room, 0);
+        int64_t where = locate(d, offset + pos, &room, 0, &at);
         uint64_t n = room < length - pos ? room : length - pos;
-        if (at == AT_ZEROS)
+        if (where == AT_ZEROS)
             memset(dst + pos, 0, n);
-        else if (at < 0 || read_now(fd, dst + pos, n, (uint64_t)at, memory) < 0)
+        else if (where < 0 || read_now(d->layer[at].fd, dst + pos, n, (uint64_t)where,
+                                       d->layer[at].memory) < 0)
             return -1;
+        d->read_secs[at] += n / 512;
         pos += n;
     }
     return 0;
@@ -295,25 +342,25 @@ static Py_ssize_t next_request(const unsigned char *rb, Py_ssize_t start, Py_ssi
     return 0;
 }
 
-/* Pin the L2 table of L1 index l1i (the interpreter lock held): 1 if it is pinned, 0 if
- * it is not in the cache (or the L1 entry points at none, or there is no room left),
- * -1 with an exception set if the table is not an array of 64-bit words. */
-static int pin_table(struct block_map *m, Py_buffer *pinned, const uint64_t *l1,
-                     size_t l1_len, PyObject *cache, uint64_t l1i)
+/* Pin the L2 table of L1 index l1i (the interpreter lock held): 1 if it is pinned (or
+ * the L1 entry points at none, where holes read as zeros), 0 if it is not in the cache
+ * (or points at none over a parent, or there is no room left), -1 with an exception set
+ * if the table is not an array of 64-bit words. */
+static int pin_table(struct disk *d, const uint64_t *l1, size_t l1_len, PyObject *cache,
+                     uint64_t l1i)
 {
-    for (int i = 0; i < m->tables; i++)
-        if (m->table_l1[i] == l1i)
+    for (int i = 0; i < d->tables; i++)
+        if (d->table_l1[i] == l1i)
             return 1;
-    if (l1i >= l1_len || m->tables == QCOW2_TABLES)
+    if (l1i >= l1_len || d->tables == QCOW2_TABLES)
         return 0;
     uint64_t at = l1[l1i] & QCOW2_OFFSET_MASK;
     if (at == 0) {  /* no table: all holes, which only a disk without a parent serves */
-        if (!m->holes_zero)
+        if (!d->holes_zero)
             return 0;
-        m->table_l1[m->tables] = l1i;
-        m->table_words[m->tables] = NULL;
-        pinned[m->tables].obj = NULL;
-        m->tables++;
+        d->table_l1[d->tables] = l1i;
+        d->table_words[d->tables] = NULL;
+        d->tables++;
         return 1;
     }
     PyObject *key = PyLong_FromUnsignedLongLong(at);
@@ -323,25 +370,25 @@ static int pin_table(struct block_map *m, Py_buffer *pinned, const uint64_t *l1,
     Py_DECREF(key);
     if (table == NULL)
         return PyErr_Occurred() ? -1 : 0;
-    Py_buffer *view = &pinned[m->tables];
+    Py_buffer *view = &d->pinned[d->tables];
     if (PyObject_GetBuffer(table, view, PyBUF_FORMAT) < 0)
         return -1;
     if (view->itemsize != 8 || view->format == NULL || strcmp(view->format, "Q") != 0
-            || (uint64_t)view->len < m->l2_entries * 8) {
+            || (uint64_t)view->len < d->l2_entries * 8) {
         PyBuffer_Release(view);
         PyErr_SetString(PyExc_TypeError, "an L2 table must be an array of 'Q' of l2_entries");
         return -1;
     }
-    m->table_l1[m->tables] = l1i;
-    m->table_words[m->tables] = view->buf;
-    m->tables++;
+    d->table_l1[d->tables] = l1i;
+    d->table_words[d->tables] = view->buf;
+    d->tables++;
     return 1;
 }
 
 /* Pin the L2 tables the requests at rb[start:end] touch, in order, until one is missing. */
-static int pin_tables(struct block_map *m, Py_buffer *pinned, PyObject *l1_obj,
-                      PyObject *cache, const unsigned char *rb, Py_ssize_t start,
-                      Py_ssize_t end, uint64_t size, uint64_t max_length, long max_requests)
+static int pin_tables(struct disk *d, PyObject *l1_obj, PyObject *cache,
+                      const unsigned char *rb, Py_ssize_t start, Py_ssize_t end,
+                      uint64_t max_length, long max_requests)
 {
     Py_buffer l1;
     if (PyObject_GetBuffer(l1_obj, &l1, PyBUF_FORMAT) < 0)
@@ -358,19 +405,19 @@ static int pin_tables(struct block_map *m, Py_buffer *pinned, PyObject *l1_obj,
     }
     const uint64_t *words = l1.buf;
     size_t l1_len = (size_t)l1.len / 8;
+    uint64_t per_table = d->l2_entries << d->cluster_bits;
     int rc = 0;
     for (long n = 0; n < max_requests; n++) {
         uint32_t cmd;
         uint64_t offset, length;
-        Py_ssize_t took = next_request(rb, start, end, size, max_length, &cmd, &offset,
-                                       &length);
+        Py_ssize_t took = next_request(rb, start, end, d->layer[0].size, max_length, &cmd,
+                                       &offset, &length);
         if (took == 0)
             break;
-        uint64_t per_table = m->l2_entries << m->cluster_bits;
         uint64_t first = offset / per_table, last = (offset + length - 1) / per_table;
         int ok = 1;
         for (uint64_t l1i = first; l1i <= last && ok == 1; l1i++)
-            ok = pin_table(m, pinned, words, l1_len, cache, l1i);
+            ok = pin_table(d, words, l1_len, cache, l1i);
         if (ok < 0)
             rc = -1;
         if (ok != 1)
@@ -381,88 +428,244 @@ static int pin_tables(struct block_map *m, Py_buffer *pinned, PyObject *l1_obj,
     return rc;
 }
 
-static void unpin_tables(struct block_map *m, Py_buffer *pinned)
+/* One layer from a target (the top, or one of its ``below``), the interpreter lock held:
+ * its descriptor, size and place in memory, and its BAT and batmap, pinned. */
+static int layer_open(struct layer *l, PyObject *target, int top)
 {
-    for (int i = 0; i < m->tables; i++)
-        if (m->table_words[i] != NULL)
-            PyBuffer_Release(&pinned[i]);
-    m->tables = 0;
+    memset(l, 0, sizeof *l);
+    if (!PyTuple_Check(target) || PyTuple_GET_SIZE(target) < T_FIELDS) {
+        PyErr_Format(PyExc_TypeError, "a target must be an InlineTarget (a tuple of %d)",
+                     T_FIELDS);
+        return -1;
+    }
+    PyObject **f = &PyTuple_GET_ITEM(target, 0);
+    l->fd = PyLong_AsLong(f[T_FD]);
+    l->size = PyLong_AsUnsignedLongLong(f[T_SIZE]);
+    l->memory = PyObject_IsTrue(f[T_MEMORY]);
+    if (PyErr_Occurred())
+        return -1;
+    if (!top && (f[T_L1] != Py_None
+                 || (f[T_BELOW] != Py_None && PyObject_IsTrue(f[T_BELOW])))) {
+        PyErr_SetString(PyExc_ValueError, "a layer below is a file or a VHD's blocks, alone");
+        return -1;
+    }
+    if (f[T_BAT] != Py_None && f[T_L1] != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "a disk has a BAT or an L1 table, not both");
+        return -1;
+    }
+    if (f[T_L1] != Py_None) {
+        l->kind = MAP_QCOW2;
+        return 0;
+    }
+    if (f[T_BAT] == Py_None)
+        return 0;
+    l->block_bytes = PyLong_AsUnsignedLongLong(f[T_BLOCK_BYTES]);
+    l->data_secs = PyLong_AsUnsignedLongLong(f[T_DATA_SECS]);
+    if (PyErr_Occurred())
+        return -1;
+    if (l->block_bytes == 0 || l->block_bytes % 512) {
+        PyErr_SetString(PyExc_ValueError, "block_bytes must be a positive multiple of 512");
+        return -1;
+    }
+    if (PyObject_GetBuffer(f[T_BAT], &l->bat_view, PyBUF_FORMAT) < 0)
+        return -1;
+    if (l->bat_view.itemsize != 4 || l->bat_view.format == NULL
+            || strcmp(l->bat_view.format, "I") != 0) {
+        PyBuffer_Release(&l->bat_view);
+        PyErr_SetString(PyExc_TypeError, "bat must be an array of 'I'");
+        return -1;
+    }
+    if (PyObject_GetBuffer(f[T_BATMAP], &l->batmap_view, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&l->bat_view);
+        return -1;
+    }
+    l->kind = MAP_VHD;
+    l->bat = l->bat_view.buf;
+    l->entries = (size_t)l->bat_view.len / 4;
+    l->batmap = l->batmap_view.buf;
+    l->batmap_len = (size_t)l->batmap_view.len;
+    return 0;
+}
+
+static void layer_close(struct layer *l)
+{
+    if (l->kind == MAP_VHD) {
+        PyBuffer_Release(&l->batmap_view);
+        PyBuffer_Release(&l->bat_view);
+    }
+    l->kind = MAP_PLAIN;
+}
+
+static void disk_close(struct disk *d)
+{
+    for (int i = 0; i < d->tables; i++)
+        if (d->table_words[i] != NULL)
+            PyBuffer_Release(&d->pinned[i]);
+    d->tables = 0;
+    for (int i = 0; i < d->layers; i++)
+        layer_close(&d->layer[i]);
+    d->layers = 0;
+    PyMem_Free(d->layer);
+    PyMem_Free(d->read_secs);
+    d->layer = NULL;
+    d->read_secs = NULL;
+}
+
+/* The disk of a target, the interpreter lock held; the qcow2 tables the requests at
+ * rb[start:end] need pinned. */
+static int disk_open(struct disk *d, PyObject *target, const unsigned char *rb,
+                     Py_ssize_t start, Py_ssize_t end, uint64_t max_length, long max_requests)
+{
+    memset(d, 0, sizeof *d);
+    if (!PyTuple_Check(target) || PyTuple_GET_SIZE(target) < T_FIELDS) {
+        PyErr_Format(PyExc_TypeError, "a target must be an InlineTarget (a tuple of %d)",
+                     T_FIELDS);
+        return -1;
+    }
+    PyObject **f = &PyTuple_GET_ITEM(target, 0);
+    PyObject *below = f[T_BELOW];
+    Py_ssize_t n_below = 0;
+    if (below != Py_None) {
+        if (!PyTuple_Check(below)) {
+            PyErr_SetString(PyExc_TypeError, "below must be a tuple of InlineTargets");
+            return -1;
+        }
+        n_below = PyTuple_GET_SIZE(below);
+        if (n_below >= MAX_LAYERS) {
+            PyErr_SetString(PyExc_ValueError, "too many layers for the inline path");
+            return -1;
+        }
+    }
+    d->writes = PyObject_IsTrue(f[T_WRITES]);
+    d->holes_zero = PyObject_IsTrue(f[T_HOLES_ZERO]);
+    d->zero_flag = PyObject_IsTrue(f[T_ZERO_FLAG]);
+    if (PyErr_Occurred())
+        return -1;
+    d->layer = PyMem_Calloc((size_t)n_below + 1, sizeof *d->layer);
+    d->read_secs = PyMem_Calloc((size_t)n_below + 1, sizeof *d->read_secs);
+    if (d->layer == NULL || d->read_secs == NULL) {
+        disk_close(d);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i <= n_below; i++) {
+        if (layer_open(&d->layer[i], i ? PyTuple_GET_ITEM(below, i - 1) : target, i == 0) < 0) {
+            disk_close(d);
+            return -1;
+        }
+        d->layers++;
+    }
+    if (d->layer[0].kind != MAP_QCOW2)
+        return 0;
+    if (n_below) {
+        disk_close(d);
+        PyErr_SetString(PyExc_ValueError, "a qcow2 disk has no layers below (its holes are "
+                        "the Python path's)");
+        return -1;
+    }
+    unsigned long bits = PyLong_AsUnsignedLong(f[T_CLUSTER_BITS]);
+    d->l2_entries = PyLong_AsUnsignedLongLong(f[T_L2_ENTRIES]);
+    if (PyErr_Occurred()) {
+        disk_close(d);
+        return -1;
+    }
+    if (bits < 9 || bits > 21 || d->l2_entries == 0 || d->l2_entries > (1ull << bits) / 8) {
+        disk_close(d);
+        PyErr_SetString(PyExc_ValueError, "cluster_bits must be 9 to 21, l2_entries "
+                        "positive and at most a cluster's 64-bit words");
+        return -1;
+    }
+    d->cluster_bits = (unsigned)bits;
+    if (pin_tables(d, f[T_L1], f[T_L2_TABLES], rb, start, end, max_length, max_requests) < 0) {
+        disk_close(d);
+        return -1;
+    }
+    return 0;
+}
+
+/* Add the sectors each layer served to the target's ``hits`` (an array of 'Q', one per
+ * layer), the interpreter lock held: the driver folds them into the layers' counters. */
+static int count_hits(const struct disk *d, PyObject *hits)
+{
+    if (hits == Py_None)
+        return 0;
+    Py_buffer view;
+    if (PyObject_GetBuffer(hits, &view, PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
+        return -1;
+    if (view.itemsize != 8 || view.format == NULL || strcmp(view.format, "Q") != 0
+            || view.len < (Py_ssize_t)(8 * d->layers)) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_TypeError, "hits must be an array of 'Q', one per layer");
+        return -1;
+    }
+    uint64_t *counts = view.buf;
+    for (int i = 0; i < d->layers; i++)
+        counts[i] += d->read_secs[i];
+    PyBuffer_Release(&view);
+    return 0;
+}
+
+/* Whether the first request at rb[start:end] is one a pass would take, as far as the
+ * header and the map tell (a read may still find its bytes out of the page cache). */
+static int servable(const struct disk *d, const unsigned char *rb, Py_ssize_t start,
+                    Py_ssize_t end, uint64_t max_length, int structured)
+{
+    uint32_t cmd;
+    uint64_t offset, length, room, pos, zeros = 0;
+    int at;
+    if (next_request(rb, start, end, d->layer[0].size, max_length, &cmd, &offset,
+                     &length) == 0)
+        return 0;
+    uint32_t flags = get16(rb + start + 4);
+    if (cmd == CMD_WRITE) {
+        if (!d->writes || (flags & ~CMD_FLAG_FUA))
+            return 0;
+        return locate(d, offset, &room, 1, &at) >= 0 && room >= length;
+    }
+    if (flags & ~(CMD_FLAG_FUA | (structured ? CMD_FLAG_DF : 0)))
+        return 0;
+    for (pos = 0; pos < length; pos += room < length - pos ? room : length - pos) {
+        int64_t where = locate(d, offset + pos, &room, 0, &at);
+        if (where == AT_PYTHON)
+            return 0;
+        if (where == AT_ZEROS)
+            zeros += room < length - pos ? room : length - pos;
+    }
+    return !(structured && zeros && zeros < length);
 }
 
 PyDoc_STRVAR(nbd_pump_doc,
-"nbd_pump(sock, rbuf, start, end, scratch, fd, size, mode, max_requests, max_length\n"
-"         [, bat, batmap, block_bytes, data_secs[, l1, l2_tables, cluster_bits,\n"
-"         l2_entries]])\n"
+"nbd_pump(sock, rbuf, start, end, scratch, target, structured, max_requests, max_length)\n"
 "--\n\n"
-"Serve the READ and WRITE requests at rbuf[start:end] that a file descriptor ``fd`` of\n"
-"``size`` bytes can serve now, up to ``max_requests`` of at most ``max_length`` bytes,\n"
-"sending their replies on ``sock`` from ``scratch``. With ``bat`` (uint32 entries, in\n"
-"sectors) and ``batmap``, the disk's bytes are in blocks of ``block_bytes`` (a dynamic\n"
-"VHD's), only those of blocks the batmap says are full are served, and a write only\n"
-"within one block. With ``l1`` (an array of 'Q') and ``l2_tables`` (a dict of arrays of\n"
-"'Q' by their offset in the file), the disk is a qcow2 image's of clusters of\n"
-"2**cluster_bits bytes: only its plain data clusters are served, a write only within\n"
-"one cluster it owns (the caller holds the guard that keeps clusters from being freed).\n"
-"Returns (start, reads, read_bytes, writes, write_bytes, unsent, used, error): the\n"
-"position of the first request not taken, what was served, the replies not sent because\n"
-"the socket was full (scratch[unsent:used], for the caller to queue) and the errno that\n"
-"broke the connection (0: none).");
+"Serve the READ and WRITE requests at rbuf[start:end] that the disk ``target`` (an\n"
+"InlineTarget: its file, or its layers' files, and where its bytes are in them) can\n"
+"serve now, up to ``max_requests`` of at most ``max_length`` bytes, sending their\n"
+"replies on ``sock`` from ``scratch`` (structured replies if ``structured``; with a\n"
+"``sock`` of -1 they are left in the scratch, for the caller to queue). The\n"
+"caller holds target.guard, if any. Returns (start, reads, read_bytes, writes,\n"
+"write_bytes, unsent, used, error): the position of the first request not taken, what\n"
+"was served, the replies not sent because the socket was full (scratch[unsent:used],\n"
+"for the caller to queue) and the errno that broke the connection (0: none). The\n"
+"sectors each layer served to reads are added to target.hits, if any.");
 
 static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 10 && nargs != 14 && nargs != 18) {
-        PyErr_SetString(PyExc_TypeError, "nbd_pump takes 10, 14 or 18 arguments");
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "nbd_pump takes 9 arguments");
         return NULL;
     }
     int sock = PyLong_AsLong(args[0]);
     Py_ssize_t start = PyLong_AsSsize_t(args[2]);
     Py_ssize_t end = PyLong_AsSsize_t(args[3]);
-    int fd = PyLong_AsLong(args[5]);
-    unsigned long long size = PyLong_AsUnsignedLongLong(args[6]);
-    unsigned long mode = PyLong_AsUnsignedLong(args[7]);
-    long max_requests = PyLong_AsLong(args[8]);
-    unsigned long max_length = PyLong_AsUnsignedLong(args[9]);
+    int structured = PyObject_IsTrue(args[6]);
+    long max_requests = PyLong_AsLong(args[7]);
+    unsigned long max_length = PyLong_AsUnsignedLong(args[8]);
     if (PyErr_Occurred())
         return NULL;
 
-    struct block_map map;
-    memset(&map, 0, sizeof map);
-    map.holes_zero = (mode & MODE_HOLES_ZERO) != 0;
-    map.zero_flag = (mode & MODE_ZERO_FLAG) != 0;
-    Py_buffer rbuf, scratch, bat = { 0 }, batmap = { 0 };
-    Py_buffer pinned[QCOW2_TABLES];
-    int have_bat = nargs >= 14 && args[10] != Py_None;
-    int have_l1 = nargs == 18 && args[14] != Py_None;
-    if (have_bat && have_l1) {
-        PyErr_SetString(PyExc_ValueError, "a disk has a BAT or an L1 table, not both");
-        return NULL;
-    }
-    if (have_bat) {
-        map.kind = MAP_VHD;
-        map.block_bytes = PyLong_AsUnsignedLongLong(args[12]);
-        map.data_secs = PyLong_AsUnsignedLongLong(args[13]);
-        if (PyErr_Occurred())
-            return NULL;
-        if (map.block_bytes == 0 || map.block_bytes % 512) {
-            PyErr_SetString(PyExc_ValueError, "block_bytes must be a positive multiple of 512");
-            return NULL;
-        }
-    }
-    if (have_l1) {
-        map.kind = MAP_QCOW2;
-        unsigned long bits = PyLong_AsUnsignedLong(args[16]);
-        map.l2_entries = PyLong_AsUnsignedLongLong(args[17]);
-        if (PyErr_Occurred())
-            return NULL;
-        if (bits < 9 || bits > 21 || map.l2_entries == 0
-                || map.l2_entries > (1ull << bits) / 8) {
-            PyErr_SetString(PyExc_ValueError, "cluster_bits must be 9 to 21, l2_entries "
-                            "positive and at most a cluster's 64-bit words");
-            return NULL;
-        }
-        map.cluster_bits = (unsigned)bits;
-    }
+    Py_buffer rbuf, scratch;
+    struct disk disk;
     if (PyObject_GetBuffer(args[1], &rbuf, PyBUF_WRITABLE) < 0)
         return NULL;
     if (PyObject_GetBuffer(args[4], &scratch, PyBUF_WRITABLE) < 0) {
@@ -473,28 +676,8 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyErr_SetString(PyExc_ValueError, "start and end must lie within rbuf");
         goto fail;
     }
-    if (have_bat) {
-        if (PyObject_GetBuffer(args[10], &bat, PyBUF_FORMAT) < 0)
-            goto fail;
-        if (bat.itemsize != 4 || bat.format == NULL || strcmp(bat.format, "I") != 0) {
-            PyBuffer_Release(&bat);
-            PyErr_SetString(PyExc_TypeError, "bat must be an array of 'I'");
-            goto fail;
-        }
-        if (PyObject_GetBuffer(args[11], &batmap, PyBUF_SIMPLE) < 0) {
-            PyBuffer_Release(&bat);
-            goto fail;
-        }
-        map.bat = bat.buf;
-        map.entries = (size_t)bat.len / 4;
-        map.batmap = batmap.buf;
-        map.batmap_len = (size_t)batmap.len;
-    }
-    if (have_l1 && pin_tables(&map, pinned, args[14], args[15], rbuf.buf, start, end, size,
-                              max_length, max_requests) < 0) {
-        unpin_tables(&map, pinned);
+    if (disk_open(&disk, args[5], rbuf.buf, start, end, max_length, max_requests) < 0)
         goto fail;
-    }
 
     const unsigned char *rb = rbuf.buf;
     unsigned char *sb = scratch.buf;
@@ -502,10 +685,20 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
     size_t used = 0, sent = 0;
     unsigned long long reads = 0, read_bytes = 0, writes = 0, write_bytes = 0;
     int error = 0, full = 0;
-    const int structured = (mode & MODE_STRUCTURED) != 0;
-    const int memory = (mode & MODE_MEMORY) != 0;
+    const uint64_t size = disk.layer[0].size;
+    const int fd = disk.layer[0].fd;
     const uint32_t read_flags = CMD_FLAG_FUA | (structured ? CMD_FLAG_DF : 0);
     const size_t read_header = structured ? DATA_CHUNK_SIZE : SIMPLE_REPLY_SIZE;
+
+    /* Nothing to do for the first request (the Python path's): back at once, without
+     * letting go of the interpreter lock (which costs the engine threads' turn). */
+    if (!servable(&disk, rb, start, end, max_length, structured)) {
+        disk_close(&disk);
+        PyBuffer_Release(&scratch);
+        PyBuffer_Release(&rbuf);
+        return Py_BuildValue("nKKKKnni", start, 0ULL, 0ULL, 0ULL, 0ULL, (Py_ssize_t)0,
+                             (Py_ssize_t)0, 0);
+    }
 
     Py_BEGIN_ALLOW_THREADS
     for (long served = 0; served < max_requests; served++) {
@@ -517,11 +710,13 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
         uint32_t flags = get16(req + 4);
         size_t need = cmd == CMD_READ ? read_header + length : SIMPLE_REPLY_SIZE;
         if (cmd == CMD_READ ? (flags & ~read_flags) != 0
-                : !(mode & MODE_WRITABLE) || (flags & ~CMD_FLAG_FUA))
+                : !disk.writes || (flags & ~CMD_FLAG_FUA))
             break;
         if (need > cap)
             break;
         if (used + need > cap) {  /* the scratch is full: its replies leave first */
+            if (sock < 0)
+                break;  /* they are the caller's to queue */
             int rc = send_now(sock, sb, &sent, used);
             if (rc) {
                 if (rc < 0)
@@ -534,8 +729,7 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
         unsigned char *reply = sb + used;
         if (cmd == CMD_READ) {
-            int got = read_mapped(&map, fd, reply + read_header, length, offset, memory,
-                                  structured);
+            int got = read_mapped(&disk, reply + read_header, length, offset, structured);
             if (got < 0)
                 break;
             if (got == 1) {  /* zeros from end to end: one hole chunk, no data */
@@ -564,7 +758,8 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
             start += REQUEST_SIZE;
         } else {
             uint64_t room;
-            int64_t at = map_offset(&map, offset, &room, 1);
+            int layer;
+            int64_t at = locate(&disk, offset, &room, 1, &layer);
             if (at < 0 || room < length)
                 break;  /* not all in one held block (or owned cluster): the Python path's */
             if (write_all(fd, req + REQUEST_SIZE, length, (uint64_t)at, flags & CMD_FLAG_FUA) < 0)
@@ -578,28 +773,23 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
         used += need;
     }
-    if (!error && !full && used > sent) {
+    if (!error && !full && sock >= 0 && used > sent) {
         int rc = send_now(sock, sb, &sent, used);
         if (rc < 0)
             error = -rc;
     }
     Py_END_ALLOW_THREADS
 
-    if (have_bat) {
-        PyBuffer_Release(&batmap);
-        PyBuffer_Release(&bat);
-    }
-    unpin_tables(&map, pinned);
+    int bad = count_hits(&disk, PyTuple_GET_ITEM(args[5], T_HITS));
+    disk_close(&disk);
     PyBuffer_Release(&scratch);
     PyBuffer_Release(&rbuf);
+    if (bad)  /* after serving: a bug of the caller's, reported as such */
+        return NULL;
     return Py_BuildValue("nKKKKnni", start, reads, read_bytes, writes, write_bytes,
                          (Py_ssize_t)sent, (Py_ssize_t)used, error);
 
 fail:
-    if (have_bat && bat.obj != NULL) {
-        PyBuffer_Release(&batmap);
-        PyBuffer_Release(&bat);
-    }
     PyBuffer_Release(&scratch);
     PyBuffer_Release(&rbuf);
     return NULL;
@@ -621,11 +811,18 @@ PyMODINIT_FUNC PyInit__inline(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "MODE_STRUCTURED", MODE_STRUCTURED) < 0
-            || PyModule_AddIntConstant(m, "MODE_MEMORY", MODE_MEMORY) < 0
-            || PyModule_AddIntConstant(m, "MODE_WRITABLE", MODE_WRITABLE) < 0
-            || PyModule_AddIntConstant(m, "MODE_HOLES_ZERO", MODE_HOLES_ZERO) < 0
-            || PyModule_AddIntConstant(m, "MODE_ZERO_FLAG", MODE_ZERO_FLAG) < 0) {
+    /* The InlineTarget fields read by position, in order (a test holds the NamedTuple to
+     * them). */
+    PyObject *fields = Py_BuildValue("(sssssssssssssssss)", "fd", "size", "memory",
+                                     "writes", "bat", "batmap", "block_bytes", "data_secs",
+                                     "l1", "l2_tables", "cluster_bits", "l2_entries",
+                                     "guard", "holes_zero", "zero_flag", "below", "hits");
+    if (fields == NULL || PyModule_AddObject(m, "TARGET_FIELDS", fields) < 0) {
+        Py_XDECREF(fields);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "MAX_LAYERS", MAX_LAYERS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -17,8 +17,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from blktap.tapdisk.driver import InlineTarget
-
 # Replies gathered before they are sent (a read's data travels in it): one buffer per
 # loop thread, big enough for a batch of small reads or one large one.
 SCRATCH_BYTES = (1 << 20) + (64 << 10)
@@ -43,13 +41,3 @@ def compiled() -> Pump | None:
 def available() -> bool:
     """Whether the extension was built (whatever the environment says)."""
     return _inline is not None
-
-
-def mode(target: InlineTarget, structured: bool) -> int:
-    """The mode bits of a pass over ``target`` (the extension's constants: call only when
-    :func:`compiled` gave the pass)."""
-    return ((_inline.MODE_STRUCTURED if structured else 0)
-            | (_inline.MODE_MEMORY if target.memory else 0)
-            | (_inline.MODE_WRITABLE if target.writes else 0)
-            | (_inline.MODE_HOLES_ZERO if target.holes_zero else 0)
-            | (_inline.MODE_ZERO_FLAG if target.zero_flag else 0))
