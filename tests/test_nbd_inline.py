@@ -851,17 +851,17 @@ def test_a_chain_target_reads_each_layer_and_stops_at_what_it_cannot_place(
 
 def test_a_disk_the_pass_never_serves_is_asked_less_often(
         shm: Path) -> None:  # noqa: F811
-    """A qcow2 over its backing file, nothing of its own: every read is the Python
-    path's. After INLINE_MISSES passes in a row that served nothing, the connection asks
-    one time in INLINE_RETRY; every read is answered right; once the image holds data
-    (a write), the pass serves again and the count starts over."""
+    """A qcow2 image all of compressed clusters: every read is the Python path's. After
+    INLINE_MISSES passes in a row that served nothing, the connection asks one time in
+    INLINE_RETRY; every read is answered right; once the image holds a plain cluster (a
+    write), the pass serves its reads again and the count starts over."""
     compiled()
     from qcow2_helpers import qemu_img
     base = shm / "base.raw"
-    content = data(30, 8 * MiB)
-    base.write_bytes(content)
+    content = b"".join(f"cluster {i:6d} ".encode() * 4096 for i in range(128))
+    base.write_bytes(content)  # (compressible: qemu stores what does not shrink plainly)
     top = shm / "top.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "raw", top)
+    qemu_img("convert", "-q", "-c", "-f", "raw", "-O", "qcow2", base, top)
     sock = shm / "s.sock"
 
     async def body(engine: ThreadEngine) -> None:

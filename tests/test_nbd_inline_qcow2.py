@@ -220,8 +220,8 @@ def test_pump_answers_holes_and_zero_clusters_of_a_disk_without_a_parent(
 def test_pump_refuses_qcow2_targets_of_the_wrong_shape(clusters: Clusters) -> None:
     """An L1 table or an L2 table that is not an array of 64-bit words, tables that are
     not a dict, a table shorter than l2_entries, cluster bits out of range, l2_entries
-    larger than a cluster holds, a BAT and an L1 table at once: each raises before a
-    request is served."""
+    larger than a cluster holds, a BAT and an L1 table at once, a layer below with layers
+    of its own: each raises before a request is served."""
     b = clusters
     stream = req(READ, 0, 4096, handle=1)
     bad = [
@@ -242,7 +242,9 @@ def test_pump_refuses_qcow2_targets_of_the_wrong_shape(clusters: Clusters) -> No
                           cluster_bits=16, l2_entries=b.ENTRIES)
     for wrong in (target._replace(bat=array.array("I", [1]), batmap=bytearray(1),
                                   block_bytes=CLUSTER),
-                  target._replace(below=(InlineTarget(b.fd, b.disk_size, True, False),))):
+                  target._replace(below=(InlineTarget(
+                      b.fd, b.disk_size, True, False,
+                      below=(InlineTarget(b.fd, b.disk_size, True, False),)),))):
         with pytest.raises(ValueError):
             compiled()(b.server.fileno(), b.rbuf, 0, len(stream), b.scratch, wrong, True,
                        1, 4096)
@@ -495,3 +497,79 @@ def test_a_sparse_vhd_without_a_parent_answers_its_holes_inline(
             assert got[20][0] == 0
             await settled(conn, vbd)
     arun(body)
+
+
+def make_qcow2_chain(folder: Path) -> tuple[Path, list[Path]]:
+    """raw base <- qcow2 mid (v3, data, a zero cluster) <- qcow2 top (data; 64 KiB
+    clusters), 8 MiB: (top, every file)."""
+    base = folder / "base.raw"
+    base.write_bytes(data(90, 8 * MiB))
+    mid, top = folder / "mid.qcow2", folder / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "raw", mid)
+    qemu_io(mid, "write -P 61 1M 256k", "write -z 2M 128k", "write -P 62 4M 64k")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", top)
+    qemu_io(top, "write -P 71 1088k 64k", "write -P 72 5M 1M")
+    return top, [base, mid, top]
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_a_qcow2_chain_is_read_through_its_layers_inline(
+        shm: Path, monkeypatch: pytest.MonkeyPatch, structured: bool) -> None:  # noqa: F811
+    """A qcow2 over a qcow2 over a raw file: reads of the top's clusters, the middle's
+    (data and zero), the raw file's, and across them; writes in place and allocating;
+    the same reads again. With the compiled path on, every reply, the disk qemu reads
+    and each layer's hits in the stats are what they are with it off; it served reads of
+    each layer."""
+    compiled()
+    from blktap.transport.nbd import connection
+    from test_nbd_inline import count_inline, images_hits
+    monkeypatch.setattr(connection, "INLINE_MISSES", 1 << 30)
+    top, files = make_qcow2_chain(shm)
+    pristine = {f: f.read_bytes() for f in files}
+    content = qemu_raw(top, shm)
+    sock = shm / "s.sock"
+    reads = {1: (1088 * KiB, 4096), 2: (1 * MiB, 8192), 3: (2 * MiB, 65536),
+             4: (4 * MiB + 4096, 4096), 5: (3 * MiB, 65536), 6: (1 * MiB, 256 * KiB),
+             7: (5 * MiB + 512, 1024), 8: (7 * MiB, MiB), 9: (2 * MiB - 4096, 8192)}
+    writes = {20: (5 * MiB, data(91, 4096)), 21: (6 * MiB + 8192, data(92, 4096))}
+
+    def run() -> tuple[dict, list, int, bytes]:
+        async def body(engine: ThreadEngine) -> tuple[dict, list, int]:
+            async with nbd_served(engine, f"qcow2:{top}", sock) as (server, vbd):
+                served = count_inline(vbd)
+                w, conn = await attach(server, sock, structured=structured)
+                got: dict = {}
+                for r in range(2):
+                    again = {h + 100 * r: v for h, v in reads.items()}
+                    stream = b"".join(req(READ, o, n, handle=h)
+                                      for h, (o, n) in again.items())
+                    got |= await exchange(w, stream, len(again), again)
+                    if not r:
+                        stream = b"".join(req(WRITE, o, len(b), handle=h, payload=b)
+                                          for h, (o, b) in writes.items())
+                        got |= await exchange(w, stream, len(writes), {})
+                await settled(conn, vbd)
+                return got, images_hits(vbd), served[0]
+        got, hit, served = arun(body)
+        return got, hit, served, qemu_raw(top, shm)
+
+    runs = {}
+    for mode in ("0", "1"):
+        for path, raw in pristine.items():
+            path.write_bytes(raw)
+        monkeypatch.setenv("BLKTAP_INLINE", mode)
+        runs[mode] = run()
+        assert qemu_check(top)[0] == 0
+    expect = bytearray(content)
+    for o, b in writes.values():
+        expect[o : o + len(b)] = b
+    for h, (o, n) in reads.items():
+        assert runs["1"][0][h] == (0, content[o : o + n]), h
+        assert runs["1"][0][h + 100] == (0, bytes(expect[o : o + n])), h
+    assert runs["1"][0] == runs["0"][0]
+    assert runs["1"][1] == runs["0"][1]  # each layer's hits
+    assert runs["1"][3] == runs["0"][3] == bytes(expect)
+    # At least half of the 18 reads: not those before a layer's L2 table is in its cache
+    # (a first read through it loads it), nor, structured, 9 (raw data, then zeros).
+    assert runs["0"][2] == 0 and runs["1"][2] >= len(reads)

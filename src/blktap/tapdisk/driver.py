@@ -29,6 +29,7 @@ outside the package is :mod:`blktap.driver` (docs/drivers.md).
 
 from __future__ import annotations
 
+import array
 import enum
 import errno
 from collections.abc import Sequence
@@ -184,6 +185,61 @@ def inline_file(engine: Engine, fd: int, size: int, writable: bool, **layout: An
         return None
     memory = mode == "memory"
     return InlineTarget(fd, size, memory, memory and writable, **layout)
+
+
+class InlineChain:
+    """The layers under a driver that the compiled inline path reads through (each
+    answering :meth:`Driver.inline_layer`: a chain of VHDs and qcow2s over a raw file,
+    say), and the hits it counts for them, folded into the layers' own ``hits`` by
+    :meth:`settle` as the Python path counts them: a read served from the k-th layer
+    below was asked of each layer down to it."""
+
+    # The deepest chain the compiled path reads through (its MAX_LAYERS), and the qcow2
+    # layers in it (MAX_QCOW2_LAYERS).
+    MAX_LAYERS = 256
+    MAX_QCOW2_LAYERS = 16
+
+    def __init__(self, targets: tuple[InlineTarget, ...], layers: list[Driver]) -> None:
+        self.targets = targets
+        self.layers = layers
+        self.hits = array.array("Q", bytes(8 * (len(layers) + 1)))
+        self._seen = array.array("Q", self.hits)
+
+    @classmethod
+    def below(cls, driver: Driver) -> InlineChain | None:
+        """The chain under ``driver`` (None when one of its layers cannot be read inline,
+        or it is deeper than the compiled path goes)."""
+        targets: list[InlineTarget] = []
+        layers: list[Driver] = []
+        qcow2 = 0
+        d = driver.parent
+        while d is not None:
+            t = d.inline_layer()
+            if t is None or len(layers) >= cls.MAX_LAYERS - 1:
+                return None
+            if t.l1 is not None:
+                qcow2 += 1
+                if qcow2 >= cls.MAX_QCOW2_LAYERS:  # (one more for a qcow2 on top)
+                    return None
+            targets.append(t._replace(writes=False))
+            layers.append(d)
+            if t.bat is None and t.l1 is None:
+                break  # a file holding every byte: nothing under it is read
+            d = d.parent
+        return cls(tuple(targets), layers)
+
+    def holes_zero(self) -> bool:
+        """Whether what no layer holds reads as zeros (the last layer has no parent)."""
+        return not self.layers or self.layers[-1].parent is None
+
+    def settle(self) -> None:
+        served, seen = self.hits, self._seen
+        for k in range(1, len(self.layers) + 1):
+            new = served[k] - seen[k]
+            if new:
+                seen[k] = served[k]
+                for d in self.layers[:k]:
+                    d.hits[0] += new
 
 
 class Driver:
@@ -406,6 +462,12 @@ class Driver:
         each pass, so a driver may change its answer at any time (after
         punching a hole, say); what the compiled path does must be exactly what
         :meth:`read_now`/:meth:`write_now` would do."""
+        return None
+
+    def inline_layer(self) -> InlineTarget | None:
+        """This layer's own target as a read-only layer under another (a parent in a
+        chain the compiled path reads through): its file and map alone, as if it had no
+        parent, or None (the default) if it cannot be read so."""
         return None
 
     def start_read(self, offset: int, iov: Sequence[memoryview], done: Completion) -> bool:

@@ -154,6 +154,9 @@ class AioDriver(Driver):
             self._inline = inline_file(self.engine, self.fd, self.size, self.writable)
         return self._inline
 
+    def inline_layer(self) -> InlineTarget | None:
+        return self.inline_target()
+
     def start_read(self, offset: int, iov: Sequence[memoryview], done: Completion) -> bool:
         fd, addrs = self._target(offset, iov)
         if not self.engine.start_preadv(fd, iov, offset, self._counted(done),

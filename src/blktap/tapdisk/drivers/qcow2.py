@@ -31,6 +31,7 @@ from blktap.tapdisk.driver import (
     Caps,
     Driver,
     Extents,
+    InlineChain,
     InlineTarget,
     OpenContext,
     Tally,
@@ -71,6 +72,7 @@ class Qcow2Driver(Driver):
         self.free_guard = threading.Lock()
         image.free_guard = self.free_guard
         self._inline: InlineTarget | None = None
+        self._inline_chain: InlineChain | None = None  # the layers it reads below
         if image.writable:
             # Writes to owned clusters go around the library (here and inline): the
             # autoclear bits of what they would leave stale (bitmaps) go first, as the
@@ -172,22 +174,39 @@ class Qcow2Driver(Driver):
     def inline_target(self) -> InlineTarget | None:
         # The image's own data clusters, found through its L1 table and the cached L2
         # tables (the compiled path looks them up as quick_lookup does, without the
-        # interpreter lock), and without a parent its holes and zero clusters (zeros);
-        # compressed clusters, holes over a parent, tables not in the cache,
+        # interpreter lock); its holes are its parents' (the layers below, read-only,
+        # each answering for itself: InlineChain), or zeros without one, and so are its
+        # zero clusters (version 3). Compressed clusters, tables not in the cache,
         # subclusters and a separate data file are the Python path's. The library
         # stores a new cluster's entry after its data and frees a cluster only after its
         # entry changed, under free_guard (which the transport holds for each pass).
+        target = self._inline
+        if target is not None and target.l1 is self.image.l1:
+            return target
+        own = self.inline_layer()  # (learnt again after a resize: a new L1 table)
+        if own is None:
+            return None
+        # Over a parent it cannot read inline (a remote disk, a filter), only its own
+        # clusters: its holes are the Python path's.
+        chain = InlineChain.below(self) if self.parent is not None else None
+        self._inline_chain = chain
+        self._inline = own._replace(
+            guard=self.free_guard, below=chain.targets if chain else (),
+            hits=chain.hits if chain else None,
+            holes_zero=self.parent is None or (chain is not None and chain.holes_zero()))
+        return self._inline
+
+    def inline_layer(self) -> InlineTarget | None:
         img = self.image
         if not img.plain_entries or img.data_fd != img.fd or not self.regular:
             return None
-        target = self._inline
-        if target is None or target.l1 is not img.l1:  # learnt again after a resize
-            target = self._inline = inline_file(
-                self.engine, self.fd, self.size, self.writable, l1=img.l1,
-                l2_tables=img.l2_cache, cluster_bits=img.cluster_bits,
-                l2_entries=img.l2_entries, guard=self.free_guard,
-                holes_zero=self.parent is None, zero_flag=img.version >= 3)
-        return target
+        return inline_file(self.engine, self.fd, self.size, self.writable, l1=img.l1,
+                           l2_tables=img.l2_cache, cluster_bits=img.cluster_bits,
+                           l2_entries=img.l2_entries, zero_flag=img.version >= 3)
+
+    def settle_hits(self) -> None:
+        if self._inline_chain is not None:
+            self._inline_chain.settle()
 
     # ------------------------------------------------------------------ writes
     def _owned_now(self, offset: int, length: int) -> int | None:

@@ -39,13 +39,13 @@ from blktap.tapdisk.driver import (
     Caps,
     Driver,
     Extents,
+    InlineChain,
     InlineTarget,
     OpenContext,
     Tally,
     inline_file,
     merge_extents,
 )
-from blktap.tapdisk.drivers.aio import AioDriver
 
 Run = tuple[int, int, int | None]  # first sector, sector count, file offset or None
 
@@ -55,8 +55,6 @@ INLINE_BLOCKS = 64
 # Encrypting or decrypting up to this many sectors runs on the loop (about 6 us a sector);
 # more goes to a worker thread, so that one large request does not stall the others.
 INLINE_CRYPT_SECTORS = 16
-# The deepest chain the compiled inline path reads through (its MAX_LAYERS).
-INLINE_MAX_LAYERS = 256
 
 
 def _aligned(iov: Sequence[memoryview]) -> bool:
@@ -172,10 +170,7 @@ class VhdDriver(Driver):
         self._below_min_size: list[int] = []
         self._skip_counters: dict[int, SkipCounter] = {}
         self._inline: InlineTarget | None = None  # inline_target, once learnt
-        # The layers below that target's ``below`` reads (nearest first), and how much
-        # of its ``hits`` settle_hits has given them already.
-        self._inline_layers: list[Driver] = []
-        self._inline_seen = array.array("Q")
+        self._inline_chain: InlineChain | None = None  # the layers it reads below
         self.caps = Caps.BLOCK_STATUS | Caps.FLUSH
         if image.writable:
             self.caps |= Caps.WRITE | Caps.FUA | Caps.ZERO | Caps.FAST_ZERO
@@ -387,14 +382,8 @@ class VhdDriver(Driver):
         (stats), so that a read through 29 empty layers costs what one through none
         does. So for the reads the compiled inline path served from a layer below: each
         layer down to it was asked for them."""
-        if self._inline is not None and self._inline.hits is not None:
-            served, seen = self._inline.hits, self._inline_seen
-            for k in range(1, len(self._inline_layers) + 1):
-                new = served[k] - seen[k]
-                if new:
-                    seen[k] = served[k]
-                    for d in self._inline_layers[:k]:
-                        d.hits[0] += new
+        if self._inline_chain is not None:
+            self._inline_chain.settle()
         for depth, counter in self._skip_counters.items():
             hits, fail = counter.hits[0], counter.fail[0]
             if hits or fail:
@@ -495,32 +484,29 @@ class VhdDriver(Driver):
         # in blocks the batmap says are full (it only gains bits, each set after the block's
         # data and BAT entry: VhdImage._note_full), so no sector of them is a parent's.
         # Its blocks with no BAT entry are its parents' (the layers below, read-only, each
-        # answering for itself the same way: a chain of VHDs over a VHD or a raw file),
-        # or zeros under the last. A chain with a layer that cannot be served so (a
-        # filter, an encrypted or remote layer) serves only this layer's full blocks.
-        # Learnt once: the BATs and batmaps are the same objects while open, and a valid
-        # batmap stays valid.
+        # answering for itself: InlineChain), or zeros under the last. A chain with a
+        # layer that cannot be served so (a filter, an encrypted or remote layer) serves
+        # only this layer's full blocks. Learnt once: the BATs and batmaps are the same
+        # objects while open, and a valid batmap stays valid.
         if self._inline is not None:
             return self._inline
-        own = self._layer_target()
+        own = self.inline_layer()
         if own is None or own.bat is None:  # none, or a fixed VHD (all its own)
             self._inline = own
             return own
         if self.parent is None:
             self._inline = own._replace(holes_zero=True)
             return self._inline
-        below, layers = self._targets_below()
-        if below is None:
+        chain = InlineChain.below(self)
+        if chain is None:
             self._inline = own
             return own
-        self._inline_layers = layers
-        self._inline_seen = array.array("Q", bytes(8 * (len(layers) + 1)))
-        self._inline = own._replace(below=below, hits=array.array("Q", self._inline_seen),
-                                    holes_zero=layers[-1].parent is None)
+        self._inline_chain = chain
+        self._inline = own._replace(below=chain.targets, hits=chain.hits,
+                                    holes_zero=chain.holes_zero())
         return self._inline
 
-    def _layer_target(self) -> InlineTarget | None:
-        """This layer's own target, as if it had no parent."""
+    def inline_layer(self) -> InlineTarget | None:
         if self.cipher is not None or not self.regular:
             return None
         if self._fixed:
@@ -531,31 +517,6 @@ class VhdDriver(Driver):
         return inline_file(self.engine, self.fd, self.size, self.writable, bat=img.bat,
                            batmap=img.batmap, block_bytes=self._spb * SECTOR,
                            data_secs=self._bitmap_secs)
-
-    def _targets_below(self) -> tuple[tuple[InlineTarget, ...] | None, list[Driver]]:
-        """The targets of the layers under this one, nearest first, and those layers:
-        VHDs and a raw file at the bottom, each able to serve its bytes inline; (None,
-        []) if one cannot."""
-        targets: list[InlineTarget] = []
-        layers: list[Driver] = []
-        d = self.parent
-        while d is not None:
-            if len(layers) >= INLINE_MAX_LAYERS - 1:
-                return None, []
-            if type(d) is VhdDriver:
-                t = d._layer_target()
-            elif type(d) is AioDriver:
-                t = d.inline_target()
-            else:
-                return None, []
-            if t is None:
-                return None, []
-            targets.append(t._replace(writes=False))
-            layers.append(d)
-            if type(d) is AioDriver or t.bat is None:
-                break  # a raw file or a fixed VHD holds every byte: nothing under it is read
-            d = d.parent
-        return tuple(targets), layers
 
     def write_now(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> bool:
         """Sectors the layer holds already, in one run of the file, in memory: no metadata

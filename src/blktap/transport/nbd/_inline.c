@@ -98,6 +98,7 @@ enum {
 #define MAP_QCOW2 2
 #define MAX_LAYERS 256
 #define QCOW2_TABLES 16
+#define MAX_QCOW2_LAYERS 16  /* qcow2 layers of one disk the inline path reads through */
 #define QCOW2_COPIED (1ull << 63)
 #define QCOW2_COMPRESSED (1ull << 62)
 #define QCOW2_ZERO 1ull
@@ -105,6 +106,15 @@ enum {
 #define QCOW2_RESERVED_MASK 0x3f000000000001feull
 #define AT_PYTHON (-1)  /* locate: the Python path's */
 #define AT_ZEROS (-2)   /* locate: reads as zeros */
+
+/* A qcow2 layer's L2 tables pinned for one pass: by L1 index, NULL for an L1 entry that
+ * points at no table (all holes). */
+struct qcow2_tables {
+    int count;
+    uint64_t l1i[QCOW2_TABLES];
+    const uint64_t *words[QCOW2_TABLES];
+    Py_buffer views[QCOW2_TABLES];
+};
 
 struct layer {
     int kind;
@@ -119,33 +129,36 @@ struct layer {
     uint64_t block_bytes;
     uint64_t data_secs;
     Py_buffer bat_view, batmap_view;
+    /* MAP_QCOW2 */
+    unsigned cluster_bits;
+    uint64_t l2_entries;
+    int zero_flag;  /* the zero flag means zeros (version 3) */
+    PyObject *l1, *l2_tables;  /* borrowed from the target, for pinning */
+    struct qcow2_tables *tables;
 };
 
 struct disk {
     int writes;      /* writes may be done (to the top layer) */
     int holes_zero;  /* no parent below the last layer */
-    int zero_flag;   /* qcow2 version 3 */
     int layers;
     struct layer *layer;  /* layer[0]: the top */
     uint64_t *read_secs;  /* sectors of this pass's reads each layer served */
-    /* MAP_QCOW2 (the top) */
-    unsigned cluster_bits;
-    uint64_t l2_entries;
-    int tables;
-    uint64_t table_l1[QCOW2_TABLES];            /* the L1 index each pinned table serves */
-    const uint64_t *table_words[QCOW2_TABLES];  /* NULL: no table (holes) */
-    Py_buffer pinned[QCOW2_TABLES];
 };
 
-static int64_t locate_qcow2(const struct disk *d, uint64_t off, uint64_t *room, int write)
+#define AT_HOLE (-3)  /* locate_qcow2: not in this layer (the next one's) */
+
+/* Where a qcow2 layer has disk offset ``off``: its offset in the file, AT_HOLE (the
+ * layer below's), AT_ZEROS or AT_PYTHON; *room: the bytes to the end of the cluster. */
+static int64_t locate_qcow2(const struct layer *l, uint64_t off, uint64_t *room, int write)
 {
-    uint64_t cluster = off >> d->cluster_bits;
-    uint64_t cs = 1ull << d->cluster_bits;
-    uint64_t l1i = cluster / d->l2_entries;
+    uint64_t cluster = off >> l->cluster_bits;
+    uint64_t cs = 1ull << l->cluster_bits;
+    uint64_t l1i = cluster / l->l2_entries;
     uint64_t within = off & (cs - 1);
+    const struct qcow2_tables *t = l->tables;
     int slot = -1;
-    for (int i = 0; i < d->tables; i++) {
-        if (d->table_l1[i] == l1i) {
+    for (int i = 0; i < t->count; i++) {
+        if (t->l1i[i] == l1i) {
             slot = i;
             break;
         }
@@ -153,17 +166,17 @@ static int64_t locate_qcow2(const struct disk *d, uint64_t off, uint64_t *room, 
     if (slot < 0)
         return AT_PYTHON;
     *room = cs - within;
-    const uint64_t *table = d->table_words[slot];
-    if (table == NULL)  /* pinned as a hole: only where holes read as zeros */
-        return write ? AT_PYTHON : AT_ZEROS;
-    uint64_t entry = __atomic_load_n(&table[cluster % d->l2_entries], __ATOMIC_ACQUIRE);
+    const uint64_t *table = t->words[slot];
+    if (table == NULL)
+        return AT_HOLE;
+    uint64_t entry = __atomic_load_n(&table[cluster % l->l2_entries], __ATOMIC_ACQUIRE);
     uint64_t host = entry & QCOW2_OFFSET_MASK;
     if (entry & (QCOW2_COMPRESSED | QCOW2_RESERVED_MASK))
         return AT_PYTHON;
     if (entry & QCOW2_ZERO)
-        return d->zero_flag && !write ? AT_ZEROS : AT_PYTHON;
+        return l->zero_flag && !write ? AT_ZEROS : AT_PYTHON;
     if (host == 0)
-        return d->holes_zero && !write ? AT_ZEROS : AT_PYTHON;
+        return AT_HOLE;
     if ((host & (cs - 1)) || (write && !(entry & QCOW2_COPIED)))
         return AT_PYTHON;
     return (int64_t)(host + within);
@@ -175,10 +188,7 @@ static int64_t locate_qcow2(const struct disk *d, uint64_t off, uint64_t *room, 
  * AT_PYTHON if the Python path must serve it. */
 static int64_t locate(const struct disk *d, uint64_t off, uint64_t *room, int write, int *at)
 {
-    *at = 0;
-    if (d->layer[0].kind == MAP_QCOW2)
-        return locate_qcow2(d, off, room, write);
-    uint64_t left = UINT64_MAX;
+    uint64_t left = UINT64_MAX, here;
     for (int i = 0; i < d->layers; i++) {
         const struct layer *l = &d->layer[i];
         *at = i;
@@ -196,6 +206,17 @@ static int64_t locate(const struct disk *d, uint64_t off, uint64_t *room, int wr
         if (l->kind == MAP_PLAIN) {
             *room = left;
             return (int64_t)off;
+        }
+        if (l->kind == MAP_QCOW2) {
+            int64_t where = locate_qcow2(l, off, &here, write);
+            if (where == AT_PYTHON)
+                return AT_PYTHON;
+            if (here < left)
+                left = here;
+            if (where == AT_HOLE)
+                continue;
+            *room = left;
+            return where;
         }
         uint64_t blk = off / l->block_bytes, within = off % l->block_bytes;
         if (blk >= l->entries || (blk >> 3) >= l->batmap_len)
@@ -342,94 +363,109 @@ static Py_ssize_t next_request(const unsigned char *rb, Py_ssize_t start, Py_ssi
     return 0;
 }
 
-/* Pin the L2 table of L1 index l1i (the interpreter lock held): 1 if it is pinned (or
- * the L1 entry points at none, where holes read as zeros), 0 if it is not in the cache
- * (or points at none over a parent, or there is no room left), -1 with an exception set
- * if the table is not an array of 64-bit words. */
-static int pin_table(struct disk *d, const uint64_t *l1, size_t l1_len, PyObject *cache,
-                     uint64_t l1i)
+/* Pin a qcow2 layer's L2 table of L1 index l1i (the interpreter lock held): 1 if it is
+ * pinned (NULL for an L1 entry that points at none: all holes), 0 if it is not in the
+ * cache (or there is no room left), -1 with an exception set if the table is not an
+ * array of 64-bit words. */
+static int pin_table(struct layer *l, const uint64_t *l1, size_t l1_len, uint64_t l1i)
 {
-    for (int i = 0; i < d->tables; i++)
-        if (d->table_l1[i] == l1i)
+    struct qcow2_tables *t = l->tables;
+    for (int i = 0; i < t->count; i++)
+        if (t->l1i[i] == l1i)
             return 1;
-    if (l1i >= l1_len || d->tables == QCOW2_TABLES)
+    if (l1i >= l1_len || t->count == QCOW2_TABLES)
         return 0;
     uint64_t at = l1[l1i] & QCOW2_OFFSET_MASK;
-    if (at == 0) {  /* no table: all holes, which only a disk without a parent serves */
-        if (!d->holes_zero)
-            return 0;
-        d->table_l1[d->tables] = l1i;
-        d->table_words[d->tables] = NULL;
-        d->tables++;
+    if (at == 0) {
+        t->l1i[t->count] = l1i;
+        t->words[t->count] = NULL;
+        t->count++;
         return 1;
     }
     PyObject *key = PyLong_FromUnsignedLongLong(at);
     if (key == NULL)
         return -1;
-    PyObject *table = PyDict_GetItemWithError(cache, key);  /* borrowed */
+    PyObject *table = PyDict_GetItemWithError(l->l2_tables, key);  /* borrowed */
     Py_DECREF(key);
     if (table == NULL)
         return PyErr_Occurred() ? -1 : 0;
-    Py_buffer *view = &d->pinned[d->tables];
+    Py_buffer *view = &t->views[t->count];
     if (PyObject_GetBuffer(table, view, PyBUF_FORMAT) < 0)
         return -1;
     if (view->itemsize != 8 || view->format == NULL || strcmp(view->format, "Q") != 0
-            || (uint64_t)view->len < d->l2_entries * 8) {
+            || (uint64_t)view->len < l->l2_entries * 8) {
         PyBuffer_Release(view);
         PyErr_SetString(PyExc_TypeError, "an L2 table must be an array of 'Q' of l2_entries");
         return -1;
     }
-    d->table_l1[d->tables] = l1i;
-    d->table_words[d->tables] = view->buf;
-    d->tables++;
+    t->l1i[t->count] = l1i;
+    t->words[t->count] = view->buf;
+    t->count++;
     return 1;
 }
 
-/* Pin the L2 tables the requests at rb[start:end] touch, in order, until one is missing. */
-static int pin_tables(struct disk *d, PyObject *l1_obj, PyObject *cache,
-                      const unsigned char *rb, Py_ssize_t start, Py_ssize_t end,
-                      uint64_t max_length, long max_requests)
+/* Pin the L2 tables of the qcow2 layers the requests at rb[start:end] touch, in order,
+ * until one is missing. */
+static int pin_tables(struct disk *d, const unsigned char *rb, Py_ssize_t start,
+                      Py_ssize_t end, uint64_t max_length, long max_requests)
 {
-    Py_buffer l1;
-    if (PyObject_GetBuffer(l1_obj, &l1, PyBUF_FORMAT) < 0)
-        return -1;
-    if (l1.itemsize != 8 || l1.format == NULL || strcmp(l1.format, "Q") != 0) {
-        PyBuffer_Release(&l1);
-        PyErr_SetString(PyExc_TypeError, "l1 must be an array of 'Q'");
-        return -1;
+    Py_buffer l1s[MAX_QCOW2_LAYERS];
+    int have = 0, rc = 0, done = 0;
+    for (int i = 0; i < d->layers && rc == 0; i++) {
+        struct layer *l = &d->layer[i];
+        if (l->kind != MAP_QCOW2)
+            continue;
+        Py_buffer *v = &l1s[have];
+        if (PyObject_GetBuffer(l->l1, v, PyBUF_FORMAT) < 0) {
+            rc = -1;
+            break;
+        }
+        have++;
+        if (v->itemsize != 8 || v->format == NULL || strcmp(v->format, "Q") != 0) {
+            PyErr_SetString(PyExc_TypeError, "l1 must be an array of 'Q'");
+            rc = -1;
+        } else if (!PyDict_Check(l->l2_tables)) {
+            PyErr_SetString(PyExc_TypeError, "l2_tables must be a dict");
+            rc = -1;
+        }
     }
-    if (!PyDict_Check(cache)) {
-        PyBuffer_Release(&l1);
-        PyErr_SetString(PyExc_TypeError, "l2_tables must be a dict");
-        return -1;
-    }
-    const uint64_t *words = l1.buf;
-    size_t l1_len = (size_t)l1.len / 8;
-    uint64_t per_table = d->l2_entries << d->cluster_bits;
-    int rc = 0;
-    for (long n = 0; n < max_requests; n++) {
+    for (long n = 0; n < max_requests && rc == 0 && !done; n++) {
         uint32_t cmd;
         uint64_t offset, length;
         Py_ssize_t took = next_request(rb, start, end, d->layer[0].size, max_length, &cmd,
                                        &offset, &length);
         if (took == 0)
             break;
-        uint64_t first = offset / per_table, last = (offset + length - 1) / per_table;
-        int ok = 1;
-        for (uint64_t l1i = first; l1i <= last && ok == 1; l1i++)
-            ok = pin_table(d, words, l1_len, cache, l1i);
-        if (ok < 0)
-            rc = -1;
-        if (ok != 1)
-            break;
+        int k = 0;
+        for (int i = 0; i < d->layers && !done; i++) {
+            struct layer *l = &d->layer[i];
+            if (l->kind != MAP_QCOW2)
+                continue;
+            const uint64_t *words = l1s[k].buf;
+            size_t l1_len = (size_t)l1s[k].len / 8;
+            k++;
+            uint64_t per_table = l->l2_entries << l->cluster_bits;
+            uint64_t first = offset / per_table, last = (offset + length - 1) / per_table;
+            for (uint64_t l1i = first; l1i <= last; l1i++) {
+                int ok = pin_table(l, words, l1_len, l1i);
+                if (ok < 0)
+                    rc = -1;
+                if (ok != 1) {
+                    done = 1;
+                    break;
+                }
+            }
+        }
         start += took;
     }
-    PyBuffer_Release(&l1);
+    for (int k = 0; k < have; k++)
+        PyBuffer_Release(&l1s[k]);
     return rc;
 }
 
 /* One layer from a target (the top, or one of its ``below``), the interpreter lock held:
- * its descriptor, size and place in memory, and its BAT and batmap, pinned. */
+ * its descriptor, size and place in memory, and its BAT and batmap (pinned) or its qcow2
+ * geometry. */
 static int layer_open(struct layer *l, PyObject *target, int top)
 {
     memset(l, 0, sizeof *l);
@@ -444,9 +480,8 @@ static int layer_open(struct layer *l, PyObject *target, int top)
     l->memory = PyObject_IsTrue(f[T_MEMORY]);
     if (PyErr_Occurred())
         return -1;
-    if (!top && (f[T_L1] != Py_None
-                 || (f[T_BELOW] != Py_None && PyObject_IsTrue(f[T_BELOW])))) {
-        PyErr_SetString(PyExc_ValueError, "a layer below is a file or a VHD's blocks, alone");
+    if (!top && f[T_BELOW] != Py_None && PyObject_IsTrue(f[T_BELOW])) {
+        PyErr_SetString(PyExc_ValueError, "a layer below is one file, alone");
         return -1;
     }
     if (f[T_BAT] != Py_None && f[T_L1] != Py_None) {
@@ -454,7 +489,25 @@ static int layer_open(struct layer *l, PyObject *target, int top)
         return -1;
     }
     if (f[T_L1] != Py_None) {
+        unsigned long bits = PyLong_AsUnsignedLong(f[T_CLUSTER_BITS]);
+        l->l2_entries = PyLong_AsUnsignedLongLong(f[T_L2_ENTRIES]);
+        l->zero_flag = PyObject_IsTrue(f[T_ZERO_FLAG]);
+        if (PyErr_Occurred())
+            return -1;
+        if (bits < 9 || bits > 21 || l->l2_entries == 0 || l->l2_entries > (1ull << bits) / 8) {
+            PyErr_SetString(PyExc_ValueError, "cluster_bits must be 9 to 21, l2_entries "
+                            "positive and at most a cluster's 64-bit words");
+            return -1;
+        }
+        l->tables = PyMem_Calloc(1, sizeof *l->tables);
+        if (l->tables == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
         l->kind = MAP_QCOW2;
+        l->cluster_bits = (unsigned)bits;
+        l->l1 = f[T_L1];
+        l->l2_tables = f[T_L2_TABLES];
         return 0;
     }
     if (f[T_BAT] == Py_None)
@@ -493,15 +546,18 @@ static void layer_close(struct layer *l)
         PyBuffer_Release(&l->batmap_view);
         PyBuffer_Release(&l->bat_view);
     }
+    if (l->tables != NULL) {
+        for (int i = 0; i < l->tables->count; i++)
+            if (l->tables->words[i] != NULL)
+                PyBuffer_Release(&l->tables->views[i]);
+        PyMem_Free(l->tables);
+        l->tables = NULL;
+    }
     l->kind = MAP_PLAIN;
 }
 
 static void disk_close(struct disk *d)
 {
-    for (int i = 0; i < d->tables; i++)
-        if (d->table_words[i] != NULL)
-            PyBuffer_Release(&d->pinned[i]);
-    d->tables = 0;
     for (int i = 0; i < d->layers; i++)
         layer_close(&d->layer[i]);
     d->layers = 0;
@@ -538,7 +594,6 @@ static int disk_open(struct disk *d, PyObject *target, const unsigned char *rb,
     }
     d->writes = PyObject_IsTrue(f[T_WRITES]);
     d->holes_zero = PyObject_IsTrue(f[T_HOLES_ZERO]);
-    d->zero_flag = PyObject_IsTrue(f[T_ZERO_FLAG]);
     if (PyErr_Occurred())
         return -1;
     d->layer = PyMem_Calloc((size_t)n_below + 1, sizeof *d->layer);
@@ -548,35 +603,21 @@ static int disk_open(struct disk *d, PyObject *target, const unsigned char *rb,
         PyErr_NoMemory();
         return -1;
     }
+    int qcow2_layers = 0;
     for (Py_ssize_t i = 0; i <= n_below; i++) {
         if (layer_open(&d->layer[i], i ? PyTuple_GET_ITEM(below, i - 1) : target, i == 0) < 0) {
+            d->layers++;  /* (what it holds is released) */
             disk_close(d);
             return -1;
         }
         d->layers++;
+        if (d->layer[i].kind == MAP_QCOW2 && ++qcow2_layers > MAX_QCOW2_LAYERS) {
+            disk_close(d);
+            PyErr_SetString(PyExc_ValueError, "too many qcow2 layers for the inline path");
+            return -1;
+        }
     }
-    if (d->layer[0].kind != MAP_QCOW2)
-        return 0;
-    if (n_below) {
-        disk_close(d);
-        PyErr_SetString(PyExc_ValueError, "a qcow2 disk has no layers below (its holes are "
-                        "the Python path's)");
-        return -1;
-    }
-    unsigned long bits = PyLong_AsUnsignedLong(f[T_CLUSTER_BITS]);
-    d->l2_entries = PyLong_AsUnsignedLongLong(f[T_L2_ENTRIES]);
-    if (PyErr_Occurred()) {
-        disk_close(d);
-        return -1;
-    }
-    if (bits < 9 || bits > 21 || d->l2_entries == 0 || d->l2_entries > (1ull << bits) / 8) {
-        disk_close(d);
-        PyErr_SetString(PyExc_ValueError, "cluster_bits must be 9 to 21, l2_entries "
-                        "positive and at most a cluster's 64-bit words");
-        return -1;
-    }
-    d->cluster_bits = (unsigned)bits;
-    if (pin_tables(d, f[T_L1], f[T_L2_TABLES], rb, start, end, max_length, max_requests) < 0) {
+    if (qcow2_layers && pin_tables(d, rb, start, end, max_length, max_requests) < 0) {
         disk_close(d);
         return -1;
     }
