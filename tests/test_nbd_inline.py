@@ -658,6 +658,29 @@ def test_pump_refuses_a_bat_of_the_wrong_type(bench: Bench) -> None:
                                        data_secs=1), True, 1, 4096)
 
 
+def test_pump_refuses_a_hits_counter_of_the_wrong_shape_before_serving(
+        bench: Bench) -> None:
+    """A target whose hits counter is not an array of 'Q' with one item per layer raises
+    before a request is served (nothing sent, nothing consumed): after serving, the
+    count could not fail."""
+    stream = req(READ, 0, 4096, handle=1)
+    bench.rbuf[: len(stream)] = stream
+    below = (InlineTarget(bench.fd, bench.size, True, False),)
+    for hits in (array.array("Q", [0]), array.array("I", [0, 0]), bytes(16)):
+        target = InlineTarget(bench.fd, bench.size, True, True, below=below, hits=hits)
+        with pytest.raises((TypeError, BufferError)):
+            compiled()(bench.server.fileno(), bench.rbuf, 0, len(stream), bench.scratch,
+                       target, True, 1, 4096)
+    bench.client.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        bench.client.recv(1)
+    hits = array.array("Q", [0, 0])
+    target = InlineTarget(bench.fd, bench.size, True, True, below=below, hits=hits)
+    out = Pumped(compiled()(bench.server.fileno(), bench.rbuf, 0, len(stream),
+                            bench.scratch, target, True, 1, 4096))
+    assert out.reads == 1 and list(hits) == [8, 0]  # the top (a raw file) held it
+
+
 def test_the_target_fields_are_where_the_compiled_path_reads_them() -> None:
     """nbd_pump reads an InlineTarget by position: its fields, in order, are the ones
     the extension names."""

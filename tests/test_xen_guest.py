@@ -348,13 +348,17 @@ def test_userspace_pv_default_workload(testbed, payload, tmp_path):
     # The rig keeps the last picture taken every 2 s while the domain exists; the last one
     # can fall in the guest's teardown: after its device directory went, or after blkfront
     # moved to Closing (5) or Closed (6) on shutdown (both seen in CI). The frontend's side
-    # is then judged by what tapback saw: the ring connected, and later the close.
+    # is then judged by what tapback saw: the ring connected, and later the close. A
+    # guest whose whole life after connecting is shorter than the 2 s leaves the picture
+    # from before it (backend InitWait, frontend Initialising: seen once), judged the
+    # same way.
     log = (out / "out" / "backend.log").read_text(errors="replace")
     assert re.search(r"connected: order \d+, event channel \d+", log), log[-3000:]
     assert "backend state 4 (connected)" in log, log[-3000:]
     frontend_state = keys.get("frontend/state", "4")
+    before = keys.get("backend/state") in ("1", "2") and frontend_state in ("1", "2", "3")
     if frontend_state != "4":
-        assert frontend_state in ("5", "6"), keys
+        assert before or frontend_state in ("5", "6"), keys
         assert re.search(r"backend state [56] \(clos", log), log[-3000:]
     assert keys.get("backend/feature-flush-cache") == "1", keys
     assert keys.get("backend/physical-device-path", "").startswith("/run/blktap-control/nbd")

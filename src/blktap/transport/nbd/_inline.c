@@ -143,6 +143,7 @@ struct disk {
     int layers;
     struct layer *layer;  /* layer[0]: the top */
     uint64_t *read_secs;  /* sectors of this pass's reads each layer served */
+    Py_buffer hits;       /* the target's hits, if any (obj NULL: none) */
 };
 
 #define AT_HOLE (-3)  /* locate_qcow2: not in this layer (the next one's) */
@@ -561,6 +562,8 @@ static void disk_close(struct disk *d)
     for (int i = 0; i < d->layers; i++)
         layer_close(&d->layer[i]);
     d->layers = 0;
+    if (d->hits.obj != NULL)
+        PyBuffer_Release(&d->hits);
     PyMem_Free(d->layer);
     PyMem_Free(d->read_secs);
     d->layer = NULL;
@@ -617,6 +620,20 @@ static int disk_open(struct disk *d, PyObject *target, const unsigned char *rb,
             return -1;
         }
     }
+    if (f[T_HITS] != Py_None) {
+        Py_buffer *v = &d->hits;
+        if (PyObject_GetBuffer(f[T_HITS], v, PyBUF_FORMAT | PyBUF_WRITABLE) < 0) {
+            v->obj = NULL;
+            disk_close(d);
+            return -1;
+        }
+        if (v->itemsize != 8 || v->format == NULL || strcmp(v->format, "Q") != 0
+                || v->len < (Py_ssize_t)(8 * d->layers)) {
+            disk_close(d);
+            PyErr_SetString(PyExc_TypeError, "hits must be an array of 'Q', one per layer");
+            return -1;
+        }
+    }
     if (qcow2_layers && pin_tables(d, rb, start, end, max_length, max_requests) < 0) {
         disk_close(d);
         return -1;
@@ -624,26 +641,16 @@ static int disk_open(struct disk *d, PyObject *target, const unsigned char *rb,
     return 0;
 }
 
-/* Add the sectors each layer served to the target's ``hits`` (an array of 'Q', one per
- * layer), the interpreter lock held: the driver folds them into the layers' counters. */
-static int count_hits(const struct disk *d, PyObject *hits)
+/* Add the sectors each layer served to the target's ``hits`` (pinned and checked by
+ * disk_open, before anything was served: nothing can fail here), the interpreter lock
+ * held: the driver folds them into the layers' counters. */
+static void count_hits(const struct disk *d)
 {
-    if (hits == Py_None)
-        return 0;
-    Py_buffer view;
-    if (PyObject_GetBuffer(hits, &view, PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
-        return -1;
-    if (view.itemsize != 8 || view.format == NULL || strcmp(view.format, "Q") != 0
-            || view.len < (Py_ssize_t)(8 * d->layers)) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_TypeError, "hits must be an array of 'Q', one per layer");
-        return -1;
-    }
-    uint64_t *counts = view.buf;
+    if (d->hits.obj == NULL)
+        return;
+    uint64_t *counts = d->hits.buf;
     for (int i = 0; i < d->layers; i++)
         counts[i] += d->read_secs[i];
-    PyBuffer_Release(&view);
-    return 0;
 }
 
 /* Whether the first request at rb[start:end] is one a pass would take, as far as the
@@ -821,12 +828,10 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     Py_END_ALLOW_THREADS
 
-    int bad = count_hits(&disk, PyTuple_GET_ITEM(args[5], T_HITS));
+    count_hits(&disk);
     disk_close(&disk);
     PyBuffer_Release(&scratch);
     PyBuffer_Release(&rbuf);
-    if (bad)  /* after serving: a bug of the caller's, reported as such */
-        return NULL;
     return Py_BuildValue("nKKKKnni", start, reads, read_bytes, writes, write_bytes,
                          (Py_ssize_t)sent, (Py_ssize_t)used, error);
 
