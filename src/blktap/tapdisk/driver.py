@@ -228,9 +228,19 @@ class InlineChain:
             d = d.parent
         return cls(tuple(targets), layers)
 
-    def holes_zero(self) -> bool:
-        """Whether what no layer holds reads as zeros (the last layer has no parent)."""
-        return not self.layers or self.layers[-1].parent is None
+    @classmethod
+    def over(cls, driver: Driver, own: InlineTarget) -> tuple[InlineTarget, InlineChain | None]:
+        """``driver``'s target from its own layer's (``own``): what it does not hold read
+        from the layers below (and its chain, whose hits its settle_hits folds), zeros
+        without a parent; over a parent that cannot be read inline, its own bytes only
+        (what it does not hold is then the Python path's)."""
+        if driver.parent is None:
+            return own._replace(holes_zero=True), None
+        chain = cls.below(driver)
+        if chain is None:
+            return own, None
+        return own._replace(below=chain.targets, hits=chain.hits,
+                            holes_zero=chain.layers[-1].parent is None), chain
 
     def settle(self) -> None:
         served, seen = self.hits, self._seen

@@ -186,14 +186,8 @@ class Qcow2Driver(Driver):
         own = self.inline_layer()  # (learnt again after a resize: a new L1 table)
         if own is None:
             return None
-        # Over a parent it cannot read inline (a remote disk, a filter), only its own
-        # clusters: its holes are the Python path's.
-        chain = InlineChain.below(self) if self.parent is not None else None
-        self._inline_chain = chain
-        self._inline = own._replace(
-            guard=self.free_guard, below=chain.targets if chain else (),
-            hits=chain.hits if chain else None,
-            holes_zero=self.parent is None or (chain is not None and chain.holes_zero()))
+        self._inline, self._inline_chain = InlineChain.over(
+            self, own._replace(guard=self.free_guard))
         return self._inline
 
     def inline_layer(self) -> InlineTarget | None:

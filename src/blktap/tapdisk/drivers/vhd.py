@@ -494,16 +494,7 @@ class VhdDriver(Driver):
         if own is None or own.bat is None:  # none, or a fixed VHD (all its own)
             self._inline = own
             return own
-        if self.parent is None:
-            self._inline = own._replace(holes_zero=True)
-            return self._inline
-        chain = InlineChain.below(self)
-        if chain is None:
-            self._inline = own
-            return own
-        self._inline_chain = chain
-        self._inline = own._replace(below=chain.targets, hits=chain.hits,
-                                    holes_zero=chain.holes_zero())
+        self._inline, self._inline_chain = InlineChain.over(self, own)
         return self._inline
 
     def inline_layer(self) -> InlineTarget | None:
