@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from blktap.image.chain import Chain
 from blktap.image.vhd import check as vhd_check
 from blktap.image.vhd import create
 from blktap.image.vhd.create import snapshot as vhd_snapshot
@@ -916,3 +917,32 @@ def test_a_disk_the_pass_never_serves_is_asked_less_often(
             assert conn._inline_misses == 0
             await settled(conn, vbd)
     arun(body)
+
+
+@pytest.mark.interop
+def test_libnbd_on_a_deep_vhd_chain_checked_by_qemu_img(shm: Path) -> None:  # noqa: F811
+    """A VHD of random data, every block full, under seven empty snapshots: a chain
+    deeper than the compiled path keeps on its stack (FEW_LAYERS). The mixed libnbd
+    client (64 in flight, every read checked, writes allocating blocks of the leaf in
+    pieces, which leaves those blocks' later reads to the Python path) gets the chain's
+    bytes; reads of the base through the empty layers are served inline; qemu-img compare
+    finds the disk, through the server, equal to the client's model."""
+    compiled()
+    need_libnbd()
+    need("qemu-img")
+    base = shm / "base.vhd"
+    content = data(74, 32 * MiB)
+    create(str(base), len(content))
+    with Chain.open(f"vhd:{base}", writable=True) as c:
+        c.pwrite(0, content)
+    parent = base
+    for i in range(7):
+        child = shm / f"snap-{i}.vhd"
+        vhd_snapshot(str(child), str(parent), skip_empty=False)
+        parent = child
+    with Chain.open(f"vhd:{parent}") as chain:
+        assert len(chain) == 8
+    client, stats, inline_served = run_libnbd(shm, f"vhd:{parent}", content, 13, 2000)
+    assert stats["read_reqs"] == client["reads"] and stats["write_reqs"] == client["writes"]
+    assert stats["errors"] == 0
+    assert inline_served > 0

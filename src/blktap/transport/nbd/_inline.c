@@ -21,6 +21,7 @@
 
 #include <endian.h>
 #include <errno.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -62,8 +63,8 @@ static inline void put64(unsigned char *p, uint64_t v) { v = htobe64(v); memcpy(
 /* The disk, as nbd_pump's ``target`` describes it (an InlineTarget, tapdisk/driver.py,
  * whose fields are read by position: T_*). Its bytes are in a stack of layers, the top
  * first: each a file descriptor whose bytes are at their own offsets (MAP_PLAIN: a raw
- * file, a fixed VHD), in blocks placed by a BAT (MAP_VHD: a dynamic VHD), or, for a top
- * alone, in clusters placed by L2 tables (MAP_QCOW2).
+ * file, a fixed VHD), in blocks placed by a BAT (MAP_VHD: a dynamic VHD), or in clusters
+ * placed by L2 tables (MAP_QCOW2). Only the top is written.
  *
  * A dynamic VHD: a block's data is at (bat[block] + data_secs) sectors, when the block is
  * allocated (bat[block] is not 0xffffffff) and its bit in the batmap (most significant bit
@@ -79,9 +80,10 @@ static inline void put64(unsigned char *p, uint64_t v) { v = htobe64(v); memcpy(
  * A qcow2 image (without extended L2 entries): cluster c's L2 table is the one L1 entry
  * c / l2_entries points at, and its entry there says where the cluster is. Plain data
  * clusters are served: a host offset, cluster aligned, no zero, compressed or reserved
- * bit; a write only to a cluster the image owns alone (COPIED). Where the disk has no
- * parent (holes_zero), an L1 entry without a table and an L2 entry without a cluster read
- * as zeros, and so does a zero cluster where the flag means that (zero_flag: version 3).
+ * bit; a write only to a cluster the image owns alone (COPIED). An L1 entry without a
+ * table and an L2 entry without a cluster are the next layer's, as a VHD block without a
+ * BAT entry is; a zero cluster reads as zeros where the flag means that (zero_flag:
+ * version 3).
  * The tables are the driver's cache (native-endian arrays of 64-bit words, keyed by their
  * offset in the file); the ones a pass needs are found and pinned before the interpreter
  * lock is let go (QCOW2_TABLES at most: a request whose table is not among them is the
@@ -134,16 +136,20 @@ struct layer {
     uint64_t l2_entries;
     int zero_flag;  /* the zero flag means zeros (version 3) */
     PyObject *l1, *l2_tables;  /* borrowed from the target, for pinning */
-    struct qcow2_tables *tables;
+    struct qcow2_tables tables;  /* last: layer_open clears what comes before it only */
 };
+
+#define FEW_LAYERS 4  /* a disk of at most this many layers needs no allocation per pass */
 
 struct disk {
     int writes;      /* writes may be done (to the top layer) */
     int holes_zero;  /* no parent below the last layer */
     int layers;
-    struct layer *layer;  /* layer[0]: the top */
+    struct layer *layer;  /* layer[0]: the top (few, or allocated for a deeper chain) */
     uint64_t *read_secs;  /* sectors of this pass's reads each layer served */
     Py_buffer hits;       /* the target's hits, if any (obj NULL: none) */
+    struct layer few[FEW_LAYERS];
+    uint64_t few_secs[FEW_LAYERS];
 };
 
 #define AT_HOLE (-3)  /* locate_qcow2: not in this layer (the next one's) */
@@ -156,7 +162,7 @@ static int64_t locate_qcow2(const struct layer *l, uint64_t off, uint64_t *room,
     uint64_t cs = 1ull << l->cluster_bits;
     uint64_t l1i = cluster / l->l2_entries;
     uint64_t within = off & (cs - 1);
-    const struct qcow2_tables *t = l->tables;
+    const struct qcow2_tables *t = &l->tables;
     int slot = -1;
     for (int i = 0; i < t->count; i++) {
         if (t->l1i[i] == l1i) {
@@ -284,30 +290,54 @@ static int write_all(int fd, const unsigned char *src, size_t length, uint64_t o
     return 0;
 }
 
-/* A read through the layers: every piece of it must be in a place the disk knows or read
- * as zeros (checked before anything is read), each piece read from its place. Returns 0
- * (dst filled), 1 (all of it reads as zeros and ``hole_reply``: dst left alone, for a hole
- * chunk to say so) or -1 (the Python path's). With ``hole_reply`` (a structured reply), a
- * read partly of zeros is the Python path's too: it answers it in a chunk per run. The
- * sectors each layer served to a read it filled are added to d->read_secs. */
-static int read_mapped(const struct disk *d, unsigned char *dst, uint64_t length,
-                       uint64_t offset, int hole_reply)
+#define TAKE_NOT (-1)  /* take: the Python path's */
+#define TAKE_DATA 0    /* take: a read to fill from the layers, or a write at *place */
+#define TAKE_HOLE 1    /* take: a read all of zeros, answered by one hole chunk */
+
+/* How a pass takes the request at ``req`` (whole, inside the disk: next_request), as far
+ * as its flags and the map tell (a read may still find its bytes out of the page cache).
+ * A read: every piece in a place the disk knows or reading as zeros; in a structured
+ * session, zeros from end to end are one hole chunk (as VBD.zero_runs_now answers them,
+ * asking no layer below), and a read partly of zeros is the Python path's (it answers in
+ * a chunk per run). A write: to the top, within one block or cluster it holds. */
+static int take(const struct disk *d, const unsigned char *req, uint32_t cmd,
+                uint64_t offset, uint64_t length, int structured, uint64_t *place)
 {
-    uint64_t pos = 0, room, zeros = 0;
+    uint32_t flags = get16(req + 4);
+    uint64_t room, pos, zeros = 0;
     int at;
-    while (pos < length) {
-        int64_t where = locate(d, offset + pos, &room, 0, &at);
-        uint64_t n = room < length - pos ? room : length - pos;
-        if (where == AT_PYTHON)
-            return -1;
-        if (where == AT_ZEROS)
-            zeros += n;
-        pos += n;
+    if (cmd == CMD_WRITE) {
+        if (!d->writes || (flags & ~CMD_FLAG_FUA))
+            return TAKE_NOT;
+        int64_t where = locate(d, offset, &room, 1, &at);
+        if (where < 0 || room < length)
+            return TAKE_NOT;
+        *place = (uint64_t)where;
+        return TAKE_DATA;
     }
-    if (hole_reply && zeros)  /* answered from the map alone, as VBD.zero_runs_now does:
-                                 no layer below is asked (nor counted) */
-        return zeros == length ? 1 : -1;
-    for (pos = 0; pos < length;) {
+    if (flags & ~(CMD_FLAG_FUA | (structured ? CMD_FLAG_DF : 0)))
+        return TAKE_NOT;
+    for (pos = 0; pos < length; pos += room < length - pos ? room : length - pos) {
+        int64_t where = locate(d, offset + pos, &room, 0, &at);
+        if (where == AT_PYTHON)
+            return TAKE_NOT;
+        if (where == AT_ZEROS)
+            zeros += room < length - pos ? room : length - pos;
+    }
+    if (structured && zeros)
+        return zeros == length ? TAKE_HOLE : TAKE_NOT;
+    return TAKE_DATA;
+}
+
+/* Fill dst with a read that take() took (TAKE_DATA), each piece from its place; the
+ * sectors each layer served are added to d->read_secs. -1: a piece was not all there
+ * now (out of the page cache, an error, a map that changed): the Python path's. */
+static int read_fill(const struct disk *d, unsigned char *dst, uint64_t length,
+                     uint64_t offset)
+{
+    uint64_t room;
+    int at;
+    for (uint64_t pos = 0; pos < length;) {
         int64_t where = locate(d, offset + pos, &room, 0, &at);
         uint64_t n = room < length - pos ? room : length - pos;
         if (where == AT_ZEROS)
@@ -370,7 +400,7 @@ static Py_ssize_t next_request(const unsigned char *rb, Py_ssize_t start, Py_ssi
  * array of 64-bit words. */
 static int pin_table(struct layer *l, const uint64_t *l1, size_t l1_len, uint64_t l1i)
 {
-    struct qcow2_tables *t = l->tables;
+    struct qcow2_tables *t = &l->tables;
     for (int i = 0; i < t->count; i++)
         if (t->l1i[i] == l1i)
             return 1;
@@ -467,15 +497,23 @@ static int pin_tables(struct disk *d, const unsigned char *rb, Py_ssize_t start,
 /* One layer from a target (the top, or one of its ``below``), the interpreter lock held:
  * its descriptor, size and place in memory, and its BAT and batmap (pinned) or its qcow2
  * geometry. */
-static int layer_open(struct layer *l, PyObject *target, int top)
+static PyObject **target_fields(PyObject *target)
 {
-    memset(l, 0, sizeof *l);
     if (!PyTuple_Check(target) || PyTuple_GET_SIZE(target) < T_FIELDS) {
         PyErr_Format(PyExc_TypeError, "a target must be an InlineTarget (a tuple of %d)",
                      T_FIELDS);
-        return -1;
+        return NULL;
     }
-    PyObject **f = &PyTuple_GET_ITEM(target, 0);
+    return &PyTuple_GET_ITEM(target, 0);
+}
+
+static int layer_open(struct layer *l, PyObject *target, int top)
+{
+    memset(l, 0, offsetof(struct layer, tables));
+    l->tables.count = 0;
+    PyObject **f = target_fields(target);
+    if (f == NULL)
+        return -1;
     l->fd = PyLong_AsLong(f[T_FD]);
     l->size = PyLong_AsUnsignedLongLong(f[T_SIZE]);
     l->memory = PyObject_IsTrue(f[T_MEMORY]);
@@ -498,11 +536,6 @@ static int layer_open(struct layer *l, PyObject *target, int top)
         if (bits < 9 || bits > 21 || l->l2_entries == 0 || l->l2_entries > (1ull << bits) / 8) {
             PyErr_SetString(PyExc_ValueError, "cluster_bits must be 9 to 21, l2_entries "
                             "positive and at most a cluster's 64-bit words");
-            return -1;
-        }
-        l->tables = PyMem_Calloc(1, sizeof *l->tables);
-        if (l->tables == NULL) {
-            PyErr_NoMemory();
             return -1;
         }
         l->kind = MAP_QCOW2;
@@ -547,12 +580,11 @@ static void layer_close(struct layer *l)
         PyBuffer_Release(&l->batmap_view);
         PyBuffer_Release(&l->bat_view);
     }
-    if (l->tables != NULL) {
-        for (int i = 0; i < l->tables->count; i++)
-            if (l->tables->words[i] != NULL)
-                PyBuffer_Release(&l->tables->views[i]);
-        PyMem_Free(l->tables);
-        l->tables = NULL;
+    if (l->kind == MAP_QCOW2) {
+        for (int i = 0; i < l->tables.count; i++)
+            if (l->tables.words[i] != NULL)
+                PyBuffer_Release(&l->tables.views[i]);
+        l->tables.count = 0;
     }
     l->kind = MAP_PLAIN;
 }
@@ -564,8 +596,10 @@ static void disk_close(struct disk *d)
     d->layers = 0;
     if (d->hits.obj != NULL)
         PyBuffer_Release(&d->hits);
-    PyMem_Free(d->layer);
-    PyMem_Free(d->read_secs);
+    if (d->layer != d->few) {
+        PyMem_Free(d->layer);
+        PyMem_Free(d->read_secs);
+    }
     d->layer = NULL;
     d->read_secs = NULL;
 }
@@ -575,13 +609,13 @@ static void disk_close(struct disk *d)
 static int disk_open(struct disk *d, PyObject *target, const unsigned char *rb,
                      Py_ssize_t start, Py_ssize_t end, uint64_t max_length, long max_requests)
 {
-    memset(d, 0, sizeof *d);
-    if (!PyTuple_Check(target) || PyTuple_GET_SIZE(target) < T_FIELDS) {
-        PyErr_Format(PyExc_TypeError, "a target must be an InlineTarget (a tuple of %d)",
-                     T_FIELDS);
+    d->layers = 0;
+    d->layer = NULL;
+    d->read_secs = NULL;
+    d->hits.obj = NULL;
+    PyObject **f = target_fields(target);
+    if (f == NULL)
         return -1;
-    }
-    PyObject **f = &PyTuple_GET_ITEM(target, 0);
     PyObject *below = f[T_BELOW];
     Py_ssize_t n_below = 0;
     if (below != Py_None) {
@@ -599,12 +633,18 @@ static int disk_open(struct disk *d, PyObject *target, const unsigned char *rb,
     d->holes_zero = PyObject_IsTrue(f[T_HOLES_ZERO]);
     if (PyErr_Occurred())
         return -1;
-    d->layer = PyMem_Calloc((size_t)n_below + 1, sizeof *d->layer);
-    d->read_secs = PyMem_Calloc((size_t)n_below + 1, sizeof *d->read_secs);
-    if (d->layer == NULL || d->read_secs == NULL) {
-        disk_close(d);
-        PyErr_NoMemory();
-        return -1;
+    if (n_below < FEW_LAYERS) {
+        d->layer = d->few;
+        d->read_secs = d->few_secs;
+        memset(d->few_secs, 0, sizeof d->few_secs);
+    } else {
+        d->layer = PyMem_Malloc(((size_t)n_below + 1) * sizeof *d->layer);
+        d->read_secs = PyMem_Calloc((size_t)n_below + 1, sizeof *d->read_secs);
+        if (d->layer == NULL || d->read_secs == NULL) {
+            disk_close(d);
+            PyErr_NoMemory();
+            return -1;
+        }
     }
     int qcow2_layers = 0;
     for (Py_ssize_t i = 0; i <= n_below; i++) {
@@ -653,33 +693,15 @@ static void count_hits(const struct disk *d)
         counts[i] += d->read_secs[i];
 }
 
-/* Whether the first request at rb[start:end] is one a pass would take, as far as the
- * header and the map tell (a read may still find its bytes out of the page cache). */
+/* Whether the first request at rb[start:end] is one a pass would take. */
 static int servable(const struct disk *d, const unsigned char *rb, Py_ssize_t start,
                     Py_ssize_t end, uint64_t max_length, int structured)
 {
     uint32_t cmd;
-    uint64_t offset, length, room, pos, zeros = 0;
-    int at;
-    if (next_request(rb, start, end, d->layer[0].size, max_length, &cmd, &offset,
-                     &length) == 0)
-        return 0;
-    uint32_t flags = get16(rb + start + 4);
-    if (cmd == CMD_WRITE) {
-        if (!d->writes || (flags & ~CMD_FLAG_FUA))
-            return 0;
-        return locate(d, offset, &room, 1, &at) >= 0 && room >= length;
-    }
-    if (flags & ~(CMD_FLAG_FUA | (structured ? CMD_FLAG_DF : 0)))
-        return 0;
-    for (pos = 0; pos < length; pos += room < length - pos ? room : length - pos) {
-        int64_t where = locate(d, offset + pos, &room, 0, &at);
-        if (where == AT_PYTHON)
-            return 0;
-        if (where == AT_ZEROS)
-            zeros += room < length - pos ? room : length - pos;
-    }
-    return !(structured && zeros && zeros < length);
+    uint64_t offset, length, place;
+    return next_request(rb, start, end, d->layer[0].size, max_length, &cmd, &offset,
+                        &length) != 0
+        && take(d, rb + start, cmd, offset, length, structured, &place) != TAKE_NOT;
 }
 
 PyDoc_STRVAR(nbd_pump_doc,
@@ -735,7 +757,6 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
     int error = 0, full = 0;
     const uint64_t size = disk.layer[0].size;
     const int fd = disk.layer[0].fd;
-    const uint32_t read_flags = CMD_FLAG_FUA | (structured ? CMD_FLAG_DF : 0);
     const size_t read_header = structured ? DATA_CHUNK_SIZE : SIMPLE_REPLY_SIZE;
 
     /* Nothing to do for the first request (the Python path's): back at once, without
@@ -751,15 +772,15 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
     Py_BEGIN_ALLOW_THREADS
     for (long served = 0; served < max_requests; served++) {
         uint32_t cmd;
-        uint64_t offset, length;
+        uint64_t offset, length, place = 0;
         if (next_request(rb, start, end, size, max_length, &cmd, &offset, &length) == 0)
             break;
         const unsigned char *req = rb + start;
-        uint32_t flags = get16(req + 4);
-        size_t need = cmd == CMD_READ ? read_header + length : SIMPLE_REPLY_SIZE;
-        if (cmd == CMD_READ ? (flags & ~read_flags) != 0
-                : !disk.writes || (flags & ~CMD_FLAG_FUA))
+        int how = take(&disk, req, cmd, offset, length, structured, &place);
+        if (how == TAKE_NOT)
             break;
+        size_t need = cmd == CMD_WRITE ? SIMPLE_REPLY_SIZE
+                      : how == TAKE_HOLE ? HOLE_CHUNK_SIZE : read_header + length;
         if (need > cap)
             break;
         if (used + need > cap) {  /* the scratch is full: its replies leave first */
@@ -777,10 +798,9 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
         unsigned char *reply = sb + used;
         if (cmd == CMD_READ) {
-            int got = read_mapped(&disk, reply + read_header, length, offset, structured);
-            if (got < 0)
+            if (how == TAKE_DATA && read_fill(&disk, reply + read_header, length, offset) < 0)
                 break;
-            if (got == 1) {  /* zeros from end to end: one hole chunk, no data */
+            if (how == TAKE_HOLE) {  /* zeros from end to end: one hole chunk, no data */
                 put32(reply, STRUCTURED_REPLY_MAGIC);
                 put16(reply + 4, REPLY_FLAG_DONE);
                 put16(reply + 6, REPLY_TYPE_OFFSET_HOLE);
@@ -788,7 +808,6 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
                 put32(reply + 16, 12);
                 put64(reply + 20, offset);
                 put32(reply + 28, (uint32_t)length);
-                need = HOLE_CHUNK_SIZE;
             } else if (structured) {
                 put32(reply, STRUCTURED_REPLY_MAGIC);
                 put16(reply + 4, REPLY_FLAG_DONE);
@@ -805,12 +824,8 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
             read_bytes += length;
             start += REQUEST_SIZE;
         } else {
-            uint64_t room;
-            int layer;
-            int64_t at = locate(&disk, offset, &room, 1, &layer);
-            if (at < 0 || room < length)
-                break;  /* not all in one held block (or owned cluster): the Python path's */
-            if (write_all(fd, req + REQUEST_SIZE, length, (uint64_t)at, flags & CMD_FLAG_FUA) < 0)
+            if (write_all(fd, req + REQUEST_SIZE, length, place,
+                          get16(req + 4) & CMD_FLAG_FUA) < 0)
                 break;  /* the Python path writes it again and reports what fails */
             put32(reply, SIMPLE_REPLY_MAGIC);
             put32(reply + 4, 0);
