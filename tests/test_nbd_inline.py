@@ -27,7 +27,9 @@ import random
 import shutil
 import socket
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -77,6 +79,7 @@ from test_fast_path import (
 )
 
 MiB = 1 << 20
+T = TypeVar("T")
 KiB = 1 << 10
 SECTOR = 512
 
@@ -431,6 +434,38 @@ def run_burst(shm: Path, spec: str, content: bytes, structured: bool,  # noqa: F
     return out, counts, stats
 
 
+def on_and_off(monkeypatch: pytest.MonkeyPatch, pristine: dict[Path, bytes],
+               run: Callable[[], T]) -> dict[str, T]:
+    """``run()`` with the compiled path off ("0"), then on ("1"), each from the same
+    files (``pristine``: their bytes, put back before each)."""
+    runs = {}
+    for mode in ("0", "1"):
+        for path, raw in pristine.items():
+            path.write_bytes(raw)
+        monkeypatch.setenv("BLKTAP_INLINE", mode)
+        runs[mode] = run()
+    return runs
+
+
+def assert_same_bursts(runs: dict[str, tuple]) -> None:
+    """run_burst's answers, the disk's bytes after and the statistics are the same with
+    the compiled path off and on, and only the run with it on served any inline."""
+    off_got, _, off_stats, off_disk = runs["0"]
+    on_got, _, on_stats, on_disk = runs["1"]
+    assert on_got == off_got
+    assert on_disk == off_disk
+    for key in ("read_reqs", "write_reqs", "read_sectors", "write_sectors", "errors",
+                "other_reqs"):
+        assert on_stats.get(key) == off_stats.get(key), key
+    assert off_stats["inline"] == 0 and on_stats["inline"] > 0
+
+
+def pieces_of(stream: bytes, rng: random.Random, cuts: int) -> list[bytes]:
+    """``stream`` cut in up to ``cuts`` + 1 pieces at random places."""
+    at = sorted(rng.sample(range(1, len(stream)), min(cuts, len(stream) - 1)))
+    return [stream[a:b] for a, b in zip([0, *at], [*at, len(stream)], strict=True)]
+
+
 @pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
 def test_a_mixed_burst_gets_the_answers_the_python_path_gives(
         shm: Path, monkeypatch: pytest.MonkeyPatch, structured: bool) -> None:  # noqa: F811
@@ -440,22 +475,11 @@ def test_a_mixed_burst_gets_the_answers_the_python_path_gives(
     ends the same, and the statistics agree; the compiled path served most of them."""
     compiled()
     spec, path, content = make_image(shm, "raw")
-    pristine = path.read_bytes()
-    runs = {}
-    for mode in ("0", "1"):
-        path.write_bytes(pristine)
-        monkeypatch.setenv("BLKTAP_INLINE", mode)
-        runs[mode] = (*run_burst(shm, spec, content, structured), path.read_bytes())
-    (off_got, off_counts, off_stats, off_file) = runs["0"]
-    (on_got, on_counts, on_stats, on_file) = runs["1"]
-    assert on_got == off_got
-    assert on_file == off_file
-    for key in ("read_reqs", "write_reqs", "read_sectors", "write_sectors", "errors",
-                "other_reqs"):
-        assert on_stats.get(key) == off_stats.get(key), key
+    runs = on_and_off(monkeypatch, {path: path.read_bytes()}, lambda: (
+        *run_burst(shm, spec, content, structured), path.read_bytes()))
+    assert_same_bursts(runs)
     # The same requests served at once, by the side door or the compiled pass.
-    assert on_counts == off_counts
-    assert off_stats["inline"] == 0 and on_stats["inline"] > 0
+    assert runs["1"][1] == runs["0"][1]
 
 
 @pytest.mark.interop
@@ -556,11 +580,8 @@ def test_random_pipelines_against_a_model(shm: Path) -> None:  # noqa: F811
                         reads[handle] = (off, n)
                         reqs.append(req(READ, off, n, handle=handle))
                         expect[handle] = (0, bytes(model[off : off + n]))
-                stream = b"".join(reqs)
-                cuts = sorted(rng.sample(range(1, len(stream)), min(5, len(stream) - 1)))
-                pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)],
-                                                      strict=True)]
-                got = await exchange(w, pieces, len(expect), reads, pause=0.0005)
+                got = await exchange(w, pieces_of(b"".join(reqs), rng, 5), len(expect),
+                                     reads, pause=0.0005)
                 assert got == expect
             await settled(conn, vbd)
             assert outstanding(server.pool) == 0
@@ -701,20 +722,9 @@ def test_a_vhd_mixed_burst_gets_the_answers_the_python_path_gives(
     compiled()
     spec, path, _ = make_image(shm, "vhd")
     content = chain_bytes(path)
-    pristine = path.read_bytes()
-    runs = {}
-    for mode in ("0", "1"):
-        path.write_bytes(pristine)
-        monkeypatch.setenv("BLKTAP_INLINE", mode)
-        runs[mode] = (*run_burst(shm, spec, content, structured), chain_bytes(path))
-    off_got, off_counts, off_stats, off_disk = runs["0"]
-    on_got, on_counts, on_stats, on_disk = runs["1"]
-    assert on_got == off_got
-    assert on_disk == off_disk
-    for key in ("read_reqs", "write_reqs", "read_sectors", "write_sectors", "errors",
-                "other_reqs"):
-        assert on_stats.get(key) == off_stats.get(key), key
-    assert off_stats["inline"] == 0 and on_stats["inline"] > 0
+    runs = on_and_off(monkeypatch, {path: path.read_bytes()}, lambda: (
+        *run_burst(shm, spec, content, structured), chain_bytes(path)))
+    assert_same_bursts(runs)
     verdict = vhd_check.check(str(path))
     assert verdict.errno == 0, verdict.messages
 
@@ -825,12 +835,7 @@ def test_a_vhd_chain_is_read_through_its_layers_inline(
         got, hit, served = arun(body)
         return got, hit, served, chain_bytes(leaf)
 
-    runs = {}
-    for mode in ("0", "1"):
-        for path, raw in pristine.items():
-            path.write_bytes(raw)
-        monkeypatch.setenv("BLKTAP_INLINE", mode)
-        runs[mode] = run()
+    runs = on_and_off(monkeypatch, pristine, run)
     assert runs["1"][0] == runs["0"][0]
     expect = bytearray(content)
     expect[12 * MiB : 12 * MiB + 4096] = writes[20][1]

@@ -53,7 +53,18 @@ from test_fast_path import (
     settled,
     shm,  # noqa: F401  (a fixture)
 )
-from test_nbd_inline import Bench, Pumped, compiled, run_burst, run_libnbd
+from test_nbd_inline import (
+    Bench,
+    Pumped,
+    assert_same_bursts,
+    compiled,
+    count_inline,
+    images_hits,
+    on_and_off,
+    pieces_of,
+    run_burst,
+    run_libnbd,
+)
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -324,21 +335,12 @@ def test_a_qcow2_mixed_burst_gets_the_answers_the_python_path_gives(
     path on and off; it served some; qemu-img check finds the image clean."""
     compiled()
     spec, path, content = (make_qcow2 if kind == "alone" else make_overlay)(shm)
-    pristine = path.read_bytes()
-    runs = {}
-    for mode in ("0", "1"):
-        path.write_bytes(pristine)
-        monkeypatch.setenv("BLKTAP_INLINE", mode)
-        runs[mode] = (*run_burst(shm, spec, content, structured), qemu_raw(path, shm))
-        assert qemu_check(path)[0] == 0, mode
-    off_got, off_counts, off_stats, off_disk = runs["0"]
-    on_got, on_counts, on_stats, on_disk = runs["1"]
-    assert on_got == off_got
-    assert on_disk == off_disk
-    for key in ("read_reqs", "write_reqs", "read_sectors", "write_sectors", "errors",
-                "other_reqs"):
-        assert on_stats.get(key) == off_stats.get(key), key
-    assert off_stats["inline"] == 0 and on_stats["inline"] > 0
+
+    def run() -> tuple:
+        out = (*run_burst(shm, spec, content, structured), qemu_raw(path, shm))
+        assert qemu_check(path)[0] == 0
+        return out
+    assert_same_bursts(on_and_off(monkeypatch, {path: path.read_bytes()}, run))
 
 
 @pytest.mark.interop
@@ -375,13 +377,7 @@ def test_random_pipelines_with_discards_race_the_compiled_path(
 
     async def body(engine: ThreadEngine) -> int:
         async with nbd_served(engine, f"qcow2:{path}", sock) as (server, vbd):
-            served = [0]
-            counted = vbd.served_inline
-
-            def counting(*args: int) -> None:
-                served[0] += args[0] + args[2]
-                counted(*args)
-            vbd.served_inline = counting  # type: ignore[method-assign]
+            served = count_inline(vbd)
             w, conn = await attach(server, sock)
             model = bytearray(b"\3" * size)
             handle = 0
@@ -413,11 +409,8 @@ def test_random_pipelines_with_discards_race_the_compiled_path(
                         reads[handle] = (off, n)
                         reqs.append(req(READ, off, n, handle=handle))
                         expect[handle] = (0, bytes(model[off : off + n]))
-                stream = b"".join(reqs)
-                cuts = sorted(rng.sample(range(1, len(stream)), min(4, len(stream) - 1)))
-                pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)],
-                                                      strict=True)]
-                got = await exchange(w, pieces, len(expect), reads, pause=0.0003)
+                got = await exchange(w, pieces_of(b"".join(reqs), rng, 4), len(expect),
+                                     reads, pause=0.0003)
                 assert got == expect
             await settled(conn, vbd)
             (shm / "model.out").write_bytes(model)
@@ -480,13 +473,7 @@ def test_a_sparse_vhd_without_a_parent_answers_its_holes_inline(
         async with nbd_served(engine, f"vhd:{path}", sock) as (server, vbd):
             target = vbd.inline_target()
             assert target is not None and target.holes_zero
-            served = [0]
-            counted = vbd.served_inline
-
-            def counting(*args: int) -> None:
-                served[0] += args[0] + args[2]
-                counted(*args)
-            vbd.served_inline = counting  # type: ignore[method-assign]
+            served = count_inline(vbd)
             w, conn = await attach(server, sock)
             reads = {h: (h * MiB, 64 * KiB) for h in range(1, 9)}
             stream = b"".join(req(READ, o, n, handle=h) for h, (o, n) in reads.items())
@@ -523,7 +510,6 @@ def test_a_qcow2_chain_is_read_through_its_layers_inline(
     each layer."""
     compiled()
     from blktap.transport.nbd import connection
-    from test_nbd_inline import count_inline, images_hits
     monkeypatch.setattr(connection, "INLINE_MISSES", 1 << 30)
     top, files = make_qcow2_chain(shm)
     pristine = {f: f.read_bytes() for f in files}
@@ -554,13 +540,11 @@ def test_a_qcow2_chain_is_read_through_its_layers_inline(
         got, hit, served = arun(body)
         return got, hit, served, qemu_raw(top, shm)
 
-    runs = {}
-    for mode in ("0", "1"):
-        for path, raw in pristine.items():
-            path.write_bytes(raw)
-        monkeypatch.setenv("BLKTAP_INLINE", mode)
-        runs[mode] = run()
+    def checked() -> tuple[dict, list, int, bytes]:
+        out = run()
         assert qemu_check(top)[0] == 0
+        return out
+    runs = on_and_off(monkeypatch, pristine, checked)
     expect = bytearray(content)
     for o, b in writes.values():
         expect[o : o + len(b)] = b
