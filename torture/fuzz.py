@@ -191,20 +191,20 @@ class NbdHarness:
             theirs.close()
 
 
-_nbd: NbdHarness | None = None
+def nbd_stream_target(disk: Callable[[ThreadEngine], Driver] | None = None
+                      ) -> Callable[[bytes], None]:
+    """A target that plays each input into one in-process server of ``disk`` (a disk in
+    memory by default), made at the first input."""
+    harness: list[NbdHarness] = []
 
-
-def nbd_target(data: bytes) -> None:
-    global _nbd
-    if _nbd is None:
-        _nbd = NbdHarness()
-    try:
-        _nbd.play(data)
-    except (Dropped, ConnectionError):
-        return
-
-
-_nbd_inline: NbdHarness | None = None
+    def target(data: bytes) -> None:
+        if not harness:
+            harness.append(NbdHarness(disk))
+        try:
+            harness[0].play(data)
+        except (Dropped, ConnectionError):
+            return
+    return target
 
 
 def _raw_in_memory(engine: ThreadEngine) -> Driver:
@@ -212,19 +212,6 @@ def _raw_in_memory(engine: ThreadEngine) -> Driver:
     with open(path, "wb") as f:
         f.write(bytes(range(256)) * (MiB // 256))
     return AioDriver.open(engine, path, writable=True, direct=False)
-
-
-def nbd_inline_target(data: bytes) -> None:
-    global _nbd_inline
-    if _nbd_inline is None:
-        _nbd_inline = NbdHarness(_raw_in_memory)
-    try:
-        _nbd_inline.play(data)
-    except (Dropped, ConnectionError):
-        return
-
-
-_nbd_inline_qcow2: NbdHarness | None = None
 
 
 def _qcow2_in_memory(engine: ThreadEngine) -> Driver:
@@ -249,14 +236,9 @@ def _qcow2_in_memory(engine: ThreadEngine) -> Driver:
     return open_stack(engine, f"qcow2:{path}", writable=True, direct=False)
 
 
-def nbd_inline_qcow2_target(data: bytes) -> None:
-    global _nbd_inline_qcow2
-    if _nbd_inline_qcow2 is None:
-        _nbd_inline_qcow2 = NbdHarness(_qcow2_in_memory)
-    try:
-        _nbd_inline_qcow2.play(data)
-    except (Dropped, ConnectionError):
-        return
+nbd_target = nbd_stream_target()
+nbd_inline_target = nbd_stream_target(_raw_in_memory)
+nbd_inline_qcow2_target = nbd_stream_target(_qcow2_in_memory)
 
 
 def _nbd_request(cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
