@@ -38,7 +38,7 @@ from blktap.image.vhd import check as vhd_check
 from blktap.image.vhd import create
 from blktap.image.vhd.create import snapshot as vhd_snapshot
 from blktap.io.threads import ThreadEngine
-from blktap.tapdisk.driver import InlineTarget
+from blktap.tapdisk.driver import InlineChain, InlineTarget
 from blktap.tapdisk.drivers import open_stack
 from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd import connection, inline
@@ -705,11 +705,14 @@ def test_pump_refuses_a_hits_counter_of_the_wrong_shape_before_serving(
 
 def test_the_target_fields_are_where_the_compiled_path_reads_them() -> None:
     """nbd_pump reads an InlineTarget by position: its fields, in order, are the ones
-    the extension names."""
+    the extension names; and its limits on a chain's layers are InlineChain's."""
     compiled()
     from blktap.transport.nbd import _inline
     assert InlineTarget._fields[: len(_inline.TARGET_FIELDS)] == _inline.TARGET_FIELDS
     assert len(InlineTarget._fields) == len(_inline.TARGET_FIELDS)
+    # InlineChain builds no chain deeper than the extension reads through.
+    assert (InlineChain.MAX_LAYERS, InlineChain.MAX_QCOW2_LAYERS) == (
+        _inline.MAX_LAYERS, _inline.MAX_QCOW2_LAYERS)
 
 
 @pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])

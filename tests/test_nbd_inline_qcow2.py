@@ -557,3 +557,37 @@ def test_a_qcow2_chain_is_read_through_its_layers_inline(
     # At least half of the 18 reads: not those before a layer's L2 table is in its cache
     # (a first read through it loads it), nor, structured, 9 (raw data, then zeros).
     assert runs["0"][2] == 0 and runs["1"][2] >= len(reads)
+
+
+@pytest.mark.interop
+def test_libnbd_on_a_qcow2_over_a_vhd_checked_by_qemu_img(shm: Path) -> None:  # noqa: F811
+    """A qcow2 overlay qemu made over a dynamic VHD of ours (backing format vpc), with a
+    few clusters of its own: its target reads the VHD's blocks below it; the mixed libnbd
+    client (64 in flight, every read checked against qemu's reading of the chain) is
+    served, some of it inline; qemu-img check finds the overlay clean and compare finds
+    the disk, through the server, equal to the client's model."""
+    compiled()
+    need_libnbd()
+    from blktap.image.chain import Chain
+    from blktap.image.vhd import create as vhd_create
+    base = shm / "base.vhd"
+    vhd_create(str(base), 16 * MiB)
+    with Chain.open(f"vhd:{base}", writable=True) as c:
+        c.pwrite(0, data(93, 16 * MiB))
+    top = shm / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "vpc", top)
+    qemu_io(top, "write -P 81 1M 256k", "write -z 3M 64k")
+    content = qemu_raw(top, shm)
+
+    async def layers(engine: ThreadEngine) -> None:
+        vbd = VBD(await engine.call(open_stack, engine, f"qcow2:{top}", writable=True))
+        target = vbd.inline_target()
+        assert target is not None and len(target.below) == 1
+        assert target.below[0].bat is vbd.driver.parent.image.bat
+        await vbd.close()
+    arun(layers)
+    client, stats, inline_served = run_libnbd(shm, f"qcow2:{top}", content, 14, 2000)
+    assert stats["read_reqs"] == client["reads"] and stats["write_reqs"] == client["writes"]
+    assert stats["errors"] == 0
+    assert inline_served > 0
+    assert qemu_check(top)[0] == 0

@@ -883,7 +883,8 @@ PyMODINIT_FUNC PyInit__inline(void)
         Py_DECREF(m);
         return NULL;
     }
-    if (PyModule_AddIntConstant(m, "MAX_LAYERS", MAX_LAYERS) < 0) {
+    if (PyModule_AddIntConstant(m, "MAX_LAYERS", MAX_LAYERS) < 0
+            || PyModule_AddIntConstant(m, "MAX_QCOW2_LAYERS", MAX_QCOW2_LAYERS) < 0) {
         Py_DECREF(m);
         return NULL;
     }
