@@ -4,13 +4,22 @@ build says so and goes on, and the pure-Python paths serve instead (docs/archite
 
 from setuptools import Extension, setup
 
+# The disk as the compiled passes see it (layers, maps, reads and writes), shared by both.
+DISK_HEADER = "src/blktap/tapdisk/_inline_disk.h"
+EXTENSIONS = [
+    ("blktap.transport.nbd._inline", "src/blktap/transport/nbd/_inline.c"),
+]
+
 setup(
     ext_modules=[
         Extension(
-            "blktap.transport.nbd._inline",
-            ["src/blktap/transport/nbd/_inline.c"],
+            name,
+            [source],
+            include_dirs=["src/blktap/tapdisk"],
+            depends=[DISK_HEADER],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
-        ),
+        )
+        for name, source in EXTENSIONS
     ],
 )
