@@ -124,6 +124,27 @@ class BackRing:
         full_barrier()
         return bool(self.unconsumed())
 
+    def advance(self, req_cons: int, rsp_prod_pvt: int, published: int,
+                notified: bool) -> int:
+        """Take over the indices a compiled pass (``blkif_pump``) left: it consumed and
+        answered requests, published responses (``notified``: the frontend asked for an
+        event for them) and maybe asked for an event on the next request. How many it
+        consumed."""
+        consumed = (req_cons - self.req_cons) & MASK
+        self.req_cons = req_cons
+        self.rsp_prod_pvt = rsp_prod_pvt
+        self.requests += consumed
+        self.responses += (published - self._published) & MASK
+        self._published = published
+        if notified:
+            self.notifications += 1
+        return consumed
+
+    @property
+    def published(self) -> int:
+        """``rsp_prod`` as we last wrote it."""
+        return self._published
+
     # ------------------------------------------------------------------ responses
     def put_response(self, rid: int, op: int, status: int) -> None:
         """Write one response into the next slot (published by :meth:`push`)."""
