@@ -1,7 +1,8 @@
 """The synchronous fast path of the data path (issue 6), with real files and real peers.
 
 - engines: ``try_preadv``/``try_pwritev`` on tmpfs (always), on the page cache (reads with
-  RWF_NOWAIT, once cached), on O_DIRECT descriptors of a file on disk (never);
+  RWF_NOWAIT, once cached; writes of whole pages), on O_DIRECT descriptors of a file on
+  disk (never);
 - drivers: ``read_now``/``write_now`` of aio and vhd (unallocated blocks, chains with empty
   layers skipped, bitmaps cached or not, held and unheld runs, the metadata lock busy,
   encrypted layers), every True checked against the data and every False against the
@@ -293,30 +294,43 @@ def test_engine_page_cache_reads_inline_once_cached(disk: Path) -> None:
     arun(body)
 
 
-def test_engine_writes_inline_on_tmpfs_only(shm: Path, disk: Path) -> None:
+def test_engine_writes_inline_on_tmpfs_and_whole_pages_of_the_page_cache(
+        shm: Path, disk: Path) -> None:
+    """tmpfs: any write. A buffered file on disk: whole pages at page offsets, without
+    RWF_DSYNC (a copy into the page cache that reads nothing first); part of a page, or
+    dsync, goes to a worker. An O_DIRECT descriptor: never."""
     mem, dev = shm / "m", disk / "d"
     mem.write_bytes(bytes(MiB))
     dev.write_bytes(bytes(MiB))
 
     async def body(engine: ThreadEngine) -> None:
-        for path, inline in ((mem, True), (dev, False)):
+        for path, in_memory in ((mem, True), (dev, False)):
             fd = os.open(path, os.O_RDWR)
             try:
                 before = engine.inline_writes
-                assert engine.try_pwritev(fd, [view(4096, 0x41), view(4096, 0x42)],
-                                          8192) is inline
-                assert engine.try_pwritev(fd, [view(512, 0x43)], 0, dsync=True) is inline
-                assert engine.inline_writes == before + (2 if inline else 0)
-                assert not engine.try_pwritev(fd, [view(INLINE_MAX + 512)], 0)
+                assert engine.try_pwritev(fd, [view(4096, 0x41), view(4096, 0x42)], 8192)
+                assert engine.try_pwritev(fd, [view(512, 0x43)], 0, dsync=True) is in_memory
+                assert engine.try_pwritev(fd, [view(4096, 0x44)], 512) is in_memory
+                assert engine.try_pwritev(fd, [view(512, 0x45)], 4096) is in_memory
+                assert engine.inline_writes == before + (4 if in_memory else 1)
+                assert not engine.try_pwritev(fd, [view(INLINE_MAX + 4096)], 0)
             finally:
                 engine.forget(fd)
                 os.close(fd)
+        fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+        try:
+            assert not engine.try_pwritev(fd, [view(4096)], 0)  # (refused unread)
+        finally:
+            engine.forget(fd)
+            os.close(fd)
     arun(body)
     want = bytearray(MiB)
-    want[0:512] = b"C" * 512
     want[8192:16384] = b"A" * 4096 + b"B" * 4096
+    assert dev.read_bytes() == want  # the whole pages only
+    want[0:512] = b"C" * 512
+    want[512:4608] = b"D" * 4096
+    want[4096:4608] = b"E" * 512
     assert mem.read_bytes() == want
-    assert dev.read_bytes() == bytes(MiB)  # refused: nothing written
 
 
 # ========================================================================= 2. drivers

@@ -436,3 +436,45 @@ def test_a_qcow2_overlay_made_by_qemu_through_the_pass(monkeypatch: pytest.Monke
         results[on] = (model, rstats)
     assert results[True][0] == results[False][0]
     assert results[True][1]["inline"] > 0
+
+
+def test_a_file_in_the_page_cache_takes_whole_pages_from_the_pass(tmp_path: Path) -> None:
+    """A raw file on disk opened without O_DIRECT (tap-ctl create -D): the pass reads what
+    the page cache holds and writes whole pages into it; a write of part of a page is the
+    Python path's (a worker). Both land."""
+    need_pass()
+    path = tmp_path / "disk.img"
+    start = content(12, 2 * MiB)
+    path.write_bytes(start)
+
+    async def body(guest: Guest, ring, vbd: VBD, drv) -> None:  # noqa: ANN001
+        a, b = guest.grant(b"p" * PAGE), guest.grant()
+        guest.put_rw(OP_READ, 1, 0, [(b, 0, 7)])  # maps them (the Python path's)
+        guest.put_rw(OP_WRITE, 2, 0, [(a, 0, 7)])
+        guest.push()
+        await guest.wait(2)
+        engine = drv.engine
+        cases = [  # (sector, segment, the pass's)
+            (16, (a, 0, 7), True),  # a whole page at a page offset
+            (33, (a, 0, 7), False),  # a page's worth, not at a page offset
+            (48, (a, 0, 3), False),  # half a page
+        ]
+        for rid, (sector, seg, inline_expected) in enumerate(cases, 10):
+            before, writes_before = ring.stats.inline, engine.inline_writes
+            guest.put_rw(OP_WRITE, rid, sector, [seg])
+            guest.push()
+            assert await guest.wait(1) == {rid: (OP_WRITE, OKAY)}
+            assert (ring.stats.inline - before == 1) is inline_expected
+            if inline_expected:
+                assert engine.inline_writes == writes_before + 1
+        guest.put_rw(OP_READ, 20, 16, [(b, 0, 7)])
+        guest.push()
+        assert await guest.wait(1) == {20: (OP_READ, OKAY)}
+        assert bytes(guest.pages[b]) == b"p" * PAGE
+
+    serve(body, persistent=True,
+          driver=lambda e: open_stack(e, f"aio:{path}", writable=True, direct=False))
+    want = bytearray(start)
+    for sector, n in ((0, PAGE), (16, PAGE), (33, PAGE), (48, PAGE // 2)):
+        want[sector * SECTOR:sector * SECTOR + n] = b"p" * n
+    assert path.read_bytes() == bytes(want)

@@ -109,7 +109,7 @@ struct layer {
 #define FEW_LAYERS 4  /* a disk of at most this many layers needs no allocation per pass */
 
 struct disk {
-    int writes;        /* writes may be done (to the top layer) */
+    int writes;        /* writes may be done (to the top layer: file_write_now) */
     int qcow2_layers;  /* of d->layers */
     int holes_zero;  /* no parent below the last layer */
     int layers;
@@ -641,16 +641,30 @@ static int disk_readv(const struct disk *d, const struct iovec *iov, int cnt,
     return 0;
 }
 
+#define PAGE_MASK 4095u
+
+/* Whether a write of ``length`` bytes at ``where`` in the top layer's file may be done
+ * now: anything in memory; in the page cache, whole pages only (nothing to read first)
+ * and not ``fua`` (RWF_DSYNC waits for the device), as the engine's try_pwritev. */
+static inline int file_write_now(const struct disk *d, uint64_t where, uint64_t length,
+                                 int fua)
+{
+    return d->layer[0].memory || (!fua && !((where | length) & PAGE_MASK));
+}
+
 /* Whether the disk takes a write of ``length`` bytes at ``offset`` now: every piece in the
- * top layer, in a block or cluster it holds. */
-static inline int disk_writable(const struct disk *d, uint64_t offset, uint64_t length)
+ * top layer, in a block or cluster it holds, and one file_write_now takes. */
+static inline int disk_writable(const struct disk *d, uint64_t offset, uint64_t length,
+                                int fua)
 {
     uint64_t room;
     int at;
     if (!d->writes)
         return 0;
     for (uint64_t pos = 0; pos < length; pos += room < length - pos ? room : length - pos) {
-        if (locate(d, offset + pos, &room, 1, &at) < 0)
+        int64_t where = locate(d, offset + pos, &room, 1, &at);
+        uint64_t n = room < length - pos ? room : length - pos;
+        if (where < 0 || !file_write_now(d, (uint64_t)where, n, fua))
             return 0;
     }
     return 1;

@@ -123,8 +123,9 @@ class OpenContext:
 class InlineTarget(NamedTuple):
     """:meth:`Driver.inline_target`: the descriptor holding the disk's bytes, the disk's
     size, whether the file is in memory (reads and writes never wait; a short read is the
-    end of the file) or only reads that find the page cache may be done (RWF_NOWAIT), and
-    whether writes may be done inline (a file in memory, writable).
+    end of the file) or in the page cache (reads only with RWF_NOWAIT; writes only of
+    whole pages at page offsets in the file, without RWF_DSYNC, as the engine's
+    ``try_pwritev``), and whether writes may be done inline (writable).
 
     Without a map every byte is at its own offset. With ``bat``, the bytes are in blocks
     of ``block_bytes`` (a dynamic VHD's): block ``b``'s data starts ``bat[b] +
@@ -178,13 +179,13 @@ class InlineTarget(NamedTuple):
 def inline_file(engine: Engine, fd: int, size: int, writable: bool, **layout: Any
                 ) -> InlineTarget | None:
     """The :class:`InlineTarget` of a file ``fd`` as ``engine`` would serve it inline (in
-    memory: reads and writes; in the page cache: reads only), laid out as ``layout`` says
-    (InlineTarget's map fields), or None when the engine never does I/O on it inline."""
+    memory: reads and writes; in the page cache: reads that find it, writes of whole
+    pages), laid out as ``layout`` says (InlineTarget's map fields), or None when the
+    engine never does I/O on it inline."""
     mode = engine.inline_mode(fd)
     if mode is None:
         return None
-    memory = mode == "memory"
-    return InlineTarget(fd, size, memory, memory and writable, **layout)
+    return InlineTarget(fd, size, mode == "memory", writable, **layout)
 
 
 class InlineChain:

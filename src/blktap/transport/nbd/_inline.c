@@ -70,7 +70,8 @@ static int take(const struct disk *d, const unsigned char *req, uint32_t cmd,
         if (!d->writes || (flags & ~CMD_FLAG_FUA))
             return TAKE_NOT;
         int64_t where = locate(d, offset, &room, 1, &at);
-        if (where < 0 || room < length)
+        if (where < 0 || room < length
+                || !file_write_now(d, (uint64_t)where, length, flags & CMD_FLAG_FUA))
             return TAKE_NOT;
         *place = (uint64_t)where;
         return TAKE_DATA;

@@ -273,7 +273,7 @@ static int serve(struct ring *r, const struct disk *d, const struct pages *pages
             if (!decode(slot, r->abi, pages, size, max_indirect, job))
                 return PASS_PYTHON;
             if (job->write) {
-                if (!disk_writable(d, job->offset, job->length)
+                if (!disk_writable(d, job->offset, job->length, 0)
                         || disk_writev(d, job->iov, job->nseg, job->length, job->offset, 0) < 0)
                     return PASS_PYTHON;  /* (written again there, or refused) */
                 c->writes++;
