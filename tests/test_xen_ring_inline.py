@@ -11,9 +11,11 @@ get the Python path's answers when they come between requests it serves.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+import socket
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -26,8 +28,9 @@ from blktap.image.vhd import check as vhd_check
 from blktap.image.vhd import create, snapshot
 from blktap.tapdisk.drivers import open_stack
 from blktap.tapdisk.vbd import VBD
-from blktap.transport.xen import inline
+from blktap.transport.xen import connect, inline
 from blktap.transport.xen.blkif import MAX_INLINE_GREF
+from conftest import with_engine
 from test_xen_ring import pattern, serve
 from xen_guest import (
     EOPNOTSUPP,
@@ -39,9 +42,11 @@ from xen_guest import (
     OP_RESERVED,
     OP_WRITE,
     PAGE,
+    PROTO_X86_64,
     SEG,
     X32,
     X64,
+    Devices,
     Guest,
     Layout,
 )
@@ -478,3 +483,89 @@ def test_a_file_in_the_page_cache_takes_whole_pages_from_the_pass(tmp_path: Path
     for sector, n in ((0, PAGE), (16, PAGE), (33, PAGE), (48, PAGE // 2)):
         want[sector * SECTOR:sector * SECTOR + n] = b"p" * n
     assert path.read_bytes() == bytes(want)
+
+
+class SocketBell:
+    """An event channel stand-in the compiled pass can ring itself: a socket whose
+    readable bytes are pending ports (u32 each), which the pass reads and writes back
+    (unmasks, arriving at the other end), and on which the notify ioctl fails (ENOTTY),
+    as a device gone bad would."""
+
+    PORT = 33
+
+    def __init__(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.ours.setblocking(False)
+        self.notified = 0
+
+    def fileno(self) -> int:
+        return self.ours.fileno()
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            data = self.ours.recv(4096)
+            self.ours.send(data[: len(data) - len(data) % 4])
+
+    def notify(self) -> None:
+        self.notified += 1
+
+    def close(self) -> None:
+        self.ours.close()
+        self.theirs.close()
+
+    def doorbell(self) -> tuple[int, int] | None:
+        return self.ours.fileno(), self.PORT
+
+    def kick(self) -> None:
+        self.theirs.send(struct.pack("=I", self.PORT))
+
+
+def test_the_pass_clears_and_rings_the_channel_itself(
+        shm: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With the device's doorbell the pass consumes the pending port and unmasks it (the
+    port comes back at the other end), and notifies by the device's ioctl: one that
+    fails fails this ring only, with a log line, after its response was published."""
+    need_pass()
+    path = shm / "disk.img"
+    path.write_bytes(content(13, MiB))
+    bell = SocketBell()
+
+    class BellDevices(Devices):
+        def bind(self, domid: int, remote_port: int) -> SocketBell:  # type: ignore[override]
+            return bell
+
+    async def body(engine) -> None:  # noqa: ANN001
+        import asyncio
+        vbd = VBD(open_stack(engine, f"aio:{path}", writable=True))
+        guest = Guest(X64, 0)
+        guest.kick_w = os.open(os.devnull, os.O_WRONLY)  # (the bell carries the events)
+        ring = connect(vbd, BellDevices(guest), domid=guest.domid, devid=51712,
+                       grefs=guest.ring_grefs, order=0, proto=PROTO_X86_64, port=9,
+                       persistent=True)
+        try:
+            a = guest.grant()
+            guest.put_rw(OP_READ, 1, 0, [(a, 0, 7)])  # maps the page: the Python path's
+            guest.push()
+            bell.kick()
+            assert await guest.wait(1) == {1: (OP_READ, OKAY)}
+            assert bell.theirs.recv(64) == struct.pack("=I", SocketBell.PORT)  # unmasked
+            assert bell.notified == 1 and ring.stats.inline == 0  # (by the Python path)
+            guest.put_rw(OP_READ, 2, 8, [(a, 0, 7)])  # the pass's: its ioctl fails
+            guest.push()
+            bell.kick()
+            assert await guest.wait(1) == {2: (OP_READ, OKAY)}
+            for _ in range(200):
+                if ring.dead:
+                    break
+                await asyncio.sleep(0.005)
+            assert ring.dead and ring.stats.inline == 1 and bell.notified == 1
+            assert bytes(guest.pages[a]) == content(13, MiB)[PAGE:2 * PAGE]
+        finally:
+            await ring.stop()
+            await vbd.close()
+            guest.close()
+
+    with caplog.at_level("ERROR", logger="blktap.tapdisk"):
+        with_engine(body)
+    assert any("event channel" in r.getMessage() and "disconnecting" in r.getMessage()
+               for r in caplog.records)

@@ -24,7 +24,15 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <sys/ioctl.h>
+
 #include "_inline_disk.h"  /* the disk: layers, maps, reads and writes (tapdisk/) */
+
+/* The event channel device (linux include/uapi/xen/evtchn.h; evtchn.py): a port that
+ * fired is read from the descriptor (a u32 each) and unmasked by writing it back;
+ * IOCTL_EVTCHN_NOTIFY takes {u32 port}. */
+#define IOCTL_EVTCHN_NOTIFY 0x00044504u
+#define EVTCHN_READ_PORTS 64
 
 /* ring.h and blkif.h (guests-formats-filters.md §1e); structs.py declares the same. */
 #define RING_HEADER 64
@@ -295,9 +303,44 @@ static int serve(struct ring *r, const struct disk *d, const struct pages *pages
     }
 }
 
+/* The event channel a pass answers on itself (``doorbell``: its descriptor and local
+ * port), or fd -1: the caller's Notifier clears and notifies. */
+struct doorbell {
+    int fd;
+    uint32_t port;
+};
+
+/* Consume the notifications pending on the descriptor and unmask the port (as
+ * EventChannel.clear): 0, or an errno. */
+static int doorbell_clear(const struct doorbell *b)
+{
+    uint32_t ports[EVTCHN_READ_PORTS];
+    for (;;) {
+        ssize_t n = read(b->fd, ports, sizeof ports);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : errno;
+        }
+        if (n == 0)
+            return 0;
+        size_t whole = (size_t)n - (size_t)n % sizeof ports[0];
+        if (whole && write(b->fd, ports, whole) < 0)
+            return errno;
+        if ((size_t)n < sizeof ports)
+            return 0;  /* all it had (no read just to hear EAGAIN: a system call is dear) */
+    }
+}
+
+static int doorbell_ring(const struct doorbell *b)
+{
+    uint32_t port = b->port;
+    return ioctl(b->fd, IOCTL_EVTCHN_NOTIFY, &port) < 0 ? errno : 0;
+}
+
 PyDoc_STRVAR(blkif_pump_doc,
 "blkif_pump(ring, x86_32, size, req_cons, rsp_prod_pvt, published, pages, target,\n"
-"           max_indirect, max_requests)\n"
+"           max_indirect, max_requests, doorbell)\n"
 "--\n\n"
 "Serve the READ and WRITE requests (direct or indirect) waiting on the shared ring\n"
 "``ring`` (its pages, ``size`` slots of the x86_64 or, if ``x86_32``, the x86_32 layout;\n"
@@ -305,20 +348,32 @@ PyDoc_STRVAR(blkif_pump_doc,
 "the disk ``target`` (an InlineTarget) can serve now, in the guest's pages found in\n"
 "``pages`` (an array of 'Q': the address of the mapped page of each grant reference, 0\n"
 "for none), up to ``max_requests``; indirect requests of at most ``max_indirect``\n"
-"segments. The caller holds target.guard, if any. Returns (req_cons, rsp_prod_pvt,\n"
-"published, notify, status, reads, read_bytes, writes, write_bytes, segments,\n"
-"max_segments, indirect): the new indices, whether the frontend asked for an event for\n"
-"the responses published, why it stopped (0: the ring is empty and asked for an event\n"
+"segments. With a ``doorbell`` (the event channel device's descriptor and the ring's\n"
+"local port; None: the caller does both) it consumes the pending notifications and\n"
+"unmasks the port first, and notifies the frontend itself when it asks. The caller\n"
+"holds target.guard, if any. Returns (req_cons, rsp_prod_pvt, published, notify,\n"
+"status, reads, read_bytes, writes, write_bytes, segments, max_segments, indirect,\n"
+"error): the new indices, whether the frontend asked for an event for the responses\n"
+"published (notified already with a doorbell), why it stopped (0: the ring is empty\n"
+"and asked for an event\n"
 "on the next request; 1: at a request for the Python path; 2: max_requests served;\n"
-"3: req_prod is not within the ring's size), and what it served. The sectors each\n"
-"layer served to reads are added to target.hits, if any.");
+"3: req_prod is not within the ring's size), what it served, and the errno of the\n"
+"doorbell (0: none; the caller fails the ring). The sectors each layer served to\n"
+"reads are added to target.hits, if any.");
 
 static PyObject *blkif_pump(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "blkif_pump takes 10 arguments");
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "blkif_pump takes 11 arguments");
         return NULL;
+    }
+    struct doorbell bell = { -1, 0 };
+    if (args[10] != Py_None) {
+        unsigned long port;
+        if (!PyArg_ParseTuple(args[10], "ik", &bell.fd, &port))
+            return NULL;
+        bell.port = (uint32_t)port;
     }
     int x86_32 = PyObject_IsTrue(args[1]);
     unsigned long size = PyLong_AsUnsignedLong(args[2]);
@@ -364,18 +419,23 @@ static PyObject *blkif_pump(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyErr_NoMemory();
         goto fail;
     }
+    int error = 0;
     Py_BEGIN_ALLOW_THREADS
+    if (bell.fd >= 0)
+        error = doorbell_clear(&bell);
     status = serve(&r, &disk, &pages, (unsigned)max_indirect, max_requests, &c, &notify, job);
+    if (notify && bell.fd >= 0 && !error)
+        error = doorbell_ring(&bell);
     Py_END_ALLOW_THREADS
     PyMem_Free(job);
     count_hits(&disk);
     disk_close(&disk);
     PyBuffer_Release(&table);
     PyBuffer_Release(&ring);
-    return Py_BuildValue("kkkiiKKKKKkK", (unsigned long)r.req_cons,
+    return Py_BuildValue("kkkiiKKKKKkKi", (unsigned long)r.req_cons,
                          (unsigned long)r.rsp_prod_pvt, (unsigned long)r.published, notify,
                          status, c.reads, c.read_bytes, c.writes, c.write_bytes, c.segments,
-                         c.max_segments, c.indirect);
+                         c.max_segments, c.indirect, error);
 
 fail:
     PyBuffer_Release(&table);

@@ -179,6 +179,7 @@ class BlkifRing:
         # The compiled pass (persistent grants only: it serves in mapped pages) and the
         # address of each mapped page by grant reference (0: none), for it to find them.
         self._pump = inline.compiled() if persistent else None
+        self._doorbell = notifier.doorbell()
         self._addresses = array.array("Q")
         self._tasks: set[asyncio.Task] = set()
         self._started: set[Job] = set()  # at the VBD the callback way
@@ -309,18 +310,18 @@ class BlkifRing:
     # ------------------------------------------------------------------ consuming
     def _on_event(self) -> None:
         self.stats.events += 1
-        try:
-            self.notifier.clear()
-        except OSError as exc:
-            self._fail(f"event channel: {exc}")
-            return
         # The compiled pass first, alone: when it empties the ring (the common case with
-        # persistent grants over a disk in memory or the page cache) nothing else runs.
-        if (self._pump is not None and not self._backlog and not self._barrier
-                and not self._stopping):
+        # persistent grants over a disk in memory or the page cache) nothing else runs,
+        # and with the device's doorbell it clears and notifies by itself too.
+        fast = (self._pump is not None and not self._backlog and not self._barrier
+                and not self._stopping)
+        bell = self._doorbell if fast else None
+        if bell is None and not self._clear():
+            return
+        if fast:
             self._servicing = True
             try:
-                idle = self._pump_ring()
+                idle = self._pump_ring(bell)
             except Exception as exc:  # (as _consume: this ring stops, tapdisk goes on)
                 log.exception("%s: serving the ring failed", self.name)
                 self._fail(f"{type(exc).__name__}: {exc}")
@@ -329,7 +330,17 @@ class BlkifRing:
                 self._servicing = False
             if idle:
                 return
+            if idle is None and bell is not None and not self._clear():
+                return  # (the pass did not run, so did not clear)
         self._service()
+
+    def _clear(self) -> bool:
+        try:
+            self.notifier.clear()
+        except OSError as exc:
+            self._fail(f"event channel: {exc}")
+            return False
+        return True
 
     def _service(self) -> None:
         """Consume and start what the ring holds, until it is empty (and the frontend
@@ -374,12 +385,14 @@ class BlkifRing:
             log.exception("%s: serving the ring failed", self.name)
             self._fail(f"{type(exc).__name__}: {exc}")
 
-    def _pump_ring(self) -> bool | None:
+    def _pump_ring(self, doorbell: tuple[int, int] | None = None) -> bool | None:
         """The compiled pass over the requests waiting on the ring, when the disk has an
         inline target now: it serves those it can (as the side door would), and answers
-        and publishes them. True: the ring is empty and asked for an event on the next
-        request (nothing left to do); False: it stopped at a request for the Python path
-        (or after its budget); None: it could not run."""
+        and publishes them (with the event channel's ``doorbell``, it clears the channel
+        first and notifies the frontend itself). True: the ring is empty and asked for
+        an event on the next request, or the ring failed (nothing left to do); False: it
+        stopped at a request for the Python path (or after its budget); None: it could
+        not run."""
         target = self.vbd.inline_target()
         if target is None:
             return None
@@ -391,7 +404,7 @@ class BlkifRing:
         try:
             out = self._pump(ring.mem, ring.abi is X86_32, ring.size, ring.req_cons,
                              ring.rsp_prod_pvt, ring.published, self._addresses, target,
-                             self.max_indirect, INLINE_BUDGET)
+                             self.max_indirect, INLINE_BUDGET, doorbell)
         except Exception:  # a target it cannot take (a bug): it raised before serving any
             log.exception("%s: the compiled ring pass failed; serving without it",
                           self.name)
@@ -401,7 +414,7 @@ class BlkifRing:
             if guard is not None:
                 guard.release()
         (req_cons, rsp_prod_pvt, published, notify, status, reads, read_bytes, writes,
-         write_bytes, segments, max_segments, indirect) = out
+         write_bytes, segments, max_segments, indirect, error) = out
         served = ring.advance(req_cons, rsp_prod_pvt, published, bool(notify))
         if served:
             st = self.stats
@@ -415,13 +428,17 @@ class BlkifRing:
             st.side_door += served
             st.inline += served
             self.vbd.served_inline(reads, read_bytes, writes, write_bytes)
+        if error:  # the event channel, cleared or notified by the pass
+            self._fail(f"event channel: {os.strerror(error)}")
+            return True
         if notify:
             self.stats.notifies += 1
-            try:
-                self.notifier.notify()
-            except OSError as exc:
-                self._fail(f"notify: {exc}")
-                return True
+            if doorbell is None:
+                try:
+                    self.notifier.notify()
+                except OSError as exc:
+                    self._fail(f"notify: {exc}")
+                    return True
         if status == inline.IDLE:
             return True
         if rsp_prod_pvt != published:

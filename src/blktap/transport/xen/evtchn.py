@@ -42,6 +42,11 @@ class Notifier(Protocol):
     def close(self) -> None:
         """Unbind."""
 
+    def doorbell(self) -> tuple[int, int] | None:
+        """The device's descriptor and the local port, for a compiled pass to clear and
+        notify by itself (as :meth:`clear` and :meth:`notify`); None if only these
+        methods can."""
+
 
 class EventChannel:
     """An interdomain event channel bound through ``/dev/xen/evtchn``."""
@@ -79,6 +84,9 @@ class EventChannel:
 
     def notify(self) -> None:
         fcntl.ioctl(self.fd, IOCTL_EVTCHN_NOTIFY, _PORT.pack(self.port))
+
+    def doorbell(self) -> tuple[int, int] | None:
+        return self.fd, self.port
 
     def close(self) -> None:
         if self.fd < 0:
