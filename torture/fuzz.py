@@ -568,7 +568,11 @@ class BlkifHarness:
             os.close(self.r)
             os.close(self.w)
 
-    def __init__(self) -> None:
+        def doorbell(self) -> tuple[int, int] | None:
+            return None  # (a pipe: the ring clears and notifies through us)
+
+    def __init__(self, disk: Callable[[ThreadEngine], Driver] | None = None) -> None:
+        self.disk = disk
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.bugs = _BugLog()
@@ -584,7 +588,8 @@ class BlkifHarness:
 
     async def _setup(self) -> None:
         self.engine = ThreadEngine(2)
-        self.vbd = VBD(Memory(self.engine), name="fuzz")
+        self.vbd = VBD(self.disk(self.engine) if self.disk else Memory(self.engine),
+                       name="fuzz")
 
     def play(self, data: bytes) -> None:
         self.ring[:] = data[:self.PAGE].ljust(self.PAGE, b"\0")
@@ -598,6 +603,11 @@ class BlkifHarness:
             raise Bug(f"logged: {bugs[0].getMessage()} {bugs[0].exc_text or ''}")
 
     async def _play(self) -> None:
+        if self.disk is not None and self.vbd.inline_target() is None:
+            # A discard punched a hole in the file (no inline target any more): a fresh
+            # file, so that the compiled pass keeps serving what it can.
+            await self.vbd.close()
+            self.vbd = VBD(self.disk(self.engine), name="fuzz")
         notifier = self._Notifier()
         ring = BlkifRing(self.vbd, self._Grants(self), notifier, self._Mapping(self.ring),
                          abi_for(3), 0, domid=self.DOMID, devid=51712, name="fuzzring",
@@ -615,14 +625,22 @@ class BlkifHarness:
         await ring.stop()
 
 
-_blkif: BlkifHarness | None = None
+def blkif_ring_target(disk: Callable[[ThreadEngine], Driver] | None = None
+                      ) -> Callable[[bytes], None]:
+    """A target playing each input on a ring over ``disk`` (None: a disk in memory the
+    compiled pass cannot serve; a file in memory: the pass serves what it takes, once a
+    request has mapped the pages with persistent grants), made on the first input."""
+    harness: list[BlkifHarness] = []
+
+    def target(data: bytes) -> None:
+        if not harness:
+            harness.append(BlkifHarness(disk))
+        harness[0].play(data)
+    return target
 
 
-def blkif_target(data: bytes) -> None:
-    global _blkif
-    if _blkif is None:
-        _blkif = BlkifHarness()
-    _blkif.play(data)
+blkif_target = blkif_ring_target()
+blkif_inline_target = blkif_ring_target(_raw_in_memory)
 
 
 def blkif_seeds() -> list[bytes]:
@@ -662,6 +680,7 @@ TARGETS: dict[str, tuple[Callable[[bytes], None], Callable[[], list[bytes]]]] = 
     "vhd": (vhd_target, vhd_seeds),
     "virtqueue": (virtqueue_target, virtqueue_seeds),
     "blkif": (blkif_target, blkif_seeds),
+    "blkif-inline": (blkif_inline_target, blkif_seeds),
     "qcow2": (qcow2_target, qcow2_seeds),
 }
 

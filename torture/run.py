@@ -29,11 +29,11 @@ import soak  # noqa: E402
 
 PARTS = ("crash", "maint", "fuzz", "soak")
 FUZZ_TARGETS = ("control", "nbd", "nbd-inline", "nbd-inline-qcow2", "vhd", "virtqueue", "blkif",
-                "qcow2")
+                "blkif-inline", "qcow2")
 # Inputs at most this long (bytes): 16 KiB, but the ring page and its eight granted pages
 # for blkif, and for qcow2 its seeds (the one with extended L2 entries needs 16 KiB
 # clusters: 99 KiB).
-MAX_LEN = {"blkif": 9 * 4096, "qcow2": 128 << 10}
+MAX_LEN = {"blkif": 9 * 4096, "blkif-inline": 9 * 4096, "qcow2": 128 << 10}
 
 
 def fuzz(outdir: Path, runs: int, log=print) -> dict:
