@@ -56,7 +56,8 @@
  * lock is let go (QCOW2_TABLES at most: a request whose table is not among them is the
  * Python path's). Engine threads change entries while a pass runs: a new cluster's entry
  * is stored after its data, and a cluster is only freed after its entry changed and under
- * the target's guard, which the caller holds for the whole pass. */
+ * the target's guard, which the caller holds for the whole pass. The fields' names, in
+ * this order, are each module's TARGET_FIELDS (disk_add_constants). */
 enum {
     T_FD, T_SIZE, T_MEMORY, T_WRITES, T_BAT, T_BATMAP, T_BLOCK_BYTES, T_DATA_SECS, T_L1,
     T_L2_TABLES, T_CLUSTER_BITS, T_L2_ENTRIES, T_GUARD, T_HOLES_ZERO, T_ZERO_FLAG, T_BELOW,
@@ -449,8 +450,9 @@ static void count_hits(const struct disk *d)
         counts[i] += d->read_secs[i];
 }
 
-/* Pinning the qcow2 tables a pass will need (the interpreter lock held): disk_pin_start,
- * disk_pin for each range in the order the pass takes them, disk_pin_end. */
+/* Pinning the qcow2 tables a pass will need (the interpreter lock held), for
+ * disk_open_for: disk_pin_start, disk_pin for each range in the order the pass takes
+ * them, disk_pin_end. */
 struct pins {
     Py_buffer l1s[MAX_QCOW2_LAYERS];
     int have;
@@ -510,6 +512,55 @@ static void disk_pin_end(struct pins *p)
     for (int k = 0; k < p->have; k++)
         PyBuffer_Release(&p->l1s[k]);
     p->have = 0;
+}
+
+/* The disk ranges of the requests a pass may take, in the order it takes them: the next
+ * one (offset, length) and 1, or 0 at the end. */
+typedef int (*next_range)(void *ctx, uint64_t *offset, uint64_t *length);
+
+/* Open the disk of ``target`` and pin the L2 tables its qcow2 layers have for the ranges
+ * ``next`` gives, in order, until one is missing (its request and those after it find no
+ * table, and are the Python path's). The interpreter lock held; -1 with an exception
+ * set, the disk closed. */
+static int disk_open_for(struct disk *d, PyObject *target, next_range next, void *ctx)
+{
+    struct pins pins;
+    uint64_t offset, length;
+    if (disk_open(d, target) < 0)
+        return -1;
+    if (!d->qcow2_layers)
+        return 0;
+    int rc = disk_pin_start(d, &pins);
+    while (rc == 0 && next(ctx, &offset, &length)) {
+        int ok = disk_pin(d, &pins, offset, length);
+        if (ok != 1)
+            rc = ok < 0 ? -1 : 1;
+    }
+    disk_pin_end(&pins);
+    if (rc < 0) {
+        disk_close(d);
+        return -1;
+    }
+    return 0;
+}
+
+/* The target's shape, for the extension's module (a test holds InlineTarget and
+ * InlineChain to them): its fields by position (T_*), the deepest chain, the qcow2
+ * layers in it. */
+static int disk_add_constants(PyObject *m)
+{
+    PyObject *fields = Py_BuildValue("(sssssssssssssssss)", "fd", "size", "memory",
+                                     "writes", "bat", "batmap", "block_bytes", "data_secs",
+                                     "l1", "l2_tables", "cluster_bits", "l2_entries",
+                                     "guard", "holes_zero", "zero_flag", "below", "hits");
+    if (fields == NULL || PyModule_AddObject(m, "TARGET_FIELDS", fields) < 0) {
+        Py_XDECREF(fields);
+        return -1;
+    }
+    if (PyModule_AddIntConstant(m, "MAX_LAYERS", MAX_LAYERS) < 0
+            || PyModule_AddIntConstant(m, "MAX_QCOW2_LAYERS", MAX_QCOW2_LAYERS) < 0)
+        return -1;
+    return 0;
 }
 
 /* A cursor over a request's buffers, in order. */
@@ -609,38 +660,6 @@ static int file_writev(int fd, struct iovec *iov, int cnt, uint64_t length, uint
     return 0;
 }
 
-#define PIECE_IOVS 260  /* iovecs of one piece of a request: its segments, and a split */
-
-/* Fill the buffers iov[0:cnt] with the disk's ``length`` bytes at ``offset``, each piece
- * from its layer's place or as zeros; the sectors each layer served are added to
- * d->read_secs. -1: a piece was not all there now (out of the page cache, an error, a map
- * that changed, more pieces than iovecs): the Python path's. */
-static int disk_readv(const struct disk *d, const struct iovec *iov, int cnt,
-                      uint64_t length, uint64_t offset)
-{
-    struct iov_cursor c = { iov, cnt, 0, 0 };
-    struct iovec piece[PIECE_IOVS];
-    uint64_t room;
-    int at;
-    for (uint64_t pos = 0; pos < length;) {
-        int64_t where = locate(d, offset + pos, &room, 0, &at);
-        uint64_t n = room < length - pos ? room : length - pos;
-        int k = iov_take(&c, (size_t)n, piece, PIECE_IOVS);
-        if (k < 0)
-            return -1;
-        if (where == AT_ZEROS) {
-            for (int i = 0; i < k; i++)
-                memset(piece[i].iov_base, 0, piece[i].iov_len);
-        } else if (where < 0 || file_readv(d->layer[at].fd, piece, k, n, (uint64_t)where,
-                                           d->layer[at].memory) < 0) {
-            return -1;
-        }
-        d->read_secs[at] += n / 512;
-        pos += n;
-    }
-    return 0;
-}
-
 #define PAGE_MASK 4095u
 
 /* Whether a write of ``length`` bytes at ``where`` in the top layer's file may be done
@@ -652,41 +671,45 @@ static inline int file_write_now(const struct disk *d, uint64_t where, uint64_t 
     return d->layer[0].memory || (!fua && !((where | length) & PAGE_MASK));
 }
 
-/* Whether the disk takes a write of ``length`` bytes at ``offset`` now: every piece in the
- * top layer, in a block or cluster it holds, and one file_write_now takes. */
-static inline int disk_writable(const struct disk *d, uint64_t offset, uint64_t length,
-                                int fua)
-{
-    uint64_t room;
-    int at;
-    if (!d->writes)
-        return 0;
-    for (uint64_t pos = 0; pos < length; pos += room < length - pos ? room : length - pos) {
-        int64_t where = locate(d, offset + pos, &room, 1, &at);
-        uint64_t n = room < length - pos ? room : length - pos;
-        if (where < 0 || !file_write_now(d, (uint64_t)where, n, fua))
-            return 0;
-    }
-    return 1;
-}
+#define PIECE_IOVS 260  /* iovecs of one piece of a request: its segments, and a split */
 
-/* Write the buffers iov[0:cnt] (``length`` bytes) to the disk at ``offset``, which
- * disk_writable took, each piece at its place in the top layer. -1: a piece failed (the
- * Python path writes it all again and reports what fails). */
-static inline int disk_writev(const struct disk *d, const struct iovec *iov, int cnt,
-                       uint64_t length, uint64_t offset, int fua)
+/* Read the disk's ``length`` bytes at ``offset`` into the buffers iov[0:cnt], or, with
+ * ``write``, write them there, piece by piece (each to the end of a block or cluster):
+ * a read from the layer that holds the piece or as zeros, adding the sectors each layer
+ * served to d->read_secs; a write to the top layer, where it holds the block or cluster
+ * and file_write_now takes it. -1 if a piece cannot be done now (not held, out of the
+ * page cache, an error, a map that changed, more pieces than iovecs): the Python path's,
+ * which reads again or writes all of it again (a write refused after its first pieces
+ * has written those, with the same data). */
+static int disk_rw(const struct disk *d, const struct iovec *iov, int cnt, uint64_t length,
+                   uint64_t offset, int write, int fua)
 {
     struct iov_cursor c = { iov, cnt, 0, 0 };
     struct iovec piece[PIECE_IOVS];
-    uint64_t room;
-    int at;
+    uint64_t room = 0;  /* (locate sets both: a disk has a layer) */
+    int at = 0;
+    if (write && !d->writes)
+        return -1;
     for (uint64_t pos = 0; pos < length;) {
-        int64_t where = locate(d, offset + pos, &room, 1, &at);
+        int64_t where = locate(d, offset + pos, &room, write, &at);
         uint64_t n = room < length - pos ? room : length - pos;
         int k = iov_take(&c, (size_t)n, piece, PIECE_IOVS);
-        if (where < 0 || k < 0 || file_writev(d->layer[0].fd, piece, k, n, (uint64_t)where,
-                                              fua) < 0)
+        if (k < 0)
             return -1;
+        if (write) {
+            if (where < 0 || !file_write_now(d, (uint64_t)where, n, fua)
+                    || file_writev(d->layer[0].fd, piece, k, n, (uint64_t)where, fua) < 0)
+                return -1;
+        } else if (where == AT_ZEROS) {
+            for (int i = 0; i < k; i++)
+                memset(piece[i].iov_base, 0, piece[i].iov_len);
+            d->read_secs[at] += n / 512;
+        } else if (where < 0 || file_readv(d->layer[at].fd, piece, k, n, (uint64_t)where,
+                                           d->layer[at].memory) < 0) {
+            return -1;
+        } else {
+            d->read_secs[at] += n / 512;
+        }
         pos += n;
     }
     return 0;

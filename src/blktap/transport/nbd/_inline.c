@@ -90,12 +90,12 @@ static int take(const struct disk *d, const unsigned char *req, uint32_t cmd,
     return TAKE_DATA;
 }
 
-/* Fill dst with a read that take() took (TAKE_DATA): disk_readv into one buffer. */
+/* Fill dst with a read that take() took (TAKE_DATA): disk_rw into one buffer. */
 static int read_fill(const struct disk *d, unsigned char *dst, uint64_t length,
                      uint64_t offset)
 {
     struct iovec iov = { dst, (size_t)length };
-    return disk_readv(d, &iov, 1, length, offset);
+    return disk_rw(d, &iov, 1, length, offset, 0, 0);
 }
 
 /* Send scratch[*sent:end] without waiting. 0: all of it left; 1: the socket is full (what
@@ -142,35 +142,27 @@ static Py_ssize_t next_request(const unsigned char *rb, Py_ssize_t start, Py_ssi
 }
 
 
-/* Open the disk of ``target`` and pin the L2 tables of its qcow2 layers that the requests
- * at rb[start:end] touch, in order, until one is missing (the interpreter lock held). */
-static int open_for(struct disk *d, PyObject *target, const unsigned char *rb,
-                    Py_ssize_t start, Py_ssize_t end, uint64_t max_length, long max_requests)
+/* The requests at rb[start:end] a pass may take (up to ``left``), as disk ranges for
+ * disk_open_for. */
+struct requests {
+    const struct disk *d;
+    const unsigned char *rb;
+    Py_ssize_t start, end;
+    uint64_t max_length;
+    long left;
+};
+
+static int next_request_range(void *ctx, uint64_t *offset, uint64_t *length)
 {
-    struct pins pins;
-    if (disk_open(d, target) < 0)
-        return -1;
-    if (!d->qcow2_layers)
+    struct requests *q = ctx;
+    uint32_t cmd;
+    if (q->left <= 0)
         return 0;
-    int rc = disk_pin_start(d, &pins);
-    for (long n = 0; n < max_requests && rc == 0; n++) {
-        uint32_t cmd;
-        uint64_t offset, length;
-        Py_ssize_t took = next_request(rb, start, end, d->layer[0].size, max_length, &cmd,
-                                       &offset, &length);
-        if (took == 0)
-            break;
-        int ok = disk_pin(d, &pins, offset, length);
-        if (ok != 1) {
-            rc = ok < 0 ? -1 : 0;
-            break;
-        }
-        start += took;
-    }
-    disk_pin_end(&pins);
-    if (rc < 0)
-        disk_close(d);
-    return rc;
+    Py_ssize_t took = next_request(q->rb, q->start, q->end, q->d->layer[0].size,
+                                   q->max_length, &cmd, offset, length);
+    q->start += took;
+    q->left--;
+    return took != 0;
 }
 
 /* Whether the first request at rb[start:end] is one a pass would take. */
@@ -226,7 +218,8 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyErr_SetString(PyExc_ValueError, "start and end must lie within rbuf");
         goto fail;
     }
-    if (open_for(&disk, args[5], rbuf.buf, start, end, max_length, max_requests) < 0)
+    struct requests ahead = { &disk, rbuf.buf, start, end, max_length, max_requests };
+    if (disk_open_for(&disk, args[5], next_request_range, &ahead) < 0)
         goto fail;
 
     const unsigned char *rb = rbuf.buf;
@@ -352,19 +345,7 @@ PyMODINIT_FUNC PyInit__inline(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    /* The InlineTarget fields read by position, in order (a test holds the NamedTuple to
-     * them). */
-    PyObject *fields = Py_BuildValue("(sssssssssssssssss)", "fd", "size", "memory",
-                                     "writes", "bat", "batmap", "block_bytes", "data_secs",
-                                     "l1", "l2_tables", "cluster_bits", "l2_entries",
-                                     "guard", "holes_zero", "zero_flag", "below", "hits");
-    if (fields == NULL || PyModule_AddObject(m, "TARGET_FIELDS", fields) < 0) {
-        Py_XDECREF(fields);
-        Py_DECREF(m);
-        return NULL;
-    }
-    if (PyModule_AddIntConstant(m, "MAX_LAYERS", MAX_LAYERS) < 0
-            || PyModule_AddIntConstant(m, "MAX_QCOW2_LAYERS", MAX_QCOW2_LAYERS) < 0) {
+    if (disk_add_constants(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

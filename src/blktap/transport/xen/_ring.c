@@ -189,37 +189,30 @@ static uint64_t reach(const unsigned char *slot, const struct abi *abi, uint64_t
     return nseg * PAGE;
 }
 
-/* Open the disk and pin the qcow2 tables the waiting requests (up to max_requests) may
- * need, in order, until one is missing (the interpreter lock held). */
-static int open_for(struct disk *d, PyObject *target, const struct ring *r, long max_requests)
+/* The requests waiting on the ring (up to ``left``), as disk ranges for disk_open_for. */
+struct waiting_requests {
+    const struct ring *r;
+    const struct disk *d;
+    uint32_t next;
+    int64_t left;
+};
+
+static int next_waiting_range(void *ctx, uint64_t *offset, uint64_t *length)
 {
-    struct pins pins;
-    if (disk_open(d, target) < 0)
-        return -1;
-    if (!d->qcow2_layers)
+    struct waiting_requests *w = ctx;
+    unsigned char slot[MAX_SLOT];
+    const struct ring *r = w->r;
+    uint64_t size = w->d->layer[0].size;
+    if (w->left-- <= 0)
         return 0;
-    int rc = disk_pin_start(d, &pins);
-    int64_t n = waiting(r);
-    uint64_t size = d->layer[0].size;
-    for (int64_t i = 0; rc == 0 && i < n && i < max_requests; i++) {
-        unsigned char slot[MAX_SLOT];
-        uint32_t idx = (r->req_cons + (uint32_t)i) & (r->size - 1);
-        memcpy(slot, r->mem + RING_HEADER + (size_t)idx * r->abi->slot, r->abi->slot);
-        uint64_t offset, length = reach(slot, r->abi, &offset);
-        if (offset >= size)
-            break;
-        if (length > size - offset)
-            length = size - offset;
-        int ok = disk_pin(d, &pins, offset, length);
-        if (ok != 1)
-            rc = ok < 0 ? -1 : 1;
-    }
-    disk_pin_end(&pins);
-    if (rc < 0) {
-        disk_close(d);
-        return -1;
-    }
-    return 0;
+    uint32_t idx = (r->req_cons + w->next++) & (r->size - 1);
+    memcpy(slot, r->mem + RING_HEADER + (size_t)idx * r->abi->slot, r->abi->slot);
+    *length = reach(slot, r->abi, offset);
+    if (*offset >= size)
+        return 0;
+    if (*length > size - *offset)
+        *length = size - *offset;
+    return 1;
 }
 
 static void respond(struct ring *r, const unsigned char *slot, unsigned op)
@@ -252,9 +245,9 @@ struct counts {
 
 /* Serve what the ring holds: see the module's comment. */
 static int serve(struct ring *r, const struct disk *d, const struct pages *pages,
-                 unsigned max_indirect, long max_requests, struct counts *c, int *notify,
-                 struct job *job)
+                 unsigned max_indirect, long max_requests, struct counts *c, int *notify)
 {
+    struct job job;  /* (4 KiB of iovecs: on the stack, as disk_rw's) */
     long served = 0;
     const uint64_t size = d->layer[0].size;
     for (;;) {
@@ -278,26 +271,23 @@ static int serve(struct ring *r, const struct disk *d, const struct pages *pages
                 return PASS_BUDGET;
             memcpy(slot, r->mem + RING_HEADER
                    + (size_t)(r->req_cons & (r->size - 1)) * r->abi->slot, r->abi->slot);
-            if (!decode(slot, r->abi, pages, size, max_indirect, job))
+            if (!decode(slot, r->abi, pages, size, max_indirect, &job))
                 return PASS_PYTHON;
-            if (job->write) {
-                if (!disk_writable(d, job->offset, job->length, 0)
-                        || disk_writev(d, job->iov, job->nseg, job->length, job->offset, 0) < 0)
-                    return PASS_PYTHON;  /* (written again there, or refused) */
+            if (disk_rw(d, job.iov, job.nseg, job.length, job.offset, job.write, 0) < 0)
+                return PASS_PYTHON;  /* (which reads or writes it all again, or refuses it) */
+            if (job.write) {
                 c->writes++;
-                c->write_bytes += job->length;
+                c->write_bytes += job.length;
             } else {
-                if (disk_readv(d, job->iov, job->nseg, job->length, job->offset) < 0)
-                    return PASS_PYTHON;
                 c->reads++;
-                c->read_bytes += job->length;
+                c->read_bytes += job.length;
             }
-            c->segments += (unsigned)job->nseg;
-            if ((unsigned long)job->nseg > c->max_segments)
-                c->max_segments = (unsigned long)job->nseg;
-            c->indirect += job->indirect;
+            c->segments += (unsigned)job.nseg;
+            if ((unsigned long)job.nseg > c->max_segments)
+                c->max_segments = (unsigned long)job.nseg;
+            c->indirect += job.indirect;
             r->req_cons++;
-            respond(r, slot, job->write ? OP_WRITE : OP_READ);
+            respond(r, slot, job.write ? OP_WRITE : OP_READ);
             served++;
         }
     }
@@ -408,26 +398,20 @@ static PyObject *blkif_pump(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_TypeError, "pages must be an array of 'Q'");
         goto fail;
     }
-    if (open_for(&disk, args[7], &r, max_requests) < 0)
+    int64_t ahead = waiting(&r);
+    struct waiting_requests pin = { &r, &disk, 0, ahead < max_requests ? ahead : max_requests };
+    if (disk_open_for(&disk, args[7], next_waiting_range, &pin) < 0)
         goto fail;
     struct pages pages = { table.buf, (size_t)table.len / 8 };
     struct counts c = { 0 };
-    int notify = 0, status;
-    struct job *job = PyMem_Malloc(sizeof *job);
-    if (job == NULL) {
-        disk_close(&disk);
-        PyErr_NoMemory();
-        goto fail;
-    }
-    int error = 0;
+    int notify = 0, status, error = 0;
     Py_BEGIN_ALLOW_THREADS
     if (bell.fd >= 0)
         error = doorbell_clear(&bell);
-    status = serve(&r, &disk, &pages, (unsigned)max_indirect, max_requests, &c, &notify, job);
+    status = serve(&r, &disk, &pages, (unsigned)max_indirect, max_requests, &c, &notify);
     if (notify && bell.fd >= 0 && !error)
         error = doorbell_ring(&bell);
     Py_END_ALLOW_THREADS
-    PyMem_Free(job);
     count_hits(&disk);
     disk_close(&disk);
     PyBuffer_Release(&table);
@@ -443,40 +427,8 @@ fail:
     return NULL;
 }
 
-PyDoc_STRVAR(addresses_doc,
-"addresses(buffers)\n--\n\n"
-"The address of each writable buffer's first byte (a list of int): for the table of\n"
-"mapped pages blkif_pump takes. The buffers must stay alive while it is used.");
-
-static PyObject *addresses(PyObject *self, PyObject *seq)
-{
-    (void)self;
-    PyObject *fast = PySequence_Fast(seq, "addresses takes a sequence of buffers");
-    if (fast == NULL)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-    PyObject *out = PyList_New(n);
-    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
-        Py_buffer view;
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &view, PyBUF_WRITABLE) < 0) {
-            Py_CLEAR(out);
-            break;
-        }
-        PyObject *addr = PyLong_FromVoidPtr(view.buf);
-        PyBuffer_Release(&view);
-        if (addr == NULL) {
-            Py_CLEAR(out);
-            break;
-        }
-        PyList_SET_ITEM(out, i, addr);
-    }
-    Py_DECREF(fast);
-    return out;
-}
-
 static PyMethodDef methods[] = {
     {"blkif_pump", (PyCFunction)(void (*)(void))blkif_pump, METH_FASTCALL, blkif_pump_doc},
-    {"addresses", addresses, METH_O, addresses_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -491,7 +443,8 @@ PyMODINIT_FUNC PyInit__ring(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "MAX_INDIRECT_SEGMENTS", MAX_INDIRECT_SEGMENTS) < 0
+    if (disk_add_constants(m) < 0
+            || PyModule_AddIntConstant(m, "MAX_INDIRECT_SEGMENTS", MAX_INDIRECT_SEGMENTS) < 0
             || PyModule_AddIntConstant(m, "MAX_SEGMENTS", MAX_SEGMENTS) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -39,6 +39,7 @@ from collections import deque
 from dataclasses import dataclass, fields
 
 from blktap.errors import BlktapError
+from blktap.io.aio_abi import addresses
 from blktap.tapdisk.vbd import VBD, VbdState
 from blktap.tapdisk.vbd import Request as VbdRequest
 from blktap.transport.xen import inline
@@ -89,6 +90,8 @@ MAX_INLINE_GREF = 1 << 20
 # Requests one compiled pass serves before the Python path has a turn (one request), so
 # that a ring kept full is not served only by the pass.
 INLINE_BUDGET = 1024
+# _service/_consume: the compiled pass runs before anything is taken from the ring.
+PASS_FIRST = -1
 
 
 class BadRequest(Exception):
@@ -275,7 +278,8 @@ class BlkifRing:
                 f"{st.indirect} indirect, {st.errors} errors, {st.unsupported} unsupported; "
                 f"largest {st.max_segments} segments; {st.events} events in, "
                 f"{st.notifies} out"
-                + (f"; {st.mapped} served in mapped pages, {st.grants_mapped} grants mapped"
+                + (f"; {st.mapped} served in mapped pages, {st.grants_mapped} grants "
+                   f"mapped, {st.inline} requests by the compiled pass"
                    if self.persistent else "") + used)
 
     def stats_dict(self) -> dict:
@@ -332,6 +336,10 @@ class BlkifRing:
                 return
             if idle is None and bell is not None and not self._clear():
                 return  # (the pass did not run, so did not clear)
+            # The Python path from where the pass left off: the request it stopped at, or
+            # everything when it could not run (no second pass to find that out again).
+            self._service(1 if idle is False else None)
+            return
         self._service()
 
     def _clear(self) -> bool:
@@ -342,21 +350,23 @@ class BlkifRing:
             return False
         return True
 
-    def _service(self) -> None:
+    def _service(self, first: int | None = PASS_FIRST) -> None:
         """Consume and start what the ring holds, until it is empty (and the frontend
         asked for an event on the next request) or a barrier stops us. The responses of
-        the pass (the side door's, bad requests') are pushed together at its end."""
+        the pass (the side door's, bad requests') are pushed together at its end.
+        ``first``: how many requests to take before the compiled pass runs again (None:
+        all; PASS_FIRST: none, the pass runs first)."""
         self._servicing = True
         try:
             with self.vbd.batch:  # the pass's reads and writes go to the driver at its end
-                self._consume()
+                self._consume(first)
         finally:
             self._servicing = False
         if self._push_pending:
             self._push_pending = False
             self._push_now()
 
-    def _consume(self) -> None:
+    def _consume(self, first: int | None = PASS_FIRST) -> None:
         try:
             while not self._stopping and not self._barrier:
                 if self._backlog:
@@ -365,11 +375,14 @@ class BlkifRing:
                 elif self._pump is None:
                     reqs = self.ring.take()
                 else:
-                    idle = self._pump_ring()
-                    if idle:
-                        break  # the ring is empty and asked for an event on the next one
-                    # The request the pass stopped at (or all, when it could not run)
-                    reqs = self.ring.take(None if idle is None else 1)
+                    if first == PASS_FIRST:
+                        idle = self._pump_ring()
+                        if idle:
+                            break  # the ring is empty and asked for an event on the next
+                        # The request the pass stopped at (or all, when it could not run)
+                        first = None if idle is None else 1
+                    reqs = self.ring.take(first)
+                    first = PASS_FIRST
                 for i, req in enumerate(reqs):
                     self._dispatch(req)
                     if self._barrier:
@@ -607,7 +620,7 @@ class BlkifRing:
             size = min(max(top + 1, 2 * len(table)), MAX_INLINE_GREF)
             table.frombytes(bytes(8 * (size - len(table))))
         limit = len(table)
-        for ref, addr in zip(grefs, inline.addresses(pages), strict=True):
+        for ref, addr in zip(grefs, addresses(pages), strict=True):
             if ref < limit:
                 table[ref] = addr
 

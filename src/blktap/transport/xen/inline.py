@@ -16,7 +16,7 @@ The extension is optional (built where a C compiler and Python's headers are pre
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 Pump = Callable[..., tuple[int, ...]]
 
@@ -37,12 +37,6 @@ def compiled() -> Pump | None:
     if _ring is None or os.environ.get("BLKTAP_INLINE", "1") == "0":
         return None
     return _ring.blkif_pump
-
-
-def addresses(pages: Sequence[memoryview]) -> list[int]:
-    """The address of each mapped page (for the table the pass finds pages in)."""
-    assert _ring is not None
-    return _ring.addresses(pages)
 
 
 def available() -> bool:
