@@ -18,7 +18,6 @@ import shutil
 import socket
 import struct
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from blktap.tapdisk.vbd import VBD
 from blktap.transport.xen import connect, inline
 from blktap.transport.xen.blkif import MAX_INLINE_GREF
 from conftest import with_engine
+from test_fast_path import data, disk, need, qemu_compare, shm, until  # noqa: F401
 from test_xen_ring import pattern, serve
 from xen_guest import (
     EOPNOTSUPP,
@@ -62,29 +62,17 @@ def need_pass() -> None:
         pytest.skip("BLKTAP_INLINE=0 in the environment")
 
 
-@pytest.fixture
-def shm(tmp_path: Path) -> Iterator[Path]:
-    """A folder in memory (tmpfs), where the pass serves reads and writes."""
-    base = Path("/dev/shm")
-    if not base.is_dir():
-        pytest.skip("no /dev/shm")
-    d = base / f"xen-inline-{os.getpid()}-{tmp_path.name}"
-    d.mkdir()
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 def qemu_img(*args: str) -> str:
-    if shutil.which("qemu-img") is None:
-        pytest.skip("qemu-img not installed")
-    return subprocess.run(["qemu-img", *args], check=True, capture_output=True,
+    return subprocess.run([need("qemu-img"), *args], check=True, capture_output=True,
                           text=True).stdout
 
 
-def content(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
+def serve_file(body, spec: str, *, writable: bool = True, direct: bool = True,  # noqa: ANN001
+               **options):  # noqa: ANN003, ANN201
+    """test_xen_ring's ``serve`` with persistent grants, over the disk ``spec`` opened
+    as tapdisk would."""
+    return serve(body, persistent=True, **options,
+                 driver=lambda e: open_stack(e, spec, writable=writable, direct=direct))
 
 
 # ------------------------------------------------------------------ a guest's workload
@@ -166,8 +154,7 @@ def run_workload(monkeypatch: pytest.MonkeyPatch, on: bool, spec: str, model: by
             await w.batch(per_batch)
         return ring.stats.as_dict(), vbd.stats.as_dict()
 
-    rstats, vstats = serve(body, layout=layout, order=order, persistent=True,
-                           driver=lambda e: open_stack(e, spec, writable=True))
+    rstats, vstats = serve_file(body, spec, layout=layout, order=order)
     return m, rstats, vstats
 
 
@@ -180,12 +167,27 @@ def test_the_extension_is_built_where_it_can_be() -> None:
     assert inline.available(), "blktap.transport.xen._ring was not built: pip install -e ."
 
 
+def test_the_pass_reads_targets_and_requests_as_the_project_lays_them_out() -> None:
+    """Both extensions read an InlineTarget by the one list of fields of the shared
+    header (test_nbd_inline holds it to the NamedTuple), within the same chain limits;
+    the ring's request limits are structs.py's."""
+    need_pass()
+    from blktap.transport.nbd import _inline
+    from blktap.transport.xen import _ring, structs
+    assert _ring.TARGET_FIELDS == _inline.TARGET_FIELDS
+    assert (_ring.MAX_LAYERS, _ring.MAX_QCOW2_LAYERS) == (_inline.MAX_LAYERS,
+                                                          _inline.MAX_QCOW2_LAYERS)
+    assert (_ring.MAX_SEGMENTS, _ring.MAX_INDIRECT_SEGMENTS) == (
+        structs.MAX_SEGMENTS, structs.MAX_INDIRECT_SEGMENTS)
+
+
 @pytest.mark.parametrize("layout,order", [(X64, 0), (X64, 2), (X32, 1)],
                          ids=["x86_64-1page", "x86_64-4pages", "x86_32-2pages"])
 def test_a_random_workload_sees_the_same_disk_with_the_pass_on_and_off(
-        monkeypatch: pytest.MonkeyPatch, shm: Path, layout: Layout, order: int) -> None:
+        monkeypatch: pytest.MonkeyPatch, shm: Path,  # noqa: F811
+        layout: Layout, order: int) -> None:
     need_pass()
-    start = content(3, 4 * MiB)
+    start = data(3, 4 * MiB)
     path = shm / "disk.img"
     results = {}
     for on in (False, True):
@@ -206,13 +208,13 @@ def test_a_random_workload_sees_the_same_disk_with_the_pass_on_and_off(
 
 
 def test_requests_the_pass_leaves_get_the_python_paths_answers(
-        monkeypatch: pytest.MonkeyPatch, shm: Path) -> None:
+        monkeypatch: pytest.MonkeyPatch, shm: Path) -> None:  # noqa: F811
     """Bad requests between good ones, their pages all mapped already: the good ones are
     the pass's, each bad one stops it and gets the Python path's answer, and the pass
     goes on after it."""
     need_pass()
     path = shm / "disk.img"
-    path.write_bytes(content(5, 2 * MiB))
+    path.write_bytes(data(5, 2 * MiB))
     end_sector = 2 * MiB // SECTOR
 
     async def body(guest: Guest, ring, vbd: VBD, drv) -> None:  # noqa: ANN001
@@ -259,13 +261,13 @@ def test_requests_the_pass_leaves_get_the_python_paths_answers(
         assert ring.stats.inline - before == good
         assert not ring.dead
 
-    serve(body, persistent=True, driver=lambda e: open_stack(e, f"aio:{path}", writable=True))
+    serve_file(body, f"aio:{path}")
 
 
-def test_a_read_only_disk_refuses_writes_the_pass_would_serve(shm: Path) -> None:
+def test_a_read_only_disk_refuses_writes_the_pass_would_serve(shm: Path) -> None:  # noqa: F811
     need_pass()
     path = shm / "disk.img"
-    path.write_bytes(content(6, MiB))
+    path.write_bytes(data(6, MiB))
 
     async def body(guest: Guest, ring, vbd: VBD, drv) -> None:  # noqa: ANN001
         a = guest.grant(b"w" * PAGE)
@@ -277,12 +279,11 @@ def test_a_read_only_disk_refuses_writes_the_pass_would_serve(shm: Path) -> None
             assert got == {10 + rid: (OP_READ, OKAY), 20 + rid: (OP_WRITE, ERROR)}
         assert ring.stats.inline == 2  # the second and third reads
 
-    serve(body, persistent=True, read_only=True,
-          driver=lambda e: open_stack(e, f"aio:{path}", writable=False))
-    assert path.read_bytes() == content(6, MiB)
+    serve_file(body, f"aio:{path}", writable=False, read_only=True)
+    assert path.read_bytes() == data(6, MiB)
 
 
-def test_grants_past_the_table_are_served_by_the_python_path(shm: Path) -> None:
+def test_grants_past_the_table_are_served_by_the_python_path(shm: Path) -> None:  # noqa: F811
     need_pass()
     path = shm / "disk.img"
     path.write_bytes(bytes(MiB))
@@ -299,10 +300,10 @@ def test_grants_past_the_table_are_served_by_the_python_path(shm: Path) -> None:
         assert ring.stats.inline == 0 and ring.stats.mapped == 6
         assert len(ring._addresses) <= MAX_INLINE_GREF
 
-    serve(body, persistent=True, driver=lambda e: open_stack(e, f"aio:{path}", writable=True))
+    serve_file(body, f"aio:{path}")
 
 
-def test_a_corrupt_ring_is_disconnected_by_the_python_path(shm: Path) -> None:
+def test_a_corrupt_ring_is_disconnected_by_the_python_path(shm: Path) -> None:  # noqa: F811
     need_pass()
     path = shm / "disk.img"
     path.write_bytes(bytes(MiB))
@@ -316,16 +317,12 @@ def test_a_corrupt_ring_is_disconnected_by_the_python_path(shm: Path) -> None:
         assert ring.stats.inline == 1
         struct.pack_into("<I", guest.ring, 0, guest.req_prod_pvt + guest.size + 3)
         os.write(guest.kick_w, b"!")
-        for _ in range(200):
-            if ring.dead:
-                break
-            await __import__("asyncio").sleep(0.005)
-        assert ring.dead
+        await until(lambda: ring.dead, "the ring disconnected")
 
-    serve(body, persistent=True, driver=lambda e: open_stack(e, f"aio:{path}", writable=True))
+    serve_file(body, f"aio:{path}")
 
 
-def test_a_barrier_between_requests_the_pass_serves(shm: Path) -> None:
+def test_a_barrier_between_requests_the_pass_serves(shm: Path) -> None:  # noqa: F811
     """The pass stops at the barrier (the Python path's), serves nothing past it until it
     is done, then goes on: all answered, the data in order."""
     need_pass()
@@ -349,13 +346,13 @@ def test_a_barrier_between_requests_the_pass_serves(shm: Path) -> None:
         assert bytes(guest.pages[out]) == b"C" * PAGE  # the barrier's data, before the read
         assert ring.stats.barriers == 1 and ring.stats.inline >= 2
 
-    serve(body, persistent=True, driver=lambda e: open_stack(e, f"aio:{path}", writable=True))
+    serve_file(body, f"aio:{path}")
 
 
-def test_a_paused_disk_holds_what_the_pass_would_serve(shm: Path) -> None:
+def test_a_paused_disk_holds_what_the_pass_would_serve(shm: Path) -> None:  # noqa: F811
     need_pass()
     path = shm / "disk.img"
-    path.write_bytes(content(8, MiB))
+    path.write_bytes(data(8, MiB))
 
     async def body(guest: Guest, ring, vbd: VBD, drv) -> None:  # noqa: ANN001
         import asyncio
@@ -371,20 +368,21 @@ def test_a_paused_disk_holds_what_the_pass_would_serve(shm: Path) -> None:
         inline_before = ring.stats.inline
         await vbd.resume(open_stack(drv.engine, f"aio:{path}", writable=True))
         assert await guest.wait(1) == {2: (OP_READ, OKAY)}
-        assert bytes(guest.pages[a]) == content(8, MiB)[PAGE:2 * PAGE]
+        assert bytes(guest.pages[a]) == data(8, MiB)[PAGE:2 * PAGE]
         assert ring.stats.inline == inline_before  # (the held one went the Python way)
 
-    serve(body, persistent=True, driver=lambda e: open_stack(e, f"aio:{path}", writable=True))
+    serve_file(body, f"aio:{path}")
 
 
 # ------------------------------------------------------------------ image formats
-def test_a_vhd_chain_through_the_pass(monkeypatch: pytest.MonkeyPatch, shm: Path) -> None:
+def test_a_vhd_chain_through_the_pass(monkeypatch: pytest.MonkeyPatch,
+                                     shm: Path) -> None:  # noqa: F811
     """A dynamic VHD snapshot over a full VHD parent (its first block its own, whole,
     the rest its parent's), written and read by the workload
     with the pass on and off: the same guest view, and the same disk when the chain is
     read back; the leaf checks clean."""
     need_pass()
-    start = content(9, 4 * MiB)
+    start = data(9, 4 * MiB)
     images = {}
     for on in (False, True):
         d = shm / ("on" if on else "off")
@@ -411,13 +409,13 @@ def test_a_vhd_chain_through_the_pass(monkeypatch: pytest.MonkeyPatch, shm: Path
 
 
 def test_a_qcow2_overlay_made_by_qemu_through_the_pass(monkeypatch: pytest.MonkeyPatch,
-                                                      shm: Path) -> None:
+                                                      shm: Path) -> None:  # noqa: F811
     """A qcow2 overlay (qemu-img create -b, some clusters written by qemu-io) over a qcow2
     base: the workload with the pass on and off sees the same disk, qemu-img check finds
     the overlay clean and compare finds it equal to the model."""
     need_pass()
     raw = shm / "base.raw"
-    start = bytearray(content(10, 4 * MiB))
+    start = bytearray(data(10, 4 * MiB))
     raw.write_bytes(start)
     results = {}
     for on in (False, True):
@@ -437,19 +435,20 @@ def test_a_qcow2_overlay_made_by_qemu_through_the_pass(monkeypatch: pytest.Monke
         qemu_img("check", "-f", "qcow2", str(top))
         expect = d / "model.raw"
         expect.write_bytes(bytes(model))
-        qemu_img("compare", "-f", "qcow2", "-F", "raw", str(top), str(expect))
+        qemu_compare(str(top), expect, "qcow2")
         results[on] = (model, rstats)
     assert results[True][0] == results[False][0]
     assert results[True][1]["inline"] > 0
 
 
-def test_a_file_in_the_page_cache_takes_whole_pages_from_the_pass(tmp_path: Path) -> None:
+def test_a_file_in_the_page_cache_takes_whole_pages_from_the_pass(
+        disk: Path) -> None:  # noqa: F811
     """A raw file on disk opened without O_DIRECT (tap-ctl create -D): the pass reads what
     the page cache holds and writes whole pages into it; a write of part of a page is the
     Python path's (a worker). Both land."""
     need_pass()
-    path = tmp_path / "disk.img"
-    start = content(12, 2 * MiB)
+    path = disk / "disk.img"
+    start = data(12, 2 * MiB)
     path.write_bytes(start)
 
     async def body(guest: Guest, ring, vbd: VBD, drv) -> None:  # noqa: ANN001
@@ -477,8 +476,7 @@ def test_a_file_in_the_page_cache_takes_whole_pages_from_the_pass(tmp_path: Path
         assert await guest.wait(1) == {20: (OP_READ, OKAY)}
         assert bytes(guest.pages[b]) == b"p" * PAGE
 
-    serve(body, persistent=True,
-          driver=lambda e: open_stack(e, f"aio:{path}", writable=True, direct=False))
+    serve_file(body, f"aio:{path}", direct=False)
     want = bytearray(start)
     for sector, n in ((0, PAGE), (16, PAGE), (33, PAGE), (48, PAGE // 2)):
         want[sector * SECTOR:sector * SECTOR + n] = b"p" * n
@@ -521,13 +519,13 @@ class SocketBell:
 
 
 def test_the_pass_clears_and_rings_the_channel_itself(
-        shm: Path, caplog: pytest.LogCaptureFixture) -> None:
+        shm: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
     """With the device's doorbell the pass consumes the pending port and unmasks it (the
     port comes back at the other end), and notifies by the device's ioctl: one that
     fails fails this ring only, with a log line, after its response was published."""
     need_pass()
     path = shm / "disk.img"
-    path.write_bytes(content(13, MiB))
+    path.write_bytes(data(13, MiB))
     bell = SocketBell()
 
     class BellDevices(Devices):
@@ -535,7 +533,6 @@ def test_the_pass_clears_and_rings_the_channel_itself(
             return bell
 
     async def body(engine) -> None:  # noqa: ANN001
-        import asyncio
         vbd = VBD(open_stack(engine, f"aio:{path}", writable=True))
         guest = Guest(X64, 0)
         guest.kick_w = os.open(os.devnull, os.O_WRONLY)  # (the bell carries the events)
@@ -554,12 +551,9 @@ def test_the_pass_clears_and_rings_the_channel_itself(
             guest.push()
             bell.kick()
             assert await guest.wait(1) == {2: (OP_READ, OKAY)}
-            for _ in range(200):
-                if ring.dead:
-                    break
-                await asyncio.sleep(0.005)
+            await until(lambda: ring.dead, "the ring disconnected")
             assert ring.dead and ring.stats.inline == 1 and bell.notified == 1
-            assert bytes(guest.pages[a]) == content(13, MiB)[PAGE:2 * PAGE]
+            assert bytes(guest.pages[a]) == data(13, MiB)[PAGE:2 * PAGE]
         finally:
             await ring.stop()
             await vbd.close()
