@@ -418,6 +418,30 @@ def test_userspace_pv_guest_script(testbed, payload, guest_script, tmp_path):
     check_files_in_image(out / "disk.img")
 
 
+def test_userspace_pv_guest_script_through_the_compiled_ring_pass(testbed, payload,
+                                                                  guest_script, tmp_path):
+    """The tapdisk in dom0's page cache (tap-ctl create -D): with persistent grants the
+    compiled ring pass (transport/xen/_ring.c) serves blkfront's reads and writes itself,
+    event channel included. The guest's files, remount, md5 and discard check the same,
+    and the ring's summary says how many requests the pass served."""
+    out = tmp_path / "run"
+    img = tmp_path / "disk.img"
+    # Written whole, not sparse, and not zeros (which a copy may make sparse again): a
+    # raw file with holes has no inline target.
+    img.write_bytes(b"\xa5" * (64 << 20))
+    backend = BACKEND_CMD.replace("tap-ctl create -a aio:", "tap-ctl create -D -a aio:")
+    assert backend != BACKEND_CMD
+    rc, text = run_testbed(testbed, out, "userspace-pv", payload=payload, backend=backend,
+                           guest=guest_script, image=img)
+    assert rc == 0, explain(out, text)
+    assert xenstore_keys(out).get("backend/feature-persistent") == "1"
+    tapdisk_logs = "".join(p.read_text(errors="replace")
+                           for p in (out / "out").glob("tapdisk.*.log"))
+    hit = re.search(r"(\d+) requests by the compiled pass", tapdisk_logs)
+    assert hit and int(hit.group(1)) > 0, tapdisk_logs[-3000:]
+    check_files_in_image(out / "disk.img")
+
+
 def test_userspace_pv_guest_script_with_grant_copy(testbed, payload, guest_script, tmp_path):
     """tapback --no-persistent-grants: the ring copies each request's data with grant
     copy (the default maps the guest's pages: test_userspace_pv_guest_script); the
