@@ -293,14 +293,16 @@ def test_qcow2_goals_from_ratios() -> None:
 QUIET_CAL = {"cpu1": 10.0, "cpu2": 20.0, "fio": 1000.0}
 
 
-def test_calibration_loops_are_the_median_of_their_runs(monkeypatch: pytest.MonkeyPatch,
-                                                        tmp_path: Path) -> None:
-    """One short loop run is too noisy on a virtual machine: each loop figure is the
-    median of its runs, so one slow or fast run does not move it."""
+def test_calibration_figures_are_the_median_of_their_runs(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    """One short run is too noisy on a virtual machine: each figure (the loops' and
+    fio's) is the median of its runs, so one slow or fast run does not move it."""
     figures = {1: iter([4.2, 9.9, 5.0, 5.1, 5.2]), 2: iter([10.0, 1.0, 10.2, 10.4, 30.0])}
+    fio = iter([1150.0, 1000.0, 870.0])
     monkeypatch.setattr(calibrate, "_loops", lambda n: next(figures[n]))
-    monkeypatch.setattr(calibrate, "_fio", lambda path: 1000.0)
+    monkeypatch.setattr(calibrate, "_fio", lambda path: next(fio))
     assert calibrate.measure(tmp_path) == {"cpu1": 5.1, "cpu2": 10.2, "fio": 1000.0}
+    assert next(fio, None) is None  # (three fio runs, no more)
 
 
 def test_calibration_off_the_quiet_reference_is_disturbed() -> None:
