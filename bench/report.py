@@ -80,10 +80,14 @@ def _repetition_lines(data: dict[str, Any]) -> list[str]:
     reps = data.get("repetitions") or []
     if not reps:
         return []
+    prov = data.get("provisional_calibration")
+    against = ("the quiet reference" if not prov else
+               "this recording run's opening calibration (medians of three: " +
+               ", ".join(f"{k} {v:,.2f}" for k, v in prov.items()) + ")")
     lines = ["### Repetitions", "",
              "Calibration before each repetition (cpu1: a Python loop in one process, cpu2: "
              "in two at once, M loops/s; fio: 4 KiB random psync reads of a tmpfs file, "
-             "IOPS), its deviation from the quiet reference, and what the sampler saw during "
+             f"IOPS), its deviation from {against}, and what the sampler saw during "
              "the repetition: CPU of processes not the benchmark's (share of all CPUs), steal "
              "time, runnable threads not ours (mean), load average (1 min) at the end. A "
              "disturbed repetition is run again; only the last attempt of each is kept.", "",

@@ -331,6 +331,19 @@ class Probe:
 
 Attempt = Callable[[int], dict[str, Any]]
 
+PROVISIONAL_RUNS = 3
+
+
+def provisional_reference(probe: Probe, runs: int = PROVISIONAL_RUNS) -> dict[str, float]:
+    """What a recording run compares each repetition's calibration with: the medians of
+    `runs` calibrations at its start. Without it nothing would flag a repetition the
+    host slowed down (seen: a third of every figure gone for one repetition, the
+    sampler seeing nothing), and the whole run would be refused at the end instead of
+    that repetition being run again."""
+    cals = [probe.calibrate() for _ in range(runs)]
+    return {name: statistics.median(c[name] for c in cals)
+            for name in calibrate.FIGURES if all(name in c for c in cals)}
+
 
 def repeat_until_quiet(attempt: Attempt, retries: int) -> list[dict[str, Any]]:
     """Run `attempt(0)`, and again with 1, 2, ... while the record it returns has
@@ -544,9 +557,16 @@ def main(argv: list[str] | None = None) -> int:
     shm_root = "/dev/shm" if os.path.isdir("/dev/shm") else None
     shm = Path(tempfile.mkdtemp(prefix="blktap-bench-", dir=shm_root))
     disk = Path(tempfile.mkdtemp(prefix=".bench-tmp-", dir=ROOT))
+    provisional: dict[str, float] | None = None
     try:
         groups = build_groups(args, avail, shm, disk)
-        results, log, peak = run_groups(groups, args, shm, quiet_cal, Probe(shm))
+        probe = Probe(shm)
+        if args.record_quiet:
+            provisional = quiet_cal = provisional_reference(probe)
+            say("recording: each repetition's calibration is compared with this run's "
+                "opening one (" + ", ".join(f"{k} {v:,.2f}" for k, v in quiet_cal.items())
+                + ")")
+        results, log, peak = run_groups(groups, args, shm, quiet_cal, probe)
         mem = memory.measure(shm / "memory") if "memory" in args.groups else []
     except calibrate.CalibrationError as exc:
         say(f"bench/run.py: {exc}")
@@ -580,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory": [asdict(m) for m in mem],
         "peak_rss": peak,
         "repetitions": log,
+        "provisional_calibration": provisional,
         "quiet": None if quiet is None else {
             "file": str(args.quiet_file), "recorded": quiet.get("recorded"),
             "machine": quiet.get("machine"), "settings": quiet.get("settings"),

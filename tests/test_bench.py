@@ -355,6 +355,32 @@ def test_disturbed_repetition_is_run_again_then_the_run_not_judged() -> None:
                                []) == "quiet reference is of another machine (cpus 4, here 2)"
 
 
+def test_a_recording_run_compares_its_repetitions_with_its_opening_calibration() -> None:
+    """With no reference yet, a recording run takes the medians of three calibrations at
+    its start as the provisional one: a repetition the host slowed down is then flagged
+    (and run again) rather than the whole run refused at the end; the report says what
+    the deviations are measured against."""
+    class Probe:
+        cals = iter([{"cpu1": 8.0, "cpu2": 16.0, "fio": 900.0},
+                     {"cpu1": 5.0, "cpu2": 10.0, "fio": 600.0},
+                     {"cpu1": 8.2, "cpu2": 15.0, "fio": 850.0}])
+
+        def calibrate(self) -> dict[str, float]:
+            return next(self.cals)
+    ref = bench_run.provisional_reference(Probe())  # type: ignore[arg-type]
+    assert ref == {"cpu1": 8.0, "cpu2": 15.0, "fio": 850.0}
+    _, why = calibrate.compare({"cpu1": 5.3, "cpu2": 10.2, "fio": 650.0}, ref, 0.15)
+    assert why[0] == "calibration cpu1 34% slower than quiet (limit 15%)"
+    rep = {"group": "raw-tmpfs", "rep": 0, "attempt": 0, "calibration": ref,
+           "deviation": {}, "reasons": [], "sample": {}}
+    text = "\n".join(report._repetition_lines({"repetitions": [rep],
+                                                "provisional_calibration": ref}))
+    assert "its deviation from this recording run's opening calibration (medians of " \
+           "three: cpu1 8.00, cpu2 15.00, fio 850.00)" in text
+    text = "\n".join(report._repetition_lines({"repetitions": [rep]}))
+    assert "its deviation from the quiet reference," in text
+
+
 def test_quiet_reference_absent_placeholder_or_of_another_machine(tmp_path: Path) -> None:
     path = tmp_path / "quiet.json"
     assert calibrate.load_quiet(path) is None
