@@ -501,14 +501,22 @@ def judgement(quiet: dict[str, Any] | None, mismatch: str | None,
     return "; ".join(reasons) or None
 
 
-def quiet_record(data: dict[str, Any], log: list[dict[str, Any]],
-                 threshold: float) -> tuple[dict[str, Any] | None, list[str]]:
-    """The quiet reference from this run, or None and why it cannot be one: a repetition
-    the sampler found disturbed, or calibrations that disagree by more than `threshold`."""
+def quiet_record(data: dict[str, Any], log: list[dict[str, Any]], threshold: float,
+                 reference: dict[str, float] | None = None
+                 ) -> tuple[dict[str, Any] | None, list[str]]:
+    """The quiet reference from this run, or None and why it cannot be one.
+
+    With ``reference`` (a recording run's opening calibration, which every repetition
+    was compared with during the run, and run again when off by more than the
+    threshold): that is the calibration recorded, and the run is refused when a kept
+    repetition still has a reason to be called disturbed. Future runs are then judged
+    against the very figures this run's repetitions were judged against. Without it:
+    the median of the repetitions' calibrations, refused when they differ from each other
+    by more than the threshold."""
     kept = [r for r in log if r.get("kept")]
     why = [f"{r['group']} #{r['rep'] + 1}: {reason}" for r in kept for reason in r["reasons"]]
-    cal: dict[str, float] = {}
-    for name in calibrate.FIGURES:
+    cal: dict[str, float] = dict(reference or {})
+    for name in calibrate.FIGURES if reference is None else ():
         vals = [r["calibration"][name] for r in kept if name in r.get("calibration", {})]
         if not vals:
             continue
@@ -610,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     not_judged = judgement(quiet, mismatch, log)
     status = 0
     if args.record_quiet:
-        record, why = quiet_record(data, log, args.threshold)
+        record, why = quiet_record(data, log, args.threshold, provisional)
         if record is None:
             say(f"not recording {args.quiet_file}: " + "; ".join(why))
             status = 1

@@ -425,6 +425,18 @@ def test_record_quiet_refuses_a_disturbed_or_unsteady_run() -> None:
     record, why = bench_run.quiet_record(
         data, [rep(0, QUIET_CAL, []), rep(1, {**QUIET_CAL, "fio": 1300.0}, [])], 0.15)
     assert record is None and why == ["calibration fio varies by 30% between repetitions"]
+    # A recording run's opening calibration, which each repetition was compared with
+    # during the run: it is what is recorded, and a repetition within the threshold of it
+    # (here -10% and +10%, 22% apart) does not refuse the run; one still off it does.
+    opening = {"cpu1": 10.0, "cpu2": 20.0, "fio": 1000.0}
+    within = [rep(0, {**opening, "cpu2": 18.0}, []), rep(1, {**opening, "cpu2": 22.0}, [])]
+    record, why = bench_run.quiet_record(data, within, 0.15, opening)
+    assert why == [] and record is not None and record["calibration"] == opening
+    _, off = calibrate.compare({**opening, "cpu2": 16.0}, opening, 0.15)
+    record, why = bench_run.quiet_record(data, [within[0], rep(1, {**opening, "cpu2": 16.0},
+                                                               off)], 0.15, opening)
+    assert record is None and why == \
+        ["raw-tmpfs #2: calibration cpu2 20% slower than quiet (limit 15%)"]
 
 
 def test_sampler_counts_other_processes_not_ours(tmp_path: Path) -> None:
