@@ -27,6 +27,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import calibrate  # noqa: E402
 import report  # noqa: E402
 import workloads  # noqa: E402
 
@@ -88,6 +89,10 @@ def main() -> int:
     blktap = str(Path(sys.executable).parent / "blktap")
     tmp = Path(tempfile.mkdtemp(prefix="bench-rbd-"))
     cluster = CephCluster.start(tmp / "ceph")
+    # Other processes' CPU and steal time while measuring (the cluster, the servers and
+    # fio are this script's descendants: not counted).
+    sampler = calibrate.Sampler()
+    sampler.start()
     results: dict[str, dict[str, list[float]]] = {n: {"blktap": [], "qemu-nbd": []}
                                                   for n in NAMES}
     # The server's CPU time per request (µs): what the machine's load disturbs least.
@@ -125,8 +130,10 @@ def main() -> int:
                 finally:
                     stop(proc)
     finally:
+        sample = sampler.stop()
         cluster.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    disturbed = calibrate.judge_sample(sample, calibrate.Limits())
 
     lines = [f"## blktap serve rbd: against qemu-nbd (qemu's rbd driver), cache {args.cache}",
              "",
@@ -136,8 +143,11 @@ def main() -> int:
              f"librbd's cache: {args.cache} for both. CPU: the server process's user + "
              f"system time (every thread, librbd's included) per request, in µs; its "
              f"ratio is qemu-nbd's / ours (above 1: we spend less).",
-             f"Host: {os.cpu_count()} CPUs, shared with other work while measured "
-             f"(load average {os.getloadavg()[0]:.1f} at the end).", "",
+             f"Host: {os.cpu_count()} CPUs; while measured, other processes used "
+             f"{sample.other_share * 100:.0f}% of them, steal time "
+             f"{sample.steal_share * 100:.0f}% (load average {os.getloadavg()[0]:.1f} at "
+             "the end, this run's own processes included)"
+             + (f". **Disturbed**: {'; '.join(disturbed)}." if disturbed else "."), "",
              "| workload | unit | blktap | qemu-nbd | ratio | CPU/req blktap | "
              "CPU/req qemu-nbd | CPU ratio |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for w in NAMES:
