@@ -275,9 +275,17 @@ def luks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes, int]:
     """A 3 TiB (sparse) LUKS image whose payload qemu encrypts with aes-128-xts-plain."""
     qemu_img = need("qemu-img")
     path = tmp_path_factory.mktemp("luks") / "disk.luks"
-    proc = run([qemu_img, "create", "--object", "secret,id=sec0,data=pw", "-f", "luks",
-                "-o", "key-secret=sec0,cipher-alg=aes-128,cipher-mode=xts,ivgen-alg=plain,"
-                "hash-alg=sha256,iter-time=10", str(path), "3T"], text=True)
+    argv = [qemu_img, "create", "--object", "secret,id=sec0,data=pw", "-f", "luks",
+            "-o", "key-secret=sec0,cipher-alg=aes-128,cipher-mode=xts,ivgen-alg=plain,"
+            "hash-alg=sha256,iter-time=10", str(path), "3T"]
+    # qemu-img times PBKDF2 with the thread's CPU clock, which ticks in jiffies on some
+    # kernels: a timing run that falls inside one reads 0 ms and qemu-img gives up
+    # ("Unable to get accurate CPU usage"; 14 of 20 attempts here on a loaded machine).
+    # A failed attempt costs milliseconds, and another one times it again.
+    for _ in range(20):
+        proc = run(argv, text=True)
+        if proc.returncode == 0 or "accurate CPU usage" not in proc.stderr:
+            break
     if proc.returncode != 0:
         pytest.skip(f"qemu-img cannot make a LUKS image here: {proc.stderr.strip()}")
     key, payload = _luks_master_key(path, b"pw")
