@@ -105,6 +105,11 @@ def measure(workdir: Path, runs: int = LOOP_RUNS,
                                      for _ in range(fio_runs))}
 
 
+def describe(cal: dict[str, float]) -> str:
+    """A calibration's figures in one line, e.g. "cpu1 7.81, cpu2 14.61, fio 814,832.17"."""
+    return ", ".join(f"{k} {v:,.2f}" for k, v in cal.items())
+
+
 def compare(measured: dict[str, float], quiet: dict[str, float] | None,
             threshold: float) -> tuple[dict[str, float], list[str]]:
     """Each figure's deviation from the quiet one (measured / quiet - 1) and the reasons

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import calibrate
+
 BEGIN = "<!-- bench/run.py: begin (generated; edits here are overwritten) -->"
 END = "<!-- bench/run.py: end -->"
 
@@ -65,7 +67,7 @@ def _quiet_lines(data: dict[str, Any]) -> list[str]:
     cal = q.get("calibration") or {}
     text = (f"Quiet reference: recorded {q.get('recorded')} on {qm.get('cpus')} CPUs "
             f"({qm.get('cpu_model')})" + (" by this run" if q.get("this_run") else "")
-            + "; calibration " + ", ".join(f"{k} {v:,.1f}" for k, v in cal.items()) + ".")
+            + "; calibration " + calibrate.describe(cal) + ".")
     qs = q.get("settings") or {}
     if any(qs.get(k) != s.get(k) for k in ("size", "runtime")):
         text += (f" Its figures were taken with {qs.get('size', 0) >> 20} MiB images and "
@@ -82,8 +84,8 @@ def _repetition_lines(data: dict[str, Any]) -> list[str]:
         return []
     prov = data.get("provisional_calibration")
     against = ("the quiet reference" if not prov else
-               "this recording run's opening calibration (medians of three: " +
-               ", ".join(f"{k} {v:,.2f}" for k, v in prov.items()) + ")")
+               f"this recording run's opening calibration (medians of three: "
+               f"{calibrate.describe(prov)})")
     lines = ["### Repetitions", "",
              "Calibration before each repetition (cpu1: a Python loop in one process, cpu2: "
              "in two at once, M loops/s; fio: 4 KiB random psync reads of a tmpfs file, "

@@ -341,8 +341,7 @@ def provisional_reference(probe: Probe, runs: int = PROVISIONAL_RUNS) -> dict[st
     sampler seeing nothing), and the whole run would be refused at the end instead of
     that repetition being run again."""
     cals = [probe.calibrate() for _ in range(runs)]
-    return {name: statistics.median(c[name] for c in cals)
-            for name in calibrate.FIGURES if all(name in c for c in cals)}
+    return {name: statistics.median(c[name] for c in cals) for name in calibrate.FIGURES}
 
 
 def repeat_until_quiet(attempt: Attempt, retries: int) -> list[dict[str, Any]]:
@@ -515,15 +514,17 @@ def quiet_record(data: dict[str, Any], log: list[dict[str, Any]], threshold: flo
     by more than the threshold."""
     kept = [r for r in log if r.get("kept")]
     why = [f"{r['group']} #{r['rep'] + 1}: {reason}" for r in kept for reason in r["reasons"]]
-    cal: dict[str, float] = dict(reference or {})
-    for name in calibrate.FIGURES if reference is None else ():
-        vals = [r["calibration"][name] for r in kept if name in r.get("calibration", {})]
-        if not vals:
-            continue
-        cal[name] = statistics.median(vals)
-        if max(vals) / min(vals) - 1 > threshold:
-            why.append(f"calibration {name} varies by {(max(vals) / min(vals) - 1) * 100:.0f}%"
-                       " between repetitions")
+    cal = dict(reference) if reference is not None else {}
+    if reference is None:
+        for name in calibrate.FIGURES:
+            vals = [r["calibration"][name] for r in kept if name in r.get("calibration", {})]
+            if not vals:
+                continue
+            cal[name] = statistics.median(vals)
+            spread = max(vals) / min(vals) - 1
+            if spread > threshold:
+                why.append(f"calibration {name} varies by {spread * 100:.0f}% between "
+                           "repetitions")
     if why or not cal:
         return None, why or ["no calibration measured"]
     figures: dict[str, dict[str, dict[str, float]]] = {}
@@ -572,8 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.record_quiet:
             provisional = quiet_cal = provisional_reference(probe)
             say("recording: each repetition's calibration is compared with this run's "
-                "opening one (" + ", ".join(f"{k} {v:,.2f}" for k, v in quiet_cal.items())
-                + ")")
+                f"opening one ({calibrate.describe(quiet_cal)})")
         results, log, peak = run_groups(groups, args, shm, quiet_cal, probe)
         mem = memory.measure(shm / "memory") if "memory" in args.groups else []
     except calibrate.CalibrationError as exc:
