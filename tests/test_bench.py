@@ -668,3 +668,48 @@ def test_xen_bench_guest_script_carries_blkbench(tmp_path: Path) -> None:
     assert r.returncode != 0 and "RESULT" not in r.stdout
     with pytest.raises(ValueError, match="too small"):
         xen.carry(os.urandom(1 << 20), 1 << 20)
+
+
+def test_record_quiet_end_to_end_records_or_refuses(monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    """bench/run.py --record-quiet, real servers and fio, injected calibrations (the
+    machine's own would make the outcome depend on its load): three at the start make
+    the opening calibration, which is recorded when the repetition agrees with it; a
+    repetition still off it (no retry left) refuses the run, the file not written."""
+    for program in ("fio", "nbdcopy", "nbdkit"):
+        need(program)
+
+    class Quiet:
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> calibrate.Sample:
+            return calibrate.Sample(wall_s=1.0, cpus=2, ticks=1)
+    monkeypatch.setattr(calibrate, "Sampler", Quiet)
+    argv = ["--only", "raw-tmpfs", "--servers", "blktap,nbdkit-file", "--workloads",
+            "randread-qd32", "--size", "16M", "--runtime", "0.2", "--reps", "1",
+            "--retries", "0", "--record-quiet"]
+    for rep_cal, recorded in (({"cpu1": 8.4, "cpu2": 16.0, "fio": 900.0}, True),
+                              ({"cpu1": 8.0, "cpu2": 10.0, "fio": 900.0}, False)):
+        cals = iter([{"cpu1": 8.0, "cpu2": 16.0, "fio": 1000.0},
+                     {"cpu1": 7.0, "cpu2": 15.0, "fio": 900.0},
+                     {"cpu1": 9.0, "cpu2": 17.0, "fio": 800.0}, rep_cal])
+        monkeypatch.setattr(calibrate, "measure", lambda workdir, cals=cals: next(cals))
+        out, quiet = tmp_path / f"out-{recorded}", tmp_path / f"quiet-{recorded}.json"
+        status = bench_run.main([*argv, "--out", str(out), "--quiet-file", str(quiet)])
+        data = json.loads((out / "results" / "latest.json").read_text())
+        assert data["provisional_calibration"] == {"cpu1": 8.0, "cpu2": 16.0, "fio": 900.0}
+        text = (out / "REPORT.md").read_text()
+        assert "its deviation from this recording run's opening calibration (medians of " \
+               "three: cpu1 8.00, cpu2 16.00, fio 900.00)" in text
+        if recorded:
+            assert status == 0
+            record = json.loads(quiet.read_text())
+            assert record["calibration"] == data["provisional_calibration"]
+            assert record["figures"]["raw-tmpfs"]["nbdkit-file"]["randread-qd32"] > 0
+            assert data["not_judged"] is None and "by this run" in text
+        else:
+            assert status == 1 and not quiet.exists()
+            (rep,) = data["repetitions"]
+            assert rep["reasons"] == ["calibration cpu2 38% slower than quiet (limit 15%)"]
+            assert data["not_judged"].startswith("no quiet reference; disturbed run")
