@@ -17,7 +17,7 @@ setup(
             name,
             [source],
             include_dirs=["src/blktap/tapdisk"],
-            depends=[DISK_HEADER],
+            depends=[DISK_HEADER, "src/blktap/transport/nbd/_inline_async.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         )

@@ -130,6 +130,10 @@ class CImage:
         self._poll = rbd.rbd_poll_io_events
         self._aio_read = rbd.rbd_aio_read
         self._aio_write = rbd.rbd_aio_write
+        self._arg = rbd.rbd_aio_get_arg
+        # The calls a compiled pass issues requests with (driver.AsyncTarget's ops).
+        self.ops = tuple(ctypes.cast(fn, c_void_p).value for fn in (
+            self._create, self._aio_read, self._aio_write, self._release))
         try:
             self._open(writable)
         except BaseException:
@@ -234,24 +238,30 @@ class CImage:
         return self._issue(self.rbd.rbd_aio_write_zeroes(self.image, offset, length, comp,
                                                          flags, 0), comp)
 
-    def poll(self) -> list[tuple[int, int]]:
-        """(completion, return value) of every request finished since the last call
-        (the eventfd's count is cleared first, so a completion landing meanwhile
-        signals again)."""
+    def poll(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Every request finished since the last call (the eventfd's count is cleared
+        first, so a completion landing meanwhile signals again): (completion, return
+        value) of those issued here, and (argument, return value) of those a compiled
+        pass issued with an argument of its own (driver.AsyncTarget)."""
         try:
             os.eventfd_read(self.eventfd)
         except BlockingIOError:
             pass
         out: list[tuple[int, int]] = []
+        theirs: list[tuple[int, int]] = []
         image, events = self.image, self._events
-        poll, value, release = self._poll, self._value, self._release
+        poll, value, release, get_arg = self._poll, self._value, self._release, self._arg
         while True:
             n = poll(image, events, POLL_BATCH)
             for comp in events[:n]:
-                out.append((comp, value(comp)))
+                arg = get_arg(comp)
+                if arg:
+                    theirs.append((arg, value(comp)))
+                else:
+                    out.append((comp, value(comp)))
                 release(comp)
             if n < POLL_BATCH:
-                return out
+                return out, theirs
 
     # ---------------------------------------------------------------- the map
     def data_runs(self, offset: int, length: int, end: int, whole_object: bool

@@ -32,7 +32,7 @@ from __future__ import annotations
 import array
 import enum
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -174,6 +174,24 @@ class InlineTarget(NamedTuple):
     zero_flag: bool = False
     below: tuple = ()
     hits: Any = None
+
+
+class AsyncTarget(NamedTuple):
+    """:meth:`Driver.inline_async`: a disk a transport's compiled pass may issue plain
+    reads and writes to itself, whose completions come back later through the driver
+    (librbd's C calls, for an ``rbd`` disk). ``image`` is the library's handle (an
+    address), ``size`` the disk's, ``writes`` whether writes may be issued, and ``ops``
+    the addresses of the calls, in this order: ``rbd_aio_create_completion``,
+    ``rbd_aio_read``, ``rbd_aio_write``, ``rbd_aio_release``. A completion the pass
+    makes carries its own argument (never NULL), by which the driver tells it from its
+    own and hands it back to the ``complete`` it was given with the target.
+
+    The compiled pass reads these fields by position: add new ones at the end."""
+
+    image: int
+    size: int
+    writes: bool
+    ops: tuple[int, ...]
 
 
 def inline_file(engine: Engine, fd: int, size: int, writable: bool, **layout: Any
@@ -473,6 +491,16 @@ class Driver:
         each pass, so a driver may change its answer at any time (after
         punching a hole, say); what the compiled path does must be exactly what
         :meth:`read_now`/:meth:`write_now` would do."""
+        return None
+
+    def inline_async(self, complete: Callable[[list[tuple[int, int]]], None]
+                     ) -> AsyncTarget | None:
+        """Where a transport's compiled pass may issue reads and writes that complete
+        later (:class:`AsyncTarget`), or None (the default). The driver gives the
+        completions of the requests issued there, ``(argument, return value)`` in a
+        batch, to ``complete``, on the loop; a transport asks before each pass. What
+        the pass issues must be exactly what :meth:`read`/:meth:`write` would do; a
+        request that fails there is served again by the transport's Python path."""
         return None
 
     def inline_layer(self) -> InlineTarget | None:

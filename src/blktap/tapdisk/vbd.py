@@ -59,6 +59,7 @@ from blktap.metrics.latency import OpLatency
 from blktap.tapdisk.driver import (
     SECTOR,
     STATE_ZERO,
+    AsyncTarget,
     Caps,
     DirtyBitmap,
     Driver,
@@ -223,6 +224,9 @@ class VBD:
         self._group_tasks: set[asyncio.Task] = set()
         self._tasks_for_abandoned: set[asyncio.Task] = set()
         self._inflight: set[Request] = set()
+        # Requests a transport's compiled pass issued to the driver (inline_async), not
+        # yet finished: drain waits for them too.
+        self._async_inflight = 0
         self._last_progress = self._clock()
         self._stall_reported = False
         self._rmw_lock = asyncio.Lock()
@@ -641,16 +645,21 @@ class VBD:
         # The leader's group holds the leader: unlinked, a finished request is freed by
         # its reference count, not left in a cycle for the garbage collector.
         group[0].group = None
-        if not self._inflight:
+        if not self._inflight and not self._async_inflight:
             self._idle.set()
 
     def _check_watchdog(self) -> None:
-        if not self._inflight or self._stall_reported:
+        if not (self._inflight or self._async_inflight) or self._stall_reported:
             return
         stalled = time.monotonic() - self._last_progress
         if stalled >= self.watchdog_timeout:
             self._stall_reported = True
             self.stats.watchdog_stalls += 1
+            if not self._inflight:  # only the compiled pass's: no request to show
+                log.warning("%s: watchdog: %d requests issued by a transport's compiled "
+                            "pass in flight, none completed for %.1f s", self.name,
+                            self._async_inflight, stalled)
+                return
             oldest = min(self._inflight, key=lambda r: r.start)
             log.warning("%s: watchdog: %d requests in flight, none completed for %.1f s "
                         "(oldest: %s of %d bytes at %d, %.1f s old)", self.name,
@@ -803,6 +812,60 @@ class VBD:
         if target is not None and target.writes and self.read_only:
             return target._replace(writes=False)
         return target
+
+    def inline_async(self, complete: Callable[[list[tuple[int, int]]], None]
+                     ) -> AsyncTarget | None:
+        """Where a transport's compiled pass may issue this disk's reads (and writes, if
+        ``writes``) itself, to complete later: the top driver's
+        :meth:`Driver.inline_async` while the disk runs (None while paused or closed, and
+        for any stack with a filter on top), the completions going to ``complete``. The
+        transport takes only whole sectors inside the disk there, tells
+        :meth:`issued_inline` what it issued and :meth:`finished_inline` what finished,
+        and serves again through :meth:`read`/:meth:`write` what failed there (retries
+        and errors are the Python path's). Ask again before each pass."""
+        if self._closed or not self._running.is_set():
+            return None
+        target = self.driver.inline_async(complete)
+        if target is not None and target.writes and self.read_only:
+            return target._replace(writes=False)
+        return target
+
+    def issued_inline(self, count: int) -> None:
+        """``count`` requests were issued at :meth:`inline_async`'s target: in flight
+        (pause and close wait for them) until :meth:`finished_inline` says so."""
+        if count:
+            if not self._async_inflight and not self._inflight:
+                self._last_progress = self._clock()
+            self._async_inflight += count
+            self.stats.in_flight += count
+            self.stats.submitted += count
+            self._idle.clear()
+
+    def finished_inline(self, reads: int, read_bytes: int, writes: int, write_bytes: int,
+                        failed: int = 0) -> None:
+        """Requests issued at :meth:`inline_async`'s target finished: those served
+        (counted as the Python path counts them, but for their latency, which only the
+        transport could have timed), and ``failed`` that the transport serves again
+        through :meth:`read`/:meth:`write` (counted there)."""
+        count = reads + writes + failed
+        if not count:
+            return
+        self._async_inflight -= count
+        st = self.stats
+        st.in_flight -= count
+        st.submitted -= failed  # (submitted again by the Python path)
+        read_sectors, write_sectors = read_bytes // SECTOR, write_bytes // SECTOR
+        st.read_reqs += reads
+        st.read_sectors += read_sectors
+        st.write_reqs += writes
+        st.write_sectors += write_sectors
+        hits = self.driver.hits
+        hits[0] += read_sectors
+        hits[1] += write_sectors
+        self._last_progress = self._clock()
+        self._stall_reported = False
+        if not self._inflight and not self._async_inflight:
+            self._idle.set()
 
     def served_inline(self, reads: int, read_bytes: int, writes: int,
                       write_bytes: int) -> None:
@@ -989,7 +1052,7 @@ class VBD:
     # ------------------------------------------------------------------ lifecycle
     async def drain(self) -> None:
         """Wait until no request is in flight."""
-        while self._queue or self._inflight:
+        while self._queue or self._inflight or self._async_inflight:
             await asyncio.sleep(0)
             await self._idle.wait()
 

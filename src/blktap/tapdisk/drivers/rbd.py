@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import logging
 import os
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -49,12 +50,15 @@ from blktap.tapdisk.driver import (
     STATE_DATA,
     STATE_HOLE,
     STATE_ZERO,
+    AsyncTarget,
     Caps,
     Driver,
     Extents,
     OpenContext,
     merge_extents,
 )
+
+log = logging.getLogger("blktap.rbd")
 
 DEFAULT_MAX_INFLIGHT = 64
 # "bindings" keeps requests on the Python bindings' aio calls (the C path's fallback).
@@ -119,6 +123,11 @@ class RbdDriver(Driver):
         # until the completion, even for a caller that gave up waiting).
         self._pending: dict[int, tuple[_Issued, Any]] = {}
         self._watching: asyncio.AbstractEventLoop | None = None
+        # Whom to give the completions of requests a transport's compiled pass issued
+        # (inline_async), and the target it issues them to.
+        self._foreign: Callable[[list[tuple[int, int]]], None] | None = None
+        self._async: AsyncTarget | None = None
+        self._closing = False
         if os.environ.get(ENV_IO, "c") != "bindings" and rbd_c.load() is not None:
             try:
                 self.c = CImage(image.spec, image.writable)
@@ -253,7 +262,13 @@ class RbdDriver(Driver):
         """The eventfd is readable: settle every request librbd has finished."""
         assert self.c is not None
         pending = self._pending
-        for comp, ret in self.c.poll():
+        ours, theirs = self.c.poll()
+        if theirs:
+            if self._foreign is None:  # (cannot be: only a transport makes them)
+                log.error("%s: %d completions of nobody's requests", self.path, len(theirs))
+            else:
+                self._foreign(theirs)
+        for comp, ret in ours:
             entry = pending.pop(comp, None)
             if entry is None:
                 continue
@@ -293,6 +308,23 @@ class RbdDriver(Driver):
 
     def start_read(self, offset: int, iov: Sequence[memoryview], done: Completion) -> bool:
         return self._start("read", offset, iov, done)
+
+    def inline_async(self, complete: Callable[[list[tuple[int, int]]], None]
+                     ) -> AsyncTarget | None:
+        """With librbd's C calls: the image, for a transport's compiled pass to issue
+        reads and writes to (their completions arrive on the eventfd this driver
+        watches, and go to ``complete``)."""
+        c = self.c
+        if c is None or self._closing:
+            return None
+        if self._watching is None:
+            self._watch(asyncio.get_running_loop())
+        self._foreign = complete
+        target = self._async
+        if target is None:
+            target = self._async = AsyncTarget(c.image.value or 0, self.size,
+                                               self.writable, c.ops)
+        return target
 
     def start_write(self, offset: int, iov: Sequence[memoryview], done: Completion, *,
                     fua: bool = False) -> bool:
@@ -388,6 +420,7 @@ class RbdDriver(Driver):
         return data_runs_from(found, offset, end)
 
     async def close(self) -> None:
+        self._closing = True  # (no more requests from a compiled pass)
         # Let what librbd holds land first (the VBD drains before closing; this is for
         # requests whose callers gave up).
         while self.inflight:

@@ -176,6 +176,8 @@ static int servable(const struct disk *d, const unsigned char *rb, Py_ssize_t st
         && take(d, rb + start, cmd, offset, length, structured, &place) != TAKE_NOT;
 }
 
+#include "_inline_async.h"  /* AsyncPass: the pass for a disk that answers later */
+
 PyDoc_STRVAR(nbd_pump_doc,
 "nbd_pump(sock, rbuf, start, end, scratch, target, structured, max_requests, max_length)\n"
 "--\n\n"
@@ -331,6 +333,7 @@ fail:
 
 static PyMethodDef methods[] = {
     {"nbd_pump", (PyCFunction)(void (*)(void))nbd_pump, METH_FASTCALL, nbd_pump_doc},
+    {"complete", (PyCFunction)async_complete, METH_O, async_complete_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -345,7 +348,9 @@ PyMODINIT_FUNC PyInit__inline(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (disk_add_constants(m) < 0) {
+    if (PyType_Ready(&AsyncPassType) < 0
+            || PyModule_AddObjectRef(m, "AsyncPass", (PyObject *)&AsyncPassType) < 0
+            || disk_add_constants(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

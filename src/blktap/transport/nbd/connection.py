@@ -136,6 +136,10 @@ class Connection:
         # The compiled inline path (inline.py), used from the data hook (plain sockets).
         self._inline = None if ch.tls else inline.compiled()
         self._inline_misses = 0  # passes in a row that served nothing (_pump_inline)
+        # The compiled pass to a disk that answers later (_pump_async), made at need, and
+        # what waits for it to have nothing in flight.
+        self._async: object | None = None
+        self._async_idle: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ reader
     async def serve(self) -> None:
@@ -159,6 +163,7 @@ class Connection:
         finally:
             self.ch.on_data = None
             try:
+                await self._async_settled()  # (what failed there joins the tasks)
                 await settle(self.tasks, self.callbacks)
                 # Replies posted by the reader have no task: they leave before the close.
                 await self.ch.drain()
@@ -362,7 +367,14 @@ class Connection:
             if misses % INLINE_RETRY:
                 return 0
         target = self.vbd.inline_target()
-        if target is None or ch.closed:
+        if target is None:  # perhaps a disk that answers later
+            served = 0 if ch.closed else self._pump_async(budget)
+            if served:
+                self._inline_misses = 0
+            elif misses < INLINE_MISSES:
+                self._inline_misses = misses + 1
+            return served
+        if ch.closed:
             return 0
         # Past the queue only when it is empty (messages must not interleave); else the
         # replies stay in the scratch and join the queue, sent with it this turn, if the
@@ -408,6 +420,70 @@ class Connection:
             self._take(left)
             ch.post([bytes(memoryview(scratch)[sent:used])], self._posted, (None, left))
         return served
+
+    def _pump_async(self, budget: int) -> int:
+        """The compiled pass to a disk that answers later (VBD.inline_async: an ``rbd``
+        disk): it issues the plain reads and writes at the front of the receive buffer
+        (up to ``budget``) while it has room for them; how many it issued. Each is
+        answered from :meth:`_async_done` when the disk is done with it."""
+        ch = self.ch
+        target = self.vbd.inline_async(inline.complete_async)
+        if target is None:
+            return 0
+        apass = self._async
+        if apass is None:
+            apass = self._async = inline.async_pass(self._async_done)
+            if apass is None:
+                return 0
+        start, reads, writes = apass.submit(ch.buf, ch.start, ch.end, target,  # type: ignore[attr-defined]
+                                            self.session.structured, budget,
+                                            inline.MAX_LENGTH)
+        ch.consume(start - ch.start)
+        issued = reads + writes
+        self.vbd.issued_inline(issued)
+        return issued
+
+    def _async_done(self) -> None:
+        """Requests issued by :meth:`_pump_async` are done: their replies go to the
+        socket now when nothing is queued before them, else join the queue; those that
+        failed there are served again by the Python path (which retries them through the
+        VBD and answers what they end with)."""
+        apass = self._async
+        ch = self.ch
+        sock = ch.fd if not self.broken and ch.clear_to_send() else -1
+        reads, read_bytes, writes, write_bytes, rest, error, failed = \
+            apass.flush(sock)  # type: ignore[union-attr]
+        self.vbd.finished_inline(reads, read_bytes, writes, write_bytes,
+                                 len(failed) if failed else 0)
+        if error:
+            log.debug("%s: reply failed: %s", self.peer, os.strerror(error))
+            self._die()
+        elif rest is not None and not self.broken:
+            left = len(rest)
+            self.budget.take(self._charge(left))
+            self._take(left)
+            ch.post([rest], self._posted, (None, left))
+        if failed and not self.broken:
+            for handle, cmd, flags, offset, length, payload, code in failed:
+                log.debug("%s: %s of %d bytes at %d failed in the compiled pass (%s): "
+                          "served again", self.peer, p.CMD_NAMES[cmd], length, offset,
+                          os.strerror(code))
+                self.budget.take(self._charge(length))
+                self._take(length)
+                if cmd == p.CMD_READ:
+                    self._serve_read(handle, flags, offset, length)
+                else:
+                    buf = self.pool.get(length)
+                    buf.view[:] = payload
+                    self._write_later(handle, flags, offset, buf, length)
+        if not apass.issued and self._async_idle is not None:  # type: ignore[union-attr]
+            self._async_idle.set()
+
+    async def _async_settled(self) -> None:
+        """Wait until the disk is done with every request :meth:`_pump_async` issued."""
+        while self._async is not None and self._async.issued:  # type: ignore[attr-defined]
+            self._async_idle = asyncio.Event()
+            await self._async_idle.wait()
 
     # ------------------------------------------------------------------ reads and writes
     def _serve_read(self, handle: int, flags: int, offset: int, length: int) -> None:

@@ -23,6 +23,12 @@ SCRATCH_BYTES = (1 << 20) + (64 << 10)
 # The largest request the compiled path takes (larger ones gain nothing from it).
 MAX_LENGTH = 1 << 20
 
+# A connection's requests in flight through the compiled pass to a disk that answers
+# later (AsyncPass), and the bytes their buffers may hold together: beyond, the Python
+# path takes them.
+ASYNC_SLOTS = 32
+ASYNC_BYTES = 4 << 20
+
 Pump = Callable[..., tuple[int, int, int, int, int, int, int, int]]
 
 try:
@@ -36,6 +42,20 @@ def compiled() -> Pump | None:
     if _inline is None or os.environ.get("BLKTAP_INLINE", "1") == "0":
         return None
     return _inline.nbd_pump
+
+
+def async_pass(on_done: Callable[[], None]) -> object | None:
+    """A connection's compiled pass to a disk whose requests complete later
+    (``_inline.AsyncPass``: an ``rbd`` disk), or None when the extension is not built."""
+    if _inline is None:
+        return None
+    return _inline.AsyncPass(on_done, ASYNC_SLOTS, ASYNC_BYTES)
+
+
+def complete_async(finished: list[tuple[int, int]]) -> None:
+    """Given to the VBD with :meth:`VBD.inline_async`: the driver's completions of what
+    the passes issued."""
+    _inline.complete(finished)
 
 
 def available() -> bool:

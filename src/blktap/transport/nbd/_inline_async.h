@@ -1,0 +1,606 @@
+/*
+ * The NBD transport's compiled pass for a disk whose requests complete later (a Ceph
+ * image through librbd's C calls): included by _inline.c, one compilation unit.
+ *
+ * nbd_pump serves what the kernel does at once; a disk on a cluster answers a request
+ * after a network round trip, so here the pass is split in two. AsyncPass.submit takes
+ * the plain READ and WRITE requests at the front of a connection's receive buffer and
+ * issues each to librbd from one of the pass's slots (a write's payload copied into the
+ * slot's buffer, a read's reply header built in front of where librbd puts the data),
+ * with the slot as the completion's argument. The driver's reaper (on the loop, when
+ * librbd signals its eventfd) gives the completions whose argument is not its own to
+ * complete(); each pass with finished slots then calls its connection back once, which
+ * sends their replies (AsyncPass.flush) or has them queued behind what is queued.
+ *
+ * As nbd_pump, it never answers an error: a request librbd failed (or read short) is
+ * handed back whole to the Python path (flush's "failed"), which retries it through the
+ * VBD and answers what it ends with. The driver resolves librbd's calls (ctypes) and
+ * gives their addresses in its target; this file needs neither librbd's headers nor a
+ * link against it.
+ */
+
+#include <limits.h>
+#include <stdlib.h>
+
+/* AsyncTarget's fields, by position (the driver's NamedTuple: tapdisk/driver.py). */
+enum { AT_IMAGE, AT_SIZE, AT_WRITES, AT_OPS, AT_FIELDS };
+/* The calls in AsyncTarget.ops, in this order (librbd.h's signatures). */
+enum { OP_CREATE_COMPLETION, OP_AIO_READ, OP_AIO_WRITE, OP_RELEASE, OP_COUNT };
+
+typedef int (*create_completion_fn)(void *arg, void *callback, void **completion);
+typedef int (*aio_rw_fn)(void *image, uint64_t offset, size_t length, void *buf,
+                         void *completion);
+typedef void (*release_fn)(void *completion);
+
+#define SLOT_FREE 0
+#define SLOT_ISSUED 1   /* librbd holds it (and its buffer) */
+#define SLOT_READY 2    /* done: its reply waits in its buffer */
+#define SLOT_FAILED 3   /* done badly: the Python path's to answer */
+
+struct slot;
+typedef struct AsyncPass AsyncPass;
+
+struct slot {
+    AsyncPass *pass;
+    unsigned char *buf;      /* the reply header (reads) and the data */
+    size_t cap;
+    size_t header;           /* bytes of reply header in front of the data */
+    uint64_t offset;
+    uint32_t length;
+    uint16_t cmd, flags;
+    unsigned char handle[8]; /* as the client sent it */
+    ssize_t ret;
+    int state;
+    int next;                /* the next slot in the done list (-1: the last) */
+};
+
+struct AsyncPass {
+    PyObject_HEAD
+    struct slot *slots;
+    int nslots;
+    int issued;              /* slots librbd holds */
+    int done_head, done_tail; /* slots done, in the order they finished */
+    int notified;            /* on the list of passes to call back this batch */
+    size_t held_bytes;       /* capacity of the slots' buffers, at most max_bytes */
+    size_t max_bytes;
+    PyObject *on_done;       /* the connection's callback: once per batch of completions */
+    PyObject *target;        /* the last target seen, and its calls */
+    void *image;
+    uint64_t size;
+    int writes;
+    create_completion_fn create_completion;
+    aio_rw_fn aio_read, aio_write;
+    release_fn release;
+};
+
+static int async_target(AsyncPass *self, PyObject *target)
+{
+    if (target == self->target)
+        return 0;
+    if (!PyTuple_Check(target) || PyTuple_GET_SIZE(target) < AT_FIELDS) {
+        PyErr_SetString(PyExc_TypeError, "the target must be an AsyncTarget");
+        return -1;
+    }
+    PyObject *ops = PyTuple_GET_ITEM(target, AT_OPS);
+    if (!PyTuple_Check(ops) || PyTuple_GET_SIZE(ops) < OP_COUNT) {
+        PyErr_SetString(PyExc_TypeError, "AsyncTarget.ops must hold the librbd calls");
+        return -1;
+    }
+    void *fn[OP_COUNT];
+    for (int i = 0; i < OP_COUNT; i++) {
+        fn[i] = PyLong_AsVoidPtr(PyTuple_GET_ITEM(ops, i));
+        if (fn[i] == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "a librbd call without an address");
+            return -1;
+        }
+    }
+    void *image = PyLong_AsVoidPtr(PyTuple_GET_ITEM(target, AT_IMAGE));
+    unsigned long long size = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(target, AT_SIZE));
+    int writes = PyObject_IsTrue(PyTuple_GET_ITEM(target, AT_WRITES));
+    if (PyErr_Occurred())
+        return -1;
+    if (image == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the image is closed");
+        return -1;
+    }
+    self->image = image;
+    self->size = size;
+    self->writes = writes;
+    self->create_completion = (create_completion_fn)fn[OP_CREATE_COMPLETION];
+    self->aio_read = (aio_rw_fn)fn[OP_AIO_READ];
+    self->aio_write = (aio_rw_fn)fn[OP_AIO_WRITE];
+    self->release = (release_fn)fn[OP_RELEASE];
+    Py_INCREF(target);
+    Py_XSETREF(self->target, target);
+    return 0;
+}
+
+/* A free slot whose buffer holds ``need`` bytes (grown within max_bytes), or NULL. */
+static struct slot *free_slot(AsyncPass *self, size_t need)
+{
+    struct slot *small = NULL;
+    for (int i = 0; i < self->nslots; i++) {
+        struct slot *s = &self->slots[i];
+        if (s->state != SLOT_FREE)
+            continue;
+        if (s->cap >= need)
+            return s;
+        if (small == NULL || s->cap > small->cap)
+            small = s;
+    }
+    if (small == NULL || self->held_bytes - small->cap + need > self->max_bytes)
+        return NULL;
+    unsigned char *buf = realloc(small->buf, need);
+    if (buf == NULL)
+        return NULL;
+    self->held_bytes += need - small->cap;
+    small->buf = buf;
+    small->cap = need;
+    return small;
+}
+
+PyDoc_STRVAR(async_submit_doc,
+"submit(rbuf, start, end, target, structured, max_requests, max_length)\n"
+"--\n\n"
+"Issue the READ and WRITE requests at rbuf[start:end] that this pass may take (whole,\n"
+"of whole sectors inside the disk, at most ``max_length`` bytes, no flag but FUA and DF\n"
+"on a read, writes only where ``target.writes``), up to ``max_requests``, to the disk\n"
+"``target`` (an AsyncTarget), while a slot and room for its bytes are free. Returns\n"
+"(start, reads, writes): the position of the first request not taken, and how many\n"
+"were issued.");
+
+static PyObject *async_submit(AsyncPass *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "submit takes 7 arguments");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t end = PyLong_AsSsize_t(args[2]);
+    int structured = PyObject_IsTrue(args[4]);
+    long max_requests = PyLong_AsLong(args[5]);
+    unsigned long max_length = PyLong_AsUnsignedLong(args[6]);
+    if (PyErr_Occurred() || async_target(self, args[3]) < 0)
+        return NULL;
+    Py_buffer rbuf;
+    if (PyObject_GetBuffer(args[0], &rbuf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (start < 0 || end < start || end > rbuf.len) {
+        PyBuffer_Release(&rbuf);
+        PyErr_SetString(PyExc_ValueError, "start and end must lie within rbuf");
+        return NULL;
+    }
+    const unsigned char *rb = rbuf.buf;
+    const size_t read_header = structured ? DATA_CHUNK_SIZE : SIMPLE_REPLY_SIZE;
+    long reads = 0, writes = 0;
+    while (reads + writes < max_requests) {
+        uint32_t cmd;
+        uint64_t offset, length;
+        Py_ssize_t took = next_request(rb, start, end, self->size, max_length, &cmd,
+                                       &offset, &length);
+        if (took == 0)
+            break;
+        const unsigned char *req = rb + start;
+        uint16_t flags = get16(req + 4);
+        if (cmd == CMD_WRITE ? (!self->writes || flags)
+                : (flags & ~(CMD_FLAG_FUA | (structured ? CMD_FLAG_DF : 0))))
+            break;  /* FUA writes (a write, then a flush) and the rest: the Python path */
+        size_t header = cmd == CMD_READ ? read_header : 0;
+        struct slot *s = free_slot(self, header + length);
+        if (s == NULL)
+            break;
+        void *comp = NULL;
+        if (self->create_completion(s, NULL, &comp) < 0)
+            break;
+        s->header = header;
+        s->offset = offset;
+        s->length = (uint32_t)length;
+        s->cmd = (uint16_t)cmd;
+        s->flags = flags;
+        memcpy(s->handle, req + 8, 8);
+        int rc;
+        if (cmd == CMD_READ) {
+            unsigned char *reply = s->buf;
+            if (structured) {
+                put32(reply, STRUCTURED_REPLY_MAGIC);
+                put16(reply + 4, REPLY_FLAG_DONE);
+                put16(reply + 6, REPLY_TYPE_OFFSET_DATA);
+                memcpy(reply + 8, s->handle, 8);
+                put32(reply + 16, (uint32_t)(length + 8));
+                put64(reply + 20, offset);
+            } else {
+                put32(reply, SIMPLE_REPLY_MAGIC);
+                put32(reply + 4, 0);
+                memcpy(reply + 8, s->handle, 8);
+            }
+            rc = self->aio_read(self->image, offset, length, s->buf + header, comp);
+        } else {
+            memcpy(s->buf, req + REQUEST_SIZE, length);
+            rc = self->aio_write(self->image, offset, length, s->buf, comp);
+        }
+        if (rc < 0) {  /* refused before queueing: no completion will come */
+            self->release(comp);
+            break;  /* the Python path issues it again and says what is wrong */
+        }
+        s->state = SLOT_ISSUED;
+        if (self->issued++ == 0)
+            Py_INCREF(self);  /* kept until librbd gives back the last slot it holds */
+        start += took;
+        if (cmd == CMD_READ)
+            reads++;
+        else
+            writes++;
+    }
+    PyBuffer_Release(&rbuf);
+    return Py_BuildValue("nll", start, reads, writes);
+}
+
+PyDoc_STRVAR(async_complete_doc,
+"complete(finished)\n"
+"--\n\n"
+"Take back the slots librbd finished: ``finished`` holds (argument, return value) of\n"
+"completions this module's passes made (their argument is the slot). Each pass with\n"
+"slots done is then called back (its on_done) once. Only for the driver's reaper.");
+
+static PyObject *async_complete(PyObject *module, PyObject *finished)
+{
+    (void)module;
+    PyObject *seq = PySequence_Fast(finished, "complete takes a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *passes = PyList_New(0);
+    if (passes == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = items[i];
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            PyErr_SetString(PyExc_TypeError, "complete takes (argument, return value) pairs");
+            goto fail;
+        }
+        void *arg = PyLong_AsVoidPtr(PyTuple_GET_ITEM(item, 0));
+        long long ret = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 1));
+        if (PyErr_Occurred())
+            goto fail;
+        if (arg == NULL) {
+            PyErr_SetString(PyExc_ValueError, "a completion without a slot");
+            goto fail;
+        }
+        struct slot *s = arg;
+        AsyncPass *pass = s->pass;
+        if (s->state != SLOT_ISSUED) {
+            PyErr_SetString(PyExc_ValueError, "a completion of no slot in flight");
+            goto fail;
+        }
+        s->ret = (ssize_t)ret;
+        s->state = ret < 0 || (s->cmd == CMD_READ && ret != s->length) ? SLOT_FAILED
+                   : SLOT_READY;
+        s->next = -1;
+        int index = (int)(s - pass->slots);
+        if (pass->done_tail < 0)
+            pass->done_head = index;
+        else
+            pass->slots[pass->done_tail].next = index;
+        pass->done_tail = index;
+        pass->issued--;
+        if (!pass->notified) {
+            pass->notified = 1;
+            if (PyList_Append(passes, (PyObject *)pass) < 0)
+                goto fail;
+        }
+        if (pass->issued == 0)
+            Py_DECREF(pass);  /* (the list holds it while it has to be called back) */
+    }
+    Py_DECREF(seq);
+    seq = NULL;
+    int failed = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(passes); i++) {
+        AsyncPass *pass = (AsyncPass *)PyList_GET_ITEM(passes, i);
+        pass->notified = 0;
+        if (pass->on_done == NULL || pass->on_done == Py_None)
+            continue;
+        PyObject *r = PyObject_CallNoArgs(pass->on_done);
+        if (r == NULL) {  /* a transport's bug: the other passes are still called */
+            PyErr_WriteUnraisable(pass->on_done);
+            failed = 1;
+        }
+        Py_XDECREF(r);
+    }
+    (void)failed;
+    Py_DECREF(passes);
+    Py_RETURN_NONE;
+
+fail:
+    Py_XDECREF(seq);
+    Py_XDECREF(passes);
+    return NULL;
+}
+
+/* Unlink the first done slot. */
+static struct slot *pop_done(AsyncPass *self)
+{
+    if (self->done_head < 0)
+        return NULL;
+    struct slot *s = &self->slots[self->done_head];
+    self->done_head = s->next;
+    if (self->done_head < 0)
+        self->done_tail = -1;
+    return s;
+}
+
+static size_t reply_size(const struct slot *s)
+{
+    return s->cmd == CMD_READ ? s->header + s->length : SIMPLE_REPLY_SIZE;
+}
+
+/* A write's reply is built when it is sent (its buffer held the payload until then). */
+static const unsigned char *reply_bytes(struct slot *s, unsigned char *write_reply)
+{
+    if (s->cmd == CMD_READ)
+        return s->buf;
+    put32(write_reply, SIMPLE_REPLY_MAGIC);
+    put32(write_reply + 4, 0);
+    memcpy(write_reply + 8, s->handle, 8);
+    return write_reply;
+}
+
+#define FLUSH_IOVS 64
+
+PyDoc_STRVAR(async_flush_doc,
+"flush(sock)\n"
+"--\n\n"
+"Answer the requests done since the last flush: their replies are sent on ``sock``\n"
+"without waiting (-1: none are), and what the socket does not take is returned as\n"
+"bytes, for the caller to queue. Returns (reads, read_bytes, writes, write_bytes, rest,\n"
+"error, failed): the requests answered, the replies not sent (None: none), the errno\n"
+"that broke the connection (0: none), and the requests that failed, each (handle,\n"
+"command, flags, offset, length, payload (a write's) or None, errno), for the Python\n"
+"path to serve again. Every slot done is free after.");
+
+static PyObject *async_flush(AsyncPass *self, PyObject *sock_arg)
+{
+    int sock = PyLong_AsLong(sock_arg);
+    if (sock == -1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long reads = 0, read_bytes = 0, writes = 0, write_bytes = 0;
+    int error = 0;
+    PyObject *failed = NULL, *rest = NULL;
+    /* The replies, gathered FLUSH_IOVS at a time; a write's reply header is built in
+     * the write's own buffer (free from now on: its payload went to librbd). */
+    struct slot *batch[FLUSH_IOVS];
+    struct iovec iov[FLUSH_IOVS];
+    size_t left_total = 0;
+    struct slot *s;
+    int socket_full = sock < 0;
+    Py_ssize_t rest_len = 0;
+    while (self->done_head >= 0) {
+        int k = 0;
+        size_t bytes = 0;
+        while (k < FLUSH_IOVS && (s = pop_done(self)) != NULL) {
+            if (s->state == SLOT_FAILED) {
+                PyObject *payload = Py_None;
+                Py_INCREF(payload);
+                if (s->cmd == CMD_WRITE) {
+                    Py_DECREF(payload);
+                    payload = PyBytes_FromStringAndSize((const char *)s->buf, s->length);
+                }
+                uint64_t handle;
+                memcpy(&handle, s->handle, 8);
+                PyObject *item = payload == NULL ? NULL : Py_BuildValue(
+                    "KIIKINi", (unsigned long long)be64toh(handle), (unsigned)s->cmd,
+                    (unsigned)s->flags, (unsigned long long)s->offset,
+                    (unsigned)s->length, payload, (int)(s->ret < 0 ? -s->ret : EIO));
+                if (item == NULL || (failed == NULL && (failed = PyList_New(0)) == NULL)
+                        || PyList_Append(failed, item) < 0) {
+                    Py_XDECREF(item);
+                    s->state = SLOT_FREE;
+                    goto fail;
+                }
+                Py_DECREF(item);
+                s->state = SLOT_FREE;
+                continue;
+            }
+            if (s->cmd == CMD_READ) {
+                reads++;
+                read_bytes += s->length;
+            } else {
+                writes++;
+                write_bytes += s->length;
+            }
+            iov[k].iov_base = (void *)reply_bytes(s, s->buf);
+            iov[k].iov_len = reply_size(s);
+            bytes += iov[k].iov_len;
+            batch[k++] = s;
+        }
+        size_t sent = 0;
+        while (!socket_full && !error && sent < bytes) {
+            /* skip what is sent already */
+            struct iovec part[FLUSH_IOVS];
+            int m = 0;
+            size_t skip = sent;
+            for (int j = 0; j < k; j++) {
+                if (skip >= iov[j].iov_len) {
+                    skip -= iov[j].iov_len;
+                    continue;
+                }
+                part[m].iov_base = (unsigned char *)iov[j].iov_base + skip;
+                part[m].iov_len = iov[j].iov_len - skip;
+                skip = 0;
+                m++;
+            }
+            struct msghdr msg = { .msg_iov = part, .msg_iovlen = (size_t)m };
+            ssize_t got = sendmsg(sock, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (got < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    socket_full = 1;
+                else
+                    error = errno;
+                break;
+            }
+            sent += (size_t)got;
+        }
+        if (error) {  /* nobody to answer: the slots go back */
+            for (int j = 0; j < k; j++)
+                batch[j]->state = SLOT_FREE;
+            continue;
+        }
+        if (sent < bytes) {  /* what the socket did not take: into ``rest``, in order */
+            size_t left = bytes - sent;
+            if (rest == NULL) {
+                rest = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)left);
+            } else if (_PyBytes_Resize(&rest, rest_len + (Py_ssize_t)left) < 0) {
+                rest = NULL;
+            }
+            if (rest == NULL) {
+                for (int j = 0; j < k; j++)
+                    batch[j]->state = SLOT_FREE;
+                goto fail;
+            }
+            unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(rest) + rest_len;
+            size_t skip = sent;
+            for (int j = 0; j < k; j++) {
+                if (skip >= iov[j].iov_len) {
+                    skip -= iov[j].iov_len;
+                    continue;
+                }
+                memcpy(dst, (unsigned char *)iov[j].iov_base + skip, iov[j].iov_len - skip);
+                dst += iov[j].iov_len - skip;
+                skip = 0;
+            }
+            rest_len += (Py_ssize_t)left;
+            left_total += left;
+        }
+        for (int j = 0; j < k; j++)
+            batch[j]->state = SLOT_FREE;
+    }
+    (void)left_total;
+    PyObject *out = Py_BuildValue("KKKKOiO", reads, read_bytes, writes, write_bytes,
+                                  rest ? rest : Py_None, error, failed ? failed : Py_None);
+    Py_XDECREF(rest);
+    Py_XDECREF(failed);
+    return out;
+
+fail:
+    /* What is still on the done list stays there for the next flush. */
+    Py_XDECREF(rest);
+    Py_XDECREF(failed);
+    return NULL;
+}
+
+static PyObject *async_get_issued(AsyncPass *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromLong(self->issued);
+}
+
+static PyObject *async_get_pending(AsyncPass *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->done_head >= 0);
+}
+
+static PyObject *async_get_held_bytes(AsyncPass *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSize_t(self->held_bytes);
+}
+
+static int async_init(AsyncPass *self, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"on_done", "slots", "max_bytes", NULL};
+    PyObject *on_done;
+    int nslots = 32;
+    Py_ssize_t max_bytes = 4 << 20;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|in", keywords, &on_done, &nslots,
+                                     &max_bytes))
+        return -1;
+    if (self->slots != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "an AsyncPass is made once");
+        return -1;
+    }
+    if (nslots < 1 || nslots > 4096 || max_bytes < 0) {
+        PyErr_SetString(PyExc_ValueError, "1 to 4096 slots, and max_bytes >= 0");
+        return -1;
+    }
+    self->slots = calloc((size_t)nslots, sizeof(struct slot));
+    if (self->slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int i = 0; i < nslots; i++)
+        self->slots[i].pass = self;
+    self->nslots = nslots;
+    self->max_bytes = (size_t)max_bytes;
+    self->done_head = self->done_tail = -1;
+    Py_INCREF(on_done);
+    Py_XSETREF(self->on_done, on_done);
+    return 0;
+}
+
+static int async_traverse(AsyncPass *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->on_done);
+    Py_VISIT(self->target);
+    return 0;
+}
+
+static int async_clear(AsyncPass *self)
+{
+    Py_CLEAR(self->on_done);
+    Py_CLEAR(self->target);
+    return 0;
+}
+
+static void async_dealloc(AsyncPass *self)
+{
+    /* Never with a slot in flight: each issued slot holds a reference to the pass. */
+    PyObject_GC_UnTrack(self);
+    async_clear(self);
+    if (self->slots != NULL) {
+        for (int i = 0; i < self->nslots; i++)
+            free(self->slots[i].buf);
+        free(self->slots);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef async_methods[] = {
+    {"submit", (PyCFunction)(void (*)(void))async_submit, METH_FASTCALL, async_submit_doc},
+    {"flush", (PyCFunction)async_flush, METH_O, async_flush_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef async_getset[] = {
+    {"issued", (getter)async_get_issued, NULL, "Requests librbd holds.", NULL},
+    {"pending", (getter)async_get_pending, NULL,
+     "Whether requests are done and not flushed yet.", NULL},
+    {"held_bytes", (getter)async_get_held_bytes, NULL,
+     "The bytes of the slots' buffers (at most max_bytes).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyDoc_STRVAR(async_pass_doc,
+"AsyncPass(on_done, slots=32, max_bytes=4 MiB)\n"
+"--\n\n"
+"One connection's compiled pass to a disk whose requests complete later (see\n"
+"_inline_async.h): at most ``slots`` requests in flight, in buffers of at most\n"
+"``max_bytes`` together. ``on_done()`` is called once per batch of completions.");
+
+static PyTypeObject AsyncPassType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "blktap.transport.nbd._inline.AsyncPass",
+    .tp_basicsize = sizeof(AsyncPass),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = async_pass_doc,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)async_init,
+    .tp_dealloc = (destructor)async_dealloc,
+    .tp_traverse = (traverseproc)async_traverse,
+    .tp_clear = (inquiry)async_clear,
+    .tp_methods = async_methods,
+    .tp_getset = async_getset,
+};
