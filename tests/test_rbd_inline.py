@@ -1,0 +1,350 @@
+"""The NBD transport's compiled pass to a disk that answers later (``AsyncPass``,
+``transport/nbd/_inline_async.h``), against a real, throwaway Ceph (tests/ceph_cluster.py):
+plain reads and writes issued to librbd from C, answered from C when the rbd driver's
+reaper hands their completions back. Each test runs the server in-process, so that what
+went through the pass is counted (VBD.issued_inline), and compares with the Python path
+(BLKTAP_INLINE=0) where the answers must be the same."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import struct
+
+import pytest
+
+from blktap.io.threads import ThreadEngine
+from blktap.tapdisk.drivers import open_stack
+from blktap.tapdisk.vbd import VBD
+from blktap.transport.nbd import inline
+from test_fast_path import (
+    READ,
+    WRITE,
+    arun,
+    attach,
+    check_burst,
+    collect,
+    exchange,
+    mixed_burst,
+    nbd_served,
+    outstanding,
+    req,
+    settled,
+    until,
+)
+from test_rbd import new_image
+
+MiB = 1 << 20
+KiB = 1 << 10
+DISK = 32 * MiB
+
+
+@pytest.fixture(autouse=True)
+def built() -> None:
+    if not inline.available():
+        pytest.skip("the compiled inline path is not built here (no C compiler)")
+
+
+def count_issued(vbd: VBD) -> dict[str, int]:
+    """Counters of what the compiled pass issues on ``vbd`` from now, and of what failed
+    there (served again by the Python path)."""
+    seen = {"issued": 0, "failed": 0}
+    issued, finished = vbd.issued_inline, vbd.finished_inline
+
+    def counting_issued(count: int) -> None:
+        seen["issued"] += count
+        issued(count)
+
+    def counting_finished(reads: int, read_bytes: int, writes: int, write_bytes: int,
+                          failed: int = 0) -> None:
+        seen["failed"] += failed
+        finished(reads, read_bytes, writes, write_bytes, failed)
+    vbd.issued_inline = counting_issued  # type: ignore[method-assign]
+    vbd.finished_inline = counting_finished  # type: ignore[method-assign]
+    return seen
+
+
+def filled_image(cluster) -> tuple[str, bytes]:
+    """A new image whose every byte is known (random, written through qemu's peer: the
+    rbd CLI)."""
+    name = new_image(cluster, DISK)
+    content = random.Random(7).randbytes(DISK)
+    path = cluster.root / f"{name}.raw"
+    path.write_bytes(content)
+    try:
+        cluster.rbd("import", "--no-progress", str(path), f"rbd/{name}-full")
+    finally:
+        path.unlink()
+    return f"{name}-full", content
+
+
+async def read_back(vbd: VBD, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    await vbd.read(offset, memoryview(buf))
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_a_mixed_burst_gets_the_answers_the_python_path_gives(
+        ceph_cluster, tmp_path, monkeypatch: pytest.MonkeyPatch, structured: bool) -> None:
+    """Every kind of request at once (reads and writes of 512 B to 300 KiB, FUA, DF, the
+    other commands, invalid ones): with the pass on, the plain reads and writes go
+    through it, the rest through the Python path, and every answer is the Python
+    path's: data read as the image holds it, writes landed, errors as they were."""
+    name, content = filled_image(ceph_cluster)
+    spec = ceph_cluster.spec(name)
+    sock = tmp_path / "s.sock"
+
+    def run(mode: str, rounds: int = 3) -> tuple[dict[str, int], list[dict]]:
+        monkeypatch.setenv("BLKTAP_INLINE", mode)
+
+        async def body(engine: ThreadEngine) -> tuple[dict[str, int], list[dict]]:
+            answers = []
+            async with nbd_served(engine, spec, sock) as (server, vbd):
+                seen = count_issued(vbd)
+                w, conn = await attach(server, sock, structured=structured)
+                for r in range(rounds):
+                    reqs, reads, errors, writes, status = mixed_burst(DISK, 51 + r,
+                                                                      (r + 1) << 24)
+                    count = len(reads) + len(errors) + len(writes)
+                    got = await exchange(w, b"".join(reqs), count, reads)
+                    if structured:
+                        check_burst(got, reads, errors, writes, status, content)
+                    answers.append(got)
+                    for off, payload in writes.values():
+                        assert await read_back(vbd, off, len(payload)) == payload, off
+                await settled(conn, vbd)
+                assert outstanding(server.pool) == 0
+                return seen, answers
+        return arun(body)  # type: ignore[no-any-return]
+
+    off, off_answers = run("0")
+    on, on_answers = run("1")
+    assert on_answers == off_answers
+    assert off["issued"] == 0
+    assert on["issued"] > 0 and on["failed"] == 0, on
+    if not structured:  # (check_burst checked the structured answers)
+        for got in on_answers:
+            assert sum(1 for error, data in got.values() if not error and data) > 60
+
+
+def test_a_client_that_reads_no_replies_gets_them_all_later(ceph_cluster, tmp_path) -> None:
+    """More replies than the socket holds, while the client reads none: those the
+    socket does not take join the queue; once it reads, every reply is there, whole and
+    in one piece each (no two interleaved)."""
+    name, content = filled_image(ceph_cluster)
+    spec = ceph_cluster.spec(name)
+    sock = tmp_path / "s.sock"
+    n, length = 96, 128 * KiB
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            seen = count_issued(vbd)
+            w, conn = await attach(server, sock)
+            w.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+            reads = {h: ((h * 7919 % 200) * length, length) for h in range(n)}
+            w.sock.sendall(b"".join(req(READ, off, ln, handle=h)
+                                    for h, (off, ln) in reads.items()))
+            await until(lambda: seen["issued"] > 0 and not conn._async.issued,  # type: ignore
+                        "the pass's reads done")
+            await until(lambda: conn.ch.stalled, "the socket full")
+            got = await asyncio.to_thread(collect, w, n, reads)
+            for h, (off, ln) in reads.items():
+                assert got[h] == (0, content[off : off + ln]), h
+            await settled(conn, vbd)
+            assert outstanding(server.pool) == 0
+    arun(body)
+
+
+def test_a_client_gone_mid_request_leaves_the_server_serving(ceph_cluster, tmp_path) -> None:
+    """A client that sends reads and writes and hangs up at once: what the pass issued
+    completes into nothing (no reply, no leak), the disk drains, and the next client is
+    served as if nothing happened."""
+    name, content = filled_image(ceph_cluster)
+    spec = ceph_cluster.spec(name)
+    sock = tmp_path / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            seen = count_issued(vbd)
+            w, conn = await attach(server, sock)
+            burst = [req(READ, i * 64 * KiB, 64 * KiB, handle=i) for i in range(24)]
+            burst += [req(WRITE, 16 * MiB + i * 4 * KiB, 4 * KiB, handle=100 + i,
+                          payload=bytes([i]) * 4 * KiB) for i in range(8)]
+            w.sock.sendall(b"".join(burst))
+            await until(lambda: seen["issued"] > 0, "the pass issued")
+            with contextlib.suppress(OSError):
+                w.sock.shutdown(socket.SHUT_RDWR)
+            w.close()
+            await until(lambda: conn not in server._connections, "the connection gone")
+            await until(lambda: vbd.stats.in_flight == 0, "the disk drained")
+            # Another client: served, and reads what the vanished one's writes left
+            # (written or not: each sector is either the old bytes or the new).
+            w2, conn2 = await attach(server, sock)
+            reads = {1: (0, 256 * KiB), 2: (16 * MiB, 32 * KiB)}
+            got = await exchange(w2, b"".join(req(READ, off, ln, handle=h)
+                                              for h, (off, ln) in reads.items()), 2, reads)
+            assert got[1] == (0, content[: 256 * KiB])
+            for i in range(8):
+                piece = got[2][1][i * 4 * KiB : (i + 1) * 4 * KiB]
+                old = content[16 * MiB + i * 4 * KiB :][: 4 * KiB]
+                assert piece in (old, bytes([i]) * 4 * KiB), i
+            await settled(conn2, vbd)
+            assert outstanding(server.pool) == 0
+    arun(body)
+
+
+def test_pause_waits_for_what_the_pass_issued(ceph_cluster, tmp_path) -> None:
+    """A pause asked while the pass's writes are in flight returns only once they are
+    done (and answered); nothing is issued to the paused disk."""
+    name = new_image(ceph_cluster, DISK)
+    spec = ceph_cluster.spec(name)
+    sock = tmp_path / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            seen = count_issued(vbd)
+            w, conn = await attach(server, sock)
+            writes = {h: (h * 64 * KiB, bytes([h % 251 + 1]) * 64 * KiB) for h in range(32)}
+            w.sock.sendall(b"".join(req(WRITE, off, len(pl), handle=h, payload=pl)
+                                    for h, (off, pl) in writes.items()))
+            replies = asyncio.create_task(asyncio.to_thread(collect, w, len(writes), {}))
+            await until(lambda: seen["issued"] > 0, "the pass issued")
+            await vbd.pause()
+            assert vbd.stats.in_flight == 0
+            assert vbd.inline_async(inline.complete_async) is None
+            got = await replies
+            assert all(got[h] == (0, b"") for h in writes), got
+            drv = await engine.call(open_stack, engine, spec, writable=True)
+            await vbd.resume(drv)
+            for off, payload in writes.values():
+                assert await read_back(vbd, off, len(payload)) == payload, off
+            await settled(conn, vbd)
+    arun(body)
+
+
+def test_requests_that_fail_in_the_pass_are_retried_then_answered(
+        ceph_cluster, tmp_path) -> None:
+    """The OSD frozen: what the pass issued times out in librbd (rados_osd_op_timeout),
+    goes back to the Python path, which retries it until the VBD's timeout and answers
+    EIO; the OSD thawed, the same requests succeed through the pass."""
+    name, content = filled_image(ceph_cluster)
+    spec = ceph_cluster.spec(name) + ":rados_osd_op_timeout=1"
+    sock = tmp_path / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            vbd.timeout = 2.5
+            seen = count_issued(vbd)
+            w, conn = await attach(server, sock)
+            reads = {1: (4 * MiB, 64 * KiB)}
+            stream = req(READ, 4 * MiB, 64 * KiB, handle=1) + \
+                req(WRITE, 8 * MiB, 4 * KiB, handle=2, payload=b"w" * 4 * KiB)
+            ceph_cluster.pause_osd()
+            try:
+                got = await exchange(w, stream, 2, reads)
+            finally:
+                ceph_cluster.resume_osd()
+            assert seen["issued"] == 2 and seen["failed"] == 2, seen
+            assert got[1][0] == got[2][0] == 5, got  # NBD's EIO
+            assert vbd.stats.retries > 0
+            got = await exchange(w, stream, 2, reads)
+            assert got[1] == (0, content[4 * MiB : 4 * MiB + 64 * KiB])
+            assert got[2] == (0, b"")
+            assert seen["issued"] == 4 and seen["failed"] == 2, seen
+            await settled(conn, vbd)
+            assert outstanding(server.pool) == 0
+    arun(body)
+
+
+def test_a_read_only_disk_takes_no_write_through_the_pass(ceph_cluster, tmp_path) -> None:
+    """A disk served read-only (a snapshot): reads go through the pass, a write is the
+    Python path's, refused with EPERM."""
+    name, content = filled_image(ceph_cluster)
+    ceph_cluster.rbd("snap", "create", f"rbd/{name}@s")
+    spec = ceph_cluster.spec(name, "s")
+    sock = tmp_path / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        drv = await engine.call(open_stack, engine, spec, writable=False)
+        async with nbd_served(engine, drv, sock) as (server, vbd):
+            seen = count_issued(vbd)
+            w, conn = await attach(server, sock)
+            reads = {1: (MiB, 4 * KiB)}
+            stream = req(READ, MiB, 4 * KiB, handle=1) + \
+                req(WRITE, 0, 4 * KiB, handle=2, payload=b"x" * 4 * KiB)
+            got = await exchange(w, stream, 2, reads)
+            assert got[1] == (0, content[MiB : MiB + 4 * KiB])
+            assert got[2][0] == 1  # NBD's EPERM
+            assert seen["issued"] == 1, seen
+            await settled(conn, vbd)
+    arun(body)
+
+
+def test_qemu_reads_what_the_pass_wrote(ceph_cluster, tmp_path) -> None:
+    """fio's random writes of 4 KiB to 1 MiB, 16 in flight, through the pass, verified
+    by fio; qemu's own rbd driver then finds the same bytes."""
+    from conftest import need, run
+    from test_rbd import qemu_rbd
+
+    fio = need("fio")
+    name = new_image(ceph_cluster, DISK)
+    spec = ceph_cluster.spec(name)
+    sock = tmp_path / "s.sock"
+
+    async def body(engine: ThreadEngine) -> int:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            seen = count_issued(vbd)
+            res = await asyncio.to_thread(run, [
+                fio, "--name=v", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}",
+                "--rw=randwrite", "--bsrange=4k-1m", "--iodepth=16", "--size=16M",
+                "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                "--randrepeat=1", "--verify_state_save=0"], text=True, timeout=300,
+                cwd=tmp_path)
+            assert res.returncode == 0, res.stdout + res.stderr
+            r = await asyncio.to_thread(run, [
+                need("qemu-img"), "compare", "-f", "raw", "-F", "raw",
+                f"nbd+unix:///?socket={sock}", qemu_rbd(ceph_cluster, name)], text=True)
+            assert r.returncode == 0, r.stdout + r.stderr
+            return seen["issued"]
+    assert arun(body) > 0
+
+
+def test_the_pass_is_off_with_the_environment(ceph_cluster, tmp_path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """BLKTAP_INLINE=0 turns this pass off as it does the other."""
+    monkeypatch.setenv("BLKTAP_INLINE", "0")
+    name = new_image(ceph_cluster, DISK)
+    sock = tmp_path / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, ceph_cluster.spec(name), sock) as (server, vbd):
+            seen = count_issued(vbd)
+            w, conn = await attach(server, sock)
+            got = await exchange(w, req(READ, 0, 4 * KiB, handle=9), 1, {9: (0, 4 * KiB)})
+            assert got[9] == (0, bytes(4 * KiB))
+            assert seen["issued"] == 0 and conn._async is None
+    arun(body)
+
+
+def test_the_pass_checks_what_it_is_given() -> None:
+    """Bad arguments are refused with an exception, nothing issued."""
+    from blktap.transport.nbd import _inline
+
+    apass = _inline.AsyncPass(lambda: None, 4, 1 << 20)
+    buf = bytearray(struct.pack(">IHHQQI", 0x25609513, 0, 0, 1, 0, 4096))
+    with pytest.raises(TypeError):
+        apass.submit(buf, 0, len(buf), ("not", "a", "target"), True, 8, 1 << 20)
+    with pytest.raises(ValueError):
+        apass.submit(buf, 0, len(buf), (0, 1 << 30, True, (1, 2, 3, 4)), True, 8, 1 << 20)
+    with pytest.raises(ValueError):
+        apass.submit(buf, 4, 2, (1, 1 << 30, True, (1, 2, 3, 4)), True, 8, 1 << 20)
+    with pytest.raises(ValueError):
+        _inline.complete([(0, 0)])
+    with pytest.raises(TypeError):
+        _inline.complete([1])
+    with pytest.raises(ValueError):
+        _inline.AsyncPass(lambda: None, 0)
+    assert apass.issued == 0 and not apass.pending and apass.held_bytes == 0
