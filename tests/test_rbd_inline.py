@@ -259,6 +259,65 @@ def test_requests_that_fail_in_the_pass_are_retried_then_answered(
     arun(body)
 
 
+def test_large_writes_are_received_into_the_pass(ceph_cluster, tmp_path) -> None:
+    """Writes whose payload comes after the reader has parsed their header (1 MiB, sent
+    in pieces): received straight into a slot and issued from there, answered, and on
+    the disk; a write of more than the pass takes goes the Python path, as before."""
+    name = new_image(ceph_cluster, DISK)
+    sock = tmp_path / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, ceph_cluster.spec(name), sock) as (server, vbd):
+            seen = count_issued(vbd)
+            w, conn = await attach(server, sock)
+            writes = {h: (h * MiB, random.Random(h).randbytes(MiB)) for h in range(1, 5)}
+            writes[9] = (8 * MiB, random.Random(9).randbytes(2 * MiB))  # > MAX_LENGTH
+            stream = b"".join(req(WRITE, off, len(pl), handle=h, payload=pl)
+                              for h, (off, pl) in writes.items())
+            pieces = [stream[i : i + 96 * KiB] for i in range(0, len(stream), 96 * KiB)]
+            got = await exchange(w, pieces, len(writes), {}, pause=0.002)
+            assert all(got[h] == (0, b"") for h in writes), got
+            assert seen["issued"] == 4, seen
+            for off, payload in writes.values():
+                assert await read_back(vbd, off, len(payload)) == payload, off
+            await settled(conn, vbd)
+            assert outstanding(server.pool) == 0
+    arun(body)
+
+
+def test_a_pause_while_a_payload_comes_leaves_it_to_the_python_path(
+        ceph_cluster, tmp_path) -> None:
+    """The disk paused between a large write's header and the end of its payload: the
+    pass does not issue it to the paused disk; the Python path holds it until the disk
+    resumes, then writes it and answers."""
+    name = new_image(ceph_cluster, DISK)
+    spec = ceph_cluster.spec(name)
+    sock = tmp_path / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            seen = count_issued(vbd)
+            w, conn = await attach(server, sock)
+            # A read first, so that the connection has its pass.
+            await exchange(w, req(READ, 0, 4 * KiB, handle=1), 1, {1: (0, 4 * KiB)})
+            payload = random.Random(3).randbytes(MiB)
+            stream = req(WRITE, 2 * MiB, MiB, handle=2, payload=payload)
+            await asyncio.to_thread(w.sock.sendall, stream[: 300 * KiB])
+            await until(lambda: conn._async.reserved == 1, "a slot lent for the payload")
+            await vbd.pause()
+            reply = asyncio.create_task(asyncio.to_thread(collect, w, 1, {}))
+            await asyncio.to_thread(w.sock.sendall, stream[300 * KiB :])
+            await until(lambda: conn._async.reserved == 0, "the slot given back")
+            assert not reply.done()  # held by the pause
+            await vbd.resume(await engine.call(open_stack, engine, spec, writable=True))
+            assert (await reply)[2] == (0, b"")
+            assert seen["issued"] == 1, seen  # the read only
+            assert await read_back(vbd, 2 * MiB, MiB) == payload
+            await settled(conn, vbd)
+            assert outstanding(server.pool) == 0
+    arun(body)
+
+
 def test_a_read_only_disk_takes_no_write_through_the_pass(ceph_cluster, tmp_path) -> None:
     """A disk served read-only (a snapshot): reads go through the pass, a write is the
     Python path's, refused with EPERM."""
@@ -348,3 +407,18 @@ def test_the_pass_checks_what_it_is_given() -> None:
     with pytest.raises(ValueError):
         _inline.AsyncPass(lambda: None, 0)
     assert apass.issued == 0 and not apass.pending and apass.held_bytes == 0
+    with pytest.raises(ValueError):
+        apass.reserve(0)
+    with pytest.raises(ValueError):
+        apass.unreserve(2)  # not lent
+    with pytest.raises(ValueError):
+        apass.issue_write(7, 1, 0, (1, 1 << 30, True, (1, 2, 3, 4)))  # out of range
+    index, view = apass.reserve(8192)
+    assert len(view) == 8192 and not view.readonly and apass.reserved == 1
+    view[:] = b"p" * 8192
+    assert apass.reserve(1 << 20) is None  # over max_bytes with this one lent
+    view.release()
+    apass.unreserve(index)
+    assert apass.reserved == 0 and apass.held_bytes == 8192
+    with pytest.raises(ValueError):
+        apass.unreserve(index)  # given back already

@@ -11,6 +11,9 @@
  * librbd signals its eventfd) gives the completions whose argument is not its own to
  * complete(); each pass with finished slots then calls its connection back once, which
  * sends their replies (AsyncPass.flush) or has them queued behind what is queued.
+ * A write whose payload is not all received yet (a large one) is received by the Python
+ * reader straight into a slot lent for it (reserve), then issued from there
+ * (issue_write): no copy, and no pool buffer, VBD request or task either.
  *
  * As nbd_pump, it never answers an error: a request librbd failed (or read short) is
  * handed back whole to the Python path (flush's "failed"), which retries it through the
@@ -36,6 +39,7 @@ typedef void (*release_fn)(void *completion);
 #define SLOT_ISSUED 1   /* librbd holds it (and its buffer) */
 #define SLOT_READY 2    /* done: its reply waits in its buffer */
 #define SLOT_FAILED 3   /* done badly: the Python path's to answer */
+#define SLOT_RESERVED 4 /* lent to the Python path to receive a write's payload into */
 
 struct slot;
 typedef struct AsyncPass AsyncPass;
@@ -234,6 +238,96 @@ static PyObject *async_submit(AsyncPass *self, PyObject *const *args, Py_ssize_t
     }
     PyBuffer_Release(&rbuf);
     return Py_BuildValue("nll", start, reads, writes);
+}
+
+PyDoc_STRVAR(async_reserve_doc,
+"reserve(length)\n"
+"--\n\n"
+"A slot for a write whose payload is still to be received: (index, memoryview of\n"
+"``length`` bytes in the slot's buffer), or None when no slot or room is free. The\n"
+"view is valid until the slot is issued or given back (issue_write, unreserve).");
+
+static PyObject *async_reserve(AsyncPass *self, PyObject *arg)
+{
+    Py_ssize_t length = PyLong_AsSsize_t(arg);
+    if (length == -1 && PyErr_Occurred())
+        return NULL;
+    if (length <= 0 || length > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a write of 1 byte to 4 GiB");
+        return NULL;
+    }
+    struct slot *s = free_slot(self, (size_t)length);
+    if (s == NULL)
+        Py_RETURN_NONE;
+    PyObject *view = PyMemoryView_FromMemory((char *)s->buf, length, PyBUF_WRITE);
+    if (view == NULL)
+        return NULL;
+    s->state = SLOT_RESERVED;
+    s->length = (uint32_t)length;
+    return Py_BuildValue("nN", (Py_ssize_t)(s - self->slots), view);
+}
+
+static struct slot *reserved_slot(AsyncPass *self, PyObject *arg)
+{
+    Py_ssize_t index = PyLong_AsSsize_t(arg);
+    if (index == -1 && PyErr_Occurred())
+        return NULL;
+    if (index < 0 || index >= self->nslots || self->slots[index].state != SLOT_RESERVED) {
+        PyErr_SetString(PyExc_ValueError, "not a reserved slot");
+        return NULL;
+    }
+    return &self->slots[index];
+}
+
+PyDoc_STRVAR(async_issue_write_doc,
+"issue_write(index, handle, offset, target)\n"
+"--\n\n"
+"Issue the write whose payload fills the reserved slot ``index`` (the request's handle\n"
+"and offset; whole sectors inside the disk) to ``target``, as submit issues one: True;\n"
+"False where the target takes no writes or librbd refuses it (the slot stays reserved:\n"
+"the caller copies the payload out for the Python path, then gives the slot back).");
+
+static PyObject *async_issue_write(AsyncPass *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "issue_write takes 4 arguments");
+        return NULL;
+    }
+    struct slot *s = reserved_slot(self, args[0]);
+    if (s == NULL)
+        return NULL;
+    unsigned long long handle = PyLong_AsUnsignedLongLong(args[1]);
+    unsigned long long offset = PyLong_AsUnsignedLongLong(args[2]);
+    if (PyErr_Occurred() || async_target(self, args[3]) < 0)
+        return NULL;
+    if (!self->writes || ((offset | s->length) & SECTOR_MASK) || offset > self->size
+            || s->length > self->size - offset)
+        Py_RETURN_FALSE;
+    void *comp = NULL;
+    if (self->create_completion(s, NULL, &comp) < 0)
+        Py_RETURN_FALSE;
+    if (self->aio_write(self->image, offset, s->length, s->buf, comp) < 0) {
+        self->release(comp);
+        Py_RETURN_FALSE;
+    }
+    s->header = 0;
+    s->offset = offset;
+    s->cmd = CMD_WRITE;
+    s->flags = 0;
+    put64(s->handle, handle);
+    s->state = SLOT_ISSUED;
+    if (self->issued++ == 0)
+        Py_INCREF(self);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *async_unreserve(AsyncPass *self, PyObject *arg)
+{
+    struct slot *s = reserved_slot(self, arg);
+    if (s == NULL)
+        return NULL;
+    s->state = SLOT_FREE;
+    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(async_complete_doc,
@@ -497,6 +591,15 @@ static PyObject *async_get_issued(AsyncPass *self, void *closure)
     return PyLong_FromLong(self->issued);
 }
 
+static PyObject *async_get_reserved(AsyncPass *self, void *closure)
+{
+    (void)closure;
+    long n = 0;
+    for (int i = 0; i < self->nslots; i++)
+        n += self->slots[i].state == SLOT_RESERVED;
+    return PyLong_FromLong(n);
+}
+
 static PyObject *async_get_pending(AsyncPass *self, void *closure)
 {
     (void)closure;
@@ -571,11 +674,18 @@ static void async_dealloc(AsyncPass *self)
 static PyMethodDef async_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))async_submit, METH_FASTCALL, async_submit_doc},
     {"flush", (PyCFunction)async_flush, METH_O, async_flush_doc},
+    {"reserve", (PyCFunction)async_reserve, METH_O, async_reserve_doc},
+    {"issue_write", (PyCFunction)(void (*)(void))async_issue_write, METH_FASTCALL,
+     async_issue_write_doc},
+    {"unreserve", (PyCFunction)async_unreserve, METH_O,
+     "unreserve(index)\n--\n\nGive back a slot reserve lent (not issued)."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef async_getset[] = {
     {"issued", (getter)async_get_issued, NULL, "Requests librbd holds.", NULL},
+    {"reserved", (getter)async_get_reserved, NULL,
+     "Slots lent to receive a payload into (reserve).", NULL},
     {"pending", (getter)async_get_pending, NULL,
      "Whether requests are done and not flushed yet.", NULL},
     {"held_bytes", (getter)async_get_held_bytes, NULL,

@@ -227,6 +227,8 @@ class Connection:
                 await self._admit(length)
                 if ch.buffered >= length:
                     self._serve_buffered_write(handle, flags, offset, length)
+                elif await self._receive_for_pass(handle, flags, offset, length):
+                    pass  # received into the compiled pass's slot and issued (or served)
                 else:
                     buf = self.pool.get(length)
                     try:
@@ -482,6 +484,41 @@ class Connection:
                     self._write_later(handle, flags, offset, buf, length)
         if not apass.issued and self._async_idle is not None:  # type: ignore[union-attr]
             self._async_idle.set()
+
+    async def _receive_for_pass(self, handle: int, flags: int, offset: int,
+                                length: int) -> bool:
+        """An admitted write whose payload is still to come, to a disk that answers
+        later: received straight into a slot of the compiled pass and issued from there
+        (no buffer of the pool, no task, no copy), as :meth:`_pump_async` issues the
+        writes it finds whole. False (nothing received) where the pass does not take it
+        (a flag, too large, no slot or room free): the caller receives it as usual."""
+        apass = self._async
+        if (apass is None or flags or length > inline.MAX_LENGTH or (offset | length) % SECTOR
+                or self.vbd.inline_async(inline.complete_async) is None):
+            return False
+        reserved = apass.reserve(length)  # type: ignore[attr-defined]
+        if reserved is None:
+            return False
+        index, view = reserved
+        issued = False
+        try:
+            await self.ch.read_into(view)
+            # (Asked again: the disk may have been paused while the payload came.)
+            target = self.vbd.inline_async(inline.complete_async)
+            if target is not None:
+                issued = apass.issue_write(index, handle, offset, target)  # type: ignore
+            if issued:
+                self.vbd.issued_inline(1)
+                self._release(None, length)  # (admitted by the reader: the pass holds it)
+                return True
+            buf = self.pool.get(length)  # the Python path after all (it holds, retries)
+            buf.view[:] = view
+        finally:
+            view.release()
+            if not issued:
+                apass.unreserve(index)  # type: ignore[attr-defined]
+        self._serve_write(handle, flags, offset, buf, length)
+        return True
 
     async def _async_settled(self) -> None:
         """Wait until the disk is done with every request :meth:`_pump_async` issued."""

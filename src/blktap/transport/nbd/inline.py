@@ -26,8 +26,8 @@ MAX_LENGTH = 1 << 20
 # A connection's requests in flight through the compiled pass to a disk that answers
 # later (AsyncPass), and the bytes their buffers may hold together: beyond, the Python
 # path takes them.
-ASYNC_SLOTS = 32
-ASYNC_BYTES = 4 << 20
+ASYNC_SLOTS = 64
+ASYNC_BYTES = 8 << 20
 
 Pump = Callable[..., tuple[int, int, int, int, int, int, int, int]]
 
