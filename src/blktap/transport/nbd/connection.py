@@ -337,11 +337,7 @@ class Connection:
                 ch.consume(req.size)
             elif cmd == p.CMD_WRITE:
                 if ch.end - ch.start < req.size + length:
-                    # A small write's payload often arrives a moment after its header
-                    # (clients send them apart): the hook waits for it, rather than
-                    # waking the reader to wait for it in a turn of the loop of its own.
-                    # A large one the reader receives straight into a buffer.
-                    return req.size + length <= len(ch.buf) // 4
+                    return False  # the reader receives the rest straight into a buffer
                 ch.consume(req.size)
                 self.budget.take(charge)
                 self._take(length)
