@@ -249,8 +249,11 @@ class Sampler:
                              if (pid == "2" or f[2] == "2") and f[1] == "R")
         if not first:
             try:
-                self._runnable.append(max(0, _runnable_total() - running_ours
-                                          - running_kernel))
+                # Not clipped at zero: the total and our threads are read a moment apart,
+                # and with dozens of our threads waking and sleeping the difference swings
+                # both ways; clipping each tick kept only the upswings (half a thread on
+                # average for a librbd server on an idle machine). The mean is clipped.
+                self._runnable.append(_runnable_total() - running_ours - running_kernel)
             except (OSError, ValueError, IndexError):
                 pass
         for pid, f in info.items():
@@ -292,7 +295,8 @@ class Sampler:
             wall_s=time.monotonic() - self._t0, cpus=os.cpu_count() or 1,
             other_cpu_s=sum(self._other.values()),
             steal_s=(_steal_ticks() - self._steal0) / CLK_TCK,
-            other_runnable=statistics.mean(self._runnable) if self._runnable else 0.0,
+            other_runnable=max(0.0, statistics.mean(self._runnable)) if self._runnable
+            else 0.0,
             ticks=len(self._runnable), loadavg_start=self._load0, loadavg_end=_loadavg(),
             top_others=top[:self.top])
 
