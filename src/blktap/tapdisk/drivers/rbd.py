@@ -267,7 +267,11 @@ class RbdDriver(Driver):
             if self._foreign is None:  # (cannot be: only a transport makes them)
                 log.error("%s: %d completions of nobody's requests", self.path, len(theirs))
             else:
-                self._foreign(theirs)
+                try:
+                    self._foreign(theirs)
+                except Exception:  # a transport's bug: our own requests still settle
+                    log.exception("%s: handing back a compiled pass's completions failed",
+                                  self.path)
         for comp, ret in ours:
             entry = pending.pop(comp, None)
             if entry is None:

@@ -164,6 +164,7 @@ class Connection:
             self.ch.on_data = None
             try:
                 await self._async_settled()  # (what failed there joins the tasks)
+                self._async = None  # its buffers go now (it refers to us: a cycle)
                 await settle(self.tasks, self.callbacks)
                 # Replies posted by the reader have no task: they leave before the close.
                 await self.ch.drain()
