@@ -58,9 +58,9 @@ def count_issued(vbd: VBD) -> dict[str, int]:
         issued(count)
 
     def counting_finished(reads: int, read_bytes: int, writes: int, write_bytes: int,
-                          failed: int = 0) -> None:
+                          failed: int = 0, read_times=None, write_times=None) -> None:
         seen["failed"] += failed
-        finished(reads, read_bytes, writes, write_bytes, failed)
+        finished(reads, read_bytes, writes, write_bytes, failed, read_times, write_times)
     vbd.issued_inline = counting_issued  # type: ignore[method-assign]
     vbd.finished_inline = counting_finished  # type: ignore[method-assign]
     return seen
@@ -117,6 +117,11 @@ def test_a_mixed_burst_gets_the_answers_the_python_path_gives(
                         assert await read_back(vbd, off, len(payload)) == payload, off
                 await settled(conn, vbd)
                 assert outstanding(server.pool) == 0
+                # Every read and write is timed once, whichever path answered it.
+                st, lat = vbd.stats, vbd.latency
+                assert lat.read.count == st.read_reqs + st.read_errors > 0
+                assert lat.write.count == st.write_reqs + st.write_errors > 0
+                assert lat.read.sum > 0 and lat.write.sum > 0
                 return seen, answers
         return arun(body)  # type: ignore[no-any-return]
 

@@ -842,14 +842,22 @@ class VBD:
             self._idle.clear()
 
     def finished_inline(self, reads: int, read_bytes: int, writes: int, write_bytes: int,
-                        failed: int = 0) -> None:
-        """Requests issued at :meth:`inline_async`'s target finished: those served
-        (counted as the Python path counts them, but for their latency, which only the
-        transport could have timed), and ``failed`` that the transport serves again
-        through :meth:`read`/:meth:`write` (counted there)."""
+                        failed: int = 0, read_times: Sequence[float] | None = None,
+                        write_times: Sequence[float] | None = None) -> None:
+        """Requests issued at :meth:`inline_async`'s target finished: those served,
+        counted as the Python path counts them (with how long each took, in seconds,
+        as the transport timed them from its issue), and ``failed`` that the transport
+        serves again through :meth:`read`/:meth:`write` (counted there)."""
         count = reads + writes + failed
         if not count:
             return
+        lat = self.latency
+        if read_times:
+            for took in read_times:
+                lat.read.observe(took)
+        if write_times:
+            for took in write_times:
+                lat.write.observe(took)
         self._async_inflight -= count
         st = self.stats
         st.in_flight -= count

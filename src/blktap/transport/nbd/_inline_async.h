@@ -24,6 +24,7 @@
 
 #include <limits.h>
 #include <stdlib.h>
+#include <time.h>
 
 /* AsyncTarget's fields, by position (the driver's NamedTuple: tapdisk/driver.py). */
 enum { AT_IMAGE, AT_SIZE, AT_WRITES, AT_OPS, AT_FIELDS };
@@ -54,6 +55,7 @@ struct slot {
     uint16_t cmd, flags;
     unsigned char handle[8]; /* as the client sent it */
     ssize_t ret;
+    double started;          /* when it was issued, then how long it took (seconds) */
     int state;
     int next;                /* the next slot in the done list (-1: the last) */
 };
@@ -76,6 +78,14 @@ struct AsyncPass {
     aio_rw_fn aio_read, aio_write;
     release_fn release;
 };
+
+/* The monotonic clock in seconds (the VBD's latency histograms' unit). */
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
 
 static int async_target(AsyncPass *self, PyObject *target)
 {
@@ -177,6 +187,7 @@ static PyObject *async_submit(AsyncPass *self, PyObject *const *args, Py_ssize_t
     }
     const unsigned char *rb = rbuf.buf;
     const size_t read_header = structured ? DATA_CHUNK_SIZE : SIMPLE_REPLY_SIZE;
+    const double issued_at = now_seconds();
     long reads = 0, writes = 0;
     while (reads + writes < max_requests) {
         uint32_t cmd;
@@ -228,6 +239,7 @@ static PyObject *async_submit(AsyncPass *self, PyObject *const *args, Py_ssize_t
             break;  /* the Python path issues it again and says what is wrong */
         }
         s->state = SLOT_ISSUED;
+        s->started = issued_at;
         if (self->issued++ == 0)
             Py_INCREF(self);  /* kept until librbd gives back the last slot it holds */
         start += took;
@@ -316,6 +328,7 @@ static PyObject *async_issue_write(AsyncPass *self, PyObject *const *args, Py_ss
     s->flags = 0;
     put64(s->handle, handle);
     s->state = SLOT_ISSUED;
+    s->started = now_seconds();
     if (self->issued++ == 0)
         Py_INCREF(self);
     Py_RETURN_TRUE;
@@ -348,6 +361,7 @@ static PyObject *async_complete(PyObject *module, PyObject *finished)
     PyObject *passes = PyList_New(0);
     if (passes == NULL)
         goto fail;
+    const double finished_at = now_seconds();
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = items[i];
         if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
@@ -369,6 +383,7 @@ static PyObject *async_complete(PyObject *module, PyObject *finished)
             goto fail;
         }
         s->ret = (ssize_t)ret;
+        s->started = finished_at - s->started;  /* from now on: how long it took */
         s->state = ret < 0 || (s->cmd == CMD_READ && ret != s->length) ? SLOT_FAILED
                    : SLOT_READY;
         s->next = -1;
@@ -442,16 +457,31 @@ static const unsigned char *reply_bytes(struct slot *s, unsigned char *write_rep
 
 #define FLUSH_IOVS 64
 
+/* Append ``seconds`` to *list (made at need). */
+static int add_time(PyObject **list, double seconds)
+{
+    if (*list == NULL && (*list = PyList_New(0)) == NULL)
+        return -1;
+    PyObject *t = PyFloat_FromDouble(seconds);
+    if (t == NULL)
+        return -1;
+    int rc = PyList_Append(*list, t);
+    Py_DECREF(t);
+    return rc;
+}
+
 PyDoc_STRVAR(async_flush_doc,
 "flush(sock)\n"
 "--\n\n"
 "Answer the requests done since the last flush: their replies are sent on ``sock``\n"
 "without waiting (-1: none are), and what the socket does not take is returned as\n"
 "bytes, for the caller to queue. Returns (reads, read_bytes, writes, write_bytes, rest,\n"
-"error, failed): the requests answered, the replies not sent (None: none), the errno\n"
-"that broke the connection (0: none), and the requests that failed, each (handle,\n"
-"command, flags, offset, length, payload (a write's) or None, errno), for the Python\n"
-"path to serve again. Every slot done is free after.");
+"error, failed, read_times, write_times): the requests answered, the replies not sent\n"
+"(None: none), the errno that broke the connection (0: none), the requests that failed,\n"
+"each (handle, command, flags, offset, length, payload (a write's) or None, errno), for\n"
+"the Python path to serve again, and how long each read and write answered took, from\n"
+"its issue to its completion's hand-back, in seconds (None: none). Every slot done is\n"
+"free after.");
 
 static PyObject *async_flush(AsyncPass *self, PyObject *sock_arg)
 {
@@ -460,7 +490,7 @@ static PyObject *async_flush(AsyncPass *self, PyObject *sock_arg)
         return NULL;
     unsigned long long reads = 0, read_bytes = 0, writes = 0, write_bytes = 0;
     int error = 0;
-    PyObject *failed = NULL, *rest = NULL;
+    PyObject *failed = NULL, *rest = NULL, *read_times = NULL, *write_times = NULL;
     /* The replies, gathered FLUSH_IOVS at a time; a write's reply header is built in
      * the write's own buffer (free from now on: its payload went to librbd). */
     struct slot *batch[FLUSH_IOVS];
@@ -495,6 +525,12 @@ static PyObject *async_flush(AsyncPass *self, PyObject *sock_arg)
                 Py_DECREF(item);
                 s->state = SLOT_FREE;
                 continue;
+            }
+            if (add_time(s->cmd == CMD_READ ? &read_times : &write_times, s->started) < 0) {
+                s->state = SLOT_FREE;  /* (out of memory: these go unanswered) */
+                for (int j = 0; j < k; j++)
+                    batch[j]->state = SLOT_FREE;
+                goto fail;
             }
             if (s->cmd == CMD_READ) {
                 reads++;
@@ -572,16 +608,22 @@ static PyObject *async_flush(AsyncPass *self, PyObject *sock_arg)
             batch[j]->state = SLOT_FREE;
     }
     (void)left_total;
-    PyObject *out = Py_BuildValue("KKKKOiO", reads, read_bytes, writes, write_bytes,
-                                  rest ? rest : Py_None, error, failed ? failed : Py_None);
+    PyObject *out = Py_BuildValue("KKKKOiOOO", reads, read_bytes, writes, write_bytes,
+                                  rest ? rest : Py_None, error, failed ? failed : Py_None,
+                                  read_times ? read_times : Py_None,
+                                  write_times ? write_times : Py_None);
     Py_XDECREF(rest);
     Py_XDECREF(failed);
+    Py_XDECREF(read_times);
+    Py_XDECREF(write_times);
     return out;
 
 fail:
     /* What is still on the done list stays there for the next flush. */
     Py_XDECREF(rest);
     Py_XDECREF(failed);
+    Py_XDECREF(read_times);
+    Py_XDECREF(write_times);
     return NULL;
 }
 

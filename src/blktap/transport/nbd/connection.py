@@ -454,10 +454,10 @@ class Connection:
         apass = self._async
         ch = self.ch
         sock = ch.fd if not self.broken and ch.clear_to_send() else -1
-        reads, read_bytes, writes, write_bytes, rest, error, failed = \
-            apass.flush(sock)  # type: ignore[union-attr]
+        reads, read_bytes, writes, write_bytes, rest, error, failed, read_times, \
+            write_times = apass.flush(sock)  # type: ignore[union-attr]
         self.vbd.finished_inline(reads, read_bytes, writes, write_bytes,
-                                 len(failed) if failed else 0)
+                                 len(failed) if failed else 0, read_times, write_times)
         if error:
             log.debug("%s: reply failed: %s", self.peer, os.strerror(error))
             self._die()
