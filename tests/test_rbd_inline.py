@@ -323,6 +323,37 @@ def test_a_pause_while_a_payload_comes_leaves_it_to_the_python_path(
     arun(body)
 
 
+def test_a_client_gone_mid_payload_gives_its_room_back(ceph_cluster, tmp_path) -> None:
+    """A client that hangs up while a large write's payload is being received into a
+    slot: the slot and the room its admission took go back (the server-wide budget
+    too), nothing is issued, and the next client is served."""
+    name = new_image(ceph_cluster, DISK)
+    sock = tmp_path / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, ceph_cluster.spec(name), sock) as (server, vbd):
+            seen = count_issued(vbd)
+            w, conn = await attach(server, sock)
+            await exchange(w, req(READ, 0, 4 * KiB, handle=1), 1, {1: (0, 4 * KiB)})
+            apass = conn._async
+            stream = req(WRITE, 2 * MiB, MiB, handle=2, payload=b"g" * MiB)
+            await asyncio.to_thread(w.sock.sendall, stream[: 300 * KiB])
+            await until(lambda: apass.reserved == 1, "a slot lent for the payload")
+            with contextlib.suppress(OSError):
+                w.sock.shutdown(socket.SHUT_RDWR)
+            w.close()
+            await until(lambda: conn not in server._connections, "the connection gone")
+            assert apass.reserved == 0 and apass.issued == 0
+            assert server.pool.budget.used == 0 and outstanding(server.pool) == 0
+            assert seen["issued"] == 1  # the read only
+            w2, conn2 = await attach(server, sock)
+            got = await exchange(w2, req(READ, 2 * MiB, 4 * KiB, handle=3), 1,
+                                 {3: (2 * MiB, 4 * KiB)})
+            assert got[3] == (0, bytes(4 * KiB))  # the write never landed
+            await settled(conn2, vbd)
+    arun(body)
+
+
 def test_a_read_only_disk_takes_no_write_through_the_pass(ceph_cluster, tmp_path) -> None:
     """A disk served read-only (a snapshot): reads go through the pass, a write is the
     Python path's, refused with EPERM."""

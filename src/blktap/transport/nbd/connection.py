@@ -138,7 +138,7 @@ class Connection:
         self._inline_misses = 0  # passes in a row that served nothing (_pump_inline)
         # The compiled pass to a disk that answers later (_pump_async), made at need, and
         # what waits for it to have nothing in flight.
-        self._async: object | None = None
+        self._async: Any = None  # _inline.AsyncPass
         self._async_idle: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ reader
@@ -438,7 +438,7 @@ class Connection:
             apass = self._async = inline.async_pass(self._async_done)
             if apass is None:
                 return 0
-        start, reads, writes = apass.submit(ch.buf, ch.start, ch.end, target,  # type: ignore[attr-defined]
+        start, reads, writes = apass.submit(ch.buf, ch.start, ch.end, target,
                                             self.session.structured, budget,
                                             inline.MAX_LENGTH)
         ch.consume(start - ch.start)
@@ -455,7 +455,7 @@ class Connection:
         ch = self.ch
         sock = ch.fd if not self.broken and ch.clear_to_send() else -1
         reads, read_bytes, writes, write_bytes, rest, error, failed, read_times, \
-            write_times = apass.flush(sock)  # type: ignore[union-attr]
+            write_times = apass.flush(sock)
         self.vbd.finished_inline(reads, read_bytes, writes, write_bytes,
                                  len(failed) if failed else 0, read_times, write_times)
         if error:
@@ -479,7 +479,7 @@ class Connection:
                     buf = self.pool.get(length)
                     buf.view[:] = payload
                     self._write_later(handle, flags, offset, buf, length)
-        if not apass.issued and self._async_idle is not None:  # type: ignore[union-attr]
+        if not apass.issued and self._async_idle is not None:
             self._async_idle.set()
 
     async def _receive_for_pass(self, handle: int, flags: int, offset: int,
@@ -493,17 +493,21 @@ class Connection:
         if (apass is None or flags or length > inline.MAX_LENGTH or (offset | length) % SECTOR
                 or self.vbd.inline_async(inline.complete_async) is None):
             return False
-        reserved = apass.reserve(length)  # type: ignore[attr-defined]
+        reserved = apass.reserve(length)
         if reserved is None:
             return False
         index, view = reserved
         issued = False
         try:
-            await self.ch.read_into(view)
+            try:
+                await self.ch.read_into(view)
+            except BaseException:  # (the client gone mid-payload: its room goes back)
+                self._release(None, length)
+                raise
             # (Asked again: the disk may have been paused while the payload came.)
             target = self.vbd.inline_async(inline.complete_async)
             if target is not None:
-                issued = apass.issue_write(index, handle, offset, target)  # type: ignore
+                issued = apass.issue_write(index, handle, offset, target)
             if issued:
                 self.vbd.issued_inline(1)
                 self._release(None, length)  # (admitted by the reader: the pass holds it)
@@ -513,13 +517,13 @@ class Connection:
         finally:
             view.release()
             if not issued:
-                apass.unreserve(index)  # type: ignore[attr-defined]
+                apass.unreserve(index)
         self._serve_write(handle, flags, offset, buf, length)
         return True
 
     async def _async_settled(self) -> None:
         """Wait until the disk is done with every request :meth:`_pump_async` issued."""
-        while self._async is not None and self._async.issued:  # type: ignore[attr-defined]
+        while self._async is not None and self._async.issued:
             self._async_idle = asyncio.Event()
             await self._async_idle.wait()
 
