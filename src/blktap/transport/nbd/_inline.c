@@ -50,6 +50,28 @@ static inline void put32(unsigned char *p, uint32_t v) { v = htobe32(v); memcpy(
 static inline void put64(unsigned char *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
 
 
+/* A successful simple reply to the request whose handle (as the client sent it) is at
+ * ``handle``: SIMPLE_REPLY_SIZE bytes. */
+static inline void put_simple_reply(unsigned char *reply, const unsigned char *handle)
+{
+    put32(reply, SIMPLE_REPLY_MAGIC);
+    put32(reply + 4, 0);
+    memcpy(reply + 8, handle, 8);
+}
+
+/* The header of a structured reply's one and last data chunk, of ``length`` bytes read
+ * at ``offset``: DATA_CHUNK_SIZE bytes, the data to follow. */
+static inline void put_data_chunk(unsigned char *reply, const unsigned char *handle,
+                                  uint64_t offset, uint64_t length)
+{
+    put32(reply, STRUCTURED_REPLY_MAGIC);
+    put16(reply + 4, REPLY_FLAG_DONE);
+    put16(reply + 6, REPLY_TYPE_OFFSET_DATA);
+    memcpy(reply + 8, handle, 8);
+    put32(reply + 16, (uint32_t)(length + 8));
+    put64(reply + 20, offset);
+}
+
 #define TAKE_NOT (-1)  /* take: the Python path's */
 #define TAKE_DATA 0    /* take: a read to fill from the layers, or a write at *place */
 #define TAKE_HOLE 1    /* take: a read all of zeros, answered by one hole chunk */
@@ -284,16 +306,9 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
                 put64(reply + 20, offset);
                 put32(reply + 28, (uint32_t)length);
             } else if (structured) {
-                put32(reply, STRUCTURED_REPLY_MAGIC);
-                put16(reply + 4, REPLY_FLAG_DONE);
-                put16(reply + 6, REPLY_TYPE_OFFSET_DATA);
-                memcpy(reply + 8, req + 8, 8);  /* the handle, as the client sent it */
-                put32(reply + 16, (uint32_t)(length + 8));
-                put64(reply + 20, offset);
+                put_data_chunk(reply, req + 8, offset, length);
             } else {
-                put32(reply, SIMPLE_REPLY_MAGIC);
-                put32(reply + 4, 0);
-                memcpy(reply + 8, req + 8, 8);
+                put_simple_reply(reply, req + 8);
             }
             reads++;
             read_bytes += length;
@@ -302,9 +317,7 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
             struct iovec payload = { (void *)(req + REQUEST_SIZE), (size_t)length };
             if (file_writev(fd, &payload, 1, length, place, get16(req + 4) & CMD_FLAG_FUA) < 0)
                 break;  /* the Python path writes it again and reports what fails */
-            put32(reply, SIMPLE_REPLY_MAGIC);
-            put32(reply + 4, 0);
-            memcpy(reply + 8, req + 8, 8);
+            put_simple_reply(reply, req + 8);
             writes++;
             write_bytes += length;
             start += REQUEST_SIZE + (Py_ssize_t)length;

@@ -154,6 +154,26 @@ static struct slot *free_slot(AsyncPass *self, size_t need)
     return small;
 }
 
+/* Issue the slot's request (its fields and, for a write, its payload filled in) to
+ * librbd, as issued at time ``at``: 0, or -1 where librbd refuses it (nothing queued,
+ * the slot still free or reserved: the Python path issues it again and says why). */
+static int issue(AsyncPass *self, struct slot *s, double at)
+{
+    void *comp = NULL;
+    if (self->create_completion(s, NULL, &comp) < 0)
+        return -1;
+    aio_rw_fn aio = s->cmd == CMD_READ ? self->aio_read : self->aio_write;
+    if (aio(self->image, s->offset, s->length, s->buf + s->header, comp) < 0) {
+        self->release(comp);  /* refused before queueing: no completion will come */
+        return -1;
+    }
+    s->state = SLOT_ISSUED;
+    s->started = at;
+    if (self->issued++ == 0)
+        Py_INCREF(self);  /* kept until librbd gives back the last slot it holds */
+    return 0;
+}
+
 PyDoc_STRVAR(async_submit_doc,
 "submit(rbuf, start, end, target, structured, max_requests, max_length)\n"
 "--\n\n"
@@ -205,43 +225,20 @@ static PyObject *async_submit(AsyncPass *self, PyObject *const *args, Py_ssize_t
         struct slot *s = free_slot(self, header + length);
         if (s == NULL)
             break;
-        void *comp = NULL;
-        if (self->create_completion(s, NULL, &comp) < 0)
-            break;
         s->header = header;
         s->offset = offset;
         s->length = (uint32_t)length;
         s->cmd = (uint16_t)cmd;
         s->flags = flags;
         memcpy(s->handle, req + 8, 8);
-        int rc;
-        if (cmd == CMD_READ) {
-            unsigned char *reply = s->buf;
-            if (structured) {
-                put32(reply, STRUCTURED_REPLY_MAGIC);
-                put16(reply + 4, REPLY_FLAG_DONE);
-                put16(reply + 6, REPLY_TYPE_OFFSET_DATA);
-                memcpy(reply + 8, s->handle, 8);
-                put32(reply + 16, (uint32_t)(length + 8));
-                put64(reply + 20, offset);
-            } else {
-                put32(reply, SIMPLE_REPLY_MAGIC);
-                put32(reply + 4, 0);
-                memcpy(reply + 8, s->handle, 8);
-            }
-            rc = self->aio_read(self->image, offset, length, s->buf + header, comp);
-        } else {
+        if (cmd == CMD_WRITE)
             memcpy(s->buf, req + REQUEST_SIZE, length);
-            rc = self->aio_write(self->image, offset, length, s->buf, comp);
-        }
-        if (rc < 0) {  /* refused before queueing: no completion will come */
-            self->release(comp);
-            break;  /* the Python path issues it again and says what is wrong */
-        }
-        s->state = SLOT_ISSUED;
-        s->started = issued_at;
-        if (self->issued++ == 0)
-            Py_INCREF(self);  /* kept until librbd gives back the last slot it holds */
+        else if (structured)
+            put_data_chunk(s->buf, s->handle, offset, length);
+        else
+            put_simple_reply(s->buf, s->handle);
+        if (issue(self, s, issued_at) < 0)
+            break;
         start += took;
         if (cmd == CMD_READ)
             reads++;
@@ -315,23 +312,12 @@ static PyObject *async_issue_write(AsyncPass *self, PyObject *const *args, Py_ss
     if (!self->writes || ((offset | s->length) & SECTOR_MASK) || offset > self->size
             || s->length > self->size - offset)
         Py_RETURN_FALSE;
-    void *comp = NULL;
-    if (self->create_completion(s, NULL, &comp) < 0)
-        Py_RETURN_FALSE;
-    if (self->aio_write(self->image, offset, s->length, s->buf, comp) < 0) {
-        self->release(comp);
-        Py_RETURN_FALSE;
-    }
     s->header = 0;
     s->offset = offset;
     s->cmd = CMD_WRITE;
     s->flags = 0;
     put64(s->handle, handle);
-    s->state = SLOT_ISSUED;
-    s->started = now_seconds();
-    if (self->issued++ == 0)
-        Py_INCREF(self);
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(issue(self, s, now_seconds()) == 0);
 }
 
 static PyObject *async_unreserve(AsyncPass *self, PyObject *arg)
@@ -356,32 +342,32 @@ static PyObject *async_complete(PyObject *module, PyObject *finished)
     PyObject *seq = PySequence_Fast(finished, "complete takes a sequence");
     if (seq == NULL)
         return NULL;
+    PyObject *passes = PyList_New(0);
+    if (passes == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
-    PyObject *passes = PyList_New(0);
-    if (passes == NULL)
-        goto fail;
     const double finished_at = now_seconds();
+    /* A bad item stops the loop, but the passes with slots done so far are still called
+     * back (a pass left marked as notified would never be again). */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = items[i];
         if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
             PyErr_SetString(PyExc_TypeError, "complete takes (argument, return value) pairs");
-            goto fail;
+            break;
         }
         void *arg = PyLong_AsVoidPtr(PyTuple_GET_ITEM(item, 0));
         long long ret = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 1));
         if (PyErr_Occurred())
-            goto fail;
-        if (arg == NULL) {
-            PyErr_SetString(PyExc_ValueError, "a completion without a slot");
-            goto fail;
-        }
+            break;
         struct slot *s = arg;
-        AsyncPass *pass = s->pass;
-        if (s->state != SLOT_ISSUED) {
+        if (s == NULL || s->state != SLOT_ISSUED) {
             PyErr_SetString(PyExc_ValueError, "a completion of no slot in flight");
-            goto fail;
+            break;
         }
+        AsyncPass *pass = s->pass;
         s->ret = (ssize_t)ret;
         s->started = finished_at - s->started;  /* from now on: how long it took */
         s->state = ret < 0 || (s->cmd == CMD_READ && ret != s->length) ? SLOT_FAILED
@@ -393,38 +379,31 @@ static PyObject *async_complete(PyObject *module, PyObject *finished)
         else
             pass->slots[pass->done_tail].next = index;
         pass->done_tail = index;
-        pass->issued--;
-        if (!pass->notified) {
+        /* (Out of memory here, the pass is called back with its next completion.) */
+        if (!pass->notified && PyList_Append(passes, (PyObject *)pass) == 0)
             pass->notified = 1;
-            if (PyList_Append(passes, (PyObject *)pass) < 0)
-                goto fail;
-        }
-        if (pass->issued == 0)
+        PyErr_Clear();
+        if (--pass->issued == 0)
             Py_DECREF(pass);  /* (the list holds it while it has to be called back) */
     }
     Py_DECREF(seq);
-    seq = NULL;
-    int failed = 0;
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(passes); i++) {
         AsyncPass *pass = (AsyncPass *)PyList_GET_ITEM(passes, i);
         pass->notified = 0;
         if (pass->on_done == NULL || pass->on_done == Py_None)
             continue;
         PyObject *r = PyObject_CallNoArgs(pass->on_done);
-        if (r == NULL) {  /* a transport's bug: the other passes are still called */
+        if (r == NULL)  /* a transport's bug: the other passes are still called */
             PyErr_WriteUnraisable(pass->on_done);
-            failed = 1;
-        }
         Py_XDECREF(r);
     }
-    (void)failed;
     Py_DECREF(passes);
+    PyErr_Restore(type, value, traceback);
+    if (type != NULL)
+        return NULL;
     Py_RETURN_NONE;
-
-fail:
-    Py_XDECREF(seq);
-    Py_XDECREF(passes);
-    return NULL;
 }
 
 /* Unlink the first done slot. */
@@ -449,9 +428,7 @@ static const unsigned char *reply_bytes(struct slot *s, unsigned char *write_rep
 {
     if (s->cmd == CMD_READ)
         return s->buf;
-    put32(write_reply, SIMPLE_REPLY_MAGIC);
-    put32(write_reply + 4, 0);
-    memcpy(write_reply + 8, s->handle, 8);
+    put_simple_reply(write_reply, s->handle);
     return write_reply;
 }
 
@@ -495,7 +472,6 @@ static PyObject *async_flush(AsyncPass *self, PyObject *sock_arg)
      * the write's own buffer (free from now on: its payload went to librbd). */
     struct slot *batch[FLUSH_IOVS];
     struct iovec iov[FLUSH_IOVS];
-    size_t left_total = 0;
     struct slot *s;
     int socket_full = sock < 0;
     Py_ssize_t rest_len = 0;
@@ -602,12 +578,10 @@ static PyObject *async_flush(AsyncPass *self, PyObject *sock_arg)
                 skip = 0;
             }
             rest_len += (Py_ssize_t)left;
-            left_total += left;
         }
         for (int j = 0; j < k; j++)
             batch[j]->state = SLOT_FREE;
     }
-    (void)left_total;
     PyObject *out = Py_BuildValue("KKKKOiOOO", reads, read_bytes, writes, write_bytes,
                                   rest ? rest : Py_None, error, failed ? failed : Py_None,
                                   read_times ? read_times : Py_None,
