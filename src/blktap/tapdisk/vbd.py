@@ -783,12 +783,20 @@ class VBD:
     def _count_served(self, reads: int, read_sectors: int, writes: int,
                       write_sectors: int) -> None:
         """Count requests served at once (the side door's, the compiled inline path's)."""
-        st = self.stats
-        st.submitted += reads + writes
+        self.stats.submitted += reads + writes
         # A histogram's first bucket, without a clock read (LatencyHistogram.observe_instant)
         lat = self.latency
         lat.read.counts[0] += reads
         lat.write.counts[0] += writes
+        self._count_done(reads, read_sectors, writes, write_sectors)
+        if self._inflight:  # progress, for the watchdog
+            self._last_progress = self._clock()
+
+    def _count_done(self, reads: int, read_sectors: int, writes: int,
+                    write_sectors: int) -> None:
+        """Count reads and writes done without a Request of their own (served at once,
+        or by a transport's compiled pass), in the statistics and the top's hits."""
+        st = self.stats
         st.read_reqs += reads
         st.read_sectors += read_sectors
         st.write_reqs += writes
@@ -796,8 +804,6 @@ class VBD:
         hits = self.driver.hits
         hits[0] += read_sectors
         hits[1] += write_sectors
-        if self._inflight:  # progress, for the watchdog
-            self._last_progress = self._clock()
 
     def inline_target(self) -> InlineTarget | None:
         """Where a transport's compiled inline path may serve this disk's reads (and
@@ -852,24 +858,15 @@ class VBD:
         if not count:
             return
         lat = self.latency
-        if read_times:
-            for took in read_times:
-                lat.read.observe(took)
-        if write_times:
-            for took in write_times:
-                lat.write.observe(took)
+        for took in read_times or ():
+            lat.read.observe(took)
+        for took in write_times or ():
+            lat.write.observe(took)
         self._async_inflight -= count
         st = self.stats
         st.in_flight -= count
         st.submitted -= failed  # (submitted again by the Python path)
-        read_sectors, write_sectors = read_bytes // SECTOR, write_bytes // SECTOR
-        st.read_reqs += reads
-        st.read_sectors += read_sectors
-        st.write_reqs += writes
-        st.write_sectors += write_sectors
-        hits = self.driver.hits
-        hits[0] += read_sectors
-        hits[1] += write_sectors
+        self._count_done(reads, read_bytes // SECTOR, writes, write_bytes // SECTOR)
         self._last_progress = self._clock()
         self._stall_reported = False
         if not self._inflight and not self._async_inflight:
