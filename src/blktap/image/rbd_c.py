@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from ctypes import (
     POINTER,
     Structure,
@@ -238,11 +238,13 @@ class CImage:
         return self._issue(self.rbd.rbd_aio_write_zeroes(self.image, offset, length, comp,
                                                          flags, 0), comp)
 
-    def poll(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    def poll(self, mine: Container[int]) -> tuple[list[tuple[int, int]],
+                                                 list[tuple[int, int]]]:
         """Every request finished since the last call (the eventfd's count is cleared
         first, so a completion landing meanwhile signals again): (completion, return
-        value) of those issued here, and (argument, return value) of those a compiled
-        pass issued with an argument of its own (driver.AsyncTarget)."""
+        value) of those in ``mine`` (the caller's, issued here), and (argument, return
+        value) of the others, which a compiled pass issued with an argument of its own
+        (driver.AsyncTarget)."""
         try:
             os.eventfd_read(self.eventfd)
         except BlockingIOError:
@@ -254,11 +256,10 @@ class CImage:
         while True:
             n = poll(image, events, POLL_BATCH)
             for comp in events[:n]:
-                arg = get_arg(comp)
-                if arg:
-                    theirs.append((arg, value(comp)))
-                else:
+                if comp in mine:
                     out.append((comp, value(comp)))
+                else:
+                    theirs.append((get_arg(comp), value(comp)))
                 release(comp)
             if n < POLL_BATCH:
                 return out, theirs

@@ -262,7 +262,7 @@ class RbdDriver(Driver):
         """The eventfd is readable: settle every request librbd has finished."""
         assert self.c is not None
         pending = self._pending
-        ours, theirs = self.c.poll()
+        ours, theirs = self.c.poll(pending)
         if theirs:
             if self._foreign is None:  # (cannot be: only a transport makes them)
                 log.error("%s: %d completions of nobody's requests", self.path, len(theirs))
@@ -273,9 +273,7 @@ class RbdDriver(Driver):
                     log.exception("%s: handing back a compiled pass's completions failed",
                                   self.path)
         for comp, ret in ours:
-            entry = pending.pop(comp, None)
-            if entry is None:
-                continue
+            entry = pending.pop(comp)
             self._give_back()
             req = entry[0]
             req.done(self._error(req, ret))
