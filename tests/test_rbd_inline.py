@@ -12,13 +12,20 @@ import contextlib
 import random
 import socket
 import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from blktap.io.threads import ThreadEngine
+from blktap.tapdisk.driver import Driver
 from blktap.tapdisk.drivers import open_stack
 from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd import inline
+from blktap.transport.nbd.connection import Connection
+from blktap.transport.nbd.server import NbdServer
+from nbd_helpers import Wire
 from test_fast_path import (
     READ,
     WRITE,
@@ -66,6 +73,25 @@ def count_issued(vbd: VBD) -> dict[str, int]:
     return seen
 
 
+class Served(NamedTuple):
+    server: NbdServer
+    vbd: VBD
+    seen: dict[str, int]  # count_issued's
+    w: Wire  # a raw client through the handshake
+    conn: Connection  # its connection in the server
+
+
+@contextlib.asynccontextmanager
+async def served(engine: ThreadEngine, spec: str | Driver, sock: Path, *,
+                 structured: bool = True) -> AsyncIterator[Served]:
+    """A server of ``spec`` (or of a driver opened already) counting what the pass
+    issues, and one raw client of it."""
+    async with nbd_served(engine, spec, sock) as (server, vbd):
+        seen = count_issued(vbd)
+        w, conn = await attach(server, sock, structured=structured)
+        yield Served(server, vbd, seen, w, conn)
+
+
 def filled_image(cluster) -> tuple[str, bytes]:
     """A new image whose every byte is known (random, written through qemu's peer: the
     rbd CLI)."""
@@ -102,9 +128,8 @@ def test_a_mixed_burst_gets_the_answers_the_python_path_gives(
 
         async def body(engine: ThreadEngine) -> tuple[dict[str, int], list[dict]]:
             answers = []
-            async with nbd_served(engine, spec, sock) as (server, vbd):
-                seen = count_issued(vbd)
-                w, conn = await attach(server, sock, structured=structured)
+            async with served(engine, spec, sock,
+                              structured=structured) as (server, vbd, seen, w, conn):
                 for r in range(rounds):
                     reqs, reads, errors, writes, status = mixed_burst(DISK, 51 + r,
                                                                       (r + 1) << 24)
@@ -145,9 +170,7 @@ def test_a_client_that_reads_no_replies_gets_them_all_later(ceph_cluster, tmp_pa
     n, length = 96, 128 * KiB
 
     async def body(engine: ThreadEngine) -> None:
-        async with nbd_served(engine, spec, sock) as (server, vbd):
-            seen = count_issued(vbd)
-            w, conn = await attach(server, sock)
+        async with served(engine, spec, sock) as (server, vbd, seen, w, conn):
             w.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
             reads = {h: ((h * 7919 % 200) * length, length) for h in range(n)}
             w.sock.sendall(b"".join(req(READ, off, ln, handle=h)
@@ -172,9 +195,7 @@ def test_a_client_gone_mid_request_leaves_the_server_serving(ceph_cluster, tmp_p
     sock = tmp_path / "s.sock"
 
     async def body(engine: ThreadEngine) -> None:
-        async with nbd_served(engine, spec, sock) as (server, vbd):
-            seen = count_issued(vbd)
-            w, conn = await attach(server, sock)
+        async with served(engine, spec, sock) as (server, vbd, seen, w, conn):
             burst = [req(READ, i * 64 * KiB, 64 * KiB, handle=i) for i in range(24)]
             burst += [req(WRITE, 16 * MiB + i * 4 * KiB, 4 * KiB, handle=100 + i,
                           payload=bytes([i]) * 4 * KiB) for i in range(8)]
@@ -209,9 +230,7 @@ def test_pause_waits_for_what_the_pass_issued(ceph_cluster, tmp_path) -> None:
     sock = tmp_path / "s.sock"
 
     async def body(engine: ThreadEngine) -> None:
-        async with nbd_served(engine, spec, sock) as (server, vbd):
-            seen = count_issued(vbd)
-            w, conn = await attach(server, sock)
+        async with served(engine, spec, sock) as (server, vbd, seen, w, conn):
             writes = {h: (h * 64 * KiB, bytes([h % 251 + 1]) * 64 * KiB) for h in range(32)}
             w.sock.sendall(b"".join(req(WRITE, off, len(pl), handle=h, payload=pl)
                                     for h, (off, pl) in writes.items()))
@@ -240,10 +259,8 @@ def test_requests_that_fail_in_the_pass_are_retried_then_answered(
     sock = tmp_path / "s.sock"
 
     async def body(engine: ThreadEngine) -> None:
-        async with nbd_served(engine, spec, sock) as (server, vbd):
+        async with served(engine, spec, sock) as (server, vbd, seen, w, conn):
             vbd.timeout = 2.5
-            seen = count_issued(vbd)
-            w, conn = await attach(server, sock)
             reads = {1: (4 * MiB, 64 * KiB)}
             stream = req(READ, 4 * MiB, 64 * KiB, handle=1) + \
                 req(WRITE, 8 * MiB, 4 * KiB, handle=2, payload=b"w" * 4 * KiB)
@@ -272,9 +289,7 @@ def test_large_writes_are_received_into_the_pass(ceph_cluster, tmp_path) -> None
     sock = tmp_path / "s.sock"
 
     async def body(engine: ThreadEngine) -> None:
-        async with nbd_served(engine, ceph_cluster.spec(name), sock) as (server, vbd):
-            seen = count_issued(vbd)
-            w, conn = await attach(server, sock)
+        async with served(engine, ceph_cluster.spec(name), sock) as (server, vbd, seen, w, conn):
             writes = {h: (h * MiB, random.Random(h).randbytes(MiB)) for h in range(1, 5)}
             writes[9] = (8 * MiB, random.Random(9).randbytes(2 * MiB))  # > MAX_LENGTH
             stream = b"".join(req(WRITE, off, len(pl), handle=h, payload=pl)
@@ -300,9 +315,7 @@ def test_a_pause_while_a_payload_comes_leaves_it_to_the_python_path(
     sock = tmp_path / "s.sock"
 
     async def body(engine: ThreadEngine) -> None:
-        async with nbd_served(engine, spec, sock) as (server, vbd):
-            seen = count_issued(vbd)
-            w, conn = await attach(server, sock)
+        async with served(engine, spec, sock) as (server, vbd, seen, w, conn):
             # A read first, so that the connection has its pass.
             await exchange(w, req(READ, 0, 4 * KiB, handle=1), 1, {1: (0, 4 * KiB)})
             payload = random.Random(3).randbytes(MiB)
@@ -331,9 +344,7 @@ def test_a_client_gone_mid_payload_gives_its_room_back(ceph_cluster, tmp_path) -
     sock = tmp_path / "s.sock"
 
     async def body(engine: ThreadEngine) -> None:
-        async with nbd_served(engine, ceph_cluster.spec(name), sock) as (server, vbd):
-            seen = count_issued(vbd)
-            w, conn = await attach(server, sock)
+        async with served(engine, ceph_cluster.spec(name), sock) as (server, vbd, seen, w, conn):
             await exchange(w, req(READ, 0, 4 * KiB, handle=1), 1, {1: (0, 4 * KiB)})
             apass = conn._async
             stream = req(WRITE, 2 * MiB, MiB, handle=2, payload=b"g" * MiB)
@@ -364,9 +375,7 @@ def test_a_read_only_disk_takes_no_write_through_the_pass(ceph_cluster, tmp_path
 
     async def body(engine: ThreadEngine) -> None:
         drv = await engine.call(open_stack, engine, spec, writable=False)
-        async with nbd_served(engine, drv, sock) as (server, vbd):
-            seen = count_issued(vbd)
-            w, conn = await attach(server, sock)
+        async with served(engine, drv, sock) as (server, vbd, seen, w, conn):
             reads = {1: (MiB, 4 * KiB)}
             stream = req(READ, MiB, 4 * KiB, handle=1) + \
                 req(WRITE, 0, 4 * KiB, handle=2, payload=b"x" * 4 * KiB)
@@ -415,9 +424,7 @@ def test_the_pass_is_off_with_the_environment(ceph_cluster, tmp_path,
     sock = tmp_path / "s.sock"
 
     async def body(engine: ThreadEngine) -> None:
-        async with nbd_served(engine, ceph_cluster.spec(name), sock) as (server, vbd):
-            seen = count_issued(vbd)
-            w, conn = await attach(server, sock)
+        async with served(engine, ceph_cluster.spec(name), sock) as (server, vbd, seen, w, conn):
             got = await exchange(w, req(READ, 0, 4 * KiB, handle=9), 1, {9: (0, 4 * KiB)})
             assert got[9] == (0, bytes(4 * KiB))
             assert seen["issued"] == 0 and conn._async is None
