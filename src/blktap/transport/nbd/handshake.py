@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import ssl
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from blktap.tapdisk.driver import Caps
@@ -80,9 +81,15 @@ class Negotiation:
         self.fixed = False
 
     # ------------------------------------------------------------------ replies
-    async def reply(self, option: int, kind: int, data: bytes = b"") -> None:
-        await self.ch.send([p.OPTION_REPLY.pack(p.OPT_REPLY_MAGIC, option, kind, len(data)),
-                            data], now=True)
+    async def reply(self, option: int, kind: int, data: bytes = b"",
+                    before: Sequence[tuple[int, bytes]] = ()) -> None:
+        """Send an option's reply of ``kind``, the ``before`` replies (kind, data) first,
+        all in one message: the client waits for the last one, and each message it is sent
+        on its own costs it a wake-up (and the server a system call)."""
+        parts: list[bytes] = []
+        for k, d in (*before, (kind, data)):
+            parts += (p.OPTION_REPLY.pack(p.OPT_REPLY_MAGIC, option, k, len(d)), d)
+        await self.ch.send(parts, now=True)
 
     async def error(self, option: int, kind: int, message: str) -> None:
         await self.reply(option, kind, message.encode()[:4096])
@@ -153,10 +160,8 @@ class Negotiation:
             if data:
                 raise _Invalid(p.REP_ERR_INVALID, "LIST takes no data")
             name = self.export.name.encode()
-            await self.reply(option, p.REP_SERVER,
-                             struct.pack(">I", len(name)) + name
-                             + self.export.description.encode())
-            await self.reply(option, p.REP_ACK)
+            server = struct.pack(">I", len(name)) + name + self.export.description.encode()
+            await self.reply(option, p.REP_ACK, before=[(p.REP_SERVER, server)])
             return None
         if option in (p.OPT_INFO, p.OPT_GO):
             await self.info(option, data)
@@ -207,18 +212,17 @@ class Negotiation:
             raise _Invalid(p.REP_ERR_UNKNOWN, f"no export named {name!r}")
         export = self.export
         flags = transmission_flags(export, self.session.structured)
-        await self.reply(option, p.REP_INFO,
-                         p.INFO_EXPORT_PAYLOAD.pack(p.INFO_EXPORT, export.vbd.size, flags))
-        # Sent whether asked or not: clients that do not understand it ignore it.
-        await self.reply(option, p.REP_INFO, p.INFO_BLOCK_SIZE_PAYLOAD.pack(
-            p.INFO_BLOCK_SIZE, p.MIN_BLOCK, p.PREFERRED_BLOCK, p.MAX_BLOCK))
+        infos = [
+            p.INFO_EXPORT_PAYLOAD.pack(p.INFO_EXPORT, export.vbd.size, flags),
+            # Sent whether asked or not: clients that do not understand it ignore it.
+            p.INFO_BLOCK_SIZE_PAYLOAD.pack(
+                p.INFO_BLOCK_SIZE, p.MIN_BLOCK, p.PREFERRED_BLOCK, p.MAX_BLOCK),
+        ]
         if p.INFO_NAME in requests:
-            await self.reply(option, p.REP_INFO,
-                             struct.pack(">H", p.INFO_NAME) + export.name.encode())
+            infos.append(struct.pack(">H", p.INFO_NAME) + export.name.encode())
         if p.INFO_DESCRIPTION in requests and export.description:
-            await self.reply(option, p.REP_INFO, struct.pack(">H", p.INFO_DESCRIPTION)
-                             + export.description.encode())
-        await self.reply(option, p.REP_ACK)
+            infos.append(struct.pack(">H", p.INFO_DESCRIPTION) + export.description.encode())
+        await self.reply(option, p.REP_ACK, before=[(p.REP_INFO, info) for info in infos])
 
     def _queries(self, data: bytes) -> tuple[str, list[str]]:
         try:
@@ -260,18 +264,16 @@ class Negotiation:
             known.setdefault(p.META_DIRTY_BITMAP + bitmap, p.META_ID_BASE_ALLOCATION + 1 + i)
         if listing:
             # No query lists everything; "ns:" or "qemu:dirty-bitmap:" lists a family.
-            for ctx in known:
-                if not queries or any(q == ctx or (q.endswith(":") and ctx.startswith(q))
-                                      for q in queries):
-                    await self.reply(option, p.REP_META_CONTEXT,
-                                     struct.pack(">I", 0) + ctx.encode())
+            contexts = [(0, ctx) for ctx in known
+                        if not queries or any(q == ctx or (q.endswith(":") and ctx.startswith(q))
+                                              for q in queries)]
         else:
             chosen = {known[q]: q for q in dict.fromkeys(queries) if q in known}
             self.session.contexts = chosen
-            for ctx_id, ctx in chosen.items():
-                await self.reply(option, p.REP_META_CONTEXT,
-                                 struct.pack(">I", ctx_id) + ctx.encode())
-        await self.reply(option, p.REP_ACK)
+            contexts = list(chosen.items())
+        await self.reply(option, p.REP_ACK, before=[
+            (p.REP_META_CONTEXT, struct.pack(">I", ctx_id) + ctx.encode())
+            for ctx_id, ctx in contexts])
 
 
 async def oldstyle(ch: Channel, export: Export, tls: ssl.SSLContext | None) -> Session:
