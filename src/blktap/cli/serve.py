@@ -34,7 +34,7 @@ from urllib.parse import quote
 from blktap.cli.common import add_parent_dir, parent_policy, print_warning
 from blktap.cli.service import ServeService, add_serve_options
 from blktap.errors import UsageError
-from blktap.io.clock import TurnClockLoop
+from blktap.io.polling import check_max, max_from_env, polling_loop_factory
 
 DEFAULT_TCP = "127.0.0.1:10809"
 
@@ -91,6 +91,10 @@ def add_parser(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> Non
     cmd.add_argument("--memory-budget", metavar="SIZE", type=parse_size, default=None,
                      help="buffer memory all connections may hold together, e.g. 256M "
                      "(default 256M); a client that would exceed it waits")
+    cmd.add_argument("--poll-max-us", metavar="US", type=int, default=None,
+                     help="poll for up to this many microseconds before sleeping, the "
+                     "window adapting to the traffic (default 32, or $BLKTAP_POLL_MAX_US; "
+                     "0: never poll); docs/operations.md, \"Polling\"")
     cmd.add_argument("--vhost-user", metavar="SOCK", action="append", default=[],
                      help="serve a vhost-user-blk device (a KVM/QEMU guest's virtio disk) "
                      "on this UNIX socket; repeatable")
@@ -127,6 +131,10 @@ def run_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
         raise UsageError("--num-queues must be between 1 and 256")
     if args.serial is not None and len(args.serial.encode()) > 20:
         raise UsageError("--serial takes at most 20 bytes")
+    try:
+        poll_max = max_from_env() if args.poll_max_us is None else check_max(args.poll_max_us)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.limit is not None:
         from blktap.tapdisk.ratelimit import Limits
         Limits.parse(args.limit)  # a bad limit is a usage error before anything opens
@@ -138,7 +146,7 @@ def run_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
     service.before_loop()
     if not args.socket and not args.tcp and not args.vhost_user and not args.fuse:
         args.tcp = [parse_hostport(DEFAULT_TCP)]
-    with asyncio.Runner(loop_factory=TurnClockLoop) as runner:
+    with asyncio.Runner(loop_factory=polling_loop_factory(poll_max)) as runner:
         return runner.run(_serve(args, out or sys.stdout, service))
 
 

@@ -33,7 +33,7 @@ from blktap.cli.daemonize import detach_until_ready, null_stdio, say_ready
 from blktap.cli.logsetup import add_log_options, configure
 from blktap.control.rundir import control_dir
 from blktap.errors import BlktapError
-from blktap.io.clock import TurnClockLoop
+from blktap.io.polling import ENV_MAX_US, max_from_env, polling_loop_factory
 
 DEFAULT_LOG_DIR = "/var/log/blktap"
 LOG_FORMAT = "%(asctime)s tapdisk[%(process)d]: %(levelname)s %(message)s"
@@ -168,6 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("tapdisk: --log stderr needs -D (a daemon's stderr is /dev/null)",
               file=sys.stderr)
         return 22
+    try:
+        poll_max = max_from_env()
+    except ValueError as exc:
+        print(f"tapdisk: {ENV_MAX_US}: {exc}", file=sys.stderr)
+        return 22
     ready_fd: int | None = None
     if not args.foreground:
         ready_fd = detach_until_ready()
@@ -178,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.errno or 22
     code = 1
     try:
-        with asyncio.Runner(loop_factory=TurnClockLoop) as runner:
+        with asyncio.Runner(loop_factory=polling_loop_factory(poll_max)) as runner:
             code = runner.run(_main(args, ready_fd, logfile))
     except (BlktapError, OSError) as exc:
         logging.getLogger("blktap.tapdisk").error("%s", exc)

@@ -7,6 +7,7 @@ import json
 import logging
 
 from blktap.errors import BlktapError
+from blktap.io.polling import loop_stats
 from blktap.metrics.prometheus import TapdiskSample, VbdSample, render
 
 log = logging.getLogger("blktap.metrics")
@@ -14,7 +15,11 @@ log = logging.getLogger("blktap.metrics")
 
 def vbd_sample(vbd: object, labels: dict[str, str]) -> VbdSample:
     """The sample of a :class:`~blktap.tapdisk.vbd.VBD` of this process."""
-    return VbdSample(labels, vbd.stats_dict(), int(vbd.state))  # type: ignore[attr-defined]
+    stats = vbd.stats_dict()  # type: ignore[attr-defined]
+    loop = loop_stats()
+    if loop is not None:
+        stats["loop"] = loop
+    return VbdSample(labels, stats, int(vbd.state))  # type: ignore[attr-defined]
 
 
 def scrape_host(ctl: object | None = None) -> str:

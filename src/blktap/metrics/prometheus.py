@@ -136,6 +136,17 @@ def _vbd(f: _Families, v: VbdSample) -> None:
                 hist.add(labels | {"le": _number(bound)}, total, "_bucket")
             hist.add(labels, float(h.get("sum", 0.0)), "_sum")
             hist.add(labels, total, "_count")
+    loop = st.get("loop")
+    if isinstance(loop, dict):
+        f("blktap_vbd_loop_poll_hits_total", "counter",
+          "Waits of the process's event loop that a poll ended, with no sleep.").add(
+            base, int(loop.get("poll_hits", 0)))
+        f("blktap_vbd_loop_sleeps_total", "counter",
+          "Waits of the process's event loop that slept.").add(
+            base, int(loop.get("sleeps", 0)))
+        f("blktap_vbd_loop_poll_window_seconds", "gauge",
+          "How long the event loop polls before it sleeps now (adaptive).").add(
+            base, float(loop.get("poll_window_us", 0)) / 1e6)
     layers = st.get("images") or []
     info = f("blktap_vbd_layer_info", "gauge",
              "The driver stack, leaf first (layer 0): one sample per layer.")

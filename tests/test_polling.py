@@ -1,0 +1,353 @@
+"""The event loop's adaptive polling (io/polling.py): how the window opens, holds and
+closes, the limits of the setting, and that the processes serving disks run on it.
+
+The window's moves are tested with events whose timing is certain in the direction that
+matters (data already there: sooner than any window; data written 20 ms later: later than
+twice any default window), never with a timing assert."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import select
+import selectors
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from blktap.io import polling
+from blktap.io.clock import TurnClockLoop
+from blktap.io.polling import FIRST_WINDOW, PollingSelector, loop_stats, polling_loop_factory
+from conftest import tool
+
+MiB = 1 << 20
+two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                              reason="polling is off with one CPU")
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def drain(sock: socket.socket) -> None:
+    while True:
+        try:
+            if not sock.recv(4096):
+                return
+        except BlockingIOError:
+            return
+
+
+# ------------------------------------------------------------------------------ setting
+@pytest.mark.parametrize("text,value", [("0", 0), ("32", 32), (" 100 ", 100),
+                                        ("1000000", 1_000_000)])
+def test_check_max_takes_whole_microseconds(text: str, value: int) -> None:
+    assert polling.check_max(text) == value
+
+
+@pytest.mark.parametrize("text", ["-1", "1000001", "3.5", "fast", ""])
+def test_check_max_refuses_the_rest(text: str) -> None:
+    with pytest.raises(ValueError, match="poll window"):
+        polling.check_max(text)
+
+
+def test_max_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(polling.ENV_MAX_US, raising=False)
+    assert polling.max_from_env() == polling.DEFAULT_MAX_US == 32
+    monkeypatch.setenv(polling.ENV_MAX_US, "")
+    assert polling.max_from_env() == 32
+    monkeypatch.setenv(polling.ENV_MAX_US, "7")
+    assert polling.max_from_env() == 7
+    monkeypatch.setenv(polling.ENV_MAX_US, "lots")
+    with pytest.raises(ValueError, match="lots"):
+        polling.max_from_env()
+
+
+def test_one_cpu_never_polls(monkeypatch: pytest.MonkeyPatch, pair) -> None:
+    """With one CPU nothing else can make the event happen while the loop spins."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    sel = PollingSelector(32)
+    a, b = pair
+    sel.register(a, selectors.EVENT_READ)
+    for _ in range(5):
+        b.send(b"x")
+        assert sel.select(None)
+        drain(a)
+    assert sel.max_window == 0 and sel.window == 0
+    assert sel.stats() == {"poll_max_us": 0, "poll_window_us": 0.0, "poll_hits": 0,
+                           "sleeps": 0}
+    sel.close()
+
+
+def test_zero_turns_it_off(pair) -> None:
+    sel = PollingSelector(0)
+    a, b = pair
+    sel.register(a, selectors.EVENT_READ)
+    b.send(b"x")
+    assert sel.select(None)
+    assert sel.window == 0 and sel.poll_hits == 0
+    sel.close()
+
+
+# ------------------------------------------------------------------------------ the window
+@two_cpus
+def test_window_opens_on_quick_events_doubles_and_stops_at_the_maximum(pair) -> None:
+    sel = PollingSelector(32)
+    a, b = pair
+    key = sel.register(a, selectors.EVENT_READ)
+    b.send(b"x")  # already there: sooner than any window
+    assert sel.select(None) == [(key, selectors.EVENT_READ)]
+    assert sel.window == FIRST_WINDOW and sel.sleeps == 1 and sel.poll_hits == 0
+    # While data is there the poll finds it at once: the window stays.
+    for _ in range(3):
+        assert sel.select(None)
+    assert sel.window == FIRST_WINDOW and sel.poll_hits == 3 and sel.sleeps == 1
+    drain(a)
+    sel.close()
+
+
+@two_cpus
+def test_window_doubles_after_a_miss_and_stops_at_the_maximum(pair) -> None:
+    """A poll that misses, then an event within twice the maximum: the window doubles, up
+    to the maximum. (A 100 ms maximum, so that events 20-120 ms away are certainly past
+    the window and within twice the maximum.)"""
+    sel = PollingSelector(100_000)
+    a, b = pair
+    sel.register(a, selectors.EVENT_READ)
+
+    def late_event(delay: float) -> None:
+        timer = threading.Timer(delay, b.send, args=(b"x",))
+        timer.start()
+        assert sel.select(None)
+        timer.join()
+        drain(a)
+
+    sel.window = FIRST_WINDOW
+    late_event(0.02)
+    assert sel.window == 2 * FIRST_WINDOW
+    late_event(0.02)
+    assert sel.window == 4 * FIRST_WINDOW
+    sel.window = 0.05
+    late_event(0.12)
+    assert sel.window == sel.max_window == 0.1  # not 0.1 s doubled
+    assert sel.poll_hits == 0 and sel.sleeps == 3
+    sel.close()
+
+
+@two_cpus
+def test_window_halves_when_the_event_comes_late_and_closes_in_the_end(pair) -> None:
+    sel = PollingSelector(32)
+    a, b = pair
+    sel.register(a, selectors.EVENT_READ)
+    sel.window = sel.max_window
+    windows = []
+    for _ in range(5):
+        late = threading.Timer(0.02, b.send, args=(b"x",))  # far past twice the maximum
+        late.start()
+        assert sel.select(None)
+        late.join()
+        drain(a)
+        windows.append(sel.window)
+    assert windows[0] == pytest.approx(sel.max_window / 2)
+    assert windows[1] == pytest.approx(sel.max_window / 4)
+    assert windows[2] == pytest.approx(sel.max_window / 8)  # 4 us: the first window
+    assert windows[3] == 0 and windows[4] == 0
+    assert sel.sleeps == 5 and sel.poll_hits == 0
+    sel.close()
+
+
+@two_cpus
+def test_a_timer_due_during_the_poll_ends_it_without_changing_the_window(
+        pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The poll stops at the loop's timeout when a timer is due before the window ends."""
+    asked = []
+
+    def spin(epfd: int, seconds: float) -> tuple[bool, float]:
+        asked.append(seconds)
+        return False, seconds
+
+    monkeypatch.setattr(polling, "_spin", spin)
+    sel = PollingSelector(1_000_000)
+    a, _ = pair
+    sel.register(a, selectors.EVENT_READ)
+    sel.window = 0.5
+    assert sel.select(0.01) == []
+    assert asked == [0.01]
+    assert sel.window == 0.5 and sel.sleeps == 0
+    # A wait that ends on its timeout tells nothing either.
+    sel.window = 0.0
+    assert sel.select(0.001) == []
+    assert sel.window == 0.0 and sel.sleeps == 1
+    sel.close()
+
+
+@pytest.mark.skipif(polling._spin is None, reason="built without the C extension")
+def test_spin_reports_ready_and_keeps_the_events(pair) -> None:
+    a, b = pair
+    ep = select.epoll()
+    ep.register(a.fileno(), select.EPOLLIN)
+    try:
+        ready, spent = polling._spin(ep.fileno(), 0.002)
+        assert ready is False and spent >= 0.002  # nothing came: the whole window
+        b.send(b"x")
+        ready, spent = polling._spin(ep.fileno(), 30.0)
+        assert ready is True and spent < 30.0
+        assert ep.poll(0) == [(a.fileno(), select.EPOLLIN)]  # not consumed
+    finally:
+        ep.close()
+    with pytest.raises(ValueError):
+        polling._spin(-1, 0.001)
+    with pytest.raises(TypeError):
+        polling._spin(1)
+
+
+@pytest.mark.skipif(polling._spin is None, reason="built without the C extension")
+def test_spin_lets_other_threads_run(pair) -> None:
+    """The interpreter lock is free while the loop polls: a thread that needs it (as an I/O
+    thread handing back a completion does) runs, and what it sends ends the poll."""
+    a, b = pair
+    ep = select.epoll()
+    ep.register(a.fileno(), select.EPOLLIN)
+
+    def worker() -> None:
+        total = sum(i * i for i in range(10_000))  # Python: needs the lock
+        b.send(total.to_bytes(8, "big"))
+
+    thread = threading.Thread(target=worker)
+    try:
+        thread.start()
+        ready, spent = polling._spin(ep.fileno(), 60.0)
+        assert ready is True and spent < 60.0  # with the lock held it would spin 60 s
+    finally:
+        thread.join()
+        ep.close()
+
+
+def test_zero_timeout_never_polls(pair) -> None:
+    sel = PollingSelector(32)
+    a, _ = pair
+    sel.register(a, selectors.EVENT_READ)
+    sel.window = 1e-5
+    assert sel.select(0) == []
+    assert sel.poll_hits == 0 and sel.sleeps == 0
+    sel.close()
+
+
+# ------------------------------------------------------------------------------ in a loop
+def test_loop_on_the_polling_selector_serves_and_reports() -> None:
+    """An echo over a socket pair on the loop tapdisk and serve run on: every message
+    comes back, and the loop's statistics count the waits."""
+
+    async def main() -> dict | None:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, TurnClockLoop)
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        try:
+            for i in range(200):
+                await loop.sock_sendall(a, i.to_bytes(4, "big"))
+                got = await loop.sock_recv(b, 4)
+                assert int.from_bytes(got, "big") == i
+        finally:
+            a.close()
+            b.close()
+        return loop_stats()
+
+    with asyncio.Runner(loop_factory=polling_loop_factory(32)) as runner:
+        stats = runner.run(main())
+    assert stats is not None
+    assert set(stats) == {"poll_max_us", "poll_window_us", "poll_hits", "sleeps"}
+    cpus = len(os.sched_getaffinity(0))
+    assert stats["poll_max_us"] == (32 if cpus > 1 else 0)
+    assert 0 <= stats["poll_window_us"] <= stats["poll_max_us"]
+    assert loop_stats() is None  # no loop running here
+
+
+# ------------------------------------------------------------------------------ the processes
+def test_serve_bad_poll_window_is_a_usage_error(tmp_path: Path) -> None:
+    image = tmp_path / "d.img"
+    image.write_bytes(b"\x01" * MiB)
+    for argv, env in ((["--poll-max-us", "-5"], {}),
+                      ([], {polling.ENV_MAX_US: "soon"})):
+        done = subprocess.run([tool("blktap"), "serve", f"aio:{image}", "--socket",
+                               str(tmp_path / "s"), *argv], capture_output=True, text=True,
+                              timeout=60, env=os.environ | env)
+        assert done.returncode == errno.EINVAL, done.stderr
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and "poll window" in lines[0], done.stderr
+        assert not (tmp_path / "s").exists()
+
+
+def test_tapdisk_bad_poll_window_env_is_refused(tmp_path: Path) -> None:
+    done = subprocess.run([tool("tapdisk"), "-D"], capture_output=True, text=True, timeout=60,
+                          env=os.environ | {polling.ENV_MAX_US: "2000000",
+                                            "BLKTAP_CONTROL_DIR": str(tmp_path)})
+    assert done.returncode == errno.EINVAL
+    assert polling.ENV_MAX_US in done.stderr and "out of range" in done.stderr
+
+
+def test_serve_metrics_show_the_loop(tmp_path: Path) -> None:
+    """blktap serve runs on the polling loop: its metrics carry the loop's families, with
+    the window it was given."""
+    from urllib.request import urlopen
+
+    image = tmp_path / "d.img"
+    image.write_bytes(b"\x02" * MiB)
+    proc = subprocess.Popen([tool("blktap"), "serve", f"aio:{image}", "--socket",
+                             str(tmp_path / "s"), "--metrics", "127.0.0.1:0",
+                             "--poll-max-us", "50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = None
+        for _ in range(10):
+            line = proc.stdout.readline()
+            if "/metrics" in line:
+                url = line.split()[-1]
+                break
+        assert url, "no metrics URL printed"
+        text = urlopen(url, timeout=10).read().decode()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    cpus = len(os.sched_getaffinity(0))
+    assert "blktap_vbd_loop_sleeps_total{" in text
+    assert "blktap_vbd_loop_poll_hits_total{" in text
+    window = [line for line in text.splitlines()
+              if line.startswith("blktap_vbd_loop_poll_window_seconds{")]
+    assert len(window) == 1
+    assert 0 <= float(window[0].split()[-1]) <= (50e-6 if cpus > 1 else 0)
+
+
+def test_tapdisk_takes_the_window_from_the_environment_and_reports_it(tmp_path: Path) -> None:
+    """tap-ctl starts tapdisk with fixed arguments: the window comes from
+    $BLKTAP_POLL_MAX_US, and tap-ctl stats shows the loop's polling."""
+    from test_tap_ctl_daemon import Host, wait_gone
+
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(4 * MiB))
+    host = Host(tmp_path)
+    host.env[polling.ENV_MAX_US] = "40"
+    pid, minor = host.create(f"aio:{disk}")
+    try:
+        host.serving(pid, minor, 4 * MiB)
+        stats = json.loads(host.out("stats", "-p", str(pid), "-m", str(minor)))
+        cpus = len(os.sched_getaffinity(0))
+        loop = stats["loop"]
+        assert loop["poll_max_us"] == (40 if cpus > 1 else 0)
+        assert 0 <= loop["poll_window_us"] <= loop["poll_max_us"]
+        assert loop["sleeps"] >= 1  # it waited for the client at least once
+    finally:
+        host.out("destroy", "-p", str(pid), "-m", str(minor))
+        wait_gone(pid)
