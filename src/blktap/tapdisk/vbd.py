@@ -1019,7 +1019,13 @@ class VBD:
 
     def dirty_bitmaps(self) -> list[str]:
         """Names of the changed-block bitmaps of the driver stack (its CBT log)."""
-        return [d.bitmap_name for d in self.driver.chain() if isinstance(d, DirtyBitmap)]
+        return [d.bitmap_name for d in self._bitmap_layers()]
+
+    def _bitmap_layers(self) -> list[DirtyBitmap]:
+        # By attribute, not isinstance(d, DirtyBitmap): a runtime-checkable protocol's
+        # isinstance costs about 8 us a layer, and every NBD handshake asks.
+        return [d for d in self.driver.chain()  # type: ignore[misc]
+                if isinstance(getattr(d, "bitmap_name", None), str) and hasattr(d, "runs")]
 
     def dirty_status_now(self, name: str, offset: int, length: int) -> Extents | None:
         """:meth:`dirty_status` at once (the bitmap is in memory), or None where that
@@ -1031,8 +1037,8 @@ class VBD:
         return None if bitmap is None else bitmap.runs(offset, length)
 
     def _dirty_bitmap(self, name: str) -> DirtyBitmap | None:
-        for d in self.driver.chain():
-            if isinstance(d, DirtyBitmap) and d.bitmap_name == name:
+        for d in self._bitmap_layers():
+            if d.bitmap_name == name:
                 return d
         return None
 
