@@ -4,14 +4,15 @@ When a tapdisk's loop has nothing to do it sleeps in ``epoll_wait`` and its CPU 
 The next request (a client's NBD message, a guest's event channel kick, a completion from
 another thread) must then wake it: the sender's system call sends an inter-processor
 interrupt and the sleeper's CPU comes out of idle. In a virtual machine both are exits to
-the hypervisor, and they cost more than serving the request: 4 KiB reads of a sparse qcow2
-at queue depth 1 over a UNIX socket, on this project's 2-CPU KVM test machine, made 18k
-round trips a second with the loop sleeping between requests and 44k with it polling for
-20 us first, at less CPU per request (22 against 27.5 us; the idle exits cost more than the
-spin).
+the hypervisor, and they cost more than serving a cached request: 4 KiB reads of a sparse
+qcow2 at queue depth 1 over a UNIX socket, on this project's 2-CPU KVM test machine, made
+16.6k round trips a second with the loop sleeping between requests and 33k with it
+polling, at no more CPU per request (the idle exits cost as much as the spin).
 
 So before a blocking wait, :class:`PollingSelector` asks the kernel again and again, with a
-zero timeout, for up to a *window*; only when nothing came does it sleep. The window adapts
+zero timeout, for up to a *window*; only when nothing came does it sleep. The asking is
+compiled (``_poll.spin``), and holds no interpreter lock: the threads that hand the loop
+their completions run meanwhile, and their wake-up of the loop ends the poll. The window adapts
 to the traffic, as qemu's IOThread polling (``poll-max-ns``) does:
 
 - it opens (4 us, then doubled each time, up to the maximum) after a blocking wait that
@@ -27,7 +28,8 @@ to the traffic, as qemu's IOThread polling (``poll-max-ns``) does:
 An idle disk therefore never polls, and a busy one polls at most the maximum per wait. The
 maximum is 32 us by default (qemu's default for an IOThread); 0 turns polling off. With a
 single CPU allowed to this process nothing else can make the awaited event happen while the
-loop spins, so polling stays off there whatever the setting.
+loop spins, so polling stays off there whatever the setting, as it does in a build without
+the C extension.
 """
 
 from __future__ import annotations
