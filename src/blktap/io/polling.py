@@ -85,7 +85,7 @@ class PollingSelector(selectors.EpollSelector):
         self.max_window = max_us / 1e6 if cpus > 1 and _spin is not None else 0.0
         self.window = 0.0
         self.poll_hits = 0      # waits a poll ended, with no sleep
-        self.sleeps = 0         # waits that slept
+        self.sleeps = 0         # waits that slept (polling or not)
 
     def stats(self) -> dict[str, float | int]:
         """What ``tap-ctl stats`` shows as ``loop`` (docs/operations.md, "Polling")."""
@@ -95,7 +95,10 @@ class PollingSelector(selectors.EpollSelector):
 
     def select(self, timeout: float | None = None
                ) -> list[tuple[selectors.SelectorKey, int]]:
-        if not self.max_window or timeout is not None and timeout <= 0:
+        if timeout is not None and timeout <= 0:
+            return super().select(timeout)
+        if not self.max_window:
+            self.sleeps += 1
             return super().select(timeout)
         clock = time.monotonic
         started = clock()
