@@ -17,7 +17,7 @@ deps:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py src/blktap/transport/nbd/_inline.c
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard src/blktap/*/*.[ch] src/blktap/*/*/*.[ch])
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test,torture]'
 	@touch $@
