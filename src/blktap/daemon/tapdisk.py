@@ -56,7 +56,7 @@ from blktap.control.message import Flag, Message, MessageType
 from blktap.control.rundir import MinorHold, RunDir
 from blktap.errors import BlktapError, CbtLogError, ControlProtocolError, DriverError
 from blktap.io import ThreadEngine, best_engine
-from blktap.io.polling import loop_stats
+from blktap.io.polling import add_loop_stats
 from blktap.nbdclient.passed import passed_sockets
 from blktap.tapdisk.driver import SECTOR, Driver
 from blktap.tapdisk.drivers import open_stack, require_type
@@ -925,10 +925,7 @@ class Tapdisk:
             out["mirror"] = mirror.as_dict()
         if slot.blkif is not None:
             out["xenblkif"] = slot.blkif.stats_dict()
-        loop = loop_stats()
-        if loop is not None:
-            out["loop"] = loop
-        return out
+        return add_loop_stats(out)
 
     def stats_text(self, minor: int) -> str:
         if minor == STATS_ALL:

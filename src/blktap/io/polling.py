@@ -142,3 +142,12 @@ def loop_stats() -> dict[str, float | int] | None:
         return None
     selector = getattr(loop, "_selector", None)  # asyncio.SelectorEventLoop's own
     return selector.stats() if isinstance(selector, PollingSelector) else None
+
+
+def add_loop_stats(stats: dict) -> dict:
+    """``stats`` (a VBD's, for ``tap-ctl stats`` or the metrics) with the loop's polling
+    statistics as ``loop``, when this thread's loop polls."""
+    loop = loop_stats()
+    if loop is not None:
+        stats["loop"] = loop
+    return stats

@@ -7,7 +7,7 @@ import json
 import logging
 
 from blktap.errors import BlktapError
-from blktap.io.polling import loop_stats
+from blktap.io.polling import add_loop_stats
 from blktap.metrics.prometheus import TapdiskSample, VbdSample, render
 
 log = logging.getLogger("blktap.metrics")
@@ -15,10 +15,7 @@ log = logging.getLogger("blktap.metrics")
 
 def vbd_sample(vbd: object, labels: dict[str, str]) -> VbdSample:
     """The sample of a :class:`~blktap.tapdisk.vbd.VBD` of this process."""
-    stats = vbd.stats_dict()  # type: ignore[attr-defined]
-    loop = loop_stats()
-    if loop is not None:
-        stats["loop"] = loop
+    stats = add_loop_stats(vbd.stats_dict())  # type: ignore[attr-defined]
     return VbdSample(labels, stats, int(vbd.state))  # type: ignore[attr-defined]
 
 
