@@ -50,6 +50,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from blktap.errors import BlktapError, DriverError, OutOfRange
 from blktap.io.buffers import scratch_buffer
@@ -1024,7 +1025,7 @@ class VBD:
     def _bitmap_layers(self) -> list[DirtyBitmap]:
         # By attribute, not isinstance(d, DirtyBitmap): a runtime-checkable protocol's
         # isinstance costs about 8 us a layer, and every NBD handshake asks.
-        return [d for d in self.driver.chain()  # type: ignore[misc]
+        return [cast(DirtyBitmap, d) for d in self.driver.chain()
                 if isinstance(getattr(d, "bitmap_name", None), str) and hasattr(d, "runs")]
 
     def dirty_status_now(self, name: str, offset: int, length: int) -> Extents | None:
