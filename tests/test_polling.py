@@ -101,7 +101,7 @@ def test_zero_turns_it_off(pair) -> None:
 
 # ------------------------------------------------------------------------------ the window
 @two_cpus
-def test_window_opens_on_quick_events_doubles_and_stops_at_the_maximum(pair) -> None:
+def test_window_opens_on_a_quick_event_and_holds_while_polls_catch_events(pair) -> None:
     sel = PollingSelector(32)
     a, b = pair
     key = sel.register(a, selectors.EVENT_READ)
