@@ -560,22 +560,37 @@ class BadServer:
         self.listener.bind(str(path))
         self.listener.listen(8)
         self.conns: list[socket.socket] = []
+        self.servers: list[threading.Thread] = []
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
     def close(self) -> None:
+        """Stop every thread before closing the sockets: a thread still blocked in a
+        socket call while its socket is closed may wake up on the same descriptor number,
+        reused by a later test's socket, and take that test's bytes."""
+        self.stopping.set()
+        for s in (self.listener, *self.conns):
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # (wakes accept and recv)
+            except OSError:
+                pass
+        for t in (self.thread, *self.servers):
+            t.join(GUARD)
         self.listener.close()
         for c in self.conns:
             c.close()
 
     def _accept(self) -> None:
-        while True:
+        while not self.stopping.is_set():
             try:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
             self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            server = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.servers.append(server)
+            server.start()
 
     @staticmethod
     def _recv(conn: socket.socket, n: int) -> bytes:
@@ -612,7 +627,7 @@ class BadServer:
                 else:
                     c.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, (1 << 31) + 1, 0))
             if self.mode == "no-read":  # takes nothing more: the client's sends stall
-                threading.Event().wait(GUARD)
+                self.stopping.wait(GUARD)
                 return
             while True:
                 _, _, cmd, handle, offset, length = struct.unpack(">IHHQQI",
