@@ -4,6 +4,7 @@ NBD client for the protocol corners that real clients never exercise."""
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import socket
@@ -20,11 +21,18 @@ START_TIMEOUT = 20.0
 
 
 class Served:
-    def __init__(self, spec: str, sock: Path, args: list[str]) -> None:
+    def __init__(self, spec: str, sock: Path, args: list[str],
+                 fd_limit: int | None = None) -> None:
         self.socket = sock
+
+        def limit() -> None:
+            assert fd_limit is not None
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
         self.proc = subprocess.Popen(
             [tool("blktap"), "serve", spec, "--socket", str(sock), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=limit if fd_limit is not None else None)
         deadline = time.monotonic() + START_TIMEOUT
         line = ""
         while time.monotonic() < deadline:
@@ -58,8 +66,10 @@ class Served:
 
 
 @contextmanager
-def serve(spec: str | Path, workdir: Path, *args: str, name: str = "nbd.sock") -> Iterator[Served]:
-    server = Served(str(spec), workdir / name, list(args))
+def serve(spec: str | Path, workdir: Path, *args: str, name: str = "nbd.sock",
+          fd_limit: int | None = None) -> Iterator[Served]:
+    """``blktap serve`` (with ``fd_limit``: allowed that many open files)."""
+    server = Served(str(spec), workdir / name, list(args), fd_limit)
     try:
         yield server
     finally:

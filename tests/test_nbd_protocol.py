@@ -11,6 +11,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,6 +145,122 @@ def test_disconnect_mid_handshake(disk: tuple[Served, Path]) -> None:
         w.sock.sendall(msg[:cut])
         w.close()
     alive(srv)
+
+
+def _option(opt: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", 0x49484156454F5054, opt, len(data)) + data
+
+
+def test_whole_conversation_in_one_write(disk: tuple[Served, Path]) -> None:
+    """Client flags, every option, a read and DISC sent at once: each option is answered
+    in order, and the read that came with GO is served by the transmission that follows
+    (the handshake leaves it buffered, and no further readiness will come for it)."""
+    srv, img = disk
+    q = b"base:allocation"
+    w = Wire(srv.socket)
+    w.recv(18)
+    w.sock.sendall(struct.pack(">I", 3) + _option(8)
+                   + _option(10, struct.pack(">III", 0, 1, len(q)) + q)
+                   + _option(7, struct.pack(">IH", 0, 0))
+                   + struct.pack(">IHHQQI", 0x25609513, 0, READ, 9, 8192, 512))
+    assert w.option_reply()[:2] == (8, 1)
+    assert [k for k, _ in w.replies_until_final()] == [4, 1]
+    assert w.replies_until_final()[-1][0] == 1
+    w.structured = True
+    with open(img, "rb") as f:
+        f.seek(8192)
+        expected = f.read(512)
+    assert w.reply(512) == (9, 0, expected)
+    w.request(DISC)
+    assert w.closed_by_server()
+    w.close()
+
+
+def test_handshake_a_byte_at_a_time(disk: tuple[Served, Path]) -> None:
+    """Every message cut into single bytes, each sent on its own: the server puts them
+    together (a message may arrive in any number of pieces)."""
+    srv, _ = disk
+    w = Wire(srv.socket)
+    w.recv(18)
+    conversation = (struct.pack(">I", 3) + _option(8) + _option(6, struct.pack(">IH", 0, 0))
+                    + _option(7, struct.pack(">IH", 0, 0)))
+    for i in range(len(conversation)):
+        w.sock.send(conversation[i : i + 1])
+        if i % 7 == 0:
+            time.sleep(0.001)  # (some bytes alone in the socket when the server looks)
+    assert w.option_reply()[:2] == (8, 1)
+    assert w.replies_until_final()[-1][0] == 1  # INFO
+    assert w.replies_until_final()[-1][0] == 1  # GO
+    w.structured = True
+    w.request(READ, 0, 512, handle=3)
+    assert w.reply(512)[:2] == (3, 0)
+    w.close()
+    alive(srv)
+
+
+def test_over_long_option_is_skipped_in_pieces(disk: tuple[Served, Path]) -> None:
+    """An option with more data than the server reads (64 KiB) is dropped as it comes, in
+    pieces, and refused with ERR_TOO_BIG; the negotiation goes on."""
+    srv, _ = disk
+    w = Wire(srv.socket)
+    w.greet()
+    data = b"x" * (200 << 10)
+    w.sock.sendall(struct.pack(">QII", 0x49484156454F5054, 3, len(data)))
+    for i in range(0, len(data), 24 << 10):
+        w.sock.sendall(data[i : i + (24 << 10)])
+        time.sleep(0.002)
+    opt, kind, _ = w.option_reply()
+    assert (opt, kind) == (3, 2**31 + 9)  # ERR_TOO_BIG
+    w.option(3)  # LIST, answered as usual
+    assert [k for k, _ in w.replies_until_final()] == [2, 1]
+    w.option(7, struct.pack(">IH", 0, 0))
+    assert w.replies_until_final()[-1][0] == 1
+    w.close()
+
+
+def test_too_many_options_drop_the_client(disk: tuple[Served, Path]) -> None:
+    """1024 options are answered; the 1025th drops the client (it is not negotiating)."""
+    srv, _ = disk
+    w = Wire(srv.socket)
+    w.greet()
+    w.sock.sendall(_option(8) * 1025)
+    for _ in range(1024):
+        assert w.option_reply()[:2] == (8, 1)
+    assert w.closed_by_server()
+    w.close()
+    alive(srv)
+
+
+def test_out_of_file_descriptors_the_listener_rests(tmp_path: Path) -> None:
+    """A server allowed 40 open files, and 60 clients at once: those it cannot take wait
+    in the listen queue while it rests (it says so), and once clients leave, the next
+    ones get in and are served."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"f" * MiB)
+    with serve(f"aio:{img}", tmp_path, fd_limit=40) as srv:
+        crowd = []
+        for _ in range(60):
+            w = Wire(srv.socket)
+            crowd.append(w)
+        greeted = 0
+        for w in crowd:
+            w.sock.settimeout(0.5)
+            try:
+                w.recv(18)
+                greeted += 1
+            except (TimeoutError, ConnectionError, OSError):
+                pass
+        assert 0 < greeted < 60  # some had to wait: the process ran out of files
+        for w in crowd:
+            w.close()
+        w = Wire(srv.socket, timeout=30)
+        w.go()
+        w.request(READ, 0, 512, handle=4)
+        assert w.reply(512) == (4, 0, b"f" * 512)
+        w.close()
+        assert srv.proc.poll() is None
+        srv.stop()
+        assert "pausing" in srv.stderr
 
 
 @pytest.mark.parametrize("structured", [False, True])

@@ -66,6 +66,37 @@ def test_handshake_time_limit(tmp_path: Path) -> None:
     asyncio.run(body())
 
 
+def test_stop_drops_clients_still_negotiating(tmp_path: Path) -> None:
+    """Clients in the middle of their handshakes when the server stops are disconnected
+    (their handshakes have no task: the server closes them itself), and stop() returns;
+    a client already in transmission is closed too."""
+    async def body() -> None:
+        engine = ThreadEngine(2)
+        vbd = VBD(Slow(engine))
+        server = NbdServer(Export("", vbd))
+        path = str(tmp_path / "s.sock")
+        server.listen_unix(path)
+        halfway = []
+        for cut in (0, 4, 4 + 8):  # nothing, the client's flags, half an option
+            reader, writer = await asyncio.open_unix_connection(path)
+            await reader.readexactly(18)
+            writer.write((struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 8, 0)
+                          )[:cut])
+            halfway.append((reader, writer))
+        served = await asyncio.open_unix_connection(path)
+        await negotiate(*served)
+        while server.connections < 4:
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(server.stop(), 5)
+        assert server.connections == 0
+        for reader, writer in (*halfway, served):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+        await vbd.close()
+        engine.close()
+    asyncio.run(body())
+
+
 def test_shutdown_answers_requests_in_flight(tmp_path: Path) -> None:
     async def body() -> None:
         engine = ThreadEngine(2)

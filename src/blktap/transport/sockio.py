@@ -87,6 +87,8 @@ class Channel:
         # not wake (what is left is a partial message), False to wake it. Plain sockets
         # only.
         self.on_data: Callable[[], bool] | None = None
+        # Called from the readiness callback with no reader waiting (feed()).
+        self._feeder: Callable[[BaseException | None], None] | None = None
         self._filling = False
         self._hold_flush = False  # the hook runs: its replies leave when it returns
 
@@ -117,12 +119,53 @@ class Channel:
             self._flush()  # what this reader's requests produced leaves before it waits
         fut = self.loop.create_future()
         self._read_waiters.append(fut)
+        self._watch()
+        await fut
+
+    def _watch(self) -> None:
         if not self._watching:
             self._watching = True
             self.loop.add_reader(self.fd, self._readable)
-        await fut
+
+    def feed(self, feeder: Callable[[BaseException | None], None] | None) -> None:
+        """Drive a conversation from the loop's readiness callback, with no reader task
+        (a handshake): each readiness receives what the socket holds into the buffer and
+        calls ``feeder(None)``, which takes the complete messages (:meth:`consume`) and
+        posts its answers, which leave when it returns; end of stream or a broken
+        connection is ``feeder(Closed)``, and so is :meth:`close`. None stops feeding
+        (the socket stays watched, for the reader that comes next). Plain sockets."""
+        self._feeder = feeder
+        if feeder is not None:
+            self._watch()
+
+    def _receive_for_feeder(self, feeder: Callable[[BaseException | None], None]) -> None:
+        # Room for one message: feeders take every complete one, and messages fed this
+        # way (a handshake's) are far smaller than half the buffer.
+        self._compact(len(self.buf) // 2)
+        exc: Closed | None = None
+        try:
+            got = self.sock.recv_into(self.view[self.end :])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            exc = Closed(str(err))
+        else:
+            if got:
+                self.end += got
+            else:
+                exc = Closed("end of stream")
+        self._hold_flush = True
+        try:
+            feeder(exc)
+        finally:
+            self._hold_flush = False
+            if self._out_waiters and self._writer is None:
+                self._flush()
 
     def _readable(self) -> None:
+        if self._feeder is not None:
+            self._receive_for_feeder(self._feeder)
+            return
         waiters = self._read_waiters
         if not waiters:
             # Level-triggered: stop watching until somebody waits again.
@@ -463,13 +506,20 @@ class Channel:
                 raise Closed(f"TLS handshake failed: {exc}") from None
 
     def close(self) -> None:
-        """Close the socket; coroutines waiting on it wake up and raise Closed."""
+        """Close the socket; coroutines waiting on it wake up and raise Closed. What was
+        posted and not sent yet is sent first if the socket takes it at once (the
+        answers to a client's last messages, before it is dropped)."""
         if self.closed:
             return
+        if self._out_waiters and self._writer is None and not self.tls:
+            self._flush()
         self.closed = True
         self.loop.remove_reader(self.fd)
         self.loop.remove_writer(self.fd)
         self._watching = False
+        feeder, self._feeder = self._feeder, None
+        if feeder is not None:
+            feeder(Closed("connection closed"))
         waiters = [*self._waiters, *self._read_waiters]
         self._read_waiters = []
         for fut in waiters:

@@ -1,6 +1,17 @@
 """The handshakes: fixed newstyle (option haggling until the client picks the export),
 and oldstyle (:func:`oldstyle`, for a connection handed over on an fd-passing socket).
 
+:class:`Negotiation` is the fixed newstyle protocol without the waiting: it takes the
+complete messages buffered in a :class:`~blktap.transport.sockio.Channel` and says what to
+send back. Two drivers run it:
+
+- :class:`FedNegotiation`, on plain sockets: the loop's readiness callback receives each
+  message and answers it at once (no task, no future, no second turn of the loop per
+  message). A client's connection costs the server a few turns of the loop instead of a
+  dozen; nbdcopy and other tools that open several connections per run pay that each time.
+- :func:`negotiate`, a coroutine, where the server requires TLS (STARTTLS upgrades the
+  socket in the middle of the negotiation).
+
 With a TLS context the server runs in FORCEDTLS mode: every option but STARTTLS and
 ABORT is answered ERR_TLS_REQD until TLS is up, and EXPORT_NAME before that drops the
 client. Unknown options are answered ERR_UNSUP and negotiation goes on. A client that
@@ -10,10 +21,11 @@ an EXPORT_NAME for an export we do not have, an absurd option length) is dropped
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from blktap.tapdisk.driver import Caps
@@ -29,6 +41,7 @@ MAX_OPTION_DATA = 64 << 10
 MAX_SKIPPED_OPTION = 16 << 20
 MAX_OPTIONS = 1024
 MAX_QUERIES = 256
+_CLIENT_FLAGS = struct.Struct(">I")
 
 
 class Dropped(Exception):
@@ -73,76 +86,134 @@ def transmission_flags(export: Export, structured: bool) -> int:
 
 
 class Negotiation:
+    """The fixed newstyle negotiation of one client, fed from its channel's buffer."""
+
     def __init__(self, ch: Channel, export: Export, tls: ssl.SSLContext | None) -> None:
         self.ch = ch
         self.export = export
         self.tls_context = tls
         self.session = Session(export)
         self.fixed = False
+        self.flags_seen = False  # the client's flags (the first message) were taken
+        self.options = 0
+        self.skipping = 0  # bytes of an over-long option's data still to drop
+        self.skipped_option = 0
+        # How the negotiation ended: None while it goes on; the session to serve, False
+        # when the client ended it (ABORT), or why the client is dropped.
+        self.outcome: Session | bool | Dropped | None = None
+        self.upgrade = False  # STARTTLS acknowledged: upgrade before taking more
 
-    # ------------------------------------------------------------------ replies
-    async def reply(self, option: int, kind: int, data: bytes = b"",
-                    before: Sequence[tuple[int, bytes]] = ()) -> None:
-        """Send an option's reply of ``kind``, the ``before`` replies (kind, data) first,
-        all in one message: the client waits for the last one, and each message it is sent
-        on its own costs it a wake-up (and the server a system call)."""
-        parts: list[bytes] = []
-        for k, d in (*before, (kind, data)):
-            parts += (p.OPTION_REPLY.pack(p.OPT_REPLY_MAGIC, option, k, len(d)), d)
-        await self.ch.send(parts, now=True)
+    def greeting(self) -> list[bytes]:
+        return [p.HELLO.pack(p.NBDMAGIC, p.IHAVEOPT,
+                             p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)]
 
-    async def error(self, option: int, kind: int, message: str) -> None:
-        await self.reply(option, kind, message.encode()[:4096])
-
-    # ------------------------------------------------------------------ main loop
-    async def run(self) -> Session | None:
-        """Negotiate; the session to serve, or None when the client ended it (ABORT)."""
+    @property
+    def need(self) -> int:
+        """Bytes that must be buffered before :meth:`take` can go on."""
+        if self.skipping:
+            return 1
+        if not self.flags_seen:
+            return 4
         ch = self.ch
-        await ch.send([p.HELLO.pack(p.NBDMAGIC, p.IHAVEOPT,
-                                    p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)], now=True)
-        (cflags,) = struct.unpack(">I", await ch.read_exact(4))
-        if cflags & ~(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES):
-            raise Dropped(f"unknown client flags {cflags:#x}")
-        self.fixed = bool(cflags & p.FLAG_C_FIXED_NEWSTYLE)
-        self.session.no_zeroes = bool(cflags & p.FLAG_C_NO_ZEROES)
-        for _ in range(MAX_OPTIONS):
-            await ch.fill(p.OPTION.size)
-            magic, option, length = ch.unpack(p.OPTION)
+        if ch.buffered < p.OPTION.size:
+            return p.OPTION.size
+        _, _, length = p.OPTION.unpack_from(ch.buf, ch.start)
+        return p.OPTION.size + length
+
+    # ------------------------------------------------------------------ messages
+    def take(self) -> list[bytes]:
+        """Handle every complete message buffered (consuming it) until the negotiation
+        ends or STARTTLS asks for an upgrade; what to send, in order (the answers to the
+        options before one that drops the client too: :attr:`outcome` is then Dropped)."""
+        out: list[bytes] = []
+        try:
+            self._take(out)
+        except Dropped as exc:
+            self.outcome = exc
+        return out
+
+    def _take(self, out: list[bytes]) -> None:
+        ch = self.ch
+        while self.outcome is None and not self.upgrade:
+            if self.skipping:
+                dropped = min(self.skipping, ch.buffered)
+                if not dropped:
+                    break
+                ch.consume(dropped)
+                self.skipping -= dropped
+                if not self.skipping:
+                    out += self._error(self.skipped_option, p.REP_ERR_TOO_BIG,
+                                       "option data too long")
+                continue
+            if not self.flags_seen:
+                if ch.buffered < 4:
+                    break
+                (cflags,) = ch.unpack(_CLIENT_FLAGS)
+                if cflags & ~(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES):
+                    raise Dropped(f"unknown client flags {cflags:#x}")
+                self.flags_seen = True
+                self.fixed = bool(cflags & p.FLAG_C_FIXED_NEWSTYLE)
+                self.session.no_zeroes = bool(cflags & p.FLAG_C_NO_ZEROES)
+                continue
+            if ch.buffered < p.OPTION.size:
+                break
+            magic, option, length = p.OPTION.unpack_from(ch.buf, ch.start)
             if magic != p.IHAVEOPT:
                 raise Dropped(f"bad option magic {magic:#x}")
+            if self.options == MAX_OPTIONS:
+                raise Dropped(f"more than {MAX_OPTIONS} options")
             if length > MAX_OPTION_DATA:
                 if option == p.OPT_EXPORT_NAME or length > MAX_SKIPPED_OPTION:
                     raise Dropped(f"option {option} with {length} bytes of data")
-                await ch.skip(length)
-                await self.error(option, p.REP_ERR_TOO_BIG, "option data too long")
+                ch.consume(p.OPTION.size)
+                self.options += 1
+                self.skipping, self.skipped_option = length, option
                 continue
-            data = await ch.read_exact(length)
+            if ch.buffered < p.OPTION.size + length:
+                break
+            ch.consume(p.OPTION.size)
+            data = bytes(ch.view[ch.start : ch.start + length])
+            ch.consume(length)
+            self.options += 1
             if not self.fixed and option != p.OPT_EXPORT_NAME:
                 raise Dropped("only EXPORT_NAME is valid without fixed newstyle")
             try:
-                done = await self.option(option, data)
+                out += self.option(option, data)
             except _Invalid as exc:
-                await self.error(option, exc.reply, str(exc))
-                continue
-            if done is not None:
-                return self.session if done else None
-        raise Dropped(f"more than {MAX_OPTIONS} options")
+                out += self._error(option, exc.reply, str(exc))
+
+    def upgraded(self) -> None:
+        """TLS is up: nothing negotiated in clear text survives the upgrade."""
+        self.upgrade = False
+        self.session = Session(self.export, no_zeroes=self.session.no_zeroes)
+
+    # ------------------------------------------------------------------ replies
+    @staticmethod
+    def _reply(option: int, kind: int, data: bytes = b"",
+               before: Sequence[tuple[int, bytes]] = ()) -> list[bytes]:
+        """An option's reply of ``kind``, the ``before`` replies (kind, data) first: they
+        leave in one message (the client waits for the last one, and each message it is
+        sent on its own costs it a wake-up, and the server a system call)."""
+        parts: list[bytes] = []
+        for k, d in (*before, (kind, data)):
+            parts += (p.OPTION_REPLY.pack(p.OPT_REPLY_MAGIC, option, k, len(d)), d)
+        return parts
+
+    def _error(self, option: int, kind: int, message: str) -> list[bytes]:
+        return self._reply(option, kind, message.encode()[:4096])
 
     @property
     def tls_required(self) -> bool:
         return self.tls_context is not None and not self.ch.tls
 
-    async def option(self, option: int, data: bytes) -> bool | None:
-        """Handle one option: True to enter transmission, False to end, None to go on."""
+    def option(self, option: int, data: bytes) -> list[bytes]:
+        """Handle one option; its replies. Sets :attr:`outcome` when it ends the
+        negotiation and :attr:`upgrade` for STARTTLS."""
         if option == p.OPT_ABORT:
-            try:
-                await self.reply(option, p.REP_ACK)
-            except Closed:
-                pass
-            return False
+            self.outcome = False
+            return self._reply(option, p.REP_ACK)
         if option == p.OPT_STARTTLS:
-            await self.starttls(data)
-            return None
+            return self.starttls(data)
         if self.tls_required:
             if option == p.OPT_EXPORT_NAME:
                 raise Dropped("EXPORT_NAME before TLS")
@@ -153,28 +224,26 @@ class Negotiation:
                 raise Dropped(f"EXPORT_NAME of unknown export {name!r}")
             flags = transmission_flags(self.export, self.session.structured)
             zeros = b"" if self.session.no_zeroes else bytes(124)
-            await self.ch.send([p.EXPORT_NAME_REPLY.pack(self.export.vbd.size, flags), zeros],
-                               now=True)
-            return True
+            self.outcome = self.session
+            return [p.EXPORT_NAME_REPLY.pack(self.export.vbd.size, flags), zeros]
         if option == p.OPT_LIST:
             if data:
                 raise _Invalid(p.REP_ERR_INVALID, "LIST takes no data")
             name = self.export.name.encode()
             server = struct.pack(">I", len(name)) + name + self.export.description.encode()
-            await self.reply(option, p.REP_ACK, before=[(p.REP_SERVER, server)])
-            return None
+            return self._reply(option, p.REP_ACK, before=[(p.REP_SERVER, server)])
         if option in (p.OPT_INFO, p.OPT_GO):
-            await self.info(option, data)
-            return True if option == p.OPT_GO else None
+            replies = self.info(option, data)
+            if option == p.OPT_GO:
+                self.outcome = self.session
+            return replies
         if option == p.OPT_STRUCTURED_REPLY:
             if data:
                 raise _Invalid(p.REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
             self.session.structured = True
-            await self.reply(option, p.REP_ACK)
-            return None
+            return self._reply(option, p.REP_ACK)
         if option in (p.OPT_LIST_META_CONTEXT, p.OPT_SET_META_CONTEXT):
-            await self.meta_context(option, data)
-            return None
+            return self.meta_context(option, data)
         raise _Invalid(p.REP_ERR_UNSUP, f"option {option} is not supported")
 
     # ------------------------------------------------------------------ options
@@ -185,19 +254,17 @@ class Negotiation:
         except UnicodeDecodeError:
             raise _Invalid(p.REP_ERR_INVALID, "name is not UTF-8") from None
 
-    async def starttls(self, data: bytes) -> None:
+    def starttls(self, data: bytes) -> list[bytes]:
         if self.tls_context is None:
             raise _Invalid(p.REP_ERR_UNSUP, "TLS is not configured on this server")
         if self.ch.tls:
             raise _Invalid(p.REP_ERR_INVALID, "TLS is already active")
         if data:
             raise _Invalid(p.REP_ERR_INVALID, "STARTTLS takes no data")
-        await self.reply(p.OPT_STARTTLS, p.REP_ACK)
-        await self.ch.start_tls(self.tls_context)
-        # Nothing negotiated in clear text survives the upgrade.
-        self.session = Session(self.export, no_zeroes=self.session.no_zeroes)
+        self.upgrade = True
+        return self._reply(p.OPT_STARTTLS, p.REP_ACK)
 
-    async def info(self, option: int, data: bytes) -> None:
+    def info(self, option: int, data: bytes) -> list[bytes]:
         if len(data) < 6:
             raise _Invalid(p.REP_ERR_INVALID, "INFO/GO data too short")
         (nlen,) = struct.unpack_from(">I", data)
@@ -222,7 +289,7 @@ class Negotiation:
             infos.append(struct.pack(">H", p.INFO_NAME) + export.name.encode())
         if p.INFO_DESCRIPTION in requests and export.description:
             infos.append(struct.pack(">H", p.INFO_DESCRIPTION) + export.description.encode())
-        await self.reply(option, p.REP_ACK, before=[(p.REP_INFO, info) for info in infos])
+        return self._reply(option, p.REP_ACK, before=[(p.REP_INFO, info) for info in infos])
 
     def _queries(self, data: bytes) -> tuple[str, list[str]]:
         try:
@@ -249,7 +316,7 @@ class Negotiation:
             raise _Invalid(p.REP_ERR_INVALID, "trailing data in meta context request")
         return name, queries
 
-    async def meta_context(self, option: int, data: bytes) -> None:
+    def meta_context(self, option: int, data: bytes) -> list[bytes]:
         listing = option == p.OPT_LIST_META_CONTEXT
         if not listing:
             self.session.contexts = {}  # replaced even when the request fails
@@ -271,9 +338,86 @@ class Negotiation:
             chosen = {known[q]: q for q in dict.fromkeys(queries) if q in known}
             self.session.contexts = chosen
             contexts = list(chosen.items())
-        await self.reply(option, p.REP_ACK, before=[
+        return self._reply(option, p.REP_ACK, before=[
             (p.REP_META_CONTEXT, struct.pack(">I", ctx_id) + ctx.encode())
             for ctx_id, ctx in contexts])
+
+
+class FedNegotiation:
+    """Runs a :class:`Negotiation` on a plain socket from the loop's readiness callback
+    (:meth:`Channel.feed`): each message is answered as it arrives. ``done`` is called
+    once, with the outcome (:attr:`Negotiation.outcome`: a Session, False, or Dropped)
+    or the exception that ended it (Closed, or TimeoutError after ``timeout`` seconds);
+    the channel is then the caller's again."""
+
+    def __init__(self, ch: Channel, export: Export,
+                 done: Callable[[Session | bool | BaseException], None], *,
+                 timeout: float) -> None:
+        if ch.tls:
+            raise ValueError("a fed negotiation runs on a plain socket")
+        self.ch = ch
+        self.negotiation = Negotiation(ch, export, None)
+        self.timeout = timeout
+        self._done: Callable[[Session | bool | BaseException], None] | None = done
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._timer = self.ch.loop.call_later(
+            self.timeout, self._finish, TimeoutError("the handshake took too long"))
+        self.ch.post(self.negotiation.greeting(), _ignore, now=True)
+        self.ch.feed(self._fed)
+
+    def _fed(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            self._finish(exc)
+            return
+        neg = self.negotiation
+        out = neg.take()
+        if out:
+            # (a send that fails shows as the end of the stream on the next readiness)
+            self.ch.post(out, _ignore, now=True)
+        if neg.outcome is not None:
+            self._finish(neg.outcome)
+
+    def _finish(self, result: Session | bool | BaseException) -> None:
+        done, self._done = self._done, None
+        if done is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self.ch.feed(None)
+        done(result)
+
+
+def _ignore(_exc: BaseException | None, _arg: object) -> None:
+    pass
+
+
+async def negotiate(ch: Channel, export: Export, tls: ssl.SSLContext | None
+                    ) -> Session | None:
+    """Negotiate as a coroutine (for a server that requires TLS, since STARTTLS upgrades
+    the socket halfway): the session to serve, or None when the client ended it (ABORT).
+    Raises Dropped or Closed."""
+    neg = Negotiation(ch, export, tls)
+    await ch.send(neg.greeting(), now=True)
+    while True:
+        out = neg.take()
+        if out:
+            try:
+                await ch.send(out, now=True)
+            except Closed:
+                if neg.outcome is not False:
+                    raise  # (a client that aborted may close without reading the ACK)
+        if isinstance(neg.outcome, Dropped):
+            raise neg.outcome
+        if neg.outcome is not None:
+            return neg.outcome or None
+        if neg.upgrade:
+            assert neg.tls_context is not None
+            await ch.start_tls(neg.tls_context)
+            neg.upgraded()
+            continue
+        await ch.fill(neg.need)
 
 
 async def oldstyle(ch: Channel, export: Export, tls: ssl.SSLContext | None) -> Session:

@@ -3,9 +3,12 @@
 One :class:`NbdServer` serves one :class:`Export` (a VBD under a name) on any number of
 UNIX-socket and TCP listeners, and on fd-passing sockets (:meth:`NbdServer.listen_fd_passing`:
 another process hands over a connected socket, which gets the fixed newstyle or the
-oldstyle handshake). Each client gets its own task: handshake (with a
-time limit), then transmission. A client that misbehaves is dropped alone; the others
-and the listeners carry on. :meth:`NbdServer.stop` stops accepting, lets every request
+oldstyle handshake). A listener accepts from the loop's readiness callback; a client's
+fixed newstyle handshake (with a time limit) runs from its socket's readiness callback
+(:class:`~blktap.transport.nbd.handshake.FedNegotiation`), and only then does the client
+get a task of its own, for transmission. Where TLS is required, and for the oldstyle
+handshake, the task does the handshake too. A client that misbehaves is dropped alone;
+the others and the listeners carry on. :meth:`NbdServer.stop` stops accepting, lets every request
 in flight finish and closes the connections (the VBD is the caller's to close).
 
 Buffers come from a pool charged to a memory budget; by default the process's own
@@ -28,7 +31,13 @@ from blktap.io.buffers import BufferPool, default_pool
 from blktap.transport.fdreceiver import FdReceiver, Refused
 from blktap.transport.nbd.connection import Connection
 from blktap.transport.nbd.export import Export
-from blktap.transport.nbd.handshake import Dropped, Negotiation, oldstyle
+from blktap.transport.nbd.handshake import (
+    Dropped,
+    FedNegotiation,
+    Session,
+    negotiate,
+    oldstyle,
+)
 from blktap.transport.sockio import Channel, Closed, unix_listener
 
 log = logging.getLogger("blktap.nbd")
@@ -41,6 +50,10 @@ UNIX_SEND_BUFFER = 2 << 20
 
 HANDSHAKE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 1024
+# Connections a listener takes per turn of the loop, and how long it rests when the
+# process is out of file descriptors (or memory) to take them with (seconds).
+ACCEPTS_PER_TURN = 16
+ACCEPT_PAUSE = 0.1
 
 
 def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
@@ -72,8 +85,10 @@ class NbdServer:
         self.max_connections = max_connections
         self.pool = pool if pool is not None else default_pool()
         self.loop = asyncio.get_running_loop()
-        self._listeners: list[tuple[socket.socket, asyncio.Task, str | None]] = []
+        self._listeners: list[tuple[socket.socket, str | None]] = []
+        self._paused: dict[int, asyncio.TimerHandle] = {}  # listeners resting (EMFILE)
         self._clients: set[asyncio.Task] = set()
+        self._handshakes: set[FedNegotiation] = set()
         self._channels: set[Channel] = set()
         self._connections: set[Connection] = set()
         self._receivers: list[FdReceiver] = []
@@ -111,20 +126,33 @@ class NbdServer:
 
     def _add_listener(self, sock: socket.socket, path: str | None) -> None:
         sock.setblocking(False)
-        task = self.loop.create_task(self._accept_loop(sock))
-        self._listeners.append((sock, task, path))
+        self.loop.add_reader(sock.fileno(), self._acceptable, sock)
+        self._listeners.append((sock, path))
 
-    async def _accept_loop(self, lsock: socket.socket) -> None:
-        while True:
+    def _acceptable(self, lsock: socket.socket) -> None:
+        """The listener is readable: take the connections waiting (a few per turn, so
+        that a flood of them does not starve the clients already served)."""
+        for _ in range(ACCEPTS_PER_TURN):
             try:
-                conn, addr = await self.loop.sock_accept(lsock)
+                conn, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:
+                fd = lsock.fileno()
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("accept: %s; pausing", exc)
-                    await asyncio.sleep(0.1)
-                    continue
-                raise
-            if len(self._clients) >= self.max_connections or self._stopping:
+                    self.loop.remove_reader(fd)
+                    self._paused[fd] = self.loop.call_later(ACCEPT_PAUSE, self._resume,
+                                                            lsock)
+                    return
+                if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                    log.error("accept: %s; this listener stops", exc)
+                    if fd >= 0:
+                        self.loop.remove_reader(fd)
+                    return
+                log.warning("accept: %s", exc)  # (ECONNABORTED and the like: that one only)
+                continue
+            if self.connections >= self.max_connections or self._stopping:
                 conn.close()
                 continue
             if conn.family in (socket.AF_INET, socket.AF_INET6):
@@ -134,6 +162,10 @@ class NbdServer:
             self.accepted += 1
             self._start_client(conn, peer)
 
+    def _resume(self, lsock: socket.socket) -> None:
+        self._paused.pop(lsock.fileno(), None)
+        self.loop.add_reader(lsock.fileno(), self._acceptable, lsock)
+
     def _start_client(self, conn: socket.socket, peer: str, *, old: bool = False) -> None:
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -142,7 +174,32 @@ class NbdServer:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
             except OSError:
                 pass  # the default then; it works, only slower for large reads
-        task = self.loop.create_task(self._client(conn, peer, old=old))
+        ch = Channel(conn, self.loop)
+        self._channels.add(ch)
+        if old or self.tls is not None:
+            self._start_task(ch, peer, None, old=old)
+            return
+        handshake = FedNegotiation(
+            ch, self.export, lambda result: self._negotiated(handshake, ch, peer, result),
+            timeout=self.handshake_timeout)
+        self._handshakes.add(handshake)
+        handshake.start()
+
+    def _negotiated(self, handshake: FedNegotiation, ch: Channel, peer: str,
+                    result: Session | bool | BaseException) -> None:
+        self._handshakes.discard(handshake)
+        if isinstance(result, Session) and not self._stopping:
+            self._start_task(ch, peer, result)
+            return
+        if isinstance(result, Dropped):
+            log.warning("%s: dropping client during handshake: %s", peer, result)
+        self._channels.discard(ch)
+        ch.close()
+        log.info("%s: closed", peer)
+
+    def _start_task(self, ch: Channel, peer: str, session: Session | None, *,
+                    old: bool = False) -> None:
+        task = self.loop.create_task(self._client(ch, peer, session, old=old))
         self._clients.add(task)
         task.add_done_callback(self._clients.discard)
 
@@ -160,7 +217,7 @@ class NbdServer:
     def adopt(self, sock: socket.socket, *, old: bool = False) -> None:
         """Serve a connected socket as a client (the server owns it from now on);
         Refused (the socket closed) while stopping or full."""
-        if self._stopping or len(self._clients) >= self.max_connections:
+        if self._stopping or self.connections >= self.max_connections:
             sock.close()
             raise Refused("the server is stopping" if self._stopping else
                           f"the server has {self.max_connections} clients already")
@@ -169,24 +226,26 @@ class NbdServer:
         self._start_client(sock, peer, old=old)
 
     # ------------------------------------------------------------------ clients
-    async def _client(self, sock: socket.socket, peer: str, *, old: bool = False) -> None:
-        ch = Channel(sock, self.loop)
-        self._channels.add(ch)
+    async def _client(self, ch: Channel, peer: str, session: Session | None, *,
+                      old: bool = False) -> None:
+        """Serve a client: negotiate first where that was not done already (``session``
+        None: oldstyle, or TLS), then transmission."""
         try:
-            try:
-                # asyncio.timeout, not wait_for, which on 3.11 can lose a cancellation
-                async with asyncio.timeout(self.handshake_timeout):
-                    if old:
-                        session = await oldstyle(ch, self.export, self.tls)
-                    else:
-                        session = await Negotiation(ch, self.export, self.tls).run()
-            except (TimeoutError, Closed):
-                return
-            except Dropped as exc:
-                log.warning("%s: dropping client during handshake: %s", peer, exc)
-                return
-            if session is None or self._stopping:
-                return
+            if session is None:
+                try:
+                    # asyncio.timeout, not wait_for, which on 3.11 can lose a cancellation
+                    async with asyncio.timeout(self.handshake_timeout):
+                        if old:
+                            session = await oldstyle(ch, self.export, self.tls)
+                        else:
+                            session = await negotiate(ch, self.export, self.tls)
+                except (TimeoutError, Closed):
+                    return
+                except Dropped as exc:
+                    log.warning("%s: dropping client during handshake: %s", peer, exc)
+                    return
+                if session is None or self._stopping:
+                    return
             conn = Connection(ch, session, peer, pool=self.pool, loop=self.loop)
             log.info("%s: connected (%s replies%s)", peer,
                      "structured" if session.structured else "simple",
@@ -207,14 +266,19 @@ class NbdServer:
 
     @property
     def connections(self) -> int:
-        return len(self._clients)
+        """Clients connected: negotiating or served."""
+        return len(self._clients) + len(self._handshakes)
 
     # ------------------------------------------------------------------ shutdown
     async def stop(self) -> None:
         """Stop accepting, finish what is in flight, close every connection."""
         self._stopping = True
-        for sock, task, path in self._listeners:
-            task.cancel()
+        for timer in self._paused.values():
+            timer.cancel()
+        self._paused.clear()
+        for sock, path in self._listeners:
+            if sock.fileno() >= 0:
+                self.loop.remove_reader(sock.fileno())
             sock.close()
             if path:
                 try:
