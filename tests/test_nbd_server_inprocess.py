@@ -97,6 +97,43 @@ def test_stop_drops_clients_still_negotiating(tmp_path: Path) -> None:
     asyncio.run(body())
 
 
+def test_a_bug_in_a_handshake_loses_that_client_only(tmp_path: Path, monkeypatch,
+                                                     caplog) -> None:  # noqa: ANN001
+    """An exception out of the negotiation (a bug, not a client's fault) is logged and
+    closes that client; the next one is served."""
+    from blktap.transport.nbd import handshake
+
+    real_take = handshake.Negotiation.take
+    failures = [RuntimeError("boom")]
+
+    def take(self):  # noqa: ANN001, ANN202
+        if failures:
+            raise failures.pop()
+        return real_take(self)
+
+    monkeypatch.setattr(handshake.Negotiation, "take", take)
+
+    async def body() -> None:
+        engine = ThreadEngine(2)
+        vbd = VBD(Slow(engine))
+        server = NbdServer(Export("", vbd))
+        path = str(tmp_path / "s.sock")
+        server.listen_unix(path)
+        reader, writer = await asyncio.open_unix_connection(path)
+        await reader.readexactly(18)
+        writer.write(struct.pack(">I", 3))
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
+        writer.close()
+        served = await asyncio.open_unix_connection(path)
+        await asyncio.wait_for(negotiate(*served), 5)
+        served[1].close()
+        await server.stop()
+        await vbd.close()
+        engine.close()
+    asyncio.run(body())
+    assert any("handshake failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
 def test_shutdown_answers_requests_in_flight(tmp_path: Path) -> None:
     async def body() -> None:
         engine = ThreadEngine(2)

@@ -372,7 +372,12 @@ class FedNegotiation:
             self._finish(exc)
             return
         neg = self.negotiation
-        out = neg.take()
+        try:
+            out = neg.take()
+        except Exception as exc:  # a bug: lose this client (and say so), keep the server
+            log.exception("handshake failed")
+            self._finish(exc)
+            return
         if out:
             # (a send that fails shows as the end of the stream on the next readiness)
             self.ch.post(out, _ignore, now=True)
