@@ -142,25 +142,39 @@ class Channel:
         # Room for one message: feeders take every complete one, and messages fed this
         # way (a handshake's) are far smaller than half the buffer.
         self._compact(len(self.buf) // 2)
-        exc: Closed | None = None
         try:
-            got = self.sock.recv_into(self.view[self.end :])
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as err:
-            exc = Closed(str(err))
-        else:
-            if got:
-                self.end += got
-            else:
-                exc = Closed("end of stream")
+            if not self._recv_available():
+                return  # a stale readiness
+            exc = None
+        except Closed as err:
+            exc = err
         self._hold_flush = True
         try:
             feeder(exc)
         finally:
-            self._hold_flush = False
-            if self._out_waiters and self._writer is None:
-                self._flush()
+            self._release_held()
+
+    def _recv_available(self) -> int:
+        """From the readiness callback: receive what the socket holds into the buffer's
+        free end (there is room); the bytes received (0: nothing was there, a stale
+        readiness). Closed at end of stream or when the connection broke."""
+        try:
+            got = self.sock.recv_into(self.view[self.end :])
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            raise Closed(str(exc)) from None
+        if not got:
+            raise Closed("end of stream")
+        self.end += got
+        return got
+
+    def _release_held(self) -> None:
+        """The hook or feeder returned: what it posted leaves now, in one message, not a
+        turn of the loop later."""
+        self._hold_flush = False
+        if self._out_waiters and self._writer is None:
+            self._flush()
 
     def _readable(self) -> None:
         if self._feeder is not None:
@@ -197,14 +211,10 @@ class Channel:
         if self.end == len(self.buf):
             return False
         try:
-            got = self.sock.recv_into(self.view[self.end :])
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            return False  # the reader's own recv reports it
-        if not got:
-            return False  # end of stream: the reader's recv sees it too
-        self.end += got
+            if not self._recv_available():
+                return True
+        except Closed:
+            return False  # the reader's own recv sees it too, and reports it
         hook = self.on_data
         assert hook is not None
         self._hold_flush = True
@@ -214,9 +224,7 @@ class Channel:
             log.exception("data hook failed")
             return False
         finally:
-            self._hold_flush = False
-            if self._out_waiters and self._writer is None:
-                self._flush()  # the replies leave now, not a turn of the loop later
+            self._release_held()
 
     def _compact(self, need: int) -> None:
         """Move what is left unread (a partial message) to the front of the buffer when
@@ -512,7 +520,13 @@ class Channel:
         if self.closed:
             return
         if self._out_waiters and self._writer is None and not self.tls:
-            self._flush()
+            out, waiters = self._take_out()
+            try:
+                rest = self._send_some(out)
+            except Closed as exc:
+                self._wake(waiters, exc)
+            else:  # (what the socket did not take now is not waited for)
+                self._wake(waiters, Closed("connection closed") if rest else None)
         self.closed = True
         self.loop.remove_reader(self.fd)
         self.loop.remove_writer(self.fd)

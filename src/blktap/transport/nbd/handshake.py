@@ -374,9 +374,9 @@ class FedNegotiation:
         neg = self.negotiation
         try:
             out = neg.take()
-        except Exception as exc:  # a bug: lose this client (and say so), keep the server
+        except Exception as bug:  # lose this client (and say so), keep the server
             log.exception("handshake failed")
-            self._finish(exc)
+            self._finish(bug)
             return
         if out:
             # (a send that fails shows as the end of the stream on the next readiness)
