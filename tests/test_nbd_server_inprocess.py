@@ -5,8 +5,10 @@ batched sends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from blktap.io import ThreadEngine
 from blktap.tapdisk.driver import Caps, Driver
 from blktap.tapdisk.vbd import VBD
-from blktap.transport.nbd.server import Export, NbdServer
+from blktap.transport.nbd.server import HANDSHAKE_TIMEOUT, Export, NbdServer
 from blktap.transport.sockio import Channel, Closed
 
 MiB = 1 << 20
@@ -38,6 +40,26 @@ class Slow(Driver):
             v[:] = b"s" * len(v)
 
 
+@contextlib.asynccontextmanager
+async def served(tmp_path: Path, driver: type[Slow] = Slow,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT
+                 ) -> AsyncIterator[tuple[NbdServer, str, Slow]]:
+    """An in-process server of a ``driver`` disk on a UNIX socket: (server, socket path,
+    driver). Stopped at the end (again, if the test stopped it), its disk closed."""
+    engine = ThreadEngine(2)
+    drv = driver(engine)
+    vbd = VBD(drv)
+    server = NbdServer(Export("", vbd), handshake_timeout=handshake_timeout)
+    path = str(tmp_path / "s.sock")
+    server.listen_unix(path)
+    try:
+        yield server, path, drv
+    finally:
+        await server.stop()
+        await vbd.close()
+        engine.close()
+
+
 async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await reader.readexactly(18)
     writer.write(struct.pack(">I", 3))
@@ -51,18 +73,11 @@ async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
 
 def test_handshake_time_limit(tmp_path: Path) -> None:
     async def body() -> None:
-        engine = ThreadEngine(2)
-        vbd = VBD(Slow(engine))
-        server = NbdServer(Export("", vbd), handshake_timeout=0.2)
-        path = str(tmp_path / "s.sock")
-        server.listen_unix(path)
-        reader, writer = await asyncio.open_unix_connection(path)
-        await reader.readexactly(18)  # then say nothing
-        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
-        writer.close()
-        await server.stop()
-        await vbd.close()
-        engine.close()
+        async with served(tmp_path, handshake_timeout=0.2) as (server, path, drv):
+            reader, writer = await asyncio.open_unix_connection(path)
+            await reader.readexactly(18)  # then say nothing
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+            writer.close()
     asyncio.run(body())
 
 
@@ -71,29 +86,23 @@ def test_stop_drops_clients_still_negotiating(tmp_path: Path) -> None:
     (their handshakes have no task: the server closes them itself), and stop() returns;
     a client already in transmission is closed too."""
     async def body() -> None:
-        engine = ThreadEngine(2)
-        vbd = VBD(Slow(engine))
-        server = NbdServer(Export("", vbd))
-        path = str(tmp_path / "s.sock")
-        server.listen_unix(path)
-        halfway = []
-        for cut in (0, 4, 4 + 8):  # nothing, the client's flags, half an option
-            reader, writer = await asyncio.open_unix_connection(path)
-            await reader.readexactly(18)
-            writer.write((struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 8, 0)
-                          )[:cut])
-            halfway.append((reader, writer))
-        served = await asyncio.open_unix_connection(path)
-        await negotiate(*served)
-        while server.connections < 4:
-            await asyncio.sleep(0.01)
-        await asyncio.wait_for(server.stop(), 5)
-        assert server.connections == 0
-        for reader, writer in (*halfway, served):
-            assert await asyncio.wait_for(reader.read(), 5) == b""
-            writer.close()
-        await vbd.close()
-        engine.close()
+        async with served(tmp_path) as (server, path, drv):
+            halfway = []
+            for cut in (0, 4, 4 + 8):  # nothing, the client's flags, half an option
+                reader, writer = await asyncio.open_unix_connection(path)
+                await reader.readexactly(18)
+                hello = struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 8, 0)
+                writer.write(hello[:cut])
+                halfway.append((reader, writer))
+            client = await asyncio.open_unix_connection(path)
+            await negotiate(*client)
+            while server.connections < 4:
+                await asyncio.sleep(0.01)
+            await asyncio.wait_for(server.stop(), 5)
+            assert server.connections == 0
+            for reader, writer in (*halfway, client):
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+                writer.close()
     asyncio.run(body())
 
 
@@ -114,51 +123,37 @@ def test_a_bug_in_a_handshake_loses_that_client_only(tmp_path: Path, monkeypatch
     monkeypatch.setattr(handshake.Negotiation, "take", take)
 
     async def body() -> None:
-        engine = ThreadEngine(2)
-        vbd = VBD(Slow(engine))
-        server = NbdServer(Export("", vbd))
-        path = str(tmp_path / "s.sock")
-        server.listen_unix(path)
-        reader, writer = await asyncio.open_unix_connection(path)
-        await reader.readexactly(18)
-        writer.write(struct.pack(">I", 3))
-        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
-        writer.close()
-        served = await asyncio.open_unix_connection(path)
-        await asyncio.wait_for(negotiate(*served), 5)
-        served[1].close()
-        await server.stop()
-        await vbd.close()
-        engine.close()
+        async with served(tmp_path) as (server, path, drv):
+            reader, writer = await asyncio.open_unix_connection(path)
+            await reader.readexactly(18)
+            writer.write(struct.pack(">I", 3))
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
+            writer.close()
+            client = await asyncio.open_unix_connection(path)
+            await asyncio.wait_for(negotiate(*client), 5)
+            client[1].close()
     asyncio.run(body())
     assert any("handshake failed" in r.getMessage() and r.exc_info for r in caplog.records)
 
 
 def test_shutdown_answers_requests_in_flight(tmp_path: Path) -> None:
     async def body() -> None:
-        engine = ThreadEngine(2)
-        drv = Slow(engine)
-        vbd = VBD(drv)
-        server = NbdServer(Export("", vbd))
-        path = str(tmp_path / "s.sock")
-        server.listen_unix(path)
-        reader, writer = await asyncio.open_unix_connection(path)
-        await negotiate(reader, writer)
-        writer.write(struct.pack(">IHHQQI", 0x25609513, 0, 0, 42, 0, 4096))
-        await drv.started.wait()
-        stopping = asyncio.ensure_future(server.stop())
-        await asyncio.sleep(0.1)
-        assert not stopping.done()  # waiting for the read in flight
-        drv.release.set()
-        magic, error, handle = struct.unpack(">IIQ", await reader.readexactly(16))
-        assert (magic, error, handle) == (0x67446698, 0, 42)
-        assert await reader.readexactly(4096) == b"s" * 4096
-        await asyncio.wait_for(stopping, 5)
-        assert await reader.read() == b""
-        assert not Path(path).exists()
-        writer.close()
-        await vbd.close()
-        engine.close()
+        async with served(tmp_path) as (server, path, drv):
+            reader, writer = await asyncio.open_unix_connection(path)
+            await negotiate(reader, writer)
+            writer.write(struct.pack(">IHHQQI", 0x25609513, 0, 0, 42, 0, 4096))
+            await drv.started.wait()
+            stopping = asyncio.ensure_future(server.stop())
+            await asyncio.sleep(0.1)
+            assert not stopping.done()  # waiting for the read in flight
+            drv.release.set()
+            magic, error, handle = struct.unpack(">IIQ", await reader.readexactly(16))
+            assert (magic, error, handle) == (0x67446698, 0, 42)
+            assert await reader.readexactly(4096) == b"s" * 4096
+            await asyncio.wait_for(stopping, 5)
+            assert await reader.read() == b""
+            assert not Path(path).exists()
+            writer.close()
     asyncio.run(body())
 
 
@@ -172,30 +167,22 @@ def test_replies_out_of_order(tmp_path: Path) -> None:
                 v[:] = bytes([offset // 4096]) * len(v)
 
     async def body() -> None:
-        engine = ThreadEngine(2)
-        drv = SlowFirst(engine)
-        vbd = VBD(drv)
-        server = NbdServer(Export("", vbd))
-        path = str(tmp_path / "s.sock")
-        server.listen_unix(path)
-        reader, writer = await asyncio.open_unix_connection(path)
-        await negotiate(reader, writer)
-        for handle, offset in ((1, 0), (2, 8192), (3, 16384)):
-            writer.write(struct.pack(">IHHQQI", 0x25609513, 0, 0, handle, offset, 512))
-        order = []
-        for _ in range(2):
+        async with served(tmp_path, SlowFirst) as (server, path, drv):
+            reader, writer = await asyncio.open_unix_connection(path)
+            await negotiate(reader, writer)
+            for handle, offset in ((1, 0), (2, 8192), (3, 16384)):
+                writer.write(struct.pack(">IHHQQI", 0x25609513, 0, 0, handle, offset, 512))
+            order = []
+            for _ in range(2):
+                _, error, handle = struct.unpack(">IIQ", await reader.readexactly(16))
+                await reader.readexactly(512)
+                order.append(handle)
+            drv.release.set()
             _, error, handle = struct.unpack(">IIQ", await reader.readexactly(16))
-            await reader.readexactly(512)
+            assert await reader.readexactly(512) == bytes(512)
             order.append(handle)
-        drv.release.set()
-        _, error, handle = struct.unpack(">IIQ", await reader.readexactly(16))
-        assert await reader.readexactly(512) == bytes(512)
-        order.append(handle)
-        assert sorted(order[:2]) == [2, 3] and order[2] == 1
-        writer.close()
-        await server.stop()
-        await vbd.close()
-        engine.close()
+            assert sorted(order[:2]) == [2, 3] and order[2] == 1
+            writer.close()
     asyncio.run(body())
 
 
