@@ -218,6 +218,21 @@ def test_over_long_option_is_skipped_in_pieces(disk: tuple[Served, Path]) -> Non
     w.close()
 
 
+def test_abort_is_acknowledged_then_closed(disk: tuple[Served, Path]) -> None:
+    """ABORT gets its ACK before the server closes (the handshake's answers leave before
+    the close, which happens from the same readiness callback)."""
+    srv, _ = disk
+    w = Wire(srv.socket)
+    w.greet()
+    w.option(8)
+    assert w.option_reply()[:2] == (8, 1)
+    w.option(2)  # ABORT
+    assert w.option_reply()[:2] == (2, 1)
+    assert w.closed_by_server()
+    w.close()
+    alive(srv)
+
+
 def test_too_many_options_drop_the_client(disk: tuple[Served, Path]) -> None:
     """1024 options are answered; the 1025th drops the client (it is not negotiating)."""
     srv, _ = disk
