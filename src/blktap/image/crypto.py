@@ -72,17 +72,26 @@ class XtsCipher:
         if sector < 0:
             raise EncryptionError(f"negative sector {sector}", errno.EINVAL)
         algorithm, cipher_class, xts = self._algorithm, self._cipher, self._xts
+        # Recent cryptography releases (51 here) refuse an output that overlaps the input, so a
+        # sector worked in place goes through a scratch sector. Views of one exporter
+        # count as overlapping: memoryviews do not tell where in it they start.
+        scratch = bytearray(SECTOR_SIZE) if src.obj is dst.obj else None
         for pos in range(0, len(src), SECTOR_SIZE):
             # One data unit per context is all the library's XTS mode offers.
             cipher = cipher_class(algorithm, xts(plain_iv(sector)))
             ctx = cipher.encryptor() if encrypt else cipher.decryptor()
-            ctx.update_into(src[pos : pos + SECTOR_SIZE], dst[pos : pos + SECTOR_SIZE])
+            if scratch is None:
+                ctx.update_into(src[pos : pos + SECTOR_SIZE], dst[pos : pos + SECTOR_SIZE])
+            else:
+                ctx.update_into(src[pos : pos + SECTOR_SIZE], scratch)
+                dst[pos : pos + SECTOR_SIZE] = scratch
             sector += 1
 
     def encrypt_into(self, sector: int, src: bytes | bytearray | memoryview,
                      dst: bytearray | memoryview) -> None:
         """Encrypt whole sectors starting at virtual sector ``sector`` from ``src`` into
-        ``dst`` (the same length; the same buffer works too)."""
+        ``dst`` (the same length). ``dst`` may be ``src`` itself, or a view of exactly the
+        same bytes, but not a buffer that overlaps it only in part."""
         self._run(sector, memoryview(src).cast("B"), memoryview(dst).cast("B"), True)
 
     def decrypt_into(self, sector: int, src: bytes | bytearray | memoryview,
