@@ -58,7 +58,9 @@ def test_render_parses_and_escapes() -> None:
                          "write_errors": 1, "other_errors": 0, "retries": 4},
             "latency": {"le": list(BOUNDS), "read": {"counts": [1] + [0] * 17, "sum": 0.0},
                         "write": {"counts": [0] * 5 + [2] + [0] * 11 + [1], "sum": 12.5},
-                        "other": {"counts": [0] * 18, "sum": 0}}}
+                        "other": {"counts": [0] * 18, "sum": 0}},
+            "loop": {"poll_max_us": 32, "poll_window_us": 16.0,
+                     "poll_backend_window_us": 4.0, "poll_hits": 7, "sleeps": 3}}
     c_shape = {"name": "y", "secs": [1, 0], "reqs_outstanding": 0,
                "images": [{"name": "/c.raw", "hits": [1, 0], "fail": [0, 0],
                            "driver": {"type": 0, "name": "aio", "status": None}}]}
@@ -74,6 +76,12 @@ def test_render_parses_and_escapes() -> None:
     assert value(fams, "blktap_vbd_errors", "blktap_vbd_errors_total", minor="0",
                  op="write") == 1
     assert value(fams, "blktap_vbd_retries", "blktap_vbd_retries_total", minor="0") == 4
+    assert value(fams, "blktap_vbd_loop_poll_hits", "blktap_vbd_loop_poll_hits_total",
+                 minor="0") == 7
+    assert value(fams, "blktap_vbd_loop_poll_window_seconds",
+                 "blktap_vbd_loop_poll_window_seconds", minor="0") == 16e-6
+    assert value(fams, "blktap_vbd_loop_poll_backend_window_seconds",
+                 "blktap_vbd_loop_poll_backend_window_seconds", minor="0") == 4e-6
     h = "blktap_vbd_request_duration_seconds"
     assert fams[h].type == "histogram"
     assert value(fams, h, h + "_bucket", op="write", le="0.001") == 0

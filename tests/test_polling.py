@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from blktap.io import polling
+from blktap.io import ThreadEngine, polling
 from blktap.io.clock import TurnClockLoop
 from blktap.io.polling import FIRST_WINDOW, PollingSelector, loop_stats, polling_loop_factory
+from blktap.tapdisk.drivers import open_stack
+from blktap.tapdisk.vbd import VBD
 from conftest import tool
 
 MiB = 1 << 20
@@ -84,7 +86,8 @@ def test_one_cpu_never_polls(monkeypatch: pytest.MonkeyPatch, pair) -> None:
         assert sel.select(None)
         drain(a)
     assert sel.max_window == 0 and sel.window == 0
-    assert sel.stats() == {"poll_max_us": 0, "poll_window_us": 0.0, "poll_hits": 0,
+    assert sel.stats() == {"poll_max_us": 0, "poll_window_us": 0.0,
+                           "poll_backend_window_us": 0.0, "poll_hits": 0,
                            "sleeps": 5}  # (each wait slept: counted all the same)
     sel.close()
 
@@ -170,6 +173,49 @@ def test_window_halves_when_the_event_comes_late_and_closes_in_the_end(pair) -> 
     assert windows[2] == pytest.approx(sel.max_window / 8)  # 4 us: the first window
     assert windows[3] == 0 and windows[4] == 0
     assert sel.sleeps == 5 and sel.poll_hits == 0
+    sel.close()
+
+
+@two_cpus
+def test_waits_for_a_backend_and_for_consumers_keep_a_window_each(pair) -> None:
+    """A Ceph write at QD1 in miniature: the consumer's next request comes at once, the
+    backend's completion late. The consumers' window opens and stays; the backend's
+    closes; neither drags the other (one window would swing between them)."""
+    sel = PollingSelector(32)
+    a, b = pair
+    sel.register(a, selectors.EVENT_READ)
+    in_flight = [False]
+    unwatch = sel.watch(lambda: in_flight[0])
+    sel.backend_window = sel.max_window
+    backend_windows = []
+    for _ in range(5):
+        in_flight[0] = False  # waiting for the next request: it is there already
+        b.send(b"r")
+        assert sel.select(None)
+        drain(a)
+        in_flight[0] = True  # the request went to the backend: it answers late
+        late = threading.Timer(0.02, b.send, args=(b"c",))
+        late.start()
+        assert sel.select(None)
+        late.join()
+        drain(a)
+        backend_windows.append(sel.backend_window)
+    assert sel.window == FIRST_WINDOW  # opened by the first quick event, held by hits
+    assert backend_windows[:3] == pytest.approx(
+        [sel.max_window / 2, sel.max_window / 4, sel.max_window / 8])
+    assert backend_windows[3:] == [0.0, 0.0]
+    assert sel.poll_hits == 4 and sel.sleeps == 6
+    stats = sel.stats()
+    assert stats["poll_window_us"] == 4.0 and stats["poll_backend_window_us"] == 0.0
+    # Unwatched, a wait is for consumers again.
+    unwatch()
+    unwatch()  # (twice is harmless)
+    late = threading.Timer(0.02, b.send, args=(b"x",))
+    late.start()
+    assert sel.select(None)
+    late.join()
+    drain(a)
+    assert sel.window == 0.0 and sel.backend_window == 0.0
     sel.close()
 
 
@@ -274,7 +320,8 @@ def test_loop_on_the_polling_selector_serves_and_reports() -> None:
     with asyncio.Runner(loop_factory=polling_loop_factory(32)) as runner:
         stats = runner.run(main())
     assert stats is not None
-    assert set(stats) == {"poll_max_us", "poll_window_us", "poll_hits", "sleeps"}
+    assert set(stats) == {"poll_max_us", "poll_window_us", "poll_backend_window_us",
+                          "poll_hits", "sleeps"}
     cpus = len(os.sched_getaffinity(0))
     assert stats["poll_max_us"] == (32 if cpus > 1 else 0)
     assert 0 <= stats["poll_window_us"] <= stats["poll_max_us"]
@@ -358,3 +405,39 @@ def test_tapdisk_takes_the_window_from_the_environment_and_reports_it(tmp_path: 
     finally:
         host.out("destroy", "-p", str(pid), "-m", str(minor))
         wait_gone(pid)
+
+
+def test_a_disk_tells_the_loop_when_its_waits_are_for_the_backend(tmp_path: Path) -> None:
+    """A VBD on a polling loop is asked before each wait: busy while a request of its own
+    is in flight at the driver, not before or after; closed, it is no longer asked."""
+    path = tmp_path / "d.img"
+    path.write_bytes(bytes(4 << 20))
+    seen: list[bool] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sel = loop._selector  # type: ignore[attr-defined]
+        assert isinstance(sel, PollingSelector)
+        engine = ThreadEngine(threads=1)
+        try:
+            driver = await engine.call(open_stack, engine, f"aio:{path}", writable=True)
+            vbd = VBD(driver)
+            assert len(sel._busy) == 1
+            busy = sel._busy[0]
+            assert busy() is False
+            # Past what the engine does inline on the loop's thread: a worker writes it.
+            buf = memoryview(bytearray(2 << 20))
+            write = asyncio.ensure_future(vbd.write(0, buf))
+            while not write.done():
+                seen.append(busy())
+                await asyncio.sleep(0)
+            await write
+            assert busy() is False
+            await vbd.close()
+            assert sel._busy == []
+        finally:
+            engine.close()
+
+    with asyncio.Runner(loop_factory=polling_loop_factory(32)) as runner:
+        runner.run(main())
+    assert True in seen  # the write, at the engine's worker

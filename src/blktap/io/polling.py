@@ -25,6 +25,16 @@ to the traffic, as qemu's IOThread polling (``poll-max-ns``) does:
 - a poll that catches an event leaves it as it is; a wait that ended on a timer (no event)
   tells nothing and changes nothing.
 
+A loop waits for two kinds of things, though, and they come at different speeds: for its
+consumers (the next request, the guest's next kick) while no disk has requests out, and
+for a disk's backend (an I/O thread, librbd) while one has. A Ceph write at queue depth 1
+is both in turn: the client's next request comes 20-30 us after the reply, librbd's
+completion half a millisecond after the submission. One window for both swings between
+them (halved by the long wait, doubled by the short one) and spins for nothing, about
+25 us a request, on the CPU the cluster's threads need. So the selector keeps a window
+per kind, and asks the disks it was told of (:meth:`PollingSelector.watch`: each VBD
+says whether it has requests in flight) which kind of wait begins.
+
 An idle disk therefore never polls, and a busy one polls at most the maximum per wait. The
 maximum is 32 us by default (qemu's default for an IOThread); 0 turns polling off. With a
 single CPU allowed to this process nothing else can make the awaited event happen while the
@@ -77,20 +87,33 @@ def check_max(text: str | int) -> int:
 
 class PollingSelector(selectors.EpollSelector):
     """An epoll selector that polls for up to an adaptive window before it sleeps (the
-    module's docstring says how the window moves). The counters are for statistics."""
+    module's docstring says how the windows move). The counters are for statistics."""
 
     def __init__(self, max_us: int = DEFAULT_MAX_US) -> None:
         super().__init__()
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         self.max_window = max_us / 1e6 if cpus > 1 and _spin is not None else 0.0
-        self.window = 0.0
+        self.window = 0.0          # waiting for consumers: no watched disk has requests out
+        self.backend_window = 0.0  # waiting for a backend: a watched disk has some out
         self.poll_hits = 0      # waits a poll ended, with no sleep
         self.sleeps = 0         # waits that slept (polling or not)
+        self._busy: list[Callable[[], bool]] = []
+
+    def watch(self, busy: Callable[[], bool]) -> Callable[[], None]:
+        """Ask ``busy`` before each wait whether it is for a backend (True: requests are
+        in flight); returns the function that stops asking."""
+        self._busy.append(busy)
+
+        def unwatch() -> None:
+            if busy in self._busy:
+                self._busy.remove(busy)
+        return unwatch
 
     def stats(self) -> dict[str, float | int]:
         """What ``tap-ctl stats`` shows as ``loop`` (docs/operations.md, "Polling")."""
         return {"poll_max_us": round(self.max_window * 1e6),
                 "poll_window_us": round(self.window * 1e6, 1),
+                "poll_backend_window_us": round(self.backend_window * 1e6, 1),
                 "poll_hits": self.poll_hits, "sleeps": self.sleeps}
 
     def select(self, timeout: float | None = None
@@ -102,7 +125,12 @@ class PollingSelector(selectors.EpollSelector):
             return super().select(timeout)
         clock = time.monotonic
         started = clock()
-        window = self.window
+        backend = False
+        for busy in self._busy:
+            if busy():
+                backend = True
+                break
+        window = self.backend_window if backend else self.window
         if window:
             assert _spin is not None  # (max_window is 0 without it)
             ready, spent = _spin(self._selector.fileno(),
@@ -121,9 +149,15 @@ class PollingSelector(selectors.EpollSelector):
         if events:
             waited = clock() - started
             if waited > 2 * self.max_window:
-                self.window = window / 2 if window > FIRST_WINDOW else 0.0
+                window = window / 2 if window > FIRST_WINDOW else 0.0
             elif waited > window:
-                self.window = min(self.max_window, window * 2 if window else FIRST_WINDOW)
+                window = min(self.max_window, window * 2 if window else FIRST_WINDOW)
+            else:
+                return events
+            if backend:
+                self.backend_window = window
+            else:
+                self.window = window
         return events
 
 
@@ -131,6 +165,21 @@ def polling_loop_factory(max_us: int) -> Callable[[], TurnClockLoop]:
     """The event loop factory of a process serving disks (tapdisk, ``blktap serve``): a
     :class:`TurnClockLoop` on a :class:`PollingSelector` with this maximum window."""
     return lambda: TurnClockLoop(PollingSelector(max_us))
+
+
+def watch_busy(loop: asyncio.AbstractEventLoop, busy: Callable[[], bool]
+               ) -> Callable[[], None]:
+    """Tell ``loop``'s selector, where it polls this way, to ask ``busy`` whether a wait
+    is for a backend (:meth:`PollingSelector.watch`); returns the function that stops
+    it (one that does nothing on another loop)."""
+    selector = getattr(loop, "_selector", None)  # asyncio.SelectorEventLoop's own
+    if isinstance(selector, PollingSelector):
+        return selector.watch(busy)
+    return _nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 def loop_stats() -> dict[str, float | int] | None:

@@ -145,8 +145,11 @@ def _vbd(f: _Families, v: VbdSample) -> None:
           "Waits of the process's event loop that slept.").add(
             base, int(loop.get("sleeps", 0)))
         f("blktap_vbd_loop_poll_window_seconds", "gauge",
-          "How long the event loop polls before it sleeps now (adaptive).").add(
-            base, float(loop.get("poll_window_us", 0)) / 1e6)
+          "How long the event loop polls before it sleeps now (adaptive), waiting for "
+          "consumers.").add(base, float(loop.get("poll_window_us", 0)) / 1e6)
+        f("blktap_vbd_loop_poll_backend_window_seconds", "gauge",
+          "How long the event loop polls before it sleeps now (adaptive), waiting for a "
+          "disk's backend.").add(base, float(loop.get("poll_backend_window_us", 0)) / 1e6)
     layers = st.get("images") or []
     info = f("blktap_vbd_layer_info", "gauge",
              "The driver stack, leaf first (layer 0): one sample per layer.")

@@ -56,6 +56,7 @@ from blktap.errors import BlktapError, DriverError, OutOfRange
 from blktap.io.buffers import scratch_buffer
 from blktap.io.clock import Ticker, turn_clock
 from blktap.io.engine import Plug, settled
+from blktap.io.polling import watch_busy
 from blktap.metrics.latency import OpLatency
 from blktap.tapdisk.driver import (
     SECTOR,
@@ -242,6 +243,9 @@ class VBD:
         # disk is open would cost clock readings every turn (io/clock.py).
         self._watchdog = Ticker.of(self.loop).every(
             max(0.01, min(1.0, self.watchdog_timeout / 4)), self._check_watchdog)
+        # A polling loop keeps one window for waits on this disk's backend (requests in
+        # flight) and one for waits on its consumers (io/polling.py).
+        self._unwatch = watch_busy(self.loop, self._busy)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -254,6 +258,9 @@ class VBD:
         if self.read_only:
             caps &= ~(Caps.WRITE | Caps.FUA | Caps.TRIM | Caps.ZERO | Caps.FAST_ZERO)
         return caps
+
+    def _busy(self) -> bool:
+        return self.stats.in_flight > 0
 
     # ------------------------------------------------------------------ checks
     def _check(self, offset: int, length: int, code: int) -> None:
@@ -1125,6 +1132,7 @@ class VBD:
         await self.drain()
         self._closed = True
         self._watchdog.cancel()
+        self._unwatch()
         was_paused = bool(self.state & VbdState.PAUSED)
         self.state = VbdState.CLOSED
         self._running.set()  # wake the held requests: they fail, the disk is closed
