@@ -238,7 +238,7 @@ def test_pause_waits_for_what_the_pass_issued(ceph_cluster, tmp_path) -> None:
             await until(lambda: seen["issued"] > 0, "the pass issued")
             await vbd.pause()
             assert vbd.stats.in_flight == 0
-            assert vbd.inline_async(inline.complete_async) is None
+            assert vbd.inline_async(inline.reap_async) is None
             got = await replies
             assert all(got[h] == (0, b"") for h in writes), got
             drv = await engine.call(open_stack, engine, spec, writable=True)
@@ -443,10 +443,17 @@ def test_the_pass_checks_what_it_is_given() -> None:
         apass.submit(buf, 0, len(buf), (0, 1 << 30, True, (1, 2, 3, 4)), True, 8, 1 << 20)
     with pytest.raises(ValueError):
         apass.submit(buf, 4, 2, (1, 1 << 30, True, (1, 2, 3, 4)), True, 8, 1 << 20)
-    with pytest.raises(ValueError):
-        _inline.complete([(0, 0)])
+    # The reaper checks its arguments before it calls anything.
     with pytest.raises(TypeError):
-        _inline.complete([1])
+        _inline.reap((1, 2, 3, 4), 1)
+    with pytest.raises(TypeError):
+        _inline.reap((1, 2), 1, 0)  # not librbd's four calls
+    with pytest.raises(ValueError):
+        _inline.reap((1, 2, 3, 0), 1, 0)  # a call without an address
+    with pytest.raises(ValueError):
+        _inline.reap((1, 2, 3, 4), 0, 0)  # the image closed
+    with pytest.raises(ValueError):
+        _inline.reap((1, 2, 3, 4), 1, -1)
     with pytest.raises(ValueError):
         _inline.AsyncPass(lambda: None, 0)
     assert apass.issued == 0 and not apass.pending and apass.held_bytes == 0
@@ -465,3 +472,61 @@ def test_the_pass_checks_what_it_is_given() -> None:
     assert apass.reserved == 0 and apass.held_bytes == 8192
     with pytest.raises(ValueError):
         apass.unreserve(index)  # given back already
+
+
+def test_the_reaper_takes_every_completion_and_hands_back_the_drivers_own() -> None:
+    """``_inline.reap`` against librbd's four calls played by ctypes callbacks: it clears
+    the eventfd, asks for completions until a batch comes back short (70 here: three
+    batches), releases every one, and returns the (completion, return value) of those
+    without an argument (the driver's own), counting as strays those whose argument is
+    no slot in flight. No cluster needed."""
+    import ctypes
+    import os
+
+    from blktap.transport.nbd import _inline
+
+    no_slot = ctypes.create_string_buffer(512)  # reads as a free slot: not in flight
+    # 70 completions: the driver's own (no argument) but every seventh, a stray.
+    finished = list(range(0x1000, 0x1000 + 70))
+    args = {c: (ctypes.addressof(no_slot) if i % 7 == 3 else None)
+            for i, c in enumerate(finished)}
+    values = {c: (4096 if i % 5 else -5) for i, c in enumerate(finished)}
+    released: list[int] = []
+    batches: list[int] = []
+    queue = list(finished)
+
+    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                      ctypes.c_int)
+    def poll_io_events(image, out, count):  # noqa: ANN001, ANN202
+        assert image == 0xABC
+        n = min(count, len(queue))
+        for i in range(n):
+            out[i] = queue.pop(0)
+        batches.append(n)
+        return n
+
+    @ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
+    def get_arg(comp):  # noqa: ANN001, ANN202
+        return args[comp]
+
+    @ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_void_p)
+    def get_return_value(comp):  # noqa: ANN001, ANN202
+        return values[comp]
+
+    @ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+    def release(comp):  # noqa: ANN001, ANN202
+        released.append(comp)
+
+    calls = tuple(ctypes.cast(f, ctypes.c_void_p).value
+                  for f in (poll_io_events, get_arg, get_return_value, release))
+    efd = os.eventfd(3, os.EFD_NONBLOCK)
+    try:
+        ours, strays = _inline.reap(calls, 0xABC, efd)
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(efd)  # its count was cleared
+    finally:
+        os.close(efd)
+    assert batches == [32, 32, 6]
+    assert released == finished
+    assert ours == [(c, values[c]) for c in finished if args[c] is None]
+    assert strays == sum(1 for c in finished if args[c] is not None) == 10

@@ -131,9 +131,12 @@ class CImage:
         self._aio_read = rbd.rbd_aio_read
         self._aio_write = rbd.rbd_aio_write
         self._arg = rbd.rbd_aio_get_arg
-        # The calls a compiled pass issues requests with (driver.AsyncTarget's ops).
+        # The calls a compiled pass issues requests with (driver.AsyncTarget's ops), and
+        # those a compiled reaper takes completions with (driver.Reaper's).
         self.ops = tuple(ctypes.cast(fn, c_void_p).value for fn in (
             self._create, self._aio_read, self._aio_write, self._release))
+        self.reap_calls = tuple(ctypes.cast(fn, c_void_p).value for fn in (
+            self._poll, self._arg, self._value, self._release))
         try:
             self._open(writable)
         except BaseException:

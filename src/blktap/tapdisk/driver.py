@@ -183,8 +183,8 @@ class AsyncTarget(NamedTuple):
     address), ``size`` the disk's, ``writes`` whether writes may be issued, and ``ops``
     the addresses of the calls, in this order: ``rbd_aio_create_completion``,
     ``rbd_aio_read``, ``rbd_aio_write``, ``rbd_aio_release``. A completion the pass
-    makes carries its own argument (never NULL), by which the driver tells it from its
-    own and hands it back to the ``complete`` it was given with the target.
+    makes carries its own argument (never NULL), by which the reaper the driver was
+    given with the target (:data:`Reaper`) tells it from the driver's own.
 
     The compiled pass reads these fields by position: add new ones at the end."""
 
@@ -192,6 +192,16 @@ class AsyncTarget(NamedTuple):
     size: int
     writes: bool
     ops: tuple[int, ...]
+
+
+# What a transport gives with :meth:`Driver.inline_async`: the driver reaps its finished
+# requests through it, ``reap(calls, image, eventfd)`` when librbd signals the eventfd
+# (``calls``: the addresses of ``rbd_poll_io_events``, ``rbd_aio_get_arg``,
+# ``rbd_aio_get_return_value``, ``rbd_aio_release``). It settles the completions the
+# transport's passes made (an argument of their own) and returns ``(ours, strays)``: the
+# ``(completion, return value)`` of the driver's (no argument), and how many had an
+# argument that was nobody's.
+Reaper = Callable[[tuple[int, ...], int, int], tuple[list[tuple[int, int]], int]]
 
 
 def inline_file(engine: Engine, fd: int, size: int, writable: bool, **layout: Any
@@ -493,12 +503,11 @@ class Driver:
         :meth:`read_now`/:meth:`write_now` would do."""
         return None
 
-    def inline_async(self, complete: Callable[[list[tuple[int, int]]], None]
-                     ) -> AsyncTarget | None:
+    def inline_async(self, reap: Reaper) -> AsyncTarget | None:
         """Where a transport's compiled pass may issue reads and writes that complete
-        later (:class:`AsyncTarget`), or None (the default). The driver gives the
-        completions of the requests issued there, ``(argument, return value)`` in a
-        batch, to ``complete``, on the loop; a transport asks before each pass. What
+        later (:class:`AsyncTarget`), or None (the default). From then on the driver
+        reaps its completions through ``reap`` (:data:`Reaper`), on the loop, which
+        settles those of the requests issued there; a transport asks before each pass. What
         the pass issues must be exactly what :meth:`read`/:meth:`write` would do; a
         request that fails there is served again by the transport's Python path."""
         return None

@@ -67,6 +67,7 @@ from blktap.tapdisk.driver import (
     Driver,
     Extents,
     InlineTarget,
+    Reaper,
     Tally,
     merge_extents,
 )
@@ -827,19 +828,18 @@ class VBD:
             return target._replace(writes=False)
         return target
 
-    def inline_async(self, complete: Callable[[list[tuple[int, int]]], None]
-                     ) -> AsyncTarget | None:
+    def inline_async(self, reap: Reaper) -> AsyncTarget | None:
         """Where a transport's compiled pass may issue this disk's reads (and writes, if
         ``writes``) itself, to complete later: the top driver's
         :meth:`Driver.inline_async` while the disk runs (None while paused or closed, and
-        for any stack with a filter on top), the completions going to ``complete``. The
+        for any stack with a filter on top), the driver reaping through ``reap``. The
         transport takes only whole sectors inside the disk there, tells
         :meth:`issued_inline` what it issued and :meth:`finished_inline` what finished,
         and serves again through :meth:`read`/:meth:`write` what failed there (retries
         and errors are the Python path's). Ask again before each pass."""
         if self._closed or not self._running.is_set():
             return None
-        target = self.driver.inline_async(complete)
+        target = self.driver.inline_async(reap)
         if target is not None and target.writes and self.read_only:
             return target._replace(writes=False)
         return target

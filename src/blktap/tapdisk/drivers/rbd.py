@@ -55,6 +55,7 @@ from blktap.tapdisk.driver import (
     Driver,
     Extents,
     OpenContext,
+    Reaper,
     merge_extents,
 )
 
@@ -123,9 +124,9 @@ class RbdDriver(Driver):
         # until the completion, even for a caller that gave up waiting).
         self._pending: dict[int, tuple[_Issued, Any]] = {}
         self._watching: asyncio.AbstractEventLoop | None = None
-        # Whom to give the completions of requests a transport's compiled pass issued
-        # (inline_async), and the target it issues them to.
-        self._foreign: Callable[[list[tuple[int, int]]], None] | None = None
+        # The reaper a transport's compiled pass gave (inline_async): it settles the
+        # completions the pass made and hands back ours; and the target it issues to.
+        self._reaper: Reaper | None = None
         self._async: AsyncTarget | None = None
         self._closing = False
         if os.environ.get(ENV_IO, "c") != "bindings" and rbd_c.load() is not None:
@@ -259,21 +260,25 @@ class RbdDriver(Driver):
             self._watching = loop
 
     def _c_events(self) -> None:
-        """The eventfd is readable: settle every request librbd has finished."""
-        assert self.c is not None
+        """The eventfd is readable: settle every request librbd has finished (through
+        the transport's reaper once one was given: compiled, it also takes back what
+        its passes issued)."""
+        c = self.c
+        assert c is not None
         pending = self._pending
-        ours, theirs = self.c.poll(pending)
-        if theirs:
-            if self._foreign is None:  # (cannot be: only a transport makes them)
-                log.error("%s: %d completions of nobody's requests", self.path, len(theirs))
-            else:
-                try:
-                    self._foreign(theirs)
-                except Exception:  # a transport's bug: our own requests still settle
-                    log.exception("%s: handing back a compiled pass's completions failed",
-                                  self.path)
+        reap = self._reaper
+        if reap is not None:
+            ours, strays = reap(c.reap_calls, c.image.value or 0, c.eventfd)
+        else:
+            ours, theirs = c.poll(pending)
+            strays = len(theirs)  # (cannot be: only a transport's passes make them)
+        if strays:
+            log.error("%s: %d completions of nobody's requests", self.path, strays)
         for comp, ret in ours:
-            entry = pending.pop(comp)
+            entry = pending.pop(comp, None)
+            if entry is None:
+                log.error("%s: a completion of no request of ours", self.path)
+                continue
             self._give_back()
             req = entry[0]
             req.done(self._error(req, ret))
@@ -311,17 +316,16 @@ class RbdDriver(Driver):
     def start_read(self, offset: int, iov: Sequence[memoryview], done: Completion) -> bool:
         return self._start("read", offset, iov, done)
 
-    def inline_async(self, complete: Callable[[list[tuple[int, int]]], None]
-                     ) -> AsyncTarget | None:
+    def inline_async(self, reap: Reaper) -> AsyncTarget | None:
         """With librbd's C calls: the image, for a transport's compiled pass to issue
         reads and writes to (their completions arrive on the eventfd this driver
-        watches, and go to ``complete``)."""
+        watches, which it reaps through ``reap`` from now on)."""
         c = self.c
         if c is None or self._closing:
             return None
         if self._watching is None:
             self._watch(asyncio.get_running_loop())
-        self._foreign = complete
+        self._reaper = reap
         target = self._async
         if target is None:
             target = self._async = AsyncTarget(c.image.value or 0, self.size,

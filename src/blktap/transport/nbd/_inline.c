@@ -346,7 +346,7 @@ fail:
 
 static PyMethodDef methods[] = {
     {"nbd_pump", (PyCFunction)(void (*)(void))nbd_pump, METH_FASTCALL, nbd_pump_doc},
-    {"complete", (PyCFunction)async_complete, METH_O, async_complete_doc},
+    {"reap", (PyCFunction)(void (*)(void))async_reap, METH_FASTCALL, async_reap_doc},
     {NULL, NULL, 0, NULL},
 };
 

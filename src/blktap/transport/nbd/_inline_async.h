@@ -7,10 +7,11 @@
  * the plain READ and WRITE requests at the front of a connection's receive buffer and
  * issues each to librbd from one of the pass's slots (a write's payload copied into the
  * slot's buffer, a read's reply header built in front of where librbd puts the data),
- * with the slot as the completion's argument. The driver's reaper (on the loop, when
- * librbd signals its eventfd) gives the completions whose argument is not its own to
- * complete(); each pass with finished slots then calls its connection back once, which
- * sends their replies (AsyncPass.flush) or has them queued behind what is queued.
+ * with the slot as the completion's argument. The driver reaps through reap() (on the
+ * loop, when librbd signals its eventfd): the completions with an argument are the
+ * passes' slots, taken back there, and each pass with finished slots then calls its
+ * connection back once, which sends their replies (AsyncPass.flush) or has them queued
+ * behind what is queued; the others are the driver's own, handed back to it.
  * A write whose payload is not all received yet (a large one) is received by the Python
  * reader straight into a slot lent for it (reserve), then issued from there
  * (issue_write): no copy, and no pool buffer, VBD request or task either.
@@ -22,9 +23,11 @@
  * link against it.
  */
 
+#include <errno.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 
 /* AsyncTarget's fields, by position (the driver's NamedTuple: tapdisk/driver.py). */
 enum { AT_IMAGE, AT_SIZE, AT_WRITES, AT_OPS, AT_FIELDS };
@@ -329,64 +332,46 @@ static PyObject *async_unreserve(AsyncPass *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(async_complete_doc,
-"complete(finished)\n"
-"--\n\n"
-"Take back the slots librbd finished: ``finished`` holds (argument, return value) of\n"
-"completions this module's passes made (their argument is the slot). Each pass with\n"
-"slots done is then called back (its on_done) once. Only for the driver's reaper.");
+/* The librbd calls reap() takes, in this order (librbd.h's signatures). */
+enum { RC_POLL_IO_EVENTS, RC_GET_ARG, RC_GET_RETURN_VALUE, RC_RELEASE, RC_COUNT };
+typedef int (*poll_io_events_fn)(void *image, void **completions, int count);
+typedef void *(*get_arg_fn)(void *completion);
+typedef ssize_t (*get_return_value_fn)(void *completion);
+/* Completions asked for at a time (more are asked for while a batch comes back full). */
+#define REAP_BATCH 32
 
-static PyObject *async_complete(PyObject *module, PyObject *finished)
+/* A slot librbd finished: on its pass's done list, in the order they finish, and the
+ * pass on ``passes`` (once) to be called back. 0, or -1 for an argument that is no
+ * slot in flight (left alone). */
+static int finish_slot(struct slot *s, ssize_t ret, double finished_at, PyObject *passes)
 {
-    (void)module;
-    PyObject *seq = PySequence_Fast(finished, "complete takes a sequence");
-    if (seq == NULL)
-        return NULL;
-    PyObject *passes = PyList_New(0);
-    if (passes == NULL) {
-        Py_DECREF(seq);
-        return NULL;
-    }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    const double finished_at = now_seconds();
-    /* A bad item stops the loop, but the passes with slots done so far are still called
-     * back (a pass left marked as notified would never be again). */
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = items[i];
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
-            PyErr_SetString(PyExc_TypeError, "complete takes (argument, return value) pairs");
-            break;
-        }
-        void *arg = PyLong_AsVoidPtr(PyTuple_GET_ITEM(item, 0));
-        long long ret = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 1));
-        if (PyErr_Occurred())
-            break;
-        struct slot *s = arg;
-        if (s == NULL || s->state != SLOT_ISSUED) {
-            PyErr_SetString(PyExc_ValueError, "a completion of no slot in flight");
-            break;
-        }
-        AsyncPass *pass = s->pass;
-        s->ret = (ssize_t)ret;
-        s->started = finished_at - s->started;  /* from now on: how long it took */
-        s->state = ret < 0 || (s->cmd == CMD_READ && ret != s->length) ? SLOT_FAILED
-                   : SLOT_READY;
-        s->next = -1;
-        int index = (int)(s - pass->slots);
-        if (pass->done_tail < 0)
-            pass->done_head = index;
-        else
-            pass->slots[pass->done_tail].next = index;
-        pass->done_tail = index;
-        /* (Out of memory here, the pass is called back with its next completion.) */
-        if (!pass->notified && PyList_Append(passes, (PyObject *)pass) == 0)
-            pass->notified = 1;
-        PyErr_Clear();
-        if (--pass->issued == 0)
-            Py_DECREF(pass);  /* (the list holds it while it has to be called back) */
-    }
-    Py_DECREF(seq);
+    if (s->state != SLOT_ISSUED)
+        return -1;
+    AsyncPass *pass = s->pass;
+    s->ret = ret;
+    s->started = finished_at - s->started;  /* from now on: how long it took */
+    s->state = ret < 0 || (s->cmd == CMD_READ && ret != s->length) ? SLOT_FAILED
+               : SLOT_READY;
+    s->next = -1;
+    int index = (int)(s - pass->slots);
+    if (pass->done_tail < 0)
+        pass->done_head = index;
+    else
+        pass->slots[pass->done_tail].next = index;
+    pass->done_tail = index;
+    /* (Out of memory here, the pass is called back with its next completion.) */
+    if (!pass->notified && PyList_Append(passes, (PyObject *)pass) == 0)
+        pass->notified = 1;
+    PyErr_Clear();
+    if (--pass->issued == 0)
+        Py_DECREF(pass);  /* (the list holds it while it has to be called back) */
+    return 0;
+}
+
+/* Call back each pass of ``passes`` once (a callback's exception is reported, and the
+ * others are still called); keeps any exception already set. */
+static void call_back(PyObject *passes)
+{
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(passes); i++) {
@@ -399,11 +384,108 @@ static PyObject *async_complete(PyObject *module, PyObject *finished)
             PyErr_WriteUnraisable(pass->on_done);
         Py_XDECREF(r);
     }
-    Py_DECREF(passes);
     PyErr_Restore(type, value, traceback);
-    if (type != NULL)
+}
+
+PyDoc_STRVAR(async_reap_doc,
+"reap(calls, image, eventfd)\n"
+"--\n\n"
+"What the driver does when librbd signals its eventfd: clear the eventfd's count (a\n"
+"completion landing meanwhile signals again), then take every finished completion of\n"
+"``image`` (its address) and release it. ``calls`` are the addresses of\n"
+"rbd_poll_io_events, rbd_aio_get_arg, rbd_aio_get_return_value and rbd_aio_release.\n"
+"A completion with an argument is a slot of a pass here: taken back, and each pass with\n"
+"slots done is called back (its on_done) once. Returns ``(ours, strays)``: ``ours`` the\n"
+"(completion, return value) of those without one (the driver's own requests), and\n"
+"``strays`` how many had an argument that was no slot in flight (a bug; left alone).");
+
+static PyObject *async_reap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "reap takes (calls, image, eventfd)");
         return NULL;
-    Py_RETURN_NONE;
+    }
+    PyObject *calls = args[0];
+    if (!PyTuple_Check(calls) || PyTuple_GET_SIZE(calls) < RC_COUNT) {
+        PyErr_SetString(PyExc_TypeError, "reap's calls must hold librbd's four calls");
+        return NULL;
+    }
+    void *fn[RC_COUNT];
+    for (int i = 0; i < RC_COUNT; i++) {
+        fn[i] = PyLong_AsVoidPtr(PyTuple_GET_ITEM(calls, i));
+        if (fn[i] == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "a librbd call without an address");
+            return NULL;
+        }
+    }
+    void *image = PyLong_AsVoidPtr(args[1]);
+    long eventfd = PyLong_AsLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (image == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the image is closed");
+        return NULL;
+    }
+    if (eventfd < 0 || eventfd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "no eventfd");
+        return NULL;
+    }
+    uint64_t count;
+    if (read((int)eventfd, &count, sizeof count) < 0 && errno != EAGAIN && errno != EINTR)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    poll_io_events_fn poll_events = (poll_io_events_fn)fn[RC_POLL_IO_EVENTS];
+    get_arg_fn get_arg = (get_arg_fn)fn[RC_GET_ARG];
+    get_return_value_fn get_return_value = (get_return_value_fn)fn[RC_GET_RETURN_VALUE];
+    release_fn release = (release_fn)fn[RC_RELEASE];
+    PyObject *ours = PyList_New(0);
+    PyObject *passes = PyList_New(0);
+    if (ours == NULL || passes == NULL) {
+        Py_XDECREF(ours);
+        Py_XDECREF(passes);
+        return NULL;
+    }
+    const double finished_at = now_seconds();
+    long strays = 0;
+    int failed = 0;  /* an exception is set: the completions are still all taken */
+    void *done[REAP_BATCH];
+    int n;
+    do {
+        n = poll_events(image, done, REAP_BATCH);
+        if (n < 0) {
+            if (!failed) {
+                errno = -n;
+                PyErr_SetFromErrno(PyExc_OSError);
+                failed = 1;
+            }
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            void *completion = done[i];
+            void *arg = get_arg(completion);
+            ssize_t ret = get_return_value(completion);
+            release(completion);
+            if (arg != NULL) {
+                if (finish_slot(arg, ret, finished_at, passes) < 0)
+                    strays++;
+                continue;
+            }
+            if (failed)
+                continue;  /* (out of memory: the driver's request times out) */
+            PyObject *item = Py_BuildValue("(Nn)", PyLong_FromVoidPtr(completion), ret);
+            if (item == NULL || PyList_Append(ours, item) < 0)
+                failed = 1;
+            Py_XDECREF(item);
+        }
+    } while (n == REAP_BATCH);
+    call_back(passes);
+    Py_DECREF(passes);
+    if (failed) {
+        Py_DECREF(ours);
+        return NULL;
+    }
+    return Py_BuildValue("(Nl)", ours, strays);
 }
 
 /* Unlink the first done slot. */

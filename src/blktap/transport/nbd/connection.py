@@ -430,7 +430,7 @@ class Connection:
         (up to ``budget``) while it has room for them; how many it issued. Each is
         answered from :meth:`_async_done` when the disk is done with it."""
         ch = self.ch
-        target = self.vbd.inline_async(inline.complete_async)
+        target = self.vbd.inline_async(inline.reap_async)
         if target is None:
             return 0
         apass = self._async
@@ -491,7 +491,7 @@ class Connection:
         (a flag, too large, no slot or room free): the caller receives it as usual."""
         apass = self._async
         if (apass is None or flags or length > inline.MAX_LENGTH or (offset | length) % SECTOR
-                or self.vbd.inline_async(inline.complete_async) is None):
+                or self.vbd.inline_async(inline.reap_async) is None):
             return False
         reserved = apass.reserve(length)
         if reserved is None:
@@ -505,7 +505,7 @@ class Connection:
                 self._release(None, length)
                 raise
             # (Asked again: the disk may have been paused while the payload came.)
-            target = self.vbd.inline_async(inline.complete_async)
+            target = self.vbd.inline_async(inline.reap_async)
             if target is not None:
                 issued = apass.issue_write(index, handle, offset, target)
             if issued:

@@ -52,10 +52,12 @@ def async_pass(on_done: Callable[[], None]) -> object | None:
     return _inline.AsyncPass(on_done, ASYNC_SLOTS, ASYNC_BYTES)
 
 
-def complete_async(finished: list[tuple[int, int]]) -> None:
-    """Given to the VBD with :meth:`VBD.inline_async`: the driver's completions of what
-    the passes issued."""
-    _inline.complete(finished)
+def reap_async(calls: tuple[int, ...], image: int, eventfd: int
+               ) -> tuple[list[tuple[int, int]], int]:
+    """Given to the VBD with :meth:`VBD.inline_async`: the driver reaps its completions
+    through it (``_inline.reap``: the passes' own are taken back there, the driver's
+    returned)."""
+    return _inline.reap(calls, image, eventfd)
 
 
 def available() -> bool:
