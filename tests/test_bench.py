@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -715,3 +716,80 @@ def test_record_quiet_end_to_end_records_or_refuses(monkeypatch: pytest.MonkeyPa
             (rep,) = data["repetitions"]
             assert rep["reasons"] == ["calibration cpu2 38% slower than quiet (limit 15%)"]
             assert data["not_judged"].startswith("no quiet reference; disturbed run")
+
+
+# ------------------------------------------------------------------------------ bench/ab.py
+def ab(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "ab.py"), *args],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_ab_runs_two_builds_in_turn_and_reports_ratios(tmp_path: Path) -> None:
+    """Two variants of this tree (one with polling off) on a raw image, two repetitions:
+    each server started per repetition in rotated order, and a table of medians, CPU per
+    request by thread and per-repetition ratios to the first."""
+    need("fio")
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(16 << 20))
+    res = ab(f"aio:{image}", "--variant", f"new={ROOT}",
+             "--variant", f"off={ROOT}+BLKTAP_POLL_MAX_US=0", "--workloads",
+             "randread-qd1,randwrite-qd1", "--reps", "2", "--runtime", "0.5", "--size", "16M")
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    order = [line.split()[2] for line in lines if line.startswith("rep ")]
+    assert order == ["new", "new", "off", "off", "off", "off", "new", "new"]
+    rows = [line for line in lines if line.startswith("| rand")]
+    assert len(rows) == 4
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        workload, variant, median, cpu, threads, ratio = cells
+        assert median.endswith(" IOPS") and float(median.split()[0].replace(",", "")) > 0
+        assert float(cpu) > 0 and "blktap" in threads
+        if variant == "new":
+            assert ratio == ""
+        else:
+            assert ratio.endswith(")") and float(ratio.split("x")[0]) > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["aio:/x", "--variant", "a=."], "two variants"),
+    (["aio:/x", "--variant", "a", "--qemu"], "NAME=TREE"),
+    (["aio:/x", "--variant", "a=/nonexistent", "--qemu"], "no src/blktap"),
+    (["aio:/x", "--variant", "a=.+NOVALUE", "--qemu"], "VAR=VALUE"),
+    (["aio:/x", "--variant", "a=.", "--variant", "a=.", ], "must differ"),
+    (["--variant", "a=.", "--qemu"], "either SPEC or --ceph"),
+    (["aio:/x", "--ceph", "--variant", "a=.", "--qemu"], "either SPEC or --ceph"),
+    (["aio:/x", "--variant", "a=.", "--qemu", "--workloads", "nope"], "unknown workload"),
+    (["aio:/x", "--variant", "a=.", "--qemu", "--size", "12K"], "like 256M"),
+    (["nbd:/x", "--variant", "a=.", "--qemu"], "does not serve nbd"),
+])
+def test_ab_refuses_what_it_cannot_run(args: list[str], message: str) -> None:
+    res = ab(*[a.replace("=.", f"={ROOT}") if a.endswith("=.") or "=.+" in a else a
+               for a in args])
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert message in res.stderr
+
+
+def test_ab_on_a_throwaway_ceph_against_qemu_nbd() -> None:
+    """--ceph: its own cluster, an image written through, ours (librbd's cache off)
+    against qemu-nbd's rbd driver (--cache=none), then the cluster stopped."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ceph_cluster import missing_programs
+
+    missing = missing_programs()
+    if missing or shutil.which("qemu-nbd") is None:
+        reason = f"ceph or qemu-nbd missing ({', '.join(missing) or 'qemu-nbd'})"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    need("fio")
+    res = ab("--ceph", "--variant", f"ours={ROOT}", "--qemu", "--workloads", "randread-qd1",
+             "--reps", "1", "--runtime", "0.5", "--size", "16M")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {line.split("|")[2].strip(): line for line in res.stdout.splitlines()
+            if line.startswith("| randread-qd1")}
+    assert set(rows) == {"ours", "qemu-nbd"}
+    assert "qemu-nbd" in rows["qemu-nbd"].split("|")[5]  # its main thread's CPU
+    procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert not [p for p in procs if "bench-ab-" in p and "ceph-" in p]  # cluster stopped
