@@ -90,6 +90,25 @@ static double now_seconds(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* The addresses of ``count`` librbd calls from the tuple ``calls`` into ``fn``: 0, or -1
+ * with TypeError (``wrong``: not a tuple that long) or ValueError (an address of 0). */
+static int call_addresses(PyObject *calls, int count, void **fn, const char *wrong)
+{
+    if (!PyTuple_Check(calls) || PyTuple_GET_SIZE(calls) < count) {
+        PyErr_SetString(PyExc_TypeError, wrong);
+        return -1;
+    }
+    for (int i = 0; i < count; i++) {
+        fn[i] = PyLong_AsVoidPtr(PyTuple_GET_ITEM(calls, i));
+        if (fn[i] == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "a librbd call without an address");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static int async_target(AsyncPass *self, PyObject *target)
 {
     if (target == self->target)
@@ -98,20 +117,10 @@ static int async_target(AsyncPass *self, PyObject *target)
         PyErr_SetString(PyExc_TypeError, "the target must be an AsyncTarget");
         return -1;
     }
-    PyObject *ops = PyTuple_GET_ITEM(target, AT_OPS);
-    if (!PyTuple_Check(ops) || PyTuple_GET_SIZE(ops) < OP_COUNT) {
-        PyErr_SetString(PyExc_TypeError, "AsyncTarget.ops must hold the librbd calls");
-        return -1;
-    }
     void *fn[OP_COUNT];
-    for (int i = 0; i < OP_COUNT; i++) {
-        fn[i] = PyLong_AsVoidPtr(PyTuple_GET_ITEM(ops, i));
-        if (fn[i] == NULL) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "a librbd call without an address");
-            return -1;
-        }
-    }
+    if (call_addresses(PyTuple_GET_ITEM(target, AT_OPS), OP_COUNT, fn,
+                       "AsyncTarget.ops must hold the librbd calls") < 0)
+        return -1;
     void *image = PyLong_AsVoidPtr(PyTuple_GET_ITEM(target, AT_IMAGE));
     unsigned long long size = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(target, AT_SIZE));
     int writes = PyObject_IsTrue(PyTuple_GET_ITEM(target, AT_WRITES));
@@ -406,20 +415,10 @@ static PyObject *async_reap(PyObject *module, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "reap takes (calls, image, eventfd)");
         return NULL;
     }
-    PyObject *calls = args[0];
-    if (!PyTuple_Check(calls) || PyTuple_GET_SIZE(calls) < RC_COUNT) {
-        PyErr_SetString(PyExc_TypeError, "reap's calls must hold librbd's four calls");
-        return NULL;
-    }
     void *fn[RC_COUNT];
-    for (int i = 0; i < RC_COUNT; i++) {
-        fn[i] = PyLong_AsVoidPtr(PyTuple_GET_ITEM(calls, i));
-        if (fn[i] == NULL) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "a librbd call without an address");
-            return NULL;
-        }
-    }
+    if (call_addresses(args[0], RC_COUNT, fn, "reap's calls must hold librbd's four calls")
+        < 0)
+        return NULL;
     void *image = PyLong_AsVoidPtr(args[1]);
     long eventfd = PyLong_AsLong(args[2]);
     if (PyErr_Occurred())
