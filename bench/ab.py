@@ -22,12 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +35,12 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import workloads  # noqa: E402
-from servers import ours  # noqa: E402
+from servers import ours, start_listening, stop_process  # noqa: E402
+
+from blktap.cli.common import parse_size as cli_parse_size  # noqa: E402
+from blktap.errors import UsageError  # noqa: E402
 
 MIB = 1 << 20
-START_TIMEOUT = 30.0
 
 
 @dataclass
@@ -77,12 +77,14 @@ def parse_variant(text: str) -> Variant:
 
 
 def parse_size(text: str) -> int:
-    """256M, 1G: a whole number of MiB."""
-    units = {"M": MIB, "G": 1024 * MIB}
-    number, unit = text[:-1], text[-1:].upper()
-    if unit not in units or not number.isdigit() or int(number) == 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a size is like 256M or 1G")
-    return int(number) * units[unit]
+    """A size as the CLIs take it (256M, 1G), in whole MiB (a Ceph image's unit here)."""
+    try:
+        size = cli_parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size <= 0 or size % MIB:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size is whole MiB, like 256M or 1G")
+    return size
 
 
 def thread_cpu_ns(pid: int) -> dict[tuple[str, str], int]:
@@ -107,30 +109,6 @@ def argv_of(v: Variant, spec: str, sock: Path, qemu_image: tuple[str, str]) -> l
         return ["qemu-nbd", "-f", fmt, "-k", str(sock), "--persistent", "--cache=none",
                 "--aio=threads", filename]
     return [ours("blktap"), "serve", spec, "--socket", str(sock)]
-
-
-def start(argv: list[str], sock: Path, env: dict[str, str]) -> subprocess.Popen:
-    sock.unlink(missing_ok=True)
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + START_TIMEOUT
-    while not sock.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"{argv[0]} exited: {proc.stderr.read()[-500:]}")  # type: ignore
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{argv[0]} did not start")
-        time.sleep(0.05)
-    return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def measure(proc: subprocess.Popen, w: workloads.Workload, uri: str, size: int,
@@ -234,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 venv = dict(env, **v.env)
                 if v.tree is not None:
                     venv["PYTHONPATH"] = str(v.tree / "src")
-                proc = start(argv_of(v, spec, sock, qemu_image), sock, venv)
+                proc = start_listening(argv_of(v, spec, sock, qemu_image), sock, venv)
                 try:
                     for n in names:
                         s = measure(proc, workloads.BY_NAME[n], uri, size, args.runtime)
@@ -242,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"rep {rep} {v.name:>12} {n:>15} {s.value:>10,.0f} "
                               f"cpu {s.cpu_us:6.1f} us/req", flush=True)
                 finally:
-                    stop(proc)
+                    stop_process(proc, timeout=60)
         print("\n".join(table(results, [v.name for v in variants])))
     finally:
         if cluster is not None:

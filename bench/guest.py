@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report as report_md  # noqa: E402
+from servers import stop_process  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -66,20 +66,10 @@ def start(kind: str, image: Path, sock: Path, log: Path) -> subprocess.Popen:
     deadline = time.monotonic() + 30
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
+            stop_process(proc, timeout=20)
             raise RuntimeError(f"{kind} did not listen: {log.read_text(errors='replace')}")
         time.sleep(0.05)
     return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def parse(output: str) -> dict[str, dict[str, float]]:
@@ -202,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 ok, output = boot(args.testbed, sock, secs, args.qd)
             finally:
-                stop(proc)
+                stop_process(proc, timeout=20)
             results = parse(output)
             ok = ok and len(results) == 6
             print(f"guest.py: {i + 1}/{len(order)} {kind}: {'ok' if ok else 'FAILED'} "

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,6 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import calibrate  # noqa: E402
 import report  # noqa: E402
 import workloads  # noqa: E402
+from servers import proc_cpu_seconds, start_listening, stop_process  # noqa: E402
 
 from ceph_cluster import CephCluster, missing_programs  # noqa: E402
 
@@ -38,36 +36,6 @@ END = "<!-- bench/rbd.py: end -->"
 NAMES = ("seqread", "seqwrite", "randread-qd1", "randread-qd32", "randwrite-qd1",
          "randwrite-qd32")
 MIB = 1 << 20
-
-
-def start(argv: list[str], sock: Path, env: dict[str, str]) -> subprocess.Popen:
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if sock.exists():
-            return proc
-        if proc.poll() is not None:
-            raise RuntimeError(f"{argv[0]} exited: {proc.stderr.read()}")  # type: ignore
-        select.select([], [], [], 0.1)
-    proc.kill()
-    raise RuntimeError(f"{argv[0]} did not start")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system time of a process, all its threads (librbd's included)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def main() -> int:
@@ -116,19 +84,19 @@ def main() -> int:
             for name in order[rep % 2:] + order[: rep % 2]:
                 sock = tmp / f"{name}.sock"
                 sock.unlink(missing_ok=True)
-                proc = start(servers[name](sock), sock, cluster.env)
+                proc = start_listening(servers[name](sock), sock, cluster.env)
                 uri = f"nbd+unix:///?socket={sock}"
                 try:
                     for w in NAMES:
-                        before = cpu_seconds(proc.pid)
+                        before = proc_cpu_seconds(proc.pid)
                         m = workloads.run(workloads.BY_NAME[w], uri, size, args.runtime)
-                        used = cpu_seconds(proc.pid) - before
+                        used = proc_cpu_seconds(proc.pid) - before
                         if m.error:
                             raise RuntimeError(f"{name} {w}: {m.error}")
                         results[w][name].append(m.value)
                         cpu[w][name].append(used * 1e6 / max(1, m.ios))
                 finally:
-                    stop(proc)
+                    stop_process(proc, timeout=60)
     finally:
         sample = sampler.stop()
         cluster.stop()

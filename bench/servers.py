@@ -174,6 +174,37 @@ def _read_line(proc: subprocess.Popen[bytes], deadline: float) -> str:
     return buf.split(b"\n", 1)[0].decode()
 
 
+def start_listening(argv: list[str], sock: Path, env: dict[str, str] | None = None,
+                    timeout: float = 30.0) -> subprocess.Popen:
+    """Start a server that listens on the UNIX socket ``sock`` (a stale one is removed
+    first) and return once it accepts connections; ServerError with the end of its
+    stderr if it exits first or takes longer than ``timeout``."""
+    sock.unlink(missing_ok=True)
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not _connectable(sock):
+        if proc.poll() is not None:
+            assert proc.stderr is not None
+            raise ServerError(f"{argv[0]} exited: {proc.stderr.read()[-500:]}")
+        if time.monotonic() > deadline:
+            stop_process(proc)
+            raise ServerError(f"{argv[0]} did not start in {timeout:g} s")
+        time.sleep(0.05)
+    return proc
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Running:
     """One started server: its process, URI and log."""
 
@@ -214,13 +245,7 @@ class Running:
         return proc_memory_kib(self.pid)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.log.close()
