@@ -124,6 +124,10 @@ tap-ctl create""", 1).replace(SERVE, r"""
 # the first tapback was stopped). The new tapback logs to out/tapback-again.log (mirrored
 # into backend.log by tail): through a pipe to tee, the rig's SIGTERM left the script
 # alive until its SIGKILL (two runs of two).
+# A tapback that does not end within 4 s of the SIGTERM leaves its threads' kernel and
+# Python stacks in the log, and its status fails the run: so tapback hung once on
+# the xenbus device, writing an UNWATCH while a read was answered (xenstore.py's
+# docstring: a deadlock in dom0's kernel, which only kept us from exiting).
 TAKEOVER_MARK = "BLKTAP-TAPBACK-TAKEN-OVER"
 TAKEOVER_SECTOR = 8 << 11  # 8 MiB into the testbed's 16 MiB image
 BACKEND_CMD_RESTART = BACKEND_CMD.replace(SERVE, r"""
@@ -136,11 +140,23 @@ done
 kill -TERM $pid; wait $pid
 echo "backend: tapback stopped with status $?, starting it again (on /dev/xen/xenbus)"
 log=$TESTBED_OUT/tapback-again.log
-python3 -m blktap.cli.tapback -d -v -n vbd --xenstore /dev/xen/xenbus 2>>$log &
+python3 -X faulthandler -m blktap.cli.tapback -d -v -n vbd --xenstore /dev/xen/xenbus \
+  2>>$log &
 pid=$!
 tail -n +1 -F --pid=$pid $log 2>/dev/null &
-trap 'echo "backend: SIGTERM"; kill -TERM $pid 2>/dev/null; wait $pid
-      echo "backend: the new tapback exited with status $?"; exit 0' TERM
+trap 'echo "backend: SIGTERM"; kill -TERM $pid 2>/dev/null
+      end=$((SECONDS + 4))
+      while kill -0 $pid 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.2; done
+      if kill -0 $pid 2>/dev/null; then
+        echo "backend: the new tapback is still there 4 s after SIGTERM; its threads:"
+        for t in /proc/$pid/task/*; do
+          echo "  $(cat $t/comm) in $(cat $t/wchan):"; sed "s/^/    /" $t/stack
+        done
+        kill -ABRT $pid  # (-X faulthandler: the Python stacks go to its log)
+      fi
+      wait $pid; s=$?
+      echo "backend: the new tapback exited with status $s"
+      case $s in 0|143) exit 0;; *) exit $s;; esac' TERM
 until grep -q "taken over as" $log 2>/dev/null; do sleep 0.2; done
 echo "@MARK@ run=$$" | dd of=$DISK_IMAGE bs=512 seek=@SECTOR@ conv=notrunc,fsync 2>/dev/null
 echo "backend: the guest may go on"
@@ -303,8 +319,9 @@ def run_testbed(testbed: Path, out: Path, scenario: str, *, payload: Path | None
 def explain(out: Path, text: str) -> str:
     parts = [text[-3000:]]
     logs = sorted((out / "out").glob("tapdisk.*.log")) if (out / "out").is_dir() else []
-    for p in [out / "out" / name for name in ("backend.log", "hotplug.log", "domU-console.log",
-                                              "xenstore-last.txt")] + logs:
+    names = ("backend.log", "tapback-again.log", "hotplug.log", "domU-console.log",
+             "xenstore-last.txt")
+    for p in [out / "out" / name for name in names] + logs:
         if p.exists():
             parts.append(f"--- {p.relative_to(out)}\n" + p.read_text(errors="replace")[-3000:])
     return "\n".join(parts)

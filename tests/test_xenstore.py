@@ -291,3 +291,100 @@ def test_a_mute_xenstored_times_out(tmp_path):
             await xs.read("/a")
         assert e.value.errno == errno.ETIMEDOUT
     run(tmp_path, body)
+
+
+# Through /dev/xen/xenbus the kernel answers WATCH and UNWATCH inside the write, holding
+# the lock its xenstore thread needs to hand over any other answer: written while another
+# request is unanswered, they deadlock dom0's xenstore (xenstore.py's docstring). Here the
+# test plays the device's far side on a socket pair, answering when it chooses.
+def _device_pair():
+    import socket
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    return ours.detach(), theirs
+
+
+def _take(peer) -> list[tuple[int, int]]:
+    """The (op, req_id) of every whole message the client has written so far."""
+    data = b""
+    while True:
+        try:
+            data += peer.recv(65536)
+        except BlockingIOError:
+            break
+    out = []
+    while data:
+        op, req_id, _tx, length = xs_wire.HEADER.unpack_from(data)
+        out.append((op, req_id))
+        data = data[xs_wire.HEADER.size + length:]
+    return out
+
+
+def _answer(peer, op: int, req_id: int, payload: bytes = b"OK\0") -> None:
+    peer.send(xs_wire.pack(op, req_id, 0, payload))
+
+
+async def _settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("device", [True, False])
+def test_a_watch_through_the_device_waits_for_every_answer(device):
+    async def main():
+        fd, peer = _device_pair()
+        xs = XenStore(fd, "test", device=device)
+        try:
+            loop = asyncio.get_running_loop()
+            read = loop.create_task(xs.read("/a"))
+            await _settle()
+            [(op, read_id)] = _take(peer)
+            assert op == XS_READ
+            watch = loop.create_task(xs.watch("/b", "tok"))
+            await _settle()
+            written = _take(peer)
+            if not device:  # a socket pipelines as ever
+                assert [op for op, _ in written] == [xs_wire.Op.WATCH]
+            else:  # held back until the read is answered
+                assert written == []
+                _answer(peer, XS_READ, read_id, b"A")
+                assert await read == "A"
+                await _settle()
+                written = _take(peer)
+                assert [op for op, _ in written] == [xs_wire.Op.WATCH]
+                # ...and what comes after it waits for it to be written, then goes
+                later = loop.create_task(xs.read("/c"))
+                await _settle()
+                assert [op for op, _ in _take(peer)] == [XS_READ]
+                later.cancel()
+            _answer(peer, xs_wire.Op.WATCH, written[0][1])
+            await watch
+            if not device:
+                _answer(peer, XS_READ, read_id, b"A")
+                assert await read == "A"
+        finally:
+            await xs.close()
+            peer.close()
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_a_watch_through_the_device_gives_up_on_an_answer_that_never_comes():
+    async def main():
+        fd, peer = _device_pair()
+        xs = XenStore(fd, "test", device=True)
+        xs.timeout = 0.2
+        try:
+            read = asyncio.get_running_loop().create_task(xs.read("/a"))
+            await _settle()
+            read.cancel()  # given up on: its answer is still on its way
+            with pytest.raises(XenStoreError) as e:
+                await xs.watch("/b", "tok")
+            assert e.value.errno == errno.ETIMEDOUT
+            assert "outstanding" in str(e.value)
+            assert [op for op, _ in _take(peer)] == [XS_READ]  # the watch never went
+        finally:
+            await xs.close()
+            peer.close()
+    asyncio.run(asyncio.wait_for(main(), 10))

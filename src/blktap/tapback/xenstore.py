@@ -7,6 +7,15 @@ reader: nothing here polls. Transactions: :meth:`XenStore.transact` runs a corou
 against a transaction and commits it, starting again from scratch when the commit (or a
 request inside) answers EAGAIN, which is how xenstored reports a conflicting writer.
 
+Through the xenbus device, the kernel handles WATCH and UNWATCH inside our ``write``: it
+holds the connection's message lock while it asks xenstored and waits for the answer. The
+kernel's one xenstore thread, which delivers every answer, takes that same lock to hand
+us the answer to any *other* request of ours: if one is still on its way, it waits for
+our write, which waits for it, and dom0's whole xenstore traffic stops for good (tapback
+hung on a guest's shutdown this way: the UNWATCH of the gone frontend while a read of
+the backend directory was answered). So on the device a WATCH or UNWATCH is written only
+once every request before it has its answer, and nothing is sent while it is written.
+
 Errors: a request xenstored refuses raises :class:`XenStoreError` with its errno
 (``ENOENT``, ``EACCES``, ``EAGAIN``...); a connection that breaks fails every request in
 flight and every later one with EPIPE, and ends the watches' iterators.
@@ -140,12 +149,17 @@ class Tx:
 class XenStore:
     """One connection to xenstored. Create with :meth:`open`; close with :meth:`close`."""
 
-    def __init__(self, fd: int, where: str) -> None:
+    def __init__(self, fd: int, where: str, *, device: bool = False) -> None:
         self._fd = fd
         self.where = where
+        self.device = device  # the xenbus device (see the module's docstring), not a socket
         self._loop = asyncio.get_running_loop()
         self._buf = bytearray()
         self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        # Requests written whose answers have not been read, awaited or not (a caller
+        # that gave up still has one on its way), and who waits for there to be none.
+        self._unanswered: set[int] = set()
+        self._quiet: list[asyncio.Future[None]] = []
         self._ids = itertools.count(1)
         self._watches: dict[str, Watch] = {}
         self._tokens = itertools.count(1)
@@ -181,7 +195,7 @@ class XenStore:
             except OSError as exc:
                 raise XenStoreError(f"opening {where}: {os.strerror(exc.errno or errno.EIO)}",
                                     exc.errno or errno.EIO) from None
-        return cls(fd, where)
+        return cls(fd, where, device=not stat.S_ISSOCK(st.st_mode))
 
     async def __aenter__(self) -> XenStore:
         return self
@@ -235,6 +249,9 @@ class XenStore:
             if watch is not None:
                 watch._fire(path)
             return
+        self._unanswered.discard(req_id)
+        if not self._unanswered and self._quiet:
+            self._wake_quiet()
         fut = self._pending.pop(req_id, None)
         if fut is None:
             # The answer to a request its caller gave up on (cancelled): drop it.
@@ -254,9 +271,36 @@ class XenStore:
         for watch in self._watches.values():
             watch._end()
         self._watches.clear()
+        self._unanswered.clear()
+        self._wake_quiet()
 
-    async def _send(self, data: bytes) -> None:
+    def _wake_quiet(self) -> None:
+        quiet, self._quiet = self._quiet, []
+        for fut in quiet:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _answers_in(self) -> None:
+        """Return once every request written has its answer read (or the connection
+        broke); XenStoreError(ETIMEDOUT) when they take longer than the request timeout."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                while self._unanswered and self._broken is None:
+                    fut = self._loop.create_future()
+                    self._quiet.append(fut)
+                    await fut
+        except TimeoutError:
+            raise XenStoreError(f"{self.where}: {len(self._unanswered)} answers still "
+                                f"outstanding after {self.timeout:g} s", errno.ETIMEDOUT) \
+                from None
+
+    async def _send(self, data: bytes, req_id: int, *, alone: bool = False) -> None:
+        """Write one request. ``alone``: only once every earlier one is answered (a
+        WATCH or UNWATCH through the xenbus device); later ones wait meanwhile."""
         async with self._write_lock:
+            if alone:
+                await self._answers_in()
+            self._unanswered.add(req_id)
             view = memoryview(data)
             while view:
                 if self._broken is not None:
@@ -286,7 +330,8 @@ class XenStore:
         fut: asyncio.Future[tuple[int, bytes]] = self._loop.create_future()
         self._pending[req_id] = fut
         try:
-            await self._send(w.pack(op, req_id, tx, payload))
+            await self._send(w.pack(op, req_id, tx, payload), req_id,
+                             alone=self.device and op in (Op.WATCH, Op.UNWATCH))
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
             # arrives as the reply does, and tapback's stop then waits for ever.
             async with asyncio.timeout(self.timeout):
