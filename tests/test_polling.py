@@ -225,9 +225,9 @@ def test_a_timer_due_during_the_poll_ends_it_without_changing_the_window(
     """The poll stops at the loop's timeout when a timer is due before the window ends."""
     asked = []
 
-    def spin(epfd: int, seconds: float) -> tuple[bool, float]:
+    def spin(epfd: int, seconds: float, maxevents: int) -> tuple[list, float]:
         asked.append(seconds)
-        return False, seconds
+        return [], seconds
 
     monkeypatch.setattr(polling, "_spin", spin)
     sel = PollingSelector(1_000_000)
@@ -245,23 +245,63 @@ def test_a_timer_due_during_the_poll_ends_it_without_changing_the_window(
 
 
 @pytest.mark.skipif(polling._spin is None, reason="built without the C extension")
-def test_spin_reports_ready_and_keeps_the_events(pair) -> None:
+def test_spin_reports_what_it_saw(pair) -> None:
     a, b = pair
     ep = select.epoll()
     ep.register(a.fileno(), select.EPOLLIN)
+    ep.register(b.fileno(), select.EPOLLOUT)
     try:
-        ready, spent = polling._spin(ep.fileno(), 0.002)
-        assert ready is False and spent >= 0.002  # nothing came: the whole window
+        ep.modify(b.fileno(), 0)
+        found, spent = polling._spin(ep.fileno(), 0.002, 4)
+        assert found == [] and spent >= 0.002  # nothing came: the whole window
         b.send(b"x")
-        ready, spent = polling._spin(ep.fileno(), 30.0)
-        assert ready is True and spent < 30.0
-        assert ep.poll(0) == [(a.fileno(), select.EPOLLIN)]  # not consumed
+        found, spent = polling._spin(ep.fileno(), 30.0, 4)
+        assert found == [(a.fileno(), select.EPOLLIN)] and spent < 30.0
+        ep.modify(b.fileno(), select.EPOLLOUT)
+        found, _ = polling._spin(ep.fileno(), 30.0, 4)
+        assert sorted(found) == sorted([(a.fileno(), select.EPOLLIN),
+                                        (b.fileno(), select.EPOLLOUT)])
+        found, _ = polling._spin(ep.fileno(), 30.0, 1)  # no more than asked for
+        assert len(found) == 1
+        assert sorted(ep.poll(0)) == sorted(found + [ev for ev in
+                                                     [(a.fileno(), select.EPOLLIN),
+                                                      (b.fileno(), select.EPOLLOUT)]
+                                                     if ev not in found])
     finally:
         ep.close()
     with pytest.raises(ValueError):
-        polling._spin(-1, 0.001)
+        polling._spin(-1, 0.001, 1)
+    with pytest.raises(ValueError):
+        polling._spin(0, 0.001, 0)
     with pytest.raises(TypeError):
-        polling._spin(1)
+        polling._spin(1, 0.001)
+
+
+def test_events_the_poll_saw_are_the_selectors(pair) -> None:
+    """What the poll hands over is what EpollSelector.select would have made of it: the
+    registered key, the mask cut to what it asked for, a hang-up as readable."""
+    a, b = pair
+    sel = PollingSelector(1_000_000)
+    ka = sel.register(a, selectors.EVENT_READ, "a")
+    kb = sel.register(b, selectors.EVENT_READ | selectors.EVENT_WRITE, "b")
+    ready = sel._ready([(a.fileno(), select.EPOLLIN), (b.fileno(), select.EPOLLOUT),
+                        (999, select.EPOLLIN)])
+    assert ready == [(ka, selectors.EVENT_READ), (kb, selectors.EVENT_WRITE)]
+    assert sel._ready([(a.fileno(), select.EPOLLHUP)]) == [(ka, selectors.EVENT_READ)]
+    sel.close()
+
+
+@two_cpus
+@pytest.mark.skipif(polling._spin is None, reason="built without the C extension")
+def test_a_poll_that_catches_an_event_hands_it_over(pair) -> None:
+    a, b = pair
+    sel = PollingSelector(1_000_000)
+    key = sel.register(a, selectors.EVENT_READ)
+    sel.window = 1.0
+    b.send(b"x")
+    assert sel.select(None) == [(key, selectors.EVENT_READ)]
+    assert sel.poll_hits == 1 and sel.sleeps == 0
+    sel.close()
 
 
 @pytest.mark.skipif(polling._spin is None, reason="built without the C extension")
@@ -279,8 +319,8 @@ def test_spin_lets_other_threads_run(pair) -> None:
     thread = threading.Thread(target=worker)
     try:
         thread.start()
-        ready, spent = polling._spin(ep.fileno(), 60.0)
-        assert ready is True and spent < 60.0  # with the lock held it would spin 60 s
+        found, spent = polling._spin(ep.fileno(), 60.0, 1)
+        assert found and spent < 60.0  # with the lock held it would spin 60 s
     finally:
         thread.join()
         ep.close()

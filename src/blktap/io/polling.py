@@ -12,7 +12,8 @@ polling, at no more CPU per request (the idle exits cost as much as the spin).
 So before a blocking wait, :class:`PollingSelector` asks the kernel again and again, with a
 zero timeout, for up to a *window*; only when nothing came does it sleep. The asking is
 compiled (``_poll.spin``), and holds no interpreter lock: the threads that hand the loop
-their completions run meanwhile, and their wake-up of the loop ends the poll. The window adapts
+their completions run meanwhile, and their wake-up of the loop ends the poll; what the poll
+saw is what the loop gets (no second ``epoll_wait`` for it). The window adapts
 to the traffic, as qemu's IOThread polling (``poll-max-ns``) does:
 
 - it opens (4 us, then doubled each time, up to the maximum) after a blocking wait that
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import selectors
 import time
 from collections.abc import Callable
@@ -56,6 +58,8 @@ try:
     from blktap.io._poll import spin as _spin
 except ImportError:  # built without a C compiler: no polling (the module says why)
     _spin = None
+
+_EPOLLIN, _EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 
 DEFAULT_MAX_US = 32
 # The first window, before doubling (as qemu starts its own).
@@ -133,9 +137,13 @@ class PollingSelector(selectors.EpollSelector):
         window = self.backend_window if backend else self.window
         if window:
             assert _spin is not None  # (max_window is 0 without it)
-            ready, spent = _spin(self._selector.fileno(),
-                                 window if timeout is None else min(window, timeout))
-            if ready:
+            found, spent = _spin(self._selector.fileno(),
+                                 window if timeout is None else min(window, timeout),
+                                 max(len(self._fd_to_key), 1))
+            if found:
+                self.poll_hits += 1
+                return self._ready(found)
+            if found is None:  # epoll_wait failed there: the selector's own call says why
                 events = super().select(0)
                 if events:
                     self.poll_hits += 1
@@ -159,6 +167,24 @@ class PollingSelector(selectors.EpollSelector):
             else:
                 self.window = window
         return events
+
+
+    def _ready(self, found: list[tuple[int, int]]
+               ) -> list[tuple[selectors.SelectorKey, int]]:
+        """The events the poll saw, as EpollSelector.select makes them (an error or a
+        hang-up counts as both readable and writable)."""
+        ready = []
+        keys = self._fd_to_key
+        for fd, event in found:
+            key = keys.get(fd)
+            if key is not None:
+                events = 0
+                if event & ~_EPOLLIN:
+                    events |= selectors.EVENT_WRITE
+                if event & ~_EPOLLOUT:
+                    events |= selectors.EVENT_READ
+                ready.append((key, events & key.events))
+        return ready
 
 
 def polling_loop_factory(max_us: int) -> Callable[[], TurnClockLoop]:
