@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -1570,10 +1570,18 @@ async def nbd_served(engine: ThreadEngine, spec: str | Driver, sock: Path, *,
         await vbd.close()
 
 
+def hook_waits(conn: Connection) -> bool:
+    """What the client sends next goes to the data hook: the connection has no task yet
+    (Connection.start), or its reader waits for a request header."""
+    ch = conn.ch
+    return conn._fed or bool(ch._read_waiters) and ch._filling
+
+
 async def attach(server: NbdServer, sock: Path, *, structured: bool = True,
                  go: Callable[[Wire], None] | None = None) -> tuple[Wire, Connection]:
-    """A raw client through the handshake; its connection once the reader waits for the
-    first request header (so that what is sent next reaches the hook)."""
+    """A raw client through the handshake; its connection once what is sent next reaches
+    the hook: served with no task yet (Connection.start), or its reader waiting for a
+    request header."""
     before = set(server._connections)
     w = Wire(sock, timeout=DEADLINE)
     CLIENTS[server].append(w)
@@ -1585,8 +1593,8 @@ async def attach(server: NbdServer, sock: Path, *, structured: bool = True,
     (conn,) = server._connections - before
     ch = conn.ch
     # (A TLS channel has no hook: its reader waits in a plain receive.)
-    await until(lambda: bool(ch._read_waiters) and (ch._filling or ch.tls),
-                "reader waiting for a request")
+    await until(lambda: hook_waits(conn) or bool(ch._read_waiters) and ch.tls,
+                "the hook or the reader waiting for a request")
     return w, conn
 
 
@@ -1679,6 +1687,89 @@ def check_reads(got: dict[int, tuple[int, bytes]], reads: dict[int, tuple[int, i
         assert payload == content[off : off + n], f"read {handle} of {n} at {off}: wrong data"
 
 
+def count_tasks_given(server: NbdServer) -> list[Connection]:
+    """The connections the server has had to give a task (Connection.start's spawn)."""
+    given: list[Connection] = []
+    real = server._give_task
+
+    def give(conn: Connection, serving: Any) -> None:
+        given.append(conn)
+        real(conn, serving)
+    server._give_task = give  # type: ignore[method-assign]
+    return given
+
+
+def test_a_short_lived_client_never_gets_a_task(shm: Path) -> None:
+    """Handshake, a read and a block status served from the hook, then DISC: the
+    connection ends in the readiness callback, with no task ever started for it."""
+    spec, _, content = make_image(shm, "raw")
+    sock = shm / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            given = count_tasks_given(server)
+            for round_ in range(3):
+                w, conn = await attach(server, sock)
+                assert conn._fed and server.connections == 1
+                send_now(w, req(READ, round_ * 4096, 4096, handle=1))
+                got = await asyncio.to_thread(reply_of, w, {1: (round_ * 4096, 4096)})
+                assert got == (1, 0, content[round_ * 4096 : (round_ + 1) * 4096])
+                await settled(conn, vbd)
+                send_now(w, req(DISC))
+                assert await asyncio.to_thread(w.closed_by_server)
+                await until(lambda: not server._connections, "the connection ended")
+                assert server.connections == 0 and not server._clients
+                w.close()
+            assert given == []
+    arun(body)
+
+
+def test_disc_behind_a_queued_reply_waits_for_it(shm: Path) -> None:
+    """A read whose reply the socket cannot take at once and a DISC in one message: the
+    DISC is not taken in the callback (the reply is still queued); a task sends the
+    reply whole, then closes."""
+    spec, _, content = make_image(shm, "raw")
+    sock = shm / "s.sock"
+    n = 1 * MiB
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            given = count_tasks_given(server)
+            w, conn = await attach(server, sock)
+            conn.ch.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * KiB)
+            send_now(w, req(READ, 0, n, handle=7) + req(DISC))
+            await until(lambda: bool(given), "a task for the connection")
+            assert await asyncio.to_thread(reply_of, w, {7: (0, n)}) == (7, 0, content[:n])
+            assert await asyncio.to_thread(w.closed_by_server)
+            await until(lambda: not server._connections, "the connection ended")
+            assert given == [conn] and server.connections == 0
+            w.close()
+    arun(body)
+
+
+@pytest.mark.parametrize("how", ["end of stream", "server stops"])
+def test_a_connection_with_no_task_ends_cleanly(shm: Path, how: str) -> None:
+    """A client that hangs up without DISC, or a server that stops, while the connection
+    has no task: it ends, and the server counts no client."""
+    spec, _, _ = make_image(shm, "raw")
+    sock = shm / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            w, conn = await attach(server, sock)
+            assert conn._fed
+            if how == "end of stream":
+                w.sock.shutdown(socket.SHUT_WR)
+            else:
+                await server.stop()
+            assert await asyncio.to_thread(w.closed_by_server)
+            await until(lambda: not server._connections and not server._clients,
+                        "the connection ended")
+            assert server.connections == 0 and conn.ch.closed
+            w.close()
+    arun(body)
+
+
 def test_hook_header_split_at_every_byte(shm: Path) -> None:
     """A read header split after 1..27 bytes, the hook seeing the partial header before
     the rest is sent: the hook keeps the partial header without waking the reader, and
@@ -1698,7 +1789,7 @@ def test_hook_header_split_at_every_byte(shm: Path) -> None:
                 send_now(w, msg[:k])
                 await until(lambda calls=calls: len(spy.calls) > calls, "hook ran")
                 assert spy.calls[-1] == HookCall(k, k, True, False, 0), spy.calls[-1]
-                assert conn.ch._read_waiters and conn.ch._filling  # the reader still waits
+                assert hook_waits(conn)  # nothing else woke for it
                 send_now(w, msg[k:])
                 handle, error, got = await asyncio.to_thread(reply_of, w, {k: (off, n)})
                 assert (handle, error) == (k, 0)
@@ -2324,8 +2415,8 @@ def test_hook_respects_flow_control(shm: Path, limit: str,
             conn.ch.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * KiB)
             spy = HookSpy(conn)
             send_now(w, b"".join(stream[:full]))
-            await until(lambda: conn.in_flight == full and conn.ch._filling,
-                        "at the limit, the reader waiting for a header")
+            await until(lambda: conn.in_flight == full and hook_waits(conn),
+                        "at the limit, the hook waiting for a header")
             calls = len(spy.calls)
             send_now(w, b"".join(stream[full:]))
             await until(lambda: len(spy.calls) > calls, "hook ran")

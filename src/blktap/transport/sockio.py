@@ -89,6 +89,9 @@ class Channel:
         self.on_data: Callable[[], bool] | None = None
         # Called from the readiness callback with no reader waiting (feed()).
         self._feeder: Callable[[BaseException | None], None] | None = None
+        # With no reader at all, on_data runs at each readiness, and this is called when
+        # it leaves something or the stream ends (serve_from_hook()).
+        self._stuck: Callable[[], None] | None = None
         self._filling = False
         self._hold_flush = False  # the hook runs: its replies leave when it returns
 
@@ -138,6 +141,16 @@ class Channel:
         if feeder is not None:
             self._watch()
 
+    def serve_from_hook(self, stuck: Callable[[], None] | None) -> None:
+        """Run :attr:`on_data` at each readiness while no reader exists (a connection
+        that has no task yet): it takes what it can, and ``stuck()`` is called when it
+        answers False (it left something for a reader) or the stream ended or broke,
+        for the caller to start one. None stops it (the socket stays watched, for that
+        reader). Plain sockets."""
+        self._stuck = stuck
+        if stuck is not None:
+            self._watch()
+
     def _receive_for_feeder(self, feeder: Callable[[BaseException | None], None]) -> None:
         # Room for one message: feeders take every complete one, and messages fed this
         # way (a handshake's) are far smaller than half the buffer.
@@ -181,6 +194,10 @@ class Channel:
             self._receive_for_feeder(self._feeder)
             return
         waiters = self._read_waiters
+        if not waiters and self._stuck is not None:
+            if not self._receive_for_hook():
+                self._stuck()
+            return
         if not waiters:
             # Level-triggered: stop watching until somebody waits again.
             self._watching = False
@@ -215,8 +232,16 @@ class Channel:
                 return True
         except Closed:
             return False  # the reader's own recv sees it too, and reports it
+        return self.run_hook()
+
+    def run_hook(self) -> bool:
+        """Run :attr:`on_data` on what the buffer holds now; its answer (False too when
+        it raised: a bug, which the reader takes over from, and is logged). What it
+        posts leaves when it returns."""
         hook = self.on_data
-        assert hook is not None
+        if hook is None:
+            return False
+        held = self._hold_flush  # (inside a feeder, which flushes when it returns)
         self._hold_flush = True
         try:
             return hook()
@@ -224,7 +249,8 @@ class Channel:
             log.exception("data hook failed")
             return False
         finally:
-            self._release_held()
+            if not held:
+                self._release_held()
 
     def _compact(self, need: int) -> None:
         """Move what is left unread (a partial message) to the front of the buffer when
@@ -534,6 +560,9 @@ class Channel:
         feeder, self._feeder = self._feeder, None
         if feeder is not None:
             feeder(Closed("connection closed"))
+        stuck, self._stuck = self._stuck, None
+        if stuck is not None:
+            stuck()
         waiters = [*self._waiters, *self._read_waiters]
         self._read_waiters = []
         for fut in waiters:

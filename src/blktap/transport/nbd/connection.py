@@ -8,6 +8,14 @@ together, which merges neighbours. Write payloads land in pooled, page-aligned b
 replies go out as one ``sendmsg`` of header and data. Replies are never interleaved
 (one send lock).
 
+A connection on a plain socket starts with no task at all (:meth:`Connection.start`):
+the channel's readiness callback hands what arrives to the data hook, which serves the
+requests it can take, and a DISC or the end of the stream with nothing in flight closes
+it there. Only what must wait (room, a payload still to come, a command the hook does not
+take, an error to answer) gets it a task, :meth:`Connection.serve`, which goes on from
+the receive buffer. A short-lived client (a probe, one block status and DISC, as nbdcopy
+and nbdinfo make) so costs no task and no turn of the loop of its own.
+
 Memory: a request is admitted when the connection has room (:data:`MAX_IN_FLIGHT`
 requests, :data:`MAX_IN_FLIGHT_BYTES` of payload) and its buffer fits the server-wide
 :class:`~blktap.io.buffers.MemoryBudget`; otherwise the reader waits, in line with every
@@ -37,7 +45,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from blktap.errors import BlktapError
@@ -130,6 +138,12 @@ class Connection:
         self.freed = asyncio.Event()
         self.broken = False  # nobody can be answered: the client is gone
         self.reader: asyncio.Task | None = None
+        # Served from the readiness callback, no task yet (start); what takes it from
+        # there (the owner's callbacks); and whether reading must stop (stop_reading).
+        self._fed = False
+        self._spawn: Callable[[Coroutine[Any, Any, None]], None] | None = None
+        self._ended: Callable[[], None] | None = None
+        self._no_reading = False
         self._hangup_check: asyncio.TimerHandle | None = None
         # Cached: asyncio.get_running_loop() costs a getpid() system call per call.
         self.loop = loop
@@ -141,12 +155,79 @@ class Connection:
         self._async: Any = None  # _inline.AsyncPass
         self._async_idle: asyncio.Event | None = None
 
+    # ------------------------------------------------------------------ without a task
+    def start(self, spawn: Callable[[Coroutine[Any, Any, None]], None],
+              ended: Callable[[], None]) -> None:
+        """Serve from the channel's readiness callback (a plain socket), with no task:
+        see the module's docstring. At the first thing that must wait, ``spawn`` is given
+        :meth:`serve`, for the owner to run as a task it awaits; a connection that ends
+        without one calls ``ended()`` instead, once, when the channel is the owner's to
+        close."""
+        ch = self.ch
+        if ch.tls:
+            raise ValueError("a connection runs without a task on a plain socket only")
+        self._spawn, self._ended = spawn, ended
+        self._fed = True
+        self.budget.holders.add(self)
+        ch.on_data = self._pump
+        ch.serve_from_hook(self._stuck)
+        # What came with the end of the handshake: no readiness will say so.
+        if ch.buffered and not ch.run_hook():
+            self._stuck()
+
+    def _stuck(self) -> None:
+        """The hook left something (or the stream ended): a DISC with nothing in flight
+        ends the connection here; anything else goes to a task."""
+        if self._fed and not self._disconnected():
+            self._to_task()
+
+    def _idle(self) -> bool:
+        """Nothing in flight and nothing waiting to be sent."""
+        return (not self.in_flight and not self.tasks and not self.callbacks.count
+                and (self._async is None or not self._async.issued)
+                and self.ch.clear_to_send())
+
+    def _disconnected(self) -> bool:
+        """A DISC at the front of the buffer, with nothing in flight: the connection
+        ends here (True)."""
+        ch = self.ch
+        if ch.end - ch.start < p.REQUEST.size or self.broken:
+            return False
+        magic, _, cmd, _, _, _ = p.REQUEST.unpack_from(ch.buf, ch.start)
+        if magic != p.REQUEST_MAGIC or cmd != p.CMD_DISC or not self._idle():
+            return False
+        ch.consume(p.REQUEST.size)
+        self._end_fed()
+        return True
+
+    def _end_fed(self) -> None:
+        self._fed = False
+        self.ch.serve_from_hook(None)
+        self.ch.on_data = None
+        self._async = None
+        self.budget.holders.discard(self)
+        assert self._ended is not None
+        self._ended()
+
+    def _to_task(self) -> None:
+        """Hand the connection to a task (:meth:`serve`), which goes on from the
+        receive buffer."""
+        if not self._fed:
+            return
+        self._fed = False
+        self.ch.serve_from_hook(None)
+        self.budget.holders.discard(self)  # (serve counts it again)
+        assert self._spawn is not None
+        self._spawn(self.serve())
+
     # ------------------------------------------------------------------ reader
     async def serve(self) -> None:
         """Read requests until DISC, end of stream or shutdown; then wait for every
         request in flight."""
         self.reader = self.loop.create_task(self._read_loop())
-        if not self.ch.tls:
+        if self._no_reading:  # stopped, or the client gone, before the task began
+            self.reader.cancel()
+        elif not self.ch.tls and self.ch.on_data is None:  # (set already if it began so)
             self.ch.on_data = self._pump
         self.budget.holders.add(self)
         try:
@@ -178,6 +259,9 @@ class Connection:
             return
         self.broken = True
         self.ch.on_data = None
+        if self._fed:  # a task settles what is in flight, reading nothing more
+            self._no_reading = True
+            self._to_task()
         if self.reader is not None and not self.reader.done():
             self.reader.cancel()
         for task in self.reads:
@@ -191,6 +275,12 @@ class Connection:
     def stop_reading(self) -> None:
         """Take no more requests (server shutdown); those in flight still complete."""
         self.ch.on_data = None
+        self._no_reading = True
+        if self._fed:
+            if self._idle():
+                self._end_fed()
+            else:
+                self._to_task()
         if self.reader is not None:
             self.reader.cancel()
 

@@ -5,11 +5,13 @@ UNIX-socket and TCP listeners, and on fd-passing sockets (:meth:`NbdServer.liste
 another process hands over a connected socket, which gets the fixed newstyle or the
 oldstyle handshake). A listener accepts from the loop's readiness callback; a client's
 fixed newstyle handshake (with a time limit) runs from its socket's readiness callback
-(:class:`~blktap.transport.nbd.handshake.FedNegotiation`), and only then does the client
-get a task of its own, for transmission. Where TLS is required, and for the oldstyle
-handshake, the task does the handshake too. A client that misbehaves is dropped alone;
-the others and the listeners carry on. :meth:`NbdServer.stop` stops accepting, lets every request
-in flight finish and closes the connections (the VBD is the caller's to close).
+(:class:`~blktap.transport.nbd.handshake.FedNegotiation`), and transmission goes on the
+same way (:meth:`Connection.start <blktap.transport.nbd.connection.Connection.start>`)
+until something must wait: only then does the client get a task of its own. Where TLS is
+required, and for the oldstyle handshake, a task does the handshake and transmission. A
+client that misbehaves is dropped alone; the others and the listeners carry on.
+:meth:`NbdServer.stop` stops accepting, lets every request in flight finish and closes
+the connections (the VBD is the caller's to close).
 
 Buffers come from a pool charged to a memory budget; by default the process's own
 (:func:`~blktap.io.buffers.default_pool`), so that every server of a tapdisk shares one
@@ -25,6 +27,8 @@ import logging
 import os
 import socket
 import ssl
+from collections.abc import Coroutine
+from typing import Any
 
 from blktap.errors import BlktapError
 from blktap.io.buffers import BufferPool, default_pool
@@ -91,6 +95,7 @@ class NbdServer:
         self._handshakes: set[FedNegotiation] = set()
         self._channels: set[Channel] = set()
         self._connections: set[Connection] = set()
+        self._untasked: set[Connection] = set()  # served with no task (Connection.start)
         self._receivers: list[FdReceiver] = []
         self._stopping = False
         self.accepted = 0
@@ -189,7 +194,13 @@ class NbdServer:
                     result: Session | bool | BaseException) -> None:
         self._handshakes.discard(handshake)
         if isinstance(result, Session) and not self._stopping:
-            self._start_task(ch, peer, result)
+            conn = Connection(ch, result, peer, pool=self.pool, loop=self.loop)
+            log.info("%s: connected (%s replies)", peer,
+                     "structured" if result.structured else "simple")
+            self._connections.add(conn)
+            self._untasked.add(conn)
+            conn.start(lambda serving: self._give_task(conn, serving),
+                       lambda: self._ended(conn))
             return
         if isinstance(result, Dropped):
             log.warning("%s: dropping client during handshake: %s", peer, result)
@@ -202,6 +213,31 @@ class NbdServer:
         task = self.loop.create_task(self._client(ch, peer, session, old=old))
         self._clients.add(task)
         task.add_done_callback(self._clients.discard)
+
+    def _give_task(self, conn: Connection, serving: Coroutine[Any, Any, None]) -> None:
+        """A connection served with no task needs one now (Connection.start)."""
+        self._untasked.discard(conn)
+        task = self.loop.create_task(self._served(conn, serving))
+        self._clients.add(task)
+        task.add_done_callback(self._clients.discard)
+
+    async def _served(self, conn: Connection, serving: Coroutine[Any, Any, None]) -> None:
+        try:
+            await serving
+        except Exception:  # a bug: lose this client, keep the server
+            log.exception("%s: connection failed", conn.peer)
+        finally:
+            self._ended(conn)
+
+    def _ended(self, conn: Connection) -> None:
+        """A connection is over: its channel closes."""
+        self._untasked.discard(conn)
+        self._connections.discard(conn)
+        if not self._connections:
+            self.pool.trim()  # idle: the memory goes back now
+        self._channels.discard(conn.ch)
+        conn.ch.close()
+        log.info("%s: closed", conn.peer)
 
     # ------------------------------------------------------------------ fd passing
     def listen_fd_passing(self, path: str, *, old: bool = False) -> str:
@@ -267,7 +303,7 @@ class NbdServer:
     @property
     def connections(self) -> int:
         """Clients connected: negotiating or served."""
-        return len(self._clients) + len(self._handshakes)
+        return len(self._clients) + len(self._handshakes) + len(self._untasked)
 
     # ------------------------------------------------------------------ shutdown
     async def stop(self) -> None:
