@@ -189,6 +189,12 @@ class Channel:
         if self._out_waiters and self._writer is None:
             self._flush()
 
+    def send_posted(self) -> None:
+        """From a feeder: what it has posted leaves now, before it returns (an answer
+        the peer waits for, ahead of work of ours it need not wait for); what it posts
+        after leaves at once too."""
+        self._release_held()
+
     def _readable(self) -> None:
         if self._feeder is not None:
             self._receive_for_feeder(self._feeder)

@@ -382,6 +382,9 @@ class FedNegotiation:
             # (a send that fails shows as the end of the stream on the next readiness)
             self.ch.post(out, _ignore, now=True)
         if neg.outcome is not None:
+            # The client waits for the last answer (GO's): it leaves before the work of
+            # starting transmission, which the client need not wait for.
+            self.ch.send_posted()
             self._finish(neg.outcome)
 
     def _finish(self, result: Session | bool | BaseException) -> None:
