@@ -451,6 +451,10 @@ class Connection:
         ch = self.ch
         if ch.end - ch.start < p.REQUEST.size or self.broken:
             return 0
+        # Only a read or a write at the front is for the pass (a block status, a DISC:
+        # a probe's requests); the type is the big-endian u16 at byte 6.
+        if ch.buf[ch.start + 6] or ch.buf[ch.start + 7] > p.CMD_WRITE:
+            return 0
         # A disk whose requests the pass keeps leaving to the Python path (a chain's
         # parents are remote, a qcow2 over its backing file) is asked less often: after
         # INLINE_MISSES passes in a row served none, one in INLINE_RETRY.
