@@ -182,7 +182,7 @@ class NbdServer:
         ch = Channel(conn, self.loop)
         self._channels.add(ch)
         if old or self.tls is not None:
-            self._start_task(ch, peer, None, old=old)
+            self._own(self._client(ch, peer, old=old))
             return
         handshake = FedNegotiation(
             ch, self.export, lambda result: self._negotiated(handshake, ch, peer, result),
@@ -194,32 +194,33 @@ class NbdServer:
                     result: Session | bool | BaseException) -> None:
         self._handshakes.discard(handshake)
         if isinstance(result, Session) and not self._stopping:
-            conn = Connection(ch, result, peer, pool=self.pool, loop=self.loop)
-            log.info("%s: connected (%s replies)", peer,
-                     "structured" if result.structured else "simple")
-            self._connections.add(conn)
+            conn = self._connected(ch, peer, result)
             self._untasked.add(conn)
             conn.start(lambda serving: self._give_task(conn, serving),
                        lambda: self._ended(conn))
             return
         if isinstance(result, Dropped):
             log.warning("%s: dropping client during handshake: %s", peer, result)
-        self._channels.discard(ch)
-        ch.close()
-        log.info("%s: closed", peer)
+        self._closed(ch, peer)
 
-    def _start_task(self, ch: Channel, peer: str, session: Session | None, *,
-                    old: bool = False) -> None:
-        task = self.loop.create_task(self._client(ch, peer, session, old=old))
+    def _own(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in a task the server holds until it ends (stop awaits them)."""
+        task = self.loop.create_task(coro)
         self._clients.add(task)
         task.add_done_callback(self._clients.discard)
 
     def _give_task(self, conn: Connection, serving: Coroutine[Any, Any, None]) -> None:
         """A connection served with no task needs one now (Connection.start)."""
         self._untasked.discard(conn)
-        task = self.loop.create_task(self._served(conn, serving))
-        self._clients.add(task)
-        task.add_done_callback(self._clients.discard)
+        self._own(self._served(conn, serving))
+
+    def _connected(self, ch: Channel, peer: str, session: Session) -> Connection:
+        conn = Connection(ch, session, peer, pool=self.pool, loop=self.loop)
+        log.info("%s: connected (%s replies%s)", peer,
+                 "structured" if session.structured else "simple",
+                 ", TLS" if ch.tls else "")
+        self._connections.add(conn)
+        return conn
 
     async def _served(self, conn: Connection, serving: Coroutine[Any, Any, None]) -> None:
         try:
@@ -235,9 +236,12 @@ class NbdServer:
         self._connections.discard(conn)
         if not self._connections:
             self.pool.trim()  # idle: the memory goes back now
-        self._channels.discard(conn.ch)
-        conn.ch.close()
-        log.info("%s: closed", conn.peer)
+        self._closed(conn.ch, conn.peer)
+
+    def _closed(self, ch: Channel, peer: str) -> None:
+        self._channels.discard(ch)
+        ch.close()
+        log.info("%s: closed", peer)
 
     # ------------------------------------------------------------------ fd passing
     def listen_fd_passing(self, path: str, *, old: bool = False) -> str:
@@ -262,43 +266,28 @@ class NbdServer:
         self._start_client(sock, peer, old=old)
 
     # ------------------------------------------------------------------ clients
-    async def _client(self, ch: Channel, peer: str, session: Session | None, *,
-                      old: bool = False) -> None:
-        """Serve a client: negotiate first where that was not done already (``session``
-        None: oldstyle, or TLS), then transmission."""
+    async def _client(self, ch: Channel, peer: str, *, old: bool = False) -> None:
+        """Negotiate in a task (oldstyle, or where TLS is required: STARTTLS upgrades the
+        socket halfway), then serve transmission in it."""
+        session: Session | None = None
         try:
-            if session is None:
-                try:
-                    # asyncio.timeout, not wait_for, which on 3.11 can lose a cancellation
-                    async with asyncio.timeout(self.handshake_timeout):
-                        if old:
-                            session = await oldstyle(ch, self.export, self.tls)
-                        else:
-                            session = await negotiate(ch, self.export, self.tls)
-                except (TimeoutError, Closed):
-                    return
-                except Dropped as exc:
-                    log.warning("%s: dropping client during handshake: %s", peer, exc)
-                    return
-                if session is None or self._stopping:
-                    return
-            conn = Connection(ch, session, peer, pool=self.pool, loop=self.loop)
-            log.info("%s: connected (%s replies%s)", peer,
-                     "structured" if session.structured else "simple",
-                     ", TLS" if ch.tls else "")
-            self._connections.add(conn)
-            try:
-                await conn.serve()
-            finally:
-                self._connections.discard(conn)
-                if not self._connections:
-                    self.pool.trim()  # idle: the memory goes back now
+            # asyncio.timeout, not wait_for, which on 3.11 can lose a cancellation
+            async with asyncio.timeout(self.handshake_timeout):
+                if old:
+                    session = await oldstyle(ch, self.export, self.tls)
+                else:
+                    session = await negotiate(ch, self.export, self.tls)
+        except (TimeoutError, Closed):
+            pass
+        except Dropped as exc:
+            log.warning("%s: dropping client during handshake: %s", peer, exc)
         except Exception:  # a bug: lose this client, keep the server
-            log.exception("%s: connection failed", peer)
-        finally:
-            self._channels.discard(ch)
-            ch.close()
-            log.info("%s: closed", peer)
+            log.exception("%s: handshake failed", peer)
+        if session is None or self._stopping:
+            self._closed(ch, peer)
+            return
+        conn = self._connected(ch, peer, session)
+        await self._served(conn, conn.serve())
 
     @property
     def connections(self) -> int:
