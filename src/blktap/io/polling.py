@@ -168,7 +168,6 @@ class PollingSelector(selectors.EpollSelector):
                 self.window = window
         return events
 
-
     def _ready(self, found: list[tuple[int, int]]
                ) -> list[tuple[selectors.SelectorKey, int]]:
         """The events the poll saw, as EpollSelector.select makes them (an error or a

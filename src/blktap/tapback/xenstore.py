@@ -156,10 +156,11 @@ class XenStore:
         self._loop = asyncio.get_running_loop()
         self._buf = bytearray()
         self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
-        # Requests written whose answers have not been read, awaited or not (a caller
-        # that gave up still has one on its way), and who waits for there to be none.
+        # On the device: requests written whose answers have not been read, awaited or
+        # not (a caller that gave up still has one on its way); set while there are none.
         self._unanswered: set[int] = set()
-        self._quiet: list[asyncio.Future[None]] = []
+        self._answered = asyncio.Event()
+        self._answered.set()
         self._ids = itertools.count(1)
         self._watches: dict[str, Watch] = {}
         self._tokens = itertools.count(1)
@@ -249,9 +250,10 @@ class XenStore:
             if watch is not None:
                 watch._fire(path)
             return
-        self._unanswered.discard(req_id)
-        if not self._unanswered and self._quiet:
-            self._wake_quiet()
+        if self._unanswered:
+            self._unanswered.discard(req_id)
+            if not self._unanswered:
+                self._answered.set()
         fut = self._pending.pop(req_id, None)
         if fut is None:
             # The answer to a request its caller gave up on (cancelled): drop it.
@@ -272,23 +274,14 @@ class XenStore:
             watch._end()
         self._watches.clear()
         self._unanswered.clear()
-        self._wake_quiet()
-
-    def _wake_quiet(self) -> None:
-        quiet, self._quiet = self._quiet, []
-        for fut in quiet:
-            if not fut.done():
-                fut.set_result(None)
+        self._answered.set()
 
     async def _answers_in(self) -> None:
         """Return once every request written has its answer read (or the connection
         broke); XenStoreError(ETIMEDOUT) when they take longer than the request timeout."""
         try:
             async with asyncio.timeout(self.timeout):
-                while self._unanswered and self._broken is None:
-                    fut = self._loop.create_future()
-                    self._quiet.append(fut)
-                    await fut
+                await self._answered.wait()
         except TimeoutError:
             raise XenStoreError(f"{self.where}: {len(self._unanswered)} answers still "
                                 f"outstanding after {self.timeout:g} s", errno.ETIMEDOUT) \
@@ -300,7 +293,9 @@ class XenStore:
         async with self._write_lock:
             if alone:
                 await self._answers_in()
-            self._unanswered.add(req_id)
+            if self.device:
+                self._unanswered.add(req_id)
+                self._answered.clear()
             view = memoryview(data)
             while view:
                 if self._broken is not None:
