@@ -53,6 +53,7 @@ from test_fast_path import (
     FUA,
     KEY,
     READ,
+    STATUS,
     SYSTEM_PYTHON,
     WRITE,
     arun,
@@ -944,6 +945,42 @@ def test_a_disk_the_pass_never_serves_is_asked_less_often(
                 assert got == {h: (0, one[:4096])}
             assert served[0] >= connection.INLINE_RETRY
             assert conn._inline_misses == 0
+            await settled(conn, vbd)
+    arun(body)
+
+
+def test_a_probes_requests_never_reach_the_pass_and_the_reads_behind_them_do(
+        shm: Path) -> None:  # noqa: F811
+    """Block status requests (a probe's: nbdcopy, nbdinfo) are not handed to the compiled
+    pass, which could serve none of them, and do not count as its misses; reads sent
+    behind one in the same message are still the pass's."""
+    compiled()
+    spec, _, content = make_image(shm, "raw")
+    sock = shm / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            w, conn = await attach(server, sock)
+            calls = [0]
+            pump = conn._inline
+
+            def counting(*args: object) -> tuple:
+                calls[0] += 1
+                return pump(*args)
+            conn._inline = counting
+            for h in range(1, 2 * connection.INLINE_MISSES + 1):
+                got = await exchange(w, req(STATUS, 0, 1 << 20, handle=h), 1, {})
+                assert got[h][0] == 0
+            assert calls[0] == 0 and conn._inline_misses == 0
+            served = count_inline(vbd)
+            reads = {h: (h * 8192, 4096) for h in range(100, 108)}
+            stream = req(STATUS, 0, 1 << 20, handle=99) + b"".join(
+                req(READ, o, n, handle=h) for h, (o, n) in reads.items())
+            got = await exchange(w, stream, 1 + len(reads), reads)
+            assert got[99][0] == 0
+            for h, (o, n) in reads.items():
+                assert got[h] == (0, content[o : o + n])
+            assert served[0] == len(reads)
             await settled(conn, vbd)
     arun(body)
 
