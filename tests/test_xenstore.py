@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import socket
 
 import pytest
 
@@ -298,8 +299,6 @@ def test_a_mute_xenstored_times_out(tmp_path):
 # request is unanswered, they deadlock dom0's xenstore (xenstore.py's docstring). Here the
 # test plays the device's far side on a socket pair, answering when it chooses.
 def _device_pair():
-    import socket
-
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.setblocking(False)
