@@ -45,6 +45,18 @@ def test_histogram_buckets() -> None:
     assert h.counts[BOUNDS.index(10.0)] == 1 and h.counts[-1] == 1
 
 
+def test_histogram_observe_all_counts_as_observe_does() -> None:
+    times = [0.0, BOUNDS[0], BOUNDS[0] * 1.01, 0.003, 0.003, 10.0, 11.0]
+    one, batch = LatencyHistogram(), LatencyHistogram()
+    for seconds in times:
+        one.observe(seconds)
+    batch.observe_all(times)
+    assert batch.counts == one.counts and batch.count == len(times)
+    assert batch.sum == pytest.approx(one.sum)
+    batch.observe_all([])
+    assert batch.counts == one.counts
+
+
 def test_render_parses_and_escapes() -> None:
     """Labels with quotes, backslashes and newlines survive; histogram buckets are
     cumulative and end in +Inf = _count; a C tapdisk's stats (no counters, no latency)

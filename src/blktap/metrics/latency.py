@@ -35,6 +35,13 @@ class LatencyHistogram:
         self.counts[bisect_left(BOUNDS, seconds)] += 1
         self.sum += seconds
 
+    def observe_all(self, seconds: list[float]) -> None:
+        """:meth:`observe` each of ``seconds`` (a batch of completions: one call)."""
+        counts = self.counts
+        for took in seconds:
+            counts[bisect_left(BOUNDS, took)] += 1
+        self.sum += sum(seconds)
+
     def observe_instant(self) -> None:
         """A request served without waiting (no clock read): the first bucket."""
         self.counts[0] += 1

@@ -850,10 +850,11 @@ class VBD:
         if count:
             if not self._async_inflight and not self._inflight:
                 self._last_progress = self._clock()
+                self._idle.clear()
             self._async_inflight += count
-            self.stats.in_flight += count
-            self.stats.submitted += count
-            self._idle.clear()
+            st = self.stats
+            st.in_flight += count
+            st.submitted += count
 
     def finished_inline(self, reads: int, read_bytes: int, writes: int, write_bytes: int,
                         failed: int = 0, read_times: Sequence[float] | None = None,
@@ -866,15 +867,23 @@ class VBD:
         if not count:
             return
         lat = self.latency
-        for took in read_times or ():
-            lat.read.observe(took)
-        for took in write_times or ():
-            lat.write.observe(took)
+        if read_times:
+            lat.read.observe_all(read_times)
+        if write_times:
+            lat.write.observe_all(write_times)
         self._async_inflight -= count
         st = self.stats
         st.in_flight -= count
         st.submitted -= failed  # (submitted again by the Python path)
-        self._count_done(reads, read_bytes // SECTOR, writes, write_bytes // SECTOR)
+        # (_count_done's counting, written out: this runs once a completion at QD1)
+        read_sectors, write_sectors = read_bytes // SECTOR, write_bytes // SECTOR
+        st.read_reqs += reads
+        st.read_sectors += read_sectors
+        st.write_reqs += writes
+        st.write_sectors += write_sectors
+        hits = self.driver.hits
+        hits[0] += read_sectors
+        hits[1] += write_sectors
         self._last_progress = self._clock()
         self._stall_reported = False
         if not self._inflight and not self._async_inflight:

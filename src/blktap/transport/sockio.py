@@ -230,7 +230,8 @@ class Channel:
         """The reader waits in :meth:`fill`: receive here and let :attr:`on_data` take
         what it can from the buffer. True: nothing for the reader to do (stale readiness,
         or the hook took every complete message); False: wake it."""
-        self._compact(len(self.buf) // 2)
+        if self.start:  # (the hook took all there was, the usual case: nothing to move)
+            self._compact(len(self.buf) // 2)
         if self.end == len(self.buf):
             return False
         try:

@@ -52,12 +52,16 @@ def async_pass(on_done: Callable[[], None]) -> object | None:
     return _inline.AsyncPass(on_done, ASYNC_SLOTS, ASYNC_BYTES)
 
 
-def reap_async(calls: tuple[int, ...], image: int, eventfd: int
-               ) -> tuple[list[tuple[int, int]], int]:
-    """Given to the VBD with :meth:`VBD.inline_async`: the driver reaps its completions
-    through it (``_inline.reap``: the passes' own are taken back there, the driver's
-    returned)."""
-    return _inline.reap(calls, image, eventfd)
+def _reap_unbuilt(calls: tuple[int, ...], image: int, eventfd: int
+                  ) -> tuple[list[tuple[int, int]], int]:
+    raise RuntimeError("the compiled pass is not built")  # (no pass: never given)
+
+
+# Given to the VBD with :meth:`VBD.inline_async`: the driver reaps its completions through
+# it (``_inline.reap``, itself: one Python call less a completion; the passes' own are
+# taken back there, the driver's returned).
+reap_async: Callable[[tuple[int, ...], int, int], tuple[list[tuple[int, int]], int]] = (
+    _reap_unbuilt if _inline is None else _inline.reap)
 
 
 def available() -> bool:
