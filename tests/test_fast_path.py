@@ -65,7 +65,7 @@ from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd import connection as nbd_connection
 from blktap.transport.nbd.connection import FAIRNESS_BUDGET, MAX_IN_FLIGHT, Connection
 from blktap.transport.nbd.server import UNIX_SEND_BUFFER, Export, NbdServer, tls_context
-from blktap.transport.sockio import RECV_BUFFER, Channel, Closed
+from blktap.transport.sockio import FIRST_RECV_BUFFER, RECV_BUFFER, Channel, Closed
 from conftest import ROOT, need, with_engine
 from nbd_helpers import REQUEST_MAGIC, SIMPLE, STRUCTURED, Wire
 from test_nbd_protocol import make_cert  # a self-signed certificate for localhost
@@ -1032,6 +1032,64 @@ def test_channel_flushes_posted_replies_before_waiting() -> None:
             assert b.recv(100) == b"reply"
             b.send(b"x")
             await task
+        finally:
+            ch.close()
+            b.close()
+    asyncio.run(body())
+
+
+def test_channel_receive_buffer_starts_small_and_grows_once_filled() -> None:
+    """A channel starts with a small receive buffer, which small messages never grow;
+    bytes waiting that fill it (a burst, a message longer than it) grow it to its full
+    size, the unread bytes moved intact and the rest received in the same readiness;
+    a reader's fill() of more than it holds grows it too."""
+    async def body() -> None:
+        a, b = socket.socketpair()
+        ch = Channel(a)
+        assert FIRST_RECV_BUFFER < RECV_BUFFER
+        seen: list[bytes] = []
+
+        def hook() -> bool:  # takes everything there is, as one piece
+            seen.append(bytes(ch.view[ch.start : ch.end]))
+            ch.consume(ch.buffered)
+            return True
+        stuck: list[bool] = []
+        ch.on_data = hook
+        ch.serve_from_hook(lambda: stuck.append(True))
+        try:
+            # Small messages, many of them: the first buffer is never full.
+            for i in range(50):
+                b.sendall(bytes([i]) * 28)
+                await until(lambda n=i + 1: len(seen) == n, "hook")
+            assert len(ch.buf) == FIRST_RECV_BUFFER and seen[7] == bytes([7]) * 28
+            # A burst larger than it, all waiting at once: one readiness, one call of
+            # the hook with all of it, in the full buffer from now on.
+            burst = data(5, 3 * FIRST_RECV_BUFFER + 100)
+            seen.clear()
+            b.sendall(burst)
+            await until(lambda: sum(map(len, seen)) == len(burst), "hook")
+            assert len(seen) == 1 and seen[0] == burst
+            assert len(ch.buf) == RECV_BUFFER and not stuck
+            ch.serve_from_hook(None)
+            ch.on_data = None
+        finally:
+            ch.close()
+            b.close()
+
+        # A reader: bytes left unread when the buffer fills are kept, in order.
+        a, b = socket.socketpair()
+        ch = Channel(a)
+        try:
+            b.sendall(b"abcd")
+            await ch.fill(2)
+            assert ch.unpack(struct.Struct("2s")) == (b"ab",)
+            assert len(ch.buf) == FIRST_RECV_BUFFER
+            big = data(6, 2 * FIRST_RECV_BUFFER)
+            b.sendall(big)
+            await ch.fill(2 + len(big))  # more than the first buffer: it grows
+            assert len(ch.buf) == RECV_BUFFER
+            assert await ch.read_exact(2 + len(big)) == b"cd" + big
+            assert ch.buffered == 0
         finally:
             ch.close()
             b.close()

@@ -218,6 +218,36 @@ def test_over_long_option_is_skipped_in_pieces(disk: tuple[Served, Path]) -> Non
     w.close()
 
 
+def test_long_options_within_the_limit_are_answered(disk: tuple[Served, Path]) -> None:
+    """An option of almost 64 KiB (longer than a connection's first receive buffer)
+    is read whole and answered, whether it arrives at once or in pieces; then the
+    connection serves as usual."""
+    srv, _ = disk
+    queries = [f"nothing{i:03d}:".encode() + b"x" * 240 for i in range(250)]
+    data = struct.pack(">II", 0, len(queries)) + b"".join(
+        struct.pack(">I", len(q)) + q for q in queries)
+    assert 60 << 10 < len(data) <= 64 << 10
+    for pieces in (False, True):
+        w = Wire(srv.socket)
+        w.greet()
+        w.option(8)  # STRUCTURED_REPLY
+        assert w.option_reply()[:2] == (8, 1)
+        if pieces:
+            msg = struct.pack(">QII", 0x49484156454F5054, 9, len(data)) + data
+            for i in range(0, len(msg), 7 << 10):
+                w.sock.sendall(msg[i : i + (7 << 10)])
+                time.sleep(0.002)
+        else:
+            w.option(9, data)  # LIST_META_CONTEXT, of namespaces nobody serves
+        assert w.replies_until_final() == [(1, b"")]  # no context, and the ACK
+        w.option(7, struct.pack(">IH", 0, 0))
+        assert w.replies_until_final()[-1][0] == 1
+        w.request(READ, 0, 512, handle=5)
+        assert w.reply(512)[:2] == (5, 0)
+        w.request(DISC)
+        w.close()
+
+
 def test_abort_is_acknowledged_then_closed(disk: tuple[Served, Path]) -> None:
     """ABORT gets its ACK before the server closes (the handshake's answers leave before
     the close, which happens from the same readiness callback)."""
