@@ -86,6 +86,9 @@ MAX_MERGE_IOVS = 256
 # that would be answered in more runs than this is answered as data.
 HOLE_MIN = 4096
 HOLE_MAX_RUNS = 16
+# What a read-only disk cannot do, whatever its driver can (an enum.Flag's operators
+# cost microseconds each: made once, not per connection that asks).
+_READ_ONLY_CAPS = ~(Caps.WRITE | Caps.FUA | Caps.TRIM | Caps.ZERO | Caps.FAST_ZERO)
 
 
 class VbdState(enum.IntFlag):
@@ -257,7 +260,7 @@ class VBD:
     def caps(self) -> Caps:
         caps = self.driver.caps
         if self.read_only:
-            caps &= ~(Caps.WRITE | Caps.FUA | Caps.TRIM | Caps.ZERO | Caps.FAST_ZERO)
+            caps &= _READ_ONLY_CAPS
         return caps
 
     def _busy(self) -> bool:
