@@ -81,6 +81,47 @@ def test_handshake_time_limit(tmp_path: Path) -> None:
     asyncio.run(body())
 
 
+def test_handshake_time_limit_needs_no_timer_per_client(tmp_path: Path) -> None:
+    """Handshakes are timed by one periodic check of the server's, not a loop timer
+    each: with 40 clients come and gone, and with one still negotiating, the loop has
+    nothing scheduled. A client that says nothing is dropped at its time limit (give
+    or take the check's period), one that comes later and negotiates is served; stop()
+    ends the check."""
+    async def body() -> float:
+        loop = asyncio.get_running_loop()
+        async with served(tmp_path, handshake_timeout=0.3) as (server, path, drv):
+            for _ in range(40):
+                reader, writer = await asyncio.open_unix_connection(path)
+                await negotiate(reader, writer)
+                writer.close()
+            assert not loop._scheduled  # type: ignore[attr-defined]
+            silent = await asyncio.open_unix_connection(path)
+            await silent[0].readexactly(18)
+            started = loop.time()
+            for _ in range(500):  # (the last of the 40 may not be closed yet)
+                if server.connections == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert server.connections == 1 and not loop._scheduled  # type: ignore[attr-defined]
+            await asyncio.sleep(0.2)
+            late = await asyncio.open_unix_connection(path)
+            assert await asyncio.wait_for(silent[0].read(), 5) == b""  # dropped
+            gone = loop.time() - started
+            await negotiate(*late)  # its own limit is later: served
+            drv.release.set()
+            late[1].write(struct.pack(">IHHQQI", 0x25609513, 0, 0, 7, 0, 512))
+            _, error, handle = struct.unpack(">IIQ", await late[0].readexactly(16))
+            assert (error, handle) == (0, 7)
+            assert await late[0].readexactly(512) == b"s" * 512
+            for _, w in (silent, late):
+                w.close()
+            assert server._sweep is not None
+        assert server._sweep is None
+        return gone
+    gone = asyncio.run(body())
+    assert 0.2 < gone < 3  # (its time started a little before the greeting was read)
+
+
 def test_stop_drops_clients_still_negotiating(tmp_path: Path) -> None:
     """Clients in the middle of their handshakes when the server stops are disconnected
     (their handshakes have no task: the server closes them itself), and stop() returns;

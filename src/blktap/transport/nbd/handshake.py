@@ -21,13 +21,13 @@ an EXPORT_NAME for an export we do not have, an absurd option length) is dropped
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from blktap.io.clock import turn_clock
 from blktap.tapdisk.driver import Caps
 from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.export import Export
@@ -348,7 +348,10 @@ class FedNegotiation:
     (:meth:`Channel.feed`): each message is answered as it arrives. ``done`` is called
     once, with the outcome (:attr:`Negotiation.outcome`: a Session, False, or Dropped)
     or the exception that ended it (Closed, or TimeoutError after ``timeout`` seconds);
-    the channel is then the caller's again."""
+    the channel is then the caller's again. The time limit is the caller's to enforce
+    (:attr:`deadline`, :meth:`expire`): one periodic check for every handshake of a
+    server costs the loop less than a timer of each (made, then cancelled, per client,
+    and while any is armed every turn of the loop reads the clock for it)."""
 
     def __init__(self, ch: Channel, export: Export,
                  done: Callable[[Session | bool | BaseException], None], *,
@@ -358,14 +361,18 @@ class FedNegotiation:
         self.ch = ch
         self.negotiation = Negotiation(ch, export, None)
         self.timeout = timeout
+        self.deadline = 0.0  # (time.monotonic) when start()ed, plus the timeout
         self._done: Callable[[Session | bool | BaseException], None] | None = done
-        self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self._timer = self.ch.loop.call_later(
-            self.timeout, self._finish, TimeoutError("the handshake took too long"))
+        self.deadline = turn_clock(self.ch.loop)() + self.timeout
         self.ch.post(self.negotiation.greeting(), _ignore, now=True)
         self.ch.feed(self._fed)
+
+    def expire(self) -> None:
+        """The time limit is up: the handshake ends with TimeoutError (if it has not
+        ended)."""
+        self._finish(TimeoutError("the handshake took too long"))
 
     def _fed(self, exc: BaseException | None) -> None:
         if exc is not None:
@@ -391,8 +398,6 @@ class FedNegotiation:
         done, self._done = self._done, None
         if done is None:
             return
-        if self._timer is not None:
-            self._timer.cancel()
         self.ch.feed(None)
         done(result)
 

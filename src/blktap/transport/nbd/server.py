@@ -27,11 +27,13 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Coroutine
 from typing import Any
 
 from blktap.errors import BlktapError
 from blktap.io.buffers import BufferPool, default_pool
+from blktap.io.clock import Tick, Ticker
 from blktap.transport.fdreceiver import FdReceiver, Refused
 from blktap.transport.nbd.connection import Connection
 from blktap.transport.nbd.export import Export
@@ -93,6 +95,9 @@ class NbdServer:
         self._paused: dict[int, asyncio.TimerHandle] = {}  # listeners resting (EMFILE)
         self._clients: set[asyncio.Task] = set()
         self._handshakes: set[FedNegotiation] = set()
+        # Ends the handshakes past their time limit (a check a period, registered with
+        # the first handshake, cancelled by stop).
+        self._sweep: Tick | None = None
         self._channels: set[Channel] = set()
         self._connections: set[Connection] = set()
         self._untasked: set[Connection] = set()  # served with no task (Connection.start)
@@ -188,7 +193,17 @@ class NbdServer:
             ch, self.export, lambda result: self._negotiated(handshake, ch, peer, result),
             timeout=self.handshake_timeout)
         self._handshakes.add(handshake)
+        if self._sweep is None:
+            period = max(0.01, min(1.0, self.handshake_timeout / 4))
+            self._sweep = Ticker.of(self.loop).every(period, self._expire_handshakes)
         handshake.start()
+
+    def _expire_handshakes(self) -> None:
+        """End the handshakes past their time limit (each then late by at most the
+        sweep's period)."""
+        now = time.monotonic()
+        for handshake in [h for h in self._handshakes if h.deadline <= now]:
+            handshake.expire()
 
     def _negotiated(self, handshake: FedNegotiation, ch: Channel, peer: str,
                     result: Session | bool | BaseException) -> None:
@@ -298,6 +313,9 @@ class NbdServer:
     async def stop(self) -> None:
         """Stop accepting, finish what is in flight, close every connection."""
         self._stopping = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for timer in self._paused.values():
             timer.cancel()
         self._paused.clear()
