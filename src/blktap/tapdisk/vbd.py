@@ -878,15 +878,7 @@ class VBD:
         st = self.stats
         st.in_flight -= count
         st.submitted -= failed  # (submitted again by the Python path)
-        # (_count_done's counting, written out: this runs once a completion at QD1)
-        read_sectors, write_sectors = read_bytes // SECTOR, write_bytes // SECTOR
-        st.read_reqs += reads
-        st.read_sectors += read_sectors
-        st.write_reqs += writes
-        st.write_sectors += write_sectors
-        hits = self.driver.hits
-        hits[0] += read_sectors
-        hits[1] += write_sectors
+        self._count_done(reads, read_bytes // SECTOR, writes, write_bytes // SECTOR)
         self._last_progress = self._clock()
         self._stall_reported = False
         if not self._inflight and not self._async_inflight:
