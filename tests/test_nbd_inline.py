@@ -903,6 +903,19 @@ def test_a_chain_target_reads_each_layer_and_stops_at_what_it_cannot_place(
     arun(body)
 
 
+def count_pass_calls(conn: Connection) -> list[int]:
+    """Count the connection's calls of the compiled pass from now on (the list's one
+    item)."""
+    calls = [0]
+    pump = conn._inline
+
+    def counting(*args: object) -> tuple:
+        calls[0] += 1
+        return pump(*args)
+    conn._inline = counting
+    return calls
+
+
 def test_a_disk_the_pass_never_serves_is_asked_less_often(
         shm: Path) -> None:  # noqa: F811
     """A qcow2 image all of compressed clusters: every read is the Python path's. After
@@ -921,13 +934,7 @@ def test_a_disk_the_pass_never_serves_is_asked_less_often(
     async def body(engine: ThreadEngine) -> None:
         async with nbd_served(engine, f"qcow2:{top}", sock) as (server, vbd):
             w, conn = await attach(server, sock)
-            calls = [0]
-            pump = conn._inline
-
-            def counting(*args: object) -> tuple:
-                calls[0] += 1
-                return pump(*args)
-            conn._inline = counting
+            calls = count_pass_calls(conn)
             reads = {h: (h * 65536, 4096) for h in range(1, 101)}
             for h, (o, n) in reads.items():  # one at a time: a pass before each
                 got = await exchange(w, req(READ, o, n, handle=h), 1, {h: (o, n)})
@@ -961,13 +968,7 @@ def test_a_probes_requests_never_reach_the_pass_and_the_reads_behind_them_do(
     async def body(engine: ThreadEngine) -> None:
         async with nbd_served(engine, spec, sock) as (server, vbd):
             w, conn = await attach(server, sock)
-            calls = [0]
-            pump = conn._inline
-
-            def counting(*args: object) -> tuple:
-                calls[0] += 1
-                return pump(*args)
-            conn._inline = counting
+            calls = count_pass_calls(conn)
             for h in range(1, 2 * connection.INLINE_MISSES + 1):
                 got = await exchange(w, req(STATUS, 0, 1 << 20, handle=h), 1, {})
                 assert got[h][0] == 0
