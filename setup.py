@@ -8,6 +8,7 @@ from setuptools import Extension, setup
 DISK_HEADER = "src/blktap/tapdisk/_inline_disk.h"
 EXTENSIONS = [
     ("blktap.transport.nbd._inline", "src/blktap/transport/nbd/_inline.c"),
+    ("blktap.transport.nbd._handshake", "src/blktap/transport/nbd/_handshake.c"),
     ("blktap.transport.xen._ring", "src/blktap/transport/xen/_ring.c"),
     ("blktap.io._poll", "src/blktap/io/_poll.c"),
 ]

@@ -147,21 +147,29 @@ def test_stop_drops_clients_still_negotiating(tmp_path: Path) -> None:
     asyncio.run(body())
 
 
+@pytest.mark.parametrize("where", ["python", "compiled"])
 def test_a_bug_in_a_handshake_loses_that_client_only(tmp_path: Path, monkeypatch,
-                                                     caplog) -> None:  # noqa: ANN001
-    """An exception out of the negotiation (a bug, not a client's fault) is logged and
-    closes that client; the next one is served."""
+                                                     caplog, where: str) -> None:  # noqa: ANN001
+    """An exception out of the negotiation (a bug, not a client's fault), the Python one
+    or the compiled pass, is logged and closes that client; the next one is served."""
     from blktap.transport.nbd import handshake
 
-    real_take = handshake.Negotiation.take
+    if where == "python":
+        monkeypatch.setenv("BLKTAP_INLINE", "0")
+        cls, name = handshake.Negotiation, "take"
+    else:
+        if handshake.compiled_take() is None:
+            pytest.skip("the compiled handshake is not built")
+        cls, name = handshake.FedNegotiation, "_compiled_took"
+    real = getattr(cls, name)
     failures = [RuntimeError("boom")]
 
-    def take(self):  # noqa: ANN001, ANN202
+    def failing(self):  # noqa: ANN001, ANN202
         if failures:
             raise failures.pop()
-        return real_take(self)
+        return real(self)
 
-    monkeypatch.setattr(handshake.Negotiation, "take", take)
+    monkeypatch.setattr(cls, name, failing)
 
     async def body() -> None:
         async with served(tmp_path) as (server, path, drv):

@@ -9,6 +9,10 @@ send back. Two drivers run it:
   message and answers it at once (no task, no future, no second turn of the loop per
   message). A client's connection costs the server a few turns of the loop instead of a
   dozen; nbdcopy and other tools that open several connections per run pay that each time.
+  Where the compiled pass is built (``_handshake.c``) it answers the messages of a
+  connection that goes the usual way (flags, STRUCTURED_REPLY, SET_META_CONTEXT for
+  base:allocation, INFO and GO) and hands anything else to :class:`Negotiation`, with
+  what it agreed so far (:meth:`Negotiation.adopt`).
 - :func:`negotiate`, a coroutine, where the server requires TLS (STARTTLS upgrades the
   socket in the middle of the negotiation).
 
@@ -22,6 +26,7 @@ an EXPORT_NAME for an export we do not have, an absurd option length) is dropped
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import struct
 from collections.abc import Callable, Sequence
@@ -33,7 +38,16 @@ from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.export import Export
 from blktap.transport.sockio import Channel, Closed
 
+try:
+    from blktap.transport.nbd import _handshake
+except ImportError:  # not built (no compiler at install time)
+    _handshake = None  # type: ignore[assignment]
+
 log = logging.getLogger("blktap.nbd")
+
+# (consumed, state, outcome, unsent) = take(fd, buf, start, end, state, name, size, flags)
+CompiledTake = Callable[[int, bytearray, int, int, int, bytes, int, int],
+                        tuple[int, int, int, bytes | None]]
 
 # Option data we read and parse; longer options are skipped and refused, much longer
 # ones end the session (a client sending megabytes of options is not negotiating).
@@ -181,6 +195,20 @@ class Negotiation:
                 out += self.option(option, data)
             except _Invalid as exc:
                 out += self._error(option, exc.reply, str(exc))
+
+    def adopt(self, state: int) -> None:
+        """Go on from where the compiled pass (``_handshake.take``) stopped: ``state`` is
+        what it agreed with the client (its ST_* bits, and the options it took)."""
+        h = _handshake
+        self.flags_seen = bool(state & h.ST_FLAGS_SEEN)
+        self.fixed = bool(state & h.ST_FIXED)
+        self.options = state >> h.ST_OPTIONS_SHIFT
+        session = self.session
+        session.no_zeroes = bool(state & h.ST_NO_ZEROES)
+        session.structured = bool(state & h.ST_STRUCTURED)
+        if state & h.ST_CONTEXTS_SET:
+            session.contexts = ({p.META_ID_BASE_ALLOCATION: p.META_BASE_ALLOCATION}
+                                if state & h.ST_BASE_ALLOCATION else {})
 
     def upgraded(self) -> None:
         """TLS is up: nothing negotiated in clear text survives the upgrade."""
@@ -355,7 +383,7 @@ class FedNegotiation:
 
     def __init__(self, ch: Channel, export: Export,
                  done: Callable[[Session | bool | BaseException], None], *,
-                 timeout: float) -> None:
+                 timeout: float, compiled: CompiledTake | None = None) -> None:
         if ch.tls:
             raise ValueError("a fed negotiation runs on a plain socket")
         self.ch = ch
@@ -363,11 +391,20 @@ class FedNegotiation:
         self.timeout = timeout
         self.deadline = 0.0  # (time.monotonic) when start()ed, plus the timeout
         self._done: Callable[[Session | bool | BaseException], None] | None = done
+        # The compiled pass (compiled_take()) while it goes on; its state between calls.
+        self._take = compiled
+        self._state = 0
+        if compiled is not None:
+            self._name = export.name.encode()
+            self._flags = transmission_flags(export, False)
 
     def start(self) -> None:
-        self.deadline = turn_clock(self.ch.loop)() + self.timeout
-        self.ch.post(self.negotiation.greeting(), _ignore, now=True)
-        self.ch.feed(self._fed)
+        ch = self.ch
+        self.deadline = turn_clock(ch.loop)() + self.timeout
+        ch.post(self.negotiation.greeting(), _ignore, now=True)
+        if not ch.clear_to_send():
+            self._take = None  # (the greeting waits: the pass's answers must not pass it)
+        ch.feed(self._fed)
 
     def expire(self) -> None:
         """The time limit is up: the handshake ends with TimeoutError (if it has not
@@ -380,6 +417,8 @@ class FedNegotiation:
             return
         neg = self.negotiation
         try:
+            if self._take is not None and self._compiled_took():
+                return
             out = neg.take()
         except Exception as bug:  # lose this client (and say so), keep the server
             log.exception("handshake failed")
@@ -394,6 +433,30 @@ class FedNegotiation:
             self.ch.send_posted()
             self._finish(neg.outcome)
 
+    def _compiled_took(self) -> bool:
+        """Run the compiled pass on what is buffered; True if it answered all of it (or
+        agreed on the session), False if the Python negotiation goes on from here."""
+        ch = self.ch
+        neg = self.negotiation
+        assert self._take is not None
+        consumed, self._state, outcome, unsent = self._take(
+            ch.fd, ch.buf, ch.start, ch.end, self._state, self._name, neg.export.vbd.size,
+            self._flags)
+        if consumed:
+            ch.consume(consumed)
+        if outcome == _handshake.WAIT:
+            return True
+        self._take = None
+        neg.adopt(self._state)
+        if unsent is not None:  # (the socket was full, or broke: the queue takes it)
+            ch.post([unsent], _ignore, now=True)
+        if outcome == _handshake.AGREED:
+            neg.outcome = neg.session
+            ch.send_posted()
+            self._finish(neg.session)
+            return True
+        return False
+
     def _finish(self, result: Session | bool | BaseException) -> None:
         done, self._done = self._done, None
         if done is None:
@@ -404,6 +467,14 @@ class FedNegotiation:
 
 def _ignore(_exc: BaseException | None, _arg: object) -> None:
     pass
+
+
+def compiled_take() -> CompiledTake | None:
+    """The compiled handshake pass (``_handshake.take``) for :class:`FedNegotiation`, or
+    None when it was not built or ``BLKTAP_INLINE=0`` turns the compiled paths off."""
+    if _handshake is None or os.environ.get("BLKTAP_INLINE", "1") == "0":
+        return None
+    return _handshake.take  # type: ignore[no-any-return]
 
 
 async def negotiate(ch: Channel, export: Export, tls: ssl.SSLContext | None

@@ -41,6 +41,7 @@ from blktap.transport.nbd.handshake import (
     Dropped,
     FedNegotiation,
     Session,
+    compiled_take,
     negotiate,
     oldstyle,
 )
@@ -95,6 +96,7 @@ class NbdServer:
         self._paused: dict[int, asyncio.TimerHandle] = {}  # listeners resting (EMFILE)
         self._clients: set[asyncio.Task] = set()
         self._handshakes: set[FedNegotiation] = set()
+        self._compiled_take = compiled_take()  # the compiled handshake pass, if built
         # Ends the handshakes past their time limit (a check a period, registered with
         # the first handshake, cancelled by stop).
         self._sweep: Tick | None = None
@@ -191,7 +193,7 @@ class NbdServer:
             return
         handshake = FedNegotiation(
             ch, self.export, lambda result: self._negotiated(handshake, ch, peer, result),
-            timeout=self.handshake_timeout)
+            timeout=self.handshake_timeout, compiled=self._compiled_take)
         self._handshakes.add(handshake)
         if self._sweep is None:
             period = max(0.01, min(1.0, self.handshake_timeout / 4))
