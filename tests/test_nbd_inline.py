@@ -152,7 +152,7 @@ class Pumped:
 
     def __init__(self, out: tuple) -> None:
         (self.start, self.reads, self.read_bytes, self.writes, self.write_bytes,
-         self.sent, self.used, self.error) = out
+         self.sent, self.used, self.error, self.statuses) = out
 
 
 class Bench:
@@ -958,9 +958,10 @@ def test_a_disk_the_pass_never_serves_is_asked_less_often(
 
 def test_a_probes_requests_never_reach_the_pass_and_the_reads_behind_them_do(
         shm: Path) -> None:  # noqa: F811
-    """Block status requests (a probe's: nbdcopy, nbdinfo) are not handed to the compiled
-    pass, which could serve none of them, and do not count as its misses; reads sent
-    behind one in the same message are still the pass's."""
+    """Block status requests (a probe's: nbdcopy, nbdinfo) on a raw disk (whose holes
+    the file system tells, not a map the pass reads) are not handed to the compiled
+    pass, and do not count as its misses; reads sent behind one in the same message are
+    still the pass's."""
     compiled()
     spec, _, content = make_image(shm, "raw")
     sock = shm / "s.sock"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import array
 import asyncio
 import random
+import struct
 import threading
 from pathlib import Path
 
@@ -30,10 +31,10 @@ import pytest
 
 from blktap.image.qcow2 import structs as s
 from blktap.io.threads import ThreadEngine
-from blktap.tapdisk.driver import InlineTarget
+from blktap.tapdisk.driver import STATE_HOLE, STATE_ZERO, InlineTarget
 from blktap.tapdisk.drivers import open_stack
 from blktap.tapdisk.vbd import VBD
-from blktap.transport.nbd import inline
+from blktap.transport.nbd import connection, inline
 from blktap.transport.nbd import proto as p
 from qcow2_helpers import qemu_check, qemu_img, qemu_io, qemu_raw
 from test_fast_path import (
@@ -112,7 +113,7 @@ class Clusters(Bench):
              writes: bool = True, budget: int = 64, max_length: int = inline.MAX_LENGTH,
              size: int | None = None, holes_zero: bool = False,
              zero_flag: bool = False, l1: object = None, tables: object = None,
-             bits: int = 16, entries: int | None = None) -> Pumped:
+             bits: int = 16, entries: int | None = None, status_id: int = 0) -> Pumped:
         self.rbuf[: len(stream)] = stream
         target = InlineTarget(
             self.fd, self.disk_size if size is None else size, memory, writes,
@@ -121,7 +122,8 @@ class Clusters(Bench):
             l2_entries=self.ENTRIES if entries is None else entries,
             holes_zero=holes_zero, zero_flag=zero_flag)
         return Pumped(compiled()(self.server.fileno(), self.rbuf, 0, len(stream),
-                                 self.scratch, target, structured, budget, max_length))
+                                 self.scratch, target, structured, budget, max_length,
+                                 status_id))
 
 
 @pytest.fixture
@@ -226,6 +228,90 @@ def test_pump_answers_holes_and_zero_clusters_of_a_disk_without_a_parent(
                          (32 * CLUSTER, {"zero_flag": True})):
         out = b.pump(req(READ, off, 4096), **options)
         assert (out.start, out.reads) == (0, 0), (off, options)
+
+
+def status_reply(handle: int, runs: list[tuple[int, int]], ctx: int = 1) -> bytes:
+    payload = struct.pack(f">I{2 * len(runs)}I", ctx, *(v for run in runs for v in run))
+    return p.CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                        p.REPLY_TYPE_BLOCK_STATUS, handle, len(payload)) + payload
+
+
+HZ = STATE_HOLE | STATE_ZERO
+
+
+def test_pump_answers_block_status_from_the_tables(clusters: Clusters) -> None:
+    """With base:allocation's id: a block status whose every cluster the tables tell is
+    answered in the pass, runs of the same state merged (data: plain or compressed
+    clusters; hole and zero: unallocated, zero clusters, an L1 entry without a table,
+    where the disk has no parent), the handle and context id echoed, REQ_ONE's one run;
+    reads behind it are served in the same pass."""
+    b = clusters
+    C = CLUSTER
+    stream = (req(STATUS, 0, 7 * C, handle=1) + req(STATUS, 9 * C, 7 * C, handle=2)
+              + req(STATUS, 0, 7 * C, handle=3, flags=p.CMD_FLAG_REQ_ONE)
+              + req(STATUS, 32 * C, 16 * C, handle=4, flags=p.CMD_FLAG_FUA)
+              + req(STATUS, 3 * C + 512, 1024, handle=5) + req(READ, 0, 4096, handle=6))
+    out = b.pump(stream, holes_zero=True, zero_flag=True, status_id=7)
+    assert (out.start, out.statuses, out.reads, out.error) == (len(stream), 5, 1, 0)
+    expect = [status_reply(1, [(3 * C, 0), (3 * C, HZ), (C, 0)], 7),
+              status_reply(2, [(C, 0), (6 * C, HZ)], 7),
+              status_reply(3, [(3 * C, 0)], 7),
+              status_reply(4, [(16 * C, HZ)], 7),
+              status_reply(5, [(1024, HZ)], 7)]
+    got = b.recv(out.used)
+    assert got[: sum(map(len, expect))] == b"".join(expect)
+    at = b.place(0)
+    assert got[sum(map(len, expect)) + p.CHUNK.size + 8:] == b.content[at : at + 4096]
+
+
+@pytest.mark.parametrize("why, status, options", [
+    ("no status id", req(STATUS, 0, CLUSTER), {"status_id": 0}),
+    ("simple replies", req(STATUS, 0, CLUSTER), {"structured": False}),
+    ("a reserved bit", req(STATUS, 6 * CLUSTER, 2 * CLUSTER), {}),
+    ("a misaligned cluster", req(STATUS, 8 * CLUSTER, CLUSTER), {}),
+    ("a table not cached", req(STATUS, 15 * CLUSTER, 2 * CLUSTER), {}),
+    ("a zero flag without its meaning", req(STATUS, 4 * CLUSTER, CLUSTER),
+     {"zero_flag": False}),
+    ("a hole with a parent", req(STATUS, 3 * CLUSTER, CLUSTER), {"holes_zero": False}),
+    ("past the end", req(STATUS, 47 * CLUSTER, 2 * CLUSTER), {}),
+    ("unaligned", req(STATUS, 512 + 1, 512), {}),
+    ("an invalid flag", req(STATUS, 0, CLUSTER, flags=p.CMD_FLAG_DF), {}),
+])
+def test_pump_leaves_block_status_it_cannot_tell_to_python(
+        clusters: Clusters, why: str, status: bytes, options: dict) -> None:
+    """A block status with any byte the tables do not tell, or one the Python path must
+    answer with an error: untouched, and nothing behind it served."""
+    kwargs = {"holes_zero": True, "zero_flag": True, "status_id": 1, **options}
+    out = clusters.pump(status + req(READ, 0, 4096, handle=9), **kwargs)
+    assert (out.start, out.statuses, out.reads, out.used) == (0, 0, 0, 0), why
+
+
+def test_pump_cuts_block_status_at_its_limits(clusters: Clusters) -> None:
+    """A length past MAX_STATUS_LENGTH is cut to it (a disk of 4 GiB of one hole); an
+    answer of more than MAX_STATUS_EXTENTS runs keeps the first ones (blocks of data and
+    holes taking turns)."""
+    _inline = pytest.importorskip("blktap.transport.nbd._inline")
+    assert (_inline.MAX_STATUS_LENGTH, _inline.MAX_STATUS_EXTENTS) == (
+        connection.MAX_STATUS_LENGTH, connection.MAX_STATUS_EXTENTS)
+    b = clusters
+    whole = 4 << 30
+    out = b.pump(req(STATUS, 0, whole - SECTOR, handle=1), size=whole, holes_zero=True,
+                 status_id=1, l1=array.array("Q", [0] * 8), entries=8192)
+    assert out.statuses == 1
+    assert b.recv(out.used) == status_reply(1, [(connection.MAX_STATUS_LENGTH, HZ)])
+    # (a qcow2 pass pins 16 tables at most: runs this many take a map of small blocks)
+    blocks, block = 1 << 17, 4096
+    bat = array.array("I", [7 if i % 2 == 0 else 0xFFFFFFFF for i in range(blocks)])
+    batmap = bytearray([0xAA]) * (blocks // 8)
+    b.rbuf[: p.REQUEST.size] = req(STATUS, 0, blocks * block, handle=2)
+    target = InlineTarget(b.fd, blocks * block, True, False, bat, batmap, block, 1,
+                          holes_zero=True)
+    out = Pumped(compiled()(b.server.fileno(), b.rbuf, 0, p.REQUEST.size, b.scratch,
+                            target, True, 64, inline.MAX_LENGTH, 1))
+    assert out.statuses == 1 and out.used == 24 + 8 * connection.MAX_STATUS_EXTENTS
+    got = b.recv(out.sent) + bytes(b.scratch[out.sent : out.used])
+    runs = [(block, 0 if i % 2 == 0 else HZ) for i in range(connection.MAX_STATUS_EXTENTS)]
+    assert got == status_reply(2, runs)
 
 
 def test_pump_refuses_qcow2_targets_of_the_wrong_shape(clusters: Clusters) -> None:
@@ -591,3 +677,109 @@ def test_libnbd_on_a_qcow2_over_a_vhd_checked_by_qemu_img(shm: Path) -> None:  #
     assert stats["errors"] == 0
     assert inline_served > 0
     assert qemu_check(top)[0] == 0
+
+
+# ------------------------------------------------------------------------- block status
+def status_images(folder: Path, kind: str) -> str:
+    """The disk (a spec) of each kind the block status comparison runs on."""
+    from blktap.image.chain import Chain
+    from blktap.image.vhd import create as vhd_create
+    from blktap.image.vhd.create import snapshot as vhd_snapshot
+    if kind == "qcow2":
+        return make_qcow2(folder)[0]
+    if kind == "overlay":
+        return make_overlay(folder)[0]
+    if kind == "chain":  # raw <- qcow2 <- qcow2: holes down to the raw base are Python's
+        return f"qcow2:{make_qcow2_chain(folder)[0]}"
+    if kind == "v2":  # compat 0.10: its zero clusters (if any) are the Python path's
+        path = folder / "v2.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", path, "32M")
+        qemu_io(path, "write -P 5 1M 3M", "write -z 2M 64k", "write -c -P 6 9M 64k")
+        return f"qcow2:{path}"
+    if kind == "big":  # past MAX_STATUS_LENGTH
+        path = folder / "big.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", path, "5G")
+        qemu_io(path, "write -P 5 2560M 1M", "write -z 4G 64k")
+        return f"qcow2:{path}"
+    assert kind == "vhd"  # full blocks, blocks partly held, over a parent
+    base = folder / "base.vhd"
+    vhd_create(str(base), 32 * MiB)
+    with Chain.open(f"vhd:{base}", writable=True) as c:
+        c.pwrite(0, data(3, 4 * MiB))
+        c.pwrite(10 * MiB + 4096, data(4, 8192))  # partly held
+    top = folder / "top.vhd"
+    vhd_snapshot(str(top), str(base), skip_empty=False)
+    with Chain.open(f"vhd:{top}", writable=True) as c:
+        c.pwrite(6 * MiB, data(5, 2 * MiB))
+        c.pwrite(20 * MiB, data(6, 512))
+    return f"vhd:{top}"
+
+
+def status_requests(size: int, rng: random.Random, count: int) -> list[bytes]:
+    """Block status requests: mostly whole sectors inside the disk, of every length up to
+    all of it (and beyond MAX_STATUS_LENGTH when it is that large), with REQ_ONE, FUA or
+    none; some unaligned, past the end, or with a flag not allowed."""
+    out = []
+    for h in range(1, count + 1):
+        offset = rng.randrange(0, size // SECTOR) * SECTOR
+        length = min(rng.choice([SECTOR, 4 * KiB, CLUSTER, MiB, 7 * MiB + SECTOR, size]),
+                     size - offset, (1 << 32) - SECTOR) or SECTOR
+        if size > connection.MAX_STATUS_LENGTH and h % 7 == 0:
+            offset, length = 0, (1 << 32) - SECTOR
+        flags = rng.choice([0, 0, p.CMD_FLAG_REQ_ONE, p.CMD_FLAG_FUA])
+        odd = rng.random()
+        if odd < 0.05:
+            offset += 100
+        elif odd < 0.1:
+            length = min(size, (1 << 32) - SECTOR)  # past the end (from anywhere but 0)
+        elif odd < 0.12:
+            flags = p.CMD_FLAG_DF
+        out.append(req(STATUS, offset, length, handle=h, flags=flags))
+    return out
+
+
+def run_statuses(folder: Path, spec: str, requests: list[bytes]) -> tuple[dict, int, dict]:
+    """The answers by handle to ``requests`` sent at once, how many the compiled pass
+    answered, and the statistics."""
+    sock = folder / "s.sock"
+
+    async def body(engine: ThreadEngine) -> tuple[dict, int, dict]:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            answered = [0]
+            counted = vbd.status_served_inline
+
+            def counting(count: int) -> None:
+                answered[0] += count
+                counted(count)
+            vbd.status_served_inline = counting  # type: ignore[method-assign]
+            w, conn = await attach(server, sock)
+            got: dict = {}
+            for at in range(0, len(requests), 50):  # (bursts the pass and Python share)
+                burst = requests[at : at + 50]
+                got |= await exchange(w, b"".join(burst), len(burst), {})
+            await settled(conn, vbd)
+            return got, answered[0], vbd.stats.as_dict()
+    return arun(body)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("kind", ["qcow2", "overlay", "chain", "v2", "big", "vhd"])
+def test_block_status_answers_are_the_python_paths(
+        shm: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:  # noqa: F811
+    """Block status requests on images qemu made (every kind of cluster, over backing
+    files, version 2, past MAX_STATUS_LENGTH) and on a VHD chain of ours: the same
+    answers byte for byte, and the same statistics, with the compiled pass on and off;
+    with it on, it answered some (all but the raw base's and the errors, say)."""
+    compiled()
+    spec = status_images(shm, kind)
+    from blktap.image.chain import Chain
+    with Chain.open(spec) as chain:
+        size = chain.size
+    requests = status_requests(size, random.Random(kind), 300)
+    runs = on_and_off(monkeypatch, {}, lambda: run_statuses(shm, spec, requests))
+    (off_got, off_answered, off_stats), (on_got, on_answered, on_stats) = runs["0"], runs["1"]
+    assert on_got == off_got
+    assert sum(1 for error, _ in on_got.values() if error == 0) > 250
+    for key in ("other_reqs", "errors", "read_reqs"):
+        assert on_stats.get(key) == off_stats.get(key), key
+    assert off_answered == 0 and on_answered > 0

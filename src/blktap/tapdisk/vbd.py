@@ -892,6 +892,16 @@ class VBD:
         self._count_served(reads, read_bytes // SECTOR, writes, write_bytes // SECTOR)
         self.driver.engine.count_inline(reads, writes)
 
+    def status_served_inline(self, count: int) -> None:
+        """Count the block status requests a transport answered at :meth:`inline_target`
+        (from the maps it describes), as :meth:`block_status_now` counts its own."""
+        st = self.stats
+        st.submitted += count
+        st.other_reqs += count
+        self.latency.other.counts[0] += count
+        if self._inflight:
+            self._last_progress = self._clock()
+
     # ------------------------------------------------------------------ operations
     async def read(self, offset: int, view: memoryview) -> None:
         """Fill ``view`` with the disk's bytes at ``offset``."""

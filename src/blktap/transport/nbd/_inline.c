@@ -32,14 +32,25 @@
 #define SIMPLE_REPLY_SIZE 16   /* magic, error, handle */
 #define DATA_CHUNK_SIZE 28     /* magic, flags, type, handle, length; offset */
 #define HOLE_CHUNK_SIZE 32     /* magic, flags, type, handle, length; offset, hole size */
+#define STATUS_CHUNK_SIZE 24 /* magic, flags, type, handle, length; context id */
 #define CMD_READ 0
 #define CMD_WRITE 1
+#define CMD_BLOCK_STATUS 7
 #define CMD_FLAG_FUA (1u << 0)
 #define CMD_FLAG_DF (1u << 2)
+#define CMD_FLAG_REQ_ONE (1u << 3)
 #define REPLY_FLAG_DONE 1u
 #define REPLY_TYPE_OFFSET_DATA 1u
 #define REPLY_TYPE_OFFSET_HOLE 2u
+#define REPLY_TYPE_BLOCK_STATUS 5u
 #define SECTOR_MASK 511u
+/* base:allocation's states; connection.py's limits of a block status answer (the module
+ * exports them: a test compares) */
+#define STATE_DATA 0
+#define STATE_HOLE_ZERO 3  /* NBD_STATE_HOLE | NBD_STATE_ZERO */
+#define STATUS_UNKNOWN (-1)
+#define MAX_STATUS_LENGTH (1ull << 31)
+#define MAX_STATUS_EXTENTS 65536L
 
 
 static inline uint16_t get16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return be16toh(v); }
@@ -112,6 +123,164 @@ static int take(const struct disk *d, const unsigned char *req, uint32_t cmd,
     return TAKE_DATA;
 }
 
+/* Block status (the base:allocation context) of a qcow2 layer's cluster entry:
+ * STATE_DATA, STATE_HOLE_ZERO, AT_HOLE (the layer below's) or STATUS_UNKNOWN (the
+ * Python path's: a zero flag without its meaning, a reserved bit, a misaligned
+ * cluster), as the qcow2 driver's status_now tells them (compressed clusters are data). */
+static int qcow2_entry_state(const struct layer *l, uint64_t entry)
+{
+    if (entry & QCOW2_COMPRESSED)
+        return STATE_DATA;
+    if (entry & QCOW2_RESERVED_MASK)
+        return STATUS_UNKNOWN;
+    if (entry & QCOW2_ZERO)
+        return l->zero_flag ? STATE_HOLE_ZERO : STATUS_UNKNOWN;
+    uint64_t host = entry & QCOW2_OFFSET_MASK;
+    if (host == 0)
+        return AT_HOLE;
+    return host & ((1ull << l->cluster_bits) - 1) ? STATUS_UNKNOWN : STATE_DATA;
+}
+
+/* The state of a qcow2 layer's byte ``off`` (qcow2_entry_state's answers) and in *room
+ * the bytes from there on with the same one in this layer: the clusters after it in its
+ * L2 table that say the same, or the rest of an L1 entry without a table. */
+static int qcow2_status(const struct layer *l, uint64_t off, uint64_t *room)
+{
+    uint64_t cs = 1ull << l->cluster_bits;
+    uint64_t cluster = off >> l->cluster_bits;
+    uint64_t l1i = cluster / l->l2_entries, first = cluster % l->l2_entries;
+    uint64_t within = off & (cs - 1);
+    const struct qcow2_tables *t = &l->tables;
+    const uint64_t *table = NULL;
+    int slot = -1;
+    for (int i = 0; i < t->count; i++) {
+        if (t->l1i[i] == l1i) {
+            slot = i;
+            table = t->words[i];
+            break;
+        }
+    }
+    if (slot < 0)
+        return STATUS_UNKNOWN;
+    if (table == NULL) {
+        *room = (l->l2_entries - first) * cs - within;
+        return AT_HOLE;
+    }
+    int state = qcow2_entry_state(l, __atomic_load_n(&table[first], __ATOMIC_ACQUIRE));
+    uint64_t next = first + 1;
+    if (state != STATUS_UNKNOWN)
+        while (next < l->l2_entries
+               && qcow2_entry_state(l, __atomic_load_n(&table[next], __ATOMIC_ACQUIRE)) == state)
+            next++;
+    *room = (next - first) * cs - within;
+    return state;
+}
+
+/* The same for a dynamic VHD layer: blocks its batmap says are full are data, blocks
+ * without a BAT entry the layer below's, and one allocated but not full the Python
+ * path's (its sectors are told by the block's bitmap). */
+static int vhd_block_state(const struct layer *l, uint64_t blk)
+{
+    if (blk >= l->entries || (blk >> 3) >= l->batmap_len)
+        return STATUS_UNKNOWN;
+    unsigned char bits = __atomic_load_n(&l->batmap[blk >> 3], __ATOMIC_ACQUIRE);
+    uint32_t entry = __atomic_load_n(&l->bat[blk], __ATOMIC_RELAXED);
+    if (bits & (0x80u >> (blk & 7)))
+        return entry == 0xffffffffu ? STATUS_UNKNOWN : STATE_DATA;
+    return entry == 0xffffffffu ? AT_HOLE : STATUS_UNKNOWN;
+}
+
+static int vhd_status(const struct layer *l, uint64_t off, uint64_t *room)
+{
+    uint64_t blk = off / l->block_bytes, within = off % l->block_bytes;
+    int state = vhd_block_state(l, blk);
+    uint64_t next = blk + 1;
+    if (state != STATUS_UNKNOWN)
+        while (vhd_block_state(l, next) == state)
+            next++;
+    *room = (next - blk) * l->block_bytes - within;
+    return state;
+}
+
+/* The block status of disk byte ``off``, as the driver stack's status_now tells it
+ * (VBD.block_status_now): STATE_DATA, STATE_HOLE_ZERO (not held by any layer of a disk
+ * without a parent, or past a smaller parent's end, or a qcow2 zero cluster), or
+ * STATUS_UNKNOWN (the Python path's: among others a file at its own offsets, whose
+ * holes the Python path asks the file system for); in *room the bytes from ``off`` that
+ * have the same answer (at least one). */
+static int status_at(const struct disk *d, uint64_t off, uint64_t *room)
+{
+    uint64_t left = UINT64_MAX, here = 0;
+    for (int i = 0; i < d->layers; i++) {
+        const struct layer *l = &d->layer[i];
+        if (i > 0) {
+            if (off >= l->size) {
+                *room = left;
+                return STATE_HOLE_ZERO;
+            }
+            if (l->size - off < left)
+                left = l->size - off;
+        }
+        int state;
+        if (l->kind == MAP_QCOW2)
+            state = qcow2_status(l, off, &here);
+        else if (l->kind == MAP_VHD)
+            state = vhd_status(l, off, &here);
+        else
+            return STATUS_UNKNOWN;
+        if (state == STATUS_UNKNOWN)
+            return state;
+        if (here < left)
+            left = here;
+        if (state != AT_HOLE) {
+            *room = left;
+            return state;
+        }
+    }
+    *room = left;
+    return d->holes_zero ? STATE_HOLE_ZERO : STATUS_UNKNOWN;
+}
+
+/* The block status of disk bytes [offset, offset + length) (whole sectors inside the
+ * disk) as VBD.block_status_now answers it: runs of (length, state), neighbours of the
+ * same state merged, the first ``max`` of them, written at ``out`` as the reply's
+ * payload carries them (big-endian u32 pairs). How many, or -1 if a byte of the range is
+ * the Python path's (or a run would not end on a sector boundary). */
+static long status_runs(const struct disk *d, uint64_t offset, uint64_t length, long max,
+                        unsigned char *out)
+{
+    uint64_t pos = offset, end = offset + length, run = 0;
+    int state = STATUS_UNKNOWN;
+    long n = 0;
+    while (pos < end) {
+        uint64_t room;
+        int here = status_at(d, pos, &room);
+        if (here == STATUS_UNKNOWN)
+            return -1;
+        uint64_t step = room < end - pos ? room : end - pos;
+        if (step & SECTOR_MASK)
+            return -1;
+        if (here != state) {
+            if (state != STATUS_UNKNOWN) {
+                put32(out + 8 * n, (uint32_t)run);
+                put32(out + 8 * n + 4, (uint32_t)state);
+                if (++n == max)
+                    return n;
+            }
+            state = here;
+            run = 0;
+        }
+        run += step;
+        pos += step;
+    }
+    if (state != STATUS_UNKNOWN) {
+        put32(out + 8 * n, (uint32_t)run);
+        put32(out + 8 * n + 4, (uint32_t)state);
+        n++;
+    }
+    return n;
+}
+
 /* Fill dst with a read that take() took (TAKE_DATA): disk_rw into one buffer. */
 static int read_fill(const struct disk *d, unsigned char *dst, uint64_t length,
                      uint64_t offset)
@@ -139,11 +308,13 @@ static int send_now(int sock, const unsigned char *buf, size_t *sent, size_t end
 }
 
 /* The first request at rb[start:end] if it is whole (a write with all its payload) and
- * one the pass may take by its header (READ or WRITE, sectors inside the disk, at most
- * max_length): its command, offset and length, and its size in the buffer; else 0. */
+ * one the pass may take by its header (READ or WRITE of at most max_length, or, with a
+ * ``status_id``, BLOCK_STATUS, its length cut to MAX_STATUS_LENGTH as connection.py
+ * does; sectors inside the disk): its command, offset and length, and its size in the
+ * buffer; else 0. */
 static Py_ssize_t next_request(const unsigned char *rb, Py_ssize_t start, Py_ssize_t end,
-                               uint64_t size, uint64_t max_length, uint32_t *cmd,
-                               uint64_t *offset, uint64_t *length)
+                               uint64_t size, uint64_t max_length, uint32_t status_id,
+                               uint32_t *cmd, uint64_t *offset, uint64_t *length)
 {
     Py_ssize_t avail = end - start;
     if (avail < REQUEST_SIZE)
@@ -152,9 +323,18 @@ static Py_ssize_t next_request(const unsigned char *rb, Py_ssize_t start, Py_ssi
     *cmd = get16(req + 6);
     *offset = get64(req + 16);
     *length = get32(req + 24);
-    if (get32(req) != REQUEST_MAGIC || *length == 0 || *length > max_length
+    if (get32(req) != REQUEST_MAGIC || *length == 0
             || ((*offset | *length) & SECTOR_MASK) || *offset > size
             || *length > size - *offset)
+        return 0;
+    if (*cmd == CMD_BLOCK_STATUS) {
+        if (!status_id || (get16(req + 4) & ~(CMD_FLAG_FUA | CMD_FLAG_REQ_ONE)))
+            return 0;
+        if (*length > MAX_STATUS_LENGTH)
+            *length = MAX_STATUS_LENGTH;
+        return REQUEST_SIZE;
+    }
+    if (*length > max_length)
         return 0;
     if (*cmd == CMD_READ)
         return REQUEST_SIZE;
@@ -171,6 +351,7 @@ struct requests {
     const unsigned char *rb;
     Py_ssize_t start, end;
     uint64_t max_length;
+    uint32_t status_id;
     long left;
 };
 
@@ -181,44 +362,53 @@ static int next_request_range(void *ctx, uint64_t *offset, uint64_t *length)
     if (q->left <= 0)
         return 0;
     Py_ssize_t took = next_request(q->rb, q->start, q->end, q->d->layer[0].size,
-                                   q->max_length, &cmd, offset, length);
+                                   q->max_length, q->status_id, &cmd, offset, length);
     q->start += took;
     q->left--;
     return took != 0;
 }
 
-/* Whether the first request at rb[start:end] is one a pass would take. */
+/* Whether the first request at rb[start:end] is one a pass would take (a block status
+ * as far as its header and its first byte tell: its answer is worked out once, in the
+ * pass). */
 static int servable(const struct disk *d, const unsigned char *rb, Py_ssize_t start,
-                    Py_ssize_t end, uint64_t max_length, int structured)
+                    Py_ssize_t end, uint64_t max_length, uint32_t status_id, int structured)
 {
     uint32_t cmd;
     uint64_t offset, length, place;
-    return next_request(rb, start, end, d->layer[0].size, max_length, &cmd, &offset,
-                        &length) != 0
-        && take(d, rb + start, cmd, offset, length, structured, &place) != TAKE_NOT;
+    if (next_request(rb, start, end, d->layer[0].size, max_length, status_id, &cmd, &offset,
+                     &length) == 0)
+        return 0;
+    if (cmd == CMD_BLOCK_STATUS)
+        return status_at(d, offset, &place) != STATUS_UNKNOWN;
+    return take(d, rb + start, cmd, offset, length, structured, &place) != TAKE_NOT;
 }
 
 #include "_inline_async.h"  /* AsyncPass: the pass for a disk that answers later */
 
 PyDoc_STRVAR(nbd_pump_doc,
-"nbd_pump(sock, rbuf, start, end, scratch, target, structured, max_requests, max_length)\n"
+"nbd_pump(sock, rbuf, start, end, scratch, target, structured, max_requests, max_length,\n"
+"         status_id=0)\n"
 "--\n\n"
 "Serve the READ and WRITE requests at rbuf[start:end] that the disk ``target`` (an\n"
 "InlineTarget: its file, or its layers' files, and where its bytes are in them) can\n"
 "serve now, up to ``max_requests`` of at most ``max_length`` bytes, sending their\n"
 "replies on ``sock`` from ``scratch`` (structured replies if ``structured``; with a\n"
-"``sock`` of -1 they are left in the scratch, for the caller to queue). The\n"
+"``sock`` of -1 they are left in the scratch, for the caller to queue). With a\n"
+"``status_id`` (base:allocation's context id, the only context of the session), the\n"
+"BLOCK_STATUS requests whose answer the layers' maps tell too. The\n"
 "caller holds target.guard, if any. Returns (start, reads, read_bytes, writes,\n"
-"write_bytes, unsent, used, error): the position of the first request not taken, what\n"
-"was served, the replies not sent because the socket was full (scratch[unsent:used],\n"
-"for the caller to queue) and the errno that broke the connection (0: none). The\n"
-"sectors each layer served to reads are added to target.hits, if any.");
+"write_bytes, unsent, used, error, statuses): the position of the first request not\n"
+"taken, what was served, the replies not sent because the socket was full\n"
+"(scratch[unsent:used], for the caller to queue), the errno that broke the connection\n"
+"(0: none) and the block status requests answered. The sectors each layer served to\n"
+"reads are added to target.hits, if any.");
 
 static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "nbd_pump takes 9 arguments");
+    if (nargs != 9 && nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "nbd_pump takes 9 or 10 arguments");
         return NULL;
     }
     int sock = PyLong_AsLong(args[0]);
@@ -227,6 +417,7 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
     int structured = PyObject_IsTrue(args[6]);
     long max_requests = PyLong_AsLong(args[7]);
     unsigned long max_length = PyLong_AsUnsignedLong(args[8]);
+    unsigned long status_id = nargs == 10 ? PyLong_AsUnsignedLong(args[9]) : 0;
     if (PyErr_Occurred())
         return NULL;
 
@@ -242,7 +433,10 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyErr_SetString(PyExc_ValueError, "start and end must lie within rbuf");
         goto fail;
     }
-    struct requests ahead = { &disk, rbuf.buf, start, end, max_length, max_requests };
+    if (!structured)
+        status_id = 0;  /* (no context without structured replies) */
+    struct requests ahead = { &disk, rbuf.buf, start, end, max_length, (uint32_t)status_id,
+                              max_requests };
     if (disk_open_for(&disk, args[5], next_request_range, &ahead) < 0)
         goto fail;
 
@@ -250,7 +444,7 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
     unsigned char *sb = scratch.buf;
     size_t cap = (size_t)scratch.len;
     size_t used = 0, sent = 0;
-    unsigned long long reads = 0, read_bytes = 0, writes = 0, write_bytes = 0;
+    unsigned long long reads = 0, read_bytes = 0, writes = 0, write_bytes = 0, statuses = 0;
     int error = 0, full = 0;
     const uint64_t size = disk.layer[0].size;
     const int fd = disk.layer[0].fd;
@@ -258,25 +452,32 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
 
     /* Nothing to do for the first request (the Python path's): back at once, without
      * letting go of the interpreter lock (which costs the engine threads' turn). */
-    if (!servable(&disk, rb, start, end, max_length, structured)) {
+    if (!servable(&disk, rb, start, end, max_length, (uint32_t)status_id, structured)) {
         disk_close(&disk);
         PyBuffer_Release(&scratch);
         PyBuffer_Release(&rbuf);
-        return Py_BuildValue("nKKKKnni", start, 0ULL, 0ULL, 0ULL, 0ULL, (Py_ssize_t)0,
-                             (Py_ssize_t)0, 0);
+        return Py_BuildValue("nKKKKnniK", start, 0ULL, 0ULL, 0ULL, 0ULL, (Py_ssize_t)0,
+                             (Py_ssize_t)0, 0, 0ULL);
     }
 
     Py_BEGIN_ALLOW_THREADS
     for (long served = 0; served < max_requests; served++) {
         uint32_t cmd;
         uint64_t offset, length, place = 0;
-        if (next_request(rb, start, end, size, max_length, &cmd, &offset, &length) == 0)
+        if (next_request(rb, start, end, size, max_length, (uint32_t)status_id, &cmd,
+                         &offset, &length) == 0)
             break;
         const unsigned char *req = rb + start;
-        int how = take(&disk, req, cmd, offset, length, structured, &place);
-        if (how == TAKE_NOT)
-            break;
-        size_t need = cmd == CMD_WRITE ? SIMPLE_REPLY_SIZE
+        int how = TAKE_DATA;
+        long max_runs = get16(req + 4) & CMD_FLAG_REQ_ONE ? 1 : MAX_STATUS_EXTENTS;
+        if (cmd != CMD_BLOCK_STATUS) {
+            how = take(&disk, req, cmd, offset, length, structured, &place);
+            if (how == TAKE_NOT)
+                break;
+        }
+        /* (a block status: room for the longest answer; it takes what it needs) */
+        size_t need = cmd == CMD_BLOCK_STATUS ? STATUS_CHUNK_SIZE + 8 * (size_t)max_runs
+                      : cmd == CMD_WRITE ? SIMPLE_REPLY_SIZE
                       : how == TAKE_HOLE ? HOLE_CHUNK_SIZE : read_header + length;
         if (need > cap)
             break;
@@ -294,7 +495,20 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
             used = sent = 0;
         }
         unsigned char *reply = sb + used;
-        if (cmd == CMD_READ) {
+        if (cmd == CMD_BLOCK_STATUS) {
+            long runs = status_runs(&disk, offset, length, max_runs, reply + STATUS_CHUNK_SIZE);
+            if (runs < 0)
+                break;
+            put32(reply, STRUCTURED_REPLY_MAGIC);
+            put16(reply + 4, REPLY_FLAG_DONE);
+            put16(reply + 6, REPLY_TYPE_BLOCK_STATUS);
+            memcpy(reply + 8, req + 8, 8);
+            put32(reply + 16, (uint32_t)(4 + 8 * runs));
+            put32(reply + 20, (uint32_t)status_id);
+            need = STATUS_CHUNK_SIZE + 8 * (size_t)runs;
+            statuses++;
+            start += REQUEST_SIZE;
+        } else if (cmd == CMD_READ) {
             if (how == TAKE_DATA && read_fill(&disk, reply + read_header, length, offset) < 0)
                 break;
             if (how == TAKE_HOLE) {  /* zeros from end to end: one hole chunk, no data */
@@ -335,8 +549,8 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
     disk_close(&disk);
     PyBuffer_Release(&scratch);
     PyBuffer_Release(&rbuf);
-    return Py_BuildValue("nKKKKnni", start, reads, read_bytes, writes, write_bytes,
-                         (Py_ssize_t)sent, (Py_ssize_t)used, error);
+    return Py_BuildValue("nKKKKnniK", start, reads, read_bytes, writes, write_bytes,
+                         (Py_ssize_t)sent, (Py_ssize_t)used, error, statuses);
 
 fail:
     PyBuffer_Release(&scratch);
@@ -363,7 +577,9 @@ PyMODINIT_FUNC PyInit__inline(void)
         return NULL;
     if (PyType_Ready(&AsyncPassType) < 0
             || PyModule_AddObjectRef(m, "AsyncPass", (PyObject *)&AsyncPassType) < 0
-            || disk_add_constants(m) < 0) {
+            || disk_add_constants(m) < 0
+            || PyModule_AddIntConstant(m, "MAX_STATUS_LENGTH", (long)MAX_STATUS_LENGTH) < 0
+            || PyModule_AddIntConstant(m, "MAX_STATUS_EXTENTS", MAX_STATUS_EXTENTS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

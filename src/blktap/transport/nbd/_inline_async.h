@@ -224,7 +224,7 @@ static PyObject *async_submit(AsyncPass *self, PyObject *const *args, Py_ssize_t
     while (reads + writes < max_requests) {
         uint32_t cmd;
         uint64_t offset, length;
-        Py_ssize_t took = next_request(rb, start, end, self->size, max_length, &cmd,
+        Py_ssize_t took = next_request(rb, start, end, self->size, max_length, 0, &cmd,
                                        &offset, &length);
         if (took == 0)
             break;

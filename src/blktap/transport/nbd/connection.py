@@ -150,6 +150,11 @@ class Connection:
         # The compiled inline path (inline.py), used from the data hook (plain sockets).
         self._inline = None if ch.tls else inline.compiled()
         self._inline_misses = 0  # passes in a row that served nothing (_pump_inline)
+        # base:allocation's id when it is the session's only context: the compiled pass
+        # answers block status requests then (0: it leaves them to _status_now).
+        contexts = session.contexts
+        self._status_id = next(iter(contexts)) if list(contexts.values()) == [
+            p.META_BASE_ALLOCATION] else 0
         # The compiled pass to a disk that answers later (_pump_async), made at need, and
         # what waits for it to have nothing in flight.
         self._async: Any = None  # _inline.AsyncPass
@@ -451,9 +456,11 @@ class Connection:
         ch = self.ch
         if ch.end - ch.start < p.REQUEST.size or self.broken:
             return 0
-        # Only a read or a write at the front is for the pass (a block status, a DISC:
-        # a probe's requests); the type is the big-endian u16 at byte 6.
-        if ch.buf[ch.start + 6] or ch.buf[ch.start + 7] > p.CMD_WRITE:
+        # Only a read, a write or a block status (of base:allocation alone) at the front
+        # is for the pass (a DISC, say, is not); the type is the big-endian u16 at byte 6.
+        cmd = ch.buf[ch.start + 7]
+        if ch.buf[ch.start + 6] or (cmd > p.CMD_WRITE and not (
+                cmd == p.CMD_BLOCK_STATUS and self._status_id)):
             return 0
         # A disk whose requests the pass keeps leaving to the Python path (a chain's
         # parents are remote, a qcow2 over its backing file) is asked less often: after
@@ -464,6 +471,11 @@ class Connection:
             if misses % INLINE_RETRY:
                 return 0
         target = self.vbd.inline_target()
+        if cmd == p.CMD_BLOCK_STATUS and target is not None and (
+                target.bat is None and target.l1 is None):
+            # A file at its own offsets (raw, a fixed VHD): its holes are the file
+            # system's to tell (the driver's status_now), not a map's. Not a miss.
+            return 0
         if target is None:  # perhaps a disk that answers later
             served = 0 if ch.closed else self._pump_async(budget)
             if served:
@@ -491,7 +503,8 @@ class Connection:
         assert self._inline is not None
         try:
             out = self._inline(sock, ch.buf, ch.start, ch.end, scratch, target,
-                               self.session.structured, budget, inline.MAX_LENGTH)
+                               self.session.structured, budget, inline.MAX_LENGTH,
+                               self._status_id)
         except Exception:  # a target it cannot take (a bug): it raised before serving any
             log.exception("%s: the compiled inline path failed; serving without it",
                           self.peer)
@@ -500,12 +513,15 @@ class Connection:
         finally:
             if guard is not None:
                 guard.release()
-        start, reads, read_bytes, writes, write_bytes, sent, used, error = out
+        start, reads, read_bytes, writes, write_bytes, sent, used, error, statuses = out
         ch.consume(start - ch.start)
-        served = reads + writes
+        served = reads + writes + statuses
         if served:
             self._inline_misses = 0
-            self.vbd.served_inline(reads, read_bytes, writes, write_bytes)
+            if reads or writes:
+                self.vbd.served_inline(reads, read_bytes, writes, write_bytes)
+            if statuses:
+                self.vbd.status_served_inline(statuses)
         elif misses < INLINE_MISSES:
             self._inline_misses = misses + 1
         if error:

@@ -29,7 +29,7 @@ MAX_LENGTH = 1 << 20
 ASYNC_SLOTS = 64
 ASYNC_BYTES = 8 << 20
 
-Pump = Callable[..., tuple[int, int, int, int, int, int, int, int]]
+Pump = Callable[..., tuple[int, int, int, int, int, int, int, int, int]]
 
 try:
     from blktap.transport.nbd import _inline
