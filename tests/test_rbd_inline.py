@@ -23,11 +23,12 @@ from blktap.tapdisk.driver import Driver
 from blktap.tapdisk.drivers import open_stack
 from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd import inline
-from blktap.transport.nbd.connection import Connection
+from blktap.transport.nbd.connection import INLINE_MISSES, Connection
 from blktap.transport.nbd.server import NbdServer
 from nbd_helpers import Wire
 from test_fast_path import (
     READ,
+    STATUS,
     WRITE,
     arun,
     attach,
@@ -383,6 +384,41 @@ def test_a_read_only_disk_takes_no_write_through_the_pass(ceph_cluster, tmp_path
             assert got[1] == (0, content[MiB : MiB + 4 * KiB])
             assert got[2][0] == 1  # NBD's EPERM
             assert seen["issued"] == 1, seen
+            await settled(conn, vbd)
+    arun(body)
+
+
+def test_a_probes_block_status_reaches_no_pass_and_the_reads_behind_it_do(
+        ceph_cluster, tmp_path) -> None:
+    """Block status requests (a probe's) on an rbd disk are the Python path's: neither
+    compiled pass is handed one, none counts as a pass's miss, and reads sent behind one
+    in the same message are still issued through the pass."""
+    name, content = filled_image(ceph_cluster)
+    sock = tmp_path / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with served(engine, ceph_cluster.spec(name), sock) as (
+                server, vbd, seen, w, conn):
+            assert conn._status_id  # base:allocation is the session's only context
+            calls = [0]
+            pump_async = conn._pump_async
+
+            def counting(budget: int) -> int:
+                calls[0] += 1
+                return pump_async(budget)
+            conn._pump_async = counting  # type: ignore[method-assign]
+            for h in range(1, 2 * INLINE_MISSES + 1):
+                got = await exchange(w, req(STATUS, 0, MiB, handle=h), 1, {})
+                assert got[h][0] == 0
+            assert calls[0] == 0 and conn._inline_misses == 0
+            reads = {h: (h * 8192, 4096) for h in range(100, 104)}
+            stream = req(STATUS, 0, MiB, handle=99) + b"".join(
+                req(READ, o, n, handle=h) for h, (o, n) in reads.items())
+            got = await exchange(w, stream, 1 + len(reads), reads)
+            assert got[99][0] == 0
+            for h, (o, n) in reads.items():
+                assert got[h] == (0, content[o : o + n])
+            assert seen["issued"] == len(reads), seen
             await settled(conn, vbd)
     arun(body)
 

@@ -471,10 +471,11 @@ class Connection:
             if misses % INLINE_RETRY:
                 return 0
         target = self.vbd.inline_target()
-        if cmd == p.CMD_BLOCK_STATUS and target is not None and (
-                target.bat is None and target.l1 is None):
+        if cmd == p.CMD_BLOCK_STATUS and (target is None or (
+                target.bat is None and target.l1 is None)):
             # A file at its own offsets (raw, a fixed VHD): its holes are the file
-            # system's to tell (the driver's status_now), not a map's. Not a miss.
+            # system's to tell (the driver's status_now), not a map's; a disk that
+            # answers later (the async pass takes reads and writes only). Not a miss.
             return 0
         if target is None:  # perhaps a disk that answers later
             served = 0 if ch.closed else self._pump_async(budget)
