@@ -143,8 +143,9 @@ static int qcow2_entry_state(const struct layer *l, uint64_t entry)
 
 /* The state of a qcow2 layer's byte ``off`` (qcow2_entry_state's answers) and in *room
  * the bytes from there on with the same one in this layer: the clusters after it in its
- * L2 table that say the same, or the rest of an L1 entry without a table. */
-static int qcow2_status(const struct layer *l, uint64_t off, uint64_t *room)
+ * L2 table that say the same (looked at until ``want`` bytes are covered), or the rest of
+ * an L1 entry without a table. */
+static int qcow2_status(const struct layer *l, uint64_t off, uint64_t want, uint64_t *room)
 {
     uint64_t cs = 1ull << l->cluster_bits;
     uint64_t cluster = off >> l->cluster_bits;
@@ -169,7 +170,7 @@ static int qcow2_status(const struct layer *l, uint64_t off, uint64_t *room)
     int state = qcow2_entry_state(l, __atomic_load_n(&table[first], __ATOMIC_ACQUIRE));
     uint64_t next = first + 1;
     if (state != STATUS_UNKNOWN)
-        while (next < l->l2_entries
+        while (next < l->l2_entries && (next - first) * cs - within < want
                && qcow2_entry_state(l, __atomic_load_n(&table[next], __ATOMIC_ACQUIRE)) == state)
             next++;
     *room = (next - first) * cs - within;
@@ -190,13 +191,14 @@ static int vhd_block_state(const struct layer *l, uint64_t blk)
     return entry == 0xffffffffu ? AT_HOLE : STATUS_UNKNOWN;
 }
 
-static int vhd_status(const struct layer *l, uint64_t off, uint64_t *room)
+static int vhd_status(const struct layer *l, uint64_t off, uint64_t want, uint64_t *room)
 {
     uint64_t blk = off / l->block_bytes, within = off % l->block_bytes;
     int state = vhd_block_state(l, blk);
     uint64_t next = blk + 1;
     if (state != STATUS_UNKNOWN)
-        while (vhd_block_state(l, next) == state)
+        while ((next - blk) * l->block_bytes - within < want
+               && vhd_block_state(l, next) == state)
             next++;
     *room = (next - blk) * l->block_bytes - within;
     return state;
@@ -207,8 +209,9 @@ static int vhd_status(const struct layer *l, uint64_t off, uint64_t *room)
  * without a parent, or past a smaller parent's end, or a qcow2 zero cluster), or
  * STATUS_UNKNOWN (the Python path's: among others a file at its own offsets, whose
  * holes the Python path asks the file system for); in *room the bytes from ``off`` that
- * have the same answer (at least one). */
-static int status_at(const struct disk *d, uint64_t off, uint64_t *room)
+ * have the same answer (at least one; the maps are read no further than ``want`` bytes,
+ * the rest of the request: a small one costs no pass over a whole table or BAT). */
+static int status_at(const struct disk *d, uint64_t off, uint64_t want, uint64_t *room)
 {
     uint64_t left = UINT64_MAX, here = 0;
     for (int i = 0; i < d->layers; i++) {
@@ -223,9 +226,9 @@ static int status_at(const struct disk *d, uint64_t off, uint64_t *room)
         }
         int state;
         if (l->kind == MAP_QCOW2)
-            state = qcow2_status(l, off, &here);
+            state = qcow2_status(l, off, want, &here);
         else if (l->kind == MAP_VHD)
-            state = vhd_status(l, off, &here);
+            state = vhd_status(l, off, want, &here);
         else
             return STATUS_UNKNOWN;
         if (state == STATUS_UNKNOWN)
@@ -254,7 +257,7 @@ static long status_runs(const struct disk *d, uint64_t offset, uint64_t length, 
     long n = 0;
     while (pos < end) {
         uint64_t room;
-        int here = status_at(d, pos, &room);
+        int here = status_at(d, pos, end - pos, &room);
         if (here == STATUS_UNKNOWN)
             return -1;
         uint64_t step = room < end - pos ? room : end - pos;
@@ -380,7 +383,7 @@ static int servable(const struct disk *d, const unsigned char *rb, Py_ssize_t st
                      &length) == 0)
         return 0;
     if (cmd == CMD_BLOCK_STATUS)
-        return status_at(d, offset, &place) != STATUS_UNKNOWN;
+        return status_at(d, offset, length, &place) != STATUS_UNKNOWN;
     return take(d, rb + start, cmd, offset, length, structured, &place) != TAKE_NOT;
 }
 
