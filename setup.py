@@ -19,7 +19,8 @@ setup(
             name,
             [source],
             include_dirs=["src/blktap/tapdisk"],
-            depends=[DISK_HEADER, "src/blktap/transport/nbd/_inline_async.h"],
+            depends=[DISK_HEADER, "src/blktap/transport/nbd/_inline_async.h",
+                     "src/blktap/transport/nbd/_wire.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         )

@@ -32,10 +32,11 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <endian.h>
 #include <errno.h>
 #include <string.h>
 #include <sys/socket.h>
+
+#include "_wire.h"  /* get16 ... put64: the wire's big-endian numbers */
 
 /* The wire (the NBD protocol's doc/proto.md, "Option haggling"); big-endian. */
 #define IHAVEOPT 0x49484156454F5054ull
@@ -84,12 +85,6 @@ enum outcome { WAIT = 0, AGREED = 1, PYTHON = 2 };
 #define OUT_BYTES 4096
 #define OUT_ROOM 128
 
-static inline uint16_t get16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return be16toh(v); }
-static inline uint32_t get32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
-static inline uint64_t get64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
-static inline void put16(unsigned char *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }
-static inline void put32(unsigned char *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
-static inline void put64(unsigned char *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
 
 struct export {
     const unsigned char *name;

@@ -19,10 +19,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <endian.h>
 #include <sys/socket.h>
 
 #include "_inline_disk.h"  /* the disk: layers, maps, reads and writes (tapdisk/) */
+#include "_wire.h"  /* get16 ... put64: the wire's big-endian numbers */
 
 /* The wire (the NBD protocol's doc/proto.md); every number is big-endian. */
 #define REQUEST_MAGIC 0x25609513u
@@ -52,13 +52,6 @@
 #define MAX_STATUS_LENGTH (1ull << 31)
 #define MAX_STATUS_EXTENTS 65536L
 
-
-static inline uint16_t get16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return be16toh(v); }
-static inline uint32_t get32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
-static inline uint64_t get64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
-static inline void put16(unsigned char *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }
-static inline void put32(unsigned char *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
-static inline void put64(unsigned char *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
 
 
 /* A successful simple reply to the request whose handle (as the client sent it) is at
