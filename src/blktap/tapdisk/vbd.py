@@ -895,6 +895,11 @@ class VBD:
     def status_served_inline(self, count: int) -> None:
         """Count the block status requests a transport answered at :meth:`inline_target`
         (from the maps it describes), as :meth:`block_status_now` counts its own."""
+        self._count_statuses(count)
+
+    def _count_statuses(self, count: int) -> None:
+        """Block status requests answered at once: no clock read (the first latency
+        bucket, as _served_now counts), progress for the watchdog."""
         st = self.stats
         st.submitted += count
         st.other_reqs += count
@@ -1024,12 +1029,7 @@ class VBD:
             return None
         if extents is None or sum(n for n, _ in extents) != end - start:
             return None
-        st = self.stats
-        st.submitted += 1
-        st.other_reqs += 1
-        self.latency.other.counts[0] += 1  # as _served_now: the first bucket, no clock read
-        if self._inflight:  # progress, for the watchdog
-            self._last_progress = self._clock()
+        self._count_statuses(1)
         return _cut_extents(extents, start, offset, length)
 
     def _status_span(self, offset: int, length: int) -> tuple[int, int]:
