@@ -26,7 +26,6 @@ an EXPORT_NAME for an export we do not have, an absurd option length) is dropped
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import struct
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 
 from blktap.io.clock import turn_clock
 from blktap.tapdisk.driver import Caps
+from blktap.transport.nbd import inline
 from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.export import Export
 from blktap.transport.sockio import Channel, Closed
@@ -472,7 +472,7 @@ def _ignore(_exc: BaseException | None, _arg: object) -> None:
 def compiled_take() -> CompiledTake | None:
     """The compiled handshake pass (``_handshake.take``) for :class:`FedNegotiation`, or
     None when it was not built or ``BLKTAP_INLINE=0`` turns the compiled paths off."""
-    if _handshake is None or os.environ.get("BLKTAP_INLINE", "1") == "0":
+    if _handshake is None or inline.turned_off():
         return None
     return _handshake.take  # type: ignore[no-any-return]
 

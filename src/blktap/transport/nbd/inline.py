@@ -37,9 +37,15 @@ except ImportError:  # not built (no compiler at install time)
     _inline = None  # type: ignore[assignment]
 
 
+def turned_off() -> bool:
+    """Whether ``BLKTAP_INLINE=0`` turns the compiled paths off (this pass and the
+    handshake's, handshake.compiled_take)."""
+    return os.environ.get("BLKTAP_INLINE", "1") == "0"
+
+
 def compiled() -> Pump | None:
     """The compiled pass (``nbd_pump``), or None when it is not built or turned off."""
-    if _inline is None or os.environ.get("BLKTAP_INLINE", "1") == "0":
+    if _inline is None or turned_off():
         return None
     return _inline.nbd_pump
 
