@@ -32,11 +32,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <errno.h>
 #include <string.h>
-#include <sys/socket.h>
 
-#include "_wire.h"  /* get16 ... put64: the wire's big-endian numbers */
+#include "_wire.h"  /* the wire: get16 ... put64, send_now */
 
 /* The wire (the NBD protocol's doc/proto.md, "Option haggling"); big-endian. */
 #define IHAVEOPT 0x49484156454F5054ull
@@ -184,23 +182,6 @@ static size_t set_meta_context(const struct export *ex, const unsigned char *dat
     return (size_t)(p - out);
 }
 
-/* Send out[0:len] without waiting; the bytes sent (fewer: the socket is full or broke,
- * and the caller queues the rest, whose send then meets the error, if any). */
-static size_t send_now(int fd, const unsigned char *out, size_t len)
-{
-    size_t sent = 0;
-    while (sent < len) {
-        ssize_t n = send(fd, out + sent, len - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            break;
-        }
-        sent += (size_t)n;
-    }
-    return sent;
-}
-
 PyDoc_STRVAR(take_doc,
 "take(fd, buf, start, end, state, name, size, flags) -> (consumed, state, outcome, unsent)\n\n"
 "Answer the usual messages of a fixed newstyle handshake buffered in buf[start:end] (see\n"
@@ -270,8 +251,8 @@ static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             break;  /* WAIT for the rest */
         if (used > OUT_BYTES - OUT_ROOM) {
             /* (a client sending options without reading their answers) */
-            sent = send_now(fd, out, used);
-            if (sent < used) {
+            sent = 0;
+            if (send_now(fd, out, &sent, used)) {
                 outcome = PYTHON;
                 goto done;
             }
@@ -301,11 +282,8 @@ static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
     }
-    if (used) {
-        sent = send_now(fd, out, used);
-        if (sent < used && outcome == WAIT)
-            outcome = PYTHON;
-    }
+    if (used && send_now(fd, out, &sent, used) && outcome == WAIT)
+        outcome = PYTHON;  /* (the socket full, or broken: what is left is queued) */
 done:
     PyBuffer_Release(&view);
     PyObject *unsent;

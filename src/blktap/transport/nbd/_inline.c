@@ -22,7 +22,7 @@
 #include <sys/socket.h>
 
 #include "_inline_disk.h"  /* the disk: layers, maps, reads and writes (tapdisk/) */
-#include "_wire.h"  /* get16 ... put64: the wire's big-endian numbers */
+#include "_wire.h"  /* the wire: get16 ... put64, send_now */
 
 /* The wire (the NBD protocol's doc/proto.md); every number is big-endian. */
 #define REQUEST_MAGIC 0x25609513u
@@ -283,24 +283,6 @@ static int read_fill(const struct disk *d, unsigned char *dst, uint64_t length,
 {
     struct iovec iov = { dst, (size_t)length };
     return disk_rw(d, &iov, 1, length, offset, 0, 0);
-}
-
-/* Send scratch[*sent:end] without waiting. 0: all of it left; 1: the socket is full (what
- * is left is the caller's to queue); -errno: the connection broke. */
-static int send_now(int sock, const unsigned char *buf, size_t *sent, size_t end)
-{
-    while (*sent < end) {
-        ssize_t n = send(sock, buf + *sent, end - *sent, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return 1;
-            return -errno;
-        }
-        *sent += (size_t)n;
-    }
-    return 0;
 }
 
 /* The first request at rb[start:end] if it is whole (a write with all its payload) and
