@@ -123,26 +123,46 @@ struct disk {
 
 #define AT_HOLE (-3)  /* locate_qcow2: not in this layer (the next one's) */
 
+/* Whether a qcow2 layer's L2 table of L1 index l1i is pinned for this pass (*table: its
+ * words, NULL for an L1 entry without a table: all holes). */
+static inline int pinned_table(const struct layer *l, uint64_t l1i, const uint64_t **table)
+{
+    const struct qcow2_tables *t = &l->tables;
+    for (int i = 0; i < t->count; i++) {
+        if (t->l1i[i] == l1i) {
+            *table = t->words[i];
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* What a dynamic VHD layer holds of block ``blk``: 1 all of it (its batmap bit is set,
+ * and its BAT entry), AT_HOLE none (no BAT entry: the layer below's), AT_PYTHON part of
+ * it (sectors of several layers), or a block past the BAT or batmap. The batmap bit is
+ * loaded first: engine threads store the BAT entry before it. */
+static inline int vhd_block(const struct layer *l, uint64_t blk)
+{
+    if (blk >= l->entries || (blk >> 3) >= l->batmap_len)
+        return AT_PYTHON;
+    unsigned char bits = __atomic_load_n(&l->batmap[blk >> 3], __ATOMIC_ACQUIRE);
+    uint32_t entry = __atomic_load_n(&l->bat[blk], __ATOMIC_RELAXED);
+    if (bits & (0x80u >> (blk & 7)))
+        return entry == 0xffffffffu ? AT_PYTHON : 1;
+    return entry == 0xffffffffu ? AT_HOLE : AT_PYTHON;
+}
+
 /* Where a qcow2 layer has disk offset ``off``: its offset in the file, AT_HOLE (the
  * layer below's), AT_ZEROS or AT_PYTHON; *room: the bytes to the end of the cluster. */
 static int64_t locate_qcow2(const struct layer *l, uint64_t off, uint64_t *room, int write)
 {
     uint64_t cluster = off >> l->cluster_bits;
     uint64_t cs = 1ull << l->cluster_bits;
-    uint64_t l1i = cluster / l->l2_entries;
     uint64_t within = off & (cs - 1);
-    const struct qcow2_tables *t = &l->tables;
-    int slot = -1;
-    for (int i = 0; i < t->count; i++) {
-        if (t->l1i[i] == l1i) {
-            slot = i;
-            break;
-        }
-    }
-    if (slot < 0)
+    const uint64_t *table;
+    if (!pinned_table(l, cluster / l->l2_entries, &table))
         return AT_PYTHON;
     *room = cs - within;
-    const uint64_t *table = t->words[slot];
     if (table == NULL)
         return AT_HOLE;
     uint64_t entry = __atomic_load_n(&table[cluster % l->l2_entries], __ATOMIC_ACQUIRE);
@@ -195,20 +215,16 @@ static int64_t locate(const struct disk *d, uint64_t off, uint64_t *room, int wr
             return where;
         }
         uint64_t blk = off / l->block_bytes, within = off % l->block_bytes;
-        if (blk >= l->entries || (blk >> 3) >= l->batmap_len)
+        int held = vhd_block(l, blk);
+        if (held == AT_PYTHON)
             return AT_PYTHON;
         if (l->block_bytes - within < left)
             left = l->block_bytes - within;
-        unsigned char bits = __atomic_load_n(&l->batmap[blk >> 3], __ATOMIC_ACQUIRE);
-        uint32_t entry = __atomic_load_n(&l->bat[blk], __ATOMIC_RELAXED);
-        if (bits & (0x80u >> (blk & 7))) {
-            if (entry == 0xffffffffu)
-                return AT_PYTHON;
+        if (held == 1) {
             *room = left;
+            uint32_t entry = __atomic_load_n(&l->bat[blk], __ATOMIC_RELAXED);
             return (int64_t)((entry + l->data_secs) * 512u + within);
         }
-        if (entry != 0xffffffffu)
-            return AT_PYTHON;  /* partly held: sectors of several layers */
     }
     *room = left;  /* below every layer: zeros if the disk has no parent */
     return d->holes_zero && !write ? AT_ZEROS : AT_PYTHON;

@@ -48,7 +48,7 @@
  * exports them: a test compares) */
 #define STATE_DATA 0
 #define STATE_HOLE_ZERO 3  /* NBD_STATE_HOLE | NBD_STATE_ZERO */
-#define STATUS_UNKNOWN (-1)
+#define STATUS_UNKNOWN AT_PYTHON  /* the Python path's, as locate says it */
 #define MAX_STATUS_LENGTH (1ull << 31)
 #define MAX_STATUS_EXTENTS 65536L
 
@@ -142,19 +142,10 @@ static int qcow2_status(const struct layer *l, uint64_t off, uint64_t want, uint
 {
     uint64_t cs = 1ull << l->cluster_bits;
     uint64_t cluster = off >> l->cluster_bits;
-    uint64_t l1i = cluster / l->l2_entries, first = cluster % l->l2_entries;
+    uint64_t first = cluster % l->l2_entries;
     uint64_t within = off & (cs - 1);
-    const struct qcow2_tables *t = &l->tables;
-    const uint64_t *table = NULL;
-    int slot = -1;
-    for (int i = 0; i < t->count; i++) {
-        if (t->l1i[i] == l1i) {
-            slot = i;
-            table = t->words[i];
-            break;
-        }
-    }
-    if (slot < 0)
+    const uint64_t *table;
+    if (!pinned_table(l, cluster / l->l2_entries, &table))
         return STATUS_UNKNOWN;
     if (table == NULL) {
         *room = (l->l2_entries - first) * cs - within;
@@ -170,18 +161,13 @@ static int qcow2_status(const struct layer *l, uint64_t off, uint64_t want, uint
     return state;
 }
 
-/* The same for a dynamic VHD layer: blocks its batmap says are full are data, blocks
- * without a BAT entry the layer below's, and one allocated but not full the Python
- * path's (its sectors are told by the block's bitmap). */
+/* The same for a dynamic VHD layer (vhd_block: a block held is data, one without a BAT
+ * entry the layer below's, one held in part the Python path's: its bitmap tells its
+ * sectors). */
 static int vhd_block_state(const struct layer *l, uint64_t blk)
 {
-    if (blk >= l->entries || (blk >> 3) >= l->batmap_len)
-        return STATUS_UNKNOWN;
-    unsigned char bits = __atomic_load_n(&l->batmap[blk >> 3], __ATOMIC_ACQUIRE);
-    uint32_t entry = __atomic_load_n(&l->bat[blk], __ATOMIC_RELAXED);
-    if (bits & (0x80u >> (blk & 7)))
-        return entry == 0xffffffffu ? STATUS_UNKNOWN : STATE_DATA;
-    return entry == 0xffffffffu ? AT_HOLE : STATUS_UNKNOWN;
+    int held = vhd_block(l, blk);
+    return held == 1 ? STATE_DATA : held;  /* (AT_HOLE, or AT_PYTHON: STATUS_UNKNOWN) */
 }
 
 static int vhd_status(const struct layer *l, uint64_t off, uint64_t want, uint64_t *room)
