@@ -433,8 +433,10 @@ static PyObject *nbd_pump(PyObject *self, PyObject *const *args, Py_ssize_t narg
             break;
         const unsigned char *req = rb + start;
         int how = TAKE_DATA;
-        long max_runs = get16(req + 4) & CMD_FLAG_REQ_ONE ? 1 : MAX_STATUS_EXTENTS;
-        if (cmd != CMD_BLOCK_STATUS) {
+        long max_runs = 0;
+        if (cmd == CMD_BLOCK_STATUS) {
+            max_runs = get16(req + 4) & CMD_FLAG_REQ_ONE ? 1 : MAX_STATUS_EXTENTS;
+        } else {
             how = take(&disk, req, cmd, offset, length, structured, &place);
             if (how == TAKE_NOT)
                 break;
