@@ -783,3 +783,38 @@ def test_block_status_answers_are_the_python_paths(
     for key in ("other_reqs", "errors", "read_reqs"):
         assert on_stats.get(key) == off_stats.get(key), key
     assert off_answered == 0 and on_answered > 0
+
+
+@pytest.mark.interop
+def test_nbdinfo_maps_what_qemu_nbd_maps_with_block_status_in_the_pass(
+        shm: Path) -> None:  # noqa: F811
+    """nbdinfo --map (libnbd's block status requests) of make_qcow2's image, which has no
+    parent (every kind of cluster), served in-process, twice: the map qemu-nbd gives of
+    the same image both times; the second time, with the L2 tables the first one loaded
+    in the cache, the compiled pass answered."""
+    compiled()
+    need_libnbd()
+    from test_status_side_door import nbd_map, qemu_nbd_map
+    spec, path, _ = make_qcow2(shm)
+    sock = shm / "s.sock"
+
+    async def ours(engine: ThreadEngine) -> tuple[list[list[dict]], int]:
+        async with nbd_served(engine, spec, sock) as (server, vbd):
+            answered = [0]
+            counted = vbd.status_served_inline
+
+            def counting(count: int) -> None:
+                answered[0] += count
+                counted(count)
+            vbd.status_served_inline = counting  # type: ignore[method-assign]
+            maps = [await asyncio.to_thread(nbd_map, f"nbd+unix:///?socket={sock}")
+                    for _ in range(2)]
+            return maps, answered[0]
+    maps, answered = arun(ours)
+    with qemu_nbd_map(path, shm / "q.sock") as theirs:
+        pass
+
+    def flat(rows: list[dict]) -> list[tuple[int, int, int]]:
+        return [(r["offset"], r["length"], r["type"]) for r in rows]
+    assert flat(maps[0]) == flat(theirs) and flat(maps[1]) == flat(theirs)
+    assert answered > 0
