@@ -738,6 +738,19 @@ def status_requests(size: int, rng: random.Random, count: int) -> list[bytes]:
     return out
 
 
+def count_statuses_inline(vbd: VBD) -> list[int]:
+    """A counter (one item) of the block status requests the compiled pass answers on
+    ``vbd`` from now."""
+    answered = [0]
+    counted = vbd.status_served_inline
+
+    def counting(count: int) -> None:
+        answered[0] += count
+        counted(count)
+    vbd.status_served_inline = counting  # type: ignore[method-assign]
+    return answered
+
+
 def run_statuses(folder: Path, spec: str, requests: list[bytes]) -> tuple[dict, int, dict]:
     """The answers by handle to ``requests`` sent at once, how many the compiled pass
     answered, and the statistics."""
@@ -745,13 +758,7 @@ def run_statuses(folder: Path, spec: str, requests: list[bytes]) -> tuple[dict, 
 
     async def body(engine: ThreadEngine) -> tuple[dict, int, dict]:
         async with nbd_served(engine, spec, sock) as (server, vbd):
-            answered = [0]
-            counted = vbd.status_served_inline
-
-            def counting(count: int) -> None:
-                answered[0] += count
-                counted(count)
-            vbd.status_served_inline = counting  # type: ignore[method-assign]
+            answered = count_statuses_inline(vbd)
             w, conn = await attach(server, sock)
             got: dict = {}
             for at in range(0, len(requests), 50):  # (bursts the pass and Python share)
@@ -800,13 +807,7 @@ def test_nbdinfo_maps_what_qemu_nbd_maps_with_block_status_in_the_pass(
 
     async def ours(engine: ThreadEngine) -> tuple[list[list[dict]], int]:
         async with nbd_served(engine, spec, sock) as (server, vbd):
-            answered = [0]
-            counted = vbd.status_served_inline
-
-            def counting(count: int) -> None:
-                answered[0] += count
-                counted(count)
-            vbd.status_served_inline = counting  # type: ignore[method-assign]
+            answered = count_statuses_inline(vbd)
             maps = [await asyncio.to_thread(nbd_map, f"nbd+unix:///?socket={sock}")
                     for _ in range(2)]
             return maps, answered[0]
