@@ -574,7 +574,7 @@ def test_reads_and_writes_the_callback_way(ceph_cluster) -> None:
     """With librbd's C calls the VBD hands reads and writes to the driver the callback
     way (issued at its kick, told from the eventfd's reaping, no task): several at once,
     more than the in-flight bound (the rest by the coroutine path), one buffer and
-    several; what the driver cannot take so (read-only buffers, FUA, the bindings'
+    several, a read-only one; what the driver cannot take so (FUA, the bindings'
     fallback) it refuses at once, and librbd's errors come back as the coroutine path
     raises them."""
     import asyncio
@@ -610,8 +610,14 @@ def test_reads_and_writes_the_callback_way(ceph_cluster) -> None:
             vbd.start_read(131072, [memoryview(a), memoryview(b)], 65536, got.set_result)
             assert await got is None
             assert a + b == bytes([2]) * 65536 and started[-1] == ("read", True)
+            # A read-only buffer is written from the copy every write is sent from.
+            wrote = loop.create_future()
+            assert d.start_write(0, [memoryview(b"x" * 512)], wrote.set_result)
+            assert await wrote is None
+            back = bytearray(512)
+            await d.read(0, [memoryview(back)])
+            assert back == b"x" * 512
             # What the callback way leaves to the coroutine path, refused at once.
-            assert not d.start_write(0, [memoryview(b"x" * 512)], lambda e: None)
             assert not d.start_write(0, [memoryview(bytearray(512))], lambda e: None,
                                      fua=True)
             # Past the end: librbd fails it, at once (then the coroutine path raises
@@ -628,6 +634,71 @@ def test_reads_and_writes_the_callback_way(ceph_cluster) -> None:
             await vbd.close()
             await d.close()
         assert d.inflight == 0
+
+    with_engine(body)
+
+
+def test_librbd_sends_writes_without_a_copy_of_its_own(ceph_cluster) -> None:
+    """librbd is told not to copy writes (the compiled pass's slots are ours and stay
+    untouched until the completion); a spec's own setting wins."""
+    from blktap.image.rbd import parse_spec
+    from blktap.image.rbd_c import CImage
+
+    name = new_image(ceph_cluster, 8 * MiB)
+    option = "rbd_disable_zero_copy_writes"
+    image = CImage(parse_spec(ceph_cluster.spec(name)), writable=True)
+    try:
+        assert image.config(option) == "false"
+        with pytest.raises(OSError):
+            image.config("no_such_option")
+    finally:
+        image.close()
+    image = CImage(parse_spec(f"{ceph_cluster.spec(name)}:{option}=true"), writable=True)
+    try:
+        assert image.config(option) == "true"
+    finally:
+        image.close()
+
+
+@pytest.mark.parametrize("way", ["callback", "coroutine"])
+def test_a_buffer_changed_while_its_write_is_in_flight(ceph_cluster, way: str) -> None:
+    """librbd sends writes from the buffer it is given (no copy of its own): a
+    transport's buffer (a guest's memory, which the guest may write to at any time) is
+    copied when the write is issued, so what it holds afterwards is not what is
+    written, and the write's bytes are those it held when issued. 4 MiB, changed at
+    once: librbd's messenger thread is still sending it then. librbd's cache off: with
+    it, librbd copies writes for the cache's sake anyway."""
+    import asyncio
+
+    from blktap.tapdisk.drivers.rbd import RbdDriver
+
+    name = new_image(ceph_cluster, 16 * MiB)
+    size = 4 * MiB
+
+    async def body(engine):
+        d = RbdDriver.open(engine, f"{ceph_cluster.spec(name)}:rbd_cache=false",
+                           writable=True)
+        assert d.c is not None, "librbd's C calls do not load through ctypes"
+        loop = asyncio.get_running_loop()
+        try:
+            for round_ in range(4):
+                guest = bytearray([0x41 + round_]) * size
+                offset = (round_ % 3) * size
+                if way == "callback":
+                    done = loop.create_future()
+                    assert d.start_write(offset, [memoryview(guest)], done.set_result)
+                    guest[:] = b"\xee" * size  # the guest's next use of its page
+                    assert await done is None
+                else:
+                    task = asyncio.ensure_future(d.write(offset, [memoryview(guest)]))
+                    await asyncio.sleep(0)  # issued
+                    guest[:] = b"\xee" * size
+                    await task
+                back = bytearray(size)
+                await d.read(offset, [memoryview(back)])
+                assert back == bytes([0x41 + round_]) * size, f"round {round_}"
+        finally:
+            await d.close()
 
     with_engine(body)
 

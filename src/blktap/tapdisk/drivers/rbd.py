@@ -247,11 +247,18 @@ class RbdDriver(Driver):
         completion and what keeps the buffers pinned. OSError if librbd refuses it."""
         c = self.c
         assert c is not None
+        if what == "write":
+            # librbd sends a write from the buffer it is given, not a copy
+            # (rbd_c.OUR_DEFAULTS), and that buffer must not change until the completion.
+            # A transport's may (a guest's own memory, which it is free to write to
+            # meanwhile): it is copied here, where librbd would have copied it.
+            keep = CImage.pin(memoryview(bytearray().join(iov)))
+            return c.write(offset, keep), keep
         if len(iov) == 1:
             keep = CImage.pin(iov[0])
-            return (c.read if what == "read" else c.write)(offset, keep), keep
+            return c.read(offset, keep), keep
         vec, keep = CImage.iovec(iov)
-        return (c.readv if what == "read" else c.writev)(offset, vec), keep
+        return c.readv(offset, vec), keep
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._watching is not loop:
@@ -302,7 +309,7 @@ class RbdDriver(Driver):
         (the coroutine path says why)."""
         if self.c is None or self.inflight >= self.max_inflight or self._slot_waiters:
             return False
-        if any(view.readonly for view in iov):  # (ctypes pins writable buffers only)
+        if what == "read" and any(view.readonly for view in iov):  # (not pinned by ctypes)
             return False
         self._watch(asyncio.get_running_loop())
         try:
@@ -356,9 +363,7 @@ class RbdDriver(Driver):
 
     async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
         self._require_writable()
-        if self.c is not None:  # straight from the caller's buffers
-            if any(view.readonly for view in iov):  # (ctypes pins writable ones only)
-                iov = [memoryview(bytearray(b"".join(iov)))]
+        if self.c is not None:  # (from a copy: _submit)
             await self._c_call("write", partial(self._submit, "write", offset, iov), offset,
                                total(iov))
             if fua:
