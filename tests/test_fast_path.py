@@ -969,6 +969,80 @@ def test_channel_one_wait_per_message() -> None:
     assert counts[0] == 20, f"{counts[0]} waits for 20 messages"
 
 
+def test_channel_receives_a_payload_straight_into_its_place() -> None:
+    """Channel.receive_direct: the rest of a message goes from the socket straight into
+    the view given, received by the readiness callback (no reader, not through the
+    receive buffer, which does not grow), however the peer cuts it; done(None) once,
+    and the data hook then runs on what follows, in the same readiness. The stream
+    ending first, cancel_direct and close each give done(Closed) once; the hook sees
+    nothing of the payload. Bytes already buffered refuse it."""
+    async def body() -> None:
+        a, b = socket.socketpair()
+        ch = Channel(a)
+        done: list[BaseException | None] = []
+        hooked = bytearray()
+        stuck: list[bool] = []
+
+        def hook() -> bool:
+            hooked.extend(ch.view[ch.start : ch.end])
+            ch.consume(ch.end - ch.start)
+            return True
+        ch.on_data = hook
+        ch.serve_from_hook(lambda: stuck.append(True))
+        try:
+            payload = random.Random(1).randbytes(300_000)
+            dest = bytearray(len(payload))
+            ch.receive_direct(memoryview(dest), done.append)
+            with pytest.raises(RuntimeError):  # one at a time
+                ch.receive_direct(memoryview(bytearray(1)), done.append)
+            stream = payload + b"what follows"
+            for i in range(0, len(stream), 70_001):
+                b.sendall(stream[i : i + 70_001])
+                await asyncio.sleep(0.002)
+            await until(lambda: hooked == b"what follows", "the hook given what follows")
+            assert done == [None] and dest == payload and not stuck
+            assert len(ch.buf) == FIRST_RECV_BUFFER
+            # The stream ends mid-payload: Closed, then the usual end of stream.
+            dest = bytearray(1000)
+            ch.receive_direct(memoryview(dest), done.append)
+            b.sendall(b"x" * 500)
+            b.close()
+            await until(lambda: bool(stuck), "the end of stream seen")
+            assert len(done) == 2 and isinstance(done[1], Closed)
+            assert dest[:500] == b"x" * 500 and hooked == b"what follows"
+        finally:
+            ch.close()
+            b.close()
+
+        a, b = socket.socketpair()
+        ch = Channel(a)
+        done.clear()
+        try:
+            ch.receive_direct(memoryview(bytearray(10)), done.append)
+            ch.cancel_direct()
+            ch.cancel_direct()  # (nothing under way: nothing to tell)
+            assert len(done) == 1 and isinstance(done[0], Closed)
+            ch.receive_direct(memoryview(bytearray(10)), done.append)
+            ch.close()
+            assert len(done) == 2 and isinstance(done[1], Closed)
+        finally:
+            b.close()
+
+        a, b = socket.socketpair()
+        ch = Channel(a)
+        try:
+            b.sendall(b"12345678")
+            await ch.fill(8)
+            ch.consume(4)
+            with pytest.raises(RuntimeError):  # (those 4 bytes are the message's)
+                ch.receive_direct(memoryview(bytearray(10)), done.append)
+            assert len(done) == 2
+        finally:
+            ch.close()
+            b.close()
+    asyncio.run(body())
+
+
 def test_channel_post_callbacks() -> None:
     async def body() -> None:
         a, b = socket.socketpair()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import socket
 import struct
@@ -303,6 +304,51 @@ def test_large_writes_are_received_into_the_pass(ceph_cluster, tmp_path) -> None
                 assert await read_back(vbd, off, len(payload)) == payload, off
             await settled(conn, vbd)
             assert outstanding(server.pool) == 0
+    arun(body)
+
+
+def test_a_large_writes_payload_is_received_by_the_readiness_callback(
+        ceph_cluster, tmp_path) -> None:
+    """The data hook takes a large write's header with the first piece of its payload;
+    the channel's readiness callback receives the rest straight into the pass's slot
+    (Channel.receive_direct) and it is issued from there: no reader receives a payload,
+    however the stream is cut, and the writes land."""
+    name = new_image(ceph_cluster, DISK)
+    sock = tmp_path / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with served(engine, ceph_cluster.spec(name), sock) as (server, vbd, seen, w, conn):
+            await exchange(w, req(READ, 0, 4 * KiB, handle=1), 1, {1: (0, 4 * KiB)})
+            by = {"reader": 0, "callback": 0}
+            reader_way, issue = conn._receive_for_pass, conn._issue_received
+
+            async def counted_reader(*args):  # noqa: ANN002, ANN202
+                by["reader"] += 1
+                return await reader_way(*args)
+
+            def counted_issue(*args) -> None:  # noqa: ANN002
+                by["callback"] += 1
+                issue(*args)
+            conn._receive_for_pass = counted_reader  # type: ignore[method-assign]
+            conn._issue_received = counted_issue  # type: ignore[method-assign]
+            writes = {h: (h * MiB, random.Random(h).randbytes(MiB)) for h in range(2, 8)}
+            stream = b"".join(req(WRITE, off, len(pl), handle=h, payload=pl)
+                              for h, (off, pl) in writes.items())
+            cut = 0
+            pieces = []
+            for size in itertools.cycle((100 * KiB, 7, 33 * KiB, 250 * KiB)):
+                if cut >= len(stream):
+                    break
+                pieces.append(stream[cut : cut + size])
+                cut += size
+            got = await exchange(w, pieces, len(writes), {}, pause=0.002)
+            assert all(got[h] == (0, b"") for h in writes), got
+            assert by == {"reader": 0, "callback": len(writes)}, by
+            assert seen["issued"] == 1 + len(writes), seen
+            for off, payload in writes.values():
+                assert await read_back(vbd, off, len(payload)) == payload, off
+            await settled(conn, vbd)
+            assert outstanding(server.pool) == 0 and server.pool.budget.used == 0
     arun(body)
 
 

@@ -102,6 +102,11 @@ class Channel:
         self._stuck: Callable[[], None] | None = None
         self._filling = False
         self._hold_flush = False  # the hook runs: its replies leave when it returns
+        # The rest of a message received straight into its place by the readiness
+        # callback (receive_direct): the view, how much of it is filled, and whom to tell.
+        self._direct: memoryview | None = None
+        self._direct_pos = 0
+        self._direct_done: Callable[[BaseException | None], None] | None = None
 
     # ------------------------------------------------------------------ waiting
     async def _wait(self, writable: bool) -> None:
@@ -158,6 +163,53 @@ class Channel:
         self._stuck = stuck
         if stuck is not None:
             self._watch()
+
+    def receive_direct(self, view: memoryview,
+                       done: Callable[[BaseException | None], None]) -> None:
+        """From :attr:`on_data`, which took the start of a message and all the buffer
+        held: the next ``len(view)`` bytes of the stream go straight into ``view`` (a
+        write's payload into its place), received by the readiness callback itself, with
+        no reader woken and no copy. ``done(None)`` when ``view`` is full, from the
+        readiness callback, which then goes on as usual with what follows; ``done(Closed)``
+        if the stream ends or breaks first, or the channel closes, or
+        :meth:`cancel_direct` is called. Plain sockets."""
+        if self._direct is not None or self.start != self.end or self.tls:
+            raise RuntimeError("receive_direct: a receive under way, bytes buffered, or TLS")
+        self._direct, self._direct_pos, self._direct_done = view, 0, done
+        self._watch()
+
+    def cancel_direct(self) -> None:
+        """Stop a :meth:`receive_direct` under way (its ``done`` gets Closed)."""
+        if self._direct is not None:
+            self._end_direct(Closed("the receive was cancelled"))
+
+    def _end_direct(self, exc: BaseException | None) -> None:
+        done = self._direct_done
+        self._direct = self._direct_done = None
+        assert done is not None
+        done(exc)
+
+    def _receive_direct(self, view: memoryview) -> bool:
+        """The readiness callback's receive for :meth:`receive_direct`: True when it is
+        over (``view`` full, or the stream ended or broke: the usual receive then sees
+        that too), False while more is to come."""
+        pos = self._direct_pos
+        try:
+            got = self.sock.recv_into(view[pos:])
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self._end_direct(Closed(str(exc)))
+            return True
+        if not got:
+            self._end_direct(Closed("end of stream"))
+            return True
+        pos += got
+        if pos < len(view):
+            self._direct_pos = pos
+            return False
+        self._end_direct(None)
+        return True
 
     def _receive_for_feeder(self, feeder: Callable[[BaseException | None], None]) -> None:
         # Room for one message: feeders take every complete one, and messages fed this
@@ -230,6 +282,9 @@ class Channel:
         if self._feeder is not None:
             self._receive_for_feeder(self._feeder)
             return
+        direct = self._direct
+        if direct is not None and (not self._receive_direct(direct) or self.closed):
+            return  # more of it to come (or its end closed the channel)
         waiters = self._read_waiters
         if not waiters and self._stuck is not None:
             if not self._receive_for_hook():
@@ -599,6 +654,7 @@ class Channel:
         self.loop.remove_reader(self.fd)
         self.loop.remove_writer(self.fd)
         self._watching = False
+        self.cancel_direct()
         feeder, self._feeder = self._feeder, None
         if feeder is not None:
             feeder(Closed("connection closed"))

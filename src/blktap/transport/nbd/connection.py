@@ -159,6 +159,9 @@ class Connection:
         # what waits for it to have nothing in flight.
         self._async: Any = None  # _inline.AsyncPass
         self._async_idle: asyncio.Event | None = None
+        # The write whose payload the channel receives into the pass's slot now
+        # (_receive_in_hook): (slot index, view, handle, flags, offset, length).
+        self._payload: tuple[int, memoryview, int, int, int, int] | None = None
 
     # ------------------------------------------------------------------ without a task
     def start(self, spawn: Callable[[Coroutine[Any, Any, None]], None],
@@ -248,6 +251,7 @@ class Connection:
                 raise  # we were cancelled ourselves, not just the reader
         finally:
             self.ch.on_data = None
+            self.ch.cancel_direct()
             try:
                 await self._async_settled()  # (what failed there joins the tasks)
                 self._async = None  # its buffers go now (it refers to us: a cycle)
@@ -264,6 +268,7 @@ class Connection:
             return
         self.broken = True
         self.ch.on_data = None
+        self.ch.cancel_direct()
         if self._fed:  # a task settles what is in flight, reading nothing more
             self._no_reading = True
             self._to_task()
@@ -280,6 +285,7 @@ class Connection:
     def stop_reading(self) -> None:
         """Take no more requests (server shutdown); those in flight still complete."""
         self.ch.on_data = None
+        self.ch.cancel_direct()  # (a payload still coming: that write was never taken)
         self._no_reading = True
         if self._fed:
             if self._idle():
@@ -433,7 +439,9 @@ class Connection:
                 ch.consume(req.size)
             elif cmd == p.CMD_WRITE:
                 if ch.end - ch.start < req.size + length:
-                    return False  # the reader receives the rest straight into a buffer
+                    # The rest straight into the pass's slot, else into a buffer by the
+                    # reader.
+                    return self._receive_in_hook(handle, flags, offset, length, charge)
                 ch.consume(req.size)
                 self.budget.take(charge)
                 self._take(length)
@@ -593,28 +601,34 @@ class Connection:
         if not apass.issued and self._async_idle is not None:
             self._async_idle.set()
 
-    async def _receive_for_pass(self, handle: int, flags: int, offset: int,
-                                length: int) -> bool:
-        """An admitted write whose payload is still to come, to a disk that answers
-        later: received straight into a slot of the compiled pass and issued from there
-        (no buffer of the pool, no task, no copy), as :meth:`_pump_async` issues the
-        writes it finds whole. False (nothing received) where the pass does not take it
-        (a flag, too large, no slot or room free): the caller receives it as usual."""
+    def _slot_for_payload(self, flags: int, offset: int,
+                          length: int) -> tuple[int, memoryview] | None:
+        """A slot of the compiled pass to a disk that answers later, for a write whose
+        payload is still to come, to receive it into: (index, view), or None where the
+        pass does not take it (no pass yet, a flag, too large, not whole sectors, the
+        disk not taking them now, no slot or room free)."""
         apass = self._async
         if (apass is None or flags or length > inline.MAX_LENGTH or (offset | length) % SECTOR
                 or self.vbd.inline_async(inline.reap_async) is None):
-            return False
-        reserved = apass.reserve(length)
-        if reserved is None:
-            return False
-        index, view = reserved
+            return None
+        return apass.reserve(length)
+
+    def _unreserve(self, index: int, view: memoryview, length: int) -> None:
+        """The payload did not all come (the client gone, the connection dropped): the
+        slot and the write's room go back."""
+        view.release()
+        self._async.unreserve(index)
+        self._release(None, length)
+
+    def _issue_received(self, index: int, view: memoryview, handle: int, flags: int,
+                        offset: int, length: int) -> None:
+        """An admitted write's payload is all in the pass's slot ``index``: issued from
+        there (no buffer of the pool, no task, no copy), as :meth:`_pump_async` issues
+        the writes it finds whole; else (the disk paused meanwhile, librbd refusing it)
+        copied out for the Python path, which holds and retries it."""
+        apass = self._async
         issued = False
         try:
-            try:
-                await self.ch.read_into(view)
-            except BaseException:  # (the client gone mid-payload: its room goes back)
-                self._release(None, length)
-                raise
             # (Asked again: the disk may have been paused while the payload came.)
             target = self.vbd.inline_async(inline.reap_async)
             if target is not None:
@@ -622,15 +636,70 @@ class Connection:
             if issued:
                 self.vbd.issued_inline(1)
                 self._release(None, length)  # (admitted by the reader: the pass holds it)
-                return True
-            buf = self.pool.get(length)  # the Python path after all (it holds, retries)
+                return
+            buf = self.pool.get(length)
             buf.view[:] = view
         finally:
             view.release()
             if not issued:
                 apass.unreserve(index)
         self._serve_write(handle, flags, offset, buf, length)
+
+    async def _receive_for_pass(self, handle: int, flags: int, offset: int,
+                                length: int) -> bool:
+        """The reader's admitted write whose payload is still to come, to a disk that
+        answers later: received straight into a slot of the compiled pass and issued
+        from there. False (nothing received) where the pass does not take it: the
+        caller receives it as usual."""
+        reserved = self._slot_for_payload(flags, offset, length)
+        if reserved is None:
+            return False
+        index, view = reserved
+        try:
+            await self.ch.read_into(view)
+        except BaseException:
+            self._unreserve(index, view, length)
+            raise
+        self._issue_received(index, view, handle, flags, offset, length)
         return True
+
+    def _receive_in_hook(self, handle: int, flags: int, offset: int, length: int,
+                         charge: int) -> bool:
+        """The data hook's write (valid, admissible) whose payload is not all here, to
+        a disk that answers later: the request and what came of its payload are taken,
+        and the rest is received straight into the pass's slot by the channel's
+        readiness callback (:meth:`Channel.receive_direct`), with no reader woken, then
+        issued from there (:meth:`_payload_received`). False (nothing taken) where the
+        pass does not take it: the reader receives it."""
+        reserved = self._slot_for_payload(flags, offset, length)
+        if reserved is None:
+            return False
+        index, view = reserved
+        ch = self.ch
+        ch.consume(p.REQUEST.size)
+        self.budget.take(charge)
+        self._take(length)
+        have = ch.end - ch.start
+        view[:have] = ch.view[ch.start : ch.end]
+        ch.consume(have)
+        self._payload = (index, view, handle, flags, offset, length)
+        ch.receive_direct(view[have:], self._payload_received)
+        return True
+
+    def _payload_received(self, exc: BaseException | None) -> None:
+        """The rest of :meth:`_receive_in_hook`'s payload is in its slot (from the
+        readiness callback), or will not come (``exc``)."""
+        assert self._payload is not None
+        index, view, handle, flags, offset, length = self._payload
+        self._payload = None
+        if exc is not None:
+            self._unreserve(index, view, length)
+            return
+        try:
+            self._issue_received(index, view, handle, flags, offset, length)
+        except Exception:  # a bug: this client is lost, not the loop's callback
+            log.exception("%s: issuing a write received in the data hook failed", self.peer)
+            self._die()
 
     async def _async_settled(self) -> None:
         """Wait until the disk is done with every request :meth:`_pump_async` issued."""
