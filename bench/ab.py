@@ -11,10 +11,11 @@ a change is judged by the ratios within repetitions, not by runs minutes apart.
 
 SPEC is what `blktap serve` takes (aio:/dev/shm/disk.img, qcow2:...); with ``--ceph`` a
 throwaway cluster (tests/ceph_cluster.py) holds a written-through image instead, served
-with librbd's cache off (qemu-nbd: --cache=none). TREE is a source tree whose ``src`` is
-put first on PYTHONPATH (``.``: this one; an older commit: ``git worktree add``, then its
-compiled modules built or copied). ``NAME=TREE+VAR=VALUE`` adds an environment variable
-(``new=.+BLKTAP_POLL_MAX_US=0``). The first variant is the reference of the ratios.
+with librbd's cache off (qemu-nbd: --cache=none) or, with ``--cache writeback``, on.
+TREE is a source tree whose ``src`` is put first on PYTHONPATH (``.``: this one; an
+older commit: ``git worktree add``, then its compiled modules built or copied).
+``NAME=TREE+VAR=VALUE`` adds an environment variable (``new=.+BLKTAP_POLL_MAX_US=0``).
+The first variant is the reference of the ratios.
 """
 
 from __future__ import annotations
@@ -102,11 +103,12 @@ def thread_cpu_ns(pid: int) -> dict[tuple[str, str], int]:
     return out
 
 
-def argv_of(v: Variant, spec: str, sock: Path, qemu_image: tuple[str, str]) -> list[str]:
+def argv_of(v: Variant, spec: str, sock: Path, qemu_image: tuple[str, str],
+            cache: str = "none") -> list[str]:
     """The server's command: ours on ``spec``, or qemu-nbd on (format, filename)."""
     if v.tree is None:
         fmt, filename = qemu_image
-        return ["qemu-nbd", "-f", fmt, "-k", str(sock), "--persistent", "--cache=none",
+        return ["qemu-nbd", "-f", fmt, "-k", str(sock), "--persistent", f"--cache={cache}",
                 "--aio=threads", filename]
     return [ours("blktap"), "serve", spec, "--socket", str(sock)]
 
@@ -161,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qemu", action="store_true", help="qemu-nbd on the same disk too")
     ap.add_argument("--ceph", action="store_true",
                     help="a throwaway Ceph cluster's image, written through first")
+    ap.add_argument("--cache", choices=("none", "writeback"), default="none",
+                    help="with --ceph, librbd's cache for both: none (rbd_cache=false; "
+                    "qemu-nbd --cache=none), or writeback (librbd's default; qemu-nbd "
+                    "--cache=writeback)")
     ap.add_argument("--workloads", default="randwrite-qd1",
                     help="bench/workloads.py names, comma-separated")
     ap.add_argument("--reps", type=int, default=8)
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                         "seq", "--io-total", str(size), "rbd/ab")
             env.update(cluster.env)
             qemu_image = ("raw", cluster.spec("ab"))
-            spec = qemu_image[1] + ":rbd_cache=false"
+            spec = qemu_image[1] + (":rbd_cache=false" if args.cache == "none" else "")
         else:
             spec = args.spec
             kind, _, path = spec.partition(":")
@@ -212,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 venv = dict(env, **v.env)
                 if v.tree is not None:
                     venv["PYTHONPATH"] = str(v.tree / "src")
-                proc = start_listening(argv_of(v, spec, sock, qemu_image), sock, venv)
+                proc = start_listening(argv_of(v, spec, sock, qemu_image, args.cache),
+                                       sock, venv)
                 try:
                     for n in names:
                         s = measure(proc, workloads.BY_NAME[n], uri, size, args.runtime)
