@@ -175,6 +175,38 @@ def test_the_usual_handshake_is_answered_by_the_pass_alone(tmp_path, monkeypatch
     run_pair(tmp_path, monkeypatch, body)
 
 
+def test_answers_the_socket_cannot_take_at_once_are_queued_in_order(
+        tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A client that reads nothing while it sends many options: the pass's answers
+    overflow a small send buffer, and what the socket did not take is queued, in order,
+    for the Python negotiation to go on behind; the client then reads the same bytes as
+    from the Python path."""
+    from blktap.transport.nbd import server as nbd_server
+
+    # (The kernel's minimum, about 4.5 KiB, counting each small message's overhead: a
+    # few dozen answers fill it.)
+    monkeypatch.setattr(nbd_server, "UNIX_SEND_BUFFER", 1)
+    partial: list[int] = []
+
+    async def body(pair: Pair) -> None:
+        take = pair.compiled._compiled_take
+
+        def spying(*args):  # noqa: ANN002, ANN202
+            out = take(*args)
+            if out[3] is not None:
+                partial.append(len(out[3]))
+            return out
+        pair.compiled._compiled_take = spying
+        infos = [option(p.OPT_INFO, go_data()), BASE] * 150
+        ours = await pair.compare([FLAGS, STRUCTURED, b"".join(infos), GO])
+        assert partial and partial[0] > 0, "the socket took everything: nothing tested"
+        # every INFO answered (its ACK), then GO's, then the transmission's read
+        assert ours.count(struct.pack(">QII", p.OPT_REPLY_MAGIC, p.OPT_INFO, p.REP_ACK)) == 150
+        assert struct.pack(">IHHQI", p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                           p.REPLY_TYPE_BLOCK_STATUS, 2, 12) in ours
+    run_pair(tmp_path, monkeypatch, body)
+
+
 USUAL = [
     [FLAGS, STRUCTURED, BASE, GO],
     [FLAGS + STRUCTURED + BASE + GO],  # all at once
