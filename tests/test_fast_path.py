@@ -969,6 +969,18 @@ def test_channel_one_wait_per_message() -> None:
     assert counts[0] == 20, f"{counts[0]} waits for 20 messages"
 
 
+@contextlib.contextmanager
+def channel_with_peer() -> Iterator[tuple[Channel, socket.socket]]:
+    """A Channel on one end of a socket pair, and the other end; both closed after."""
+    a, b = socket.socketpair()
+    ch = Channel(a)
+    try:
+        yield ch, b
+    finally:
+        ch.close()
+        b.close()
+
+
 def test_channel_receives_a_payload_straight_into_its_place() -> None:
     """Channel.receive_direct: the rest of a message goes from the socket straight into
     the view given, received by the readiness callback (no reader, not through the
@@ -977,19 +989,17 @@ def test_channel_receives_a_payload_straight_into_its_place() -> None:
     ending first, cancel_direct and close each give done(Closed) once; the hook sees
     nothing of the payload. Bytes already buffered refuse it."""
     async def body() -> None:
-        a, b = socket.socketpair()
-        ch = Channel(a)
         done: list[BaseException | None] = []
-        hooked = bytearray()
-        stuck: list[bool] = []
+        with channel_with_peer() as (ch, b):
+            hooked = bytearray()
+            stuck: list[bool] = []
 
-        def hook() -> bool:
-            hooked.extend(ch.view[ch.start : ch.end])
-            ch.consume(ch.end - ch.start)
-            return True
-        ch.on_data = hook
-        ch.serve_from_hook(lambda: stuck.append(True))
-        try:
+            def hook() -> bool:
+                hooked.extend(ch.view[ch.start : ch.end])
+                ch.consume(ch.end - ch.start)
+                return True
+            ch.on_data = hook
+            ch.serve_from_hook(lambda: stuck.append(True))
             payload = random.Random(1).randbytes(300_000)
             dest = bytearray(len(payload))
             ch.receive_direct(memoryview(dest), done.append)
@@ -1010,14 +1020,9 @@ def test_channel_receives_a_payload_straight_into_its_place() -> None:
             await until(lambda: bool(stuck), "the end of stream seen")
             assert len(done) == 2 and isinstance(done[1], Closed)
             assert dest[:500] == b"x" * 500 and hooked == b"what follows"
-        finally:
-            ch.close()
-            b.close()
 
-        a, b = socket.socketpair()
-        ch = Channel(a)
         done.clear()
-        try:
+        with channel_with_peer() as (ch, b):
             ch.receive_direct(memoryview(bytearray(10)), done.append)
             ch.cancel_direct()
             ch.cancel_direct()  # (nothing under way: nothing to tell)
@@ -1025,21 +1030,14 @@ def test_channel_receives_a_payload_straight_into_its_place() -> None:
             ch.receive_direct(memoryview(bytearray(10)), done.append)
             ch.close()
             assert len(done) == 2 and isinstance(done[1], Closed)
-        finally:
-            b.close()
 
-        a, b = socket.socketpair()
-        ch = Channel(a)
-        try:
+        with channel_with_peer() as (ch, b):
             b.sendall(b"12345678")
             await ch.fill(8)
             ch.consume(4)
             with pytest.raises(RuntimeError):  # (those 4 bytes are the message's)
                 ch.receive_direct(memoryview(bytearray(10)), done.append)
             assert len(done) == 2
-        finally:
-            ch.close()
-            b.close()
     asyncio.run(body())
 
 
