@@ -56,6 +56,7 @@ from blktap.image.vhd import check as vhd_check
 from blktap.image.vhd.keyhash import KeyHash, write_keyhash
 from blktap.io import syscalls
 from blktap.io.buffers import BufferPool
+from blktap.io.polling import polling_loop_factory
 from blktap.io.threads import INLINE_MAX, ThreadEngine
 from blktap.tapdisk.driver import Caps, Driver
 from blktap.tapdisk.drivers import open_stack
@@ -981,16 +982,44 @@ def channel_with_peer() -> Iterator[tuple[Channel, socket.socket]]:
         b.close()
 
 
-def test_channel_receives_a_payload_straight_into_its_place() -> None:
+class _CountedReceives:
+    """A socket whose recv_into calls are counted (what each got), for a test to see
+    which receives the channel made itself."""
+
+    def __init__(self, sock: socket.socket, counts: list[int]) -> None:
+        self._sock, self._counts = sock, counts
+
+    def recv_into(self, view: Any, *args: Any) -> int:
+        got = self._sock.recv_into(view, *args)
+        self._counts.append(got)
+        return got
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+_LOOPS = {
+    "asyncio": asyncio.SelectorEventLoop,
+    "polling": polling_loop_factory(32),
+    "polling-off": polling_loop_factory(0),
+}
+
+
+@pytest.mark.parametrize("loop", list(_LOOPS))
+def test_channel_receives_a_payload_straight_into_its_place(loop: str) -> None:
     """Channel.receive_direct: the rest of a message goes from the socket straight into
     the view given, received by the readiness callback (no reader, not through the
     receive buffer, which does not grow), however the peer cuts it; done(None) once,
     and the data hook then runs on what follows, in the same readiness. The stream
     ending first, cancel_direct and close each give done(Closed) once; the hook sees
-    nothing of the payload. Bytes already buffered refuse it."""
+    nothing of the payload. Bytes already buffered refuse it. On a polling loop (what
+    tapdisk and serve run) the selector's wait receives every chunk of the payload
+    itself: the channel's own recv runs for none of them."""
     async def body() -> None:
         done: list[BaseException | None] = []
         with channel_with_peer() as (ch, b):
+            recvs: list[int] = []
+            ch.sock = _CountedReceives(ch.sock, recvs)  # type: ignore[assignment]
             hooked = bytearray()
             stuck: list[bool] = []
 
@@ -1011,6 +1040,10 @@ def test_channel_receives_a_payload_straight_into_its_place() -> None:
                 await asyncio.sleep(0.002)
             await until(lambda: hooked == b"what follows", "the hook given what follows")
             assert done == [None] and dest == payload and not stuck
+            if loop == "asyncio":
+                assert sum(recvs) == len(stream)
+            else:  # the payload's chunks came in the wait, only what follows here
+                assert recvs == [len(b"what follows")]
             assert len(ch.buf) == FIRST_RECV_BUFFER
             # The stream ends mid-payload: Closed, then the usual end of stream.
             dest = bytearray(1000)
@@ -1038,7 +1071,8 @@ def test_channel_receives_a_payload_straight_into_its_place() -> None:
             with pytest.raises(RuntimeError):  # (those 4 bytes are the message's)
                 ch.receive_direct(memoryview(bytearray(10)), done.append)
             assert len(done) == 2
-    asyncio.run(body())
+    with asyncio.Runner(loop_factory=_LOOPS[loop]) as runner:
+        runner.run(body())
 
 
 def test_channel_post_callbacks() -> None:

@@ -326,6 +326,176 @@ def test_spin_lets_other_threads_run(pair) -> None:
         ep.close()
 
 
+needs_c = pytest.mark.skipif(polling._wait is None, reason="built without the C extension")
+
+
+def _sender(sock: socket.socket, chunks: list[bytes], pause: float = 0.005
+            ) -> threading.Thread:
+    """A thread that sends ``chunks`` one at a time, ``pause`` apart (Python: it needs
+    the interpreter lock, which a wait must not hold)."""
+    def send() -> None:
+        for chunk in chunks:
+            threading.Event().wait(pause)
+            sock.sendall(chunk)
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread
+
+
+@needs_c
+@pytest.mark.parametrize("window", [0.0, 0.001])
+def test_wait_receives_a_place_chunk_by_chunk_and_reports_it_once_full(pair,
+                                                                       window: float) -> None:
+    """wait() receives each chunk into the Direct's place itself and reports the socket
+    only once the place is full; what follows stays in the socket for the loop."""
+    a, b = pair
+    ep = select.epoll()
+    ep.register(a.fileno(), select.EPOLLIN)
+    place = bytearray(100)
+    direct = polling.Direct(a.fileno(), memoryview(place)[10:])
+    payload = bytes(range(90))
+    thread = _sender(b, [payload[:30], payload[30:60], payload[60:] + b"next"])
+    try:
+        found, spent, slept, _waited = polling._wait(ep.fileno(), window, 30.0, 4, [direct])
+        assert found == [(a.fileno(), select.EPOLLIN)] and spent < 30.0 and slept
+        assert direct.pos == direct.length == 90 and place[10:] == payload
+        assert place[:10] == bytes(10)
+        thread.join()
+        # Full: reported again, nothing more received into it.
+        found, _, _, _ = polling._wait(ep.fileno(), window, 30.0, 4, (direct,))
+        assert found == [(a.fileno(), select.EPOLLIN)] and direct.pos == 90
+        assert a.recv(10) == b"next"
+    finally:
+        thread.join()
+        ep.close()
+
+
+@needs_c
+def test_wait_reports_other_sockets_at_once_and_stops_at_its_timeout(pair) -> None:
+    a, b = pair
+    c, d = socket.socketpair()
+    ep = select.epoll()
+    ep.register(a.fileno(), select.EPOLLIN)
+    ep.register(c.fileno(), select.EPOLLIN)
+    direct = polling.Direct(a.fileno(), bytearray(100))
+    try:
+        b.send(b"x" * 10)
+        found, _, slept, _ = polling._wait(ep.fileno(), 0.0, 0.02, 4, [direct])
+        assert found == [] and slept and direct.pos == 10  # received, and timed out
+        found, _, slept, _ = polling._wait(ep.fileno(), 0.0, 0.0, 4, [direct])
+        assert found == [] and not slept  # a zero timeout: one look, no sleep
+        d.send(b"y")
+        b.send(b"x" * 5)
+        found, _, _, _ = polling._wait(ep.fileno(), 0.0, 30.0, 4, [direct])
+        assert found == [(c.fileno(), select.EPOLLIN)] and direct.pos == 15
+        found, _, _, _ = polling._wait(ep.fileno(), 0.0, 30.0, 4, [])  # none: plain wait
+        assert found == [(c.fileno(), select.EPOLLIN)]
+    finally:
+        ep.close()
+        c.close()
+        d.close()
+
+
+@needs_c
+def test_wait_hands_the_end_of_the_stream_and_errors_to_the_loop(pair) -> None:
+    """A place the stream ends in, or a receive that fails there, is reported to the
+    loop at once, the error kept in the Direct (the socket tells it only once)."""
+    a, b = pair
+    ep = select.epoll()
+    ep.register(a.fileno(), select.EPOLLIN)
+    try:
+        direct = polling.Direct(a.fileno(), bytearray(100))
+        b.send(b"x" * 10)
+        b.shutdown(socket.SHUT_WR)
+        found, _, _, _ = polling._wait(ep.fileno(), 0.0, 30.0, 4, [direct])
+        assert len(found) == 1 and found[0][0] == a.fileno()
+        assert found[0][1] & select.EPOLLIN and direct.pos == 10 and direct.error == 0
+        assert a.recv(1) == b""  # the loop's own receive sees the end
+    finally:
+        ep.close()
+    # A peer that closes with bytes of ours unread resets the stream (ECONNRESET).
+    c, d = socket.socketpair()
+    ep = select.epoll()
+    ep.register(c.fileno(), select.EPOLLIN)
+    try:
+        direct = polling.Direct(c.fileno(), bytearray(100))
+        c.send(b"never read")
+        d.close()
+        found, _, _, _ = polling._wait(ep.fileno(), 0.0, 30.0, 4, [direct])
+        assert [fd for fd, _ in found] == [c.fileno()]
+        assert direct.error == errno.ECONNRESET and direct.pos == 0
+    finally:
+        ep.close()
+        c.close()
+
+
+@needs_c
+def test_wait_and_direct_refuse_bad_arguments(pair) -> None:
+    a, _ = pair
+    ep = select.epoll()
+    try:
+        direct = polling.Direct(a.fileno(), bytearray(8))
+        with pytest.raises(ValueError):
+            direct.pos = 9  # past the place
+        with pytest.raises(ValueError):
+            direct.pos = -1
+        direct.pos = 8
+        with pytest.raises(TypeError):
+            polling._wait(ep.fileno(), 0.0, 0.0, 4, [object()])
+        with pytest.raises(TypeError):
+            polling._wait(ep.fileno(), 0.0, 0.0, 4, 5)
+        with pytest.raises(TypeError):
+            polling._wait(ep.fileno(), 0.0, 0.0, 4)
+        with pytest.raises(ValueError):
+            polling._wait(-1, 0.0, 0.0, 4, [])
+        with pytest.raises(ValueError):
+            polling._wait(ep.fileno(), 0.0, 0.0, 0, [])
+        direct.release()
+        direct.release()  # (twice: nothing more to let go of)
+        assert direct.length == 0
+        with pytest.raises(TypeError):  # released: its place is gone
+            polling._wait(ep.fileno(), 0.0, 0.0, 4, [direct])
+        with pytest.raises((TypeError, BufferError)):
+            polling.Direct(a.fileno(), b"read-only")
+        with pytest.raises(ValueError):
+            polling.Direct(-1, bytearray(8))
+        held = memoryview(bytearray(8))
+        direct = polling.Direct(a.fileno(), held)
+        with pytest.raises(BufferError):  # the place is held while the Direct is
+            held.release()
+        direct.release()
+        held.release()
+    finally:
+        ep.close()
+
+
+@needs_c
+def test_the_selector_receives_into_place_until_told_to_stop(pair) -> None:
+    a, b = pair
+    sel = PollingSelector(32)
+    key = sel.register(a, selectors.EVENT_READ)
+    place = bytearray(64)
+    direct = sel.receive_into(a.fileno(), memoryview(place))
+    assert direct is not None
+    with pytest.raises(RuntimeError):  # one at a time per socket
+        sel.receive_into(a.fileno(), memoryview(bytearray(1)))
+    b.send(b"a" * 40)
+    assert sel.select(0.01) == [] and direct.pos == 40
+    b.send(b"b" * 30)
+    assert sel.select(None) == [(key, selectors.EVENT_READ)]
+    assert place == b"a" * 40 + b"b" * 24 and direct.pos == 64
+    sel.end_receive(a.fileno())
+    assert direct.length == 0  # let go of
+    assert sel.select(0) == [(key, selectors.EVENT_READ)]  # the rest is the loop's
+    assert a.recv(100) == b"b" * 6
+    # Unregistering the socket (it closes, its number may come back) stops it too.
+    direct = sel.receive_into(a.fileno(), memoryview(bytearray(8)))
+    sel.unregister(a)
+    assert direct is not None and direct.length == 0 and not sel._direct_list
+    sel.end_receive(a.fileno())  # (nothing under way: nothing to do)
+    sel.close()
+
+
 def test_zero_timeout_never_polls(pair) -> None:
     sel = PollingSelector(32)
     a, _ = pair

@@ -51,13 +51,17 @@ import select
 import selectors
 import time
 from collections.abc import Callable
+from typing import Any
 
 from blktap.io.clock import TurnClockLoop
 
 try:
+    from blktap.io._poll import Direct
     from blktap.io._poll import spin as _spin
+    from blktap.io._poll import wait as _wait
 except ImportError:  # built without a C compiler: no polling (the module says why)
-    _spin = None
+    _spin = _wait = None
+    Direct = None
 
 _EPOLLIN, _EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 
@@ -102,6 +106,39 @@ class PollingSelector(selectors.EpollSelector):
         self.poll_hits = 0      # waits a poll ended, with no sleep
         self.sleeps = 0         # waits that slept (polling or not)
         self._busy: list[Callable[[], bool]] = []
+        # The receives the wait does itself (receive_into), by socket.
+        self._directs: dict[int, Direct] = {}
+        self._direct_list: tuple[Direct, ...] = ()
+
+    def receive_into(self, fd: int, place: memoryview) -> Direct | None:
+        """Have the wait receive from socket ``fd`` (registered for reading) straight
+        into ``place`` (the rest of a message): a readiness of ``fd`` is then reported
+        only once ``place`` is full, or the stream ends or breaks (``Direct.error``), and
+        the chunks before are received with the wait's lock released, no turn of the
+        loop each. The Direct says how far it got (``pos``, which the owner moves on
+        when it receives some itself); :meth:`end_receive` stops it. None without the C
+        extension: the owner receives every chunk itself."""
+        if _wait is None:
+            return None
+        if fd in self._directs:
+            raise RuntimeError(f"a receive into place is under way on fd {fd}")
+        direct = Direct(fd, place)
+        self._directs[fd] = direct
+        self._direct_list = tuple(self._directs.values())
+        return direct
+
+    def end_receive(self, fd: int) -> None:
+        """Stop :meth:`receive_into` on ``fd`` (if under way) and let go of its place."""
+        direct = self._directs.pop(fd, None)
+        if direct is not None:
+            direct.release()
+            self._direct_list = tuple(self._directs.values())
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        key = super().unregister(fileobj)
+        if self._directs:  # a socket no longer watched (closed, perhaps reused next)
+            self.end_receive(key.fd)
+        return key
 
     def watch(self, busy: Callable[[], bool]) -> Callable[[], None]:
         """Ask ``busy`` before each wait whether it is for a backend (True: requests are
@@ -122,6 +159,8 @@ class PollingSelector(selectors.EpollSelector):
 
     def select(self, timeout: float | None = None
                ) -> list[tuple[selectors.SelectorKey, int]]:
+        if self._direct_list:
+            return self._select_receiving(timeout)
         if timeout is not None and timeout <= 0:
             return super().select(timeout)
         if not self.max_window:
@@ -129,11 +168,7 @@ class PollingSelector(selectors.EpollSelector):
             return super().select(timeout)
         clock = time.monotonic
         started = clock()
-        backend = False
-        for busy in self._busy:
-            if busy():
-                backend = True
-                break
+        backend = self._backend()
         window = self.backend_window if backend else self.window
         if window:
             assert _spin is not None  # (max_window is 0 without it)
@@ -155,18 +190,49 @@ class PollingSelector(selectors.EpollSelector):
         self.sleeps += 1
         events = super().select(timeout)
         if events:
-            waited = clock() - started
-            if waited > 2 * self.max_window:
-                window = window / 2 if window > FIRST_WINDOW else 0.0
-            elif waited > window:
-                window = min(self.max_window, window * 2 if window else FIRST_WINDOW)
-            else:
-                return events
-            if backend:
-                self.backend_window = window
-            else:
-                self.window = window
+            self._adapt(backend, window, clock() - started)
         return events
+
+    def _backend(self) -> bool:
+        """Whether the coming wait is for a backend (a watched disk has requests out)."""
+        for busy in self._busy:
+            if busy():
+                return True
+        return False
+
+    def _adapt(self, backend: bool, window: float, waited: float) -> None:
+        """Move the window after a sleep that ended with an event ``waited`` seconds
+        after the wait began."""
+        if waited > 2 * self.max_window:
+            window = window / 2 if window > FIRST_WINDOW else 0.0
+        elif waited > window:
+            window = min(self.max_window, window * 2 if window else FIRST_WINDOW)
+        else:
+            return
+        if backend:
+            self.backend_window = window
+        else:
+            self.window = window
+
+    def _select_receiving(self, timeout: float | None
+                          ) -> list[tuple[selectors.SelectorKey, int]]:
+        """select() while receives into place are under way: one compiled wait that
+        polls, sleeps, and receives their chunks (:meth:`receive_into`)."""
+        assert _wait is not None
+        backend = self._backend() if self.max_window else False
+        window = (self.backend_window if backend else self.window) if self.max_window else 0.0
+        found, _spent, slept, waited = _wait(
+            self._selector.fileno(), window, -1.0 if timeout is None else max(timeout, 0.0),
+            max(len(self._fd_to_key), 1), self._direct_list)
+        if found is None:  # epoll_wait failed there: the selector's own call says why
+            return super().select(0)
+        if slept:
+            self.sleeps += 1
+            if found and self.max_window:
+                self._adapt(backend, window, window + waited)
+        elif found:
+            self.poll_hits += 1
+        return self._ready(found)
 
     def _ready(self, found: list[tuple[int, int]]
                ) -> list[tuple[selectors.SelectorKey, int]]:

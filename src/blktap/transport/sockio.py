@@ -30,6 +30,7 @@ from typing import Any
 
 from blktap.errors import BlktapError
 from blktap.io.iov import IOV_MAX, advance
+from blktap.io.polling import Direct, PollingSelector
 
 log = logging.getLogger("blktap.transport")
 
@@ -107,6 +108,11 @@ class Channel:
         self._direct: memoryview | None = None
         self._direct_pos = 0
         self._direct_done: Callable[[BaseException | None], None] | None = None
+        # The loop's selector when its wait can do those receives itself (a polling
+        # one, with the C extension), and what it was given for this one.
+        selector = getattr(self.loop, "_selector", None)  # asyncio.SelectorEventLoop's
+        self._receiver = selector if isinstance(selector, PollingSelector) else None
+        self._direct_c: Direct | None = None
 
     # ------------------------------------------------------------------ waiting
     async def _wait(self, writable: bool) -> None:
@@ -172,11 +178,18 @@ class Channel:
         no reader woken and no copy. ``done(None)`` when ``view`` is full, from the
         readiness callback, which then goes on as usual with what follows; ``done(Closed)``
         if the stream ends or breaks first, or the channel closes, or
-        :meth:`cancel_direct` is called. Plain sockets."""
+        :meth:`cancel_direct` is called. Plain sockets.
+
+        On a loop whose selector polls (io/polling.py, with its C extension), the
+        selector's wait receives the chunks itself, its lock released, and the readiness
+        callback runs once the view is full (PollingSelector.receive_into): one turn of
+        the loop for the payload, not one per chunk the sender's socket buffer cut."""
         if self._direct is not None or self.start != self.end or self.tls:
             raise RuntimeError("receive_direct: a receive under way, bytes buffered, or TLS")
         self._direct, self._direct_pos, self._direct_done = view, 0, done
         self._watch()
+        if self._receiver is not None:
+            self._direct_c = self._receiver.receive_into(self.fd, view)
 
     def cancel_direct(self) -> None:
         """Stop a :meth:`receive_direct` under way (its ``done`` gets Closed)."""
@@ -186,28 +199,44 @@ class Channel:
     def _end_direct(self, exc: BaseException | None) -> None:
         done = self._direct_done
         self._direct = self._direct_done = None
+        if self._direct_c is not None:
+            self._direct_c = None
+            assert self._receiver is not None
+            self._receiver.end_receive(self.fd)  # (before done: it releases the view)
         assert done is not None
         done(exc)
 
     def _receive_direct(self, view: memoryview) -> bool:
         """The readiness callback's receive for :meth:`receive_direct`: True when it is
         over (``view`` full, or the stream ended or broke: the usual receive then sees
-        that too), False while more is to come."""
-        pos = self._direct_pos
-        try:
-            got = self.sock.recv_into(view[pos:])
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError as exc:
-            self._end_direct(Closed(str(exc)))
-            return True
-        if not got:
-            self._end_direct(Closed("end of stream"))
-            return True
-        pos += got
+        that too), False while more is to come. With the selector receiving (its
+        Direct), it starts where that got to, usually the end."""
+        direct = self._direct_c
+        if direct is None:
+            pos = self._direct_pos
+        else:
+            pos = direct.pos
+            if direct.error:  # (a receive of the selector's failed: the socket told it)
+                self._end_direct(Closed(os.strerror(direct.error)))
+                return True
         if pos < len(view):
-            self._direct_pos = pos
-            return False
+            try:
+                got = self.sock.recv_into(view[pos:])
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                self._end_direct(Closed(str(exc)))
+                return True
+            if not got:
+                self._end_direct(Closed("end of stream"))
+                return True
+            pos += got
+            if pos < len(view):
+                if direct is None:
+                    self._direct_pos = pos
+                else:
+                    direct.pos = pos
+                return False
         self._end_direct(None)
         return True
 
