@@ -103,9 +103,11 @@ def expected(reference_dir: Path, name: str) -> str:
 
 
 def with_engine(body: Callable[[Any], Awaitable[Any]], engine_class: type | None = None,
+                *, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
                 **kwargs: Any) -> Any:
-    """Run ``body(engine)`` on a fresh event loop with a fresh I/O engine (a ThreadEngine
-    of 4 threads unless told otherwise), closed after."""
+    """Run ``body(engine)`` on a fresh event loop (asyncio's, or ``loop_factory``'s)
+    with a fresh I/O engine (a ThreadEngine of 4 threads unless told otherwise), closed
+    after."""
     from blktap.io import ThreadEngine
 
     async def main() -> Any:
@@ -114,7 +116,8 @@ def with_engine(body: Callable[[Any], Awaitable[Any]], engine_class: type | None
             return await body(engine)
         finally:
             engine.close()
-    return asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
 
 
 

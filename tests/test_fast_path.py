@@ -982,7 +982,7 @@ def channel_with_peer() -> Iterator[tuple[Channel, socket.socket]]:
         b.close()
 
 
-class _CountedReceives:
+class CountedReceives:
     """A socket whose recv_into calls are counted (what each got), for a test to see
     which receives the channel made itself."""
 
@@ -998,14 +998,17 @@ class _CountedReceives:
         return getattr(self._sock, name)
 
 
-_LOOPS = {
+# The loops a channel's receives are tested on: asyncio's own; the polling one that
+# tapdisk and serve run, whose wait receives a payload into place itself; and that one
+# with polling off (the wait still receives, sleeping between chunks).
+LOOPS = {
     "asyncio": asyncio.SelectorEventLoop,
     "polling": polling_loop_factory(32),
     "polling-off": polling_loop_factory(0),
 }
 
 
-@pytest.mark.parametrize("loop", list(_LOOPS))
+@pytest.mark.parametrize("loop", list(LOOPS))
 def test_channel_receives_a_payload_straight_into_its_place(loop: str) -> None:
     """Channel.receive_direct: the rest of a message goes from the socket straight into
     the view given, received by the readiness callback (no reader, not through the
@@ -1019,7 +1022,7 @@ def test_channel_receives_a_payload_straight_into_its_place(loop: str) -> None:
         done: list[BaseException | None] = []
         with channel_with_peer() as (ch, b):
             recvs: list[int] = []
-            ch.sock = _CountedReceives(ch.sock, recvs)  # type: ignore[assignment]
+            ch.sock = CountedReceives(ch.sock, recvs)  # type: ignore[assignment]
             hooked = bytearray()
             stuck: list[bool] = []
 
@@ -1071,7 +1074,7 @@ def test_channel_receives_a_payload_straight_into_its_place(loop: str) -> None:
             with pytest.raises(RuntimeError):  # (those 4 bytes are the message's)
                 ch.receive_direct(memoryview(bytearray(10)), done.append)
             assert len(done) == 2
-    with asyncio.Runner(loop_factory=_LOOPS[loop]) as runner:
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
         runner.run(body())
 
 

@@ -28,9 +28,11 @@ from blktap.transport.nbd.connection import INLINE_MISSES, Connection
 from blktap.transport.nbd.server import NbdServer
 from nbd_helpers import Wire
 from test_fast_path import (
+    LOOPS,
     READ,
     STATUS,
     WRITE,
+    CountedReceives,
     arun,
     attach,
     check_burst,
@@ -307,8 +309,9 @@ def test_large_writes_are_received_into_the_pass(ceph_cluster, tmp_path) -> None
     arun(body)
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "polling"])
 def test_a_large_writes_payload_is_received_by_the_readiness_callback(
-        ceph_cluster, tmp_path) -> None:
+        ceph_cluster, tmp_path, loop: str) -> None:
     """The data hook takes a large write's header with the first piece of its payload;
     the channel's readiness callback receives the rest straight into the pass's slot
     (Channel.receive_direct) and it is issued from there: no reader receives a payload,
@@ -341,19 +344,26 @@ def test_a_large_writes_payload_is_received_by_the_readiness_callback(
                     break
                 pieces.append(stream[cut : cut + size])
                 cut += size
+            recvs: list[int] = []
+            conn.ch.sock = CountedReceives(conn.ch.sock, recvs)  # type: ignore[assignment]
             got = await exchange(w, pieces, len(writes), {}, pause=0.002)
             assert all(got[h] == (0, b"") for h in writes), got
             assert by == {"reader": 0, "callback": len(writes)}, by
+            if loop == "asyncio":  # every byte through the channel's own receives
+                assert sum(recvs) == len(stream)
+            else:  # the payloads' rest received in the loop's wait, into the slots
+                assert sum(recvs) < len(stream) - len(writes) * 256 * KiB, sum(recvs)
             assert seen["issued"] == 1 + len(writes), seen
             for off, payload in writes.values():
                 assert await read_back(vbd, off, len(payload)) == payload, off
             await settled(conn, vbd)
             assert outstanding(server.pool) == 0 and server.pool.budget.used == 0
-    arun(body)
+    arun(body, loop_factory=LOOPS[loop])
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "polling"])
 def test_a_pause_while_a_payload_comes_leaves_it_to_the_python_path(
-        ceph_cluster, tmp_path) -> None:
+        ceph_cluster, tmp_path, loop: str) -> None:
     """The disk paused between a large write's header and the end of its payload: the
     pass does not issue it to the paused disk; the Python path holds it until the disk
     resumes, then writes it and answers."""
@@ -380,10 +390,11 @@ def test_a_pause_while_a_payload_comes_leaves_it_to_the_python_path(
             assert await read_back(vbd, 2 * MiB, MiB) == payload
             await settled(conn, vbd)
             assert outstanding(server.pool) == 0
-    arun(body)
+    arun(body, loop_factory=LOOPS[loop])
 
 
-def test_a_client_gone_mid_payload_gives_its_room_back(ceph_cluster, tmp_path) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "polling"])
+def test_a_client_gone_mid_payload_gives_its_room_back(ceph_cluster, tmp_path, loop: str) -> None:
     """A client that hangs up while a large write's payload is being received into a
     slot: the slot and the room its admission took go back (the server-wide budget
     too), nothing is issued, and the next client is served."""
@@ -409,7 +420,7 @@ def test_a_client_gone_mid_payload_gives_its_room_back(ceph_cluster, tmp_path) -
                                  {3: (2 * MiB, 4 * KiB)})
             assert got[3] == (0, bytes(4 * KiB))  # the write never landed
             await settled(conn2, vbd)
-    arun(body)
+    arun(body, loop_factory=LOOPS[loop])
 
 
 def test_a_read_only_disk_takes_no_write_through_the_pass(ceph_cluster, tmp_path) -> None:
