@@ -56,6 +56,48 @@ elapsed(const struct timespec *since)
 
 #define MAX_EVENTS 256
 
+/* The epoll instance and the most events asked for, as spin() and wait() take them: 0,
+ * or -1 with an exception set. */
+static int
+epoll_arguments(PyObject *epfd_arg, PyObject *maxevents_arg, int *epfd, int *maxevents)
+{
+    long fd = PyLong_AsLong(epfd_arg);
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+        return -1;
+    }
+    long wanted = PyLong_AsLong(maxevents_arg);
+    if (wanted == -1 && PyErr_Occurred())
+        return -1;
+    if (wanted < 1) {
+        PyErr_SetString(PyExc_ValueError, "maxevents must be at least 1");
+        return -1;
+    }
+    *epfd = (int)fd;
+    *maxevents = wanted > MAX_EVENTS ? MAX_EVENTS : (int)wanted;
+    return 0;
+}
+
+/* The events as select.epoll.poll gives them: a list of (fd, mask) pairs. */
+static PyObject *
+event_list(const struct epoll_event *events, int count)
+{
+    PyObject *list = PyList_New(count);
+    if (list == NULL)
+        return NULL;
+    for (int i = 0; i < count; i++) {
+        PyObject *pair = Py_BuildValue("(iI)", events[i].data.fd, events[i].events);
+        if (pair == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, pair);
+    }
+    return list;
+}
+
 static PyObject *
 spin(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -63,25 +105,12 @@ spin(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "spin(epfd, seconds, maxevents)");
         return NULL;
     }
-    long fd = PyLong_AsLong(args[0]);
-    if (fd == -1 && PyErr_Occurred())
+    int epfd, maxevents;
+    if (epoll_arguments(args[0], args[2], &epfd, &maxevents) < 0)
         return NULL;
-    if (fd < 0 || fd > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
-        return NULL;
-    }
-    int epfd = (int)fd;
     double window = PyFloat_AsDouble(args[1]);
     if (window == -1.0 && PyErr_Occurred())
         return NULL;
-    long wanted = PyLong_AsLong(args[2]);
-    if (wanted == -1 && PyErr_Occurred())
-        return NULL;
-    if (wanted < 1) {
-        PyErr_SetString(PyExc_ValueError, "maxevents must be at least 1");
-        return NULL;
-    }
-    int maxevents = wanted > MAX_EVENTS ? MAX_EVENTS : (int)wanted;
     struct epoll_event events[MAX_EVENTS];
     struct timespec start;
     int got = 0;
@@ -102,17 +131,9 @@ spin(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_END_ALLOW_THREADS
     if (got < 0)
         return Py_BuildValue("(Od)", Py_None, spent);
-    PyObject *list = PyList_New(got);
+    PyObject *list = event_list(events, got);
     if (list == NULL)
         return NULL;
-    for (int i = 0; i < got; i++) {
-        PyObject *pair = Py_BuildValue("(iI)", events[i].data.fd, events[i].events);
-        if (pair == NULL) {
-            Py_DECREF(list);
-            return NULL;
-        }
-        PyList_SET_ITEM(list, i, pair);
-    }
     return Py_BuildValue("(Nd)", list, spent);
 }
 
@@ -271,28 +292,15 @@ wait_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "wait(epfd, window, timeout, maxevents, directs)");
         return NULL;
     }
-    long fd = PyLong_AsLong(args[0]);
-    if (fd == -1 && PyErr_Occurred())
+    int epfd, maxevents;
+    if (epoll_arguments(args[0], args[3], &epfd, &maxevents) < 0)
         return NULL;
-    if (fd < 0 || fd > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
-        return NULL;
-    }
-    int epfd = (int)fd;
     double window = PyFloat_AsDouble(args[1]);
     if (window == -1.0 && PyErr_Occurred())
         return NULL;
     double timeout = PyFloat_AsDouble(args[2]);
     if (timeout == -1.0 && PyErr_Occurred())
         return NULL;
-    long wanted = PyLong_AsLong(args[3]);
-    if (wanted == -1 && PyErr_Occurred())
-        return NULL;
-    if (wanted < 1) {
-        PyErr_SetString(PyExc_ValueError, "maxevents must be at least 1");
-        return NULL;
-    }
-    int maxevents = wanted > MAX_EVENTS ? MAX_EVENTS : (int)wanted;
     if (window < 0.0)
         window = 0.0;
     if (timeout >= 0.0 && window > timeout)
@@ -382,17 +390,9 @@ wait_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(seq);
     if (failed)
         return Py_BuildValue("(OdOd)", Py_None, spent, slept ? Py_True : Py_False, waited);
-    PyObject *list = PyList_New(nkept);
+    PyObject *list = event_list(kept, nkept);
     if (list == NULL)
         return NULL;
-    for (int i = 0; i < nkept; i++) {
-        PyObject *pair = Py_BuildValue("(iI)", kept[i].data.fd, kept[i].events);
-        if (pair == NULL) {
-            Py_DECREF(list);
-            return NULL;
-        }
-        PyList_SET_ITEM(list, i, pair);
-    }
     return Py_BuildValue("(NdOd)", list, spent, slept ? Py_True : Py_False, waited);
 }
 
