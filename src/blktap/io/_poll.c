@@ -218,12 +218,6 @@ direct_get_error(Direct *self, void *closure)
 }
 
 static PyObject *
-direct_get_fd(Direct *self, void *closure)
-{
-    return PyLong_FromLong(self->fd);
-}
-
-static PyObject *
 direct_get_length(Direct *self, void *closure)
 {
     return PyLong_FromSsize_t(self->place.obj != NULL ? self->place.len : 0);
@@ -240,7 +234,6 @@ static PyGetSetDef direct_getset[] = {
      "How many bytes of the place are filled.", NULL},
     {"error", (getter)direct_get_error, NULL,
      "The errno of a receive that failed in wait() (0: none).", NULL},
-    {"fd", (getter)direct_get_fd, NULL, "The socket.", NULL},
     {"length", (getter)direct_get_length, NULL, "The place's size (0 once released).",
      NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -265,7 +258,7 @@ static PyTypeObject DirectType = {
  * stream goes on (nothing for the loop), whole otherwise (full, the end of the stream,
  * an error, a hang-up: the loop's receive takes it from there). */
 static uint32_t
-receive_into(Direct *d, uint32_t mask, int *progressed)
+receive_chunk(Direct *d, uint32_t mask, int *progressed)
 {
     if (!(mask & EPOLLIN) || d->pos >= d->place.len)
         return mask;
@@ -362,7 +355,7 @@ wait_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             uint32_t mask = events[i].events;
             for (Py_ssize_t j = 0; j < count; j++) {
                 if (directs[j]->fd == events[i].data.fd) {
-                    mask = receive_into(directs[j], mask, &progressed);
+                    mask = receive_chunk(directs[j], mask, &progressed);
                     break;
                 }
             }
