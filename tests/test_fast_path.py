@@ -1078,6 +1078,31 @@ def test_channel_receives_a_payload_straight_into_its_place(loop: str) -> None:
         runner.run(body())
 
 
+@pytest.mark.parametrize("loop", list(LOOPS))
+def test_a_reset_mid_payload_ends_the_receive_into_place(loop: str) -> None:
+    """The peer resets the stream (it closes with bytes of ours unread) while a payload
+    is received into its place: what came is there, and done gets Closed saying so,
+    whichever receive met the reset (the channel's, or the polling loop's wait, which
+    keeps its errno for the channel)."""
+    async def body() -> None:
+        done: list[BaseException | None] = []
+        with channel_with_peer() as (ch, b):
+            ch.on_data = lambda: True
+            ch.serve_from_hook(lambda: None)
+            dest = bytearray(1000)
+            ch.receive_direct(memoryview(dest), done.append)
+            ch.sock.send(b"never read")
+            b.sendall(b"x" * 500)
+            await until(lambda: dest[:500] == b"x" * 500, "the first bytes in place")
+            b.close()  # (the reset is then met by the next receive on its own)
+            await until(lambda: bool(done), "the receive ended")
+            assert len(done) == 1 and isinstance(done[0], Closed)
+            assert "reset" in str(done[0]).lower(), done[0]
+            assert dest[:500] == b"x" * 500 and dest[500:] == bytes(500)
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(body())
+
+
 def test_channel_post_callbacks() -> None:
     async def body() -> None:
         a, b = socket.socketpair()
