@@ -20,10 +20,11 @@
  * Between two calls the thread yields its CPU: a task woken on this CPU (often the
  * client the loop has just answered) runs at once instead of waiting for the window.
  *
- * wait(epfd, window, timeout, maxevents, directs) -> (events, spent, slept, waited): the
+ * wait(epfd, window, timeout, maxevents, hooks) -> (events, spent, slept, waited): the
  * same poll, then a sleep in epoll_wait up to `timeout` (negative: no limit), for a loop
- * with receives it does itself: each Direct in `directs` is the rest of a message to go
- * from its socket straight into its place (a large write's payload into the slot it is
+ * with hooks that answer some readinesses themselves (_hook.h says what a hook does;
+ * Hook is their base type, exported to other extensions through a capsule). The hook
+ * here is Direct: the rest of a message to go from its socket straight into its place (a large write's payload into the slot it is
  * issued from, transport/sockio.py's receive_direct). A readiness of such a socket is
  * answered here, by a recv into the place, and the wait goes on while the place is not
  * full: the loop is not woken for each of the chunks a sender's socket buffer cuts a
@@ -45,6 +46,8 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
+
+#include "_hook.h"
 
 static double
 elapsed(const struct timespec *since)
@@ -137,17 +140,31 @@ spin(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(Nd)", list, spent);
 }
 
+/* The base of every hook (_hook.h): not made from Python, only subclassed in C. */
+static PyTypeObject HookType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "blktap.io._poll.Hook",
+    .tp_doc = "What the selector's wait() calls for the readinesses it answers itself "
+              "(io/_hook.h); made only by the compiled subtypes (Direct, ...).",
+    .tp_basicsize = sizeof(struct hook),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+};
+
 /* A receive wait() does itself: the rest of a message, from socket `fd` into `place`
  * (held while the Direct is, until release()), `pos` bytes of it there so far. `error`
  * is the errno of a receive that failed here (0: none), for the owner to report, since
  * the socket will not tell it twice. */
 typedef struct {
-    PyObject_HEAD
+    struct hook hook;
     int fd;
     int error;
     Py_ssize_t pos;
     Py_buffer place;  /* place.obj is NULL once released */
 } Direct;
+
+static int direct_take(struct hook *self, int epfd, struct epoll_event *event,
+                       int *progressed);
+static const struct hook_ops direct_ops = {direct_take};
 
 static int
 direct_init(Direct *self, PyObject *args, PyObject *kwds)
@@ -168,6 +185,7 @@ direct_init(Direct *self, PyObject *args, PyObject *kwds)
     self->fd = fd;
     self->error = 0;
     self->pos = 0;
+    self->hook.ops = &direct_ops;
     return 0;
 }
 
@@ -184,6 +202,7 @@ direct_release(Direct *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->place.obj != NULL)
         PyBuffer_Release(&self->place);
+    self->hook.ops = NULL;  /* (wait() refuses it from now on) */
     Py_RETURN_NONE;
 }
 
@@ -246,6 +265,7 @@ static PyTypeObject DirectType = {
               "socket fd straight into place (a writable buffer).",
     .tp_basicsize = sizeof(Direct),
     .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_base = &HookType,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)direct_init,
     .tp_dealloc = (destructor)direct_dealloc,
@@ -278,11 +298,21 @@ receive_chunk(Direct *d, uint32_t mask, int *progressed)
     return mask;
 }
 
+static int
+direct_take(struct hook *self, int epfd, struct epoll_event *event, int *progressed)
+{
+    Direct *d = (Direct *)self;
+    if (d->fd != event->data.fd)
+        return HOOK_NOT_MINE;
+    event->events = receive_chunk(d, event->events, progressed);
+    return event->events ? HOOK_REPORT : HOOK_TAKEN;
+}
+
 static PyObject *
 wait_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "wait(epfd, window, timeout, maxevents, directs)");
+        PyErr_SetString(PyExc_TypeError, "wait(epfd, window, timeout, maxevents, hooks)");
         return NULL;
     }
     int epfd, maxevents;
@@ -298,25 +328,25 @@ wait_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         window = 0.0;
     if (timeout >= 0.0 && window > timeout)
         window = timeout;
-    PyObject *seq = PySequence_Fast(args[4], "directs must be a sequence");
+    PyObject *seq = PySequence_Fast(args[4], "hooks must be a sequence");
     if (seq == NULL)
         return NULL;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
-    Direct **directs = PyMem_Malloc(sizeof(Direct *) * (size_t)(count ? count : 1));
-    if (directs == NULL) {
+    struct hook **hooks = PyMem_Malloc(sizeof(struct hook *) * (size_t)(count ? count : 1));
+    if (hooks == NULL) {
         Py_DECREF(seq);
         return PyErr_NoMemory();
     }
     for (Py_ssize_t i = 0; i < count; i++) {
-        if (!PyObject_TypeCheck(items[i], &DirectType)
-                || ((Direct *)items[i])->place.obj == NULL) {
-            PyErr_SetString(PyExc_TypeError, "directs must hold Directs not released");
-            PyMem_Free(directs);
+        if (!PyObject_TypeCheck(items[i], &HookType) || ((struct hook *)items[i])->ops == NULL) {
+            PyErr_SetString(PyExc_TypeError, "hooks must hold hooks set up (a Direct not "
+                            "released, ...)");
+            PyMem_Free(hooks);
             Py_DECREF(seq);
             return NULL;
         }
-        directs[i] = (Direct *)items[i];  /* (held by seq, which holds them until the end) */
+        hooks[i] = (struct hook *)items[i];  /* (held by seq, which holds them until the end) */
     }
 
     struct epoll_event events[MAX_EVENTS];
@@ -352,18 +382,21 @@ wait_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         int progressed = 0;
         for (int i = 0; i < got; i++) {
-            uint32_t mask = events[i].events;
-            for (Py_ssize_t j = 0; j < count; j++) {
-                if (directs[j]->fd == events[i].data.fd) {
-                    mask = receive_chunk(directs[j], mask, &progressed);
-                    break;
+            struct epoll_event event = events[i];
+            int taken = HOOK_NOT_MINE;
+            for (Py_ssize_t j = 0; j < count && taken == HOOK_NOT_MINE; j++)
+                taken = hooks[j]->ops->take(hooks[j], epfd, &event, &progressed);
+            if (taken == HOOK_TAKEN || !event.events)
+                continue;
+            int seen = 0;  /* (two events a hook reported on the same descriptor) */
+            for (int k = 0; k < nkept && !seen; k++) {
+                if (kept[k].data.fd == event.data.fd) {
+                    kept[k].events |= event.events;
+                    seen = 1;
                 }
             }
-            if (mask) {
-                kept[nkept] = events[i];
-                kept[nkept].events = mask;
-                nkept++;
-            }
+            if (!seen)
+                kept[nkept++] = event;
         }
         if (nkept)
             break;
@@ -379,7 +412,7 @@ wait_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     spent = elapsed(&start);
     Py_END_ALLOW_THREADS
-    PyMem_Free(directs);
+    PyMem_Free(hooks);
     Py_DECREF(seq);
     if (failed)
         return Py_BuildValue("(OdOd)", Py_None, spent, slept ? Py_True : Py_False, waited);
@@ -394,9 +427,10 @@ static PyMethodDef methods[] = {
      "spin(epfd, seconds, maxevents) -> (events, spent): poll an epoll instance until it "
      "reports something or the time is up, without the interpreter lock."},
     {"wait", (PyCFunction)(void (*)(void))wait_events, METH_FASTCALL,
-     "wait(epfd, window, timeout, maxevents, directs) -> (events, spent, slept, waited): "
-     "poll for the window, then sleep up to timeout (negative: no limit), receiving "
-     "the Directs' chunks meanwhile without waking the loop."},
+     "wait(epfd, window, timeout, maxevents, hooks) -> (events, spent, slept, waited): "
+     "poll for the window, then sleep up to timeout (negative: no limit), the hooks "
+     "(a Direct receiving its chunks, ...) answering their readinesses meanwhile "
+     "without waking the loop."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -411,11 +445,23 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__poll(void)
 {
-    if (PyType_Ready(&DirectType) < 0)
+    if (PyType_Ready(&HookType) < 0 || PyType_Ready(&DirectType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    PyObject *capsule = PyCapsule_New(&HookType, HOOK_CAPSULE, NULL);
+    if (capsule == NULL || PyModule_AddObject(m, "hook_type", capsule) < 0) {
+        Py_XDECREF(capsule);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&HookType);
+    if (PyModule_AddObject(m, "Hook", (PyObject *)&HookType) < 0) {
+        Py_DECREF(&HookType);
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&DirectType);
     if (PyModule_AddObject(m, "Direct", (PyObject *)&DirectType) < 0) {
         Py_DECREF(&DirectType);
