@@ -182,47 +182,16 @@ static size_t set_meta_context(const struct export *ex, const unsigned char *dat
     return (size_t)(p - out);
 }
 
-PyDoc_STRVAR(take_doc,
-"take(fd, buf, start, end, state, name, size, flags) -> (consumed, state, outcome, unsent)\n\n"
-"Answer the usual messages of a fixed newstyle handshake buffered in buf[start:end] (see\n"
-"the module's source for the contract).");
-
-static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* Take the complete messages of buf[*pos:end] (see the module's comment), answering
+ * them on fd: *pos moves past what was taken, *st is the state, out[*sent:*used] what
+ * was answered and not sent (the socket full, or broken). The outcome. */
+static int take_messages(const struct export *ex, int fd, const unsigned char *buf,
+                         Py_ssize_t *pos_io, Py_ssize_t end, unsigned *st_io,
+                         unsigned char *out, size_t *used_io, size_t *sent_io)
 {
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "take() takes 8 arguments");
-        return NULL;
-    }
-    int fd = (int)PyLong_AsLong(args[0]);
-    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
-    Py_ssize_t end = PyLong_AsSsize_t(args[3]);
-    unsigned long state = PyLong_AsUnsignedLong(args[4]);
-    unsigned long long size = PyLong_AsUnsignedLongLong(args[6]);
-    unsigned long flags = PyLong_AsUnsignedLong(args[7]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (!PyBytes_Check(args[5])) {
-        PyErr_SetString(PyExc_TypeError, "name must be bytes");
-        return NULL;
-    }
-    struct export ex = {
-        (const unsigned char *)PyBytes_AS_STRING(args[5]), PyBytes_GET_SIZE(args[5]),
-        size, (uint16_t)flags,
-    };
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (start < 0 || end < start || end > view.len) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "start and end must lie within the buffer");
-        return NULL;
-    }
-
-    const unsigned char *buf = (const unsigned char *)view.buf;
-    unsigned char out[OUT_BYTES];
+    Py_ssize_t pos = *pos_io;
+    unsigned st = *st_io;
     size_t used = 0, sent = 0;
-    Py_ssize_t pos = start;
-    unsigned st = (unsigned)state;
     int outcome = WAIT;
 
     if (!(st & ST_FLAGS_SEEN)) {
@@ -266,9 +235,9 @@ static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 answer = (size_t)(put_reply(out + used, option, REP_ACK, 0) - (out + used));
             }
         } else if (option == OPT_SET_META_CONTEXT) {
-            answer = set_meta_context(&ex, data, length, &st, out + used);
+            answer = set_meta_context(ex, data, length, &st, out + used);
         } else if (option == OPT_INFO || option == OPT_GO) {
-            answer = info(&ex, option, data, length, st, out + used);
+            answer = info(ex, option, data, length, st, out + used);
         }
         if (!answer) {
             outcome = PYTHON;
@@ -285,6 +254,54 @@ static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (used && send_now(fd, out, &sent, used) && outcome == WAIT)
         outcome = PYTHON;  /* (the socket full, or broken: what is left is queued) */
 done:
+    *pos_io = pos;
+    *st_io = st;
+    *used_io = used;
+    *sent_io = sent;
+    return outcome;
+}
+
+PyDoc_STRVAR(take_doc,
+"take(fd, buf, start, end, state, name, size, flags) -> (consumed, state, outcome, unsent)\n\n"
+"Answer the usual messages of a fixed newstyle handshake buffered in buf[start:end] (see\n"
+"the module's source for the contract).");
+
+static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "take() takes 8 arguments");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t end = PyLong_AsSsize_t(args[3]);
+    unsigned long state = PyLong_AsUnsignedLong(args[4]);
+    unsigned long long size = PyLong_AsUnsignedLongLong(args[6]);
+    unsigned long flags = PyLong_AsUnsignedLong(args[7]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyBytes_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "name must be bytes");
+        return NULL;
+    }
+    struct export ex = {
+        (const unsigned char *)PyBytes_AS_STRING(args[5]), PyBytes_GET_SIZE(args[5]),
+        size, (uint16_t)flags,
+    };
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (start < 0 || end < start || end > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "start and end must lie within the buffer");
+        return NULL;
+    }
+    unsigned char out[OUT_BYTES];
+    size_t used, sent;
+    Py_ssize_t pos = start;
+    unsigned st = (unsigned)state;
+    int outcome = take_messages(&ex, fd, (const unsigned char *)view.buf, &pos, end, &st,
+                                out, &used, &sent);
     PyBuffer_Release(&view);
     PyObject *unsent;
     if (sent < used) {
