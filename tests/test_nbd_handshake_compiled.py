@@ -2,7 +2,10 @@
 for the same bytes from a client, a server with the pass and one without send the same
 bytes back, byte for byte, and serve the same session after GO (structured replies or
 not, the metadata contexts): the usual sequences, every message the pass leaves to
-Python, malformed ones, messages split anywhere, and random sequences (hypothesis)."""
+Python, malformed ones, messages split anywhere, and random sequences (hypothesis).
+Each on asyncio's own loop (the pass called from the readiness callback) and on a
+polling loop, where the server's front desk (``_handshake.Desk``) runs the pass in the
+loop's wait and hands the client over to Python where it stops."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blktap.io import ThreadEngine
+from blktap.io.polling import polling_loop_factory
 from blktap.tapdisk.driver import Caps, Driver
 from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd import handshake
@@ -29,6 +33,13 @@ from blktap.transport.nbd import _handshake  # noqa: E402
 
 KiB = 1024
 NAME = "exp"
+# Where the servers run: asyncio's own loop, or a polling one (with the desk).
+LOOPS = {"asyncio": None, "polling": polling_loop_factory(32)}
+
+
+@pytest.fixture(params=list(LOOPS))
+def loop(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 class Patterned(Driver):
@@ -119,6 +130,9 @@ class Pair:
         assert self.python._compiled_take is None
         self.paths = (self.compiled.listen_unix(f"{tmp}/c.sock"),
                       self.python.listen_unix(f"{tmp}/p.sock"))
+        assert not self.python._desks
+        # (a polling loop, with the C extension: the desk takes the compiled side's)
+        self.desk = next(iter(self.compiled._desks.values()), None)
 
     async def compare(self, pieces: list[bytes]) -> bytes:
         ours, reference = [await transcript(path, pieces) for path in self.paths]
@@ -130,18 +144,24 @@ class Pair:
         await self.python.stop()
 
 
-def run_pair(tmp_path, monkeypatch, body, *, any_name: bool = False) -> None:  # noqa: ANN001
+def run_pair(tmp_path, monkeypatch, body, loop: str, *, any_name: bool = False  # noqa: ANN001
+             ) -> None:
     async def main() -> None:
         engine = ThreadEngine(1)
         vbd = VBD(Patterned(engine))
         pair = Pair(vbd, monkeypatch, str(tmp_path), any_name=any_name)
+        assert (pair.desk is not None) == (loop == "polling")
         try:
             await body(pair)
+            if pair.desk is not None:
+                assert pair.desk.accepted, "no client went through the desk"
+                assert pair.desk.held == 0
         finally:
             await pair.stop()
             await vbd.close()
             engine.close()
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(main())
 
 
 def test_constants_match_the_protocol_module() -> None:
@@ -151,7 +171,7 @@ def test_constants_match_the_protocol_module() -> None:
         handshake.MAX_OPTIONS, handshake.MAX_OPTION_DATA, handshake.MAX_QUERIES)
 
 
-def test_the_usual_handshake_is_answered_by_the_pass_alone(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_the_usual_handshake_is_answered_by_the_pass_alone(tmp_path, monkeypatch, loop) -> None:  # noqa: ANN001
     """nbdcopy's connection (flags, STRUCTURED_REPLY, SET_META_CONTEXT, GO) never reaches
     the Python negotiation, and gives the same bytes and session as it."""
     taken: list[str] = []
@@ -172,11 +192,30 @@ def test_the_usual_handshake_is_answered_by_the_pass_alone(tmp_path, monkeypatch
         # the session: the read in structured replies, the block status answered
         assert struct.pack(">IHHQI", p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
                            p.REPLY_TYPE_BLOCK_STATUS, 2, 12) in ours
-    run_pair(tmp_path, monkeypatch, body)
+    run_pair(tmp_path, monkeypatch, body, loop)
+
+
+class SpiedDesk:
+    """A desk whose hand-overs are noted: the length of the answers left unsent."""
+
+    def __init__(self, desk: object, unsent: list[int]) -> None:
+        object.__setattr__(self, "desk", desk)
+        object.__setattr__(self, "unsent", unsent)
+
+    def collect(self) -> list:
+        out = self.desk.collect()
+        self.unsent.extend(len(item[4]) for item in out if item[4] is not None)
+        return out
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.desk, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        setattr(self.desk, name, value)
 
 
 def test_answers_the_socket_cannot_take_at_once_are_queued_in_order(
-        tmp_path, monkeypatch) -> None:  # noqa: ANN001
+        tmp_path, monkeypatch, loop) -> None:  # noqa: ANN001
     """A client that reads nothing while it sends many options: the pass's answers
     overflow a small send buffer, and what the socket did not take is queued, in order,
     for the Python negotiation to go on behind; the client then reads the same bytes as
@@ -197,6 +236,9 @@ def test_answers_the_socket_cannot_take_at_once_are_queued_in_order(
                 partial.append(len(out[3]))
             return out
         pair.compiled._compiled_take = spying
+        if pair.desk is not None:  # (the desk's take: what it hands over unsent)
+            fd = next(iter(pair.compiled._desks))
+            pair.compiled._desks[fd] = SpiedDesk(pair.desk, partial)
         infos = [option(p.OPT_INFO, go_data()), BASE] * 150
         ours = await pair.compare([FLAGS, STRUCTURED, b"".join(infos), GO])
         assert partial and partial[0] > 0, "the socket took everything: nothing tested"
@@ -204,7 +246,9 @@ def test_answers_the_socket_cannot_take_at_once_are_queued_in_order(
         assert ours.count(struct.pack(">QII", p.OPT_REPLY_MAGIC, p.OPT_INFO, p.REP_ACK)) == 150
         assert struct.pack(">IHHQI", p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
                            p.REPLY_TYPE_BLOCK_STATUS, 2, 12) in ours
-    run_pair(tmp_path, monkeypatch, body)
+        if pair.desk is not None:
+            pair.compiled._desks[fd] = pair.desk
+    run_pair(tmp_path, monkeypatch, body, loop)
 
 
 USUAL = [
@@ -261,25 +305,25 @@ LEFT_TO_PYTHON = [
 
 
 @pytest.mark.parametrize("pieces", USUAL + LEFT_TO_PYTHON)
-def test_the_same_answers_as_the_python_negotiation(tmp_path, monkeypatch, pieces) -> None:  # noqa: ANN001
-    run_pair(tmp_path, monkeypatch, lambda pair: pair.compare(pieces))
+def test_the_same_answers_as_the_python_negotiation(tmp_path, monkeypatch, pieces, loop) -> None:  # noqa: ANN001
+    run_pair(tmp_path, monkeypatch, lambda pair: pair.compare(pieces), loop)
 
 
 @pytest.mark.parametrize("pieces", USUAL[:3] + LEFT_TO_PYTHON[:12])
-def test_the_same_answers_byte_by_byte(tmp_path, monkeypatch, pieces) -> None:  # noqa: ANN001
+def test_the_same_answers_byte_by_byte(tmp_path, monkeypatch, pieces, loop) -> None:  # noqa: ANN001
     """Every message split into single bytes, each sent on its own."""
     stream = b"".join(pieces)
     run_pair(tmp_path, monkeypatch,
-             lambda pair: pair.compare([stream[i:i + 1] for i in range(len(stream))]))
+             lambda pair: pair.compare([stream[i:i + 1] for i in range(len(stream))]), loop)
 
 
-def test_any_name_exports_leave_other_names_to_python(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_any_name_exports_leave_other_names_to_python(tmp_path, monkeypatch, loop) -> None:  # noqa: ANN001
     async def body(pair: Pair) -> None:
         for pieces in ([FLAGS, STRUCTURED, option(p.OPT_SET_META_CONTEXT, meta_data("uuid")),
                         option(p.OPT_GO, go_data("uuid"))],
                        [FLAGS, STRUCTURED, BASE, GO]):
             assert p.REP_ERR_UNKNOWN.to_bytes(4, "big") not in await pair.compare(pieces)
-    run_pair(tmp_path, monkeypatch, body, any_name=True)
+    run_pair(tmp_path, monkeypatch, body, loop, any_name=True)
 
 
 # Random conversations: options good and bad, cut anywhere.
@@ -310,8 +354,9 @@ _option = st.one_of(
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cflags=st.sampled_from([0, 1, 2, 3, 8]), options=st.lists(_option, max_size=6),
        cuts=st.lists(st.integers(0, 400), max_size=4))
-def test_random_conversations(tmp_path, monkeypatch, cflags, options, cuts) -> None:  # noqa: ANN001
+def test_random_conversations(tmp_path, monkeypatch, loop, cflags, options, cuts  # noqa: ANN001
+                              ) -> None:
     stream = struct.pack(">I", cflags) + b"".join(options) + GO
     bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
     pieces = [stream[a:b] for a, b in itertools.pairwise(bounds)]
-    run_pair(tmp_path, monkeypatch, lambda pair: pair.compare(pieces))
+    run_pair(tmp_path, monkeypatch, lambda pair: pair.compare(pieces), loop)

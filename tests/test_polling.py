@@ -491,7 +491,7 @@ def test_the_selector_receives_into_place_until_told_to_stop(pair) -> None:
     # Unregistering the socket (it closes, its number may come back) stops it too.
     direct = sel.receive_into(a.fileno(), memoryview(bytearray(8)))
     sel.unregister(a)
-    assert direct is not None and direct.length == 0 and not sel._direct_list
+    assert direct is not None and direct.length == 0 and not sel._hooks
     sel.end_receive(a.fileno())  # (nothing under way: nothing to do)
     sel.close()
 

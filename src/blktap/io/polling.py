@@ -56,12 +56,12 @@ from typing import Any
 from blktap.io.clock import TurnClockLoop
 
 try:
-    from blktap.io._poll import Direct
+    from blktap.io._poll import Direct, Hook
     from blktap.io._poll import spin as _spin
     from blktap.io._poll import wait as _wait
 except ImportError:  # built without a C compiler: no polling (the module says why)
     _spin = _wait = None
-    Direct = None
+    Direct = Hook = None
 
 _EPOLLIN, _EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 
@@ -108,7 +108,32 @@ class PollingSelector(selectors.EpollSelector):
         self._busy: list[Callable[[], bool]] = []
         # The receives the wait does itself (receive_into), by socket.
         self._directs: dict[int, Direct] = {}
-        self._direct_list: tuple[Direct, ...] = ()
+        self._added: list[Hook] = []  # other hooks (add_hook)
+        self._hooks: tuple[Hook, ...] = ()  # all of them, as the wait takes them
+
+    @property
+    def hooks(self) -> bool:
+        """Whether this selector can take hooks (:meth:`add_hook`): the C extension is
+        built."""
+        return _wait is not None
+
+    def add_hook(self, hook: Hook) -> None:
+        """Have the wait give ``hook`` (a compiled ``blktap.io._poll.Hook``: io/_hook.h
+        says what it does) the readinesses it answers itself, until :meth:`remove_hook`.
+        RuntimeError without the C extension (:attr:`hooks`)."""
+        if _wait is None:
+            raise RuntimeError("hooks need the compiled wait, which was not built")
+        if hook not in self._added:
+            self._added.append(hook)
+            self._rehook()
+
+    def remove_hook(self, hook: Hook) -> None:
+        if hook in self._added:
+            self._added.remove(hook)
+            self._rehook()
+
+    def _rehook(self) -> None:
+        self._hooks = (*self._directs.values(), *self._added)
 
     def receive_into(self, fd: int, place: memoryview) -> Direct | None:
         """Have the wait receive from socket ``fd`` (registered for reading) straight
@@ -124,7 +149,7 @@ class PollingSelector(selectors.EpollSelector):
             raise RuntimeError(f"a receive into place is under way on fd {fd}")
         direct = Direct(fd, place)
         self._directs[fd] = direct
-        self._direct_list = tuple(self._directs.values())
+        self._rehook()
         return direct
 
     def end_receive(self, fd: int) -> None:
@@ -132,7 +157,7 @@ class PollingSelector(selectors.EpollSelector):
         direct = self._directs.pop(fd, None)
         if direct is not None:
             direct.release()
-            self._direct_list = tuple(self._directs.values())
+            self._rehook()
 
     def unregister(self, fileobj: Any) -> selectors.SelectorKey:
         key = super().unregister(fileobj)
@@ -159,8 +184,8 @@ class PollingSelector(selectors.EpollSelector):
 
     def select(self, timeout: float | None = None
                ) -> list[tuple[selectors.SelectorKey, int]]:
-        if self._direct_list:
-            return self._select_receiving(timeout)
+        if self._hooks:
+            return self._select_hooked(timeout)
         if timeout is not None and timeout <= 0:
             return super().select(timeout)
         if not self.max_window:
@@ -214,16 +239,18 @@ class PollingSelector(selectors.EpollSelector):
         else:
             self.window = window
 
-    def _select_receiving(self, timeout: float | None
-                          ) -> list[tuple[selectors.SelectorKey, int]]:
-        """select() while receives into place are under way: one compiled wait that
-        polls, sleeps, and receives their chunks (:meth:`receive_into`)."""
+    def _select_hooked(self, timeout: float | None
+                       ) -> list[tuple[selectors.SelectorKey, int]]:
+        """select() with hooks (receives into place under way, :meth:`receive_into`, or
+        others, :meth:`add_hook`): one compiled wait that polls, sleeps, and lets the
+        hooks answer their readinesses."""
         assert _wait is not None
         backend = self._backend() if self.max_window else False
         window = (self.backend_window if backend else self.window) if self.max_window else 0.0
         found, _spent, slept, waited = _wait(
             self._selector.fileno(), window, -1.0 if timeout is None else max(timeout, 0.0),
-            max(len(self._fd_to_key), 1), self._direct_list)
+            # (room for the events of the descriptors a hook watches for itself)
+            len(self._fd_to_key) + 8, self._hooks)
         if found is None:  # epoll_wait failed there: the selector's own call says why
             return super().select(0)
         if slept:

@@ -243,6 +243,9 @@ class VBD:
         # Set while requests may go to the driver; cleared from pause to resume.
         self._running = asyncio.Event()
         self._running.set()
+        # Told when resume() serves from another driver, whose capabilities may differ
+        # (a transport that keeps what it advertises in compiled code: the NBD desk).
+        self.resumed: list[Callable[[], None]] = []
         # Checked from the ticker's thread: a timer armed in the loop for as long as the
         # disk is open would cost clock readings every turn (io/clock.py).
         self._watchdog = Ticker.of(self.loop).every(
@@ -1136,6 +1139,8 @@ class VBD:
         held, self._held_back = self._held_back, []
         for req in held:
             self._start(req)
+        for told in list(self.resumed):
+            told()
 
     async def close(self) -> None:
         """Let requests in flight finish, then close every driver (the VHD driver writes

@@ -160,6 +160,17 @@ class Channel:
         if feeder is not None:
             self._watch()
 
+    def preload(self, data: bytes) -> None:
+        """Put ``data``, received from the socket by somebody else (the NBD server's
+        desk), in the buffer as the first unread bytes, before any reading."""
+        if self.end != self.start:
+            raise RuntimeError("preload() comes before any reading")
+        if len(data) > len(self.buf):
+            self.buf = bytearray(max(len(data), len(self.buf)))
+            self.view = memoryview(self.buf)
+        self.buf[: len(data)] = data
+        self.start, self.end = 0, len(data)
+
     def serve_from_hook(self, stuck: Callable[[], None] | None) -> None:
         """Run :attr:`on_data` at each readiness while no reader exists (a connection
         that has no task yet): it takes what it can, and ``stuck()`` is called when it

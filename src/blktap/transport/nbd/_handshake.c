@@ -32,8 +32,15 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
 
+#include "_hook.h"  /* what the selector's wait asks of the Desk */
 #include "_wire.h"  /* the wire: get16 ... put64, send_now */
 
 /* The wire (the NBD protocol's doc/proto.md, "Option haggling"); big-endian. */
@@ -314,6 +321,471 @@ static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("nkiN", pos - start, (unsigned long)st, outcome, unsent);
 }
 
+/*
+ * Desk(listeners, greeting, name, size, flags, unix_sndbuf, room): the front desk of an
+ * NBD server's listeners, a hook of the loop's compiled wait (io/_hook.h). The wait
+ * gives it the listeners' readinesses: it accepts the clients (as many as `room`
+ * allows), sends each the greeting, watches it in the loop's epoll instance and answers
+ * its options with the take above as they come, all without the interpreter. A client
+ * leaves the desk when the take agrees on a session (GO answered), stops (a message
+ * for the Python negotiation), when its socket ends, breaks or fills, or its
+ * first message outgrows the desk's buffer: it is then handed over, out of the epoll set, and the first listener reported readable, for
+ * the server's Python to collect() it (its descriptor, the state and outcome of the
+ * take, the bytes received and not taken, the answers not sent) and go on from there;
+ * expire() closes those still negotiating past the time limit.
+ * An accept that fails for another reason than "none waiting" is left to the loop (the
+ * listener reported as it came): the server's own accept meets the error and applies
+ * its policy. So does a full desk.
+ *
+ * Why: a short connection (nbdcopy opens two per run, nbdinfo one) is mostly its
+ * handshake, the client waiting for each answer in turn, and the loop's turn around
+ * each message costs more than the message's work, more still in an interpreter whose
+ * working set went cold in the pause between two such clients.
+ */
+#define DESK_LISTENERS 16
+#define CLIENT_BUFFER 1024  /* the usual options are far smaller */
+#define ACCEPTS_PER_TAKE 16
+
+struct client {
+    int fd;
+    int outcome;          /* once handed over */
+    unsigned state;
+    double since;         /* accepted at (CLOCK_MONOTONIC, seconds) */
+    size_t used;          /* bytes in buf */
+    unsigned char *unsent; /* answers (or the greeting) the socket did not take */
+    size_t unsent_len;
+    unsigned char buf[CLIENT_BUFFER];
+};
+
+struct client_list {
+    struct client **items;
+    Py_ssize_t count, capacity;
+};
+
+typedef struct {
+    struct hook hook;
+    int listeners[DESK_LISTENERS];
+    int nlisteners;
+    PyObject *name;        /* bytes: the export's name, which ex.name points into */
+    struct export ex;
+    unsigned char greeting[64];
+    size_t greeting_len;
+    int unix_sndbuf;
+    Py_ssize_t room;       /* clients the desk may hold (held and handed over) */
+    struct client_list held, handed;
+    unsigned long long accepted;
+    int closed;
+} Desk;
+
+static double monotonic(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + now.tv_nsec * 1e-9;
+}
+
+/* (plain malloc: these run without the interpreter lock) */
+static int list_add(struct client_list *list, struct client *c)
+{
+    if (list->count == list->capacity) {
+        Py_ssize_t capacity = list->capacity ? list->capacity * 2 : 8;
+        struct client **items = realloc(list->items, sizeof(*items) * (size_t)capacity);
+        if (items == NULL)
+            return -1;
+        list->items = items;
+        list->capacity = capacity;
+    }
+    list->items[list->count++] = c;
+    return 0;
+}
+
+static void list_remove_at(struct client_list *list, Py_ssize_t i)
+{
+    list->items[i] = list->items[--list->count];
+}
+
+static void client_free(struct client *c)
+{
+    free(c->unsent);
+    free(c);
+}
+
+static void client_keep_unsent(struct client *c, const unsigned char *rest, size_t len)
+{
+    if (!len)
+        return;
+    unsigned char *kept = realloc(c->unsent, c->unsent_len + len);
+    if (kept == NULL) {  /* (no memory for a few bytes: the client is closed) */
+        shutdown(c->fd, SHUT_RDWR);
+        return;
+    }
+    memcpy(kept + c->unsent_len, rest, len);
+    c->unsent = kept;
+    c->unsent_len += len;
+}
+
+/* Out of the epoll set and onto the hand-over list: 0, or -1 (no memory: closed). */
+static int hand_over(Desk *desk, int epfd, struct client *c, int outcome, int watched)
+{
+    if (watched)
+        epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    c->outcome = outcome;
+    if (list_add(&desk->handed, c) < 0) {
+        close(c->fd);
+        client_free(c);
+        return -1;
+    }
+    return 0;
+}
+
+/* Accept from listener lfd; *report set when the server's own accept must run. */
+static void accept_clients(Desk *desk, int epfd, int lfd, int *report)
+{
+    for (int n = 0; n < ACCEPTS_PER_TAKE; n++) {
+        if (desk->held.count + desk->handed.count >= desk->room) {
+            *report = 1;  /* full: the server's own accept applies its limit */
+            return;
+        }
+        struct sockaddr_storage addr;
+        socklen_t addrlen = sizeof(addr);
+        int fd = accept4(lfd, (struct sockaddr *)&addr, &addrlen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                *report = 1;  /* (EMFILE and the like: the server's accept meets it too) */
+            return;
+        }
+        desk->accepted++;
+        struct client *c = malloc(sizeof(*c));
+        if (c == NULL) {
+            close(fd);
+            continue;
+        }
+        c->fd = fd;
+        c->outcome = WAIT;
+        c->state = 0;
+        c->since = monotonic();
+        c->used = 0;
+        c->unsent = NULL;
+        c->unsent_len = 0;
+        if (addr.ss_family == AF_UNIX) {
+            /* (as server.py's UNIX_SEND_BUFFER: a large read's reply in one send) */
+            setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &desk->unix_sndbuf, sizeof(desk->unix_sndbuf));
+        } else if (addr.ss_family == AF_INET || addr.ss_family == AF_INET6) {
+            int on = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+        }
+        size_t sent = 0;
+        int full = send_now(fd, desk->greeting, &sent, desk->greeting_len);
+        if (full) {
+            client_keep_unsent(c, desk->greeting + sent, desk->greeting_len - sent);
+            hand_over(desk, epfd, c, PYTHON, 0);
+            *report = 1;
+            continue;
+        }
+        struct epoll_event watch = {.events = EPOLLIN, .data.fd = fd};
+        if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &watch) < 0 || list_add(&desk->held, c) < 0) {
+            epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
+            hand_over(desk, epfd, c, WAIT, 0);  /* (the server's Python goes on) */
+            *report = 1;
+        }
+    }
+    /* (more may wait: the listener stays ready, and the next wait comes back to it) */
+}
+
+/* A held client's readiness: receive, take, and hand it over unless the take waits. */
+static void serve_client(Desk *desk, int epfd, Py_ssize_t at, int *progressed, int *report)
+{
+    struct client *c = desk->held.items[at];
+    ssize_t got = recv(c->fd, c->buf + c->used, CLIENT_BUFFER - c->used, MSG_DONTWAIT);
+    if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    int outcome = PYTHON;  /* the end of the stream, or an error: Python meets it too */
+    if (got > 0) {
+        c->used += (size_t)got;
+        *progressed = 1;
+        unsigned char out[OUT_BYTES];
+        size_t used, sent;
+        Py_ssize_t pos = 0;
+        outcome = take_messages(&desk->ex, c->fd, c->buf, &pos, (Py_ssize_t)c->used,
+                                &c->state, out, &used, &sent);
+        if (pos) {
+            memmove(c->buf, c->buf + pos, c->used - (size_t)pos);
+            c->used -= (size_t)pos;
+        }
+        if (sent < used)
+            client_keep_unsent(c, out + sent, used - sent);
+        if (outcome == WAIT && c->used < CLIENT_BUFFER && !c->unsent_len)
+            return;
+        if (c->unsent_len && outcome == WAIT)
+            outcome = PYTHON;
+    }
+    list_remove_at(&desk->held, at);
+    hand_over(desk, epfd, c, outcome, 1);
+    *report = 1;
+}
+
+static int desk_take(struct hook *self, int epfd, struct epoll_event *event, int *progressed)
+{
+    Desk *desk = (Desk *)self;
+    int fd = event->data.fd, report = 0;
+    if (desk->closed)
+        return HOOK_NOT_MINE;
+    int listener = 0;
+    for (int i = 0; i < desk->nlisteners && !listener; i++)
+        listener = desk->listeners[i] == fd;
+    if (listener) {
+        accept_clients(desk, epfd, fd, &report);
+    } else {
+        /* (a scan: the clients in their handshake at one time are a handful) */
+        Py_ssize_t at = -1;
+        for (Py_ssize_t i = 0; i < desk->held.count && at < 0; i++) {
+            if (desk->held.items[i]->fd == fd)
+                at = i;
+        }
+        if (at < 0)
+            return HOOK_NOT_MINE;
+        serve_client(desk, epfd, at, progressed, &report);
+        fd = desk->listeners[0];  /* (what the loop is shown, to collect) */
+    }
+    if (!report && !desk->handed.count)
+        return HOOK_TAKEN;
+    event->data.fd = fd;
+    event->events = EPOLLIN;
+    return HOOK_REPORT;
+}
+
+static const struct hook_ops desk_ops = {desk_take};
+
+static void desk_close_all(Desk *desk)
+{
+    for (Py_ssize_t i = 0; i < desk->held.count; i++) {
+        close(desk->held.items[i]->fd);
+        client_free(desk->held.items[i]);
+    }
+    for (Py_ssize_t i = 0; i < desk->handed.count; i++) {
+        close(desk->handed.items[i]->fd);
+        client_free(desk->handed.items[i]);
+    }
+    desk->held.count = desk->handed.count = 0;
+}
+
+static int desk_init(Desk *self, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"listeners", "greeting", "name", "size", "flags",
+                               "unix_sndbuf", "room", NULL};
+    PyObject *listeners, *name;
+    Py_buffer greeting;
+    unsigned long long size;
+    unsigned int flags;
+    int unix_sndbuf;
+    Py_ssize_t room;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oy*O!KIin:Desk", keywords, &listeners,
+                                     &greeting, &PyBytes_Type, &name, &size, &flags,
+                                     &unix_sndbuf, &room))
+        return -1;
+    if (self->hook.ops != NULL) {
+        PyBuffer_Release(&greeting);
+        PyErr_SetString(PyExc_RuntimeError, "a Desk is set up once");
+        return -1;
+    }
+    if (greeting.len <= 0 || (size_t)greeting.len > sizeof(self->greeting) || room < 0
+            || flags > 0xffff) {
+        PyBuffer_Release(&greeting);
+        PyErr_SetString(PyExc_ValueError, "greeting (1-64 bytes), flags or room out of range");
+        return -1;
+    }
+    memcpy(self->greeting, greeting.buf, (size_t)greeting.len);
+    self->greeting_len = (size_t)greeting.len;
+    PyBuffer_Release(&greeting);
+    PyObject *seq = PySequence_Fast(listeners, "listeners must be a sequence");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    if (count < 1 || count > DESK_LISTENERS) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "one to 16 listeners");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (fd == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (fd < 0 || fd > INT_MAX) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+            return -1;
+        }
+        self->listeners[i] = (int)fd;
+    }
+    Py_DECREF(seq);
+    self->nlisteners = (int)count;
+    self->name = Py_NewRef(name);
+    self->ex.name = (const unsigned char *)PyBytes_AS_STRING(name);
+    self->ex.name_len = PyBytes_GET_SIZE(name);
+    self->ex.size = size;
+    self->ex.flags = (uint16_t)flags;
+    self->unix_sndbuf = unix_sndbuf;
+    self->room = room;
+    self->hook.ops = &desk_ops;
+    return 0;
+}
+
+static void desk_dealloc(Desk *self)
+{
+    desk_close_all(self);
+    free(self->held.items);
+    free(self->handed.items);
+    Py_XDECREF(self->name);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+PyDoc_STRVAR(collect_doc,
+"collect() -> [(fd, state, outcome, received, unsent)]: the clients handed over since the\n"
+"last call, now the caller's: the take's state and outcome (WAIT: its pass may go on;\n"
+"AGREED or PYTHON), the bytes received and not taken, and the answers not sent (None:\n"
+"all sent).");
+
+static PyObject *desk_collect(Desk *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    while (self->handed.count) {
+        struct client *c = self->handed.items[0];
+        PyObject *unsent = c->unsent_len
+            ? PyBytes_FromStringAndSize((const char *)c->unsent, (Py_ssize_t)c->unsent_len)
+            : Py_NewRef(Py_None);
+        PyObject *item = unsent == NULL ? NULL : Py_BuildValue(
+            "(ikiy#N)", c->fd, (unsigned long)c->state, c->outcome, c->buf,
+            (Py_ssize_t)c->used, unsent);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+        /* (in order: the first handed over first) */
+        memmove(self->handed.items, self->handed.items + 1,
+                sizeof(*self->handed.items) * (size_t)(self->handed.count - 1));
+        self->handed.count--;
+        client_free(c);
+    }
+    return list;
+}
+
+PyDoc_STRVAR(expire_doc,
+"expire(before) -> int: close the clients accepted before `before` (time.monotonic())\n"
+"and still negotiating here; how many.");
+
+static PyObject *desk_expire(Desk *self, PyObject *arg)
+{
+    double before = PyFloat_AsDouble(arg);
+    if (before == -1.0 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n = 0;
+    for (Py_ssize_t i = 0; i < self->held.count;) {
+        struct client *c = self->held.items[i];
+        if (c->since < before) {
+            list_remove_at(&self->held, i);
+            /* (closing it takes it out of the epoll set: it was the only reference) */
+            close(c->fd);
+            client_free(c);
+            n++;
+        } else {
+            i++;
+        }
+    }
+    return PyLong_FromSsize_t(n);
+}
+
+static PyObject *desk_close(Desk *self, PyObject *Py_UNUSED(ignored))
+{
+    desk_close_all(self);
+    self->closed = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *desk_get_room(Desk *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->room);
+}
+
+static int desk_set_room(Desk *self, PyObject *value, void *closure)
+{
+    Py_ssize_t room = value == NULL ? -1 : PyLong_AsSsize_t(value);
+    if (room == -1 && PyErr_Occurred())
+        return -1;
+    if (room < 0) {
+        PyErr_SetString(PyExc_ValueError, "room must be 0 or more");
+        return -1;
+    }
+    self->room = room;
+    return 0;
+}
+
+static int desk_set_flags(Desk *self, PyObject *value, void *closure)
+{
+    unsigned long flags = value == NULL ? ULONG_MAX : PyLong_AsUnsignedLong(value);
+    if (flags == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    if (flags > 0xffff) {
+        PyErr_SetString(PyExc_ValueError, "transmission flags are 16 bits");
+        return -1;
+    }
+    self->ex.flags = (uint16_t)flags;
+    return 0;
+}
+
+static PyObject *desk_get_flags(Desk *self, void *closure)
+{
+    return PyLong_FromUnsignedLong(self->ex.flags);
+}
+
+static PyObject *desk_get_held(Desk *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->held.count + self->handed.count);
+}
+
+static PyObject *desk_get_accepted(Desk *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->accepted);
+}
+
+static PyMethodDef desk_methods[] = {
+    {"collect", (PyCFunction)desk_collect, METH_NOARGS, collect_doc},
+    {"expire", (PyCFunction)desk_expire, METH_O, expire_doc},
+    {"close", (PyCFunction)desk_close, METH_NOARGS,
+     "Close every client the desk holds and take no more (the listeners are the caller's)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef desk_getset[] = {
+    {"room", (getter)desk_get_room, (setter)desk_set_room,
+     "How many clients the desk may hold at once (beyond, the server's accept).", NULL},
+    {"flags", (getter)desk_get_flags, (setter)desk_set_flags,
+     "The export's transmission flags, without FLAG_SEND_DF.", NULL},
+    {"held", (getter)desk_get_held, NULL,
+     "Clients the desk holds: negotiating, or handed over and not collected.", NULL},
+    {"accepted", (getter)desk_get_accepted, NULL, "Clients the desk accepted in all.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject DeskType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "blktap.transport.nbd._handshake.Desk",
+    .tp_doc = "Desk(listeners, greeting, name, size, flags, unix_sndbuf, room): accepts "
+              "clients and answers their usual handshakes in the loop's wait (a hook).",
+    .tp_basicsize = sizeof(Desk),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)desk_init,
+    .tp_dealloc = (destructor)desk_dealloc,
+    .tp_methods = desk_methods,
+    .tp_getset = desk_getset,
+};
+
 static PyMethodDef methods[] = {
     {"take", (PyCFunction)(void (*)(void))take, METH_FASTCALL, take_doc},
     {NULL, NULL, 0, NULL},
@@ -332,6 +804,23 @@ PyMODINIT_FUNC PyInit__handshake(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    /* The Desk is a hook of the selector's wait: without io._poll (not built), none. */
+    PyTypeObject *hook_type = PyCapsule_Import(HOOK_CAPSULE, 0);
+    if (hook_type == NULL) {
+        PyErr_Clear();
+    } else {
+        DeskType.tp_base = hook_type;
+        if (PyType_Ready(&DeskType) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
+        Py_INCREF(&DeskType);
+        if (PyModule_AddObject(m, "Desk", (PyObject *)&DeskType) < 0) {
+            Py_DECREF(&DeskType);
+            Py_DECREF(m);
+            return NULL;
+        }
+    }
     if (PyModule_AddIntConstant(m, "WAIT", WAIT) < 0
         || PyModule_AddIntConstant(m, "AGREED", AGREED) < 0
         || PyModule_AddIntConstant(m, "PYTHON", PYTHON) < 0

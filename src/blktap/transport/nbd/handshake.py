@@ -30,6 +30,7 @@ import ssl
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from blktap.io.clock import turn_clock
 from blktap.tapdisk.driver import Caps
@@ -99,6 +100,10 @@ def transmission_flags(export: Export, structured: bool) -> int:
     return flags
 
 
+# The server's first message (fixed newstyle, no zeroes).
+GREETING = p.HELLO.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)
+
+
 class Negotiation:
     """The fixed newstyle negotiation of one client, fed from its channel's buffer."""
 
@@ -118,8 +123,7 @@ class Negotiation:
         self.upgrade = False  # STARTTLS acknowledged: upgrade before taking more
 
     def greeting(self) -> list[bytes]:
-        return [p.HELLO.pack(p.NBDMAGIC, p.IHAVEOPT,
-                             p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)]
+        return [GREETING]
 
     @property
     def need(self) -> int:
@@ -406,6 +410,32 @@ class FedNegotiation:
             self._take = None  # (the greeting waits: the pass's answers must not pass it)
         ch.feed(self._fed)
 
+    def resume(self, state: int, outcome: int, unsent: bytes | None) -> None:
+        """Instead of :meth:`start`: go on from the server's desk (``_handshake.Desk``),
+        which greeted the client and answered its usual options in the loop's wait.
+        ``state`` and ``outcome`` are its take's, ``unsent`` the answers the socket did
+        not take; what it received and did not take is in the channel's buffer
+        (:meth:`Channel.preload`)."""
+        ch = self.ch
+        self.deadline = turn_clock(ch.loop)() + self.timeout
+        neg = self.negotiation
+        neg.adopt(state)
+        if unsent is not None:
+            ch.post([unsent], _ignore, now=True)
+        if outcome == _handshake.AGREED:
+            neg.outcome = neg.session
+            ch.send_posted()
+            self._finish(neg.session)
+            return
+        if (outcome == _handshake.WAIT and unsent is None and ch.clear_to_send()
+                and self._take is not None):
+            self._state = state  # (the desk's buffer was full: the pass goes on here)
+        else:
+            self._take = None
+        ch.feed(self._fed)
+        if ch.buffered:
+            self._fed(None)
+
     def expire(self) -> None:
         """The time limit is up: the handshake ends with TimeoutError (if it has not
         ended)."""
@@ -475,6 +505,15 @@ def compiled_take() -> CompiledTake | None:
     if _handshake is None or inline.turned_off():
         return None
     return _handshake.take  # type: ignore[no-any-return]
+
+
+def compiled_desk() -> Any:
+    """The compiled front desk (``_handshake.Desk``: accepts and answers the usual
+    handshakes in the loop's wait) or None when it was not built (it needs io._poll too)
+    or ``BLKTAP_INLINE=0`` turns the compiled paths off."""
+    if _handshake is None or inline.turned_off():
+        return None
+    return getattr(_handshake, "Desk", None)
 
 
 async def negotiate(ch: Channel, export: Export, tls: ssl.SSLContext | None

@@ -34,16 +34,20 @@ from typing import Any
 from blktap.errors import BlktapError
 from blktap.io.buffers import BufferPool, default_pool
 from blktap.io.clock import Tick, Ticker
+from blktap.io.polling import PollingSelector
 from blktap.transport.fdreceiver import FdReceiver, Refused
 from blktap.transport.nbd.connection import Connection
 from blktap.transport.nbd.export import Export
 from blktap.transport.nbd.handshake import (
+    GREETING,
     Dropped,
     FedNegotiation,
     Session,
+    compiled_desk,
     compiled_take,
     negotiate,
     oldstyle,
+    transmission_flags,
 )
 from blktap.transport.sockio import Channel, Closed, unix_listener
 
@@ -97,6 +101,10 @@ class NbdServer:
         self._clients: set[asyncio.Task] = set()
         self._handshakes: set[FedNegotiation] = set()
         self._compiled_take = compiled_take()  # the compiled handshake pass, if built
+        # The front desks of the listeners (_handshake.Desk, hooks of the loop's wait),
+        # by listening socket: they accept and answer the usual handshakes without the
+        # interpreter, and hand each client over to _acceptable.
+        self._desks: dict[int, Any] = {}
         # Ends the handshakes past their time limit (a check a period, registered with
         # the first handshake, cancelled by stop).
         self._sweep: Tick | None = None
@@ -140,10 +148,84 @@ class NbdServer:
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._acceptable, sock)
         self._listeners.append((sock, path))
+        self._open_desk(sock)
+
+    # ------------------------------------------------------------------ front desks
+    def _open_desk(self, lsock: socket.socket) -> None:
+        """Give the listener a front desk where the loop's wait can take one (a polling
+        selector with the C extension) and the handshake is the plain one (no TLS)."""
+        desk_type = compiled_desk()
+        selector = getattr(self.loop, "_selector", None)  # asyncio.SelectorEventLoop's
+        if (desk_type is None or self.tls is not None or self._compiled_take is None
+                or not isinstance(selector, PollingSelector) or not selector.hooks):
+            return
+        export = self.export
+        desk = desk_type([lsock.fileno()], GREETING, export.name.encode(), export.vbd.size,
+                         transmission_flags(export, False), UNIX_SEND_BUFFER, 0)
+        self._desks[lsock.fileno()] = desk
+        self._make_room()
+        selector.add_hook(desk)
+        if len(self._desks) == 1:
+            export.vbd.resumed.append(self._desks_flags)
+        self._start_sweep()
+
+    def _close_desks(self) -> None:
+        """Stop the desks: the clients they hold are closed."""
+        if not self._desks:
+            return
+        selector = getattr(self.loop, "_selector", None)
+        for desk in self._desks.values():
+            if isinstance(selector, PollingSelector):
+                selector.remove_hook(desk)
+            desk.close()
+        self._desks.clear()
+        if self._desks_flags in self.export.vbd.resumed:
+            self.export.vbd.resumed.remove(self._desks_flags)
+
+    def _desks_flags(self) -> None:
+        """The disk serves from another driver: what the desks advertise follows."""
+        flags = transmission_flags(self.export, False)
+        for desk in self._desks.values():
+            desk.flags = flags
+
+    def _make_room(self) -> None:
+        """Tell each desk how many clients it may hold: those it holds, and what the
+        server's limit leaves."""
+        free = max(0, self.max_connections - self.connections)
+        for desk in self._desks.values():
+            desk.room = desk.held + free
+
+    def _collect(self, desk: Any) -> None:
+        """Take over the clients the desk handed over: each goes on in Python from where
+        the desk's take stopped (transmission, when it agreed on a session)."""
+        for fd, state, outcome, received, unsent in desk.collect():
+            conn = socket.socket(fileno=fd)
+            if self._stopping:
+                conn.close()
+                continue
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    host, port = conn.getpeername()[:2]
+                    peer = f"{host}:{port}"
+                except OSError:
+                    peer = f"tcp#{self.accepted}"
+            else:
+                peer = f"unix#{self.accepted}"
+            self.accepted += 1
+            ch = Channel(conn, self.loop)
+            if received:
+                ch.preload(received)
+            self._channels.add(ch)
+            self._fed_negotiation(ch, peer).resume(state, outcome, unsent)
+        self._make_room()
 
     def _acceptable(self, lsock: socket.socket) -> None:
         """The listener is readable: take the connections waiting (a few per turn, so
-        that a flood of them does not starve the clients already served)."""
+        that a flood of them does not starve the clients already served), and those its
+        desk handed over."""
+        desk = self._desks.get(lsock.fileno())
+        if desk is not None:
+            self._collect(desk)
         for _ in range(ACCEPTS_PER_TURN):
             try:
                 conn, addr = lsock.accept()
@@ -191,21 +273,39 @@ class NbdServer:
         if old or self.tls is not None:
             self._own(self._client(ch, peer, old=old))
             return
+        self._fed_negotiation(ch, peer).start()
+        if self._desks:
+            self._make_room()
+
+    def _fed_negotiation(self, ch: Channel, peer: str) -> FedNegotiation:
+        """The client's handshake, from its socket's readiness callback (started or
+        resumed by the caller), under the server's time limit."""
         handshake = FedNegotiation(
             ch, self.export, lambda result: self._negotiated(handshake, ch, peer, result),
             timeout=self.handshake_timeout, compiled=self._compiled_take)
         self._handshakes.add(handshake)
+        self._start_sweep()
+        return handshake
+
+    def _start_sweep(self) -> None:
         if self._sweep is None:
             period = max(0.01, min(1.0, self.handshake_timeout / 4))
             self._sweep = Ticker.of(self.loop).every(period, self._expire_handshakes)
-        handshake.start()
 
     def _expire_handshakes(self) -> None:
         """End the handshakes past their time limit (each then late by at most the
-        sweep's period)."""
+        sweep's period), the desks' too."""
         now = time.monotonic()
         for handshake in [h for h in self._handshakes if h.deadline <= now]:
             handshake.expire()
+        for desk in self._desks.values():
+            expired = desk.expire(now - self.handshake_timeout)
+            if expired:
+                log.info("%d client(s) closed: the handshake took longer than %gs",
+                         expired, self.handshake_timeout)
+                self._make_room()
+            if desk.held:  # (handed over, with the report lost: a listener paused)
+                self._collect(desk)
 
     def _negotiated(self, handshake: FedNegotiation, ch: Channel, peer: str,
                     result: Session | bool | BaseException) -> None:
@@ -259,6 +359,8 @@ class NbdServer:
         self._channels.discard(ch)
         ch.close()
         log.info("%s: closed", peer)
+        if self._desks:
+            self._make_room()
 
     # ------------------------------------------------------------------ fd passing
     def listen_fd_passing(self, path: str, *, old: bool = False) -> str:
@@ -308,8 +410,11 @@ class NbdServer:
 
     @property
     def connections(self) -> int:
-        """Clients connected: negotiating or served."""
-        return len(self._clients) + len(self._handshakes) + len(self._untasked)
+        """Clients connected: negotiating (here, or at a desk) or served."""
+        held = 0
+        for desk in self._desks.values():
+            held += desk.held
+        return len(self._clients) + len(self._handshakes) + len(self._untasked) + held
 
     # ------------------------------------------------------------------ shutdown
     async def stop(self) -> None:
@@ -321,6 +426,7 @@ class NbdServer:
         for timer in self._paused.values():
             timer.cancel()
         self._paused.clear()
+        self._close_desks()
         for sock, path in self._listeners:
             if sock.fileno() >= 0:
                 self.loop.remove_reader(sock.fileno())

@@ -1,0 +1,295 @@
+"""The NBD server's front desk (``_handshake.Desk``): on a polling loop it accepts clients
+and answers their usual handshake in the loop's wait, then hands each over to Python.
+What it must keep of the server's behaviour: real clients served (libnbd's nbdinfo,
+qemu-img), on UNIX and TCP listeners; the handshake's time limit; the connection limit;
+stop() closing the clients it holds; a client gone halfway; the export's flags after a
+resume onto a driver of other capabilities. (Byte-for-byte equality with the Python
+negotiation is tests/test_nbd_handshake_compiled.py's, on this loop too.)"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import struct
+import subprocess
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import pytest
+
+from blktap.io import ThreadEngine
+from blktap.io.polling import PollingSelector, polling_loop_factory
+from blktap.tapdisk.driver import Caps, Driver
+from blktap.tapdisk.vbd import VBD
+from blktap.transport.nbd import handshake
+from blktap.transport.nbd import proto as p
+from blktap.transport.nbd.server import Export, NbdServer
+
+if handshake.compiled_desk() is None:
+    pytest.skip("the compiled desk is not built", allow_module_level=True)
+
+KiB = 1024
+SIZE = 1 << 20
+GREETING_BYTES = 18
+FLAGS = struct.pack(">I", p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES)
+
+
+class Mem(Driver):
+    """A writable disk in memory, with the capabilities it is given."""
+
+    name = "mem"
+
+    def __init__(self, engine: ThreadEngine, caps: Caps) -> None:
+        super().__init__(engine, SIZE, writable=True)
+        self.caps = caps
+        self.data = bytearray(SIZE)
+
+    async def read(self, offset: int, iov: Sequence[memoryview]) -> None:
+        for v in iov:
+            v[:] = self.data[offset:offset + len(v)]
+            offset += len(v)
+
+    async def write(self, offset: int, iov: Sequence[memoryview], *, fua: bool = False) -> None:
+        for v in iov:
+            self.data[offset:offset + len(v)] = v
+            offset += len(v)
+
+
+Body = Callable[[NbdServer, Any, VBD, ThreadEngine], Awaitable[None]]
+
+
+def run(tmp_path: Any, body: Body, **server_args: Any) -> None:
+    """``body(server, desk, vbd, engine)`` with a server listening on tmp_path/s.sock, on a
+    polling loop (where the desk is)."""
+    async def main() -> None:
+        engine = ThreadEngine(1)
+        vbd = VBD(Mem(engine, Caps.FLUSH))
+        server = NbdServer(Export("exp", vbd), **server_args)
+        server.listen_unix(str(tmp_path / "s.sock"))
+        desk = next(iter(server._desks.values()))
+        try:
+            await body(server, desk, vbd, engine)
+        finally:
+            await server.stop()
+            await vbd.close()
+            engine.close()
+    with asyncio.Runner(loop_factory=polling_loop_factory(32)) as runner:
+        runner.run(main())
+
+
+async def raw_client(path: str) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, path)
+    return sock
+
+
+async def read_until_end(sock: socket.socket, timeout: float = 10) -> bytes:
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                data = await loop.sock_recv(sock, 65536)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            got += data
+    return bytes(got)
+
+
+async def read_exactly(sock: socket.socket, n: int, timeout: float = 10) -> bytes:
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    async with asyncio.timeout(timeout):
+        while len(got) < n:
+            data = await loop.sock_recv(sock, n - len(got))
+            if not data:
+                break
+            got += data
+    return bytes(got)
+
+
+async def until(cond: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
+def need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed")
+
+
+def go_option(name: bytes = b"") -> bytes:
+    data = struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, p.INFO_BLOCK_SIZE)
+    return struct.pack(">QII", p.IHAVEOPT, p.OPT_GO, len(data)) + data
+
+
+def test_real_clients_are_served_through_the_desk(tmp_path) -> None:  # noqa: ANN001
+    need("nbdinfo")
+    need("qemu-img")
+
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        uri = f"nbd+unix:///exp?socket={tmp_path}/s.sock"
+        info = await asyncio.to_thread(subprocess.run, ["nbdinfo", "--json", uri],
+                                       capture_output=True, text=True, timeout=30)
+        assert info.returncode == 0, info.stderr
+        assert f'"export-size": {SIZE}' in info.stdout
+        img = await asyncio.to_thread(
+            subprocess.run, ["qemu-img", "info", "--output=json", uri],
+            capture_output=True, text=True, timeout=30)
+        assert img.returncode == 0, img.stderr
+        assert f'"virtual-size": {SIZE}' in img.stdout
+        assert desk.accepted == 2
+        await until(lambda: server.connections == 0, "the connections' end")
+        assert desk.held == 0
+    run(tmp_path, body)
+
+
+def test_a_tcp_listener_has_its_desk(tmp_path, caplog) -> None:  # noqa: ANN001
+    need("nbdinfo")
+
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        host, port = server.listen_tcp("127.0.0.1", 0)
+        tcp = [d for d in server._desks.values() if d is not desk]
+        assert len(tcp) == 1
+        with caplog.at_level(logging.INFO, logger="blktap.nbd"):
+            info = await asyncio.to_thread(
+                subprocess.run, ["nbdinfo", "--size", f"nbd://{host}:{port}/exp"],
+                capture_output=True, text=True, timeout=30)
+            assert info.returncode == 0, info.stderr
+            assert info.stdout.strip() == str(SIZE)
+            await until(lambda: server.connections == 0, "the connection's end")
+        assert tcp[0].accepted == 1 and desk.accepted == 0
+        # the peer named by its address, as the server's own accept names it
+        assert any(r.getMessage().startswith("127.0.0.1:") and "connected" in r.getMessage()
+                   for r in caplog.records)
+    run(tmp_path, body)
+
+
+def test_a_silent_client_is_closed_at_the_time_limit(tmp_path) -> None:  # noqa: ANN001
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        path = str(tmp_path / "s.sock")
+        silent = await raw_client(path)
+        assert len(await read_exactly(silent, GREETING_BYTES)) == GREETING_BYTES
+        assert desk.held == 1 and server.connections == 1
+        assert await read_until_end(silent) == b""  # closed by the desk
+        silent.close()
+        assert desk.held == 0 and server.connections == 0
+        # the next client is served
+        talker = await raw_client(path)
+        await asyncio.get_running_loop().sock_sendall(talker, FLAGS + go_option())
+        reply = await read_exactly(talker, GREETING_BYTES + 20)
+        assert reply[GREETING_BYTES:][:8] == p.OPT_REPLY_MAGIC.to_bytes(8, "big")
+        talker.close()
+    run(tmp_path, body, handshake_timeout=0.3)
+
+
+def test_the_connection_limit_counts_the_clients_at_the_desk(tmp_path) -> None:  # noqa: ANN001
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        path = str(tmp_path / "s.sock")
+        first, second = await raw_client(path), await raw_client(path)
+        for sock in (first, second):
+            assert len(await read_exactly(sock, GREETING_BYTES)) == GREETING_BYTES
+        assert server.connections == 2 and desk.held == 2
+        third = await raw_client(path)
+        assert await read_until_end(third) == b""  # over the limit: closed, no greeting
+        third.close()
+        first.close()
+        await until(lambda: server.connections == 1, "the first client's end")
+        fourth = await raw_client(path)
+        assert len(await read_exactly(fourth, GREETING_BYTES)) == GREETING_BYTES
+        second.close()
+        fourth.close()
+    run(tmp_path, body, max_connections=2)
+
+
+def test_stop_closes_the_clients_at_the_desk(tmp_path) -> None:  # noqa: ANN001
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        client = await raw_client(str(tmp_path / "s.sock"))
+        await read_exactly(client, GREETING_BYTES)
+        await asyncio.get_running_loop().sock_sendall(client, FLAGS)  # mid-handshake
+        await until(lambda: desk.held == 1, "the client at the desk")
+        selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+        assert isinstance(selector, PollingSelector) and desk in selector._hooks
+        await server.stop()
+        assert await read_until_end(client) == b""
+        client.close()
+        assert desk.held == 0 and desk not in selector._hooks
+        assert not server._desks
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("how", ["closed", "reset"])
+def test_a_client_gone_mid_handshake_leaves_the_server_serving(tmp_path, how) -> None:  # noqa: ANN001
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        path = str(tmp_path / "s.sock")
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            gone = await raw_client(path)
+            await read_exactly(gone, GREETING_BYTES)
+            structured = struct.pack(">QII", p.IHAVEOPT, p.OPT_STRUCTURED_REPLY, 0)
+            await loop.sock_sendall(gone, FLAGS + structured + go_option()[:10])
+            if how == "reset":  # (an unread reply in its buffer: the close resets)
+                await read_exactly(gone, 1)
+            gone.close()
+        await until(lambda: server.connections == 0, "the gone clients' end")
+        client = await raw_client(path)
+        await loop.sock_sendall(client, FLAGS + go_option())
+        reply = await read_exactly(client, GREETING_BYTES + 20)
+        assert struct.unpack(">QII", reply[GREETING_BYTES:][:16])[1:] == (p.OPT_GO, p.REP_INFO)
+        client.close()
+        assert desk.accepted == 4
+    run(tmp_path, body)
+
+
+def test_what_the_desk_advertises_follows_a_resume(tmp_path) -> None:  # noqa: ANN001
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        before = desk.flags
+        assert before == handshake.transmission_flags(server.export, False)
+        assert not before & p.FLAG_SEND_TRIM
+        await vbd.pause()
+        await vbd.resume(Mem(engine, Caps.FLUSH | Caps.TRIM))
+        assert desk.flags == handshake.transmission_flags(server.export, False)
+        assert desk.flags & p.FLAG_SEND_TRIM
+        # a client told so by the desk's own answer
+        client = await raw_client(str(tmp_path / "s.sock"))
+        await asyncio.get_running_loop().sock_sendall(client, FLAGS + go_option())
+        reply = await read_exactly(client, GREETING_BYTES + 20 + 12)
+        info, size, flags = struct.unpack(">HQH", reply[GREETING_BYTES + 20:])
+        assert (info, size, flags) == (p.INFO_EXPORT, SIZE, desk.flags)
+        client.close()
+    run(tmp_path, body)
+
+
+def test_no_desk_where_the_handshake_is_not_the_plain_one(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """TLS required, or the compiled paths turned off (BLKTAP_INLINE=0): the server's own
+    accept and negotiation, as on asyncio's loop."""
+    from blktap.transport.nbd.server import tls_context
+    from test_nbd_protocol import make_cert
+
+    cert, key = make_cert(tmp_path)
+
+    async def main() -> None:
+        engine = ThreadEngine(1)
+        vbd = VBD(Mem(engine, Caps.FLUSH))
+        tls = NbdServer(Export("exp", vbd), tls=tls_context(str(cert), str(key)))
+        tls.listen_unix(str(tmp_path / "tls.sock"))
+        with monkeypatch.context() as m:
+            m.setenv("BLKTAP_INLINE", "0")
+            off = NbdServer(Export("exp", vbd))
+            off.listen_unix(str(tmp_path / "off.sock"))
+        try:
+            assert not tls._desks and not off._desks
+        finally:
+            await tls.stop()
+            await off.stop()
+            await vbd.close()
+            engine.close()
+    with asyncio.Runner(loop_factory=polling_loop_factory(32)) as runner:
+        runner.run(main())
