@@ -204,7 +204,7 @@ class SpiedDesk:
 
     def collect(self) -> list:
         out = self.desk.collect()
-        self.unsent.extend(len(item[4]) for item in out if item[4] is not None)
+        self.unsent.extend(len(item[5]) for item in out if item[5] is not None)
         return out
 
     def __getattr__(self, name: str) -> object:

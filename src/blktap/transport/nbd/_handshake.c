@@ -348,6 +348,7 @@ static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 struct client {
     int fd;
+    int family;           /* AF_UNIX, AF_INET, AF_INET6 */
     int outcome;          /* once handed over */
     unsigned state;
     double since;         /* accepted at (CLOCK_MONOTONIC, seconds) */
@@ -374,6 +375,7 @@ typedef struct {
     Py_ssize_t room;       /* clients the desk may hold (held and handed over) */
     struct client_list held, handed;
     unsigned long long accepted;
+    int wants_accept;      /* the server's own accept must run (an error, a full desk) */
     int closed;
 } Desk;
 
@@ -438,7 +440,8 @@ static int hand_over(Desk *desk, int epfd, struct client *c, int outcome, int wa
     return 0;
 }
 
-/* Accept from listener lfd; *report set when the server's own accept must run. */
+/* Accept from listener lfd; *report set when the server's own accept must run (an
+ * error, the desk full); clients handed over are on desk->handed. */
 static void accept_clients(Desk *desk, int epfd, int lfd, int *report)
 {
     for (int n = 0; n < ACCEPTS_PER_TAKE; n++) {
@@ -461,6 +464,7 @@ static void accept_clients(Desk *desk, int epfd, int lfd, int *report)
             continue;
         }
         c->fd = fd;
+        c->family = addr.ss_family;
         c->outcome = WAIT;
         c->state = 0;
         c->since = monotonic();
@@ -479,14 +483,12 @@ static void accept_clients(Desk *desk, int epfd, int lfd, int *report)
         if (full) {
             client_keep_unsent(c, desk->greeting + sent, desk->greeting_len - sent);
             hand_over(desk, epfd, c, PYTHON, 0);
-            *report = 1;
             continue;
         }
         struct epoll_event watch = {.events = EPOLLIN, .data.fd = fd};
         if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &watch) < 0 || list_add(&desk->held, c) < 0) {
             epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
             hand_over(desk, epfd, c, WAIT, 0);  /* (the server's Python goes on) */
-            *report = 1;
         }
     }
     /* (more may wait: the listener stays ready, and the next wait comes back to it) */
@@ -535,6 +537,8 @@ static int desk_take(struct hook *self, int epfd, struct epoll_event *event, int
         listener = desk->listeners[i] == fd;
     if (listener) {
         accept_clients(desk, epfd, fd, &report);
+        if (report)
+            desk->wants_accept = 1;
     } else {
         /* (a scan: the clients in their handshake at one time are a handful) */
         Py_ssize_t at = -1;
@@ -642,13 +646,15 @@ static void desk_dealloc(Desk *self)
 }
 
 PyDoc_STRVAR(collect_doc,
-"collect() -> [(fd, state, outcome, received, unsent)]: the clients handed over since the\n"
-"last call, now the caller's: the take's state and outcome (WAIT: its pass may go on;\n"
+"collect() -> [(fd, family, state, outcome, received, unsent)]: the clients handed over\n"
+"since the last call, now the caller's (a non-blocking socket of that address family):\n"
+"the take's state and outcome (WAIT: its pass may go on;\n"
 "AGREED or PYTHON), the bytes received and not taken, and the answers not sent (None:\n"
 "all sent).");
 
 static PyObject *desk_collect(Desk *self, PyObject *Py_UNUSED(ignored))
 {
+    self->wants_accept = 0;
     PyObject *list = PyList_New(0);
     if (list == NULL)
         return NULL;
@@ -658,7 +664,7 @@ static PyObject *desk_collect(Desk *self, PyObject *Py_UNUSED(ignored))
             ? PyBytes_FromStringAndSize((const char *)c->unsent, (Py_ssize_t)c->unsent_len)
             : Py_NewRef(Py_None);
         PyObject *item = unsent == NULL ? NULL : Py_BuildValue(
-            "(ikiy#N)", c->fd, (unsigned long)c->state, c->outcome, c->buf,
+            "(iikiy#N)", c->fd, c->family, (unsigned long)c->state, c->outcome, c->buf,
             (Py_ssize_t)c->used, unsent);
         if (item == NULL || PyList_Append(list, item) < 0) {
             Py_XDECREF(item);
@@ -748,6 +754,11 @@ static PyObject *desk_get_held(Desk *self, void *closure)
     return PyLong_FromSsize_t(self->held.count + self->handed.count);
 }
 
+static PyObject *desk_get_wants_accept(Desk *self, void *closure)
+{
+    return PyBool_FromLong(self->wants_accept);
+}
+
 static PyObject *desk_get_accepted(Desk *self, void *closure)
 {
     return PyLong_FromUnsignedLongLong(self->accepted);
@@ -769,6 +780,9 @@ static PyGetSetDef desk_getset[] = {
     {"held", (getter)desk_get_held, NULL,
      "Clients the desk holds: negotiating, or handed over and not collected.", NULL},
     {"accepted", (getter)desk_get_accepted, NULL, "Clients the desk accepted in all.", NULL},
+    {"wants_accept", (getter)desk_get_wants_accept, NULL,
+     "Whether the server's own accept must run (an accept failed here, or the desk is "
+     "full); collect() clears it.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

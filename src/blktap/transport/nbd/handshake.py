@@ -44,6 +44,9 @@ try:
 except ImportError:  # not built (no compiler at install time)
     _handshake = None  # type: ignore[assignment]
 
+# The compiled pass's outcome for a client it agreed a session with (GO answered).
+AGREED = None if _handshake is None else _handshake.AGREED
+
 log = logging.getLogger("blktap.nbd")
 
 # (consumed, state, outcome, unsent) = take(fd, buf, start, end, state, name, size, flags)
@@ -79,6 +82,18 @@ class _Invalid(Exception):
     def __init__(self, reply: int, message: str) -> None:
         super().__init__(message)
         self.reply = reply
+
+
+def agreed(session: Session, state: int) -> Session:
+    """``session`` with what the compiled pass (``_handshake.take``, or the server's
+    desk) agreed with the client: ``state``, its ST_* bits."""
+    h = _handshake
+    session.no_zeroes = bool(state & h.ST_NO_ZEROES)
+    session.structured = bool(state & h.ST_STRUCTURED)
+    if state & h.ST_CONTEXTS_SET:
+        session.contexts = ({p.META_ID_BASE_ALLOCATION: p.META_BASE_ALLOCATION}
+                            if state & h.ST_BASE_ALLOCATION else {})
+    return session
 
 
 def transmission_flags(export: Export, structured: bool) -> int:
@@ -207,12 +222,7 @@ class Negotiation:
         self.flags_seen = bool(state & h.ST_FLAGS_SEEN)
         self.fixed = bool(state & h.ST_FIXED)
         self.options = state >> h.ST_OPTIONS_SHIFT
-        session = self.session
-        session.no_zeroes = bool(state & h.ST_NO_ZEROES)
-        session.structured = bool(state & h.ST_STRUCTURED)
-        if state & h.ST_CONTEXTS_SET:
-            session.contexts = ({p.META_ID_BASE_ALLOCATION: p.META_BASE_ALLOCATION}
-                                if state & h.ST_BASE_ALLOCATION else {})
+        agreed(self.session, state)
 
     def upgraded(self) -> None:
         """TLS is up: nothing negotiated in clear text survives the upgrade."""

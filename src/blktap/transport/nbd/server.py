@@ -39,10 +39,12 @@ from blktap.transport.fdreceiver import FdReceiver, Refused
 from blktap.transport.nbd.connection import Connection
 from blktap.transport.nbd.export import Export
 from blktap.transport.nbd.handshake import (
+    AGREED,
     GREETING,
     Dropped,
     FedNegotiation,
     Session,
+    agreed,
     compiled_desk,
     compiled_take,
     negotiate,
@@ -198,12 +200,13 @@ class NbdServer:
     def _collect(self, desk: Any) -> None:
         """Take over the clients the desk handed over: each goes on in Python from where
         the desk's take stopped (transmission, when it agreed on a session)."""
-        for fd, state, outcome, received, unsent in desk.collect():
-            conn = socket.socket(fileno=fd)
+        for fd, family, state, outcome, received, unsent in desk.collect():
+            # (type and family given: no system calls to find them)
+            conn = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd)
             if self._stopping:
                 conn.close()
                 continue
-            if conn.family in (socket.AF_INET, socket.AF_INET6):
+            if family != socket.AF_UNIX:
                 try:
                     host, port = conn.getpeername()[:2]
                     peer = f"{host}:{port}"
@@ -216,7 +219,10 @@ class NbdServer:
             if received:
                 ch.preload(received)
             self._channels.add(ch)
-            self._fed_negotiation(ch, peer).resume(state, outcome, unsent)
+            if outcome == AGREED and unsent is None:  # (the usual way: straight on)
+                self._serve(ch, peer, agreed(Session(self.export), state))
+            else:
+                self._fed_negotiation(ch, peer).resume(state, outcome, unsent)
         self._make_room()
 
     def _acceptable(self, lsock: socket.socket) -> None:
@@ -225,7 +231,10 @@ class NbdServer:
         desk handed over."""
         desk = self._desks.get(lsock.fileno())
         if desk is not None:
+            wanted = desk.wants_accept
             self._collect(desk)
+            if not wanted:  # (the desk accepts; it says when it could not)
+                return
         for _ in range(ACCEPTS_PER_TURN):
             try:
                 conn, addr = lsock.accept()
@@ -311,14 +320,17 @@ class NbdServer:
                     result: Session | bool | BaseException) -> None:
         self._handshakes.discard(handshake)
         if isinstance(result, Session) and not self._stopping:
-            conn = self._connected(ch, peer, result)
-            self._untasked.add(conn)
-            conn.start(lambda serving: self._give_task(conn, serving),
-                       lambda: self._ended(conn))
+            self._serve(ch, peer, result)
             return
         if isinstance(result, Dropped):
             log.warning("%s: dropping client during handshake: %s", peer, result)
         self._closed(ch, peer)
+
+    def _serve(self, ch: Channel, peer: str, session: Session) -> None:
+        """Transmission, from the channel's readiness callback until it needs a task."""
+        conn = self._connected(ch, peer, session)
+        self._untasked.add(conn)
+        conn.start(lambda serving: self._give_task(conn, serving), lambda: self._ended(conn))
 
     def _own(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` in a task the server holds until it ends (stop awaits them)."""
