@@ -496,6 +496,32 @@ def test_the_selector_receives_into_place_until_told_to_stop(pair) -> None:
     sel.close()
 
 
+@needs_c
+def test_hooks_are_compiled_and_added_once(pair) -> None:
+    """Hook, the base of what the wait calls, is made only by its compiled subtypes; the
+    selector takes a hook once, with its Directs, and lets it go."""
+    from blktap.io import _poll
+
+    a, _ = pair
+    with pytest.raises(TypeError):
+        _poll.Hook()
+    assert isinstance(polling.Direct(a.fileno(), bytearray(1)), _poll.Hook)
+    sel = PollingSelector(32)
+    assert sel.hooks
+    hook = polling.Direct(a.fileno(), bytearray(4))
+    sel.add_hook(hook)
+    sel.add_hook(hook)
+    assert sel._hooks == (hook,)
+    direct = sel.receive_into(a.fileno() + 1000, memoryview(bytearray(4)))
+    assert sel._hooks == (direct, hook)
+    sel.remove_hook(hook)
+    sel.remove_hook(hook)  # (not there: nothing to do)
+    assert sel._hooks == (direct,)
+    sel.end_receive(a.fileno() + 1000)
+    assert sel._hooks == ()
+    sel.close()
+
+
 def test_zero_timeout_never_polls(pair) -> None:
     sel = PollingSelector(32)
     a, _ = pair
