@@ -7,9 +7,12 @@ oldstyle handshake). A listener accepts from the loop's readiness callback; a cl
 fixed newstyle handshake (with a time limit) runs from its socket's readiness callback
 (:class:`~blktap.transport.nbd.handshake.FedNegotiation`), and transmission goes on the
 same way (:meth:`Connection.start <blktap.transport.nbd.connection.Connection.start>`)
-until something must wait: only then does the client get a task of its own. Where TLS is
-required, and for the oldstyle handshake, a task does the handshake and transmission. A
-client that misbehaves is dropped alone; the others and the listeners carry on.
+until something must wait: only then does the client get a task of its own. On a polling
+loop with the C extension, a listener's front desk (``_handshake.Desk``) does the accepts
+and the usual handshakes in the loop's wait, and hands each client over here
+(:meth:`NbdServer._collect`) at GO, or where the Python negotiation must go on. Where TLS
+is required, and for the oldstyle handshake, a task does the handshake and transmission.
+A client that misbehaves is dropped alone; the others and the listeners carry on.
 :meth:`NbdServer.stop` stops accepting, lets every request in flight finish and closes
 the connections (the VBD is the caller's to close).
 
