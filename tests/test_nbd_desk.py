@@ -190,6 +190,44 @@ def test_a_silent_client_is_closed_at_the_time_limit(tmp_path) -> None:  # noqa:
     run(tmp_path, body, handshake_timeout=0.3)
 
 
+def test_an_agreed_client_idle_past_the_time_limit_is_served_not_closed(tmp_path) -> None:  # noqa: ANN001
+    """The desk keeps a client agreed at GO until its first request; one that sends none
+    within the handshake's time limit is no late handshake: it is handed over and
+    served when it asks, however late."""
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        loop = asyncio.get_running_loop()
+        client = await raw_client(str(tmp_path / "s.sock"))
+        await loop.sock_sendall(client, FLAGS + go_option())
+        await read_exactly(client, GREETING_BYTES + 20 + 12 + 20 + 14 + 20)  # GO's answers
+        assert desk.held == 1  # agreed, waiting for a request
+        await until(lambda: desk.held == 0, "the hand-over at the time limit")
+        assert server.connections == 1
+        await asyncio.sleep(0.5)  # (past the limit again: still served)
+        await loop.sock_sendall(client, struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.CMD_READ,
+                                                    7, 0, 512))
+        reply = await read_exactly(client, 16 + 512)
+        assert struct.unpack(">IIQ", reply[:16]) == (p.SIMPLE_REPLY_MAGIC, 0, 7)
+        await loop.sock_sendall(client, struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0,
+                                                    p.CMD_DISC, 8, 0, 0))
+        assert await read_until_end(client) == b""
+        client.close()
+        await until(lambda: server.connections == 0, "the client's end")
+    run(tmp_path, body, handshake_timeout=0.3)
+
+
+def test_a_client_leaving_right_after_go_is_closed(tmp_path) -> None:  # noqa: ANN001
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            client = await raw_client(str(tmp_path / "s.sock"))
+            await loop.sock_sendall(client, FLAGS + go_option())
+            await read_exactly(client, GREETING_BYTES + 20 + 12 + 20 + 14 + 20)
+            client.close()
+        await until(lambda: server.connections == 0, "the clients' end")
+        assert desk.held == 0 and desk.accepted == 3
+    run(tmp_path, body)
+
+
 def test_the_connection_limit_counts_the_clients_at_the_desk(tmp_path) -> None:  # noqa: ANN001
     async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
         path = str(tmp_path / "s.sock")

@@ -327,9 +327,10 @@ static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
  * gives it the listeners' readinesses: it accepts the clients (as many as `room`
  * allows), sends each the greeting, watches it in the loop's epoll instance and answers
  * its options with the take above as they come, all without the interpreter. A client
- * leaves the desk when the take agrees on a session (GO answered), stops (a message
- * for the Python negotiation), when its socket ends, breaks or fills, or its
- * first message outgrows the desk's buffer: it is then handed over, out of the epoll set, and the first listener reported readable, for
+ * leaves the desk with its first request once the take agreed on a session (GO
+ * answered: transmission then starts in the turn of the loop that takes it over), when
+ * the take stops (a message for the Python negotiation), when its socket ends, breaks or
+ * fills, or its first message outgrows the desk's buffer: it is then handed over, out of the epoll set, and the first listener reported readable, for
  * the server's Python to collect() it (its descriptor, the state and outcome of the
  * take, the bytes received and not taken, the answers not sent) and go on from there;
  * expire() closes those still negotiating past the time limit.
@@ -375,6 +376,7 @@ typedef struct {
     Py_ssize_t room;       /* clients the desk may hold (held and handed over) */
     struct client_list held, handed;
     unsigned long long accepted;
+    int epfd;              /* the loop's epoll instance, as the wait last gave it */
     int wants_accept;      /* the server's own accept must run (an error, a full desk) */
     int closed;
 } Desk;
@@ -494,15 +496,19 @@ static void accept_clients(Desk *desk, int epfd, int lfd, int *report)
     /* (more may wait: the listener stays ready, and the next wait comes back to it) */
 }
 
-/* A held client's readiness: receive, take, and hand it over unless the take waits. */
+/* A held client's readiness: receive, take, and hand it over unless the take waits. A
+ * client agreed at GO stays until its first request is here (or its stream ends), to be
+ * handed over with it: transmission then starts in the same turn of the loop. */
 static void serve_client(Desk *desk, int epfd, Py_ssize_t at, int *progressed, int *report)
 {
     struct client *c = desk->held.items[at];
     ssize_t got = recv(c->fd, c->buf + c->used, CLIENT_BUFFER - c->used, MSG_DONTWAIT);
     if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
         return;
-    int outcome = PYTHON;  /* the end of the stream, or an error: Python meets it too */
-    if (got > 0) {
+    int outcome = c->outcome == AGREED ? AGREED : PYTHON;  /* (an end, an error: Python's) */
+    if (got > 0 && c->outcome == AGREED) {
+        c->used += (size_t)got;
+    } else if (got > 0) {
         c->used += (size_t)got;
         *progressed = 1;
         unsigned char out[OUT_BYTES];
@@ -518,6 +524,10 @@ static void serve_client(Desk *desk, int epfd, Py_ssize_t at, int *progressed, i
             client_keep_unsent(c, out + sent, used - sent);
         if (outcome == WAIT && c->used < CLIENT_BUFFER && !c->unsent_len)
             return;
+        if (outcome == AGREED && !c->used && !c->unsent_len) {
+            c->outcome = AGREED;  /* (GO answered: the first request comes next) */
+            return;
+        }
         if (c->unsent_len && outcome == WAIT)
             outcome = PYTHON;
     }
@@ -532,6 +542,7 @@ static int desk_take(struct hook *self, int epfd, struct epoll_event *event, int
     int fd = event->data.fd, report = 0;
     if (desk->closed)
         return HOOK_NOT_MINE;
+    desk->epfd = epfd;
     int listener = 0;
     for (int i = 0; i < desk->nlisteners && !listener; i++)
         listener = desk->listeners[i] == fd;
@@ -632,6 +643,7 @@ static int desk_init(Desk *self, PyObject *args, PyObject *kwds)
     self->ex.flags = (uint16_t)flags;
     self->unix_sndbuf = unix_sndbuf;
     self->room = room;
+    self->epfd = -1;
     self->hook.ops = &desk_ops;
     return 0;
 }
@@ -683,7 +695,8 @@ static PyObject *desk_collect(Desk *self, PyObject *Py_UNUSED(ignored))
 
 PyDoc_STRVAR(expire_doc,
 "expire(before) -> int: close the clients accepted before `before` (time.monotonic())\n"
-"and still negotiating here; how many.");
+"and still negotiating here; how many. Those agreed (GO answered) and waiting for their\n"
+"first request are handed over instead, for collect().");
 
 static PyObject *desk_expire(Desk *self, PyObject *arg)
 {
@@ -693,15 +706,19 @@ static PyObject *desk_expire(Desk *self, PyObject *arg)
     Py_ssize_t n = 0;
     for (Py_ssize_t i = 0; i < self->held.count;) {
         struct client *c = self->held.items[i];
-        if (c->since < before) {
-            list_remove_at(&self->held, i);
-            /* (closing it takes it out of the epoll set: it was the only reference) */
-            close(c->fd);
-            client_free(c);
-            n++;
-        } else {
+        if (c->since >= before) {
             i++;
+            continue;
         }
+        list_remove_at(&self->held, i);
+        if (c->outcome == AGREED) {  /* (its handshake is over: an idle client, not late) */
+            hand_over(self, self->epfd, c, AGREED, 1);
+            continue;
+        }
+        /* (closing it takes it out of the epoll set: it was the only reference) */
+        close(c->fd);
+        client_free(c);
+        n++;
     }
     return PyLong_FromSsize_t(n);
 }
