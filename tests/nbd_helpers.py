@@ -3,6 +3,7 @@ NBD client for the protocol corners that real clients never exercise."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import select
@@ -194,3 +195,20 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+async def read_until_end(sock: socket.socket, timeout: float = 10) -> bytes:
+    """Everything a non-blocking socket receives on the running loop until its peer
+    ends the stream (or resets it)."""
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                data = await loop.sock_recv(sock, 1 << 16)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            got += data
+    return bytes(got)

@@ -26,6 +26,7 @@ from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd import handshake
 from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.server import Export, NbdServer
+from nbd_helpers import read_until_end
 
 if handshake.compiled_desk() is None:
     pytest.skip("the compiled desk is not built", allow_module_level=True)
@@ -85,21 +86,6 @@ async def raw_client(path: str) -> socket.socket:
     sock.setblocking(False)
     await loop.sock_connect(sock, path)
     return sock
-
-
-async def read_until_end(sock: socket.socket, timeout: float = 10) -> bytes:
-    loop = asyncio.get_running_loop()
-    got = bytearray()
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                data = await loop.sock_recv(sock, 65536)
-            except ConnectionResetError:
-                break
-            if not data:
-                break
-            got += data
-    return bytes(got)
 
 
 async def read_exactly(sock: socket.socket, n: int, timeout: float = 10) -> bytes:

@@ -25,6 +25,7 @@ from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd import handshake
 from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.server import Export, NbdServer
+from nbd_helpers import read_until_end
 
 if handshake.compiled_take() is None:
     pytest.skip("the compiled handshake is not built", allow_module_level=True)
@@ -103,17 +104,7 @@ async def transcript(path: str, pieces: list[bytes]) -> bytes:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # dropped: what it was sent is still to read
-        got = bytearray()
-        async with asyncio.timeout(10):
-            while True:
-                try:
-                    data = await loop.sock_recv(sock, 1 << 16)
-                except ConnectionResetError:
-                    break
-                if not data:
-                    break
-                got += data
-        return bytes(got)
+        return await read_until_end(sock)
 
 
 class Pair:
