@@ -195,7 +195,7 @@ class SpiedDesk:
 
     def collect(self) -> list:
         out = self.desk.collect()
-        self.unsent.extend(len(item[5]) for item in out if item[5] is not None)
+        self.unsent.extend(len(item[6]) for item in out if item[6] is not None)
         return out
 
     def __getattr__(self, name: str) -> object:

@@ -24,8 +24,9 @@
  * same poll, then a sleep in epoll_wait up to `timeout` (negative: no limit), for a loop
  * with hooks that answer some readinesses themselves (_hook.h says what a hook does;
  * Hook is their base type, exported to other extensions through a capsule). The hook
- * here is Direct: the rest of a message to go from its socket straight into its place (a large write's payload into the slot it is
- * issued from, transport/sockio.py's receive_direct). A readiness of such a socket is
+ * here is Direct: the rest of a message to go from its socket straight into its place
+ * (a large write's payload into the slot it is issued from, transport/sockio.py's
+ * receive_direct). A readiness of such a socket is
  * answered here, by a recv into the place, and the wait goes on while the place is not
  * full: the loop is not woken for each of the chunks a sender's socket buffer cuts a
  * payload into (five or six for 1 MiB over a UNIX socket), only once it is all there,

@@ -112,7 +112,7 @@ class PollingSelector(selectors.EpollSelector):
         self._hooks: tuple[Hook, ...] = ()  # all of them, as the wait takes them
 
     @property
-    def hooks(self) -> bool:
+    def can_hook(self) -> bool:
         """Whether this selector can take hooks (:meth:`add_hook`): the C extension is
         built."""
         return _wait is not None
@@ -120,7 +120,7 @@ class PollingSelector(selectors.EpollSelector):
     def add_hook(self, hook: Hook) -> None:
         """Have the wait give ``hook`` (a compiled ``blktap.io._poll.Hook``: io/_hook.h
         says what it does) the readinesses it answers itself, until :meth:`remove_hook`.
-        RuntimeError without the C extension (:attr:`hooks`)."""
+        RuntimeError without the C extension (:attr:`can_hook`)."""
         if _wait is None:
             raise RuntimeError("hooks need the compiled wait, which was not built")
         if hook not in self._added:

@@ -166,7 +166,7 @@ class Channel:
         if self.end != self.start:
             raise RuntimeError("preload() comes before any reading")
         if len(data) > len(self.buf):
-            self.buf = bytearray(max(len(data), len(self.buf)))
+            self.buf = bytearray(len(data))
             self.view = memoryview(self.buf)
         self.buf[: len(data)] = data
         self.start, self.end = 0, len(data)

@@ -322,9 +322,9 @@ static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /*
- * Desk(listeners, greeting, name, size, flags, unix_sndbuf, room): the front desk of an
- * NBD server's listeners, a hook of the loop's compiled wait (io/_hook.h). The wait
- * gives it the listeners' readinesses: it accepts the clients (as many as `room`
+ * Desk(listener, greeting, name, size, flags, unix_sndbuf, room): the front desk of an
+ * NBD server's listening socket, a hook of the loop's compiled wait (io/_hook.h). The
+ * wait gives it the listener's readinesses: it accepts the clients (as many as `room`
  * allows), sends each the greeting, watches it in the loop's epoll instance and answers
  * its options with the take above as they come, all without the interpreter. A client
  * leaves the desk with its first request once the take agreed on a session (GO
@@ -343,7 +343,6 @@ static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
  * each message costs more than the message's work, more still in an interpreter whose
  * working set went cold in the pause between two such clients.
  */
-#define DESK_LISTENERS 16
 #define CLIENT_BUFFER 1024  /* the usual options are far smaller */
 #define ACCEPTS_PER_TAKE 16
 
@@ -366,8 +365,7 @@ struct client_list {
 
 typedef struct {
     struct hook hook;
-    int listeners[DESK_LISTENERS];
-    int nlisteners;
+    int listener;          /* the listening socket */
     PyObject *name;        /* bytes: the export's name, which ex.name points into */
     struct export ex;
     unsigned char greeting[64];
@@ -543,10 +541,7 @@ static int desk_take(struct hook *self, int epfd, struct epoll_event *event, int
     if (desk->closed)
         return HOOK_NOT_MINE;
     desk->epfd = epfd;
-    int listener = 0;
-    for (int i = 0; i < desk->nlisteners && !listener; i++)
-        listener = desk->listeners[i] == fd;
-    if (listener) {
+    if (fd == desk->listener) {
         accept_clients(desk, epfd, fd, &report);
         if (report)
             desk->wants_accept = 1;
@@ -560,7 +555,7 @@ static int desk_take(struct hook *self, int epfd, struct epoll_event *event, int
         if (at < 0)
             return HOOK_NOT_MINE;
         serve_client(desk, epfd, at, progressed, &report);
-        fd = desk->listeners[0];  /* (what the loop is shown, to collect) */
+        fd = desk->listener;  /* (what the loop is shown, to collect) */
     }
     if (!report && !desk->handed.count)
         return HOOK_TAKEN;
@@ -586,15 +581,16 @@ static void desk_close_all(Desk *desk)
 
 static int desk_init(Desk *self, PyObject *args, PyObject *kwds)
 {
-    static char *keywords[] = {"listeners", "greeting", "name", "size", "flags",
+    static char *keywords[] = {"listener", "greeting", "name", "size", "flags",
                                "unix_sndbuf", "room", NULL};
-    PyObject *listeners, *name;
+    PyObject *name;
     Py_buffer greeting;
+    int listener;
     unsigned long long size;
     unsigned int flags;
     int unix_sndbuf;
     Py_ssize_t room;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oy*O!KIin:Desk", keywords, &listeners,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iy*O!KIin:Desk", keywords, &listener,
                                      &greeting, &PyBytes_Type, &name, &size, &flags,
                                      &unix_sndbuf, &room))
         return -1;
@@ -603,39 +599,17 @@ static int desk_init(Desk *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "a Desk is set up once");
         return -1;
     }
-    if (greeting.len <= 0 || (size_t)greeting.len > sizeof(self->greeting) || room < 0
-            || flags > 0xffff) {
+    if (listener < 0 || greeting.len <= 0 || (size_t)greeting.len > sizeof(self->greeting)
+            || room < 0 || flags > 0xffff) {
         PyBuffer_Release(&greeting);
-        PyErr_SetString(PyExc_ValueError, "greeting (1-64 bytes), flags or room out of range");
+        PyErr_SetString(PyExc_ValueError, "listener, greeting (1-64 bytes), flags or room "
+                        "out of range");
         return -1;
     }
     memcpy(self->greeting, greeting.buf, (size_t)greeting.len);
     self->greeting_len = (size_t)greeting.len;
     PyBuffer_Release(&greeting);
-    PyObject *seq = PySequence_Fast(listeners, "listeners must be a sequence");
-    if (seq == NULL)
-        return -1;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-    if (count < 1 || count > DESK_LISTENERS) {
-        Py_DECREF(seq);
-        PyErr_SetString(PyExc_ValueError, "one to 16 listeners");
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
-        if (fd == -1 && PyErr_Occurred()) {
-            Py_DECREF(seq);
-            return -1;
-        }
-        if (fd < 0 || fd > INT_MAX) {
-            Py_DECREF(seq);
-            PyErr_SetString(PyExc_ValueError, "not a file descriptor");
-            return -1;
-        }
-        self->listeners[i] = (int)fd;
-    }
-    Py_DECREF(seq);
-    self->nlisteners = (int)count;
+    self->listener = listener;
     self->name = Py_NewRef(name);
     self->ex.name = (const unsigned char *)PyBytes_AS_STRING(name);
     self->ex.name_len = PyBytes_GET_SIZE(name);
@@ -658,38 +632,36 @@ static void desk_dealloc(Desk *self)
 }
 
 PyDoc_STRVAR(collect_doc,
-"collect() -> [(fd, family, state, outcome, received, unsent)]: the clients handed over\n"
-"since the last call, now the caller's (a non-blocking socket of that address family):\n"
-"the take's state and outcome (WAIT: its pass may go on;\n"
-"AGREED or PYTHON), the bytes received and not taken, and the answers not sent (None:\n"
-"all sent).");
+"collect() -> [(fd, family, since, state, outcome, received, unsent)]: the clients handed\n"
+"over since the last call, in order, now the caller's (a non-blocking socket of that\n"
+"address family, accepted at `since`, time.monotonic()'s clock): the take's state and\n"
+"outcome (WAIT: its pass may go on; AGREED or PYTHON), the bytes received and not\n"
+"taken, and the answers not sent (None: all sent).");
 
 static PyObject *desk_collect(Desk *self, PyObject *Py_UNUSED(ignored))
 {
-    self->wants_accept = 0;
-    PyObject *list = PyList_New(0);
+    Py_ssize_t count = self->handed.count;
+    PyObject *list = PyList_New(count);
     if (list == NULL)
         return NULL;
-    while (self->handed.count) {
-        struct client *c = self->handed.items[0];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        struct client *c = self->handed.items[i];
         PyObject *unsent = c->unsent_len
             ? PyBytes_FromStringAndSize((const char *)c->unsent, (Py_ssize_t)c->unsent_len)
             : Py_NewRef(Py_None);
         PyObject *item = unsent == NULL ? NULL : Py_BuildValue(
-            "(iikiy#N)", c->fd, c->family, (unsigned long)c->state, c->outcome, c->buf,
-            (Py_ssize_t)c->used, unsent);
-        if (item == NULL || PyList_Append(list, item) < 0) {
-            Py_XDECREF(item);
+            "(iidkiy#N)", c->fd, c->family, c->since, (unsigned long)c->state, c->outcome,
+            c->buf, (Py_ssize_t)c->used, unsent);
+        if (item == NULL) {  /* (no memory: every client stays handed over, for next time) */
             Py_DECREF(list);
             return NULL;
         }
-        Py_DECREF(item);
-        /* (in order: the first handed over first) */
-        memmove(self->handed.items, self->handed.items + 1,
-                sizeof(*self->handed.items) * (size_t)(self->handed.count - 1));
-        self->handed.count--;
-        client_free(c);
+        PyList_SET_ITEM(list, i, item);
     }
+    for (Py_ssize_t i = 0; i < count; i++)
+        client_free(self->handed.items[i]);
+    self->handed.count = 0;
+    self->wants_accept = 0;
     return list;
 }
 
@@ -785,7 +757,7 @@ static PyMethodDef desk_methods[] = {
     {"collect", (PyCFunction)desk_collect, METH_NOARGS, collect_doc},
     {"expire", (PyCFunction)desk_expire, METH_O, expire_doc},
     {"close", (PyCFunction)desk_close, METH_NOARGS,
-     "Close every client the desk holds and take no more (the listeners are the caller's)."},
+     "Close every client the desk holds and take no more (the listener is the caller's)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -806,7 +778,7 @@ static PyGetSetDef desk_getset[] = {
 static PyTypeObject DeskType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "blktap.transport.nbd._handshake.Desk",
-    .tp_doc = "Desk(listeners, greeting, name, size, flags, unix_sndbuf, room): accepts "
+    .tp_doc = "Desk(listener, greeting, name, size, flags, unix_sndbuf, room): accepts "
               "clients and answers their usual handshakes in the loop's wait (a hook).",
     .tp_basicsize = sizeof(Desk),
     .tp_flags = Py_TPFLAGS_DEFAULT,

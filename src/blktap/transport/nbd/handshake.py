@@ -420,14 +420,16 @@ class FedNegotiation:
             self._take = None  # (the greeting waits: the pass's answers must not pass it)
         ch.feed(self._fed)
 
-    def resume(self, state: int, outcome: int, unsent: bytes | None) -> None:
+    def resume(self, state: int, outcome: int, unsent: bytes | None,
+               deadline: float) -> None:
         """Instead of :meth:`start`: go on from the server's desk (``_handshake.Desk``),
         which greeted the client and answered its usual options in the loop's wait.
         ``state`` and ``outcome`` are its take's, ``unsent`` the answers the socket did
         not take; what it received and did not take is in the channel's buffer
-        (:meth:`Channel.preload`)."""
+        (:meth:`Channel.preload`). ``deadline`` (:func:`time.monotonic`) is when the
+        time limit, counted from the client's accept, is up."""
         ch = self.ch
-        self.deadline = turn_clock(ch.loop)() + self.timeout
+        self.deadline = deadline
         neg = self.negotiation
         neg.adopt(state)
         if unsent is not None:

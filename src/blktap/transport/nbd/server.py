@@ -162,10 +162,10 @@ class NbdServer:
         desk_type = compiled_desk()
         selector = getattr(self.loop, "_selector", None)  # asyncio.SelectorEventLoop's
         if (desk_type is None or self.tls is not None or self._compiled_take is None
-                or not isinstance(selector, PollingSelector) or not selector.hooks):
+                or not isinstance(selector, PollingSelector) or not selector.can_hook):
             return
         export = self.export
-        desk = desk_type([lsock.fileno()], GREETING, export.name.encode(), export.vbd.size,
+        desk = desk_type(lsock.fileno(), GREETING, export.name.encode(), export.vbd.size,
                          transmission_flags(export, False), UNIX_SEND_BUFFER, 0)
         self._desks[lsock.fileno()] = desk
         self._make_room()
@@ -203,7 +203,7 @@ class NbdServer:
     def _collect(self, desk: Any) -> None:
         """Take over the clients the desk handed over: each goes on in Python from where
         the desk's take stopped (transmission, when it agreed on a session)."""
-        for fd, family, state, outcome, received, unsent in desk.collect():
+        for fd, family, since, state, outcome, received, unsent in desk.collect():
             # (type and family given: no system calls to find them)
             conn = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd)
             if self._stopping:
@@ -225,7 +225,9 @@ class NbdServer:
             if outcome == AGREED and unsent is None:  # (the usual way: straight on)
                 self._serve(ch, peer, agreed(Session(self.export), state))
             else:
-                self._fed_negotiation(ch, peer).resume(state, outcome, unsent)
+                # (the time limit counts from the accept, not from here)
+                self._fed_negotiation(ch, peer).resume(state, outcome, unsent,
+                                                       since + self.handshake_timeout)
         self._make_room()
 
     def _acceptable(self, lsock: socket.socket) -> None:
