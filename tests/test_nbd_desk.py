@@ -14,6 +14,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -212,6 +213,28 @@ def test_a_client_leaving_right_after_go_is_closed(tmp_path) -> None:  # noqa: A
         await until(lambda: server.connections == 0, "the clients' end")
         assert desk.held == 0 and desk.accepted == 3
     run(tmp_path, body)
+
+
+def test_the_time_limit_counts_from_the_accept_after_a_hand_over(tmp_path) -> None:  # noqa: ANN001
+    """A client handed over mid-handshake (its first message outgrows the desk's buffer)
+    has what is left of its time limit in Python, not the whole limit again."""
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        loop = asyncio.get_running_loop()
+        before = time.monotonic()
+        client = await raw_client(str(tmp_path / "s.sock"))
+        await read_exactly(client, GREETING_BYTES)
+        greeted = time.monotonic()  # (accepted by then)
+        await asyncio.sleep(0.3)  # (at the desk)
+        long_go = go_option(b"n" * 2000)
+        await loop.sock_sendall(client, FLAGS + long_go[:1100])
+        await until(lambda: len(server._handshakes) == 1, "the hand-over")
+        (handshake,) = server._handshakes
+        assert before + 30 <= handshake.deadline <= greeted + 30
+        await loop.sock_sendall(client, long_go[1100:])  # (the rest: unknown export)
+        reply = await read_exactly(client, 20)  # (the greeting was read above)
+        assert struct.unpack(">QII", reply[:16])[1:] == (p.OPT_GO, p.REP_ERR_UNKNOWN)
+        client.close()
+    run(tmp_path, body, handshake_timeout=30)
 
 
 def test_the_connection_limit_counts_the_clients_at_the_desk(tmp_path) -> None:  # noqa: ANN001

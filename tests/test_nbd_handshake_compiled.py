@@ -255,6 +255,9 @@ USUAL = [
                                meta_data("", ("base:allocation", "base:allocation"))), GO],
     [FLAGS, STRUCTURED, BASE, option(p.OPT_SET_META_CONTEXT, meta_data("", ())), GO],
     [FLAGS, option(p.OPT_GO, go_data("", (p.INFO_EXPORT, p.INFO_BLOCK_SIZE, 77)))],
+    # longer than the desk's buffer (1 KiB): its pass goes on in Python with the state
+    [FLAGS, STRUCTURED, option(p.OPT_SET_META_CONTEXT,
+                               meta_data("", ("base:allocation",) * 80)), GO],
 ]
 
 LEFT_TO_PYTHON = [
@@ -264,6 +267,7 @@ LEFT_TO_PYTHON = [
     [FLAGS, option(p.OPT_EXPORT_NAME, NAME.encode())],
     [FLAGS, STRUCTURED, option(p.OPT_EXPORT_NAME, b"")],
     [FLAGS, option(p.OPT_GO, go_data("nope"))],  # unknown export, then a good GO
+    [FLAGS, option(p.OPT_GO, go_data("n" * 2000)), GO],  # and longer than the desk's buffer
     [FLAGS, option(p.OPT_GO, go_data("nope")), GO],
     [FLAGS, option(p.OPT_GO, go_data(NAME, (p.INFO_NAME, p.INFO_DESCRIPTION)))],
     [FLAGS, option(p.OPT_INFO, go_data("", (p.INFO_DESCRIPTION,))), GO],
