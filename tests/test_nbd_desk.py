@@ -23,6 +23,7 @@ import pytest
 from blktap.io import ThreadEngine
 from blktap.io.polling import PollingSelector, polling_loop_factory
 from blktap.tapdisk.driver import Caps, Driver
+from blktap.tapdisk.drivers.stack import open_stack
 from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd import handshake
 from blktap.transport.nbd import proto as p
@@ -340,3 +341,320 @@ def test_no_desk_where_the_handshake_is_not_the_plain_one(tmp_path, monkeypatch)
             engine.close()
     with asyncio.Runner(loop_factory=polling_loop_factory(32)) as runner:
         runner.run(main())
+
+
+# ---------------------------------------------------------------------- transmission
+# A client agreed at the desk stays there for the requests the compiled pass serves at
+# once (Desk.transmit: connection.serve_at_desk): a short connection that only asks for
+# block status or reads and disconnects never reaches the Python path. Anything else
+# (another command, replies the socket did not take, a paused disk) hands it over.
+
+DISK = 4 << 20
+CLUSTER = 64 * KiB
+DATA_AT, DATA_LEN = 1 << 20, 256 * KiB
+
+
+def qcow2_image(tmp_path: Any) -> Any:
+    """A 4 MiB qcow2 (qemu-img's) holding 256 KiB of 0x5a at 1 MiB, the rest holes."""
+    need("qemu-img")
+    need("qemu-io")
+    img = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"cluster_size={CLUSTER}", str(img), str(DISK)], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -q -P 0x5a {DATA_AT} {DATA_LEN}",
+                    str(img)], check=True)
+    return img
+
+
+def run_disk(tmp_path: Any, spec: str, body: Body, *, loop: str = "polling",
+             warm: bool = True) -> None:
+    """``body(server, desk, vbd, engine)`` with a server of ``spec`` (opened writable) on
+    tmp_path/s.sock; on asyncio's own loop (no desk: None) when ``loop`` says so. ``warm``:
+    the driver's metadata read first (the compiled pass serves from its cache only)."""
+    async def main() -> None:
+        engine = ThreadEngine(1)
+        drv = await engine.call(open_stack, engine, spec, writable=True)
+        vbd = VBD(drv)
+        if warm:
+            await vbd.block_status(0, vbd.size)
+        server = NbdServer(Export("exp", vbd))
+        server.listen_unix(str(tmp_path / "s.sock"))
+        desk = next(iter(server._desks.values()), None)
+        assert (desk is None) == (loop != "polling")
+        try:
+            await body(server, desk, vbd, engine)
+        finally:
+            await server.stop()
+            await vbd.close()
+            engine.close()
+    factory = polling_loop_factory(32) if loop == "polling" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+
+
+def structured_option() -> bytes:
+    return struct.pack(">QII", p.IHAVEOPT, p.OPT_STRUCTURED_REPLY, 0)
+
+
+def meta_option(*queries: bytes) -> bytes:
+    data = struct.pack(">I", 0) + struct.pack(">I", len(queries))
+    for q in queries:
+        data += struct.pack(">I", len(q)) + q
+    return struct.pack(">QII", p.IHAVEOPT, p.OPT_SET_META_CONTEXT, len(data)) + data
+
+
+# The answers to FLAGS + [structured + meta(base:allocation)] + go_option(), after the
+# greeting: ACK; META_CONTEXT, ACK; INFO export, INFO block size, ACK.
+STRUCTURED_ANSWERS = 20 + (20 + 4 + 15) + 20
+GO_ANSWERS = 20 + 12 + 20 + 14 + 20
+
+
+async def agreed_client(path: str, *, structured: bool = True,
+                        contexts: bool = True) -> socket.socket:
+    """A raw client through the handshake at the desk (its answers read)."""
+    client = await raw_client(path)
+    opts = FLAGS
+    answers = GREETING_BYTES + GO_ANSWERS
+    if structured:
+        opts += structured_option()
+        answers += 20
+        if contexts:
+            opts += meta_option(b"base:allocation")
+            answers += 20 + 4 + 15 + 20
+    await asyncio.get_running_loop().sock_sendall(client, opts + go_option())
+    await read_exactly(client, answers)
+    return client
+
+
+def request(cmd: int, handle: int, offset: int, length: int, flags: int = 0) -> bytes:
+    return p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, handle, offset, length)
+
+
+async def read_structured(sock: socket.socket) -> tuple[int, int, int, bytes]:
+    """One structured reply chunk: (flags, type, handle, payload)."""
+    head = await read_exactly(sock, 20)
+    magic, flags, kind, handle, length = struct.unpack(">IHHQI", head)
+    assert magic == p.STRUCTURED_REPLY_MAGIC
+    return flags, kind, handle, await read_exactly(sock, length)
+
+
+def image_bytes(img: Any) -> bytes:
+    """The image's bytes as qemu-img reads them."""
+    raw = img.with_suffix(".raw")
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(img), str(raw)],
+                   check=True)
+    return raw.read_bytes()
+
+
+def test_short_connections_are_served_and_ended_at_the_desk(tmp_path) -> None:  # noqa: ANN001
+    """libnbd's tools (block status, reads, DISC) served without the Python path: the
+    same map and bytes as asyncio's loop gives (no desk there), and as qemu reads."""
+    need("nbdinfo")
+    need("nbdcopy")
+    img = qcow2_image(tmp_path)
+    uri = f"nbd+unix:///exp?socket={tmp_path}/s.sock"
+    got: dict[str, tuple[str, bytes]] = {}
+
+    for loop in ("polling", "asyncio"):
+        async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine,
+                       loop: str = loop) -> None:
+            copy = tmp_path / f"copy-{loop}.raw"
+            mapped = await asyncio.to_thread(subprocess.run, ["nbdinfo", "--map", uri],
+                                             capture_output=True, text=True, timeout=30)
+            assert mapped.returncode == 0, mapped.stderr
+            done = await asyncio.to_thread(subprocess.run, ["nbdcopy", uri, str(copy)],
+                                           capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            await until(lambda: server.connections == 0, "the connections' end")
+            got[loop] = (mapped.stdout, copy.read_bytes())
+            assert vbd.stats.other_reqs >= 2  # (block status, counted either way)
+            if desk is not None:
+                # every connection ended at the desk but the first: its block status
+                # is the Python path's, which reads the L2 table into the driver's cache
+                # (the pass serves from cached tables only)
+                assert desk.accepted == 3 and desk.ended == 2
+                assert desk.held == 0 and not server._connections
+        run_disk(tmp_path, f"qcow2:{img}", body, loop=loop, warm=False)
+    assert got["polling"] == got["asyncio"]
+    mapped, copied = got["polling"]
+    assert copied == image_bytes(img)
+    assert f"{DATA_AT:>10}" in mapped and "data" in mapped and "hole" in mapped
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_requests_at_the_desk_then_the_python_path(tmp_path, structured) -> None:  # noqa: ANN001
+    """Reads and block status answered at the desk; a FLUSH (not the pass's) hands the
+    client over with it, in order; the Python path serves it and what follows."""
+    img = qcow2_image(tmp_path)
+
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        loop = asyncio.get_running_loop()
+        client = await agreed_client(str(tmp_path / "s.sock"), structured=structured)
+        reads = vbd.stats.read_reqs
+        await loop.sock_sendall(client, request(p.CMD_READ, 1, DATA_AT, 4096)
+                                + request(p.CMD_READ, 2, 0, 4096))
+        for handle, byte in ((1, 0x5a), (2, 0)):
+            if structured:
+                flags, kind, h, payload = await read_structured(client)
+                assert (h, flags & p.REPLY_FLAG_DONE) == (handle, p.REPLY_FLAG_DONE)
+                if byte:
+                    assert kind == p.REPLY_TYPE_OFFSET_DATA
+                    assert payload == struct.pack(">Q", DATA_AT) + bytes([byte]) * 4096
+                else:  # (zeros: one hole chunk)
+                    assert kind == p.REPLY_TYPE_OFFSET_HOLE
+                    assert payload == struct.pack(">QI", 0, 4096)
+            else:
+                reply = await read_exactly(client, 16 + 4096)
+                assert struct.unpack(">IIQ", reply[:16]) == (p.SIMPLE_REPLY_MAGIC, 0, handle)
+                assert reply[16:] == bytes([byte]) * 4096
+        assert vbd.stats.read_reqs == reads + 2
+        if structured:
+            await loop.sock_sendall(client, request(p.CMD_BLOCK_STATUS, 3, 0, DISK))
+            flags, kind, h, payload = await read_structured(client)
+            assert (kind, h) == (p.REPLY_TYPE_BLOCK_STATUS, 3)
+            assert struct.unpack(">I", payload[:4])[0] == p.META_ID_BASE_ALLOCATION
+            extents = [struct.unpack(">II", payload[i:i + 8]) for i in range(4, len(payload), 8)]
+            assert extents[:2] == [(DATA_AT, 3), (DATA_LEN, 0)]
+        assert desk.held == 1 and not server._connections  # (all answered at the desk)
+        # FLUSH, then a read behind it: handed over with both (answered in any order)
+        await loop.sock_sendall(client, request(p.CMD_FLUSH, 4, 0, 0)
+                                + request(p.CMD_READ, 5, DATA_AT + 4096, 512))
+        answers = {}
+        for _ in range(2):
+            head = await read_exactly(client, 16)
+            if head[:4] == struct.pack(">I", p.SIMPLE_REPLY_MAGIC):
+                _, error, h = struct.unpack(">IIQ", head)
+                assert error == 0
+                answers[h] = await read_exactly(client, 0 if h == 4 or structured else 512)
+                continue
+            _, flags, kind, h = struct.unpack(">IHHQ", head)
+            (length,) = struct.unpack(">I", await read_exactly(client, 4))
+            assert flags & p.REPLY_FLAG_DONE and kind in (p.REPLY_TYPE_NONE,
+                                                          p.REPLY_TYPE_OFFSET_DATA)
+            answers[h] = (await read_exactly(client, length))[8:]  # (past the offset)
+        assert answers == {4: b"", 5: b"\x5a" * 512}
+        assert len(server._connections) == 1 and desk.held == 0 and desk.ended == 0
+        await loop.sock_sendall(client, request(p.CMD_DISC, 6, 0, 0))
+        assert await read_until_end(client) == b""
+        client.close()
+        await until(lambda: server.connections == 0, "the client's end")
+    run_disk(tmp_path, f"qcow2:{img}", body)
+
+
+def test_block_status_without_a_context_is_the_python_paths(tmp_path) -> None:  # noqa: ANN001
+    """No metadata context negotiated: the error (EINVAL) is the Python path's answer."""
+    img = qcow2_image(tmp_path)
+
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        client = await agreed_client(str(tmp_path / "s.sock"), contexts=False)
+        await asyncio.get_running_loop().sock_sendall(
+            client, request(p.CMD_BLOCK_STATUS, 9, 0, DISK))
+        flags, kind, h, payload = await read_structured(client)
+        assert (kind, h) == (p.REPLY_TYPE_ERROR, 9)
+        assert struct.unpack(">I", payload[:4])[0] == p.NBD_EINVAL
+        assert len(server._connections) == 1
+        client.close()
+    run_disk(tmp_path, f"qcow2:{img}", body)
+
+
+def test_replies_the_socket_did_not_take_are_sent_first(tmp_path) -> None:  # noqa: ANN001
+    """Reads whose replies outgrow the socket's buffer (the client reads nothing yet):
+    the desk hands the client over with what was not sent, which goes out before the
+    Python path's replies, every byte in order."""
+    img = qcow2_image(tmp_path)
+
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        loop = asyncio.get_running_loop()
+        client = await agreed_client(str(tmp_path / "s.sock"), structured=False)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+        # 32 reads of 1 MiB in one send: more than the server's socket takes (4 MiB)
+        count, size = 32, 1 << 20
+        reqs = b"".join(request(p.CMD_READ, 100 + i, (i * size) % DISK, size)
+                        for i in range(count))
+        assert len(reqs) < 1024  # (all at the desk at once)
+        await loop.sock_sendall(client, reqs)
+        await until(lambda: len(server._connections) == 1, "the hand-over")
+        assert desk.ended == 0
+        data = image_bytes(img)
+        for i in range(count):
+            reply = await read_exactly(client, 16 + size)
+            assert struct.unpack(">IIQ", reply[:16]) == (p.SIMPLE_REPLY_MAGIC, 0, 100 + i)
+            at = (i * size) % DISK
+            assert reply[16:] == data[at:at + size]
+        client.close()
+        await until(lambda: server.connections == 0, "the client's end")
+    run_disk(tmp_path, f"qcow2:{img}", body)
+
+
+@pytest.mark.parametrize("how", ["disc", "closed", "gone-unread"])
+def test_a_connection_ending_at_the_desk(tmp_path, how) -> None:  # noqa: ANN001
+    """DISC, the end of the stream, or a client gone with its replies unread: the desk
+    ends the connection itself, and the server goes on serving."""
+    img = qcow2_image(tmp_path)
+
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        loop = asyncio.get_running_loop()
+        path = str(tmp_path / "s.sock")
+        for n in range(1, 4):
+            client = await agreed_client(path)
+            if how == "disc":
+                await loop.sock_sendall(client, request(p.CMD_DISC, 1, 0, 0))
+                assert await read_until_end(client) == b""
+            elif how == "gone-unread":
+                await loop.sock_sendall(client, b"".join(
+                    request(p.CMD_READ, i, 0, 256 * KiB) for i in range(16)))
+            client.close()
+            await until(lambda n=n: desk.ended == n, "the end at the desk")
+            assert not server._connections
+        client = await agreed_client(path)
+        await loop.sock_sendall(client, request(p.CMD_READ, 7, DATA_AT, 512))
+        _, kind, h, payload = await read_structured(client)
+        assert (kind, h, payload[8:]) == (p.REPLY_TYPE_OFFSET_DATA, 7, b"\x5a" * 512)
+        client.close()
+        await until(lambda: server.connections == 0, "the last client's end")
+    run_disk(tmp_path, f"qcow2:{img}", body)
+
+
+def test_a_paused_disk_is_the_python_paths(tmp_path) -> None:  # noqa: ANN001
+    """While the disk is paused the desk serves nothing: the client is handed over with
+    its request, which waits for the resume as any other."""
+    img = qcow2_image(tmp_path)
+
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        loop = asyncio.get_running_loop()
+        client = await agreed_client(str(tmp_path / "s.sock"))
+        await vbd.pause()
+        await loop.sock_sendall(client, request(p.CMD_READ, 3, DATA_AT, 512))
+        await until(lambda: len(server._connections) == 1, "the hand-over")
+        drv = await engine.call(open_stack, engine, f"qcow2:{img}", writable=True)
+        await vbd.resume(drv)
+        _, kind, h, payload = await read_structured(client)
+        assert (kind, h, payload[8:]) == (p.REPLY_TYPE_OFFSET_DATA, 3, b"\x5a" * 512)
+        client.close()
+    run_disk(tmp_path, f"qcow2:{img}", body)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("answer", ["raises", "nonsense"])
+def test_a_failing_transmit_leaves_the_client_to_the_python_path(tmp_path, answer) -> None:  # noqa: ANN001
+    img = qcow2_image(tmp_path)
+
+    def transmit(*args: Any) -> Any:
+        if answer == "raises":
+            raise RuntimeError("a bug")
+        return (10**6, None, False)  # (more than it was given)
+
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        desk.transmit = transmit
+        client = await agreed_client(str(tmp_path / "s.sock"))
+        await asyncio.get_running_loop().sock_sendall(
+            client, request(p.CMD_READ, 3, DATA_AT, 512))
+        _, kind, h, payload = await read_structured(client)
+        assert (kind, h, payload[8:]) == (p.REPLY_TYPE_OFFSET_DATA, 3, b"\x5a" * 512)
+        assert len(server._connections) == 1
+        client.close()
+        with pytest.raises(TypeError):
+            desk.transmit = 42
+        desk.transmit = None
+        assert desk.transmit is None
+    run_disk(tmp_path, f"qcow2:{img}", body)

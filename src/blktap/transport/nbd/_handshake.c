@@ -32,6 +32,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
@@ -85,6 +86,7 @@ static const char BASE_ALLOCATION[] = "base:allocation";
 #define ST_OPTIONS_SHIFT 8
 
 enum outcome { WAIT = 0, AGREED = 1, PYTHON = 2 };
+#define ENDED 3  /* a Desk's client whose connection ended at the desk (collect) */
 
 /* The largest answer to one option (GO: two REP_INFO and the ACK) is 86 bytes. */
 #define OUT_BYTES 4096
@@ -346,9 +348,18 @@ static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 #define CLIENT_BUFFER 1024  /* the usual options are far smaller */
 #define ACCEPTS_PER_TAKE 16
 
+/* Transmission (doc/proto.md, "Transmission"): the requests the desk looks at. */
+#define REQUEST_MAGIC 0x25609513u
+#define REQUEST_SIZE 28  /* magic, flags, type, handle, offset, length */
+#define CMD_READ 0u
+#define CMD_WRITE 1u
+#define CMD_DISC 2u
+#define CMD_BLOCK_STATUS 7u
+
 struct client {
     int fd;
     int family;           /* AF_UNIX, AF_INET, AF_INET6 */
+    struct sockaddr_storage peer;  /* as accept4 gave it */
     int outcome;          /* once handed over */
     unsigned state;
     double since;         /* accepted at (CLOCK_MONOTONIC, seconds) */
@@ -377,6 +388,10 @@ typedef struct {
     int epfd;              /* the loop's epoll instance, as the wait last gave it */
     int wants_accept;      /* the server's own accept must run (an error, a full desk) */
     int closed;
+    PyObject *transmit;    /* the server's compiled pass over an agreed client's requests */
+    PyObject *requests;    /* bytearray(CLIENT_BUFFER): a client's requests, for transmit */
+    int transmitting;      /* in transmit (the desk must not close under it) */
+    unsigned long long ended;  /* connections that ended here (a DISC, or broken) */
 } Desk;
 
 static double monotonic(void)
@@ -433,7 +448,8 @@ static int hand_over(Desk *desk, int epfd, struct client *c, int outcome, int wa
         epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
     c->outcome = outcome;
     if (list_add(&desk->handed, c) < 0) {
-        close(c->fd);
+        if (c->fd >= 0)
+            close(c->fd);
         client_free(c);
         return -1;
     }
@@ -465,6 +481,7 @@ static void accept_clients(Desk *desk, int epfd, int lfd, int *report)
         }
         c->fd = fd;
         c->family = addr.ss_family;
+        memcpy(&c->peer, &addr, sizeof(addr));
         c->outcome = WAIT;
         c->state = 0;
         c->since = monotonic();
@@ -494,6 +511,83 @@ static void accept_clients(Desk *desk, int epfd, int lfd, int *report)
     /* (more may wait: the listener stays ready, and the next wait comes back to it) */
 }
 
+/* What becomes of an agreed client after its requests were looked at. */
+enum { STAYS, ENDS, HANDED };
+
+/* The server's transmit over the requests of c's buffer, with the interpreter lock
+ * (taken here: the wait let it go): what it consumed is dropped from the buffer, what
+ * the socket did not take of the replies kept to be sent first. -1: it raised, or
+ * answered nonsense (reported as unraisable; the client is handed over as it was), or
+ * the connection broke (*broken). */
+static Py_ssize_t call_transmit(Desk *desk, struct client *c, int *broken)
+{
+    Py_ssize_t consumed = -1;
+    int structured = (c->state & ST_STRUCTURED) != 0;
+    /* base:allocation's id when it is the session's one context (the desk's take
+     * answers no other), else 0: block status is then the Python path's */
+    unsigned all = ST_STRUCTURED | ST_CONTEXTS_SET | ST_BASE_ALLOCATION;
+    unsigned status_id = (c->state & all) == all ? META_ID_BASE_ALLOCATION : 0;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    if (desk->transmit == NULL) {  /* (taken away while the lock was let go) */
+        PyGILState_Release(gil);
+        return -1;
+    }
+    PyObject *transmit = Py_NewRef(desk->transmit);
+    desk->transmitting = 1;
+    memcpy(PyByteArray_AS_STRING(desk->requests), c->buf, c->used);
+    PyObject *result = PyObject_CallFunction(transmit, "iOniI", c->fd, desk->requests,
+                                             (Py_ssize_t)c->used, structured, status_id);
+    desk->transmitting = 0;
+    PyObject *unsent;
+    if (result == NULL || !PyArg_ParseTuple(result, "nOp", &consumed, &unsent, broken)
+            || consumed < 0 || (size_t)consumed > c->used
+            || (unsent != Py_None && !PyBytes_Check(unsent))) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "transmit must return (consumed, unsent "
+                            "bytes or None, broken)");
+        PyErr_WriteUnraisable(transmit);
+        consumed = -1;
+    } else if (*broken) {
+        consumed = -1;
+    } else {
+        if (unsent != Py_None)
+            client_keep_unsent(c, (const unsigned char *)PyBytes_AS_STRING(unsent),
+                               (size_t)PyBytes_GET_SIZE(unsent));
+        memmove(c->buf, c->buf + consumed, c->used - (size_t)consumed);
+        c->used -= (size_t)consumed;
+    }
+    Py_XDECREF(result);
+    Py_DECREF(transmit);
+    PyGILState_Release(gil);
+    return consumed;
+}
+
+/* An agreed client's requests: a DISC (with nothing else before it) ends the
+ * connection here, as the Python path ends it (Connection._disconnected: no reply);
+ * reads, writes and block status go to the server's transmit (the compiled pass, which
+ * serves what the disk can serve at once); the client stays while all was served, and
+ * is handed over at anything else (the Python path then serves it from there). */
+static int transmission(Desk *desk, struct client *c)
+{
+    while (c->used >= REQUEST_SIZE) {
+        uint32_t cmd = get16(c->buf + 6);
+        if (get32(c->buf) != REQUEST_MAGIC)
+            return HANDED;
+        if (cmd == CMD_DISC)
+            return ENDS;
+        if (desk->transmit == NULL
+                || (cmd != CMD_READ && cmd != CMD_WRITE && cmd != CMD_BLOCK_STATUS))
+            return HANDED;
+        int broken = 0;
+        Py_ssize_t consumed = call_transmit(desk, c, &broken);
+        if (broken)
+            return ENDS;
+        if (consumed <= 0 || c->unsent_len)
+            return HANDED;
+    }
+    return STAYS;
+}
+
 /* A held client's readiness: receive, take, and hand it over unless the take waits. A
  * client agreed at GO stays until its first request is here (or its stream ends), to be
  * handed over with it: transmission then starts in the same turn of the loop. */
@@ -504,8 +598,14 @@ static void serve_client(Desk *desk, int epfd, Py_ssize_t at, int *progressed, i
     if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
         return;
     int outcome = c->outcome == AGREED ? AGREED : PYTHON;  /* (an end, an error: Python's) */
-    if (got > 0 && c->outcome == AGREED) {
-        c->used += (size_t)got;
+    int next = HANDED;
+    if (c->outcome == AGREED) {
+        /* (in transmission with nothing in flight: the end of its stream, or an error,
+         * ends the connection, as the Python path ends it) */
+        if (got <= 0)
+            next = ENDS;
+        else
+            c->used += (size_t)got;
     } else if (got > 0) {
         c->used += (size_t)got;
         *progressed = 1;
@@ -522,14 +622,27 @@ static void serve_client(Desk *desk, int epfd, Py_ssize_t at, int *progressed, i
             client_keep_unsent(c, out + sent, used - sent);
         if (outcome == WAIT && c->used < CLIENT_BUFFER && !c->unsent_len)
             return;
-        if (outcome == AGREED && !c->used && !c->unsent_len) {
-            c->outcome = AGREED;  /* (GO answered: the first request comes next) */
-            return;
-        }
+        if (outcome == AGREED && !c->unsent_len)
+            c->outcome = AGREED;  /* (GO answered: transmission, from what came with it) */
         if (c->unsent_len && outcome == WAIT)
             outcome = PYTHON;
     }
+    if (c->outcome == AGREED && next != ENDS)
+        next = transmission(desk, c);
+    if (next == STAYS)
+        return;
     list_remove_at(&desk->held, at);
+    if (next == ENDS) {
+        /* (closing it takes it out of the epoll set: it was the only reference);
+         * handed over all the same, for the server to account for it (its log) */
+        close(c->fd);
+        c->fd = -1;
+        c->used = 0;
+        desk->ended++;
+        if (hand_over(desk, epfd, c, ENDED, 0) == 0)
+            *report = 1;
+        return;
+    }
     hand_over(desk, epfd, c, outcome, 1);
     *report = 1;
 }
@@ -573,7 +686,8 @@ static void desk_close_all(Desk *desk)
         client_free(desk->held.items[i]);
     }
     for (Py_ssize_t i = 0; i < desk->handed.count; i++) {
-        close(desk->handed.items[i]->fd);
+        if (desk->handed.items[i]->fd >= 0)
+            close(desk->handed.items[i]->fd);
         client_free(desk->handed.items[i]);
     }
     desk->held.count = desk->handed.count = 0;
@@ -618,6 +732,9 @@ static int desk_init(Desk *self, PyObject *args, PyObject *kwds)
     self->unix_sndbuf = unix_sndbuf;
     self->room = room;
     self->epfd = -1;
+    self->requests = PyByteArray_FromStringAndSize(NULL, CLIENT_BUFFER);
+    if (self->requests == NULL)
+        return -1;
     self->hook.ops = &desk_ops;
     return 0;
 }
@@ -628,15 +745,40 @@ static void desk_dealloc(Desk *self)
     free(self->held.items);
     free(self->handed.items);
     Py_XDECREF(self->name);
+    Py_XDECREF(self->transmit);
+    Py_XDECREF(self->requests);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 PyDoc_STRVAR(collect_doc,
-"collect() -> [(fd, family, since, state, outcome, received, unsent)]: the clients handed\n"
-"over since the last call, in order, now the caller's (a non-blocking socket of that\n"
-"address family, accepted at `since`, time.monotonic()'s clock): the take's state and\n"
-"outcome (WAIT: its pass may go on; AGREED or PYTHON), the bytes received and not\n"
-"taken, and the answers not sent (None: all sent).");
+"collect() -> [(fd, family, since, state, outcome, received, unsent, peer)]: the clients\n"
+"handed over since the last call, in order, now the caller's (a non-blocking socket of\n"
+"that address family, accepted at `since`, time.monotonic()'s clock): the take's state\n"
+"and outcome (WAIT: its pass may go on; AGREED or PYTHON; ENDED: the connection ended\n"
+"at the desk, fd -1), the bytes received and not taken, the answers not sent (None:\n"
+"all sent), and a TCP client's \"host:port\" (None for others).");
+
+/* A TCP client's address as "host:port" (the server's name for it), None otherwise. */
+static PyObject *peer_name(const struct client *c)
+{
+    char host[INET6_ADDRSTRLEN];
+    const void *where;
+    unsigned port;
+    if (c->family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)&c->peer;
+        where = &in->sin_addr;
+        port = ntohs(in->sin_port);
+    } else if (c->family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)&c->peer;
+        where = &in6->sin6_addr;
+        port = ntohs(in6->sin6_port);
+    } else {
+        Py_RETURN_NONE;
+    }
+    if (inet_ntop(c->family, where, host, sizeof(host)) == NULL)
+        Py_RETURN_NONE;
+    return PyUnicode_FromFormat("%s:%u", host, port);
+}
 
 static PyObject *desk_collect(Desk *self, PyObject *Py_UNUSED(ignored))
 {
@@ -649,9 +791,12 @@ static PyObject *desk_collect(Desk *self, PyObject *Py_UNUSED(ignored))
         PyObject *unsent = c->unsent_len
             ? PyBytes_FromStringAndSize((const char *)c->unsent, (Py_ssize_t)c->unsent_len)
             : Py_NewRef(Py_None);
-        PyObject *item = unsent == NULL ? NULL : Py_BuildValue(
-            "(iidkiy#N)", c->fd, c->family, c->since, (unsigned long)c->state, c->outcome,
-            c->buf, (Py_ssize_t)c->used, unsent);
+        PyObject *peer = unsent == NULL ? NULL : peer_name(c);
+        PyObject *item = peer == NULL ? NULL : Py_BuildValue(
+            "(iidkiy#NN)", c->fd, c->family, c->since, (unsigned long)c->state, c->outcome,
+            c->buf, (Py_ssize_t)c->used, unsent, peer);
+        if (item == NULL && peer == NULL)
+            Py_XDECREF(unsent);
         if (item == NULL) {  /* (no memory: every client stays handed over, for next time) */
             Py_DECREF(list);
             return NULL;
@@ -697,6 +842,10 @@ static PyObject *desk_expire(Desk *self, PyObject *arg)
 
 static PyObject *desk_close(Desk *self, PyObject *Py_UNUSED(ignored))
 {
+    if (self->transmitting) {  /* (the client transmit serves would be freed under it) */
+        PyErr_SetString(PyExc_RuntimeError, "a desk cannot close from its transmit");
+        return NULL;
+    }
     desk_close_all(self);
     self->closed = 1;
     Py_RETURN_NONE;
@@ -748,6 +897,26 @@ static PyObject *desk_get_wants_accept(Desk *self, void *closure)
     return PyBool_FromLong(self->wants_accept);
 }
 
+static PyObject *desk_get_ended(Desk *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->ended);
+}
+
+static PyObject *desk_get_transmit(Desk *self, void *closure)
+{
+    return Py_NewRef(self->transmit == NULL ? Py_None : self->transmit);
+}
+
+static int desk_set_transmit(Desk *self, PyObject *value, void *closure)
+{
+    if (value != NULL && value != Py_None && !PyCallable_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "transmit must be callable or None");
+        return -1;
+    }
+    Py_XSETREF(self->transmit, value == NULL || value == Py_None ? NULL : Py_NewRef(value));
+    return 0;
+}
+
 static PyObject *desk_get_accepted(Desk *self, void *closure)
 {
     return PyLong_FromUnsignedLongLong(self->accepted);
@@ -769,6 +938,14 @@ static PyGetSetDef desk_getset[] = {
     {"held", (getter)desk_get_held, NULL,
      "Clients the desk holds: negotiating, or handed over and not collected.", NULL},
     {"accepted", (getter)desk_get_accepted, NULL, "Clients the desk accepted in all.", NULL},
+    {"ended", (getter)desk_get_ended, NULL,
+     "Connections that ended at the desk (a DISC, or the client gone while transmit "
+     "served it), never handed over.", NULL},
+    {"transmit", (getter)desk_get_transmit, (setter)desk_set_transmit,
+     "None, or transmit(fd, requests, end, structured, status_id) -> (consumed, unsent, "
+     "broken): serves what it can of an agreed client's requests (requests[:end], a "
+     "bytearray), called in the wait with the interpreter lock. Without it, an agreed "
+     "client is handed over with its first request (a DISC still ends it here).", NULL},
     {"wants_accept", (getter)desk_get_wants_accept, NULL,
      "Whether the server's own accept must run (an accept failed here, or the desk is "
      "full); collect() clears it.", NULL},
@@ -827,6 +1004,7 @@ PyMODINIT_FUNC PyInit__handshake(void)
     if (PyModule_AddIntConstant(m, "WAIT", WAIT) < 0
         || PyModule_AddIntConstant(m, "AGREED", AGREED) < 0
         || PyModule_AddIntConstant(m, "PYTHON", PYTHON) < 0
+        || PyModule_AddIntConstant(m, "ENDED", ENDED) < 0
         || PyModule_AddIntConstant(m, "ST_FLAGS_SEEN", ST_FLAGS_SEEN) < 0
         || PyModule_AddIntConstant(m, "ST_FIXED", ST_FIXED) < 0
         || PyModule_AddIntConstant(m, "ST_NO_ZEROES", ST_NO_ZEROES) < 0

@@ -108,6 +108,60 @@ def _scratch_buffer() -> bytearray:
     return buf
 
 
+def _run_pass(pump: inline.Pump, vbd: Any, target: Any, sock: int, buf: Any, start: int,
+              end: int, structured: bool, budget: int, status_id: int
+              ) -> tuple[int, int, int, int, int, int, int, int, int] | None:
+    """The compiled pass at ``target`` (``vbd``'s inline target, asked just before) over
+    the requests of buf[start:end], its replies in this thread's scratch (sent on
+    ``sock``, unless -1), what it served counted in the VBD's statistics: the pass's
+    answer, or None when the target's guard is held elsewhere (nothing done)."""
+    guard = target.guard  # keeps clusters from being freed under the pass
+    if guard is not None and not guard.acquire(blocking=False):
+        return None
+    try:
+        out = pump(sock, buf, start, end, _scratch_buffer(), target, structured, budget,
+                   inline.MAX_LENGTH, status_id)
+    finally:
+        if guard is not None:
+            guard.release()
+    _, reads, read_bytes, writes, write_bytes, _, _, _, statuses = out
+    if reads or writes:
+        vbd.served_inline(reads, read_bytes, writes, write_bytes)
+    if statuses:
+        vbd.status_served_inline(statuses)
+    return out
+
+
+def serve_at_desk(pump: inline.Pump, vbd: Any, fd: int, requests: bytearray, end: int,
+                  structured: bool, status_id: int) -> tuple[int, bytes | None, bool]:
+    """The transmission a server's front desk does itself (``_handshake.Desk.transmit``,
+    called in the loop's wait for a client agreed there, with the interpreter lock): the
+    compiled pass over its requests (requests[:end]), as :meth:`Connection._pump_inline`
+    runs it for a connection with nothing queued. Returns what it consumed, the replies
+    the socket did not take (None: all sent; the desk then hands the client over, to
+    send them first) and whether the client is gone (a reply failed: the desk closes
+    it). Consuming nothing hands the client over with its requests: the Python path
+    serves everything else (other commands, a disk paused or behind a filter, errors)."""
+    target = vbd.inline_target()
+    if target is None or (requests[7] == p.CMD_BLOCK_STATUS and target.bat is None
+                          and target.l1 is None):
+        return 0, None, False  # (as _pump_inline: no map to answer from, or no target)
+    try:
+        out = _run_pass(pump, vbd, target, fd, requests, 0, end, structured,
+                        FAIRNESS_BUDGET, status_id)
+    except Exception:  # (a bug: the Python path serves the client, and tells it again)
+        log.exception("the compiled inline path failed at the front desk")
+        return 0, None, False
+    if out is None:
+        return 0, None, False
+    start, _, _, _, _, sent, used, error, _ = out
+    if error:
+        log.debug("a client at the front desk: reply failed: %s", os.strerror(error))
+        return start, None, True
+    unsent = bytes(memoryview(_scratch_buffer())[sent:used]) if sent < used else None
+    return start, unsent, False
+
+
 class RequestError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -505,32 +559,23 @@ class Connection:
             return 0
         else:
             sock = -1
-        guard = target.guard  # keeps clusters from being freed under the pass
-        if guard is not None and not guard.acquire(blocking=False):
-            return 0
-        scratch = _scratch_buffer()
         assert self._inline is not None
         try:
-            out = self._inline(sock, ch.buf, ch.start, ch.end, scratch, target,
-                               self.session.structured, budget, inline.MAX_LENGTH,
-                               self._status_id)
+            out = _run_pass(self._inline, self.vbd, target, sock, ch.buf, ch.start, ch.end,
+                            self.session.structured, budget, self._status_id)
         except Exception:  # a target it cannot take (a bug): it raised before serving any
             log.exception("%s: the compiled inline path failed; serving without it",
                           self.peer)
             self._inline = None
             return 0
-        finally:
-            if guard is not None:
-                guard.release()
-        start, reads, read_bytes, writes, write_bytes, sent, used, error, statuses = out
+        if out is None:  # (the guard is held elsewhere)
+            return 0
+        start, reads, _, writes, _, sent, used, error, statuses = out
+        scratch = _scratch_buffer()
         ch.consume(start - ch.start)
         served = reads + writes + statuses
         if served:
             self._inline_misses = 0
-            if reads or writes:
-                self.vbd.served_inline(reads, read_bytes, writes, write_bytes)
-            if statuses:
-                self.vbd.status_served_inline(statuses)
         elif misses < INLINE_MISSES:
             self._inline_misses = misses + 1
         if error:

@@ -46,6 +46,8 @@ except ImportError:  # not built (no compiler at install time)
 
 # The compiled pass's outcome for a client it agreed a session with (GO answered).
 AGREED = None if _handshake is None else _handshake.AGREED
+# A desk's outcome for a client whose connection ended there (served, then DISC or gone).
+ENDED = None if _handshake is None else _handshake.ENDED
 
 log = logging.getLogger("blktap.nbd")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import socket
@@ -39,10 +40,12 @@ from blktap.io.buffers import BufferPool, default_pool
 from blktap.io.clock import Tick, Ticker
 from blktap.io.polling import PollingSelector
 from blktap.transport.fdreceiver import FdReceiver, Refused
-from blktap.transport.nbd.connection import Connection
+from blktap.transport.nbd import inline
+from blktap.transport.nbd.connection import Connection, serve_at_desk
 from blktap.transport.nbd.export import Export
 from blktap.transport.nbd.handshake import (
     AGREED,
+    ENDED,
     GREETING,
     Dropped,
     FedNegotiation,
@@ -167,6 +170,9 @@ class NbdServer:
         export = self.export
         desk = desk_type(lsock.fileno(), GREETING, export.name.encode(), export.vbd.size,
                          transmission_flags(export, False), UNIX_SEND_BUFFER, 0)
+        pump = inline.compiled()
+        if pump is not None:  # (its transmission's usual first requests too)
+            desk.transmit = functools.partial(serve_at_desk, pump, export.vbd)
         self._desks[lsock.fileno()] = desk
         self._make_room()
         selector.add_hook(desk)
@@ -203,21 +209,22 @@ class NbdServer:
     def _collect(self, desk: Any) -> None:
         """Take over the clients the desk handed over: each goes on in Python from where
         the desk's take stopped (transmission, when it agreed on a session)."""
-        for fd, family, since, state, outcome, received, unsent in desk.collect():
+        for fd, family, since, state, outcome, received, unsent, peer in desk.collect():
+            if peer is None:
+                peer = f"unix#{self.accepted}"
+            self.accepted += 1
+            if outcome == ENDED:  # (served and ended there: DISC, or gone)
+                if log.isEnabledFor(logging.INFO):
+                    structured = agreed(Session(self.export), state).structured
+                    log.info("%s: connected (%s replies)", peer,
+                             "structured" if structured else "simple")
+                    log.info("%s: closed", peer)
+                continue
             # (type and family given: no system calls to find them)
             conn = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd)
             if self._stopping:
                 conn.close()
                 continue
-            if family != socket.AF_UNIX:
-                try:
-                    host, port = conn.getpeername()[:2]
-                    peer = f"{host}:{port}"
-                except OSError:
-                    peer = f"tcp#{self.accepted}"
-            else:
-                peer = f"unix#{self.accepted}"
-            self.accepted += 1
             ch = Channel(conn, self.loop)
             if received:
                 ch.preload(received)
