@@ -658,3 +658,24 @@ def test_a_failing_transmit_leaves_the_client_to_the_python_path(tmp_path, answe
         desk.transmit = None
         assert desk.transmit is None
     run_disk(tmp_path, f"qcow2:{img}", body)
+
+
+def test_a_long_client_goes_to_the_event_loop(tmp_path) -> None:  # noqa: ANN001
+    """The desk serves DESK_PASSES passes of a client's requests; the next request hands
+    it over (a long client, fio or a VM, is the event loop's: it batches and polls)."""
+    from blktap.transport.nbd import _handshake
+    img = qcow2_image(tmp_path)
+    passes = _handshake.DESK_PASSES
+
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        loop = asyncio.get_running_loop()
+        client = await agreed_client(str(tmp_path / "s.sock"))
+        for handle in range(passes + 2):
+            if handle == passes:
+                assert desk.held == 1 and not server._connections
+            await loop.sock_sendall(client, request(p.CMD_READ, handle, DATA_AT, 512))
+            _, kind, h, payload = await read_structured(client)
+            assert (kind, h, payload[8:]) == (p.REPLY_TYPE_OFFSET_DATA, handle, b"\x5a" * 512)
+        assert desk.held == 0 and len(server._connections) == 1
+        client.close()
+    run_disk(tmp_path, f"qcow2:{img}", body)
