@@ -679,3 +679,24 @@ def test_a_long_client_goes_to_the_event_loop(tmp_path) -> None:  # noqa: ANN001
         assert desk.held == 0 and len(server._connections) == 1
         client.close()
     run_disk(tmp_path, f"qcow2:{img}", body)
+
+
+def test_an_interrupt_while_transmit_runs_is_not_lost(tmp_path) -> None:  # noqa: ANN001
+    """SIGINT's KeyboardInterrupt raised inside transmit (called in the wait) is raised
+    again where the loop's Python checks for signals, not swallowed as unraisable."""
+    img = qcow2_image(tmp_path)
+
+    def transmit(*args: Any) -> Any:
+        raise KeyboardInterrupt
+
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        desk.transmit = transmit
+        client = await agreed_client(str(tmp_path / "s.sock"))
+        await asyncio.get_running_loop().sock_sendall(
+            client, request(p.CMD_READ, 3, DATA_AT, 512))
+        try:
+            await asyncio.sleep(30)  # (the interrupt ends it; lost, the test fails)
+        finally:
+            client.close()
+    with pytest.raises(KeyboardInterrupt):
+        run_disk(tmp_path, f"qcow2:{img}", body)

@@ -553,7 +553,14 @@ static Py_ssize_t call_transmit(Desk *desk, struct client *c, int *broken)
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "transmit must return (consumed, unsent "
                             "bytes or None, broken)");
-        PyErr_WriteUnraisable(transmit);
+        if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+            /* (a SIGINT that came while transmit ran: not lost, but raised again where
+             * the loop's Python next checks for signals) */
+            PyErr_Clear();
+            PyErr_SetInterrupt();
+        } else {
+            PyErr_WriteUnraisable(transmit);
+        }
         consumed = -1;
     } else if (*broken) {
         consumed = -1;
