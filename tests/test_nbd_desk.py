@@ -64,21 +64,32 @@ Body = Callable[[NbdServer, Any, VBD, ThreadEngine], Awaitable[None]]
 
 
 def run(tmp_path: Any, body: Body, **server_args: Any) -> None:
-    """``body(server, desk, vbd, engine)`` with a server listening on tmp_path/s.sock, on a
-    polling loop (where the desk is)."""
+    """``body(server, desk, vbd, engine)`` with a server of a disk in memory listening on
+    tmp_path/s.sock, on a polling loop (where the desk is)."""
+    async def vbd_of(engine: ThreadEngine) -> VBD:
+        return VBD(Mem(engine, Caps.FLUSH))
+    serve_in_loop(tmp_path, vbd_of, body, polling=True, server_args=server_args)
+
+
+def serve_in_loop(tmp_path: Any, vbd_of: Callable[[ThreadEngine], Awaitable[VBD]],
+                  body: Body, *, polling: bool, server_args: dict[str, Any]) -> None:
+    """``body(server, desk, vbd, engine)`` with a server of ``vbd_of(engine)`` listening
+    on tmp_path/s.sock: on a polling loop (its desk), or on asyncio's own (no desk:
+    None); everything stopped and closed at the end."""
     async def main() -> None:
         engine = ThreadEngine(1)
-        vbd = VBD(Mem(engine, Caps.FLUSH))
+        vbd = await vbd_of(engine)
         server = NbdServer(Export("exp", vbd), **server_args)
         server.listen_unix(str(tmp_path / "s.sock"))
-        desk = next(iter(server._desks.values()))
+        desk = next(iter(server._desks.values()), None)
+        assert (desk is not None) == polling
         try:
             await body(server, desk, vbd, engine)
         finally:
             await server.stop()
             await vbd.close()
             engine.close()
-    with asyncio.Runner(loop_factory=polling_loop_factory(32)) as runner:
+    with asyncio.Runner(loop_factory=polling_loop_factory(32) if polling else None) as runner:
         runner.run(main())
 
 
@@ -371,25 +382,12 @@ def run_disk(tmp_path: Any, spec: str, body: Body, *, loop: str = "polling",
     """``body(server, desk, vbd, engine)`` with a server of ``spec`` (opened writable) on
     tmp_path/s.sock; on asyncio's own loop (no desk: None) when ``loop`` says so. ``warm``:
     the driver's metadata read first (the compiled pass serves from its cache only)."""
-    async def main() -> None:
-        engine = ThreadEngine(1)
-        drv = await engine.call(open_stack, engine, spec, writable=True)
-        vbd = VBD(drv)
+    async def vbd_of(engine: ThreadEngine) -> VBD:
+        vbd = VBD(await engine.call(open_stack, engine, spec, writable=True))
         if warm:
             await vbd.block_status(0, vbd.size)
-        server = NbdServer(Export("exp", vbd))
-        server.listen_unix(str(tmp_path / "s.sock"))
-        desk = next(iter(server._desks.values()), None)
-        assert (desk is None) == (loop != "polling")
-        try:
-            await body(server, desk, vbd, engine)
-        finally:
-            await server.stop()
-            await vbd.close()
-            engine.close()
-    factory = polling_loop_factory(32) if loop == "polling" else None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main())
+        return vbd
+    serve_in_loop(tmp_path, vbd_of, body, polling=loop == "polling", server_args={})
 
 
 def structured_option() -> bytes:
