@@ -50,8 +50,8 @@ from typing import Any
 
 from blktap.errors import BlktapError
 from blktap.io.buffers import Buffer, BufferPool, size_class
-from blktap.tapdisk.driver import SECTOR
-from blktap.tapdisk.vbd import Request, errno_of
+from blktap.tapdisk.driver import SECTOR, InlineTarget
+from blktap.tapdisk.vbd import VBD, Request, errno_of
 from blktap.transport.nbd import inline
 from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.handshake import Dropped, Session
@@ -108,8 +108,8 @@ def _scratch_buffer() -> bytearray:
     return buf
 
 
-def _run_pass(pump: inline.Pump, vbd: Any, target: Any, sock: int, buf: Any, start: int,
-              end: int, structured: bool, budget: int, status_id: int
+def _run_pass(pump: inline.Pump, vbd: VBD, target: InlineTarget, sock: int, buf: bytearray,
+              start: int, end: int, structured: bool, budget: int, status_id: int
               ) -> tuple[int, int, int, int, int, int, int, int, int] | None:
     """The compiled pass at ``target`` (``vbd``'s inline target, asked just before) over
     the requests of buf[start:end], its replies in this thread's scratch (sent on
@@ -132,7 +132,7 @@ def _run_pass(pump: inline.Pump, vbd: Any, target: Any, sock: int, buf: Any, sta
     return out
 
 
-def serve_at_desk(pump: inline.Pump, vbd: Any, fd: int, requests: bytearray, end: int,
+def serve_at_desk(pump: inline.Pump, vbd: VBD, fd: int, requests: bytearray, end: int,
                   structured: bool, status_id: int) -> tuple[int, bytes | None, bool]:
     """The transmission a server's front desk does itself (``_handshake.Desk.transmit``,
     called in the loop's wait for a client agreed there, with the interpreter lock): the
@@ -141,11 +141,11 @@ def serve_at_desk(pump: inline.Pump, vbd: Any, fd: int, requests: bytearray, end
     the socket did not take (None: all sent; the desk then hands the client over, to
     send them first) and whether the client is gone (a reply failed: the desk closes
     it). Consuming nothing hands the client over with its requests: the Python path
-    serves everything else (other commands, a disk paused or behind a filter, errors)."""
+    serves everything else (other commands, a disk paused or behind a filter, errors;
+    the pass itself leaves block status where no map tells it, a raw file's)."""
     target = vbd.inline_target()
-    if target is None or (requests[7] == p.CMD_BLOCK_STATUS and target.bat is None
-                          and target.l1 is None):
-        return 0, None, False  # (as _pump_inline: no map to answer from, or no target)
+    if target is None:
+        return 0, None, False
     try:
         out = _run_pass(pump, vbd, target, fd, requests, 0, end, structured,
                         FAIRNESS_BUDGET, status_id)
@@ -571,7 +571,6 @@ class Connection:
         if out is None:  # (the guard is held elsewhere)
             return 0
         start, reads, _, writes, _, sent, used, error, statuses = out
-        scratch = _scratch_buffer()
         ch.consume(start - ch.start)
         served = reads + writes + statuses
         if served:
@@ -585,7 +584,8 @@ class Connection:
             left = used - sent
             self.budget.take(self._charge(left))
             self._take(left)
-            ch.post([bytes(memoryview(scratch)[sent:used])], self._posted, (None, left))
+            ch.post([bytes(memoryview(_scratch_buffer())[sent:used])], self._posted,
+                    (None, left))
         return served
 
     def _pump_async(self, budget: int) -> int:

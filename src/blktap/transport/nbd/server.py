@@ -93,6 +93,11 @@ def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
     return ctx
 
 
+def _log_connected(peer: str, session: Session, *, tls: bool) -> None:
+    log.info("%s: connected (%s replies%s)", peer,
+             "structured" if session.structured else "simple", ", TLS" if tls else "")
+
+
 class NbdServer:
     def __init__(self, export: Export, *, tls: ssl.SSLContext | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
@@ -215,9 +220,7 @@ class NbdServer:
             self.accepted += 1
             if outcome == ENDED:  # (served and ended there: DISC, or gone)
                 if log.isEnabledFor(logging.INFO):
-                    structured = agreed(Session(self.export), state).structured
-                    log.info("%s: connected (%s replies)", peer,
-                             "structured" if structured else "simple")
+                    _log_connected(peer, agreed(Session(self.export), state), tls=False)
                     log.info("%s: closed", peer)
                 continue
             # (type and family given: no system calls to find them)
@@ -357,9 +360,7 @@ class NbdServer:
 
     def _connected(self, ch: Channel, peer: str, session: Session) -> Connection:
         conn = Connection(ch, session, peer, pool=self.pool, loop=self.loop)
-        log.info("%s: connected (%s replies%s)", peer,
-                 "structured" if session.structured else "simple",
-                 ", TLS" if ch.tls else "")
+        _log_connected(peer, session, tls=ch.tls)
         self._connections.add(conn)
         return conn
 
