@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 import struct
 import subprocess
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from blktap.errors import BlktapError
 from blktap.io import ThreadEngine
 from blktap.io.polling import PollingSelector, polling_loop_factory
 from blktap.tapdisk.driver import Caps, Driver
@@ -698,3 +702,129 @@ def test_an_interrupt_while_transmit_runs_is_not_lost(tmp_path) -> None:  # noqa
             client.close()
     with pytest.raises(KeyboardInterrupt):
         run_disk(tmp_path, f"qcow2:{img}", body)
+
+
+@pytest.fixture
+def shm() -> Any:
+    """A private folder on tmpfs: the compiled pass writes less than a page only to a
+    file in memory (elsewhere it would wait for the page to be read)."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    folder = Path(tempfile.mkdtemp(prefix="blktap-desk-", dir="/dev/shm"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_writes_at_the_desk_and_past_its_buffer(tmp_path, shm) -> None:  # noqa: ANN001
+    """A write whose payload fits the desk's buffer is served there (to an allocated
+    cluster of an image in memory); one larger than the buffer hands the client over,
+    its payload received by the Python path. qemu-img reads both back."""
+    img = qcow2_image(shm)
+
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        loop = asyncio.get_running_loop()
+        client = await agreed_client(str(tmp_path / "s.sock"), structured=False)
+        writes = vbd.stats.write_reqs
+        await loop.sock_sendall(client, request(p.CMD_WRITE, 1, DATA_AT, 512) + b"\x11" * 512)
+        assert struct.unpack(">IIQ", await read_exactly(client, 16)) == (
+            p.SIMPLE_REPLY_MAGIC, 0, 1)
+        assert vbd.stats.write_reqs == writes + 1
+        assert desk.held == 1 and not server._connections  # (served at the desk)
+        await loop.sock_sendall(client, request(p.CMD_WRITE, 2, DATA_AT + 4096, 4096)
+                                + b"\x22" * 4096)
+        assert struct.unpack(">IIQ", await read_exactly(client, 16)) == (
+            p.SIMPLE_REPLY_MAGIC, 0, 2)
+        assert desk.held == 0 and len(server._connections) == 1
+        await loop.sock_sendall(client, request(p.CMD_DISC, 3, 0, 0))
+        assert await read_until_end(client) == b""
+        client.close()
+    run_disk(tmp_path, f"qcow2:{img}", body)
+    data = image_bytes(img)
+    assert data[DATA_AT:DATA_AT + 512] == b"\x11" * 512
+    assert data[DATA_AT + 512:DATA_AT + 4096] == b"\x5a" * (4096 - 512)
+    assert data[DATA_AT + 4096:DATA_AT + 8192] == b"\x22" * 4096
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x00" * 28,  # bad magic
+    request(p.CMD_READ, 1, DISK - 512, 1024),  # past the end
+    request(p.CMD_READ, 1, 0, 4096, flags=1 << 9),  # unknown flag
+    request(77, 1, 0, 0),  # unknown command
+], ids=["magic", "past-end", "flag", "command"])
+def test_bad_requests_at_the_desk_are_the_python_paths(tmp_path, garbage) -> None:  # noqa: ANN001
+    """What the pass does not take is handed over as it came: the Python path answers it
+    (an error, or dropping the client for a bad magic), and the server serves the next
+    client at the desk."""
+    img = qcow2_image(tmp_path)
+
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        loop = asyncio.get_running_loop()
+        path = str(tmp_path / "s.sock")
+        client = await agreed_client(path, structured=False)
+        await loop.sock_sendall(client, garbage)
+        if garbage[:4] == b"\x00" * 4:
+            assert await read_until_end(client) == b""  # dropped
+        else:
+            magic, error, handle = struct.unpack(">IIQ", await read_exactly(client, 16))
+            assert (magic, handle) == (p.SIMPLE_REPLY_MAGIC, 1) and error != 0
+        assert desk.ended == 0  # (handed over, not ended at the desk)
+        client.close()
+        other = await agreed_client(path)
+        await loop.sock_sendall(other, request(p.CMD_READ, 7, DATA_AT, 512)
+                                + request(p.CMD_DISC, 8, 0, 0))
+        _, kind, h, payload = await read_structured(other)
+        assert (kind, h, payload[8:]) == (p.REPLY_TYPE_OFFSET_DATA, 7, b"\x5a" * 512)
+        assert await read_until_end(other) == b""
+        other.close()
+        await until(lambda: desk.ended == 1, "the second client's end at the desk")
+    run_disk(tmp_path, f"qcow2:{img}", body)
+
+
+def test_a_raw_files_map_is_the_python_paths(tmp_path) -> None:  # noqa: ANN001
+    """A raw file's holes are the file system's to tell: the pass declines its block
+    status, the client is handed over, and nbdinfo --map is the same as on asyncio's
+    loop (no desk)."""
+    need("nbdinfo")
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(DISK)
+        f.seek(DATA_AT)
+        f.write(b"\x5a" * DATA_LEN)
+    uri = f"nbd+unix:///exp?socket={tmp_path}/s.sock"
+    maps = {}
+    for loop in ("polling", "asyncio"):
+        async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine,
+                       loop: str = loop) -> None:
+            out = await asyncio.to_thread(subprocess.run, ["nbdinfo", "--map", uri],
+                                          capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
+            maps[loop] = out.stdout
+            if desk is not None:
+                await until(lambda: server.connections == 0, "the client's end")
+                assert desk.accepted == 1 and desk.ended == 0
+        run_disk(tmp_path, f"aio:{raw}", body, loop=loop, warm=False)
+    assert maps["polling"] == maps["asyncio"]
+    assert "hole" in maps["polling"] and "data" in maps["polling"]
+
+
+def test_an_ipv6_peer_is_named_by_its_address(tmp_path, caplog) -> None:  # noqa: ANN001
+    """A connection that ends at an IPv6 listener's desk is logged under "[addr]:port"
+    as the server's own accept would name it (here ::1, as Python's getpeername says)."""
+    need("nbdinfo")
+
+    async def body(server: NbdServer, desk: Any, vbd: VBD, engine: ThreadEngine) -> None:
+        try:
+            host, port = server.listen_tcp("::1", 0)
+        except (OSError, BlktapError):
+            pytest.skip("no IPv6 loopback here")
+        with caplog.at_level(logging.INFO, logger="blktap.nbd"):
+            info = await asyncio.to_thread(
+                subprocess.run, ["nbdinfo", "--size", f"nbd://[::1]:{port}/exp"],
+                capture_output=True, text=True, timeout=30)
+            assert info.returncode == 0, info.stderr
+            await until(lambda: server.connections == 0, "the connection's end")
+        assert any(r.getMessage().startswith("::1:") and "connected" in r.getMessage()
+                   for r in caplog.records)
+    run(tmp_path, body)
