@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +30,7 @@ from blktap.transport.nbd import handshake
 from blktap.transport.nbd import proto as p
 from blktap.transport.nbd.server import Export, NbdServer
 from nbd_helpers import read_until_end
+from test_fast_path import shm  # noqa: F401  (a fixture: a private folder on tmpfs)
 
 if handshake.compiled_desk() is None:
     pytest.skip("the compiled desk is not built", allow_module_level=True)
@@ -704,22 +702,10 @@ def test_an_interrupt_while_transmit_runs_is_not_lost(tmp_path) -> None:  # noqa
         run_disk(tmp_path, f"qcow2:{img}", body)
 
 
-@pytest.fixture
-def shm() -> Any:
-    """A private folder on tmpfs: the compiled pass writes less than a page only to a
-    file in memory (elsewhere it would wait for the page to be read)."""
-    if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm")
-    folder = Path(tempfile.mkdtemp(prefix="blktap-desk-", dir="/dev/shm"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def test_writes_at_the_desk_and_past_its_buffer(tmp_path, shm) -> None:  # noqa: ANN001
+def test_writes_at_the_desk_and_past_its_buffer(tmp_path, shm) -> None:  # noqa: ANN001, F811
     """A write whose payload fits the desk's buffer is served there (to an allocated
-    cluster of an image in memory); one larger than the buffer hands the client over,
+    cluster of an image in memory: the pass writes less than a page only to a file in
+    memory, elsewhere it would wait for the page); one larger than the buffer hands the client over,
     its payload received by the Python path. qemu-img reads both back."""
     img = qcow2_image(shm)
 
