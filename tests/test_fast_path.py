@@ -66,7 +66,13 @@ from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd import connection as nbd_connection
 from blktap.transport.nbd.connection import FAIRNESS_BUDGET, MAX_IN_FLIGHT, Connection
 from blktap.transport.nbd.server import UNIX_SEND_BUFFER, Export, NbdServer, tls_context
-from blktap.transport.sockio import FIRST_RECV_BUFFER, RECV_BUFFER, Channel, Closed
+from blktap.transport.sockio import (
+    FIRST_RECV_BUFFER,
+    HOOK_CHUNK,
+    RECV_BUFFER,
+    Channel,
+    Closed,
+)
 from conftest import ROOT, need, with_engine
 from nbd_helpers import REQUEST_MAGIC, SIMPLE, STRUCTURED, Wire
 from test_nbd_protocol import make_cert  # a self-signed certificate for localhost
@@ -1074,6 +1080,53 @@ def test_channel_receives_a_payload_straight_into_its_place(loop: str) -> None:
             with pytest.raises(RuntimeError):  # (those 4 bytes are the message's)
                 ch.receive_direct(memoryview(bytearray(10)), done.append)
             assert len(done) == 2
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(body())
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+def test_after_a_payload_received_into_place_the_next_comes_in_chunks(loop: str) -> None:
+    """After a payload received into its place (the hook had its header), the hook's
+    next receives are chunks (HOOK_CHUNK first): of the large messages waiting behind
+    it, the hook has no more than a chunk to copy out of the receive buffer before it
+    receives the rest into place too (not all the buffer can hold). Every payload
+    arrives whole and in order, and so do the small messages behind them, taken whole
+    by the hook."""
+    async def body() -> None:
+        with channel_with_peer() as (ch, b):
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            messages: list[bytes] = []
+            copied: list[int] = []  # bytes of each payload taken from the buffer
+
+            def hook() -> bool:
+                while ch.buffered >= 4:
+                    n = int.from_bytes(ch.view[ch.start : ch.start + 4], "big")
+                    have = min(n, ch.buffered - 4)
+                    dest = bytearray(n)
+                    dest[:have] = ch.view[ch.start + 4 : ch.start + 4 + have]
+                    ch.consume(4 + have)
+                    copied.append(have)
+                    if have == n:
+                        messages.append(bytes(dest))
+                        continue
+                    ch.receive_direct(memoryview(dest)[have:],
+                                      lambda exc, d=dest: messages.append(bytes(d)))
+                    return True
+                return True
+            stuck: list[bool] = []
+            ch.on_data = hook
+            ch.serve_from_hook(lambda: stuck.append(True))
+            rng = random.Random(7)
+            sent = [rng.randbytes(60_000)] + [rng.randbytes(40_000 + i) for i in range(3)]
+            sent += [rng.randbytes(100) for _ in range(20)]
+            stream = b"".join(len(m).to_bytes(4, "big") + m for m in sent)
+            # The first message's start: the hook receives the rest of it into place.
+            b.sendall(stream[:1004])
+            await until(lambda: copied == [1000], "the first payload begun")
+            b.sendall(stream[1004:])  # all the rest waits in the socket at once
+            await until(lambda: len(messages) == len(sent), "every message")
+            assert messages == sent and not stuck
+            assert copied[1:4] == [HOOK_CHUNK - 4] * 3, copied[:4]
     with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
         runner.run(body())
 

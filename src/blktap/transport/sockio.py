@@ -42,6 +42,10 @@ RECV_BUFFER = 256 << 10
 # libnbd connection's 400 (a metadata query, a block status, a disconnect), and memory
 # an idle connection holds for nothing.
 FIRST_RECV_BUFFER = 16 << 10
+# After a message whose payload went straight into its place (receive_direct) the next
+# is likely another such: the data hook's first receive then takes this much, not all
+# the buffer holds (Channel._receive_chunks_for_hook).
+HOOK_CHUNK = 16 << 10
 # Queued sends of at least this many bytes leave at once rather than at the end of the
 # turn: batching saves system calls on small replies, but would hold big ones back.
 FLUSH_BYTES = 256 << 10
@@ -107,6 +111,9 @@ class Channel:
         # callback (receive_direct): the view, how much of it is filled, and whom to tell.
         self._direct: memoryview | None = None
         self._direct_pos = 0
+        # The last message's payload (more than a chunk of it) was received straight
+        # into its place: the hook's next receives are chunks.
+        self._after_direct = False
         self._direct_done: Callable[[BaseException | None], None] | None = None
         # The loop's selector when its wait can do those receives itself (a polling
         # one, with the C extension), and what it was given for this one.
@@ -198,6 +205,7 @@ class Channel:
         if self._direct is not None or self.start != self.end or self.tls:
             raise RuntimeError("receive_direct: a receive under way, bytes buffered, or TLS")
         self._direct, self._direct_pos, self._direct_done = view, 0, done
+        self._after_direct = len(view) > HOOK_CHUNK
         self._watch()
         if self._receiver is not None:
             self._direct_c = self._receiver.receive_into(self.fd, view)
@@ -356,6 +364,8 @@ class Channel:
         """The reader waits in :meth:`fill`: receive here and let :attr:`on_data` take
         what it can from the buffer. True: nothing for the reader to do (stale readiness,
         or the hook took every complete message); False: wake it."""
+        if self._after_direct:
+            return self._receive_chunks_for_hook()
         if self.start:  # (the hook took all there was, the usual case: nothing to move)
             self._compact(len(self.buf) // 2)
         if self.end == len(self.buf):
@@ -368,6 +378,41 @@ class Channel:
         except Closed:
             return False  # the reader's own recv sees it too, and reports it
         return self.run_hook()
+
+    def _receive_chunks_for_hook(self) -> bool:
+        """:meth:`_receive_for_hook` after a payload received straight into its place:
+        the socket is read in chunks, the hook run after each, the first of
+        :data:`HOOK_CHUNK` bytes and each next one twice the last while the socket fills
+        them. In a stream of large writes, each next one's payload is then copied out
+        of this buffer for at most a chunk before the hook receives the rest into its
+        place, not for as much as the buffer holds (256 KiB: a quarter of a 1 MiB write
+        copied once more). Small messages behind end the chunks."""
+        chunk = HOOK_CHUNK
+        while True:
+            if self.start:
+                self._compact(len(self.buf) // 2)
+            if self.end == len(self.buf):
+                if len(self.buf) == self.buf_limit:
+                    return False
+                self._grow()
+            room = min(len(self.buf) - self.end, chunk)
+            try:
+                got = self.sock.recv_into(self.view[self.end : self.end + room])
+            except (BlockingIOError, InterruptedError):
+                return True  # a stale readiness, or the last chunk was all there was
+            except OSError:
+                return False  # the reader's own recv sees it too, and reports it
+            if not got:
+                return False  # (likewise, the end of the stream)
+            self.end += got
+            self._after_direct = False  # (receive_direct sets it again)
+            if not self.run_hook():
+                return False
+            if self._direct is not None or self.closed:
+                return True
+            if got < room:
+                return True
+            chunk = min(2 * chunk, self.buf_limit)
 
     def run_hook(self) -> bool:
         """Run :attr:`on_data` on what the buffer holds now; its answer (False too when
