@@ -386,7 +386,8 @@ class Channel:
         them. In a stream of large writes, each next one's payload is then copied out
         of this buffer for at most a chunk before the hook receives the rest into its
         place, not for as much as the buffer holds (256 KiB: a quarter of a 1 MiB write
-        copied once more). Small messages behind end the chunks."""
+        copied once more). Once the hook has taken a chunk's messages whole, with no
+        payload received into place, the next readiness receives as usual."""
         chunk = HOOK_CHUNK
         while True:
             if self.start:
