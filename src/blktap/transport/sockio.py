@@ -44,7 +44,7 @@ RECV_BUFFER = 256 << 10
 FIRST_RECV_BUFFER = 16 << 10
 # After a message whose payload went straight into its place (receive_direct) the next
 # is likely another such: the data hook's first receive then takes this much, not all
-# the buffer holds (Channel._receive_chunks_for_hook).
+# the buffer holds (Channel._receive_for_hook).
 HOOK_CHUNK = 16 << 10
 # Queued sends of at least this many bytes leave at once rather than at the end of the
 # turn: batching saves system calls on small replies, but would hold big ones back.
@@ -276,12 +276,14 @@ class Channel:
         finally:
             self._release_held()
 
-    def _recv_available(self) -> int:
+    def _recv_available(self, limit: int = 0) -> int:
         """From the readiness callback: receive what the socket holds into the buffer's
-        free end (there is room); the bytes received (0: nothing was there, a stale
-        readiness). Closed at end of stream or when the connection broke."""
+        free end (there is room), or at most ``limit`` bytes of it; the bytes received
+        (0: nothing was there, a stale readiness). Closed at end of stream or when the
+        connection broke."""
+        stop = self.end + limit if limit else len(self.buf)
         try:
-            got = self.sock.recv_into(self.view[self.end :])
+            got = self.sock.recv_into(self.view[self.end : stop])
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError as exc:
@@ -289,7 +291,7 @@ class Channel:
         if not got:
             raise Closed("end of stream")
         self.end += got
-        if self.end == len(self.buf) and len(self.buf) < self.buf_limit:
+        if not limit and self.end == len(self.buf) and len(self.buf) < self.buf_limit:
             # More than the first buffer holds may be waiting: the full one, and the rest.
             self._grow()
             try:
@@ -363,34 +365,19 @@ class Channel:
     def _receive_for_hook(self) -> bool:
         """The reader waits in :meth:`fill`: receive here and let :attr:`on_data` take
         what it can from the buffer. True: nothing for the reader to do (stale readiness,
-        or the hook took every complete message); False: wake it."""
-        if self._after_direct:
-            return self._receive_chunks_for_hook()
-        if self.start:  # (the hook took all there was, the usual case: nothing to move)
-            self._compact(len(self.buf) // 2)
-        if self.end == len(self.buf):
-            if len(self.buf) == self.buf_limit:
-                return False
-            self._grow()
-        try:
-            if not self._recv_available():
-                return True
-        except Closed:
-            return False  # the reader's own recv sees it too, and reports it
-        return self.run_hook()
+        or the hook took every complete message); False: wake it.
 
-    def _receive_chunks_for_hook(self) -> bool:
-        """:meth:`_receive_for_hook` after a payload received straight into its place:
-        the socket is read in chunks, the hook run after each, the first of
-        :data:`HOOK_CHUNK` bytes and each next one twice the last while the socket fills
-        them. In a stream of large writes, each next one's payload is then copied out
-        of this buffer for at most a chunk before the hook receives the rest into its
-        place, not for as much as the buffer holds (256 KiB: a quarter of a 1 MiB write
-        copied once more). Once the hook has taken a chunk's messages whole, with no
-        payload received into place, the next readiness receives as usual."""
-        chunk = HOOK_CHUNK
+        After a payload received straight into its place the socket is read in chunks
+        instead, the hook run after each: the first of :data:`HOOK_CHUNK` bytes, each
+        next one twice the last while the socket fills them. In a stream of large
+        writes, each next one's payload is then copied out of this buffer for at most a
+        chunk before the hook receives the rest into its place, not for as much as the
+        buffer holds (256 KiB: a quarter of a 1 MiB write copied once more). Once the
+        hook has taken a chunk's messages whole, with no payload received into place,
+        the next readiness receives as usual."""
+        chunk = HOOK_CHUNK if self._after_direct else 0
         while True:
-            if self.start:
+            if self.start:  # (the hook took all there was, the usual case: nothing to move)
                 self._compact(len(self.buf) // 2)
             if self.end == len(self.buf):
                 if len(self.buf) == self.buf_limit:
@@ -398,20 +385,17 @@ class Channel:
                 self._grow()
             room = min(len(self.buf) - self.end, chunk)
             try:
-                got = self.sock.recv_into(self.view[self.end : self.end + room])
-            except (BlockingIOError, InterruptedError):
-                return True  # a stale readiness, or the last chunk was all there was
-            except OSError:
+                got = self._recv_available(room)
+            except Closed:
                 return False  # the reader's own recv sees it too, and reports it
             if not got:
-                return False  # (likewise, the end of the stream)
-            self.end += got
+                return True  # a stale readiness, or the last chunk was all there was
+            if not chunk:
+                return self.run_hook()
             self._after_direct = False  # (receive_direct sets it again)
             if not self.run_hook():
                 return False
-            if self._direct is not None or self.closed:
-                return True
-            if got < room:
+            if self._direct is not None or self.closed or got < room:
                 return True
             chunk = min(2 * chunk, self.buf_limit)
 
