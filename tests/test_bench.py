@@ -793,3 +793,84 @@ def test_ab_on_a_throwaway_ceph_against_qemu_nbd() -> None:
     procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True,
                            check=True).stdout.splitlines()
     assert not [p for p in procs if "bench-ab-" in p and "ceph-" in p]  # cluster stopped
+
+
+# ----------------------------------------------------------------------------- bench/rbd.py
+def _rbd_rep(ratio: float, reasons: list[str] | None = None) -> Any:
+    import rbd as bench_rbd  # noqa: PLC0415
+
+    theirs = bench_rbd.Job(1000.0, 200.0, 60.0)
+    ours = bench_rbd.Job(1000.0 * ratio, 190.0, 70.0)
+    return bench_rbd.Rep({"randwrite-qd1": {"blktap": ours, "qemu-nbd": theirs}},
+                         reasons or [], 1, {"cpu1": 7.8, "cpu2": 14.6, "fio": 800000.0})
+
+
+def _rbd_row(reps: list[Any]) -> list[str]:
+    import rbd as bench_rbd  # noqa: PLC0415
+
+    args = bench_rbd.parse_args(["--workloads", "randwrite-qd1", "--reps", str(len(reps))])
+    text = bench_rbd.summary(args, reps, "sampled.", 60.0, "compared.")
+    (row,) = [line for line in text.splitlines() if line.startswith("| 4 KiB random write")]
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_rbd_bench_judges_the_median_of_per_repetition_ratios() -> None:
+    """The ratio is the median of the ratios within repetitions (not of medians taken
+    apart), with their min-max; the goal is met at >= 1.0x over undisturbed ones only."""
+    cells = _rbd_row([_rbd_rep(r) for r in (0.9, 1.05, 1.1, 0.95, 1.02)])
+    assert cells[4] == "1.02x (0.90-1.10)" and cells[-1] == "met"
+    assert cells[5:9] == ["190", "200", "70", "60"]
+    cells = _rbd_row([_rbd_rep(r) for r in (0.9, 0.98, 1.1)])
+    assert cells[4] == "0.98x (0.90-1.10)" and cells[-1] == "**not met**"
+    # A disturbed repetition is left out of the judgement ...
+    cells = _rbd_row([_rbd_rep(1.2, ["calibration cpu1 30% slower"])]
+                     + [_rbd_rep(r) for r in (0.97, 0.99, 0.98)])
+    assert cells[4] == "0.98x (0.97-0.99)" and cells[-1] == "**not met**"
+    # ... and too few undisturbed ones judge nothing (the figures are still shown).
+    cells = _rbd_row([_rbd_rep(1.2, ["steal"]), _rbd_rep(1.1, ["steal"]), _rbd_rep(1.0)])
+    assert cells[4] == "1.10x (1.00-1.20)"
+    assert cells[-1] == "not judged (1 undisturbed repetitions)"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workloads", "nbdcopy"], "unknown workload"),
+    (["--reps", "0"], "must be positive"),
+    (["--retries", "-1"], "not negative"),
+    (["--threshold", "1.5"], "between 0 and 1"),
+    (["--size", "12k"], "whole MiB or GiB"),
+])
+def test_rbd_bench_refuses_bad_arguments(args: list[str], message: str) -> None:
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "rbd.py"), *args],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_rbd_bench_on_a_throwaway_ceph_writes_its_section(tmp_path: Path) -> None:
+    """One repetition end to end: the section between its markers in OUT/REPORT.md (the
+    report's other sections kept), a row for the workload, the cluster stopped."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ceph_cluster import missing_programs
+
+    missing = missing_programs()
+    if missing or shutil.which("qemu-nbd") is None:
+        reason = f"ceph or qemu-nbd missing ({', '.join(missing) or 'qemu-nbd'})"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    need("fio")
+    (tmp_path / "REPORT.md").write_text(OTHER)
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "rbd.py"), "--reps", "1",
+                          "--retries", "0", "--runtime", "0.5", "--size", "16M",
+                          "--workloads", "randread-qd1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = (tmp_path / "REPORT.md").read_text()
+    assert text.startswith(OTHER)
+    assert "<!-- bench/rbd.py none: begin" in text and "<!-- bench/rbd.py none: end" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| 4 KiB random read")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[2].replace(",", "")) > 0 and float(cells[3].replace(",", "")) > 0
+    assert cells[-1].startswith("not judged")  # one repetition cannot be
+    procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert not [p for p in procs if "bench-rbd-" in p and "ceph-" in p]
