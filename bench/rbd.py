@@ -39,7 +39,7 @@ import calibrate  # noqa: E402
 import report  # noqa: E402
 import workloads  # noqa: E402
 from ab import thread_cpu_ns  # noqa: E402
-from servers import start_listening, stop_process  # noqa: E402
+from servers import ServerError, start_listening, stop_process  # noqa: E402
 
 from ceph_cluster import CephCluster, missing_programs  # noqa: E402
 from run import machine  # noqa: E402
@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     break
             reps.append(Rep(jobs, reasons, attempt + 1, cal))
+    except (ServerError, RuntimeError, calibrate.CalibrationError) as exc:
+        print(f"bench/rbd.py: {exc}", file=sys.stderr)
+        return 1
     finally:
         cluster.stop()
         shutil.rmtree(tmp, ignore_errors=True)

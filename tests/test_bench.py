@@ -770,9 +770,9 @@ def test_ab_refuses_what_it_cannot_run(args: list[str], message: str) -> None:
     assert message in res.stderr
 
 
-def test_ab_on_a_throwaway_ceph_against_qemu_nbd() -> None:
-    """--ceph: its own cluster, an image written through, ours (librbd's cache off)
-    against qemu-nbd's rbd driver (--cache=none), then the cluster stopped."""
+def need_ceph_and_qemu() -> None:
+    """Skip (fail under CI, which installs them) without a cluster's programs, qemu-nbd's
+    rbd driver or fio."""
     sys.path.insert(0, str(ROOT / "tests"))
     from ceph_cluster import missing_programs
 
@@ -783,6 +783,12 @@ def test_ab_on_a_throwaway_ceph_against_qemu_nbd() -> None:
             pytest.fail(reason)
         pytest.skip(reason)
     need("fio")
+
+
+def test_ab_on_a_throwaway_ceph_against_qemu_nbd() -> None:
+    """--ceph: its own cluster, an image written through, ours (librbd's cache off)
+    against qemu-nbd's rbd driver (--cache=none), then the cluster stopped."""
+    need_ceph_and_qemu()
     res = ab("--ceph", "--variant", f"ours={ROOT}", "--qemu", "--workloads", "randread-qd1",
              "--reps", "1", "--runtime", "0.5", "--size", "16M")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -848,16 +854,7 @@ def test_rbd_bench_refuses_bad_arguments(args: list[str], message: str) -> None:
 def test_rbd_bench_on_a_throwaway_ceph_writes_its_section(tmp_path: Path) -> None:
     """One repetition end to end: the section between its markers in OUT/REPORT.md (the
     report's other sections kept), a row for the workload, the cluster stopped."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from ceph_cluster import missing_programs
-
-    missing = missing_programs()
-    if missing or shutil.which("qemu-nbd") is None:
-        reason = f"ceph or qemu-nbd missing ({', '.join(missing) or 'qemu-nbd'})"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    need("fio")
+    need_ceph_and_qemu()
     (tmp_path / "REPORT.md").write_text(OTHER)
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "rbd.py"), "--reps", "1",
                           "--retries", "0", "--runtime", "0.5", "--size", "16M",
