@@ -4,16 +4,19 @@ same image on a throwaway single-node Ceph (tests/ceph_cluster.py: one memstore 
 this measures the two clients' overheads, not a real cluster's network), the same fio
 workloads over NBD (UNIX socket). Ratios are ours / qemu-nbd's (above 1: we are faster).
 
-    .venv/bin/python bench/rbd.py [--reps 5] [--runtime 5] [--size 256M] [--out bench]
+    .venv/bin/python bench/rbd.py [--reps 6] [--runtime 5] [--size 256M] [--out bench]
         [--cache none|writeback] [--workloads seqwrite,...] [--retries 2]
 
 The Ceph figures on this kind of machine drift by 10-30% within minutes, so the two
 servers are compared within each repetition: for each workload both run back to back,
-each started afresh, the one that goes first alternating; a workload's ratio is the
-median of its per-repetition ratios. Each repetition is calibrated first and sampled
-while it runs (bench/calibrate.py, as bench/run.py does), and run again, up to
-``--retries`` times, while disturbed; the goal (>= 1.0x on every workload) is judged
-only on undisturbed repetitions.
+each started afresh, the one that goes first alternating (an even number of repetitions
+gives each the first place as often), the image written through again before each job:
+on this one-OSD cluster the job before shapes the next one's figures by 10-20% (which
+server goes first decided most per-repetition ratios of writes without it). A
+workload's ratio is the median of its per-repetition ratios. Each repetition is
+calibrated first and sampled while it runs (bench/calibrate.py, as bench/run.py does),
+and run again, up to ``--retries`` times, while disturbed; the goal (>= 1.0x on every
+workload) is judged only on undisturbed repetitions.
 
 Writes the section between its markers in OUT/REPORT.md and prints it.
 """
@@ -73,7 +76,8 @@ class Rep:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=6,
+                    help="repetitions (even: each server goes first as often)")
     ap.add_argument("--runtime", type=float, default=5.0, help="seconds per job")
     ap.add_argument("--size", default="256M", help="the image's size, whole MiB (256M)")
     ap.add_argument("--out", type=Path, default=HERE)
@@ -91,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quiet-file", type=Path, default=HERE / "quiet.json",
                     help="the quiet reference whose calibration each repetition's is "
                     "compared with")
+    ap.add_argument("--no-reset", dest="reset", action="store_false",
+                    help="do not write the image through again before each job (the "
+                    "previous job's writes then shape the next one's figures)")
     args = ap.parse_args(argv)
     args.names = args.workloads.split(",")
     unknown = [n for n in args.names if n not in NAMES]
@@ -140,7 +147,10 @@ def summary(args: argparse.Namespace, reps: list[Rep], sample_note: str,
         f"MiB image written through first, fio over NBD on a UNIX socket, jobs of "
         f"{args.runtime:g} s; librbd's cache: {args.cache} for both. In each of {args.reps} "
         "repetitions every workload runs on both servers back to back, each started "
-        "afresh, the first alternating; the ratio (ours / qemu-nbd's) is the median of "
+        "afresh, the first alternating"
+        + ("; the image written through again (4 MiB writes) before each job"
+           if args.reset else "; the image not written through again between jobs")
+        + "; the ratio (ours / qemu-nbd's) is the median of "
         "the per-repetition ratios, with their min-max. Each repetition was calibrated "
         f"first and sampled while it ran, and run again (up to {args.retries} times) "
         f"while disturbed; {quiet_note} CPU: the server process's user + system time per "
@@ -208,9 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     cluster = CephCluster.start(tmp / "ceph")
     try:
         cluster.rbd("create", "--size", f"{size // MIB}M", "rbd/bench")
-        # Written once all through, so that reads are of data, not of absent objects.
-        cluster.rbd("bench", "--io-type", "write", "--io-size", "4M", "--io-pattern", "seq",
-                    "--io-total", str(size), "rbd/bench")
+
+        def write_through() -> None:
+            # Every object written whole: reads are of data, not of absent objects, and
+            # each job finds the OSD's objects laid out alike.
+            cluster.rbd("bench", "--io-type", "write", "--io-size", "4M", "--io-pattern",
+                        "seq", "--io-total", str(size), "rbd/bench")
+
+        write_through()
         spec = cluster.spec("bench")
         ours = spec + (":rbd_cache=false" if args.cache == "none" else "")
         sock = tmp / "bench.sock"
@@ -234,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                     for i, n in enumerate(args.names):
                         first = (rep + i) % 2
                         for name in SERVERS[first:] + SERVERS[:first]:
+                            if args.reset:
+                                write_through()
                             job = run_job(argvs[name], sock, env, workloads.BY_NAME[n],
                                           size, args.runtime)
                             jobs.setdefault(n, {})[name] = job
