@@ -11,8 +11,8 @@ The Ceph figures on this kind of machine drift by 10-30% within minutes, so the 
 servers are compared within each repetition: for each workload both run back to back,
 each started afresh, the one that goes first alternating (an even number of repetitions
 gives each the first place as often), the image written through again before each job:
-on this one-OSD cluster the job before shapes the next one's figures by 10-20% (which
-server goes first decided most per-repetition ratios of writes without it). A
+on this one-OSD cluster the job before shapes the next one's figures by 5-25% (which
+server went first decided most per-repetition ratios of writes without it). A
 workload's ratio is the median of its per-repetition ratios. Each repetition is
 calibrated first and sampled while it runs (bench/calibrate.py, as bench/run.py does),
 and run again, up to ``--retries`` times, while disturbed; the goal (>= 1.0x on every
