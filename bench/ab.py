@@ -84,7 +84,8 @@ def parse_size(text: str) -> int:
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if size <= 0 or size % MIB:
-        raise argparse.ArgumentTypeError(f"{text!r}: a size is whole MiB, like 256M or 1G")
+        raise argparse.ArgumentTypeError(f"{text!r}: a size in whole MiB or GiB, like 256M "
+                                         "or 1G")
     return size
 
 

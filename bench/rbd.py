@@ -41,11 +41,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 import calibrate  # noqa: E402
 import report  # noqa: E402
 import workloads  # noqa: E402
-from ab import thread_cpu_ns  # noqa: E402
+from ab import parse_size, thread_cpu_ns  # noqa: E402
 from servers import ServerError, start_listening, stop_process  # noqa: E402
 
 from ceph_cluster import CephCluster, missing_programs  # noqa: E402
-from run import machine  # noqa: E402
+from run import machine, repeat_until_quiet  # noqa: E402
 
 BEGIN = "<!-- bench/rbd.py: begin (generated; edits here are overwritten) -->"
 END = "<!-- bench/rbd.py: end -->"
@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=6,
                     help="repetitions (even: each server goes first as often)")
     ap.add_argument("--runtime", type=float, default=5.0, help="seconds per job")
-    ap.add_argument("--size", default="256M", help="the image's size, whole MiB (256M)")
+    ap.add_argument("--size", default="256M", type=parse_size,
+                    help="the image's size, whole MiB or GiB (256M, 1G)")
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--cache", choices=("none", "writeback"), default="none",
                     help="librbd's cache for both: none (rbd_cache=false; qemu-nbd "
@@ -108,14 +109,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--reps and --runtime must be positive, --retries not negative")
     if not 0 < args.threshold < 1:
         ap.error("--threshold is a fraction between 0 and 1")
-    text = args.size.upper().removesuffix("IB").removesuffix("B")
-    try:
-        args.size_bytes = (int(text[:-1]) << 10 if text.endswith("G") else
-                           int(text.removesuffix("M"))) * MIB
-    except ValueError:
-        ap.error(f"--size {args.size!r}: whole MiB or GiB, like 256M or 1G")
-    if args.size_bytes <= 0:
-        ap.error("--size must be positive")
     return args
 
 
@@ -136,6 +129,10 @@ def run_job(argv: list[str], sock: Path, env: dict[str, str], w: workloads.Workl
     return Job(m.value, sum(used.values()) / 1e3 / ios, main / 1e3 / ios)
 
 
+def med(jobs: list[Job], attr: str) -> float:
+    return statistics.median(getattr(j, attr) for j in jobs)
+
+
 def summary(args: argparse.Namespace, reps: list[Rep], sample_note: str,
             elapsed: float, quiet_note: str) -> str:
     kept = [r for r in reps if not r.reasons]
@@ -143,7 +140,7 @@ def summary(args: argparse.Namespace, reps: list[Rep], sample_note: str,
     lines = [
         f"## blktap serve rbd: against qemu-nbd (qemu's rbd driver), cache {args.cache}",
         "",
-        f"One memstore OSD on this host (tests/ceph_cluster.py), a {args.size_bytes // MIB} "
+        f"One memstore OSD on this host (tests/ceph_cluster.py), a {args.size // MIB} "
         f"MiB image written through first, fio over NBD on a UNIX socket, jobs of "
         f"{args.runtime:g} s; librbd's cache: {args.cache} for both. In each of {args.reps} "
         "repetitions every workload runs on both servers back to back, each started "
@@ -176,10 +173,6 @@ def summary(args: argparse.Namespace, reps: list[Rep], sample_note: str,
             verdict = f"not judged ({len(kept)} undisturbed repetitions)"
         else:
             verdict = "met" if ratio >= GOAL else "**not met**"
-
-        def med(jobs: list[Job], attr: str) -> float:
-            return statistics.median(getattr(j, attr) for j in jobs)
-
         lines.append(
             f"| {wl.title} | {wl.unit} | {med(ours, 'value'):,.0f} | "
             f"{med(theirs, 'value'):,.0f} | {ratio:.2f}x ({min(ratios):.2f}-"
@@ -207,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"no quiet reference ({mismatch or 'none recorded'}): only the sampler "
                   "judged the repetitions.")
     blktap = str(Path(sys.executable).parent / "blktap")
-    size = args.size_bytes
+    size = args.size
     t0 = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="bench-rbd-"))
     # The calibration's fio reads a file in memory, as bench/run.py's does.
@@ -236,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         env = dict(os.environ, **cluster.env)
         for rep in range(args.reps):
-            for attempt in range(args.retries + 1):
-                tag = f"[{rep + 1}/{args.reps}{f' again ({attempt})' if attempt else ''}]"
+
+            def attempt(n: int, rep: int = rep) -> dict:
+                tag = f"[{rep + 1}/{args.reps}{f' again ({n})' if n else ''}]"
                 cal = calibrate.measure(shm)
                 _, reasons = calibrate.compare(cal, quiet_cal, args.threshold)
                 # Other processes' CPU and steal time while measuring (the cluster, the
@@ -246,16 +240,16 @@ def main(argv: list[str] | None = None) -> int:
                 sampler.start()
                 jobs: dict[str, dict[str, Job]] = {}
                 try:
-                    for i, n in enumerate(args.names):
+                    for i, w in enumerate(args.names):
                         first = (rep + i) % 2
                         for name in SERVERS[first:] + SERVERS[:first]:
                             if args.reset:
                                 write_through()
-                            job = run_job(argvs[name], sock, env, workloads.BY_NAME[n],
+                            job = run_job(argvs[name], sock, env, workloads.BY_NAME[w],
                                           size, args.runtime)
-                            jobs.setdefault(n, {})[name] = job
-                            print(f"{tag} {n} {name}: {job.value:,.0f} "
-                                  f"{workloads.BY_NAME[n].unit}, {job.cpu_us:.0f} µs/req "
+                            jobs.setdefault(w, {})[name] = job
+                            print(f"{tag} {w} {name}: {job.value:,.0f} "
+                                  f"{workloads.BY_NAME[w].unit}, {job.cpu_us:.0f} µs/req "
                                   f"(main thread {job.main_us:.0f})", flush=True)
                 finally:
                     sample = sampler.stop()
@@ -263,9 +257,11 @@ def main(argv: list[str] | None = None) -> int:
                 reasons += calibrate.judge_sample(sample, calibrate.Limits())
                 if reasons:
                     print(f"{tag} disturbed: {'; '.join(reasons)}", flush=True)
-                else:
-                    break
-            reps.append(Rep(jobs, reasons, attempt + 1, cal))
+                return {"jobs": jobs, "reasons": reasons, "calibration": cal}
+
+            records = repeat_until_quiet(attempt, args.retries)
+            last = records[-1]
+            reps.append(Rep(last["jobs"], last["reasons"], len(records), last["calibration"]))
     except (ServerError, RuntimeError, calibrate.CalibrationError) as exc:
         print(f"bench/rbd.py: {exc}", file=sys.stderr)
         return 1

@@ -838,6 +838,19 @@ def test_rbd_bench_judges_the_median_of_per_repetition_ratios() -> None:
     assert cells[-1] == "not judged (1 undisturbed repetitions)"
 
 
+def test_rbd_bench_says_whether_each_job_found_the_image_written_through() -> None:
+    """The section says how the jobs found the image: written through before each (the
+    default, against the order effect) or left as the job before left it (--no-reset)."""
+    import rbd as bench_rbd  # noqa: PLC0415
+
+    reps = [_rbd_rep(1.0) for _ in range(3)]
+    for argv, said in (([], "written through again (4 MiB writes) before each job"),
+                       (["--no-reset"], "not written through again between jobs")):
+        args = bench_rbd.parse_args(["--workloads", "randwrite-qd1", *argv])
+        assert args.reset == (not argv) and args.size == 256 << 20
+        assert said in bench_rbd.summary(args, reps, "sampled.", 60.0, "compared.")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--workloads", "nbdcopy"], "unknown workload"),
     (["--reps", "0"], "must be positive"),
