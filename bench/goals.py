@@ -3,12 +3,15 @@ evaluated on per-repetition ratios: each check is the median of a ratio computed
 each repetition (stats.py), given with its spread, against its target.
 
 A run that is disturbed, or that has no quiet reference to tell whether it was, is not
-judged: its checks keep their figures but the verdict is "not judged: REASON". A check
-whose figure misses its target names the profile to take (bench/where.py).
+judged: its checks keep their figures but the verdict is "not judged: REASON". Neither is
+a check whose reference (the peer, or our own figure a ratio is taken over) ran far below
+its quiet figure: a slow peer would make a ratio look met that a quiet machine would not
+give. A check whose figure misses its target names the profile to take (bench/where.py).
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +20,8 @@ from workloads import WORKLOADS
 
 # (group, label, workload) -> {repetition: figure} over the repetitions kept
 Figures = Callable[[str, str, str], dict[int, float]]
+# (group, label, workload) -> the quiet reference's figure, None when it has none
+QuietFigures = Callable[[str, str, str], float | None]
 READS = ("seqread", "randread-qd1", "randread-qd32", "nbdcopy")
 QD32 = ("randread-qd32", "randwrite-qd32")
 QD1 = ("randread-qd1", "randwrite-qd1")
@@ -72,15 +77,34 @@ def _check(goal: str, what: str, sp: Spread | None, limit: float, at_most: bool,
                  prof)
 
 
-def evaluate(figures: Figures, idle_rss_kib: int | None,
-             not_judged: str | None = None) -> list[Check]:
+def reference_below_quiet(figures: Figures, quiet: QuietFigures | None, threshold: float,
+                          ref: tuple[str, str], wl: str) -> str | None:
+    """Why a ratio over `ref` cannot be judged: its median this run is further below its
+    quiet figure than the threshold (None: it is not, or there is no quiet figure)."""
+    runs = figures(ref[0], ref[1], wl)
+    q = quiet(ref[0], ref[1], wl) if quiet is not None else None
+    if not runs or not q:
+        return None
+    share = statistics.median(runs.values()) / q
+    if share >= 1 - threshold:
+        return None
+    return (f"{ref[1]} ({ref[0]} {wl}) at {share * 100:.0f}% of its quiet figure "
+            f"(limit {(1 - threshold) * 100:.0f}%)")
+
+
+def evaluate(figures: Figures, idle_rss_kib: int | None, not_judged: str | None = None,
+             quiet: QuietFigures | None = None, threshold: float = 0.15) -> list[Check]:
+    """The checks of every goal. `not_judged` withholds every verdict (a disturbed run);
+    with `quiet`, a check whose reference ran below (1 - threshold) of its quiet figure
+    is withheld alone."""
     out: list[Check] = []
 
     def add(goal: str, what: str, group: str, wl: str, ours: tuple[str, str],
             ref: tuple[str, str], limit: float, at_most: bool = False) -> None:
         sp = ratio_spread(figures(ours[0], ours[1], wl), figures(ref[0], ref[1], wl),
                           invert=at_most)
-        out.append(_check(goal, what, sp, limit, at_most, group, wl, not_judged))
+        why = not_judged or reference_below_quiet(figures, quiet, threshold, ref, wl)
+        out.append(_check(goal, what, sp, limit, at_most, group, wl, why))
 
     g1 = "raw tmpfs 4 KiB random QD32 >= 1.5x qemu-nbd and >= 1.0x nbdkit file"
     for wl in QD32:

@@ -149,6 +149,12 @@ def goal_lines(data: dict[str, Any]) -> list[str]:
         verdict = goal_verdict(cs)
         ok = sum(1 for c in cs if c["met"] is True)
         lines.append(f"- {goal}: **{verdict}** ({ok} of {len(cs)} checks met)")
+    alone = [c for c in checks if c["value"] is not None and c.get("not_judged")
+             and c["not_judged"] != data.get("not_judged")]
+    if alone:
+        lines += ["", "Not judged, each for its own reason (a reference far below its quiet "
+                  "figure would make the ratio look better than a quiet machine gives):", ""]
+        lines += [f"- {c['what']} ({c['value']:.2f}): {c['not_judged']}" for c in alone]
     missing = [c for c in checks if c.get("profile")]
     if missing:
         lines += ["", "Where to look, for each check whose figure misses its target "

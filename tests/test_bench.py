@@ -275,6 +275,52 @@ def test_report_withholds_verdicts_and_names_profiles() -> None:
     assert "| 1.10 | 1.00–1.20, n=2 | NOT met |" in text
 
 
+def test_a_check_whose_reference_ran_below_its_quiet_figure_is_not_judged() -> None:
+    """A peer far below its quiet figure was disturbed, not beaten: that check alone is
+    withheld, with the peer, its share of the quiet figure and the limit; a peer a little
+    below, or one without a quiet figure, is judged; a run-level reason comes first."""
+    fig = per_rep({("qcow2-sparse", "blktap", "nbdcopy"): [100.0, 110.0, 90.0],
+                   ("qcow2-sparse", "qemu-nbd", "nbdcopy"): [80.0, 70.0, 75.0],
+                   ("qcow2-sparse", "blktap", "seqread"): [100.0, 100.0],
+                   ("qcow2-sparse", "qemu-nbd", "seqread"): [90.0, 86.0],
+                   ("qcow2", "blktap", "seqread"): [100.0],
+                   ("qcow2", "qemu-nbd", "seqread"): [50.0],
+                   ("qcow2", "blktap", "nbdcopy"): [100.0],
+                   ("raw-tmpfs", "blktap", "nbdcopy"): [60.0]})
+    quiet = {("qcow2-sparse", "qemu-nbd", "nbdcopy"): 100.0,
+             ("qcow2-sparse", "qemu-nbd", "seqread"): 100.0,
+             ("raw-tmpfs", "blktap", "nbdcopy"): 100.0}
+    checks = goals.evaluate(fig, None, quiet=lambda g, lbl, w: quiet.get((g, lbl, w)),
+                            threshold=0.15)
+    by = {c.what: c for c in checks}
+    slow = by["qcow2-sparse nbdcopy: blktap / qemu-nbd qcow2"]  # qemu-nbd median 75%
+    assert slow.value == pytest.approx(1.25) and slow.met is None  # 1.25, 1.57, 1.2
+    assert slow.verdict == ("not judged: qemu-nbd (qcow2-sparse nbdcopy) at 75% of its "
+                            "quiet figure (limit 85%)")
+    assert by["qcow2-sparse seqread: blktap / qemu-nbd qcow2"].met is True  # 88%: judged
+    assert by["qcow2 seqread: blktap / qemu-nbd qcow2"].met is True  # no quiet figure
+    # Our own raw figure is the reference of this one: 60% of quiet inflates the ratio.
+    own = by["nbdcopy: blktap qcow2 / blktap raw (tmpfs)"]
+    assert own.met is None and own.not_judged is not None
+    assert own.not_judged.startswith("blktap (raw-tmpfs nbdcopy) at 60%")
+    assert goals.goal_verdict([c for c in checks if c.goal == slow.goal]) == slow.verdict
+    # A looser threshold judges the 75% peer.
+    loose = goals.evaluate(fig, None, quiet=lambda g, lbl, w: quiet.get((g, lbl, w)),
+                           threshold=0.3)
+    assert next(c for c in loose if c.what == slow.what).met is True
+    why = "disturbed run (1 of 3 repetitions; qcow2 #2: steal time 9%)"
+    run_level = goals.evaluate(fig, None, not_judged=why,
+                               quiet=lambda g, lbl, w: quiet.get((g, lbl, w)))
+    assert next(c for c in run_level if c.what == slow.what).not_judged == why
+    # The report names the check and its reason under the table.
+    data = {"not_judged": None, "goals": [{**dataclasses.asdict(c), "verdict": c.verdict}
+                                          for c in checks]}
+    text = "\n".join(report.goal_lines(data))
+    assert ("- qcow2-sparse nbdcopy: blktap / qemu-nbd qcow2 (1.25): qemu-nbd "
+            "(qcow2-sparse nbdcopy) at 75% of its quiet figure (limit 85%)") in text
+    assert "- qcow2 >= 1.0x qemu-nbd -f qcow2 on every workload: **not judged**" in text
+
+
 def test_qcow2_goals_from_ratios() -> None:
     fig = per_rep({("qcow2", "blktap", "seqread"): [90.0],
                    ("qcow2", "qemu-nbd", "seqread"): [100.0],
