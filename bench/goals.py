@@ -2,8 +2,10 @@
 evaluated on per-repetition ratios: each check is the median of a ratio computed within
 each repetition (stats.py), given with its spread, against its target.
 
-A run that is disturbed, or that has no quiet reference to tell whether it was, is not
-judged: its checks keep their figures but the verdict is "not judged: REASON". Neither is
+A run that has no quiet reference to tell whether it was disturbed is not judged: its
+checks keep their figures but the verdict is "not judged: REASON". Nor are the checks
+over a group with a repetition still disturbed after its retries (the other groups ran
+in repetitions of their own, each calibrated and sampled). Neither is
 a check whose reference (the peer, or our own figure a ratio is taken over) ran far below
 its quiet figure: a slow peer would make a ratio look met that a quiet machine would not
 give. A check whose figure misses its target names the profile to take (bench/where.py).
@@ -12,7 +14,7 @@ give. A check whose figure misses its target names the profile to take (bench/wh
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from stats import Spread, ratio_spread
@@ -93,17 +95,21 @@ def reference_below_quiet(figures: Figures, quiet: QuietFigures | None, threshol
 
 
 def evaluate(figures: Figures, idle_rss_kib: int | None, not_judged: str | None = None,
-             quiet: QuietFigures | None = None, threshold: float = 0.15) -> list[Check]:
-    """The checks of every goal. `not_judged` withholds every verdict (a disturbed run);
-    with `quiet`, a check whose reference ran below (1 - threshold) of its quiet figure
-    is withheld alone."""
+             quiet: QuietFigures | None = None, threshold: float = 0.15,
+             disturbed: Mapping[str, str] | None = None) -> list[Check]:
+    """The checks of every goal. `not_judged` withholds every verdict (no quiet
+    reference, a disturbed run); `disturbed` (group -> why) those of the checks over a
+    group still disturbed; with `quiet`, a check whose reference ran below
+    (1 - threshold) of its quiet figure is withheld alone."""
     out: list[Check] = []
+    disturbed = disturbed or {}
 
     def add(goal: str, what: str, group: str, wl: str, ours: tuple[str, str],
             ref: tuple[str, str], limit: float, at_most: bool = False) -> None:
         sp = ratio_spread(figures(ours[0], ours[1], wl), figures(ref[0], ref[1], wl),
                           invert=at_most)
-        why = not_judged or reference_below_quiet(figures, quiet, threshold, ref, wl)
+        why = (not_judged or disturbed.get(ours[0]) or disturbed.get(ref[0])
+               or reference_below_quiet(figures, quiet, threshold, ref, wl))
         out.append(_check(goal, what, sp, limit, at_most, group, wl, why))
 
     g1 = "raw tmpfs 4 KiB random QD32 >= 1.5x qemu-nbd and >= 1.0x nbdkit file"

@@ -123,6 +123,11 @@ def goal_lines(data: dict[str, Any]) -> list[str]:
     if data.get("not_judged"):
         lines += [f"**Not judged: {data['not_judged']}.** The ratios are shown; no goal is "
                   "called met or not met from this run.", ""]
+    groups = data.get("disturbed_groups") or {}
+    if groups:
+        lines += [f"**Disturbed: {'; '.join(groups.values())}.** The checks over "
+                  f"{_and(list(groups))} are not judged; the others' groups ran in "
+                  "repetitions of their own, each calibrated and sampled, and are.", ""]
     lines += ["Each ratio is the median over the kept repetitions of the ratio within the "
               "repetition, with its min–max (IQR from 4 repetitions).", "",
               "| goal | ratio checked | target | median | min–max | verdict |",
@@ -149,8 +154,9 @@ def goal_lines(data: dict[str, Any]) -> list[str]:
         verdict = goal_verdict(cs)
         ok = sum(1 for c in cs if c["met"] is True)
         lines.append(f"- {goal}: **{verdict}** ({ok} of {len(cs)} checks met)")
+    stated = {data.get("not_judged"), *groups.values()}  # (said above the table)
     alone = [c for c in checks if c["value"] is not None and c.get("not_judged")
-             and c["not_judged"] != data.get("not_judged")]
+             and c["not_judged"] not in stated]
     if alone:
         lines += ["", "Not judged, each for its own reason (a reference far below its quiet "
                   "figure would make the ratio look better than a quiet machine gives):", ""]
@@ -164,6 +170,10 @@ def goal_lines(data: dict[str, Any]) -> list[str]:
             lines.append(f"- {c['what']} ({c['value']:.2f}, target {c['target']}): "
                          f"`{c['profile']}`")
     return lines + [""]
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def goal_verdict(cs: list[dict[str, Any]]) -> str:
@@ -193,6 +203,8 @@ def markdown(data: dict[str, Any], chart: str | None) -> str:
     ]
     if data.get("not_judged"):
         lines += [f"**Goals not judged: {data['not_judged']}.**", ""]
+    elif data.get("disturbed"):
+        lines += [f"**Checks over a disturbed group not judged: {data['disturbed']}.**", ""]
     lines += _quiet_lines(data)
     lines += [
         f"Image size {s['size'] >> 20} MiB; {s['reps']} repetition(s) of {s['runtime']:g} s "

@@ -501,6 +501,22 @@ def judgement(quiet: dict[str, Any] | None, mismatch: str | None,
     return "; ".join(reasons) or None
 
 
+def disturbed_groups(log: list[dict[str, Any]]) -> dict[str, str]:
+    """The groups with a kept repetition still disturbed, each with why: their checks are
+    not judged. The others' repetitions were each calibrated and sampled apart, at
+    other times, so they stand (a group's jobs run within its own repetition)."""
+    out: dict[str, str] = {}
+    kept = [r for r in log if r.get("kept")]
+    for group in dict.fromkeys(r["group"] for r in kept):
+        mine = [r for r in kept if r["group"] == group]
+        bad = [r for r in mine if r["reasons"]]
+        if bad:
+            first = bad[0]["reasons"][0].split(" (limit")[0]
+            out[group] = (f"{group} disturbed ({len(bad)} of {len(mine)} repetitions; "
+                          f"#{bad[0]['rep'] + 1}: {first})")
+    return out
+
+
 def quiet_record(data: dict[str, Any], log: list[dict[str, Any]], threshold: float,
                  reference: dict[str, float] | None = None
                  ) -> tuple[dict[str, Any] | None, list[str]]:
@@ -616,7 +632,10 @@ def main(argv: list[str] | None = None) -> int:
             "calibration": quiet.get("calibration"), "mismatch": mismatch},
         "results": results,
     }
-    not_judged = judgement(quiet, mismatch, log)
+    # Why no goal is judged (no quiet reference, another machine's), and the groups
+    # whose checks alone are not (a repetition of theirs still disturbed).
+    not_judged = judgement(quiet, mismatch, [])
+    disturbed = disturbed_groups(log)
     status = 0
     if args.record_quiet:
         record, why = quiet_record(data, log, args.threshold, provisional)
@@ -632,13 +651,17 @@ def main(argv: list[str] | None = None) -> int:
                              "calibration": record["calibration"], "mismatch": None,
                              "this_run": True}
             not_judged = None  # this run passed the quiet checks: it is the reference
+            disturbed = {}
     idle = next((m.rss_kib for m in mem if m.case.startswith("idle tapdisk")), None)
     # A run recorded as the quiet reference is at its own quiet figures by definition.
     recorded = bool((data["quiet"] or {}).get("this_run"))
     checks = goals.evaluate(figures_of(results), idle, not_judged,
                             None if recorded or quiet is None
-                            else functools.partial(quiet_figure, quiet), args.threshold)
+                            else functools.partial(quiet_figure, quiet), args.threshold,
+                            disturbed)
     data["not_judged"] = not_judged
+    data["disturbed"] = judgement({}, None, log) if disturbed else None
+    data["disturbed_groups"] = disturbed
     data["goals"] = [{**asdict(c), "verdict": c.verdict} for c in checks]
     data["seconds"] = time.monotonic() - t0
     out: Path = args.out
@@ -654,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         + f" in {data['seconds'] / 60:.1f} min")
     if not_judged:
         say(f"goals not judged: {not_judged}")
+    for why in disturbed.values():
+        say(f"checks over {why.split(' disturbed')[0]} not judged: {why}")
     for c in (c for c in checks if c.value is not None):
         verdict = "not judged" if c.not_judged else c.verdict
         say(f"goal {verdict}: {c.what} = {c.value:.2f} (target {c.target})")

@@ -121,17 +121,23 @@ def test_disturbed_run_is_repeated_and_not_judged(tmp_path: Path) -> None:
         assert r["deviation"]["fio"] < -0.99
     assert {r["attempt"] for r in data["results"]} == {0, 1}
     assert all(r["kept"] == (r["attempt"] == 1) for r in data["results"])
-    assert data["not_judged"].startswith("disturbed run (1 of 1 repetitions; raw-tmpfs #1: "
-                                         "calibration cpu1 100% slower")
+    assert data["not_judged"] is None  # (a quiet reference of this machine)
+    assert data["disturbed"].startswith("disturbed run (1 of 1 repetitions; raw-tmpfs #1: "
+                                        "calibration cpu1 100% slower")
+    why = data["disturbed_groups"]["raw-tmpfs"]
+    assert why.startswith("raw-tmpfs disturbed (1 of 1 repetitions; #1: calibration cpu1 "
+                          "100% slower")
     (check,) = [c for c in data["goals"] if c["value"] is not None]
     assert check["what"] == "raw-tmpfs randread-qd32: blktap / nbdkit-file"
     assert check["met"] is None
-    assert check["verdict"] == "not judged: " + data["not_judged"]
+    assert check["verdict"] == "not judged: " + why
     (group,) = data["groups"]
     row = next(r for r in group["rows"] if r["label"] == "nbdkit-file")
     assert row["quiet"] == 123456.0 and row["n"] == 1
     text = (tmp_path / "out" / "REPORT.md").read_text()
-    assert "**Goals not judged: disturbed run" in text and "**disturbed**: calibration" in text
+    assert "**Checks over a disturbed group not judged: disturbed run" in text
+    assert "**disturbed**: calibration" in text
+    assert f"**Disturbed: {why}.** The checks over raw-tmpfs are not judged" in text
     assert "| randread-qd32 | nbdkit-file |" in text
     assert re.search(r"\| 123,456 \(\d+%\) \| IOPS \|", text)
     assert "(discarded)" in text and "the quiet column is indicative only" not in text
@@ -319,6 +325,46 @@ def test_a_check_whose_reference_ran_below_its_quiet_figure_is_not_judged() -> N
     assert ("- qcow2-sparse nbdcopy: blktap / qemu-nbd qcow2 (1.25): qemu-nbd "
             "(qcow2-sparse nbdcopy) at 75% of its quiet figure (limit 85%)") in text
     assert "- qcow2 >= 1.0x qemu-nbd -f qcow2 on every workload: **not judged**" in text
+
+
+def test_only_the_checks_over_a_disturbed_group_are_not_judged() -> None:
+    """A group whose repetition stayed disturbed withholds the checks over it (as ours or
+    as the reference); the groups that ran in quiet repetitions of their own are judged,
+    and the report says which groups and why above the table."""
+    log = [{"group": "raw-tmpfs", "rep": 0, "kept": True, "reasons": []},
+           {"group": "chain", "rep": 0, "kept": False, "reasons": ["steal time 20%"]},
+           {"group": "chain", "rep": 0, "kept": True,
+            "reasons": ["calibration cpu2 18% slower than quiet (limit 15%)"]},
+           {"group": "qcow2", "rep": 0, "kept": True, "reasons": []},
+           {"group": "chain", "rep": 1, "kept": True, "reasons": []}]
+    groups = bench_run.disturbed_groups(log)
+    assert groups == {"chain": "chain disturbed (1 of 2 repetitions; #1: calibration cpu2 "
+                               "18% slower than quiet)"}
+    fig = per_rep({("chain", "depth 1", "seqread"): [100.0],
+                   ("chain", "depth 30", "seqread"): [50.0],
+                   ("qcow2", "blktap", "seqread"): [90.0],
+                   ("qcow2", "qemu-nbd", "seqread"): [60.0],
+                   ("raw-tmpfs", "blktap", "seqread"): [100.0]})
+    checks = goals.evaluate(fig, None, disturbed=groups)
+    by = {c.what: c for c in checks}
+    assert by["chain seqread: depth 30 / depth 1"].verdict == "not judged: " + groups["chain"]
+    assert by["qcow2 seqread: blktap / qemu-nbd qcow2"].met is True
+    assert by["seqread: blktap qcow2 / blktap raw (tmpfs)"].met is True
+    # Over the reference's group as well: raw-tmpfs disturbed withholds qcow2 over raw.
+    raw = goals.evaluate(fig, None, disturbed={"raw-tmpfs": "raw-tmpfs disturbed (x)"})
+    assert next(c for c in raw if c.what == "seqread: blktap qcow2 / blktap raw (tmpfs)"
+                ).not_judged == "raw-tmpfs disturbed (x)"
+    # A run-wide reason comes first.
+    assert goals.evaluate(fig, None, "no quiet reference", disturbed=groups)[0].not_judged \
+        == "no quiet reference"
+    data = {"not_judged": None, "disturbed_groups": groups,
+            "goals": [{**dataclasses.asdict(c), "verdict": c.verdict} for c in checks]}
+    text = "\n".join(report.goal_lines(data))
+    assert f"**Disturbed: {groups['chain']}.** The checks over chain are not judged" in text
+    assert "each for its own reason" not in text  # (the group's reason is said once)
+    assert "- chain depth 30 costs < 10% over depth 1 (reads of data in the base): " \
+        "**not judged**" in text
+    assert "- qcow2 >= 1.0x qemu-nbd -f qcow2 on every workload: **met**" in text
 
 
 def test_qcow2_goals_from_ratios() -> None:
@@ -761,7 +807,8 @@ def test_record_quiet_end_to_end_records_or_refuses(monkeypatch: pytest.MonkeyPa
             assert status == 1 and not quiet.exists()
             (rep,) = data["repetitions"]
             assert rep["reasons"] == ["calibration cpu2 38% slower than quiet (limit 15%)"]
-            assert data["not_judged"].startswith("no quiet reference; disturbed run")
+            assert data["not_judged"] == "no quiet reference"
+            assert data["disturbed"].startswith("disturbed run")
 
 
 # ------------------------------------------------------------------------------ bench/ab.py
