@@ -486,19 +486,31 @@ def summarise(groups: list[Group], results: list[dict[str, Any]],
 
 def judgement(quiet: dict[str, Any] | None, mismatch: str | None,
               log: list[dict[str, Any]]) -> str | None:
-    """Why the run's goals are not judged (None: they are)."""
-    reasons = []
+    """Everything that keeps the run's goals from being judged, in one line (None:
+    nothing): :func:`unreferenced`'s reason, then :func:`disturbed_summary`'s."""
+    reasons = [unreferenced(quiet, mismatch), disturbed_summary(log)]
+    return "; ".join(r for r in reasons if r) or None
+
+
+def unreferenced(quiet: dict[str, Any] | None, mismatch: str | None) -> str | None:
+    """Why no goal of the run can be judged: no quiet reference, or another machine's."""
     if quiet is None:
-        reasons.append("no quiet reference")
-    elif mismatch:
-        reasons.append(mismatch)
+        return "no quiet reference"
+    return mismatch or None
+
+
+def disturbed_summary(log: list[dict[str, Any]]) -> str | None:
+    """The kept repetitions still disturbed, in one line (None: none), the first named."""
     kept = [r for r in log if r.get("kept")]
     bad = [r for r in kept if r["reasons"]]
-    if bad:
-        first = bad[0]["reasons"][0].split(" (limit")[0]
-        reasons.append(f"disturbed run ({len(bad)} of {len(kept)} repetitions; "
-                       f"{bad[0]['group']} #{bad[0]['rep'] + 1}: {first})")
-    return "; ".join(reasons) or None
+    if not bad:
+        return None
+    return (f"disturbed run ({len(bad)} of {len(kept)} repetitions; "
+            f"{bad[0]['group']} #{bad[0]['rep'] + 1}: {_first_reason(bad[0])})")
+
+
+def _first_reason(rep: dict[str, Any]) -> str:
+    return rep["reasons"][0].split(" (limit")[0]
 
 
 def disturbed_groups(log: list[dict[str, Any]]) -> dict[str, str]:
@@ -511,9 +523,8 @@ def disturbed_groups(log: list[dict[str, Any]]) -> dict[str, str]:
         mine = [r for r in kept if r["group"] == group]
         bad = [r for r in mine if r["reasons"]]
         if bad:
-            first = bad[0]["reasons"][0].split(" (limit")[0]
             out[group] = (f"{group} disturbed ({len(bad)} of {len(mine)} repetitions; "
-                          f"#{bad[0]['rep'] + 1}: {first})")
+                          f"#{bad[0]['rep'] + 1}: {_first_reason(bad[0])})")
     return out
 
 
@@ -634,8 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     # Why no goal is judged (no quiet reference, another machine's), and the groups
     # whose checks alone are not (a repetition of theirs still disturbed).
-    not_judged = judgement(quiet, mismatch, [])
+    not_judged = unreferenced(quiet, mismatch)
     disturbed = disturbed_groups(log)
+    recorded = False  # (a run recorded as the quiet reference is at its own figures)
     status = 0
     if args.record_quiet:
         record, why = quiet_record(data, log, args.threshold, provisional)
@@ -650,17 +662,15 @@ def main(argv: list[str] | None = None) -> int:
                              "machine": record["machine"], "settings": record["settings"],
                              "calibration": record["calibration"], "mismatch": None,
                              "this_run": True}
-            not_judged = None  # this run passed the quiet checks: it is the reference
-            disturbed = {}
+            # This run passed the quiet checks: it is the reference.
+            recorded, not_judged, disturbed = True, None, {}
     idle = next((m.rss_kib for m in mem if m.case.startswith("idle tapdisk")), None)
-    # A run recorded as the quiet reference is at its own quiet figures by definition.
-    recorded = bool((data["quiet"] or {}).get("this_run"))
     checks = goals.evaluate(figures_of(results), idle, not_judged,
                             None if recorded or quiet is None
                             else functools.partial(quiet_figure, quiet), args.threshold,
                             disturbed)
     data["not_judged"] = not_judged
-    data["disturbed"] = judgement({}, None, log) if disturbed else None
+    data["disturbed"] = disturbed_summary(log) if disturbed else None
     data["disturbed_groups"] = disturbed
     data["goals"] = [{**asdict(c), "verdict": c.verdict} for c in checks]
     data["seconds"] = time.monotonic() - t0
