@@ -765,6 +765,44 @@ def test_xen_bench_guest_script_carries_blkbench(tmp_path: Path) -> None:
         xen.carry(os.urandom(1 << 20), 1 << 20)
 
 
+def test_a_peer_below_its_quiet_figure_end_to_end(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    """bench/run.py with real servers and fio against a quiet reference of this machine
+    whose nbdkit figure no 16 MiB job reaches: every repetition quiet (injected
+    calibrations, a sampler that sees nothing), so the run is judged, but the check over
+    nbdkit alone is withheld, with its reason, in the results and the report."""
+    for program in ("fio", "nbdcopy", "nbdkit"):
+        need(program)
+
+    class Quiet:
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> calibrate.Sample:
+            return calibrate.Sample(wall_s=1.0, cpus=2, ticks=1)
+    monkeypatch.setattr(calibrate, "Sampler", Quiet)
+    monkeypatch.setattr(calibrate, "measure", lambda workdir: dict(QUIET_CAL))
+    quiet = tmp_path / "quiet.json"
+    quiet.write_text(json.dumps({
+        "recorded": "2026-01-01", "machine": bench_run.machine(),
+        "settings": {"size": 16 << 20, "runtime": 0.2}, "calibration": QUIET_CAL,
+        "figures": {"raw-tmpfs": {"nbdkit-file": {"randread-qd32": 1e12}}}}))
+    out = tmp_path / "out"
+    bench_run.main(["--only", "raw-tmpfs", "--servers", "blktap,nbdkit-file",
+                    "--workloads", "randread-qd32", "--size", "16M", "--runtime", "0.2",
+                    "--reps", "1", "--retries", "0", "--quiet-file", str(quiet),
+                    "--out", str(out)])
+    data = json.loads((out / "results" / "latest.json").read_text())
+    assert data["not_judged"] is None and data["disturbed_groups"] == {}
+    (check,) = [c for c in data["goals"] if c["value"] is not None]
+    why = ("nbdkit-file (raw-tmpfs randread-qd32) at 0% of its quiet figure "
+           "(limit 85%)")
+    assert check["met"] is None and check["verdict"] == "not judged: " + why
+    text = (out / "REPORT.md").read_text()
+    assert f"- raw-tmpfs randread-qd32: blktap / nbdkit-file ({check['value']:.2f}): " \
+        f"{why}" in text
+
+
 def test_record_quiet_end_to_end_records_or_refuses(monkeypatch: pytest.MonkeyPatch,
                                                     tmp_path: Path) -> None:
     """bench/run.py --record-quiet, real servers and fio, injected calibrations (the
