@@ -20,6 +20,7 @@ setup(
             [source],
             include_dirs=["src/blktap/tapdisk", "src/blktap/io"],
             depends=[DISK_HEADER, "src/blktap/transport/nbd/_inline_async.h",
+                     "src/blktap/transport/nbd/_inline_link.h",
                      "src/blktap/transport/nbd/_wire.h", "src/blktap/io/_hook.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,

@@ -29,6 +29,8 @@ from blktap.transport.nbd.connection import INLINE_MISSES, Connection
 from blktap.transport.nbd.server import NbdServer
 from nbd_helpers import Wire
 from test_fast_path import (
+    DISC,
+    FLUSH,
     LOOPS,
     READ,
     STATUS,
@@ -117,9 +119,11 @@ async def read_back(vbd: VBD, offset: int, length: int) -> bytes:
     return bytes(buf)
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "polling"])
 @pytest.mark.parametrize("structured", [True, False])
 def test_a_mixed_burst_gets_the_answers_the_python_path_gives(
-        ceph_cluster, tmp_path, monkeypatch: pytest.MonkeyPatch, structured: bool) -> None:
+        ceph_cluster, tmp_path, monkeypatch: pytest.MonkeyPatch, structured: bool,
+        loop: str) -> None:
     """Every kind of request at once (reads and writes of 512 B to 300 KiB, FUA, DF, the
     other commands, invalid ones): with the pass on, the plain reads and writes go
     through it, the rest through the Python path, and every answer is the Python
@@ -148,12 +152,13 @@ def test_a_mixed_burst_gets_the_answers_the_python_path_gives(
                 await settled(conn, vbd)
                 assert outstanding(server.pool) == 0
                 # Every read and write is timed once, whichever path answered it.
+                vbd.sync_links()  # (a link's counts, as stats_dict has them)
                 st, lat = vbd.stats, vbd.latency
                 assert lat.read.count == st.read_reqs + st.read_errors > 0
                 assert lat.write.count == st.write_reqs + st.write_errors > 0
                 assert lat.read.sum > 0 and lat.write.sum > 0
                 return seen, answers
-        return arun(body)  # type: ignore[no-any-return]
+        return arun(body, loop_factory=LOOPS[loop])  # type: ignore[no-any-return]
 
     off, off_answers = run("0")
     on, on_answers = run("1")
@@ -165,7 +170,9 @@ def test_a_mixed_burst_gets_the_answers_the_python_path_gives(
             assert sum(1 for error, data in got.values() if not error and data) > 60
 
 
-def test_a_client_that_reads_no_replies_gets_them_all_later(ceph_cluster, tmp_path) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "polling"])
+def test_a_client_that_reads_no_replies_gets_them_all_later(
+        ceph_cluster, tmp_path, loop: str) -> None:
     """More replies than the socket holds, while the client reads none: those the
     socket does not take join the queue; once it reads, every reply is there, whole and
     in one piece each (no two interleaved)."""
@@ -188,10 +195,12 @@ def test_a_client_that_reads_no_replies_gets_them_all_later(ceph_cluster, tmp_pa
                 assert got[h] == (0, content[off : off + ln]), h
             await settled(conn, vbd)
             assert outstanding(server.pool) == 0
-    arun(body)
+    arun(body, loop_factory=LOOPS[loop])
 
 
-def test_a_client_gone_mid_request_leaves_the_server_serving(ceph_cluster, tmp_path) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "polling"])
+def test_a_client_gone_mid_request_leaves_the_server_serving(
+        ceph_cluster, tmp_path, loop: str) -> None:
     """A client that sends reads and writes and hangs up at once: what the pass issued
     completes into nothing (no reply, no leak), the disk drains, and the next client is
     served as if nothing happened."""
@@ -224,10 +233,12 @@ def test_a_client_gone_mid_request_leaves_the_server_serving(ceph_cluster, tmp_p
                 assert piece in (old, bytes([i]) * 4 * KiB), i
             await settled(conn2, vbd)
             assert outstanding(server.pool) == 0
-    arun(body)
+    arun(body, loop_factory=LOOPS[loop])
 
 
-def test_pause_waits_for_what_the_pass_issued(ceph_cluster, tmp_path) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "polling"])
+def test_pause_waits_for_what_the_pass_issued(
+        ceph_cluster, tmp_path, loop: str) -> None:
     """A pause asked while the pass's writes are in flight returns only once they are
     done (and answered); nothing is issued to the paused disk."""
     name = new_image(ceph_cluster, DISK)
@@ -251,14 +262,17 @@ def test_pause_waits_for_what_the_pass_issued(ceph_cluster, tmp_path) -> None:
             for off, payload in writes.values():
                 assert await read_back(vbd, off, len(payload)) == payload, off
             await settled(conn, vbd)
-    arun(body)
+    arun(body, loop_factory=LOOPS[loop])
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "polling"])
 def test_requests_that_fail_in_the_pass_are_retried_then_answered(
-        ceph_cluster, tmp_path) -> None:
+        ceph_cluster, tmp_path, loop: str) -> None:
     """The OSD frozen: what the pass issued times out in librbd (rados_osd_op_timeout),
     goes back to the Python path, which retries it until the VBD's timeout and answers
-    EIO; the OSD thawed, the same requests succeed through the pass."""
+    EIO; the OSD thawed, the same requests succeed through the pass. On the polling
+    loop the connection is linked first (served in the loop's wait): the failed requests
+    hand it back to the Python path all the same."""
     name, content = filled_image(ceph_cluster)
     spec = ceph_cluster.spec(name) + ":rados_osd_op_timeout=1"
     sock = tmp_path / "s.sock"
@@ -269,21 +283,28 @@ def test_requests_that_fail_in_the_pass_are_retried_then_answered(
             reads = {1: (4 * MiB, 64 * KiB)}
             stream = req(READ, 4 * MiB, 64 * KiB, handle=1) + \
                 req(WRITE, 8 * MiB, 4 * KiB, handle=2, payload=b"w" * 4 * KiB)
+            if loop == "polling":
+                got = await exchange(w, req(READ, 0, 4 * KiB, handle=9), 1, {9: (0, 4 * KiB)})
+                assert got[9] == (0, content[: 4 * KiB])
+                await until(lambda: linked(conn), "the pass linked")
+            vbd.sync_links()
+            base = dict(seen)
             ceph_cluster.pause_osd()
             try:
                 got = await exchange(w, stream, 2, reads)
             finally:
                 ceph_cluster.resume_osd()
-            assert seen["issued"] == 2 and seen["failed"] == 2, seen
+            assert (seen["issued"] - base["issued"], seen["failed"]) == (2, 2), seen
             assert got[1][0] == got[2][0] == 5, got  # NBD's EIO
             assert vbd.stats.retries > 0
             got = await exchange(w, stream, 2, reads)
             assert got[1] == (0, content[4 * MiB : 4 * MiB + 64 * KiB])
             assert got[2] == (0, b"")
-            assert seen["issued"] == 4 and seen["failed"] == 2, seen
+            vbd.sync_links()
+            assert (seen["issued"] - base["issued"], seen["failed"]) == (4, 2), seen
             await settled(conn, vbd)
             assert outstanding(server.pool) == 0
-    arun(body)
+    arun(body, loop_factory=LOOPS[loop])
 
 
 def test_large_writes_are_received_into_the_pass(ceph_cluster, tmp_path) -> None:
@@ -547,14 +568,17 @@ def test_the_pass_checks_what_it_is_given() -> None:
     """Bad arguments are refused with an exception, nothing issued."""
     from blktap.transport.nbd import _inline
 
+    def target(image: int) -> tuple:  # (AsyncTarget's fields, the calls' addresses 1-4)
+        return (image, 1 << 30, True, (1, 2, 3, 4), 5, (1, 2, 3, 4))
+
     apass = _inline.AsyncPass(lambda: None, 4, 1 << 20)
     buf = bytearray(struct.pack(">IHHQQI", 0x25609513, 0, 0, 1, 0, 4096))
     with pytest.raises(TypeError):
         apass.submit(buf, 0, len(buf), ("not", "a", "target"), True, 8, 1 << 20)
     with pytest.raises(ValueError):
-        apass.submit(buf, 0, len(buf), (0, 1 << 30, True, (1, 2, 3, 4)), True, 8, 1 << 20)
+        apass.submit(buf, 0, len(buf), target(0), True, 8, 1 << 20)
     with pytest.raises(ValueError):
-        apass.submit(buf, 4, 2, (1, 1 << 30, True, (1, 2, 3, 4)), True, 8, 1 << 20)
+        apass.submit(buf, 4, 2, target(1), True, 8, 1 << 20)
     # The reaper checks its arguments before it calls anything.
     with pytest.raises(TypeError):
         _inline.reap((1, 2, 3, 4), 1)
@@ -574,7 +598,7 @@ def test_the_pass_checks_what_it_is_given() -> None:
     with pytest.raises(ValueError):
         apass.unreserve(2)  # not lent
     with pytest.raises(ValueError):
-        apass.issue_write(7, 1, 0, (1, 1 << 30, True, (1, 2, 3, 4)))  # out of range
+        apass.issue_write(7, 1, 0, target(1))  # out of range
     index, view = apass.reserve(8192)
     assert len(view) == 8192 and not view.readonly and apass.reserved == 1
     view[:] = b"p" * 8192
@@ -642,3 +666,103 @@ def test_the_reaper_takes_every_completion_and_hands_back_the_drivers_own() -> N
     assert released == finished
     assert ours == [(c, values[c]) for c in finished if args[c] is None]
     assert strays == sum(1 for c in finished if args[c] is not None) == 10
+
+
+def linked(conn: Connection) -> bool:
+    return conn._async is not None and conn._async.linked
+
+
+def test_a_connection_is_served_in_the_wait(ceph_cluster, tmp_path) -> None:
+    """On the polling loop a serve runs, once the pass has something in flight and the
+    connection nothing else, the pass is linked to the socket: QD1 reads and writes are
+    then received, issued and answered in the loop's wait (the data hook runs no more),
+    and counted in the VBD's statistics and latency histograms as the pass's are. A
+    flush, a write larger than the link's buffer and a pause each give the connection
+    back to the Python path, which answers them and links it again after; a DISC ends it
+    with no link and no hook left behind."""
+    name, content = filled_image(ceph_cluster)
+    model = bytearray(content)
+    sock = tmp_path / "s.sock"
+    rng = random.Random(11)
+
+    async def body(engine: ThreadEngine) -> None:
+        selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+        async with served(engine, ceph_cluster.spec(name), sock) as (server, vbd, seen, w, conn):
+            hooked = {"pumps": 0}
+            pump = conn._pump
+
+            def counted_pump() -> bool:
+                hooked["pumps"] += 1
+                return pump()
+            conn._pump = counted_pump  # type: ignore[method-assign]
+            conn.ch.on_data = counted_pump
+
+            async def one(handle: int) -> None:
+                """A 4 KiB to 64 KiB read or write, checked against the model."""
+                length = rng.choice((4, 8, 64)) * KiB
+                offset = rng.randrange(0, DISK - length, 4096)
+                if handle % 2:
+                    payload = rng.randbytes(length)
+                    model[offset : offset + length] = payload
+                    got = await exchange(w, req(WRITE, offset, length, handle=handle,
+                                                payload=payload), 1, {})
+                    assert got[handle] == (0, b""), handle
+                else:
+                    got = await exchange(w, req(READ, offset, length, handle=handle), 1,
+                                         {handle: (offset, length)})
+                    assert got[handle] == (0, bytes(model[offset : offset + length])), handle
+
+            await one(1)
+            await until(lambda: linked(conn), "the pass linked")
+            assert selector.has_hook(conn._async) and vbd._links == {conn}
+            before, pumps = vbd.stats_dict(), hooked["pumps"]
+            lat_before = sum(vbd.latency.read.counts) + sum(vbd.latency.write.counts)
+            for h in range(2, 42):
+                await one(h)
+            assert hooked["pumps"] == pumps, "the data hook ran for a linked connection"
+            assert linked(conn)
+            after = vbd.stats_dict()  # (asks the link for its counts first)
+            count = after["counters"]
+            assert (count["read_reqs"] - before["counters"]["read_reqs"],
+                    count["write_reqs"] - before["counters"]["write_reqs"]) == (20, 20)
+            assert after["reqs_outstanding"] == 0
+            lat = sum(vbd.latency.read.counts) + sum(vbd.latency.write.counts)
+            assert lat - lat_before == 40
+
+            # A flush: handed back, answered by the Python path, linked again after.
+            got = await exchange(w, req(FLUSH, handle=50), 1, {})
+            assert got[50] == (0, b"")
+            await one(51)
+            await until(lambda: linked(conn), "linked again after the flush")
+            # A write larger than the link's buffer: the Python path's, whole.
+            big = rng.randbytes(512 * KiB)
+            model[MiB : MiB + len(big)] = big
+            got = await exchange(w, req(WRITE, MiB, len(big), handle=52, payload=big), 1, {})
+            assert got[52] == (0, b"")
+            await one(53)
+            await until(lambda: linked(conn), "linked again after the large write")
+            # A pause takes the connection back; what comes meanwhile waits for the
+            # resume, then the link serves again.
+            await vbd.pause()
+            assert not linked(conn) and not vbd._links
+            got_later = asyncio.create_task(exchange(
+                w, req(READ, MiB, 512 * KiB, handle=54), 1, {54: (MiB, 512 * KiB)}))
+            await asyncio.sleep(0.2)
+            assert not got_later.done() and not linked(conn)
+            drv = await engine.call(open_stack, engine, ceph_cluster.spec(name), writable=True)
+            await vbd.resume(drv)
+            assert (await got_later)[54] == (0, big)
+            for h in range(55, 60):
+                await one(h)
+            await until(lambda: linked(conn), "linked again after the resume")
+            for off in range(0, DISK, 4 * MiB):
+                assert await read_back(vbd, off, 4 * MiB) == model[off : off + 4 * MiB], off
+            apass = conn._async
+            await asyncio.to_thread(w.sock.sendall, req(DISC))
+            await until(lambda: conn not in server._connections, "the connection ended")
+            assert not apass.linked and not apass.handed_back
+            assert not selector.has_hook(apass) and not vbd._links
+            assert seen["failed"] == 0
+            await settled(conn, vbd)
+            assert outstanding(server.pool) == 0 and server.pool.budget.used == 0
+    arun(body, loop_factory=LOOPS["polling"])

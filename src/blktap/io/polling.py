@@ -127,6 +127,15 @@ class PollingSelector(selectors.EpollSelector):
             self._added.append(hook)
             self._rehook()
 
+    @property
+    def epoll_fd(self) -> int:
+        """The epoll instance the wait polls (a hook that answers the readiness of a
+        descriptor the loop registered turns it off and on there)."""
+        return self._selector.fileno()
+
+    def has_hook(self, hook: Hook) -> bool:
+        return hook in self._added
+
     def remove_hook(self, hook: Hook) -> None:
         if hook in self._added:
             self._added.remove(hook)

@@ -184,7 +184,11 @@ class AsyncTarget(NamedTuple):
     the addresses of the calls, in this order: ``rbd_aio_create_completion``,
     ``rbd_aio_read``, ``rbd_aio_write``, ``rbd_aio_release``. A completion the pass
     makes carries its own argument (never NULL), by which the reaper the driver was
-    given with the target (:data:`Reaper`) tells it from the driver's own.
+    given with the target (:data:`Reaper`) tells it from the driver's own. ``eventfd`` is
+    where librbd signals completions, and ``reap_calls`` the addresses of the calls that
+    take them back, as the reaper is given them: a transport that answers that eventfd's
+    readiness itself (a connection served in the selector's wait) reaps with them, and
+    leaves the driver's own completions to the reaper.
 
     The compiled pass reads these fields by position: add new ones at the end."""
 
@@ -192,6 +196,8 @@ class AsyncTarget(NamedTuple):
     size: int
     writes: bool
     ops: tuple[int, ...]
+    eventfd: int
+    reap_calls: tuple[int, ...]
 
 
 # What a transport gives with :meth:`Driver.inline_async`: the driver reaps its finished

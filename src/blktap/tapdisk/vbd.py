@@ -50,7 +50,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 from blktap.errors import BlktapError, DriverError, OutOfRange
 from blktap.io.buffers import scratch_buffer
@@ -89,6 +89,19 @@ HOLE_MAX_RUNS = 16
 # What a read-only disk cannot do, whatever its driver can (an enum.Flag's operators
 # cost microseconds each: made once, not per connection that asks).
 _READ_ONLY_CAPS = ~(Caps.WRITE | Caps.FUA | Caps.TRIM | Caps.ZERO | Caps.FAST_ZERO)
+
+
+class InlineLink(Protocol):
+    """A transport serving requests at :meth:`VBD.inline_async`'s target in compiled
+    code, outside the loop's turns (:meth:`VBD.add_inline_link`)."""
+
+    def sync_inline(self) -> None:
+        """Tell :meth:`VBD.issued_inline` and :meth:`VBD.finished_inline` what was issued
+        and finished since the last time."""
+
+    def release_inline(self) -> None:
+        """Stop issuing: the requests go to the transport's Python path from now on (what
+        is in flight is counted, and finishes as the pass's requests do)."""
 
 
 class VbdState(enum.IntFlag):
@@ -233,6 +246,12 @@ class VBD:
         # Requests a transport's compiled pass issued to the driver (inline_async), not
         # yet finished: drain waits for them too.
         self._async_inflight = 0
+        # Transports serving this disk's requests in compiled code between the loop's
+        # turns (a connection served in the selector's wait): they tell issued_inline and
+        # finished_inline what they did when asked (sync_inline: stats, the watchdog)
+        # and give the requests back to their Python path when told (release_inline:
+        # pause, close).
+        self._links: set[InlineLink] = set()
         self._last_progress = self._clock()
         self._stall_reported = False
         self._rmw_lock = asyncio.Lock()
@@ -664,6 +683,7 @@ class VBD:
             self._idle.set()
 
     def _check_watchdog(self) -> None:
+        self.sync_links()
         if not (self._inflight or self._async_inflight) or self._stall_reported:
             return
         stalled = time.monotonic() - self._last_progress
@@ -886,6 +906,23 @@ class VBD:
         self._stall_reported = False
         if not self._inflight and not self._async_inflight:
             self._idle.set()
+
+    def add_inline_link(self, link: InlineLink) -> None:
+        """``link`` serves requests at :meth:`inline_async`'s target outside the loop's
+        turns from now on, until :meth:`remove_inline_link`."""
+        self._links.add(link)
+
+    def remove_inline_link(self, link: InlineLink) -> None:
+        self._links.discard(link)
+
+    def sync_links(self) -> None:
+        """Have every link tell what it issued and finished so far."""
+        for link in list(self._links):
+            link.sync_inline()
+
+    def _release_links(self) -> None:
+        for link in list(self._links):
+            link.release_inline()
 
     def served_inline(self, reads: int, read_bytes: int, writes: int,
                       write_bytes: int) -> None:
@@ -1111,6 +1148,7 @@ class VBD:
             raise BlktapError(f"{self.name} is already paused", errno.EBUSY)
         self.state |= VbdState.PAUSE_REQUESTED
         self._running.clear()
+        self._release_links()  # (what they issued is counted in flight now)
         await self.drain()
         try:
             await self._close_stack()
@@ -1148,8 +1186,12 @@ class VBD:
         ESHUTDOWN."""
         if self._closed:
             return
+        self._release_links()
         await self.drain()
         self._closed = True
+        # (a link made while the disk drained: given back, it cannot link again now)
+        self._release_links()
+        await self.drain()
         self._watchdog.cancel()
         self._unwatch()
         was_paused = bool(self.state & VbdState.PAUSED)
@@ -1176,6 +1218,7 @@ class VBD:
         per forward); a layer's own reads are what it was asked for less what it passed
         down, since a parent is asked only through its child. Writes are never passed
         down."""
+        self.sync_links()
         st = self.stats
         chain = self.driver.chain()
         for d in chain:

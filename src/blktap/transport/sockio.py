@@ -120,6 +120,8 @@ class Channel:
         selector = getattr(self.loop, "_selector", None)  # asyncio.SelectorEventLoop's
         self._receiver = selector if isinstance(selector, PollingSelector) else None
         self._direct_c: Direct | None = None
+        # Lent to a compiled server of the socket (lend): what close() calls first.
+        self._lent: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ waiting
     async def _wait(self, writable: bool) -> None:
@@ -177,6 +179,63 @@ class Channel:
             self.view = memoryview(self.buf)
         self.buf[: len(data)] = data
         self.start, self.end = 0, len(data)
+
+    def lendable(self) -> bool:
+        """Whether the socket may be lent (:meth:`lend`) now: a plain socket with nothing
+        received and not taken, nothing queued or being sent, no reader or feeder
+        waiting and no receive into place under way."""
+        return not (self.tls or self.closed or self._lent is not None
+                    or self.start != self.end or self._direct is not None
+                    or (self._read_waiters and not self.reader_parked)
+                    or self._feeder is not None
+                    or self._writer is not None or self._out_waiters)
+
+    @property
+    def reader_parked(self) -> bool:
+        """Whether a reader waits for the next message with the data hook on (fill
+        between messages)."""
+        return bool(self._read_waiters) and self._filling and self.on_data is not None
+
+    def lend(self, take_back: Callable[[], None]) -> None:
+        """Lend the socket to a compiled server of it (an NBD connection served in the
+        selector's wait: transport/nbd/_inline_link.h), which receives from it and
+        sends on it itself until :meth:`reclaim`. The socket stays registered for
+        reading (the wait answers its readiness before the loop sees it); the readiness
+        callback does nothing meanwhile. Only while :meth:`lendable`. ``close()`` calls
+        ``take_back()`` first, for the borrower to let go."""
+        if not self.lendable():
+            raise RuntimeError("the channel is in use: it cannot be lent now")
+        self._lent = take_back
+        self._watch()
+
+    def reclaim(self, received: bytes) -> None:
+        """The socket is the channel's again; ``received``, what the borrower received
+        from it and did not take, comes first."""
+        self._lent = None
+        if received:
+            self.preload(received)
+
+    @property
+    def lent(self) -> bool:
+        return self._lent is not None
+
+    def serve_buffered(self) -> None:
+        """Serve what the buffer holds (given back by :meth:`reclaim`) as if it had just
+        been received: the data hook takes what it can, and the reader is woken (or, with
+        no reader, ``stuck()`` called) for what it leaves."""
+        if self.start == self.end or self.closed:
+            return
+        waiters = self._read_waiters
+        if not waiters:
+            if self._stuck is not None and not self.run_hook():
+                self._stuck()
+            return
+        if self.on_data is not None and self._filling and self.run_hook():
+            return
+        self._read_waiters = []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def serve_from_hook(self, stuck: Callable[[], None] | None) -> None:
         """Run :attr:`on_data` at each readiness while no reader exists (a connection
@@ -329,6 +388,8 @@ class Channel:
         self._release_held()
 
     def _readable(self) -> None:
+        if self._lent is not None:  # (a readiness seen before the borrower muted it)
+            return
         if self._feeder is not None:
             self._receive_for_feeder(self._feeder)
             return
@@ -712,6 +773,9 @@ class Channel:
         answers to a client's last messages, before it is dropped)."""
         if self.closed:
             return
+        take_back, self._lent = self._lent, None
+        if take_back is not None:
+            take_back()
         if self._out_waiters and self._writer is None and not self.tls:
             out, waiters = self._take_out()
             try:

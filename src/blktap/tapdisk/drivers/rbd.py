@@ -336,7 +336,8 @@ class RbdDriver(Driver):
         target = self._async
         if target is None:
             target = self._async = AsyncTarget(c.image.value or 0, self.size,
-                                               self.writable, c.ops)
+                                               self.writable, c.ops, c.eventfd,
+                                               c.reap_calls)
         return target
 
     def start_write(self, offset: int, iov: Sequence[memoryview], done: Completion, *,

@@ -541,8 +541,23 @@ PyMODINIT_FUNC PyInit__inline(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    /* AsyncPass is a hook of the selector's wait (a linked pass serves its connection
+     * there): without io._poll (not built), it is a plain type, never linked. */
+    PyTypeObject *hook_type = PyCapsule_Import(HOOK_CAPSULE, 0);
+    if (hook_type == NULL)
+        PyErr_Clear();
+    else
+        AsyncPassType.tp_base = hook_type;
     if (PyType_Ready(&AsyncPassType) < 0
             || PyModule_AddObjectRef(m, "AsyncPass", (PyObject *)&AsyncPassType) < 0
+            || PyModule_AddIntConstant(m, "HOOKS", hook_type != NULL) < 0
+            || PyModule_AddIntConstant(m, "LINK_BUFFER", LINK_BUFFER) < 0
+            || PyModule_AddIntConstant(m, "BACK_NONE", BACK_NONE) < 0
+            || PyModule_AddIntConstant(m, "BACK_REQUEST", BACK_REQUEST) < 0
+            || PyModule_AddIntConstant(m, "BACK_STREAM", BACK_STREAM) < 0
+            || PyModule_AddIntConstant(m, "BACK_FAILED", BACK_FAILED) < 0
+            || PyModule_AddIntConstant(m, "BACK_SOCKET_FULL", BACK_SOCKET_FULL) < 0
+            || PyModule_AddIntConstant(m, "BACK_BROKEN", BACK_BROKEN) < 0
             || disk_add_constants(m) < 0
             || PyModule_AddIntConstant(m, "MAX_STATUS_LENGTH", (long)MAX_STATUS_LENGTH) < 0
             || PyModule_AddIntConstant(m, "MAX_STATUS_EXTENTS", MAX_STATUS_EXTENTS) < 0) {

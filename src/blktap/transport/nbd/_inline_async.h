@@ -25,19 +25,37 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdlib.h>
+#include <sys/epoll.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "_hook.h"  /* the selector's wait: a linked pass answers its readinesses there */
+
 /* AsyncTarget's fields, by position (the driver's NamedTuple: tapdisk/driver.py). */
-enum { AT_IMAGE, AT_SIZE, AT_WRITES, AT_OPS, AT_FIELDS };
+enum { AT_IMAGE, AT_SIZE, AT_WRITES, AT_OPS, AT_EVENTFD, AT_REAP_CALLS, AT_FIELDS };
 /* The calls in AsyncTarget.ops, in this order (librbd.h's signatures). */
 enum { OP_CREATE_COMPLETION, OP_AIO_READ, OP_AIO_WRITE, OP_RELEASE, OP_COUNT };
+/* The calls in AsyncTarget.reap_calls (and reap()'s), in this order. */
+enum { RC_POLL_IO_EVENTS, RC_GET_ARG, RC_GET_RETURN_VALUE, RC_RELEASE, RC_COUNT };
 
 typedef int (*create_completion_fn)(void *arg, void *callback, void **completion);
 typedef int (*aio_rw_fn)(void *image, uint64_t offset, size_t length, void *buf,
                          void *completion);
 typedef void (*release_fn)(void *completion);
+typedef int (*poll_io_events_fn)(void *image, void **completions, int count);
+typedef void *(*get_arg_fn)(void *completion);
+typedef ssize_t (*get_return_value_fn)(void *completion);
+
+/* The librbd calls that take finished completions back (reap(), and a linked pass's
+ * answer to the eventfd in the wait). */
+struct reap_calls {
+    poll_io_events_fn poll_events;
+    get_arg_fn get_arg;
+    get_return_value_fn get_return_value;
+    release_fn release;
+};
 
 #define SLOT_FREE 0
 #define SLOT_ISSUED 1   /* librbd holds it (and its buffer) */
@@ -63,13 +81,14 @@ struct slot {
     int next;                /* the next slot in the done list (-1: the last) */
 };
 
+struct link;
+
 struct AsyncPass {
-    PyObject_HEAD
+    struct hook hook;        /* (PyObject_HEAD first) the wait's, while linked: _inline_link.h */
     struct slot *slots;
     int nslots;
     int issued;              /* slots librbd holds */
     int done_head, done_tail; /* slots done, in the order they finished */
-    int notified;            /* on the list of passes to call back this batch */
     size_t held_bytes;       /* capacity of the slots' buffers, at most max_bytes */
     size_t max_bytes;
     PyObject *on_done;       /* the connection's callback: once per batch of completions */
@@ -80,6 +99,16 @@ struct AsyncPass {
     create_completion_fn create_completion;
     aio_rw_fn aio_read, aio_write;
     release_fn release;
+    int done_fd;             /* the target's eventfd (-1: none seen yet) */
+    struct reap_calls reap;
+    /* A reference to itself, held while librbd holds a slot, the pass is linked or it
+     * waits to be called back (taken and let go with the interpreter lock only: the
+     * wait's hooks run without it). */
+    int pinned;
+    int pending;             /* on the list of passes to call back (later.passes) */
+    struct AsyncPass *touched_next; /* the passes a reap finished slots of */
+    int touched;
+    struct link *link;       /* the connection served in the wait (NULL: never linked) */
 };
 
 /* The monotonic clock in seconds (the VBD's latency histograms' unit). */
@@ -121,15 +150,29 @@ static int async_target(AsyncPass *self, PyObject *target)
     if (call_addresses(PyTuple_GET_ITEM(target, AT_OPS), OP_COUNT, fn,
                        "AsyncTarget.ops must hold the librbd calls") < 0)
         return -1;
+    void *reap[RC_COUNT];
+    if (call_addresses(PyTuple_GET_ITEM(target, AT_REAP_CALLS), RC_COUNT, reap,
+                       "AsyncTarget.reap_calls must hold librbd's four calls") < 0)
+        return -1;
     void *image = PyLong_AsVoidPtr(PyTuple_GET_ITEM(target, AT_IMAGE));
     unsigned long long size = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(target, AT_SIZE));
     int writes = PyObject_IsTrue(PyTuple_GET_ITEM(target, AT_WRITES));
+    long done_fd = PyLong_AsLong(PyTuple_GET_ITEM(target, AT_EVENTFD));
     if (PyErr_Occurred())
         return -1;
     if (image == NULL) {
         PyErr_SetString(PyExc_ValueError, "the image is closed");
         return -1;
     }
+    if (done_fd < 0 || done_fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "the target has no eventfd");
+        return -1;
+    }
+    self->done_fd = (int)done_fd;
+    self->reap.poll_events = (poll_io_events_fn)reap[RC_POLL_IO_EVENTS];
+    self->reap.get_arg = (get_arg_fn)reap[RC_GET_ARG];
+    self->reap.get_return_value = (get_return_value_fn)reap[RC_GET_RETURN_VALUE];
+    self->reap.release = (release_fn)reap[RC_RELEASE];
     self->image = image;
     self->size = size;
     self->writes = writes;
@@ -166,9 +209,31 @@ static struct slot *free_slot(AsyncPass *self, size_t need)
     return small;
 }
 
+/* The pass's reference to itself (see AsyncPass.pinned), with the interpreter lock. */
+static void pin(AsyncPass *self)
+{
+    if (!self->pinned) {
+        Py_INCREF(self);
+        self->pinned = 1;
+    }
+}
+
+static int link_on(const AsyncPass *self);
+
+/* Let the reference go when nothing needs it any more (with the lock; the last
+ * reference may go here: nothing touches the pass after). */
+static void maybe_unpin(AsyncPass *self)
+{
+    if (self->pinned && !self->issued && !self->pending && !link_on(self)) {
+        self->pinned = 0;
+        Py_DECREF(self);
+    }
+}
+
 /* Issue the slot's request (its fields and, for a write, its payload filled in) to
  * librbd, as issued at time ``at``: 0, or -1 where librbd refuses it (nothing queued,
- * the slot still free or reserved: the Python path issues it again and says why). */
+ * the slot still free or reserved: the Python path issues it again and says why). The
+ * pass is pinned (by the caller, or by its link: this runs in the wait too). */
 static int issue(AsyncPass *self, struct slot *s, double at)
 {
     void *comp = NULL;
@@ -181,9 +246,84 @@ static int issue(AsyncPass *self, struct slot *s, double at)
     }
     s->state = SLOT_ISSUED;
     s->started = at;
-    if (self->issued++ == 0)
-        Py_INCREF(self);  /* kept until librbd gives back the last slot it holds */
+    self->issued++;
     return 0;
+}
+
+/* Why submit_requests stopped. */
+enum {
+    STOP_BUDGET,   /* max_requests issued */
+    STOP_PARTIAL,  /* the next request is not all here (or nothing is) */
+    STOP_PYTHON,   /* the next request is not this pass's to take (or librbd refused it) */
+    STOP_FULL,     /* no slot or room free for the next one */
+};
+
+/* Issue the requests at rb[*start:end] that the pass takes (see submit's doc) to its
+ * target, up to max_requests; *start moves past them, *reads and *writes count them.
+ * Writes longer than max_write are the Python path's. Touches no Python object (the
+ * wait runs it for a linked pass). */
+static int submit_requests(AsyncPass *self, const unsigned char *rb, Py_ssize_t *start,
+                           Py_ssize_t end, int structured, long max_requests,
+                           uint64_t max_length, uint64_t max_write, long *reads,
+                           long *writes)
+{
+    const size_t read_header = structured ? DATA_CHUNK_SIZE : SIMPLE_REPLY_SIZE;
+    const double issued_at = now_seconds();
+    Py_ssize_t at = *start;
+    int stop = STOP_BUDGET;
+    while (*reads + *writes < max_requests) {
+        uint32_t cmd;
+        uint64_t offset, length;
+        Py_ssize_t took = next_request(rb, at, end, self->size, max_length, 0, &cmd,
+                                       &offset, &length);
+        const unsigned char *req = rb + at;
+        if (took == 0) {
+            /* a partial request, or one of another kind (an invalid one too) */
+            Py_ssize_t avail = end - at;
+            stop = STOP_PYTHON;
+            if (avail < REQUEST_SIZE
+                    || (get32(req) == REQUEST_MAGIC && get16(req + 6) == CMD_WRITE
+                        && get32(req + 24) <= max_length && get32(req + 24) <= max_write
+                        && (uint64_t)(avail - REQUEST_SIZE) < get32(req + 24)))
+                stop = STOP_PARTIAL;
+            break;
+        }
+        uint16_t flags = get16(req + 4);
+        if (cmd == CMD_WRITE ? (!self->writes || flags || length > max_write)
+                : (flags & ~(CMD_FLAG_FUA | (structured ? CMD_FLAG_DF : 0)))) {
+            stop = STOP_PYTHON;  /* FUA writes (a write, then a flush), the rest */
+            break;
+        }
+        size_t header = cmd == CMD_READ ? read_header : 0;
+        struct slot *s = free_slot(self, header + length);
+        if (s == NULL) {
+            stop = STOP_FULL;
+            break;
+        }
+        s->header = header;
+        s->offset = offset;
+        s->length = (uint32_t)length;
+        s->cmd = (uint16_t)cmd;
+        s->flags = flags;
+        memcpy(s->handle, req + 8, 8);
+        if (cmd == CMD_WRITE)
+            memcpy(s->buf, req + REQUEST_SIZE, length);
+        else if (structured)
+            put_data_chunk(s->buf, s->handle, offset, length);
+        else
+            put_simple_reply(s->buf, s->handle);
+        if (issue(self, s, issued_at) < 0) {
+            stop = STOP_PYTHON;
+            break;
+        }
+        at += took;
+        if (cmd == CMD_READ)
+            (*reads)++;
+        else
+            (*writes)++;
+    }
+    *start = at;
+    return stop;
 }
 
 PyDoc_STRVAR(async_submit_doc,
@@ -217,48 +357,14 @@ static PyObject *async_submit(AsyncPass *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_ValueError, "start and end must lie within rbuf");
         return NULL;
     }
-    const unsigned char *rb = rbuf.buf;
-    const size_t read_header = structured ? DATA_CHUNK_SIZE : SIMPLE_REPLY_SIZE;
-    const double issued_at = now_seconds();
     long reads = 0, writes = 0;
-    while (reads + writes < max_requests) {
-        uint32_t cmd;
-        uint64_t offset, length;
-        Py_ssize_t took = next_request(rb, start, end, self->size, max_length, 0, &cmd,
-                                       &offset, &length);
-        if (took == 0)
-            break;
-        const unsigned char *req = rb + start;
-        uint16_t flags = get16(req + 4);
-        if (cmd == CMD_WRITE ? (!self->writes || flags)
-                : (flags & ~(CMD_FLAG_FUA | (structured ? CMD_FLAG_DF : 0))))
-            break;  /* FUA writes (a write, then a flush) and the rest: the Python path */
-        size_t header = cmd == CMD_READ ? read_header : 0;
-        struct slot *s = free_slot(self, header + length);
-        if (s == NULL)
-            break;
-        s->header = header;
-        s->offset = offset;
-        s->length = (uint32_t)length;
-        s->cmd = (uint16_t)cmd;
-        s->flags = flags;
-        memcpy(s->handle, req + 8, 8);
-        if (cmd == CMD_WRITE)
-            memcpy(s->buf, req + REQUEST_SIZE, length);
-        else if (structured)
-            put_data_chunk(s->buf, s->handle, offset, length);
-        else
-            put_simple_reply(s->buf, s->handle);
-        if (issue(self, s, issued_at) < 0)
-            break;
-        start += took;
-        if (cmd == CMD_READ)
-            reads++;
-        else
-            writes++;
-    }
+    pin(self);
+    submit_requests(self, rbuf.buf, &start, end, structured, max_requests, max_length,
+                    max_length, &reads, &writes);
     PyBuffer_Release(&rbuf);
-    return Py_BuildValue("nll", start, reads, writes);
+    PyObject *out = Py_BuildValue("nll", start, reads, writes);
+    maybe_unpin(self);
+    return out;
 }
 
 PyDoc_STRVAR(async_reserve_doc,
@@ -329,7 +435,10 @@ static PyObject *async_issue_write(AsyncPass *self, PyObject *const *args, Py_ss
     s->cmd = CMD_WRITE;
     s->flags = 0;
     put64(s->handle, handle);
-    return PyBool_FromLong(issue(self, s, now_seconds()) == 0);
+    pin(self);
+    int issued = issue(self, s, now_seconds()) == 0;
+    maybe_unpin(self);
+    return PyBool_FromLong(issued);
 }
 
 static PyObject *async_unreserve(AsyncPass *self, PyObject *arg)
@@ -341,18 +450,84 @@ static PyObject *async_unreserve(AsyncPass *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-/* The librbd calls reap() takes, in this order (librbd.h's signatures). */
-enum { RC_POLL_IO_EVENTS, RC_GET_ARG, RC_GET_RETURN_VALUE, RC_RELEASE, RC_COUNT };
-typedef int (*poll_io_events_fn)(void *image, void **completions, int count);
-typedef void *(*get_arg_fn)(void *completion);
-typedef ssize_t (*get_return_value_fn)(void *completion);
 /* Completions asked for at a time (more are asked for while a batch comes back full). */
 #define REAP_BATCH 32
 
+/* Passes whose on_done the Python side must call (slots done that no link answered, a
+ * link handed back, counts to fold into the VBD's), and completions of the driver's own
+ * requests that a linked pass's hook reaped in the wait: kept here, without the
+ * interpreter lock, until reap() (with it) hands them over. The wait's hooks and reap()
+ * run on the loop's thread; the mutex is for a process with loops on several threads. */
+struct stashed {
+    void *image;
+    void *completion;
+    ssize_t ret;
+};
+
+static struct {
+    pthread_mutex_t lock;
+    AsyncPass **passes;
+    int npasses, passes_cap;
+    struct stashed *stash;
+    int nstash, stash_cap;
+} later = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+/* Grow an array of ``*cap`` items of ``size`` bytes to hold one more: 0, or -1. */
+static int room_for_one(void **items, int count, int *cap, size_t size)
+{
+    if (count < *cap)
+        return 0;
+    int grown = *cap ? *cap * 2 : 16;
+    void *more = realloc(*items, size * (size_t)grown);
+    if (more == NULL)
+        return -1;
+    *items = more;
+    *cap = grown;
+    return 0;
+}
+
+/* Have the Python side call the pass back (once; it is pinned: a slot of it was in
+ * flight, or it is linked). Out of memory, it is called back with its next completion. */
+static void note_pending(AsyncPass *pass)
+{
+    if (pass->pending)
+        return;
+    pthread_mutex_lock(&later.lock);
+    if (room_for_one((void **)&later.passes, later.npasses, &later.passes_cap,
+                     sizeof(AsyncPass *)) == 0) {
+        later.passes[later.npasses++] = pass;
+        pass->pending = 1;
+    }
+    pthread_mutex_unlock(&later.lock);
+}
+
+/* Keep a completion of the driver's own for reap(): 0, or -1 (no memory: it is lost,
+ * and the driver's request times out). */
+static int stash_completion(void *image, void *completion, ssize_t ret)
+{
+    int rc = -1;
+    pthread_mutex_lock(&later.lock);
+    if (room_for_one((void **)&later.stash, later.nstash, &later.stash_cap,
+                     sizeof(struct stashed)) == 0) {
+        later.stash[later.nstash++] = (struct stashed){image, completion, ret};
+        rc = 0;
+    }
+    pthread_mutex_unlock(&later.lock);
+    return rc;
+}
+
+static int later_waiting(void)
+{
+    pthread_mutex_lock(&later.lock);
+    int waiting = later.npasses + later.nstash;
+    pthread_mutex_unlock(&later.lock);
+    return waiting;
+}
+
 /* A slot librbd finished: on its pass's done list, in the order they finish, and the
- * pass on ``passes`` (once) to be called back. 0, or -1 for an argument that is no
- * slot in flight (left alone). */
-static int finish_slot(struct slot *s, ssize_t ret, double finished_at, PyObject *passes)
+ * pass chained on *touched (once). 0, or -1 for an argument that is no slot in flight
+ * (left alone). */
+static int finish_slot(struct slot *s, ssize_t ret, double finished_at, AsyncPass **touched)
 {
     if (s->state != SLOT_ISSUED)
         return -1;
@@ -368,32 +543,103 @@ static int finish_slot(struct slot *s, ssize_t ret, double finished_at, PyObject
     else
         pass->slots[pass->done_tail].next = index;
     pass->done_tail = index;
-    /* (Out of memory here, the pass is called back with its next completion.) */
-    if (!pass->notified && PyList_Append(passes, (PyObject *)pass) == 0)
-        pass->notified = 1;
-    PyErr_Clear();
-    if (--pass->issued == 0)
-        Py_DECREF(pass);  /* (the list holds it while it has to be called back) */
+    pass->issued--;  /* (still pinned: let go by the Python side, with the lock) */
+    if (!pass->touched) {
+        pass->touched = 1;
+        pass->touched_next = *touched;
+        *touched = pass;
+    }
     return 0;
 }
 
-/* Call back each pass of ``passes`` once (a callback's exception is reported, and the
- * others are still called); keeps any exception already set. */
-static void call_back(PyObject *passes)
+/* What becomes of a completion without an argument (the driver's own request). */
+typedef int (*other_fn)(void *ctx, void *image, void *completion, ssize_t ret);
+
+/* Take every finished completion of ``image`` and release it: slots onto their pass's
+ * done list (the passes chained on *touched), the others to ``other``. *strays counts
+ * arguments that are no slot in flight. Returns 0, or librbd's negative errno (the
+ * completions taken until then are handled). No Python object is touched here. */
+static int reap_completions(void *image, const struct reap_calls *rc, AsyncPass **touched,
+                            long *strays, other_fn other, void *ctx)
+{
+    const double finished_at = now_seconds();
+    void *done[REAP_BATCH];
+    int n;
+    do {
+        n = rc->poll_events(image, done, REAP_BATCH);
+        if (n < 0)
+            return n;
+        for (int i = 0; i < n; i++) {
+            void *completion = done[i];
+            void *arg = rc->get_arg(completion);
+            ssize_t ret = rc->get_return_value(completion);
+            rc->release(completion);
+            if (arg != NULL) {
+                if (finish_slot(arg, ret, finished_at, touched) < 0)
+                    (*strays)++;
+            } else {
+                other(ctx, image, completion, ret);
+            }
+        }
+    } while (n == REAP_BATCH);
+    return 0;
+}
+
+static int link_answers(const AsyncPass *pass);
+static void link_answer(AsyncPass *pass);
+
+/* The passes a reap touched: a linked one answers its done slots itself, the others
+ * wait for the Python side's call back. */
+static void answer_touched(AsyncPass *touched)
+{
+    while (touched != NULL) {
+        AsyncPass *pass = touched;
+        touched = pass->touched_next;
+        pass->touched = 0;
+        pass->touched_next = NULL;
+        if (link_answers(pass))
+            link_answer(pass);
+        else
+            note_pending(pass);
+    }
+}
+
+/* Call back every pass waiting for it (a callback's exception is reported, and the
+ * others are still called); keeps any exception already set. With the lock. */
+static void call_back_pending(void)
 {
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(passes); i++) {
-        AsyncPass *pass = (AsyncPass *)PyList_GET_ITEM(passes, i);
-        pass->notified = 0;
-        if (pass->on_done == NULL || pass->on_done == Py_None)
-            continue;
-        PyObject *r = PyObject_CallNoArgs(pass->on_done);
-        if (r == NULL)  /* a transport's bug: the other passes are still called */
-            PyErr_WriteUnraisable(pass->on_done);
-        Py_XDECREF(r);
+    for (;;) {
+        pthread_mutex_lock(&later.lock);
+        AsyncPass *pass = later.npasses ? later.passes[--later.npasses] : NULL;
+        pthread_mutex_unlock(&later.lock);
+        if (pass == NULL)
+            break;
+        pass->pending = 0;
+        PyObject *on_done = pass->on_done;
+        if (on_done != NULL && on_done != Py_None) {
+            Py_INCREF(on_done);
+            PyObject *r = PyObject_CallNoArgs(on_done);
+            if (r == NULL)  /* a transport's bug: the other passes are still called */
+                PyErr_WriteUnraisable(on_done);
+            Py_XDECREF(r);
+            Py_DECREF(on_done);
+        }
+        maybe_unpin(pass);
     }
     PyErr_Restore(type, value, traceback);
+}
+
+static int to_list(void *ctx, void *image, void *completion, ssize_t ret)
+{
+    (void)image;
+    PyObject *item = Py_BuildValue("(Nn)", PyLong_FromVoidPtr(completion), ret);
+    int rc = item == NULL ? -1 : PyList_Append((PyObject *)ctx, item);
+    Py_XDECREF(item);
+    if (rc < 0)  /* (out of memory: the driver's request times out) */
+        PyErr_Clear();
+    return rc;
 }
 
 PyDoc_STRVAR(async_reap_doc,
@@ -403,10 +649,12 @@ PyDoc_STRVAR(async_reap_doc,
 "completion landing meanwhile signals again), then take every finished completion of\n"
 "``image`` (its address) and release it. ``calls`` are the addresses of\n"
 "rbd_poll_io_events, rbd_aio_get_arg, rbd_aio_get_return_value and rbd_aio_release.\n"
-"A completion with an argument is a slot of a pass here: taken back, and each pass with\n"
-"slots done is called back (its on_done) once. Returns ``(ours, strays)``: ``ours`` the\n"
-"(completion, return value) of those without one (the driver's own requests), and\n"
-"``strays`` how many had an argument that was no slot in flight (a bug; left alone).");
+"A completion with an argument is a slot of a pass here: taken back, and answered by\n"
+"its pass's link when it has one, else its pass is called back (on_done) once; so is\n"
+"every pass a linked pass's hook left for the Python side. Returns ``(ours, strays)``:\n"
+"``ours`` the (completion, return value) of those without one (the driver's own\n"
+"requests, with those the hooks reaped meanwhile), and ``strays`` how many had an\n"
+"argument that was no slot in flight (a bug; left alone).");
 
 static PyObject *async_reap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -434,55 +682,33 @@ static PyObject *async_reap(PyObject *module, PyObject *const *args, Py_ssize_t 
     uint64_t count;
     if (read((int)eventfd, &count, sizeof count) < 0 && errno != EAGAIN && errno != EINTR)
         return PyErr_SetFromErrno(PyExc_OSError);
-    poll_io_events_fn poll_events = (poll_io_events_fn)fn[RC_POLL_IO_EVENTS];
-    get_arg_fn get_arg = (get_arg_fn)fn[RC_GET_ARG];
-    get_return_value_fn get_return_value = (get_return_value_fn)fn[RC_GET_RETURN_VALUE];
-    release_fn release = (release_fn)fn[RC_RELEASE];
+    struct reap_calls rc = {
+        (poll_io_events_fn)fn[RC_POLL_IO_EVENTS], (get_arg_fn)fn[RC_GET_ARG],
+        (get_return_value_fn)fn[RC_GET_RETURN_VALUE], (release_fn)fn[RC_RELEASE]};
     PyObject *ours = PyList_New(0);
-    PyObject *passes = PyList_New(0);
-    if (ours == NULL || passes == NULL) {
-        Py_XDECREF(ours);
-        Py_XDECREF(passes);
+    if (ours == NULL)
         return NULL;
+    /* the driver's completions a hook reaped first, in the order they came */
+    pthread_mutex_lock(&later.lock);
+    int kept = 0;
+    for (int i = 0; i < later.nstash; i++) {
+        struct stashed *st = &later.stash[i];
+        if (st->image != image)
+            later.stash[kept++] = *st;
+        else
+            to_list(ours, image, st->completion, st->ret);
     }
-    const double finished_at = now_seconds();
+    later.nstash = kept;
+    pthread_mutex_unlock(&later.lock);
+    AsyncPass *touched = NULL;
     long strays = 0;
-    int failed = 0;  /* an exception is set: the completions are still all taken */
-    void *done[REAP_BATCH];
-    int n;
-    do {
-        n = poll_events(image, done, REAP_BATCH);
-        if (n < 0) {
-            if (!failed) {
-                errno = -n;
-                PyErr_SetFromErrno(PyExc_OSError);
-                failed = 1;
-            }
-            break;
-        }
-        for (int i = 0; i < n; i++) {
-            void *completion = done[i];
-            void *arg = get_arg(completion);
-            ssize_t ret = get_return_value(completion);
-            release(completion);
-            if (arg != NULL) {
-                if (finish_slot(arg, ret, finished_at, passes) < 0)
-                    strays++;
-                continue;
-            }
-            if (failed)
-                continue;  /* (out of memory: the driver's request times out) */
-            PyObject *item = Py_BuildValue("(Nn)", PyLong_FromVoidPtr(completion), ret);
-            if (item == NULL || PyList_Append(ours, item) < 0)
-                failed = 1;
-            Py_XDECREF(item);
-        }
-    } while (n == REAP_BATCH);
-    call_back(passes);
-    Py_DECREF(passes);
-    if (failed) {
+    int n = reap_completions(image, &rc, &touched, &strays, to_list, ours);
+    answer_touched(touched);
+    call_back_pending();
+    if (n < 0) {
         Py_DECREF(ours);
-        return NULL;
+        errno = -n;
+        return PyErr_SetFromErrno(PyExc_OSError);
     }
     return Py_BuildValue("(Nl)", ours, strays);
 }
@@ -515,6 +741,44 @@ static const unsigned char *reply_bytes(struct slot *s, unsigned char *write_rep
 
 #define FLUSH_IOVS 64
 
+/* Send the ``k`` gathered replies (``bytes`` in all) on ``sock`` without waiting, unless
+ * *full (the socket took nothing more before) or *error are set already: the bytes
+ * sent; *full set when the socket is full, *error to the errno that broke it. */
+static size_t send_gathered(int sock, const struct iovec *iov, int k, size_t bytes,
+                            int *full, int *error)
+{
+    size_t sent = 0;
+    while (!*full && !*error && sent < bytes) {
+        /* skip what is sent already */
+        struct iovec part[FLUSH_IOVS];
+        int m = 0;
+        size_t skip = sent;
+        for (int j = 0; j < k; j++) {
+            if (skip >= iov[j].iov_len) {
+                skip -= iov[j].iov_len;
+                continue;
+            }
+            part[m].iov_base = (unsigned char *)iov[j].iov_base + skip;
+            part[m].iov_len = iov[j].iov_len - skip;
+            skip = 0;
+            m++;
+        }
+        struct msghdr msg = { .msg_iov = part, .msg_iovlen = (size_t)m };
+        ssize_t got = sendmsg(sock, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                *full = 1;
+            else
+                *error = errno;
+            break;
+        }
+        sent += (size_t)got;
+    }
+    return sent;
+}
+
 /* Append ``seconds`` to *list (made at need). */
 static int add_time(PyObject **list, double seconds)
 {
@@ -527,6 +791,8 @@ static int add_time(PyObject **list, double seconds)
     Py_DECREF(t);
     return rc;
 }
+
+#include "_inline_link.h"  /* a connection served in the wait */
 
 PyDoc_STRVAR(async_flush_doc,
 "flush(sock)\n"
@@ -601,35 +867,7 @@ static PyObject *async_flush(AsyncPass *self, PyObject *sock_arg)
             bytes += iov[k].iov_len;
             batch[k++] = s;
         }
-        size_t sent = 0;
-        while (!socket_full && !error && sent < bytes) {
-            /* skip what is sent already */
-            struct iovec part[FLUSH_IOVS];
-            int m = 0;
-            size_t skip = sent;
-            for (int j = 0; j < k; j++) {
-                if (skip >= iov[j].iov_len) {
-                    skip -= iov[j].iov_len;
-                    continue;
-                }
-                part[m].iov_base = (unsigned char *)iov[j].iov_base + skip;
-                part[m].iov_len = iov[j].iov_len - skip;
-                skip = 0;
-                m++;
-            }
-            struct msghdr msg = { .msg_iov = part, .msg_iovlen = (size_t)m };
-            ssize_t got = sendmsg(sock, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-            if (got < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                    socket_full = 1;
-                else
-                    error = errno;
-                break;
-            }
-            sent += (size_t)got;
-        }
+        size_t sent = send_gathered(sock, iov, k, bytes, &socket_full, &error);
         if (error) {  /* nobody to answer: the slots go back */
             for (int j = 0; j < k; j++)
                 batch[j]->state = SLOT_FREE;
@@ -736,6 +974,8 @@ static int async_init(AsyncPass *self, PyObject *args, PyObject *kwds)
     self->nslots = nslots;
     self->max_bytes = (size_t)max_bytes;
     self->done_head = self->done_tail = -1;
+    self->done_fd = -1;
+    self->hook.ops = &link_ops;
     Py_INCREF(on_done);
     Py_XSETREF(self->on_done, on_done);
     return 0;
@@ -757,9 +997,10 @@ static int async_clear(AsyncPass *self)
 
 static void async_dealloc(AsyncPass *self)
 {
-    /* Never with a slot in flight: each issued slot holds a reference to the pass. */
+    /* Never with a slot in flight, linked or to be called back: it is pinned then. */
     PyObject_GC_UnTrack(self);
     async_clear(self);
+    link_free(self->link);
     if (self->slots != NULL) {
         for (int i = 0; i < self->nslots; i++)
             free(self->slots[i].buf);
@@ -776,6 +1017,9 @@ static PyMethodDef async_methods[] = {
      async_issue_write_doc},
     {"unreserve", (PyCFunction)async_unreserve, METH_O,
      "unreserve(index)\n--\n\nGive back a slot reserve lent (not issued)."},
+    {"link", (PyCFunction)(void (*)(void))async_link, METH_FASTCALL, async_link_doc},
+    {"unlink", (PyCFunction)async_unlink, METH_NOARGS, async_unlink_doc},
+    {"counts", (PyCFunction)async_counts, METH_NOARGS, async_counts_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -787,6 +1031,10 @@ static PyGetSetDef async_getset[] = {
      "Whether requests are done and not flushed yet.", NULL},
     {"held_bytes", (getter)async_get_held_bytes, NULL,
      "The bytes of the slots' buffers (at most max_bytes).", NULL},
+    {"linked", (getter)async_get_linked, NULL,
+     "Whether the wait serves the connection (link).", NULL},
+    {"handed_back", (getter)async_get_handed_back, NULL,
+     "Whether the link stopped, for the Python side to unlink.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

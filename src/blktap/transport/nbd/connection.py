@@ -50,6 +50,7 @@ from typing import Any
 
 from blktap.errors import BlktapError
 from blktap.io.buffers import Buffer, BufferPool, size_class
+from blktap.io.polling import PollingSelector
 from blktap.tapdisk.driver import SECTOR, InlineTarget
 from blktap.tapdisk.vbd import VBD, Request, errno_of
 from blktap.transport.nbd import inline
@@ -216,6 +217,14 @@ class Connection:
         # The write whose payload the channel receives into the pass's slot now
         # (_receive_in_hook): (slot index, view, handle, flags, offset, length).
         self._payload: tuple[int, memoryview, int, int, int, int] | None = None
+        # The selector whose wait serves the connection when the pass is linked to its
+        # socket (_link; None: no compiled wait, or the link turned off), and a link
+        # attempt asked for at the end of this turn.
+        selector = getattr(loop, "_selector", None)  # asyncio.SelectorEventLoop's
+        self._waiter: PollingSelector | None = (
+            selector if isinstance(selector, PollingSelector) and selector.can_hook
+            and not ch.tls and inline.links() else None)
+        self._link_soon = False
 
     # ------------------------------------------------------------------ without a task
     def start(self, spawn: Callable[[Coroutine[Any, Any, None]], None],
@@ -264,8 +273,10 @@ class Connection:
 
     def _end_fed(self) -> None:
         self._fed = False
+        self._unlink(serve=False)
         self.ch.serve_from_hook(None)
         self.ch.on_data = None
+        self._unhook()
         self._async = None
         self.budget.holders.discard(self)
         assert self._ended is not None
@@ -277,6 +288,7 @@ class Connection:
         if not self._fed:
             return
         self._fed = False
+        self._unlink(serve=False)  # (what it received is the task's to read first)
         self.ch.serve_from_hook(None)
         self.budget.holders.discard(self)  # (serve counts it again)
         assert self._spawn is not None
@@ -304,10 +316,12 @@ class Connection:
             if not self.reader.cancelled():
                 raise  # we were cancelled ourselves, not just the reader
         finally:
+            self._unlink(serve=False)
             self.ch.on_data = None
             self.ch.cancel_direct()
             try:
                 await self._async_settled()  # (what failed there joins the tasks)
+                self._unhook()
                 self._async = None  # its buffers go now (it refers to us: a cycle)
                 await settle(self.tasks, self.callbacks)
                 # Replies posted by the reader have no task: they leave before the close.
@@ -321,6 +335,7 @@ class Connection:
         if self.broken:
             return
         self.broken = True
+        self._unlink(serve=False)
         self.ch.on_data = None
         self.ch.cancel_direct()
         if self._fed:  # a task settles what is in flight, reading nothing more
@@ -608,6 +623,8 @@ class Connection:
         ch.consume(start - ch.start)
         issued = reads + writes
         self.vbd.issued_inline(issued)
+        if issued:
+            self._want_link()
         return issued
 
     def _async_done(self) -> None:
@@ -616,6 +633,19 @@ class Connection:
         failed there are served again by the Python path (which retries them through the
         VBD and answers what they end with)."""
         apass = self._async
+        if apass is None:  # (the connection has ended meanwhile)
+            return
+        if apass.handed_back:  # the link met what it leaves to the Python path
+            self._unlink()
+        elif apass.linked:  # its answers sent by the link: their counts, for the VBD
+            self.sync_inline()
+        if apass.pending:
+            self._flush_async(apass)
+        if not apass.issued and self._async_idle is not None:
+            self._async_idle.set()
+        self._want_link()
+
+    def _flush_async(self, apass: Any) -> None:
         ch = self.ch
         sock = ch.fd if not self.broken and ch.clear_to_send() else -1
         reads, read_bytes, writes, write_bytes, rest, error, failed, read_times, \
@@ -643,8 +673,91 @@ class Connection:
                     buf = self.pool.get(length)
                     buf.view[:] = payload
                     self._write_later(handle, flags, offset, buf, length)
-        if not apass.issued and self._async_idle is not None:
-            self._async_idle.set()
+
+    # ------------------------------------------------------------------ the link
+    def _want_link(self) -> None:
+        """Link the pass at the end of this turn (:meth:`_link`) if it may be then."""
+        if (self._waiter is not None and not self._link_soon
+                and self._async is not None and not self._async.linked
+                and not self.broken):
+            self._link_soon = True
+            self.loop.call_soon(self._link)
+
+    def _link(self) -> None:
+        """Serve the connection in the selector's wait (the pass linked to the socket:
+        _inline_link.h) while it has nothing else under way: no task, no request of the
+        Python path in flight, nothing received and not taken, nothing queued to send,
+        no reader busy (none, or one waiting for the next request), and the disk taking
+        requests at the pass's target. Its plain reads and writes then cost no turn of
+        the loop; anything else hands it back (:meth:`_async_done`)."""
+        self._link_soon = False
+        apass, ch, waiter = self._async, self.ch, self._waiter
+        if (apass is None or waiter is None or self.broken
+                or not (self._fed or ch.reader_parked)
+                or apass.linked or apass.handed_back or self.in_flight or self.tasks
+                or self.callbacks.count or self._payload is not None
+                or not ch.lendable()):
+            return
+        target = self.vbd.inline_async(inline.reap_async)
+        if target is None:
+            return
+        if not waiter.has_hook(apass):
+            waiter.add_hook(apass)
+        ch.lend(lambda: self._unlink(serve=False))
+        apass.link(ch.fd, waiter.epoll_fd, target, self.session.structured,
+                   inline.MAX_LENGTH)
+        self.vbd.add_inline_link(self)
+
+    def _unlink(self, *, serve: bool = True) -> None:
+        """Take the connection back from the wait (the link handed it back, or the disk
+        pauses or closes, or the connection ends): what the link received and did not
+        take is read first and the replies the socket did not take are sent first, the
+        VBD is told what the link did, and (``serve``) what was received is served."""
+        apass = self._async
+        if apass is None or not (apass.linked or apass.handed_back):
+            return
+        received, unsent, error, reason = apass.unlink()
+        if reason == inline.BACK_STREAM:  # (the channel's own receive meets its end)
+            self._waiter = None
+        self.vbd.remove_inline_link(self)
+        self.sync_inline()
+        ch = self.ch
+        ch.reclaim(received)
+        if error:
+            log.debug("%s: reply failed: %s", self.peer, os.strerror(error))
+            self._die()
+            return
+        if unsent is not None and not self.broken:
+            left = len(unsent)
+            self.budget.take(self._charge(left))
+            self._take(left)
+            ch.post([unsent], self._posted, (None, left))
+        if serve:
+            ch.serve_buffered()
+
+    def sync_inline(self) -> None:
+        """(VBD.InlineLink) Tell the VBD what the link issued and answered."""
+        apass = self._async
+        if apass is None:
+            return
+        issued, reads, read_bytes, writes, write_bytes, read_times, write_times = \
+            apass.counts()
+        if issued:
+            self.vbd.issued_inline(issued)
+        if reads or writes:
+            self.vbd.finished_inline(reads, read_bytes, writes, write_bytes, 0, read_times,
+                                     write_times)
+
+    def release_inline(self) -> None:
+        """(VBD.InlineLink) The disk pauses or closes: the connection is the Python
+        path's again."""
+        self._unlink()
+
+    def _unhook(self) -> None:
+        apass = self._async
+        selector = getattr(self.loop, "_selector", None)
+        if apass is not None and isinstance(selector, PollingSelector):
+            selector.remove_hook(apass)
 
     def _slot_for_payload(self, flags: int, offset: int,
                           length: int) -> tuple[int, memoryview] | None:

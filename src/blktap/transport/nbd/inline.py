@@ -58,6 +58,19 @@ def async_pass(on_done: Callable[[], None]) -> object | None:
     return _inline.AsyncPass(on_done, ASYNC_SLOTS, ASYNC_BYTES)
 
 
+# Why a link was handed back (AsyncPass.unlink's reason): the stream ended or broke.
+BACK_STREAM = 2 if _inline is None else _inline.BACK_STREAM
+
+
+def links() -> bool:
+    """Whether a connection to a disk that answers later may be served in the selector's
+    wait (the pass linked to its socket: ``_inline_link.h``): the extension built with
+    the wait's hooks, not turned off (``BLKTAP_INLINE=0``, or ``BLKTAP_INLINE_LINK=0``
+    for this alone: to compare, or to rule it out)."""
+    return (_inline is not None and bool(_inline.HOOKS) and not turned_off()
+            and os.environ.get("BLKTAP_INLINE_LINK", "1") != "0")
+
+
 def _reap_unbuilt(calls: tuple[int, ...], image: int, eventfd: int
                   ) -> tuple[list[tuple[int, int]], int]:
     raise RuntimeError("the compiled pass is not built")  # (no pass: never given)
