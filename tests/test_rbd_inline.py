@@ -333,11 +333,14 @@ def test_large_writes_are_received_into_the_pass(ceph_cluster, tmp_path) -> None
 
 @pytest.mark.parametrize("loop", ["asyncio", "polling"])
 def test_a_large_writes_payload_is_received_by_the_readiness_callback(
-        ceph_cluster, tmp_path, loop: str) -> None:
+        ceph_cluster, tmp_path, monkeypatch: pytest.MonkeyPatch, loop: str) -> None:
     """The data hook takes a large write's header with the first piece of its payload;
     the channel's readiness callback receives the rest straight into the pass's slot
     (Channel.receive_direct) and it is issued from there: no reader receives a payload,
-    however the stream is cut, and the writes land."""
+    however the stream is cut, and the writes land. (The Python path's way: the link,
+    which the polling loop would otherwise make, is off; the link's own way is
+    test_a_connection_is_served_in_the_wait's.)"""
+    monkeypatch.setenv("BLKTAP_INLINE_LINK", "0")
     name = new_image(ceph_cluster, DISK)
     sock = tmp_path / "s.sock"
 
@@ -677,7 +680,7 @@ def test_a_connection_is_served_in_the_wait(ceph_cluster, tmp_path) -> None:
     connection nothing else, the pass is linked to the socket: QD1 reads and writes are
     then received, issued and answered in the loop's wait (the data hook runs no more),
     and counted in the VBD's statistics and latency histograms as the pass's are. A
-    flush, a write larger than the link's buffer and a pause each give the connection
+    flush, a write over the pass's largest and a pause each give the connection
     back to the Python path, which answers them and links it again after; a DISC ends it
     with no link and no hook left behind."""
     name, content = filled_image(ceph_cluster)
@@ -734,24 +737,45 @@ def test_a_connection_is_served_in_the_wait(ceph_cluster, tmp_path) -> None:
             assert got[50] == (0, b"")
             await one(51)
             await until(lambda: linked(conn), "linked again after the flush")
-            # A write larger than the link's buffer: the Python path's, whole.
+            # Writes of 512 KiB, the stream cut in pieces: received straight into their
+            # slots in the wait, the link kept.
+            pumps = hooked["pumps"]
             big = rng.randbytes(512 * KiB)
-            model[MiB : MiB + len(big)] = big
-            got = await exchange(w, req(WRITE, MiB, len(big), handle=52, payload=big), 1, {})
+            stream = b"".join(req(WRITE, MiB + i * len(big), len(big), handle=60 + i,
+                                  payload=big) for i in range(3))
+            model[MiB : MiB + 3 * len(big)] = big * 3
+            pieces = [stream[i : i + 40 * KiB] for i in range(0, len(stream), 40 * KiB)]
+            got = await exchange(w, pieces, 3, {}, pause=0.001)
+            assert all(got[60 + i] == (0, b"") for i in range(3)), got
+            assert linked(conn) and hooked["pumps"] == pumps
+            # A write over the pass's largest (1 MiB): the Python path's, whole.
+            huge = rng.randbytes(2 * MiB)
+            model[4 * MiB : 6 * MiB] = huge
+            got = await exchange(w, req(WRITE, 4 * MiB, len(huge), handle=52, payload=huge),
+                                 1, {})
             assert got[52] == (0, b"")
             await one(53)
             await until(lambda: linked(conn), "linked again after the large write")
-            # A pause takes the connection back; what comes meanwhile waits for the
+            # A pause takes the connection back, a write half received into its slot
+            # in the wait included (its header and what came go back to the Python path,
+            # which holds it with what comes after); what comes meanwhile waits for the
             # resume, then the link serves again.
+            half = rng.randbytes(512 * KiB)
+            model[3 * MiB : 3 * MiB + len(half)] = half
+            head = req(WRITE, 3 * MiB, len(half), handle=70, payload=half)
+            await asyncio.to_thread(w.sock.sendall, head[: 100 * KiB])
+            await until(lambda: conn._async.reserved == 1, "the payload's slot lent")
             await vbd.pause()
-            assert not linked(conn) and not vbd._links
+            assert not linked(conn) and not vbd._links and conn._async.reserved == 0
             got_later = asyncio.create_task(exchange(
-                w, req(READ, MiB, 512 * KiB, handle=54), 1, {54: (MiB, 512 * KiB)}))
+                w, head[100 * KiB :] + req(READ, MiB, 512 * KiB, handle=54), 2,
+                {54: (MiB, 512 * KiB)}))
             await asyncio.sleep(0.2)
             assert not got_later.done() and not linked(conn)
             drv = await engine.call(open_stack, engine, ceph_cluster.spec(name), writable=True)
             await vbd.resume(drv)
-            assert (await got_later)[54] == (0, big)
+            got = await got_later
+            assert got[70] == (0, b"") and got[54] == (0, big)
             for h in range(55, 60):
                 await one(h)
             await until(lambda: linked(conn), "linked again after the resume")

@@ -11,7 +11,9 @@
  * loop, when librbd signals its eventfd): the completions with an argument are the
  * passes' slots, taken back there, and each pass with finished slots then calls its
  * connection back once, which sends their replies (AsyncPass.flush) or has them queued
- * behind what is queued; the others are the driver's own, handed back to it.
+ * behind what is queued; the others are the driver's own, handed back to it. A pass
+ * linked to its connection's socket (_inline_link.h) does all of this in the
+ * selector's wait instead, and sends its replies as they complete.
  * A write whose payload is not all received yet (a large one) is received by the Python
  * reader straight into a slot lent for it (reserve), then issued from there
  * (issue_write): no copy, and no pool buffer, VBD request or task either.
@@ -1043,7 +1045,9 @@ PyDoc_STRVAR(async_pass_doc,
 "--\n\n"
 "One connection's compiled pass to a disk whose requests complete later (see\n"
 "_inline_async.h): at most ``slots`` requests in flight, in buffers of at most\n"
-"``max_bytes`` together. ``on_done()`` is called once per batch of completions.");
+"``max_bytes`` together. ``on_done()`` is called once per batch of completions that\n"
+"are the Python side's (and when a link hands the connection back, or has counts to\n"
+"fold). A hook of the selector's wait: link() serves the connection there.");
 
 static PyTypeObject AsyncPassType = {
     PyVarObject_HEAD_INIT(NULL, 0)

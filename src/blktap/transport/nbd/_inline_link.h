@@ -26,7 +26,9 @@
  * run at once.
  */
 
-#define LINK_BUFFER (256u << 10)  /* received and not yet taken; a write's header + payload */
+/* What a link holds of what it received and did not take yet. A write whose payload is
+ * not all here is not kept in it: its payload goes straight into its slot (direct). */
+#define LINK_BUFFER (64u << 10)
 #define LINK_SYNC 256             /* answers between two folds of the counts into the VBD */
 
 enum { LINK_OFF, LINK_ON, LINK_HANDED };
@@ -46,10 +48,15 @@ struct link {
     int epfd;                 /* the loop's epoll instance, where the socket is watched */
     int muted;                /* the socket's readiness is off there (no slot; handed back) */
     int structured;
-    uint64_t max_length, max_write;
+    uint64_t max_length;
     int reason, error;        /* why it was handed back; the errno of a failed send */
     unsigned char *rbuf;      /* LINK_BUFFER bytes: received, rbuf[rstart:rend] not taken */
     size_t rstart, rend;
+    /* A write whose payload is being received into its slot (NULL: none), its header
+     * as it came, and the payload's bytes there so far. */
+    struct slot *direct;
+    unsigned char direct_header[REQUEST_SIZE];
+    size_t direct_filled;
     unsigned char *unsent;    /* replies the socket did not take */
     size_t unsent_len;
     /* what the VBD has not been told yet (counts()) */
@@ -94,6 +101,68 @@ static void keep_time(double **times, int *count, int *cap, double seconds)
     /* (no memory: the sample is lost, the request still counted) */
 }
 
+/* The write at the front of the buffer (its payload not all here; submit_requests
+ * checked all but that): its payload from now on received straight into a slot of its
+ * own, what came of it copied there. STOP_PARTIAL (the rest to come), STOP_FULL (no
+ * slot or room for it yet: it waits in the buffer) or STOP_PYTHON. */
+static int start_direct(AsyncPass *pass)
+{
+    struct link *l = pass->link;
+    const unsigned char *req = l->rbuf + l->rstart;
+    uint64_t offset = get64(req + 16);
+    uint32_t length = get32(req + 24);
+    if (get32(req) != REQUEST_MAGIC || get16(req + 6) != CMD_WRITE || get16(req + 4)
+            || !pass->writes || length == 0 || length > l->max_length
+            || ((offset | length) & SECTOR_MASK) || offset > pass->size
+            || length > pass->size - offset)
+        return STOP_PYTHON;
+    struct slot *s = free_slot(pass, length);
+    if (s == NULL)
+        return STOP_FULL;
+    size_t came = l->rend - l->rstart - REQUEST_SIZE;  /* (less than length: partial) */
+    memcpy(l->direct_header, req, REQUEST_SIZE);
+    memcpy(s->buf, req + REQUEST_SIZE, came);
+    s->state = SLOT_RESERVED;
+    s->header = 0;
+    s->offset = offset;
+    s->length = length;
+    s->cmd = CMD_WRITE;
+    s->flags = 0;
+    memcpy(s->handle, req + 8, 8);
+    l->direct = s;
+    l->direct_filled = came;
+    l->rstart = l->rend = 0;
+    return STOP_PARTIAL;
+}
+
+/* Receive the rest of the direct write's payload: 1 once it is all there and issued,
+ * 0 while more is to come (or the link was handed back). */
+static int receive_direct(AsyncPass *pass)
+{
+    struct link *l = pass->link;
+    struct slot *s = l->direct;
+    while (l->direct_filled < s->length) {
+        ssize_t got = recv(l->fd, s->buf + l->direct_filled, s->length - l->direct_filled,
+                           MSG_DONTWAIT);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 0;
+        if (got <= 0) {
+            hand_back(pass, BACK_STREAM);
+            return 0;
+        }
+        l->direct_filled += (size_t)got;
+    }
+    if (issue(pass, s, now_seconds()) < 0) {  /* (still reserved: unlink gives it back) */
+        hand_back(pass, BACK_REQUEST);
+        return 0;
+    }
+    l->direct = NULL;
+    l->issued++;
+    return 1;
+}
+
 /* Issue what the link's buffer holds: 1 when all it could take was taken (what is left
  * is a partial request), 0 when it stopped for a slot (the socket muted until one frees)
  * or handed the link back. */
@@ -103,9 +172,11 @@ static int link_take_buffered(AsyncPass *pass)
     long reads = 0, writes = 0;
     Py_ssize_t start = (Py_ssize_t)l->rstart;
     int stop = submit_requests(pass, l->rbuf, &start, (Py_ssize_t)l->rend, l->structured,
-                               LONG_MAX, l->max_length, l->max_write, &reads, &writes);
+                               LONG_MAX, l->max_length, l->max_length, &reads, &writes);
     l->rstart = (size_t)start;
     l->issued += (unsigned long long)(reads + writes);
+    if (stop == STOP_PARTIAL && l->rend - l->rstart >= REQUEST_SIZE)
+        stop = start_direct(pass);
     if (stop == STOP_PYTHON || (stop == STOP_FULL && !pass->issued)) {
         /* (with nothing in flight, no slot will free here for it: too large) */
         hand_back(pass, BACK_REQUEST);
@@ -126,7 +197,9 @@ static void link_receive(AsyncPass *pass)
 {
     struct link *l = pass->link;
     for (;;) {
-        if (l->rstart) {  /* (a partial request, usually a few bytes, to the front) */
+        if (l->direct != NULL && !receive_direct(pass))
+            return;
+        if (l->rstart) {  /* (a partial request, a few bytes, to the front) */
             memmove(l->rbuf, l->rbuf + l->rstart, l->rend - l->rstart);
             l->rend -= l->rstart;
             l->rstart = 0;
@@ -142,7 +215,7 @@ static void link_receive(AsyncPass *pass)
             return;
         }
         l->rend += (size_t)got;
-        if (!link_take_buffered(pass) || (size_t)got < room)
+        if (!link_take_buffered(pass) || ((size_t)got < room && l->direct == NULL))
             return;
     }
 }
@@ -297,21 +370,16 @@ static PyObject *async_link(AsyncPass *self, PyObject *const *args, Py_ssize_t n
         return NULL;
     }
     struct link *l = self->link;
-    if (l == NULL) {
-        l = self->link = calloc(1, sizeof(*l));
-        if (l == NULL || (l->rbuf = malloc(LINK_BUFFER)) == NULL) {
-            free(l);
-            self->link = NULL;
-            return PyErr_NoMemory();
-        }
-    }
+    if (l == NULL && (l = self->link = calloc(1, sizeof(*l))) == NULL)
+        return PyErr_NoMemory();
+    if (l->rbuf == NULL && (l->rbuf = malloc(LINK_BUFFER)) == NULL)
+        return PyErr_NoMemory();  /* (let go at unlink: a connection not linked holds none) */
     l->fd = fd;
     l->epfd = epfd;
     l->muted = 0;
     l->structured = structured;
     l->max_length = max_length;
-    l->max_write = LINK_BUFFER - REQUEST_SIZE < max_length ? LINK_BUFFER - REQUEST_SIZE
-                   : max_length;
+    l->direct = NULL;
     l->reason = BACK_NONE;
     l->error = 0;
     l->rstart = l->rend = 0;
@@ -341,12 +409,30 @@ static PyObject *async_unlink(AsyncPass *self, PyObject *Py_UNUSED(ignored))
     if (l->muted)
         watch_socket(l, 1);
     l->state = LINK_OFF;
-    PyObject *unsent = l->unsent_len ? PyBytes_FromStringAndSize(
+    /* What was received and not taken: a direct write's header and what came of its
+     * payload (the buffer is empty then), or what the buffer holds. */
+    struct slot *s = l->direct;
+    PyObject *received = s == NULL
+        ? PyBytes_FromStringAndSize((const char *)l->rbuf + l->rstart,
+                                    (Py_ssize_t)(l->rend - l->rstart))
+        : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(REQUEST_SIZE + l->direct_filled));
+    if (received != NULL && s != NULL) {
+        memcpy(PyBytes_AS_STRING(received), l->direct_header, REQUEST_SIZE);
+        memcpy(PyBytes_AS_STRING(received) + REQUEST_SIZE, s->buf, l->direct_filled);
+    }
+    if (s != NULL) {
+        s->state = SLOT_FREE;
+        l->direct = NULL;
+    }
+    PyObject *unsent = received == NULL ? NULL : l->unsent_len ? PyBytes_FromStringAndSize(
         (const char *)l->unsent, (Py_ssize_t)l->unsent_len) : Py_NewRef(Py_None);
     PyObject *out = unsent == NULL ? NULL : Py_BuildValue(
-        "(y#Nii)", (const char *)l->rbuf + l->rstart, (Py_ssize_t)(l->rend - l->rstart),
-        unsent, l->error, l->reason);
+        "(NNii)", received, unsent, l->error, l->reason);
+    if (unsent == NULL)
+        Py_XDECREF(received);
     l->rstart = l->rend = 0;
+    free(l->rbuf);
+    l->rbuf = NULL;
     free(l->unsent);
     l->unsent = NULL;
     l->unsent_len = 0;
