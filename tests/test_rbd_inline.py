@@ -34,6 +34,7 @@ from test_fast_path import (
     LOOPS,
     READ,
     STATUS,
+    TRIM,
     WRITE,
     CountedReceives,
     arun,
@@ -789,4 +790,47 @@ def test_a_connection_is_served_in_the_wait(ceph_cluster, tmp_path) -> None:
             assert seen["failed"] == 0
             await settled(conn, vbd)
             assert outstanding(server.pool) == 0 and server.pool.budget.used == 0
+    arun(body, loop_factory=LOOPS["polling"])
+
+
+def test_two_clients_one_linked_while_the_other_flushes(ceph_cluster, tmp_path) -> None:
+    """Two clients of one disk on the polling loop: each linked once idle, so the wait
+    that reaps librbd's eventfd for one answers the other's completions too; meanwhile
+    the flushes and discards of one (the driver's own requests, reaped in the wait and
+    kept for the driver's reaper) are answered, and the other stays linked throughout."""
+    name, content = filled_image(ceph_cluster)
+    sock = tmp_path / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with served(engine, ceph_cluster.spec(name), sock) as (server, vbd, seen, w, conn):
+            w2, conn2 = await attach(server, sock)
+            reads = {h: ((h * 37 % 500) * 64 * KiB, 4 * KiB) for h in range(200)}
+
+            async def reader(client, handles: range) -> None:  # noqa: ANN001
+                for h in handles:
+                    off, ln = reads[h]
+                    got = await exchange(client, req(READ, off, ln, handle=h), 1, {h: (off, ln)})
+                    assert got[h] == (0, content[off : off + ln]), h
+
+            await reader(w, range(0, 2))
+            await reader(w2, range(2, 4))
+            await until(lambda: linked(conn) and linked(conn2), "both linked")
+            unlinked = []
+
+            async def flusher() -> None:
+                for h in range(300, 340):
+                    # (the discards where no read of the other client looks)
+                    msg = (req(FLUSH, handle=h) if h % 2 else
+                           req(TRIM, 20 * MiB + 8 * KiB, 32 * KiB, handle=h))
+                    got = await exchange(w2, msg, 1, {})
+                    assert got[h] == (0, b""), h
+                    if not linked(conn):
+                        unlinked.append(h)
+            await asyncio.gather(reader(w, range(4, 200)), flusher())
+            assert not unlinked and linked(conn)
+            await settled(conn, vbd)
+            await settled(conn2, vbd)
+            vbd.sync_links()
+            assert vbd.stats.in_flight == 0 and seen["failed"] == 0
+            assert outstanding(server.pool) == 0
     arun(body, loop_factory=LOOPS["polling"])

@@ -472,6 +472,7 @@ static struct {
     int npasses, passes_cap;
     struct stashed *stash;
     int nstash, stash_cap;
+    long strays;  /* completions a hook found with an argument that was no slot in flight */
 } later = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 /* Grow an array of ``*cap`` items of ``size`` bytes to hold one more: 0, or -1. */
@@ -701,9 +702,10 @@ static PyObject *async_reap(PyObject *module, PyObject *const *args, Py_ssize_t 
             to_list(ours, image, st->completion, st->ret);
     }
     later.nstash = kept;
+    long strays = later.strays;
+    later.strays = 0;
     pthread_mutex_unlock(&later.lock);
     AsyncPass *touched = NULL;
-    long strays = 0;
     int n = reap_completions(image, &rc, &touched, &strays, to_list, ours);
     answer_touched(touched);
     call_back_pending();

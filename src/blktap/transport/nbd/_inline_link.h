@@ -323,8 +323,13 @@ static int link_take(struct hook *self, int epfd, struct epoll_event *event, int
         int n = reap_completions(pass->image, &pass->reap, &touched, &strays, stash_other,
                                  NULL);
         answer_touched(touched);
+        if (strays) {  /* (for the driver's reaper to say so) */
+            pthread_mutex_lock(&later.lock);
+            later.strays += strays;
+            pthread_mutex_unlock(&later.lock);
+        }
         if (n < 0 || strays)
-            return HOOK_REPORT;  /* (the driver's reaper meets it again, and says so) */
+            return HOOK_REPORT;  /* (the driver's reaper meets the error again) */
         *progressed = 1;  /* (the client's next request soon follows) */
     } else {
         return HOOK_NOT_MINE;
