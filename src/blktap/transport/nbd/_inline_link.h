@@ -4,14 +4,15 @@
  * readinesses without the interpreter.
  *
  * - The socket's: receive into the link's buffer, issue the plain reads and writes there
- *   (submit_requests, as submit does them).
+ *   (submit_requests, as submit does them); a write whose payload is not all there gets
+ *   its slot at once and the rest of its payload is received straight into it.
  * - librbd's eventfd: take the finished completions back (reap_completions) and send
  *   the linked passes' replies (link_answer), each in its slot's order of completion.
  *
  * The Python side links a pass only while the connection has nothing else under way
  * (connection.py: no request of its own in flight, nothing queued to send, nothing
  * received and not taken) and takes the socket back at anything unusual: a request the
- * pass does not take (another command, a flag, a write larger than the buffer), the end
+ * pass does not take (another command, a flag, one over max_length), the end
  * of the stream or an error, a request librbd failed or refused, a socket too full for
  * a reply. The link is then "handed back": the socket's readiness is turned off in the
  * loop's epoll instance (so that the loop does not read behind the bytes the link holds)
@@ -348,8 +349,8 @@ PyDoc_STRVAR(async_link_doc,
 "--\n\n"
 "Serve the connection on socket ``fd`` in the selector's wait from now on (the pass must\n"
 "be one of its hooks): its plain reads and writes of at most ``max_length`` bytes\n"
-"(writes: at most what the link's buffer holds) issued to ``target`` as submit issues\n"
-"them, their replies sent as they complete. ``epfd`` is the loop's epoll instance,\n"
+"issued to ``target`` as submit issues them (a write's payload received straight into\n"
+"its slot), their replies sent as they complete. ``epfd`` is the loop's epoll instance,\n"
 "where the socket is registered for reading; nothing must be received from it or sent\n"
 "on it meanwhile but by the link, until unlink().");
 
