@@ -765,6 +765,17 @@ def test_xen_bench_guest_script_carries_blkbench(tmp_path: Path) -> None:
         xen.carry(os.urandom(1 << 20), 1 << 20)
 
 
+class QuietSampler:
+    """A calibrate.Sampler that sees nothing else running (a repetition never
+    disturbed by other processes)."""
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> calibrate.Sample:
+        return calibrate.Sample(wall_s=1.0, cpus=2, ticks=1)
+
+
 def test_a_peer_below_its_quiet_figure_end_to_end(monkeypatch: pytest.MonkeyPatch,
                                                   tmp_path: Path) -> None:
     """bench/run.py with real servers and fio against a quiet reference of this machine
@@ -774,13 +785,7 @@ def test_a_peer_below_its_quiet_figure_end_to_end(monkeypatch: pytest.MonkeyPatc
     for program in ("fio", "nbdcopy", "nbdkit"):
         need(program)
 
-    class Quiet:
-        def start(self) -> None:
-            pass
-
-        def stop(self) -> calibrate.Sample:
-            return calibrate.Sample(wall_s=1.0, cpus=2, ticks=1)
-    monkeypatch.setattr(calibrate, "Sampler", Quiet)
+    monkeypatch.setattr(calibrate, "Sampler", QuietSampler)
     monkeypatch.setattr(calibrate, "measure", lambda workdir: dict(QUIET_CAL))
     quiet = tmp_path / "quiet.json"
     quiet.write_text(json.dumps({
@@ -812,13 +817,7 @@ def test_record_quiet_end_to_end_records_or_refuses(monkeypatch: pytest.MonkeyPa
     for program in ("fio", "nbdcopy", "nbdkit"):
         need(program)
 
-    class Quiet:
-        def start(self) -> None:
-            pass
-
-        def stop(self) -> calibrate.Sample:
-            return calibrate.Sample(wall_s=1.0, cpus=2, ticks=1)
-    monkeypatch.setattr(calibrate, "Sampler", Quiet)
+    monkeypatch.setattr(calibrate, "Sampler", QuietSampler)
     argv = ["--only", "raw-tmpfs", "--servers", "blktap,nbdkit-file", "--workloads",
             "randread-qd32", "--size", "16M", "--runtime", "0.2", "--reps", "1",
             "--retries", "0", "--record-quiet"]
