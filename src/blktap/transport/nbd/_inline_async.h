@@ -745,6 +745,21 @@ static const unsigned char *reply_bytes(struct slot *s, unsigned char *write_rep
 
 #define FLUSH_IOVS 64
 
+/* Copy what follows the first ``skip`` bytes of the ``k`` gathered replies to ``dst``
+ * (the bytes the socket did not take, kept to be sent in order). */
+static void copy_unsent(const struct iovec *iov, int k, size_t skip, unsigned char *dst)
+{
+    for (int j = 0; j < k; j++) {
+        if (skip >= iov[j].iov_len) {
+            skip -= iov[j].iov_len;
+            continue;
+        }
+        memcpy(dst, (unsigned char *)iov[j].iov_base + skip, iov[j].iov_len - skip);
+        dst += iov[j].iov_len - skip;
+        skip = 0;
+    }
+}
+
 /* Send the ``k`` gathered replies (``bytes`` in all) on ``sock`` without waiting, unless
  * *full (the socket took nothing more before) or *error are set already: the bytes
  * sent; *full set when the socket is full, *error to the errno that broke it. */
@@ -889,17 +904,7 @@ static PyObject *async_flush(AsyncPass *self, PyObject *sock_arg)
                     batch[j]->state = SLOT_FREE;
                 goto fail;
             }
-            unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(rest) + rest_len;
-            size_t skip = sent;
-            for (int j = 0; j < k; j++) {
-                if (skip >= iov[j].iov_len) {
-                    skip -= iov[j].iov_len;
-                    continue;
-                }
-                memcpy(dst, (unsigned char *)iov[j].iov_base + skip, iov[j].iov_len - skip);
-                dst += iov[j].iov_len - skip;
-                skip = 0;
-            }
+            copy_unsent(iov, k, sent, (unsigned char *)PyBytes_AS_STRING(rest) + rest_len);
             rest_len += (Py_ssize_t)left;
         }
         for (int j = 0; j < k; j++)

@@ -263,17 +263,8 @@ static void link_answer(AsyncPass *pass)
                 error = ENOMEM;
             } else {
                 l->unsent = kept;
-                size_t skip = sent;
-                for (int j = 0; j < k; j++) {
-                    if (skip >= iov[j].iov_len) {
-                        skip -= iov[j].iov_len;
-                        continue;
-                    }
-                    memcpy(l->unsent + l->unsent_len, (unsigned char *)iov[j].iov_base + skip,
-                           iov[j].iov_len - skip);
-                    l->unsent_len += iov[j].iov_len - skip;
-                    skip = 0;
-                }
+                copy_unsent(iov, k, sent, l->unsent + l->unsent_len);
+                l->unsent_len += bytes - sent;
             }
         }
         for (int j = 0; j < k; j++)
