@@ -510,7 +510,8 @@ def test_a_probes_block_status_reaches_no_pass_and_the_reads_behind_it_do(
 @pytest.mark.parametrize("cache", ["", ":rbd_cache=false"], ids=["cache-on", "cache-off"])
 def test_qemu_reads_what_the_pass_wrote(ceph_cluster, tmp_path, cache: str, loop: str) -> None:
     """fio's random writes of 4 KiB to 1 MiB, 16 in flight, through the pass, verified
-    by fio; qemu's own rbd driver then finds the same bytes. The large ones are received
+    by fio; qemu's own rbd driver then finds the same bytes (on the polling loop, fio's
+connection served in the loop's wait, linked, for some of it). The large ones are received
     by the readiness callback into the pass's slots (on the polling loop that tapdisk
     and serve run, by the loop's wait); with librbd's cache off, librbd sends them from
     there without a copy of its own (with it on, it copies)."""
@@ -523,6 +524,7 @@ def test_qemu_reads_what_the_pass_wrote(ceph_cluster, tmp_path, cache: str, loop
     sock = tmp_path / "s.sock"
 
     waits: list[int] = []  # payloads the loop's wait was given to receive
+    links: list = []  # connections served in the loop's wait (linked), each time
 
     async def body(engine: ThreadEngine) -> int:
         selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
@@ -537,6 +539,12 @@ def test_qemu_reads_what_the_pass_wrote(ceph_cluster, tmp_path, cache: str, loop
             selector.receive_into = counted  # type: ignore[method-assign]
         async with nbd_served(engine, spec, sock) as (server, vbd):
             seen = count_issued(vbd)
+            add_link = vbd.add_inline_link
+
+            def counted_link(link) -> None:  # noqa: ANN001
+                links.append(link)
+                add_link(link)
+            vbd.add_inline_link = counted_link  # type: ignore[method-assign]
             res = await asyncio.to_thread(run, [
                 fio, "--name=v", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}",
                 "--rw=randwrite", "--bsrange=4k-1m", "--iodepth=16", "--size=16M",
@@ -551,6 +559,7 @@ def test_qemu_reads_what_the_pass_wrote(ceph_cluster, tmp_path, cache: str, loop
             return seen["issued"]
     assert arun(body, loop_factory=LOOPS[loop]) > 0
     assert bool(waits) == (loop == "polling"), len(waits)
+    assert bool(links) == (loop == "polling"), len(links)  # fio's own, linked
 
 
 def test_the_pass_is_off_with_the_environment(ceph_cluster, tmp_path,
