@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import itertools
+import logging
 import random
 import socket
 import struct
@@ -23,6 +25,7 @@ from blktap.io.polling import PollingSelector
 from blktap.io.threads import ThreadEngine
 from blktap.tapdisk.driver import Driver
 from blktap.tapdisk.drivers import open_stack
+from blktap.tapdisk.drivers.rbd import RbdDriver
 from blktap.tapdisk.vbd import VBD
 from blktap.transport.nbd import inline
 from blktap.transport.nbd.connection import INLINE_MISSES, Connection
@@ -510,11 +513,11 @@ def test_a_probes_block_status_reaches_no_pass_and_the_reads_behind_it_do(
 @pytest.mark.parametrize("cache", ["", ":rbd_cache=false"], ids=["cache-on", "cache-off"])
 def test_qemu_reads_what_the_pass_wrote(ceph_cluster, tmp_path, cache: str, loop: str) -> None:
     """fio's random writes of 4 KiB to 1 MiB, 16 in flight, through the pass, verified
-    by fio; qemu's own rbd driver then finds the same bytes (on the polling loop, fio's
-connection served in the loop's wait, linked, for some of it). The large ones are received
-    by the readiness callback into the pass's slots (on the polling loop that tapdisk
-    and serve run, by the loop's wait); with librbd's cache off, librbd sends them from
-    there without a copy of its own (with it on, it copies)."""
+    by fio; qemu's own rbd driver then finds the same bytes. On the polling loop, fio's
+    connection is served in the loop's wait (linked) for some of it. The large ones are
+    received by the readiness callback into the pass's slots (on the polling loop that
+    tapdisk and serve run, by the loop's wait); with librbd's cache off, librbd sends
+    them from there without a copy of its own (with it on, it copies)."""
     from conftest import need, run
     from test_rbd import qemu_rbd
 
@@ -524,7 +527,7 @@ connection served in the loop's wait, linked, for some of it). The large ones ar
     sock = tmp_path / "s.sock"
 
     waits: list[int] = []  # payloads the loop's wait was given to receive
-    links: list = []  # connections served in the loop's wait (linked), each time
+    links: list[object] = []  # connections served in the loop's wait (linked), each time
 
     async def body(engine: ThreadEngine) -> int:
         selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
@@ -629,7 +632,6 @@ def test_the_reaper_takes_every_completion_and_hands_back_the_drivers_own() -> N
     batches), releases every one, and returns the (completion, return value) of those
     without an argument (the driver's own), counting as strays those whose argument is
     no slot in flight. No cluster needed."""
-    import ctypes
     import os
 
     from blktap.transport.nbd import _inline
@@ -843,3 +845,44 @@ def test_two_clients_one_linked_while_the_other_flushes(ceph_cluster, tmp_path) 
             assert vbd.stats.in_flight == 0 and seen["failed"] == 0
             assert outstanding(server.pool) == 0
     arun(body, loop_factory=LOOPS["polling"])
+
+
+def test_a_stray_completion_met_in_the_wait_is_told_by_the_drivers_reaper(
+        ceph_cluster, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """A completion with an argument that is no slot in flight (nobody's request: a bug
+    elsewhere in the process) reaches librbd's eventfd while a connection is linked: the
+    wait's hook takes it back, and the driver's reaper, called for it, logs it once; the
+    connection is served and linked again after, nothing lost."""
+    name, content = filled_image(ceph_cluster)
+    sock = tmp_path / "s.sock"
+
+    async def body(engine: ThreadEngine) -> None:
+        async with served(engine, ceph_cluster.spec(name), sock) as (server, vbd, seen, w, conn):
+            drv = vbd.driver
+            assert isinstance(drv, RbdDriver) and drv.c is not None
+            c = drv.c
+
+            async def read(h: int) -> None:
+                off = h * 64 * KiB
+                got = await exchange(w, req(READ, off, 4 * KiB, handle=h), 1,
+                                     {h: (off, 4 * KiB)})
+                assert got[h] == (0, content[off : off + 4 * KiB]), h
+
+            await read(1)
+            await until(lambda: linked(conn), "the pass linked")
+            no_slot = ctypes.create_string_buffer(512)  # reads as a free slot
+            comp = ctypes.c_void_p()
+            assert c._create(ctypes.addressof(no_slot), None, ctypes.byref(comp)) == 0
+            assert c.rbd.rbd_aio_flush(c.image, comp) == 0
+            await until(lambda: "completions of nobody's requests" in caplog.text,
+                        "the stray told")
+            for h in range(2, 12):
+                await read(h)
+            await until(lambda: linked(conn), "linked again")
+            await settled(conn, vbd)
+            assert seen["failed"] == 0 and outstanding(server.pool) == 0
+
+    with caplog.at_level(logging.ERROR, logger="blktap"):
+        arun(body, loop_factory=LOOPS["polling"])
+    told = [r.getMessage() for r in caplog.records if "nobody's requests" in r.getMessage()]
+    assert len(told) == 1 and told[0].endswith(": 1 completions of nobody's requests"), told
