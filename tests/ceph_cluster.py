@@ -110,7 +110,7 @@ memstore device bytes = {MEMSTORE_BYTES}
 osd op num shards = 1
 osd op num threads per shard = 2
 # One OSD and pool size 1: no replica ever recovers from the PG log, yet Pacific keeps
-# up to 10,000 entries (and 3,000 dups) per PG. This OSD grew by 1 GiB and became 40%
+# up to 10,000 entries (and 3,000 dups) per PG. This OSD grew by 800 MiB and became 40%
 # slower within a minute of 4 KiB writes as its logs filled, and a benchmark's later
 # repetitions measured that rather than the servers. A short log keeps it steady. The
 # dups still cover every request a client may resend after the OSD restarts.
